@@ -1,0 +1,27 @@
+// CPU SIMD levels and run-time dispatch. Kernels are compiled once per level (files named
+// *_avx2.cpp / *_avx512.cpp get the flags) and the best level the running CPU supports is
+// chosen at run time, so one wheel runs on any x86-64 (and non-x86 builds use generic).
+#pragma once
+#include <string>
+#include <vector>
+
+namespace qlora::cpu {
+
+enum class SimdLevel : int {
+  Scalar = 0,   // simple, unoptimized reference kernels (single thread): the oracle for tests
+  Generic = 1,  // blocked + threaded portable C++ (compiler-vectorized for the baseline ISA)
+  AVX2 = 2,     // AVX2 + FMA (+F16C)
+  AVX512 = 3,   // AVX-512 F/BW/VL/DQ
+};
+
+const char* simd_level_name(SimdLevel level);
+SimdLevel simd_level_from_name(const std::string& name);  // throws ValueError on unknown names
+bool simd_level_supported(SimdLevel level);               // by the running CPU and this build
+SimdLevel best_simd_level();                              // best supported (env QLORA_SIMD caps it)
+std::vector<SimdLevel> supported_simd_levels();           // ascending, Scalar first
+
+// The level used by default for every kernel; settable for tests and benchmarks.
+SimdLevel active_simd_level();
+void set_active_simd_level(SimdLevel level);  // throws ValueError if unsupported
+
+}  // namespace qlora::cpu

@@ -1,0 +1,23 @@
+// CPU GEMM kernels (fp32 and fused NF4), one entry per layout, dispatched on a SIMD level.
+// Semantics are those of the matching Backend methods in backend.hpp.
+#pragma once
+#include <cstdint>
+
+#include "cpu/features.hpp"
+#include "tensor_types.hpp"
+
+namespace qlora::cpu {
+
+void gemm_nt(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+             const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+void gemm_nn(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+             const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+void gemm_tn(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+             const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+
+void nf4_gemm_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W,
+                 float beta, float* Y, int64_t ldy);
+void nf4_gemm_nn(SimdLevel level, int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W,
+                 float beta, float* dX, int64_t lddx);
+
+}  // namespace qlora::cpu

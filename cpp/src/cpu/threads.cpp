@@ -1,0 +1,212 @@
+#include "cpu/threads.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <exception>
+#include <fstream>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "common/error.hpp"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define QLORA_PAUSE() _mm_pause()
+#else
+#define QLORA_PAUSE() std::this_thread::yield()
+#endif
+
+namespace qlora::cpu {
+
+namespace {
+
+int detect_physical_cores() {
+  // Count distinct (package, core) pairs from sysfs; fall back to hardware_concurrency.
+  std::set<std::pair<int, int>> cores;
+  unsigned n = std::thread::hardware_concurrency();
+  for (unsigned cpu = 0; cpu < std::max(n, 1u); ++cpu) {
+    std::string base = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/";
+    std::ifstream pkg(base + "physical_package_id"), core(base + "core_id");
+    int p = -1, c = -1;
+    if (!(pkg >> p) || !(core >> c)) return std::max<int>(1, static_cast<int>(n));
+    cores.insert({p, c});
+  }
+  return std::max<int>(1, static_cast<int>(cores.size()));
+}
+
+thread_local bool t_in_pool_task = false;
+
+// One job at a time: workers spin briefly on `generation_` (decode-time GEMVs are tens of
+// microseconds, a condvar wake-up alone costs that), then sleep on the condvar.
+class Pool {
+ public:
+  explicit Pool(int n_threads) { resize(n_threads); }
+  ~Pool() { stop_workers(); }
+
+  int size() const { return static_cast<int>(workers_.size()) + 1; }
+
+  void resize(int n_threads) {
+    std::lock_guard<std::mutex> run_lock(run_mu_);
+    stop_workers();
+    stop_ = false;
+    for (int i = 1; i < n_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+  }
+
+  void run(int64_t n_tasks, const std::function<void(int64_t)>& fn) {
+    std::lock_guard<std::mutex> run_lock(run_mu_);  // jobs from several Python threads queue here
+    if (workers_.empty() || n_tasks == 1) {
+      run_serial(n_tasks, fn);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      fn_ = &fn;
+      n_tasks_ = n_tasks;
+      next_.store(0, std::memory_order_relaxed);
+      pending_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
+      error_ = nullptr;
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    work();
+    // Wait for the workers to leave this job before fn goes out of scope.
+    while (pending_.load(std::memory_order_acquire) != 0) QLORA_PAUSE();
+    fn_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  static void run_serial(int64_t n_tasks, const std::function<void(int64_t)>& fn) {
+    bool prev = t_in_pool_task;
+    t_in_pool_task = true;
+    try {
+      for (int64_t t = 0; t < n_tasks; ++t) fn(t);
+    } catch (...) {
+      t_in_pool_task = prev;
+      throw;
+    }
+    t_in_pool_task = prev;
+  }
+
+  void work() {
+    t_in_pool_task = true;
+    for (;;) {
+      int64_t t = next_.fetch_add(1, std::memory_order_relaxed);
+      if (t >= n_tasks_) break;
+      try {
+        (*fn_)(t);
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(err_mu_);
+        if (!error_) error_ = std::current_exception();
+        next_.store(n_tasks_, std::memory_order_relaxed);  // abandon the remaining tasks
+      }
+    }
+    t_in_pool_task = false;
+  }
+
+  void worker_loop() {
+    uint64_t seen = generation_.load(std::memory_order_acquire);
+    for (;;) {
+      // Spin a little, then sleep.
+      int spins = 0;
+      while (generation_.load(std::memory_order_acquire) == seen && !stop_.load(std::memory_order_acquire)) {
+        if (++spins < 20000) {
+          QLORA_PAUSE();
+        } else {
+          std::unique_lock<std::mutex> lk(mu_);
+          cv_.wait(lk, [&] { return generation_.load(std::memory_order_acquire) != seen || stop_.load(); });
+        }
+      }
+      if (stop_.load(std::memory_order_acquire)) return;
+      seen = generation_.load(std::memory_order_acquire);
+      work();
+      pending_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  void stop_workers() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& w : workers_) w.join();
+    workers_.clear();
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex run_mu_, mu_, err_mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int64_t> next_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<bool> stop_{false};
+  int64_t n_tasks_ = 0;
+  const std::function<void(int64_t)>* fn_ = nullptr;
+  std::exception_ptr error_;
+};
+
+int default_threads() {
+  if (const char* env = std::getenv("QLORA_NUM_THREADS")) {
+    int n = std::atoi(env);
+    if (n >= 1) return n;
+  }
+  return physical_cores();
+}
+
+std::mutex g_pool_mu;
+Pool* g_pool = nullptr;  // leaked on purpose: joining threads at exit from static dtors can deadlock
+
+Pool& pool() {
+  std::lock_guard<std::mutex> lk(g_pool_mu);
+  if (!g_pool) g_pool = new Pool(default_threads());
+  return *g_pool;
+}
+
+}  // namespace
+
+int physical_cores() {
+  static const int n = detect_physical_cores();
+  return n;
+}
+
+int num_threads() { return pool().size(); }
+
+void set_num_threads(int n) {
+  check_arg(n >= 1, "number of threads must be >= 1, got " + std::to_string(n));
+  Pool& p = pool();
+  if (p.size() != n) p.resize(n);
+}
+
+void parallel_for(int64_t n_tasks, const std::function<void(int64_t)>& fn) {
+  if (n_tasks <= 0) return;
+  if (t_in_pool_task) {
+    for (int64_t t = 0; t < n_tasks; ++t) fn(t);
+    return;
+  }
+  pool().run(n_tasks, fn);
+}
+
+void parallel_range(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(1, grain);
+  int64_t max_chunks = (n + grain - 1) / grain;
+  int64_t chunks = std::min<int64_t>(max_chunks, static_cast<int64_t>(num_threads()) * 4);
+  if (chunks <= 1 || t_in_pool_task) {
+    fn(0, n);
+    return;
+  }
+  int64_t per = (n + chunks - 1) / chunks;
+  parallel_for(chunks, [&](int64_t c) {
+    int64_t b = c * per, e = std::min(n, b + per);
+    if (b < e) fn(b, e);
+  });
+}
+
+}  // namespace qlora::cpu

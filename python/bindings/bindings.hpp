@@ -1,0 +1,11 @@
+// One binder per topic; module.cpp calls them all. Each lives in its own bind_*.cpp.
+#pragma once
+#include <pybind11/pybind11.h>
+
+namespace qlora::py_bind {
+namespace py = pybind11;
+void bind_info(py::module_& m);   // version, SIMD levels, threads, backends, CUDA status
+void bind_ops(py::module_& m);    // qlora_native._core.ops: GEMM kernels on numpy arrays
+void bind_nf4(py::module_& m);    // qlora_native._core.nf4: NF4 codec
+void bind_io(py::module_& m);     // qlora_native._core.io: safetensors + JSON
+}  // namespace qlora::py_bind

@@ -1,0 +1,30 @@
+"""qlora_native: a lean native engine for QLoRA (NF4 base, LoRA training and serving, no PyTorch)."""
+from pkgutil import extend_path
+
+# Developer builds put _core in <build-dir>/qlora_native/ (tools/dev-build); extend_path lets
+# PYTHONPATH=python:<build-dir> find it. Harmless for an installed package.
+__path__ = extend_path(__path__, __name__)
+
+from . import _core  # noqa: E402
+from ._core import (  # noqa: E402,F401
+    FormatError,
+    available_backends,
+    num_threads,
+    set_num_threads,
+    simd_level,
+    set_simd_level,
+    supported_simd_levels,
+)
+
+__version__ = _core.__version__
+
+__all__ = [
+    "FormatError",
+    "available_backends",
+    "num_threads",
+    "set_num_threads",
+    "simd_level",
+    "set_simd_level",
+    "supported_simd_levels",
+    "__version__",
+]

@@ -1,0 +1,30 @@
+import os
+
+import numpy as np
+import pytest
+
+import qlora_native
+from qlora_native import _core
+
+
+@pytest.fixture
+def rng(request):
+    """A fresh random generator per test; the seed is printed on failure for reproduction."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    request.node.user_properties.append(("seed", seed))
+    print(f"rng seed: {seed}")
+    return np.random.default_rng(seed)
+
+
+def cpu_backends():
+    return [b for b in _core.available_backends() if b.startswith("cpu:")]
+
+
+def all_backends():
+    """Every backend the harness runs ops on; CUDA appears as skipped with a reason when absent."""
+    params = [pytest.param(b, id=b) for b in cpu_backends()]
+    if "cuda" in _core.available_backends():
+        params.append(pytest.param("cuda", id="cuda"))
+    else:
+        params.append(pytest.param("cuda", id="cuda", marks=pytest.mark.skip(reason=f"no CUDA backend: {_core.cuda_device_summary()}")))
+    return params
