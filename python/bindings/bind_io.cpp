@@ -1,6 +1,254 @@
-// Placeholder: the io work replaces this file.
+// qlora_native._core.io: safetensors (zero-copy mmap views, atomic writes) and the JSON codec.
+// python/qlora_native/io.py is the public face (dtype mapping, bfloat16 views, argument checks).
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
 #include "bindings.hpp"
+#include "common/error.hpp"
+#include "io/mapped_file.hpp"
+#include "io/safetensors.hpp"
+#include "json/json.hpp"
 
 namespace qlora::py_bind {
-void bind_io(py::module_& m) { m.def_submodule("io"); }
+
+namespace {
+
+using io::SafetensorsFile;
+
+// numpy dtype of a stored tensor; BF16 comes back as its raw uint16 bits (io.py views it).
+py::dtype numpy_dtype(DType t) {
+  switch (t) {
+    case DType::F32: return py::dtype("float32");
+    case DType::F16: return py::dtype("float16");
+    case DType::BF16: return py::dtype("uint16");
+    case DType::U8: return py::dtype("uint8");
+    case DType::I8: return py::dtype("int8");
+    case DType::I32: return py::dtype("int32");
+    case DType::I64: return py::dtype("int64");
+    case DType::BOOL: return py::dtype("bool");
+    case DType::F64: return py::dtype("float64");
+    case DType::I16: return py::dtype("int16");
+    case DType::U16: return py::dtype("uint16");
+    case DType::U32: return py::dtype("uint32");
+    case DType::U64: return py::dtype("uint64");
+  }
+  throw std::logic_error("unhandled dtype");
+}
+
+// A read-only array over the mapping; `owner` (the Python SafetensorsFile) is its base, so the
+// mapping outlives every array taken from it.
+py::array tensor_view(const io::TensorInfo& t, py::handle owner) {
+  std::vector<py::ssize_t> shape(t.shape.begin(), t.shape.end());
+  py::array a(numpy_dtype(t.dtype), shape, t.data, owner);
+  py::detail::array_proxy(a.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+  return a;
+}
+
+// ---------------------------------------------------------------- JSON <-> Python
+
+// str -> UTF-8; a str holding lone surrogates raises UnicodeEncodeError (a ValueError).
+std::string utf8(py::handle s) {
+  Py_ssize_t n = 0;
+  const char* p = PyUnicode_AsUTF8AndSize(s.ptr(), &n);
+  if (!p) throw py::error_already_set();
+  return std::string(p, static_cast<size_t>(n));
+}
+
+std::string text_arg(py::handle text) {
+  if (py::isinstance<py::bytes>(text)) return text.cast<std::string>();
+  if (py::isinstance<py::str>(text)) return utf8(text);
+  throw ValueError("json_loads: expected str or bytes");
+}
+
+constexpr size_t kMaxDepth = 512;
+
+py::object to_python(const json::Value& v) {
+  switch (v.type()) {
+    case json::Type::Null: return py::none();
+    case json::Type::Bool: return py::bool_(v.as_bool());
+    case json::Type::Int: return py::int_(v.as_int());
+    case json::Type::Double: return py::float_(v.as_double());
+    case json::Type::String: return py::str(v.as_string());
+    case json::Type::Array: {
+      py::list out;
+      for (const auto& x : v.as_array()) out.append(to_python(x));
+      return std::move(out);
+    }
+    case json::Type::Object: {
+      py::dict out;
+      for (const auto& [k, x] : v.as_object()) out[py::str(k)] = to_python(x);
+      return std::move(out);
+    }
+  }
+  return py::none();
+}
+
+json::Value from_python(py::handle o, size_t depth) {
+  check_arg(depth <= kMaxDepth, "json_dumps: nesting deeper than 512 (or a circular reference)");
+  if (o.is_none()) return json::Value();
+  if (py::isinstance<py::bool_>(o)) return json::Value(o.cast<bool>());
+  if (py::isinstance<py::int_>(o)) {
+    int overflow = 0;
+    const long long i = PyLong_AsLongLongAndOverflow(o.ptr(), &overflow);
+    check_arg(overflow == 0, "json_dumps: integer outside the int64 range");
+    if (i == -1 && PyErr_Occurred()) throw py::error_already_set();
+    return json::Value(static_cast<int64_t>(i));
+  }
+  if (py::isinstance<py::float_>(o)) return json::Value(o.cast<double>());
+  if (py::isinstance<py::str>(o)) return json::Value(utf8(o));
+  if (py::isinstance<py::list>(o) || py::isinstance<py::tuple>(o)) {
+    json::Array a;
+    for (py::handle x : o) a.push_back(from_python(x, depth + 1));
+    return json::Value(std::move(a));
+  }
+  if (py::isinstance<py::dict>(o)) {
+    json::Object obj;
+    for (auto item : o.cast<py::dict>()) {
+      check_arg(py::isinstance<py::str>(item.first), "json_dumps: object keys must be str, got " +
+                                                         std::string(py::str(py::type::handle_of(item.first).attr("__name__"))));
+      obj.set(utf8(item.first), from_python(item.second, depth + 1));
+    }
+    return json::Value(std::move(obj));
+  }
+  throw ValueError("json_dumps: cannot encode an object of type " +
+                   std::string(py::str(py::type::handle_of(o).attr("__name__"))));
+}
+
+
+
+}  // namespace
+
+void bind_io(py::module_& m) {
+  py::module_ io = m.def_submodule("io", "safetensors and JSON I/O");
+
+  // OS errors -> OSError(errno, strerror, path): FileNotFoundError, PermissionError, ...
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const io::FileError& e) {
+      py::object exc = py::reinterpret_borrow<py::object>(PyExc_OSError)(e.err, e.reason, e.path);
+      PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
+    }
+  });
+
+  py::class_<SafetensorsFile, std::shared_ptr<SafetensorsFile>>(io, "SafetensorsFile",
+                                                                "A memory-mapped, validated safetensors file.")
+      .def(py::init([](const std::string& path) {
+             py::gil_scoped_release nogil;
+             return SafetensorsFile::open(path);
+           }),
+           py::arg("path"))
+      .def("names", &SafetensorsFile::names, "Tensor names in data-offset (file) order.")
+      .def("metadata",
+           [](const SafetensorsFile& f) {
+             py::dict d;
+             for (const auto& [k, v] : f.metadata()) d[py::str(k)] = py::str(v);
+             return d;
+           })
+      .def("__contains__", [](const SafetensorsFile& f, const std::string& n) { return f.find(n) != nullptr; })
+      .def("__len__", [](const SafetensorsFile& f) { return f.tensors().size(); })
+      .def("dtype_name", [](const SafetensorsFile& f, const std::string& n) { return std::string(dtype_name(f.at(n).dtype)); })
+      .def("shape",
+           [](const SafetensorsFile& f, const std::string& n) {
+             py::tuple t(f.at(n).shape.size());
+             for (size_t i = 0; i < f.at(n).shape.size(); ++i) t[i] = py::int_(f.at(n).shape[i]);
+             return t;
+           })
+      .def("nbytes", [](const SafetensorsFile& f, const std::string& n) { return f.at(n).nbytes; })
+      .def("get", [](py::object self, const std::string& n) { return tensor_view(self.cast<const SafetensorsFile&>().at(n), self); },
+           py::arg("name"), "Read-only array viewing the mapping (BF16 as raw uint16 bits).")
+      .def_property_readonly("header_size", &SafetensorsFile::header_size)
+      .def_property_readonly("path", &SafetensorsFile::path);
+
+  io.def(
+      "save_safetensors",
+      [](const std::string& path, py::list tensors, py::dict metadata) {
+        std::vector<io::TensorToWrite> ts;
+        std::vector<py::array> keep;  // holds the buffers while the GIL is released
+        for (py::handle item : tensors) {
+          auto tup = item.cast<py::tuple>();
+          check_arg(tup.size() == 4, "save_safetensors: expected (name, dtype, shape, uint8 array) tuples");
+          io::TensorToWrite t;
+          t.name = tup[0].cast<std::string>();
+          try {
+            t.dtype = dtype_from_name(tup[1].cast<std::string>());
+          } catch (const FormatError& e) {
+            throw ValueError(std::string("save_safetensors: ") + e.what());
+          }
+          t.shape = tup[2].cast<std::vector<int64_t>>();
+          py::array a = tup[3].cast<py::array>();
+          check_arg(a.dtype().is(py::dtype::of<uint8_t>()) && (a.flags() & py::array::c_style),
+                    "save_safetensors: data must be a C-contiguous uint8 array");
+          t.data = a.data();
+          t.nbytes = static_cast<size_t>(a.nbytes());
+          keep.push_back(std::move(a));
+          ts.push_back(std::move(t));
+        }
+        io::Metadata meta;
+        for (auto kv : metadata) {
+          check_arg(py::isinstance<py::str>(kv.first) && py::isinstance<py::str>(kv.second),
+                    "save_safetensors: metadata keys and values must be str");
+          meta.emplace_back(kv.first.cast<std::string>(), kv.second.cast<std::string>());
+        }
+        py::gil_scoped_release nogil;
+        io::write_safetensors(path, ts, meta);
+      },
+      py::arg("path"), py::arg("tensors"), py::arg("metadata"),
+      "Atomic write of [(name, dtype name, shape, uint8 C-contiguous bytes)].");
+
+  io.def(
+      "json_loads",
+      [](py::handle text, size_t max_depth, bool allow_duplicate_keys) {
+        const std::string s = text_arg(text);
+        json::ParseOptions opt;
+        opt.max_depth = max_depth;
+        opt.allow_duplicate_keys = allow_duplicate_keys;
+        json::Value v;
+        {
+          py::gil_scoped_release nogil;
+          v = json::parse(s, opt);
+        }
+        return to_python(v);
+      },
+      py::arg("text"), py::arg("max_depth") = 512, py::arg("allow_duplicate_keys") = false,
+      "Parse JSON (str or UTF-8 bytes) with the engine's strict parser; raises FormatError.");
+  io.def(
+      "json_load_file",
+      [](const std::string& path) {
+        json::Value v;
+        {
+          py::gil_scoped_release nogil;
+          v = json::parse_file(path);
+        }
+        return to_python(v);
+      },
+      py::arg("path"), "Read and parse a JSON file (errors name the path).");
+  io.def(
+      "json_dumps",
+      [](py::handle obj, py::object indent) {
+        const int ind = indent.is_none() ? -1 : indent.cast<int>();
+        check_arg(ind >= -1 && ind <= 64, "json_dumps: indent must be None or in [0, 64]");
+        return json::dump(from_python(obj, 0), ind);
+      },
+      py::arg("obj"), py::arg("indent") = py::none(),
+      "Serialize None/bool/int/float/str/list/tuple/dict with the engine's JSON writer.");
+
+  // Test hook for the C++ accessors the loaders use (json::Value::get_or / at / as_*).
+  io.def("_json_access", [](const std::string& text, const std::string& key, const std::string& kind,
+                            py::object def) -> py::object {
+    const json::Value v = json::parse(text);
+    if (kind == "bool") return py::bool_(v.get_or(key, def.cast<bool>()));
+    if (kind == "int") return py::int_(v.get_or(key, def.cast<int64_t>()));
+    if (kind == "double") return py::float_(v.get_or(key, def.cast<double>()));
+    if (kind == "string") return py::str(v.get_or(key, def.cast<std::string>()));
+    if (kind == "at_int") return py::int_(v.at(key).as_int());
+    if (kind == "at_double") return py::float_(v.at(key).as_double());
+    if (kind == "at_string") return py::str(v.at(key).as_string());
+    if (kind == "at_bool") return py::bool_(v.at(key).as_bool());
+    if (kind == "index") return py::int_(v.at(static_cast<size_t>(std::stoul(key))).as_int());
+    if (kind == "size") return py::int_(v.at(key).size());
+    throw ValueError("unknown kind");
+  });
+}
+
 }  // namespace qlora::py_bind

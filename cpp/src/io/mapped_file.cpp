@@ -1,0 +1,152 @@
+#include "io/mapped_file.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <algorithm>
+#include <random>
+
+namespace qlora::io {
+
+FileError::FileError(int e, std::string p, const std::string& doing)
+    : std::runtime_error(doing + " '" + p + "': " + std::strerror(e)), err(e), path(std::move(p)),
+      reason(std::strerror(e)) {}
+
+namespace {
+
+// Closes a descriptor on scope exit unless released.
+struct Fd {
+  int fd = -1;
+  ~Fd() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+int open_regular_readonly(const std::string& path, struct stat& st) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw FileError(errno, path, "cannot open");
+  if (::fstat(fd, &st) != 0) {
+    const int e = errno;
+    ::close(fd);
+    throw FileError(e, path, "cannot stat");
+  }
+  if (S_ISDIR(st.st_mode)) {
+    ::close(fd);
+    throw FileError(EISDIR, path, "cannot open");
+  }
+  return fd;
+}
+
+}  // namespace
+
+std::shared_ptr<MappedFile> MappedFile::open(const std::string& path) {
+  struct stat st {};
+  Fd fd{open_regular_readonly(path, st)};
+  std::shared_ptr<MappedFile> f(new MappedFile());
+  f->path_ = path;
+  f->size_ = static_cast<size_t>(st.st_size);
+  if (f->size_ > 0) {  // mmap of length 0 is an error; an empty file simply has no data
+    void* p = ::mmap(nullptr, f->size_, PROT_READ, MAP_PRIVATE, fd.fd, 0);
+    if (p == MAP_FAILED) throw FileError(errno, path, "cannot mmap");
+    f->data_ = static_cast<const uint8_t*>(p);
+  }
+  return f;
+}
+
+MappedFile::~MappedFile() {
+  if (data_) ::munmap(const_cast<uint8_t*>(data_), size_);
+}
+
+std::string read_file(const std::string& path) {
+  struct stat st {};
+  Fd fd{open_regular_readonly(path, st)};
+  std::string out;
+  out.reserve(static_cast<size_t>(st.st_size));
+  char buf[1 << 16];
+  for (;;) {
+    const ssize_t n = ::read(fd.fd, buf, sizeof buf);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw FileError(errno, path, "cannot read");
+    }
+    if (n == 0) break;
+    out.append(buf, static_cast<size_t>(n));
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- AtomicFileWriter
+
+AtomicFileWriter::AtomicFileWriter(std::string path) : path_(std::move(path)) {
+  static std::atomic<unsigned> counter{0};
+  std::random_device rd;
+  for (int attempt = 0; attempt < 16 && fd_ < 0; ++attempt) {
+    tmp_ = path_ + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter++) + "." +
+           std::to_string(rd() % 1000000);
+    fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (fd_ < 0 && errno != EEXIST) throw FileError(errno, tmp_, "cannot create");
+  }
+  if (fd_ < 0) throw FileError(EEXIST, tmp_, "cannot create a unique temporary file");
+}
+
+AtomicFileWriter::~AtomicFileWriter() {
+  if (!committed_) discard();
+}
+
+void AtomicFileWriter::discard() noexcept {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+  ::unlink(tmp_.c_str());
+}
+
+void AtomicFileWriter::write_direct(const char* p, size_t left) {
+  while (left > 0) {
+    const ssize_t n = ::write(fd_, p, std::min<size_t>(left, size_t(1) << 30));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw FileError(errno, tmp_, "cannot write");
+    }
+    p += n;
+    left -= static_cast<size_t>(n);
+  }
+}
+
+void AtomicFileWriter::flush() {
+  write_direct(buf_.data(), buf_.size());
+  buf_.clear();
+}
+
+void AtomicFileWriter::write(const void* data, size_t n) {
+  constexpr size_t kBatch = 1 << 20;  // batch small tensors; big ones go straight from memory
+  if (buf_.size() + n > kBatch) flush();
+  if (n > kBatch) {
+    write_direct(static_cast<const char*>(data), n);
+  } else {
+    buf_.append(static_cast<const char*>(data), n);
+  }
+}
+
+void AtomicFileWriter::commit() {
+  flush();
+  if (::fsync(fd_) != 0) throw FileError(errno, tmp_, "cannot fsync");
+  const int fd = fd_;
+  fd_ = -1;
+  if (::close(fd) != 0) throw FileError(errno, tmp_, "cannot close");
+  if (::rename(tmp_.c_str(), path_.c_str()) != 0) throw FileError(errno, path_, "cannot rename temporary file to");
+  committed_ = true;
+  // Persist the rename itself (best effort: some filesystems refuse fsync on directories).
+  const size_t slash = path_.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path_.substr(0, slash));
+  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
+  }
+}
+
+}  // namespace qlora::io
