@@ -1,0 +1,374 @@
+"""Tokenizers for Llama-family models: sentencepiece `tokenizer.model`, HF `tokenizer.json`, or the
+vocabulary embedded in a `.gguf` file, behind one small API (`Tokenizer.from_pretrained`)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from .chat_template import ChatTemplateError, render_chat_template, select_chat_template
+
+__all__ = ["Tokenizer", "ChatTemplateError"]
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        from ._core import FormatError
+
+        raise FormatError(f"{path}: invalid JSON ({exc})") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def _token_str(v):
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    if isinstance(v, dict):
+        v = v.get("content")
+    return v if isinstance(v, str) else None
+
+
+def _ids(v) -> list[int]:
+    """config.json ids: an int, a list of ints, or null."""
+    if v is None:
+        return []
+    if isinstance(v, (list, tuple)):
+        return [int(x) for x in v]
+    return [int(v)]
+
+
+def _clean_up_tokenization(s: str) -> str:
+    # transformers' clean_up_tokenization, applied when tokenizer_config asks for it
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        s = s.replace(a, b)
+    return s
+
+
+class _HFBackend:
+    """A `tokenizers.Tokenizer` (from tokenizer.json or rebuilt from a GGUF vocabulary)."""
+
+    def __init__(self, tk, size=None):
+        self.tk = tk
+        # a GGUF may repeat a token string; its ids still count (size = number of tokens)
+        self.size = max(size or 0, tk.get_vocab_size(with_added_tokens=True))
+        self.special_ids = {i for i, a in tk.get_added_tokens_decoder().items() if a.special}
+
+    def encode(self, text, add_special):
+        return self.tk.encode(text, add_special_tokens=add_special).ids
+
+    def encode_batch(self, texts, add_special):
+        return [e.ids for e in self.tk.encode_batch(list(texts), add_special_tokens=add_special)]
+
+    def decode(self, ids, skip_special):
+        return self.tk.decode(ids, skip_special_tokens=skip_special)
+
+    def id_to_token(self, i):
+        return self.tk.id_to_token(i)
+
+    def token_to_id(self, s):
+        return self.tk.token_to_id(s)
+
+
+class _SentencePieceBackend:
+    """The `sentencepiece` library on a tokenizer.model. Special-token strings in the text (control
+    pieces and tokenizer_config added tokens) are matched whole first, as transformers and
+    llama.cpp do; sentencepiece encodes the text between them."""
+
+    def __init__(self, path: Path, add_bos: bool, add_eos: bool, added: dict[int, str]):
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.load(str(path))
+        except (OSError, RuntimeError) as exc:
+            from ._core import FormatError
+
+            raise FormatError(f"{path}: not a readable sentencepiece model ({exc})") from exc
+        n = self.sp.get_piece_size()
+        self.add_bos, self.add_eos = add_bos, add_eos
+        self.bos, self.eos = self.sp.bos_id(), self.sp.eos_id()
+        self.extra = {i: s for i, s in added.items() if i >= n}  # ids past the sentencepiece vocab
+        self.size = max([n - 1, *self.extra]) + 1
+        # control pieces (and added tokens) are special; <unk> is matched whole in text too but
+        # decodes as sentencepiece renders it (" ⁇ "), since it stands for real text
+        self.special_ids = {i for i in range(n) if self.sp.is_control(i)} | set(self.extra)
+        special = {self.sp.id_to_piece(i): i for i in range(n) if self.sp.is_control(i) or self.sp.is_unknown(i)}
+        special.update({s: i for i, s in added.items()})
+        self.special = special
+        self.pattern = (re.compile("|".join(re.escape(s) for s in sorted(special, key=len, reverse=True)))
+                        if special else None)
+
+    def _encode_text(self, text):
+        ids, pos = [], 0
+        for m in self.pattern.finditer(text) if self.pattern else ():
+            if m.start() > pos:
+                ids += self.sp.encode(text[pos:m.start()])
+            ids.append(self.special[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            ids += self.sp.encode(text[pos:])
+        return ids
+
+    def encode(self, text, add_special):
+        ids = self._encode_text(text)
+        if add_special:
+            ids = ([self.bos] if self.add_bos else []) + ids + ([self.eos] if self.add_eos else [])
+        return ids
+
+    def encode_batch(self, texts, add_special):
+        return [self.encode(t, add_special) for t in texts]
+
+    def decode(self, ids, skip_special):
+        # sentencepiece drops control pieces when decoding; keep them as text unless skipped
+        out, run = [], []
+        for i in ids:
+            if i in self.special_ids:
+                if run:
+                    out.append(self.sp.decode(run))
+                    run = []
+                if not skip_special:
+                    out.append(self.id_to_token(i))
+            else:
+                run.append(i)
+        if run:
+            out.append(self.sp.decode(run))
+        return "".join(out)
+
+    def id_to_token(self, i):
+        return self.extra[i] if i in self.extra else self.sp.id_to_piece(i)
+
+    def token_to_id(self, s):
+        if s in self.special:
+            return self.special[s]
+        i = self.sp.piece_to_id(s)
+        return None if i == self.sp.unk_id() and s != self.sp.id_to_piece(i) else i
+
+
+class Tokenizer:
+    """Text <-> token ids for one model, plus its chat template.
+
+    Build with `Tokenizer.from_pretrained(path)`: a directory holding `tokenizer.json` (preferred,
+    as transformers does) or a sentencepiece `tokenizer.model`, or a `.gguf` file.
+    """
+
+    def __init__(self, backend, *, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                 unk_token_id=None, eos_token_ids=(), chat_template=None, clean_up_spaces=False,
+                 source=""):
+        self._b = backend
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.unk_token_id = unk_token_id
+        ids = set(eos_token_ids) | ({eos_token_id} if eos_token_id is not None else set())
+        self.eos_token_ids = frozenset(ids)
+        self.chat_template = chat_template
+        self._clean_up = clean_up_spaces
+        self.source = source
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "Tokenizer":
+        p = Path(path)
+        if p.is_file() and p.suffix == ".gguf":
+            return cls._from_gguf(p)
+        if p.is_dir():
+            if (p / "tokenizer.json").is_file():
+                return cls._from_hf_dir(p)
+            if (p / "tokenizer.model").is_file():
+                return cls._from_sentencepiece_dir(p)
+            raise FileNotFoundError(f"{p}: no tokenizer.json or tokenizer.model in this directory")
+        if p.is_file():
+            raise ValueError(f"{p}: expected a directory (tokenizer.json / tokenizer.model) or a .gguf file")
+        raise FileNotFoundError(f"{p}: no such file or directory")
+
+    @staticmethod
+    def _dir_templates(p: Path, cfg: dict):
+        if (p / "chat_template.jinja").is_file():
+            return (p / "chat_template.jinja").read_text(encoding="utf-8")
+        if "chat_template" in cfg:
+            return cfg["chat_template"]
+        return _read_json(p / "chat_template.json").get("chat_template")
+
+    @staticmethod
+    def _dir_special_ids(p: Path, cfg: dict, lookup):
+        """bos/eos/pad/unk ids from tokenizer_config.json, special_tokens_map.json, config.json,
+        in that order of preference; extra stop ids from config.json / generation_config.json."""
+        stm = _read_json(p / "special_tokens_map.json")
+        mcfg = _read_json(p / "config.json")
+        gcfg = _read_json(p / "generation_config.json")
+        ids = {}
+        for name in ("bos", "eos", "pad", "unk"):
+            s = _token_str(cfg.get(f"{name}_token")) or _token_str(stm.get(f"{name}_token"))
+            tid = lookup(s) if s is not None else None
+            if tid is None:
+                from_cfg = _ids(mcfg.get(f"{name}_token_id"))
+                tid = from_cfg[0] if from_cfg else None
+            ids[name] = tid
+        eos_all = set(_ids(mcfg.get("eos_token_id"))) | set(_ids(gcfg.get("eos_token_id")))
+        return ids, eos_all
+
+    @classmethod
+    def _from_hf_dir(cls, p: Path) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        from .tokenizer_gguf import template_processing
+
+        try:
+            tk = HFTokenizer.from_file(str(p / "tokenizer.json"))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+            from ._core import FormatError
+
+            raise FormatError(f"{p / 'tokenizer.json'}: cannot load ({exc})") from exc
+        cfg = _read_json(p / "tokenizer_config.json")
+        ids, eos_all = cls._dir_special_ids(p, cfg, tk.token_to_id)
+        # transformers replaces the post-processor when tokenizer_config sets add_bos/add_eos
+        # explicitly (or there is none); otherwise tokenizer.json's post-processor decides.
+        if "add_bos_token" in cfg or "add_eos_token" in cfg or tk.post_processor is None:
+            bos = ids["bos"] if cfg.get("add_bos_token", False) else None
+            eos = ids["eos"] if cfg.get("add_eos_token", False) else None
+            tk.post_processor = template_processing(
+                tk.id_to_token(bos) if bos is not None else None, bos,
+                tk.id_to_token(eos) if eos is not None else None, eos,
+            )
+        return cls(
+            _HFBackend(tk), bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
+            unk_token_id=ids["unk"], eos_token_ids=eos_all, chat_template=cls._dir_templates(p, cfg),
+            clean_up_spaces=bool(cfg.get("clean_up_tokenization_spaces", False)), source=str(p),
+        )
+
+    @classmethod
+    def _from_sentencepiece_dir(cls, p: Path) -> "Tokenizer":
+        cfg = _read_json(p / "tokenizer_config.json")
+        added = {}
+        for k, v in (cfg.get("added_tokens_decoder") or {}).items():
+            s = _token_str(v)
+            if s is not None:
+                added[int(k)] = s
+        # LlamaTokenizer's defaults: BOS yes, EOS no, unless tokenizer_config says otherwise
+        b = _SentencePieceBackend(p / "tokenizer.model", bool(cfg.get("add_bos_token", True)),
+                                  bool(cfg.get("add_eos_token", False)), added)
+        sp = b.sp
+
+        def own(i):
+            return i if i >= 0 else None
+
+        lookup = b.token_to_id
+        ids, eos_all = cls._dir_special_ids(p, cfg, lookup)
+        for name, own_id in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("pad", sp.pad_id()), ("unk", sp.unk_id())):
+            if ids[name] is None:
+                ids[name] = own(own_id)
+        b.bos, b.eos = ids["bos"], ids["eos"]
+        b.add_bos = b.add_bos and b.bos is not None
+        b.add_eos = b.add_eos and b.eos is not None
+        return cls(
+            b, bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
+            unk_token_id=ids["unk"], eos_token_ids=eos_all, chat_template=cls._dir_templates(p, cfg),
+            clean_up_spaces=bool(cfg.get("clean_up_tokenization_spaces", False)), source=str(p),
+        )
+
+    @classmethod
+    def _from_gguf(cls, p: Path) -> "Tokenizer":
+        from .tokenizer_gguf import build_gguf_tokenizer, read_gguf_vocab
+
+        v = read_gguf_vocab(p)
+        tk, _, _ = build_gguf_tokenizer(v)
+        return cls(
+            _HFBackend(tk, len(v.tokens)), bos_token_id=v.bos_token_id, eos_token_id=v.eos_token_id,
+            pad_token_id=v.pad_token_id, unk_token_id=v.unk_token_id, eos_token_ids=v.extra_eos_ids,
+            chat_template=v.chat_template, source=str(p),
+        )
+
+    # ---- encoding -----------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included (ids are 0..vocab_size-1)."""
+        return self._b.size
+
+    def __len__(self) -> int:
+        return self._b.size
+
+    def _token(self, i):
+        return None if i is None else self._b.id_to_token(i)
+
+    @property
+    def bos_token(self):
+        return self._token(self.bos_token_id)
+
+    @property
+    def eos_token(self):
+        return self._token(self.eos_token_id)
+
+    @property
+    def pad_token(self):
+        return self._token(self.pad_token_id)
+
+    @property
+    def unk_token(self):
+        return self._token(self.unk_token_id)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        return self._b.encode(text, add_special_tokens)
+
+    def encode_batch(self, texts, add_special_tokens: bool = True) -> list[list[int]]:
+        texts = list(texts)
+        for t in texts:
+            if not isinstance(t, str):
+                raise TypeError(f"encode_batch expects strings, got {type(t).__name__}")
+        return self._b.encode_batch(texts, add_special_tokens)
+
+    def _check_ids(self, ids) -> list[int]:
+        try:
+            out = [int(i) for i in ids]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"token ids must be integers: {exc}") from exc
+        bad = [i for i in out if not 0 <= i < self._b.size]
+        if bad:
+            raise ValueError(f"token id(s) {bad[:5]} out of range [0, {self._b.size})")
+        return out
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        text = self._b.decode(self._check_ids(ids), skip_special_tokens)
+        return _clean_up_tokenization(text) if self._clean_up else text
+
+    def convert_ids_to_tokens(self, ids):
+        """Token strings for an id or a list of ids."""
+        if isinstance(ids, int) or (hasattr(ids, "__index__") and not hasattr(ids, "__len__")):
+            return self._b.id_to_token(self._check_ids([ids])[0])
+        return [self._b.id_to_token(i) for i in self._check_ids(ids)]
+
+    def convert_tokens_to_ids(self, tokens):
+        if isinstance(tokens, str):
+            return self._b.token_to_id(tokens)
+        return [self._b.token_to_id(t) for t in tokens]
+
+    @property
+    def all_special_ids(self) -> set[int]:
+        return set(self._b.special_ids)
+
+    # ---- chat ---------------------------------------------------------------------------------
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False,
+                            *, chat_template: str | None = None, tools=None, documents=None, **kwargs):
+        """Render a conversation with the model's chat template (jinja2, as transformers does).
+        With tokenize=True, returns ids (the template writes any BOS itself, so none is added)."""
+        named = self.chat_template if isinstance(self.chat_template, (dict, list)) else {}
+        names = {t["name"] for t in named} if isinstance(named, list) else set(named)
+        if chat_template is None or chat_template in names:
+            template = select_chat_template(self.chat_template, chat_template, tools)
+        else:  # a template's source given directly
+            template = chat_template
+        # like transformers: only the special tokens this tokenizer has become template variables
+        special = {f"{n}_token": getattr(self, f"{n}_token") for n in ("bos", "eos", "pad", "unk")}
+        special = {k: v for k, v in special.items() if v is not None}
+        text = render_chat_template(template, messages, add_generation_prompt=add_generation_prompt,
+                                    special_tokens=special, tools=tools, documents=documents, **kwargs)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def __repr__(self):
+        return f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size}, bos={self.bos_token_id}, eos={sorted(self.eos_token_ids)})"
