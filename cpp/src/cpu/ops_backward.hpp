@@ -1,0 +1,64 @@
+// CPU training ops: gradients of the transformer ops in ops_model.hpp, the training attention
+// (self-attention over the sequence, with logsumexp kept for the backward) and the per-row
+// softmax cross-entropy. Semantics are those of the Backend methods of the same names
+// (backend.hpp). Plain loops the compiler can vectorize, threaded with parallel_range; fp32.
+#pragma once
+#include <cstdint>
+
+#include "cpu/features.hpp"
+
+namespace qlora {
+class Backend;
+}
+
+namespace qlora::cpu::ops {
+
+// ops_backward_elementwise.cpp
+void rmsnorm_backward(int64_t M, int64_t D, const float* x, const float* w, float eps, const float* dy, float* dx);
+void rope_backward(int64_t M, int64_t n_heads, int64_t head_dim, float* dx, int64_t ldx, const int32_t* pos,
+                   const float* inv_freq);
+void swiglu_backward(int64_t M, int64_t N, const float* gate, int64_t ldg, const float* up, int64_t ldu,
+                     const float* dout, int64_t ldd, float* dgate, int64_t lddg, float* dup, int64_t lddu);
+
+// ops_backward_attention.cpp (tile products through the GEMM kernels of `level`)
+void attention_train(SimdLevel level, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+                     int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv, const int32_t* key_mask,
+                     float scale, float* out, int64_t ldo, float* lse);
+void attention_train_backward(SimdLevel level, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd,
+                              const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
+                              const int32_t* key_mask, float scale, const float* out, int64_t ldo,
+                              const float* lse, const float* dout, int64_t lddo, float* dq, int64_t lddq,
+                              float* dk, int64_t lddk, float* dv, int64_t lddv);
+
+// ops_loss.cpp
+void cross_entropy_rows(int64_t M, int64_t V, float* logits, int64_t ldl, const int32_t* labels, float grad_scale,
+                        bool want_grad, float* loss);
+
+}  // namespace qlora::cpu::ops
+
+namespace qlora {
+
+// Causal-LM cross-entropy through the lm_head, on any backend (ops_loss.cpp).
+// h [N, D] (row stride ldh; the final-norm output), E [V, D] (the lm_head / tied embedding,
+// contiguous), labels int32 [N] in HOST memory (already shifted; -100 = ignored; anything else
+// outside [0, V) throws ValueError before any work). h, E and dh live in the backend's memory.
+// Row chunks of `chunk_rows` go through logits = h·Eᵀ (gemm_nt), the backend's
+// cross_entropy_rows, and (when dh != nullptr) dh = dlogits·E (gemm_nn), so only a
+// [chunk_rows, V] logits buffer exists at a time, never [N, V].
+// dh [N, D] (row stride lddh) = d(loss_sum * grad_scale)/dh, overwritten (0 on ignored rows);
+// dh may alias h with the same row stride (a chunk's rows are read before they are written).
+// dh == nullptr: the forward-only (eval loss) variant.
+struct CrossEntropyResult {
+  double loss_sum = 0.0;       // Σ over non-ignored rows of -log softmax(logits)[label]
+  int64_t count = 0;           // non-ignored rows
+  size_t workspace_bytes = 0;  // bytes this call allocated (the bound: it does not grow with N)
+};
+constexpr int64_t kCrossEntropyChunkRows = 256;
+// The scratch one call allocates for `rows_in_chunk` = min(N, chunk_rows): logits [rows, V]
+// fp32 + per-row loss [rows] fp32 + labels [rows] int32 on device backends.
+size_t cross_entropy_workspace_bytes(int64_t rows_in_chunk, int64_t V, bool device);
+CrossEntropyResult lm_cross_entropy(Backend& be, int64_t N, int64_t D, int64_t V, const float* h, int64_t ldh,
+                                    const float* E, const int32_t* labels, float grad_scale, float* dh,
+                                    int64_t lddh, int64_t chunk_rows = kCrossEntropyChunkRows);
+
+}  // namespace qlora

@@ -1,0 +1,119 @@
+// Softmax cross-entropy: the CPU per-row kernel, and the chunked causal-LM loss through the
+// lm_head that runs on any backend (its GEMMs and cross_entropy_rows), so the [N, V] logits are
+// never materialized.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "backend.hpp"
+#include "common/error.hpp"
+#include "cpu/ops_backward.hpp"
+#include "cpu/threads.hpp"
+
+namespace qlora::cpu::ops {
+
+void cross_entropy_rows(int64_t M, int64_t V, float* logits, int64_t ldl, const int32_t* labels, float grad_scale,
+                        bool want_grad, float* loss) {
+  parallel_range(M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      float* row = logits + m * ldl;  // [V]
+      const int32_t y = labels[m];
+      if (y == -100) {
+        loss[m] = 0.0f;
+        if (want_grad) std::fill(row, row + V, 0.0f);
+        continue;
+      }
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t i = 0; i < V; ++i) mx = std::max(mx, row[i]);
+      double sum = 0.0;
+      for (int64_t i = 0; i < V; ++i) sum += std::exp(row[i] - mx);
+      const double lse = static_cast<double>(mx) + std::log(sum);
+      loss[m] = static_cast<float>(lse - static_cast<double>(row[y]));
+      if (want_grad) {
+        const float l = static_cast<float>(lse);
+        for (int64_t i = 0; i < V; ++i) row[i] = grad_scale * std::exp(row[i] - l);
+        row[y] -= grad_scale;
+      }
+    }
+  });
+}
+
+}  // namespace qlora::cpu::ops
+
+namespace qlora {
+
+size_t cross_entropy_workspace_bytes(int64_t rows_in_chunk, int64_t V, bool device) {
+  const size_t r = static_cast<size_t>(rows_in_chunk);
+  return r * static_cast<size_t>(V) * sizeof(float) + r * sizeof(float) + (device ? r * sizeof(int32_t) : 0);
+}
+
+namespace {
+// Backend buffers freed on scope exit; counts what it allocated.
+struct Scratch {
+  Backend& be;
+  std::vector<void*> ptrs;
+  size_t bytes = 0;
+  explicit Scratch(Backend& b) : be(b) {}
+  ~Scratch() {
+    for (void* p : ptrs) be.free(p);
+  }
+  void* get(size_t n) {
+    ptrs.push_back(nullptr);
+    ptrs.back() = be.alloc(n);
+    bytes += n;
+    return ptrs.back();
+  }
+};
+}  // namespace
+
+CrossEntropyResult lm_cross_entropy(Backend& be, int64_t N, int64_t D, int64_t V, const float* h, int64_t ldh,
+                                    const float* E, const int32_t* labels, float grad_scale, float* dh,
+                                    int64_t lddh, int64_t chunk_rows) {
+  check_arg(N >= 0 && D > 0 && V > 0, "lm_cross_entropy: need N >= 0, D > 0, V > 0");
+  check_arg(chunk_rows >= 1, "lm_cross_entropy: chunk_rows must be >= 1, got " + std::to_string(chunk_rows));
+  check_arg(V <= std::numeric_limits<int32_t>::max(), "lm_cross_entropy: V does not fit int32 labels");
+  CrossEntropyResult res;
+  for (int64_t n = 0; n < N; ++n) {
+    const int32_t y = labels[n];
+    if (y == -100) continue;
+    check_arg(y >= 0 && y < V, "labels[" + std::to_string(n) + "] = " + std::to_string(y) + " is outside [0, " +
+                                   std::to_string(V) + ") and not the ignore index -100");
+    ++res.count;
+  }
+  if (N == 0) return res;
+
+  const bool device = !be.host_memory();
+  const int64_t rows = std::min(N, chunk_rows);
+  Scratch scratch(be);
+  float* logits = static_cast<float*>(scratch.get(static_cast<size_t>(rows) * V * sizeof(float)));  // [rows, V]
+  float* loss = static_cast<float*>(scratch.get(static_cast<size_t>(rows) * sizeof(float)));        // [rows]
+  int32_t* dlab = device ? static_cast<int32_t*>(scratch.get(static_cast<size_t>(rows) * sizeof(int32_t)))
+                         : nullptr;                                                                 // [rows]
+  std::vector<float> loss_host(device ? rows : 0);                                                  // [rows]
+
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t m = std::min(rows, N - n0);
+    be.gemm_nt(m, V, D, 1.0f, h + n0 * ldh, ldh, E, D, 0.0f, logits, V);
+    const int32_t* lab = labels + n0;
+    if (device) {
+      be.upload(dlab, lab, static_cast<size_t>(m) * sizeof(int32_t));
+      lab = dlab;
+    }
+    be.cross_entropy_rows(m, V, logits, V, lab, grad_scale, dh != nullptr, loss);
+    const float* lh = loss;
+    if (device) {
+      be.download(loss_host.data(), loss, static_cast<size_t>(m) * sizeof(float));
+      lh = loss_host.data();
+    }
+    for (int64_t i = 0; i < m; ++i) res.loss_sum += lh[i];
+    if (dh) be.gemm_nn(m, D, V, 1.0f, logits, V, E, D, 0.0f, dh + n0 * lddh, lddh);
+  }
+  be.synchronize();
+  res.workspace_bytes = scratch.bytes;
+  return res;
+}
+
+}  // namespace qlora
