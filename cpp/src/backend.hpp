@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -46,6 +47,99 @@ class Backend {
                            float beta, float* dX, int64_t lddx) = 0;
   // out[W.rows * W.cols] = deq(W) (tests, merging, export)
   virtual void nf4_dequantize(const Nf4Ref& W, float* out) = 0;
+
+  // ---- transformer ops (cpp/src/model). Defaults throw so a backend can add them one by one.
+  // out[M, D] = table[ids[m], :]; ids int32 [M], already checked to lie in [0, V).
+  virtual void embedding(int64_t M, int64_t D, const float* table, const int32_t* ids, float* out) {
+    not_implemented("embedding");
+  }
+  // out[M, D] = x / sqrt(mean_row(x²) + eps) * w[D]   (out may alias x)
+  virtual void rmsnorm(int64_t M, int64_t D, const float* x, const float* w, float eps, float* out) {
+    not_implemented("rmsnorm");
+  }
+  // y[n] += x[n]   (residual connections)
+  virtual void add_inplace(int64_t n, const float* x, float* y) { not_implemented("add_inplace"); }
+  // y[M, N] (row stride ldy) += bias[N]
+  virtual void add_bias(int64_t M, int64_t N, const float* bias, float* y, int64_t ldy) {
+    not_implemented("add_bias");
+  }
+  // Rotate-half RoPE in place on x[M, n_heads * head_dim] (row stride ldx): for each head and
+  // i < head_dim/2, angle = float(pos[m]) * inv_freq[i] (fp32), (x_i, x_{i+h/2}) rotated by it.
+  virtual void rope(int64_t M, int64_t n_heads, int64_t head_dim, float* x, int64_t ldx, const int32_t* pos,
+                    const float* inv_freq) {
+    not_implemented("rope");
+  }
+  // out[M, N] = silu(gate) * up   (SwiGLU)
+  virtual void swiglu(int64_t M, int64_t N, const float* gate, int64_t ldg, const float* up, int64_t ldu, float* out,
+                      int64_t ldo) {
+    not_implemented("swiglu");
+  }
+  // cache[b, h, start + t, :] = x[b*T + t, h*hd : (h+1)*hd]; cache is [B, H, S_cap, hd].
+  virtual void kv_write(int64_t B, int64_t T, int64_t H, int64_t hd, const float* x, int64_t ldx, float* cache,
+                        int64_t S_cap, int64_t start) {
+    not_implemented("kv_write");
+  }
+  // Causal grouped-query attention over a KV cache. q[B*T, Hq*hd] (row stride ldq); query t of
+  // row b sits in slot start+t and attends to slots s <= start+t with key_mask[b*S_cap + s] != 0
+  // (int32 [B, S_cap]); query head h reads KV head h / (Hq/Hkv). k/v caches [B, Hkv, S_cap, hd].
+  // out[B*T, Hq*hd] = softmax(scale * q·kᵀ) · v; a query with no visible key gets zeros.
+  virtual void attention(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q, int64_t ldq,
+                         const float* k_cache, const float* v_cache, int64_t S_cap, int64_t start,
+                         const int32_t* key_mask, float scale, float* out, int64_t ldo) {
+    not_implemented("attention");
+  }
+
+  // ---- training ops (cpu/ops_backward.hpp): gradients of the ops above, for LoRA training.
+  // dx[M, D] = d(rmsnorm(x, w, eps))/dx applied to dy[M, D] (no dw: norms are frozen); dx may alias dy.
+  virtual void rmsnorm_backward(int64_t M, int64_t D, const float* x, const float* w, float eps, const float* dy,
+                                float* dx) {
+    not_implemented("rmsnorm_backward");
+  }
+  // In place on dx[M, n_heads * head_dim] (row stride ldx): the inverse (transposed) rotation of
+  // rope() for the same pos / inv_freq, turning dL/d(rope(x)) into dL/dx.
+  virtual void rope_backward(int64_t M, int64_t n_heads, int64_t head_dim, float* dx, int64_t ldx,
+                             const int32_t* pos, const float* inv_freq) {
+    not_implemented("rope_backward");
+  }
+  // For out = silu(gate) * up [M, N]: dgate = dout * up * silu'(gate), dup = dout * silu(gate).
+  // An output may alias an input (same element), not the other output.
+  virtual void swiglu_backward(int64_t M, int64_t N, const float* gate, int64_t ldg, const float* up, int64_t ldu,
+                               const float* dout, int64_t ldd, float* dgate, int64_t lddg, float* dup, int64_t lddu) {
+    not_implemented("swiglu_backward");
+  }
+  // Training attention: causal GQA self-attention over the sequence itself (no KV cache).
+  // q[B*T, Hq*hd], k/v[B*T, Hkv*hd] (row strides ldq/ldk/ldv); query t of row b attends to keys
+  // s <= t with key_mask[b*T + s] != 0 (int32 [B, T]); query head h reads KV head h / (Hq/Hkv).
+  // out[B*T, Hq*hd] = softmax(scale * q·kᵀ) · v and lse[B, Hq, T] = log Σ exp(scale * q·k) over
+  // the visible keys; a query with no visible key gets out = 0 and lse = -inf.
+  virtual void attention_train(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+                               int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
+                               const int32_t* key_mask, float scale, float* out, int64_t ldo, float* lse) {
+    not_implemented("attention_train");
+  }
+  // Its backward from the forward's inputs, out and lse, and dout[B*T, Hq*hd]: overwrites
+  // dq[B*T, Hq*hd] and dk/dv[B*T, Hkv*hd] (summed over the query heads sharing a KV head).
+  // Probabilities are recomputed from q, k and lse; rows with lse = -inf get gradient 0.
+  virtual void attention_train_backward(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+                                        int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
+                                        const int32_t* key_mask, float scale, const float* out, int64_t ldo,
+                                        const float* lse, const float* dout, int64_t lddo, float* dq, int64_t lddq,
+                                        float* dk, int64_t lddk, float* dv, int64_t lddv) {
+    not_implemented("attention_train_backward");
+  }
+  // Softmax cross-entropy per row of logits[M, V] (row stride ldl); labels int32 [M] lie in
+  // [0, V) or are -100 (ignored; checked by the caller). loss[M] = logsumexp(row) - row[label]
+  // (0 when ignored). With want_grad the row is overwritten by grad_scale * (softmax(row) -
+  // onehot(label)), zeros on ignored rows. Driven chunk by chunk by lm_cross_entropy (ops_backward.hpp).
+  virtual void cross_entropy_rows(int64_t M, int64_t V, float* logits, int64_t ldl, const int32_t* labels,
+                                  float grad_scale, bool want_grad, float* loss) {
+    not_implemented("cross_entropy_rows");
+  }
+
+ protected:
+  [[noreturn]] void not_implemented(const char* op) const {
+    throw std::runtime_error(name() + ": op " + op + " not implemented");
+  }
 };
 
 // Backends by name: "cpu" (best SIMD level, or the one set active), "cpu:scalar" (reference),

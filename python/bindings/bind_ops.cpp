@@ -1,6 +1,245 @@
-// Placeholder: the ops work replaces this file.
+// qlora_native._core.ops: the GEMM kernels of any backend on numpy float32 matrices.
+// Host backends read and write the caller's arrays in place (the row stride becomes the leading
+// dimension, no copies); device backends go through alloc/upload/run/download.
+#include <pybind11/numpy.h>
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "backend.hpp"
 #include "bindings.hpp"
+#include "common/error.hpp"
+#include "nf4_ref_from_py.hpp"
 
 namespace qlora::py_bind {
-void bind_ops(py::module_& m) { m.def_submodule("ops"); }
+
+namespace {
+
+// A float32 2-D array with a contiguous last dim: data, shape and leading dimension (elements).
+struct Mat {
+  py::array arr;
+  float* data = nullptr;
+  int64_t rows = 0, cols = 0, ld = 1;
+  int64_t span() const { return rows == 0 || cols == 0 ? 0 : (rows - 1) * ld + cols; }  // floats touched
+};
+
+Mat as_mat(py::handle obj, const std::string& name, bool writable) {
+  check_arg(py::isinstance<py::array>(obj), name + " must be a numpy.ndarray, got " + std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
+  Mat m;
+  m.arr = py::reinterpret_borrow<py::array>(obj);
+  check_arg(m.arr.dtype().is(py::dtype::of<float>()),
+            name + " must have dtype float32, got " + std::string(py::str(m.arr.dtype())) + " (no implicit conversion)");
+  check_arg(m.arr.ndim() == 2, name + " must be 2-D, got " + std::to_string(m.arr.ndim()) + "-D");
+  m.rows = m.arr.shape(0);
+  m.cols = m.arr.shape(1);
+  const int64_t s0 = m.arr.strides(0), s1 = m.arr.strides(1);
+  check_arg(m.cols <= 1 || m.rows == 0 || s1 == static_cast<int64_t>(sizeof(float)),
+            name + " must have a contiguous last dimension (stride " + std::to_string(s1) + " bytes)");
+  if (m.rows <= 1 || m.cols == 0) {  // a single row or no data: the stride is meaningless
+    m.ld = std::max<int64_t>(1, m.cols);
+  } else {
+    check_arg(s0 > 0 && s0 % static_cast<int64_t>(sizeof(float)) == 0 && s0 / 4 >= m.cols,
+              name + " has an unsupported row stride (" + std::to_string(s0) + " bytes): rows must not overlap");
+    m.ld = s0 / 4;
+  }
+  check_arg(reinterpret_cast<uintptr_t>(m.arr.data()) % alignof(float) == 0, name + " data is not 4-byte aligned");
+  if (writable) {
+    check_arg(m.arr.writeable(), name + " is read-only");
+    m.data = static_cast<float*>(m.arr.mutable_data());
+  } else {
+    m.data = const_cast<float*>(static_cast<const float*>(m.arr.data()));
+  }
+  return m;
+}
+
+bool overlaps(const Mat& a, const Mat& b) {
+  if (a.span() == 0 || b.span() == 0) return false;
+  return a.data < b.data + b.span() && b.data < a.data + a.span();
+}
+
+// The output: `out` checked for shape [M, N] (and not aliasing any input), or a new array.
+Mat out_mat(py::object out, int64_t M, int64_t N, float beta, std::initializer_list<const Mat*> inputs) {
+  if (out.is_none()) {
+    check_arg(beta == 0.0f, "beta != 0 needs an `out` array to accumulate into");
+    return as_mat(py::array_t<float>({M, N}), "out", true);
+  }
+  Mat o = as_mat(out, "out", true);
+  check_arg(o.rows == M && o.cols == N, "out has shape (" + std::to_string(o.rows) + ", " + std::to_string(o.cols) +
+                                            "), expected (" + std::to_string(M) + ", " + std::to_string(N) + ")");
+  for (const Mat* in : inputs) check_arg(!overlaps(o, *in), "out must not share memory with an input");
+  return o;
+}
+
+// Device buffer freed on scope exit.
+struct DevBuf {
+  Backend& be;
+  void* p = nullptr;
+  DevBuf(Backend& b, size_t bytes) : be(b), p(b.alloc(bytes ? bytes : 4)) {}
+  ~DevBuf() { be.free(p); }
+  DevBuf(const DevBuf&) = delete;
+  DevBuf& operator=(const DevBuf&) = delete;
+  float* f() const { return static_cast<float*>(p); }
+};
+
+// Runs fn(a_ptr, b_ptr, c_ptr) with pointers in the backend's memory (same leading dimensions),
+// without the GIL.
+template <class Fn>
+void run2(Backend& be, const Mat& a, const Mat& b, Mat& c, float beta, Fn fn) {
+  if (be.host_memory()) {
+    py::gil_scoped_release nogil;
+    fn(a.data, b.data, c.data);
+    return;
+  }
+  py::gil_scoped_release nogil;
+  DevBuf da(be, a.span() * 4), db(be, b.span() * 4), dc(be, c.span() * 4);
+  be.upload(da.p, a.data, a.span() * 4);
+  be.upload(db.p, b.data, b.span() * 4);
+  if (beta != 0.0f) be.upload(dc.p, c.data, c.span() * 4);
+  fn(da.f(), db.f(), dc.f());
+  std::vector<float> host(static_cast<size_t>(c.span()));
+  be.download(host.data(), dc.p, c.span() * 4);
+  be.synchronize();
+  for (int64_t i = 0; i < c.rows; ++i) std::memcpy(c.data + i * c.ld, host.data() + i * c.ld, c.cols * 4);
+}
+
+enum class Layout { NT, NN, TN };
+
+py::array gemm(Layout lay, py::object a_obj, py::object b_obj, py::object out, float alpha, float beta,
+               const std::string& backend) {
+  Backend& be = get_backend(backend);
+  Mat a = as_mat(a_obj, "a", false), b = as_mat(b_obj, "b", false);
+  int64_t M, N, K;
+  const char* what;
+  switch (lay) {
+    case Layout::NT: M = a.rows, K = a.cols, N = b.rows, what = "gemm_nt: a [M, K], b [N, K]"; break;
+    case Layout::NN: M = a.rows, K = a.cols, N = b.cols, what = "gemm_nn: a [M, K], b [K, N]"; break;
+    default: M = a.cols, K = a.rows, N = b.cols, what = "gemm_tn: a [K, M], b [K, N]"; break;
+  }
+  const int64_t bk = lay == Layout::NT ? b.cols : b.rows;
+  check_arg(bk == K, std::string(what) + ": inner dimensions differ (a gives K = " + std::to_string(K) + ", b gives " +
+                         std::to_string(bk) + ")");
+  Mat c = out_mat(out, M, N, beta, {&a, &b});
+  run2(be, a, b, c, beta, [&](const float* A, const float* B, float* C) {
+    if (lay == Layout::NT) be.gemm_nt(M, N, K, alpha, A, a.ld, B, b.ld, beta, C, c.ld);
+    else if (lay == Layout::NN) be.gemm_nn(M, N, K, alpha, A, a.ld, B, b.ld, beta, C, c.ld);
+    else be.gemm_tn(M, N, K, alpha, A, a.ld, B, b.ld, beta, C, c.ld);
+  });
+  return c.arr;
+}
+
+// The NF4 weight in the backend's memory (uploaded for device backends).
+struct DevNf4 {
+  Nf4Ref ref;
+  std::vector<std::unique_ptr<DevBuf>> bufs;
+  DevNf4(Backend& be, const Nf4Ref& h) : ref(h) {
+    if (be.host_memory()) return;
+    const int64_t n = h.numel(), nb = h.n_blocks();
+    auto up = [&](const void* src, size_t bytes) {
+      bufs.push_back(std::make_unique<DevBuf>(be, bytes));
+      be.upload(bufs.back()->p, src, bytes);
+      return bufs.back()->p;
+    };
+    ref.packed = static_cast<const uint8_t*>(up(h.packed, (n + 1) / 2));
+    ref.absmax = up(h.absmax, nb * (h.double_quant ? 1 : 4));
+    if (h.double_quant) {
+      ref.nested_absmax = static_cast<const float*>(up(h.nested_absmax, ((nb + 255) / 256) * 4));
+      ref.nested_map = static_cast<const float*>(up(h.nested_map, 256 * 4));
+    }
+  }
+};
+
+py::array nf4_gemm(bool nt, py::object x_obj, py::handle w_obj, py::object out, float alpha, float beta,
+                   const std::string& backend) {
+  Backend& be = get_backend(backend);
+  PyNf4 w = nf4_from_py(w_obj);
+  const char* xname = nt ? "x" : "dy";
+  Mat x = as_mat(x_obj, xname, false);
+  const int64_t M = x.rows, K = nt ? w.ref.cols : w.ref.rows, N = nt ? w.ref.rows : w.ref.cols;
+  check_arg(x.cols == K, std::string(nt ? "nf4_gemm_nt: x [M, in] with W [out, in]" : "nf4_gemm_nn: dy [M, out] with W [out, in]") +
+                             ": x has " + std::to_string(x.cols) + " columns, expected " + std::to_string(K));
+  Mat c = out_mat(out, M, N, beta, {&x});
+  auto call = [&](const Nf4Ref& W, const float* X, float* C) {
+    if (nt) be.nf4_gemm_nt(M, alpha, X, x.ld, W, beta, C, c.ld);
+    else be.nf4_gemm_nn(M, alpha, X, x.ld, W, beta, C, c.ld);
+  };
+  if (be.host_memory()) {
+    py::gil_scoped_release nogil;
+    call(w.ref, x.data, c.data);
+    return c.arr;
+  }
+  py::gil_scoped_release nogil;
+  DevNf4 dw(be, w.ref);
+  DevBuf dx(be, x.span() * 4), dc(be, c.span() * 4);
+  be.upload(dx.p, x.data, x.span() * 4);
+  if (beta != 0.0f) be.upload(dc.p, c.data, c.span() * 4);
+  call(dw.ref, dx.f(), dc.f());
+  std::vector<float> host(static_cast<size_t>(c.span()));
+  be.download(host.data(), dc.p, c.span() * 4);
+  be.synchronize();
+  for (int64_t i = 0; i < c.rows; ++i) std::memcpy(c.data + i * c.ld, host.data() + i * c.ld, c.cols * 4);
+  return c.arr;
+}
+
+py::array nf4_dequantize(py::handle w_obj, const std::string& backend) {
+  Backend& be = get_backend(backend);
+  PyNf4 w = nf4_from_py(w_obj);
+  py::array_t<float> out({w.ref.rows, w.ref.cols});
+  float* o = out.mutable_data();
+  const size_t bytes = static_cast<size_t>(w.ref.numel()) * 4;
+  py::gil_scoped_release nogil;
+  if (be.host_memory()) {
+    be.nf4_dequantize(w.ref, o);
+  } else {
+    DevNf4 dw(be, w.ref);
+    DevBuf d(be, bytes);
+    be.nf4_dequantize(dw.ref, d.f());
+    be.download(o, d.p, bytes);
+    be.synchronize();
+  }
+  return out;
+}
+
+}  // namespace
+
+void bind_ops(py::module_& m) {
+  py::module_ ops = m.def_submodule("ops", "GEMM kernels (fp32 and fused NF4) of any backend on numpy arrays");
+  const char* layout_doc[] = {
+      "out[M, N] = alpha * a[M, K] @ b[N, K].T + beta * out",
+      "out[M, N] = alpha * a[M, K] @ b[K, N] + beta * out",
+      "out[M, N] = alpha * a[K, M].T @ b[K, N] + beta * out",
+  };
+  const char* names[] = {"gemm_nt", "gemm_nn", "gemm_tn"};
+  const Layout lays[] = {Layout::NT, Layout::NN, Layout::TN};
+  for (int i = 0; i < 3; ++i) {
+    const Layout lay = lays[i];
+    ops.def(
+        names[i],
+        [lay](py::object a, py::object b, py::object out, float alpha, float beta, const std::string& backend) {
+          return gemm(lay, a, b, out, alpha, beta, backend);
+        },
+        py::arg("a"), py::arg("b"), py::arg("out") = py::none(), py::kw_only(), py::arg("alpha") = 1.0f,
+        py::arg("beta") = 0.0f, py::arg("backend") = "cpu", layout_doc[i]);
+  }
+  ops.def(
+      "nf4_gemm_nt",
+      [](py::object x, py::object w, py::object out, float alpha, float beta, const std::string& backend) {
+        return nf4_gemm(true, x, w, out, alpha, beta, backend);
+      },
+      py::arg("x"), py::arg("w"), py::arg("out") = py::none(), py::kw_only(), py::arg("alpha") = 1.0f,
+      py::arg("beta") = 0.0f, py::arg("backend") = "cpu",
+      "out[M, out_f] = alpha * x[M, in_f] @ dequant(w).T + beta * out (w: NF4 weight [out_f, in_f])");
+  ops.def(
+      "nf4_gemm_nn",
+      [](py::object dy, py::object w, py::object out, float alpha, float beta, const std::string& backend) {
+        return nf4_gemm(false, dy, w, out, alpha, beta, backend);
+      },
+      py::arg("dy"), py::arg("w"), py::arg("out") = py::none(), py::kw_only(), py::arg("alpha") = 1.0f,
+      py::arg("beta") = 0.0f, py::arg("backend") = "cpu",
+      "out[M, in_f] = alpha * dy[M, out_f] @ dequant(w) + beta * out (w: NF4 weight [out_f, in_f])");
+  ops.def("nf4_dequantize", &nf4_dequantize, py::arg("w"), py::arg("backend") = "cpu",
+          "float32 [out_f, in_f] copy of an NF4 weight (tests, merging, export)");
+}
+
 }  // namespace qlora::py_bind

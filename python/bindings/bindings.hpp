@@ -8,4 +8,7 @@ void bind_info(py::module_& m);   // version, SIMD levels, threads, backends, CU
 void bind_ops(py::module_& m);    // qlora_native._core.ops: GEMM kernels on numpy arrays
 void bind_nf4(py::module_& m);    // qlora_native._core.nf4: NF4 codec
 void bind_io(py::module_& m);     // qlora_native._core.io: safetensors + JSON
+void bind_model(py::module_& m);  // qlora_native._core.model: Llama-family model + sampler
+void bind_train(py::module_& m);  // qlora_native._core.train: AdamW, lr schedules, grad clipping, RNG
+void bind_grad_ops(py::module_& m);  // qlora_native._core.grad_ops: training ops (backward, loss)
 }  // namespace qlora::py_bind

@@ -23,4 +23,7 @@ PYBIND11_MODULE(_core, m) {
   qlora::py_bind::bind_ops(m);
   qlora::py_bind::bind_nf4(m);
   qlora::py_bind::bind_io(m);
+  qlora::py_bind::bind_model(m);
+  qlora::py_bind::bind_train(m);
+  qlora::py_bind::bind_grad_ops(m);
 }

@@ -6,6 +6,9 @@ from pkgutil import extend_path
 __path__ = extend_path(__path__, __name__)
 
 from . import _core  # noqa: E402
+from . import io  # noqa: E402,F401  (safetensors + JSON)
+from . import nf4  # noqa: E402,F401  (NF4 + double-quant codec)
+from . import ops  # noqa: E402,F401  (GEMM kernels on numpy arrays)
 from ._core import (  # noqa: E402,F401
     FormatError,
     available_backends,
@@ -15,6 +18,10 @@ from ._core import (  # noqa: E402,F401
     set_simd_level,
     supported_simd_levels,
 )
+
+from .tokenizer import Tokenizer  # noqa: E402
+from .model import Model  # noqa: E402
+from .lora_config import LoraConfig  # noqa: E402
 
 __version__ = _core.__version__
 
@@ -26,5 +33,8 @@ __all__ = [
     "simd_level",
     "set_simd_level",
     "supported_simd_levels",
+    "Tokenizer",
+    "Model",
+    "LoraConfig",
     "__version__",
 ]

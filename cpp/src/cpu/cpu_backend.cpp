@@ -6,6 +6,8 @@
 #include <new>
 
 #include "cpu/gemm.hpp"
+#include "cpu/ops_backward.hpp"
+#include "cpu/ops_model.hpp"
 #include "nf4/nf4_codec.hpp"
 
 namespace qlora::cpu {
@@ -52,5 +54,64 @@ void CpuBackend::nf4_gemm_nn(int64_t M, float alpha, const float* dY, int64_t ld
   cpu::nf4_gemm_nn(level(), M, alpha, dY, lddy, W, beta, dX, lddx);
 }
 void CpuBackend::nf4_dequantize(const Nf4Ref& W, float* out) { nf4::dequantize(level(), W, out); }
+
+void CpuBackend::embedding(int64_t M, int64_t D, const float* table, const int32_t* ids, float* out) {
+  ops::embedding(M, D, table, ids, out);
+}
+void CpuBackend::rmsnorm(int64_t M, int64_t D, const float* x, const float* w, float eps, float* out) {
+  ops::rmsnorm(M, D, x, w, eps, out);
+}
+void CpuBackend::add_inplace(int64_t n, const float* x, float* y) { ops::add_inplace(n, x, y); }
+void CpuBackend::add_bias(int64_t M, int64_t N, const float* bias, float* y, int64_t ldy) {
+  ops::add_bias(M, N, bias, y, ldy);
+}
+void CpuBackend::rope(int64_t M, int64_t n_heads, int64_t head_dim, float* x, int64_t ldx, const int32_t* pos,
+                      const float* inv_freq) {
+  ops::rope(M, n_heads, head_dim, x, ldx, pos, inv_freq);
+}
+void CpuBackend::swiglu(int64_t M, int64_t N, const float* gate, int64_t ldg, const float* up, int64_t ldu, float* out,
+                        int64_t ldo) {
+  ops::swiglu(M, N, gate, ldg, up, ldu, out, ldo);
+}
+void CpuBackend::kv_write(int64_t B, int64_t T, int64_t H, int64_t hd, const float* x, int64_t ldx, float* cache,
+                          int64_t S_cap, int64_t start) {
+  ops::kv_write(B, T, H, hd, x, ldx, cache, S_cap, start);
+}
+void CpuBackend::attention(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q, int64_t ldq,
+                           const float* k_cache, const float* v_cache, int64_t S_cap, int64_t start,
+                           const int32_t* key_mask, float scale, float* out, int64_t ldo) {
+  ops::attention(B, T, Hq, Hkv, hd, q, ldq, k_cache, v_cache, S_cap, start, key_mask, scale, out, ldo);
+}
+
+void CpuBackend::rmsnorm_backward(int64_t M, int64_t D, const float* x, const float* w, float eps, const float* dy,
+                                  float* dx) {
+  ops::rmsnorm_backward(M, D, x, w, eps, dy, dx);
+}
+void CpuBackend::rope_backward(int64_t M, int64_t n_heads, int64_t head_dim, float* dx, int64_t ldx,
+                               const int32_t* pos, const float* inv_freq) {
+  ops::rope_backward(M, n_heads, head_dim, dx, ldx, pos, inv_freq);
+}
+void CpuBackend::swiglu_backward(int64_t M, int64_t N, const float* gate, int64_t ldg, const float* up, int64_t ldu,
+                                 const float* dout, int64_t ldd, float* dgate, int64_t lddg, float* dup,
+                                 int64_t lddu) {
+  ops::swiglu_backward(M, N, gate, ldg, up, ldu, dout, ldd, dgate, lddg, dup, lddu);
+}
+void CpuBackend::attention_train(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+                                 int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
+                                 const int32_t* key_mask, float scale, float* out, int64_t ldo, float* lse) {
+  ops::attention_train(level(), B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, key_mask, scale, out, ldo, lse);
+}
+void CpuBackend::attention_train_backward(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+                                          int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
+                                          const int32_t* key_mask, float scale, const float* out, int64_t ldo,
+                                          const float* lse, const float* dout, int64_t lddo, float* dq, int64_t lddq,
+                                          float* dk, int64_t lddk, float* dv, int64_t lddv) {
+  ops::attention_train_backward(level(), B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, key_mask, scale, out, ldo, lse, dout,
+                                lddo, dq, lddq, dk, lddk, dv, lddv);
+}
+void CpuBackend::cross_entropy_rows(int64_t M, int64_t V, float* logits, int64_t ldl, const int32_t* labels,
+                                    float grad_scale, bool want_grad, float* loss) {
+  ops::cross_entropy_rows(M, V, logits, ldl, labels, grad_scale, want_grad, loss);
+}
 
 }  // namespace qlora::cpu

@@ -30,6 +30,39 @@ class CpuBackend final : public Backend {
                    int64_t lddx) override;
   void nf4_dequantize(const Nf4Ref& W, float* out) override;
 
+  // Transformer ops (cpu/ops_model.hpp).
+  void embedding(int64_t M, int64_t D, const float* table, const int32_t* ids, float* out) override;
+  void rmsnorm(int64_t M, int64_t D, const float* x, const float* w, float eps, float* out) override;
+  void add_inplace(int64_t n, const float* x, float* y) override;
+  void add_bias(int64_t M, int64_t N, const float* bias, float* y, int64_t ldy) override;
+  void rope(int64_t M, int64_t n_heads, int64_t head_dim, float* x, int64_t ldx, const int32_t* pos,
+            const float* inv_freq) override;
+  void swiglu(int64_t M, int64_t N, const float* gate, int64_t ldg, const float* up, int64_t ldu, float* out,
+              int64_t ldo) override;
+  void kv_write(int64_t B, int64_t T, int64_t H, int64_t hd, const float* x, int64_t ldx, float* cache,
+                int64_t S_cap, int64_t start) override;
+  void attention(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q, int64_t ldq,
+                 const float* k_cache, const float* v_cache, int64_t S_cap, int64_t start, const int32_t* key_mask,
+                 float scale, float* out, int64_t ldo) override;
+
+  // Training ops (cpu/ops_backward.hpp).
+  void rmsnorm_backward(int64_t M, int64_t D, const float* x, const float* w, float eps, const float* dy,
+                        float* dx) override;
+  void rope_backward(int64_t M, int64_t n_heads, int64_t head_dim, float* dx, int64_t ldx, const int32_t* pos,
+                     const float* inv_freq) override;
+  void swiglu_backward(int64_t M, int64_t N, const float* gate, int64_t ldg, const float* up, int64_t ldu,
+                       const float* dout, int64_t ldd, float* dgate, int64_t lddg, float* dup, int64_t lddu) override;
+  void attention_train(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q, int64_t ldq,
+                       const float* k, int64_t ldk, const float* v, int64_t ldv, const int32_t* key_mask, float scale,
+                       float* out, int64_t ldo, float* lse) override;
+  void attention_train_backward(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+                                int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
+                                const int32_t* key_mask, float scale, const float* out, int64_t ldo, const float* lse,
+                                const float* dout, int64_t lddo, float* dq, int64_t lddq, float* dk, int64_t lddk,
+                                float* dv, int64_t lddv) override;
+  void cross_entropy_rows(int64_t M, int64_t V, float* logits, int64_t ldl, const int32_t* labels, float grad_scale,
+                          bool want_grad, float* loss) override;
+
  private:
   SimdLevel level_;
   bool follow_active_;

@@ -55,7 +55,10 @@ class Pool {
     std::lock_guard<std::mutex> run_lock(run_mu_);
     stop_workers();
     stop_ = false;
-    for (int i = 1; i < n_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+    // A worker must start from the generation current now: read inside the new thread, a job
+    // posted before the thread first runs would be missed (the caller then waits forever).
+    const uint64_t gen = generation_.load(std::memory_order_acquire);
+    for (int i = 1; i < n_threads; ++i) workers_.emplace_back([this, gen] { worker_loop(gen); });
   }
 
   void run(int64_t n_tasks, const std::function<void(int64_t)>& fn) {
@@ -110,8 +113,7 @@ class Pool {
     t_in_pool_task = false;
   }
 
-  void worker_loop() {
-    uint64_t seen = generation_.load(std::memory_order_acquire);
+  void worker_loop(uint64_t seen) {
     for (;;) {
       // Spin a little, then sleep.
       int spins = 0;

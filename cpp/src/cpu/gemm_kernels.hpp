@@ -1,0 +1,54 @@
+// Per-SIMD-level building blocks of the blocked GEMM (cpu/gemm.cpp drives them). Only constants
+// and declarations live here (no inline functions), so the *_avx2.cpp / *_avx512.cpp kernel files
+// may include it without leaking code compiled for their ISA (cpu/README.md).
+//
+// Packed layouts (zero-padded to full panels):
+//   A panel: Ap[k * MR + i], i < MR, k < kc   (MR rows of op(A), k-major)
+//   B panel: Bp[k * NR + j], j < NR, k < kc   (NR columns of op(B), k-major)
+#pragma once
+#include <cstdint>
+
+namespace qlora::cpu::gemm_k {
+
+// Micro-tile sizes per level: MR rows (broadcast operand) x NR columns (vector operand).
+constexpr int kGenericMR = 4, kGenericNR = 16;
+constexpr int kAvx2MR = 6, kAvx2NR = 16;
+constexpr int kAvx512MR = 14, kAvx512NR = 32;
+
+// C[mr, nr] (ld ldc) = alpha * Ap·Bp + beta * C for a kc-deep pair of packed panels; mr <= MR,
+// nr <= NR select the valid corner; beta == 0 never reads C.
+using UkernelFn = void (*)(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha,
+                           float beta, int mr, int nr);
+// B panel from nr rows of a row-major [*, kc] source (gemm_nt: rows of W are columns of op(B)):
+//   Bp[k * NR + j] = B[j * ldb + k]
+using PackBTFn = void (*)(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
+// B panel from kc rows of a row-major [kc, *] source: Bp[k * NR + j] = B[k * ldb + j]
+using PackBNFn = void (*)(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
+// NF4 decode of the flat elements [j0, j0 + len) of a packed weight into out[len]:
+//   out[t] = codes[nibble(j0 + t)] * scale[((j0 + t) >> bs_log2) - (j0 >> bs_log2)]
+// codes: the 16 NF4 values; scale: decoded absmax of the blocks the run touches.
+using Nf4DecodeFn = void (*)(const uint8_t* packed, int64_t j0, int64_t len, const float* scale, int bs_log2,
+                             const float* codes, float* out);
+
+void ukernel_generic(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta,
+                     int mr, int nr);
+void pack_b_t_generic(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
+void pack_b_n_generic(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
+void nf4_decode_generic(const uint8_t* packed, int64_t j0, int64_t len, const float* scale, int bs_log2,
+                        const float* codes, float* out);
+
+void ukernel_avx2(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta,
+                  int mr, int nr);
+void pack_b_t_avx2(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
+void pack_b_n_avx2(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
+void nf4_decode_avx2(const uint8_t* packed, int64_t j0, int64_t len, const float* scale, int bs_log2,
+                     const float* codes, float* out);
+
+void ukernel_avx512(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta,
+                    int mr, int nr);
+void pack_b_t_avx512(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
+void pack_b_n_avx512(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
+void nf4_decode_avx512(const uint8_t* packed, int64_t j0, int64_t len, const float* scale, int bs_log2,
+                       const float* codes, float* out);
+
+}  // namespace qlora::cpu::gemm_k

@@ -1,0 +1,152 @@
+// AVX2+FMA GEMM building blocks: a 6x16 register-tiled micro-kernel (12 ymm accumulators) and an
+// NF4 nibble decoder (two 8-entry vpermps tables blended on bit 3). Rules: cpu/README.md.
+#include <immintrin.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/gemm_kernels.hpp"
+
+namespace qlora::cpu::gemm_k {
+
+namespace {
+constexpr int MR = kAvx2MR, NR = kAvx2NR;
+static_assert(NR == 16, "the AVX2 kernel holds two ymm columns per row");
+
+template <int R>
+void ukr(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta, int nr) {
+  __m256 c0[R], c1[R];
+#pragma GCC unroll 6
+  for (int i = 0; i < R; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_load_ps(Bp), b1 = _mm256_load_ps(Bp + 8);
+#pragma GCC unroll 6
+    for (int i = 0; i < R; ++i) {
+      const __m256 a = _mm256_broadcast_ss(Ap + i);
+      c0[i] = _mm256_fmadd_ps(a, b0, c0[i]);
+      c1[i] = _mm256_fmadd_ps(a, b1, c1[i]);
+    }
+    Ap += MR;
+    Bp += NR;
+  }
+  const __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
+  if (nr == NR) {
+#pragma GCC unroll 6
+    for (int i = 0; i < R; ++i) {
+      float* c = C + i * ldc;
+      __m256 r0 = _mm256_mul_ps(va, c0[i]), r1 = _mm256_mul_ps(va, c1[i]);
+      if (beta != 0.0f) {
+        r0 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(c), r0);
+        r1 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(c + 8), r1);
+      }
+      _mm256_storeu_ps(c, r0);
+      _mm256_storeu_ps(c + 8, r1);
+    }
+    return;
+  }
+  alignas(32) float tile[NR];  // ragged right edge: spill a row, store the valid part
+  for (int i = 0; i < R; ++i) {
+    float* c = C + i * ldc;
+    _mm256_store_ps(tile, _mm256_mul_ps(va, c0[i]));
+    _mm256_store_ps(tile + 8, _mm256_mul_ps(va, c1[i]));
+    if (beta == 0.0f) {
+      for (int j = 0; j < nr; ++j) c[j] = tile[j];
+    } else {
+      for (int j = 0; j < nr; ++j) c[j] = tile[j] + beta * c[j];
+    }
+  }
+}
+}  // namespace
+
+void ukernel_avx2(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta, int mr,
+                  int nr) {
+  switch (mr) {
+    case 6: return ukr<6>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 5: return ukr<5>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 4: return ukr<4>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 3: return ukr<3>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 2: return ukr<2>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 1: return ukr<1>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
+    default: return;
+  }
+}
+
+void pack_b_t_avx2(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp) {
+  // 8 columns of op(B) (rows of B) at a time: 8x8 transposes.
+  int64_t k0 = 0;
+  for (; k0 + 8 <= kc; k0 += 8) {
+    for (int g = 0; g < NR / 8; ++g) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) {
+        const int row = g * 8 + i;
+        r[i] = row < nr ? _mm256_loadu_ps(B + row * ldb + k0) : _mm256_setzero_ps();
+      }
+      const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      float* d = Bp + k0 * NR + g * 8;
+      _mm256_store_ps(d + 0 * NR, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_store_ps(d + 1 * NR, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_store_ps(d + 2 * NR, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_store_ps(d + 3 * NR, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_store_ps(d + 4 * NR, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_store_ps(d + 5 * NR, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_store_ps(d + 6 * NR, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_store_ps(d + 7 * NR, _mm256_permute2f128_ps(u3, u7, 0x31));
+    }
+  }
+  for (; k0 < kc; ++k0) {
+    float* dst = Bp + k0 * NR;
+    for (int j = 0; j < NR; ++j) dst[j] = j < nr ? B[j * ldb + k0] : 0.0f;
+  }
+}
+
+void pack_b_n_avx2(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp) {
+  for (int64_t k = 0; k < kc; ++k) {
+    float* dst = Bp + k * NR;
+    const float* src = B + k * ldb;
+    if (nr == NR) {
+      _mm256_store_ps(dst, _mm256_loadu_ps(src));
+      _mm256_store_ps(dst + 8, _mm256_loadu_ps(src + 8));
+    } else {
+      std::memcpy(dst, src, sizeof(float) * nr);
+      for (int j = nr; j < NR; ++j) dst[j] = 0.0f;
+    }
+  }
+}
+
+void nf4_decode_avx2(const uint8_t* packed, int64_t j0, int64_t len, const float* scale, int bs_log2,
+                     const float* codes, float* out) {
+  const int64_t b0 = j0 >> bs_log2;
+  int64_t t = 0;
+  if ((j0 & 15) == 0) {  // 16-element chunks start on a byte and never straddle a block (blocksize >= 32)
+    const __m256 lut_lo = _mm256_loadu_ps(codes), lut_hi = _mm256_loadu_ps(codes + 8);
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    for (; t + 16 <= len; t += 16) {
+      const int64_t j = j0 + t;
+      const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + (j >> 1)));  // 8 bytes
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(x, 4), low4), lo = _mm_and_si128(x, low4);
+      const __m128i q = _mm_unpacklo_epi8(hi, lo);  // element order: high nibble first
+      const __m256 s = _mm256_set1_ps(scale[(j >> bs_log2) - b0]);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i idx = _mm256_cvtepu8_epi32(h ? _mm_srli_si128(q, 8) : q);
+        const __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, idx), _mm256_permutevar8x32_ps(lut_hi, idx),
+                                          _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+        _mm256_storeu_ps(out + t + 8 * h, _mm256_mul_ps(v, s));
+      }
+    }
+  }
+  for (; t < len; ++t) {
+    const int64_t j = j0 + t;
+    const uint8_t byte = packed[j >> 1];
+    out[t] = codes[(j & 1) ? (byte & 0x0F) : (byte >> 4)] * scale[(j >> bs_log2) - b0];
+  }
+}
+
+}  // namespace qlora::cpu::gemm_k

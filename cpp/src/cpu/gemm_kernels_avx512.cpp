@@ -1,0 +1,170 @@
+// AVX-512 GEMM building blocks: a 14x32 register-tiled FMA micro-kernel (28 zmm accumulators),
+// 16x16 in-register transposes for packing [N, K] weights, and an NF4 nibble decoder (vpermps on
+// the 16-entry code table). Rules: cpu/README.md (plain functions on raw pointers only).
+#include <immintrin.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cpu/gemm_kernels.hpp"
+
+// GCC 12 reports the intrinsics' internal _mm512_undefined_ps() operands as maybe-uninitialized.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace qlora::cpu::gemm_k {
+
+namespace {
+constexpr int MR = kAvx512MR, NR = kAvx512NR;
+static_assert(NR == 32, "the AVX-512 kernel holds two zmm columns per row");
+
+__mmask16 lane_mask(int n) {  // first n of 16 lanes (n clamped to [0, 16])
+  if (n >= 16) return 0xFFFF;
+  if (n <= 0) return 0;
+  return static_cast<__mmask16>((1u << n) - 1u);
+}
+
+template <int R>
+void ukr(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta, int nr) {
+  __m512 c0[R], c1[R];
+#pragma GCC unroll 14
+  for (int i = 0; i < R; ++i) {
+    c0[i] = c1[i] = _mm512_setzero_ps();
+    // C is touched only at the end: start fetching it now (it is often in L3 between depth blocks).
+    _mm_prefetch(reinterpret_cast<const char*>(C + i * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(C + i * ldc + 31), _MM_HINT_T0);
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 b0 = _mm512_load_ps(Bp), b1 = _mm512_load_ps(Bp + 16);
+#pragma GCC unroll 14
+    for (int i = 0; i < R; ++i) {
+      const __m512 a = _mm512_set1_ps(Ap[i]);
+      c0[i] = _mm512_fmadd_ps(a, b0, c0[i]);
+      c1[i] = _mm512_fmadd_ps(a, b1, c1[i]);
+    }
+    Ap += MR;
+    Bp += NR;
+  }
+  const __mmask16 m0 = lane_mask(nr), m1 = lane_mask(nr - 16);
+  const __m512 va = _mm512_set1_ps(alpha);
+  if (beta == 0.0f) {
+#pragma GCC unroll 14
+    for (int i = 0; i < R; ++i) {
+      _mm512_mask_storeu_ps(C + i * ldc, m0, _mm512_mul_ps(va, c0[i]));
+      _mm512_mask_storeu_ps(C + i * ldc + 16, m1, _mm512_mul_ps(va, c1[i]));
+    }
+  } else {
+    const __m512 vb = _mm512_set1_ps(beta);
+#pragma GCC unroll 14
+    for (int i = 0; i < R; ++i) {
+      float* c = C + i * ldc;
+      _mm512_mask_storeu_ps(c, m0, _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, c), _mm512_mul_ps(va, c0[i])));
+      _mm512_mask_storeu_ps(c + 16, m1,
+                            _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m1, c + 16), _mm512_mul_ps(va, c1[i])));
+    }
+  }
+}
+
+// In-register transpose of a 16x16 tile: r[i][j] -> r[j][i].
+void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {  // 4x4 transposes inside each 128-bit lane
+    u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+    u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {  // u[4g + c], lane L = rows 4g..4g+3 of column 4L + c
+    const __m512 x0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), x1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+    const __m512 y0 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88),
+                 y1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+    r[c] = _mm512_shuffle_f32x4(x0, y0, 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(x0, y0, 0xDD);
+    r[4 + c] = _mm512_shuffle_f32x4(x1, y1, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(x1, y1, 0xDD);
+  }
+}
+}  // namespace
+
+void ukernel_avx512(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta,
+                    int mr, int nr) {
+  switch (mr) {
+    case 14: return ukr<14>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 13: return ukr<13>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 12: return ukr<12>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 11: return ukr<11>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 10: return ukr<10>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 9: return ukr<9>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 8: return ukr<8>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 7: return ukr<7>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 6: return ukr<6>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 5: return ukr<5>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 4: return ukr<4>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 3: return ukr<3>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 2: return ukr<2>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 1: return ukr<1>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
+    default: return;
+  }
+}
+
+void pack_b_t_avx512(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp) {
+  int64_t k0 = 0;
+  for (; k0 + 16 <= kc; k0 += 16) {
+    for (int g = 0; g < NR / 16; ++g) {
+      __m512 r[16];
+      if (g * 16 >= nr) {
+        for (int i = 0; i < 16; ++i) _mm512_store_ps(Bp + (k0 + i) * NR + g * 16, _mm512_setzero_ps());
+        continue;
+      }
+      for (int i = 0; i < 16; ++i) {
+        const int row = g * 16 + i;
+        r[i] = row < nr ? _mm512_loadu_ps(B + row * ldb + k0) : _mm512_setzero_ps();
+      }
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_store_ps(Bp + (k0 + i) * NR + g * 16, r[i]);
+    }
+  }
+  for (; k0 < kc; ++k0) {
+    float* dst = Bp + k0 * NR;
+    for (int j = 0; j < NR; ++j) dst[j] = j < nr ? B[j * ldb + k0] : 0.0f;
+  }
+}
+
+void pack_b_n_avx512(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp) {
+  const __mmask16 m0 = lane_mask(nr), m1 = lane_mask(nr - 16);
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* src = B + k * ldb;
+    _mm512_store_ps(Bp + k * NR, _mm512_maskz_loadu_ps(m0, src));
+    _mm512_store_ps(Bp + k * NR + 16, _mm512_maskz_loadu_ps(m1, src + 16));
+  }
+}
+
+void nf4_decode_avx512(const uint8_t* packed, int64_t j0, int64_t len, const float* scale, int bs_log2,
+                       const float* codes, float* out) {
+  const int64_t b0 = j0 >> bs_log2;
+  int64_t t = 0;
+  if ((j0 & 15) == 0) {  // 16-element chunks start on a byte and never straddle a block (blocksize >= 32)
+    const __m512 lut = _mm512_loadu_ps(codes);
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    for (; t + 16 <= len; t += 16) {
+      const int64_t j = j0 + t;
+      const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + (j >> 1)));  // 8 bytes
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(x, 4), low4), lo = _mm_and_si128(x, low4);
+      const __m128i q = _mm_unpacklo_epi8(hi, lo);  // element order: high nibble first
+      const __m512 v = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(q), lut);
+      _mm512_storeu_ps(out + t, _mm512_mul_ps(v, _mm512_set1_ps(scale[(j >> bs_log2) - b0])));
+    }
+  }
+  for (; t < len; ++t) {  // tail, or runs not starting on a 16-element boundary
+    const int64_t j = j0 + t;
+    const uint8_t byte = packed[j >> 1];
+    out[t] = codes[(j & 1) ? (byte & 0x0F) : (byte >> 4)] * scale[(j >> bs_log2) - b0];
+  }
+}
+
+}  // namespace qlora::cpu::gemm_k

@@ -1,0 +1,35 @@
+// Per-SIMD-level entry points of the NF4 GEMV (nf4_gemv.cpp dispatches to them). Plain
+// declarations only (no inline functions): the *_avx2.cpp / *_avx512.cpp files include this.
+#pragma once
+#include <cstdint>
+
+namespace qlora::cpu::nf4_gemv_detail {
+
+// A plain aggregate (no member initializers: no implicit inline constructor in SIMD files).
+// Everything a kernel needs for rows [r0, r1) of Y[M, N] = alpha * X · deq(W)ᵀ + beta * Y.
+struct Args {
+  int64_t M;               // 1 <= M <= kNf4GemvMaxM
+  int64_t K;               // W.cols
+  const uint8_t* packed;  // [(N*K+1)/2], first element of a pair in the high nibble
+  const float* absmax;    // decoded block scales; absmax[b - block0] is block b's
+  int64_t block0;
+  int bs_shift;            // blocksize = 1 << bs_shift
+  const float* codes;     // [16] NF4 code values
+  const float* x;    // [M, ldx]; SIMD kernels: X regrouped (see group_size), generic: X itself
+  int64_t ldx;
+  float alpha, beta;  // beta == 0: Y is not read
+  float* y;          // [M, ldy]
+  int64_t ldy;
+};
+
+// Columns per group of the SIMD kernels (G/2 bytes of W decoded together); they take X
+// regrouped per group (order: regroup_x in nf4_gemv.cpp) and require K % G == 0.
+constexpr int64_t kGroupAvx512 = 32;
+constexpr int64_t kGroupAvx2 = 16;
+
+// Any K, odd element counts, rows starting mid-byte; X in natural layout.
+void rows_generic(const Args& a, int64_t r0, int64_t r1);
+void rows_avx2(const Args& a, int64_t r0, int64_t r1);    // K % kGroupAvx2 == 0
+void rows_avx512(const Args& a, int64_t r0, int64_t r1);  // K % kGroupAvx512 == 0
+
+}  // namespace qlora::cpu::nf4_gemv_detail

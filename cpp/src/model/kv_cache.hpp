@@ -1,0 +1,41 @@
+// Per-layer key/value cache of a batch being decoded, plus the bookkeeping that turns an
+// attention mask into slots, positions and the key mask.
+//
+// Slot s of row b holds the token fed at step s (all rows advance together); a padding token
+// occupies a slot whose key_mask entry is 0. The RoPE position of a real token is the number of
+// real tokens before it in its row (cumsum(mask) - 1, as transformers' generate computes it).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "model/buffer.hpp"
+#include "model/config.hpp"
+
+namespace qlora::model {
+
+class KvCache {
+ public:
+  KvCache(Backend& be, const LlamaConfig& cfg, int64_t batch, int64_t capacity);
+
+  int64_t batch() const { return B_; }
+  int64_t capacity() const { return cap_; }
+  int64_t used() const { return used_; }  // slots filled so far
+  float* k(int64_t layer) const { return k_[layer].f32(); }  // [B, Hkv, cap, hd]
+  float* v(int64_t layer) const { return v_[layer].f32(); }  // [B, Hkv, cap, hd]
+  const int32_t* key_mask_device() const { return key_mask_dev_.data<int32_t>(); }  // [B, cap]
+
+  // Registers T new slots per row from mask[B, T] (host; 0 = padding): fills pos[B*T] (host)
+  // with RoPE positions, updates and uploads the key mask. Returns the first new slot.
+  int64_t append(const int32_t* mask, int64_t T, std::vector<int32_t>& pos);
+  size_t bytes() const;
+
+ private:
+  Backend& be_;
+  int64_t B_, cap_, used_ = 0;
+  std::vector<DeviceBuffer> k_, v_;  // per layer
+  std::vector<int32_t> key_mask_;    // [B, cap] host copy
+  DeviceBuffer key_mask_dev_;        // int32 [B, cap]
+  std::vector<int64_t> n_real_;      // [B] real tokens seen per row
+};
+
+}  // namespace qlora::model

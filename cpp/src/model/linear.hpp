@@ -1,0 +1,49 @@
+// One frozen projection y = x·Wᵀ (+ b) of a transformer layer: W[out, in] is either NF4
+// (bitsandbytes layout, dequantized inside the GEMM) or fp32. LoRA adapters attach here.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "model/buffer.hpp"
+#include "tensor_types.hpp"
+
+namespace qlora::model {
+
+struct QuantSpec {
+  bool nf4 = false;  // false: keep fp32
+  int blocksize = 64;
+  bool double_quant = true;
+};
+
+struct Linear {
+  int64_t out = 0, in = 0;
+  bool is_nf4 = false;
+  // NF4: owned storage, viewed by `nf4` (pointers into the backend's memory).
+  DeviceBuffer packed;         // uint8 [(out*in+1)/2]
+  DeviceBuffer absmax;         // uint8 [n_blocks] (double quant) or float [n_blocks]
+  DeviceBuffer nested_absmax;  // float [ceil(n_blocks/256)] (double quant)
+  DeviceBuffer nested_map;     // float [256] (double quant)
+  Nf4Ref nf4;
+  DeviceBuffer weight;  // fp32 [out, in] when !is_nf4
+  DeviceBuffer bias;    // fp32 [out], optional
+
+  bool loaded() const { return is_nf4 ? !packed.empty() : !weight.empty(); }
+
+  // Sets W from host data x[out*in] of dtype F32/F16/BF16, quantizing to NF4 if spec.nf4.
+  void set_weight(Backend& be, const void* x, DType dtype, const QuantSpec& spec);
+  // Sets W from an already-quantized NF4 weight (host pointers; copied). For pre-quantized checkpoints.
+  void set_nf4(Backend& be, const Nf4Ref& host);
+  void set_bias(Backend& be, const void* x, DType dtype);
+
+  // y[M, out] (row stride ldy) = x[M, in] (row stride ldx) · Wᵀ (+ bias)
+  void forward(Backend& be, int64_t M, const float* x, int64_t ldx, float* y, int64_t ldy) const;
+
+  size_t weight_bytes() const;  // packed nibbles (NF4) or fp32 weight
+  size_t quant_bytes() const;   // absmax + nested + map
+  size_t bias_bytes() const { return bias.bytes(); }
+};
+
+// Copies host x[n] of dtype F32/F16/BF16 into a new fp32 buffer of the backend.
+DeviceBuffer to_device_f32(Backend& be, const void* x, DType dtype, int64_t n);
+
+}  // namespace qlora::model

@@ -1,0 +1,132 @@
+#include "model/llama.hpp"
+
+#include <cmath>
+#include <vector>
+
+#include "common/error.hpp"
+
+namespace qlora::model {
+
+LlamaModel::LlamaModel(Backend& be, const LlamaConfig& cfg, const QuantSpec& quant)
+    : be_(be), w_(std::make_unique<LlamaWeights>(be, cfg, quant)) {
+  const std::vector<float> inv = rope_inv_freq(w_->cfg);
+  inv_freq_ = DeviceBuffer(be, sizeof(float) * inv.size());
+  be.upload(inv_freq_.data(), inv.data(), sizeof(float) * inv.size());
+}
+
+void LlamaModel::check_complete() const {
+  const std::vector<std::string> miss = w_->missing();
+  if (miss.empty()) return;
+  std::string msg = "missing tensor";
+  msg += miss.size() > 1 ? "s: " : ": ";
+  for (size_t i = 0; i < miss.size() && i < 8; ++i) msg += (i ? ", " : "") + miss[i];
+  if (miss.size() > 8) msg += ", ... (" + std::to_string(miss.size()) + " in all)";
+  throw ValueError(msg);
+}
+
+void LlamaModel::forward(const int32_t* ids, const int32_t* mask, int64_t B, int64_t T, float* logits) {
+  check_arg(B >= 1 && T >= 1, "forward: input_ids must be a non-empty [batch, seq] array");
+  KvCache tmp(be_, w_->cfg, B, T);
+  run(tmp, ids, mask, T, /*all_rows=*/true, logits);
+}
+
+void LlamaModel::start(int64_t B, int64_t capacity) {
+  cache_.reset();
+  cache_ = std::make_unique<KvCache>(be_, w_->cfg, B, capacity);
+}
+
+void LlamaModel::feed(const int32_t* ids, const int32_t* mask, int64_t T, float* logits) {
+  check_arg(cache_ != nullptr, "feed: no generation started (call start first)");
+  run(*cache_, ids, mask, T, /*all_rows=*/false, logits);
+}
+
+void LlamaModel::run(KvCache& cache, const int32_t* ids, const int32_t* mask, int64_t T, bool all_rows,
+                     float* logits_host) {
+  check_complete();
+  const LlamaConfig& c = w_->cfg;
+  const int64_t B = cache.batch(), M = B * T;
+  const int64_t D = c.hidden_size, I = c.intermediate_size, V = c.vocab_size, hd = c.head_dim;
+  const int64_t Hq = c.num_heads, Hkv = c.num_kv_heads, QD = c.q_dim(), KD = c.kv_dim();
+  for (int64_t i = 0; i < M; ++i)
+    check_arg(ids[i] >= 0 && ids[i] < V, "token id " + std::to_string(ids[i]) + " at index " + std::to_string(i) +
+                                             " is out of range [0, " + std::to_string(V) + ")");
+  if (c.sliding_window > 0)
+    check_arg(cache.used() + T <= c.sliding_window,
+              "sequence length " + std::to_string(cache.used() + T) + " exceeds sliding_window " +
+                  std::to_string(c.sliding_window) + " (sliding-window attention is not implemented)");
+  std::vector<int32_t> ones;
+  if (!mask) {
+    ones.assign(M, 1);
+    mask = ones.data();
+  }
+  std::vector<int32_t> pos_host;  // [B*T]
+  const int64_t start = cache.append(mask, T, pos_host);
+
+  DeviceBuffer ids_d(be_, sizeof(int32_t) * M);  // [M]
+  DeviceBuffer pos_d(be_, sizeof(int32_t) * M);  // [M]
+  be_.upload(ids_d.data(), ids, sizeof(int32_t) * M);
+  be_.upload(pos_d.data(), pos_host.data(), sizeof(int32_t) * M);
+
+  DeviceBuffer x(be_, sizeof(float) * M * D);     // [M, D] residual stream
+  DeviceBuffer h(be_, sizeof(float) * M * D);     // [M, D] normed input / block output
+  DeviceBuffer q(be_, sizeof(float) * M * QD);    // [M, Hq*hd]
+  DeviceBuffer k(be_, sizeof(float) * M * KD);    // [M, Hkv*hd]
+  DeviceBuffer v(be_, sizeof(float) * M * KD);    // [M, Hkv*hd]
+  DeviceBuffer att(be_, sizeof(float) * M * QD);  // [M, Hq*hd]
+  DeviceBuffer g(be_, sizeof(float) * M * I);     // [M, I] gate, then silu(gate)*up
+  DeviceBuffer u(be_, sizeof(float) * M * I);     // [M, I]
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+
+  be_.embedding(M, D, w_->embed.f32(), ids_d.data<int32_t>(), x.f32());
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const LayerWeights& L = w_->layers[l];
+    // Attention block.
+    be_.rmsnorm(M, D, x.f32(), L.input_norm.f32(), c.rms_norm_eps, h.f32());
+    L.q.forward(be_, M, h.f32(), D, q.f32(), QD);
+    L.k.forward(be_, M, h.f32(), D, k.f32(), KD);
+    L.v.forward(be_, M, h.f32(), D, v.f32(), KD);
+    be_.rope(M, Hq, hd, q.f32(), QD, pos_d.data<int32_t>(), inv_freq_.f32());
+    be_.rope(M, Hkv, hd, k.f32(), KD, pos_d.data<int32_t>(), inv_freq_.f32());
+    be_.kv_write(B, T, Hkv, hd, k.f32(), KD, cache.k(l), cache.capacity(), start);
+    be_.kv_write(B, T, Hkv, hd, v.f32(), KD, cache.v(l), cache.capacity(), start);
+    be_.attention(B, T, Hq, Hkv, hd, q.f32(), QD, cache.k(l), cache.v(l), cache.capacity(), start,
+                  cache.key_mask_device(), scale, att.f32(), QD);
+    L.o.forward(be_, M, att.f32(), QD, h.f32(), D);
+    be_.add_inplace(M * D, h.f32(), x.f32());
+    // MLP block.
+    be_.rmsnorm(M, D, x.f32(), L.post_norm.f32(), c.rms_norm_eps, h.f32());
+    L.gate.forward(be_, M, h.f32(), D, g.f32(), I);
+    L.up.forward(be_, M, h.f32(), D, u.f32(), I);
+    be_.swiglu(M, I, g.f32(), I, u.f32(), I, g.f32(), I);
+    L.down.forward(be_, M, g.f32(), I, h.f32(), D);
+    be_.add_inplace(M * D, h.f32(), x.f32());
+  }
+  be_.rmsnorm(M, D, x.f32(), w_->norm.f32(), c.rms_norm_eps, h.f32());
+  // lm_head on every row, or on row b*T + T-1 of each batch row (stride T*D: no gather needed).
+  const int64_t rows = all_rows ? M : B;
+  const float* hin = all_rows ? h.f32() : h.f32() + (T - 1) * D;
+  const int64_t ldh = all_rows ? D : T * D;
+  DeviceBuffer logits(be_, sizeof(float) * rows * V);  // [rows, V]
+  be_.gemm_nt(rows, V, D, 1.0f, hin, ldh, w_->lm_head_weight(), D, 0.0f, logits.f32(), V);
+  be_.download(logits_host, logits.data(), sizeof(float) * rows * V);
+  be_.synchronize();
+}
+
+std::map<std::string, size_t> LlamaModel::memory_footprint() const {
+  size_t nf4 = 0, quant = 0, other = 0;
+  other += w_->embed.bytes() + w_->norm.bytes() + w_->lm_head.bytes() + inv_freq_.bytes();
+  for (const LayerWeights& L : w_->layers) {
+    other += L.input_norm.bytes() + L.post_norm.bytes();
+    for (const Linear* lin : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) {
+      (lin->is_nf4 ? nf4 : other) += lin->weight_bytes();
+      quant += lin->quant_bytes();
+      other += lin->bias_bytes();
+    }
+  }
+  return {{"nf4_weights", nf4},
+          {"quant_constants", quant},
+          {"other_weights", other},
+          {"kv_cache", cache_ ? cache_->bytes() : 0}};
+}
+
+}  // namespace qlora::model

@@ -1,0 +1,71 @@
+#include "model/sampler.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "common/error.hpp"
+
+namespace qlora::model {
+
+void SamplingParams::validate() const {
+  check_arg(std::isfinite(temperature) && temperature >= 0, "temperature must be >= 0 (0 = greedy)");
+  check_arg(top_k >= 0, "top_k must be >= 0 (0 = off)");
+  check_arg(top_p > 0 && top_p <= 1, "top_p must be in (0, 1]");
+  check_arg(std::isfinite(repetition_penalty) && repetition_penalty > 0, "repetition_penalty must be > 0");
+}
+
+int32_t Sampler::sample(float* logits, int64_t V, const int32_t* history, int64_t n_hist, const SamplingParams& p) {
+  check_arg(V >= 1, "sample: empty logits");
+  for (int64_t i = 0; i < V; ++i) check_arg(!std::isnan(logits[i]), "sample: logits contain NaN");
+  if (p.repetition_penalty != 1.0f) {
+    // Each distinct token once (HF gathers then scatters, so duplicates are penalized once).
+    std::vector<int32_t> seen(history, history + n_hist);
+    std::sort(seen.begin(), seen.end());
+    seen.erase(std::unique(seen.begin(), seen.end()), seen.end());
+    for (int32_t t : seen) {
+      if (t < 0 || t >= V) continue;
+      float& l = logits[t];
+      l = l < 0 ? l * p.repetition_penalty : l / p.repetition_penalty;
+    }
+  }
+  if (p.temperature == 0.0f) return static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
+
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < V; ++i) logits[i] /= p.temperature;
+  std::vector<int32_t> order(V);  // token ids by descending logit (stable: lower id first on ties)
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  int64_t keep = V;
+  if (p.top_k > 0) keep = std::min<int64_t>(keep, p.top_k);
+  if (p.top_p < 1.0f) {
+    // HF TopP: drop the tokens whose ascending cumulative probability is <= 1 - top_p, always
+    // keeping the most likely one; equivalently keep the shortest prefix reaching mass top_p.
+    const float mx = logits[order[0]];
+    double z = 0;
+    for (int64_t i = 0; i < keep; ++i) z += std::exp(static_cast<double>(logits[order[i]] - mx));
+    double cum = 0;
+    int64_t n = 0;
+    while (n < keep) {
+      cum += std::exp(static_cast<double>(logits[order[n]] - mx)) / z;
+      ++n;
+      if (cum >= p.top_p) break;
+    }
+    keep = std::max<int64_t>(n, 1);
+  }
+  for (int64_t i = keep; i < V; ++i) logits[order[i]] = neg_inf;
+  const float mx = logits[order[0]];
+  std::vector<double> w(keep);
+  double z = 0;
+  for (int64_t i = 0; i < keep; ++i) z += (w[i] = std::exp(static_cast<double>(logits[order[i]] - mx)));
+  double r = std::uniform_real_distribution<double>(0.0, z)(rng_);
+  for (int64_t i = 0; i < keep; ++i) {
+    if (r < w[i]) return order[i];
+    r -= w[i];
+  }
+  return order[keep - 1];
+}
+
+}  // namespace qlora::model

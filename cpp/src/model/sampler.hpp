@@ -1,0 +1,28 @@
+// Next-token selection from one row of logits, following transformers' logits-processor order:
+// repetition penalty, then temperature, top-k, top-p, then a draw (or argmax when greedy).
+#pragma once
+#include <cstdint>
+#include <random>
+
+namespace qlora::model {
+
+struct SamplingParams {
+  float temperature = 0.0f;         // 0: greedy (argmax)
+  int64_t top_k = 0;                // 0: off
+  float top_p = 1.0f;               // 1: off
+  float repetition_penalty = 1.0f;  // 1: off; HF rule: logit > 0 ? logit / p : logit * p
+  void validate() const;            // throws ValueError naming the bad field
+};
+
+class Sampler {
+ public:
+  explicit Sampler(uint64_t seed) : rng_(seed) {}
+  // logits[V] is modified in place (penalties, scaling). history[n_hist]: tokens seen so far in
+  // this row (prompt + generated) for the repetition penalty.
+  int32_t sample(float* logits, int64_t V, const int32_t* history, int64_t n_hist, const SamplingParams& p);
+
+ private:
+  std::mt19937_64 rng_;
+};
+
+}  // namespace qlora::model

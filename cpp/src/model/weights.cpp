@@ -1,0 +1,104 @@
+#include "model/weights.hpp"
+
+#include "common/error.hpp"
+
+namespace qlora::model {
+
+namespace {
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+}  // namespace
+
+void LlamaWeights::add(const std::string& name, Kind k, int64_t layer, Linear* lin, std::vector<int64_t> shape) {
+  expected_.push_back({name, shape});
+  slots_[name] = Slot{k, layer, lin, std::move(shape)};
+}
+
+LlamaWeights::LlamaWeights(Backend& backend, const LlamaConfig& c, const QuantSpec& q)
+    : be(backend), cfg(c), quant(q), layers(c.num_layers) {
+  cfg.validate();
+  const int64_t V = c.vocab_size, D = c.hidden_size, I = c.intermediate_size;
+  add("model.embed_tokens.weight", Kind::Embed, -1, nullptr, {V, D});
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    LayerWeights& L = layers[l];
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    add(p + "input_layernorm.weight", Kind::InNorm, l, nullptr, {D});
+    add(p + "post_attention_layernorm.weight", Kind::PostNorm, l, nullptr, {D});
+    struct P { const char* name; Linear* lin; int64_t out, in; bool bias; };
+    const P projs[] = {
+        {"self_attn.q_proj", &L.q, c.q_dim(), D, c.qkv_bias},  {"self_attn.k_proj", &L.k, c.kv_dim(), D, c.qkv_bias},
+        {"self_attn.v_proj", &L.v, c.kv_dim(), D, c.qkv_bias}, {"self_attn.o_proj", &L.o, D, c.q_dim(), c.o_bias},
+        {"mlp.gate_proj", &L.gate, I, D, false},               {"mlp.up_proj", &L.up, I, D, false},
+        {"mlp.down_proj", &L.down, D, I, false},
+    };
+    for (const P& pr : projs) {
+      pr.lin->out = pr.out, pr.lin->in = pr.in;
+      add(p + pr.name + ".weight", Kind::Weight, l, pr.lin, {pr.out, pr.in});
+      if (pr.bias) add(p + pr.name + ".bias", Kind::Bias, l, pr.lin, {pr.out});
+    }
+  }
+  add("model.norm.weight", Kind::Norm, -1, nullptr, {D});
+  if (!c.tie_word_embeddings) add("lm_head.weight", Kind::LmHead, -1, nullptr, {V, D});
+}
+
+bool LlamaWeights::ignorable(const std::string& name) const {
+  if (cfg.tie_word_embeddings && name == "lm_head.weight") return true;  // HF ties it anyway
+  // Old checkpoints store the (recomputed) RoPE table as a buffer.
+  const std::string suffix = ".rotary_emb.inv_freq";
+  return name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+void LlamaWeights::load(const std::string& name, const void* data, DType dtype, const std::vector<int64_t>& shape) {
+  auto it = slots_.find(name);
+  check_arg(it != slots_.end(), "unexpected tensor '" + name + "' for this " + cfg.arch + " config");
+  const Slot& s = it->second;
+  check_arg(shape == s.shape, "tensor '" + name + "' has shape " + shape_str(shape) + ", expected " +
+                                  shape_str(s.shape));
+  check_arg(dtype == DType::F32 || dtype == DType::F16 || dtype == DType::BF16,
+            "tensor '" + name + "' has dtype " + dtype_name(dtype) + ", expected F32, F16 or BF16");
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  try {
+    switch (s.kind) {
+      case Kind::Embed: embed = to_device_f32(be, data, dtype, n); break;
+      case Kind::Norm: norm = to_device_f32(be, data, dtype, n); break;
+      case Kind::LmHead: lm_head = to_device_f32(be, data, dtype, n); break;
+      case Kind::InNorm: layers[s.layer].input_norm = to_device_f32(be, data, dtype, n); break;
+      case Kind::PostNorm: layers[s.layer].post_norm = to_device_f32(be, data, dtype, n); break;
+      case Kind::Weight: s.lin->set_weight(be, data, dtype, quant); break;
+      case Kind::Bias: s.lin->set_bias(be, data, dtype); break;
+    }
+  } catch (const ValueError& e) {
+    throw ValueError("tensor '" + name + "': " + e.what());
+  }
+  loaded_[name] = true;
+}
+
+void LlamaWeights::load_nf4(const std::string& name, const Nf4Ref& host) {
+  auto it = slots_.find(name);
+  check_arg(it != slots_.end() && it->second.kind == Kind::Weight,
+            "tensor '" + name + "' is not a projection weight of this model");
+  const Slot& s = it->second;
+  check_arg(host.rows == s.shape[0] && host.cols == s.shape[1],
+            "tensor '" + name + "' has shape " + shape_str({host.rows, host.cols}) + ", expected " +
+                shape_str(s.shape));
+  s.lin->set_nf4(be, host);
+  loaded_[name] = true;
+}
+
+std::vector<std::string> LlamaWeights::missing() const {
+  std::vector<std::string> out;
+  for (const auto& t : expected_)
+    if (!loaded_.count(t.name)) out.push_back(t.name);
+  return out;
+}
+
+Linear* LlamaWeights::linear(const std::string& prefix) {
+  auto it = slots_.find(prefix + ".weight");
+  return it != slots_.end() && it->second.kind == Kind::Weight ? it->second.lin : nullptr;
+}
+
+}  // namespace qlora::model

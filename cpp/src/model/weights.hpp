@@ -1,0 +1,73 @@
+// The parameters of a Llama-family decoder and the HF tensor names they load from. A tensor
+// source (safetensors today; GGUF and pre-quantized bitsandbytes later) hands tensors over one at
+// a time by name through load(); the model never sees files.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "model/config.hpp"
+#include "model/linear.hpp"
+
+namespace qlora::model {
+
+struct LayerWeights {
+  DeviceBuffer input_norm;  // [D]
+  DeviceBuffer post_norm;   // [D]
+  Linear q, k, v, o;        // [Hq*hd, D], [Hkv*hd, D], [Hkv*hd, D], [D, Hq*hd]
+  Linear gate, up, down;    // [I, D], [I, D], [D, I]
+};
+
+struct TensorSpec {
+  std::string name;
+  std::vector<int64_t> shape;
+};
+
+class LlamaWeights {
+ public:
+  LlamaWeights(Backend& be, const LlamaConfig& cfg, const QuantSpec& quant);
+  LlamaWeights(const LlamaWeights&) = delete;  // slots point into this object
+  LlamaWeights& operator=(const LlamaWeights&) = delete;
+
+  // Every tensor the model needs, with its HF name and shape (biases included when configured).
+  const std::vector<TensorSpec>& expected() const { return expected_; }
+  // HF tensors that are accepted and ignored (e.g. lm_head.weight when embeddings are tied).
+  bool ignorable(const std::string& name) const;
+
+  // Loads one tensor from host memory. Throws ValueError naming the tensor when the name is
+  // unknown, the shape differs, the dtype is unsupported or the data is not finite.
+  void load(const std::string& name, const void* data, DType dtype, const std::vector<int64_t>& shape);
+  // Loads a pre-quantized NF4 projection weight (host pointers, copied).
+  void load_nf4(const std::string& name, const Nf4Ref& host);
+  // Names of expected tensors not loaded yet.
+  std::vector<std::string> missing() const;
+
+  // Projection by HF weight name prefix, e.g. "model.layers.0.self_attn.q_proj"; null if none.
+  Linear* linear(const std::string& prefix);
+
+  Backend& be;
+  LlamaConfig cfg;
+  QuantSpec quant;
+  DeviceBuffer embed;    // [V, D]
+  DeviceBuffer norm;     // [D]
+  DeviceBuffer lm_head;  // [V, D] (empty when tied: embed is used)
+  std::vector<LayerWeights> layers;
+
+  const float* lm_head_weight() const { return cfg.tie_word_embeddings ? embed.f32() : lm_head.f32(); }
+
+ private:
+  enum class Kind { Embed, Norm, LmHead, InNorm, PostNorm, Weight, Bias };
+  struct Slot {
+    Kind kind;
+    int64_t layer;
+    Linear* lin;
+    std::vector<int64_t> shape;
+  };
+  std::vector<TensorSpec> expected_;
+  std::map<std::string, Slot> slots_;
+  std::map<std::string, bool> loaded_;
+  void add(const std::string& name, Kind k, int64_t layer, Linear* lin, std::vector<int64_t> shape);
+};
+
+}  // namespace qlora::model

@@ -1,0 +1,201 @@
+// qlora_native._core.model: the Llama-family model (config, weight loading, forward, KV-cache
+// generation steps) and the sampler. python/qlora_native/model.py is the user-facing wrapper.
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <vector>
+
+#include "bindings.hpp"
+#include "common/error.hpp"
+#include "model/llama.hpp"
+#include "model/sampler.hpp"
+#include "nf4_ref_from_py.hpp"
+
+namespace qlora::py_bind {
+
+namespace {
+using model::LlamaConfig;
+using model::LlamaModel;
+using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+std::pair<int64_t, int64_t> batch_shape(const py::array& a, const char* what) {
+  check_arg(a.ndim() == 2, std::string(what) + " must be 2-D [batch, seq], got " + std::to_string(a.ndim()) + "-D");
+  check_arg(a.shape(0) >= 1 && a.shape(1) >= 1, std::string(what) + " must not be empty");
+  return {a.shape(0), a.shape(1)};
+}
+
+// Checks the optional mask against ids and returns its data (null = all ones).
+const int32_t* mask_ptr(const std::optional<I32Array>& mask, int64_t B, int64_t T) {
+  if (!mask) return nullptr;
+  auto [mb, mt] = batch_shape(*mask, "attention_mask");
+  check_arg(mb == B && mt == T, "attention_mask shape must equal input_ids shape");
+  const int32_t* m = mask->data();
+  for (int64_t i = 0; i < B * T; ++i) check_arg(m[i] == 0 || m[i] == 1, "attention_mask must hold only 0 and 1");
+  return m;
+}
+
+template <class T>
+py::array_t<T> download_array(Backend& be, const void* src, std::vector<py::ssize_t> shape, size_t bytes) {
+  py::array_t<T> out(shape);
+  be.download(out.mutable_data(), src, bytes);
+  return out;
+}
+}  // namespace
+
+void bind_model(py::module_& m) {
+  py::module_ mm = m.def_submodule("model", "Llama-family model engine");
+
+  py::enum_<model::RopeType>(mm, "RopeType")
+      .value("default", model::RopeType::Default)
+      .value("linear", model::RopeType::Linear)
+      .value("llama3", model::RopeType::Llama3);
+
+  py::class_<LlamaConfig>(mm, "LlamaConfig")
+      .def(py::init<>())
+      .def_readwrite("arch", &LlamaConfig::arch)
+      .def_readwrite("vocab_size", &LlamaConfig::vocab_size)
+      .def_readwrite("hidden_size", &LlamaConfig::hidden_size)
+      .def_readwrite("intermediate_size", &LlamaConfig::intermediate_size)
+      .def_readwrite("num_layers", &LlamaConfig::num_layers)
+      .def_readwrite("num_heads", &LlamaConfig::num_heads)
+      .def_readwrite("num_kv_heads", &LlamaConfig::num_kv_heads)
+      .def_readwrite("head_dim", &LlamaConfig::head_dim)
+      .def_readwrite("rms_norm_eps", &LlamaConfig::rms_norm_eps)
+      .def_readwrite("rope_theta", &LlamaConfig::rope_theta)
+      .def_readwrite("rope_type", &LlamaConfig::rope_type)
+      .def_readwrite("rope_factor", &LlamaConfig::rope_factor)
+      .def_readwrite("rope_low_freq_factor", &LlamaConfig::rope_low_freq_factor)
+      .def_readwrite("rope_high_freq_factor", &LlamaConfig::rope_high_freq_factor)
+      .def_readwrite("rope_original_max_pos", &LlamaConfig::rope_original_max_pos)
+      .def_readwrite("tie_word_embeddings", &LlamaConfig::tie_word_embeddings)
+      .def_readwrite("max_position_embeddings", &LlamaConfig::max_position_embeddings)
+      .def_readwrite("qkv_bias", &LlamaConfig::qkv_bias)
+      .def_readwrite("o_bias", &LlamaConfig::o_bias)
+      .def_readwrite("sliding_window", &LlamaConfig::sliding_window)
+      .def("validate", &LlamaConfig::validate)
+      .def("rope_inv_freq", [](const LlamaConfig& c) { return model::rope_inv_freq(c); });
+
+  py::class_<LlamaModel>(mm, "LlamaModel")
+      .def(py::init([](const LlamaConfig& cfg, const std::string& backend, bool nf4, int blocksize, bool dq) {
+             model::QuantSpec q{nf4, blocksize, dq};
+             if (nf4) nf4::sizes(1, blocksize, dq);  // validates blocksize early
+             return std::make_unique<LlamaModel>(get_backend(backend), cfg, q);
+           }),
+           py::arg("config"), py::arg("backend") = "cpu", py::arg("nf4") = false, py::arg("blocksize") = 64,
+           py::arg("double_quant") = true)
+      .def_property_readonly("backend", [](LlamaModel& self) { return self.backend().name(); })
+      .def("expected_tensors",
+           [](LlamaModel& self) {
+             std::vector<std::pair<std::string, std::vector<int64_t>>> out;
+             for (const auto& t : self.weights().expected()) out.emplace_back(t.name, t.shape);
+             return out;
+           })
+      .def("ignorable", [](LlamaModel& self, const std::string& n) { return self.weights().ignorable(n); })
+      .def("missing", [](LlamaModel& self) { return self.weights().missing(); })
+      .def("check_complete", &LlamaModel::check_complete)
+      .def(
+          "load_tensor",
+          [](LlamaModel& self, const std::string& name, const py::array& raw, const std::string& dtype,
+             std::vector<int64_t> shape) {
+            // raw: the tensor's bytes (any C-contiguous array, e.g. a uint8 view of an mmap).
+            check_arg(raw.flags() & py::array::c_style, "tensor '" + name + "': data must be C-contiguous");
+            const DType dt = dtype_from_name(dtype);
+            int64_t n = 1;
+            for (int64_t d : shape) n *= d;
+            const int64_t have = static_cast<int64_t>(raw.nbytes());
+            const void* ptr = raw.data();
+            check_arg(have == n * static_cast<int64_t>(dtype_size(dt)),
+                      "tensor '" + name + "': " + std::to_string(have) + " bytes do not match shape and dtype " +
+                          dtype);
+            py::gil_scoped_release nogil;
+            self.weights().load(name, ptr, dt, shape);
+          },
+          py::arg("name"), py::arg("data"), py::arg("dtype"), py::arg("shape"))
+      .def(
+          "load_nf4",
+          [](LlamaModel& self, const std::string& name, py::handle obj) {
+            PyNf4 w = nf4_from_py(obj);
+            self.weights().load_nf4(name, w.ref);
+          },
+          py::arg("name"), py::arg("nf4"))
+      .def(
+          "forward",
+          [](LlamaModel& self, const I32Array& ids, const std::optional<I32Array>& mask) {
+            auto [B, T] = batch_shape(ids, "input_ids");
+            const int32_t* mp = mask_ptr(mask, B, T);
+            const int64_t V = self.config().vocab_size;
+            py::array_t<float> out({B, T, V});
+            float* o = out.mutable_data();
+            {
+              py::gil_scoped_release nogil;
+              self.forward(ids.data(), mp, B, T, o);
+            }
+            return out;
+          },
+          py::arg("input_ids"), py::arg("attention_mask") = py::none())
+      .def("start", &LlamaModel::start, py::arg("batch"), py::arg("capacity"))
+      .def(
+          "feed",
+          [](LlamaModel& self, const I32Array& ids, const std::optional<I32Array>& mask) {
+            check_arg(self.cache() != nullptr, "feed: no generation started (call start first)");
+            auto [B, T] = batch_shape(ids, "input_ids");
+            check_arg(B == self.cache()->batch(), "feed: batch differs from the started generation");
+            const int32_t* mp = mask_ptr(mask, B, T);
+            py::array_t<float> out({B, self.config().vocab_size});
+            float* o = out.mutable_data();
+            {
+              py::gil_scoped_release nogil;
+              self.feed(ids.data(), mp, T, o);
+            }
+            return out;
+          },
+          py::arg("input_ids"), py::arg("attention_mask") = py::none())
+      .def("stop", &LlamaModel::stop)
+      .def_property_readonly("cache_used", [](LlamaModel& self) { return self.cache() ? self.cache()->used() : 0; })
+      .def("memory_footprint", &LlamaModel::memory_footprint)
+      .def(
+          "linear_nf4",
+          [](LlamaModel& self, const std::string& prefix) -> py::object {
+            model::Linear* lin = self.weights().linear(prefix);
+            check_arg(lin != nullptr, "no projection named '" + prefix + "'");
+            if (!lin->is_nf4) return py::none();
+            Backend& be = self.backend();
+            const Nf4Ref& r = lin->nf4;
+            py::dict d;
+            d["packed"] = download_array<uint8_t>(be, r.packed, {(py::ssize_t)lin->packed.bytes()}, lin->packed.bytes());
+            if (r.double_quant) {
+              d["absmax"] = download_array<uint8_t>(be, r.absmax, {(py::ssize_t)r.n_blocks()}, r.n_blocks());
+              const size_t nn = lin->nested_absmax.bytes() / sizeof(float);
+              d["nested_absmax"] = download_array<float>(be, r.nested_absmax, {(py::ssize_t)nn}, nn * sizeof(float));
+              d["nested_map"] = download_array<float>(be, r.nested_map, {256}, 256 * sizeof(float));
+            } else {
+              d["absmax"] = download_array<float>(be, r.absmax, {(py::ssize_t)r.n_blocks()}, r.n_blocks() * 4);
+              d["nested_absmax"] = py::none();
+              d["nested_map"] = py::none();
+            }
+            d["offset"] = r.offset;
+            d["shape"] = py::make_tuple(r.rows, r.cols);
+            d["blocksize"] = r.blocksize;
+            d["double_quant"] = r.double_quant;
+            return std::move(d);
+          },
+          py::arg("prefix"), "NF4 storage of a projection as host arrays (None when it is fp32).");
+
+  py::class_<model::Sampler>(mm, "Sampler")
+      .def(py::init<uint64_t>(), py::arg("seed") = 0)
+      .def(
+          "sample",
+          [](model::Sampler& self, py::array_t<float, py::array::c_style | py::array::forcecast> logits,
+             const I32Array& history, float temperature, int64_t top_k, float top_p, float repetition_penalty) {
+            check_arg(logits.ndim() == 1, "sample: logits must be 1-D [vocab]");
+            model::SamplingParams p{temperature, top_k, top_p, repetition_penalty};
+            p.validate();
+            std::vector<float> l(logits.data(), logits.data() + logits.size());  // the caller's array stays intact
+            return self.sample(l.data(), static_cast<int64_t>(l.size()), history.data(), history.size(), p);
+          },
+          py::arg("logits"), py::arg("history"), py::arg("temperature") = 0.0f, py::arg("top_k") = 0,
+          py::arg("top_p") = 1.0f, py::arg("repetition_penalty") = 1.0f);
+}
+
+}  // namespace qlora::py_bind

@@ -1,0 +1,318 @@
+"""Llama-family causal LM on the qlora_native engine (no PyTorch).
+
+    model = qlora_native.Model.from_pretrained("path/to/hf_dir", quantize="nf4")
+    logits = model(input_ids, attention_mask)          # np.float32 [B, T, V]
+    out = model.generate([[1, 2, 3], [4, 5]], max_new_tokens=32)
+
+Weights come from a *tensor source* (HF safetensors, single or sharded; a GGUF file) one tensor
+at a time and are converted or NF4-quantized straight from the memory-mapped view, so the model
+is never held twice in full precision.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from . import _core
+from .config import ModelConfig
+
+_SAFE_DTYPES = {"F32", "F16", "BF16"}
+
+
+# ---------------------------------------------------------------- tensor sources
+class SafetensorsSource:
+    """An HF checkpoint directory: model.safetensors, or shards listed in model.safetensors.index.json."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = os.fspath(path)
+        index = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        if os.path.isfile(index):
+            with open(index, "rb") as f:
+                try:
+                    weight_map = json.loads(f.read())["weight_map"]
+                except (ValueError, KeyError, TypeError) as e:
+                    raise _core.FormatError(f"{index}: no valid weight_map ({e})") from e
+            shards = sorted(set(weight_map.values()))
+        elif os.path.isfile(single):
+            weight_map, shards = None, ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        self.files = {s: _core.io.SafetensorsFile(os.path.join(path, s)) for s in shards}
+        self._where: dict[str, str] = {}
+        for s, f in self.files.items():
+            for n in f.names():
+                if n in self._where:
+                    raise _core.FormatError(f"{path}: tensor {n!r} appears in both {self._where[n]} and {s}")
+                self._where[n] = s
+        if weight_map is not None:
+            for n, s in weight_map.items():
+                if self._where.get(n) != s:
+                    raise _core.FormatError(f"{index}: tensor {n!r} is listed in {s} but not stored there")
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.files[self._where[name]].shape(name))
+
+    def tensors(self, names: Iterable[str]) -> Iterator[tuple[str, np.ndarray, str, tuple[int, ...]]]:
+        """(name, zero-copy view of the bytes, dtype name, shape) for each name."""
+        for n in names:
+            f = self.files[self._where[n]]
+            yield n, f.get(n), f.dtype_name(n), tuple(f.shape(n))
+
+
+class GGUFTensorSource:
+    """A llama.cpp GGUF file, dequantized to float32 tensor by tensor (see gguf_source.py)."""
+
+    def __init__(self, path: str | os.PathLike):
+        from .gguf_source import GGUFSource
+
+        self.src = GGUFSource(path)
+        self.config = self.src.config
+
+    def names(self) -> list[str]:
+        return self.src.tensor_names()
+
+    def shape(self, name):  # shapes are checked when each tensor is loaded
+        return None
+
+    def tensors(self, names):
+        wanted = set(names)
+        for n, w in self.src.tensors():
+            if n in wanted:
+                yield n, np.ascontiguousarray(w, dtype=np.float32), "F32", w.shape
+
+
+# ---------------------------------------------------------------- the model
+class Model:
+    """A Llama / Mistral / Qwen2 / SmolLM causal LM with NF4 (or fp32) projections."""
+
+    def __init__(self, config: ModelConfig, core: "_core.model.LlamaModel", tokenizer=None):
+        self.config = config
+        self._core = core
+        self.tokenizer = tokenizer
+
+    # ------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        quantize: str | None = "nf4",
+        double_quant: bool = True,
+        blocksize: int = 64,
+        backend: str = "cpu",
+        tokenizer=None,
+    ) -> "Model":
+        """Loads an HF checkpoint directory (config.json + safetensors) or a .gguf file.
+
+        quantize: "nf4" (bitsandbytes layout, blocksize, double_quant) or None (fp32)."""
+        path = os.fspath(path)
+        if quantize not in ("nf4", None):
+            raise ValueError(f"quantize must be 'nf4' or None, got {quantize!r}")
+        if os.path.isfile(path) and path.endswith(".gguf"):
+            source = GGUFTensorSource(path)
+            config = ModelConfig.from_dict(source.config)
+        else:
+            cfg_path = os.path.join(path, "config.json")
+            if not os.path.isfile(cfg_path):
+                raise FileNotFoundError(f"{path}: no config.json")
+            config = ModelConfig.from_file(cfg_path)
+            source = SafetensorsSource(path)
+        core = _core.model.LlamaModel(config.to_core(), backend, quantize == "nf4", blocksize, double_quant)
+        load_from_source(core, source)
+        return cls(config, core, tokenizer)
+
+    # ------------------------------------------------------------ forward
+    def __call__(self, input_ids, attention_mask=None) -> np.ndarray:
+        """Logits np.float32 [B, T, V] for input_ids [B, T] (or [T]); attention_mask 1 = token, 0 = pad."""
+        ids = self._check_ids(input_ids)
+        mask = None if attention_mask is None else _as_mask(attention_mask, ids.shape)
+        return self._core.forward(ids, mask)
+
+    def _check_ids(self, input_ids) -> np.ndarray:
+        a = np.asarray(input_ids)
+        if a.ndim == 1:
+            a = a[None, :]
+        if a.ndim != 2 or a.size == 0:
+            raise ValueError(f"input_ids must be a non-empty [batch, seq] array, got shape {a.shape}")
+        if not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"input_ids must be integers, got {a.dtype}")
+        V = self.config.vocab_size
+        bad = (a < 0) | (a >= V)
+        if bad.any():
+            i = tuple(int(x) for x in np.argwhere(bad)[0])
+            raise ValueError(f"token id {int(a[i])} at {i} is out of range [0, {V})")
+        return np.ascontiguousarray(a, dtype=np.int32)
+
+    # ------------------------------------------------------------ generation
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens: int = 32,
+        *,
+        attention_mask=None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        eos_token_id: int | Sequence[int] | None = "config",
+        stop: str | Sequence[str] | None = None,
+        stream: Callable[[int, int], None] | None = None,
+        pad_token_id: int = 0,
+    ) -> list[list[int]]:
+        """Generates up to max_new_tokens per prompt; returns the new tokens of each row.
+
+        input_ids: one prompt (list of ids / 1-D array), a list of prompts of any lengths, or a
+        [B, T] array with attention_mask (padding removed); a str or list of str when a tokenizer
+        is attached. Prompts are left-padded internally and prefilled in one batched pass.
+        temperature 0 is greedy; top_k / top_p / repetition_penalty follow transformers.
+        eos_token_id: "config" (the config's), None, an id or ids; the EOS token is kept in the
+        output. stop: strings that end a row once its decoded output contains one (needs a
+        tokenizer). stream(row, token) is called for every new token."""
+        prompts = self._prompts(input_ids, attention_mask)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if eos_token_id == "config":
+            eos_token_id = self.config.eos_token_id
+        eos = set() if eos_token_id is None else {int(eos_token_id)} if np.isscalar(eos_token_id) else set(map(int, eos_token_id))
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if stops and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer: set model.tokenizer or pass token ids via eos_token_id")
+        if not 0 <= pad_token_id < self.config.vocab_size:
+            raise ValueError(f"pad_token_id {pad_token_id} is out of range [0, {self.config.vocab_size})")
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little")
+        sampler = _core.model.Sampler(int(seed) & (2**64 - 1))
+        sample_args = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                           repetition_penalty=float(repetition_penalty))
+        # Validates the sampling options before any compute.
+        sampler.sample(np.zeros(1, np.float32), np.zeros(0, np.int32), **sample_args)
+
+        B = len(prompts)
+        out: list[list[int]] = [[] for _ in range(B)]
+        if max_new_tokens == 0:
+            return out
+        P = max(len(p) for p in prompts)
+        ids = np.full((B, P), pad_token_id, np.int32)
+        mask = np.zeros((B, P), np.int32)
+        for b, p in enumerate(prompts):
+            ids[b, P - len(p):] = p
+            mask[b, P - len(p):] = 1
+        history = [list(p) for p in prompts]
+        done = [False] * B
+        core = self._core
+        core.start(B, P + max_new_tokens)
+        try:
+            logits = core.feed(ids, mask)  # [B, V]
+            for step in range(max_new_tokens):
+                nxt = np.full((B, 1), pad_token_id, np.int32)
+                live = np.zeros((B, 1), np.int32)
+                for b in range(B):
+                    if done[b]:
+                        continue
+                    tok = sampler.sample(logits[b], np.asarray(history[b], np.int32), **sample_args)
+                    out[b].append(tok)
+                    history[b].append(tok)
+                    if stream is not None:
+                        stream(b, tok)
+                    if tok in eos or (stops and self._hit_stop(out[b], stops)):
+                        done[b] = True
+                    else:
+                        nxt[b, 0], live[b, 0] = tok, 1
+                if all(done) or step == max_new_tokens - 1:
+                    break
+                logits = core.feed(nxt, live)
+        finally:
+            core.stop()
+        return out
+
+    def _hit_stop(self, tokens: list[int], stops: list[str]) -> bool:
+        # Decode a tail long enough to hold any stop string (a token is at least one char or byte).
+        tail = max(len(s) for s in stops) + 8
+        text = self.tokenizer.decode(tokens[-tail:])
+        return any(s in text for s in stops)
+
+    def _prompts(self, input_ids, attention_mask) -> list[list[int]]:
+        if isinstance(input_ids, str) or (isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], str)):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer: set model.tokenizer or pass token ids")
+            texts = [input_ids] if isinstance(input_ids, str) else list(input_ids)
+            input_ids = [list(self.tokenizer.encode(t)) for t in texts]
+        if isinstance(input_ids, np.ndarray) and input_ids.ndim == 2:
+            ids = self._check_ids(input_ids)
+            m = np.ones_like(ids) if attention_mask is None else _as_mask(attention_mask, ids.shape)
+            prompts = [ids[b][m[b] == 1].tolist() for b in range(ids.shape[0])]
+        else:
+            if attention_mask is not None:
+                raise ValueError("attention_mask is only accepted with a 2-D input_ids array")
+            seq = list(input_ids) if not isinstance(input_ids, np.ndarray) else [input_ids.tolist()]
+            if seq and np.isscalar(seq[0]):
+                seq = [seq]
+            prompts = []
+            for p in seq:
+                a = np.asarray(p)
+                if a.ndim != 1:
+                    raise ValueError("each prompt must be a 1-D list of token ids")
+                prompts.append(self._check_ids(a)[0].tolist() if a.size else [])
+        if not prompts:
+            raise ValueError("generate: no prompts")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"generate: prompt {i} is empty")
+        return prompts
+
+    # ------------------------------------------------------------ introspection
+    def memory_footprint(self) -> dict[str, int]:
+        """Bytes held by category: nf4_weights, quant_constants, other_weights, kv_cache, total."""
+        d = {k: int(v) for k, v in self._core.memory_footprint().items()}
+        d["total"] = sum(d.values())
+        return d
+
+    def nf4_weight(self, name: str) -> dict | None:
+        """NF4 storage of a projection (e.g. "model.layers.0.self_attn.q_proj"), None if fp32."""
+        return self._core.linear_nf4(name)
+
+    @property
+    def backend(self) -> str:
+        return self._core.backend
+
+
+def load_from_source(core, source) -> None:
+    """Loads every tensor the model expects from a tensor source; names the culprit on error."""
+    expected = dict((n, tuple(s)) for n, s in core.expected_tensors())
+    present = source.names()
+    extra = [n for n in present if n not in expected and not core.ignorable(n)]
+    if extra:
+        more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
+        raise ValueError(f"unexpected tensor(s) in checkpoint: {', '.join(extra[:5])}{more}")
+    have = set(present)
+    missing = [n for n in expected if n not in have]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ValueError(f"missing tensor(s) in checkpoint: {', '.join(missing[:5])}{more}")
+    for n in expected:
+        shp = source.shape(n)
+        if shp is not None and tuple(shp) != expected[n]:
+            raise ValueError(f"tensor {n!r} has shape {list(shp)}, expected {list(expected[n])}")
+    for name, data, dtype, shape in source.tensors([n for n in present if n in expected]):
+        if dtype not in _SAFE_DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {dtype}, expected F32, F16 or BF16")
+        core.load_tensor(name, data, dtype, list(shape))
+    core.check_complete()
+
+
+def _as_mask(attention_mask, shape) -> np.ndarray:
+    m = np.asarray(attention_mask)
+    if m.ndim == 1:
+        m = m[None, :]
+    if m.shape != tuple(shape):
+        raise ValueError(f"attention_mask shape {m.shape} differs from input_ids shape {tuple(shape)}")
+    if not (np.issubdtype(m.dtype, np.integer) or m.dtype == np.bool_) or ((m != 0) & (m != 1)).any():
+        raise ValueError("attention_mask must hold only 0 and 1")
+    return np.ascontiguousarray(m, dtype=np.int32)

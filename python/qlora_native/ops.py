@@ -1,0 +1,45 @@
+"""Kernels on numpy arrays: fp32 GEMM in three layouts and fused NF4 GEMM, on any backend.
+
+Inputs are float32 2-D arrays whose last dimension is contiguous (row-strided views are fine: the
+row stride becomes the leading dimension; host backends never copy them). Anything else raises
+ValueError rather than being converted silently. ``out`` (optional) receives the result in place;
+``beta != 0`` accumulates into it. ``backend`` is a name: "cpu", "cpu:scalar", "cpu:generic",
+"cpu:avx2", "cpu:avx512", "cuda" (see ``qlora_native.available_backends()``).
+
+An NF4 weight ``w`` is any object with the NF4 attribute protocol (``packed``, ``absmax``,
+``nested_absmax``, ``nested_map``, ``offset``, ``shape``, ``blocksize``, ``double_quant``), e.g.
+``qlora_native.nf4.NF4Tensor``; it is read in its packed form, never dequantized to a full copy.
+"""
+from ._core import ops as _ops
+
+__all__ = ["gemm_nt", "gemm_nn", "gemm_tn", "nf4_gemm_nt", "nf4_gemm_nn", "nf4_dequantize"]
+
+
+def gemm_nt(a, b, out=None, *, alpha=1.0, beta=0.0, backend="cpu"):
+    """out[M, N] = alpha * a[M, K] @ b[N, K].T + beta * out   (Y = X·Wᵀ with W [out, in])."""
+    return _ops.gemm_nt(a, b, out, alpha=alpha, beta=beta, backend=backend)
+
+
+def gemm_nn(a, b, out=None, *, alpha=1.0, beta=0.0, backend="cpu"):
+    """out[M, N] = alpha * a[M, K] @ b[K, N] + beta * out   (dX = dY·W)."""
+    return _ops.gemm_nn(a, b, out, alpha=alpha, beta=beta, backend=backend)
+
+
+def gemm_tn(a, b, out=None, *, alpha=1.0, beta=0.0, backend="cpu"):
+    """out[M, N] = alpha * a[K, M].T @ b[K, N] + beta * out   (weight gradients, K = tokens)."""
+    return _ops.gemm_tn(a, b, out, alpha=alpha, beta=beta, backend=backend)
+
+
+def nf4_gemm_nt(x, w, out=None, *, alpha=1.0, beta=0.0, backend="cpu"):
+    """out[M, out_f] = alpha * x[M, in_f] @ dequant(w).T + beta * out."""
+    return _ops.nf4_gemm_nt(x, w, out, alpha=alpha, beta=beta, backend=backend)
+
+
+def nf4_gemm_nn(dy, w, out=None, *, alpha=1.0, beta=0.0, backend="cpu"):
+    """out[M, in_f] = alpha * dy[M, out_f] @ dequant(w) + beta * out."""
+    return _ops.nf4_gemm_nn(dy, w, out, alpha=alpha, beta=beta, backend=backend)
+
+
+def nf4_dequantize(w, backend="cpu"):
+    """float32 [out_f, in_f] dequantized copy of an NF4 weight (tests, merging, export)."""
+    return _ops.nf4_dequantize(w, backend)
