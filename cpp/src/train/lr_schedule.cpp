@@ -9,6 +9,8 @@
 
 namespace qlora::train {
 
+constexpr double kPi = 3.141592653589793;  // == Python math.pi (M_PI is not standard C++)
+
 Schedule schedule_from_name(const std::string& name) {
   if (name == "constant") return Schedule::Constant;
   if (name == "constant_with_warmup") return Schedule::ConstantWithWarmup;
@@ -54,7 +56,7 @@ double lr_factor(Schedule s, int64_t step, int64_t warmup_steps, int64_t total_s
   // Cosine: 0.5 * (1 + cos(pi * num_cycles * 2 * progress)), evaluated left to right as Python does.
   const double progress = static_cast<double>(step - warmup_steps) / span;
   const double num_cycles = 0.5;
-  return std::max(0.0, 0.5 * (1.0 + std::cos(M_PI * num_cycles * 2.0 * progress)));
+  return std::max(0.0, 0.5 * (1.0 + std::cos(kPi * num_cycles * 2.0 * progress)));
 }
 
 double lr_at(Schedule s, int64_t step, double base_lr, double warmup, int64_t total_steps) {

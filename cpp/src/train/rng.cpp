@@ -11,6 +11,7 @@
 namespace qlora::train {
 
 namespace {
+constexpr double kPi = 3.141592653589793;  // M_PI is not standard C++
 
 constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;  // Philox multipliers
 constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;  // Weyl key increments
@@ -106,7 +107,7 @@ void Philox::fill_normal(float* out, int64_t n, float mean, float std) {
       for (int64_t j = 0; j < c; ++j) {
         const double u1 = (static_cast<double>(buf[2 * j]) + 1.0) * 0x1p-32;  // (0, 1]: log is finite
         const double u2 = static_cast<double>(buf[2 * j + 1]) * 0x1p-32;      // [0, 1)
-        const double z = std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * M_PI * u2);
+        const double z = std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * kPi * u2);
         out[i + j] = static_cast<float>(mean + std * z);
       }
     }
