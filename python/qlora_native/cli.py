@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="version, SIMD level, threads, CUDA status")
     info.set_defaults(func=_cmd_info)
+    from . import cli_generate
+
+    cli_generate.add_parser(sub)
     return p
 
 
