@@ -200,8 +200,10 @@ class NF4Tensor:
         dynamic map); float32 absmax means none. Packed may have any shape of (n+1)//2 bytes
         (bitsandbytes stores [(n+1)//2, 1]). Raises ValueError on any mismatch."""
         try:
+            if isinstance(shape, (str, bytes)):
+                raise TypeError
             shape = tuple(int(d) for d in shape)
-        except TypeError:
+        except (TypeError, ValueError):
             raise ValueError(f"shape must be a sequence of ints, got {shape!r}") from None
         if not shape or any(d < 1 for d in shape):
             raise ValueError(f"shape must be non-empty with positive sizes, got {shape}")

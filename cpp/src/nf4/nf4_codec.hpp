@@ -28,10 +28,12 @@ Sizes sizes(int64_t n, int blocksize, bool double_quant);
 // Throws ValueError on NaN/inf input. Parallel and SIMD (active level).
 // Rules (bitsandbytes' where it defines them):
 //   level 1: y = x * (1.0f / absmax) in float32; nibble = #{float32 midpoints t of the NF4 codes :
-//            y > t} (a tie goes to the LOWER code); an all-zero block emits nibble 7. Extension:
-//            when 1/absmax overflows (absmax < ~2.9e-39) both sides are first scaled by 2^64, so
-//            subnormal blocks keep their resolution (bitsandbytes CPU clamps absmax to 1e-38).
-//   level 2: offset = float32(exact-ish double mean of absmax); v = absmax - offset (float32);
+//            y > t} (a tie goes to the LOWER code); an all-zero block emits nibble 7, and so does
+//            the pad nibble after an odd final element (bitsandbytes pads with 0.0).
+//            Extension: when 1/absmax overflows (absmax < ~2.9e-39) both sides are first scaled
+//            by 2^64, so subnormal blocks keep their resolution (bitsandbytes CPU clamps absmax
+//            to 1e-38 in the scale and so rounds such blocks to ~0).
+//   level 2: offset = float32(compensated double mean of absmax); v = absmax - offset (float32);
 //            nested_absmax = max |v| per nested block; code = nearest map entry to
 //            y = v * (1.0f / nested_absmax), compared exactly (double midpoints), ties to the
 //            LOWER code (bitsandbytes CUDA: binary search; CPU: a lookup table, off by one step on

@@ -12,7 +12,7 @@ enum SrcKind : int { kSrcF32 = 0, kSrcF16 = 1, kSrcBF16 = 2 };
 // Level-1 quantization of the blocks [b0, b1) of x[n] cut into blocks of bs elements:
 //   absmax[b] = max |x| over block b (float32, exact);
 //   packed[b*bs/2 ...]: NF4 nibbles of the block, first element in the high nibble; an odd final
-//   element pads the low nibble with 0.
+//   element pads the low nibble with 7 (the code of 0.0, as bitsandbytes does).
 // thr[15] are the float32 midpoints of the NF4 codes; code = #{k : y > thr[k]} (ties go to the
 // lower code) with y = (x * pre) * (1/(absmax * pre)) in float32, pre = 1 unless 1/absmax
 // overflows (absmax < ~2.9e-39), then pre = 2^64 (exact: as if the exponent range were unbounded).

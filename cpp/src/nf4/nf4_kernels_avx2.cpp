@@ -88,8 +88,7 @@ int64_t quantize_blocks(const void* x, int64_t n, int64_t bs, int64_t b0, int64_
     absmax[b] = m;
     uint8_t* out = packed + start / 2;
     if (m == 0.0f) {  // all zero: nibble 7 (exact 0.0)
-      std::memset(out, 0x77, static_cast<size_t>(len / 2));
-      if (len % 2) out[len / 2] = 0x70;
+      std::memset(out, 0x77, static_cast<size_t>((len + 1) / 2));
       continue;
     }
     float pre = 1.0f, r = 1.0f / m;
@@ -116,7 +115,7 @@ int64_t quantize_blocks(const void* x, int64_t n, int64_t bs, int64_t b0, int64_
       int lo = code1((load1<K>(x, start + i + 1) * pre) * r, thr);
       out[i / 2] = static_cast<uint8_t>((hi << 4) | lo);
     }
-    if (i < len) out[i / 2] = static_cast<uint8_t>(code1((load1<K>(x, start + i) * pre) * r, thr) << 4);
+    if (i < len) out[i / 2] = static_cast<uint8_t>((code1((load1<K>(x, start + i) * pre) * r, thr) << 4) | 7);
   }
   return -1;
 }

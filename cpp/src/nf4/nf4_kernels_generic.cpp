@@ -84,7 +84,7 @@ int64_t quantize_blocks_generic(const void* x, int kind, int64_t n, int64_t bs, 
     }
     for (int64_t i = 0; i + 1 < len; i += 2)
       out[i / 2] = static_cast<uint8_t>((nf4_code(buf[i], thr) << 4) | nf4_code(buf[i + 1], thr));
-    if (len % 2) out[len / 2] = static_cast<uint8_t>(nf4_code(buf[len - 1], thr) << 4);
+    if (len % 2) out[len / 2] = static_cast<uint8_t>((nf4_code(buf[len - 1], thr) << 4) | 7);
   }
   return -1;
 }
