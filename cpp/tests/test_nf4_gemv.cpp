@@ -15,6 +15,7 @@
 #include "cpu/features.hpp"
 #include "cpu/gemm_scalar.hpp"
 #include "cpu/nf4_gemv.hpp"
+#include "common/error.hpp"
 #include "cpu/threads.hpp"
 #include "nf4/nf4_codec.hpp"
 #include "tensor_types.hpp"
@@ -120,6 +121,29 @@ int run_tests() {
         check_case(g, level, cpu::kNf4GemvMaxM, 300, cols, bs, false, -2.0f, 0.5f);
         n_cases += 2;
       }
+  }
+  // Bad arguments throw ValueError (never a crash or a silent wrong answer).
+  {
+    Weight w = random_weight(g, 4, 64, 64, true);
+    std::vector<float> X(8 * 64, 1.0f), Y(8 * 4);
+    auto expect_throw = [&](const char* what, auto&& call) {
+      ++n_cases;
+      try {
+        call();
+      } catch (const ValueError&) {
+        return;
+      }
+      ++g_failures;
+      std::printf("FAIL: %s did not throw ValueError\n", what);
+    };
+    const cpu::SimdLevel best = cpu::best_simd_level();
+    expect_throw("M = 0", [&] { cpu::nf4_gemv_nt(best, 0, 1.0f, X.data(), 64, w.ref, 0.0f, Y.data(), 4); });
+    expect_throw("M > kNf4GemvMaxM",
+                 [&] { cpu::nf4_gemv_nt(best, cpu::kNf4GemvMaxM + 1, 1.0f, X.data(), 64, w.ref, 0.0f, Y.data(), 4); });
+    expect_throw("ldx < cols", [&] { cpu::nf4_gemv_nt(best, 2, 1.0f, X.data(), 63, w.ref, 0.0f, Y.data(), 4); });
+    Nf4Ref bad = w.ref;
+    bad.blocksize = 48;
+    expect_throw("blocksize 48", [&] { cpu::nf4_gemv_nt(best, 1, 1.0f, X.data(), 64, bad, 0.0f, Y.data(), 4); });
   }
   std::printf("%d cases, %d failures\n", n_cases, g_failures);
   return g_failures ? 1 : 0;

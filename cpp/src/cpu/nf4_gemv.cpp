@@ -18,6 +18,7 @@ namespace qlora::cpu {
 namespace {
 
 using nf4_gemv_detail::Args;
+static_assert(kNf4GemvMaxM >= 1 && kNf4GemvMaxM <= 4, "the kernels are instantiated for M = 1..4");
 using RowsFn = void (*)(const Args&, int64_t, int64_t);
 
 int log2_exact(int bs) {
@@ -53,7 +54,7 @@ void nf4_gemv_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_
   check_arg(N >= 1 && K >= 1, "nf4_gemv_nt: weight shape must be positive");
   check_arg(W.blocksize >= 32 && W.blocksize <= 4096 && (W.blocksize & (W.blocksize - 1)) == 0,
             "nf4_gemv_nt: blocksize must be a power of two in [32, 4096], got " + std::to_string(W.blocksize));
-  check_arg(ldx >= K && ldy >= N, "nf4_gemv_nt: leading dimensions too small");
+  check_arg(M == 1 || (ldx >= K && ldy >= N), "nf4_gemv_nt: leading dimensions too small");  // unused at M = 1
   if (level == SimdLevel::Scalar) {  // the oracle stays the plain reference loop
     scalar::nf4_gemm_nt(M, alpha, X, ldx, W, beta, Y, ldy);
     return;
@@ -94,8 +95,9 @@ void nf4_gemv_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_
   }
 
   const int s = base.bs_shift;
-  // About 64 KiB of packed weight per task at least, so small layers do not pay for threads.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / K);
+  // At least 128 KiB of packed weight per task (about 8 us of streaming), so that small layers
+  // do not pay the thread pool's wake-up and join.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / K);
   if (!W.double_quant) {
     base.absmax = static_cast<const float*>(W.absmax);
     base.block0 = 0;

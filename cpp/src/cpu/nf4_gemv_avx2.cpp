@@ -25,47 +25,55 @@ inline __m256 decode(const uint8_t* p, __m256i sh, __m256 t_lo, __m256 t_hi) {
                           _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 
-// U groups of 16 columns per step (2 accumulators per group and row of X: even, odd).
+#define QLORA_AI inline __attribute__((always_inline))
+
+// Accumulates 16 columns (8 packed bytes at p) into acc[u] (even) and acc[u+1] (odd) per row of X.
+template <int M, int NA>
+QLORA_AI void group16(__m256 (&acc)[NA][M], int u, const uint8_t* p, const float* x, int64_t ldx, __m256 t_lo,
+                      __m256 t_hi, __m256i sh_lo, __m256i sh_hi) {
+  const __m256 we = decode(p, sh_hi, t_lo, t_hi);
+  const __m256 wo = decode(p, sh_lo, t_lo, t_hi);
+  for (int m = 0; m < M; ++m) {  // x regrouped: [8 even | 8 odd]
+    acc[u][m] = _mm256_fmadd_ps(we, _mm256_loadu_ps(x + m * ldx), acc[u][m]);
+    acc[u + 1][m] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(x + m * ldx + 8), acc[u + 1][m]);
+  }
+}
+
+// U groups of 16 columns per step in whole blocks (2*U accumulators per row of X).
 template <int M, int U>
 void rows_m(const Args& a, int64_t r0, int64_t r1) {
-  const int64_t K = a.K;
+  const int64_t K = a.K, ldx = a.ldx;
   const int s = a.bs_shift;
+  const int64_t bs = int64_t{1} << s;
+  const float* x = a.x;  // [M, ldx] regrouped
   const __m256 c_lo = _mm256_loadu_ps(a.codes), c_hi = _mm256_loadu_ps(a.codes + 8);
   const __m256i sh_lo = _mm256_set_epi32(24, 24, 16, 16, 8, 8, 0, 0);  // dword q: 8*(q/2)
   const __m256i sh_hi = _mm256_add_epi32(sh_lo, _mm256_set1_epi32(4));
   for (int64_t n = r0; n < r1; ++n) {
     const int64_t j0 = n * K;              // flat index of W[n, 0] (even: K % 16 == 0)
     const uint8_t* p = a.packed + j0 / 2;  // [K/2] bytes of row n
-    __m256 acc[2 * U][M];                  // [group-in-step x even/odd][m]
+    const float* am = a.absmax + ((j0 >> s) - a.block0);  // scale of the block holding W[n, 0]
+    __m256 acc[2 * U][M];                  // [group-in-step x (even, odd)][m]
     for (int u = 0; u < 2 * U; ++u)
       for (int m = 0; m < M; ++m) acc[u][m] = _mm256_setzero_ps();
+    // Block edges fall on 16-column groups: a head up to the first edge, whole blocks, a tail.
     int64_t k = 0;
-    while (k < K) {
-      // Segment [k, end) lies in one block (block edges fall on 32-column boundaries).
-      const int64_t b = (j0 + k) >> s;
-      int64_t end = ((b + 1) << s) - j0;
-      if (end > K) end = K;
-      const __m256 scale = _mm256_set1_ps(a.absmax[b - a.block0]);
-      const __m256 t_lo = _mm256_mul_ps(c_lo, scale), t_hi = _mm256_mul_ps(c_hi, scale);
-      for (; k + 16 * U <= end; k += 16 * U) {
-        for (int u = 0; u < U; ++u) {
-          const __m256 we = decode(p + (k + 16 * u) / 2, sh_hi, t_lo, t_hi);
-          const __m256 wo = decode(p + (k + 16 * u) / 2, sh_lo, t_lo, t_hi);
-          for (int m = 0; m < M; ++m) {
-            const float* x = a.x + m * a.ldx + k + 16 * u;  // regrouped: [8 even | 8 odd]
-            acc[2 * u][m] = _mm256_fmadd_ps(we, _mm256_loadu_ps(x), acc[2 * u][m]);
-            acc[2 * u + 1][m] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(x + 8), acc[2 * u + 1][m]);
-          }
+    const int64_t head = (j0 & (bs - 1)) ? bs - (j0 & (bs - 1)) : 0;
+    for (int part = 0; part < 2; ++part) {  // 0: head, 1: tail (partial blocks, 16 columns a step)
+      if (part == 1) {
+        for (; k + bs <= K; k += bs) {  // whole blocks (bs is a multiple of 32 >= 16 * U)
+          const __m256 scale = _mm256_set1_ps(*am++);
+          const __m256 t_lo = _mm256_mul_ps(c_lo, scale), t_hi = _mm256_mul_ps(c_hi, scale);
+          for (int64_t i = 0; i < bs; i += 16 * U)
+            for (int u = 0; u < U; ++u)
+              group16<M, 2 * U>(acc, 2 * u, p + (k + i + 16 * u) / 2, x + k + i + 16 * u, ldx, t_lo, t_hi, sh_lo, sh_hi);
         }
       }
-      for (; k < end; k += 16) {  // segments are whole 16-column groups
-        const __m256 we = decode(p + k / 2, sh_hi, t_lo, t_hi);
-        const __m256 wo = decode(p + k / 2, sh_lo, t_lo, t_hi);
-        for (int m = 0; m < M; ++m) {
-          const float* x = a.x + m * a.ldx + k;
-          acc[0][m] = _mm256_fmadd_ps(we, _mm256_loadu_ps(x), acc[0][m]);
-          acc[1][m] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(x + 8), acc[1][m]);
-        }
+      const int64_t end = part == 0 ? (head < K ? head : K) : K;
+      if (k < end) {
+        const __m256 scale = _mm256_set1_ps(part == 0 ? *am++ : *am);
+        const __m256 t_lo = _mm256_mul_ps(c_lo, scale), t_hi = _mm256_mul_ps(c_hi, scale);
+        for (; k < end; k += 16) group16<M, 2 * U>(acc, 0, p + k / 2, x + k, ldx, t_lo, t_hi, sh_lo, sh_hi);
       }
     }
     for (int m = 0; m < M; ++m) {
@@ -85,7 +93,7 @@ void rows_m(const Args& a, int64_t r0, int64_t r1) {
 
 void rows_avx2(const Args& a, int64_t r0, int64_t r1) {
   switch (a.M) {
-    case 1: rows_m<1, 4>(a, r0, r1); break;
+    case 1: rows_m<1, 2>(a, r0, r1); break;
     case 2: rows_m<2, 2>(a, r0, r1); break;
     case 3: rows_m<3, 1>(a, r0, r1); break;
     default: rows_m<4, 1>(a, r0, r1); break;

@@ -101,14 +101,75 @@ void rows_m(const Args& a, int64_t r0, int64_t r1) {
   }
 }
 
+// Two rows of W at a time, sharing every X load (M >= 2 is bound by X loads, not by W):
+// requires K % blocksize == 0, so both rows start on a block edge and have K / blocksize blocks.
+template <int M>
+void row_pairs_m(const Args& a, int64_t r0, int64_t r1) {
+  const int64_t K = a.K, ldx = a.ldx;
+  const int s = a.bs_shift;
+  const int64_t bs = int64_t{1} << s, nb = K >> s;  // blocks per row
+  const float* x = a.x;                             // [M, ldx] regrouped
+  const __m512 codes = _mm512_loadu_ps(a.codes);
+  Shifts sh;
+  sh.lo = _mm512_set_epi32(24, 24, 24, 24, 16, 16, 16, 16, 8, 8, 8, 8, 0, 0, 0, 0);
+  sh.hi = _mm512_add_epi32(sh.lo, _mm512_set1_epi32(4));
+  for (int64_t n = r0; n < r1; n += 2) {
+    const uint8_t* p0 = a.packed + n * K / 2;  // [K/2] bytes of rows n, n+1
+    const uint8_t* p1 = p0 + K / 2;
+    const float* am0 = a.absmax + ((n * K) >> s) - a.block0;
+    const float* am1 = am0 + nb;
+    __m512 acc0[2][M], acc1[2][M];  // [(even, odd)][m] for rows n, n+1
+    for (int u = 0; u < 2; ++u)
+      for (int m = 0; m < M; ++m) acc0[u][m] = acc1[u][m] = _mm512_setzero_ps();
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      const __m512 t0 = _mm512_mul_ps(codes, _mm512_set1_ps(am0[blk]));
+      const __m512 t1 = _mm512_mul_ps(codes, _mm512_set1_ps(am1[blk]));
+      for (int64_t k = blk * bs, end = k + bs; k < end; k += 32) {
+        const __m512i b0 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0 + k / 2)));
+        const __m512i b1 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p1 + k / 2)));
+        const __m512 w0e = _mm512_permutexvar_ps(_mm512_srlv_epi32(b0, sh.hi), t0);
+        const __m512 w0o = _mm512_permutexvar_ps(_mm512_srlv_epi32(b0, sh.lo), t0);
+        const __m512 w1e = _mm512_permutexvar_ps(_mm512_srlv_epi32(b1, sh.hi), t1);
+        const __m512 w1o = _mm512_permutexvar_ps(_mm512_srlv_epi32(b1, sh.lo), t1);
+        for (int m = 0; m < M; ++m) {
+          const __m512 xe = _mm512_loadu_ps(x + m * ldx + k), xo = _mm512_loadu_ps(x + m * ldx + k + 16);
+          acc0[0][m] = _mm512_fmadd_ps(w0e, xe, acc0[0][m]);
+          acc0[1][m] = _mm512_fmadd_ps(w0o, xo, acc0[1][m]);
+          acc1[0][m] = _mm512_fmadd_ps(w1e, xe, acc1[0][m]);
+          acc1[1][m] = _mm512_fmadd_ps(w1o, xo, acc1[1][m]);
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      const float dot0 = _mm512_reduce_add_ps(_mm512_add_ps(acc0[0][m], acc0[1][m]));
+      const float dot1 = _mm512_reduce_add_ps(_mm512_add_ps(acc1[0][m], acc1[1][m]));
+      float* y = a.y + m * a.ldy + n;
+      y[0] = a.beta == 0.0f ? a.alpha * dot0 : a.alpha * dot0 + a.beta * y[0];  // beta == 0: Y not read
+      y[1] = a.beta == 0.0f ? a.alpha * dot1 : a.alpha * dot1 + a.beta * y[1];
+    }
+  }
+}
+
+// M >= 2 with whole blocks per row: row pairs, and the single-row kernel for an odd last row.
+template <int M>
+void rows_dispatch(const Args& a, int64_t r0, int64_t r1) {
+  if (M >= 2 && (a.K & ((int64_t{1} << a.bs_shift) - 1)) == 0) {
+    const int64_t pairs_end = r0 + ((r1 - r0) & ~int64_t{1});
+    row_pairs_m<M>(a, r0, pairs_end);
+    if (pairs_end < r1) rows_m<M>(a, pairs_end, r1);
+  } else {
+    rows_m<M>(a, r0, r1);
+  }
+}
+
 }  // namespace
 
 void rows_avx512(const Args& a, int64_t r0, int64_t r1) {
   switch (a.M) {
     case 1: rows_m<1>(a, r0, r1); break;
-    case 2: rows_m<2>(a, r0, r1); break;
-    case 3: rows_m<3>(a, r0, r1); break;
-    default: rows_m<4>(a, r0, r1); break;
+    case 2: rows_dispatch<2>(a, r0, r1); break;
+    case 3: rows_dispatch<3>(a, r0, r1); break;
+    default: rows_dispatch<4>(a, r0, r1); break;
   }
 }
 

@@ -1,0 +1,250 @@
+#!/usr/bin/env python
+"""GEMM benchmark: our fp32 GEMM and fused NF4 GEMM vs numpy (OpenBLAS) sgemm and torch.matmul.
+
+One run prints a side-by-side table and writes JSON to bench/results/gemm-<time>.json.
+Y[M, out] = X[M, in] · W[out, in]ᵀ for transformer-like shapes and M (tokens) in 1, 16, 256, 2048.
+Every library runs with the same thread count (--threads, default: our num_threads()).
+Run with OpenBLAS overrides unset, e.g.
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE PYTHONPATH=python:build/dev python bench/bench_gemm.py
+See bench/README.md.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import threading
+import time
+
+SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096), (11008, 4096)]  # [out, in]
+MS = [1, 16, 256, 2048]
+TARGET_NF4_VS_BLAS = 0.9   # fused NF4 GEMM at M >= 256 vs the faster fp32 BLAS
+TARGET_GEMV_VS_TORCH = 3.0  # NF4 GEMV at M = 1 vs torch fp32 GEMV
+GEMV_TARGET_MIN_BYTES = 32 << 20  # ... on memory-bound layers
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=None, help="threads for every library (default: ours)")
+    p.add_argument("--shapes", default=None,
+                   help="comma-separated OUTxIN shapes, e.g. 4096x4096,576x576 (default: all)")
+    p.add_argument("--m", default=None, help="comma-separated M values (default: 1,16,256,2048)")
+    p.add_argument("--quick", action="store_true", help="small subset, few repeats (~1 min)")
+    p.add_argument("--backend", default="cpu", help="our backend (default: cpu = best SIMD level)")
+    p.add_argument("--blocksize", type=int, default=64)
+    p.add_argument("--no-torch", action="store_true", help="skip the torch column")
+    p.add_argument("--budget", type=float, default=None, help="seconds of timing per cell (default 1.0, quick 0.3)")
+    p.add_argument("--bw-gib", type=float, default=1.0, help="array size for the read-bandwidth probe (GiB)")
+    p.add_argument("--out", default=None, help="JSON path (default: bench/results/gemm-<time>.json)")
+    return p.parse_args()
+
+
+ARGS = parse_args()
+OPENBLAS_ENV = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS")}
+if ARGS.threads:  # numpy's OpenBLAS reads its thread count at import
+    os.environ["OPENBLAS_NUM_THREADS"] = str(ARGS.threads)
+    os.environ["OMP_NUM_THREADS"] = str(ARGS.threads)
+
+import numpy as np  # noqa: E402
+
+import qlora_native  # noqa: E402
+from qlora_native import ops  # noqa: E402
+
+try:
+    import torch  # noqa: E402
+except ImportError:
+    torch = None
+if ARGS.no_torch:
+    torch = None
+
+
+def best_time(fn, budget, min_runs=3, max_runs=50):
+    """Best wall time of fn() after one warm-up, within about `budget` seconds."""
+    fn()
+    best, spent, runs = float("inf"), 0.0, 0
+    while runs < min_runs or (spent < budget and runs < max_runs):
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        best, spent, runs = min(best, dt), spent + dt, runs + 1
+    return best
+
+
+def read_bandwidth(gib, threads):
+    """GB/s of a parallel streaming read: `threads` Python threads each OR-reduce a slice of a
+    uint64 array (numpy releases the GIL; the reduction is far cheaper than the memory traffic)."""
+    a = np.ones(int(gib * (1 << 30)) // 8, dtype=np.uint64)
+    parts = np.array_split(a, threads)
+
+    def run():
+        ts = [threading.Thread(target=np.bitwise_or.reduce, args=(p,)) for p in parts]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+
+    t = best_time(run, 2.0, min_runs=3, max_runs=5)
+    nbytes = a.nbytes
+    del a, parts
+    return nbytes / t / 1e9
+
+
+def blas_info():
+    info = {"numpy": np.__version__}
+    try:
+        from threadpoolctl import threadpool_info
+        info["threadpools"] = [{k: d.get(k) for k in ("internal_api", "version", "architecture", "num_threads", "filepath")}
+                               for d in threadpool_info()]
+    except ImportError:
+        info["threadpools"] = "threadpoolctl not installed (pip install threadpoolctl to see the OpenBLAS kernel)"
+    return info
+
+
+def nf4_weight(w, blocksize, rng):
+    """NF4 weight for W: qlora_native.nf4.quantize when available, else random valid NF4 arrays."""
+    try:
+        from qlora_native import nf4
+        return nf4.quantize(w, blocksize=blocksize, double_quant=True), "quantized"
+    except (ImportError, AttributeError):
+        from types import SimpleNamespace
+        n = w.size
+        nb = -(-n // blocksize)
+        return SimpleNamespace(shape=w.shape, blocksize=blocksize, double_quant=True,
+                               packed=rng.integers(0, 256, (n + 1) // 2, dtype=np.uint8),
+                               absmax=rng.integers(0, 256, nb, dtype=np.uint8),
+                               nested_absmax=rng.uniform(0.01, 0.1, -(-nb // 256)).astype(np.float32),
+                               nested_map=None, offset=0.05), "random"
+
+
+def nf4_bytes(q):
+    return sum(int(np.asarray(getattr(q, k)).nbytes) for k in ("packed", "absmax", "nested_absmax")
+               if getattr(q, k, None) is not None)
+
+
+def fmt(v, spec=".1f"):
+    return "-" if v is None else format(v, spec)
+
+
+def main():
+    threads = ARGS.threads or qlora_native.num_threads()
+    qlora_native.set_num_threads(threads)
+    if torch is not None:
+        torch.set_num_threads(threads)
+    shapes = SHAPES
+    ms = MS
+    if ARGS.quick:
+        shapes, ms = [(576, 576), (1536, 576), (4096, 4096)], [1, 16, 256]
+    if ARGS.shapes:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in ARGS.shapes.split(",")]
+    if ARGS.m:
+        ms = [int(v) for v in ARGS.m.split(",")]
+    budget = ARGS.budget if ARGS.budget is not None else (0.3 if ARGS.quick else 1.0)
+
+    env_note = {k: v for k, v in OPENBLAS_ENV.items() if v is not None}
+    print(f"qlora_native {qlora_native.__version__}  backend {ARGS.backend}  SIMD {qlora_native.simd_level()}  "
+          f"threads {threads} (torch {torch.get_num_threads() if torch else '-'}, OpenBLAS via OPENBLAS_NUM_THREADS="
+          f"{os.environ.get('OPENBLAS_NUM_THREADS', 'default')})")
+    print(f"CPU {platform.processor() or platform.machine()}  numpy {np.__version__}  "
+          f"torch {torch.__version__ if torch else 'not available'}")
+    bl = blas_info()
+    if isinstance(bl["threadpools"], list):
+        for d in bl["threadpools"]:
+            print(f"  threadpool: {d['internal_api']} {d['version']} kernel={d['architecture']} threads={d['num_threads']}")
+    else:
+        print(f"  {bl['threadpools']}")
+    if env_note.get("OPENBLAS_CORETYPE") or env_note.get("OPENBLAS_L2_SIZE"):
+        print(f"  WARNING: OpenBLAS overrides set {env_note}: they can slow numpy. Run with "
+              "`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/bench_gemm.py`.")
+    bw = read_bandwidth(ARGS.bw_gib, threads) if 1 in ms else None
+    if bw:
+        print(f"measured read bandwidth ({threads} threads, {ARGS.bw_gib:g} GiB numpy OR-reduce): {bw:.1f} GB/s")
+
+    rng = np.random.default_rng(0)
+    rows = []
+    hdr = (f"{'W [out,in]':>12} {'M':>5} | {'GFLOP/s: ours':>13} {'nf4':>7} {'numpy':>7} {'torch':>7} | "
+           f"{'ours/np':>7} {'ours/th':>7} | {'nf4/best':>8} {'nf4/th':>7} | {'GB/s nf4':>8} {'fp32 th':>7} {'np':>7}")
+    print()
+    print(hdr)
+    print("-" * len(hdr))
+    for (n_out, n_in) in shapes:
+        w = (rng.standard_normal((n_out, n_in)) * 0.02).astype(np.float32)
+        q, q_kind = nf4_weight(w, ARGS.blocksize, rng)
+        qb = nf4_bytes(q)
+        wt = torch.from_numpy(w) if torch is not None else None
+        for M in ms:
+            x = rng.standard_normal((M, n_in)).astype(np.float32)
+            out = np.empty((M, n_out), dtype=np.float32)
+            flop = 2.0 * M * n_out * n_in
+            t = {}
+            t["ours_fp32"] = best_time(lambda: ops.gemm_nt(x, w, out, backend=ARGS.backend), budget)
+            t["ours_nf4"] = best_time(lambda: ops.nf4_gemm_nt(x, q, out, backend=ARGS.backend), budget)
+            t["numpy"] = best_time(lambda: np.matmul(x, w.T, out=out), budget)
+            if wt is not None:
+                xt = torch.from_numpy(x)
+                with torch.inference_mode():
+                    t["torch"] = best_time(lambda: torch.matmul(xt, wt.T), budget)
+            g = {k: flop / v / 1e9 for k, v in t.items()}
+            blas_best = min(v for k, v in t.items() if k in ("numpy", "torch"))
+            r = {
+                "shape": [n_out, n_in], "M": M, "nf4_weight": q_kind, "nf4_bytes": qb, "fp32_bytes": w.nbytes,
+                "seconds": t, "gflops": g,
+                "ours_vs_numpy": t["numpy"] / t["ours_fp32"],
+                "ours_vs_torch": t["torch"] / t["ours_fp32"] if "torch" in t else None,
+                "nf4_vs_best_blas": blas_best / t["ours_nf4"],
+                "nf4_vs_torch": t["torch"] / t["ours_nf4"] if "torch" in t else None,
+            }
+            if M == 1:
+                r["gbps"] = {"ours_nf4": qb / t["ours_nf4"] / 1e9, "numpy": w.nbytes / t["numpy"] / 1e9,
+                             "torch": w.nbytes / t["torch"] / 1e9 if "torch" in t else None,
+                             "ours_fp32": w.nbytes / t["ours_fp32"] / 1e9}
+            rows.append(r)
+            gb = r.get("gbps", {})
+            print(f"{n_out:>6}x{n_in:<5} {M:>5} | {g['ours_fp32']:>13.1f} {g['ours_nf4']:>7.1f} {g['numpy']:>7.1f} "
+                  f"{fmt(g.get('torch')):>7} | {r['ours_vs_numpy']:>7.2f} {fmt(r['ours_vs_torch'], '.2f'):>7} | "
+                  f"{r['nf4_vs_best_blas']:>8.2f} {fmt(r['nf4_vs_torch'], '.2f'):>7} | "
+                  f"{fmt(gb.get('ours_nf4')):>8} {fmt(gb.get('torch')):>7} {fmt(gb.get('numpy')):>7}", flush=True)
+
+    # Targets, next to the measured ratios.
+    print()
+    big = [r for r in rows if r["M"] >= 256]
+    if big:
+        worst = min(big, key=lambda r: r["nf4_vs_best_blas"])
+        print(f"target: fused NF4 GEMM at M >= 256 >= {TARGET_NF4_VS_BLAS}x the faster fp32 BLAS: "
+              f"min {worst['nf4_vs_best_blas']:.2f}x ({worst['shape'][0]}x{worst['shape'][1]}, M={worst['M']}) "
+              f"{'MET' if worst['nf4_vs_best_blas'] >= TARGET_NF4_VS_BLAS else 'NOT MET'}")
+    # The GEMV target is about memory-bound layers (fp32 weight >= 32 MiB, e.g. 4096x4096): a
+    # small layer sits in cache and its time is call overhead, not weight streaming.
+    gemv = [r for r in rows if r["M"] == 1 and r["nf4_vs_torch"] is not None and r["fp32_bytes"] >= GEMV_TARGET_MIN_BYTES]
+    if gemv:
+        worst = min(gemv, key=lambda r: r["nf4_vs_torch"])
+        print(f"target: NF4 GEMV at M = 1 >= {TARGET_GEMV_VS_TORCH}x torch fp32 GEMV (fp32 W >= 32 MiB): "
+              f"min {worst['nf4_vs_torch']:.2f}x ({worst['shape'][0]}x{worst['shape'][1]}) "
+              f"{'MET' if worst['nf4_vs_torch'] >= TARGET_GEMV_VS_TORCH else 'NOT MET'}"
+              + (f"; NF4 GEMV streams up to {max(r['gbps']['ours_nf4'] for r in gemv):.1f} GB/s of weights "
+                 f"(read bandwidth {bw:.1f} GB/s)" if bw else ""))
+    elif any(r["M"] == 1 for r in rows):
+        print("target: NF4 GEMV vs torch: needs torch and a shape with fp32 W >= 32 MiB (e.g. 4096x4096)")
+
+    result = {
+        "benchmark": "gemm", "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "qlora_native": qlora_native.__version__, "backend": ARGS.backend, "simd": qlora_native.simd_level(),
+        "threads": threads, "torch": torch.__version__ if torch else None, "blas": bl,
+        "openblas_env": OPENBLAS_ENV, "machine": platform.machine(), "python": sys.version.split()[0],
+        "read_bandwidth_gbps": bw, "blocksize": ARGS.blocksize,
+        "targets": {"nf4_vs_best_blas_at_m_ge_256": TARGET_NF4_VS_BLAS, "gemv_vs_torch_at_m_1": TARGET_GEMV_VS_TORCH,
+                    "gemv_target_min_fp32_bytes": GEMV_TARGET_MIN_BYTES},
+        "rows": rows,
+    }
+    path = ARGS.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    f"gemm-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)  # atomic
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
