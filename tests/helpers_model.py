@@ -95,7 +95,9 @@ def reference_model(cfg: dict, state: dict[str, np.ndarray], torch_dtype="float6
 
 
 def reference_logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """HF logits [B, T, V] as float64 with positions = cumsum(mask) - 1 (as generate computes them)."""
+    """HF logits [B, T, V] as float64 with positions = cumsum(mask) - 1 (as generate computes them).
+
+    With padding, use a float32 model: transformers in float64 turns padded rows into NaN."""
     import torch
 
     ids_t = torch.from_numpy(np.asarray(ids, np.int64))

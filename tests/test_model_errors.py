@@ -118,3 +118,17 @@ def test_sliding_window_exceeded(tmp_path, rng):
     model(np.arange(3, 11)[None])  # 8 tokens: within the window
     with pytest.raises(ValueError, match="sliding_window"):
         model(np.arange(3, 12)[None])
+
+
+def test_kv_cache_capacity_and_feed_order(tmp_path, rng):
+    path, _, _ = make_checkpoint(tmp_path, rng)
+    core = qlora_native.Model.from_pretrained(path, quantize=None)._core
+    with pytest.raises(ValueError, match="no generation started"):
+        core.feed(np.array([[5]], np.int32))
+    core.start(1, 3)
+    core.feed(np.array([[5, 6]], np.int32))
+    with pytest.raises(ValueError, match="KV cache full"):
+        core.feed(np.array([[7, 8]], np.int32))
+    with pytest.raises(ValueError, match="batch"):
+        core.feed(np.array([[7], [8]], np.int32))
+    core.stop()

@@ -50,10 +50,18 @@ def small(tmp_path, rng):
     return make_checkpoint(tmp_path, rng, hidden=64, inter=128, heads=4, kv_heads=2, vocab=100)
 
 
+GEN_CONFIGS = {
+    "qwen2-gqa2": dict(arch="qwen2", hidden=72, inter=136, heads=4, kv_heads=2, vocab=120),
+    "llama3-gqa4-tied": dict(hidden=64, inter=128, heads=8, kv_heads=2, head_dim=16, vocab=120, tie=True,
+                             rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+}
+
+
 @pytest.mark.parametrize("quantize", [None, "nf4"])
-def test_greedy_matches_transformers(tmp_path, rng, quantize):
-    path, cfg, state = make_checkpoint(tmp_path, rng, arch="qwen2", hidden=72, inter=136, heads=4, kv_heads=2,
-                                       vocab=120)
+@pytest.mark.parametrize("name", list(GEN_CONFIGS))
+def test_greedy_matches_transformers(tmp_path, rng, quantize, name):
+    path, cfg, state = make_checkpoint(tmp_path, rng, **GEN_CONFIGS[name])
     model = qlora_native.Model.from_pretrained(path, quantize=quantize)
     if quantize == "nf4":
         from test_model_nf4 import nf4_state
@@ -122,6 +130,8 @@ def test_sampler_distribution_top_k_top_p(rng):
         sd = np.sqrt(p * (1 - p) / N)
         assert np.all(np.abs(f - p) <= 5 * sd + 1.0 / N), (f, p)
 
+    # A tiny temperature concentrates on the argmax without overflowing to NaN.
+    assert all(s.sample(logits, hist, temperature=1e-30) == int(logits.argmax()) for _ in range(20))
     t = 0.7
     p = np.exp((logits - logits.max()) / t)
     check(freqs(temperature=t), p / p.sum())

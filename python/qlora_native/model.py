@@ -4,7 +4,8 @@
     logits = model(input_ids, attention_mask)          # np.float32 [B, T, V]
     out = model.generate([[1, 2, 3], [4, 5]], max_new_tokens=32)
 
-Weights come from a *tensor source* (HF safetensors, single or sharded; a GGUF file) one tensor
+Weights come from a *tensor source* (HF safetensors, single or sharded, full precision or
+pre-quantized bitsandbytes NF4; a GGUF file) one tensor
 at a time and are converted or NF4-quantized straight from the memory-mapped view, so the model
 is never held twice in full precision.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -53,15 +55,40 @@ class SafetensorsSource:
                 if self._where.get(n) != s:
                     raise _core.FormatError(f"{index}: tensor {n!r} is listed in {s} but not stored there")
 
-    def names(self) -> list[str]:
-        return list(self._where)
+        self.prequantized: set[str] = set()  # "P.weight" names stored as bitsandbytes NF4
 
-    def shape(self, name: str) -> tuple[int, ...]:
+    def use_bnb_nf4(self) -> None:
+        """Reads the checkpoint as pre-quantized bitsandbytes NF4 (config quantization_config)."""
+        from .bnb_format import quantized_weights
+
+        self.prequantized = quantized_weights(self._where)
+
+    def names(self) -> list[str]:
+        if not self.prequantized:
+            return list(self._where)
+        from .bnb_format import is_aux_key
+
+        return [n for n in self._where if not is_aux_key(n)]
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        if name in self.prequantized:
+            return None  # packed bytes; the NF4 quant state carries the shape (checked on load)
         return tuple(self.files[self._where[name]].shape(name))
 
-    def tensors(self, names: Iterable[str]) -> Iterator[tuple[str, np.ndarray, str, tuple[int, ...]]]:
-        """(name, zero-copy view of the bytes, dtype name, shape) for each name."""
+    def _get(self, name: str) -> np.ndarray:
+        if name not in self._where:
+            raise KeyError(name)
+        return self.files[self._where[name]].get(name)
+
+    def tensors(self, names: Iterable[str]) -> Iterator[tuple[str, object, str, tuple[int, ...] | None]]:
+        """(name, zero-copy view of the bytes, dtype name, shape) for each name; pre-quantized
+        weights come as (name, NF4Tensor, "NF4", None)."""
         for n in names:
+            if n in self.prequantized:
+                from .bnb_format import read_nf4
+
+                yield n, read_nf4(self._get, self._where.__contains__, n), "NF4", None
+                continue
             f = self.files[self._where[n]]
             yield n, f.get(n), f.dtype_name(n), tuple(f.shape(n))
 
@@ -96,6 +123,7 @@ class Model:
         self.config = config
         self._core = core
         self.tokenizer = tokenizer
+        self._gen_lock = threading.Lock()  # one generation at a time: the KV cache lives in the model
 
     # ------------------------------------------------------------ loading
     @classmethod
@@ -106,11 +134,13 @@ class Model:
         double_quant: bool = True,
         blocksize: int = 64,
         backend: str = "cpu",
-        tokenizer=None,
+        tokenizer="auto",
     ) -> "Model":
         """Loads an HF checkpoint directory (config.json + safetensors) or a .gguf file.
 
-        quantize: "nf4" (bitsandbytes layout, blocksize, double_quant) or None (fp32)."""
+        quantize: "nf4" (bitsandbytes layout, blocksize, double_quant) or None (fp32).
+        tokenizer: "auto" attaches qlora_native.Tokenizer when the checkpoint has one
+        (tokenizer.json / tokenizer.model / GGUF vocabulary), else None; or pass one (or None)."""
         path = os.fspath(path)
         if quantize not in ("nf4", None):
             raise ValueError(f"quantize must be 'nf4' or None, got {quantize!r}")
@@ -123,8 +153,20 @@ class Model:
                 raise FileNotFoundError(f"{path}: no config.json")
             config = ModelConfig.from_file(cfg_path)
             source = SafetensorsSource(path)
+            from .bnb_format import is_prequantized
+
+            if is_prequantized(config.raw):
+                # Stored NF4 weights are used as they are (blocksize / double_quant come from
+                # the checkpoint); quantize=None is refused rather than silently dequantized.
+                if quantize is None:
+                    raise ValueError(f"{path} is a pre-quantized bitsandbytes NF4 checkpoint: use quantize='nf4'")
+                source.use_bnb_nf4()
         core = _core.model.LlamaModel(config.to_core(), backend, quantize == "nf4", blocksize, double_quant)
         load_from_source(core, source)
+        if isinstance(tokenizer, str):
+            if tokenizer != "auto":
+                raise ValueError(f"tokenizer must be 'auto', None or a tokenizer object, got {tokenizer!r}")
+            tokenizer = _auto_tokenizer(path)
         return cls(config, core, tokenizer)
 
     # ------------------------------------------------------------ forward
@@ -178,7 +220,9 @@ class Model:
         prompts = self._prompts(input_ids, attention_mask)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if eos_token_id == "config":
+        if isinstance(eos_token_id, str):
+            if eos_token_id != "config":
+                raise ValueError(f"eos_token_id must be 'config', None, an id or ids, got {eos_token_id!r}")
             eos_token_id = self.config.eos_token_id
         eos = set() if eos_token_id is None else {int(eos_token_id)} if np.isscalar(eos_token_id) else set(map(int, eos_token_id))
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -205,9 +249,17 @@ class Model:
             ids[b, P - len(p):] = p
             mask[b, P - len(p):] = 1
         history = [list(p) for p in prompts]
-        done = [False] * B
         core = self._core
-        core.start(B, P + max_new_tokens)
+        with self._gen_lock:
+            self._decode(core, ids, mask, P + max_new_tokens, max_new_tokens, sampler, sample_args, history, out,
+                         eos, stops, stream, pad_token_id)
+        return out
+
+    def _decode(self, core, ids, mask, capacity, max_new_tokens, sampler, sample_args, history, out, eos, stops,
+                stream, pad_token_id):
+        B = len(out)
+        done = [False] * B
+        core.start(B, capacity)
         try:
             logits = core.feed(ids, mask)  # [B, V]
             for step in range(max_new_tokens):
@@ -230,7 +282,6 @@ class Model:
                 logits = core.feed(nxt, live)
         finally:
             core.stop()
-        return out
 
     def _hit_stop(self, tokens: list[int], stops: list[str]) -> bool:
         # Decode a tail long enough to hold any stop string (a token is at least one char or byte).
@@ -268,6 +319,11 @@ class Model:
         return prompts
 
     # ------------------------------------------------------------ introspection
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model({c.arch}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, vocab={c.vocab_size}, "
+                f"backend={self.backend!r})")
+
     def memory_footprint(self) -> dict[str, int]:
         """Bytes held by category: nf4_weights, quant_constants, other_weights, kv_cache, total."""
         d = {k: int(v) for k, v in self._core.memory_footprint().items()}
@@ -301,10 +357,23 @@ def load_from_source(core, source) -> None:
         if shp is not None and tuple(shp) != expected[n]:
             raise ValueError(f"tensor {n!r} has shape {list(shp)}, expected {list(expected[n])}")
     for name, data, dtype, shape in source.tensors([n for n in present if n in expected]):
+        if dtype == "NF4":
+            core.load_nf4(name, data)
+            continue
         if dtype not in _SAFE_DTYPES:
             raise ValueError(f"tensor {name!r} has dtype {dtype}, expected F32, F16 or BF16")
         core.load_tensor(name, data, dtype, list(shape))
     core.check_complete()
+
+
+def _auto_tokenizer(path: str):
+    has = path.endswith(".gguf") or any(
+        os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
+    if not has:
+        return None
+    from .tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(path)
 
 
 def _as_mask(attention_mask, shape) -> np.ndarray:

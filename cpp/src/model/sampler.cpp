@@ -33,34 +33,34 @@ int32_t Sampler::sample(float* logits, int64_t V, const int32_t* history, int64_
   }
   if (p.temperature == 0.0f) return static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
 
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < V; ++i) logits[i] /= p.temperature;
+  // Scaled logits in double: a tiny temperature must not overflow to inf (inf - inf = NaN).
+  std::vector<double> z(V);  // [V]
+  for (int64_t i = 0; i < V; ++i) z[i] = static_cast<double>(logits[i]) / p.temperature;
   std::vector<int32_t> order(V);  // token ids by descending logit (stable: lower id first on ties)
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return z[a] > z[b]; });
   int64_t keep = V;
   if (p.top_k > 0) keep = std::min<int64_t>(keep, p.top_k);
+  const double mx = z[order[0]];
+  if (!std::isfinite(mx)) return order[0];  // +inf logit (or all -inf): nothing to draw from
+  std::vector<double> w(keep);  // unnormalized probabilities of the kept tokens, descending
+  double total = 0;
+  for (int64_t i = 0; i < keep; ++i) total += (w[i] = std::exp(z[order[i]] - mx));
   if (p.top_p < 1.0f) {
     // HF TopP: drop the tokens whose ascending cumulative probability is <= 1 - top_p, always
     // keeping the most likely one; equivalently keep the shortest prefix reaching mass top_p.
-    const float mx = logits[order[0]];
-    double z = 0;
-    for (int64_t i = 0; i < keep; ++i) z += std::exp(static_cast<double>(logits[order[i]] - mx));
     double cum = 0;
     int64_t n = 0;
     while (n < keep) {
-      cum += std::exp(static_cast<double>(logits[order[n]] - mx)) / z;
+      cum += w[n] / total;
       ++n;
       if (cum >= p.top_p) break;
     }
     keep = std::max<int64_t>(n, 1);
+    total = 0;
+    for (int64_t i = 0; i < keep; ++i) total += w[i];
   }
-  for (int64_t i = keep; i < V; ++i) logits[order[i]] = neg_inf;
-  const float mx = logits[order[0]];
-  std::vector<double> w(keep);
-  double z = 0;
-  for (int64_t i = 0; i < keep; ++i) z += (w[i] = std::exp(static_cast<double>(logits[order[i]] - mx)));
-  double r = std::uniform_real_distribution<double>(0.0, z)(rng_);
+  double r = std::uniform_real_distribution<double>(0.0, total)(rng_);
   for (int64_t i = 0; i < keep; ++i) {
     if (r < w[i]) return order[i];
     r -= w[i];
