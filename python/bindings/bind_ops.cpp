@@ -164,22 +164,23 @@ py::array nf4_gemm(bool nt, py::object x_obj, py::handle w_obj, py::object out, 
     if (nt) be.nf4_gemm_nt(M, alpha, X, x.ld, W, beta, C, c.ld);
     else be.nf4_gemm_nn(M, alpha, X, x.ld, W, beta, C, c.ld);
   };
-  if (be.host_memory()) {
-    py::gil_scoped_release nogil;
-    call(w.ref, x.data, c.data);
-    return c.arr;
+  {
+    py::gil_scoped_release nogil;  // (no Python objects are touched in this scope)
+    if (be.host_memory()) {
+      call(w.ref, x.data, c.data);
+    } else {
+      DevNf4 dw(be, w.ref);
+      DevBuf dx(be, x.span() * 4), dc(be, c.span() * 4);
+      be.upload(dx.p, x.data, x.span() * 4);
+      if (beta != 0.0f) be.upload(dc.p, c.data, c.span() * 4);
+      call(dw.ref, dx.f(), dc.f());
+      std::vector<float> host(static_cast<size_t>(c.span()));
+      be.download(host.data(), dc.p, c.span() * 4);
+      be.synchronize();
+      for (int64_t i = 0; i < c.rows; ++i) std::memcpy(c.data + i * c.ld, host.data() + i * c.ld, c.cols * 4);
+    }
   }
-  py::gil_scoped_release nogil;
-  DevNf4 dw(be, w.ref);
-  DevBuf dx(be, x.span() * 4), dc(be, c.span() * 4);
-  be.upload(dx.p, x.data, x.span() * 4);
-  if (beta != 0.0f) be.upload(dc.p, c.data, c.span() * 4);
-  call(dw.ref, dx.f(), dc.f());
-  std::vector<float> host(static_cast<size_t>(c.span()));
-  be.download(host.data(), dc.p, c.span() * 4);
-  be.synchronize();
-  for (int64_t i = 0; i < c.rows; ++i) std::memcpy(c.data + i * c.ld, host.data() + i * c.ld, c.cols * 4);
-  return c.arr;
+  return c.arr;  // with the GIL held again (copying a py::array changes its refcount)
 }
 
 py::array nf4_dequantize(py::handle w_obj, const std::string& backend) {
@@ -188,15 +189,17 @@ py::array nf4_dequantize(py::handle w_obj, const std::string& backend) {
   py::array_t<float> out({w.ref.rows, w.ref.cols});
   float* o = out.mutable_data();
   const size_t bytes = static_cast<size_t>(w.ref.numel()) * 4;
-  py::gil_scoped_release nogil;
-  if (be.host_memory()) {
-    be.nf4_dequantize(w.ref, o);
-  } else {
-    DevNf4 dw(be, w.ref);
-    DevBuf d(be, bytes);
-    be.nf4_dequantize(dw.ref, d.f());
-    be.download(o, d.p, bytes);
-    be.synchronize();
+  {
+    py::gil_scoped_release nogil;
+    if (be.host_memory()) {
+      be.nf4_dequantize(w.ref, o);
+    } else {
+      DevNf4 dw(be, w.ref);
+      DevBuf d(be, bytes);
+      be.nf4_dequantize(dw.ref, d.f());
+      be.download(o, d.p, bytes);
+      be.synchronize();
+    }
   }
   return out;
 }

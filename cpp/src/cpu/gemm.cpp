@@ -30,6 +30,7 @@ struct Kern {
   PackBTFn pack_b_t;
   PackBNFn pack_b_n;
   Nf4DecodeFn nf4_decode;
+  PackATFn pack_a_t;  // null: the portable pack::a_rows
 };
 
 // KC: depth of a micro-kernel call (the [KC, NR] B micro-panel stays near L1 while the A block
@@ -38,11 +39,12 @@ struct Kern {
 // Values measured on Zen 5 (48 KiB L1d, 1 MiB L2 per core).
 const Kern& kern_for(SimdLevel level) {
   static const Kern generic{kGenericMR, kGenericNR, 256, 128, 1024,
-                            ukernel_generic, pack_b_t_generic, pack_b_n_generic, nf4_decode_generic};
+                            ukernel_generic, pack_b_t_generic, pack_b_n_generic, nf4_decode_generic, nullptr};
 #ifdef QLORA_X86
-  static const Kern avx2{kAvx2MR, kAvx2NR, 256, 144, 1024, ukernel_avx2, pack_b_t_avx2, pack_b_n_avx2, nf4_decode_avx2};
+  static const Kern avx2{kAvx2MR, kAvx2NR, 256, 144, 1024, ukernel_avx2, pack_b_t_avx2, pack_b_n_avx2, nf4_decode_avx2,
+                         nullptr};
   static const Kern avx512{kAvx512MR, kAvx512NR, 384, 168, 1024,
-                           ukernel_avx512, pack_b_t_avx512, pack_b_n_avx512, nf4_decode_avx512};
+                           ukernel_avx512, pack_b_t_avx512, pack_b_n_avx512, nf4_decode_avx512, pack_a_t_avx512};
   if (level == SimdLevel::AVX512) return avx512;
   if (level == SimdLevel::AVX2) return avx2;
 #endif
@@ -71,6 +73,12 @@ struct Scratch {
   }
 };
 thread_local Scratch t_a, t_b, t_tmp;
+
+// A panel from row-major A [M, K] (gemm_nt, gemm_nn and the NF4 GEMMs).
+void pack_a_rows(const Kern& kn, const float* A, int64_t lda, int mr, int64_t kc, float* Ap) {
+  if (kn.pack_a_t) kn.pack_a_t(A, lda, mr, kc, Ap);
+  else pack::a_rows(kn.mr, A, lda, mr, kc, Ap);
+}
 
 void scale_c(int64_t M, int64_t N, float beta, float* C, int64_t ldc) {  // C = beta * C (K == 0)
   for (int64_t i = 0; i < M; ++i)
@@ -129,8 +137,11 @@ void blocked(const Kern& kn, int64_t M, int64_t N, int64_t K, float alpha, float
   const int nth = num_threads();
   const int64_t m_tiles = ceil_div(M, MR), n_pan = ceil_div(N, NR);
   int64_t n_mt = 1, n_nt = 1;
-  if (nth > 1 && 2.0 * M * N * K > 4e6) {
-    const int64_t target = 2 * nth;  // dynamic claiming balances the rest
+  const double flops = 2.0 * M * N * K;
+  if (nth > 1 && flops > 4e6) {
+    // Enough tasks for dynamic claiming to absorb a preempted thread; more on big problems,
+    // where the duplicated packing is cheap relative to the work.
+    const int64_t target = flops > 5e8 ? 4 * nth : 2 * nth;
     double best = 1e300;
     for (int64_t mt = 1; mt <= std::min(target, m_tiles); ++mt) {
       const int64_t nt = std::min(n_pan, ceil_div(target, mt));
@@ -187,7 +198,7 @@ void gemm_nt(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, cons
   const Kern& kn = kern_for(level);
   blocked(
       kn, M, N, K, alpha, beta, C, ldc,
-      [&](int64_t i0, int mr, int64_t p0, int64_t kc, float* Ap) { pack::a_rows(kn.mr, A + i0 * lda + p0, lda, mr, kc, Ap); },
+      [&](int64_t i0, int mr, int64_t p0, int64_t kc, float* Ap) { pack_a_rows(kn, A + i0 * lda + p0, lda, mr, kc, Ap); },
       [&](int64_t j0, int nr, int64_t p0, int64_t kc, float* Bp) {
         // Stream the nr row runs into L1 one at a time (a transposing read of 32 rows at once
         // defeats the hardware prefetcher when W comes from DRAM), then transpose-pack.
@@ -204,7 +215,7 @@ void gemm_nn(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, cons
   const Kern& kn = kern_for(level);
   blocked(
       kn, M, N, K, alpha, beta, C, ldc,
-      [&](int64_t i0, int mr, int64_t p0, int64_t kc, float* Ap) { pack::a_rows(kn.mr, A + i0 * lda + p0, lda, mr, kc, Ap); },
+      [&](int64_t i0, int mr, int64_t p0, int64_t kc, float* Ap) { pack_a_rows(kn, A + i0 * lda + p0, lda, mr, kc, Ap); },
       [&](int64_t j0, int nr, int64_t p0, int64_t kc, float* Bp) { kn.pack_b_n(B + p0 * ldb + j0, ldb, nr, kc, Bp); });
 }
 
@@ -229,7 +240,7 @@ void nf4_gemm_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_
   const Kern& kn = kern_for(level);
   blocked(
       kn, M, N, K, alpha, beta, Y, ldy,
-      [&](int64_t i0, int mr, int64_t p0, int64_t kc, float* Ap) { pack::a_rows(kn.mr, X + i0 * ldx + p0, ldx, mr, kc, Ap); },
+      [&](int64_t i0, int mr, int64_t p0, int64_t kc, float* Ap) { pack_a_rows(kn, X + i0 * ldx + p0, ldx, mr, kc, Ap); },
       [&](int64_t j0, int nr, int64_t p0, int64_t kc, float* Bp) {
         // Decode nr weight rows [j0, j0+nr) x columns [p0, p0+kc) into tmp [nr, kc], then transpose-pack.
         float* tmp = t_tmp.get(static_cast<size_t>(kn.nr * kc));
@@ -251,7 +262,7 @@ void nf4_gemm_nn(SimdLevel level, int64_t M, float alpha, const float* dY, int64
   const Kern& kn = kern_for(level);
   blocked(
       kn, M, N, K, alpha, beta, dX, lddx,
-      [&](int64_t i0, int mr, int64_t p0, int64_t kc, float* Ap) { pack::a_rows(kn.mr, dY + i0 * lddy + p0, lddy, mr, kc, Ap); },
+      [&](int64_t i0, int mr, int64_t p0, int64_t kc, float* Ap) { pack_a_rows(kn, dY + i0 * lddy + p0, lddy, mr, kc, Ap); },
       [&](int64_t j0, int nr, int64_t p0, int64_t kc, float* Bp) {
         // Row k of the panel is W[p0 + k, j0 : j0 + nr), decoded straight into place.
         RunScales sc;

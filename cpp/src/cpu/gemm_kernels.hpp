@@ -11,7 +11,7 @@
 namespace qlora::cpu::gemm_k {
 
 // Micro-tile sizes per level: MR rows (broadcast operand) x NR columns (vector operand).
-constexpr int kGenericMR = 4, kGenericNR = 16;
+constexpr int kGenericMR = 6, kGenericNR = 8;
 constexpr int kAvx2MR = 6, kAvx2NR = 16;
 constexpr int kAvx512MR = 14, kAvx512NR = 32;
 
@@ -24,6 +24,9 @@ using UkernelFn = void (*)(int64_t kc, const float* Ap, const float* Bp, float* 
 using PackBTFn = void (*)(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
 // B panel from kc rows of a row-major [kc, *] source: Bp[k * NR + j] = B[k * ldb + j]
 using PackBNFn = void (*)(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
+// A panel from mr rows of a row-major [*, kc] source: Ap[k * MR + i] = A[i * lda + k] (rows
+// mr <= i < MR zero). Levels without one use the portable cpu/pack.hpp version.
+using PackATFn = void (*)(const float* A, int64_t lda, int mr, int64_t kc, float* Ap);
 // NF4 decode of the flat elements [j0, j0 + len) of a packed weight into out[len]:
 //   out[t] = codes[nibble(j0 + t)] * scale[((j0 + t) >> bs_log2) - (j0 >> bs_log2)]
 // codes: the 16 NF4 values; scale: decoded absmax of the blocks the run touches.
@@ -48,6 +51,7 @@ void ukernel_avx512(int64_t kc, const float* Ap, const float* Bp, float* C, int6
                     int mr, int nr);
 void pack_b_t_avx512(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
 void pack_b_n_avx512(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
+void pack_a_t_avx512(const float* A, int64_t lda, int mr, int64_t kc, float* Ap);
 void nf4_decode_avx512(const uint8_t* packed, int64_t j0, int64_t len, const float* scale, int bs_log2,
                        const float* codes, float* out);
 

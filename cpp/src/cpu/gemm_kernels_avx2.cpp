@@ -46,6 +46,7 @@ void ukr(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, fl
     return;
   }
   alignas(32) float tile[NR];  // ragged right edge: spill a row, store the valid part
+#pragma GCC unroll 6  // constant indices keep c0/c1 in registers (no stack copy in the k loop)
   for (int i = 0; i < R; ++i) {
     float* c = C + i * ldc;
     _mm256_store_ps(tile, _mm256_mul_ps(va, c0[i]));

@@ -8,9 +8,10 @@
 
 #include "cpu/gemm_kernels.hpp"
 
-// GCC 12 reports the intrinsics' internal _mm512_undefined_ps() operands as maybe-uninitialized.
+// GCC 12 reports the intrinsics' internal _mm512_undefined_ps() operands as uninitialized.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 namespace qlora::cpu::gemm_k {
@@ -133,6 +134,20 @@ void pack_b_t_avx512(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp)
     float* dst = Bp + k0 * NR;
     for (int j = 0; j < NR; ++j) dst[j] = j < nr ? B[j * ldb + k0] : 0.0f;
   }
+}
+
+void pack_a_t_avx512(const float* A, int64_t lda, int mr, int64_t kc, float* Ap) {
+  // 16 k at a time: load mr row runs, transpose, store 16 rows of MR (= 14) lanes.
+  const __mmask16 keep = lane_mask(MR);
+  int64_t k0 = 0;
+  for (; k0 + 16 <= kc; k0 += 16) {
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) r[i] = i < mr ? _mm512_loadu_ps(A + i * lda + k0) : _mm512_setzero_ps();
+    transpose16(r);
+    for (int i = 0; i < 16; ++i) _mm512_mask_storeu_ps(Ap + (k0 + i) * MR, keep, r[i]);
+  }
+  for (; k0 < kc; ++k0)
+    for (int i = 0; i < MR; ++i) Ap[k0 * MR + i] = i < mr ? A[i * lda + k0] : 0.0f;
 }
 
 void pack_b_n_avx512(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp) {
