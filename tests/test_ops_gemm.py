@@ -156,3 +156,19 @@ def test_gemm_bad_inputs(rng):
     for fn, msg in cases:
         with pytest.raises(ValueError, match=msg):
             fn()
+
+
+@pytest.mark.parametrize("backend", [b for b in _core.available_backends() if b.startswith("cpu:")])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("N,K", [(1, 1), (7, 15), (33, 17), (130, 47), (577, 65), (3000, 576)])
+def test_gemm_nt_small_m_gemv_path(rng, backend, M, N, K):
+    """M <= 4 takes the unpacked GEMV path (decode-time lm_head); same contract as the GEMM."""
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    b = rng.standard_normal((N, K)).astype(np.float32)
+    c0 = rng.standard_normal((M, N)).astype(np.float32)
+    for alpha, beta in [(1.0, 0.0), (0.5, -1.5)]:
+        out = c0.copy() if beta else np.full((M, N), np.nan, np.float32)
+        ops.gemm_nt(a, b, out, alpha=alpha, beta=beta, backend=backend)
+        ref = alpha * (a.astype(np.float64) @ b.astype(np.float64).T) + beta * c0.astype(np.float64)
+        bound = (K + 4) * np.finfo(np.float32).eps * (abs(alpha) * np.abs(a) @ np.abs(b).T + abs(beta) * np.abs(c0))
+        assert np.all(np.abs(out - ref) <= bound + 1e-30)

@@ -3,6 +3,7 @@
 // B "packing" is where the fused NF4 kernels dequantize: each [KC, NR] panel is decoded from the
 // packed nibbles on the fly, so no fp32 copy of the weight ever exists.
 #include "cpu/gemm.hpp"
+#include "cpu/gemv_f32.hpp"
 
 #include <algorithm>
 #include <cstdlib>
@@ -195,6 +196,7 @@ void gemm_nt(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, cons
              const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   check_dims(M, N, K, lda, K, ldb, K, ldc);
   if (level == SimdLevel::Scalar) return scalar::gemm_nt(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  if (M >= 1 && M <= kGemvF32MaxM && K >= 1) return gemv_nt_f32(level, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   const Kern& kn = kern_for(level);
   blocked(
       kn, M, N, K, alpha, beta, C, ldc,

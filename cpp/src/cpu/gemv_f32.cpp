@@ -1,0 +1,47 @@
+#include "cpu/gemv_f32.hpp"
+
+#include <algorithm>
+
+#include "cpu/threads.hpp"
+
+namespace qlora::cpu {
+
+namespace {
+inline void store(float* c, float acc, float alpha, float beta) {
+  *c = beta == 0.0f ? alpha * acc : alpha * acc + beta * *c;  // beta == 0 never reads C
+}
+}  // namespace
+
+void gemv_nt_f32_generic(int64_t M, int64_t n0, int64_t n1, int64_t K, float alpha, const float* A, int64_t lda,
+                         const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  constexpr int L = 8;  // independent partial sums the compiler can keep in one vector
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* b = B + n * ldb;  // [K]
+    for (int64_t m = 0; m < M; ++m) {
+      const float* a = A + m * lda;  // [K]
+      float acc[L] = {0};
+      int64_t k = 0;
+      for (; k + L <= K; k += L)
+        for (int l = 0; l < L; ++l) acc[l] += a[k + l] * b[k + l];
+      float s = 0.0f;
+      for (; k < K; ++k) s += a[k] * b[k];
+      for (int l = 0; l < L; ++l) s += acc[l];
+      store(&C[m * ldc + n], s, alpha, beta);
+    }
+  }
+}
+
+void gemv_nt_f32(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                 const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  auto kern = level == SimdLevel::AVX512 ? gemv_nt_f32_avx512
+              : level == SimdLevel::AVX2 ? gemv_nt_f32_avx2
+                                         : gemv_nt_f32_generic;
+#ifndef QLORA_X86
+  kern = gemv_nt_f32_generic;
+#endif
+  // At least ~64 KiB of B per task so small layers stay on one thread.
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, K * 4));
+  parallel_range(N, grain, [&](int64_t n0, int64_t n1) { kern(M, n0, n1, K, alpha, A, lda, B, ldb, beta, C, ldc); });
+}
+
+}  // namespace qlora::cpu
