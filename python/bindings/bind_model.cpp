@@ -180,7 +180,38 @@ void bind_model(py::module_& m) {
             d["double_quant"] = r.double_quant;
             return std::move(d);
           },
-          py::arg("prefix"), "NF4 storage of a projection as host arrays (None when it is fp32).");
+          py::arg("prefix"), "NF4 storage of a projection as host arrays (None when it is fp32).")
+      .def(
+          "get_tensor",
+          [](LlamaModel& self, const std::string& name) -> py::array_t<float> {
+            // A full-precision tensor by HF name (host float32 copy), for export (save_pretrained).
+            model::LlamaWeights& w = self.weights();
+            const model::DeviceBuffer* buf = nullptr;
+            if (name == "model.embed_tokens.weight") buf = &w.embed;
+            else if (name == "model.norm.weight") buf = &w.norm;
+            else if (name == "lm_head.weight" && !w.cfg.tie_word_embeddings) buf = &w.lm_head;
+            else if (name.rfind("model.layers.", 0) == 0) {
+              const size_t dot = name.find('.', 13);
+              const int64_t layer = std::stoll(name.substr(13, dot - 13));
+              check_arg(layer >= 0 && layer < (int64_t)w.layers.size(), "no tensor named '" + name + "'");
+              const std::string rest = name.substr(dot + 1);
+              model::LayerWeights& L = w.layers[layer];
+              if (rest == "input_layernorm.weight") buf = &L.input_norm;
+              else if (rest == "post_attention_layernorm.weight") buf = &L.post_norm;
+              else {
+                const bool is_bias = rest.size() > 5 && rest.compare(rest.size() - 5, 5, ".bias") == 0;
+                const std::string prefix = name.substr(0, name.rfind('.'));
+                model::Linear* lin = w.linear(prefix);
+                check_arg(lin != nullptr, "no tensor named '" + name + "'");
+                check_arg(is_bias || !lin->is_nf4, "'" + name + "' is stored NF4: use linear_nf4");
+                buf = is_bias ? &lin->bias : &lin->weight;
+              }
+            }
+            check_arg(buf != nullptr && !buf->empty(), "no tensor named '" + name + "'");
+            const size_t n = buf->bytes() / sizeof(float);
+            return download_array<float>(self.backend(), buf->data(), {(py::ssize_t)n}, buf->bytes());
+          },
+          py::arg("name"), "A full-precision tensor by HF name as a flat host float32 array.");
 
   py::class_<model::Sampler>(mm, "Sampler")
       .def(py::init<uint64_t>(), py::arg("seed") = 0)

@@ -1,0 +1,70 @@
+"""Saving a loaded model as an HF checkpoint: NF4 projections in the bitsandbytes 4-bit layout
+(transformers + bitsandbytes load it; qlora_native reloads it without re-quantizing), every
+other tensor in float32 (the precision the engine holds it in)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from . import io
+from .bnb_format import nf4_tensors, quantization_config
+from .nf4 import NF4Tensor
+
+# Keys of config.json that describe the source file, not the model saved here.
+_DROP_KEYS = {"quantization_config", "torch_dtype", "dtype", "_name_or_path"}
+
+
+def hf_config(model) -> dict:
+    """config.json for the saved checkpoint (GGUF-loaded models get a complete HF config too)."""
+    cfg = {k: v for k, v in model.config.raw.items() if k not in _DROP_KEYS}
+    cfg.setdefault("model_type", "qwen2" if model.config.arch == "qwen2" else
+                   "mistral" if model.config.arch == "mistral" else "llama")
+    cfg["torch_dtype"] = "float32"
+    first = model._core.linear_nf4("model.layers.0.self_attn.q_proj")  # all projections share the spec
+    if first is not None:
+        cfg["quantization_config"] = quantization_config(first["double_quant"], compute_dtype="float32")
+    return cfg
+
+
+def state_tensors(model) -> dict[str, np.ndarray]:
+    """HF name -> array for every tensor of the model; NF4 projections expand to their bnb keys."""
+    core = model._core
+    out: dict[str, np.ndarray] = {}
+    for name, shape in core.expected_tensors():
+        shape = tuple(shape)
+        if name.endswith("_proj.weight"):
+            w = core.linear_nf4(name[: -len(".weight")])
+            if w is not None:
+                t = NF4Tensor.from_arrays(w["packed"], w["absmax"], w["shape"], blocksize=w["blocksize"],
+                                          nested_absmax=w["nested_absmax"], nested_map=w["nested_map"],
+                                          offset=w["offset"] if w["double_quant"] else None)
+                out.update(nf4_tensors(name, t))
+                continue
+        out[name] = core.get_tensor(name).reshape(shape)
+    return out
+
+
+def save_pretrained(model, path: str | os.PathLike) -> None:
+    """Writes config.json + model.safetensors into `path` (created if needed); each file is
+    written to a temporary name and renamed, so a failure never leaves a half-written file."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    cfg = hf_config(model)
+    io.save_safetensors(os.path.join(path, "model.safetensors"), state_tensors(model), metadata={"format": "pt"})
+    fd, tmp = tempfile.mkstemp(prefix=".config.json.", dir=path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(path, "config.json"))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    if model.tokenizer is not None and hasattr(model.tokenizer, "save_pretrained"):
+        model.tokenizer.save_pretrained(path)
