@@ -33,6 +33,23 @@ def test_save_reload_is_exact(tmp_path, rng, double_quant):
     print(f"saved {os.path.getsize(out / 'model.safetensors')} bytes vs fp16 original {fp16_bytes}")
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_other_tensors(tmp_path, rng, dtype):
+    from qlora_native import io
+
+    path, _, _ = make_checkpoint(tmp_path, rng)
+    m = Model.from_pretrained(path, quantize="nf4")
+    m.save_pretrained(tmp_path / dtype, dtype=dtype)
+    f = io.safe_open(tmp_path / dtype / "model.safetensors")
+    assert f.dtype_name("model.embed_tokens.weight") == {"float16": "F16", "bfloat16": "BF16"}[dtype]
+    m2 = Model.from_pretrained(tmp_path / dtype)
+    emb = np.asarray(f["model.embed_tokens.weight"], np.float32)
+    np.testing.assert_array_equal(m2._core.get_tensor("model.embed_tokens.weight").reshape(emb.shape), emb)
+    with pytest.raises(ValueError, match="dtype"):
+        m.save_pretrained(tmp_path / "bad", dtype="int8")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_unquantized_save_roundtrip(tmp_path, rng):
     path, _, _ = make_checkpoint(tmp_path, rng)
     m = Model.from_pretrained(path, quantize=None)

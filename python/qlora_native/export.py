@@ -17,20 +17,35 @@ from .nf4 import NF4Tensor
 _DROP_KEYS = {"quantization_config", "torch_dtype", "dtype", "_name_or_path"}
 
 
-def hf_config(model) -> dict:
+_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def _np_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {name!r}")
+    return _DTYPES[name]
+
+
+def hf_config(model, dtype: str = "float32") -> dict:
     """config.json for the saved checkpoint (GGUF-loaded models get a complete HF config too)."""
     cfg = {k: v for k, v in model.config.raw.items() if k not in _DROP_KEYS}
     cfg.setdefault("model_type", "qwen2" if model.config.arch == "qwen2" else
                    "mistral" if model.config.arch == "mistral" else "llama")
-    cfg["torch_dtype"] = "float32"
+    cfg["torch_dtype"] = dtype
     first = model._core.linear_nf4("model.layers.0.self_attn.q_proj")  # all projections share the spec
     if first is not None:
         cfg["quantization_config"] = quantization_config(first["double_quant"], compute_dtype="float32")
     return cfg
 
 
-def state_tensors(model) -> dict[str, np.ndarray]:
-    """HF name -> array for every tensor of the model; NF4 projections expand to their bnb keys."""
+def state_tensors(model, dtype: str = "float32") -> dict[str, np.ndarray]:
+    """HF name -> array for every tensor of the model; NF4 projections expand to their bnb keys,
+    the others are cast to `dtype`."""
+    cast = _np_dtype(dtype)
     core = model._core
     out: dict[str, np.ndarray] = {}
     for name, shape in core.expected_tensors():
@@ -43,17 +58,19 @@ def state_tensors(model) -> dict[str, np.ndarray]:
                                           offset=w["offset"] if w["double_quant"] else None)
                 out.update(nf4_tensors(name, t))
                 continue
-        out[name] = core.get_tensor(name).reshape(shape)
+        out[name] = core.get_tensor(name).reshape(shape).astype(cast, copy=False)
     return out
 
 
-def save_pretrained(model, path: str | os.PathLike) -> None:
+def save_pretrained(model, path: str | os.PathLike, dtype: str = "float32") -> None:
     """Writes config.json + model.safetensors into `path` (created if needed); each file is
-    written to a temporary name and renamed, so a failure never leaves a half-written file."""
+    written to a temporary name and renamed, so a failure never leaves a half-written file.
+    dtype: storage of the non-quantized tensors (embeddings, norms, lm_head, biases)."""
     path = os.fspath(path)
+    tensors = state_tensors(model, dtype)  # validates dtype before anything is written
+    cfg = hf_config(model, dtype)
     os.makedirs(path, exist_ok=True)
-    cfg = hf_config(model)
-    io.save_safetensors(os.path.join(path, "model.safetensors"), state_tensors(model), metadata={"format": "pt"})
+    io.save_safetensors(os.path.join(path, "model.safetensors"), tensors, metadata={"format": "pt"})
     fd, tmp = tempfile.mkstemp(prefix=".config.json.", dir=path)
     try:
         with os.fdopen(fd, "w") as f:

@@ -330,12 +330,13 @@ class Model:
         d["total"] = sum(d.values())
         return d
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def save_pretrained(self, path: str | os.PathLike, dtype: str = "float32") -> None:
         """Saves config.json + model.safetensors: NF4 projections in the bitsandbytes 4-bit layout
-        (transformers + bitsandbytes load it; reloading here uses the bytes as they are)."""
+        (transformers + bitsandbytes load it; reloading here uses the bytes as they are); the other
+        tensors in `dtype` (float32, float16 or bfloat16)."""
         from .export import save_pretrained
 
-        save_pretrained(self, path)
+        save_pretrained(self, path, dtype)
 
     def nf4_weight(self, name: str) -> dict | None:
         """NF4 storage of a projection (e.g. "model.layers.0.self_attn.q_proj"), None if fp32."""
