@@ -26,14 +26,17 @@ struct PyNf4 {
 };
 
 inline py::array nf4_attr_array(py::handle obj, const char* name, py::dtype want, int64_t min_count) {
+  // Messages are built only on failure: this runs on every decode-time GEMV call.
   py::object v = obj.attr(name);
-  check_arg(py::isinstance<py::array>(v), std::string("NF4 weight: .") + name + " must be a numpy array");
+  if (!py::isinstance<py::array>(v)) throw ValueError(std::string("NF4 weight: .") + name + " must be a numpy array");
   py::array a = v.cast<py::array>();
-  check_arg(a.dtype().is(want), std::string("NF4 weight: .") + name + " has dtype " + std::string(py::str(a.dtype())) +
-                                    ", expected " + std::string(py::str(want)));
-  check_arg(a.flags() & py::array::c_style, std::string("NF4 weight: .") + name + " must be C-contiguous");
-  check_arg(a.size() >= min_count, std::string("NF4 weight: .") + name + " has " + std::to_string(a.size()) +
-                                       " elements, expected at least " + std::to_string(min_count));
+  if (!a.dtype().is(want))
+    throw ValueError(std::string("NF4 weight: .") + name + " has dtype " + std::string(py::str(a.dtype())) +
+                     ", expected " + std::string(py::str(want)));
+  if (!(a.flags() & py::array::c_style)) throw ValueError(std::string("NF4 weight: .") + name + " must be C-contiguous");
+  if (a.size() < min_count)
+    throw ValueError(std::string("NF4 weight: .") + name + " has " + std::to_string(a.size()) +
+                     " elements, expected at least " + std::to_string(min_count));
   return a;
 }
 
