@@ -1,0 +1,112 @@
+/* qlora_native C API: load a Hugging Face Llama-family checkpoint and run it from C or C++
+ * without Python.
+ *
+ * Conventions
+ *  - Handles are opaque. qlora_model_load() returns a model the caller owns and must release
+ *    with qlora_model_free() (exactly once). Nothing else returned by this API needs freeing.
+ *  - Buffers passed in (token ids, params, output arrays) stay owned by the caller; the library
+ *    never keeps a pointer to them after the call returns.
+ *  - Functions returning int return QLORA_OK (0) on success and a negative qlora_status on
+ *    failure; functions returning a pointer return NULL on failure. Either way
+ *    qlora_last_error() then describes the failure. No C++ exception crosses this boundary.
+ *  - Threads: calls on one model are serialized internally (a model holds one KV cache); use
+ *    one model per thread for parallel work. qlora_last_error() is per thread.
+ *  - Token ids are int32 in [0, n_vocab); logits are float32, row-major.
+ */
+#ifndef QLORA_H
+#define QLORA_H
+
+#include <stdint.h>
+
+#if defined(_WIN32)
+#define QLORA_API __declspec(dllexport)
+#else
+#define QLORA_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct qlora_model qlora_model; /* opaque */
+
+typedef enum {
+  QLORA_OK = 0,
+  QLORA_ERR_INVALID_ARGUMENT = -1, /* bad argument, out-of-range token id, bad config value */
+  QLORA_ERR_FORMAT = -2,           /* corrupt / malformed file (JSON, safetensors, quant state) */
+  QLORA_ERR_IO = -3,               /* file missing or unreadable */
+  QLORA_ERR_OUT_OF_MEMORY = -4,
+  QLORA_ERR_RUNTIME = -5 /* anything else (backend / device errors) */
+} qlora_status;
+
+typedef enum { QLORA_QUANT_NONE = 0, QLORA_QUANT_NF4 = 1 } qlora_quant;
+
+typedef struct {
+  int32_t quantize;     /* qlora_quant: NF4 quantizes the projections while loading (default NF4) */
+  int32_t blocksize;    /* NF4 block size, a power of two in 32..4096 (default 64) */
+  int32_t double_quant; /* nonzero: quantize the NF4 block scales too (default 1) */
+  const char* backend;  /* "cpu" (default; NULL = "cpu"), "cuda" or "cuda:N"; copied */
+  int32_t n_threads;    /* > 0: CPU kernel threads, process-wide; 0: leave as is (default) */
+} qlora_model_params;
+
+typedef struct {
+  float temperature;          /* 0: greedy (argmax) (default 0) */
+  int32_t top_k;              /* 0: off (default) */
+  float top_p;                /* 1: off (default) */
+  float repetition_penalty;   /* 1: off (default); transformers' rule */
+  uint64_t seed;              /* sampler seed (default 0); same seed -> same tokens */
+  const int32_t* stop_ids;    /* [n_stop_ids] ids that end generation (kept in the output); may be NULL */
+  int64_t n_stop_ids;
+} qlora_sampling_params;
+
+/* Called with every generated token as soon as it is chosen. Return 0 to continue, nonzero to
+ * stop generation after this token (it is still counted in *n_out). */
+typedef int (*qlora_token_callback)(int32_t token, void* user);
+
+/* Message of the last failed call on this thread; "" after a successful qlora_model_load,
+ * qlora_model_forward or qlora_generate (the other functions leave it unchanged). The string
+ * belongs to the library and stays valid until the next qlora_* call on this thread. */
+QLORA_API const char* qlora_last_error(void);
+/* The qlora_status of that failure (QLORA_OK when none); e.g. why qlora_model_load gave NULL. */
+QLORA_API int qlora_last_status(void);
+
+QLORA_API qlora_model_params qlora_model_default_params(void);
+QLORA_API qlora_sampling_params qlora_sampling_default_params(void);
+
+/* Loads an HF checkpoint directory: config.json plus model.safetensors or the shards listed in
+ * model.safetensors.index.json (F32/F16/BF16, or a pre-quantized bitsandbytes NF4 checkpoint,
+ * which needs quantize = NF4). params may be NULL (defaults). Returns a new model owned by the
+ * caller (free with qlora_model_free), or NULL on failure (see qlora_last_error). */
+QLORA_API qlora_model* qlora_model_load(const char* path, const qlora_model_params* params);
+
+/* Releases a model and everything it holds. NULL is ignored. */
+QLORA_API void qlora_model_free(qlora_model* model);
+
+/* Model facts; -1 when model is NULL. */
+QLORA_API int32_t qlora_model_n_vocab(const qlora_model* model);
+QLORA_API int32_t qlora_model_n_embd(const qlora_model* model);       /* hidden size */
+QLORA_API int32_t qlora_model_n_layer(const qlora_model* model);
+QLORA_API int32_t qlora_model_n_ctx_train(const qlora_model* model);  /* max_position_embeddings */
+QLORA_API int32_t qlora_model_bos_token(const qlora_model* model);    /* -1: none in config.json */
+/* Stop ids from config.json's eos_token_id: writes up to `cap` of them to ids (may be NULL when
+ * cap is 0) and returns how many there are. */
+QLORA_API int32_t qlora_model_eos_tokens(const qlora_model* model, int32_t* ids, int32_t cap);
+
+/* Logits of every position of one sequence: ids[n_tokens] -> logits_out[n_tokens * n_vocab]
+ * (caller-allocated, row t = logits after ids[0..t]). Independent of any generation. */
+QLORA_API int qlora_model_forward(qlora_model* model, const int32_t* ids, int64_t n_tokens, float* logits_out);
+
+/* Generates up to max_new_tokens after prompt[n_prompt] (n_prompt >= 1) with a KV cache.
+ * params may be NULL (greedy). out_tokens[max_new_tokens] (caller-allocated; may be NULL when
+ * max_new_tokens is 0) receives the new tokens and *n_out their count (n_out may be NULL).
+ * Stops early at a stop id (kept) or when cb (may be NULL) returns nonzero. On failure *n_out
+ * holds the tokens produced before the error. */
+QLORA_API int qlora_generate(qlora_model* model, const int32_t* prompt, int64_t n_prompt,
+                             const qlora_sampling_params* params, int32_t* out_tokens, int64_t max_new_tokens,
+                             int64_t* n_out, qlora_token_callback cb, void* user);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* QLORA_H */

@@ -1,0 +1,168 @@
+// The C API (cpp/include/qlora/qlora.h) over the engine: hf_loader for loading, LlamaModel for
+// forward / KV-cache generation, Sampler for token choice (the same steps as
+// python/qlora_native/model.py's generate with one row).
+#include <climits>
+#include <cmath>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "api/capi_error.hpp"
+#include "backend.hpp"
+#include "common/error.hpp"
+#include "cpu/threads.hpp"
+#include "model/hf_loader.hpp"
+#include "model/sampler.hpp"
+
+struct qlora_model {
+  std::unique_ptr<qlora::model::LlamaModel> m;
+  qlora::model::HfConfig info;
+  std::mutex mu;  // one KV cache per model: calls are serialized
+};
+
+namespace {
+using qlora::check_arg;
+using qlora::capi::guard;
+using qlora::capi::set_error;
+
+int32_t to_i32(int64_t v) { return v > INT32_MAX ? INT32_MAX : static_cast<int32_t>(v); }
+
+void check_ids(const int32_t* ids, int64_t n, int64_t V, const char* what) {
+  for (int64_t i = 0; i < n; ++i)
+    check_arg(ids[i] >= 0 && ids[i] < V, std::string(what) + ": token id " + std::to_string(ids[i]) + " at index " +
+                                             std::to_string(i) + " is out of range [0, " + std::to_string(V) + ")");
+}
+}  // namespace
+
+extern "C" {
+
+QLORA_API qlora_model_params qlora_model_default_params(void) {
+  qlora_model_params p;
+  p.quantize = QLORA_QUANT_NF4;
+  p.blocksize = 64;
+  p.double_quant = 1;
+  p.backend = "cpu";
+  p.n_threads = 0;
+  return p;
+}
+
+QLORA_API qlora_sampling_params qlora_sampling_default_params(void) {
+  qlora_sampling_params p;
+  p.temperature = 0.0f;
+  p.top_k = 0;
+  p.top_p = 1.0f;
+  p.repetition_penalty = 1.0f;
+  p.seed = 0;
+  p.stop_ids = nullptr;
+  p.n_stop_ids = 0;
+  return p;
+}
+
+QLORA_API qlora_model* qlora_model_load(const char* path, const qlora_model_params* params) {
+  qlora_model* out = nullptr;
+  guard([&] {
+    check_arg(path != nullptr && *path, "qlora_model_load: path is NULL or empty");
+    const qlora_model_params p = params ? *params : qlora_model_default_params();
+    check_arg(p.quantize == QLORA_QUANT_NONE || p.quantize == QLORA_QUANT_NF4,
+              "qlora_model_load: quantize must be QLORA_QUANT_NONE or QLORA_QUANT_NF4, got " +
+                  std::to_string(p.quantize));
+    check_arg(p.n_threads >= 0, "qlora_model_load: n_threads must be >= 0, got " + std::to_string(p.n_threads));
+    if (p.n_threads > 0) qlora::cpu::set_num_threads(p.n_threads);
+    qlora::Backend& be = qlora::get_backend(p.backend ? p.backend : "cpu");
+    qlora::model::QuantSpec q{p.quantize == QLORA_QUANT_NF4, p.blocksize, p.double_quant != 0};
+    auto h = std::make_unique<qlora_model>();
+    h->m = qlora::model::load_hf_model(path, be, q, &h->info);
+    out = h.release();
+    return QLORA_OK;
+  });
+  return out;
+}
+
+QLORA_API void qlora_model_free(qlora_model* model) {
+  delete model;  // destructors do not throw; the last error is left as it was
+}
+
+QLORA_API int32_t qlora_model_n_vocab(const qlora_model* m) { return m ? to_i32(m->info.cfg.vocab_size) : -1; }
+QLORA_API int32_t qlora_model_n_embd(const qlora_model* m) { return m ? to_i32(m->info.cfg.hidden_size) : -1; }
+QLORA_API int32_t qlora_model_n_layer(const qlora_model* m) { return m ? to_i32(m->info.cfg.num_layers) : -1; }
+QLORA_API int32_t qlora_model_n_ctx_train(const qlora_model* m) {
+  return m ? to_i32(m->info.cfg.max_position_embeddings) : -1;
+}
+QLORA_API int32_t qlora_model_bos_token(const qlora_model* m) {
+  return m && m->info.bos_token_id >= 0 ? to_i32(m->info.bos_token_id) : -1;
+}
+QLORA_API int32_t qlora_model_eos_tokens(const qlora_model* m, int32_t* ids, int32_t cap) {
+  if (!m) return -1;
+  const auto& e = m->info.eos_token_ids;
+  for (int32_t i = 0; i < cap && ids && i < static_cast<int32_t>(e.size()); ++i) ids[i] = to_i32(e[i]);
+  return static_cast<int32_t>(e.size());
+}
+
+QLORA_API int qlora_model_forward(qlora_model* model, const int32_t* ids, int64_t n_tokens, float* logits_out) {
+  return guard([&] {
+    check_arg(model != nullptr, "qlora_model_forward: model is NULL");
+    check_arg(n_tokens >= 1 && n_tokens <= INT32_MAX,
+              "qlora_model_forward: n_tokens must be in [1, 2^31), got " + std::to_string(n_tokens));
+    check_arg(ids != nullptr && logits_out != nullptr, "qlora_model_forward: ids and logits_out must not be NULL");
+    check_ids(ids, n_tokens, model->info.cfg.vocab_size, "qlora_model_forward");
+    std::lock_guard<std::mutex> lock(model->mu);
+    model->m->forward(ids, nullptr, 1, n_tokens, logits_out);  // logits_out [n_tokens, V]
+    return QLORA_OK;
+  });
+}
+
+QLORA_API int qlora_generate(qlora_model* model, const int32_t* prompt, int64_t n_prompt,
+                             const qlora_sampling_params* params, int32_t* out_tokens, int64_t max_new_tokens,
+                             int64_t* n_out, qlora_token_callback cb, void* user) {
+  if (n_out) *n_out = 0;
+  return guard([&] {
+    check_arg(model != nullptr, "qlora_generate: model is NULL");
+    check_arg(prompt != nullptr && n_prompt >= 1, "qlora_generate: the prompt must hold at least one token");
+    check_arg(max_new_tokens >= 0, "qlora_generate: max_new_tokens must be >= 0, got " + std::to_string(max_new_tokens));
+    check_arg(max_new_tokens == 0 || out_tokens != nullptr, "qlora_generate: out_tokens is NULL");
+    check_arg(n_prompt <= INT32_MAX && max_new_tokens <= INT32_MAX - n_prompt,
+              "qlora_generate: prompt + max_new_tokens must stay below 2^31 tokens");
+    const qlora_sampling_params p = params ? *params : qlora_sampling_default_params();
+    check_arg(p.n_stop_ids >= 0 && (p.n_stop_ids == 0 || p.stop_ids != nullptr),
+              "qlora_generate: stop_ids is NULL but n_stop_ids > 0");
+    const int64_t V = model->info.cfg.vocab_size;
+    check_ids(prompt, n_prompt, V, "qlora_generate: prompt");
+    qlora::model::SamplingParams sp;
+    sp.temperature = p.temperature;
+    sp.top_k = p.top_k;
+    sp.top_p = p.top_p;
+    sp.repetition_penalty = p.repetition_penalty;
+    sp.validate();  // before any compute
+    if (max_new_tokens == 0) return QLORA_OK;
+
+    std::lock_guard<std::mutex> lock(model->mu);
+    qlora::model::LlamaModel& m = *model->m;
+    qlora::model::Sampler sampler(p.seed);
+    // Model.generate (Python) validates with one sample of a 1-token row, which takes a draw
+    // when sampling; doing the same keeps a seed's tokens identical in C and Python.
+    float one = 0.0f;
+    sampler.sample(&one, 1, nullptr, 0, sp);
+    std::vector<int32_t> history(prompt, prompt + n_prompt);  // prompt + generated (repetition penalty)
+    std::vector<float> logits(static_cast<size_t>(V));       // [V] of the last fed token
+    struct StopGuard {  // the cache is dropped on every exit path
+      qlora::model::LlamaModel& m;
+      ~StopGuard() { m.stop(); }
+    } stop_guard{m};
+    m.start(1, n_prompt + max_new_tokens);
+    m.feed(prompt, nullptr, n_prompt, logits.data());
+    for (int64_t step = 0; step < max_new_tokens; ++step) {
+      const int32_t tok = sampler.sample(logits.data(), V, history.data(), static_cast<int64_t>(history.size()), sp);
+      out_tokens[step] = tok;
+      history.push_back(tok);
+      if (n_out) *n_out = step + 1;
+      bool done = cb != nullptr && cb(tok, user) != 0;
+      for (int64_t i = 0; i < p.n_stop_ids && !done; ++i) done = p.stop_ids[i] == tok;
+      if (done || step == max_new_tokens - 1) break;
+      m.feed(&tok, nullptr, 1, logits.data());
+    }
+    return QLORA_OK;
+  });
+}
+
+}  // extern "C"
