@@ -28,8 +28,8 @@ def add_parser(sub) -> None:
 class _Streamer:
     """Prints text as tokens arrive, holding back an incomplete UTF-8 sequence at the end."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tok, self.out = tokenizer, out
+    def __init__(self, tokenizer, out=None):
+        self.tok, self.out = tokenizer, out or sys.stdout  # looked up per call: tests swap sys.stdout
         self.ids: list[int] = []
         self.printed = 0
 
