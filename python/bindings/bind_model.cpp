@@ -6,6 +6,7 @@
 #include <cstring>
 #include <vector>
 
+#include "bind_lora.hpp"
 #include "bindings.hpp"
 #include "common/error.hpp"
 #include "model/llama.hpp"
@@ -76,7 +77,9 @@ void bind_model(py::module_& m) {
       .def("validate", &LlamaConfig::validate)
       .def("rope_inv_freq", [](const LlamaConfig& c) { return model::rope_inv_freq(c); });
 
-  py::class_<LlamaModel>(mm, "LlamaModel")
+  py::class_<LlamaModel> llama_cls(mm, "LlamaModel");
+  bind_lora_methods(llama_cls);
+  llama_cls
       .def(py::init([](const LlamaConfig& cfg, const std::string& backend, bool nf4, int blocksize, bool dq) {
              model::QuantSpec q{nf4, blocksize, dq};
              if (nf4) nf4::sizes(1, blocksize, dq);  // validates blocksize early

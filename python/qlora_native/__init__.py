@@ -22,6 +22,7 @@ from ._core import (  # noqa: E402,F401
 from .tokenizer import Tokenizer  # noqa: E402
 from .model import Model  # noqa: E402
 from .lora_config import LoraConfig  # noqa: E402
+from .trainer import Trainer, TrainingArguments  # noqa: E402
 
 __version__ = _core.__version__
 
@@ -36,5 +37,7 @@ __all__ = [
     "Tokenizer",
     "Model",
     "LoraConfig",
+    "Trainer",
+    "TrainingArguments",
     "__version__",
 ]

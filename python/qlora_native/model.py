@@ -20,6 +20,7 @@ import numpy as np
 
 from . import _core
 from .config import ModelConfig
+from .lora_model import LoraModelMixin
 
 _SAFE_DTYPES = {"F32", "F16", "BF16"}
 
@@ -116,7 +117,7 @@ class GGUFTensorSource:
 
 
 # ---------------------------------------------------------------- the model
-class Model:
+class Model(LoraModelMixin):
     """A Llama / Mistral / Qwen2 / SmolLM causal LM with NF4 (or fp32) projections."""
 
     def __init__(self, config: ModelConfig, core: "_core.model.LlamaModel", tokenizer=None):
@@ -325,7 +326,8 @@ class Model:
                 f"backend={self.backend!r})")
 
     def memory_footprint(self) -> dict[str, int]:
-        """Bytes held by category: nf4_weights, quant_constants, other_weights, kv_cache, total."""
+        """Bytes held by category: nf4_weights, quant_constants, other_weights, kv_cache, lora_adapters
+        (A, B, gradients, AdamW moments), total."""
         d = {k: int(v) for k, v in self._core.memory_footprint().items()}
         d["total"] = sum(d.values())
         return d

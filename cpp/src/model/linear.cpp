@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common/error.hpp"
+#include "model/lora.hpp"
 #include "nf4/nf4_codec.hpp"
 
 namespace qlora::model {
@@ -120,12 +121,25 @@ void Linear::set_nf4(Backend& be, const Nf4Ref& h) {
 
 void Linear::set_bias(Backend& be, const void* x, DType dtype) { bias = to_device_f32(be, x, dtype, out); }
 
-void Linear::forward(Backend& be, int64_t M, const float* x, int64_t ldx, float* y, int64_t ldy) const {
+void Linear::forward(Backend& be, int64_t M, const float* x, int64_t ldx, float* y, int64_t ldy,
+                     const float* x_lora, int64_t ld_lora, float* t) const {
   if (is_nf4)
     be.nf4_gemm_nt(M, 1.0f, x, ldx, nf4, 0.0f, y, ldy);
   else
     be.gemm_nt(M, out, in, 1.0f, x, ldx, weight.f32(), in, 0.0f, y, ldy);
   if (!bias.empty()) be.add_bias(M, out, bias.f32(), y, ldy);
+  if (lora) {
+    if (!x_lora) x_lora = x, ld_lora = ldx;
+    lora_forward(be, *lora, M, x_lora, ld_lora, y, ldy, t);
+  }
+}
+
+void Linear::backward_input(Backend& be, int64_t M, const float* dy, int64_t lddy, float* dx, int64_t lddx,
+                            float beta) const {
+  if (is_nf4)
+    be.nf4_gemm_nn(M, 1.0f, dy, lddy, nf4, beta, dx, lddx);
+  else
+    be.gemm_nn(M, in, out, 1.0f, dy, lddy, weight.f32(), in, beta, dx, lddx);
 }
 
 size_t Linear::weight_bytes() const { return is_nf4 ? packed.bytes() : weight.bytes(); }

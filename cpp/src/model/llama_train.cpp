@@ -1,0 +1,314 @@
+// LoRA adapters of LlamaModel and its training passes: forward + backward through the frozen
+// (NF4 or fp32) base, producing gradients for the active adapter's A/B only, with optional
+// gradient checkpointing (keep each layer's input, recompute the layer in the backward), and the
+// eval loss. The base weights are only read (nf4_gemm_nn for input gradients, never dequantized
+// to a full fp32 matrix). Layer math mirrors LlamaModel::run (llama.cpp) with the training
+// attention (no KV cache; logsumexp kept for the backward).
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "common/error.hpp"
+#include "cpu/ops_backward.hpp"
+#include "model/llama.hpp"
+
+namespace qlora::model {
+
+// ------------------------------------------------------------------ adapters
+void LlamaModel::add_adapter(const std::string& name, std::unique_ptr<LoraAdapter> a) {
+  check_arg(!name.empty(), "adapter name must not be empty");
+  check_arg(!adapters_.count(name), "an adapter named '" + name + "' already exists");
+  const int64_t L = w_->cfg.num_layers;
+  check_arg(a && static_cast<int64_t>(a->modules.size()) == L * kNumProj, "adapter: wrong module table size");
+  check_arg(a->dropout >= 0.0f && a->dropout < 1.0f, "lora_dropout must be in [0, 1)");
+  for (int64_t l = 0; l < L; ++l)
+    for (int p = 0; p < kNumProj; ++p) {
+      const LoraModule* m = a->at(l, p);
+      const Linear& lin = proj(w_->layers[l], p);
+      if (m)
+        check_arg(m->in == lin.in && m->out == lin.out,
+                  "adapter '" + name + "': layer " + std::to_string(l) + " " + proj_name(p) + " has shape [" +
+                      std::to_string(m->out) + ", " + std::to_string(m->in) + "], the model's is [" +
+                      std::to_string(lin.out) + ", " + std::to_string(lin.in) + "]");
+    }
+  adapters_[name] = std::move(a);
+}
+
+LoraAdapter& LlamaModel::adapter(const std::string& name) {
+  auto it = adapters_.find(name);
+  check_arg(it != adapters_.end(), "no adapter named '" + name + "'");
+  return *it->second;
+}
+
+void LlamaModel::set_active_adapter(const std::string& name) {
+  LoraAdapter* a = name.empty() ? nullptr : &adapter(name);
+  for (int64_t l = 0; l < w_->cfg.num_layers; ++l)
+    for (int p = 0; p < kNumProj; ++p) proj(w_->layers[l], p).lora = a ? a->at(l, p) : nullptr;
+  active_ = name;
+}
+
+void LlamaModel::delete_adapter(const std::string& name) {
+  adapter(name);  // throws when unknown
+  if (active_ == name) set_active_adapter("");
+  adapters_.erase(name);
+}
+
+std::vector<std::string> LlamaModel::adapter_names() const {
+  std::vector<std::string> out;
+  for (const auto& kv : adapters_) out.push_back(kv.first);
+  return out;
+}
+
+// ------------------------------------------------------------------ training pass
+namespace {
+
+// Live / peak bytes of one pass's buffers: the activation-memory measure tests report.
+struct MemCounter {
+  size_t cur = 0, peak = 0;
+  void add(size_t b) { peak = std::max(peak, cur += b); }
+  void sub(size_t b) { cur -= b; }
+};
+
+// A DeviceBuffer of floats counted by a MemCounter while it lives.
+class ActBuf {
+ public:
+  ActBuf() = default;
+  ActBuf(Backend& be, MemCounter& mc, int64_t n) : buf_(be, sizeof(float) * n), mc_(&mc) { mc.add(buf_.bytes()); }
+  ActBuf(ActBuf&& o) noexcept : buf_(std::move(o.buf_)), mc_(o.mc_) { o.mc_ = nullptr; }
+  ActBuf& operator=(ActBuf&& o) noexcept {
+    release();
+    buf_ = std::move(o.buf_), mc_ = o.mc_, o.mc_ = nullptr;
+    return *this;
+  }
+  ~ActBuf() { release(); }
+  void release() {
+    if (mc_) mc_->sub(buf_.bytes());
+    mc_ = nullptr;
+    buf_.reset();
+  }
+  float* f() const { return buf_.f32(); }
+
+ private:
+  DeviceBuffer buf_;
+  MemCounter* mc_ = nullptr;
+};
+
+struct Dims {
+  int64_t B, T, M, D, I, V, Hq, Hkv, hd, QD, KD;
+};
+
+// One layer's intermediates, kept for its backward.
+struct LayerActs {
+  ActBuf h1, q, k, v, att, lse, x_mid, h2, g, u, a;
+  LayerActs(Backend& be, MemCounter& mc, const Dims& d)
+      : h1(be, mc, d.M * d.D),            // [M, D] input_norm(x_in)
+        q(be, mc, d.M * d.QD),            // [M, Hq*hd] after RoPE
+        k(be, mc, d.M * d.KD),            // [M, Hkv*hd] after RoPE
+        v(be, mc, d.M * d.KD),            // [M, Hkv*hd]
+        att(be, mc, d.M * d.QD),          // [M, Hq*hd] attention output
+        lse(be, mc, d.B * d.Hq * d.T),    // [B, Hq, T] attention logsumexp
+        x_mid(be, mc, d.M * d.D),         // [M, D] residual after attention
+        h2(be, mc, d.M * d.D),            // [M, D] post_norm(x_mid)
+        g(be, mc, d.M * d.I),             // [M, I] gate (its gradient in the backward)
+        u(be, mc, d.M * d.I),             // [M, I] up (its gradient in the backward)
+        a(be, mc, d.M * d.I) {}           // [M, I] silu(g) * u
+};
+
+struct Pass {
+  Backend& be;
+  LlamaWeights& w;
+  const float* inv_freq;  // [hd / 2]
+  Dims d;
+  const int32_t* pos;       // device [M]
+  const int32_t* key_mask;  // device [B, T]
+  LoraAdapter* ad;          // null: base model only
+  bool dropout;
+  float* t = nullptr;       // [M, r_max] LoRA scratch
+  float* dt = nullptr;      // [M, r_max]
+  float* xdrop = nullptr;   // [M, max(D, I, QD)] dropped-out LoRA input (dropout only)
+  float* dtmp = nullptr;    // [M, max(D, I, QD)] LoRA input gradient before the mask (dropout only)
+
+  DropoutKey key(int64_t l, int p) const { return {ad->seed, ad->micro_step, l, p}; }
+
+  void lin_fwd(int64_t l, int p, const float* x, int64_t ldx, float* y, int64_t ldy) {
+    const Linear& lin = proj(w.layers[l], p);
+    if (lin.lora && dropout) {
+      dropout_forward(be, key(l, p), ad->dropout, d.M, lin.in, x, ldx, xdrop);
+      lin.forward(be, d.M, x, ldx, y, ldy, xdrop, lin.in, t);
+    } else {
+      lin.forward(be, d.M, x, ldx, y, ldy, nullptr, 0, t);
+    }
+  }
+
+  // dx[M, in] = beta * dx + d(lin(x))/dx applied to dy; accumulates the LoRA factor gradients.
+  void lin_bwd(int64_t l, int p, const float* x, int64_t ldx, const float* dy, int64_t lddy, float* dx,
+               int64_t lddx, float beta) {
+    const Linear& lin = proj(w.layers[l], p);
+    lin.backward_input(be, d.M, dy, lddy, dx, lddx, beta);
+    if (!lin.lora) return;
+    if (dropout) {
+      dropout_forward(be, key(l, p), ad->dropout, d.M, lin.in, x, ldx, xdrop);
+      lora_backward(be, *lin.lora, d.M, xdrop, lin.in, dy, lddy, dtmp, lin.in, 0.0f, t, dt);
+      dropout_backward_add(be, key(l, p), ad->dropout, d.M, lin.in, dtmp, dx, lddx);
+    } else {
+      lora_backward(be, *lin.lora, d.M, x, ldx, dy, lddy, dx, lddx, 1.0f, t, dt);
+    }
+  }
+
+  float scale() const { return 1.0f / std::sqrt(static_cast<float>(d.hd)); }
+
+  // x_out[M, D] = layer l applied to x_in[M, D]; intermediates into A.
+  void layer_forward(int64_t l, const float* x_in, LayerActs& A, float* x_out) {
+    const LayerWeights& L = w.layers[l];
+    const float eps = w.cfg.rms_norm_eps;
+    const int64_t M = d.M, D = d.D, I = d.I, QD = d.QD, KD = d.KD;
+    be.rmsnorm(M, D, x_in, L.input_norm.f32(), eps, A.h1.f());
+    lin_fwd(l, 0, A.h1.f(), D, A.q.f(), QD);
+    lin_fwd(l, 1, A.h1.f(), D, A.k.f(), KD);
+    lin_fwd(l, 2, A.h1.f(), D, A.v.f(), KD);
+    be.rope(M, d.Hq, d.hd, A.q.f(), QD, pos, inv_freq);
+    be.rope(M, d.Hkv, d.hd, A.k.f(), KD, pos, inv_freq);
+    be.attention_train(d.B, d.T, d.Hq, d.Hkv, d.hd, A.q.f(), QD, A.k.f(), KD, A.v.f(), KD, key_mask, scale(),
+                       A.att.f(), QD, A.lse.f());
+    lin_fwd(l, 3, A.att.f(), QD, A.x_mid.f(), D);
+    be.add_inplace(M * D, x_in, A.x_mid.f());
+    be.rmsnorm(M, D, A.x_mid.f(), L.post_norm.f32(), eps, A.h2.f());
+    lin_fwd(l, 4, A.h2.f(), D, A.g.f(), I);
+    lin_fwd(l, 5, A.h2.f(), D, A.u.f(), I);
+    be.swiglu(M, I, A.g.f(), I, A.u.f(), I, A.a.f(), I);
+    lin_fwd(l, 6, A.a.f(), I, x_out, D);
+    be.add_inplace(M * D, A.x_mid.f(), x_out);
+  }
+
+  // dres[M, D]: dL/d(layer output) in, dL/d(x_in) out. A is consumed (g, u overwritten).
+  // Scratch: da[M, I], dh[M, D], datt/dq[M, QD], dk/dv[M, KD].
+  void layer_backward(int64_t l, const float* x_in, LayerActs& A, float* dres, float* da, float* dh, float* datt,
+                      float* dq, float* dk, float* dv) {
+    const LayerWeights& L = w.layers[l];
+    const float eps = w.cfg.rms_norm_eps;
+    const int64_t M = d.M, D = d.D, I = d.I, QD = d.QD, KD = d.KD;
+    // MLP block: x_out = x_mid + down(silu(gate(h2)) * up(h2)), h2 = post_norm(x_mid).
+    lin_bwd(l, 6, A.a.f(), I, dres, D, da, I, 0.0f);
+    be.swiglu_backward(M, I, A.g.f(), I, A.u.f(), I, da, I, A.g.f(), I, A.u.f(), I);  // dg -> g, du -> u
+    lin_bwd(l, 4, A.h2.f(), D, A.g.f(), I, dh, D, 0.0f);
+    lin_bwd(l, 5, A.h2.f(), D, A.u.f(), I, dh, D, 1.0f);
+    be.rmsnorm_backward(M, D, A.x_mid.f(), L.post_norm.f32(), eps, dh, dh);
+    be.add_inplace(M * D, dh, dres);
+    // Attention block: x_mid = x_in + o(attn(rope(q(h1)), rope(k(h1)), v(h1))), h1 = input_norm(x_in).
+    lin_bwd(l, 3, A.att.f(), QD, dres, D, datt, QD, 0.0f);
+    be.attention_train_backward(d.B, d.T, d.Hq, d.Hkv, d.hd, A.q.f(), QD, A.k.f(), KD, A.v.f(), KD, key_mask,
+                                scale(), A.att.f(), QD, A.lse.f(), datt, QD, dq, QD, dk, KD, dv, KD);
+    be.rope_backward(M, d.Hq, d.hd, dq, QD, pos, inv_freq);
+    be.rope_backward(M, d.Hkv, d.hd, dk, KD, pos, inv_freq);
+    lin_bwd(l, 0, A.h1.f(), D, dq, QD, dh, D, 0.0f);
+    lin_bwd(l, 1, A.h1.f(), D, dk, KD, dh, D, 1.0f);
+    lin_bwd(l, 2, A.h1.f(), D, dv, KD, dh, D, 1.0f);
+    be.rmsnorm_backward(M, D, x_in, L.input_norm.f32(), eps, dh, dh);
+    be.add_inplace(M * D, dh, dres);
+  }
+};
+
+}  // namespace
+
+LlamaModel::LossResult LlamaModel::forward_backward(const int32_t* ids, const int32_t* mask, const int32_t* labels,
+                                                    int64_t B, int64_t T, float grad_scale, bool training,
+                                                    bool checkpointing) {
+  check_arg(!active_.empty(), "forward_backward: no active adapter (add_adapter / set_active_adapter first)");
+  check_arg(std::isfinite(grad_scale), "forward_backward: grad_scale must be finite");
+  return train_pass(ids, mask, labels, B, T, grad_scale, training, checkpointing, /*backward=*/true);
+}
+
+LlamaModel::LossResult LlamaModel::eval_loss(const int32_t* ids, const int32_t* mask, const int32_t* labels,
+                                             int64_t B, int64_t T) {
+  return train_pass(ids, mask, labels, B, T, 1.0f, false, true, /*backward=*/false);
+}
+
+LlamaModel::LossResult LlamaModel::train_pass(const int32_t* ids, const int32_t* mask, const int32_t* labels,
+                                              int64_t B, int64_t T, float grad_scale, bool training,
+                                              bool checkpointing, bool backward) {
+  check_complete();
+  const LlamaConfig& c = w_->cfg;
+  check_arg(B >= 1 && T >= 1, "input_ids must be a non-empty [batch, seq] array");
+  const Dims d{B, T, B * T, c.hidden_size, c.intermediate_size, c.vocab_size, c.num_heads, c.num_kv_heads,
+               c.head_dim, c.q_dim(), c.kv_dim()};
+  const int64_t M = d.M, D = d.D, V = d.V, nL = c.num_layers;
+  for (int64_t i = 0; i < M; ++i) {
+    check_arg(ids[i] >= 0 && ids[i] < V, "token id " + std::to_string(ids[i]) + " at index " + std::to_string(i) +
+                                             " is out of range [0, " + std::to_string(V) + ")");
+    check_arg(labels[i] == -100 || (labels[i] >= 0 && labels[i] < V),
+              "label " + std::to_string(labels[i]) + " at index " + std::to_string(i) + " is out of range [0, " +
+                  std::to_string(V) + ") and not -100");
+  }
+  if (c.sliding_window > 0)
+    check_arg(T <= c.sliding_window, "sequence length " + std::to_string(T) + " exceeds sliding_window " +
+                                         std::to_string(c.sliding_window) + " (not implemented)");
+  // Positions as in forward(): cumsum(mask) - 1 for real tokens, 1 for padding.
+  std::vector<int32_t> km(M, 1), pos(M);  // [B, T]
+  for (int64_t b = 0; b < B; ++b) {
+    int32_t n = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t i = b * T + t;
+      if (mask) km[i] = mask[i] != 0;
+      pos[i] = km[i] ? n++ : 1;
+    }
+  }
+  LoraAdapter* ad = active_.empty() ? nullptr : &adapter(active_);
+  const bool dropout = training && ad && ad->dropout > 0.0f;
+
+  MemCounter mc;
+  DeviceBuffer ids_d(be_, sizeof(int32_t) * M), pos_d(be_, sizeof(int32_t) * M), km_d(be_, sizeof(int32_t) * M);
+  be_.upload(ids_d.data(), ids, sizeof(int32_t) * M);
+  be_.upload(pos_d.data(), pos.data(), sizeof(int32_t) * M);
+  be_.upload(km_d.data(), km.data(), sizeof(int32_t) * M);
+
+  Pass P{be_, *w_, inv_freq_.f32(), d, pos_d.data<int32_t>(), km_d.data<int32_t>(), ad, dropout};
+  const int64_t wide = std::max({D, d.I, d.QD});
+  const int64_t rmax = ad ? std::max<int64_t>(ad->max_rank(), 1) : 1;
+  ActBuf t_buf(be_, mc, M * rmax), dt_buf(be_, mc, M * rmax);  // [M, r_max]
+  ActBuf xdrop, dtmp;                                           // [M, wide] (dropout only)
+  P.t = t_buf.f(), P.dt = dt_buf.f();
+  if (dropout) {
+    xdrop = ActBuf(be_, mc, M * wide), dtmp = ActBuf(be_, mc, M * wide);
+    P.xdrop = xdrop.f(), P.dtmp = dtmp.f();
+  }
+
+  // Forward. xs[l]: input of layer l [M, D] (xs[nL]: the last layer's output); without a
+  // backward only two alternate.
+  const bool keep_all = backward && !checkpointing;
+  std::vector<ActBuf> xs(backward ? nL + 1 : 2);
+  for (auto& x : xs) x = ActBuf(be_, mc, M * D);
+  auto X = [&](int64_t l) { return xs[backward ? l : l % 2].f(); };
+  std::vector<std::unique_ptr<LayerActs>> acts(keep_all ? nL : 1);
+  if (!keep_all) acts[0] = std::make_unique<LayerActs>(be_, mc, d);
+  be_.embedding(M, D, w_->embed.f32(), ids_d.data<int32_t>(), X(0));
+  for (int64_t l = 0; l < nL; ++l) {
+    if (keep_all) acts[l] = std::make_unique<LayerActs>(be_, mc, d);
+    P.layer_forward(l, X(l), *acts[keep_all ? l : 0], X(l + 1));
+  }
+  if (!backward) acts[0].reset();
+  ActBuf hF(be_, mc, M * D);  // [M, D] final-norm output, then its gradient
+  be_.rmsnorm(M, D, X(nL), w_->norm.f32(), c.rms_norm_eps, hF.f());
+  const CrossEntropyResult ce = lm_cross_entropy(be_, M, D, V, hF.f(), D, w_->lm_head_weight(), labels, grad_scale,
+                                                 backward ? hF.f() : nullptr, D);
+  mc.peak = std::max(mc.peak, mc.cur + ce.workspace_bytes);
+  LossResult res{ce.loss_sum, ce.count, 0};
+  if (backward) {
+    float* dres = hF.f();  // [M, D] dL/d(residual stream)
+    be_.rmsnorm_backward(M, D, X(nL), w_->norm.f32(), c.rms_norm_eps, dres, dres);
+    ActBuf da(be_, mc, M * d.I), dh(be_, mc, M * D), datt(be_, mc, M * d.QD), dq(be_, mc, M * d.QD),
+        dk(be_, mc, M * d.KD), dv(be_, mc, M * d.KD);
+    for (int64_t l = nL - 1; l >= 0; --l) {
+      LayerActs& A = *acts[keep_all ? l : 0];
+      if (!keep_all) P.layer_forward(l, X(l), A, X(l + 1));  // recompute (bit-identical: same inputs, same ops)
+      P.layer_backward(l, X(l), A, dres, da.f(), dh.f(), datt.f(), dq.f(), dk.f(), dv.f());
+      if (keep_all) acts[l].reset();
+    }
+    ++ad->micro_step;
+  }
+  be_.synchronize();
+  res.peak_train_bytes = mc.peak;
+  return res;
+}
+
+}  // namespace qlora::model

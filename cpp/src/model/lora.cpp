@@ -1,0 +1,139 @@
+#include "model/lora.hpp"
+
+#include <cmath>
+#include <vector>
+
+#include "common/error.hpp"
+#include "model/weights.hpp"
+#include "train/rng.hpp"
+
+namespace qlora::model {
+
+namespace {
+const char* const kNames[kNumProj] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+
+uint64_t splitmix(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// keep[M*in]: 1 with probability 1 - p, from the stream of key k.
+std::vector<uint8_t> keep_mask(const DropoutKey& k, float p, int64_t n) {
+  const uint64_t s = splitmix(splitmix(splitmix(k.seed) ^ static_cast<uint64_t>(k.step)) ^
+                              static_cast<uint64_t>(k.layer * kNumProj + k.proj));
+  train::Philox rng(s);
+  std::vector<uint8_t> keep(n);
+  rng.fill_bernoulli(keep.data(), n, 1.0 - static_cast<double>(p));
+  return keep;
+}
+}  // namespace
+
+const char* proj_name(int p) { return kNames[p]; }
+
+int proj_index(const std::string& name) {
+  for (int p = 0; p < kNumProj; ++p)
+    if (name == kNames[p]) return p;
+  return -1;
+}
+
+Linear& proj(LayerWeights& L, int p) {
+  Linear* all[kNumProj] = {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down};
+  return *all[p];
+}
+
+int64_t LoraAdapter::max_rank() const {
+  int64_t r = 0;
+  for (const auto& m : modules)
+    if (m && m->r > r) r = m->r;
+  return r;
+}
+
+std::vector<train::ParamRef> LoraAdapter::params() const {
+  std::vector<train::ParamRef> out;
+  for (const auto& m : modules)
+    if (m) out.push_back({m->A.f32(), m->r * m->in}), out.push_back({m->B.f32(), m->out * m->r});
+  return out;
+}
+
+std::vector<train::ParamRef> LoraAdapter::grads() const {
+  std::vector<train::ParamRef> out;
+  for (const auto& m : modules)
+    if (m) out.push_back({m->dA.f32(), m->r * m->in}), out.push_back({m->dB.f32(), m->out * m->r});
+  return out;
+}
+
+std::unique_ptr<LoraModule> make_lora_module(Backend& be, int64_t r, int64_t in, int64_t out, float scaling,
+                                             const float* A_host, const float* B_host) {
+  check_arg(r >= 1 && in >= 1 && out >= 1, "LoRA module: r, in and out must be >= 1");
+  auto m = std::make_unique<LoraModule>();
+  m->r = r, m->in = in, m->out = out, m->scaling = scaling;
+  m->A = DeviceBuffer(be, sizeof(float) * r * in);   // [r, in]
+  m->B = DeviceBuffer(be, sizeof(float) * out * r);  // [out, r]
+  m->dA = DeviceBuffer(be, sizeof(float) * r * in);
+  m->dB = DeviceBuffer(be, sizeof(float) * out * r);
+  set_lora_factors(be, *m, A_host, B_host);
+  const std::vector<float> zA(r * in, 0.0f), zB(out * r, 0.0f);
+  be.upload(m->dA.data(), zA.data(), m->dA.bytes());
+  be.upload(m->dB.data(), zB.data(), m->dB.bytes());
+  return m;
+}
+
+void set_lora_factors(Backend& be, LoraModule& m, const float* A_host, const float* B_host) {
+  const int64_t na = m.r * m.in, nb = m.out * m.r;
+  for (int64_t i = 0; i < na; ++i) check_arg(std::isfinite(A_host[i]), "LoRA A contains NaN or inf");
+  for (int64_t i = 0; i < nb; ++i) check_arg(std::isfinite(B_host[i]), "LoRA B contains NaN or inf");
+  be.upload(m.A.data(), A_host, sizeof(float) * na);
+  be.upload(m.B.data(), B_host, sizeof(float) * nb);
+}
+
+void zero_lora_grads(Backend& be, LoraAdapter& a) {
+  for (const auto& m : a.modules) {
+    if (!m) continue;
+    const std::vector<float> zA(m->r * m->in, 0.0f), zB(m->out * m->r, 0.0f);
+    be.upload(m->dA.data(), zA.data(), m->dA.bytes());
+    be.upload(m->dB.data(), zB.data(), m->dB.bytes());
+  }
+}
+
+void lora_forward(Backend& be, const LoraModule& m, int64_t M, const float* x, int64_t ldx, float* y, int64_t ldy,
+                  float* t) {
+  DeviceBuffer own;
+  if (!t) {
+    own = DeviceBuffer(be, sizeof(float) * M * m.r);  // [M, r]
+    t = own.f32();
+  }
+  be.gemm_nt(M, m.r, m.in, 1.0f, x, ldx, m.A.f32(), m.in, 0.0f, t, m.r);           // t = x·Aᵀ
+  be.gemm_nt(M, m.out, m.r, m.scaling, t, m.r, m.B.f32(), m.r, 1.0f, y, ldy);       // y += s * t·Bᵀ
+}
+
+void lora_backward(Backend& be, LoraModule& m, int64_t M, const float* x, int64_t ldx, const float* dy, int64_t lddy,
+                   float* dx, int64_t lddx, float beta, float* t, float* dt) {
+  be.gemm_nt(M, m.r, m.in, 1.0f, x, ldx, m.A.f32(), m.in, 0.0f, t, m.r);            // t[M, r] = x·Aᵀ
+  be.gemm_nn(M, m.r, m.out, m.scaling, dy, lddy, m.B.f32(), m.r, 0.0f, dt, m.r);    // dt[M, r] = s * dy·B
+  be.gemm_tn(m.out, m.r, M, m.scaling, dy, lddy, t, m.r, 1.0f, m.dB.f32(), m.r);    // dB += s * dyᵀ·t
+  be.gemm_tn(m.r, m.in, M, 1.0f, dt, m.r, x, ldx, 1.0f, m.dA.f32(), m.in);          // dA += dtᵀ·x
+  if (dx) be.gemm_nn(M, m.in, m.r, 1.0f, dt, m.r, m.A.f32(), m.in, beta, dx, lddx);  // dx = beta*dx + dt·A
+}
+
+void dropout_forward(Backend& be, const DropoutKey& k, float p, int64_t M, int64_t in, const float* x, int64_t ldx,
+                     float* out) {
+  check_arg(be.host_memory(), "LoRA dropout > 0 is implemented for host-memory (CPU) backends only");
+  const std::vector<uint8_t> keep = keep_mask(k, p, M * in);
+  const float s = 1.0f / (1.0f - p);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < in; ++j) out[i * in + j] = keep[i * in + j] ? x[i * ldx + j] * s : 0.0f;
+}
+
+void dropout_backward_add(Backend& be, const DropoutKey& k, float p, int64_t M, int64_t in, const float* g,
+                          float* dx, int64_t lddx) {
+  check_arg(be.host_memory(), "LoRA dropout > 0 is implemented for host-memory (CPU) backends only");
+  const std::vector<uint8_t> keep = keep_mask(k, p, M * in);
+  const float s = 1.0f / (1.0f - p);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < in; ++j)
+      if (keep[i * in + j]) dx[i * lddx + j] += g[i * in + j] * s;
+}
+
+}  // namespace qlora::model

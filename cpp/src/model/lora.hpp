@@ -1,0 +1,77 @@
+// LoRA adapters on the frozen projections: y = W x (+ b) + scaling * B(A(dropout(x))), and the
+// pieces of their backward pass. A and B (and their gradients) live in the backend's memory in
+// fp32; the base weight is only read. PEFT semantics (peft/tuners/lora/layer.py).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/buffer.hpp"
+#include "train/optimizer.hpp"
+
+namespace qlora::model {
+
+struct Linear;
+struct LayerWeights;
+
+// The seven projections of a layer in application order (q, k, v, o, gate, up, down).
+constexpr int kNumProj = 7;
+const char* proj_name(int p);
+int proj_index(const std::string& name);  // -1 when not a projection name
+Linear& proj(LayerWeights& L, int p);
+
+struct LoraModule {
+  int64_t r = 0, in = 0, out = 0;
+  float scaling = 1.0f;
+  DeviceBuffer A, B;    // [r, in], [out, r]
+  DeviceBuffer dA, dB;  // [r, in], [out, r] accumulated gradients
+};
+
+struct LoraAdapter {
+  float dropout = 0.0f;
+  uint64_t seed = 0;                                // keys the dropout masks
+  int64_t micro_step = 0;                           // forward_backward calls so far (dropout key)
+  std::vector<std::unique_ptr<LoraModule>> modules;  // [num_layers * kNumProj], null = not adapted
+  std::unique_ptr<train::AdamW> opt;                // configure_optimizer: over every A then B
+
+  LoraModule* at(int64_t layer, int p) const { return modules[layer * kNumProj + p].get(); }
+  int64_t max_rank() const;
+  // Gradient tensors / parameters in a fixed order (layer, projection, A then B).
+  std::vector<train::ParamRef> params() const;
+  std::vector<train::ParamRef> grads() const;
+};
+
+// A module with factors copied from host A[r, in], B[out, r] and zero gradients.
+std::unique_ptr<LoraModule> make_lora_module(Backend& be, int64_t r, int64_t in, int64_t out, float scaling,
+                                             const float* A_host, const float* B_host);
+void set_lora_factors(Backend& be, LoraModule& m, const float* A_host, const float* B_host);
+void zero_lora_grads(Backend& be, LoraAdapter& a);
+
+// Forward of the LoRA branch: y[M, out] (row stride ldy) += scaling * (x·Aᵀ)·Bᵀ, x[M, in] (row
+// stride ldx) being the (dropped-out) input. t[M, r] is scratch (null: allocated here).
+void lora_forward(Backend& be, const LoraModule& m, int64_t M, const float* x, int64_t ldx, float* y, int64_t ldy,
+                  float* t = nullptr);
+
+// Backward of the LoRA branch for dy[M, out]: recomputes t = x·Aᵀ, accumulates
+// dB += scaling * dyᵀ·t and dA += dtᵀ·x with dt = scaling * dy·B, and writes
+// dx[M, in] = beta * dx + dt·A (dx may be null: no input gradient). t, dt: [M, r] scratch.
+void lora_backward(Backend& be, LoraModule& m, int64_t M, const float* x, int64_t ldx, const float* dy, int64_t lddy,
+                   float* dx, int64_t lddx, float beta, float* t, float* dt);
+
+// LoRA dropout (inverted, as torch.nn.Dropout): the keep mask of one (micro step, layer,
+// projection) is regenerated from a Philox stream keyed by them, so it is never stored.
+// Host-memory backends only (ValueError otherwise).
+struct DropoutKey {
+  uint64_t seed;
+  int64_t step, layer;
+  int proj;
+};
+// out[M, in] = x * keep / (1 - p)
+void dropout_forward(Backend& be, const DropoutKey& k, float p, int64_t M, int64_t in, const float* x, int64_t ldx,
+                     float* out);
+// dx[M, in] (row stride lddx) += g[M, in] * keep / (1 - p)
+void dropout_backward_add(Backend& be, const DropoutKey& k, float p, int64_t M, int64_t in, const float* g,
+                          float* dx, int64_t lddx);
+
+}  // namespace qlora::model

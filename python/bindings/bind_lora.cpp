@@ -1,0 +1,253 @@
+// LoRA adapters on _core.model.LlamaModel: adapter tables (numpy <-> backend buffers), the
+// training passes (forward_backward / eval_loss) and the AdamW step over the active adapter.
+// python/qlora_native/lora_model.py maps these to PEFT tensor names.
+#include "bind_lora.hpp"
+
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <climits>
+#include <cmath>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "common/error.hpp"
+#include "train/grad_utils.hpp"
+
+namespace qlora::py_bind {
+
+namespace py = pybind11;
+using model::LlamaModel;
+using model::LoraAdapter;
+using model::LoraModule;
+using F32Array = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+namespace {
+
+int proj_of(const std::string& name) {
+  const int p = model::proj_index(name);
+  check_arg(p >= 0, "unknown projection '" + name + "' (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)");
+  return p;
+}
+
+void check_2d(const F32Array& a, int64_t rows, int64_t cols, const std::string& what) {
+  check_arg(a.ndim() == 2 && a.shape(0) == rows && a.shape(1) == cols,
+            what + " must have shape [" + std::to_string(rows) + ", " + std::to_string(cols) + "]");
+}
+
+py::array_t<float> download(Backend& be, const model::DeviceBuffer& b, int64_t rows, int64_t cols) {
+  py::array_t<float> out({rows, cols});
+  be.download(out.mutable_data(), b.data(), sizeof(float) * rows * cols);
+  return out;
+}
+
+LoraModule& module_at(LlamaModel& self, const std::string& name, int64_t layer, const std::string& proj) {
+  LoraAdapter& a = self.adapter(name);
+  check_arg(layer >= 0 && layer < self.config().num_layers, "layer " + std::to_string(layer) + " out of range");
+  LoraModule* m = a.at(layer, proj_of(proj));
+  check_arg(m != nullptr, "adapter '" + name + "' has no module at layer " + std::to_string(layer) + " " + proj);
+  return *m;
+}
+
+// Per-module (layer, proj, A-like, B-like) tuples of the active adapter from `which` buffers.
+template <class Get>
+py::list module_list(LlamaModel& self, const std::string& name, Get get) {
+  LoraAdapter& a = self.adapter(name);
+  py::list out;
+  for (int64_t l = 0; l < self.config().num_layers; ++l)
+    for (int p = 0; p < model::kNumProj; ++p)
+      if (LoraModule* m = a.at(l, p)) {
+        auto [A, B] = get(*m);
+        out.append(py::make_tuple(l, model::proj_name(p), download(self.backend(), *A, m->r, m->in),
+                                  download(self.backend(), *B, m->out, m->r)));
+      }
+  return out;
+}
+
+void need_host(LlamaModel& self, const char* what) {
+  check_arg(self.backend().host_memory(), std::string(what) + " is implemented for host-memory (CPU) backends only");
+}
+
+train::AdamW& optimizer(LlamaModel& self, const std::string& name) {
+  LoraAdapter& a = self.adapter(name);
+  check_arg(a.opt != nullptr, "adapter '" + name + "': call configure_optimizer first");
+  return *a.opt;
+}
+
+std::vector<train::GradRef> as_grads(const std::vector<train::ParamRef>& g) {
+  std::vector<train::GradRef> out;
+  for (const auto& r : g) out.push_back({r.data, r.numel});
+  return out;
+}
+
+std::tuple<int64_t, int64_t> shape2(const I32Array& a, const char* what) {
+  check_arg(a.ndim() == 2 && a.shape(0) >= 1 && a.shape(1) >= 1, std::string(what) + " must be a non-empty [batch, seq] array");
+  return {a.shape(0), a.shape(1)};
+}
+
+}  // namespace
+
+void bind_lora_methods(py::class_<LlamaModel>& cls) {
+  cls.def(
+         "lora_add",
+         [](LlamaModel& self, const std::string& name, const py::list& modules, float dropout, uint64_t seed) {
+           auto a = std::make_unique<LoraAdapter>();
+           const int64_t L = self.config().num_layers;
+           a->modules.resize(L * model::kNumProj);
+           a->dropout = dropout, a->seed = seed;
+           for (py::handle h : modules) {
+             auto [layer, proj, scaling, A, B] = h.cast<std::tuple<int64_t, std::string, float, F32Array, F32Array>>();
+             check_arg(layer >= 0 && layer < L, "layer " + std::to_string(layer) + " out of range");
+             const int p = proj_of(proj);
+             const model::Linear& lin = model::proj(self.weights().layers[layer], p);
+             check_arg(A.ndim() == 2 && A.shape(0) >= 1, "A must be 2-D [r, in]");
+             const int64_t r = A.shape(0);
+             check_2d(A, r, lin.in, "layer " + std::to_string(layer) + " " + proj + " A");
+             check_2d(B, lin.out, r, "layer " + std::to_string(layer) + " " + proj + " B");
+             check_arg(std::isfinite(scaling), "scaling must be finite");
+             auto& slot = a->modules[layer * model::kNumProj + p];
+             check_arg(!slot, "duplicate module layer " + std::to_string(layer) + " " + proj);
+             slot = model::make_lora_module(self.backend(), r, lin.in, lin.out, scaling, A.data(), B.data());
+           }
+           self.add_adapter(name, std::move(a));
+         },
+         py::arg("name"), py::arg("modules"), py::arg("dropout") = 0.0f, py::arg("seed") = 0)
+      .def("lora_set_active", &LlamaModel::set_active_adapter, py::arg("name"))
+      .def_property_readonly("lora_active", &LlamaModel::active_adapter_name)
+      .def("lora_names", &LlamaModel::adapter_names)
+      .def("lora_delete", &LlamaModel::delete_adapter, py::arg("name"))
+      .def("lora_get",
+           [](LlamaModel& self, const std::string& name) {
+             return module_list(self, name, [](LoraModule& m) { return std::make_pair(&m.A, &m.B); });
+           })
+      .def("lora_grads",
+           [](LlamaModel& self, const std::string& name) {
+             return module_list(self, name, [](LoraModule& m) { return std::make_pair(&m.dA, &m.dB); });
+           })
+      .def("lora_set",
+           [](LlamaModel& self, const std::string& name, int64_t layer, const std::string& proj, const F32Array& A,
+              const F32Array& B) {
+             LoraModule& m = module_at(self, name, layer, proj);
+             check_2d(A, m.r, m.in, "A");
+             check_2d(B, m.out, m.r, "B");
+             model::set_lora_factors(self.backend(), m, A.data(), B.data());
+           })
+      .def("lora_scaling",
+           [](LlamaModel& self, const std::string& name, int64_t layer, const std::string& proj) {
+             return module_at(self, name, layer, proj).scaling;
+           })
+      .def("lora_dropout_state",
+           [](LlamaModel& self, const std::string& name) {
+             const LoraAdapter& a = self.adapter(name);
+             return std::make_tuple(a.seed, a.micro_step);
+           }, "(seed, micro_step) keying the dropout masks")
+      .def("lora_set_dropout_state",
+           [](LlamaModel& self, const std::string& name, uint64_t seed, int64_t step) {
+             check_arg(step >= 0, "dropout step must be >= 0");
+             LoraAdapter& a = self.adapter(name);
+             a.seed = seed, a.micro_step = step;
+           })
+      .def("lora_zero_grad", [](LlamaModel& self, const std::string& name) {
+        model::zero_lora_grads(self.backend(), self.adapter(name));
+      })
+      .def(
+          "forward_backward",
+          [](LlamaModel& self, const I32Array& ids, const std::optional<I32Array>& mask, const I32Array& labels,
+             float grad_scale, bool training, bool checkpointing) {
+            auto [B, T] = shape2(ids, "input_ids");
+            check_arg(labels.ndim() == 2 && labels.shape(0) == B && labels.shape(1) == T, "labels shape must equal input_ids shape");
+            if (mask) check_arg(mask->ndim() == 2 && mask->shape(0) == B && mask->shape(1) == T, "attention_mask shape must equal input_ids shape");
+            const int32_t* mp = mask ? mask->data() : nullptr;
+            py::gil_scoped_release nogil;
+            auto r = self.forward_backward(ids.data(), mp, labels.data(), B, T, grad_scale, training, checkpointing);
+            return std::make_tuple(r.loss_sum, r.count, r.peak_train_bytes);
+          },
+          py::arg("input_ids"), py::arg("attention_mask"), py::arg("labels"), py::arg("grad_scale"),
+          py::arg("training") = true, py::arg("checkpointing") = true,
+          "labels already shifted; returns (loss_sum, count, peak_train_bytes)")
+      .def(
+          "eval_loss",
+          [](LlamaModel& self, const I32Array& ids, const std::optional<I32Array>& mask, const I32Array& labels) {
+            auto [B, T] = shape2(ids, "input_ids");
+            check_arg(labels.ndim() == 2 && labels.shape(0) == B && labels.shape(1) == T, "labels shape must equal input_ids shape");
+            if (mask) check_arg(mask->ndim() == 2 && mask->shape(0) == B && mask->shape(1) == T, "attention_mask shape must equal input_ids shape");
+            const int32_t* mp = mask ? mask->data() : nullptr;
+            py::gil_scoped_release nogil;
+            auto r = self.eval_loss(ids.data(), mp, labels.data(), B, T);
+            return std::make_tuple(r.loss_sum, r.count);
+          },
+          py::arg("input_ids"), py::arg("attention_mask"), py::arg("labels"))
+      .def(
+          "lora_configure_optimizer",
+          [](LlamaModel& self, const std::string& name, std::pair<double, double> betas, double eps, double wd) {
+            need_host(self, "the optimizer");
+            LoraAdapter& a = self.adapter(name);
+            train::AdamWConfig c;
+            c.beta1 = betas.first, c.beta2 = betas.second, c.eps = eps, c.weight_decay = wd;
+            a.opt = std::make_unique<train::AdamW>(a.params(), c);
+          },
+          py::arg("name"), py::arg("betas"), py::arg("eps"), py::arg("weight_decay"))
+      .def("lora_optimizer_step",
+           [](LlamaModel& self, const std::string& name, double lr) {
+             train::AdamW& opt = optimizer(self, name);
+             const auto g = as_grads(self.adapter(name).grads());
+             py::gil_scoped_release nogil;
+             opt.step(g, lr);
+           })
+      .def("lora_grad_norm",
+           [](LlamaModel& self, const std::string& name) {
+             need_host(self, "grad_norm");
+             return train::global_grad_norm(as_grads(self.adapter(name).grads()));
+           })
+      .def("lora_clip_grad_norm",
+           [](LlamaModel& self, const std::string& name, double max_norm) {
+             need_host(self, "clip_grad_norm");
+             return train::clip_grad_norm(self.adapter(name).grads(), max_norm);
+           })
+      .def("lora_optimizer_state",
+           [](LlamaModel& self, const std::string& name) {
+             const train::AdamWState s = optimizer(self, name).state();
+             py::list m, v;
+             for (size_t i = 0; i < s.exp_avg.size(); ++i) {
+               m.append(py::array_t<float>(s.exp_avg[i].size(), s.exp_avg[i].data()));
+               v.append(py::array_t<float>(s.exp_avg_sq[i].size(), s.exp_avg_sq[i].data()));
+             }
+             py::dict d;
+             d["step"] = s.step;
+             d["exp_avg"] = m;
+             d["exp_avg_sq"] = v;
+             d["betas"] = py::make_tuple(s.config.beta1, s.config.beta2);
+             d["eps"] = s.config.eps;
+             d["weight_decay"] = s.config.weight_decay;
+             return d;
+           })
+      .def("lora_load_optimizer_state", [](LlamaModel& self, const std::string& name, const py::dict& d) {
+        train::AdamW& opt = optimizer(self, name);
+        for (const char* k : {"step", "exp_avg", "exp_avg_sq", "betas", "eps", "weight_decay"})
+          check_arg(d.contains(k), std::string("optimizer state: missing key '") + k + "'");
+        train::AdamWState s;
+        const int64_t step = d["step"].cast<int64_t>();
+        check_arg(step >= 0, "optimizer state: 'step' must be >= 0");
+        s.step = step;
+        auto b = d["betas"].cast<std::pair<double, double>>();
+        s.config.beta1 = b.first, s.config.beta2 = b.second;
+        s.config.eps = d["eps"].cast<double>();
+        s.config.weight_decay = d["weight_decay"].cast<double>();
+        for (const char* k : {"exp_avg", "exp_avg_sq"}) {
+          auto& dst = std::string(k) == "exp_avg" ? s.exp_avg : s.exp_avg_sq;
+          for (py::handle h : d[k].cast<py::list>()) {
+            F32Array a = h.cast<F32Array>();
+            dst.emplace_back(a.data(), a.data() + a.size());
+          }
+        }
+        check_arg(s.exp_avg.size() == opt.num_params() && s.exp_avg_sq.size() == opt.num_params(),
+                  "optimizer state: holds " + std::to_string(s.exp_avg.size()) + " tensors for " +
+                      std::to_string(opt.num_params()) + " parameters");
+        opt.load_state(std::move(s));
+      });
+}
+
+}  // namespace qlora::py_bind

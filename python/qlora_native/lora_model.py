@@ -1,0 +1,277 @@
+"""LoRA adapters and training on qlora_native.Model (mixed into Model; no PyTorch).
+
+    model.add_adapter("default", LoraConfig(r=8, target_modules="all-linear"), seed=0)
+    model.configure_optimizer(lr=2e-4)
+    loss = model.forward_backward(input_ids, labels, attention_mask)   # mean loss; grads accumulate
+    model.clip_grad_norm(1.0); model.optimizer_step(); model.zero_grad()
+    model.save_adapter("out/")            # PEFT format: peft.PeftModel.from_pretrained(base, "out/")
+
+The active adapter applies to model(...), generate(...) and the training passes: y = W x (+ b) +
+scaling * B(A(dropout(x))). Tensors are exchanged under PEFT names
+(base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B}.weight).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import adapter_io
+from .lora_config import LoraConfig, peft_tensor_name
+
+__all__ = ["LoraModelMixin"]
+
+
+class LoraModelMixin:
+    """Adapter management, forward_backward / eval_loss and the AdamW step (self._core, self.config)."""
+
+    gradient_checkpointing: bool = True  # keep only each layer's input; recompute it in the backward
+    training: bool = True                # LoRA dropout active in forward_backward
+    last_train_peak_bytes: int = 0       # peak activation/scratch bytes of the last forward_backward
+
+    # ------------------------------------------------------------ adapters
+    def _lora_state(self) -> dict:
+        if "_lora_configs" not in self.__dict__:
+            self._lora_configs: dict[str, LoraConfig] = {}
+            self._lora_lr: dict[str, float] = {}
+        return self._lora_configs
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self._lora_state())
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._core.lora_active or None
+
+    def _module_shapes(self) -> dict[str, tuple[int, int]]:
+        c = self.config
+        D, I = c.hidden_size, c.intermediate_size
+        Q, K = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        return {"q_proj": (Q, D), "k_proj": (K, D), "v_proj": (K, D), "o_proj": (D, Q),
+                "gate_proj": (I, D), "up_proj": (I, D), "down_proj": (D, I)}
+
+    def _new_adapter_name(self, name) -> str:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"adapter name must be a non-empty str, got {name!r}")
+        if name in self._lora_state():
+            raise ValueError(f"an adapter named {name!r} already exists (delete_adapter first)")
+        return name
+
+    def _add(self, name: str, config: LoraConfig, tensors: dict | None, rng: np.random.Generator) -> None:
+        shapes = self._module_shapes()
+        mods = []
+        for layer, proj, r, _alpha, scaling in config.resolve(self.config.num_hidden_layers):
+            if tensors is None:
+                out_f, in_f = shapes[proj]
+                a, b = config.init_weights(in_f, out_f, r, rng)
+            else:
+                a = tensors[peft_tensor_name(layer, proj, "A")]
+                b = tensors[peft_tensor_name(layer, proj, "B")]
+            mods.append((layer, proj, float(scaling), np.ascontiguousarray(a, np.float32),
+                         np.ascontiguousarray(b, np.float32)))
+        dropout_seed = int(rng.integers(0, 2**63))
+        self._core.lora_add(name, mods, float(config.lora_dropout), dropout_seed)
+        self._lora_state()[name] = config
+        if self.active_adapter is None:
+            self._core.lora_set_active(name)
+
+    def add_adapter(self, name: str, config: LoraConfig, seed: int | None = None) -> None:
+        """New adapter with A/B initialized per config.init_lora_weights (PEFT: B = 0 by default).
+        It becomes active when no adapter is active."""
+        if not isinstance(config, LoraConfig):
+            raise ValueError(f"config must be a LoraConfig, got {type(config).__name__}")
+        self._add(self._new_adapter_name(name), config, None, np.random.default_rng(seed))
+
+    def set_active_adapter(self, name: str | None) -> None:
+        """Make `name` the adapter used by forward, generate and training (None: the base model)."""
+        if name is not None and name not in self._lora_state():
+            raise ValueError(f"no adapter named {name!r}; have {self.adapters}")
+        self._core.lora_set_active(name or "")
+
+    def delete_adapter(self, name: str) -> None:
+        self._check_adapter(name)
+        self._core.lora_delete(name)
+        del self._lora_state()[name]
+        self._lora_lr.pop(name, None)
+
+    def adapter_config(self, name: str | None = None) -> LoraConfig:
+        return self._lora_state()[self._check_adapter(name)]
+
+    def _check_adapter(self, name: str | None) -> str:
+        if name is None:
+            name = self.active_adapter
+            if name is None:
+                raise ValueError("no active adapter (add_adapter / load_adapter / set_active_adapter first)")
+        if name not in self._lora_state():
+            raise ValueError(f"no adapter named {name!r}; have {self.adapters}")
+        return name
+
+    def get_adapter_state_dict(self, name: str | None = None) -> dict[str, np.ndarray]:
+        """{PEFT tensor name: float32 copy} of the adapter's A [r, in] and B [out, r]."""
+        out = {}
+        for layer, proj, a, b in self._core.lora_get(self._check_adapter(name)):
+            out[peft_tensor_name(layer, proj, "A")] = a
+            out[peft_tensor_name(layer, proj, "B")] = b
+        return out
+
+    def get_adapter_gradients(self, name: str | None = None) -> dict[str, np.ndarray]:
+        """{PEFT tensor name: float32 copy} of the accumulated gradients dA, dB."""
+        out = {}
+        for layer, proj, da, db in self._core.lora_grads(self._check_adapter(name)):
+            out[peft_tensor_name(layer, proj, "A")] = da
+            out[peft_tensor_name(layer, proj, "B")] = db
+        return out
+
+    def set_adapter_state_dict(self, name: str | None, tensors: dict) -> None:
+        """Overwrite A/B from {PEFT tensor name: array}; exactly the adapter's tensors are required."""
+        name = self._check_adapter(name)
+        want = {peft_tensor_name(l, p, w) for l, p, _, _, _ in
+                self._lora_state()[name].resolve(self.config.num_hidden_layers) for w in "AB"}
+        have = set(tensors)
+        if have != want:
+            extra, missing = sorted(have - want), sorted(want - have)
+            raise ValueError(f"set_adapter_state_dict: unexpected {extra[:3]} / missing {missing[:3]} tensor names")
+        for layer, proj, _, _, _ in self._lora_state()[name].resolve(self.config.num_hidden_layers):
+            a = np.asarray(tensors[peft_tensor_name(layer, proj, "A")], dtype=np.float32)
+            b = np.asarray(tensors[peft_tensor_name(layer, proj, "B")], dtype=np.float32)
+            self._core.lora_set(name, layer, proj, a, b)
+
+    def save_adapter(self, directory, name: str | None = None, base_model_name_or_path=None) -> None:
+        """Write the adapter in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+        name = self._check_adapter(name)
+        adapter_io.save_adapter(directory, self._lora_state()[name], self.get_adapter_state_dict(name),
+                                base_model_name_or_path, num_layers=self.config.num_hidden_layers,
+                                module_shapes=self._module_shapes())
+
+    def load_adapter(self, directory, name: str = "default") -> None:
+        """Load a PEFT adapter directory as adapter `name` (unsupported features raise ValueError)."""
+        name = self._new_adapter_name(name)
+        config, tensors = adapter_io.load_adapter(directory, num_layers=self.config.num_hidden_layers,
+                                                  module_shapes=self._module_shapes())
+        self._add(name, config, tensors, np.random.default_rng())
+
+    # ------------------------------------------------------------ training passes
+    def train(self, mode: bool = True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def _train_inputs(self, input_ids, labels, attention_mask):
+        ids = self._check_ids(input_ids)
+        lab = np.asarray(labels)
+        if lab.ndim == 1:
+            lab = lab[None, :]
+        if lab.shape != ids.shape or not np.issubdtype(lab.dtype, np.integer):
+            raise ValueError(f"labels must be integers shaped like input_ids {ids.shape}, got {lab.dtype} {lab.shape}")
+        V = self.config.vocab_size
+        bad = (lab != -100) & ((lab < 0) | (lab >= V))
+        if bad.any():
+            i = tuple(int(x) for x in np.argwhere(bad)[0])
+            raise ValueError(f"label {int(lab[i])} at {i} is out of range [0, {V}) and not -100")
+        # transformers' causal-LM convention: position t predicts labels[t + 1].
+        shifted = np.full(ids.shape, -100, np.int32)
+        shifted[:, :-1] = lab[:, 1:]
+        from .model import _as_mask
+
+        mask = None if attention_mask is None else _as_mask(attention_mask, ids.shape)
+        return ids, shifted, mask, int((shifted != -100).sum())
+
+    def forward_backward(self, input_ids, labels, attention_mask=None, *, loss_scale: float = 1.0,
+                         grad_scale: float | None = None, training: bool | None = None) -> float:
+        """Mean causal-LM loss over tokens with label != -100; accumulates into the active adapter's
+        gradients d(loss_scale * mean loss) (grad_scale: an alias of loss_scale). No counted token:
+        returns nan and leaves the gradients unchanged. training: dropout on (default: self.training)."""
+        self._check_adapter(None)
+        scale = float(loss_scale if grad_scale is None else grad_scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"loss_scale must be finite, got {scale}")
+        ids, shifted, mask, count = self._train_inputs(input_ids, labels, attention_mask)
+        if count == 0:
+            return float("nan")
+        train = self.training if training is None else bool(training)
+        loss_sum, n, peak = self._core.forward_backward(ids, mask, shifted, scale / count, train,
+                                                        bool(self.gradient_checkpointing))
+        assert n == count, (n, count)
+        self.last_train_peak_bytes = int(peak)
+        return loss_sum / count
+
+    def eval_loss(self, input_ids, labels, attention_mask=None) -> tuple[float, int]:
+        """(loss_sum, count) over tokens with label != -100, with the active adapter, no dropout, no grads."""
+        ids, shifted, mask, _ = self._train_inputs(input_ids, labels, attention_mask)
+        loss_sum, count = self._core.eval_loss(ids, mask, shifted)
+        return float(loss_sum), int(count)
+
+    def zero_grad(self) -> None:
+        self._core.lora_zero_grad(self._check_adapter(None))
+
+    def get_rng_state(self) -> dict:
+        """Position of the active adapter's dropout-mask stream (Philox keyed by seed, step, layer, module)."""
+        seed, step = self._core.lora_dropout_state(self._check_adapter(None))
+        return {"dropout_seed": int(seed), "dropout_step": int(step)}
+
+    def set_rng_state(self, state: dict) -> None:
+        self._core.lora_set_dropout_state(self._check_adapter(None), int(state["dropout_seed"]),
+                                          int(state["dropout_step"]))
+
+    # ------------------------------------------------------------ optimizer
+    def configure_optimizer(self, lr: float = 1e-4, weight_decay: float = 0.0, betas=(0.9, 0.999),
+                            eps: float = 1e-8) -> None:
+        """torch.optim.AdamW (C++) over the active adapter's A and B; state starts at zero."""
+        name = self._check_adapter(None)
+        self._check_lr(lr)
+        self._core.lora_configure_optimizer(name, (float(betas[0]), float(betas[1])), float(eps), float(weight_decay))
+        self._lora_lr[name] = float(lr)
+
+    @staticmethod
+    def _check_lr(lr):
+        if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating)) or not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+
+    def optimizer_step(self, lr: float | None = None) -> None:
+        """One AdamW step on the active adapter with lr (default: configure_optimizer's)."""
+        name = self._check_adapter(None)
+        if name not in self._lora_lr:
+            raise ValueError(f"adapter {name!r}: call configure_optimizer first")
+        lr = self._lora_lr[name] if lr is None else lr
+        self._check_lr(lr)
+        self._core.lora_optimizer_step(name, float(lr))
+
+    def grad_norm(self) -> float:
+        return float(self._core.lora_grad_norm(self._check_adapter(None)))
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """torch.nn.utils.clip_grad_norm_ over the active adapter's gradients; returns the pre-clip norm."""
+        return float(self._core.lora_clip_grad_norm(self._check_adapter(None), float(max_norm)))
+
+    def get_optimizer_state(self) -> dict:
+        """Copy of the AdamW state (step, exp_avg/exp_avg_sq per tensor in `names` order, hyper-parameters,
+        lr) plus the dropout mask stream position (dropout_seed, dropout_step)."""
+        name = self._check_adapter(None)
+        st = dict(self._core.lora_optimizer_state(name))
+        st["names"] = [peft_tensor_name(l, p, w) for l, p, _, _, _ in
+                       self._lora_state()[name].resolve(self.config.num_hidden_layers) for w in "AB"]
+        st["lr"] = self._lora_lr[name]
+        st["dropout_seed"], st["dropout_step"] = (int(x) for x in self._core.lora_dropout_state(name))
+        return st
+
+    def set_optimizer_state(self, state: dict) -> None:
+        """Restore get_optimizer_state()'s dict (configures the optimizer if needed): exact resume."""
+        name = self._check_adapter(None)
+        want = [peft_tensor_name(l, p, w) for l, p, _, _, _ in
+                self._lora_state()[name].resolve(self.config.num_hidden_layers) for w in "AB"]
+        if "names" in state and list(state["names"]) != want:
+            raise ValueError("set_optimizer_state: the state's tensor names differ from the active adapter's")
+        if name not in self._lora_lr:
+            self.configure_optimizer(lr=state.get("lr", 1e-4), weight_decay=state.get("weight_decay", 0.0),
+                                     betas=tuple(state.get("betas", (0.9, 0.999))), eps=state.get("eps", 1e-8))
+        core_state = {k: state[k] for k in ("step", "exp_avg", "exp_avg_sq", "betas", "eps", "weight_decay")}
+        core_state["exp_avg"] = [np.ascontiguousarray(a, np.float32).ravel() for a in state["exp_avg"]]
+        core_state["exp_avg_sq"] = [np.ascontiguousarray(a, np.float32).ravel() for a in state["exp_avg_sq"]]
+        self._core.lora_load_optimizer_state(name, core_state)
+        if "lr" in state:
+            self._lora_lr[name] = float(state["lr"])
+        if "dropout_seed" in state:  # the dropout mask stream continues where it was
+            self._core.lora_set_dropout_state(name, int(state["dropout_seed"]), int(state["dropout_step"]))
