@@ -132,16 +132,29 @@ class GGUFSource:
             kind = t.tensor_type.name
             if kind not in SUPPORTED_TYPES:
                 raise ValueError(f"{self.path}: tensor {t.name} has unsupported GGUF type {kind}")
-            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
             # GGUF lists dims fastest-first; the numpy data is already [out, in] (or [n]).
             expected = tuple(int(d) for d in reversed(t.shape))
-            w = w.reshape(expected)
+            w = _dequantize_rows(t.data, t.tensor_type, expected, dequantize)
             # Only llama-arch conversion permutes Q/K (qwen2 uses NEOX-style RoPE, no permutation).
             if cfg["model_type"] == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
                 w = _unpermute_rows(w, cfg["num_attention_heads"])
             elif cfg["model_type"] == "llama" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
                 w = _unpermute_rows(w, cfg["num_key_value_heads"])
             yield hf, w
+
+
+def _dequantize_rows(data: np.ndarray, kind, shape: tuple, dequantize) -> np.ndarray:
+    """float32 tensor of `shape`, dequantized a slab of rows at a time: the gguf package keeps
+    several float temporaries per call, which for a [49152, 576] embedding would triple the
+    loader's peak memory."""
+    if len(shape) < 2 or data.ndim < 2 or data.shape[0] != shape[0]:
+        return np.asarray(dequantize(data, kind), dtype=np.float32).reshape(shape)
+    out = np.empty(shape, dtype=np.float32)
+    step = max(1, (1 << 20) // max(1, int(np.prod(shape[1:]))))  # ~4 MiB of output per slab
+    for r in range(0, shape[0], step):
+        out[r : r + step] = np.asarray(dequantize(data[r : r + step], kind), dtype=np.float32).reshape(
+            out[r : r + step].shape)
+    return out
 
 
 def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
