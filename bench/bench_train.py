@@ -267,6 +267,7 @@ def parse_args():
     p.add_argument("--timeout", type=float, default=3600, help="seconds per engine")
     p.add_argument("--out", default=None,
                    help="JSON path (default: bench/results/bench_train.json, --quick: bench_train-quick.json)")
+    p.add_argument("--report", default=None, metavar="JSON", help="print the table of a saved result and exit")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     return p.parse_args()
@@ -320,6 +321,9 @@ def main():
     args = parse_args()
     if args.child:
         return child(args.child, args.spec)
+    if args.report:
+        with open(args.report) as f:
+            return report(json.load(f))
     if args.quick:
         args.batch, args.seq, args.steps, args.gemm_runs = 1, 64, 1, 2
     if args.out is None:
@@ -382,15 +386,32 @@ def main():
     for r in res.values():
         if "tok_s" in r:
             r["step_gflops"] = flops["total"] * args.steps / r["total_s"] / 1e9
-    sg_np = sg.get("numpy_gflops") if sg and "error" not in sg else None
-    sg_ours = sg.get("ours_gflops") if sg and "error" not in sg else None
+            r["best_step_gflops"] = flops["total"] * r["best_step_tok_s"] / flops["tokens"] / 1e9
+    me, bnb, fp = (res.get(k, {}) for k in ENGINES)
+    out = {"benchmark": "bench_train", "info": info, "engines": engines, "flops": flops,
+           "flop_formula": FLOP_FORMULA, "sgemm": sg, "results": res,
+           "qlora_nf4_ratios": {"tok_s_vs_peft_bnb": ratio(me.get("tok_s"), bnb.get("tok_s")),
+                                "peak_rss_vs_peft_bnb": ratio(me.get("peak_rss_mib"), bnb.get("peak_rss_mib")),
+                                "best_step_tok_s_vs_peft_bnb": ratio(me.get("best_step_tok_s"), bnb.get("best_step_tok_s")),
+                                "tok_s_vs_peft_fp32": ratio(me.get("tok_s"), fp.get("tok_s")),
+                                "peak_rss_vs_peft_fp32": ratio(me.get("peak_rss_mib"), fp.get("peak_rss_mib"))},
+           "targets": {"tok_s_vs_peft_bnb": TARGET_TOKS_VS_BNB, "peak_rss_vs_peft_bnb": TARGET_RSS_VS_BNB}}
+    report(out)
+    _common.write_json(args.out, out)
+    print(f"wrote {args.out}")
 
+
+def report(out):
+    """Prints the table of a result dict (also used by --report on a saved JSON)."""
+    info, res, flops, sg = out["info"], out["results"], out["flops"], out["sgemm"]
+    engines = out.get("engines") or list(res)
+    sg_np = sg.get("numpy_gflops") if sg and "error" not in sg else None
     print()
-    print(f"SmolLM2-135M LoRA training ({os.path.basename(gguf)}): batch {args.batch} x {args.seq} tokens, r={args.r}, "
-          f"alpha {args.alpha:g}, 7 targets, gradient checkpointing, AdamW, threads {threads}; "
-          f"warm-up 1 step + {args.steps} timed")
+    print(f"SmolLM2-135M LoRA training ({os.path.basename(info['gguf'])}): batch {info['batch']} x {info['seq']} "
+          f"tokens, r={info['r']}, alpha {info['alpha']:g}, 7 targets, gradient checkpointing, AdamW, "
+          f"threads {info['threads']}; warm-up 1 step + {info['steps']} timed")
     print(f"load average before/after: {info['loadavg_before']} / {info['loadavg_after']} ({info['cpus']} CPUs)")
-    hdr = (f"{'engine':<18} {'tok/s':>7} {'vs bnb':>7} {'vs fp32':>7} {'peak RSS':>9} {'vs bnb':>7} "
+    hdr = (f"{'engine':<18} {'tok/s':>7} {'vs bnb':>7} {'vs fp32':>7} {'best':>6} {'peak RSS':>9} {'vs bnb':>7} "
            f"{'train pk':>8} {'load s':>7} {'GFLOP/s':>8} {'%sgemm':>7} {'loss0':>7} {'lossN':>7}")
     print(hdr)
     print("-" * len(hdr))
@@ -402,37 +423,29 @@ def main():
             continue
         pct = ratio(r["step_gflops"], sg_np)
         print(f"{LABEL[e]:<18} {r['tok_s']:>7.1f} {fmt(ratio(r['tok_s'], bnb.get('tok_s')), '.2f'):>7} "
-              f"{fmt(ratio(r['tok_s'], fp.get('tok_s')), '.2f'):>7} {r['peak_rss_mib']:>8.0f}M "
-              f"{fmt(ratio(r['peak_rss_mib'], bnb.get('peak_rss_mib')), '.2f'):>7} "
+              f"{fmt(ratio(r['tok_s'], fp.get('tok_s')), '.2f'):>7} {r['best_step_tok_s']:>6.1f} "
+              f"{r['peak_rss_mib']:>8.0f}M {fmt(ratio(r['peak_rss_mib'], bnb.get('peak_rss_mib')), '.2f'):>7} "
               f"{fmt(r.get('train_peak_rss_mib'), '.0f'):>7}M {r['load_s']:>7.1f} {r['step_gflops']:>8.1f} "
               f"{'n/a' if pct is None else format(100 * pct, '.0f') + '%':>7} {r['losses'][0]:>7.3f} {r['losses'][-1]:>7.3f}")
-    print("tok/s = batch*seq*steps / time of the timed steps; peak RSS = the child's VmHWM over load + steps; "
-          "train pk = VmHWM over the timed steps alone; vs = ratio to that engine (RSS: lower is better).")
-    print(f"GFLOP/s = step FLOPs ({flops['total'] / 1e9:.1f} GFLOP) / step time; %sgemm = vs numpy sgemm. {FLOP_FORMULA}.")
+    print("tok/s = batch*seq*steps / time of the timed steps; best = tok/s of the fastest step; peak RSS = the "
+          "child's VmHWM over load + steps; train pk = VmHWM over the timed steps alone; vs = ratio to that "
+          "engine (RSS: lower is better).")
+    print(f"GFLOP/s = step FLOPs ({flops['total'] / 1e9:.1f} GFLOP) / mean step time; %sgemm = vs the numpy sgemm "
+          f"rate below. {out['flop_formula']}.")
     if sg and "error" not in sg:
         print("machine sgemm (fp32, best of runs): " + "; ".join(
             f"{s['M']}x{s['K']}x{s['N']} numpy {s['numpy_gflops']:.1f}"
-            + (f", qlora_native.ops.gemm_nt {s['ours_gflops']:.1f}" if 'ours_gflops' in s else "") + " GFLOP/s"
+            + (f", qlora_native.ops.gemm_nt {s['ours_gflops']:.1f}" if "ours_gflops" in s else "") + " GFLOP/s"
             for s in sg["shapes"]))
     elif sg:
         print(f"machine sgemm: {sg['error']}")
-
     me = res.get("qlora_nf4", {})
     tr = ratio(me.get("tok_s"), bnb.get("tok_s"))
     rr = ratio(me.get("peak_rss_mib"), bnb.get("peak_rss_mib"))
-    print(f"target: qlora_native tokens/s >= {TARGET_TOKS_VS_BNB:g}x PEFT+bnb: "
-          + ("n/a" if tr is None else f"{tr:.2f}x {'MET' if tr >= TARGET_TOKS_VS_BNB else 'NOT MET'}"))
-    print(f"target: qlora_native peak RSS <= {TARGET_RSS_VS_BNB:g}x PEFT+bnb: "
-          + ("n/a" if rr is None else f"{rr:.2f}x {'MET' if rr <= TARGET_RSS_VS_BNB else 'NOT MET'}"))
-
-    out = {"benchmark": "bench_train", "info": info, "flops": flops, "flop_formula": FLOP_FORMULA, "sgemm": sg,
-           "results": res,
-           "qlora_nf4_ratios": {"tok_s_vs_peft_bnb": tr, "peak_rss_vs_peft_bnb": rr,
-                                "tok_s_vs_peft_fp32": ratio(me.get("tok_s"), fp.get("tok_s")),
-                                "peak_rss_vs_peft_fp32": ratio(me.get("peak_rss_mib"), fp.get("peak_rss_mib"))},
-           "targets": {"tok_s_vs_peft_bnb": TARGET_TOKS_VS_BNB, "peak_rss_vs_peft_bnb": TARGET_RSS_VS_BNB}}
-    _common.write_json(args.out, out)
-    print(f"wrote {args.out}")
+    print(f"target: qlora_native tokens/s >= {out['targets']['tok_s_vs_peft_bnb']:g}x PEFT+bnb: "
+          + ("n/a" if tr is None else f"{tr:.2f}x {'MET' if tr >= out['targets']['tok_s_vs_peft_bnb'] else 'NOT MET'}"))
+    print(f"target: qlora_native peak RSS <= {out['targets']['peak_rss_vs_peft_bnb']:g}x PEFT+bnb: "
+          + ("n/a" if rr is None else f"{rr:.2f}x {'MET' if rr <= out['targets']['peak_rss_vs_peft_bnb'] else 'NOT MET'}"))
 
 
 if __name__ == "__main__":
