@@ -196,7 +196,11 @@ void gemm_nt(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, cons
              const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   check_dims(M, N, K, lda, K, ldb, K, ldc);
   if (level == SimdLevel::Scalar) return scalar::gemm_nt(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  if (M >= 1 && M <= kGemvF32MaxM && K >= 1) return gemv_nt_f32(level, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  if (M >= 1 && M <= 2 * kGemvF32MaxM && K >= 1) {
+    for (int64_t m0 = 0; m0 < M; m0 += kGemvF32MaxM)  // batched decode: a few row groups
+      gemv_nt_f32(level, std::min(kGemvF32MaxM, M - m0), N, K, alpha, A + m0 * lda, lda, B, ldb, beta, C + m0 * ldc, ldc);
+    return;
+  }
   const Kern& kn = kern_for(level);
   blocked(
       kn, M, N, K, alpha, beta, C, ldc,
@@ -238,7 +242,13 @@ void nf4_gemm_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_
   const int64_t N = W.rows, K = W.cols;  // Y[M, N] = X[M, K] · W[N, K]ᵀ
   check_dims(M, N, K, ldx, K, K, K, ldy);
   if (level == SimdLevel::Scalar) return scalar::nf4_gemm_nt(M, alpha, X, ldx, W, beta, Y, ldy);
-  if (M >= 1 && M <= kNf4GemvMaxM) return nf4_gemv_nt(level, M, alpha, X, ldx, W, beta, Y, ldy);
+  if (M >= 1 && M <= 4 * kNf4GemvMaxM) {
+    // Small batches (batched decode): GEMV over row groups streams the packed weight once per
+    // group, far cheaper than decoding and packing the whole weight for a few rows.
+    for (int64_t m0 = 0; m0 < M; m0 += kNf4GemvMaxM)
+      nf4_gemv_nt(level, std::min(kNf4GemvMaxM, M - m0), alpha, X + m0 * ldx, ldx, W, beta, Y + m0 * ldy, ldy);
+    return;
+  }
   const Kern& kn = kern_for(level);
   blocked(
       kn, M, N, K, alpha, beta, Y, ldy,

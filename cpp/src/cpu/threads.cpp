@@ -72,14 +72,17 @@ class Pool {
       fn_ = &fn;
       n_tasks_ = n_tasks;
       next_.store(0, std::memory_order_relaxed);
-      pending_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
       error_ = nullptr;
+      open_.store(true, std::memory_order_seq_cst);
       generation_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
     work();
-    // Wait for the workers to leave this job before fn goes out of scope.
-    while (pending_.load(std::memory_order_acquire) != 0) QLORA_PAUSE();
+    // Every task is claimed. Close the job, then wait only for workers that joined it: a worker
+    // the OS has not scheduled yet (the other core busy) must not stall the caller, it will
+    // find the job closed when it wakes and never touch fn.
+    open_.store(false, std::memory_order_seq_cst);
+    while (active_.load(std::memory_order_seq_cst) != 0) QLORA_PAUSE();
     fn_ = nullptr;
     if (error_) std::rethrow_exception(error_);
   }
@@ -127,8 +130,10 @@ class Pool {
       }
       if (stop_.load(std::memory_order_acquire)) return;
       seen = generation_.load(std::memory_order_acquire);
-      work();
-      pending_.fetch_sub(1, std::memory_order_acq_rel);
+      // Join (Dekker-style with run(): both sides seq_cst) only while the job is still open.
+      active_.fetch_add(1, std::memory_order_seq_cst);
+      if (open_.load(std::memory_order_seq_cst)) work();
+      active_.fetch_sub(1, std::memory_order_seq_cst);
     }
   }
 
@@ -147,7 +152,8 @@ class Pool {
   std::condition_variable cv_;
   std::atomic<uint64_t> generation_{0};
   std::atomic<int64_t> next_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<int> active_{0};    // workers inside the current job
+  std::atomic<bool> open_{false};  // the current job still accepts workers
   std::atomic<bool> stop_{false};
   int64_t n_tasks_ = 0;
   const std::function<void(int64_t)>* fn_ = nullptr;
