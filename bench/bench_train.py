@@ -441,9 +441,12 @@ def report(out):
         print(f"machine sgemm: {sg['error']}")
     me = res.get("qlora_nf4", {})
     tr = ratio(me.get("tok_s"), bnb.get("tok_s"))
+    tb = ratio(me.get("best_step_tok_s"), bnb.get("best_step_tok_s"))  # less sensitive to a shared machine
     rr = ratio(me.get("peak_rss_mib"), bnb.get("peak_rss_mib"))
-    print(f"target: qlora_native tokens/s >= {out['targets']['tok_s_vs_peft_bnb']:g}x PEFT+bnb: "
-          + ("n/a" if tr is None else f"{tr:.2f}x {'MET' if tr >= out['targets']['tok_s_vs_peft_bnb'] else 'NOT MET'}"))
+    want = out["targets"]["tok_s_vs_peft_bnb"]
+    print(f"target: qlora_native tokens/s >= {want:g}x PEFT+bnb: "
+          + ("n/a" if tr is None else f"{tr:.2f}x {'MET' if tr >= want else 'NOT MET'} (all timed steps); "
+             f"fastest step vs fastest step {tb:.2f}x {'MET' if tb >= want else 'NOT MET'}"))
     print(f"target: qlora_native peak RSS <= {out['targets']['peak_rss_vs_peft_bnb']:g}x PEFT+bnb: "
           + ("n/a" if rr is None else f"{rr:.2f}x {'MET' if rr <= out['targets']['peak_rss_vs_peft_bnb'] else 'NOT MET'}"))
 
