@@ -59,7 +59,12 @@ def test_matches_bitsandbytes(rng, dtype, shape, blocksize):
     np.testing.assert_allclose(st.state2.absmax.numpy(), t.nested_absmax, rtol=8 * eps, atol=8 * eps * abs(t.offset))
     ours, theirs = t.absmax.astype(int), st.absmax.numpy().astype(int)
     live = np.repeat(t.nested_absmax > 0, 256)[: ours.size]  # a zero nested absmax: bnb computes 0/0
-    assert np.all(np.abs(ours - theirs)[live] <= 1)
+    # bitsandbytes CPU picks codes through a 65,536-bin table over [-1, 1]: near 0, where the
+    # dynamic map's entries are far denser than its bins (1e-7 apart vs 3e-5), it can be several
+    # codes off; elsewhere at most one. So: one code step, or within one table bin in value.
+    dmap = nf4.dynamic_map().astype(np.float64)
+    close = (np.abs(ours - theirs) <= 1) | (np.abs(dmap[ours] - dmap[theirs]) <= 2.0 / 65536)
+    assert np.all(close[live])
     assert np.mean(ours[live] != theirs[live]) < 0.01 if live.sum() > 1000 else True
     # bitsandbytes decodes OUR arrays to exactly what we decode.
     ref = bnb_f.dequantize_4bit(torch.from_numpy(t.packed).reshape(-1, 1), bnb_quant_state_of(t))
