@@ -35,8 +35,14 @@ class _Streamer:
 
     def __call__(self, row: int, token: int) -> None:
         self.ids.append(token)
+        self._emit(final=False)
+
+    def finish(self) -> None:
+        self._emit(final=True)  # whatever is left, even an incomplete byte sequence
+
+    def _emit(self, final: bool) -> None:
         text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        if text.endswith("\ufffd") and not final:
             return
         self.out.write(text[self.printed:])
         self.out.flush()
@@ -50,6 +56,7 @@ def _generate(model, tokenizer, ids, args) -> tuple[list[int], float]:
                          top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                          seed=args.seed, eos_token_id=sorted(tokenizer.eos_token_ids) or None, stream=streamer)[0]
     dt = time.perf_counter() - t0
+    streamer.finish()
     print()
     return out, dt
 
