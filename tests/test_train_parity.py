@@ -156,45 +156,56 @@ def nf4_bytes(model, cfg):
             for l in range(cfg["num_hidden_layers"]) for p in PROJECTIONS}
 
 
-@pytest.mark.parametrize("nf4", [True, False], ids=["nf4", "fp32"])
-def test_adamw_loss_curve_matches_peft(tmp_path, rng, nf4):
-    """20 steps, dropout 0, same data and hyper-parameters as PEFT + torch.optim.AdamW (float64)."""
-    model, cfg, ref = build(tmp_path, rng, nf4=nf4, layers=2)
-    random_adapter(model, "a", rng, r=4, lora_alpha=8, target_modules="all-linear")
-    pm = peft_reference(model, cfg, ref, "a", tmp_path)
+def torch_training(model, cfg, ref, tmp_path, batches, hp, dtype):
+    """Losses and final factors of PEFT + torch.optim.AdamW (clip 1.0) in `dtype`."""
+    pm = peft_reference(model, cfg, ref, "a", tmp_path / dtype, dtype)
     params = [p for n, p in pm.named_parameters() if "lora_" in n]
-    hp = dict(lr=2e-3, weight_decay=0.01, betas=(0.9, 0.99), eps=1e-8)
     opt = torch.optim.AdamW(params, foreach=False, **hp)
-    model.configure_optimizer(**hp)
-    before = nf4_bytes(model, cfg) if nf4 else model._core.get_tensor("model.layers.0.mlp.up_proj.weight").copy()
-    ours, theirs = [], []
-    batches = [batch(rng, cfg["vocab_size"]) for _ in range(4)]
+    losses = []
     for step in range(20):
-        ids, mask, labels = batches[step % 4]
+        ids, mask, labels = batches[step % len(batches)]
         loss = torch_loss(pm, ids, mask, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad()
-        theirs.append(loss.item())
+        losses.append(loss.item())
+    final = {n.replace(".default", ""): p.detach().double().numpy() for n, p in pm.named_parameters() if "lora_" in n}
+    return np.array(losses), final
+
+
+@pytest.mark.parametrize("nf4", [True, False], ids=["nf4", "fp32"])
+def test_adamw_loss_curve_matches_peft(tmp_path, rng, nf4):
+    """20 steps, dropout 0, same data and hyper-parameters as PEFT + torch.optim.AdamW. The reference
+    is float64; the tolerance is the drift of torch's own float32 run from it (AdamW's first steps
+    are sign-like, so fp32 noise in small gradient entries moves them by O(lr): a few 1e-3 relative
+    after 20 steps in some seeds), with a floor at the fp32 gradient accuracy."""
+    model, cfg, ref = build(tmp_path, rng, nf4=nf4, layers=2)
+    random_adapter(model, "a", rng, r=4, lora_alpha=8, target_modules="all-linear")
+    hp = dict(lr=2e-3, weight_decay=0.01, betas=(0.9, 0.99), eps=1e-8)
+    batches = [batch(rng, cfg["vocab_size"]) for _ in range(4)]
+    ref64, final64 = torch_training(model, cfg, ref, tmp_path, batches, hp, "float64")
+    ref32, final32 = torch_training(model, cfg, ref, tmp_path, batches, hp, "float32")
+    model.configure_optimizer(**hp)
+    before = nf4_bytes(model, cfg) if nf4 else model._core.get_tensor("model.layers.0.mlp.up_proj.weight").copy()
+    ours = []
+    for step in range(20):
+        ids, mask, labels = batches[step % 4]
         model.zero_grad()
         ours.append(model.forward_backward(ids, labels, mask))
         model.clip_grad_norm(1.0)
         model.optimizer_step()
-    ours, theirs = np.array(ours), np.array(theirs)
-    assert theirs[-4:].mean() < theirs[:4].mean() - 0.05  # it learns
-    # fp32 gradients differ from float64 by ~grad_tol; AdamW turns a relative gradient error into
-    # a relative update error of the same order, accumulated over the steps.
-    tol = grad_tol(cfg, 12) * (1 + np.arange(20))
-    rel = np.abs(ours - theirs) / theirs
-    print("loss-curve relative differences:", rel, "tolerance:", tol)
-    assert (rel < tol).all(), rel
-    # Final adapters agree too.
+    ours = np.array(ours)
+    assert ref64[-4:].mean() < ref64[:4].mean() - 0.05  # it learns
+    drift = np.maximum.accumulate(np.abs(ref32 - ref64) / ref64)
+    tol = 10 * np.maximum(drift, grad_tol(cfg, 12))
+    rel = np.abs(ours - ref64) / ref64
+    print("loss-curve relative differences:", rel, "torch fp32 drift:", drift)
+    assert (rel < tol).all(), (rel, tol)
     final = model.get_adapter_state_dict()
-    for n, p in pm.named_parameters():
-        if "lora_" in n:
-            w = p.detach().numpy()
-            assert np.abs(final[n.replace(".default", "")] - w).max() < 20 * hp["lr"] * 0.05
+    for n, w in final64.items():
+        drift_w = np.abs(final32[n] - w).max()
+        assert np.abs(final[n] - w).max() <= 10 * max(drift_w, hp["lr"] * grad_tol(cfg, 12)), n
     # The base is never written.
     if nf4:
         after = nf4_bytes(model, cfg)
