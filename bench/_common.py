@@ -202,3 +202,22 @@ def write_json(path: str, obj) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
+
+def run_child(script: str, engine: str, spec_path: str, threads: int, timeout: float) -> dict:
+    """Runs `script --child ENGINE --spec SPEC` in a fresh process (its own peak RSS) with every
+    library's thread count set to `threads`; returns the JSON of its `RESULT ` line or an error."""
+    import subprocess
+
+    env = dict(os.environ)
+    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "QLORA_NUM_THREADS"):
+        env[k] = str(threads)
+    try:
+        r = subprocess.run([sys.executable, os.path.abspath(script), "--child", engine, "--spec", spec_path],
+                           env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"engine": engine, "error": f"timed out after {timeout:.0f} s"}
+    for line in r.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+    return {"engine": engine, "error": f"exit {r.returncode}: " + " | ".join(tail)}

@@ -15,7 +15,6 @@ without it the llama.cpp rows say "not installed". See bench/README.md.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -210,19 +209,7 @@ def parse_args():
 
 
 def run_child(engine, spec_path, threads, timeout):
-    env = dict(os.environ)
-    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "QLORA_NUM_THREADS"):
-        env[k] = str(threads)
-    try:
-        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", engine, "--spec", spec_path],
-                           env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"engine": engine, "error": f"timed out after {timeout:.0f} s"}
-    for line in r.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
-    return {"engine": engine, "error": f"exit {r.returncode}: " + " | ".join(tail)}
+    return _common.run_child(__file__, engine, spec_path, threads, timeout)
 
 
 def ratio(a, b):
