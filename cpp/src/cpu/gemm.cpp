@@ -196,11 +196,7 @@ void gemm_nt(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, cons
              const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   check_dims(M, N, K, lda, K, ldb, K, ldc);
   if (level == SimdLevel::Scalar) return scalar::gemm_nt(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  if (M >= 1 && M <= 2 * kGemvF32MaxM && K >= 1) {
-    for (int64_t m0 = 0; m0 < M; m0 += kGemvF32MaxM)  // batched decode: a few row groups
-      gemv_nt_f32(level, std::min(kGemvF32MaxM, M - m0), N, K, alpha, A + m0 * lda, lda, B, ldb, beta, C + m0 * ldc, ldc);
-    return;
-  }
+  if (M >= 1 && M <= kGemvF32MaxM && K >= 1) return gemv_nt_f32(level, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   const Kern& kn = kern_for(level);
   blocked(
       kn, M, N, K, alpha, beta, C, ldc,
