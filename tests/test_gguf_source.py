@@ -45,6 +45,6 @@ def test_smollm_gguf_matches_transformers_gguf_loader():
     assert tcfg.rms_norm_eps == pytest.approx(cfg["rms_norm_eps"])
     seen = 0
     for name, w in src.tensors():
-        np.testing.assert_array_equal(w, ref_sd[name], err_msg=name)
+        np.testing.assert_array_equal(np.asarray(w), ref_sd[name], err_msg=name)
         seen += 1
     assert seen == 30 * 9 + 2

@@ -116,6 +116,15 @@ void bind_model(py::module_& m) {
           },
           py::arg("name"), py::arg("data"), py::arg("dtype"), py::arg("shape"))
       .def(
+          "load_tensor_rows",
+          [](LlamaModel& self, const std::string& name, int64_t row0,
+             const py::array_t<float, py::array::c_style>& rows) {
+            check_arg(rows.ndim() == 2, "load_tensor_rows: rows must be 2-D float32 [n, cols]");
+            py::gil_scoped_release nogil;
+            self.weights().load_rows(name, row0, rows.shape(0), rows.shape(1), rows.data());
+          },
+          py::arg("name"), py::arg("row0"), py::arg("rows"))
+      .def(
           "load_nf4",
           [](LlamaModel& self, const std::string& name, py::handle obj) {
             PyNf4 w = nf4_from_py(obj);

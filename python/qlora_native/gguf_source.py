@@ -56,9 +56,13 @@ class GGUFSource:
             raise FormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
         self.path = path
         self.config = self._read_config()
+        # The reader parsed every metadata field, the 49k-token vocabulary and merges included, into
+        # ~160 MB of Python objects; weights need none of it (the tokenizer reads the file itself).
+        self.reader.fields.clear()
 
     # ---------------------------------------------------------------- metadata
     def field(self, key: str, default=None):
+        """A metadata value (only while reading the config: the fields are dropped afterwards)."""
         f = self.reader.fields.get(key)
         return default if f is None else f.contents()
 
@@ -121,7 +125,8 @@ class GGUFSource:
         raise ValueError(f"unexpected GGUF tensor {name!r} for a llama-architecture model")
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """Yields (hf_name, float32 array in HF layout), one tensor dequantized at a time."""
+        """Yields (hf_name, float32 array in HF layout), one tensor dequantized at a time; the
+        embedding and lm_head come as RowSlabs (see SLAB_TENSORS)."""
         from gguf.quants import dequantize
 
         cfg = self.config
@@ -134,6 +139,9 @@ class GGUFSource:
                 raise ValueError(f"{self.path}: tensor {t.name} has unsupported GGUF type {kind}")
             # GGUF lists dims fastest-first; the numpy data is already [out, in] (or [n]).
             expected = tuple(int(d) for d in reversed(t.shape))
+            if hf in SLAB_TENSORS and len(expected) == 2 and t.data.ndim == 2:
+                yield hf, RowSlabs(t.data, t.tensor_type, expected)
+                continue
             w = _dequantize_rows(t.data, t.tensor_type, expected, dequantize)
             # Only llama-arch conversion permutes Q/K (qwen2 uses NEOX-style RoPE, no permutation).
             if cfg["model_type"] == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
@@ -141,6 +149,33 @@ class GGUFSource:
             elif cfg["model_type"] == "llama" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
                 w = _unpermute_rows(w, cfg["num_key_value_heads"])
             yield hf, w
+
+
+# The [vocab, hidden] tensors: delivered in row slabs so no full fp32 copy is ever held.
+SLAB_TENSORS = {"model.embed_tokens.weight", "lm_head.weight"}
+
+
+class RowSlabs:
+    """A large tensor as consecutive float32 row slabs (each ~4 MiB), dequantized on demand.
+    `np.asarray(slabs)` materializes the whole tensor (tests)."""
+
+    def __init__(self, data: np.ndarray, kind, shape: tuple):
+        self.data, self.kind, self.shape = data, kind, tuple(shape)
+        self.step = max(1, (1 << 20) // max(1, int(np.prod(shape[1:]))))
+
+    def __iter__(self):
+        from gguf.quants import dequantize
+
+        for r in range(0, self.shape[0], self.step):
+            rows = self.data[r : r + self.step]
+            yield r, np.ascontiguousarray(np.asarray(dequantize(rows, self.kind), dtype=np.float32).reshape(
+                rows.shape[0], *self.shape[1:]))
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.empty(self.shape, np.float32)
+        for r, slab in self:
+            out[r : r + slab.shape[0]] = slab
+        return out if dtype is None else out.astype(dtype)
 
 
 def _dequantize_rows(data: np.ndarray, kind, shape: tuple, dequantize) -> np.ndarray:

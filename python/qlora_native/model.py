@@ -20,6 +20,7 @@ import numpy as np
 
 from . import _core
 from .config import ModelConfig
+from .gguf_source import RowSlabs
 from .lora_model import LoraModelMixin
 
 _SAFE_DTYPES = {"F32", "F16", "BF16"}
@@ -113,7 +114,9 @@ class GGUFTensorSource:
         wanted = set(names)
         for n, w in self.src.tensors():
             if n in wanted:
-                yield n, np.ascontiguousarray(w, dtype=np.float32), "F32", w.shape
+                if not isinstance(w, RowSlabs):
+                    w = np.ascontiguousarray(w, dtype=np.float32)
+                yield n, w, "F32", w.shape
 
 
 # ---------------------------------------------------------------- the model
@@ -145,6 +148,11 @@ class Model(LoraModelMixin):
         path = os.fspath(path)
         if quantize not in ("nf4", None):
             raise ValueError(f"quantize must be 'nf4' or None, got {quantize!r}")
+        if isinstance(tokenizer, str):
+            if tokenizer != "auto":
+                raise ValueError(f"tokenizer must be 'auto', None or a tokenizer object, got {tokenizer!r}")
+            # Before the weights: its GGUF metadata parse is freed before the weights arrive (peak RSS).
+            tokenizer = _auto_tokenizer(path)
         if os.path.isfile(path) and path.endswith(".gguf"):
             source = GGUFTensorSource(path)
             config = ModelConfig.from_dict(source.config)
@@ -164,10 +172,6 @@ class Model(LoraModelMixin):
                 source.use_bnb_nf4()
         core = _core.model.LlamaModel(config.to_core(), backend, quantize == "nf4", blocksize, double_quant)
         load_from_source(core, source)
-        if isinstance(tokenizer, str):
-            if tokenizer != "auto":
-                raise ValueError(f"tokenizer must be 'auto', None or a tokenizer object, got {tokenizer!r}")
-            tokenizer = _auto_tokenizer(path)
         return cls(config, core, tokenizer)
 
     # ------------------------------------------------------------ forward
@@ -372,7 +376,11 @@ def load_from_source(core, source) -> None:
             continue
         if dtype not in _SAFE_DTYPES:
             raise ValueError(f"tensor {name!r} has dtype {dtype}, expected F32, F16 or BF16")
-        core.load_tensor(name, data, dtype, list(shape))
+        if isinstance(data, RowSlabs):  # a large tensor in row slabs (GGUF embeddings): low peak memory
+            for row0, rows in data:
+                core.load_tensor_rows(name, row0, rows)
+        else:
+            core.load_tensor(name, data, dtype, list(shape))
     core.check_complete()
 
 

@@ -1,5 +1,7 @@
 #include "model/weights.hpp"
 
+#include <cmath>
+
 #include "common/error.hpp"
 
 namespace qlora::model {
@@ -87,6 +89,33 @@ void LlamaWeights::load_nf4(const std::string& name, const Nf4Ref& host) {
                 shape_str(s.shape));
   s.lin->set_nf4(be, host);
   loaded_[name] = true;
+}
+
+void LlamaWeights::load_rows(const std::string& name, int64_t row0, int64_t nrows, int64_t ncols, const float* data) {
+  auto it = slots_.find(name);
+  check_arg(it != slots_.end() && (it->second.kind == Kind::Embed || it->second.kind == Kind::LmHead),
+            "load_rows: '" + name + "' is not an embedding or lm_head of this model");
+  const Slot& s = it->second;
+  const int64_t rows = s.shape[0], cols = s.shape[1];
+  check_arg(ncols == cols, "load_rows: '" + name + "' has " + std::to_string(cols) + " columns, got " +
+                               std::to_string(ncols));
+  check_arg(nrows >= 1 && row0 >= 0 && row0 + nrows <= rows,
+            "load_rows: rows [" + std::to_string(row0) + ", " + std::to_string(row0 + nrows) + ") outside '" + name +
+                "' with " + std::to_string(rows) + " rows");
+  DeviceBuffer& buf = s.kind == Kind::Embed ? embed : lm_head;
+  if (row0 == 0) {
+    buf = DeviceBuffer(be, sizeof(float) * rows * cols);
+    rows_loaded_[name] = 0;
+    loaded_.erase(name);
+  }
+  check_arg(rows_loaded_.count(name) && rows_loaded_[name] == row0,
+            "load_rows: rows of '" + name + "' must arrive in order from row 0");
+  for (int64_t i = 0; i < nrows * cols; ++i)
+    check_arg(std::isfinite(data[i]), "tensor '" + name + "': weights contain NaN or inf (row " +
+                                          std::to_string(row0 + i / cols) + ")");
+  be.upload(buf.data<float>() + row0 * cols, data, sizeof(float) * nrows * cols);
+  rows_loaded_[name] = row0 + nrows;
+  if (row0 + nrows == rows) loaded_[name] = true;
 }
 
 std::vector<std::string> LlamaWeights::missing() const {

@@ -40,6 +40,9 @@ class LlamaWeights {
   void load(const std::string& name, const void* data, DType dtype, const std::vector<int64_t>& shape);
   // Loads a pre-quantized NF4 projection weight (host pointers, copied).
   void load_nf4(const std::string& name, const Nf4Ref& host);
+  // Loads an fp32 embedding / lm_head in consecutive row slabs data[nrows, cols] starting at row
+  // 0, so a loader never holds the whole fp32 tensor next to the engine's copy (peak memory).
+  void load_rows(const std::string& name, int64_t row0, int64_t nrows, int64_t ncols, const float* data);
   // Names of expected tensors not loaded yet.
   std::vector<std::string> missing() const;
 
@@ -67,6 +70,7 @@ class LlamaWeights {
   std::vector<TensorSpec> expected_;
   std::map<std::string, Slot> slots_;
   std::map<std::string, bool> loaded_;
+  std::map<std::string, int64_t> rows_loaded_;  // load_rows progress
   void add(const std::string& name, Kind k, int64_t layer, Linear* lin, std::vector<int64_t> shape);
 };
 
