@@ -105,6 +105,49 @@ QLORA_API int qlora_generate(qlora_model* model, const int32_t* prompt, int64_t 
                              const qlora_sampling_params* params, int32_t* out_tokens, int64_t max_new_tokens,
                              int64_t* n_out, qlora_token_callback cb, void* user);
 
+
+/* ---- LoRA training (CPU backend; the base model stays frozen) -------------------------------
+ * Adapters belong to the model and are freed with it. Calls on one model are serialized. */
+
+/* Bits of qlora_lora_params.target_mask, one per projection of every layer. */
+enum {
+  QLORA_LORA_Q = 1 << 0, QLORA_LORA_K = 1 << 1, QLORA_LORA_V = 1 << 2, QLORA_LORA_O = 1 << 3,
+  QLORA_LORA_GATE = 1 << 4, QLORA_LORA_UP = 1 << 5, QLORA_LORA_DOWN = 1 << 6,
+  QLORA_LORA_ALL = 0x7F
+};
+
+typedef struct {
+  int32_t r;            /* rank (default 16) */
+  float alpha;          /* lora_alpha (default 32); scaling alpha / r */
+  float dropout;        /* lora_dropout in [0, 1) (default 0) */
+  int32_t use_rslora;   /* nonzero: scaling alpha / sqrt(r) (default 0) */
+  uint32_t target_mask; /* QLORA_LORA_* bits (default QLORA_LORA_ALL); other bits are an error */
+  uint64_t seed;        /* A init (PEFT: U(+-1/sqrt(in)), B = 0) and dropout masks (default 0) */
+} qlora_lora_params;
+
+QLORA_API qlora_lora_params qlora_lora_default_params(void);
+
+/* Adds an adapter `name` (copied; must be new) on the targeted projections and makes it the
+ * active one (used by forward, generate and training). params may be NULL (defaults). */
+QLORA_API int qlora_adapter_add(qlora_model* model, const char* name, const qlora_lora_params* params);
+
+/* (Re)creates the active adapter's AdamW (betas 0.9/0.999, eps 1e-8 as torch) with weight_decay;
+ * lr is the default learning rate of qlora_train_step. */
+QLORA_API int qlora_train_configure(qlora_model* model, float lr, float weight_decay);
+
+/* One step on the active adapter: zero grads, mean causal-LM loss over ids[batch * seq] with
+ * labels[batch * seq] (transformers convention: unshifted, -100 = ignored), backward, clip the
+ * global grad norm to max_grad_norm (<= 0: no clipping), AdamW step with lr (< 0: the lr of
+ * qlora_train_configure). *loss_out (may be NULL) receives the loss before the step. Errors:
+ * INVALID_ARGUMENT when no adapter / not configured / an id or label is out of range. */
+QLORA_API int qlora_train_step(qlora_model* model, const int32_t* ids, const int32_t* labels, int64_t batch,
+                               int64_t seq, float lr, float max_grad_norm, float* loss_out);
+
+/* Saves the active adapter to directory `dir` (created if needed) in PEFT's format:
+ * adapter_model.safetensors (F32 lora_A [r, in] / lora_B [out, r] under PEFT names) and
+ * adapter_config.json; qlora_native.Model.load_adapter and peft read it. Each file is atomic. */
+QLORA_API int qlora_adapter_save(qlora_model* model, const char* dir);
+
 #ifdef __cplusplus
 }
 #endif

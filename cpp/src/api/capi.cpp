@@ -3,6 +3,7 @@
 // python/qlora_native/model.py's generate with one row).
 #include <climits>
 #include <cmath>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -13,12 +14,15 @@
 #include "common/error.hpp"
 #include "cpu/threads.hpp"
 #include "model/hf_loader.hpp"
+#include "model/lora_setup.hpp"
 #include "model/sampler.hpp"
 
 struct qlora_model {
   std::unique_ptr<qlora::model::LlamaModel> m;
   qlora::model::HfConfig info;
   std::mutex mu;  // one KV cache per model: calls are serialized
+  double train_lr = 0.0;  // qlora_train_configure's default lr
+  std::map<std::string, qlora::model::LoraInitSpec> lora_specs;  // adapter name -> its spec (for saving)
 };
 
 namespace {
@@ -161,6 +165,81 @@ QLORA_API int qlora_generate(qlora_model* model, const int32_t* prompt, int64_t 
       if (done || step == max_new_tokens - 1) break;
       m.feed(&tok, nullptr, 1, logits.data());
     }
+    return QLORA_OK;
+  });
+}
+
+QLORA_API qlora_lora_params qlora_lora_default_params(void) {
+  qlora_lora_params p;
+  p.r = 16;
+  p.alpha = 32.0f;
+  p.dropout = 0.0f;
+  p.use_rslora = 0;
+  p.target_mask = QLORA_LORA_ALL;
+  p.seed = 0;
+  return p;
+}
+
+QLORA_API int qlora_adapter_add(qlora_model* model, const char* name, const qlora_lora_params* params) {
+  return guard([&] {
+    check_arg(model != nullptr, "qlora_adapter_add: model is NULL");
+    check_arg(name != nullptr && *name, "qlora_adapter_add: name is NULL or empty");
+    const qlora_lora_params p = params ? *params : qlora_lora_default_params();
+    qlora::model::LoraInitSpec s;
+    s.r = p.r, s.alpha = p.alpha, s.dropout = p.dropout, s.use_rslora = p.use_rslora != 0;
+    s.target_mask = p.target_mask, s.seed = p.seed;
+    std::lock_guard<std::mutex> lock(model->mu);
+    model->m->add_adapter(name, qlora::model::new_lora_adapter(*model->m, s));
+    model->m->set_active_adapter(name);
+    model->lora_specs[name] = s;
+    return QLORA_OK;
+  });
+}
+
+QLORA_API int qlora_train_configure(qlora_model* model, float lr, float weight_decay) {
+  return guard([&] {
+    check_arg(model != nullptr, "qlora_train_configure: model is NULL");
+    check_arg(std::isfinite(lr) && lr >= 0.0f, "qlora_train_configure: lr must be finite and >= 0");
+    check_arg(std::isfinite(weight_decay) && weight_decay >= 0.0f,
+              "qlora_train_configure: weight_decay must be finite and >= 0");
+    std::lock_guard<std::mutex> lock(model->mu);
+    qlora::model::LlamaModel& m = *model->m;
+    check_arg(!m.active_adapter_name().empty(), "qlora_train_configure: no active adapter (qlora_adapter_add first)");
+    check_arg(m.backend().host_memory(), "qlora_train_configure: training is implemented for the CPU backend only");
+    qlora::model::LoraAdapter& a = m.adapter(m.active_adapter_name());
+    qlora::train::AdamWConfig c;  // torch defaults but weight_decay
+    c.weight_decay = weight_decay;
+    a.opt = std::make_unique<qlora::train::AdamW>(a.params(), c);
+    model->train_lr = lr;
+    return QLORA_OK;
+  });
+}
+
+QLORA_API int qlora_train_step(qlora_model* model, const int32_t* ids, const int32_t* labels, int64_t batch,
+                               int64_t seq, float lr, float max_grad_norm, float* loss_out) {
+  return guard([&] {
+    check_arg(model != nullptr, "qlora_train_step: model is NULL");
+    check_arg(ids != nullptr && labels != nullptr, "qlora_train_step: ids and labels must not be NULL");
+    check_arg(batch >= 1 && seq >= 2 && batch <= INT32_MAX / seq,
+              "qlora_train_step: need batch >= 1, seq >= 2 and batch * seq < 2^31");
+    check_arg(!std::isnan(lr) && !std::isnan(max_grad_norm), "qlora_train_step: lr / max_grad_norm is NaN");
+    check_ids(ids, batch * seq, model->info.cfg.vocab_size, "qlora_train_step");
+    std::lock_guard<std::mutex> lock(model->mu);
+    const double step_lr = lr < 0.0f ? model->train_lr : lr;
+    const double loss = qlora::model::lora_train_step(*model->m, ids, labels, batch, seq, step_lr, max_grad_norm);
+    if (loss_out) *loss_out = static_cast<float>(loss);
+    return QLORA_OK;
+  });
+}
+
+QLORA_API int qlora_adapter_save(qlora_model* model, const char* dir) {
+  return guard([&] {
+    check_arg(model != nullptr, "qlora_adapter_save: model is NULL");
+    check_arg(dir != nullptr && *dir, "qlora_adapter_save: dir is NULL or empty");
+    std::lock_guard<std::mutex> lock(model->mu);
+    const std::string name = model->m->active_adapter_name();
+    check_arg(!name.empty() && model->lora_specs.count(name), "qlora_adapter_save: no active adapter");
+    qlora::model::save_lora_adapter(*model->m, model->m->adapter(name), model->lora_specs.at(name), dir);
     return QLORA_OK;
   });
 }

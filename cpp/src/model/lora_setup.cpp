@@ -1,0 +1,120 @@
+#include "model/lora_setup.hpp"
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "common/error.hpp"
+#include "io/safetensors.hpp"
+#include "json/json.hpp"
+#include "model/linear.hpp"
+#include "model/weights.hpp"
+#include "train/grad_utils.hpp"
+#include "train/rng.hpp"
+
+namespace qlora::model {
+
+std::unique_ptr<LoraAdapter> new_lora_adapter(LlamaModel& m, const LoraInitSpec& s) {
+  check_arg(s.r >= 1, "LoRA r must be >= 1, got " + std::to_string(s.r));
+  check_arg(std::isfinite(s.alpha) && s.alpha > 0.0f, "LoRA alpha must be finite and > 0");
+  check_arg(s.dropout >= 0.0f && s.dropout < 1.0f, "LoRA dropout must be in [0, 1)");
+  check_arg(s.target_mask != 0 && (s.target_mask >> kNumProj) == 0,
+            "LoRA target mask must be a nonzero combination of the 7 projection bits (0x01..0x7F), got " +
+                std::to_string(s.target_mask));
+  const float scaling = s.use_rslora ? s.alpha / std::sqrt(static_cast<float>(s.r)) : s.alpha / s.r;
+  const int64_t L = m.config().num_layers;
+  auto a = std::make_unique<LoraAdapter>();
+  a->modules.resize(L * kNumProj);
+  a->dropout = s.dropout, a->seed = s.seed;
+  train::Philox rng(s.seed ^ 0x9E3779B97F4A7C15ull);  // A init stream, distinct from the dropout key
+  for (int64_t l = 0; l < L; ++l)
+    for (int p = 0; p < kNumProj; ++p) {
+      if (!(s.target_mask & (1u << p))) continue;
+      const Linear& lin = proj(m.weights().layers[l], p);
+      check_arg(s.r <= lin.in && s.r <= lin.out, "LoRA r exceeds a projection's dimensions");
+      const float bound = 1.0f / std::sqrt(static_cast<float>(lin.in));
+      std::vector<float> A(static_cast<size_t>(s.r * lin.in));   // [r, in]
+      std::vector<float> B(static_cast<size_t>(lin.out * s.r), 0.0f);  // [out, r]
+      rng.fill_uniform(A.data(), static_cast<int64_t>(A.size()), -bound, bound);
+      a->modules[l * kNumProj + p] = make_lora_module(m.backend(), s.r, lin.in, lin.out, scaling, A.data(), B.data());
+    }
+  return a;
+}
+
+double lora_train_step(LlamaModel& m, const int32_t* ids, const int32_t* labels, int64_t B, int64_t T, double lr,
+                       double max_grad_norm) {
+  check_arg(!m.active_adapter_name().empty(), "no active LoRA adapter: add one first");
+  LoraAdapter& a = m.adapter(m.active_adapter_name());
+  check_arg(a.opt != nullptr, "the optimizer is not configured: call train_configure first");
+  check_arg(std::isfinite(lr) && lr >= 0.0, "lr must be finite and >= 0");
+  const int64_t V = m.config().vocab_size;
+  std::vector<int32_t> shifted(static_cast<size_t>(B * T), -100);  // [B, T] target of position t
+  int64_t count = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const int32_t v = labels[b * T + t];
+      check_arg(v == -100 || (v >= 0 && v < V), "label " + std::to_string(v) + " at [" + std::to_string(b) + ", " +
+                                                     std::to_string(t) + "] is out of range [0, " + std::to_string(V) +
+                                                     ") and not -100");
+      if (t > 0 && v != -100) shifted[b * T + t - 1] = v, ++count;
+    }
+  check_arg(count > 0, "no label to train on (all -100 after the shift)");
+  zero_lora_grads(m.backend(), a);
+  auto r = m.forward_backward(ids, nullptr, shifted.data(), B, T, 1.0f / static_cast<float>(count), true, true);
+  std::vector<train::ParamRef> g = a.grads();
+  if (max_grad_norm > 0.0) {
+    check_arg(m.backend().host_memory(), "gradient clipping is implemented for host-memory (CPU) backends only");
+    train::clip_grad_norm(g, max_grad_norm);
+  }
+  std::vector<train::GradRef> gr;
+  for (const auto& p : g) gr.push_back({p.data, p.numel});
+  a.opt->step(gr, lr);
+  return r.loss_sum / static_cast<double>(r.count);
+}
+
+void save_lora_adapter(LlamaModel& m, const LoraAdapter& a, const LoraInitSpec& s, const std::string& dir) {
+  namespace fs = std::filesystem;
+  const int64_t L = m.config().num_layers;
+  std::vector<std::vector<float>> host;  // one [numel] per written tensor
+  std::vector<io::TensorToWrite> ts;
+  host.reserve(static_cast<size_t>(2 * L * kNumProj));
+  for (int64_t l = 0; l < L; ++l)
+    for (int p = 0; p < kNumProj; ++p)
+      if (const LoraModule* mod = a.at(l, p)) {
+        const std::string parent = p < 4 ? "self_attn" : "mlp";  // q, k, v, o | gate, up, down
+        const std::string base = "base_model.model.model.layers." + std::to_string(l) + "." + parent + "." + proj_name(p);
+        for (int w = 0; w < 2; ++w) {
+          const DeviceBuffer& buf = w == 0 ? mod->A : mod->B;
+          std::vector<int64_t> shape = w == 0 ? std::vector<int64_t>{mod->r, mod->in} : std::vector<int64_t>{mod->out, mod->r};
+          host.emplace_back(static_cast<size_t>(shape[0] * shape[1]));
+          m.backend().download(host.back().data(), buf.data(), sizeof(float) * host.back().size());
+          ts.push_back({base + (w == 0 ? ".lora_A.weight" : ".lora_B.weight"), DType::F32, shape, host.back().data(),
+                        sizeof(float) * host.back().size()});
+        }
+      }
+  json::Value cfg = json::Value::object();
+  json::Array targets;
+  for (int p = 0; p < kNumProj; ++p)
+    if (s.target_mask & (1u << p)) targets.emplace_back(proj_name(p));
+  cfg.set("peft_type", "LORA");
+  cfg.set("task_type", "CAUSAL_LM");
+  cfg.set("r", s.r);
+  cfg.set("lora_alpha", s.alpha);
+  cfg.set("lora_dropout", s.dropout);
+  cfg.set("use_rslora", s.use_rslora);
+  cfg.set("bias", "none");
+  cfg.set("target_modules", targets);
+  fs::create_directories(dir);
+  io::write_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), ts, {{"format", "pt"}});
+  const std::string path = (fs::path(dir) / "adapter_config.json").string(), tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    f << json::dump(cfg, 2) << "\n";
+    if (!f) throw std::runtime_error("cannot write " + tmp);
+  }
+  fs::rename(tmp, path);
+}
+
+}  // namespace qlora::model

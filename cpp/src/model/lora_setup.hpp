@@ -1,0 +1,36 @@
+// LoRA set-up and one training step entirely in C++ (used by the C API; Python builds its
+// adapters in lora_model.py / lora_config.py with the same init and scaling rules).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "model/llama.hpp"
+#include "model/lora.hpp"
+
+namespace qlora::model {
+
+struct LoraInitSpec {
+  int64_t r = 16;
+  float alpha = 32.0f;
+  float dropout = 0.0f;
+  bool use_rslora = false;      // scaling alpha / sqrt(r) instead of alpha / r
+  uint32_t target_mask = 0x7F;  // bit p = projection p (q, k, v, o, gate, up, down)
+  uint64_t seed = 0;            // A init and dropout masks
+};
+
+// PEFT default init (lora_config.init_weights, init_lora_weights=True): A ~ U(+-1/sqrt(in)) [r, in],
+// B = 0 [out, r], on every targeted projection of every layer. ValueError on a bad spec.
+std::unique_ptr<LoraAdapter> new_lora_adapter(LlamaModel& m, const LoraInitSpec& s);
+
+// One optimizer step on the active adapter (its AdamW must be configured): zero grads,
+// forward_backward of the mean causal-LM loss (labels [B, T] unshifted, transformers
+// convention, -100 ignored), clip to max_grad_norm when > 0, AdamW step with lr. Returns the mean loss.
+double lora_train_step(LlamaModel& m, const int32_t* ids, const int32_t* labels, int64_t B, int64_t T, double lr,
+                       double max_grad_norm);
+
+// Writes `dir`/adapter_model.safetensors (PEFT names, A [r, in], B [out, r], F32) and
+// adapter_config.json (peft_type LORA) for adapter `a` created from spec `s`; atomic per file.
+void save_lora_adapter(LlamaModel& m, const LoraAdapter& a, const LoraInitSpec& s, const std::string& dir);
+
+}  // namespace qlora::model
