@@ -203,8 +203,11 @@ def test_adamw_loss_curve_matches_peft(tmp_path, rng, nf4):
     print("loss-curve relative differences:", rel, "torch fp32 drift:", drift)
     assert (rel < tol).all(), (rel, tol)
     final = model.get_adapter_state_dict()
+    # torch's fp32 drift from float64 over all adapter weights: one tensor's own drift is a noisy
+    # sample (Adam's m/sqrt(v) amplifies order-of-summation differences where v is tiny), and our
+    # summation order differs from torch's, so the scale is taken across tensors.
+    drift_w = max(np.abs(final32[n] - w).max() for n, w in final64.items())
     for n, w in final64.items():
-        drift_w = np.abs(final32[n] - w).max()
         assert np.abs(final[n] - w).max() <= 10 * max(drift_w, hp["lr"] * grad_tol(cfg, 12)), n
     # The base is never written.
     if nf4:
