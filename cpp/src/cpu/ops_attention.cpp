@@ -23,8 +23,8 @@ float dot(const float* a, const float* b, int64_t n) {
 }
 }  // namespace
 
-void rope(int64_t M, int64_t n_heads, int64_t head_dim, float* x, int64_t ldx, const int32_t* pos,
-          const float* inv_freq) {
+void rope_rotate(int64_t M, int64_t n_heads, int64_t head_dim, float* x, int64_t ldx, const int32_t* pos,
+                 const float* inv_freq, bool inverse) {
   const int64_t half = head_dim / 2;
   parallel_range(M, 8, [&](int64_t m0, int64_t m1) {
     std::vector<float> cs(2 * half);  // [cos | sin] for one token
@@ -34,7 +34,8 @@ void rope(int64_t M, int64_t n_heads, int64_t head_dim, float* x, int64_t ldx, c
         // transformers: freqs = pos * inv_freq in fp32, then cos/sin in fp32 (rounded from double here).
         const float a = p * inv_freq[i];
         cs[i] = static_cast<float>(std::cos(static_cast<double>(a)));
-        cs[half + i] = static_cast<float>(std::sin(static_cast<double>(a)));
+        const float sn = static_cast<float>(std::sin(static_cast<double>(a)));
+        cs[half + i] = inverse ? -sn : sn;  // rotation by -angle: the transpose (exact negation)
       }
       float* row = x + m * ldx;
       for (int64_t h = 0; h < n_heads; ++h) {
@@ -47,6 +48,11 @@ void rope(int64_t M, int64_t n_heads, int64_t head_dim, float* x, int64_t ldx, c
       }
     }
   });
+}
+
+void rope(int64_t M, int64_t n_heads, int64_t head_dim, float* x, int64_t ldx, const int32_t* pos,
+          const float* inv_freq) {
+  rope_rotate(M, n_heads, head_dim, x, ldx, pos, inv_freq, /*inverse=*/false);
 }
 
 void kv_write(int64_t B, int64_t T, int64_t H, int64_t hd, const float* x, int64_t ldx, float* cache, int64_t S_cap,

@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "cpu/ops_backward.hpp"
+#include "cpu/ops_model.hpp"
 #include "cpu/threads.hpp"
 
 namespace qlora::cpu::ops {
@@ -38,27 +39,7 @@ void rmsnorm_backward(int64_t M, int64_t D, const float* x, const float* w, floa
 // transpose (rotation by -angle) maps the output gradient to the input gradient.
 void rope_backward(int64_t M, int64_t n_heads, int64_t head_dim, float* dx, int64_t ldx, const int32_t* pos,
                    const float* inv_freq) {
-  const int64_t half = head_dim / 2;
-  parallel_range(M, 8, [&](int64_t m0, int64_t m1) {
-    std::vector<float> cs(2 * half);  // [cos | sin] for one token, computed as the forward does
-    for (int64_t m = m0; m < m1; ++m) {
-      const float p = static_cast<float>(pos[m]);
-      for (int64_t i = 0; i < half; ++i) {
-        const float a = p * inv_freq[i];
-        cs[i] = static_cast<float>(std::cos(static_cast<double>(a)));
-        cs[half + i] = static_cast<float>(std::sin(static_cast<double>(a)));
-      }
-      float* row = dx + m * ldx;
-      for (int64_t h = 0; h < n_heads; ++h) {
-        float* v = row + h * head_dim;
-        for (int64_t i = 0; i < half; ++i) {
-          const float g1 = v[i], g2 = v[half + i], c = cs[i], s = cs[half + i];
-          v[i] = g1 * c + g2 * s;
-          v[half + i] = g2 * c - g1 * s;
-        }
-      }
-    }
-  });
+  rope_rotate(M, n_heads, head_dim, dx, ldx, pos, inv_freq, /*inverse=*/true);
 }
 
 // out = silu(g) u: dup = dout silu(g), dgate = dout u s(g) (1 + g (1 - s(g))).

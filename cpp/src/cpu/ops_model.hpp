@@ -9,6 +9,9 @@ void embedding(int64_t M, int64_t D, const float* table, const int32_t* ids, flo
 void rmsnorm(int64_t M, int64_t D, const float* x, const float* w, float eps, float* out);
 void add_inplace(int64_t n, const float* x, float* y);
 void add_bias(int64_t M, int64_t N, const float* bias, float* y, int64_t ldy);
+// Rotate-half RoPE in place; inverse = rotation by -angle (its transpose: rope_backward).
+void rope_rotate(int64_t M, int64_t n_heads, int64_t head_dim, float* x, int64_t ldx, const int32_t* pos,
+                 const float* inv_freq, bool inverse);
 void rope(int64_t M, int64_t n_heads, int64_t head_dim, float* x, int64_t ldx, const int32_t* pos,
           const float* inv_freq);
 void swiglu(int64_t M, int64_t N, const float* gate, int64_t ldg, const float* up, int64_t ldu, float* out,
