@@ -140,3 +140,18 @@ def dequantize_nf4_numpy(w: dict) -> np.ndarray:
 
 PROJECTIONS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+def save_bnb_checkpoint(src_path, out_dir):
+    """Quantizes the HF checkpoint at src_path with transformers + bitsandbytes (NF4, double
+    quant, CPU) and saves it to out_dir, as a user of that stack would. Returns out_dir."""
+    import torch
+    import transformers
+
+    q = transformers.LlamaForCausalLM.from_pretrained(
+        src_path, device_map="cpu",
+        quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                            bnb_4bit_use_double_quant=True,
+                                                            bnb_4bit_compute_dtype=torch.float32))
+    q.save_pretrained(out_dir)
+    return out_dir

@@ -16,7 +16,7 @@ import qlora_native  # noqa: E402
 from qlora_native import _core  # noqa: E402
 from qlora_native.config import ModelConfig  # noqa: E402
 
-from helpers_model import make_checkpoint, reference_logits, reference_model  # noqa: E402
+from helpers_model import make_checkpoint, reference_logits, reference_model, save_bnb_checkpoint  # noqa: E402
 from test_model import CONFIGS, EPS32, fp32_tol, rel_err  # noqa: E402
 
 QUANT_NONE, QUANT_NF4 = 0, 1
@@ -151,19 +151,11 @@ def test_nf4_matches_model_and_generate(lib, tmp_path, rng, blocksize, double_qu
 
 def test_prequantized_bitsandbytes_checkpoint(lib, tmp_path, rng):
     """A checkpoint saved by transformers + bitsandbytes loads with its NF4 bytes as stored."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     pytest.importorskip("bitsandbytes")
-    import torch
 
     path, cfg, _ = make_checkpoint(tmp_path, rng, hidden=64, inter=200, heads=4, kv_heads=2, vocab=100)
-    q = transformers.LlamaForCausalLM.from_pretrained(
-        path, device_map="cpu",
-        quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                            bnb_4bit_use_double_quant=True,
-                                                            bnb_4bit_compute_dtype=torch.float32))
-    bnb_dir = tmp_path / "bnb"
-    q.save_pretrained(bnb_dir)
-    del q
+    bnb_dir = save_bnb_checkpoint(path, tmp_path / "bnb")
     with pytest.raises(RuntimeError, match="pre-quantized"):
         CModel(lib, bnb_dir, QUANT_NONE)
     m = CModel(lib, bnb_dir, QUANT_NF4, blocksize=128)  # the checkpoint's blocksize 64 wins

@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 import qlora_native  # noqa: E402
 
 from helpers_model import (PROJECTIONS, dequantize_nf4_numpy, make_checkpoint, reference_logits,  # noqa: E402
-                           reference_model)
+                           reference_model, save_bnb_checkpoint)
 from conftest import cpu_backends  # noqa: E402
 from test_model import fp32_tol, rel_err  # noqa: E402
 
@@ -103,20 +103,12 @@ def test_prequantized_nf4_tensors_plug_in(tmp_path, rng):
 def test_prequantized_bitsandbytes_checkpoint(tmp_path, rng):
     """A checkpoint quantized and saved by transformers + bitsandbytes loads with its NF4 bytes
     as stored, and the logits match transformers (float64) on those weights decoded."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     pytest.importorskip("bitsandbytes")
     from qlora_native import io
 
     path, cfg, state = make_checkpoint(tmp_path, rng, hidden=64, inter=200, heads=4, kv_heads=2, vocab=100)
-    q = transformers.LlamaForCausalLM.from_pretrained(
-        path, device_map="cpu",
-        quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                            bnb_4bit_use_double_quant=True,
-                                                            bnb_4bit_compute_dtype=torch.float32))
-    bnb_dir = tmp_path / "bnb"
-    q.save_pretrained(bnb_dir)
-    del q
+    bnb_dir = save_bnb_checkpoint(path, tmp_path / "bnb")
     with pytest.raises(ValueError, match="pre-quantized"):
         qlora_native.Model.from_pretrained(bnb_dir, quantize=None)
     model = qlora_native.Model.from_pretrained(bnb_dir, quantize="nf4", blocksize=128)  # the file's 64 wins
