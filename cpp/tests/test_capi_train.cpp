@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "../examples/tiny_checkpoint.hpp"
+#include "check.hpp"
 #include "io/safetensors.hpp"
 #include "json/json.hpp"
 #include "qlora/qlora.h"
@@ -22,19 +23,6 @@
 namespace fs = std::filesystem;
 
 namespace {
-
-int g_failures = 0;
-#define CHECK(cond, ...)                                                    \
-  do {                                                                      \
-    if (!(cond)) {                                                          \
-      ++g_failures;                                                         \
-      std::fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                                    \
-      std::fprintf(stderr, "\n");                                           \
-    }                                                                       \
-  } while (0)
-
-bool contains(const char* s, const char* sub) { return s && std::strstr(s, sub) != nullptr; }
 
 const int64_t V = 97, B = 2, T = 16;
 
