@@ -159,7 +159,7 @@ def test_gemm_bad_inputs(rng):
 
 
 @pytest.mark.parametrize("backend", [b for b in _core.available_backends() if b.startswith("cpu:")])
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 13, 16, 17])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17])
 @pytest.mark.parametrize("N,K", [(1, 1), (7, 15), (33, 17), (130, 47), (577, 65), (3000, 576)])
 def test_gemm_nt_small_m_gemv_path(rng, backend, M, N, K):
     """M <= 16 takes the unpacked GEMV path (decode-time lm_head) in row groups; same contract as the GEMM."""

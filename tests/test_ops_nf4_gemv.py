@@ -1,7 +1,7 @@
 """NF4 GEMV (decode path, small M) through qlora_native.ops.nf4_gemm_nt.
 
-M = 1..NF4_GEMV_MAX_M runs cpu::nf4_gemv_nt; M = NF4_GEMV_MAX_M + 1 crosses over to the blocked
-NF4 GEMM. Weights are random valid NF4 arrays (random nibbles, block scales, nested scales; no
+M = 1..NF4_GEMV_MAX_M runs one cpu::nf4_gemv_nt call; up to 2 * NF4_GEMV_MAX_M it runs in row
+groups, and 2 * NF4_GEMV_MAX_M + 1 crosses over to the blocked NF4 GEMM. Weights are random valid NF4 arrays (random nibbles, block scales, nested scales; no
 quantizer needed). The oracle is numpy float64 on a dequantization written here from the byte
 format; results are also compared with cpu:scalar. Tolerance: the fp32 worst case
 |err| <= gamma_K * sum_k |x_k w_k| (gamma_K ~ K * eps32) plus the rounding of alpha/beta; a single
@@ -22,7 +22,7 @@ except ImportError:
 pytestmark = pytest.mark.skipif(ops is None or not hasattr(ops, "nf4_gemm_nt"),
                                 reason="qlora_native.ops.nf4_gemm_nt is not built yet")
 
-NF4_GEMV_MAX_M = 4  # mirrors cpu::kNf4GemvMaxM (cpp/src/cpu/nf4_gemv.hpp)
+NF4_GEMV_MAX_M = 8  # mirrors cpu::kNf4GemvMaxM (cpp/src/cpu/nf4_gemv.hpp)
 EPS32 = float(np.finfo(np.float32).eps) / 2  # unit roundoff 2^-24
 
 NF4_CODES = np.array([
@@ -125,7 +125,7 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("backend", all_backends())
-@pytest.mark.parametrize("M", list(range(1, NF4_GEMV_MAX_M + 2)))
+@pytest.mark.parametrize("M", list(range(1, NF4_GEMV_MAX_M + 2)) + [2 * NF4_GEMV_MAX_M, 2 * NF4_GEMV_MAX_M + 1])
 @pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "nodq"])
 @pytest.mark.parametrize("rows,cols,blocksize", SHAPES, ids=[f"{r}x{c}-bs{b}" for r, c, b in SHAPES])
 def test_nf4_gemv_shapes(rng, backend, M, double_quant, rows, cols, blocksize):
@@ -160,4 +160,19 @@ def test_nf4_gemv_levels_agree_exactly_on_decode(rng):
     ref = (x[0, 0] * dequant_ref(w)[:, 0]).astype(np.float32)
     for b in [b for b in qlora_native.available_backends() if b.startswith("cpu")]:
         got = np.asarray(ops.nf4_gemm_nt(x, w, backend=b))[0]
+        np.testing.assert_array_equal(got, ref, err_msg=b)
+
+
+@pytest.mark.parametrize("M", [1, 4, 5, 8])
+def test_nf4_gemv_levels_agree_exactly_on_simd_scales(rng, M):
+    """K = 64 (the SIMD kernels' path, whose block scales are decoded by SIMD code at AVX-512) and
+    one nonzero column of X per row: every output is one product x * w, exact at every level.
+    700 rows x 1 block: many 16-block runs under one nested scale, heads and tails between them."""
+    w = random_nf4(rng, 700, 64, 64, True)
+    col = int(rng.integers(0, 64))
+    x = np.zeros((M, 64), np.float32)
+    x[:, col] = rng.standard_normal(M).astype(np.float32) + 2.0
+    ref = (x[:, col:col + 1] * dequant_ref(w)[:, col][None, :]).astype(np.float32)
+    for b in [b for b in qlora_native.available_backends() if b.startswith("cpu")]:
+        got = np.asarray(ops.nf4_gemm_nt(x, w, backend=b))
         np.testing.assert_array_equal(got, ref, err_msg=b)

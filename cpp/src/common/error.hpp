@@ -16,7 +16,11 @@ struct FormatError : ValueError {
   using ValueError::ValueError;
 };
 
-// Throw ValueError with a message when cond is false.
+// Throw ValueError with a message when cond is false. The const char* overload keeps checks in
+// loops cheap: a literal converted to std::string would allocate on every call.
+inline void check_arg(bool cond, const char* msg) {
+  if (!cond) throw ValueError(msg);
+}
 inline void check_arg(bool cond, const std::string& msg) {
   if (!cond) throw ValueError(msg);
 }

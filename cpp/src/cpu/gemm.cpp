@@ -238,7 +238,7 @@ void nf4_gemm_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_
   const int64_t N = W.rows, K = W.cols;  // Y[M, N] = X[M, K] · W[N, K]ᵀ
   check_dims(M, N, K, ldx, K, K, K, ldy);
   if (level == SimdLevel::Scalar) return scalar::nf4_gemm_nt(M, alpha, X, ldx, W, beta, Y, ldy);
-  if (M >= 1 && M <= 4 * kNf4GemvMaxM) {
+  if (M >= 1 && M <= 2 * kNf4GemvMaxM) {
     // Small batches (batched decode): GEMV over row groups streams the packed weight once per
     // group, far cheaper than decoding and packing the whole weight for a few rows.
     for (int64_t m0 = 0; m0 < M; m0 += kNf4GemvMaxM)

@@ -1,63 +1,88 @@
 // AVX-512 fp32 GEMV kernel (compiled with AVX-512 flags only; plain function, see cpu/README.md).
+// GCC 12's AVX-512 intrinsics seed results with _mm512_undefined_*: a known false positive.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
 #include <cstdint>
 
+#include "cpu/simd_reduce_avx512.hpp"
+
 namespace qlora::cpu {
 
 namespace {
-// Horizontal sum through memory: once per output element, and GCC 12's reduce/extract
-// intrinsics trip -Wmaybe-uninitialized.
-float hsum(__m512 v) {
-  alignas(64) float t[16];
-  _mm512_store_ps(t, v);
-  float s = 0.0f;
-  for (float x : t) s += x;
-  return s;
-}
-}  // namespace
 
-namespace {
-// M is a template parameter so the 2*M accumulators live in registers (with a run-time M the
-// compiler keeps the arrays on the stack and the M=8 GEMV becomes load/store bound).
+constexpr int pow2_at_least(int m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : 8; }
+
+// J columns of C (rows of B) [n, n+J) for all M rows of A into out[j * P + m]: v[j * P + m]
+// accumulates A row m times B row n+j over K (the K % 16 tail with masked loads, which never fault),
+// and one tree reduction (hsum16) turns the 16 accumulators into 16 dot products. Every dot
+// product takes the same path whatever M and J are, so a row's result does not depend on M.
+template <int M, int P, int J>
+inline __attribute__((always_inline)) void dots(int64_t n, int64_t K, const float* A, int64_t lda, const float* B,
+                                                int64_t ldb, float* out) {
+  static_assert(J * P <= 16 && M <= P, "16 accumulators");
+  __m512 v[16];
+  for (int i = 0; i < 16; ++i) v[i] = _mm512_setzero_ps();
+  const float* b = B + n * ldb;  // [J, ldb]
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 bv[J];
+#pragma GCC unroll 16
+    for (int j = 0; j < J; ++j) {
+      // The next J rows of B, one step ahead: with few rows of B in flight (M = 8: two) the
+      // hardware prefetchers alone left the loop stalled on memory at ~11 GB/s per core.
+      _mm_prefetch(reinterpret_cast<const char*>(b + (J + j) * ldb + k), _MM_HINT_T0);
+      bv[j] = _mm512_loadu_ps(b + j * ldb + k);
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      __m512 a = _mm512_loadu_ps(A + m * lda + k);
+      // Keep a in a register: GCC otherwise folds the load into each of the J FMAs, and the loop
+      // becomes bound by loads (J + J * M per step instead of J + M).
+      if (J > 1) asm("" : "+v"(a));
+#pragma GCC unroll 16
+      for (int j = 0; j < J; ++j) v[j * P + m] = _mm512_fmadd_ps(a, bv[j], v[j * P + m]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (K - k)) - 1);
+    for (int m = 0; m < M; ++m) {
+      const __m512 a = _mm512_maskz_loadu_ps(tail, A + m * lda + k);
+      for (int j = 0; j < J; ++j)
+        v[j * P + m] = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(tail, b + j * ldb + k), v[j * P + m]);
+    }
+  }
+  _mm512_store_ps(out, hsum16(v));
+}
+
+// M is a template parameter so the accumulators live in registers. Columns go J at a time
+// (J * P = 16 accumulators: 16 columns at M = 1, 2 at M = 8), so B rows stream once per call.
 template <int M>
 void gemv_rows(int64_t n0, int64_t n1, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
                int64_t ldb, float beta, float* C, int64_t ldc) {
+  constexpr int P = pow2_at_least(M), J = 16 / P;
   // Results go through a [M, 16] tile written out a cache line per row: storing one float per row
   // per n hits M lines that often share an L1 set (ldc = vocab size, a multiple of 4 KiB), and the
   // streamed B evicts them.
   constexpr int64_t kTile = 16;
   alignas(64) float tile[M][kTile];
+  alignas(64) float out[16];
   for (int64_t nt = n0; nt < n1; nt += kTile) {
     const int64_t nn = n1 - nt < kTile ? n1 - nt : kTile;
-    for (int64_t j = 0; j < nn; ++j) {
-      const float* b = B + (nt + j) * ldb;  // [K]
-      __m512 acc0[M], acc1[M];              // two chains per row of A hide the FMA latency
-#pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
-      int64_t k = 0;
-      for (; k + 32 <= K; k += 32) {
-        const __m512 b0 = _mm512_loadu_ps(b + k), b1 = _mm512_loadu_ps(b + k + 16);
-#pragma GCC unroll 8
-        for (int m = 0; m < M; ++m) {
-          acc0[m] = _mm512_fmadd_ps(_mm512_loadu_ps(A + m * lda + k), b0, acc0[m]);
-          acc1[m] = _mm512_fmadd_ps(_mm512_loadu_ps(A + m * lda + k + 16), b1, acc1[m]);
-        }
-      }
-      for (; k + 16 <= K; k += 16) {
-        const __m512 b0 = _mm512_loadu_ps(b + k);
-#pragma GCC unroll 8
-        for (int m = 0; m < M; ++m) acc0[m] = _mm512_fmadd_ps(_mm512_loadu_ps(A + m * lda + k), b0, acc0[m]);
-      }
-      for (int m = 0; m < M; ++m) {
-        float s = hsum(_mm512_add_ps(acc0[m], acc1[m]));
-        for (int64_t kk = k; kk < K; ++kk) s += A[m * lda + kk] * b[kk];
-        tile[m][j] = s;
-      }
+    int64_t j = 0;
+    for (; j + J <= nn; j += J) {
+      dots<M, P, J>(nt + j, K, A, lda, B, ldb, out);
+      for (int jj = 0; jj < J; ++jj)
+        for (int m = 0; m < M; ++m) tile[m][j + jj] = out[jj * P + m];
+    }
+    for (; j < nn; ++j) {  // the last tile's columns beyond a multiple of J
+      dots<M, P, 1>(nt + j, K, A, lda, B, ldb, out);
+      for (int m = 0; m < M; ++m) tile[m][j] = out[m];
     }
     for (int m = 0; m < M; ++m) {
       float* c = C + m * ldc + nt;
-      for (int64_t j = 0; j < nn; ++j) c[j] = beta == 0.0f ? alpha * tile[m][j] : alpha * tile[m][j] + beta * c[j];
+      for (int64_t jj = 0; jj < nn; ++jj)
+        c[jj] = beta == 0.0f ? alpha * tile[m][jj] : alpha * tile[m][jj] + beta * c[jj];
     }
   }
 }

@@ -18,8 +18,21 @@ namespace qlora::cpu {
 namespace {
 
 using nf4_gemv_detail::Args;
-static_assert(kNf4GemvMaxM >= 1 && kNf4GemvMaxM <= 4, "the kernels are instantiated for M = 1..4");
+static_assert(kNf4GemvMaxM >= 1 && kNf4GemvMaxM <= 8, "the kernels are instantiated for M = 1..8");
 using RowsFn = void (*)(const Args&, int64_t, int64_t);
+constexpr int64_t kNarrowMaxM = 4;  // rows of X per pass of the AVX2 and generic kernels
+
+// The AVX2 and generic kernels take M <= 4: larger M runs over rows [0, 4) and [4, M) of X.
+template <RowsFn F>
+void rows_narrow(const Args& a, int64_t r0, int64_t r1) {
+  for (int64_t m0 = 0; m0 < a.M; m0 += kNarrowMaxM) {
+    Args b = a;
+    b.M = std::min(kNarrowMaxM, a.M - m0);
+    b.x = a.x + m0 * a.ldx;
+    b.y = a.y + m0 * a.ldy;
+    F(b, r0, r1);
+  }
+}
 
 int log2_exact(int bs) {
   int s = 0;
@@ -61,14 +74,14 @@ void nf4_gemv_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_
   }
 
   // Pick the kernel; SIMD kernels need K to be a whole number of groups (else the generic path).
-  RowsFn rows = nf4_gemv_detail::rows_generic;
+  RowsFn rows = rows_narrow<nf4_gemv_detail::rows_generic>;
   int64_t G = 0;
 #if defined(QLORA_X86)
   if (level == SimdLevel::AVX512 && K % nf4_gemv_detail::kGroupAvx512 == 0) {
     rows = nf4_gemv_detail::rows_avx512;
     G = nf4_gemv_detail::kGroupAvx512;
   } else if (level >= SimdLevel::AVX2 && K % nf4_gemv_detail::kGroupAvx2 == 0) {
-    rows = nf4_gemv_detail::rows_avx2;
+    rows = rows_narrow<nf4_gemv_detail::rows_avx2>;
     G = nf4_gemv_detail::kGroupAvx2;
   }
 #endif
@@ -84,9 +97,15 @@ void nf4_gemv_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_
   base.y = Y;
   base.ldy = ldy;
   std::vector<float> xg;  // [M, K] regrouped X (SIMD kernels)
+  const bool avx512 = G == nf4_gemv_detail::kGroupAvx512;
   if (G) {
     xg.resize(static_cast<size_t>(M * K));
-    regroup_x(M, K, X, ldx, G, xg.data());
+#if defined(QLORA_X86)
+    if (avx512)
+      nf4_gemv_detail::regroup_x_avx512(M, K, X, ldx, xg.data());
+    else
+#endif
+      regroup_x(M, K, X, ldx, G, xg.data());
     base.x = xg.data();
     base.ldx = K;
   } else {
@@ -115,7 +134,12 @@ void nf4_gemv_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_
       scales.resize(static_cast<size_t>(b1 - b0));
       // Same float ops as scalar::nf4_block_absmax (this file is built without FMA contraction on x86).
       const uint8_t* code = static_cast<const uint8_t*>(W.absmax);
-      for (int64_t b = b0; b < b1; ++b) scales[b - b0] = W.nested_map[code[b]] * W.nested_absmax[b >> 8] + W.offset;
+#if defined(QLORA_X86)
+      if (avx512)
+        nf4_gemv_detail::decode_scales_avx512(code, W.nested_map, W.nested_absmax, W.offset, b0, b1, scales.data());
+      else
+#endif
+        for (int64_t b = b0; b < b1; ++b) scales[b - b0] = W.nested_map[code[b]] * W.nested_absmax[b >> 8] + W.offset;
       a.absmax = scales.data();
       a.block0 = b0;
       rows(a, q0, q1);

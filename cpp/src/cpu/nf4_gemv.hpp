@@ -7,8 +7,9 @@
 
 namespace qlora::cpu {
 
-// Largest M the GEMV path handles well; nf4_gemm_nt routes M <= this here.
-constexpr int64_t kNf4GemvMaxM = 4;
+// Largest M of one GEMV call; nf4_gemm_nt routes M <= 2 * this here in row groups. The AVX-512
+// kernel streams W once for up to 8 rows; AVX2 and generic run groups of 4 (register budget).
+constexpr int64_t kNf4GemvMaxM = 8;
 
 // Y[M, W.rows] = alpha * X[M, W.cols] · deq(W)ᵀ + beta * Y, for 1 <= M <= kNf4GemvMaxM.
 void nf4_gemv_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W, float beta,

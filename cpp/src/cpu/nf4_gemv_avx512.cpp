@@ -13,12 +13,17 @@
 #include <cstdint>
 
 #include "cpu/nf4_gemv_kernels.hpp"
+#include "cpu/simd_reduce_avx512.hpp"
 
 namespace qlora::cpu::nf4_gemv_detail {
 
 namespace {
 
 #define QLORA_AI inline __attribute__((always_inline))
+
+// An X vector used by both rows of a pair is loaded once: without this GCC folds the load into
+// each FMA, doubling the loads of the row-pair kernels (the bound at M >= 4).
+QLORA_AI void keep_in_register(__m512& a, __m512& b) { asm("" : "+v"(a), "+v"(b)); }
 
 // Dword q = 4*lane + t of a 16-byte broadcast, shifted by 8*lane (+4 for the high nibble).
 struct Shifts {
@@ -132,7 +137,8 @@ void row_pairs_m(const Args& a, int64_t r0, int64_t r1) {
         const __m512 w1e = _mm512_permutexvar_ps(_mm512_srlv_epi32(b1, sh.hi), t1);
         const __m512 w1o = _mm512_permutexvar_ps(_mm512_srlv_epi32(b1, sh.lo), t1);
         for (int m = 0; m < M; ++m) {
-          const __m512 xe = _mm512_loadu_ps(x + m * ldx + k), xo = _mm512_loadu_ps(x + m * ldx + k + 16);
+          __m512 xe = _mm512_loadu_ps(x + m * ldx + k), xo = _mm512_loadu_ps(x + m * ldx + k + 16);
+          keep_in_register(xe, xo);
           acc0[0][m] = _mm512_fmadd_ps(w0e, xe, acc0[0][m]);
           acc0[1][m] = _mm512_fmadd_ps(w0o, xo, acc0[1][m]);
           acc1[0][m] = _mm512_fmadd_ps(w1e, xe, acc1[0][m]);
@@ -150,6 +156,65 @@ void row_pairs_m(const Args& a, int64_t r0, int64_t r1) {
   }
 }
 
+// Rows [m0, m0 + M) of X only (the kernels above are register-tiled for M <= 4).
+inline Args rows_of(const Args& a, int64_t m0, int64_t M) {
+  Args b = a;
+  b.M = M;
+  b.x = a.x + m0 * a.ldx;
+  b.y = a.y + m0 * a.ldy;
+  return b;
+}
+
+// 5 <= M <= 8, two rows of W at a time: 16 accumulators (even and odd columns share one, so
+// 2 rows x 8 rows of X fit the 32 registers), one decode of W for all M rows of X, and one
+// tree reduction of the 16 accumulators. Requires K % blocksize == 0 (as row_pairs_m).
+template <int M>
+void row_pairs_wide(const Args& a, int64_t r0, int64_t r1) {
+  static_assert(M > 4 && M <= 8, "row_pairs_wide is for 5..8 rows of X");
+  const int64_t K = a.K, ldx = a.ldx;
+  const int s = a.bs_shift;
+  const int64_t bs = int64_t{1} << s, nb = K >> s;  // blocks per row
+  const float* x = a.x;                             // [M, ldx] regrouped
+  const __m512 codes = _mm512_loadu_ps(a.codes);
+  Shifts sh;
+  sh.lo = _mm512_set_epi32(24, 24, 24, 24, 16, 16, 16, 16, 8, 8, 8, 8, 0, 0, 0, 0);
+  sh.hi = _mm512_add_epi32(sh.lo, _mm512_set1_epi32(4));
+  alignas(64) float dots[16];  // [W row n + (i >= 8)][X row i % 8]
+  for (int64_t n = r0; n < r1; n += 2) {
+    const uint8_t* p0 = a.packed + n * K / 2;  // [K/2] bytes of rows n, n+1
+    const uint8_t* p1 = p0 + K / 2;
+    const float* am0 = a.absmax + ((n * K) >> s) - a.block0;
+    const float* am1 = am0 + nb;
+    __m512 acc[16];  // [8 * (row n+1) + m]; lanes m >= M stay zero
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      const __m512 t0 = _mm512_mul_ps(codes, _mm512_set1_ps(am0[blk]));
+      const __m512 t1 = _mm512_mul_ps(codes, _mm512_set1_ps(am1[blk]));
+      for (int64_t k = blk * bs, end = k + bs; k < end; k += 32) {
+        const __m512i b0 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0 + k / 2)));
+        const __m512i b1 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p1 + k / 2)));
+        const __m512 w0e = _mm512_permutexvar_ps(_mm512_srlv_epi32(b0, sh.hi), t0);
+        const __m512 w0o = _mm512_permutexvar_ps(_mm512_srlv_epi32(b0, sh.lo), t0);
+        const __m512 w1e = _mm512_permutexvar_ps(_mm512_srlv_epi32(b1, sh.hi), t1);
+        const __m512 w1o = _mm512_permutexvar_ps(_mm512_srlv_epi32(b1, sh.lo), t1);
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+          __m512 xe = _mm512_loadu_ps(x + m * ldx + k), xo = _mm512_loadu_ps(x + m * ldx + k + 16);
+          keep_in_register(xe, xo);
+          acc[m] = _mm512_fmadd_ps(w0o, xo, _mm512_fmadd_ps(w0e, xe, acc[m]));
+          acc[8 + m] = _mm512_fmadd_ps(w1o, xo, _mm512_fmadd_ps(w1e, xe, acc[8 + m]));
+        }
+      }
+    }
+    _mm512_store_ps(dots, hsum16(acc));
+    for (int m = 0; m < M; ++m) {
+      float* y = a.y + m * a.ldy + n;
+      y[0] = a.beta == 0.0f ? a.alpha * dots[m] : a.alpha * dots[m] + a.beta * y[0];  // beta == 0: Y not read
+      y[1] = a.beta == 0.0f ? a.alpha * dots[8 + m] : a.alpha * dots[8 + m] + a.beta * y[1];
+    }
+  }
+}
+
 // M >= 2 with whole blocks per row: row pairs, and the single-row kernel for an odd last row.
 template <int M>
 void rows_dispatch(const Args& a, int64_t r0, int64_t r1) {
@@ -162,14 +227,66 @@ void rows_dispatch(const Args& a, int64_t r0, int64_t r1) {
   }
 }
 
+// 5 <= M <= 8: the wide row-pair kernel; an odd last row (or blocks straddling rows) runs the
+// 4-row kernels on rows [0, 4) and [4, M) of X.
+template <int M>
+void rows_dispatch_wide(const Args& a, int64_t r0, int64_t r1) {
+  int64_t pairs_end = r0;
+  if ((a.K & ((int64_t{1} << a.bs_shift) - 1)) == 0) {
+    pairs_end = r0 + ((r1 - r0) & ~int64_t{1});
+    row_pairs_wide<M>(a, r0, pairs_end);
+  }
+  if (pairs_end < r1) {
+    rows_dispatch<4>(rows_of(a, 0, 4), pairs_end, r1);
+    rows_dispatch<M - 4>(rows_of(a, 4, M - 4), pairs_end, r1);
+  }
+}
+
 }  // namespace
+
+void regroup_x_avx512(int64_t M, int64_t K, const float* X, int64_t ldx, float* Xg) {
+  // Slot q < 16 of a group takes column 2p, slot 16 + q column 2p + 1, p = 4 * (q % 4) + q / 4
+  // (regroup_x in nf4_gemv.cpp): two two-source permutes per 32 columns.
+  const __m512i even = _mm512_set_epi32(30, 22, 14, 6, 28, 20, 12, 4, 26, 18, 10, 2, 24, 16, 8, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* x = X + m * ldx;
+    float* xg = Xg + m * K;
+    for (int64_t g = 0; g < K; g += 32) {
+      const __m512 lo = _mm512_loadu_ps(x + g), hi = _mm512_loadu_ps(x + g + 16);
+      _mm512_storeu_ps(xg + g, _mm512_permutex2var_ps(lo, even, hi));
+      _mm512_storeu_ps(xg + g + 16, _mm512_permutex2var_ps(lo, odd, hi));
+    }
+  }
+}
+
+void decode_scales_avx512(const uint8_t* code, const float* map, const float* nested, float offset, int64_t b0,
+                          int64_t b1, float* out) {
+  const __m512 off = _mm512_set1_ps(offset);
+  int64_t b = b0;
+  for (; b + 16 <= b1 && (b >> 8) == ((b + 15) >> 8); b += 16) {  // 16 blocks under one nested scale
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(code + b)));
+    __m512 v = _mm512_mul_ps(_mm512_i32gather_ps(idx, map, 4), _mm512_set1_ps(nested[b >> 8]));
+    asm("" : "+v"(v));  // GCC would contract the multiply and the add into an FMA
+    _mm512_storeu_ps(out + (b - b0), _mm512_add_ps(v, off));
+  }
+  for (; b < b1; ++b) {  // a head or tail not aligned to 16 blocks of one nested scale
+    float v = map[code[b]] * nested[b >> 8];
+    asm("" : "+v"(v));
+    out[b - b0] = v + offset;
+  }
+}
 
 void rows_avx512(const Args& a, int64_t r0, int64_t r1) {
   switch (a.M) {
     case 1: rows_m<1>(a, r0, r1); break;
     case 2: rows_dispatch<2>(a, r0, r1); break;
     case 3: rows_dispatch<3>(a, r0, r1); break;
-    default: rows_dispatch<4>(a, r0, r1); break;
+    case 4: rows_dispatch<4>(a, r0, r1); break;
+    case 5: rows_dispatch_wide<5>(a, r0, r1); break;
+    case 6: rows_dispatch_wide<6>(a, r0, r1); break;
+    case 7: rows_dispatch_wide<7>(a, r0, r1); break;
+    default: rows_dispatch_wide<8>(a, r0, r1); break;
   }
 }
 

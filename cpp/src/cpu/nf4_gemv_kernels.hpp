@@ -32,4 +32,12 @@ void rows_generic(const Args& a, int64_t r0, int64_t r1);
 void rows_avx2(const Args& a, int64_t r0, int64_t r1);    // K % kGroupAvx2 == 0
 void rows_avx512(const Args& a, int64_t r0, int64_t r1);  // K % kGroupAvx512 == 0
 
+// The per-call preparation at AVX-512, same results as the level-neutral loops in nf4_gemv.cpp:
+// X[M, K] regrouped for rows_avx512 into Xg[M, K] (K % kGroupAvx512 == 0), and the double-quant
+// block scales out[b - b0] = map[code[b]] * nested[b >> 8] + offset for b in [b0, b1) (a multiply
+// then an add, never fused, so every level decodes bit-identical scales).
+void regroup_x_avx512(int64_t M, int64_t K, const float* X, int64_t ldx, float* Xg);
+void decode_scales_avx512(const uint8_t* code, const float* map, const float* nested, float offset, int64_t b0,
+                          int64_t b1, float* out);
+
 }  // namespace qlora::cpu::nf4_gemv_detail

@@ -48,8 +48,9 @@ void LlamaModel::run(KvCache& cache, const int32_t* ids, const int32_t* mask, in
   const int64_t D = c.hidden_size, I = c.intermediate_size, V = c.vocab_size, hd = c.head_dim;
   const int64_t Hq = c.num_heads, Hkv = c.num_kv_heads, QD = c.q_dim(), KD = c.kv_dim();
   for (int64_t i = 0; i < M; ++i)
-    check_arg(ids[i] >= 0 && ids[i] < V, "token id " + std::to_string(ids[i]) + " at index " + std::to_string(i) +
-                                             " is out of range [0, " + std::to_string(V) + ")");
+    if (ids[i] < 0 || ids[i] >= V)  // the message is built only on failure
+      throw ValueError("token id " + std::to_string(ids[i]) + " at index " + std::to_string(i) +
+                       " is out of range [0, " + std::to_string(V) + ")");
   if (c.sliding_window > 0)
     check_arg(cache.used() + T <= c.sliding_window,
               "sequence length " + std::to_string(cache.used() + T) + " exceeds sliding_window " +
