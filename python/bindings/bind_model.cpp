@@ -238,7 +238,39 @@ void bind_model(py::module_& m) {
             return self.sample(l.data(), static_cast<int64_t>(l.size()), history.data(), history.size(), p);
           },
           py::arg("logits"), py::arg("history"), py::arg("temperature") = 0.0f, py::arg("top_k") = 0,
-          py::arg("top_p") = 1.0f, py::arg("repetition_penalty") = 1.0f);
+          py::arg("top_p") = 1.0f, py::arg("repetition_penalty") = 1.0f)
+      .def(
+          "sample_rows",
+          [](model::Sampler& self, py::array_t<float, py::array::c_style | py::array::forcecast> logits,
+             const I32Array& rows, const py::list& histories, float temperature, int64_t top_k, float top_p,
+             float repetition_penalty) {
+            check_arg(logits.ndim() == 2, "sample_rows: logits must be 2-D [batch, vocab]");
+            const int64_t B = logits.shape(0), V = logits.shape(1), n = rows.size();
+            check_arg(static_cast<int64_t>(histories.size()) == n, "sample_rows: one history per row");
+            std::vector<I32Array> hist;  // keeps the converted arrays alive
+            std::vector<const int32_t*> hp(n);
+            std::vector<int64_t> hn(n);
+            for (int64_t i = 0; i < n; ++i) {
+              check_arg(rows.data()[i] >= 0 && rows.data()[i] < B, "sample_rows: row index out of range");
+              hist.push_back(py::cast<I32Array>(histories[i]));
+            }
+            for (int64_t i = 0; i < n; ++i) {
+              hp[i] = hist[i].data();
+              hn[i] = hist[i].size();
+            }
+            model::SamplingParams p{temperature, top_k, top_p, repetition_penalty};
+            py::array_t<int32_t> out(n);
+            int32_t* o = out.mutable_data();
+            {
+              py::gil_scoped_release nogil;
+              self.sample_rows(logits.data(), V, V, rows.data(), n, hp.data(), hn.data(), p, o);
+            }
+            return out;
+          },
+          py::arg("logits"), py::arg("rows"), py::arg("histories"), py::arg("temperature") = 0.0f,
+          py::arg("top_k") = 0, py::arg("top_p") = 1.0f, py::arg("repetition_penalty") = 1.0f,
+          "One token per listed row of logits [B, V] (rows: int32 indices, histories: one int32 array "
+          "each); same tokens as calling sample() row after row.");
 }
 
 }  // namespace qlora::py_bind

@@ -267,13 +267,16 @@ class Model(LoraModelMixin):
         core.start(B, capacity)
         try:
             logits = core.feed(ids, mask)  # [B, V]
+            no_hist = np.zeros(0, np.int32)
+            penalty = sample_args["repetition_penalty"] != 1.0  # the only use of the history
             for step in range(max_new_tokens):
                 nxt = np.full((B, 1), pad_token_id, np.int32)
                 live = np.zeros((B, 1), np.int32)
-                for b in range(B):
-                    if done[b]:
-                        continue
-                    tok = sampler.sample(logits[b], np.asarray(history[b], np.int32), **sample_args)
+                rows = [b for b in range(B) if not done[b]]
+                hists = [np.asarray(history[b], np.int32) if penalty else no_hist for b in rows]
+                # One C++ call per step for all rows (greedy rows in parallel), in row order.
+                toks = sampler.sample_rows(logits, np.asarray(rows, np.int32), hists, **sample_args).tolist()
+                for b, tok in zip(rows, toks):
                     out[b].append(tok)
                     history[b].append(tok)
                     if stream is not None:

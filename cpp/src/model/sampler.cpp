@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common/error.hpp"
+#include "cpu/threads.hpp"
 
 namespace qlora::model {
 
@@ -17,9 +18,44 @@ void SamplingParams::validate() const {
   check_arg(std::isfinite(repetition_penalty) && repetition_penalty > 0, "repetition_penalty must be > 0");
 }
 
+namespace {
+// NaN check as a branch-free reduction (vectorizes; a throwing check per element does not).
+bool has_nan(const float* x, int64_t n) {
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) nan |= x[i] != x[i];
+  return nan;
+}
+}  // namespace
+
+void Sampler::sample_rows(const float* logits, int64_t ldl, int64_t V, const int32_t* rows, int64_t n,
+                          const int32_t* const* histories, const int64_t* n_hists, const SamplingParams& p,
+                          int32_t* out) {
+  p.validate();
+  auto one = [&](int64_t i, std::vector<float>& buf) {
+    const float* row = logits + static_cast<int64_t>(rows[i]) * ldl;  // [V]
+    if (p.temperature == 0.0f && p.repetition_penalty == 1.0f) {  // argmax only: no copy needed
+      check_arg(V >= 1, "sample: empty logits");
+      check_arg(!has_nan(row, V), "sample: logits contain NaN");
+      out[i] = static_cast<int32_t>(std::max_element(row, row + V) - row);
+      return;
+    }
+    buf.assign(row, row + V);
+    out[i] = sample(buf.data(), V, histories[i], n_hists[i], p);
+  };
+  if (p.temperature == 0.0f) {  // no random draw: rows are independent
+    cpu::parallel_range(n, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> buf;
+      for (int64_t i = i0; i < i1; ++i) one(i, buf);
+    });
+  } else {
+    std::vector<float> buf;
+    for (int64_t i = 0; i < n; ++i) one(i, buf);
+  }
+}
+
 int32_t Sampler::sample(float* logits, int64_t V, const int32_t* history, int64_t n_hist, const SamplingParams& p) {
   check_arg(V >= 1, "sample: empty logits");
-  for (int64_t i = 0; i < V; ++i) check_arg(!std::isnan(logits[i]), "sample: logits contain NaN");
+  check_arg(!has_nan(logits, V), "sample: logits contain NaN");
   if (p.repetition_penalty != 1.0f) {
     // Each distinct token once (HF gathers then scatters, so duplicates are penalized once).
     std::vector<int32_t> seen(history, history + n_hist);

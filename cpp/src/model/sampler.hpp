@@ -21,6 +21,13 @@ class Sampler {
   // this row (prompt + generated) for the repetition penalty.
   int32_t sample(float* logits, int64_t V, const int32_t* history, int64_t n_hist, const SamplingParams& p);
 
+  // One token for each of n rows (batched decode): row i reads logits + rows[i] * ldl (left
+  // intact: penalties work on a copy) and histories[i][0, n_hists[i]), and writes out[i]. Rows
+  // draw from the generator in order, so a seed gives the same tokens as n calls of sample();
+  // greedy rows (no draw) run in parallel on the host thread pool.
+  void sample_rows(const float* logits, int64_t ldl, int64_t V, const int32_t* rows, int64_t n,
+                   const int32_t* const* histories, const int64_t* n_hists, const SamplingParams& p, int32_t* out);
+
  private:
   std::mt19937_64 rng_;
 };
