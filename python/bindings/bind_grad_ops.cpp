@@ -207,6 +207,35 @@ py::array attention_cached(py::handle q_o, py::handle k_o, py::handle v_o, py::h
   return out;
 }
 
+// The inference KV-cache attention() on caller-given caches: q[B*T, Hq*hd], k/v caches
+// [B, Hkv, S_cap, hd], key_mask int32 [B, S_cap]; queries sit in slots start .. start+T-1.
+py::array attention_kv(py::handle q_o, py::handle k_o, py::handle v_o, py::handle m_o, int64_t start, int64_t Hq,
+                       int64_t Hkv, float scale, const std::string& backend) {
+  Backend& be = host_backend(backend);
+  F32 q = f32(q_o, "q", 2), kc = f32(k_o, "k_cache", 4), vc = f32(v_o, "v_cache", 4);
+  I32 mask = i32(m_o, "key_mask", 2);
+  check_arg(Hq >= 1 && Hkv >= 1 && Hq % Hkv == 0,
+            "n_heads (" + std::to_string(Hq) + ") must be a positive multiple of n_kv_heads (" + std::to_string(Hkv) + ")");
+  check_arg(std::isfinite(scale), "scale must be finite");
+  const int64_t B = kc.shape(0), S_cap = kc.shape(2), hd = kc.shape(3);
+  check_arg(B >= 1 && S_cap >= 1 && hd >= 1, "k_cache must be non-empty, got shape " + shape_str(kc));
+  expect_shape(kc, "k_cache", {B, Hkv, S_cap, hd});
+  expect_shape(vc, "v_cache", {B, Hkv, S_cap, hd});
+  expect_shape(mask, "key_mask", {B, S_cap});
+  check_arg(q.shape(0) % B == 0 && q.shape(0) > 0, "q rows must be B * T with T >= 1, got shape " + shape_str(q));
+  const int64_t T = q.shape(0) / B;
+  expect_shape(q, "q", {B * T, Hq * hd});
+  check_arg(start >= 0 && start + T <= S_cap, "need 0 <= start and start + T <= S_cap, got start " +
+                                                  std::to_string(start) + ", T " + std::to_string(T) + ", S_cap " +
+                                                  std::to_string(S_cap));
+  auto out = new_f32({B * T, Hq * hd});
+  float* po = out.mutable_data();
+  py::gil_scoped_release nogil;
+  be.attention(B, T, Hq, Hkv, hd, q.data(), Hq * hd, kc.data(), vc.data(), S_cap, start, mask.data(), scale, po,
+               Hq * hd);
+  return out;
+}
+
 py::dict lm_cross_entropy(py::handle h_o, py::handle e_o, py::handle lab_o, float grad_scale, int64_t chunk_rows,
                           bool want_grad, const std::string& backend) {
   Backend& be = host_backend(backend);
@@ -260,6 +289,11 @@ void bind_grad_ops(py::module_& m) {
   g.def("attention_cached", &attention_cached, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_mask"),
         py::kw_only(), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("scale"), py::arg("backend") = "cpu",
         "the inference KV-cache attention() over a cache holding exactly k, v (tests pair it with attention_train)");
+  g.def("attention_kv", &attention_kv, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("key_mask"),
+        py::kw_only(), py::arg("start"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("scale"),
+        py::arg("backend") = "cpu",
+        "the inference KV-cache attention(): out[B*T, Hq*hd] for q[B*T, Hq*hd] in slots start..start+T-1 over "
+        "caches [B, Hkv, S_cap, hd] with int32 key_mask [B, S_cap]");
   g.def("lm_cross_entropy", &lm_cross_entropy, py::arg("h"), py::arg("E"), py::arg("labels"), py::kw_only(),
         py::arg("grad_scale") = 1.0f, py::arg("chunk_rows") = kCrossEntropyChunkRows, py::arg("want_grad") = true,
         py::arg("backend") = "cpu",

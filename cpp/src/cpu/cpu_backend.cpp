@@ -80,7 +80,7 @@ void CpuBackend::kv_write(int64_t B, int64_t T, int64_t H, int64_t hd, const flo
 void CpuBackend::attention(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q, int64_t ldq,
                            const float* k_cache, const float* v_cache, int64_t S_cap, int64_t start,
                            const int32_t* key_mask, float scale, float* out, int64_t ldo) {
-  ops::attention(B, T, Hq, Hkv, hd, q, ldq, k_cache, v_cache, S_cap, start, key_mask, scale, out, ldo);
+  ops::attention(level(), B, T, Hq, Hkv, hd, q, ldq, k_cache, v_cache, S_cap, start, key_mask, scale, out, ldo);
 }
 
 void CpuBackend::rmsnorm_backward(int64_t M, int64_t D, const float* x, const float* w, float eps, const float* dy,

@@ -114,9 +114,10 @@ void nf4_gemv_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_
   }
 
   const int s = base.bs_shift;
-  // At least 128 KiB of packed weight per task (about 8 us of streaming), so that small layers
-  // do not pay the thread pool's wake-up and join.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / K);
+  // At least 128 KiB of packed weight per task at M <= 2 (about 8 us of streaming), so that small
+  // layers do not pay the thread pool's wake-up and join; less at larger M, where each weight
+  // costs M FMAs (at M = 8 a [192, 576] k/v projection is then split over two threads).
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / (K * std::max<int64_t>(1, M / 2)));
   if (!W.double_quant) {
     base.absmax = static_cast<const float*>(W.absmax);
     base.block0 = 0;

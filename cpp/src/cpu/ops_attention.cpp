@@ -1,10 +1,13 @@
-// RoPE, KV-cache writes and causal grouped-query attention (fp32, exact softmax).
+// RoPE, KV-cache writes and causal grouped-query attention over the KV cache (fp32 softmax;
+// per-level kernels in cpu/attention_kernels*.cpp, the scalar level keeps a plain reference loop).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
+#include "cpu/attention_kernels.hpp"
 #include "cpu/ops_model.hpp"
 #include "cpu/threads.hpp"
 
@@ -66,9 +69,10 @@ void kv_write(int64_t B, int64_t T, int64_t H, int64_t hd, const float* x, int64
   });
 }
 
-void attention(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q, int64_t ldq,
-               const float* k_cache, const float* v_cache, int64_t S_cap, int64_t start, const int32_t* key_mask,
-               float scale, float* out, int64_t ldo) {
+// The cpu:scalar reference: one (b, query head) pair per task, one dot and one std::exp per key.
+static void attention_reference(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+                                int64_t ldq, const float* k_cache, const float* v_cache, int64_t S_cap, int64_t start,
+                                const int32_t* key_mask, float scale, float* out, int64_t ldo) {
   const int64_t group = Hq / Hkv;
   const int64_t S_end = start + T;  // slots in use after this call
   // One task = one (b, query head) pair over all its T queries; scratch is per task chunk.
@@ -108,6 +112,51 @@ void attention(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const 
         }
         const float inv = static_cast<float>(1.0 / denom);
         for (int64_t i = 0; i < hd; ++i) o[i] = acc[i] * inv;
+      }
+    }
+  });
+}
+
+void attention(SimdLevel level, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+               int64_t ldq, const float* k_cache, const float* v_cache, int64_t S_cap, int64_t start,
+               const int32_t* key_mask, float scale, float* out, int64_t ldo) {
+  if (level == SimdLevel::Scalar)
+    return attention_reference(B, T, Hq, Hkv, hd, q, ldq, k_cache, v_cache, S_cap, start, key_mask, scale, out, ldo);
+  const attn_k::AttnBlockFn block = level == SimdLevel::AVX512 ? attn_k::attn_block_avx512
+                                    : level == SimdLevel::AVX2  ? attn_k::attn_block_avx2
+                                                                : attn_k::attn_block_generic;
+  // Rows of one (b, kv head) group: r = t * G + g for query t and query head kh * G + g; t-major so
+  // a block's causal limits are close. A task = up to kMaxRows rows of one group, so every K/V row
+  // is read once per block for all its GQA heads and queries (decode: one task per group).
+  const int64_t G = Hq / Hkv, rows = T * G, nblk = (rows + attn_k::kMaxRows - 1) / attn_k::kMaxRows;
+  const int64_t S_end = start + T;  // slots in use after this call
+  const int64_t lds = (S_end + attn_k::kLdsAlign - 1) / attn_k::kLdsAlign * attn_k::kLdsAlign;
+  // Queries are pre-scaled by scale * log2(e) (one fp32 rounding) so the kernels take exp2.
+  const float qscale = static_cast<float>(static_cast<double>(scale) * 1.4426950408889634);
+  // Thread hand-off costs ~5-10 us: chunks of at least ~256K flops (2 dots of hd per row and key).
+  const int64_t blk_flops = std::max<int64_t>(1, 4 * std::min(rows, attn_k::kMaxRows) * S_end * hd);
+  parallel_range(B * Hkv * nblk, std::max<int64_t>(1, (int64_t{1} << 18) / blk_flops), [&](int64_t p0, int64_t p1) {
+    // Scratch left uninitialized (the kernels write before they read): zeroing it would cost a
+    // decode step more than the attention itself.
+    const int64_t rmax = std::min(rows, attn_k::kMaxRows);
+    std::unique_ptr<float[]> S(new float[rmax * lds]);   // [rmax, lds] scores / weights
+    std::unique_ptr<float[]> Qp(new float[rmax * hd]);   // [rmax, hd] scaled queries
+    std::unique_ptr<float[]> Ob(new float[rmax * hd]);   // [rmax, hd] outputs
+    int64_t n_vis[attn_k::kMaxRows];
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t b = p / (Hkv * nblk), kh = (p / nblk) % Hkv, r0 = (p % nblk) * attn_k::kMaxRows;
+      const int64_t R = std::min(attn_k::kMaxRows, rows - r0);
+      for (int64_t i = 0; i < R; ++i) {
+        const int64_t t = (r0 + i) / G, h = kh * G + (r0 + i) % G;
+        const float* src = q + (b * T + t) * ldq + h * hd;
+        for (int64_t j = 0; j < hd; ++j) Qp[i * hd + j] = src[j] * qscale;
+        n_vis[i] = start + t + 1;  // causal: slots [0, start + t]
+      }
+      const int64_t off = (b * Hkv + kh) * S_cap * hd;  // [S_cap, hd] slab of this (b, kv head)
+      block(R, hd, Qp.get(), k_cache + off, v_cache + off, key_mask + b * S_cap, n_vis, S.get(), lds, Ob.get());
+      for (int64_t i = 0; i < R; ++i) {
+        const int64_t t = (r0 + i) / G, h = kh * G + (r0 + i) % G;
+        std::memcpy(out + (b * T + t) * ldo + h * hd, Ob.get() + i * hd, sizeof(float) * hd);
       }
     }
   });

@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu/features.hpp"
+
 namespace qlora::cpu::ops {
 
 void embedding(int64_t M, int64_t D, const float* table, const int32_t* ids, float* out);
@@ -18,8 +20,9 @@ void swiglu(int64_t M, int64_t N, const float* gate, int64_t ldg, const float* u
             int64_t ldo);
 void kv_write(int64_t B, int64_t T, int64_t H, int64_t hd, const float* x, int64_t ldx, float* cache, int64_t S_cap,
               int64_t start);
-void attention(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q, int64_t ldq,
-               const float* k_cache, const float* v_cache, int64_t S_cap, int64_t start, const int32_t* key_mask,
-               float scale, float* out, int64_t ldo);
+// KV-cache attention (Backend::attention) with the kernels of `level` (Scalar: the plain reference loop).
+void attention(SimdLevel level, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+               int64_t ldq, const float* k_cache, const float* v_cache, int64_t S_cap, int64_t start,
+               const int32_t* key_mask, float scale, float* out, int64_t ldo);
 
 }  // namespace qlora::cpu::ops
