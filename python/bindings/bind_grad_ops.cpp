@@ -102,6 +102,18 @@ py::array rope_backward(py::handle dy_o, py::handle pos_o, py::handle inv_o, int
   return dx;
 }
 
+py::array swiglu_forward(py::handle g_o, py::handle u_o, const std::string& backend) {
+  Backend& be = host_backend(backend);
+  F32 g = f32(g_o, "gate", 2), u = f32(u_o, "up", 2);
+  const int64_t M = g.shape(0), N = g.shape(1);
+  expect_shape(u, "up", {M, N});
+  auto out = new_f32({M, N});
+  float* o = out.mutable_data();
+  py::gil_scoped_release nogil;
+  be.swiglu(M, N, g.data(), N, u.data(), N, o, N);
+  return out;
+}
+
 py::tuple swiglu_backward(py::handle g_o, py::handle u_o, py::handle d_o, const std::string& backend) {
   Backend& be = host_backend(backend);
   F32 g = f32(g_o, "gate", 2), u = f32(u_o, "up", 2), d = f32(d_o, "dout", 2);
@@ -276,6 +288,8 @@ void bind_grad_ops(py::module_& m) {
   g.def("rope_backward", &rope_backward, py::arg("dy"), py::arg("pos"), py::arg("inv_freq"), py::kw_only(),
         py::arg("n_heads"), py::arg("backend") = "cpu",
         "dx[M, n_heads*hd] from dy for rotate-half RoPE at int32 positions pos[M] (hd = 2 * len(inv_freq))");
+  g.def("swiglu", &swiglu_forward, py::arg("gate"), py::arg("up"), py::kw_only(), py::arg("backend") = "cpu",
+        "out[M, N] = silu(gate) * up (the model's MLP activation; forward op, exposed for tests)");
   g.def("swiglu_backward", &swiglu_backward, py::arg("gate"), py::arg("up"), py::arg("dout"), py::kw_only(),
         py::arg("backend") = "cpu", "(dgate, dup) for out = silu(gate) * up");
   g.def("attention_train", &attention_train, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_mask"),

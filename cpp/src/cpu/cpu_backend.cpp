@@ -10,10 +10,19 @@
 #include "cpu/ops_model.hpp"
 #include "nf4/nf4_codec.hpp"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace qlora::cpu {
 
 namespace {
 constexpr size_t kAlign = 64;
+// Buffers of at least this size (weights such as a [49152, 576] embedding / lm_head, KV caches)
+// are 2 MiB aligned and advised for transparent huge pages: streaming 113 MB through 4 KiB pages
+// each decode step cost ~0.8 ms of TLB misses (THP is often "madvise" only, as numpy knows).
+constexpr size_t kHugeMin = size_t{4} << 20;
+constexpr size_t kHuge = size_t{2} << 20;
 }
 
 CpuBackend::CpuBackend(SimdLevel level, bool follow_active) : level_(level), follow_active_(follow_active) {}
@@ -25,6 +34,15 @@ std::string CpuBackend::name() const {
 }
 
 void* CpuBackend::alloc(size_t bytes) {
+  if (bytes >= kHugeMin) {
+    const size_t size = (bytes + kHuge - 1) / kHuge * kHuge;
+    void* p = std::aligned_alloc(kHuge, size);
+    if (!p) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(p, size, MADV_HUGEPAGE);  // advisory: failure (no THP) just keeps 4 KiB pages
+#endif
+    return p;
+  }
   void* p = std::aligned_alloc(kAlign, ((bytes + kAlign - 1) / kAlign) * kAlign);
   if (!p && bytes) throw std::bad_alloc();
   return p;
@@ -71,7 +89,7 @@ void CpuBackend::rope(int64_t M, int64_t n_heads, int64_t head_dim, float* x, in
 }
 void CpuBackend::swiglu(int64_t M, int64_t N, const float* gate, int64_t ldg, const float* up, int64_t ldu, float* out,
                         int64_t ldo) {
-  ops::swiglu(M, N, gate, ldg, up, ldu, out, ldo);
+  ops::swiglu(level(), M, N, gate, ldg, up, ldu, out, ldo);
 }
 void CpuBackend::kv_write(int64_t B, int64_t T, int64_t H, int64_t hd, const float* x, int64_t ldx, float* cache,
                           int64_t S_cap, int64_t start) {

@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "cpu/ops_model.hpp"
+#include "cpu/swiglu_kernels.hpp"
 #include "cpu/threads.hpp"
 
 namespace qlora::cpu::ops {
@@ -50,8 +51,15 @@ void add_bias(int64_t M, int64_t N, const float* bias, float* y, int64_t ldy) {
   });
 }
 
-void swiglu(int64_t M, int64_t N, const float* gate, int64_t ldg, const float* up, int64_t ldu, float* out,
-            int64_t ldo) {
+void swiglu(SimdLevel level, int64_t M, int64_t N, const float* gate, int64_t ldg, const float* up, int64_t ldu,
+            float* out, int64_t ldo) {
+#if defined(QLORA_X86)
+  if (level >= SimdLevel::AVX2) {
+    const auto rows = level == SimdLevel::AVX512 ? swiglu_k::rows_avx512 : swiglu_k::rows_avx2;
+    parallel_range(M, row_grain(N), [&](int64_t m0, int64_t m1) { rows(m0, m1, N, gate, ldg, up, ldu, out, ldo); });
+    return;
+  }
+#endif
   parallel_range(M, row_grain(N), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* g = gate + m * ldg;

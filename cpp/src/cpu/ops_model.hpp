@@ -16,8 +16,9 @@ void rope_rotate(int64_t M, int64_t n_heads, int64_t head_dim, float* x, int64_t
                  const float* inv_freq, bool inverse);
 void rope(int64_t M, int64_t n_heads, int64_t head_dim, float* x, int64_t ldx, const int32_t* pos,
           const float* inv_freq);
-void swiglu(int64_t M, int64_t N, const float* gate, int64_t ldg, const float* up, int64_t ldu, float* out,
-            int64_t ldo);
+// out = silu(gate) * up; SIMD exp at AVX2 / AVX-512 (cpu/swiglu_kernels.hpp), std::exp below.
+void swiglu(SimdLevel level, int64_t M, int64_t N, const float* gate, int64_t ldg, const float* up, int64_t ldu,
+            float* out, int64_t ldo);
 void kv_write(int64_t B, int64_t T, int64_t H, int64_t hd, const float* x, int64_t ldx, float* cache, int64_t S_cap,
               int64_t start);
 // KV-cache attention (Backend::attention) with the kernels of `level` (Scalar: the plain reference loop).
