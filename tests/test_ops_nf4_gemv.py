@@ -176,3 +176,23 @@ def test_nf4_gemv_levels_agree_exactly_on_simd_scales(rng, M):
     for b in [b for b in qlora_native.available_backends() if b.startswith("cpu")]:
         got = np.asarray(ops.nf4_gemm_nt(x, w, backend=b))
         np.testing.assert_array_equal(got, ref, err_msg=b)
+
+
+@pytest.mark.parametrize("backend", [b for b in qlora_native.available_backends() if b.startswith("cpu")])
+@pytest.mark.parametrize("M", [1, 3, 8, 11, 17])
+def test_nf4_gemm_nt_many_equals_single_calls(rng, backend, M):
+    """Projections sharing an input (q/k/v, gate/up) run as one job: each output must be exactly
+    what a single nf4_gemm_nt gives (same kernel and row pairing per row, whatever the split),
+    and match float64. Odd row counts, a straddling blocksize and a non-SIMD K included."""
+    for cols, shapes in [(576, [(577, 64), (192, 64), (193, 64)]), (96, [(33, 32), (64, 64)]), (40, [(7, 64), (9, 64)])]:
+        ws = [random_nf4(rng, rows, cols, bs, True) for rows, bs in shapes]
+        x = rng.standard_normal((M, cols)).astype(np.float32)
+        outs = ops.nf4_gemm_nt_many(x, ws, backend=backend)
+        for w, got in zip(ws, outs):
+            np.testing.assert_array_equal(got, ops.nf4_gemm_nt(x, w, backend=backend))
+            wd = dequant_ref(w).astype(np.float64)
+            bound = 2.0 * (cols + 4) * EPS32 * (np.abs(x.astype(np.float64)) @ np.abs(wd).T) + 1e-30
+            check_close(np.asarray(got), x.astype(np.float64) @ wd.T, bound, f"{backend} many M={M} K={cols}")
+    with pytest.raises(ValueError, match="column"):
+        ops.nf4_gemm_nt_many(np.ones((2, 64), np.float32), [random_nf4(rng, 8, 64, 64, True), random_nf4(rng, 8, 32, 32, True)],
+                             backend=backend)

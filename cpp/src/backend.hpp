@@ -42,6 +42,12 @@ class Backend {
   // Y[M, W.rows] = alpha * X[M, W.cols] · deq(W)ᵀ + beta * Y
   virtual void nf4_gemm_nt(int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W,
                            float beta, float* Y, int64_t ldy) = 0;
+  // Y_i[M, W_i.rows] = X[M, K] · deq(W_i)ᵀ for n weights sharing X (q/k/v, gate/up): backends may
+  // run them as one job (CPU decode: one pass over X, one thread-pool job); default: one call each.
+  virtual void nf4_gemm_nt_many(int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
+                                float* const* Y, const int64_t* ldy) {
+    for (int64_t i = 0; i < n; ++i) nf4_gemm_nt(M, 1.0f, X, ldx, *W[i], 0.0f, Y[i], ldy[i]);
+  }
   // dX[M, W.cols] = alpha * dY[M, W.rows] · deq(W) + beta * dX
   virtual void nf4_gemm_nn(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W,
                            float beta, float* dX, int64_t lddx) = 0;

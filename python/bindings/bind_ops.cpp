@@ -234,6 +234,37 @@ void bind_ops(py::module_& m) {
       py::arg("beta") = 0.0f, py::arg("backend") = "cpu",
       "out[M, out_f] = alpha * x[M, in_f] @ dequant(w).T + beta * out (w: NF4 weight [out_f, in_f])");
   ops.def(
+      "nf4_gemm_nt_many",
+      [](py::object x_obj, const py::list& ws, const std::string& backend) {
+        // Host backends only: exposes Backend::nf4_gemm_nt_many (shared-input projections) for tests.
+        Backend& be = get_backend(backend);
+        check_arg(be.host_memory(), "nf4_gemm_nt_many: host backends only");
+        Mat x = as_mat(x_obj, "x", false);
+        std::vector<PyNf4> w;
+        for (py::handle h : ws) w.push_back(nf4_from_py(h));
+        check_arg(!w.empty(), "nf4_gemm_nt_many: no weights");
+        std::vector<const Nf4Ref*> refs;
+        std::vector<float*> ys;
+        std::vector<int64_t> lds;
+        py::list outs;
+        for (const PyNf4& p : w) {
+          check_arg(p.ref.cols == x.cols, "nf4_gemm_nt_many: every weight must have x's column count");
+          py::array_t<float> y({x.rows, p.ref.rows});
+          refs.push_back(&p.ref);
+          ys.push_back(y.mutable_data());
+          lds.push_back(p.ref.rows);
+          outs.append(y);
+        }
+        {
+          py::gil_scoped_release nogil;
+          be.nf4_gemm_nt_many(x.rows, x.data, x.ld, static_cast<int64_t>(refs.size()), refs.data(), ys.data(),
+                              lds.data());
+        }
+        return outs;
+      },
+      py::arg("x"), py::arg("ws"), py::kw_only(), py::arg("backend") = "cpu",
+      "[x @ dequant(w).T for w in ws] as one call (weights sharing the input, e.g. q/k/v)");
+  ops.def(
       "nf4_gemm_nn",
       [](py::object dy, py::object w, py::object out, float alpha, float beta, const std::string& backend) {
         return nf4_gemm(false, dy, w, out, alpha, beta, backend);

@@ -12,7 +12,7 @@ An NF4 weight ``w`` is any object with the NF4 attribute protocol (``packed``, `
 """
 from ._core import ops as _ops
 
-__all__ = ["gemm_nt", "gemm_nn", "gemm_tn", "nf4_gemm_nt", "nf4_gemm_nn", "nf4_dequantize"]
+__all__ = ["gemm_nt", "gemm_nn", "gemm_tn", "nf4_gemm_nt", "nf4_gemm_nt_many", "nf4_gemm_nn", "nf4_dequantize"]
 
 
 def gemm_nt(a, b, out=None, *, alpha=1.0, beta=0.0, backend="cpu"):
@@ -33,6 +33,12 @@ def gemm_tn(a, b, out=None, *, alpha=1.0, beta=0.0, backend="cpu"):
 def nf4_gemm_nt(x, w, out=None, *, alpha=1.0, beta=0.0, backend="cpu"):
     """out[M, out_f] = alpha * x[M, in_f] @ dequant(w).T + beta * out."""
     return _ops.nf4_gemm_nt(x, w, out, alpha=alpha, beta=beta, backend=backend)
+
+
+def nf4_gemm_nt_many(x, ws, *, backend="cpu"):
+    """[x @ dequant(w).T for w in ws] in one call (weights sharing the input, as q/k/v or gate/up
+    of a layer: one job on the thread pool at decode); host backends."""
+    return _ops.nf4_gemm_nt_many(x, list(ws), backend=backend)
 
 
 def nf4_gemm_nn(dy, w, out=None, *, alpha=1.0, beta=0.0, backend="cpu"):

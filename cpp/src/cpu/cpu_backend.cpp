@@ -67,6 +67,10 @@ void CpuBackend::nf4_gemm_nt(int64_t M, float alpha, const float* X, int64_t ldx
                              float* Y, int64_t ldy) {
   cpu::nf4_gemm_nt(level(), M, alpha, X, ldx, W, beta, Y, ldy);
 }
+void CpuBackend::nf4_gemm_nt_many(int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
+                                  float* const* Y, const int64_t* ldy) {
+  cpu::nf4_gemm_nt_many(level(), M, X, ldx, n, W, Y, ldy);
+}
 void CpuBackend::nf4_gemm_nn(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W, float beta,
                              float* dX, int64_t lddx) {
   cpu::nf4_gemm_nn(level(), M, alpha, dY, lddy, W, beta, dX, lddx);

@@ -26,6 +26,8 @@ class CpuBackend final : public Backend {
                int64_t ldb, float beta, float* C, int64_t ldc) override;
   void nf4_gemm_nt(int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W, float beta, float* Y,
                    int64_t ldy) override;
+  void nf4_gemm_nt_many(int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W, float* const* Y,
+                        const int64_t* ldy) override;
   void nf4_gemm_nn(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W, float beta, float* dX,
                    int64_t lddx) override;
   void nf4_dequantize(const Nf4Ref& W, float* out) override;

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <new>
 #include <string>
+#include <vector>
 
 #include "common/error.hpp"
 #include "cpu/gemm_kernels.hpp"
@@ -230,6 +231,25 @@ void gemm_tn(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, cons
       kn, M, N, K, alpha, beta, C, ldc,
       [&](int64_t i0, int mr, int64_t p0, int64_t kc, float* Ap) { pack::a_cols(kn.mr, A + p0 * lda + i0, lda, mr, kc, Ap); },
       [&](int64_t j0, int nr, int64_t p0, int64_t kc, float* Bp) { kn.pack_b_n(B + p0 * ldb + j0, ldb, nr, kc, Bp); });
+}
+
+void nf4_gemm_nt_many(SimdLevel level, int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
+                      float* const* Y, const int64_t* ldy) {
+  bool same_k = n >= 1;
+  for (int64_t i = 0; i < n; ++i) same_k = same_k && W[i]->cols == W[0]->cols;
+  if (level == SimdLevel::Scalar || !same_k || M < 1 || M > 2 * kNf4GemvMaxM) {
+    for (int64_t i = 0; i < n; ++i) nf4_gemm_nt(level, M, 1.0f, X, ldx, *W[i], 0.0f, Y[i], ldy[i]);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    check_nf4(*W[i]);
+    check_dims(M, W[i]->rows, W[i]->cols, ldx, W[i]->cols, W[i]->cols, W[i]->cols, ldy[i]);
+  }
+  std::vector<float*> Yg(static_cast<size_t>(n));  // [n] outputs of one row group
+  for (int64_t m0 = 0; m0 < M; m0 += kNf4GemvMaxM) {
+    for (int64_t i = 0; i < n; ++i) Yg[i] = Y[i] + m0 * ldy[i];
+    nf4_gemv_nt_many(level, std::min(kNf4GemvMaxM, M - m0), X + m0 * ldx, ldx, n, W, Yg.data(), ldy);
+  }
 }
 
 void nf4_gemm_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W, float beta,

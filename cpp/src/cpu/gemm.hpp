@@ -17,6 +17,10 @@ void gemm_tn(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, cons
 
 void nf4_gemm_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W,
                  float beta, float* Y, int64_t ldy);
+// Y_i = X · deq(W_i)ᵀ for n weights sharing X (same cols): one GEMV job for small M, else one
+// nf4_gemm_nt per weight.
+void nf4_gemm_nt_many(SimdLevel level, int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
+                      float* const* Y, const int64_t* ldy);
 void nf4_gemm_nn(SimdLevel level, int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W,
                  float beta, float* dX, int64_t lddx);
 

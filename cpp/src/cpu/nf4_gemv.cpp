@@ -59,20 +59,50 @@ void regroup_x(int64_t M, int64_t K, const float* X, int64_t ldx, int64_t G, flo
 
 }  // namespace
 
-void nf4_gemv_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W, float beta,
-                 float* Y, int64_t ldy) {
-  const int64_t N = W.rows, K = W.cols;
-  check_arg(M >= 1 && M <= kNf4GemvMaxM,
-            "nf4_gemv_nt: M must be in [1, " + std::to_string(kNf4GemvMaxM) + "], got " + std::to_string(M));
-  check_arg(N >= 1 && K >= 1, "nf4_gemv_nt: weight shape must be positive");
-  check_arg(W.blocksize >= 32 && W.blocksize <= 4096 && (W.blocksize & (W.blocksize - 1)) == 0,
-            "nf4_gemv_nt: blocksize must be a power of two in [32, 4096], got " + std::to_string(W.blocksize));
-  check_arg(M == 1 || (ldx >= K && ldy >= N), "nf4_gemv_nt: leading dimensions too small");  // unused at M = 1
-  if (level == SimdLevel::Scalar) {  // the oracle stays the plain reference loop
-    scalar::nf4_gemm_nt(M, alpha, X, ldx, W, beta, Y, ldy);
+namespace {
+
+void check_weight(const char* fn, const Nf4Ref& W) {
+  if (W.rows < 1 || W.cols < 1) throw ValueError(std::string(fn) + ": weight shape must be positive");
+  if (W.blocksize < 32 || W.blocksize > 4096 || (W.blocksize & (W.blocksize - 1)) != 0)
+    throw ValueError(std::string(fn) + ": blocksize must be a power of two in [32, 4096], got " +
+                     std::to_string(W.blocksize));
+}
+
+// Rows [r0, r1) of one weight: decodes the double-quant scales of a few rows at a time into a
+// per-task buffer (stays in L1/L2), then runs the kernel on them.
+void run_rows(RowsFn rows, bool avx512, Args a, const Nf4Ref& W, int64_t r0, int64_t r1, std::vector<float>& scales) {
+  const int64_t K = W.cols;
+  const int s = a.bs_shift;
+  if (!W.double_quant) {
+    a.absmax = static_cast<const float*>(W.absmax);
+    a.block0 = 0;
+    rows(a, r0, r1);
     return;
   }
+  const int64_t rows_per_sub = std::max<int64_t>(1, (int64_t{4096} << s) / K);
+  const uint8_t* code = static_cast<const uint8_t*>(W.absmax);
+  for (int64_t q0 = r0; q0 < r1; q0 += rows_per_sub) {
+    const int64_t q1 = std::min(r1, q0 + rows_per_sub);
+    const int64_t b0 = (q0 * K) >> s, b1 = ((q1 * K - 1) >> s) + 1;  // blocks [b0, b1)
+    scales.resize(static_cast<size_t>(b1 - b0));
+    // Same float ops as scalar::nf4_block_absmax (this file is built without FMA contraction on x86).
+#if defined(QLORA_X86)
+    if (avx512)
+      nf4_gemv_detail::decode_scales_avx512(code, W.nested_map, W.nested_absmax, W.offset, b0, b1, scales.data());
+    else
+#endif
+      for (int64_t b = b0; b < b1; ++b) scales[b - b0] = W.nested_map[code[b]] * W.nested_absmax[b >> 8] + W.offset;
+    a.absmax = scales.data();
+    a.block0 = b0;
+    rows(a, q0, q1);
+  }
+}
 
+// Y_i[M, W_i.rows] = alpha * X[M, K] · deq(W_i)ᵀ + beta * Y_i for n weights sharing X (K = W_i.cols):
+// X is regrouped once and all weights' rows go to the thread pool as one job.
+void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
+               float beta, float* const* Y, const int64_t* ldy) {
+  const int64_t K = W[0]->cols;
   // Pick the kernel; SIMD kernels need K to be a whole number of groups (else the generic path).
   RowsFn rows = rows_narrow<nf4_gemv_detail::rows_generic>;
   int64_t G = 0;
@@ -85,17 +115,12 @@ void nf4_gemv_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_
     G = nf4_gemv_detail::kGroupAvx2;
   }
 #endif
-
   Args base{};
   base.M = M;
   base.K = K;
-  base.packed = W.packed;
-  base.bs_shift = log2_exact(W.blocksize);
   base.codes = kNf4Codes;
   base.alpha = alpha;
   base.beta = beta;
-  base.y = Y;
-  base.ldy = ldy;
   std::vector<float> xg;  // [M, K] regrouped X (SIMD kernels)
   const bool avx512 = G == nf4_gemv_detail::kGroupAvx512;
   if (G) {
@@ -113,39 +138,75 @@ void nf4_gemv_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_
     base.ldx = ldx;
   }
 
-  const int s = base.bs_shift;
-  // At least 128 KiB of packed weight per task at M <= 2 (about 8 us of streaming), so that small
-  // layers do not pay the thread pool's wake-up and join; less at larger M, where each weight
-  // costs M FMAs (at M = 8 a [192, 576] k/v projection is then split over two threads).
+  // Tasks: each weight's rows in chunks of `per`. At least 128 KiB of packed weight per task at
+  // M <= 2 (about 8 us of streaming), so that small layers do not pay the thread pool's wake-up
+  // and join; less at larger M, where each weight costs M FMAs (at M = 8 a [192, 576] k/v
+  // projection is then split over two threads).
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / (K * std::max<int64_t>(1, M / 2)));
-  if (!W.double_quant) {
-    base.absmax = static_cast<const float*>(W.absmax);
-    base.block0 = 0;
-    parallel_range(N, grain, [&](int64_t r0, int64_t r1) { rows(base, r0, r1); });
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) total += W[i]->rows;
+  const int64_t n_tasks = std::min<int64_t>((total + grain - 1) / grain, 4 * static_cast<int64_t>(num_threads()));
+  // Even chunk sizes keep the row pairs of the kernels at (2j, 2j + 1) of each weight whatever the
+  // split, so a row's result depends neither on the thread count nor on the other weights.
+  int64_t per = std::max<int64_t>(1, (total + n_tasks - 1) / std::max<int64_t>(1, n_tasks));
+  per += per & 1;
+  struct Task {
+    int64_t w, r0, r1;
+  };
+  std::vector<Task> tasks;  // [weight, rows [r0, r1)]
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t r = 0; r < W[i]->rows; r += per) tasks.push_back({i, r, std::min(W[i]->rows, r + per)});
+  auto run = [&](const Task& t, std::vector<float>& scales) {
+    const Nf4Ref& w = *W[t.w];
+    Args a = base;
+    a.packed = w.packed;
+    a.bs_shift = log2_exact(w.blocksize);
+    a.y = Y[t.w];
+    a.ldy = ldy[t.w];
+    run_rows(rows, avx512, a, w, t.r0, t.r1, scales);
+  };
+  if (tasks.size() == 1) {
+    std::vector<float> scales;
+    run(tasks[0], scales);
     return;
   }
-  // Double quant: decode the scales of a few rows at a time into a per-task buffer (stays in L1/L2).
-  const int64_t rows_per_sub = std::max<int64_t>(1, (int64_t{4096} << s) / K);
-  parallel_range(N, grain, [&](int64_t r0, int64_t r1) {
+  parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
     std::vector<float> scales;
-    Args a = base;
-    for (int64_t q0 = r0; q0 < r1; q0 += rows_per_sub) {
-      const int64_t q1 = std::min(r1, q0 + rows_per_sub);
-      const int64_t b0 = (q0 * K) >> s, b1 = ((q1 * K - 1) >> s) + 1;  // blocks [b0, b1)
-      scales.resize(static_cast<size_t>(b1 - b0));
-      // Same float ops as scalar::nf4_block_absmax (this file is built without FMA contraction on x86).
-      const uint8_t* code = static_cast<const uint8_t*>(W.absmax);
-#if defined(QLORA_X86)
-      if (avx512)
-        nf4_gemv_detail::decode_scales_avx512(code, W.nested_map, W.nested_absmax, W.offset, b0, b1, scales.data());
-      else
-#endif
-        for (int64_t b = b0; b < b1; ++b) scales[b - b0] = W.nested_map[code[b]] * W.nested_absmax[b >> 8] + W.offset;
-      a.absmax = scales.data();
-      a.block0 = b0;
-      rows(a, q0, q1);
-    }
+    run(tasks[t], scales);
   });
+}
+
+}  // namespace
+
+void nf4_gemv_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W, float beta,
+                 float* Y, int64_t ldy) {
+  check_arg(M >= 1 && M <= kNf4GemvMaxM,
+            "nf4_gemv_nt: M must be in [1, " + std::to_string(kNf4GemvMaxM) + "], got " + std::to_string(M));
+  check_weight("nf4_gemv_nt", W);
+  check_arg(M == 1 || (ldx >= W.cols && ldy >= W.rows), "nf4_gemv_nt: leading dimensions too small");  // unused at M = 1
+  if (level == SimdLevel::Scalar) {  // the oracle stays the plain reference loop
+    scalar::nf4_gemm_nt(M, alpha, X, ldx, W, beta, Y, ldy);
+    return;
+  }
+  const Nf4Ref* w = &W;
+  gemv_many(level, M, alpha, X, ldx, 1, &w, beta, &Y, &ldy);
+}
+
+void nf4_gemv_nt_many(SimdLevel level, int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
+                      float* const* Y, const int64_t* ldy) {
+  check_arg(M >= 1 && M <= kNf4GemvMaxM,
+            "nf4_gemv_nt_many: M must be in [1, " + std::to_string(kNf4GemvMaxM) + "], got " + std::to_string(M));
+  check_arg(n >= 1, "nf4_gemv_nt_many: no weights");
+  for (int64_t i = 0; i < n; ++i) {
+    check_weight("nf4_gemv_nt_many", *W[i]);
+    check_arg(W[i]->cols == W[0]->cols, "nf4_gemv_nt_many: the weights must share their input size");
+    check_arg(M == 1 || (ldx >= W[i]->cols && ldy[i] >= W[i]->rows), "nf4_gemv_nt_many: leading dimensions too small");
+  }
+  if (level == SimdLevel::Scalar) {
+    for (int64_t i = 0; i < n; ++i) scalar::nf4_gemm_nt(M, 1.0f, X, ldx, *W[i], 0.0f, Y[i], ldy[i]);
+    return;
+  }
+  gemv_many(level, M, 1.0f, X, ldx, n, W, 0.0f, Y, ldy);
 }
 
 }  // namespace qlora::cpu

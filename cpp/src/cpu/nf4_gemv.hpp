@@ -15,4 +15,10 @@ constexpr int64_t kNf4GemvMaxM = 8;
 void nf4_gemv_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W, float beta,
                  float* Y, int64_t ldy);
 
+// Y_i[M, W_i->rows] = X[M, K] · deq(W_i)ᵀ for n weights with the same K (q/k/v, or gate/up, of
+// a layer): one regroup of X and one thread-pool job for all of them; each output row is computed
+// exactly as nf4_gemv_nt computes it.
+void nf4_gemv_nt_many(SimdLevel level, int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
+                      float* const* Y, const int64_t* ldy);
+
 }  // namespace qlora::cpu

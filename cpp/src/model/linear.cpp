@@ -134,6 +134,24 @@ void Linear::forward(Backend& be, int64_t M, const float* x, int64_t ldx, float*
   }
 }
 
+void Linear::forward_many(Backend& be, int64_t M, const float* x, int64_t ldx, int n, const Linear* const* lin,
+                          float* const* y, const int64_t* ldy) {
+  bool nf4 = true;
+  for (int i = 0; i < n; ++i) nf4 = nf4 && lin[i]->is_nf4 && lin[i]->in == lin[0]->in;
+  if (!nf4) {
+    for (int i = 0; i < n; ++i) lin[i]->forward(be, M, x, ldx, y[i], ldy[i]);
+    return;
+  }
+  std::vector<const Nf4Ref*> w(n);  // [n]
+  for (int i = 0; i < n; ++i) w[i] = &lin[i]->nf4;
+  be.nf4_gemm_nt_many(M, x, ldx, n, w.data(), y, ldy);
+  for (int i = 0; i < n; ++i) {
+    const Linear& L = *lin[i];
+    if (!L.bias.empty()) be.add_bias(M, L.out, L.bias.f32(), y[i], ldy[i]);
+    if (L.lora) lora_forward(be, *L.lora, M, x, ldx, y[i], ldy[i], nullptr);
+  }
+}
+
 void Linear::backward_input(Backend& be, int64_t M, const float* dy, int64_t lddy, float* dx, int64_t lddx,
                             float beta) const {
   if (is_nf4)

@@ -42,6 +42,10 @@ struct Linear {
   // fed x_lora[M, in] (row stride ld_lora; null: x) with t[M, r] scratch (null: allocated)).
   void forward(Backend& be, int64_t M, const float* x, int64_t ldx, float* y, int64_t ldy,
                const float* x_lora = nullptr, int64_t ld_lora = 0, float* t = nullptr) const;
+  // forward() of n projections sharing the input x (q/k/v, gate/up): NF4 bases run as one
+  // nf4_gemm_nt_many (one job at decode), then each adds its bias and LoRA branch.
+  static void forward_many(Backend& be, int64_t M, const float* x, int64_t ldx, int n, const Linear* const* lin,
+                           float* const* y, const int64_t* ldy);
   // Base part of the input gradient: dx[M, in] = dy[M, out]·W + beta * dx (W frozen, never fp32 for NF4).
   void backward_input(Backend& be, int64_t M, const float* dy, int64_t lddy, float* dx, int64_t lddx,
                       float beta) const;

@@ -83,9 +83,12 @@ void LlamaModel::run(KvCache& cache, const int32_t* ids, const int32_t* mask, in
     const LayerWeights& L = w_->layers[l];
     // Attention block.
     be_.rmsnorm(M, D, x.f32(), L.input_norm.f32(), c.rms_norm_eps, h.f32());
-    L.q.forward(be_, M, h.f32(), D, q.f32(), QD);
-    L.k.forward(be_, M, h.f32(), D, k.f32(), KD);
-    L.v.forward(be_, M, h.f32(), D, v.f32(), KD);
+    {
+      const Linear* lin[] = {&L.q, &L.k, &L.v};
+      float* out[] = {q.f32(), k.f32(), v.f32()};
+      const int64_t ld[] = {QD, KD, KD};
+      Linear::forward_many(be_, M, h.f32(), D, 3, lin, out, ld);
+    }
     be_.rope(M, Hq, hd, q.f32(), QD, pos_d.data<int32_t>(), inv_freq_.f32());
     be_.rope(M, Hkv, hd, k.f32(), KD, pos_d.data<int32_t>(), inv_freq_.f32());
     be_.kv_write(B, T, Hkv, hd, k.f32(), KD, cache.k(l), cache.capacity(), start);
@@ -96,8 +99,12 @@ void LlamaModel::run(KvCache& cache, const int32_t* ids, const int32_t* mask, in
     be_.add_inplace(M * D, h.f32(), x.f32());
     // MLP block.
     be_.rmsnorm(M, D, x.f32(), L.post_norm.f32(), c.rms_norm_eps, h.f32());
-    L.gate.forward(be_, M, h.f32(), D, g.f32(), I);
-    L.up.forward(be_, M, h.f32(), D, u.f32(), I);
+    {
+      const Linear* lin[] = {&L.gate, &L.up};
+      float* out[] = {g.f32(), u.f32()};
+      const int64_t ld[] = {I, I};
+      Linear::forward_many(be_, M, h.f32(), D, 2, lin, out, ld);
+    }
     be_.swiglu(M, I, g.f32(), I, u.f32(), I, g.f32(), I);
     L.down.forward(be_, M, g.f32(), I, h.f32(), D);
     be_.add_inplace(M * D, h.f32(), x.f32());
