@@ -114,6 +114,10 @@ void LlamaModel::run(KvCache& cache, const int32_t* ids, const int32_t* mask, in
   const int64_t rows = all_rows ? M : B;
   const float* hin = all_rows ? h.f32() : h.f32() + (T - 1) * D;
   const int64_t ldh = all_rows ? D : T * D;
+  if (be_.host_memory()) {  // straight into the caller's array: no [rows, V] buffer and copy per step
+    be_.gemm_nt(rows, V, D, 1.0f, hin, ldh, w_->lm_head_weight(), D, 0.0f, logits_host, V);
+    return;
+  }
   DeviceBuffer logits(be_, sizeof(float) * rows * V);  // [rows, V]
   be_.gemm_nt(rows, V, D, 1.0f, hin, ldh, w_->lm_head_weight(), D, 0.0f, logits.f32(), V);
   be_.download(logits_host, logits.data(), sizeof(float) * rows * V);
