@@ -15,7 +15,8 @@ from conftest import all_backends
 EPS32 = float(np.finfo(np.float32).eps)
 
 SHAPES_SMALL = [(1, 1, 1), (1, 7, 63), (7, 63, 65), (63, 65, 7), (17, 33, 129), (65, 577, 63), (577, 63, 65)]
-SHAPES_LARGE = [(16, 576, 576), (257, 192, 576), (300, 129, 1000), (31, 1536, 577)]
+# (40, 70, 2500): K above the AVX-512 depth block (KC = 1024), so C accumulates over 3 depth blocks.
+SHAPES_LARGE = [(16, 576, 576), (257, 192, 576), (300, 129, 1000), (31, 1536, 577), (40, 70, 2500)]
 
 
 def operands(rng, layout, M, N, K):

@@ -75,7 +75,8 @@ def check(got, ref, tol):
 
 # (rows, cols, blocksize): aligned rows, rows straddling blocks (cols % blocksize != 0), odd numel.
 WEIGHTS_SMALL = [(7, 63, 32), (33, 64, 64), (40, 100, 64), (9, 300, 256), (65, 577, 32)]
-WEIGHTS_LARGE = [(192, 576, 64), (577, 96, 64), (130, 1000, 256), (256, 512, 32)]
+# (40, 2500, 64): nt with K above the AVX-512 depth block (KC = 1024); nn with N = 2500 rows.
+WEIGHTS_LARGE = [(192, 576, 64), (577, 96, 64), (130, 1000, 256), (256, 512, 32), (40, 2500, 64)]
 MS = [1, 3, 4, 5, 7, 16, 65]
 
 

@@ -35,17 +35,19 @@ struct Kern {
   PackATFn pack_a_t;  // null: the portable pack::a_rows
 };
 
-// KC: depth of a micro-kernel call (the [KC, NR] B micro-panel stays near L1 while the A block
-// streams past it). MC: the [MC, KC] A block fits in L2. NC: bounds the [M, NC] slab of C that
-// every depth block rereads (NC = 4096 left C of a 2048-row GEMM in DRAM: -12% on Zen 5).
-// Values measured on Zen 5 (48 KiB L1d, 1 MiB L2 per core).
+// KC: depth of a micro-kernel call (the [KC, NR] B micro-panel is reused down the A block).
+// MC: the [MC, KC] A block fits in L2. NC: bounds the [M, NC] slab of C that every depth block
+// rereads (NC = 4096 left C of a 2048-row GEMM in DRAM: -12% on Zen 5).
+// Values measured on Zen 5 (48 KiB L1d, 1 MiB L2 per core). AVX-512 KC = 1024 (a 128 KiB B
+// micro-panel served from L2, 688 KiB A block): fewer passes over C won 3-13% over KC = 384
+// on every bench_gemm shape at M >= 256 (11008x4096, M = 2048: 424 -> 471 GFLOP/s).
 const Kern& kern_for(SimdLevel level) {
   static const Kern generic{kGenericMR, kGenericNR, 256, 128, 1024,
                             ukernel_generic, pack_b_t_generic, pack_b_n_generic, nf4_decode_generic, nullptr};
 #ifdef QLORA_X86
   static const Kern avx2{kAvx2MR, kAvx2NR, 256, 144, 1024, ukernel_avx2, pack_b_t_avx2, pack_b_n_avx2, nf4_decode_avx2,
                          nullptr};
-  static const Kern avx512{kAvx512MR, kAvx512NR, 384, 168, 1024,
+  static const Kern avx512{kAvx512MR, kAvx512NR, 1024, 168, 1024,
                            ukernel_avx512, pack_b_t_avx512, pack_b_n_avx512, nf4_decode_avx512, pack_a_t_avx512};
   if (level == SimdLevel::AVX512) return avx512;
   if (level == SimdLevel::AVX2) return avx2;
