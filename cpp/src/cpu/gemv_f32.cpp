@@ -39,7 +39,7 @@ void gemv_nt_f32(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, 
 #ifndef QLORA_X86
   kern = gemv_nt_f32_generic;
 #endif
-  const int64_t group = level == SimdLevel::AVX512 ? 8 : 4;  // rows per kernel pass (registers)
+  const int64_t group = kern == gemv_nt_f32_generic ? 4 : 8;  // rows per kernel pass (registers)
   // At least ~64 KiB of B per task so small layers stay on one thread.
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, K * 4));
   parallel_range(N, grain, [&](int64_t n0, int64_t n1) {

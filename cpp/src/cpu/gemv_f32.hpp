@@ -11,7 +11,7 @@ namespace qlora::cpu {
 constexpr int64_t kGemvF32MaxM = 16;  // gemm_nt routes 1 <= M <= this here
 
 // C[M, N] = alpha * A[M, K] · B[N, K]ᵀ + beta * C, 1 <= M <= kGemvF32MaxM; level != Scalar.
-// Kernels take up to 8 rows (AVX-512) or 4 (AVX2, generic); larger M runs in row groups.
+// Kernels take up to 8 rows (AVX-512, AVX2) or 4 (generic); larger M runs in row groups.
 void gemv_nt_f32(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                  const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 

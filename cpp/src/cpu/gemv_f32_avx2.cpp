@@ -3,37 +3,115 @@
 
 #include <cstdint>
 
+#include "cpu/simd_reduce_avx2.hpp"
+
 namespace qlora::cpu {
 
 namespace {
-float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+
+constexpr int pow2_at_least(int m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : 8; }
+
+// Lane mask of the first r < 8 floats (maskload never touches the masked-out lanes).
+inline __m256i tail_mask(int64_t r) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(r)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
+
+// J columns of C (rows of B) [n, n+J) for all M rows of A into out[j * P + m]: v[j * P + m]
+// accumulates A row m times B row n+j over K, 8 columns a step (the K % 8 tail with masked loads),
+// and one tree reduction (hsum8) turns the 8 accumulators into 8 dot products (P * J <= 8 of the
+// 16 ymm registers hold sums). Every dot product takes the same path whatever M and J are, so a row's
+// result does not depend on M.
+template <int M, int P, int J>
+inline __attribute__((always_inline)) void dots(int64_t n, int64_t K, const float* A, int64_t lda, const float* B,
+                                                int64_t ldb, float* out) {
+  static_assert(J * P <= 8 && M <= P, "8 accumulators");
+  __m256 v[8];
+  for (int i = 0; i < 8; ++i) v[i] = _mm256_setzero_ps();
+  const float* b = B + n * ldb;  // [J, ldb]
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    // Few rows of B in flight (M >= 3: one) leave the hardware prefetchers behind DRAM: the next J
+    // rows into L1 and rows 8J ahead into L2 (as gemv_f32_avx512.cpp), once per cache line.
+    if constexpr (J <= 2) {
+      if ((k & 15) == 0) {
+#pragma GCC unroll 8
+        for (int j = 0; j < J; ++j) {
+          _mm_prefetch(reinterpret_cast<const char*>(b + (J + j) * ldb + k), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(b + (8 * J + j) * ldb + k), _MM_HINT_T1);
+        }
+      }
+    }
+    __m256 bv[J];
+#pragma GCC unroll 8
+    for (int j = 0; j < J; ++j) bv[j] = _mm256_loadu_ps(b + j * ldb + k);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      __m256 a = _mm256_loadu_ps(A + m * lda + k);
+      if (J > 1) asm("" : "+x"(a));  // one load of a for its J FMAs (GCC would fold it into each)
+#pragma GCC unroll 8
+      for (int j = 0; j < J; ++j) v[j * P + m] = _mm256_fmadd_ps(a, bv[j], v[j * P + m]);
+    }
+    // GCC 12 kept one of the 8 accumulators on the stack (a store and a reload per step, on the
+    // FMA chain) although registers were free: pin them all to registers.
+    asm("" : "+x"(v[0]), "+x"(v[1]), "+x"(v[2]), "+x"(v[3]), "+x"(v[4]), "+x"(v[5]), "+x"(v[6]), "+x"(v[7]));
+  }
+  if (k < K) {
+    const __m256i tail = tail_mask(K - k);
+    for (int m = 0; m < M; ++m) {
+      const __m256 a = _mm256_maskload_ps(A + m * lda + k, tail);
+      for (int j = 0; j < J; ++j)
+        v[j * P + m] = _mm256_fmadd_ps(a, _mm256_maskload_ps(b + j * ldb + k, tail), v[j * P + m]);
+    }
+  }
+  _mm256_store_ps(out, hsum8(v));
+}
+
+// M is a template parameter so the accumulators live in registers. Columns go J at a time, so
+// B streams once per call. J (measured on the [49152, 576] lm_head): 8 at M = 1 (8 FMA chains),
+// 2 at M = 2; 1 from M = 3, where more rows of B in flight ran slower than one sequential stream
+// plus software prefetch (M = 8 twice as fast as two passes of 4 rows).
+template <int M>
+void gemv_rows(int64_t n0, int64_t n1, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
+               int64_t ldb, float beta, float* C, int64_t ldc) {
+  constexpr int P = pow2_at_least(M), J = M == 1 ? 8 : M == 2 ? 2 : 1;  // P * J <= 8
+  // Results go through a [M, 16] tile written out a cache line per row (as gemv_f32_avx512.cpp:
+  // one float per row per n hits M lines that often share an L1 set, ldc being a multiple of 4 KiB).
+  constexpr int64_t kTile = 16;
+  alignas(64) float tile[M][kTile];
+  alignas(32) float out[8];
+  for (int64_t nt = n0; nt < n1; nt += kTile) {
+    const int64_t nn = n1 - nt < kTile ? n1 - nt : kTile;
+    int64_t j = 0;
+    for (; j + J <= nn; j += J) {
+      dots<M, P, J>(nt + j, K, A, lda, B, ldb, out);
+      for (int jj = 0; jj < J; ++jj)
+        for (int m = 0; m < M; ++m) tile[m][j + jj] = out[jj * P + m];
+    }
+    for (; j < nn; ++j) {  // the last tile's columns beyond a multiple of J
+      dots<M, P, 1>(nt + j, K, A, lda, B, ldb, out);
+      for (int m = 0; m < M; ++m) tile[m][j] = out[m];
+    }
+    for (int m = 0; m < M; ++m) {
+      float* c = C + m * ldc + nt;
+      for (int64_t jj = 0; jj < nn; ++jj)
+        c[jj] = beta == 0.0f ? alpha * tile[m][jj] : alpha * tile[m][jj] + beta * c[jj];
+    }
+  }
+}
+
 }  // namespace
 
 void gemv_nt_f32_avx2(int64_t M, int64_t n0, int64_t n1, int64_t K, float alpha, const float* A, int64_t lda,
                       const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const float* b = B + n * ldb;  // [K]
-    __m256 acc0[4], acc1[4];
-    for (int m = 0; m < 4; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-      const __m256 b0 = _mm256_loadu_ps(b + k), b1 = _mm256_loadu_ps(b + k + 8);
-      for (int m = 0; m < M; ++m) {
-        acc0[m] = _mm256_fmadd_ps(_mm256_loadu_ps(A + m * lda + k), b0, acc0[m]);
-        acc1[m] = _mm256_fmadd_ps(_mm256_loadu_ps(A + m * lda + k + 8), b1, acc1[m]);
-      }
-    }
-    for (int m = 0; m < M; ++m) {
-      float s = hsum(_mm256_add_ps(acc0[m], acc1[m]));
-      for (int64_t kk = k; kk < K; ++kk) s += A[m * lda + kk] * b[kk];
-      float* c = C + m * ldc + n;
-      *c = beta == 0.0f ? alpha * s : alpha * s + beta * *c;
-    }
+  switch (M) {  // 1 <= M <= 8
+    case 1: return gemv_rows<1>(n0, n1, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    case 2: return gemv_rows<2>(n0, n1, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    case 3: return gemv_rows<3>(n0, n1, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    case 4: return gemv_rows<4>(n0, n1, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    case 5: return gemv_rows<5>(n0, n1, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    case 6: return gemv_rows<6>(n0, n1, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    case 7: return gemv_rows<7>(n0, n1, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    default: return gemv_rows<8>(n0, n1, K, alpha, A, lda, B, ldb, beta, C, ldc);
   }
 }
 

@@ -20,9 +20,9 @@ namespace {
 using nf4_gemv_detail::Args;
 static_assert(kNf4GemvMaxM >= 1 && kNf4GemvMaxM <= 8, "the kernels are instantiated for M = 1..8");
 using RowsFn = void (*)(const Args&, int64_t, int64_t);
-constexpr int64_t kNarrowMaxM = 4;  // rows of X per pass of the AVX2 and generic kernels
+constexpr int64_t kNarrowMaxM = 4;  // rows of X per pass of the generic kernel
 
-// The AVX2 and generic kernels take M <= 4: larger M runs over rows [0, 4) and [4, M) of X.
+// The generic kernel takes M <= 4: larger M runs over rows [0, 4) and [4, M) of X.
 template <RowsFn F>
 void rows_narrow(const Args& a, int64_t r0, int64_t r1) {
   for (int64_t m0 = 0; m0 < a.M; m0 += kNarrowMaxM) {
@@ -42,8 +42,9 @@ int log2_exact(int bs) {
 
 // X[M, K] -> Xg[M, K] in the order the SIMD kernels decode weights: per group of G columns
 // (G/2 bytes), slot q < G/2 holds the even column of byte p = 4*(q % C) + q / C (C = G/8, the
-// register's copies of the broadcast bytes) and slot G/2 + q its odd column.
-void regroup_x(int64_t M, int64_t K, const float* X, int64_t ldx, int64_t G, float* Xg) {
+// register's copies of the broadcast bytes) and slot G/2 + q its odd column. The reference for
+// regroup_x_avx512 / regroup_x_avx2 (which x86 builds run instead).
+[[maybe_unused]] void regroup_x(int64_t M, int64_t K, const float* X, int64_t ldx, int64_t G, float* Xg) {
   const int64_t C = G / 8;
   for (int64_t m = 0; m < M; ++m) {
     const float* x = X + m * ldx;
@@ -70,7 +71,8 @@ void check_weight(const char* fn, const Nf4Ref& W) {
 
 // Rows [r0, r1) of one weight: decodes the double-quant scales of a few rows at a time into a
 // per-task buffer (stays in L1/L2), then runs the kernel on them.
-void run_rows(RowsFn rows, bool avx512, Args a, const Nf4Ref& W, int64_t r0, int64_t r1, std::vector<float>& scales) {
+void run_rows(RowsFn rows, bool avx512, bool avx2, Args a, const Nf4Ref& W, int64_t r0, int64_t r1,
+              std::vector<float>& scales) {
   const int64_t K = W.cols;
   const int s = a.bs_shift;
   if (!W.double_quant) {
@@ -89,6 +91,8 @@ void run_rows(RowsFn rows, bool avx512, Args a, const Nf4Ref& W, int64_t r0, int
 #if defined(QLORA_X86)
     if (avx512)
       nf4_gemv_detail::decode_scales_avx512(code, W.nested_map, W.nested_absmax, W.offset, b0, b1, scales.data());
+    else if (avx2)
+      nf4_gemv_detail::decode_scales_avx2(code, W.nested_map, W.nested_absmax, W.offset, b0, b1, scales.data());
     else
 #endif
       for (int64_t b = b0; b < b1; ++b) scales[b - b0] = W.nested_map[code[b]] * W.nested_absmax[b >> 8] + W.offset;
@@ -111,7 +115,7 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
     rows = nf4_gemv_detail::rows_avx512;
     G = nf4_gemv_detail::kGroupAvx512;
   } else if (level >= SimdLevel::AVX2 && K % nf4_gemv_detail::kGroupAvx2 == 0) {
-    rows = rows_narrow<nf4_gemv_detail::rows_avx2>;
+    rows = nf4_gemv_detail::rows_avx2;  // all M in one pass
     G = nf4_gemv_detail::kGroupAvx2;
   }
 #endif
@@ -123,16 +127,19 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
   base.beta = beta;
   std::vector<float> xg;  // [M, K] regrouped X (SIMD kernels)
   const bool avx512 = G == nf4_gemv_detail::kGroupAvx512;
+  const bool avx2 = G == nf4_gemv_detail::kGroupAvx2;
   if (G) {
     xg.resize(static_cast<size_t>(M * K));
+    base.x = xg.data();
+    base.ldx = K;
 #if defined(QLORA_X86)
     if (avx512)
       nf4_gemv_detail::regroup_x_avx512(M, K, X, ldx, xg.data());
     else
+      base.ldx = nf4_gemv_detail::regroup_x_avx2(M, K, X, ldx, xg.data());
+#else
+    regroup_x(M, K, X, ldx, G, xg.data());
 #endif
-      regroup_x(M, K, X, ldx, G, xg.data());
-    base.x = xg.data();
-    base.ldx = K;
   } else {
     base.x = X;
     base.ldx = ldx;
@@ -163,7 +170,7 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
     a.bs_shift = log2_exact(w.blocksize);
     a.y = Y[t.w];
     a.ldy = ldy[t.w];
-    run_rows(rows, avx512, a, w, t.r0, t.r1, scales);
+    run_rows(rows, avx512, avx2, a, w, t.r0, t.r1, scales);
   };
   if (tasks.size() == 1) {
     std::vector<float> scales;

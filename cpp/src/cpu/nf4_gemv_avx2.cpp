@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "cpu/nf4_gemv_kernels.hpp"
+#include "cpu/simd_reduce_avx2.hpp"
 
 namespace qlora::cpu::nf4_gemv_detail {
 
@@ -89,14 +90,118 @@ void rows_m(const Args& a, int64_t r0, int64_t r1) {
   }
 }
 
+// 16 columns (8 packed bytes at p) for all M rows of X; even and odd columns share row m's
+// accumulator, so 8 rows of X take 8 of the 16 ymm registers. xk: the group's [M, 16] X tile.
+template <int M>
+QLORA_AI void group16_wide(__m256 (&acc)[8], const uint8_t* p, const float* xk, __m256 t_lo, __m256 t_hi,
+                           __m256i sh_lo, __m256i sh_hi) {
+  const __m256 we = decode(p, sh_hi, t_lo, t_hi);
+  const __m256 wo = decode(p, sh_lo, t_lo, t_hi);
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)  // x regrouped: [8 even | 8 odd]
+    acc[m] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xk + 16 * m + 8),
+                             _mm256_fmadd_ps(we, _mm256_loadu_ps(xk + 16 * m), acc[m]));
+}
+
+// 5 <= M <= 8 in one pass: one row of W at a time (two rows x 8 rows of X would need 16
+// accumulators, all of AVX2's registers), decoded once for all M rows of X (M <= 4 kernels
+// in two passes decoded and streamed W twice). Any row start (head, whole blocks, tail as rows_m).
+// X comes as [K/16][M][16] (regroup_x_avx2): one base pointer and constant offsets per group
+// (M row pointers or strides took most general registers, and GCC spilled them in the loop).
+template <int M>
+void rows_wide(const Args& a, int64_t r0, int64_t r1) {
+  static_assert(M > 4 && M <= 8, "rows_wide is for 5..8 rows of X");
+  const int64_t K = a.K;
+  const int s = a.bs_shift;
+  const int64_t bs = int64_t{1} << s;
+  const float* x = a.x;  // [K/16][M][16] regrouped
+  const __m256 c_lo = _mm256_loadu_ps(a.codes), c_hi = _mm256_loadu_ps(a.codes + 8);
+  const __m256i sh_lo = _mm256_set_epi32(24, 24, 16, 16, 8, 8, 0, 0);  // dword q: 8*(q/2)
+  const __m256i sh_hi = _mm256_add_epi32(sh_lo, _mm256_set1_epi32(4));
+  alignas(32) float dots[8];  // [m]
+  for (int64_t n = r0; n < r1; ++n) {
+    const int64_t j0 = n * K;              // flat index of W[n, 0] (even: K % 16 == 0)
+    const uint8_t* p = a.packed + j0 / 2;  // [K/2] bytes of row n
+    const float* am = a.absmax + ((j0 >> s) - a.block0);  // scale of the block holding W[n, 0]
+    __m256 acc[8];                         // [m]; m >= M stay zero
+    for (int m = 0; m < 8; ++m) acc[m] = _mm256_setzero_ps();
+    int64_t k = 0;
+    const int64_t head = (j0 & (bs - 1)) ? bs - (j0 & (bs - 1)) : 0;
+    for (int part = 0; part < 2; ++part) {  // 0: head, 1: tail (partial blocks)
+      if (part == 1) {
+        for (; k + bs <= K; k += bs) {  // whole blocks
+          const __m256 scale = _mm256_set1_ps(*am++);
+          const __m256 t_lo = _mm256_mul_ps(c_lo, scale), t_hi = _mm256_mul_ps(c_hi, scale);
+          // W 8 rows ahead into L1 and 32 into L2 (as nf4_gemv_avx512.cpp): from DRAM, the
+          // slow decode loop otherwise waits on every row.
+          _mm_prefetch(reinterpret_cast<const char*>(p + k / 2 + 4 * K), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(p + k / 2 + 16 * K), _MM_HINT_T1);
+          for (int64_t i = 0; i < bs; i += 16)
+            group16_wide<M>(acc, p + (k + i) / 2, x + (k + i) * M, t_lo, t_hi, sh_lo, sh_hi);
+        }
+      }
+      const int64_t end = part == 0 ? (head < K ? head : K) : K;
+      if (k < end) {
+        const __m256 scale = _mm256_set1_ps(part == 0 ? *am++ : *am);
+        const __m256 t_lo = _mm256_mul_ps(c_lo, scale), t_hi = _mm256_mul_ps(c_hi, scale);
+        for (; k < end; k += 16) group16_wide<M>(acc, p + k / 2, x + k * M, t_lo, t_hi, sh_lo, sh_hi);
+      }
+    }
+    _mm256_store_ps(dots, hsum8(acc));
+    for (int m = 0; m < M; ++m) {
+      float* y = a.y + m * a.ldy + n;
+      *y = a.beta == 0.0f ? a.alpha * dots[m] : a.alpha * dots[m] + a.beta * *y;  // beta == 0: Y not read
+    }
+  }
+}
+
 }  // namespace
+
+int64_t regroup_x_avx2(int64_t M, int64_t K, const float* X, int64_t ldx, float* Xg) {
+  // Per 16 columns lo = x[0..8), hi = x[8..16): even slots [lo0 hi0 lo2 hi2 lo4 hi4 lo6 hi6],
+  // odd slots the next columns (regroup_x in nf4_gemv.cpp with G = 16).
+  const int64_t tile = M > 4 ? 16 * M : 16;  // distance between one row's groups
+  const int64_t row = M > 4 ? 16 : K;        // between two rows' copies of a group
+  for (int64_t m = 0; m < M; ++m) {
+    const float* x = X + m * ldx;
+    float* xg = Xg + m * row;
+    for (int64_t g = 0; g < K; g += 16, xg += tile) {
+      const __m256 lo = _mm256_loadu_ps(x + g), hi = _mm256_loadu_ps(x + g + 8);
+      const __m256 ul = _mm256_unpacklo_ps(lo, hi), uh = _mm256_unpackhi_ps(lo, hi);
+      _mm256_storeu_ps(xg, _mm256_shuffle_ps(ul, uh, _MM_SHUFFLE(1, 0, 1, 0)));
+      _mm256_storeu_ps(xg + 8, _mm256_shuffle_ps(ul, uh, _MM_SHUFFLE(3, 2, 3, 2)));
+    }
+  }
+  return row;
+}
+
+void decode_scales_avx2(const uint8_t* code, const float* map, const float* nested, float offset, int64_t b0,
+                        int64_t b1, float* out) {
+  const __m256 off = _mm256_set1_ps(offset);
+  int64_t b = b0;
+  for (; b + 8 <= b1 && (b >> 8) == ((b + 7) >> 8); b += 8) {  // 8 blocks under one nested scale
+    const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(code + b)));
+    __m256 v = _mm256_mul_ps(_mm256_i32gather_ps(map, idx, 4), _mm256_set1_ps(nested[b >> 8]));
+    asm("" : "+x"(v));  // GCC would contract the multiply and the add into an FMA
+    _mm256_storeu_ps(out + (b - b0), _mm256_add_ps(v, off));
+  }
+  for (; b < b1; ++b) {  // a head or tail not aligned to 8 blocks of one nested scale
+    float v = map[code[b]] * nested[b >> 8];
+    asm("" : "+x"(v));
+    out[b - b0] = v + offset;
+  }
+}
 
 void rows_avx2(const Args& a, int64_t r0, int64_t r1) {
   switch (a.M) {
     case 1: rows_m<1, 2>(a, r0, r1); break;
     case 2: rows_m<2, 2>(a, r0, r1); break;
     case 3: rows_m<3, 1>(a, r0, r1); break;
-    default: rows_m<4, 1>(a, r0, r1); break;
+    case 4: rows_m<4, 1>(a, r0, r1); break;
+    case 5: rows_wide<5>(a, r0, r1); break;
+    case 6: rows_wide<6>(a, r0, r1); break;
+    case 7: rows_wide<7>(a, r0, r1); break;
+    default: rows_wide<8>(a, r0, r1); break;
   }
 }
 

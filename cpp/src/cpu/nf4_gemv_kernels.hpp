@@ -37,7 +37,13 @@ void rows_avx512(const Args& a, int64_t r0, int64_t r1);  // K % kGroupAvx512 ==
 // block scales out[b - b0] = map[code[b]] * nested[b >> 8] + offset for b in [b0, b1) (a multiply
 // then an add, never fused, so every level decodes bit-identical scales).
 void regroup_x_avx512(int64_t M, int64_t K, const float* X, int64_t ldx, float* Xg);
+// X[M, K] regrouped for rows_avx2 into Xg (M * K floats, K % kGroupAvx2 == 0), returns the ldx to
+// pass it with: [M, K] (ldx K) for M <= 4; [K/16][M][16] (ldx 16) for M > 4, where the kernel
+// reads row m of the group at column k at Xg + M * k + 16 * m.
+int64_t regroup_x_avx2(int64_t M, int64_t K, const float* X, int64_t ldx, float* Xg);
 void decode_scales_avx512(const uint8_t* code, const float* map, const float* nested, float offset, int64_t b0,
                           int64_t b1, float* out);
+void decode_scales_avx2(const uint8_t* code, const float* map, const float* nested, float offset, int64_t b0,
+                        int64_t b1, float* out);  // the same at AVX2
 
 }  // namespace qlora::cpu::nf4_gemv_detail
