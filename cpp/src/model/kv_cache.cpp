@@ -7,11 +7,10 @@ namespace qlora::model {
 KvCache::KvCache(Backend& be, const LlamaConfig& cfg, int64_t batch, int64_t capacity)
     : be_(be), B_(batch), cap_(capacity), key_mask_(batch * capacity, 0), n_real_(batch, 0) {
   check_arg(batch >= 1 && capacity >= 1, "KV cache: batch and capacity must be >= 1");
-  const size_t per_layer = sizeof(float) * batch * cfg.num_kv_heads * capacity * cfg.head_dim;
-  for (int64_t l = 0; l < cfg.num_layers; ++l) {
-    k_.emplace_back(be, per_layer);
-    v_.emplace_back(be, per_layer);
-  }
+  per_layer_ = batch * cfg.num_kv_heads * capacity * cfg.head_dim;
+  // One allocation for every layer's K and V: large enough for the CPU backend's huge pages
+  // (decode streams the whole cache once per step; per-layer 1 MB buffers missed the TLB).
+  store_ = DeviceBuffer(be, sizeof(float) * 2 * cfg.num_layers * per_layer_);
   key_mask_dev_ = DeviceBuffer(be, sizeof(int32_t) * key_mask_.size());
   be.upload(key_mask_dev_.data(), key_mask_.data(), sizeof(int32_t) * key_mask_.size());
 }
@@ -37,8 +36,7 @@ int64_t KvCache::append(const int32_t* mask, int64_t T, std::vector<int32_t>& po
 
 size_t KvCache::bytes() const {
   size_t n = key_mask_dev_.bytes();
-  for (size_t l = 0; l < k_.size(); ++l) n += k_[l].bytes() + v_[l].bytes();
-  return n;
+  return n + store_.bytes();
 }
 
 }  // namespace qlora::model

@@ -20,8 +20,8 @@ class KvCache {
   int64_t batch() const { return B_; }
   int64_t capacity() const { return cap_; }
   int64_t used() const { return used_; }  // slots filled so far
-  float* k(int64_t layer) const { return k_[layer].f32(); }  // [B, Hkv, cap, hd]
-  float* v(int64_t layer) const { return v_[layer].f32(); }  // [B, Hkv, cap, hd]
+  float* k(int64_t layer) const { return store_.f32() + 2 * layer * per_layer_; }      // [B, Hkv, cap, hd]
+  float* v(int64_t layer) const { return store_.f32() + (2 * layer + 1) * per_layer_; }  // [B, Hkv, cap, hd]
   const int32_t* key_mask_device() const { return key_mask_dev_.data<int32_t>(); }  // [B, cap]
 
   // Registers T new slots per row from mask[B, T] (host; 0 = padding): fills pos[B*T] (host)
@@ -32,7 +32,8 @@ class KvCache {
  private:
   Backend& be_;
   int64_t B_, cap_, used_ = 0;
-  std::vector<DeviceBuffer> k_, v_;  // per layer
+  int64_t per_layer_ = 0;            // floats of one layer's K (or V): B * Hkv * cap * hd
+  DeviceBuffer store_;               // [layers, 2 (K, V), B, Hkv, cap, hd]
   std::vector<int32_t> key_mask_;    // [B, cap] host copy
   DeviceBuffer key_mask_dev_;        // int32 [B, cap]
   std::vector<int64_t> n_real_;      // [B] real tokens seen per row
