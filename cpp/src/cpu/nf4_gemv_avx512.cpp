@@ -41,6 +41,25 @@ struct Shifts {
   __m512i lo, hi;
 };
 
+QLORA_AI Shifts make_shifts() {
+  Shifts sh;
+  sh.lo = _mm512_set_epi32(24, 24, 24, 24, 16, 16, 16, 16, 8, 8, 8, 8, 0, 0, 0, 0);
+  sh.hi = _mm512_add_epi32(sh.lo, _mm512_set1_epi32(4));
+  return sh;
+}
+
+// Decoded columns [k, k+32) of a row pair (packed rows p0, p1; scaled tables t0, t1): even and
+// odd columns of each row, in the regrouped order of X.
+struct PairW {
+  __m512 w0e, w0o, w1e, w1o;
+};
+QLORA_AI PairW decode_pair(const uint8_t* p0, const uint8_t* p1, int64_t k, __m512 t0, __m512 t1, const Shifts& sh) {
+  const __m512i b0 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0 + k / 2)));
+  const __m512i b1 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p1 + k / 2)));
+  return {_mm512_permutexvar_ps(_mm512_srlv_epi32(b0, sh.hi), t0), _mm512_permutexvar_ps(_mm512_srlv_epi32(b0, sh.lo), t0),
+          _mm512_permutexvar_ps(_mm512_srlv_epi32(b1, sh.hi), t1), _mm512_permutexvar_ps(_mm512_srlv_epi32(b1, sh.lo), t1)};
+}
+
 // Accumulates 32 columns [k, k+32) (16 packed bytes at p) into acc[u], acc[u+1] for every row of X.
 template <int M>
 QLORA_AI void group32(__m512 (&acc)[4][M], int u, const uint8_t* p, const float* x, int64_t ldx, __m512 t,
@@ -72,9 +91,7 @@ void rows_m(const Args& a, int64_t r0, int64_t r1) {
   const int64_t bs = int64_t{1} << s;
   const float* x = a.x;  // [M, ldx] regrouped
   const __m512 codes = _mm512_loadu_ps(a.codes);
-  Shifts sh;
-  sh.lo = _mm512_set_epi32(24, 24, 24, 24, 16, 16, 16, 16, 8, 8, 8, 8, 0, 0, 0, 0);
-  sh.hi = _mm512_add_epi32(sh.lo, _mm512_set1_epi32(4));
+  const Shifts sh = make_shifts();
   for (int64_t n = r0; n < r1; ++n) {
     const int64_t j0 = n * K;              // flat index of W[n, 0] (even: K % 32 == 0)
     const uint8_t* p = a.packed + j0 / 2;  // [K/2] bytes of row n
@@ -126,9 +143,7 @@ void row_pairs_m(const Args& a, int64_t r0, int64_t r1) {
   const int64_t bs = int64_t{1} << s, nb = K >> s;  // blocks per row
   const float* x = a.x;                             // [M, ldx] regrouped
   const __m512 codes = _mm512_loadu_ps(a.codes);
-  Shifts sh;
-  sh.lo = _mm512_set_epi32(24, 24, 24, 24, 16, 16, 16, 16, 8, 8, 8, 8, 0, 0, 0, 0);
-  sh.hi = _mm512_add_epi32(sh.lo, _mm512_set1_epi32(4));
+  const Shifts sh = make_shifts();
   for (int64_t n = r0; n < r1; n += 2) {
     const uint8_t* p0 = a.packed + n * K / 2;  // [K/2] bytes of rows n, n+1
     const uint8_t* p1 = p0 + K / 2;
@@ -142,19 +157,14 @@ void row_pairs_m(const Args& a, int64_t r0, int64_t r1) {
       const __m512 t1 = _mm512_mul_ps(codes, _mm512_set1_ps(am1[blk]));
       prefetch_ahead(p0 + blk * bs / 2, K);
       for (int64_t k = blk * bs, end = k + bs; k < end; k += 32) {
-        const __m512i b0 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0 + k / 2)));
-        const __m512i b1 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p1 + k / 2)));
-        const __m512 w0e = _mm512_permutexvar_ps(_mm512_srlv_epi32(b0, sh.hi), t0);
-        const __m512 w0o = _mm512_permutexvar_ps(_mm512_srlv_epi32(b0, sh.lo), t0);
-        const __m512 w1e = _mm512_permutexvar_ps(_mm512_srlv_epi32(b1, sh.hi), t1);
-        const __m512 w1o = _mm512_permutexvar_ps(_mm512_srlv_epi32(b1, sh.lo), t1);
+        const PairW w = decode_pair(p0, p1, k, t0, t1, sh);
         for (int m = 0; m < M; ++m) {
           __m512 xe = _mm512_loadu_ps(x + m * ldx + k), xo = _mm512_loadu_ps(x + m * ldx + k + 16);
           keep_in_register(xe, xo);
-          acc0[0][m] = _mm512_fmadd_ps(w0e, xe, acc0[0][m]);
-          acc0[1][m] = _mm512_fmadd_ps(w0o, xo, acc0[1][m]);
-          acc1[0][m] = _mm512_fmadd_ps(w1e, xe, acc1[0][m]);
-          acc1[1][m] = _mm512_fmadd_ps(w1o, xo, acc1[1][m]);
+          acc0[0][m] = _mm512_fmadd_ps(w.w0e, xe, acc0[0][m]);
+          acc0[1][m] = _mm512_fmadd_ps(w.w0o, xo, acc0[1][m]);
+          acc1[0][m] = _mm512_fmadd_ps(w.w1e, xe, acc1[0][m]);
+          acc1[1][m] = _mm512_fmadd_ps(w.w1o, xo, acc1[1][m]);
         }
       }
     }
@@ -188,9 +198,7 @@ void row_pairs_wide(const Args& a, int64_t r0, int64_t r1) {
   const int64_t bs = int64_t{1} << s, nb = K >> s;  // blocks per row
   const float* x = a.x;                             // [M, ldx] regrouped
   const __m512 codes = _mm512_loadu_ps(a.codes);
-  Shifts sh;
-  sh.lo = _mm512_set_epi32(24, 24, 24, 24, 16, 16, 16, 16, 8, 8, 8, 8, 0, 0, 0, 0);
-  sh.hi = _mm512_add_epi32(sh.lo, _mm512_set1_epi32(4));
+  const Shifts sh = make_shifts();
   alignas(64) float dots[16];  // [W row n + (i >= 8)][X row i % 8]
   for (int64_t n = r0; n < r1; n += 2) {
     const uint8_t* p0 = a.packed + n * K / 2;  // [K/2] bytes of rows n, n+1
@@ -204,18 +212,13 @@ void row_pairs_wide(const Args& a, int64_t r0, int64_t r1) {
       const __m512 t1 = _mm512_mul_ps(codes, _mm512_set1_ps(am1[blk]));
       prefetch_ahead(p0 + blk * bs / 2, K);
       for (int64_t k = blk * bs, end = k + bs; k < end; k += 32) {
-        const __m512i b0 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0 + k / 2)));
-        const __m512i b1 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p1 + k / 2)));
-        const __m512 w0e = _mm512_permutexvar_ps(_mm512_srlv_epi32(b0, sh.hi), t0);
-        const __m512 w0o = _mm512_permutexvar_ps(_mm512_srlv_epi32(b0, sh.lo), t0);
-        const __m512 w1e = _mm512_permutexvar_ps(_mm512_srlv_epi32(b1, sh.hi), t1);
-        const __m512 w1o = _mm512_permutexvar_ps(_mm512_srlv_epi32(b1, sh.lo), t1);
+        const PairW w = decode_pair(p0, p1, k, t0, t1, sh);
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
           __m512 xe = _mm512_loadu_ps(x + m * ldx + k), xo = _mm512_loadu_ps(x + m * ldx + k + 16);
           keep_in_register(xe, xo);
-          acc[m] = _mm512_fmadd_ps(w0o, xo, _mm512_fmadd_ps(w0e, xe, acc[m]));
-          acc[8 + m] = _mm512_fmadd_ps(w1o, xo, _mm512_fmadd_ps(w1e, xe, acc[8 + m]));
+          acc[m] = _mm512_fmadd_ps(w.w0o, xo, _mm512_fmadd_ps(w.w0e, xe, acc[m]));
+          acc[8 + m] = _mm512_fmadd_ps(w.w1o, xo, _mm512_fmadd_ps(w.w1e, xe, acc[8 + m]));
         }
       }
     }
