@@ -154,12 +154,12 @@ def default_gguf() -> str:
     return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def tokenize_text(gguf: str) -> list[int]:
-    """TEXT as token ids (our GGUF tokenizer, no special tokens), shared by every engine."""
+def tokenize_text(gguf: str, text: str | None = None) -> list[int]:
+    """TEXT (or `text`) as token ids (our GGUF tokenizer, no special tokens), shared by every engine."""
     import qlora_native
 
     tok = qlora_native.Tokenizer.from_pretrained(gguf)
-    return [int(t) for t in tok.encode(TEXT, add_special_tokens=False)]
+    return [int(t) for t in tok.encode(TEXT if text is None else text, add_special_tokens=False)]
 
 
 def proc_status_kib(field: str):

@@ -13,7 +13,8 @@ agreement, and the largest logit difference.
 
     PYTHONPATH=python:build/dev python bench/perplexity.py [--window 512 --stride 256]
 
-Writes bench/results/perplexity.json. The text is bench/_common.py TEXT (about 1,700 tokens).
+Writes bench/results/perplexity.json. The text is bench/_common.py TEXT (about 1,700 tokens), or
+--text-file (e.g. the public-domain botchan.txt from the sentencepiece sdist, with --max-tokens).
 """
 import argparse
 import os
@@ -109,6 +110,7 @@ def main():
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--stride", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    p.add_argument("--text-file", default=None, help="a UTF-8 text to score instead of the built-in one")
     p.add_argument("--engines", default="qlora_nf4,qlora_fp32,transformers_fp32,bnb_nf4,llama_cpp",
                    help="bnb_nf4: transformers with every projection NF4-quantized and dequantized by "
                         "bitsandbytes (blocksize 64, double quant); llama_cpp: the GGUF in llama.cpp (Q4_1)")
@@ -120,7 +122,11 @@ def main():
     import qlora_native
 
     threads = args.threads or qlora_native.num_threads()
-    ids = _common.tokenize_text(gguf)[:args.max_tokens]
+    text = None
+    if args.text_file:
+        with open(args.text_file, encoding="utf-8") as f:
+            text = f.read()
+    ids = _common.tokenize_text(gguf, text)[:args.max_tokens]
     names = [e.strip() for e in args.engines.split(",") if e.strip()]
     fns = load_engines(gguf, names, threads, args.window)
     ref = "qlora_fp32" if "qlora_fp32" in fns else None
