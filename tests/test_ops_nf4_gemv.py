@@ -138,6 +138,8 @@ def test_nf4_gemv_shapes(rng, backend, M, double_quant, rows, cols, blocksize):
 def test_nf4_gemv_alpha_beta(rng, backend, M, alpha, beta):
     run_case(rng, backend, M, 129, 576, 64, True, alpha=alpha, beta=beta)
     run_case(rng, backend, M, 31, 65, 32, False, alpha=alpha, beta=beta)
+    # X beyond 24 KiB at M = 8 (K = 1536): the AVX-512 kernel sums column chunks into Y.
+    run_case(rng, backend, M, 65, 1536, 64, True, alpha=alpha, beta=beta)
 
 
 @pytest.mark.parametrize("backend", all_backends())

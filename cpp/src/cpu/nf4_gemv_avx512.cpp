@@ -190,6 +190,9 @@ inline Args rows_of(const Args& a, int64_t m0, int64_t M) {
 // 5 <= M <= 8, two rows of W at a time: 16 accumulators (even and odd columns share one, so
 // 2 rows x 8 rows of X fit the 32 registers), one decode of W for all M rows of X, and one
 // tree reduction of the 16 accumulators. Requires K % blocksize == 0 (as row_pairs_m).
+// When M rows of X exceed ~24 KiB (K = 1536 at M = 8: 48 KiB, all of L1), the columns go in
+// chunks that stay in L1, each chunk over all the row pairs, summed into Y: X loads from L2
+// (one per FMA pair) had saturated L2 bandwidth. The chunking depends on K and M only.
 template <int M>
 void row_pairs_wide(const Args& a, int64_t r0, int64_t r1) {
   static_assert(M > 4 && M <= 8, "row_pairs_wide is for 5..8 rows of X");
@@ -199,34 +202,45 @@ void row_pairs_wide(const Args& a, int64_t r0, int64_t r1) {
   const float* x = a.x;                             // [M, ldx] regrouped
   const __m512 codes = _mm512_loadu_ps(a.codes);
   const Shifts sh = make_shifts();
+  const int64_t fit = ((int64_t{24} << 10) / (4 * M)) >> s;  // blocks of M rows of X in 24 KiB
+  const int64_t max_cb = fit > 1 ? fit : 1;
+  const int64_t n_chunks = (nb + max_cb - 1) / max_cb, cb = (nb + n_chunks - 1) / n_chunks;
   alignas(64) float dots[16];  // [W row n + (i >= 8)][X row i % 8]
-  for (int64_t n = r0; n < r1; n += 2) {
-    const uint8_t* p0 = a.packed + n * K / 2;  // [K/2] bytes of rows n, n+1
-    const uint8_t* p1 = p0 + K / 2;
-    const float* am0 = a.absmax + ((n * K) >> s) - a.block0;
-    const float* am1 = am0 + nb;
-    __m512 acc[16];  // [8 * (row n+1) + m]; lanes m >= M stay zero
-    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-    for (int64_t blk = 0; blk < nb; ++blk) {
-      const __m512 t0 = _mm512_mul_ps(codes, _mm512_set1_ps(am0[blk]));
-      const __m512 t1 = _mm512_mul_ps(codes, _mm512_set1_ps(am1[blk]));
-      prefetch_ahead(p0 + blk * bs / 2, K);
-      for (int64_t k = blk * bs, end = k + bs; k < end; k += 32) {
-        const PairW w = decode_pair(p0, p1, k, t0, t1, sh);
+  for (int64_t c0 = 0; c0 < nb; c0 += cb) {
+    const int64_t c1 = c0 + cb < nb ? c0 + cb : nb;  // blocks [c0, c1) of every row
+    for (int64_t n = r0; n < r1; n += 2) {
+      const uint8_t* p0 = a.packed + n * K / 2;  // [K/2] bytes of rows n, n+1
+      const uint8_t* p1 = p0 + K / 2;
+      const float* am0 = a.absmax + ((n * K) >> s) - a.block0;
+      const float* am1 = am0 + nb;
+      __m512 acc[16];  // [8 * (row n+1) + m]; lanes m >= M stay zero
+      for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t blk = c0; blk < c1; ++blk) {
+        const __m512 t0 = _mm512_mul_ps(codes, _mm512_set1_ps(am0[blk]));
+        const __m512 t1 = _mm512_mul_ps(codes, _mm512_set1_ps(am1[blk]));
+        prefetch_ahead(p0 + blk * bs / 2, K);
+        for (int64_t k = blk * bs, end = k + bs; k < end; k += 32) {
+          const PairW w = decode_pair(p0, p1, k, t0, t1, sh);
 #pragma GCC unroll 8
-        for (int m = 0; m < M; ++m) {
-          __m512 xe = _mm512_loadu_ps(x + m * ldx + k), xo = _mm512_loadu_ps(x + m * ldx + k + 16);
-          keep_in_register(xe, xo);
-          acc[m] = _mm512_fmadd_ps(w.w0o, xo, _mm512_fmadd_ps(w.w0e, xe, acc[m]));
-          acc[8 + m] = _mm512_fmadd_ps(w.w1o, xo, _mm512_fmadd_ps(w.w1e, xe, acc[8 + m]));
+          for (int m = 0; m < M; ++m) {
+            __m512 xe = _mm512_loadu_ps(x + m * ldx + k), xo = _mm512_loadu_ps(x + m * ldx + k + 16);
+            keep_in_register(xe, xo);
+            acc[m] = _mm512_fmadd_ps(w.w0o, xo, _mm512_fmadd_ps(w.w0e, xe, acc[m]));
+            acc[8 + m] = _mm512_fmadd_ps(w.w1o, xo, _mm512_fmadd_ps(w.w1e, xe, acc[8 + m]));
+          }
         }
       }
-    }
-    _mm512_store_ps(dots, hsum16(acc));
-    for (int m = 0; m < M; ++m) {
-      float* y = a.y + m * a.ldy + n;
-      y[0] = a.beta == 0.0f ? a.alpha * dots[m] : a.alpha * dots[m] + a.beta * y[0];  // beta == 0: Y not read
-      y[1] = a.beta == 0.0f ? a.alpha * dots[8 + m] : a.alpha * dots[8 + m] + a.beta * y[1];
+      _mm512_store_ps(dots, hsum16(acc));
+      for (int m = 0; m < M; ++m) {
+        float* y = a.y + m * a.ldy + n;
+        if (c0 > 0) {  // later chunks add to the first one's result
+          y[0] += a.alpha * dots[m];
+          y[1] += a.alpha * dots[8 + m];
+        } else {  // beta == 0: Y not read
+          y[0] = a.beta == 0.0f ? a.alpha * dots[m] : a.alpha * dots[m] + a.beta * y[0];
+          y[1] = a.beta == 0.0f ? a.alpha * dots[8 + m] : a.alpha * dots[8 + m] + a.beta * y[1];
+        }
+      }
     }
   }
 }
