@@ -34,15 +34,26 @@ def test_smollm2_fp32_logits_match_transformers():
         for name, w in src.tensors():
             params[name].copy_(torch.from_numpy(np.array(w)))
     ids = np.array([[1, 504, 3575, 282, 4649, 314, 253, 1470, 28, 1]])  # arbitrary in-vocab ids
+    # 40 tokens: the lm_head over more than 16 rows (Q8_0: dequantized chunks through the GEMM).
+    long_ids = np.random.default_rng(0).integers(2, cfg["vocab_size"], size=(1, 40))
     with torch.no_grad():
         want = ref(torch.from_numpy(ids)).logits.numpy().astype(np.float64)
+        want_long = ref(torch.from_numpy(long_ids)).logits.numpy().astype(np.float64)
+        embed_ref = params["model.embed_tokens.weight"].numpy().copy()
     del ref
-    ours = qlora_native.Model.from_pretrained(path, quantize=None)(ids)
-    # fp32 on both sides (measured ~2e-6); bound as in test_model.fp32_tol with K = 1536.
-    err = np.abs(ours - want).max() / np.abs(want).max()
-    print("relative max error", err)
-    assert err < 16 * np.sqrt(1536) * np.finfo(np.float32).eps, err
-    assert (ours[0].argmax(-1) == want[0].argmax(-1)).mean() > 0.9
+    model = qlora_native.Model.from_pretrained(path, quantize=None)
+    # The GGUF's Q8_0 token_embd is kept 8-bit (embedding rows and the tied lm_head); its values
+    # are exactly the gguf package's fp32 dequantization (what transformers got above).
+    assert model._core.embed_is_q8_0()
+    for x, w in [(ids, want), (long_ids, want_long)]:
+        ours = model(x)
+        # fp32 on both sides (measured ~2e-6); bound as in test_model.fp32_tol with K = 1536.
+        err = np.abs(ours - w).max() / np.abs(w).max()
+        print("relative max error", err)
+        assert err < 16 * np.sqrt(1536) * np.finfo(np.float32).eps, err
+        assert (ours[0].argmax(-1) == w[0].argmax(-1)).mean() > 0.9
+    got = np.asarray(model._core.get_tensor("model.embed_tokens.weight")).reshape(embed_ref.shape)
+    np.testing.assert_array_equal(got, embed_ref)  # export path: exact dequantization
 
 
 def test_smollm2_nf4_answers():

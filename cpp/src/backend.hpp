@@ -48,6 +48,18 @@ class Backend {
                                 float* const* Y, const int64_t* ldy) {
     for (int64_t i = 0; i < n; ++i) nf4_gemm_nt(M, 1.0f, X, ldx, *W[i], 0.0f, Y[i], ldy[i]);
   }
+  // ---- Q8_0 (GGUF's 8-bit format, kept as stored for a GGUF's token embedding / lm_head):
+  // a row of K weights (K % 32 == 0) is K/32 blocks of 34 bytes {fp16 d (little-endian), int8 q[32]};
+  // weight j of a block = float(d) * float(q[j]) (exact in fp32, as gguf's dequantize computes it).
+  // W holds N such rows back to back. Y[M, N] = X[M, K] · deq(W)ᵀ.
+  virtual void q8_0_gemm_nt(int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const void* W, float* Y,
+                            int64_t ldy) {
+    not_implemented("q8_0_gemm_nt");
+  }
+  // out[M, K] = deq(W)[ids[m], :] (embedding lookup; ids already checked to lie in [0, N)).
+  virtual void q8_0_rows(int64_t M, int64_t K, const void* W, const int32_t* ids, float* out) {
+    not_implemented("q8_0_rows");
+  }
   // dX[M, W.cols] = alpha * dY[M, W.rows] · deq(W) + beta * dX
   virtual void nf4_gemm_nn(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W,
                            float beta, float* dX, int64_t lddx) = 0;

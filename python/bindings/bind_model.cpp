@@ -125,6 +125,15 @@ void bind_model(py::module_& m) {
           },
           py::arg("name"), py::arg("row0"), py::arg("rows"))
       .def(
+          "load_embed_q8_0",
+          [](LlamaModel& self, const py::array_t<uint8_t, py::array::c_style>& raw) {
+            // A GGUF's Q8_0 token_embd as stored ([V, D/32 * 34] bytes), kept 8-bit.
+            py::gil_scoped_release nogil;
+            self.weights().load_embed_q8_0(raw.data(), static_cast<size_t>(raw.size()));
+          },
+          py::arg("raw"))
+      .def("embed_is_q8_0", [](LlamaModel& self) { return self.weights().embed_is_q8_0(); })
+      .def(
           "load_nf4",
           [](LlamaModel& self, const std::string& name, py::handle obj) {
             PyNf4 w = nf4_from_py(obj);
@@ -199,7 +208,10 @@ void bind_model(py::module_& m) {
             // A full-precision tensor by HF name (host float32 copy), for export (save_pretrained).
             model::LlamaWeights& w = self.weights();
             const model::DeviceBuffer* buf = nullptr;
-            if (name == "model.embed_tokens.weight") buf = &w.embed;
+            if (name == "model.embed_tokens.weight") {
+              w.embed_f32();  // a Q8_0 embedding is dequantized (and kept) for export
+              buf = &w.embed;
+            }
             else if (name == "model.norm.weight") buf = &w.norm;
             else if (name == "lm_head.weight" && !w.cfg.tie_word_embeddings) buf = &w.lm_head;
             else if (name.rfind("model.layers.", 0) == 0) {

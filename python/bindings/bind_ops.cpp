@@ -204,6 +204,21 @@ py::array nf4_dequantize(py::handle w_obj, const std::string& backend) {
   return out;
 }
 
+// A GGUF Q8_0 weight given as raw bytes (uint8, C-contiguous, N * K/32 * 34 bytes): host backends.
+const void* q8_0_bytes(py::handle w_obj, int64_t n, int64_t k, const char* what) {
+  const std::string f = what;
+  check_arg(k >= 32 && k % 32 == 0, f + ": k must be a positive multiple of 32, got " + std::to_string(k));
+  check_arg(n >= 1, f + ": n must be >= 1, got " + std::to_string(n));
+  check_arg(py::isinstance<py::array>(w_obj), f + ": w_blocks must be a numpy.ndarray");
+  auto w = py::reinterpret_borrow<py::array>(w_obj);
+  check_arg(w.dtype().is(py::dtype::of<uint8_t>()), f + ": w_blocks must have dtype uint8, got " + std::string(py::str(w.dtype())));
+  check_arg(w.flags() & py::array::c_style, f + ": w_blocks must be C-contiguous");
+  const int64_t want = n * (k / 32) * 34;
+  check_arg(static_cast<int64_t>(w.nbytes()) == want, f + ": w_blocks has " + std::to_string(w.nbytes()) +
+                                                          " bytes, expected n * k/32 * 34 = " + std::to_string(want));
+  return w.data();
+}
+
 }  // namespace
 
 void bind_ops(py::module_& m) {
@@ -274,6 +289,56 @@ void bind_ops(py::module_& m) {
       "out[M, in_f] = alpha * dy[M, out_f] @ dequant(w) + beta * out (w: NF4 weight [out_f, in_f])");
   ops.def("nf4_dequantize", &nf4_dequantize, py::arg("w"), py::arg("backend") = "cpu",
           "float32 [out_f, in_f] copy of an NF4 weight (tests, merging, export)");
+  ops.def(
+      "q8_0_gemm_nt",
+      [](py::object x_obj, py::handle w_obj, int64_t n, int64_t k, const std::string& backend) {
+        // Host backends only: exposes Backend::q8_0_gemm_nt (GGUF Q8_0 lm_head) for tests.
+        Backend& be = get_backend(backend);
+        check_arg(be.host_memory(), "q8_0_gemm_nt: host backends only");
+        const void* w = q8_0_bytes(w_obj, n, k, "q8_0_gemm_nt");
+        Mat x = as_mat(x_obj, "x", false);
+        check_arg(x.cols == k, "q8_0_gemm_nt: x has " + std::to_string(x.cols) + " columns, expected k = " +
+                                   std::to_string(k));
+        py::array_t<float> y({x.rows, n});  // [M, n]
+        float* yp = y.mutable_data();
+        {
+          py::gil_scoped_release nogil;
+          be.q8_0_gemm_nt(x.rows, n, k, x.data, x.ld, w, yp, n);
+        }
+        return y;
+      },
+      py::arg("x"), py::arg("w_blocks"), py::arg("n"), py::arg("k"), py::kw_only(), py::arg("backend") = "cpu",
+      "out[M, n] = x[M, k] @ dequant(w).T for a GGUF Q8_0 weight [n, k] given as raw blocks (uint8)");
+  ops.def(
+      "q8_0_rows",
+      [](py::handle w_obj, py::handle ids_obj, int64_t n, int64_t k, const std::string& backend) {
+        Backend& be = get_backend(backend);
+        check_arg(be.host_memory(), "q8_0_rows: host backends only");
+        const void* w = q8_0_bytes(w_obj, n, k, "q8_0_rows");
+        check_arg(py::isinstance<py::array>(ids_obj), "q8_0_rows: ids must be a numpy.ndarray");
+        auto ids_arr = py::reinterpret_borrow<py::array>(ids_obj);
+        const char kind = ids_arr.dtype().kind();
+        check_arg(kind == 'i' || kind == 'u', "q8_0_rows: ids must have an integer dtype, got " +
+                                                  std::string(py::str(ids_arr.dtype())));
+        check_arg(ids_arr.ndim() == 1, "q8_0_rows: ids must be 1-D");
+        auto ids64 = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(ids_arr);
+        const int64_t M = ids64.shape(0);
+        std::vector<int32_t> ids(static_cast<size_t>(M));
+        for (int64_t i = 0; i < M; ++i) {
+          const int64_t v = ids64.data()[i];
+          check_arg(v >= 0 && v < n, "q8_0_rows: id " + std::to_string(v) + " out of range [0, " + std::to_string(n) + ")");
+          ids[static_cast<size_t>(i)] = static_cast<int32_t>(v);
+        }
+        py::array_t<float> out({M, k});  // [M, k]
+        float* o = out.mutable_data();
+        {
+          py::gil_scoped_release nogil;
+          be.q8_0_rows(M, k, w, ids.data(), o);
+        }
+        return out;
+      },
+      py::arg("w_blocks"), py::arg("ids"), py::arg("n"), py::arg("k"), py::kw_only(), py::arg("backend") = "cpu",
+      "out[len(ids), k] = dequant(w)[ids] for a GGUF Q8_0 weight [n, k] given as raw blocks (uint8)");
 }
 
 }  // namespace qlora::py_bind

@@ -379,7 +379,11 @@ def load_from_source(core, source) -> None:
             continue
         if dtype not in _SAFE_DTYPES:
             raise ValueError(f"tensor {name!r} has dtype {dtype}, expected F32, F16 or BF16")
-        if isinstance(data, RowSlabs):  # a large tensor in row slabs (GGUF embeddings): low peak memory
+        if isinstance(data, RowSlabs) and name == "model.embed_tokens.weight" and data.kind.name == "Q8_0" \
+                and data.shape[1] % 32 == 0 and hasattr(core, "load_embed_q8_0"):
+            # Kept as stored: 8-bit rows whose values equal their fp32 dequantization.
+            core.load_embed_q8_0(np.ascontiguousarray(data.data, dtype=np.uint8).reshape(-1))
+        elif isinstance(data, RowSlabs):  # a large tensor in row slabs (GGUF embeddings): low peak memory
             for row0, rows in data:
                 core.load_tensor_rows(name, row0, rows)
         else:

@@ -12,7 +12,8 @@ An NF4 weight ``w`` is any object with the NF4 attribute protocol (``packed``, `
 """
 from ._core import ops as _ops
 
-__all__ = ["gemm_nt", "gemm_nn", "gemm_tn", "nf4_gemm_nt", "nf4_gemm_nt_many", "nf4_gemm_nn", "nf4_dequantize"]
+__all__ = ["gemm_nt", "gemm_nn", "gemm_tn", "nf4_gemm_nt", "nf4_gemm_nt_many", "nf4_gemm_nn", "nf4_dequantize", "q8_0_gemm_nt",
+           "q8_0_rows"]
 
 
 def gemm_nt(a, b, out=None, *, alpha=1.0, beta=0.0, backend="cpu"):
@@ -49,3 +50,14 @@ def nf4_gemm_nn(dy, w, out=None, *, alpha=1.0, beta=0.0, backend="cpu"):
 def nf4_dequantize(w, backend="cpu"):
     """float32 [out_f, in_f] dequantized copy of an NF4 weight (tests, merging, export)."""
     return _ops.nf4_dequantize(w, backend)
+
+
+def q8_0_gemm_nt(x, w_blocks, n, k, *, backend="cpu"):
+    """float32 [M, n] = x[M, k] @ dequant(w).T for a GGUF Q8_0 weight [n, k] given as its raw blocks
+    (uint8, n * k/32 * 34 bytes: fp16 scale + 32 int8 each); host backends."""
+    return _ops.q8_0_gemm_nt(x, w_blocks, n, k, backend=backend)
+
+
+def q8_0_rows(w_blocks, ids, n, k, *, backend="cpu"):
+    """float32 [len(ids), k] = dequant(w)[ids] (embedding lookup) for a GGUF Q8_0 weight [n, k]; host backends."""
+    return _ops.q8_0_rows(w_blocks, ids, n, k, backend=backend)

@@ -8,6 +8,7 @@
 #include "cpu/gemm.hpp"
 #include "cpu/ops_backward.hpp"
 #include "cpu/ops_model.hpp"
+#include "cpu/q8_0.hpp"
 #include "nf4/nf4_codec.hpp"
 
 #if defined(__linux__)
@@ -76,6 +77,13 @@ void CpuBackend::nf4_gemm_nn(int64_t M, float alpha, const float* dY, int64_t ld
   cpu::nf4_gemm_nn(level(), M, alpha, dY, lddy, W, beta, dX, lddx);
 }
 void CpuBackend::nf4_dequantize(const Nf4Ref& W, float* out) { nf4::dequantize(level(), W, out); }
+void CpuBackend::q8_0_gemm_nt(int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const void* W,
+                              float* Y, int64_t ldy) {
+  cpu::q8_0_gemm_nt(level(), M, N, K, X, ldx, W, Y, ldy);
+}
+void CpuBackend::q8_0_rows(int64_t M, int64_t K, const void* W, const int32_t* ids, float* out) {
+  cpu::q8_0_rows(level(), M, K, W, ids, out);
+}
 
 void CpuBackend::embedding(int64_t M, int64_t D, const float* table, const int32_t* ids, float* out) {
   ops::embedding(M, D, table, ids, out);

@@ -31,6 +31,9 @@ class CpuBackend final : public Backend {
   void nf4_gemm_nn(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W, float beta, float* dX,
                    int64_t lddx) override;
   void nf4_dequantize(const Nf4Ref& W, float* out) override;
+  void q8_0_gemm_nt(int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const void* W, float* Y,
+                    int64_t ldy) override;
+  void q8_0_rows(int64_t M, int64_t K, const void* W, const int32_t* ids, float* out) override;
 
   // Transformer ops (cpu/ops_model.hpp).
   void embedding(int64_t M, int64_t D, const float* table, const int32_t* ids, float* out) override;

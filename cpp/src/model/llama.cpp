@@ -78,7 +78,10 @@ void LlamaModel::run(KvCache& cache, const int32_t* ids, const int32_t* mask, in
   DeviceBuffer u(be_, sizeof(float) * M * I);     // [M, I]
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
-  be_.embedding(M, D, w_->embed.f32(), ids_d.data<int32_t>(), x.f32());
+  if (w_->embed_is_q8_0())
+    be_.q8_0_rows(M, D, w_->embed_q8.data(), ids_d.data<int32_t>(), x.f32());
+  else
+    be_.embedding(M, D, w_->embed.f32(), ids_d.data<int32_t>(), x.f32());
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& L = w_->layers[l];
     // Attention block.
@@ -114,19 +117,26 @@ void LlamaModel::run(KvCache& cache, const int32_t* ids, const int32_t* mask, in
   const int64_t rows = all_rows ? M : B;
   const float* hin = all_rows ? h.f32() : h.f32() + (T - 1) * D;
   const int64_t ldh = all_rows ? D : T * D;
+  // A tied Q8_0 embedding is the lm_head as stored (half the bytes of fp32 per decode step).
+  auto lm_head = [&](float* out) {
+    if (c.tie_word_embeddings && w_->embed_is_q8_0())
+      be_.q8_0_gemm_nt(rows, V, D, hin, ldh, w_->embed_q8.data(), out, V);
+    else
+      be_.gemm_nt(rows, V, D, 1.0f, hin, ldh, w_->lm_head_weight(), D, 0.0f, out, V);
+  };
   if (be_.host_memory()) {  // straight into the caller's array: no [rows, V] buffer and copy per step
-    be_.gemm_nt(rows, V, D, 1.0f, hin, ldh, w_->lm_head_weight(), D, 0.0f, logits_host, V);
+    lm_head(logits_host);
     return;
   }
   DeviceBuffer logits(be_, sizeof(float) * rows * V);  // [rows, V]
-  be_.gemm_nt(rows, V, D, 1.0f, hin, ldh, w_->lm_head_weight(), D, 0.0f, logits.f32(), V);
+  lm_head(logits.f32());
   be_.download(logits_host, logits.data(), sizeof(float) * rows * V);
   be_.synchronize();
 }
 
 std::map<std::string, size_t> LlamaModel::memory_footprint() const {
   size_t nf4 = 0, quant = 0, other = 0;
-  other += w_->embed.bytes() + w_->norm.bytes() + w_->lm_head.bytes() + inv_freq_.bytes();
+  other += w_->embed.bytes() + w_->embed_q8.bytes() + w_->norm.bytes() + w_->lm_head.bytes() + inv_freq_.bytes();
   for (const LayerWeights& L : w_->layers) {
     other += L.input_norm.bytes() + L.post_norm.bytes();
     for (const Linear* lin : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) {

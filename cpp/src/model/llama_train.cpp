@@ -281,7 +281,7 @@ LlamaModel::LossResult LlamaModel::train_pass(const int32_t* ids, const int32_t*
   auto X = [&](int64_t l) { return xs[backward ? l : l % 2].f(); };
   std::vector<std::unique_ptr<LayerActs>> acts(keep_all ? nL : 1);
   if (!keep_all) acts[0] = std::make_unique<LayerActs>(be_, mc, d);
-  be_.embedding(M, D, w_->embed.f32(), ids_d.data<int32_t>(), X(0));
+  be_.embedding(M, D, w_->embed_f32(), ids_d.data<int32_t>(), X(0));
   for (int64_t l = 0; l < nL; ++l) {
     if (keep_all) acts[l] = std::make_unique<LayerActs>(be_, mc, d);
     P.layer_forward(l, X(l), *acts[keep_all ? l : 0], X(l + 1));
@@ -289,7 +289,7 @@ LlamaModel::LossResult LlamaModel::train_pass(const int32_t* ids, const int32_t*
   if (!backward) acts[0].reset();
   ActBuf hF(be_, mc, M * D);  // [M, D] final-norm output, then its gradient
   be_.rmsnorm(M, D, X(nL), w_->norm.f32(), c.rms_norm_eps, hF.f());
-  const CrossEntropyResult ce = lm_cross_entropy(be_, M, D, V, hF.f(), D, w_->lm_head_weight(), labels, grad_scale,
+  const CrossEntropyResult ce = lm_cross_entropy(be_, M, D, V, hF.f(), D, w_->lm_head_f32(), labels, grad_scale,
                                                  backward ? hF.f() : nullptr, D);
   mc.peak = std::max(mc.peak, mc.cur + ce.workspace_bytes);
   LossResult res{ce.loss_sum, ce.count, 0};

@@ -111,11 +111,44 @@ void LlamaWeights::load_rows(const std::string& name, int64_t row0, int64_t nrow
   check_arg(rows_loaded_.count(name) && rows_loaded_[name] == row0,
             "load_rows: rows of '" + name + "' must arrive in order from row 0");
   for (int64_t i = 0; i < nrows * cols; ++i)
-    check_arg(std::isfinite(data[i]), "tensor '" + name + "': weights contain NaN or inf (row " +
-                                          std::to_string(row0 + i / cols) + ")");
+    if (!std::isfinite(data[i]))  // the message is built only on failure
+      throw ValueError("tensor '" + name + "': weights contain NaN or inf (row " + std::to_string(row0 + i / cols) +
+                       ")");
   be.upload(buf.data<float>() + row0 * cols, data, sizeof(float) * nrows * cols);
   rows_loaded_[name] = row0 + nrows;
   if (row0 + nrows == rows) loaded_[name] = true;
+}
+
+void LlamaWeights::load_embed_q8_0(const uint8_t* data, size_t bytes) {
+  const int64_t V = cfg.vocab_size, D = cfg.hidden_size;
+  check_arg(D % 32 == 0, "Q8_0 embedding: hidden_size must be a multiple of 32, got " + std::to_string(D));
+  const size_t want = static_cast<size_t>(V) * static_cast<size_t>(D / 32) * 34;
+  check_arg(bytes == want, "Q8_0 embedding: expected " + std::to_string(want) + " bytes for [" + std::to_string(V) +
+                               ", " + std::to_string(D) + "], got " + std::to_string(bytes));
+  for (size_t b = 0; b < want; b += 34) {  // every block scale must be a finite fp16
+    const uint16_t h = static_cast<uint16_t>(data[b] | (data[b + 1] << 8));
+    if ((h & 0x7C00) == 0x7C00)
+      throw ValueError("tensor 'model.embed_tokens.weight': Q8_0 scale is NaN or inf (row " +
+                       std::to_string(b / 34 / (D / 32)) + ")");
+  }
+  embed_q8 = DeviceBuffer(be, want);
+  be.upload(embed_q8.data(), data, want);
+  embed = DeviceBuffer();
+  loaded_["model.embed_tokens.weight"] = true;
+}
+
+const float* LlamaWeights::embed_f32() {
+  if (embed.empty() && embed_is_q8_0()) {
+    const int64_t V = cfg.vocab_size, D = cfg.hidden_size;
+    std::vector<int32_t> ids(static_cast<size_t>(V));  // [V]: every row, in order
+    for (int64_t i = 0; i < V; ++i) ids[i] = static_cast<int32_t>(i);
+    DeviceBuffer ids_d(be, sizeof(int32_t) * V);
+    be.upload(ids_d.data(), ids.data(), sizeof(int32_t) * V);
+    DeviceBuffer out(be, sizeof(float) * V * D);  // [V, D]
+    be.q8_0_rows(V, D, embed_q8.data(), ids_d.data<int32_t>(), out.f32());
+    embed = std::move(out);
+  }
+  return embed.f32();
 }
 
 std::vector<std::string> LlamaWeights::missing() const {

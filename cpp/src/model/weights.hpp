@@ -43,6 +43,15 @@ class LlamaWeights {
   // Loads an fp32 embedding / lm_head in consecutive row slabs data[nrows, cols] starting at row
   // 0, so a loader never holds the whole fp32 tensor next to the engine's copy (peak memory).
   void load_rows(const std::string& name, int64_t row0, int64_t nrows, int64_t ncols, const float* data);
+  // Loads the embedding as GGUF Q8_0 rows (Backend::q8_0_gemm_nt layout; host bytes, copied) and
+  // keeps it so: a GGUF's token_embd is stored 8-bit (decode streams half the bytes of fp32 as
+  // the tied lm_head; the values are the same as their fp32 dequantization).
+  void load_embed_q8_0(const uint8_t* data, size_t bytes);
+  bool embed_is_q8_0() const { return !embed_q8.empty(); }
+  // fp32 embedding / lm_head for the paths that need it whole (training loss, export): a Q8_0
+  // embedding is dequantized into `embed` on first use and kept.
+  const float* embed_f32();
+  const float* lm_head_f32() { return cfg.tie_word_embeddings ? embed_f32() : lm_head.f32(); }
   // Names of expected tensors not loaded yet.
   std::vector<std::string> missing() const;
 
@@ -52,11 +61,13 @@ class LlamaWeights {
   Backend& be;
   LlamaConfig cfg;
   QuantSpec quant;
-  DeviceBuffer embed;    // [V, D]
+  DeviceBuffer embed;     // [V, D] (empty while a Q8_0 embedding is not dequantized)
+  DeviceBuffer embed_q8;  // Q8_0 [V, D/32 blocks of 34 bytes], or empty
   DeviceBuffer norm;     // [D]
   DeviceBuffer lm_head;  // [V, D] (empty when tied: embed is used)
   std::vector<LayerWeights> layers;
 
+  // fp32 lm_head; null when tied to a Q8_0 embedding not dequantized (use lm_head_f32()).
   const float* lm_head_weight() const { return cfg.tie_word_embeddings ? embed.f32() : lm_head.f32(); }
 
  private:

@@ -1,0 +1,110 @@
+// AVX-512 Q8_0 GEMV kernel (compiled with AVX-512 flags only; plain function, see cpu/README.md).
+// Structure of gemv_f32_avx512.cpp, with each 16 weights decoded in registers: int8 -> int32 ->
+// fp32, times the block's fp16 scale (exact in fp32), then FMA with X.
+// GCC 12's AVX-512 intrinsics seed results with _mm512_undefined_*: a known false positive.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/simd_reduce_avx512.hpp"
+
+namespace qlora::cpu {
+
+namespace {
+
+constexpr int64_t kBlock = 32, kBlockBytes = 34;
+
+constexpr int pow2_at_least(int m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : 8; }
+
+// J rows of W [n, n+J) against all M rows of X into out[j * P + m]: v[j * P + m] accumulates X row m
+// times W row n+j over K (per block: the first 16 weights, then the last 16), and one tree reduction
+// (hsum16) turns the 16 accumulators into 16 dot products. Every dot product takes the same path
+// whatever M and J are, so a result does not depend on M or on how rows are split across threads.
+template <int M, int P, int J>
+inline __attribute__((always_inline)) void dots(int64_t n, int64_t nb, const float* X, int64_t ldx,
+                                                const uint8_t* W, int64_t row_bytes, float* out) {
+  static_assert(J * P <= 16 && M <= P, "16 accumulators");
+  __m512 v[16];
+  for (int i = 0; i < 16; ++i) v[i] = _mm512_setzero_ps();
+  const uint8_t* w = W + n * row_bytes;  // [J, row_bytes]
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w + b * kBlockBytes;
+    float sc[J];  // the J blocks' scales
+#pragma GCC unroll 16
+    for (int j = 0; j < J; ++j) {
+      // The next J rows into L1 and rows 8J ahead into L2 at every J (unlike the fp32 GEMV, M = 1
+      // too): without it M = 1 ran at 27 GB/s of Q8_0, with it at 75 ([49152, 576], 2 threads).
+      _mm_prefetch(reinterpret_cast<const char*>(blk + (J + j) * row_bytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(blk + (8 * J + j) * row_bytes), _MM_HINT_T1);
+      uint16_t dh;
+      std::memcpy(&dh, blk + j * row_bytes, 2);
+      sc[j] = _cvtsh_ss(dh);
+    }
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      __m512 a[M];
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        a[m] = _mm512_loadu_ps(X + m * ldx + b * kBlock + 16 * h);
+        // Keep a in a register: GCC otherwise folds the load into each of the J FMAs.
+        if (J > 1) asm("" : "+v"(a[m]));
+      }
+#pragma GCC unroll 16
+      for (int j = 0; j < J; ++j) {
+        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + j * row_bytes + 2 + 16 * h));
+        const __m512 wv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), _mm512_set1_ps(sc[j]));
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) v[j * P + m] = _mm512_fmadd_ps(a[m], wv, v[j * P + m]);
+      }
+    }
+  }
+  _mm512_store_ps(out, hsum16(v));
+}
+
+// M is a template parameter so the accumulators live in registers. Rows of W go J at a time
+// (J * P <= 16 accumulators: 8 rows at M = 1 and 2, 2 at M = 8), so W streams once per call.
+// M = 1 uses 8 rows, not 16: 16 rows' scales and decodes spilled (0.47 ms against 0.39).
+template <int M>
+void gemv_rows(int64_t n0, int64_t n1, int64_t K, const float* X, int64_t ldx, const uint8_t* W, float* Y,
+               int64_t ldy) {
+  constexpr int P = pow2_at_least(M), J = M == 1 ? 8 : 16 / P;
+  const int64_t nb = K / kBlock, row_bytes = nb * kBlockBytes;
+  // Results go through a [M, 16] tile written out a cache line per row (as gemv_f32_avx512.cpp).
+  constexpr int64_t kTile = 16;
+  alignas(64) float tile[M][kTile];
+  alignas(64) float out[16];
+  for (int64_t nt = n0; nt < n1; nt += kTile) {
+    const int64_t nn = n1 - nt < kTile ? n1 - nt : kTile;
+    int64_t j = 0;
+    for (; j + J <= nn; j += J) {
+      dots<M, P, J>(nt + j, nb, X, ldx, W, row_bytes, out);
+      for (int jj = 0; jj < J; ++jj)
+        for (int m = 0; m < M; ++m) tile[m][j + jj] = out[jj * P + m];
+    }
+    for (; j < nn; ++j) {  // the last tile's rows beyond a multiple of J
+      dots<M, P, 1>(nt + j, nb, X, ldx, W, row_bytes, out);
+      for (int m = 0; m < M; ++m) tile[m][j] = out[m];
+    }
+    for (int m = 0; m < M; ++m) std::memcpy(Y + m * ldy + nt, tile[m], static_cast<size_t>(nn) * sizeof(float));
+  }
+}
+
+}  // namespace
+
+void q8_0_gemv_avx512(int64_t M, int64_t n0, int64_t n1, int64_t K, const float* X, int64_t ldx,
+                      const uint8_t* W, float* Y, int64_t ldy) {
+  switch (M) {  // 1 <= M <= 8
+    case 1: return gemv_rows<1>(n0, n1, K, X, ldx, W, Y, ldy);
+    case 2: return gemv_rows<2>(n0, n1, K, X, ldx, W, Y, ldy);
+    case 3: return gemv_rows<3>(n0, n1, K, X, ldx, W, Y, ldy);
+    case 4: return gemv_rows<4>(n0, n1, K, X, ldx, W, Y, ldy);
+    case 5: return gemv_rows<5>(n0, n1, K, X, ldx, W, Y, ldy);
+    case 6: return gemv_rows<6>(n0, n1, K, X, ldx, W, Y, ldy);
+    case 7: return gemv_rows<7>(n0, n1, K, X, ldx, W, Y, ldy);
+    default: return gemv_rows<8>(n0, n1, K, X, ldx, W, Y, ldy);
+  }
+}
+
+}  // namespace qlora::cpu
