@@ -33,11 +33,12 @@ void gemv_nt_f32_generic(int64_t M, int64_t n0, int64_t n1, int64_t K, float alp
 
 void gemv_nt_f32(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                  const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+#if defined(QLORA_X86)
   auto kern = level == SimdLevel::AVX512 ? gemv_nt_f32_avx512
               : level == SimdLevel::AVX2 ? gemv_nt_f32_avx2
                                          : gemv_nt_f32_generic;
-#ifndef QLORA_X86
-  kern = gemv_nt_f32_generic;
+#else  // the *_avx2 / *_avx512 files are built on x86 only: do not name their symbols elsewhere
+  auto kern = gemv_nt_f32_generic;
 #endif
   const int64_t group = kern == gemv_nt_f32_generic ? 4 : 8;  // rows per kernel pass (registers)
   // At least ~64 KiB of B per task so small layers stay on one thread.

@@ -122,9 +122,13 @@ void attention(SimdLevel level, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, i
                const int32_t* key_mask, float scale, float* out, int64_t ldo) {
   if (level == SimdLevel::Scalar)
     return attention_reference(B, T, Hq, Hkv, hd, q, ldq, k_cache, v_cache, S_cap, start, key_mask, scale, out, ldo);
+#if defined(QLORA_X86)
   const attn_k::AttnBlockFn block = level == SimdLevel::AVX512 ? attn_k::attn_block_avx512
                                     : level == SimdLevel::AVX2  ? attn_k::attn_block_avx2
                                                                 : attn_k::attn_block_generic;
+#else  // the *_avx2 / *_avx512 files are built on x86 only
+  const attn_k::AttnBlockFn block = attn_k::attn_block_generic;
+#endif
   // Rows of one (b, kv head) group: r = t * G + g for query t and query head kh * G + g; t-major so
   // a block's causal limits are close. A task = up to kMaxRows rows of one group, so every K/V row
   // is read once per block for all its GQA heads and queries (decode: one task per group).
