@@ -3,13 +3,13 @@
 
 #include <cstdint>
 
+#include "cpu/gemv_tiles.hpp"
 #include "cpu/simd_reduce_avx2.hpp"
 
 namespace qlora::cpu {
 
 namespace {
 
-constexpr int pow2_at_least(int m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : 8; }
 
 // Lane mask of the first r < 8 floats (maskload never touches the masked-out lanes).
 inline __m256i tail_mask(int64_t r) {
@@ -74,29 +74,14 @@ template <int M>
 void gemv_rows(int64_t n0, int64_t n1, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
                int64_t ldb, float beta, float* C, int64_t ldc) {
   constexpr int P = pow2_at_least(M), J = M == 1 ? 8 : M == 2 ? 2 : 1;  // P * J <= 8
-  // Results go through a [M, 16] tile written out a cache line per row (as gemv_f32_avx512.cpp:
-  // one float per row per n hits M lines that often share an L1 set, ldc being a multiple of 4 KiB).
-  constexpr int64_t kTile = 16;
-  alignas(64) float tile[M][kTile];
   alignas(32) float out[8];
-  for (int64_t nt = n0; nt < n1; nt += kTile) {
-    const int64_t nn = n1 - nt < kTile ? n1 - nt : kTile;
-    int64_t j = 0;
-    for (; j + J <= nn; j += J) {
-      dots<M, P, J>(nt + j, K, A, lda, B, ldb, out);
-      for (int jj = 0; jj < J; ++jj)
-        for (int m = 0; m < M; ++m) tile[m][j + jj] = out[jj * P + m];
-    }
-    for (; j < nn; ++j) {  // the last tile's columns beyond a multiple of J
-      dots<M, P, 1>(nt + j, K, A, lda, B, ldb, out);
-      for (int m = 0; m < M; ++m) tile[m][j] = out[m];
-    }
-    for (int m = 0; m < M; ++m) {
-      float* c = C + m * ldc + nt;
-      for (int64_t jj = 0; jj < nn; ++jj)
-        c[jj] = beta == 0.0f ? alpha * tile[m][jj] : alpha * tile[m][jj] + beta * c[jj];
-    }
-  }
+  gemv_tiles<M, P, J>(
+      n0, n1, out, [&](int64_t n, float* o) { dots<M, P, J>(n, K, A, lda, B, ldb, o); },
+      [&](int64_t n, float* o) { dots<M, P, 1>(n, K, A, lda, B, ldb, o); },
+      [&](int m, int64_t nt, const float* row, int64_t nn) {
+        float* c = C + m * ldc + nt;
+        for (int64_t jj = 0; jj < nn; ++jj) c[jj] = beta == 0.0f ? alpha * row[jj] : alpha * row[jj] + beta * c[jj];
+      });
 }
 
 }  // namespace

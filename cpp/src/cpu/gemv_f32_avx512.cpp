@@ -1,17 +1,18 @@
 // AVX-512 fp32 GEMV kernel (compiled with AVX-512 flags only; plain function, see cpu/README.md).
 // GCC 12's AVX-512 intrinsics seed results with _mm512_undefined_*: a known false positive.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 #include <cstdint>
 
+#include "cpu/gemv_tiles.hpp"
 #include "cpu/simd_reduce_avx512.hpp"
 
 namespace qlora::cpu {
 
 namespace {
 
-constexpr int pow2_at_least(int m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : 8; }
 
 // J columns of C (rows of B) [n, n+J) for all M rows of A into out[j * P + m]: v[j * P + m]
 // accumulates A row m times B row n+j over K (the K % 16 tail with masked loads, which never fault),
@@ -65,30 +66,14 @@ template <int M>
 void gemv_rows(int64_t n0, int64_t n1, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
                int64_t ldb, float beta, float* C, int64_t ldc) {
   constexpr int P = pow2_at_least(M), J = 16 / P;
-  // Results go through a [M, 16] tile written out a cache line per row: storing one float per row
-  // per n hits M lines that often share an L1 set (ldc = vocab size, a multiple of 4 KiB), and the
-  // streamed B evicts them.
-  constexpr int64_t kTile = 16;
-  alignas(64) float tile[M][kTile];
   alignas(64) float out[16];
-  for (int64_t nt = n0; nt < n1; nt += kTile) {
-    const int64_t nn = n1 - nt < kTile ? n1 - nt : kTile;
-    int64_t j = 0;
-    for (; j + J <= nn; j += J) {
-      dots<M, P, J>(nt + j, K, A, lda, B, ldb, out);
-      for (int jj = 0; jj < J; ++jj)
-        for (int m = 0; m < M; ++m) tile[m][j + jj] = out[jj * P + m];
-    }
-    for (; j < nn; ++j) {  // the last tile's columns beyond a multiple of J
-      dots<M, P, 1>(nt + j, K, A, lda, B, ldb, out);
-      for (int m = 0; m < M; ++m) tile[m][j] = out[m];
-    }
-    for (int m = 0; m < M; ++m) {
-      float* c = C + m * ldc + nt;
-      for (int64_t jj = 0; jj < nn; ++jj)
-        c[jj] = beta == 0.0f ? alpha * tile[m][jj] : alpha * tile[m][jj] + beta * c[jj];
-    }
-  }
+  gemv_tiles<M, P, J>(
+      n0, n1, out, [&](int64_t n, float* o) { dots<M, P, J>(n, K, A, lda, B, ldb, o); },
+      [&](int64_t n, float* o) { dots<M, P, 1>(n, K, A, lda, B, ldb, o); },
+      [&](int m, int64_t nt, const float* row, int64_t nn) {
+        float* c = C + m * ldc + nt;
+        for (int64_t jj = 0; jj < nn; ++jj) c[jj] = beta == 0.0f ? alpha * row[jj] : alpha * row[jj] + beta * c[jj];
+      });
 }
 }  // namespace
 

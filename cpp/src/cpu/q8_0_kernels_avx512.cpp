@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu/gemv_tiles.hpp"
 #include "cpu/simd_reduce_avx512.hpp"
 
 namespace qlora::cpu {
@@ -16,7 +17,6 @@ namespace {
 
 constexpr int64_t kBlock = 32, kBlockBytes = 34;
 
-constexpr int pow2_at_least(int m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : 8; }
 
 // J rows of W [n, n+J) against all M rows of X into out[j * P + m]: v[j * P + m] accumulates X row m
 // times W row n+j over K (per block: the first 16 weights, then the last 16), and one tree reduction
@@ -71,24 +71,13 @@ void gemv_rows(int64_t n0, int64_t n1, int64_t K, const float* X, int64_t ldx, c
                int64_t ldy) {
   constexpr int P = pow2_at_least(M), J = M == 1 ? 8 : 16 / P;
   const int64_t nb = K / kBlock, row_bytes = nb * kBlockBytes;
-  // Results go through a [M, 16] tile written out a cache line per row (as gemv_f32_avx512.cpp).
-  constexpr int64_t kTile = 16;
-  alignas(64) float tile[M][kTile];
   alignas(64) float out[16];
-  for (int64_t nt = n0; nt < n1; nt += kTile) {
-    const int64_t nn = n1 - nt < kTile ? n1 - nt : kTile;
-    int64_t j = 0;
-    for (; j + J <= nn; j += J) {
-      dots<M, P, J>(nt + j, nb, X, ldx, W, row_bytes, out);
-      for (int jj = 0; jj < J; ++jj)
-        for (int m = 0; m < M; ++m) tile[m][j + jj] = out[jj * P + m];
-    }
-    for (; j < nn; ++j) {  // the last tile's rows beyond a multiple of J
-      dots<M, P, 1>(nt + j, nb, X, ldx, W, row_bytes, out);
-      for (int m = 0; m < M; ++m) tile[m][j] = out[m];
-    }
-    for (int m = 0; m < M; ++m) std::memcpy(Y + m * ldy + nt, tile[m], static_cast<size_t>(nn) * sizeof(float));
-  }
+  gemv_tiles<M, P, J>(
+      n0, n1, out, [&](int64_t n, float* o) { dots<M, P, J>(n, nb, X, ldx, W, row_bytes, o); },
+      [&](int64_t n, float* o) { dots<M, P, 1>(n, nb, X, ldx, W, row_bytes, o); },
+      [&](int m, int64_t nt, const float* row, int64_t nn) {
+        std::memcpy(Y + m * ldy + nt, row, static_cast<size_t>(nn) * sizeof(float));
+      });
 }
 
 }  // namespace
