@@ -20,6 +20,7 @@ import numpy as np
 
 from . import _core
 from .config import ModelConfig
+from .gguf_check import check_gguf, name_memory_errors
 from .gguf_source import RowSlabs
 from .lora_model import LoraModelMixin
 
@@ -103,12 +104,13 @@ class GGUFTensorSource:
 
         self.src = GGUFSource(path)
         self.config = self.src.config
+        self._shapes = self.src.tensor_shapes()
 
     def names(self) -> list[str]:
         return self.src.tensor_names()
 
-    def shape(self, name):  # shapes are checked when each tensor is loaded
-        return None
+    def shape(self, name):  # as stored: checked against the config before anything is loaded
+        return self._shapes.get(name)
 
     def tensors(self, names):
         wanted = set(names)
@@ -131,6 +133,7 @@ class Model(LoraModelMixin):
 
     # ------------------------------------------------------------ loading
     @classmethod
+    @name_memory_errors
     def from_pretrained(
         cls,
         path: str | os.PathLike,
@@ -148,6 +151,8 @@ class Model(LoraModelMixin):
         path = os.fspath(path)
         if quantize not in ("nf4", None):
             raise ValueError(f"quantize must be 'nf4' or None, got {quantize!r}")
+        if path.endswith(".gguf") and not os.path.isdir(path):
+            check_gguf(path)  # every count and offset bounded before the tokenizer or `gguf` reads it
         if isinstance(tokenizer, str):
             if tokenizer != "auto":
                 raise ValueError(f"tokenizer must be 'auto', None or a tokenizer object, got {tokenizer!r}")

@@ -99,12 +99,9 @@ def _field_value(field_):
 
 def read_gguf_vocab(path: str | os.PathLike) -> GGUFVocab:
     """Read the `tokenizer.*` metadata of a GGUF file (raises FormatError when it is corrupt)."""
-    import gguf  # imported lazily: numpy-heavy and only needed for GGUF sources
+    from .gguf_check import open_gguf_reader  # validates every count and offset before `gguf` parses
 
-    try:
-        reader = gguf.GGUFReader(os.fspath(path), "r")
-    except (ValueError, IndexError, KeyError, OSError, EOFError, TypeError) as exc:
-        raise FormatError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
+    reader = open_gguf_reader(path)
 
     def get(key, default=None):
         f = reader.fields.get(key)
