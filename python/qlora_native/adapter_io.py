@@ -11,14 +11,13 @@ Tensor names and shapes (PEFT strips the adapter name on save):
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
+from . import atomic_io
 from . import io as _io
 from ._core import FormatError
 from .lora_config import PROJECTIONS, LoraConfig, peft_tensor_name
@@ -122,7 +121,9 @@ def save_adapter(directory, config: LoraConfig, tensors: dict, base_model_name_o
     tensors: PEFT name -> array (float32/float16/bfloat16 kept, float64 stored as float32). Every
     projection config.resolve(num_layers) lists must have its A [r, in] and B [out, r]; num_layers
     defaults to the highest layer index in the names + 1. module_shapes {proj: (out, in)} is checked
-    when given. Each file is written to a temporary name and renamed (weights first, then config).
+    when given. The directory is saved as a unit (atomic_io.save_dir): a kill at any point leaves
+    the complete old or the complete new adapter; files of other tools in `directory` are kept.
+    base_model_name_or_path is recorded in adapter_config.json (PEFT's field) when given.
     """
     if not isinstance(config, LoraConfig):
         raise ValueError(f"save_adapter: config must be a LoraConfig, got {type(config).__name__}")
@@ -130,13 +131,12 @@ def save_adapter(directory, config: LoraConfig, tensors: dict, base_model_name_o
         raise ValueError("save_adapter: tensors must be a dict {peft_name: numpy array}")
     config.validate()
     arrays = _check_tensors(config, tensors, num_layers, module_shapes, "save_adapter")
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     cfg = config.to_peft_dict()
     if base_model_name_or_path is not None:
         cfg["base_model_name_or_path"] = str(base_model_name_or_path)
-    _io.save_safetensors(d / WEIGHTS_NAME, arrays, metadata={"format": "pt"})  # atomic (temp + rename)
-    _write_text_atomic(d / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    with atomic_io.save_dir(directory) as d:
+        _io.save_safetensors(d / WEIGHTS_NAME, arrays, metadata={"format": "pt"})
+        atomic_io.write_text(d / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def load_adapter(directory, *, num_layers=None, module_shapes=None):
@@ -145,9 +145,15 @@ def load_adapter(directory, *, num_layers=None, module_shapes=None):
     Names are checked against config.resolve(num_layers) (num_layers defaults to the highest layer
     index found + 1), shapes against the per-module rank and each other (and module_shapes
     {proj: (out, in)} when given). Raises FileNotFoundError for a missing directory/file,
-    ValueError for unsupported content (adapter_model.bin, DoRA, ...), FormatError when corrupt.
+    NotADirectoryError when `directory` is a file, ValueError for unsupported content
+    (adapter_model.bin, DoRA, ...), FormatError when corrupt. A save that was killed is first
+    finished or rolled back (atomic_io.recover).
     """
     d = Path(directory)
+    atomic_io.recover(d)
+    if d.exists() and not d.is_dir():
+        raise NotADirectoryError(f"load_adapter: {str(d)!r} is a file, not an adapter directory (a PEFT adapter "
+                                 f"directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
     if not d.is_dir():
         raise FileNotFoundError(f"load_adapter: adapter directory {str(d)!r} does not exist")
     cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
@@ -169,18 +175,3 @@ def load_adapter(directory, *, num_layers=None, module_shapes=None):
     arrays = _check_tensors(config, {k: f[k] for k in f.keys()}, num_layers, module_shapes, f"load_adapter({d})")
     return config, {k: np.array(v, dtype=np.float32) for k, v in arrays.items()}
 
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

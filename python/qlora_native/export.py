@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
+import warnings
 
 import numpy as np
 
-from . import io
+from . import atomic_io, io
 from .bnb_format import nf4_tensors, quantization_config
 from .nf4 import NF4Tensor
 
@@ -18,6 +19,10 @@ _DROP_KEYS = {"quantization_config", "torch_dtype", "dtype", "_name_or_path"}
 
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
+
+# Files of an earlier checkpoint in the target directory that would shadow or contradict the new
+# model.safetensors (loaders prefer the index): removed by the save.
+_OBSOLETE = ("model.safetensors.index.json", re.compile(r"model-\d+-of-\d+\.safetensors"))
 
 
 def _np_dtype(name: str):
@@ -62,26 +67,23 @@ def state_tensors(model, dtype: str = "float32") -> dict[str, np.ndarray]:
     return out
 
 
-def save_pretrained(model, path: str | os.PathLike, dtype: str = "float32") -> None:
-    """Writes config.json + model.safetensors into `path` (created if needed); each file is
-    written to a temporary name and renamed, so a failure never leaves a half-written file.
-    dtype: storage of the non-quantized tensors (embeddings, norms, lm_head, biases)."""
-    path = os.fspath(path)
+def save_pretrained(model, path: str | os.PathLike, dtype: str = "float32", *, _stacklevel: int = 2) -> None:
+    """Writes config.json + model.safetensors (+ the tokenizer's files) into directory `path`,
+    saved as a unit (atomic_io.save_dir): a kill at any point leaves the complete old or the
+    complete new checkpoint; other files in `path` are kept, except a stale sharded index and its
+    shards (they would shadow the new weights).
+    dtype: storage of the non-quantized tensors (embeddings, norms, lm_head, biases).
+    Writes the base model only: an active LoRA adapter is not included (a UserWarning says so;
+    save it with model.save_adapter)."""
     tensors = state_tensors(model, dtype)  # validates dtype before anything is written
     cfg = hf_config(model, dtype)
-    os.makedirs(path, exist_ok=True)
-    io.save_safetensors(os.path.join(path, "model.safetensors"), tensors, metadata={"format": "pt"})
-    fd, tmp = tempfile.mkstemp(prefix=".config.json.", dir=path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(path, "config.json"))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    if model.tokenizer is not None and hasattr(model.tokenizer, "save_pretrained"):
-        model.tokenizer.save_pretrained(path)
+    active = getattr(model, "active_adapter", None)
+    if active is not None:
+        warnings.warn(f"save_pretrained writes the base model only: the active LoRA adapter {active!r} is not "
+                      f"included (reloading gives the base model). Save it with model.save_adapter(dir, "
+                      f"{active!r}) and load it with model.load_adapter(dir).", UserWarning, stacklevel=_stacklevel)
+    with atomic_io.save_dir(path, obsolete=_OBSOLETE) as d:
+        io.save_safetensors(d / "model.safetensors", tensors, metadata={"format": "pt"})
+        atomic_io.write_text(d / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        if model.tokenizer is not None and hasattr(model.tokenizer, "save_pretrained"):
+            model.tokenizer.save_pretrained(os.fspath(d))

@@ -15,8 +15,11 @@ same token-weighted mean.
 output_dir holds trainer_log.jsonl (one JSON object per logging/eval event), the final adapter
 (PEFT format: adapter_config.json + adapter_model.safetensors) and checkpoint-N/ directories:
 adapter (PEFT), optimizer.safetensors + optimizer.json (model.get_optimizer_state()),
-trainer_state.json (step, data position, RNG states). A checkpoint is written into a temporary
-directory and renamed into place, so a failed save never leaves a partial checkpoint-N.
+trainer_state.json (step, data position, RNG states). Every save goes through atomic_io: a
+checkpoint-N directory is written beside it and swapped in as a unit (re-saving the same step
+included), the final adapter is committed into output_dir as a set of files, so a failure or a
+kill -9 at any point leaves each of them complete (old or new), never partial or missing; resume
+and the next save finish or roll back what a killed save left.
 """
 from __future__ import annotations
 
@@ -25,8 +28,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import Optional
 
 import numpy as np
 
+from . import atomic_io
 from . import io as _io
 from ._core import FormatError
 from ._core import train as _train
@@ -273,6 +275,7 @@ class Trainer:
         a = self.args
         out = Path(a.output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        atomic_io.cleanup(out)  # leftovers of a killed save: finished, rolled back or removed
         self._configure_optimizer()
         if resume_from_checkpoint:
             self._load_checkpoint(self._find_checkpoint(resume_from_checkpoint))
@@ -365,33 +368,23 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        """Writes output_dir/checkpoint-{global_step}/ atomically (temp dir + rename)."""
+        """Writes output_dir/checkpoint-{global_step}/ as a unit (atomic_io.save_dir: an existing one
+        is replaced by a swap, never left missing)."""
         out = Path(self.args.output_dir)
         final = out / f"checkpoint-{self.global_step}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=out))
-        try:
-            self.model.save_adapter(str(tmp), self.adapter)
+        atomic_io.cleanup(out)
+        with atomic_io.save_dir(final) as tmp:
+            self.model.save_adapter(str(tmp), self.adapter)  # straight into the staging directory
             tensors, skeleton = _flatten(self.model.get_optimizer_state())
             _io.save_safetensors(tmp / _OPT_TENSORS, tensors)
-            (tmp / _OPT_JSON).write_text(json.dumps(skeleton), encoding="utf-8")
+            atomic_io.write_text(tmp / _OPT_JSON, json.dumps(skeleton))
             state = {"global_step": self.global_step, "total_steps": self.total_steps, "epoch": self.epoch,
                      "batch_in_epoch": self.batch_in_epoch, "data_seed": self.args.seed,
                      "tokens_seen": self._tokens, "adapter": self.adapter,
                      "loss_sum": self._run[0], "loss_tokens": self._run[1],
                      "rng": self._rng_state(), "log_history": self.log_history,
                      "args": {k: v for k, v in asdict(self.args).items() if k != "extra"}}
-            (tmp / STATE_NAME).write_text(json.dumps(state, indent=1), encoding="utf-8")
-            _fsync_dir_files(tmp)
-            if final.exists():  # re-saving the same step (e.g. after resume): swap atomically-ish
-                old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=out))
-                os.rename(final, old / "x")
-                os.rename(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            atomic_io.write_text(tmp / STATE_NAME, json.dumps(state, indent=1))
         return final
 
     def _rng_state(self) -> dict:
@@ -403,12 +396,14 @@ class Trainer:
     def _find_checkpoint(self, spec) -> Path:
         if spec is True:
             out = Path(self.args.output_dir)
+            atomic_io.recover(out)  # a checkpoint whose re-save was killed is put back first
             found = sorted(((int(m.group(1)), p) for p in out.iterdir() if p.is_dir()
                             and (m := _CKPT_RE.fullmatch(p.name))), key=lambda t: t[0]) if out.is_dir() else []
             if not found:
                 raise FileNotFoundError(f"resume_from_checkpoint=True but {out} holds no checkpoint-N directory")
             return found[-1][1]
         p = Path(spec)
+        atomic_io.recover(p)
         if not (p / STATE_NAME).is_file():
             raise FileNotFoundError(f"{p}: not a checkpoint directory (no {STATE_NAME})")
         return p
@@ -483,22 +478,6 @@ def _unflatten(skel, tensors: dict):
     return skel
 
 
-def _fsync_dir_files(d: Path) -> None:
-    for p in d.iterdir():
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-
 
 def _write_lines_atomic(path: Path, lines: list) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.writelines(line + "\n" for line in lines)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_io.write_text(path, "".join(line + "\n" for line in lines))
