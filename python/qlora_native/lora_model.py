@@ -138,8 +138,11 @@ class LoraModelMixin:
             self._core.lora_set(name, layer, proj, a, b)
 
     def save_adapter(self, directory, name: str | None = None, base_model_name_or_path=None) -> None:
-        """Write the adapter in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+        """Write the adapter in PEFT's format (adapter_config.json + adapter_model.safetensors), saved
+        as a unit. base_model_name_or_path defaults to the path the model was loaded from."""
         name = self._check_adapter(name)
+        if base_model_name_or_path is None:
+            base_model_name_or_path = getattr(self, "name_or_path", None)
         adapter_io.save_adapter(directory, self._lora_state()[name], self.get_adapter_state_dict(name),
                                 base_model_name_or_path, num_layers=self.config.num_hidden_layers,
                                 module_shapes=self._module_shapes())

@@ -125,6 +125,8 @@ class GGUFTensorSource:
 class Model(LoraModelMixin):
     """A Llama / Mistral / Qwen2 / SmolLM causal LM with NF4 (or fp32) projections."""
 
+    name_or_path: str | None = None  # what from_pretrained loaded (recorded in saved adapters, like PEFT)
+
     def __init__(self, config: ModelConfig, core: "_core.model.LlamaModel", tokenizer=None):
         self.config = config
         self._core = core
@@ -149,6 +151,10 @@ class Model(LoraModelMixin):
         tokenizer: "auto" attaches qlora_native.Tokenizer when the checkpoint has one
         (tokenizer.json / tokenizer.model / GGUF vocabulary), else None; or pass one (or None)."""
         path = os.fspath(path)
+        if not os.path.isfile(path):  # a directory, or one whose killed save left it renamed away
+            from . import atomic_io
+
+            atomic_io.recover(path)  # a save_pretrained that was killed: finish or roll it back
         if quantize not in ("nf4", None):
             raise ValueError(f"quantize must be 'nf4' or None, got {quantize!r}")
         if path.endswith(".gguf") and not os.path.isdir(path):
@@ -177,7 +183,9 @@ class Model(LoraModelMixin):
                 source.use_bnb_nf4()
         core = _core.model.LlamaModel(config.to_core(), backend, quantize == "nf4", blocksize, double_quant)
         load_from_source(core, source)
-        return cls(config, core, tokenizer)
+        model = cls(config, core, tokenizer)
+        model.name_or_path = path
+        return model
 
     # ------------------------------------------------------------ forward
     def __call__(self, input_ids, attention_mask=None) -> np.ndarray:
@@ -350,7 +358,7 @@ class Model(LoraModelMixin):
         tensors in `dtype` (float32, float16 or bfloat16)."""
         from .export import save_pretrained
 
-        save_pretrained(self, path, dtype)
+        save_pretrained(self, path, dtype, _stacklevel=3)
 
     def nf4_weight(self, name: str) -> dict | None:
         """NF4 storage of a projection (e.g. "model.layers.0.self_attn.q_proj"), None if fp32."""
