@@ -11,8 +11,10 @@ modules_to_save, fan_in_fan_out, ...) raise ValueError naming the feature instea
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -139,10 +141,16 @@ class LoraConfig:
                 continue
             if not isinstance(pat, dict):
                 raise ValueError(f"LoraConfig: {attr} must be a dict {{regex: value}}, got {type(pat).__name__}")
-            for k, v in pat.items():
+            if len(pat) > _MAX_PATTERN_KEYS:
+                raise ValueError(f"LoraConfig: {attr} has {len(pat)} entries (at most {_MAX_PATTERN_KEYS})")
+            for k in pat:
                 if not isinstance(k, str):
                     raise ValueError(f"LoraConfig: {attr} keys must be regex strings, got {k!r}")
-                _compile(k, f"{attr} key")
+            if sum(map(len, pat)) > _MAX_TOTAL_PATTERN_CHARS:  # before compiling them
+                raise ValueError(f"LoraConfig: the keys of {attr} total {sum(map(len, pat))} characters "
+                                 f"(at most {_MAX_TOTAL_PATTERN_CHARS})")
+            for k, v in pat.items():
+                _prepare(k, "pattern", f"{attr} key")
                 check(f"{attr}[{k!r}]", v)
         self._validate_targets()
 
@@ -152,7 +160,7 @@ class LoraConfig:
             t = self.target_modules = sorted(t)
         if isinstance(t, str):
             if t.lower() != ALL_LINEAR:
-                _compile(t, "target_modules regex")
+                _prepare(t, "fullmatch", "target_modules regex")
             if self.layers_to_transform is not None:
                 raise ValueError("LoraConfig: layers_to_transform cannot be used when target_modules is a str "
                                  "(PEFT rule); list the module names instead")
@@ -180,11 +188,27 @@ class LoraConfig:
         if lp is not None and not (isinstance(lp, str)
                                    or (isinstance(lp, list) and all(isinstance(p, str) for p in lp))):
             raise ValueError(f"LoraConfig: layers_pattern must be a str or a list of str, got {lp!r}")
+        for p in [lp] if isinstance(lp, str) else (lp or []):
+            _prepare(p, "layers", "layers_pattern")
+        total = sum(len(p) for p in self._patterns())
+        if total > _MAX_TOTAL_PATTERN_CHARS:
+            raise ValueError(f"LoraConfig: the regex patterns of this config total {total} characters "
+                             f"(at most {_MAX_TOTAL_PATTERN_CHARS} are accepted)")
+
+    def _patterns(self) -> list[str]:
+        """Every user-supplied regex of the config (for the size limit)."""
+        out = list(self.rank_pattern or ()) + list(self.alpha_pattern or ())
+        for v in (self.target_modules, self.exclude_modules, self.layers_pattern):
+            if isinstance(v, str):
+                out.append(v)
+        if isinstance(self.layers_pattern, list):
+            out += self.layers_pattern
+        return out
         ex = self.exclude_modules
         if isinstance(ex, (set, tuple)):
             ex = self.exclude_modules = sorted(ex)
         if isinstance(ex, str):
-            _compile(ex, "exclude_modules regex")
+            _prepare(ex, "fullmatch", "exclude_modules regex")
         elif ex is not None and not (isinstance(ex, list) and all(isinstance(x, str) for x in ex)):
             raise ValueError(f"LoraConfig: exclude_modules must be None, a regex string or a list, got {ex!r}")
 
@@ -197,21 +221,22 @@ class LoraConfig:
             return list(PROJECTIONS)
         return t
 
-    def _excluded(self, key: str) -> bool:
+    def _excluded(self, key: str, budget: "_Budget") -> bool:
         ex = self.exclude_modules
         if not ex:
             return False
         if isinstance(ex, str):
-            return re.fullmatch(ex, key) is not None
+            return budget.match(_prepare(ex, "fullmatch", "exclude_modules regex"), key) is not None
         return key in ex or any(key.endswith(f".{e}") for e in ex)
 
-    def _targets(self, key: str) -> bool:
+    def _targets(self, key: str, budget: "_Budget | None" = None) -> bool:
         """PEFT's check_target_module_exists for one module path (exclusions included)."""
-        if self._excluded(key):
+        budget = budget or _Budget()
+        if self._excluded(key, budget):
             return False
         t = self._effective_targets()
         if isinstance(t, str):
-            return re.fullmatch(t, key) is not None
+            return budget.match(_prepare(t, "fullmatch", "target_modules regex"), key) is not None
         if key in t:
             return True  # an exact path is not filtered by layers_to_transform (PEFT)
         if not any(key.endswith(f".{x}") for x in t):
@@ -221,10 +246,10 @@ class LoraConfig:
             return True
         m = None
         if not self.layers_pattern:
-            m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+            m = _DEFAULT_LAYER_RE.match(key)
         else:
             for p in [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern:
-                m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
+                m = budget.match(_prepare(p, "layers", "layers_pattern"), key)
                 if m is not None:
                     break
         if m is None:
@@ -232,10 +257,11 @@ class LoraConfig:
         idx = int(m.group("idx"))
         return idx == ltt if isinstance(ltt, int) else idx in ltt
 
-    def rank_alpha(self, key: str) -> tuple[int, float]:
+    def rank_alpha(self, key: str, budget: "_Budget | None" = None) -> tuple[int, float]:
         """(r, alpha) of the module at path `key` from rank_pattern/alpha_pattern (PEFT's get_pattern_key)."""
-        return (_pattern_value(self.rank_pattern, key, self.r),
-                _pattern_value(self.alpha_pattern, key, self.lora_alpha))
+        budget = budget or _Budget()
+        return (_pattern_value(self.rank_pattern, key, self.r, "rank_pattern", budget),
+                _pattern_value(self.alpha_pattern, key, self.lora_alpha, "alpha_pattern", budget))
 
     def scaling_for(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
@@ -245,10 +271,11 @@ class LoraConfig:
         a list of (layer_index, module_name, r, alpha, scaling)."""
         if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers <= 0:
             raise ValueError(f"resolve: num_layers must be a positive int, got {num_layers!r}")
+        budget = _Budget()  # all matching of this call shares one CPU budget (see _Budget)
         t = self.target_modules
         if isinstance(t, str) and t.lower() != ALL_LINEAR:
             others = list(_OTHER_GLOBAL) + [f"model.layers.{i}{s}" for i in range(num_layers) for s in _OTHER_PER_LAYER]
-            bad = [k for k in others if self._targets(k)]
+            bad = [k for k in others if self._targets(k, budget)]
             if bad:
                 raise ValueError(f"LoraConfig: target_modules regex {t!r} matches {bad[0]!r}, which is not one "
                                  f"of the projections {', '.join(PROJECTIONS)}; qlora_native cannot adapt it")
@@ -256,8 +283,8 @@ class LoraConfig:
         for i in range(num_layers):
             for name in PROJECTIONS:
                 key = module_path(i, name)
-                if self._targets(key):
-                    r, alpha = self.rank_alpha(key)
+                if self._targets(key, budget):
+                    r, alpha = self.rank_alpha(key, budget)
                     out.append((i, name, r, alpha, self.scaling_for(r, alpha)))
         if not out:
             raise ValueError(f"LoraConfig: target_modules={self.target_modules!r} (layers_to_transform="
@@ -372,15 +399,141 @@ def _check_alpha(what, v):
         raise ValueError(f"LoraConfig: {what} must be a positive finite number, got {v!r}")
 
 
-def _compile(pattern: str, what: str):
+# ---------------------------------------------------------------- bounded regex matching
+# Patterns in adapter_config.json come from strangers, and Python's re backtracks without limit:
+# "(.*.*)*X" against a 32-character module path runs for minutes, and a running re match cannot be
+# interrupted (no timeout; a thread cannot be killed). Module paths are short, but a match can be
+# exponential in the path length all the same, and no syntactic "safe subset" short of plain names
+# rules that out ("(.|..)*\d\d\d" has no nested quantifier). So:
+#   * every pattern is compiled by re (with its PEFT wrapper) to accept exactly PEFT's syntax;
+#   * plain names (letters, digits, "_", "-", "." and "\.", e.g. "q_proj" or
+#     "model.layers.3.mlp.down_proj") are matched by re itself: without groups or quantifiers the
+#     wrappers' cost is O(len(path) * len(pattern));
+#   * everything else is matched by the `regex` package (re's syntax and semantics as its
+#     VERSION0), which takes a timeout: one match is bounded by _MATCH_TIMEOUT_S (wall clock);
+#   * all matching of one resolve() gets _MATCH_BUDGET_S plus _MATCH_CALL_ALLOWANCE_S per match
+#     of the thread's CPU time (CPU time, so a loaded machine does not fail a sane config): this
+#     stops many slow-but-finite matches within about a second, while a large sane config (one
+#     rank_pattern key per module of an 80-layer model: ~300k matches of a few us) still loads.
+# The constructs where regex reads re's syntax differently or its compiler expands the input are
+# refused up front: a "{" that is not a repeat count (regex: fuzzy matching "{e<=1}"), what re
+# warns about as a possible nested set or set operation (regex: POSIX classes "[[:alpha:]]"), and
+# counted repeats whose product could blow up ("((x{1000}){1000}){1000}" exhausts memory).
+_MAX_PATTERN_CHARS = 65536  # one pattern
+_MAX_TOTAL_PATTERN_CHARS = 1 << 20  # all patterns of one config (bounds compile time)
+_MAX_REPEAT_PRODUCT = 1 << 16  # product of the counts of all counted repeats of one pattern
+_MAX_EXPANDED_CHARS = 1 << 20  # pattern length times that product
+_MAX_PATTERN_KEYS = 4096  # rank_pattern / alpha_pattern entries (7 per layer of a 512-layer model)
+_MATCH_TIMEOUT_S = 0.25
+_MATCH_BUDGET_S = 1.0
+_MATCH_CALL_ALLOWANCE_S = 20e-6  # a sane match of a short module path takes ~1-3 us
+_PLAIN = re.compile(r"(?:[A-Za-z0-9_\-.]|\\\.)*")
+_REPEAT = re.compile(r"\{(\d*)(?:(,)(\d*))?\}")
+_DEFAULT_LAYER_RE = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")  # ours: PEFT's default layer index rule
+_WRAPPERS = {  # how PEFT applies each kind of pattern (kind -> (template, match method))
+    "fullmatch": ("{}", "fullmatch"),  # target_modules / exclude_modules: re.fullmatch(p, key)
+    "pattern": (r"(.*\.)?({})$", "match"),  # rank/alpha_pattern keys: get_pattern_key
+    "layers": (r"(?:^|.*?\.){}\.(?P<idx>\d+)\.", "match"),  # layers_pattern
+}
+
+
+class _Pattern:
+    __slots__ = ("source", "what", "plain", "fn")
+
+    def __init__(self, source, what, plain, fn):
+        self.source, self.what, self.plain, self.fn = source, what, plain, fn
+
+
+class _Budget:
+    """CPU time spent matching in one resolve() (see the comment above)."""
+
+    def __init__(self):
+        self.start = time.thread_time()
+        self.calls = 0
+
+    def match(self, pat: _Pattern, key: str):
+        if pat.plain:
+            m = pat.fn(key)
+        else:
+            try:
+                m = pat.fn(key, timeout=_MATCH_TIMEOUT_S)
+            except TimeoutError:
+                raise ValueError(f"LoraConfig: {pat.what} {pat.source!r} takes more than {_MATCH_TIMEOUT_S} s to "
+                                 f"match the module path {key!r} (catastrophic backtracking); simplify it") from None
+        self.calls += 1
+        if ((not pat.plain or self.calls % 64 == 0)
+                and time.thread_time() - self.start > _MATCH_BUDGET_S + self.calls * _MATCH_CALL_ALLOWANCE_S):
+            raise ValueError(f"LoraConfig: matching the config's patterns against the model's module paths took "
+                             f"more than {_MATCH_BUDGET_S} s (last: {pat.what} {pat.source!r}); simplify them")
+        return m
+
+
+def _check_repeats(pattern: str, what: str) -> None:
+    """Refuses a "{" outside a character class that is not a repeat count, and counted repeats
+    whose product is large (see the comment above)."""
+    product, i, n = 1, 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "[":  # skip the class: "]" right after "[" or "[^" is a member
+            j = i + 1
+            if j < n and pattern[j] == "^":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            i = j + 1
+            continue
+        if c == "{":
+            m = _REPEAT.match(pattern, i)
+            if not m or not (m.group(1) or m.group(3)):
+                raise ValueError(f"LoraConfig: invalid {what} {pattern!r}: a literal '{{' (at {i}) is not supported "
+                                 "(module paths never contain one); escape it as '\\{' if meant")
+            product *= max(int(m.group(1) or 0), int(m.group(3) or 0), 1)
+            if product > _MAX_REPEAT_PRODUCT or product * n > _MAX_EXPANDED_CHARS:
+                raise ValueError(f"LoraConfig: invalid {what} {pattern!r}: its counted repeats are too large "
+                                 "to match safely")
+            i = m.end()
+            continue
+        i += 1
+
+
+@functools.lru_cache(maxsize=4096)
+def _prepare(pattern: str, kind: str, what: str) -> _Pattern:
+    """The validated, compiled form of one user pattern as PEFT applies it (kind: _WRAPPERS)."""
+    if len(pattern) > _MAX_PATTERN_CHARS:
+        raise ValueError(f"LoraConfig: {what} is {len(pattern)} characters long (at most {_MAX_PATTERN_CHARS})")
+    template, method = _WRAPPERS[kind]
+    full = template.format(pattern)
     try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"LoraConfig: invalid {what} {pattern!r}: {exc}") from exc
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)  # "possible nested set" / set operations
+            compiled = re.compile(full)
+    except FutureWarning as exc:
+        raise ValueError(f"LoraConfig: {what} {pattern!r} is ambiguous ({exc}); escape the '[' or the "
+                         "repeated set operator") from None
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise ValueError(f"LoraConfig: invalid {what} {pattern!r}: {exc}") from None
+    if _PLAIN.fullmatch(pattern):
+        return _Pattern(pattern, what, True, getattr(compiled, method))
+    _check_repeats(pattern, what)
+    try:
+        import regex
+    except ImportError as exc:  # a declared dependency; only a broken install gets here
+        raise ValueError(f"LoraConfig: the 'regex' package is needed to match {what} {pattern!r} safely") from exc
+    try:
+        rx = regex.compile(full, flags=regex.VERSION0)
+    except (regex.error, RecursionError, OverflowError, MemoryError) as exc:
+        raise ValueError(f"LoraConfig: {what} {pattern!r} cannot be matched safely: {exc}") from None
+    return _Pattern(pattern, what, False, getattr(rx, method))
 
 
-def _pattern_value(patterns: dict, key: str, default):
+def _pattern_value(patterns: dict, key: str, default, what: str, budget: _Budget):
+    """PEFT's get_pattern_key: the first key (dict order) whose pattern matches the path."""
     for k in patterns:
-        if re.match(rf"(.*\.)?({k})$", key):
+        if budget.match(_prepare(k, "pattern", f"{what} key"), key) is not None:
             return patterns[k]
     return default
