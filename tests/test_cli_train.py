@@ -5,6 +5,8 @@ import importlib.util
 import json
 import math
 import os
+import re
+import shlex
 import shutil
 
 import numpy as np
@@ -69,7 +71,11 @@ def test_train_cli_plumbs_arguments(tmp_path, monkeypatch, rng, capsys):
     assert [r["step"] for r in log if "loss" in r and "final" not in r] == [2, 4, 6]
     assert "eval_loss" in log[-1] and math.isfinite(log[-1]["eval_loss"])
     adapter_io.load_adapter(out)
-    assert "6 steps" in capsys.readouterr().out
+    summary = capsys.readouterr().out
+    assert "6 steps" in summary and str(out.resolve()) in summary  # the adapter's absolute path
+    # the summary counts input tokens, as the progress bar's tok_s does (not the loss tokens)
+    m = re.search(r"(\d+) input tokens in [\d.]+s \(\d+ input tokens/s; (\d+) loss tokens\)", summary)
+    assert m and int(m.group(1)) > int(m.group(2)) > 0, summary
 
     # --resume continues from the latest checkpoint; bad data names the line
     monkeypatch.setattr(cli_train, "_load", fake_load)
@@ -77,8 +83,33 @@ def test_train_cli_plumbs_arguments(tmp_path, monkeypatch, rng, capsys):
     assert made[-1].called("optimizer_step") == []  # checkpoint-6 is the end already
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"text": 3}\n')
+    assert main(["train", "--model", "MODEL", "--data", str(bad), "--output", str(tmp_path / "o2"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad.jsonl:2: field 'text' must be a string" in err
     with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'text' must be a string"):
-        main(["train", "--model", "MODEL", "--data", str(bad), "--output", str(tmp_path / "o2"), "--no-progress"])
+        main(["train", "--model", "MODEL", "--data", str(bad), "--output", str(tmp_path / "o2"), "--no-progress",
+              "--debug"])
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_help_shows_every_option_with_default(command, capsys):
+    from qlora_native.cli import build_parser
+
+    parser = build_parser()
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args([command, "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    for action in sub._actions:
+        if action.dest == "help":
+            continue
+        h = " ".join((action.help or "").split())
+        assert h, f"{action.option_strings} has no help"
+        assert h in text
+        tail = text[text.index(h) + len(h):]
+        assert "default" in h or tail.startswith((" (default: ", " (required)")), action.option_strings
 
 
 def test_lora_config_from_target_modules():
@@ -91,11 +122,11 @@ def test_lora_config_from_target_modules():
 
 
 @pytest.mark.skipif(not hasattr(Model, "add_adapter"), reason="Model has no LoRA training API yet")
-def test_demo_pipeline_smoke_on_tiny_random_model(tmp_path, rng, capsys):
+def test_demo_pipeline_smoke_on_tiny_random_model(tmp_path, rng, capsys, monkeypatch):
     pytest.importorskip("torch")
     from helpers_model import make_checkpoint
     from helpers_tokenizer import build_hf_tokenizer_dir
-    from qlora_native import Tokenizer
+    from qlora_native import Tokenizer, cli_common, demo_task
 
     tokdir = build_hf_tokenizer_dir(tmp_path / "tok", "llama3", vocab_size=400)
     path, _, _ = make_checkpoint(tmp_path, rng, vocab=400, hidden=32, inter=64, layers=2, heads=4, kv_heads=2)
@@ -103,15 +134,34 @@ def test_demo_pipeline_smoke_on_tiny_random_model(tmp_path, rng, capsys):
         shutil.copy(tokdir / f, os.path.join(path, f))
     tok = Tokenizer.from_pretrained(path)
     model = Model.from_pretrained(path, quantize="nf4", tokenizer=tok)
-    args = argparse.Namespace(n_train=40, n_eval=6, seed=1, samples=2, output=str(tmp_path / "adapter"), lr=5e-3,
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(n_train=40, n_eval=6, seed=1, samples=2, output="adapter", lr=5e-3, model=path,
                               max_steps=8, batch_size=4, no_progress=True, time_budget=None, r=4, lora_alpha=8,
-                              lora_dropout=0.0, target_modules="all-linear")
+                              lora_dropout=0.0, target_modules="all-linear", quantize="nf4")
     res = cli_train.run_demo(model, tok, args)
     assert res["train"]["global_step"] == 8 and 0.0 <= res["acc_after"] <= 1.0
     out = capsys.readouterr().out
     assert "before training: exact-match accuracy" in out and "after training" in out
-    cfg, tensors = adapter_io.load_adapter(tmp_path / "adapter")
+    adir = str(tmp_path / "adapter")
+    assert f"adapter saved to {adir} " in out  # absolute, though --output was relative
+    cfg, tensors = adapter_io.load_adapter(adir)
     assert cfg.r == 4 and any(np.abs(v).max() > 0 for k, v in tensors.items() if "lora_B" in k)
+    info = cli_common.read_prompt_info(adir)
+    assert info["chat_template"] is True and info["system"] == demo_task.SYSTEM
+
+    # the printed command reproduces the demo's prompting on a date it neither trained nor evaluated on
+    cmd = out.rstrip("\n").splitlines()[-1].strip()
+    assert cmd == res["command"] and info["command"] == cmd
+    argv = shlex.split(cmd)
+    assert argv[:2] == ["qlora-native", "generate"] and argv[argv.index("--adapter") + 1] == adir
+    new = res["example"]
+    train, held = demo_task.make_splits(40, 6, seed=1)
+    assert new.iso not in {e.iso for e in train + held} and new.prompt in argv
+    monkeypatch.chdir(os.path.dirname(path))  # an absolute command: works from anywhere
+    assert main(argv[1:]) == 0
+    got = capsys.readouterr().out
+    want = cli_train.accuracy(model, tok, [new])[1][0]  # what the demo's evaluation generates for it
+    assert got.strip() == want.strip() and got.count("\n") == 1
 
 
 @pytest.mark.skipif(not hasattr(Model, "add_adapter"), reason="Model has no LoRA training API yet")

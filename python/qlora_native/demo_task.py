@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DateExample", "SYSTEM", "make_splits", "answer_for", "check", "messages", "to_row", "prompt_ids",
-           "FIRST_DAY", "NUM_DAYS"]
+__all__ = ["DateExample", "SYSTEM", "make_splits", "fresh_example", "answer_for", "check", "messages", "to_row",
+           "prompt_ids", "FIRST_DAY", "NUM_DAYS"]
 
 SYSTEM = "Rewrite the date."
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
@@ -54,6 +54,18 @@ def make_splits(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[DateExam
     days = np.random.default_rng([int(seed), 0xDA7E]).choice(NUM_DAYS, size=n_train + n_eval, replace=False)
     ex = [_example(k) for k in days.tolist()]
     return ex[n_eval:], ex[:n_eval]
+
+
+def fresh_example(exclude, seed: int = 0) -> DateExample:
+    """A date none of `exclude` (DateExamples) has, the same one for the same (exclude, seed)."""
+    used = {e.iso for e in exclude}
+    if len(used) >= NUM_DAYS:
+        raise ValueError("fresh_example: every date of the range is excluded")
+    rng = np.random.default_rng([int(seed), 0xF4E5])
+    while True:  # most of the 73,000 dates are free: a few draws at most
+        e = _example(int(rng.integers(NUM_DAYS)))
+        if e.iso not in used:
+            return e
 
 
 def check(example: DateExample, output: str) -> bool:
