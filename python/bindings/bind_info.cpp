@@ -4,6 +4,7 @@
 #include "bindings.hpp"
 #include "cpu/features.hpp"
 #include "cpu/threads.hpp"
+#include "common/error.hpp"
 
 #ifndef QLORA_VERSION
 #define QLORA_VERSION "0.0.0+dev"
@@ -14,7 +15,23 @@ namespace qlora::py_bind {
 void bind_info(py::module_& m) {
   m.attr("__version__") = QLORA_VERSION;
   m.def("num_threads", &cpu::num_threads, "Threads used by the CPU kernels.");
-  m.def("set_num_threads", &cpu::set_num_threads, py::arg("n"), "Set the threads used by the CPU kernels (>= 1).");
+  m.def(
+      "set_num_threads",
+      [](py::handle n) {
+        // Any integer (a huge one, a numpy one) gets the range message, not a pybind type error.
+        const bool is_int = PyIndex_Check(n.ptr()) && !PyBool_Check(n.ptr());
+        check_arg(is_int, "number of threads must be an int, got " + std::string(py::str(py::repr(n))));
+        const py::int_ i = py::reinterpret_steal<py::int_>(PyNumber_Index(n.ptr()));
+        if (!i) throw py::error_already_set();
+        int overflow = 0;
+        const long long v = PyLong_AsLongLongAndOverflow(i.ptr(), &overflow);
+        const int lim = cpu::max_threads();
+        check_arg(!overflow && v >= 1 && v <= lim, "number of threads must be in [1, " + std::to_string(lim) +
+                                                       "], got " + std::string(py::str(i)));
+        cpu::set_num_threads(static_cast<int>(v));
+      },
+      py::arg("n"), "Set the threads used by the CPU kernels (1 .. max_threads()).");
+  m.def("max_threads", &cpu::max_threads, "The most threads set_num_threads accepts.");
   m.def("physical_cores", &cpu::physical_cores);
   m.def("simd_level", [] { return std::string(cpu::simd_level_name(cpu::active_simd_level())); },
         "SIMD level the CPU kernels use now.");

@@ -44,18 +44,22 @@ py::array_t<float> download(Backend& be, const model::DeviceBuffer& b, int64_t r
   return out;
 }
 
-LoraModule& module_at(LlamaModel& self, const std::string& name, int64_t layer, const std::string& proj) {
-  LoraAdapter& a = self.adapter(name);
+// A module of adapter `name` and the reference that keeps it alive (the adapter may be deleted
+// meanwhile by another thread; its memory stays until the last reference goes).
+std::pair<LlamaModel::AdapterRef, LoraModule*> module_at(LlamaModel& self, const std::string& name, int64_t layer,
+                                                          const std::string& proj) {
+  LlamaModel::AdapterRef a = self.adapter(name);
   check_arg(layer >= 0 && layer < self.config().num_layers, "layer " + std::to_string(layer) + " out of range");
-  LoraModule* m = a.at(layer, proj_of(proj));
+  LoraModule* m = a->at(layer, proj_of(proj));
   check_arg(m != nullptr, "adapter '" + name + "' has no module at layer " + std::to_string(layer) + " " + proj);
-  return *m;
+  return {std::move(a), m};
 }
 
 // Per-module (layer, proj, A-like, B-like) tuples of the active adapter from `which` buffers.
 template <class Get>
 py::list module_list(LlamaModel& self, const std::string& name, Get get) {
-  LoraAdapter& a = self.adapter(name);
+  const LlamaModel::AdapterRef ap = self.adapter(name);
+  LoraAdapter& a = *ap;
   py::list out;
   for (int64_t l = 0; l < self.config().num_layers; ++l)
     for (int p = 0; p < model::kNumProj; ++p)
@@ -71,10 +75,11 @@ void need_host(LlamaModel& self, const char* what) {
   check_arg(self.backend().host_memory(), std::string(what) + " is implemented for host-memory (CPU) backends only");
 }
 
-train::AdamW& optimizer(LlamaModel& self, const std::string& name) {
-  LoraAdapter& a = self.adapter(name);
-  check_arg(a.opt != nullptr, "adapter '" + name + "': call configure_optimizer first");
-  return *a.opt;
+// The adapter (kept alive by the returned reference) after checking its optimizer is configured.
+LlamaModel::AdapterRef with_optimizer(LlamaModel& self, const std::string& name) {
+  LlamaModel::AdapterRef a = self.adapter(name);
+  check_arg(a->opt != nullptr, "adapter '" + name + "': call configure_optimizer first");
+  return a;
 }
 
 std::vector<train::GradRef> as_grads(const std::vector<train::ParamRef>& g) {
@@ -130,28 +135,28 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
       .def("lora_set",
            [](LlamaModel& self, const std::string& name, int64_t layer, const std::string& proj, const F32Array& A,
               const F32Array& B) {
-             LoraModule& m = module_at(self, name, layer, proj);
-             check_2d(A, m.r, m.in, "A");
-             check_2d(B, m.out, m.r, "B");
-             model::set_lora_factors(self.backend(), m, A.data(), B.data());
+             auto [ref, m] = module_at(self, name, layer, proj);
+             check_2d(A, m->r, m->in, "A");
+             check_2d(B, m->out, m->r, "B");
+             model::set_lora_factors(self.backend(), *m, A.data(), B.data());
            })
       .def("lora_scaling",
            [](LlamaModel& self, const std::string& name, int64_t layer, const std::string& proj) {
-             return module_at(self, name, layer, proj).scaling;
+             return module_at(self, name, layer, proj).second->scaling;
            })
       .def("lora_dropout_state",
            [](LlamaModel& self, const std::string& name) {
-             const LoraAdapter& a = self.adapter(name);
-             return std::make_tuple(a.seed, a.micro_step);
+             const LlamaModel::AdapterRef a = self.adapter(name);
+             return std::make_tuple(a->seed, a->micro_step);
            }, "(seed, micro_step) keying the dropout masks")
       .def("lora_set_dropout_state",
            [](LlamaModel& self, const std::string& name, uint64_t seed, int64_t step) {
              check_arg(step >= 0, "dropout step must be >= 0");
-             LoraAdapter& a = self.adapter(name);
-             a.seed = seed, a.micro_step = step;
+             const LlamaModel::AdapterRef a = self.adapter(name);
+             a->seed = seed, a->micro_step = step;
            })
       .def("lora_zero_grad", [](LlamaModel& self, const std::string& name) {
-        model::zero_lora_grads(self.backend(), self.adapter(name));
+        model::zero_lora_grads(self.backend(), *self.adapter(name));
       })
       .def(
           "forward_backward",
@@ -184,32 +189,32 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
           "lora_configure_optimizer",
           [](LlamaModel& self, const std::string& name, std::pair<double, double> betas, double eps, double wd) {
             need_host(self, "the optimizer");
-            LoraAdapter& a = self.adapter(name);
+            const LlamaModel::AdapterRef a = self.adapter(name);
             train::AdamWConfig c;
             c.beta1 = betas.first, c.beta2 = betas.second, c.eps = eps, c.weight_decay = wd;
-            a.opt = std::make_unique<train::AdamW>(a.params(), c);
+            a->opt = std::make_unique<train::AdamW>(a->params(), c);
           },
           py::arg("name"), py::arg("betas"), py::arg("eps"), py::arg("weight_decay"))
       .def("lora_optimizer_step",
            [](LlamaModel& self, const std::string& name, double lr) {
-             train::AdamW& opt = optimizer(self, name);
-             const auto g = as_grads(self.adapter(name).grads());
+             const LlamaModel::AdapterRef a = with_optimizer(self, name);  // alive through the step
+             const auto g = as_grads(a->grads());
              py::gil_scoped_release nogil;
-             opt.step(g, lr);
+             a->opt->step(g, lr);
            })
       .def("lora_grad_norm",
            [](LlamaModel& self, const std::string& name) {
              need_host(self, "grad_norm");
-             return train::global_grad_norm(as_grads(self.adapter(name).grads()));
+             return train::global_grad_norm(as_grads(self.adapter(name)->grads()));
            })
       .def("lora_clip_grad_norm",
            [](LlamaModel& self, const std::string& name, double max_norm) {
              need_host(self, "clip_grad_norm");
-             return train::clip_grad_norm(self.adapter(name).grads(), max_norm);
+             return train::clip_grad_norm(self.adapter(name)->grads(), max_norm);
            })
       .def("lora_optimizer_state",
            [](LlamaModel& self, const std::string& name) {
-             const train::AdamWState s = optimizer(self, name).state();
+             const train::AdamWState s = with_optimizer(self, name)->opt->state();
              py::list m, v;
              for (size_t i = 0; i < s.exp_avg.size(); ++i) {
                m.append(py::array_t<float>(s.exp_avg[i].size(), s.exp_avg[i].data()));
@@ -225,7 +230,8 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
              return d;
            })
       .def("lora_load_optimizer_state", [](LlamaModel& self, const std::string& name, const py::dict& d) {
-        train::AdamW& opt = optimizer(self, name);
+        const LlamaModel::AdapterRef ap = with_optimizer(self, name);
+        train::AdamW& opt = *ap->opt;
         for (const char* k : {"step", "exp_avg", "exp_avg_sq", "betas", "eps", "weight_decay"})
           check_arg(d.contains(k), std::string("optimizer state: missing key '") + k + "'");
         train::AdamWState s;

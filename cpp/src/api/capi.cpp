@@ -206,7 +206,8 @@ QLORA_API int qlora_train_configure(qlora_model* model, float lr, float weight_d
     qlora::model::LlamaModel& m = *model->m;
     check_arg(!m.active_adapter_name().empty(), "qlora_train_configure: no active adapter (qlora_adapter_add first)");
     check_arg(m.backend().host_memory(), "qlora_train_configure: training is implemented for the CPU backend only");
-    qlora::model::LoraAdapter& a = m.adapter(m.active_adapter_name());
+    const auto ap = m.adapter(m.active_adapter_name());
+    qlora::model::LoraAdapter& a = *ap;
     qlora::train::AdamWConfig c;  // torch defaults but weight_decay
     c.weight_decay = weight_decay;
     a.opt = std::make_unique<qlora::train::AdamW>(a.params(), c);
@@ -239,7 +240,7 @@ QLORA_API int qlora_adapter_save(qlora_model* model, const char* dir) {
     std::lock_guard<std::mutex> lock(model->mu);
     const std::string name = model->m->active_adapter_name();
     check_arg(!name.empty() && model->lora_specs.count(name), "qlora_adapter_save: no active adapter");
-    qlora::model::save_lora_adapter(*model->m, model->m->adapter(name), model->lora_specs.at(name), dir);
+    qlora::model::save_lora_adapter(*model->m, *model->m->adapter(name), model->lora_specs.at(name), dir);
     return QLORA_OK;
   });
 }

@@ -9,6 +9,7 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -53,12 +54,21 @@ class Pool {
 
   void resize(int n_threads) {
     std::lock_guard<std::mutex> run_lock(run_mu_);
-    stop_workers();
-    stop_ = false;
-    // A worker must start from the generation current now: read inside the new thread, a job
-    // posted before the thread first runs would be missed (the caller then waits forever).
-    const uint64_t gen = generation_.load(std::memory_order_acquire);
-    for (int i = 1; i < n_threads; ++i) workers_.emplace_back([this, gen] { worker_loop(gen); });
+    const int old = size();
+    try {
+      start_workers(n_threads);
+    } catch (const std::system_error& e) {
+      // The system refused a thread (limits, memory): back to the previous size if possible.
+      std::string kept = "1";
+      try {
+        start_workers(old);
+        kept = std::to_string(old);
+      } catch (const std::system_error&) {
+        stop_workers();
+      }
+      throw std::runtime_error("cannot start " + std::to_string(n_threads) + " CPU threads: " + e.what() +
+                               "; the kernels keep " + kept + " thread(s)");
+    }
   }
 
   void run(int64_t n_tasks, const std::function<void(int64_t)>& fn) {
@@ -137,6 +147,20 @@ class Pool {
     }
   }
 
+  void start_workers(int n_threads) {
+    stop_workers();
+    stop_ = false;
+    // A worker must start from the generation current now: read inside the new thread, a job
+    // posted before the thread first runs would be missed (the caller then waits forever).
+    const uint64_t gen = generation_.load(std::memory_order_acquire);
+    try {
+      for (int i = 1; i < n_threads; ++i) workers_.emplace_back([this, gen] { worker_loop(gen); });
+    } catch (...) {
+      stop_workers();  // joins the ones already started
+      throw;
+    }
+  }
+
   void stop_workers() {
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -162,10 +186,10 @@ class Pool {
 
 int default_threads() {
   if (const char* env = std::getenv("QLORA_NUM_THREADS")) {
-    int n = std::atoi(env);
-    if (n >= 1) return n;
+    const long n = std::strtol(env, nullptr, 10);
+    if (n >= 1) return static_cast<int>(std::min<long>(n, max_threads()));
   }
-  return physical_cores();
+  return std::min(physical_cores(), max_threads());
 }
 
 std::mutex g_pool_mu;
@@ -186,8 +210,15 @@ int physical_cores() {
 
 int num_threads() { return pool().size(); }
 
+int max_threads() {
+  static const int n = std::max(64, 4 * static_cast<int>(std::thread::hardware_concurrency()));
+  return n;
+}
+
 void set_num_threads(int n) {
-  check_arg(n >= 1, "number of threads must be >= 1, got " + std::to_string(n));
+  check_arg(n >= 1 && n <= max_threads(), "number of threads must be in [1, " + std::to_string(max_threads()) +
+                                              "] (4 x the " + std::to_string(std::thread::hardware_concurrency()) +
+                                              " logical CPUs, at least 64), got " + std::to_string(n));
   Pool& p = pool();
   if (p.size() != n) p.resize(n);
 }

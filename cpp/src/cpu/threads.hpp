@@ -8,7 +8,10 @@ namespace qlora::cpu {
 
 int physical_cores();          // physical cores of the machine (SMT siblings counted once)
 int num_threads();             // threads the kernels use (default: physical_cores(), env QLORA_NUM_THREADS)
-void set_num_threads(int n);   // n >= 1; throws ValueError otherwise
+int max_threads();             // the most set_num_threads accepts: max(64, 4 x logical CPUs)
+// 1 <= n <= max_threads(), else ValueError; std::runtime_error when the system refuses to start
+// the threads (the pool then keeps its previous size, or one thread).
+void set_num_threads(int n);
 
 // Runs fn(task) for every task in [0, n_tasks), spread over num_threads() threads; the calling
 // thread takes part. Returns when all tasks are done. Tasks are claimed dynamically, so give it

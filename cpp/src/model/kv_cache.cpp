@@ -1,12 +1,52 @@
 #include "model/kv_cache.hpp"
 
+#include <unistd.h>
+
+#include <cstdio>
+
+#include "common/checked.hpp"
 #include "common/error.hpp"
 
 namespace qlora::model {
 
+namespace {
+// Physical memory of the machine in bytes (0: unknown).
+int64_t physical_memory_bytes() {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && page > 0 ? static_cast<int64_t>(pages) * page : 0;
+}
+
+std::string gib(int64_t bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f GiB", static_cast<double>(bytes) / (1u << 30));
+  return buf;
+}
+}  // namespace
+
+int64_t KvCache::bytes_needed(const LlamaConfig& cfg, int64_t batch, int64_t capacity) {
+  const std::string what = "KV cache of batch " + std::to_string(batch) + " x capacity " + std::to_string(capacity);
+  check_arg(batch >= 1 && capacity >= 1, what + ": batch and capacity must be >= 1");
+  const int64_t store = checked_mul({int64_t{sizeof(float)}, 2, cfg.num_layers, batch, cfg.num_kv_heads, capacity,
+                                     cfg.head_dim},
+                                    what);
+  const int64_t mask = checked_mul({int64_t{sizeof(int32_t)} * 2, batch, capacity}, what);  // host + device copy
+  int64_t total = 0;
+  if (__builtin_add_overflow(store, mask, &total)) throw ValueError(what + ": size overflows 64-bit integers");
+  return total;
+}
+
 KvCache::KvCache(Backend& be, const LlamaConfig& cfg, int64_t batch, int64_t capacity)
-    : be_(be), B_(batch), cap_(capacity), key_mask_(batch * capacity, 0), n_real_(batch, 0) {
-  check_arg(batch >= 1 && capacity >= 1, "KV cache: batch and capacity must be >= 1");
+    : be_(be), B_(batch), cap_(capacity) {
+  // Checked before any allocation: batch and capacity come from the caller (prompt count,
+  // prompt length + max_new_tokens); a wrapped product would give a tiny cache written past.
+  const int64_t need = bytes_needed(cfg, batch, capacity);
+  const int64_t ram = be.host_memory() ? physical_memory_bytes() : 0;
+  check_arg(ram == 0 || need <= ram, "KV cache of batch " + std::to_string(batch) + " x capacity " +
+                                         std::to_string(capacity) + " tokens needs " + gib(need) +
+                                         ", more than this machine's memory (" + gib(ram) +
+                                         "): lower the batch or the number of tokens");
+  key_mask_.assign(static_cast<size_t>(batch * capacity), 0);
+  n_real_.assign(static_cast<size_t>(batch), 0);
   per_layer_ = batch * cfg.num_kv_heads * capacity * cfg.head_dim;
   // One allocation for every layer's K and V: large enough for the CPU backend's huge pages
   // (decode streams the whole cache once per step; per-layer 1 MB buffers missed the TLB).

@@ -15,7 +15,11 @@ namespace qlora::model {
 
 class KvCache {
  public:
+  // ValueError when batch x capacity overflows or needs more than the machine's memory (host
+  // backends), before anything is allocated.
   KvCache(Backend& be, const LlamaConfig& cfg, int64_t batch, int64_t capacity);
+  // Bytes of a cache of this size (K, V and the key mask); ValueError on overflow.
+  static int64_t bytes_needed(const LlamaConfig& cfg, int64_t batch, int64_t capacity);
 
   int64_t batch() const { return B_; }
   int64_t capacity() const { return cap_; }

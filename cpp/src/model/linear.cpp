@@ -122,7 +122,7 @@ void Linear::set_nf4(Backend& be, const Nf4Ref& h) {
 void Linear::set_bias(Backend& be, const void* x, DType dtype) { bias = to_device_f32(be, x, dtype, out); }
 
 void Linear::forward(Backend& be, int64_t M, const float* x, int64_t ldx, float* y, int64_t ldy,
-                     const float* x_lora, int64_t ld_lora, float* t) const {
+                     const LoraModule* lora, const float* x_lora, int64_t ld_lora, float* t) const {
   if (is_nf4)
     be.nf4_gemm_nt(M, 1.0f, x, ldx, nf4, 0.0f, y, ldy);
   else
@@ -135,11 +135,11 @@ void Linear::forward(Backend& be, int64_t M, const float* x, int64_t ldx, float*
 }
 
 void Linear::forward_many(Backend& be, int64_t M, const float* x, int64_t ldx, int n, const Linear* const* lin,
-                          float* const* y, const int64_t* ldy) {
+                          float* const* y, const int64_t* ldy, const LoraModule* const* lora) {
   bool nf4 = true;
   for (int i = 0; i < n; ++i) nf4 = nf4 && lin[i]->is_nf4 && lin[i]->in == lin[0]->in;
   if (!nf4) {
-    for (int i = 0; i < n; ++i) lin[i]->forward(be, M, x, ldx, y[i], ldy[i]);
+    for (int i = 0; i < n; ++i) lin[i]->forward(be, M, x, ldx, y[i], ldy[i], lora ? lora[i] : nullptr);
     return;
   }
   std::vector<const Nf4Ref*> w(n);  // [n]
@@ -148,7 +148,7 @@ void Linear::forward_many(Backend& be, int64_t M, const float* x, int64_t ldx, i
   for (int i = 0; i < n; ++i) {
     const Linear& L = *lin[i];
     if (!L.bias.empty()) be.add_bias(M, L.out, L.bias.f32(), y[i], ldy[i]);
-    if (L.lora) lora_forward(be, *L.lora, M, x, ldx, y[i], ldy[i], nullptr);
+    if (lora && lora[i]) lora_forward(be, *lora[i], M, x, ldx, y[i], ldy[i], nullptr);
   }
 }
 

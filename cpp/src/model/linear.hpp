@@ -1,5 +1,7 @@
 // One frozen projection y = x·Wᵀ (+ b) of a transformer layer: W[out, in] is either NF4
-// (bitsandbytes layout, dequantized inside the GEMM) or fp32. LoRA adapters attach here.
+// (bitsandbytes layout, dequantized inside the GEMM) or fp32. The weights are immutable and
+// shared by every request: a LoRA module is passed to each call (the request's adapter), never
+// stored here, so switching or deleting an adapter cannot change a pass already running.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -28,7 +30,6 @@ struct Linear {
   Nf4Ref nf4;
   DeviceBuffer weight;  // fp32 [out, in] when !is_nf4
   DeviceBuffer bias;    // fp32 [out], optional
-  LoraModule* lora = nullptr;  // the active adapter's factors for this projection (lora.hpp), or none
 
   bool loaded() const { return is_nf4 ? !packed.empty() : !weight.empty(); }
 
@@ -38,14 +39,17 @@ struct Linear {
   void set_nf4(Backend& be, const Nf4Ref& host);
   void set_bias(Backend& be, const void* x, DType dtype);
 
-  // y[M, out] (row stride ldy) = x[M, in] (row stride ldx) · Wᵀ (+ bias) (+ the LoRA branch,
-  // fed x_lora[M, in] (row stride ld_lora; null: x) with t[M, r] scratch (null: allocated)).
+  // y[M, out] (row stride ldy) = x[M, in] (row stride ldx) · Wᵀ (+ bias) (+ the LoRA branch of
+  // `lora` (null: none), fed x_lora[M, in] (row stride ld_lora; null: x) with t[M, r] scratch
+  // (null: allocated)).
   void forward(Backend& be, int64_t M, const float* x, int64_t ldx, float* y, int64_t ldy,
-               const float* x_lora = nullptr, int64_t ld_lora = 0, float* t = nullptr) const;
+               const LoraModule* lora = nullptr, const float* x_lora = nullptr, int64_t ld_lora = 0,
+               float* t = nullptr) const;
   // forward() of n projections sharing the input x (q/k/v, gate/up): NF4 bases run as one
-  // nf4_gemm_nt_many (one job at decode), then each adds its bias and LoRA branch.
+  // nf4_gemm_nt_many (one job at decode), then each adds its bias and LoRA branch lora[i]
+  // (lora null, or lora[i] null: none).
   static void forward_many(Backend& be, int64_t M, const float* x, int64_t ldx, int n, const Linear* const* lin,
-                           float* const* y, const int64_t* ldy);
+                           float* const* y, const int64_t* ldy, const LoraModule* const* lora = nullptr);
   // Base part of the input gradient: dx[M, in] = dy[M, out]·W + beta * dx (W frozen, never fp32 for NF4).
   void backward_input(Backend& be, int64_t M, const float* dy, int64_t lddy, float* dx, int64_t lddx,
                       float beta) const;

@@ -26,22 +26,26 @@ void LlamaModel::check_complete() const {
 
 void LlamaModel::forward(const int32_t* ids, const int32_t* mask, int64_t B, int64_t T, float* logits) {
   check_arg(B >= 1 && T >= 1, "forward: input_ids must be a non-empty [batch, seq] array");
+  const AdapterRef ad = active_adapter();  // held to the end of the pass
   KvCache tmp(be_, w_->cfg, B, T);
-  run(tmp, ids, mask, T, /*all_rows=*/true, logits);
+  run(tmp, ad.get(), ids, mask, T, /*all_rows=*/true, logits);
 }
 
 void LlamaModel::start(int64_t B, int64_t capacity) {
-  cache_.reset();
-  cache_ = std::make_unique<KvCache>(be_, w_->cfg, B, capacity);
+  gen_ = Generation{};  // the previous cache is freed before the new one is allocated
+  Generation g;
+  g.cache = std::make_unique<KvCache>(be_, w_->cfg, B, capacity);
+  g.adapter = active_adapter();
+  gen_ = std::move(g);
 }
 
 void LlamaModel::feed(const int32_t* ids, const int32_t* mask, int64_t T, float* logits) {
-  check_arg(cache_ != nullptr, "feed: no generation started (call start first)");
-  run(*cache_, ids, mask, T, /*all_rows=*/false, logits);
+  check_arg(gen_.cache != nullptr, "feed: no generation started (call start first)");
+  run(*gen_.cache, gen_.adapter.get(), ids, mask, T, /*all_rows=*/false, logits);
 }
 
-void LlamaModel::run(KvCache& cache, const int32_t* ids, const int32_t* mask, int64_t T, bool all_rows,
-                     float* logits_host) {
+void LlamaModel::run(KvCache& cache, const LoraAdapter* ad, const int32_t* ids, const int32_t* mask, int64_t T,
+                     bool all_rows, float* logits_host) {
   check_complete();
   const LlamaConfig& c = w_->cfg;
   const int64_t B = cache.batch(), M = B * T;
@@ -84,13 +88,17 @@ void LlamaModel::run(KvCache& cache, const int32_t* ids, const int32_t* mask, in
     be_.embedding(M, D, w_->embed.f32(), ids_d.data<int32_t>(), x.f32());
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& L = w_->layers[l];
+    // This request's LoRA modules of layer l (q, k, v, o, gate, up, down; null: none).
+    const LoraModule* lo[kNumProj] = {};
+    if (ad)
+      for (int p = 0; p < kNumProj; ++p) lo[p] = ad->at(l, p);
     // Attention block.
     be_.rmsnorm(M, D, x.f32(), L.input_norm.f32(), c.rms_norm_eps, h.f32());
     {
       const Linear* lin[] = {&L.q, &L.k, &L.v};
       float* out[] = {q.f32(), k.f32(), v.f32()};
       const int64_t ld[] = {QD, KD, KD};
-      Linear::forward_many(be_, M, h.f32(), D, 3, lin, out, ld);
+      Linear::forward_many(be_, M, h.f32(), D, 3, lin, out, ld, lo);
     }
     be_.rope(M, Hq, hd, q.f32(), QD, pos_d.data<int32_t>(), inv_freq_.f32());
     be_.rope(M, Hkv, hd, k.f32(), KD, pos_d.data<int32_t>(), inv_freq_.f32());
@@ -98,7 +106,7 @@ void LlamaModel::run(KvCache& cache, const int32_t* ids, const int32_t* mask, in
     be_.kv_write(B, T, Hkv, hd, v.f32(), KD, cache.v(l), cache.capacity(), start);
     be_.attention(B, T, Hq, Hkv, hd, q.f32(), QD, cache.k(l), cache.v(l), cache.capacity(), start,
                   cache.key_mask_device(), scale, att.f32(), QD);
-    L.o.forward(be_, M, att.f32(), QD, h.f32(), D);
+    L.o.forward(be_, M, att.f32(), QD, h.f32(), D, lo[3]);
     be_.add_inplace(M * D, h.f32(), x.f32());
     // MLP block.
     be_.rmsnorm(M, D, x.f32(), L.post_norm.f32(), c.rms_norm_eps, h.f32());
@@ -106,10 +114,10 @@ void LlamaModel::run(KvCache& cache, const int32_t* ids, const int32_t* mask, in
       const Linear* lin[] = {&L.gate, &L.up};
       float* out[] = {g.f32(), u.f32()};
       const int64_t ld[] = {I, I};
-      Linear::forward_many(be_, M, h.f32(), D, 2, lin, out, ld);
+      Linear::forward_many(be_, M, h.f32(), D, 2, lin, out, ld, lo + 4);
     }
     be_.swiglu(M, I, g.f32(), I, u.f32(), I, g.f32(), I);
-    L.down.forward(be_, M, g.f32(), I, h.f32(), D);
+    L.down.forward(be_, M, g.f32(), I, h.f32(), D, lo[6]);
     be_.add_inplace(M * D, h.f32(), x.f32());
   }
   be_.rmsnorm(M, D, x.f32(), w_->norm.f32(), c.rms_norm_eps, h.f32());
@@ -146,6 +154,7 @@ std::map<std::string, size_t> LlamaModel::memory_footprint() const {
     }
   }
   size_t lora = 0;  // A, B, their gradients and AdamW moments
+  std::lock_guard<std::mutex> lk(adapters_mu_);
   for (const auto& kv : adapters_) {
     for (const auto& m : kv.second->modules)
       if (m) lora += m->A.bytes() + m->B.bytes() + m->dA.bytes() + m->dB.bytes();
@@ -155,7 +164,7 @@ std::map<std::string, size_t> LlamaModel::memory_footprint() const {
   return {{"nf4_weights", nf4},
           {"quant_constants", quant},
           {"other_weights", other},
-          {"kv_cache", cache_ ? cache_->bytes() : 0},
+          {"kv_cache", gen_.cache ? gen_.cache->bytes() : 0},
           {"lora_adapters", lora}};
 }
 

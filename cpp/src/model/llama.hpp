@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -23,23 +24,33 @@ class LlamaModel {
   // Throws ValueError listing missing tensors; call once loading is done.
   void check_complete() const;
 
+  // A request's adapter set (today: at most one adapter; null = the base model). A request takes
+  // it when it starts and keeps it to its end: set_active_adapter changes only what later
+  // requests get, and delete_adapter only drops the model's reference (the memory goes when the
+  // last request holding it ends). The weights are never modified by adapters.
+  using AdapterRef = std::shared_ptr<LoraAdapter>;
+
   // Logits for every position: ids[B, T], mask[B, T] (host, int32; mask may be null = all ones)
-  // -> logits[B, T, V] (host). Uses a temporary cache; the generation cache is untouched.
+  // -> logits[B, T, V] (host). Uses a temporary cache; the generation cache is untouched. Runs
+  // with the adapter active when it is called.
   void forward(const int32_t* ids, const int32_t* mask, int64_t B, int64_t T, float* logits);
 
   // Generation: start a cache for B rows and `capacity` slots, then feed chunks of T tokens per
   // row (prefill: the left-padded prompts; decode: T = 1). Returns the logits of each row's last
-  // slot, logits[B, V] (host).
+  // slot, logits[B, V] (host). The adapter active at start() is used until stop(). One
+  // generation at a time per model (callers serialize start..stop).
   void start(int64_t B, int64_t capacity);
   void feed(const int32_t* ids, const int32_t* mask, int64_t T, float* logits);
-  void stop() { cache_.reset(); }
-  const KvCache* cache() const { return cache_.get(); }
+  void stop() { gen_ = Generation{}; }
+  const KvCache* cache() const { return gen_.cache.get(); }
 
-  // ---- LoRA adapters and training (llama_train.cpp)
+  // ---- LoRA adapters and training (llama_train.cpp). Thread-safe among themselves and with
+  // running requests.
   void add_adapter(const std::string& name, std::unique_ptr<LoraAdapter> a);  // ValueError on a duplicate
-  LoraAdapter& adapter(const std::string& name);                              // ValueError when unknown
+  AdapterRef adapter(const std::string& name) const;                          // ValueError when unknown
   void set_active_adapter(const std::string& name);                           // "" = none
-  const std::string& active_adapter_name() const { return active_; }
+  std::string active_adapter_name() const;
+  AdapterRef active_adapter() const;  // the adapter a request starting now gets (null: none)
   void delete_adapter(const std::string& name);
   std::vector<std::string> adapter_names() const;
 
@@ -61,19 +72,27 @@ class LlamaModel {
   std::map<std::string, size_t> memory_footprint() const;
 
  private:
-  // Runs the decoder over T new tokens per row into `cache`; writes logits of all rows
-  // (logits[B*T, V]) or of each row's last token only (logits[B, V]).
-  void run(KvCache& cache, const int32_t* ids, const int32_t* mask, int64_t T, bool all_rows, float* logits);
+  // Runs the decoder over T new tokens per row into `cache` with adapter `ad` (null: none);
+  // writes logits of all rows (logits[B*T, V]) or of each row's last token only (logits[B, V]).
+  void run(KvCache& cache, const LoraAdapter* ad, const int32_t* ids, const int32_t* mask, int64_t T, bool all_rows,
+           float* logits);
 
-  LossResult train_pass(const int32_t* ids, const int32_t* mask, const int32_t* labels, int64_t B, int64_t T,
-                        float grad_scale, bool training, bool checkpointing, bool backward);
+  LossResult train_pass(LoraAdapter* ad, const int32_t* ids, const int32_t* mask, const int32_t* labels, int64_t B,
+                        int64_t T, float grad_scale, bool training, bool checkpointing, bool backward);
+
+  struct Generation {
+    std::unique_ptr<KvCache> cache;
+    AdapterRef adapter;  // taken at start(), kept until stop()
+  };
 
   Backend& be_;
   std::unique_ptr<LlamaWeights> w_;
   DeviceBuffer inv_freq_;  // [head_dim / 2]
-  std::unique_ptr<KvCache> cache_;
-  std::map<std::string, std::unique_ptr<LoraAdapter>> adapters_;
-  std::string active_;  // "" = none
+  Generation gen_;
+  mutable std::mutex adapters_mu_;  // guards adapters_, active_name_, active_
+  std::map<std::string, AdapterRef> adapters_;
+  std::string active_name_;  // "" = none
+  AdapterRef active_;
 };
 
 }  // namespace qlora::model

@@ -18,7 +18,6 @@ namespace qlora::model {
 // ------------------------------------------------------------------ adapters
 void LlamaModel::add_adapter(const std::string& name, std::unique_ptr<LoraAdapter> a) {
   check_arg(!name.empty(), "adapter name must not be empty");
-  check_arg(!adapters_.count(name), "an adapter named '" + name + "' already exists");
   const int64_t L = w_->cfg.num_layers;
   check_arg(a && static_cast<int64_t>(a->modules.size()) == L * kNumProj, "adapter: wrong module table size");
   check_arg(a->dropout >= 0.0f && a->dropout < 1.0f, "lora_dropout must be in [0, 1)");
@@ -32,29 +31,54 @@ void LlamaModel::add_adapter(const std::string& name, std::unique_ptr<LoraAdapte
                       std::to_string(m->out) + ", " + std::to_string(m->in) + "], the model's is [" +
                       std::to_string(lin.out) + ", " + std::to_string(lin.in) + "]");
     }
-  adapters_[name] = std::move(a);
+  std::lock_guard<std::mutex> lk(adapters_mu_);
+  check_arg(!adapters_.count(name), "an adapter named '" + name + "' already exists");
+  adapters_[name] = AdapterRef(std::move(a));
 }
 
-LoraAdapter& LlamaModel::adapter(const std::string& name) {
+LlamaModel::AdapterRef LlamaModel::adapter(const std::string& name) const {
+  std::lock_guard<std::mutex> lk(adapters_mu_);
   auto it = adapters_.find(name);
   check_arg(it != adapters_.end(), "no adapter named '" + name + "'");
-  return *it->second;
+  return it->second;
 }
 
 void LlamaModel::set_active_adapter(const std::string& name) {
-  LoraAdapter* a = name.empty() ? nullptr : &adapter(name);
-  for (int64_t l = 0; l < w_->cfg.num_layers; ++l)
-    for (int p = 0; p < kNumProj; ++p) proj(w_->layers[l], p).lora = a ? a->at(l, p) : nullptr;
-  active_ = name;
+  std::lock_guard<std::mutex> lk(adapters_mu_);
+  AdapterRef a;
+  if (!name.empty()) {
+    auto it = adapters_.find(name);
+    check_arg(it != adapters_.end(), "no adapter named '" + name + "'");
+    a = it->second;
+  }
+  // Requests already running keep the adapter they took at their start.
+  active_ = std::move(a);
+  active_name_ = name;
+}
+
+std::string LlamaModel::active_adapter_name() const {
+  std::lock_guard<std::mutex> lk(adapters_mu_);
+  return active_name_;
+}
+
+LlamaModel::AdapterRef LlamaModel::active_adapter() const {
+  std::lock_guard<std::mutex> lk(adapters_mu_);
+  return active_;
 }
 
 void LlamaModel::delete_adapter(const std::string& name) {
-  adapter(name);  // throws when unknown
-  if (active_ == name) set_active_adapter("");
-  adapters_.erase(name);
+  AdapterRef dropped;  // released after the lock: the last reference may free device memory
+  std::lock_guard<std::mutex> lk(adapters_mu_);
+  auto it = adapters_.find(name);
+  check_arg(it != adapters_.end(), "no adapter named '" + name + "'");
+  dropped = std::move(it->second);
+  adapters_.erase(it);
+  if (active_name_ == name) active_.reset(), active_name_.clear();
+  // Requests holding the adapter keep it alive until they end.
 }
 
 std::vector<std::string> LlamaModel::adapter_names() const {
+  std::lock_guard<std::mutex> lk(adapters_mu_);
   std::vector<std::string> out;
   for (const auto& kv : adapters_) out.push_back(kv.first);
   return out;
@@ -131,13 +155,16 @@ struct Pass {
 
   DropoutKey key(int64_t l, int p) const { return {ad->seed, ad->micro_step, l, p}; }
 
+  LoraModule* lora(int64_t l, int p) const { return ad ? ad->at(l, p) : nullptr; }
+
   void lin_fwd(int64_t l, int p, const float* x, int64_t ldx, float* y, int64_t ldy) {
     const Linear& lin = proj(w.layers[l], p);
-    if (lin.lora && dropout) {
+    LoraModule* lo = lora(l, p);
+    if (lo && dropout) {
       dropout_forward(be, key(l, p), ad->dropout, d.M, lin.in, x, ldx, xdrop);
-      lin.forward(be, d.M, x, ldx, y, ldy, xdrop, lin.in, t);
+      lin.forward(be, d.M, x, ldx, y, ldy, lo, xdrop, lin.in, t);
     } else {
-      lin.forward(be, d.M, x, ldx, y, ldy, nullptr, 0, t);
+      lin.forward(be, d.M, x, ldx, y, ldy, lo, nullptr, 0, t);
     }
   }
 
@@ -146,13 +173,14 @@ struct Pass {
                int64_t lddx, float beta) {
     const Linear& lin = proj(w.layers[l], p);
     lin.backward_input(be, d.M, dy, lddy, dx, lddx, beta);
-    if (!lin.lora) return;
+    LoraModule* lo = lora(l, p);
+    if (!lo) return;
     if (dropout) {
       dropout_forward(be, key(l, p), ad->dropout, d.M, lin.in, x, ldx, xdrop);
-      lora_backward(be, *lin.lora, d.M, xdrop, lin.in, dy, lddy, dtmp, lin.in, 0.0f, t, dt);
+      lora_backward(be, *lo, d.M, xdrop, lin.in, dy, lddy, dtmp, lin.in, 0.0f, t, dt);
       dropout_backward_add(be, key(l, p), ad->dropout, d.M, lin.in, dtmp, dx, lddx);
     } else {
-      lora_backward(be, *lin.lora, d.M, x, ldx, dy, lddy, dx, lddx, 1.0f, t, dt);
+      lora_backward(be, *lo, d.M, x, ldx, dy, lddy, dx, lddx, 1.0f, t, dt);
     }
   }
 
@@ -214,19 +242,21 @@ struct Pass {
 LlamaModel::LossResult LlamaModel::forward_backward(const int32_t* ids, const int32_t* mask, const int32_t* labels,
                                                     int64_t B, int64_t T, float grad_scale, bool training,
                                                     bool checkpointing) {
-  check_arg(!active_.empty(), "forward_backward: no active adapter (add_adapter / set_active_adapter first)");
+  const AdapterRef ad = active_adapter();  // held to the end of the pass
+  check_arg(ad != nullptr, "forward_backward: no active adapter (add_adapter / set_active_adapter first)");
   check_arg(std::isfinite(grad_scale), "forward_backward: grad_scale must be finite");
-  return train_pass(ids, mask, labels, B, T, grad_scale, training, checkpointing, /*backward=*/true);
+  return train_pass(ad.get(), ids, mask, labels, B, T, grad_scale, training, checkpointing, /*backward=*/true);
 }
 
 LlamaModel::LossResult LlamaModel::eval_loss(const int32_t* ids, const int32_t* mask, const int32_t* labels,
                                              int64_t B, int64_t T) {
-  return train_pass(ids, mask, labels, B, T, 1.0f, false, true, /*backward=*/false);
+  const AdapterRef ad = active_adapter();
+  return train_pass(ad.get(), ids, mask, labels, B, T, 1.0f, false, true, /*backward=*/false);
 }
 
-LlamaModel::LossResult LlamaModel::train_pass(const int32_t* ids, const int32_t* mask, const int32_t* labels,
-                                              int64_t B, int64_t T, float grad_scale, bool training,
-                                              bool checkpointing, bool backward) {
+LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, const int32_t* ids, const int32_t* mask,
+                                              const int32_t* labels, int64_t B, int64_t T, float grad_scale,
+                                              bool training, bool checkpointing, bool backward) {
   check_complete();
   const LlamaConfig& c = w_->cfg;
   check_arg(B >= 1 && T >= 1, "input_ids must be a non-empty [batch, seq] array");
@@ -253,7 +283,6 @@ LlamaModel::LossResult LlamaModel::train_pass(const int32_t* ids, const int32_t*
       pos[i] = km[i] ? n++ : 1;
     }
   }
-  LoraAdapter* ad = active_.empty() ? nullptr : &adapter(active_);
   const bool dropout = training && ad && ad->dropout > 0.0f;
 
   MemCounter mc;

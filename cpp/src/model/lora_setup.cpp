@@ -45,8 +45,9 @@ std::unique_ptr<LoraAdapter> new_lora_adapter(LlamaModel& m, const LoraInitSpec&
 
 double lora_train_step(LlamaModel& m, const int32_t* ids, const int32_t* labels, int64_t B, int64_t T, double lr,
                        double max_grad_norm) {
-  check_arg(!m.active_adapter_name().empty(), "no active LoRA adapter: add one first");
-  LoraAdapter& a = m.adapter(m.active_adapter_name());
+  const LlamaModel::AdapterRef ap = m.active_adapter();  // held for the whole step
+  check_arg(ap != nullptr, "no active LoRA adapter: add one first");
+  LoraAdapter& a = *ap;
   check_arg(a.opt != nullptr, "the optimizer is not configured: call train_configure first");
   check_arg(std::isfinite(lr) && lr >= 0.0, "lr must be finite and >= 0");
   const int64_t V = m.config().vocab_size;
