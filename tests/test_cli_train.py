@@ -76,6 +76,10 @@ def test_train_cli_plumbs_arguments(tmp_path, monkeypatch, rng, capsys):
     # the summary counts input tokens, as the progress bar's tok_s does (not the loss tokens)
     m = re.search(r"(\d+) input tokens in [\d.]+s \(\d+ input tokens/s; (\d+) loss tokens\)", summary)
     assert m and int(m.group(1)) > int(m.group(2)) > 0, summary
+    # prompt/completion rows: recorded as raw-text prompting, and the generate command says no --chat
+    from qlora_native import cli_common
+    assert cli_common.read_prompt_info(str(out)) == {"chat_template": False, "system": None}
+    assert f"generate with it: qlora-native generate --model MODEL --adapter {out.resolve()} --prompt TEXT" in summary
 
     # --resume continues from the latest checkpoint; bad data names the line
     monkeypatch.setattr(cli_train, "_load", fake_load)
@@ -110,6 +114,22 @@ def test_help_shows_every_option_with_default(command, capsys):
         assert h in text
         tail = text[text.index(h) + len(h):]
         assert "default" in h or tail.startswith((" (default: ", " (required)")), action.option_strings
+
+
+def test_data_prompt_format(tmp_path):
+    def fmt(rows):
+        return cli_train.data_prompt_format(_write_jsonl(tmp_path / "f.jsonl", rows))
+
+    def chat(system, user="hi"):
+        head = [] if system is None else [{"role": "system", "content": system}]
+        return {"messages": head + [{"role": "user", "content": user}, {"role": "assistant", "content": "ok"}]}
+
+    assert fmt([chat("Be brief."), chat("Be brief.", "yo")]) == (True, "Be brief.")
+    assert fmt([chat(None), chat(None)]) == (True, None)
+    assert fmt([{"text": "a"}, {"prompt": "p", "completion": "c"}]) == (False, None)
+    assert fmt([chat("A"), chat("B")]) is None
+    assert fmt([chat("A"), {"text": "a"}]) is None
+    assert fmt([{"messages": [{"role": "system", "content": [{"type": "text", "text": "A"}]}]}]) is None
 
 
 def test_lora_config_from_target_modules():

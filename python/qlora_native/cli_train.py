@@ -126,8 +126,41 @@ def run_train(args: argparse.Namespace) -> int:
         msg += f", train loss {out['train_loss']:.4f}"
     if "eval_loss" in out:
         msg += f", eval loss {out['eval_loss']:.4f}"
-    print(msg + f"; adapter saved to {os.path.abspath(args.output)}]")
+    out_dir = os.path.abspath(args.output)
+    print(msg + f"; adapter saved to {out_dir}]")
+    fmt = data_prompt_format(args.data)
+    if fmt is not None:  # so that `generate --adapter` can tell when it is prompted unlike the training data
+        from .cli_common import prompt_flags, write_prompt_info
+
+        write_prompt_info(out_dir, chat=fmt[0], system=fmt[1])
+        flags = prompt_flags(*fmt)
+        model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
+        cmd = shlex.join(["qlora-native", "generate", "--model", model, "--adapter", out_dir])
+        print(f"generate with it: {cmd}{' ' + flags if flags else ''} --prompt TEXT")
     return 0
+
+
+def data_prompt_format(path) -> tuple[bool, str | None] | None:
+    """(chat, system message) shared by every row of a training JSONL: (True, S) when all rows are
+    {messages} opening with the same system message S (None: no system message in any row), (False, None)
+    when no row is; None for a mix, where no single prompt format describes the data."""
+    from .data import read_jsonl
+
+    kinds = set()
+    for _, row in read_jsonl(path):
+        msgs = row.get("messages")
+        if isinstance(msgs, list):
+            first = msgs[0] if msgs and isinstance(msgs[0], dict) else {}
+            system = first.get("content") if first.get("role") == "system" else None
+            if system is not None and not isinstance(system, str):
+                return None  # structured content: not something a --system option can repeat
+            kinds.add(("chat", system))
+        else:
+            kinds.add(("raw", None))
+        if len(kinds) > 1:
+            return None
+    (kind, system), = kinds
+    return kind == "chat", system
 
 
 # ---------------------------------------------------------------- demo
