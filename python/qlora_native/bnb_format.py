@@ -11,6 +11,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from . import _core
 from .nf4 import NF4Tensor, nf4_codes, pack_quant_state
 
 QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
@@ -35,16 +36,28 @@ def quantization_config(double_quant: bool = True, compute_dtype: str = "float32
 
 def is_prequantized(config: Mapping) -> bool:
     """True when config.json describes a pre-quantized bitsandbytes checkpoint; raises
-    ValueError for quantizations we cannot load (8-bit, fp4, other methods)."""
+    ValueError for quantizations we cannot load (8-bit, fp4, other methods) and for fields of the
+    wrong JSON type (the C API loader, hf_loader.cpp, applies the same rules)."""
     qc = config.get("quantization_config")
+    if qc is None:
+        return False
+    if not isinstance(qc, Mapping):
+        raise ValueError(f"config: quantization_config must be an object, got {qc!r}")
     if not qc:
         return False
     method = qc.get("quant_method")
     if method != "bitsandbytes":
         raise ValueError(f"unsupported quantization_config.quant_method {method!r} (only bitsandbytes NF4 4-bit)")
-    if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
+
+    def flag(key):
+        v = qc.get(key)
+        if v is not None and not isinstance(v, bool):
+            raise ValueError(f"config: quantization_config.{key} must be true or false, got {v!r}")
+        return bool(v)
+
+    if flag("load_in_8bit") or flag("_load_in_8bit"):
         raise ValueError("bitsandbytes 8-bit checkpoints are not supported (only NF4 4-bit)")
-    if not (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
+    if not (flag("load_in_4bit") or flag("_load_in_4bit")):
         raise ValueError("quantization_config is bitsandbytes but neither 4-bit nor 8-bit")
     kind = qc.get("bnb_4bit_quant_type", "fp4")
     if kind != "nf4":
@@ -76,6 +89,7 @@ def read_nf4(get: Callable[[str], np.ndarray], has: Callable[[str], bool], weigh
     """Builds the NF4Tensor of `weight_name` ("P.weight") from a checkpoint's arrays."""
     try:
         state = get(f"{weight_name}.{QUANT_STATE_KEY}")
+        state = _parse_quant_state(state)
         quant_map = get(f"{weight_name}.quant_map") if has(f"{weight_name}.quant_map") else None
         if quant_map is not None and not np.array_equal(np.asarray(quant_map, np.float32), nf4_codes()):
             raise ValueError("quant_map is not the NF4 code table")
@@ -91,6 +105,23 @@ def read_nf4(get: Callable[[str], np.ndarray], has: Callable[[str], bool], weigh
         raise ValueError(f"{weight_name}: 4-bit weight lacks {e}") from None
     except ValueError as e:
         raise ValueError(f"{weight_name}: {e}") from None
+
+
+def _parse_quant_state(state) -> dict:
+    """The JSON quant state (uint8 array from the checkpoint) parsed by the engine's parser, as
+    the C API loader does: bounded nesting (Python's json raises RecursionError), duplicate keys
+    and non-UTF-8 refused."""
+    if isinstance(state, np.ndarray):
+        if state.dtype != np.uint8:
+            raise ValueError(f"quant state array must be uint8, got {state.dtype}")
+        state = state.tobytes()
+    try:
+        d = _core.io.json_loads(bytes(state), 512, False)
+    except ValueError as e:
+        raise ValueError(f"malformed bitsandbytes quant state: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError("malformed bitsandbytes quant state: not a JSON object")
+    return d
 
 
 def nf4_tensors(weight_name: str, t: NF4Tensor) -> dict[str, np.ndarray]:

@@ -36,11 +36,15 @@ class SafetensorsSource:
         index = os.path.join(path, "model.safetensors.index.json")
         single = os.path.join(path, "model.safetensors")
         if os.path.isfile(index):
-            with open(index, "rb") as f:
-                try:
-                    weight_map = json.loads(f.read())["weight_map"]
-                except (ValueError, KeyError, TypeError) as e:
-                    raise _core.FormatError(f"{index}: no valid weight_map ({e})") from e
+            from .config import read_json
+
+            doc = read_json(index)  # the engine's parser, as the C API loader (hf_loader.cpp)
+            weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+            if not isinstance(weight_map, dict):
+                raise _core.FormatError(f"{index}: no valid weight_map (expected an object of tensor name -> "
+                                        f"shard file, got {type(weight_map).__name__})")
+            for n, s in weight_map.items():
+                _check_shard_name(index, n, s)
             shards = sorted(set(weight_map.values()))
         elif os.path.isfile(single):
             weight_map, shards = None, ["model.safetensors"]
@@ -96,6 +100,19 @@ class SafetensorsSource:
             yield n, f.get(n), f.dtype_name(n), tuple(f.shape(n))
 
 
+def _check_shard_name(index: str, tensor: str, shard) -> None:
+    """A shard must be a plain file name inside the checkpoint directory: the index comes with
+    the checkpoint, and "../../x.safetensors" or "/abs/x" would open files elsewhere. (Symlinked
+    shards stay allowed: the Hugging Face cache links snapshot files to its blobs/ folder.)
+    The C API loader applies the same rule (hf_loader.cpp)."""
+    if not isinstance(shard, str):
+        raise _core.FormatError(f"{index}: weight_map entry {tensor!r} is not a file name: {shard!r}")
+    if (shard in ("", ".", "..") or "/" in shard or "\\" in shard or "\0" in shard
+            or os.path.isabs(shard) or os.path.splitdrive(shard)[0]):
+        raise _core.FormatError(f"{index}: weight_map names an invalid shard {shard!r} for tensor {tensor!r} "
+                                "(shards must be plain file names inside the checkpoint directory)")
+
+
 class GGUFTensorSource:
     """A llama.cpp GGUF file, dequantized to float32 tensor by tensor (see gguf_source.py)."""
 
@@ -126,6 +143,12 @@ class Model(LoraModelMixin):
     """A Llama / Mistral / Qwen2 / SmolLM causal LM with NF4 (or fp32) projections."""
 
     name_or_path: str | None = None  # what from_pretrained loaded (recorded in saved adapters, like PEFT)
+    # False (default): inputs longer than config.max_position_embeddings raise ValueError (the
+    # sequence length in model(...), forward_backward and eval_loss; prompt + max_new_tokens in
+    # generate). True: accepted; positions past the trained range extrapolate RoPE, and the
+    # output quality usually collapses.
+    allow_long_context: bool = False
+    _gen_thread: int | None = None  # the thread inside generate (a stream callback re-entering)
 
     def __init__(self, config: ModelConfig, core: "_core.model.LlamaModel", tokenizer=None):
         self.config = config
@@ -192,7 +215,15 @@ class Model(LoraModelMixin):
         """Logits np.float32 [B, T, V] for input_ids [B, T] (or [T]); attention_mask 1 = token, 0 = pad."""
         ids = self._check_ids(input_ids)
         mask = None if attention_mask is None else _as_mask(attention_mask, ids.shape)
+        self._check_context(_longest_row(ids, mask), "input_ids")
         return self._core.forward(ids, mask)
+
+    def _check_context(self, length: int, what: str) -> None:
+        """ValueError when `length` positions exceed max_position_embeddings (unless allow_long_context)."""
+        limit = self.config.max_position_embeddings
+        if length > limit and not self.allow_long_context:
+            raise ValueError(f"{what} is {length} tokens long, more than the model's max_position_embeddings "
+                             f"{limit}; set model.allow_long_context = True to run it anyway (quality degrades)")
 
     def _check_ids(self, input_ids) -> np.ndarray:
         a = np.asarray(input_ids)
@@ -234,33 +265,55 @@ class Model(LoraModelMixin):
         temperature 0 is greedy; top_k / top_p / repetition_penalty follow transformers.
         eos_token_id: "config" (the config's), None, an id or ids; the EOS token is kept in the
         output. stop: strings that end a row once its decoded output contains one (needs a
-        tokenizer). stream(row, token) is called for every new token."""
+        tokenizer). stream(row, token) is called for every new token; it may not call generate
+        (RuntimeError). Prompt + max_new_tokens must fit max_position_embeddings unless
+        model.allow_long_context is True."""
+        if self._gen_thread == threading.get_ident():
+            raise RuntimeError("generate called from inside its own stream callback: the model runs one generation "
+                               "at a time; collect the tokens and call generate after it returns")
         prompts = self._prompts(input_ids, attention_mask)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        V = self.config.vocab_size
+        max_new_tokens = _int_arg("max_new_tokens", max_new_tokens, 0)
         if isinstance(eos_token_id, str):
             if eos_token_id != "config":
                 raise ValueError(f"eos_token_id must be 'config', None, an id or ids, got {eos_token_id!r}")
             eos_token_id = self.config.eos_token_id
-        eos = set() if eos_token_id is None else {int(eos_token_id)} if np.isscalar(eos_token_id) else set(map(int, eos_token_id))
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if eos_token_id is None:
+            eos = set()
+        elif isinstance(eos_token_id, (int, np.integer, bool)):
+            eos = {_int_arg("eos_token_id", eos_token_id, 0, V - 1)}
+        elif isinstance(eos_token_id, (list, tuple, set, frozenset, np.ndarray)):
+            ids_ = eos_token_id.ravel().tolist() if isinstance(eos_token_id, np.ndarray) else list(eos_token_id)
+            eos = {_int_arg("eos_token_id", e, 0, V - 1) for e in ids_}
+        else:
+            raise ValueError(f"eos_token_id must be 'config', None, an id or ids, got {eos_token_id!r}")
+        stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, (list, tuple)) else (
+            [] if stop is None else None)
+        if stops is None or not all(isinstance(x, str) and x for x in stops):
+            raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {stop!r}")
         if stops and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer: set model.tokenizer or pass token ids via eos_token_id")
-        if not 0 <= pad_token_id < self.config.vocab_size:
-            raise ValueError(f"pad_token_id {pad_token_id} is out of range [0, {self.config.vocab_size})")
+        if stream is not None and not callable(stream):
+            raise ValueError(f"stream must be a callable stream(row, token) or None, got {stream!r}")
+        pad_token_id = _int_arg("pad_token_id", pad_token_id, 0, V - 1)
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little")
-        sampler = _core.model.Sampler(int(seed) & (2**64 - 1))
-        sample_args = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                           repetition_penalty=float(repetition_penalty))
+        # Any int64 or uint64 value; a negative one keys the generator by its two's complement.
+        sampler = _core.model.Sampler(_int_arg("seed", seed, -2**63, 2**64 - 1) & (2**64 - 1))
+        sample_args = dict(temperature=_float_arg("temperature", temperature, 0.0),
+                           top_k=_int_arg("top_k", top_k, 0, 2**63 - 1),
+                           top_p=_float_arg("top_p", top_p, 0.0, 1.0, lo_open=True),
+                           repetition_penalty=_float_arg("repetition_penalty", repetition_penalty, 0.0, lo_open=True))
         # Validates the sampling options before any compute.
         sampler.sample(np.zeros(1, np.float32), np.zeros(0, np.int32), **sample_args)
 
         B = len(prompts)
+        P = max(len(p) for p in prompts)
+        self._check_context(P + max_new_tokens, f"the longest prompt ({P} tokens) + max_new_tokens ({max_new_tokens})")
         out: list[list[int]] = [[] for _ in range(B)]
         if max_new_tokens == 0:
             return out
-        P = max(len(p) for p in prompts)
+        self._check_kv_memory(B, P + max_new_tokens)
         ids = np.full((B, P), pad_token_id, np.int32)
         mask = np.zeros((B, P), np.int32)
         for b, p in enumerate(prompts):
@@ -269,9 +322,29 @@ class Model(LoraModelMixin):
         history = [list(p) for p in prompts]
         core = self._core
         with self._gen_lock:
-            self._decode(core, ids, mask, P + max_new_tokens, max_new_tokens, sampler, sample_args, history, out,
-                         eos, stops, stream, pad_token_id)
+            self._gen_thread = threading.get_ident()
+            try:
+                self._decode(core, ids, mask, P + max_new_tokens, max_new_tokens, sampler, sample_args, history, out,
+                             eos, stops, stream, pad_token_id)
+            finally:
+                self._gen_thread = None
         return out
+
+    def _check_kv_memory(self, batch: int, capacity: int) -> None:
+        """ValueError naming max_new_tokens when the KV cache of batch x capacity tokens cannot fit in
+        memory (checked in exact integers before anything is allocated; the engine checks again)."""
+        c = self.config
+        need = 4 * 2 * c.num_hidden_layers * batch * c.num_key_value_heads * capacity * c.head_dim
+        try:
+            ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if self.backend == "cpu" else 0
+        except (ValueError, OSError):
+            ram = 0
+        if ram > 0 and need > ram:
+            raise ValueError(f"max_new_tokens: the KV cache for {batch} prompt(s) x {capacity} tokens needs "
+                             f"{need / 2**30:.1f} GiB, more than this machine's memory ({ram / 2**30:.1f} GiB); "
+                             f"lower max_new_tokens or the batch")
+        if capacity >= 2**31:  # positions are int32 in the engine
+            raise ValueError(f"max_new_tokens: {capacity} tokens per row exceed the engine's limit of 2^31 - 1")
 
     def _decode(self, core, ids, mask, capacity, max_new_tokens, sampler, sample_args, history, out, eos, stops,
                 stream, pad_token_id):
@@ -412,6 +485,41 @@ def _auto_tokenizer(path: str):
     from .tokenizer import Tokenizer
 
     return Tokenizer.from_pretrained(path)
+
+
+def _int_arg(name: str, v, lo: int | None = None, hi: int | None = None) -> int:
+    """An integer argument (Python or numpy int, not bool) checked against [lo, hi]; ValueError naming it."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {_short(v)}")
+    v = int(v)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be {'in ' if hi is not None else ''}{rng}, got {_short(v)}")
+    return v
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:40] + "..." + r[-10:]
+
+
+def _float_arg(name: str, v, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
+    """A finite real argument (int or float, not bool) checked against its range; ValueError naming it."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number, got {_short(v)}")
+    try:
+        f = float(v)
+    except OverflowError:
+        f = float("inf")
+    if not np.isfinite(f) or (lo is not None and (f <= lo if lo_open else f < lo)) or (hi is not None and f > hi):
+        want = f"{'(' if lo_open else '['}{lo}, {hi}]" if hi is not None else f"{'>' if lo_open else '>='} {lo}"
+        raise ValueError(f"{name} must be a finite number {'in ' if hi is not None else ''}{want}, got {_short(v)}")
+    return f
+
+
+def _longest_row(ids: np.ndarray, mask: np.ndarray | None) -> int:
+    """Positions a [B, T] batch uses: T, or its most real tokens in one row when masked."""
+    return int(ids.shape[1] if mask is None else mask.sum(axis=1).max())
 
 
 def _as_mask(attention_mask, shape) -> np.ndarray:

@@ -48,6 +48,42 @@ int64_t req_int(const Value& d, const char* key, int64_t minimum = 1) {
   return v->as_int();
 }
 
+// A JSON bool; absent or null -> def ("yes" or 1 are errors, as in config.py's _Fields.bool).
+bool opt_bool(const Value& d, const char* key, bool def = false) {
+  const Value* v = member(d, key);
+  if (!v || v->is_null()) return def;
+  if (!v->is_bool()) throw ValueError(std::string("config: ") + key + " must be true or false, got " + repr(v));
+  return v->as_bool();
+}
+
+// An integer >= minimum; absent or null -> def.
+int64_t opt_int(const Value& d, const char* key, int64_t minimum, int64_t def) {
+  const Value* v = member(d, key);
+  if (!v || v->is_null()) return def;
+  return req_int(d, key, minimum);
+}
+
+// Token ids of config.json: null, an id in [0, vocab) or (allow_list) a list of them.
+std::vector<int64_t> token_ids(const Value& d, const char* key, int64_t vocab, bool allow_list) {
+  const Value* v = member(d, key);
+  std::vector<int64_t> out;
+  if (!v || v->is_null()) return out;
+  auto bad = [&]() {
+    return ValueError(std::string("config: ") + key + " must be a token id in [0, " + std::to_string(vocab) + ")" +
+                      (allow_list ? " or a list of them" : "") + ", got " + repr(v));
+  };
+  if (allow_list && v->is_array()) {
+    for (const Value& x : v->as_array()) {
+      if (!x.is_int() || x.as_int() < 0 || x.as_int() >= vocab) throw bad();
+      out.push_back(x.as_int());
+    }
+    return out;
+  }
+  if (!v->is_int() || v->as_int() < 0 || v->as_int() >= vocab) throw bad();
+  out.push_back(v->as_int());
+  return out;
+}
+
 double positive(const Value* v, const std::string& key) {
   if (!v || !v->is_number() || !std::isfinite(v->as_double()) || v->as_double() <= 0)
     throw ValueError("config: " + key + " must be a positive number, got " + repr(v));
@@ -100,15 +136,23 @@ void rope_scaling(const Value* s, const Value* max_pos, LlamaConfig& c) {
 // quantizations the engine cannot load.
 bool is_prequantized(const Value& d) {
   const Value* qc = d.find("quantization_config");
-  if (!truthy(qc)) return false;
-  if (!qc->is_object()) throw ValueError("config: quantization_config must be an object");
+  if (!qc || qc->is_null()) return false;
+  if (!qc->is_object()) throw ValueError("config: quantization_config must be an object, got " + repr(qc));
+  if (qc->size() == 0) return false;
+  auto flag = [&](const char* key) {
+    const Value* v = qc->find(key);
+    if (!v || v->is_null()) return false;
+    if (!v->is_bool())
+      throw ValueError(std::string("config: quantization_config.") + key + " must be true or false, got " + repr(v));
+    return v->as_bool();
+  };
   const Value* method = qc->find("quant_method");
   if (!method || !method->is_string() || method->as_string() != "bitsandbytes")
     throw ValueError("unsupported quantization_config.quant_method " + repr(method) +
                      " (only bitsandbytes NF4 4-bit)");
-  if (truthy(qc->find("load_in_8bit")) || truthy(qc->find("_load_in_8bit")))
+  if (flag("load_in_8bit") || flag("_load_in_8bit"))
     throw ValueError("bitsandbytes 8-bit checkpoints are not supported (only NF4 4-bit)");
-  if (!(truthy(qc->find("load_in_4bit")) || truthy(qc->find("_load_in_4bit"))))
+  if (!(flag("load_in_4bit") || flag("_load_in_4bit")))
     throw ValueError("quantization_config is bitsandbytes but neither 4-bit nor 8-bit");
   const Value* kind = qc->find("bnb_4bit_quant_type");
   if (!(kind ? kind->is_string() && kind->as_string() == "nf4" : false))
@@ -149,14 +193,11 @@ HfConfig parse_hf_config(const Value& d) {
 
   const int64_t hidden = req_int(d, "hidden_size");
   const int64_t heads = req_int(d, "num_attention_heads");
-  const Value* kv = d.find("num_key_value_heads");
-  int64_t kv_heads = heads;  // `d.get("num_key_value_heads") or heads`
-  if (truthy(kv)) {
-    if (!kv->is_int() || kv->as_int() < 1 || heads % kv->as_int())
-      throw ValueError("config: num_key_value_heads (" + repr(kv) + ") must divide num_attention_heads (" +
-                       std::to_string(heads) + ")");
-    kv_heads = kv->as_int();
-  }
+  // Absent or null: as many as the query heads (transformers); 0 is an error, not "absent".
+  const int64_t kv_heads = opt_int(d, "num_key_value_heads", 1, heads);
+  if (heads % kv_heads)
+    throw ValueError("config: num_key_value_heads (" + std::to_string(kv_heads) +
+                     ") must divide num_attention_heads (" + std::to_string(heads) + ")");
   const Value* hd = d.find("head_dim");
   int64_t head_dim;
   if (!hd || hd->is_null()) {
@@ -172,14 +213,16 @@ HfConfig parse_hf_config(const Value& d) {
 
   if (const Value* act = d.find("hidden_act"); act && !(act->is_string() && act->as_string() == "silu"))
     throw ValueError("config: hidden_act " + repr(act) + " is not supported (only 'silu')");
-  if (truthy(d.find("mlp_bias"))) throw ValueError("config: mlp_bias=true is not supported");
-  if (const Value* tp = d.find("pretraining_tp"); tp && !tp->is_null() && !(tp->is_number() && tp->as_double() == 1.0) && !(tp->is_bool() && tp->as_bool()))
-    throw ValueError("config: pretraining_tp != 1 is not supported");
+  if (opt_bool(d, "mlp_bias")) throw ValueError("config: mlp_bias=true is not supported");
+  if (const Value* tp = d.find("pretraining_tp"); tp && !tp->is_null() && !(tp->is_int() && tp->as_int() == 1))
+    throw ValueError("config: pretraining_tp != 1 is not supported (got " + repr(tp) + ")");
 
   // transformers >= 5 writes rope_parameters (with rope_theta inside); older: rope_theta + rope_scaling.
   const Value* rp = d.find("rope_parameters");
   const Value* scaling = d.find("rope_scaling");
   const Value* theta = d.find("rope_theta");
+  if (rp && !rp->is_null() && !rp->is_object())
+    throw ValueError("config: rope_parameters must be an object or null, got " + repr(rp));
   if (rp && rp->is_object()) {
     if (const Value* t = rp->find("rope_theta")) theta = t;
     if (!scaling || scaling->is_null()) scaling = rp;
@@ -187,17 +230,15 @@ HfConfig parse_hf_config(const Value& d) {
   const double rope_theta = (!theta || theta->is_null()) ? 10000.0 : positive(theta, "rope_theta");
   rope_scaling(scaling, d.find("max_position_embeddings"), c);
 
-  const bool attn_bias = truthy(d.find("attention_bias"));
+  const bool attn_bias = opt_bool(d, "attention_bias");
   c.qkv_bias = c.arch == "qwen2" || attn_bias;
   c.o_bias = c.arch != "qwen2" && attn_bias;
   c.sliding_window = 0;
   if (c.arch == "mistral" && d.find("sliding_window") && !d.find("sliding_window")->is_null())
     c.sliding_window = req_int(d, "sliding_window");
-  if (c.arch == "qwen2" && truthy(d.find("use_sliding_window"))) {
+  if (c.arch == "qwen2" && opt_bool(d, "use_sliding_window")) {
     c.sliding_window = req_int(d, "sliding_window");
-    const Value* mwl = d.find("max_window_layers");
-    const double max_window = mwl && mwl->is_number() ? mwl->as_double() : 0.0;
-    if (max_window < static_cast<double>(req_int(d, "num_hidden_layers")))
+    if (opt_int(d, "max_window_layers", 0, 0) < req_int(d, "num_hidden_layers"))
       throw ValueError("config: Qwen2 use_sliding_window with max_window_layers < layers is not supported");
   }
 
@@ -210,17 +251,14 @@ HfConfig parse_hf_config(const Value& d) {
   c.head_dim = head_dim;
   c.rms_norm_eps = static_cast<float>(num(d, "rms_norm_eps", 1e-6));
   c.rope_theta = static_cast<float>(rope_theta);
-  c.tie_word_embeddings = truthy(d.find("tie_word_embeddings"));
+  c.tie_word_embeddings = opt_bool(d, "tie_word_embeddings");
   c.max_position_embeddings = d.find("max_position_embeddings") ? req_int(d, "max_position_embeddings") : 2048;
+  // An id outside the vocabulary would never be generated (an ignored EOS): refused.
+  const std::vector<int64_t> bos = token_ids(d, "bos_token_id", c.vocab_size, true);
+  if (!bos.empty()) out.bos_token_id = bos.front();
+  out.eos_token_ids = token_ids(d, "eos_token_id", c.vocab_size, true);
+  token_ids(d, "pad_token_id", c.vocab_size, false);
   c.validate();
-
-  if (const Value* b = d.find("bos_token_id"); b && b->is_int()) out.bos_token_id = b->as_int();
-  if (const Value* e = d.find("eos_token_id")) {
-    if (e->is_int()) out.eos_token_ids.push_back(e->as_int());
-    else if (e->is_array())
-      for (const Value& x : e->as_array())
-        if (x.is_int()) out.eos_token_ids.push_back(x.as_int());
-  }
   out.prequantized = is_prequantized(d);
   return out;
 }
@@ -304,8 +342,12 @@ Source open_source(const std::string& dir) {
       if (!s.is_string()) throw FormatError(index + ": weight_map entry '" + n + "' is not a file name");
       const std::string& f = s.as_string();
       // Shards must be plain file names inside the directory.
-      if (f.empty() || f.find('/') != std::string::npos || f.find('\\') != std::string::npos || f == "." || f == "..")
-        throw FormatError(index + ": weight_map names an invalid shard '" + f + "'");
+      // Shards must be plain file names inside the directory (model.py's _check_shard_name): a
+      // NUL would also cut the path the OS sees.
+      if (f.empty() || f.find('/') != std::string::npos || f.find('\\') != std::string::npos || f == "." ||
+          f == ".." || f.find('\0') != std::string::npos)
+        throw FormatError(index + ": weight_map names an invalid shard '" + f + "' for tensor '" + n +
+                          "' (shards must be plain file names inside the checkpoint directory)");
       weight_map.emplace_back(n, f);
       uniq.insert(f);
     }
