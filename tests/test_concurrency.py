@@ -8,7 +8,6 @@ adapter (or of the base model).
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,45 +17,10 @@ import numpy as np
 import pytest
 
 import qlora_native
-from qlora_native import LoraConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-CFG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-           num_key_value_heads=2, tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=10000.0,
-           max_position_embeddings=256, hidden_act="silu", bos_token_id=1, eos_token_id=2, pad_token_id=0,
-           architectures=["LlamaForCausalLM"], model_type="llama")
-
-
-def build_tiny(d: str) -> str:
-    """A tiny random fp32 Llama checkpoint written with numpy only (no torch import: fast)."""
-    from qlora_native.config import ModelConfig
-
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(CFG, f)
-    core = qlora_native._core.model.LlamaModel(ModelConfig.from_dict(CFG).to_core())
-    rng = np.random.default_rng(0)
-    ts = {}
-    for name, shape in core.expected_tensors():
-        shape = tuple(shape)
-        if name.endswith("norm.weight"):
-            w = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif "embed_tokens" in name:
-            w = rng.standard_normal(shape)
-        else:
-            w = rng.standard_normal(shape) / np.sqrt(shape[-1])
-        ts[name] = w.astype(np.float32)
-    qlora_native.io.save_safetensors(os.path.join(d, "model.safetensors"), ts)
-    return d
-
-
-def add_random_adapter(m, name: str, seed: int) -> None:
-    """An adapter whose B is not zero, so it visibly changes the outputs."""
-    m.add_adapter(name, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"), seed=seed)
-    rng = np.random.default_rng(seed)
-    m.set_adapter_state_dict(name, {k: (0.5 * rng.standard_normal(v.shape)).astype(np.float32)
-                                    for k, v in m.get_adapter_state_dict(name).items()})
+sys.path.insert(0, HERE)
+from helpers_tiny import add_random_adapter, build_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +82,8 @@ SCRIPT = textwrap.dedent(r'''
     import sys, threading, time
     import numpy as np
     sys.path.insert(0, HERE)
-    from test_concurrency import _model, add_random_adapter
+    from test_concurrency import _model
+    from helpers_tiny import add_random_adapter
 
     mode, tiny_dir, adir, iters = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     m = _model(tiny_dir)

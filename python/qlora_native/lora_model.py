@@ -84,12 +84,16 @@ class LoraModelMixin:
         self._add(self._new_adapter_name(name), config, None, np.random.default_rng(seed))
 
     def set_active_adapter(self, name: str | None) -> None:
-        """Make `name` the adapter used by forward, generate and training (None: the base model)."""
+        """Make `name` the adapter used by forward, generate and training (None: the base model).
+        Only requests started afterwards use it: one already running (in another thread, or a
+        generate whose stream callback calls this) keeps the adapter it started with."""
         if name is not None and name not in self._lora_state():
             raise ValueError(f"no adapter named {name!r}; have {self.adapters}")
         self._core.lora_set_active(name or "")
 
     def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name` (the base model becomes active if it was active). Requests running
+        with it finish with it; its memory is freed when the last of them ends."""
         self._check_adapter(name)
         self._core.lora_delete(name)
         del self._lora_state()[name]
@@ -177,9 +181,10 @@ class LoraModelMixin:
         # transformers' causal-LM convention: position t predicts labels[t + 1].
         shifted = np.full(ids.shape, -100, np.int32)
         shifted[:, :-1] = lab[:, 1:]
-        from .model import _as_mask
+        from .model import _as_mask, _longest_row
 
         mask = None if attention_mask is None else _as_mask(attention_mask, ids.shape)
+        self._check_context(_longest_row(ids, mask), "input_ids")  # max_position_embeddings unless allowed
         return ids, shifted, mask, int((shifted != -100).sum())
 
     def forward_backward(self, input_ids, labels, attention_mask=None, *, loss_scale: float = 1.0,
