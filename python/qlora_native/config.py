@@ -227,6 +227,9 @@ class ModelConfig:
             raw=d,
         )
         cfg.to_core()  # the engine's checks (sizes, their products, memory) before anything is allocated
+        from .bnb_format import is_prequantized
+
+        is_prequantized(d)  # quantization_config's types too, so from_file names the file
         return cfg
 
     def to_core(self) -> "_core.model.LlamaConfig":

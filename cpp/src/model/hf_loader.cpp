@@ -24,6 +24,16 @@ std::string repr(const Value* v) {
   if (!v || v->is_null()) return "None";
   if (v->is_bool()) return v->as_bool() ? "True" : "False";
   if (v->is_string()) return "'" + v->as_string() + "'";
+  if (v->is_array()) {  // Python's list repr: "[1, 'a']"
+    std::string s = "[";
+    for (size_t i = 0; i < v->size(); ++i) s += (i ? ", " : "") + repr(&v->at(i));
+    return s + "]";
+  }
+  if (v->is_object()) {  // Python's dict repr: "{'a': 1}"
+    std::string s = "{";
+    for (const auto& [k, x] : v->as_object()) s += (s.size() > 1 ? ", '" : "'") + k + "': " + repr(&x);
+    return s + "}";
+  }
   return json::dump(*v);
 }
 
