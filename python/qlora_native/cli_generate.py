@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
     _check_args(args)
     path = resolve_model(args.model)
-    if args.threads:
+    if args.threads is not None:  # 0 or too many: set_num_threads says so
         set_num_threads(args.threads)
     t0 = time.perf_counter()
     tokenizer = Tokenizer.from_pretrained(path)

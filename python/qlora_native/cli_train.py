@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--max-seq-len", type=int, default=512, help="longest example in tokens (longer is an error)")
+    p.add_argument("--max-seq-len", type=int, default=512, help="examples are cut to this many tokens")
     p.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warm-up")
     p.add_argument("--scheduler", default="linear", choices=["constant", "linear", "cosine", "constant_with_warmup"],
                    help="learning-rate schedule")
@@ -94,7 +94,7 @@ def _load(path, args):
     from .cli_common import resolve_model
 
     path = resolve_model(path)
-    if args.threads:
+    if args.threads is not None:  # 0 or too many: set_num_threads says so
         set_num_threads(args.threads)
     t0 = time.perf_counter()
     tok = Tokenizer.from_pretrained(path)
