@@ -162,6 +162,18 @@ def test_dedicated_directory_is_swapped_and_symlink_kept(tmp_path, base):
     assert sorted(os.listdir(tmp_path)) == ["ad", "link", "real"]
 
 
+def test_saving_into_the_working_directory_keeps_it(tmp_path, base, monkeypatch):
+    d = tmp_path / "ad"
+    d.mkdir()
+    monkeypatch.chdir(d)
+    m = _model(base)
+    m.save_adapter(".")
+    m.save_adapter(".")  # holds only adapter files now, but it is our cwd: committed in place
+    assert os.getcwd() == str(d) and os.path.samefile(".", d)
+    assert sorted(os.listdir(".")) == sorted([adapter_io.CONFIG_NAME, adapter_io.WEIGHTS_NAME])
+    assert sorted(os.listdir(tmp_path)) == ["ad"]
+
+
 def test_failed_save_leaves_old_adapter(tmp_path, base, monkeypatch):
     m = _model(base)
     d = tmp_path / "ad"
@@ -276,3 +288,25 @@ def test_resume_finds_checkpoint_left_displaced(tmp_path, base):
         resume_from_checkpoint=True)
     assert summary["global_step"] == 4 and summary["input_tokens"] == 0  # resumed at step 4: nothing left
     assert sorted(p for p in os.listdir(out) if "checkpoint" in p) == ["checkpoint-2", "checkpoint-4"]
+
+
+@pytest.mark.parametrize("umask", [0o027], indirect=True)
+def test_capi_adapter_save_modes(tmp_path, base, umask):
+    import ctypes
+
+    import test_capi
+    from test_capi_train import Q, V_, _check, _setup
+
+    lib = test_capi.lib.__wrapped__()
+    _setup(lib)
+    m = test_capi.CModel(lib, base, test_capi.QUANT_NF4)
+    try:
+        p = lib.qlora_lora_default_params()
+        p.r, p.alpha, p.target_mask = 2, 4.0, Q | V_
+        _check(lib, lib.qlora_adapter_add(m.h, b"ft", ctypes.byref(p)))
+        _check(lib, lib.qlora_adapter_save(m.h, str(tmp_path / "ad").encode()))
+    finally:
+        m.close()
+    assert stat.S_IMODE(os.stat(tmp_path / "ad").st_mode) == 0o750
+    for f in os.listdir(tmp_path / "ad"):
+        assert stat.S_IMODE(os.stat(tmp_path / "ad" / f).st_mode) == 0o640, f

@@ -20,7 +20,8 @@ How a directory is saved (save_dir). The new files are written into a staging di
   -> target, remove the old one. A kill between those two renames leaves no target but a
   complete old copy; recover() (run by every loader and the next save) renames it back.
 * The target holds other entries too (the Trainer's output_dir with its checkpoints and log,
-  a user's directory with a README): those must survive, so the set of files is committed
+  a user's directory with a README), or is our working directory, a symlink or a mount point:
+  those must survive, so the set of files is committed
   through a journal instead. The staging directory is renamed into the target as
   `.NAME.qlora-commit.TAG` (the commit point: from then on the new set is complete and durable),
   then each file is renamed over its old version, `obsolete` files are removed and the commit
@@ -66,7 +67,7 @@ _LEGACY_TMP = re.compile(r"\.checkpoint-\d+\.[a-z0-9_]{8}\.tmp|\.(?:adapter_conf
 _LEGACY_OLD = re.compile(r"\.(?P<name>checkpoint-\d+)\.old\.[a-z0-9_]{8}")  # holds the old dir as "x"
 _REMOVE_LIST = ".qlora-remove.json"  # in a commit directory: names the roll-forward deletes
 OWNED_AGE = 24 * 3600.0    # a temporary whose owner looks alive is still stale after this (pid reuse)
-UNOWNED_AGE = 3600.0       # a temporary without an owner we can check
+UNOWNED_AGE = 600.0        # a temporary without an owner we can check (a checkpoint takes seconds)
 _WAIT_SWAP = 2.0           # a loader waits this long for a live saver to finish its two-rename swap
 
 _inflight: set[str] = set()  # temporaries (files, staging dirs) of saves in progress in this process
@@ -289,10 +290,19 @@ def _commit(staging: Path, final: Path, tag: str, obsolete) -> None:
                 raise
     new = set(os.listdir(staging))
     have = os.listdir(final)
-    if beside and all(e in new or _matches(e, obsolete) or _leftover(e) for e in have):
+    if beside and not _holds_cwd(final) and all(e in new or _matches(e, obsolete) or _leftover(e) for e in have):
         _swap(staging, final, tag)
     else:
         _journal(staging, final, tag, [e for e in have if _matches(e, obsolete) and e not in new])
+
+
+def _holds_cwd(d: Path) -> bool:
+    """Swapping away our own working directory (save_adapter(".")) would strand relative paths."""
+    try:
+        cwd, real = os.getcwd(), os.path.realpath(d)
+    except OSError:
+        return False
+    return cwd == real or cwd.startswith(real.rstrip(os.sep) + os.sep)
 
 
 def _swap(staging: Path, final: Path, tag: str) -> None:
