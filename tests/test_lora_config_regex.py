@@ -160,3 +160,43 @@ def test_match_budget_bounds_total_time(monkeypatch):
     cfg = LoraConfig(target_modules="all-linear", rank_pattern={rf"layers\.{i}\.mlp\.up_proj": 2 for i in range(64)})
     with pytest.raises(ValueError, match="took more than"):
         cfg.resolve(64)
+
+
+_LOAD_PROBE = r"""
+import json, sys, time
+from qlora_native import adapter_io
+t = time.perf_counter()
+try:
+    adapter_io.load_adapter(sys.argv[1], num_layers=2)
+    res = "ok"
+except ValueError as e:
+    res = "ValueError: " + str(e)
+print(json.dumps([res, time.perf_counter() - t]))
+"""
+
+
+@pytest.mark.parametrize("field, pattern", [("rank_pattern", r"(.|..)*\d\d\d"), ("alpha_pattern", r"(?:.|..)*\d\d\d"),
+                                            ("target_modules", r"(.|..)*\d\d\dq_proj")])
+def test_load_adapter_with_a_hostile_config_fails_fast(tmp_path, field, pattern):
+    """End to end: adapter_config.json from a stranger, loaded by adapter_io.load_adapter."""
+    import numpy as np
+
+    from qlora_native import io
+    from qlora_native.lora_config import peft_tensor_name
+
+    cfg = LoraConfig(r=2, target_modules=["q_proj"])
+    tensors = {}
+    for layer in range(2):
+        tensors[peft_tensor_name(layer, "q_proj", "A")] = np.zeros((2, 8), np.float32)
+        tensors[peft_tensor_name(layer, "q_proj", "B")] = np.zeros((8, 2), np.float32)
+    io.save_safetensors(str(tmp_path / "adapter_model.safetensors"), tensors)
+    d = cfg.to_peft_dict()
+    d[field] = pattern if field == "target_modules" else {pattern: 2}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(d))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    r = subprocess.run([sys.executable, "-c", _LOAD_PROBE, str(tmp_path)], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    res, secs = json.loads(r.stdout)
+    assert res.startswith("ValueError") and "catastrophic backtracking" in res, res
+    assert secs < 3.0

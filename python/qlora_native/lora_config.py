@@ -11,7 +11,6 @@ modules_to_save, fan_in_fan_out, ...) raise ValueError naming the feature instea
 """
 from __future__ import annotations
 
-import functools
 import math
 import re
 import time
@@ -226,7 +225,7 @@ class LoraConfig:
         if not ex:
             return False
         if isinstance(ex, str):
-            return budget.match(_prepare(ex, "fullmatch", "exclude_modules regex"), key) is not None
+            return budget.match(budget.pattern(ex, "fullmatch", "exclude_modules regex"), key) is not None
         return key in ex or any(key.endswith(f".{e}") for e in ex)
 
     def _targets(self, key: str, budget: "_Budget | None" = None) -> bool:
@@ -236,7 +235,7 @@ class LoraConfig:
             return False
         t = self._effective_targets()
         if isinstance(t, str):
-            return budget.match(_prepare(t, "fullmatch", "target_modules regex"), key) is not None
+            return budget.match(budget.pattern(t, "fullmatch", "target_modules regex"), key) is not None
         if key in t:
             return True  # an exact path is not filtered by layers_to_transform (PEFT)
         if not any(key.endswith(f".{x}") for x in t):
@@ -249,7 +248,7 @@ class LoraConfig:
             m = _DEFAULT_LAYER_RE.match(key)
         else:
             for p in [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern:
-                m = budget.match(_prepare(p, "layers", "layers_pattern"), key)
+                m = budget.match(budget.pattern(p, "layers", "layers_pattern"), key)
                 if m is not None:
                     break
         if m is None:
@@ -445,11 +444,19 @@ class _Pattern:
 
 
 class _Budget:
-    """CPU time spent matching in one resolve() (see the comment above)."""
+    """CPU time spent matching in one resolve() (see the comment above), and the patterns it
+    compiled (a cache that lives as long as the call: no process-wide cache of big patterns)."""
 
     def __init__(self):
         self.start = time.thread_time()
         self.calls = 0
+        self.compiled: dict = {}
+
+    def pattern(self, pattern: str, kind: str, what: str) -> "_Pattern":
+        p = self.compiled.get((pattern, kind))
+        if p is None:
+            p = self.compiled[(pattern, kind)] = _prepare(pattern, kind, what)
+        return p
 
     def match(self, pat: _Pattern, key: str):
         if pat.plain:
@@ -501,7 +508,6 @@ def _check_repeats(pattern: str, what: str) -> None:
         i += 1
 
 
-@functools.lru_cache(maxsize=4096)
 def _prepare(pattern: str, kind: str, what: str) -> _Pattern:
     """The validated, compiled form of one user pattern as PEFT applies it (kind: _WRAPPERS)."""
     if len(pattern) > _MAX_PATTERN_CHARS:
@@ -534,6 +540,6 @@ def _prepare(pattern: str, kind: str, what: str) -> _Pattern:
 def _pattern_value(patterns: dict, key: str, default, what: str, budget: _Budget):
     """PEFT's get_pattern_key: the first key (dict order) whose pattern matches the path."""
     for k in patterns:
-        if budget.match(_prepare(k, "pattern", f"{what} key"), key) is not None:
+        if budget.match(budget.pattern(k, "pattern", f"{what} key"), key) is not None:
             return patterns[k]
     return default
