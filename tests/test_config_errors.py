@@ -218,3 +218,9 @@ def test_deep_quant_state_is_a_value_error():
     arrays = {"w.weight.quant_state.bitsandbytes__nf4": np.frombuffer(b"[" * 100000 + b"]" * 100000, np.uint8)}
     with pytest.raises(ValueError, match="w.weight: malformed bitsandbytes quant state"):
         bnb_format.read_nf4(arrays.__getitem__, arrays.__contains__, "w.weight")
+
+
+def test_config_symlink_to_dev_zero_is_bounded(tmp_path):
+    os.symlink("/dev/zero", tmp_path / "config.json")
+    with pytest.raises(_core.FormatError, match="config.json: larger than"):
+        ModelConfig.from_file(tmp_path / "config.json")

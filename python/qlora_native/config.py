@@ -20,6 +20,7 @@ ARCHITECTURES = {
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _INT64_MAX = 2**63 - 1
 _REQUIRED = object()
+_MAX_JSON_BYTES = 64 << 20  # config.json / the shard index are kilobytes to a few MB
 
 
 def read_json(path: str | os.PathLike, *, allow_duplicate_keys: bool = False):
@@ -28,7 +29,9 @@ def read_json(path: str | os.PathLike, *, allow_duplicate_keys: bool = False):
     and invalid UTF-8 are refused the same way in Python and C (one rule). FormatError names the file."""
     path = os.fspath(path)
     with open(path, "rb") as f:
-        data = f.read()
+        data = f.read(_MAX_JSON_BYTES + 1)  # bounded: a symlink to /dev/zero must not read forever
+    if len(data) > _MAX_JSON_BYTES:
+        raise _core.FormatError(f"{path}: larger than {_MAX_JSON_BYTES >> 20} MiB, not a config or index file")
     try:
         return _core.io.json_loads(data, 512, allow_duplicate_keys)
     except ValueError as e:
