@@ -135,8 +135,9 @@ def test_shared_directory_keeps_other_files_and_drops_stale_index(tmp_path, base
     d.mkdir()
     (d / "README.md").write_text("mine")
     (d / "sub").mkdir()
-    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors"}}))
-    (d / "model-00001-of-00002.safetensors").write_bytes(b"old shard")
+    shard = "model-00001-of-00002.safetensors"
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": shard}}))
+    (d / shard).write_bytes(b"old shard")
     inode = os.stat(d).st_ino
     m = _model(base, adapter=False)
     m.save_pretrained(d)
@@ -294,6 +295,7 @@ def test_resume_finds_checkpoint_left_displaced(tmp_path, base):
 def test_capi_adapter_save_modes(tmp_path, base, umask):
     import ctypes
 
+    pytest.importorskip("torch")  # test_capi's helpers need it
     import test_capi
     from test_capi_train import Q, V_, _check, _setup
 
