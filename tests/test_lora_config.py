@@ -201,3 +201,13 @@ def test_real_peft_dump_and_peft_accepts_ours():
     back = peft.LoraConfig(**{k: v for k, v in cfg.to_peft_dict().items() if k != "peft_type"})
     for k in ("r", "lora_alpha", "target_modules", "rank_pattern", "use_rslora", "layers_to_transform"):
         assert getattr(back, k) == getattr(pc, k), k
+
+
+@pytest.mark.parametrize("ex", [5, ["q_proj", 3], {"q_proj": 1}, "(unclosed"])
+def test_exclude_modules_validated(ex):
+    with pytest.raises(ValueError, match="exclude_modules"):
+        LoraConfig(target_modules="all-linear", exclude_modules=ex)
+
+
+def test_exclude_modules_tuple_normalized():
+    assert LoraConfig(exclude_modules=("v_proj", "q_proj")).exclude_modules == ["q_proj", "v_proj"]

@@ -189,6 +189,13 @@ class LoraConfig:
             raise ValueError(f"LoraConfig: layers_pattern must be a str or a list of str, got {lp!r}")
         for p in [lp] if isinstance(lp, str) else (lp or []):
             _prepare(p, "layers", "layers_pattern")
+        ex = self.exclude_modules
+        if isinstance(ex, (set, tuple)):
+            ex = self.exclude_modules = sorted(ex)
+        if isinstance(ex, str):
+            _prepare(ex, "fullmatch", "exclude_modules regex")
+        elif ex is not None and not (isinstance(ex, list) and all(isinstance(x, str) for x in ex)):
+            raise ValueError(f"LoraConfig: exclude_modules must be None, a regex string or a list, got {ex!r}")
         total = sum(len(p) for p in self._patterns())
         if total > _MAX_TOTAL_PATTERN_CHARS:
             raise ValueError(f"LoraConfig: the regex patterns of this config total {total} characters "
@@ -203,13 +210,6 @@ class LoraConfig:
         if isinstance(self.layers_pattern, list):
             out += self.layers_pattern
         return out
-        ex = self.exclude_modules
-        if isinstance(ex, (set, tuple)):
-            ex = self.exclude_modules = sorted(ex)
-        if isinstance(ex, str):
-            _prepare(ex, "fullmatch", "exclude_modules regex")
-        elif ex is not None and not (isinstance(ex, list) and all(isinstance(x, str) for x in ex)):
-            raise ValueError(f"LoraConfig: exclude_modules must be None, a regex string or a list, got {ex!r}")
 
     # ------------------------------------------------------------------ matching (PEFT rules)
     def _effective_targets(self):
