@@ -5,7 +5,7 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
-#include <fstream>
+#include <cstdio>
 #include <mutex>
 #include <set>
 #include <string>
@@ -29,13 +29,22 @@ namespace {
 
 int detect_physical_cores() {
   // Count distinct (package, core) pairs from sysfs; fall back to hardware_concurrency.
+  // Read with C stdio, not iostreams: a process whose libstdc++ is older than the one this was
+  // built with (e.g. a Python environment shipping its own) crashed in ifstream's locale code.
+  auto read_int = [](const std::string& path, int& out) {
+    FILE* f = std::fopen(path.c_str(), "r");
+    if (!f) return false;
+    const bool ok = std::fscanf(f, "%d", &out) == 1;
+    std::fclose(f);
+    return ok;
+  };
   std::set<std::pair<int, int>> cores;
   unsigned n = std::thread::hardware_concurrency();
   for (unsigned cpu = 0; cpu < std::max(n, 1u); ++cpu) {
     std::string base = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/";
-    std::ifstream pkg(base + "physical_package_id"), core(base + "core_id");
     int p = -1, c = -1;
-    if (!(pkg >> p) || !(core >> c)) return std::max<int>(1, static_cast<int>(n));
+    if (!read_int(base + "physical_package_id", p) || !read_int(base + "core_id", c))
+      return std::max<int>(1, static_cast<int>(n));
     cores.insert({p, c});
   }
   return std::max<int>(1, static_cast<int>(cores.size()));
