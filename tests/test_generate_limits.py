@@ -197,3 +197,18 @@ def test_set_num_threads_when_the_system_refuses_threads(tmp_path):
     if "started" in r.stdout:
         pytest.skip("this system started 64 threads within a 64 MiB address-space margin")
     assert "refused: cannot start 64 CPU threads" in r.stdout and "threads 2" in r.stdout, r.stdout
+
+
+# ---------------------------------------------------------------- other integer inputs of the engine
+def test_set_rng_state_rejects_out_of_range_integers(model):
+    st = model.get_rng_state()
+    for bad in (dict(st, dropout_seed=2**64), dict(st, dropout_step=-1), dict(st, dropout_step=1.5), {}):
+        with pytest.raises(ValueError, match="dropout_seed|dropout_step"):
+            model.set_rng_state(bad)
+    model.set_rng_state(st)
+    assert model.get_rng_state() == st
+
+
+def test_load_tensor_shape_product_overflow(model):
+    with pytest.raises(ValueError, match="overflows"):
+        model._core.load_tensor("model.norm.weight", np.zeros(8, np.uint8), "F32", [2**40, 2**40])

@@ -8,6 +8,7 @@
 
 #include "bind_lora.hpp"
 #include "bindings.hpp"
+#include "common/checked.hpp"
 #include "common/error.hpp"
 #include "model/llama.hpp"
 #include "model/sampler.hpp"
@@ -104,11 +105,11 @@ void bind_model(py::module_& m) {
             // raw: the tensor's bytes (any C-contiguous array, e.g. a uint8 view of an mmap).
             check_arg(raw.flags() & py::array::c_style, "tensor '" + name + "': data must be C-contiguous");
             const DType dt = dtype_from_name(dtype);
-            int64_t n = 1;
-            for (int64_t d : shape) n *= d;
+            int64_t n = static_cast<int64_t>(dtype_size(dt));
+            for (int64_t d : shape) n = checked_mul({n, d}, "tensor '" + name + "' shape");
             const int64_t have = static_cast<int64_t>(raw.nbytes());
             const void* ptr = raw.data();
-            check_arg(have == n * static_cast<int64_t>(dtype_size(dt)),
+            check_arg(have == n,
                       "tensor '" + name + "': " + std::to_string(have) + " bytes do not match shape and dtype " +
                           dtype);
             py::gil_scoped_release nogil;

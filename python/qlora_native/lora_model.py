@@ -221,8 +221,13 @@ class LoraModelMixin:
         return {"dropout_seed": int(seed), "dropout_step": int(step)}
 
     def set_rng_state(self, state: dict) -> None:
-        self._core.lora_set_dropout_state(self._check_adapter(None), int(state["dropout_seed"]),
-                                          int(state["dropout_step"]))
+        from .model import _int_arg
+
+        if not isinstance(state, dict) or not {"dropout_seed", "dropout_step"} <= set(state):
+            raise ValueError("set_rng_state: expected a dict with 'dropout_seed' and 'dropout_step' (get_rng_state())")
+        self._core.lora_set_dropout_state(self._check_adapter(None),
+                                          _int_arg("dropout_seed", state["dropout_seed"], 0, 2**64 - 1),
+                                          _int_arg("dropout_step", state["dropout_step"], 0, 2**63 - 1))
 
     # ------------------------------------------------------------ optimizer
     def configure_optimizer(self, lr: float = 1e-4, weight_decay: float = 0.0, betas=(0.9, 0.999),
