@@ -28,6 +28,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from .chat_template import ChatTemplateError
+
 __all__ = ["Example", "IGNORE_INDEX", "read_jsonl", "tokenize_row", "load_dataset", "split_eval", "default_pad_id",
            "Batcher"]
 
@@ -63,12 +65,35 @@ def read_jsonl(path) -> list[tuple[int, dict]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{n}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{n}: invalid JSON (nested too deeply)") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            _check_unicode(obj, f"{path}:{n}")
             rows.append((n, obj))
     if not rows:
         raise ValueError(f"{path}: the dataset is empty")
     return rows
+
+
+def _check_unicode(obj, where: str) -> None:
+    """ValueError naming the field when a string in `obj` holds a lone surrogate: JSON's "\\ud800"
+    escapes decode to one, and no tokenizer can encode it."""
+    stack = [(obj, "")]
+    while stack:  # iterative: rows may nest deeply
+        x, name = stack.pop()
+        if isinstance(x, dict):
+            for k, v in x.items():
+                stack.append((k, f"{name} (a key)"))
+                stack.append((v, f"{name}.{k}" if name else str(k)))
+        elif isinstance(x, (list, tuple)):
+            stack.extend((v, f"{name}[{j}]") for j, v in enumerate(x))
+        elif isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"{where}: field {name or 'value'!r} has a lone surrogate "
+                                 f"{x[exc.start]!r} at index {exc.start} (not valid Unicode)") from None
 
 
 def _lcp(a: list, b: list) -> int:
@@ -103,6 +128,7 @@ def tokenize_row(row: dict, tokenizer, *, where: str = "row", completion_only_lo
     """Token ids and labels of one row (untruncated). ValueError (prefixed by `where`) on bad rows."""
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    _check_unicode(row, where)
     eos = tokenizer.eos_token_id
     if add_eos and eos is None and "messages" not in row:
         raise ValueError(f"{where}: add_eos=True but the tokenizer has no eos_token_id")
@@ -139,7 +165,9 @@ def _tokenize_chat(msgs, tokenizer, where, assistant_only_loss) -> Example:
     def render(m, gen):
         try:
             return tokenizer.apply_chat_template(m, add_generation_prompt=gen, tokenize=False)
-        except Exception as exc:  # template errors (raise_exception, unknown roles, ...)
+        except ChatTemplateError as exc:  # its message already says "chat template ..."
+            raise ValueError(f"{where}: {exc}") from exc
+        except Exception as exc:  # a tokenizer of another kind (e.g. transformers')
             raise ValueError(f"{where}: chat template failed: {exc}") from exc
 
     # the template writes any BOS itself (as TRL/transformers do for chat)
