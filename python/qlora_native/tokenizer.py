@@ -3,13 +3,19 @@ vocabulary embedded in a `.gguf` file, behind one small API (`Tokenizer.from_pre
 from __future__ import annotations
 
 import json
+import operator
 import os
 import re
 from pathlib import Path
 
 from .chat_template import ChatTemplateError, render_chat_template, select_chat_template
 
-__all__ = ["Tokenizer", "ChatTemplateError"]
+__all__ = ["Tokenizer", "ChatTemplateError", "TOKENIZER_FILES"]
+
+# Every file name a tokenizer directory may hold that save_pretrained writes or supersedes (a
+# directory saver can pass these as obsolete: a stale one would shadow the new tokenizer).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json", "added_tokens.json")
 
 
 def _read_json(path: Path) -> dict:
@@ -39,6 +45,16 @@ def _ids(v) -> list[int]:
     if isinstance(v, (list, tuple)):
         return [int(x) for x in v]
     return [int(v)]
+
+
+def _check_text(text, what: str) -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"{what} expects a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # lone surrogates ("\ud800"): not text any tokenizer can encode
+        raise ValueError(f"{what}: the text has a lone surrogate {text[exc.start]!r} at index {exc.start} "
+                         "(not valid Unicode)") from None
 
 
 def _clean_up_tokenization(s: str) -> str:
@@ -158,8 +174,12 @@ class Tokenizer:
 
     def __init__(self, backend, *, bos_token_id=None, eos_token_id=None, pad_token_id=None,
                  unk_token_id=None, eos_token_ids=(), chat_template=None, clean_up_spaces=False,
-                 source=""):
+                 source="", config=None, add_bos_eos=None):
         self._b = backend
+        # for save_pretrained: the source's tokenizer_config.json (keys we do not interpret are
+        # written back), and the add_bos/add_eos decision where we made it (GGUF, sentencepiece)
+        self._config = dict(config or {})
+        self._add_bos_eos = add_bos_eos
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
@@ -238,7 +258,7 @@ class Tokenizer:
         return cls(
             _HFBackend(tk), bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
             unk_token_id=ids["unk"], eos_token_ids=eos_all, chat_template=cls._dir_templates(p, cfg),
-            clean_up_spaces=bool(cfg.get("clean_up_tokenization_spaces", False)), source=str(p),
+            clean_up_spaces=bool(cfg.get("clean_up_tokenization_spaces", False)), source=str(p), config=cfg,
         )
 
     @classmethod
@@ -268,7 +288,8 @@ class Tokenizer:
         return cls(
             b, bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
             unk_token_id=ids["unk"], eos_token_ids=eos_all, chat_template=cls._dir_templates(p, cfg),
-            clean_up_spaces=bool(cfg.get("clean_up_tokenization_spaces", False)), source=str(p),
+            clean_up_spaces=bool(cfg.get("clean_up_tokenization_spaces", False)), source=str(p), config=cfg,
+            add_bos_eos=(b.add_bos, b.add_eos),
         )
 
     @classmethod
@@ -276,12 +297,77 @@ class Tokenizer:
         from .tokenizer_gguf import build_gguf_tokenizer, read_gguf_vocab
 
         v = read_gguf_vocab(p)
-        tk, _, _ = build_gguf_tokenizer(v)
+        tk, add_bos, add_eos = build_gguf_tokenizer(v)
         return cls(
             _HFBackend(tk, len(v.tokens)), bos_token_id=v.bos_token_id, eos_token_id=v.eos_token_id,
             pad_token_id=v.pad_token_id, unk_token_id=v.unk_token_id, eos_token_ids=v.extra_eos_ids,
-            chat_template=v.chat_template, source=str(p),
+            chat_template=v.chat_template, source=str(p), add_bos_eos=(add_bos, add_eos),
         )
+
+    # ---- saving -------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike) -> list[str]:
+        """Write the tokenizer into `save_directory` (created if needed) as transformers does, so
+        that both `Tokenizer.from_pretrained` and transformers' `AutoTokenizer.from_pretrained` load it:
+        tokenizer.json (tokenizers-library tokenizers, GGUF vocabularies included) or tokenizer.model
+        (sentencepiece), plus tokenizer_config.json with the special tokens, add_bos_token /
+        add_eos_token and the chat template. Each file is written to a temporary name and renamed;
+        tokenizer files left by an earlier save that would shadow these are removed. Returns the
+        paths written."""
+        from . import atomic_io
+
+        d = Path(save_directory)
+        if d.exists() and not d.is_dir():
+            raise NotADirectoryError(f"{d}: exists and is not a directory")
+        if isinstance(self._b, _HFBackend) and self._b.size > self._b.tk.get_vocab_size(with_added_tokens=True):
+            # tokenizer.json maps each string to one id: repeated GGUF token strings cannot be kept
+            raise ValueError(f"{self.source}: the vocabulary repeats token strings ({self._b.size} ids, "
+                             f"{self._b.tk.get_vocab_size(with_added_tokens=True)} distinct tokens); "
+                             "it cannot be saved as tokenizer.json")
+        d.mkdir(parents=True, exist_ok=True)
+        files = {"tokenizer_config.json": json.dumps(self._save_config(), indent=2, ensure_ascii=False) + "\n"}
+        special_map = {f"{n}_token": getattr(self, f"{n}_token") for n in ("bos", "eos", "pad", "unk")}
+        files["special_tokens_map.json"] = json.dumps({k: v for k, v in special_map.items() if v is not None},
+                                                      indent=2, ensure_ascii=False) + "\n"
+        if isinstance(self._b, _HFBackend):
+            files["tokenizer.json"] = self._b.tk.to_str(pretty=True)
+            stale = ["chat_template.jinja", "chat_template.json", "added_tokens.json"]
+        else:  # sentencepiece: the model file itself, as transformers' sentencepiece tokenizers save it
+            files["tokenizer.model"] = self._b.sp.serialized_model_proto()
+            stale = ["chat_template.jinja", "chat_template.json", "added_tokens.json", "tokenizer.json"]
+        written = []
+        for name, data in files.items():
+            atomic_io.write_bytes(d / name, data.encode("utf-8") if isinstance(data, str) else data)
+            written.append(str(d / name))
+        for name in stale:  # both loaders would prefer these over what was just written
+            try:
+                (d / name).unlink()
+            except FileNotFoundError:
+                pass
+        return written
+
+    def _save_config(self) -> dict:
+        """tokenizer_config.json: the source's keys, with what this tokenizer decides overwritten."""
+        # dropped: what we write below, paths of the source, and auto_map (code files not copied)
+        drop = {"chat_template", "bos_token", "eos_token", "pad_token", "unk_token", "auto_map", "name_or_path",
+                "tokenizer_file", "vocab_file", "merges_file", "special_tokens_map_file", "is_local",
+                "local_files_only"}
+        cfg = {k: v for k, v in self._config.items() if k not in drop}
+        sp = not isinstance(self._b, _HFBackend)
+        # PreTrainedTokenizerFast: tokenizer.json as it is (transformers 4 and 5); LlamaTokenizer:
+        # a tokenizer.model with Llama's BOS/EOS semantics, which our sentencepiece backend follows
+        cfg.setdefault("tokenizer_class", "LlamaTokenizer" if sp else "PreTrainedTokenizerFast")
+        for n in ("bos", "eos", "pad", "unk"):
+            cfg[f"{n}_token"] = getattr(self, f"{n}_token")
+        if self._add_bos_eos is not None:
+            # explicit, so that transformers rebuilds the same BOS/EOS post-processor we use
+            cfg["add_bos_token"], cfg["add_eos_token"] = (bool(x) for x in self._add_bos_eos)
+        cfg["clean_up_tokenization_spaces"] = bool(self._clean_up)
+        t = self.chat_template
+        if isinstance(t, dict):  # named templates: the list form transformers writes
+            cfg["chat_template"] = [{"name": k, "template": v} for k, v in t.items()]
+        elif t is not None:
+            cfg["chat_template"] = t
+        return cfg
 
     # ---- encoding -----------------------------------------------------------------------------
     @property
@@ -312,29 +398,39 @@ class Tokenizer:
         return self._token(self.unk_token_id)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"encode expects a str, got {type(text).__name__}")
-        return self._b.encode(text, add_special_tokens)
+        _check_text(text, "encode")
+        return self._b.encode(text, bool(add_special_tokens))
 
     def encode_batch(self, texts, add_special_tokens: bool = True) -> list[list[int]]:
+        if isinstance(texts, str):
+            raise TypeError("encode_batch expects a list of strings, got a single str (use encode)")
         texts = list(texts)
-        for t in texts:
-            if not isinstance(t, str):
-                raise TypeError(f"encode_batch expects strings, got {type(t).__name__}")
-        return self._b.encode_batch(texts, add_special_tokens)
+        for k, t in enumerate(texts):
+            _check_text(t, f"encode_batch: texts[{k}]")
+        return self._b.encode_batch(texts, bool(add_special_tokens))
 
     def _check_ids(self, ids) -> list[int]:
-        try:
-            out = [int(i) for i in ids]
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"token ids must be integers: {exc}") from exc
+        """Ids as plain ints: Python/numpy integers only (no bools, floats or strings, which int()
+        would silently convert or truncate), each within the vocabulary."""
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise ValueError(f"token ids must be a sequence of integers, got {type(ids).__name__}")
+        out = []
+        for k, i in enumerate(ids):
+            if isinstance(i, bool) or type(i).__name__ == "bool_":
+                raise ValueError(f"token ids must be integers: ids[{k}] = {i!r} is a bool")
+            try:
+                out.append(operator.index(i))
+            except TypeError:
+                raise ValueError(f"token ids must be integers: ids[{k}] = {i!r} ({type(i).__name__})") from None
         bad = [i for i in out if not 0 <= i < self._b.size]
         if bad:
             raise ValueError(f"token id(s) {bad[:5]} out of range [0, {self._b.size})")
         return out
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        text = self._b.decode(self._check_ids(ids), skip_special_tokens)
+        if hasattr(ids, "__index__") and not hasattr(ids, "__len__"):  # one id, as transformers allows
+            ids = [ids]
+        text = self._b.decode(self._check_ids(ids), bool(skip_special_tokens))
         return _clean_up_tokenization(text) if self._clean_up else text
 
     def convert_ids_to_tokens(self, ids):
@@ -344,8 +440,13 @@ class Tokenizer:
         return [self._b.id_to_token(i) for i in self._check_ids(ids)]
 
     def convert_tokens_to_ids(self, tokens):
+        """Id of a token string (None when not in the vocabulary), or a list of them."""
         if isinstance(tokens, str):
             return self._b.token_to_id(tokens)
+        tokens = list(tokens)
+        for k, t in enumerate(tokens):
+            if not isinstance(t, str):
+                raise TypeError(f"convert_tokens_to_ids expects strings, got tokens[{k}] = {t!r}")
         return [self._b.token_to_id(t) for t in tokens]
 
     @property

@@ -78,6 +78,7 @@ class GGUFVocab:
     add_eos: bool | None = None
     add_space_prefix: bool | None = None
     chat_template: str | dict | None = None
+    source: str = "GGUF"  # the file, for error messages
 
 
 def _field_value(field_):
@@ -114,6 +115,11 @@ def read_gguf_vocab(path: str | os.PathLike) -> GGUFVocab:
     if not tokens:
         raise FormatError(f"{path}: GGUF tokenizer has no tokenizer.ggml.tokens")
     n = len(tokens)
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        arr = get(key) or ()
+        bad = next((k for k, t in enumerate(arr) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise FormatError(f"{path}: {key}[{bad}] is {type(arr[bad]).__name__}, not a string")
     types = get("tokenizer.ggml.token_type") or [NORMAL] * n
     scores = get("tokenizer.ggml.scores")
     merges = get("tokenizer.ggml.merges")
@@ -124,7 +130,8 @@ def read_gguf_vocab(path: str | os.PathLike) -> GGUFVocab:
         v = get(key)
         if v is None:
             return None
-        v = int(v)
+        if not isinstance(v, int) or isinstance(v, bool):  # a float id would be silently truncated
+            raise FormatError(f"{path}: {key} = {v!r} is not an integer")
         if not 0 <= v < n:
             # llama.cpp treats some out-of-range ids as "none" (-1 stored as uint32)
             if v in (-1, 0xFFFFFFFF):
@@ -158,6 +165,7 @@ def read_gguf_vocab(path: str | os.PathLike) -> GGUFVocab:
         add_eos=get("tokenizer.ggml.add_eos_token"),
         add_space_prefix=get("tokenizer.ggml.add_space_prefix"),
         chat_template=templates,
+        source=os.fspath(path),
     )
 
 
@@ -191,7 +199,7 @@ def _added_tokens(v: GGUFVocab):
 
 def _llama_tokenizer(v: GGUFVocab) -> _HFTokenizer:
     if v.scores is None:
-        raise FormatError("GGUF `llama` tokenizer has no tokenizer.ggml.scores")
+        raise FormatError(f"{v.source}: GGUF `llama` tokenizer has no tokenizer.ggml.scores")
     vocab = {t: i for i, t in enumerate(v.tokens)}
     has_bytes = any(t == BYTE for t in v.token_types)
     unk = v.tokens[v.unk_token_id] if v.unk_token_id is not None else None
@@ -220,17 +228,22 @@ def _gpt2_tokenizer(v: GGUFVocab) -> _HFTokenizer:
     spec = _PRE.get(pre)
     if spec is None:
         raise ValueError(
-            f"unsupported GGUF pre-tokenizer tokenizer.ggml.pre = {pre!r}; supported: {sorted(_PRE)}"
+            f"{v.source}: unsupported GGUF pre-tokenizer tokenizer.ggml.pre = {pre!r}; supported: {sorted(_PRE)}"
         )
     if v.merges is None:
-        raise FormatError("GGUF `gpt2` tokenizer has no tokenizer.ggml.merges")
-    merges = []
-    for m in v.merges:
-        parts = m.split(" ")
-        if len(parts) != 2:
-            raise FormatError(f"GGUF merge {m!r} is not two space-separated tokens")
-        merges.append((parts[0], parts[1]))
+        raise FormatError(f"{v.source}: GGUF `gpt2` tokenizer has no tokenizer.ggml.merges")
     vocab = {t: i for i, t in enumerate(v.tokens)}
+    merges = []
+    for k, m in enumerate(v.merges):
+        parts = m.split(" ") if isinstance(m, str) else []
+        if len(parts) != 2:
+            raise FormatError(f"{v.source}: tokenizer.ggml.merges[{k}] = {m!r} is not two space-separated tokens")
+        # `tokenizers` raises a bare Exception (or panics) on a merge outside the vocabulary
+        for t in (parts[0], parts[1], parts[0] + parts[1]):
+            if t not in vocab:
+                raise FormatError(f"{v.source}: tokenizer.ggml.merges[{k}] = {m!r}: token {t!r} is not in "
+                                  "tokenizer.ggml.tokens")
+        merges.append((parts[0], parts[1]))
     tk = _HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=spec.ignore_merges))
     tk.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in spec.regexes]
@@ -249,7 +262,8 @@ def build_gguf_tokenizer(v: GGUFVocab) -> tuple[_HFTokenizer, bool, bool]:
         tk = _gpt2_tokenizer(v)
         add_bos = _PRE[v.pre or "default"].add_bos if v.add_bos is None else bool(v.add_bos)
     else:
-        raise ValueError(f"unsupported GGUF tokenizer model tokenizer.ggml.model = {v.model!r} (supported: 'llama', 'gpt2')")
+        raise ValueError(f"{v.source}: unsupported GGUF tokenizer model tokenizer.ggml.model = {v.model!r} "
+                         "(supported: 'llama', 'gpt2')")
     add_eos = bool(v.add_eos)
     tk.add_tokens([a for a in _added_tokens(v) if not a.special])
     tk.add_special_tokens([a for a in _added_tokens(v) if a.special])
