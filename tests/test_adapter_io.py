@@ -233,8 +233,15 @@ def test_load_errors_config(rng, tmp_path):
     _rewrite(tmp_path, cfg_update={"peft_type": "LORA", "r": 5})  # tensors have r=4
     with pytest.raises(ValueError, match="r=5"):
         load_adapter(tmp_path)
+    # config errors name the file; deep nesting is a FormatError, not RecursionError (engine's parser)
+    _rewrite(tmp_path, cfg_update={"peft_type": "LOHA"})
+    with pytest.raises(ValueError, match=r"adapter_config\.json: adapter config: peft_type"):
+        load_adapter(tmp_path)
     (tmp_path / CONFIG_NAME).write_text("{not json")
-    with pytest.raises(qlora_native.FormatError, match="invalid JSON"):
+    with pytest.raises(qlora_native.FormatError, match="not valid JSON"):
+        load_adapter(tmp_path)
+    (tmp_path / CONFIG_NAME).write_text('{"r": ' + "[" * 100000 + "]" * 100000 + "}")
+    with pytest.raises(qlora_native.FormatError, match="adapter_config.json"):
         load_adapter(tmp_path)
 
 

@@ -19,7 +19,6 @@ import numpy as np
 
 from . import atomic_io
 from . import io as _io
-from ._core import FormatError
 from .lora_config import PROJECTIONS, LoraConfig, peft_tensor_name
 
 __all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -166,11 +165,11 @@ def load_adapter(directory, *, num_layers=None, module_shapes=None):
                              f"read; convert it to {WEIGHTS_NAME} (e.g. PeftModel.from_pretrained(base, dir)"
                              f".save_pretrained(dir, safe_serialization=True))")
         raise FileNotFoundError(f"load_adapter: {str(w_path)!r} not found")
+    raw = _io.read_json(cfg_path)  # the engine's parser: bounded depth and size, FormatError naming the file
     try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{cfg_path}: invalid JSON ({exc})") from exc
-    config = LoraConfig.from_peft_dict(raw)
+        config = LoraConfig.from_peft_dict(raw)
+    except ValueError as exc:
+        raise type(exc)(f"{cfg_path}: {exc}") from None
     f = _io.safe_open(w_path)
     arrays = _check_tensors(config, {k: f[k] for k in f.keys()}, num_layers, module_shapes, f"load_adapter({d})")
     return config, {k: np.array(v, dtype=np.float32) for k, v in arrays.items()}

@@ -106,7 +106,7 @@ def read_prompt_info(adapter_dir: str) -> dict | None:
     try:
         with open(os.path.join(adapter_dir, PROMPT_FILE), encoding="utf-8") as f:
             info = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return info if isinstance(info, dict) else None
 

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 from . import _core
+from .io import read_json  # noqa: F401  (config.json and the shard index; also used by model.py)
 
 # architecture -> short name; the network is the same (Qwen2 adds q/k/v biases).
 ARCHITECTURES = {
@@ -20,22 +21,6 @@ ARCHITECTURES = {
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _INT64_MAX = 2**63 - 1
 _REQUIRED = object()
-_MAX_JSON_BYTES = 64 << 20  # config.json / the shard index are kilobytes to a few MB
-
-
-def read_json(path: str | os.PathLike, *, allow_duplicate_keys: bool = False):
-    """A JSON file parsed by the engine's parser, as the C API loader reads it: nesting depth is
-    bounded (Python's json raises RecursionError), and a UTF-8 BOM, NaN/Infinity, lone surrogates
-    and invalid UTF-8 are refused the same way in Python and C (one rule). FormatError names the file."""
-    path = os.fspath(path)
-    with open(path, "rb") as f:
-        data = f.read(_MAX_JSON_BYTES + 1)  # bounded: a symlink to /dev/zero must not read forever
-    if len(data) > _MAX_JSON_BYTES:
-        raise _core.FormatError(f"{path}: larger than {_MAX_JSON_BYTES >> 20} MiB, not a config or index file")
-    try:
-        return _core.io.json_loads(data, 512, allow_duplicate_keys)
-    except ValueError as e:
-        raise _core.FormatError(f"{path}: not valid JSON ({e})") from None
 
 
 class _Fields:

@@ -38,7 +38,10 @@ _NP_DTYPES = {
 }
 _ST_NAMES = {dt: name for name, dt in _NP_DTYPES.items()}
 
-__all__ = ["SafetensorsFile", "safe_open", "load_safetensors", "save_safetensors", "json_load", "json_loads", "json_dumps"]
+__all__ = ["SafetensorsFile", "safe_open", "load_safetensors", "save_safetensors", "json_load", "json_loads", "json_dumps",
+           "read_json"]
+
+_MAX_JSON_BYTES = 64 << 20  # config, index and adapter files are kilobytes to a few MB
 
 
 class SafetensorsFile(Mapping):
@@ -182,3 +185,18 @@ def json_dumps(obj, indent=None):
     or ``json.dumps(obj, ensure_ascii=False, indent=indent)``; NaN/inf raise ValueError.
     """
     return _io.json_dumps(obj, indent)
+
+
+def read_json(path: str | os.PathLike, *, allow_duplicate_keys: bool = False):
+    """A JSON file parsed by the engine's parser, as the C API loader reads it: nesting depth is
+    bounded (Python's json raises RecursionError), and a UTF-8 BOM, NaN/Infinity, lone surrogates
+    and invalid UTF-8 are refused the same way in Python and C (one rule). FormatError names the file."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read(_MAX_JSON_BYTES + 1)  # bounded: a symlink to /dev/zero must not read forever
+    if len(data) > _MAX_JSON_BYTES:
+        raise _core.FormatError(f"{path}: larger than {_MAX_JSON_BYTES >> 20} MiB, not a config or index file")
+    try:
+        return _io.json_loads(data, 512, allow_duplicate_keys)
+    except ValueError as e:
+        raise _core.FormatError(f"{path}: not valid JSON ({e})") from None

@@ -284,9 +284,13 @@ def unpack_quant_state(data) -> dict:
         if data.dtype != np.uint8:
             raise ValueError(f"quant state array must be uint8, got {data.dtype}")
         data = data.tobytes()
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    if not isinstance(data, (bytes, bytearray)):
+        raise ValueError(f"malformed bitsandbytes quant state: expected bytes, got {type(data).__name__}")
     try:
-        d = json.loads(data)
-    except (ValueError, TypeError) as e:
+        d = _core.io.json_loads(bytes(data), 64, False)  # the engine's parser: bounded nesting
+    except ValueError as e:
         raise ValueError(f"malformed bitsandbytes quant state: {e}") from None
     if not isinstance(d, dict):
         raise ValueError("malformed bitsandbytes quant state: not a JSON object")

@@ -414,7 +414,7 @@ class Trainer:
         try:
             state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
             skeleton = json.loads((path / _OPT_JSON).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise FormatError(f"{path}: unreadable checkpoint ({exc})") from exc
         if state.get("data_seed") != self.args.seed:
             raise ValueError(f"{path}: checkpoint was written with seed {state.get('data_seed')}, args.seed is "
