@@ -32,10 +32,11 @@ void LlamaModel::forward(const int32_t* ids, const int32_t* mask, int64_t B, int
 }
 
 void LlamaModel::start(int64_t B, int64_t capacity) {
-  gen_ = Generation{};  // the previous cache is freed before the new one is allocated
+  stop();  // the previous cache is freed before the new one is allocated
   Generation g;
   g.cache = std::make_unique<KvCache>(be_, w_->cfg, B, capacity);
   g.adapter = active_adapter();
+  gen_bytes_ = g.cache->bytes();
   gen_ = std::move(g);
 }
 
@@ -164,7 +165,7 @@ std::map<std::string, size_t> LlamaModel::memory_footprint() const {
   return {{"nf4_weights", nf4},
           {"quant_constants", quant},
           {"other_weights", other},
-          {"kv_cache", gen_.cache ? gen_.cache->bytes() : 0},
+          {"kv_cache", gen_bytes_.load()},
           {"lora_adapters", lora}};
 }
 

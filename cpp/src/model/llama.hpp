@@ -2,6 +2,7 @@
 // Every op goes through the Backend; buffers live in its memory.
 #pragma once
 #include <cstdint>
+#include <atomic>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -41,7 +42,10 @@ class LlamaModel {
   // generation at a time per model (callers serialize start..stop).
   void start(int64_t B, int64_t capacity);
   void feed(const int32_t* ids, const int32_t* mask, int64_t T, float* logits);
-  void stop() { gen_ = Generation{}; }
+  void stop() {
+    gen_ = Generation{};
+    gen_bytes_ = 0;
+  }
   const KvCache* cache() const { return gen_.cache.get(); }
 
   // ---- LoRA adapters and training (llama_train.cpp). Thread-safe among themselves and with
@@ -89,6 +93,7 @@ class LlamaModel {
   std::unique_ptr<LlamaWeights> w_;
   DeviceBuffer inv_freq_;  // [head_dim / 2]
   Generation gen_;
+  std::atomic<size_t> gen_bytes_{0};  // the generation cache's bytes, for memory_footprint from any thread
   mutable std::mutex adapters_mu_;  // guards adapters_, active_name_, active_
   std::map<std::string, AdapterRef> adapters_;
   std::string active_name_;  // "" = none
