@@ -521,3 +521,20 @@ def test_group_by_length_and_adapter_by_name(tmp_path, rng):
         Trainer(m, 3, make_examples(rng, 4), None, a)
     with pytest.raises(ValueError, match="packing=True needs"):
         Trainer(m, "mine", make_examples(rng, 4), None, args_for(tmp_path, packing=True))
+
+
+def test_rows_beyond_context_length_refused_up_front(tmp_path, rng):
+    import types
+
+    ex = make_examples(rng, 6)
+    longest = max(len(e) for e in ex)
+    m = FakeModel()
+    m.config = types.SimpleNamespace(max_position_embeddings=longest - 1)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        Trainer(m, LoraConfig(r=4), ex, None, args_for(tmp_path))
+    assert not m.adapters  # refused before the adapter was added
+    m.allow_long_context = True
+    Trainer(m, LoraConfig(r=4), ex, None, args_for(tmp_path))
+    m2 = FakeModel()
+    m2.config = types.SimpleNamespace(max_position_embeddings=longest)
+    Trainer(m2, LoraConfig(r=4), ex, None, args_for(tmp_path))

@@ -172,6 +172,7 @@ class Trainer:
         self.batcher = Batcher(train, args.per_device_train_batch_size, self.pad_token_id,
                                max_seq_len=args.max_seq_len, packing=args.packing, seed=args.seed,
                                group_by_length=args.group_by_length)
+        self._check_context(train + (eval_ex or []))
         fb = model.forward_backward
         self._fb_scale = "grad_scale" if _accepts(fb, "grad_scale") else None
         if self._fb_scale is None and args.gradient_accumulation_steps > 1:
@@ -196,6 +197,17 @@ class Trainer:
         self.global_step = 0
         self.epoch, self.batch_in_epoch = 0, 0  # data position of the next step
         self.log_history: list[dict] = []
+
+    def _check_context(self, examples) -> None:
+        """Refuse up front (not at step N) rows longer than the model's context length: the model
+        would refuse them mid-run unless model.allow_long_context is set."""
+        max_pos = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if not isinstance(max_pos, int) or getattr(self.model, "allow_long_context", False) or not examples:
+            return
+        longest = self.args.max_seq_len if self.args.packing else max(len(e) for e in examples)
+        if longest > max_pos:
+            raise ValueError(f"Trainer: rows of up to {longest} tokens exceed the model's max_position_embeddings="
+                             f"{max_pos}; lower max_seq_len, or set model.allow_long_context = True")
 
     # ------------------------------------------------------------ data
     def _examples(self, data, what) -> list:
