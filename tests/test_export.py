@@ -94,3 +94,30 @@ def test_transformers_bitsandbytes_loads_our_checkpoint(tmp_path, rng):
     # ~0.5% relative error on one projection against x @ W.T in fp32. Bound: a few bf16 ulps (2^-8).
     scale = np.abs(want).max()
     assert np.abs(got - want).max() <= 4 * 2.0 ** -8 * scale
+
+
+def test_save_pretrained_hf_model_tokenizer_replaces_stale_files(tmp_path, rng):
+    """An HF-loaded model saves its tokenizer with it (issue 13); tokenizer files a previous save
+    left in the target (a chat_template.jinja would shadow the new template) are replaced, and the
+    tokenizer's extra end-of-turn ids reach config.json's eos_token_id."""
+    from helpers_tokenizer import CHATML_TEMPLATE, build_hf_tokenizer_dir
+    from qlora_native import Tokenizer
+
+    tok_dir = build_hf_tokenizer_dir(tmp_path / "tok", "llama3", tokenizer_config={"chat_template": CHATML_TEMPLATE})
+    path, _, _ = make_checkpoint(tmp_path, rng, vocab=1300)
+    tok = Tokenizer.from_pretrained(tok_dir)
+    extra = 7
+    tok.eos_token_ids = frozenset(tok.eos_token_ids | {extra})
+    m = Model.from_pretrained(path, tokenizer=tok)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "chat_template.jinja").write_text("STALE {{ messages }}")
+    m.save_pretrained(out)
+    assert not (out / "chat_template.jinja").exists()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["eos_token_id"] == sorted(tok.eos_token_ids)
+    m2 = Model.from_pretrained(out)
+    assert m2.tokenizer is not None and m2.tokenizer.chat_template == tok.chat_template
+    msgs = [{"role": "user", "content": "Hi there 123"}]
+    assert m2.tokenizer.apply_chat_template(msgs) == tok.apply_chat_template(msgs)
+    assert set(m2.tokenizer.eos_token_ids) == set(tok.eos_token_ids)

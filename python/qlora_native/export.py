@@ -13,6 +13,7 @@ import numpy as np
 from . import atomic_io, io
 from .bnb_format import nf4_tensors, quantization_config
 from .nf4 import NF4Tensor
+from .tokenizer import TOKENIZER_FILES
 
 # Keys of config.json that describe the source file, not the model saved here.
 _DROP_KEYS = {"quantization_config", "torch_dtype", "dtype", "_name_or_path"}
@@ -82,8 +83,16 @@ def save_pretrained(model, path: str | os.PathLike, dtype: str = "float32", *, _
         warnings.warn(f"save_pretrained writes the base model only: the active LoRA adapter {active!r} is not "
                       f"included (reloading gives the base model). Save it with model.save_adapter(dir, "
                       f"{active!r}) and load it with model.load_adapter(dir).", UserWarning, stacklevel=_stacklevel)
-    with atomic_io.save_dir(path, obsolete=_OBSOLETE) as d:
+    tok = model.tokenizer if hasattr(model.tokenizer, "save_pretrained") else None
+    obsolete = _OBSOLETE
+    if tok is not None:
+        # A stale chat_template.jinja / added_tokens.json would shadow the new tokenizer's files.
+        obsolete += TOKENIZER_FILES
+        eos = sorted(int(i) for i in getattr(tok, "eos_token_ids", ()))
+        if len(eos) > 1:  # GGUF eot/eom ids (e.g. <|eot_id|>): config.json is where loaders find them
+            cfg["eos_token_id"] = eos
+    with atomic_io.save_dir(path, obsolete=obsolete) as d:
         io.save_safetensors(d / "model.safetensors", tensors, metadata={"format": "pt"})
         atomic_io.write_text(d / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        if model.tokenizer is not None and hasattr(model.tokenizer, "save_pretrained"):
-            model.tokenizer.save_pretrained(os.fspath(d))
+        if tok is not None:
+            tok.save_pretrained(os.fspath(d))
