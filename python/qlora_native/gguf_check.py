@@ -252,8 +252,8 @@ class _Walker:
                 self.fail(f"duplicate tensor name {name!r}")
             names.add(name)
             n_dims = self.scalar(UINT32, f"dimension count of tensor {name}")
-            if n_dims > MAX_DIMS:
-                self.fail(f"tensor {name} has {n_dims} dimensions (at most {MAX_DIMS})")
+            if not 1 <= n_dims <= MAX_DIMS:
+                self.fail(f"tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS})")
             dims = tuple(self.scalar(UINT64, f"dimension {d} of tensor {name}") for d in range(n_dims))
             gtype = self.scalar(UINT32, f"type of tensor {name}")
             rel = self.scalar(UINT64, f"data offset of tensor {name}")

@@ -70,6 +70,12 @@ class GGUFSource:
             # the gguf package's dequantizers read quantized blocks in little-endian order only
             raise ValueError(f"{self.path}: big-endian GGUF files are not supported")
         self.config = self._read_config()
+        from gguf.constants import GGMLQuantizationType
+
+        for t in self.layout.tensors:  # refused before the engine allocates anything
+            kind = GGMLQuantizationType(t.ggml_type).name
+            if kind not in SUPPORTED_TYPES and self._hf_name(t.name):
+                raise ValueError(f"{self.path}: tensor {t.name} has unsupported GGUF type {kind}")
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
 
     # ---------------------------------------------------------------- metadata
@@ -173,8 +179,7 @@ class GGUFSource:
         """HF name -> shape in HF order ([out, in]), as stored."""
         return {hf: tuple(reversed(t.dims)) for t in self.layout.tensors if (hf := self._hf_name(t.name))}
 
-    @staticmethod
-    def _hf_name(name: str) -> str | None:
+    def _hf_name(self, name: str) -> str | None:
         if name in _GLOBAL_NAMES:
             return _GLOBAL_NAMES[name]
         m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
@@ -182,7 +187,7 @@ class GGUFSource:
             return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
         if name == "rope_freqs.weight":
             return None
-        raise ValueError(f"unexpected GGUF tensor {name!r} for a llama-architecture model")
+        raise ValueError(f"{self.path}: unexpected GGUF tensor {name!r} for a llama-architecture model")
 
     def _data(self, t) -> tuple[np.ndarray, object]:
         """(numpy view of a tensor's bytes, GGMLQuantizationType), shaped as the gguf package's
