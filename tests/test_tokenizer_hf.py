@@ -179,3 +179,15 @@ def test_hf_dir_bad_json(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(FormatError):
         Tokenizer.from_pretrained(tmp_path)
+
+
+def test_deeply_nested_tokenizer_config_is_format_error(tmp_path):
+    import shutil
+
+    import qlora_native
+
+    d = tmp_path / "tok"
+    shutil.copytree(build_hf_tokenizer_dir(tmp_path / "src", "gpt2"), d)
+    (d / "tokenizer_config.json").write_text('{"a": ' + "[" * 200000 + "]" * 200000 + "}")
+    with pytest.raises(qlora_native.FormatError, match="tokenizer_config.json"):
+        Tokenizer.from_pretrained(d)

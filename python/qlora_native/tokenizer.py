@@ -24,10 +24,12 @@ def _read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        # Python's json, not the engine's parser: tokenizer_config.json's model_max_length is often
+        # 1e30 written as an integer, which must round-trip through save_pretrained unchanged.
         from ._core import FormatError
 
-        raise FormatError(f"{path}: invalid JSON ({exc})") from exc
+        raise FormatError(f"{path}: invalid JSON ({type(exc).__name__}: {exc})") from None
     return data if isinstance(data, dict) else {}
 
 
