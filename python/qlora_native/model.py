@@ -11,7 +11,6 @@ is never held twice in full precision.
 """
 from __future__ import annotations
 
-import json
 import os
 import threading
 from typing import Callable, Iterable, Iterator, Sequence
