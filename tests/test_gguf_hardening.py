@@ -443,3 +443,14 @@ def test_mutation_corpus_gives_clean_errors(tiny, tmp_path, rng):
     assert not crashes and not hangs and not wrong, f"{summary}\ncrash: {crashes}\nhang: {hangs}\nwrong: {wrong[:20]}"
     assert len(res) == len(jobs)
     assert slowest["seconds"] < 5, summary  # generous: typically well under 0.1 s
+
+
+def test_metadata_arrays_have_a_sane_total_size(tiny, tmp_path):
+    """Bounded by the limit as well as by the file: the gguf package's reader turns each element into
+    Python objects (~1 KB each), so even a file that does hold 2M+ elements is refused."""
+    from qlora_native.gguf_check import MAX_ARRAY_ELEMENTS
+
+    _, data, m = tiny
+    p = _write(tmp_path, put(data, _field(m, "count of tokenizer.ggml.scores"), MAX_ARRAY_ELEMENTS + 1))
+    with pytest.raises(FormatError, match="tokenizer.ggml.scores has 2097153 elements: .* exceed the limit"):
+        Tokenizer.from_pretrained(p)

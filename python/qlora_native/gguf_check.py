@@ -37,7 +37,7 @@ _SIZE = {t: struct.calcsize("<" + c) for t, c in _SCALAR.items()}
 
 # Sane limits, far above any real model, that bound what a parser of this file may allocate.
 MAX_TENSORS = 1 << 16  # Llama 3.1 405B has 1,138
-MAX_ARRAY_ELEMENTS = 1 << 22  # all metadata arrays together (a 256k vocabulary + merges is < 1M)
+MAX_ARRAY_ELEMENTS = 1 << 21  # all metadata arrays together (real vocabularies + merges + types: < 1M)
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_TENSOR_NAME = 256  # llama.cpp's own limit (GGML_MAX_NAME) is 64
 MAX_ALIGNMENT = 1 << 16
