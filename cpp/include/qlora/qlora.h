@@ -145,7 +145,15 @@ QLORA_API int qlora_train_step(qlora_model* model, const int32_t* ids, const int
 
 /* Saves the active adapter to directory `dir` (created if needed) in PEFT's format:
  * adapter_model.safetensors (F32 lora_A [r, in] / lora_B [out, r] under PEFT names) and
- * adapter_config.json; qlora_native.Model.load_adapter and peft read it. Each file is atomic. */
+ * adapter_config.json; qlora_native.Model.load_adapter and peft read it. The directory is saved
+ * as a unit, with the protocol of qlora_native's Python saves: both files are written and fsync'ed
+ * in `.NAME.qlora-tmp.HOST-PID-RANDOM` beside `dir`, then swapped in (renameat2 RENAME_EXCHANGE,
+ * or two renames) when `dir` holds only a previous save, or committed through
+ * `dir/.NAME.qlora-commit.TAG` and renamed file by file when `dir` holds other files too (they
+ * are kept). A kill at any point leaves the complete old or the complete new adapter once the
+ * next save or a qlora_native loader has finished / rolled back the interrupted one. Files are
+ * created 0666 and directories 0777 (the umask decides); a replaced `dir` keeps its mode.
+ * Errors: IO when `dir` is a file or cannot be written. */
 QLORA_API int qlora_adapter_save(qlora_model* model, const char* dir);
 
 #ifdef __cplusplus

@@ -1,15 +1,17 @@
 #include "io/mapped_file.hpp"
 
+#include "io/atomic_dir.hpp"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <filesystem>
 #include <cerrno>
 #include <cstring>
 #include <algorithm>
-#include <random>
 
 namespace qlora::io {
 
@@ -40,6 +42,13 @@ int open_regular_readonly(const std::string& path, struct stat& st) {
     throw FileError(EISDIR, path, "cannot open");
   }
   return fd;
+}
+
+// The absolute path under which temporaries are registered as in flight (atomic_dir's registry).
+std::string abs_tmp(const std::string& p) {
+  std::error_code ec;
+  std::filesystem::path a = std::filesystem::absolute(p, ec);
+  return ec ? p : a.lexically_normal().string();
 }
 
 }  // namespace
@@ -83,19 +92,28 @@ std::string read_file(const std::string& path) {
 // ---------------------------------------------------------------- AtomicFileWriter
 
 AtomicFileWriter::AtomicFileWriter(std::string path) : path_(std::move(path)) {
-  static std::atomic<unsigned> counter{0};
-  std::random_device rd;
+  // `.NAME.qlora-tmp.HOST-PID-RANDOM` beside the target: atomic_io.py's name for a temporary, so
+  // the next save (C++ or Python) removes it once its owner is gone, and a host sharing the
+  // directory (NFS) does not take our live temporary for its own dead process's.
+  const size_t slash = path_.rfind('/');
+  const std::string dir = slash == std::string::npos ? "" : path_.substr(0, slash + 1);
+  const std::string base = slash == std::string::npos ? path_ : path_.substr(slash + 1);
   for (int attempt = 0; attempt < 16 && fd_ < 0; ++attempt) {
-    tmp_ = path_ + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter++) + "." +
-           std::to_string(rd() % 1000000);
-    fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-    if (fd_ < 0 && errno != EEXIST) throw FileError(errno, tmp_, "cannot create");
+    tmp_ = dir + "." + base + ".qlora-tmp." + unique_tag();
+    register_inflight(abs_tmp(tmp_));  // before it exists: a cleanup in another thread keeps it
+    fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);  // 0666 & ~umask
+    if (fd_ < 0) {
+      const int e = errno;
+      unregister_inflight(abs_tmp(tmp_));
+      if (e != EEXIST) throw FileError(e, tmp_, "cannot create");
+    }
   }
   if (fd_ < 0) throw FileError(EEXIST, tmp_, "cannot create a unique temporary file");
 }
 
 AtomicFileWriter::~AtomicFileWriter() {
   if (!committed_) discard();
+  unregister_inflight(abs_tmp(tmp_));
 }
 
 void AtomicFileWriter::discard() noexcept {

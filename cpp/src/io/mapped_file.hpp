@@ -40,9 +40,11 @@ class MappedFile {
 
 std::string read_file(const std::string& path);
 
-// Writes `path` atomically: data goes to a unique temporary in the same directory, which is
-// fsync'ed and renamed over `path` by commit(). Destroyed without commit() (an exception),
-// the temporary is removed and `path` is untouched.
+// Writes `path` atomically: data goes to a unique temporary `.NAME.qlora-tmp.HOST-PID-RANDOM`
+// in the same directory (created 0666 & ~umask; python/qlora_native/atomic_io.py's name, so either
+// side's next save removes it once its owner is gone), which is fsync'ed and renamed over `path`
+// by commit(). Destroyed without commit() (an exception), the temporary is removed and `path` is
+// untouched.
 class AtomicFileWriter {
  public:
   explicit AtomicFileWriter(std::string path);

@@ -1,12 +1,11 @@
 #include "model/lora_setup.hpp"
 
 #include <cmath>
-#include <filesystem>
-#include <fstream>
 #include <string>
 #include <vector>
 
 #include "common/error.hpp"
+#include "io/atomic_dir.hpp"
 #include "io/safetensors.hpp"
 #include "json/json.hpp"
 #include "model/linear.hpp"
@@ -76,7 +75,6 @@ double lora_train_step(LlamaModel& m, const int32_t* ids, const int32_t* labels,
 }
 
 void save_lora_adapter(LlamaModel& m, const LoraAdapter& a, const LoraInitSpec& s, const std::string& dir) {
-  namespace fs = std::filesystem;
   const int64_t L = m.config().num_layers;
   std::vector<std::vector<float>> host;  // one [numel] per written tensor
   std::vector<io::TensorToWrite> ts;
@@ -107,15 +105,14 @@ void save_lora_adapter(LlamaModel& m, const LoraAdapter& a, const LoraInitSpec& 
   cfg.set("use_rslora", s.use_rslora);
   cfg.set("bias", "none");
   cfg.set("target_modules", targets);
-  fs::create_directories(dir);
-  io::write_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), ts, {{"format", "pt"}});
-  const std::string path = (fs::path(dir) / "adapter_config.json").string(), tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    f << json::dump(cfg, 2) << "\n";
-    if (!f) throw std::runtime_error("cannot write " + tmp);
-  }
-  fs::rename(tmp, path);
+  // One unit (io::DirSaver, atomic_io.py's protocol): a kill at any point leaves the complete old
+  // or the complete new adapter under `dir` (after recover), never a config of one save with the
+  // weights of another.
+  io::DirSaver saver(dir);
+  io::write_safetensors(saver.file("adapter_model.safetensors"), ts, {{"format", "pt"}});
+  io::test_fault("write-config");
+  io::write_file_atomic(saver.file("adapter_config.json"), json::dump(cfg, 2) + "\n");
+  saver.commit();
 }
 
 }  // namespace qlora::model
