@@ -77,6 +77,8 @@ class GGUFSource:
             if kind not in SUPPORTED_TYPES and self._hf_name(t.name):
                 raise ValueError(f"{self.path}: tensor {t.name} has unsupported GGUF type {kind}")
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        if self._map.size != self.layout.size:  # the validated offsets are only valid for that file
+            raise FormatError(f"{self.path}: the file changed while it was being loaded")
 
     # ---------------------------------------------------------------- metadata
     def _value(self, key: str, kinds, what: str, default):
