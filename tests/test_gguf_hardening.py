@@ -262,6 +262,8 @@ def test_symlink_to_dev_null_or_empty_file(tmp_path):
     os.symlink("/dev/null", link)
     with pytest.raises(FormatError, match=f"{link}: not a regular file"):
         Model.from_pretrained(link)
+    with pytest.raises(FormatError, match=f"{link}: not a regular file"):
+        qlora_native.Tokenizer.from_pretrained(link)
     empty = tmp_path / "empty.gguf"
     empty.write_bytes(b"")
     with pytest.raises(FormatError, match=f"{empty}: empty file"):

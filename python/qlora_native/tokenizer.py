@@ -196,7 +196,7 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "Tokenizer":
         p = Path(path)
-        if p.is_file() and p.suffix == ".gguf":
+        if p.suffix == ".gguf" and p.exists() and not p.is_dir():  # gguf_check names a device/empty file
             return cls._from_gguf(p)
         if p.is_dir():
             if (p / "tokenizer.json").is_file():
