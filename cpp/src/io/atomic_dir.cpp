@@ -228,8 +228,15 @@ void roll_forward(const std::string& commit, const std::string& d) {
         if (x.is_string()) remove.push_back(x.as_string());
   } catch (...) {  // absent (nothing to remove) or unreadable
   }
+  std::vector<std::string> entries;
+  try {
+    entries = list_dir(commit);
+  } catch (const FileError& e) {
+    if (e.err == ENOENT) return;  // finished meanwhile by a concurrent roll-forward
+    throw;
+  }
   bool first = true;
-  for (const std::string& e : list_dir(commit)) {
+  for (const std::string& e : entries) {
     if (e == kRemoveList) continue;
     if (::rename(join(commit, e).c_str(), join(d, e).c_str()) != 0 && errno != ENOENT)  // ENOENT: moved meanwhile
       throw FileError(errno, join(commit, e), "cannot rename (to '" + join(d, e) + "')");
@@ -367,7 +374,8 @@ void recover_dir(const std::string& dir) {
   const fs::path fp(p);
   const std::string name = fp.filename().string();
   cleanup_dir(fp.parent_path().string(), &name);
-  if (is_real_dir(p) || fs::is_directory(fp)) cleanup_dir(p);
+  struct stat st {};
+  if (::stat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) cleanup_dir(p);
 }
 
 // ---------------------------------------------------------------- DirSaver
