@@ -88,8 +88,9 @@ def _rewrite(path, fn):
 def test_bad_checkpoint_names_the_tensor(tmp_path, rng, edit, match):
     path, _, _ = make_checkpoint(tmp_path, rng, hidden=64)
     _rewrite(path, edit)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as exc:
         qlora_native.Model.from_pretrained(path, quantize=None)
+    assert str(exc.value).startswith(f"{path}: ")  # the checkpoint is named too
 
 
 def test_nan_weight_rejected_by_nf4(tmp_path, rng):

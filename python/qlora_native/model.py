@@ -204,7 +204,12 @@ class Model(LoraModelMixin):
                     raise ValueError(f"{path} is a pre-quantized bitsandbytes NF4 checkpoint: use quantize='nf4'")
                 source.use_bnb_nf4()
         core = _core.model.LlamaModel(config.to_core(), backend, quantize == "nf4", blocksize, double_quant)
-        load_from_source(core, source)
+        try:
+            load_from_source(core, source)
+        except ValueError as e:  # name the checkpoint in every loading error (FormatError included)
+            if path in str(e):
+                raise
+            raise type(e)(f"{path}: {e}") from None
         model = cls(config, core, tokenizer)
         model.name_or_path = path
         return model
