@@ -423,9 +423,10 @@ void DirSaver::commit() {
   test_fault("commit");
   const std::vector<std::string> fresh = list_dir(staging_);
   for (const std::string& e : fresh) {  // writers may not have fsync'ed; ours did (cheap again)
-    if (is_real_dir(join(staging_, e)))
-      throw FileError(EISDIR, join(staging_, e), "DirSaver saves files only, not the directory");
-    fsync_file(join(staging_, e));
+    struct stat st {};
+    if (::lstat(join(staging_, e).c_str(), &st) != 0) throw FileError(errno, join(staging_, e), "cannot stat");
+    if (S_ISDIR(st.st_mode)) throw FileError(EISDIR, join(staging_, e), "DirSaver saves files only, not the directory");
+    if (S_ISREG(st.st_mode)) fsync_file(join(staging_, e));
   }
   fsync_dir(staging_);
   const bool beside = fs::path(staging_).parent_path().string() == parent_;

@@ -7,7 +7,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <atomic>
 #include <filesystem>
 #include <cerrno>
 #include <cstring>
@@ -100,11 +99,12 @@ AtomicFileWriter::AtomicFileWriter(std::string path) : path_(std::move(path)) {
   const std::string base = slash == std::string::npos ? path_ : path_.substr(slash + 1);
   for (int attempt = 0; attempt < 16 && fd_ < 0; ++attempt) {
     tmp_ = dir + "." + base + ".qlora-tmp." + unique_tag();
-    register_inflight(abs_tmp(tmp_));  // before it exists: a cleanup in another thread keeps it
+    abs_tmp_ = abs_tmp(tmp_);
+    register_inflight(abs_tmp_);  // before it exists: a cleanup in another thread keeps it
     fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);  // 0666 & ~umask
     if (fd_ < 0) {
       const int e = errno;
-      unregister_inflight(abs_tmp(tmp_));
+      unregister_inflight(abs_tmp_);
       if (e != EEXIST) throw FileError(e, tmp_, "cannot create");
     }
   }
@@ -113,7 +113,7 @@ AtomicFileWriter::AtomicFileWriter(std::string path) : path_(std::move(path)) {
 
 AtomicFileWriter::~AtomicFileWriter() {
   if (!committed_) discard();
-  unregister_inflight(abs_tmp(tmp_));
+  unregister_inflight(abs_tmp_);
 }
 
 void AtomicFileWriter::discard() noexcept {

@@ -60,7 +60,7 @@ class AtomicFileWriter {
   void flush();
   void write_direct(const char* p, size_t n);
   void discard() noexcept;
-  std::string path_, tmp_;
+  std::string path_, tmp_, abs_tmp_;  // abs_tmp_: registered as in flight (io/atomic_dir.hpp)
   int fd_ = -1;
   std::string buf_;  // small writes are batched; large ones go straight to the file
   bool committed_ = false;
