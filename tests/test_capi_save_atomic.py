@@ -307,3 +307,14 @@ def test_concurrent_savers_do_not_collide(lib, ckpt, refs, tmp_path):
             s.close()
     assert rcs == [OK] * (2 * N), errs[:3]
     assert _which(d, refs) == "new" and sorted(os.listdir(d)) == sorted([W, CFG]) and _ours(tmp_path) == []
+
+
+def test_save_into_working_directory(lib, ckpt, refs, tmp_path, monkeypatch):
+    """dir is our working directory: committed file by file (a swap would strand relative paths)."""
+    d = tmp_path / "ad"
+    _old_save(lib, ckpt, d)
+    ino = os.stat(d).st_ino
+    monkeypatch.chdir(d)
+    assert refs[0].save(".") == OK, lib.qlora_last_error()
+    assert os.stat(".").st_ino == ino == os.stat(d).st_ino and os.path.isfile(CFG)
+    assert _which(d, refs) == "new" and _ours(tmp_path) == [] and _ours(d) == []
