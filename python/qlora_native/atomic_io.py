@@ -31,7 +31,8 @@ How a directory is saved (save_dir). The new files are written into a staging di
   run recover() can see a mix in the microseconds of the roll-forward, or after a kill in it.)
 
 Leftovers of killed saves (staging / old / commit directories, temporaries of single files,
-the C++ writer's `*.safetensors.tmp.PID.N.R`, names of earlier versions) are handled by the
+the C++ writer's, which uses the same `.NAME.qlora-tmp.TAG` names, and names of earlier versions
+such as `*.safetensors.tmp.PID.N.R`) are handled by the
 next save into that directory: commit directories are rolled forward, displaced old copies
 restored or removed, temporaries removed once their owner is gone (its pid is dead on this
 host) or, when that cannot be told, after a safe age, so concurrent savers keep their files.
@@ -41,7 +42,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import json
 import os
 import re
@@ -57,10 +57,20 @@ from pathlib import Path
 
 __all__ = ["write_bytes", "write_text", "save_dir", "recover", "cleanup"]
 
-_HOST = hashlib.sha1(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+
+
+def _host_tag(name: bytes) -> str:
+    """FNV-1a (32 bit) of the host name, as cpp/src/io/atomic_dir.cpp computes it."""
+    h = 0x811C9DC5
+    for c in name:
+        h = ((h ^ c) * 0x01000193) & 0xFFFFFFFF
+    return f"{h:08x}"
+
+
+_HOST = _host_tag(socket.gethostname().encode("utf-8", "replace"))
 _TAG = r"(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}"
 _OURS = re.compile(rf"\.(?P<name>.+)\.qlora-(?P<kind>tmp|old|commit)\.{_TAG}")
-_CPP_TMP = re.compile(r".+\.safetensors\.tmp\.(?P<pid>\d+)\.\d+\.\d+")  # io::AtomicFileWriter
+_CPP_TMP = re.compile(r".+\.safetensors\.tmp\.(?P<pid>\d+)\.\d+\.\d+")  # io::AtomicFileWriter of earlier builds
 # Temporaries of earlier versions (mkstemp / mkdtemp names, no owner): removed after UNOWNED_AGE.
 _LEGACY_TMP = re.compile(r"\.checkpoint-\d+\.[a-z0-9_]{8}\.tmp|\.(?:adapter_config\.json|trainer_log\.jsonl)\."
                          r"[a-z0-9_]{8}\.tmp|\.config\.json\.[a-z0-9_]{8}|adapter_config\.json\.tmp")

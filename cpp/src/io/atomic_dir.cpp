@@ -55,43 +55,22 @@ const std::regex& re_legacy_old() {  // holds the old directory as "x"
   return r;
 }
 
-// ---------------------------------------------------------------- SHA-1 (for the host part of the tag only)
-std::string sha1_hex(const std::string& msg) {
-  uint32_t h[5] = {0x67452301u, 0xEFCDAB89u, 0x98BADCFEu, 0x10325476u, 0xC3D2E1F0u};
-  std::string m = msg;
-  const uint64_t bits = static_cast<uint64_t>(msg.size()) * 8;
-  m.push_back(static_cast<char>(0x80));
-  while (m.size() % 64 != 56) m.push_back('\0');
-  for (int i = 7; i >= 0; --i) m.push_back(static_cast<char>((bits >> (8 * i)) & 0xff));
-  auto rol = [](uint32_t x, int n) { return (x << n) | (x >> (32 - n)); };
-  for (size_t off = 0; off < m.size(); off += 64) {
-    uint32_t w[80];
-    for (int i = 0; i < 16; ++i)
-      w[i] = (uint32_t(uint8_t(m[off + 4 * i])) << 24) | (uint32_t(uint8_t(m[off + 4 * i + 1])) << 16) |
-             (uint32_t(uint8_t(m[off + 4 * i + 2])) << 8) | uint32_t(uint8_t(m[off + 4 * i + 3]));
-    for (int i = 16; i < 80; ++i) w[i] = rol(w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16], 1);
-    uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4];
-    for (int i = 0; i < 80; ++i) {
-      uint32_t f, k;
-      if (i < 20) f = (b & c) | (~b & d), k = 0x5A827999u;
-      else if (i < 40) f = b ^ c ^ d, k = 0x6ED9EBA1u;
-      else if (i < 60) f = (b & c) | (b & d) | (c & d), k = 0x8F1BBCDCu;
-      else f = b ^ c ^ d, k = 0xCA62C1D6u;
-      const uint32_t t = rol(a, 5) + f + e + k + w[i];
-      e = d, d = c, c = rol(b, 30), b = a, a = t;
-    }
-    h[0] += a, h[1] += b, h[2] += c, h[3] += d, h[4] += e;
-  }
-  char out[41];
-  for (int i = 0; i < 5; ++i) std::snprintf(out + 8 * i, 9, "%08x", h[i]);
-  return std::string(out, 40);
+// ---------------------------------------------------------------- host tag
+// FNV-1a (32 bit) of the host name, 8 hex digits: the same as atomic_io.py's _host_tag, so either side
+// tells its own host's temporaries (whose owner pid it can check) from another machine's.
+std::string fnv1a_hex(const std::string& msg) {
+  uint32_t h = 0x811c9dc5u;
+  for (unsigned char c : msg) h = (h ^ c) * 0x01000193u;
+  char out[9];
+  std::snprintf(out, sizeof out, "%08x", h);
+  return std::string(out, 8);
 }
 
 const std::string& host_hash() {
   static const std::string h = [] {
     char buf[HOST_NAME_MAX + 1] = {};
     if (::gethostname(buf, sizeof buf - 1) != 0) buf[0] = '\0';
-    return sha1_hex(buf).substr(0, 8);
+    return fnv1a_hex(buf);
   }();
   return h;
 }

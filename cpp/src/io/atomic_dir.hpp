@@ -21,7 +21,7 @@
 
 namespace qlora::io {
 
-// HOST-PID-RANDOM as atomic_io._tag(): HOST = first 8 hex digits of sha1(gethostname()),
+// HOST-PID-RANDOM as atomic_io._tag(): HOST = FNV-1a (32 bit, 8 hex digits) of gethostname(),
 // RANDOM = 8 hex digits.
 std::string unique_tag();
 
