@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include <climits>
+#include <functional>
 #include <cmath>
 #include <memory>
 #include <string>
@@ -120,6 +121,23 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
            self.add_adapter(name, std::move(a));
          },
          py::arg("name"), py::arg("modules"), py::arg("dropout") = 0.0f, py::arg("seed") = 0)
+      .def(
+          "lora_merge",
+          [](LlamaModel& self, const std::string& name, bool subtract, bool requantize, const std::string& round,
+             const py::object& progress) {
+            model::MergeOptions opt;
+            opt.subtract = subtract, opt.requantize = requantize;
+            if (round == "float32") opt.round = model::MergeRound::F32;
+            else if (round == "bfloat16") opt.round = model::MergeRound::BF16;
+            else if (round == "float16") opt.round = model::MergeRound::F16;
+            else throw ValueError("merge dtype must be float32, bfloat16 or float16, got '" + round + "'");
+            std::function<void(int64_t)> cb;
+            if (!progress.is_none()) cb = [&progress](int64_t layer) { progress(layer); };
+            self.merge_adapter(name, opt, cb);  // GIL held: the progress callback is Python
+          },
+          py::arg("name"), py::arg("subtract") = false, py::arg("requantize") = false,
+          py::arg("round") = "float32", py::arg("progress") = py::none(),
+          "Merge adapter `name` into the projections (subtract: unmerge); all or nothing.")
       .def("lora_set_active", &LlamaModel::set_active_adapter, py::arg("name"))
       .def_property_readonly("lora_active", &LlamaModel::active_adapter_name)
       .def("lora_names", &LlamaModel::adapter_names)

@@ -89,6 +89,9 @@ class LoraModelMixin:
         generate whose stream callback calls this) keeps the adapter it started with."""
         if name is not None and name not in self._lora_state():
             raise ValueError(f"no adapter named {name!r}; have {self.adapters}")
+        if name is not None and name == self.merged_adapter:
+            raise ValueError(f"adapter {name!r} is merged into the weights (applying it again would double it); "
+                             f"unmerge_adapter() first")
         self._core.lora_set_active(name or "")
 
     def delete_adapter(self, name: str) -> None:
@@ -98,6 +101,8 @@ class LoraModelMixin:
         self._core.lora_delete(name)
         del self._lora_state()[name]
         self._lora_lr.pop(name, None)
+        if name == self.merged_adapter:  # the weights stay merged; there is nothing left to unmerge
+            del self.__dict__["_merged"]
 
     def adapter_config(self, name: str | None = None) -> LoraConfig:
         return self._lora_state()[self._check_adapter(name)]
@@ -157,6 +162,45 @@ class LoraModelMixin:
         config, tensors = adapter_io.load_adapter(directory, num_layers=self.config.num_hidden_layers,
                                                   module_shapes=self._module_shapes())
         self._add(name, config, tensors, np.random.default_rng())
+
+    # ------------------------------------------------------------ merging (merge.py, C++ merge.cpp)
+    @property
+    def merged_adapter(self) -> str | None:
+        """The adapter merged by merge_adapter (None: none)."""
+        m = self.__dict__.get("_merged")
+        return m["name"] if m else None
+
+    def merge_adapter(self, name: str | None = None, *, quantize: str | None = None, dtype: str = "float32",
+                      progress=None) -> None:
+        """Merge adapter `name` (default: the active one) into the weights, PEFT's merge_adapter: every
+        projection becomes deq(W) + scaling * B @ A over the NF4 (or fp32) base the adapter was trained
+        on; the adapter is kept but inactive (it cannot be activated while merged). quantize=None keeps
+        the merged weights unquantized (dtype float32, or bfloat16 / float16: rounded to that dtype),
+        which also dequantizes the projections the adapter does not touch; quantize="nf4" re-quantizes
+        with the base's blocksize / double quant (no unmerge possible then). All or nothing; refused while
+        a forward, training pass or generation runs. progress(layers_done) is called after each layer."""
+        from . import merge
+
+        merge.merge_adapter(self, name, quantize=quantize, dtype=dtype, progress=progress)
+
+    def unmerge_adapter(self) -> None:
+        """Undo merge_adapter by subtracting scaling * B @ A (fp32: equal to the unmerged model to float32
+        rounding; the projections stay fp32). Refused after an NF4 re-quantized merge."""
+        from . import merge
+
+        merge.unmerge_adapter(self)
+
+    def merge_and_unload(self, quantize: str | None = None, dtype: str = "float32", eval_text: str | None = None,
+                         eval_ids=None, progress=None) -> dict:
+        """Merge the active adapter (as merge_adapter), remove every adapter and return the measured drift
+        of "base + adapter" vs "merged" on eval_text (tokenized), eval_ids or a built-in sample: max / mean
+        absolute logit difference, top-1 agreement, loss and perplexity of both (merge.format_drift prints
+        it). The model is then a plain model: save_pretrained writes an HF checkpoint (unquantized: no
+        quantization_config, weights in `dtype`; nf4: the bitsandbytes format)."""
+        from . import merge
+
+        return merge.merge_and_unload(self, quantize=quantize, dtype=dtype, eval_text=eval_text, eval_ids=eval_ids,
+                                      progress=progress)
 
     # ------------------------------------------------------------ training passes
     def train(self, mode: bool = True):

@@ -429,11 +429,15 @@ class Model(LoraModelMixin):
         d["total"] = sum(d.values())
         return d
 
-    def save_pretrained(self, path: str | os.PathLike, dtype: str = "float32") -> None:
+    def save_pretrained(self, path: str | os.PathLike, dtype: str | None = None) -> None:
         """Saves config.json + model.safetensors: NF4 projections in the bitsandbytes 4-bit layout
         (transformers + bitsandbytes load it; reloading here uses the bytes as they are); the other
-        tensors in `dtype` (float32, float16 or bfloat16)."""
+        tensors in `dtype` (float32, float16 or bfloat16; default: the dtype of an unquantized
+        merge_adapter / merge_and_unload, else float32)."""
         from .export import save_pretrained
+
+        if dtype is None:
+            dtype = self.__dict__.get("_merged_dtype") or "float32"
 
         save_pretrained(self, path, dtype, _stacklevel=3)
 

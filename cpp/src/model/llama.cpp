@@ -26,12 +26,14 @@ void LlamaModel::check_complete() const {
 
 void LlamaModel::forward(const int32_t* ids, const int32_t* mask, int64_t B, int64_t T, float* logits) {
   check_arg(B >= 1 && T >= 1, "forward: input_ids must be a non-empty [batch, seq] array");
+  std::shared_lock<std::shared_mutex> wl(weights_mu_);  // no merge while the pass reads the weights
   const AdapterRef ad = active_adapter();  // held to the end of the pass
   KvCache tmp(be_, w_->cfg, B, T);
   run(tmp, ad.get(), ids, mask, T, /*all_rows=*/true, logits);
 }
 
 void LlamaModel::start(int64_t B, int64_t capacity) {
+  std::shared_lock<std::shared_mutex> wl(weights_mu_);  // merge_adapter sees gen_bytes_ set or not at all
   stop();  // the previous cache is freed before the new one is allocated
   Generation g;
   g.cache = std::make_unique<KvCache>(be_, w_->cfg, B, capacity);
@@ -42,6 +44,7 @@ void LlamaModel::start(int64_t B, int64_t capacity) {
 
 void LlamaModel::feed(const int32_t* ids, const int32_t* mask, int64_t T, float* logits) {
   check_arg(gen_.cache != nullptr, "feed: no generation started (call start first)");
+  std::shared_lock<std::shared_mutex> wl(weights_mu_);
   run(*gen_.cache, gen_.adapter.get(), ids, mask, T, /*all_rows=*/false, logits);
 }
 

@@ -3,14 +3,17 @@
 #pragma once
 #include <cstdint>
 #include <atomic>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <vector>
 
 #include "model/kv_cache.hpp"
 #include "model/lora.hpp"
+#include "model/merge.hpp"
 #include "model/weights.hpp"
 
 namespace qlora::model {
@@ -72,6 +75,15 @@ class LlamaModel {
   // Loss without gradients or dropout.
   LossResult eval_loss(const int32_t* ids, const int32_t* mask, const int32_t* labels, int64_t B, int64_t T);
 
+  // Merges adapter `name` into every projection it adapts (merge.hpp; opt.subtract: unmerges it),
+  // all or nothing: the new projections are built first and swapped in at the end. Projections
+  // the adapter does not touch are dequantized / rounded too unless they would stay as they are
+  // (so an unquantized merge leaves no NF4 projection behind). Merging deactivates the adapter.
+  // Refused (ValueError) while a forward, training pass or generation (start..stop) runs: those
+  // hold weights_mu_ shared for their duration. progress(layer + 1) after each layer.
+  void merge_adapter(const std::string& name, const MergeOptions& opt,
+                     const std::function<void(int64_t)>& progress = {});
+
   // Bytes by category: "nf4_weights", "quant_constants", "other_weights", "kv_cache".
   std::map<std::string, size_t> memory_footprint() const;
 
@@ -94,6 +106,7 @@ class LlamaModel {
   DeviceBuffer inv_freq_;  // [head_dim / 2]
   Generation gen_;
   std::atomic<size_t> gen_bytes_{0};  // the generation cache's bytes, for memory_footprint from any thread
+  std::shared_mutex weights_mu_;  // shared: a pass reading the weights; unique: merge_adapter
   mutable std::mutex adapters_mu_;  // guards adapters_, active_name_, active_
   std::map<std::string, AdapterRef> adapters_;
   std::string active_name_;  // "" = none

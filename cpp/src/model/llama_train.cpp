@@ -257,6 +257,7 @@ LlamaModel::LossResult LlamaModel::eval_loss(const int32_t* ids, const int32_t* 
 LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, const int32_t* ids, const int32_t* mask,
                                               const int32_t* labels, int64_t B, int64_t T, float grad_scale,
                                               bool training, bool checkpointing, bool backward) {
+  std::shared_lock<std::shared_mutex> wl(weights_mu_);  // no merge while the pass reads the weights
   check_complete();
   const LlamaConfig& c = w_->cfg;
   check_arg(B >= 1 && T >= 1, "input_ids must be a non-empty [batch, seq] array");
