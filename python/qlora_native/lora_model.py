@@ -13,6 +13,7 @@ scaling * B(A(dropout(x))). Tensors are exchanged under PEFT names
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -156,9 +157,23 @@ class LoraModelMixin:
                                 base_model_name_or_path, num_layers=self.config.num_hidden_layers,
                                 module_shapes=self._module_shapes())
 
+    def export_gguf_lora(self, path, adapter: str | None = None, dtype: str = "f32") -> None:
+        """Writes adapter `adapter` (default: the active one) as a llama.cpp GGUF LoRA file
+        (llama-cli --lora PATH); per-module scaling is folded into B (see export_gguf.py)."""
+        from .export_gguf import export_gguf_lora
+
+        export_gguf_lora(self, path, adapter, dtype)
+
     def load_adapter(self, directory, name: str = "default") -> None:
-        """Load a PEFT adapter directory as adapter `name` (unsupported features raise ValueError)."""
+        """Load a PEFT adapter directory (or a llama.cpp GGUF LoRA file, *.gguf) as adapter `name`
+        (unsupported features raise ValueError)."""
         name = self._new_adapter_name(name)
+        if str(directory).endswith(".gguf") and not os.path.isdir(directory):
+            from .export_gguf import load_gguf_lora
+
+            config, tensors = load_gguf_lora(self, directory)
+            self._add(name, config, tensors, np.random.default_rng())
+            return
         config, tensors = adapter_io.load_adapter(directory, num_layers=self.config.num_hidden_layers,
                                                   module_shapes=self._module_shapes())
         self._add(name, config, tensors, np.random.default_rng())

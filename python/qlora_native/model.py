@@ -441,6 +441,13 @@ class Model(LoraModelMixin):
 
         save_pretrained(self, path, dtype, _stacklevel=3)
 
+    def export_gguf(self, path: str | os.PathLike, dtype: str = "f16") -> None:
+        """Writes the model as a llama.cpp GGUF file (dtype "f16", "bf16", "q8_0" or "f32"; NF4
+        projections are dequantized first) with its tokenizer and chat template; see export_gguf.py."""
+        from .export_gguf import export_gguf
+
+        export_gguf(self, path, dtype)
+
     def nf4_weight(self, name: str) -> dict | None:
         """NF4 storage of a projection (e.g. "model.layers.0.self_attn.q_proj"), None if fp32."""
         return self._core.linear_nf4(name)
