@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_train.add_parser(sub)
     cli_train.add_demo_parser(sub)
+    from . import cli_merge
+
+    cli_merge.add_parser(sub)
     for sp in sub.choices.values():  # also accepted after the subcommand; SUPPRESS keeps the top-level value
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help=f"show the traceback of an error (or set {DEBUG_ENV}=1)")
