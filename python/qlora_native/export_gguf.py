@@ -250,7 +250,7 @@ def _add_tokenizer(w, model) -> None:
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         warnings.warn("export_gguf: the model has no tokenizer, so the GGUF carries none (llama.cpp needs one to "
-                      "run text; load it here with tokenizer=None)", UserWarning, stacklevel=4)
+                      "run text)", UserWarning, stacklevel=4)
         return
     src = getattr(tok, "source", "")
     if isinstance(src, str) and src.endswith(".gguf") and os.path.isfile(src) and _copy_gguf_tokenizer(w, src, tok):

@@ -493,6 +493,8 @@ def load_from_source(core, source) -> None:
 
 
 def _auto_tokenizer(path: str):
+    if path.endswith(".gguf") and os.path.isfile(path) and "tokenizer.ggml.model" not in check_gguf(path).kv:
+        return None  # a GGUF without a vocabulary (e.g. exported from a model that had no tokenizer)
     has = path.endswith(".gguf") or any(
         os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
     if not has:
