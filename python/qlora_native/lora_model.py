@@ -178,6 +178,21 @@ class LoraModelMixin:
                                                   module_shapes=self._module_shapes())
         self._add(name, config, tensors, np.random.default_rng())
 
+    def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", svd_rank=None,
+                             svd_clamp=None, svd_full_matrices=True, svd_driver=None, density=None,
+                             majority_sign_method="total", *, seed=None) -> None:
+        """New adapter `adapter_name` combining `adapters` with `weights`, as PEFT's
+        LoraModel.add_weighted_adapter (same arguments, order, config and math; see
+        qlora_native.adapter_combine for the few deliberate differences). combination_type: svd, linear,
+        cat, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune,
+        magnitude_prune_svd. seed: numpy seed of the dare_* masks (PEFT uses torch's RNG).
+        svd_full_matrices / svd_driver do not change the result (accepted for PEFT compatibility)."""
+        from . import adapter_combine
+
+        adapter_combine.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank,
+                                             svd_clamp, svd_full_matrices, svd_driver, density,
+                                             majority_sign_method, seed)
+
     # ------------------------------------------------------------ merging (merge.py, C++ merge.cpp)
     @property
     def merged_adapter(self) -> str | None:
