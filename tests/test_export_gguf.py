@@ -15,6 +15,7 @@ import pytest
 import qlora_native
 from qlora_native import LoraConfig
 from qlora_native.config import ModelConfig
+from qlora_native.lora_config import peft_tensor_name
 
 from helpers_tokenizer import build_hf_tokenizer_dir, sample_texts, sentencepiece_dir, train_sentencepiece
 
@@ -307,7 +308,6 @@ def test_lora_export_load_same_logits(tmp_path, which):
     sd = m.get_adapter_state_dict("ad")
     from qlora_native.export_gguf import _PROJ_GGUF
     from qlora_native.gguf_source import _unpermute_rows
-    from qlora_native.lora_config import peft_tensor_name
 
     mods = lcfg.resolve(2)
     assert len(stored) == 2 * len(mods)
@@ -376,3 +376,58 @@ def test_lora_gguf_bad_input(tmp_path):
     with pytest.raises(ValueError, match="architecture"):
         m3.load_adapter(good, "x")
     assert m2.adapters == [] and m3.adapters == []
+
+
+def _write_adapter(path, tensors: dict, alpha=8.0, arch="llama", gtype="adapter"):
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    if gtype is not None:
+        w.add_type(gtype)
+    w.add_string("adapter.type", "lora")
+    if alpha is not None:
+        w.add_float32("adapter.lora.alpha", alpha)
+    for n, a in tensors.items():
+        w.add_tensor(n, np.asarray(a, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_lora_gguf_written_elsewhere_and_corrupt(tmp_path):
+    """Files as other writers make them (alpha absent: llama.cpp then applies no alpha / r, a
+    scaling of 1), and broken ones: each refused with the file and the tensor named."""
+    rng = np.random.default_rng(10)
+    cfg = _config(num_hidden_layers=2)
+    m = qlora_native.Model.from_pretrained(_model_dir(tmp_path / "src", cfg, _weights(cfg, rng)), quantize=None)
+    a = rng.standard_normal((3, 64)).astype(np.float32)
+    b = rng.standard_normal((64, 3)).astype(np.float32)
+    ok = _write_adapter(tmp_path / "noalpha.gguf", {"blk.0.attn_v.weight.lora_a": a,
+                                                    "blk.0.attn_v.weight.lora_b": b[:32]}, alpha=None)
+    m.load_adapter(ok, "noalpha")
+    (layer, proj, r, _, scaling), = m.adapter_config("noalpha").resolve(2)
+    assert (layer, proj, r, scaling) == (0, "v_proj", 3, 1.0)
+    np.testing.assert_array_equal(m.get_adapter_state_dict("noalpha")[peft_tensor_name(0, "v_proj", "B")], b[:32])
+
+    nan_a = a.copy()
+    nan_a[0, 0] = np.nan
+    cases = {
+        "only_a": ({"blk.0.attn_q.weight.lora_a": a}, {}, "not its pair"),
+        "nan": ({"blk.0.attn_v.weight.lora_a": nan_a, "blk.0.attn_v.weight.lora_b": b[:32]}, {}, "NaN"),
+        "name": ({"blk.0.attn_q.weight.lora_x": a}, {}, "unexpected tensor"),
+        "layer": ({"blk.7.attn_v.weight.lora_a": a, "blk.7.attn_v.weight.lora_b": b[:32]}, {}, "layer 7"),
+        "rank": ({"blk.0.attn_v.weight.lora_a": a, "blk.0.attn_v.weight.lora_b": b[:32, :2]}, {}, "do not fit"),
+        "alpha": ({"blk.0.attn_v.weight.lora_a": a, "blk.0.attn_v.weight.lora_b": b[:32]}, {"alpha": -1.0},
+                  "alpha"),
+        "type": ({"blk.0.attn_v.weight.lora_a": a, "blk.0.attn_v.weight.lora_b": b[:32]}, {"gtype": None},
+                 "general.type"),
+        "empty": ({}, {}, "no LoRA tensors"),
+    }
+    for name, (tensors, kw, msg) in cases.items():
+        p = _write_adapter(tmp_path / f"{name}.gguf", tensors, **kw)
+        with pytest.raises(ValueError, match=msg) as e:
+            m.load_adapter(p, name)
+        assert str(p) in str(e.value), name
+    assert m.adapters == ["noalpha"]
+    with pytest.raises(FileNotFoundError):
+        m.load_adapter(tmp_path / "missing.gguf", "x")
