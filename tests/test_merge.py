@@ -300,6 +300,7 @@ def _numpy_loss(logits, ids):
 @pytest.mark.parametrize("quantize", ["nf4", None])
 def test_drift_report_is_computed(tiny, quantize):
     m = _load(tiny)
+    base = _load(tiny, name=None)(IDS).astype(np.float64)
     before = m(IDS)
     calls = []
     r = m.merge_and_unload(quantize=quantize, eval_ids=IDS[0], progress=calls.append)
@@ -313,12 +314,20 @@ def test_drift_report_is_computed(tiny, quantize):
     assert r["ppl_merged"] == pytest.approx(math.exp(lm), rel=1e-9)
     assert r["top1_agreement"] == np.mean(before[0].argmax(-1) == after[0].argmax(-1))
     assert r["tokens"] == IDS.shape[1] and r["eval"] == "eval_ids" and r["quantize"] == quantize
+    assert r["loss_base"] == pytest.approx(_numpy_loss(base, IDS), rel=1e-9)
+    effect = before - base
+    assert r["mean_abs_adapter_effect"] == pytest.approx(np.abs(effect).mean(), rel=1e-9)
+    kept = np.sum((after - base) * effect) / np.sum(effect * effect)
+    assert r["adapter_effect_kept"] == pytest.approx(kept, rel=1e-9)
     if quantize:
         assert r["max_abs_logit_diff"] > 0.01  # re-quantizing changes the model, and it shows
+        assert r["adapter_effect_kept"] < 0.999
     else:
         assert r["max_abs_logit_diff"] < 1e-4
+        assert r["adapter_effect_kept"] == pytest.approx(1.0, abs=1e-4)
     table = format_drift(r)
-    assert "perplexity" in table and f"{r['loss_merged']:.5f}" in table
+    assert "perplexity" in table and f"{r['loss_merged']:.5f}" in table and f"{r['loss_base']:.5f}" in table
+    assert f"adapter effect kept by the merge: {100 * kept:.1f}%" in table
 
 
 def test_drift_default_sample_without_tokenizer(tiny):

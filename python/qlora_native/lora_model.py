@@ -224,8 +224,8 @@ class LoraModelMixin:
                          eval_ids=None, progress=None) -> dict:
         """Merge the active adapter (as merge_adapter), remove every adapter and return the measured drift
         of "base + adapter" vs "merged" on eval_text (tokenized), eval_ids or a built-in sample: max / mean
-        absolute logit difference, top-1 agreement, loss and perplexity of both (merge.format_drift prints
-        it). The model is then a plain model: save_pretrained writes an HF checkpoint (unquantized: no
+        absolute logit difference, top-1 agreement, loss and perplexity of both and of the base alone, and
+        the share of the adapter's logit change the merged model keeps (merge.format_drift prints it). The model is then a plain model: save_pretrained writes an HF checkpoint (unquantized: no
         quantization_config, weights in `dtype`; nf4: the bitsandbytes format)."""
         from . import merge
 

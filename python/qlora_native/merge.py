@@ -147,10 +147,13 @@ def _loss(logits: np.ndarray, ids: np.ndarray) -> float:
     return float(np.mean(lse - z[np.arange(z.shape[0]), ids[0, 1:]]))
 
 
-def drift_report(ids: np.ndarray, before: np.ndarray, after: np.ndarray) -> dict:
-    d = np.abs(before.astype(np.float64) - after.astype(np.float64))
+def drift_report(ids: np.ndarray, before: np.ndarray, after: np.ndarray, base: np.ndarray | None = None) -> dict:
+    """before: logits of base + adapter, after: of the merged model, base: of the base model alone
+    (optional) — all [1, T, V] on ids [1, T]."""
+    before64, after64 = before.astype(np.float64), after.astype(np.float64)
+    d = np.abs(before64 - after64)
     la, lm = _loss(before, ids), _loss(after, ids)
-    return {
+    r = {
         "tokens": int(ids.shape[1]),
         "max_abs_logit_diff": float(d.max()),
         "mean_abs_logit_diff": float(d.mean()),
@@ -158,6 +161,15 @@ def drift_report(ids: np.ndarray, before: np.ndarray, after: np.ndarray) -> dict
         "loss_adapter": la, "loss_merged": lm, "loss_diff": lm - la,
         "ppl_adapter": math.exp(la), "ppl_merged": math.exp(lm),
     }
+    if base is not None:
+        # How much of the adapter's change of the logits the merged model keeps: the projection of
+        # (merged - base) on (adapter - base), 1 = all of it, 0 = none (merged behaves as the base).
+        effect = before64 - base
+        denom = float(np.sum(effect * effect))
+        r.update({"loss_base": _loss(base, ids), "mean_abs_adapter_effect": float(np.abs(effect).mean()),
+                  "adapter_effect_kept": float(np.sum((after64 - base) * effect) / denom) if denom > 0 else
+                  float("nan")})
+    return r
 
 
 def merge_and_unload(model, quantize=None, dtype="float32", eval_text=None, eval_ids=None, progress=None) -> dict:
@@ -172,31 +184,42 @@ def merge_and_unload(model, quantize=None, dtype="float32", eval_text=None, eval
 
     def run():
         before = model._core.forward(ids, None)  # base + adapter
+        model._core.lora_set_active("")
+        try:
+            base = model._core.forward(ids, None)  # the base model alone
+        finally:
+            model._core.lora_set_active(name)
         model._core.lora_merge(name, False, quantize == "nf4", dtype, cb)
-        return before, model._core.forward(ids, None)  # merged (the adapter is inactive now)
+        return before, model._core.forward(ids, None), base  # merged (the adapter is inactive now)
 
-    before, after = _guarded(model, run)
+    before, after, base = _guarded(model, run)
     for n in list(model.adapters):  # unload: the model is a plain (merged) base model now
         model._core.lora_delete(n)
         model._lora_state().pop(n)
         model._lora_lr.pop(n, None)
     model.__dict__["_merged_dtype"] = dtype if quantize is None else None
     report = {"adapter": name, "quantize": quantize, "dtype": dtype, "eval": source}
-    report.update(drift_report(ids, before, after))
+    report.update(drift_report(ids, before, after, base))
     return report
 
 
 def format_drift(report: dict) -> str:
     """The drift report as a small text table."""
-    rows = [("", "base + adapter", "merged", "difference"),
-            ("loss", f"{report['loss_adapter']:.5f}", f"{report['loss_merged']:.5f}", f"{report['loss_diff']:+.5f}"),
+    base = "loss_base" in report
+    rows = [("", "base + adapter", "merged", "difference") + (("base alone",) if base else ()),
+            ("loss", f"{report['loss_adapter']:.5f}", f"{report['loss_merged']:.5f}", f"{report['loss_diff']:+.5f}")
+            + ((f"{report['loss_base']:.5f}",) if base else ()),
             ("perplexity", f"{report['ppl_adapter']:.4f}", f"{report['ppl_merged']:.4f}",
-             f"{report['ppl_merged'] - report['ppl_adapter']:+.4f}")]
-    w = [max(len(r[i]) for r in rows) for i in range(4)]
+             f"{report['ppl_merged'] - report['ppl_adapter']:+.4f}")
+            + ((f"{math.exp(report['loss_base']):.4f}",) if base else ())]
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"merged adapter {report['adapter']!r} -> "
              f"{'NF4 (re-quantized)' if report['quantize'] else report['dtype']}; "
              f"drift on {report['tokens']} tokens of {report['eval']}:"]
     lines += ["  " + "  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
     lines.append(f"  logits: max |diff| {report['max_abs_logit_diff']:.4g}, mean |diff| "
                  f"{report['mean_abs_logit_diff']:.4g}; top-1 agreement {100 * report['top1_agreement']:.2f}%")
+    if base:
+        lines.append(f"  adapter effect kept by the merge: {100 * report['adapter_effect_kept']:.1f}% "
+                     f"(mean |logit change| of the adapter {report['mean_abs_adapter_effect']:.4g})")
     return "\n".join(lines)
