@@ -271,6 +271,38 @@ def test_truncated_svd_with_tied_singular_values(env, model, rng):
             check_eckart_young(d[p], exact[p], 4)
 
 
+def test_svd_clamp_rule(env, model, rng):
+    """svd_clamp clips U S and V^T to +-(their joint svd_clamp quantile). The quantile depends on the
+    signs the SVD gives each singular pair (arbitrary), so the clamped factors are compared per
+    implementation: clamped == clip(unclamped, +-quantile(unclamped)), for PEFT and for us."""
+    from peft.tuners.lora import LoraLayer
+
+    add_random(model, "a", rng, **PAIRS["lists"][0])
+    add_random(model, "b", rng, **PAIRS["lists"][1])
+    pm = peft_model(env, model, ["a", "b"])
+    for clamp in (None, 0.9):
+        name = "u" if clamp is None else "c"
+        pm.add_weighted_adapter(["a", "b"], [0.7, -0.4], name, combination_type="svd", svd_clamp=clamp)
+        model.add_weighted_adapter(["a", "b"], [0.7, -0.4], name, combination_type="svd", svd_clamp=clamp)
+    ours_u, ours_c = model.get_adapter_state_dict("u"), model.get_adapter_state_dict("c")
+    checked = 0
+    for n, m in pm.named_modules():
+        if not isinstance(m, LoraLayer) or "c" not in m.lora_A:
+            continue
+        fac = {k: (m.lora_A[k].weight.detach(), m.lora_B[k].weight.detach()) for k in "uc"}
+        hi = torch.quantile(torch.cat([fac["u"][1].flatten(), fac["u"][0].flatten()]), 0.9)
+        for i in range(2):  # PEFT follows the rule we implement
+            torch.testing.assert_close(fac["c"][i], fac["u"][i].clamp(-hi, hi), rtol=0, atol=0)
+        ka, kb = n + ".lora_A.weight", n + ".lora_B.weight"
+        a, b = ours_u[ka].astype(np.float64), ours_u[kb].astype(np.float64)
+        hi = np.quantile(np.concatenate([b.ravel(), a.ravel()]), 0.9)
+        assert 0 < hi < max(np.abs(a).max(), np.abs(b).max())  # something is clipped
+        np.testing.assert_allclose(ours_c[ka], np.clip(a, -hi, hi), rtol=0, atol=4 * EPS32 * hi)
+        np.testing.assert_allclose(ours_c[kb], np.clip(b, -hi, hi), rtol=0, atol=4 * EPS32 * hi)
+        checked += 1
+    assert checked == 10
+
+
 @pytest.mark.parametrize("ctype", RANDOM_TYPES)
 def test_random_types_match_peft_at_density_one(env, model, rng, ctype):
     """density=1 keeps everything: DARE is deterministic and equals PEFT's."""
@@ -351,14 +383,6 @@ def test_dare_svd_defining_properties(model, rng, ctype):
             for which in (1, 2):
                 kept = np.mean((best == which) | (best == 3))
                 assert abs(kept - density) < 5 * math.sqrt(0.25 / n), (p, which)
-    # the seed fixes the masks; another seed gives other masks
-    model.add_weighted_adapter(["a", "b"], [0.8, 0.5], "c2", combination_type=ctype, density=density, svd_rank=64,
-                               seed=7)
-    model.add_weighted_adapter(["a", "b"], [0.8, 0.5], "c3", combination_type=ctype, density=density, svd_rank=64,
-                               seed=8)
-    p = next(iter(dc))
-    np.testing.assert_array_equal(our_deltas(model, "c2")[p], dc[p])
-    assert not np.allclose(our_deltas(model, "c3")[p], dc[p])
 
 
 @pytest.mark.parametrize("ctype", ["dare_linear", "dare_ties"])
@@ -378,6 +402,13 @@ def test_dare_factor_defining_properties(model, rng, ctype):
         best = _identify(sc[k].astype(np.float64), [sa[k].astype(np.float64), sb[k].astype(np.float64)], fw,
                          density, ctype == "dare_ties")
         assert abs(np.mean(best == 0) - (1 - density) ** 2) < 5 * math.sqrt(0.25 / best.size), k
+    # the seed fixes the masks; another seed gives other masks
+    for name, seed in (("c2", 3), ("c3", 4)):
+        model.add_weighted_adapter(["a", "b"], [1.0, -0.5], name, combination_type=ctype, density=density, seed=seed)
+    s2, s3 = model.get_adapter_state_dict("c2"), model.get_adapter_state_dict("c3")
+    for k in sc:
+        np.testing.assert_array_equal(s2[k], sc[k])
+        assert not np.array_equal(s3[k], sc[k])
 
 
 def test_ties_sign_election_rules():
@@ -470,6 +501,8 @@ def test_errors(model, rng):
         (dict(adapters=["a", "a"], combination_type="ties", density=0.5, majority_sign_method="max"),
          "majority_sign_method"),
         (dict(adapters=["a", "b"], svd_rank=0), "svd_rank"),
+        (dict(adapters=["a", "b"], svd_rank=10**9), "svd_rank 1000000000 exceeds the largest rank"),
+        (dict(adapters=["a", "b"], svd_rank=65), r"exceeds the largest rank a projection's delta can have \(64\)"),
         (dict(adapters=["a", "b"], svd_clamp=2.0), "svd_clamp"),
         (dict(adapters=["a", "b"], svd_driver="lapack"), "svd_driver"),
         (dict(adapters=["a", "b"], seed=-1), "seed"),
@@ -507,6 +540,16 @@ def test_errors_match_peft_messages(env, model, rng):
         with pytest.raises(ValueError) as ours:
             model.add_weighted_adapter(adapters, [0.5, 0.5], "new", combination_type=ctype)
         assert str(ours.value) == str(theirs.value)
+
+
+def test_unused_arguments_warn(model, rng):
+    add_random(model, "a", rng, r=4, lora_alpha=8, target_modules=["q_proj"])
+    add_random(model, "b", rng, r=4, lora_alpha=8, target_modules=["q_proj"])
+    for i, (kw, msg) in enumerate(((dict(density=0.5), "density is not used"),
+                                   (dict(svd_rank=2), "svd_rank is not used"),
+                                   (dict(svd_clamp=0.9), "svd_clamp is not used"))):
+        with pytest.warns(UserWarning, match=msg):
+            model.add_weighted_adapter(["a", "b"], [0.5, 0.5], f"c{i}", combination_type="linear", **kw)
 
 
 def test_uncovered_modules_warn(model, rng):

@@ -284,6 +284,14 @@ def add_weighted_adapter(model, adapters, weights, adapter_name, combination_typ
     elif density is not None and _MERGE_RULE.get(combination_type) not in _USES_DENSITY:
         warnings.warn(f"add_weighted_adapter: density is not used by combination_type {combination_type!r}",
                       UserWarning, stacklevel=3)
+    if svd_rank is not None:
+        limit = max(min(shape) for shape in model._module_shapes().values())
+        if svd_rank > limit:  # components beyond min(out, in) are zeros: refuse a huge allocation
+            raise ValueError(f"add_weighted_adapter: svd_rank {svd_rank} exceeds the largest rank a projection's "
+                             f"delta can have ({limit})")
+        if combination_type not in _SVD:
+            warnings.warn(f"add_weighted_adapter: svd_rank is not used by combination_type {combination_type!r}",
+                          UserWarning, stacklevel=3)
     if svd_clamp is not None and combination_type not in _SVD:
         warnings.warn(f"add_weighted_adapter: svd_clamp is not used by combination_type {combination_type!r}",
                       UserWarning, stacklevel=3)
