@@ -111,13 +111,13 @@ def peft_deltas(pm, name):
 
 def both(env, model, rng, pair, ctype, weights=(0.7, -0.4), **kw):
     """Adds pair's adapters a, b to our model and to PEFT, combines them into c on both sides."""
-    add_random(model, "a", rng, **PAIRS[pair][0])
-    add_random(model, "b", rng, **PAIRS[pair][1])
-    pm = peft_model(env, model, ["a", "b"])
+    add_random(model, "x", rng, **PAIRS[pair][0])
+    add_random(model, "y", rng, **PAIRS[pair][1])
+    pm = peft_model(env, model, ["x", "y"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT warns that density 1 prunes nothing
-        pm.add_weighted_adapter(["a", "b"], list(weights), "c", combination_type=ctype, **kw)
-    model.add_weighted_adapter(["a", "b"], list(weights), "c", combination_type=ctype, **kw)
+        pm.add_weighted_adapter(["x", "y"], list(weights), "c", combination_type=ctype, **kw)
+    model.add_weighted_adapter(["x", "y"], list(weights), "c", combination_type=ctype, **kw)
     return pm
 
 
@@ -156,7 +156,7 @@ def test_cat_matches_peft_exactly_in_structure(env, model, rng, pair):
     assert {k: v.shape for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
     assert_deltas_close(our_deltas(model, "c"), peft_deltas(pm, "c"), "cat")
     # cat is exact: the combined delta is the weighted sum of the deltas
-    da, db, dc = our_deltas(model, "a"), our_deltas(model, "b"), our_deltas(model, "c")
+    da, db, dc = our_deltas(model, "x"), our_deltas(model, "y"), our_deltas(model, "c")
     for p in dc:
         want = 0.7 * da.get(p, 0.0) - 0.4 * db.get(p, 0.0)
         np.testing.assert_allclose(dc[p], want, rtol=0, atol=16 * EPS32 * np.abs(want).max(), err_msg=p)
@@ -214,7 +214,7 @@ def test_svd_types_match_peft(env, model, rng, pair, ctype):
     ours, ref = our_deltas(model, "c"), peft_deltas(pm, "c")
     assert_deltas_close(ours, ref, ctype, rel=64 * EPS32)
     if ctype == "svd":  # untruncated svd is exact
-        da, db = our_deltas(model, "a"), our_deltas(model, "b")
+        da, db = our_deltas(model, "x"), our_deltas(model, "y")
         for p in ours:
             want = 0.7 * da.get(p, 0.0) - 0.4 * db.get(p, 0.0)
             np.testing.assert_allclose(ours[p], want, rtol=0, atol=64 * EPS32 * np.abs(want).max(), err_msg=p)
@@ -230,11 +230,11 @@ def test_truncated_svd_matches_peft(env, model, rng, ctype):
     ours, ref = our_deltas(model, "c"), peft_deltas(pm, "c")
     # the combination before truncation: ours untruncated. svd_rank=64 is above min(out, in) = 32 of
     # k/v_proj, where PEFT fails: we pad with zero components (checked against the weighted sum)
-    model.add_weighted_adapter(["a", "b"], [0.7, -0.4], "full", combination_type=ctype, svd_rank=64, **kw)
+    model.add_weighted_adapter(["x", "y"], [0.7, -0.4], "full", combination_type=ctype, svd_rank=64, **kw)
     exact = our_deltas(model, "full")
     assert {v.shape for v in model.get_adapter_state_dict("full").values()} == {(64, 64), (64, 96), (32, 64), (96, 64)}
     if ctype == "svd":
-        da, db = our_deltas(model, "a"), our_deltas(model, "b")
+        da, db = our_deltas(model, "x"), our_deltas(model, "y")
         for p in exact:
             want = 0.7 * da.get(p, 0.0) - 0.4 * db.get(p, 0.0)
             np.testing.assert_allclose(exact[p], want, rtol=0, atol=64 * EPS32 * np.abs(want).max(), err_msg=p)
@@ -249,12 +249,12 @@ def test_truncated_svd_matches_peft(env, model, rng, ctype):
 def test_truncated_svd_with_tied_singular_values(env, model, rng):
     """With sigma_k = sigma_k+1 the rank-k truncation is not unique: PEFT and we may keep different
     singular vectors. Both must still be optimal truncations (Eckart-Young)."""
-    add_random(model, "a", rng, r=4, lora_alpha=4, target_modules=["q_proj"])
-    add_random(model, "b", rng, r=4, lora_alpha=4, target_modules=["q_proj"])
+    add_random(model, "x", rng, r=4, lora_alpha=4, target_modules=["q_proj"])
+    add_random(model, "y", rng, r=4, lora_alpha=4, target_modules=["q_proj"])
     q = np.linalg.qr(rng.standard_normal((64, 64)))[0]
-    sd = model.get_adapter_state_dict("a")
-    for name, sig in (("a", [3.0, 2.0, 1.0, 1.0]), ("b", [1.0, 1.0, 0.5, 0.25])):  # sigma_4 = sigma_5 = 1
-        cols = slice(0, 4) if name == "a" else slice(4, 8)  # orthogonal ranges: singular values add as sets
+    sd = model.get_adapter_state_dict("x")
+    for name, sig in (("x", [3.0, 2.0, 1.0, 1.0]), ("y", [1.0, 1.0, 0.5, 0.25])):  # sigma_4 = sigma_5 = 1
+        cols = slice(0, 4) if name == "x" else slice(4, 8)  # orthogonal ranges: singular values add as sets
         new = {}
         for k in sd:
             if k.endswith("lora_A.weight"):
@@ -262,10 +262,10 @@ def test_truncated_svd_with_tied_singular_values(env, model, rng):
             else:
                 new[k] = (q[:, cols] * np.array(sig)).astype(np.float32)
         model.set_adapter_state_dict(name, new)
-    pm = peft_model(env, model, ["a", "b"])
-    pm.add_weighted_adapter(["a", "b"], [1.0, 1.0], "c", combination_type="svd", svd_rank=4)
-    model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "c", combination_type="svd", svd_rank=4)
-    exact = {p: our_deltas(model, "a")[p] + our_deltas(model, "b")[p] for p in our_deltas(model, "a")}
+    pm = peft_model(env, model, ["x", "y"])
+    pm.add_weighted_adapter(["x", "y"], [1.0, 1.0], "c", combination_type="svd", svd_rank=4)
+    model.add_weighted_adapter(["x", "y"], [1.0, 1.0], "c", combination_type="svd", svd_rank=4)
+    exact = {p: our_deltas(model, "x")[p] + our_deltas(model, "y")[p] for p in our_deltas(model, "x")}
     for d in (our_deltas(model, "c"), peft_deltas(pm, "c")):
         for p in exact:
             check_eckart_young(d[p], exact[p], 4)
@@ -277,13 +277,13 @@ def test_svd_clamp_rule(env, model, rng):
     implementation: clamped == clip(unclamped, +-quantile(unclamped)), for PEFT and for us."""
     from peft.tuners.lora import LoraLayer
 
-    add_random(model, "a", rng, **PAIRS["lists"][0])
-    add_random(model, "b", rng, **PAIRS["lists"][1])
-    pm = peft_model(env, model, ["a", "b"])
+    add_random(model, "x", rng, **PAIRS["lists"][0])
+    add_random(model, "y", rng, **PAIRS["lists"][1])
+    pm = peft_model(env, model, ["x", "y"])
     for clamp in (None, 0.9):
         name = "u" if clamp is None else "c"
-        pm.add_weighted_adapter(["a", "b"], [0.7, -0.4], name, combination_type="svd", svd_clamp=clamp)
-        model.add_weighted_adapter(["a", "b"], [0.7, -0.4], name, combination_type="svd", svd_clamp=clamp)
+        pm.add_weighted_adapter(["x", "y"], [0.7, -0.4], name, combination_type="svd", svd_clamp=clamp)
+        model.add_weighted_adapter(["x", "y"], [0.7, -0.4], name, combination_type="svd", svd_clamp=clamp)
     ours_u, ours_c = model.get_adapter_state_dict("u"), model.get_adapter_state_dict("c")
     checked = 0
     for n, m in pm.named_modules():
@@ -315,28 +315,45 @@ def test_random_types_match_peft_at_density_one(env, model, rng, ctype):
 def test_rslora_combination_has_scaling_one(env, model, rng):
     """Deliberate difference: PEFT keeps use_rslora on the combined config, which scales its result by
     sqrt(new rank); ours is the documented combination (scaling alpha / r = 1)."""
-    add_random(model, "a", rng, r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj"])
-    add_random(model, "b", rng, r=4, lora_alpha=2, use_rslora=True, target_modules=["q_proj"])
-    pm = peft_model(env, model, ["a", "b"])
-    pm.add_weighted_adapter(["a", "b"], [0.5, 2.0], "c", combination_type="cat")
-    model.add_weighted_adapter(["a", "b"], [0.5, 2.0], "c", combination_type="cat")
+    add_random(model, "x", rng, r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj"])
+    add_random(model, "y", rng, r=4, lora_alpha=2, use_rslora=True, target_modules=["q_proj"])
+    pm = peft_model(env, model, ["x", "y"])
+    pm.add_weighted_adapter(["x", "y"], [0.5, 2.0], "c", combination_type="cat")
+    model.add_weighted_adapter(["x", "y"], [0.5, 2.0], "c", combination_type="cat")
     cfg = model.adapter_config("c")
     assert (cfg.r, cfg.lora_alpha, cfg.use_rslora) == (8, 8, False)
     ours, ref = our_deltas(model, "c"), peft_deltas(pm, "c")
-    da, db = our_deltas(model, "a"), our_deltas(model, "b")
+    da, db = our_deltas(model, "x"), our_deltas(model, "y")
     for p in ours:
         want = 0.5 * da[p] + 2.0 * db[p]
         np.testing.assert_allclose(ours[p], want, rtol=0, atol=16 * EPS32 * np.abs(want).max())
         np.testing.assert_allclose(ours[p] * math.sqrt(8), ref[p], rtol=0, atol=64 * EPS32 * np.abs(ref[p]).max())
 
 
-def test_single_adapter_is_linear_and_exact(env, model, rng):
-    add_random(model, "a", rng, r=4, lora_alpha=8, target_modules=["v_proj", "up_proj"])
-    pm = peft_model(env, model, ["a"])
-    pm.add_weighted_adapter(["a"], [-1.5], "c", combination_type="ties")  # PEFT: one adapter -> linear
-    model.add_weighted_adapter(["a"], [-1.5], "c", combination_type="ties")
+def test_linear_with_rank_pattern_is_padded(env, model, rng, tmp_path):
+    """Equal r but a rank_pattern: PEFT's linear result has the pattern's rank under a config saying r
+    (its own saved adapter then fails to load); ours is padded to r with zero components, the same delta."""
+    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2})
+    add_random(model, "x", rng, **kw)
+    add_random(model, "y", rng, **kw)
+    pm = peft_model(env, model, ["x", "y"])
+    pm.add_weighted_adapter(["x", "y"], [0.6, 0.3], "c", combination_type="linear")
+    model.add_weighted_adapter(["x", "y"], [0.6, 0.3], "c", combination_type="linear")
     check_config(model, pm)
-    ours, da = our_deltas(model, "c"), our_deltas(model, "a")
+    assert {v.shape for v in model.get_adapter_state_dict("c").values()} == {(4, 64), (64, 4), (32, 4)}
+    assert_deltas_close(our_deltas(model, "c"), peft_deltas(pm, "c"), "linear")
+    model.save_adapter(tmp_path, "c", base_model_name_or_path=str(env["tmp"] / "base"))
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(env["base"]), str(tmp_path), adapter_name="c")
+    assert_deltas_close(peft_deltas(back, "c"), peft_deltas(pm, "c"), "linear")
+
+
+def test_single_adapter_is_linear_and_exact(env, model, rng):
+    add_random(model, "x", rng, r=4, lora_alpha=8, target_modules=["v_proj", "up_proj"])
+    pm = peft_model(env, model, ["x"])
+    pm.add_weighted_adapter(["x"], [-1.5], "c", combination_type="ties")  # PEFT: one adapter -> linear
+    model.add_weighted_adapter(["x"], [-1.5], "c", combination_type="ties")
+    check_config(model, pm)
+    ours, da = our_deltas(model, "c"), our_deltas(model, "x")
     assert_deltas_close(ours, peft_deltas(pm, "c"), "linear")
     for p in ours:
         np.testing.assert_allclose(ours[p], -1.5 * da[p], rtol=0, atol=16 * EPS32 * np.abs(da[p]).max())
@@ -368,11 +385,11 @@ def _identify(got, tensors, weights, density, ties):
 @pytest.mark.parametrize("ctype", ["dare_linear_svd", "dare_ties_svd"])
 def test_dare_svd_defining_properties(model, rng, ctype):
     density = 0.3
-    add_random(model, "a", rng, r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj"])
-    add_random(model, "b", rng, r=4, lora_alpha=4, target_modules=["gate_proj", "up_proj"])
-    model.add_weighted_adapter(["a", "b"], [0.8, 0.5], "c", combination_type=ctype, density=density, svd_rank=64,
+    add_random(model, "x", rng, r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj"])
+    add_random(model, "y", rng, r=4, lora_alpha=4, target_modules=["gate_proj", "up_proj"])
+    model.add_weighted_adapter(["x", "y"], [0.8, 0.5], "c", combination_type=ctype, density=density, svd_rank=64,
                                seed=7)
-    da, db, dc = our_deltas(model, "a"), our_deltas(model, "b"), our_deltas(model, "c")
+    da, db, dc = our_deltas(model, "x"), our_deltas(model, "y"), our_deltas(model, "c")
     ties = ctype == "dare_ties_svd"
     for p in dc:
         best = _identify(dc[p], [da[p], db[p]], [0.8, 0.5], density, ties)
@@ -389,10 +406,10 @@ def test_dare_svd_defining_properties(model, rng, ctype):
 def test_dare_factor_defining_properties(model, rng, ctype):
     """dare_linear / dare_ties act on A and on B separately with sqrt(|w scaling|) per factor."""
     density = 0.5
-    add_random(model, "a", rng, r=8, lora_alpha=8, target_modules=["down_proj"])
-    add_random(model, "b", rng, r=8, lora_alpha=16, target_modules=["down_proj"])
-    model.add_weighted_adapter(["a", "b"], [1.0, -0.5], "c", combination_type=ctype, density=density, seed=3)
-    sa, sb, sc = (model.get_adapter_state_dict(n) for n in "abc")
+    add_random(model, "x", rng, r=8, lora_alpha=8, target_modules=["down_proj"])
+    add_random(model, "y", rng, r=8, lora_alpha=16, target_modules=["down_proj"])
+    model.add_weighted_adapter(["x", "y"], [1.0, -0.5], "c", combination_type=ctype, density=density, seed=3)
+    sa, sb, sc = (model.get_adapter_state_dict(n) for n in ("x", "y", "c"))
     w = [1.0 * 1.0, -0.5 * 2.0]  # weight * scaling
     for k in sc:
         if k.endswith("lora_A.weight"):
@@ -404,7 +421,7 @@ def test_dare_factor_defining_properties(model, rng, ctype):
         assert abs(np.mean(best == 0) - (1 - density) ** 2) < 5 * math.sqrt(0.25 / best.size), k
     # the seed fixes the masks; another seed gives other masks
     for name, seed in (("c2", 3), ("c3", 4)):
-        model.add_weighted_adapter(["a", "b"], [1.0, -0.5], name, combination_type=ctype, density=density, seed=seed)
+        model.add_weighted_adapter(["x", "y"], [1.0, -0.5], name, combination_type=ctype, density=density, seed=seed)
     s2, s3 = model.get_adapter_state_dict("c2"), model.get_adapter_state_dict("c3")
     for k in sc:
         np.testing.assert_array_equal(s2[k], sc[k])
@@ -432,9 +449,9 @@ def test_ties_sign_election_rules():
 
 # ---------------------------------------------------------------- the combined adapter is an ordinary adapter
 def test_combined_adapter_forward_save_load_train(env, model, rng, tmp_path):
-    add_random(model, "a", rng, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
-    add_random(model, "b", rng, r=6, lora_alpha=6, target_modules=["q_proj", "o_proj"])
-    model.add_weighted_adapter(["a", "b"], [0.6, 0.4], "mix", combination_type="svd")
+    add_random(model, "x", rng, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    add_random(model, "y", rng, r=6, lora_alpha=6, target_modules=["q_proj", "o_proj"])
+    model.add_weighted_adapter(["x", "y"], [0.6, 0.4], "mix", combination_type="svd")
     ids = rng.integers(3, 100, size=(2, 9))
     model.set_active_adapter("mix")
     logits = model(ids)
@@ -475,44 +492,44 @@ def test_peft_combined_adapter_loads_into_ours(env, model, rng, tmp_path):
 
 # ---------------------------------------------------------------- errors
 def test_errors(model, rng):
-    add_random(model, "a", rng, r=4, lora_alpha=8, target_modules=["q_proj"])
-    add_random(model, "b", rng, r=8, lora_alpha=8, target_modules=["q_proj"])
+    add_random(model, "x", rng, r=4, lora_alpha=8, target_modules=["q_proj"])
+    add_random(model, "y", rng, r=8, lora_alpha=8, target_modules=["q_proj"])
     add_random(model, "s", rng, r=4, lora_alpha=8, target_modules=r".*\.q_proj")
     add_random(model, "p", rng, r=4, lora_alpha=8, target_modules=["q_proj"], rank_pattern={"q_proj": 2})
     add_random(model, "l1", rng, r=4, lora_alpha=8, target_modules=["q_proj"], layers_to_transform=[1])
     add_random(model, "k0", rng, r=4, lora_alpha=8, target_modules=["k_proj"], layers_to_transform=[0])
     w2 = [0.5, 0.5]
     cases = [
-        (dict(adapters=["a", "b"], combination_type="linear"), "All adapters must have the same r value"),
-        (dict(adapters=["a", "b"], combination_type="ties", density=0.5), "All adapters must have the same r value"),
-        (dict(adapters=["a", "s"], combination_type="cat"), "same target modules type"),
-        (dict(adapters=["a", "zz"]), "Adapter zz does not exist"),
-        (dict(adapters=["a", "b"], combination_type="average"), "Invalid combination_type: average"),
-        (dict(adapters=["a"], weights=[1.0], combination_type="average"), "Invalid combination_type"),
-        (dict(adapters=["a", "b"], weights=[1.0]), "one number per adapter"),
-        (dict(adapters=["a", "b"], weights=[1.0, 2.0, 3.0]), "one number per adapter"),
-        (dict(adapters=["a", "b"], weights=[1.0, float("nan")]), r"weights\[1\]"),
-        (dict(adapters=["a", "b"], weights="ab"), "one number per adapter"),
+        (dict(adapters=["x", "y"], combination_type="linear"), "All adapters must have the same r value"),
+        (dict(adapters=["x", "y"], combination_type="ties", density=0.5), "All adapters must have the same r value"),
+        (dict(adapters=["x", "s"], combination_type="cat"), "same target modules type"),
+        (dict(adapters=["x", "zz"]), "Adapter zz does not exist"),
+        (dict(adapters=["x", "y"], combination_type="average"), "Invalid combination_type: average"),
+        (dict(adapters=["x"], weights=[1.0], combination_type="average"), "Invalid combination_type"),
+        (dict(adapters=["x", "y"], weights=[1.0]), "one number per adapter"),
+        (dict(adapters=["x", "y"], weights=[1.0, 2.0, 3.0]), "one number per adapter"),
+        (dict(adapters=["x", "y"], weights=[1.0, float("nan")]), r"weights\[1\]"),
+        (dict(adapters=["x", "y"], weights="ab"), "one number per adapter"),
         (dict(adapters=[]), "non-empty list"),
-        (dict(adapters="a"), "non-empty list"),
-        (dict(adapters=["a", "a"], combination_type="ties"), "needs density"),
-        (dict(adapters=["a", "a"], combination_type="dare_linear", density=0.0), "density must be > 0"),
-        (dict(adapters=["a", "a"], combination_type="ties", density=1.5), r"density must be in \[0.0, 1.0\]"),
-        (dict(adapters=["a", "a"], combination_type="ties", density=0.5, majority_sign_method="max"),
+        (dict(adapters="x"), "non-empty list"),
+        (dict(adapters=["x", "x"], combination_type="ties"), "needs density"),
+        (dict(adapters=["x", "x"], combination_type="dare_linear", density=0.0), "density must be > 0"),
+        (dict(adapters=["x", "x"], combination_type="ties", density=1.5), r"density must be in \[0.0, 1.0\]"),
+        (dict(adapters=["x", "x"], combination_type="ties", density=0.5, majority_sign_method="max"),
          "majority_sign_method"),
-        (dict(adapters=["a", "b"], svd_rank=0), "svd_rank"),
-        (dict(adapters=["a", "b"], svd_rank=10**9), "svd_rank 1000000000 exceeds the largest rank"),
-        (dict(adapters=["a", "b"], svd_rank=65), r"exceeds the largest rank a projection's delta can have \(64\)"),
-        (dict(adapters=["a", "b"], svd_clamp=2.0), "svd_clamp"),
-        (dict(adapters=["a", "b"], svd_driver="lapack"), "svd_driver"),
-        (dict(adapters=["a", "b"], seed=-1), "seed"),
+        (dict(adapters=["x", "y"], svd_rank=0), "svd_rank"),
+        (dict(adapters=["x", "y"], svd_rank=10**9), "svd_rank 1000000000 exceeds the largest rank"),
+        (dict(adapters=["x", "y"], svd_rank=65), r"exceeds the largest rank a projection's delta can have \(64\)"),
+        (dict(adapters=["x", "y"], svd_clamp=2.0), "svd_clamp"),
+        (dict(adapters=["x", "y"], svd_driver="lapack"), "svd_driver"),
+        (dict(adapters=["x", "y"], seed=-1), "seed"),
         # a module of the combined adapter that no adapter has (adapters[0]'s layers, union of targets)
         (dict(adapters=["l1", "k0"], combination_type="cat"), "none of the adapters"),
-        (dict(adapter_name="a"), "already exists"),
+        (dict(adapter_name="x"), "already exists"),
         (dict(adapter_name=""), "non-empty str"),
     ]
     for kw, msg in cases:
-        args = dict(adapters=["a", "b"], weights=w2, adapter_name="new", combination_type="svd")
+        args = dict(adapters=["x", "y"], weights=w2, adapter_name="new", combination_type="svd")
         args.update(kw)
         if "weights" not in kw and isinstance(args["adapters"], list) and len(args["adapters"]) != 2:
             args["weights"] = [1.0] * len(args["adapters"])
@@ -529,12 +546,12 @@ def test_errors(model, rng):
 
 def test_errors_match_peft_messages(env, model, rng):
     """The messages PEFT raises for the same mistakes are the ones we raise."""
-    add_random(model, "a", rng, r=4, lora_alpha=8, target_modules=["q_proj"])
-    add_random(model, "b", rng, r=8, lora_alpha=8, target_modules=["q_proj"])
+    add_random(model, "x", rng, r=4, lora_alpha=8, target_modules=["q_proj"])
+    add_random(model, "y", rng, r=8, lora_alpha=8, target_modules=["q_proj"])
     add_random(model, "s", rng, r=4, lora_alpha=8, target_modules=r".*\.q_proj")
-    pm = peft_model(env, model, ["a", "b", "s"])
-    for adapters, ctype in ((["a", "b"], "linear"), (["a", "s"], "cat"), (["a", "zz"], "svd"),
-                            (["a", "b"], "average")):
+    pm = peft_model(env, model, ["x", "y", "s"])
+    for adapters, ctype in ((["x", "y"], "linear"), (["x", "s"], "cat"), (["x", "zz"], "svd"),
+                            (["x", "y"], "average")):
         with pytest.raises(ValueError) as theirs:
             pm.add_weighted_adapter(adapters, [0.5, 0.5], "new", combination_type=ctype)
         with pytest.raises(ValueError) as ours:
@@ -543,21 +560,21 @@ def test_errors_match_peft_messages(env, model, rng):
 
 
 def test_unused_arguments_warn(model, rng):
-    add_random(model, "a", rng, r=4, lora_alpha=8, target_modules=["q_proj"])
-    add_random(model, "b", rng, r=4, lora_alpha=8, target_modules=["q_proj"])
+    add_random(model, "x", rng, r=4, lora_alpha=8, target_modules=["q_proj"])
+    add_random(model, "y", rng, r=4, lora_alpha=8, target_modules=["q_proj"])
     for i, (kw, msg) in enumerate(((dict(density=0.5), "density is not used"),
                                    (dict(svd_rank=2), "svd_rank is not used"),
                                    (dict(svd_clamp=0.9), "svd_clamp is not used"))):
         with pytest.warns(UserWarning, match=msg):
-            model.add_weighted_adapter(["a", "b"], [0.5, 0.5], f"c{i}", combination_type="linear", **kw)
+            model.add_weighted_adapter(["x", "y"], [0.5, 0.5], f"c{i}", combination_type="linear", **kw)
 
 
 def test_uncovered_modules_warn(model, rng):
     """PEFT keeps adapters[0]'s layers_to_transform: b's layer-0 module is left out; we say so."""
-    add_random(model, "a", rng, r=4, lora_alpha=8, target_modules=["q_proj"], layers_to_transform=[1])
-    add_random(model, "b", rng, r=4, lora_alpha=8, target_modules=["q_proj"])
+    add_random(model, "x", rng, r=4, lora_alpha=8, target_modules=["q_proj"], layers_to_transform=[1])
+    add_random(model, "y", rng, r=4, lora_alpha=8, target_modules=["q_proj"])
     with pytest.warns(RuntimeWarning, match="model.layers.0.self_attn.q_proj"):
-        model.add_weighted_adapter(["a", "b"], [0.5, 0.5], "c", combination_type="linear")
+        model.add_weighted_adapter(["x", "y"], [0.5, 0.5], "c", combination_type="linear")
     assert [(l, p) for l, p, *_ in model.adapter_config("c").resolve(2)] == [(1, "q_proj")]
 
 

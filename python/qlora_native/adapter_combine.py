@@ -34,7 +34,9 @@ Where we differ from PEFT, on purpose (PEFT is silent or crashes there):
     scales its result by sqrt(new rank) instead of 1;
   * where a module's result has fewer than new-rank components (a module whose rank comes from a
     rank_pattern, or svd_rank above the module's min(out, in)), it is padded with zero components,
-    which does not change the delta (PEFT stores a tensor of the wrong shape or fails);
+    which does not change the delta (PEFT keeps the smaller tensor under a config saying r, so its
+    saved adapter does not load, or fails); svd_rank above every projection's min(out, in) raises;
+  * arguments the combination type does not use (density, svd_rank, svd_clamp) give a UserWarning;
   * a module of the combined adapter that none of the adapters has raises ValueError naming it;
     modules of the adapters that the combined config does not cover (PEFT drops them silently:
     only adapters[0]'s layers_to_transform / exclude_modules are kept) give a RuntimeWarning.
