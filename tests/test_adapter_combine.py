@@ -34,6 +34,8 @@ PAIRS = {
     # regex targets: the combined target is "(t1)|(t2)"
     "regex": (dict(r=4, lora_alpha=4, target_modules=r".*\.layers\.0\.self_attn\.(q|v)_proj"),
               dict(r=4, lora_alpha=8, target_modules=r".*\.self_attn\.q_proj")),
+    # target_modules None: PEFT's Llama default {q_proj, v_proj}
+    "default": (dict(r=4, lora_alpha=8), dict(r=2, lora_alpha=2, target_modules=["k_proj"])),
     # different ranks and a rank_pattern (cat / svd only)
     "ranks": (dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], rank_pattern={"down_proj": 2}),
               dict(r=6, lora_alpha=3, target_modules=["q_proj", "up_proj", "down_proj"])),
@@ -143,7 +145,7 @@ def assert_deltas_close(ours, ref, ctype, rel=16 * EPS32):
 
 
 # ---------------------------------------------------------------- parity with PEFT
-@pytest.mark.parametrize("pair", ["lists", "all_linear", "regex", "ranks"])
+@pytest.mark.parametrize("pair", ["lists", "all_linear", "regex", "ranks", "default"])
 def test_cat_matches_peft_exactly_in_structure(env, model, rng, pair):
     pm = both(env, model, rng, pair, "cat")
     check_config(model, pm)
