@@ -76,7 +76,8 @@ print(json.dumps({"rss_growth_kib": after - before, "counter": m.last_train_peak
 def test_peak_rss_with_and_without_checkpointing(tmp_path, rng):
     from helpers_model import make_checkpoint
 
-    path, _, _ = make_checkpoint(tmp_path, rng, layers=8, hidden=128, inter=256, heads=4, kv_heads=2, vocab=100)
+    path, _, _ = make_checkpoint(tmp_path, rng, layers=8, hidden=128, inter=256, heads=4, kv_heads=2, vocab=100,
+                                 max_position_embeddings=1024)  # the sequences below are 1024 long
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     res = {}
     for ck in ("1", "0"):
