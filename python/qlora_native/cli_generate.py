@@ -27,7 +27,10 @@ def add_parser(sub) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty for repeated tokens (1: none)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--quantize", choices=["nf4", "none"], default="nf4", help="base weights in NF4 or fp32")
-    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory to apply")
+    p.add_argument("--adapter", action="append", default=None, metavar="[NAME=]DIR",
+                   help="PEFT LoRA adapter directory (or .gguf LoRA) to apply; repeat to apply several at once")
+    p.add_argument("--adapter-scale", action="append", type=float, default=None, metavar="S",
+                   help="scale of each --adapter, in order (like llama.cpp's --lora-scaled; default 1 each)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.set_defaults(func=run)
 
@@ -75,21 +78,59 @@ def _check_args(args) -> None:
         raise UsageError("give --prompt TEXT (raw text), --chat --prompt TEXT (one chat reply) or --chat (interactive)")
     if args.system is not None and not args.chat:
         raise UsageError("--system needs --chat: the system message goes through the chat template")
+    if args.adapter_scale is not None and len(args.adapter_scale) != len(args.adapter or []):
+        raise UsageError(f"--adapter-scale given {len(args.adapter_scale)} time(s) for {len(args.adapter or [])} "
+                         "--adapter(s): give one scale per adapter, in the same order")
 
 
-def _adapter_prompt_note(args) -> None:
+def _adapter_specs(args) -> list[tuple[str, str, float]]:
+    """(name, directory, scale) of each --adapter [NAME=]DIR (a directory may itself contain '=')."""
+    import os
+    import re
+
+    from .cli_common import UsageError
+
+    specs = []
+    scales = args.adapter_scale or [1.0] * len(args.adapter or [])
+    for i, (spec, scale) in enumerate(zip(args.adapter or [], scales)):
+        name, sep, d = spec.partition("=")
+        if not sep or os.path.exists(spec) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            name, d = f"adapter{i}", spec
+        if any(name == n for n, _, _ in specs):
+            raise UsageError(f"--adapter: the name {name!r} is given twice")
+        specs.append((name, d, scale))
+    return specs
+
+
+def _apply_adapters(model, specs) -> None:
+    """Load the adapters; one at scale 1 is used as it is. Several (or a scale != 1) are combined into
+    one adapter holding exactly sum(scale_i * delta_i) (PEFT's add_weighted_adapter, "cat"), which is what
+    applying each adapter with its scale computes."""
+    for name, d, _ in specs:
+        model.load_adapter(d, name)
+    if not specs:
+        return
+    if len(specs) == 1 and specs[0][2] == 1.0:
+        model.set_active_adapter(specs[0][0])
+        return
+    model.add_weighted_adapter([n for n, _, _ in specs], [s for _, _, s in specs], "__combined__",
+                               combination_type="cat")
+    model.set_active_adapter("__combined__")
+
+
+def _adapter_prompt_note(args, adapter_dir) -> None:
     """When the adapter directory records a prompt format (the demo's does) other than this command's,
     say on stderr which options reproduce it: an adapter prompted unlike its training answers badly."""
     from .cli_common import prompt_flags, read_prompt_info
 
-    info = read_prompt_info(args.adapter)
+    info = read_prompt_info(adapter_dir)
     if not info:
         return
     chat, system = bool(info.get("chat_template")), info.get("system")
     if chat == bool(args.chat) and (not chat or system == args.system):
         return
     want = prompt_flags(chat, system) or "no --chat (raw text prompts)"
-    print(f"[note: adapter {args.adapter} was trained on prompts formatted as {want}; this command differs, "
+    print(f"[note: adapter {adapter_dir} was trained on prompts formatted as {want}; this command differs, "
           f"so expect other answers than in training]", file=sys.stderr)
 
 
@@ -111,12 +152,12 @@ def run(args: argparse.Namespace) -> int:
     if args.chat and tokenizer.chat_template is None:  # said before the weights load
         raise ValueError(f"--chat: {path} has no chat template (tokenizer_config.json / GGUF metadata); "
                          "use --prompt without --chat")
+    specs = _adapter_specs(args)
     model = Model.from_pretrained(path, quantize=None if args.quantize == "none" else "nf4", tokenizer=tokenizer)
-    if args.adapter:
-        model.load_adapter(args.adapter, "default")
+    _apply_adapters(model, specs)
     print(f"[loaded {path} in {time.perf_counter() - t0:.1f}s]", file=sys.stderr)
-    if args.adapter:
-        _adapter_prompt_note(args)
+    for _, d, _ in specs:
+        _adapter_prompt_note(args, d)
     messages = [] if args.system is None else [{"role": "system", "content": args.system}]
     if args.prompt is not None:  # one shot: raw text, or one chat turn
         if args.chat:
