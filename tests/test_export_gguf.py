@@ -431,3 +431,48 @@ def test_lora_gguf_written_elsewhere_and_corrupt(tmp_path):
     assert m.adapters == ["noalpha"]
     with pytest.raises(FileNotFoundError):
         m.load_adapter(tmp_path / "missing.gguf", "x")
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_exported_model_and_lora(tmp_path):
+    """Bench-side check (llama-cpp-python is not a dependency; skipped without it): llama.cpp runs
+    the exported SmolLM2 with the exported LoRA and gives our greedy tokens and logits."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from helpers_smollm import require_smollm
+
+    src = qlora_native.Model.from_pretrained(require_smollm(), quantize=None)
+    base = tmp_path / "base-f16.gguf"
+    src.export_gguf(base, "f16")
+    del src
+    m = qlora_native.Model.from_pretrained(base, quantize=None)
+    prompt = m.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                             tokenize=True)
+    m.add_adapter("ad", LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                                   use_rslora=True, rank_pattern={"k_proj": 4}), seed=1)
+    rng = np.random.default_rng(2)
+    m.set_adapter_state_dict("ad", {k: v if "lora_A" in k else (0.02 * rng.standard_normal(v.shape)).astype(np.float32)
+                                    for k, v in m.get_adapter_state_dict("ad").items()})
+    lora = tmp_path / "ad.gguf"
+    m.export_gguf_lora(lora, "ad")
+
+    def run(**kw):
+        llm = llama_cpp.Llama(model_path=str(base), n_ctx=128, logits_all=True, verbose=False, seed=0, **kw)
+        llm.eval(prompt)
+        logits = np.array(llm.scores[:len(prompt)], np.float32)
+        llm.reset()
+        out = []
+        for t in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0):
+            out.append(t)
+            if len(out) == 12 or t == m.tokenizer.eos_token_id:
+                break
+        return logits, out
+
+    m.set_active_adapter(None)
+    ours_base, g_base = m(np.array([prompt]))[0], m.generate(prompt, 12)[0]
+    lb, tb = run()
+    m.set_active_adapter("ad")
+    ours, g = m(np.array([prompt]))[0], m.generate(prompt, 12)[0]
+    ll, tl = run(lora_path=str(lora), lora_scale=1.0)
+    assert tb == g_base and tl == g
+    assert np.corrcoef((ll - lb).ravel(), (ours - ours_base).ravel())[0, 1] > 0.99  # the adapter's effect
+    assert np.abs(ll - ours).max() < 0.05 * np.abs(ours - ours_base).max() + 0.1
