@@ -55,7 +55,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["write_bytes", "write_text", "save_dir", "recover", "cleanup"]
+__all__ = ["write_file", "write_bytes", "write_text", "save_dir", "recover", "cleanup"]
 
 
 
@@ -204,17 +204,20 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 # ---------------------------------------------------------------- single files
-def write_bytes(path, data: bytes) -> None:
-    """Write `path` atomically: a temporary beside it (mode 0666 & ~umask), fsync, rename, fsync dir."""
+def write_file(path, writer) -> None:
+    """Write `path` atomically: writer(tmp) writes the complete file at a temporary name beside it
+    (`.NAME.qlora-tmp.TAG`: a later save removes it if this process dies), which is then fsync'ed
+    and renamed over `path`; nothing is left behind on an error."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.qlora-tmp.{_tag()}"
     with _registered(tmp):
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            writer(tmp)
+            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except BaseException:
             try:
@@ -223,6 +226,16 @@ def write_bytes(path, data: bytes) -> None:
                 pass
             raise
     _fsync_dir(path.parent)
+
+
+def write_bytes(path, data: bytes) -> None:
+    """write_file of `data`, created with mode 0666 & ~umask (what a plain open() gives)."""
+    def write(tmp):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+
+    write_file(path, write)
 
 
 def write_text(path, text: str) -> None:

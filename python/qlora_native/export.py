@@ -59,10 +59,7 @@ def state_tensors(model, dtype: str = "float32") -> dict[str, np.ndarray]:
         if name.endswith("_proj.weight"):
             w = core.linear_nf4(name[: -len(".weight")])
             if w is not None:
-                t = NF4Tensor.from_arrays(w["packed"], w["absmax"], w["shape"], blocksize=w["blocksize"],
-                                          nested_absmax=w["nested_absmax"], nested_map=w["nested_map"],
-                                          offset=w["offset"] if w["double_quant"] else None)
-                out.update(nf4_tensors(name, t))
+                out.update(nf4_tensors(name, NF4Tensor.from_engine(w)))
                 continue
         out[name] = core.get_tensor(name).reshape(shape).astype(cast, copy=False)
     return out

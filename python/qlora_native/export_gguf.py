@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import atomic_io
 from ._core import FormatError
 from .gguf_source import _GLOBAL_NAMES, _LAYER_NAMES, _unpermute_rows
 from .lora_config import PROJECTIONS, LoraConfig, module_path, peft_tensor_name
@@ -70,31 +71,6 @@ def _permute_rows(w: np.ndarray, n_head: int, name: str) -> np.ndarray:
         raise ValueError(f"tensor {name}: {out} rows do not split into {n_head} heads of even size")
     rest = w.shape[1:]
     return np.ascontiguousarray(w.reshape(n_head, 2, out // n_head // 2, *rest).swapaxes(1, 2).reshape(out, *rest))
-
-
-def _write_atomic(path: Path, writer_fn) -> None:
-    """writer_fn(tmp_path) writes the complete file; it is then fsync'ed and renamed to `path`.
-    Temporary name and mode as atomic_io's (0666 & ~umask, `.NAME.qlora-tmp.TAG`, cleaned up by a
-    later save if this process dies); nothing is left behind on an error."""
-    from . import atomic_io
-
-    tmp = path.parent / f".{path.name}.qlora-tmp.{atomic_io._tag()}"
-    with atomic_io._registered(tmp):
-        try:
-            writer_fn(tmp)
-            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-    atomic_io._fsync_dir(path.parent)
 
 
 def _encode(data: np.ndarray, kind: str):
@@ -154,10 +130,7 @@ def _dense_weight(core, name: str, shape: tuple) -> np.ndarray:
         if w is not None:
             from .nf4 import NF4Tensor
 
-            t = NF4Tensor.from_arrays(w["packed"], w["absmax"], w["shape"], blocksize=w["blocksize"],
-                                      nested_absmax=w["nested_absmax"], nested_map=w["nested_map"],
-                                      offset=w["offset"] if w["double_quant"] else None)
-            return t.dequantize(np.float32).reshape(shape)
+            return NF4Tensor.from_engine(w).dequantize(np.float32).reshape(shape)
     return core.get_tensor(name).reshape(shape)
 
 
@@ -242,7 +215,7 @@ def export_gguf(model, path, dtype: str = "f16") -> None:
             return t if n_head is None else _permute_rows(t, n_head, gname)
 
         sw.tensor(gname, shape, kind, produce)
-    _write_atomic(path, sw.write)
+    atomic_io.write_file(path, sw.write)
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -493,7 +466,7 @@ def export_gguf_lora(model, path, adapter: str | None = None, dtype: str = "f32"
 
         sw.tensor(base + ".lora_a", a.shape, kind, lambda a=a: a)
         sw.tensor(base + ".lora_b", b.shape, kind, prod_b)
-    _write_atomic(path, sw.write)
+    atomic_io.write_file(path, sw.write)
 
 
 # ---------------------------------------------------------------- LoRA load

@@ -193,6 +193,13 @@ class NF4Tensor:
 
     # ---- build from stored arrays (checkpoints)
     @classmethod
+    def from_engine(cls, w: dict) -> "NF4Tensor":
+        """From the dict the engine gives for an NF4 projection (Model.nf4_weight / core.linear_nf4)."""
+        return cls.from_arrays(w["packed"], w["absmax"], w["shape"], blocksize=w["blocksize"],
+                               nested_absmax=w["nested_absmax"], nested_map=w["nested_map"],
+                               offset=w["offset"] if w["double_quant"] else None)
+
+    @classmethod
     def from_arrays(cls, packed, absmax, shape, *, blocksize: int = 64, nested_absmax=None, nested_map=None,
                     offset=None, dtype="float32") -> "NF4Tensor":
         """Rebuild from stored arrays, e.g. a bitsandbytes checkpoint. Double quantization is
