@@ -3,12 +3,13 @@ vocabulary) written with the `gguf` package, a map of where its structures lie, 
 of it for the hardening tests."""
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from helpers_tokenizer import _finish_gguf
 
 VOCAB, HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = 300, 64, 128, 2, 4, 2
 HEAD_DIM = HIDDEN // HEADS
@@ -99,12 +100,7 @@ def write_tiny_gguf(path, seed: int = 0, *, kv_overrides: dict | None = None, dr
             w.add_tensor(name, a.astype(np.float16))
         else:
             w.add_tensor(name, gguf.quants.quantize(a, qt), raw_dtype=qt)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(tmp, out)
-    return out
+    return _finish_gguf(w, tmp, out)
 
 
 # ------------------------------------------------------------------ structure map
