@@ -243,7 +243,7 @@ def test_merge_refused_while_a_generation_runs(tiny):
 
     def stream(row, tok):
         if not errors:
-            for call in (lambda: m.merge_adapter(),  # Python guard (the generation lock)
+            for call in (lambda: m.merge_adapter(),  # the engine: the generation's context is open
                          lambda: m._core.lora_merge("a", False, False, "float32", None)):  # C++ guard
                 try:
                     call()

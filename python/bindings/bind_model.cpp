@@ -3,7 +3,9 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "bind_lora.hpp"
@@ -36,6 +38,32 @@ const int32_t* mask_ptr(const std::optional<I32Array>& mask, int64_t B, int64_t 
   for (int64_t i = 0; i < B * T; ++i) check_arg(m[i] == 0 || m[i] == 1, "attention_mask must hold only 0 and 1");
   return m;
 }
+
+// The adapter of one request: None = the model's active adapter, "__base__" = none (PEFT's
+// convention), else the named adapter (ValueError naming the loaded ones when unknown).
+LlamaModel::AdapterRef request_adapter(LlamaModel& self, const std::optional<std::string>& name) {
+  if (!name) return self.active_adapter();
+  if (*name == "__base__") return nullptr;
+  const std::vector<std::string> names = self.adapter_names();
+  if (std::find(names.begin(), names.end(), *name) == names.end()) {
+    std::string have;
+    for (const auto& n : names) have += (have.empty() ? "'" : ", '") + n + "'";
+    throw ValueError("adapter_name: no adapter named '" + *name + "' (loaded: " + (have.empty() ? "none" : have) +
+                     "; '__base__' = no adapter)");
+  }
+  return self.adapter(*name);  // may still raise if it was deleted meanwhile
+}
+
+// A Python handle on a GenerationContext; close() (or garbage collection) frees its cache. The
+// Python object keeps its model alive (keep_alive in new_context).
+struct PyContext {
+  std::unique_ptr<model::GenerationContext> ctx;
+  int64_t vocab = 0;
+  model::GenerationContext& get() {
+    check_arg(ctx != nullptr, "context is closed");
+    return *ctx;
+  }
+};
 
 template <class T>
 py::array_t<T> download_array(Backend& be, const void* src, std::vector<py::ssize_t> shape, size_t bytes) {
@@ -77,6 +105,31 @@ void bind_model(py::module_& m) {
       .def_readwrite("sliding_window", &LlamaConfig::sliding_window)
       .def("validate", &LlamaConfig::validate)
       .def("rope_inv_freq", [](const LlamaConfig& c) { return model::rope_inv_freq(c); });
+
+  py::class_<PyContext>(mm, "GenerationContext",
+                        "One generation request (KV cache + the adapter it started with); feed from one thread "
+                        "at a time, different contexts of one model from several threads at once.")
+      .def(
+          "feed",
+          [](PyContext& self, const I32Array& ids, const std::optional<I32Array>& mask) {
+            model::GenerationContext& c = self.get();
+            auto [B, T] = batch_shape(ids, "input_ids");
+            check_arg(B == c.batch(), "feed: batch differs from the context's");
+            const int32_t* mp = mask_ptr(mask, B, T);
+            py::array_t<float> out({B, self.vocab});
+            float* o = out.mutable_data();
+            {
+              py::gil_scoped_release nogil;
+              c.feed(ids.data(), mp, T, o);
+            }
+            return out;
+          },
+          py::arg("input_ids"), py::arg("attention_mask") = py::none())
+      .def("close", [](PyContext& self) { self.ctx.reset(); }, "Frees the KV cache now (idempotent).")
+      .def_property_readonly("closed", [](PyContext& self) { return self.ctx == nullptr; })
+      .def_property_readonly("batch", [](PyContext& self) { return self.get().batch(); })
+      .def_property_readonly("used", [](PyContext& self) { return self.get().cache().used(); })
+      .def_property_readonly("capacity", [](PyContext& self) { return self.get().cache().capacity(); });
 
   py::class_<LlamaModel> llama_cls(mm, "LlamaModel");
   bind_lora_methods(llama_cls);
@@ -143,19 +196,35 @@ void bind_model(py::module_& m) {
           py::arg("name"), py::arg("nf4"))
       .def(
           "forward",
-          [](LlamaModel& self, const I32Array& ids, const std::optional<I32Array>& mask) {
+          [](LlamaModel& self, const I32Array& ids, const std::optional<I32Array>& mask,
+             const std::optional<std::string>& adapter) {
             auto [B, T] = batch_shape(ids, "input_ids");
             const int32_t* mp = mask_ptr(mask, B, T);
             const int64_t V = self.config().vocab_size;
+            const LlamaModel::AdapterRef ad = request_adapter(self, adapter);  // held to the end of the pass
             py::array_t<float> out({B, T, V});
             float* o = out.mutable_data();
             {
               py::gil_scoped_release nogil;
-              self.forward(ids.data(), mp, B, T, o);
+              self.forward(ad, ids.data(), mp, B, T, o);
             }
             return out;
           },
-          py::arg("input_ids"), py::arg("attention_mask") = py::none())
+          py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("adapter") = py::none())
+      .def(
+          "new_context",
+          [](LlamaModel& self, int64_t batch, int64_t capacity, const std::optional<std::string>& adapter) {
+            LlamaModel::AdapterRef ad = request_adapter(self, adapter);
+            PyContext c;
+            c.vocab = self.config().vocab_size;
+            {
+              py::gil_scoped_release nogil;  // allocating a large cache can take a while
+              c.ctx = self.new_context(batch, capacity, std::move(ad));
+            }
+            return c;
+          },
+          py::keep_alive<0, 1>(), py::arg("batch"), py::arg("capacity"), py::arg("adapter") = py::none())
+      .def_property_readonly("open_contexts", &LlamaModel::open_contexts)
       .def("start", &LlamaModel::start, py::arg("batch"), py::arg("capacity"))
       .def(
           "feed",

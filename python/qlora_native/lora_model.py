@@ -12,6 +12,7 @@ scaling * B(A(dropout(x))). Tensors are exchanged under PEFT names
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -94,6 +95,23 @@ class LoraModelMixin:
             raise ValueError(f"adapter {name!r} is merged into the weights (applying it again would double it); "
                              f"unmerge_adapter() first")
         self._core.lora_set_active(name or "")
+
+    def set_adapter(self, name: str | None) -> None:
+        """PEFT's name for set_active_adapter: `name` becomes the adapter of later requests (None: the base
+        model). One call can also pick its own adapter: generate(..., adapter_name=...)."""
+        self.set_active_adapter(name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Context manager (PEFT's): inside it the base model runs (no active adapter); on exit, also on an
+        exception, the adapter active before is restored (unless it was deleted inside)."""
+        prev = self.active_adapter
+        self.set_active_adapter(None)
+        try:
+            yield self
+        finally:
+            if prev is not None and prev in self._lora_state() and prev != self.merged_adapter:
+                self.set_active_adapter(prev)
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter `name` (the base model becomes active if it was active). Requests running

@@ -71,15 +71,9 @@ def _progress_cb(progress):
 
 
 def _guarded(model, fn):
-    """Runs fn() unless a generation holds the model (the C++ side refuses running passes too)."""
-    lock = model.__dict__.get("_gen_lock")
-    if lock is not None and not lock.acquire(blocking=False):
-        raise ValueError("merge: a generation is running on this model; merge after it has finished")
-    try:
-        return fn()
-    finally:
-        if lock is not None:
-            lock.release()
+    """Runs fn(); the engine refuses (ValueError) while a generation context is open on the model or a
+    pass reads its weights (generate runs each call in its own context)."""
+    return fn()
 
 
 def merge_adapter(model, name=None, *, quantize=None, dtype="float32", progress=None) -> None:

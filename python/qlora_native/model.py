@@ -12,7 +12,6 @@ is never held twice in full precision.
 from __future__ import annotations
 
 import os
-import threading
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -147,13 +146,11 @@ class Model(LoraModelMixin):
     # generate). True: accepted; positions past the trained range extrapolate RoPE, and the
     # output quality usually collapses.
     allow_long_context: bool = False
-    _gen_thread: int | None = None  # the thread inside generate (a stream callback re-entering)
 
     def __init__(self, config: ModelConfig, core: "_core.model.LlamaModel", tokenizer=None):
         self.config = config
         self._core = core
         self.tokenizer = tokenizer
-        self._gen_lock = threading.Lock()  # one generation at a time: the KV cache lives in the model
 
     # ------------------------------------------------------------ loading
     @classmethod
@@ -215,12 +212,24 @@ class Model(LoraModelMixin):
         return model
 
     # ------------------------------------------------------------ forward
-    def __call__(self, input_ids, attention_mask=None) -> np.ndarray:
-        """Logits np.float32 [B, T, V] for input_ids [B, T] (or [T]); attention_mask 1 = token, 0 = pad."""
+    def __call__(self, input_ids, attention_mask=None, *, adapter_name: str | None = None) -> np.ndarray:
+        """Logits np.float32 [B, T, V] for input_ids [B, T] (or [T]); attention_mask 1 = token, 0 = pad.
+        adapter_name: this call's adapter (None: the active one; "__base__": none). Safe to call from
+        several threads at once."""
         ids = self._check_ids(input_ids)
         mask = None if attention_mask is None else _as_mask(attention_mask, ids.shape)
         self._check_context(_longest_row(ids, mask), "input_ids")
-        return self._core.forward(ids, mask)
+        return self._core.forward(ids, mask, self._adapter_arg(adapter_name))
+
+    def _adapter_arg(self, name):
+        """A per-call adapter_name: None (the active adapter), "__base__" (none) or a loaded adapter's name
+        (the engine checks it is loaded and lists the loaded ones otherwise)."""
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"adapter_name must be an adapter's name, '__base__' or None, got {_short(name)}")
+        if name is not None and name == self.merged_adapter:
+            raise ValueError(f"adapter_name: adapter {name!r} is merged into the weights (applying it again would "
+                             f"double it); use '__base__' or unmerge_adapter() first")
+        return name
 
     def _check_context(self, length: int, what: str) -> None:
         """ValueError when `length` positions exceed max_position_embeddings (unless allow_long_context)."""
@@ -260,6 +269,7 @@ class Model(LoraModelMixin):
         stop: str | Sequence[str] | None = None,
         stream: Callable[[int, int], None] | None = None,
         pad_token_id: int = 0,
+        adapter_name: str | None = None,
     ) -> list[list[int]]:
         """Generates up to max_new_tokens per prompt; returns the new tokens of each row.
 
@@ -269,12 +279,13 @@ class Model(LoraModelMixin):
         temperature 0 is greedy; top_k / top_p / repetition_penalty follow transformers.
         eos_token_id: "config" (the config's), None, an id or ids; the EOS token is kept in the
         output. stop: strings that end a row once its decoded output contains one (needs a
-        tokenizer). stream(row, token) is called for every new token; it may not call generate
-        (RuntimeError). Prompt + max_new_tokens must fit max_position_embeddings unless
-        model.allow_long_context is True."""
-        if self._gen_thread == threading.get_ident():
-            raise RuntimeError("generate called from inside its own stream callback: the model runs one generation "
-                               "at a time; collect the tokens and call generate after it returns")
+        tokenizer). stream(row, token) is called for every new token (it may call generate or
+        model(...) itself). Prompt + max_new_tokens must fit max_position_embeddings unless
+        model.allow_long_context is True. adapter_name: the adapter of this call (None: the active
+        one; "__base__": none), kept to its last token whatever set_adapter / delete_adapter do
+        meanwhile. Each call runs in its own context (its own KV cache, the weights shared): calls
+        from several threads run at once."""
+        adapter_name = self._adapter_arg(adapter_name)
         prompts = self._prompts(input_ids, attention_mask)
         V = self.config.vocab_size
         max_new_tokens = _int_arg("max_new_tokens", max_new_tokens, 0)
@@ -324,14 +335,13 @@ class Model(LoraModelMixin):
             ids[b, P - len(p):] = p
             mask[b, P - len(p):] = 1
         history = [list(p) for p in prompts]
-        core = self._core
-        with self._gen_lock:
-            self._gen_thread = threading.get_ident()
-            try:
-                self._decode(core, ids, mask, P + max_new_tokens, max_new_tokens, sampler, sample_args, history, out,
-                             eos, stops, stream, pad_token_id)
-            finally:
-                self._gen_thread = None
+        # This request's context: its KV cache and the adapter it keeps to its last token.
+        ctx = self._core.new_context(B, P + max_new_tokens, adapter_name)
+        try:
+            self._decode(ctx, ids, mask, max_new_tokens, sampler, sample_args, history, out, eos, stops, stream,
+                         pad_token_id)
+        finally:
+            ctx.close()  # the cache is freed now, not when the garbage collector gets to it
         return out
 
     def _check_kv_memory(self, batch: int, capacity: int) -> None:
@@ -350,36 +360,32 @@ class Model(LoraModelMixin):
         if capacity >= 2**31:  # positions are int32 in the engine
             raise ValueError(f"max_new_tokens: {capacity} tokens per row exceed the engine's limit of 2^31 - 1")
 
-    def _decode(self, core, ids, mask, capacity, max_new_tokens, sampler, sample_args, history, out, eos, stops,
-                stream, pad_token_id):
+    def _decode(self, ctx, ids, mask, max_new_tokens, sampler, sample_args, history, out, eos, stops, stream,
+                pad_token_id):
         B = len(out)
         done = [False] * B
-        core.start(B, capacity)
-        try:
-            logits = core.feed(ids, mask)  # [B, V]
-            no_hist = np.zeros(0, np.int32)
-            penalty = sample_args["repetition_penalty"] != 1.0  # the only use of the history
-            for step in range(max_new_tokens):
-                nxt = np.full((B, 1), pad_token_id, np.int32)
-                live = np.zeros((B, 1), np.int32)
-                rows = [b for b in range(B) if not done[b]]
-                hists = [np.asarray(history[b], np.int32) if penalty else no_hist for b in rows]
-                # One C++ call per step for all rows (greedy rows in parallel), in row order.
-                toks = sampler.sample_rows(logits, np.asarray(rows, np.int32), hists, **sample_args).tolist()
-                for b, tok in zip(rows, toks):
-                    out[b].append(tok)
-                    history[b].append(tok)
-                    if stream is not None:
-                        stream(b, tok)
-                    if tok in eos or (stops and self._hit_stop(out[b], stops)):
-                        done[b] = True
-                    else:
-                        nxt[b, 0], live[b, 0] = tok, 1
-                if all(done) or step == max_new_tokens - 1:
-                    break
-                logits = core.feed(nxt, live)
-        finally:
-            core.stop()
+        logits = ctx.feed(ids, mask)  # [B, V]
+        no_hist = np.zeros(0, np.int32)
+        penalty = sample_args["repetition_penalty"] != 1.0  # the only use of the history
+        for step in range(max_new_tokens):
+            nxt = np.full((B, 1), pad_token_id, np.int32)
+            live = np.zeros((B, 1), np.int32)
+            rows = [b for b in range(B) if not done[b]]
+            hists = [np.asarray(history[b], np.int32) if penalty else no_hist for b in rows]
+            # One C++ call per step for all rows (greedy rows in parallel), in row order.
+            toks = sampler.sample_rows(logits, np.asarray(rows, np.int32), hists, **sample_args).tolist()
+            for b, tok in zip(rows, toks):
+                out[b].append(tok)
+                history[b].append(tok)
+                if stream is not None:
+                    stream(b, tok)
+                if tok in eos or (stops and self._hit_stop(out[b], stops)):
+                    done[b] = True
+                else:
+                    nxt[b, 0], live[b, 0] = tok, 1
+            if all(done) or step == max_new_tokens - 1:
+                break
+            logits = ctx.feed(nxt, live)
 
     def _hit_stop(self, tokens: list[int], stops: list[str]) -> bool:
         # Decode a tail long enough to hold any stop string (a token is at least one char or byte).

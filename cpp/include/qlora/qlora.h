@@ -9,8 +9,11 @@
  *  - Functions returning int return QLORA_OK (0) on success and a negative qlora_status on
  *    failure; functions returning a pointer return NULL on failure. Either way
  *    qlora_last_error() then describes the failure. No C++ exception crosses this boundary.
- *  - Threads: calls on one model are serialized internally (a model holds one KV cache); use
- *    one model per thread for parallel work. qlora_last_error() is per thread.
+ *  - Threads: qlora_generate and qlora_model_forward on one model may run from several threads
+ *    at once (each call has its own KV cache; the weights are shared, not copied); the adapter
+ *    and training calls wait for them and run alone. A token callback must not call qlora_*
+ *    functions on the same model other than qlora_generate / qlora_model_forward.
+ *    qlora_last_error() is per thread.
  *  - Token ids are int32 in [0, n_vocab); logits are float32, row-major.
  */
 #ifndef QLORA_H
@@ -107,7 +110,7 @@ QLORA_API int qlora_generate(qlora_model* model, const int32_t* prompt, int64_t 
 
 
 /* ---- LoRA training (CPU backend; the base model stays frozen) -------------------------------
- * Adapters belong to the model and are freed with it. Calls on one model are serialized. */
+ * Adapters belong to the model and are freed with it. These calls on one model are serialized. */
 
 /* Bits of qlora_lora_params.target_mask, one per projection of every layer. */
 enum {

@@ -6,6 +6,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <vector>
 
@@ -20,7 +21,9 @@
 struct qlora_model {
   std::unique_ptr<qlora::model::LlamaModel> m;
   qlora::model::HfConfig info;
-  std::mutex mu;  // one KV cache per model: calls are serialized
+  // Generation and forward run in their own context and take this shared (several threads at
+  // once); adapter and training calls, which change adapters and lora_specs, take it exclusive.
+  std::shared_mutex mu;
   double train_lr = 0.0;  // qlora_train_configure's default lr
   std::map<std::string, qlora::model::LoraInitSpec> lora_specs;  // adapter name -> its spec (for saving)
 };
@@ -110,7 +113,7 @@ QLORA_API int qlora_model_forward(qlora_model* model, const int32_t* ids, int64_
               "qlora_model_forward: n_tokens must be in [1, 2^31), got " + std::to_string(n_tokens));
     check_arg(ids != nullptr && logits_out != nullptr, "qlora_model_forward: ids and logits_out must not be NULL");
     check_ids(ids, n_tokens, model->info.cfg.vocab_size, "qlora_model_forward");
-    std::lock_guard<std::mutex> lock(model->mu);
+    std::shared_lock<std::shared_mutex> lock(model->mu);
     model->m->forward(ids, nullptr, 1, n_tokens, logits_out);  // logits_out [n_tokens, V]
     return QLORA_OK;
   });
@@ -140,7 +143,7 @@ QLORA_API int qlora_generate(qlora_model* model, const int32_t* prompt, int64_t 
     sp.validate();  // before any compute
     if (max_new_tokens == 0) return QLORA_OK;
 
-    std::lock_guard<std::mutex> lock(model->mu);
+    std::shared_lock<std::shared_mutex> lock(model->mu);
     qlora::model::LlamaModel& m = *model->m;
     qlora::model::Sampler sampler(p.seed);
     // Model.generate (Python) validates with one sample of a 1-token row, which takes a draw
@@ -149,12 +152,9 @@ QLORA_API int qlora_generate(qlora_model* model, const int32_t* prompt, int64_t 
     sampler.sample(&one, 1, nullptr, 0, sp);
     std::vector<int32_t> history(prompt, prompt + n_prompt);  // prompt + generated (repetition penalty)
     std::vector<float> logits(static_cast<size_t>(V));       // [V] of the last fed token
-    struct StopGuard {  // the cache is dropped on every exit path
-      qlora::model::LlamaModel& m;
-      ~StopGuard() { m.stop(); }
-    } stop_guard{m};
-    m.start(1, n_prompt + max_new_tokens);
-    m.feed(prompt, nullptr, n_prompt, logits.data());
+    // This call's own context (freed on every exit path): calls from several threads run at once.
+    const auto ctx = m.new_context(1, n_prompt + max_new_tokens);
+    ctx->feed(prompt, nullptr, n_prompt, logits.data());
     for (int64_t step = 0; step < max_new_tokens; ++step) {
       const int32_t tok = sampler.sample(logits.data(), V, history.data(), static_cast<int64_t>(history.size()), sp);
       out_tokens[step] = tok;
@@ -163,7 +163,7 @@ QLORA_API int qlora_generate(qlora_model* model, const int32_t* prompt, int64_t 
       bool done = cb != nullptr && cb(tok, user) != 0;
       for (int64_t i = 0; i < p.n_stop_ids && !done; ++i) done = p.stop_ids[i] == tok;
       if (done || step == max_new_tokens - 1) break;
-      m.feed(&tok, nullptr, 1, logits.data());
+      ctx->feed(&tok, nullptr, 1, logits.data());
     }
     return QLORA_OK;
   });
@@ -188,7 +188,7 @@ QLORA_API int qlora_adapter_add(qlora_model* model, const char* name, const qlor
     qlora::model::LoraInitSpec s;
     s.r = p.r, s.alpha = p.alpha, s.dropout = p.dropout, s.use_rslora = p.use_rslora != 0;
     s.target_mask = p.target_mask, s.seed = p.seed;
-    std::lock_guard<std::mutex> lock(model->mu);
+    std::unique_lock<std::shared_mutex> lock(model->mu);
     model->m->add_adapter(name, qlora::model::new_lora_adapter(*model->m, s));
     model->m->set_active_adapter(name);
     model->lora_specs[name] = s;
@@ -202,7 +202,7 @@ QLORA_API int qlora_train_configure(qlora_model* model, float lr, float weight_d
     check_arg(std::isfinite(lr) && lr >= 0.0f, "qlora_train_configure: lr must be finite and >= 0");
     check_arg(std::isfinite(weight_decay) && weight_decay >= 0.0f,
               "qlora_train_configure: weight_decay must be finite and >= 0");
-    std::lock_guard<std::mutex> lock(model->mu);
+    std::unique_lock<std::shared_mutex> lock(model->mu);
     qlora::model::LlamaModel& m = *model->m;
     check_arg(!m.active_adapter_name().empty(), "qlora_train_configure: no active adapter (qlora_adapter_add first)");
     check_arg(m.backend().host_memory(), "qlora_train_configure: training is implemented for the CPU backend only");
@@ -225,7 +225,7 @@ QLORA_API int qlora_train_step(qlora_model* model, const int32_t* ids, const int
               "qlora_train_step: need batch >= 1, seq >= 2 and batch * seq < 2^31");
     check_arg(!std::isnan(lr) && !std::isnan(max_grad_norm), "qlora_train_step: lr / max_grad_norm is NaN");
     check_ids(ids, batch * seq, model->info.cfg.vocab_size, "qlora_train_step");
-    std::lock_guard<std::mutex> lock(model->mu);
+    std::unique_lock<std::shared_mutex> lock(model->mu);
     const double step_lr = lr < 0.0f ? model->train_lr : lr;
     const double loss = qlora::model::lora_train_step(*model->m, ids, labels, batch, seq, step_lr, max_grad_norm);
     if (loss_out) *loss_out = static_cast<float>(loss);
@@ -237,7 +237,7 @@ QLORA_API int qlora_adapter_save(qlora_model* model, const char* dir) {
   return guard([&] {
     check_arg(model != nullptr, "qlora_adapter_save: model is NULL");
     check_arg(dir != nullptr && *dir, "qlora_adapter_save: dir is NULL or empty");
-    std::lock_guard<std::mutex> lock(model->mu);
+    std::unique_lock<std::shared_mutex> lock(model->mu);
     const std::string name = model->m->active_adapter_name();
     check_arg(!name.empty() && model->lora_specs.count(name), "qlora_adapter_save: no active adapter");
     qlora::model::save_lora_adapter(*model->m, *model->m->adapter(name), model->lora_specs.at(name), dir);

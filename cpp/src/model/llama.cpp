@@ -25,27 +25,48 @@ void LlamaModel::check_complete() const {
 }
 
 void LlamaModel::forward(const int32_t* ids, const int32_t* mask, int64_t B, int64_t T, float* logits) {
+  forward(active_adapter(), ids, mask, B, T, logits);
+}
+
+void LlamaModel::forward(const AdapterRef& ad, const int32_t* ids, const int32_t* mask, int64_t B, int64_t T,
+                         float* logits) {
   check_arg(B >= 1 && T >= 1, "forward: input_ids must be a non-empty [batch, seq] array");
   std::shared_lock<std::shared_mutex> wl(weights_mu_);  // no merge while the pass reads the weights
-  const AdapterRef ad = active_adapter();  // held to the end of the pass
   KvCache tmp(be_, w_->cfg, B, T);
-  run(tmp, ad.get(), ids, mask, T, /*all_rows=*/true, logits);
+  run(tmp, ad.get(), ids, mask, T, /*all_rows=*/true, logits);  // `ad` is held by the caller to the end
+}
+
+GenerationContext::GenerationContext(LlamaModel& m, int64_t B, int64_t capacity, std::shared_ptr<LoraAdapter> ad)
+    : m_(m), cache_(m.be_, m.w_->cfg, B, capacity), adapter_(std::move(ad)), bytes_(cache_.bytes()) {
+  // Counted under weights_mu_ shared: merge_adapter (exclusive) sees this context or it does not
+  // exist yet, and a context created while a merge runs waits for the merge to finish.
+  std::shared_lock<std::shared_mutex> wl(m.weights_mu_);
+  m.open_contexts_.fetch_add(1);
+  m.ctx_bytes_.fetch_add(bytes_);
+}
+
+GenerationContext::~GenerationContext() {
+  m_.ctx_bytes_.fetch_sub(bytes_);
+  m_.open_contexts_.fetch_sub(1);
+}
+
+void GenerationContext::feed(const int32_t* ids, const int32_t* mask, int64_t T, float* logits) {
+  std::shared_lock<std::shared_mutex> wl(m_.weights_mu_);
+  m_.run(cache_, adapter_.get(), ids, mask, T, /*all_rows=*/false, logits);
+}
+
+std::unique_ptr<GenerationContext> LlamaModel::new_context(int64_t B, int64_t capacity, AdapterRef ad) {
+  return std::unique_ptr<GenerationContext>(new GenerationContext(*this, B, capacity, std::move(ad)));
 }
 
 void LlamaModel::start(int64_t B, int64_t capacity) {
-  std::shared_lock<std::shared_mutex> wl(weights_mu_);  // merge_adapter sees gen_bytes_ set or not at all
   stop();  // the previous cache is freed before the new one is allocated
-  Generation g;
-  g.cache = std::make_unique<KvCache>(be_, w_->cfg, B, capacity);
-  g.adapter = active_adapter();
-  gen_bytes_ = g.cache->bytes();
-  gen_ = std::move(g);
+  gen_ = new_context(B, capacity);
 }
 
 void LlamaModel::feed(const int32_t* ids, const int32_t* mask, int64_t T, float* logits) {
-  check_arg(gen_.cache != nullptr, "feed: no generation started (call start first)");
-  std::shared_lock<std::shared_mutex> wl(weights_mu_);
-  run(*gen_.cache, gen_.adapter.get(), ids, mask, T, /*all_rows=*/false, logits);
+  check_arg(gen_ != nullptr, "feed: no generation started (call start first)");
+  gen_->feed(ids, mask, T, logits);
 }
 
 void LlamaModel::run(KvCache& cache, const LoraAdapter* ad, const int32_t* ids, const int32_t* mask, int64_t T,
@@ -168,7 +189,7 @@ std::map<std::string, size_t> LlamaModel::memory_footprint() const {
   return {{"nf4_weights", nf4},
           {"quant_constants", quant},
           {"other_weights", other},
-          {"kv_cache", gen_bytes_.load()},
+          {"kv_cache", ctx_bytes_.load()},
           {"lora_adapters", lora}};
 }
 

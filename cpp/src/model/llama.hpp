@@ -18,6 +18,35 @@
 
 namespace qlora::model {
 
+class LlamaModel;
+
+// One generation request: its own KV cache and the adapter it started with (null: the base
+// model), over a model's shared weights. Contexts of one model may be fed from different threads
+// at once (the weights are read-only to them); one context is used by one thread at a time.
+// While any context is open merge_adapter is refused. A context must be destroyed before its
+// model; destroying it frees its cache.
+class GenerationContext {
+ public:
+  ~GenerationContext();
+  GenerationContext(const GenerationContext&) = delete;
+  GenerationContext& operator=(const GenerationContext&) = delete;
+
+  // Feeds T tokens per row (prefill: the left-padded prompts; decode: T = 1); logits[B, V] (host)
+  // of each row's last slot.
+  void feed(const int32_t* ids, const int32_t* mask, int64_t T, float* logits);
+  const KvCache& cache() const { return cache_; }
+  int64_t batch() const { return cache_.batch(); }
+  const LoraAdapter* adapter() const { return adapter_.get(); }
+
+ private:
+  friend class LlamaModel;
+  GenerationContext(LlamaModel& m, int64_t B, int64_t capacity, std::shared_ptr<LoraAdapter> ad);
+  LlamaModel& m_;
+  KvCache cache_;
+  std::shared_ptr<LoraAdapter> adapter_;  // taken at creation, kept to the end
+  size_t bytes_ = 0;
+};
+
 class LlamaModel {
  public:
   LlamaModel(Backend& be, const LlamaConfig& cfg, const QuantSpec& quant);
@@ -36,20 +65,25 @@ class LlamaModel {
 
   // Logits for every position: ids[B, T], mask[B, T] (host, int32; mask may be null = all ones)
   // -> logits[B, T, V] (host). Uses a temporary cache; the generation cache is untouched. Runs
-  // with the adapter active when it is called.
+  // with the adapter active when it is called. Safe to call from several threads at once.
   void forward(const int32_t* ids, const int32_t* mask, int64_t B, int64_t T, float* logits);
+  // The same with an explicit adapter (null: the base model).
+  void forward(const AdapterRef& ad, const int32_t* ids, const int32_t* mask, int64_t B, int64_t T, float* logits);
 
-  // Generation: start a cache for B rows and `capacity` slots, then feed chunks of T tokens per
-  // row (prefill: the left-padded prompts; decode: T = 1). Returns the logits of each row's last
-  // slot, logits[B, V] (host). The adapter active at start() is used until stop(). One
-  // generation at a time per model (callers serialize start..stop).
+  // A new generation context for B rows and `capacity` slots using adapter `ad` (null: the base
+  // model); the overload without it takes the adapter active now. Thread-safe.
+  std::unique_ptr<GenerationContext> new_context(int64_t B, int64_t capacity, AdapterRef ad);
+  std::unique_ptr<GenerationContext> new_context(int64_t B, int64_t capacity) {
+    return new_context(B, capacity, active_adapter());
+  }
+  int64_t open_contexts() const { return open_contexts_.load(); }
+
+  // One default context owned by the model (start = new_context, stop = free it), for callers
+  // that generate one request at a time; not thread-safe (callers serialize start..stop).
   void start(int64_t B, int64_t capacity);
   void feed(const int32_t* ids, const int32_t* mask, int64_t T, float* logits);
-  void stop() {
-    gen_ = Generation{};
-    gen_bytes_ = 0;
-  }
-  const KvCache* cache() const { return gen_.cache.get(); }
+  void stop() { gen_.reset(); }
+  const KvCache* cache() const { return gen_ ? &gen_->cache() : nullptr; }
 
   // ---- LoRA adapters and training (llama_train.cpp). Thread-safe among themselves and with
   // running requests.
@@ -79,8 +113,9 @@ class LlamaModel {
   // all or nothing: the new projections are built first and swapped in at the end. Projections
   // the adapter does not touch are dequantized / rounded too unless they would stay as they are
   // (so an unquantized merge leaves no NF4 projection behind). Merging deactivates the adapter.
-  // Refused (ValueError) while a forward, training pass or generation (start..stop) runs: those
-  // hold weights_mu_ shared for their duration. progress(layer + 1) after each layer.
+  // Refused (ValueError) while a forward or training pass runs (they hold weights_mu_ shared for
+  // their duration) or any generation context is open (open_contexts_, counted under weights_mu_
+  // shared; checked here under the exclusive lock). progress(layer + 1) after each layer.
   void merge_adapter(const std::string& name, const MergeOptions& opt,
                      const std::function<void(int64_t)>& progress = {});
 
@@ -96,16 +131,13 @@ class LlamaModel {
   LossResult train_pass(LoraAdapter* ad, const int32_t* ids, const int32_t* mask, const int32_t* labels, int64_t B,
                         int64_t T, float grad_scale, bool training, bool checkpointing, bool backward);
 
-  struct Generation {
-    std::unique_ptr<KvCache> cache;
-    AdapterRef adapter;  // taken at start(), kept until stop()
-  };
-
+  friend class GenerationContext;
   Backend& be_;
   std::unique_ptr<LlamaWeights> w_;
   DeviceBuffer inv_freq_;  // [head_dim / 2]
-  Generation gen_;
-  std::atomic<size_t> gen_bytes_{0};  // the generation cache's bytes, for memory_footprint from any thread
+  std::unique_ptr<GenerationContext> gen_;  // the default context of start/feed/stop
+  std::atomic<int64_t> open_contexts_{0};  // contexts alive (merge is refused while > 0)
+  std::atomic<size_t> ctx_bytes_{0};       // their KV caches' bytes, for memory_footprint from any thread
   std::shared_mutex weights_mu_;  // shared: a pass reading the weights; unique: merge_adapter
   mutable std::mutex adapters_mu_;  // guards adapters_, active_name_, active_
   std::map<std::string, AdapterRef> adapters_;

@@ -49,7 +49,7 @@ void LlamaModel::merge_adapter(const std::string& name, const MergeOptions& opt,
   // Weights are immutable while any pass runs (they take weights_mu_ shared): refuse, never wait
   // (a stream callback of a running generation would otherwise deadlock).
   std::unique_lock<std::shared_mutex> wl(weights_mu_, std::try_to_lock);
-  check_arg(wl.owns_lock() && gen_bytes_ == 0,
+  check_arg(wl.owns_lock() && open_contexts_.load() == 0,
             "merge: a forward, training pass or generation is running on this model; merge after it has finished");
   const AdapterRef ad = adapter(name);  // ValueError when unknown
   LlamaWeights& w = *w_;
