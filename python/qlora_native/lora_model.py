@@ -7,7 +7,7 @@
     model.save_adapter("out/")            # PEFT format: peft.PeftModel.from_pretrained(base, "out/")
 
 The active adapter applies to model(...), generate(...) and the training passes: y = W x (+ b) +
-scaling * B(A(dropout(x))). Tensors are exchanged under PEFT names
+scaling * B(A(dropout(x))); model(...) and generate(...) can pick their own with adapter_name=. Tensors are exchanged under PEFT names
 (base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B}.weight).
 """
 from __future__ import annotations
