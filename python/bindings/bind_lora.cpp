@@ -139,6 +139,8 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
           py::arg("round") = "float32", py::arg("progress") = py::none(),
           "Merge adapter `name` into the projections (subtract: unmerge); all or nothing.")
       .def("lora_set_active", &LlamaModel::set_active_adapter, py::arg("name"))
+      .def("lora_set_scale", &LlamaModel::set_adapter_scale, py::arg("name"), py::arg("scale"))
+      .def("lora_get_scale", &LlamaModel::adapter_scale, py::arg("name"))
       .def_property_readonly("lora_active", &LlamaModel::active_adapter_name)
       .def("lora_names", &LlamaModel::adapter_names)
       .def("lora_delete", &LlamaModel::delete_adapter, py::arg("name"))

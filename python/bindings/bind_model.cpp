@@ -41,9 +41,9 @@ const int32_t* mask_ptr(const std::optional<I32Array>& mask, int64_t B, int64_t 
 
 // The adapter of one request: None = the model's active adapter, "__base__" = none (PEFT's
 // convention), else the named adapter (ValueError naming the loaded ones when unknown).
-LlamaModel::AdapterRef request_adapter(LlamaModel& self, const std::optional<std::string>& name) {
-  if (!name) return self.active_adapter();
-  if (*name == "__base__") return nullptr;
+model::AdapterUse request_adapter(LlamaModel& self, const std::optional<std::string>& name) {
+  if (!name) return self.active_use();
+  if (*name == "__base__") return {};
   const std::vector<std::string> names = self.adapter_names();
   if (std::find(names.begin(), names.end(), *name) == names.end()) {
     std::string have;
@@ -51,7 +51,7 @@ LlamaModel::AdapterRef request_adapter(LlamaModel& self, const std::optional<std
     throw ValueError("adapter_name: no adapter named '" + *name + "' (loaded: " + (have.empty() ? "none" : have) +
                      "; '__base__' = no adapter)");
   }
-  return self.adapter(*name);  // may still raise if it was deleted meanwhile
+  return self.use(*name);  // adapter + scale now; may still raise if it was deleted meanwhile
 }
 
 // A Python handle on a GenerationContext; close() (or garbage collection) frees its cache. The
@@ -201,7 +201,7 @@ void bind_model(py::module_& m) {
             auto [B, T] = batch_shape(ids, "input_ids");
             const int32_t* mp = mask_ptr(mask, B, T);
             const int64_t V = self.config().vocab_size;
-            const LlamaModel::AdapterRef ad = request_adapter(self, adapter);  // held to the end of the pass
+            const model::AdapterUse ad = request_adapter(self, adapter);  // held to the end of the pass
             py::array_t<float> out({B, T, V});
             float* o = out.mutable_data();
             {
@@ -214,7 +214,7 @@ void bind_model(py::module_& m) {
       .def(
           "new_context",
           [](LlamaModel& self, int64_t batch, int64_t capacity, const std::optional<std::string>& adapter) {
-            LlamaModel::AdapterRef ad = request_adapter(self, adapter);
+            model::AdapterUse ad = request_adapter(self, adapter);
             PyContext c;
             c.vocab = self.config().vocab_size;
             {

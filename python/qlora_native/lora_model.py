@@ -101,6 +101,25 @@ class LoraModelMixin:
         model). One call can also pick its own adapter: generate(..., adapter_name=...)."""
         self.set_active_adapter(name)
 
+    def set_adapter_scale(self, name: str, scale: float) -> None:
+        """Runtime scale of adapter `name` (llama.cpp's --lora-scaled, PEFT's set_scale): its LoRA term is
+        multiplied by `scale` (default 1; 0: the adapter contributes nothing, the base output exactly;
+        negative subtracts it). Requests started afterwards use it, training passes included (as in PEFT);
+        a request already running keeps the scale it started with. Not saved by save_adapter and not
+        applied by merge_adapter / merge_and_unload (a runtime setting, like llama.cpp's)."""
+        self._check_adapter(name)
+        try:
+            s = float(scale)
+        except (TypeError, ValueError):
+            raise ValueError(f"adapter scale must be a finite number, got {scale!r}") from None
+        if not np.isfinite(s):
+            raise ValueError(f"adapter scale must be a finite number, got {scale!r}")
+        self._core.lora_set_scale(name, s)
+
+    def get_adapter_scale(self, name: str) -> float:
+        """The runtime scale of adapter `name` (1.0 unless set_adapter_scale changed it)."""
+        return float(self._core.lora_get_scale(self._check_adapter(name)))
+
     @contextlib.contextmanager
     def disable_adapter(self):
         """Context manager (PEFT's): inside it the base model runs (no active adapter); on exit, also on an

@@ -122,7 +122,7 @@ void Linear::set_nf4(Backend& be, const Nf4Ref& h) {
 void Linear::set_bias(Backend& be, const void* x, DType dtype) { bias = to_device_f32(be, x, dtype, out); }
 
 void Linear::forward(Backend& be, int64_t M, const float* x, int64_t ldx, float* y, int64_t ldy,
-                     const LoraModule* lora, const float* x_lora, int64_t ld_lora, float* t) const {
+                     const LoraModule* lora, const float* x_lora, int64_t ld_lora, float* t, float lora_scale) const {
   if (is_nf4)
     be.nf4_gemm_nt(M, 1.0f, x, ldx, nf4, 0.0f, y, ldy);
   else
@@ -130,16 +130,17 @@ void Linear::forward(Backend& be, int64_t M, const float* x, int64_t ldx, float*
   if (!bias.empty()) be.add_bias(M, out, bias.f32(), y, ldy);
   if (lora) {
     if (!x_lora) x_lora = x, ld_lora = ldx;
-    lora_forward(be, *lora, M, x_lora, ld_lora, y, ldy, t);
+    lora_forward(be, *lora, M, x_lora, ld_lora, y, ldy, t, lora_scale);
   }
 }
 
 void Linear::forward_many(Backend& be, int64_t M, const float* x, int64_t ldx, int n, const Linear* const* lin,
-                          float* const* y, const int64_t* ldy, const LoraModule* const* lora) {
+                          float* const* y, const int64_t* ldy, const LoraModule* const* lora, float lora_scale) {
   bool nf4 = true;
   for (int i = 0; i < n; ++i) nf4 = nf4 && lin[i]->is_nf4 && lin[i]->in == lin[0]->in;
   if (!nf4) {
-    for (int i = 0; i < n; ++i) lin[i]->forward(be, M, x, ldx, y[i], ldy[i], lora ? lora[i] : nullptr);
+    for (int i = 0; i < n; ++i)
+      lin[i]->forward(be, M, x, ldx, y[i], ldy[i], lora ? lora[i] : nullptr, nullptr, 0, nullptr, lora_scale);
     return;
   }
   std::vector<const Nf4Ref*> w(n);  // [n]
@@ -148,7 +149,7 @@ void Linear::forward_many(Backend& be, int64_t M, const float* x, int64_t ldx, i
   for (int i = 0; i < n; ++i) {
     const Linear& L = *lin[i];
     if (!L.bias.empty()) be.add_bias(M, L.out, L.bias.f32(), y[i], ldy[i]);
-    if (lora && lora[i]) lora_forward(be, *lora[i], M, x, ldx, y[i], ldy[i], nullptr);
+    if (lora && lora[i]) lora_forward(be, *lora[i], M, x, ldx, y[i], ldy[i], nullptr, lora_scale);
   }
 }
 

@@ -41,15 +41,16 @@ struct Linear {
 
   // y[M, out] (row stride ldy) = x[M, in] (row stride ldx) · Wᵀ (+ bias) (+ the LoRA branch of
   // `lora` (null: none), fed x_lora[M, in] (row stride ld_lora; null: x) with t[M, r] scratch
-  // (null: allocated)).
+  // (null: allocated)), times the request's adapter scale lora_scale).
   void forward(Backend& be, int64_t M, const float* x, int64_t ldx, float* y, int64_t ldy,
                const LoraModule* lora = nullptr, const float* x_lora = nullptr, int64_t ld_lora = 0,
-               float* t = nullptr) const;
+               float* t = nullptr, float lora_scale = 1.0f) const;
   // forward() of n projections sharing the input x (q/k/v, gate/up): NF4 bases run as one
   // nf4_gemm_nt_many (one job at decode), then each adds its bias and LoRA branch lora[i]
-  // (lora null, or lora[i] null: none).
+  // (lora null, or lora[i] null: none) times lora_scale.
   static void forward_many(Backend& be, int64_t M, const float* x, int64_t ldx, int n, const Linear* const* lin,
-                           float* const* y, const int64_t* ldy, const LoraModule* const* lora = nullptr);
+                           float* const* y, const int64_t* ldy, const LoraModule* const* lora = nullptr,
+                           float lora_scale = 1.0f);
   // Base part of the input gradient: dx[M, in] = dy[M, out]·W + beta * dx (W frozen, never fp32 for NF4).
   void backward_input(Backend& be, int64_t M, const float* dy, int64_t lddy, float* dx, int64_t lddx,
                       float beta) const;

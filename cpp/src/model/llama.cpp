@@ -25,19 +25,19 @@ void LlamaModel::check_complete() const {
 }
 
 void LlamaModel::forward(const int32_t* ids, const int32_t* mask, int64_t B, int64_t T, float* logits) {
-  forward(active_adapter(), ids, mask, B, T, logits);
+  forward(active_use(), ids, mask, B, T, logits);
 }
 
-void LlamaModel::forward(const AdapterRef& ad, const int32_t* ids, const int32_t* mask, int64_t B, int64_t T,
+void LlamaModel::forward(const AdapterUse& use, const int32_t* ids, const int32_t* mask, int64_t B, int64_t T,
                          float* logits) {
   check_arg(B >= 1 && T >= 1, "forward: input_ids must be a non-empty [batch, seq] array");
   std::shared_lock<std::shared_mutex> wl(weights_mu_);  // no merge while the pass reads the weights
   KvCache tmp(be_, w_->cfg, B, T);
-  run(tmp, ad.get(), ids, mask, T, /*all_rows=*/true, logits);  // `ad` is held by the caller to the end
+  run(tmp, use, ids, mask, T, /*all_rows=*/true, logits);  // `use` is held by the caller to the end
 }
 
-GenerationContext::GenerationContext(LlamaModel& m, int64_t B, int64_t capacity, std::shared_ptr<LoraAdapter> ad)
-    : m_(m), cache_(m.be_, m.w_->cfg, B, capacity), adapter_(std::move(ad)), bytes_(cache_.bytes()) {
+GenerationContext::GenerationContext(LlamaModel& m, int64_t B, int64_t capacity, AdapterUse use)
+    : m_(m), cache_(m.be_, m.w_->cfg, B, capacity), use_(std::move(use)), bytes_(cache_.bytes()) {
   // Counted under weights_mu_ shared: merge_adapter (exclusive) sees this context or it does not
   // exist yet, and a context created while a merge runs waits for the merge to finish.
   std::shared_lock<std::shared_mutex> wl(m.weights_mu_);
@@ -52,11 +52,11 @@ GenerationContext::~GenerationContext() {
 
 void GenerationContext::feed(const int32_t* ids, const int32_t* mask, int64_t T, float* logits) {
   std::shared_lock<std::shared_mutex> wl(m_.weights_mu_);
-  m_.run(cache_, adapter_.get(), ids, mask, T, /*all_rows=*/false, logits);
+  m_.run(cache_, use_, ids, mask, T, /*all_rows=*/false, logits);
 }
 
-std::unique_ptr<GenerationContext> LlamaModel::new_context(int64_t B, int64_t capacity, AdapterRef ad) {
-  return std::unique_ptr<GenerationContext>(new GenerationContext(*this, B, capacity, std::move(ad)));
+std::unique_ptr<GenerationContext> LlamaModel::new_context(int64_t B, int64_t capacity, AdapterUse use) {
+  return std::unique_ptr<GenerationContext>(new GenerationContext(*this, B, capacity, std::move(use)));
 }
 
 void LlamaModel::start(int64_t B, int64_t capacity) {
@@ -69,7 +69,7 @@ void LlamaModel::feed(const int32_t* ids, const int32_t* mask, int64_t T, float*
   gen_->feed(ids, mask, T, logits);
 }
 
-void LlamaModel::run(KvCache& cache, const LoraAdapter* ad, const int32_t* ids, const int32_t* mask, int64_t T,
+void LlamaModel::run(KvCache& cache, const AdapterUse& use, const int32_t* ids, const int32_t* mask, int64_t T,
                      bool all_rows, float* logits_host) {
   check_complete();
   const LlamaConfig& c = w_->cfg;
@@ -115,6 +115,8 @@ void LlamaModel::run(KvCache& cache, const LoraAdapter* ad, const int32_t* ids, 
     const LayerWeights& L = w_->layers[l];
     // This request's LoRA modules of layer l (q, k, v, o, gate, up, down; null: none).
     const LoraModule* lo[kNumProj] = {};
+    const LoraAdapter* ad = use.ad.get();
+    const float ls = use.scale;
     if (ad)
       for (int p = 0; p < kNumProj; ++p) lo[p] = ad->at(l, p);
     // Attention block.
@@ -123,7 +125,7 @@ void LlamaModel::run(KvCache& cache, const LoraAdapter* ad, const int32_t* ids, 
       const Linear* lin[] = {&L.q, &L.k, &L.v};
       float* out[] = {q.f32(), k.f32(), v.f32()};
       const int64_t ld[] = {QD, KD, KD};
-      Linear::forward_many(be_, M, h.f32(), D, 3, lin, out, ld, lo);
+      Linear::forward_many(be_, M, h.f32(), D, 3, lin, out, ld, lo, ls);
     }
     be_.rope(M, Hq, hd, q.f32(), QD, pos_d.data<int32_t>(), inv_freq_.f32());
     be_.rope(M, Hkv, hd, k.f32(), KD, pos_d.data<int32_t>(), inv_freq_.f32());
@@ -131,7 +133,7 @@ void LlamaModel::run(KvCache& cache, const LoraAdapter* ad, const int32_t* ids, 
     be_.kv_write(B, T, Hkv, hd, v.f32(), KD, cache.v(l), cache.capacity(), start);
     be_.attention(B, T, Hq, Hkv, hd, q.f32(), QD, cache.k(l), cache.v(l), cache.capacity(), start,
                   cache.key_mask_device(), scale, att.f32(), QD);
-    L.o.forward(be_, M, att.f32(), QD, h.f32(), D, lo[3]);
+    L.o.forward(be_, M, att.f32(), QD, h.f32(), D, lo[3], nullptr, 0, nullptr, ls);
     be_.add_inplace(M * D, h.f32(), x.f32());
     // MLP block.
     be_.rmsnorm(M, D, x.f32(), L.post_norm.f32(), c.rms_norm_eps, h.f32());
@@ -139,10 +141,10 @@ void LlamaModel::run(KvCache& cache, const LoraAdapter* ad, const int32_t* ids, 
       const Linear* lin[] = {&L.gate, &L.up};
       float* out[] = {g.f32(), u.f32()};
       const int64_t ld[] = {I, I};
-      Linear::forward_many(be_, M, h.f32(), D, 2, lin, out, ld, lo + 4);
+      Linear::forward_many(be_, M, h.f32(), D, 2, lin, out, ld, lo + 4, ls);
     }
     be_.swiglu(M, I, g.f32(), I, u.f32(), I, g.f32(), I);
-    L.down.forward(be_, M, g.f32(), I, h.f32(), D, lo[6]);
+    L.down.forward(be_, M, g.f32(), I, h.f32(), D, lo[6], nullptr, 0, nullptr, ls);
     be_.add_inplace(M * D, h.f32(), x.f32());
   }
   be_.rmsnorm(M, D, x.f32(), w_->norm.f32(), c.rms_norm_eps, h.f32());

@@ -20,8 +20,16 @@ namespace qlora::model {
 
 class LlamaModel;
 
-// One generation request: its own KV cache and the adapter it started with (null: the base
-// model), over a model's shared weights. Contexts of one model may be fed from different threads
+// What a request uses of one adapter: the adapter and its runtime scale (set_adapter_scale),
+// taken together when the request starts and kept to its end, so a later scale change or
+// reload never reaches a request already running (llama.cpp #10374). ad null: the base model.
+struct AdapterUse {
+  std::shared_ptr<LoraAdapter> ad;
+  float scale = 1.0f;
+};
+
+// One generation request: its own KV cache and the adapter (and scale) it started with (null: the
+// base model), over a model's shared weights. Contexts of one model may be fed from different threads
 // at once (the weights are read-only to them); one context is used by one thread at a time.
 // While any context is open merge_adapter is refused. A context must be destroyed before its
 // model; destroying it frees its cache.
@@ -36,14 +44,15 @@ class GenerationContext {
   void feed(const int32_t* ids, const int32_t* mask, int64_t T, float* logits);
   const KvCache& cache() const { return cache_; }
   int64_t batch() const { return cache_.batch(); }
-  const LoraAdapter* adapter() const { return adapter_.get(); }
+  const LoraAdapter* adapter() const { return use_.ad.get(); }
+  float adapter_scale() const { return use_.scale; }
 
  private:
   friend class LlamaModel;
-  GenerationContext(LlamaModel& m, int64_t B, int64_t capacity, std::shared_ptr<LoraAdapter> ad);
+  GenerationContext(LlamaModel& m, int64_t B, int64_t capacity, AdapterUse use);
   LlamaModel& m_;
   KvCache cache_;
-  std::shared_ptr<LoraAdapter> adapter_;  // taken at creation, kept to the end
+  AdapterUse use_;  // taken at creation, kept to the end
   size_t bytes_ = 0;
 };
 
@@ -57,24 +66,25 @@ class LlamaModel {
   // Throws ValueError listing missing tensors; call once loading is done.
   void check_complete() const;
 
-  // A request's adapter set (today: at most one adapter; null = the base model). A request takes
-  // it when it starts and keeps it to its end: set_active_adapter changes only what later
-  // requests get, and delete_adapter only drops the model's reference (the memory goes when the
-  // last request holding it ends). The weights are never modified by adapters.
+  // A request's adapter set (today: at most one adapter with its scale; null = the base model).
+  // A request takes it when it starts and keeps it to its end: set_active_adapter and
+  // set_adapter_scale change only what later requests get, and delete_adapter only drops the
+  // model's reference (the memory goes when the last request holding it ends). The weights are
+  // never modified by adapters.
   using AdapterRef = std::shared_ptr<LoraAdapter>;
 
   // Logits for every position: ids[B, T], mask[B, T] (host, int32; mask may be null = all ones)
   // -> logits[B, T, V] (host). Uses a temporary cache; the generation cache is untouched. Runs
   // with the adapter active when it is called. Safe to call from several threads at once.
   void forward(const int32_t* ids, const int32_t* mask, int64_t B, int64_t T, float* logits);
-  // The same with an explicit adapter (null: the base model).
-  void forward(const AdapterRef& ad, const int32_t* ids, const int32_t* mask, int64_t B, int64_t T, float* logits);
+  // The same with an explicit adapter and scale (ad null: the base model).
+  void forward(const AdapterUse& use, const int32_t* ids, const int32_t* mask, int64_t B, int64_t T, float* logits);
 
   // A new generation context for B rows and `capacity` slots using adapter `ad` (null: the base
   // model); the overload without it takes the adapter active now. Thread-safe.
-  std::unique_ptr<GenerationContext> new_context(int64_t B, int64_t capacity, AdapterRef ad);
+  std::unique_ptr<GenerationContext> new_context(int64_t B, int64_t capacity, AdapterUse use);
   std::unique_ptr<GenerationContext> new_context(int64_t B, int64_t capacity) {
-    return new_context(B, capacity, active_adapter());
+    return new_context(B, capacity, active_use());
   }
   int64_t open_contexts() const { return open_contexts_.load(); }
 
@@ -92,6 +102,15 @@ class LlamaModel {
   void set_active_adapter(const std::string& name);                           // "" = none
   std::string active_adapter_name() const;
   AdapterRef active_adapter() const;  // the adapter a request starting now gets (null: none)
+  // The adapter and scale a request starting now gets (active_use) or that adapter `name` gets
+  // (use; ValueError when unknown), read together under one lock.
+  AdapterUse active_use() const;
+  AdapterUse use(const std::string& name) const;
+  // Runtime scale of adapter `name` (default 1; 0: contributes nothing): multiplies its LoRA term
+  // in every later request, training passes included (PEFT's set_scale). Not saved with the
+  // adapter, not applied by merge_adapter. ValueError for an unknown name or a non-finite scale.
+  void set_adapter_scale(const std::string& name, float scale);
+  float adapter_scale(const std::string& name) const;
   void delete_adapter(const std::string& name);
   std::vector<std::string> adapter_names() const;
 
@@ -125,10 +144,10 @@ class LlamaModel {
  private:
   // Runs the decoder over T new tokens per row into `cache` with adapter `ad` (null: none);
   // writes logits of all rows (logits[B*T, V]) or of each row's last token only (logits[B, V]).
-  void run(KvCache& cache, const LoraAdapter* ad, const int32_t* ids, const int32_t* mask, int64_t T, bool all_rows,
+  void run(KvCache& cache, const AdapterUse& use, const int32_t* ids, const int32_t* mask, int64_t T, bool all_rows,
            float* logits);
 
-  LossResult train_pass(LoraAdapter* ad, const int32_t* ids, const int32_t* mask, const int32_t* labels, int64_t B,
+  LossResult train_pass(LoraAdapter* ad, float scale, const int32_t* ids, const int32_t* mask, const int32_t* labels, int64_t B,
                         int64_t T, float grad_scale, bool training, bool checkpointing, bool backward);
 
   friend class GenerationContext;
@@ -139,8 +158,9 @@ class LlamaModel {
   std::atomic<int64_t> open_contexts_{0};  // contexts alive (merge is refused while > 0)
   std::atomic<size_t> ctx_bytes_{0};       // their KV caches' bytes, for memory_footprint from any thread
   std::shared_mutex weights_mu_;  // shared: a pass reading the weights; unique: merge_adapter
-  mutable std::mutex adapters_mu_;  // guards adapters_, active_name_, active_
+  mutable std::mutex adapters_mu_;  // guards adapters_, scales_, active_name_, active_
   std::map<std::string, AdapterRef> adapters_;
+  std::map<std::string, float> scales_;  // runtime scale per loaded adapter
   std::string active_name_;  // "" = none
   AdapterRef active_;
 };

@@ -34,6 +34,34 @@ void LlamaModel::add_adapter(const std::string& name, std::unique_ptr<LoraAdapte
   std::lock_guard<std::mutex> lk(adapters_mu_);
   check_arg(!adapters_.count(name), "an adapter named '" + name + "' already exists");
   adapters_[name] = AdapterRef(std::move(a));
+  scales_[name] = 1.0f;
+}
+
+AdapterUse LlamaModel::active_use() const {
+  std::lock_guard<std::mutex> lk(adapters_mu_);
+  if (!active_) return {};
+  return {active_, scales_.at(active_name_)};
+}
+
+AdapterUse LlamaModel::use(const std::string& name) const {
+  std::lock_guard<std::mutex> lk(adapters_mu_);
+  auto it = adapters_.find(name);
+  check_arg(it != adapters_.end(), "no adapter named '" + name + "'");
+  return {it->second, scales_.at(name)};
+}
+
+void LlamaModel::set_adapter_scale(const std::string& name, float scale) {
+  check_arg(std::isfinite(scale), "adapter scale must be a finite number");
+  std::lock_guard<std::mutex> lk(adapters_mu_);
+  check_arg(adapters_.count(name), "no adapter named '" + name + "'");
+  scales_[name] = scale;  // requests already running keep the scale they took at their start
+}
+
+float LlamaModel::adapter_scale(const std::string& name) const {
+  std::lock_guard<std::mutex> lk(adapters_mu_);
+  auto it = scales_.find(name);
+  check_arg(it != scales_.end(), "no adapter named '" + name + "'");
+  return it->second;
 }
 
 LlamaModel::AdapterRef LlamaModel::adapter(const std::string& name) const {
@@ -73,6 +101,7 @@ void LlamaModel::delete_adapter(const std::string& name) {
   check_arg(it != adapters_.end(), "no adapter named '" + name + "'");
   dropped = std::move(it->second);
   adapters_.erase(it);
+  scales_.erase(name);
   if (active_name_ == name) active_.reset(), active_name_.clear();
   // Requests holding the adapter keep it alive until they end.
 }
@@ -147,6 +176,7 @@ struct Pass {
   const int32_t* pos;       // device [M]
   const int32_t* key_mask;  // device [B, T]
   LoraAdapter* ad;          // null: base model only
+  float ad_scale;           // the adapter's runtime scale (set_adapter_scale)
   bool dropout;
   float* t = nullptr;       // [M, r_max] LoRA scratch
   float* dt = nullptr;      // [M, r_max]
@@ -162,9 +192,9 @@ struct Pass {
     LoraModule* lo = lora(l, p);
     if (lo && dropout) {
       dropout_forward(be, key(l, p), ad->dropout, d.M, lin.in, x, ldx, xdrop);
-      lin.forward(be, d.M, x, ldx, y, ldy, lo, xdrop, lin.in, t);
+      lin.forward(be, d.M, x, ldx, y, ldy, lo, xdrop, lin.in, t, ad_scale);
     } else {
-      lin.forward(be, d.M, x, ldx, y, ldy, lo, nullptr, 0, t);
+      lin.forward(be, d.M, x, ldx, y, ldy, lo, nullptr, 0, t, ad_scale);
     }
   }
 
@@ -177,10 +207,10 @@ struct Pass {
     if (!lo) return;
     if (dropout) {
       dropout_forward(be, key(l, p), ad->dropout, d.M, lin.in, x, ldx, xdrop);
-      lora_backward(be, *lo, d.M, xdrop, lin.in, dy, lddy, dtmp, lin.in, 0.0f, t, dt);
+      lora_backward(be, *lo, d.M, xdrop, lin.in, dy, lddy, dtmp, lin.in, 0.0f, t, dt, ad_scale);
       dropout_backward_add(be, key(l, p), ad->dropout, d.M, lin.in, dtmp, dx, lddx);
     } else {
-      lora_backward(be, *lo, d.M, x, ldx, dy, lddy, dx, lddx, 1.0f, t, dt);
+      lora_backward(be, *lo, d.M, x, ldx, dy, lddy, dx, lddx, 1.0f, t, dt, ad_scale);
     }
   }
 
@@ -242,19 +272,19 @@ struct Pass {
 LlamaModel::LossResult LlamaModel::forward_backward(const int32_t* ids, const int32_t* mask, const int32_t* labels,
                                                     int64_t B, int64_t T, float grad_scale, bool training,
                                                     bool checkpointing) {
-  const AdapterRef ad = active_adapter();  // held to the end of the pass
-  check_arg(ad != nullptr, "forward_backward: no active adapter (add_adapter / set_active_adapter first)");
+  const AdapterUse use = active_use();  // adapter and scale held to the end of the pass
+  check_arg(use.ad != nullptr, "forward_backward: no active adapter (add_adapter / set_active_adapter first)");
   check_arg(std::isfinite(grad_scale), "forward_backward: grad_scale must be finite");
-  return train_pass(ad.get(), ids, mask, labels, B, T, grad_scale, training, checkpointing, /*backward=*/true);
+  return train_pass(use.ad.get(), use.scale, ids, mask, labels, B, T, grad_scale, training, checkpointing, /*backward=*/true);
 }
 
 LlamaModel::LossResult LlamaModel::eval_loss(const int32_t* ids, const int32_t* mask, const int32_t* labels,
                                              int64_t B, int64_t T) {
-  const AdapterRef ad = active_adapter();
-  return train_pass(ad.get(), ids, mask, labels, B, T, 1.0f, false, true, /*backward=*/false);
+  const AdapterUse use = active_use();
+  return train_pass(use.ad.get(), use.scale, ids, mask, labels, B, T, 1.0f, false, true, /*backward=*/false);
 }
 
-LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, const int32_t* ids, const int32_t* mask,
+LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, const int32_t* ids, const int32_t* mask,
                                               const int32_t* labels, int64_t B, int64_t T, float grad_scale,
                                               bool training, bool checkpointing, bool backward) {
   std::shared_lock<std::shared_mutex> wl(weights_mu_);  // no merge while the pass reads the weights
@@ -292,7 +322,7 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, const int32_t* id
   be_.upload(pos_d.data(), pos.data(), sizeof(int32_t) * M);
   be_.upload(km_d.data(), km.data(), sizeof(int32_t) * M);
 
-  Pass P{be_, *w_, inv_freq_.f32(), d, pos_d.data<int32_t>(), km_d.data<int32_t>(), ad, dropout};
+  Pass P{be_, *w_, inv_freq_.f32(), d, pos_d.data<int32_t>(), km_d.data<int32_t>(), ad, ad_scale, dropout};
   const int64_t wide = std::max({D, d.I, d.QD});
   const int64_t rmax = ad ? std::max<int64_t>(ad->max_rank(), 1) : 1;
   ActBuf t_buf(be_, mc, M * rmax), dt_buf(be_, mc, M * rmax);  // [M, r_max]

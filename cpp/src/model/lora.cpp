@@ -98,21 +98,23 @@ void zero_lora_grads(Backend& be, LoraAdapter& a) {
 }
 
 void lora_forward(Backend& be, const LoraModule& m, int64_t M, const float* x, int64_t ldx, float* y, int64_t ldy,
-                  float* t) {
+                  float* t, float scale) {
+  if (scale == 0.0f) return;  // scale 0: the adapter contributes nothing (exactly the base output)
   DeviceBuffer own;
   if (!t) {
     own = DeviceBuffer(be, sizeof(float) * M * m.r);  // [M, r]
     t = own.f32();
   }
   be.gemm_nt(M, m.r, m.in, 1.0f, x, ldx, m.A.f32(), m.in, 0.0f, t, m.r);           // t = x·Aᵀ
-  be.gemm_nt(M, m.out, m.r, m.scaling, t, m.r, m.B.f32(), m.r, 1.0f, y, ldy);       // y += s * t·Bᵀ
+  be.gemm_nt(M, m.out, m.r, scale * m.scaling, t, m.r, m.B.f32(), m.r, 1.0f, y, ldy);  // y += s * t·Bᵀ
 }
 
 void lora_backward(Backend& be, LoraModule& m, int64_t M, const float* x, int64_t ldx, const float* dy, int64_t lddy,
-                   float* dx, int64_t lddx, float beta, float* t, float* dt) {
+                   float* dx, int64_t lddx, float beta, float* t, float* dt, float scale) {
+  const float s = scale * m.scaling;
   be.gemm_nt(M, m.r, m.in, 1.0f, x, ldx, m.A.f32(), m.in, 0.0f, t, m.r);            // t[M, r] = x·Aᵀ
-  be.gemm_nn(M, m.r, m.out, m.scaling, dy, lddy, m.B.f32(), m.r, 0.0f, dt, m.r);    // dt[M, r] = s * dy·B
-  be.gemm_tn(m.out, m.r, M, m.scaling, dy, lddy, t, m.r, 1.0f, m.dB.f32(), m.r);    // dB += s * dyᵀ·t
+  be.gemm_nn(M, m.r, m.out, s, dy, lddy, m.B.f32(), m.r, 0.0f, dt, m.r);            // dt[M, r] = s * dy·B
+  be.gemm_tn(m.out, m.r, M, s, dy, lddy, t, m.r, 1.0f, m.dB.f32(), m.r);            // dB += s * dyᵀ·t
   be.gemm_tn(m.r, m.in, M, 1.0f, dt, m.r, x, ldx, 1.0f, m.dA.f32(), m.in);          // dA += dtᵀ·x
   if (dx) be.gemm_nn(M, m.in, m.r, 1.0f, dt, m.r, m.A.f32(), m.in, beta, dx, lddx);  // dx = beta*dx + dt·A
 }

@@ -48,16 +48,18 @@ std::unique_ptr<LoraModule> make_lora_module(Backend& be, int64_t r, int64_t in,
 void set_lora_factors(Backend& be, LoraModule& m, const float* A_host, const float* B_host);
 void zero_lora_grads(Backend& be, LoraAdapter& a);
 
-// Forward of the LoRA branch: y[M, out] (row stride ldy) += scaling * (x·Aᵀ)·Bᵀ, x[M, in] (row
-// stride ldx) being the (dropped-out) input. t[M, r] is scratch (null: allocated here).
+// Forward of the LoRA branch: y[M, out] (row stride ldy) += scale * scaling * (x·Aᵀ)·Bᵀ, x[M, in]
+// (row stride ldx) being the (dropped-out) input; `scale` is the request's runtime adapter scale
+// (set_adapter_scale; 0: nothing is added, y is left bit-identical). t[M, r] is scratch (null:
+// allocated here).
 void lora_forward(Backend& be, const LoraModule& m, int64_t M, const float* x, int64_t ldx, float* y, int64_t ldy,
-                  float* t = nullptr);
+                  float* t = nullptr, float scale = 1.0f);
 
-// Backward of the LoRA branch for dy[M, out]: recomputes t = x·Aᵀ, accumulates
-// dB += scaling * dyᵀ·t and dA += dtᵀ·x with dt = scaling * dy·B, and writes
+// Backward of the LoRA branch for dy[M, out] with s = scale * scaling: recomputes t = x·Aᵀ,
+// accumulates dB += s * dyᵀ·t and dA += dtᵀ·x with dt = s * dy·B, and writes
 // dx[M, in] = beta * dx + dt·A (dx may be null: no input gradient). t, dt: [M, r] scratch.
 void lora_backward(Backend& be, LoraModule& m, int64_t M, const float* x, int64_t ldx, const float* dy, int64_t lddy,
-                   float* dx, int64_t lddx, float beta, float* t, float* dt);
+                   float* dx, int64_t lddx, float beta, float* t, float* dt, float scale = 1.0f);
 
 // LoRA dropout (inverted, as torch.nn.Dropout): the keep mask of one (micro step, layer,
 // projection) is regenerated from a Philox stream keyed by them, so it is never stored.
