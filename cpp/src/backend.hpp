@@ -38,6 +38,29 @@ class Backend {
   virtual void gemm_tn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                        const float* B, int64_t ldb, float beta, float* C, int64_t ldc) = 0;
 
+  // ---- multi-adapter LoRA for mixed batches (the SGMV idea of Punica / S-LoRA: shrink x·Aᵀ, then
+  // expand ·Bᵀ, per group of rows sharing an adapter). For each segment s, rows
+  // [row0, row0 + rows) of x[M, in] (row stride ldx) get y[row, :] (row stride ldy) +=
+  // alpha_s * (x[row, :]·A_sᵀ)·B_sᵀ, A_s[r_s, in], B_s[out, r_s] (ranks may differ). Segments do
+  // not overlap; several may use the same adapter. t: scratch of at least max_s(rows_s * r_s) floats.
+  struct LoraSegment {
+    int64_t row0, rows, r;
+    const float* A;  // [r, in]
+    const float* B;  // [out, r]
+    float alpha;     // scale * scaling
+  };
+  // Default: the reference, two gemm_nt per segment (valid on every backend). SIMD SGMV kernels that
+  // read each adapter once for all its segments are a later step.
+  virtual void lora_segments(int64_t in, int64_t out, const float* x, int64_t ldx, int64_t n, const LoraSegment* seg,
+                             float* y, int64_t ldy, float* t) {
+    for (int64_t s = 0; s < n; ++s) {
+      const LoraSegment& g = seg[s];
+      if (g.rows <= 0 || g.alpha == 0.0f) continue;
+      gemm_nt(g.rows, g.r, in, 1.0f, x + g.row0 * ldx, ldx, g.A, in, 0.0f, t, g.r);                 // t = x·Aᵀ
+      gemm_nt(g.rows, out, g.r, g.alpha, t, g.r, g.B, g.r, 1.0f, y + g.row0 * ldy, ldy);           // y += a t·Bᵀ
+    }
+  }
+
   // ---- NF4 (dequantization fused into the kernel; W is never materialized in fp32)
   // Y[M, W.rows] = alpha * X[M, W.cols] · deq(W)ᵀ + beta * Y
   virtual void nf4_gemm_nt(int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W,

@@ -54,6 +54,18 @@ model::AdapterUse request_adapter(LlamaModel& self, const std::optional<std::str
   return self.use(*name);  // adapter + scale now; may still raise if it was deleted meanwhile
 }
 
+// The adapters of one request: adapter_names (one per row, checked by the Python layer; resolved
+// under one lock) or else the single `adapter`.
+model::AdapterSet request_set(LlamaModel& self, const std::optional<std::string>& adapter,
+                              const std::optional<std::vector<std::string>>& names, int64_t B) {
+  if (!names) return {request_adapter(self, adapter)};
+  check_arg(!adapter, "give adapter_name or adapter_names, not both");
+  check_arg(static_cast<int64_t>(names->size()) == B, "adapter_names has " + std::to_string(names->size()) +
+                                                          " names for a batch of " + std::to_string(B) +
+                                                          " rows (one per row)");
+  return self.uses(*names);
+}
+
 // A Python handle on a GenerationContext; close() (or garbage collection) frees its cache. The
 // Python object keeps its model alive (keep_alive in new_context).
 struct PyContext {
@@ -197,11 +209,11 @@ void bind_model(py::module_& m) {
       .def(
           "forward",
           [](LlamaModel& self, const I32Array& ids, const std::optional<I32Array>& mask,
-             const std::optional<std::string>& adapter) {
+             const std::optional<std::string>& adapter, const std::optional<std::vector<std::string>>& names) {
             auto [B, T] = batch_shape(ids, "input_ids");
             const int32_t* mp = mask_ptr(mask, B, T);
             const int64_t V = self.config().vocab_size;
-            const model::AdapterUse ad = request_adapter(self, adapter);  // held to the end of the pass
+            const model::AdapterSet ad = request_set(self, adapter, names, B);  // held to the end of the pass
             py::array_t<float> out({B, T, V});
             float* o = out.mutable_data();
             {
@@ -210,11 +222,13 @@ void bind_model(py::module_& m) {
             }
             return out;
           },
-          py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("adapter") = py::none())
+          py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("adapter") = py::none(),
+          py::arg("adapter_names") = py::none())
       .def(
           "new_context",
-          [](LlamaModel& self, int64_t batch, int64_t capacity, const std::optional<std::string>& adapter) {
-            model::AdapterUse ad = request_adapter(self, adapter);
+          [](LlamaModel& self, int64_t batch, int64_t capacity, const std::optional<std::string>& adapter,
+             const std::optional<std::vector<std::string>>& names) {
+            model::AdapterSet ad = request_set(self, adapter, names, batch);
             PyContext c;
             c.vocab = self.config().vocab_size;
             {
@@ -223,7 +237,8 @@ void bind_model(py::module_& m) {
             }
             return c;
           },
-          py::keep_alive<0, 1>(), py::arg("batch"), py::arg("capacity"), py::arg("adapter") = py::none())
+          py::keep_alive<0, 1>(), py::arg("batch"), py::arg("capacity"), py::arg("adapter") = py::none(),
+          py::arg("adapter_names") = py::none())
       .def_property_readonly("open_contexts", &LlamaModel::open_contexts)
       .def("start", &LlamaModel::start, py::arg("batch"), py::arg("capacity"))
       .def(

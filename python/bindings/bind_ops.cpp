@@ -3,6 +3,7 @@
 // dimension, no copies); device backends go through alloc/upload/run/download.
 #include <pybind11/numpy.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -279,6 +280,41 @@ void bind_ops(py::module_& m) {
       },
       py::arg("x"), py::arg("ws"), py::kw_only(), py::arg("backend") = "cpu",
       "[x @ dequant(w).T for w in ws] as one call (weights sharing the input, e.g. q/k/v)");
+  ops.def(
+      "lora_segments",
+      [](py::object x_obj, py::object y_obj, const py::list& segments, const std::string& backend) {
+        // Host backends only: exposes Backend::lora_segments (mixed-adapter LoRA terms) for tests.
+        Backend& be = get_backend(backend);
+        check_arg(be.host_memory(), "lora_segments: host backends only");
+        Mat x = as_mat(x_obj, "x", false);
+        Mat y = as_mat(y_obj, "y", true);
+        check_arg(x.rows == y.rows, "lora_segments: x and y must have the same number of rows");
+        check_arg(!overlaps(x, y), "lora_segments: y must not overlap x");
+        std::vector<Backend::LoraSegment> segs;
+        std::vector<Mat> keep;  // the factor arrays, alive through the call
+        int64_t scratch = 1;
+        for (py::handle h : segments) {
+          const py::tuple t = py::reinterpret_borrow<py::tuple>(h);
+          check_arg(py::isinstance<py::tuple>(h) && t.size() == 5, "lora_segments: each segment is (row0, rows, A, B, alpha)");
+          const int64_t row0 = t[0].cast<int64_t>(), rows = t[1].cast<int64_t>();
+          Mat A = as_mat(t[2], "A", false), B = as_mat(t[3], "B", false);
+          check_arg(row0 >= 0 && rows >= 0 && row0 + rows <= x.rows, "lora_segments: segment rows out of range");
+          check_arg(A.rows >= 1 && A.cols == x.cols && A.ld == A.cols, "lora_segments: A must be a contiguous [r, in]");
+          check_arg(B.rows == y.cols && B.cols == A.rows && B.ld == B.cols, "lora_segments: B must be a contiguous [out, r]");
+          segs.push_back({row0, rows, A.rows, A.data, B.data, t[4].cast<float>()});
+          scratch = std::max(scratch, rows * A.rows);
+          keep.push_back(A), keep.push_back(B);
+        }
+        std::vector<float> tmp(static_cast<size_t>(scratch));
+        {
+          py::gil_scoped_release nogil;
+          be.lora_segments(x.cols, y.cols, x.data, x.ld, static_cast<int64_t>(segs.size()), segs.data(), y.data, y.ld,
+                           tmp.data());
+        }
+        return y_obj;
+      },
+      py::arg("x"), py::arg("y"), py::arg("segments"), py::kw_only(), py::arg("backend") = "cpu",
+      "y[row0:row0+rows] += alpha * x[row0:row0+rows] @ A.T @ B.T for each (row0, rows, A, B, alpha), in place");
   ops.def(
       "nf4_gemm_nn",
       [](py::object dy, py::object w, py::object out, float alpha, float beta, const std::string& backend) {

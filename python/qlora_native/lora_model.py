@@ -299,10 +299,14 @@ class LoraModelMixin:
         return ids, shifted, mask, int((shifted != -100).sum())
 
     def forward_backward(self, input_ids, labels, attention_mask=None, *, loss_scale: float = 1.0,
-                         grad_scale: float | None = None, training: bool | None = None) -> float:
+                         grad_scale: float | None = None, training: bool | None = None, adapter_names=None) -> float:
         """Mean causal-LM loss over tokens with label != -100; accumulates into the active adapter's
         gradients d(loss_scale * mean loss) (grad_scale: an alias of loss_scale). No counted token:
-        returns nan and leaves the gradients unchanged. training: dropout on (default: self.training)."""
+        returns nan and leaves the gradients unchanged. training: dropout on (default: self.training).
+        Training runs on the active adapter only: adapter_names (mixed batches) is refused."""
+        if adapter_names is not None:
+            raise ValueError("forward_backward does not take adapter_names: training runs on the active adapter "
+                             "(set_adapter(name)); mixed-adapter batches are for model(...) and generate")
         self._check_adapter(None)
         scale = float(loss_scale if grad_scale is None else grad_scale)
         if not math.isfinite(scale):

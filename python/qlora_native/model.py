@@ -212,14 +212,40 @@ class Model(LoraModelMixin):
         return model
 
     # ------------------------------------------------------------ forward
-    def __call__(self, input_ids, attention_mask=None, *, adapter_name: str | None = None) -> np.ndarray:
+    def __call__(self, input_ids, attention_mask=None, *, adapter_name: str | None = None,
+                 adapter_names=None) -> np.ndarray:
         """Logits np.float32 [B, T, V] for input_ids [B, T] (or [T]); attention_mask 1 = token, 0 = pad.
-        adapter_name: this call's adapter (None: the active one; "__base__": none). Safe to call from
-        several threads at once."""
+        adapter_name: this call's adapter (None: the active one; "__base__": none). adapter_names: one
+        adapter per row instead (PEFT's mixed batch; "__base__": none), served in one forward pass. Safe
+        to call from several threads at once."""
         ids = self._check_ids(input_ids)
         mask = None if attention_mask is None else _as_mask(attention_mask, ids.shape)
         self._check_context(_longest_row(ids, mask), "input_ids")
-        return self._core.forward(ids, mask, self._adapter_arg(adapter_name))
+        names = self._adapter_names_arg(adapter_names, ids.shape[0], adapter_name)
+        return self._core.forward(ids, mask, self._adapter_arg(adapter_name), names)
+
+    def _adapter_names_arg(self, names, batch: int, adapter_name):
+        """adapter_names (one per row: a loaded adapter's name or "__base__") as a list of str, or None."""
+        if names is None:
+            return None
+        if adapter_name is not None:
+            raise ValueError("give adapter_name or adapter_names, not both")
+        if isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple)):
+            raise ValueError(f"adapter_names must be a list of adapter names (one per row), got {_short(names)}")
+        names = list(names)
+        if len(names) != batch:
+            raise ValueError(f"adapter_names has {len(names)} names for a batch of {batch} rows (one per row)")
+        loaded = self.adapters
+        for i, n in enumerate(names):
+            if not isinstance(n, str):
+                raise ValueError(f"adapter_names[{i}] must be an adapter's name or '__base__', got {_short(n)}")
+            if n != "__base__" and n not in loaded:
+                have = ", ".join(repr(a) for a in loaded) or "none"
+                raise ValueError(f"adapter_names[{i}]: no adapter named {n!r} (loaded: {have}; '__base__' = no adapter)")
+            if n == self.merged_adapter:
+                raise ValueError(f"adapter_names[{i}]: adapter {n!r} is merged into the weights (applying it again "
+                                 f"would double it); use '__base__' or unmerge_adapter() first")
+        return names
 
     def _adapter_arg(self, name):
         """A per-call adapter_name: None (the active adapter), "__base__" (none) or a loaded adapter's name
@@ -270,6 +296,7 @@ class Model(LoraModelMixin):
         stream: Callable[[int, int], None] | None = None,
         pad_token_id: int = 0,
         adapter_name: str | None = None,
+        adapter_names=None,
     ) -> list[list[int]]:
         """Generates up to max_new_tokens per prompt; returns the new tokens of each row.
 
@@ -284,9 +311,11 @@ class Model(LoraModelMixin):
         model.allow_long_context is True. adapter_name: the adapter of this call (None: the active
         one; "__base__": none), kept to its last token whatever set_adapter / delete_adapter do
         meanwhile. Each call runs in its own context (its own KV cache, the weights shared): calls
-        from several threads run at once."""
+        from several threads run at once. adapter_names: one adapter per prompt instead (PEFT's mixed
+        batch; "__base__": none); the batch runs as one generation, each row with its own adapter."""
         adapter_name = self._adapter_arg(adapter_name)
         prompts = self._prompts(input_ids, attention_mask)
+        adapter_names = self._adapter_names_arg(adapter_names, len(prompts), adapter_name)
         V = self.config.vocab_size
         max_new_tokens = _int_arg("max_new_tokens", max_new_tokens, 0)
         if isinstance(eos_token_id, str):
@@ -336,7 +365,7 @@ class Model(LoraModelMixin):
             mask[b, P - len(p):] = 1
         history = [list(p) for p in prompts]
         # This request's context: its KV cache and the adapter it keeps to its last token.
-        ctx = self._core.new_context(B, P + max_new_tokens, adapter_name)
+        ctx = self._core.new_context(B, P + max_new_tokens, adapter_name, adapter_names)
         try:
             self._decode(ctx, ids, mask, max_new_tokens, sampler, sample_args, history, out, eos, stops, stream,
                          pad_token_id)

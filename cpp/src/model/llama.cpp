@@ -1,5 +1,6 @@
 #include "model/llama.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -28,16 +29,29 @@ void LlamaModel::forward(const int32_t* ids, const int32_t* mask, int64_t B, int
   forward(active_use(), ids, mask, B, T, logits);
 }
 
-void LlamaModel::forward(const AdapterUse& use, const int32_t* ids, const int32_t* mask, int64_t B, int64_t T,
+namespace {
+void check_set(const AdapterSet& uses, int64_t B) {
+  check_arg(uses.size() == 1 || static_cast<int64_t>(uses.size()) == B,
+            "adapter_names: " + std::to_string(uses.size()) + " names for a batch of " + std::to_string(B) +
+                " rows (one per row)");
+}
+// The module of projection p of layer l a row uses and its factor (null: none; scale 0 counts as none).
+const LoraModule* row_module(const AdapterUse& u, int64_t l, int p) {
+  return u.ad && u.scale != 0.0f ? u.ad->at(l, p) : nullptr;
+}
+}  // namespace
+
+void LlamaModel::forward(const AdapterSet& uses, const int32_t* ids, const int32_t* mask, int64_t B, int64_t T,
                          float* logits) {
   check_arg(B >= 1 && T >= 1, "forward: input_ids must be a non-empty [batch, seq] array");
+  check_set(uses, B);
   std::shared_lock<std::shared_mutex> wl(weights_mu_);  // no merge while the pass reads the weights
   KvCache tmp(be_, w_->cfg, B, T);
-  run(tmp, use, ids, mask, T, /*all_rows=*/true, logits);  // `use` is held by the caller to the end
+  run(tmp, uses, ids, mask, T, /*all_rows=*/true, logits);  // `uses` are held by the caller to the end
 }
 
-GenerationContext::GenerationContext(LlamaModel& m, int64_t B, int64_t capacity, AdapterUse use)
-    : m_(m), cache_(m.be_, m.w_->cfg, B, capacity), use_(std::move(use)), bytes_(cache_.bytes()) {
+GenerationContext::GenerationContext(LlamaModel& m, int64_t B, int64_t capacity, AdapterSet uses)
+    : m_(m), cache_(m.be_, m.w_->cfg, B, capacity), uses_(std::move(uses)), bytes_(cache_.bytes()) {
   // Counted under weights_mu_ shared: merge_adapter (exclusive) sees this context or it does not
   // exist yet, and a context created while a merge runs waits for the merge to finish.
   std::shared_lock<std::shared_mutex> wl(m.weights_mu_);
@@ -52,11 +66,12 @@ GenerationContext::~GenerationContext() {
 
 void GenerationContext::feed(const int32_t* ids, const int32_t* mask, int64_t T, float* logits) {
   std::shared_lock<std::shared_mutex> wl(m_.weights_mu_);
-  m_.run(cache_, use_, ids, mask, T, /*all_rows=*/false, logits);
+  m_.run(cache_, uses_, ids, mask, T, /*all_rows=*/false, logits);
 }
 
-std::unique_ptr<GenerationContext> LlamaModel::new_context(int64_t B, int64_t capacity, AdapterUse use) {
-  return std::unique_ptr<GenerationContext>(new GenerationContext(*this, B, capacity, std::move(use)));
+std::unique_ptr<GenerationContext> LlamaModel::new_context(int64_t B, int64_t capacity, AdapterSet uses) {
+  check_set(uses, B);
+  return std::unique_ptr<GenerationContext>(new GenerationContext(*this, B, capacity, std::move(uses)));
 }
 
 void LlamaModel::start(int64_t B, int64_t capacity) {
@@ -69,7 +84,7 @@ void LlamaModel::feed(const int32_t* ids, const int32_t* mask, int64_t T, float*
   gen_->feed(ids, mask, T, logits);
 }
 
-void LlamaModel::run(KvCache& cache, const AdapterUse& use, const int32_t* ids, const int32_t* mask, int64_t T,
+void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids, const int32_t* mask, int64_t T,
                      bool all_rows, float* logits_host) {
   check_complete();
   const LlamaConfig& c = w_->cfg;
@@ -107,6 +122,43 @@ void LlamaModel::run(KvCache& cache, const AdapterUse& use, const int32_t* ids, 
   DeviceBuffer u(be_, sizeof(float) * M * I);     // [M, I]
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
+  // One adapter for all rows (also when every row names the same one): the LoRA terms run inside
+  // the projections. A mixed batch: the base projections run once for all rows, then each LoRA
+  // term over the segments of rows that share an adapter (Backend::lora_segments).
+  check_set(uses, B);
+  bool mixed = false;
+  int64_t rmax = 0;
+  for (const AdapterUse& u : uses) {
+    const bool same = (u.ad && u.scale != 0.0f) ? (u.ad == uses[0].ad && u.scale == uses[0].scale)
+                                                 : !(uses[0].ad && uses[0].scale != 0.0f);
+    mixed = mixed || !same;
+    if (u.ad) rmax = std::max(rmax, u.ad->max_rank());
+  }
+  const AdapterUse& one = uses[0];
+  DeviceBuffer lora_t;  // [M, rmax] scratch of lora_segments
+  if (mixed) lora_t = DeviceBuffer(be_, sizeof(float) * M * std::max<int64_t>(rmax, 1));
+  std::vector<Backend::LoraSegment> segs;
+  // Adds the LoRA terms of projection p (layer l) of every row: x[M, lin.in] -> y[M, lin.out].
+  auto add_lora = [&](int64_t l, int p, const Linear& lin, const float* xin, int64_t ldx, float* y, int64_t ldy) {
+    segs.clear();
+    for (int64_t b = 0; b < B; ++b) {
+      const LoraModule* m = row_module(uses[b], l, p);
+      if (!m) continue;
+      const float alpha = uses[b].scale * m->scaling;
+      if (!segs.empty()) {  // extend the previous segment when this row continues it with the same adapter
+        Backend::LoraSegment& s = segs.back();
+        if (s.A == m->A.f32() && s.alpha == alpha && s.row0 + s.rows == b * T) {
+          s.rows += T;
+          continue;
+        }
+      }
+      segs.push_back({b * T, T, m->r, m->A.f32(), m->B.f32(), alpha});
+    }
+    if (!segs.empty())
+      be_.lora_segments(lin.in, lin.out, xin, ldx, static_cast<int64_t>(segs.size()), segs.data(), y, ldy,
+                        lora_t.f32());
+  };
+
   if (w_->embed_is_q8_0())
     be_.q8_0_rows(M, D, w_->embed_q8.data(), ids_d.data<int32_t>(), x.f32());
   else
@@ -114,11 +166,11 @@ void LlamaModel::run(KvCache& cache, const AdapterUse& use, const int32_t* ids, 
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& L = w_->layers[l];
     // This request's LoRA modules of layer l (q, k, v, o, gate, up, down; null: none).
+    // (mixed: none here, added by add_lora after the base projections).
     const LoraModule* lo[kNumProj] = {};
-    const LoraAdapter* ad = use.ad.get();
-    const float ls = use.scale;
-    if (ad)
-      for (int p = 0; p < kNumProj; ++p) lo[p] = ad->at(l, p);
+    const float ls = one.scale;
+    if (!mixed)
+      for (int p = 0; p < kNumProj; ++p) lo[p] = row_module(one, l, p);
     // Attention block.
     be_.rmsnorm(M, D, x.f32(), L.input_norm.f32(), c.rms_norm_eps, h.f32());
     {
@@ -126,6 +178,8 @@ void LlamaModel::run(KvCache& cache, const AdapterUse& use, const int32_t* ids, 
       float* out[] = {q.f32(), k.f32(), v.f32()};
       const int64_t ld[] = {QD, KD, KD};
       Linear::forward_many(be_, M, h.f32(), D, 3, lin, out, ld, lo, ls);
+      if (mixed)
+        for (int p = 0; p < 3; ++p) add_lora(l, p, *lin[p], h.f32(), D, out[p], ld[p]);
     }
     be_.rope(M, Hq, hd, q.f32(), QD, pos_d.data<int32_t>(), inv_freq_.f32());
     be_.rope(M, Hkv, hd, k.f32(), KD, pos_d.data<int32_t>(), inv_freq_.f32());
@@ -134,6 +188,7 @@ void LlamaModel::run(KvCache& cache, const AdapterUse& use, const int32_t* ids, 
     be_.attention(B, T, Hq, Hkv, hd, q.f32(), QD, cache.k(l), cache.v(l), cache.capacity(), start,
                   cache.key_mask_device(), scale, att.f32(), QD);
     L.o.forward(be_, M, att.f32(), QD, h.f32(), D, lo[3], nullptr, 0, nullptr, ls);
+    if (mixed) add_lora(l, 3, L.o, att.f32(), QD, h.f32(), D);
     be_.add_inplace(M * D, h.f32(), x.f32());
     // MLP block.
     be_.rmsnorm(M, D, x.f32(), L.post_norm.f32(), c.rms_norm_eps, h.f32());
@@ -142,9 +197,12 @@ void LlamaModel::run(KvCache& cache, const AdapterUse& use, const int32_t* ids, 
       float* out[] = {g.f32(), u.f32()};
       const int64_t ld[] = {I, I};
       Linear::forward_many(be_, M, h.f32(), D, 2, lin, out, ld, lo + 4, ls);
+      if (mixed)
+        for (int p = 0; p < 2; ++p) add_lora(l, 4 + p, *lin[p], h.f32(), D, out[p], ld[p]);
     }
     be_.swiglu(M, I, g.f32(), I, u.f32(), I, g.f32(), I);
     L.down.forward(be_, M, g.f32(), I, h.f32(), D, lo[6], nullptr, 0, nullptr, ls);
+    if (mixed) add_lora(l, 6, L.down, g.f32(), I, h.f32(), D);
     be_.add_inplace(M * D, h.f32(), x.f32());
   }
   be_.rmsnorm(M, D, x.f32(), w_->norm.f32(), c.rms_norm_eps, h.f32());

@@ -27,6 +27,9 @@ struct AdapterUse {
   std::shared_ptr<LoraAdapter> ad;
   float scale = 1.0f;
 };
+// A request's adapters: one AdapterUse for every row, or one per batch row (a mixed batch: the
+// base projections run once for all rows, the LoRA terms per group of rows sharing an adapter).
+using AdapterSet = std::vector<AdapterUse>;
 
 // One generation request: its own KV cache and the adapter (and scale) it started with (null: the
 // base model), over a model's shared weights. Contexts of one model may be fed from different threads
@@ -44,15 +47,14 @@ class GenerationContext {
   void feed(const int32_t* ids, const int32_t* mask, int64_t T, float* logits);
   const KvCache& cache() const { return cache_; }
   int64_t batch() const { return cache_.batch(); }
-  const LoraAdapter* adapter() const { return use_.ad.get(); }
-  float adapter_scale() const { return use_.scale; }
+  const AdapterSet& adapters() const { return uses_; }
 
  private:
   friend class LlamaModel;
-  GenerationContext(LlamaModel& m, int64_t B, int64_t capacity, AdapterUse use);
+  GenerationContext(LlamaModel& m, int64_t B, int64_t capacity, AdapterSet uses);
   LlamaModel& m_;
   KvCache cache_;
-  AdapterUse use_;  // taken at creation, kept to the end
+  AdapterSet uses_;  // taken at creation, kept to the end
   size_t bytes_ = 0;
 };
 
@@ -78,11 +80,19 @@ class LlamaModel {
   // with the adapter active when it is called. Safe to call from several threads at once.
   void forward(const int32_t* ids, const int32_t* mask, int64_t B, int64_t T, float* logits);
   // The same with an explicit adapter and scale (ad null: the base model).
-  void forward(const AdapterUse& use, const int32_t* ids, const int32_t* mask, int64_t B, int64_t T, float* logits);
+  void forward(const AdapterUse& use, const int32_t* ids, const int32_t* mask, int64_t B, int64_t T, float* logits) {
+    forward(AdapterSet{use}, ids, mask, B, T, logits);
+  }
+  // The same with one adapter per row (uses.size() == B) or one for all (size 1).
+  void forward(const AdapterSet& uses, const int32_t* ids, const int32_t* mask, int64_t B, int64_t T, float* logits);
 
   // A new generation context for B rows and `capacity` slots using adapter `ad` (null: the base
   // model); the overload without it takes the adapter active now. Thread-safe.
-  std::unique_ptr<GenerationContext> new_context(int64_t B, int64_t capacity, AdapterUse use);
+  std::unique_ptr<GenerationContext> new_context(int64_t B, int64_t capacity, AdapterUse use) {
+    return new_context(B, capacity, AdapterSet{std::move(use)});
+  }
+  // One adapter per row (uses.size() == B) or one for all (size 1); ValueError otherwise.
+  std::unique_ptr<GenerationContext> new_context(int64_t B, int64_t capacity, AdapterSet uses);
   std::unique_ptr<GenerationContext> new_context(int64_t B, int64_t capacity) {
     return new_context(B, capacity, active_use());
   }
@@ -106,6 +116,8 @@ class LlamaModel {
   // (use; ValueError when unknown), read together under one lock.
   AdapterUse active_use() const;
   AdapterUse use(const std::string& name) const;
+  // One AdapterUse per name ("__base__": none), all read under one lock (a mixed batch's snapshot).
+  AdapterSet uses(const std::vector<std::string>& names) const;
   // Runtime scale of adapter `name` (default 1; 0: contributes nothing): multiplies its LoRA term
   // in every later request, training passes included (PEFT's set_scale). Not saved with the
   // adapter, not applied by merge_adapter. ValueError for an unknown name or a non-finite scale.
@@ -144,7 +156,7 @@ class LlamaModel {
  private:
   // Runs the decoder over T new tokens per row into `cache` with adapter `ad` (null: none);
   // writes logits of all rows (logits[B*T, V]) or of each row's last token only (logits[B, V]).
-  void run(KvCache& cache, const AdapterUse& use, const int32_t* ids, const int32_t* mask, int64_t T, bool all_rows,
+  void run(KvCache& cache, const AdapterSet& uses, const int32_t* ids, const int32_t* mask, int64_t T, bool all_rows,
            float* logits);
 
   LossResult train_pass(LoraAdapter* ad, float scale, const int32_t* ids, const int32_t* mask, const int32_t* labels, int64_t B,

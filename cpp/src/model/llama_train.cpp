@@ -50,6 +50,22 @@ AdapterUse LlamaModel::use(const std::string& name) const {
   return {it->second, scales_.at(name)};
 }
 
+AdapterSet LlamaModel::uses(const std::vector<std::string>& names) const {
+  std::lock_guard<std::mutex> lk(adapters_mu_);
+  AdapterSet out;
+  out.reserve(names.size());
+  for (const std::string& name : names) {
+    if (name == "__base__") {
+      out.emplace_back();
+      continue;
+    }
+    auto it = adapters_.find(name);
+    check_arg(it != adapters_.end(), "no adapter named '" + name + "'");
+    out.push_back({it->second, scales_.at(name)});
+  }
+  return out;
+}
+
 void LlamaModel::set_adapter_scale(const std::string& name, float scale) {
   check_arg(std::isfinite(scale), "adapter scale must be a finite number");
   std::lock_guard<std::mutex> lk(adapters_mu_);
