@@ -414,3 +414,20 @@ def test_save_pretrained_of_nf4_merged_model_reloads_exactly(tiny, tmp_path):
     assert conf["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     r = qlora_native.Model.from_pretrained(tmp_path / "q")
     np.testing.assert_array_equal(r(IDS), m(IDS))
+
+
+def test_merge_uses_the_runtime_scale_and_unmerge_subtracts_what_was_merged(tiny):
+    """PEFT merges its scaled term: a set_adapter_scale(s) adapter merges as s * scaling * B A; unmerge
+    subtracts that even if the scale changed after the merge."""
+    m = _load(tiny, nf4_=False)
+    base = _load(tiny, nf4_=False, name=None)(IDS)
+    m.set_adapter_scale("a", 0.5)
+    scaled = m(IDS)
+    assert np.abs(scaled - base).max() > 1e-2
+    m.merge_adapter()
+    tol = 2e-5 * np.abs(scaled).max()
+    np.testing.assert_allclose(m(IDS), scaled, rtol=0, atol=tol)
+    m.set_adapter_scale("a", 3.0)
+    m.unmerge_adapter()
+    m.set_active_adapter(None)
+    np.testing.assert_allclose(m(IDS), base, rtol=0, atol=tol)

@@ -120,7 +120,7 @@ class LlamaModel {
   AdapterSet uses(const std::vector<std::string>& names) const;
   // Runtime scale of adapter `name` (default 1; 0: contributes nothing): multiplies its LoRA term
   // in every later request, training passes included (PEFT's set_scale). Not saved with the
-  // adapter, not applied by merge_adapter. ValueError for an unknown name or a non-finite scale.
+  // adapter; merge_adapter merges the scaled term (PEFT). ValueError for an unknown name or a non-finite scale.
   void set_adapter_scale(const std::string& name, float scale);
   float adapter_scale(const std::string& name) const;
   void delete_adapter(const std::string& name);
@@ -168,6 +168,7 @@ class LlamaModel {
   DeviceBuffer inv_freq_;  // [head_dim / 2]
   std::unique_ptr<GenerationContext> gen_;  // the default context of start/feed/stop
   std::atomic<int64_t> open_contexts_{0};  // contexts alive (merge is refused while > 0)
+  float merged_scale_ = 1.0f;  // runtime scale the merged adapter was merged with (unmerge subtracts it)
   std::atomic<size_t> ctx_bytes_{0};       // their KV caches' bytes, for memory_footprint from any thread
   std::shared_mutex weights_mu_;  // shared: a pass reading the weights; unique: merge_adapter
   mutable std::mutex adapters_mu_;  // guards adapters_, scales_, active_name_, active_

@@ -52,6 +52,9 @@ void LlamaModel::merge_adapter(const std::string& name, const MergeOptions& opt,
   check_arg(wl.owns_lock() && open_contexts_.load() == 0,
             "merge: a forward, training pass or generation is running on this model; merge after it has finished");
   const AdapterRef ad = adapter(name);  // ValueError when unknown
+  // The runtime scale (set_adapter_scale) is merged too, as PEFT merges its scaled term; unmerge
+  // subtracts what was merged even if the scale changed meanwhile.
+  const float scale = opt.subtract ? merged_scale_ : adapter_scale(name);
   LlamaWeights& w = *w_;
   const int64_t L = w.cfg.num_layers;
   const std::string what = opt.subtract ? "unmerge" : "merge";
@@ -85,9 +88,9 @@ void LlamaModel::merge_adapter(const std::string& name, const MergeOptions& opt,
         be_.download(host.data(), lin.weight.data(), sizeof(float) * n);
         be_.upload(W.data(), host.data(), sizeof(float) * n);
       }
-      if (m)  // W += (±scaling) * B[out, r] · A[r, in]
-        be_.gemm_nn(out, in, m->r, opt.subtract ? -m->scaling : m->scaling, m->B.f32(), m->r, m->A.f32(), in, 1.0f,
-                    W.f32(), in);
+      if (m)  // W += (±scale * scaling) * B[out, r] · A[r, in]
+        be_.gemm_nn(out, in, m->r, (opt.subtract ? -scale : scale) * m->scaling, m->B.f32(), m->r, m->A.f32(), in,
+                    1.0f, W.f32(), in);
       be_.download(host.data(), W.data(), sizeof(float) * n);
       W.reset();
       const std::string where = "layer " + std::to_string(l) + " " + proj_name(p);
@@ -118,6 +121,7 @@ void LlamaModel::merge_adapter(const std::string& name, const MergeOptions& opt,
     *s.dst = std::move(s.lin);  // DeviceBuffer moves keep the Nf4Ref pointers valid
   }
   if (!opt.subtract) {
+    merged_scale_ = scale;
     std::lock_guard<std::mutex> lk(adapters_mu_);
     if (active_ == ad) active_.reset(), active_name_.clear();  // merged: applying it again would double it
   }
