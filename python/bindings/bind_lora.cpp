@@ -150,6 +150,7 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
            })
       .def("lora_grads",
            [](LlamaModel& self, const std::string& name) {
+             model::ensure_lora_grads(self.backend(), *self.adapter(name));  // before any training: zeros
              return module_list(self, name, [](LoraModule& m) { return std::make_pair(&m.dA, &m.dB); });
            })
       .def("lora_set",
@@ -218,19 +219,19 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
       .def("lora_optimizer_step",
            [](LlamaModel& self, const std::string& name, double lr) {
              const LlamaModel::AdapterRef a = with_optimizer(self, name);  // alive through the step
-             const auto g = as_grads(a->grads());
+             const auto g = as_grads(a->grads(self.backend()));
              py::gil_scoped_release nogil;
              a->opt->step(g, lr);
            })
       .def("lora_grad_norm",
            [](LlamaModel& self, const std::string& name) {
              need_host(self, "grad_norm");
-             return train::global_grad_norm(as_grads(self.adapter(name)->grads()));
+             return train::global_grad_norm(as_grads(self.adapter(name)->grads(self.backend())));
            })
       .def("lora_clip_grad_norm",
            [](LlamaModel& self, const std::string& name, double max_norm) {
              need_host(self, "clip_grad_norm");
-             return train::clip_grad_norm(self.adapter(name)->grads(), max_norm);
+             return train::clip_grad_norm(self.adapter(name)->grads(self.backend()), max_norm);
            })
       .def("lora_optimizer_state",
            [](LlamaModel& self, const std::string& name) {

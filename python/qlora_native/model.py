@@ -459,7 +459,7 @@ class Model(LoraModelMixin):
 
     def memory_footprint(self) -> dict[str, int]:
         """Bytes held by category: nf4_weights, quant_constants, other_weights, kv_cache, lora_adapters
-        (A, B, gradients, AdamW moments), total."""
+        (A, B; their gradients once the adapter has trained; AdamW moments), total."""
         d = {k: int(v) for k, v in self._core.memory_footprint().items()}
         d["total"] = sum(d.values())
         return d

@@ -238,11 +238,13 @@ std::map<std::string, size_t> LlamaModel::memory_footprint() const {
       other += lin->bias_bytes();
     }
   }
-  size_t lora = 0;  // A, B, their gradients and AdamW moments
+  size_t lora = 0;  // A, B, their gradients once allocated (first training use) and AdamW moments
   std::lock_guard<std::mutex> lk(adapters_mu_);
   for (const auto& kv : adapters_) {
+    // dA/dB have A/B's sizes; read the flag, not the buffers, which a training call may be creating.
+    const size_t k = kv.second->grads_ready.load(std::memory_order_acquire) ? 2 : 1;
     for (const auto& m : kv.second->modules)
-      if (m) lora += m->A.bytes() + m->B.bytes() + m->dA.bytes() + m->dB.bytes();
+      if (m) lora += k * (m->A.bytes() + m->B.bytes());
     if (kv.second->opt)
       for (size_t i = 0; i < kv.second->opt->num_params(); ++i) lora += 2 * sizeof(float) * kv.second->opt->numel(i);
   }

@@ -291,6 +291,7 @@ LlamaModel::LossResult LlamaModel::forward_backward(const int32_t* ids, const in
   const AdapterUse use = active_use();  // adapter and scale held to the end of the pass
   check_arg(use.ad != nullptr, "forward_backward: no active adapter (add_adapter / set_active_adapter first)");
   check_arg(std::isfinite(grad_scale), "forward_backward: grad_scale must be finite");
+  ensure_lora_grads(be_, *use.ad);  // first training use of the adapter: its gradients appear (zero) now
   return train_pass(use.ad.get(), use.scale, ids, mask, labels, B, T, grad_scale, training, checkpointing, /*backward=*/true);
 }
 

@@ -57,7 +57,8 @@ std::vector<train::ParamRef> LoraAdapter::params() const {
   return out;
 }
 
-std::vector<train::ParamRef> LoraAdapter::grads() const {
+std::vector<train::ParamRef> LoraAdapter::grads(Backend& be) {
+  ensure_lora_grads(be, *this);
   std::vector<train::ParamRef> out;
   for (const auto& m : modules)
     if (m) out.push_back({m->dA.f32(), m->r * m->in}), out.push_back({m->dB.f32(), m->out * m->r});
@@ -71,12 +72,7 @@ std::unique_ptr<LoraModule> make_lora_module(Backend& be, int64_t r, int64_t in,
   m->r = r, m->in = in, m->out = out, m->scaling = scaling;
   m->A = DeviceBuffer(be, sizeof(float) * r * in);   // [r, in]
   m->B = DeviceBuffer(be, sizeof(float) * out * r);  // [out, r]
-  m->dA = DeviceBuffer(be, sizeof(float) * r * in);
-  m->dB = DeviceBuffer(be, sizeof(float) * out * r);
   set_lora_factors(be, *m, A_host, B_host);
-  const std::vector<float> zA(r * in, 0.0f), zB(out * r, 0.0f);
-  be.upload(m->dA.data(), zA.data(), m->dA.bytes());
-  be.upload(m->dB.data(), zB.data(), m->dB.bytes());
   return m;
 }
 
@@ -88,7 +84,23 @@ void set_lora_factors(Backend& be, LoraModule& m, const float* A_host, const flo
   be.upload(m.B.data(), B_host, sizeof(float) * nb);
 }
 
+void ensure_lora_grads(Backend& be, LoraAdapter& a) {
+  if (a.grads_ready.load(std::memory_order_acquire)) return;
+  std::lock_guard<std::mutex> lk(a.grads_mu);
+  if (a.grads_ready.load(std::memory_order_relaxed)) return;
+  for (const auto& m : a.modules) {
+    if (!m || !m->dA.empty()) continue;
+    DeviceBuffer dA(be, sizeof(float) * m->r * m->in), dB(be, sizeof(float) * m->out * m->r);
+    const std::vector<float> zA(m->r * m->in, 0.0f), zB(m->out * m->r, 0.0f);
+    be.upload(dA.data(), zA.data(), dA.bytes());
+    be.upload(dB.data(), zB.data(), dB.bytes());
+    m->dA = std::move(dA), m->dB = std::move(dB);
+  }
+  a.grads_ready.store(true, std::memory_order_release);
+}
+
 void zero_lora_grads(Backend& be, LoraAdapter& a) {
+  if (!a.grads_ready.load(std::memory_order_acquire)) return ensure_lora_grads(be, a);  // allocated as zeros
   for (const auto& m : a.modules) {
     if (!m) continue;
     const std::vector<float> zA(m->r * m->in, 0.0f), zB(m->out * m->r, 0.0f);

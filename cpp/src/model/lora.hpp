@@ -3,7 +3,9 @@
 // fp32; the base weight is only read. PEFT semantics (peft/tuners/lora/layer.py).
 #pragma once
 #include <cstdint>
+#include <atomic>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -25,7 +27,7 @@ struct LoraModule {
   int64_t r = 0, in = 0, out = 0;
   float scaling = 1.0f;
   DeviceBuffer A, B;    // [r, in], [out, r]
-  DeviceBuffer dA, dB;  // [r, in], [out, r] accumulated gradients
+  DeviceBuffer dA, dB;  // [r, in], [out, r] accumulated gradients; empty until the adapter first trains
 };
 
 struct LoraAdapter {
@@ -34,18 +36,26 @@ struct LoraAdapter {
   int64_t micro_step = 0;                           // forward_backward calls so far (dropout key)
   std::vector<std::unique_ptr<LoraModule>> modules;  // [num_layers * kNumProj], null = not adapted
   std::unique_ptr<train::AdamW> opt;                // configure_optimizer: over every A then B
+  // dA/dB are allocated (zeroed) on the first training use only, so a served adapter costs just
+  // A + B. grads_mu serializes that allocation; grads_ready (release/acquire) lets readers such as
+  // memory_footprint see whether it happened without touching the buffers.
+  std::mutex grads_mu;
+  std::atomic<bool> grads_ready{false};
 
   LoraModule* at(int64_t layer, int p) const { return modules[layer * kNumProj + p].get(); }
   int64_t max_rank() const;
-  // Gradient tensors / parameters in a fixed order (layer, projection, A then B).
+  // Gradient tensors / parameters in a fixed order (layer, projection, A then B); grads()
+  // allocates the (zero) gradients first if the adapter has not trained yet.
   std::vector<train::ParamRef> params() const;
-  std::vector<train::ParamRef> grads() const;
+  std::vector<train::ParamRef> grads(Backend& be);
 };
 
-// A module with factors copied from host A[r, in], B[out, r] and zero gradients.
+// A module with factors copied from host A[r, in], B[out, r]; no gradient buffers yet.
 std::unique_ptr<LoraModule> make_lora_module(Backend& be, int64_t r, int64_t in, int64_t out, float scaling,
                                              const float* A_host, const float* B_host);
 void set_lora_factors(Backend& be, LoraModule& m, const float* A_host, const float* B_host);
+// Allocates zeroed dA/dB for every module unless already done (idempotent, thread-safe).
+void ensure_lora_grads(Backend& be, LoraAdapter& a);
 void zero_lora_grads(Backend& be, LoraAdapter& a);
 
 // Forward of the LoRA branch: y[M, out] (row stride ldy) += scale * scaling * (x·Aᵀ)·Bᵀ, x[M, in]

@@ -63,7 +63,7 @@ double lora_train_step(LlamaModel& m, const int32_t* ids, const int32_t* labels,
   check_arg(count > 0, "no label to train on (all -100 after the shift)");
   zero_lora_grads(m.backend(), a);
   auto r = m.forward_backward(ids, nullptr, shifted.data(), B, T, 1.0f / static_cast<float>(count), true, true);
-  std::vector<train::ParamRef> g = a.grads();
+  std::vector<train::ParamRef> g = a.grads(m.backend());
   if (max_grad_norm > 0.0) {
     check_arg(m.backend().host_memory(), "gradient clipping is implemented for host-memory (CPU) backends only");
     train::clip_grad_norm(g, max_grad_norm);
