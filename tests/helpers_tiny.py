@@ -16,14 +16,16 @@ CFG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layer
            architectures=["LlamaForCausalLM"], model_type="llama")
 
 
-def build_tiny(d: str) -> str:
-    """A tiny random fp32 Llama checkpoint written with numpy only (no torch import: fast)."""
+def build_tiny(d: str, **overrides) -> str:
+    """A tiny random fp32 Llama checkpoint written with numpy only (no torch import: fast);
+    overrides replace CFG fields (e.g. vocab_size=320)."""
     from qlora_native.config import ModelConfig
 
+    cfg = dict(CFG, **overrides)
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(CFG, f)
-    core = qlora_native._core.model.LlamaModel(ModelConfig.from_dict(CFG).to_core())
+        json.dump(cfg, f)
+    core = qlora_native._core.model.LlamaModel(ModelConfig.from_dict(cfg).to_core())
     rng = np.random.default_rng(0)
     ts = {}
     for name, shape in core.expected_tensors():

@@ -76,15 +76,7 @@ def test_merge_nf4_and_no_progress(setup, capsys, dtype):
 def test_merge_eval_text_with_tokenizer(tmp_path, capsys):
     from helpers_tokenizer import build_hf_tokenizer_dir
 
-    import helpers_tiny
-
-    old = dict(helpers_tiny.CFG)
-    helpers_tiny.CFG["vocab_size"] = 320
-    try:
-        base = build_tiny(str(tmp_path / "base"))
-    finally:
-        helpers_tiny.CFG.clear()
-        helpers_tiny.CFG.update(old)
+    base = build_tiny(str(tmp_path / "base"), vocab_size=320)
     tok = build_hf_tokenizer_dir(tmp_path / "tok", vocab_size=300)
     for f in os.listdir(tok):
         if f.startswith("tokenizer"):
@@ -169,15 +161,7 @@ def test_merge_errors_one_line(setup, capsys, extra, status, msg):
 
 def test_merge_adapter_for_another_base(setup, tmp_path, capsys):
     tmp, base, _ = setup
-    import helpers_tiny
-
-    old = dict(helpers_tiny.CFG)
-    helpers_tiny.CFG["hidden_size"] = 48
-    try:
-        other = build_tiny(str(tmp_path / "other"))
-    finally:
-        helpers_tiny.CFG.clear()
-        helpers_tiny.CFG.update(old)
+    other = build_tiny(str(tmp_path / "other"), hidden_size=48)
     m = qlora_native.Model.from_pretrained(other)
     m.add_adapter("a", LoraConfig(r=2, target_modules=["q_proj"]))
     m.save_adapter(str(tmp_path / "ad_other"))
