@@ -8,6 +8,7 @@
 #include <set>
 
 #include "common/error.hpp"
+#include "gguf/gguf_model.hpp"
 #include "io/mapped_file.hpp"
 #include "io/safetensors.hpp"
 #include "nf4/nf4_codec.hpp"
@@ -539,6 +540,13 @@ std::unique_ptr<LlamaModel> load_hf_model(const std::string& dir, Backend& be, c
   model->check_complete();
   if (info) *info = std::move(hc);
   return model;
+}
+
+std::unique_ptr<LlamaModel> load_model_from_path(const std::string& path, Backend& be, const QuantSpec& quant,
+                                                 HfConfig* info) {
+  std::error_code ec;
+  if (!fs::is_directory(path, ec) && fs::exists(path, ec)) return gguf::load_model(path, be, quant, info);
+  return load_hf_model(path, be, quant, info);
 }
 
 }  // namespace qlora::model

@@ -33,4 +33,9 @@ HfConfig read_hf_config(const std::string& dir);
 std::unique_ptr<LlamaModel> load_hf_model(const std::string& dir, Backend& be, const QuantSpec& quant,
                                           HfConfig* info = nullptr);
 
+// The one front door: a directory is an HF checkpoint (load_hf_model), a file a GGUF
+// (gguf::load_model, gguf/gguf_model.hpp). `info` gets the config and token ids of either.
+std::unique_ptr<LlamaModel> load_model_from_path(const std::string& path, Backend& be, const QuantSpec& quant,
+                                                 HfConfig* info = nullptr);
+
 }  // namespace qlora::model

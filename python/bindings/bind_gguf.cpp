@@ -1,0 +1,197 @@
+// qlora_native._core.gguf: the C++ GGUF reader, dequantization and model loader.
+// python/qlora_native/gguf_check.py (layout), gguf_source.py (tensors) and model.py
+// (Model.from_pretrained on a .gguf) are the Python faces.
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include "bindings.hpp"
+#include "backend.hpp"
+#include "common/error.hpp"
+#include "gguf/dequant.hpp"
+#include "gguf/gguf_model.hpp"
+#include "io/gguf_read.hpp"
+
+namespace qlora::py_bind {
+
+namespace {
+using gguf::File;
+using gguf::VType;
+
+py::object json_to_py(const json::Value& v) {
+  switch (v.type()) {
+    case json::Type::Null: return py::none();
+    case json::Type::Bool: return py::bool_(v.as_bool());
+    case json::Type::Int: return py::int_(v.as_int());
+    case json::Type::Double: return py::float_(v.as_double());
+    case json::Type::String: return py::str(v.as_string());
+    case json::Type::Array: {
+      py::list out;
+      for (const auto& x : v.as_array()) out.append(json_to_py(x));
+      return std::move(out);
+    }
+    case json::Type::Object: {
+      py::dict out;
+      for (const auto& [k, x] : v.as_object()) out[py::str(k)] = json_to_py(x);
+      return std::move(out);
+    }
+  }
+  return py::none();
+}
+
+// A scalar or string metadata value as Python (arrays: None; their contents via array()).
+py::object value_to_py(const gguf::Value& v) {
+  if (v.is_int()) return v.is_signed() ? py::int_(v.i) : py::int_(v.u);
+  if (v.is_float()) return py::float_(v.f);
+  if (v.type == VType::BOOL) return py::bool_(v.u != 0);
+  if (v.type == VType::STRING) return py::str(v.str);
+  return py::none();
+}
+
+const gguf::Value& key_at(const File& f, const std::string& key) {
+  const gguf::Value* v = f.find(key);
+  if (!v) throw py::key_error(key);
+  return *v;
+}
+}  // namespace
+
+void bind_gguf(py::module_& m) {
+  py::module_ g = m.def_submodule("gguf", "GGUF reader, dequantization and model loading");
+  g.attr("MAX_TENSORS") = gguf::kMaxTensors;
+  g.attr("MAX_ARRAY_ELEMENTS") = gguf::kMaxArrayElements;
+  g.attr("MAX_DIMS") = gguf::kMaxDims;
+  g.attr("MAX_TENSOR_NAME") = gguf::kMaxTensorName;
+  g.attr("MAX_ALIGNMENT") = gguf::kMaxAlignment;
+
+  py::class_<File, std::shared_ptr<File>>(g, "GGUFFile", "A memory-mapped, validated GGUF file.")
+      .def(py::init([](const std::string& path) {
+             py::gil_scoped_release nogil;
+             return File::open(path);
+           }),
+           py::arg("path"))
+      .def_property_readonly("path", &File::path)
+      .def_property_readonly("size", &File::size)
+      .def_property_readonly("version", &File::version)
+      .def_property_readonly("byte_order", [](const File& f) { return f.big_endian() ? ">" : "<"; })
+      .def_property_readonly("alignment", &File::alignment)
+      .def_property_readonly("data_offset", &File::data_offset)
+      .def(
+          "kv",
+          [](const File& f) {
+            // (key, type, value, item_type, count) in file order; value None for arrays.
+            py::list out;
+            for (const auto& [k, v] : f.kv()) {
+              const bool arr = v.type == VType::ARRAY;
+              out.append(py::make_tuple(k, static_cast<uint32_t>(v.type), value_to_py(v),
+                                        arr ? py::object(py::int_(static_cast<uint32_t>(v.elem))) : py::object(py::none()),
+                                        v.count));
+            }
+            return out;
+          },
+          "[(key, value type, value (None for arrays), element type (arrays) or None, count)]")
+      .def(
+          "array",
+          [](const File& f, const std::string& key) -> py::object {
+            const gguf::Value& v = key_at(f, key);
+            check_arg(v.type == VType::ARRAY, f.path() + ": GGUF metadata " + key + " is " + v.type_name() + ", not an array");
+            if (v.elem == VType::STRING) {
+              py::list out;
+              for (std::string_view s : f.strings(v)) out.append(py::str(s.data(), s.size()));
+              return std::move(out);
+            }
+            if (v.elem == VType::F32 || v.elem == VType::F64) return py::cast(f.floats(v));
+            if (v.elem == VType::BOOL) {
+              py::list out;
+              for (uint8_t b : f.bools(v)) out.append(py::bool_(b != 0));
+              return std::move(out);
+            }
+            return py::cast(f.ints(v));
+          },
+          py::arg("key"), "Contents of a metadata array as a list.")
+      .def(
+          "tensors",
+          [](const File& f) {
+            py::list out;  // (name, dims fastest-first, ggml type, absolute offset, nbytes)
+            for (const auto& t : f.tensors()) {
+              py::tuple dims(t.dims.size());
+              for (size_t i = 0; i < t.dims.size(); ++i) dims[i] = py::int_(t.dims[i]);
+              out.append(py::make_tuple(t.name, dims, t.type, t.offset, t.nbytes));
+            }
+            return out;
+          })
+      .def("hf_config", [](const File& f) { return json_to_py(gguf::hf_config(f)); },
+           "The HF config.json-style dict the model is built from (every field checked).")
+      .def("hf_name", [](const File& f, const std::string& n) { return gguf::hf_name(f, n); }, py::arg("gguf_name"))
+      .def(
+          "hf_tensor",
+          [](const File& f, const std::string& name, const model::LlamaConfig& cfg) {
+            const gguf::TensorInfo* t = f.tensor(name);
+            check_arg(t != nullptr, f.path() + ": no tensor " + name);
+            std::vector<float> out, scratch;
+            {
+              py::gil_scoped_release nogil;
+              gguf::tensor_f32(*t, cfg, out, scratch);
+            }
+            const std::vector<int64_t> shape = t->shape();
+            py::array_t<float> a(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+            std::copy(out.begin(), out.end(), a.mutable_data());
+            return a;
+          },
+          py::arg("name"), py::arg("config"),
+          "A tensor as float32 in HF layout (dequantized; Q/K un-permuted for llama-arch files).");
+
+  g.def("dequantize",
+        [](uint32_t type, const py::array_t<uint8_t, py::array::c_style | py::array::forcecast>& raw, int64_t n) {
+          int64_t block = 0, size = 0;
+          check_arg(gguf::gtype_traits(type, &block, &size), "dequantize: unknown GGML type " + std::to_string(type));
+          check_arg(n >= 0 && n % block == 0, "dequantize: n must be a multiple of the block size " + std::to_string(block));
+          check_arg(raw.size() == n / block * size, "dequantize: " + std::to_string(n) + " values of " +
+                                                        gguf::gtype_name(type) + " need " +
+                                                        std::to_string(n / block * size) + " bytes, got " +
+                                                        std::to_string(raw.size()));
+          py::array_t<float> out(n);
+          float* o = out.mutable_data();
+          const uint8_t* p = raw.data();
+          {
+            py::gil_scoped_release nogil;
+            gguf::dequantize(type, p, o, n);
+          }
+          return out;
+        },
+        py::arg("type"), py::arg("data"), py::arg("n"), "float32[n] decoded from GGML blocks of `type`.");
+  g.def("dequant_supported", &gguf::dequant_supported, py::arg("type"));
+  g.def("type_name", &gguf::gtype_name, py::arg("type"));
+  g.def("type_traits", [](uint32_t type) -> py::object {
+    int64_t block = 0, size = 0;
+    if (!gguf::gtype_traits(type, &block, &size)) return py::none();
+    return py::make_tuple(block, size);
+  }, py::arg("type"), "(block size, bytes per block) or None for an unknown type.");
+  g.def("unpermute_rows",
+        [](const py::array_t<float, py::array::c_style | py::array::forcecast>& w, int64_t n_head) {
+          check_arg(w.ndim() >= 1, "unpermute_rows: need at least 1 dimension");
+          const int64_t rows = w.shape(0), cols = rows ? w.size() / rows : 0;
+          py::array_t<float> out(std::vector<py::ssize_t>(w.shape(), w.shape() + w.ndim()));
+          gguf::unpermute_rows(w.data(), out.mutable_data(), rows, cols, n_head, "");
+          return out;
+        },
+        py::arg("w"), py::arg("n_head"), "Undo llama.cpp's Q/K row permutation (interleaved -> rotate-half).");
+  g.def("layer_names", &gguf::layer_names);
+  g.def("global_names", &gguf::global_names);
+  g.def(
+      "load_model",
+      [](std::shared_ptr<File> f, const std::string& backend, bool nf4, int blocksize, bool double_quant) {
+        Backend& be = get_backend(backend);
+        model::QuantSpec q{nf4, blocksize, double_quant};
+        json::Value hf;
+        std::unique_ptr<model::LlamaModel> core;
+        {
+          py::gil_scoped_release nogil;
+          core = gguf::load_model(*f, be, q, nullptr, &hf);
+        }
+        return py::make_tuple(py::cast(std::move(core)), json_to_py(hf));
+      },
+      py::arg("file"), py::arg("backend") = "cpu", py::arg("nf4") = true, py::arg("blocksize") = 64,
+      py::arg("double_quant") = true,
+      "(LlamaModel, HF-style config dict) loaded tensor by tensor from an open GGUFFile.");
+}
+
+}  // namespace qlora::py_bind
