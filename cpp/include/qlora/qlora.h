@@ -9,11 +9,14 @@
  *  - Functions returning int return QLORA_OK (0) on success and a negative qlora_status on
  *    failure; functions returning a pointer return NULL on failure. Either way
  *    qlora_last_error() then describes the failure. No C++ exception crosses this boundary.
- *  - Threads: qlora_generate and qlora_model_forward on one model may run from several threads
- *    at once (each call has its own KV cache; the weights are shared, not copied); the adapter
- *    and training calls wait for them and run alone. A token callback must not call qlora_*
- *    functions on the same model other than qlora_generate / qlora_model_forward.
- *    qlora_last_error() is per thread.
+ *  - Threads: qlora_generate, qlora_model_forward and the qlora_context_* calls on one model may
+ *    run from several threads at once (each call has its own KV cache; the weights are shared,
+ *    not copied); qlora_adapter_add and the training calls wait for them and run alone. A token
+ *    callback must not call qlora_adapter_add / qlora_train_* / qlora_adapter_save on the same
+ *    model (that would wait for itself). qlora_last_error() is per thread.
+ *  - Serving several adapters: see "Contexts and loaded adapters" below (qlora_context_generate
+ *    and qlora_context_forward are the preferred calls; qlora_generate / qlora_model_forward run
+ *    with the adapter made by qlora_adapter_add, or the base model, and stay for that use).
  *  - Token ids are int32 in [0, n_vocab); logits are float32, row-major.
  */
 #ifndef QLORA_H
@@ -31,7 +34,9 @@
 extern "C" {
 #endif
 
-typedef struct qlora_model qlora_model; /* opaque */
+typedef struct qlora_model qlora_model;     /* opaque */
+typedef struct qlora_adapter qlora_adapter; /* opaque: a LoRA adapter loaded from a PEFT directory */
+typedef struct qlora_context qlora_context; /* opaque: one request stream with its own adapter set */
 
 typedef enum {
   QLORA_OK = 0,
@@ -66,8 +71,8 @@ typedef struct {
  * stop generation after this token (it is still counted in *n_out). */
 typedef int (*qlora_token_callback)(int32_t token, void* user);
 
-/* Message of the last failed call on this thread; "" after a successful qlora_model_load,
- * qlora_model_forward or qlora_generate (the other functions leave it unchanged). The string
+/* Message of the last failed call on this thread; "" after a successful call of a function that
+ * returns a status or a pointer (the model-fact getters and *_free leave it unchanged). The string
  * belongs to the library and stays valid until the next qlora_* call on this thread. */
 QLORA_API const char* qlora_last_error(void);
 /* The qlora_status of that failure (QLORA_OK when none); e.g. why qlora_model_load gave NULL. */
@@ -110,7 +115,9 @@ QLORA_API int qlora_generate(qlora_model* model, const int32_t* prompt, int64_t 
 
 
 /* ---- LoRA training (CPU backend; the base model stays frozen) -------------------------------
- * Adapters belong to the model and are freed with it. These calls on one model are serialized. */
+ * Adapters belong to the model and are freed with it. These calls on one model are serialized.
+ * They act on the model's own (named, active) adapter, which qlora_generate / qlora_model_forward
+ * use; contexts use only what qlora_context_set_adapters gives them. */
 
 /* Bits of qlora_lora_params.target_mask, one per projection of every layer. */
 enum {
@@ -158,6 +165,158 @@ QLORA_API int qlora_train_step(qlora_model* model, const int32_t* ids, const int
  * created 0666 and directories 0777 (the umask decides); a replaced `dir` keeps its mode.
  * Errors: IO when `dir` is a file or cannot be written. */
 QLORA_API int qlora_adapter_save(qlora_model* model, const char* dir);
+
+/* ---- Contexts and loaded adapters (serving many adapters over one base) ------------------------
+ *
+ *   qlora_adapter* a = qlora_adapter_load(model, "adapters/sql");        // PEFT directory
+ *   qlora_context* c = qlora_context_new(model, qlora_context_default_params());
+ *   float s = 1.0f;
+ *   qlora_context_set_adapters(c, &a, &s, 1);                            // n = 0: the base model
+ *   qlora_context_generate(c, prompt, n_prompt, NULL, out, 64, &n_out, NULL, NULL);
+ *   qlora_context_free(c); qlora_adapter_free(a); qlora_model_free(model);
+ *
+ * Ownership (as llama.h):
+ *  - qlora_adapter_load returns an adapter owned by the caller and tied to its model. Free it with
+ *    qlora_adapter_free, or leave it: adapters not freed are freed by qlora_model_free (an
+ *    adapter pointer must not be used after its model is freed; qlora_adapter_free on it is then
+ *    a no-op that records an error). Loading never changes the model or other adapters.
+ *  - qlora_context_new returns a context owned by the caller; free it with qlora_context_free
+ *    before its model. A context holds no reference to the adapter handles passed to it: its
+ *    adapter set is a snapshot of their weights, so freeing an adapter that a live context uses
+ *    is safe, and the context keeps generating with it; the adapter's memory goes when the last
+ *    context using it has dropped it (set_adapters with another set, or qlora_context_free).
+ *  - A context must not outlive its model. If qlora_model_free is called while contexts are
+ *    open, the model's memory is kept until the last of them is freed and every call on those
+ *    contexts fails with QLORA_ERR_INVALID_ARGUMENT ("its model was freed").
+ *  - Freed or never-created adapter / context pointers are detected (a registry of live handles):
+ *    calls on them fail with QLORA_ERR_INVALID_ARGUMENT, the *_free calls ignore them.
+ * Threads: each context serves one call at a time (a second call on the same context while one
+ * runs, e.g. from another thread or from its token callback, fails with INVALID_ARGUMENT); use one
+ * context per thread: contexts of one model generate at the same time, sharing the weights and
+ * adapters. qlora_context_set_adapters may be called at any time, from any thread (a token
+ * callback included): it changes only the calls that start after it, never one already running.
+ */
+
+typedef struct {
+  int64_t n_ctx; /* most tokens (prompt + generated, or forward length) of one call; 0 (default):
+                    the model's max_position_embeddings. A larger value runs past it (quality
+                    degrades, as Python's allow_long_context) */
+} qlora_context_params;
+
+QLORA_API qlora_context_params qlora_context_default_params(void);
+
+/* Loads the LoRA adapter in PEFT directory `dir` (adapter_config.json + adapter_model.safetensors,
+ * F32/F16/BF16) for `model`, with the rules of qlora_native.Model.load_adapter: only the seven
+ * projections, PEFT's scaling (lora_alpha / r, rsLoRA alpha / sqrt(r), rank_pattern /
+ * alpha_pattern). Refused, naming the file and tensor: an adapter made for another base (the
+ * module and both shapes are named), NaN or Inf in a tensor, DoRA and other unsupported features,
+ * tensors missing for targeted modules or present for others. target_modules / exclude_modules /
+ * layers_pattern / rank_pattern / alpha_pattern given as regular expressions are read when they
+ * are plain names (letters, digits, '_', '-', '.' and '\.'); any other regex is refused with
+ * QLORA_ERR_INVALID_ARGUMENT (Python's loader reads them). A killed save of `dir` is finished or
+ * rolled back first. Errors: IO (missing directory / file), FORMAT (corrupt file),
+ * INVALID_ARGUMENT. Returns NULL on failure. */
+QLORA_API qlora_adapter* qlora_adapter_load(qlora_model* model, const char* dir);
+
+/* Frees an adapter handle (see Ownership above). NULL and handles already freed are ignored. */
+QLORA_API void qlora_adapter_free(qlora_adapter* adapter);
+
+/* A new context of `model` using the base model (no adapter). Returns NULL on failure. */
+QLORA_API qlora_context* qlora_context_new(qlora_model* model, qlora_context_params params);
+
+/* Frees a context (and its adapter snapshot). NULL and handles already freed are ignored. Must not
+ * run while a call on this context is in progress. */
+QLORA_API void qlora_context_free(qlora_context* ctx);
+
+/* Replaces the context's adapter set: the later calls apply sum_i scales[i] * delta_i, delta_i
+ * being adapter i's LoRA term with its PEFT scaling (llama.cpp's llama_set_adapters_lora; scale 0:
+ * the adapter contributes nothing, as --lora-scaled). n = 0 clears the set (the base model;
+ * adapters may then be NULL). scales may be NULL (all 1). Every adapter must belong to the
+ * context's model. One adapter runs exactly as Python's Model.generate(adapter_name=...) with
+ * that scale (set_adapter_scale); several are combined once here into one adapter of rank
+ * sum r_i (their concatenation, memory held by the context). All or nothing: on an error
+ * (n < 0, a NULL or freed adapter, one from another model, a NaN / Inf scale) the set is kept. */
+QLORA_API int qlora_context_set_adapters(qlora_context* ctx, qlora_adapter* const* adapters, const float* scales,
+                                         int32_t n);
+
+/* As qlora_generate, with the context's adapter set as it is when the call starts (kept to the
+ * last token). n_prompt + max_new_tokens must not exceed the context's n_ctx. */
+QLORA_API int qlora_context_generate(qlora_context* ctx, const int32_t* prompt, int64_t n_prompt,
+                                     const qlora_sampling_params* params, int32_t* out_tokens,
+                                     int64_t max_new_tokens, int64_t* n_out, qlora_token_callback cb, void* user);
+
+/* As qlora_model_forward, with the context's adapter set (n_tokens must not exceed n_ctx). */
+QLORA_API int qlora_context_forward(qlora_context* ctx, const int32_t* ids, int64_t n_tokens, float* logits_out);
+
+/* ---- Tokenizers ---------------------------------------------------------------------------------
+ *
+ *   qlora_tokenizer* tok = qlora_tokenizer_load("SmolLM2-135M-Instruct.Q4_1.gguf");  // or an HF dir
+ *   int32_t ids[256];
+ *   int32_t n = qlora_tokenize(tok, "Hello", -1, ids, 256, 1, 1);   // < 0: -n ids needed
+ *   char piece[64];
+ *   int32_t len = qlora_token_to_piece(tok, ids[0], piece, sizeof piece);
+ *   qlora_tokenizer_free(tok);
+ *
+ * The vocabularies of qlora_native's Python Tokenizer, with the same ids: a GGUF file's embedded
+ * `llama` (SPM) or `gpt2` (byte-level BPE; tokenizer.ggml.pre default, gpt-2, smollm, llama-bpe /
+ * llama3, qwen2 and their llama.cpp aliases) vocabulary, or an HF directory's tokenizer.json (BPE
+ * model; byte-level, Split / Digits / Metaspace pre-tokenizers) with tokenizer_config.json,
+ * special_tokens_map.json, config.json and generation_config.json for the special ids. Components
+ * it does not implement fail the load with QLORA_ERR_INVALID_ARGUMENT (never a different split).
+ * A directory with only a sentencepiece tokenizer.model is not supported here.
+ *
+ * Ownership: qlora_tokenizer_load returns a tokenizer owned by the caller (free it with
+ * qlora_tokenizer_free), independent of any model. Text is bytes: invalid UTF-8 is not an error;
+ * each maximal ill-formed subsequence is read as U+FFFD (Python's bytes.decode("utf-8",
+ * "replace")). Threads: every call below except qlora_tokenizer_free may run on one tokenizer
+ * from several threads at once. Output buffers are the caller's. */
+typedef struct qlora_tokenizer qlora_tokenizer; /* opaque */
+
+/* Loads the tokenizer of a model source: a `.gguf` file or an HF directory holding tokenizer.json.
+ * Returns NULL on failure (IO: missing file / no tokenizer.json; FORMAT: corrupt file or field;
+ * INVALID_ARGUMENT: an unsupported vocabulary or component, named in qlora_last_error()). */
+QLORA_API qlora_tokenizer* qlora_tokenizer_load(const char* path);
+/* Releases a tokenizer. NULL is ignored. */
+QLORA_API void qlora_tokenizer_free(qlora_tokenizer* tok);
+
+/* Text -> ids, as llama_tokenize. text[text_len] (text_len < 0: NUL-terminated). add_special:
+ * add the BOS / EOS the vocabulary asks for (GGUF add_bos_token / add_eos_token, tokenizer.json's
+ * post-processor or tokenizer_config.json's add_bos_token / add_eos_token). parse_special: match
+ * special (control) token strings such as "<|im_start|>" in the text as their ids; when 0 they
+ * are tokenized as plain text (non-special added tokens are always matched, as in llama.cpp).
+ * Returns the number of ids written to tokens[n_tokens_max]; when that is too small, writes
+ * nothing and returns -(the number needed). On an error returns INT32_MIN (tok or text NULL,
+ * n_tokens_max < 0, or more than INT32_MAX ids); see qlora_last_error(). tokens may be NULL when
+ * n_tokens_max is 0. */
+QLORA_API int32_t qlora_tokenize(const qlora_tokenizer* tok, const char* text, int32_t text_len, int32_t* tokens,
+                                 int32_t n_tokens_max, int32_t add_special, int32_t parse_special);
+
+/* Ids -> text, exactly as the Python Tokenizer.decode returns it (UTF-8; skip_special: leave out
+ * special tokens; invalid byte sequences in the output come out as U+FFFD). Writes at most
+ * text_len_max bytes (no NUL terminator) and returns the length; when text_len_max is too small
+ * writes nothing and returns -(the length needed). INT32_MIN on an error (an id out of range,
+ * NULL arguments). */
+QLORA_API int32_t qlora_detokenize(const qlora_tokenizer* tok, const int32_t* tokens, int32_t n_tokens, char* text,
+                                   int32_t text_len_max, int32_t skip_special);
+
+/* The bytes one token stands for (for streaming output; as llama_token_to_piece with special =
+ * true): byte-level BPE characters and <0xNN> tokens become their bytes, U+2581 a space, special
+ * tokens their text. A piece may be part of a UTF-8 character: join pieces before decoding.
+ * Returns the length written to buf[length] (no NUL), -(needed) when length is too small,
+ * INT32_MIN on an error (id out of range, NULL tok). */
+QLORA_API int32_t qlora_token_to_piece(const qlora_tokenizer* tok, int32_t token, char* buf, int32_t length);
+
+/* Vocabulary facts; -1 when tok is NULL or the vocabulary has no such token. */
+QLORA_API int32_t qlora_tokenizer_n_vocab(const qlora_tokenizer* tok);
+QLORA_API int32_t qlora_token_bos(const qlora_tokenizer* tok);
+QLORA_API int32_t qlora_token_eos(const qlora_tokenizer* tok);
+QLORA_API int32_t qlora_token_pad(const qlora_tokenizer* tok);
+QLORA_API int32_t qlora_token_unk(const qlora_tokenizer* tok);
+/* Every id that ends a turn (eos, GGUF eot / eom, config.json / generation_config.json
+ * eos_token_id): writes up to cap of them to ids (may be NULL when cap is 0), returns the count. */
+QLORA_API int32_t qlora_tokenizer_eos_tokens(const qlora_tokenizer* tok, int32_t* ids, int32_t cap);
+/* Nonzero when token is a special (control) token, e.g. to hide it when streaming. */
+QLORA_API int32_t qlora_token_is_special(const qlora_tokenizer* tok, int32_t token);
 
 #ifdef __cplusplus
 }

@@ -1,14 +1,23 @@
-// Thin header-only C++ wrapper over the C API (qlora.h): RAII ownership of the model and
-// errors as exceptions (qlora::api::Error carrying the qlora_status and the message).
+// Thin header-only C++ wrapper over the C API (qlora.h): RAII ownership of models, adapters and
+// contexts, and errors as exceptions (qlora::api::Error carrying the qlora_status and the message).
 //
 //   auto m = qlora::api::Model::load("path/to/hf_dir");            // NF4 by default
 //   std::vector<int32_t> out = m.generate({1, 15043, 29871}, 32);   // greedy
+//
+//   qlora::api::Adapter sql = m.load_adapter("adapters/sql");        // PEFT directory
+//   qlora::api::Context ctx = m.new_context();                       // one per serving thread
+//   ctx.set_adapters({{&sql, 1.0f}});                                // {}: the base model
+//   std::vector<int32_t> toks = ctx.generate({1, 15043}, 32);
+//
+// Destroy adapters and contexts before their model (declare them after it): the C API frees
+// adapters left with the model, and a context must not outlive its model (qlora.h).
 #pragma once
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "qlora/qlora.h"
@@ -19,6 +28,36 @@ struct Error : std::runtime_error {
   Error(int c, const std::string& msg) : std::runtime_error(msg), code(c) {}
   int code;  // a qlora_status
 };
+
+namespace detail {
+inline void check(int rc) {
+  if (rc != QLORA_OK) throw Error(rc, qlora_last_error());
+}
+// Runs call(out, &n, cb, user) with on_token behind a C callback; returns the tokens made.
+template <class Call>
+std::vector<int32_t> generate(Call&& call, int64_t max_new_tokens, const std::function<bool(int32_t)>& on_token) {
+  std::vector<int32_t> out(static_cast<size_t>(max_new_tokens > 0 ? max_new_tokens : 0));
+  int64_t n = 0;
+  qlora_token_callback cb = nullptr;
+  void* user = nullptr;
+  if (on_token) {
+    cb = [](int32_t t, void* u) -> int {
+      try {
+        return (*static_cast<const std::function<bool(int32_t)>*>(u))(t) ? 0 : 1;
+      } catch (...) {
+        return 1;  // an exception must not unwind through C frames
+      }
+    };
+    user = const_cast<std::function<bool(int32_t)>*>(&on_token);
+  }
+  check(call(out.data(), &n, cb, user));
+  out.resize(static_cast<size_t>(n));
+  return out;
+}
+}  // namespace detail
+
+class Adapter;
+class Context;
 
 class Model {
  public:
@@ -50,25 +89,18 @@ class Model {
   std::vector<int32_t> generate(const std::vector<int32_t>& prompt, int64_t max_new_tokens,
                                 const qlora_sampling_params& params = qlora_sampling_default_params(),
                                 const std::function<bool(int32_t)>& on_token = nullptr) {
-    std::vector<int32_t> out(static_cast<size_t>(max_new_tokens > 0 ? max_new_tokens : 0));
-    int64_t n = 0;
-    qlora_token_callback cb = nullptr;
-    void* user = nullptr;
-    if (on_token) {
-      cb = [](int32_t t, void* u) -> int {
-        try {
-          return (*static_cast<const std::function<bool(int32_t)>*>(u))(t) ? 0 : 1;
-        } catch (...) {
-          return 1;  // an exception must not unwind through C frames
-        }
-      };
-      user = const_cast<std::function<bool(int32_t)>*>(&on_token);
-    }
-    check(qlora_generate(m_.get(), prompt.data(), static_cast<int64_t>(prompt.size()), &params, out.data(),
-                         max_new_tokens, &n, cb, user));
-    out.resize(static_cast<size_t>(n));
-    return out;
+    return detail::generate(
+        [&](int32_t* out, int64_t* n, qlora_token_callback cb, void* user) {
+          return qlora_generate(m_.get(), prompt.data(), static_cast<int64_t>(prompt.size()), &params, out,
+                                max_new_tokens, n, cb, user);
+        },
+        max_new_tokens, on_token);
   }
+
+  // A LoRA adapter from a PEFT directory (see qlora_adapter_load); throws Error on failure.
+  Adapter load_adapter(const std::string& dir);
+  // A new context (base model until set_adapters); throws Error on failure.
+  Context new_context(const qlora_context_params& params = qlora_context_default_params());
 
   qlora_model* get() const { return m_.get(); }  // still owned by this object
 
@@ -77,10 +109,77 @@ class Model {
     void operator()(qlora_model* m) const { qlora_model_free(m); }
   };
   explicit Model(qlora_model* m) : m_(m) {}
-  static void check(int rc) {
-    if (rc != QLORA_OK) throw Error(rc, qlora_last_error());
-  }
+  static void check(int rc) { detail::check(rc); }
   std::unique_ptr<qlora_model, Free> m_;
 };
+
+// A loaded adapter (qlora_adapter_free on destruction).
+class Adapter {
+ public:
+  qlora_adapter* get() const { return a_.get(); }  // still owned by this object
+
+ private:
+  friend class Model;
+  struct Free {
+    void operator()(qlora_adapter* a) const { qlora_adapter_free(a); }
+  };
+  explicit Adapter(qlora_adapter* a) : a_(a) {}
+  std::unique_ptr<qlora_adapter, Free> a_;
+};
+
+// A context (qlora_context_free on destruction): one call at a time; one per thread.
+class Context {
+ public:
+  // Replaces the adapter set: {adapter, scale} pairs; {} = the base model. The adapters may be
+  // destroyed afterwards (the context keeps its snapshot).
+  void set_adapters(const std::vector<std::pair<const Adapter*, float>>& set) {
+    std::vector<qlora_adapter*> ads;
+    std::vector<float> scales;
+    for (const auto& [a, s] : set) ads.push_back(a ? a->get() : nullptr), scales.push_back(s);
+    detail::check(qlora_context_set_adapters(c_.get(), ads.data(), scales.data(), static_cast<int32_t>(ads.size())));
+  }
+
+  // Logits [ids.size(), n_vocab] row-major with the context's adapters.
+  std::vector<float> forward(const std::vector<int32_t>& ids) {
+    std::vector<float> out(ids.size() * static_cast<size_t>(n_vocab_));
+    detail::check(qlora_context_forward(c_.get(), ids.data(), static_cast<int64_t>(ids.size()), out.data()));
+    return out;
+  }
+
+  // New tokens after `prompt` with the context's adapters (as they are when the call starts).
+  std::vector<int32_t> generate(const std::vector<int32_t>& prompt, int64_t max_new_tokens,
+                                const qlora_sampling_params& params = qlora_sampling_default_params(),
+                                const std::function<bool(int32_t)>& on_token = nullptr) {
+    return detail::generate(
+        [&](int32_t* out, int64_t* n, qlora_token_callback cb, void* user) {
+          return qlora_context_generate(c_.get(), prompt.data(), static_cast<int64_t>(prompt.size()), &params, out,
+                                        max_new_tokens, n, cb, user);
+        },
+        max_new_tokens, on_token);
+  }
+
+  qlora_context* get() const { return c_.get(); }  // still owned by this object
+
+ private:
+  friend class Model;
+  struct Free {
+    void operator()(qlora_context* c) const { qlora_context_free(c); }
+  };
+  Context(qlora_context* c, int32_t n_vocab) : c_(c), n_vocab_(n_vocab) {}
+  std::unique_ptr<qlora_context, Free> c_;
+  int32_t n_vocab_;
+};
+
+inline Adapter Model::load_adapter(const std::string& dir) {
+  qlora_adapter* a = qlora_adapter_load(m_.get(), dir.c_str());
+  if (!a) throw Error(qlora_last_status(), qlora_last_error());
+  return Adapter(a);
+}
+
+inline Context Model::new_context(const qlora_context_params& params) {
+  qlora_context* c = qlora_context_new(m_.get(), params);
+  if (!c) throw Error(qlora_last_status(), qlora_last_error());
+  return Context(c, n_vocab());
+}
 
 }  // namespace qlora::api

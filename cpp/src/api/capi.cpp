@@ -11,22 +11,11 @@
 #include <vector>
 
 #include "api/capi_error.hpp"
+#include "api/capi_internal.hpp"
 #include "backend.hpp"
 #include "common/error.hpp"
 #include "cpu/threads.hpp"
-#include "model/hf_loader.hpp"
-#include "model/lora_setup.hpp"
 #include "model/sampler.hpp"
-
-struct qlora_model {
-  std::unique_ptr<qlora::model::LlamaModel> m;
-  qlora::model::HfConfig info;
-  // Generation and forward run in their own context and take this shared (several threads at
-  // once); adapter and training calls, which change adapters and lora_specs, take it exclusive.
-  std::shared_mutex mu;
-  double train_lr = 0.0;  // qlora_train_configure's default lr
-  std::map<std::string, qlora::model::LoraInitSpec> lora_specs;  // adapter name -> its spec (for saving)
-};
 
 namespace {
 using qlora::check_arg;
@@ -41,6 +30,74 @@ void check_ids(const int32_t* ids, int64_t n, int64_t V, const char* what) {
                                              std::to_string(i) + " is out of range [0, " + std::to_string(V) + ")");
 }
 }  // namespace
+
+namespace qlora::capi {
+
+void forward(qlora_model* model, const qlora::model::AdapterSet* uses, int64_t n_ctx, const char* fn,
+             const int32_t* ids, int64_t n_tokens, float* logits_out) {
+  const std::string f(fn);
+  check_arg(n_tokens >= 1 && n_tokens <= INT32_MAX, f + ": n_tokens must be in [1, 2^31), got " + std::to_string(n_tokens));
+  check_arg(ids != nullptr && logits_out != nullptr, f + ": ids and logits_out must not be NULL");
+  check_arg(n_ctx <= 0 || n_tokens <= n_ctx, f + ": n_tokens " + std::to_string(n_tokens) +
+                                                 " exceeds the context's n_ctx " + std::to_string(n_ctx));
+  check_ids(ids, n_tokens, model->info.cfg.vocab_size, fn);
+  std::shared_lock<std::shared_mutex> lock(model->mu);
+  if (uses)
+    model->m->forward(*uses, ids, nullptr, 1, n_tokens, logits_out);  // logits_out [n_tokens, V]
+  else
+    model->m->forward(ids, nullptr, 1, n_tokens, logits_out);
+}
+
+void generate(qlora_model* model, const qlora::model::AdapterSet* uses, int64_t n_ctx, const char* fn,
+              const int32_t* prompt, int64_t n_prompt, const qlora_sampling_params* params, int32_t* out_tokens,
+              int64_t max_new_tokens, int64_t* n_out, qlora_token_callback cb, void* user) {
+  const std::string f(fn);
+  check_arg(prompt != nullptr && n_prompt >= 1, f + ": the prompt must hold at least one token");
+  check_arg(max_new_tokens >= 0, f + ": max_new_tokens must be >= 0, got " + std::to_string(max_new_tokens));
+  check_arg(max_new_tokens == 0 || out_tokens != nullptr, f + ": out_tokens is NULL");
+  check_arg(n_prompt <= INT32_MAX && max_new_tokens <= INT32_MAX - n_prompt,
+            f + ": prompt + max_new_tokens must stay below 2^31 tokens");
+  check_arg(n_ctx <= 0 || n_prompt + max_new_tokens <= n_ctx,
+            f + ": prompt (" + std::to_string(n_prompt) + ") + max_new_tokens (" + std::to_string(max_new_tokens) +
+                ") exceeds the context's n_ctx " + std::to_string(n_ctx));
+  const qlora_sampling_params p = params ? *params : qlora_sampling_default_params();
+  check_arg(p.n_stop_ids >= 0 && (p.n_stop_ids == 0 || p.stop_ids != nullptr),
+            f + ": stop_ids is NULL but n_stop_ids > 0");
+  const int64_t V = model->info.cfg.vocab_size;
+  check_ids(prompt, n_prompt, V, (f + ": prompt").c_str());
+  qlora::model::SamplingParams sp;
+  sp.temperature = p.temperature;
+  sp.top_k = p.top_k;
+  sp.top_p = p.top_p;
+  sp.repetition_penalty = p.repetition_penalty;
+  sp.validate();  // before any compute
+  if (max_new_tokens == 0) return;
+
+  std::shared_lock<std::shared_mutex> lock(model->mu);
+  qlora::model::LlamaModel& m = *model->m;
+  qlora::model::Sampler sampler(p.seed);
+  // Model.generate (Python) validates with one sample of a 1-token row, which takes a draw
+  // when sampling; doing the same keeps a seed's tokens identical in C and Python.
+  float one = 0.0f;
+  sampler.sample(&one, 1, nullptr, 0, sp);
+  std::vector<int32_t> history(prompt, prompt + n_prompt);  // prompt + generated (repetition penalty)
+  std::vector<float> logits(static_cast<size_t>(V));       // [V] of the last fed token
+  // This call's own context (freed on every exit path): calls from several threads run at once.
+  const auto ctx = uses ? m.new_context(1, n_prompt + max_new_tokens, *uses) : m.new_context(1, n_prompt + max_new_tokens);
+  ctx->feed(prompt, nullptr, n_prompt, logits.data());
+  for (int64_t step = 0; step < max_new_tokens; ++step) {
+    const int32_t tok = sampler.sample(logits.data(), V, history.data(), static_cast<int64_t>(history.size()), sp);
+    out_tokens[step] = tok;
+    history.push_back(tok);
+    if (n_out) *n_out = step + 1;
+    bool done = cb != nullptr && cb(tok, user) != 0;
+    for (int64_t i = 0; i < p.n_stop_ids && !done; ++i) done = p.stop_ids[i] == tok;
+    if (done || step == max_new_tokens - 1) break;
+    ctx->feed(&tok, nullptr, 1, logits.data());
+  }
+}
+
+}  // namespace qlora::capi
 
 extern "C" {
 
@@ -87,7 +144,9 @@ QLORA_API qlora_model* qlora_model_load(const char* path, const qlora_model_para
 }
 
 QLORA_API void qlora_model_free(qlora_model* model) {
-  delete model;  // destructors do not throw; the last error is left as it was
+  // Frees the adapters not freed yet; with contexts still open the model itself is deleted by
+  // the last qlora_context_free (they fail every call meanwhile).
+  if (model && qlora::capi::release_model_handles(model)) delete model;
 }
 
 QLORA_API int32_t qlora_model_n_vocab(const qlora_model* m) { return m ? to_i32(m->info.cfg.vocab_size) : -1; }
@@ -109,12 +168,7 @@ QLORA_API int32_t qlora_model_eos_tokens(const qlora_model* m, int32_t* ids, int
 QLORA_API int qlora_model_forward(qlora_model* model, const int32_t* ids, int64_t n_tokens, float* logits_out) {
   return guard([&] {
     check_arg(model != nullptr, "qlora_model_forward: model is NULL");
-    check_arg(n_tokens >= 1 && n_tokens <= INT32_MAX,
-              "qlora_model_forward: n_tokens must be in [1, 2^31), got " + std::to_string(n_tokens));
-    check_arg(ids != nullptr && logits_out != nullptr, "qlora_model_forward: ids and logits_out must not be NULL");
-    check_ids(ids, n_tokens, model->info.cfg.vocab_size, "qlora_model_forward");
-    std::shared_lock<std::shared_mutex> lock(model->mu);
-    model->m->forward(ids, nullptr, 1, n_tokens, logits_out);  // logits_out [n_tokens, V]
+    qlora::capi::forward(model, nullptr, 0, "qlora_model_forward", ids, n_tokens, logits_out);
     return QLORA_OK;
   });
 }
@@ -125,46 +179,8 @@ QLORA_API int qlora_generate(qlora_model* model, const int32_t* prompt, int64_t 
   if (n_out) *n_out = 0;
   return guard([&] {
     check_arg(model != nullptr, "qlora_generate: model is NULL");
-    check_arg(prompt != nullptr && n_prompt >= 1, "qlora_generate: the prompt must hold at least one token");
-    check_arg(max_new_tokens >= 0, "qlora_generate: max_new_tokens must be >= 0, got " + std::to_string(max_new_tokens));
-    check_arg(max_new_tokens == 0 || out_tokens != nullptr, "qlora_generate: out_tokens is NULL");
-    check_arg(n_prompt <= INT32_MAX && max_new_tokens <= INT32_MAX - n_prompt,
-              "qlora_generate: prompt + max_new_tokens must stay below 2^31 tokens");
-    const qlora_sampling_params p = params ? *params : qlora_sampling_default_params();
-    check_arg(p.n_stop_ids >= 0 && (p.n_stop_ids == 0 || p.stop_ids != nullptr),
-              "qlora_generate: stop_ids is NULL but n_stop_ids > 0");
-    const int64_t V = model->info.cfg.vocab_size;
-    check_ids(prompt, n_prompt, V, "qlora_generate: prompt");
-    qlora::model::SamplingParams sp;
-    sp.temperature = p.temperature;
-    sp.top_k = p.top_k;
-    sp.top_p = p.top_p;
-    sp.repetition_penalty = p.repetition_penalty;
-    sp.validate();  // before any compute
-    if (max_new_tokens == 0) return QLORA_OK;
-
-    std::shared_lock<std::shared_mutex> lock(model->mu);
-    qlora::model::LlamaModel& m = *model->m;
-    qlora::model::Sampler sampler(p.seed);
-    // Model.generate (Python) validates with one sample of a 1-token row, which takes a draw
-    // when sampling; doing the same keeps a seed's tokens identical in C and Python.
-    float one = 0.0f;
-    sampler.sample(&one, 1, nullptr, 0, sp);
-    std::vector<int32_t> history(prompt, prompt + n_prompt);  // prompt + generated (repetition penalty)
-    std::vector<float> logits(static_cast<size_t>(V));       // [V] of the last fed token
-    // This call's own context (freed on every exit path): calls from several threads run at once.
-    const auto ctx = m.new_context(1, n_prompt + max_new_tokens);
-    ctx->feed(prompt, nullptr, n_prompt, logits.data());
-    for (int64_t step = 0; step < max_new_tokens; ++step) {
-      const int32_t tok = sampler.sample(logits.data(), V, history.data(), static_cast<int64_t>(history.size()), sp);
-      out_tokens[step] = tok;
-      history.push_back(tok);
-      if (n_out) *n_out = step + 1;
-      bool done = cb != nullptr && cb(tok, user) != 0;
-      for (int64_t i = 0; i < p.n_stop_ids && !done; ++i) done = p.stop_ids[i] == tok;
-      if (done || step == max_new_tokens - 1) break;
-      ctx->feed(&tok, nullptr, 1, logits.data());
-    }
+    qlora::capi::generate(model, nullptr, 0, "qlora_generate", prompt, n_prompt, params, out_tokens, max_new_tokens,
+                          n_out, cb, user);
     return QLORA_OK;
   });
 }

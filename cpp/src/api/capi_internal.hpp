@@ -1,0 +1,50 @@
+// What the C API's translation units share: the model handle and the generate / forward bodies
+// that qlora_generate and qlora_context_generate (capi_context.cpp) both run.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <unordered_set>
+
+#include "model/hf_loader.hpp"
+#include "model/llama.hpp"
+#include "model/lora_setup.hpp"
+#include "qlora/qlora.h"
+
+struct qlora_model {
+  std::unique_ptr<qlora::model::LlamaModel> m;
+  qlora::model::HfConfig info;
+  // Generation and forward run in their own context and take this shared (several threads at
+  // once); adapter and training calls, which change adapters and lora_specs, take it exclusive.
+  std::shared_mutex mu;
+  double train_lr = 0.0;  // qlora_train_configure's default lr
+  std::map<std::string, qlora::model::LoraInitSpec> lora_specs;  // adapter name -> its spec (for saving)
+
+  // Handles tied to this model (capi_context.cpp), guarded by handles_mu: the loaded adapters not
+  // yet freed (freed with the model), the open contexts (the model's memory waits for them) and
+  // whether qlora_model_free has been called.
+  std::mutex handles_mu;
+  std::unordered_set<qlora_adapter*> adapters;
+  int64_t n_contexts = 0;
+  bool freed = false;
+};
+
+namespace qlora::capi {
+
+// qlora_model_free's part for the handles: frees the model's adapters, marks it freed and returns
+// whether it can be deleted now (no context open; else the last qlora_context_free deletes it).
+bool release_model_handles(qlora_model* model);
+
+// The body of qlora_generate (`uses` null: the model's active adapter) after the caller's checks
+// of its handle; `n_ctx` > 0 bounds prompt + max_new_tokens. *n_out counts the tokens produced.
+void generate(qlora_model* model, const qlora::model::AdapterSet* uses, int64_t n_ctx, const char* fn,
+              const int32_t* prompt, int64_t n_prompt, const qlora_sampling_params* params, int32_t* out_tokens,
+              int64_t max_new_tokens, int64_t* n_out, qlora_token_callback cb, void* user);
+// The body of qlora_model_forward (`uses` null: the active adapter); n_ctx > 0 bounds n_tokens.
+void forward(qlora_model* model, const qlora::model::AdapterSet* uses, int64_t n_ctx, const char* fn,
+             const int32_t* ids, int64_t n_tokens, float* logits_out);
+
+}  // namespace qlora::capi
