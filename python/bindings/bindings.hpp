@@ -11,5 +11,6 @@ void bind_io(py::module_& m);     // qlora_native._core.io: safetensors + JSON
 void bind_model(py::module_& m);  // qlora_native._core.model: Llama-family model + sampler
 void bind_train(py::module_& m);  // qlora_native._core.train: AdamW, lr schedules, grad clipping, RNG
 void bind_grad_ops(py::module_& m);  // qlora_native._core.grad_ops: training ops (backward, loss)
+void bind_tokenizer(py::module_& m);  // qlora_native._core.Tokenizer: the C++ tokenizers
 void bind_gguf(py::module_& m);      // qlora_native._core.gguf: GGUF reader, dequantization, model loading
 }  // namespace qlora::py_bind

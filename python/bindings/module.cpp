@@ -26,5 +26,6 @@ PYBIND11_MODULE(_core, m) {
   qlora::py_bind::bind_model(m);
   qlora::py_bind::bind_train(m);
   qlora::py_bind::bind_grad_ops(m);
+  qlora::py_bind::bind_tokenizer(m);
   qlora::py_bind::bind_gguf(m);
 }
