@@ -71,6 +71,7 @@ class Model {
   int32_t n_vocab() const { return qlora_model_n_vocab(m_.get()); }
   int32_t n_embd() const { return qlora_model_n_embd(m_.get()); }
   int32_t n_layer() const { return qlora_model_n_layer(m_.get()); }
+  int32_t n_ctx_train() const { return qlora_model_n_ctx_train(m_.get()); }
   int32_t bos_token() const { return qlora_model_bos_token(m_.get()); }
   std::vector<int32_t> eos_tokens() const {
     std::vector<int32_t> ids(static_cast<size_t>(qlora_model_eos_tokens(m_.get(), nullptr, 0)));
@@ -101,6 +102,27 @@ class Model {
   Adapter load_adapter(const std::string& dir);
   // A new context (base model until set_adapters); throws Error on failure.
   Context new_context(const qlora_context_params& params = qlora_context_default_params());
+
+  // ---- LoRA training (qlora.h): the model's own active adapter
+  // Adds adapter `name` and makes it active. params: qlora_lora_default_params() when omitted.
+  void add_adapter(const std::string& name, const qlora_lora_params& params = qlora_lora_default_params()) {
+    check(qlora_adapter_add(m_.get(), name.c_str(), &params));
+  }
+  void train_configure(float lr, float weight_decay = 0.0f) {
+    check(qlora_train_configure(m_.get(), lr, weight_decay));
+  }
+  // One AdamW step on ids/labels [batch * seq] (labels unshifted, -100 ignored); returns the loss
+  // before the step. lr < 0: train_configure's; max_grad_norm <= 0: no clipping.
+  float train_step(const std::vector<int32_t>& ids, const std::vector<int32_t>& labels, int64_t batch, int64_t seq,
+                   float lr = -1.0f, float max_grad_norm = 1.0f) {
+    if (ids.size() != static_cast<size_t>(batch * seq) || labels.size() != ids.size())
+      throw Error(QLORA_ERR_INVALID_ARGUMENT, "train_step: ids and labels must both hold batch * seq values");
+    float loss = 0.0f;
+    check(qlora_train_step(m_.get(), ids.data(), labels.data(), batch, seq, lr, max_grad_norm, &loss));
+    return loss;
+  }
+  // Saves the active adapter as a PEFT directory.
+  void save_adapter(const std::string& dir) { check(qlora_adapter_save(m_.get(), dir.c_str())); }
 
   qlora_model* get() const { return m_.get(); }  // still owned by this object
 
