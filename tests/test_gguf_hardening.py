@@ -121,12 +121,11 @@ def test_out_of_memory_while_loading_is_one_memory_error_naming_the_file(tiny, t
 
 def test_memory_error_from_any_stage_names_the_file(tiny, monkeypatch):
     p = tiny[0]
-    import qlora_native.gguf_source as gs
 
-    def boom(self):
+    def boom(*args, **kwargs):
         raise MemoryError()
 
-    monkeypatch.setattr(gs.GGUFSource, "_read_config", boom)
+    monkeypatch.setattr(qlora_native._core.gguf, "load_model", boom)  # the C++ loader (bad_alloc)
     with pytest.raises(MemoryError, match=f"{p}: out of memory while loading") as ei:
         Model.from_pretrained(p, tokenizer=None)
     assert ei.value.__context__ is None and ei.value.__cause__ is None

@@ -104,6 +104,7 @@ void bind_gguf(py::module_& m) {
               for (uint8_t b : f.bools(v)) out.append(py::bool_(b != 0));
               return std::move(out);
             }
+            if (v.elem == VType::U64) return py::cast(f.uints(v));
             return py::cast(f.ints(v));
           },
           py::arg("key"), "Contents of a metadata array as a list.")
@@ -166,14 +167,14 @@ void bind_gguf(py::module_& m) {
     return py::make_tuple(block, size);
   }, py::arg("type"), "(block size, bytes per block) or None for an unknown type.");
   g.def("unpermute_rows",
-        [](const py::array_t<float, py::array::c_style | py::array::forcecast>& w, int64_t n_head) {
+        [](const py::array_t<float, py::array::c_style | py::array::forcecast>& w, int64_t n_head, const std::string& name) {
           check_arg(w.ndim() >= 1, "unpermute_rows: need at least 1 dimension");
           const int64_t rows = w.shape(0), cols = rows ? w.size() / rows : 0;
           py::array_t<float> out(std::vector<py::ssize_t>(w.shape(), w.shape() + w.ndim()));
-          gguf::unpermute_rows(w.data(), out.mutable_data(), rows, cols, n_head, "");
+          gguf::unpermute_rows(w.data(), out.mutable_data(), rows, cols, n_head, name);
           return out;
         },
-        py::arg("w"), py::arg("n_head"), "Undo llama.cpp's Q/K row permutation (interleaved -> rotate-half).");
+        py::arg("w"), py::arg("n_head"), py::arg("name") = "", "Undo llama.cpp's Q/K row permutation (interleaved -> rotate-half).");
   g.def("layer_names", &gguf::layer_names);
   g.def("global_names", &gguf::global_names);
   g.def(

@@ -12,6 +12,7 @@ is never held twice in full precision.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -19,7 +20,6 @@ import numpy as np
 from . import _core
 from .config import ModelConfig
 from .gguf_check import check_gguf, name_memory_errors
-from .gguf_source import RowSlabs
 from .lora_model import LoraModelMixin
 
 _SAFE_DTYPES = {"F32", "F16", "BF16"}
@@ -111,31 +111,6 @@ def _check_shard_name(index: str, tensor: str, shard) -> None:
                                 "(shards must be plain file names inside the checkpoint directory)")
 
 
-class GGUFTensorSource:
-    """A llama.cpp GGUF file, dequantized to float32 tensor by tensor (see gguf_source.py)."""
-
-    def __init__(self, path: str | os.PathLike):
-        from .gguf_source import GGUFSource
-
-        self.src = GGUFSource(path)
-        self.config = self.src.config
-        self._shapes = self.src.tensor_shapes()
-
-    def names(self) -> list[str]:
-        return self.src.tensor_names()
-
-    def shape(self, name):  # as stored: checked against the config before anything is loaded
-        return self._shapes.get(name)
-
-    def tensors(self, names):
-        wanted = set(names)
-        for n, w in self.src.tensors():
-            if n in wanted:
-                if not isinstance(w, RowSlabs):
-                    w = np.ascontiguousarray(w, dtype=np.float32)
-                yield n, w, "F32", w.shape
-
-
 # ---------------------------------------------------------------- the model
 class Model(LoraModelMixin):
     """A Llama / Mistral / Qwen2 / SmolLM causal LM with NF4 (or fp32) projections."""
@@ -163,12 +138,15 @@ class Model(LoraModelMixin):
         blocksize: int = 64,
         backend: str = "cpu",
         tokenizer="auto",
+        compute_dtype: str = "float32",
     ) -> "Model":
         """Loads an HF checkpoint directory (config.json + safetensors) or a .gguf file.
 
         quantize: "nf4" (bitsandbytes layout, blocksize, double_quant) or None (fp32).
         tokenizer: "auto" attaches qlora_native.Tokenizer when the checkpoint has one
-        (tokenizer.json / tokenizer.model / GGUF vocabulary), else None; or pass one (or None)."""
+        (tokenizer.json / tokenizer.model / GGUF vocabulary), else None; or pass one (or None).
+        compute_dtype: of the training passes, "float32" (default) or "bfloat16" (see Model.compute_dtype)."""
+        _check_compute_dtype(compute_dtype)
         path = os.fspath(path)
         if not os.path.isfile(path):  # a directory, or one whose killed save left it renamed away
             from . import atomic_io
@@ -176,16 +154,26 @@ class Model(LoraModelMixin):
             atomic_io.recover(path)  # a save_pretrained that was killed: finish or roll it back
         if quantize not in ("nf4", None):
             raise ValueError(f"quantize must be 'nf4' or None, got {quantize!r}")
+        gguf_file = None
         if path.endswith(".gguf") and not os.path.isdir(path):
-            check_gguf(path)  # every count and offset bounded before the tokenizer or `gguf` reads it
+            # The C++ reader: every count and offset bounded before the tokenizer or `gguf` reads it.
+            gguf_file = _core.gguf.GGUFFile(path)
         if isinstance(tokenizer, str):
             if tokenizer != "auto":
                 raise ValueError(f"tokenizer must be 'auto', None or a tokenizer object, got {tokenizer!r}")
             # Before the weights: its GGUF metadata parse is freed before the weights arrive (peak RSS).
             tokenizer = _auto_tokenizer(path)
-        if os.path.isfile(path) and path.endswith(".gguf"):
-            source = GGUFTensorSource(path)
-            config = ModelConfig.from_dict(source.config)
+        if gguf_file is not None:
+            # Config, weights and every check in C++ (cpp/src/gguf/gguf_model.cpp), as the C API loads it.
+            try:
+                core, hf_config = _core.gguf.load_model(gguf_file, backend, quantize == "nf4", blocksize,
+                                                        double_quant)
+                config = ModelConfig.from_dict(hf_config)
+            except ValueError as e:  # FormatError included; the C++ loader names the file
+                if path in str(e):
+                    raise
+                raise type(e)(f"{path}: {e}") from None
+            del gguf_file  # the mapping goes with the last reference
         else:
             cfg_path = os.path.join(path, "config.json")
             if not os.path.isfile(cfg_path):
@@ -200,15 +188,17 @@ class Model(LoraModelMixin):
                 if quantize is None:
                     raise ValueError(f"{path} is a pre-quantized bitsandbytes NF4 checkpoint: use quantize='nf4'")
                 source.use_bnb_nf4()
-        core = _core.model.LlamaModel(config.to_core(), backend, quantize == "nf4", blocksize, double_quant)
-        try:
-            load_from_source(core, source)
-        except ValueError as e:  # name the checkpoint in every loading error (FormatError included)
-            if path in str(e):
-                raise
-            raise type(e)(f"{path}: {e}") from None
+            core = _core.model.LlamaModel(config.to_core(), backend, quantize == "nf4", blocksize, double_quant)
+            try:
+                load_from_source(core, source)
+            except ValueError as e:  # name the checkpoint in every loading error (FormatError included)
+                if path in str(e):
+                    raise
+                raise type(e)(f"{path}: {e}") from None
         model = cls(config, core, tokenizer)
         model.name_or_path = path
+        if compute_dtype != "float32":
+            model._set_compute_dtype(compute_dtype, stacklevel=4)
         return model
 
     # ------------------------------------------------------------ forward
@@ -491,6 +481,33 @@ class Model(LoraModelMixin):
     def backend(self) -> str:
         return self._core.backend
 
+    @property
+    def compute_dtype(self) -> str:
+        """dtype the training passes (forward_backward, eval_loss) compute in: "float32" (default, the
+        parity mode) or "bfloat16" (bitsandbytes' bnb_4bit_compute_dtype=torch.bfloat16): NF4 weights
+        decoded to bf16, activations and gradients rounded to bf16 as they enter the base projections
+        and the lm_head, fp32 accumulation; LoRA factors, their gradients and AdamW state stay fp32.
+        Needs bf16 units (AVX512-BF16: Zen 4+, Intel Cooper Lake / Sapphire Rapids+); elsewhere setting
+        "bfloat16" warns and the model keeps computing in float32 (this property then reads "float32").
+        Generation and model(...) logits always compute in float32."""
+        return "bfloat16" if self._core.bf16_compute_active else "float32"
+
+    @compute_dtype.setter
+    def compute_dtype(self, value: str) -> None:
+        self._set_compute_dtype(value, stacklevel=3)
+
+    def _set_compute_dtype(self, value, stacklevel: int) -> None:
+        _check_compute_dtype(value)
+        self._core.compute_bf16 = value == "bfloat16"
+        if value == "bfloat16" and not self._core.bf16_compute_active:
+            warnings.warn(f"compute_dtype='bfloat16': backend {self.backend!r} has no bf16 compute units "
+                          "(AVX512-BF16) on this CPU; computing in float32", RuntimeWarning, stacklevel=stacklevel)
+
+
+def _check_compute_dtype(value) -> None:
+    if not isinstance(value, str) or value not in ("float32", "bfloat16"):
+        raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {value!r}")
+
 
 def load_from_source(core, source) -> None:
     """Loads every tensor the model expects from a tensor source; names the culprit on error."""
@@ -515,15 +532,7 @@ def load_from_source(core, source) -> None:
             continue
         if dtype not in _SAFE_DTYPES:
             raise ValueError(f"tensor {name!r} has dtype {dtype}, expected F32, F16 or BF16")
-        if isinstance(data, RowSlabs) and name == "model.embed_tokens.weight" and data.kind.name == "Q8_0" \
-                and data.shape[1] % 32 == 0 and hasattr(core, "load_embed_q8_0"):
-            # Kept as stored: 8-bit rows whose values equal their fp32 dequantization.
-            core.load_embed_q8_0(np.ascontiguousarray(data.data, dtype=np.uint8).reshape(-1))
-        elif isinstance(data, RowSlabs):  # a large tensor in row slabs (GGUF embeddings): low peak memory
-            for row0, rows in data:
-                core.load_tensor_rows(name, row0, rows)
-        else:
-            core.load_tensor(name, data, dtype, list(shape))
+        core.load_tensor(name, data, dtype, list(shape))
     core.check_complete()
 
 

@@ -511,6 +511,20 @@ std::vector<int64_t> File::ints(const Value& v) const {
   return out;
 }
 
+std::vector<uint64_t> File::uints(const Value& v) const {
+  check_arg(v.type == VType::ARRAY && (v.elem == VType::U8 || v.elem == VType::U16 || v.elem == VType::U32 ||
+                                       v.elem == VType::U64),
+            "GGUF value is " + v.type_name() + ", not an array of unsigned integers");
+  if (v.elem != VType::U64) {
+    const std::vector<int64_t> xs = ints(v);
+    return std::vector<uint64_t>(xs.begin(), xs.end());
+  }
+  std::vector<uint64_t> out;
+  out.reserve(v.count);
+  for (uint64_t i = 0; i < v.count; ++i) out.push_back(load<uint64_t>(v.data + 8 * i, swap_));
+  return out;
+}
+
 std::vector<double> File::floats(const Value& v) const {
   check_arg(v.type == VType::ARRAY, "GGUF value is " + v.type_name() + ", not an array");
   if (v.elem == VType::F32 || v.elem == VType::F64) {

@@ -103,6 +103,7 @@ class File {
   // not an array of the requested kind: strings; any integer type; FLOAT32/FLOAT64 or integers.
   std::vector<std::string_view> strings(const Value& v) const;
   std::vector<int64_t> ints(const Value& v) const;    // UINT64 values above INT64_MAX: ValueError
+  std::vector<uint64_t> uints(const Value& v) const;  // UINT8/16/32/64 arrays
   std::vector<double> floats(const Value& v) const;
   std::vector<uint8_t> bools(const Value& v) const;   // BOOL arrays
 
