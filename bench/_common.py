@@ -1,7 +1,6 @@
-"""Helpers shared by the model benchmarks (bench_model.py, perplexity.py).
-
-bench_gemm.py parses its arguments at import time, so its helpers cannot be imported; the few
-needed here (atomic JSON write, machine notes) are small and model-specific.
+"""Helpers shared by the benchmarks (bench_gemm.py, bench_model.py, bench_train.py,
+bench_adapters.py, perplexity.py): the machine line (CPU, flags, caches, numpy sgemm rate and read
+bandwidth measured in the same run), atomic JSON writes, per-engine child processes.
 """
 import datetime
 import importlib.util
@@ -184,15 +183,197 @@ def peak_rss_mib() -> float:
     return kib / 1024
 
 
+# CPU flags worth quoting next to a number: the SIMD levels and bf16 / AMX units the kernels use.
+FLAGS_OF_INTEREST = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16",
+                     "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8", "neon", "asimd", "sve")
+
+
+def cpu_id() -> dict:
+    """Vendor, family, model, model name and the FLAGS_OF_INTEREST present, from /proc/cpuinfo
+    (None where absent, e.g. off Linux), plus core counts."""
+    out = {"vendor": None, "family": None, "model": None, "model_name": None, "flags": None,
+           "cpus": os.cpu_count(), "physical_cores": None}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return out
+    keys = {"vendor_id": "vendor", "cpu family": "family", "model": "model", "model name": "model_name"}
+    first = text.split("\n\n", 1)[0]
+    for line in first.splitlines():
+        k, _, v = line.partition(":")
+        k, v = k.strip(), v.strip()
+        if k in keys:
+            out[keys[k]] = v
+        elif k in ("flags", "Features"):
+            have = set(v.split())
+            out["flags"] = [fl for fl in FLAGS_OF_INTEREST if fl in have]
+    cores = set()
+    phys = core = None
+    for line in text.splitlines():
+        k, _, v = line.partition(":")
+        k = k.strip()
+        if k == "physical id":
+            phys = v.strip()
+        elif k == "core id":
+            core = v.strip()
+        elif not line.strip():
+            if core is not None:
+                cores.add((phys, core))
+            phys = core = None
+    if core is not None:
+        cores.add((phys, core))
+    out["physical_cores"] = len(cores) or None
+    return out
+
+
+def cache_sizes() -> dict:
+    """L1d / L2 / L3 sizes in bytes from sysfs (cpu0), each with the CPUs sharing it; {} off Linux."""
+    out = {}
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        names = sorted(n for n in os.listdir(root) if n.startswith("index"))
+    except OSError:
+        return out
+    for n in names:
+        def rd(field):
+            try:
+                with open(os.path.join(root, n, field)) as f:
+                    return f.read().strip()
+            except OSError:
+                return None
+        level, typ, size, shared = rd("level"), rd("type"), rd("size"), rd("shared_cpu_list")
+        if not level or not size or typ == "Instruction":
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1], 1)
+        try:
+            nbytes = int(size.rstrip("KMG")) * mult
+        except ValueError:
+            continue
+        name = "L1d" if level == "1" else f"L{level}"
+        out[name] = {"bytes": nbytes, "shared_cpu_list": shared}
+    return out
+
+
 def machine_info() -> dict:
+    """Time, platform, CPU identification and caches (cheap: no measurement); see measure_machine."""
     info = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
-            "python": sys.version.split()[0]}
+            "python": sys.version.split()[0], "cpu": cpu_id(), "caches": cache_sizes()}
+    try:
+        import qlora_native
+
+        info["engine_cache_sizes"] = qlora_native._core.cache_sizes()
+    except Exception:  # an older build without it: the sysfs sizes above still say it
+        pass
     try:
         info["loadavg"] = [round(v, 2) for v in os.getloadavg()]
     except OSError:
         info["loadavg"] = None
     return info
+
+
+def read_bandwidth(gib: float, threads: int, runs: int = 5) -> float:
+    """GB/s of a parallel streaming read: `threads` Python threads each sum a slice of a float32
+    array (numpy releases the GIL; the sum is far cheaper than the memory traffic). Best of `runs`
+    after a warm-up that touches the pages. The one probe every bench quotes."""
+    import threading
+    import time
+
+    import numpy as np
+
+    a = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
+    parts = np.array_split(a, max(1, threads))
+
+    def run():
+        ts = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+
+    run()
+    best = float("inf")
+    for _ in range(max(1, runs)):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    nbytes = a.nbytes
+    del a, parts
+    return nbytes / best / 1e9
+
+
+SGEMM_SHAPES = [(2048, 576, 1536), (2048, 1536, 576)]  # (M, K, N): Y[M, N] = X[M, K] · W[N, K]ᵀ
+
+
+def numpy_sgemm_gflops(runs: int = 3, shapes=SGEMM_SHAPES) -> float:
+    """Best numpy (its BLAS) fp32 GEMM rate over `shapes`, best of `runs` each (threads: as the
+    BLAS was started, see measure_machine)."""
+    import time
+
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    best_rate = 0.0
+    for (M, K, N) in shapes:
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        w = rng.standard_normal((N, K)).astype(np.float32)
+        y = np.empty((M, N), np.float32)
+        np.matmul(x, w.T, out=y)
+        best = float("inf")
+        for _ in range(max(1, runs)):
+            t0 = time.perf_counter()
+            np.matmul(x, w.T, out=y)
+            best = min(best, time.perf_counter() - t0)
+        best_rate = max(best_rate, 2.0 * M * N * K / best / 1e9)
+    return best_rate
+
+
+def measure_machine(threads: int, bw_gib: float = 0.5, runs: int = 3, timeout: float = 300) -> dict:
+    """numpy sgemm GFLOP/s and read bandwidth GB/s with `threads` threads, measured in a fresh
+    process (the BLAS reads its thread count at start-up); values None with an 'error' on failure."""
+    import subprocess
+
+    env = dict(os.environ)
+    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[k] = str(threads)
+    code = (f"import sys, json; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import _common; "
+            f"print('RESULT ' + json.dumps({{'numpy_sgemm_gflops': _common.numpy_sgemm_gflops({runs}), "
+            f"'read_bandwidth_gbps': _common.read_bandwidth({bw_gib}, {threads}, {max(runs, 3)})}}))")
+    out = {"threads": threads, "numpy_sgemm_gflops": None, "read_bandwidth_gbps": None,
+           "read_bandwidth_probe": f"{bw_gib:g} GiB float32 numpy sum, {threads} threads, best of {max(runs, 3)}",
+           "sgemm_probe": "numpy matmul fp32 " + ", ".join(f"{M}x{K}x{N}" for M, K, N in SGEMM_SHAPES)
+                          + f", best of {runs}"}
+    try:
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+        for line in r.stdout.splitlines():
+            if line.startswith("RESULT "):
+                out.update(json.loads(line[len("RESULT "):]))
+                return out
+        out["error"] = f"exit {r.returncode}: " + " | ".join((r.stderr or r.stdout).strip().splitlines()[-2:])
+    except (OSError, subprocess.SubprocessError) as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def _size(n):
+    return "?" if n is None else (f"{n >> 20}M" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n >> 10}K")
+
+
+def machine_line(info: dict, meas: dict | None = None) -> str:
+    """One line naming the machine for a table header: CPU, family/model, flags, caches, cores,
+    and (from measure_machine) numpy sgemm and read bandwidth measured in the same run."""
+    c = info.get("cpu") or {}
+    ca = info.get("caches") or {}
+    caches = "/".join(_size((ca.get(k) or {}).get("bytes")) for k in ("L1d", "L2", "L3"))
+    s = (f"{c.get('model_name') or info.get('processor') or info.get('machine')} ({c.get('vendor')}, family "
+         f"{c.get('family')} model {c.get('model')}), {c.get('physical_cores') or '?'} cores / {info.get('cpus')} "
+         f"CPUs, L1d/L2/L3 {caches}, flags {' '.join(c.get('flags') or []) or 'n/a'}")
+    if meas:
+        sg, bw = meas.get("numpy_sgemm_gflops"), meas.get("read_bandwidth_gbps")
+        s += (f"; numpy sgemm {'n/a' if sg is None else format(sg, '.0f')} GFLOP/s, read bandwidth "
+              f"{'n/a' if bw is None else format(bw, '.1f')} GB/s ({meas.get('threads')} threads, this run)")
+    return s
 
 
 def write_json(path: str, obj) -> None:

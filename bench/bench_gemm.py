@@ -36,6 +36,8 @@ def parse_args():
     p.add_argument("--no-torch", action="store_true", help="skip the torch column")
     p.add_argument("--budget", type=float, default=None, help="seconds of timing per cell (default 1.0, quick 0.3)")
     p.add_argument("--bw-gib", type=float, default=1.0, help="array size for the read-bandwidth probe (GiB)")
+    p.add_argument("--gemv", action="store_true",
+                   help="decode GEMV only: M = 1 on the 4096-class shapes, NF4 GB/s vs the read bandwidth of this run")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/gemm-<time>.json)")
     return p.parse_args()
 
@@ -49,6 +51,9 @@ if ARGS.threads:  # numpy's OpenBLAS reads its thread count at import
 import numpy as np  # noqa: E402
 
 import qlora_native  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402  (machine line, read bandwidth)
 from qlora_native import ops  # noqa: E402
 
 try:
@@ -72,22 +77,8 @@ def best_time(fn, budget, min_runs=3, max_runs=50):
 
 
 def read_bandwidth(gib, threads):
-    """GB/s of a parallel streaming read: `threads` Python threads each OR-reduce a slice of a
-    uint64 array (numpy releases the GIL; the reduction is far cheaper than the memory traffic)."""
-    a = np.ones(int(gib * (1 << 30)) // 8, dtype=np.uint64)
-    parts = np.array_split(a, threads)
-
-    def run():
-        ts = [threading.Thread(target=np.bitwise_or.reduce, args=(p,)) for p in parts]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-
-    t = best_time(run, 2.0, min_runs=3, max_runs=5)
-    nbytes = a.nbytes
-    del a, parts
-    return nbytes / t / 1e9
+    """GB/s of a parallel streaming read (the probe every bench shares: _common.read_bandwidth)."""
+    return _common.read_bandwidth(gib, threads, runs=5)
 
 
 def blas_info():
@@ -115,6 +106,18 @@ def nf4_weight(w, blocksize, rng):
                                absmax=rng.integers(0, 256, nb, dtype=np.uint8),
                                nested_absmax=rng.uniform(0.01, 0.1, -(-nb // 256)).astype(np.float32),
                                nested_map=None, offset=0.05), "random"
+
+
+def copy_nf4(q):
+    """A separate copy of an NF4 weight (its arrays duplicated), to defeat the caches."""
+    import copy
+
+    c = copy.copy(q)
+    for k in ("packed", "absmax", "nested_absmax"):
+        v = getattr(q, k, None)
+        if isinstance(v, np.ndarray):
+            setattr(c, k, v.copy())
+    return c
 
 
 def nf4_bytes(q):
@@ -156,9 +159,12 @@ def main():
     if env_note.get("OPENBLAS_CORETYPE") or env_note.get("OPENBLAS_L2_SIZE"):
         print(f"  WARNING: OpenBLAS overrides set {env_note}: they can slow numpy. Run with "
               "`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/bench_gemm.py`.")
-    bw = read_bandwidth(ARGS.bw_gib, threads) if 1 in ms else None
-    if bw:
-        print(f"measured read bandwidth ({threads} threads, {ARGS.bw_gib:g} GiB numpy OR-reduce): {bw:.1f} GB/s")
+    if ARGS.gemv:
+        return main_gemv(threads, budget)
+    meas = _common.measure_machine(threads, bw_gib=ARGS.bw_gib, runs=3)
+    minfo = _common.machine_info()
+    print(_common.machine_line(minfo, meas))
+    bw = meas.get("read_bandwidth_gbps")
 
     rng = np.random.default_rng(0)
     rows = []
@@ -231,7 +237,8 @@ def main():
         "qlora_native": qlora_native.__version__, "backend": ARGS.backend, "simd": qlora_native.simd_level(),
         "threads": threads, "torch": torch.__version__ if torch else None, "blas": bl,
         "openblas_env": OPENBLAS_ENV, "machine": platform.machine(), "python": sys.version.split()[0],
-        "read_bandwidth_gbps": bw, "blocksize": ARGS.blocksize,
+        "read_bandwidth_gbps": bw, "blocksize": ARGS.blocksize, "machine_info": minfo, "measured": meas,
+        "machine_line": _common.machine_line(minfo, meas),
         "targets": {"nf4_vs_best_blas_at_m_ge_256": TARGET_NF4_VS_BLAS, "gemv_vs_torch_at_m_1": TARGET_GEMV_VS_TORCH,
                     "gemv_target_min_fp32_bytes": GEMV_TARGET_MIN_BYTES},
         "rows": rows,
@@ -243,6 +250,67 @@ def main():
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
     os.replace(tmp, path)  # atomic
+    print(f"wrote {path}")
+
+
+GEMV_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # [out, in]: 8-22 MiB of NF4, far beyond L2
+TARGET_GEMV_VS_BW = 0.8  # NF4 GEMV at M = 1 streams its packed weight at >= 0.8x the read bandwidth
+
+
+def main_gemv(threads, budget):
+    """M = 1 NF4 GEMV on memory-bound shapes: GB/s of packed weight (+ scales) vs the read bandwidth
+    measured in the same run, interleaved (bandwidth, GEMVs, bandwidth) so machine load hits both."""
+    shapes = GEMV_SHAPES
+    if ARGS.shapes:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in ARGS.shapes.split(",")]
+    minfo = _common.machine_info()
+    rng = np.random.default_rng(0)
+    ws = []
+    for (n_out, n_in) in shapes:
+        w = (rng.standard_normal((n_out, n_in)) * 0.02).astype(np.float32)
+        q, _ = nf4_weight(w, ARGS.blocksize, rng)
+        ws.append(((n_out, n_in), q, nf4_bytes(q)))
+        del w
+    bws, rows = [], []
+    bws.append(read_bandwidth(ARGS.bw_gib, threads))
+    print(_common.machine_line(minfo, {"read_bandwidth_gbps": bws[0], "threads": threads}))
+    print(f"NF4 GEMV M=1, SIMD {qlora_native.simd_level()}, threads {threads}, blocksize {ARGS.blocksize}, "
+          f"best of ~{budget:g} s per shape; load average {os.getloadavg()[0]:.2f}")
+    l3 = ((minfo.get("caches") or {}).get("L3") or {}).get("bytes") or (32 << 20)
+    for (shape, q, qb) in ws:
+        x = rng.standard_normal((1, shape[1])).astype(np.float32)
+        out = np.empty((1, shape[0]), dtype=np.float32)
+        # Decode reads each weight once per token, from DRAM: copies of the weight totalling
+        # > 2x the L3 are read round-robin, so no call finds its weight in a cache.
+        n_copy = max(1, -(-2 * l3 // qb))
+        copies = [q] + [copy_nf4(q) for _ in range(n_copy - 1)]
+
+        def sweep():
+            for c in copies:
+                ops.nf4_gemm_nt(x, c, out, backend=ARGS.backend)
+
+        t = best_time(sweep, budget, min_runs=3, max_runs=20) / n_copy
+        del copies
+        rows.append({"shape": list(shape), "nf4_bytes": qb, "seconds": t, "gbps": qb / t / 1e9, "copies": n_copy})
+    bws.append(read_bandwidth(ARGS.bw_gib, threads))
+    bw = max(bws)
+    print(f"read bandwidth ({ARGS.bw_gib:g} GiB float32 sum, {threads} threads) before/after: "
+          + " / ".join(f"{b:.1f}" for b in bws) + " GB/s")
+    for r in rows:
+        r["vs_bandwidth"] = r["gbps"] / bw
+        print(f"  {r['shape'][0]:>6}x{r['shape'][1]:<6} NF4 {r['nf4_bytes'] / 2**20:6.1f} MiB  {r['seconds'] * 1e3:7.2f} ms  "
+              f"{r['gbps']:6.1f} GB/s  = {r['vs_bandwidth']:.2f}x read bandwidth")
+    worst = min(r["vs_bandwidth"] for r in rows)
+    print(f"target: NF4 GEMV M=1 >= {TARGET_GEMV_VS_BW}x read bandwidth: min {worst:.2f}x "
+          f"{'MET' if worst >= TARGET_GEMV_VS_BW else 'NOT MET'}")
+    result = {"benchmark": "gemv", "time": minfo["time"], "qlora_native": qlora_native.__version__,
+              "simd": qlora_native.simd_level(), "threads": threads, "blocksize": ARGS.blocksize,
+              "machine_info": minfo, "read_bandwidth_gbps": bws, "machine_line": _common.machine_line(
+                  minfo, {"read_bandwidth_gbps": bw, "threads": threads}),
+              "target_vs_bandwidth": TARGET_GEMV_VS_BW, "rows": rows}
+    path = ARGS.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    f"gemv-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+    _common.write_json(path, result)
     print(f"wrote {path}")
 
 

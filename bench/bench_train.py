@@ -11,6 +11,11 @@ Prints one table and writes bench/results/bench_train.json.
 
     PYTHONPATH=python:build/dev python bench/bench_train.py           # full run (minutes)
     PYTHONPATH=python:build/dev python bench/bench_train.py --quick   # smoke run: batch 1 x 64, 1 step
+    PYTHONPATH=python:build/dev python bench/bench_train.py --breakdown   # qlora_native only: time per part
+
+--breakdown times every engine op by part (QLORA_PROFILE hooks in the CPU backend) and prints each
+part's time, FLOPs or bytes, its rate, and how far it is from the machine's numpy sgemm rate / read
+bandwidth measured in the same run (bench/results/bench_train-breakdown.json).
 
 See bench/README.md.
 """
@@ -164,6 +169,102 @@ def run_peft(spec, res, quantized):
     time_steps(step, spec, res)
 
 
+# Parts a step is broken into: compute parts are judged against the machine's sgemm rate, memory
+# parts against its read bandwidth (their bytes are the least each op must move).
+COMPUTE_PARTS = ("nf4_gemm_fwd", "nf4_gemm_bwd", "lora_fwd", "lora_bwd", "attention_fwd", "attention_bwd",
+                 "lm_head_gemm", "gemm_other")
+PART_LABEL = {"nf4_gemm_fwd": "NF4 GEMM fwd (+recompute)", "nf4_gemm_bwd": "NF4 GEMM bwd (dX)",
+              "lora_fwd": "LoRA shrink/expand fwd", "lora_bwd": "LoRA bwd (dA, dB, dX)",
+              "attention_fwd": "attention fwd (+recompute)", "attention_bwd": "attention bwd",
+              "lm_head_gemm": "lm_head GEMMs (logits, dh)", "cross_entropy": "cross-entropy (softmax)",
+              "rmsnorm": "RMSNorm fwd/bwd", "rope": "RoPE fwd/bwd", "swiglu": "SwiGLU fwd/bwd",
+              "elementwise": "residual adds, embedding", "gemm_other": "other fp32 GEMMs", "other": "other ops",
+              "optimizer": "AdamW step", "zero_grad": "zero_grad", "python": "Python + unprofiled C++"}
+
+
+def run_breakdown(spec, res):
+    """qlora_native training steps with the engine's per-op timers on: seconds, FLOPs and bytes per part."""
+    import numpy as np
+
+    import qlora_native
+    from qlora_native import _core
+
+    if not hasattr(_core, "profile_enable"):
+        raise NotImplementedError("this build has no profiling hooks (_core.profile_enable)")
+    qlora_native.set_num_threads(spec["threads"])
+    m = qlora_native.Model.from_pretrained(spec["gguf"], quantize="nf4", tokenizer=None)
+    m.add_adapter("bench", qlora_native.LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.0,
+                                                   target_modules="all-linear"), seed=0)
+    m.set_active_adapter("bench")
+    m.configure_optimizer(lr=spec["lr"])
+    m.gradient_checkpointing = True
+    m.train()
+    n_params = int(sum(v.size for v in m.get_adapter_state_dict("bench").values()))
+    ids = np.asarray(spec["input_ids"], dtype=np.int32)
+    mask = np.ones_like(ids)
+    steps = []
+    for i in range(spec["steps"] + 1):  # the first is a warm-up
+        _core.profile_reset()
+        _core.profile_enable(True)
+        t0 = time.perf_counter()
+        m.zero_grad()
+        t1 = time.perf_counter()
+        loss = m.forward_backward(ids, ids, mask)
+        t2 = time.perf_counter()
+        _core.profile_enable(False)
+        m.optimizer_step()
+        t3 = time.perf_counter()
+        steps.append({"step_s": t3 - t0, "zero_grad_s": t1 - t0, "forward_backward_s": t2 - t1,
+                      "optimizer_s": t3 - t2, "loss": float(loss), "ops": _core.profile_report()})
+    res.update(trainable_params=n_params, steps=steps[1:], warmup=steps[0])
+
+
+def breakdown_table(steps, n_params, sg, bw):
+    """Per part: best-step-median seconds, FLOPs, bytes, rate and the time its FLOPs (at sg GFLOP/s)
+    or bytes (at bw GB/s) would take; rows sorted by excess seconds."""
+    import statistics
+
+    parts = {}
+    for st in steps:
+        per = {}
+        for op in st["ops"]:
+            p = per.setdefault(op["part"], {"seconds": 0.0, "flops": 0.0, "bytes": 0.0, "calls": 0})
+            for k in ("seconds", "flops", "bytes", "calls"):
+                p[k] += op[k]
+        profiled = sum(p["seconds"] for p in per.values())
+        per["optimizer"] = {"seconds": st["optimizer_s"], "flops": 10.0 * n_params, "bytes": 28.0 * n_params, "calls": 1}
+        per["zero_grad"] = {"seconds": st["zero_grad_s"], "flops": 0.0, "bytes": 4.0 * n_params, "calls": 1}
+        per["python"] = {"seconds": st["forward_backward_s"] - profiled, "flops": 0.0, "bytes": 0.0, "calls": 1}
+        for k, v in per.items():
+            parts.setdefault(k, []).append(v)
+    rows = []
+    step_s = statistics.median(st["step_s"] for st in steps)
+    for k, vs in parts.items():
+        sec = statistics.median(v["seconds"] for v in vs)
+        lo, hi = min(v["seconds"] for v in vs), max(v["seconds"] for v in vs)
+        fl, by = vs[0]["flops"], vs[0]["bytes"]
+        compute = k in COMPUTE_PARTS
+        ideal = (fl / (sg * 1e9) if compute else by / (bw * 1e9)) if (sg and bw) else None
+        if k == "python":
+            ideal = 0.0
+        rows.append({"part": k, "label": PART_LABEL.get(k, k), "seconds": sec, "seconds_range": [lo, hi],
+                     "share": sec / step_s, "calls": vs[0]["calls"], "flops": fl, "bytes": by,
+                     "gflops": fl / sec / 1e9 if sec > 0 and fl else None,
+                     "gbps": by / sec / 1e9 if sec > 0 and by else None,
+                     "bound": "compute" if compute else ("memory" if k != "python" else "-"),
+                     "ideal_s": ideal, "x_ideal": sec / ideal if ideal else None,
+                     "excess_s": sec - ideal if ideal is not None else None})
+    rows.sort(key=lambda r: -(r["excess_s"] or 0))
+    return rows, step_s
+
+
+def top_ops(steps, n=12):
+    """The n op shapes with the most time in the last step, with their rates (what to fix)."""
+    ops = sorted(steps[-1]["ops"], key=lambda o: -o["seconds"])[:n]
+    return [dict(o, gflops=o["flops"] / o["seconds"] / 1e9 if o["seconds"] > 0 else None,
+                 gbps=o["bytes"] / o["seconds"] / 1e9 if o["seconds"] > 0 else None) for o in ops]
+
+
 def convert_gguf(spec):
     """GGUF -> HF safetensors (float32) with transformers, so the PEFT children load a plain checkpoint."""
     import torch
@@ -231,6 +332,12 @@ def child(engine, spec_path):
         spec = json.load(f)
     if engine == "convert":
         res = convert_gguf(spec)
+    elif engine == "breakdown":
+        res = {"engine": engine}
+        try:
+            run_breakdown(spec, res)
+        except (ImportError, AttributeError, NotImplementedError) as e:
+            res = {"engine": engine, "error": f"unavailable: {type(e).__name__}: {e}"}
     elif engine == "sgemm":
         res = sgemm(spec)
     else:
@@ -263,6 +370,9 @@ def parse_args():
     p.add_argument("--gemm-runs", type=int, default=5, help="sgemm timings per shape (best of)")
     p.add_argument("--no-sgemm", action="store_true", help="skip the sgemm measurement")
     p.add_argument("--quick", action="store_true", help="smoke run: batch 1 x 64, 1 step")
+    p.add_argument("--breakdown", action="store_true",
+                   help="qlora_native only: time per part of a step (engine op timers) vs the machine's rates")
+    p.add_argument("--bw-gib", type=float, default=0.5, help="array size of the read-bandwidth probe (GiB)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per engine")
     p.add_argument("--out", default=None,
                    help="JSON path (default: bench/results/bench_train.json, --quick: bench_train-quick.json)")
@@ -310,11 +420,13 @@ def main():
         return child(args.child, args.spec)
     if args.report:
         with open(args.report) as f:
-            return report(json.load(f))
+            out = json.load(f)
+        return report_breakdown(out) if out.get("benchmark") == "bench_train_breakdown" else report(out)
     if args.quick:
-        args.batch, args.seq, args.steps, args.gemm_runs = 1, 64, 1, 2
+        args.batch, args.seq, args.steps, args.gemm_runs, args.bw_gib = 1, 64, 1, 2, 0.25
     if args.out is None:
-        args.out = os.path.join(_common.RESULTS, "bench_train-quick.json" if args.quick else "bench_train.json")
+        name = "bench_train-breakdown" if args.breakdown else "bench_train"
+        args.out = os.path.join(_common.RESULTS, name + ("-quick.json" if args.quick else ".json"))
     if min(args.batch, args.seq, args.steps, args.r) < 1:
         raise SystemExit("--batch, --seq, --steps and --r must be >= 1")
     gguf = args.gguf or _common.default_gguf()
@@ -341,6 +453,11 @@ def main():
     print(f"qlora_native {qlora_native.__version__} SIMD {qlora_native.simd_level()}, threads {threads}, "
           f"batch {args.batch} x {args.seq}, {args.steps} timed steps, load average {info['loadavg_before']}",
           flush=True)
+    meas = _common.measure_machine(threads, args.bw_gib, runs=args.gemm_runs)
+    info["measured"] = meas
+    print(_common.machine_line(info, meas), flush=True)
+    if args.breakdown:
+        return main_breakdown(args, gguf, ids, threads, info, flops)
 
     res = {}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
@@ -386,6 +503,59 @@ def main():
     report(out)
     _common.write_json(args.out, out)
     print(f"wrote {args.out}")
+
+
+def main_breakdown(args, gguf, ids, threads, info, flops):
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        spec = {"gguf": gguf, "threads": threads, "batch": args.batch, "seq": args.seq, "steps": args.steps,
+                "r": args.r, "alpha": args.alpha, "lr": args.lr, "input_ids": ids.tolist()}
+        spec_path = os.path.join(tmp, "spec.json")
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        res = run_child("breakdown", spec_path, threads, args.timeout)
+    info["loadavg_after"] = _common.machine_info()["loadavg"]
+    if "error" in res:
+        raise SystemExit(f"breakdown: {res['error']}")
+    meas = info["measured"]
+    rows, step_s = breakdown_table(res["steps"], res["trainable_params"], meas.get("numpy_sgemm_gflops"),
+                                   meas.get("read_bandwidth_gbps"))
+    out = {"benchmark": "bench_train_breakdown", "info": info, "flops": flops, "flop_formula": FLOP_FORMULA,
+           "step_s_median": step_s, "parts": rows, "top_ops": top_ops(res["steps"]), "raw": res}
+    report_breakdown(out)
+    _common.write_json(args.out, out)
+    print(f"wrote {args.out}")
+
+
+def report_breakdown(out):
+    info, rows, meas = out["info"], out["parts"], out["info"].get("measured") or {}
+    sg, bw = meas.get("numpy_sgemm_gflops"), meas.get("read_bandwidth_gbps")
+    step = out["step_s_median"]
+    print()
+    print(f"qlora_native training step by part: SmolLM2-135M batch {info['batch']} x {info['seq']}, r={info['r']}, "
+          f"all-linear, gradient checkpointing, SIMD {info['simd']}, threads {info['threads']}; median of "
+          f"{info['steps']} steps after a warm-up: {step * 1e3:.0f} ms/step "
+          f"({info['batch'] * info['seq'] / step:.0f} tok/s, {out['flops']['total'] / step / 1e9:.0f} GFLOP/s effective)")
+    print(f"machine: {_common.machine_line(info, meas)}")
+    print(f"load average before/after: {info.get('loadavg_before')} / {info.get('loadavg_after')}")
+    print("| part | ms/step (range) | share | GFLOP | MB | rate | ideal ms | x ideal | excess ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        rate = (f"{r['gflops']:.0f} GFLOP/s ({100 * r['gflops'] / sg:.0f}% sgemm)" if r["bound"] == "compute" and r["gflops"] and sg
+                else f"{r['gbps']:.1f} GB/s ({100 * r['gbps'] / bw:.0f}% bw)" if r["bound"] == "memory" and r["gbps"] and bw
+                else "-")
+        lo, hi = r["seconds_range"]
+        print(f"| {r['label']} | {r['seconds'] * 1e3:.1f} ({lo * 1e3:.1f}-{hi * 1e3:.1f}) | {100 * r['share']:.1f}% | "
+              f"{r['flops'] / 1e9:.2f} | {r['bytes'] / 1e6:.0f} | {rate} | "
+              f"{fmt(None if r['ideal_s'] is None else r['ideal_s'] * 1e3)} | {fmt(r['x_ideal'], '.1f')} | "
+              f"{fmt(None if r['excess_s'] is None else r['excess_s'] * 1e3)} |")
+    print("ideal = the part's FLOPs at the numpy sgemm rate (compute parts) or its least bytes at the read "
+          "bandwidth (memory parts); x ideal = measured / ideal; rows sorted by excess = measured - ideal.")
+    print("Attention FLOPs count the causal half (what the kernels compute); the optimizer counts 28 bytes and "
+          "10 FLOPs per trainable parameter.")
+    print("top op shapes of the last step (part, op, shape, calls, ms, rate):")
+    for o in out["top_ops"]:
+        print(f"  {o['part']:<14} {o['op']:<26} {'x'.join(str(v) for v in o['shape']):<16} {o['calls']:>4} "
+              f"{o['seconds'] * 1e3:8.1f} ms  {fmt(o['gflops'])} GFLOP/s  {fmt(o['gbps'])} GB/s")
 
 
 def report(out):

@@ -2,7 +2,9 @@
 
 #include "backend.hpp"
 #include "bindings.hpp"
+#include "cpu/cache_info.hpp"
 #include "cpu/features.hpp"
+#include "cpu/profile.hpp"
 #include "cpu/threads.hpp"
 #include "common/error.hpp"
 
@@ -49,6 +51,28 @@ void bind_info(py::module_& m) {
   m.def("cuda_compiled", &cuda_compiled);
   m.def("cuda_device_count", &cuda_device_count);
   m.def("cuda_device_summary", &cuda_device_summary);
+  m.def("cache_sizes", [] {
+    const cpu::CacheSizes& c = cpu::cache_sizes();
+    py::dict d;
+    d["l1d"] = c.l1d, d["l2"] = c.l2, d["l3"] = c.l3, d["l3_sharing"] = c.l3_sharing, d["line"] = c.line;
+    d["source"] = c.source;
+    return d;
+  }, "Data cache sizes in bytes the CPU kernels' blocking is derived from (l1d, l2 per core; l3 shared).");
+  // Opt-in per-op timers (cpu/profile.hpp; bench/bench_train.py --breakdown).
+  m.def("profile_enable", [](bool on) { prof::set_enabled(on); }, py::arg("on") = true,
+        "Time every CPU backend op by part (also env QLORA_PROFILE=1); off costs one flag test per op.");
+  m.def("profile_enabled", &prof::enabled);
+  m.def("profile_reset", &prof::reset, "Clear the accumulated op timings.");
+  m.def("profile_report", [] {
+    py::list out;
+    for (const prof::Row& r : prof::report()) {
+      py::dict d;
+      d["part"] = r.part, d["op"] = r.op, d["shape"] = py::make_tuple(r.dims[0], r.dims[1], r.dims[2]);
+      d["calls"] = r.calls, d["seconds"] = r.seconds, d["flops"] = r.flops, d["bytes"] = r.bytes;
+      out.append(d);
+    }
+    return out;
+  }, "Accumulated op timings: one dict per (part, op, shape) with calls, seconds, flops, bytes.");
 }
 
 }  // namespace qlora::py_bind

@@ -66,6 +66,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"qlora_native {_core.__version__}")
     print(f"CPU SIMD level : {_core.simd_level()} (supported: {', '.join(_core.supported_simd_levels())})")
     print(f"CPU threads    : {_core.num_threads()} (physical cores: {_core.physical_cores()})")
+    c = _core.cache_sizes()  # what the GEMM blocking and GEMV chunking are derived from
+    print(f"CPU caches     : L1d {c['l1d'] >> 10} KiB, L2 {c['l2'] >> 10} KiB per core, L3 {c['l3'] >> 10} KiB "
+          f"(shared by {c['l3_sharing']} CPUs; from {c['source']})")
     print(f"CUDA backend   : {'compiled' if _core.cuda_compiled() else 'not compiled'}")
     print(f"GPU            : {gpu_line()}")
     print(f"backends       : {', '.join(_core.available_backends())}")

@@ -11,6 +11,7 @@
 #include "backend.hpp"
 #include "common/error.hpp"
 #include "cpu/ops_backward.hpp"
+#include "cpu/profile.hpp"
 #include "cpu/threads.hpp"
 
 namespace qlora::cpu::ops {
@@ -86,6 +87,7 @@ CrossEntropyResult lm_cross_entropy(Backend& be, int64_t N, int64_t D, int64_t V
   if (N == 0) return res;
 
   const bool device = !be.host_memory();
+  const prof::PartContext pc(prof::Part::LmHead);  // its GEMMs are booked to the lm_head (bench_train --breakdown)
   const int64_t rows = std::min(N, chunk_rows);
   Scratch scratch(be);
   float* logits = static_cast<float*>(scratch.get(static_cast<size_t>(rows) * V * sizeof(float)));  // [rows, V]

@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "common/error.hpp"
+#include "cpu/profile.hpp"
 #include "model/weights.hpp"
 #include "train/rng.hpp"
 
@@ -112,6 +113,7 @@ void zero_lora_grads(Backend& be, LoraAdapter& a) {
 void lora_forward(Backend& be, const LoraModule& m, int64_t M, const float* x, int64_t ldx, float* y, int64_t ldy,
                   float* t, float scale) {
   if (scale == 0.0f) return;  // scale 0: the adapter contributes nothing (exactly the base output)
+  const prof::PartContext pc(prof::Part::LoraFwd);  // its GEMMs are booked to LoRA (bench_train --breakdown)
   DeviceBuffer own;
   if (!t) {
     own = DeviceBuffer(be, sizeof(float) * M * m.r);  // [M, r]
@@ -124,6 +126,7 @@ void lora_forward(Backend& be, const LoraModule& m, int64_t M, const float* x, i
 void lora_backward(Backend& be, LoraModule& m, int64_t M, const float* x, int64_t ldx, const float* dy, int64_t lddy,
                    float* dx, int64_t lddx, float beta, float* t, float* dt, float scale) {
   const float s = scale * m.scaling;
+  const prof::PartContext pc(prof::Part::LoraBwd);
   be.gemm_nt(M, m.r, m.in, 1.0f, x, ldx, m.A.f32(), m.in, 0.0f, t, m.r);            // t[M, r] = x·Aᵀ
   be.gemm_nn(M, m.r, m.out, s, dy, lddy, m.B.f32(), m.r, 0.0f, dt, m.r);            // dt[M, r] = s * dy·B
   be.gemm_tn(m.out, m.r, M, s, dy, lddy, t, m.r, 1.0f, m.dB.f32(), m.r);            // dB += s * dyᵀ·t
