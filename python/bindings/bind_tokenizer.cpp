@@ -24,6 +24,7 @@ __attribute__((used)) const Fn kTokenizerCapiSymbols[] = {
     reinterpret_cast<Fn>(&qlora_token_bos),        reinterpret_cast<Fn>(&qlora_token_eos),
     reinterpret_cast<Fn>(&qlora_token_pad),        reinterpret_cast<Fn>(&qlora_token_unk),
     reinterpret_cast<Fn>(&qlora_tokenizer_eos_tokens), reinterpret_cast<Fn>(&qlora_token_is_special),
+    reinterpret_cast<Fn>(&qlora_model_get_tokenizer),
 };
 
 // str -> UTF-8 (a lone surrogate is a ValueError, as the Python face says); bytes as they are.

@@ -278,6 +278,10 @@ typedef struct qlora_tokenizer qlora_tokenizer; /* opaque */
 QLORA_API qlora_tokenizer* qlora_tokenizer_load(const char* path);
 /* Releases a tokenizer. NULL is ignored. */
 QLORA_API void qlora_tokenizer_free(qlora_tokenizer* tok);
+/* The tokenizer of a loaded model (as llama_model_get_vocab): loaded from the model's source
+ * (the path given to qlora_model_load) on the first call, owned by the model and freed with it
+ * (do not qlora_tokenizer_free it). NULL on failure (see qlora_last_error; a later call retries). */
+QLORA_API const qlora_tokenizer* qlora_model_get_tokenizer(qlora_model* model);
 
 /* Text -> ids, as llama_tokenize. text[text_len] (text_len < 0: NUL-terminated). add_special:
  * add the BOS / EOS the vocabulary asks for (GGUF add_bos_token / add_eos_token, tokenizer.json's

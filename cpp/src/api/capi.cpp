@@ -136,6 +136,7 @@ QLORA_API qlora_model* qlora_model_load(const char* path, const qlora_model_para
     qlora::Backend& be = qlora::get_backend(p.backend ? p.backend : "cpu");
     qlora::model::QuantSpec q{p.quantize == QLORA_QUANT_NF4, p.blocksize, p.double_quant != 0};
     auto h = std::make_unique<qlora_model>();
+    h->source = path;  // for qlora_model_get_tokenizer
     h->m = qlora::model::load_model_from_path(path, be, q, &h->info);  // HF directory or GGUF file
     out = h.release();
     return QLORA_OK;

@@ -30,6 +30,12 @@ struct qlora_model {
   std::unordered_set<qlora_adapter*> adapters;
   int64_t n_contexts = 0;
   bool freed = false;
+
+  // The model's tokenizer (capi_tokenizer.cpp): loaded from `source`, the path given to
+  // qlora_model_load, on the first qlora_model_get_tokenizer; freed with the model.
+  std::string source;
+  std::mutex tokenizer_mu;
+  std::unique_ptr<qlora_tokenizer, void (*)(qlora_tokenizer*)> tokenizer{nullptr, qlora_tokenizer_free};
 };
 
 namespace qlora::capi {

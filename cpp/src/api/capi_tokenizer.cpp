@@ -118,3 +118,21 @@ QLORA_API int32_t qlora_token_is_special(const qlora_tokenizer* tok, int32_t tok
 }
 
 }  // extern "C"
+
+#include "api/capi_internal.hpp"
+
+extern "C" QLORA_API const qlora_tokenizer* qlora_model_get_tokenizer(qlora_model* model) {
+  const qlora_tokenizer* out = nullptr;
+  guard([&] {
+    check_arg(model != nullptr, "qlora_model_get_tokenizer: model is NULL");
+    std::lock_guard<std::mutex> lk(model->tokenizer_mu);
+    if (!model->tokenizer) {
+      auto h = std::make_unique<qlora_tokenizer>();
+      h->t = qlora::tok::Tokenizer::load(model->source);
+      model->tokenizer.reset(h.release());
+    }
+    out = model->tokenizer.get();
+    return 0;
+  });
+  return out;
+}

@@ -1,181 +1,82 @@
-// GGUF vocabularies: a minimal reader of the `tokenizer.*` metadata (bounds-checked; tensor data is
-// not touched) and the translation into a TokenizerDesc, following
+// GGUF vocabularies: the `tokenizer.*` metadata read with the engine's GGUF reader (io/gguf_read)
+// and the translation into a TokenizerDesc, following
 // python/qlora_native/tokenizer_gguf.py (build_gguf_tokenizer) rule for rule.
 #include <cstring>
 #include <map>
 
 #include "common/error.hpp"
-#include "io/mapped_file.hpp"
+#include "io/gguf_read.hpp"
 #include "tokenizer/tokenizer.hpp"
 
 namespace qlora::tok {
 
-namespace {
-
-enum GgufType : uint32_t { U8, I8, U16, I16, U32, I32, F32, BOOL, STRING, ARRAY, U64, I64, F64 };
-
-struct Reader {
-  const uint8_t* p;
-  size_t n, pos = 0;
-  const std::string& path;
-  std::string key;  // the field being read, for messages
-
-  [[noreturn]] void fail(const std::string& what) const {
-    throw FormatError(path + ": corrupt GGUF" + (key.empty() ? std::string() : " field '" + key + "'") + ": " + what +
-                      " (at byte " + std::to_string(pos) + " of " + std::to_string(n) + ")");
-  }
-  void need(uint64_t k) const {
-    if (k > n - pos) fail("truncated: " + std::to_string(k) + " bytes needed");
-  }
-  template <class T>
-  T get() {
-    need(sizeof(T));
-    T v;
-    std::memcpy(&v, p + pos, sizeof(T));
-    pos += sizeof(T);
-    return v;
-  }
-  std::string str() {
-    uint64_t len = get<uint64_t>();
-    need(len);
-    std::string s(reinterpret_cast<const char*>(p + pos), static_cast<size_t>(len));
-    pos += static_cast<size_t>(len);
-    return s;
-  }
-  static size_t scalar_size(uint32_t t) {
-    switch (t) {
-      case U8: case I8: case BOOL: return 1;
-      case U16: case I16: return 2;
-      case U32: case I32: case F32: return 4;
-      case U64: case I64: case F64: return 8;
-      default: return 0;
-    }
-  }
-  void skip(uint32_t t, int depth = 0) {
-    if (depth > 4) fail("arrays nested too deeply");
-    if (t == STRING) {
-      uint64_t len = get<uint64_t>();
-      need(len);
-      pos += static_cast<size_t>(len);
-    } else if (t == ARRAY) {
-      uint32_t et = get<uint32_t>();
-      uint64_t cnt = get<uint64_t>();
-      if (size_t s = scalar_size(et)) {
-        if (cnt > (n - pos) / s) fail("array of " + std::to_string(cnt) + " elements past the end of the file");
-        pos += static_cast<size_t>(cnt * s);
-      } else if (et == STRING || et == ARRAY) {
-        if (cnt > (n - pos) / 8) fail("array of " + std::to_string(cnt) + " elements past the end of the file");
-        for (uint64_t i = 0; i < cnt; ++i) skip(et, depth + 1);
-      } else {
-        fail("unknown array element type " + std::to_string(et));
-      }
-    } else if (size_t s = scalar_size(t)) {
-      need(s);
-      pos += s;
-    } else {
-      fail("unknown value type " + std::to_string(t));
-    }
-  }
-  // An integer scalar of any integer type (or bool) as int64.
-  int64_t integer(uint32_t t) {
-    switch (t) {
-      case U8: return get<uint8_t>();
-      case I8: return get<int8_t>();
-      case U16: return get<uint16_t>();
-      case I16: return get<int16_t>();
-      case U32: return get<uint32_t>();
-      case I32: return get<int32_t>();
-      case U64: { uint64_t v = get<uint64_t>(); if (v > INT64_MAX) fail("integer out of range"); return static_cast<int64_t>(v); }
-      case I64: return get<int64_t>();
-      case BOOL: return get<uint8_t>() != 0;
-      default: fail(std::string("expected an integer, got value type ") + std::to_string(t));
-    }
-  }
-  uint64_t array_header(uint32_t t, uint32_t want_a, uint32_t want_b, size_t min_size) {
-    if (t != ARRAY) fail("expected an array, got value type " + std::to_string(t));
-    uint32_t et = get<uint32_t>();
-    if (et != want_a && et != want_b) fail("unexpected array element type " + std::to_string(et));
-    uint64_t cnt = get<uint64_t>();
-    if (cnt > (n - pos) / min_size) fail("array of " + std::to_string(cnt) + " elements past the end of the file");
-    last_elem = et;
-    return cnt;
-  }
-  uint32_t last_elem = 0;
-};
-
-}  // namespace
-
 GgufVocab read_gguf_vocab(const std::string& path) {
-  auto file = io::MappedFile::open(path);
-  Reader r{file->data(), file->size(), 0, path, ""};
+  // the engine's GGUF reader validates every count, offset and string before we look
+  auto f = gguf::File::open(path);
   GgufVocab v;
   v.source = path;
-  if (r.n < 24 || std::memcmp(r.p, "GGUF", 4) != 0) throw FormatError(path + ": not a GGUF file (bad magic or too short)");
-  r.pos = 4;
-  uint32_t version = r.get<uint32_t>();
-  if (version < 2 || version > 3) throw FormatError(path + ": unsupported GGUF version " + std::to_string(version));
-  r.get<uint64_t>();  // tensor count (not needed here)
-  uint64_t n_kv = r.get<uint64_t>();
-  if (n_kv > (r.n - r.pos) / 12) r.fail("metadata count " + std::to_string(n_kv) + " past the end of the file");
-  bool have_model = false;
-  auto id_of = [&](int64_t x) -> int32_t { return x < INT32_MIN || x > INT32_MAX ? -2 : static_cast<int32_t>(x); };
-  std::map<std::string, int64_t> ids;
-  for (uint64_t k = 0; k < n_kv; ++k) {
-    r.key.clear();
-    std::string key = r.str();
-    r.key = key;
-    uint32_t t = r.get<uint32_t>();
-    if (key.compare(0, 10, "tokenizer.") != 0) {
-      r.skip(t);
-      continue;
-    }
-    if (key == "tokenizer.ggml.model" || key == "tokenizer.ggml.pre") {
-      if (t != STRING) r.fail("expected a string");
-      (key == "tokenizer.ggml.model" ? v.model : v.pre) = r.str();
-      if (key == "tokenizer.ggml.model") have_model = true;
-    } else if (key == "tokenizer.ggml.tokens" || key == "tokenizer.ggml.merges") {
-      uint64_t cnt = r.array_header(t, STRING, STRING, 8);
-      auto& dst = key == "tokenizer.ggml.tokens" ? v.tokens : v.merges;
-      dst.reserve(static_cast<size_t>(cnt));
-      for (uint64_t i = 0; i < cnt; ++i) dst.push_back(r.str());
-      if (key == "tokenizer.ggml.merges") v.has_merges = true;
-    } else if (key == "tokenizer.ggml.token_type") {
-      uint64_t cnt = r.array_header(t, I32, U32, 4);
-      v.types.resize(static_cast<size_t>(cnt));
-      for (auto& x : v.types) x = static_cast<int32_t>(r.get<uint32_t>());
-    } else if (key == "tokenizer.ggml.scores") {
-      uint64_t cnt = r.array_header(t, F32, F32, 4);
-      v.scores.resize(static_cast<size_t>(cnt));
-      for (auto& x : v.scores) x = r.get<float>();
-      v.has_scores = true;
-    } else if (key == "tokenizer.ggml.bos_token_id" || key == "tokenizer.ggml.eos_token_id" ||
-               key == "tokenizer.ggml.padding_token_id" || key == "tokenizer.ggml.unknown_token_id" ||
-               key == "tokenizer.ggml.eot_token_id" || key == "tokenizer.ggml.eom_token_id") {
-      if (t == BOOL || t == F32 || t == F64) r.fail("is not an integer");  // a float id would be truncated
-      ids[key] = r.integer(t);
-    } else if (key == "tokenizer.ggml.add_bos_token" || key == "tokenizer.ggml.add_eos_token" ||
-               key == "tokenizer.ggml.add_space_prefix") {
-      int b = r.integer(t) != 0;
-      (key == "tokenizer.ggml.add_bos_token" ? v.add_bos : key == "tokenizer.ggml.add_eos_token" ? v.add_eos : v.add_space_prefix) = b;
-    } else {
-      r.skip(t);
-    }
-  }
-  r.key.clear();
-  if (!have_model) throw FormatError(path + ": GGUF file has no embedded tokenizer (no tokenizer.ggml.model key)");
+  auto bad = [&](const std::string& key, const std::string& what) -> FormatError {
+    return FormatError(path + ": GGUF field '" + key + "' " + what);
+  };
+  auto str = [&](const char* key, std::string& dst) {
+    const gguf::Value* x = f->find(key);
+    if (!x) return false;
+    if (x->type != gguf::VType::STRING) throw bad(key, "is " + x->type_name() + ", not a string");
+    dst = x->str;
+    return true;
+  };
+  auto strings = [&](const char* key, std::vector<std::string>& dst) {
+    const gguf::Value* x = f->find(key);
+    if (!x) return false;
+    if (x->type != gguf::VType::ARRAY || x->elem != gguf::VType::STRING) throw bad(key, "is " + x->type_name() + ", not an array of strings");
+    for (std::string_view sv : f->strings(*x)) dst.emplace_back(sv);
+    return true;
+  };
+  if (!str("tokenizer.ggml.model", v.model))
+    throw FormatError(path + ": GGUF file has no embedded tokenizer (no tokenizer.ggml.model key)");
+  str("tokenizer.ggml.pre", v.pre);
+  strings("tokenizer.ggml.tokens", v.tokens);
   if (v.tokens.empty()) throw FormatError(path + ": GGUF tokenizer has no tokenizer.ggml.tokens");
+  v.has_merges = strings("tokenizer.ggml.merges", v.merges);
   const size_t n = v.tokens.size();
+  if (const gguf::Value* x = f->find("tokenizer.ggml.token_type")) {
+    if (x->type != gguf::VType::ARRAY) throw bad("tokenizer.ggml.token_type", "is not an array");
+    for (int64_t t : f->ints(*x)) v.types.push_back(t < INT32_MIN || t > INT32_MAX ? -1 : static_cast<int32_t>(t));
+  }
+  if (const gguf::Value* x = f->find("tokenizer.ggml.scores")) {
+    if (x->type != gguf::VType::ARRAY) throw bad("tokenizer.ggml.scores", "is not an array");
+    for (double d : f->floats(*x)) v.scores.push_back(static_cast<float>(d));
+    v.has_scores = true;
+  }
   if ((!v.types.empty() && v.types.size() != n) || (v.has_scores && v.scores.size() != n))
     throw FormatError(path + ": token_type/scores length differs from the " + std::to_string(n) + " tokens");
   if (v.types.empty()) v.types.assign(n, kNormal);
-  for (auto& [key, x] : ids) {
-    int32_t* dst = key == "tokenizer.ggml.bos_token_id" ? &v.bos : key == "tokenizer.ggml.eos_token_id" ? &v.eos
-                 : key == "tokenizer.ggml.padding_token_id" ? &v.pad : key == "tokenizer.ggml.unknown_token_id" ? &v.unk
-                 : key == "tokenizer.ggml.eot_token_id" ? &v.eot : &v.eom;
-    if (x >= 0 && static_cast<uint64_t>(x) < n) *dst = id_of(x);
-    else if (x == -1 || x == 0xFFFFFFFFll) *dst = -1;  // llama.cpp's "none"
-    else throw FormatError(path + ": " + key + " = " + std::to_string(x) + " is outside the vocabulary of " + std::to_string(n) + " tokens");
-  }
+  auto id = [&](const char* key, int32_t& dst) {
+    const gguf::Value* x = f->find(key);
+    if (!x) return;
+    if (!x->is_int()) throw bad(key, "= " + x->repr() + " is not an integer");  // a float id would be truncated
+    int64_t val = x->is_signed() ? x->i : (x->u > INT64_MAX ? -2 : static_cast<int64_t>(x->u));
+    if (val >= 0 && static_cast<uint64_t>(val) < n) dst = static_cast<int32_t>(val);
+    else if (val == -1 || val == 0xFFFFFFFFll) dst = -1;  // llama.cpp's "none"
+    else throw FormatError(path + ": " + key + " = " + x->repr() + " is outside the vocabulary of " + std::to_string(n) + " tokens");
+  };
+  id("tokenizer.ggml.bos_token_id", v.bos);
+  id("tokenizer.ggml.eos_token_id", v.eos);
+  id("tokenizer.ggml.padding_token_id", v.pad);
+  id("tokenizer.ggml.unknown_token_id", v.unk);
+  id("tokenizer.ggml.eot_token_id", v.eot);
+  id("tokenizer.ggml.eom_token_id", v.eom);
+  auto flag = [&](const char* key, int& dst) {  // Python: bool(value) of whatever is stored
+    const gguf::Value* x = f->find(key);
+    if (!x) return;
+    if (x->type == gguf::VType::BOOL) dst = x->u != 0;
+    else if (x->is_int()) dst = x->is_signed() ? x->i != 0 : x->u != 0;
+    else if (x->is_float()) dst = x->f != 0;
+    else throw bad(key, "is " + x->type_name() + ", not a bool");
+  };
+  flag("tokenizer.ggml.add_bos_token", v.add_bos);
+  flag("tokenizer.ggml.add_eos_token", v.add_eos);
+  flag("tokenizer.ggml.add_space_prefix", v.add_space_prefix);
   return v;
 }
 
