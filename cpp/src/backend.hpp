@@ -49,8 +49,8 @@ class Backend {
     const float* B;  // [out, r]
     float alpha;     // scale * scaling
   };
-  // Default: the reference, two gemm_nt per segment (valid on every backend). SIMD SGMV kernels that
-  // read each adapter once for all its segments are a later step.
+  // Default: the reference, two gemm_nt per segment (valid on every backend). The CPU backend runs
+  // segments of few rows as one thread-pool job (cpu/lora_sgmv.hpp).
   virtual void lora_segments(int64_t in, int64_t out, const float* x, int64_t ldx, int64_t n, const LoraSegment* seg,
                              float* y, int64_t ldy, float* t) {
     for (int64_t s = 0; s < n; ++s) {
@@ -59,6 +59,22 @@ class Backend {
       gemm_nt(g.rows, g.r, in, 1.0f, x + g.row0 * ldx, ldx, g.A, in, 0.0f, t, g.r);                 // t = x·Aᵀ
       gemm_nt(g.rows, out, g.r, g.alpha, t, g.r, g.B, g.r, 1.0f, y + g.row0 * ldy, ldy);           // y += a t·Bᵀ
     }
+  }
+  // The LoRA terms of several projections (q/k/v, gate/up, or one), each a lora_segments call:
+  // backends may run them as one job (CPU: one thread-pool job for all shrinks and expands).
+  // Problems must not write to each other's x or y ranges. t: scratch of at least
+  // max over problems and segments of rows_s * r_s floats. Default: one lora_segments each.
+  struct LoraProblem {
+    int64_t in, out;
+    const float* x;
+    int64_t ldx;
+    int64_t n;
+    const LoraSegment* seg;
+    float* y;
+    int64_t ldy;
+  };
+  virtual void lora_segments_many(int64_t np, const LoraProblem* p, float* t) {
+    for (int64_t i = 0; i < np; ++i) lora_segments(p[i].in, p[i].out, p[i].x, p[i].ldx, p[i].n, p[i].seg, p[i].y, p[i].ldy, t);
   }
 
   // ---- NF4 (dequantization fused into the kernel; W is never materialized in fp32)

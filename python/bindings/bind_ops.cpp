@@ -60,6 +60,36 @@ bool overlaps(const Mat& a, const Mat& b) {
   return a.data < b.data + b.span() && b.data < a.data + a.span();
 }
 
+// One problem of ops.lora_segments(_many): x [M, in], y [M, out] (written in place) and segments
+// (row0, rows, A [r, in], B [out, r], alpha), checked; the arrays stay alive in `keep`.
+struct LoraArgs {
+  Mat x, y;
+  Backend::LoraProblem p{};
+  std::vector<Backend::LoraSegment> segs;
+  int64_t scratch = 1;  // floats of t the reference needs
+};
+void parse_lora_problem(py::handle x_obj, py::handle y_obj, py::handle segments, LoraArgs& out, std::vector<Mat>& keep) {
+  Mat x = as_mat(x_obj, "x", false);
+  Mat y = as_mat(y_obj, "y", true);
+  check_arg(x.rows == y.rows, "lora_segments: x and y must have the same number of rows");
+  check_arg(!overlaps(x, y), "lora_segments: y must not overlap x");
+  check_arg(py::isinstance<py::list>(segments), "lora_segments: segments must be a list");
+  for (py::handle h : py::reinterpret_borrow<py::list>(segments)) {
+    check_arg(py::isinstance<py::tuple>(h) && py::len(h) == 5, "lora_segments: each segment is (row0, rows, A, B, alpha)");
+    const py::tuple t = py::reinterpret_borrow<py::tuple>(h);
+    const int64_t row0 = t[0].cast<int64_t>(), rows = t[1].cast<int64_t>();
+    Mat A = as_mat(t[2], "A", false), B = as_mat(t[3], "B", false);
+    check_arg(row0 >= 0 && rows >= 0 && row0 + rows <= x.rows, "lora_segments: segment rows out of range");
+    check_arg(A.rows >= 1 && A.cols == x.cols && A.ld == A.cols, "lora_segments: A must be a contiguous [r, in]");
+    check_arg(B.rows == y.cols && B.cols == A.rows && B.ld == B.cols, "lora_segments: B must be a contiguous [out, r]");
+    out.segs.push_back({row0, rows, A.rows, A.data, B.data, t[4].cast<float>()});
+    out.scratch = std::max(out.scratch, rows * A.rows);
+    keep.push_back(A), keep.push_back(B);
+  }
+  out.p = {x.cols, y.cols, x.data, x.ld, static_cast<int64_t>(out.segs.size()), out.segs.data(), y.data, y.ld};
+  out.x = x, out.y = y;
+}
+
 // The output: `out` checked for shape [M, N] (and not aliasing any input), or a new array.
 Mat out_mat(py::object out, int64_t M, int64_t N, float beta, std::initializer_list<const Mat*> inputs) {
   if (out.is_none()) {
@@ -315,6 +345,36 @@ void bind_ops(py::module_& m) {
       },
       py::arg("x"), py::arg("y"), py::arg("segments"), py::kw_only(), py::arg("backend") = "cpu",
       "y[row0:row0+rows] += alpha * x[row0:row0+rows] @ A.T @ B.T for each (row0, rows, A, B, alpha), in place");
+  ops.def(
+      "lora_segments_many",
+      [](const py::list& problems, const std::string& backend) {
+        // Backend::lora_segments_many (the LoRA terms of projections sharing a job) for tests.
+        Backend& be = get_backend(backend);
+        check_arg(be.host_memory(), "lora_segments_many: host backends only");
+        std::vector<LoraArgs> args(problems.size());  // sized first: problems point into it
+        std::vector<Mat> keep;
+        int64_t scratch = 1;
+        for (size_t i = 0; i < problems.size(); ++i) {
+          py::handle h = problems[i];
+          check_arg(py::isinstance<py::tuple>(h) && py::len(h) == 3, "lora_segments_many: each problem is (x, y, segments)");
+          const py::tuple t = py::reinterpret_borrow<py::tuple>(h);
+          parse_lora_problem(t[0], t[1], t[2], args[i], keep);
+          scratch = std::max(scratch, args[i].scratch);
+        }
+        for (size_t i = 0; i < args.size(); ++i)
+          for (size_t j = 0; j < args.size(); ++j)
+            check_arg(i == j || (!overlaps(args[i].y, args[j].y) && !overlaps(args[i].y, args[j].x)),
+                      "lora_segments_many: a problem's y must not overlap another problem's x or y");
+        std::vector<Backend::LoraProblem> ps;
+        for (const LoraArgs& a : args) ps.push_back(a.p);
+        std::vector<float> tmp(static_cast<size_t>(scratch));
+        {
+          py::gil_scoped_release nogil;
+          be.lora_segments_many(static_cast<int64_t>(ps.size()), ps.data(), tmp.data());
+        }
+      },
+      py::arg("problems"), py::kw_only(), py::arg("backend") = "cpu",
+      "lora_segments for each (x, y, segments) of problems as one call (projections sharing a job), in place");
   ops.def(
       "nf4_gemm_nn",
       [](py::object dy, py::object w, py::object out, float alpha, float beta, const std::string& backend) {

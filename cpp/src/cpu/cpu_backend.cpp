@@ -6,6 +6,7 @@
 #include <new>
 
 #include "cpu/gemm.hpp"
+#include "cpu/lora_sgmv.hpp"
 #include "cpu/ops_backward.hpp"
 #include "cpu/ops_model.hpp"
 #include "cpu/profile.hpp"
@@ -73,6 +74,30 @@ void CpuBackend::gemm_tn(int64_t M, int64_t N, int64_t K, float alpha, const flo
                          const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   Scope sc(Part::GemmOther, "gemm_tn", 2 * d(M) * d(N) * d(K), gemm_bytes(M, N, K), M, N, K);
   cpu::gemm_tn(level(), M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+void CpuBackend::lora_segments(int64_t in, int64_t out, const float* x, int64_t ldx, int64_t n,
+                               const LoraSegment* seg, float* y, int64_t ldy, float* t) {
+  if (level() == SimdLevel::Scalar) return Backend::lora_segments(in, out, x, ldx, n, seg, y, ldy, t);
+  const LoraProblem p{in, out, x, ldx, n, seg, y, ldy};
+  lora_segments_many(1, &p, t);
+}
+void CpuBackend::lora_segments_many(int64_t np, const LoraProblem* p, float* t) {
+  const SimdLevel lv = level();
+  if (lv == SimdLevel::Scalar) {  // the reference (qualified: not back into this override)
+    for (int64_t i = 0; i < np; ++i)
+      Backend::lora_segments(p[i].in, p[i].out, p[i].x, p[i].ldx, p[i].n, p[i].seg, p[i].y, p[i].ldy, t);
+    return;
+  }
+  double flops = 0, bytes = 0;
+  if (prof::enabled())
+    for (int64_t i = 0; i < np; ++i)
+      for (int64_t s = 0; s < p[i].n; ++s) {
+        const LoraSegment& g = p[i].seg[s];
+        flops += 2 * d(g.rows) * d(g.r) * d(p[i].in + p[i].out);
+        bytes += 4 * d(g.r) * d(p[i].in + p[i].out);
+      }
+  Scope sc(Part::LoraFwd, "lora_segments", flops, bytes, np);
+  cpu::lora_segments_many(lv, np, p, t);
 }
 void CpuBackend::nf4_gemm_nt(int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W, float beta,
                              float* Y, int64_t ldy) {

@@ -28,6 +28,10 @@ class CpuBackend final : public Backend {
                    int64_t ldy) override;
   void nf4_gemm_nt_many(int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W, float* const* Y,
                         const int64_t* ldy) override;
+  // Multi-adapter LoRA terms (cpu/lora_sgmv.hpp); the scalar level runs Backend's reference.
+  void lora_segments(int64_t in, int64_t out, const float* x, int64_t ldx, int64_t n, const LoraSegment* seg, float* y,
+                     int64_t ldy, float* t) override;
+  void lora_segments_many(int64_t np, const LoraProblem* p, float* t) override;
   void nf4_gemm_nn(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W, float beta, float* dX,
                    int64_t lddx) override;
   void nf4_dequantize(const Nf4Ref& W, float* out) override;

@@ -122,9 +122,10 @@ void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids,
   DeviceBuffer u(be_, sizeof(float) * M * I);     // [M, I]
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
-  // One adapter for all rows (also when every row names the same one): the LoRA terms run inside
-  // the projections. A mixed batch: the base projections run once for all rows, then each LoRA
-  // term over the segments of rows that share an adapter (Backend::lora_segments).
+  // The base projections run once for all rows, then the LoRA terms of each group of projections
+  // sharing an input (q/k/v, o, gate/up, down) as one Backend::lora_segments_many call (the CPU
+  // runs a decode step's as one thread-pool job): one segment of all rows when every row uses the
+  // same adapter (also when every row names it), else one per run of rows sharing an adapter.
   check_set(uses, B);
   bool mixed = false;
   int64_t rmax = 0;
@@ -134,29 +135,33 @@ void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids,
     mixed = mixed || !same;
     if (u.ad) rmax = std::max(rmax, u.ad->max_rank());
   }
-  const AdapterUse& one = uses[0];
-  DeviceBuffer lora_t;  // [M, rmax] scratch of lora_segments
-  if (mixed) lora_t = DeviceBuffer(be_, sizeof(float) * M * std::max<int64_t>(rmax, 1));
-  std::vector<Backend::LoraSegment> segs;
-  // Adds the LoRA terms of projection p (layer l) of every row: x[M, lin.in] -> y[M, lin.out].
+  DeviceBuffer lora_t;  // [M, rmax] scratch of lora_segments_many
+  if (rmax > 0) lora_t = DeviceBuffer(be_, sizeof(float) * M * rmax);
+  std::vector<Backend::LoraSegment> segs[3];  // per projection of a group
+  std::vector<Backend::LoraProblem> probs;    // the group's projections that some row adapts
+  // Queues the LoRA terms of projection p (layer l) of every row: x[M, lin.in] -> y[M, lin.out].
   auto add_lora = [&](int64_t l, int p, const Linear& lin, const float* xin, int64_t ldx, float* y, int64_t ldy) {
-    segs.clear();
-    for (int64_t b = 0; b < B; ++b) {
+    std::vector<Backend::LoraSegment>& sg = segs[probs.size()];
+    sg.clear();
+    for (int64_t b = 0; b < (mixed ? B : 1); ++b) {
       const LoraModule* m = row_module(uses[b], l, p);
       if (!m) continue;
       const float alpha = uses[b].scale * m->scaling;
-      if (!segs.empty()) {  // extend the previous segment when this row continues it with the same adapter
-        Backend::LoraSegment& s = segs.back();
-        if (s.A == m->A.f32() && s.alpha == alpha && s.row0 + s.rows == b * T) {
-          s.rows += T;
+      const int64_t row0 = mixed ? b * T : 0, rows = mixed ? T : M;
+      if (!sg.empty()) {  // extend the previous segment when this row continues it with the same adapter
+        Backend::LoraSegment& s = sg.back();
+        if (s.A == m->A.f32() && s.alpha == alpha && s.row0 + s.rows == row0) {
+          s.rows += rows;
           continue;
         }
       }
-      segs.push_back({b * T, T, m->r, m->A.f32(), m->B.f32(), alpha});
+      sg.push_back({row0, rows, m->r, m->A.f32(), m->B.f32(), alpha});
     }
-    if (!segs.empty())
-      be_.lora_segments(lin.in, lin.out, xin, ldx, static_cast<int64_t>(segs.size()), segs.data(), y, ldy,
-                        lora_t.f32());
+    if (!sg.empty()) probs.push_back({lin.in, lin.out, xin, ldx, static_cast<int64_t>(sg.size()), sg.data(), y, ldy});
+  };
+  auto run_lora = [&] {  // the queued problems as one call
+    if (!probs.empty()) be_.lora_segments_many(static_cast<int64_t>(probs.size()), probs.data(), lora_t.f32());
+    probs.clear();
   };
 
   if (w_->embed_is_q8_0())
@@ -165,21 +170,15 @@ void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids,
     be_.embedding(M, D, w_->embed.f32(), ids_d.data<int32_t>(), x.f32());
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& L = w_->layers[l];
-    // This request's LoRA modules of layer l (q, k, v, o, gate, up, down; null: none).
-    // (mixed: none here, added by add_lora after the base projections).
-    const LoraModule* lo[kNumProj] = {};
-    const float ls = one.scale;
-    if (!mixed)
-      for (int p = 0; p < kNumProj; ++p) lo[p] = row_module(one, l, p);
     // Attention block.
     be_.rmsnorm(M, D, x.f32(), L.input_norm.f32(), c.rms_norm_eps, h.f32());
     {
       const Linear* lin[] = {&L.q, &L.k, &L.v};
       float* out[] = {q.f32(), k.f32(), v.f32()};
       const int64_t ld[] = {QD, KD, KD};
-      Linear::forward_many(be_, M, h.f32(), D, 3, lin, out, ld, lo, ls);
-      if (mixed)
-        for (int p = 0; p < 3; ++p) add_lora(l, p, *lin[p], h.f32(), D, out[p], ld[p]);
+      Linear::forward_many(be_, M, h.f32(), D, 3, lin, out, ld);
+      for (int p = 0; p < 3; ++p) add_lora(l, p, *lin[p], h.f32(), D, out[p], ld[p]);
+      run_lora();
     }
     be_.rope(M, Hq, hd, q.f32(), QD, pos_d.data<int32_t>(), inv_freq_.f32());
     be_.rope(M, Hkv, hd, k.f32(), KD, pos_d.data<int32_t>(), inv_freq_.f32());
@@ -187,8 +186,9 @@ void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids,
     be_.kv_write(B, T, Hkv, hd, v.f32(), KD, cache.v(l), cache.capacity(), start);
     be_.attention(B, T, Hq, Hkv, hd, q.f32(), QD, cache.k(l), cache.v(l), cache.capacity(), start,
                   cache.key_mask_device(), scale, att.f32(), QD);
-    L.o.forward(be_, M, att.f32(), QD, h.f32(), D, lo[3], nullptr, 0, nullptr, ls);
-    if (mixed) add_lora(l, 3, L.o, att.f32(), QD, h.f32(), D);
+    L.o.forward(be_, M, att.f32(), QD, h.f32(), D);
+    add_lora(l, 3, L.o, att.f32(), QD, h.f32(), D);
+    run_lora();
     be_.add_inplace(M * D, h.f32(), x.f32());
     // MLP block.
     be_.rmsnorm(M, D, x.f32(), L.post_norm.f32(), c.rms_norm_eps, h.f32());
@@ -196,13 +196,14 @@ void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids,
       const Linear* lin[] = {&L.gate, &L.up};
       float* out[] = {g.f32(), u.f32()};
       const int64_t ld[] = {I, I};
-      Linear::forward_many(be_, M, h.f32(), D, 2, lin, out, ld, lo + 4, ls);
-      if (mixed)
-        for (int p = 0; p < 2; ++p) add_lora(l, 4 + p, *lin[p], h.f32(), D, out[p], ld[p]);
+      Linear::forward_many(be_, M, h.f32(), D, 2, lin, out, ld);
+      for (int p = 0; p < 2; ++p) add_lora(l, 4 + p, *lin[p], h.f32(), D, out[p], ld[p]);
+      run_lora();
     }
     be_.swiglu(M, I, g.f32(), I, u.f32(), I, g.f32(), I);
-    L.down.forward(be_, M, g.f32(), I, h.f32(), D, lo[6], nullptr, 0, nullptr, ls);
-    if (mixed) add_lora(l, 6, L.down, g.f32(), I, h.f32(), D);
+    L.down.forward(be_, M, g.f32(), I, h.f32(), D);
+    add_lora(l, 6, L.down, g.f32(), I, h.f32(), D);
+    run_lora();
     be_.add_inplace(M * D, h.f32(), x.f32());
   }
   be_.rmsnorm(M, D, x.f32(), w_->norm.f32(), c.rms_norm_eps, h.f32());
