@@ -1,10 +1,13 @@
-// A C++ app that embeds qlora_native through its installed CMake package and public header only:
-// loads a model, turns the prompt into token ids, generates greedily and prints the result.
+// A C++ app that embeds qlora_native through its installed CMake package and public header only
+// (find_package(qlora), qlora::qlora): GGUF -> tokenize -> generate with a LoRA adapter -> text.
 //
-//   qlora_consumer MODEL [-n MAX_NEW] PROMPT_ID [PROMPT_ID ...]
+//   qlora_consumer MODEL PROMPT [--adapter DIR] [--scale S] [-n MAX_NEW]
 //
-// Prints "ids: <generated ids>" on one line. Exit status 0 on success, 1 on an engine error
-// (its message on stderr), 2 on a usage error.
+// MODEL: a .gguf file (or an HF directory with tokenizer.json); its own tokenizer is used.
+// --adapter: a PEFT adapter directory applied with scale S (default 1). Generation is greedy and
+// stops at the vocabulary's end-of-turn ids. Prints the generated text (decoded as the Python
+// Tokenizer.decode does) and a newline. Exit status 0, 1 on an engine error (message on stderr),
+// 2 on a usage error.
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -16,37 +19,33 @@
 namespace {
 
 struct Args {
-  std::string model;
-  int64_t max_new = 16;
-  std::vector<std::string> prompt;
+  std::string model, prompt, adapter;
+  float scale = 1.0f;
+  int64_t max_new = 32;
 };
 
 bool parse(int argc, char** argv, Args& a) {
+  std::vector<std::string> pos;
   for (int i = 1; i < argc; ++i) {
     const std::string s = argv[i];
-    if (s == "-n" && i + 1 < argc) {
-      char* end = nullptr;
-      a.max_new = std::strtoll(argv[++i], &end, 10);
-      if (*end || a.max_new < 0) return false;
-    } else if (a.model.empty()) {
-      a.model = s;
-    } else {
-      a.prompt.push_back(s);
-    }
-  }
-  return !a.model.empty() && !a.prompt.empty();
-}
-
-// The prompt as token ids: given as numbers on the command line.
-std::vector<int32_t> tokenize(const qlora::api::Model&, const std::vector<std::string>& words) {
-  std::vector<int32_t> ids;
-  for (const std::string& w : words) {
+    const bool has_val = i + 1 < argc;
     char* end = nullptr;
-    const long v = std::strtol(w.c_str(), &end, 10);
-    if (*end) throw qlora::api::Error(QLORA_ERR_INVALID_ARGUMENT, "not a token id: " + w);
-    ids.push_back(static_cast<int32_t>(v));
+    if (s == "--adapter" && has_val) {
+      a.adapter = argv[++i];
+    } else if (s == "--scale" && has_val) {
+      a.scale = std::strtof(argv[++i], &end);
+    } else if (s == "-n" && has_val) {
+      a.max_new = std::strtoll(argv[++i], &end, 10);
+      if (a.max_new < 0) return false;
+    } else {
+      pos.push_back(s);
+    }
+    if (end && *end) return false;  // not a number
   }
-  return ids;
+  if (pos.size() != 2) return false;
+  a.model = pos[0];
+  a.prompt = pos[1];
+  return true;
 }
 
 }  // namespace
@@ -54,21 +53,30 @@ std::vector<int32_t> tokenize(const qlora::api::Model&, const std::vector<std::s
 int main(int argc, char** argv) {
   Args args;
   if (!parse(argc, argv, args)) {
-    std::fprintf(stderr, "usage: %s MODEL [-n MAX_NEW] PROMPT_ID [PROMPT_ID ...]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s MODEL PROMPT [--adapter DIR] [--scale S] [-n MAX_NEW]\n", argv[0]);
     return 2;
   }
   try {
-    qlora::api::Model model = qlora::api::Model::load(args.model);  // NF4 quantized while loading
-    const std::vector<int32_t> prompt = tokenize(model, args.prompt);
+    // The model (NF4-quantized while loading) and its tokenizer, from the same file.
+    qlora::api::Model model = qlora::api::Model::load(args.model);
+    qlora::api::Tokenizer tok = qlora::api::Tokenizer::load(args.model);
 
-    qlora_sampling_params sp = qlora_sampling_default_params();  // greedy
-    const std::vector<int32_t> eos = model.eos_tokens();
-    sp.stop_ids = eos.data();
-    sp.n_stop_ids = static_cast<int64_t>(eos.size());
-    const std::vector<int32_t> out = model.generate(prompt, args.max_new, sp);
+    // A context serves one request stream; its adapter set is the adapter at `scale`, or none.
+    qlora::api::Context ctx = model.new_context();
+    if (!args.adapter.empty()) {
+      qlora::api::Adapter adapter = model.load_adapter(args.adapter);
+      ctx.set_adapters({{&adapter, args.scale}});  // the context keeps its own copy
+    }
 
-    std::printf("ids:");
-    for (int32_t t : out) std::printf(" %d", t);
+    const std::vector<int32_t> prompt = tok.tokenize(args.prompt);  // BOS added as the vocabulary asks
+    qlora_sampling_params sp = qlora_sampling_default_params();     // greedy
+    const std::vector<int32_t> stop = tok.eos_tokens();
+    sp.stop_ids = stop.data();
+    sp.n_stop_ids = static_cast<int64_t>(stop.size());
+    const std::vector<int32_t> out = ctx.generate(prompt, args.max_new, sp);
+
+    const std::string text = tok.detokenize(out);
+    std::fwrite(text.data(), 1, text.size(), stdout);
     std::printf("\n");
   } catch (const qlora::api::Error& e) {
     std::fprintf(stderr, "qlora_consumer: error %d: %s\n", e.code, e.what());

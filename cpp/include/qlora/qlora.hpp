@@ -9,6 +9,9 @@
 //   ctx.set_adapters({{&sql, 1.0f}});                                // {}: the base model
 //   std::vector<int32_t> toks = ctx.generate({1, 15043}, 32);
 //
+//   auto tok = qlora::api::Tokenizer::load("model.gguf");            // or an HF dir with tokenizer.json
+//   std::string text = tok.detokenize(ctx.generate(tok.tokenize("Hello"), 32));
+//
 // Destroy adapters and contexts before their model (declare them after it): the C API frees
 // adapters left with the model, and a context must not outlive its model (qlora.h).
 #pragma once
@@ -190,6 +193,92 @@ class Context {
   Context(qlora_context* c, int32_t n_vocab) : c_(c), n_vocab_(n_vocab) {}
   std::unique_ptr<qlora_context, Free> c_;
   int32_t n_vocab_;
+};
+
+// A tokenizer: loaded (owned: qlora_tokenizer_free on destruction) or a model's (borrowed: valid
+// while the model lives); its calls may run from several threads at once. Defaults follow the Python Tokenizer (encode(add_special_tokens=True)
+// matches special-token strings; decode keeps special tokens).
+class Tokenizer {
+ public:
+  // From a `.gguf` file or an HF directory with tokenizer.json; throws Error on failure.
+  static Tokenizer load(const std::string& path) {
+    qlora_tokenizer* t = qlora_tokenizer_load(path.c_str());
+    if (!t) throw Error(qlora_last_status(), qlora_last_error());
+    return Tokenizer(t, true);
+  }
+
+  std::vector<int32_t> tokenize(const std::string& text, bool add_special = true, bool parse_special = true) const {
+    const int32_t len = text_len(text);
+    std::vector<int32_t> ids(text.size() + 8);  // usually enough: about one id per byte at most, plus BOS/EOS
+    int32_t n = qlora_tokenize(t_.get(), text.data(), len, ids.data(), cap(ids.size()), add_special, parse_special);
+    if (n < 0 && n != INT32_MIN) {  // -(ids needed)
+      ids.resize(static_cast<size_t>(-static_cast<int64_t>(n)));
+      n = qlora_tokenize(t_.get(), text.data(), len, ids.data(), cap(ids.size()), add_special, parse_special);
+    }
+    if (n < 0) throw Error(status_or_invalid(), qlora_last_error());
+    ids.resize(static_cast<size_t>(n));
+    return ids;
+  }
+
+  std::string detokenize(const std::vector<int32_t>& ids, bool skip_special = false) const {
+    if (ids.size() > static_cast<size_t>(INT32_MAX)) throw Error(QLORA_ERR_INVALID_ARGUMENT, "detokenize: too many ids");
+    return fill([&](char* buf, int32_t n) {
+      return qlora_detokenize(t_.get(), ids.data(), static_cast<int32_t>(ids.size()), buf, n, skip_special);
+    });
+  }
+
+  // The bytes of one token (may be part of a UTF-8 character: join pieces before showing them).
+  std::string token_to_piece(int32_t token) const {
+    return fill([&](char* buf, int32_t n) { return qlora_token_to_piece(t_.get(), token, buf, n); });
+  }
+
+  int32_t n_vocab() const { return qlora_tokenizer_n_vocab(t_.get()); }
+  int32_t bos() const { return qlora_token_bos(t_.get()); }  // -1: none
+  int32_t eos() const { return qlora_token_eos(t_.get()); }
+  int32_t pad() const { return qlora_token_pad(t_.get()); }
+  int32_t unk() const { return qlora_token_unk(t_.get()); }
+  bool is_special(int32_t token) const { return qlora_token_is_special(t_.get(), token) != 0; }
+  // Every id that ends a turn (use as qlora_sampling_params.stop_ids).
+  std::vector<int32_t> eos_tokens() const {
+    std::vector<int32_t> ids(static_cast<size_t>(qlora_tokenizer_eos_tokens(t_.get(), nullptr, 0)));
+    qlora_tokenizer_eos_tokens(t_.get(), ids.data(), static_cast<int32_t>(ids.size()));
+    return ids;
+  }
+
+  const qlora_tokenizer* get() const { return t_.get(); }  // still owned by this object (or the model)
+
+ private:
+  friend class Model;
+  struct Free {
+    bool owned = true;
+    void operator()(const qlora_tokenizer* t) const {
+      if (owned) qlora_tokenizer_free(const_cast<qlora_tokenizer*>(t));
+    }
+  };
+  Tokenizer(const qlora_tokenizer* t, bool owned) : t_(t, Free{owned}) {}
+  static int32_t cap(size_t n) { return n > static_cast<size_t>(INT32_MAX) ? INT32_MAX : static_cast<int32_t>(n); }
+  static int32_t text_len(const std::string& text) {
+    if (text.size() > static_cast<size_t>(INT32_MAX)) throw Error(QLORA_ERR_INVALID_ARGUMENT, "tokenize: text too long");
+    return static_cast<int32_t>(text.size());
+  }
+  static int status_or_invalid() {
+    const int s = qlora_last_status();
+    return s != QLORA_OK ? s : QLORA_ERR_INVALID_ARGUMENT;
+  }
+  // Runs call(buf, cap) -> length, or -(length needed), or INT32_MIN on an error.
+  template <class Call>
+  static std::string fill(Call&& call) {
+    std::string out(64, '\0');
+    int32_t n = call(out.data(), cap(out.size()));
+    if (n < 0 && n != INT32_MIN) {
+      out.resize(static_cast<size_t>(-static_cast<int64_t>(n)));
+      n = call(out.data(), cap(out.size()));
+    }
+    if (n < 0) throw Error(status_or_invalid(), qlora_last_error());
+    out.resize(static_cast<size_t>(n));
+    return out;
+  }
+  std::unique_ptr<const qlora_tokenizer, Free> t_;
 };
 
 inline Adapter Model::load_adapter(const std::string& dir) {
