@@ -301,3 +301,78 @@ def test_errors(tmp_path, hf_dirs):
     for bad_ids in ([ours.vocab_size], [-1], [True], ["1"]):
         with pytest.raises(ValueError):
             ours.decode(bad_ids)
+
+
+def test_unicode_tables_current():
+    """cpp/src/tokenizer/unicode_tables.cpp is what tools/gen_unicode_tables.py generates from this
+    Python's unicodedata (and the White_Space derivation still holds)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parent.parent / "tools" / "gen_unicode_tables.py"
+    res = subprocess.run([sys.executable, str(tool), "--check"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert _core.tokenizer_unicode_version == unicodedata.unidata_version
+
+
+def test_corrupt_sources(hf_dirs, spm_models, tmp_path):
+    """Malformed tokenizer.json fields and truncated files: a ValueError / FormatError naming the
+    file, never a crash or a different tokenizer. Run in this process (a crash fails the run)."""
+    src = json.loads((hf_dirs["llama3"] / "tokenizer.json").read_text(encoding="utf-8"))
+
+    def edit(fn):
+        tj = json.loads(json.dumps(src))
+        fn(tj)
+        return json.dumps(tj)
+
+    first_merge = src["model"]["merges"][0]
+    mutations = [
+        lambda tj: tj["model"].update(vocab=[1, 2]),
+        lambda tj: tj["model"].update(merges={"a": 1}),
+        lambda tj: tj["model"]["merges"].__setitem__(0, "a b c" if isinstance(first_merge, str) else ["a", "b", "c"]),
+        lambda tj: tj["model"]["merges"].__setitem__(0, "zz\u2603 q" if isinstance(first_merge, str) else ["zz\u2603", "q"]),
+        lambda tj: tj["model"]["vocab"].update({"x": -3}),
+        lambda tj: tj["model"]["vocab"].update({"x": 2**40}),
+        lambda tj: tj["added_tokens"][0].update(id=-5),
+        lambda tj: tj["added_tokens"][0].update(content=7),
+        lambda tj: tj["added_tokens"][0].update(content=""),
+        lambda tj: tj.update(normalizer={"type": "NFKC"}),
+        lambda tj: tj.update(normalizer={"kind": "x"}),
+        lambda tj: tj["pre_tokenizer"]["pretokenizers"][0].update(behavior="Removed"),
+        lambda tj: tj.update(pre_tokenizer={"type": "Whitespace"}),
+        lambda tj: tj.update(decoder={"type": "WordPiece"}),
+        lambda tj: tj["post_processor"]["single"][0]["SpecialToken"].update(id="<nope>"),
+        lambda tj: tj["post_processor"]["special_tokens"][LLAMA3_SPECIALS[0]].update(ids=[10**6]),
+        lambda tj: tj["model"].update(unk_token="<not there>"),
+        lambda tj: tj["model"].update(type="Unigram"),
+        lambda tj: tj.pop("model"),
+    ]
+    texts = [edit(m) for m in mutations]
+    whole = json.dumps(src)
+    texts += [whole[:k] for k in (0, 1, 100, len(whole) // 2, len(whole) - 1)]
+    tried = clean = 0
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "tokenizer_config.json").write_text("{}")
+    for k, text in enumerate(texts):
+        (d / "tokenizer.json").write_text(text, encoding="utf-8")
+        tried += 1
+        with pytest.raises(ValueError) as e:
+            _core.Tokenizer(str(d))
+        assert str(d) in str(e.value), (k, str(e.value))
+        clean += 1
+    # config files that are not JSON, GGUF vocabularies cut short
+    (d / "tokenizer.json").write_text(whole, encoding="utf-8")
+    (d / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer_config.json"):
+        _core.Tokenizer(str(d))
+    data = write_llama_gguf(spm_models["bpe"], tmp_path / "t.gguf").read_bytes()
+    for frac in (0.05, 0.2, 0.5, 0.9):
+        p = tmp_path / f"t{frac}.gguf"
+        p.write_bytes(data[: int(len(data) * frac)])
+        tried += 1
+        with pytest.raises(ValueError, match=p.name):
+            _core.Tokenizer(str(p))
+        clean += 1
+    print(f"\ncorrupt sources: tried {tried}, clean errors {clean}, crash 0")
