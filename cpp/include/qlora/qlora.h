@@ -188,8 +188,10 @@ QLORA_API int qlora_adapter_save(qlora_model* model, const char* dir);
  *  - A context must not outlive its model. If qlora_model_free is called while contexts are
  *    open, the model's memory is kept until the last of them is freed and every call on those
  *    contexts fails with QLORA_ERR_INVALID_ARGUMENT ("its model was freed").
- *  - Freed or never-created adapter / context pointers are detected (a registry of live handles):
- *    calls on them fail with QLORA_ERR_INVALID_ARGUMENT, the *_free calls ignore them.
+ *  - Freed adapter / context pointers are detected (a registry of live handles): calls on them
+ *    fail with QLORA_ERR_INVALID_ARGUMENT; qlora_adapter_free / qlora_context_free ignore them
+ *    and record that error (best effort: a pointer whose memory was reused by a new handle of the
+ *    same kind cannot be told apart from it).
  * Threads: each context serves one call at a time (a second call on the same context while one
  * runs, e.g. from another thread or from its token callback, fails with INVALID_ARGUMENT); use one
  * context per thread: contexts of one model generate at the same time, sharing the weights and
@@ -224,8 +226,8 @@ QLORA_API void qlora_adapter_free(qlora_adapter* adapter);
 /* A new context of `model` using the base model (no adapter). Returns NULL on failure. */
 QLORA_API qlora_context* qlora_context_new(qlora_model* model, qlora_context_params params);
 
-/* Frees a context (and its adapter snapshot). NULL and handles already freed are ignored. Must not
- * run while a call on this context is in progress. */
+/* Frees a context (and its adapter snapshot). NULL and handles already freed are ignored. While a
+ * call on this context is in progress nothing is freed (the error is recorded). */
 QLORA_API void qlora_context_free(qlora_context* ctx);
 
 /* Replaces the context's adapter set: the later calls apply sum_i scales[i] * delta_i, delta_i

@@ -254,6 +254,8 @@ Config parse_config(const Value& d, const std::string& where) {
   }
   const Value* ltt = get("layers_to_transform");
   const Value* lp = get("layers_pattern");
+  // Python tests layers_pattern for truth: "" and [] act as absent once their type is checked.
+  const bool lp_set = lp && !((lp->is_string() && lp->as_string().empty()) || (lp->is_array() && lp->size() == 0));
   // target_modules
   if (const Value* t = get("target_modules")) {
     if (t->is_string()) {
@@ -288,7 +290,7 @@ Config parse_config(const Value& d, const std::string& where) {
   } else {
     c.targets = {"q_proj", "v_proj"};  // PEFT's default for model_type "llama"
   }
-  if (lp && !ltt) c.fail("LoraConfig: layers_pattern needs layers_to_transform (PEFT rule)");
+  if (lp_set && !ltt) c.fail("LoraConfig: layers_pattern needs layers_to_transform (PEFT rule)");
   if (ltt) {
     std::vector<int64_t> ls;
     bool ok = true;
@@ -316,7 +318,9 @@ Config parse_config(const Value& d, const std::string& where) {
         if ((ok = lp->at(i).is_string())) ps.push_back(lp->at(i).as_string());
     }
     if (!ok) c.fail("LoraConfig: layers_pattern must be a str or a list of str, got " + repr(*lp));
-    for (const auto& p : ps) c.layers_patterns.push_back(c.need_plain(p, "layers_pattern"));
+    std::vector<Plain> pats;
+    for (const auto& p : ps) pats.push_back(c.need_plain(p, "layers_pattern"));
+    if (lp_set) c.layers_patterns = std::move(pats);
   }
   if (const Value* ex = get("exclude_modules")) {
     c.has_exclude = true;
@@ -378,7 +382,11 @@ std::map<int64_t, Resolved> resolve(const Config& c, int64_t L) {
       const int64_t r = Config::pattern_value(c.rank_pattern, key, c.r);
       const double alpha = Config::pattern_value(c.alpha_pattern, key, c.alpha);
       const double scaling = c.rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / static_cast<double>(r);
-      out[l * kNumProj + p] = {r, static_cast<float>(scaling)};
+      const float sf = static_cast<float>(scaling);
+      if (!std::isfinite(sf))  // the engine keeps it in float32 (as Python's lora_add checks)
+        c.fail("LoraConfig: the scaling of " + key + " (alpha " + json::dump(Value(alpha)) + ", r " + std::to_string(r) +
+               ") is not finite in float32");
+      out[l * kNumProj + p] = {r, sf};
     }
   if (out.empty())
     c.fail("LoraConfig: the config's target_modules (layers_to_transform, exclude_modules) match no projection of "
@@ -504,7 +512,7 @@ std::shared_ptr<model::LoraAdapter> load_peft_adapter(model::LlamaModel& m, cons
   Value d;
   try {
     json::ParseOptions opt;
-    opt.allow_duplicate_keys = true;  // as Python's json (the last one wins)
+    opt.allow_duplicate_keys = false;  // as adapter_io.load_adapter (io.read_json's default)
     d = json::parse_file(cfg_path, opt);
   } catch (const FormatError& e) {
     throw FormatError(cfg_path + ": not valid JSON (" + e.what() + ")");
