@@ -45,6 +45,7 @@ struct AdapterSpec {
   uint32_t seed = 1;
   float b_scale = 0.5f;           // B ~ U(+-b_scale): a visible effect on the logits
   std::string config_extra;        // raw JSON members appended to adapter_config.json
+  int64_t cfg_r = -1;              // >= 0: the config's r (else r)
   int64_t out_delta = 0;           // > 0: q_proj B rows for another base (out + delta)
   bool nan = false;                // a NaN in layer 1 down_proj lora_B
   qlora::json::Value targets;      // overrides target_modules when not null
@@ -78,7 +79,7 @@ void write_adapter(const std::string& dir, const AdapterSpec& s) {
       }
     }
   qlora::io::write_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), ts, {{"format", "pt"}});
-  std::string cfg = "{\"peft_type\": \"LORA\", \"task_type\": \"CAUSAL_LM\", \"r\": " + std::to_string(s.r) +
+  std::string cfg = "{\"peft_type\": \"LORA\", \"task_type\": \"CAUSAL_LM\", \"r\": " + std::to_string(s.cfg_r >= 0 ? s.cfg_r : s.r) +
                     ", \"lora_alpha\": " + qlora::json::dump(qlora::json::Value(s.alpha)) +
                     ", \"use_rslora\": " + (s.rslora ? "true" : "false") + ", \"target_modules\": " +
                     qlora::json::dump(s.targets.is_null() ? qlora::json::Value(targets) : s.targets) + s.config_extra +
@@ -438,7 +439,7 @@ void test_load_errors(const fs::path& root) {
   s = {};
   s.mask = 0x01, s.r = 2;
   s.targets = qlora::json::Value("model\\.layers\\.0\\.self_attn\\.q_proj");
-  s.config_extra = ", \"rank_pattern\": {\"q_proj\": 2}, \"r\": 8";
+  s.config_extra = ", \"rank_pattern\": {\"q_proj\": 2}", s.cfg_r = 8;
   write_adapter((root / "plain").string(), s);
   // the writer put both layers' q_proj: layer 1 is not targeted by the regex
   expect_load_error(m, (root / "plain").string(), QLORA_ERR_INVALID_ARGUMENT, "layers.1.self_attn.q_proj.lora_A");
@@ -447,7 +448,7 @@ void test_load_errors(const fs::path& root) {
   qlora_adapter* pa = qlora_adapter_load(m, (root / "plain_ok").string().c_str());
   CHECK(pa != nullptr, "plain-name regex + rank_pattern: %s", qlora_last_error());
   qlora_adapter_free(pa);
-  s.config_extra = ", \"rank_pattern\": {\"q_proj\": 3}, \"r\": 8";  // the file's r is 2
+  s.config_extra = ", \"rank_pattern\": {\"q_proj\": 3}";  // the file's r is 2
   write_adapter((root / "plain_bad_r").string(), s);
   expect_load_error(m, (root / "plain_bad_r").string(), QLORA_ERR_INVALID_ARGUMENT, "expected [3, in_features] (r=3)");
   expect_load_error(m, (root / "no_such_dir").string(), QLORA_ERR_IO, "no_such_dir");
