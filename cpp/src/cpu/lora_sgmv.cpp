@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -53,7 +54,25 @@ struct Task {
   int64_t seg, prob, a, b;
 };
 
-thread_local std::vector<float> t_scratch;  // the caller thread's t of the fused job (grow-only)
+// The calling thread's buffers of a job (grow-only: no allocation per decode-step call).
+struct JobBuffers {
+  std::vector<float> t;  // every fused segment's t
+  std::vector<Seg> segs;
+  std::vector<int64_t> prob_of_seg, pending;
+  std::vector<Task> tasks;
+  std::unique_ptr<std::atomic<int64_t>[]> left;  // shrink tasks not finished, per problem
+  size_t n_left = 0;
+};
+thread_local JobBuffers t_job;
+
+// QLORA_SGMV=0 sends every segment through the gemm_nt reference path (A/B benchmarks).
+bool fused_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("QLORA_SGMV");
+    return !(e && e[0] == '0' && e[1] == '\0');
+  }();
+  return on;
+}
 
 void check_problem(const Backend::LoraProblem& p) {
   check_arg(p.in >= 1 && p.out >= 1 && p.n >= 0 && p.ldx >= p.in && p.ldy >= p.out,
@@ -66,8 +85,11 @@ void check_problem(const Backend::LoraProblem& p) {
 
 void lora_segments_many(SimdLevel level, int64_t np, const Backend::LoraProblem* P, float* t_ref) {
   const Kernels kn = kernels_for(level);
-  std::vector<Seg> segs;
-  std::vector<int64_t> prob_of_seg;
+  JobBuffers& jb = t_job;
+  std::vector<Seg>& segs = jb.segs;
+  std::vector<int64_t>& prob_of_seg = jb.prob_of_seg;
+  segs.clear(), prob_of_seg.clear();
+  const bool fused = fused_enabled();
   int64_t t_need = 0;
   for (int64_t i = 0; i < np; ++i) {
     const Backend::LoraProblem& p = P[i];
@@ -75,7 +97,7 @@ void lora_segments_many(SimdLevel level, int64_t np, const Backend::LoraProblem*
     for (int64_t s = 0; s < p.n; ++s) {
       const Backend::LoraSegment& g = p.seg[s];
       if (g.rows <= 0 || g.alpha == 0.0f) continue;
-      if (g.rows > kSgmvMaxRows) {  // many rows: the blocked GEMMs (their own parallel jobs)
+      if (g.rows > kSgmvMaxRows || !fused) {  // many rows: the blocked GEMMs (their own parallel jobs)
         gemm_nt(level, g.rows, g.r, p.in, 1.0f, p.x + g.row0 * p.ldx, p.ldx, g.A, p.in, 0.0f, t_ref, g.r);
         gemm_nt(level, g.rows, p.out, g.r, g.alpha, t_ref, g.r, g.B, g.r, 1.0f, p.y + g.row0 * p.ldy, p.ldy);
         continue;
@@ -86,9 +108,9 @@ void lora_segments_many(SimdLevel level, int64_t np, const Backend::LoraProblem*
     }
   }
   if (segs.empty()) return;
-  if (t_scratch.size() < static_cast<size_t>(t_need)) t_scratch.resize(static_cast<size_t>(t_need));
+  if (jb.t.size() < static_cast<size_t>(t_need)) jb.t.resize(static_cast<size_t>(t_need));
   {
-    float* t = t_scratch.data();
+    float* t = jb.t.data();
     for (Seg& s : segs) s.t = t, t += s.s->rows * s.s->r;
   }
 
@@ -98,8 +120,10 @@ void lora_segments_many(SimdLevel level, int64_t np, const Backend::LoraProblem*
   for (const Seg& s : segs) bytes += 4 * s.s->r * (s.p->in + s.p->out);
   const int nth = num_threads();
   const int64_t target = std::max<int64_t>(16 << 10, bytes / (4 * std::max(1, nth)));
-  std::vector<Task> tasks;
-  std::vector<int64_t> pending(static_cast<size_t>(np), 0);  // shrink tasks per problem
+  std::vector<Task>& tasks = jb.tasks;
+  std::vector<int64_t>& pending = jb.pending;  // shrink tasks per problem
+  tasks.clear();
+  pending.assign(static_cast<size_t>(np), 0);
   for (size_t k = 0; k < segs.size(); ++k) {
     const Backend::LoraSegment& g = *segs[k].s;
     const int64_t a_bytes = 4 * g.r * segs[k].p->in;
@@ -122,7 +146,11 @@ void lora_segments_many(SimdLevel level, int64_t np, const Backend::LoraProblem*
     for (int64_t n = 0; n < out; n += cols) tasks.push_back({1, -1, i, n, std::min(out, n + cols)});
   }
 
-  std::unique_ptr<std::atomic<int64_t>[]> left(new std::atomic<int64_t>[static_cast<size_t>(np)]);
+  if (jb.n_left < static_cast<size_t>(np)) {
+    jb.left.reset(new std::atomic<int64_t>[static_cast<size_t>(np)]);
+    jb.n_left = static_cast<size_t>(np);
+  }
+  std::atomic<int64_t>* left = jb.left.get();
   for (int64_t i = 0; i < np; ++i) left[i].store(pending[static_cast<size_t>(i)], std::memory_order_relaxed);
 
   parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t ti) {

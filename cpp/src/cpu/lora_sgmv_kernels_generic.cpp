@@ -17,8 +17,11 @@ void expand_generic(int64_t M, int64_t n0, int64_t n1, int64_t r, float alpha, c
   float* bt = tile.data();  // bt[j * NB + i] = B[n + i, j]
   for (int64_t n = n0; n < n1; n += NB) {
     const int nn = static_cast<int>(std::min<int64_t>(NB, n1 - n));
-    for (int i = 0; i < NB; ++i)
-      for (int64_t j = 0; j < r; ++j) bt[j * NB + i] = i < nn ? B[(n + i) * ldb + j] : 0.0f;
+    if (nn < NB) std::fill(bt, bt + r * NB, 0.0f);
+    for (int i = 0; i < nn; ++i) {
+      const float* b = B + (n + i) * ldb;
+      for (int64_t j = 0; j < r; ++j) bt[j * NB + i] = b[j];
+    }
     for (int64_t m = 0; m < M; ++m) {
       const float* tm = t + m * ldt;
       float acc[NB] = {};
