@@ -105,6 +105,32 @@ class Backend {
   // out[W.rows * W.cols] = deq(W) (tests, merging, export)
   virtual void nf4_dequantize(const Nf4Ref& W, float* out) = 0;
 
+  // ---- bf16 compute (compute_dtype="bfloat16"): the five GEMMs above with both operands rounded
+  // to bf16 (round-to-nearest-even; NF4 decoded, then rounded) and fp32 accumulation. Backends
+  // without bf16 units keep has_bf16_compute() false and these defaults run the fp32 ops (the
+  // model then warns once and computes in fp32).
+  virtual bool has_bf16_compute() const { return false; }
+  virtual void gemm_nt_bf16(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                            const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+    gemm_nt(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+  virtual void gemm_nn_bf16(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                            const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+    gemm_nn(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+  virtual void gemm_tn_bf16(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                            const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+    gemm_tn(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+  virtual void nf4_gemm_nt_bf16(int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W, float beta,
+                                float* Y, int64_t ldy) {
+    nf4_gemm_nt(M, alpha, X, ldx, W, beta, Y, ldy);
+  }
+  virtual void nf4_gemm_nn_bf16(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W, float beta,
+                                float* dX, int64_t lddx) {
+    nf4_gemm_nn(M, alpha, dY, lddy, W, beta, dX, lddx);
+  }
+
   // ---- transformer ops (cpp/src/model). Defaults throw so a backend can add them one by one.
   // out[M, D] = table[ids[m], :]; ids int32 [M], already checked to lie in [0, V).
   virtual void embedding(int64_t M, int64_t D, const float* table, const int32_t* ids, float* out) {

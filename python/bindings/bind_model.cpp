@@ -260,6 +260,10 @@ void bind_model(py::module_& m) {
       .def("stop", &LlamaModel::stop)
       .def_property_readonly("cache_used", [](LlamaModel& self) { return self.cache() ? self.cache()->used() : 0; })
       .def("memory_footprint", &LlamaModel::memory_footprint)
+      // compute_dtype="bfloat16" of the training passes (requested; bf16_compute_active: in use,
+      // false when the backend has no bf16 units and fp32 runs instead).
+      .def_property("compute_bf16", &LlamaModel::compute_bf16_requested, &LlamaModel::set_compute_bf16)
+      .def_property_readonly("bf16_compute_active", &LlamaModel::compute_bf16)
       .def(
           "linear_nf4",
           [](LlamaModel& self, const std::string& prefix) -> py::object {

@@ -137,8 +137,16 @@ void run2(Backend& be, const Mat& a, const Mat& b, Mat& c, float beta, Fn fn) {
 
 enum class Layout { NT, NN, TN };
 
+// compute_dtype "float32" or "bfloat16" (Backend::*_bf16: operands rounded to bf16, fp32 accumulation).
+bool bf16_arg(const std::string& compute_dtype) {
+  check_arg(compute_dtype == "float32" || compute_dtype == "bfloat16",
+            "compute_dtype must be 'float32' or 'bfloat16', got '" + compute_dtype + "'");
+  return compute_dtype == "bfloat16";
+}
+
 py::array gemm(Layout lay, py::object a_obj, py::object b_obj, py::object out, float alpha, float beta,
-               const std::string& backend) {
+               const std::string& backend, const std::string& compute_dtype = "float32") {
+  const bool bf16 = bf16_arg(compute_dtype);
   Backend& be = get_backend(backend);
   Mat a = as_mat(a_obj, "a", false), b = as_mat(b_obj, "b", false);
   int64_t M, N, K;
@@ -153,7 +161,10 @@ py::array gemm(Layout lay, py::object a_obj, py::object b_obj, py::object out, f
                          std::to_string(bk) + ")");
   Mat c = out_mat(out, M, N, beta, {&a, &b});
   run2(be, a, b, c, beta, [&](const float* A, const float* B, float* C) {
-    if (lay == Layout::NT) be.gemm_nt(M, N, K, alpha, A, a.ld, B, b.ld, beta, C, c.ld);
+    if (bf16 && lay == Layout::NT) be.gemm_nt_bf16(M, N, K, alpha, A, a.ld, B, b.ld, beta, C, c.ld);
+    else if (bf16 && lay == Layout::NN) be.gemm_nn_bf16(M, N, K, alpha, A, a.ld, B, b.ld, beta, C, c.ld);
+    else if (bf16) be.gemm_tn_bf16(M, N, K, alpha, A, a.ld, B, b.ld, beta, C, c.ld);
+    else if (lay == Layout::NT) be.gemm_nt(M, N, K, alpha, A, a.ld, B, b.ld, beta, C, c.ld);
     else if (lay == Layout::NN) be.gemm_nn(M, N, K, alpha, A, a.ld, B, b.ld, beta, C, c.ld);
     else be.gemm_tn(M, N, K, alpha, A, a.ld, B, b.ld, beta, C, c.ld);
   });
@@ -182,7 +193,8 @@ struct DevNf4 {
 };
 
 py::array nf4_gemm(bool nt, py::object x_obj, py::handle w_obj, py::object out, float alpha, float beta,
-                   const std::string& backend) {
+                   const std::string& backend, const std::string& compute_dtype = "float32") {
+  const bool bf16 = bf16_arg(compute_dtype);
   Backend& be = get_backend(backend);
   PyNf4 w = nf4_from_py(w_obj);
   const char* xname = nt ? "x" : "dy";
@@ -192,7 +204,9 @@ py::array nf4_gemm(bool nt, py::object x_obj, py::handle w_obj, py::object out, 
                              ": x has " + std::to_string(x.cols) + " columns, expected " + std::to_string(K));
   Mat c = out_mat(out, M, N, beta, {&x});
   auto call = [&](const Nf4Ref& W, const float* X, float* C) {
-    if (nt) be.nf4_gemm_nt(M, alpha, X, x.ld, W, beta, C, c.ld);
+    if (bf16 && nt) be.nf4_gemm_nt_bf16(M, alpha, X, x.ld, W, beta, C, c.ld);
+    else if (bf16) be.nf4_gemm_nn_bf16(M, alpha, X, x.ld, W, beta, C, c.ld);
+    else if (nt) be.nf4_gemm_nt(M, alpha, X, x.ld, W, beta, C, c.ld);
     else be.nf4_gemm_nn(M, alpha, X, x.ld, W, beta, C, c.ld);
   };
   {
@@ -265,19 +279,17 @@ void bind_ops(py::module_& m) {
     const Layout lay = lays[i];
     ops.def(
         names[i],
-        [lay](py::object a, py::object b, py::object out, float alpha, float beta, const std::string& backend) {
-          return gemm(lay, a, b, out, alpha, beta, backend);
-        },
+        [lay](py::object a, py::object b, py::object out, float alpha, float beta, const std::string& backend,
+              const std::string& compute_dtype) { return gemm(lay, a, b, out, alpha, beta, backend, compute_dtype); },
         py::arg("a"), py::arg("b"), py::arg("out") = py::none(), py::kw_only(), py::arg("alpha") = 1.0f,
-        py::arg("beta") = 0.0f, py::arg("backend") = "cpu", layout_doc[i]);
+        py::arg("beta") = 0.0f, py::arg("backend") = "cpu", py::arg("compute_dtype") = "float32", layout_doc[i]);
   }
   ops.def(
       "nf4_gemm_nt",
-      [](py::object x, py::object w, py::object out, float alpha, float beta, const std::string& backend) {
-        return nf4_gemm(true, x, w, out, alpha, beta, backend);
-      },
+      [](py::object x, py::object w, py::object out, float alpha, float beta, const std::string& backend,
+         const std::string& compute_dtype) { return nf4_gemm(true, x, w, out, alpha, beta, backend, compute_dtype); },
       py::arg("x"), py::arg("w"), py::arg("out") = py::none(), py::kw_only(), py::arg("alpha") = 1.0f,
-      py::arg("beta") = 0.0f, py::arg("backend") = "cpu",
+      py::arg("beta") = 0.0f, py::arg("backend") = "cpu", py::arg("compute_dtype") = "float32",
       "out[M, out_f] = alpha * x[M, in_f] @ dequant(w).T + beta * out (w: NF4 weight [out_f, in_f])");
   ops.def(
       "nf4_gemm_nt_many",
@@ -377,12 +389,15 @@ void bind_ops(py::module_& m) {
       "lora_segments for each (x, y, segments) of problems as one call (projections sharing a job), in place");
   ops.def(
       "nf4_gemm_nn",
-      [](py::object dy, py::object w, py::object out, float alpha, float beta, const std::string& backend) {
-        return nf4_gemm(false, dy, w, out, alpha, beta, backend);
-      },
+      [](py::object dy, py::object w, py::object out, float alpha, float beta, const std::string& backend,
+         const std::string& compute_dtype) { return nf4_gemm(false, dy, w, out, alpha, beta, backend, compute_dtype); },
       py::arg("dy"), py::arg("w"), py::arg("out") = py::none(), py::kw_only(), py::arg("alpha") = 1.0f,
-      py::arg("beta") = 0.0f, py::arg("backend") = "cpu",
+      py::arg("beta") = 0.0f, py::arg("backend") = "cpu", py::arg("compute_dtype") = "float32",
       "out[M, in_f] = alpha * dy[M, out_f] @ dequant(w) + beta * out (w: NF4 weight [out_f, in_f])");
+  ops.def(
+      "bf16_compute_available",
+      [](const std::string& backend) { return get_backend(backend).has_bf16_compute(); }, py::arg("backend") = "cpu",
+      "True when compute_dtype='bfloat16' runs on bf16 units on this backend (else the fp32 ops run)");
   ops.def("nf4_dequantize", &nf4_dequantize, py::arg("w"), py::arg("backend") = "cpu",
           "float32 [out_f, in_f] copy of an NF4 weight (tests, merging, export)");
   ops.def(

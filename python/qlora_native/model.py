@@ -12,6 +12,7 @@ is never held twice in full precision.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -137,12 +138,15 @@ class Model(LoraModelMixin):
         blocksize: int = 64,
         backend: str = "cpu",
         tokenizer="auto",
+        compute_dtype: str = "float32",
     ) -> "Model":
         """Loads an HF checkpoint directory (config.json + safetensors) or a .gguf file.
 
         quantize: "nf4" (bitsandbytes layout, blocksize, double_quant) or None (fp32).
         tokenizer: "auto" attaches qlora_native.Tokenizer when the checkpoint has one
-        (tokenizer.json / tokenizer.model / GGUF vocabulary), else None; or pass one (or None)."""
+        (tokenizer.json / tokenizer.model / GGUF vocabulary), else None; or pass one (or None).
+        compute_dtype: of the training passes, "float32" (default) or "bfloat16" (see Model.compute_dtype)."""
+        _check_compute_dtype(compute_dtype)
         path = os.fspath(path)
         if not os.path.isfile(path):  # a directory, or one whose killed save left it renamed away
             from . import atomic_io
@@ -193,6 +197,8 @@ class Model(LoraModelMixin):
                 raise type(e)(f"{path}: {e}") from None
         model = cls(config, core, tokenizer)
         model.name_or_path = path
+        if compute_dtype != "float32":
+            model._set_compute_dtype(compute_dtype, stacklevel=4)
         return model
 
     # ------------------------------------------------------------ forward
@@ -474,6 +480,33 @@ class Model(LoraModelMixin):
     @property
     def backend(self) -> str:
         return self._core.backend
+
+    @property
+    def compute_dtype(self) -> str:
+        """dtype the training passes (forward_backward, eval_loss) compute in: "float32" (default, the
+        parity mode) or "bfloat16" (bitsandbytes' bnb_4bit_compute_dtype=torch.bfloat16): NF4 weights
+        decoded to bf16, activations and gradients rounded to bf16 as they enter the base projections
+        and the lm_head, fp32 accumulation; LoRA factors, their gradients and AdamW state stay fp32.
+        Needs bf16 units (AVX512-BF16: Zen 4+, Intel Cooper Lake / Sapphire Rapids+); elsewhere setting
+        "bfloat16" warns and the model keeps computing in float32 (this property then reads "float32").
+        Generation and model(...) logits always compute in float32."""
+        return "bfloat16" if self._core.bf16_compute_active else "float32"
+
+    @compute_dtype.setter
+    def compute_dtype(self, value: str) -> None:
+        self._set_compute_dtype(value, stacklevel=3)
+
+    def _set_compute_dtype(self, value, stacklevel: int) -> None:
+        _check_compute_dtype(value)
+        self._core.compute_bf16 = value == "bfloat16"
+        if value == "bfloat16" and not self._core.bf16_compute_active:
+            warnings.warn(f"compute_dtype='bfloat16': backend {self.backend!r} has no bf16 compute units "
+                          "(AVX512-BF16) on this CPU; computing in float32", RuntimeWarning, stacklevel=stacklevel)
+
+
+def _check_compute_dtype(value) -> None:
+    if not isinstance(value, str) or value not in ("float32", "bfloat16"):
+        raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {value!r}")
 
 
 def load_from_source(core, source) -> None:

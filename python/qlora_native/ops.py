@@ -9,31 +9,40 @@ ValueError rather than being converted silently. ``out`` (optional) receives the
 An NF4 weight ``w`` is any object with the NF4 attribute protocol (``packed``, ``absmax``,
 ``nested_absmax``, ``nested_map``, ``offset``, ``shape``, ``blocksize``, ``double_quant``), e.g.
 ``qlora_native.nf4.NF4Tensor``; it is read in its packed form, never dequantized to a full copy.
+
+``compute_dtype="bfloat16"`` (the five GEMMs): both operands rounded to bf16 (round-to-nearest-even,
+NF4 decoded then rounded), fp32 accumulation; on AVX512-BF16 CPUs at the avx512 level (and as an
+emulating reference on "cpu:scalar"). Elsewhere the fp32 kernels run (``bf16_compute_available``).
 """
 from ._core import ops as _ops
 
-__all__ = ["gemm_nt", "gemm_nn", "gemm_tn", "nf4_gemm_nt", "nf4_gemm_nt_many", "nf4_gemm_nn", "nf4_dequantize", "q8_0_gemm_nt",
+__all__ = ["bf16_compute_available", "gemm_nt", "gemm_nn", "gemm_tn", "nf4_gemm_nt", "nf4_gemm_nt_many", "nf4_gemm_nn", "nf4_dequantize", "q8_0_gemm_nt",
            "q8_0_rows"]
 
 
-def gemm_nt(a, b, out=None, *, alpha=1.0, beta=0.0, backend="cpu"):
+def bf16_compute_available(backend="cpu"):
+    """True when compute_dtype="bfloat16" runs on bf16 units on `backend` (else fp32 runs)."""
+    return _ops.bf16_compute_available(backend)
+
+
+def gemm_nt(a, b, out=None, *, alpha=1.0, beta=0.0, backend="cpu", compute_dtype="float32"):
     """out[M, N] = alpha * a[M, K] @ b[N, K].T + beta * out   (Y = X·Wᵀ with W [out, in])."""
-    return _ops.gemm_nt(a, b, out, alpha=alpha, beta=beta, backend=backend)
+    return _ops.gemm_nt(a, b, out, alpha=alpha, beta=beta, backend=backend, compute_dtype=compute_dtype)
 
 
-def gemm_nn(a, b, out=None, *, alpha=1.0, beta=0.0, backend="cpu"):
+def gemm_nn(a, b, out=None, *, alpha=1.0, beta=0.0, backend="cpu", compute_dtype="float32"):
     """out[M, N] = alpha * a[M, K] @ b[K, N] + beta * out   (dX = dY·W)."""
-    return _ops.gemm_nn(a, b, out, alpha=alpha, beta=beta, backend=backend)
+    return _ops.gemm_nn(a, b, out, alpha=alpha, beta=beta, backend=backend, compute_dtype=compute_dtype)
 
 
-def gemm_tn(a, b, out=None, *, alpha=1.0, beta=0.0, backend="cpu"):
+def gemm_tn(a, b, out=None, *, alpha=1.0, beta=0.0, backend="cpu", compute_dtype="float32"):
     """out[M, N] = alpha * a[K, M].T @ b[K, N] + beta * out   (weight gradients, K = tokens)."""
-    return _ops.gemm_tn(a, b, out, alpha=alpha, beta=beta, backend=backend)
+    return _ops.gemm_tn(a, b, out, alpha=alpha, beta=beta, backend=backend, compute_dtype=compute_dtype)
 
 
-def nf4_gemm_nt(x, w, out=None, *, alpha=1.0, beta=0.0, backend="cpu"):
+def nf4_gemm_nt(x, w, out=None, *, alpha=1.0, beta=0.0, backend="cpu", compute_dtype="float32"):
     """out[M, out_f] = alpha * x[M, in_f] @ dequant(w).T + beta * out."""
-    return _ops.nf4_gemm_nt(x, w, out, alpha=alpha, beta=beta, backend=backend)
+    return _ops.nf4_gemm_nt(x, w, out, alpha=alpha, beta=beta, backend=backend, compute_dtype=compute_dtype)
 
 
 def nf4_gemm_nt_many(x, ws, *, backend="cpu"):
@@ -42,9 +51,9 @@ def nf4_gemm_nt_many(x, ws, *, backend="cpu"):
     return _ops.nf4_gemm_nt_many(x, list(ws), backend=backend)
 
 
-def nf4_gemm_nn(dy, w, out=None, *, alpha=1.0, beta=0.0, backend="cpu"):
+def nf4_gemm_nn(dy, w, out=None, *, alpha=1.0, beta=0.0, backend="cpu", compute_dtype="float32"):
     """out[M, in_f] = alpha * dy[M, out_f] @ dequant(w) + beta * out."""
-    return _ops.nf4_gemm_nn(dy, w, out, alpha=alpha, beta=beta, backend=backend)
+    return _ops.nf4_gemm_nn(dy, w, out, alpha=alpha, beta=beta, backend=backend, compute_dtype=compute_dtype)
 
 
 def nf4_dequantize(w, backend="cpu"):

@@ -90,6 +90,9 @@ class TrainingArguments:
     group_by_length: bool = False
     disable_tqdm: bool = False
     time_budget: Optional[float] = None
+    # True / False set model.compute_dtype to "bfloat16" / "float32" when the Trainer is created
+    # (transformers' name); None leaves the model's setting.
+    bf16: Optional[bool] = None
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -125,6 +128,8 @@ class TrainingArguments:
             raise ValueError(f"TrainingArguments.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.max_grad_norm is not None and not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):
             raise ValueError(f"TrainingArguments.max_grad_norm must be >= 0 or None, got {self.max_grad_norm!r}")
+        if self.bf16 is not None and not isinstance(self.bf16, bool):
+            raise ValueError(f"TrainingArguments.bf16 must be True, False or None, got {self.bf16!r}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"TrainingArguments.time_budget must be > 0 seconds, got {self.time_budget!r}")
 
@@ -180,6 +185,10 @@ class Trainer:
                              "to weigh micro-batches by their token counts")
         if args.packing and not (_accepts(fb, "segment_ids") and _accepts(fb, "position_ids")):
             raise ValueError("packing=True needs model.forward_backward to accept position_ids and segment_ids")
+        if args.bf16 is not None:
+            if not hasattr(model, "compute_dtype"):
+                raise ValueError("TrainingArguments.bf16 needs a model with a compute_dtype setting")
+            model.compute_dtype = "bfloat16" if args.bf16 else "float32"
         # the adapter is added only once the data and arguments are known to be good
         if isinstance(adapter, LoraConfig):
             adapter.validate()

@@ -35,6 +35,19 @@ class CpuBackend final : public Backend {
   void nf4_gemm_nn(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W, float beta, float* dX,
                    int64_t lddx) override;
   void nf4_dequantize(const Nf4Ref& W, float* out) override;
+  // bf16 compute (cpu/gemm_bf16.hpp): AVX512-BF16 kernels at the avx512 level, the emulating
+  // oracle at scalar, the fp32 kernels elsewhere.
+  bool has_bf16_compute() const override;
+  void gemm_nt_bf16(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
+                    int64_t ldb, float beta, float* C, int64_t ldc) override;
+  void gemm_nn_bf16(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
+                    int64_t ldb, float beta, float* C, int64_t ldc) override;
+  void gemm_tn_bf16(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
+                    int64_t ldb, float beta, float* C, int64_t ldc) override;
+  void nf4_gemm_nt_bf16(int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W, float beta, float* Y,
+                        int64_t ldy) override;
+  void nf4_gemm_nn_bf16(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W, float beta, float* dX,
+                        int64_t lddx) override;
   void q8_0_gemm_nt(int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const void* W, float* Y,
                     int64_t ldy) override;
   void q8_0_rows(int64_t M, int64_t K, const void* W, const int32_t* ids, float* out) override;

@@ -87,6 +87,24 @@ SimdLevel active_simd_level() {
   return v < 0 ? best_simd_level() : static_cast<SimdLevel>(v);
 }
 
+bool cpu_has_avx512_bf16() {
+#if defined(QLORA_X86) && (defined(__GNUC__) || defined(__clang__)) && (defined(__clang__) || __GNUC__ >= 10)
+  static const bool has = simd_level_supported(SimdLevel::AVX512) && __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_amx_bf16() {
+#if defined(QLORA_X86) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+  static const bool has = simd_level_supported(SimdLevel::AVX512) && __builtin_cpu_supports("amx-bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
 void set_active_simd_level(SimdLevel level) {
   check_arg(simd_level_supported(level),
             std::string("SIMD level '") + simd_level_name(level) + "' is not supported by this CPU");

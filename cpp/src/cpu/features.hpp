@@ -24,4 +24,9 @@ std::vector<SimdLevel> supported_simd_levels();           // ascending, Scalar f
 SimdLevel active_simd_level();
 void set_active_simd_level(SimdLevel level);  // throws ValueError if unsupported
 
+// bf16 compute units (compute_dtype="bfloat16"), by the running CPU and this build, and only while
+// the AVX-512 level is allowed (QLORA_SIMD below avx512 turns them off too).
+bool cpu_has_avx512_bf16();  // AVX512-BF16: vcvtne2ps2bf16 / vdpbf16ps (Zen 4+, Cooper Lake, Sapphire Rapids+)
+bool cpu_has_amx_bf16();     // AMX-BF16 tiles (Sapphire Rapids+); detected only, no kernels yet
+
 }  // namespace qlora::cpu

@@ -59,6 +59,8 @@ constexpr int64_t kCrossEntropyChunkRows = 256;
 size_t cross_entropy_workspace_bytes(int64_t rows_in_chunk, int64_t V, bool device);
 CrossEntropyResult lm_cross_entropy(Backend& be, int64_t N, int64_t D, int64_t V, const float* h, int64_t ldh,
                                     const float* E, const int32_t* labels, float grad_scale, float* dh,
-                                    int64_t lddh, int64_t chunk_rows = kCrossEntropyChunkRows);
+                                    int64_t lddh, int64_t chunk_rows = kCrossEntropyChunkRows, bool bf16 = false);
+// bf16: the two lm_head GEMMs run as Backend::gemm_*_bf16 (compute_dtype="bfloat16"); softmax and
+// loss stay fp32.
 
 }  // namespace qlora

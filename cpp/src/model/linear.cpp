@@ -122,8 +122,13 @@ void Linear::set_nf4(Backend& be, const Nf4Ref& h) {
 void Linear::set_bias(Backend& be, const void* x, DType dtype) { bias = to_device_f32(be, x, dtype, out); }
 
 void Linear::forward(Backend& be, int64_t M, const float* x, int64_t ldx, float* y, int64_t ldy,
-                     const LoraModule* lora, const float* x_lora, int64_t ld_lora, float* t, float lora_scale) const {
-  if (is_nf4)
+                     const LoraModule* lora, const float* x_lora, int64_t ld_lora, float* t, float lora_scale,
+                     bool bf16) const {
+  if (is_nf4 && bf16)
+    be.nf4_gemm_nt_bf16(M, 1.0f, x, ldx, nf4, 0.0f, y, ldy);
+  else if (bf16)
+    be.gemm_nt_bf16(M, out, in, 1.0f, x, ldx, weight.f32(), in, 0.0f, y, ldy);
+  else if (is_nf4)
     be.nf4_gemm_nt(M, 1.0f, x, ldx, nf4, 0.0f, y, ldy);
   else
     be.gemm_nt(M, out, in, 1.0f, x, ldx, weight.f32(), in, 0.0f, y, ldy);
@@ -154,8 +159,12 @@ void Linear::forward_many(Backend& be, int64_t M, const float* x, int64_t ldx, i
 }
 
 void Linear::backward_input(Backend& be, int64_t M, const float* dy, int64_t lddy, float* dx, int64_t lddx,
-                            float beta) const {
-  if (is_nf4)
+                            float beta, bool bf16) const {
+  if (is_nf4 && bf16)
+    be.nf4_gemm_nn_bf16(M, 1.0f, dy, lddy, nf4, beta, dx, lddx);
+  else if (bf16)
+    be.gemm_nn_bf16(M, in, out, 1.0f, dy, lddy, weight.f32(), in, beta, dx, lddx);
+  else if (is_nf4)
     be.nf4_gemm_nn(M, 1.0f, dy, lddy, nf4, beta, dx, lddx);
   else
     be.gemm_nn(M, in, out, 1.0f, dy, lddy, weight.f32(), in, beta, dx, lddx);

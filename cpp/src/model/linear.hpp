@@ -41,10 +41,11 @@ struct Linear {
 
   // y[M, out] (row stride ldy) = x[M, in] (row stride ldx) · Wᵀ (+ bias) (+ the LoRA branch of
   // `lora` (null: none), fed x_lora[M, in] (row stride ld_lora; null: x) with t[M, r] scratch
-  // (null: allocated)), times the request's adapter scale lora_scale).
+  // (null: allocated)), times the request's adapter scale lora_scale). bf16: the base GEMM in bf16
+  // compute (Backend::*_bf16; the LoRA branch stays fp32).
   void forward(Backend& be, int64_t M, const float* x, int64_t ldx, float* y, int64_t ldy,
                const LoraModule* lora = nullptr, const float* x_lora = nullptr, int64_t ld_lora = 0,
-               float* t = nullptr, float lora_scale = 1.0f) const;
+               float* t = nullptr, float lora_scale = 1.0f, bool bf16 = false) const;
   // forward() of n projections sharing the input x (q/k/v, gate/up): NF4 bases run as one
   // nf4_gemm_nt_many (one job at decode), then each adds its bias and LoRA branch lora[i]
   // (lora null, or lora[i] null: none) times lora_scale.
@@ -53,7 +54,7 @@ struct Linear {
                            float lora_scale = 1.0f);
   // Base part of the input gradient: dx[M, in] = dy[M, out]·W + beta * dx (W frozen, never fp32 for NF4).
   void backward_input(Backend& be, int64_t M, const float* dy, int64_t lddy, float* dx, int64_t lddx,
-                      float beta) const;
+                      float beta, bool bf16 = false) const;
 
   size_t weight_bytes() const;  // packed nibbles (NF4) or fp32 weight
   size_t quant_bytes() const;   // absmax + nested + map

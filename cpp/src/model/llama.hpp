@@ -150,6 +150,15 @@ class LlamaModel {
   void merge_adapter(const std::string& name, const MergeOptions& opt,
                      const std::function<void(int64_t)>& progress = {});
 
+  // compute_dtype of the training passes (forward_backward, eval_loss): false = float32 (the
+  // default, the parity mode); true = bfloat16: base projections and the lm_head in bf16 compute
+  // (operands rounded to bf16, fp32 accumulation; LoRA factors, gradients and optimizer state stay
+  // fp32). Backends without bf16 units keep computing in fp32: compute_bf16() is then false.
+  // Passes already running keep the mode they started with.
+  void set_compute_bf16(bool on) { want_bf16_.store(on); }
+  bool compute_bf16_requested() const { return want_bf16_.load(); }
+  bool compute_bf16() const { return want_bf16_.load() && be_.has_bf16_compute(); }
+
   // Bytes by category: "nf4_weights", "quant_constants", "other_weights", "kv_cache".
   std::map<std::string, size_t> memory_footprint() const;
 
@@ -168,6 +177,7 @@ class LlamaModel {
   DeviceBuffer inv_freq_;  // [head_dim / 2]
   std::unique_ptr<GenerationContext> gen_;  // the default context of start/feed/stop
   std::atomic<int64_t> open_contexts_{0};  // contexts alive (merge is refused while > 0)
+  std::atomic<bool> want_bf16_{false};  // set_compute_bf16
   float merged_scale_ = 1.0f;  // runtime scale the merged adapter was merged with (unmerge subtracts it)
   std::atomic<size_t> ctx_bytes_{0};       // their KV caches' bytes, for memory_footprint from any thread
   std::shared_mutex weights_mu_;  // shared: a pass reading the weights; unique: merge_adapter

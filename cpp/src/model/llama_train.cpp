@@ -194,6 +194,7 @@ struct Pass {
   LoraAdapter* ad;          // null: base model only
   float ad_scale;           // the adapter's runtime scale (set_adapter_scale)
   bool dropout;
+  bool bf16;                // compute_dtype="bfloat16": base GEMMs and the lm_head in bf16 compute
   float* t = nullptr;       // [M, r_max] LoRA scratch
   float* dt = nullptr;      // [M, r_max]
   float* xdrop = nullptr;   // [M, max(D, I, QD)] dropped-out LoRA input (dropout only)
@@ -208,9 +209,9 @@ struct Pass {
     LoraModule* lo = lora(l, p);
     if (lo && dropout) {
       dropout_forward(be, key(l, p), ad->dropout, d.M, lin.in, x, ldx, xdrop);
-      lin.forward(be, d.M, x, ldx, y, ldy, lo, xdrop, lin.in, t, ad_scale);
+      lin.forward(be, d.M, x, ldx, y, ldy, lo, xdrop, lin.in, t, ad_scale, bf16);
     } else {
-      lin.forward(be, d.M, x, ldx, y, ldy, lo, nullptr, 0, t, ad_scale);
+      lin.forward(be, d.M, x, ldx, y, ldy, lo, nullptr, 0, t, ad_scale, bf16);
     }
   }
 
@@ -218,7 +219,7 @@ struct Pass {
   void lin_bwd(int64_t l, int p, const float* x, int64_t ldx, const float* dy, int64_t lddy, float* dx,
                int64_t lddx, float beta) {
     const Linear& lin = proj(w.layers[l], p);
-    lin.backward_input(be, d.M, dy, lddy, dx, lddx, beta);
+    lin.backward_input(be, d.M, dy, lddy, dx, lddx, beta, bf16);
     LoraModule* lo = lora(l, p);
     if (!lo) return;
     if (dropout) {
@@ -339,7 +340,8 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
   be_.upload(pos_d.data(), pos.data(), sizeof(int32_t) * M);
   be_.upload(km_d.data(), km.data(), sizeof(int32_t) * M);
 
-  Pass P{be_, *w_, inv_freq_.f32(), d, pos_d.data<int32_t>(), km_d.data<int32_t>(), ad, ad_scale, dropout};
+  const bool bf16 = compute_bf16();
+  Pass P{be_, *w_, inv_freq_.f32(), d, pos_d.data<int32_t>(), km_d.data<int32_t>(), ad, ad_scale, dropout, bf16};
   const int64_t wide = std::max({D, d.I, d.QD});
   const int64_t rmax = ad ? std::max<int64_t>(ad->max_rank(), 1) : 1;
   ActBuf t_buf(be_, mc, M * rmax), dt_buf(be_, mc, M * rmax);  // [M, r_max]
@@ -367,7 +369,7 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
   ActBuf hF(be_, mc, M * D);  // [M, D] final-norm output, then its gradient
   be_.rmsnorm(M, D, X(nL), w_->norm.f32(), c.rms_norm_eps, hF.f());
   const CrossEntropyResult ce = lm_cross_entropy(be_, M, D, V, hF.f(), D, w_->lm_head_f32(), labels, grad_scale,
-                                                 backward ? hF.f() : nullptr, D);
+                                                 backward ? hF.f() : nullptr, D, kCrossEntropyChunkRows, bf16);
   mc.peak = std::max(mc.peak, mc.cur + ce.workspace_bytes);
   LossResult res{ce.loss_sum, ce.count, 0};
   if (backward) {

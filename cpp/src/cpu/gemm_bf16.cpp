@@ -1,0 +1,334 @@
+// bf16-compute GEMM driver (cpu/gemm_bf16.hpp): the blocked GotoBLAS/BLIS loop of cpu/gemm.cpp
+// with bf16-pair panels (half the bytes of fp32 panels, so KC doubles for the same cache use), the
+// vdpbf16ps micro-kernel, and the scalar oracle. B "packing" is where NF4 weights are decoded:
+// rows are decoded to fp32 with the AVX-512 NF4 decoder, then rounded to bf16 pairs.
+#include "cpu/gemm_bf16.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "common/error.hpp"
+#include "cpu/gemm.hpp"
+#include "cpu/gemm_bf16_kernels.hpp"
+#include "cpu/gemm_kernels.hpp"
+#include "cpu/gemm_scalar.hpp"
+#include "cpu/pack.hpp"
+#include "cpu/threads.hpp"
+
+namespace qlora::cpu {
+
+namespace {
+
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// ------------------------------------------------------------------ scalar oracle
+// Products of bf16 values are exact in double; sums in double (the bound tests use is the
+// rounding of the inputs plus fp32 accumulation in the kernels).
+inline void store(float* c, double acc, float alpha, float beta) {
+  *c = beta == 0.0f ? static_cast<float>(alpha * acc) : static_cast<float>(alpha * acc + beta * static_cast<double>(*c));
+}
+double r(float x) { return static_cast<double>(bf16_round(x)); }
+
+// ------------------------------------------------------------------ blocked driver
+constexpr int MR = bf16_k::kMR, NR = bf16_k::kNR;
+// KC (k, even): 2048 k = 1024 pairs: a [KC, NR] B micro-panel is 128 KiB of bf16 (as the fp32
+// kernel's KC = 1024), an [MC, KC] A block 2048 * 168 * 2 = 672 KiB (L2). NC as in cpu/gemm.cpp.
+constexpr int64_t kKC = 2048, kMC = 168, kNC = 1024;
+
+struct Scratch {
+  void* p = nullptr;
+  size_t n = 0;
+  ~Scratch() { std::free(p); }
+  template <class T>
+  T* get(size_t count) {
+    const size_t bytes = count * sizeof(T);
+    if (bytes > n) {
+      std::free(p);
+      p = std::aligned_alloc(64, static_cast<size_t>(round_up(static_cast<int64_t>(bytes), 64)));
+      if (!p) {
+        n = 0;
+        throw std::bad_alloc();
+      }
+      n = bytes;
+    }
+    return static_cast<T*>(p);
+  }
+};
+thread_local Scratch t_a, t_b, t_tmp;
+
+void scale_c(int64_t M, int64_t N, float beta, float* C, int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[i * ldc + j];
+}
+
+// One task: rows [m0, m1) x columns [n0, n1) of C over all of K (see cpu/gemm.cpp run_task).
+template <class PackA, class PackB>
+void run_task(int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t K, int64_t kc, float alpha, float beta,
+              float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b) {
+  const int64_t rows = m1 - m0, cols = n1 - n0;
+  const int64_t mc = round_up(ceil_div(rows, ceil_div(rows, kMC)), MR);
+  const int64_t nc = std::min(round_up(cols, NR), kNC);
+  const int64_t kpmax = kc / 2;
+  uint32_t* Bp = t_b.get<uint32_t>(static_cast<size_t>(kpmax * nc));  // [nc / NR][kp][NR]
+  uint32_t* Ap = t_a.get<uint32_t>(static_cast<size_t>(kpmax * mc));  // [mc / MR][kp][MR]
+  for (int64_t jc = n0; jc < n1; jc += nc) {
+    const int64_t ncur = std::min(nc, n1 - jc), n_pan = ceil_div(ncur, NR);
+    for (int64_t pc = 0; pc < K; pc += kc) {
+      const int64_t kcur = std::min(kc, K - pc), kp = ceil_div(kcur, 2);
+      const float beta_k = pc == 0 ? beta : 1.0f;
+      for (int64_t p = 0; p < n_pan; ++p)
+        pack_b(jc + p * NR, static_cast<int>(std::min<int64_t>(NR, ncur - p * NR)), pc, kcur, Bp + p * NR * kp);
+      for (int64_t ic = m0; ic < m1; ic += mc) {
+        const int64_t mcur = std::min(mc, m1 - ic);
+        for (int64_t ir = 0; ir < mcur; ir += MR)
+          pack_a(ic + ir, static_cast<int>(std::min<int64_t>(MR, mcur - ir)), pc, kcur, Ap + ir * kp);
+        for (int64_t p = 0; p < n_pan; ++p) {
+          const uint32_t* bp = Bp + p * NR * kp;
+          const int nr = static_cast<int>(std::min<int64_t>(NR, ncur - p * NR));
+          float* c = C + ic * ldc + jc + p * NR;
+          for (int64_t ir = 0; ir < mcur; ir += MR)
+            bf16_k::ukernel_avx512bf16(kp, Ap + ir * kp, bp, c + ir * ldc, ldc, alpha, beta_k,
+                                       static_cast<int>(std::min<int64_t>(MR, mcur - ir)), nr);
+        }
+      }
+    }
+  }
+}
+
+// The task grid of cpu/gemm.cpp blocked(): n_mt x n_nt independent tasks, one parallel_for.
+template <class PackA, class PackB>
+void blocked(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, int64_t ldc, const PackA& pack_a,
+             const PackB& pack_b) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) return scale_c(M, N, beta, C, ldc);
+  const int64_t kc = std::min(round_up(K, 32), round_up(ceil_div(K, ceil_div(K, kKC)), 32));  // balanced, even
+  const int nth = num_threads();
+  const int64_t m_tiles = ceil_div(M, MR), n_pan = ceil_div(N, NR);
+  int64_t n_mt = 1, n_nt = 1;
+  const double flops = 2.0 * M * N * K;
+  if (nth > 1 && flops > 4e6) {
+    const int64_t target = flops > 5e8 ? 4 * nth : 2 * nth;
+    double best = 1e300;
+    for (int64_t mt = 1; mt <= std::min(target, m_tiles); ++mt) {
+      const int64_t nt = std::min(n_pan, ceil_div(target, mt));
+      const double cost = static_cast<double>(nt) * M + static_cast<double>(mt) * N + (mt * nt < nth ? 1e200 : 0.0);
+      if (cost < best) best = cost, n_mt = mt, n_nt = nt;
+    }
+  }
+  const int64_t m_step = ceil_div(m_tiles, n_mt) * MR, n_step = ceil_div(n_pan, n_nt) * NR;
+  n_mt = ceil_div(M, m_step);
+  n_nt = ceil_div(N, n_step);
+  parallel_for(n_mt * n_nt, [&](int64_t t) {
+    const int64_t m0 = (t / n_nt) * m_step, n0 = (t % n_nt) * n_step;
+    run_task(m0, std::min(M, m0 + m_step), n0, std::min(N, n0 + n_step), K, kc, alpha, beta, C, ldc, pack_a, pack_b);
+  });
+}
+
+void check_dims(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t a_cols, int64_t ldb, int64_t b_cols,
+                int64_t ldc) {
+  check_arg(M >= 0 && N >= 0 && K >= 0, "gemm: negative dimension");
+  check_arg(lda >= std::max<int64_t>(1, a_cols) && ldb >= std::max<int64_t>(1, b_cols) && ldc >= std::max<int64_t>(1, N),
+            "gemm: leading dimension smaller than the row width");
+}
+
+int check_nf4(const Nf4Ref& W) {
+  check_arg(W.rows >= 1 && W.cols >= 1, "nf4 gemm: empty weight");
+  check_arg(W.blocksize >= 16 && (W.blocksize & (W.blocksize - 1)) == 0, "nf4 gemm: blocksize must be a power of two >= 16");
+  int s = 0;
+  while ((1 << s) < W.blocksize) ++s;
+  return s;
+}
+
+// Decoded absmax of the blocks the flat run [j0, j0 + len) touches (len <= kKC).
+struct RunScales {
+  float v[kKC / 16 + 2];
+  const float* fill(const Nf4Ref& W, int64_t j0, int64_t len, int s) {
+    pack::nf4_scales(W, j0 >> s, ((j0 + len - 1) >> s) + 1, v);
+    return v;
+  }
+};
+
+enum class Mode { Oracle, Bf16, F32 };
+Mode mode(SimdLevel level) {
+  if (level == SimdLevel::Scalar) return Mode::Oracle;
+  return bf16_compute_available(level) ? Mode::Bf16 : Mode::F32;
+}
+
+auto pack_a_rows(const float* A, int64_t lda) {
+  return [=](int64_t i0, int mr, int64_t p0, int64_t kc, uint32_t* Ap) {
+    bf16_k::pack_rows_avx512bf16(A + i0 * lda + p0, lda, mr, kc, MR, Ap);
+  };
+}
+
+}  // namespace
+
+bool bf16_compute_available(SimdLevel level) {
+#ifdef QLORA_X86
+  return level == SimdLevel::Scalar || (level == SimdLevel::AVX512 && cpu_has_avx512_bf16());
+#else
+  return level == SimdLevel::Scalar;
+#endif
+}
+
+float bf16_round(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  if ((b & 0x7F800000u) == 0) {
+    b &= 0x80000000u;  // zero or denormal: signed zero
+  } else if ((b & 0x7FFFFFFFu) > 0x7F800000u) {
+    b = (b | 0x00400000u) & 0xFFFF0000u;  // NaN: quiet, payload truncated
+  } else {
+    b = (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;  // RNE (overflow rounds to inf)
+  }
+  float y;
+  std::memcpy(&y, &b, 4);
+  return y;
+}
+
+void gemm_nt_bf16(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                  const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  check_dims(M, N, K, lda, K, ldb, K, ldc);
+  switch (mode(level)) {
+    case Mode::F32: return gemm_nt(level, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    case Mode::Oracle:
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < N; ++j) {
+          double acc = 0.0;
+          for (int64_t k = 0; k < K; ++k) acc += r(A[i * lda + k]) * r(B[j * ldb + k]);
+          store(&C[i * ldc + j], acc, alpha, beta);
+        }
+      return;
+    case Mode::Bf16:
+#ifdef QLORA_X86
+      blocked(M, N, K, alpha, beta, C, ldc, pack_a_rows(A, lda),
+              [&](int64_t j0, int nr, int64_t p0, int64_t kc, uint32_t* Bp) {
+                bf16_k::pack_rows_avx512bf16(B + j0 * ldb + p0, ldb, nr, kc, NR, Bp);
+              });
+#endif
+      return;
+  }
+}
+
+void gemm_nn_bf16(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                  const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  check_dims(M, N, K, lda, K, ldb, N, ldc);
+  switch (mode(level)) {
+    case Mode::F32: return gemm_nn(level, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    case Mode::Oracle:
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < N; ++j) {
+          double acc = 0.0;
+          for (int64_t k = 0; k < K; ++k) acc += r(A[i * lda + k]) * r(B[k * ldb + j]);
+          store(&C[i * ldc + j], acc, alpha, beta);
+        }
+      return;
+    case Mode::Bf16:
+#ifdef QLORA_X86
+      blocked(M, N, K, alpha, beta, C, ldc, pack_a_rows(A, lda),
+              [&](int64_t j0, int nr, int64_t p0, int64_t kc, uint32_t* Bp) {
+                bf16_k::pack_cols_avx512bf16(B + p0 * ldb + j0, ldb, nr, kc, NR, Bp);
+              });
+#endif
+      return;
+  }
+}
+
+void gemm_tn_bf16(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                  const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  check_dims(M, N, K, lda, M, ldb, N, ldc);
+  switch (mode(level)) {
+    case Mode::F32: return gemm_tn(level, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    case Mode::Oracle:
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < N; ++j) {
+          double acc = 0.0;
+          for (int64_t k = 0; k < K; ++k) acc += r(A[k * lda + i]) * r(B[k * ldb + j]);
+          store(&C[i * ldc + j], acc, alpha, beta);
+        }
+      return;
+    case Mode::Bf16:
+#ifdef QLORA_X86
+      blocked(
+          M, N, K, alpha, beta, C, ldc,
+          [&](int64_t i0, int mr, int64_t p0, int64_t kc, uint32_t* Ap) {
+            bf16_k::pack_cols_avx512bf16(A + p0 * lda + i0, lda, mr, kc, MR, Ap);
+          },
+          [&](int64_t j0, int nr, int64_t p0, int64_t kc, uint32_t* Bp) {
+            bf16_k::pack_cols_avx512bf16(B + p0 * ldb + j0, ldb, nr, kc, NR, Bp);
+          });
+#endif
+      return;
+  }
+}
+
+void nf4_gemm_nt_bf16(SimdLevel level, int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W,
+                      float beta, float* Y, int64_t ldy) {
+  const int s = check_nf4(W);
+  const int64_t N = W.rows, K = W.cols;  // Y[M, N] = X[M, K] · W[N, K]ᵀ
+  check_dims(M, N, K, ldx, K, K, K, ldy);
+  switch (mode(level)) {
+    case Mode::F32: return nf4_gemm_nt(level, M, alpha, X, ldx, W, beta, Y, ldy);
+    case Mode::Oracle:
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t n = 0; n < N; ++n) {
+          double acc = 0.0;
+          for (int64_t k = 0; k < K; ++k) acc += r(X[i * ldx + k]) * r(scalar::nf4_element(W, n * K + k));
+          store(&Y[i * ldy + n], acc, alpha, beta);
+        }
+      return;
+    case Mode::Bf16:
+#ifdef QLORA_X86
+      blocked(M, N, K, alpha, beta, Y, ldy, pack_a_rows(X, ldx),
+              [&](int64_t j0, int nr, int64_t p0, int64_t kc, uint32_t* Bp) {
+                // Decode nr weight rows [j0, j0+nr) x columns [p0, p0+kc) to fp32 tmp [nr, kc], then round + pack.
+                float* tmp = t_tmp.get<float>(static_cast<size_t>(NR * kc));
+                RunScales sc;
+                for (int rr = 0; rr < nr; ++rr) {
+                  const int64_t f0 = (j0 + rr) * K + p0;
+                  gemm_k::nf4_decode_avx512(W.packed, f0, kc, sc.fill(W, f0, kc, s), s, kNf4Codes, tmp + rr * kc);
+                }
+                bf16_k::pack_rows_avx512bf16(tmp, kc, nr, kc, NR, Bp);
+              });
+#endif
+      return;
+  }
+}
+
+void nf4_gemm_nn_bf16(SimdLevel level, int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W,
+                      float beta, float* dX, int64_t lddx) {
+  const int s = check_nf4(W);
+  const int64_t N = W.cols, K = W.rows;  // dX[M, N] = dY[M, K] · W[K, N]
+  check_dims(M, N, K, lddy, K, N, N, lddx);
+  switch (mode(level)) {
+    case Mode::F32: return nf4_gemm_nn(level, M, alpha, dY, lddy, W, beta, dX, lddx);
+    case Mode::Oracle:
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < N; ++j) {
+          double acc = 0.0;
+          for (int64_t k = 0; k < K; ++k) acc += r(dY[i * lddy + k]) * r(scalar::nf4_element(W, k * N + j));
+          store(&dX[i * lddx + j], acc, alpha, beta);
+        }
+      return;
+    case Mode::Bf16:
+#ifdef QLORA_X86
+      blocked(M, N, K, alpha, beta, dX, lddx, pack_a_rows(dY, lddy),
+              [&](int64_t j0, int nr, int64_t p0, int64_t kc, uint32_t* Bp) {
+                // Rows p0..p0+kc of W, columns [j0, j0+nr): fp32 tmp [kc, NR], then round + interleave pairs.
+                float* tmp = t_tmp.get<float>(static_cast<size_t>(NR * kc));
+                RunScales sc;
+                for (int64_t k = 0; k < kc; ++k) {
+                  const int64_t f0 = (p0 + k) * N + j0;
+                  gemm_k::nf4_decode_avx512(W.packed, f0, nr, sc.fill(W, f0, nr, s), s, kNf4Codes, tmp + k * NR);
+                }
+                bf16_k::pack_cols_avx512bf16(tmp, NR, nr, kc, NR, Bp);
+              });
+#endif
+      return;
+  }
+}
+
+}  // namespace qlora::cpu

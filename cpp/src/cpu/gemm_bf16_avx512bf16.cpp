@@ -1,0 +1,162 @@
+// AVX512-BF16 building blocks of the bf16-compute GEMM: a 14x32 register-tiled vdpbf16ps
+// micro-kernel (28 zmm fp32 accumulators, two k per instruction: twice the fp32 FMA rate) and the
+// packers that round fp32 operands to bf16 pairs (vcvtne2ps2bf16: round-to-nearest-even).
+// Compiled with -mavx512bf16 (CMake: *_avx512bf16.cpp); called only after cpu_has_avx512_bf16().
+// Rules: cpu/README.md (plain functions on raw pointers only).
+#include <immintrin.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cpu/gemm_bf16_kernels.hpp"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+
+namespace qlora::cpu::bf16_k {
+
+namespace {
+constexpr int MR = kMR, NR = kNR;
+static_assert(NR == 32, "two zmm of 16 fp32 columns per row");
+
+__mmask16 lane_mask(int64_t n) {  // first n of 16 lanes (n clamped to [0, 16])
+  if (n >= 16) return 0xFFFF;
+  if (n <= 0) return 0;
+  return static_cast<__mmask16>((1u << n) - 1u);
+}
+
+__m512bh as_bh(__m512i v) { return (__m512bh)v; }
+
+template <int R>
+void ukr(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha, float beta, int nr) {
+  __m512 c0[R], c1[R];
+#pragma GCC unroll 14
+  for (int i = 0; i < R; ++i) {
+    c0[i] = c1[i] = _mm512_setzero_ps();
+    _mm_prefetch(reinterpret_cast<const char*>(C + i * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(C + i * ldc + 31), _MM_HINT_T0);
+  }
+  for (int64_t p = 0; p < kp; ++p) {
+    const __m512bh b0 = as_bh(_mm512_load_si512(Bp)), b1 = as_bh(_mm512_load_si512(Bp + 16));
+#pragma GCC unroll 14
+    for (int i = 0; i < R; ++i) {
+      const __m512bh a = as_bh(_mm512_set1_epi32(static_cast<int>(Ap[i])));
+      c0[i] = _mm512_dpbf16_ps(c0[i], a, b0);
+      c1[i] = _mm512_dpbf16_ps(c1[i], a, b1);
+    }
+    Ap += MR;
+    Bp += NR;
+  }
+  const __mmask16 m0 = lane_mask(nr), m1 = lane_mask(nr - 16);
+  const __m512 va = _mm512_set1_ps(alpha);
+  if (beta == 0.0f) {
+#pragma GCC unroll 14
+    for (int i = 0; i < R; ++i) {
+      _mm512_mask_storeu_ps(C + i * ldc, m0, _mm512_mul_ps(va, c0[i]));
+      _mm512_mask_storeu_ps(C + i * ldc + 16, m1, _mm512_mul_ps(va, c1[i]));
+    }
+  } else {
+    const __m512 vb = _mm512_set1_ps(beta);
+#pragma GCC unroll 14
+    for (int i = 0; i < R; ++i) {
+      float* c = C + i * ldc;
+      _mm512_mask_storeu_ps(c, m0, _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, c), _mm512_mul_ps(va, c0[i])));
+      _mm512_mask_storeu_ps(c + 16, m1,
+                            _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m1, c + 16), _mm512_mul_ps(va, c1[i])));
+    }
+  }
+}
+
+// In-register transpose of a 16x16 tile of 32-bit lanes: r[i][j] -> r[j][i].
+void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {
+    u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+    u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 x0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), x1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+    const __m512 y0 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88),
+                 y1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+    r[c] = _mm512_shuffle_f32x4(x0, y0, 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(x0, y0, 0xDD);
+    r[4 + c] = _mm512_shuffle_f32x4(x1, y1, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(x1, y1, 0xDD);
+  }
+}
+
+// 32 k of one row (rem <= 32 valid floats, the rest zero) -> 16 bf16 pairs as 32-bit lanes.
+__m512 row_pairs(const float* s, int64_t rem) {
+  const __m512 lo = _mm512_maskz_loadu_ps(lane_mask(rem), s), hi = _mm512_maskz_loadu_ps(lane_mask(rem - 16), s + 16);
+  return _mm512_castsi512_ps((__m512i)_mm512_cvtne2ps_pbh(hi, lo));  // elements 0..15 from lo, 16..31 from hi
+}
+}  // namespace
+
+void ukernel_avx512bf16(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha,
+                        float beta, int mr, int nr) {
+  switch (mr) {
+    case 14: return ukr<14>(kp, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 13: return ukr<13>(kp, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 12: return ukr<12>(kp, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 11: return ukr<11>(kp, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 10: return ukr<10>(kp, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 9: return ukr<9>(kp, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 8: return ukr<8>(kp, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 7: return ukr<7>(kp, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 6: return ukr<6>(kp, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 5: return ukr<5>(kp, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 4: return ukr<4>(kp, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 3: return ukr<3>(kp, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 2: return ukr<2>(kp, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 1: return ukr<1>(kp, Ap, Bp, C, ldc, alpha, beta, nr);
+    default: return;
+  }
+}
+
+void pack_rows_avx512bf16(const float* src, int64_t ld, int n, int64_t kc, int W, uint32_t* P) {
+  // 32 k (16 pairs) at a time: convert each row's run to pairs, transpose 16 rows x 16 pairs.
+  for (int64_t k0 = 0; k0 < kc; k0 += 32) {
+    const int64_t rem = kc - k0, np = rem >= 32 ? 16 : (rem + 1) / 2;
+    for (int g = 0; g * 16 < W; ++g) {
+      const int w = W - g * 16 < 16 ? W - g * 16 : 16;  // lanes of this group inside the panel
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int row = g * 16 + i;
+        r[i] = row < n ? row_pairs(src + row * ld + k0, rem) : _mm512_setzero_ps();
+      }
+      transpose16(r);
+      uint32_t* d = P + (k0 / 2) * W + g * 16;
+      const __mmask16 keep = lane_mask(w);
+      for (int p = 0; p < np; ++p) _mm512_mask_storeu_ps(reinterpret_cast<float*>(d + p * W), keep, r[p]);
+    }
+  }
+}
+
+void pack_cols_avx512bf16(const float* src, int64_t ld, int n, int64_t kc, int W, uint32_t* P) {
+  // Interleave rows 2p and 2p+1: [lo0..lo15, hi0..hi15] -> [lo0, hi0, lo1, hi1, ...].
+  alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(kIdx);
+  for (int64_t p = 0; 2 * p < kc; ++p) {
+    const float* s0 = src + 2 * p * ld;
+    const bool has1 = 2 * p + 1 < kc;
+    for (int g = 0; g * 16 < W; ++g) {
+      const int w = W - g * 16 < 16 ? W - g * 16 : 16;
+      const __mmask16 valid = lane_mask(n - g * 16);
+      const __m512 lo = _mm512_maskz_loadu_ps(valid, s0 + g * 16);
+      const __m512 hi = has1 ? _mm512_maskz_loadu_ps(valid, s0 + ld + g * 16) : _mm512_setzero_ps();
+      const __m512i v = _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      _mm512_mask_storeu_epi32(P + p * W + g * 16, lane_mask(w), v);
+    }
+  }
+}
+
+}  // namespace qlora::cpu::bf16_k

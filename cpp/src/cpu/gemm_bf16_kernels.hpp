@@ -1,0 +1,27 @@
+// Building blocks of the bf16-compute GEMM (cpu/gemm_bf16.cpp drives them). Declarations and
+// constants only (no inline functions), so gemm_bf16_avx512bf16.cpp may include it (cpu/README.md).
+//
+// Operands are rounded to bf16 (round-to-nearest-even, denormals flushed as the hardware does) when
+// packed; products of bf16 are exact in fp32 and accumulate in fp32 (vdpbf16ps). Packed layouts
+// hold k in pairs, one uint32 = {bf16 of k = 2p (low half), bf16 of k = 2p + 1 (high half)}, as
+// vdpbf16ps reads them; an odd tail pairs with zero, missing rows/columns are zero:
+//   A panel: Ap[p * MR + i], i < MR, p < ceil(kc / 2)   (MR rows of op(A))
+//   B panel: Bp[p * NR + j], j < NR, p < ceil(kc / 2)   (NR columns of op(B))
+#pragma once
+#include <cstdint>
+
+namespace qlora::cpu::bf16_k {
+
+constexpr int kMR = 14, kNR = 32;  // 28 zmm accumulators, as the fp32 AVX-512 kernel
+
+// C[mr, nr] (ld ldc) = alpha * Ap·Bp + beta * C over kp pairs of k; beta == 0 never reads C.
+void ukernel_avx512bf16(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha,
+                        float beta, int mr, int nr);
+// Panel of width W (kMR or kNR) from n <= W rows of a row-major [*, kc] fp32 source (k along a row):
+//   P[p * W + i] = pair(src[i * ld + 2p], src[i * ld + 2p + 1])
+void pack_rows_avx512bf16(const float* src, int64_t ld, int n, int64_t kc, int W, uint32_t* P);
+// Panel of width W from n <= W columns of a row-major [kc, *] fp32 source (k down a column):
+//   P[p * W + i] = pair(src[2p * ld + i], src[(2p + 1) * ld + i])
+void pack_cols_avx512bf16(const float* src, int64_t ld, int n, int64_t kc, int W, uint32_t* P);
+
+}  // namespace qlora::cpu::bf16_k

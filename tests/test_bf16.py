@@ -1,0 +1,312 @@
+"""compute_dtype="bfloat16": the bf16-compute GEMMs (ops.*(compute_dtype="bfloat16")) and the model's
+bf16 training passes (Model.compute_dtype, TrainingArguments.bf16).
+
+Kernel bounds (elementwise; u = 2^-8, bf16's unit roundoff; r() = round to bf16, RNE):
+  vs float64 on the rounded inputs, r(A) @ r(B): only the fp32 accumulation differs,
+      |C - r(A) r(B)| <= (K + 4) * eps32 * |A| @ |B|
+  vs float64 on the exact inputs, A @ B: plus the rounding of both operands,
+      |C - A B| <= ((2u + u^2) + (K + 4) * eps32) * |A| @ |B|
+The scalar backend ("cpu:scalar") is the oracle (emulated rounding, double sums); the AVX512-BF16
+kernels must round exactly as it does (checked bit for bit on 1x1 products).
+"""
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+import qlora_native
+from qlora_native import ops
+
+from test_ops_nf4_gemm import decode, random_nf4
+
+EPS32 = float(np.finfo(np.float32).eps)
+U = 2.0 ** -8
+HAVE_BF16 = ops.bf16_compute_available("cpu")
+needs_bf16 = pytest.mark.skipif(not HAVE_BF16, reason="no AVX512-BF16 on this CPU (fp32 fallback tested instead)")
+# The kernels checked: the oracle always, the AVX512-BF16 kernels where the CPU has them.
+BF16_BACKENDS = ["cpu:scalar"] + (["cpu:avx512"] if HAVE_BF16 else [])
+
+
+def bf16(x):
+    """numpy RNE rounding to bf16 (denormals flushed, as the hardware), returned as float64."""
+    b = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    r = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+    r = np.where((b & 0x7F800000) == 0, b & 0x80000000, r).astype(np.uint32)
+    return r.view(np.float32).astype(np.float64)
+
+
+def check(c, a, b, K, alpha=1.0, beta=0.0, c0=None):
+    """c vs alpha * a @ b + beta * c0 (a [M, K], b [K, N], fp32) under both bounds above."""
+    exact = alpha * (a.astype(np.float64) @ b.astype(np.float64))
+    rounded = alpha * (bf16(a) @ bf16(b))
+    scale = abs(alpha) * (np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64))
+    if c0 is not None and beta != 0.0:
+        exact = exact + beta * c0.astype(np.float64)
+        rounded = rounded + beta * c0.astype(np.float64)
+        scale = scale + abs(beta) * np.abs(c0.astype(np.float64))
+    acc = (K + 4) * EPS32 * scale + 1e-30
+    assert np.all(np.abs(c - rounded) <= acc), float(np.max(np.abs(c - rounded) / acc))
+    assert np.all(np.abs(c - exact) <= (2 * U + U * U) * scale + acc)
+
+
+def strided(rng, rows, cols, pad=3):
+    """A float32 [rows, cols] view with row stride cols + pad (not contiguous)."""
+    return rng.standard_normal((rows, cols + pad)).astype(np.float32)[:, :cols]
+
+
+SHAPES = [(1, 1, 1), (3, 5, 2), (13, 31, 33), (15, 33, 7), (37, 45, 67), (29, 65, 301)]
+BIG_SHAPES = [(200, 70, 2100), (29, 1100, 70), (171, 96, 4111)]  # several MC / NC / KC blocks
+
+
+@pytest.mark.parametrize("backend", BF16_BACKENDS)
+@pytest.mark.parametrize("layout", ["nt", "nn", "tn"])
+def test_gemm_bf16(rng, backend, layout):
+    shapes = SHAPES + (BIG_SHAPES if backend != "cpu:scalar" else [])
+    for M, N, K in shapes:
+        a = strided(rng, M, K) if layout != "tn" else strided(rng, K, M)
+        b = strided(rng, N, K) if layout == "nt" else strided(rng, K, N)
+        A = a if layout != "tn" else a.T
+        B = b.T if layout == "nt" else b
+        fn = {"nt": ops.gemm_nt, "nn": ops.gemm_nn, "tn": ops.gemm_tn}[layout]
+        check(fn(a, b, backend=backend, compute_dtype="bfloat16"), A, B, K)
+        # alpha / beta into a strided out
+        c0 = strided(rng, M, N)
+        out = c0.copy()
+        fn(a, b, out, alpha=-0.75, beta=0.5, backend=backend, compute_dtype="bfloat16")
+        check(out, A, B, K, -0.75, 0.5, c0)
+
+
+@pytest.mark.parametrize("backend", BF16_BACKENDS)
+@pytest.mark.parametrize("nt", [True, False], ids=["nt", "nn"])
+def test_nf4_gemm_bf16(rng, backend, nt):
+    cases = [(5, 7, 64, 64, True), (37, 45, 67, 32, True), (30, 70, 260, 64, False), (29, 96, 576, 64, True)]
+    if backend != "cpu:scalar":
+        cases += [(200, 33, 2100, 64, True), (64, 1100, 96, 128, False)]
+    for M, out_f, in_f, bs, dq in cases:
+        w = random_nf4(rng, out_f, in_f, bs, dq)
+        W = decode(w)
+        if nt:
+            x = strided(rng, M, in_f)
+            check(ops.nf4_gemm_nt(x, w, backend=backend, compute_dtype="bfloat16"), x, W.T, in_f)
+        else:
+            dy = strided(rng, M, out_f)
+            c0 = rng.standard_normal((M, in_f)).astype(np.float32)
+            out = c0.copy()
+            ops.nf4_gemm_nn(dy, w, out, alpha=2.0, beta=-1.0, backend=backend, compute_dtype="bfloat16")
+            check(out, dy, W, out_f, 2.0, -1.0, c0)
+
+
+def test_rounding_matches_oracle_bitwise():
+    """1x1 products with 1.0 expose the operand rounding: ties to even, overflow to inf, NaN,
+    denormals flushed; the kernel and the oracle must agree bit for bit (and with numpy)."""
+    vals = np.array([1.0, 1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -8 + 2 ** -20, -(1 + 2 ** -9), 3.0e38, 3.4e38,
+                     np.inf, -np.inf, 1e-39, 1.1754942e-38, 2 ** -126 * 1.00390625, 0.0, 65504.0], np.float32)
+    want = bf16(vals).astype(np.float32)
+    one = np.ones((1, 1), np.float32)
+    for backend in BF16_BACKENDS:
+        got = np.array([ops.gemm_nt(np.array([[v]], np.float32), one, backend=backend,
+                                    compute_dtype="bfloat16")[0, 0] for v in vals], np.float32)
+        assert np.array_equal(got.view(np.uint32) & 0x7FFFFFFF, want.view(np.uint32) & 0x7FFFFFFF), backend
+        nan = ops.gemm_nt(np.full((1, 1), np.nan, np.float32), one, backend=backend, compute_dtype="bfloat16")
+        assert np.isnan(nan).all()
+    # rounding really happens (a kernel that skipped it would pass the bounds above on small K)
+    assert want[1] == 1.0 and want[2] == np.float32(1 + 4 * 2 ** -8)
+
+
+def test_fp32_fallback_levels(rng):
+    """Levels without bf16 units run the fp32 kernels: bit-identical to compute_dtype="float32"."""
+    a, b = rng.standard_normal((40, 50)).astype(np.float32), rng.standard_normal((30, 50)).astype(np.float32)
+    w = random_nf4(rng, 30, 64, 64, True)
+    x = rng.standard_normal((40, 64)).astype(np.float32)
+    for backend in ("cpu:generic",) + (("cpu:avx2",) if "cpu:avx2" in qlora_native.available_backends() else ()):
+        assert not ops.bf16_compute_available(backend)
+        assert np.array_equal(ops.gemm_nt(a, b, backend=backend, compute_dtype="bfloat16"),
+                              ops.gemm_nt(a, b, backend=backend))
+        assert np.array_equal(ops.nf4_gemm_nt(x, w, backend=backend, compute_dtype="bfloat16"),
+                              ops.nf4_gemm_nt(x, w, backend=backend))
+    assert ops.bf16_compute_available("cpu:scalar")
+
+
+def test_bad_compute_dtype():
+    a = np.ones((2, 2), np.float32)
+    for bad in ("bf16", "float16", "", "BFLOAT16"):
+        with pytest.raises(ValueError, match="compute_dtype"):
+            ops.gemm_nt(a, a, compute_dtype=bad)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        qlora_native.Model.from_pretrained("/nonexistent", compute_dtype="fp16")
+    with pytest.raises(ValueError, match="bf16"):
+        qlora_native.TrainingArguments(output_dir="x", bf16="yes").validate()
+
+
+# ---------------------------------------------------------------- the model's bf16 training passes
+from test_lora_model import build, needs_peft, peft_reference, random_adapter  # noqa: E402
+
+
+def batch(rng, V, B=3, T=12):
+    """Right-padded batch with some ignored labels (as tests/test_train_parity.py)."""
+    ids = rng.integers(3, V, (B, T))
+    mask = np.ones((B, T), np.int64)
+    for b, n in enumerate([T, T - 3, T - 5][:B]):
+        mask[b, n:] = 0
+        ids[b, n:] = 0
+    labels = np.where(mask == 1, ids, -100)
+    labels[rng.random((B, T)) < 0.15] = -100
+    return ids, mask, labels
+
+TINY = dict(nf4=True, hidden=64, inter=128, heads=4, kv_heads=2, vocab=100, layers=2)
+LORA = dict(r=4, lora_alpha=8, target_modules="all-linear")
+
+
+def global_rel(got, want):
+    """Relative Frobenius error over all LoRA gradients together."""
+    num = sum(float(np.sum((got[k] - want[k]) ** 2)) for k in want)
+    return np.sqrt(num / sum(float(np.sum(want[k] ** 2)) for k in want))
+
+
+def max_rel(got, want):
+    return max(float(np.linalg.norm(got[k] - want[k]) / np.linalg.norm(want[k])) for k in want)
+
+
+def engine_pass(model, ids, mask, labels):
+    model.zero_grad()
+    loss = model.forward_backward(ids, labels, mask)
+    return loss, model.get_adapter_gradients()
+
+
+@needs_peft
+@needs_bf16
+def test_bf16_training_pass_vs_float64_autocast_and_oracle(tmp_path, rng):
+    """Loss and LoRA gradients of a 2-layer NF4 model in bf16 mode against
+    - transformers + PEFT in float64 (the exact reference): within a bf16-derived bound; each base
+      GEMM rounds its operands (<= 2u relative per product); an early layer's gradient passes
+      through about 2 (L + 1) such GEMMs forward and back, with a factor 2 for cancellation in the
+      sums: tol = 2u * 2 (L + 1) * 2 (measured worst 0.036 over 6 seeds; tol 0.094);
+    - PEFT under torch.autocast("cpu", bfloat16) (the usual bf16 QLoRA recipe, which also rounds
+      every GEMM output and the LoRA branch to bf16): our error must not be larger (measured 0.1x-0.4x);
+    - the same model on "cpu:scalar" in bf16 (the emulating oracle): only the fp32 vs double
+      accumulation differs, which moves a downstream bf16 rounding by one step now and then; bound
+      2u global / 4u per tensor (measured <= 1.4e-3 / 2.3e-3), loss u / 8 (measured <= 4e-5)."""
+    import torch
+    from test_train_parity import peft_grads, torch_loss
+    model, cfg, ref = build(tmp_path, rng, **TINY)
+    random_adapter(model, "a", rng, **LORA)
+    ids, mask, labels = batch(rng, cfg["vocab_size"], B=3, T=16)
+    pm = peft_reference(model, cfg, ref, "a", tmp_path)
+    loss64 = torch_loss(pm, ids, mask, labels)
+    loss64.backward()
+    g64, loss64 = peft_grads(pm), loss64.item()
+    pm32 = peft_reference(model, cfg, ref, "a", tmp_path / "ac", "float32")
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        loss_ac = torch_loss(pm32, ids, mask, labels)
+    loss_ac.backward()
+    g_ac = peft_grads(pm32)
+
+    loss32, g32 = engine_pass(model, ids, mask, labels)
+    assert model.compute_dtype == "float32"
+    model.compute_dtype = "bfloat16"
+    assert model.compute_dtype == "bfloat16"
+    loss16, g16 = engine_pass(model, ids, mask, labels)
+    assert set(g16) == set(g64)
+    L = cfg["num_hidden_layers"]
+    tol = 2 * U * 2 * (L + 1) * 2
+    assert abs(loss16 - loss64) < U * abs(loss64)
+    err16, err_ac = global_rel(g16, g64), global_rel(g_ac, g64)
+    assert err16 < tol, (err16, tol)
+    assert max_rel(g16, g64) < 2 * tol
+    assert err16 <= err_ac, (err16, err_ac)
+    # bf16 really is used: it differs from the fp32 mode by far more than fp32 noise
+    assert global_rel(g16, g32) > 100 * global_rel(g32, g64)
+
+    oracle = qlora_native.Model.from_pretrained(model.name_or_path, backend="cpu:scalar", compute_dtype="bfloat16")
+    oracle.add_adapter("a", qlora_native.LoraConfig(lora_dropout=0.0, **LORA))
+    oracle.set_adapter_state_dict("a", model.get_adapter_state_dict("a"))
+    oracle.set_active_adapter("a")
+    loss_o, g_o = engine_pass(oracle, ids, mask, labels)
+    assert abs(loss16 - loss_o) < U / 8 * abs(loss_o)
+    assert global_rel(g16, g_o) < 2 * U
+    assert max_rel(g16, g_o) < 4 * U
+    # eval_loss follows the mode too, and checkpointing stays bit-identical in bf16
+    s, n = model.eval_loss(ids, labels, mask)
+    assert abs(s / n - loss16) < 1e-6 * abs(loss16)
+    model.gradient_checkpointing = True
+    loss_ck, g_ck = engine_pass(model, ids, mask, labels)
+    assert loss_ck == loss16 and all(np.array_equal(g_ck[k], g16[k]) for k in g16)
+
+
+@needs_bf16
+def test_bf16_loss_curve_tracks_fp32(tmp_path, rng):
+    """20 AdamW steps from the same start. Step 0 (same parameters) differs by the rounding alone:
+    < u. Later steps drift as AdamW's sign-like first updates amplify the rounding of small
+    gradient entries: PEFT's own bf16 autocast run drifts 2-8% from its fp32 run on this setup
+    (6 seeds), ours 1.3-4% from our fp32 run; bound 10%. Both learn; the LoRA factors stay float32."""
+    model, cfg, _ = build(tmp_path, rng, **TINY)
+    random_adapter(model, "a", rng, **LORA)
+    start = model.get_adapter_state_dict("a")
+    batches = [batch(rng, cfg["vocab_size"]) for _ in range(4)]
+    curves = {}
+    for cd in ("float32", "bfloat16"):
+        model.compute_dtype = cd
+        model.set_adapter_state_dict("a", start)
+        model.configure_optimizer(lr=2e-3, weight_decay=0.01)
+        losses = []
+        for step in range(20):
+            ids, mask, labels = batches[step % 4]
+            model.zero_grad()
+            losses.append(model.forward_backward(ids, labels, mask))
+            model.clip_grad_norm(1.0)
+            model.optimizer_step()
+        curves[cd] = np.array(losses)
+        assert all(v.dtype == np.float32 for v in model.get_adapter_state_dict("a").values())
+    f32, b16 = curves["float32"], curves["bfloat16"]
+    assert f32[-4:].mean() < f32[:4].mean() - 0.05 and b16[-4:].mean() < b16[:4].mean() - 0.05
+    drift = np.abs(b16 - f32) / f32
+    assert drift[0] < U and drift.max() < 0.1, drift
+
+
+def test_trainer_args_bf16_sets_model(tmp_path, rng):
+    from qlora_native.data import Example
+
+    model, cfg, _ = build(tmp_path, rng, **TINY)
+    ex = [Example(input_ids=list(range(3, 20)), labels=list(range(3, 20)))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # CPUs without bf16 units warn
+        qlora_native.Trainer(model, qlora_native.LoraConfig(r=2, target_modules=["q_proj"]), ex,
+                             args=qlora_native.TrainingArguments(output_dir=str(tmp_path / "o"), bf16=True))
+    assert model._core.compute_bf16
+    assert model.compute_dtype == ("bfloat16" if HAVE_BF16 else "float32")
+    qlora_native.Trainer(model, "default", ex, args=qlora_native.TrainingArguments(output_dir=str(tmp_path / "p"),
+                                                                                 bf16=False))
+    assert model.compute_dtype == "float32" and not model._core.compute_bf16
+
+
+FALLBACK = r"""
+import sys, warnings, numpy as np
+import qlora_native
+path = sys.argv[2]
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    m = qlora_native.Model.from_pretrained(path, compute_dtype="bfloat16")
+msgs = [str(x.message) for x in w if issubclass(x.category, RuntimeWarning) and "bfloat16" in str(x.message)]
+assert len(msgs) == 1 and "float32" in msgs[0], msgs
+assert m.compute_dtype == "float32"
+m.add_adapter("a", qlora_native.LoraConfig(r=2, target_modules="all-linear"))
+ids = np.random.default_rng(1).integers(3, 100, (2, 9))
+l16 = m.forward_backward(ids, ids)
+m._core.compute_bf16 = False
+assert m.forward_backward(ids, ids) == l16  # the fallback is exactly fp32 mode
+print("ok")
+"""
+
+
+def test_fallback_without_bf16_units_warns_and_runs_fp32(tmp_path, rng):
+    """QLORA_SIMD=avx2 hides AVX512-BF16 (as on a CPU without it): one warning, fp32 compute."""
+    from helpers_model import make_checkpoint
+
+    path, _, _ = make_checkpoint(tmp_path, rng, hidden=64, inter=128, heads=4, kv_heads=2, vocab=100, layers=2)
+    env = dict(os.environ, QLORA_SIMD="avx2")
+    r = subprocess.run([sys.executable, "-c", FALLBACK, "", str(path)], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
