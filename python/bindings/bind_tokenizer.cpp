@@ -174,6 +174,17 @@ void bind_tokenizer(py::module_& m) {
       })
       .def_property_readonly("source", [](const tk::Tokenizer& t) { return t.desc().source; });
   m.attr("tokenizer_unicode_version") = tk::kUnicodeVersion;
+  m.def(
+      "tokenizer_unicode_flags",
+      [](uint32_t first, uint32_t last) {
+        check_arg(first <= last && last <= 0x110000, "tokenizer_unicode_flags: need 0 <= first <= last <= 0x110000");
+        std::string out(last - first, '\0');
+        for (uint32_t c = first; c < last; ++c) out[c - first] = static_cast<char>(tk::cpt_flags(c));
+        return py::bytes(out);
+      },
+      py::arg("first") = 0, py::arg("last") = 0x110000,
+      "Class flags of code points [first, last) as the pre-tokenizers see them (1 letter, 2 number, 4 punctuation, "
+      "8 White_Space, 16 assigned, 0x80 valid).");
 }
 
 }  // namespace qlora::py_bind
