@@ -57,9 +57,9 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    // The model (NF4-quantized while loading) and its tokenizer, from the same file.
+    // The model (NF4-quantized while loading) and its tokenizer, read from the same file.
     qlora::api::Model model = qlora::api::Model::load(args.model);
-    qlora::api::Tokenizer tok = qlora::api::Tokenizer::load(args.model);
+    const qlora::api::Tokenizer tok = model.tokenizer();
 
     // A context serves one request stream; its adapter set is the adapter at `scale`, or none.
     qlora::api::Context ctx = model.new_context();

@@ -9,7 +9,7 @@
 //   ctx.set_adapters({{&sql, 1.0f}});                                // {}: the base model
 //   std::vector<int32_t> toks = ctx.generate({1, 15043}, 32);
 //
-//   auto tok = qlora::api::Tokenizer::load("model.gguf");            // or an HF dir with tokenizer.json
+//   qlora::api::Tokenizer tok = m.tokenizer();                       // or Tokenizer::load(path)
 //   std::string text = tok.detokenize(ctx.generate(tok.tokenize("Hello"), 32));
 //
 // Destroy adapters and contexts before their model (declare them after it): the C API frees
@@ -60,6 +60,7 @@ std::vector<int32_t> generate(Call&& call, int64_t max_new_tokens, const std::fu
 }  // namespace detail
 
 class Adapter;
+class Tokenizer;
 class Context;
 
 class Model {
@@ -105,6 +106,10 @@ class Model {
   Adapter load_adapter(const std::string& dir);
   // A new context (base model until set_adapters); throws Error on failure.
   Context new_context(const qlora_context_params& params = qlora_context_default_params());
+
+  // The model's own tokenizer (from the path it was loaded from; borrowed: valid while the model
+  // lives); throws Error when its source has none.
+  Tokenizer tokenizer() const;
 
   // ---- LoRA training (qlora.h): the model's own active adapter
   // Adds adapter `name` and makes it active. params: qlora_lora_default_params() when omitted.
@@ -285,6 +290,12 @@ inline Adapter Model::load_adapter(const std::string& dir) {
   qlora_adapter* a = qlora_adapter_load(m_.get(), dir.c_str());
   if (!a) throw Error(qlora_last_status(), qlora_last_error());
   return Adapter(a);
+}
+
+inline Tokenizer Model::tokenizer() const {
+  const qlora_tokenizer* t = qlora_model_get_tokenizer(m_.get());
+  if (!t) throw Error(qlora_last_status(), qlora_last_error());
+  return Tokenizer(t, false);
 }
 
 inline Context Model::new_context(const qlora_context_params& params) {
