@@ -164,3 +164,44 @@ def test_machine_line_fields():
     assert info["engine_cache_sizes"]["l1d"] > 0
     line = _common.machine_line(info, {"numpy_sgemm_gflops": 123.4, "read_bandwidth_gbps": 45.6, "threads": 2})
     assert "123 GFLOP/s" in line and "45.6 GB/s" in line and "L1d/L2/L3" in line
+
+
+def test_blocking_follows_cache_sizes():
+    """GEMM blocking and GEMV chunking come from the cache sizes: other sizes (QLORA_CACHE_SIZES)
+    give other blocks, and results stay correct (vs float64) with tiny caches (many blocks)."""
+    code = r"""
+import json, numpy as np, qlora_native
+from qlora_native import _core, ops, nf4
+rng = np.random.default_rng(0)
+out = {"blocking": {lv: _core.gemm_blocking(lv) for lv in ("generic", "avx2", "avx512") if lv in _core.supported_simd_levels()}}
+errs = []
+for lv in [l for l in ("generic", "avx2", "avx512") if l in _core.supported_simd_levels()]:
+    x = rng.standard_normal((300, 700)).astype(np.float32); w = rng.standard_normal((90, 700)).astype(np.float32)
+    y = np.asarray(ops.gemm_nt(x, w, backend="cpu:" + lv))
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    errs.append(float(np.max(np.abs(y - ref) / (np.abs(x) @ np.abs(w).T))))
+    q = nf4.quantize((0.02 * rng.standard_normal((64, 1536))).astype(np.float32), blocksize=64, double_quant=True)
+    xm = rng.standard_normal((8, 1536)).astype(np.float32)
+    wd = np.asarray(q.dequantize(), np.float64).reshape(64, 1536)
+    yq = np.asarray(ops.nf4_gemm_nt(xm, q, backend="cpu:" + lv))
+    errs.append(float(np.max(np.abs(yq - xm.astype(np.float64) @ wd.T) / (np.abs(xm) @ np.abs(wd).T))))
+out["errs"] = errs
+print(json.dumps(out))
+"""
+    def run(spec):
+        env = dict(os.environ)
+        env.pop("QLORA_CACHE_SIZES", None)
+        if spec:
+            env["QLORA_CACHE_SIZES"] = spec
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        import json
+
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    small, big = run("l1d=8K,l2=128K,l3=1M"), run("l1d=48K,l2=2M,l3=96M")
+    for lv, b in small["blocking"].items():
+        assert b != big["blocking"][lv], lv
+        assert b["kc"] <= big["blocking"][lv]["kc"] and b["mc"] * b["kc"] * 4 <= 128 << 10, (lv, b)
+    for e in small["errs"] + big["errs"]:
+        assert e < 1e-5

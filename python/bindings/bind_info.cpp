@@ -4,6 +4,7 @@
 #include "bindings.hpp"
 #include "cpu/cache_info.hpp"
 #include "cpu/features.hpp"
+#include "cpu/gemm.hpp"
 #include "cpu/profile.hpp"
 #include "cpu/threads.hpp"
 #include "common/error.hpp"
@@ -58,6 +59,12 @@ void bind_info(py::module_& m) {
     d["source"] = c.source;
     return d;
   }, "Data cache sizes in bytes the CPU kernels' blocking is derived from (l1d, l2 per core; l3 shared).");
+  m.def("gemm_blocking", [](const std::string& level) {
+    const cpu::GemmBlocking b = cpu::gemm_blocking_in_use(cpu::simd_level_from_name(level));
+    py::dict d;
+    d["kc"] = b.kc, d["mc"] = b.mc, d["nc"] = b.nc;
+    return d;
+  }, py::arg("level"), "GEMM cache blocking (kc, mc, nc) the kernels of a SIMD level use, derived from cache_sizes().");
   // Opt-in per-op timers (cpu/profile.hpp; bench/bench_train.py --breakdown).
   m.def("profile_enable", [](bool on) { prof::set_enabled(on); }, py::arg("on") = true,
         "Time every CPU backend op by part (also env QLORA_PROFILE=1); off costs one flag test per op.");

@@ -3,6 +3,7 @@
 // B "packing" is where the fused NF4 kernels dequantize: each [KC, NR] panel is decoded from the
 // packed nibbles on the fly, so no fp32 copy of the weight ever exists.
 #include "cpu/gemm.hpp"
+#include "cpu/cache_info.hpp"
 #include "cpu/gemv_f32.hpp"
 
 #include <algorithm>
@@ -35,28 +36,66 @@ struct Kern {
   PackATFn pack_a_t;  // null: the portable pack::a_rows
 };
 
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : v > hi ? hi : v; }
+int64_t pow2_floor(int64_t v) {
+  int64_t p = 1;
+  while (p * 2 <= v) p *= 2;
+  return p;
+}
+
+}  // namespace
+
+// Cache blocking from the cache sizes (cpu/cache_info.hpp) instead of one host's constants.
 // KC: depth of a micro-kernel call (the [KC, NR] B micro-panel is reused down the A block).
-// MC: the [MC, KC] A block fits in L2. NC: bounds the [M, NC] slab of C that every depth block
-// rereads (NC = 4096 left C of a 2048-row GEMM in DRAM: -12% on Zen 5).
-// Values measured on Zen 5 (48 KiB L1d, 1 MiB L2 per core). AVX-512 KC = 1024 (a 128 KiB B
-// micro-panel served from L2, 688 KiB A block): fewer passes over C won 3-13% over KC = 384
-// on every bench_gemm shape at M >= 256 (11008x4096, M = 2048: 424 -> 471 GFLOP/s).
+//   AVX-512: the B micro-panel is served from L2, KC = L2 / 8 / (4 NR) as a power of two in
+//   [256, 1024]: 1024 on a 1 MiB L2 (Zen 4/5: 3-13% over KC = 384 on every bench_gemm shape at
+//   M >= 256 on Zen 5, fewer passes over C). AVX2 / generic: the micro-panel in half of L1d,
+//   KC = L1d / 2 / (4 * 16), a multiple of 16 in [128, 512] (256 on a 32 KiB L1d).
+// MC: the [MC, KC] A block in 2/3 of L2 (168 rows for AVX-512 on 1 MiB), at most 64 tiles.
+// NC: bounds the [M, NC] slab of C that every depth block rereads (NC = 4096 left C of a
+//   2048-row GEMM in DRAM: -12% on Zen 5) and the [KC, NC] B block, whose share of the L3 it
+//   must fit: min(1024, L3 / sharers / (4 KC)), at least 256.
+// KC sets the depth blocks, so results can differ in the last bits between machines with
+// different caches (never between runs or thread counts on one machine).
+GemmBlocking gemm_blocking(int mr, int nr, bool l2_panel, const CacheSizes& c) {
+  GemmBlocking b;
+  if (l2_panel)
+    b.kc = clamp64(pow2_floor(c.l2 / 8 / (4 * nr)), 256, 1024);
+  else
+    b.kc = clamp64(c.l1d / 2 / (4 * 16) / 16 * 16, 128, 512);
+  b.mc = clamp64((c.l2 * 2 / 3) / (4 * b.kc) / mr * mr, mr, 64 * mr);
+  const int64_t l3_share = c.l3 / (c.l3_sharing > 0 ? c.l3_sharing : 1);
+  b.nc = clamp64(l3_share / (4 * b.kc) / nr * nr, 256, 1024);
+  return b;
+}
+
+namespace {
+
 const Kern& kern_for(SimdLevel level) {
-  static const Kern generic{kGenericMR, kGenericNR, 256, 128, 1024,
-                            ukernel_generic, pack_b_t_generic, pack_b_n_generic, nf4_decode_generic, nullptr};
+  // Derived once from the detected caches (QLORA_CACHE_SIZES overrides them for experiments).
+  static const Kern generic = [] {
+    const GemmBlocking b = gemm_blocking(kGenericMR, kGenericNR, false, cache_sizes());
+    return Kern{kGenericMR, kGenericNR, b.kc, b.mc, b.nc, ukernel_generic, pack_b_t_generic, pack_b_n_generic,
+                nf4_decode_generic, nullptr};
+  }();
 #ifdef QLORA_X86
-  static const Kern avx2{kAvx2MR, kAvx2NR, 256, 144, 1024, ukernel_avx2, pack_b_t_avx2, pack_b_n_avx2, nf4_decode_avx2,
-                         nullptr};
-  static const Kern avx512{kAvx512MR, kAvx512NR, 1024, 168, 1024,
-                           ukernel_avx512, pack_b_t_avx512, pack_b_n_avx512, nf4_decode_avx512, pack_a_t_avx512};
+  static const Kern avx2 = [] {
+    const GemmBlocking b = gemm_blocking(kAvx2MR, kAvx2NR, false, cache_sizes());
+    return Kern{kAvx2MR, kAvx2NR, b.kc, b.mc, b.nc, ukernel_avx2, pack_b_t_avx2, pack_b_n_avx2, nf4_decode_avx2,
+                nullptr};
+  }();
+  static const Kern avx512 = [] {
+    const GemmBlocking b = gemm_blocking(kAvx512MR, kAvx512NR, true, cache_sizes());
+    return Kern{kAvx512MR, kAvx512NR, b.kc, b.mc, b.nc, ukernel_avx512, pack_b_t_avx512, pack_b_n_avx512,
+                nf4_decode_avx512, pack_a_t_avx512};
+  }();
   if (level == SimdLevel::AVX512) return avx512;
   if (level == SimdLevel::AVX2) return avx2;
 #endif
   return generic;
 }
-
-constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // A grow-only 64-byte aligned scratch buffer, one per thread and purpose.
 struct Scratch {
@@ -194,6 +233,13 @@ struct RunScales {
 };
 
 }  // namespace
+
+GemmBlocking gemm_blocking_in_use(SimdLevel level) {
+  const Kern& kn = kern_for(level);
+  GemmBlocking b;
+  b.kc = kn.kc, b.mc = kn.mc, b.nc = kn.nc;
+  return b;
+}
 
 void gemm_nt(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
              const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {

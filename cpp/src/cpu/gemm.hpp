@@ -3,10 +3,21 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu/cache_info.hpp"
 #include "cpu/features.hpp"
 #include "tensor_types.hpp"
 
 namespace qlora::cpu {
+
+// Cache blocking of the packed GEMM driver: KC (depth), MC (rows of the A block), NC (columns of
+// the B block); upper bounds, the driver balances the actual sizes.
+struct GemmBlocking {
+  int64_t kc = 0, mc = 0, nc = 0;
+};
+// Derived from cache sizes for a micro-tile MR x NR; l2_panel: the B micro-panel streams from L2
+// (the AVX-512 kernel) rather than living in L1. Rules in gemm.cpp.
+GemmBlocking gemm_blocking(int mr, int nr, bool l2_panel, const CacheSizes& caches);
+GemmBlocking gemm_blocking_in_use(SimdLevel level);  // what the kernels of `level` run with here
 
 void gemm_nt(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
              const float* B, int64_t ldb, float beta, float* C, int64_t ldc);

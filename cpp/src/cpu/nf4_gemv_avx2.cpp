@@ -132,10 +132,10 @@ void rows_wide(const Args& a, int64_t r0, int64_t r1) {
         for (; k + bs <= K; k += bs) {  // whole blocks
           const __m256 scale = _mm256_set1_ps(*am++);
           const __m256 t_lo = _mm256_mul_ps(c_lo, scale), t_hi = _mm256_mul_ps(c_hi, scale);
-          // W 8 rows ahead into L1 and 32 into L2 (as nf4_gemv_avx512.cpp): from DRAM, the
+          // W ahead into L1 and L2 (Args::pf_l1 / pf_l2, as nf4_gemv_avx512.cpp): from DRAM, the
           // slow decode loop otherwise waits on every row.
-          _mm_prefetch(reinterpret_cast<const char*>(p + k / 2 + 4 * K), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(p + k / 2 + 16 * K), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(p + k / 2 + a.pf_l1), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(p + k / 2 + a.pf_l2), _MM_HINT_T1);
           for (int64_t i = 0; i < bs; i += 16)
             group16_wide<M>(acc, p + (k + i) / 2, x + (k + i) * M, t_lo, t_hi, sh_lo, sh_hi);
         }

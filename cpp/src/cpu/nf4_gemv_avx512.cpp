@@ -25,15 +25,17 @@ namespace {
 // each FMA, doubling the loads of the row-pair kernels (the bound at M >= 4).
 QLORA_AI void keep_in_register(__m512& a, __m512& b) { asm("" : "+v"(a), "+v"(b)); }
 
-// W two row pairs ahead (rows are contiguous: a pair is K bytes), called once per block of both
-// rows of a pair. The decode loop reads W slowly (~2 bytes a cycle at M = 8); inside a model
+// W ahead of the row pair being decoded (rows are contiguous: a pair is K bytes), called once per
+// block of both rows of a pair: pf_l1 bytes ahead into L1, pf_l2 into L2 (Args: 4 and 16 pairs,
+// capped at half the L1d and 1/16 of the L2, so a long row (K = 11008: 5.5 KB) is not prefetched
+// past what L1 holds). The decode loop reads W slowly (~2 bytes a cycle at M = 8); inside a model
 // the weights come from DRAM and, without this, every row pair waited on memory (the [576, 1536]
 // down projection at M = 8 ran 1.75x slower than from cache).
-QLORA_AI void prefetch_ahead(const uint8_t* p0, int64_t K) {
-  _mm_prefetch(reinterpret_cast<const char*>(p0 + 4 * K), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(p0 + 4 * K + K / 2), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(p0 + 16 * K), _MM_HINT_T1);
-  _mm_prefetch(reinterpret_cast<const char*>(p0 + 16 * K + K / 2), _MM_HINT_T1);
+QLORA_AI void prefetch_ahead(const uint8_t* p0, int64_t K, int64_t pf_l1, int64_t pf_l2) {
+  _mm_prefetch(reinterpret_cast<const char*>(p0 + pf_l1), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(p0 + pf_l1 + K / 2), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(p0 + pf_l2), _MM_HINT_T1);
+  _mm_prefetch(reinterpret_cast<const char*>(p0 + pf_l2 + K / 2), _MM_HINT_T1);
 }
 
 // Dword q = 4*lane + t of a 16-byte broadcast, shifted by 8*lane (+4 for the high nibble).
@@ -155,7 +157,7 @@ void row_pairs_m(const Args& a, int64_t r0, int64_t r1) {
     for (int64_t blk = 0; blk < nb; ++blk) {
       const __m512 t0 = _mm512_mul_ps(codes, _mm512_set1_ps(am0[blk]));
       const __m512 t1 = _mm512_mul_ps(codes, _mm512_set1_ps(am1[blk]));
-      prefetch_ahead(p0 + blk * bs / 2, K);
+      prefetch_ahead(p0 + blk * bs / 2, K, a.pf_l1, a.pf_l2);
       for (int64_t k = blk * bs, end = k + bs; k < end; k += 32) {
         const PairW w = decode_pair(p0, p1, k, t0, t1, sh);
         for (int m = 0; m < M; ++m) {
@@ -190,7 +192,7 @@ inline Args rows_of(const Args& a, int64_t m0, int64_t M) {
 // 5 <= M <= 8, two rows of W at a time: 16 accumulators (even and odd columns share one, so
 // 2 rows x 8 rows of X fit the 32 registers), one decode of W for all M rows of X, and one
 // tree reduction of the 16 accumulators. Requires K % blocksize == 0 (as row_pairs_m).
-// When M rows of X exceed ~24 KiB (K = 1536 at M = 8: 48 KiB, all of L1), the columns go in
+// When M rows of X exceed 3/4 of L1d (K = 1536 at M = 8: 48 KiB > 24 KiB), the columns go in
 // chunks that stay in L1, each chunk over all the row pairs, summed into Y: X loads from L2
 // (one per FMA pair) had saturated L2 bandwidth. The chunking depends on K and M only.
 template <int M>
@@ -202,7 +204,7 @@ void row_pairs_wide(const Args& a, int64_t r0, int64_t r1) {
   const float* x = a.x;                             // [M, ldx] regrouped
   const __m512 codes = _mm512_loadu_ps(a.codes);
   const Shifts sh = make_shifts();
-  const int64_t fit = ((int64_t{24} << 10) / (4 * M)) >> s;  // blocks of M rows of X in 24 KiB
+  const int64_t fit = (a.x_chunk / (4 * M)) >> s;  // blocks of M rows of X in 3/4 of L1d (24 KiB of 32)
   const int64_t max_cb = fit > 1 ? fit : 1;
   const int64_t n_chunks = (nb + max_cb - 1) / max_cb, cb = (nb + n_chunks - 1) / n_chunks;
   alignas(64) float dots[16];  // [W row n + (i >= 8)][X row i % 8]
@@ -218,7 +220,7 @@ void row_pairs_wide(const Args& a, int64_t r0, int64_t r1) {
       for (int64_t blk = c0; blk < c1; ++blk) {
         const __m512 t0 = _mm512_mul_ps(codes, _mm512_set1_ps(am0[blk]));
         const __m512 t1 = _mm512_mul_ps(codes, _mm512_set1_ps(am1[blk]));
-        prefetch_ahead(p0 + blk * bs / 2, K);
+        prefetch_ahead(p0 + blk * bs / 2, K, a.pf_l1, a.pf_l2);
         for (int64_t k = blk * bs, end = k + bs; k < end; k += 32) {
           const PairW w = decode_pair(p0, p1, k, t0, t1, sh);
 #pragma GCC unroll 8

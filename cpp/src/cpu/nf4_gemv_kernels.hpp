@@ -20,6 +20,9 @@ struct Args {
   float alpha, beta;  // beta == 0: Y is not read
   float* y;          // [M, ldy]
   int64_t ldy;
+  // From the cache sizes (nf4_gemv.cpp, cpu/cache_info.hpp): software prefetch distances in bytes
+  // of packed W (to L1 and to L2) and the bytes of X a column chunk of the wide kernels may use.
+  int64_t pf_l1, pf_l2, x_chunk;
 };
 
 // Columns per group of the SIMD kernels (G/2 bytes of W decoded together); they take X
