@@ -53,7 +53,9 @@ int64_t pow2_floor(int64_t v) {
 //   [256, 1024]: 1024 on a 1 MiB L2 (Zen 4/5: 3-13% over KC = 384 on every bench_gemm shape at
 //   M >= 256 on Zen 5, fewer passes over C). AVX2 / generic: the micro-panel in half of L1d,
 //   KC = L1d / 2 / (4 * 16), a multiple of 16 in [128, 512] (256 on a 32 KiB L1d).
-// MC: the [MC, KC] A block in 2/3 of L2 (168 rows for AVX-512 on 1 MiB), at most 64 tiles.
+// MC: the [MC, KC] A block in 2/3 of L2 with the L2-panel kernel (168 rows for AVX-512 on 1 MiB),
+//   in 1/7 of it otherwise (144 rows for AVX2 on 1 MiB: 384 rows, the A block in 2/3, measured
+//   up to 15% slower on Zen 4), at most 64 tiles.
 // NC: bounds the [M, NC] slab of C that every depth block rereads (NC = 4096 left C of a
 //   2048-row GEMM in DRAM: -12% on Zen 5) and the [KC, NC] B block, whose share of the L3 it
 //   must fit: min(1024, L3 / sharers / (4 KC)), at least 256.
@@ -65,7 +67,7 @@ GemmBlocking gemm_blocking(int mr, int nr, bool l2_panel, const CacheSizes& c) {
     b.kc = clamp64(pow2_floor(c.l2 / 8 / (4 * nr)), 256, 1024);
   else
     b.kc = clamp64(c.l1d / 2 / (4 * 16) / 16 * 16, 128, 512);
-  b.mc = clamp64((c.l2 * 2 / 3) / (4 * b.kc) / mr * mr, mr, 64 * mr);
+  b.mc = clamp64((l2_panel ? c.l2 * 2 / 3 : c.l2 / 7) / (4 * b.kc) / mr * mr, mr, 64 * mr);
   const int64_t l3_share = c.l3 / (c.l3_sharing > 0 ? c.l3_sharing : 1);
   b.nc = clamp64(l3_share / (4 * b.kc) / nr * nr, 256, 1024);
   return b;
