@@ -121,3 +121,38 @@ def test_many_bad_input():
     with pytest.raises(ValueError, match="out of range"):
         ops.lora_segments_many([(x, y0, [(3, 2, segs[0][2], segs[0][3], 1.0)])])
     ops.lora_segments_many([])  # nothing to do
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_large_job_on_the_thread_pool(backend):
+    """A job big enough for the thread pool (8 adapters on gate/up/down-like shapes, several shrink
+    and expand tasks per problem, expands waiting on other threads' shrinks): the same bits as
+    each row alone (a job small enough to run on the calling thread), and the float64 result."""
+    rng = np.random.default_rng(11)
+    M, n_in = 8, 576
+    x = rng.standard_normal((M, n_in)).astype(np.float32)
+    probs, wants, alone = [], [], []
+    for n_out in (1536, 1536, 576):
+        y0 = rng.standard_normal((M, n_out)).astype(np.float32)
+        segs = [(m, 1, rng.standard_normal((16 + 8 * (m % 2), n_in)).astype(np.float32), None, 0.5 + m)
+                for m in range(M)]
+        segs = [(m, 1, A, rng.standard_normal((n_out, A.shape[0])).astype(np.float32), al) for m, _, A, _, al in segs]
+        want = y0.astype(np.float64)
+        rows = []
+        for m, _, A, B, al in segs:
+            want[m] += al * (x[m].astype(np.float64) @ A.T.astype(np.float64)) @ B.T.astype(np.float64)
+            y1 = y0[m:m + 1].copy()
+            ops.lora_segments(x[m:m + 1], y1, [(0, 1, A, B, al)], backend=backend)
+            rows.append(y1[0])
+        probs.append((x, y0, segs))
+        wants.append(want)
+        alone.append(np.stack(rows))
+    old = qlora_native.num_threads()
+    qlora_native.set_num_threads(2)
+    try:
+        ops.lora_segments_many(probs, backend=backend)
+    finally:
+        qlora_native.set_num_threads(old)
+    for (_, y, _), want, a in zip(probs, wants, alone):
+        np.testing.assert_array_equal(y, a)
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

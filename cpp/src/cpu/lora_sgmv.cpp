@@ -114,20 +114,26 @@ void lora_segments_many(SimdLevel level, int64_t np, const Backend::LoraProblem*
     for (Seg& s : segs) s.t = t, t += s.s->rows * s.s->r;
   }
 
-  // Task sizes: about 4 tasks per thread over the bytes of A and B the job reads, at least 16 KiB
-  // each (smaller tasks cost more in claiming than they balance).
-  int64_t bytes = 0;
-  for (const Seg& s : segs) bytes += 4 * s.s->r * (s.p->in + s.p->out);
+  // Work of a segment in bytes of A and B read, weighted by its rows (at 8 rows the FMAs take
+  // about as long as streaming the factors; below 4 rows the stream dominates). A job under
+  // kSerialWork runs on the calling thread: like the NF4 GEMV's 128 KiB per task, a few
+  // microseconds of work do not pay for the pool's wake-up and join (a decode step has ~120 of
+  // these jobs). Else about 4 tasks per thread, each at least kMinTaskWork.
+  constexpr double kSerialWork = 256 << 10, kMinTaskWork = 64 << 10;
+  auto weight = [](int64_t rows) { return std::max(1.0, static_cast<double>(rows) / 4.0); };
+  double work = 0;
+  for (const Seg& s : segs) work += 4.0 * static_cast<double>(s.s->r * (s.p->in + s.p->out)) * weight(s.s->rows);
   const int nth = num_threads();
-  const int64_t target = std::max<int64_t>(16 << 10, bytes / (4 * std::max(1, nth)));
+  const bool serial = nth <= 1 || work < kSerialWork;
+  const double target = serial ? 1e300 : std::max(kMinTaskWork, work / (4.0 * nth));
   std::vector<Task>& tasks = jb.tasks;
   std::vector<int64_t>& pending = jb.pending;  // shrink tasks per problem
   tasks.clear();
   pending.assign(static_cast<size_t>(np), 0);
   for (size_t k = 0; k < segs.size(); ++k) {
     const Backend::LoraSegment& g = *segs[k].s;
-    const int64_t a_bytes = 4 * g.r * segs[k].p->in;
-    const int64_t pieces = std::min<int64_t>(g.r, std::max<int64_t>(1, (a_bytes + target / 2) / target));
+    const double a_work = 4.0 * static_cast<double>(g.r * segs[k].p->in) * weight(g.rows);
+    const int64_t pieces = std::min<int64_t>(g.r, std::max<int64_t>(1, static_cast<int64_t>(a_work / target + 0.5)));
     const int64_t per = (g.r + pieces - 1) / pieces;
     for (int64_t j = 0; j < g.r; j += per) {
       tasks.push_back({0, static_cast<int64_t>(k), prob_of_seg[k], j, std::min(g.r, j + per)});
@@ -136,11 +142,11 @@ void lora_segments_many(SimdLevel level, int64_t np, const Backend::LoraProblem*
   }
   for (int64_t i = 0; i < np; ++i) {
     if (!pending[static_cast<size_t>(i)]) continue;
-    int64_t col_bytes = 0;  // bytes of B per output column, over the problem's segments
+    double col_work = 0;  // work of one output column, over the problem's segments
     for (const Seg& s : segs)
-      if (s.p == &P[i]) col_bytes += 4 * s.s->r;
+      if (s.p == &P[i]) col_work += 4.0 * static_cast<double>(s.s->r) * weight(s.s->rows);
     const int64_t out = P[i].out;
-    int64_t cols = std::max<int64_t>(16, target / std::max<int64_t>(1, col_bytes));
+    int64_t cols = std::max<int64_t>(16, static_cast<int64_t>(std::min(1e15, target / std::max(1.0, col_work))));
     const int64_t pieces = (out + cols - 1) / cols;
     cols = ((out + pieces - 1) / pieces + 15) / 16 * 16;  // balanced, whole 16-column blocks
     for (int64_t n = 0; n < out; n += cols) tasks.push_back({1, -1, i, n, std::min(out, n + cols)});
@@ -153,7 +159,7 @@ void lora_segments_many(SimdLevel level, int64_t np, const Backend::LoraProblem*
   std::atomic<int64_t>* left = jb.left.get();
   for (int64_t i = 0; i < np; ++i) left[i].store(pending[static_cast<size_t>(i)], std::memory_order_relaxed);
 
-  parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t ti) {
+  auto task = [&](int64_t ti) {
     const Task& tk = tasks[static_cast<size_t>(ti)];
     if (tk.kind == 0) {
       const Seg& s = segs[static_cast<size_t>(tk.seg)];
@@ -177,7 +183,12 @@ void lora_segments_many(SimdLevel level, int64_t np, const Backend::LoraProblem*
       const Backend::LoraSegment& g = *s.s;
       kn.expand(g.rows, tk.a, tk.b, g.r, g.alpha, s.t, g.r, g.B, g.r, p.y + g.row0 * p.ldy, p.ldy);
     }
-  });
+  };
+  if (serial) {
+    for (int64_t ti = 0; ti < static_cast<int64_t>(tasks.size()); ++ti) task(ti);
+  } else {
+    parallel_for(static_cast<int64_t>(tasks.size()), task);
+  }
 }
 
 }  // namespace qlora::cpu
