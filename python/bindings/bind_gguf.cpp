@@ -10,6 +10,9 @@
 #include "gguf/dequant.hpp"
 #include "gguf/gguf_model.hpp"
 #include "io/gguf_read.hpp"
+#include "model/hf_loader.hpp"
+
+#include <cmath>
 
 namespace qlora::py_bind {
 
@@ -47,6 +50,40 @@ py::object value_to_py(const gguf::Value& v) {
   return py::none();
 }
 
+// A Python config dict as JSON, the way the engine's parser reads a config.json: integers beyond
+// int64 become doubles (as in a file), non-str keys their str(); other objects their repr() as a
+// string, so the field check names them instead of failing here.
+json::Value py_to_json(py::handle o, int depth) {
+  check_arg(depth <= 512, "config: nesting deeper than 512 (or a circular reference)");
+  if (o.is_none()) return json::Value();
+  if (py::isinstance<py::bool_>(o)) return json::Value(o.cast<bool>());
+  if (py::isinstance<py::int_>(o)) {
+    int overflow = 0;
+    const long long i = PyLong_AsLongLongAndOverflow(o.ptr(), &overflow);
+    if (overflow == 0 && !(i == -1 && PyErr_Occurred())) return json::Value(static_cast<int64_t>(i));
+    PyErr_Clear();
+    const double d = PyLong_AsDouble(o.ptr());
+    if (d == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return json::Value(overflow < 0 ? -HUGE_VAL : HUGE_VAL);
+    }
+    return json::Value(d);
+  }
+  if (py::isinstance<py::float_>(o)) return json::Value(o.cast<double>());
+  if (py::isinstance<py::str>(o)) return json::Value(o.cast<std::string>());
+  if (py::isinstance<py::list>(o) || py::isinstance<py::tuple>(o)) {
+    json::Array a;
+    for (py::handle x : o) a.push_back(py_to_json(x, depth + 1));
+    return json::Value(std::move(a));
+  }
+  if (py::isinstance<py::dict>(o)) {
+    json::Value obj = json::Value::object();
+    for (auto item : o.cast<py::dict>()) obj.set(py::str(item.first).cast<std::string>(), py_to_json(item.second, depth + 1));
+    return obj;
+  }
+  return json::Value(py::repr(o).cast<std::string>());
+}
+
 const gguf::Value& key_at(const File& f, const std::string& key) {
   const gguf::Value* v = f.find(key);
   if (!v) throw py::key_error(key);
@@ -55,6 +92,38 @@ const gguf::Value& key_at(const File& f, const std::string& key) {
 }  // namespace
 
 void bind_gguf(py::module_& m) {
+  // qlora_native._core.config: config.json rules, one implementation for Python and the C API.
+  py::module_ cm = m.def_submodule("config", "config.json parsing and validation (hf_loader.cpp)");
+  cm.def(
+      "parse_hf_config",
+      [](py::handle d) {
+        const model::HfConfig h = model::parse_hf_config(py_to_json(d, 0));
+        const model::LlamaConfig& c = h.cfg;
+        py::dict out;
+        out["arch"] = c.arch;
+        out["vocab_size"] = c.vocab_size;
+        out["hidden_size"] = c.hidden_size;
+        out["intermediate_size"] = c.intermediate_size;
+        out["num_hidden_layers"] = c.num_layers;
+        out["num_attention_heads"] = c.num_heads;
+        out["num_key_value_heads"] = c.num_kv_heads;
+        out["head_dim"] = c.head_dim;
+        out["rms_norm_eps"] = h.rms_norm_eps;
+        out["rope_theta"] = h.rope_theta;
+        out["rope_scaling"] = json_to_py(h.rope_scaling);
+        out["tie_word_embeddings"] = c.tie_word_embeddings;
+        out["max_position_embeddings"] = c.max_position_embeddings;
+        out["qkv_bias"] = c.qkv_bias;
+        out["o_bias"] = c.o_bias;
+        out["sliding_window"] = c.sliding_window ? py::object(py::int_(c.sliding_window)) : py::object(py::none());
+        out["prequantized"] = h.prequantized;
+        out["core"] = c;
+        return out;
+      },
+      py::arg("config"),
+      "Parses and validates a config.json dict with the engine's rules (ValueError / FormatError naming the "
+      "field, as the C API loader); returns the normalized fields and the core LlamaConfig.");
+
   py::module_ g = m.def_submodule("gguf", "GGUF reader, dequantization and model loading");
   g.attr("MAX_TENSORS") = gguf::kMaxTensors;
   g.attr("MAX_ARRAY_ELEMENTS") = gguf::kMaxArrayElements;

@@ -25,6 +25,7 @@ std::string repr(const Value* v) {
   if (!v || v->is_null()) return "None";
   if (v->is_bool()) return v->as_bool() ? "True" : "False";
   if (v->is_string()) return "'" + v->as_string() + "'";
+  if (v->is_double()) return gguf::py_float_repr(v->as_double());  // "1e-05", "nan", "inf" as Python
   if (v->is_array()) {  // Python's list repr: "[1, 'a']"
     std::string s = "[";
     for (size_t i = 0; i < v->size(); ++i) s += (i ? ", " : "") + repr(&v->at(i));
@@ -108,7 +109,7 @@ double num(const Value& d, const char* key, double def) {
   return positive(v, key);
 }
 
-void rope_scaling(const Value* s, const Value* max_pos, LlamaConfig& c) {
+void rope_scaling(const Value* s, const Value* max_pos, LlamaConfig& c, Value& norm) {
   if (!s || s->is_null()) return;
   if (!s->is_object()) throw ValueError("config: rope_scaling must be an object or null, got " + repr(s));
   const Value* kind_v = s->find("rope_type");
@@ -121,12 +122,17 @@ void rope_scaling(const Value* s, const Value* max_pos, LlamaConfig& c) {
   if (kind == "default") return;
   if (kind == "linear") {
     c.rope_type = RopeType::Linear;
-    c.rope_factor = static_cast<float>(positive(s->find("factor"), "rope_scaling.factor"));
+    const double factor = positive(s->find("factor"), "rope_scaling.factor");
+    c.rope_factor = static_cast<float>(factor);
+    norm = Value::object();
+    norm.set("rope_type", "linear");
+    norm.set("factor", factor);
     return;
   }
   if (kind == "llama3") {
     c.rope_type = RopeType::Llama3;
-    c.rope_factor = static_cast<float>(positive(s->find("factor"), "rope_scaling.factor"));
+    const double factor = positive(s->find("factor"), "rope_scaling.factor");
+    c.rope_factor = static_cast<float>(factor);
     const double lo = positive(s->find("low_freq_factor"), "rope_scaling.low_freq_factor");
     const double hi = positive(s->find("high_freq_factor"), "rope_scaling.high_freq_factor");
     const Value* omp = s->find("original_max_position_embeddings");
@@ -138,6 +144,12 @@ void rope_scaling(const Value* s, const Value* max_pos, LlamaConfig& c) {
     c.rope_low_freq_factor = static_cast<float>(lo);
     c.rope_high_freq_factor = static_cast<float>(hi);
     c.rope_original_max_pos = omp->as_int();
+    norm = Value::object();
+    norm.set("rope_type", "llama3");
+    norm.set("factor", factor);
+    norm.set("low_freq_factor", lo);
+    norm.set("high_freq_factor", hi);
+    norm.set("original_max_position_embeddings", omp->as_int());
     return;
   }
   throw ValueError("config: unsupported rope_scaling type " + repr(kind_v) + " (supported: linear, llama3)");
@@ -239,7 +251,7 @@ HfConfig parse_hf_config(const Value& d) {
     if (!scaling || scaling->is_null()) scaling = rp;
   }
   const double rope_theta = (!theta || theta->is_null()) ? 10000.0 : positive(theta, "rope_theta");
-  rope_scaling(scaling, d.find("max_position_embeddings"), c);
+  rope_scaling(scaling, d.find("max_position_embeddings"), c, out.rope_scaling);
 
   const bool attn_bias = opt_bool(d, "attention_bias");
   c.qkv_bias = c.arch == "qwen2" || attn_bias;
@@ -260,7 +272,9 @@ HfConfig parse_hf_config(const Value& d) {
   c.num_heads = heads;
   c.num_kv_heads = kv_heads;
   c.head_dim = head_dim;
-  c.rms_norm_eps = static_cast<float>(num(d, "rms_norm_eps", 1e-6));
+  out.rms_norm_eps = num(d, "rms_norm_eps", 1e-6);
+  out.rope_theta = rope_theta;
+  c.rms_norm_eps = static_cast<float>(out.rms_norm_eps);
   c.rope_theta = static_cast<float>(rope_theta);
   c.tie_word_embeddings = opt_bool(d, "tie_word_embeddings");
   c.max_position_embeddings = d.find("max_position_embeddings") ? req_int(d, "max_position_embeddings") : 2048;

@@ -19,6 +19,11 @@ struct HfConfig {
   bool prequantized = false;           // bitsandbytes NF4 4-bit checkpoint
   int64_t bos_token_id = -1;           // -1: none
   std::vector<int64_t> eos_token_ids;  // every stop id of config.json (int or list)
+  // The values as config.json states them, in double precision (cfg holds float32 copies), for
+  // the Python face's ModelConfig: rms_norm_eps, rope_theta and the normalized rope scaling (null,
+  // {"rope_type": "linear", "factor"} or llama3's five fields).
+  double rms_norm_eps = 1e-6, rope_theta = 10000.0;
+  json::Value rope_scaling;
 };
 
 // Parses a config.json document. ValueError names the offending field (FormatError when the
