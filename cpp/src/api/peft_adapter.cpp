@@ -5,6 +5,7 @@
 #include <cctype>
 #include <cerrno>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <map>
@@ -562,7 +563,8 @@ std::shared_ptr<model::LoraAdapter> load_peft_adapter(model::LlamaModel& m, cons
     const int p = static_cast<int>(k % kNumProj);
     const model::Linear& lin = model::proj(m.weights().layers[layer], p);
     const io::TensorInfo* t[2] = {found[k].first, found[k].second};
-    std::vector<float> host[2];
+    std::vector<float> host[2];  // converted copies (F16 / BF16 / F64 / unaligned F32 only)
+    const float* data[2];
     for (int w = 0; w < 2; ++w) {
       const io::TensorInfo& ti = *t[w];
       const bool isA = w == 0;
@@ -578,12 +580,20 @@ std::shared_ptr<model::LoraAdapter> load_peft_adapter(model::LlamaModel& m, cons
                          std::to_string(layer) + " " + model::proj_name(p) + " of the model is [out " +
                          std::to_string(lin.out) + ", in " + std::to_string(lin.in) + "], which needs " +
                          shape_str(want) + ": the adapter was made for another base model");
-      host[w] = to_f32(ti, where);
-      for (float x : host[w])
-        if (!std::isfinite(x)) throw ValueError(where + ": tensor '" + ti.name + "' contains NaN or Inf");
+      // Aligned F32 is read in place from the mapping (one copy less of the adapter's bytes).
+      if (ti.dtype == DType::F32 && reinterpret_cast<uintptr_t>(ti.data) % alignof(float) == 0) {
+        data[w] = reinterpret_cast<const float*>(ti.data);
+      } else {
+        host[w] = to_f32(ti, where);
+        data[w] = host[w].data();
+      }
+      const int64_t n = ti.numel();
+      bool finite = true;
+      for (int64_t i = 0; i < n; ++i) finite &= std::isfinite(data[w][i]);  // branch-free: vectorizes
+      if (!finite) throw ValueError(where + ": tensor '" + ti.name + "' contains NaN or Inf");
     }
     a->modules[static_cast<size_t>(k)] =
-        model::make_lora_module(m.backend(), res.r, lin.in, lin.out, res.scaling, host[0].data(), host[1].data());
+        model::make_lora_module(m.backend(), res.r, lin.in, lin.out, res.scaling, data[0], data[1]);
   }
   return a;
 }
