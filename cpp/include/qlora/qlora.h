@@ -3,7 +3,9 @@
  *
  * Conventions
  *  - Handles are opaque. qlora_model_load() returns a model the caller owns and must release
- *    with qlora_model_free() (exactly once). Nothing else returned by this API needs freeing.
+ *    with qlora_model_free() (exactly once). Adapters (qlora_adapter_load) and contexts
+ *    (qlora_context_new) have their own *_free calls and rules, written where they are declared.
+ *    Nothing else returned by this API needs freeing unless its comment says so.
  *  - Buffers passed in (token ids, params, output arrays) stay owned by the caller; the library
  *    never keeps a pointer to them after the call returns.
  *  - Functions returning int return QLORA_OK (0) on success and a negative qlora_status on
