@@ -30,7 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 ENGINES = ("qlora_nf4", "peft_bnb", "peft_fp32")
-LABEL = {"qlora_nf4": "qlora_native NF4", "peft_bnb": "PEFT+bnb NF4 (dq)", "peft_fp32": "PEFT fp32"}
+LABEL = {"qlora_nf4": "qlora_native NF4", "peft_bnb": "PEFT+bnb NF4 (dq)", "peft_fp32": "PEFT fp32",
+         # opt-in (--engines): bnb_4bit_compute_dtype=bfloat16 under torch.autocast(cpu, bfloat16)
+         "peft_bnb_bf16": "PEFT+bnb NF4 (dq) bf16 autocast"}
 TARGET_TOKS_VS_BNB = 1.5   # qlora_native tokens/s >= 1.5x PEFT + bitsandbytes
 TARGET_RSS_VS_BNB = 0.5    # qlora_native peak RSS <= 0.5x PEFT + bitsandbytes
 SGEMM_SHAPES = [(2048, 576, 1536), (2048, 1536, 576)]  # (M, K, N): Y[M, N] = X[M, K] · W[N, K]ᵀ
@@ -91,6 +93,8 @@ def run_qlora(spec, res):
         raise NotImplementedError(f"qlora_native.Model lacks {', '.join(missing) or 'LoraConfig'}")
     t0 = time.perf_counter()
     m = qlora_native.Model.from_pretrained(spec["gguf"], quantize="nf4", tokenizer=None)
+    m.compute_dtype = spec.get("compute_dtype", "float32")
+    res["compute_dtype"] = m.compute_dtype
     m.add_adapter("bench", qlora_native.LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.0,
                                                    target_modules="all-linear"), seed=0)
     m.set_active_adapter("bench")
@@ -116,7 +120,7 @@ def run_qlora(spec, res):
         pass
 
 
-def run_peft(spec, res, quantized):
+def run_peft(spec, res, quantized, bf16=False):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
@@ -133,7 +137,7 @@ def run_peft(spec, res, quantized):
 
         res["bitsandbytes"] = bitsandbytes.__version__
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32)
+                               bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32)
         model = AutoModelForCausalLM.from_pretrained(spec["hf_dir"], quantization_config=q, device_map="cpu",
                                                      dtype=torch.float32)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
@@ -161,7 +165,8 @@ def run_peft(spec, res, quantized):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
         loss.backward()
         opt.step()
         return float(loss.detach())
@@ -193,6 +198,8 @@ def run_breakdown(spec, res):
         raise NotImplementedError("this build has no profiling hooks (_core.profile_enable)")
     qlora_native.set_num_threads(spec["threads"])
     m = qlora_native.Model.from_pretrained(spec["gguf"], quantize="nf4", tokenizer=None)
+    m.compute_dtype = spec.get("compute_dtype", "float32")
+    res["compute_dtype"] = m.compute_dtype
     m.add_adapter("bench", qlora_native.LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.0,
                                                    target_modules="all-linear"), seed=0)
     m.set_active_adapter("bench")
@@ -345,8 +352,8 @@ def child(engine, spec_path):
         try:
             if engine == "qlora_nf4":
                 run_qlora(spec, res)
-            elif engine in ("peft_bnb", "peft_fp32"):
-                run_peft(spec, res, quantized=engine == "peft_bnb")
+            elif engine in ("peft_bnb", "peft_fp32", "peft_bnb_bf16"):
+                run_peft(spec, res, quantized=engine != "peft_fp32", bf16=engine == "peft_bnb_bf16")
             else:
                 raise SystemExit(f"unknown engine {engine}")
         except (ImportError, AttributeError, NotImplementedError) as e:
@@ -367,6 +374,8 @@ def parse_args():
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
+    p.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="qlora_native compute_dtype (compare with --engines ...,peft_bnb_bf16)")
     p.add_argument("--gemm-runs", type=int, default=5, help="sgemm timings per shape (best of)")
     p.add_argument("--no-sgemm", action="store_true", help="skip the sgemm measurement")
     p.add_argument("--quick", action="store_true", help="smoke run: batch 1 x 64, 1 step")
@@ -448,7 +457,7 @@ def main():
     flops = step_flops(cfg, args.batch, args.seq, args.r)
     info = _common.machine_info()
     info.update(gguf=gguf, threads=threads, batch=args.batch, seq=args.seq, steps=args.steps, r=args.r,
-                alpha=args.alpha, lr=args.lr, seed=args.seed, qlora_native=qlora_native.__version__,
+                alpha=args.alpha, lr=args.lr, seed=args.seed, compute_dtype=args.compute_dtype, qlora_native=qlora_native.__version__,
                 simd=qlora_native.simd_level(), loadavg_before=info.pop("loadavg"))
     print(f"qlora_native {qlora_native.__version__} SIMD {qlora_native.simd_level()}, threads {threads}, "
           f"batch {args.batch} x {args.seq}, {args.steps} timed steps, load average {info['loadavg_before']}",
@@ -463,6 +472,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         spec = {"gguf": gguf, "threads": threads, "batch": args.batch, "seq": args.seq, "steps": args.steps,
                 "r": args.r, "alpha": args.alpha, "lr": args.lr, "input_ids": ids.tolist(),
+                "compute_dtype": args.compute_dtype,
                 "hf_dir": os.path.join(tmp, "hf"), "gemm_runs": args.gemm_runs}
         spec_path = os.path.join(tmp, "spec.json")
         with open(spec_path, "w") as f:
@@ -508,7 +518,8 @@ def main():
 def main_breakdown(args, gguf, ids, threads, info, flops):
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         spec = {"gguf": gguf, "threads": threads, "batch": args.batch, "seq": args.seq, "steps": args.steps,
-                "r": args.r, "alpha": args.alpha, "lr": args.lr, "input_ids": ids.tolist()}
+                "r": args.r, "alpha": args.alpha, "lr": args.lr, "input_ids": ids.tolist(),
+                "compute_dtype": args.compute_dtype}
         spec_path = os.path.join(tmp, "spec.json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)

@@ -35,9 +35,25 @@ double r(float x) { return static_cast<double>(bf16_round(x)); }
 
 // ------------------------------------------------------------------ blocked driver
 constexpr int MR = bf16_k::kMR, NR = bf16_k::kNR;
-// KC (k, even): 2048 k = 1024 pairs: a [KC, NR] B micro-panel is 128 KiB of bf16 (as the fp32
-// kernel's KC = 1024), an [MC, KC] A block 2048 * 168 * 2 = 672 KiB (L2). NC as in cpu/gemm.cpp.
-constexpr int64_t kKC = 2048, kMC = 168, kNC = 1024;
+// Cache blocking: the fp32 AVX-512 kernel's (derived from this machine's cache sizes, same 14x32
+// tile and the same B-panel-from-L2 scheme) with KC doubled: a bf16 pair takes the 4 bytes of one
+// fp32 k, so the panels and the A block fill the caches exactly as the fp32 ones do
+// (1 MiB L2: KC = 2048 k, MC = 168, NC = 1024). KC is a multiple of 32 (the packers' step).
+constexpr int64_t kKCMax = 4096;  // RunScales bound
+struct Blocking {
+  int64_t kc, mc, nc;
+};
+const Blocking& blocking() {
+  static const Blocking b = [] {
+    const GemmBlocking f = gemm_blocking_in_use(SimdLevel::AVX512);
+    Blocking r;
+    r.kc = std::min<int64_t>(kKCMax, std::max<int64_t>(64, (2 * f.kc) / 32 * 32));
+    r.mc = std::max<int64_t>(MR, f.mc / MR * MR);
+    r.nc = std::max<int64_t>(NR, f.nc / NR * NR);
+    return r;
+  }();
+  return b;
+}
 
 struct Scratch {
   void* p = nullptr;
@@ -70,8 +86,8 @@ template <class PackA, class PackB>
 void run_task(int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t K, int64_t kc, float alpha, float beta,
               float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b) {
   const int64_t rows = m1 - m0, cols = n1 - n0;
-  const int64_t mc = round_up(ceil_div(rows, ceil_div(rows, kMC)), MR);
-  const int64_t nc = std::min(round_up(cols, NR), kNC);
+  const int64_t mc = round_up(ceil_div(rows, ceil_div(rows, blocking().mc)), MR);
+  const int64_t nc = std::min(round_up(cols, NR), blocking().nc);
   const int64_t kpmax = kc / 2;
   uint32_t* Bp = t_b.get<uint32_t>(static_cast<size_t>(kpmax * nc));  // [nc / NR][kp][NR]
   uint32_t* Ap = t_a.get<uint32_t>(static_cast<size_t>(kpmax * mc));  // [mc / MR][kp][MR]
@@ -105,7 +121,8 @@ void blocked(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C,
              const PackB& pack_b) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) return scale_c(M, N, beta, C, ldc);
-  const int64_t kc = std::min(round_up(K, 32), round_up(ceil_div(K, ceil_div(K, kKC)), 32));  // balanced, even
+  const int64_t kcb = blocking().kc;
+  const int64_t kc = std::min(round_up(K, 32), round_up(ceil_div(K, ceil_div(K, kcb)), 32));  // balanced, even
   const int nth = num_threads();
   const int64_t m_tiles = ceil_div(M, MR), n_pan = ceil_div(N, NR);
   int64_t n_mt = 1, n_nt = 1;
@@ -143,9 +160,9 @@ int check_nf4(const Nf4Ref& W) {
   return s;
 }
 
-// Decoded absmax of the blocks the flat run [j0, j0 + len) touches (len <= kKC).
+// Decoded absmax of the blocks the flat run [j0, j0 + len) touches (len <= kKCMax).
 struct RunScales {
-  float v[kKC / 16 + 2];
+  float v[kKCMax / 16 + 2];
   const float* fill(const Nf4Ref& W, int64_t j0, int64_t len, int s) {
     pack::nf4_scales(W, j0 >> s, ((j0 + len - 1) >> s) + 1, v);
     return v;
