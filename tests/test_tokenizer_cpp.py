@@ -226,12 +226,15 @@ def test_hf_variants(hf_dirs, tmp_path, stats):
 
     cases = [(hf_dirs["gpt2"], smollm, {}), (hf_dirs["llama3"], qwen2, {}), (hf_dirs["gpt2"], prefix, {}),
              (hf_dirs["metaspace"], meta("first", False), {}), (hf_dirs["metaspace"], meta("always", True), {}),
-             (hf_dirs["llama3"], lambda tj: None, {"add_bos_token": False, "add_eos_token": True})]
+             (hf_dirs["llama3"], lambda tj: None, {"add_bos_token": False, "add_eos_token": True}),
+             (hf_dirs["gpt2"], lambda tj: tj.update(decoder=None), {})]  # no decoder: tokens joined by ' ' 
     for k, (src, edit, cfg) in enumerate(cases):
         d = _variant(src, tmp_path / f"v{k}", edit, cfg)
         ours, ref = _core.Tokenizer(str(d)), Tokenizer.from_pretrained(d)
         specials = LLAMA3_SPECIALS if "metaspace" not in str(src) else ["<s>", "</s>", "<|im_start|>"]
         check(ours, ref, corpus(40 + k, 300, specials), stats, roundtrip=False)
+        if edit is cases[-1][1]:
+            assert ours.decode([5, 6]) == ref.decode([5, 6]) == ours.id_to_token(5) + " " + ours.id_to_token(6)
 
 
 def test_invalid_utf8(hf_dirs, spm_models, tmp_path, stats):
@@ -401,3 +404,17 @@ def test_corrupt_sources(hf_dirs, spm_models, tmp_path):
             _core.Tokenizer(str(p))
         clean += 1
     print(f"\ncorrupt sources: tried {tried}, clean errors {clean}, crash 0")
+
+
+def test_threads(hf_dirs):
+    """One tokenizer shared by several threads (the binding releases the GIL; the C++ word cache is
+    shared): the same ids as a single thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ours = _core.Tokenizer(str(hf_dirs["llama3"]))
+    texts = corpus(60, 400, LLAMA3_SPECIALS)
+    want = [ours.encode(t) for t in texts]
+    fresh = _core.Tokenizer(str(hf_dirs["llama3"]))  # empty cache: threads fill it concurrently
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(fresh.encode, texts * 3))
+    assert got == want * 3

@@ -545,7 +545,10 @@ std::string Tokenizer::decode(const int32_t* ids, size_t n, bool skip_special) c
     }
   }
   std::string text;
-  for (auto& t : toks) text += t;
+  for (size_t i = 0; i < toks.size(); ++i) {
+    if (i && d_.join_with_spaces) text += ' ';
+    text += toks[i];
+  }
   if (d_.clean_up_spaces) {
     static const char* const kPairs[][2] = {{" .", "."}, {" ?", "?"}, {" !", "!"}, {" ,", ","}, {" ' ", "'"},
                                             {" n't", "n't"}, {" 'm", "'m"}, {" 's", "'s"}, {" 've", "'ve"}, {" 're", "'re"}};

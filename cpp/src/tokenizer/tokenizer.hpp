@@ -74,6 +74,7 @@ struct TokenizerDesc {
   std::vector<AddedToken> added;
   std::vector<int32_t> prefix, suffix;  // ids add_special puts around the text (post-processor)
   std::vector<DecodeStep> decoder;
+  bool join_with_spaces = false;        // no decoder at all: tokenizers joins the tokens with ' '
   bool clean_up_spaces = false;         // transformers' clean_up_tokenization in decode
   // special ids (-1: none)
   int32_t bos_id = -1, eos_id = -1, pad_id = -1, unk_id = -1;

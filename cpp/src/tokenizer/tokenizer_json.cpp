@@ -279,7 +279,9 @@ TokenizerDesc desc_from_hf_dir(const std::string& dir) {
         if (a.get_or("normalized", false))
           c.unsupported("a normalized added token (" + a.at("content").as_string() + ") with a normalizer");
     add_pre(tj.find("pre_tokenizer") ? tj.at("pre_tokenizer") : Value(), d, c, true, true);
-    add_decoder(tj.find("decoder") ? tj.at("decoder") : Value(), d, c);
+    const Value* dec = tj.find("decoder");
+    add_decoder(dec ? *dec : Value(), d, c);
+    d.join_with_spaces = !dec || dec->is_null();
     const Value* post = tj.find("post_processor");
 
     // special ids (tokenizer.py _dir_special_ids)
