@@ -34,6 +34,13 @@ struct Kern {
   PackBNFn pack_b_n;
   Nf4DecodeFn nf4_decode;
   PackATFn pack_a_t;  // null: the portable pack::a_rows
+  UkernelDirectFn ukernel_direct = nullptr;  // null: A is always packed
+};
+
+// A read in place by ukernel_direct when N <= NR: element (i, k) of op(A) at a[i * rs + k * cs].
+struct DirectA {
+  const float* a = nullptr;
+  int64_t rs = 0, cs = 0;
 };
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -86,12 +93,12 @@ const Kern& kern_for(SimdLevel level) {
   static const Kern avx2 = [] {
     const GemmBlocking b = gemm_blocking(kAvx2MR, kAvx2NR, false, cache_sizes());
     return Kern{kAvx2MR, kAvx2NR, b.kc, b.mc, b.nc, ukernel_avx2, pack_b_t_avx2, pack_b_n_avx2, nf4_decode_avx2,
-                nullptr};
+                nullptr, ukernel_direct_avx2};
   }();
   static const Kern avx512 = [] {
     const GemmBlocking b = gemm_blocking(kAvx512MR, kAvx512NR, true, cache_sizes());
     return Kern{kAvx512MR, kAvx512NR, b.kc, b.mc, b.nc, ukernel_avx512, pack_b_t_avx512, pack_b_n_avx512,
-                nf4_decode_avx512, pack_a_t_avx512};
+                nf4_decode_avx512, pack_a_t_avx512, ukernel_direct_avx512};
   }();
   if (level == SimdLevel::AVX512) return avx512;
   if (level == SimdLevel::AVX2) return avx2;
@@ -136,9 +143,23 @@ void scale_c(int64_t M, int64_t N, float beta, float* C, int64_t ldc) {  // C = 
 //     for each B micro-panel (stays in L1): run the micro-kernel down the A block (in L2).
 template <class PackA, class PackB>
 void run_task(const Kern& kn, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t K, int64_t kc, float alpha,
-              float beta, float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b) {
+              float beta, float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b, const DirectA& da) {
   const int MR = kn.mr, NR = kn.nr;
   const int64_t rows = m1 - m0, cols = n1 - n0;
+  if (da.a && kn.ukernel_direct && cols <= NR) {
+    // One B micro-panel: each A element is used once, so the kernel reads A in place.
+    float* Bp = t_b.get(static_cast<size_t>(kc * NR));
+    const int nr = static_cast<int>(cols);
+    for (int64_t pc = 0; pc < K; pc += kc) {
+      const int64_t kcur = std::min(kc, K - pc);
+      const float beta_k = pc == 0 ? beta : 1.0f;
+      pack_b(n0, nr, pc, kcur, Bp);
+      for (int64_t ir = m0; ir < m1; ir += MR)
+        kn.ukernel_direct(kcur, da.a + ir * da.rs + pc * da.cs, da.rs, da.cs, Bp, C + ir * ldc + n0, ldc, alpha,
+                          beta_k, static_cast<int>(std::min<int64_t>(MR, m1 - ir)), nr);
+    }
+    return;
+  }
   const int64_t mc = round_up(ceil_div(rows, ceil_div(rows, kn.mc)), MR);  // balanced row blocks
   const int64_t nc = std::min(round_up(cols, NR), kn.nc);
   float* Bp = t_b.get(static_cast<size_t>(kc * nc));  // [nc / NR][kc][NR]
@@ -174,7 +195,7 @@ void run_task(const Kern& kn, int64_t m0, int64_t m1, int64_t n0, int64_t n1, in
 // task, splitting M re-decodes B once per row task; the grid minimizes that duplicated work.
 template <class PackA, class PackB>
 void blocked(const Kern& kn, int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, int64_t ldc,
-             const PackA& pack_a, const PackB& pack_b) {
+             const PackA& pack_a, const PackB& pack_b, const DirectA& da = DirectA{}) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) return scale_c(M, N, beta, C, ldc);
   const int MR = kn.mr, NR = kn.nr;
@@ -205,7 +226,7 @@ void blocked(const Kern& kn, int64_t M, int64_t N, int64_t K, float alpha, float
   parallel_for(n_mt * n_nt, [&](int64_t t) {
     const int64_t m0 = (t / n_nt) * m_step, n0 = (t % n_nt) * n_step;
     run_task(kn, m0, std::min(M, m0 + m_step), n0, std::min(N, n0 + n_step), K, kc, alpha, beta, C, ldc, pack_a,
-             pack_b);
+             pack_b, da);
   });
 }
 
@@ -258,7 +279,8 @@ void gemm_nt(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, cons
         float* tmp = t_tmp.get(static_cast<size_t>(kn.nr * kc));  // [nr, kc]
         for (int r = 0; r < nr; ++r) std::memcpy(tmp + r * kc, B + (j0 + r) * ldb + p0, sizeof(float) * kc);
         kn.pack_b_t(tmp, kc, nr, kc, Bp);
-      });
+      },
+      DirectA{A, lda, 1});
 }
 
 void gemm_nn(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
@@ -269,7 +291,8 @@ void gemm_nn(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, cons
   blocked(
       kn, M, N, K, alpha, beta, C, ldc,
       [&](int64_t i0, int mr, int64_t p0, int64_t kc, float* Ap) { pack_a_rows(kn, A + i0 * lda + p0, lda, mr, kc, Ap); },
-      [&](int64_t j0, int nr, int64_t p0, int64_t kc, float* Bp) { kn.pack_b_n(B + p0 * ldb + j0, ldb, nr, kc, Bp); });
+      [&](int64_t j0, int nr, int64_t p0, int64_t kc, float* Bp) { kn.pack_b_n(B + p0 * ldb + j0, ldb, nr, kc, Bp); },
+      DirectA{A, lda, 1});
 }
 
 void gemm_tn(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
@@ -280,7 +303,8 @@ void gemm_tn(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, cons
   blocked(
       kn, M, N, K, alpha, beta, C, ldc,
       [&](int64_t i0, int mr, int64_t p0, int64_t kc, float* Ap) { pack::a_cols(kn.mr, A + p0 * lda + i0, lda, mr, kc, Ap); },
-      [&](int64_t j0, int nr, int64_t p0, int64_t kc, float* Bp) { kn.pack_b_n(B + p0 * ldb + j0, ldb, nr, kc, Bp); });
+      [&](int64_t j0, int nr, int64_t p0, int64_t kc, float* Bp) { kn.pack_b_n(B + p0 * ldb + j0, ldb, nr, kc, Bp); },
+      DirectA{A, 1, lda});
 }
 
 void nf4_gemm_nt_many(SimdLevel level, int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,

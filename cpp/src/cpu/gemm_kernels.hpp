@@ -19,6 +19,11 @@ constexpr int kAvx512MR = 14, kAvx512NR = 32;
 // nr <= NR select the valid corner; beta == 0 never reads C.
 using UkernelFn = void (*)(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha,
                            float beta, int mr, int nr);
+// The same with A read in place (no packed panel): element (i, k) of the tile at A[i * rs + k * cs].
+// Used where every A element meets a single B micro-panel (N <= NR: the rank-r LoRA factors), so
+// packing A cost about as much as the FMAs. Same FMA chain per element: identical results.
+using UkernelDirectFn = void (*)(int64_t kc, const float* A, int64_t rs, int64_t cs, const float* Bp, float* C,
+                                 int64_t ldc, float alpha, float beta, int mr, int nr);
 // B panel from nr rows of a row-major [*, kc] source (gemm_nt: rows of W are columns of op(B)):
 //   Bp[k * NR + j] = B[j * ldb + k]
 using PackBTFn = void (*)(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
@@ -42,6 +47,8 @@ void nf4_decode_generic(const uint8_t* packed, int64_t j0, int64_t len, const fl
 
 void ukernel_avx2(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta,
                   int mr, int nr);
+void ukernel_direct_avx2(int64_t kc, const float* A, int64_t rs, int64_t cs, const float* Bp, float* C, int64_t ldc,
+                         float alpha, float beta, int mr, int nr);
 void pack_b_t_avx2(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
 void pack_b_n_avx2(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
 void nf4_decode_avx2(const uint8_t* packed, int64_t j0, int64_t len, const float* scale, int bs_log2,
@@ -49,6 +56,8 @@ void nf4_decode_avx2(const uint8_t* packed, int64_t j0, int64_t len, const float
 
 void ukernel_avx512(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta,
                     int mr, int nr);
+void ukernel_direct_avx512(int64_t kc, const float* A, int64_t rs, int64_t cs, const float* Bp, float* C, int64_t ldc,
+                           float alpha, float beta, int mr, int nr);
 void pack_b_t_avx512(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
 void pack_b_n_avx512(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
 void pack_a_t_avx512(const float* A, int64_t lda, int mr, int64_t kc, float* Ap);

@@ -14,8 +14,11 @@ namespace {
 constexpr int MR = kAvx2MR, NR = kAvx2NR;
 static_assert(NR == 16, "the AVX2 kernel holds two ymm columns per row");
 
-template <int R>
-void ukr(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta, int nr) {
+// Direct: A read in place, element (i, k) at Ap[i * rs + k * cs] (ukernel_direct); else the
+// packed panel Ap[k * MR + i].
+template <int R, bool Direct = false>
+void ukr(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta, int nr,
+         int64_t rs = 1, int64_t cs = MR) {
   __m256 c0[R], c1[R];
 #pragma GCC unroll 6
   for (int i = 0; i < R; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
@@ -23,11 +26,11 @@ void ukr(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, fl
     const __m256 b0 = _mm256_load_ps(Bp), b1 = _mm256_load_ps(Bp + 8);
 #pragma GCC unroll 6
     for (int i = 0; i < R; ++i) {
-      const __m256 a = _mm256_broadcast_ss(Ap + i);
+      const __m256 a = _mm256_broadcast_ss(Ap + (Direct ? i * rs : i));
       c0[i] = _mm256_fmadd_ps(a, b0, c0[i]);
       c1[i] = _mm256_fmadd_ps(a, b1, c1[i]);
     }
-    Ap += MR;
+    Ap += Direct ? cs : MR;
     Bp += NR;
   }
   const __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
@@ -69,6 +72,19 @@ void ukernel_avx2(int64_t kc, const float* Ap, const float* Bp, float* C, int64_
     case 3: return ukr<3>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
     case 2: return ukr<2>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
     case 1: return ukr<1>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
+    default: return;
+  }
+}
+
+void ukernel_direct_avx2(int64_t kc, const float* A, int64_t rs, int64_t cs, const float* Bp, float* C, int64_t ldc,
+                         float alpha, float beta, int mr, int nr) {
+  switch (mr) {
+    case 6: return ukr<6, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 5: return ukr<5, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 4: return ukr<4, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 3: return ukr<3, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 2: return ukr<2, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 1: return ukr<1, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
     default: return;
   }
 }

@@ -26,8 +26,40 @@ __mmask16 lane_mask(int n) {  // first n of 16 lanes (n clamped to [0, 16])
   return static_cast<__mmask16>((1u << n) - 1u);
 }
 
-template <int R>
-void ukr(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta, int nr) {
+// Direct: A read in place, element (i, k) at Ap[i * rs + k * cs] (ukernel_direct); else the
+// packed panel Ap[k * MR + i].
+template <int R, bool Direct = false>
+void ukr_half(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta, int nr,
+              int64_t rs, int64_t cs) {
+  __m512 c0[R];
+#pragma GCC unroll 14
+  for (int i = 0; i < R; ++i) c0[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 b0 = _mm512_load_ps(Bp);
+#pragma GCC unroll 14
+    for (int i = 0; i < R; ++i) c0[i] = _mm512_fmadd_ps(_mm512_set1_ps(Direct ? Ap[i * rs] : Ap[i]), b0, c0[i]);
+    Ap += Direct ? cs : MR;
+    Bp += NR;
+  }
+  const __mmask16 m0 = lane_mask(nr);
+  const __m512 va = _mm512_set1_ps(alpha);
+  if (beta == 0.0f) {
+#pragma GCC unroll 14
+    for (int i = 0; i < R; ++i) _mm512_mask_storeu_ps(C + i * ldc, m0, _mm512_mul_ps(va, c0[i]));
+  } else {
+    const __m512 vb = _mm512_set1_ps(beta);
+#pragma GCC unroll 14
+    for (int i = 0; i < R; ++i) {
+      float* c = C + i * ldc;
+      _mm512_mask_storeu_ps(c, m0, _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, c), _mm512_mul_ps(va, c0[i])));
+    }
+  }
+}
+
+template <int R, bool Direct = false>
+void ukr(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta, int nr,
+         int64_t rs = 1, int64_t cs = MR) {
+  if (nr <= 16) return ukr_half<R, Direct>(kc, Ap, Bp, C, ldc, alpha, beta, nr, rs, cs);
   __m512 c0[R], c1[R];
 #pragma GCC unroll 14
   for (int i = 0; i < R; ++i) {
@@ -40,11 +72,11 @@ void ukr(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, fl
     const __m512 b0 = _mm512_load_ps(Bp), b1 = _mm512_load_ps(Bp + 16);
 #pragma GCC unroll 14
     for (int i = 0; i < R; ++i) {
-      const __m512 a = _mm512_set1_ps(Ap[i]);
+      const __m512 a = _mm512_set1_ps(Direct ? Ap[i * rs] : Ap[i]);
       c0[i] = _mm512_fmadd_ps(a, b0, c0[i]);
       c1[i] = _mm512_fmadd_ps(a, b1, c1[i]);
     }
-    Ap += MR;
+    Ap += Direct ? cs : MR;
     Bp += NR;
   }
   const __mmask16 m0 = lane_mask(nr), m1 = lane_mask(nr - 16);
@@ -109,6 +141,27 @@ void ukernel_avx512(int64_t kc, const float* Ap, const float* Bp, float* C, int6
     case 3: return ukr<3>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
     case 2: return ukr<2>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
     case 1: return ukr<1>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
+    default: return;
+  }
+}
+
+void ukernel_direct_avx512(int64_t kc, const float* A, int64_t rs, int64_t cs, const float* Bp, float* C, int64_t ldc,
+                           float alpha, float beta, int mr, int nr) {
+  switch (mr) {
+    case 14: return ukr<14, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 13: return ukr<13, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 12: return ukr<12, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 11: return ukr<11, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 10: return ukr<10, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 9: return ukr<9, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 8: return ukr<8, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 7: return ukr<7, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 6: return ukr<6, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 5: return ukr<5, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 4: return ukr<4, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 3: return ukr<3, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 2: return ukr<2, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 1: return ukr<1, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
     default: return;
   }
 }
