@@ -220,14 +220,12 @@ Tokenizer::Tokenizer(TokenizerDesc d) : d_(std::move(d)) {
     if (a.content.empty()) throw FormatError(src + ": added token " + std::to_string(a.id) + " is empty");
     if (a.special) special_[static_cast<size_t>(a.id)] = 1;
   }
-  std::vector<uint8_t> is_added(n, 0);
-  for (const AddedToken& a : d_.added) is_added[static_cast<size_t>(a.id)] = 1;
   pieces_.resize(n);
   std::vector<uint32_t> cp, off;
   for (size_t i = 0; i < n; ++i) {
     const std::string& t = d_.tokens[i];
     std::string& p = pieces_[i];
-    if (is_added[i]) {
+    if (special_[i]) {  // control tokens: their text as it is
       p = t;
     } else if (d_.byte_level) {
       std::string tmp;
@@ -251,7 +249,8 @@ Tokenizer::Tokenizer(TokenizerDesc d) : d_(std::move(d)) {
   }
   if (d_.byte_level) {  // raw bytes -> id for ignore_merges (tokens outside the alphabet never match)
     raw_keys_.resize(n);
-    for (size_t i = 0; i < n; ++i) raw_keys_[i] = is_added[i] ? std::string("\xFF\xFE") + d_.tokens[i] : pieces_[i];
+    // "\xFF\xFE" keeps special tokens from matching raw text (no UTF-8 piece starts with it)
+    for (size_t i = 0; i < n; ++i) raw_keys_[i] = special_[i] ? std::string("\xFF\xFE") + d_.tokens[i] : pieces_[i];
     raw_vocab_.build(raw_keys_);
   }
 
