@@ -22,10 +22,12 @@ from .config import ModelConfig
 from .gguf_check import check_gguf, name_memory_errors
 from .lora_model import LoraModelMixin
 
+_SAFE_DTYPES = {"F32", "F16", "BF16"}
+
+
 # ---------------------------------------------------------------- tensor sources
 class SafetensorsSource:
-    """An HF checkpoint directory: model.safetensors, or shards listed in model.safetensors.index.json.
-    A reader for tools and tests; Model.from_pretrained loads through the C++ loader."""
+    """An HF checkpoint directory: model.safetensors, or shards listed in model.safetensors.index.json."""
 
     def __init__(self, path: str | os.PathLike):
         path = os.fspath(path)
@@ -505,6 +507,33 @@ class Model(LoraModelMixin):
 def _check_compute_dtype(value) -> None:
     if not isinstance(value, str) or value not in ("float32", "bfloat16"):
         raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {value!r}")
+
+
+def load_from_source(core, source) -> None:
+    """Loads every tensor the model expects from a tensor source; names the culprit on error."""
+    expected = dict((n, tuple(s)) for n, s in core.expected_tensors())
+    present = source.names()
+    extra = [n for n in present if n not in expected and not core.ignorable(n)]
+    if extra:
+        more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
+        raise ValueError(f"unexpected tensor(s) in checkpoint: {', '.join(extra[:5])}{more}")
+    have = set(present)
+    missing = [n for n in expected if n not in have]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ValueError(f"missing tensor(s) in checkpoint: {', '.join(missing[:5])}{more}")
+    for n in expected:
+        shp = source.shape(n)
+        if shp is not None and tuple(shp) != expected[n]:
+            raise ValueError(f"tensor {n!r} has shape {list(shp)}, expected {list(expected[n])}")
+    for name, data, dtype, shape in source.tensors([n for n in present if n in expected]):
+        if dtype == "NF4":
+            core.load_nf4(name, data)
+            continue
+        if dtype not in _SAFE_DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {dtype}, expected F32, F16 or BF16")
+        core.load_tensor(name, data, dtype, list(shape))
+    core.check_complete()
 
 
 def _auto_tokenizer(path: str):
