@@ -66,3 +66,58 @@ def test_gguf_config_goes_through_the_same_rules(tmp_path):
     model = qlora_native.Model.from_pretrained(p, tokenizer=None, quantize=None)
     assert model.config == ModelConfig.from_dict(hf)
     assert model.config.raw == hf and model.config.bos_token_id == 1 and model.config.eos_token_id == 2
+
+
+def _tiny_hf_dir(tmp_path, rng):
+    import json
+
+    d = dict(BASE, tie_word_embeddings=False)
+    path = tmp_path / "hf"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(d))
+    core = _core.model.LlamaModel(ModelConfig.from_dict(d).to_core())
+    tensors = []
+    for name, shape in core.expected_tensors():
+        w = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        tensors.append((name, "F32", list(shape), np.frombuffer(w.tobytes(), np.uint8)))
+    _core.io.save_safetensors(str(path / "model.safetensors"), tensors, {})
+    return path
+
+
+def test_hf_directory_loads_through_the_engine_loader(tmp_path, rng, monkeypatch):
+    """Model.from_pretrained on an HF directory is the C API's loader (hf_loader.cpp): the Python
+    copy (load_from_source) is gone, and both faces give bit-identical logits."""
+    import ctypes
+
+    from qlora_native import model as model_mod
+
+    assert not hasattr(model_mod, "load_from_source")
+    path = _tiny_hf_dir(tmp_path, rng)
+    ids = np.array([[3, 17, 42, 99, 0]], np.int32)
+    for nf4 in (False, True):
+        ours = qlora_native.Model.from_pretrained(path, quantize="nf4" if nf4 else None, tokenizer=None)(ids)[0]
+        lib = ctypes.CDLL(_core.__file__)
+        from test_gguf_capi import ModelParams
+
+        lib.qlora_model_default_params.restype = ModelParams
+        lib.qlora_model_load.restype = ctypes.c_void_p
+        lib.qlora_model_load.argtypes = [ctypes.c_char_p, ctypes.POINTER(ModelParams)]
+        lib.qlora_model_forward.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int64,
+                                            ctypes.POINTER(ctypes.c_float)]
+        lib.qlora_model_free.argtypes = [ctypes.c_void_p]
+        p = lib.qlora_model_default_params()
+        p.quantize = int(nf4)
+        h = lib.qlora_model_load(str(path).encode(), ctypes.byref(p))
+        assert h
+        got = np.zeros_like(ours)
+        assert lib.qlora_model_forward(h, ids[0].ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), ids.shape[1],
+                                       got.ctypes.data_as(ctypes.POINTER(ctypes.c_float))) == 0
+        lib.qlora_model_free(h)
+        np.testing.assert_array_equal(ours.view(np.uint32), got.view(np.uint32))
+
+    def boom(*a, **k):
+        raise ValueError("engine loader called")
+
+    monkeypatch.setattr(_core.config, "load_hf_model", boom)
+    with pytest.raises(ValueError, match=f"{path}: engine loader called"):
+        qlora_native.Model.from_pretrained(path, tokenizer=None)

@@ -123,6 +123,22 @@ void bind_gguf(py::module_& m) {
       py::arg("config"),
       "Parses and validates a config.json dict with the engine's rules (ValueError / FormatError naming the "
       "field, as the C API loader); returns the normalized fields and the core LlamaConfig.");
+  cm.def(
+      "load_hf_model",
+      [](const std::string& dir, const std::string& backend, bool nf4, int blocksize, bool double_quant) {
+        Backend& be = get_backend(backend);
+        model::QuantSpec q{nf4, blocksize, double_quant};
+        std::unique_ptr<model::LlamaModel> core;
+        {
+          py::gil_scoped_release nogil;
+          core = model::load_hf_model(dir, be, q);
+        }
+        return core;
+      },
+      py::arg("dir"), py::arg("backend") = "cpu", py::arg("nf4") = true, py::arg("blocksize") = 64,
+      py::arg("double_quant") = true,
+      "LlamaModel loaded from an HF checkpoint directory (config.json + safetensors, single or sharded, "
+      "full precision or pre-quantized bitsandbytes NF4) tensor by tensor, as the C API loads it.");
 
   py::module_ g = m.def_submodule("gguf", "GGUF reader, dequantization and model loading");
   g.attr("MAX_TENSORS") = gguf::kMaxTensors;

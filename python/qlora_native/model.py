@@ -4,10 +4,10 @@
     logits = model(input_ids, attention_mask)          # np.float32 [B, T, V]
     out = model.generate([[1, 2, 3], [4, 5]], max_new_tokens=32)
 
-Weights come from a *tensor source* (HF safetensors, single or sharded, full precision or
-pre-quantized bitsandbytes NF4; a GGUF file) one tensor
-at a time and are converted or NF4-quantized straight from the memory-mapped view, so the model
-is never held twice in full precision.
+Checkpoints (HF safetensors, single or sharded, full precision or pre-quantized bitsandbytes NF4;
+a GGUF file) are loaded by the C++ engine (cpp/src/model/hf_loader.cpp, cpp/src/gguf/gguf_model.cpp:
+the same code as the C API's qlora_model_load) one tensor at a time, converted or NF4-quantized
+straight from the memory-mapped file, so the model is never held twice in full precision.
 """
 from __future__ import annotations
 
@@ -22,12 +22,10 @@ from .config import ModelConfig
 from .gguf_check import check_gguf, name_memory_errors
 from .lora_model import LoraModelMixin
 
-_SAFE_DTYPES = {"F32", "F16", "BF16"}
-
-
 # ---------------------------------------------------------------- tensor sources
 class SafetensorsSource:
-    """An HF checkpoint directory: model.safetensors, or shards listed in model.safetensors.index.json."""
+    """An HF checkpoint directory: model.safetensors, or shards listed in model.safetensors.index.json.
+    A reader for tools and tests; Model.from_pretrained loads through the C++ loader."""
 
     def __init__(self, path: str | os.PathLike):
         path = os.fspath(path)
@@ -179,18 +177,19 @@ class Model(LoraModelMixin):
             if not os.path.isfile(cfg_path):
                 raise FileNotFoundError(f"{path}: no config.json")
             config = ModelConfig.from_file(cfg_path)
-            source = SafetensorsSource(path)
             from .bnb_format import is_prequantized
 
-            if is_prequantized(config.raw):
-                # Stored NF4 weights are used as they are (blocksize / double_quant come from
-                # the checkpoint); quantize=None is refused rather than silently dequantized.
-                if quantize is None:
-                    raise ValueError(f"{path} is a pre-quantized bitsandbytes NF4 checkpoint: use quantize='nf4'")
-                source.use_bnb_nf4()
-            core = _core.model.LlamaModel(config.to_core(), backend, quantize == "nf4", blocksize, double_quant)
+            # Stored NF4 weights are used as they are (blocksize / double_quant come from the
+            # checkpoint); quantize=None is refused rather than silently dequantized.
+            if is_prequantized(config.raw) and quantize is None:
+                raise ValueError(f"{path} is a pre-quantized bitsandbytes NF4 checkpoint: use quantize='nf4'")
+            if not any(os.path.isfile(os.path.join(path, f)) for f in ("model.safetensors.index.json",
+                                                                      "model.safetensors")):
+                raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
             try:
-                load_from_source(core, source)
+                # Shards, quant states and weights tensor by tensor in C++ (cpp/src/model/hf_loader.cpp),
+                # as the C API loads them.
+                core = _core.config.load_hf_model(path, backend, quantize == "nf4", blocksize, double_quant)
             except ValueError as e:  # name the checkpoint in every loading error (FormatError included)
                 if path in str(e):
                     raise
@@ -507,33 +506,6 @@ class Model(LoraModelMixin):
 def _check_compute_dtype(value) -> None:
     if not isinstance(value, str) or value not in ("float32", "bfloat16"):
         raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {value!r}")
-
-
-def load_from_source(core, source) -> None:
-    """Loads every tensor the model expects from a tensor source; names the culprit on error."""
-    expected = dict((n, tuple(s)) for n, s in core.expected_tensors())
-    present = source.names()
-    extra = [n for n in present if n not in expected and not core.ignorable(n)]
-    if extra:
-        more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
-        raise ValueError(f"unexpected tensor(s) in checkpoint: {', '.join(extra[:5])}{more}")
-    have = set(present)
-    missing = [n for n in expected if n not in have]
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise ValueError(f"missing tensor(s) in checkpoint: {', '.join(missing[:5])}{more}")
-    for n in expected:
-        shp = source.shape(n)
-        if shp is not None and tuple(shp) != expected[n]:
-            raise ValueError(f"tensor {n!r} has shape {list(shp)}, expected {list(expected[n])}")
-    for name, data, dtype, shape in source.tensors([n for n in present if n in expected]):
-        if dtype == "NF4":
-            core.load_nf4(name, data)
-            continue
-        if dtype not in _SAFE_DTYPES:
-            raise ValueError(f"tensor {name!r} has dtype {dtype}, expected F32, F16 or BF16")
-        core.load_tensor(name, data, dtype, list(shape))
-    core.check_complete()
 
 
 def _auto_tokenizer(path: str):

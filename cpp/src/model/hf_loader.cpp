@@ -357,8 +357,10 @@ Source open_source(const std::string& dir) {
     Value v;
     try {
       v = json::parse_file(index);
-    } catch (const FormatError& e) {
-      throw FormatError(index + ": no valid weight_map (" + e.what() + ")");
+    } catch (const FormatError& e) {  // as io.read_json says it: "<index>: not valid JSON (<why>)"
+      std::string why = e.what();
+      if (why.rfind(index + ": ", 0) == 0) why.erase(0, index.size() + 2);
+      throw FormatError(index + ": not valid JSON (" + why + ")");
     }
     const Value* wm = v.is_object() ? v.find("weight_map") : nullptr;
     if (!wm || !wm->is_object()) throw FormatError(index + ": no valid weight_map");
