@@ -21,7 +21,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -53,30 +52,6 @@ def cpu_line() -> dict:
         elif k == "Model":
             out["model"] = v
     return out
-
-
-def read_bandwidth(gib: float, threads: int, runs: int) -> float:
-    """GB/s of a streaming read: `threads` Python threads each sum a slice of a float32 array
-    (numpy releases the GIL; the sum is far cheaper than the memory traffic). Best of `runs`."""
-    a = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
-    parts = np.array_split(a, threads)
-
-    def run():
-        ts = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-
-    run()  # warm-up (pages touched)
-    best = float("inf")
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t0)
-    nbytes = a.nbytes
-    del a, parts
-    return nbytes / best / 1e9
 
 
 def random_adapter(model, name, cfg, seed):
@@ -144,12 +119,12 @@ def main():
                 simd=qlora_native.simd_level(), loadavg_before=info.pop("loadavg"))
     sg = sgemm({"threads": T, "gemm_runs": 3})
     info["numpy_sgemm_gflops"], info["ours_sgemm_gflops"] = sg["numpy_gflops"], sg.get("ours_gflops")
-    machine = (f"{info['model_name']} (CPU family {info['cpu_family']} model {info['model']}), {info['cpus']} CPUs, "
-               f"threads {T}, SIMD {info['simd']}, numpy sgemm {info['numpy_sgemm_gflops']:.1f} GFLOP/s, "
+    bw = _common.read_bandwidth(args.bandwidth_gib, T, runs=5)  # the probe every bench shares
+    info["measured"] = {"numpy_sgemm_gflops": info["numpy_sgemm_gflops"], "read_bandwidth_gbps": bw, "threads": T}
+    machine = (f"{_common.machine_line(info, info['measured'])}; SIMD {info['simd']}, "
                f"load average {info['loadavg_before']}")
     print(machine, flush=True)
 
-    bw = read_bandwidth(args.bandwidth_gib, T, runs=5)
     print(f"read bandwidth ({args.bandwidth_gib:g} GiB float32 sum, {T} threads, best of 5): {bw:.1f} GB/s", flush=True)
 
     ids = _common.tokenize_text(gguf)

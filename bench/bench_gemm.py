@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import sys
-import threading
 import time
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096), (11008, 4096)]  # [out, in]
@@ -290,7 +289,6 @@ def main_gemv(threads, budget):
                 ops.nf4_gemm_nt(x, c, out, backend=ARGS.backend)
 
         t = best_time(sweep, budget, min_runs=3, max_runs=20) / n_copy
-        del copies
         rows.append({"shape": list(shape), "nf4_bytes": qb, "seconds": t, "gbps": qb / t / 1e9, "copies": n_copy})
     bws.append(read_bandwidth(ARGS.bw_gib, threads))
     bw = max(bws)

@@ -257,6 +257,7 @@ def print_table(res, engines, info):
           f"prompt {info['prompt_tokens']} tokens, decode {info['decode_tokens']} new tokens "
           f"(rows of {info['decode_prompt_tokens']}-token prompts), load average before/after "
           f"{info['loadavg_before']} / {info['loadavg_after']}")
+    print(f"machine: {_common.machine_line(info, info.get('measured'))}")
     hdr = f"{'engine':<19} {'metric':<19} {'value':>10} {'unit':<6} {'vs tf':>7} {'vs llama':>8}  target"
     print(hdr)
     print("-" * (len(hdr) + 30))
@@ -316,6 +317,8 @@ def main():
                 loadavg_before=info.pop("loadavg"), llama_b8=args.llama_b8)
     print(f"qlora_native {qlora_native.__version__} SIMD {qlora_native.simd_level()}, threads {threads}, "
           f"load average {info['loadavg_before']}")
+    info["measured"] = _common.measure_machine(threads)  # numpy sgemm + read bandwidth, this run (issue 15)
+    print(_common.machine_line(info, info["measured"]), flush=True)
 
     res = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -579,6 +579,8 @@ def report(out):
           f"tokens, r={info['r']}, alpha {info['alpha']:g}, 7 targets, gradient checkpointing, AdamW, "
           f"threads {info['threads']}; warm-up 1 step + {info['steps']} timed")
     print(f"load average before/after: {info['loadavg_before']} / {info['loadavg_after']} ({info['cpus']} CPUs)")
+    if info.get("cpu"):  # results saved before the machine line existed have no CPU fields
+        print(f"machine: {_common.machine_line(info, info.get('measured'))}")
     hdr = (f"{'engine':<18} {'tok/s':>7} {'vs bnb':>7} {'vs fp32':>7} {'best':>6} {'peak RSS':>9} {'vs bnb':>7} "
            f"{'train pk':>8} {'load s':>7} {'GFLOP/s':>8} {'%sgemm':>7} {'loss0':>7} {'lossN':>7}")
     print(hdr)
