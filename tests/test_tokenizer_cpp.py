@@ -23,6 +23,9 @@ SCRIPTS = ["Ελληνικά γράμματα", "русский текст", "�
            "ᚠᚢᚦ", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "１２３ＡＢＣ", "e\u0301\u0302", "👨‍👩‍👧 👍🏽 🇫🇷", "∑∫√ ≤≥ ½⅓ Ⅻ ²³",
            "don't I'LL we'RE it'S 'ſ 'K", "$100 + 5^2 = <x> | ~y", "x\u00a0y\u3000z\u2028w\x0b\x0cv\x85u"]
 WS = [" ", "  ", "   ", "\t", "\n", "\n\n", "\r\n", " \n ", "\t\t ", "\u00a0", "\u3000", "     \n"]
+# every White_Space character, and near misses (bidi separators U+001C..1F, ZWSP, MVS)
+WHITE = [chr(c) for c in [*range(9, 14), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029,
+                          0x202F, 0x205F, 0x3000, *range(0x1C, 0x20), 0x200B, 0x180E]]
 
 
 def corpus(seed: int, n: int, specials=()) -> list:
@@ -47,8 +50,10 @@ def corpus(seed: int, n: int, specials=()) -> list:
                 parts.append(r.choice(specials))
             elif u < 0.85:
                 parts.append("".join(r.choice(pool) for _ in range(r.randint(1, 12))))
-            else:
+            elif u < 0.93:
                 parts.append(r.choice(WS))
+            else:
+                parts.append("".join(r.choice(WHITE) for _ in range(r.randint(1, 4))))
         out.append("".join(p + (r.choice(WS) if r.random() < 0.5 else "") for p in parts))
     return out
 
@@ -84,17 +89,22 @@ def check(ours, ref, texts, stats, *, roundtrip=True, sp=None, specials=()):
     refs_full = ref.encode_batch(texts)
     mine_plain = ours.encode_batch(texts, add_special=False)
     mine_full = ours.encode_batch(texts)
+    trips = 0
     for t, a, b, c, d in zip(texts, mine_plain, refs_plain, mine_full, refs_full):
         assert a == b, f"encode(add_special=False) differs on {t!r}"
         assert c == d, f"encode differs on {t!r}"
         assert ours.decode(c) == ref.decode(d), f"decode differs on {t!r}"
         assert ours.decode(c, skip_special=True) == ref.decode(d, skip_special_tokens=True), f"decode(skip) on {t!r}"
-        if roundtrip:
+        # round trip wherever the vocabulary can hold the text (SmolLM2 lacks 6 control bytes,
+        # which both tokenizers drop: the ids above are still compared)
+        if roundtrip and ref.decode(b) == t:
             assert ours.decode(a) == t, f"round trip of {t!r}"
             assert b"".join(ours.token_to_piece(i) for i in a) == t.encode(), f"pieces of {t!r}"
+            trips += 1
         if sp is not None and not any(s in t for s in specials):
             assert a == sp.encode(t), f"sentencepiece differs on {t!r}"
     stats.compared += len(texts)
+    assert not roundtrip or trips >= 0.9 * len(texts), (trips, len(texts))
 
 
 @pytest.fixture(scope="module")
