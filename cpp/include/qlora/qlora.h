@@ -85,8 +85,10 @@ QLORA_API qlora_sampling_params qlora_sampling_default_params(void);
 
 /* Loads an HF checkpoint directory: config.json plus model.safetensors or the shards listed in
  * model.safetensors.index.json (F32/F16/BF16, or a pre-quantized bitsandbytes NF4 checkpoint,
- * which needs quantize = NF4). params may be NULL (defaults). Returns a new model owned by the
- * caller (free with qlora_model_free), or NULL on failure (see qlora_last_error). */
+ * which needs quantize = NF4); or a llama.cpp GGUF file (llama / qwen2 architecture; F32, F16,
+ * BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K tensors). params may be NULL (defaults).
+ * Returns a new model owned by the caller (free with qlora_model_free), or NULL on failure (see
+ * qlora_last_error; a corrupt file is QLORA_ERR_FORMAT naming the file and field). */
 QLORA_API qlora_model* qlora_model_load(const char* path, const qlora_model_params* params);
 
 /* Releases a model and everything it holds. NULL is ignored. */
