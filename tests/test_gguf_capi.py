@@ -75,8 +75,10 @@ def test_c_api_gguf_errors_name_the_file(lib, tiny, tmp_path):
     bad.write_bytes(tiny.read_bytes()[:1000])
     h, err = c_load(lib, bad, False)
     assert not h and str(bad) in err and "not a readable GGUF file" in err, err
+    assert lib.qlora_last_status() == ERR_FORMAT
     h, err = c_load(lib, tmp_path / "missing.gguf", False)
     assert not h and "missing.gguf" in err, err
+    assert lib.qlora_last_status() == ERR_IO
 
 
 def test_loading_a_gguf_needs_no_gguf_package(tiny):
