@@ -175,11 +175,13 @@ Mode mode(SimdLevel level) {
   return bf16_compute_available(level) ? Mode::Bf16 : Mode::F32;
 }
 
+#ifdef QLORA_X86  // the AVX512-BF16 kernel files are x86-only (CMakeLists.txt)
 auto pack_a_rows(const float* A, int64_t lda) {
   return [=](int64_t i0, int mr, int64_t p0, int64_t kc, uint32_t* Ap) {
     bf16_k::pack_rows_avx512bf16(A + i0 * lda + p0, lda, mr, kc, MR, Ap);
   };
 }
+#endif
 
 }  // namespace
 
@@ -284,7 +286,7 @@ void gemm_tn_bf16(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha,
 
 void nf4_gemm_nt_bf16(SimdLevel level, int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W,
                       float beta, float* Y, int64_t ldy) {
-  const int s = check_nf4(W);
+  [[maybe_unused]] const int s = check_nf4(W);  // blocksize log2 (x86 kernels)
   const int64_t N = W.rows, K = W.cols;  // Y[M, N] = X[M, K] · W[N, K]ᵀ
   check_dims(M, N, K, ldx, K, K, K, ldy);
   switch (mode(level)) {
@@ -317,7 +319,7 @@ void nf4_gemm_nt_bf16(SimdLevel level, int64_t M, float alpha, const float* X, i
 
 void nf4_gemm_nn_bf16(SimdLevel level, int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W,
                       float beta, float* dX, int64_t lddx) {
-  const int s = check_nf4(W);
+  [[maybe_unused]] const int s = check_nf4(W);  // blocksize log2 (x86 kernels)
   const int64_t N = W.cols, K = W.rows;  // dX[M, N] = dY[M, K] · W[K, N]
   check_dims(M, N, K, lddy, K, N, N, lddx);
   switch (mode(level)) {
