@@ -114,6 +114,55 @@ def check_consumer(exe: Path, case) -> None:
     assert r.returncode == 1 and b"-missing" in r.stderr, (r.returncode, r.stderr)
 
 
+C_PROGRAM = r"""
+#include <stdio.h>
+#include "qlora/qlora.h"
+
+/* The C API from C99: the prompt's ids, greedy generation, the text. */
+int main(int argc, char** argv) {
+  qlora_model* model;
+  const qlora_tokenizer* tok;
+  int32_t ids[64], out[16];
+  int64_t n_out = 0;
+  int32_t n, len;
+  char text[1024];
+  if (argc != 3) return 2;
+  model = qlora_model_load(argv[1], NULL);
+  if (!model) { fprintf(stderr, "%s\n", qlora_last_error()); return 1; }
+  tok = qlora_model_get_tokenizer(model);
+  n = tok ? qlora_tokenize(tok, argv[2], -1, ids, 64, 1, 1) : -1;
+  if (n <= 0 || qlora_generate(model, ids, n, NULL, out, 16, &n_out, NULL, NULL) != QLORA_OK) {
+    fprintf(stderr, "%s\n", qlora_last_error());
+    qlora_model_free(model);
+    return 1;
+  }
+  len = qlora_detokenize(tok, out, (int32_t)n_out, text, (int32_t)sizeof text, 0);
+  if (len < 0) return 1;
+  printf("%.*s\n", (int)len, text);
+  qlora_model_free(model);
+  return 0;
+}
+"""
+
+
+def check_c_program(include_dir, lib_dir, tmp_path: Path, case) -> None:
+    """qlora.h compiles as C99 (-pedantic -Werror) and links with plain -lqlora (no CMake); its greedy
+    text equals the Python face's (16 new tokens, no stop ids)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return
+    src = tmp_path / "c_api.c"
+    src.write_text(C_PROGRAM)
+    exe = tmp_path / "c_api"
+    _run([cc, "-std=c99", "-Wall", "-Wextra", "-pedantic", "-Werror", f"-I{include_dir}", src, "-o", exe,
+          f"-L{lib_dir}", "-lqlora", f"-Wl,-rpath,{lib_dir}"])
+    gguf, _, _ = case
+    m = qlora_native.Model.from_pretrained(str(gguf))
+    tok = qlora_native.Tokenizer.from_pretrained(str(gguf))
+    want = tok.decode(m.generate(tok.encode(PROMPT), 16, eos_token_id=None)[0]) + "\n"
+    assert _run([exe, gguf, PROMPT], timeout=120).stdout == want.encode()
+
+
 def config_dir(root: Path) -> Path:
     found = sorted(root.rglob("qloraConfig.cmake"))
     assert len(found) == 1, found
@@ -171,6 +220,7 @@ def test_install_tree_package_builds_and_runs_consumer(case, tmp_path):
     assert len(exes) == (2 if expect_static(cfg) else 1), exes
     for exe in exes:
         check_consumer(exe, case)
+    check_c_program(root / "include", libdir, tmp_path, case)
 
 
 @needs_cmake
@@ -185,3 +235,8 @@ def test_wheel_package_builds_and_runs_consumer(case, tmp_path):
     assert len(exes) == (2 if expect_static(Path(cmake_dir)) else 1), exes
     for exe in exes:
         check_consumer(exe, case)
+    # Without CMake: the directories `--include-dir` / `--lib-dir` print.
+    inc, lib = (_run([sys.executable, "-m", "qlora_native", flag]).stdout.decode().strip()
+                for flag in ("--include-dir", "--lib-dir"))
+    assert Path(inc) == pkg / "include" and Path(lib) == pkg / "lib"
+    check_c_program(inc, lib, tmp_path, case)
