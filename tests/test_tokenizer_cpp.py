@@ -18,7 +18,8 @@ from helpers_tokenizer import (LLAMA3_SPECIALS, build_hf_tokenizer_dir, generate
 
 SMOLLM2 = smollm2_gguf_path()
 
-SCRIPTS = ["Ελληνικά γράμματα", "русский текст", "日本語のテキストです", "中文字符测试", "한국어 문장",
+SCRIPTS = ["e\u0301\u0323 a\u030a\u0301 \u1100\u1161\u11a8 \uac00\u11a8 \u0958 \u2126 \u1e9b\u0323 \u0344 q\u0307\u0323",
+           "Ελληνικά γράμματα", "русский текст", "日本語のテキストです", "中文字符测试", "한국어 문장",
            "עברית כאן", "العربية ٣٤٥", "हिन्दी ४५६", "ภาษาไทย", "Tiếng Việt", "ქართული", "Հայերեն",
            "ᚠᚢᚦ", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "１２３ＡＢＣ", "e\u0301\u0302", "👨‍👩‍👧 👍🏽 🇫🇷", "∑∫√ ≤≥ ½⅓ Ⅻ ²³",
            "don't I'LL we'RE it'S 'ſ 'K", "$100 + 5^2 = <x> | ~y", "x\u00a0y\u3000z\u2028w\x0b\x0cv\x85u"]
@@ -234,7 +235,11 @@ def test_hf_variants(hf_dirs, tmp_path, stats):
             tj["decoder"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": scheme, "split": split}
         return f
 
-    cases = [(hf_dirs["gpt2"], smollm, {}), (hf_dirs["llama3"], qwen2, {}), (hf_dirs["gpt2"], prefix, {}),
+    def qwen2_nfc(tj):  # Qwen2 / Qwen2.5 files: NFC normalizer + the Qwen2 split + ByteLevel
+        qwen2(tj)
+        tj["normalizer"] = {"type": "NFC"}
+
+    cases = [(hf_dirs["gpt2"], smollm, {}), (hf_dirs["llama3"], qwen2, {}), (hf_dirs["llama3"], qwen2_nfc, {}), (hf_dirs["gpt2"], prefix, {}),
              (hf_dirs["metaspace"], meta("first", False), {}), (hf_dirs["metaspace"], meta("always", True), {}),
              (hf_dirs["llama3"], lambda tj: None, {"add_bos_token": False, "add_eos_token": True}),
              (hf_dirs["gpt2"], lambda tj: tj.update(decoder=None), {})]  # no decoder: tokens joined by ' ' 
@@ -428,3 +433,27 @@ def test_threads(hf_dirs):
     with ThreadPoolExecutor(4) as ex:
         got = list(ex.map(fresh.encode, texts * 3))
     assert got == want * 3
+
+
+def test_nfc():
+    """NFC as unicodedata (at the tables' Unicode version) computes it, on composed / decomposed
+    text, Hangul, reordering of combining marks, composition exclusions and singletons."""
+    try:
+        import unicodedata2 as ud
+    except ImportError:
+        ud = unicodedata
+    r = random.Random(3)
+    marks = [chr(c) for c in range(0x300, 0x370)] + ["\u0323", "\u0331", "\u05b0", "\u093c", "\u3099"]
+    bases = list("aeiouAEOUnckzsqyw") + ["\u1100", "\u1161", "\u11a8", "\uac00", "\u0915", "\u304b", "\u0391"]
+    pool = [chr(c) for c in range(0x20, 0x2FA1E) if unicodedata.decomposition(chr(c))
+            and not unicodedata.decomposition(chr(c)).startswith("<")]
+    n = 0
+    for _ in range(4000):
+        t = "".join(r.choice(marks) if r.random() < 0.4 else r.choice(bases) if r.random() < 0.6 else r.choice(pool)
+                    for _ in range(r.randint(1, 10)))
+        if ud.unidata_version == _core.tokenizer_unicode_version or all(
+                unicodedata.category(ch) != "Cn" for ch in t):
+            assert _core.tokenizer_nfc(t) == ud.normalize("NFC", t), repr(t)
+            n += 1
+    assert n > 3000
+    assert _core.tokenizer_nfc("plain ascii") == "plain ascii"

@@ -97,8 +97,46 @@ def generate() -> str:
             row = []
     if row:
         lines.append("    " + ", ".join(row) + ",")
-    lines += ["};", "", "}  // namespace qlora::tok", ""]
+    lines += ["};", ""]
+    lines += nfc_tables()
+    lines += ["}  // namespace qlora::tok", ""]
     return "\n".join(lines)
+
+
+def _array(name, ctype, rows, per_line=6):
+    out = [f"const size_t {name}Count = {len(rows)};", f"const {ctype} {name}[] = {{"]
+    for k in range(0, len(rows), per_line):
+        out.append("    " + ", ".join(rows[k:k + per_line]) + ",")
+    return out + ["};", ""]
+
+
+def nfc_tables() -> list:
+    """NFC data (tokenizers' NFC normalizer): canonical decompositions (one level), canonical
+    combining classes, and the primary composites (canonical pairs not excluded from composition:
+    the composite is what NFC gives for its own decomposition)."""
+    decomp, ccc, comp = [], [], []
+    data = []
+    for cp in range(0x110000):
+        c = chr(cp)
+        k = UD.combining(c)
+        if k:
+            ccc.append(f"{{0x{cp:X}, {k}}}")
+        d = UD.decomposition(c)
+        if not d or d.startswith("<"):
+            continue
+        parts = [int(x, 16) for x in d.split()]
+        decomp.append(f"{{0x{cp:X}, {len(data)}, {len(parts)}}}")
+        data += [f"0x{x:X}" for x in parts]
+        if len(parts) == 2 and UD.normalize("NFC", "".join(map(chr, parts))) == c:
+            comp.append((parts[0], parts[1], cp))
+    comp.sort()
+    return (["// NFC: {code point, first index in kDecompData, length} (canonical, one level, sorted)"]
+            + _array("kDecomp", "DecompEntry", decomp)
+            + _array("kDecompData", "uint32_t", data, 10)
+            + ["// NFC: {code point, canonical combining class} for every class != 0 (sorted)"]
+            + _array("kCcc", "CccEntry", ccc, 8)
+            + ["// NFC: primary composites {first, second, composite} (sorted by first, second)"]
+            + _array("kCompose", "ComposeEntry", [f"{{0x{a:X}, 0x{b:X}, 0x{c:X}}}" for a, b, c in comp]))
 
 
 def main() -> int:

@@ -175,6 +175,16 @@ void bind_tokenizer(py::module_& m) {
       .def_property_readonly("source", [](const tk::Tokenizer& t) { return t.desc().source; });
   m.attr("tokenizer_unicode_version") = tk::kUnicodeVersion;
   m.def(
+      "tokenizer_nfc",
+      [](const std::string& s) {
+        std::string buf;
+        std::string_view v = tk::sanitize_utf8(s, buf);
+        std::string out;
+        tk::nfc(v, out);
+        return out;
+      },
+      py::arg("text"), "Unicode NFC as the C++ tokenizers apply it (tokenizer.json normalizer NFC).");
+  m.def(
       "tokenizer_unicode_flags",
       [](uint32_t first, uint32_t last) {
         check_arg(first <= last && last <= 0x110000, "tokenizer_unicode_flags: need 0 <= first <= last <= 0x110000");

@@ -333,6 +333,9 @@ void Tokenizer::encode_segment(std::string_view seg, bool at_start, Scratch& sc,
   for (const NormStep& st : d_.normalizer) {
     if (st.kind == NormStep::Prepend) {
       if (!s.empty()) s.insert(0, st.a);
+    } else if (st.kind == NormStep::Nfc) {
+      nfc(s, sc.buf);
+      s.swap(sc.buf);
     } else {
       replace_all(s, st.a, st.b);
     }

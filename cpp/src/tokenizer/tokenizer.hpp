@@ -39,8 +39,8 @@ struct AddedToken {
   bool rstrip = false;
 };
 
-struct NormStep {  // tokenizers normalizers.Prepend / normalizers.Replace (string pattern)
-  enum Kind : uint8_t { Prepend, Replace } kind;
+struct NormStep {  // tokenizers normalizers.Prepend / Replace (string pattern) / NFC
+  enum Kind : uint8_t { Prepend, Replace, Nfc } kind;
   std::string a, b;  // Prepend: a = prefix; Replace: a -> b
 };
 

@@ -71,6 +71,8 @@ void add_normalizer(const Value& n, TokenizerDesc& d, const Ctx& c) {
     d.normalizer.push_back({NormStep::Prepend, n.at("prepend").as_string(), ""});
   } else if (t == "Replace") {
     d.normalizer.push_back({NormStep::Replace, string_pattern(n, c, "Replace normalizer"), n.at("content").as_string()});
+  } else if (t == "NFC") {  // Qwen2's tokenizer.json
+    d.normalizer.push_back({NormStep::Nfc, "", ""});
   } else {
     c.unsupported("normalizer " + t);
   }

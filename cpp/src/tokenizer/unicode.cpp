@@ -120,4 +120,90 @@ void append_utf8(std::string& out, uint32_t cp) {
   }
 }
 
+// ---------------------------------------------------------------- NFC (UAX #15)
+namespace {
+constexpr uint32_t kSBase = 0xAC00, kLBase = 0x1100, kVBase = 0x1161, kTBase = 0x11A7;
+constexpr uint32_t kLCount = 19, kVCount = 21, kTCount = 28, kNCount = kVCount * kTCount, kSCount = kLCount * kNCount;
+
+uint8_t ccc_of(uint32_t cp) {
+  if (cp < 0x300) return 0;
+  const CccEntry* e = std::lower_bound(kCcc, kCcc + kCccCount, cp, [](const CccEntry& x, uint32_t v) { return x.cp < v; });
+  return e != kCcc + kCccCount && e->cp == cp ? e->ccc : 0;
+}
+
+void decompose(uint32_t cp, std::vector<uint32_t>& out) {
+  if (cp >= kSBase && cp < kSBase + kSCount) {  // Hangul syllables: algorithmic
+    uint32_t s = cp - kSBase;
+    out.push_back(kLBase + s / kNCount);
+    out.push_back(kVBase + (s % kNCount) / kTCount);
+    if (s % kTCount) out.push_back(kTBase + s % kTCount);
+    return;
+  }
+  const DecompEntry* e = std::lower_bound(kDecomp, kDecomp + kDecompCount, cp, [](const DecompEntry& x, uint32_t v) { return x.cp < v; });
+  if (e == kDecomp + kDecompCount || e->cp != cp) {
+    out.push_back(cp);
+    return;
+  }
+  for (uint32_t k = 0; k < e->len; ++k) decompose(kDecompData[e->first + k], out);
+}
+
+uint32_t compose(uint32_t a, uint32_t b) {  // 0: none
+  if (a >= kLBase && a < kLBase + kLCount && b >= kVBase && b < kVBase + kVCount)
+    return kSBase + ((a - kLBase) * kVCount + (b - kVBase)) * kTCount;
+  if (a >= kSBase && a < kSBase + kSCount && (a - kSBase) % kTCount == 0 && b > kTBase && b < kTBase + kTCount)
+    return a + (b - kTBase);
+  const ComposeEntry* e = std::lower_bound(kCompose, kCompose + kComposeCount, std::make_pair(a, b),
+                                           [](const ComposeEntry& x, const std::pair<uint32_t, uint32_t>& v) {
+                                             return x.a < v.first || (x.a == v.first && x.b < v.second);
+                                           });
+  return e != kCompose + kComposeCount && e->a == a && e->b == b ? e->c : 0;
+}
+}  // namespace
+
+void nfc(std::string_view s, std::string& out) {
+  std::vector<uint32_t> cps, offs;
+  decode_utf8(s, cps, offs);
+  bool simple = true;  // below U+0300 nothing decomposes, combines or composes
+  for (uint32_t c : cps) simple &= c < 0x300;
+  if (simple) {
+    out.assign(s.data(), s.size());
+    return;
+  }
+  std::vector<uint32_t> d;
+  d.reserve(cps.size() + 8);
+  for (uint32_t c : cps) decompose(c, d);
+  // canonical ordering: stable sort of each run of non-starters by combining class
+  for (size_t i = 0; i < d.size();) {
+    if (!ccc_of(d[i])) { ++i; continue; }
+    size_t j = i;
+    while (j < d.size() && ccc_of(d[j])) ++j;
+    std::stable_sort(d.begin() + static_cast<std::ptrdiff_t>(i), d.begin() + static_cast<std::ptrdiff_t>(j),
+                     [](uint32_t x, uint32_t y) { return ccc_of(x) < ccc_of(y); });
+    i = j;
+  }
+  // canonical composition
+  std::vector<uint32_t> r;
+  r.reserve(d.size());
+  long starter = -1;
+  int last_ccc = 0;
+  for (uint32_t c : d) {
+    int cc = ccc_of(c);
+    if (starter >= 0) {
+      bool adjacent = static_cast<long>(r.size()) - 1 == starter;
+      bool blocked = !adjacent && (last_ccc == 0 || last_ccc >= cc);
+      if (!blocked) {
+        if (uint32_t p = compose(r[static_cast<size_t>(starter)], c)) {
+          r[static_cast<size_t>(starter)] = p;
+          continue;
+        }
+      }
+    }
+    if (cc == 0) starter = static_cast<long>(r.size());
+    r.push_back(c);
+    last_ccc = cc;
+  }
+  out.clear();
+  for (uint32_t c : r) append_utf8(out, c);
+}
+
 }  // namespace qlora::tok

@@ -17,6 +17,14 @@ struct UnicodeRun {
 extern const char* const kUnicodeVersion;
 extern const size_t kUnicodeRunCount;
 extern const UnicodeRun kUnicodeRuns[];
+struct DecompEntry { uint32_t cp, first, len; };
+struct CccEntry { uint32_t cp; uint8_t ccc; };
+struct ComposeEntry { uint32_t a, b, c; };
+extern const size_t kDecompCount, kDecompDataCount, kCccCount, kComposeCount;
+extern const DecompEntry kDecomp[];
+extern const uint32_t kDecompData[];
+extern const CccEntry kCcc[];
+extern const ComposeEntry kCompose[];
 
 enum : uint8_t {
   kLetter = 1,     // \p{L}
@@ -41,5 +49,7 @@ size_t utf8_seq_len(std::string_view s, size_t i);
 // at the end: s.size()).
 void decode_utf8(std::string_view s, std::vector<uint32_t>& cpts, std::vector<uint32_t>& offsets);
 void append_utf8(std::string& out, uint32_t cp);
+// Unicode Normalization Form C of valid UTF-8 (tokenizers' NFC normalizer), into out.
+void nfc(std::string_view s, std::string& out);
 
 }  // namespace qlora::tok
