@@ -457,3 +457,19 @@ def test_nfc():
             n += 1
     assert n > 3000
     assert _core.tokenizer_nfc("plain ascii") == "plain ascii"
+
+
+def test_saved_gguf_tokenizers(hf_dirs, spm_models, tmp_path, stats):
+    """GGUF tokenizers written as tokenizer.json by the Python face's save_pretrained (the GGUF
+    pre-tokenizer regexes as Split patterns, the SPM normalizer/decoder chain) load in C++ with
+    the same ids."""
+    srcs = [write_gpt2_gguf(hf_dirs["llama3"], tmp_path / f"{p}.gguf", pre=p) for p in ("default", "llama3", "qwen2")]
+    srcs.append(write_llama_gguf(spm_models["bpe"], tmp_path / "spm.gguf"))
+    if SMOLLM2 is not None:
+        srcs.append(SMOLLM2)
+    for k, src in enumerate(srcs):
+        d = tmp_path / f"saved{k}"
+        Tokenizer.from_pretrained(src).save_pretrained(d)
+        ours, ref = _core.Tokenizer(str(d)), Tokenizer.from_pretrained(d)
+        check(ours, ref, corpus(70 + k, 250, LLAMA3_SPECIALS), stats, roundtrip=False)
+        assert ours.encode("x y 1234") == _core.Tokenizer(str(src)).encode("x y 1234")
