@@ -306,3 +306,31 @@ def test_init_statistics_match_peft(base_model, init, rng):
         se = math.sqrt(np.var(t ** 2) / t.size + np.var(o ** 2) / o.size)
         assert abs(np.mean(t ** 2) - np.mean(o ** 2)) < 6 * se, (k, np.mean(t ** 2), np.mean(o ** 2))
         assert abs(t.mean() - o.mean()) < 6 * math.sqrt(t.var() / t.size + o.var() / o.size)
+
+
+def test_one_reader_for_both_faces(rng, tmp_path, monkeypatch):
+    """load_adapter and Model.load_adapter read through the engine's PEFT reader (the C API's
+    qlora_adapter_load): no Python copy of the rules. Regex targets need the Python face's matcher."""
+    from qlora_native import _core
+    from helpers_model import make_checkpoint
+
+    calls = []
+    real = _core.io.read_peft_adapter
+    monkeypatch.setattr(_core.io, "read_peft_adapter", lambda *a, **k: calls.append(a) or real(*a, **k))
+    cfg, tensors = _saved(tmp_path / "rx", rng, "regex")
+    got_cfg, got = load_adapter(tmp_path / "rx")
+    assert len(calls) == 1 and got_cfg.resolve(N_LAYERS) == cfg.resolve(N_LAYERS)
+    for k in tensors:
+        np.testing.assert_array_equal(got[k], tensors[k])
+    with pytest.raises(ValueError, match="regular expression"):  # the C API's reader: plain names only
+        real(str(tmp_path / "rx"))
+    raw, mods = real(str(tmp_path / "rx"), matcher=qlora_native.lora_config.matcher())
+    assert [(m[0], m[1], m[2]) for m in mods] == [(1, "q_proj", 3), (1, "k_proj", 3)]
+    assert mods[0][3] == np.float32(5 / 3) and raw["target_modules"] == cfg.target_modules
+    # Model.load_adapter: an adapter for another base names the module and says so
+    ckpt, _, _ = make_checkpoint(tmp_path / "m", rng, num_hidden_layers=2, hidden_size=32)
+    m = qlora_native.Model.from_pretrained(ckpt, quantize=None, tokenizer=None)
+    calls.clear()
+    with pytest.raises(ValueError, match=r"q_proj.*another base model"):
+        m.load_adapter(tmp_path / "rx", "x")
+    assert len(calls) == 1

@@ -3,6 +3,9 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
+
+#include "api/peft_adapter.hpp"
 #include "bindings.hpp"
 #include "common/error.hpp"
 #include "io/mapped_file.hpp"
@@ -232,6 +235,53 @@ void bind_io(py::module_& m) {
       },
       py::arg("obj"), py::arg("indent") = py::none(),
       "Serialize None/bool/int/float/str/list/tuple/dict with the engine's JSON writer.");
+
+  io.def(
+      "read_peft_adapter",
+      [](const std::string& dir, int64_t num_layers, py::dict module_shapes, py::object matcher,
+         const std::string& api) {
+        capi::PeftReadOptions opt;
+        opt.api = api;
+        opt.num_layers = num_layers;
+        for (auto kv : module_shapes) {
+          const std::string proj = py::str(kv.first);
+          const int p = model::proj_index(proj);
+          check_arg(p >= 0, api + ": module_shapes key '" + proj +
+                                "' is not one of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj");
+          const auto oi = kv.second.cast<std::pair<int64_t, int64_t>>();
+          opt.module_shapes[p] = oi;
+        }
+        if (!matcher.is_none())  // Python's time-bounded re matcher (lora_config.py); runs with the GIL held
+          opt.re = [matcher](const std::string& pat, const char* kind, const std::string& what, const std::string& key) {
+            return matcher(pat, kind, what, key).cast<int64_t>();
+          };
+        capi::PeftRead r;
+        try {
+          r = capi::read_peft_adapter(dir, opt);
+        } catch (const io::FileError& e) {
+          // OSError(errno, message, path) -> FileNotFoundError / NotADirectoryError with the reader's words
+          std::string msg = e.what();
+          const std::string tail = " '" + e.path + "': " + e.reason;
+          if (msg.size() > tail.size() && msg.compare(msg.size() - tail.size(), tail.size(), tail) == 0)
+            msg.resize(msg.size() - tail.size());
+          py::object exc = py::reinterpret_borrow<py::object>(PyExc_OSError)(e.err, msg, e.path);
+          PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
+          throw py::error_already_set();
+        }
+        py::list mods;
+        for (const auto& m : r.modules) {
+          py::array_t<float> a({m.r, m.in}), b({m.out, m.r});
+          std::memcpy(a.mutable_data(), m.a, sizeof(float) * m.r * m.in);
+          std::memcpy(b.mutable_data(), m.b, sizeof(float) * m.out * m.r);
+          mods.append(py::make_tuple(m.layer, model::proj_name(m.p), m.r, m.scaling, a, b));
+        }
+        return py::make_tuple(to_python(r.config), mods);
+      },
+      py::arg("dir"), py::arg("num_layers") = 0, py::arg("module_shapes") = py::dict(),
+      py::arg("matcher") = py::none(), py::arg("api") = "load_adapter",
+      "The C++ PEFT adapter reader (the C API's): (adapter_config.json as read, [(layer, proj, r, scaling, "
+      "A float32 [r, in], B float32 [out, r])]). matcher(pattern, kind, what, key) -> -1 / 0 / layer index "
+      "matches the config's regexes (None: only plain names are read).");
 
   // Test hook for the C++ accessors the loaders use (json::Value::get_or / at / as_*).
   io.def("_json_access", [](const std::string& text, const std::string& key, const std::string& kind,

@@ -11,21 +11,20 @@ Tensor names and shapes (PEFT strips the adapter name on save):
 from __future__ import annotations
 
 import json
+import os
 import re
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
-from . import atomic_io
+from . import _core, atomic_io
 from . import io as _io
-from .lora_config import PROJECTIONS, LoraConfig, peft_tensor_name
+from .lora_config import PROJECTIONS, LoraConfig, matcher, peft_tensor_name
 
 __all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_BIN_NAME = "adapter_model.bin"
 
 _NAME_RE = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
@@ -141,36 +140,39 @@ def save_adapter(directory, config: LoraConfig, tensors: dict, base_model_name_o
 def load_adapter(directory, *, num_layers=None, module_shapes=None):
     """Read a PEFT LoRA adapter directory: (LoraConfig, {peft_name: float32 ndarray}).
 
-    Names are checked against config.resolve(num_layers) (num_layers defaults to the highest layer
-    index found + 1), shapes against the per-module rank and each other (and module_shapes
-    {proj: (out, in)} when given). Raises FileNotFoundError for a missing directory/file,
+    The engine's reader does the work (cpp/src/api/peft_adapter.cpp, the one qlora_adapter_load
+    uses): names are checked against the config's targets for num_layers layers (default: the
+    highest layer index found + 1), shapes against the per-module rank and each other (and
+    module_shapes {proj: (out, in)} when given). Regexes in the config are matched by
+    lora_config's time-bounded matcher. Raises FileNotFoundError for a missing directory/file,
     NotADirectoryError when `directory` is a file, ValueError for unsupported content
     (adapter_model.bin, DoRA, ...), FormatError when corrupt. A save that was killed is first
-    finished or rolled back (atomic_io.recover).
+    finished or rolled back.
     """
-    d = Path(directory)
-    atomic_io.recover(d)
-    if d.exists() and not d.is_dir():
-        raise NotADirectoryError(f"load_adapter: {str(d)!r} is a file, not an adapter directory (a PEFT adapter "
-                                 f"directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
-    if not d.is_dir():
-        raise FileNotFoundError(f"load_adapter: adapter directory {str(d)!r} does not exist")
-    cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"load_adapter: {str(cfg_path)!r} not found (a PEFT adapter directory holds "
-                                f"{CONFIG_NAME} and {WEIGHTS_NAME})")
-    if not w_path.is_file():
-        if (d / _BIN_NAME).is_file():
-            raise ValueError(f"load_adapter: {str(d / _BIN_NAME)!r} is a torch pickle, which qlora_native does not "
-                             f"read; convert it to {WEIGHTS_NAME} (e.g. PeftModel.from_pretrained(base, dir)"
-                             f".save_pretrained(dir, safe_serialization=True))")
-        raise FileNotFoundError(f"load_adapter: {str(w_path)!r} not found")
-    raw = _io.read_json(cfg_path)  # the engine's parser: bounded depth and size, FormatError naming the file
-    try:
+    config, mods = _read(directory, num_layers, module_shapes, "load_adapter")
+    tensors = {}
+    for layer, proj, _r, _scaling, a, b in mods:
+        tensors[peft_tensor_name(layer, proj, "A")] = a
+        tensors[peft_tensor_name(layer, proj, "B")] = b
+    return config, tensors
+
+
+def _read(directory, num_layers, module_shapes, api):
+    """(LoraConfig, [(layer, proj, r, scaling, A, B)]) from the engine's PEFT reader."""
+    if num_layers is not None and (not isinstance(num_layers, int) or isinstance(num_layers, bool)
+                                   or num_layers <= 0):
+        raise ValueError(f"{api}: num_layers must be a positive int, got {num_layers!r}")
+    shapes = {}
+    for proj, shape in (module_shapes or {}).items():
+        try:
+            out_f, in_f = (int(v) for v in shape)
+        except (TypeError, ValueError):
+            raise ValueError(f"{api}: module_shapes[{proj!r}] must be (out_features, in_features), "
+                             f"got {shape!r}") from None
+        shapes[str(proj)] = (out_f, in_f)
+    raw, mods = _core.io.read_peft_adapter(os.fspath(directory), num_layers or 0, shapes, matcher(), api)
+    try:  # the Python object of the config the engine accepted (warns about unknown keys)
         config = LoraConfig.from_peft_dict(raw)
     except ValueError as exc:
-        raise type(exc)(f"{cfg_path}: {exc}") from None
-    f = _io.safe_open(w_path)
-    arrays = _check_tensors(config, {k: f[k] for k in f.keys()}, num_layers, module_shapes, f"load_adapter({d})")
-    return config, {k: np.array(v, dtype=np.float32) for k, v in arrays.items()}
-
+        raise type(exc)(f"{os.path.join(os.fspath(directory), CONFIG_NAME)}: {exc}") from None
+    return config, mods

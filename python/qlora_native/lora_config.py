@@ -537,6 +537,21 @@ def _prepare(pattern: str, kind: str, what: str) -> _Pattern:
     return _Pattern(pattern, what, False, getattr(rx, method))
 
 
+def matcher():
+    """The engine's PEFT reader calls this for the config regexes that are not plain names
+    (cpp/src/api/peft_adapter.hpp PatternMatcher): (pattern, kind, what, key) -> -1 (no match),
+    0, or for kind "layers" the captured layer index. One _Budget bounds all matching of a read."""
+    budget = _Budget()
+
+    def match(pattern: str, kind: str, what: str, key: str) -> int:
+        m = budget.match(budget.pattern(pattern, kind, what), key)
+        if m is None:
+            return -1
+        return min(int(m.group("idx")), 2**62) if kind == "layers" else 0
+
+    return match
+
+
 def _pattern_value(patterns: dict, key: str, default, what: str, budget: _Budget):
     """PEFT's get_pattern_key: the first key (dict order) whose pattern matches the path."""
     for k in patterns:

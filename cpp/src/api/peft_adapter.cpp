@@ -91,6 +91,15 @@ std::vector<size_t> starts(const std::string& key) {
   return s;
 }
 
+// A config pattern: a plain name (matched here) or, when the caller gave a PatternMatcher, any
+// regex (matched by it: Python's re rules, bounded in time by lora_config.py).
+struct Pat {
+  std::optional<Plain> plain;
+  std::string src;
+  const char* kind = "fullmatch";  // fullmatch (target/exclude), pattern (rank/alpha keys), layers
+  std::string what;
+};
+
 // Python's bool / int checks: bool is not an int, an int-valued double is not an int either.
 bool is_int(const Value& v) { return v.is_int(); }
 
@@ -102,31 +111,39 @@ struct Config {
   // target_modules: kind 0 = list (names), 1 = all-linear, 2 = plain regex (fullmatch)
   int target_kind = 0;
   std::vector<std::string> targets;
-  std::optional<Plain> target_re;
+  std::optional<Pat> target_re;
   std::string target_src;
   bool has_exclude = false, exclude_is_re = false;
   std::vector<std::string> exclude;
-  std::optional<Plain> exclude_re;
+  std::optional<Pat> exclude_re;
   std::optional<std::vector<int64_t>> layers;  // layers_to_transform
   bool layers_is_int = false;
-  std::vector<Plain> layers_patterns;
-  std::vector<std::pair<Plain, int64_t>> rank_pattern;
-  std::vector<std::pair<Plain, double>> alpha_pattern;
+  std::vector<Pat> layers_patterns;
+  std::vector<std::pair<Pat, int64_t>> rank_pattern;
+  std::vector<std::pair<Pat, double>> alpha_pattern;
+  const PatternMatcher* re = nullptr;  // null: regexes are refused
 
   [[noreturn]] void fail(const std::string& msg) const { throw ValueError(where + ": " + msg); }
 
-  Plain need_plain(const std::string& p, const std::string& what) const {
-    std::optional<Plain> r = plain(p);
-    if (!r)
+  Pat need_plain(const std::string& p, const char* kind, const std::string& what) const {
+    Pat out{plain(p), p, kind, what};
+    if (!out.plain && !(re && *re))
       fail(what + " '" + p + "' is a regular expression; the C API reads only plain names (letters, digits, '_', "
            "'-', '.', '\\.'). Load this adapter with qlora_native.Model.load_adapter (Python) or list the module "
            "names in target_modules / the pattern keys");
-    return *r;
+    return out;
+  }
+
+  // -1: no match; else 0, or for kind "layers" the layer index the pattern captured.
+  int64_t call(const Pat& p, const std::string& key) const { return (*re)(p.src, p.kind, p.what, key); }
+  bool fullmatch(const Pat& p, const std::string& key) const {
+    if (p.plain) return p.plain->size() == key.size() && p.plain->at(key, 0);
+    return call(p, key) >= 0;
   }
 
   bool excluded(const std::string& key) const {
     if (!has_exclude) return false;
-    if (exclude_is_re) return exclude_re->size() == key.size() && exclude_re->at(key, 0);
+    if (exclude_is_re) return fullmatch(*exclude_re, key);
     for (const auto& e : exclude)
       if (key == e || (key.size() > e.size() && key.compare(key.size() - e.size() - 1, std::string::npos, "." + e) == 0))
         return true;
@@ -145,7 +162,7 @@ struct Config {
         if (ends_with_name(key, model::proj_name(p))) return true;
       return false;
     }
-    if (target_kind == 2) return target_re->size() == key.size() && target_re->at(key, 0);
+    if (target_kind == 2) return fullmatch(*target_re, key);
     bool any = false;
     for (const auto& t : targets) {
       if (key == t) return true;  // an exact path is not filtered by layers_to_transform (PEFT)
@@ -157,7 +174,14 @@ struct Config {
     if (layers_patterns.empty()) {
       idx = layer;  // the default rule ".*?\.[^.]*\.(\d+)\." reads "model.layers.<i>."
     } else {
-      for (const Plain& p : layers_patterns) {
+      for (const Pat& pat : layers_patterns) {
+        if (!pat.plain) {
+          const int64_t i = call(pat, key);
+          if (i >= 0) idx = i;
+          if (idx) break;
+          continue;
+        }
+        const Plain& p = *pat.plain;
         for (size_t s : starts(key)) {  // (?:^|.*?\.) p \. (\d+) \.
           if (!p.at(key, s)) continue;
           size_t i = s + p.size();
@@ -178,10 +202,16 @@ struct Config {
   }
 
   template <class T>
-  static T pattern_value(const std::vector<std::pair<Plain, T>>& pats, const std::string& key, T def) {
-    for (const auto& [p, v] : pats)  // get_pattern_key: first key whose (.*\.)?(key)$ matches
+  T pattern_value(const std::vector<std::pair<Pat, T>>& pats, const std::string& key, T def) const {
+    for (const auto& [pat, v] : pats) {  // get_pattern_key: first key whose (.*\.)?(key)$ matches
+      if (!pat.plain) {
+        if (call(pat, key) >= 0) return v;
+        continue;
+      }
+      const Plain& p = *pat.plain;
       for (size_t s : starts(key))
         if (key.size() - s == p.size() && p.at(key, s)) return v;
+    }
     return def;
   }
 };
@@ -190,16 +220,17 @@ bool is_off_none(const Value& v) {  // lora_config._is_off(value, None)
   return v.is_null() || ((v.is_array() || v.is_object()) && v.size() == 0);
 }
 
-Config parse_config(const Value& d, const std::string& where) {
+Config parse_config(const Value& d, const std::string& where, const PatternMatcher* re) {
   Config c;
   c.where = where;
+  c.re = re;
   if (!d.is_object()) c.fail("adapter config must be a JSON object, got " + std::string(json::type_name(d.type())));
   const Value* pt = d.find("peft_type");
   if (!pt || !pt->is_string() || pt->as_string() != "LORA")
-    c.fail("peft_type must be 'LORA', got " + (pt ? repr(*pt) : "None") + " (only LoRA adapters are supported)");
+    c.fail("adapter config: peft_type must be 'LORA', got " + (pt ? repr(*pt) : "None") + " (only LoRA adapters are supported)");
   const Value* tt = d.find("task_type");
   if (tt && !tt->is_null() && !(tt->is_string() && tt->as_string() == "CAUSAL_LM"))
-    c.fail("task_type " + repr(*tt) + " is not supported (expected 'CAUSAL_LM' or null)");
+    c.fail("adapter config: task_type " + repr(*tt) + " is not supported (expected 'CAUSAL_LM' or null)");
   // PEFT features qlora_native does not implement: key -> (what "off" is, the feature's name).
   struct Unsupported {
     const char* key;
@@ -223,7 +254,7 @@ Config parse_config(const Value& d, const std::string& where) {
                      : u.off == 1 ? ((v->is_bool() && !v->as_bool()) || (v->is_number() && v->as_double() == 0.0))
                                   : (v->is_string() && v->as_string() == "none");
     if (!off)
-      c.fail(std::string(u.feature) + " is not supported by qlora_native (got " + u.key + "=" + repr(*v) + ")");
+      c.fail("adapter config: " + std::string(u.feature) + " is not supported by qlora_native (got " + u.key + "=" + repr(*v) + ")");
   }
   auto get = [&](const char* k) -> const Value* {
     const Value* v = d.find(k);
@@ -267,7 +298,7 @@ Config parse_config(const Value& d, const std::string& where) {
       } else {
         c.target_kind = 2;
         c.target_src = t->as_string();
-        c.target_re = c.need_plain(t->as_string(), "target_modules regex");
+        c.target_re = c.need_plain(t->as_string(), "fullmatch", "target_modules regex");
       }
       if (ltt) c.fail("LoraConfig: layers_to_transform cannot be used when target_modules is a str (PEFT rule); list "
                       "the module names instead");
@@ -319,15 +350,15 @@ Config parse_config(const Value& d, const std::string& where) {
         if ((ok = lp->at(i).is_string())) ps.push_back(lp->at(i).as_string());
     }
     if (!ok) c.fail("LoraConfig: layers_pattern must be a str or a list of str, got " + repr(*lp));
-    std::vector<Plain> pats;
-    for (const auto& p : ps) pats.push_back(c.need_plain(p, "layers_pattern"));
+    std::vector<Pat> pats;
+    for (const auto& p : ps) pats.push_back(c.need_plain(p, "layers", "layers_pattern"));
     if (lp_set) c.layers_patterns = std::move(pats);
   }
   if (const Value* ex = get("exclude_modules")) {
     c.has_exclude = true;
     if (ex->is_string()) {
       c.exclude_is_re = true;
-      c.exclude_re = c.need_plain(ex->as_string(), "exclude_modules regex");
+      c.exclude_re = c.need_plain(ex->as_string(), "fullmatch", "exclude_modules regex");
     } else {
       bool ok = ex->is_array();
       for (size_t i = 0; ok && i < ex->size(); ++i)
@@ -341,7 +372,7 @@ Config parse_config(const Value& d, const std::string& where) {
     if (!pat->is_object())
       c.fail(std::string("LoraConfig: ") + attr + " must be a dict {regex: value}, got " + json::type_name(pat->type()));
     for (const auto& [k, v] : pat->as_object()) {
-      const Plain p = c.need_plain(k, std::string(attr) + " key");
+      const Pat p = c.need_plain(k, "pattern", std::string(attr) + " key");
       if (attr[0] == 'r') {
         if (!is_int(v) || v.as_int() <= 0)
           c.fail(std::string("LoraConfig: rank_pattern['") + k + "'] must be a positive int, got " + repr(v));
@@ -380,8 +411,8 @@ std::map<int64_t, Resolved> resolve(const Config& c, int64_t L) {
     for (int p = 0; p < kNumProj; ++p) {
       const std::string key = module_path(l, p);
       if (!c.targets_key(key, l)) continue;
-      const int64_t r = Config::pattern_value(c.rank_pattern, key, c.r);
-      const double alpha = Config::pattern_value(c.alpha_pattern, key, c.alpha);
+      const int64_t r = c.pattern_value(c.rank_pattern, key, c.r);
+      const double alpha = c.pattern_value(c.alpha_pattern, key, c.alpha);
       const double scaling = c.rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / static_cast<double>(r);
       const float sf = static_cast<float>(scaling);
       if (!std::isfinite(sf))  // the engine keeps it in float32 (as Python's lora_add checks)
@@ -487,55 +518,70 @@ std::vector<float> to_f32(const io::TensorInfo& t, const std::string& where) {
   return out;
 }
 
+int64_t s_in(const io::TensorInfo* a) { return a->shape[1]; }
+int64_t s_out(const io::TensorInfo* b) { return b->shape[0]; }
+
 }  // namespace
 
-std::shared_ptr<model::LoraAdapter> load_peft_adapter(model::LlamaModel& m, const std::string& dir) {
-  check_arg(!dir.empty(), "qlora_adapter_load: dir is empty");
+namespace {
+// io::FileError with the caller's name first (Python raises it as FileNotFoundError / NotADirectoryError).
+[[noreturn]] void file_error(int err, const std::string& path, const std::string& doing) {
+  throw io::FileError(err, path, doing);
+}
+bool is_dir(const std::string& p, struct stat& st) { return ::stat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode); }
+bool is_file(const std::string& p, struct stat& st) { return ::stat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode); }
+
+// The symbolic [out, in] of each projection of a Llama layer: adapters on different projections
+// must agree on the shared sizes (hidden, intermediate, q / kv widths).
+const char* const kDims[kNumProj][2] = {{"q", "hidden"}, {"kv", "hidden"}, {"kv", "hidden"}, {"hidden", "q"},
+                                        {"inter", "hidden"}, {"inter", "hidden"}, {"hidden", "inter"}};
+}  // namespace
+
+PeftRead read_peft_adapter(const std::string& dir, const PeftReadOptions& opt) {
+  const std::string& api = opt.api;
+  check_arg(!dir.empty(), api + ": dir is empty");
   io::recover_dir(dir);  // finish or roll back a killed save first (as every loader does)
   struct stat st {};
-  if (::stat(dir.c_str(), &st) != 0) throw io::FileError(ENOENT, dir, "qlora_adapter_load: no adapter directory");
-  if (!S_ISDIR(st.st_mode))
-    throw io::FileError(ENOTDIR, dir, "qlora_adapter_load: not an adapter directory (a PEFT adapter directory holds "
-                                      "adapter_config.json and adapter_model.safetensors)");
+  const std::string holds = "(a PEFT adapter directory holds adapter_config.json and adapter_model.safetensors)";
+  if (::stat(dir.c_str(), &st) != 0) file_error(errno, dir, api + ": the adapter directory does not exist");
+  if (!S_ISDIR(st.st_mode)) file_error(ENOTDIR, dir, api + ": not an adapter directory " + holds);
   const std::string cfg_path = (fs::path(dir) / "adapter_config.json").string();
   const std::string w_path = (fs::path(dir) / "adapter_model.safetensors").string();
-  const std::string where = "qlora_adapter_load(" + dir + ")";
-  if (::stat(cfg_path.c_str(), &st) != 0 || !S_ISREG(st.st_mode))
-    throw io::FileError(ENOENT, cfg_path, "qlora_adapter_load: missing");
-  if (::stat(w_path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
+  const std::string where = api + "(" + dir + ")";
+  if (!is_file(cfg_path, st)) file_error(ENOENT, cfg_path, api + ": " + holds + "; missing");
+  if (!is_file(w_path, st)) {
     const std::string bin = (fs::path(dir) / "adapter_model.bin").string();
-    if (::stat(bin.c_str(), &st) == 0 && S_ISREG(st.st_mode))
-      throw ValueError("qlora_adapter_load: '" + bin + "' is a torch pickle, which qlora_native does not read; "
+    if (is_file(bin, st))
+      throw ValueError(api + ": '" + bin + "' is a torch pickle, which qlora_native does not read; "
                        "convert it to adapter_model.safetensors (e.g. PeftModel.from_pretrained(base, dir)"
                        ".save_pretrained(dir, safe_serialization=True))");
-    throw io::FileError(ENOENT, w_path, "qlora_adapter_load: missing");
+    file_error(ENOENT, w_path, api + ": missing");
   }
-  Value d;
+  PeftRead out;
   try {
-    json::ParseOptions opt;
-    opt.allow_duplicate_keys = false;  // as adapter_io.load_adapter (io.read_json's default)
-    d = json::parse_file(cfg_path, opt);
+    json::ParseOptions po;
+    po.allow_duplicate_keys = false;  // as io.read_json's default
+    out.config = json::parse_file(cfg_path, po);
   } catch (const FormatError& e) {
     throw FormatError(cfg_path + ": not valid JSON (" + e.what() + ")");
   }
-  Config cfg = parse_config(d, cfg_path);
-  const int64_t L = m.config().num_layers;
-  const std::map<int64_t, Resolved> expected = resolve(cfg, L);
+  Config cfg = parse_config(out.config, cfg_path, &opt.re);
 
-  const std::shared_ptr<io::SafetensorsFile> f = io::SafetensorsFile::open(w_path);
+  out.file = io::SafetensorsFile::open(w_path);
   std::map<int64_t, std::pair<const io::TensorInfo*, const io::TensorInfo*>> found;  // module -> (A, B)
   int64_t max_layer = -1;
-  std::vector<std::string> extra;
-  for (const io::TensorInfo& t : f->tensors()) {
+  for (const io::TensorInfo& t : out.file->tensors()) {
     const Parsed q = parse_name(t.name, where);
     max_layer = std::max(max_layer, q.layer);
     auto& slot = found[q.layer * kNumProj + q.p];
     (q.which == 'A' ? slot.first : slot.second) = &t;
   }
   if (found.empty()) throw ValueError(where + ": the adapter has no LoRA tensors");
+  const int64_t L = opt.num_layers > 0 ? opt.num_layers : max_layer + 1;
   if (max_layer >= L)
     throw ValueError(where + ": tensor for layer " + std::to_string(max_layer) + " but the model has " +
                      std::to_string(L) + " layers");
+  const std::map<int64_t, Resolved> expected = resolve(cfg, L);
   std::set<std::string> missing, extras;
   for (const auto& [k, ab] : found) {
     const bool want = expected.count(k) != 0;
@@ -556,14 +602,15 @@ std::shared_ptr<model::LoraAdapter> load_peft_adapter(model::LlamaModel& m, cons
     throw ValueError(where + ": " + std::to_string(missing.size()) +
                      " tensor(s) missing for modules the config targets, e.g. '" + *missing.begin() + "'");
 
-  auto a = std::make_shared<model::LoraAdapter>();
-  a->modules.resize(static_cast<size_t>(L * kNumProj));
+  std::map<std::string, std::pair<int64_t, std::string>> dims;  // symbolic size -> (value, who set it)
+  for (const auto& [p, oi] : opt.module_shapes)
+    for (int w = 0; w < 2; ++w)
+      dims.emplace(kDims[p][w], std::make_pair(w ? oi.second : oi.first,
+                                               std::string("module_shapes['") + model::proj_name(p) + "']"));
   for (const auto& [k, res] : expected) {
     const int64_t layer = k / kNumProj;
     const int p = static_cast<int>(k % kNumProj);
-    const model::Linear& lin = model::proj(m.weights().layers[layer], p);
     const io::TensorInfo* t[2] = {found[k].first, found[k].second};
-    std::vector<float> host[2];  // converted copies (F16 / BF16 / F64 / unaligned F32 only)
     const float* data[2];
     for (int w = 0; w < 2; ++w) {
       const io::TensorInfo& ti = *t[w];
@@ -573,28 +620,54 @@ std::shared_ptr<model::LoraAdapter> load_peft_adapter(model::LlamaModel& m, cons
         throw ValueError(where + ": tensor '" + ti.name + "' has shape " + shape_str(s) + ", expected " +
                          (isA ? "[" + std::to_string(res.r) + ", in_features]" : "[out_features, " + std::to_string(res.r) + "]") +
                          " (r=" + std::to_string(res.r) + ")");
-      // The base check: lora_A is [r, in] and lora_B [out, r] of this model's projection.
-      const std::vector<int64_t> want = isA ? std::vector<int64_t>{res.r, lin.in} : std::vector<int64_t>{lin.out, res.r};
-      if (s != want)
-        throw ValueError(where + ": tensor '" + ti.name + "' has shape " + shape_str(s) + " but layer " +
-                         std::to_string(layer) + " " + model::proj_name(p) + " of the model is [out " +
-                         std::to_string(lin.out) + ", in " + std::to_string(lin.in) + "], which needs " +
-                         shape_str(want) + ": the adapter was made for another base model");
+      if (opt.model_shape) {  // lora_A is [r, in] and lora_B [out, r] of this model's projection
+        const auto [o, i] = opt.model_shape(layer, p);
+        const std::vector<int64_t> want = isA ? std::vector<int64_t>{res.r, i} : std::vector<int64_t>{o, res.r};
+        if (s != want)
+          throw ValueError(where + ": tensor '" + ti.name + "' has shape " + shape_str(s) + " but layer " +
+                           std::to_string(layer) + " " + model::proj_name(p) + " of the model is [out " +
+                           std::to_string(o) + ", in " + std::to_string(i) + "], which needs " + shape_str(want) +
+                           ": the adapter was made for another base model");
+      }
+      const char* sym = kDims[p][isA ? 1 : 0];
+      const int64_t v = isA ? s[1] : s[0];
+      const auto seen = dims.emplace(sym, std::make_pair(v, ti.name)).first->second;
+      if (seen.first != v)
+        throw ValueError(where + ": tensor '" + ti.name + "' has shape " + shape_str(s) + ", inconsistent with " +
+                         (seen.second.rfind("module_shapes", 0) == 0 ? seen.second : "'" + seen.second + "'") +
+                         " (" + sym + " size " + std::to_string(seen.first) + ")" +
+                         (seen.second.rfind("module_shapes", 0) == 0 ? ": the adapter was made for another base model"
+                                                                     : ""));
       // Aligned F32 is read in place from the mapping (one copy less of the adapter's bytes).
       if (ti.dtype == DType::F32 && reinterpret_cast<uintptr_t>(ti.data) % alignof(float) == 0) {
         data[w] = reinterpret_cast<const float*>(ti.data);
       } else {
-        host[w] = to_f32(ti, where);
-        data[w] = host[w].data();
+        out.owned.push_back(to_f32(ti, where));
+        data[w] = out.owned.back().data();
       }
       const int64_t n = ti.numel();
       bool finite = true;
       for (int64_t i = 0; i < n; ++i) finite &= std::isfinite(data[w][i]);  // branch-free: vectorizes
       if (!finite) throw ValueError(where + ": tensor '" + ti.name + "' contains NaN or Inf");
     }
-    a->modules[static_cast<size_t>(k)] =
-        model::make_lora_module(m.backend(), res.r, lin.in, lin.out, res.scaling, data[0], data[1]);
+    out.modules.push_back({layer, p, res.r, s_in(t[0]), s_out(t[1]), res.scaling, data[0], data[1]});
   }
+  return out;
+}
+
+std::shared_ptr<model::LoraAdapter> load_peft_adapter(model::LlamaModel& m, const std::string& dir) {
+  PeftReadOptions opt;
+  opt.num_layers = m.config().num_layers;
+  opt.model_shape = [&m](int64_t layer, int p) {
+    const model::Linear& lin = model::proj(m.weights().layers[layer], p);
+    return std::make_pair(lin.out, lin.in);
+  };
+  const PeftRead r = read_peft_adapter(dir, opt);
+  auto a = std::make_shared<model::LoraAdapter>();
+  a->modules.resize(static_cast<size_t>(opt.num_layers * kNumProj));
+  for (const PeftRead::Module& md : r.modules)
+    a->modules[static_cast<size_t>(md.layer * kNumProj + md.p)] =
+        model::make_lora_module(m.backend(), md.r, md.in, md.out, md.scaling, md.a, md.b);
   return a;
 }
 
