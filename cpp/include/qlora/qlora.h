@@ -266,7 +266,8 @@ QLORA_API int qlora_context_forward(qlora_context* ctx, const int32_t* ids, int6
  * The vocabularies of qlora_native's Python Tokenizer, with the same ids: a GGUF file's embedded
  * `llama` (SPM) or `gpt2` (byte-level BPE; tokenizer.ggml.pre default, gpt-2, smollm, llama-bpe /
  * llama3, qwen2 and their llama.cpp aliases) vocabulary, or an HF directory's tokenizer.json (BPE
- * model; byte-level, Split / Digits / Metaspace pre-tokenizers) with tokenizer_config.json,
+ * model; NFC / Prepend / Replace normalizers; ByteLevel, Split, Digits, Metaspace pre-tokenizers:
+ * the GPT-2, Llama 2/3, Mistral, SmolLM2 and Qwen2 shapes) with tokenizer_config.json,
  * special_tokens_map.json, config.json and generation_config.json for the special ids. Components
  * it does not implement fail the load with QLORA_ERR_INVALID_ARGUMENT (never a different split).
  * A directory with only a sentencepiece tokenizer.model is not supported here.
