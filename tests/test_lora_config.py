@@ -211,3 +211,20 @@ def test_exclude_modules_validated(ex):
 
 def test_exclude_modules_tuple_normalized():
     assert LoraConfig(exclude_modules=("v_proj", "q_proj")).exclude_modules == ["q_proj", "v_proj"]
+
+
+def test_resolve_is_the_engine_rule(monkeypatch):
+    """resolve() runs the engine's rules (peft_adapter.cpp resolve_peft_config, also behind the C API's
+    adapter loader): no Python copy of the targeting / pattern / scaling rules; the message of a
+    config that adapts nothing quotes its fields."""
+    from qlora_native import _core
+
+    calls = []
+    real = _core.io.resolve_peft_config
+    monkeypatch.setattr(_core.io, "resolve_peft_config", lambda *a: calls.append(a) or real(*a))
+    cfg = LoraConfig(r=9, lora_alpha=7, use_rslora=True, target_modules=["q_proj"], rank_pattern={"layers.1.self_attn.q_proj": 4})
+    assert cfg.resolve(2) == [(0, "q_proj", 9, 7, 7 / 3), (1, "q_proj", 4, 7, 3.5)]
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match=r"target_modules=\['q_proj'\] \(layers_to_transform=\[5\], "
+                                         r"exclude_modules=None\) matches no projection of a 2-layer"):
+        LoraConfig(target_modules=["q_proj"], layers_to_transform=[5]).resolve(2)

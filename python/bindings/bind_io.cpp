@@ -237,6 +237,22 @@ void bind_io(py::module_& m) {
       "Serialize None/bool/int/float/str/list/tuple/dict with the engine's JSON writer.");
 
   io.def(
+      "resolve_peft_config",
+      [](py::handle config, int64_t num_layers, py::object matcher) {
+        capi::PatternMatcher re;
+        if (!matcher.is_none())
+          re = [matcher](const std::string& pat, const char* kind, const std::string& what, const std::string& key) {
+            return matcher(pat, kind, what, key).cast<int64_t>();
+          };
+        py::list out;
+        for (const auto& m : capi::resolve_peft_config(from_python(config, 0), num_layers, "", re))
+          out.append(py::make_tuple(m.layer, model::proj_name(m.p), m.r, m.alpha, m.scaling));
+        return out;
+      },
+      py::arg("config"), py::arg("num_layers"), py::arg("matcher") = py::none(),
+      "LoraConfig.resolve in C++ (peft_adapter.cpp, the rules the adapter reader and the C API use): "
+      "[(layer, proj, r, alpha, scaling)] for a PEFT config dict.");
+  io.def(
       "read_peft_adapter",
       [](const std::string& dir, int64_t num_layers, py::dict module_shapes, py::object matcher,
          const std::string& api) {

@@ -26,10 +26,6 @@ __all__ = ["LoraConfig", "PROJECTIONS", "module_path", "peft_tensor_name"]
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-# Other module paths of a transformers LlamaForCausalLM: a regex target that reaches one of them
-# asks for something we cannot adapt (PEFT would wrap lm_head/embed_tokens or fail on the rest).
-_OTHER_GLOBAL = ("model", "model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head")
-_OTHER_PER_LAYER = ("", ".self_attn", ".mlp", ".mlp.act_fn", ".input_layernorm", ".post_attention_layernorm")
 
 ALL_LINEAR = "all-linear"  # PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND (compared case-insensitively)
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # PEFT's default for model_type "llama" when target_modules is None
@@ -212,84 +208,23 @@ class LoraConfig:
         return out
 
     # ------------------------------------------------------------------ matching (PEFT rules)
-    def _effective_targets(self):
-        t = self.target_modules
-        if t is None:
-            return list(DEFAULT_TARGETS)
-        if isinstance(t, str) and t.lower() == ALL_LINEAR:
-            return list(PROJECTIONS)
-        return t
-
-    def _excluded(self, key: str, budget: "_Budget") -> bool:
-        ex = self.exclude_modules
-        if not ex:
-            return False
-        if isinstance(ex, str):
-            return budget.match(budget.pattern(ex, "fullmatch", "exclude_modules regex"), key) is not None
-        return key in ex or any(key.endswith(f".{e}") for e in ex)
-
-    def _targets(self, key: str, budget: "_Budget | None" = None) -> bool:
-        """PEFT's check_target_module_exists for one module path (exclusions included)."""
-        budget = budget or _Budget()
-        if self._excluded(key, budget):
-            return False
-        t = self._effective_targets()
-        if isinstance(t, str):
-            return budget.match(budget.pattern(t, "fullmatch", "target_modules regex"), key) is not None
-        if key in t:
-            return True  # an exact path is not filtered by layers_to_transform (PEFT)
-        if not any(key.endswith(f".{x}") for x in t):
-            return False
-        ltt = self.layers_to_transform
-        if ltt is None or (isinstance(ltt, list) and not ltt):
-            return True
-        m = None
-        if not self.layers_pattern:
-            m = _DEFAULT_LAYER_RE.match(key)
-        else:
-            for p in [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern:
-                m = budget.match(budget.pattern(p, "layers", "layers_pattern"), key)
-                if m is not None:
-                    break
-        if m is None:
-            return False
-        idx = int(m.group("idx"))
-        return idx == ltt if isinstance(ltt, int) else idx in ltt
-
-    def rank_alpha(self, key: str, budget: "_Budget | None" = None) -> tuple[int, float]:
-        """(r, alpha) of the module at path `key` from rank_pattern/alpha_pattern (PEFT's get_pattern_key)."""
-        budget = budget or _Budget()
-        return (_pattern_value(self.rank_pattern, key, self.r, "rank_pattern", budget),
-                _pattern_value(self.alpha_pattern, key, self.lora_alpha, "alpha_pattern", budget))
-
-    def scaling_for(self, r: int, alpha: float) -> float:
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
     def resolve(self, num_layers: int) -> list[tuple[int, str, int, float, float]]:
         """Every adapted projection of a num_layers-layer Llama model, in layer then PROJECTIONS order:
-        a list of (layer_index, module_name, r, alpha, scaling)."""
+        a list of (layer_index, module_name, r, alpha, scaling).
+
+        The engine applies PEFT's rules (cpp/src/api/peft_adapter.cpp resolve_peft_config, the same
+        code the adapter reader and the C API use): check_target_module_exists, get_pattern_key,
+        scaling alpha / r (alpha / sqrt(r) with use_rslora). Regexes that are not plain names are
+        matched by this module's time-bounded matcher()."""
         if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers <= 0:
             raise ValueError(f"resolve: num_layers must be a positive int, got {num_layers!r}")
-        budget = _Budget()  # all matching of this call shares one CPU budget (see _Budget)
-        t = self.target_modules
-        if isinstance(t, str) and t.lower() != ALL_LINEAR:
-            others = list(_OTHER_GLOBAL) + [f"model.layers.{i}{s}" for i in range(num_layers) for s in _OTHER_PER_LAYER]
-            bad = [k for k in others if self._targets(k, budget)]
-            if bad:
-                raise ValueError(f"LoraConfig: target_modules regex {t!r} matches {bad[0]!r}, which is not one "
-                                 f"of the projections {', '.join(PROJECTIONS)}; qlora_native cannot adapt it")
-        out = []
-        for i in range(num_layers):
-            for name in PROJECTIONS:
-                key = module_path(i, name)
-                if self._targets(key, budget):
-                    r, alpha = self.rank_alpha(key, budget)
-                    out.append((i, name, r, alpha, self.scaling_for(r, alpha)))
-        if not out:
-            raise ValueError(f"LoraConfig: target_modules={self.target_modules!r} (layers_to_transform="
-                             f"{self.layers_to_transform!r}, exclude_modules={self.exclude_modules!r}) matches no "
-                             f"projection of a {num_layers}-layer Llama model")
-        return out
+        from . import _core
+
+        d = self.to_peft_dict()
+        if self.target_modules is None:
+            d["target_modules"] = None  # PEFT's Llama default, and the message says so
+        return [(int(layer), proj, int(r), alpha, scaling)
+                for layer, proj, r, alpha, scaling in _core.io.resolve_peft_config(d, num_layers, matcher())]
 
     # ------------------------------------------------------------------ init
     def init_weights(self, in_features: int, out_features: int, r: int, rng: np.random.Generator):
@@ -428,7 +363,6 @@ _MATCH_BUDGET_S = 1.0
 _MATCH_CALL_ALLOWANCE_S = 20e-6  # a sane match of a short module path takes ~1-3 us
 _PLAIN = re.compile(r"(?:[A-Za-z0-9_\-.]|\\\.)*")
 _REPEAT = re.compile(r"\{(\d*)(?:(,)(\d*))?\}")
-_DEFAULT_LAYER_RE = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")  # ours: PEFT's default layer index rule
 _WRAPPERS = {  # how PEFT applies each kind of pattern (kind -> (template, match method))
     "fullmatch": ("{}", "fullmatch"),  # target_modules / exclude_modules: re.fullmatch(p, key)
     "pattern": (r"(.*\.)?({})$", "match"),  # rank/alpha_pattern keys: get_pattern_key
@@ -550,11 +484,3 @@ def matcher():
         return min(int(m.group("idx")), 2**62) if kind == "layers" else 0
 
     return match
-
-
-def _pattern_value(patterns: dict, key: str, default, what: str, budget: _Budget):
-    """PEFT's get_pattern_key: the first key (dict order) whose pattern matches the path."""
-    for k in patterns:
-        if budget.match(budget.pattern(k, "pattern", f"{what} key"), key) is not None:
-            return patterns[k]
-    return default

@@ -20,6 +20,7 @@
 #include "io/safetensors.hpp"
 #include "json/json.hpp"
 #include "model/linear.hpp"
+#include "model/lora_setup.hpp"
 #include "model/weights.hpp"
 
 namespace qlora::capi {
@@ -47,7 +48,16 @@ std::string repr(const Value& v) {
   switch (v.type()) {
     case json::Type::Null: return "None";
     case json::Type::Bool: return v.as_bool() ? "True" : "False";
-    case json::Type::String: return "'" + v.as_string() + "'";
+    case json::Type::String: {
+      std::string o = "'";
+      for (char ch : v.as_string()) o += ch == '\\' ? "\\\\" : ch == '\'' ? "\\'" : std::string(1, ch);
+      return o + "'";
+    }
+    case json::Type::Array: {
+      std::string o = "[";
+      for (size_t i = 0; i < v.size(); ++i) o += (i ? ", " : "") + repr(v.at(i));
+      return o + "]";
+    }
     default: return json::dump(v);
   }
 }
@@ -122,8 +132,9 @@ struct Config {
   std::vector<std::pair<Pat, int64_t>> rank_pattern;
   std::vector<std::pair<Pat, double>> alpha_pattern;
   const PatternMatcher* re = nullptr;  // null: regexes are refused
+  const Value* raw = nullptr;          // the config object, for messages
 
-  [[noreturn]] void fail(const std::string& msg) const { throw ValueError(where + ": " + msg); }
+  [[noreturn]] void fail(const std::string& msg) const { throw ValueError(where.empty() ? msg : where + ": " + msg); }
 
   Pat need_plain(const std::string& p, const char* kind, const std::string& what) const {
     Pat out{plain(p), p, kind, what};
@@ -224,6 +235,7 @@ Config parse_config(const Value& d, const std::string& where, const PatternMatch
   Config c;
   c.where = where;
   c.re = re;
+  c.raw = &d;
   if (!d.is_object()) c.fail("adapter config must be a JSON object, got " + std::string(json::type_name(d.type())));
   const Value* pt = d.find("peft_type");
   if (!pt || !pt->is_string() || pt->as_string() != "LORA")
@@ -390,10 +402,12 @@ Config parse_config(const Value& d, const std::string& where, const PatternMatch
 struct Resolved {
   int64_t r;
   float scaling;
+  double alpha, scaling_f64;
 };
 
 // LoraConfig.resolve: the adapted projections of an L-layer model, keyed layer * kNumProj + p.
 std::map<int64_t, Resolved> resolve(const Config& c, int64_t L) {
+  check_arg(L > 0, "resolve: num_layers must be a positive int, got " + std::to_string(L));
   if (c.target_kind == 2) {  // a regex that reaches a module other than the projections
     std::vector<std::string> others = {"model", "model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb",
                                        "lm_head"};
@@ -402,7 +416,7 @@ std::map<int64_t, Resolved> resolve(const Config& c, int64_t L) {
         others.push_back("model.layers." + std::to_string(i) + s);
     for (const auto& k : others)
       if (c.targets_key(k, -1))
-        c.fail("LoraConfig: target_modules regex '" + c.target_src + "' matches '" + k + "', which is not one of the "
+        c.fail("LoraConfig: target_modules regex " + repr(Value(c.target_src)) + " matches '" + k + "', which is not one of the "
                "projections q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; qlora_native cannot "
                "adapt it");
   }
@@ -413,16 +427,21 @@ std::map<int64_t, Resolved> resolve(const Config& c, int64_t L) {
       if (!c.targets_key(key, l)) continue;
       const int64_t r = c.pattern_value(c.rank_pattern, key, c.r);
       const double alpha = c.pattern_value(c.alpha_pattern, key, c.alpha);
-      const double scaling = c.rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / static_cast<double>(r);
+      const double scaling = model::lora_scaling(alpha, r, c.rslora);
       const float sf = static_cast<float>(scaling);
       if (!std::isfinite(sf))  // the engine keeps it in float32 (as Python's lora_add checks)
         c.fail("LoraConfig: the scaling of " + key + " (alpha " + json::dump(Value(alpha)) + ", r " + std::to_string(r) +
                ") is not finite in float32");
-      out[l * kNumProj + p] = {r, sf};
+      out[l * kNumProj + p] = {r, sf, alpha, scaling};
     }
-  if (out.empty())
-    c.fail("LoraConfig: the config's target_modules (layers_to_transform, exclude_modules) match no projection of "
-           "a " + std::to_string(L) + "-layer Llama model");
+  if (out.empty()) {
+    const Value none;
+    auto field = [&](const char* k) { const Value* v = c.raw->find(k); return repr(v ? *v : none); };
+    const Value* t = c.raw->find("target_modules");
+    c.fail("LoraConfig: target_modules=" + (t && !t->is_null() ? repr(*t) : "None") + " (layers_to_transform=" +
+           field("layers_to_transform") + ", exclude_modules=" + field("exclude_modules") +
+           ") matches no projection of a " + std::to_string(L) + "-layer Llama model");
+  }
   return out;
 }
 
@@ -536,6 +555,15 @@ bool is_file(const std::string& p, struct stat& st) { return ::stat(p.c_str(), &
 const char* const kDims[kNumProj][2] = {{"q", "hidden"}, {"kv", "hidden"}, {"kv", "hidden"}, {"hidden", "q"},
                                         {"inter", "hidden"}, {"inter", "hidden"}, {"hidden", "inter"}};
 }  // namespace
+
+std::vector<PeftModulePlan> resolve_peft_config(const json::Value& d, int64_t num_layers, const std::string& where,
+                                                const PatternMatcher& re) {
+  const Config c = parse_config(d, where, &re);
+  std::vector<PeftModulePlan> out;
+  for (const auto& [k, v] : resolve(c, num_layers))
+    out.push_back({k / kNumProj, static_cast<int>(k % kNumProj), v.r, v.alpha, v.scaling_f64, v.scaling});
+  return out;
+}
 
 PeftRead read_peft_adapter(const std::string& dir, const PeftReadOptions& opt) {
   const std::string& api = opt.api;

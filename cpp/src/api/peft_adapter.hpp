@@ -51,6 +51,20 @@ struct PeftRead {
   std::vector<Module> modules;  // layer, then projection order
 };
 
+// LoraConfig.resolve: the adapted projections of a num_layers-layer Llama model for PEFT config
+// object `d`, in layer then projection order; ValueError (prefixed "where: " unless empty) for an
+// invalid or unsupported config. The one implementation of the targeting / rank / alpha / scaling
+// rules, for both faces (lora_config.py's resolve calls it through _core.io.resolve_peft_config).
+struct PeftModulePlan {
+  int64_t layer;
+  int p;
+  int64_t r;
+  double alpha, scaling;  // scaling: model::lora_scaling(alpha, r, use_rslora)
+  float scaling_f32;      // as the engine keeps it (checked finite)
+};
+std::vector<PeftModulePlan> resolve_peft_config(const json::Value& d, int64_t num_layers, const std::string& where,
+                                                const PatternMatcher& re);
+
 // The adapter in `dir`. FileError for a missing directory / file, FormatError when corrupt,
 // ValueError for unsupported or mismatched content (a tensor whose shape does not fit the model's
 // projection names the module and both shapes). A killed save is first finished or rolled back.

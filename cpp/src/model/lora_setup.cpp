@@ -22,7 +22,7 @@ std::unique_ptr<LoraAdapter> new_lora_adapter(LlamaModel& m, const LoraInitSpec&
   check_arg(s.target_mask != 0 && (s.target_mask >> kNumProj) == 0,
             "LoRA target mask must be a nonzero combination of the 7 projection bits (0x01..0x7F), got " +
                 std::to_string(s.target_mask));
-  const float scaling = s.use_rslora ? s.alpha / std::sqrt(static_cast<float>(s.r)) : s.alpha / s.r;
+  const float scaling = static_cast<float>(lora_scaling(s.alpha, s.r, s.use_rslora));
   const int64_t L = m.config().num_layers;
   auto a = std::make_unique<LoraAdapter>();
   a->modules.resize(L * kNumProj);

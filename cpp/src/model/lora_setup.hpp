@@ -1,6 +1,7 @@
 // LoRA set-up and one training step entirely in C++ (used by the C API; Python builds its
 // adapters in lora_model.py / lora_config.py with the same init and scaling rules).
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -18,6 +19,13 @@ struct LoraInitSpec {
   uint32_t target_mask = 0x7F;  // bit p = projection p (q, k, v, o, gate, up, down)
   uint64_t seed = 0;            // A init and dropout masks
 };
+
+// LoRA scaling, PEFT's rule: alpha / r, or alpha / sqrt(r) with rsLoRA (use_rslora), in double
+// (the engine keeps it as float32). The one rule for both faces: Python's LoraConfig.resolve and
+// the C API's new_lora_adapter / adapter loader.
+inline double lora_scaling(double alpha, int64_t r, bool rslora) {
+  return rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / static_cast<double>(r);
+}
 
 // PEFT default init (lora_config.init_weights, init_lora_weights=True): A ~ U(+-1/sqrt(in)) [r, in],
 // B = 0 [out, r], on every targeted projection of every layer. ValueError on a bad spec.
