@@ -1,12 +1,13 @@
-"""bitsandbytes 4-bit checkpoint keys <-> NF4Tensor, against a checkpoint written by transformers."""
+"""bitsandbytes 4-bit checkpoints, against one written by transformers: read by the engine
+(hf_loader.cpp, behind Model.from_pretrained and qlora_model_load), written by bnb_format.nf4_tensors."""
 import json
+import shutil
 
 import numpy as np
 import pytest
 
-from qlora_native import io, nf4
-from qlora_native.bnb_format import (is_aux_key, is_prequantized, nf4_tensors, quantization_config,
-                                     quantized_weights, read_nf4)
+from qlora_native import Model, _core, io, nf4
+from qlora_native.bnb_format import nf4_tensors, quantization_config
 
 
 @pytest.fixture(scope="module")
@@ -30,21 +31,25 @@ def bnb_checkpoint(tmp_path_factory):
     return d / "bnb", q
 
 
+PROJ = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+        "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
 def test_reads_transformers_checkpoint_exactly(bnb_checkpoint):
     import bitsandbytes.functional as F
 
     path, qmodel = bnb_checkpoint
     config = json.loads((path / "config.json").read_text())
-    assert is_prequantized(config)
+    assert _core.config.parse_hf_config(config)["prequantized"]
+    m = Model.from_pretrained(path, quantize="nf4", tokenizer=None)
     f = io.safe_open(path / "model.safetensors")
-    names = set(f.keys())
-    qweights = quantized_weights(names)
-    assert len(qweights) == 7  # one layer, seven projections
     modules = dict(qmodel.named_modules())
-    for w in sorted(qweights):
-        t = read_nf4(f.get, names.__contains__, w)
+    for proj, parent in PROJ.items():
+        prefix = f"model.layers.0.{parent}.{proj}"
+        w = prefix + ".weight"
+        t = nf4.NF4Tensor.from_engine(m.nf4_weight(prefix))
         assert t.double_quant and t.blocksize == 64
-        mod = modules[w[: -len(".weight")]]
+        mod = modules[prefix]
         got = t.dequantize(np.float32)
         # Independent numpy decode of the stored bytes (flat row-major blocks, straddling rows).
         n = got.size
@@ -67,40 +72,71 @@ def test_reads_transformers_checkpoint_exactly(bnb_checkpoint):
             else:
                 assert v.dtype == stored.dtype and v.shape == stored.shape, k
                 np.testing.assert_array_equal(v, stored, err_msg=k)
-    assert all(is_aux_key(n) for n in names if n not in qweights and ".weight." in n)
+
+
+def _hf_config(**extra):
+    return dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, model_type="llama", architectures=["LlamaForCausalLM"], **extra)
 
 
 def test_quantization_config_checks():
-    assert not is_prequantized({})
-    assert is_prequantized({"quantization_config": quantization_config()})
+    """The engine's config rules (hf_loader.cpp is_prequantized), as Model.from_pretrained applies them."""
+    def prequantized(qc):
+        return _core.config.parse_hf_config(_hf_config(quantization_config=qc))["prequantized"]
+
+    assert not _core.config.parse_hf_config(_hf_config())["prequantized"]
+    assert not prequantized({}) and not prequantized(None)
+    assert prequantized(quantization_config())
     bad = [
         ({"quant_method": "gptq"}, "quant_method"),
         ({**quantization_config(), "load_in_4bit": False, "load_in_8bit": True}, "8-bit"),
         ({**quantization_config(), "bnb_4bit_quant_type": "fp4"}, "fp4"),
         ({**quantization_config(), "bnb_4bit_quant_storage": "bfloat16"}, "storage"),
+        ({**quantization_config(), "load_in_4bit": "yes"}, "load_in_4bit must be true or false"),
     ]
     for qc, msg in bad:
         with pytest.raises(ValueError, match=msg):
-            is_prequantized({"quantization_config": qc})
+            prequantized(qc)
 
 
-def test_missing_or_corrupt_keys_are_named(rng):
-    w = rng.standard_normal((8, 40)).astype(np.float32)
-    t = nf4.quantize(w)
-    arrays = nf4_tensors("m.weight", t)
-    back = read_nf4(arrays.__getitem__, arrays.__contains__, "m.weight")
-    np.testing.assert_array_equal(back.dequantize(), t.dequantize())
-    broken = dict(arrays)
-    del broken["m.weight.absmax"]
-    with pytest.raises(ValueError, match="m.weight.*absmax"):
-        read_nf4(broken.__getitem__, broken.__contains__, "m.weight")
-    broken = dict(arrays)
-    broken["m.weight.quant_state.bitsandbytes__nf4"] = np.frombuffer(b"{not json", np.uint8)
-    with pytest.raises(ValueError, match="m.weight.*quant state"):
-        read_nf4(broken.__getitem__, broken.__contains__, "m.weight")
-    broken = dict(arrays)
-    broken["m.weight.quant_map"] = rng.standard_normal(16).astype(np.float32)
-    with pytest.raises(ValueError, match="quant_map"):
-        read_nf4(broken.__getitem__, broken.__contains__, "m.weight")
-    with pytest.raises(ValueError, match="fp4"):
-        quantized_weights(["m.weight.quant_state.bitsandbytes__fp4"])
+@pytest.fixture(scope="module")
+def nf4_checkpoint(tmp_path_factory):
+    """A tiny pre-quantized checkpoint written by save_pretrained (bnb_format.nf4_tensors)."""
+    from helpers_save_kill import make_base
+
+    d = tmp_path_factory.mktemp("nf4ck")
+    Model.from_pretrained(make_base(d / "base"), quantize="nf4", tokenizer=None).save_pretrained(d / "nf4")
+    return d / "nf4"
+
+
+def _broken(src, dst, edit):
+    shutil.copytree(src, dst)
+    f = io.safe_open(src / "model.safetensors")
+    arrays = {k: np.array(f.get(k)) for k in f.keys()}
+    edit(arrays)
+    io.save_safetensors(dst / "model.safetensors", arrays)
+    return dst
+
+
+def test_missing_or_corrupt_keys_are_named(nf4_checkpoint, tmp_path, rng):
+    """The engine names the weight and the key of a broken 4-bit weight (no Python copy of the reader)."""
+    src = nf4_checkpoint
+    ref = Model.from_pretrained(src, quantize="nf4", tokenizer=None)
+    w = "model.layers.0.mlp.up_proj.weight"
+    cases = [
+        (lambda a: a.pop(w + ".absmax"), r"up_proj\.weight.*absmax"),
+        (lambda a: a.__setitem__(w + ".quant_state.bitsandbytes__nf4", np.frombuffer(b"{not json", np.uint8)),
+         r"up_proj\.weight.*quant state"),
+        (lambda a: a.__setitem__(w + ".quant_state.bitsandbytes__nf4",
+                                 np.frombuffer(b"[" * 100000 + b"]" * 100000, np.uint8)),
+         r"up_proj\.weight.*malformed bitsandbytes quant state"),
+        (lambda a: a.__setitem__(w + ".quant_map", rng.standard_normal(16).astype(np.float32)), "quant_map"),
+        (lambda a: a.__setitem__(w + ".quant_state.bitsandbytes__fp4", a.pop(w + ".quant_state.bitsandbytes__nf4")),
+         "fp4"),
+    ]
+    for i, (edit, match) in enumerate(cases):
+        with pytest.raises(ValueError, match=match):
+            Model.from_pretrained(_broken(src, tmp_path / str(i), edit), quantize="nf4", tokenizer=None)
+    # untouched: loads, with the stored bytes
+    t = io.safe_open(src / "model.safetensors")
+    np.testing.assert_array_equal(ref.nf4_weight(w[: -len(".weight")])["packed"], np.asarray(t.get(w)).reshape(-1))

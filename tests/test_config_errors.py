@@ -13,7 +13,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import qlora_native  # noqa: E402
-from qlora_native import _core, bnb_format  # noqa: E402
+from qlora_native import _core  # noqa: E402
 from qlora_native.config import ModelConfig  # noqa: E402
 
 from helpers_model import make_checkpoint  # noqa: E402
@@ -96,8 +96,8 @@ def test_valid_typed_fields_still_load():
              quantization_config=None, rope_parameters=None)
     c = ModelConfig.from_dict(d)
     assert c.num_key_value_heads == c.num_attention_heads and c.eos_token_id == [2, 99]
-    assert not c.tie_word_embeddings and not bnb_format.is_prequantized(c.raw)
-    assert not bnb_format.is_prequantized({"quantization_config": {}})
+    assert not c.tie_word_embeddings and not _core.config.parse_hf_config(c.raw)["prequantized"]
+    assert not _core.config.parse_hf_config(dict(d, quantization_config={}))["prequantized"]
 
 
 def _write(path, data: bytes):
@@ -211,13 +211,6 @@ def test_bad_index_is_a_format_error(lib, sharded, tmp_path, kind, match):
         qlora_native.Model.from_pretrained(dst, quantize=None, tokenizer=None)
     with pytest.raises(RuntimeError, match=r"model\.safetensors\.index\.json"):
         CModel(lib, dst, QUANT_NONE)
-
-
-def test_deep_quant_state_is_a_value_error():
-    """The bitsandbytes quant state (JSON bytes inside the checkpoint) goes through the engine's parser."""
-    arrays = {"w.weight.quant_state.bitsandbytes__nf4": np.frombuffer(b"[" * 100000 + b"]" * 100000, np.uint8)}
-    with pytest.raises(ValueError, match="w.weight: malformed bitsandbytes quant state"):
-        bnb_format.read_nf4(arrays.__getitem__, arrays.__contains__, "w.weight")
 
 
 def test_config_symlink_to_dev_zero_is_bounded(tmp_path):

@@ -58,40 +58,16 @@ class SafetensorsSource:
                 if self._where.get(n) != s:
                     raise _core.FormatError(f"{index}: tensor {n!r} is listed in {s} but not stored there")
 
-        self.prequantized: set[str] = set()  # "P.weight" names stored as bitsandbytes NF4
-
-    def use_bnb_nf4(self) -> None:
-        """Reads the checkpoint as pre-quantized bitsandbytes NF4 (config quantization_config)."""
-        from .bnb_format import quantized_weights
-
-        self.prequantized = quantized_weights(self._where)
-
     def names(self) -> list[str]:
-        if not self.prequantized:
-            return list(self._where)
-        from .bnb_format import is_aux_key
+        return list(self._where)
 
-        return [n for n in self._where if not is_aux_key(n)]
-
-    def shape(self, name: str) -> tuple[int, ...] | None:
-        if name in self.prequantized:
-            return None  # packed bytes; the NF4 quant state carries the shape (checked on load)
+    def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.files[self._where[name]].shape(name))
 
-    def _get(self, name: str) -> np.ndarray:
-        if name not in self._where:
-            raise KeyError(name)
-        return self.files[self._where[name]].get(name)
-
-    def tensors(self, names: Iterable[str]) -> Iterator[tuple[str, object, str, tuple[int, ...] | None]]:
-        """(name, zero-copy view of the bytes, dtype name, shape) for each name; pre-quantized
-        weights come as (name, NF4Tensor, "NF4", None)."""
+    def tensors(self, names: Iterable[str]) -> Iterator[tuple[str, object, str, tuple[int, ...]]]:
+        """(name, zero-copy view of the bytes, dtype name, shape) for each name, as stored
+        (bitsandbytes NF4 checkpoints are read by the engine: cpp/src/model/hf_loader.cpp)."""
         for n in names:
-            if n in self.prequantized:
-                from .bnb_format import read_nf4
-
-                yield n, read_nf4(self._get, self._where.__contains__, n), "NF4", None
-                continue
             f = self.files[self._where[n]]
             yield n, f.get(n), f.dtype_name(n), tuple(f.shape(n))
 
@@ -177,12 +153,8 @@ class Model(LoraModelMixin):
             if not os.path.isfile(cfg_path):
                 raise FileNotFoundError(f"{path}: no config.json")
             config = ModelConfig.from_file(cfg_path)
-            from .bnb_format import is_prequantized
-
-            # Stored NF4 weights are used as they are (blocksize / double_quant come from the
-            # checkpoint); quantize=None is refused rather than silently dequantized.
-            if is_prequantized(config.raw) and quantize is None:
-                raise ValueError(f"{path} is a pre-quantized bitsandbytes NF4 checkpoint: use quantize='nf4'")
+            # A pre-quantized bitsandbytes NF4 checkpoint is read by the engine (hf_loader.cpp): its
+            # stored NF4 weights are used as they are; quantize=None is refused there.
             if not any(os.path.isfile(os.path.join(path, f)) for f in ("model.safetensors.index.json",
                                                                       "model.safetensors")):
                 raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")

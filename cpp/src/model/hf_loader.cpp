@@ -503,7 +503,8 @@ StoredNf4 read_nf4(const Source& src, const std::string& w) {
 std::unique_ptr<LlamaModel> load_hf_model(const std::string& dir, Backend& be, const QuantSpec& quant, HfConfig* info) {
   HfConfig hc = read_hf_config(dir);
   if (hc.prequantized && !quant.nf4)
-    throw ValueError(dir + " is a pre-quantized bitsandbytes NF4 checkpoint: load it with NF4 quantization");
+    throw ValueError(dir + " is a pre-quantized bitsandbytes NF4 checkpoint: load it with NF4 quantization (Python: "
+                     "quantize='nf4'; C: QLORA_QUANT_NF4)");
   if (quant.nf4) nf4::sizes(1, quant.blocksize, quant.double_quant);  // validates the blocksize early
   Source src = open_source(dir);
 
