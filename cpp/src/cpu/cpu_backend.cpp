@@ -136,7 +136,7 @@ void CpuBackend::embedding(int64_t M, int64_t D, const float* table, const int32
 }
 void CpuBackend::rmsnorm(int64_t M, int64_t D, const float* x, const float* w, float eps, float* out) {
   Scope sc(Part::Norm, "rmsnorm", 4 * d(M) * d(D), 8 * d(M) * d(D), M, D);
-  ops::rmsnorm(M, D, x, w, eps, out);
+  ops::rmsnorm(level(), M, D, x, w, eps, out);
 }
 void CpuBackend::add_inplace(int64_t n, const float* x, float* y) {
   Scope sc(Part::Elementwise, "add_inplace", d(n), 12 * d(n), n);
@@ -171,7 +171,7 @@ void CpuBackend::attention(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_
 void CpuBackend::rmsnorm_backward(int64_t M, int64_t D, const float* x, const float* w, float eps, const float* dy,
                                   float* dx) {
   Scope sc(Part::Norm, "rmsnorm_backward", 8 * d(M) * d(D), 12 * d(M) * d(D), M, D);
-  ops::rmsnorm_backward(M, D, x, w, eps, dy, dx);
+  ops::rmsnorm_backward(level(), M, D, x, w, eps, dy, dx);
 }
 void CpuBackend::rope_backward(int64_t M, int64_t n_heads, int64_t head_dim, float* dx, int64_t ldx,
                                const int32_t* pos, const float* inv_freq) {
@@ -182,7 +182,7 @@ void CpuBackend::swiglu_backward(int64_t M, int64_t N, const float* gate, int64_
                                  const float* dout, int64_t ldd, float* dgate, int64_t lddg, float* dup,
                                  int64_t lddu) {
   Scope sc(Part::Swiglu, "swiglu_backward", 10 * d(M) * d(N), 20 * d(M) * d(N), M, N);
-  ops::swiglu_backward(M, N, gate, ldg, up, ldu, dout, ldd, dgate, lddg, dup, lddu);
+  ops::swiglu_backward(level(), M, N, gate, ldg, up, ldu, dout, ldd, dgate, lddg, dup, lddu);
 }
 void CpuBackend::attention_train(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
                                  int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
@@ -202,7 +202,7 @@ void CpuBackend::attention_train_backward(int64_t B, int64_t T, int64_t Hq, int6
 void CpuBackend::cross_entropy_rows(int64_t M, int64_t V, float* logits, int64_t ldl, const int32_t* labels,
                                     float grad_scale, bool want_grad, float* loss) {
   Scope sc(Part::CrossEntropy, "cross_entropy_rows", 4 * d(M) * d(V), (want_grad ? 8.0 : 4.0) * d(M) * d(V), M, V);
-  ops::cross_entropy_rows(M, V, logits, ldl, labels, grad_scale, want_grad, loss);
+  ops::cross_entropy_rows(level(), M, V, logits, ldl, labels, grad_scale, want_grad, loss);
 }
 
 }  // namespace qlora::cpu

@@ -14,11 +14,12 @@ class Backend;
 namespace qlora::cpu::ops {
 
 // ops_backward_elementwise.cpp
-void rmsnorm_backward(int64_t M, int64_t D, const float* x, const float* w, float eps, const float* dy, float* dx);
+// Row kernels at AVX2 / AVX-512 (cpu/rowops_kernels.hpp), reference loops below.
+void rmsnorm_backward(SimdLevel level, int64_t M, int64_t D, const float* x, const float* w, float eps, const float* dy, float* dx);
 void rope_backward(int64_t M, int64_t n_heads, int64_t head_dim, float* dx, int64_t ldx, const int32_t* pos,
                    const float* inv_freq);
-void swiglu_backward(int64_t M, int64_t N, const float* gate, int64_t ldg, const float* up, int64_t ldu,
-                     const float* dout, int64_t ldd, float* dgate, int64_t lddg, float* dup, int64_t lddu);
+void swiglu_backward(SimdLevel level, int64_t M, int64_t N, const float* gate, int64_t ldg, const float* up,
+                     int64_t ldu, const float* dout, int64_t ldd, float* dgate, int64_t lddg, float* dup, int64_t lddu);
 
 // ops_backward_attention.cpp (tile products through the GEMM kernels of `level`)
 void attention_train(SimdLevel level, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
@@ -31,8 +32,9 @@ void attention_train_backward(SimdLevel level, int64_t B, int64_t T, int64_t Hq,
                               float* dk, int64_t lddk, float* dv, int64_t lddv);
 
 // ops_loss.cpp
-void cross_entropy_rows(int64_t M, int64_t V, float* logits, int64_t ldl, const int32_t* labels, float grad_scale,
-                        bool want_grad, float* loss);
+// SIMD exp at AVX2 / AVX-512 (cpu/rowops_kernels.hpp), std::exp below.
+void cross_entropy_rows(SimdLevel level, int64_t M, int64_t V, float* logits, int64_t ldl, const int32_t* labels,
+                        float grad_scale, bool want_grad, float* loss);
 
 }  // namespace qlora::cpu::ops
 

@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "cpu/ops_model.hpp"
+#include "cpu/rowops_kernels.hpp"
 #include "cpu/swiglu_kernels.hpp"
 #include "cpu/threads.hpp"
 
@@ -20,7 +21,8 @@ void embedding(int64_t M, int64_t D, const float* table, const int32_t* ids, flo
   });
 }
 
-void rmsnorm(int64_t M, int64_t D, const float* x, const float* w, float eps, float* out) {
+void rmsnorm(SimdLevel level, int64_t M, int64_t D, const float* x, const float* w, float eps, float* out) {
+  const rowk::Kernels* kr = rowk::for_level(level);  // SIMD: the same double sum in 16 lanes
   parallel_range(M, row_grain(D), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* xr = x + m * D;
@@ -28,7 +30,9 @@ void rmsnorm(int64_t M, int64_t D, const float* x, const float* w, float eps, fl
       // transformers: mean of squares in fp32, x * rsqrt(var + eps), then weight * that.
       // Double accumulation keeps the sum at least as accurate as torch's pairwise fp32 sum.
       double ss = 0.0;
-      for (int64_t i = 0; i < D; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+      if (kr) ss = kr->sumsq(xr, D);
+      else
+        for (int64_t i = 0; i < D; ++i) ss += static_cast<double>(xr[i]) * xr[i];
       const float var = static_cast<float>(ss / static_cast<double>(D));
       const float r = 1.0f / std::sqrt(var + eps);
       for (int64_t i = 0; i < D; ++i) o[i] = w[i] * (xr[i] * r);

@@ -8,7 +8,7 @@
 namespace qlora::cpu::ops {
 
 void embedding(int64_t M, int64_t D, const float* table, const int32_t* ids, float* out);
-void rmsnorm(int64_t M, int64_t D, const float* x, const float* w, float eps, float* out);
+void rmsnorm(SimdLevel level, int64_t M, int64_t D, const float* x, const float* w, float eps, float* out);
 void add_inplace(int64_t n, const float* x, float* y);
 void add_bias(int64_t M, int64_t N, const float* bias, float* y, int64_t ldy);
 // Rotate-half RoPE in place; inverse = rotation by -angle (its transpose: rope_backward).
