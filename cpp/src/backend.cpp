@@ -19,6 +19,52 @@ std::mutex g_mu;
 std::map<std::string, std::unique_ptr<Backend>> g_backends;
 }  // namespace
 
+namespace {
+// Ops every backend has (pure virtuals, and defaults built only on them).
+const char* const kCoreOps[] = {"gemm_nt", "gemm_nn", "gemm_tn", "nf4_gemm_nt", "nf4_gemm_nt_many", "nf4_gemm_nn",
+                                "nf4_dequantize", "lora_segments", "lora_segments_many", "gemm_nt_bf16",
+                                "gemm_nn_bf16", "gemm_tn_bf16", "nf4_gemm_nt_bf16", "nf4_gemm_nn_bf16",
+                                "host_output"};
+// Ops whose Backend default throws not_implemented.
+const char* const kOptionalOps[] = {"q8_0_gemm_nt", "q8_0_rows", "embedding", "rmsnorm", "add_inplace", "add_bias",
+                                    "rope", "swiglu", "kv_write", "attention", "rmsnorm_backward", "rope_backward",
+                                    "swiglu_backward", "attention_train", "attention_train_backward",
+                                    "cross_entropy_rows"};
+}  // namespace
+
+bool Backend::is_core_op(const std::string& op) {
+  for (const char* c : kCoreOps)
+    if (op == c) return true;
+  return false;
+}
+
+bool Backend::supports_op(const std::string& op) const { return is_core_op(op); }
+
+const std::vector<std::string>& Backend::all_ops() {
+  static const std::vector<std::string> ops = [] {
+    std::vector<std::string> v(std::begin(kCoreOps), std::end(kCoreOps));
+    v.insert(v.end(), std::begin(kOptionalOps), std::end(kOptionalOps));
+    return v;
+  }();
+  return ops;
+}
+
+std::vector<std::string> Backend::supported_ops() const {
+  std::vector<std::string> out;
+  for (const std::string& op : all_ops())
+    if (supports_op(op)) out.push_back(op);
+  return out;
+}
+
+void Backend::require_ops(const std::vector<std::string>& ops, const std::string& what) const {
+  std::string miss;
+  int n = 0;
+  for (const std::string& op : ops)
+    if (!supports_op(op)) miss += (n++ ? ", " : "") + op;
+  if (n)
+    throw ValueError(what + ": backend '" + name() + "' does not implement " + (n > 1 ? "ops " : "op ") + miss);
+}
+
 Backend& get_backend(const std::string& name) {
   std::lock_guard<std::mutex> lk(g_mu);
   auto it = g_backends.find(name);
@@ -53,6 +99,14 @@ std::vector<std::string> available_backends() {
   for (cpu::SimdLevel l : cpu::supported_simd_levels()) out.push_back(std::string("cpu:") + cpu::simd_level_name(l));
   if (cuda_device_count() > 0) out.push_back("cuda");
   return out;
+}
+
+std::vector<std::string> cuda_supported_ops() {
+#ifdef QLORA_HAVE_CUDA
+  return cuda::supported_ops();
+#else
+  return {};
+#endif
 }
 
 bool cuda_compiled() {

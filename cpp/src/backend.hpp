@@ -20,6 +20,36 @@ class Backend {
   // True when buffers are ordinary host memory (then callers may pass numpy data directly).
   virtual bool host_memory() const = 0;
 
+  // ---- capabilities. Op names are the method names below ("embedding", "attention", ...).
+  // Every op whose default here throws not_implemented is optional: a backend lists those it
+  // implements by overriding supports_op. The default answers true for the ops every backend has
+  // (pure virtuals and defaults built on them: GEMMs, NF4, lora_segments*, *_bf16, host_output).
+  virtual bool supports_op(const std::string& op) const;
+  // Every op name, core first, in a fixed order (`qlora-native info`, tests).
+  static const std::vector<std::string>& all_ops();
+  static bool is_core_op(const std::string& op);
+  std::vector<std::string> supported_ops() const;
+  // Throws ValueError "<what>: backend '<name>' does not implement op(s) a, b" naming every
+  // missing op of `ops` (a model calls it before uploading anything).
+  void require_ops(const std::vector<std::string>& ops, const std::string& what) const;
+
+  // ---- results that end in host memory (logits): compute into host_output_begin(dst, bytes)
+  // and finish with host_output_end. A host-memory backend returns dst itself (no buffer, no
+  // copy); the default stages in a device buffer that end downloads and frees. HostOutput below
+  // wraps the pair (frees the staging buffer when an op throws).
+  virtual void* host_output_begin(void* dst_host, size_t bytes) { return alloc(bytes ? bytes : 4); }
+  virtual void host_output_end(void* dst_host, void* staged, size_t bytes, bool copy) {
+    struct Free {
+      Backend* be;
+      void* p;
+      ~Free() { be->free(p); }
+    } f{this, staged};
+    if (copy && bytes) {
+      download(dst_host, staged, bytes);
+      synchronize();
+    }
+  }
+
   // ---- memory
   virtual void* alloc(size_t bytes) = 0;
   virtual void free(void* p) = 0;
@@ -225,12 +255,42 @@ class Backend {
   }
 };
 
+// RAII over Backend::host_output_begin/end: `HostOutput o(be, dst, bytes); op(o.f32()); o.finish();`
+class HostOutput {
+ public:
+  HostOutput(Backend& be, void* dst_host, size_t bytes)
+      : be_(be), dst_(dst_host), bytes_(bytes), p_(be.host_output_begin(dst_host, bytes)) {}
+  ~HostOutput() {
+    if (p_) try {
+        be_.host_output_end(dst_, p_, bytes_, false);
+      } catch (...) {  // already unwinding from the op's error
+      }
+  }
+  HostOutput(const HostOutput&) = delete;
+  HostOutput& operator=(const HostOutput&) = delete;
+  float* f32() const { return static_cast<float*>(p_); }
+  void finish() {
+    void* p = p_;
+    p_ = nullptr;
+    be_.host_output_end(dst_, p, bytes_, true);
+  }
+
+ private:
+  Backend& be_;
+  void* dst_;
+  size_t bytes_;
+  void* p_;
+};
+
 // Backends by name: "cpu" (best SIMD level, or the one set active), "cpu:scalar" (reference),
 // "cpu:generic", "cpu:avx2", "cpu:avx512", "cuda" / "cuda:N". Throws ValueError naming the
 // reason when unavailable (unknown name, level unsupported by this CPU, no CUDA build, no GPU).
 Backend& get_backend(const std::string& name);
 // Names of every backend usable on this machine, e.g. {"cpu:scalar", "cpu:generic", "cpu:avx2", "cuda"}.
 std::vector<std::string> available_backends();
+
+// The ops the CUDA backend implements (known without a GPU; empty when not compiled).
+std::vector<std::string> cuda_supported_ops();
 
 // CUDA status for `qlora-native info`.
 bool cuda_compiled();

@@ -49,6 +49,16 @@ void bind_info(py::module_& m) {
   m.def("available_backends", &available_backends);
   m.def("check_backend", [](const std::string& name) { return get_backend(name).name(); }, py::arg("name"),
         "Resolve a backend by name; raises ValueError saying why it is unavailable.");
+  m.def("all_backend_ops", [] { return Backend::all_ops(); }, "Every backend op name.");
+  m.def(
+      "backend_ops",
+      [](const std::string& name) {
+        // The CUDA op table is known without a GPU (info lists it on a build machine too).
+        if ((name == "cuda" || name.rfind("cuda:", 0) == 0) && cuda_compiled() && cuda_device_count() == 0)
+          return cuda_supported_ops();
+        return get_backend(name).supported_ops();
+      },
+      py::arg("name"), "The ops a backend implements (Backend::supports_op).");
   m.def("cuda_compiled", &cuda_compiled);
   m.def("cuda_device_count", &cuda_device_count);
   m.def("cuda_device_summary", &cuda_device_summary);

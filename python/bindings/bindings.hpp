@@ -13,4 +13,5 @@ void bind_train(py::module_& m);  // qlora_native._core.train: AdamW, lr schedul
 void bind_grad_ops(py::module_& m);  // qlora_native._core.grad_ops: training ops (backward, loss)
 void bind_tokenizer(py::module_& m);  // qlora_native._core.Tokenizer: the C++ tokenizers
 void bind_gguf(py::module_& m);      // qlora_native._core.gguf: GGUF reader, dequantization, model loading
+void bind_backend_op(py::module_& m);  // qlora_native._core.backend_op: one Backend op by name (op harness)
 }  // namespace qlora::py_bind

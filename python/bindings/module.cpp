@@ -28,4 +28,5 @@ PYBIND11_MODULE(_core, m) {
   qlora::py_bind::bind_grad_ops(m);
   qlora::py_bind::bind_tokenizer(m);
   qlora::py_bind::bind_gguf(m);
+  qlora::py_bind::bind_backend_op(m);
 }

@@ -72,6 +72,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"CUDA backend   : {'compiled' if _core.cuda_compiled() else 'not compiled'}")
     print(f"GPU            : {gpu_line()}")
     print(f"backends       : {', '.join(_core.available_backends())}")
+    all_ops = _core.all_backend_ops()
+    for be in ("cpu", "cuda"):  # the capability table (Backend::supports_op)
+        if be == "cuda" and not _core.cuda_compiled():
+            print("ops cuda       : none (not compiled)")
+            continue
+        try:
+            have = _core.backend_ops(be)
+        except ValueError as e:  # e.g. a CUDA build without its runtime
+            print(f"ops {be:<11}: unknown ({e})")
+            continue
+        missing = [op for op in all_ops if op not in have]
+        tail = f"; not: {', '.join(missing)}" if missing else ""
+        print(f"ops {be:<11}: {len(have)} of {len(all_ops)}: {', '.join(have)}{tail}")
     smol = smollm2_path()
     print(f"SmolLM2 model  : {smol or 'not installed (' + SMOLLM2_INSTALL + ')'}")
     return 0

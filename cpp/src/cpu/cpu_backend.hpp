@@ -1,4 +1,6 @@
 #pragma once
+#include <algorithm>
+
 #include "backend.hpp"
 #include "cpu/features.hpp"
 
@@ -12,6 +14,12 @@ class CpuBackend final : public Backend {
 
   std::string name() const override;
   bool host_memory() const override { return true; }
+  bool supports_op(const std::string& op) const override {  // every op, at every SIMD level
+    const std::vector<std::string>& all = all_ops();
+    return std::find(all.begin(), all.end(), op) != all.end();
+  }
+  void* host_output_begin(void* dst_host, size_t) override { return dst_host; }  // computed in place
+  void host_output_end(void*, void*, size_t, bool) override {}
   void* alloc(size_t bytes) override;
   void free(void* p) override;
   void upload(void* dst, const void* src_host, size_t bytes) override;

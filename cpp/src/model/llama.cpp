@@ -8,8 +8,20 @@
 
 namespace qlora::model {
 
+namespace {
+// The backend ops a forward pass / generation of this config needs, checked before any upload.
+const Backend& require_forward_ops(const Backend& be, const LlamaConfig& cfg) {
+  std::vector<std::string> ops = {"embedding", "rmsnorm", "gemm_nt", "nf4_gemm_nt", "nf4_gemm_nt_many", "rope",
+                                  "kv_write", "attention", "add_inplace", "swiglu", "lora_segments_many",
+                                  "host_output"};
+  if (cfg.qkv_bias || cfg.o_bias) ops.push_back("add_bias");
+  be.require_ops(ops, "model");
+  return be;
+}
+}  // namespace
+
 LlamaModel::LlamaModel(Backend& be, const LlamaConfig& cfg, const QuantSpec& quant)
-    : be_(be), w_(std::make_unique<LlamaWeights>(be, cfg, quant)) {
+    : be_((require_forward_ops(be, cfg), be)), w_(std::make_unique<LlamaWeights>(be, cfg, quant)) {
   const std::vector<float> inv = rope_inv_freq(w_->cfg);
   inv_freq_ = DeviceBuffer(be, sizeof(float) * inv.size());
   be.upload(inv_freq_.data(), inv.data(), sizeof(float) * inv.size());
@@ -218,14 +230,10 @@ void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids,
     else
       be_.gemm_nt(rows, V, D, 1.0f, hin, ldh, w_->lm_head_weight(), D, 0.0f, out, V);
   };
-  if (be_.host_memory()) {  // straight into the caller's array: no [rows, V] buffer and copy per step
-    lm_head(logits_host);
-    return;
-  }
-  DeviceBuffer logits(be_, sizeof(float) * rows * V);  // [rows, V]
+  // Host backends write straight into the caller's array (no [rows, V] buffer and copy per step).
+  HostOutput logits(be_, logits_host, sizeof(float) * rows * V);  // [rows, V]
   lm_head(logits.f32());
-  be_.download(logits_host, logits.data(), sizeof(float) * rows * V);
-  be_.synchronize();
+  logits.finish();
 }
 
 std::map<std::string, size_t> LlamaModel::memory_footprint() const {

@@ -121,6 +121,9 @@ void LlamaWeights::load_rows(const std::string& name, int64_t row0, int64_t nrow
 
 void LlamaWeights::load_embed_q8_0(const uint8_t* data, size_t bytes) {
   const int64_t V = cfg.vocab_size, D = cfg.hidden_size;
+  be.require_ops(cfg.tie_word_embeddings ? std::vector<std::string>{"q8_0_rows", "q8_0_gemm_nt"}
+                                         : std::vector<std::string>{"q8_0_rows"},
+                 "Q8_0 embedding");
   check_arg(D % 32 == 0, "Q8_0 embedding: hidden_size must be a multiple of 32, got " + std::to_string(D));
   const size_t want = static_cast<size_t>(V) * static_cast<size_t>(D / 32) * 34;
   check_arg(bytes == want, "Q8_0 embedding: expected " + std::to_string(want) + " bytes for [" + std::to_string(V) +

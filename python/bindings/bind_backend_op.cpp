@@ -1,0 +1,204 @@
+// qlora_native._core.backend_op: runs one Backend op by name on any backend, for the op harness
+// (tests/test_backend_ops_harness.py, tests/test_cuda_backend.py; the pattern of ggml's
+// test-backend-ops). Every array is copied into the backend's memory between sentinel guards;
+// afterwards the outputs come back as new arrays and a guard that changed raises RuntimeError
+// (an out-of-bounds write). Sizes are checked against the op's shape arguments first, so a wrong
+// call is a ValueError, never a stray device access.
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend.hpp"
+#include "bindings.hpp"
+#include "common/error.hpp"
+
+namespace py = pybind11;
+
+namespace qlora::py_bind {
+
+namespace {
+
+constexpr size_t kGuard = 256;  // bytes of sentinel each side (keeps the payload 256-aligned)
+constexpr unsigned char kSentinel = 0xA5;
+
+struct Buf {
+  Backend& be;
+  void* base = nullptr;
+  size_t bytes;
+  py::array host;  // the caller's array (input) or its template (output)
+  Buf(Backend& b, py::array a) : be(b), bytes(static_cast<size_t>(a.nbytes())), host(std::move(a)) {
+    base = be.alloc(bytes + 2 * kGuard);
+    std::vector<unsigned char> img(bytes + 2 * kGuard, kSentinel);
+    std::memcpy(img.data() + kGuard, host.data(), bytes);
+    be.upload(base, img.data(), img.size());
+    be.synchronize();
+  }
+  ~Buf() { be.free(base); }
+  void* ptr() const { return static_cast<unsigned char*>(base) + kGuard; }
+  // The payload as a new array; throws when a guard byte changed.
+  py::array fetch(const std::string& name) {
+    std::vector<unsigned char> img(bytes + 2 * kGuard);
+    be.download(img.data(), base, img.size());
+    be.synchronize();
+    for (size_t i = 0; i < kGuard; ++i)
+      if (img[i] != kSentinel || img[kGuard + bytes + i] != kSentinel)
+        throw std::runtime_error("backend_op: the op wrote outside array '" + name + "'");
+    py::array out(host.dtype(), std::vector<py::ssize_t>(host.shape(), host.shape() + host.ndim()));
+    std::memcpy(out.mutable_data(), img.data() + kGuard, bytes);
+    return out;
+  }
+};
+
+}  // namespace
+
+void bind_backend_op(py::module_& m) {
+  m.def(
+      "backend_op",
+      [](const std::string& backend, const std::string& op, const py::dict& arrays, const std::map<std::string, int64_t>& ints,
+         const std::map<std::string, double>& floats) {
+        Backend& be = get_backend(backend);
+        check_arg(be.supports_op(op), "backend_op: backend '" + be.name() + "' does not implement op " + op);
+        std::map<std::string, std::unique_ptr<Buf>> bufs;
+        for (auto kv : arrays) {
+          const std::string name = py::str(kv.first);
+          check_arg(py::isinstance<py::array>(kv.second), "backend_op: '" + name + "' must be a numpy array");
+          py::array a = py::array::ensure(kv.second, py::array::c_style);
+          bufs.emplace(name, std::make_unique<Buf>(be, a));
+        }
+        auto I = [&](const char* k) {
+          auto it = ints.find(k);
+          check_arg(it != ints.end(), std::string("backend_op ") + op + ": missing int '" + k + "'");
+          check_arg(it->second >= 0, std::string("backend_op ") + op + ": int '" + k + "' must be >= 0");
+          return it->second;
+        };
+        auto F = [&](const char* k) {
+          auto it = floats.find(k);
+          check_arg(it != floats.end(), std::string("backend_op ") + op + ": missing float '" + k + "'");
+          return static_cast<float>(it->second);
+        };
+        // Array k with at least n elements of itemsize isz (n computed from the shape ints).
+        auto A = [&](const std::string& k, int64_t n, size_t isz) -> void* {
+          auto it = bufs.find(k);
+          check_arg(it != bufs.end(), "backend_op " + op + ": missing array '" + k + "'");
+          check_arg(static_cast<size_t>(it->second->host.itemsize()) == isz,
+                    "backend_op " + op + ": array '" + k + "' has the wrong dtype");
+          check_arg(it->second->bytes >= static_cast<size_t>(n) * isz,
+                    "backend_op " + op + ": array '" + k + "' is smaller than the shape arguments need");
+          return it->second->ptr();
+        };
+        auto f = [&](const std::string& k, int64_t n) { return static_cast<float*>(A(k, n, 4)); };
+        auto i32 = [&](const std::string& k, int64_t n) { return static_cast<int32_t*>(A(k, n, 4)); };
+        // Rows x cols with row stride ld: the last row needs only cols.
+        auto span = [](int64_t rows, int64_t cols, int64_t ld) { return rows ? (rows - 1) * ld + cols : 0; };
+        std::vector<std::string> outs;
+        {
+          py::gil_scoped_release nogil;
+          if (op == "embedding") {
+            const int64_t M = I("M"), D = I("D"), V = I("V");
+            be.embedding(M, D, f("table", V * D), i32("ids", M), f("out", M * D));
+            outs = {"out"};
+          } else if (op == "q8_0_rows") {
+            const int64_t M = I("M"), K = I("K"), N = I("N");
+            be.q8_0_rows(M, K, A("W", N * (K / 32) * 34, 1), i32("ids", M), f("out", M * K));
+            outs = {"out"};
+          } else if (op == "q8_0_gemm_nt") {
+            const int64_t M = I("M"), N = I("N"), K = I("K"), ldx = I("ldx"), ldy = I("ldy");
+            be.q8_0_gemm_nt(M, N, K, f("X", span(M, K, ldx)), ldx, A("W", N * (K / 32) * 34, 1), f("Y", span(M, N, ldy)),
+                            ldy);
+            outs = {"Y"};
+          } else if (op == "rmsnorm") {
+            const int64_t M = I("M"), D = I("D");
+            be.rmsnorm(M, D, f("x", M * D), f("w", D), F("eps"), f("out", M * D));
+            outs = {"out"};
+          } else if (op == "add_inplace") {
+            const int64_t n = I("n");
+            be.add_inplace(n, f("x", n), f("y", n));
+            outs = {"y"};
+          } else if (op == "add_bias") {
+            const int64_t M = I("M"), N = I("N"), ldy = I("ldy");
+            be.add_bias(M, N, f("bias", N), f("y", span(M, N, ldy)), ldy);
+            outs = {"y"};
+          } else if (op == "rope" || op == "rope_backward") {
+            const int64_t M = I("M"), H = I("n_heads"), hd = I("head_dim"), ldx = I("ldx");
+            float* x = f("x", span(M, H * hd, ldx));
+            if (op == "rope") be.rope(M, H, hd, x, ldx, i32("pos", M), f("inv_freq", hd / 2));
+            else be.rope_backward(M, H, hd, x, ldx, i32("pos", M), f("inv_freq", hd / 2));
+            outs = {"x"};
+          } else if (op == "swiglu") {
+            const int64_t M = I("M"), N = I("N"), ldg = I("ldg"), ldu = I("ldu"), ldo = I("ldo");
+            be.swiglu(M, N, f("gate", span(M, N, ldg)), ldg, f("up", span(M, N, ldu)), ldu, f("out", span(M, N, ldo)), ldo);
+            outs = {"out"};
+          } else if (op == "kv_write") {
+            const int64_t B = I("B"), T = I("T"), H = I("H"), hd = I("hd"), ldx = I("ldx"), S = I("S_cap"), st = I("start");
+            check_arg(st + T <= S, "backend_op kv_write: start + T > S_cap");
+            be.kv_write(B, T, H, hd, f("x", span(B * T, H * hd, ldx)), ldx, f("cache", B * H * S * hd), S, st);
+            outs = {"cache"};
+          } else if (op == "attention") {
+            const int64_t B = I("B"), T = I("T"), Hq = I("Hq"), Hkv = I("Hkv"), hd = I("hd"), ldq = I("ldq"),
+                          S = I("S_cap"), st = I("start"), ldo = I("ldo");
+            check_arg(st + T <= S && Hkv >= 1 && Hq % Hkv == 0, "backend_op attention: bad shape arguments");
+            be.attention(B, T, Hq, Hkv, hd, f("q", span(B * T, Hq * hd, ldq)), ldq, f("k_cache", B * Hkv * S * hd),
+                         f("v_cache", B * Hkv * S * hd), S, st, i32("key_mask", B * S), F("scale"),
+                         f("out", span(B * T, Hq * hd, ldo)), ldo);
+            outs = {"out"};
+          } else if (op == "cross_entropy_rows") {
+            const int64_t M = I("M"), V = I("V"), ldl = I("ldl");
+            be.cross_entropy_rows(M, V, f("logits", span(M, V, ldl)), ldl, i32("labels", M), F("grad_scale"),
+                                  I("want_grad") != 0, f("loss", M));
+            outs = {"logits", "loss"};
+          } else if (op == "gemm_nt") {
+            const int64_t M = I("M"), N = I("N"), K = I("K"), lda = I("lda"), ldb = I("ldb"), ldc = I("ldc");
+            be.gemm_nt(M, N, K, F("alpha"), f("A", span(M, K, lda)), lda, f("B", span(N, K, ldb)), ldb, F("beta"),
+                       f("C", span(M, N, ldc)), ldc);
+            outs = {"C"};
+          } else if (op == "lora_segments" || op == "lora_segments_many") {
+            // Problems p = 0..np-1 (lora_segments: np = 1), each with ints in_p, out_p, ldx_p, ldy_p,
+            // nseg_p and per segment s: row0_p_s, rows_p_s, r_p_s, float alpha_p_s, arrays x_p,
+            // y_p, A_p_s, B_p_s; scratch array t.
+            const int64_t np = op == "lora_segments" ? 1 : I("np");
+            std::vector<std::vector<Backend::LoraSegment>> segs(static_cast<size_t>(np));
+            std::vector<Backend::LoraProblem> probs;
+            int64_t tmax = 0;
+            for (int64_t p = 0; p < np; ++p) {
+              const std::string P = std::to_string(p);
+              const int64_t in = I(("in_" + P).c_str()), out = I(("out_" + P).c_str()), ldx = I(("ldx_" + P).c_str()),
+                            ldy = I(("ldy_" + P).c_str()), ns = I(("nseg_" + P).c_str());
+              int64_t rows_end = 0;
+              for (int64_t s = 0; s < ns; ++s) {
+                const std::string S = P + "_" + std::to_string(s);
+                const int64_t row0 = I(("row0_" + S).c_str()), rows = I(("rows_" + S).c_str()), r = I(("r_" + S).c_str());
+                segs[p].push_back({row0, rows, r, f("A_" + S, r * in), f("B_" + S, out * r), F(("alpha_" + S).c_str())});
+                rows_end = std::max(rows_end, row0 + rows);
+                tmax = std::max(tmax, rows * r);
+              }
+              probs.push_back({in, out, f("x_" + P, span(rows_end, in, ldx)), ldx, ns, segs[p].data(),
+                               f("y_" + P, span(rows_end, out, ldy)), ldy});
+              outs.push_back("y_" + P);
+            }
+            float* t = f("t", tmax);
+            if (op == "lora_segments")
+              be.lora_segments(probs[0].in, probs[0].out, probs[0].x, probs[0].ldx, probs[0].n, probs[0].seg, probs[0].y,
+                               probs[0].ldy, t);
+            else
+              be.lora_segments_many(np, probs.data(), t);
+          } else {
+            throw ValueError("backend_op: no harness case for op '" + op + "'");
+          }
+          be.synchronize();
+        }
+        py::dict result;
+        for (const std::string& k : outs) result[py::str(k)] = bufs.at(k)->fetch(k);
+        return result;
+      },
+      py::arg("backend"), py::arg("op"), py::arg("arrays"), py::arg("ints") = std::map<std::string, int64_t>{},
+      py::arg("floats") = std::map<std::string, double>{},
+      "Run one Backend op on `backend` (test harness): arrays are copied into guarded backend buffers, "
+      "the op's outputs come back as a dict of new arrays.");
+}
+
+}  // namespace qlora::py_bind
