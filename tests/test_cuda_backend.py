@@ -253,3 +253,322 @@ def test_nf4_default_map_matches_cpu_oracle(ops, rng, M):
     x64 = x.astype(np.float64)
     _assert_bound(got, x64 @ ref_w.T, np.abs(x64) @ np.abs(ref_w).T, 77 + 8)
 
+
+
+# ------------------------------------------------------------------ op harness (every backend op)
+# The pattern of ggml's test-backend-ops: each transformer op runs through _core.backend_op on
+# every backend (arrays copied into guarded buffers; a write outside an output raises) and is
+# compared with a numpy float64 reference under a bound derived from fp32 rounding. The CPU
+# levels run everywhere (the harness itself is tested in CI); "cuda" skips without a GPU.
+
+HARNESS_BACKENDS = ["cpu:scalar", "cpu", "cuda"]
+
+
+def _be(name):
+    if name == "cuda" and not HAVE_GPU:
+        pytest.skip(f"no CUDA GPU: {_core.cuda_device_summary()}")
+    return name
+
+
+def _run(backend, op, arrays, ints=None, floats=None):
+    return _core.backend_op(backend, op, arrays, ints or {}, floats or {})
+
+
+def _within(got, ref, tol, what):
+    err = np.abs(got.astype(np.float64) - ref)
+    bad = err > tol
+    assert not bad.any(), f"{what}: {int(bad.sum())} elements off, worst err {err.max():.3g} (tol {np.min(tol):.3g}..)"
+
+
+def _q8_0_weight(rng, N, K):
+    """GGUF Q8_0 bytes [N, K/32 * 34] and their float64 dequantization."""
+    nb = K // 32
+    d = rng.uniform(0.001, 0.05, size=(N, nb)).astype(np.float16)
+    d[0, 0] = np.float16(6e-8)  # a subnormal scale
+    q = rng.integers(-128, 128, size=(N, nb, 32), dtype=np.int8)
+    blocks = np.empty((N, nb, 34), np.uint8)
+    blocks[:, :, :2] = d.view(np.uint8).reshape(N, nb, 2)
+    blocks[:, :, 2:] = q.view(np.uint8)
+    deq = (d.astype(np.float64)[:, :, None] * q.astype(np.float64)).reshape(N, K)
+    return blocks.reshape(-1), deq
+
+
+@pytest.mark.parametrize("backend", HARNESS_BACKENDS)
+@pytest.mark.parametrize("M,D,V", [(1, 7, 5), (13, 64, 300)])
+def test_op_embedding(backend, rng, M, D, V):
+    table = rng.standard_normal((V, D)).astype(np.float32)
+    ids = rng.integers(0, V, size=M).astype(np.int32)
+    ids[-1] = V - 1
+    out = _run(_be(backend), "embedding", {"table": table, "ids": ids, "out": np.zeros((M, D), np.float32)},
+               {"M": M, "D": D, "V": V})["out"]
+    np.testing.assert_array_equal(out, table[ids])
+
+
+@pytest.mark.parametrize("backend", HARNESS_BACKENDS)
+@pytest.mark.parametrize("M,N,K", [(1, 3, 32), (5, 37, 96), (19, 70, 160)])
+def test_op_q8_0(backend, rng, M, N, K):
+    wb, deq = _q8_0_weight(rng, N, K)
+    ids = rng.integers(0, N, size=M).astype(np.int32)
+    rows = _run(_be(backend), "q8_0_rows", {"W": wb, "ids": ids, "out": np.zeros((M, K), np.float32)},
+                {"M": M, "K": K, "N": N})["out"]
+    np.testing.assert_array_equal(rows, deq[ids].astype(np.float32))  # exact in fp32
+    ldx, ldy = K + 3, N + 5  # row strides beyond the row
+    x = rng.standard_normal((M, ldx)).astype(np.float32)
+    y0 = np.full((M, ldy), 7.0, np.float32)
+    y = _run(backend, "q8_0_gemm_nt", {"X": x, "W": wb, "Y": y0},
+             {"M": M, "N": N, "K": K, "ldx": ldx, "ldy": ldy})["Y"]
+    x64 = x[:, :K].astype(np.float64)
+    _within(y[:, :N], x64 @ deq.T, (K + 8) * EPS32 * (np.abs(x64) @ np.abs(deq).T) + 1e-30, "q8_0_gemm_nt")
+    assert np.all(y[:, N:] == 7.0), "q8_0_gemm_nt wrote the padding between rows"
+
+
+@pytest.mark.parametrize("backend", HARNESS_BACKENDS)
+@pytest.mark.parametrize("M,D", [(1, 5), (9, 576), (3, 1500)])
+def test_op_rmsnorm(backend, rng, M, D):
+    x = (rng.standard_normal((M, D)) * 3).astype(np.float32)
+    w = rng.standard_normal(D).astype(np.float32)
+    eps = 1e-5
+    out = _run(_be(backend), "rmsnorm", {"x": x, "w": w, "out": np.zeros_like(x)}, {"M": M, "D": D},
+               {"eps": eps})["out"]
+    x64 = x.astype(np.float64)
+    ref = x64 / np.sqrt((x64 ** 2).mean(axis=1, keepdims=True) + np.float32(eps)) * w
+    _within(out, ref, (D + 8) * EPS32 * np.abs(ref) + 1e-30, "rmsnorm")
+
+
+@pytest.mark.parametrize("backend", HARNESS_BACKENDS)
+def test_op_adds(backend, rng):
+    n = 1037
+    x, y = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    got = _run(_be(backend), "add_inplace", {"x": x, "y": y}, {"n": n})["y"]
+    np.testing.assert_array_equal(got, x + y)  # one fp32 rounding, as numpy
+    M, N, ldy = 7, 33, 40
+    yb = rng.standard_normal((M, ldy)).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    got = _run(backend, "add_bias", {"bias": bias, "y": yb}, {"M": M, "N": N, "ldy": ldy})["y"]
+    np.testing.assert_array_equal(got[:, :N], yb[:, :N] + bias)
+    np.testing.assert_array_equal(got[:, N:], yb[:, N:])
+
+
+@pytest.mark.parametrize("backend", HARNESS_BACKENDS)
+@pytest.mark.parametrize("inverse", [False, True], ids=["rope", "rope_backward"])
+def test_op_rope(backend, rng, inverse):
+    M, H, hd, ldx = 6, 3, 10, 37
+    x = rng.standard_normal((M, ldx)).astype(np.float32)
+    pos = np.array([0, 1, 5, 100, 4095, 131071], np.int32)[:M]
+    inv = (1.0 / 10000.0 ** (np.arange(0, hd, 2) / hd)).astype(np.float32)
+    got = _run(_be(backend), "rope_backward" if inverse else "rope", {"x": x, "pos": pos, "inv_freq": inv},
+               {"M": M, "n_heads": H, "head_dim": hd, "ldx": ldx})["x"]
+    ang = (pos.astype(np.float32)[:, None] * inv[None, :]).astype(np.float64)  # fp32 product, as the op
+    co, sn = np.cos(ang), np.sin(ang) * (-1 if inverse else 1)
+    v = x[:, :H * hd].reshape(M, H, hd).astype(np.float64)
+    x1, x2 = v[:, :, :hd // 2], v[:, :, hd // 2:]
+    ref = np.concatenate([x1 * co[:, None] - x2 * sn[:, None], x2 * co[:, None] + x1 * sn[:, None]], axis=2)
+    mag = np.concatenate([np.abs(x1) + np.abs(x2)] * 2, axis=2)
+    _within(got[:, :H * hd].reshape(M, H, hd), ref, 8 * EPS32 * mag + 1e-30, "rope")
+    np.testing.assert_array_equal(got[:, H * hd:], x[:, H * hd:])
+
+
+@pytest.mark.parametrize("backend", HARNESS_BACKENDS)
+def test_op_swiglu(backend, rng):
+    M, N, ld = 5, 300, 303
+    g = (rng.standard_normal((M, ld)) * 3).astype(np.float32)
+    u = rng.standard_normal((M, ld)).astype(np.float32)
+    out = _run(_be(backend), "swiglu", {"gate": g, "up": u, "out": np.zeros((M, ld), np.float32)},
+               {"M": M, "N": N, "ldg": ld, "ldu": ld, "ldo": ld})["out"]
+    g64, u64 = g[:, :N].astype(np.float64), u[:, :N].astype(np.float64)
+    ref = g64 / (1 + np.exp(-g64)) * u64
+    # fast-math exp on the GPU: a few ulp plus ~1.2 ulp per unit of |g|
+    _within(out[:, :N], ref, (16 + 2 * np.abs(g64)) * EPS32 * np.abs(ref) + 1e-30, "swiglu")
+    assert np.all(out[:, N:] == 0)
+
+
+@pytest.mark.parametrize("backend", HARNESS_BACKENDS)
+def test_op_kv_write(backend, rng):
+    B, T, H, hd, S, start = 2, 3, 2, 5, 9, 4
+    ldx = H * hd + 2
+    x = rng.standard_normal((B * T, ldx)).astype(np.float32)
+    cache = rng.standard_normal((B, H, S, hd)).astype(np.float32)
+    got = _run(_be(backend), "kv_write", {"x": x, "cache": cache},
+               {"B": B, "T": T, "H": H, "hd": hd, "ldx": ldx, "S_cap": S, "start": start})["cache"]
+    ref = cache.copy()
+    ref[:, :, start:start + T, :] = x[:, :H * hd].reshape(B, T, H, hd).transpose(0, 2, 1, 3)
+    np.testing.assert_array_equal(got, ref)
+
+
+def _attention_ref(q, kc, vc, mask, start, Hq, Hkv, scale):
+    B, _, S, hd = kc.shape
+    T = q.shape[0] // B
+    out = np.zeros((B * T, Hq * hd))
+    bound = np.zeros_like(out)
+    for b in range(B):
+        for t in range(T):
+            vis = np.nonzero(mask[b, :start + t + 1])[0]
+            for h in range(Hq):
+                if vis.size == 0:
+                    continue
+                kh = h // (Hq // Hkv)
+                qv = q[b * T + t, h * hd:(h + 1) * hd].astype(np.float64)
+                s = scale * (kc[b, kh, vis].astype(np.float64) @ qv)
+                p = np.exp(s - s.max())
+                p /= p.sum()
+                v = vc[b, kh, vis].astype(np.float64)
+                out[b * T + t, h * hd:(h + 1) * hd] = p @ v
+                # softmax of |s| up to a few units: fp32 exp/sums (fast-math exp: ~1.2 ulp per unit)
+                k = vis.size + hd + 16 + 2 * float(np.abs(s - s.max()).max())
+                bound[b * T + t, h * hd:(h + 1) * hd] = 4 * k * EPS32 * (p @ np.abs(v)) + 1e-30
+    return out, bound
+
+
+ATTN_CASES = [  # B, T, Hq, Hkv, hd, S_cap, start
+    (1, 1, 4, 2, 8, 16, 9),      # decode, GQA 2
+    (2, 1, 6, 2, 64, 40, 33),    # decode, batch, GQA 3
+    (2, 7, 4, 4, 17, 12, 3),     # chunked prefill, MHA, odd head_dim
+    (1, 20, 8, 1, 128, 20, 0),   # full prefill, MQA
+]
+
+
+@pytest.mark.parametrize("backend", HARNESS_BACKENDS)
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_op_attention(backend, rng, case):
+    B, T, Hq, Hkv, hd, S, start = case
+    ldq = Hq * hd + 3
+    q = rng.standard_normal((B * T, ldq)).astype(np.float32)
+    kc = rng.standard_normal((B, Hkv, S, hd)).astype(np.float32)
+    vc = rng.standard_normal((B, Hkv, S, hd)).astype(np.float32)
+    mask = np.ones((B, S), np.int32)
+    mask[0, :2] = 0  # left padding of row 0: its first query sees no key when start == 0
+    if S > 6:
+        mask[-1, 5] = 0  # a hole
+    scale = 1.0 / np.sqrt(hd)
+    out = _run(_be(backend), "attention",
+               {"q": q, "k_cache": kc, "v_cache": vc, "key_mask": mask,
+                "out": np.full((B * T, ldq), 3.0, np.float32)},
+               {"B": B, "T": T, "Hq": Hq, "Hkv": Hkv, "hd": hd, "ldq": ldq, "S_cap": S, "start": start, "ldo": ldq},
+               {"scale": scale})["out"]
+    ref, bound = _attention_ref(q, kc, vc, mask, start, Hq, Hkv, np.float32(scale))
+    _within(out[:, :Hq * hd], ref, bound, "attention")
+    assert np.all(out[:, Hq * hd:] == 3.0)
+
+
+@pytest.mark.parametrize("backend", HARNESS_BACKENDS)
+@pytest.mark.parametrize("want_grad", [False, True])
+def test_op_cross_entropy(backend, rng, want_grad):
+    M, V, ldl = 5, 1003, 1010
+    logits = (rng.standard_normal((M, ldl)) * 4).astype(np.float32)
+    labels = rng.integers(0, V, size=M).astype(np.int32)
+    labels[2] = -100
+    gs = 0.25
+    res = _run(_be(backend), "cross_entropy_rows", {"logits": logits, "labels": labels, "loss": np.zeros(M, np.float32)},
+               {"M": M, "V": V, "ldl": ldl, "want_grad": int(want_grad)}, {"grad_scale": gs})
+    l64 = logits[:, :V].astype(np.float64)
+    mx = l64.max(axis=1, keepdims=True)
+    lse = mx[:, 0] + np.log(np.exp(l64 - mx).sum(axis=1))
+    ref = np.where(labels == -100, 0.0, lse - l64[np.arange(M), np.maximum(labels, 0)])
+    _within(res["loss"], ref, 64 * EPS32 * (np.abs(lse) + np.abs(l64).max(axis=1)), "cross_entropy loss")
+    g = res["logits"]
+    if want_grad:
+        p = np.exp(l64 - lse[:, None])
+        gref = gs * p
+        gref[np.arange(M), np.maximum(labels, 0)] -= gs
+        gref[labels == -100] = 0.0
+        tol = gs * (4 + 2 * (np.abs(lse)[:, None] + np.abs(l64))) * EPS32 * p + EPS32 * np.abs(gref) + 1e-30
+        _within(g[:, :V], gref, tol, "cross_entropy grad")
+    else:
+        np.testing.assert_array_equal(g, logits)
+    np.testing.assert_array_equal(g[:, V:], logits[:, V:])
+
+
+@pytest.mark.parametrize("backend", HARNESS_BACKENDS)
+@pytest.mark.parametrize("many", [False, True], ids=["lora_segments", "lora_segments_many"])
+def test_op_lora_segments(backend, rng, many):
+    """Mixed-adapter LoRA terms: segments of different ranks and alphas, rows no segment covers."""
+    M = 9
+    problems = [(40, 24), (40, 8)] if many else [(40, 24)]
+    arrays, ints, floats, refs = {}, {"np": len(problems)}, {}, []
+    tmax = 0
+    for p, (inp, out) in enumerate(problems):
+        ldx, ldy = inp + 1, out + 2
+        x = rng.standard_normal((M, ldx)).astype(np.float32)
+        y = rng.standard_normal((M, ldy)).astype(np.float32)
+        segs = [(0, 3, 4, 0.5), (3, 2, 1, -2.0), (6, 3, 8, 1.25)]  # rows 5 stays base-only
+        arrays[f"x_{p}"], arrays[f"y_{p}"] = x, y
+        ints.update({f"in_{p}": inp, f"out_{p}": out, f"ldx_{p}": ldx, f"ldy_{p}": ldy, f"nseg_{p}": len(segs)})
+        ref = y[:, :out].astype(np.float64)
+        bound = np.abs(ref)
+        for s, (row0, rows, r, alpha) in enumerate(segs):
+            A = rng.standard_normal((r, inp)).astype(np.float32)
+            Bm = rng.standard_normal((out, r)).astype(np.float32)
+            key = f"{p}_{s}"
+            arrays[f"A_{key}"], arrays[f"B_{key}"] = A, Bm
+            ints.update({f"row0_{key}": row0, f"rows_{key}": rows, f"r_{key}": r})
+            floats[f"alpha_{key}"] = alpha
+            xs = x[row0:row0 + rows, :inp].astype(np.float64)
+            ref[row0:row0 + rows] += alpha * (xs @ A.T.astype(np.float64)) @ Bm.T.astype(np.float64)
+            bound[row0:row0 + rows] += abs(alpha) * (np.abs(xs) @ np.abs(A.T)) @ np.abs(Bm.T)
+            tmax = max(tmax, rows * r)
+        refs.append((p, out, ref, bound, y))
+    arrays["t"] = np.zeros(tmax, np.float32)
+    res = _run(_be(backend), "lora_segments_many" if many else "lora_segments", arrays, ints, floats)
+    for p, out, ref, bound, y in refs:
+        got = res[f"y_{p}"]
+        _within(got[:, :out], ref, (40 + 8 + 8) * 2 * EPS32 * bound + 1e-30, f"lora problem {p}")
+        np.testing.assert_array_equal(got[:, out:], y[:, out:])
+
+
+def test_op_harness_refuses_bad_calls():
+    """Shape arguments larger than the arrays and unknown ops are ValueErrors, never stray accesses."""
+    t = np.zeros((4, 4), np.float32)
+    with pytest.raises(ValueError, match="smaller than the shape arguments"):
+        _run("cpu", "embedding", {"table": t, "ids": np.zeros(3, np.int32), "out": t}, {"M": 3, "D": 4, "V": 100})
+    with pytest.raises(ValueError, match="missing int 'V'"):
+        _run("cpu", "embedding", {"table": t, "ids": np.zeros(3, np.int32), "out": t}, {"M": 3, "D": 4})
+    with pytest.raises(ValueError, match="no harness case"):
+        _run("cpu", "rmsnorm_backward", {})
+
+
+# ------------------------------------------------------------------ capability table
+
+
+def test_backend_ops_table(capsys):
+    """cpu implements every op; the CUDA table is known without a GPU and `info` prints both."""
+    all_ops = _core.all_backend_ops()
+    assert _core.backend_ops("cpu") == all_ops and len(set(all_ops)) == len(all_ops)
+    for op in ("embedding", "attention", "rmsnorm", "q8_0_gemm_nt", "lora_segments_many", "host_output"):
+        assert op in all_ops
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"ops cpu        : {len(all_ops)} of {len(all_ops)}: " in out
+    if _core.cuda_compiled():
+        cuda_ops = _core.backend_ops("cuda")
+        # every op a forward pass / generation needs
+        for op in ("embedding", "q8_0_rows", "q8_0_gemm_nt", "rmsnorm", "add_inplace", "add_bias", "rope", "swiglu",
+                   "kv_write", "attention", "gemm_nt", "nf4_gemm_nt", "nf4_gemm_nt_many", "lora_segments_many",
+                   "host_output"):
+            assert op in cuda_ops
+        assert f"ops cuda       : {len(cuda_ops)} of {len(all_ops)}: " in out and "; not: " in out
+    else:
+        assert "ops cuda       : none (not compiled)" in out
+
+
+# ------------------------------------------------------------------ end to end: tiny model cuda vs cpu
+
+
+@needs_gpu
+@pytest.mark.parametrize("quantize", ["nf4", None])
+def test_tiny_model_cuda_matches_cpu(tmp_path, rng, quantize):
+    """Logits of a tiny random Llama (GQA, biases off) on CUDA vs the CPU backend, fp32 compute:
+    fp32 rounding differences only; greedy generation token-identical."""
+    from helpers_model import make_checkpoint
+
+    path, cfg, _ = make_checkpoint(tmp_path, rng, vocab=97, hidden=64, inter=96, layers=2, heads=4, kv_heads=2)
+    cpu = qlora_native.Model.from_pretrained(path, quantize=quantize, backend="cpu", tokenizer=None)
+    gpu = qlora_native.Model.from_pretrained(path, quantize=quantize, backend="cuda", tokenizer=None)
+    ids = rng.integers(1, 97, size=(2, 11)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    lc = np.asarray(cpu(ids, attention_mask=mask), np.float64)
+    lg = np.asarray(gpu(ids, attention_mask=mask), np.float64)
+    scale = np.abs(lc).max()
+    assert np.abs(lg - lc)[mask.astype(bool)].max() <= 2e-4 * scale, "cuda logits differ from cpu"
+    prompts = [list(map(int, ids[0])), list(map(int, ids[1, 3:]))]
+    assert gpu.generate(prompts, 12, eos_token_id=None) == cpu.generate(prompts, 12, eos_token_id=None)
