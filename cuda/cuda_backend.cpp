@@ -4,7 +4,10 @@
 // the CUDA context for the rest of the process), then launches asynchronously on the stream.
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
+#include <initializer_list>
 #include <string>
+#include <vector>
 
 #include "common/error.hpp"
 #include "cuda_backend.hpp"
@@ -13,6 +16,17 @@
 #include "nf4_dequant.cuh"
 #include "nf4_gemm.cuh"
 #include "nf4_gemv.cuh"
+#include "ops_add_bias.cuh"
+#include "ops_add_inplace.cuh"
+#include "ops_attention.cuh"
+#include "ops_cross_entropy.cuh"
+#include "ops_embedding.cuh"
+#include "ops_kv_write.cuh"
+#include "ops_q8_0_gemm.cuh"
+#include "ops_q8_0_rows.cuh"
+#include "ops_rmsnorm.cuh"
+#include "ops_rope.cuh"
+#include "ops_swiglu.cuh"
 
 namespace qlora::cuda {
 
@@ -53,6 +67,22 @@ void check_nf4(const char* op, const Nf4Ref& W) {
   }
 }
 
+// The optional ops (Backend::all_ops beyond the core) that have CUDA kernels.
+const std::vector<std::string>& cuda_optional_ops() {
+  static const std::vector<std::string> ops = {"q8_0_gemm_nt", "q8_0_rows", "embedding", "rmsnorm",
+                                               "add_inplace", "add_bias", "rope", "swiglu",
+                                               "kv_write", "attention", "rope_backward", "cross_entropy_rows"};
+  return ops;
+}
+
+// Transformer-op argument checks: dimensions non-negative, row strides at least a row.
+void check_dims(const char* op, std::initializer_list<int64_t> dims) {
+  for (int64_t d : dims) check_arg(d >= 0, std::string("cuda backend: ") + op + ": negative dimension");
+}
+void check_ld(const char* op, int64_t ld, int64_t row) {
+  check_arg(ld >= row, std::string("cuda backend: ") + op + ": leading dimension smaller than a row");
+}
+
 class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(int device) : device_(device) {
@@ -68,6 +98,10 @@ class CudaBackend final : public Backend {
 
   std::string name() const override { return device_ == 0 ? "cuda" : "cuda:" + std::to_string(device_); }
   bool host_memory() const override { return false; }
+  bool supports_op(const std::string& op) const override {
+    const std::vector<std::string>& o = cuda_optional_ops();
+    return is_core_op(op) || std::find(o.begin(), o.end(), op) != o.end();
+  }
 
   // ---- memory
   void* alloc(size_t bytes) override {
@@ -150,7 +184,100 @@ class CudaBackend final : public Backend {
     cuda::nf4_dequantize(stream_, sm_count_, W, out);
   }
 
+  // ---- transformer ops (ops_*.cu). Operands are device memory the model allocated through this
+  // backend; only shapes are checked here (no per-op pointer queries on the decode path).
+  void embedding(int64_t M, int64_t D, const float* table, const int32_t* ids, float* out) override {
+    check_dims("embedding", {M, D});
+    use_device("embedding");
+    cuda::embedding(stream_, M, D, table, ids, out);
+  }
+  void q8_0_rows(int64_t M, int64_t K, const void* W, const int32_t* ids, float* out) override {
+    check_dims("q8_0_rows", {M, K});
+    check_arg(K % 32 == 0, "cuda backend: q8_0_rows: K must be a multiple of 32");
+    use_device("q8_0_rows");
+    cuda::q8_0_rows(stream_, M, K, W, ids, out);
+  }
+  void q8_0_gemm_nt(int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const void* W, float* Y,
+                    int64_t ldy) override {
+    check_dims("q8_0_gemm_nt", {M, N, K});
+    check_arg(K % 32 == 0, "cuda backend: q8_0_gemm_nt: K must be a multiple of 32");
+    check_ld("q8_0_gemm_nt", ldx, K);
+    check_ld("q8_0_gemm_nt", ldy, N);
+    check_arg(gemm_f32_fits(M, N), "cuda backend: q8_0_gemm_nt: matrix too large for one launch");
+    use_device("q8_0_gemm_nt");
+    cuda::q8_0_gemm_nt(stream_, M, N, K, X, ldx, W, Y, ldy);
+  }
+  void rmsnorm(int64_t M, int64_t D, const float* x, const float* w, float eps, float* out) override {
+    check_dims("rmsnorm", {M, D});
+    check_arg(M <= 0x7fffffff, "cuda backend: rmsnorm: too many rows for one launch");
+    use_device("rmsnorm");
+    cuda::rmsnorm(stream_, M, D, x, w, eps, out);
+  }
+  void add_inplace(int64_t n, const float* x, float* y) override {
+    check_dims("add_inplace", {n});
+    use_device("add_inplace");
+    cuda::add_inplace(stream_, n, x, y);
+  }
+  void add_bias(int64_t M, int64_t N, const float* bias, float* y, int64_t ldy) override {
+    check_dims("add_bias", {M, N});
+    check_ld("add_bias", ldy, N);
+    use_device("add_bias");
+    cuda::add_bias(stream_, M, N, bias, y, ldy);
+  }
+  void rope(int64_t M, int64_t n_heads, int64_t head_dim, float* x, int64_t ldx, const int32_t* pos,
+            const float* inv_freq) override {
+    rope_any("rope", M, n_heads, head_dim, x, ldx, pos, inv_freq, false);
+  }
+  void rope_backward(int64_t M, int64_t n_heads, int64_t head_dim, float* dx, int64_t ldx, const int32_t* pos,
+                     const float* inv_freq) override {
+    rope_any("rope_backward", M, n_heads, head_dim, dx, ldx, pos, inv_freq, true);
+  }
+  void swiglu(int64_t M, int64_t N, const float* gate, int64_t ldg, const float* up, int64_t ldu, float* out,
+              int64_t ldo) override {
+    check_dims("swiglu", {M, N});
+    check_ld("swiglu", ldg, N), check_ld("swiglu", ldu, N), check_ld("swiglu", ldo, N);
+    use_device("swiglu");
+    cuda::swiglu(stream_, M, N, gate, ldg, up, ldu, out, ldo);
+  }
+  void kv_write(int64_t B, int64_t T, int64_t H, int64_t hd, const float* x, int64_t ldx, float* cache, int64_t S_cap,
+                int64_t start) override {
+    check_dims("kv_write", {B, T, H, hd, start});
+    check_ld("kv_write", ldx, H * hd);
+    check_arg(start + T <= S_cap, "cuda backend: kv_write: start + T exceeds the cache capacity");
+    use_device("kv_write");
+    cuda::kv_write(stream_, B, T, H, hd, x, ldx, cache, S_cap, start);
+  }
+  void attention(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q, int64_t ldq,
+                 const float* k_cache, const float* v_cache, int64_t S_cap, int64_t start, const int32_t* key_mask,
+                 float scale, float* out, int64_t ldo) override {
+    check_dims("attention", {B, T, Hq, Hkv, hd, start});
+    check_arg(Hkv >= 1 && Hq % Hkv == 0, "cuda backend: attention: Hq must be a multiple of Hkv");
+    check_arg(hd <= kAttentionMaxHeadDim, "cuda backend: attention: head_dim " + std::to_string(hd) + " > " +
+                                              std::to_string(kAttentionMaxHeadDim) + " is not implemented");
+    check_arg(start + T <= S_cap, "cuda backend: attention: start + T exceeds the cache capacity");
+    check_arg(B * T <= 0x7fffffff && Hq <= 65535, "cuda backend: attention: grid too large");
+    check_ld("attention", ldq, Hq * hd), check_ld("attention", ldo, Hq * hd);
+    use_device("attention");
+    cuda::attention(stream_, B, T, Hq, Hkv, hd, q, ldq, k_cache, v_cache, S_cap, start, key_mask, scale, out, ldo);
+  }
+  void cross_entropy_rows(int64_t M, int64_t V, float* logits, int64_t ldl, const int32_t* labels, float grad_scale,
+                          bool want_grad, float* loss) override {
+    check_dims("cross_entropy_rows", {M, V});
+    check_ld("cross_entropy_rows", ldl, V);
+    check_arg(M <= 0x7fffffff, "cuda backend: cross_entropy_rows: too many rows for one launch");
+    use_device("cross_entropy_rows");
+    cuda::cross_entropy_rows(stream_, M, V, logits, ldl, labels, grad_scale, want_grad, loss);
+  }
+
  private:
+  void rope_any(const char* op, int64_t M, int64_t n_heads, int64_t head_dim, float* x, int64_t ldx,
+                const int32_t* pos, const float* inv_freq, bool inverse) {
+    check_dims(op, {M, n_heads, head_dim});
+    check_arg(head_dim % 2 == 0, std::string("cuda backend: ") + op + ": head_dim must be even");
+    check_ld(op, ldx, n_heads * head_dim);
+    use_device(op);
+    cuda::rope(stream_, M, n_heads, head_dim, x, ldx, pos, inv_freq, inverse);
+  }
   // The current device is per host thread: set it before every call that allocates or launches.
   void use_device(const char* op) const { QLORA_CUDA_CHECK(cudaSetDevice(device_), op); }
 
@@ -172,6 +299,14 @@ class CudaBackend final : public Backend {
 };
 
 }  // namespace
+
+std::vector<std::string> supported_ops() {
+  std::vector<std::string> out;
+  const std::vector<std::string>& o = cuda_optional_ops();
+  for (const std::string& op : Backend::all_ops())
+    if (Backend::is_core_op(op) || std::find(o.begin(), o.end(), op) != o.end()) out.push_back(op);
+  return out;
+}
 
 std::unique_ptr<Backend> make_backend(int device) {
   const int n = device_count();

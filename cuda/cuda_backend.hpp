@@ -2,6 +2,7 @@
 #pragma once
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "backend.hpp"
 
@@ -10,5 +11,7 @@ namespace qlora::cuda {
 int device_count();          // 0 on any error (no driver, no GPU)
 std::string device_summary();  // "NVIDIA H200 (sm_90, 139 GiB)" or why there is no device
 std::unique_ptr<Backend> make_backend(int device);
+// The ops the CUDA backend implements (Backend::supports_op), known without a device.
+std::vector<std::string> supported_ops();
 
 }  // namespace qlora::cuda
