@@ -78,3 +78,36 @@ def test_train_save_load_matches(lib, tmp_path, rng, use_rslora):
         assert rel_err(ours, base) > 1e-3  # the trained adapter matters
     finally:
         m.close()
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_python_and_c_adapters_are_one_init(lib, tmp_path, rng, use_rslora):
+    """add_adapter(seed=s) and qlora_adapter_add(seed=s) run the one init (lora_setup.cpp
+    init_lora_factors) and the one scaling rule: the same A (bit for bit), B = 0, and the same logits
+    after the same B is set."""
+    _setup(lib)
+    path, cfg, _ = make_checkpoint(tmp_path, rng, hidden=64, inter=128, heads=4, kv_heads=2, vocab=100)
+    seed = int(rng.integers(0, 2**63))
+    m = CModel(lib, path)
+    try:
+        p = lib.qlora_lora_default_params()
+        p.r, p.alpha, p.use_rslora, p.target_mask, p.seed = 3, 7.0, int(use_rslora), Q | V_ | DOWN, seed
+        _check(lib, lib.qlora_adapter_add(m.h, b"c", ctypes.byref(p)))
+        _check(lib, lib.qlora_adapter_save(m.h, str(tmp_path / "c").encode()))
+    finally:
+        m.close()
+    py = qlora_native.Model.from_pretrained(path, quantize=None, tokenizer=None)
+    py.add_adapter("p", qlora_native.LoraConfig(r=3, lora_alpha=7, use_rslora=use_rslora, lora_dropout=0.0,
+                                                target_modules=["q_proj", "v_proj", "down_proj"]), seed=seed)
+    py.load_adapter(tmp_path / "c", "c")
+    ours, theirs = py.get_adapter_state_dict("p"), py.get_adapter_state_dict("c")
+    assert ours.keys() == theirs.keys() and len(ours) == 2 * 3 * cfg["num_hidden_layers"]
+    for k in ours:
+        np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+        assert k.endswith("lora_A.weight") or not ours[k].any()
+    b = {k: rng.standard_normal(v.shape).astype(np.float32) if k.endswith("lora_B.weight") else v
+         for k, v in ours.items()}
+    py.set_adapter_state_dict("p", b)
+    py.set_adapter_state_dict("c", b)
+    ids = rng.integers(0, cfg["vocab_size"], size=(1, 7))
+    np.testing.assert_array_equal(py(ids, adapter_name="p"), py(ids, adapter_name="c"))

@@ -7,10 +7,12 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "bindings.hpp"
 #include "common/error.hpp"
+#include "model/lora_setup.hpp"
 #include "train/grad_utils.hpp"
 #include "train/lr_schedule.hpp"
 #include "train/optimizer.hpp"
@@ -285,6 +287,28 @@ void bind_train(py::module_& m) {
              return a;
            },
            py::arg("n"), "int64 [n]: a uniform shuffle of 0..n-1");
+  t.def(
+      "lora_init_factors",
+      [](uint64_t seed, const std::string& how, const std::vector<std::tuple<int64_t, int64_t, int64_t>>& modules) {
+        model::LoraInit h;
+        if (how == "kaiming_uniform") h = model::LoraInit::KaimingUniform;
+        else if (how == "gaussian") h = model::LoraInit::Gaussian;
+        else if (how == "linear_default") h = model::LoraInit::LinearDefault;
+        else throw ValueError("lora_init_factors: how must be kaiming_uniform, gaussian or linear_default, got '" + how + "'");
+        train::Philox rng = model::lora_init_rng(seed);  // as qlora_adapter_add (new_lora_adapter)
+        py::list out;
+        for (const auto& [r, in, out_f] : modules) {
+          check_arg(r >= 1 && in >= 1 && out_f >= 1 && r <= (int64_t{1} << 31) / in && r <= (int64_t{1} << 31) / out_f,
+                    "lora_init_factors: r, in_features and out_features must be >= 1 (and the factors < 2^31 elements)");
+          py::array_t<float> A({r, in}), B({out_f, r});
+          model::init_lora_factors(rng, h, r, in, out_f, A.mutable_data(), B.mutable_data());
+          out.append(py::make_tuple(A, B));
+        }
+        return out;
+      },
+      py::arg("seed"), py::arg("how"), py::arg("modules"),
+      "PEFT's LoRA init (cpp/src/model/lora_setup.cpp, the C API's): [(A [r, in], B [out, r])] for modules "
+      "[(r, in, out)], drawn in order from the adapter init stream of `seed`.");
   t.def("philox4x32_10", &train::philox4x32_10, py::arg("counter"), py::arg("key"), "one raw Philox4x32-10 block");
 }
 

@@ -227,27 +227,29 @@ class LoraConfig:
                 for layer, proj, r, alpha, scaling in _core.io.resolve_peft_config(d, num_layers, matcher())]
 
     # ------------------------------------------------------------------ init
+    def _init_kind(self) -> str:
+        init = self.init_lora_weights
+        return "gaussian" if isinstance(init, str) else "linear_default" if init is False else "kaiming_uniform"
+
+    def init_factors(self, seed: int, modules) -> list:
+        """[(A [r, in], B [out, r])] float32 for modules [(r, in_features, out_features)], drawn in
+        order from the init stream of adapter seed `seed` (the engine's init, lora_setup.cpp
+        init_lora_factors: the C API's qlora_adapter_add draws the same numbers for the same seed)."""
+        from . import _core
+
+        return _core.train.lora_init_factors(int(seed), self._init_kind(), [tuple(int(v) for v in m) for m in modules])
+
     def init_weights(self, in_features: int, out_features: int, r: int, rng: np.random.Generator):
         """Fresh (A [r, in], B [out, r]) float32 factors following init_lora_weights (PEFT's
-        reset_lora_parameters; nn.Linear's default init is kaiming_uniform(a=sqrt(5)), i.e.
-        U(-1/sqrt(fan_in), 1/sqrt(fan_in)))."""
+        reset_lora_parameters): True: A ~ U(+-1/sqrt(in)) (nn.Linear's kaiming_uniform(a=sqrt(5))),
+        B = 0; "gaussian": A ~ N(0, std 1/r), B = 0; False: A and B keep nn.Linear's default init.
+        Drawn by the engine (init_factors) from a seed taken from `rng`."""
         for n, v in (("in_features", in_features), ("out_features", out_features), ("r", r)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"init_weights: {n} must be a positive int, got {v!r}")
         if not isinstance(rng, np.random.Generator):
             raise ValueError("init_weights: rng must be a numpy.random.Generator")
-        init = self.init_lora_weights
-        if isinstance(init, str):  # "gaussian" (validated)
-            a = rng.normal(0.0, 1.0 / r, size=(r, in_features))
-        else:
-            bound = 1.0 / math.sqrt(in_features)
-            a = rng.uniform(-bound, bound, size=(r, in_features))
-        if init is False:
-            bound = 1.0 / math.sqrt(r)  # lora_B is nn.Linear(r, out): fan_in = r
-            b = rng.uniform(-bound, bound, size=(out_features, r))
-        else:
-            b = np.zeros((out_features, r))
-        return a.astype(np.float32), b.astype(np.float32)
+        return self.init_factors(int(rng.integers(0, 2**63)), [(r, in_features, out_features)])[0]
 
     # ------------------------------------------------------------------ PEFT dict
     def to_peft_dict(self) -> dict[str, Any]:

@@ -60,30 +60,36 @@ class LoraModelMixin:
             raise ValueError(f"an adapter named {name!r} already exists (delete_adapter first)")
         return name
 
-    def _add(self, name: str, config: LoraConfig, tensors: dict | None, rng: np.random.Generator) -> None:
+    def _add(self, name: str, config: LoraConfig, tensors: dict | None, rng) -> None:
+        """rng: the adapter seed (int), or a numpy Generator to draw one from. As the C API's
+        qlora_adapter_add: A/B initialized from the seed's init stream (tensors None) and dropout
+        masks keyed by the seed."""
+        seed = rng if isinstance(rng, int) else int(rng.integers(0, 2**63))
         shapes = self._module_shapes()
-        mods = []
-        for layer, proj, r, _alpha, scaling in config.resolve(self.config.num_hidden_layers):
-            if tensors is None:
-                out_f, in_f = shapes[proj]
-                a, b = config.init_weights(in_f, out_f, r, rng)
-            else:
-                a = tensors[peft_tensor_name(layer, proj, "A")]
-                b = tensors[peft_tensor_name(layer, proj, "B")]
-            mods.append((layer, proj, float(scaling), np.ascontiguousarray(a, np.float32),
-                         np.ascontiguousarray(b, np.float32)))
-        dropout_seed = int(rng.integers(0, 2**63))
-        self._core.lora_add(name, mods, float(config.lora_dropout), dropout_seed)
+        resolved = config.resolve(self.config.num_hidden_layers)
+        if tensors is None:
+            factors = config.init_factors(seed, [(r, shapes[proj][1], shapes[proj][0])
+                                                 for _, proj, r, _, _ in resolved])
+        else:
+            factors = [(tensors[peft_tensor_name(layer, proj, "A")], tensors[peft_tensor_name(layer, proj, "B")])
+                       for layer, proj, _, _, _ in resolved]
+        mods = [(layer, proj, float(scaling), np.ascontiguousarray(a, np.float32), np.ascontiguousarray(b, np.float32))
+                for (layer, proj, _, _, scaling), (a, b) in zip(resolved, factors)]
+        self._core.lora_add(name, mods, float(config.lora_dropout), seed)
         self._lora_state()[name] = config
         if self.active_adapter is None:
             self._core.lora_set_active(name)
 
     def add_adapter(self, name: str, config: LoraConfig, seed: int | None = None) -> None:
-        """New adapter with A/B initialized per config.init_lora_weights (PEFT: B = 0 by default).
-        It becomes active when no adapter is active."""
+        """New adapter with A/B initialized per config.init_lora_weights (PEFT: B = 0 by default) by the
+        engine from `seed` (None: a random one): the same seed gives the same factors and dropout
+        masks as the C API's qlora_adapter_add. It becomes active when no adapter is active."""
         if not isinstance(config, LoraConfig):
             raise ValueError(f"config must be a LoraConfig, got {type(config).__name__}")
-        self._add(self._new_adapter_name(name), config, None, np.random.default_rng(seed))
+        from .model import _int_arg
+
+        seed = int(np.random.default_rng().integers(0, 2**63)) if seed is None else _int_arg("seed", seed, 0, 2**64 - 1)
+        self._add(self._new_adapter_name(name), config, None, seed)
 
     def set_active_adapter(self, name: str | None) -> None:
         """Make `name` the adapter used by forward, generate and training (None: the base model).

@@ -1,5 +1,6 @@
 #include "model/lora_setup.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -15,6 +16,23 @@
 
 namespace qlora::model {
 
+void init_lora_factors(train::Philox& rng, LoraInit how, int64_t r, int64_t in, int64_t out, float* A, float* B) {
+  check_arg(r >= 1 && in >= 1 && out >= 1, "LoRA init: r, in_features and out_features must be >= 1");
+  const int64_t na = r * in, nb = out * r;
+  if (how == LoraInit::Gaussian) {
+    rng.fill_normal(A, na, 0.0f, static_cast<float>(1.0 / static_cast<double>(r)));
+  } else {
+    const float bound = 1.0f / std::sqrt(static_cast<float>(in));
+    rng.fill_uniform(A, na, -bound, bound);
+  }
+  if (how == LoraInit::LinearDefault) {
+    const float bound = 1.0f / std::sqrt(static_cast<float>(r));  // lora_B is nn.Linear(r, out)
+    rng.fill_uniform(B, nb, -bound, bound);
+  } else {
+    std::fill(B, B + nb, 0.0f);
+  }
+}
+
 std::unique_ptr<LoraAdapter> new_lora_adapter(LlamaModel& m, const LoraInitSpec& s) {
   check_arg(s.r >= 1, "LoRA r must be >= 1, got " + std::to_string(s.r));
   check_arg(std::isfinite(s.alpha) && s.alpha > 0.0f, "LoRA alpha must be finite and > 0");
@@ -27,16 +45,15 @@ std::unique_ptr<LoraAdapter> new_lora_adapter(LlamaModel& m, const LoraInitSpec&
   auto a = std::make_unique<LoraAdapter>();
   a->modules.resize(L * kNumProj);
   a->dropout = s.dropout, a->seed = s.seed;
-  train::Philox rng(s.seed ^ 0x9E3779B97F4A7C15ull);  // A init stream, distinct from the dropout key
+  train::Philox rng = lora_init_rng(s.seed);
   for (int64_t l = 0; l < L; ++l)
     for (int p = 0; p < kNumProj; ++p) {
       if (!(s.target_mask & (1u << p))) continue;
       const Linear& lin = proj(m.weights().layers[l], p);
       check_arg(s.r <= lin.in && s.r <= lin.out, "LoRA r exceeds a projection's dimensions");
-      const float bound = 1.0f / std::sqrt(static_cast<float>(lin.in));
       std::vector<float> A(static_cast<size_t>(s.r * lin.in));   // [r, in]
-      std::vector<float> B(static_cast<size_t>(lin.out * s.r), 0.0f);  // [out, r]
-      rng.fill_uniform(A.data(), static_cast<int64_t>(A.size()), -bound, bound);
+      std::vector<float> B(static_cast<size_t>(lin.out * s.r));  // [out, r]
+      init_lora_factors(rng, LoraInit::KaimingUniform, s.r, lin.in, lin.out, A.data(), B.data());
       a->modules[l * kNumProj + p] = make_lora_module(m.backend(), s.r, lin.in, lin.out, scaling, A.data(), B.data());
     }
   return a;

@@ -8,6 +8,7 @@
 
 #include "model/llama.hpp"
 #include "model/lora.hpp"
+#include "train/rng.hpp"
 
 namespace qlora::model {
 
@@ -26,6 +27,16 @@ struct LoraInitSpec {
 inline double lora_scaling(double alpha, int64_t r, bool rslora) {
   return rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / static_cast<double>(r);
 }
+
+// PEFT's reset_lora_parameters for one module [A r x in, B out x r], drawing from `rng` (A first,
+// then B): init_lora_weights=True (KaimingUniform: A ~ U(+-1/sqrt(in)), nn.Linear's default
+// kaiming_uniform(a=sqrt(5)); B = 0), "gaussian" (A ~ N(0, std 1/r); B = 0) or False (both keep
+// nn.Linear's default: A ~ U(+-1/sqrt(in)), B ~ U(+-1/sqrt(r))). The one init of both faces
+// (Python's LoraConfig.init_weights / add_adapter call it through _core.train.lora_init_factors).
+enum class LoraInit { KaimingUniform, Gaussian, LinearDefault };
+void init_lora_factors(train::Philox& rng, LoraInit how, int64_t r, int64_t in, int64_t out, float* A, float* B);
+// The init stream of an adapter created with `seed` (distinct from its dropout-mask key `seed`).
+inline train::Philox lora_init_rng(uint64_t seed) { return train::Philox(seed ^ 0x9E3779B97F4A7C15ull); }
 
 // PEFT default init (lora_config.init_weights, init_lora_weights=True): A ~ U(+-1/sqrt(in)) [r, in],
 // B = 0 [out, r], on every targeted projection of every layer. ValueError on a bad spec.
