@@ -201,13 +201,12 @@ int default_threads() {
   return std::min(physical_cores(), max_threads());
 }
 
-std::mutex g_pool_mu;
-Pool* g_pool = nullptr;  // leaked on purpose: joining threads at exit from static dtors can deadlock
-
+// Leaked on purpose: joining threads at exit from static dtors can deadlock. A function-local
+// static (not a mutex held around the constructor) so no lock is ever taken while the pool's
+// run_mu_ is held elsewhere (TSan reported the old g_pool_mu -> run_mu_ order as an inversion).
 Pool& pool() {
-  std::lock_guard<std::mutex> lk(g_pool_mu);
-  if (!g_pool) g_pool = new Pool(default_threads());
-  return *g_pool;
+  static Pool* const p = new Pool(default_threads());
+  return *p;
 }
 
 }  // namespace
