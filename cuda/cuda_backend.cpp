@@ -89,6 +89,9 @@ class CudaBackend final : public Backend {
     QLORA_CUDA_CHECK(cudaSetDevice(device_), "init");
     QLORA_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_), "init");
     QLORA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "init");
+    size_t free_b = 0, total_b = 0;
+    QLORA_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b), "init");
+    total_mem_ = static_cast<int64_t>(total_b);
   }
   ~CudaBackend() override {
     // Errors ignored: this may run at process exit, after the runtime has begun to unload.
@@ -98,6 +101,8 @@ class CudaBackend final : public Backend {
 
   std::string name() const override { return device_ == 0 ? "cuda" : "cuda:" + std::to_string(device_); }
   bool host_memory() const override { return false; }
+  int64_t memory_bytes() const override { return total_mem_; }
+  std::string memory_name() const override { return "the memory of GPU " + std::to_string(device_); }
   bool supports_op(const std::string& op) const override {
     const std::vector<std::string>& o = cuda_optional_ops();
     return is_core_op(op) || std::find(o.begin(), o.end(), op) != o.end();
@@ -295,6 +300,7 @@ class CudaBackend final : public Backend {
 
   int device_;
   int sm_count_ = 0;
+  int64_t total_mem_ = 0;
   cudaStream_t stream_ = nullptr;
 };
 

@@ -33,6 +33,11 @@ class Backend {
   // missing op of `ops` (a model calls it before uploading anything).
   void require_ops(const std::vector<std::string>& ops, const std::string& what) const;
 
+  // ---- the memory the backend's buffers come from: its size in bytes (0: unknown, nothing is
+  // checked) and how a message names it. Requests larger than it are refused up front (KV cache).
+  virtual int64_t memory_bytes() const { return 0; }
+  virtual std::string memory_name() const { return "this machine's memory"; }
+
   // ---- results that end in host memory (logits): compute into host_output_begin(dst, bytes)
   // and finish with host_output_end. A host-memory backend returns dst itself (no buffer, no
   // copy); the default stages in a device buffer that end downloads and frees. HostOutput below

@@ -1,4 +1,6 @@
 #pragma once
+#include <unistd.h>
+
 #include <algorithm>
 
 #include "backend.hpp"
@@ -17,6 +19,10 @@ class CpuBackend final : public Backend {
   bool supports_op(const std::string& op) const override {  // every op, at every SIMD level
     const std::vector<std::string>& all = all_ops();
     return std::find(all.begin(), all.end(), op) != all.end();
+  }
+  int64_t memory_bytes() const override {  // the machine's physical memory (0: unknown)
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+    return pages > 0 && page > 0 ? static_cast<int64_t>(pages) * page : 0;
   }
   void* host_output_begin(void* dst_host, size_t) override { return dst_host; }  // computed in place
   void host_output_end(void*, void*, size_t, bool) override {}

@@ -1,7 +1,5 @@
 #include "model/kv_cache.hpp"
 
-#include <unistd.h>
-
 #include <cstdio>
 
 #include "common/checked.hpp"
@@ -10,12 +8,6 @@
 namespace qlora::model {
 
 namespace {
-// Physical memory of the machine in bytes (0: unknown).
-int64_t physical_memory_bytes() {
-  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
-  return pages > 0 && page > 0 ? static_cast<int64_t>(pages) * page : 0;
-}
-
 std::string gib(int64_t bytes) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.1f GiB", static_cast<double>(bytes) / (1u << 30));
@@ -40,10 +32,10 @@ KvCache::KvCache(Backend& be, const LlamaConfig& cfg, int64_t batch, int64_t cap
   // Checked before any allocation: batch and capacity come from the caller (prompt count,
   // prompt length + max_new_tokens); a wrapped product would give a tiny cache written past.
   const int64_t need = bytes_needed(cfg, batch, capacity);
-  const int64_t ram = be.host_memory() ? physical_memory_bytes() : 0;
+  const int64_t ram = be.memory_bytes();
   check_arg(ram == 0 || need <= ram, "KV cache of batch " + std::to_string(batch) + " x capacity " +
                                          std::to_string(capacity) + " tokens needs " + gib(need) +
-                                         ", more than this machine's memory (" + gib(ram) +
+                                         ", more than " + be.memory_name() + " (" + gib(ram) +
                                          "): lower the batch or the number of tokens");
   key_mask_.assign(static_cast<size_t>(batch * capacity), 0);
   n_real_.assign(static_cast<size_t>(batch), 0);
