@@ -12,6 +12,7 @@
 #include "common/error.hpp"
 #include "cuda_backend.hpp"
 #include "cuda_check.hpp"
+#include "devsim_backend.hpp"
 #include "gemm.cuh"
 #include "nf4_dequant.cuh"
 #include "nf4_gemm.cuh"
@@ -67,13 +68,9 @@ void check_nf4(const char* op, const Nf4Ref& W) {
   }
 }
 
-// The optional ops (Backend::all_ops beyond the core) that have CUDA kernels.
-const std::vector<std::string>& cuda_optional_ops() {
-  static const std::vector<std::string> ops = {"q8_0_gemm_nt", "q8_0_rows", "embedding", "rmsnorm",
-                                               "add_inplace", "add_bias", "rope", "swiglu",
-                                               "kv_write", "attention", "rope_backward", "cross_entropy_rows"};
-  return ops;
-}
+// The optional ops (Backend::all_ops beyond the core) that have CUDA kernels: the table lives
+// in devsim_backend.cpp, shared with the cpu:devsim test backend that mirrors it.
+const std::vector<std::string>& cuda_optional_ops() { return cuda_kernel_ops(); }
 
 // Transformer-op argument checks: dimensions non-negative, row strides at least a row.
 void check_dims(const char* op, std::initializer_list<int64_t> dims) {

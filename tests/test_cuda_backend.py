@@ -261,7 +261,7 @@ def test_nf4_default_map_matches_cpu_oracle(ops, rng, M):
 # compared with a numpy float64 reference under a bound derived from fp32 rounding. The CPU
 # levels run everywhere (the harness itself is tested in CI); "cuda" skips without a GPU.
 
-HARNESS_BACKENDS = ["cpu:scalar", "cpu", "cuda"]
+HARNESS_BACKENDS = ["cpu:scalar", "cpu", "cpu:devsim", "cuda"]
 
 
 def _be(name):
@@ -535,6 +535,10 @@ def test_backend_ops_table(capsys):
     assert _core.backend_ops("cpu") == all_ops and len(set(all_ops)) == len(all_ops)
     for op in ("embedding", "attention", "rmsnorm", "q8_0_gemm_nt", "lora_segments_many", "host_output"):
         assert op in all_ops
+    devsim = _core.backend_ops("cpu:devsim")  # mirrors the CUDA table (a CPU build knows it too)
+    assert "embedding" in devsim and "attention_train" not in devsim and "cpu:devsim" not in _core.available_backends()
+    if _core.cuda_compiled():
+        assert _core.backend_ops("cuda") == devsim
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert f"ops cpu        : {len(all_ops)} of {len(all_ops)}: " in out
@@ -553,22 +557,25 @@ def test_backend_ops_table(capsys):
 # ------------------------------------------------------------------ end to end: tiny model cuda vs cpu
 
 
-@needs_gpu
+@pytest.mark.parametrize("device", ["cpu:devsim", "cuda"])
 @pytest.mark.parametrize("quantize", ["nf4", None])
-def test_tiny_model_cuda_matches_cpu(tmp_path, rng, quantize):
-    """Logits of a tiny random Llama (GQA, biases off) on CUDA vs the CPU backend, fp32 compute:
-    fp32 rounding differences only; greedy generation token-identical."""
+def test_tiny_model_device_matches_cpu(tmp_path, rng, quantize, device):
+    """Logits of a tiny random Llama (GQA, biases off) on a device backend vs the CPU backend, fp32
+    compute: fp32 rounding differences only; greedy generation token-identical. "cpu:devsim" runs
+    the CPU kernels behind a device face (host_memory() false, CUDA's op table), so the device
+    paths of the model (uploads, staged logits, downloads) run in CI without a GPU."""
     from helpers_model import make_checkpoint
 
+    _be(device)
     path, cfg, _ = make_checkpoint(tmp_path, rng, vocab=97, hidden=64, inter=96, layers=2, heads=4, kv_heads=2)
     cpu = qlora_native.Model.from_pretrained(path, quantize=quantize, backend="cpu", tokenizer=None)
-    gpu = qlora_native.Model.from_pretrained(path, quantize=quantize, backend="cuda", tokenizer=None)
+    gpu = qlora_native.Model.from_pretrained(path, quantize=quantize, backend=device, tokenizer=None)
     ids = rng.integers(1, 97, size=(2, 11)).astype(np.int32)
     mask = np.ones_like(ids)
     mask[1, :3] = 0  # left padding
     lc = np.asarray(cpu(ids, attention_mask=mask), np.float64)
     lg = np.asarray(gpu(ids, attention_mask=mask), np.float64)
     scale = np.abs(lc).max()
-    assert np.abs(lg - lc)[mask.astype(bool)].max() <= 2e-4 * scale, "cuda logits differ from cpu"
+    assert np.abs(lg - lc)[mask.astype(bool)].max() <= 2e-4 * scale, f"{device} logits differ from cpu"
     prompts = [list(map(int, ids[0])), list(map(int, ids[1, 3:]))]
     assert gpu.generate(prompts, 12, eos_token_id=None) == cpu.generate(prompts, 12, eos_token_id=None)

@@ -7,6 +7,7 @@
 #include "common/error.hpp"
 #include "cpu/cpu_backend.hpp"
 #include "cpu/features.hpp"
+#include "devsim_backend.hpp"
 
 #ifdef QLORA_HAVE_CUDA
 #include "cuda_backend.hpp"
@@ -66,12 +67,19 @@ void Backend::require_ops(const std::vector<std::string>& ops, const std::string
 }
 
 Backend& get_backend(const std::string& name) {
-  std::lock_guard<std::mutex> lk(g_mu);
+  std::unique_lock<std::mutex> lk(g_mu);
   auto it = g_backends.find(name);
   if (it != g_backends.end()) return *it->second;
   std::unique_ptr<Backend> b;
   if (name == "cpu") {
     b = std::make_unique<cpu::CpuBackend>(cpu::best_simd_level(), /*follow_active=*/true);
+  } else if (name == "cpu:devsim") {  // test backend: CPU kernels behind a device-backend face
+    lk.unlock();
+    Backend& cpu = get_backend("cpu");
+    lk.lock();
+    it = g_backends.find(name);
+    if (it != g_backends.end()) return *it->second;
+    b = make_devsim_backend(cpu);
   } else if (name.rfind("cpu:", 0) == 0) {
     cpu::SimdLevel level = cpu::simd_level_from_name(name.substr(4));
     check_arg(cpu::simd_level_supported(level), "backend '" + name + "': this CPU does not support that SIMD level");

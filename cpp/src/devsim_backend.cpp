@@ -1,0 +1,104 @@
+#include "devsim_backend.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+namespace qlora {
+
+const std::vector<std::string>& cuda_kernel_ops() {
+  static const std::vector<std::string> ops = {"q8_0_gemm_nt", "q8_0_rows", "embedding", "rmsnorm",
+                                               "add_inplace", "add_bias", "rope", "swiglu",
+                                               "kv_write", "attention", "rope_backward", "cross_entropy_rows"};
+  return ops;
+}
+
+namespace {
+
+class DevsimBackend final : public Backend {
+ public:
+  explicit DevsimBackend(Backend& cpu) : c_(cpu) {}
+  std::string name() const override { return "cpu:devsim"; }
+  bool host_memory() const override { return false; }
+  bool supports_op(const std::string& op) const override {
+    const std::vector<std::string>& o = cuda_kernel_ops();
+    return is_core_op(op) || std::find(o.begin(), o.end(), op) != o.end();
+  }
+  void* alloc(size_t bytes) override { return c_.alloc(bytes); }
+  void free(void* p) override { c_.free(p); }
+  void upload(void* dst, const void* src, size_t bytes) override { c_.upload(dst, src, bytes); }
+  void download(void* dst, const void* src, size_t bytes) override { c_.download(dst, src, bytes); }
+  void synchronize() override {}
+
+  void gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
+               float beta, float* C, int64_t ldc) override {
+    c_.gemm_nt(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+  void gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
+               float beta, float* C, int64_t ldc) override {
+    c_.gemm_nn(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+  void gemm_tn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
+               float beta, float* C, int64_t ldc) override {
+    c_.gemm_tn(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+  void nf4_gemm_nt(int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W, float beta, float* Y,
+                   int64_t ldy) override {
+    c_.nf4_gemm_nt(M, alpha, X, ldx, W, beta, Y, ldy);
+  }
+  void nf4_gemm_nn(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W, float beta, float* dX,
+                   int64_t lddx) override {
+    c_.nf4_gemm_nn(M, alpha, dY, lddy, W, beta, dX, lddx);
+  }
+  void nf4_dequantize(const Nf4Ref& W, float* out) override { c_.nf4_dequantize(W, out); }
+
+  void q8_0_gemm_nt(int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const void* W, float* Y,
+                    int64_t ldy) override {
+    c_.q8_0_gemm_nt(M, N, K, X, ldx, W, Y, ldy);
+  }
+  void q8_0_rows(int64_t M, int64_t K, const void* W, const int32_t* ids, float* out) override {
+    c_.q8_0_rows(M, K, W, ids, out);
+  }
+  void embedding(int64_t M, int64_t D, const float* table, const int32_t* ids, float* out) override {
+    c_.embedding(M, D, table, ids, out);
+  }
+  void rmsnorm(int64_t M, int64_t D, const float* x, const float* w, float eps, float* out) override {
+    c_.rmsnorm(M, D, x, w, eps, out);
+  }
+  void add_inplace(int64_t n, const float* x, float* y) override { c_.add_inplace(n, x, y); }
+  void add_bias(int64_t M, int64_t N, const float* bias, float* y, int64_t ldy) override {
+    c_.add_bias(M, N, bias, y, ldy);
+  }
+  void rope(int64_t M, int64_t H, int64_t hd, float* x, int64_t ldx, const int32_t* pos, const float* inv) override {
+    c_.rope(M, H, hd, x, ldx, pos, inv);
+  }
+  void rope_backward(int64_t M, int64_t H, int64_t hd, float* x, int64_t ldx, const int32_t* pos,
+                     const float* inv) override {
+    c_.rope_backward(M, H, hd, x, ldx, pos, inv);
+  }
+  void swiglu(int64_t M, int64_t N, const float* g, int64_t ldg, const float* u, int64_t ldu, float* o,
+              int64_t ldo) override {
+    c_.swiglu(M, N, g, ldg, u, ldu, o, ldo);
+  }
+  void kv_write(int64_t B, int64_t T, int64_t H, int64_t hd, const float* x, int64_t ldx, float* cache, int64_t S_cap,
+                int64_t start) override {
+    c_.kv_write(B, T, H, hd, x, ldx, cache, S_cap, start);
+  }
+  void attention(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q, int64_t ldq,
+                 const float* k, const float* v, int64_t S_cap, int64_t start, const int32_t* key_mask, float scale,
+                 float* out, int64_t ldo) override {
+    c_.attention(B, T, Hq, Hkv, hd, q, ldq, k, v, S_cap, start, key_mask, scale, out, ldo);
+  }
+  void cross_entropy_rows(int64_t M, int64_t V, float* logits, int64_t ldl, const int32_t* labels, float grad_scale,
+                          bool want_grad, float* loss) override {
+    c_.cross_entropy_rows(M, V, logits, ldl, labels, grad_scale, want_grad, loss);
+  }
+
+ private:
+  Backend& c_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_devsim_backend(Backend& cpu) { return std::make_unique<DevsimBackend>(cpu); }
+
+}  // namespace qlora
