@@ -443,7 +443,7 @@ def test_real_model_resume_equals_uninterrupted(tmp_path, rng, dropout):
         pytest.xfail("the model's LoRA dropout position (micro_step) is not exposed for checkpoints")
     a = args_for(tmp_path / "part", **kw)
     part = load()
-    part.optimizer_step = _real_dies_after(part, 4)
+    part.train_step = _real_dies_after(part, 4)
     with pytest.raises(KeyboardInterrupt):
         Trainer(part, cfg, ex, ev, a).train()
     resumed = load()
@@ -459,13 +459,14 @@ def test_real_model_resume_equals_uninterrupted(tmp_path, rng, dropout):
 
 
 def _real_dies_after(model, n):
-    orig, count = model.optimizer_step, {"k": 0}
+    """model.train_step (the Trainer's optimizer step on a qlora_native.Model) interrupted at step n + 1."""
+    orig, count = model.train_step, {"k": 0}
 
-    def step(lr=None):
+    def step(*a, **kw):
         if count["k"] == n:
             raise KeyboardInterrupt()
         count["k"] += 1
-        orig(lr=lr)
+        return orig(*a, **kw)
     return step
 
 
@@ -538,3 +539,46 @@ def test_rows_beyond_context_length_refused_up_front(tmp_path, rng):
     m2 = FakeModel()
     m2.config = types.SimpleNamespace(max_position_embeddings=longest)
     Trainer(m2, LoraConfig(r=4), ex, None, args_for(tmp_path))
+
+
+class _NoTrainStep:
+    """A qlora_native.Model seen without train_step: the Trainer drives it call by call."""
+
+    def __init__(self, m):
+        self.__dict__["_m"] = m
+
+    def __getattr__(self, k):
+        if k == "train_step":
+            raise AttributeError(k)
+        return getattr(self._m, k)
+
+    def __setattr__(self, k, v):
+        setattr(self._m, k, v)
+
+
+def test_model_steps_run_the_engine_step(tmp_path, monkeypatch):
+    """With a qlora_native.Model the Trainer's optimizer step is the engine's (Model.train_step ->
+    lora_setup.cpp lora_train_step, the C API's qlora_train_step rule): accumulation weights, clipping,
+    AdamW and dropout give the very bits of the call-by-call sequence."""
+    from helpers_save_kill import examples, make_base
+
+    from qlora_native import Model
+
+    base = make_base(tmp_path / "base")
+    calls = []
+    real = Model.train_step
+    monkeypatch.setattr(Model, "train_step", lambda self, *a, **k: calls.append(len(a[0])) or real(self, *a, **k))
+    out = {}
+    for engine in (True, False):
+        m = Model.from_pretrained(base, quantize="nf4", tokenizer=None)
+        args = args_for(tmp_path / str(engine), max_steps=3, per_device_train_batch_size=2,
+                        gradient_accumulation_steps=2, max_grad_norm=0.05, learning_rate=5e-3)
+        cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear")
+        Trainer(m if engine else _NoTrainStep(m), cfg, examples(), None, args).train()
+        out[engine] = (m.get_adapter_state_dict(), [(r["loss"], r["grad_norm"]) for r in read_log(args)
+                                                     if "loss" in r])
+    assert calls == [2, 2, 2]  # the engine path ran, two micro-batches a step
+    assert out[True][1] == out[False][1] and len(out[True][1]) == 3
+    assert any(n > 0.05 for _, n in out[True][1])  # clipping was exercised
+    for k, v in out[True][0].items():
+        np.testing.assert_array_equal(v, out[False][0][k], err_msg=k)

@@ -10,11 +10,13 @@
 #include <functional>
 #include <cmath>
 #include <memory>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "common/error.hpp"
+#include "model/lora_setup.hpp"
 #include "train/grad_utils.hpp"
 
 namespace qlora::py_bind {
@@ -194,6 +196,39 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
           py::arg("input_ids"), py::arg("attention_mask"), py::arg("labels"), py::arg("grad_scale"),
           py::arg("training") = true, py::arg("checkpointing") = true,
           "labels already shifted; returns (loss_sum, count, peak_train_bytes)")
+      .def(
+          "lora_train_step",
+          [](LlamaModel& self, const py::list& micro, double lr, double max_grad_norm, bool training,
+             bool checkpointing) {
+            std::vector<I32Array> keep;  // the arrays stay alive while the GIL is released
+            std::vector<model::MicroBatch> mbs;
+            for (py::handle h : micro) {
+              auto [ids, mask, labels, count] =
+                  h.cast<std::tuple<I32Array, std::optional<I32Array>, I32Array, int64_t>>();
+              auto [B, T] = shape2(ids, "input_ids");
+              check_arg(labels.ndim() == 2 && labels.shape(0) == B && labels.shape(1) == T,
+                        "labels shape must equal input_ids shape");
+              if (mask)
+                check_arg(mask->ndim() == 2 && mask->shape(0) == B && mask->shape(1) == T,
+                          "attention_mask shape must equal input_ids shape");
+              mbs.push_back({ids.data(), mask ? mask->data() : nullptr, labels.data(), B, T, count});
+              keep.push_back(ids), keep.push_back(labels);
+              if (mask) keep.push_back(*mask);
+            }
+            model::TrainStepResult r;
+            {
+              py::gil_scoped_release nogil;
+              r = model::lora_train_step(self, mbs, lr, max_grad_norm, training, checkpointing);
+            }
+            py::dict d;
+            d["loss"] = r.loss, d["grad_norm"] = r.norm, d["count"] = r.count, d["stepped"] = r.stepped;
+            d["peak_train_bytes"] = r.peak_train_bytes, d["bad_micro"] = r.bad_micro, d["bad_loss"] = r.bad_loss;
+            return d;
+          },
+          py::arg("micro"), py::arg("lr"), py::arg("max_grad_norm"), py::arg("training") = true,
+          py::arg("checkpointing") = true,
+          "One optimizer step over micro-batches [(ids, mask|None, shifted labels, count)] (lora_setup.cpp "
+          "lora_train_step, the C API's step rule).")
       .def(
           "eval_loss",
           [](LlamaModel& self, const I32Array& ids, const std::optional<I32Array>& mask, const I32Array& labels) {

@@ -327,6 +327,31 @@ class LoraModelMixin:
         self.last_train_peak_bytes = int(peak)
         return loss_sum / count
 
+    def train_step(self, micro_batches, lr: float | None = None, max_grad_norm: float | None = None, *,
+                   training: bool | None = None) -> dict:
+        """One optimizer step of the active adapter over micro-batches [(input_ids, labels, attention_mask)]
+        (gradient accumulation), by the engine's step rule (lora_setup.cpp lora_train_step, which the C
+        API's qlora_train_step runs too): zero the gradients, each micro-batch's loss weighted by its
+        share of the step's counted tokens (the gradient of the mean loss over all of them), clip to
+        max_grad_norm (None / 0: no clipping), AdamW with lr (default: configure_optimizer's). A
+        non-finite micro-batch loss or gradient norm stops before the optimizer step. Returns
+        {"loss", "grad_norm" (before clipping), "count", "stepped", "bad_micro" (-1 or the micro-batch
+        with a non-finite loss), "bad_loss", "peak_train_bytes"}."""
+        name = self._check_adapter(None)
+        if name not in self._lora_lr:
+            raise ValueError(f"adapter {name!r}: call configure_optimizer first")
+        lr = self._lora_lr[name] if lr is None else lr
+        self._check_lr(lr)
+        micro = []
+        for ids, labels, mask in micro_batches:
+            ids, shifted, mask, count = self._train_inputs(ids, labels, mask)
+            micro.append((ids, mask, shifted, count))
+        train = self.training if training is None else bool(training)
+        clip = float(max_grad_norm) if max_grad_norm else math.inf
+        r = dict(self._core.lora_train_step(micro, float(lr), clip, train, bool(self.gradient_checkpointing)))
+        self.last_train_peak_bytes = int(r["peak_train_bytes"])
+        return r
+
     def eval_loss(self, input_ids, labels, attention_mask=None) -> tuple[float, int]:
         """(loss_sum, count) over tokens with label != -100, with the active adapter, no dropout, no grads."""
         ids, shifted, mask, _ = self._train_inputs(input_ids, labels, attention_mask)

@@ -252,6 +252,39 @@ class Trainer:
             e, b = e + 1, 0
 
     # ------------------------------------------------------------ model calls
+    def _step(self, micro, counts, lr, step, epoch, b0) -> tuple[float, float]:
+        """One optimizer step over `micro`: (mean loss, pre-clip gradient norm). qlora_native.Model runs
+        the engine's step (Model.train_step: the C API's rule, one implementation); other models are
+        driven through zero_grad / forward_backward(grad_scale=) / clip_grad_norm / optimizer_step in
+        the same order."""
+        a = self.args
+        if hasattr(self.model, "train_step") and not a.packing:
+            r = self.model.train_step([(m["input_ids"], m["labels"], m["attention_mask"]) for m in micro], lr=lr,
+                                      max_grad_norm=a.max_grad_norm)
+            if r["bad_micro"] >= 0:
+                i = int(r["bad_micro"])
+                raise TrainingError(f"step {step}: non-finite loss ({r['bad_loss']}) on micro-batch {i} "
+                                    f"(epoch {epoch}, batch {b0 + i})")
+            step_loss, norm = float(r["loss"]), float(r["grad_norm"])
+        else:
+            N = sum(counts)
+            self.model.zero_grad()
+            step_loss = 0.0
+            for i, (m, n) in enumerate(zip(micro, counts)):
+                if n == 0:
+                    continue
+                loss = self._fb(m, n / N)
+                if not math.isfinite(loss):
+                    raise TrainingError(f"step {step}: non-finite loss ({loss}) on micro-batch {i} "
+                                        f"(epoch {epoch}, batch {b0 + i})")
+                step_loss += loss * n / N
+            norm = float(self.model.clip_grad_norm(float(a.max_grad_norm) if a.max_grad_norm else math.inf))
+            if math.isfinite(norm):
+                self.model.optimizer_step(lr=lr)
+        if not math.isfinite(norm):  # the step was not taken
+            raise TrainingError(f"step {step}: non-finite gradient norm ({norm}) (epoch {epoch}, batch {b0})")
+        return step_loss, norm
+
     def _fb(self, batch, scale):
         kw = {"attention_mask": batch["attention_mask"]}
         if self._fb_scale is not None:
@@ -322,22 +355,9 @@ class Trainer:
                 lr = self.lr_at(self.global_step)
                 counts = [_counted(m["labels"]) for m in micro]
                 N = sum(counts)
-                self.model.zero_grad()
-                step_loss = 0.0
-                for i, (m, n) in enumerate(zip(micro, counts)):
-                    if n == 0:
-                        continue
-                    loss = self._fb(m, n / N)
-                    if not math.isfinite(loss):
-                        raise TrainingError(f"step {step}: non-finite loss ({loss}) on micro-batch {i} "
-                                            f"(epoch {epoch}, batch {b0 + i})")
-                    step_loss += loss * n / N
                 if N == 0:
                     raise TrainingError(f"step {step}: no counted tokens (epoch {epoch}, batch {b0})")
-                norm = float(self.model.clip_grad_norm(float(a.max_grad_norm) if a.max_grad_norm else math.inf))
-                if not math.isfinite(norm):
-                    raise TrainingError(f"step {step}: non-finite gradient norm ({norm}) (epoch {epoch}, batch {b0})")
-                self.model.optimizer_step(lr=lr)
+                step_loss, norm = self._step(micro, counts, lr, step, epoch, b0)
                 self.global_step = step
                 self.epoch, self.batch_in_epoch = epoch, b0 + len(micro)
                 ntok = int(sum(int(m["attention_mask"].sum()) for m in micro))

@@ -78,17 +78,49 @@ double lora_train_step(LlamaModel& m, const int32_t* ids, const int32_t* labels,
       if (t > 0 && v != -100) shifted[b * T + t - 1] = v, ++count;
     }
   check_arg(count > 0, "no label to train on (all -100 after the shift)");
+  const TrainStepResult r = lora_train_step(m, {{ids, nullptr, shifted.data(), B, T, count}}, lr, max_grad_norm, true, true);
+  check_arg(r.stepped, "non-finite loss or gradient norm: the optimizer step was not taken");
+  return r.loss;
+}
+
+TrainStepResult lora_train_step(LlamaModel& m, const std::vector<MicroBatch>& micro, double lr, double max_grad_norm,
+                                bool training, bool checkpointing) {
+  const LlamaModel::AdapterRef ap = m.active_adapter();  // held for the whole step
+  check_arg(ap != nullptr, "no active LoRA adapter: add one first");
+  LoraAdapter& a = *ap;
+  check_arg(a.opt != nullptr, "the optimizer is not configured: call configure_optimizer first");
+  check_arg(std::isfinite(lr) && lr >= 0.0, "lr must be finite and >= 0");
+  check_arg(!std::isnan(max_grad_norm), "max_grad_norm is NaN");
+  TrainStepResult out;
+  for (const MicroBatch& mb : micro) out.count += mb.count;
+  check_arg(out.count > 0, "no counted tokens in the step's micro-batches");
+  const double N = static_cast<double>(out.count);
   zero_lora_grads(m.backend(), a);
-  auto r = m.forward_backward(ids, nullptr, shifted.data(), B, T, 1.0f / static_cast<float>(count), true, true);
-  std::vector<train::ParamRef> g = a.grads(m.backend());
-  if (max_grad_norm > 0.0) {
-    check_arg(m.backend().host_memory(), "gradient clipping is implemented for host-memory (CPU) backends only");
-    train::clip_grad_norm(g, max_grad_norm);
+  for (size_t i = 0; i < micro.size(); ++i) {
+    const MicroBatch& mb = micro[i];
+    if (mb.count == 0) continue;
+    const double n = static_cast<double>(mb.count);
+    const auto r = m.forward_backward(mb.ids, mb.mask, mb.labels, mb.B, mb.T, static_cast<float>(n / N / n), training,
+                                      checkpointing);
+    check_arg(r.count == mb.count, "micro-batch " + std::to_string(i) + ": counted " + std::to_string(r.count) +
+                                       " labels, expected " + std::to_string(mb.count));
+    out.peak_train_bytes = std::max(out.peak_train_bytes, r.peak_train_bytes);
+    const double loss = r.loss_sum / n;
+    if (!std::isfinite(loss)) {
+      out.bad_micro = static_cast<int>(i), out.bad_loss = loss;
+      return out;
+    }
+    out.loss += loss * n / N;
   }
+  std::vector<train::ParamRef> g = a.grads(m.backend());
+  check_arg(m.backend().host_memory(), "gradient clipping is implemented for host-memory (CPU) backends only");
+  out.norm = train::clip_grad_norm(g, max_grad_norm > 0.0 ? max_grad_norm : INFINITY);
+  if (!std::isfinite(out.norm)) return out;
   std::vector<train::GradRef> gr;
   for (const auto& p : g) gr.push_back({p.data, p.numel});
   a.opt->step(gr, lr);
-  return r.loss_sum / static_cast<double>(r.count);
+  out.stepped = true;
+  return out;
 }
 
 void save_lora_adapter(LlamaModel& m, const LoraAdapter& a, const LoraInitSpec& s, const std::string& dir) {

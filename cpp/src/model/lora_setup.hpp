@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "model/llama.hpp"
 #include "model/lora.hpp"
@@ -41,6 +42,32 @@ inline train::Philox lora_init_rng(uint64_t seed) { return train::Philox(seed ^ 
 // PEFT default init (lora_config.init_weights, init_lora_weights=True): A ~ U(+-1/sqrt(in)) [r, in],
 // B = 0 [out, r], on every targeted projection of every layer. ValueError on a bad spec.
 std::unique_ptr<LoraAdapter> new_lora_adapter(LlamaModel& m, const LoraInitSpec& s);
+
+// One optimizer step of the active adapter over micro-batches (gradient accumulation), the one
+// step rule of both faces (Python's Trainer through Model.train_step, the C API's
+// qlora_train_step): zero the gradients; forward_backward of each micro-batch with grad scale
+// (n_i / N) / n_i (N = counted tokens of all micro-batches: the gradient of the mean loss over
+// every counted token, transformers' num_items_in_batch rule); clip_grad_norm to max_grad_norm
+// (<= 0 or inf: none; the pre-clip norm is returned); AdamW step with lr. A non-finite micro-batch
+// loss or gradient norm stops before the optimizer step (stepped = false, bad_micro says which).
+struct MicroBatch {
+  const int32_t* ids;     // [B, T]
+  const int32_t* mask;    // [B, T] or null
+  const int32_t* labels;  // [B, T], already shifted (labels[b, t] is the target of position t)
+  int64_t B, T;
+  int64_t count;  // labels != -100
+};
+struct TrainStepResult {
+  double loss = 0.0;    // mean loss over the step's counted tokens
+  double norm = 0.0;    // global gradient norm before clipping
+  int64_t count = 0;    // N
+  size_t peak_train_bytes = 0;
+  bool stepped = false;
+  int bad_micro = -1;   // the micro-batch with a non-finite loss (then bad_loss)
+  double bad_loss = 0.0;
+};
+TrainStepResult lora_train_step(LlamaModel& m, const std::vector<MicroBatch>& micro, double lr, double max_grad_norm,
+                                bool training, bool checkpointing);
 
 // One optimizer step on the active adapter (its AdamW must be configured): zero grads,
 // forward_backward of the mean causal-LM loss (labels [B, T] unshifted, transformers
