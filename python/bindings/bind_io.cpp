@@ -280,7 +280,9 @@ void bind_io(py::module_& m) {
           const std::string tail = " '" + e.path + "': " + e.reason;
           if (msg.size() > tail.size() && msg.compare(msg.size() - tail.size(), tail.size(), tail) == 0)
             msg.resize(msg.size() - tail.size());
-          py::object exc = py::reinterpret_borrow<py::object>(PyExc_OSError)(e.err, msg, e.path);
+          const bool named = msg.find("'" + e.path + "'") != std::string::npos;  // else OSError appends it
+          py::object exc = named ? py::reinterpret_borrow<py::object>(PyExc_OSError)(e.err, msg)
+                                 : py::reinterpret_borrow<py::object>(PyExc_OSError)(e.err, msg, e.path);
           PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
           throw py::error_already_set();
         }

@@ -572,7 +572,7 @@ PeftRead read_peft_adapter(const std::string& dir, const PeftReadOptions& opt) {
   struct stat st {};
   const std::string holds = "(a PEFT adapter directory holds adapter_config.json and adapter_model.safetensors)";
   if (::stat(dir.c_str(), &st) != 0) file_error(errno, dir, api + ": the adapter directory does not exist");
-  if (!S_ISDIR(st.st_mode)) file_error(ENOTDIR, dir, api + ": not an adapter directory " + holds);
+  if (!S_ISDIR(st.st_mode)) file_error(ENOTDIR, dir, api + ": '" + dir + "' is a file, not an adapter directory " + holds);
   const std::string cfg_path = (fs::path(dir) / "adapter_config.json").string();
   const std::string w_path = (fs::path(dir) / "adapter_model.safetensors").string();
   const std::string where = api + "(" + dir + ")";
