@@ -104,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .cli_common import MODEL_HELP, HelpFormatter
 
-    p = argparse.ArgumentParser(prog="qlora-native", description="QLoRA engine: NF4 base, LoRA adapters, no PyTorch.")
+    p = argparse.ArgumentParser(
+        prog="qlora-native", description="QLoRA engine: NF4 base, LoRA adapters, no PyTorch.",
+        epilog="C/C++ apps: `python -m qlora_native --cmake-dir` (or --include-dir, --lib-dir) prints where the "
+        "installed CMake package, headers and libqlora are.")
     p.add_argument("--version", action="version", version=f"qlora-native {__version__}")
     p.add_argument("--debug", action="store_true", help=f"show the traceback of an error (or set {DEBUG_ENV}=1)")
     sub = p.add_subparsers(dest="command", required=True)
