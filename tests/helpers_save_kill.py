@@ -6,16 +6,21 @@ For each SCENARIO:MODE, in R = ROOT/SCENARIO-MODE: writes a tiny random checkpoi
 reference saves R/ref_old and R/ref_new (the old save, then the old save overwritten by the new
 one, no kill), then for k = 1..N, with N
 the number of filesystem mutations the new save makes under its trial directory (renames, removes,
-mkdirs, opens for writing, rmtree, renameat2 exchanges, seen through a sys.addaudithook), a trial
-directory R/tK holding the old save and a new save killed with SIGKILL just before mutation k.
+mkdirs, opens for writing, rmtree, renameat2 exchanges, seen through a sys.addaudithook) plus the
+number of fault points the engine's writers reach (adapter saves are C++, cpp/src/io/adapter_write.cpp:
+every step of io::DirSaver has a test_fault point, and QLORA_TEST_FAULT=#j kills at the j-th one), a
+trial directory R/tK holding the old save and a new save killed with SIGKILL just before step k
+(k <= Python's count: the k-th Python mutation; after it: C++ fault point k - that count).
 Every save runs in a forked child of this single-threaded process (cheap: no re-import). Prints
-{"spec", "events": N, "killed": [k whose child died of SIGKILL], "other": [[k, status], ...]} as JSON.
-MODE rename disables renameat2, so directory swaps take the two-rename path.
+{"spec", "events": N, "py_events", "cpp_points", "killed": [k whose child died of SIGKILL],
+"other": [[k, status], ...]} as JSON. MODE rename disables renameat2 (Python's and, through
+QLORA_TEST_NO_EXCHANGE, the engine's), so directory swaps take the two-rename path.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -159,33 +164,59 @@ def no_fsync() -> None:
     os.fsync = lambda fd: None
 
 
+def _cpp_fault(fn, j: int):
+    def go():
+        os.environ["QLORA_TEST_FAULT"] = f"#{j}"  # the engine reads it at each fault point
+        fn()
+    return go
+
+
 def run(scenario: str, root: Path, mode: str) -> dict:
     atomic_io._renameat2 = _RENAMEAT2 if mode == "exchange" else None
+    if mode == "exchange":
+        os.environ.pop("QLORA_TEST_NO_EXCHANGE", None)
+    else:
+        os.environ["QLORA_TEST_NO_EXCHANGE"] = "1"
     base = make_base(root / "base")
     fn = SCENARIOS[scenario]
 
-    def trial(d: Path, kill_at: int | None):
+    def trial(d: Path, kill_at: int | None, cpp_fault: int = 0):
         d.mkdir(parents=True)
         st, _ = in_child(lambda: fn(d, base, False))
         assert st == 0, f"old save failed: {st}"
+        new = lambda: fn(d, base, True)  # noqa: E731
+        if cpp_fault:
+            return in_child(_cpp_fault(new, cpp_fault))
         if kill_at is None:
-            return in_child(lambda: fn(d, base, True))
-        return in_child(lambda: fn(d, base, True), d, kill_at)
+            return in_child(new)
+        return in_child(new, d, kill_at)
 
     st, _ = in_child(lambda: (root / "ref_old").mkdir() or fn(root / "ref_old", base, False))
     assert st == 0
     st, _ = trial(root / "ref_new", None)
     assert st == 0
-    st, n = trial(root / "count", 0)
-    assert st == 0 and n > 0, (st, n)
+    st, n_py = trial(root / "count", 0)
+    assert st == 0, st
     killed, other = [], []
-    for k in range(1, n + 1):
+    for k in range(1, n_py + 1):
         st, _ = trial(root / f"t{k}", k)
         if os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGKILL:
             killed.append(k)
         else:
             other.append([k, st])
-    return {"events": n, "killed": killed, "other": other}
+    j = 0  # the engine's fault points, one after the other until a save runs through
+    while j < 500:
+        j += 1
+        st, _ = trial(root / f"t{n_py + j}", None, j)
+        if not (os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGKILL):
+            assert st == 0, f"new save failed: {st}"
+            shutil.rmtree(root / f"t{n_py + j}")
+            j -= 1
+            break
+        killed.append(n_py + j)
+    n = n_py + j
+    assert n > 0
+    return {"events": n, "py_events": n_py, "cpp_points": j, "killed": killed, "other": other}
 
 
 _RENAMEAT2 = atomic_io._renameat2

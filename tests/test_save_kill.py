@@ -1,5 +1,6 @@
 """kill -9 at every filesystem mutation of each multi-file save (save_adapter, save_pretrained, the
-Trainer's checkpoints incl. re-saving checkpoint-N, and its final adapter): the directory under the
+Trainer's checkpoints incl. re-saving checkpoint-N, and its final adapter) -- Python's (an audit hook)
+and the engine's adapter writer's (its QLORA_TEST_FAULT points): the directory under the
 final name is, once a loader has looked at it, the complete old or the complete new save (compared
 byte for byte with unkilled reference saves, and loadable), and the next save removes every leftover.
 
@@ -111,6 +112,8 @@ def test_kill9_leaves_old_or_new_and_next_save_cleans(sweep, spec, monkeypatch):
     R = root / f"{scenario}-{mode}"
     base, fn = R / "base", hk.SCENARIOS[scenario]
     monkeypatch.setattr(atomic_io, "_renameat2", atomic_io._renameat2 if mode == "exchange" else None)
+    if mode == "rename":
+        monkeypatch.setenv("QLORA_TEST_NO_EXCHANGE", "1")  # the engine's writer too
     tried = clean = lost = recovered = 0
     seen = set()
     bad = []
@@ -134,9 +137,12 @@ def test_kill9_leaves_old_or_new_and_next_save_cleans(sweep, spec, monkeypatch):
             clean += 1
         else:
             bad.append((k, left, after))
-    print(f"\nkill -9 {spec}: tried {tried} / clean {clean} / lost {lost} / recovered {recovered}")
+    print(f"\nkill -9 {spec}: tried {tried} ({r['py_events']} Python steps, {r['cpp_points']} engine fault points)"
+          f" / clean {clean} / lost {lost} / recovered {recovered}")
     assert not bad, bad[:3]
     assert r["events"] >= 4 and r["killed"] == list(range(1, r["events"] + 1)), r  # every kill point was hit
     assert seen == {"old", "new"}, seen  # the sweep did catch saves before and after their commit
+    if scenario.startswith("adapter") or scenario == "trainer":  # adapters are written by the engine
+        assert r["cpp_points"] >= 4, r
     if mode == "rename" or scenario.endswith("_shared") or scenario == "trainer":
         assert recovered > 0  # some kills fell between the renames / in the roll-forward

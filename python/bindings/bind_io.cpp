@@ -8,6 +8,7 @@
 #include "api/peft_adapter.hpp"
 #include "bindings.hpp"
 #include "common/error.hpp"
+#include "io/adapter_write.hpp"
 #include "io/mapped_file.hpp"
 #include "io/safetensors.hpp"
 #include "json/json.hpp"
@@ -117,7 +118,30 @@ json::Value from_python(py::handle o, size_t depth) {
                    std::string(py::str(py::type::handle_of(o).attr("__name__"))));
 }
 
-
+// [(name, dtype name, shape, uint8 C-contiguous array)] -> TensorToWrite; `keep` owns the buffers.
+std::vector<io::TensorToWrite> tensors_from_py(py::list tensors, const std::string& api, std::vector<py::array>& keep) {
+  std::vector<io::TensorToWrite> ts;
+  for (py::handle item : tensors) {
+    auto tup = item.cast<py::tuple>();
+    check_arg(tup.size() == 4, api + ": expected (name, dtype, shape, uint8 array) tuples");
+    io::TensorToWrite t;
+    t.name = tup[0].cast<std::string>();
+    try {
+      t.dtype = dtype_from_name(tup[1].cast<std::string>());
+    } catch (const FormatError& e) {
+      throw ValueError(std::string(api + ": ") + e.what());
+    }
+    t.shape = tup[2].cast<std::vector<int64_t>>();
+    py::array a = tup[3].cast<py::array>();
+    check_arg(a.dtype().is(py::dtype::of<uint8_t>()) && (a.flags() & py::array::c_style),
+              api + ": data must be a C-contiguous uint8 array");
+    t.data = a.data();
+    t.nbytes = static_cast<size_t>(a.nbytes());
+    keep.push_back(std::move(a));
+    ts.push_back(std::move(t));
+  }
+  return ts;
+}
 
 }  // namespace
 
@@ -166,27 +190,8 @@ void bind_io(py::module_& m) {
   io.def(
       "save_safetensors",
       [](const std::string& path, py::list tensors, py::dict metadata) {
-        std::vector<io::TensorToWrite> ts;
         std::vector<py::array> keep;  // holds the buffers while the GIL is released
-        for (py::handle item : tensors) {
-          auto tup = item.cast<py::tuple>();
-          check_arg(tup.size() == 4, "save_safetensors: expected (name, dtype, shape, uint8 array) tuples");
-          io::TensorToWrite t;
-          t.name = tup[0].cast<std::string>();
-          try {
-            t.dtype = dtype_from_name(tup[1].cast<std::string>());
-          } catch (const FormatError& e) {
-            throw ValueError(std::string("save_safetensors: ") + e.what());
-          }
-          t.shape = tup[2].cast<std::vector<int64_t>>();
-          py::array a = tup[3].cast<py::array>();
-          check_arg(a.dtype().is(py::dtype::of<uint8_t>()) && (a.flags() & py::array::c_style),
-                    "save_safetensors: data must be a C-contiguous uint8 array");
-          t.data = a.data();
-          t.nbytes = static_cast<size_t>(a.nbytes());
-          keep.push_back(std::move(a));
-          ts.push_back(std::move(t));
-        }
+        const std::vector<io::TensorToWrite> ts = tensors_from_py(tensors, "save_safetensors", keep);
         io::Metadata meta;
         for (auto kv : metadata) {
           check_arg(py::isinstance<py::str>(kv.first) && py::isinstance<py::str>(kv.second),
@@ -198,6 +203,17 @@ void bind_io(py::module_& m) {
       },
       py::arg("path"), py::arg("tensors"), py::arg("metadata"),
       "Atomic write of [(name, dtype name, shape, uint8 C-contiguous bytes)].");
+  io.def(
+      "write_peft_adapter",
+      [](const std::string& dir, py::list tensors, const std::string& config_json) {
+        std::vector<py::array> keep;  // holds the buffers while the GIL is released
+        const std::vector<io::TensorToWrite> ts = tensors_from_py(tensors, "save_adapter", keep);
+        py::gil_scoped_release nogil;
+        io::write_peft_adapter(dir, ts, config_json);
+      },
+      py::arg("dir"), py::arg("tensors"), py::arg("config_json"),
+      "The one PEFT adapter writer (qlora_adapter_save's): dir/adapter_model.safetensors from "
+      "[(name, dtype name, shape, uint8 bytes)] and dir/adapter_config.json = config_json, saved as a unit.");
 
   io.def(
       "json_loads",

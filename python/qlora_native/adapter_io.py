@@ -17,8 +17,7 @@ import re
 import ml_dtypes
 import numpy as np
 
-from . import _core, atomic_io
-from . import io as _io
+from . import _core
 from .lora_config import PROJECTIONS, LoraConfig, matcher, peft_tensor_name
 
 __all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -28,6 +27,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 _NAME_RE = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+_ST_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # safetensors dtype names
 # Symbolic [out, in] of each projection in a Llama layer: adapters on different projections must
 # agree on the shared sizes (hidden, intermediate, q/kv widths).
 _DIMS = {"q_proj": ("q", "hidden"), "k_proj": ("kv", "hidden"), "v_proj": ("kv", "hidden"),
@@ -119,8 +119,9 @@ def save_adapter(directory, config: LoraConfig, tensors: dict, base_model_name_o
     tensors: PEFT name -> array (float32/float16/bfloat16 kept, float64 stored as float32). Every
     projection config.resolve(num_layers) lists must have its A [r, in] and B [out, r]; num_layers
     defaults to the highest layer index in the names + 1. module_shapes {proj: (out, in)} is checked
-    when given. The directory is saved as a unit (atomic_io.save_dir): a kill at any point leaves
-    the complete old or the complete new adapter; files of other tools in `directory` are kept.
+    when given. The engine's writer (cpp/src/io/adapter_write.cpp, the C API's qlora_adapter_save)
+    saves the directory as a unit: a kill at any point leaves the complete old or the complete new
+    adapter; files of other tools in `directory` are kept.
     base_model_name_or_path is recorded in adapter_config.json (PEFT's field) when given.
     """
     if not isinstance(config, LoraConfig):
@@ -132,9 +133,12 @@ def save_adapter(directory, config: LoraConfig, tensors: dict, base_model_name_o
     cfg = config.to_peft_dict()
     if base_model_name_or_path is not None:
         cfg["base_model_name_or_path"] = str(base_model_name_or_path)
-    with atomic_io.save_dir(directory) as d:
-        _io.save_safetensors(d / WEIGHTS_NAME, arrays, metadata={"format": "pt"})
-        atomic_io.write_text(d / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    items = []
+    for name, arr in arrays.items():
+        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))  # 2-D: no 0-d pitfall
+        items.append((name, _ST_DTYPE[arr.dtype.name], tuple(int(d) for d in arr.shape), arr.reshape(-1).view(np.uint8)))
+    # The engine's writer (the C API's qlora_adapter_save): staging, fsync and commit live there.
+    _core.io.write_peft_adapter(os.fspath(directory), items, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def load_adapter(directory, *, num_layers=None, module_shapes=None):

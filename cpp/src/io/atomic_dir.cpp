@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <climits>
@@ -224,6 +225,7 @@ void roll_forward(const std::string& commit, const std::string& d) {
   for (const std::string& r : remove)
     if (!r.empty() && r.find('/') == std::string::npos && r != "." && r != "..") ::unlink(join(d, r).c_str());
   fsync_dir(d);
+  test_fault("roll-forward-end");
   remove_path(commit);
 }
 
@@ -280,6 +282,11 @@ void unregister_inflight(const std::string& p) {
 void test_fault(const char* step) {
   const char* env = std::getenv("QLORA_TEST_FAULT");
   if (!env || !*env) return;
+  if (env[0] == '#') {  // "#N": the N-th fault point this process reaches, whatever its name (kill sweeps)
+    static std::atomic<long> reached{0};
+    if (++reached == std::atol(env + 1)) ::kill(::getpid(), SIGKILL);
+    return;
+  }
   const std::string s = env, want = step;
   size_t pos = 0;
   while (pos <= s.size()) {

@@ -31,7 +31,8 @@ void register_inflight(const std::string& abs_path);
 void unregister_inflight(const std::string& abs_path);
 
 // Test-only fault point: when the environment variable QLORA_TEST_FAULT (a comma-separated list)
-// names `step`, the process kills itself with SIGKILL there (the kill -9 tests).
+// names `step`, the process kills itself with SIGKILL there (the kill -9 tests). "#N" kills at the
+// N-th fault point reached, whatever its name (a sweep over every step of a save).
 void test_fault(const char* step);
 
 // Writes `data` to `path` atomically (temporary beside it, fsync, rename, fsync of the directory).

@@ -155,6 +155,7 @@ void AtomicFileWriter::commit() {
   const int fd = fd_;
   fd_ = -1;
   if (::close(fd) != 0) throw FileError(errno, tmp_, "cannot close");
+  test_fault("file-rename");  // the temporary is complete, the name not yet taken (kill sweeps)
   if (::rename(tmp_.c_str(), path_.c_str()) != 0) throw FileError(errno, path_, "cannot rename temporary file to");
   committed_ = true;
   // Persist the rename itself (best effort: some filesystems refuse fsync on directories).

@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "common/error.hpp"
-#include "io/atomic_dir.hpp"
+#include "io/adapter_write.hpp"
 #include "io/safetensors.hpp"
 #include "json/json.hpp"
 #include "model/linear.hpp"
@@ -154,14 +154,7 @@ void save_lora_adapter(LlamaModel& m, const LoraAdapter& a, const LoraInitSpec& 
   cfg.set("use_rslora", s.use_rslora);
   cfg.set("bias", "none");
   cfg.set("target_modules", targets);
-  // One unit (io::DirSaver, atomic_io.py's protocol): a kill at any point leaves the complete old
-  // or the complete new adapter under `dir` (after recover), never a config of one save with the
-  // weights of another.
-  io::DirSaver saver(dir);
-  io::write_safetensors(saver.file("adapter_model.safetensors"), ts, {{"format", "pt"}});
-  io::test_fault("write-config");
-  io::write_file_atomic(saver.file("adapter_config.json"), json::dump(cfg, 2) + "\n");
-  saver.commit();
+  io::write_peft_adapter(dir, ts, json::dump(cfg, 2) + "\n");  // the one writer (Python's save_adapter too)
 }
 
 }  // namespace qlora::model
