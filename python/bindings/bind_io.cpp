@@ -12,6 +12,7 @@
 #include "io/mapped_file.hpp"
 #include "io/safetensors.hpp"
 #include "json/json.hpp"
+#include "model/peft_config.hpp"
 
 namespace qlora::py_bind {
 
@@ -251,6 +252,12 @@ void bind_io(py::module_& m) {
       },
       py::arg("obj"), py::arg("indent") = py::none(),
       "Serialize None/bool/int/float/str/list/tuple/dict with the engine's JSON writer.");
+  io.def(
+      "peft_config_json",
+      [](py::handle fields) { return model::peft_config_json(model::peft_config_fields(from_python(fields, 0))); },
+      py::arg("fields"),
+      "adapter_config.json text (model/peft_config.cpp, the C API's qlora_adapter_save builder) for a dict of "
+      "LoraConfig fields: PEFT's full field set, sorted keys, indent 2, ASCII, trailing newline.");
 
   io.def(
       "resolve_peft_config",

@@ -10,7 +10,6 @@ Tensor names and shapes (PEFT strips the adapter name on save):
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -130,15 +129,13 @@ def save_adapter(directory, config: LoraConfig, tensors: dict, base_model_name_o
         raise ValueError("save_adapter: tensors must be a dict {peft_name: numpy array}")
     config.validate()
     arrays = _check_tensors(config, tensors, num_layers, module_shapes, "save_adapter")
-    cfg = config.to_peft_dict()
-    if base_model_name_or_path is not None:
-        cfg["base_model_name_or_path"] = str(base_model_name_or_path)
+    cfg = config.peft_config_json(base_model_name_or_path)  # the engine's builder (the C API's too)
     items = []
     for name, arr in arrays.items():
         arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))  # 2-D: no 0-d pitfall
         items.append((name, _ST_DTYPE[arr.dtype.name], tuple(int(d) for d in arr.shape), arr.reshape(-1).view(np.uint8)))
     # The engine's writer (the C API's qlora_adapter_save): staging, fsync and commit live there.
-    _core.io.write_peft_adapter(os.fspath(directory), items, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    _core.io.write_peft_adapter(os.fspath(directory), items, cfg)
 
 
 def load_adapter(directory, *, num_layers=None, module_shapes=None):

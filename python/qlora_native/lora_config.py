@@ -11,6 +11,7 @@ modules_to_save, fan_in_fan_out, ...) raise ValueError naming the feature instea
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -252,36 +253,34 @@ class LoraConfig:
         return self.init_factors(int(rng.integers(0, 2**63)), [(r, in_features, out_features)])[0]
 
     # ------------------------------------------------------------------ PEFT dict
-    def to_peft_dict(self) -> dict[str, Any]:
-        """adapter_config.json content PEFT (and vLLM) read; target_modules None is written as
-        PEFT's resolved Llama default ["q_proj", "v_proj"]."""
+    def peft_config_json(self, base_model_name_or_path=None) -> str:
+        """adapter_config.json text, built by the engine (cpp/src/model/peft_config.cpp, the C API's
+        qlora_adapter_save builder): PEFT's full field set, sorted keys, indent 2. target_modules None
+        is written as PEFT's resolved Llama default ["q_proj", "v_proj"]; base_model_name_or_path
+        overrides the config's own when given."""
+        from . import _core
+
         t = self.target_modules
-        t = sorted(DEFAULT_TARGETS) if t is None else (t if isinstance(t, str) else sorted(t))
         ex = self.exclude_modules
-        return {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": self.base_model_name_or_path,
-            "inference_mode": True,
+        base = self.base_model_name_or_path if base_model_name_or_path is None else str(base_model_name_or_path)
+        return _core.io.peft_config_json({
+            "base_model_name_or_path": base,
             "r": int(self.r),
             "lora_alpha": _num(self.lora_alpha),
             "lora_dropout": float(self.lora_dropout),
-            "target_modules": t,
-            "exclude_modules": ex if (ex is None or isinstance(ex, str)) else sorted(ex),
+            "target_modules": list(DEFAULT_TARGETS) if t is None else (t if isinstance(t, str) else list(t)),
+            "exclude_modules": ex if (ex is None or isinstance(ex, str)) else list(ex),
             "use_rslora": bool(self.use_rslora),
             "init_lora_weights": self.init_lora_weights,
             "rank_pattern": {k: int(v) for k, v in self.rank_pattern.items()},
             "alpha_pattern": {k: _num(v) for k, v in self.alpha_pattern.items()},
             "layers_to_transform": self.layers_to_transform,
             "layers_pattern": self.layers_pattern,
-            "bias": "none",
-            "use_dora": False,
-            "modules_to_save": None,
-            "fan_in_fan_out": False,
-            "lora_bias": False,
-            "revision": None,
-            "auto_mapping": None,
-        }
+        })
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        """adapter_config.json content PEFT (and vLLM) read, as a dict (peft_config_json parsed)."""
+        return json.loads(self.peft_config_json())
 
     @classmethod
     def from_peft_dict(cls, d: dict) -> "LoraConfig":

@@ -159,7 +159,8 @@ QLORA_API int qlora_train_step(qlora_model* model, const int32_t* ids, const int
 
 /* Saves the active adapter to directory `dir` (created if needed) in PEFT's format:
  * adapter_model.safetensors (F32 lora_A [r, in] / lora_B [out, r] under PEFT names) and
- * adapter_config.json; qlora_native.Model.load_adapter and peft read it. The directory is saved
+ * adapter_config.json (PEFT's full LoRA field set, the text Python's save_adapter writes for the same
+ * settings); qlora_native.Model.load_adapter and peft read it. The directory is saved
  * as a unit, with the protocol of qlora_native's Python saves: both files are written and fsync'ed
  * in `.NAME.qlora-tmp.HOST-PID-RANDOM` beside `dir`, then swapped in (renameat2 RENAME_EXCHANGE,
  * or two renames) when `dir` holds only a previous save, or committed through

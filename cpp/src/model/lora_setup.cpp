@@ -10,6 +10,7 @@
 #include "io/safetensors.hpp"
 #include "json/json.hpp"
 #include "model/linear.hpp"
+#include "model/peft_config.hpp"
 #include "model/weights.hpp"
 #include "train/grad_utils.hpp"
 #include "train/rng.hpp"
@@ -142,19 +143,14 @@ void save_lora_adapter(LlamaModel& m, const LoraAdapter& a, const LoraInitSpec& 
                         sizeof(float) * host.back().size()});
         }
       }
-  json::Value cfg = json::Value::object();
-  json::Array targets;
+  PeftConfigFields cfg;  // the C API's settings; the rest of PEFT's fields keep their defaults
+  cfg.r = s.r;
+  cfg.lora_alpha = float_as_written(s.alpha);
+  cfg.lora_dropout = float_as_written(s.dropout);
+  cfg.use_rslora = s.use_rslora;
   for (int p = 0; p < kNumProj; ++p)
-    if (s.target_mask & (1u << p)) targets.emplace_back(proj_name(p));
-  cfg.set("peft_type", "LORA");
-  cfg.set("task_type", "CAUSAL_LM");
-  cfg.set("r", s.r);
-  cfg.set("lora_alpha", s.alpha);
-  cfg.set("lora_dropout", s.dropout);
-  cfg.set("use_rslora", s.use_rslora);
-  cfg.set("bias", "none");
-  cfg.set("target_modules", targets);
-  io::write_peft_adapter(dir, ts, json::dump(cfg, 2) + "\n");  // the one writer (Python's save_adapter too)
+    if (s.target_mask & (1u << p)) cfg.target_modules.push_back(proj_name(p));
+  io::write_peft_adapter(dir, ts, peft_config_json(cfg));  // the one writer and config builder (Python's too)
 }
 
 }  // namespace qlora::model
