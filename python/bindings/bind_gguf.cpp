@@ -20,27 +20,6 @@ namespace {
 using gguf::File;
 using gguf::VType;
 
-py::object json_to_py(const json::Value& v) {
-  switch (v.type()) {
-    case json::Type::Null: return py::none();
-    case json::Type::Bool: return py::bool_(v.as_bool());
-    case json::Type::Int: return py::int_(v.as_int());
-    case json::Type::Double: return py::float_(v.as_double());
-    case json::Type::String: return py::str(v.as_string());
-    case json::Type::Array: {
-      py::list out;
-      for (const auto& x : v.as_array()) out.append(json_to_py(x));
-      return std::move(out);
-    }
-    case json::Type::Object: {
-      py::dict out;
-      for (const auto& [k, x] : v.as_object()) out[py::str(k)] = json_to_py(x);
-      return std::move(out);
-    }
-  }
-  return py::none();
-}
-
 // A scalar or string metadata value as Python (arrays: None; their contents via array()).
 py::object value_to_py(const gguf::Value& v) {
   if (v.is_int()) return v.is_signed() ? py::int_(v.i) : py::int_(v.u);
@@ -110,7 +89,7 @@ void bind_gguf(py::module_& m) {
         out["head_dim"] = c.head_dim;
         out["rms_norm_eps"] = h.rms_norm_eps;
         out["rope_theta"] = h.rope_theta;
-        out["rope_scaling"] = json_to_py(h.rope_scaling);
+        out["rope_scaling"] = json_to_python(h.rope_scaling);
         out["tie_word_embeddings"] = c.tie_word_embeddings;
         out["max_position_embeddings"] = c.max_position_embeddings;
         out["qkv_bias"] = c.qkv_bias;
@@ -204,7 +183,7 @@ void bind_gguf(py::module_& m) {
             }
             return out;
           })
-      .def("hf_config", [](const File& f) { return json_to_py(gguf::hf_config(f)); },
+      .def("hf_config", [](const File& f) { return json_to_python(gguf::hf_config(f)); },
            "The HF config.json-style dict the model is built from (every field checked).")
       .def("hf_name", [](const File& f, const std::string& n) { return gguf::hf_name(f, n); }, py::arg("gguf_name"))
       .def(
@@ -273,7 +252,7 @@ void bind_gguf(py::module_& m) {
           py::gil_scoped_release nogil;
           core = gguf::load_model(*f, be, q, nullptr, &hf);
         }
-        return py::make_tuple(py::cast(std::move(core)), json_to_py(hf));
+        return py::make_tuple(py::cast(std::move(core)), json_to_python(hf));
       },
       py::arg("file"), py::arg("backend") = "cpu", py::arg("nf4") = true, py::arg("blocksize") = 64,
       py::arg("double_quant") = true,

@@ -16,6 +16,28 @@
 
 namespace qlora::py_bind {
 
+// A parsed JSON value as Python (dict / list / str / int / float / bool / None); declared in bindings.hpp.
+py::object json_to_python(const json::Value& v) {
+  switch (v.type()) {
+    case json::Type::Null: return py::none();
+    case json::Type::Bool: return py::bool_(v.as_bool());
+    case json::Type::Int: return py::int_(v.as_int());
+    case json::Type::Double: return py::float_(v.as_double());
+    case json::Type::String: return py::str(v.as_string());
+    case json::Type::Array: {
+      py::list out;
+      for (const auto& x : v.as_array()) out.append(json_to_python(x));
+      return std::move(out);
+    }
+    case json::Type::Object: {
+      py::dict out;
+      for (const auto& [k, x] : v.as_object()) out[py::str(k)] = json_to_python(x);
+      return std::move(out);
+    }
+  }
+  return py::none();
+}
+
 namespace {
 
 using io::SafetensorsFile;
@@ -67,26 +89,6 @@ std::string text_arg(py::handle text) {
 
 constexpr size_t kMaxDepth = 512;
 
-py::object to_python(const json::Value& v) {
-  switch (v.type()) {
-    case json::Type::Null: return py::none();
-    case json::Type::Bool: return py::bool_(v.as_bool());
-    case json::Type::Int: return py::int_(v.as_int());
-    case json::Type::Double: return py::float_(v.as_double());
-    case json::Type::String: return py::str(v.as_string());
-    case json::Type::Array: {
-      py::list out;
-      for (const auto& x : v.as_array()) out.append(to_python(x));
-      return std::move(out);
-    }
-    case json::Type::Object: {
-      py::dict out;
-      for (const auto& [k, x] : v.as_object()) out[py::str(k)] = to_python(x);
-      return std::move(out);
-    }
-  }
-  return py::none();
-}
 
 json::Value from_python(py::handle o, size_t depth) {
   check_arg(depth <= kMaxDepth, "json_dumps: nesting deeper than 512 (or a circular reference)");
@@ -228,7 +230,7 @@ void bind_io(py::module_& m) {
           py::gil_scoped_release nogil;
           v = json::parse(s, opt);
         }
-        return to_python(v);
+        return json_to_python(v);
       },
       py::arg("text"), py::arg("max_depth") = 512, py::arg("allow_duplicate_keys") = false,
       "Parse JSON (str or UTF-8 bytes) with the engine's strict parser; raises FormatError.");
@@ -240,7 +242,7 @@ void bind_io(py::module_& m) {
           py::gil_scoped_release nogil;
           v = json::parse_file(path);
         }
-        return to_python(v);
+        return json_to_python(v);
       },
       py::arg("path"), "Read and parse a JSON file (errors name the path).");
   io.def(
@@ -316,7 +318,7 @@ void bind_io(py::module_& m) {
           std::memcpy(b.mutable_data(), m.b, sizeof(float) * m.out * m.r);
           mods.append(py::make_tuple(m.layer, model::proj_name(m.p), m.r, m.scaling, a, b));
         }
-        return py::make_tuple(to_python(r.config), mods);
+        return py::make_tuple(json_to_python(r.config), mods);
       },
       py::arg("dir"), py::arg("num_layers") = 0, py::arg("module_shapes") = py::dict(),
       py::arg("matcher") = py::none(), py::arg("api") = "load_adapter",

@@ -2,8 +2,14 @@
 #pragma once
 #include <pybind11/pybind11.h>
 
+namespace qlora::json {
+class Value;
+}
+
 namespace qlora::py_bind {
 namespace py = pybind11;
+// A parsed JSON value as Python objects (bind_io.cpp); shared by the binders that return JSON.
+py::object json_to_python(const json::Value& v);
 void bind_info(py::module_& m);   // version, SIMD levels, threads, backends, CUDA status
 void bind_ops(py::module_& m);    // qlora_native._core.ops: GEMM kernels on numpy arrays
 void bind_nf4(py::module_& m);    // qlora_native._core.nf4: NF4 codec
