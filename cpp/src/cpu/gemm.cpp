@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common/error.hpp"
+#include "cpu/gemm_checks.hpp"
 #include "cpu/gemm_kernels.hpp"
 #include "cpu/gemm_scalar.hpp"
 #include "cpu/nf4_gemv.hpp"
@@ -229,31 +230,6 @@ void blocked(const Kern& kn, int64_t M, int64_t N, int64_t K, float alpha, float
              pack_b, da);
   });
 }
-
-void check_dims(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t a_cols, int64_t ldb, int64_t b_cols,
-                int64_t ldc) {
-  check_arg(M >= 0 && N >= 0 && K >= 0, "gemm: negative dimension");
-  check_arg(lda >= std::max<int64_t>(1, a_cols) && ldb >= std::max<int64_t>(1, b_cols) && ldc >= std::max<int64_t>(1, N),
-            "gemm: leading dimension smaller than the row width");
-}
-
-int check_nf4(const Nf4Ref& W) {
-  check_arg(W.rows >= 1 && W.cols >= 1, "nf4 gemm: empty weight");
-  check_arg(W.blocksize >= 16 && (W.blocksize & (W.blocksize - 1)) == 0, "nf4 gemm: blocksize must be a power of two >= 16");
-  int s = 0;
-  while ((1 << s) < W.blocksize) ++s;
-  return s;
-}
-
-// Decoded absmax for the blocks touched by the flat run [j0, j0 + len); returns the scratch.
-struct RunScales {
-  float v[4096 / 16 + 2];
-  const float* fill(const Nf4Ref& W, int64_t j0, int64_t len, int s) {
-    const int64_t b0 = j0 >> s, b1 = ((j0 + len - 1) >> s) + 1;
-    pack::nf4_scales(W, b0, b1, v);
-    return v;
-  }
-};
 
 }  // namespace
 

@@ -12,6 +12,7 @@
 
 #include "common/error.hpp"
 #include "cpu/gemm.hpp"
+#include "cpu/gemm_checks.hpp"
 #include "cpu/gemm_bf16_kernels.hpp"
 #include "cpu/gemm_kernels.hpp"
 #include "cpu/gemm_scalar.hpp"
@@ -39,7 +40,7 @@ constexpr int MR = bf16_k::kMR, NR = bf16_k::kNR;
 // tile and the same B-panel-from-L2 scheme) with KC doubled: a bf16 pair takes the 4 bytes of one
 // fp32 k, so the panels and the A block fill the caches exactly as the fp32 ones do
 // (1 MiB L2: KC = 2048 k, MC = 168, NC = 1024). KC is a multiple of 32 (the packers' step).
-constexpr int64_t kKCMax = 4096;  // RunScales bound
+constexpr int64_t kKCMax = RunScales::kMaxLen;  // RunScales bound
 struct Blocking {
   int64_t kc, mc, nc;
 };
@@ -146,30 +147,6 @@ void blocked(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C,
     run_task(m0, std::min(M, m0 + m_step), n0, std::min(N, n0 + n_step), K, kc, alpha, beta, C, ldc, pack_a, pack_b);
   });
 }
-
-void check_dims(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t a_cols, int64_t ldb, int64_t b_cols,
-                int64_t ldc) {
-  check_arg(M >= 0 && N >= 0 && K >= 0, "gemm: negative dimension");
-  check_arg(lda >= std::max<int64_t>(1, a_cols) && ldb >= std::max<int64_t>(1, b_cols) && ldc >= std::max<int64_t>(1, N),
-            "gemm: leading dimension smaller than the row width");
-}
-
-int check_nf4(const Nf4Ref& W) {
-  check_arg(W.rows >= 1 && W.cols >= 1, "nf4 gemm: empty weight");
-  check_arg(W.blocksize >= 16 && (W.blocksize & (W.blocksize - 1)) == 0, "nf4 gemm: blocksize must be a power of two >= 16");
-  int s = 0;
-  while ((1 << s) < W.blocksize) ++s;
-  return s;
-}
-
-// Decoded absmax of the blocks the flat run [j0, j0 + len) touches (len <= kKCMax).
-struct RunScales {
-  float v[kKCMax / 16 + 2];
-  const float* fill(const Nf4Ref& W, int64_t j0, int64_t len, int s) {
-    pack::nf4_scales(W, j0 >> s, ((j0 + len - 1) >> s) + 1, v);
-    return v;
-  }
-};
 
 enum class Mode { Oracle, Bf16, F32 };
 Mode mode(SimdLevel level) {
