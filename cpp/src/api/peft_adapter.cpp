@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/error.hpp"
+#include "gguf/dequant.hpp"
 #include "io/atomic_dir.hpp"
 #include "io/mapped_file.hpp"
 #include "io/safetensors.hpp"
@@ -482,25 +483,6 @@ Parsed parse_name(const std::string& name, const std::string& where) {
                    tensor_name(0, 0, 'A') + "' (PEFT format, adapter name stripped)");
 }
 
-float half_to_float(uint16_t h) {
-  const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
-  uint32_t bits;
-  if (exp == 0x1F) {
-    bits = sign | 0x7F800000u | (man << 13);
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112) << 23) | (man << 13);
-  } else if (man == 0) {
-    bits = sign;
-  } else {  // subnormal: man * 2^-24
-    const float f = std::ldexp(static_cast<float>(man), -24);
-    std::memcpy(&bits, &f, 4);
-    bits |= sign;
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 // The tensor as float32 (F32 / F16 / BF16 / F64 as Python's loader accepts them).
 std::vector<float> to_f32(const io::TensorInfo& t, const std::string& where) {
   const int64_t n = t.numel();
@@ -512,7 +494,7 @@ std::vector<float> to_f32(const io::TensorInfo& t, const std::string& where) {
       for (int64_t i = 0; i < n; ++i) {
         uint16_t h;
         std::memcpy(&h, d + 2 * i, 2);
-        out[i] = half_to_float(h);
+        out[i] = gguf::half_to_float(h);  // IEEE binary16 -> float32, exact
       }
       break;
     case DType::BF16:
