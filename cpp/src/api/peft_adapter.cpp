@@ -529,7 +529,6 @@ namespace {
 [[noreturn]] void file_error(int err, const std::string& path, const std::string& doing) {
   throw io::FileError(err, path, doing);
 }
-bool is_dir(const std::string& p, struct stat& st) { return ::stat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode); }
 bool is_file(const std::string& p, struct stat& st) { return ::stat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode); }
 
 // The symbolic [out, in] of each projection of a Llama layer: adapters on different projections
