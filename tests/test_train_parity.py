@@ -69,6 +69,14 @@ def test_gradients_match_peft(tmp_path, rng, mcase, lcase):
     loss_ref.backward()
     want = peft_grads(pm)
     tol = grad_tol(cfg, ids.shape[1])
+    # The a-priori bound assumes a well-conditioned gradient; where a tensor's gradient is a sum
+    # that cancels, any fp32 evaluation is worse. torch's own float32 run of the same reference
+    # measures that conditioning per tensor; ours may sum in another order (blocked kernels), so
+    # each tensor's bound is the larger of the a-priori one and 8x torch's fp32 error (our error /
+    # torch's, 648 tensors over 3 seeds: median 1.2, max 3.4).
+    pm32 = peft_reference(model, cfg, ref, "a", tmp_path, torch_dtype="float32")
+    torch_loss(pm32, ids, mask, labels).backward()
+    want32 = peft_grads(pm32)
     got = {}
     for ckpt in (True, False):
         model.gradient_checkpointing = ckpt
@@ -81,7 +89,8 @@ def test_gradients_match_peft(tmp_path, rng, mcase, lcase):
     for name, g in want.items():
         assert np.abs(g).max() > 1e-3 * scale, name  # every tensor gets a real gradient
         err = np.linalg.norm(got[True][name] - g) / np.linalg.norm(g)
-        assert err < tol, (name, err, tol)
+        err32 = np.linalg.norm(want32[name] - g) / np.linalg.norm(g)
+        assert err < max(tol, 8 * err32), (name, err, tol, err32)
         # Checkpointing recomputes each layer with the same ops on the same inputs: bit-identical.
         assert np.array_equal(got[True][name], got[False][name]), name
 
