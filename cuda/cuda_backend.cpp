@@ -17,11 +17,13 @@
 #include "nf4_dequant.cuh"
 #include "nf4_gemm.cuh"
 #include "nf4_gemv.cuh"
+#include "ops_adamw.cuh"
 #include "ops_add_bias.cuh"
 #include "ops_add_inplace.cuh"
 #include "ops_attention.cuh"
 #include "ops_cross_entropy.cuh"
 #include "ops_embedding.cuh"
+#include "ops_grad_norm.cuh"
 #include "ops_kv_write.cuh"
 #include "ops_q8_0_gemm.cuh"
 #include "ops_q8_0_rows.cuh"
@@ -269,6 +271,28 @@ class CudaBackend final : public Backend {
     check_arg(M <= 0x7fffffff, "cuda backend: cross_entropy_rows: too many rows for one launch");
     use_device("cross_entropy_rows");
     cuda::cross_entropy_rows(stream_, M, V, logits, ldl, labels, grad_scale, want_grad, loss);
+  }
+  // ---- optimizer ops (ops_adamw.cu, ops_grad_norm.cu) on the adapter's contiguous buffers
+  void adamw_update(int64_t n, float* p, const float* g, float* m, float* v, const train::AdamWScalars& s) override {
+    check_dims("adamw_update", {n});
+    use_device("adamw_update");
+    cuda::adamw_update(stream_, n, p, g, m, v, s);
+  }
+  void sum_squares(int64_t n_chunks, const int64_t* bounds, const float* x, double* partial, double* out) override {
+    check_dims("sum_squares", {n_chunks});
+    check_arg(n_chunks <= 0x7fffffff, "cuda backend: sum_squares: too many chunks for one launch");
+    use_device("sum_squares");
+    cuda::sum_squares(stream_, n_chunks, bounds, x, partial, out);
+  }
+  void scale_inplace(int64_t n, float* x, float s) override {
+    check_dims("scale_inplace", {n});
+    use_device("scale_inplace");
+    cuda::scale_inplace(stream_, n, x, s);
+  }
+  void find_nonfinite(int64_t n, const float* x, int64_t* out) override {
+    check_dims("find_nonfinite", {n});
+    use_device("find_nonfinite");
+    cuda::find_nonfinite(stream_, n, x, out);
   }
 
  private:

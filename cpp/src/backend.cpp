@@ -1,6 +1,8 @@
 #include "backend.hpp"
 
+#include <cstdlib>
 #include <map>
+#include <new>
 #include <memory>
 #include <mutex>
 
@@ -25,12 +27,13 @@ namespace {
 const char* const kCoreOps[] = {"gemm_nt", "gemm_nn", "gemm_tn", "nf4_gemm_nt", "nf4_gemm_nt_many", "nf4_gemm_nn",
                                 "nf4_dequantize", "lora_segments", "lora_segments_many", "gemm_nt_bf16",
                                 "gemm_nn_bf16", "gemm_tn_bf16", "nf4_gemm_nt_bf16", "nf4_gemm_nn_bf16",
-                                "host_output"};
+                                "host_output", "offload"};
 // Ops whose Backend default throws not_implemented.
 const char* const kOptionalOps[] = {"q8_0_gemm_nt", "q8_0_rows", "embedding", "rmsnorm", "add_inplace", "add_bias",
                                     "rope", "swiglu", "kv_write", "attention", "rmsnorm_backward", "rope_backward",
                                     "swiglu_backward", "attention_train", "attention_train_backward",
-                                    "cross_entropy_rows"};
+                                    "cross_entropy_rows", "adamw_update", "sum_squares", "scale_inplace",
+                                    "find_nonfinite"};
 }  // namespace
 
 bool Backend::is_core_op(const std::string& op) {
@@ -40,6 +43,13 @@ bool Backend::is_core_op(const std::string& op) {
 }
 
 bool Backend::supports_op(const std::string& op) const { return is_core_op(op); }
+
+void* Backend::host_alloc(size_t bytes) {
+  void* p = std::malloc(bytes ? bytes : 1);
+  if (!p) throw std::bad_alloc();
+  return p;
+}
+void Backend::host_free(void* p) { std::free(p); }
 
 const std::vector<std::string>& Backend::all_ops() {
   static const std::vector<std::string> ops = [] {

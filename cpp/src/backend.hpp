@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "tensor_types.hpp"
+#include "train/optimizer.hpp"
 
 namespace qlora {
 
@@ -253,6 +254,38 @@ class Backend {
                                   float grad_scale, bool want_grad, float* loss) {
     not_implemented("cross_entropy_rows");
   }
+
+  // ---- optimizer ops on one contiguous fp32 buffer of all LoRA parameters, its gradient buffer
+  // and the AdamW moments (train/lora_optimizer.hpp drives them; all pointers in backend memory).
+  // AdamW on n elements, in place on p, m, v from g: per element exactly train::adamw_update (the
+  // same float operations in the same order, each rounded, no fused multiply-add), so backends
+  // agree bit for bit on the same inputs.
+  virtual void adamw_update(int64_t n, float* p, const float* g, float* m, float* v, const train::AdamWScalars& s) {
+    not_implemented("adamw_update");
+  }
+  // Sum of squares of x in double over chunks: chunk c = x[bounds[c], bounds[c+1]) (bounds int64
+  // [n_chunks + 1], non-decreasing, bounds[0] = 0); partial[c] = the chunk's sum (double
+  // [n_chunks]); out[0] = the partials added one by one in chunk order (double). Squares of floats
+  // are exact in double; inside a chunk each backend sums in a fixed order (CPU: four interleaved
+  // running sums, train/grad_utils; CUDA: a fixed tree), never with atomics: deterministic.
+  virtual void sum_squares(int64_t n_chunks, const int64_t* bounds, const float* x, double* partial, double* out) {
+    not_implemented("sum_squares");
+  }
+  // x[n] *= s (gradient clipping)
+  virtual void scale_inplace(int64_t n, float* x, float s) { not_implemented("scale_inplace"); }
+  // out[0] = index of the first NaN or +-inf in x[n], -1 when every element is finite (int64).
+  virtual void find_nonfinite(int64_t n, const float* x, int64_t* out) { not_implemented("find_nonfinite"); }
+
+  // ---- host staging for activation offload (gradient checkpointing, offload_checkpoints): host
+  // memory the backend copies to and from fastest (CUDA: pinned), and copies ordered with the
+  // backend's work. Defaults (every backend): plain host memory, download / upload.
+  virtual void* host_alloc(size_t bytes);
+  virtual void host_free(void* p);
+  // dst_host (from host_alloc) = src[bytes]; may return before the copy is done: the data is
+  // valid after the next synchronize(). src must stay unchanged until then.
+  virtual void offload(void* dst_host, const void* src, size_t bytes) { download(dst_host, src, bytes); }
+  // dst[bytes] = src_host (from host_alloc), ordered before later ops on dst.
+  virtual void reload(void* dst, const void* src_host, size_t bytes) { upload(dst, src_host, bytes); }
 
  protected:
   [[noreturn]] void not_implemented(const char* op) const {

@@ -8,7 +8,8 @@ namespace qlora {
 const std::vector<std::string>& cuda_kernel_ops() {
   static const std::vector<std::string> ops = {"q8_0_gemm_nt", "q8_0_rows", "embedding", "rmsnorm",
                                                "add_inplace", "add_bias", "rope", "swiglu",
-                                               "kv_write", "attention", "rope_backward", "cross_entropy_rows"};
+                                               "kv_write", "attention", "rope_backward", "cross_entropy_rows",
+                                               "adamw_update", "sum_squares", "scale_inplace", "find_nonfinite"};
   return ops;
 }
 
@@ -92,6 +93,14 @@ class DevsimBackend final : public Backend {
                           bool want_grad, float* loss) override {
     c_.cross_entropy_rows(M, V, logits, ldl, labels, grad_scale, want_grad, loss);
   }
+  void adamw_update(int64_t n, float* p, const float* g, float* m, float* v, const train::AdamWScalars& s) override {
+    c_.adamw_update(n, p, g, m, v, s);
+  }
+  void sum_squares(int64_t n_chunks, const int64_t* bounds, const float* x, double* partial, double* out) override {
+    c_.sum_squares(n_chunks, bounds, x, partial, out);
+  }
+  void scale_inplace(int64_t n, float* x, float s) override { c_.scale_inplace(n, x, s); }
+  void find_nonfinite(int64_t n, const float* x, int64_t* out) override { c_.find_nonfinite(n, x, out); }
 
  private:
   Backend& c_;

@@ -16,6 +16,7 @@
 #include "backend.hpp"
 #include "bindings.hpp"
 #include "common/error.hpp"
+#include "train/optimizer.hpp"
 
 namespace py = pybind11;
 
@@ -151,6 +152,39 @@ void bind_backend_op(py::module_& m) {
             be.cross_entropy_rows(M, V, f("logits", span(M, V, ldl)), ldl, i32("labels", M), F("grad_scale"),
                                   I("want_grad") != 0, f("loss", M));
             outs = {"logits", "loss"};
+          } else if (op == "adamw_update") {
+            // scalars from the AdamW config as the optimizer forms them: ints t (step >= 1);
+            // floats lr, beta1, beta2, eps, weight_decay (in double, as given)
+            auto D = [&](const char* k) {
+              auto it = floats.find(k);
+              check_arg(it != floats.end(), std::string("backend_op adamw_update: missing float '") + k + "'");
+              return it->second;
+            };
+            train::AdamWConfig c;
+            c.beta1 = D("beta1"), c.beta2 = D("beta2"), c.eps = D("eps"), c.weight_decay = D("weight_decay");
+            c.validate();
+            const int64_t n = I("n"), t = I("t");
+            check_arg(t >= 1, "backend_op adamw_update: t must be >= 1");
+            be.adamw_update(n, f("p", n), f("g", n), f("m", n), f("v", n), train::adamw_scalars(c, t, D("lr")));
+            outs = {"p", "m", "v"};
+          } else if (op == "sum_squares") {
+            const int64_t nc = I("n_chunks");
+            auto* bounds = static_cast<int64_t*>(A("bounds", nc + 1, 8));
+            const auto bit = bufs.find("bounds");
+            const int64_t* hb = static_cast<const int64_t*>(bit->second->host.data());
+            for (int64_t c = 0; c < nc; ++c)
+              check_arg(hb[0] == 0 && hb[c] <= hb[c + 1], "backend_op sum_squares: bounds must start at 0 and not decrease");
+            be.sum_squares(nc, bounds, f("x", nc ? hb[nc] : 0), static_cast<double*>(A("partial", nc, 8)),
+                           static_cast<double*>(A("out", 1, 8)));
+            outs = {"partial", "out"};
+          } else if (op == "scale_inplace") {
+            const int64_t n = I("n");
+            be.scale_inplace(n, f("x", n), F("s"));
+            outs = {"x"};
+          } else if (op == "find_nonfinite") {
+            const int64_t n = I("n");
+            be.find_nonfinite(n, f("x", n), static_cast<int64_t*>(A("out", 1, 8)));
+            outs = {"out"};
           } else if (op == "gemm_nt") {
             const int64_t M = I("M"), N = I("N"), K = I("K"), lda = I("lda"), ldb = I("ldb"), ldc = I("ldc");
             be.gemm_nt(M, N, K, F("alpha"), f("A", span(M, K, lda)), lda, f("B", span(N, K, ldb)), ldb, F("beta"),

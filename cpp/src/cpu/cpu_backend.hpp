@@ -98,6 +98,11 @@ class CpuBackend final : public Backend {
                                 float* dv, int64_t lddv) override;
   void cross_entropy_rows(int64_t M, int64_t V, float* logits, int64_t ldl, const int32_t* labels, float grad_scale,
                           bool want_grad, float* loss) override;
+  // optimizer ops (cpu_backend_train.cpp: train/optimizer.cpp and grad_utils.cpp code)
+  void adamw_update(int64_t n, float* p, const float* g, float* m, float* v, const train::AdamWScalars& s) override;
+  void sum_squares(int64_t n_chunks, const int64_t* bounds, const float* x, double* partial, double* out) override;
+  void scale_inplace(int64_t n, float* x, float s) override;
+  void find_nonfinite(int64_t n, const float* x, int64_t* out) override;
 
  private:
   SimdLevel level_;

@@ -71,6 +71,42 @@ double global_grad_norm(const std::vector<GradRef>& grads) {
   return std::sqrt(sum);
 }
 
+static_assert(kNormChunk == kChunk, "the flat norm must split exactly as global_grad_norm");
+
+std::vector<int64_t> norm_chunk_bounds(const std::vector<int64_t>& sizes) {
+  std::vector<int64_t> b{0};
+  int64_t off = 0;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    check_arg(sizes[i] >= 0, "tensor " + std::to_string(i) + " has a negative size");
+    for (int64_t s = 0; s < sizes[i]; s += kChunk) b.push_back(off + std::min(sizes[i], s + kChunk));
+    off += sizes[i];
+  }
+  return b;
+}
+
+void sum_squares_chunks(int64_t n_chunks, const int64_t* bounds, const float* x, double* partial, double* out) {
+  check_arg(n_chunks >= 0, "sum_squares: negative chunk count");
+  const int64_t total = n_chunks > 0 ? bounds[n_chunks] - bounds[0] : 0;
+  run_chunks(n_chunks, total, [&](int64_t c) { partial[c] = sum_squares(x + bounds[c], bounds[c + 1] - bounds[c]); });
+  double sum = 0.0;
+  for (int64_t c = 0; c < n_chunks; ++c) sum += partial[c];
+  *out = sum;
+}
+
+void scale_flat(int64_t n, float* x, float s) {
+  const int64_t n_chunks = (n + kChunk - 1) / kChunk;
+  run_chunks(n_chunks, n, [&](int64_t c) {
+    float* p = x + c * kChunk;
+    const int64_t m = std::min(kChunk, n - c * kChunk);
+    for (int64_t i = 0; i < m; ++i) p[i] *= s;
+  });
+}
+
+int64_t first_nonfinite(int64_t n, const float* x) {
+  const NonFinite r = find_nonfinite({GradRef{x, n}});
+  return r.found() ? r.index : -1;
+}
+
 double clip_grad_norm(const std::vector<ParamRef>& grads, double max_norm) {
   check_arg(!std::isnan(max_norm) && max_norm > 0.0, "clip_grad_norm: max_norm must be > 0, got " + std::to_string(max_norm));
   std::vector<GradRef> views;

@@ -26,4 +26,16 @@ struct NonFinite {
 };
 NonFinite find_nonfinite(const std::vector<GradRef>& grads);
 
+// ---- the same computations on one contiguous buffer (the CPU backend's optimizer ops,
+// Backend::sum_squares / scale_inplace / find_nonfinite; train/lora_optimizer.hpp).
+// Chunk bounds of tensors of these sizes laid out back to back: each tensor split into chunks of
+// kNormChunk elements from its start, as global_grad_norm splits a list of tensors, so the norm of
+// the contiguous buffer equals global_grad_norm of the tensors bit for bit. [n_chunks + 1] entries.
+constexpr int64_t kNormChunk = int64_t{1} << 15;
+std::vector<int64_t> norm_chunk_bounds(const std::vector<int64_t>& sizes);
+// partial[c] = sum of squares of x[bounds[c], bounds[c+1]) in double; *out = sum of partials in order.
+void sum_squares_chunks(int64_t n_chunks, const int64_t* bounds, const float* x, double* partial, double* out);
+void scale_flat(int64_t n, float* x, float s);                 // x *= s (clip_grad_norm's loop)
+int64_t first_nonfinite(int64_t n, const float* x);            // -1: all finite
+
 }  // namespace qlora::train

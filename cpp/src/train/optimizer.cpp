@@ -76,6 +76,19 @@ void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, const
   }
 }
 
+void adamw_update_parallel(float* p, const float* g, float* m, float* v, int64_t n, const AdamWScalars& s) {
+  const int64_t n_chunks = (n + kChunk - 1) / kChunk;
+  auto run = [&](int64_t c) {
+    const int64_t b = c * kChunk;
+    adamw_update(p + b, g + b, m + b, v + b, std::min(kChunk, n - b), s);
+  };
+  if (n < kParallelMin) {
+    for (int64_t c = 0; c < n_chunks; ++c) run(c);
+  } else {
+    cpu::parallel_for(n_chunks, run);
+  }
+}
+
 AdamW::AdamW(std::vector<ParamRef> params, AdamWConfig config) : params_(std::move(params)), config_(config) {
   config_.validate();
   check_arg(!params_.empty(), "AdamW: no parameters given");
@@ -132,14 +145,14 @@ AdamWState AdamW::state() const {
   return s;
 }
 
-void AdamW::load_state(AdamWState s) {
+void validate_adamw_state(const AdamWState& s, const std::vector<int64_t>& numels) {
   s.config.validate();
   check_arg(s.step >= 0, "AdamW state: step must be >= 0, got " + std::to_string(s.step));
-  check_arg(s.exp_avg.size() == params_.size() && s.exp_avg_sq.size() == params_.size(),
+  check_arg(s.exp_avg.size() == numels.size() && s.exp_avg_sq.size() == numels.size(),
             "AdamW state: holds " + std::to_string(s.exp_avg.size()) + " exp_avg and " + std::to_string(s.exp_avg_sq.size()) +
-                " exp_avg_sq tensors for " + std::to_string(params_.size()) + " parameters");
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const auto want = static_cast<size_t>(params_[i].numel);
+                " exp_avg_sq tensors for " + std::to_string(numels.size()) + " parameters");
+  for (size_t i = 0; i < numels.size(); ++i) {
+    const auto want = static_cast<size_t>(numels[i]);
     check_arg(s.exp_avg[i].size() == want && s.exp_avg_sq[i].size() == want,
               "AdamW state: tensor " + std::to_string(i) + " has " + std::to_string(s.exp_avg[i].size()) + "/" +
                   std::to_string(s.exp_avg_sq[i].size()) + " elements (exp_avg/exp_avg_sq), parameter has " + std::to_string(want));
@@ -147,6 +160,12 @@ void AdamW::load_state(AdamWState s) {
     for (float x : s.exp_avg_sq[i])
       check_arg(std::isfinite(x) && x >= 0.0f, "AdamW state: exp_avg_sq " + std::to_string(i) + " must be finite and >= 0");
   }
+}
+
+void AdamW::load_state(AdamWState s) {
+  std::vector<int64_t> numels;
+  for (const ParamRef& p : params_) numels.push_back(p.numel);
+  validate_adamw_state(s, numels);
   step_ = s.step;
   config_ = s.config;
   m_ = std::move(s.exp_avg);

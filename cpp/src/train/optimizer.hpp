@@ -42,6 +42,10 @@ struct AdamWState {
   std::vector<std::vector<float>> exp_avg_sq;  // [n_params][numel]  second moment v
 };
 
+// Checks a state against parameter sizes as AdamW::load_state does (ValueError naming the problem):
+// config valid, step >= 0, one exp_avg / exp_avg_sq per parameter with its numel, m finite, v finite >= 0.
+void validate_adamw_state(const AdamWState& s, const std::vector<int64_t>& numels);
+
 class AdamW {
  public:
   // Params must not overlap each other (ValueError); m and v start at zero, owned here.
@@ -81,5 +85,8 @@ struct AdamWScalars {
 };
 AdamWScalars adamw_scalars(const AdamWConfig& c, int64_t t, double lr);  // t >= 1: step after increment
 void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, const AdamWScalars& s);
+// adamw_update over n elements split into fixed chunks on the CPU thread pool (AdamW::step's split;
+// element-wise, so the result does not depend on the split): the CPU backend's adamw_update op.
+void adamw_update_parallel(float* p, const float* g, float* m, float* v, int64_t n, const AdamWScalars& s);
 
 }  // namespace qlora::train

@@ -1,0 +1,121 @@
+#include "train/lora_optimizer.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <utility>
+
+#include "common/error.hpp"
+
+namespace qlora::train {
+
+namespace {
+// Zeros into a backend buffer without one host vector of the whole size.
+void upload_zeros(Backend& be, void* dst, size_t bytes) {
+  constexpr size_t kStep = size_t{1} << 22;
+  const std::vector<unsigned char> z(std::min(bytes, kStep), 0);
+  for (size_t off = 0; off < bytes; off += kStep)
+    be.upload(static_cast<unsigned char*>(dst) + off, z.data(), std::min(kStep, bytes - off));
+}
+}  // namespace
+
+FlatAdamW::FlatAdamW(Backend& be, float* params, std::vector<int64_t> numels, AdamWConfig config)
+    : be_(be), params_(params), numels_(std::move(numels)), config_(config) {
+  config_.validate();
+  check_arg(!numels_.empty(), "AdamW: no parameters given");
+  be.require_ops({"adamw_update", "sum_squares", "scale_inplace", "find_nonfinite"}, "the optimizer");
+  for (size_t i = 0; i < numels_.size(); ++i) {
+    check_arg(numels_[i] >= 0, "AdamW: parameter " + std::to_string(i) + " has a negative size");
+    total_ += numels_[i];
+  }
+  check_arg(total_ == 0 || params_ != nullptr, "AdamW: no parameter buffer");
+  const std::vector<int64_t> bounds = norm_chunk_bounds(numels_);
+  n_chunks_ = static_cast<int64_t>(bounds.size()) - 1;
+  const size_t fb = sizeof(float) * static_cast<size_t>(total_);
+  m_ = model::DeviceBuffer(be, fb);
+  v_ = model::DeviceBuffer(be, fb);
+  upload_zeros(be, m_.data(), fb);
+  upload_zeros(be, v_.data(), fb);
+  bounds_ = model::DeviceBuffer(be, sizeof(int64_t) * bounds.size());
+  be.upload(bounds_.data(), bounds.data(), sizeof(int64_t) * bounds.size());
+  partial_ = model::DeviceBuffer(be, sizeof(double) * static_cast<size_t>(std::max<int64_t>(n_chunks_, 1)));
+  scalar_ = model::DeviceBuffer(be, 8);
+  be.synchronize();  // the zero / bounds sources are host vectors that go out of scope
+}
+
+double FlatAdamW::grad_norm(const float* grads) {
+  check_arg(total_ == 0 || grads != nullptr, "grad_norm: no gradient buffer");
+  be_.sum_squares(n_chunks_, bounds_.data<int64_t>(), grads, partial_.data<double>(), scalar_.data<double>());
+  double sum = 0.0;
+  be_.download(&sum, scalar_.data(), sizeof(double));
+  be_.synchronize();
+  return std::sqrt(sum);
+}
+
+double FlatAdamW::clip_grad_norm(float* grads, double max_norm) {
+  check_arg(!std::isnan(max_norm) && max_norm > 0.0, "clip_grad_norm: max_norm must be > 0, got " + std::to_string(max_norm));
+  const double norm = grad_norm(grads);
+  if (!std::isfinite(norm)) return norm;
+  const double coef = max_norm / (norm + 1e-6);
+  if (coef >= 1.0) return norm;
+  be_.scale_inplace(total_, grads, static_cast<float>(coef));
+  return norm;
+}
+
+NonFinite FlatAdamW::find_nonfinite(const float* grads) {
+  check_arg(total_ == 0 || grads != nullptr, "find_nonfinite: no gradient buffer");
+  int64_t flat = -1;
+  be_.find_nonfinite(total_, grads, scalar_.data<int64_t>());
+  be_.download(&flat, scalar_.data(), sizeof(int64_t));
+  be_.synchronize();
+  NonFinite r;
+  if (flat < 0) return r;
+  int64_t off = 0;
+  for (size_t t = 0; t < numels_.size(); off += numels_[t], ++t)
+    if (flat < off + numels_[t]) {
+      r.tensor = static_cast<int64_t>(t), r.index = flat - off;
+      be_.download(&r.value, grads + flat, sizeof(float));
+      be_.synchronize();
+      break;
+    }
+  return r;
+}
+
+void FlatAdamW::step(const float* grads, double lr) {
+  check_arg(std::isfinite(lr) && lr >= 0.0, "AdamW.step: lr must be finite and >= 0, got " + std::to_string(lr));
+  check_arg(total_ == 0 || grads != nullptr, "AdamW.step: no gradient buffer");
+  const AdamWScalars s = adamw_scalars(config_, step_ + 1, lr);
+  be_.adamw_update(total_, params_, grads, m_.f32(), v_.f32(), s);
+  ++step_;
+}
+
+AdamWState FlatAdamW::state() const {
+  AdamWState s;
+  s.step = step_;
+  s.config = config_;
+  int64_t off = 0;
+  for (int64_t n : numels_) {
+    s.exp_avg.emplace_back(static_cast<size_t>(n));
+    s.exp_avg_sq.emplace_back(static_cast<size_t>(n));
+    be_.download(s.exp_avg.back().data(), m_.f32() + off, sizeof(float) * n);
+    be_.download(s.exp_avg_sq.back().data(), v_.f32() + off, sizeof(float) * n);
+    off += n;
+  }
+  be_.synchronize();
+  return s;
+}
+
+void FlatAdamW::load_state(AdamWState s) {
+  validate_adamw_state(s, numels_);
+  int64_t off = 0;
+  for (size_t i = 0; i < numels_.size(); ++i) {
+    be_.upload(m_.f32() + off, s.exp_avg[i].data(), sizeof(float) * numels_[i]);
+    be_.upload(v_.f32() + off, s.exp_avg_sq[i].data(), sizeof(float) * numels_[i]);
+    off += numels_[i];
+  }
+  be_.synchronize();  // s (the upload sources) is destroyed on return
+  step_ = s.step;
+  config_ = s.config;
+}
+
+}  // namespace qlora::train
