@@ -14,6 +14,7 @@
 #include "cuda_check.hpp"
 #include "devsim_backend.hpp"
 #include "gemm.cuh"
+#include "gemm_tc.cuh"
 #include "nf4_dequant.cuh"
 #include "nf4_gemm.cuh"
 #include "nf4_gemv.cuh"
@@ -87,6 +88,7 @@ class CudaBackend final : public Backend {
   explicit CudaBackend(int device) : device_(device) {
     QLORA_CUDA_CHECK(cudaSetDevice(device_), "init");
     QLORA_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_), "init");
+    QLORA_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major_, cudaDevAttrComputeCapabilityMajor, device_), "init");
     QLORA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "init");
     size_t free_b = 0, total_b = 0;
     QLORA_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b), "init");
@@ -181,6 +183,47 @@ class CudaBackend final : public Backend {
     else
       nf4_gemm_nn_tiled(stream_, sm_count_, M, alpha, dY, lddy, W, beta, dX, lddx);
   }
+  // ---- bf16 compute (gemm_tc.cu, nf4_gemm_tc.cu: mma.sync bf16 tensor cores, sm_80+); below
+  // sm_80 has_bf16_compute() is false and these run the fp32 kernels (the Backend contract).
+  bool has_bf16_compute() const override { return cc_major_ >= kTcMinMajor; }
+  void gemm_nt_bf16(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
+                    int64_t ldb, float beta, float* C, int64_t ldc) override {
+    check_gemm_args("gemm_nt_bf16", M, N, K, K, lda, K, ldb, ldc);
+    gemm_any(GemmLayout::NT, true, "gemm_nt_bf16", M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+  void gemm_nn_bf16(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
+                    int64_t ldb, float beta, float* C, int64_t ldc) override {
+    check_gemm_args("gemm_nn_bf16", M, N, K, K, lda, N, ldb, ldc);
+    gemm_any(GemmLayout::NN, true, "gemm_nn_bf16", M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+  void gemm_tn_bf16(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
+                    int64_t ldb, float beta, float* C, int64_t ldc) override {
+    check_gemm_args("gemm_tn_bf16", M, N, K, M, lda, N, ldb, ldc);
+    gemm_any(GemmLayout::TN, true, "gemm_tn_bf16", M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+  void nf4_gemm_nt_bf16(int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W, float beta, float* Y,
+                        int64_t ldy) override {
+    if (!has_bf16_compute()) return nf4_gemm_nt(M, alpha, X, ldx, W, beta, Y, ldy);
+    check_gemm_args("nf4_gemm_nt_bf16", M, W.rows, W.cols, W.cols, ldx, 0, 0, ldy);
+    check_nf4("nf4_gemm_nt_bf16", W);
+    if (M == 0) return;
+    require_device_ptr(X, "nf4_gemm_nt_bf16", "X");
+    require_device_ptr(Y, "nf4_gemm_nt_bf16", "Y");
+    use_device("nf4_gemm_nt_bf16");
+    nf4_gemm_nt_bf16_tc(stream_, sm_count_, M, alpha, X, ldx, W, beta, Y, ldy);  // every M: one rounding contract
+  }
+  void nf4_gemm_nn_bf16(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W, float beta, float* dX,
+                        int64_t lddx) override {
+    if (!has_bf16_compute()) return nf4_gemm_nn(M, alpha, dY, lddy, W, beta, dX, lddx);
+    check_gemm_args("nf4_gemm_nn_bf16", M, W.cols, W.rows, W.rows, lddy, 0, 0, lddx);
+    check_nf4("nf4_gemm_nn_bf16", W);
+    if (M == 0) return;
+    require_device_ptr(dY, "nf4_gemm_nn_bf16", "dY");
+    require_device_ptr(dX, "nf4_gemm_nn_bf16", "dX");
+    use_device("nf4_gemm_nn_bf16");
+    nf4_gemm_nn_bf16_tc(stream_, sm_count_, M, alpha, dY, lddy, W, beta, dX, lddx);
+  }
+
   void nf4_dequantize(const Nf4Ref& W, float* out) override {
     check_nf4("nf4_dequantize", W);
     require_device_ptr(out, "nf4_dequantize", "out");
@@ -259,7 +302,7 @@ class CudaBackend final : public Backend {
     check_arg(hd <= kAttentionMaxHeadDim, "cuda backend: attention: head_dim " + std::to_string(hd) + " > " +
                                               std::to_string(kAttentionMaxHeadDim) + " is not implemented");
     check_arg(start + T <= S_cap, "cuda backend: attention: start + T exceeds the cache capacity");
-    check_arg(B * T <= 0x7fffffff && Hq <= 65535, "cuda backend: attention: grid too large");
+    check_arg(B * T <= 0x7fffffff && B <= 65535 && Hq <= 65535, "cuda backend: attention: grid too large");
     check_ld("attention", ldq, Hq * hd), check_ld("attention", ldo, Hq * hd);
     use_device("attention");
     cuda::attention(stream_, B, T, Hq, Hkv, hd, q, ldq, k_cache, v_cache, S_cap, start, key_mask, scale, out, ldo);
@@ -309,6 +352,11 @@ class CudaBackend final : public Backend {
 
   void gemm(GemmLayout layout, const char* op, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
             int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+    gemm_any(layout, false, op, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+  // bf16: the tensor-core kernel where the device has bf16 mma (else fp32, the Backend contract).
+  void gemm_any(GemmLayout layout, bool bf16, const char* op, int64_t M, int64_t N, int64_t K, float alpha,
+                const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
     if (M == 0 || N == 0) return;
     if (K > 0) {
       require_device_ptr(A, op, "A");
@@ -316,11 +364,15 @@ class CudaBackend final : public Backend {
     }
     require_device_ptr(C, op, "C");
     use_device(op);
-    gemm_f32(stream_, sm_count_, layout, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    if (bf16 && has_bf16_compute())
+      gemm_bf16_tc(stream_, sm_count_, layout, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    else
+      gemm_f32(stream_, sm_count_, layout, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   }
 
   int device_;
   int sm_count_ = 0;
+  int cc_major_ = 0;  // compute capability major (8: sm_80+, bf16 mma.sync)
   int64_t total_mem_ = 0;
   cudaStream_t stream_ = nullptr;
 };

@@ -13,6 +13,7 @@ import pytest
 
 import qlora_native
 from qlora_native import _core
+from qlora_native import ops as ops_mod
 from qlora_native.cli import main
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -255,6 +256,123 @@ def test_nf4_default_map_matches_cpu_oracle(ops, rng, M):
 
 
 
+# ------------------------------------------------------------------ bf16 compute (tensor cores, sm_80+)
+# compute_dtype="bfloat16": both operands rounded to bf16 (RNE; NF4 decoded in fp32, then rounded),
+# mma.sync bf16 with fp32 accumulation. Bounds, elementwise, u = 2^-8 (bf16 unit roundoff):
+#   tight, vs float64 on the rounded operands r(A) @ r(B): only the accumulation differs. Tensor
+#   cores add with truncation (at most 1 ulp a step, not 1/2), hence 2 * (K + 8) * eps32;
+#   loose, vs float64 on the exact operands A @ B: plus the two roundings, (2u + u^2) |A| @ |B|.
+# The NF4 operand's rounded reference is r() of CUDA's own fp32 dequantization, which uses the very
+# decode expression of the GEMM's dequant stage: a failure of the tight bound alone points at the
+# GEMM's decode or fragment layout, of both at an accumulation error.
+U_BF16 = 2.0 ** -8
+
+
+def _bf16(x):
+    """numpy RNE rounding of float32 values to bf16, as float64 (normal values: no flushing needed)."""
+    b = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    r = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+    return r.view(np.float32).astype(np.float64)
+
+
+def _cc_major():
+    import re
+
+    m = re.search(r"sm_(\d+)", _core.cuda_device_summary())
+    return int(m.group(1)) // 10 if m else 0
+
+
+needs_bf16_gpu = pytest.mark.skipif(not HAVE_GPU or _cc_major() < 8,
+                                    reason=f"no sm_80+ CUDA GPU: {_core.cuda_device_summary()}")
+
+
+def _check_bf16(got, a, b, K, alpha=1.0, beta=0.0, c0=None, b_rounded=None):
+    """got vs alpha * a @ b + beta * c0 (a [M, K], b [K, N]) under the tight and loose bounds."""
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    rb = _bf16(b) if b_rounded is None else b_rounded
+    exact, rounded = alpha * (a64 @ b64), alpha * (_bf16(a) @ rb)
+    scale = abs(alpha) * (np.abs(a64) @ np.abs(b64))
+    if beta:
+        exact = exact + beta * c0.astype(np.float64)
+        rounded = rounded + beta * c0.astype(np.float64)
+        scale = scale + abs(beta) * np.abs(c0.astype(np.float64))
+    acc = 2 * (K + 8) * EPS32 * scale + 1e-30
+    err = np.abs(got.astype(np.float64) - rounded)
+    assert np.all(err <= acc), f"tight bound: worst ratio {float(np.max(err / acc)):.3g}"
+    assert np.all(np.abs(got.astype(np.float64) - exact) <= (2 * U_BF16 + U_BF16 ** 2) * scale + acc), "loose bound"
+
+
+@pytest.mark.skipif(not HAVE_GPU, reason=f"no CUDA GPU: {_core.cuda_device_summary()}")
+def test_bf16_compute_available_matches_arch(ops):
+    """bf16 tensor cores exist from sm_80; below, compute_dtype="bfloat16" runs the fp32 kernels."""
+    assert ops.bf16_compute_available("cuda") == (_cc_major() >= 8)
+    if _cc_major() < 8:  # the Backend contract: the fp32 ops run instead, bit for bit
+        a = np.random.default_rng(0).standard_normal((70, 33)).astype(np.float32)
+        assert np.array_equal(ops.gemm_nt(a, a, backend="cuda", compute_dtype="bfloat16"), ops.gemm_nt(a, a, backend="cuda"))
+
+
+# Ragged shapes on every tile edge (64 / 128 tiles, k steps of 32), K not a multiple of 4 (element
+# loaders), K = 0, and a grid large enough for the 128 x 128 tiles on a 132-SM GPU.
+BF16_SHAPES = [(1, 1, 1), (3, 5, 7), (17, 9, 40), (64, 64, 64), (65, 129, 33), (300, 200, 1000), (1600, 1500, 96),
+               (5, 6, 0)]
+
+
+@needs_bf16_gpu
+@pytest.mark.parametrize("layout", ["nt", "nn", "tn"])
+@pytest.mark.parametrize("M,N,K", BF16_SHAPES)
+def test_gemm_bf16_tensor_cores(ops, rng, layout, M, N, K):
+    a, b = _operands(rng, layout, M, N, K)
+    fn = getattr(ops, f"gemm_{layout}")
+    A = a if layout != "tn" else a.T
+    B = b.T if layout == "nt" else b
+    _check_bf16(fn(a, b, backend="cuda", compute_dtype="bfloat16"), A, B, K)
+    c0 = rng.standard_normal((M, N)).astype(np.float32)
+    got = fn(a, b, c0.copy(), alpha=-0.75, beta=0.5, backend="cuda", compute_dtype="bfloat16")
+    _check_bf16(got, A, B, K, -0.75, 0.5, c0)
+
+
+@needs_bf16_gpu
+@pytest.mark.parametrize("layout", ["nt", "nn", "tn"])
+def test_gemm_bf16_strided_views(ops, rng, layout):
+    """Leading dimensions larger than a row and odd offsets (unaligned rows: element loaders; an odd ldc:
+    scalar epilogue stores)."""
+    M, N, K = 70, 45, 36
+    a_shape = (K, M) if layout == "tn" else (M, K)
+    b_shape = (N, K) if layout == "nt" else (K, N)
+    a = rng.standard_normal((a_shape[0], a_shape[1] + 5)).astype(np.float32)[:, 3:3 + a_shape[1]]
+    b = rng.standard_normal((b_shape[0], b_shape[1] + 2)).astype(np.float32)[:, 1:1 + b_shape[1]]
+    c0 = rng.standard_normal((M, N + 7)).astype(np.float32)[:, 2:2 + N]
+    out = c0.copy()
+    got = getattr(ops, f"gemm_{layout}")(a, b, out, alpha=1.5, beta=-2.0, backend="cuda", compute_dtype="bfloat16")
+    _check_bf16(got, a if layout != "tn" else a.T, b.T if layout == "nt" else b, K, 1.5, -2.0, c0)
+
+
+@needs_bf16_gpu
+@pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (0.7, -1.25)])
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no_dq"])
+@pytest.mark.parametrize("shape", NF4_SHAPES, ids=_nf4_id)
+@pytest.mark.parametrize("M", [1, 5, 64, 300])
+@pytest.mark.parametrize("op", ["nt", "nn"])
+def test_nf4_gemm_bf16_tensor_cores(ops, rng, op, M, shape, double_quant, alpha, beta):
+    """NF4 decoded in the tile's dequant stage: cols % 8 == 0 shapes take the packed-word loader,
+    the others (53, 130, 300 columns) and dX = dY·W the element loader."""
+    rows, cols, bs = shape
+    w = Nf4Weight(rng, rows, cols, bs, double_quant)
+    K = cols if op == "nt" else rows
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    c0 = rng.standard_normal((M, cols if op == "nn" else rows)).astype(np.float32)
+    fn = ops.nf4_gemm_nt if op == "nt" else ops.nf4_gemm_nn
+    got = fn(x, w, c0.copy() if beta else None, alpha=alpha, beta=beta, backend="cuda", compute_dtype="bfloat16")
+    wd = w.dequantize64()
+    w_rounded = _bf16(ops.nf4_dequantize(w, backend="cuda"))
+    B, RB = (wd.T, w_rounded.T) if op == "nt" else (wd, w_rounded)
+    _check_bf16(got, x, B, K, alpha, beta, c0 if beta else None, b_rounded=RB)
+    # the CPU's bf16 oracle (emulated rounding, double sums): both within the loose bound of the exact product
+    ref = fn(x, w, c0.copy() if beta else None, alpha=alpha, beta=beta, backend="cpu:scalar", compute_dtype="bfloat16")
+    scale = abs(alpha) * (np.abs(x.astype(np.float64)) @ np.abs(B)) + (abs(beta) * np.abs(c0) if beta else 0.0)
+    assert np.all(np.abs(got - ref.astype(np.float64)) <= 2 * (2 * U_BF16 + U_BF16 ** 2 + 2 * (K + 8) * EPS32) * scale + 1e-30)
+
+
 # ------------------------------------------------------------------ op harness (every backend op)
 # The pattern of ggml's test-backend-ops: each transformer op runs through _core.backend_op on
 # every backend (arrays copied into guarded buffers; a write outside an output raises) and is
@@ -419,24 +537,29 @@ def _attention_ref(q, kc, vc, mask, start, Hq, Hkv, scale):
     return out, bound
 
 
-ATTN_CASES = [  # B, T, Hq, Hkv, hd, S_cap, start
+ATTN_CASES = [  # B, T, Hq, Hkv, hd, S_cap, start[, left padding of row 0 (default 2)]
     (1, 1, 4, 2, 8, 16, 9),      # decode, GQA 2
     (2, 1, 6, 2, 64, 40, 33),    # decode, batch, GQA 3
     (2, 7, 4, 4, 17, 12, 3),     # chunked prefill, MHA, odd head_dim
-    (1, 20, 8, 1, 128, 20, 0),   # full prefill, MQA
+    # T >= 16: CUDA's flash-tiled kernel (64 / 128 / 256 head-dim tiles, ragged query-row and key tiles)
+    (1, 20, 8, 1, 128, 20, 0),   # full prefill, MQA: 160 rows, 5 row tiles of 32
+    (2, 19, 6, 2, 64, 40, 5),    # GQA 3, rows of a tile span several queries, 2 key tiles
+    (1, 33, 4, 4, 96, 40, 2),    # hd 96 in the 128 tile (zero-padded dims)
+    (1, 17, 4, 1, 256, 24, 3),   # hd 256 (16-key tiles), GQA 4
+    (2, 40, 3, 1, 17, 45, 4, 37),  # odd hd (4-byte copies), row 0 padded past a whole key tile
 ]
 
 
 @pytest.mark.parametrize("backend", HARNESS_BACKENDS)
 @pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "x".join(map(str, c)))
 def test_op_attention(backend, rng, case):
-    B, T, Hq, Hkv, hd, S, start = case
+    B, T, Hq, Hkv, hd, S, start, *pad = case
     ldq = Hq * hd + 3
     q = rng.standard_normal((B * T, ldq)).astype(np.float32)
     kc = rng.standard_normal((B, Hkv, S, hd)).astype(np.float32)
     vc = rng.standard_normal((B, Hkv, S, hd)).astype(np.float32)
     mask = np.ones((B, S), np.int32)
-    mask[0, :2] = 0  # left padding of row 0: its first query sees no key when start == 0
+    mask[0, :(pad[0] if pad else 2)] = 0  # left padding of row 0: its first queries see no key when start is small
     if S > 6:
         mask[-1, 5] = 0  # a hole
     scale = 1.0 / np.sqrt(hd)
@@ -513,6 +636,27 @@ def test_op_lora_segments(backend, rng, many):
         got = res[f"y_{p}"]
         _within(got[:, :out], ref, (40 + 8 + 8) * 2 * EPS32 * bound + 1e-30, f"lora problem {p}")
         np.testing.assert_array_equal(got[:, out:], y[:, out:])
+
+
+@pytest.mark.parametrize("backend", HARNESS_BACKENDS)
+def test_op_gemm_nt_bf16(backend, rng):
+    """gemm_nt_bf16 between sentinels (the tensor-core epilogue's paired stores on ragged edges): the
+    bf16 bounds where the backend has bf16 compute, fp32 rounding where it runs the fp32 kernel."""
+    be = _be(backend)
+    M, N, K, lda, ldb, ldc = 70, 37, 45, 47, 45, 38
+    a = rng.standard_normal((M, lda)).astype(np.float32)
+    b = rng.standard_normal((N, ldb)).astype(np.float32)
+    c0 = rng.standard_normal((M, ldc)).astype(np.float32)
+    got = _run(be, "gemm_nt_bf16", {"A": a, "B": b, "C": c0.copy()},
+               {"M": M, "N": N, "K": K, "lda": lda, "ldb": ldb, "ldc": ldc}, {"alpha": 0.5, "beta": -1.0})["C"]
+    assert np.array_equal(got[:, N:], c0[:, N:])  # padding columns untouched
+    A, B = a[:, :K], b[:, :K]
+    if ops_mod.bf16_compute_available(be):
+        _check_bf16(got[:, :N], A, B.T, K, 0.5, -1.0, c0[:, :N])
+    else:
+        exact = 0.5 * (A.astype(np.float64) @ B.T.astype(np.float64)) - c0[:, :N]
+        bound = 0.5 * (np.abs(A.astype(np.float64)) @ np.abs(B.T.astype(np.float64))) + np.abs(c0[:, :N])
+        _within(got[:, :N], exact, (K + 8) * EPS32 * bound + 1e-30, "gemm_nt_bf16 (fp32 kernel)")
 
 
 def test_op_harness_refuses_bad_calls():

@@ -185,10 +185,11 @@ void bind_backend_op(py::module_& m) {
             const int64_t n = I("n");
             be.find_nonfinite(n, f("x", n), static_cast<int64_t*>(A("out", 1, 8)));
             outs = {"out"};
-          } else if (op == "gemm_nt") {
+          } else if (op == "gemm_nt" || op == "gemm_nt_bf16") {
             const int64_t M = I("M"), N = I("N"), K = I("K"), lda = I("lda"), ldb = I("ldb"), ldc = I("ldc");
-            be.gemm_nt(M, N, K, F("alpha"), f("A", span(M, K, lda)), lda, f("B", span(N, K, ldb)), ldb, F("beta"),
-                       f("C", span(M, N, ldc)), ldc);
+            const auto fn = op == "gemm_nt" ? &Backend::gemm_nt : &Backend::gemm_nt_bf16;
+            (be.*fn)(M, N, K, F("alpha"), f("A", span(M, K, lda)), lda, f("B", span(N, K, ldb)), ldb, F("beta"),
+                     f("C", span(M, N, ldc)), ldc);
             outs = {"C"};
           } else if (op == "lora_segments" || op == "lora_segments_many") {
             // Problems p = 0..np-1 (lora_segments: np = 1), each with ints in_p, out_p, ldx_p, ldy_p,
