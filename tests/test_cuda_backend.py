@@ -373,6 +373,38 @@ def test_nf4_gemm_bf16_tensor_cores(ops, rng, op, M, shape, double_quant, alpha,
     assert np.all(np.abs(got - ref.astype(np.float64)) <= 2 * (2 * U_BF16 + U_BF16 ** 2 + 2 * (K + 8) * EPS32) * scale + 1e-30)
 
 
+@needs_bf16_gpu
+def test_bf16_training_pass_cuda(tmp_path, rng):
+    """End to end: loss and LoRA gradients of the tiny NF4 model in bf16 mode on CUDA (tensor-core base
+    GEMMs forward and back) vs the CPU in fp32, under test_bf16's bf16-derived bound (2u * 2 (L + 1) * 2,
+    global relative); the CUDA fp32 pass stays fp32-close, and bf16 mode really differs from it."""
+    from test_bf16 import LORA, TINY, U, batch, engine_pass, global_rel, max_rel
+    from test_lora_model import build, random_adapter
+
+    need = ("attention_train", "attention_train_backward", "rmsnorm_backward", "swiglu_backward")
+    missing = [op for op in need if op not in _core.backend_ops("cuda")]
+    if missing:
+        pytest.skip(f"CUDA training ops missing: {missing}")
+    cpu, cfg, _ = build(tmp_path, rng, **TINY)
+    _, state = random_adapter(cpu, "a", rng, **LORA)
+    ids, mask, labels = batch(rng, cfg["vocab_size"], B=3, T=16)
+    loss32, g32 = engine_pass(cpu, ids, mask, labels)
+
+    gpu = qlora_native.Model.from_pretrained(cpu.name_or_path, quantize="nf4", backend="cuda", tokenizer=None)
+    gpu.add_adapter("a", qlora_native.LoraConfig(lora_dropout=0.0, **LORA))
+    gpu.set_adapter_state_dict("a", state)
+    gpu.set_active_adapter("a")
+    loss_f, g_f = engine_pass(gpu, ids, mask, labels)
+    gpu.compute_dtype = "bfloat16"
+    assert gpu.compute_dtype == "bfloat16"
+    loss16, g16 = engine_pass(gpu, ids, mask, labels)
+    tol = 2 * U * 2 * (cfg["num_hidden_layers"] + 1) * 2
+    assert abs(loss16 - loss32) < U * abs(loss32)
+    assert global_rel(g16, g32) < tol and max_rel(g16, g32) < 2 * tol
+    assert abs(loss_f - loss32) < 1e-4 * abs(loss32) and global_rel(g_f, g32) < 1e-3
+    assert global_rel(g16, g32) > 10 * global_rel(g_f, g32)  # bf16 really used
+
+
 # ------------------------------------------------------------------ op harness (every backend op)
 # The pattern of ggml's test-backend-ops: each transformer op runs through _core.backend_op on
 # every backend (arrays copied into guarded buffers; a write outside an output raises) and is
