@@ -30,6 +30,7 @@
 #include "ops_q8_0_rows.cuh"
 #include "ops_rmsnorm.cuh"
 #include "ops_rope.cuh"
+#include "ops_sample.cuh"
 #include "ops_swiglu.cuh"
 
 namespace qlora::cuda {
@@ -314,6 +315,13 @@ class CudaBackend final : public Backend {
     check_arg(M <= 0x7fffffff, "cuda backend: cross_entropy_rows: too many rows for one launch");
     use_device("cross_entropy_rows");
     cuda::cross_entropy_rows(stream_, M, V, logits, ldl, labels, grad_scale, want_grad, loss);
+  }
+  // Sampling on the device (ops_sample.cu): only the n token ids come back.
+  void sample_rows(int64_t n, int64_t V, const float* logits, int64_t ldl, const int32_t* rows,
+                   const int32_t* const* histories, const int64_t* n_hists, const SamplingParams& p, const double* u,
+                   int32_t* out) override {
+    use_device("sample_rows");
+    cuda::sample_rows_op(*this, stream_, n, V, logits, ldl, rows, histories, n_hists, p, u, out);
   }
   // ---- optimizer ops (ops_adamw.cu, ops_grad_norm.cu) on the adapter's contiguous buffers
   void adamw_update(int64_t n, float* p, const float* g, float* m, float* v, const train::AdamWScalars& s) override {

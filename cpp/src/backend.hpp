@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "tensor_types.hpp"
+#include "sampling_params.hpp"
 #include "train/optimizer.hpp"
 
 namespace qlora {
@@ -207,6 +208,16 @@ class Backend {
                          const int32_t* key_mask, float scale, float* out, int64_t ldo) {
     not_implemented("attention");
   }
+  // Next-token choice where the logits are, so only token ids come back (generation): row i of
+  // logits[*, V] (backend memory, row stride ldl) is row rows[i]; out[i] = the token the rule of
+  // model/sampler.hpp (sample_token) picks with histories[i][0, n_hists[i]) for the repetition
+  // penalty and draw u[i] in [0, 1) (read only when p.draws(); one per row from the caller's
+  // generator, so a seed gives the same tokens on every backend). rows, histories, n_hists, u and
+  // out are host memory; logits are left intact. ValueError when a row holds NaN. Default
+  // (backend_sample.cpp): the host rule on the rows, downloaded first unless host_memory().
+  virtual void sample_rows(int64_t n, int64_t V, const float* logits, int64_t ldl, const int32_t* rows,
+                           const int32_t* const* histories, const int64_t* n_hists, const SamplingParams& p,
+                           const double* u, int32_t* out);
 
   // ---- training ops (cpu/ops_backward.hpp): gradients of the ops above, for LoRA training.
   // dx[M, D] = d(rmsnorm(x, w, eps))/dx applied to dy[M, D] (no dw: norms are frozen); dx may alias dy.

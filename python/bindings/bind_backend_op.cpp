@@ -97,6 +97,7 @@ void bind_backend_op(py::module_& m) {
         // Rows x cols with row stride ld: the last row needs only cols.
         auto span = [](int64_t rows, int64_t cols, int64_t ld) { return rows ? (rows - 1) * ld + cols : 0; };
         std::vector<std::string> outs;
+        std::vector<int32_t> sampled;  // sample_rows: host output
         {
           py::gil_scoped_release nogil;
           if (op == "embedding") {
@@ -221,6 +222,36 @@ void bind_backend_op(py::module_& m) {
                                probs[0].ldy, t);
             else
               be.lora_segments_many(np, probs.data(), t);
+          } else if (op == "sample_rows") {
+            // logits [R, ldl] in backend memory; host arrays rows int32 [n], hist int32 (all rows'
+            // histories back to back), hist_off int64 [n + 1], u float64 [n]; ints n, V, ldl, R,
+            // top_k; floats temperature, top_p, repetition_penalty. Output: tokens int32 [n] (host)
+            // and the logits (must come back intact).
+            const int64_t n = I("n"), V = I("V"), ldl = I("ldl"), R = I("R");
+            check_arg(V >= 1 && ldl >= V, "backend_op sample_rows: need V >= 1 and ldl >= V");
+            const float* lg = f("logits", span(R, V, ldl));
+            auto host = [&](const std::string& k, int64_t cnt, size_t isz) {
+              A(k, cnt, isz);  // size and dtype checks
+              return bufs.at(k)->host.data();
+            };
+            const int32_t* rows = static_cast<const int32_t*>(host("rows", n, 4));
+            const int64_t* off = static_cast<const int64_t*>(host("hist_off", n + 1, 8));
+            const double* u = static_cast<const double*>(host("u", n, 8));
+            const int64_t nh = off[n];
+            check_arg(off[0] == 0 && nh >= 0, "backend_op sample_rows: hist_off must start at 0");
+            const int32_t* hist = static_cast<const int32_t*>(host("hist", nh, 4));
+            std::vector<const int32_t*> hp(n);
+            std::vector<int64_t> hn(n);
+            for (int64_t i = 0; i < n; ++i) {
+              check_arg(rows[i] >= 0 && rows[i] < R, "backend_op sample_rows: row index out of range");
+              check_arg(off[i] <= off[i + 1] && off[i + 1] <= nh, "backend_op sample_rows: bad hist_off");
+              hp[i] = hist + off[i];
+              hn[i] = off[i + 1] - off[i];
+            }
+            SamplingParams p{F("temperature"), I("top_k"), F("top_p"), F("repetition_penalty")};
+            sampled.assign(static_cast<size_t>(n), -7);
+            be.sample_rows(n, V, lg, ldl, rows, hp.data(), hn.data(), p, u, sampled.data());
+            outs = {"logits"};
           } else {
             throw ValueError("backend_op: no harness case for op '" + op + "'");
           }
@@ -228,6 +259,11 @@ void bind_backend_op(py::module_& m) {
         }
         py::dict result;
         for (const std::string& k : outs) result[py::str(k)] = bufs.at(k)->fetch(k);
+        if (op == "sample_rows") {
+          py::array_t<int32_t> t(static_cast<py::ssize_t>(sampled.size()));
+          if (!sampled.empty()) std::memcpy(t.mutable_data(), sampled.data(), sampled.size() * sizeof(int32_t));
+          result["tokens"] = t;
+        }
         return result;
       },
       py::arg("backend"), py::arg("op"), py::arg("arrays"), py::arg("ints") = std::map<std::string, int64_t>{},

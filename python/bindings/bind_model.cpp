@@ -137,6 +137,43 @@ void bind_model(py::module_& m) {
             return out;
           },
           py::arg("input_ids"), py::arg("attention_mask") = py::none())
+      .def(
+          "feed_sample",
+          [](PyContext& self, const I32Array& ids, const std::optional<I32Array>& mask, model::Sampler& sampler,
+             const I32Array& rows, const py::list& histories, float temperature, int64_t top_k, float top_p,
+             float repetition_penalty) {
+            model::GenerationContext& c = self.get();
+            auto [B, T] = batch_shape(ids, "input_ids");
+            check_arg(B == c.batch(), "feed_sample: batch differs from the context's");
+            const int32_t* mp = mask_ptr(mask, B, T);
+            check_arg(rows.ndim() == 1, "feed_sample: rows must be a 1-D array of row indices");
+            const int64_t n = rows.size();
+            check_arg(static_cast<int64_t>(histories.size()) == n, "feed_sample: one history per row");
+            for (int64_t i = 0; i < n; ++i)
+              check_arg(rows.data()[i] >= 0 && rows.data()[i] < B, "feed_sample: row index out of range");
+            std::vector<I32Array> hist;  // keeps the converted arrays alive
+            std::vector<const int32_t*> hp(n);
+            std::vector<int64_t> hn(n);
+            for (int64_t i = 0; i < n; ++i) hist.push_back(py::cast<I32Array>(histories[i]));
+            for (int64_t i = 0; i < n; ++i) {
+              hp[i] = hist[i].data();
+              hn[i] = hist[i].size();
+            }
+            model::SamplingParams p{temperature, top_k, top_p, repetition_penalty};
+            p.validate();
+            py::array_t<int32_t> out(n);
+            int32_t* o = out.mutable_data();
+            {
+              py::gil_scoped_release nogil;
+              c.feed_sample(ids.data(), mp, T, sampler, p, rows.data(), n, hp.data(), hn.data(), o);
+            }
+            return out;
+          },
+          py::arg("input_ids"), py::arg("attention_mask"), py::arg("sampler"), py::arg("rows"), py::arg("histories"),
+          py::arg("temperature") = 0.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f,
+          py::arg("repetition_penalty") = 1.0f,
+          "Feeds like feed() and returns the next token of each listed row (int32 [len(rows)]), chosen on the "
+          "backend (sample_rows: only token ids leave a GPU); the same tokens as feed() + Sampler.sample_rows.")
       .def("close", [](PyContext& self) { self.ctx.reset(); }, "Frees the KV cache now (idempotent).")
       .def_property_readonly("closed", [](PyContext& self) { return self.ctx == nullptr; })
       .def_property_readonly("batch", [](PyContext& self) { return self.get().batch(); })

@@ -354,16 +354,18 @@ class Model(LoraModelMixin):
                 pad_token_id):
         B = len(out)
         done = [False] * B
-        logits = ctx.feed(ids, mask)  # [B, V]
         no_hist = np.zeros(0, np.int32)
         penalty = sample_args["repetition_penalty"] != 1.0  # the only use of the history
+        feed_ids, feed_mask = ids, mask  # the prompts first, then one token per live row
         for step in range(max_new_tokens):
-            nxt = np.full((B, 1), pad_token_id, np.int32)
-            live = np.zeros((B, 1), np.int32)
             rows = [b for b in range(B) if not done[b]]
             hists = [np.asarray(history[b], np.int32) if penalty else no_hist for b in rows]
-            # One C++ call per step for all rows (greedy rows in parallel), in row order.
-            toks = sampler.sample_rows(logits, np.asarray(rows, np.int32), hists, **sample_args).tolist()
+            # One engine call per step: the forward and each live row's token, chosen where the logits
+            # are (a GPU returns token ids only); draws in row order, as Sampler.sample_rows.
+            toks = ctx.feed_sample(feed_ids, feed_mask, sampler, np.asarray(rows, np.int32), hists,
+                                   **sample_args).tolist()
+            nxt = np.full((B, 1), pad_token_id, np.int32)
+            live = np.zeros((B, 1), np.int32)
             for b, tok in zip(rows, toks):
                 out[b].append(tok)
                 history[b].append(tok)
@@ -375,7 +377,7 @@ class Model(LoraModelMixin):
                     nxt[b, 0], live[b, 0] = tok, 1
             if all(done) or step == max_new_tokens - 1:
                 break
-            logits = ctx.feed(nxt, live)
+            feed_ids, feed_mask = nxt, live
 
     def _hit_stop(self, tokens: list[int], stops: list[str]) -> bool:
         # Decode a tail long enough to hold any stop string (a token is at least one char or byte).

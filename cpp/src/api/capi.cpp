@@ -81,19 +81,26 @@ void generate(qlora_model* model, const qlora::model::AdapterSet* uses, int64_t 
   float one = 0.0f;
   sampler.sample(&one, 1, nullptr, 0, sp);
   std::vector<int32_t> history(prompt, prompt + n_prompt);  // prompt + generated (repetition penalty)
-  std::vector<float> logits(static_cast<size_t>(V));       // [V] of the last fed token
   // This call's own context (freed on every exit path): calls from several threads run at once.
   const auto ctx = uses ? m.new_context(1, n_prompt + max_new_tokens, *uses) : m.new_context(1, n_prompt + max_new_tokens);
-  ctx->feed(prompt, nullptr, n_prompt, logits.data());
+  // Feeds ids and picks the next token where the logits are (a GPU returns the id only).
+  int32_t tok = 0;
+  auto feed_sample = [&](const int32_t* ids, int64_t T) {
+    const int32_t row = 0;
+    const int32_t* h = history.data();
+    const int64_t nh = static_cast<int64_t>(history.size());
+    ctx->feed_sample(ids, nullptr, T, sampler, sp, &row, 1, &h, &nh, &tok);
+  };
+  feed_sample(prompt, n_prompt);
   for (int64_t step = 0; step < max_new_tokens; ++step) {
-    const int32_t tok = sampler.sample(logits.data(), V, history.data(), static_cast<int64_t>(history.size()), sp);
     out_tokens[step] = tok;
     history.push_back(tok);
     if (n_out) *n_out = step + 1;
     bool done = cb != nullptr && cb(tok, user) != 0;
     for (int64_t i = 0; i < p.n_stop_ids && !done; ++i) done = p.stop_ids[i] == tok;
     if (done || step == max_new_tokens - 1) break;
-    ctx->feed(&tok, nullptr, 1, logits.data());
+    const int32_t fed = tok;
+    feed_sample(&fed, 1);
   }
 }
 

@@ -81,6 +81,21 @@ void GenerationContext::feed(const int32_t* ids, const int32_t* mask, int64_t T,
   m_.run(cache_, uses_, ids, mask, T, /*all_rows=*/false, logits);
 }
 
+void GenerationContext::feed_sample(const int32_t* ids, const int32_t* mask, int64_t T, Sampler& s,
+                                    const SamplingParams& p, const int32_t* rows, int64_t n,
+                                    const int32_t* const* hist, const int64_t* n_hist, int32_t* out) {
+  p.validate();  // before any compute
+  check_arg(n >= 0, "feed_sample: negative row count");
+  for (int64_t i = 0; i < n; ++i)
+    check_arg(rows[i] >= 0 && rows[i] < batch(), "feed_sample: row index " + std::to_string(rows[i]) +
+                                                     " out of range for a batch of " + std::to_string(batch()));
+  std::vector<double> u(p.draws() ? n : 0);  // drawn on the host: one generator stream for every backend
+  s.draw(n, p, u.data());
+  const LlamaModel::SampleRequest req{&p, rows, n, hist, n_hist, u.data(), out};
+  std::shared_lock<std::shared_mutex> wl(m_.weights_mu_);
+  m_.run(cache_, uses_, ids, mask, T, /*all_rows=*/false, nullptr, &req);
+}
+
 std::unique_ptr<GenerationContext> LlamaModel::new_context(int64_t B, int64_t capacity, AdapterSet uses) {
   check_set(uses, B);
   return std::unique_ptr<GenerationContext>(new GenerationContext(*this, B, capacity, std::move(uses)));
@@ -97,7 +112,7 @@ void LlamaModel::feed(const int32_t* ids, const int32_t* mask, int64_t T, float*
 }
 
 void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids, const int32_t* mask, int64_t T,
-                     bool all_rows, float* logits_host) {
+                     bool all_rows, float* logits_host, const SampleRequest* sample) {
   check_complete();
   const LlamaConfig& c = w_->cfg;
   const int64_t B = cache.batch(), M = B * T;
@@ -230,6 +245,13 @@ void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids,
     else
       be_.gemm_nt(rows, V, D, 1.0f, hin, ldh, w_->lm_head_weight(), D, 0.0f, out, V);
   };
+  if (sample) {  // the logits stay in backend memory: only token ids come back
+    DeviceBuffer lg(be_, sizeof(float) * rows * V);  // [rows, V]
+    lm_head(lg.f32());
+    be_.sample_rows(sample->n, V, lg.f32(), V, sample->rows, sample->hist, sample->n_hist, *sample->p, sample->u,
+                    sample->out);
+    return;
+  }
   // Host backends write straight into the caller's array (no [rows, V] buffer and copy per step).
   HostOutput logits(be_, logits_host, sizeof(float) * rows * V);  // [rows, V]
   lm_head(logits.f32());

@@ -14,6 +14,7 @@
 #include "model/kv_cache.hpp"
 #include "model/lora.hpp"
 #include "model/merge.hpp"
+#include "model/sampler.hpp"
 #include "model/weights.hpp"
 
 namespace qlora::model {
@@ -45,6 +46,12 @@ class GenerationContext {
   // Feeds T tokens per row (prefill: the left-padded prompts; decode: T = 1); logits[B, V] (host)
   // of each row's last slot.
   void feed(const int32_t* ids, const int32_t* mask, int64_t T, float* logits);
+  // Feeds like feed() and picks the next token of rows rows[0, n) where the logits are (the
+  // backend's sample_rows: a GPU returns token ids only) into out[n]: s draws one uniform per row
+  // when p samples, in row order (the same tokens as feed() + Sampler::sample_rows for a seed).
+  // hist[i][0, n_hist[i]): row rows[i]'s prompt + generated tokens (repetition penalty).
+  void feed_sample(const int32_t* ids, const int32_t* mask, int64_t T, Sampler& s, const SamplingParams& p,
+                   const int32_t* rows, int64_t n, const int32_t* const* hist, const int64_t* n_hist, int32_t* out);
   const KvCache& cache() const { return cache_; }
   int64_t batch() const { return cache_.batch(); }
   const AdapterSet& adapters() const { return uses_; }
@@ -165,8 +172,18 @@ class LlamaModel {
  private:
   // Runs the decoder over T new tokens per row into `cache` with adapter `ad` (null: none);
   // writes logits of all rows (logits[B*T, V]) or of each row's last token only (logits[B, V]).
+  // With `sample` the last slot's logits stay in backend memory and are sampled there instead.
+  struct SampleRequest {
+    const SamplingParams* p;
+    const int32_t* rows;
+    int64_t n;
+    const int32_t* const* hist;
+    const int64_t* n_hist;
+    const double* u;
+    int32_t* out;
+  };
   void run(KvCache& cache, const AdapterSet& uses, const int32_t* ids, const int32_t* mask, int64_t T, bool all_rows,
-           float* logits);
+           float* logits, const SampleRequest* sample = nullptr);
 
   LossResult train_pass(LoraAdapter* ad, float scale, const int32_t* ids, const int32_t* mask, const int32_t* labels, int64_t B,
                         int64_t T, float grad_scale, bool training, bool checkpointing, bool backward);
