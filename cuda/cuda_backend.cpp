@@ -26,6 +26,7 @@
 #include "ops_embedding.cuh"
 #include "ops_grad_norm.cuh"
 #include "ops_kv_write.cuh"
+#include "ops_lora_sgmv.cuh"
 #include "ops_q8_0_gemm.cuh"
 #include "ops_q8_0_rows.cuh"
 #include "ops_rmsnorm.cuh"
@@ -322,6 +323,17 @@ class CudaBackend final : public Backend {
                    int32_t* out) override {
     use_device("sample_rows");
     cuda::sample_rows_op(*this, stream_, n, V, logits, ldl, rows, histories, n_hists, p, u, out);
+  }
+  // Mixed-adapter LoRA (ops_lora_sgmv.cu): short segments as SGMV shrink/expand launches, long
+  // ones as two GEMMs.
+  void lora_segments(int64_t in, int64_t out, const float* x, int64_t ldx, int64_t n, const LoraSegment* seg, float* y,
+                     int64_t ldy, float* t) override {
+    const LoraProblem p{in, out, x, ldx, n, seg, y, ldy};
+    lora_segments_many(1, &p, t);
+  }
+  void lora_segments_many(int64_t np, const LoraProblem* p, float* t) override {
+    use_device("lora_segments_many");
+    cuda::lora_segments_many_op(*this, stream_, np, p, t);
   }
   // ---- optimizer ops (ops_adamw.cu, ops_grad_norm.cu) on the adapter's contiguous buffers
   void adamw_update(int64_t n, float* p, const float* g, float* m, float* v, const train::AdamWScalars& s) override {

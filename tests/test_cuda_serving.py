@@ -234,3 +234,76 @@ def test_feed_sample_refuses_bad_rows(tmp_path):
         ctx.feed_sample(ids, None, s, np.array([0], np.int32), [np.zeros(0, np.int32)], top_p=0.0)
     assert ctx.used == 0  # refused before any compute
     ctx.close()
+
+
+# ------------------------------------------------------------------ lora_segments_many (SGMV)
+
+
+def _lora_case(rng, problems, M):
+    """problems: [(in, out, [(row0, rows, r, alpha), ...])]; returns harness arrays and references."""
+    arrays, ints, floats, refs = {}, {"np": len(problems)}, {}, []
+    tmax = 1
+    for p, (inp, out, segs) in enumerate(problems):
+        ldx, ldy = inp + 3, out + 1
+        x = rng.standard_normal((M, ldx)).astype(np.float32)
+        y = rng.standard_normal((M, ldy)).astype(np.float32)
+        arrays[f"x_{p}"], arrays[f"y_{p}"] = x, y
+        ints.update({f"in_{p}": inp, f"out_{p}": out, f"ldx_{p}": ldx, f"ldy_{p}": ldy, f"nseg_{p}": len(segs)})
+        ref = y[:, :out].astype(np.float64)
+        bound = np.abs(ref)
+        for s, (row0, rows, r, alpha) in enumerate(segs):
+            A = rng.standard_normal((r, inp)).astype(np.float32)
+            Bm = rng.standard_normal((out, r)).astype(np.float32)
+            key = f"{p}_{s}"
+            arrays[f"A_{key}"], arrays[f"B_{key}"] = A, Bm
+            ints.update({f"row0_{key}": row0, f"rows_{key}": rows, f"r_{key}": r})
+            floats[f"alpha_{key}"] = alpha
+            if rows and alpha:
+                xs = x[row0:row0 + rows, :inp].astype(np.float64)
+                ref[row0:row0 + rows] += alpha * (xs @ A.T.astype(np.float64)) @ Bm.T.astype(np.float64)
+                bound[row0:row0 + rows] += abs(alpha) * (np.abs(xs) @ np.abs(A.T)) @ np.abs(Bm.T)
+            tmax = max(tmax, rows * r)
+        refs.append((p, inp, out, ref, bound, y, segs))
+    arrays["t"] = np.zeros(tmax, np.float32)
+    return arrays, ints, floats, refs
+
+
+def _segments(rows_per, ranks, M, alphas=None):
+    segs, row = [], 0
+    for i, (n, r) in enumerate(zip(rows_per, ranks)):
+        if row + n > M:
+            break
+        segs.append((row, n, r, (alphas or [0.75, -1.5, 2.0, 0.25])[i % 4]))
+        row += n
+    return segs
+
+
+SGMV_CASES = {
+    # decode of a mixed batch: one row per adapter, ranks 1..64 (CUDA: one shrink warp per rank row)
+    "decode_mixed": (16, [(64, 96, _segments([1] * 16, [1, 2, 4, 8, 16, 32, 64, 3, 5, 7, 9, 11, 13, 15, 17, 33], 16))]),
+    # q/k/v-like problems sharing x, more than 40 segments (several CUDA launches), a zero alpha
+    "many_segments": (45, [(48, 40, _segments([1] * 45, [4, 8] * 23, 45, [1.0, 0.0, -0.5, 2.0])),
+                           (48, 16, _segments([1] * 45, [8] * 45, 45)),
+                           (48, 16, _segments([3, 5, 7], [16, 16, 16], 45))]),
+    # segments longer than 64 rows / rows * r beyond the expand tile: the GEMM path, beside short ones
+    "long_and_short": (150, [(33, 300, [(0, 70, 8, 0.5), (70, 60, 80, -1.0), (130, 17, 12, 1.5)])]),
+    # odd sizes: in not a multiple of 32, out not of 256, rows not of 8, an empty segment
+    "odd": (23, [(37, 259, [(0, 9, 3, 1.0), (9, 0, 5, 1.0), (9, 13, 7, -0.25)])]),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(SGMV_CASES))
+def test_op_lora_segments_many_sgmv(backend, case):
+    _be(backend)
+    M, problems = SGMV_CASES[case]
+    rng = np.random.default_rng(len(case) * 7919)
+    arrays, ints, floats, refs = _lora_case(rng, problems, M)
+    res = _core.backend_op(backend, "lora_segments_many", arrays, ints, floats)
+    for p, inp, out, ref, bound, y, segs in refs:
+        got = res[f"y_{p}"].astype(np.float64)
+        rmax = max([s[2] for s in segs] + [1])
+        tol = 2 * (inp + rmax + 8) * EPS32 * bound + 1e-30
+        bad = np.abs(got[:, :out] - ref) > tol
+        assert not bad.any(), f"{case} problem {p}: {bad.sum()} elements off"
+        np.testing.assert_array_equal(res[f"y_{p}"][:, out:], y[:, out:])  # padding untouched
