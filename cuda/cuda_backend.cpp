@@ -22,17 +22,22 @@
 #include "ops_add_bias.cuh"
 #include "ops_add_inplace.cuh"
 #include "ops_attention.cuh"
+#include "ops_attention_train.cuh"
+#include "ops_attention_train_backward.cuh"
 #include "ops_cross_entropy.cuh"
 #include "ops_embedding.cuh"
 #include "ops_grad_norm.cuh"
 #include "ops_kv_write.cuh"
+#include "ops_lora_dropout.cuh"
 #include "ops_lora_sgmv.cuh"
 #include "ops_q8_0_gemm.cuh"
 #include "ops_q8_0_rows.cuh"
 #include "ops_rmsnorm.cuh"
+#include "ops_rmsnorm_backward.cuh"
 #include "ops_rope.cuh"
 #include "ops_sample.cuh"
 #include "ops_swiglu.cuh"
+#include "ops_swiglu_backward.cuh"
 
 namespace qlora::cuda {
 
@@ -317,6 +322,67 @@ class CudaBackend final : public Backend {
     use_device("cross_entropy_rows");
     cuda::cross_entropy_rows(stream_, M, V, logits, ldl, labels, grad_scale, want_grad, loss);
   }
+  // ---- training ops (ops_*_backward.cu, ops_attention_train*.cu, ops_lora_dropout.cu)
+  void rmsnorm_backward(int64_t M, int64_t D, const float* x, const float* w, float eps, const float* dy,
+                        float* dx) override {
+    check_dims("rmsnorm_backward", {M, D});
+    check_arg(M <= 0x7fffffff, "cuda backend: rmsnorm_backward: too many rows for one launch");
+    use_device("rmsnorm_backward");
+    cuda::rmsnorm_backward(stream_, M, D, x, w, eps, dy, dx);
+  }
+  void swiglu_backward(int64_t M, int64_t N, const float* gate, int64_t ldg, const float* up, int64_t ldu,
+                       const float* dout, int64_t ldd, float* dgate, int64_t lddg, float* dup, int64_t lddu) override {
+    const char* op = "swiglu_backward";
+    check_dims(op, {M, N});
+    check_ld(op, ldg, N), check_ld(op, ldu, N), check_ld(op, ldd, N), check_ld(op, lddg, N), check_ld(op, lddu, N);
+    use_device(op);
+    cuda::swiglu_backward(stream_, M, N, gate, ldg, up, ldu, dout, ldd, dgate, lddg, dup, lddu);
+  }
+  void attention_train(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q, int64_t ldq,
+                       const float* k, int64_t ldk, const float* v, int64_t ldv, const int32_t* key_mask, float scale,
+                       float* out, int64_t ldo, float* lse) override {
+    const char* op = "attention_train";
+    check_train_attention(op, B, T, Hq, Hkv, hd);
+    check_ld(op, ldq, Hq * hd), check_ld(op, ldk, Hkv * hd), check_ld(op, ldv, Hkv * hd), check_ld(op, ldo, Hq * hd);
+    use_device(op);
+    cuda::attention_train(stream_, B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, key_mask, scale, out, ldo, lse);
+  }
+  void attention_train_backward(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+                                int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
+                                const int32_t* key_mask, float scale, const float* out, int64_t ldo, const float* lse,
+                                const float* dout, int64_t lddo, float* dq, int64_t lddq, float* dk, int64_t lddk,
+                                float* dv, int64_t lddv) override {
+    const char* op = "attention_train_backward";
+    check_train_attention(op, B, T, Hq, Hkv, hd);
+    check_ld(op, ldq, Hq * hd), check_ld(op, ldk, Hkv * hd), check_ld(op, ldv, Hkv * hd), check_ld(op, ldo, Hq * hd);
+    check_ld(op, lddo, Hq * hd), check_ld(op, lddq, Hq * hd), check_ld(op, lddk, Hkv * hd), check_ld(op, lddv, Hkv * hd);
+    if (B == 0 || T == 0 || Hq == 0 || hd == 0) return;
+    use_device(op);
+    // delta[B, Hq, T] = dO·O per query row: stream-ordered scratch, freed after the launches
+    // (free() waits for the work that uses it).
+    struct Scratch {
+      Backend* be;
+      void* p;
+      ~Scratch() { be->free(p); }
+    } delta{this, alloc(sizeof(float) * static_cast<size_t>(B * Hq * T))};
+    cuda::attention_train_backward(stream_, B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, key_mask, scale, out, ldo, lse,
+                                   dout, lddo, dq, lddq, dk, lddk, dv, lddv, static_cast<float*>(delta.p));
+  }
+  void lora_dropout(uint64_t seed, uint64_t offset, float p, int64_t M, int64_t in, const float* x, int64_t ldx,
+                    float* out) override {
+    check_dropout("lora_dropout", p, M, in);
+    check_ld("lora_dropout", ldx, in);
+    use_device("lora_dropout");
+    cuda::lora_dropout(stream_, seed, offset, 1.0 - static_cast<double>(p), 1.0f / (1.0f - p), M, in, x, ldx, out);
+  }
+  void lora_dropout_backward(uint64_t seed, uint64_t offset, float p, int64_t M, int64_t in, const float* g, float* dx,
+                             int64_t lddx) override {
+    check_dropout("lora_dropout_backward", p, M, in);
+    check_ld("lora_dropout_backward", lddx, in);
+    use_device("lora_dropout_backward");
+    cuda::lora_dropout_backward(stream_, seed, offset, 1.0 - static_cast<double>(p), 1.0f / (1.0f - p), M, in, g, dx,
+                                lddx);
+  }
   // Sampling on the device (ops_sample.cu): only the n token ids come back.
   void sample_rows(int64_t n, int64_t V, const float* logits, int64_t ldl, const int32_t* rows,
                    const int32_t* const* histories, const int64_t* n_hists, const SamplingParams& p, const double* u,
@@ -366,6 +432,18 @@ class CudaBackend final : public Backend {
     check_ld(op, ldx, n_heads * head_dim);
     use_device(op);
     cuda::rope(stream_, M, n_heads, head_dim, x, ldx, pos, inv_freq, inverse);
+  }
+  void check_train_attention(const char* op, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd) const {
+    const std::string pre = std::string("cuda backend: ") + op + ": ";
+    check_dims(op, {B, T, Hq, Hkv, hd});
+    check_arg(Hkv >= 1 && Hq % Hkv == 0, pre + "Hq must be a multiple of Hkv");
+    check_arg(hd <= kAttentionTrainMaxHeadDim, pre + "head_dim " + std::to_string(hd) + " > " +
+                                                   std::to_string(kAttentionTrainMaxHeadDim) + " is not implemented");
+    check_arg(B * T <= 0x7fffffff && Hq <= 65535 && B * T * Hq <= (int64_t{1} << 33), pre + "grid too large");
+  }
+  void check_dropout(const char* op, float p, int64_t M, int64_t in) const {
+    check_dims(op, {M, in});
+    check_arg(p >= 0.0f && p < 1.0f, std::string("cuda backend: ") + op + ": p must be in [0, 1)");
   }
   // The current device is per host thread: set it before every call that allocates or launches.
   void use_device(const char* op) const { QLORA_CUDA_CHECK(cudaSetDevice(device_), op); }

@@ -33,7 +33,7 @@ const char* const kOptionalOps[] = {"q8_0_gemm_nt", "q8_0_rows", "embedding", "r
                                     "rope", "swiglu", "kv_write", "attention", "rmsnorm_backward", "rope_backward",
                                     "swiglu_backward", "attention_train", "attention_train_backward",
                                     "cross_entropy_rows", "adamw_update", "sum_squares", "scale_inplace",
-                                    "find_nonfinite"};
+                                    "find_nonfinite", "lora_dropout", "lora_dropout_backward"};
 }  // namespace
 
 bool Backend::is_core_op(const std::string& op) {

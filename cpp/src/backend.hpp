@@ -265,6 +265,21 @@ class Backend {
                                   float grad_scale, bool want_grad, float* loss) {
     not_implemented("cross_entropy_rows");
   }
+  // LoRA dropout (inverted, as torch.nn.Dropout), its mask regenerated from a Philox4x32-10
+  // stream instead of stored: element i = m*in + j of the [M, in] keep mask is 1 when output
+  // offset + i of the stream of `seed` passes train::bernoulli_keep(x, 1 - p)
+  // (train/philox_block.hpp), the same rule on every backend, so a seed gives the same masks on CPU
+  // and GPU (model/lora.cpp derives seed and offset from adapter seed, step, layer, projection and
+  // the pass's first token). 0 <= p < 1. out[M, in] (contiguous) = x * keep / (1 - p), x row stride ldx.
+  virtual void lora_dropout(uint64_t seed, uint64_t offset, float p, int64_t M, int64_t in, const float* x,
+                            int64_t ldx, float* out) {
+    not_implemented("lora_dropout");
+  }
+  // dx[M, in] (row stride lddx) += g[M, in] (contiguous) * keep / (1 - p); dropped elements untouched.
+  virtual void lora_dropout_backward(uint64_t seed, uint64_t offset, float p, int64_t M, int64_t in, const float* g,
+                                     float* dx, int64_t lddx) {
+    not_implemented("lora_dropout_backward");
+  }
 
   // ---- optimizer ops on one contiguous fp32 buffer of all LoRA parameters, its gradient buffer
   // and the AdamW moments (train/lora_optimizer.hpp drives them; all pointers in backend memory).

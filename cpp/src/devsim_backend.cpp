@@ -9,7 +9,9 @@ const std::vector<std::string>& cuda_kernel_ops() {
   static const std::vector<std::string> ops = {"q8_0_gemm_nt", "q8_0_rows", "embedding", "rmsnorm",
                                                "add_inplace", "add_bias", "rope", "swiglu",
                                                "kv_write", "attention", "rope_backward", "cross_entropy_rows",
-                                               "adamw_update", "sum_squares", "scale_inplace", "find_nonfinite"};
+                                               "adamw_update", "sum_squares", "scale_inplace", "find_nonfinite",
+                                               "rmsnorm_backward", "swiglu_backward", "attention_train",
+                                               "attention_train_backward", "lora_dropout", "lora_dropout_backward"};
   return ops;
 }
 
@@ -92,6 +94,35 @@ class DevsimBackend final : public Backend {
   void cross_entropy_rows(int64_t M, int64_t V, float* logits, int64_t ldl, const int32_t* labels, float grad_scale,
                           bool want_grad, float* loss) override {
     c_.cross_entropy_rows(M, V, logits, ldl, labels, grad_scale, want_grad, loss);
+  }
+  void rmsnorm_backward(int64_t M, int64_t D, const float* x, const float* w, float eps, const float* dy,
+                        float* dx) override {
+    c_.rmsnorm_backward(M, D, x, w, eps, dy, dx);
+  }
+  void swiglu_backward(int64_t M, int64_t N, const float* g, int64_t ldg, const float* u, int64_t ldu, const float* d,
+                       int64_t ldd, float* dg, int64_t lddg, float* du, int64_t lddu) override {
+    c_.swiglu_backward(M, N, g, ldg, u, ldu, d, ldd, dg, lddg, du, lddu);
+  }
+  void attention_train(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q, int64_t ldq,
+                       const float* k, int64_t ldk, const float* v, int64_t ldv, const int32_t* key_mask, float scale,
+                       float* out, int64_t ldo, float* lse) override {
+    c_.attention_train(B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, key_mask, scale, out, ldo, lse);
+  }
+  void attention_train_backward(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+                                int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
+                                const int32_t* key_mask, float scale, const float* out, int64_t ldo, const float* lse,
+                                const float* dout, int64_t lddo, float* dq, int64_t lddq, float* dk, int64_t lddk,
+                                float* dv, int64_t lddv) override {
+    c_.attention_train_backward(B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, key_mask, scale, out, ldo, lse, dout, lddo,
+                                dq, lddq, dk, lddk, dv, lddv);
+  }
+  void lora_dropout(uint64_t seed, uint64_t offset, float p, int64_t M, int64_t in, const float* x, int64_t ldx,
+                    float* out) override {
+    c_.lora_dropout(seed, offset, p, M, in, x, ldx, out);
+  }
+  void lora_dropout_backward(uint64_t seed, uint64_t offset, float p, int64_t M, int64_t in, const float* g, float* dx,
+                             int64_t lddx) override {
+    c_.lora_dropout_backward(seed, offset, p, M, in, g, dx, lddx);
   }
   void adamw_update(int64_t n, float* p, const float* g, float* m, float* v, const train::AdamWScalars& s) override {
     c_.adamw_update(n, p, g, m, v, s);

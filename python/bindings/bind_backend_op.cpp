@@ -148,6 +148,54 @@ void bind_backend_op(py::module_& m) {
                          f("v_cache", B * Hkv * S * hd), S, st, i32("key_mask", B * S), F("scale"),
                          f("out", span(B * T, Hq * hd, ldo)), ldo);
             outs = {"out"};
+          } else if (op == "rmsnorm_backward") {
+            const int64_t M = I("M"), D = I("D");
+            be.rmsnorm_backward(M, D, f("x", M * D), f("w", D), F("eps"), f("dy", M * D), f("dx", M * D));
+            outs = {"dx"};
+          } else if (op == "swiglu_backward") {
+            const int64_t M = I("M"), N = I("N"), ldg = I("ldg"), ldu = I("ldu"), ldd = I("ldd"), lddg = I("lddg"),
+                          lddu = I("lddu");
+            be.swiglu_backward(M, N, f("gate", span(M, N, ldg)), ldg, f("up", span(M, N, ldu)), ldu,
+                               f("dout", span(M, N, ldd)), ldd, f("dgate", span(M, N, lddg)), lddg,
+                               f("dup", span(M, N, lddu)), lddu);
+            outs = {"dgate", "dup"};
+          } else if (op == "attention_train" || op == "attention_train_backward") {
+            const int64_t B = I("B"), T = I("T"), Hq = I("Hq"), Hkv = I("Hkv"), hd = I("hd"), ldq = I("ldq"),
+                          ldk = I("ldk"), ldv = I("ldv"), ldo = I("ldo");
+            check_arg(Hkv >= 1 && Hq % Hkv == 0, "backend_op " + op + ": Hq must be a multiple of Hkv >= 1");
+            const float* q = f("q", span(B * T, Hq * hd, ldq));
+            const float* k = f("k", span(B * T, Hkv * hd, ldk));
+            const float* v = f("v", span(B * T, Hkv * hd, ldv));
+            const int32_t* km = i32("key_mask", B * T);
+            float* o = f("out", span(B * T, Hq * hd, ldo));
+            float* lse = f("lse", B * Hq * T);
+            if (op == "attention_train") {
+              be.attention_train(B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, km, F("scale"), o, ldo, lse);
+              outs = {"out", "lse"};
+            } else {
+              const int64_t lddo = I("lddo"), lddq = I("lddq"), lddk = I("lddk"), lddv = I("lddv");
+              be.attention_train_backward(B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, km, F("scale"), o, ldo, lse,
+                                          f("dout", span(B * T, Hq * hd, lddo)), lddo,
+                                          f("dq", span(B * T, Hq * hd, lddq)), lddq,
+                                          f("dk", span(B * T, Hkv * hd, lddk)), lddk,
+                                          f("dv", span(B * T, Hkv * hd, lddv)), lddv);
+              outs = {"dq", "dk", "dv"};
+            }
+          } else if (op == "lora_dropout" || op == "lora_dropout_backward") {
+            // ints seed_lo, seed_hi (32-bit halves of the 64-bit seed), offset; float p
+            const int64_t M = I("M"), in = I("in"), ld = I("ld");
+            const uint64_t seed = static_cast<uint64_t>(I("seed_lo")) | (static_cast<uint64_t>(I("seed_hi")) << 32);
+            const float p = F("p");
+            check_arg(p >= 0.0f && p < 1.0f, "backend_op " + op + ": p must be in [0, 1)");
+            if (op == "lora_dropout") {
+              be.lora_dropout(seed, static_cast<uint64_t>(I("offset")), p, M, in, f("x", span(M, in, ld)), ld,
+                              f("out", M * in));
+              outs = {"out"};
+            } else {
+              be.lora_dropout_backward(seed, static_cast<uint64_t>(I("offset")), p, M, in, f("g", M * in),
+                                       f("dx", span(M, in, ld)), ld);
+              outs = {"dx"};
+            }
           } else if (op == "cross_entropy_rows") {
             const int64_t M = I("M"), V = I("V"), ldl = I("ldl");
             be.cross_entropy_rows(M, V, f("logits", span(M, V, ldl)), ldl, i32("labels", M), F("grad_scale"),

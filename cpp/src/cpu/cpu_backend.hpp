@@ -98,6 +98,11 @@ class CpuBackend final : public Backend {
                                 float* dv, int64_t lddv) override;
   void cross_entropy_rows(int64_t M, int64_t V, float* logits, int64_t ldl, const int32_t* labels, float grad_scale,
                           bool want_grad, float* loss) override;
+  // LoRA dropout (cpu_backend_dropout.cpp: the Philox mask code model/lora.cpp ran before)
+  void lora_dropout(uint64_t seed, uint64_t offset, float p, int64_t M, int64_t in, const float* x, int64_t ldx,
+                    float* out) override;
+  void lora_dropout_backward(uint64_t seed, uint64_t offset, float p, int64_t M, int64_t in, const float* g, float* dx,
+                             int64_t lddx) override;
   // optimizer ops (cpu_backend_train.cpp: train/optimizer.cpp and grad_utils.cpp code)
   void adamw_update(int64_t n, float* p, const float* g, float* m, float* v, const train::AdamWScalars& s) override;
   void sum_squares(int64_t n_chunks, const int64_t* bounds, const float* x, double* partial, double* out) override;

@@ -12,6 +12,7 @@
 #include "common/error.hpp"
 #include "cpu/ops_backward.hpp"
 #include "model/llama.hpp"
+#include "model/train_ops.hpp"
 
 namespace qlora::model {
 
@@ -333,6 +334,7 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
     }
   }
   const bool dropout = training && ad && ad->dropout > 0.0f;
+  require_training_ops(be_, c, backward, dropout);  // before any upload: names every op the backend lacks
 
   MemCounter mc;
   DeviceBuffer ids_d(be_, sizeof(int32_t) * M), pos_d(be_, sizeof(int32_t) * M), km_d(be_, sizeof(int32_t) * M);

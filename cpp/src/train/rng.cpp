@@ -7,14 +7,13 @@
 
 #include "common/error.hpp"
 #include "cpu/threads.hpp"
+#include "train/philox_block.hpp"
 
 namespace qlora::train {
 
 namespace {
 constexpr double kPi = 3.141592653589793;  // M_PI is not standard C++
 
-constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;  // Philox multipliers
-constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;  // Weyl key increments
 constexpr int64_t kParallelMin = int64_t{1} << 16;        // fills smaller than this stay on one thread
 constexpr int64_t kGrain = int64_t{1} << 14;
 
@@ -46,16 +45,7 @@ void outputs(uint64_t seed, uint64_t first, int64_t count, uint32_t* dst) {
 }  // namespace
 
 std::array<uint32_t, 4> philox4x32_10(std::array<uint32_t, 4> c, std::array<uint32_t, 2> key) {
-  for (int round = 0; round < 10; ++round) {
-    if (round > 0) {
-      key[0] += kW0;
-      key[1] += kW1;
-    }
-    const uint64_t p0 = static_cast<uint64_t>(kM0) * c[0];
-    const uint64_t p1 = static_cast<uint64_t>(kM1) * c[2];
-    c = {static_cast<uint32_t>(p1 >> 32) ^ c[1] ^ key[0], static_cast<uint32_t>(p1),
-         static_cast<uint32_t>(p0 >> 32) ^ c[3] ^ key[1], static_cast<uint32_t>(p0)};
-  }
+  philox4x32_10_block(c.data(), key[0], key[1]);  // the block the CUDA dropout kernel runs too
   return c;
 }
 
@@ -124,7 +114,7 @@ void Philox::fill_bernoulli(uint8_t* out, int64_t n, double p) {
     for (int64_t i = b; i < e; i += 256) {
       const int64_t c = std::min<int64_t>(256, e - i);
       outputs(seed, first + static_cast<uint64_t>(i), c, buf);
-      for (int64_t j = 0; j < c; ++j) out[i + j] = static_cast<double>(buf[j]) * 0x1p-32 < p ? 1 : 0;
+      for (int64_t j = 0; j < c; ++j) out[i + j] = bernoulli_keep(buf[j], p) ? 1 : 0;
     }
   });
   s_.position += static_cast<uint64_t>(n);
