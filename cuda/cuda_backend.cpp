@@ -141,6 +141,27 @@ class CudaBackend final : public Backend {
     QLORA_CUDA_CHECK(cudaMemcpyAsync(dst_host, src, bytes, cudaMemcpyDeviceToHost, stream_), "download");
     QLORA_CUDA_CHECK(cudaStreamSynchronize(stream_), "download");
   }
+  // Activation offload (LlamaModel::set_offload_checkpoints): pinned host memory, so the copies
+  // are real DMA queued on the stream (the host does not wait; the pass synchronizes at its end).
+  void* host_alloc(size_t bytes) override {
+    use_device("host_alloc");
+    void* p = nullptr;
+    QLORA_CUDA_CHECK(cudaHostAlloc(&p, bytes ? bytes : 1, cudaHostAllocDefault), "host_alloc");
+    return p;
+  }
+  void host_free(void* p) override {
+    if (p && cudaFreeHost(p) != cudaSuccess) cudaGetLastError();  // may run while unwinding: never throws
+  }
+  void offload(void* dst_host, const void* src, size_t bytes) override {
+    if (!bytes) return;
+    use_device("offload");
+    QLORA_CUDA_CHECK(cudaMemcpyAsync(dst_host, src, bytes, cudaMemcpyDeviceToHost, stream_), "offload");
+  }
+  void reload(void* dst, const void* src_host, size_t bytes) override {
+    if (!bytes) return;
+    use_device("reload");
+    QLORA_CUDA_CHECK(cudaMemcpyAsync(dst, src_host, bytes, cudaMemcpyHostToDevice, stream_), "reload");
+  }
   void synchronize() override {
     use_device("synchronize");
     QLORA_CUDA_CHECK(cudaStreamSynchronize(stream_), "synchronize");

@@ -141,6 +141,8 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
           py::arg("round") = "float32", py::arg("progress") = py::none(),
           "Merge adapter `name` into the projections (subtract: unmerge); all or nothing.")
       .def("lora_set_active", &LlamaModel::set_active_adapter, py::arg("name"))
+      .def_property("offload_checkpoints", &LlamaModel::offload_checkpoints, &LlamaModel::set_offload_checkpoints,
+                    "checkpointed layer inputs in host memory (pinned on CUDA) during training passes")
       .def("lora_set_scale", &LlamaModel::set_adapter_scale, py::arg("name"), py::arg("scale"))
       .def("lora_get_scale", &LlamaModel::adapter_scale, py::arg("name"))
       .def_property_readonly("lora_active", &LlamaModel::active_adapter_name)

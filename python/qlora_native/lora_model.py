@@ -31,6 +31,20 @@ class LoraModelMixin:
     training: bool = True                # LoRA dropout active in forward_backward
     last_train_peak_bytes: int = 0       # peak activation/scratch bytes of the last forward_backward
 
+    @property
+    def offload_checkpoints(self) -> bool:
+        """With gradient_checkpointing: keep each layer's checkpointed input in host memory (pinned on
+        CUDA, copied out in the forward and back before the layer's recompute) instead of on the device,
+        saving one [tokens, hidden] fp32 buffer per layer of device memory. Results are bit-identical.
+        Off by default; no effect without gradient_checkpointing."""
+        return bool(self._core.offload_checkpoints)
+
+    @offload_checkpoints.setter
+    def offload_checkpoints(self, on) -> None:
+        if not isinstance(on, (bool, np.bool_)):
+            raise ValueError(f"offload_checkpoints must be a bool, got {on!r}")
+        self._core.offload_checkpoints = bool(on)
+
     # ------------------------------------------------------------ adapters
     def _lora_state(self) -> dict:
         if "_lora_configs" not in self.__dict__:

@@ -166,6 +166,14 @@ class LlamaModel {
   bool compute_bf16_requested() const { return want_bf16_.load(); }
   bool compute_bf16() const { return want_bf16_.load() && be_.has_bf16_compute(); }
 
+  // Gradient checkpointing with the checkpointed layer inputs offloaded to host memory (Unsloth's
+  // long-context trick): the forward copies each layer's input out (CUDA: to pinned memory,
+  // queued on the stream) and the backward copies it back before recomputing the layer, so the
+  // device holds two [tokens, hidden] inputs instead of one per layer. Results are bit-identical
+  // to plain checkpointing (exact copies). Off by default; no effect without checkpointing.
+  void set_offload_checkpoints(bool on) { offload_ckpt_.store(on); }
+  bool offload_checkpoints() const { return offload_ckpt_.load(); }
+
   // Bytes by category: "nf4_weights", "quant_constants", "other_weights", "kv_cache".
   std::map<std::string, size_t> memory_footprint() const;
 
@@ -195,6 +203,13 @@ class LlamaModel {
   std::unique_ptr<GenerationContext> gen_;  // the default context of start/feed/stop
   std::atomic<int64_t> open_contexts_{0};  // contexts alive (merge is refused while > 0)
   std::atomic<bool> want_bf16_{false};  // set_compute_bf16
+  std::atomic<bool> offload_ckpt_{false};  // set_offload_checkpoints
+  // The offload staging (Backend::host_alloc: pinned on CUDA, slow to allocate) kept between
+  // passes; a pass takes it under offload_mu_ and puts it back (concurrent passes get their own).
+  class OffloadStage;  // llama_train.cpp
+  std::mutex offload_mu_;
+  std::shared_ptr<void> offload_host_;
+  size_t offload_host_bytes_ = 0;
   float merged_scale_ = 1.0f;  // runtime scale the merged adapter was merged with (unmerge subtracts it)
   std::atomic<size_t> ctx_bytes_{0};       // their KV caches' bytes, for memory_footprint from any thread
   std::shared_mutex weights_mu_;  // shared: a pass reading the weights; unique: merge_adapter

@@ -131,6 +131,41 @@ std::vector<std::string> LlamaModel::adapter_names() const {
 }
 
 // ------------------------------------------------------------------ training pass
+// The offload staging of one pass: the model's cached host buffer when it is free and large
+// enough, else a new one; given back (kept for the next pass) at the end. The destructor waits
+// for the backend first, so no queued copy outlives the memory.
+class LlamaModel::OffloadStage {
+ public:
+  OffloadStage(LlamaModel& m, size_t bytes) : m_(m) {
+    if (!bytes) return;
+    {
+      std::lock_guard<std::mutex> lk(m.offload_mu_);
+      if (m.offload_host_ && m.offload_host_bytes_ >= bytes) buf_ = std::move(m.offload_host_), bytes_ = m.offload_host_bytes_;
+    }
+    if (!buf_) {
+      Backend* be = &m.be_;
+      buf_ = std::shared_ptr<void>(be->host_alloc(bytes), [be](void* p) { be->host_free(p); });
+      bytes_ = bytes;
+    }
+  }
+  ~OffloadStage() {
+    if (!buf_) return;
+    try {
+      m_.be_.synchronize();
+    } catch (...) {  // a failed device: the memory is dropped, not reused
+      return;
+    }
+    std::lock_guard<std::mutex> lk(m_.offload_mu_);
+    if (!m_.offload_host_ || m_.offload_host_bytes_ < bytes_) m_.offload_host_ = std::move(buf_), m_.offload_host_bytes_ = bytes_;
+  }
+  void* at(int64_t l, size_t slot_bytes) const { return static_cast<char*>(buf_.get()) + static_cast<size_t>(l) * slot_bytes; }
+
+ private:
+  LlamaModel& m_;
+  std::shared_ptr<void> buf_;
+  size_t bytes_ = 0;
+};
+
 namespace {
 
 // Live / peak bytes of one pass's buffers: the activation-memory measure tests report.
@@ -355,16 +390,21 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
   }
 
   // Forward. xs[l]: input of layer l [M, D] (xs[nL]: the last layer's output); without a
-  // backward only two alternate.
+  // backward, or with the checkpoints offloaded (host[l] = input of layer l), only two alternate.
   const bool keep_all = backward && !checkpointing;
-  std::vector<ActBuf> xs(backward ? nL + 1 : 2);
+  const bool offload = backward && checkpointing && offload_checkpoints();
+  const bool all_x = backward && !offload;
+  const size_t xbytes = sizeof(float) * static_cast<size_t>(M * D);
+  OffloadStage host(*this, offload ? static_cast<size_t>(nL) * xbytes : 0);
+  std::vector<ActBuf> xs(all_x ? nL + 1 : 2);
   for (auto& x : xs) x = ActBuf(be_, mc, M * D);
-  auto X = [&](int64_t l) { return xs[backward ? l : l % 2].f(); };
+  auto X = [&](int64_t l) { return xs[all_x ? l : l % 2].f(); };
   std::vector<std::unique_ptr<LayerActs>> acts(keep_all ? nL : 1);
   if (!keep_all) acts[0] = std::make_unique<LayerActs>(be_, mc, d);
   be_.embedding(M, D, w_->embed_f32(), ids_d.data<int32_t>(), X(0));
   for (int64_t l = 0; l < nL; ++l) {
     if (keep_all) acts[l] = std::make_unique<LayerActs>(be_, mc, d);
+    if (offload) be_.offload(host.at(l, xbytes), X(l), xbytes);  // queued before X(l) is overwritten
     P.layer_forward(l, X(l), *acts[keep_all ? l : 0], X(l + 1));
   }
   if (!backward) acts[0].reset();
@@ -381,8 +421,11 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
         dk(be_, mc, M * d.KD), dv(be_, mc, M * d.KD);
     for (int64_t l = nL - 1; l >= 0; --l) {
       LayerActs& A = *acts[keep_all ? l : 0];
-      if (!keep_all) P.layer_forward(l, X(l), A, X(l + 1));  // recompute (bit-identical: same inputs, same ops)
-      P.layer_backward(l, X(l), A, dres, da.f(), dh.f(), datt.f(), dq.f(), dk.f(), dv.f());
+      float* x_in = X(l);
+      float* x_out = offload ? xs[1].f() : X(l + 1);  // offload: X(nL) is no longer needed
+      if (offload) be_.reload(x_in = xs[0].f(), host.at(l, xbytes), xbytes);
+      if (!keep_all) P.layer_forward(l, x_in, A, x_out);  // recompute (bit-identical: same inputs, same ops)
+      P.layer_backward(l, x_in, A, dres, da.f(), dh.f(), datt.f(), dq.f(), dk.f(), dv.f());
       if (keep_all) acts[l].reset();
     }
     ++ad->micro_step;
