@@ -19,31 +19,22 @@ void upload_zeros(Backend& be, void* dst, size_t bytes) {
 }
 }  // namespace
 
-FlatAdamW::FlatAdamW(Backend& be, float* params, std::vector<int64_t> numels, AdamWConfig config)
-    : be_(be), params_(params), numels_(std::move(numels)), config_(config) {
-  config_.validate();
-  check_arg(!numels_.empty(), "AdamW: no parameters given");
-  be.require_ops({"adamw_update", "sum_squares", "scale_inplace", "find_nonfinite"}, "the optimizer");
+FlatGradOps::FlatGradOps(Backend& be, std::vector<int64_t> numels) : be_(be), numels_(std::move(numels)) {
+  be.require_ops({"sum_squares", "scale_inplace", "find_nonfinite"}, "the gradient checks");
   for (size_t i = 0; i < numels_.size(); ++i) {
-    check_arg(numels_[i] >= 0, "AdamW: parameter " + std::to_string(i) + " has a negative size");
+    check_arg(numels_[i] >= 0, "gradient " + std::to_string(i) + " has a negative size");
     total_ += numels_[i];
   }
-  check_arg(total_ == 0 || params_ != nullptr, "AdamW: no parameter buffer");
   const std::vector<int64_t> bounds = norm_chunk_bounds(numels_);
   n_chunks_ = static_cast<int64_t>(bounds.size()) - 1;
-  const size_t fb = sizeof(float) * static_cast<size_t>(total_);
-  m_ = model::DeviceBuffer(be, fb);
-  v_ = model::DeviceBuffer(be, fb);
-  upload_zeros(be, m_.data(), fb);
-  upload_zeros(be, v_.data(), fb);
   bounds_ = model::DeviceBuffer(be, sizeof(int64_t) * bounds.size());
   be.upload(bounds_.data(), bounds.data(), sizeof(int64_t) * bounds.size());
   partial_ = model::DeviceBuffer(be, sizeof(double) * static_cast<size_t>(std::max<int64_t>(n_chunks_, 1)));
   scalar_ = model::DeviceBuffer(be, 8);
-  be.synchronize();  // the zero / bounds sources are host vectors that go out of scope
+  be.synchronize();  // `bounds` (the upload's source) goes out of scope
 }
 
-double FlatAdamW::grad_norm(const float* grads) {
+double FlatGradOps::grad_norm(const float* grads) {
   check_arg(total_ == 0 || grads != nullptr, "grad_norm: no gradient buffer");
   be_.sum_squares(n_chunks_, bounds_.data<int64_t>(), grads, partial_.data<double>(), scalar_.data<double>());
   double sum = 0.0;
@@ -52,7 +43,7 @@ double FlatAdamW::grad_norm(const float* grads) {
   return std::sqrt(sum);
 }
 
-double FlatAdamW::clip_grad_norm(float* grads, double max_norm) {
+double FlatGradOps::clip_grad_norm(float* grads, double max_norm) {
   check_arg(!std::isnan(max_norm) && max_norm > 0.0, "clip_grad_norm: max_norm must be > 0, got " + std::to_string(max_norm));
   const double norm = grad_norm(grads);
   if (!std::isfinite(norm)) return norm;
@@ -62,7 +53,7 @@ double FlatAdamW::clip_grad_norm(float* grads, double max_norm) {
   return norm;
 }
 
-NonFinite FlatAdamW::find_nonfinite(const float* grads) {
+NonFinite FlatGradOps::find_nonfinite(const float* grads) {
   check_arg(total_ == 0 || grads != nullptr, "find_nonfinite: no gradient buffer");
   int64_t flat = -1;
   be_.find_nonfinite(total_, grads, scalar_.data<int64_t>());
@@ -81,11 +72,26 @@ NonFinite FlatAdamW::find_nonfinite(const float* grads) {
   return r;
 }
 
+FlatAdamW::FlatAdamW(Backend& be, float* params, std::vector<int64_t> numels, AdamWConfig config)
+    : be_(be), params_(params), checks_(be, std::move(numels)), config_(config) {
+  config_.validate();
+  check_arg(checks_.num_params() > 0, "AdamW: no parameters given");
+  be.require_ops({"adamw_update"}, "the optimizer");
+  const int64_t total = checks_.numel_total();
+  check_arg(total == 0 || params_ != nullptr, "AdamW: no parameter buffer");
+  const size_t fb = sizeof(float) * static_cast<size_t>(total);
+  m_ = model::DeviceBuffer(be, fb);
+  v_ = model::DeviceBuffer(be, fb);
+  upload_zeros(be, m_.data(), fb);
+  upload_zeros(be, v_.data(), fb);
+  be.synchronize();  // the zero source is a host vector that goes out of scope
+}
+
 void FlatAdamW::step(const float* grads, double lr) {
   check_arg(std::isfinite(lr) && lr >= 0.0, "AdamW.step: lr must be finite and >= 0, got " + std::to_string(lr));
-  check_arg(total_ == 0 || grads != nullptr, "AdamW.step: no gradient buffer");
+  check_arg(numel_total() == 0 || grads != nullptr, "AdamW.step: no gradient buffer");
   const AdamWScalars s = adamw_scalars(config_, step_ + 1, lr);
-  be_.adamw_update(total_, params_, grads, m_.f32(), v_.f32(), s);
+  be_.adamw_update(numel_total(), params_, grads, m_.f32(), v_.f32(), s);
   ++step_;
 }
 
@@ -94,7 +100,7 @@ AdamWState FlatAdamW::state() const {
   s.step = step_;
   s.config = config_;
   int64_t off = 0;
-  for (int64_t n : numels_) {
+  for (int64_t n : checks_.numels()) {
     s.exp_avg.emplace_back(static_cast<size_t>(n));
     s.exp_avg_sq.emplace_back(static_cast<size_t>(n));
     be_.download(s.exp_avg.back().data(), m_.f32() + off, sizeof(float) * n);
@@ -106,12 +112,13 @@ AdamWState FlatAdamW::state() const {
 }
 
 void FlatAdamW::load_state(AdamWState s) {
-  validate_adamw_state(s, numels_);
+  const std::vector<int64_t>& numels = checks_.numels();
+  validate_adamw_state(s, numels);
   int64_t off = 0;
-  for (size_t i = 0; i < numels_.size(); ++i) {
-    be_.upload(m_.f32() + off, s.exp_avg[i].data(), sizeof(float) * numels_[i]);
-    be_.upload(v_.f32() + off, s.exp_avg_sq[i].data(), sizeof(float) * numels_[i]);
-    off += numels_[i];
+  for (size_t i = 0; i < numels.size(); ++i) {
+    be_.upload(m_.f32() + off, s.exp_avg[i].data(), sizeof(float) * numels[i]);
+    be_.upload(v_.f32() + off, s.exp_avg_sq[i].data(), sizeof(float) * numels[i]);
+    off += numels[i];
   }
   be_.synchronize();  // s (the upload sources) is destroyed on return
   step_ = s.step;

@@ -18,11 +18,13 @@
 
 namespace qlora::train {
 
-class FlatAdamW {
+// The gradient checks alone (no optimizer state): global norm, clipping and the non-finite scan
+// on a contiguous gradient buffer of tensors of `numels` laid out back to back. Holds the norm's
+// chunk bounds and scratch in backend memory (a few KiB).
+class FlatGradOps {
  public:
-  // params: backend memory holding the tensors of `numels` back to back (sum(numels) floats);
-  // m and v start at zero. The backend must implement the optimizer ops (ValueError otherwise).
-  FlatAdamW(Backend& be, float* params, std::vector<int64_t> numels, AdamWConfig config = {});
+  // The backend must implement sum_squares / scale_inplace / find_nonfinite (ValueError otherwise).
+  FlatGradOps(Backend& be, std::vector<int64_t> numels);
 
   // sqrt(sum of squares) of grads [numel_total] (backend memory); synchronizes. Non-finite values
   // give inf / NaN.
@@ -33,14 +35,39 @@ class FlatAdamW {
   double clip_grad_norm(float* grads, double max_norm);
   // The first non-finite gradient: tensor index and element within it (found() false when none).
   NonFinite find_nonfinite(const float* grads);
+
+  size_t num_params() const { return numels_.size(); }
+  int64_t numel(size_t i) const { return numels_.at(i); }
+  int64_t numel_total() const { return total_; }
+  const std::vector<int64_t>& numels() const { return numels_; }
+
+ private:
+  Backend& be_;
+  std::vector<int64_t> numels_;
+  int64_t total_ = 0, n_chunks_ = 0;
+  model::DeviceBuffer bounds_;   // int64 [n_chunks + 1] norm chunk bounds (norm_chunk_bounds)
+  model::DeviceBuffer partial_;  // double [n_chunks] per-chunk sums
+  model::DeviceBuffer scalar_;   // 8 bytes: the norm's double sum / the non-finite index
+};
+
+class FlatAdamW {
+ public:
+  // params: backend memory holding the tensors of `numels` back to back (sum(numels) floats);
+  // m and v start at zero. The backend must implement the optimizer ops (ValueError otherwise).
+  FlatAdamW(Backend& be, float* params, std::vector<int64_t> numels, AdamWConfig config = {});
+
+  // The gradient checks over the same layout (grads [numel_total], backend memory).
+  double grad_norm(const float* grads) { return checks_.grad_norm(grads); }
+  double clip_grad_norm(float* grads, double max_norm) { return checks_.clip_grad_norm(grads, max_norm); }
+  NonFinite find_nonfinite(const float* grads) { return checks_.find_nonfinite(grads); }
   // One AdamW step with lr (finite, >= 0) on the parameters from grads [numel_total].
   void step(const float* grads, double lr);
 
   int64_t step_count() const { return step_; }
   const AdamWConfig& config() const { return config_; }
-  size_t num_params() const { return numels_.size(); }
-  int64_t numel(size_t i) const { return numels_.at(i); }
-  int64_t numel_total() const { return total_; }
+  size_t num_params() const { return checks_.num_params(); }
+  int64_t numel(size_t i) const { return checks_.numel(i); }
+  int64_t numel_total() const { return checks_.numel_total(); }
   float* params() const { return params_; }
 
   AdamWState state() const;           // downloaded, one vector per tensor (the host AdamW's format)
@@ -49,14 +76,10 @@ class FlatAdamW {
  private:
   Backend& be_;
   float* params_;
-  std::vector<int64_t> numels_;
-  int64_t total_ = 0, n_chunks_ = 0;
+  FlatGradOps checks_;
   AdamWConfig config_;
   int64_t step_ = 0;
-  model::DeviceBuffer m_, v_;      // [total] fp32 moments
-  model::DeviceBuffer bounds_;     // int64 [n_chunks + 1] norm chunk bounds (norm_chunk_bounds)
-  model::DeviceBuffer partial_;    // double [n_chunks] per-chunk sums
-  model::DeviceBuffer scalar_;     // 8 bytes: the norm's double sum / the non-finite index
+  model::DeviceBuffer m_, v_;  // [total] fp32 moments
 };
 
 }  // namespace qlora::train
