@@ -384,6 +384,9 @@ def main():
     ap.add_argument("--reference", default="auto", choices=["auto", "peft_bnb", "torch_bf16", "none"])
     ap.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2-135M step")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per engine run")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop starting engine runs after this many seconds (each run's timeout is cut to what is "
+                         "left); runs in priority order: qlora batch 1, SmolLM2, reference batch 1, batch 2 runs")
     ap.add_argument("--out", default=os.environ.get("QLORA_BENCH_OUT", _common.RESULTS))
     a = ap.parse_args()
     if a.child:
@@ -422,24 +425,40 @@ def main():
             out["gpu"] = "?"
     base = dict(shape=big, seq=seq, steps=a.steps, r=a.r, backend=backend, device=a.device,
                 compute_dtype=a.compute_dtype)
+    tag = "tiny" if a.quick else "llama3_8b"
+    plan = []  # (engine, spec, where): in priority order, so a budget cut drops the least important
     for B in batches:
-        engines = ["qlora_cuda"] + ([ref] if ref != "none" else [])
-        for eng in engines:
-            r = run_engine(eng, dict(base, batch=B), a.timeout)
-            r.update(batch=B, shape="llama3_8b" if not a.quick else "tiny")
-            out["runs"].append(r)
-            print(json.dumps({k: v for k, v in r.items() if k not in ("footprint", "losses")}), flush=True)
+        plan.append(("qlora_cuda", dict(base, batch=B), "runs"))
+        if B == batches[0] and not a.no_smollm2:
+            plan.append(("qlora_cuda", dict(base, shape=small, batch=4, seq=64 if a.quick else 256), "smollm2"))
+        if ref != "none":
+            plan.append((ref, dict(base, batch=B), "runs"))
         if a.offload:
-            r = run_engine("qlora_cuda", dict(base, batch=B, offload=True), a.timeout)
-            r.update(batch=B, shape="llama3_8b" if not a.quick else "tiny")
+            plan.append(("qlora_cuda", dict(base, batch=B, offload=True), "runs"))
+    t_start = time.perf_counter()
+    for eng, spec, where in plan:
+        timeout = a.timeout
+        if a.budget_s is not None:
+            left = a.budget_s - (time.perf_counter() - t_start)
+            if left < 20:
+                out.setdefault("skipped", []).append(f"{eng} batch {spec['batch']} ({where}): --budget-s spent")
+                continue
+            timeout = min(timeout, left)
+        r = run_engine(eng, spec, timeout)
+        r.update(batch=spec["batch"], seq=spec["seq"], shape=tag if where == "runs" else
+                 ("tiny" if a.quick else "smollm2_135m"))
+        if where == "smollm2":
+            out["smollm2"] = r
+        else:
             out["runs"].append(r)
-    if not a.no_smollm2:
-        r = run_engine("qlora_cuda", dict(base, shape=small, batch=4, seq=64 if a.quick else 256), a.timeout)
-        r.update(batch=4, seq=64 if a.quick else 256, shape="smollm2_135m" if not a.quick else "tiny")
-        out["smollm2"] = r
+        print(json.dumps({k: v for k, v in r.items() if k not in ("footprint", "losses")}), flush=True)
     report(out, a)
-    name = "bench_cuda_train" + ("-quick" if a.quick else "") + ("-cpu" if a.device == "cpu" else "") + ".json"
-    _common.write_json(os.path.join(a.out, name), out)
+    name = "bench_cuda_train" + ("-quick" if a.quick else "") + ("-cpu" if a.device == "cpu" else "")
+    _common.write_json(os.path.join(a.out, name + ".json"), out)
+    tmp = os.path.join(a.out, name + ".txt.tmp")
+    with open(tmp, "w") as f:
+        f.write("\n".join(out["table"]) + "\n")
+    os.replace(tmp, os.path.join(a.out, name + ".txt"))
     return 0
 
 
@@ -486,6 +505,7 @@ def report(out, a):
             if not a.quick and out["device"] == "cuda":
                 verdict.append(f"SmolLM2 {x:.1f}x vs >= {TARGET_VS_CPU:.0f}x: {'met' if x >= TARGET_VS_CPU else 'NOT met'}")
     lines += ["targets: " + "; ".join(verdict)] if verdict else []
+    lines += [f"skipped: {x}" for x in out.get("skipped", [])]
     out["table"] = lines
     print("\n".join(lines))
 
