@@ -41,9 +41,9 @@ void check_2d(const F32Array& a, int64_t rows, int64_t cols, const std::string& 
             what + " must have shape [" + std::to_string(rows) + ", " + std::to_string(cols) + "]");
 }
 
-py::array_t<float> download(Backend& be, const model::DeviceBuffer& b, int64_t rows, int64_t cols) {
+py::array_t<float> download(Backend& be, const void* p, int64_t rows, int64_t cols) {
   py::array_t<float> out({rows, cols});
-  be.download(out.mutable_data(), b.data(), sizeof(float) * rows * cols);
+  be.download(out.mutable_data(), p, sizeof(float) * rows * cols);
   return out;
 }
 
@@ -68,8 +68,8 @@ py::list module_list(LlamaModel& self, const std::string& name, Get get) {
     for (int p = 0; p < model::kNumProj; ++p)
       if (LoraModule* m = a.at(l, p)) {
         auto [A, B] = get(*m);
-        out.append(py::make_tuple(l, model::proj_name(p), download(self.backend(), *A, m->r, m->in),
-                                  download(self.backend(), *B, m->out, m->r)));
+        out.append(py::make_tuple(l, model::proj_name(p), download(self.backend(), A, m->r, m->in),
+                                  download(self.backend(), B, m->out, m->r)));
       }
   return out;
 }
@@ -141,8 +141,6 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
           py::arg("round") = "float32", py::arg("progress") = py::none(),
           "Merge adapter `name` into the projections (subtract: unmerge); all or nothing.")
       .def("lora_set_active", &LlamaModel::set_active_adapter, py::arg("name"))
-      .def_property("offload_checkpoints", &LlamaModel::offload_checkpoints, &LlamaModel::set_offload_checkpoints,
-                    "checkpointed layer inputs in host memory (pinned on CUDA) during training passes")
       .def("lora_set_scale", &LlamaModel::set_adapter_scale, py::arg("name"), py::arg("scale"))
       .def("lora_get_scale", &LlamaModel::adapter_scale, py::arg("name"))
       .def_property_readonly("lora_active", &LlamaModel::active_adapter_name)
@@ -150,12 +148,12 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
       .def("lora_delete", &LlamaModel::delete_adapter, py::arg("name"))
       .def("lora_get",
            [](LlamaModel& self, const std::string& name) {
-             return module_list(self, name, [](LoraModule& m) { return std::make_pair(&m.A, &m.B); });
+             return module_list(self, name, [](LoraModule& m) { return std::make_pair(static_cast<const void*>(m.A.data()), static_cast<const void*>(m.B.data())); });
            })
       .def("lora_grads",
            [](LlamaModel& self, const std::string& name) {
              model::ensure_lora_grads(self.backend(), *self.adapter(name));  // before any training: zeros
-             return module_list(self, name, [](LoraModule& m) { return std::make_pair(&m.dA, &m.dB); });
+             return module_list(self, name, [](LoraModule& m) { return std::make_pair(static_cast<const void*>(m.dA), static_cast<const void*>(m.dB)); });
            })
       .def("lora_set",
            [](LlamaModel& self, const std::string& name, int64_t layer, const std::string& proj, const F32Array& A,

@@ -62,8 +62,15 @@ std::vector<train::ParamRef> LoraAdapter::grads(Backend& be) {
   ensure_lora_grads(be, *this);
   std::vector<train::ParamRef> out;
   for (const auto& m : modules)
-    if (m) out.push_back({m->dA.f32(), m->r * m->in}), out.push_back({m->dB.f32(), m->out * m->r});
+    if (m) out.push_back({m->dA, m->r * m->in}), out.push_back({m->dB, m->out * m->r});
   return out;
+}
+
+int64_t LoraAdapter::num_params() const {
+  int64_t n = 0;
+  for (const auto& m : modules)
+    if (m) n += m->r * m->in + m->out * m->r;
+  return n;
 }
 
 std::unique_ptr<LoraModule> make_lora_module(Backend& be, int64_t r, int64_t in, int64_t out, float scaling,
@@ -89,25 +96,24 @@ void ensure_lora_grads(Backend& be, LoraAdapter& a) {
   if (a.grads_ready.load(std::memory_order_acquire)) return;
   std::lock_guard<std::mutex> lk(a.grads_mu);
   if (a.grads_ready.load(std::memory_order_relaxed)) return;
+  const int64_t n = a.num_params();
+  DeviceBuffer arena(be, sizeof(float) * n);
+  const std::vector<float> zeros(static_cast<size_t>(n), 0.0f);
+  be.upload(arena.data(), zeros.data(), arena.bytes());
+  float* p = arena.f32();
   for (const auto& m : a.modules) {
-    if (!m || !m->dA.empty()) continue;
-    DeviceBuffer dA(be, sizeof(float) * m->r * m->in), dB(be, sizeof(float) * m->out * m->r);
-    const std::vector<float> zA(m->r * m->in, 0.0f), zB(m->out * m->r, 0.0f);
-    be.upload(dA.data(), zA.data(), dA.bytes());
-    be.upload(dB.data(), zB.data(), dB.bytes());
-    m->dA = std::move(dA), m->dB = std::move(dB);
+    if (!m) continue;
+    m->dA = p, p += m->r * m->in;
+    m->dB = p, p += m->out * m->r;
   }
+  a.grad_arena = std::move(arena);
   a.grads_ready.store(true, std::memory_order_release);
 }
 
 void zero_lora_grads(Backend& be, LoraAdapter& a) {
   if (!a.grads_ready.load(std::memory_order_acquire)) return ensure_lora_grads(be, a);  // allocated as zeros
-  for (const auto& m : a.modules) {
-    if (!m) continue;
-    const std::vector<float> zA(m->r * m->in, 0.0f), zB(m->out * m->r, 0.0f);
-    be.upload(m->dA.data(), zA.data(), m->dA.bytes());
-    be.upload(m->dB.data(), zB.data(), m->dB.bytes());
-  }
+  const std::vector<float> zeros(a.grad_arena.bytes() / sizeof(float), 0.0f);
+  be.upload(a.grad_arena.data(), zeros.data(), a.grad_arena.bytes());
 }
 
 void lora_forward(Backend& be, const LoraModule& m, int64_t M, const float* x, int64_t ldx, float* y, int64_t ldy,
@@ -129,8 +135,8 @@ void lora_backward(Backend& be, LoraModule& m, int64_t M, const float* x, int64_
   const prof::PartContext pc(prof::Part::LoraBwd);
   be.gemm_nt(M, m.r, m.in, 1.0f, x, ldx, m.A.f32(), m.in, 0.0f, t, m.r);            // t[M, r] = x·Aᵀ
   be.gemm_nn(M, m.r, m.out, s, dy, lddy, m.B.f32(), m.r, 0.0f, dt, m.r);            // dt[M, r] = s * dy·B
-  be.gemm_tn(m.out, m.r, M, s, dy, lddy, t, m.r, 1.0f, m.dB.f32(), m.r);            // dB += s * dyᵀ·t
-  be.gemm_tn(m.r, m.in, M, 1.0f, dt, m.r, x, ldx, 1.0f, m.dA.f32(), m.in);          // dA += dtᵀ·x
+  be.gemm_tn(m.out, m.r, M, s, dy, lddy, t, m.r, 1.0f, m.dB, m.r);                  // dB += s * dyᵀ·t
+  be.gemm_tn(m.r, m.in, M, 1.0f, dt, m.r, x, ldx, 1.0f, m.dA, m.in);                // dA += dtᵀ·x
   if (dx) be.gemm_nn(M, m.in, m.r, 1.0f, dt, m.r, m.A.f32(), m.in, beta, dx, lddx);  // dx = beta*dx + dt·A
 }
 

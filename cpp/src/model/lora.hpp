@@ -27,7 +27,10 @@ struct LoraModule {
   int64_t r = 0, in = 0, out = 0;
   float scaling = 1.0f;
   DeviceBuffer A, B;    // [r, in], [out, r]
-  DeviceBuffer dA, dB;  // [r, in], [out, r] accumulated gradients; empty until the adapter first trains
+  // Accumulated gradients [r, in], [out, r]: views into the adapter's grad_arena (null until the
+  // adapter first trains).
+  float* dA = nullptr;
+  float* dB = nullptr;
 };
 
 struct LoraAdapter {
@@ -36,9 +39,12 @@ struct LoraAdapter {
   int64_t micro_step = 0;                           // forward_backward calls so far (dropout key)
   std::vector<std::unique_ptr<LoraModule>> modules;  // [num_layers * kNumProj], null = not adapted
   std::unique_ptr<train::AdamW> opt;                // configure_optimizer: over every A then B
-  // dA/dB are allocated (zeroed) on the first training use only, so a served adapter costs just
+  // Every module's dA then dB in params() order (layer, projection, A then B) as ONE contiguous
+  // fp32 buffer, so a data-parallel step all-reduces one buffer and an optimizer can run over it
+  // as a whole. Allocated (zeroed) on the first training use only, so a served adapter costs just
   // A + B. grads_mu serializes that allocation; grads_ready (release/acquire) lets readers such as
   // memory_footprint see whether it happened without touching the buffers.
+  DeviceBuffer grad_arena;
   std::mutex grads_mu;
   std::atomic<bool> grads_ready{false};
 
@@ -48,13 +54,15 @@ struct LoraAdapter {
   // allocates the (zero) gradients first if the adapter has not trained yet.
   std::vector<train::ParamRef> params() const;
   std::vector<train::ParamRef> grads(Backend& be);
+  int64_t num_params() const;  // elements of every A and B (= of grad_arena)
 };
 
 // A module with factors copied from host A[r, in], B[out, r]; no gradient buffers yet.
 std::unique_ptr<LoraModule> make_lora_module(Backend& be, int64_t r, int64_t in, int64_t out, float scaling,
                                              const float* A_host, const float* B_host);
 void set_lora_factors(Backend& be, LoraModule& m, const float* A_host, const float* B_host);
-// Allocates zeroed dA/dB for every module unless already done (idempotent, thread-safe).
+// Allocates the zeroed gradient arena and points every module's dA/dB into it unless already done
+// (idempotent, thread-safe).
 void ensure_lora_grads(Backend& be, LoraAdapter& a);
 void zero_lora_grads(Backend& be, LoraAdapter& a);
 
