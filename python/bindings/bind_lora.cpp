@@ -199,26 +199,57 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
       .def(
           "lora_train_step",
           [](LlamaModel& self, const py::list& micro, double lr, double max_grad_norm, bool training,
-             bool checkpointing) {
+             bool checkpointing, const py::object& comm) {
             std::vector<I32Array> keep;  // the arrays stay alive while the GIL is released
             std::vector<model::MicroBatch> mbs;
             for (py::handle h : micro) {
-              auto [ids, mask, labels, count] =
-                  h.cast<std::tuple<I32Array, std::optional<I32Array>, I32Array, int64_t>>();
+              if (h.is_none()) {  // data parallel: this rank holds no row of the micro-batch
+                check_arg(!comm.is_none(), "a micro-batch of None needs a data-parallel comm");
+                mbs.push_back({nullptr, nullptr, nullptr, 0, 0, 0, 0});
+                continue;
+              }
+              auto t = h.cast<py::tuple>();
+              check_arg(t.size() == 4 || t.size() == 5,
+                        "micro-batch must be (ids, mask|None, shifted labels, count[, row0])");
+              auto ids = t[0].cast<I32Array>();
+              auto mask = t[1].cast<std::optional<I32Array>>();
+              auto labels = t[2].cast<I32Array>();
+              const auto count = t[3].cast<int64_t>();
+              const int64_t row0 = t.size() == 5 ? t[4].cast<int64_t>() : 0;
+              check_arg(row0 >= 0, "row0 must be >= 0");
               auto [B, T] = shape2(ids, "input_ids");
               check_arg(labels.ndim() == 2 && labels.shape(0) == B && labels.shape(1) == T,
                         "labels shape must equal input_ids shape");
               if (mask)
                 check_arg(mask->ndim() == 2 && mask->shape(0) == B && mask->shape(1) == T,
                           "attention_mask shape must equal input_ids shape");
-              mbs.push_back({ids.data(), mask ? mask->data() : nullptr, labels.data(), B, T, count});
+              mbs.push_back({ids.data(), mask ? mask->data() : nullptr, labels.data(), B, T, count, row0});
               keep.push_back(ids), keep.push_back(labels);
               if (mask) keep.push_back(*mask);
+            }
+            // Data parallel: comm.sum_scalars(float64 array) / comm.sum_grads(float32 array) sum in
+            // place over every rank (mpi4py Allreduce IN_PLACE); they get zero-copy views, valid
+            // during the call only, and run with the GIL taken back.
+            model::StepReducer red;
+            if (!comm.is_none()) {
+              need_host(self, "data-parallel training through Python");
+              py::object ss = comm.attr("sum_scalars"), sg = comm.attr("sum_grads");
+              red.sum_scalars = [ss](double* v, int n) {
+                py::gil_scoped_acquire gil;
+                py::capsule none(v, [](void*) {});
+                ss(py::array_t<double>({static_cast<py::ssize_t>(n)}, {sizeof(double)}, v, none));
+              };
+              red.sum_grads = [sg](float* g, int64_t n) {
+                py::gil_scoped_acquire gil;
+                py::capsule none(g, [](void*) {});
+                sg(py::array_t<float>({static_cast<py::ssize_t>(n)}, {sizeof(float)}, g, none));
+              };
             }
             model::TrainStepResult r;
             {
               py::gil_scoped_release nogil;
-              r = model::lora_train_step(self, mbs, lr, max_grad_norm, training, checkpointing);
+              r = model::lora_train_step(self, mbs, lr, max_grad_norm, training, checkpointing,
+                                         comm.is_none() ? nullptr : &red);
             }
             py::dict d;
             d["loss"] = r.loss, d["grad_norm"] = r.norm, d["count"] = r.count, d["stepped"] = r.stepped;
@@ -226,9 +257,10 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
             return d;
           },
           py::arg("micro"), py::arg("lr"), py::arg("max_grad_norm"), py::arg("training") = true,
-          py::arg("checkpointing") = true,
-          "One optimizer step over micro-batches [(ids, mask|None, shifted labels, count)] (lora_setup.cpp "
-          "lora_train_step, the C API's step rule).")
+          py::arg("checkpointing") = true, py::arg("comm") = py::none(),
+          "One optimizer step over micro-batches [(ids, mask|None, shifted labels, count[, row0])] (lora_setup.cpp "
+          "lora_train_step, the C API's step rule); comm: data-parallel reducer with sum_scalars / sum_grads "
+          "(None entries: this rank holds no row of that micro-batch).")
       .def(
           "eval_loss",
           [](LlamaModel& self, const I32Array& ids, const std::optional<I32Array>& mask, const I32Array& labels) {

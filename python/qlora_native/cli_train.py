@@ -75,7 +75,8 @@ def _lora_args(p, r, alpha, targets, dropout):
 
 def _common_args(p):
     p.add_argument("--quantize", choices=["nf4", "none"], default="nf4", help="base weights in NF4 or fp32")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: all cores; under mpiexec: cores / ranks on the node)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 
@@ -96,6 +97,7 @@ def _load(path, args):
     path = resolve_model(path)
     if args.threads is not None:  # 0 or too many: set_num_threads says so
         set_num_threads(args.threads)
+        os.environ["QLORA_NUM_THREADS"] = str(args.threads)  # a data-parallel run keeps this count per rank
     t0 = time.perf_counter()
     tok = Tokenizer.from_pretrained(path)
     model = Model.from_pretrained(path, quantize=None if args.quantize == "none" else "nf4", tokenizer=tok)
@@ -116,8 +118,10 @@ def run_train(args: argparse.Namespace) -> int:
         logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps,
         disable_tqdm=args.no_progress, time_budget=args.time_budget)
     eval_data = args.eval_data if args.eval_data is not None else args.eval_fraction
-    trainer = Trainer(model, cfg, args.data, eval_data, targs, tokenizer=tok)
+    trainer = Trainer(model, cfg, args.data, eval_data, targs, tokenizer=tok)  # under mpiexec: data parallel
     out = trainer.train(resume_from_checkpoint=args.resume)
+    if trainer.rank != 0:  # data parallel: rank 0 reports and writes
+        return 0
     # input tokens, as the progress bar's tok_s counts them (loss tokens: the labelled part)
     secs = out["train_seconds"]
     msg = (f"[{out['global_step']} steps, {out['input_tokens']} input tokens in {secs:.1f}s "

@@ -342,7 +342,7 @@ class LoraModelMixin:
         return loss_sum / count
 
     def train_step(self, micro_batches, lr: float | None = None, max_grad_norm: float | None = None, *,
-                   training: bool | None = None) -> dict:
+                   training: bool | None = None, comm=None, row_offsets=None) -> dict:
         """One optimizer step of the active adapter over micro-batches [(input_ids, labels, attention_mask)]
         (gradient accumulation), by the engine's step rule (lora_setup.cpp lora_train_step, which the C
         API's qlora_train_step runs too): zero the gradients, each micro-batch's loss weighted by its
@@ -350,19 +350,44 @@ class LoraModelMixin:
         max_grad_norm (None / 0: no clipping), AdamW with lr (default: configure_optimizer's). A
         non-finite micro-batch loss or gradient norm stops before the optimizer step. Returns
         {"loss", "grad_norm" (before clipping), "count", "stepped", "bad_micro" (-1 or the micro-batch
-        with a non-finite loss), "bad_loss", "peak_train_bytes"}."""
+        with a non-finite loss), "bad_loss", "peak_train_bytes"}.
+
+        Data parallel (qlora_native.distributed): comm is the reducer (sum_scalars / sum_grads, in-place
+        sums over every rank) and each micro-batch is this rank's shard of a global one (None: no row
+        of it here); row_offsets[i] is the global index of the shard's first row (dropout masks follow
+        the row, not the rank). Counts, losses and the one contiguous gradient buffer are summed, so
+        every rank takes the step of the whole global batch; loss / count / grad_norm are global."""
         name = self._check_adapter(None)
         if name not in self._lora_lr:
             raise ValueError(f"adapter {name!r}: call configure_optimizer first")
         lr = self._lora_lr[name] if lr is None else lr
         self._check_lr(lr)
+        if comm is not None and not (callable(getattr(comm, "sum_scalars", None))
+                                     and callable(getattr(comm, "sum_grads", None))):
+            raise ValueError(f"comm must have sum_scalars and sum_grads methods (qlora_native.distributed), "
+                             f"got {type(comm).__name__}")
+        micro_batches = list(micro_batches)
+        if row_offsets is not None:
+            row_offsets = list(row_offsets)
+            if len(row_offsets) != len(micro_batches) or any(
+                    isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0 for r in row_offsets):
+                raise ValueError(f"row_offsets must hold one int >= 0 per micro-batch ({len(micro_batches)}), "
+                                 f"got {row_offsets!r}")
         micro = []
-        for ids, labels, mask in micro_batches:
+        for i, mb in enumerate(micro_batches):
+            if mb is None:
+                if comm is None:
+                    raise ValueError(f"micro-batch {i} is None: only a data-parallel step (comm=) takes a "
+                                     f"micro-batch this rank holds no row of")
+                micro.append(None)
+                continue
+            ids, labels, mask = mb
             ids, shifted, mask, count = self._train_inputs(ids, labels, mask)
-            micro.append((ids, mask, shifted, count))
+            micro.append((ids, mask, shifted, count, 0 if row_offsets is None else int(row_offsets[i])))
         train = self.training if training is None else bool(training)
         clip = float(max_grad_norm) if max_grad_norm else math.inf
-        r = dict(self._core.lora_train_step(micro, float(lr), clip, train, bool(self.gradient_checkpointing)))
+        r = dict(self._core.lora_train_step(micro, float(lr), clip, train, bool(self.gradient_checkpointing),
+                                            comm))
         self.last_train_peak_bytes = int(r["peak_train_bytes"])
         return r
 

@@ -20,6 +20,13 @@ checkpoint-N directory is written beside it and swapped in as a unit (re-saving 
 included), the final adapter is committed into output_dir as a set of files, so a failure or a
 kill -9 at any point leaves each of them complete (old or new), never partial or missing; resume
 and the next save finish or roll back what a killed save left.
+
+Data parallel (distributed.py): under `mpiexec -n N` (or distributed=True) every rank builds the same
+global batches of per_device_train_batch_size x N rows and trains on its own slice of rows; the
+engine sums tokens, losses and the LoRA gradients over the ranks, so the run is the one-process run
+with batch N x per_device_train_batch_size. Rank 0 logs, evaluates and writes checkpoints and the
+final adapter; a checkpoint resumes under any N with the same global batch. A rank that fails ends
+every rank (MPI_Abort) after printing its error.
 """
 from __future__ import annotations
 
@@ -93,6 +100,9 @@ class TrainingArguments:
     # True / False set model.compute_dtype to "bfloat16" / "float32" when the Trainer is created
     # (transformers' name); None leaves the model's setting.
     bf16: Optional[bool] = None
+    # Data-parallel training over MPI (distributed.py): None = on when launched by mpiexec with more than
+    # one rank, True = required (mpi4py missing: ImportError naming the extra), False = off.
+    distributed: Optional[bool] = None
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -130,8 +140,16 @@ class TrainingArguments:
             raise ValueError(f"TrainingArguments.max_grad_norm must be >= 0 or None, got {self.max_grad_norm!r}")
         if self.bf16 is not None and not isinstance(self.bf16, bool):
             raise ValueError(f"TrainingArguments.bf16 must be True, False or None, got {self.bf16!r}")
+        if self.distributed is not None and not isinstance(self.distributed, bool):
+            raise ValueError(f"TrainingArguments.distributed must be True, False or None, got {self.distributed!r}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"TrainingArguments.time_budget must be > 0 seconds, got {self.time_budget!r}")
+
+
+def _all_ranks(exc: Exception) -> Exception:
+    """Marks an error every data-parallel rank raises alike (from global values): no abort needed."""
+    exc._qlora_all_ranks = True
+    return exc
 
 
 def _counted(labels: np.ndarray) -> int:
@@ -162,6 +180,17 @@ class Trainer:
             raise ValueError("Trainer: args (TrainingArguments with an output_dir) is required")
         args.validate()
         self.model, self.args = model, args
+        self.comm = None
+        if args.distributed is not False:
+            from . import distributed
+
+            if distributed.wanted(args.distributed):
+                if args.packing:
+                    raise ValueError("TrainingArguments: packing=True is not supported with distributed training")
+                if not hasattr(model, "train_step"):
+                    raise ValueError("distributed training needs a qlora_native.Model (Model.train_step)")
+                self.comm = distributed.init(True)
+        self.rank, self.world_size = (self.comm.rank, self.comm.size) if self.comm else (0, 1)
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         if not isinstance(adapter, LoraConfig) and (not isinstance(adapter, str) or not adapter):
             raise ValueError(f"Trainer: adapter must be an adapter name or a LoraConfig, got {adapter!r}")
@@ -174,7 +203,9 @@ class Trainer:
         if pad_token_id is None:
             pad_token_id = default_pad_id(self.tokenizer) if self.tokenizer is not None else 0
         self.pad_token_id = int(pad_token_id)
-        self.batcher = Batcher(train, args.per_device_train_batch_size, self.pad_token_id,
+        # data parallel: every rank builds the same global batches and trains on its slice of rows
+        self.global_batch_size = args.per_device_train_batch_size * self.world_size
+        self.batcher = Batcher(train, self.global_batch_size, self.pad_token_id,
                                max_seq_len=args.max_seq_len, packing=args.packing, seed=args.seed,
                                group_by_length=args.group_by_length)
         self._check_context(train + (eval_ex or []))
@@ -258,7 +289,24 @@ class Trainer:
         driven through zero_grad / forward_backward(grad_scale=) / clip_grad_norm / optimizer_step in
         the same order."""
         a = self.args
-        if hasattr(self.model, "train_step") and not a.packing:
+        if self.comm is not None:
+            from .distributed import shard
+
+            mbs, rows0 = [], []
+            for m in micro:  # this rank's rows of each global micro-batch (maybe none)
+                lo, hi = shard(len(m["input_ids"]), self.rank, self.world_size)
+                mbs.append((m["input_ids"][lo:hi], m["labels"][lo:hi], m["attention_mask"][lo:hi]) if hi > lo else None)
+                rows0.append(lo)
+            r = self.model.train_step(mbs, lr=lr, max_grad_norm=a.max_grad_norm, comm=self.comm, row_offsets=rows0)
+            if r["bad_micro"] >= 0:  # the global loss: every rank stops here alike
+                i = int(r["bad_micro"])
+                raise _all_ranks(TrainingError(f"step {step}: non-finite loss ({r['bad_loss']}) on micro-batch {i} "
+                                               f"(epoch {epoch}, batch {b0 + i})"))
+            step_loss, norm = float(r["loss"]), float(r["grad_norm"])
+            if not math.isfinite(norm):
+                raise _all_ranks(TrainingError(f"step {step}: non-finite gradient norm ({norm}) (epoch {epoch}, "
+                                               f"batch {b0})"))
+        elif hasattr(self.model, "train_step") and not a.packing:
             r = self.model.train_step([(m["input_ids"], m["labels"], m["attention_mask"]) for m in micro], lr=lr,
                                       max_grad_norm=a.max_grad_norm)
             if r["bad_micro"] >= 0:
@@ -325,20 +373,38 @@ class Trainer:
     def train(self, resume_from_checkpoint=None) -> dict:
         """Runs to args.max_steps / num_train_epochs (or args.time_budget); returns the summary
         {"global_step", "train_loss" and "train_tokens" (mean loss and counted tokens over
-        all steps, resumed ones included), "input_tokens" (non-padding, this session), "train_seconds", "eval_loss"?, "stopped_early"?}."""
+        all steps, resumed ones included), "input_tokens" (non-padding, this session), "train_seconds", "eval_loss"?, "stopped_early"?}.
+        Data parallel: every rank returns rank 0's summary once the final adapter is written; an error on
+        one rank ends all of them (MPI_Abort, exit status 1) unless every rank raised it alike."""
+        if self.comm is None:
+            return self._train(resume_from_checkpoint)
+        from . import distributed
+
+        try:
+            return self._train(resume_from_checkpoint)
+        except BaseException as exc:  # noqa: BLE001 - the other ranks would wait for this one forever
+            if distributed.raised_on_all(exc):
+                raise  # the same decision on every rank (a global loss / norm, a bad resume argument)
+            distributed.abort(self.comm, exc)
+            raise
+
+    def _train(self, resume_from_checkpoint=None) -> dict:
         a = self.args
         out = Path(a.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_io.cleanup(out)  # leftovers of a killed save: finished, rolled back or removed
+        lead = self.rank == 0  # rank 0 writes the log, checkpoints and the adapter
+        if lead:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_io.cleanup(out)  # leftovers of a killed save: finished, rolled back or removed
         self._configure_optimizer()
         if resume_from_checkpoint:
-            self._load_checkpoint(self._find_checkpoint(resume_from_checkpoint))
+            self._load_checkpoint(resume_from_checkpoint)
         else:
             self.global_step, self.epoch, self.batch_in_epoch, self.log_history = 0, 0, 0, []
             self._tokens, self._run = 0, (0.0, 0)
-            _write_lines_atomic(out / LOG_NAME, [])
+            if lead:
+                _write_lines_atomic(out / LOG_NAME, [])
         bar = None
-        if not a.disable_tqdm:
+        if not a.disable_tqdm and lead:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", unit="step", dynamic_ncols=True)
@@ -355,8 +421,8 @@ class Trainer:
                 lr = self.lr_at(self.global_step)
                 counts = [_counted(m["labels"]) for m in micro]
                 N = sum(counts)
-                if N == 0:
-                    raise TrainingError(f"step {step}: no counted tokens (epoch {epoch}, batch {b0})")
+                if N == 0:  # the global batch: every rank sees it
+                    raise _all_ranks(TrainingError(f"step {step}: no counted tokens (epoch {epoch}, batch {b0})"))
                 step_loss, norm = self._step(micro, counts, lr, step, epoch, b0)
                 self.global_step = step
                 self.epoch, self.batch_in_epoch = epoch, b0 + len(micro)
@@ -371,30 +437,38 @@ class Trainer:
                     dt = time.perf_counter() - t_start
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{sess_tok / max(dt, 1e-9):.0f}")
                     bar.update(1)
-                if a.logging_steps and step % a.logging_steps == 0:
+                if lead and a.logging_steps and step % a.logging_steps == 0:
                     now = time.perf_counter()
                     self._log({"step": step, "epoch": self._epoch_float(), "loss": win_loss / win_tok,
+                               "loss_tokens": win_tok,  # counted tokens of the window (every rank's)
                                "learning_rate": lr, "grad_norm": norm,
                                "tokens_per_second": sess_tok / max(now - t_start, 1e-9),
                                "window_seconds": now - win_t0})
                     win_loss, win_tok, win_t0 = 0.0, 0, now
-                if a.eval_steps and self.eval_examples and step % a.eval_steps == 0:
+                if lead and a.eval_steps and self.eval_examples and step % a.eval_steps == 0:
                     self._log({"step": step, "epoch": self._epoch_float(), **self.evaluate()})
-                if a.save_steps and step % a.save_steps == 0:
+                if lead and a.save_steps and step % a.save_steps == 0:
                     self.save_checkpoint()
-                if a.time_budget is not None and time.perf_counter() - t_start >= a.time_budget:
-                    summary["stopped_early"] = "time_budget"
-                    break
+                if a.time_budget is not None:
+                    over = time.perf_counter() - t_start >= a.time_budget
+                    if self.comm is not None:  # rank 0's clock decides for all, so they stop together
+                        over = self.comm.bcast(over)
+                    if over:
+                        summary["stopped_early"] = "time_budget"
+                        break
         finally:
             if bar is not None:
                 bar.close()
         secs = time.perf_counter() - t_start
         summary.update({"global_step": self.global_step, "train_loss": run_loss / run_tok if run_tok else None,
                         "train_tokens": run_tok, "input_tokens": sess_tok, "train_seconds": secs})
-        if self.eval_examples:
-            summary.update(self.evaluate())
-        self._log({"step": self.global_step, "epoch": self._epoch_float(), "final": True, **summary})
-        self.model.save_adapter(str(out), self.adapter)
+        if lead:
+            if self.eval_examples:
+                summary.update(self.evaluate())
+            self._log({"step": self.global_step, "epoch": self._epoch_float(), "final": True, **summary})
+            self.model.save_adapter(str(out), self.adapter)
+        if self.comm is not None:  # every rank returns once the adapter is written, with rank 0's summary
+            summary = self.comm.bcast(summary)
         return summary
 
     def _epoch_float(self) -> float:
@@ -420,6 +494,7 @@ class Trainer:
             _io.save_safetensors(tmp / _OPT_TENSORS, tensors)
             atomic_io.write_text(tmp / _OPT_JSON, json.dumps(skeleton))
             state = {"global_step": self.global_step, "total_steps": self.total_steps, "epoch": self.epoch,
+                     "world_size": self.world_size, "global_batch_size": self.global_batch_size,
                      "batch_in_epoch": self.batch_in_epoch, "data_seed": self.args.seed,
                      "tokens_seen": self._tokens, "adapter": self.adapter,
                      "loss_sum": self._run[0], "loss_tokens": self._run[1],
@@ -449,7 +524,16 @@ class Trainer:
             raise FileNotFoundError(f"{p}: not a checkpoint directory (no {STATE_NAME})")
         return p
 
-    def _load_checkpoint(self, path: Path) -> None:
+    def _load_checkpoint(self, spec) -> None:
+        """Resume from `spec` (True: the latest checkpoint). Data parallel: rank 0 reads it and broadcasts
+        the state (no shared file system needed); an error is raised on every rank."""
+        if self.comm is None:
+            return self._apply_checkpoint(*self._read_checkpoint(self._find_checkpoint(spec)))
+        from .distributed import raise_on_all
+
+        self._apply_checkpoint(*raise_on_all(self.comm, lambda: self._read_checkpoint(self._find_checkpoint(spec))))
+
+    def _read_checkpoint(self, path: Path):
         from .adapter_io import load_adapter
 
         try:
@@ -457,6 +541,16 @@ class Trainer:
             skeleton = json.loads((path / _OPT_JSON).read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError) as exc:
             raise FormatError(f"{path}: unreadable checkpoint ({exc})") from exc
+        saved = state.get("global_batch_size")
+        if saved is None:  # written before data parallelism: one process
+            saved = (state.get("args") or {}).get("per_device_train_batch_size")
+        if saved is not None and saved != self.global_batch_size:
+            ws = state.get("world_size", 1)
+            raise ValueError(f"{path}: checkpoint was trained with a global batch of {saved} rows ({ws} rank(s) x "
+                             f"{saved // max(ws, 1)}), this run has {self.global_batch_size} "
+                             f"({self.world_size} rank(s) x per_device_train_batch_size="
+                             f"{self.args.per_device_train_batch_size}): the data order and the optimization "
+                             f"would differ; choose per_device_train_batch_size so the global batch is {saved}")
         if state.get("data_seed") != self.args.seed:
             raise ValueError(f"{path}: checkpoint was written with seed {state.get('data_seed')}, args.seed is "
                              f"{self.args.seed}: the data order would differ")
@@ -464,9 +558,13 @@ class Trainer:
             raise ValueError(f"{path}: checkpoint plans {state.get('total_steps')} steps, these args plan "
                              f"{self.total_steps}: the learning-rate schedule would differ")
         _, tensors = load_adapter(path)
-        self.model.set_adapter_state_dict(self.adapter, tensors)
         f = _io.safe_open(path / _OPT_TENSORS)
-        self.model.set_optimizer_state(_unflatten(skeleton, {k: np.array(f[k]) for k in f.keys()}))
+        opt = _unflatten(skeleton, {k: np.array(f[k]) for k in f.keys()})
+        return state, tensors, opt
+
+    def _apply_checkpoint(self, state, tensors, opt) -> None:
+        self.model.set_adapter_state_dict(self.adapter, tensors)
+        self.model.set_optimizer_state(opt)
         if "model" in state.get("rng", {}) and hasattr(self.model, "set_rng_state"):
             self.model.set_rng_state(state["rng"]["model"])
         self.global_step = int(state["global_step"])
@@ -474,8 +572,9 @@ class Trainer:
         self._tokens = int(state.get("tokens_seen", 0))
         self._run = (float(state.get("loss_sum", 0.0)), int(state.get("loss_tokens", 0)))
         self.log_history = [r for r in state.get("log_history", []) if r.get("step", 0) <= self.global_step]
-        _write_lines_atomic(Path(self.args.output_dir) / LOG_NAME,
-                            [json.dumps(r, sort_keys=True) for r in self.log_history])
+        if self.rank == 0:
+            _write_lines_atomic(Path(self.args.output_dir) / LOG_NAME,
+                                [json.dumps(r, sort_keys=True) for r in self.log_history])
 
 
 # ---------------------------------------------------------------- state (de)serialization

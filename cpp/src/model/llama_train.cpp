@@ -236,7 +236,7 @@ struct Pass {
   float* xdrop = nullptr;   // [M, max(D, I, QD)] dropped-out LoRA input (dropout only)
   float* dtmp = nullptr;    // [M, max(D, I, QD)] LoRA input gradient before the mask (dropout only)
 
-  DropoutKey key(int64_t l, int p) const { return {ad->seed, ad->micro_step, l, p}; }
+  DropoutKey key(int64_t l, int p) const { return {ad->seed, ad->micro_step, l, p, ad->dropout_row0 * d.T}; }
 
   LoraModule* lora(int64_t l, int p) const { return ad ? ad->at(l, p) : nullptr; }
 

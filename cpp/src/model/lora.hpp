@@ -37,6 +37,10 @@ struct LoraAdapter {
   float dropout = 0.0f;
   uint64_t seed = 0;                                // keys the dropout masks
   int64_t micro_step = 0;                           // forward_backward calls so far (dropout key)
+  // Data parallel: global index of the pass's first row in the global batch (this rank's first
+  // row), so a row's dropout masks do not depend on which rank holds it. lora_train_step sets it
+  // around each micro-batch; 0 otherwise.
+  int64_t dropout_row0 = 0;
   std::vector<std::unique_ptr<LoraModule>> modules;  // [num_layers * kNumProj], null = not adapted
   std::unique_ptr<train::AdamW> opt;                // configure_optimizer: over every A then B
   // Every module's dA then dB in params() order (layer, projection, A then B) as ONE contiguous
@@ -80,12 +84,15 @@ void lora_backward(Backend& be, LoraModule& m, int64_t M, const float* x, int64_
                    float* dx, int64_t lddx, float beta, float* t, float* dt, float scale = 1.0f);
 
 // LoRA dropout (inverted, as torch.nn.Dropout): the keep mask of one (micro step, layer,
-// projection) is regenerated from a Philox stream keyed by them, so it is never stored.
-// Host-memory backends only (ValueError otherwise).
+// projection) is regenerated from a Philox stream keyed by them, so it is never stored. Element
+// (token i, feature j) of the pass's [M, in] input takes stream position (token0 + i) * in + j:
+// token0 = the global row offset x T of a data-parallel shard (0 otherwise), so a row sees the same
+// mask on any rank. Host-memory backends only (ValueError otherwise).
 struct DropoutKey {
   uint64_t seed;
   int64_t step, layer;
   int proj;
+  int64_t token0 = 0;
 };
 // out[M, in] = x * keep / (1 - p)
 void dropout_forward(Backend& be, const DropoutKey& k, float p, int64_t M, int64_t in, const float* x, int64_t ldx,

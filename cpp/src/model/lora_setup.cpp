@@ -85,35 +85,72 @@ double lora_train_step(LlamaModel& m, const int32_t* ids, const int32_t* labels,
 }
 
 TrainStepResult lora_train_step(LlamaModel& m, const std::vector<MicroBatch>& micro, double lr, double max_grad_norm,
-                                bool training, bool checkpointing) {
+                                bool training, bool checkpointing, const StepReducer* dp) {
   const LlamaModel::AdapterRef ap = m.active_adapter();  // held for the whole step
   check_arg(ap != nullptr, "no active LoRA adapter: add one first");
   LoraAdapter& a = *ap;
   check_arg(a.opt != nullptr, "the optimizer is not configured: call configure_optimizer first");
   check_arg(std::isfinite(lr) && lr >= 0.0, "lr must be finite and >= 0");
   check_arg(!std::isnan(max_grad_norm), "max_grad_norm is NaN");
+  check_arg(dp == nullptr || (dp->sum_scalars && dp->sum_grads), "data-parallel reducer without its sum functions");
+  const int G = static_cast<int>(micro.size());
   TrainStepResult out;
-  for (const MicroBatch& mb : micro) out.count += mb.count;
+  // n[i]: counted tokens of micro-batch i over every rank (the local count without dp).
+  std::vector<double> n(static_cast<size_t>(G));
+  for (int i = 0; i < G; ++i) {
+    check_arg(micro[i].B > 0 || (dp != nullptr && micro[i].count == 0),
+              "micro-batch " + std::to_string(i) + " has no rows");
+    n[i] = static_cast<double>(micro[i].count);
+  }
+  if (dp) dp->sum_scalars(n.data(), G);
+  double N = 0.0;
+  for (double c : n) N += c;
+  out.count = static_cast<int64_t>(N);
   check_arg(out.count > 0, "no counted tokens in the step's micro-batches");
-  const double N = static_cast<double>(out.count);
   zero_lora_grads(m.backend(), a);
-  for (size_t i = 0; i < micro.size(); ++i) {
+  std::vector<double> loss_sum(static_cast<size_t>(G), 0.0);
+  bool stop = false;  // dp: a local non-finite loss; the remaining passes are skipped
+  for (int i = 0; i < G; ++i) {
     const MicroBatch& mb = micro[i];
-    if (mb.count == 0) continue;
-    const double n = static_cast<double>(mb.count);
-    const auto r = m.forward_backward(mb.ids, mb.mask, mb.labels, mb.B, mb.T, static_cast<float>(n / N / n), training,
-                                      checkpointing);
+    if (n[i] == 0) continue;  // no rank counts a token here: no pass anywhere (as on one process)
+    if (mb.count == 0 || stop) {
+      ++a.micro_step;  // dp: others run this micro-batch; the dropout step counter stays in step with them
+      continue;
+    }
+    a.dropout_row0 = mb.row0;
+    LlamaModel::LossResult r;
+    try {
+      r = m.forward_backward(mb.ids, mb.mask, mb.labels, mb.B, mb.T, static_cast<float>(n[i] / N / n[i]), training,
+                             checkpointing);
+    } catch (...) {
+      a.dropout_row0 = 0;
+      throw;
+    }
+    a.dropout_row0 = 0;
     check_arg(r.count == mb.count, "micro-batch " + std::to_string(i) + ": counted " + std::to_string(r.count) +
                                        " labels, expected " + std::to_string(mb.count));
     out.peak_train_bytes = std::max(out.peak_train_bytes, r.peak_train_bytes);
-    const double loss = r.loss_sum / n;
+    loss_sum[i] = r.loss_sum;
+    if (!std::isfinite(r.loss_sum)) {
+      if (!dp) {  // one process: stop at once, as before
+        out.bad_micro = i, out.bad_loss = r.loss_sum / n[i];
+        return out;
+      }
+      stop = true;
+    }
+  }
+  if (dp) dp->sum_scalars(loss_sum.data(), G);  // identical on every rank from here on
+  for (int i = 0; i < G; ++i) {
+    if (n[i] == 0) continue;
+    const double loss = loss_sum[i] / n[i];
     if (!std::isfinite(loss)) {
-      out.bad_micro = static_cast<int>(i), out.bad_loss = loss;
+      out.bad_micro = i, out.bad_loss = loss;
       return out;
     }
-    out.loss += loss * n / N;
+    out.loss += loss * n[i] / N;
   }
   std::vector<train::ParamRef> g = a.grads(m.backend());
+  if (dp) dp->sum_grads(a.grad_arena.f32(), a.num_params());  // one buffer, one all-reduce per step
   check_arg(m.backend().host_memory(), "gradient clipping is implemented for host-memory (CPU) backends only");
   out.norm = train::clip_grad_norm(g, max_grad_norm > 0.0 ? max_grad_norm : INFINITY);
   if (!std::isfinite(out.norm)) return out;

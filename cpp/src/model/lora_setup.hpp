@@ -3,6 +3,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -54,8 +55,22 @@ struct MicroBatch {
   const int32_t* ids;     // [B, T]
   const int32_t* mask;    // [B, T] or null
   const int32_t* labels;  // [B, T], already shifted (labels[b, t] is the target of position t)
-  int64_t B, T;
-  int64_t count;  // labels != -100
+  int64_t B, T;           // B = 0: this rank holds no row of the micro-batch (data parallel only)
+  int64_t count;          // labels != -100
+  int64_t row0 = 0;       // data parallel: global index of row 0 in the global micro-batch (dropout key)
+};
+
+// Data-parallel hook of lora_train_step: in-place sums over every rank (an all-reduce: MPI for
+// CPU ranks, NCCL for GPU ranks). Each rank holds its own shard of every global micro-batch and
+// all ranks make the same calls in the same order: sum_scalars(counted tokens per micro-batch),
+// then sum_scalars(loss sum per micro-batch; NaN/inf stays non-finite in the sum, so a bad loss
+// on one rank stops the step on all), then, unless stopped, sum_grads(the adapter's contiguous
+// gradient arena, in the backend's memory). Each micro-batch is back-propagated with the global
+// scale 1 / N_global, so after sum_grads every rank holds the gradient of the mean loss over the
+// whole global batch and takes the identical clip + AdamW step.
+struct StepReducer {
+  std::function<void(double* v, int n)> sum_scalars;
+  std::function<void(float* g, int64_t n)> sum_grads;
 };
 struct TrainStepResult {
   double loss = 0.0;    // mean loss over the step's counted tokens
@@ -66,8 +81,9 @@ struct TrainStepResult {
   int bad_micro = -1;   // the micro-batch with a non-finite loss (then bad_loss)
   double bad_loss = 0.0;
 };
+// dp: null for one process (then the result is bit-identical to the same step without the hook).
 TrainStepResult lora_train_step(LlamaModel& m, const std::vector<MicroBatch>& micro, double lr, double max_grad_norm,
-                                bool training, bool checkpointing);
+                                bool training, bool checkpointing, const StepReducer* dp = nullptr);
 
 // One optimizer step on the active adapter (its AdamW must be configured): zero grads,
 // forward_backward of the mean causal-LM loss (labels [B, T] unshifted, transformers
