@@ -234,3 +234,48 @@ except ImportError as e:
     code2 = "from qlora_native import distributed; print(distributed.wanted(None), distributed.launcher_world_size())"
     p = subprocess.run([sys.executable, "-c", code2], capture_output=True, text=True, timeout=60, env=env)
     assert p.stdout.split() == ["True", "2"], p.stderr
+
+
+def test_cli_train_under_mpiexec(tmp_path, setup):
+    """`mpiexec -n 2 qlora-native train ...` needs no flag: 2 ranks train, rank 0 alone reports and saves."""
+    _need_mpi()
+    from helpers_model import make_checkpoint
+    from helpers_tokenizer import train_sentencepiece
+
+    rng = np.random.default_rng(7)
+    sp = train_sentencepiece(tmp_path, vocab_size=1000)
+    path, _, _ = make_checkpoint(tmp_path, rng, vocab=1000, hidden=32, inter=64, layers=2, heads=4, kv_heads=2)
+    shutil.copy(sp, os.path.join(path, "tokenizer.model"))
+    words = ["the old house", "a red fox", "blue water", "green hills", "quiet night"]
+    data = tmp_path / "d.jsonl"
+    with open(data, "w") as f:
+        for _ in range(20):
+            f.write(json.dumps({"prompt": words[int(rng.integers(5))] + " ->",
+                                "completion": " " + words[int(rng.integers(5))]}) + "\n")
+    out = tmp_path / "out"
+    cmd = [_mpiexec(), "-n", "2", sys.executable, "-m", "qlora_native", "train", "--model", path, "--data", str(data),
+           "--output", str(out), "--max-steps", "3", "--batch-size", "2", "--save-steps", "3", "--r", "4",
+           "--eval-fraction", "0.2", "--target-modules", "q_proj,v_proj", "--no-progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env(), cwd=str(tmp_path))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("3 steps,") == 1, p.stdout  # one summary: rank 0's
+    with open(out / "checkpoint-3" / "trainer_state.json") as f:
+        st = json.load(f)
+    assert st["world_size"] == 2 and st["global_batch_size"] == 4
+    assert os.path.exists(out / "adapter_model.safetensors")
+
+
+def test_uncaught_error_outside_the_trainer_ends_every_rank(tmp_path):
+    """After distributed.init, an exception no code catches on rank 1 (while rank 0 waits in a collective)
+    ends both ranks."""
+    _need_mpi()
+    script = tmp_path / "s.py"
+    script.write_text("from qlora_native import distributed\n"
+                      "c = distributed.init(True)\n"
+                      "if c.rank == 1:\n    raise ValueError('bad input on rank 1')\n"
+                      "c.barrier()\n")
+    t0 = time.perf_counter()
+    p = subprocess.run([_mpiexec(), "-n", "2", sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=60, env=_env(), cwd=ROOT)
+    assert p.returncode != 0 and "bad input on rank 1" in p.stderr and "[rank 1/2]" in p.stderr, p.stderr
+    assert time.perf_counter() - t0 < 30

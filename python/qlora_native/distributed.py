@@ -111,8 +111,23 @@ def init(flag=True) -> MPIComm | None:
 
             if _core.num_threads() == min(_core.physical_cores(), _core.max_threads()):  # still the default
                 _core.set_num_threads(max(1, _core.physical_cores() // c.local_size()))
+        if c.size > 1:
+            _abort_on_uncaught(c)
         _COMM = c
     return _COMM
+
+
+def _abort_on_uncaught(comm: MPIComm) -> None:
+    """An exception nobody catches on one rank (in the user's script too, outside Trainer.train) ends
+    every rank, as `python -m mpi4py` does: the others may be waiting in a collective for it."""
+    prev = sys.excepthook
+
+    def hook(kind, value, tb):
+        sys.stderr.write(f"[rank {comm.rank}/{comm.size}] uncaught exception, aborting all ranks:\n")
+        prev(kind, value, tb)
+        sys.stderr.flush()
+        comm.abort(1)
+    sys.excepthook = hook
 
 
 def abort(comm: MPIComm, exc: BaseException) -> None:
