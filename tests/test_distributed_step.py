@@ -222,3 +222,16 @@ def test_shard_bounds():
             b = [shard(n, r, size) for r in range(size)]
             assert b[0][0] == 0 and b[-1][1] == n and all(b[i][1] == b[i + 1][0] for i in range(size - 1))
             assert max(h - lo for lo, h in b) - min(h - lo for lo, h in b) <= 1
+
+
+def test_one_rank_reducer_is_bit_identical_to_none(load):
+    """A world of one (sums are identities) takes exactly the step of comm=None, dropout included: the
+    hook adds no arithmetic of its own to a single process."""
+    rng = np.random.default_rng(6)
+    micro = [batch(rng, 2, 9), batch(rng, 3, 9)]
+    m1, r1 = one_rank_steps(load, micro, 2, 0.3)
+    m2, c = load(0.3), ThreadGroup(1).comm(0)
+    r2 = [m2.train_step(micro, max_grad_norm=1.0, comm=c, row_offsets=[0, 0]) for _ in range(2)]
+    assert [(r["loss"], r["grad_norm"]) for r in r1] == [(r["loss"], r["grad_norm"]) for r in r2]
+    for k, v in m1.get_adapter_state_dict().items():
+        np.testing.assert_array_equal(m2.get_adapter_state_dict()[k], v)
