@@ -235,3 +235,31 @@ def test_one_rank_reducer_is_bit_identical_to_none(load):
     assert [(r["loss"], r["grad_norm"]) for r in r1] == [(r["loss"], r["grad_norm"]) for r in r2]
     for k, v in m1.get_adapter_state_dict().items():
         np.testing.assert_array_equal(m2.get_adapter_state_dict()[k], v)
+
+
+def test_resume_refuses_another_global_batch_and_a_corrupt_one(tmp_path, load):
+    """One process: a checkpoint written with a global batch of 4 rows does not resume with 2 (ValueError
+    naming both); a corrupt global_batch_size is a FormatError naming the file and field."""
+    import json
+
+    from qlora_native import FormatError
+    from qlora_native.data import Example
+    from qlora_native.trainer import Trainer, TrainingArguments
+
+    rng = np.random.default_rng(8)
+    ex = [Example(list(map(int, rng.integers(0, 64, 8))), list(map(int, rng.integers(0, 64, 8))), line=i + 1)
+          for i in range(8)]
+    cfg = LoraConfig(r=2, target_modules=["q_proj"])
+
+    def args(bs):
+        return TrainingArguments(output_dir=str(tmp_path / "o"), max_steps=2, per_device_train_batch_size=bs,
+                                 save_steps=1, disable_tqdm=True, logging_steps=1, max_seq_len=16)
+    Trainer(load(), cfg, ex, None, args(4)).train()
+    with pytest.raises(ValueError, match=r"global batch of 4 rows \(1 rank\(s\) x 4\), this run has 2"):
+        Trainer(load(), cfg, ex, None, args(2)).train(resume_from_checkpoint=str(tmp_path / "o" / "checkpoint-1"))
+    st_path = tmp_path / "o" / "checkpoint-1" / "trainer_state.json"
+    st = json.loads(st_path.read_text())
+    st["global_batch_size"] = "4"
+    st_path.write_text(json.dumps(st))
+    with pytest.raises(FormatError, match="trainer_state.json: 'global_batch_size' must be a positive int"):
+        Trainer(load(), cfg, ex, None, args(4)).train(resume_from_checkpoint=str(tmp_path / "o" / "checkpoint-1"))

@@ -544,8 +544,11 @@ class Trainer:
         saved = state.get("global_batch_size")
         if saved is None:  # written before data parallelism: one process
             saved = (state.get("args") or {}).get("per_device_train_batch_size")
+        ws = state.get("world_size", 1)
+        for k, v in (("global_batch_size", saved), ("world_size", ws)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise FormatError(f"{path / STATE_NAME}: '{k}' must be a positive int, got {v!r}")
         if saved is not None and saved != self.global_batch_size:
-            ws = state.get("world_size", 1)
             raise ValueError(f"{path}: checkpoint was trained with a global batch of {saved} rows ({ws} rank(s) x "
                              f"{saved // max(ws, 1)}), this run has {self.global_batch_size} "
                              f"({self.world_size} rank(s) x per_device_train_batch_size="
