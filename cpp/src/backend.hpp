@@ -167,6 +167,22 @@ class Backend {
                                 float* dX, int64_t lddx) {
     nf4_gemm_nn(M, alpha, dY, lddy, W, beta, dX, lddx);
   }
+  // attention_train / attention_train_backward (below) in bf16 compute: the products with v, dout,
+  // the probabilities and dS take bf16-rounded operands, fp32 accumulation; the scores q·kᵀ,
+  // softmax, lse and the outputs stay fp32. Default: the fp32 ops.
+  virtual void attention_train_bf16(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+                                    int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
+                                    const int32_t* key_mask, float scale, float* out, int64_t ldo, float* lse) {
+    attention_train(B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, key_mask, scale, out, ldo, lse);
+  }
+  virtual void attention_train_backward_bf16(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd,
+                                             const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v,
+                                             int64_t ldv, const int32_t* key_mask, float scale, const float* out,
+                                             int64_t ldo, const float* lse, const float* dout, int64_t lddo, float* dq,
+                                             int64_t lddq, float* dk, int64_t lddk, float* dv, int64_t lddv) {
+    attention_train_backward(B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, key_mask, scale, out, ldo, lse, dout, lddo, dq,
+                             lddq, dk, lddk, dv, lddv);
+  }
 
   // ---- transformer ops (cpp/src/model). Defaults throw so a backend can add them one by one.
   // out[M, D] = table[ids[m], :]; ids int32 [M], already checked to lie in [0, V).

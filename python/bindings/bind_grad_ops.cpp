@@ -147,7 +147,8 @@ AttnDims attn_dims(const F32& q, const F32& k, const F32& v, const I32& mask, in
 }
 
 py::tuple attention_train(py::handle q_o, py::handle k_o, py::handle v_o, py::handle m_o, int64_t Hq, int64_t Hkv,
-                          float scale, const std::string& backend) {
+                          float scale, const std::string& backend, const std::string& compute_dtype) {
+  const bool bf16 = bf16_arg(compute_dtype);
   Backend& be = host_backend(backend);
   F32 q = f32(q_o, "q", 2), k = f32(k_o, "k", 2), v = f32(v_o, "v", 2);
   I32 mask = i32(m_o, "key_mask", 2);
@@ -156,15 +157,20 @@ py::tuple attention_train(py::handle q_o, py::handle k_o, py::handle v_o, py::ha
   float *po = out.mutable_data(), *pl = lse.mutable_data();
   {
     py::gil_scoped_release nogil;
-    be.attention_train(a.B, a.T, a.Hq, a.Hkv, a.hd, q.data(), a.Hq * a.hd, k.data(), a.Hkv * a.hd, v.data(),
-                       a.Hkv * a.hd, mask.data(), scale, po, a.Hq * a.hd, pl);
+    if (bf16)
+      be.attention_train_bf16(a.B, a.T, a.Hq, a.Hkv, a.hd, q.data(), a.Hq * a.hd, k.data(), a.Hkv * a.hd, v.data(),
+                              a.Hkv * a.hd, mask.data(), scale, po, a.Hq * a.hd, pl);
+    else
+      be.attention_train(a.B, a.T, a.Hq, a.Hkv, a.hd, q.data(), a.Hq * a.hd, k.data(), a.Hkv * a.hd, v.data(),
+                         a.Hkv * a.hd, mask.data(), scale, po, a.Hq * a.hd, pl);
   }
   return py::make_tuple(out, lse);
 }
 
 py::tuple attention_train_backward(py::handle q_o, py::handle k_o, py::handle v_o, py::handle m_o, py::handle out_o,
                                    py::handle lse_o, py::handle dout_o, int64_t Hq, int64_t Hkv, float scale,
-                                   const std::string& backend) {
+                                   const std::string& backend, const std::string& compute_dtype) {
+  const bool bf16 = bf16_arg(compute_dtype);
   Backend& be = host_backend(backend);
   F32 q = f32(q_o, "q", 2), k = f32(k_o, "k", 2), v = f32(v_o, "v", 2);
   I32 mask = i32(m_o, "key_mask", 2);
@@ -179,8 +185,13 @@ py::tuple attention_train_backward(py::handle q_o, py::handle k_o, py::handle v_
   {
     py::gil_scoped_release nogil;
     const int64_t QD = a.Hq * a.hd, KD = a.Hkv * a.hd;
-    be.attention_train_backward(a.B, a.T, a.Hq, a.Hkv, a.hd, q.data(), QD, k.data(), KD, v.data(), KD, mask.data(),
-                                scale, out.data(), QD, lse.data(), dout.data(), QD, pq, QD, pk, KD, pv, KD);
+    if (bf16)
+      be.attention_train_backward_bf16(a.B, a.T, a.Hq, a.Hkv, a.hd, q.data(), QD, k.data(), KD, v.data(), KD,
+                                       mask.data(), scale, out.data(), QD, lse.data(), dout.data(), QD, pq, QD, pk, KD,
+                                       pv, KD);
+    else
+      be.attention_train_backward(a.B, a.T, a.Hq, a.Hkv, a.hd, q.data(), QD, k.data(), KD, v.data(), KD, mask.data(),
+                                  scale, out.data(), QD, lse.data(), dout.data(), QD, pq, QD, pk, KD, pv, KD);
   }
   return py::make_tuple(dq, dk, dv);
 }
@@ -294,10 +305,13 @@ void bind_grad_ops(py::module_& m) {
         py::arg("backend") = "cpu", "(dgate, dup) for out = silu(gate) * up");
   g.def("attention_train", &attention_train, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_mask"),
         py::kw_only(), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("scale"), py::arg("backend") = "cpu",
-        "(out[B*T, Hq*hd], lse[B, Hq, T]) of causal GQA self-attention; key_mask int32 [B, T]");
+        py::arg("compute_dtype") = "float32",
+        "(out[B*T, Hq*hd], lse[B, Hq, T]) of causal GQA self-attention; key_mask int32 [B, T]; compute_dtype "
+        "'bfloat16': tile products on bf16-rounded operands, fp32 accumulation");
   g.def("attention_train_backward", &attention_train_backward, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("key_mask"), py::arg("out"), py::arg("lse"), py::arg("dout"), py::kw_only(), py::arg("n_heads"),
-        py::arg("n_kv_heads"), py::arg("scale"), py::arg("backend") = "cpu", "(dq, dk, dv) of attention_train");
+        py::arg("n_kv_heads"), py::arg("scale"), py::arg("backend") = "cpu", py::arg("compute_dtype") = "float32",
+        "(dq, dk, dv) of attention_train");
   g.def("rope_forward", &rope_forward, py::arg("x"), py::arg("pos"), py::arg("inv_freq"), py::kw_only(),
         py::arg("n_heads"), py::arg("backend") = "cpu", "the inference rope() on a copy of x (tests pair it with rope_backward)");
   g.def("attention_cached", &attention_cached, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_mask"),

@@ -137,12 +137,6 @@ void run2(Backend& be, const Mat& a, const Mat& b, Mat& c, float beta, Fn fn) {
 
 enum class Layout { NT, NN, TN };
 
-// compute_dtype "float32" or "bfloat16" (Backend::*_bf16: operands rounded to bf16, fp32 accumulation).
-bool bf16_arg(const std::string& compute_dtype) {
-  check_arg(compute_dtype == "float32" || compute_dtype == "bfloat16",
-            "compute_dtype must be 'float32' or 'bfloat16', got '" + compute_dtype + "'");
-  return compute_dtype == "bfloat16";
-}
 
 py::array gemm(Layout lay, py::object a_obj, py::object b_obj, py::object out, float alpha, float beta,
                const std::string& backend, const std::string& compute_dtype = "float32") {
@@ -450,6 +444,13 @@ void bind_ops(py::module_& m) {
       },
       py::arg("w_blocks"), py::arg("ids"), py::arg("n"), py::arg("k"), py::kw_only(), py::arg("backend") = "cpu",
       "out[len(ids), k] = dequant(w)[ids] for a GGUF Q8_0 weight [n, k] given as raw blocks (uint8)");
+}
+
+// compute_dtype "float32" or "bfloat16" (Backend::*_bf16: operands rounded to bf16, fp32 accumulation).
+bool bf16_arg(const std::string& compute_dtype) {
+  check_arg(compute_dtype == "float32" || compute_dtype == "bfloat16",
+            "compute_dtype must be 'float32' or 'bfloat16', got '" + compute_dtype + "'");
+  return compute_dtype == "bfloat16";
 }
 
 }  // namespace qlora::py_bind

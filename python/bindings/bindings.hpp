@@ -10,6 +10,8 @@ namespace qlora::py_bind {
 namespace py = pybind11;
 // A parsed JSON value as Python objects (bind_io.cpp); shared by the binders that return JSON.
 py::object json_to_python(const json::Value& v);
+// compute_dtype "float32" -> false, "bfloat16" -> true, anything else ValueError (bind_ops.cpp).
+bool bf16_arg(const std::string& compute_dtype);
 void bind_info(py::module_& m);   // version, SIMD levels, threads, backends, CUDA status
 void bind_ops(py::module_& m);    // qlora_native._core.ops: GEMM kernels on numpy arrays
 void bind_nf4(py::module_& m);    // qlora_native._core.nf4: NF4 codec

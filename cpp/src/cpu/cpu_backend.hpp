@@ -62,6 +62,14 @@ class CpuBackend final : public Backend {
                         int64_t ldy) override;
   void nf4_gemm_nn_bf16(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W, float beta, float* dX,
                         int64_t lddx) override;
+  void attention_train_bf16(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q, int64_t ldq,
+                            const float* k, int64_t ldk, const float* v, int64_t ldv, const int32_t* key_mask,
+                            float scale, float* out, int64_t ldo, float* lse) override;
+  void attention_train_backward_bf16(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+                                     int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
+                                     const int32_t* key_mask, float scale, const float* out, int64_t ldo,
+                                     const float* lse, const float* dout, int64_t lddo, float* dq, int64_t lddq,
+                                     float* dk, int64_t lddk, float* dv, int64_t lddv) override;
   void q8_0_gemm_nt(int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const void* W, float* Y,
                     int64_t ldy) override;
   void q8_0_rows(int64_t M, int64_t K, const void* W, const int32_t* ids, float* out) override;

@@ -4,6 +4,7 @@
 
 #include "cpu/cpu_backend.hpp"
 #include "cpu/gemm_bf16.hpp"
+#include "cpu/ops_backward.hpp"
 
 #if __has_include("cpu/profile.hpp")
 #include "cpu/profile.hpp"
@@ -47,6 +48,25 @@ void CpuBackend::nf4_gemm_nn_bf16(int64_t M, float alpha, const float* dY, int64
                                   float* dX, int64_t lddx) {
   QLORA_BF16_SCOPE(Nf4Bwd, "nf4_gemm_nn_bf16", 2 * d(M) * d(W.rows) * d(W.cols), nf4_bytes(M, W), M, W.cols, W.rows);
   cpu::nf4_gemm_nn_bf16(level(), M, alpha, dY, lddy, W, beta, dX, lddx);
+}
+
+void CpuBackend::attention_train_bf16(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+                                      int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
+                                      const int32_t* key_mask, float scale, float* out, int64_t ldo, float* lse) {
+  QLORA_BF16_SCOPE(AttnFwd, "attention_train_bf16", 2 * d(B) * d(Hq) * d(hd) * d(T) * (d(T) + 1),
+                   4 * d(B) * d(T) * d(hd) * (2 * d(Hq) + 2 * d(Hkv)), B, T, Hq);
+  ops::attention_train(level(), B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, key_mask, scale, out, ldo, lse, true);
+}
+void CpuBackend::attention_train_backward_bf16(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd,
+                                               const float* q, int64_t ldq, const float* k, int64_t ldk,
+                                               const float* v, int64_t ldv, const int32_t* key_mask, float scale,
+                                               const float* out, int64_t ldo, const float* lse, const float* dout,
+                                               int64_t lddo, float* dq, int64_t lddq, float* dk, int64_t lddk,
+                                               float* dv, int64_t lddv) {
+  QLORA_BF16_SCOPE(AttnBwd, "attention_train_backward_bf16", 5 * d(B) * d(Hq) * d(hd) * d(T) * (d(T) + 1),
+                   4 * d(B) * d(T) * d(hd) * (4 * d(Hq) + 4 * d(Hkv)), B, T, Hq);
+  ops::attention_train_backward(level(), B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, key_mask, scale, out, ldo, lse,
+                                dout, lddo, dq, lddq, dk, lddk, dv, lddv, true);
 }
 
 }  // namespace qlora::cpu

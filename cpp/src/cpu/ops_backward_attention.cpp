@@ -5,6 +5,14 @@
 // The tile products run through the CPU GEMM kernels of the backend's SIMD level; they are called
 // from inside pool tasks, where a GEMM runs serially (threads.hpp), so tasks never oversubscribe.
 // The exp passes use the level's SIMD exp (cpu/rowops_kernels.hpp; std::exp at scalar / generic).
+// bf16 compute (compute_dtype="bfloat16"): the tile products P·v, dout·vᵀ, dS·k, dSᵀ·q and Pᵀ·dout
+// round their operands to bf16 and accumulate in fp32; the scores S = scale q·kᵀ stay fp32, as do
+// softmax, lse, delta and the outputs. (Scores in bf16 err by ~u·|S| absolutely, which the softmax
+// turns into a relative error of P: on the tiny 2-layer test model it tripled the LoRA gradient
+// error and made it exceed PEFT's bf16 autocast; the other four products added < 10%.) On
+// AVX512-BF16 a dedicated path packs K and V of a (batch, KV head) once into bf16 pair panels and
+// runs the vdpbf16ps micro-kernel on 14-row tiles, skipping the keys no row of a tile sees
+// (causal); at the scalar level the tiles go through the bf16 GEMM oracle.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -13,6 +21,8 @@
 #include <vector>
 
 #include "cpu/gemm.hpp"
+#include "cpu/gemm_bf16.hpp"
+#include "cpu/gemm_bf16_kernels.hpp"
 #include "cpu/ops_backward.hpp"
 #include "cpu/rowops_kernels.hpp"
 #include "cpu/threads.hpp"
@@ -59,13 +69,197 @@ void dscores(const float* P, float* dP, int64_t ld, int64_t rows, int64_t cols, 
 }
 
 bool all_nonzero(const int32_t* km, int64_t n) { return std::find(km, km + n, 0) == km + n; }
+
+// The tile products: the level's fp32 GEMMs, or its bf16-compute GEMMs (cpu/gemm_bf16.hpp; the
+// emulating oracle at the scalar level).
+struct Gemms {
+  SimdLevel level;
+  bool bf16;
+  mutable int idx = 0;  // H15DIAG
+  bool use(const char* which) const { const char* e = std::getenv("H15DIAG"); if (!e) return bf16; return bf16 && std::strchr(e, which[0]) != nullptr; }
+  void nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
+          float beta, float* C, int64_t ldc) const {
+    if (bf16) return gemm_nt_bf16(level, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    gemm_nt(level, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+  void nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
+          float beta, float* C, int64_t ldc) const {
+    if (bf16) return gemm_nn_bf16(level, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    gemm_nn(level, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+  void tn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
+          float beta, float* C, int64_t ldc) const {
+    if (bf16) return gemm_tn_bf16(level, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    gemm_tn(level, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+};
+
+// Row softmax of the forward on S[mq, nk] (scores of queries t0 + i, keys 0..nk-1; only keys
+// s <= t are read): probabilities in place (0 for s > t and masked keys), lse[t] kept.
+void softmax_rows(const rowk::Kernels* kr, float* S, int64_t nk, int64_t mq, int64_t t0, const int32_t* km,
+                  bool km_all, float* l) {
+  for (int64_t i = 0; i < mq; ++i) {
+    float* r = S + i * nk;
+    const int64_t t = t0 + i;
+    if (kr) {  // masked keys -> -inf, whose SIMD exp is exactly 0
+      if (!km_all)
+        for (int64_t s = 0; s <= t; ++s) r[s] = km[s] ? r[s] : kNegInf;
+      const float mx = kr->max(r, t + 1);
+      if (mx == kNegInf) {
+        std::fill(r, r + nk, 0.0f);
+        l[t] = kNegInf;
+        continue;
+      }
+      const double denom = kr->exp_sum(r, t + 1, mx);
+      const float inv = static_cast<float>(1.0 / denom);
+      for (int64_t s = 0; s <= t; ++s) r[s] *= inv;
+      std::fill(r + t + 1, r + nk, 0.0f);
+      l[t] = mx + static_cast<float>(std::log(denom));
+      continue;
+    }
+    float mx = kNegInf;
+    for (int64_t s = 0; s <= t; ++s)
+      if (km[s]) mx = std::max(mx, r[s]);
+    if (mx == kNegInf) {  // no visible key: probabilities 0 (so output 0), lse -inf
+      std::fill(r, r + nk, 0.0f);
+      l[t] = kNegInf;
+      continue;
+    }
+    double denom = 0.0;
+    for (int64_t s = 0; s <= t; ++s) {
+      r[s] = km[s] ? std::exp(r[s] - mx) : 0.0f;
+      denom += r[s];
+    }
+    const float inv = static_cast<float>(1.0 / denom);
+    for (int64_t s = 0; s <= t; ++s) r[s] *= inv;
+    std::fill(r + t + 1, r + nk, 0.0f);
+    l[t] = mx + static_cast<float>(std::log(denom));
+  }
+}
+
+#ifdef QLORA_X86
+// ------------------------------------------------------------------ bf16 packed path (AVX512-BF16)
+// Operand panels in the bf16 GEMM's pair layout (cpu/gemm_bf16_kernels.hpp): a B panel holds NR
+// columns, uint32 [pairs of k][NR]; an A panel MR rows, uint32 [pairs of k][MR].
+namespace pk {
+constexpr int MR = bf16_k::kMR, NR = bf16_k::kNR;
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Buf {  // 64-byte aligned (the micro-kernel loads B panels with aligned loads)
+  uint32_t* p = nullptr;
+  size_t n = 0;
+  Buf() = default;
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  ~Buf() { std::free(p); }
+  uint32_t* get(size_t count) {
+    if (count > n) {
+      std::free(p);
+      p = static_cast<uint32_t*>(std::aligned_alloc(64, (count * 4 + 63) / 64 * 64));
+      if (!p) {
+        n = 0;
+        throw std::bad_alloc();
+      }
+      n = count;
+    }
+    return p;
+  }
+};
+
+// B panels with the n rows of X[n, hd] as columns, k = head dim: [ceil(n/NR)][ceil(hd/2)][NR]
+// (the K of q·kᵀ, the V of dout·vᵀ).
+void pack_rows_as_cols(const float* X, int64_t ld, int64_t n, int64_t hd, uint32_t* P) {
+  const int64_t hp = cdiv(hd, 2);
+  for (int64_t j = 0; j < n; j += NR)
+    bf16_k::pack_rows_avx512bf16(X + j * ld, ld, static_cast<int>(std::min<int64_t>(NR, n - j)), hd, NR,
+                                 P + (j / NR) * hp * NR);
+}
+// B panels with the head-dim columns of X[n, hd], k = its rows: [ceil(hd/NR)][ceil(n/2)][NR]
+// (the V of P·v, the K of dS·k, the Q of dSᵀ·q, the dout of Pᵀ·dout).
+void pack_dim_cols(const float* X, int64_t ld, int64_t n, int64_t hd, uint32_t* P) {
+  const int64_t np = cdiv(n, 2);
+  for (int64_t c = 0; c < hd; c += NR)
+    bf16_k::pack_cols_avx512bf16(X + c, ld, static_cast<int>(std::min<int64_t>(NR, hd - c)), n, NR,
+                                 P + (c / NR) * np * NR);
+}
+// C[mr, 0..ncols) = alpha * Ap·(B panels, `stride` uint32 apart) + beta * C, over kp pairs.
+void row_tile(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, int64_t stride, int64_t ncols, float* C,
+              int64_t ldc, float alpha, float beta, int mr) {
+  for (int64_t j = 0; j < ncols; j += NR)
+    bf16_k::ukernel_avx512bf16(kp, Ap, Bp + (j / NR) * stride, C + j, ldc, alpha, beta, mr,
+                               static_cast<int>(std::min<int64_t>(NR, ncols - j)));
+}
+// Keys some row of the tile of queries t0 + ir .. t0 + ir + mr - 1 sees (causal), within nk.
+int64_t keys_seen(int64_t t0, int64_t ir, int mr, int64_t nk) { return std::min(nk, t0 + ir + mr); }
+}  // namespace pk
+#endif
+}  // namespace
+
+#ifdef QLORA_X86
+namespace {
+// The bf16 forward on AVX512-BF16: V of every (b, KV head) packed once, then one task per
+// (b, query head, block of 64 queries) as the fp32 way: fp32 scores, softmax, bf16 P·v.
+void attention_train_packed(SimdLevel level, const rowk::Kernels* kr, int64_t B, int64_t T, int64_t Hq, int64_t Hkv,
+                            int64_t hd, const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v,
+                            int64_t ldv, const int32_t* key_mask, float scale, float* out, int64_t ldo, float* lse) {
+  using namespace pk;
+  const int64_t group = Hq / Hkv, nblk = cdiv(T, kBlock);
+  const int64_t tp = cdiv(T, 2);
+  const int64_t vc_sz = cdiv(hd, NR) * tp * NR;  // uint32 per (b, kv head)
+  Buf Vp;
+  uint32_t* vp_all = Vp.get(static_cast<size_t>(B * Hkv * vc_sz));
+  parallel_range(B * Hkv, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t b = p / Hkv, kh = p % Hkv;
+      pack_dim_cols(v + b * T * ldv + kh * hd, ldv, T, hd, vp_all + p * vc_sz);
+    }
+  });
+  parallel_range(B * Hq * nblk, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> S(static_cast<size_t>(kBlock * T));  // [mq, nk] scores, then probabilities
+    std::vector<uint32_t> Ap(static_cast<size_t>(MR * tp));
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t b = p / (Hq * nblk), h = (p / nblk) % Hq, blk = p % nblk, kh = h / group;
+      const int64_t t0 = blk * kBlock, mq = std::min(kBlock, T - t0), nk = t0 + mq;
+      const int32_t* km = key_mask + b * T;
+      const uint32_t* Vc = vp_all + (b * Hkv + kh) * vc_sz;
+      gemm_nt(level, mq, nk, hd, scale, q + (b * T + t0) * ldq + h * hd, ldq, k + b * T * ldk + kh * hd, ldk, 0.0f,
+              S.data(), nk);  // scores in fp32
+      softmax_rows(kr, S.data(), nk, mq, t0, km, all_nonzero(km, nk), lse + (b * Hq + h) * T);
+      for (int64_t ir = 0; ir < mq; ir += MR) {  // out rows = P·v
+        const int mr = static_cast<int>(std::min<int64_t>(MR, mq - ir));
+        const int64_t n = keys_seen(t0, ir, mr, nk);
+        bf16_k::pack_rows_avx512bf16(S.data() + ir * nk, nk, mr, n, MR, Ap.data());
+        row_tile(cdiv(n, 2), Ap.data(), Vc, tp * NR, hd, out + (b * T + t0 + ir) * ldo + h * hd, ldo, 1.0f, 0.0f, mr);
+      }
+    }
+  });
+}
+}  // namespace
+#endif
+
+namespace {
+// bf16 requested and the level has AVX512-BF16: the packed path (else the Gemms way).
+bool attention_bf16_packed(SimdLevel level, bool bf16) {
+#ifdef QLORA_X86
+  return bf16 && level == SimdLevel::AVX512 && bf16_compute_available(level);
+#else
+  (void)level, (void)bf16;
+  return false;
+#endif
+}
 }  // namespace
 
 void attention_train(SimdLevel level, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
                      int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv, const int32_t* key_mask,
-                     float scale, float* out, int64_t ldo, float* lse) {
+                     float scale, float* out, int64_t ldo, float* lse, bool bf16) {
   const int64_t group = Hq / Hkv, nblk = (T + kBlock - 1) / kBlock;
   const rowk::Kernels* kr = rowk::for_level(level);
+#ifdef QLORA_X86
+  if (attention_bf16_packed(level, bf16))
+    return attention_train_packed(level, kr, B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, key_mask, scale, out, ldo,
+                                  lse);
+#endif
+  const Gemms g{level, bf16 && bf16_compute_available(level)};
   // Task = (b, query head, block of queries t0..t0+mq), seeing keys 0..t0+mq-1.
   parallel_range(B * Hq * nblk, 1, [&](int64_t p0, int64_t p1) {
     std::vector<float> S(static_cast<size_t>(kBlock * T));  // [mq, nk] scores, then probabilities
@@ -73,53 +267,103 @@ void attention_train(SimdLevel level, int64_t B, int64_t T, int64_t Hq, int64_t 
       const int64_t b = p / (Hq * nblk), h = (p / nblk) % Hq, blk = p % nblk, kh = h / group;
       const int64_t t0 = blk * kBlock, mq = std::min(kBlock, T - t0), nk = t0 + mq;
       const int32_t* km = key_mask + b * T;
-      float* l = lse + (b * Hq + h) * T;
-      const bool km_all = all_nonzero(km, nk);
       gemm_nt(level, mq, nk, hd, scale, q + (b * T + t0) * ldq + h * hd, ldq, k + b * T * ldk + kh * hd, ldk, 0.0f,
-              S.data(), nk);
-      for (int64_t i = 0; i < mq; ++i) {
-        float* r = S.data() + i * nk;
-        const int64_t t = t0 + i;
-        if (kr) {  // masked keys -> -inf, whose SIMD exp is exactly 0
-          if (!km_all)
-            for (int64_t s = 0; s <= t; ++s) r[s] = km[s] ? r[s] : kNegInf;
-          const float mx = kr->max(r, t + 1);
-          if (mx == kNegInf) {
-            std::fill(r, r + nk, 0.0f);
-            l[t] = kNegInf;
-            continue;
-          }
-          const double denom = kr->exp_sum(r, t + 1, mx);
-          const float inv = static_cast<float>(1.0 / denom);
-          for (int64_t s = 0; s <= t; ++s) r[s] *= inv;
-          std::fill(r + t + 1, r + nk, 0.0f);
-          l[t] = mx + static_cast<float>(std::log(denom));
-          continue;
-        }
-        float mx = kNegInf;
-        for (int64_t s = 0; s <= t; ++s)
-          if (km[s]) mx = std::max(mx, r[s]);
-        if (mx == kNegInf) {  // no visible key: probabilities 0 (so output 0), lse -inf
-          std::fill(r, r + nk, 0.0f);
-          l[t] = kNegInf;
-          continue;
-        }
-        double denom = 0.0;
-        for (int64_t s = 0; s <= t; ++s) {
-          r[s] = km[s] ? std::exp(r[s] - mx) : 0.0f;
-          denom += r[s];
-        }
-        const float inv = static_cast<float>(1.0 / denom);
-        for (int64_t s = 0; s <= t; ++s) r[s] *= inv;
-        std::fill(r + t + 1, r + nk, 0.0f);
-        l[t] = mx + static_cast<float>(std::log(denom));
-      }
+              S.data(), nk);  // scores in fp32 (also in bf16 mode)
+      softmax_rows(kr, S.data(), nk, mq, t0, km, all_nonzero(km, nk), lse + (b * Hq + h) * T);
       // out rows = P · V
-      gemm_nn(level, mq, hd, nk, 1.0f, S.data(), nk, v + b * T * ldv + kh * hd, ldv, 0.0f,
-              out + (b * T + t0) * ldo + h * hd, ldo);
+      g.nn(mq, hd, nk, 1.0f, S.data(), nk, v + b * T * ldv + kh * hd, ldv, 0.0f, out + (b * T + t0) * ldo + h * hd,
+           ldo);
     }
   });
 }
+
+#ifdef QLORA_X86
+namespace {
+// dS = P (dP - delta_t) scale for the keys each query sees (s < n_vis), 0 beyond (dP is not
+// computed there on the packed path).
+void dscores_causal(const float* P, float* dP, int64_t ld, int64_t rows, int64_t cols, int64_t t0,
+                    const float* delta, float scale) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* p = P + i * ld;
+    float* d = dP + i * ld;
+    const float dl = delta[i];
+    const int64_t n_vis = std::clamp<int64_t>(t0 + i + 1, 0, cols);
+    for (int64_t j = 0; j < n_vis; ++j) d[j] = p[j] * (d[j] - dl) * scale;
+    std::fill(d + n_vis, d + cols, 0.0f);
+  }
+}
+
+// The fused backward in bf16 on AVX512-BF16: one task per (b, KV head) packs its K and V once,
+// then per (query block, query head) the scores in fp32 and four bf16 products on 14-row tiles; dK and
+// dV accumulate in place in fp32 (beta 1), each key tile over the queries that can see it.
+void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd,
+                               const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
+                               const int32_t* key_mask, float scale, const float* lse, const float* delta,
+                               const float* dout, int64_t lddo, float* dq, int64_t lddq, float* dk, int64_t lddk,
+                               float* dv, int64_t lddv) {
+  using namespace pk;
+  const int64_t group = Hq / Hkv, nblk = cdiv(T, kBlock);
+  const int64_t hp = cdiv(hd, 2), tp = cdiv(T, 2), bp = cdiv(kBlock, 2);
+  const int64_t vr_sz = cdiv(T, NR) * hp * NR, kc_sz = cdiv(hd, NR) * tp * NR, qc_sz = cdiv(hd, NR) * bp * NR;
+  parallel_range(B * Hkv, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> P(static_cast<size_t>(kBlock * T)), dP(P.size());  // [mq, nk] each
+    std::vector<uint32_t> Ap(static_cast<size_t>(MR * std::max({hp, tp, bp})));
+    Buf bKc, bVr, bQc, bOc;
+    uint32_t *Kc = bKc.get(kc_sz), *Vr = bVr.get(vr_sz), *Qc = bQc.get(qc_sz), *Oc = bOc.get(qc_sz);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t b = p / Hkv, kh = p % Hkv;
+      const float* Kb = k + b * T * ldk + kh * hd;  // [T, hd] rows of KV head kh
+      const float* Vb = v + b * T * ldv + kh * hd;
+      float* dKb = dk + b * T * lddk + kh * hd;
+      float* dVb = dv + b * T * lddv + kh * hd;
+      const int32_t* km = key_mask + b * T;
+      pack_dim_cols(Kb, ldk, T, hd, Kc);
+      pack_rows_as_cols(Vb, ldv, T, hd, Vr);
+      for (int64_t t = 0; t < T; ++t) {
+        std::fill(dKb + t * lddk, dKb + t * lddk + hd, 0.0f);
+        std::fill(dVb + t * lddv, dVb + t * lddv + hd, 0.0f);
+      }
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        const int64_t t0 = blk * kBlock, mq = std::min(kBlock, T - t0), nk = t0 + mq, qp = cdiv(mq, 2);
+        const bool km_all = all_nonzero(km, nk);
+        for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
+          const float* Qr = q + (b * T + t0) * ldq + h * hd;        // [mq, hd]
+          const float* dOr = dout + (b * T + t0) * lddo + h * hd;  // [mq, hd]
+          pack_dim_cols(Qr, ldq, mq, hd, Qc);
+          pack_dim_cols(dOr, lddo, mq, hd, Oc);
+          gemm_nt(level, mq, nk, hd, scale, Qr, ldq, Kb, ldk, 0.0f, P.data(), nk);  // scores in fp32
+          for (int64_t ir = 0; ir < mq; ir += MR) {  // dP = dout·vᵀ
+            const int mr = static_cast<int>(std::min<int64_t>(MR, mq - ir));
+            const int64_t n = keys_seen(t0, ir, mr, nk);
+            bf16_k::pack_rows_avx512bf16(dOr + ir * lddo, lddo, mr, hd, MR, Ap.data());
+            row_tile(hp, Ap.data(), Vr, hp * NR, n, dP.data() + ir * nk, nk, 1.0f, 0.0f, mr);
+          }
+          probs_from_lse(kr, P.data(), nk, mq, nk, t0, 0, km, km_all, lse + (b * Hq + h) * T);
+          dscores_causal(P.data(), dP.data(), nk, mq, nk, t0, delta + (b * Hq + h) * T + t0, scale);
+          for (int64_t ir = 0; ir < mq; ir += MR) {  // dq rows = dS·k
+            const int mr = static_cast<int>(std::min<int64_t>(MR, mq - ir));
+            const int64_t n = keys_seen(t0, ir, mr, nk);
+            bf16_k::pack_rows_avx512bf16(dP.data() + ir * nk, nk, mr, n, MR, Ap.data());
+            row_tile(cdiv(n, 2), Ap.data(), Kc, tp * NR, hd, dq + (b * T + t0 + ir) * lddq + h * hd, lddq, 1.0f, 0.0f,
+                     mr);
+          }
+          for (int64_t s = 0; s < nk; s += MR) {  // dk += dSᵀ·q, dv += Pᵀ·dout over the queries seeing keys s..
+            const int mr = static_cast<int>(std::min<int64_t>(MR, nk - s));
+            const int64_t q0 = std::max<int64_t>(0, s - t0) & ~int64_t{1};  // even: pairs stay aligned
+            if (q0 >= mq) break;
+            const int64_t kc = mq - q0;
+            bf16_k::pack_cols_avx512bf16(dP.data() + q0 * nk + s, nk, mr, kc, MR, Ap.data());
+            row_tile(cdiv(kc, 2), Ap.data(), Qc + (q0 / 2) * NR, qp * NR, hd, dKb + s * lddk, lddk, 1.0f, 1.0f, mr);
+            bf16_k::pack_cols_avx512bf16(P.data() + q0 * nk + s, nk, mr, kc, MR, Ap.data());
+            row_tile(cdiv(kc, 2), Ap.data(), Oc + (q0 / 2) * NR, qp * NR, hd, dVb + s * lddv, lddv, 1.0f, 1.0f, mr);
+          }
+        }
+      }
+    }
+  });
+}
+}  // namespace
+#endif
 
 // With P = softmax(S), S = scale q·kᵀ, O = P·V and delta_t = dO_t·O_t:
 //   dV = Pᵀ·dO,  dS = P ⊙ (dO·Vᵀ - delta),  dQ = scale dS·K,  dK = scale dSᵀ·Q   (P = exp(S - lse)).
@@ -138,9 +382,10 @@ void attention_train_backward(SimdLevel level, int64_t B, int64_t T, int64_t Hq,
                               const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
                               const int32_t* key_mask, float scale, const float* out, int64_t ldo,
                               const float* lse, const float* dout, int64_t lddo, float* dq, int64_t lddq,
-                              float* dk, int64_t lddk, float* dv, int64_t lddv) {
+                              float* dk, int64_t lddk, float* dv, int64_t lddv, bool bf16) {
   const int64_t group = Hq / Hkv, nblk = (T + kBlock - 1) / kBlock;
   const rowk::Kernels* kr = rowk::for_level(level);
+  const Gemms g{level, bf16 && bf16_compute_available(level)};
   std::vector<float> delta(static_cast<size_t>(B * Hq * T));  // [B, Hq, T]
   parallel_range(B * Hq * T, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {  // r = (b * Hq + h) * T + t
@@ -159,6 +404,11 @@ void attention_train_backward(SimdLevel level, int64_t B, int64_t T, int64_t Hq,
   const bool fused = force && std::strcmp(force, "fused") == 0   ? true
                      : force && std::strcmp(force, "split") == 0 ? false
                                                                  : 4 * tasks >= 3 * rounds * nt;
+#ifdef QLORA_X86
+  if (fused && attention_bf16_packed(level, bf16))
+    return attention_backward_packed(level, kr, B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, key_mask, scale, lse, delta.data(),
+                                     dout, lddo, dq, lddq, dk, lddk, dv, lddv);
+#endif
   if (fused) {
     parallel_range(tasks, 1, [&](int64_t p0, int64_t p1) {
       std::vector<float> P(static_cast<size_t>(kBlock * T)), dP(P.size());  // [mq, nk] each
@@ -179,13 +429,13 @@ void attention_train_backward(SimdLevel level, int64_t B, int64_t T, int64_t Hq,
           for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
             const float* Qr = q + (b * T + t0) * ldq + h * hd;        // [mq, hd]
             const float* dOr = dout + (b * T + t0) * lddo + h * hd;  // [mq, hd]
-            gemm_nt(level, mq, nk, hd, scale, Qr, ldq, Kb, ldk, 0.0f, P.data(), nk);
+            gemm_nt(level, mq, nk, hd, scale, Qr, ldq, Kb, ldk, 0.0f, P.data(), nk);  // scores in fp32
             probs_from_lse(kr, P.data(), nk, mq, nk, t0, 0, km, km_all, lse + (b * Hq + h) * T);
-            gemm_nt(level, mq, nk, hd, 1.0f, dOr, lddo, Vb, ldv, 0.0f, dP.data(), nk);
+            g.nt(mq, nk, hd, 1.0f, dOr, lddo, Vb, ldv, 0.0f, dP.data(), nk);
             dscores(P.data(), dP.data(), nk, mq, nk, delta.data() + (b * Hq + h) * T + t0, scale);
-            gemm_nn(level, mq, hd, nk, 1.0f, dP.data(), nk, Kb, ldk, 0.0f, dq + (b * T + t0) * lddq + h * hd, lddq);
-            gemm_tn(level, nk, hd, mq, 1.0f, dP.data(), nk, Qr, ldq, 1.0f, dKb, lddk);
-            gemm_tn(level, nk, hd, mq, 1.0f, P.data(), nk, dOr, lddo, 1.0f, dVb, lddv);
+            g.nn(mq, hd, nk, 1.0f, dP.data(), nk, Kb, ldk, 0.0f, dq + (b * T + t0) * lddq + h * hd, lddq);
+            g.tn(nk, hd, mq, 1.0f, dP.data(), nk, Qr, ldq, 1.0f, dKb, lddk);
+            g.tn(nk, hd, mq, 1.0f, P.data(), nk, dOr, lddo, 1.0f, dVb, lddv);
           }
         }
       }
@@ -202,10 +452,10 @@ void attention_train_backward(SimdLevel level, int64_t B, int64_t T, int64_t Hq,
       gemm_nt(level, mq, nk, hd, scale, q + (b * T + t0) * ldq + h * hd, ldq, Kb, ldk, 0.0f, P.data(), nk);
       probs_from_lse(kr, P.data(), nk, mq, nk, t0, 0, key_mask + b * T, all_nonzero(key_mask + b * T, nk),
                      lse + (b * Hq + h) * T);
-      gemm_nt(level, mq, nk, hd, 1.0f, dout + (b * T + t0) * lddo + h * hd, lddo, v + b * T * ldv + kh * hd, ldv, 0.0f,
+      g.nt(mq, nk, hd, 1.0f, dout + (b * T + t0) * lddo + h * hd, lddo, v + b * T * ldv + kh * hd, ldv, 0.0f,
               dP.data(), nk);
       dscores(P.data(), dP.data(), nk, mq, nk, delta.data() + (b * Hq + h) * T + t0, scale);
-      gemm_nn(level, mq, hd, nk, 1.0f, dP.data(), nk, Kb, ldk, 0.0f, dq + (b * T + t0) * lddq + h * hd, lddq);
+      g.nn(mq, hd, nk, 1.0f, dP.data(), nk, Kb, ldk, 0.0f, dq + (b * T + t0) * lddq + h * hd, lddq);
     }
   });
 
@@ -225,10 +475,10 @@ void attention_train_backward(SimdLevel level, int64_t B, int64_t T, int64_t Hq,
         const float beta = h == kh * group ? 0.0f : 1.0f;        // the first head overwrites
         gemm_nt(level, nq, ns, hd, scale, Qr, ldq, Kb, ldk, 0.0f, P.data(), ns);
         probs_from_lse(kr, P.data(), ns, nq, ns, s0, s0, key_mask + b * T, km_all, lse + (b * Hq + h) * T);
-        gemm_nt(level, nq, ns, hd, 1.0f, dOr, lddo, Vb, ldv, 0.0f, dP.data(), ns);
+        g.nt(nq, ns, hd, 1.0f, dOr, lddo, Vb, ldv, 0.0f, dP.data(), ns);
         dscores(P.data(), dP.data(), ns, nq, ns, delta.data() + (b * Hq + h) * T + s0, scale);
-        gemm_tn(level, ns, hd, nq, 1.0f, dP.data(), ns, Qr, ldq, beta, dKb, lddk);
-        gemm_tn(level, ns, hd, nq, 1.0f, P.data(), ns, dOr, lddo, beta, dVb, lddv);
+        g.tn(ns, hd, nq, 1.0f, dP.data(), ns, Qr, ldq, beta, dKb, lddk);
+        g.tn(ns, hd, nq, 1.0f, P.data(), ns, dOr, lddo, beta, dVb, lddv);
       }
     }
   });

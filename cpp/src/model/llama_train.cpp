@@ -230,7 +230,7 @@ struct Pass {
   LoraAdapter* ad;          // null: base model only
   float ad_scale;           // the adapter's runtime scale (set_adapter_scale)
   bool dropout;
-  bool bf16;                // compute_dtype="bfloat16": base GEMMs and the lm_head in bf16 compute
+  bool bf16;                // compute_dtype="bfloat16": base GEMMs, lm_head and attention in bf16 compute
   float* t = nullptr;       // [M, r_max] LoRA scratch
   float* dt = nullptr;      // [M, r_max]
   float* xdrop = nullptr;   // [M, max(D, I, QD)] dropped-out LoRA input (dropout only)
@@ -280,8 +280,12 @@ struct Pass {
     lin_fwd(l, 2, A.h1.f(), D, A.v.f(), KD);
     be.rope(M, d.Hq, d.hd, A.q.f(), QD, pos, inv_freq);
     be.rope(M, d.Hkv, d.hd, A.k.f(), KD, pos, inv_freq);
-    be.attention_train(d.B, d.T, d.Hq, d.Hkv, d.hd, A.q.f(), QD, A.k.f(), KD, A.v.f(), KD, key_mask, scale(),
-                       A.att.f(), QD, A.lse.f());
+    if (bf16)
+      be.attention_train_bf16(d.B, d.T, d.Hq, d.Hkv, d.hd, A.q.f(), QD, A.k.f(), KD, A.v.f(), KD, key_mask, scale(),
+                              A.att.f(), QD, A.lse.f());
+    else
+      be.attention_train(d.B, d.T, d.Hq, d.Hkv, d.hd, A.q.f(), QD, A.k.f(), KD, A.v.f(), KD, key_mask, scale(),
+                         A.att.f(), QD, A.lse.f());
     lin_fwd(l, 3, A.att.f(), QD, A.x_mid.f(), D);
     be.add_inplace(M * D, x_in, A.x_mid.f());
     be.rmsnorm(M, D, A.x_mid.f(), L.post_norm.f32(), eps, A.h2.f());
@@ -308,8 +312,12 @@ struct Pass {
     be.add_inplace(M * D, dh, dres);
     // Attention block: x_mid = x_in + o(attn(rope(q(h1)), rope(k(h1)), v(h1))), h1 = input_norm(x_in).
     lin_bwd(l, 3, A.att.f(), QD, dres, D, datt, QD, 0.0f);
-    be.attention_train_backward(d.B, d.T, d.Hq, d.Hkv, d.hd, A.q.f(), QD, A.k.f(), KD, A.v.f(), KD, key_mask,
-                                scale(), A.att.f(), QD, A.lse.f(), datt, QD, dq, QD, dk, KD, dv, KD);
+    if (bf16)
+      be.attention_train_backward_bf16(d.B, d.T, d.Hq, d.Hkv, d.hd, A.q.f(), QD, A.k.f(), KD, A.v.f(), KD, key_mask,
+                                       scale(), A.att.f(), QD, A.lse.f(), datt, QD, dq, QD, dk, KD, dv, KD);
+    else
+      be.attention_train_backward(d.B, d.T, d.Hq, d.Hkv, d.hd, A.q.f(), QD, A.k.f(), KD, A.v.f(), KD, key_mask,
+                                  scale(), A.att.f(), QD, A.lse.f(), datt, QD, dq, QD, dk, KD, dv, KD);
     be.rope_backward(M, d.Hq, d.hd, dq, QD, pos, inv_freq);
     be.rope_backward(M, d.Hkv, d.hd, dk, KD, pos, inv_freq);
     lin_bwd(l, 0, A.h1.f(), D, dq, QD, dh, D, 0.0f);
