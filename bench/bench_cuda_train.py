@@ -411,10 +411,14 @@ def main():
     if ref == "auto":
         ok, why_not_bnb = bnb_usable(a.device)
         ref = "peft_bnb" if ok else "torch_bf16"
-    out = {"machine": _common.machine_info(), "device": a.device, "reference": ref,
-           "reference_note": ("PEFT + bitsandbytes NF4 (double quant), bf16 autocast" if ref == "peft_bnb" else
-                              "torch bf16 LoRA (PEFT on a plain bf16 base; " + (f"PEFT+bitsandbytes unusable: {why_not_bnb})" if why_not_bnb else "chosen with --reference)")
-                              if ref == "torch_bf16" else "none"),
+    if ref == "peft_bnb":
+        note = "PEFT + bitsandbytes NF4 (double quant), bf16 autocast"
+    elif ref == "torch_bf16":
+        why = f"PEFT+bitsandbytes unusable: {why_not_bnb}" if why_not_bnb else "chosen with --reference"
+        note = f"torch bf16 LoRA (PEFT on a plain bf16 base; {why})"
+    else:
+        note = "none"
+    out = {"machine": _common.machine_info(), "device": a.device, "reference": ref, "reference_note": note,
            "shape_8b": big, "seq": seq, "r": a.r, "steps": a.steps, "compute_dtype": a.compute_dtype, "runs": []}
     if a.device == "cuda":
         try:
@@ -493,17 +497,19 @@ def report(out, a):
         ref = by.get((out["reference"], B, False))
         if r and ref and "tok_s" in r and "tok_s" in ref and out["reference"] == "peft_bnb":
             x = r["tok_s"] / ref["tok_s"]
-            verdict.append(f"batch {B} {x:.2f}x PEFT+bnb vs >= {TARGET_VS_BNB:.0f}x: {'met' if x >= TARGET_VS_BNB else 'NOT met'}")
+            met = "met" if x >= TARGET_VS_BNB else "NOT met"
+            verdict.append(f"batch {B} {x:.2f}x PEFT+bnb vs >= {TARGET_VS_BNB:.0f}x: {met}")
     s = out.get("smollm2")
     if s:
         if "error" in s:
             lines.append(f"SmolLM2-135M step: error: {s['error'][:200]}")
         else:
             x = s["tok_s"] / CPU_2CORE_SMOLLM2_TOK_S
-            lines.append(f"SmolLM2-135M shape, batch 4 x {s.get('seq', 256)}: {s['tok_s']:.0f} tok/s = {x:.1f}x the 2-core "
-                         f"Zen 4 CPU path ({CPU_2CORE_SMOLLM2_TOK_S} tok/s, README)")
+            lines.append(f"SmolLM2-135M shape, batch 4 x {s.get('seq', 256)}: {s['tok_s']:.0f} tok/s = {x:.1f}x the "
+                         f"2-core Zen 4 CPU path ({CPU_2CORE_SMOLLM2_TOK_S} tok/s, README)")
             if not a.quick and out["device"] == "cuda":
-                verdict.append(f"SmolLM2 {x:.1f}x vs >= {TARGET_VS_CPU:.0f}x: {'met' if x >= TARGET_VS_CPU else 'NOT met'}")
+                met = "met" if x >= TARGET_VS_CPU else "NOT met"
+                verdict.append(f"SmolLM2 {x:.1f}x vs >= {TARGET_VS_CPU:.0f}x: {met}")
     lines += ["targets: " + "; ".join(verdict)] if verdict else []
     lines += [f"skipped: {x}" for x in out.get("skipped", [])]
     out["table"] = lines

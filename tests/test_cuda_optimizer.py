@@ -13,8 +13,9 @@ import pytest
 from qlora_native import _core
 
 HAVE_GPU = _core.cuda_device_count() > 0
+NO_GPU = f"no CUDA GPU: {_core.cuda_device_summary()}"
 BACKENDS = ["cpu", "cpu:scalar", "cpu:devsim",
-            pytest.param("cuda", marks=pytest.mark.skipif(not HAVE_GPU, reason=f"no CUDA GPU: {_core.cuda_device_summary()}"))]
+            pytest.param("cuda", marks=pytest.mark.skipif(not HAVE_GPU, reason=NO_GPU))]
 CHUNK = 1 << 15
 
 

@@ -12,9 +12,11 @@ import qlora_native
 from qlora_native import LoraConfig, _core
 
 from helpers_tiny import build_tiny
+from test_capi import lib  # noqa: F401 (fixture: the C API of _core through ctypes)
 
 HAVE_GPU = _core.cuda_device_count() > 0
-CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not HAVE_GPU, reason=f"no CUDA GPU: {_core.cuda_device_summary()}"))
+NO_GPU = f"no CUDA GPU: {_core.cuda_device_summary()}"
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not HAVE_GPU, reason=NO_GPU))
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +71,178 @@ def test_offload_checkpoints_bit_identical(tiny, backend):
     assert peak0 - m.last_train_peak_bytes == (L - 1) * M * D * 4
     with pytest.raises(ValueError, match="bool"):
         m.offload_checkpoints = 1
+
+
+
+def _state(m):
+    return {k: np.array(v) for k, v in m.get_adapter_state_dict("a").items()}
+
+
+def _train(m, steps, seed0=0, max_grad_norm=0.05, lr=5e-2):
+    """Steps with a clip that bites (small max norm) and weight decay; returns (losses, norms)."""
+    out = []
+    for s in range(steps):
+        ids, labels, mask = _batch(seed0 + s)
+        r = m.train_step([(ids, labels, mask), (ids[:1], labels[:1], None)], lr=lr, max_grad_norm=max_grad_norm)
+        assert r["stepped"]
+        out.append((r["loss"], r["grad_norm"]))
+    return out
+
+
+def test_step_bit_identical_to_host_optimizer(tiny):
+    """On the CPU backend the optimizer step through the backend ops (one contiguous buffer) equals the
+    host code it replaced: clip_grad_norm over the gradient tensors, then torch-style AdamW, bit for bit."""
+    m = _model(tiny, "cpu")
+    m.configure_optimizer(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-6)
+    names = list(_state(m))
+    host = _core.train.AdamW([_state(m)[k].copy() for k in names], (0.9, 0.95), 1e-6, 0.1)
+    for s in range(3):
+        ids, labels, mask = _batch(s)
+        m.zero_grad()
+        m.forward_backward(ids, labels, mask)
+        g = _grads(m)
+        assert list(g) == names  # one layout: (layer, projection, A then B)
+        gl = [g[k].copy() for k in names]
+        want_norm = _core.train.clip_grad_norm(gl, 0.05)
+        assert m.clip_grad_norm(0.05) == want_norm
+        host.step(gl, 1e-2)
+        m.optimizer_step(1e-2)
+        got = _state(m)
+        hp = host.params
+        assert len(hp) == len(names)
+        for k, w in zip(names, hp):
+            np.testing.assert_array_equal(got[k], w, err_msg=k)
+        st = m.get_optimizer_state()
+        hs = host.state_dict()
+        assert st["step"] == hs["step"] == s + 1
+        for a, b in zip(st["exp_avg"] + st["exp_avg_sq"], hs["exp_avg"] + hs["exp_avg_sq"]):
+            np.testing.assert_array_equal(np.ravel(a), np.ravel(b))
+
+
+@pytest.mark.parametrize("quantize", ["nf4", None])
+def test_devsim_training_equals_cpu(tiny, quantize):
+    """Training on "cpu:devsim" (a device backend: the optimizer state and both arenas in backend
+    memory, every step through the backend ops) gives the CPU backend's losses, norms and factors."""
+    cpu, dev = _model(tiny, "cpu", quantize), _model(tiny, "cpu:devsim", quantize)
+    for m in (cpu, dev):
+        m.configure_optimizer(lr=5e-2, weight_decay=0.01)
+    assert _train(dev, 3) == _train(cpu, 3)
+    sc, sd = _state(cpu), _state(dev)
+    for k in sc:
+        np.testing.assert_array_equal(sc[k], sd[k], err_msg=k)
+    assert dev.grad_norm() == cpu.grad_norm()
+
+
+@pytest.mark.parametrize("src,dst", [("cpu", "cpu:devsim"), ("cpu:devsim", "cpu")])
+def test_resume_across_backends_exact(tiny, src, dst):
+    """2 steps on src, state saved (adapter + optimizer, the host format), restored on a fresh dst model:
+    2 more steps there equal 4 uninterrupted steps on src, bit for bit."""
+    ref = _model(tiny, src)
+    ref.configure_optimizer(lr=5e-2, weight_decay=0.01)
+    _train(ref, 2)
+    saved_w, saved_opt = _state(ref), ref.get_optimizer_state()
+    want = _train(ref, 2, seed0=2)
+    other = _model(tiny, dst, seed=99)  # different init: everything must come from the state
+    other.set_adapter_state_dict("a", saved_w)
+    other.set_optimizer_state(saved_opt)
+    assert other.get_optimizer_state()["step"] == 2
+    assert _train(other, 2, seed0=2) == want
+    for k, v in _state(ref).items():
+        np.testing.assert_array_equal(_state(other)[k], v, err_msg=k)
+
+
+@pytest.mark.parametrize("backend", ["cpu:devsim", CUDA])
+def test_device_grad_checks(tiny, backend):
+    """grad_norm / clip_grad_norm before configure_optimizer, and a non-finite loss stopping the step."""
+    m = _model(tiny, backend)
+    ref = _model(tiny, "cpu")
+    ids, labels, mask = _batch(5)
+    for x in (m, ref):
+        x.zero_grad()
+        x.forward_backward(ids, labels, mask)
+    n, nr = m.grad_norm(), ref.grad_norm()
+    assert np.isfinite(n) and abs(n - nr) <= 1e-5 * nr
+    assert abs(m.clip_grad_norm(nr / 4) - nr) <= 1e-5 * nr
+    assert abs(m.grad_norm() - nr / 4) <= 1e-5 * nr
+    with pytest.raises(ValueError, match="max_norm"):
+        m.clip_grad_norm(0.0)
+
+
+@pytest.mark.parametrize("quantize", ["nf4", None])
+def test_cuda_training_tracks_cpu(tiny, quantize):
+    """fp32 mode on a GPU: 5 AdamW steps follow the CPU loss curve within fp32 rounding growth."""
+    if not HAVE_GPU:
+        pytest.skip(f"no CUDA GPU: {_core.cuda_device_summary()}")
+    cpu, gpu = _model(tiny, "cpu", quantize), _model(tiny, "cuda", quantize)
+    for m in (cpu, gpu):
+        m.configure_optimizer(lr=1e-2)
+    lc = _train(cpu, 5, max_grad_norm=1.0, lr=1e-2)
+    lg = _train(gpu, 5, max_grad_norm=1.0, lr=1e-2)
+    for (a, na), (b, nb) in zip(lc, lg):
+        assert abs(a - b) <= 1e-3 * abs(a) and abs(na - nb) <= 1e-3 * na
+
+
+def test_capi_trains_on_device_backend(tiny, lib):
+    """The C API trains on the backend the model was loaded on (qlora_model_params.backend): the
+    configure refusal of non-CPU backends is gone; cpu:devsim equals cpu bit for bit."""
+    import ctypes
+
+    i32p = ctypes.POINTER(ctypes.c_int32)
+    lib.qlora_adapter_add.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+    lib.qlora_train_configure.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_float]
+    lib.qlora_train_step.argtypes = [ctypes.c_void_p, i32p, i32p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
+                                     ctypes.c_float, ctypes.POINTER(ctypes.c_float)]
+
+    def check(rc):
+        assert rc == 0, lib.qlora_last_error().decode()
+
+    losses = {}
+    for be in ("cpu", "cpu:devsim"):
+        p = lib.qlora_model_default_params()
+        p.quantize, p.backend = 1, be.encode()
+        h = lib.qlora_model_load(tiny.encode(), ctypes.byref(p))
+        assert h, lib.qlora_last_error().decode()
+        try:
+            check(lib.qlora_adapter_add(h, b"ft", None))
+            check(lib.qlora_train_configure(h, 1e-2, 0.0))
+            ids, labels, _ = _batch(1)
+            out = []
+            for _ in range(3):
+                loss = ctypes.c_float(np.nan)
+                check(lib.qlora_train_step(h, ids.ctypes.data_as(i32p), labels.ctypes.data_as(i32p), 2, 12, -1.0, 1.0,
+                                           ctypes.byref(loss)))
+                out.append(loss.value)
+            losses[be] = out
+        finally:
+            lib.qlora_model_free(h)
+    assert np.isfinite(losses["cpu"]).all() and losses["cpu"] == losses["cpu:devsim"]
+
+
+def test_cli_train_backend(tmp_path, capsys):
+    """`qlora-native train --backend cpu:devsim --offload-checkpoints` trains on that backend and saves the
+    adapter; auto is cuda only when the module sees a GPU; an unavailable backend is a clear error."""
+    import json
+    import shutil
+
+    from helpers_tokenizer import build_hf_tokenizer_dir
+    from qlora_native import cli_train
+    from qlora_native.cli import main
+
+    assert cli_train.resolve_backend("auto") == ("cuda" if HAVE_GPU else "cpu")
+    path = build_tiny(str(tmp_path / "m"), vocab_size=400)
+    tokdir = build_hf_tokenizer_dir(tmp_path / "tok", "llama3", vocab_size=400)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokdir / f, os.path.join(path, f))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"item {i} ->", "completion": f" value {i % 3}"}) + "\n"
+                            for i in range(8)))
+    out = tmp_path / "out"
+    base = ["train", "--model", path, "--data", str(data), "--max-steps", "2", "--batch-size", "2", "--r", "4",
+            "--lora-dropout", "0", "--no-progress"]
+    assert main(base + ["--output", str(out), "--backend", "cpu:devsim", "--offload-checkpoints"]) == 0
+    err = capsys.readouterr().err
+    assert "backend cpu:devsim" in err
+    assert (out / "adapter_model.safetensors").exists()
+    if not HAVE_GPU:
+        assert main(base + ["--output", str(tmp_path / "o2"), "--backend", "cuda"]) != 0
+        assert "cuda" in capsys.readouterr().err

@@ -85,10 +85,20 @@ LlamaModel::AdapterRef with_optimizer(LlamaModel& self, const std::string& name)
   return a;
 }
 
-std::vector<train::GradRef> as_grads(const std::vector<train::ParamRef>& g) {
-  std::vector<train::GradRef> out;
-  for (const auto& r : g) out.push_back({r.data, r.numel});
-  return out;
+// fn(checks, gradient buffer) on adapter `name`'s contiguous gradients through the backend's ops
+// (the optimizer's checks when it is configured, else a temporary set).
+template <class Fn>
+double grad_checks(LlamaModel& self, const std::string& name, Fn fn) {
+  const LlamaModel::AdapterRef a = self.adapter(name);  // alive through the call
+  model::ensure_lora_grads(self.backend(), *a);
+  std::unique_ptr<train::FlatGradOps> own;
+  if (!a->opt) {
+    std::vector<int64_t> numels;
+    for (const train::ParamRef& p : a->params()) numels.push_back(p.numel);
+    own = std::make_unique<train::FlatGradOps>(self.backend(), std::move(numels));
+  }
+  py::gil_scoped_release nogil;
+  return a->opt ? fn(a->opt->checks(), a->grad_arena.f32()) : fn(*own, a->grad_arena.f32());
 }
 
 std::tuple<int64_t, int64_t> shape2(const I32Array& a, const char* what) {
@@ -141,6 +151,8 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
           py::arg("round") = "float32", py::arg("progress") = py::none(),
           "Merge adapter `name` into the projections (subtract: unmerge); all or nothing.")
       .def("lora_set_active", &LlamaModel::set_active_adapter, py::arg("name"))
+      .def_property("offload_checkpoints", &LlamaModel::offload_checkpoints, &LlamaModel::set_offload_checkpoints,
+                    "checkpointed layer inputs in host memory (pinned on CUDA) during training passes")
       .def("lora_set_scale", &LlamaModel::set_adapter_scale, py::arg("name"), py::arg("scale"))
       .def("lora_get_scale", &LlamaModel::adapter_scale, py::arg("name"))
       .def_property_readonly("lora_active", &LlamaModel::active_adapter_name)
@@ -276,29 +288,28 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
       .def(
           "lora_configure_optimizer",
           [](LlamaModel& self, const std::string& name, std::pair<double, double> betas, double eps, double wd) {
-            need_host(self, "the optimizer");
             const LlamaModel::AdapterRef a = self.adapter(name);
             train::AdamWConfig c;
             c.beta1 = betas.first, c.beta2 = betas.second, c.eps = eps, c.weight_decay = wd;
-            a->opt = std::make_unique<train::AdamW>(a->params(), c);
+            model::configure_lora_optimizer(self.backend(), *a, c);
           },
           py::arg("name"), py::arg("betas"), py::arg("eps"), py::arg("weight_decay"))
       .def("lora_optimizer_step",
            [](LlamaModel& self, const std::string& name, double lr) {
              const LlamaModel::AdapterRef a = with_optimizer(self, name);  // alive through the step
-             const auto g = as_grads(a->grads(self.backend()));
+             model::ensure_lora_grads(self.backend(), *a);
              py::gil_scoped_release nogil;
-             a->opt->step(g, lr);
+             a->opt->step(a->grad_arena.f32(), lr);
            })
       .def("lora_grad_norm",
            [](LlamaModel& self, const std::string& name) {
-             need_host(self, "grad_norm");
-             return train::global_grad_norm(as_grads(self.adapter(name)->grads(self.backend())));
+             return grad_checks(self, name, [](train::FlatGradOps& k, float* g) { return k.grad_norm(g); });
            })
       .def("lora_clip_grad_norm",
            [](LlamaModel& self, const std::string& name, double max_norm) {
-             need_host(self, "clip_grad_norm");
-             return train::clip_grad_norm(self.adapter(name)->grads(self.backend()), max_norm);
+             return grad_checks(self, name, [max_norm](train::FlatGradOps& k, float* g) {
+               return k.clip_grad_norm(g, max_norm);
+             });
            })
       .def("lora_optimizer_state",
            [](LlamaModel& self, const std::string& name) {
@@ -319,7 +330,7 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
            })
       .def("lora_load_optimizer_state", [](LlamaModel& self, const std::string& name, const py::dict& d) {
         const LlamaModel::AdapterRef ap = with_optimizer(self, name);
-        train::AdamW& opt = *ap->opt;
+        train::FlatAdamW& opt = *ap->opt;
         for (const char* k : {"step", "exp_avg", "exp_avg_sq", "betas", "eps", "weight_decay"})
           check_arg(d.contains(k), std::string("optimizer state: missing key '") + k + "'");
         train::AdamWState s;

@@ -43,6 +43,9 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", nargs="?", const=True, default=None,
                    help="resume from the latest output/checkpoint-N, or from the given checkpoint directory")
     p.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds of training")
+    p.add_argument("--offload-checkpoints", action="store_true",
+                   help="keep the checkpointed layer inputs in host memory (pinned on CUDA) instead of the "
+                        "device: less device memory for long sequences, same results")
     _common_args(p)
     p.set_defaults(func=run_train)
 
@@ -75,6 +78,9 @@ def _lora_args(p, r, alpha, targets, dropout):
 
 def _common_args(p):
     p.add_argument("--quantize", choices=["nf4", "none"], default="nf4", help="base weights in NF4 or fp32")
+    p.add_argument("--backend", default="auto",
+                   help="where the model trains and generates: auto (cuda when a GPU is visible, else cpu), "
+                        "cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: all cores; under mpiexec: cores / ranks on the node)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -100,9 +106,25 @@ def _load(path, args):
         os.environ["QLORA_NUM_THREADS"] = str(args.threads)  # a data-parallel run keeps this count per rank
     t0 = time.perf_counter()
     tok = Tokenizer.from_pretrained(path)
-    model = Model.from_pretrained(path, quantize=None if args.quantize == "none" else "nf4", tokenizer=tok)
-    print(f"[loaded {path} in {time.perf_counter() - t0:.1f}s]", file=sys.stderr)
+    backend = resolve_backend(getattr(args, "backend", "cpu"))
+    model = Model.from_pretrained(path, quantize=None if args.quantize == "none" else "nf4", tokenizer=tok,
+                                  backend=backend)
+    if getattr(args, "offload_checkpoints", False):
+        model.offload_checkpoints = True
+    print(f"[loaded {path} in {time.perf_counter() - t0:.1f}s, backend {model.backend}]", file=sys.stderr)
     return model, tok
+
+
+def resolve_backend(name: str) -> str:
+    """--backend: "auto" is cuda when the module sees a GPU, else cpu; other names go to the engine as given
+    (an unknown or unavailable one is a ValueError saying why)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"--backend must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name == "auto":
+        from . import _core
+
+        return "cuda" if _core.cuda_device_count() > 0 else "cpu"
+    return name
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -229,12 +229,10 @@ QLORA_API int qlora_train_configure(qlora_model* model, float lr, float weight_d
     std::unique_lock<std::shared_mutex> lock(model->mu);
     qlora::model::LlamaModel& m = *model->m;
     check_arg(!m.active_adapter_name().empty(), "qlora_train_configure: no active adapter (qlora_adapter_add first)");
-    check_arg(m.backend().host_memory(), "qlora_train_configure: training is implemented for the CPU backend only");
     const auto ap = m.adapter(m.active_adapter_name());
-    qlora::model::LoraAdapter& a = *ap;
     qlora::train::AdamWConfig c;  // torch defaults but weight_decay
     c.weight_decay = weight_decay;
-    a.opt = std::make_unique<qlora::train::AdamW>(a.params(), c);
+    qlora::model::configure_lora_optimizer(m.backend(), *ap, c);  // on the model's backend (CUDA: on the GPU)
     model->train_lr = lr;
     return QLORA_OK;
   });

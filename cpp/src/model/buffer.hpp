@@ -11,6 +11,13 @@ class DeviceBuffer {
  public:
   DeviceBuffer() = default;
   DeviceBuffer(Backend& be, size_t bytes) : be_(&be), bytes_(bytes), p_(bytes ? be.alloc(bytes) : nullptr) {}
+  // A view of `bytes` at p inside memory another DeviceBuffer owns (e.g. one tensor of an arena):
+  // used like an owner, never frees; the owner must outlive it.
+  static DeviceBuffer view(void* p, size_t bytes) {
+    DeviceBuffer b;
+    b.bytes_ = bytes, b.p_ = p;
+    return b;
+  }
   ~DeviceBuffer() { reset(); }
   DeviceBuffer(DeviceBuffer&& o) noexcept { *this = std::move(o); }
   DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
@@ -25,7 +32,7 @@ class DeviceBuffer {
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
 
   void reset() {
-    if (p_) be_->free(p_);
+    if (p_ && be_) be_->free(p_);  // be_ null: a view
     p_ = nullptr, bytes_ = 0;
   }
   size_t bytes() const { return bytes_; }

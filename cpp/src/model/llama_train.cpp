@@ -32,6 +32,7 @@ void LlamaModel::add_adapter(const std::string& name, std::unique_ptr<LoraAdapte
                       std::to_string(m->out) + ", " + std::to_string(m->in) + "], the model's is [" +
                       std::to_string(lin.out) + ", " + std::to_string(lin.in) + "]");
     }
+  pack_lora_params(be_, *a);  // A/B contiguous (the optimizer's buffer), before any request can see them
   std::lock_guard<std::mutex> lk(adapters_mu_);
   check_arg(!adapters_.count(name), "an adapter named '" + name + "' already exists");
   adapters_[name] = AdapterRef(std::move(a));

@@ -94,6 +94,28 @@ void set_lora_factors(Backend& be, LoraModule& m, const float* A_host, const flo
   be.upload(m.B.data(), B_host, sizeof(float) * nb);
 }
 
+void pack_lora_params(Backend& be, LoraAdapter& a) {
+  if (!a.param_arena.empty()) return;
+  const int64_t n = a.num_params();
+  if (n == 0) return;
+  DeviceBuffer arena(be, sizeof(float) * n);
+  float* p = arena.f32();
+  std::vector<float> host;  // staging: the backend has no device-to-device copy op
+  for (const auto& m : a.modules) {
+    if (!m) continue;
+    for (DeviceBuffer* f : {&m->A, &m->B}) {
+      host.resize(f->bytes() / sizeof(float));
+      be.download(host.data(), f->data(), f->bytes());
+      be.upload(p, host.data(), f->bytes());
+      be.synchronize();  // before `host` is reused and the old buffer freed
+      const size_t bytes = f->bytes();
+      *f = DeviceBuffer::view(p, bytes);
+      p += bytes / sizeof(float);
+    }
+  }
+  a.param_arena = std::move(arena);
+}
+
 void ensure_lora_grads(Backend& be, LoraAdapter& a) {
   if (a.grads_ready.load(std::memory_order_acquire)) return;
   std::lock_guard<std::mutex> lk(a.grads_mu);

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "model/buffer.hpp"
+#include "train/lora_optimizer.hpp"
 #include "train/optimizer.hpp"
 
 namespace qlora::model {
@@ -26,7 +27,7 @@ Linear& proj(LayerWeights& L, int p);
 struct LoraModule {
   int64_t r = 0, in = 0, out = 0;
   float scaling = 1.0f;
-  DeviceBuffer A, B;    // [r, in], [out, r]
+  DeviceBuffer A, B;    // [r, in], [out, r]; once the adapter is added to a model: views into its param_arena
   // Accumulated gradients [r, in], [out, r]: views into the adapter's grad_arena (null until the
   // adapter first trains).
   float* dA = nullptr;
@@ -42,7 +43,13 @@ struct LoraAdapter {
   // around each micro-batch; 0 otherwise.
   int64_t dropout_row0 = 0;
   std::vector<std::unique_ptr<LoraModule>> modules;  // [num_layers * kNumProj], null = not adapted
-  std::unique_ptr<train::AdamW> opt;                // configure_optimizer: over every A then B
+  // configure_lora_optimizer: AdamW over param_arena (every A then B) through the backend's
+  // optimizer ops, moments in backend memory (lora_optimizer.hpp)
+  std::unique_ptr<train::FlatAdamW> opt;
+  // Every module's A then B in params() order as ONE contiguous fp32 buffer (the layout of
+  // grad_arena), filled by pack_lora_params when the adapter is added to a model; the modules' A/B
+  // are views into it. The optimizer step runs over it as a whole.
+  DeviceBuffer param_arena;
   // Every module's dA then dB in params() order (layer, projection, A then B) as ONE contiguous
   // fp32 buffer, so a data-parallel step all-reduces one buffer and an optimizer can run over it
   // as a whole. Allocated (zeroed) on the first training use only, so a served adapter costs just
@@ -60,6 +67,10 @@ struct LoraAdapter {
   std::vector<train::ParamRef> grads(Backend& be);
   int64_t num_params() const;  // elements of every A and B (= of grad_arena)
 };
+
+// Moves every module's A and B into one new param_arena (params() order) and makes them views into
+// it; idempotent. LlamaModel::add_adapter calls it before the adapter is visible to any request.
+void pack_lora_params(Backend& be, LoraAdapter& a);
 
 // A module with factors copied from host A[r, in], B[out, r]; no gradient buffers yet.
 std::unique_ptr<LoraModule> make_lora_module(Backend& be, int64_t r, int64_t in, int64_t out, float scaling,

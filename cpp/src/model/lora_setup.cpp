@@ -34,6 +34,13 @@ void init_lora_factors(train::Philox& rng, LoraInit how, int64_t r, int64_t in, 
   }
 }
 
+void configure_lora_optimizer(Backend& be, LoraAdapter& a, const train::AdamWConfig& c) {
+  pack_lora_params(be, a);  // no-op for an adapter added to a model (add_adapter packs it)
+  std::vector<int64_t> numels;
+  for (const train::ParamRef& p : a.params()) numels.push_back(p.numel);
+  a.opt = std::make_unique<train::FlatAdamW>(be, a.param_arena.f32(), std::move(numels), c);
+}
+
 std::unique_ptr<LoraAdapter> new_lora_adapter(LlamaModel& m, const LoraInitSpec& s) {
   check_arg(s.r >= 1, "LoRA r must be >= 1, got " + std::to_string(s.r));
   check_arg(std::isfinite(s.alpha) && s.alpha > 0.0f, "LoRA alpha must be finite and > 0");
@@ -149,14 +156,14 @@ TrainStepResult lora_train_step(LlamaModel& m, const std::vector<MicroBatch>& mi
     }
     out.loss += loss * n[i] / N;
   }
-  std::vector<train::ParamRef> g = a.grads(m.backend());
-  if (dp) dp->sum_grads(a.grad_arena.f32(), a.num_params());  // one buffer, one all-reduce per step
-  check_arg(m.backend().host_memory(), "gradient clipping is implemented for host-memory (CPU) backends only");
-  out.norm = train::clip_grad_norm(g, max_grad_norm > 0.0 ? max_grad_norm : INFINITY);
+  ensure_lora_grads(m.backend(), a);
+  float* g = a.grad_arena.f32();
+  if (dp) dp->sum_grads(g, a.num_params());  // one buffer, one all-reduce per step
+  // Clip and step on the contiguous buffers through the backend's optimizer ops (on the device for
+  // CUDA; on the CPU bit-identical to the host clip_grad_norm + AdamW).
+  out.norm = a.opt->clip_grad_norm(g, max_grad_norm > 0.0 ? max_grad_norm : INFINITY);
   if (!std::isfinite(out.norm)) return out;
-  std::vector<train::GradRef> gr;
-  for (const auto& p : g) gr.push_back({p.data, p.numel});
-  a.opt->step(gr, lr);
+  a.opt->step(g, lr);
   out.stepped = true;
   return out;
 }

@@ -40,6 +40,10 @@ void init_lora_factors(train::Philox& rng, LoraInit how, int64_t r, int64_t in, 
 // The init stream of an adapter created with `seed` (distinct from its dropout-mask key `seed`).
 inline train::Philox lora_init_rng(uint64_t seed) { return train::Philox(seed ^ 0x9E3779B97F4A7C15ull); }
 
+// Configures (or replaces) adapter a's AdamW over its param_arena with fresh state: the one
+// optimizer set-up of both faces (Python's configure_optimizer, the C API's qlora_train_configure).
+void configure_lora_optimizer(Backend& be, LoraAdapter& a, const train::AdamWConfig& c);
+
 // PEFT default init (lora_config.init_weights, init_lora_weights=True): A ~ U(+-1/sqrt(in)) [r, in],
 // B = 0 [out, r], on every targeted projection of every layer. ValueError on a bad spec.
 std::unique_ptr<LoraAdapter> new_lora_adapter(LlamaModel& m, const LoraInitSpec& s);

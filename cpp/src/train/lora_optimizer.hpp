@@ -69,6 +69,7 @@ class FlatAdamW {
   int64_t numel(size_t i) const { return checks_.numel(i); }
   int64_t numel_total() const { return checks_.numel_total(); }
   float* params() const { return params_; }
+  FlatGradOps& checks() { return checks_; }
 
   AdamWState state() const;           // downloaded, one vector per tensor (the host AdamW's format)
   void load_state(AdamWState state);  // validate_adamw_state, then uploaded
