@@ -9,11 +9,9 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-
-from qlora_native import LoraConfig, Model  # noqa: E402
-from qlora_native.data import Example  # noqa: E402
-from qlora_native.trainer import Trainer, TrainingArguments  # noqa: E402
+from qlora_native import LoraConfig, Model  # the build the test's PYTHONPATH names (test_distributed._env)
+from qlora_native.data import Example
+from qlora_native.trainer import Trainer, TrainingArguments
 
 
 def main(spec_path):
