@@ -246,3 +246,33 @@ def test_cli_train_backend(tmp_path, capsys):
     if not HAVE_GPU:
         assert main(base + ["--output", str(tmp_path / "o2"), "--backend", "cuda"]) != 0
         assert "cuda" in capsys.readouterr().err
+
+
+def test_trainer_checkpoint_resumes_on_another_backend(tiny, tmp_path):
+    """A Trainer run checkpointed on the CPU backend resumes on cpu:devsim (the checkpoint's adapter and
+    optimizer.safetensors in the host format) and ends bit-identical to the uninterrupted CPU run."""
+    from qlora_native.trainer import Trainer
+    from test_trainer import _real_dies_after, args_for, make_examples, read_log
+
+    rng = np.random.default_rng(4)
+    ex = make_examples(rng, 14, V=64, lo=4, hi=12)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+    kw = dict(max_steps=6, gradient_accumulation_steps=2, save_steps=3, learning_rate=5e-3, max_seq_len=16,
+              warmup_ratio=0.1, weight_decay=0.01, max_grad_norm=0.1)
+    load = lambda be: qlora_native.Model.from_pretrained(tiny, quantize="nf4", backend=be, tokenizer=None)  # noqa: E731
+    full = load("cpu")
+    a_full = args_for(tmp_path / "full", **kw)
+    Trainer(full, cfg, ex, None, a_full).train()
+    a = args_for(tmp_path / "part", **kw)
+    part = load("cpu")
+    part.train_step = _real_dies_after(part, 4)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(part, cfg, ex, None, a).train()
+    resumed = load("cpu:devsim")
+    out = Trainer(resumed, cfg, ex, None, a).train(resume_from_checkpoint=True)  # from checkpoint-3
+    assert out["global_step"] == 6
+    keep = ("step", "loss", "learning_rate", "grad_norm", "train_loss", "train_tokens")
+    strip = lambda r: {k: r[k] for k in keep if k in r}  # noqa: E731
+    assert [strip(r) for r in read_log(a)] == [strip(r) for r in read_log(a_full)]
+    for k, v in full.get_adapter_state_dict().items():
+        np.testing.assert_array_equal(resumed.get_adapter_state_dict()[k], v, err_msg=k)
