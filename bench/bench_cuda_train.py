@@ -7,7 +7,8 @@ written to disk), seq 2048, batch 1 and 2, LoRA r=16 alpha 32 on all seven proje
 checkpointing, AdamW, clip 1.0; labels = input ids (every token counted). Side by side in the same
 run, each engine in its own process:
 
-  qlora_cuda    qlora_native, backend="cuda" (fp32 compute unless --compute-dtype bfloat16)
+  qlora_cuda    qlora_native, backend="cuda", compute_dtype bfloat16 (tensor cores; --compute-dtype float32
+                for the parity mode)
   peft_bnb      PEFT + bitsandbytes NF4 (double quant, bf16 compute, torch.autocast bf16,
                 prepare_model_for_kbit_training, gradient checkpointing, torch AdamW) when peft and a
                 CUDA-enabled bitsandbytes import
@@ -379,7 +380,9 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16"],
+                    help="qlora_native's compute dtype (default: bfloat16 on cuda, as the bf16 reference; "
+                         "float32 on cpu)")
     ap.add_argument("--offload", action="store_true", help="qlora_native: offload_checkpoints=True as well")
     ap.add_argument("--reference", default="auto", choices=["auto", "peft_bnb", "torch_bf16", "none"])
     ap.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2-135M step")
@@ -402,6 +405,8 @@ def main():
         return 0
 
     backend = "cuda" if a.device == "cuda" else "cpu"
+    if a.compute_dtype is None:
+        a.compute_dtype = "bfloat16" if a.device == "cuda" else "float32"
     big = TINY if a.quick else LLAMA3_8B
     small = TINY if a.quick else SMOLLM2_135M
     seq = 64 if a.quick else a.seq
@@ -468,7 +473,8 @@ def main():
 
 def report(out, a):
     lines = [f"QLoRA training step, {'tiny' if a.quick else 'Llama-3-8B'} shape, random NF4 (dq), seq {out['seq']}, "
-             f"r={out['r']} all 7 projections, gradient checkpointing; device {out.get('gpu', out['device'])}",
+             f"r={out['r']} all 7 projections, gradient checkpointing, qlora_native compute {out['compute_dtype']}; "
+             f"device {out.get('gpu', out['device'])}",
              f"reference: {out['reference_note']}",
              "| engine | batch | tok/s | step s | peak device MiB (allocator / sampled) | vs reference |",
              "|---|---|---|---|---|---|"]
