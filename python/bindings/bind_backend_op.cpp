@@ -7,6 +7,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -16,6 +17,7 @@
 #include "backend.hpp"
 #include "bindings.hpp"
 #include "common/error.hpp"
+#include "nf4_ref_from_py.hpp"
 #include "train/optimizer.hpp"
 
 namespace py = pybind11;
@@ -318,6 +320,55 @@ void bind_backend_op(py::module_& m) {
       py::arg("floats") = std::map<std::string, double>{},
       "Run one Backend op on `backend` (test harness): arrays are copied into guarded backend buffers, "
       "the op's outputs come back as a dict of new arrays.");
+
+  // bench/bench_cuda.py: the NF4 GEMM / GEMV on operands resident in the backend's memory (uploaded
+  // once), seconds per call over `iters` calls queued back to back (one synchronize at each end).
+  m.def(
+      "bench_nf4_gemm",
+      [](const std::string& backend, int64_t M, py::handle w_obj, int64_t iters, bool bf16) {
+        Backend& be = get_backend(backend);
+        check_arg(M >= 1 && iters >= 1, "bench_nf4_gemm: M and iters must be >= 1");
+        PyNf4 w = nf4_from_py(w_obj);
+        const Nf4Ref& h = w.ref;
+        std::vector<void*> owned;
+        struct Free {
+          Backend& be;
+          std::vector<void*>& p;
+          ~Free() {
+            for (void* q : p) be.free(q);
+          }
+        } fr{be, owned};
+        auto up = [&](const void* src, size_t bytes) {
+          void* d = be.alloc(bytes ? bytes : 4);
+          owned.push_back(d);
+          if (bytes && src) be.upload(d, src, bytes);  // src null: an output buffer
+          return d;
+        };
+        Nf4Ref d = h;
+        d.packed = static_cast<const uint8_t*>(up(h.packed, static_cast<size_t>((h.numel() + 1) / 2)));
+        d.absmax = up(h.absmax, static_cast<size_t>(h.n_blocks()) * (h.double_quant ? 1 : 4));
+        if (h.double_quant) {
+          d.nested_absmax = static_cast<const float*>(up(h.nested_absmax, sizeof(float) * ((h.n_blocks() + 255) / 256)));
+          d.nested_map = static_cast<const float*>(up(h.nested_map, sizeof(float) * 256));
+        }
+        std::vector<float> x(static_cast<size_t>(M * h.cols));
+        for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>((i * 2654435761u) % 1000) * 1e-3f - 0.5f;
+        const float* xd = static_cast<const float*>(up(x.data(), sizeof(float) * x.size()));
+        float* yd = static_cast<float*>(up(nullptr, sizeof(float) * static_cast<size_t>(M * h.rows)));
+        py::gil_scoped_release nogil;
+        auto call = [&] {
+          if (bf16) be.nf4_gemm_nt_bf16(M, 1.0f, xd, h.cols, d, 0.0f, yd, h.rows);
+          else be.nf4_gemm_nt(M, 1.0f, xd, h.cols, d, 0.0f, yd, h.rows);
+        };
+        call();  // warm-up (first-launch costs)
+        be.synchronize();
+        const auto t0 = std::chrono::steady_clock::now();
+        for (int64_t i = 0; i < iters; ++i) call();
+        be.synchronize();
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / static_cast<double>(iters);
+      },
+      py::arg("backend"), py::arg("M"), py::arg("w"), py::arg("iters") = 10, py::arg("bf16") = false,
+      "Seconds per nf4_gemm_nt (bf16: nf4_gemm_nt_bf16) call of X[M, in] (backend memory) by NF4 w.");
 }
 
 }  // namespace qlora::py_bind

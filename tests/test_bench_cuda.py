@@ -1,0 +1,36 @@
+"""bench/bench_cuda.py --dry-run: the CUDA benchmark's every code path on tiny shapes on the CPU
+(kernel timings through _core.bench_nf4_gemm, the in-memory random NF4 Llama through load_nf4,
+prefill through GenerationContext.feed_sample, transformers on the same shape when importable),
+so its Python does not rot between GPU runs; JSON and table written atomically to --out."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_cuda_dry_run(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_cuda.py"), "--dry-run", "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.load(open(tmp_path / "bench_cuda.json"))
+    assert res["dry_run"] and res["backend"] == "cpu" and not res["errors"]
+    assert len(res["gemm"]) == 6 and all(g["ours_tflops"] > 0 for g in res["gemm"])
+    assert len(res["gemv"]) == 3 and all(g["ours_gbps"] > 0 for g in res["gemv"])
+    m = res["ours_model"]
+    assert m["prefill_tok_s"] > 0 and m["decode_tok_s"] > 0 and m["decode_step_bytes"] > 0
+    names = [t["name"] for t in res["targets"]]
+    assert len(names) == 4 and all("target" in t for t in res["targets"])
+    txt = (tmp_path / "bench_cuda.txt").read_text()
+    assert "| target | value | goal | met |" in txt and "NF4 GEMM" in txt
+    assert sorted(os.listdir(tmp_path)) == ["bench_cuda.json", "bench_cuda.txt"]  # no temporary left
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        pytest.skip("torch/transformers not importable: the baseline paths were skipped")
+    assert res["hf_bf16"]["decode_tok_s"] > 0 and all("ratio" in g for g in res["gemm"])
+    assert res["targets"][0]["value"] is not None
