@@ -124,6 +124,14 @@ class Backend {
                                 float* const* Y, const int64_t* ldy) {
     for (int64_t i = 0; i < n; ++i) nf4_gemm_nt(M, 1.0f, X, ldx, *W[i], 0.0f, Y[i], ldy[i]);
   }
+  // nf4_gemm_nt_many, then each output's LoRA terms: lora[i] (n problems) belongs to output i
+  // (x = X, y = Y_i; lora[i].n == 0: none), t as lora_segments_many's. Backends may run both as
+  // one job (CPU decode: the LoRA terms ride the NF4 GEMV's thread-pool job, same results).
+  virtual void nf4_gemm_nt_many_lora(int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
+                                     float* const* Y, const int64_t* ldy, const LoraProblem* lora, float* t) {
+    nf4_gemm_nt_many(M, X, ldx, n, W, Y, ldy);
+    lora_segments_many(n, lora, t);
+  }
   // ---- Q8_0 (GGUF's 8-bit format, kept as stored for a GGUF's token embedding / lm_head):
   // a row of K weights (K % 32 == 0) is K/32 blocks of 34 bytes {fp16 d (little-endian), int8 q[32]};
   // weight j of a block = float(d) * float(q[j]) (exact in fp32, as gguf's dequantize computes it).

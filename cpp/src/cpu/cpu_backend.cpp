@@ -7,6 +7,7 @@
 
 #include "cpu/gemm.hpp"
 #include "cpu/lora_sgmv.hpp"
+#include "cpu/nf4_gemv.hpp"
 #include "cpu/ops_backward.hpp"
 #include "cpu/ops_model.hpp"
 #include "cpu/profile.hpp"
@@ -110,6 +111,32 @@ void CpuBackend::nf4_gemm_nt_many(int64_t M, const float* X, int64_t ldx, int64_
   for (int64_t i = 0; prof::enabled() && i < n; ++i) fl += 2 * d(M) * d(W[i]->rows) * d(W[i]->cols), by += nf4_bytes(M, *W[i]);
   Scope sc(Part::Nf4Fwd, "nf4_gemm_nt_many", fl, by, M, n, n ? W[0]->cols : 0);
   cpu::nf4_gemm_nt_many(level(), M, X, ldx, n, W, Y, ldy);
+}
+void CpuBackend::nf4_gemm_nt_many_lora(int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
+                                       float* const* Y, const int64_t* ldy, const LoraProblem* lora, float* t) {
+  // Decode shapes: the LoRA terms as tasks of the NF4 GEMV's job (one wake-up and join for both).
+  bool fits = n >= 1 && M >= 1 && M <= cpu::kNf4GemvMaxM;
+  for (int64_t i = 0; fits && i < n; ++i) fits = W[i]->cols == W[0]->cols && lora[i].x == X && lora[i].y == Y[i];
+  cpu::SgmvFused plan;
+  if (!fits || !plan.prepare(level(), n, lora)) return Backend::nf4_gemm_nt_many_lora(M, X, ldx, n, W, Y, ldy, lora, t);
+  double fl = 0, by = 0;
+  for (int64_t i = 0; prof::enabled() && i < n; ++i) {
+    fl += 2 * d(M) * d(W[i]->rows) * d(W[i]->cols), by += nf4_bytes(M, *W[i]);
+    for (int64_t s = 0; s < lora[i].n; ++s) {
+      const LoraSegment& g = lora[i].seg[s];
+      fl += 2 * d(g.rows) * d(g.r) * d(lora[i].in + lora[i].out);
+      by += 4 * d(g.r) * d(lora[i].in + lora[i].out);
+    }
+  }
+  Scope sc(Part::Nf4Fwd, "nf4_gemm_nt_many_lora", fl, by, M, n, W[0]->cols);
+  cpu::GemvTail tail;
+  tail.n_pre = plan.shrink_tasks();
+  tail.pre = [](const void* c, int64_t i) { static_cast<const cpu::SgmvFused*>(c)->shrink(i); };
+  tail.post = [](const void* c, int64_t w, int64_t r0, int64_t r1) {
+    static_cast<const cpu::SgmvFused*>(c)->expand(w, r0, r1);
+  };
+  tail.ctx = &plan;
+  cpu::nf4_gemv_nt_many_tail(level(), M, X, ldx, n, W, Y, ldy, tail);
 }
 void CpuBackend::nf4_gemm_nn(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W, float beta,
                              float* dX, int64_t lddx) {

@@ -45,6 +45,8 @@ class CpuBackend final : public Backend {
   // Multi-adapter LoRA terms (cpu/lora_sgmv.hpp); the scalar level runs Backend's reference.
   void lora_segments(int64_t in, int64_t out, const float* x, int64_t ldx, int64_t n, const LoraSegment* seg, float* y,
                      int64_t ldy, float* t) override;
+  void nf4_gemm_nt_many_lora(int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
+                             float* const* Y, const int64_t* ldy, const LoraProblem* lora, float* t) override;
   void lora_segments_many(int64_t np, const LoraProblem* p, float* t) override;
   void nf4_gemm_nn(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W, float beta, float* dX,
                    int64_t lddx) override;

@@ -21,4 +21,28 @@ constexpr int64_t kSgmvMaxRows = 64;
 // segments of rows * r floats), used by the gemm_nt path only; the fused job has its own.
 void lora_segments_many(SimdLevel level, int64_t np, const Backend::LoraProblem* p, float* t);
 
+// The LoRA terms of a call as tasks of ANOTHER thread-pool job (the NF4 GEMV's of the same
+// projections: one wake-up and join per projection group instead of two). prepare() plans the
+// shrinks; the host job runs shrink(i) for i < shrink_tasks() as its first tasks (claimed before
+// any other), and expand(prob, n0, n1) once output columns [n0, n1) of problem prob hold their
+// base result: it waits for the problem's shrinks, then adds every segment's term to those
+// columns. Each output is computed exactly as lora_segments_many computes it (same kernels, same
+// order), so fused and unfused results are bit-identical. One plan per thread at a time (it uses
+// the calling thread's buffers); the plan must outlive the host job.
+struct SgmvBuffers;
+class SgmvFused {
+ public:
+  // False (nothing planned) when the fused form does not apply: level Scalar, QLORA_SGMV=0 or
+  // QLORA_SGMV_FUSE=0, or a segment of more than kSgmvMaxRows rows.
+  bool prepare(SimdLevel level, int64_t np, const Backend::LoraProblem* p);
+  int64_t shrink_tasks() const { return n_shrink_; }
+  void shrink(int64_t i) const;
+  void expand(int64_t prob, int64_t n0, int64_t n1) const;
+
+ private:
+  const Backend::LoraProblem* p_ = nullptr;
+  SgmvBuffers* jb_ = nullptr;
+  int64_t np_ = 0, n_shrink_ = 0;
+};
+
 }  // namespace qlora::cpu

@@ -106,7 +106,7 @@ void run_rows(RowsFn rows, bool avx512, bool avx2, Args a, const Nf4Ref& W, int6
 // Y_i[M, W_i.rows] = alpha * X[M, K] · deq(W_i)ᵀ + beta * Y_i for n weights sharing X (K = W_i.cols):
 // X is regrouped once and all weights' rows go to the thread pool as one job.
 void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
-               float beta, float* const* Y, const int64_t* ldy) {
+               float beta, float* const* Y, const int64_t* ldy, const GemvTail* tail = nullptr) {
   const int64_t K = W[0]->cols;
   // Pick the kernel; SIMD kernels need K to be a whole number of groups (else the generic path).
   RowsFn rows = rows_narrow<nf4_gemv_detail::rows_generic>;
@@ -179,15 +179,20 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
     a.y = Y[t.w];
     a.ldy = ldy[t.w];
     run_rows(rows, avx512, avx2, a, w, t.r0, t.r1, scales);
+    if (tail && tail->post) tail->post(tail->ctx, t.w, t.r0, t.r1);
   };
-  if (tasks.size() == 1) {
+  const int64_t n_pre = tail ? tail->n_pre : 0;
+  if (tasks.size() + n_pre == 1) {
     std::vector<float> scales;
     run(tasks[0], scales);
     return;
   }
-  parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
+  // The tail's pre tasks first: tasks are claimed in index order, so a post that waits on them
+  // only waits for work already running.
+  parallel_for(static_cast<int64_t>(tasks.size()) + n_pre, [&](int64_t t) {
+    if (t < n_pre) return tail->pre(tail->ctx, t);
     std::vector<float> scales;
-    run(tasks[t], scales);
+    run(tasks[t - n_pre], scales);
   });
 }
 
@@ -222,6 +227,21 @@ void nf4_gemv_nt_many(SimdLevel level, int64_t M, const float* X, int64_t ldx, i
     return;
   }
   gemv_many(level, M, 1.0f, X, ldx, n, W, 0.0f, Y, ldy);
+}
+
+void nf4_gemv_nt_many_tail(SimdLevel level, int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
+                           float* const* Y, const int64_t* ldy, const GemvTail& tail) {
+  check_arg(level != SimdLevel::Scalar, "nf4_gemv_nt_many_tail: not at the scalar level");
+  check_arg(M >= 1 && M <= kNf4GemvMaxM,
+            "nf4_gemv_nt_many_tail: M must be in [1, " + std::to_string(kNf4GemvMaxM) + "], got " + std::to_string(M));
+  check_arg(n >= 1, "nf4_gemv_nt_many_tail: no weights");
+  for (int64_t i = 0; i < n; ++i) {
+    check_weight("nf4_gemv_nt_many_tail", *W[i]);
+    check_arg(W[i]->cols == W[0]->cols, "nf4_gemv_nt_many_tail: the weights must share their input size");
+    check_arg(M == 1 || (ldx >= W[i]->cols && ldy[i] >= W[i]->rows),
+              "nf4_gemv_nt_many_tail: leading dimensions too small");
+  }
+  gemv_many(level, M, 1.0f, X, ldx, n, W, 0.0f, Y, ldy, &tail);
 }
 
 }  // namespace qlora::cpu

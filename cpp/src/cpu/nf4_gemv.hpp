@@ -21,4 +21,17 @@ void nf4_gemv_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_
 void nf4_gemv_nt_many(SimdLevel level, int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
                       float* const* Y, const int64_t* ldy);
 
+// Work riding nf4_gemv_nt_many's thread-pool job (the fused LoRA terms, cpu/lora_sgmv.hpp):
+// pre(i) for i < n_pre run as the job's first tasks; after the GEMV task that computed rows
+// [r0, r1) of weight w (columns [r0, r1) of Y_w), post(w, r0, r1) runs in the same task.
+struct GemvTail {
+  int64_t n_pre = 0;
+  void (*pre)(const void* ctx, int64_t i) = nullptr;
+  void (*post)(const void* ctx, int64_t w, int64_t r0, int64_t r1) = nullptr;
+  const void* ctx = nullptr;
+};
+// nf4_gemv_nt_many with a tail (level != Scalar).
+void nf4_gemv_nt_many_tail(SimdLevel level, int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
+                           float* const* Y, const int64_t* ldy, const GemvTail& tail);
+
 }  // namespace qlora::cpu

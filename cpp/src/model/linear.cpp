@@ -158,6 +158,20 @@ void Linear::forward_many(Backend& be, int64_t M, const float* x, int64_t ldx, i
   }
 }
 
+void Linear::forward_many_lora(Backend& be, int64_t M, const float* x, int64_t ldx, int n, const Linear* const* lin,
+                               float* const* y, const int64_t* ldy, const Backend::LoraProblem* lora, float* t) {
+  bool fused = true;  // a bias goes between the base and the LoRA terms: not fused
+  for (int i = 0; i < n; ++i) fused = fused && lin[i]->is_nf4 && lin[i]->in == lin[0]->in && lin[i]->bias.empty();
+  if (fused) {
+    std::vector<const Nf4Ref*> w(n);  // [n]
+    for (int i = 0; i < n; ++i) w[i] = &lin[i]->nf4;
+    be.nf4_gemm_nt_many_lora(M, x, ldx, n, w.data(), y, ldy, lora, t);
+    return;
+  }
+  forward_many(be, M, x, ldx, n, lin, y, ldy);
+  be.lora_segments_many(n, lora, t);
+}
+
 void Linear::backward_input(Backend& be, int64_t M, const float* dy, int64_t lddy, float* dx, int64_t lddx,
                             float beta, bool bf16) const {
   if (is_nf4 && bf16)

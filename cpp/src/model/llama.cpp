@@ -165,7 +165,7 @@ void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids,
   DeviceBuffer lora_t;  // [M, rmax] scratch of lora_segments_many
   if (rmax > 0) lora_t = DeviceBuffer(be_, sizeof(float) * M * rmax);
   std::vector<Backend::LoraSegment> segs[3];  // per projection of a group
-  std::vector<Backend::LoraProblem> probs;    // the group's projections that some row adapts
+  std::vector<Backend::LoraProblem> probs;    // the group's projections (n = 0: no row adapts it)
   // Queues the LoRA terms of projection p (layer l) of every row: x[M, lin.in] -> y[M, lin.out].
   auto add_lora = [&](int64_t l, int p, const Linear& lin, const float* xin, int64_t ldx, float* y, int64_t ldy) {
     std::vector<Backend::LoraSegment>& sg = segs[probs.size()];
@@ -184,11 +184,23 @@ void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids,
       }
       sg.push_back({row0, rows, m->r, m->A.f32(), m->B.f32(), alpha});
     }
-    if (!sg.empty()) probs.push_back({lin.in, lin.out, xin, ldx, static_cast<int64_t>(sg.size()), sg.data(), y, ldy});
+    probs.push_back({lin.in, lin.out, xin, ldx, static_cast<int64_t>(sg.size()), sg.data(), y, ldy});
   };
-  auto run_lora = [&] {  // the queued problems as one call
-    if (!probs.empty()) be_.lora_segments_many(static_cast<int64_t>(probs.size()), probs.data(), lora_t.f32());
+  // Projections lin[0..n) sharing the input xin: base outputs and LoRA terms as one call.
+  auto project = [&](int64_t l, int p0, int n, const Linear* const* lin, const float* xin, int64_t ldx,
+                     float* const* out, const int64_t* ld) {
     probs.clear();
+    bool any = false;
+    for (int i = 0; i < n; ++i) {
+      add_lora(l, p0 + i, *lin[i], xin, ldx, out[i], ld[i]);
+      any = any || probs.back().n > 0;
+    }
+    if (any)
+      Linear::forward_many_lora(be_, M, xin, ldx, n, lin, out, ld, probs.data(), lora_t.f32());
+    else if (n == 1)
+      lin[0]->forward(be_, M, xin, ldx, out[0], ld[0]);
+    else
+      Linear::forward_many(be_, M, xin, ldx, n, lin, out, ld);
   };
 
   if (w_->embed_is_q8_0())
@@ -203,9 +215,7 @@ void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids,
       const Linear* lin[] = {&L.q, &L.k, &L.v};
       float* out[] = {q.f32(), k.f32(), v.f32()};
       const int64_t ld[] = {QD, KD, KD};
-      Linear::forward_many(be_, M, h.f32(), D, 3, lin, out, ld);
-      for (int p = 0; p < 3; ++p) add_lora(l, p, *lin[p], h.f32(), D, out[p], ld[p]);
-      run_lora();
+      project(l, 0, 3, lin, h.f32(), D, out, ld);
     }
     be_.rope(M, Hq, hd, q.f32(), QD, pos_d.data<int32_t>(), inv_freq_.f32());
     be_.rope(M, Hkv, hd, k.f32(), KD, pos_d.data<int32_t>(), inv_freq_.f32());
@@ -213,9 +223,12 @@ void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids,
     be_.kv_write(B, T, Hkv, hd, v.f32(), KD, cache.v(l), cache.capacity(), start);
     be_.attention(B, T, Hq, Hkv, hd, q.f32(), QD, cache.k(l), cache.v(l), cache.capacity(), start,
                   cache.key_mask_device(), scale, att.f32(), QD);
-    L.o.forward(be_, M, att.f32(), QD, h.f32(), D);
-    add_lora(l, 3, L.o, att.f32(), QD, h.f32(), D);
-    run_lora();
+    {
+      const Linear* lin[] = {&L.o};
+      float* out[] = {h.f32()};
+      const int64_t ld[] = {D};
+      project(l, 3, 1, lin, att.f32(), QD, out, ld);
+    }
     be_.add_inplace(M * D, h.f32(), x.f32());
     // MLP block.
     be_.rmsnorm(M, D, x.f32(), L.post_norm.f32(), c.rms_norm_eps, h.f32());
@@ -223,14 +236,15 @@ void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids,
       const Linear* lin[] = {&L.gate, &L.up};
       float* out[] = {g.f32(), u.f32()};
       const int64_t ld[] = {I, I};
-      Linear::forward_many(be_, M, h.f32(), D, 2, lin, out, ld);
-      for (int p = 0; p < 2; ++p) add_lora(l, 4 + p, *lin[p], h.f32(), D, out[p], ld[p]);
-      run_lora();
+      project(l, 4, 2, lin, h.f32(), D, out, ld);
     }
     be_.swiglu(M, I, g.f32(), I, u.f32(), I, g.f32(), I);
-    L.down.forward(be_, M, g.f32(), I, h.f32(), D);
-    add_lora(l, 6, L.down, g.f32(), I, h.f32(), D);
-    run_lora();
+    {
+      const Linear* lin[] = {&L.down};
+      float* out[] = {h.f32()};
+      const int64_t ld[] = {D};
+      project(l, 6, 1, lin, g.f32(), I, out, ld);
+    }
     be_.add_inplace(M * D, h.f32(), x.f32());
   }
   be_.rmsnorm(M, D, x.f32(), w_->norm.f32(), c.rms_norm_eps, h.f32());
