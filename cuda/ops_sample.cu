@@ -96,9 +96,18 @@ __device__ uint64_t kth_key(const float* row, int64_t V, uint64_t c_hi, unsigned
     for (int b = threadIdx.x; b < 256; b += blockDim.x) S.hist[b] = 0;
     __syncthreads();
     const uint64_t hi_mask = shift == 56 ? 0 : ~uint64_t{0} << (shift + 8);
-    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-      const uint64_t c = order_key(row[i], i);
-      if (c < c_hi && (c & hi_mask) == prefix) atomicAdd(&S.hist[(c >> shift) & 255u], 1u);
+    // Warp-aggregated counts: logits crowd into few bins of the high bytes, and 32 lanes adding to
+    // one shared counter would serialize. Every lane runs every round (i0 is block-uniform).
+    const int lane = threadIdx.x % 32;
+    for (int64_t i0 = 0; i0 < V; i0 += blockDim.x) {
+      const int64_t i = i0 + threadIdx.x;
+      unsigned bin = 256;  // none
+      if (i < V) {
+        const uint64_t c = order_key(row[i], i);
+        if (c < c_hi && (c & hi_mask) == prefix) bin = static_cast<unsigned>((c >> shift) & 255u);
+      }
+      const unsigned peers = __match_any_sync(0xffffffffu, bin);
+      if (bin < 256 && __ffs(peers) - 1 == lane) atomicAdd(&S.hist[bin], static_cast<unsigned>(__popc(peers)));
     }
     __syncthreads();
     if (threadIdx.x == 0) {
