@@ -169,7 +169,7 @@ def bench_kernels(cfg, backend, device, torch, rng, clock, res) -> None:
         t = _core.bench_nf4_gemm(backend, 1, w, cfg["gemv_iters"], False)
         gemv.append({"N": N, "K": K, "packed_bytes": w.packed.nbytes, "ours_us": t * 1e6,
                      "ours_gbps": w.packed.nbytes / t / 1e9, "ratio": w.packed.nbytes / t / 1e9 / res["copy"]["gbps"]})
-        del wd
+        wd = None
     res["gemm"], res["gemv"] = gemm, gemv
 
 
@@ -231,7 +231,7 @@ def bench_ours_model(cfg, backend, rng, clock, res) -> None:
         out["decode_tokens"] = n
         out["decode_tok_s"] = n / max(tn - t1, 1e-9)
     res["ours_model"] = out
-    del model
+    model = None
     gc.collect()
 
 
@@ -284,13 +284,19 @@ def bench_hf(cfg, device, torch, rng, clock, res, dry_run: bool) -> None:
     except ImportError as e:
         res["bnb_skipped"] = f"bitsandbytes not importable: {e}"
         return
+    # Params4bit quantizes in .to(cuda): bitsandbytes >= 0.43 (bnb_quantized) from any device, older
+    # releases only from a CPU tensor.
+    import inspect
+
+    from_gpu = "bnb_quantized" in inspect.signature(bnb.nn.Params4bit.__new__).parameters
     for layer in hf.model.layers:  # every projection to bnb's NF4 (double quant, bf16 compute)
         for parent in (layer.self_attn, layer.mlp):
             for name, lin in list(parent.named_children()):
                 if isinstance(lin, torch.nn.Linear):
                     q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
                                           compress_statistics=True, quant_type="nf4")
-                    q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
+                    data = lin.weight.data if from_gpu else lin.weight.data.cpu()
+                    q.weight = bnb.nn.Params4bit(data, requires_grad=False, compress_statistics=True,
                                                  quant_type="nf4").to(device)
                     setattr(parent, name, q)
     gc.collect()
@@ -298,7 +304,7 @@ def bench_hf(cfg, device, torch, rng, clock, res, dry_run: bool) -> None:
     with torch.no_grad():
         tp = time_torch(torch, lambda: hf(prompt, use_cache=False), 2, device)
     res["hf_bnb_nf4"] = {"prefill_tok_s": P / tp, "decode_tok_s": decode_rate(hf), "bitsandbytes": bnb.__version__}
-    del hf
+    hf = None
     gc.collect()
     torch.cuda.empty_cache()
 
