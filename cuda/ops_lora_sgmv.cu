@@ -9,7 +9,7 @@
 namespace qlora::cuda {
 namespace {
 
-constexpr int kShrinkWarps = 8;    // warps per shrink block: one rank row each
+constexpr int kShrinkThreads = 256;  // threads per shrink block: one rank row of one entry
 constexpr int kExpandThreads = 256;  // output columns per expand block
 constexpr int kRowGroup = 8;       // rows accumulated together (registers)
 
@@ -24,20 +24,23 @@ __device__ __forceinline__ int find_entry(const SgmvBatch& b, int32_t item, bool
   return lo;
 }
 
-// t[i, j] = x[i, :] · A[j, :] for every row i of the entry; one warp per (entry, j).
-__global__ void __launch_bounds__(kShrinkWarps * 32) sgmv_shrink(const __grid_constant__ SgmvBatch b) {
-  const int32_t item = blockIdx.x * kShrinkWarps + threadIdx.x / 32;
-  if (item >= b.shrink_items) return;  // whole warps leave together: no partial-warp shuffles
-  const int lane = threadIdx.x % 32;
+// t[i, j] = x[i, :] · A[j, :] for every row i of the entry; one block per (entry, j): the threads
+// split the `in` dimension (a decode step has few rank rows, so one warp each would leave most of
+// the GPU idle), partial sums reduced in a fixed order (warp shuffles, then the warps' sums in
+// warp order): deterministic.
+__global__ void __launch_bounds__(kShrinkThreads) sgmv_shrink(const __grid_constant__ SgmvBatch b) {
+  __shared__ float part[kShrinkThreads / 32][kRowGroup];
+  const int32_t item = blockIdx.x;  // < shrink_items by the grid size
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const SgmvEntry& e = b.e[find_entry(b, item, true)];
   const int32_t j = item - e.shrink0;
   const float* a = e.A + static_cast<int64_t>(j) * e.in;
-  for (int32_t i0 = 0; i0 < e.rows; i0 += kRowGroup) {
+  for (int32_t i0 = 0; i0 < e.rows; i0 += kRowGroup) {  // uniform over the block
     const int32_t nr = e.rows - i0 < kRowGroup ? e.rows - i0 : kRowGroup;
     float acc[kRowGroup];
 #pragma unroll
     for (int ii = 0; ii < kRowGroup; ++ii) acc[ii] = 0.0f;
-    for (int32_t k = lane; k < e.in; k += 32) {
+    for (int32_t k = threadIdx.x; k < e.in; k += kShrinkThreads) {
       const float av = a[k];
 #pragma unroll
       for (int ii = 0; ii < kRowGroup; ++ii)
@@ -46,8 +49,16 @@ __global__ void __launch_bounds__(kShrinkWarps * 32) sgmv_shrink(const __grid_co
 #pragma unroll
     for (int ii = 0; ii < kRowGroup; ++ii) {
       const float s = warp_sum(acc[ii]);
-      if (lane == 0 && ii < nr) e.t[static_cast<int64_t>(i0 + ii) * e.r + j] = s;
+      if (lane == 0) part[warp][ii] = s;
     }
+    __syncthreads();
+    if (threadIdx.x < nr) {
+      float s = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kShrinkThreads / 32; ++w) s += part[w][threadIdx.x];
+      e.t[static_cast<int64_t>(i0 + threadIdx.x) * e.r + j] = s;
+    }
+    __syncthreads();  // part is rewritten by the next row group
   }
 }
 
@@ -87,8 +98,7 @@ __global__ void __launch_bounds__(kExpandThreads) sgmv_expand(const __grid_const
 void lora_sgmv(cudaStream_t stream, const SgmvBatch& batch) {
   if (batch.n <= 0) return;
   if (batch.shrink_items > 0) {
-    const unsigned blocks = static_cast<unsigned>((batch.shrink_items + kShrinkWarps - 1) / kShrinkWarps);
-    sgmv_shrink<<<blocks, kShrinkWarps * 32, 0, stream>>>(batch);
+    sgmv_shrink<<<static_cast<unsigned>(batch.shrink_items), kShrinkThreads, 0, stream>>>(batch);
     QLORA_CUDA_CHECK_LAUNCH("lora_segments_many");
   }
   if (batch.expand_items > 0) {

@@ -1,7 +1,8 @@
 // Mixed-adapter LoRA on the device (Backend::lora_segments_many, the SGMV form of Punica /
 // S-LoRA): the segments of several projections (q/k/v, gate/up, ...) that share an input, each a
-// run of rows with its own adapter and rank, in two launches: shrink t = x·Aᵀ (one warp per rank
-// row, all the segment's rows at once: a grouped GEMV for decode) and expand y += alpha t·Bᵀ (t in
+// run of rows with its own adapter and rank, in two launches: shrink t = x·Aᵀ (one block per rank
+// row of a segment, its threads splitting the input dimension, all the segment's rows at once: a
+// grouped GEMV for decode) and expand y += alpha t·Bᵀ (t in
 // shared memory, one thread per output column). Segments of more than kSgmvMaxRows rows (prefill)
 // take two tiled fp32 GEMMs instead (the Backend default), as the CPU does.
 #pragma once
