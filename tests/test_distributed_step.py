@@ -210,6 +210,28 @@ def test_bad_comm_and_none_micro_batch_are_refused(load):
         m.train_step([None, batch(rng, 1, 6)])
     with pytest.raises(ValueError, match="row_offsets"):
         m.train_step([batch(rng, 1, 6)], comm=ThreadGroup(1).comm(0), row_offsets=[-1])
+    with pytest.raises(ValueError, match="row offset .* out of range"):  # row0 x T would overflow
+        m.train_step([batch(rng, 1, 6)], comm=ThreadGroup(1).comm(0), row_offsets=[2 ** 62])
+    with pytest.raises(ValueError, match="no counted tokens"):  # was a PyCapsule error (empty view)
+        m.train_step([], comm=ThreadGroup(1).comm(0))
+
+    class Failing:  # the communication fails (e.g. MPI): the error comes out of train_step as raised
+        def sum_scalars(self, v):
+            pass
+
+        def sum_grads(self, v):
+            raise RuntimeError("link down")
+    before = m.get_adapter_state_dict()
+    with pytest.raises(RuntimeError, match="link down"):
+        m.train_step([batch(rng, 1, 6)], comm=Failing())
+
+    class Corrupting(Failing):  # a reducer that returns NaN gradients: the norm check refuses the step
+        def sum_grads(self, v):
+            v[:] = np.nan
+    r = m.train_step([batch(rng, 1, 6)], comm=Corrupting())
+    assert not r["stepped"] and not np.isfinite(r["grad_norm"])
+    for k, v in m.get_adapter_state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
 
 
 def test_shard_bounds():

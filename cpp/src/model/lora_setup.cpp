@@ -1,6 +1,7 @@
 #include "model/lora_setup.hpp"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -100,6 +101,8 @@ TrainStepResult lora_train_step(LlamaModel& m, const std::vector<MicroBatch>& mi
   check_arg(std::isfinite(lr) && lr >= 0.0, "lr must be finite and >= 0");
   check_arg(!std::isnan(max_grad_norm), "max_grad_norm is NaN");
   check_arg(dp == nullptr || (dp->sum_scalars && dp->sum_grads), "data-parallel reducer without its sum functions");
+  check_arg(!micro.empty(), "no counted tokens in the step's micro-batches");
+  check_arg(micro.size() <= static_cast<size_t>(INT32_MAX), "too many micro-batches");
   const int G = static_cast<int>(micro.size());
   TrainStepResult out;
   // n[i]: counted tokens of micro-batch i over every rank (the local count without dp).
@@ -107,6 +110,8 @@ TrainStepResult lora_train_step(LlamaModel& m, const std::vector<MicroBatch>& mi
   for (int i = 0; i < G; ++i) {
     check_arg(micro[i].B > 0 || (dp != nullptr && micro[i].count == 0),
               "micro-batch " + std::to_string(i) + " has no rows");
+    check_arg(micro[i].row0 >= 0 && (micro[i].T <= 0 || micro[i].row0 <= INT64_MAX / micro[i].T),
+              "micro-batch " + std::to_string(i) + ": row offset " + std::to_string(micro[i].row0) + " out of range");
     n[i] = static_cast<double>(micro[i].count);
   }
   if (dp) dp->sum_scalars(n.data(), G);
