@@ -20,7 +20,8 @@ def main(spec_path):
     model = Model.from_pretrained(spec["model"], quantize="nf4", tokenizer=None)
     ex = [Example(i, l, line=k + 1) for k, (i, l) in enumerate(spec["examples"])]
     ev = [Example(i, l, line=k + 1) for k, (i, l) in enumerate(spec.get("eval") or [])] or None
-    args = TrainingArguments(**spec["args"])
+    rank = int(os.environ.get("PMI_RANK", "0"))
+    args = TrainingArguments(**{**spec["args"], **(spec.get("rank_args") or {}).get(str(rank), {})})
     t = Trainer(model, LoraConfig(**spec["lora"]), ex, ev, args)
     if spec.get("fail_rank") is not None and t.rank == spec["fail_rank"]:
         orig, n = model.train_step, [0]

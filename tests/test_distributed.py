@@ -279,3 +279,14 @@ def test_uncaught_error_outside_the_trainer_ends_every_rank(tmp_path):
                        timeout=60, env=_env(), cwd=ROOT)
     assert p.returncode != 0 and "bad input on rank 1" in p.stderr and "[rank 1/2]" in p.stderr, p.stderr
     assert time.perf_counter() - t0 < 30
+
+
+def test_ranks_that_disagree_are_refused(setup):
+    """A rank started with another seed (another adapter init and data order): a ValueError on every rank
+    naming the difference, before any step, instead of mixing two models' gradients."""
+    _need_mpi()
+    spec = _spec(setup, "disagree", per_device=3, rank_args={"1": {"seed": 6}})
+    p = _run(spec, setup[0], "disagree", n=2, check=False, timeout=60)
+    assert p.returncode != 0
+    assert "data-parallel ranks disagree on adapter A/B" in p.stderr, p.stderr[-3000:]
+    assert not os.path.exists(os.path.join(spec["args"]["output_dir"], "checkpoint-2"))

@@ -83,6 +83,9 @@ class MPIComm:
     def bcast(self, obj, root: int = 0):
         return self.comm.bcast(obj, root=root)
 
+    def allgather(self, obj) -> list:
+        return self.comm.allgather(obj)
+
     def barrier(self) -> None:
         self.comm.Barrier()
 

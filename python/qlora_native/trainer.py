@@ -403,6 +403,8 @@ class Trainer:
             self._tokens, self._run = 0, (0.0, 0)
             if lead:
                 _write_lines_atomic(out / LOG_NAME, [])
+        if self.comm is not None:
+            self._check_ranks_agree()
         bar = None
         if not a.disable_tqdm and lead:
             from tqdm.auto import tqdm
@@ -470,6 +472,28 @@ class Trainer:
         if self.comm is not None:  # every rank returns once the adapter is written, with rank 0's summary
             summary = self.comm.bcast(summary)
         return summary
+
+    def _check_ranks_agree(self) -> None:
+        """Data parallel: every rank must start from the same adapter (bytes of A/B), data and plan, or
+        the summed gradients would mix different models (or the all-reduce sizes would not match). A
+        difference is a ValueError on every rank naming it."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for k, v in sorted(self.model.get_adapter_state_dict(self.adapter).items()):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(v, np.float32).tobytes())
+        mine = {"adapter A/B": h.hexdigest()[:16], "train rows": len(self.train_examples),
+                "global batch": self.global_batch_size, "total steps": self.total_steps,
+                "seed": self.args.seed, "step": self.global_step}
+        every = self.comm.allgather(mine)
+        for r, other in enumerate(every):
+            diff = [k for k in mine if other[k] != every[0][k]]
+            if diff:
+                k = diff[0]
+                raise _all_ranks(ValueError(f"data-parallel ranks disagree on {k}: rank 0 has {every[0][k]!r}, rank "
+                                            f"{r} has {other[k]!r} (every rank must load the same model, adapter, "
+                                            f"data and arguments)"))
 
     def _epoch_float(self) -> float:
         spe = self._steps_in_epoch(self.epoch)
