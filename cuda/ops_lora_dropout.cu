@@ -2,6 +2,7 @@
 // thread b computes block first_blk + b (outputs 4(first_blk+b) .. +3, one Philox4x32-10
 // evaluation) and handles the mask elements among them, so each 32-bit output is generated once.
 #include "cuda_check.hpp"
+#include "ieee_ops.cuh"
 #include "ops_common.cuh"
 #include "ops_lora_dropout.cuh"
 #include "train/philox_block.hpp"
@@ -27,10 +28,10 @@ __global__ void lora_dropout_kernel(uint64_t seed, uint64_t offset, double p_kee
       const int64_t m = i / in, j = i - m * in;
       const bool keep = train::bernoulli_keep(r[lane], p_keep);
       if (kBackward) {
-        // g contiguous [M, in]; _rn intrinsics: no FMA contraction, the CPU's separate roundings of * and +
-        if (keep) dst[m * ldd + j] = __fadd_rn(dst[m * ldd + j], __fmul_rn(src[i], s));
+        // g contiguous [M, in]; ieee_ops: the CPU's separate roundings of * and +, subnormals kept
+        if (keep) dst[m * ldd + j] = ieee_add(dst[m * ldd + j], ieee_mul(src[i], s));
       } else {
-        dst[i] = keep ? __fmul_rn(src[m * lds + j], s) : 0.0f;  // out contiguous [M, in]
+        dst[i] = keep ? ieee_mul(src[m * lds + j], s) : 0.0f;  // out contiguous [M, in]
       }
     }
   }

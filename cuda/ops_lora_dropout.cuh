@@ -5,7 +5,8 @@
 // so a seed gives the same mask on every backend).
 //   forward:  out[M, in] (contiguous) = keep ? x[m*ldx + j] * s : 0
 //   backward: dx[m*lddx + j] += keep ? g[M, in] (contiguous) * s : 0   (dropped elements untouched)
-// s = 1 / (1 - p) is computed by the caller on the host (IEEE division, as the CPU op's).
+// s = 1 / (1 - p) is computed by the caller on the host (IEEE division, as the CPU op's); the
+// products and sums are IEEE-exact (ieee_ops.cuh: no FMA, no FTZ), so results equal the CPU's bits.
 // Launchers (host declarations; kernels in ops_lora_dropout.cu): device pointers, arguments
 // validated by the caller (cuda_backend.cpp), asynchronous on `stream`, launch errors checked.
 #pragma once

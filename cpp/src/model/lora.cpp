@@ -6,7 +6,6 @@
 #include "common/error.hpp"
 #include "cpu/profile.hpp"
 #include "model/weights.hpp"
-#include "train/rng.hpp"
 
 namespace qlora::model {
 
@@ -20,16 +19,14 @@ uint64_t splitmix(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-// keep[M*in]: 1 with probability 1 - p, from the stream of key k, starting at token k.token0.
-std::vector<uint8_t> keep_mask(const DropoutKey& k, float p, int64_t M, int64_t in) {
-  const int64_t n = M * in;
-  const uint64_t s = splitmix(splitmix(splitmix(k.seed) ^ static_cast<uint64_t>(k.step)) ^
-                              static_cast<uint64_t>(k.layer * kNumProj + k.proj));
-  train::Philox rng(s);
-  rng.set_state({s, static_cast<uint64_t>(k.token0) * static_cast<uint64_t>(in)});
-  std::vector<uint8_t> keep(n);
-  rng.fill_bernoulli(keep.data(), n, 1.0 - static_cast<double>(p));
-  return keep;
+// The Philox stream of one (adapter seed, micro step, layer, projection): Backend::lora_dropout's
+// seed. The pass's element (token i, feature j) takes stream position (token0 + i) * in + j.
+uint64_t dropout_seed(const DropoutKey& k) {
+  return splitmix(splitmix(splitmix(k.seed) ^ static_cast<uint64_t>(k.step)) ^
+                  static_cast<uint64_t>(k.layer * kNumProj + k.proj));
+}
+uint64_t dropout_offset(const DropoutKey& k, int64_t in) {
+  return static_cast<uint64_t>(k.token0) * static_cast<uint64_t>(in);
 }
 }  // namespace
 
@@ -166,21 +163,12 @@ void lora_backward(Backend& be, LoraModule& m, int64_t M, const float* x, int64_
 
 void dropout_forward(Backend& be, const DropoutKey& k, float p, int64_t M, int64_t in, const float* x, int64_t ldx,
                      float* out) {
-  check_arg(be.host_memory(), "LoRA dropout > 0 is implemented for host-memory (CPU) backends only");
-  const std::vector<uint8_t> keep = keep_mask(k, p, M, in);
-  const float s = 1.0f / (1.0f - p);
-  for (int64_t i = 0; i < M; ++i)
-    for (int64_t j = 0; j < in; ++j) out[i * in + j] = keep[i * in + j] ? x[i * ldx + j] * s : 0.0f;
+  be.lora_dropout(dropout_seed(k), dropout_offset(k, in), p, M, in, x, ldx, out);
 }
 
 void dropout_backward_add(Backend& be, const DropoutKey& k, float p, int64_t M, int64_t in, const float* g,
                           float* dx, int64_t lddx) {
-  check_arg(be.host_memory(), "LoRA dropout > 0 is implemented for host-memory (CPU) backends only");
-  const std::vector<uint8_t> keep = keep_mask(k, p, M, in);
-  const float s = 1.0f / (1.0f - p);
-  for (int64_t i = 0; i < M; ++i)
-    for (int64_t j = 0; j < in; ++j)
-      if (keep[i * in + j]) dx[i * lddx + j] += g[i * in + j] * s;
+  be.lora_dropout_backward(dropout_seed(k), dropout_offset(k, in), p, M, in, g, dx, lddx);
 }
 
 }  // namespace qlora::model

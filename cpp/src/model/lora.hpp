@@ -98,7 +98,8 @@ void lora_backward(Backend& be, LoraModule& m, int64_t M, const float* x, int64_
 // projection) is regenerated from a Philox stream keyed by them, so it is never stored. Element
 // (token i, feature j) of the pass's [M, in] input takes stream position (token0 + i) * in + j:
 // token0 = the global row offset x T of a data-parallel shard (0 otherwise), so a row sees the same
-// mask on any rank. Host-memory backends only (ValueError otherwise).
+// mask on any rank. Backend ops (Backend::lora_dropout / lora_dropout_backward): the same masks on
+// every backend.
 struct DropoutKey {
   uint64_t seed;
   int64_t step, layer;
