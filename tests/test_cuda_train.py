@@ -25,7 +25,9 @@ def tiny(tmp_path_factory):
 
 
 def _model(path, backend, quantize="nf4", dropout=0.0, seed=3):
-    m = qlora_native.Model.from_pretrained(path, quantize=quantize, backend=backend, tokenizer=None)
+    # fp32 parity with the CPU (CUDA's default compute dtype is bf16 on sm_80+)
+    m = qlora_native.Model.from_pretrained(path, quantize=quantize, backend=backend, tokenizer=None,
+                                           compute_dtype="float32")
     m.add_adapter("a", LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"), seed=seed)
     m.set_adapter("a")
     return m
@@ -259,7 +261,8 @@ def test_trainer_checkpoint_resumes_on_another_backend(tiny, tmp_path):
     cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
     kw = dict(max_steps=6, gradient_accumulation_steps=2, save_steps=3, learning_rate=5e-3, max_seq_len=16,
               warmup_ratio=0.1, weight_decay=0.01, max_grad_norm=0.1)
-    load = lambda be: qlora_native.Model.from_pretrained(tiny, quantize="nf4", backend=be, tokenizer=None)  # noqa: E731
+    load = lambda be: qlora_native.Model.from_pretrained(tiny, quantize="nf4", backend=be, tokenizer=None,  # noqa: E731
+                                                         compute_dtype="float32")
     full = load("cpu")
     a_full = args_for(tmp_path / "full", **kw)
     Trainer(full, cfg, ex, None, a_full).train()
