@@ -118,7 +118,9 @@ QLORA_API int qlora_generate(qlora_model* model, const int32_t* prompt, int64_t 
                              int64_t* n_out, qlora_token_callback cb, void* user);
 
 
-/* ---- LoRA training (CPU backend; the base model stays frozen) -------------------------------
+/* ---- LoRA training (the base model stays frozen) --------------------------------------------
+ * Training runs on the backend the model was loaded on (qlora_model_params.backend: "cpu" or
+ * "cuda"; the AdamW state then lives in that backend's memory).
  * Adapters belong to the model and are freed with it. These calls on one model are serialized.
  * They act on the model's own (named, active) adapter, which qlora_generate / qlora_model_forward
  * use; contexts use only what qlora_context_set_adapters gives them. */
