@@ -19,11 +19,11 @@ def test_bench_cuda_dry_run(tmp_path):
     res = json.load(open(tmp_path / "bench_cuda.json"))
     assert res["dry_run"] and res["backend"] == "cpu" and not res["errors"]
     assert len(res["gemm"]) == 6 and all(g["ours_tflops"] > 0 for g in res["gemm"])
-    assert len(res["gemv"]) == 3 and all(g["ours_gbps"] > 0 for g in res["gemv"])
+    assert len(res["gemv"]) == 4 and all(g["ours_gbps"] > 0 for g in res["gemv"]) and res["gemv"][3]["stacked"]
     m = res["ours_model"]
     assert m["prefill_tok_s"] > 0 and m["decode_tok_s"] > 0 and m["decode_step_bytes"] > 0
     names = [t["name"] for t in res["targets"]]
-    assert len(names) == 4 and all("target" in t for t in res["targets"])
+    assert len(names) == 5 and all("target" in t for t in res["targets"])
     txt = (tmp_path / "bench_cuda.txt").read_text()
     assert "| target | value | goal | met |" in txt and "NF4 GEMM" in txt
     assert sorted(os.listdir(tmp_path)) == ["bench_cuda.json", "bench_cuda.txt"]  # no temporary left
