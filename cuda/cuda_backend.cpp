@@ -1,7 +1,9 @@
-// The CUDA backend: qlora::Backend on one device and one stream. Host code only; kernels live in
-// gemm.cu, nf4_gemm.cu, nf4_gemv.cu, nf4_dequant.cu. Every op validates its arguments (ValueError),
-// checks that operand pointers are device memory (a host pointer would otherwise fault and poison
-// the CUDA context for the rest of the process), then launches asynchronously on the stream.
+// The CUDA backend: qlora::Backend on one device. Host code only; kernels live in cuda/*.cu. Every
+// op validates its arguments (ValueError), then launches asynchronously on the calling thread's
+// stream: the stream of the Exec an ExecScope binds (a generation context's own), else the
+// backend's default stream. Memory comes from the caching pool (device_pool.hpp, cuda_memory.hpp):
+// no cudaMalloc / cudaFree, cudaPointerGetAttributes or cudaSetDevice per op in a steady state
+// (operand pointers are the backend's own allocations; only null is checked).
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -12,6 +14,8 @@
 #include "common/error.hpp"
 #include "cuda_backend.hpp"
 #include "cuda_check.hpp"
+#include "cuda_memory.hpp"
+#include "device_pool.hpp"
 #include "devsim_backend.hpp"
 #include "gemm.cuh"
 #include "gemm_tc.cuh"
@@ -43,18 +47,10 @@ namespace qlora::cuda {
 
 namespace {
 
-// Throws ValueError unless p is memory the device can address (device, managed, or mapped host).
+// Operands are allocations of this backend (the model and the bindings upload host data first), so
+// only null is checked: no cudaPointerGetAttributes per op.
 void require_device_ptr(const void* p, const char* op, const char* what) {
-  check_arg(p != nullptr, std::string("cuda backend: ") + op + ": " + what + " is null");
-  cudaPointerAttributes attr{};
-  if (cudaPointerGetAttributes(&attr, p) != cudaSuccess) {
-    cudaGetLastError();  // an unknown pointer is not a sticky error; clear it
-    throw ValueError(std::string("cuda backend: ") + op + ": " + what + " is not device memory");
-  }
-  const bool ok = attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged ||
-                  (attr.type == cudaMemoryTypeHost && attr.devicePointer == p);
-  check_arg(ok, std::string("cuda backend: ") + op + ": " + what +
-                    " is not device memory (allocate with the backend and upload the data first)");
+  if (!p) throw ValueError(std::string("cuda backend: ") + op + ": " + what + " is null");
 }
 
 void check_gemm_args(const char* op, int64_t M, int64_t N, int64_t K, int64_t lda_min, int64_t lda, int64_t ldb_min,
@@ -96,15 +92,17 @@ class CudaBackend final : public Backend {
     QLORA_CUDA_CHECK(cudaSetDevice(device_), "init");
     QLORA_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_), "init");
     QLORA_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major_, cudaDevAttrComputeCapabilityMajor, device_), "init");
-    QLORA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "init");
     size_t free_b = 0, total_b = 0;
     QLORA_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b), "init");
     total_mem_ = static_cast<int64_t>(total_b);
+    default_q_ = static_cast<CudaQueue*>(raw_.new_queue());
+    pool_ = std::make_unique<DevicePool>(raw_, default_q_);
   }
   ~CudaBackend() override {
-    // Errors ignored: this may run at process exit, after the runtime has begun to unload.
-    if (cudaSetDevice(device_) == cudaSuccess) cudaStreamDestroy(stream_);
-    cudaGetLastError();
+    // Errors ignored (by the pool and the queue): this may run at process exit, after the runtime
+    // has begun to unload.
+    pool_.reset();
+    raw_.destroy_queue(default_q_);
   }
 
   std::string name() const override { return device_ == 0 ? "cuda" : "cuda:" + std::to_string(device_); }
@@ -116,18 +114,18 @@ class CudaBackend final : public Backend {
     return is_core_op(op) || std::find(o.begin(), o.end(), op) != o.end();
   }
 
-  // ---- memory
-  void* alloc(size_t bytes) override {
-    use_device("alloc");
-    void* p = nullptr;
-    QLORA_CUDA_CHECK(cudaMalloc(&p, bytes), "alloc");
-    return p;
+  // ---- memory: the calling thread's arena of the caching pool (cudaMalloc only on a miss). A freed
+  // block is reused only by its arena's stream, after the work queued on it before the free.
+  void* alloc(size_t bytes) override { return pool_->alloc(current_arena(*this, *pool_), bytes); }
+  void free(void* p) override { pool_->free(p); }
+  std::unique_ptr<Exec> new_exec() override { return std::make_unique<PoolExec>(*this, *pool_); }
+  DeviceStats device_stats() const override {
+    DeviceStats s = pool_->stats();
+    s.set_device_calls = raw_.set_device_calls();
+    return s;
   }
-  void free(void* p) override {
-    if (!p) return;
-    use_device("free");
-    QLORA_CUDA_CHECK(cudaFree(p), "free");  // implicitly waits for work using p
-  }
+  void reset_peak_memory() override { pool_->reset_peak(); }
+  void release_cached_memory() override { pool_->release_cached(); }
   // Ordered on the stream. From pageable memory (numpy) the call returns once the source has been
   // staged, so the caller may reuse it; from pinned memory the caller must synchronize() first.
   void upload(void* dst, const void* src_host, size_t bytes) override {
@@ -166,6 +164,24 @@ class CudaBackend final : public Backend {
     use_device("synchronize");
     QLORA_CUDA_CHECK(cudaStreamSynchronize(stream_), "synchronize");
   }
+
+ protected:
+  // Binding an Exec: its stream waits (on the device, the host does not block) for the work queued
+  // on the default stream so far, the uploads of weights and adapters it reads.
+  void exec_enter(Exec* e) override {
+    use_device("exec");
+    CudaQueue* q = queue_of(e);
+    QLORA_CUDA_CHECK(cudaEventRecord(q->ready, default_q_->stream), "exec");
+    QLORA_CUDA_CHECK(cudaStreamWaitEvent(q->stream, q->ready, 0), "exec");
+  }
+  // A pass that threw may have left work queued: wait for it, so the memory the unwinding frees
+  // (and weights or adapters freed after it) are idle. Errors ignored: already unwinding.
+  void exec_leave(Exec* e, bool failed) noexcept override {
+    if (!failed) return;
+    if (cudaStreamSynchronize(queue_of(e)->stream) != cudaSuccess) cudaGetLastError();
+  }
+
+ public:
 
   // ---- fp32 GEMM
   void gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
@@ -466,8 +482,20 @@ class CudaBackend final : public Backend {
     check_dims(op, {M, in});
     check_arg(p >= 0.0f && p < 1.0f, std::string("cuda backend: ") + op + ": p must be in [0, 1)");
   }
-  // The current device is per host thread: set it before every call that allocates or launches.
-  void use_device(const char* op) const { QLORA_CUDA_CHECK(cudaSetDevice(device_), op); }
+  // The current device is per host thread: made current before every call that allocates or
+  // launches, with cudaSetDevice only when it differs (CudaRaw::ensure_device).
+  void use_device(const char* op) const { raw_.ensure_device(op); }
+  static CudaQueue* queue_of(Exec* e) {
+    return static_cast<CudaQueue*>(DevicePool::queue(static_cast<PoolExec*>(e)->arena()));
+  }
+  // The calling thread's stream: its bound Exec's, else the default one.
+  cudaStream_t stream() const { return static_cast<CudaQueue*>(DevicePool::queue(current_arena(*this, *pool_)))->stream; }
+  // `stream_` in the op methods reads the calling thread's stream on each use (a conversion, so
+  // every launcher call site passes the current stream explicitly and cannot keep a stale one).
+  struct CurrentStream {
+    const CudaBackend* be;
+    operator cudaStream_t() const { return be->stream(); }
+  };
 
   void gemm(GemmLayout layout, const char* op, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
             int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
@@ -493,7 +521,10 @@ class CudaBackend final : public Backend {
   int sm_count_ = 0;
   int cc_major_ = 0;  // compute capability major (8: sm_80+, bf16 mma.sync)
   int64_t total_mem_ = 0;
-  cudaStream_t stream_ = nullptr;
+  mutable CudaRaw raw_{device_};         // cudaMalloc / cudaFree / streams; counts cudaSetDevice
+  CudaQueue* default_q_ = nullptr;        // the default stream (work outside any Exec)
+  std::unique_ptr<DevicePool> pool_;      // destroyed before default_q_ (the destructor resets it first)
+  const CurrentStream stream_{this};
 };
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <new>
 #include <memory>
 #include <mutex>
+#include <exception>
 
 #include "common/error.hpp"
 #include "cpu/cpu_backend.hpp"
@@ -44,6 +45,31 @@ bool Backend::is_core_op(const std::string& op) {
 }
 
 bool Backend::supports_op(const std::string& op) const { return is_core_op(op); }
+
+namespace {
+// The Exec bound to this thread by the innermost ExecScope (of whichever backend owns it).
+thread_local Backend::Exec* t_exec = nullptr;
+}  // namespace
+
+Backend::Exec* Backend::current_exec() const {
+  return t_exec && &t_exec->owner() == this ? t_exec : nullptr;
+}
+
+Backend::ExecScope::ExecScope(Backend& be, Exec* exec) : be_(be), exec_(exec) {
+  if (!exec_) return;
+  check_arg(&exec_->owner() == &be_, "ExecScope: the Exec belongs to backend '" + exec_->owner().name() +
+                                         "', not '" + be_.name() + "'");
+  be_.exec_enter(exec_);  // may throw: then nothing is bound and the destructor does not run
+  prev_ = t_exec;
+  t_exec = exec_;
+  uncaught_ = std::uncaught_exceptions();
+}
+
+Backend::ExecScope::~ExecScope() {
+  if (!exec_) return;
+  t_exec = prev_;
+  be_.exec_leave(exec_, std::uncaught_exceptions() > uncaught_);
+}
 
 void* Backend::host_alloc(size_t bytes) {
   void* p = std::malloc(bytes ? bytes : 1);

@@ -40,6 +40,50 @@ class Backend {
   virtual int64_t memory_bytes() const { return 0; }
   virtual std::string memory_name() const { return "this machine's memory"; }
 
+  // ---- execution contexts. A generation context owns an Exec (new_exec): while an ExecScope binds
+  // it to the calling thread, the backend's ops run on the Exec's queue (CUDA: its own stream) and
+  // allocate from its memory arena; without a scope they use the backend's default queue and arena.
+  // The binding is per thread, like torch.cuda.stream. Host backends have none: new_exec returns
+  // null and a scope over null does nothing, so model code binds scopes and never branches on the
+  // backend. Rule the model keeps (device_pool.hpp): every pass ends with its queue synchronized.
+  class Exec {
+   public:
+    explicit Exec(Backend& owner) : owner_(&owner) {}
+    virtual ~Exec() = default;
+    Exec(const Exec&) = delete;
+    Exec& operator=(const Exec&) = delete;
+    Backend& owner() const { return *owner_; }
+
+   private:
+    Backend* owner_;
+  };
+  class ExecScope;
+  virtual std::unique_ptr<Exec> new_exec() { return nullptr; }
+  // The Exec an ExecScope binds to the calling thread for this backend (null: none).
+  Exec* current_exec() const;
+
+  // ---- device memory counters of the caching allocator (device_pool.hpp; CUDA and cpu:devsim,
+  // zeros on host backends). Steady-state decode / forward makes no raw allocation: tests and
+  // tools/device-check compare raw_allocs / raw_frees before and after.
+  struct DeviceStats {
+    int64_t raw_allocs = 0;         // raw allocator calls (cudaMalloc), failed ones included
+    int64_t raw_alloc_failures = 0;  // of them, out of memory
+    int64_t raw_frees = 0;          // cudaFree calls
+    int64_t reserved_bytes = 0;     // held from the raw allocator: live + cached
+    int64_t peak_reserved_bytes = 0;
+    int64_t live_bytes = 0;         // handed out and not freed (size-class rounded)
+    int64_t peak_live_bytes = 0;
+    int64_t cached_bytes = 0;       // freed, kept for reuse
+    int64_t cache_hits = 0;         // allocations served from the cache
+    int64_t queues_created = 0;     // cudaStreamCreate calls (one per Exec not recycled)
+    int64_t execs_open = 0, execs_idle = 0;
+    int64_t set_device_calls = 0;   // cudaSetDevice calls (only when a thread's current device differs)
+    int64_t invalid_frees = 0;      // free() of a pointer the pool does not know (a bug; ignored)
+  };
+  virtual DeviceStats device_stats() const { return {}; }
+  virtual void reset_peak_memory() {}          // peak_* = current
+  virtual void release_cached_memory() {}      // gives cached blocks back (torch.cuda.empty_cache)
+
   // ---- results that end in host memory (logits): compute into host_output_begin(dst, bytes)
   // and finish with host_output_end. A host-memory backend returns dst itself (no buffer, no
   // copy); the default stages in a device buffer that end downloads and frees. HostOutput below
@@ -338,9 +382,31 @@ class Backend {
   virtual void reload(void* dst, const void* src_host, size_t bytes) { upload(dst, src_host, bytes); }
 
  protected:
+  // ExecScope's hooks: enter may throw (nothing is bound then); leave runs when the scope ends,
+  // failed when it ends by an exception (CUDA waits for the Exec's queue so no work is left pending).
+  virtual void exec_enter(Exec* e) {}
+  virtual void exec_leave(Exec* e, bool failed) noexcept {}
+  friend class ExecScope;
+
   [[noreturn]] void not_implemented(const char* op) const {
     throw std::runtime_error(name() + ": op " + op + " not implemented");
   }
+};
+
+// Binds exec (of backend be; null: nothing is bound) to the calling thread until the scope ends;
+// scopes nest (the previous binding comes back).
+class Backend::ExecScope {
+ public:
+  ExecScope(Backend& be, Exec* exec);
+  ~ExecScope();
+  ExecScope(const ExecScope&) = delete;
+  ExecScope& operator=(const ExecScope&) = delete;
+
+ private:
+  Backend& be_;
+  Exec* exec_;
+  Exec* prev_ = nullptr;
+  int uncaught_ = 0;
 };
 
 // RAII over Backend::host_output_begin/end: `HostOutput o(be, dst, bytes); op(o.f32()); o.finish();`

@@ -1,7 +1,11 @@
 #include "devsim_backend.hpp"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <new>
+
+#include "device_pool.hpp"
 
 namespace qlora {
 
@@ -17,17 +21,49 @@ const std::vector<std::string>& cuda_kernel_ops() {
 
 namespace {
 
+// The CPU backend's memory as a "raw device" for the caching pool: queues are tokens (the CPU runs
+// each op to its end), so the pool's logic (arenas, reuse, counters) is what CI tests here.
+class HostRaw final : public RawDevice {
+ public:
+  explicit HostRaw(Backend& cpu) : c_(cpu) {}
+  void* raw_alloc(size_t bytes) override {
+    try {
+      return c_.alloc(bytes);
+    } catch (const std::bad_alloc&) {
+      return nullptr;
+    }
+  }
+  // CpuBackend::free is std::free; called directly because the pool's destructor may run at exit
+  // after the "cpu" backend object is gone (both live in the static backend registry).
+  bool raw_free(void* p) noexcept override {
+    std::free(p);
+    return true;
+  }
+  void* new_queue() override { return new char; }
+  void destroy_queue(void* q) noexcept override { delete static_cast<char*>(q); }
+  void sync_queue(void*) override {}
+  void sync_device() override {}
+
+ private:
+  Backend& c_;
+};
+
 class DevsimBackend final : public Backend {
  public:
-  explicit DevsimBackend(Backend& cpu) : c_(cpu) {}
+  explicit DevsimBackend(Backend& cpu) : c_(cpu), raw_(cpu), pool_(raw_, &default_queue_) {}
   std::string name() const override { return "cpu:devsim"; }
   bool host_memory() const override { return false; }
   bool supports_op(const std::string& op) const override {
     const std::vector<std::string>& o = cuda_kernel_ops();
     return is_core_op(op) || std::find(o.begin(), o.end(), op) != o.end();
   }
-  void* alloc(size_t bytes) override { return c_.alloc(bytes); }
-  void free(void* p) override { c_.free(p); }
+  // Memory through the same caching pool as the CUDA backend (device_pool.hpp), over host memory.
+  void* alloc(size_t bytes) override { return pool_.alloc(current_arena(*this, pool_), bytes); }
+  void free(void* p) override { pool_.free(p); }
+  std::unique_ptr<Exec> new_exec() override { return std::make_unique<PoolExec>(*this, pool_); }
+  DeviceStats device_stats() const override { return pool_.stats(); }
+  void reset_peak_memory() override { pool_.reset_peak(); }
+  void release_cached_memory() override { pool_.release_cached(); }
   void upload(void* dst, const void* src, size_t bytes) override { c_.upload(dst, src, bytes); }
   void download(void* dst, const void* src, size_t bytes) override { c_.download(dst, src, bytes); }
   void synchronize() override {}
@@ -135,6 +171,9 @@ class DevsimBackend final : public Backend {
 
  private:
   Backend& c_;
+  HostRaw raw_;
+  char default_queue_ = 0;  // the default arena's queue token
+  DevicePool pool_;         // after raw_ (destroyed before it)
 };
 
 }  // namespace

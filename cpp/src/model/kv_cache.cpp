@@ -40,6 +40,8 @@ KvCache::KvCache(Backend& be, const LlamaConfig& cfg, int64_t batch, int64_t cap
   key_mask_.assign(static_cast<size_t>(batch * capacity), 0);
   n_real_.assign(static_cast<size_t>(batch), 0);
   per_layer_ = batch * cfg.num_kv_heads * capacity * cfg.head_dim;
+  exec_ = be.new_exec();
+  Backend::ExecScope scope(be, exec_.get());
   // One allocation for every layer's K and V: large enough for the CPU backend's huge pages
   // (decode streams the whole cache once per step; per-layer 1 MB buffers missed the TLB).
   store_ = DeviceBuffer(be, sizeof(float) * 2 * cfg.num_layers * per_layer_);

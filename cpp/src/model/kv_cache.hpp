@@ -4,8 +4,15 @@
 // Slot s of row b holds the token fed at step s (all rows advance together); a padding token
 // occupies a slot whose key_mask entry is 0. The RoPE position of a real token is the number of
 // real tokens before it in its row (cumsum(mask) - 1, as transformers' generate computes it).
+//
+// A cache owns the Backend::Exec its passes run on (CUDA: its own stream and memory arena; null on
+// host backends): its memory is allocated and its key mask uploaded on it, and LlamaModel::run
+// binds it for every pass over the cache. So each generation context (and each forward() call, whose
+// temporary cache this is too) runs on its own stream; closed Execs are recycled with their cached
+// memory (device_pool.hpp), so a steady stream of requests creates no streams and no allocations.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "model/buffer.hpp"
@@ -27,6 +34,7 @@ class KvCache {
   float* k(int64_t layer) const { return store_.f32() + 2 * layer * per_layer_; }      // [B, Hkv, cap, hd]
   float* v(int64_t layer) const { return store_.f32() + (2 * layer + 1) * per_layer_; }  // [B, Hkv, cap, hd]
   const int32_t* key_mask_device() const { return key_mask_dev_.data<int32_t>(); }  // [B, cap]
+  Backend::Exec* exec() const { return exec_.get(); }  // bind with Backend::ExecScope for work on it
 
   // Registers T new slots per row from mask[B, T] (host; 0 = padding): fills pos[B*T] (host)
   // with RoPE positions, updates and uploads the key mask. Returns the first new slot.
@@ -37,6 +45,7 @@ class KvCache {
   Backend& be_;
   int64_t B_, cap_, used_ = 0;
   int64_t per_layer_ = 0;            // floats of one layer's K (or V): B * Hkv * cap * hd
+  std::unique_ptr<Backend::Exec> exec_;  // before the buffers: they are freed into its arena first
   DeviceBuffer store_;               // [layers, 2 (K, V), B, Hkv, cap, hd]
   std::vector<int32_t> key_mask_;    // [B, cap] host copy
   DeviceBuffer key_mask_dev_;        // int32 [B, cap]

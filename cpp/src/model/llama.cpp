@@ -113,6 +113,8 @@ void LlamaModel::feed(const int32_t* ids, const int32_t* mask, int64_t T, float*
 
 void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids, const int32_t* mask, int64_t T,
                      bool all_rows, float* logits_host, const SampleRequest* sample) {
+  // The cache's stream and arena (CUDA) for the whole pass: its scratch below is freed there too.
+  Backend::ExecScope scope(be_, cache.exec());
   check_complete();
   const LlamaConfig& c = w_->cfg;
   const int64_t B = cache.batch(), M = B * T;

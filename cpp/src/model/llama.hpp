@@ -36,7 +36,8 @@ using AdapterSet = std::vector<AdapterUse>;
 // base model), over a model's shared weights. Contexts of one model may be fed from different threads
 // at once (the weights are read-only to them); one context is used by one thread at a time.
 // While any context is open merge_adapter is refused. A context must be destroyed before its
-// model; destroying it frees its cache.
+// model; destroying it frees its cache. Its work runs on its cache's Backend::Exec (CUDA: its own
+// stream and memory arena).
 class GenerationContext {
  public:
   ~GenerationContext();
