@@ -298,6 +298,23 @@ def test_lora_dropout_offset_is_a_stream_position():
     np.testing.assert_array_equal(part, full[2:])
 
 
+def test_harness_refuses_bad_training_calls():
+    """Bad shape or parameter arguments are ValueErrors before any backend work."""
+    x = np.zeros((2, 4), np.float32)
+    ints = {"M": 2, "in": 4, "ld": 4, "seed_lo": 1, "seed_hi": 0, "offset": 0}
+    for p in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
+            _run("cpu:devsim", "lora_dropout", {"x": x, "out": x.copy()}, ints, {"p": p})
+    q = np.zeros((3, 12), np.float32)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        _run("cpu", "attention_train", {"q": q, "k": q, "v": q, "key_mask": np.ones(3, np.int32), "out": q,
+                                        "lse": np.zeros(9, np.float32)},
+             {"B": 1, "T": 3, "Hq": 3, "Hkv": 2, "hd": 4, "ldq": 12, "ldk": 12, "ldv": 12, "ldo": 12}, {"scale": 1.0})
+    with pytest.raises(ValueError, match="smaller than the shape arguments"):
+        _run("cpu", "rmsnorm_backward", {"x": x, "w": np.ones(4, np.float32), "dy": x, "dx": x},
+             {"M": 3, "D": 4}, {"eps": 1e-5})
+
+
 # ------------------------------------------------------------------ the device path of training
 
 
