@@ -103,6 +103,14 @@ void run_rows(RowsFn rows, bool avx512, bool avx2, Args a, const Nf4Ref& W, int6
   }
 }
 
+// The running thread's decoded block scales (grow-only: no allocation per task of a decode step).
+// A function, not a thread_local named inside a lambda (GCC has bound such names to the thread
+// that created the lambda).
+std::vector<float>& thread_scales() {
+  thread_local std::vector<float> s;
+  return s;
+}
+
 // Y_i[M, W_i.rows] = alpha * X[M, K] · deq(W_i)ᵀ + beta * Y_i for n weights sharing X (K = W_i.cols):
 // X is regrouped once and all weights' rows go to the thread pool as one job.
 void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
@@ -183,16 +191,14 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
   };
   const int64_t n_pre = tail ? tail->n_pre : 0;
   if (tasks.size() + n_pre == 1) {
-    std::vector<float> scales;
-    run(tasks[0], scales);
+    run(tasks[0], thread_scales());
     return;
   }
   // The tail's pre tasks first: tasks are claimed in index order, so a post that waits on them
   // only waits for work already running.
   parallel_for(static_cast<int64_t>(tasks.size()) + n_pre, [&](int64_t t) {
     if (t < n_pre) return tail->pre(tail->ctx, t);
-    std::vector<float> scales;
-    run(tasks[t - n_pre], scales);
+    run(tasks[t - n_pre], thread_scales());
   });
 }
 
