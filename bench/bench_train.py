@@ -32,7 +32,12 @@ import _common  # noqa: E402
 ENGINES = ("qlora_nf4", "peft_bnb", "peft_fp32")
 LABEL = {"qlora_nf4": "qlora_native NF4", "peft_bnb": "PEFT+bnb NF4 (dq)", "peft_fp32": "PEFT fp32",
          # opt-in (--engines): bnb_4bit_compute_dtype=bfloat16 under torch.autocast(cpu, bfloat16)
-         "peft_bnb_bf16": "PEFT+bnb NF4 (dq) bf16 autocast"}
+         "peft_bnb_bf16": "PEFT+bnb NF4 (dq) bf16 autocast",
+         # opt-in: qlora_native with compute_dtype="bfloat16" whatever --compute-dtype says, so one run
+         # holds both modes and both peers: --engines qlora_nf4,qlora_nf4_bf16,peft_bnb,peft_bnb_bf16
+         "qlora_nf4_bf16": "qlora_native NF4 bf16"}
+TARGET_BF16_VS_BNB = 3.0       # bf16 mode tokens/s >= 3x PEFT+bnb (fp32 compute), AVX512-BF16 machines
+TARGET_BF16_VS_BNB_BF16 = 2.0  # and >= 2x PEFT+bnb under bf16 autocast
 TARGET_TOKS_VS_BNB = 1.5   # qlora_native tokens/s >= 1.5x PEFT + bitsandbytes
 TARGET_RSS_VS_BNB = 0.5    # qlora_native peak RSS <= 0.5x PEFT + bitsandbytes
 SGEMM_SHAPES = [(2048, 576, 1536), (2048, 1536, 576)]  # (M, K, N): Y[M, N] = X[M, K] · W[N, K]ᵀ
@@ -93,7 +98,7 @@ def run_qlora(spec, res):
         raise NotImplementedError(f"qlora_native.Model lacks {', '.join(missing) or 'LoraConfig'}")
     t0 = time.perf_counter()
     m = qlora_native.Model.from_pretrained(spec["gguf"], quantize="nf4", tokenizer=None)
-    m.compute_dtype = spec.get("compute_dtype", "float32")
+    m.compute_dtype = "bfloat16" if res["engine"] == "qlora_nf4_bf16" else spec.get("compute_dtype", "float32")
     res["compute_dtype"] = m.compute_dtype
     m.add_adapter("bench", qlora_native.LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.0,
                                                    target_modules="all-linear"), seed=0)
@@ -350,7 +355,7 @@ def child(engine, spec_path):
     else:
         res = {"engine": engine}
         try:
-            if engine == "qlora_nf4":
+            if engine in ("qlora_nf4", "qlora_nf4_bf16"):
                 run_qlora(spec, res)
             elif engine in ("peft_bnb", "peft_fp32", "peft_bnb_bf16"):
                 run_peft(spec, res, quantized=engine != "peft_fp32", bf16=engine == "peft_bnb_bf16")
@@ -509,7 +514,14 @@ def main():
                                 "best_step_tok_s_vs_peft_bnb": ratio(me.get("best_step_tok_s"), bnb.get("best_step_tok_s")),
                                 "tok_s_vs_peft_fp32": ratio(me.get("tok_s"), fp.get("tok_s")),
                                 "peak_rss_vs_peft_fp32": ratio(me.get("peak_rss_mib"), fp.get("peak_rss_mib"))},
-           "targets": {"tok_s_vs_peft_bnb": TARGET_TOKS_VS_BNB, "peak_rss_vs_peft_bnb": TARGET_RSS_VS_BNB}}
+           "targets": {"tok_s_vs_peft_bnb": TARGET_TOKS_VS_BNB, "peak_rss_vs_peft_bnb": TARGET_RSS_VS_BNB,
+                       "bf16_tok_s_vs_peft_bnb": TARGET_BF16_VS_BNB,
+                       "bf16_tok_s_vs_peft_bnb_bf16": TARGET_BF16_VS_BNB_BF16}}
+    b16, bb16 = res.get("qlora_nf4_bf16", {}), res.get("peft_bnb_bf16", {})
+    out["qlora_nf4_bf16_ratios"] = {"tok_s_vs_peft_bnb": ratio(b16.get("tok_s"), bnb.get("tok_s")),
+                                    "tok_s_vs_peft_bnb_bf16": ratio(b16.get("tok_s"), bb16.get("tok_s")),
+                                    "tok_s_vs_qlora_nf4": ratio(b16.get("tok_s"), me.get("tok_s")),
+                                    "peak_rss_vs_peft_bnb": ratio(b16.get("peak_rss_mib"), bnb.get("peak_rss_mib"))}
     report(out)
     _common.write_json(args.out, out)
     print(f"wrote {args.out}")
@@ -619,6 +631,15 @@ def report(out):
              f"fastest step vs fastest step {tb:.2f}x {'MET' if tb >= want else 'NOT MET'}"))
     print(f"target: qlora_native peak RSS <= {out['targets']['peak_rss_vs_peft_bnb']:g}x PEFT+bnb: "
           + ("n/a" if rr is None else f"{rr:.2f}x {'MET' if rr <= out['targets']['peak_rss_vs_peft_bnb'] else 'NOT MET'}"))
+    b16 = res.get("qlora_nf4_bf16", {})
+    for key, peer in (("bf16_tok_s_vs_peft_bnb", "peft_bnb"), ("bf16_tok_s_vs_peft_bnb_bf16", "peft_bnb_bf16")):
+        want = out["targets"].get(key)
+        r = ratio(b16.get("tok_s"), res.get(peer, {}).get("tok_s"))
+        if want is not None and r is not None:
+            rb = ratio(b16.get("best_step_tok_s"), res[peer].get("best_step_tok_s"))
+            print(f"target: qlora_native bf16 tokens/s >= {want:g}x {LABEL[peer]}: {r:.2f}x "
+                  f"{'MET' if r >= want else 'NOT MET'} (all timed steps); fastest step vs fastest step "
+                  f"{fmt(rb, '.2f')}x")
 
 
 if __name__ == "__main__":
