@@ -121,8 +121,11 @@ def main():
     info["numpy_sgemm_gflops"], info["ours_sgemm_gflops"] = sg["numpy_gflops"], sg.get("ours_gflops")
     bw = _common.read_bandwidth(args.bandwidth_gib, T, runs=5)  # the probe every bench shares
     info["measured"] = {"numpy_sgemm_gflops": info["numpy_sgemm_gflops"], "read_bandwidth_gbps": bw, "threads": T}
+    # The LoRA path switches (cpu/lora_sgmv.hpp), so A/B runs say which path they timed.
+    info["lora_env"] = {k: os.environ.get(k) for k in ("QLORA_SGMV", "QLORA_SGMV_FUSE")}
+    paths = ", ".join(f"{k}={v}" for k, v in info["lora_env"].items() if v is not None)
     machine = (f"{_common.machine_line(info, info['measured'])}; SIMD {info['simd']}, "
-               f"load average {info['loadavg_before']}")
+               f"load average {info['loadavg_before']}" + (f"; {paths}" if paths else ""))
     print(machine, flush=True)
 
     print(f"read bandwidth ({args.bandwidth_gib:g} GiB float32 sum, {T} threads, best of 5): {bw:.1f} GB/s", flush=True)
