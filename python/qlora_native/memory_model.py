@@ -1,0 +1,175 @@
+"""Device-memory model of a LoRA training step (an estimate from the shapes, not a measurement).
+
+Counts every buffer the engine allocates for a Llama-family training step the way
+cpp/src/model/llama_train.cpp (LlamaModel::train_pass), ops_loss.cpp (lm_cross_entropy),
+model/lora.cpp and train/lora_optimizer.cpp allocate them:
+
+- weights: NF4 projections (packed nibbles + absmax codes + nested absmax + 256-entry map per
+  projection, bitsandbytes' double quant) or fp32, norms, the RoPE table, the embedding and the
+  lm_head (fp32 or Q8_0 rows: head_format "q8_0"; tied: one table);
+- the adapter: A/B (one fp32 arena), their gradients (one arena), AdamW's m and v;
+- the pass's activations (what peak_train_bytes reports): the checkpointed layer inputs (all
+  num_layers + 1 without offload, two with offload_checkpoints, all per-layer intermediates
+  without checkpointing), one layer's intermediates for the recompute, the LoRA scratch, dropout
+  buffers, the final-norm output and the backward scratch, with the chunked cross-entropy's
+  [chunk, vocab] logits (+ the Q8_0 lm_head backward's dequantization chunk) at its own moment.
+
+Not counted: the CUDA context and kernel images (a few hundred MiB outside the allocator),
+the caching allocator's size-class rounding and fragmentation, small per-op scratch (attention
+backward's [B, Hq, T] delta, grad-norm partials), host memory (offloaded checkpoints).
+"""
+from __future__ import annotations
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_F = 4  # fp32 bytes
+CE_CHUNK_ROWS = 256  # kCrossEntropyChunkRows (cpu/ops_backward.hpp)
+Q8_0_GEMM_NN_CHUNK = 2048  # Backend::kQ8_0GemmNnChunk
+
+
+def _get(cfg, key, default=None):
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def _dims(cfg) -> dict:
+    D = int(_get(cfg, "hidden_size"))
+    Hq = int(_get(cfg, "num_attention_heads"))
+    Hkv = int(_get(cfg, "num_key_value_heads", None) or Hq)
+    hd = int(_get(cfg, "head_dim", None) or D // Hq)
+    return dict(D=D, I=int(_get(cfg, "intermediate_size")), V=int(_get(cfg, "vocab_size")),
+                L=int(_get(cfg, "num_hidden_layers")), Hq=Hq, Hkv=Hkv, hd=hd, QD=Hq * hd, KD=Hkv * hd,
+                tied=bool(_get(cfg, "tie_word_embeddings", False)))
+
+
+def projection_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """[out, in] of each projection of one layer."""
+    d = _dims(cfg)
+    return {"q_proj": (d["QD"], d["D"]), "k_proj": (d["KD"], d["D"]), "v_proj": (d["KD"], d["D"]),
+            "o_proj": (d["D"], d["QD"]), "gate_proj": (d["I"], d["D"]), "up_proj": (d["I"], d["D"]),
+            "down_proj": (d["D"], d["I"])}
+
+
+def nf4_bytes(rows: int, cols: int, blocksize: int = 64, double_quant: bool = True) -> tuple[int, int]:
+    """(packed weight bytes, quantization-constant bytes) of one NF4 matrix (Linear::weight_bytes /
+    quant_bytes)."""
+    n = rows * cols
+    nb = -(-n // blocksize)
+    packed = (n + 1) // 2
+    if double_quant:
+        return packed, nb + _F * (-(-nb // 256)) + _F * 256
+    return packed, _F * nb
+
+
+def q8_0_bytes(rows: int, cols: int) -> int:
+    return rows * (cols // 32) * 34
+
+
+def weight_bytes(cfg, *, nf4: bool = True, blocksize: int = 64, double_quant: bool = True,
+                 head_format: str = "float32") -> dict[str, int]:
+    """Device bytes of the frozen weights by category (LlamaModel::memory_footprint's names, with
+    the embedding / lm_head split out of other_weights)."""
+    d = _dims(cfg)
+    w = q = other = 0
+    for rows, cols in projection_shapes(cfg).values():
+        if nf4:
+            a, b = nf4_bytes(rows, cols, blocksize, double_quant)
+            w += a
+            q += b
+        else:
+            other += _F * rows * cols
+    w *= d["L"]
+    q *= d["L"]
+    other *= d["L"]
+    other += _F * (2 * d["L"] * d["D"] + d["D"]) + _F * (d["hd"] // 2)  # norms + RoPE inv_freq
+    if head_format == "q8_0":
+        table = q8_0_bytes(d["V"], d["D"])
+    elif head_format == "float32":
+        table = _F * d["V"] * d["D"]
+    else:
+        raise ValueError(f"head_format must be 'float32' or 'q8_0', got {head_format!r}")
+    return {"nf4_weights": w, "quant_constants": q, "other_weights": other, "embedding": table,
+            "lm_head": 0 if d["tied"] else table}
+
+
+def lora_numel(cfg, r: int, targets=PROJECTIONS) -> int:
+    d = _dims(cfg)
+    shapes = projection_shapes(cfg)
+    return d["L"] * sum(r * (shapes[p][0] + shapes[p][1]) for p in targets)
+
+
+def adapter_bytes(cfg, r: int, targets=PROJECTIONS, *, optimizer: bool = True) -> dict[str, int]:
+    """A/B arena, gradient arena, AdamW m and v (fp32 each)."""
+    n = lora_numel(cfg, r, targets) * _F
+    return {"lora_params": n, "lora_grads": n, "adamw_state": 2 * n if optimizer else 0}
+
+
+def activation_bytes(cfg, batch: int, seq: int, r: int, *, checkpointing: bool = True, offload: bool = False,
+                     dropout: bool = False, head_format: str = "float32", device: bool = True) -> dict[str, int]:
+    """The training pass's buffers (forward_backward): each category and "peak", the bytes
+    LlamaModel::LossResult::peak_train_bytes reports (its MemCounter's high-water mark)."""
+    d = _dims(cfg)
+    M, D, I, V, L = batch * seq, d["D"], d["I"], d["V"], d["L"]
+    QD, KD = d["QD"], d["KD"]
+    lora_scratch = 2 * _F * M * max(r, 1)  # t, dt [M, r_max]
+    drop = 2 * _F * M * max(D, I, QD) if dropout else 0  # xdrop, dtmp
+    layer = _F * (3 * M * D + 2 * M * QD + 2 * M * KD + 3 * M * I + batch * d["Hq"] * seq)  # LayerActs
+    x = _F * M * D
+    if not checkpointing:
+        ckpt, acts = (L + 1) * x, L * layer
+    else:
+        ckpt, acts = (2 if offload else L + 1) * x, layer
+    final = x  # hF: the final norm's output, then dL/d(residual)
+    bwd = _F * M * (I + D + 2 * QD + 2 * KD)  # da, dh, datt, dq, dk, dv
+    rows = min(M, CE_CHUNK_ROWS)
+    ce = _F * rows * V + _F * rows + (_F * rows if device else 0)
+    if head_format == "q8_0":
+        nc = min(V, Q8_0_GEMM_NN_CHUNK)
+        ce += _F * nc * D + _F * nc
+    base = lora_scratch + drop + ckpt + acts + final
+    return {"checkpoints": ckpt, "layer_activations": acts, "lora_scratch": lora_scratch, "dropout": drop,
+            "final_norm": final, "backward_scratch": bwd, "cross_entropy": ce,
+            "peak": base + max(ce, bwd)}
+
+
+def train_step_bytes(cfg, batch: int, seq: int, r: int = 16, targets=PROJECTIONS, *, nf4: bool = True,
+                     blocksize: int = 64, double_quant: bool = True, head_format: str = "float32",
+                     checkpointing: bool = True, offload: bool = False, dropout: bool = False) -> dict[str, int]:
+    """Everything above for one training step: weights + adapter + the pass's peak, and "total"."""
+    out = weight_bytes(cfg, nf4=nf4, blocksize=blocksize, double_quant=double_quant, head_format=head_format)
+    out.update(adapter_bytes(cfg, r, targets))
+    act = activation_bytes(cfg, batch, seq, r, checkpointing=checkpointing, offload=offload, dropout=dropout,
+                           head_format=head_format)
+    out["activations_peak"] = act["peak"]
+    out["total"] = sum(out.values())
+    return out
+
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False)
+
+
+def _main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Estimated device memory of a Llama-3-8B-shaped QLoRA step "
+                                "(r=16, all seven projections; an estimate, not a measurement)")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--r", type=int, default=16)
+    a = p.parse_args(argv)
+    G = 2 ** 30
+    print("config                          batch  weights  adapter  activations  total (GiB, estimated)")
+    for head in ("float32", "q8_0"):
+        for offload in (False, True):
+            for batch in (1, 2):
+                t = train_step_bytes(LLAMA3_8B, batch, a.seq, a.r, head_format=head, offload=offload)
+                w = sum(t[k] for k in ("nf4_weights", "quant_constants", "other_weights", "embedding", "lm_head"))
+                ad = t["lora_params"] + t["lora_grads"] + t["adamw_state"]
+                name = f"head {head}{', offload' if offload else ''}"
+                print(f"{name:32s}{batch:5d}  {w / G:7.2f}  {ad / G:7.2f}  {t['activations_peak'] / G:11.2f}  "
+                      f"{t['total'] / G:5.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
