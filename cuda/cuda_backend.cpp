@@ -230,6 +230,8 @@ class CudaBackend final : public Backend {
   // ---- bf16 compute (gemm_tc.cu, nf4_gemm_tc.cu: mma.sync bf16 tensor cores, sm_80+); below
   // sm_80 has_bf16_compute() is false and these run the fp32 kernels (the Backend contract).
   bool has_bf16_compute() const override { return cc_major_ >= kTcMinMajor; }
+  // bf16 is the default compute dtype where the tensor cores have it (bnb_4bit_compute_dtype=bf16).
+  bool default_compute_bf16() const override { return has_bf16_compute(); }
   void gemm_nt_bf16(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
                     int64_t ldb, float beta, float* C, int64_t ldc) override {
     check_gemm_args("gemm_nt_bf16", M, N, K, K, lda, K, ldb, ldc);
@@ -350,6 +352,29 @@ class CudaBackend final : public Backend {
     check_ld("attention", ldq, Hq * hd), check_ld("attention", ldo, Hq * hd);
     use_device("attention");
     cuda::attention(stream_, B, T, Hq, Hkv, hd, q, ldq, k_cache, v_cache, S_cap, start, key_mask, scale, out, ldo);
+  }
+  // The bf16 KV cache (compute_dtype="bfloat16"): same checks, bf16 storage.
+  void kv_write_bf16(int64_t B, int64_t T, int64_t H, int64_t hd, const float* x, int64_t ldx, uint16_t* cache,
+                     int64_t S_cap, int64_t start) override {
+    check_dims("kv_write_bf16", {B, T, H, hd, start});
+    check_ld("kv_write_bf16", ldx, H * hd);
+    check_arg(start + T <= S_cap, "cuda backend: kv_write_bf16: start + T exceeds the cache capacity");
+    use_device("kv_write_bf16");
+    cuda::kv_write_bf16(stream_, B, T, H, hd, x, ldx, cache, S_cap, start);
+  }
+  void attention_kv_bf16(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q, int64_t ldq,
+                         const uint16_t* k_cache, const uint16_t* v_cache, int64_t S_cap, int64_t start,
+                         const int32_t* key_mask, float scale, float* out, int64_t ldo) override {
+    check_dims("attention_kv_bf16", {B, T, Hq, Hkv, hd, start});
+    check_arg(Hkv >= 1 && Hq % Hkv == 0, "cuda backend: attention_kv_bf16: Hq must be a multiple of Hkv");
+    check_arg(hd <= kAttentionMaxHeadDim, "cuda backend: attention_kv_bf16: head_dim " + std::to_string(hd) + " > " +
+                                              std::to_string(kAttentionMaxHeadDim) + " is not implemented");
+    check_arg(start + T <= S_cap, "cuda backend: attention_kv_bf16: start + T exceeds the cache capacity");
+    check_arg(B * T <= 0x7fffffff && B <= 65535 && Hq <= 65535, "cuda backend: attention_kv_bf16: grid too large");
+    check_ld("attention_kv_bf16", ldq, Hq * hd), check_ld("attention_kv_bf16", ldo, Hq * hd);
+    use_device("attention_kv_bf16");
+    cuda::attention_kv_bf16(stream_, B, T, Hq, Hkv, hd, q, ldq, k_cache, v_cache, S_cap, start, key_mask, scale, out,
+                            ldo);
   }
   void cross_entropy_rows(int64_t M, int64_t V, float* logits, int64_t ldl, const int32_t* labels, float grad_scale,
                           bool want_grad, float* loss) override {

@@ -12,6 +12,10 @@
 //    (running max and sum, rescale of the accumulator); [pv] acc += P·V, rows across warps, head
 //    dims across lanes. The [T, T] score matrix never exists: only a rows x keys tile, on chip.
 //    fp32 throughout (the compute-dtype contract: attention stays fp32 in bf16 mode too).
+// Both kernels also read a bf16 KV cache (E = uint16_t, Backend::attention_kv_bf16: the cache of
+// compute_dtype="bfloat16"): each element is widened exactly to fp32 as it is loaded (the flash
+// kernel's shared tiles stay fp32; its bf16 tile loads are plain 16-byte loads, no cp.async), so
+// the arithmetic is the fp32 kernels' on the widened values.
 #include "cuda_check.hpp"
 #include "ops_attention.cuh"
 #include "ops_common.cuh"
@@ -21,9 +25,14 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kPer = static_cast<int>(kAttentionMaxHeadDim / 32);  // dims per lane
 
+// A cache element as fp32: fp32 as is, bf16 bits widened exactly.
+__device__ __forceinline__ float ld_kv(const float* p) { return *p; }
+__device__ __forceinline__ float ld_kv(const uint16_t* p) { return __uint_as_float(static_cast<uint32_t>(*p) << 16); }
+
+template <class E>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_kernel(int64_t T, int64_t Hq, int64_t Hkv, int hd, const float* __restrict__ q, int64_t ldq,
-                     const float* __restrict__ kc, const float* __restrict__ vc, int64_t S_cap, int64_t start,
+                     const E* __restrict__ kc, const E* __restrict__ vc, int64_t S_cap, int64_t start,
                      const int32_t* __restrict__ key_mask, float scale, float* __restrict__ out, int64_t ldo) {
   __shared__ float qs[kAttentionMaxHeadDim];
   __shared__ float wm[kWarps], wl[kWarps];
@@ -35,8 +44,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   for (int d = threadIdx.x; d < hd; d += blockDim.x) qs[d] = qr[d];
   __syncthreads();
 
-  const float* K = kc + (b * Hkv + kvh) * S_cap * hd;
-  const float* V = vc + (b * Hkv + kvh) * S_cap * hd;
+  const E* K = kc + (b * Hkv + kvh) * S_cap * hd;
+  const E* V = vc + (b * Hkv + kvh) * S_cap * hd;
   const int32_t* mask = key_mask + b * S_cap;
   const int64_t last = start + t;  // inclusive
   float m = -INFINITY, l = 0.0f, acc[kPer];
@@ -44,22 +53,22 @@ __global__ void __launch_bounds__(kWarps * 32)
   for (int i = 0; i < kPer; ++i) acc[i] = 0.0f;
   for (int64_t s = warp; s <= last; s += kWarps) {
     if (mask[s] == 0) continue;  // uniform across the warp
-    const float* kr = K + s * hd;
+    const E* kr = K + s * hd;
     float dot = 0.0f;
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       const int d = lane + 32 * i;
-      if (d < hd) dot = fmaf(qs[d], kr[d], dot);
+      if (d < hd) dot = fmaf(qs[d], ld_kv(kr + d), dot);
     }
     const float sc = warp_sum(dot) * scale;
     const float mn = fmaxf(m, sc);
     const float corr = m == -INFINITY ? 0.0f : expf(m - mn), p = expf(sc - mn);
     l = l * corr + p;
-    const float* vr = V + s * hd;
+    const E* vr = V + s * hd;
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       const int d = lane + 32 * i;
-      if (d < hd) acc[i] = fmaf(p, vr[d], acc[i] * corr);
+      if (d < hd) acc[i] = fmaf(p, ld_kv(vr + d), acc[i] * corr);
     }
     m = mn;
   }
@@ -160,13 +169,45 @@ __device__ __forceinline__ void load_kv_tile(float* S, const float* src, int n, 
   }
   for (int i = threadIdx.x; i < (C::KT - n) * C::HDM; i += C::kThreads) S[n * C::HDM + i] = 0.0f;
 }
+// The same from a bf16 cache, widened on the way (synchronous loads: cp.async copies bytes only).
+// vec: hd % 8 == 0 and src 16-byte aligned (8 bf16 per load).
+template <class C>
+__device__ __forceinline__ void load_kv_tile(float* S, const uint16_t* src, int n, int hd, bool vec) {
+  if (vec) {
+    const int per = hd / 8;
+    for (int i = threadIdx.x; i < n * per; i += C::kThreads) {
+      const int j = i / per, d = (i - j * per) * 8;
+      const uint4 w = __ldg(reinterpret_cast<const uint4*>(src + static_cast<int64_t>(j) * hd + d));
+      const uint32_t u[4] = {w.x, w.y, w.z, w.w};
+      float* o = S + j * C::HDM + d;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        o[2 * e] = __uint_as_float(u[e] << 16);             // little-endian: element 2e is the low half
+        o[2 * e + 1] = __uint_as_float(u[e] & 0xFFFF0000u);
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < n * hd; i += C::kThreads) {
+      const int j = i / hd, d = i - j * hd;
+      S[j * C::HDM + d] = ld_kv(src + static_cast<int64_t>(j) * hd + d);
+    }
+  }
+  for (int i = threadIdx.x; i < (C::KT - n) * C::HDM; i += C::kThreads) S[n * C::HDM + i] = 0.0f;
+}
+// Whether load_kv_tile may take its vector path for these caches.
+__host__ __device__ inline bool kv_vec_ok(int hd, const float* k, const float* v) {
+  return hd % 4 == 0 && ((reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v)) & 15u) == 0;
+}
+__host__ __device__ inline bool kv_vec_ok(int hd, const uint16_t* k, const uint16_t* v) {
+  return hd % 8 == 0 && ((reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v)) & 15u) == 0;
+}
 
 // lse (optional, nullptr here): [B, Hq, T] natural-log sum of exp(scale * q·k) over visible keys,
 // -inf for a row that sees none (the layout attention_train's backward reads).
-template <class C>
+template <class C, class E>
 __global__ void __launch_bounds__(C::kThreads)
     flash_attention_kernel(int64_t T, int64_t Hq, int64_t Hkv, int hd, const float* __restrict__ q, int64_t ldq,
-                           const float* __restrict__ kc, const float* __restrict__ vc, int64_t S_cap, int64_t start,
+                           const E* __restrict__ kc, const E* __restrict__ vc, int64_t S_cap, int64_t start,
                            const int32_t* __restrict__ key_mask, float scale, float* __restrict__ out, int64_t ldo,
                            float* __restrict__ lse) {
   constexpr int HDM = C::HDM, R = C::R, KT = C::KT;
@@ -198,10 +239,10 @@ __global__ void __launch_bounds__(C::kThreads)
     for (int c = 0; c < C::kDimsPerLane; ++c) acc[i][c] = 0.0f;
   }
 
-  const float* Kb = kc + (b * Hkv + kvh) * S_cap * hd;
-  const float* Vb = vc + (b * Hkv + kvh) * S_cap * hd;
+  const E* Kb = kc + (b * Hkv + kvh) * S_cap * hd;
+  const E* Vb = vc + (b * Hkv + kvh) * S_cap * hd;
   const int32_t* mask = key_mask + b * S_cap;
-  const bool vec = hd % 4 == 0 && ((reinterpret_cast<uintptr_t>(kc) | reinterpret_cast<uintptr_t>(vc)) & 15u) == 0;
+  const bool vec = kv_vec_ok(hd, kc, vc);
 
   for (int64_t s0 = 0; s0 < kv_end; s0 += KT) {
     const int n = static_cast<int>(min(static_cast<int64_t>(KT), kv_end - s0));
@@ -287,24 +328,24 @@ __global__ void __launch_bounds__(C::kThreads)
   }
 }
 
-template <class C>
+template <class C, class E>
 void launch_flash(cudaStream_t stream, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int hd, const float* q,
-                  int64_t ldq, const float* k_cache, const float* v_cache, int64_t S_cap, int64_t start,
+                  int64_t ldq, const E* k_cache, const E* v_cache, int64_t S_cap, int64_t start,
                   const int32_t* key_mask, float scale, float* out, int64_t ldo, float* lse) {
   const int64_t rows = T * (Hq / Hkv);
   const dim3 grid(static_cast<unsigned>((rows + C::R - 1) / C::R), static_cast<unsigned>(Hkv), static_cast<unsigned>(B));
   if (C::kSmemBytes > 48 * 1024)  // opt in above the default 48 KiB (every arch >= sm_75 allows 64 KiB)
-    QLORA_CUDA_CHECK(cudaFuncSetAttribute(flash_attention_kernel<C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    QLORA_CUDA_CHECK(cudaFuncSetAttribute(flash_attention_kernel<C, E>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(C::kSmemBytes)),
                      "attention");
-  flash_attention_kernel<C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(T, Hq, Hkv, hd, q, ldq, k_cache, v_cache,
+  flash_attention_kernel<C, E><<<grid, C::kThreads, C::kSmemBytes, stream>>>(T, Hq, Hkv, hd, q, ldq, k_cache, v_cache,
                                                                           S_cap, start, key_mask, scale, out, ldo, lse);
 }
-}  // namespace
 
-void attention(cudaStream_t stream, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
-               int64_t ldq, const float* k_cache, const float* v_cache, int64_t S_cap, int64_t start,
-               const int32_t* key_mask, float scale, float* out, int64_t ldo) {
+template <class E>
+void attention_impl(cudaStream_t stream, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+                    int64_t ldq, const E* k_cache, const E* v_cache, int64_t S_cap, int64_t start,
+                    const int32_t* key_mask, float scale, float* out, int64_t ldo) {
   if (B <= 0 || T <= 0 || Hq <= 0 || hd <= 0) return;
   if (T >= kFlashMinT) {
     const int h = static_cast<int>(hd);
@@ -321,8 +362,21 @@ void attention(cudaStream_t stream, int64_t B, int64_t T, int64_t Hq, int64_t Hk
     return;
   }
   const dim3 grid(static_cast<unsigned>(B * T), static_cast<unsigned>(Hq));
-  attention_kernel<<<grid, kWarps * 32, 0, stream>>>(T, Hq, Hkv, static_cast<int>(hd), q, ldq, k_cache, v_cache, S_cap,
-                                                     start, key_mask, scale, out, ldo);
+  attention_kernel<E><<<grid, kWarps * 32, 0, stream>>>(T, Hq, Hkv, static_cast<int>(hd), q, ldq, k_cache, v_cache,
+                                                        S_cap, start, key_mask, scale, out, ldo);
   QLORA_CUDA_CHECK_LAUNCH("attention");
+}
+}  // namespace
+
+void attention(cudaStream_t stream, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+               int64_t ldq, const float* k_cache, const float* v_cache, int64_t S_cap, int64_t start,
+               const int32_t* key_mask, float scale, float* out, int64_t ldo) {
+  attention_impl(stream, B, T, Hq, Hkv, hd, q, ldq, k_cache, v_cache, S_cap, start, key_mask, scale, out, ldo);
+}
+
+void attention_kv_bf16(cudaStream_t stream, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+                       int64_t ldq, const uint16_t* k_cache, const uint16_t* v_cache, int64_t S_cap, int64_t start,
+                       const int32_t* key_mask, float scale, float* out, int64_t ldo) {
+  attention_impl(stream, B, T, Hq, Hkv, hd, q, ldq, k_cache, v_cache, S_cap, start, key_mask, scale, out, ldo);
 }
 }  // namespace qlora::cuda

@@ -19,5 +19,9 @@ constexpr int64_t kFlashMinT = 16;
 void attention(cudaStream_t stream, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
                int64_t ldq, const float* k_cache, const float* v_cache, int64_t S_cap, int64_t start,
                const int32_t* key_mask, float scale, float* out, int64_t ldo);
+// Backend::attention_kv_bf16: the same over bf16 caches (bit patterns), each element widened exactly.
+void attention_kv_bf16(cudaStream_t stream, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+                       int64_t ldq, const uint16_t* k_cache, const uint16_t* v_cache, int64_t S_cap, int64_t start,
+                       const int32_t* key_mask, float scale, float* out, int64_t ldo);
 
 }  // namespace qlora::cuda

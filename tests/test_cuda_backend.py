@@ -390,7 +390,8 @@ def test_bf16_training_pass_cuda(tmp_path, rng):
     ids, mask, labels = batch(rng, cfg["vocab_size"], B=3, T=16)
     loss32, g32 = engine_pass(cpu, ids, mask, labels)
 
-    gpu = qlora_native.Model.from_pretrained(cpu.name_or_path, quantize="nf4", backend="cuda", tokenizer=None)
+    gpu = qlora_native.Model.from_pretrained(cpu.name_or_path, quantize="nf4", backend="cuda", tokenizer=None,
+                                             compute_dtype="float32")  # CUDA's default is bf16 on sm_80+
     gpu.add_adapter("a", qlora_native.LoraConfig(lora_dropout=0.0, **LORA))
     gpu.set_adapter_state_dict("a", state)
     gpu.set_active_adapter("a")
@@ -745,7 +746,8 @@ def test_tiny_model_device_matches_cpu(tmp_path, rng, quantize, device):
     _be(device)
     path, cfg, _ = make_checkpoint(tmp_path, rng, vocab=97, hidden=64, inter=96, layers=2, heads=4, kv_heads=2)
     cpu = qlora_native.Model.from_pretrained(path, quantize=quantize, backend="cpu", tokenizer=None)
-    gpu = qlora_native.Model.from_pretrained(path, quantize=quantize, backend=device, tokenizer=None)
+    gpu = qlora_native.Model.from_pretrained(path, quantize=quantize, backend=device, tokenizer=None,
+                                             compute_dtype="float32")  # CUDA's default is bf16 on sm_80+
     ids = rng.integers(1, 97, size=(2, 11)).astype(np.int32)
     mask = np.ones_like(ids)
     mask[1, :3] = 0  # left padding

@@ -199,6 +199,9 @@ class Backend {
   // without bf16 units keep has_bf16_compute() false and these defaults run the fp32 ops (the
   // model then warns once and computes in fp32).
   virtual bool has_bf16_compute() const { return false; }
+  // The compute dtype a new model on this backend starts with: bf16 where bf16 is the fast path
+  // and the usual QLoRA choice (CUDA sm_80+), fp32 elsewhere (CPU: the parity mode stays default).
+  virtual bool default_compute_bf16() const { return false; }
   virtual void gemm_nt_bf16(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                             const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
     gemm_nt(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
@@ -266,6 +269,19 @@ class Backend {
   virtual void kv_write(int64_t B, int64_t T, int64_t H, int64_t hd, const float* x, int64_t ldx, float* cache,
                         int64_t S_cap, int64_t start) {
     not_implemented("kv_write");
+  }
+  // kv_write into a bf16 cache (uint16 bit patterns, [B, H, S_cap, hd]): each element rounded to
+  // bf16 (round-to-nearest-even, as the bf16 GEMMs round). The KV cache of compute_dtype="bfloat16".
+  virtual void kv_write_bf16(int64_t B, int64_t T, int64_t H, int64_t hd, const float* x, int64_t ldx,
+                             uint16_t* cache, int64_t S_cap, int64_t start) {
+    not_implemented("kv_write_bf16");
+  }
+  // attention (below) over bf16 k/v caches: each cached element widened exactly to fp32 as it is
+  // read, everything else (scores, softmax, P·V, output) fp32 as in attention.
+  virtual void attention_kv_bf16(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+                                 int64_t ldq, const uint16_t* k_cache, const uint16_t* v_cache, int64_t S_cap,
+                                 int64_t start, const int32_t* key_mask, float scale, float* out, int64_t ldo) {
+    not_implemented("attention_kv_bf16");
   }
   // Causal grouped-query attention over a KV cache. q[B*T, Hq*hd] (row stride ldq); query t of
   // row b sits in slot start+t and attends to slots s <= start+t with key_mask[b*S_cap + s] != 0

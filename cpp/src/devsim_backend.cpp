@@ -12,7 +12,8 @@ namespace qlora {
 const std::vector<std::string>& cuda_kernel_ops() {
   static const std::vector<std::string> ops = {"q8_0_gemm_nt", "q8_0_rows", "embedding", "rmsnorm",
                                                "add_inplace", "add_bias", "rope", "swiglu",
-                                               "kv_write", "attention", "rope_backward", "cross_entropy_rows",
+                                               "kv_write", "attention", "kv_write_bf16", "attention_kv_bf16",
+                                               "rope_backward", "cross_entropy_rows",
                                                "adamw_update", "sum_squares", "scale_inplace", "find_nonfinite",
                                                "rmsnorm_backward", "swiglu_backward", "attention_train",
                                                "attention_train_backward", "lora_dropout", "lora_dropout_backward"};
@@ -89,6 +90,39 @@ class DevsimBackend final : public Backend {
     c_.nf4_gemm_nn(M, alpha, dY, lddy, W, beta, dX, lddx);
   }
   void nf4_dequantize(const Nf4Ref& W, float* out) override { c_.nf4_dequantize(W, out); }
+
+  // bf16 compute as CUDA sm_80+ has it (the five GEMMs, the bf16 KV cache) where the CPU has it;
+  // fp32 by default as on the CPU, so devsim stays bit-identical to "cpu" unless bf16 is asked for.
+  bool has_bf16_compute() const override { return c_.has_bf16_compute(); }
+  void gemm_nt_bf16(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
+                    int64_t ldb, float beta, float* C, int64_t ldc) override {
+    c_.gemm_nt_bf16(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+  void gemm_nn_bf16(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
+                    int64_t ldb, float beta, float* C, int64_t ldc) override {
+    c_.gemm_nn_bf16(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+  void gemm_tn_bf16(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
+                    int64_t ldb, float beta, float* C, int64_t ldc) override {
+    c_.gemm_tn_bf16(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+  void nf4_gemm_nt_bf16(int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W, float beta, float* Y,
+                        int64_t ldy) override {
+    c_.nf4_gemm_nt_bf16(M, alpha, X, ldx, W, beta, Y, ldy);
+  }
+  void nf4_gemm_nn_bf16(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W, float beta, float* dX,
+                        int64_t lddx) override {
+    c_.nf4_gemm_nn_bf16(M, alpha, dY, lddy, W, beta, dX, lddx);
+  }
+  void kv_write_bf16(int64_t B, int64_t T, int64_t H, int64_t hd, const float* x, int64_t ldx, uint16_t* cache,
+                     int64_t S_cap, int64_t start) override {
+    c_.kv_write_bf16(B, T, H, hd, x, ldx, cache, S_cap, start);
+  }
+  void attention_kv_bf16(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q, int64_t ldq,
+                         const uint16_t* k, const uint16_t* v, int64_t S_cap, int64_t start, const int32_t* key_mask,
+                         float scale, float* out, int64_t ldo) override {
+    c_.attention_kv_bf16(B, T, Hq, Hkv, hd, q, ldq, k, v, S_cap, start, key_mask, scale, out, ldo);
+  }
 
   void q8_0_gemm_nt(int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const void* W, float* Y,
                     int64_t ldy) override {

@@ -150,6 +150,21 @@ void bind_backend_op(py::module_& m) {
                          f("v_cache", B * Hkv * S * hd), S, st, i32("key_mask", B * S), F("scale"),
                          f("out", span(B * T, Hq * hd, ldo)), ldo);
             outs = {"out"};
+          } else if (op == "kv_write_bf16") {  // cache: uint16 (bf16 bit patterns)
+            const int64_t B = I("B"), T = I("T"), H = I("H"), hd = I("hd"), ldx = I("ldx"), S = I("S_cap"), st = I("start");
+            check_arg(st + T <= S, "backend_op kv_write_bf16: start + T > S_cap");
+            be.kv_write_bf16(B, T, H, hd, f("x", span(B * T, H * hd, ldx)), ldx,
+                             static_cast<uint16_t*>(A("cache", B * H * S * hd, 2)), S, st);
+            outs = {"cache"};
+          } else if (op == "attention_kv_bf16") {
+            const int64_t B = I("B"), T = I("T"), Hq = I("Hq"), Hkv = I("Hkv"), hd = I("hd"), ldq = I("ldq"),
+                          S = I("S_cap"), st = I("start"), ldo = I("ldo");
+            check_arg(st + T <= S && Hkv >= 1 && Hq % Hkv == 0, "backend_op attention_kv_bf16: bad shape arguments");
+            be.attention_kv_bf16(B, T, Hq, Hkv, hd, f("q", span(B * T, Hq * hd, ldq)), ldq,
+                                 static_cast<const uint16_t*>(A("k_cache", B * Hkv * S * hd, 2)),
+                                 static_cast<const uint16_t*>(A("v_cache", B * Hkv * S * hd, 2)), S, st,
+                                 i32("key_mask", B * S), F("scale"), f("out", span(B * T, Hq * hd, ldo)), ldo);
+            outs = {"out"};
           } else if (op == "rmsnorm_backward") {
             const int64_t M = I("M"), D = I("D");
             be.rmsnorm_backward(M, D, f("x", M * D), f("w", D), F("eps"), f("dy", M * D), f("dx", M * D));

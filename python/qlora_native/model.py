@@ -112,15 +112,17 @@ class Model(LoraModelMixin):
         blocksize: int = 64,
         backend: str = "cpu",
         tokenizer="auto",
-        compute_dtype: str = "float32",
+        compute_dtype: str | None = None,
     ) -> "Model":
         """Loads an HF checkpoint directory (config.json + safetensors) or a .gguf file.
 
         quantize: "nf4" (bitsandbytes layout, blocksize, double_quant) or None (fp32).
         tokenizer: "auto" attaches qlora_native.Tokenizer when the checkpoint has one
         (tokenizer.json / tokenizer.model / GGUF vocabulary), else None; or pass one (or None).
-        compute_dtype: of the training passes, "float32" (default) or "bfloat16" (see Model.compute_dtype)."""
-        _check_compute_dtype(compute_dtype)
+        compute_dtype: "float32" or "bfloat16" for every pass (see Model.compute_dtype); None (default): the
+        backend's default, "bfloat16" on a CUDA GPU with bf16 tensor cores (sm_80+), else "float32"."""
+        if compute_dtype is not None:
+            _check_compute_dtype(compute_dtype)
         path = os.fspath(path)
         if not os.path.isfile(path):  # a directory, or one whose killed save left it renamed away
             from . import atomic_io
@@ -168,7 +170,7 @@ class Model(LoraModelMixin):
                 raise type(e)(f"{path}: {e}") from None
         model = cls(config, core, tokenizer)
         model.name_or_path = path
-        if compute_dtype != "float32":
+        if compute_dtype is not None:
             model._set_compute_dtype(compute_dtype, stacklevel=4)
         return model
 
@@ -456,13 +458,16 @@ class Model(LoraModelMixin):
 
     @property
     def compute_dtype(self) -> str:
-        """dtype the training passes (forward_backward, eval_loss) compute in: "float32" (default, the
-        parity mode) or "bfloat16" (bitsandbytes' bnb_4bit_compute_dtype=torch.bfloat16): NF4 weights
-        decoded to bf16, activations and gradients rounded to bf16 as they enter the base projections
-        and the lm_head, fp32 accumulation; LoRA factors, their gradients and AdamW state stay fp32.
-        Needs bf16 units (AVX512-BF16: Zen 4+, Intel Cooper Lake / Sapphire Rapids+); elsewhere setting
-        "bfloat16" warns and the model keeps computing in float32 (this property then reads "float32").
-        Generation and model(...) logits always compute in float32."""
+        """dtype every pass computes in (model(...) logits, generation, forward_backward, eval_loss):
+        "float32" (the parity mode; the default on the CPU) or "bfloat16" (bitsandbytes'
+        bnb_4bit_compute_dtype=torch.bfloat16; the default on CUDA sm_80+): NF4 weights decoded to bf16,
+        activations and gradients rounded to bf16 as they enter the base projections and the lm_head,
+        fp32 accumulation, and the KV cache of model(...) and generation stored in bf16 (half the bytes);
+        LoRA factors and terms, their gradients, AdamW state, norms, softmax and the residual stream stay
+        fp32. A generation already started keeps the dtype it started with.
+        Needs bf16 units (AVX512-BF16: Zen 4+, Intel Cooper Lake / Sapphire Rapids+; CUDA sm_80+);
+        elsewhere setting "bfloat16" warns and the model keeps computing in float32 (this property then
+        reads "float32")."""
         return "bfloat16" if self._core.bf16_compute_active else "float32"
 
     @compute_dtype.setter

@@ -34,4 +34,15 @@ void attn_block_avx2(int64_t R, int64_t hd, const float* Qp, const float* K, con
 void attn_block_avx512(int64_t R, int64_t hd, const float* Qp, const float* K, const float* V, const int32_t* km,
                        const int64_t* n_vis, float* S, int64_t lds, float* O);
 
+// The same over a bf16 cache (K, V: bf16 bit patterns), each element widened exactly to fp32 as it
+// is loaded; everything else (scores, softmax, accumulation) as the fp32 kernels.
+using AttnBlockBf16Fn = void (*)(int64_t R, int64_t hd, const float* Qp, const uint16_t* K, const uint16_t* V,
+                                 const int32_t* km, const int64_t* n_vis, float* S, int64_t lds, float* O);
+void attn_block_generic_bf16(int64_t R, int64_t hd, const float* Qp, const uint16_t* K, const uint16_t* V,
+                             const int32_t* km, const int64_t* n_vis, float* S, int64_t lds, float* O);
+void attn_block_avx2_bf16(int64_t R, int64_t hd, const float* Qp, const uint16_t* K, const uint16_t* V,
+                          const int32_t* km, const int64_t* n_vis, float* S, int64_t lds, float* O);
+void attn_block_avx512_bf16(int64_t R, int64_t hd, const float* Qp, const uint16_t* K, const uint16_t* V,
+                            const int32_t* km, const int64_t* n_vis, float* S, int64_t lds, float* O);
+
 }  // namespace qlora::cpu::attn_k

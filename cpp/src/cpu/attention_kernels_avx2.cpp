@@ -25,6 +25,21 @@ __m256i lane_mask(int64_t n) {  // first n of 8 lanes all-ones (n clamped to [0,
 
 __m256 neg_inf() { return _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0xFF800000u))); }
 
+// 8 K/V elements as fp32: fp32 rows as they are, bf16 rows (uint16 bit patterns) widened exactly
+// (the bf16 bits are the high half of the fp32). ldm: only the lanes of m (a lane_mask prefix),
+// nothing read past them (AVX2 has no 16-bit masked load: a tail goes through a zeroed buffer).
+__m256 ld(const float* p) { return _mm256_loadu_ps(p); }
+__m256 ld(const uint16_t* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+__m256 ldm(__m256i m, const float* p) { return _mm256_maskload_ps(p, m); }
+__m256 ldm(__m256i m, const uint16_t* p) {
+  alignas(16) uint16_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  std::memcpy(buf, p, sizeof(uint16_t) * __builtin_popcount(_mm256_movemask_ps(_mm256_castsi256_ps(m))));
+  return ld(buf);
+}
+
 // 2^x for x <= 0: same method and error as the AVX-512 exp2_nonpos (< 1 ulp; lanes below -126 give
 // 2^-126, callers zero the lanes of invisible keys).
 __m256 exp2_nonpos(__m256 x) {
@@ -56,8 +71,8 @@ float hmax(__m256 v) {
 }
 
 // Lane j = q · K[j] (rows of hd floats) for j < nk (kFull: nk = 8); other lanes 0.
-template <bool kFull>
-__m256 dot8(const float* q, const float* K, int64_t hd, int nk) {
+template <bool kFull, class T>
+__m256 dot8(const float* q, const T* K, int64_t hd, int nk) {
   __m256 a[8];
 #pragma GCC unroll 8
   for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
@@ -66,14 +81,14 @@ __m256 dot8(const float* q, const float* K, int64_t hd, int nk) {
     const __m256 qv = _mm256_loadu_ps(q + i);
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j)
-      if (kFull || j < nk) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + j * hd + i), a[j]);
+      if (kFull || j < nk) a[j] = _mm256_fmadd_ps(qv, ld(K + j * hd + i), a[j]);
   }
   if (i < hd) {  // head_dim tail: masked loads (no fault past the row)
     const __m256i m = lane_mask(hd - i);
     const __m256 qv = _mm256_maskload_ps(q + i, m);
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j)
-      if (kFull || j < nk) a[j] = _mm256_fmadd_ps(qv, _mm256_maskload_ps(K + j * hd + i, m), a[j]);
+      if (kFull || j < nk) a[j] = _mm256_fmadd_ps(qv, ldm(m, K + j * hd + i), a[j]);
   }
   // hadd tree: t0 = [a0..a3 sums of the low 128 bits | same of the high 128 bits], t1 for a4..a7.
   const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
@@ -83,8 +98,8 @@ __m256 dot8(const float* q, const float* K, int64_t hd, int nk) {
 
 // O[r, 0 : 8*NV] (row stride ldo; last vector masked by `last`) += sum_{s0 <= s < s1} P[r, s] V[s, :]
 // for NR rows; P row stride lds, V row stride ldv.
-template <int NR, int NV>
-void vacc(const float* P, int64_t lds, const float* V, int64_t ldv, int64_t s0, int64_t s1, float* O, int64_t ldo,
+template <int NR, int NV, class T>
+void vacc(const float* P, int64_t lds, const T* V, int64_t ldv, int64_t s0, int64_t s1, float* O, int64_t ldo,
           __m256i last) {
   __m256 acc[NR][NV];
 #pragma GCC unroll 4
@@ -93,11 +108,10 @@ void vacc(const float* P, int64_t lds, const float* V, int64_t ldv, int64_t s0, 
     for (int c = 0; c < NV; ++c)
       acc[r][c] = c == NV - 1 ? _mm256_maskload_ps(O + r * ldo + 8 * c, last) : _mm256_loadu_ps(O + r * ldo + 8 * c);
   for (int64_t s = s0; s < s1; ++s) {
-    const float* vs = V + s * ldv;
+    const T* vs = V + s * ldv;
     __m256 vv[NV];
 #pragma GCC unroll 2
-    for (int c = 0; c < NV; ++c)
-      vv[c] = c == NV - 1 ? _mm256_maskload_ps(vs + 8 * c, last) : _mm256_loadu_ps(vs + 8 * c);
+    for (int c = 0; c < NV; ++c) vv[c] = c == NV - 1 ? ldm(last, vs + 8 * c) : ld(vs + 8 * c);
 #pragma GCC unroll 4
     for (int r = 0; r < NR; ++r) {
       const __m256 w = _mm256_broadcast_ss(P + r * lds + s);
@@ -116,13 +130,16 @@ void vacc(const float* P, int64_t lds, const float* V, int64_t ldv, int64_t s0, 
     }
 }
 
-using VaccFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t, __m256i);
-constexpr VaccFn kVacc[4][2] = {{vacc<1, 1>, vacc<1, 2>}, {vacc<2, 1>, vacc<2, 2>},
-                                {vacc<3, 1>, vacc<3, 2>}, {vacc<4, 1>, vacc<4, 2>}};
-}  // namespace
+template <class T>
+using VaccFn = void (*)(const float*, int64_t, const T*, int64_t, int64_t, int64_t, float*, int64_t, __m256i);
+template <class T>
+constexpr VaccFn<T> kVacc[4][2] = {{vacc<1, 1, T>, vacc<1, 2, T>}, {vacc<2, 1, T>, vacc<2, 2, T>},
+                                   {vacc<3, 1, T>, vacc<3, 2, T>}, {vacc<4, 1, T>, vacc<4, 2, T>}};
 
-void attn_block_avx2(int64_t R, int64_t hd, const float* Qp, const float* K, const float* V, const int32_t* km,
-                     const int64_t* n_vis, float* S, int64_t lds, float* O) {
+// T = float (fp32 cache) or uint16_t (bf16 cache, widened on load).
+template <class T>
+void attn_block(int64_t R, int64_t hd, const float* Qp, const T* K, const T* V, const int32_t* km,
+                const int64_t* n_vis, float* S, int64_t lds, float* O) {
   int64_t n_max = 0;
   for (int64_t r = 0; r < R; ++r) n_max = n_vis[r] > n_max ? n_vis[r] : n_max;
   const int64_t n_pad = (n_max + 15) / 16 * 16;
@@ -133,11 +150,11 @@ void attn_block_avx2(int64_t R, int64_t hd, const float* Qp, const float* K, con
   for (int64_t s0 = 0; s0 < n_max; s0 += 8) {
     const __m256i in = lane_mask(n_max - s0);
     const __m256i koff = _mm256_cmpeq_epi32(_mm256_maskload_epi32(km + s0, in), _mm256_setzero_si256());
-    const float* Kb = K + s0 * hd;
+    const T* Kb = K + s0 * hd;
     // Decode streams K and V from DRAM: fetching this slab's V rows (read in step 3) now keeps
     // more misses in flight; skipped when V would not stay in L2 meanwhile.
     if (pf_v)
-      for (int64_t i = s0 * hd; i < (s0 + 8) * hd && i < n_max * hd; i += 16)
+      for (int64_t i = s0 * hd; i < (s0 + 8) * hd && i < n_max * hd; i += 64 / sizeof(T))
         _mm_prefetch(reinterpret_cast<const char*>(V + i), _MM_HINT_T1);
     for (int64_t r = 0; r < R; ++r) {
       const int64_t nr = n_vis[r] - s0;
@@ -190,7 +207,7 @@ void attn_block_avx2(int64_t R, int64_t hd, const float* Qp, const float* K, con
       if (ke <= kb) continue;
       for (int64_t c0 = 0; c0 < hd; c0 += 16) {
         const int64_t nc = hd - c0 < 16 ? hd - c0 : 16, nv = (nc + 7) / 8;
-        kVacc[nrw - 1][nv - 1](S + r0 * lds, lds, V + c0, hd, kb, ke, O + r0 * hd + c0, hd,
+        kVacc<T>[nrw - 1][nv - 1](S + r0 * lds, lds, V + c0, hd, kb, ke, O + r0 * hd + c0, hd,
                                lane_mask(nc - 8 * (nv - 1)));
       }
     }
@@ -203,6 +220,16 @@ void attn_block_avx2(int64_t R, int64_t hd, const float* Qp, const float* K, con
       _mm256_maskstore_ps(o + i, m, _mm256_mul_ps(_mm256_maskload_ps(o + i, m), iv));
     }
   }
+}
+}  // namespace
+
+void attn_block_avx2(int64_t R, int64_t hd, const float* Qp, const float* K, const float* V, const int32_t* km,
+                     const int64_t* n_vis, float* S, int64_t lds, float* O) {
+  attn_block<float>(R, hd, Qp, K, V, km, n_vis, S, lds, O);
+}
+void attn_block_avx2_bf16(int64_t R, int64_t hd, const float* Qp, const uint16_t* K, const uint16_t* V,
+                          const int32_t* km, const int64_t* n_vis, float* S, int64_t lds, float* O) {
+  attn_block<uint16_t>(R, hd, Qp, K, V, km, n_vis, S, lds, O);
 }
 
 }  // namespace qlora::cpu::attn_k

@@ -30,6 +30,18 @@ __mmask16 lane_mask(int64_t n) {  // first n of 16 lanes (n clamped to [0, 16])
 
 __m512 neg_inf() { return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0xFF800000u))); }
 
+// 16 K/V elements as fp32: fp32 rows as they are, bf16 rows (uint16 bit patterns) widened exactly
+// (the bf16 bits are the high half of the fp32). ldm: the first lanes of m only, no fault past them.
+__m512 ld(const float* p) { return _mm512_loadu_ps(p); }
+__m512 ld(const uint16_t* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+__m512 ldm(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+__m512 ldm(__mmask16 m, const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
 // 2^x for x <= 0; lanes below -126 give 2^-126 (callers zero the lanes of invisible keys).
 // x = n + f with n = round(x), |f| <= 1/2 (f exact); 2^f = exp(f ln2) by its degree-7 Taylor
 // polynomial (truncation < 8e-9 relative, < 0.1 ulp), Horner with FMA (fp32 coefficients);
@@ -70,8 +82,8 @@ __m512 reduce16(const __m512* a) {
 }
 
 // Lane j = q · K[j] (rows of hd floats) for j < nk (kFull: nk = 16); other lanes 0.
-template <bool kFull>
-__m512 dot16(const float* q, const float* K, int64_t hd, int nk) {
+template <bool kFull, class T>
+__m512 dot16(const float* q, const T* K, int64_t hd, int nk) {
   __m512 a[16];
 #pragma GCC unroll 16
   for (int j = 0; j < 16; ++j) a[j] = _mm512_setzero_ps();
@@ -80,22 +92,22 @@ __m512 dot16(const float* q, const float* K, int64_t hd, int nk) {
     const __m512 qv = _mm512_loadu_ps(q + i);
 #pragma GCC unroll 16
     for (int j = 0; j < 16; ++j)
-      if (kFull || j < nk) a[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(K + j * hd + i), a[j]);
+      if (kFull || j < nk) a[j] = _mm512_fmadd_ps(qv, ld(K + j * hd + i), a[j]);
   }
   if (i < hd) {  // head_dim tail: masked loads (no fault past the row)
     const __mmask16 m = lane_mask(hd - i);
     const __m512 qv = _mm512_maskz_loadu_ps(m, q + i);
 #pragma GCC unroll 16
     for (int j = 0; j < 16; ++j)
-      if (kFull || j < nk) a[j] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, K + j * hd + i), a[j]);
+      if (kFull || j < nk) a[j] = _mm512_fmadd_ps(qv, ldm(m, K + j * hd + i), a[j]);
   }
   return reduce16(a);
 }
 
 // O[r, 0 : 16*NV] (row stride ldo; last vector masked by `last`) += sum_{s0 <= s < s1} P[r, s] V[s, :]
 // for NR rows; P row stride lds, V row stride ldv.
-template <int NR, int NV>
-void vacc(const float* P, int64_t lds, const float* V, int64_t ldv, int64_t s0, int64_t s1, float* O, int64_t ldo,
+template <int NR, int NV, class T>
+void vacc(const float* P, int64_t lds, const T* V, int64_t ldv, int64_t s0, int64_t s1, float* O, int64_t ldo,
           __mmask16 last) {
   __m512 acc[NR][NV];
 #pragma GCC unroll 4
@@ -105,11 +117,10 @@ void vacc(const float* P, int64_t lds, const float* V, int64_t ldv, int64_t s0, 
       acc[r][c] = c == NV - 1 ? _mm512_maskz_loadu_ps(last, O + r * ldo + 16 * c)
                               : _mm512_loadu_ps(O + r * ldo + 16 * c);
   for (int64_t s = s0; s < s1; ++s) {
-    const float* vs = V + s * ldv;
+    const T* vs = V + s * ldv;
     __m512 vv[NV];
 #pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c)
-      vv[c] = c == NV - 1 ? _mm512_maskz_loadu_ps(last, vs + 16 * c) : _mm512_loadu_ps(vs + 16 * c);
+    for (int c = 0; c < NV; ++c) vv[c] = c == NV - 1 ? ldm(last, vs + 16 * c) : ld(vs + 16 * c);
 #pragma GCC unroll 4
     for (int r = 0; r < NR; ++r) {
       const __m512 w = _mm512_set1_ps(P[r * lds + s]);
@@ -128,15 +139,18 @@ void vacc(const float* P, int64_t lds, const float* V, int64_t ldv, int64_t s0, 
     }
 }
 
-using VaccFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t, __mmask16);
-constexpr VaccFn kVacc[4][4] = {{vacc<1, 1>, vacc<1, 2>, vacc<1, 3>, vacc<1, 4>},
-                                {vacc<2, 1>, vacc<2, 2>, vacc<2, 3>, vacc<2, 4>},
-                                {vacc<3, 1>, vacc<3, 2>, vacc<3, 3>, vacc<3, 4>},
-                                {vacc<4, 1>, vacc<4, 2>, vacc<4, 3>, vacc<4, 4>}};
-}  // namespace
+template <class T>
+using VaccFn = void (*)(const float*, int64_t, const T*, int64_t, int64_t, int64_t, float*, int64_t, __mmask16);
+template <class T>
+constexpr VaccFn<T> kVacc[4][4] = {{vacc<1, 1, T>, vacc<1, 2, T>, vacc<1, 3, T>, vacc<1, 4, T>},
+                                   {vacc<2, 1, T>, vacc<2, 2, T>, vacc<2, 3, T>, vacc<2, 4, T>},
+                                   {vacc<3, 1, T>, vacc<3, 2, T>, vacc<3, 3, T>, vacc<3, 4, T>},
+                                   {vacc<4, 1, T>, vacc<4, 2, T>, vacc<4, 3, T>, vacc<4, 4, T>}};
 
-void attn_block_avx512(int64_t R, int64_t hd, const float* Qp, const float* K, const float* V, const int32_t* km,
-                       const int64_t* n_vis, float* S, int64_t lds, float* O) {
+// T = float (fp32 cache) or uint16_t (bf16 cache, widened on load).
+template <class T>
+void attn_block(int64_t R, int64_t hd, const float* Qp, const T* K, const T* V, const int32_t* km,
+                const int64_t* n_vis, float* S, int64_t lds, float* O) {
   int64_t n_max = 0;
   for (int64_t r = 0; r < R; ++r) n_max = n_vis[r] > n_max ? n_vis[r] : n_max;
   const int64_t n_pad = (n_max + 15) / 16 * 16;
@@ -148,11 +162,11 @@ void attn_block_avx512(int64_t R, int64_t hd, const float* Qp, const float* K, c
     const __mmask16 in = lane_mask(n_max - s0);
     const __mmask16 kon =
         _mm512_mask_cmpneq_epi32_mask(in, _mm512_maskz_loadu_epi32(in, km + s0), _mm512_setzero_si512());
-    const float* Kb = K + s0 * hd;
+    const T* Kb = K + s0 * hd;
     // Decode streams K and V from DRAM: fetching this slab's V rows (read in step 3) now keeps
     // more misses in flight (~10% per decode step); skipped when V would not stay in L2 meanwhile.
     if (pf_v)
-      for (int64_t i = s0 * hd; i < (s0 + 16) * hd && i < n_max * hd; i += 16)
+      for (int64_t i = s0 * hd; i < (s0 + 16) * hd && i < n_max * hd; i += 64 / sizeof(T))
         _mm_prefetch(reinterpret_cast<const char*>(V + i), _MM_HINT_T1);
     for (int64_t r = 0; r < R; ++r) {
       const int64_t nr = n_vis[r] - s0;
@@ -204,7 +218,7 @@ void attn_block_avx512(int64_t R, int64_t hd, const float* Qp, const float* K, c
       if (ke <= kb) continue;
       for (int64_t c0 = 0; c0 < hd; c0 += 64) {
         const int64_t nc = hd - c0 < 64 ? hd - c0 : 64, nv = (nc + 15) / 16;
-        kVacc[nrw - 1][nv - 1](S + r0 * lds, lds, V + c0, hd, kb, ke, O + r0 * hd + c0, hd,
+        kVacc<T>[nrw - 1][nv - 1](S + r0 * lds, lds, V + c0, hd, kb, ke, O + r0 * hd + c0, hd,
                                lane_mask(nc - 16 * (nv - 1)));
       }
     }
@@ -217,6 +231,16 @@ void attn_block_avx512(int64_t R, int64_t hd, const float* Qp, const float* K, c
       _mm512_mask_storeu_ps(o + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, o + i), iv));
     }
   }
+}
+}  // namespace
+
+void attn_block_avx512(int64_t R, int64_t hd, const float* Qp, const float* K, const float* V, const int32_t* km,
+                       const int64_t* n_vis, float* S, int64_t lds, float* O) {
+  attn_block<float>(R, hd, Qp, K, V, km, n_vis, S, lds, O);
+}
+void attn_block_avx512_bf16(int64_t R, int64_t hd, const float* Qp, const uint16_t* K, const uint16_t* V,
+                            const int32_t* km, const int64_t* n_vis, float* S, int64_t lds, float* O) {
+  attn_block<uint16_t>(R, hd, Qp, K, V, km, n_vis, S, lds, O);
 }
 
 }  // namespace qlora::cpu::attn_k

@@ -13,19 +13,30 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // 8 independent partial sums: vectorizable without -ffast-math.
-float dot(const float* a, const float* b, int64_t n) {
+// A K/V element as fp32: bf16 (uint16 bit pattern) widened exactly.
+inline float wide(float x) { return x; }
+inline float wide(uint16_t x) {
+  const uint32_t b = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+template <class T>
+float dot(const float* a, const T* b, int64_t n) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * wide(b[i + j]);
   float d = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; i < n; ++i) d += a[i] * b[i];
+  for (; i < n; ++i) d += a[i] * wide(b[i]);
   return d;
 }
-}  // namespace
 
-void attn_block_generic(int64_t R, int64_t hd, const float* Qp, const float* K, const float* V, const int32_t* km,
-                        const int64_t* n_vis, float* S, int64_t lds, float* O) {
+// T = float (fp32 cache) or uint16_t (bf16 cache, widened on load).
+template <class T>
+void attn_block(int64_t R, int64_t hd, const float* Qp, const T* K, const T* V, const int32_t* km,
+                const int64_t* n_vis, float* S, int64_t lds, float* O) {
   const int64_t n_max = *std::max_element(n_vis, n_vis + R);
   float inv[kMaxRows];  // [R] 1 / denominator, 0 for a row that sees no key
   for (int64_t r = 0; r < R; ++r) {
@@ -47,16 +58,26 @@ void attn_block_generic(int64_t R, int64_t hd, const float* Qp, const float* K, 
   }
   std::fill(O, O + R * hd, 0.0f);
   for (int64_t s = 0; s < n_max; ++s) {  // each V row read once for the block
-    const float* vs = V + s * hd;
+    const T* vs = V + s * hd;
     for (int64_t r = 0; r < R; ++r) {
       const float p = S[r * lds + s];
       if (p == 0.0f) continue;
       float* o = O + r * hd;
-      for (int64_t i = 0; i < hd; ++i) o[i] += p * vs[i];
+      for (int64_t i = 0; i < hd; ++i) o[i] += p * wide(vs[i]);
     }
   }
   for (int64_t r = 0; r < R; ++r)
     for (int64_t i = 0; i < hd; ++i) O[r * hd + i] *= inv[r];
+}
+}  // namespace
+
+void attn_block_generic(int64_t R, int64_t hd, const float* Qp, const float* K, const float* V, const int32_t* km,
+                        const int64_t* n_vis, float* S, int64_t lds, float* O) {
+  attn_block<float>(R, hd, Qp, K, V, km, n_vis, S, lds, O);
+}
+void attn_block_generic_bf16(int64_t R, int64_t hd, const float* Qp, const uint16_t* K, const uint16_t* V,
+                             const int32_t* km, const int64_t* n_vis, float* S, int64_t lds, float* O) {
+  attn_block<uint16_t>(R, hd, Qp, K, V, km, n_vis, S, lds, O);
 }
 
 }  // namespace qlora::cpu::attn_k

@@ -90,6 +90,12 @@ class CpuBackend final : public Backend {
   void attention(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q, int64_t ldq,
                  const float* k_cache, const float* v_cache, int64_t S_cap, int64_t start, const int32_t* key_mask,
                  float scale, float* out, int64_t ldo) override;
+  // The bf16 KV cache (cpu_backend_bf16.cpp), at every SIMD level.
+  void kv_write_bf16(int64_t B, int64_t T, int64_t H, int64_t hd, const float* x, int64_t ldx, uint16_t* cache,
+                     int64_t S_cap, int64_t start) override;
+  void attention_kv_bf16(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q, int64_t ldq,
+                         const uint16_t* k_cache, const uint16_t* v_cache, int64_t S_cap, int64_t start,
+                         const int32_t* key_mask, float scale, float* out, int64_t ldo) override;
 
   // Training ops (cpu/ops_backward.hpp).
   void rmsnorm_backward(int64_t M, int64_t D, const float* x, const float* w, float eps, const float* dy,

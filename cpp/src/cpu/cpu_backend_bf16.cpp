@@ -5,6 +5,7 @@
 #include "cpu/cpu_backend.hpp"
 #include "cpu/gemm_bf16.hpp"
 #include "cpu/ops_backward.hpp"
+#include "cpu/ops_model.hpp"
 
 #if __has_include("cpu/profile.hpp")
 #include "cpu/profile.hpp"
@@ -48,6 +49,19 @@ void CpuBackend::nf4_gemm_nn_bf16(int64_t M, float alpha, const float* dY, int64
                                   float* dX, int64_t lddx) {
   QLORA_BF16_SCOPE(Nf4Bwd, "nf4_gemm_nn_bf16", 2 * d(M) * d(W.rows) * d(W.cols), nf4_bytes(M, W), M, W.cols, W.rows);
   cpu::nf4_gemm_nn_bf16(level(), M, alpha, dY, lddy, W, beta, dX, lddx);
+}
+
+void CpuBackend::kv_write_bf16(int64_t B, int64_t T, int64_t H, int64_t hd, const float* x, int64_t ldx,
+                               uint16_t* cache, int64_t S_cap, int64_t start) {
+  QLORA_BF16_SCOPE(Other, "kv_write_bf16", 0, 6 * d(B) * d(T) * d(H) * d(hd), B * T, H, hd);
+  ops::kv_write_bf16(B, T, H, hd, x, ldx, cache, S_cap, start);
+}
+void CpuBackend::attention_kv_bf16(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+                                   int64_t ldq, const uint16_t* k_cache, const uint16_t* v_cache, int64_t S_cap,
+                                   int64_t start, const int32_t* key_mask, float scale, float* out, int64_t ldo) {
+  QLORA_BF16_SCOPE(AttnFwd, "attention_kv_bf16", 4 * d(B) * d(Hq) * d(hd) * d(T) * (d(start) + (d(T) + 1) / 2),
+                   4 * d(B) * d(Hkv) * d(hd) * (d(start) + d(T)), B, T, start);
+  ops::attention_bf16(level(), B, T, Hq, Hkv, hd, q, ldq, k_cache, v_cache, S_cap, start, key_mask, scale, out, ldo);
 }
 
 void CpuBackend::attention_train_bf16(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,

@@ -8,20 +8,31 @@
 #include <vector>
 
 #include "cpu/attention_kernels.hpp"
+#include "cpu/gemm_bf16.hpp"
 #include "cpu/ops_model.hpp"
 #include "cpu/threads.hpp"
 
 namespace qlora::cpu::ops {
 
 namespace {
+// A KV-cache element as fp32: bf16 (uint16 bit pattern) widened exactly.
+inline float wide(float x) { return x; }
+inline float wide(uint16_t x) {
+  const uint32_t b = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
 // 8 independent partial sums: vectorizable without -ffast-math, and more accurate than one chain.
-float dot(const float* a, const float* b, int64_t n) {
+template <class T>
+float dot(const float* a, const T* b, int64_t n) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * wide(b[i + j]);
   float d = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; i < n; ++i) d += a[i] * b[i];
+  for (; i < n; ++i) d += a[i] * wide(b[i]);
   return d;
 }
 }  // namespace
@@ -98,10 +109,32 @@ void kv_write(int64_t B, int64_t T, int64_t H, int64_t hd, const float* x, int64
   });
 }
 
+void kv_write_bf16(int64_t B, int64_t T, int64_t H, int64_t hd, const float* x, int64_t ldx, uint16_t* cache,
+                   int64_t S_cap, int64_t start) {
+  parallel_range(B * T, std::max<int64_t>(16, 16384 / std::max<int64_t>(1, H * hd)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / T, t = r % T;
+      for (int64_t h = 0; h < H; ++h) {
+        const float* src = x + r * ldx + h * hd;
+        uint16_t* dst = cache + ((b * H + h) * S_cap + start + t) * hd;
+        for (int64_t i = 0; i < hd; ++i) {  // round to nearest even (bf16_round), keep the high half
+          const float y = bf16_round(src[i]);
+          uint32_t bits;
+          std::memcpy(&bits, &y, 4);
+          dst[i] = static_cast<uint16_t>(bits >> 16);
+        }
+      }
+    }
+  });
+}
+
+namespace {
 // The cpu:scalar reference: one (b, query head) pair per task, one dot and one std::exp per key.
-static void attention_reference(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
-                                int64_t ldq, const float* k_cache, const float* v_cache, int64_t S_cap, int64_t start,
-                                const int32_t* key_mask, float scale, float* out, int64_t ldo) {
+// E = float (fp32 cache) or uint16_t (bf16 cache, each element widened exactly).
+template <class E>
+void attention_reference(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+                         int64_t ldq, const E* k_cache, const E* v_cache, int64_t S_cap, int64_t start,
+                         const int32_t* key_mask, float scale, float* out, int64_t ldo) {
   const int64_t group = Hq / Hkv;
   const int64_t S_end = start + T;  // slots in use after this call
   // One task = one (b, query head) pair over all its T queries; scratch is per task chunk.
@@ -112,8 +145,8 @@ static void attention_reference(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, i
     std::vector<float> acc(hd);       // [hd]
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / Hq, h = p % Hq, kh = h / group;
-      const float* K = k_cache + (b * Hkv + kh) * S_cap * hd;  // [S_cap, hd]
-      const float* V = v_cache + (b * Hkv + kh) * S_cap * hd;  // [S_cap, hd]
+      const E* K = k_cache + (b * Hkv + kh) * S_cap * hd;  // [S_cap, hd]
+      const E* V = v_cache + (b * Hkv + kh) * S_cap * hd;  // [S_cap, hd]
       const int32_t* km = key_mask + b * S_cap;                // [S_cap]
       for (int64_t t = 0; t < T; ++t) {
         const float* qv = q + (b * T + t) * ldq + h * hd;
@@ -122,7 +155,7 @@ static void attention_reference(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, i
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t s = 0; s <= last; ++s) {
           if (!km[s]) continue;
-          const float* kv = K + s * hd;
+          const E* kv = K + s * hd;
           score[s] = dot(qv, kv, hd) * scale;
           mx = std::max(mx, score[s]);
         }
@@ -136,8 +169,8 @@ static void attention_reference(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, i
           if (!km[s]) continue;
           const float w = std::exp(score[s] - mx);
           denom += w;
-          const float* vv = V + s * hd;
-          for (int64_t i = 0; i < hd; ++i) acc[i] += w * vv[i];
+          const E* vv = V + s * hd;
+          for (int64_t i = 0; i < hd; ++i) acc[i] += w * wide(vv[i]);
         }
         const float inv = static_cast<float>(1.0 / denom);
         for (int64_t i = 0; i < hd; ++i) o[i] = acc[i] * inv;
@@ -146,18 +179,11 @@ static void attention_reference(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, i
   });
 }
 
-void attention(SimdLevel level, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
-               int64_t ldq, const float* k_cache, const float* v_cache, int64_t S_cap, int64_t start,
-               const int32_t* key_mask, float scale, float* out, int64_t ldo) {
-  if (level == SimdLevel::Scalar)
-    return attention_reference(B, T, Hq, Hkv, hd, q, ldq, k_cache, v_cache, S_cap, start, key_mask, scale, out, ldo);
-#if defined(QLORA_X86)
-  const attn_k::AttnBlockFn block = level == SimdLevel::AVX512 ? attn_k::attn_block_avx512
-                                    : level == SimdLevel::AVX2  ? attn_k::attn_block_avx2
-                                                                : attn_k::attn_block_generic;
-#else  // the *_avx2 / *_avx512 files are built on x86 only
-  const attn_k::AttnBlockFn block = attn_k::attn_block_generic;
-#endif
+// The blocked driver over the per-level kernel `block` (E: the cache's element type).
+template <class E, class BlockFn>
+void attention_blocked(BlockFn block, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+                       int64_t ldq, const E* k_cache, const E* v_cache, int64_t S_cap, int64_t start,
+                       const int32_t* key_mask, float scale, float* out, int64_t ldo) {
   // Rows of one (b, kv head) group: r = t * G + g for query t and query head kh * G + g; t-major so
   // a block's causal limits are close. A task = up to kMaxRows rows of one group, so every K/V row
   // is read once per block for all its GQA heads and queries (decode: one task per group).
@@ -193,6 +219,37 @@ void attention(SimdLevel level, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, i
       }
     }
   });
+}
+}  // namespace
+
+void attention(SimdLevel level, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+               int64_t ldq, const float* k_cache, const float* v_cache, int64_t S_cap, int64_t start,
+               const int32_t* key_mask, float scale, float* out, int64_t ldo) {
+  if (level == SimdLevel::Scalar)
+    return attention_reference(B, T, Hq, Hkv, hd, q, ldq, k_cache, v_cache, S_cap, start, key_mask, scale, out, ldo);
+#if defined(QLORA_X86)
+  const attn_k::AttnBlockFn block = level == SimdLevel::AVX512 ? attn_k::attn_block_avx512
+                                    : level == SimdLevel::AVX2  ? attn_k::attn_block_avx2
+                                                                : attn_k::attn_block_generic;
+#else  // the *_avx2 / *_avx512 files are built on x86 only
+  const attn_k::AttnBlockFn block = attn_k::attn_block_generic;
+#endif
+  attention_blocked(block, B, T, Hq, Hkv, hd, q, ldq, k_cache, v_cache, S_cap, start, key_mask, scale, out, ldo);
+}
+
+void attention_bf16(SimdLevel level, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+                    int64_t ldq, const uint16_t* k_cache, const uint16_t* v_cache, int64_t S_cap, int64_t start,
+                    const int32_t* key_mask, float scale, float* out, int64_t ldo) {
+  if (level == SimdLevel::Scalar)
+    return attention_reference(B, T, Hq, Hkv, hd, q, ldq, k_cache, v_cache, S_cap, start, key_mask, scale, out, ldo);
+#if defined(QLORA_X86)
+  const attn_k::AttnBlockBf16Fn block = level == SimdLevel::AVX512 ? attn_k::attn_block_avx512_bf16
+                                        : level == SimdLevel::AVX2  ? attn_k::attn_block_avx2_bf16
+                                                                    : attn_k::attn_block_generic_bf16;
+#else
+  const attn_k::AttnBlockBf16Fn block = attn_k::attn_block_generic_bf16;
+#endif
+  attention_blocked(block, B, T, Hq, Hkv, hd, q, ldq, k_cache, v_cache, S_cap, start, key_mask, scale, out, ldo);
 }
 
 }  // namespace qlora::cpu::ops

@@ -25,5 +25,12 @@ void kv_write(int64_t B, int64_t T, int64_t H, int64_t hd, const float* x, int64
 void attention(SimdLevel level, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
                int64_t ldq, const float* k_cache, const float* v_cache, int64_t S_cap, int64_t start,
                const int32_t* key_mask, float scale, float* out, int64_t ldo);
+// The bf16 KV cache (Backend::kv_write_bf16 / attention_kv_bf16): x rounded to bf16 (nearest even)
+// as it is written; attention widens each element exactly and computes as attention() does.
+void kv_write_bf16(int64_t B, int64_t T, int64_t H, int64_t hd, const float* x, int64_t ldx, uint16_t* cache,
+                   int64_t S_cap, int64_t start);
+void attention_bf16(SimdLevel level, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+                    int64_t ldq, const uint16_t* k_cache, const uint16_t* v_cache, int64_t S_cap, int64_t start,
+                    const int32_t* key_mask, float scale, float* out, int64_t ldo);
 
 }  // namespace qlora::cpu::ops

@@ -15,10 +15,10 @@ std::string gib(int64_t bytes) {
 }
 }  // namespace
 
-int64_t KvCache::bytes_needed(const LlamaConfig& cfg, int64_t batch, int64_t capacity) {
+int64_t KvCache::bytes_needed(const LlamaConfig& cfg, int64_t batch, int64_t capacity, bool bf16) {
   const std::string what = "KV cache of batch " + std::to_string(batch) + " x capacity " + std::to_string(capacity);
   check_arg(batch >= 1 && capacity >= 1, what + ": batch and capacity must be >= 1");
-  const int64_t store = checked_mul({int64_t{sizeof(float)}, 2, cfg.num_layers, batch, cfg.num_kv_heads, capacity,
+  const int64_t store = checked_mul({bf16 ? int64_t{sizeof(uint16_t)} : int64_t{sizeof(float)}, 2, cfg.num_layers, batch, cfg.num_kv_heads, capacity,
                                      cfg.head_dim},
                                     what);
   const int64_t mask = checked_mul({int64_t{sizeof(int32_t)} * 2, batch, capacity}, what);  // host + device copy
@@ -27,11 +27,11 @@ int64_t KvCache::bytes_needed(const LlamaConfig& cfg, int64_t batch, int64_t cap
   return total;
 }
 
-KvCache::KvCache(Backend& be, const LlamaConfig& cfg, int64_t batch, int64_t capacity)
-    : be_(be), B_(batch), cap_(capacity) {
+KvCache::KvCache(Backend& be, const LlamaConfig& cfg, int64_t batch, int64_t capacity, bool bf16)
+    : be_(be), B_(batch), cap_(capacity), bf16_(bf16) {
   // Checked before any allocation: batch and capacity come from the caller (prompt count,
   // prompt length + max_new_tokens); a wrapped product would give a tiny cache written past.
-  const int64_t need = bytes_needed(cfg, batch, capacity);
+  const int64_t need = bytes_needed(cfg, batch, capacity, bf16);
   const int64_t ram = be.memory_bytes();
   check_arg(ram == 0 || need <= ram, "KV cache of batch " + std::to_string(batch) + " x capacity " +
                                          std::to_string(capacity) + " tokens needs " + gib(need) +
@@ -44,7 +44,7 @@ KvCache::KvCache(Backend& be, const LlamaConfig& cfg, int64_t batch, int64_t cap
   Backend::ExecScope scope(be, exec_.get());
   // One allocation for every layer's K and V: large enough for the CPU backend's huge pages
   // (decode streams the whole cache once per step; per-layer 1 MB buffers missed the TLB).
-  store_ = DeviceBuffer(be, sizeof(float) * 2 * cfg.num_layers * per_layer_);
+  store_ = DeviceBuffer(be, (bf16 ? sizeof(uint16_t) : sizeof(float)) * 2 * cfg.num_layers * per_layer_);
   key_mask_dev_ = DeviceBuffer(be, sizeof(int32_t) * key_mask_.size());
   be.upload(key_mask_dev_.data(), key_mask_.data(), sizeof(int32_t) * key_mask_.size());
 }

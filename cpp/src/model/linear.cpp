@@ -140,12 +140,13 @@ void Linear::forward(Backend& be, int64_t M, const float* x, int64_t ldx, float*
 }
 
 void Linear::forward_many(Backend& be, int64_t M, const float* x, int64_t ldx, int n, const Linear* const* lin,
-                          float* const* y, const int64_t* ldy, const LoraModule* const* lora, float lora_scale) {
-  bool nf4 = true;
+                          float* const* y, const int64_t* ldy, const LoraModule* const* lora, float lora_scale,
+                          bool bf16) {
+  bool nf4 = !bf16;  // bf16: no grouped bf16 op, one *_bf16 GEMM per projection
   for (int i = 0; i < n; ++i) nf4 = nf4 && lin[i]->is_nf4 && lin[i]->in == lin[0]->in;
   if (!nf4) {
     for (int i = 0; i < n; ++i)
-      lin[i]->forward(be, M, x, ldx, y[i], ldy[i], lora ? lora[i] : nullptr, nullptr, 0, nullptr, lora_scale);
+      lin[i]->forward(be, M, x, ldx, y[i], ldy[i], lora ? lora[i] : nullptr, nullptr, 0, nullptr, lora_scale, bf16);
     return;
   }
   std::vector<const Nf4Ref*> w(n);  // [n]
@@ -159,8 +160,9 @@ void Linear::forward_many(Backend& be, int64_t M, const float* x, int64_t ldx, i
 }
 
 void Linear::forward_many_lora(Backend& be, int64_t M, const float* x, int64_t ldx, int n, const Linear* const* lin,
-                               float* const* y, const int64_t* ldy, const Backend::LoraProblem* lora, float* t) {
-  bool fused = true;  // a bias goes between the base and the LoRA terms: not fused
+                               float* const* y, const int64_t* ldy, const Backend::LoraProblem* lora, float* t,
+                               bool bf16) {
+  bool fused = !bf16;  // a bias goes between the base and the LoRA terms: not fused
   for (int i = 0; i < n; ++i) fused = fused && lin[i]->is_nf4 && lin[i]->in == lin[0]->in && lin[i]->bias.empty();
   if (fused && n <= 8) {
     const Nf4Ref* w[8];  // no allocation per decode-step call
@@ -168,7 +170,7 @@ void Linear::forward_many_lora(Backend& be, int64_t M, const float* x, int64_t l
     be.nf4_gemm_nt_many_lora(M, x, ldx, n, w, y, ldy, lora, t);
     return;
   }
-  forward_many(be, M, x, ldx, n, lin, y, ldy);
+  forward_many(be, M, x, ldx, n, lin, y, ldy, nullptr, 1.0f, bf16);
   be.lora_segments_many(n, lora, t);
 }
 

@@ -48,16 +48,19 @@ struct Linear {
                float* t = nullptr, float lora_scale = 1.0f, bool bf16 = false) const;
   // forward() of n projections sharing the input x (q/k/v, gate/up): NF4 bases run as one
   // nf4_gemm_nt_many (one job at decode), then each adds its bias and LoRA branch lora[i]
-  // (lora null, or lora[i] null: none) times lora_scale.
+  // (lora null, or lora[i] null: none) times lora_scale. bf16: each base in bf16 compute (one
+  // *_bf16 GEMM per projection).
   static void forward_many(Backend& be, int64_t M, const float* x, int64_t ldx, int n, const Linear* const* lin,
                            float* const* y, const int64_t* ldy, const LoraModule* const* lora = nullptr,
-                           float lora_scale = 1.0f);
+                           float lora_scale = 1.0f, bool bf16 = false);
   // The inference form of forward_many: base outputs, then the LoRA terms lora[i] of output i
   // (Backend::LoraProblem over x and y[i]; lora[i].n == 0: none), as one
   // Backend::nf4_gemm_nt_many_lora call when the bases are NF4 without bias (the CPU runs a decode
   // step's as one thread-pool job), else forward_many + lora_segments_many. t: their scratch.
+  // bf16: the bases in bf16 compute (forward_many(bf16)), the LoRA terms fp32 as always.
   static void forward_many_lora(Backend& be, int64_t M, const float* x, int64_t ldx, int n, const Linear* const* lin,
-                                float* const* y, const int64_t* ldy, const Backend::LoraProblem* lora, float* t);
+                                float* const* y, const int64_t* ldy, const Backend::LoraProblem* lora, float* t,
+                                bool bf16 = false);
   // Base part of the input gradient: dx[M, in] = dy[M, out]·W + beta * dx (W frozen, never fp32 for NF4).
   void backward_input(Backend& be, int64_t M, const float* dy, int64_t lddy, float* dx, int64_t lddx,
                       float beta, bool bf16 = false) const;

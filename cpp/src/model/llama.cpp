@@ -15,6 +15,10 @@ const Backend& require_forward_ops(const Backend& be, const LlamaConfig& cfg) {
                                   "kv_write", "attention", "add_inplace", "swiglu", "lora_segments_many",
                                   "host_output"};
   if (cfg.qkv_bias || cfg.o_bias) ops.push_back("add_bias");
+  if (be.has_bf16_compute()) {  // compute_dtype="bfloat16" keeps its KV cache in bf16
+    ops.push_back("kv_write_bf16");
+    ops.push_back("attention_kv_bf16");
+  }
   be.require_ops(ops, "model");
   return be;
 }
@@ -25,6 +29,7 @@ LlamaModel::LlamaModel(Backend& be, const LlamaConfig& cfg, const QuantSpec& qua
   const std::vector<float> inv = rope_inv_freq(w_->cfg);
   inv_freq_ = DeviceBuffer(be, sizeof(float) * inv.size());
   be.upload(inv_freq_.data(), inv.data(), sizeof(float) * inv.size());
+  want_bf16_.store(be.default_compute_bf16());
 }
 
 void LlamaModel::check_complete() const {
@@ -58,12 +63,12 @@ void LlamaModel::forward(const AdapterSet& uses, const int32_t* ids, const int32
   check_arg(B >= 1 && T >= 1, "forward: input_ids must be a non-empty [batch, seq] array");
   check_set(uses, B);
   std::shared_lock<std::shared_mutex> wl(weights_mu_);  // no merge while the pass reads the weights
-  KvCache tmp(be_, w_->cfg, B, T);
+  KvCache tmp(be_, w_->cfg, B, T, compute_bf16());  // the pass computes in its cache's dtype
   run(tmp, uses, ids, mask, T, /*all_rows=*/true, logits);  // `uses` are held by the caller to the end
 }
 
 GenerationContext::GenerationContext(LlamaModel& m, int64_t B, int64_t capacity, AdapterSet uses)
-    : m_(m), cache_(m.be_, m.w_->cfg, B, capacity), uses_(std::move(uses)), bytes_(cache_.bytes()) {
+    : m_(m), cache_(m.be_, m.w_->cfg, B, capacity, m.compute_bf16()), uses_(std::move(uses)), bytes_(cache_.bytes()) {
   // Counted under weights_mu_ shared: merge_adapter (exclusive) sees this context or it does not
   // exist yet, and a context created while a merge runs waits for the merge to finish.
   std::shared_lock<std::shared_mutex> wl(m.weights_mu_);
@@ -120,6 +125,10 @@ void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids,
   const int64_t B = cache.batch(), M = B * T;
   const int64_t D = c.hidden_size, I = c.intermediate_size, V = c.vocab_size, hd = c.head_dim;
   const int64_t Hq = c.num_heads, Hkv = c.num_kv_heads, QD = c.q_dim(), KD = c.kv_dim();
+  // compute_dtype of the pass = its cache's (fixed when the context was created): bf16 runs the base
+  // projections and the fp32 lm_head in bf16 compute and keeps K/V in bf16; LoRA terms, norms,
+  // RoPE, softmax and the residual stream stay fp32.
+  const bool bf16 = cache.bf16();
   for (int64_t i = 0; i < M; ++i)
     if (ids[i] < 0 || ids[i] >= V)  // the message is built only on failure
       throw ValueError("token id " + std::to_string(ids[i]) + " at index " + std::to_string(i) +
@@ -198,11 +207,11 @@ void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids,
       any = any || probs.back().n > 0;
     }
     if (any)
-      Linear::forward_many_lora(be_, M, xin, ldx, n, lin, out, ld, probs.data(), lora_t.f32());
+      Linear::forward_many_lora(be_, M, xin, ldx, n, lin, out, ld, probs.data(), lora_t.f32(), bf16);
     else if (n == 1)
-      lin[0]->forward(be_, M, xin, ldx, out[0], ld[0]);
+      lin[0]->forward(be_, M, xin, ldx, out[0], ld[0], nullptr, nullptr, 0, nullptr, 1.0f, bf16);
     else
-      Linear::forward_many(be_, M, xin, ldx, n, lin, out, ld);
+      Linear::forward_many(be_, M, xin, ldx, n, lin, out, ld, nullptr, 1.0f, bf16);
   };
 
   if (w_->embed_is_q8_0())
@@ -221,10 +230,17 @@ void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids,
     }
     be_.rope(M, Hq, hd, q.f32(), QD, pos_d.data<int32_t>(), inv_freq_.f32());
     be_.rope(M, Hkv, hd, k.f32(), KD, pos_d.data<int32_t>(), inv_freq_.f32());
-    be_.kv_write(B, T, Hkv, hd, k.f32(), KD, cache.k(l), cache.capacity(), start);
-    be_.kv_write(B, T, Hkv, hd, v.f32(), KD, cache.v(l), cache.capacity(), start);
-    be_.attention(B, T, Hq, Hkv, hd, q.f32(), QD, cache.k(l), cache.v(l), cache.capacity(), start,
-                  cache.key_mask_device(), scale, att.f32(), QD);
+    if (bf16) {
+      be_.kv_write_bf16(B, T, Hkv, hd, k.f32(), KD, cache.k_bf16(l), cache.capacity(), start);
+      be_.kv_write_bf16(B, T, Hkv, hd, v.f32(), KD, cache.v_bf16(l), cache.capacity(), start);
+      be_.attention_kv_bf16(B, T, Hq, Hkv, hd, q.f32(), QD, cache.k_bf16(l), cache.v_bf16(l), cache.capacity(), start,
+                            cache.key_mask_device(), scale, att.f32(), QD);
+    } else {
+      be_.kv_write(B, T, Hkv, hd, k.f32(), KD, cache.k(l), cache.capacity(), start);
+      be_.kv_write(B, T, Hkv, hd, v.f32(), KD, cache.v(l), cache.capacity(), start);
+      be_.attention(B, T, Hq, Hkv, hd, q.f32(), QD, cache.k(l), cache.v(l), cache.capacity(), start,
+                    cache.key_mask_device(), scale, att.f32(), QD);
+    }
     {
       const Linear* lin[] = {&L.o};
       float* out[] = {h.f32()};
@@ -258,6 +274,8 @@ void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids,
   auto lm_head = [&](float* out) {
     if (c.tie_word_embeddings && w_->embed_is_q8_0())
       be_.q8_0_gemm_nt(rows, V, D, hin, ldh, w_->embed_q8.data(), out, V);
+    else if (bf16)
+      be_.gemm_nt_bf16(rows, V, D, 1.0f, hin, ldh, w_->lm_head_weight(), D, 0.0f, out, V);
     else
       be_.gemm_nt(rows, V, D, 1.0f, hin, ldh, w_->lm_head_weight(), D, 0.0f, out, V);
   };

@@ -158,11 +158,13 @@ class LlamaModel {
   void merge_adapter(const std::string& name, const MergeOptions& opt,
                      const std::function<void(int64_t)>& progress = {});
 
-  // compute_dtype of the training passes (forward_backward, eval_loss): false = float32 (the
-  // default, the parity mode); true = bfloat16: base projections and the lm_head in bf16 compute
+  // compute_dtype of every pass (forward, generation, forward_backward, eval_loss): false = float32
+  // (the parity mode; the default on the CPU); true = bfloat16 (the default where
+  // Backend::default_compute_bf16, CUDA sm_80+): base projections and the lm_head in bf16 compute
   // (operands rounded to bf16, fp32 accumulation; LoRA factors, gradients and optimizer state stay
-  // fp32). Backends without bf16 units keep computing in fp32: compute_bf16() is then false.
-  // Passes already running keep the mode they started with.
+  // fp32) and, for forward and generation, the KV cache in bf16. Backends without bf16 units keep
+  // computing in fp32: compute_bf16() is then false. Passes already running, and generation
+  // contexts already open, keep the mode (and cache dtype) they started with.
   void set_compute_bf16(bool on) { want_bf16_.store(on); }
   bool compute_bf16_requested() const { return want_bf16_.load(); }
   bool compute_bf16() const { return want_bf16_.load() && be_.has_bf16_compute(); }
