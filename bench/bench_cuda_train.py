@@ -133,7 +133,7 @@ def random_nf4(rng, rows, cols, scale, blocksize=64):
                            offset=0.0, shape=(rows, cols), blocksize=blocksize, double_quant=True, dtype="float32")
 
 
-def build_qlora(shape, backend, rng):
+def build_qlora(shape, backend, rng, head_format="float32"):
     """A qlora_native.Model with random NF4 projections (one random weight per projection shape,
     shared by every layer: speed and memory do not depend on the values), ones for the norms and a
     tiled random block for the embedding / lm_head, loaded row chunk by row chunk."""
@@ -144,6 +144,8 @@ def build_qlora(shape, backend, rng):
 
     mc = ModelConfig.from_dict(hf_config(shape))
     core = _core.model.LlamaModel(mc.to_core(), backend, True, 64, True)
+    if head_format == "q8_0":  # embedding / lm_head quantized slab by slab as they load (no fp32 copy)
+        core.set_head_q8_0()
     nf4_by_shape = {}
     block = (0.02 * rng.standard_normal(1 << 20)).astype(np.float32)
     for name, shp in core.expected_tensors():
@@ -175,7 +177,8 @@ def child_qlora(spec):
     backend = spec["backend"]
     res = {"engine": "qlora_cuda", "backend": backend}
     t = time.perf_counter()
-    m = build_qlora(spec["shape"], backend, rng)
+    m = build_qlora(spec["shape"], backend, rng, spec.get("head_format", "float32"))
+    res["head_format"] = m.head_format
     res["load_s"] = time.perf_counter() - t
     if spec.get("compute_dtype", "float32") != "float32":
         m.compute_dtype = spec["compute_dtype"]
@@ -384,6 +387,9 @@ def main():
                     help="qlora_native's compute dtype (default: bfloat16 on cuda, as the bf16 reference; "
                          "float32 on cpu)")
     ap.add_argument("--offload", action="store_true", help="qlora_native: offload_checkpoints=True as well")
+    ap.add_argument("--head-format", default="q8_0", choices=["q8_0", "float32"],
+                    help="qlora_native: embedding / lm_head on the device as Q8_0 (default; 1.0 GiB at 8B) or fp32 "
+                         "(3.9 GiB)")
     ap.add_argument("--reference", default="auto", choices=["auto", "peft_bnb", "torch_bf16", "none"])
     ap.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2-135M step")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per engine run")
@@ -433,7 +439,8 @@ def main():
         except (OSError, subprocess.SubprocessError):
             out["gpu"] = "?"
     base = dict(shape=big, seq=seq, steps=a.steps, r=a.r, backend=backend, device=a.device,
-                compute_dtype=a.compute_dtype)
+                compute_dtype=a.compute_dtype, head_format=a.head_format)
+    out["head_format"] = a.head_format
     tag = "tiny" if a.quick else "llama3_8b"
     plan = []  # (engine, spec, where): in priority order, so a budget cut drops the least important
     for B in batches:
@@ -473,7 +480,8 @@ def main():
 
 def report(out, a):
     lines = [f"QLoRA training step, {'tiny' if a.quick else 'Llama-3-8B'} shape, random NF4 (dq), seq {out['seq']}, "
-             f"r={out['r']} all 7 projections, gradient checkpointing, qlora_native compute {out['compute_dtype']}; "
+             f"r={out['r']} all 7 projections, gradient checkpointing, qlora_native compute {out['compute_dtype']}, "
+             f"head {out.get('head_format', 'float32')}; "
              f"device {out.get('gpu', out['device'])}",
              f"reference: {out['reference_note']}",
              "| engine | batch | tok/s | step s | peak device MiB (allocator / sampled) | vs reference |",

@@ -160,6 +160,16 @@ class CudaBackend final : public Backend {
     use_device("reload");
     QLORA_CUDA_CHECK(cudaMemcpyAsync(dst, src_host, bytes, cudaMemcpyHostToDevice, stream_), "reload");
   }
+  void fill_zero(void* p, size_t bytes) override {
+    if (!bytes) return;
+    use_device("fill_zero");
+    QLORA_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream_), "fill_zero");
+  }
+  void copy(void* dst, const void* src, size_t bytes) override {
+    if (!bytes) return;
+    use_device("copy");
+    QLORA_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "copy");
+  }
   void synchronize() override {
     use_device("synchronize");
     QLORA_CUDA_CHECK(cudaStreamSynchronize(stream_), "synchronize");

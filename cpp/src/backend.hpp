@@ -107,6 +107,13 @@ class Backend {
   virtual void upload(void* dst, const void* src_host, size_t bytes) = 0;
   virtual void download(void* dst_host, const void* src, size_t bytes) = 0;
   virtual void synchronize() = 0;
+  // p[bytes] = 0, ordered with the backend's work (gradient zeroing each step). Default: uploads of
+  // a host block of zeros; CPU memset, CUDA cudaMemsetAsync on the stream.
+  virtual void fill_zero(void* p, size_t bytes);
+  // dst[bytes] = src[bytes], both in the backend's memory, not overlapping (packing LoRA A/B into the
+  // optimizer's buffer). Default: download + upload through host memory; CPU memcpy, CUDA a
+  // device-to-device cudaMemcpyAsync on the stream.
+  virtual void copy(void* dst, const void* src, size_t bytes);
 
   // ---- fp32 GEMM, C = alpha * op(A) · op(B) + beta * C (beta = 0: C is not read, may be garbage)
   // gemm_nt: A[M,K] · B[N,K]ᵀ  (activations × an [out, in] weight: Y = X·Wᵀ)
@@ -188,6 +195,14 @@ class Backend {
   virtual void q8_0_rows(int64_t M, int64_t K, const void* W, const int32_t* ids, float* out) {
     not_implemented("q8_0_rows");
   }
+  // dX[M, K] = alpha * dY[M, N] (row stride lddy) · deq(W) + beta * dX (row stride lddx): the
+  // input gradient through a Q8_0 lm_head. Default (backend_q8.cpp, every backend with q8_0_rows):
+  // W dequantized kQ8_0GemmNnChunk rows at a time by q8_0_rows into a scratch buffer
+  // (q8_0_gemm_nn_scratch_bytes), each chunk one gemm_nn (bf16: gemm_nn_bf16) accumulated into dX.
+  virtual void q8_0_gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* dY, int64_t lddy, const void* W,
+                            float beta, float* dX, int64_t lddx, bool bf16 = false);
+  static constexpr int64_t kQ8_0GemmNnChunk = 2048;
+  static size_t q8_0_gemm_nn_scratch_bytes(int64_t N, int64_t K);
   // dX[M, W.cols] = alpha * dY[M, W.rows] · deq(W) + beta * dX
   virtual void nf4_gemm_nn(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W,
                            float beta, float* dX, int64_t lddx) = 0;

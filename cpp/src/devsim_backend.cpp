@@ -67,6 +67,8 @@ class DevsimBackend final : public Backend {
   void release_cached_memory() override { pool_.release_cached(); }
   void upload(void* dst, const void* src, size_t bytes) override { c_.upload(dst, src, bytes); }
   void download(void* dst, const void* src, size_t bytes) override { c_.download(dst, src, bytes); }
+  void fill_zero(void* p, size_t bytes) override { c_.fill_zero(p, bytes); }
+  void copy(void* dst, const void* src, size_t bytes) override { c_.copy(dst, src, bytes); }
   void synchronize() override {}
 
   void gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,

@@ -289,6 +289,41 @@ py::dict lm_cross_entropy(py::handle h_o, py::handle e_o, py::handle lab_o, floa
   return d;
 }
 
+// The same through a Q8_0 lm_head: E_q8 uint8 [V, D/32*34] (GGUF Q8_0 rows).
+py::dict lm_cross_entropy_q8_0(py::handle h_o, const py::array_t<uint8_t, py::array::c_style>& eq,
+                               py::handle lab_o, float grad_scale, int64_t chunk_rows, bool want_grad, bool bf16,
+                               const std::string& backend) {
+  Backend& be = host_backend(backend);
+  F32 h = f32(h_o, "h", 2);
+  I32 labels = i32(lab_o, "labels", 1);
+  const int64_t N = h.shape(0), D = h.shape(1);
+  check_arg(D > 0 && D % 32 == 0, "h: D must be a positive multiple of 32 for a Q8_0 E");
+  check_arg(eq.ndim() == 2 && eq.shape(1) == D / 32 * 34 && eq.shape(0) > 0,
+            "E_q8 must be uint8 [V, D/32*34] (Q8_0 rows)");
+  const int64_t V = eq.shape(0);
+  expect_shape(labels, "labels", {N});
+  check_arg(std::isfinite(grad_scale), "grad_scale must be finite");
+  py::object dh_obj = py::none();
+  float* pdh = nullptr;
+  if (want_grad) {
+    auto dh = new_f32({N, D});
+    pdh = dh.mutable_data();
+    dh_obj = dh;
+  }
+  CrossEntropyResult r;
+  {
+    py::gil_scoped_release nogil;
+    r = lm_cross_entropy_q8_0(be, N, D, V, h.data(), D, eq.data(), labels.data(), grad_scale, pdh, D, chunk_rows,
+                              bf16);
+  }
+  py::dict d;
+  d["loss_sum"] = r.loss_sum;
+  d["count"] = r.count;
+  d["dh"] = dh_obj;
+  d["workspace_bytes"] = r.workspace_bytes;
+  return d;
+}
+
 }  // namespace
 
 void bind_grad_ops(py::module_& m) {
@@ -327,6 +362,10 @@ void bind_grad_ops(py::module_& m) {
         py::arg("backend") = "cpu",
         "chunked cross-entropy of logits = h[N, D] @ E[V, D].T against int32 labels[N] (-100 ignored): dict with "
         "loss_sum, count, dh (d(loss_sum * grad_scale)/dh, or None) and workspace_bytes (scratch allocated)");
+  g.def("lm_cross_entropy_q8_0", &lm_cross_entropy_q8_0, py::arg("h"), py::arg("E_q8"), py::arg("labels"),
+        py::kw_only(), py::arg("grad_scale") = 1.0f, py::arg("chunk_rows") = kCrossEntropyChunkRows,
+        py::arg("want_grad") = true, py::arg("bf16") = false, py::arg("backend") = "cpu",
+        "lm_cross_entropy through a Q8_0 lm_head (head_format 'q8_0'): logits by q8_0_gemm_nt, dh by q8_0_gemm_nn");
   g.attr("default_chunk_rows") = kCrossEntropyChunkRows;
   g.def(
       "cross_entropy_workspace_bytes",

@@ -237,6 +237,15 @@ void bind_model(py::module_& m) {
           py::arg("raw"))
       .def("embed_is_q8_0", [](LlamaModel& self) { return self.weights().embed_is_q8_0(); })
       .def(
+          "set_head_q8_0",
+          [](LlamaModel& self) {
+            py::gil_scoped_release nogil;
+            self.set_head_q8_0();
+          },
+          "Keep the embedding and lm_head as Q8_0 on the device (head_format 'q8_0'); loads after it "
+          "quantize on arrival.")
+      .def_property_readonly("head_q8_0", [](LlamaModel& self) { return self.weights().head_q8_0(); })
+      .def(
           "load_nf4",
           [](LlamaModel& self, const std::string& name, py::handle obj) {
             PyNf4 w = nf4_from_py(obj);
@@ -339,7 +348,10 @@ void bind_model(py::module_& m) {
               buf = &w.embed;
             }
             else if (name == "model.norm.weight") buf = &w.norm;
-            else if (name == "lm_head.weight" && !w.cfg.tie_word_embeddings) buf = &w.lm_head;
+            else if (name == "lm_head.weight" && !w.cfg.tie_word_embeddings) {
+              w.lm_head_f32();  // a Q8_0 lm_head (head_format q8_0) is dequantized (and kept) for export
+              buf = &w.lm_head;
+            }
             else if (name.rfind("model.layers.", 0) == 0) {
               const size_t dot = name.find('.', 13);
               const int64_t layer = std::stoll(name.substr(13, dot - 13));

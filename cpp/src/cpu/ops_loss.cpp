@@ -84,9 +84,29 @@ struct Scratch {
 };
 }  // namespace
 
+namespace {
+CrossEntropyResult lm_cross_entropy_any(Backend& be, int64_t N, int64_t D, int64_t V, const float* h, int64_t ldh,
+                                        const float* E, const void* E_q8, const int32_t* labels, float grad_scale,
+                                        float* dh, int64_t lddh, int64_t chunk_rows, bool bf16);
+}  // namespace
+
 CrossEntropyResult lm_cross_entropy(Backend& be, int64_t N, int64_t D, int64_t V, const float* h, int64_t ldh,
                                     const float* E, const int32_t* labels, float grad_scale, float* dh,
                                     int64_t lddh, int64_t chunk_rows, bool bf16) {
+  return lm_cross_entropy_any(be, N, D, V, h, ldh, E, nullptr, labels, grad_scale, dh, lddh, chunk_rows, bf16);
+}
+
+CrossEntropyResult lm_cross_entropy_q8_0(Backend& be, int64_t N, int64_t D, int64_t V, const float* h, int64_t ldh,
+                                         const void* E_q8, const int32_t* labels, float grad_scale, float* dh,
+                                         int64_t lddh, int64_t chunk_rows, bool bf16) {
+  check_arg(E_q8 != nullptr && D % 32 == 0, "lm_cross_entropy_q8_0: need Q8_0 rows and D a multiple of 32");
+  return lm_cross_entropy_any(be, N, D, V, h, ldh, nullptr, E_q8, labels, grad_scale, dh, lddh, chunk_rows, bf16);
+}
+
+namespace {
+CrossEntropyResult lm_cross_entropy_any(Backend& be, int64_t N, int64_t D, int64_t V, const float* h, int64_t ldh,
+                                        const float* E, const void* E_q8, const int32_t* labels, float grad_scale,
+                                        float* dh, int64_t lddh, int64_t chunk_rows, bool bf16) {
   check_arg(N >= 0 && D > 0 && V > 0, "lm_cross_entropy: need N >= 0, D > 0, V > 0");
   check_arg(chunk_rows >= 1, "lm_cross_entropy: chunk_rows must be >= 1, got " + std::to_string(chunk_rows));
   check_arg(V <= std::numeric_limits<int32_t>::max(), "lm_cross_entropy: V does not fit int32 labels");
@@ -112,7 +132,8 @@ CrossEntropyResult lm_cross_entropy(Backend& be, int64_t N, int64_t D, int64_t V
 
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t m = std::min(rows, N - n0);
-    if (bf16) be.gemm_nt_bf16(m, V, D, 1.0f, h + n0 * ldh, ldh, E, D, 0.0f, logits, V);
+    if (E_q8) be.q8_0_gemm_nt(m, V, D, h + n0 * ldh, ldh, E_q8, logits, V);
+    else if (bf16) be.gemm_nt_bf16(m, V, D, 1.0f, h + n0 * ldh, ldh, E, D, 0.0f, logits, V);
     else be.gemm_nt(m, V, D, 1.0f, h + n0 * ldh, ldh, E, D, 0.0f, logits, V);
     const int32_t* lab = labels + n0;
     if (device) {
@@ -126,12 +147,14 @@ CrossEntropyResult lm_cross_entropy(Backend& be, int64_t N, int64_t D, int64_t V
       lh = loss_host.data();
     }
     for (int64_t i = 0; i < m; ++i) res.loss_sum += lh[i];
-    if (dh && bf16) be.gemm_nn_bf16(m, D, V, 1.0f, logits, V, E, D, 0.0f, dh + n0 * lddh, lddh);
+    if (dh && E_q8) be.q8_0_gemm_nn(m, V, D, 1.0f, logits, V, E_q8, 0.0f, dh + n0 * lddh, lddh, bf16);
+    else if (dh && bf16) be.gemm_nn_bf16(m, D, V, 1.0f, logits, V, E, D, 0.0f, dh + n0 * lddh, lddh);
     else if (dh) be.gemm_nn(m, D, V, 1.0f, logits, V, E, D, 0.0f, dh + n0 * lddh, lddh);
   }
   be.synchronize();
-  res.workspace_bytes = scratch.bytes;
+  res.workspace_bytes = scratch.bytes + (dh && E_q8 ? Backend::q8_0_gemm_nn_scratch_bytes(V, D) : 0);
   return res;
 }
+}  // namespace
 
 }  // namespace qlora

@@ -24,5 +24,11 @@ void q8_0_rows(SimdLevel level, int64_t M, int64_t K, const void* W, const int32
 
 // fp16 bits -> fp32, exact (as F16C's vcvtph2ps and numpy's float16 -> float32).
 float q8_0_half_to_float(uint16_t h);
+// fp32 -> fp16 bits, round to nearest even (as numpy's float32 -> float16), inf beyond the range.
+uint16_t q8_0_float_to_half(float f);
+// GGUF's Q8_0 quantization of rows x[rows, K] (K % 32 == 0) into out[rows, K/32 * 34]: per block of
+// 32, d = max|x| / 127, q = round-half-away(x / d) (as x * (1/d)), d stored as fp16: the same bytes
+// as gguf-py's quants.quantize(..., Q8_0) and ggml's quantize_row_q8_0_ref.
+void q8_0_quantize_rows(const float* x, int64_t rows, int64_t K, uint8_t* out);
 
 }  // namespace qlora::cpu

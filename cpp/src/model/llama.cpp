@@ -272,8 +272,8 @@ void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids,
   const int64_t ldh = all_rows ? D : T * D;
   // A tied Q8_0 embedding is the lm_head as stored (half the bytes of fp32 per decode step).
   auto lm_head = [&](float* out) {
-    if (c.tie_word_embeddings && w_->embed_is_q8_0())
-      be_.q8_0_gemm_nt(rows, V, D, hin, ldh, w_->embed_q8.data(), out, V);
+    if (const void* q8 = w_->lm_head_q8_0())  // a GGUF's tied Q8_0 embedding, or head_format q8_0
+      be_.q8_0_gemm_nt(rows, V, D, hin, ldh, q8, out, V);
     else if (bf16)
       be_.gemm_nt_bf16(rows, V, D, 1.0f, hin, ldh, w_->lm_head_weight(), D, 0.0f, out, V);
     else
@@ -294,7 +294,8 @@ void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids,
 
 std::map<std::string, size_t> LlamaModel::memory_footprint() const {
   size_t nf4 = 0, quant = 0, other = 0;
-  other += w_->embed.bytes() + w_->embed_q8.bytes() + w_->norm.bytes() + w_->lm_head.bytes() + inv_freq_.bytes();
+  other += w_->embed.bytes() + w_->embed_q8.bytes() + w_->norm.bytes() + w_->lm_head.bytes() + w_->lm_head_q8.bytes() +
+           inv_freq_.bytes();
   for (const LayerWeights& L : w_->layers) {
     other += L.input_norm.bytes() + L.post_norm.bytes();
     for (const Linear* lin : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) {

@@ -177,6 +177,10 @@ class LlamaModel {
   void set_offload_checkpoints(bool on) { offload_ckpt_.store(on); }
   bool offload_checkpoints() const { return offload_ckpt_.load(); }
 
+  // head_format "q8_0" (LlamaWeights::set_head_q8_0): embedding and lm_head kept and read as Q8_0.
+  // Refused (ValueError) while a generation context is open; waits for running passes.
+  void set_head_q8_0();
+
   // Bytes by category: "nf4_weights", "quant_constants", "other_weights", "kv_cache".
   std::map<std::string, size_t> memory_footprint() const;
 

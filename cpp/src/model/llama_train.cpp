@@ -131,6 +131,12 @@ std::vector<std::string> LlamaModel::adapter_names() const {
   return out;
 }
 
+void LlamaModel::set_head_q8_0() {
+  std::unique_lock<std::shared_mutex> wl(weights_mu_);  // no pass reads the head while it changes
+  check_arg(open_contexts_.load() == 0, "head_format: close the open generation contexts first");
+  w_->set_head_q8_0();
+}
+
 // ------------------------------------------------------------------ training pass
 // The offload staging of one pass: the model's cached host buffer when it is free and large
 // enough, else a new one; given back (kept for the next pass) at the end. The destructor waits
@@ -410,7 +416,12 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
   auto X = [&](int64_t l) { return xs[all_x ? l : l % 2].f(); };
   std::vector<std::unique_ptr<LayerActs>> acts(keep_all ? nL : 1);
   if (!keep_all) acts[0] = std::make_unique<LayerActs>(be_, mc, d);
-  be_.embedding(M, D, w_->embed_f32(), ids_d.data<int32_t>(), X(0));
+  // head_format q8_0: the embedding and lm_head are read as Q8_0 (never an fp32 copy on the device).
+  const bool head_q8 = w_->head_q8_0();
+  if (head_q8)
+    be_.q8_0_rows(M, D, w_->embed_q8.data(), ids_d.data<int32_t>(), X(0));
+  else
+    be_.embedding(M, D, w_->embed_f32(), ids_d.data<int32_t>(), X(0));
   for (int64_t l = 0; l < nL; ++l) {
     if (keep_all) acts[l] = std::make_unique<LayerActs>(be_, mc, d);
     if (offload) be_.offload(host.at(l, xbytes), X(l), xbytes);  // queued before X(l) is overwritten
@@ -419,8 +430,11 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
   if (!backward) acts[0].reset();
   ActBuf hF(be_, mc, M * D);  // [M, D] final-norm output, then its gradient
   be_.rmsnorm(M, D, X(nL), w_->norm.f32(), c.rms_norm_eps, hF.f());
-  const CrossEntropyResult ce = lm_cross_entropy(be_, M, D, V, hF.f(), D, w_->lm_head_f32(), labels, grad_scale,
-                                                 backward ? hF.f() : nullptr, D, kCrossEntropyChunkRows, bf16);
+  const CrossEntropyResult ce =
+      head_q8 ? lm_cross_entropy_q8_0(be_, M, D, V, hF.f(), D, w_->lm_head_q8_0(), labels, grad_scale,
+                                      backward ? hF.f() : nullptr, D, kCrossEntropyChunkRows, bf16)
+              : lm_cross_entropy(be_, M, D, V, hF.f(), D, w_->lm_head_f32(), labels, grad_scale,
+                                 backward ? hF.f() : nullptr, D, kCrossEntropyChunkRows, bf16);
   mc.peak = std::max(mc.peak, mc.cur + ce.workspace_bytes);
   LossResult res{ce.loss_sum, ce.count, 0};
   if (backward) {

@@ -97,14 +97,11 @@ void pack_lora_params(Backend& be, LoraAdapter& a) {
   if (n == 0) return;
   DeviceBuffer arena(be, sizeof(float) * n);
   float* p = arena.f32();
-  std::vector<float> host;  // staging: the backend has no device-to-device copy op
   for (const auto& m : a.modules) {
     if (!m) continue;
     for (DeviceBuffer* f : {&m->A, &m->B}) {
-      host.resize(f->bytes() / sizeof(float));
-      be.download(host.data(), f->data(), f->bytes());
-      be.upload(p, host.data(), f->bytes());
-      be.synchronize();  // before `host` is reused and the old buffer freed
+      be.copy(p, f->data(), f->bytes());  // device to device
+      be.synchronize();  // before the old buffer is freed
       const size_t bytes = f->bytes();
       *f = DeviceBuffer::view(p, bytes);
       p += bytes / sizeof(float);
@@ -119,8 +116,7 @@ void ensure_lora_grads(Backend& be, LoraAdapter& a) {
   if (a.grads_ready.load(std::memory_order_relaxed)) return;
   const int64_t n = a.num_params();
   DeviceBuffer arena(be, sizeof(float) * n);
-  const std::vector<float> zeros(static_cast<size_t>(n), 0.0f);
-  be.upload(arena.data(), zeros.data(), arena.bytes());
+  be.fill_zero(arena.data(), arena.bytes());
   float* p = arena.f32();
   for (const auto& m : a.modules) {
     if (!m) continue;
@@ -133,8 +129,7 @@ void ensure_lora_grads(Backend& be, LoraAdapter& a) {
 
 void zero_lora_grads(Backend& be, LoraAdapter& a) {
   if (!a.grads_ready.load(std::memory_order_acquire)) return ensure_lora_grads(be, a);  // allocated as zeros
-  const std::vector<float> zeros(a.grad_arena.bytes() / sizeof(float), 0.0f);
-  be.upload(a.grad_arena.data(), zeros.data(), a.grad_arena.bytes());
+  be.fill_zero(a.grad_arena.data(), a.grad_arena.bytes());  // on the device: no host zeros uploaded
 }
 
 void lora_forward(Backend& be, const LoraModule& m, int64_t M, const float* x, int64_t ldx, float* y, int64_t ldy,

@@ -1,8 +1,10 @@
 #include "model/weights.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 #include "common/error.hpp"
+#include "cpu/q8_0.hpp"
 
 namespace qlora::model {
 
@@ -65,9 +67,15 @@ void LlamaWeights::load(const std::string& name, const void* data, DType dtype, 
   for (int64_t d : shape) n *= d;
   try {
     switch (s.kind) {
-      case Kind::Embed: embed = to_device_f32(be, data, dtype, n); break;
+      case Kind::Embed:
+        embed = to_device_f32(be, data, dtype, n);
+        if (head_q8_) embed_q8 = quantize_q8_0(embed, s.shape[0]), embed = DeviceBuffer();
+        break;
       case Kind::Norm: norm = to_device_f32(be, data, dtype, n); break;
-      case Kind::LmHead: lm_head = to_device_f32(be, data, dtype, n); break;
+      case Kind::LmHead:
+        lm_head = to_device_f32(be, data, dtype, n);
+        if (head_q8_) lm_head_q8 = quantize_q8_0(lm_head, s.shape[0]), lm_head = DeviceBuffer();
+        break;
       case Kind::InNorm: layers[s.layer].input_norm = to_device_f32(be, data, dtype, n); break;
       case Kind::PostNorm: layers[s.layer].post_norm = to_device_f32(be, data, dtype, n); break;
       case Kind::Weight: s.lin->set_weight(be, data, dtype, quant); break;
@@ -102,9 +110,13 @@ void LlamaWeights::load_rows(const std::string& name, int64_t row0, int64_t nrow
   check_arg(nrows >= 1 && row0 >= 0 && row0 + nrows <= rows,
             "load_rows: rows [" + std::to_string(row0) + ", " + std::to_string(row0 + nrows) + ") outside '" + name +
                 "' with " + std::to_string(rows) + " rows");
-  DeviceBuffer& buf = s.kind == Kind::Embed ? embed : lm_head;
+  // head_format q8_0: each slab is quantized on the host and only its Q8_0 rows are uploaded.
+  DeviceBuffer& buf = head_q8_ ? (s.kind == Kind::Embed ? embed_q8 : lm_head_q8) : (s.kind == Kind::Embed ? embed : lm_head);
+  const size_t row_bytes = head_q8_ ? static_cast<size_t>(cols / cpu::kQ8_0Block * cpu::kQ8_0BlockBytes)
+                                    : sizeof(float) * static_cast<size_t>(cols);
   if (row0 == 0) {
-    buf = DeviceBuffer(be, sizeof(float) * rows * cols);
+    buf = DeviceBuffer(be, row_bytes * rows);
+    if (head_q8_) (s.kind == Kind::Embed ? embed : lm_head) = DeviceBuffer();
     rows_loaded_[name] = 0;
     loaded_.erase(name);
   }
@@ -114,7 +126,14 @@ void LlamaWeights::load_rows(const std::string& name, int64_t row0, int64_t nrow
     if (!std::isfinite(data[i]))  // the message is built only on failure
       throw ValueError("tensor '" + name + "': weights contain NaN or inf (row " + std::to_string(row0 + i / cols) +
                        ")");
-  be.upload(buf.data<float>() + row0 * cols, data, sizeof(float) * nrows * cols);
+  if (head_q8_) {
+    std::vector<uint8_t> q(row_bytes * static_cast<size_t>(nrows));
+    cpu::q8_0_quantize_rows(data, nrows, cols, q.data());
+    be.upload(buf.data<uint8_t>() + row_bytes * row0, q.data(), q.size());
+    be.synchronize();  // before `q` goes
+  } else {
+    be.upload(buf.data<float>() + row0 * cols, data, sizeof(float) * nrows * cols);
+  }
   rows_loaded_[name] = row0 + nrows;
   if (row0 + nrows == rows) loaded_[name] = true;
 }
@@ -152,6 +171,58 @@ const float* LlamaWeights::embed_f32() {
     embed = std::move(out);
   }
   return embed.f32();
+}
+
+const float* LlamaWeights::lm_head_f32() {
+  if (cfg.tie_word_embeddings) return embed_f32();
+  if (lm_head.empty() && !lm_head_q8.empty()) {
+    const int64_t V = cfg.vocab_size, D = cfg.hidden_size;
+    std::vector<int32_t> ids(static_cast<size_t>(V));  // [V]: every row, in order
+    for (int64_t i = 0; i < V; ++i) ids[i] = static_cast<int32_t>(i);
+    DeviceBuffer ids_d(be, sizeof(int32_t) * V);
+    be.upload(ids_d.data(), ids.data(), sizeof(int32_t) * V);
+    DeviceBuffer out(be, sizeof(float) * V * D);  // [V, D]
+    be.q8_0_rows(V, D, lm_head_q8.data(), ids_d.data<int32_t>(), out.f32());
+    lm_head = std::move(out);
+  }
+  return lm_head.f32();
+}
+
+DeviceBuffer LlamaWeights::quantize_q8_0(const DeviceBuffer& f32, int64_t rows) {
+  const int64_t D = cfg.hidden_size;
+  const size_t row_bytes = static_cast<size_t>(D / cpu::kQ8_0Block * cpu::kQ8_0BlockBytes);
+  DeviceBuffer out(be, row_bytes * static_cast<size_t>(rows));
+  const int64_t slab = std::max<int64_t>(1, (int64_t{1} << 22) / D);  // 16 MiB of fp32 rows at a time
+  std::vector<float> x;
+  std::vector<uint8_t> q;
+  for (int64_t r0 = 0; r0 < rows; r0 += slab) {
+    const int64_t n = std::min(slab, rows - r0);
+    x.resize(static_cast<size_t>(n * D));
+    q.resize(row_bytes * static_cast<size_t>(n));
+    be.download(x.data(), f32.f32() + r0 * D, sizeof(float) * x.size());
+    cpu::q8_0_quantize_rows(x.data(), n, D, q.data());
+    be.upload(out.data<uint8_t>() + row_bytes * r0, q.data(), q.size());
+    be.synchronize();  // before `q` is reused
+  }
+  return out;
+}
+
+void LlamaWeights::set_head_q8_0() {
+  if (head_q8_) return;
+  const int64_t V = cfg.vocab_size, D = cfg.hidden_size;
+  check_arg(D % 32 == 0, "head_format 'q8_0' needs hidden_size to be a multiple of 32, got " + std::to_string(D));
+  be.require_ops({"q8_0_rows", "q8_0_gemm_nt"}, "head_format 'q8_0'");
+  // Converted one tensor at a time (the fp32 one is freed before the next is converted).
+  // A GGUF's Q8_0 embedding is kept as stored (not requantized from its dequantized copy).
+  if (embed_q8.empty() && !embed.empty() && loaded_.count("model.embed_tokens.weight"))
+    embed_q8 = quantize_q8_0(embed, V);
+  if (!embed_q8.empty()) embed = DeviceBuffer();
+  if (!cfg.tie_word_embeddings && !lm_head.empty() && loaded_.count("lm_head.weight"))
+    lm_head_q8 = quantize_q8_0(lm_head, V), lm_head = DeviceBuffer();
+  rows_loaded_.clear();  // a row-wise load in progress restarts (its rows were fp32)
+  for (const char* n : {"model.embed_tokens.weight", "lm_head.weight"})
+    if (loaded_.count(n) == 0) (std::string(n) == "lm_head.weight" ? lm_head : embed) = DeviceBuffer();
+  head_q8_ = true;
 }
 
 std::vector<std::string> LlamaWeights::missing() const {

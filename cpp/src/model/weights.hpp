@@ -49,9 +49,24 @@ class LlamaWeights {
   void load_embed_q8_0(const uint8_t* data, size_t bytes);
   bool embed_is_q8_0() const { return !embed_q8.empty(); }
   // fp32 embedding / lm_head for the paths that need it whole (training loss, export): a Q8_0
-  // embedding is dequantized into `embed` on first use and kept.
+  // embedding is dequantized into `embed` on first use and kept (likewise a Q8_0 lm_head).
   const float* embed_f32();
-  const float* lm_head_f32() { return cfg.tie_word_embeddings ? embed_f32() : lm_head.f32(); }
+  const float* lm_head_f32();
+
+  // head_format "q8_0": the embedding and the lm_head are kept on the device as Q8_0 rows
+  // (GGUF's 8-bit format, 34 bytes per 32 weights: 3.8x smaller than fp32) and every pass reads
+  // them so (embedding gather q8_0_rows, lm_head q8_0_gemm_nt, its backward q8_0_gemm_nn); the fp32
+  // copies are freed. Tensors loaded already are converted now (slab by slab through host
+  // memory), later loads are quantized on arrival (load_rows: per slab, no fp32 tensor on the
+  // device). Irreversible. Off by default (fp32, or a GGUF's Q8_0 embedding dequantized for
+  // training as before). ValueError unless hidden_size % 32 == 0 and the backend has the ops.
+  void set_head_q8_0();
+  bool head_q8_0() const { return head_q8_; }
+  // The Q8_0 lm_head rows (tied: the embedding's) or null when the lm_head is not Q8_0.
+  const void* lm_head_q8_0() const {
+    if (cfg.tie_word_embeddings) return embed_q8.empty() ? nullptr : embed_q8.data();
+    return lm_head_q8.empty() ? nullptr : lm_head_q8.data();
+  }
   // Names of expected tensors not loaded yet.
   std::vector<std::string> missing() const;
 
@@ -64,7 +79,8 @@ class LlamaWeights {
   DeviceBuffer embed;     // [V, D] (empty while a Q8_0 embedding is not dequantized)
   DeviceBuffer embed_q8;  // Q8_0 [V, D/32 blocks of 34 bytes], or empty
   DeviceBuffer norm;     // [D]
-  DeviceBuffer lm_head;  // [V, D] (empty when tied: embed is used)
+  DeviceBuffer lm_head;  // [V, D] (empty when tied: embed is used, or while a Q8_0 lm_head is not dequantized)
+  DeviceBuffer lm_head_q8;  // Q8_0 [V, D/32 blocks of 34 bytes] (head_format q8_0, untied), or empty
   std::vector<LayerWeights> layers;
 
   // fp32 lm_head; null when tied to a Q8_0 embedding not dequantized (use lm_head_f32()).
@@ -82,6 +98,9 @@ class LlamaWeights {
   std::map<std::string, Slot> slots_;
   std::map<std::string, bool> loaded_;
   std::map<std::string, int64_t> rows_loaded_;  // load_rows progress
+  bool head_q8_ = false;                          // set_head_q8_0
+  // Q8_0 rows of an fp32 [rows, D] buffer (slabs through host memory).
+  DeviceBuffer quantize_q8_0(const DeviceBuffer& f32, int64_t rows);
   void add(const std::string& name, Kind k, int64_t layer, Linear* lin, std::vector<int64_t> shape);
 };
 

@@ -1,0 +1,65 @@
+// Backend defaults built on other ops (every backend has them): fill_zero, copy and the Q8_0
+// lm_head backward q8_0_gemm_nn (backend.hpp).
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "backend.hpp"
+#include "common/error.hpp"
+
+namespace qlora {
+
+void Backend::fill_zero(void* p, size_t bytes) {
+  static const std::vector<char> zeros(size_t{1} << 20, 0);  // uploads of one zero block
+  for (size_t off = 0; off < bytes; off += zeros.size())
+    upload(static_cast<char*>(p) + off, zeros.data(), std::min(zeros.size(), bytes - off));
+}
+
+void Backend::copy(void* dst, const void* src, size_t bytes) {
+  if (!bytes) return;
+  std::vector<char> host(bytes);
+  download(host.data(), src, bytes);
+  upload(dst, host.data(), bytes);
+  synchronize();  // before `host` goes
+}
+
+size_t Backend::q8_0_gemm_nn_scratch_bytes(int64_t N, int64_t K) {
+  const size_t rows = static_cast<size_t>(std::min<int64_t>(std::max<int64_t>(N, 1), kQ8_0GemmNnChunk));
+  return rows * static_cast<size_t>(K) * sizeof(float) + rows * sizeof(int32_t);
+}
+
+void Backend::q8_0_gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* dY, int64_t lddy, const void* W,
+                           float beta, float* dX, int64_t lddx, bool bf16) {
+  check_arg(K >= 32 && K % 32 == 0 && N >= 1 && M >= 0 && lddy >= N && lddx >= K,
+            "q8_0_gemm_nn: need K a multiple of 32, N >= 1, M >= 0, lddy >= N, lddx >= K");
+  if (M == 0) return;
+  const int64_t nc = std::min(N, kQ8_0GemmNnChunk);
+  const size_t row_bytes = static_cast<size_t>(K / 32) * 34;
+  struct Buf {  // freed after the backend finished with it
+    Backend& be;
+    void* p;
+    ~Buf() {
+      try {
+        be.synchronize();
+      } catch (...) {  // already failing: the memory is still given back
+      }
+      be.free(p);
+    }
+  };
+  Buf ids{*this, alloc(static_cast<size_t>(nc) * sizeof(int32_t))};                  // [nc] 0..nc-1
+  Buf deq{*this, alloc(static_cast<size_t>(nc) * static_cast<size_t>(K) * sizeof(float))};  // [nc, K]
+  std::vector<int32_t> iota(static_cast<size_t>(nc));
+  for (int64_t i = 0; i < nc; ++i) iota[i] = static_cast<int32_t>(i);
+  upload(ids.p, iota.data(), iota.size() * sizeof(int32_t));
+  float* S = static_cast<float*>(deq.p);
+  for (int64_t n0 = 0; n0 < N; n0 += nc) {
+    const int64_t n = std::min(nc, N - n0);
+    q8_0_rows(n, K, static_cast<const uint8_t*>(W) + static_cast<size_t>(n0) * row_bytes,
+              static_cast<const int32_t*>(ids.p), S);
+    const float b = n0 == 0 ? beta : 1.0f;  // chunks after the first accumulate
+    if (bf16) gemm_nn_bf16(M, K, n, alpha, dY + n0, lddy, S, K, b, dX, lddx);
+    else gemm_nn(M, K, n, alpha, dY + n0, lddy, S, K, b, dX, lddx);
+  }
+}
+
+}  // namespace qlora
