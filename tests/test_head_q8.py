@@ -178,8 +178,15 @@ def test_train_step_q8_head_equals_dequantized_fp32(tmp_path, tiny, tiny_tied, b
         assert l1 == l0
         for k in g0:
             np.testing.assert_array_equal(g1[k], g0[k], err_msg=k)
-    ids, _, mask = _batch()
-    np.testing.assert_array_equal(q8(ids, mask), ref(ids, mask)) if backend != "cuda" else None
+    ids, labels, mask = _batch()
+    e0, e1 = ref.eval_loss(ids, labels, mask), q8.eval_loss(ids, labels, mask)  # the loss without a backward
+    assert e1[1] == e0[1]
+    if backend == "cuda":
+        np.testing.assert_allclose(q8(ids, mask), ref(ids, mask), rtol=1e-4, atol=1e-5)
+        assert abs(e1[0] - e0[0]) <= 1e-5 * abs(e0[0])
+    else:
+        np.testing.assert_array_equal(q8(ids, mask), ref(ids, mask))  # inference logits (the lm_head GEMM)
+        assert e1[0] == e0[0]
     # A step with the optimizer runs end to end on the Q8_0 head.
     q8.configure_optimizer(lr=1e-3)
     ids, labels, mask = _batch(1)
