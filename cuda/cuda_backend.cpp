@@ -107,6 +107,12 @@ class CudaBackend final : public Backend {
 
   std::string name() const override { return device_ == 0 ? "cuda" : "cuda:" + std::to_string(device_); }
   bool host_memory() const override { return false; }
+  int device() const { return device_; }
+  // cuda::current_stream: the calling thread's stream, its device made current.
+  cudaStream_t stream_for_library() {
+    use_device("stream");
+    return stream();
+  }
   int64_t memory_bytes() const override { return total_mem_; }
   std::string memory_name() const override { return "the memory of GPU " + std::to_string(device_); }
   bool supports_op(const std::string& op) const override {
@@ -570,6 +576,17 @@ std::vector<std::string> supported_ops() {
   for (const std::string& op : Backend::all_ops())
     if (Backend::is_core_op(op) || std::find(o.begin(), o.end(), op) != o.end()) out.push_back(op);
   return out;
+}
+
+int device_of(const Backend& be) {
+  const auto* c = dynamic_cast<const CudaBackend*>(&be);
+  return c ? c->device() : -1;
+}
+
+cudaStream_t current_stream(Backend& be) {
+  auto* c = dynamic_cast<CudaBackend*>(&be);
+  check_arg(c != nullptr, "backend '" + be.name() + "' is not a CUDA backend");
+  return c->stream_for_library();
 }
 
 std::unique_ptr<Backend> make_backend(int device) {

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/error.hpp"
+#include "parallel/nccl.hpp"
 #include "model/lora_setup.hpp"
 #include "train/grad_utils.hpp"
 
@@ -242,20 +243,33 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
             // Data parallel: comm.sum_scalars(float64 array) / comm.sum_grads(float32 array) sum in
             // place over every rank (mpi4py Allreduce IN_PLACE); they get zero-copy views, valid
             // during the call only, and run with the GIL taken back.
+            // GPU ranks: comm.nccl (a _core.nccl.Comm on the model's backend) all-reduces the
+            // gradient buffer on the device, without the GIL; the scalars still go through comm.
             model::StepReducer red;
+            py::object nccl = comm.is_none() ? py::object(py::none()) : py::getattr(comm, "nccl", py::none());
             if (!comm.is_none()) {
-              need_host(self, "data-parallel training through Python");
+              check_arg(nccl.is_none() || py::isinstance<dist::NcclComm>(nccl),
+                        "comm.nccl must be None or a qlora_native._core.nccl.Comm");
+              dist::NcclComm* nc = nccl.is_none() ? nullptr : nccl.cast<dist::NcclComm*>();
+              if (nc)
+                check_arg(&nc->backend() == &self.backend(), "comm.nccl runs on backend '" + nc->backend().name() +
+                                                                 "', the model on '" + self.backend().name() + "'");
+              else
+                need_host(self, "data-parallel training through Python (GPU ranks reduce over NCCL: comm.nccl)");
               py::object ss = comm.attr("sum_scalars"), sg = comm.attr("sum_grads");
               red.sum_scalars = [ss](double* v, int n) {
                 py::gil_scoped_acquire gil;
                 py::capsule none(v, [](void*) {});
                 ss(py::array_t<double>({static_cast<py::ssize_t>(n)}, {sizeof(double)}, v, none));
               };
-              red.sum_grads = [sg](float* g, int64_t n) {
-                py::gil_scoped_acquire gil;
-                py::capsule none(g, [](void*) {});
-                sg(py::array_t<float>({static_cast<py::ssize_t>(n)}, {sizeof(float)}, g, none));
-              };
+              if (nc)
+                red.sum_grads = [nc](float* g, int64_t n) { nc->all_reduce_sum(g, n); };
+              else
+                red.sum_grads = [sg](float* g, int64_t n) {
+                  py::gil_scoped_acquire gil;
+                  py::capsule none(g, [](void*) {});
+                  sg(py::array_t<float>({static_cast<py::ssize_t>(n)}, {sizeof(float)}, g, none));
+                };
             }
             model::TrainStepResult r;
             {

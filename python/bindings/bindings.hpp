@@ -22,5 +22,6 @@ void bind_grad_ops(py::module_& m);  // qlora_native._core.grad_ops: training op
 void bind_tokenizer(py::module_& m);  // qlora_native._core.Tokenizer: the C++ tokenizers
 void bind_gguf(py::module_& m);      // qlora_native._core.gguf: GGUF reader, dequantization, model loading
 void bind_backend_op(py::module_& m);  // qlora_native._core.backend_op: one Backend op by name (op harness)
+void bind_nccl(py::module_& m);  // qlora_native._core.nccl: NCCL communicator (GPU data parallel)
 void bind_device_memory(py::module_& m);  // device_stats etc.: the device caching allocator's counters
 }  // namespace qlora::py_bind

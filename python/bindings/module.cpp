@@ -29,5 +29,6 @@ PYBIND11_MODULE(_core, m) {
   qlora::py_bind::bind_tokenizer(m);
   qlora::py_bind::bind_gguf(m);
   qlora::py_bind::bind_backend_op(m);
+  qlora::py_bind::bind_nccl(m);
   qlora::py_bind::bind_device_memory(m);
 }
