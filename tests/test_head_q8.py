@@ -20,6 +20,7 @@ Q8_0 = pytest.importorskip("gguf").GGMLQuantizationType.Q8_0
 HAVE_GPU = _core.cuda_device_count() > 0
 NO_GPU = f"no CUDA GPU: {_core.cuda_device_summary()}"
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not HAVE_GPU, reason=NO_GPU))
+EPS32 = float(np.finfo(np.float32).eps)
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, vocab_size=80)
 TABLES = ("model.embed_tokens.weight", "lm_head.weight")
 
@@ -266,3 +267,27 @@ def test_llama3_8b_estimate():
     assert t[("float32", True, 1)] > 7  # fp32 tables alone miss the target
     assert t[("q8_0", False, 1)] < 7 and t[("q8_0", True, 1)] < 7 and t[("q8_0", True, 2)] < 8
     assert t[("q8_0", False, 2)] > 8  # batch 2 needs the offload
+
+
+def test_cross_entropy_q8_0_bf16_within_bf16_bound(rng):
+    """compute_dtype bfloat16: the Q8_0 lm_head's two GEMMs on bf16-rounded operands (the dequantized
+    chunks through gemm_nt_bf16 / gemm_nn_bf16) vs float64, within bounds from bf16 rounding (each
+    operand off by <= 2^-9 relative: a product by <= 2^-8)."""
+    N, D, V = 24, 64, 3000
+    h = rng.standard_normal((N, D)).astype(np.float32)
+    E = (rng.standard_normal((V, D)) / np.sqrt(D)).astype(np.float32)
+    labels = rng.integers(0, V, N).astype(np.int32)
+    Eq = np.asarray(gguf_quants.quantize(E, Q8_0)).reshape(V, D // 32 * 34)
+    Ed = q8_roundtrip(E)
+    r = _core.grad_ops.lm_cross_entropy_q8_0(h, Eq, labels, grad_scale=1.0 / N, bf16=True)
+    loss, count, dh = ce_ref(h, Ed, labels, 1.0 / N)
+    mag = np.abs(h).astype(np.float64) @ np.abs(Ed).T.astype(np.float64)  # [N, V] |h|·|E|
+    logit_err = float(mag.max()) * (2.0 ** -8 + 8 * np.sqrt(D) * EPS32)
+    assert r["count"] == count
+    assert abs(r["loss_sum"] - loss) <= count * 2.5 * logit_err
+    # dlogits off by <= 2 logit_err per row (softmax), then a bf16 GEMM with |dlogits| summing to <= 2/N.
+    dh_tol = float(np.abs(Ed).max()) / N * (2 * 2.0 ** -8 + 4 * logit_err + 8 * np.sqrt(V) * EPS32)
+    assert float(np.abs(r["dh"] - dh).max()) <= dh_tol
+    if qlora_native.ops.bf16_compute_available("cpu"):
+        fp = _core.grad_ops.lm_cross_entropy_q8_0(h, Eq, labels, grad_scale=1.0 / N)
+        assert not np.array_equal(fp["dh"], r["dh"])  # the bf16 path ran

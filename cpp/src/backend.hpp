@@ -203,6 +203,12 @@ class Backend {
                             float beta, float* dX, int64_t lddx, bool bf16 = false);
   static constexpr int64_t kQ8_0GemmNnChunk = 2048;
   static size_t q8_0_gemm_nn_scratch_bytes(int64_t N, int64_t K);
+  // q8_0_gemm_nt in bf16 compute (compute_dtype="bfloat16": operands rounded to bf16, fp32
+  // accumulation), for the many-row lm_head of the training loss. Default (backend_q8.cpp): the same
+  // dequantized chunks as q8_0_gemm_nn (same scratch), each one gemm_nt_bf16 into its columns of Y
+  // (CUDA: the tensor-core GEMM instead of the warp-per-column Q8_0 kernel).
+  virtual void q8_0_gemm_nt_bf16(int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const void* W, float* Y,
+                                 int64_t ldy);
   // dX[M, W.cols] = alpha * dY[M, W.rows] · deq(W) + beta * dX
   virtual void nf4_gemm_nn(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W,
                            float beta, float* dX, int64_t lddx) = 0;

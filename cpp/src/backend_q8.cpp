@@ -28,34 +28,69 @@ size_t Backend::q8_0_gemm_nn_scratch_bytes(int64_t N, int64_t K) {
   return rows * static_cast<size_t>(K) * sizeof(float) + rows * sizeof(int32_t);
 }
 
+namespace {
+// The dequantization scratch of the chunked Q8_0 defaults: ids 0..nc-1 and nc fp32 rows, freed after
+// the backend finished with them.
+struct Q8Chunks {
+  Backend& be;
+  int64_t nc;
+  void* ids;
+  void* rows;
+  Q8Chunks(Backend& b, int64_t N, int64_t K) : be(b), nc(std::min(N, Backend::kQ8_0GemmNnChunk)), ids(nullptr), rows(nullptr) {
+    ids = be.alloc(static_cast<size_t>(nc) * sizeof(int32_t));  // [nc]
+    try {
+      rows = be.alloc(static_cast<size_t>(nc) * static_cast<size_t>(K) * sizeof(float));  // [nc, K]
+      std::vector<int32_t> iota(static_cast<size_t>(nc));
+      for (int64_t i = 0; i < nc; ++i) iota[i] = static_cast<int32_t>(i);
+      be.upload(ids, iota.data(), iota.size() * sizeof(int32_t));
+      be.synchronize();  // before `iota` goes
+    } catch (...) {
+      release();
+      throw;
+    }
+  }
+  ~Q8Chunks() {
+    try {
+      be.synchronize();
+    } catch (...) {  // already failing: the memory is still given back
+    }
+    release();
+  }
+  void release() {
+    if (rows) be.free(rows);
+    if (ids) be.free(ids);
+    rows = ids = nullptr;
+  }
+  // Rows [n0, n0 + n) of W dequantized into rows (fp32 [n, K]).
+  float* load(const void* W, int64_t n0, int64_t n, int64_t K) {
+    be.q8_0_rows(n, K, static_cast<const uint8_t*>(W) + static_cast<size_t>(n0) * static_cast<size_t>(K / 32) * 34,
+                 static_cast<const int32_t*>(ids), static_cast<float*>(rows));
+    return static_cast<float*>(rows);
+  }
+};
+}  // namespace
+
+void Backend::q8_0_gemm_nt_bf16(int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const void* W, float* Y,
+                                int64_t ldy) {
+  check_arg(K >= 32 && K % 32 == 0 && N >= 1 && M >= 0 && ldx >= K && ldy >= N,
+            "q8_0_gemm_nt_bf16: need K a multiple of 32, N >= 1, M >= 0, ldx >= K, ldy >= N");
+  if (M == 0) return;
+  Q8Chunks c(*this, N, K);
+  for (int64_t n0 = 0; n0 < N; n0 += c.nc) {
+    const int64_t n = std::min(c.nc, N - n0);
+    gemm_nt_bf16(M, n, K, 1.0f, X, ldx, c.load(W, n0, n, K), K, 0.0f, Y + n0, ldy);
+  }
+}
+
 void Backend::q8_0_gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* dY, int64_t lddy, const void* W,
                            float beta, float* dX, int64_t lddx, bool bf16) {
   check_arg(K >= 32 && K % 32 == 0 && N >= 1 && M >= 0 && lddy >= N && lddx >= K,
             "q8_0_gemm_nn: need K a multiple of 32, N >= 1, M >= 0, lddy >= N, lddx >= K");
   if (M == 0) return;
-  const int64_t nc = std::min(N, kQ8_0GemmNnChunk);
-  const size_t row_bytes = static_cast<size_t>(K / 32) * 34;
-  struct Buf {  // freed after the backend finished with it
-    Backend& be;
-    void* p;
-    ~Buf() {
-      try {
-        be.synchronize();
-      } catch (...) {  // already failing: the memory is still given back
-      }
-      be.free(p);
-    }
-  };
-  Buf ids{*this, alloc(static_cast<size_t>(nc) * sizeof(int32_t))};                  // [nc] 0..nc-1
-  Buf deq{*this, alloc(static_cast<size_t>(nc) * static_cast<size_t>(K) * sizeof(float))};  // [nc, K]
-  std::vector<int32_t> iota(static_cast<size_t>(nc));
-  for (int64_t i = 0; i < nc; ++i) iota[i] = static_cast<int32_t>(i);
-  upload(ids.p, iota.data(), iota.size() * sizeof(int32_t));
-  float* S = static_cast<float*>(deq.p);
-  for (int64_t n0 = 0; n0 < N; n0 += nc) {
-    const int64_t n = std::min(nc, N - n0);
-    q8_0_rows(n, K, static_cast<const uint8_t*>(W) + static_cast<size_t>(n0) * row_bytes,
-              static_cast<const int32_t*>(ids.p), S);
+  Q8Chunks c(*this, N, K);
+  for (int64_t n0 = 0; n0 < N; n0 += c.nc) {
+    const int64_t n = std::min(c.nc, N - n0);
+    const float* S = c.load(W, n0, n, K);
     const float b = n0 == 0 ? beta : 1.0f;  // chunks after the first accumulate
     if (bf16) gemm_nn_bf16(M, K, n, alpha, dY + n0, lddy, S, K, b, dX, lddx);
     else gemm_nn(M, K, n, alpha, dY + n0, lddy, S, K, b, dX, lddx);

@@ -66,7 +66,8 @@ CrossEntropyResult lm_cross_entropy(Backend& be, int64_t N, int64_t D, int64_t V
 // bf16: the two lm_head GEMMs run as Backend::gemm_*_bf16 (compute_dtype="bfloat16"); softmax and
 // loss stay fp32.
 // The lm_head as a Q8_0 matrix (head_format "q8_0": V rows of D/32 Q8_0 blocks, backend memory):
-// logits by Backend::q8_0_gemm_nt (fp32 compute on the exact dequantized values), dh by
+// logits by Backend::q8_0_gemm_nt (fp32 compute on the exact dequantized values; bf16:
+// q8_0_gemm_nt_bf16, the dequantized chunks through the bf16 GEMM), dh by
 // Backend::q8_0_gemm_nn (bf16: its chunks' GEMMs in bf16 compute); workspace_bytes includes the
 // latter's dequantization scratch.
 CrossEntropyResult lm_cross_entropy_q8_0(Backend& be, int64_t N, int64_t D, int64_t V, const float* h, int64_t ldh,

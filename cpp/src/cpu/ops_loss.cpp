@@ -132,7 +132,8 @@ CrossEntropyResult lm_cross_entropy_any(Backend& be, int64_t N, int64_t D, int64
 
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t m = std::min(rows, N - n0);
-    if (E_q8) be.q8_0_gemm_nt(m, V, D, h + n0 * ldh, ldh, E_q8, logits, V);
+    if (E_q8 && bf16) be.q8_0_gemm_nt_bf16(m, V, D, h + n0 * ldh, ldh, E_q8, logits, V);
+    else if (E_q8) be.q8_0_gemm_nt(m, V, D, h + n0 * ldh, ldh, E_q8, logits, V);
     else if (bf16) be.gemm_nt_bf16(m, V, D, 1.0f, h + n0 * ldh, ldh, E, D, 0.0f, logits, V);
     else be.gemm_nt(m, V, D, 1.0f, h + n0 * ldh, ldh, E, D, 0.0f, logits, V);
     const int32_t* lab = labels + n0;
@@ -152,7 +153,8 @@ CrossEntropyResult lm_cross_entropy_any(Backend& be, int64_t N, int64_t D, int64
     else if (dh) be.gemm_nn(m, D, V, 1.0f, logits, V, E, D, 0.0f, dh + n0 * lddh, lddh);
   }
   be.synchronize();
-  res.workspace_bytes = scratch.bytes + (dh && E_q8 ? Backend::q8_0_gemm_nn_scratch_bytes(V, D) : 0);
+  // + the Q8_0 defaults' dequantized chunk (one at a time: the forward's in bf16, the backward's)
+  res.workspace_bytes = scratch.bytes + (E_q8 && (dh || bf16) ? Backend::q8_0_gemm_nn_scratch_bytes(V, D) : 0);
   return res;
 }
 }  // namespace
