@@ -17,7 +17,11 @@ from qlora_native.trainer import Trainer, TrainingArguments
 def main(spec_path):
     with open(spec_path) as f:
         spec = json.load(f)
-    model = Model.from_pretrained(spec["model"], quantize="nf4", tokenizer=None)
+    kw = {}
+    if spec.get("backend"):  # GPU ranks (test_distributed_nccl.py): one GPU per rank, fp32 compute
+        from qlora_native.distributed import local_backend
+        kw = {"backend": local_backend(spec["backend"]), "compute_dtype": "float32"}
+    model = Model.from_pretrained(spec["model"], quantize="nf4", tokenizer=None, **kw)
     ex = [Example(i, l, line=k + 1) for k, (i, l) in enumerate(spec["examples"])]
     ev = [Example(i, l, line=k + 1) for k, (i, l) in enumerate(spec.get("eval") or [])] or None
     rank = int(os.environ.get("PMI_RANK", "0"))

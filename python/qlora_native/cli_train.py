@@ -123,7 +123,11 @@ def resolve_backend(name: str) -> str:
     if name == "auto":
         from . import _core
 
-        return "cuda" if _core.cuda_device_count() > 0 else "cpu"
+        name = "cuda" if _core.cuda_device_count() > 0 else "cpu"
+    if name == "cuda":  # under mpiexec with several ranks: cuda:<local rank>, one GPU per rank
+        from .distributed import local_backend
+
+        return local_backend(name)
     return name
 
 

@@ -366,6 +366,8 @@ class LoraModelMixin:
                                      and callable(getattr(comm, "sum_grads", None))):
             raise ValueError(f"comm must have sum_scalars and sum_grads methods (qlora_native.distributed), "
                              f"got {type(comm).__name__}")
+        if comm is not None and callable(getattr(comm, "reducer_for", None)):
+            comm = comm.reducer_for(self)  # a cuda model: the NCCL reducer over the same ranks
         micro_batches = list(micro_batches)
         if row_offsets is not None:
             row_offsets = list(row_offsets)
