@@ -165,15 +165,19 @@ def nf4_bytes(model, cfg):
             for l in range(cfg["num_hidden_layers"]) for p in PROJECTIONS}
 
 
-def torch_training(model, cfg, ref, tmp_path, batches, hp, dtype):
-    """Losses and final factors of PEFT + torch.optim.AdamW (clip 1.0) in `dtype`."""
-    pm = peft_reference(model, cfg, ref, "a", tmp_path / dtype, dtype)
+def torch_training(model, cfg, ref, tmp_path, batches, hp, dtype, autocast_bf16=False):
+    """Losses and final factors of PEFT + torch.optim.AdamW (clip 1.0) in `dtype` (optionally
+    under torch.autocast("cpu", bfloat16), the usual bf16 QLoRA recipe)."""
+    import contextlib
+
+    pm = peft_reference(model, cfg, ref, "a", tmp_path / f"{dtype}{'-ac' if autocast_bf16 else ''}", dtype)
     params = [p for n, p in pm.named_parameters() if "lora_" in n]
     opt = torch.optim.AdamW(params, foreach=False, **hp)
     losses = []
     for step in range(20):
         ids, mask, labels = batches[step % len(batches)]
-        loss = torch_loss(pm, ids, mask, labels)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext():
+            loss = torch_loss(pm, ids, mask, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
