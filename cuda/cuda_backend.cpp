@@ -32,8 +32,8 @@
 #include "ops_embedding.cuh"
 #include "ops_grad_norm.cuh"
 #include "ops_kv_write.cuh"
-#include "ops_lora_dropout.cuh"
 #include "ops_lora_sgmv.cuh"
+#include "ops_lora_dropout.cuh"
 #include "ops_q8_0_gemm.cuh"
 #include "ops_q8_0_rows.cuh"
 #include "ops_rmsnorm.cuh"
@@ -400,6 +400,25 @@ class CudaBackend final : public Backend {
     use_device("cross_entropy_rows");
     cuda::cross_entropy_rows(stream_, M, V, logits, ldl, labels, grad_scale, want_grad, loss);
   }
+  // Sampling on the device (ops_sample.cu): only the n token ids come back.
+  void sample_rows(int64_t n, int64_t V, const float* logits, int64_t ldl, const int32_t* rows,
+                   const int32_t* const* histories, const int64_t* n_hists, const SamplingParams& p, const double* u,
+                   int32_t* out) override {
+    use_device("sample_rows");
+    cuda::sample_rows_op(*this, stream_, n, V, logits, ldl, rows, histories, n_hists, p, u, out);
+  }
+  // Mixed-adapter LoRA (ops_lora_sgmv.cu): short segments as SGMV shrink/expand launches, long
+  // ones as two GEMMs.
+  void lora_segments(int64_t in, int64_t out, const float* x, int64_t ldx, int64_t n, const LoraSegment* seg, float* y,
+                     int64_t ldy, float* t) override {
+    const LoraProblem p{in, out, x, ldx, n, seg, y, ldy};
+    lora_segments_many(1, &p, t);
+  }
+  void lora_segments_many(int64_t np, const LoraProblem* p, float* t) override {
+    use_device("lora_segments_many");
+    cuda::lora_segments_many_op(*this, stream_, np, p, t);
+  }
+
   // ---- training ops (ops_*_backward.cu, ops_attention_train*.cu, ops_lora_dropout.cu)
   void rmsnorm_backward(int64_t M, int64_t D, const float* x, const float* w, float eps, const float* dy,
                         float* dx) override {
@@ -460,24 +479,6 @@ class CudaBackend final : public Backend {
     use_device("lora_dropout_backward");
     cuda::lora_dropout_backward(stream_, seed, offset, 1.0 - static_cast<double>(p), 1.0f / (1.0f - p), M, in, g, dx,
                                 lddx);
-  }
-  // Sampling on the device (ops_sample.cu): only the n token ids come back.
-  void sample_rows(int64_t n, int64_t V, const float* logits, int64_t ldl, const int32_t* rows,
-                   const int32_t* const* histories, const int64_t* n_hists, const SamplingParams& p, const double* u,
-                   int32_t* out) override {
-    use_device("sample_rows");
-    cuda::sample_rows_op(*this, stream_, n, V, logits, ldl, rows, histories, n_hists, p, u, out);
-  }
-  // Mixed-adapter LoRA (ops_lora_sgmv.cu): short segments as SGMV shrink/expand launches, long
-  // ones as two GEMMs.
-  void lora_segments(int64_t in, int64_t out, const float* x, int64_t ldx, int64_t n, const LoraSegment* seg, float* y,
-                     int64_t ldy, float* t) override {
-    const LoraProblem p{in, out, x, ldx, n, seg, y, ldy};
-    lora_segments_many(1, &p, t);
-  }
-  void lora_segments_many(int64_t np, const LoraProblem* p, float* t) override {
-    use_device("lora_segments_many");
-    cuda::lora_segments_many_op(*this, stream_, np, p, t);
   }
   // ---- optimizer ops (ops_adamw.cu, ops_grad_norm.cu) on the adapter's contiguous buffers
   void adamw_update(int64_t n, float* p, const float* g, float* m, float* v, const train::AdamWScalars& s) override {
