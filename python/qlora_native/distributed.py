@@ -26,7 +26,7 @@ __all__ = ["MPIComm", "NCCLComm", "launcher_world_size", "wanted", "init", "shar
            "NCCL_INSTALL", "local_rank", "local_backend", "uses_nccl", "load_nccl", "nccl_library_candidates"]
 
 MPI_INSTALL = "pip install qlora-native[mpi]"
-NCCL_INSTALL = "pip install nvidia-nccl-cu13"
+NCCL_INSTALL = "pip install nvidia-nccl-cu13 (or qlora-native[nccl])"
 # A rank's index among the ranks of its node, as the launchers announce it: MPICH / Intel MPI (hydra),
 # Open MPI, MVAPICH2, Slurm's srun.
 _LOCAL_ENV = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
