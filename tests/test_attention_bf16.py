@@ -144,12 +144,14 @@ def test_attention_bf16_vs_float64_and_oracle(rng, monkeypatch, case, backward):
     if "cpu:avx512" in res:
         # kernels vs the oracle: the same roundings of values that differ only by fp32 summation order
         # and the SIMD exp (2 ulp), so now and then a bf16 rounding of P or dS (after the cancellation
-        # in dP - delta) goes the other way: measured <= 4e-5 relative; bound u / 16 (a wrong tile or
-        # panel would be off by O(1), the bf16 error itself is ~u)
+        # in dP - delta) goes the other way. A flipped rounding moves that operand by one bf16 ulp
+        # (<= 2u relative), so however many flip, the products differ by <= 2u relative (plus fp32
+        # summation noise): bound 2u. Typically ~4e-5; CI seed 1245663613 gave 3.4e-4 on dv. A wrong
+        # tile or panel would be off by O(1).
         for name, a, o in zip(("out", "lse", "dq", "dk", "dv"), res["cpu:avx512"], res["cpu:scalar"]):
             if name == "lse":
                 a, o = a[fin], o[fin]
-            assert rel(a, o.astype(np.float64)) < U / 16, (name, rel(a, o.astype(np.float64)))
+            assert rel(a, o.astype(np.float64)) < 2 * U, (name, rel(a, o.astype(np.float64)))
 
 
 def test_attention_bf16_rejects_bad_compute_dtype(rng):
