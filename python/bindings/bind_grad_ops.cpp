@@ -259,6 +259,23 @@ py::array attention_kv(py::handle q_o, py::handle k_o, py::handle v_o, py::handl
   return out;
 }
 
+// dh [N, D] of the lm_head losses when want_grad (else None / null), and their result dict.
+std::pair<py::object, float*> optional_dh(int64_t N, int64_t D, bool want_grad) {
+  if (!want_grad) return {py::none(), nullptr};
+  auto dh = new_f32({N, D});
+  float* p = dh.mutable_data();
+  return {std::move(dh), p};
+}
+
+py::dict ce_result(const CrossEntropyResult& r, const py::object& dh) {
+  py::dict d;
+  d["loss_sum"] = r.loss_sum;
+  d["count"] = r.count;
+  d["dh"] = dh;
+  d["workspace_bytes"] = r.workspace_bytes;
+  return d;
+}
+
 py::dict lm_cross_entropy(py::handle h_o, py::handle e_o, py::handle lab_o, float grad_scale, int64_t chunk_rows,
                           bool want_grad, const std::string& backend) {
   Backend& be = host_backend(backend);
@@ -269,24 +286,13 @@ py::dict lm_cross_entropy(py::handle h_o, py::handle e_o, py::handle lab_o, floa
   expect_shape(E, "E", {V, D});
   expect_shape(labels, "labels", {N});
   check_arg(std::isfinite(grad_scale), "grad_scale must be finite");
-  py::object dh_obj = py::none();
-  float* pdh = nullptr;
-  if (want_grad) {
-    auto dh = new_f32({N, D});
-    pdh = dh.mutable_data();
-    dh_obj = dh;
-  }
+  auto [dh_obj, pdh] = optional_dh(N, D, want_grad);
   CrossEntropyResult r;
   {
     py::gil_scoped_release nogil;
     r = lm_cross_entropy(be, N, D, V, h.data(), D, E.data(), labels.data(), grad_scale, pdh, D, chunk_rows);
   }
-  py::dict d;
-  d["loss_sum"] = r.loss_sum;
-  d["count"] = r.count;
-  d["dh"] = dh_obj;
-  d["workspace_bytes"] = r.workspace_bytes;
-  return d;
+  return ce_result(r, dh_obj);
 }
 
 // The same through a Q8_0 lm_head: E_q8 uint8 [V, D/32*34] (GGUF Q8_0 rows).
@@ -303,25 +309,14 @@ py::dict lm_cross_entropy_q8_0(py::handle h_o, const py::array_t<uint8_t, py::ar
   const int64_t V = eq.shape(0);
   expect_shape(labels, "labels", {N});
   check_arg(std::isfinite(grad_scale), "grad_scale must be finite");
-  py::object dh_obj = py::none();
-  float* pdh = nullptr;
-  if (want_grad) {
-    auto dh = new_f32({N, D});
-    pdh = dh.mutable_data();
-    dh_obj = dh;
-  }
+  auto [dh_obj, pdh] = optional_dh(N, D, want_grad);
   CrossEntropyResult r;
   {
     py::gil_scoped_release nogil;
     r = lm_cross_entropy_q8_0(be, N, D, V, h.data(), D, eq.data(), labels.data(), grad_scale, pdh, D, chunk_rows,
                               bf16);
   }
-  py::dict d;
-  d["loss_sum"] = r.loss_sum;
-  d["count"] = r.count;
-  d["dh"] = dh_obj;
-  d["workspace_bytes"] = r.workspace_bytes;
-  return d;
+  return ce_result(r, dh_obj);
 }
 
 }  // namespace
