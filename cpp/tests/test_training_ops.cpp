@@ -9,39 +9,13 @@
 #include "backend.hpp"
 #include "check.hpp"
 #include "common/error.hpp"
+#include "fake_backend.hpp"
 #include "model/train_ops.hpp"
 
 using namespace qlora;
+using qlora::test::FakeBackend;
 
 namespace {
-
-// Core ops plus a chosen list of optional ones; never runs anything.
-class FakeBackend final : public Backend {
- public:
-  explicit FakeBackend(std::vector<std::string> extra) : extra_(std::move(extra)) {}
-  std::string name() const override { return "fake"; }
-  bool host_memory() const override { return false; }
-  bool supports_op(const std::string& op) const override {
-    return Backend::supports_op(op) || std::find(extra_.begin(), extra_.end(), op) != extra_.end();
-  }
-  void* alloc(size_t) override { throw std::runtime_error("fake: alloc"); }
-  void free(void*) override {}
-  void upload(void*, const void*, size_t) override {}
-  void download(void*, const void*, size_t) override {}
-  void synchronize() override {}
-  void gemm_nt(int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t, float, float*,
-               int64_t) override {}
-  void gemm_nn(int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t, float, float*,
-               int64_t) override {}
-  void gemm_tn(int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t, float, float*,
-               int64_t) override {}
-  void nf4_gemm_nt(int64_t, float, const float*, int64_t, const Nf4Ref&, float, float*, int64_t) override {}
-  void nf4_gemm_nn(int64_t, float, const float*, int64_t, const Nf4Ref&, float, float*, int64_t) override {}
-  void nf4_dequantize(const Nf4Ref&, float*) override {}
-
- private:
-  std::vector<std::string> extra_;
-};
 
 std::string refusal(const Backend& be, const model::LlamaConfig& c, bool backward, bool dropout) {
   try {
