@@ -8,6 +8,9 @@ where ref_abs = |alpha| * |A|·|B| + |beta| * |C0| (float64) bounds every roundi
 dot product (gamma_K = K * eps32 / 2 per term), the +8 covering NF4 decode and alpha/beta
 roundings. A wrong element or a missed term is O(1) relative and fails it.
 """
+import os
+import sys
+
 import numpy as np
 import pytest
 
@@ -15,6 +18,9 @@ import qlora_native
 from qlora_native import _core
 from qlora_native import ops as ops_mod
 from qlora_native.cli import main
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from helpers_lora import lora_case  # noqa: E402
 
 EPS32 = float(np.finfo(np.float32).eps)
 HAVE_GPU = _core.cuda_device_count() > 0
@@ -639,33 +645,11 @@ def test_op_cross_entropy(backend, rng, want_grad):
 def test_op_lora_segments(backend, rng, many):
     """Mixed-adapter LoRA terms: segments of different ranks and alphas, rows no segment covers."""
     M = 9
-    problems = [(40, 24), (40, 8)] if many else [(40, 24)]
-    arrays, ints, floats, refs = {}, {"np": len(problems)}, {}, []
-    tmax = 0
-    for p, (inp, out) in enumerate(problems):
-        ldx, ldy = inp + 1, out + 2
-        x = rng.standard_normal((M, ldx)).astype(np.float32)
-        y = rng.standard_normal((M, ldy)).astype(np.float32)
-        segs = [(0, 3, 4, 0.5), (3, 2, 1, -2.0), (6, 3, 8, 1.25)]  # rows 5 stays base-only
-        arrays[f"x_{p}"], arrays[f"y_{p}"] = x, y
-        ints.update({f"in_{p}": inp, f"out_{p}": out, f"ldx_{p}": ldx, f"ldy_{p}": ldy, f"nseg_{p}": len(segs)})
-        ref = y[:, :out].astype(np.float64)
-        bound = np.abs(ref)
-        for s, (row0, rows, r, alpha) in enumerate(segs):
-            A = rng.standard_normal((r, inp)).astype(np.float32)
-            Bm = rng.standard_normal((out, r)).astype(np.float32)
-            key = f"{p}_{s}"
-            arrays[f"A_{key}"], arrays[f"B_{key}"] = A, Bm
-            ints.update({f"row0_{key}": row0, f"rows_{key}": rows, f"r_{key}": r})
-            floats[f"alpha_{key}"] = alpha
-            xs = x[row0:row0 + rows, :inp].astype(np.float64)
-            ref[row0:row0 + rows] += alpha * (xs @ A.T.astype(np.float64)) @ Bm.T.astype(np.float64)
-            bound[row0:row0 + rows] += abs(alpha) * (np.abs(xs) @ np.abs(A.T)) @ np.abs(Bm.T)
-            tmax = max(tmax, rows * r)
-        refs.append((p, out, ref, bound, y))
-    arrays["t"] = np.zeros(tmax, np.float32)
+    segs = [(0, 3, 4, 0.5), (3, 2, 1, -2.0), (6, 3, 8, 1.25)]  # rows 5 stays base-only
+    problems = [(40, 24, segs), (40, 8, segs)] if many else [(40, 24, segs)]
+    arrays, ints, floats, refs = lora_case(rng, problems, M, pad=(1, 2))
     res = _run(_be(backend), "lora_segments_many" if many else "lora_segments", arrays, ints, floats)
-    for p, out, ref, bound, y in refs:
+    for p, _, out, ref, bound, y, _ in refs:
         got = res[f"y_{p}"]
         _within(got[:, :out], ref, (40 + 8 + 8) * 2 * EPS32 * bound + 1e-30, f"lora problem {p}")
         np.testing.assert_array_equal(got[:, out:], y[:, out:])

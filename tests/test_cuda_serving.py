@@ -6,12 +6,17 @@ Backends: cpu:scalar, cpu, cpu:devsim (the CPU kernels behind CUDA's device face
 sample_rows there runs the default, download + host rule) and cuda (skips without a GPU).
 """
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
 
 import qlora_native
 from qlora_native import _core
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from helpers_lora import lora_case  # noqa: E402
 
 EPS32 = float(np.finfo(np.float32).eps)
 HAVE_GPU = _core.cuda_device_count() > 0
@@ -239,35 +244,6 @@ def test_feed_sample_refuses_bad_rows(tmp_path):
 # ------------------------------------------------------------------ lora_segments_many (SGMV)
 
 
-def _lora_case(rng, problems, M):
-    """problems: [(in, out, [(row0, rows, r, alpha), ...])]; returns harness arrays and references."""
-    arrays, ints, floats, refs = {}, {"np": len(problems)}, {}, []
-    tmax = 1
-    for p, (inp, out, segs) in enumerate(problems):
-        ldx, ldy = inp + 3, out + 1
-        x = rng.standard_normal((M, ldx)).astype(np.float32)
-        y = rng.standard_normal((M, ldy)).astype(np.float32)
-        arrays[f"x_{p}"], arrays[f"y_{p}"] = x, y
-        ints.update({f"in_{p}": inp, f"out_{p}": out, f"ldx_{p}": ldx, f"ldy_{p}": ldy, f"nseg_{p}": len(segs)})
-        ref = y[:, :out].astype(np.float64)
-        bound = np.abs(ref)
-        for s, (row0, rows, r, alpha) in enumerate(segs):
-            A = rng.standard_normal((r, inp)).astype(np.float32)
-            Bm = rng.standard_normal((out, r)).astype(np.float32)
-            key = f"{p}_{s}"
-            arrays[f"A_{key}"], arrays[f"B_{key}"] = A, Bm
-            ints.update({f"row0_{key}": row0, f"rows_{key}": rows, f"r_{key}": r})
-            floats[f"alpha_{key}"] = alpha
-            if rows and alpha:
-                xs = x[row0:row0 + rows, :inp].astype(np.float64)
-                ref[row0:row0 + rows] += alpha * (xs @ A.T.astype(np.float64)) @ Bm.T.astype(np.float64)
-                bound[row0:row0 + rows] += abs(alpha) * (np.abs(xs) @ np.abs(A.T)) @ np.abs(Bm.T)
-            tmax = max(tmax, rows * r)
-        refs.append((p, inp, out, ref, bound, y, segs))
-    arrays["t"] = np.zeros(tmax, np.float32)
-    return arrays, ints, floats, refs
-
-
 def _segments(rows_per, ranks, M, alphas=None):
     segs, row = [], 0
     for i, (n, r) in enumerate(zip(rows_per, ranks)):
@@ -298,7 +274,7 @@ def test_op_lora_segments_many_sgmv(backend, case):
     _be(backend)
     M, problems = SGMV_CASES[case]
     rng = np.random.default_rng(len(case) * 7919)
-    arrays, ints, floats, refs = _lora_case(rng, problems, M)
+    arrays, ints, floats, refs = lora_case(rng, problems, M)
     res = _core.backend_op(backend, "lora_segments_many", arrays, ints, floats)
     for p, inp, out, ref, bound, y, segs in refs:
         got = res[f"y_{p}"].astype(np.float64)

@@ -1,0 +1,40 @@
+"""Op-harness inputs for Backend::lora_segments / lora_segments_many (_core.backend_op) with float64
+references, shared by the backend op tests (test_cuda_backend.py) and the serving SGMV tests
+(test_cuda_serving.py)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def lora_case(rng, problems, M, pad=(3, 1)):
+    """problems: [(in, out, [(row0, rows, r, alpha), ...])], M rows; x / y get `pad` extra columns
+    (row strides in + pad[0], out + pad[1]) that the op must leave alone.
+
+    Returns (arrays, ints, floats, refs) with refs = [(p, in, out, ref, bound, y, segs)]: ref the
+    float64 result over y's first `out` columns, bound the sum of absolute terms (for rounding
+    tolerances), y the input y (its padding columns must come back unchanged)."""
+    arrays, ints, floats, refs = {}, {"np": len(problems)}, {}, []
+    tmax = 1
+    for p, (inp, out, segs) in enumerate(problems):
+        ldx, ldy = inp + pad[0], out + pad[1]
+        x = rng.standard_normal((M, ldx)).astype(np.float32)
+        y = rng.standard_normal((M, ldy)).astype(np.float32)
+        arrays[f"x_{p}"], arrays[f"y_{p}"] = x, y
+        ints.update({f"in_{p}": inp, f"out_{p}": out, f"ldx_{p}": ldx, f"ldy_{p}": ldy, f"nseg_{p}": len(segs)})
+        ref = y[:, :out].astype(np.float64)
+        bound = np.abs(ref)
+        for s, (row0, rows, r, alpha) in enumerate(segs):
+            A = rng.standard_normal((r, inp)).astype(np.float32)
+            Bm = rng.standard_normal((out, r)).astype(np.float32)
+            key = f"{p}_{s}"
+            arrays[f"A_{key}"], arrays[f"B_{key}"] = A, Bm
+            ints.update({f"row0_{key}": row0, f"rows_{key}": rows, f"r_{key}": r})
+            floats[f"alpha_{key}"] = alpha
+            if rows and alpha:
+                xs = x[row0:row0 + rows, :inp].astype(np.float64)
+                ref[row0:row0 + rows] += alpha * (xs @ A.T.astype(np.float64)) @ Bm.T.astype(np.float64)
+                bound[row0:row0 + rows] += abs(alpha) * (np.abs(xs) @ np.abs(A.T)) @ np.abs(Bm.T)
+            tmax = max(tmax, rows * r)
+        refs.append((p, inp, out, ref, bound, y, segs))
+    arrays["t"] = np.zeros(tmax, np.float32)  # the op's [rows, r] scratch
+    return arrays, ints, floats, refs
