@@ -16,6 +16,7 @@
 // compute_dtype="bfloat16"): each element is widened exactly to fp32 as it is loaded (the flash
 // kernel's shared tiles stay fp32; its bf16 tile loads are plain 16-byte loads, no cp.async), so
 // the arithmetic is the fp32 kernels' on the widened values.
+#include "attention_warp_merge.cuh"
 #include "cuda_check.hpp"
 #include "ops_attention.cuh"
 #include "ops_common.cuh"
@@ -35,8 +36,7 @@ __global__ void __launch_bounds__(kWarps * 32)
                      const E* __restrict__ kc, const E* __restrict__ vc, int64_t S_cap, int64_t start,
                      const int32_t* __restrict__ key_mask, float scale, float* __restrict__ out, int64_t ldo) {
   __shared__ float qs[kAttentionMaxHeadDim];
-  __shared__ float wm[kWarps], wl[kWarps];
-  __shared__ float wacc[kWarps][kAttentionMaxHeadDim];
+  __shared__ WarpMergeSmem<kWarps, kAttentionMaxHeadDim> wsm;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t row = blockIdx.x, h = blockIdx.y;  // row = b*T + t
   const int64_t b = row / T, t = row - b * T, kvh = h / (Hq / Hkv);
@@ -72,29 +72,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
     m = mn;
   }
-  if (lane == 0) wm[warp] = m, wl[warp] = l;
-#pragma unroll
-  for (int i = 0; i < kPer; ++i) {
-    const int d = lane + 32 * i;
-    if (d < hd) wacc[warp][d] = acc[i];
-  }
-  __syncthreads();
-  float M = -INFINITY;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) M = fmaxf(M, wm[w]);
-  float L = 0.0f, f[kWarps];
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    f[w] = wm[w] == -INFINITY ? 0.0f : expf(wm[w] - M);
-    L += wl[w] * f[w];
-  }
-  float* o = out + row * ldo + h * hd;
-  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-    float s = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) s = fmaf(wacc[w][d], f[w], s);
-    o[d] = L > 0.0f ? s / L : 0.0f;  // no visible key: zeros
-  }
+  merge_warp_states(wsm, m, l, acc, hd, out + row * ldo + h * hd);
 }
 
 // ---------------------------------------------------------------- prefill: flash-tiled

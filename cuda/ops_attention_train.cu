@@ -5,6 +5,7 @@
 // the warps' states are merged in shared memory, then out = acc / L and lse = M + log L.
 // fp32 throughout. Correct on every arch, not yet tiled: each query re-reads its keys from L2/HBM
 // (a flash-tiled version can replace the kernel behind the same launcher).
+#include "attention_warp_merge.cuh"
 #include "cuda_check.hpp"
 #include "ops_attention_train.cuh"
 #include "ops_common.cuh"
@@ -19,8 +20,7 @@ __global__ void __launch_bounds__(kWarps * 32)
                            const float* __restrict__ k, int64_t ldk, const float* __restrict__ v, int64_t ldv,
                            const int32_t* __restrict__ key_mask, float scale, float* __restrict__ out, int64_t ldo,
                            float* __restrict__ lse) {
-  __shared__ float wm[kWarps], wl[kWarps];
-  __shared__ float wacc[kWarps][kAttentionTrainMaxHeadDim];
+  __shared__ WarpMergeSmem<kWarps, kAttentionTrainMaxHeadDim> wsm;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t row = blockIdx.x, h = blockIdx.y;  // row = b*T + t
   const int64_t b = row / T, t = row - b * T, kvh = h / (Hq / Hkv);
@@ -57,30 +57,8 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
     m = mn;
   }
-  if (lane == 0) wm[warp] = m, wl[warp] = l;
-#pragma unroll
-  for (int i = 0; i < kPer; ++i) {
-    const int d = lane + 32 * i;
-    if (d < hd) wacc[warp][d] = acc[i];
-  }
-  __syncthreads();
-  float M = -INFINITY;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) M = fmaxf(M, wm[w]);
-  float L = 0.0f, f[kWarps];
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    f[w] = wm[w] == -INFINITY ? 0.0f : expf(wm[w] - M);
-    L += wl[w] * f[w];
-  }
-  float* o = out + row * ldo + h * hd;
-  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-    float s = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) s = fmaf(wacc[w][d], f[w], s);
-    o[d] = L > 0.0f ? s / L : 0.0f;  // no visible key: zeros
-  }
-  if (threadIdx.x == 0) lse[(b * Hq + h) * T + t] = L > 0.0f ? M + logf(L) : -INFINITY;
+  const float lse_row = merge_warp_states(wsm, m, l, acc, hd, out + row * ldo + h * hd);
+  if (threadIdx.x == 0) lse[(b * Hq + h) * T + t] = lse_row;
 }
 }  // namespace
 
