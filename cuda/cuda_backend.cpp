@@ -455,8 +455,9 @@ class CudaBackend final : public Backend {
     check_ld(op, lddo, Hq * hd), check_ld(op, lddq, Hq * hd), check_ld(op, lddk, Hkv * hd), check_ld(op, lddv, Hkv * hd);
     if (B == 0 || T == 0 || Hq == 0 || hd == 0) return;
     use_device(op);
-    // delta[B, Hq, T] = dO·O per query row: stream-ordered scratch, freed after the launches
-    // (free() waits for the work that uses it).
+    // delta[B, Hq, T] = dO·O per query row: scratch freed right after the launches, without
+    // waiting: the pool hands the block out again only to this stream's arena (DevicePool), so
+    // any later user runs after these kernels in stream order.
     struct Scratch {
       Backend* be;
       void* p;

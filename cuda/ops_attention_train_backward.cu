@@ -1,17 +1,23 @@
-// Training attention backward: three kernels on the stream, no atomics, every output element
-// written by exactly one thread.
+// Training attention backward: a delta kernel, then either the tiled kernels
+// (ops_attention_train_backward_tiled.cu: FlashAttention-2 structure, the default for head_dim
+// <= 128) or the untiled reference kernels below (head_dim up to 256, and any shape with
+// QLORA_CUDA_ATTN_BACKWARD=reference, which the tests use to check one against the other).
+// All: no atomics, every output element written by exactly one thread.
 //  1. delta_kernel: delta[b, h, t] = dO·O of one (query row, head), one warp each.
 //  2. dq_kernel: one block per (query row b*T+t, head h); kWarps warps split the visible keys s <= t
 //     (as the forward): p = exp(scale q·k_s - lse), dp = dO·v_s, dq += scale p (dp - delta) k_s,
 //     per-warp register accumulators merged in shared memory.
 //  3. dkdv_kernel: one block per (key row b*T+s, KV head kh); the warps split the (query head of
 //     the group, query t >= s) pairs: dv += p dO_t, dk += scale p (dp - delta) q_t; merged the same way.
-// Scores and probabilities live in registers only. fp32 throughout. Correct on every arch, not yet
-// tiled (each pair re-reads its rows from L2/HBM); a tiled tensor-core version can replace the
-// kernels behind the same launcher.
+// Scores and probabilities live in registers only. fp32 throughout. The reference kernels are not
+// tiled (each pair re-reads its rows from L2/HBM).
+#include <cstdlib>
+#include <cstring>
+
 #include "cuda_check.hpp"
 #include "ops_attention_train.cuh"
 #include "ops_attention_train_backward.cuh"
+#include "ops_attention_train_backward_tiled.cuh"
 #include "ops_common.cuh"
 
 namespace qlora::cuda {
@@ -163,6 +169,13 @@ void attention_train_backward(cudaStream_t stream, int64_t B, int64_t T, int64_t
   delta_kernel<<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kWarps * 32, 0, stream>>>(rows, T, Hq, h, out,
                                                                                                ldo, dout, lddo, delta);
   QLORA_CUDA_CHECK_LAUNCH("attention_train_backward (delta)");
+  const char* force = std::getenv("QLORA_CUDA_ATTN_BACKWARD");
+  const bool reference = force != nullptr && std::strcmp(force, "reference") == 0;
+  if (!reference && attention_train_backward_tiled_fits(B, T, Hq, Hkv, hd)) {
+    attention_train_backward_tiled(stream, B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, key_mask, scale, lse, dout, lddo,
+                                   delta, dq, lddq, dk, lddk, dv, lddv);
+    return;
+  }
   dq_kernel<<<dim3(static_cast<unsigned>(B * T), static_cast<unsigned>(Hq)), kWarps * 32, 0, stream>>>(
       T, Hq, Hkv, h, q, ldq, k, ldk, v, ldv, key_mask, scale, lse, dout, lddo, delta, dq, lddq);
   QLORA_CUDA_CHECK_LAUNCH("attention_train_backward (dq)");

@@ -5,7 +5,9 @@
 // Overwrites dq[B*T, Hq*hd] and dk/dv[B*T, Hkv*hd] (summed over the query heads sharing a KV
 // head); rows with lse = -inf and masked keys get gradient 0. Shapes as attention_train
 // (ops_attention_train.cuh), hd <= kAttentionTrainMaxHeadDim.
-// `delta` is caller-provided device scratch of B*Hq*T floats.
+// `delta` is caller-provided device scratch of B*Hq*T floats. head_dim <= 128 runs the tiled kernels
+// (ops_attention_train_backward_tiled.cuh), else, or with QLORA_CUDA_ATTN_BACKWARD=reference, the
+// untiled reference kernels; both deterministic (no atomics).
 // Launcher (host declaration; kernels in ops_attention_train_backward.cu): device pointers,
 // arguments validated by the caller (cuda_backend.cpp), asynchronous on `stream`, launches checked.
 #pragma once
