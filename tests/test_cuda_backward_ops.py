@@ -191,9 +191,88 @@ def test_op_attention_train(backend, rng, case):
         assert (res["out"][:, :Hq * hd][rows] == 0.0).all(), "a query with no visible key must get 0"
 
 
+# Backward-only shapes for the CUDA tiled kernels' edges (tiles: 64-dim heads 64 keys x 16 rows
+# (dK/dV) and 16 keys x 64 rows (dQ); 128-dim heads 32 x 16 and 16 x 32; rows are (query, group
+# head) pairs): T not a multiple of any tile, GQA groups of 3 and 4 (Llama-3's 32/8 ratio), hd at
+# and below a tile's head width, a fully padded batch row, and hd > 128 (the untiled kernels).
+ATTN_BWD_CASES = ATTN_CASES + [
+    (2, 83, 8, 2, 64, 5),
+    (1, 50, 8, 2, 128, 0),
+    (2, 33, 3, 1, 96, 33),
+    (1, 19, 2, 1, 160, 0),
+]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "B{}T{}Hq{}Hkv{}hd{}pad{}".format(*c))
+@pytest.mark.parametrize("case", ATTN_BWD_CASES, ids=lambda c: "B{}T{}Hq{}Hkv{}hd{}pad{}".format(*c))
 def test_op_attention_train_backward(backend, rng, case):
+    _check_attention_backward(_be(backend), rng, case)
+
+
+@pytest.mark.parametrize("path", ["tiled", "reference"])
+@pytest.mark.parametrize("case", ATTN_BWD_CASES, ids=lambda c: "B{}T{}Hq{}Hkv{}hd{}pad{}".format(*c))
+def test_op_attention_train_backward_cuda_paths(monkeypatch, rng, case, path):
+    """Both CUDA backward paths against float64: the tiled kernels (default for head_dim <= 128)
+    and the untiled reference kernels (QLORA_CUDA_ATTN_BACKWARD=reference, read at each call)."""
+    _be("cuda")
+    if path == "reference":
+        monkeypatch.setenv("QLORA_CUDA_ATTN_BACKWARD", "reference")
+    else:
+        monkeypatch.delenv("QLORA_CUDA_ATTN_BACKWARD", raising=False)
+    _check_attention_backward("cuda", rng, case)
+
+
+def _bwd_inputs(rng, B, T, Hq, Hkv, hd, pad, backend):
+    """Inputs of attention_train_backward with out/lse from `backend`'s own forward (contiguous rows)."""
+    q, k, v, km, _ = _attn_case(rng, B, T, Hq, Hkv, hd, pad)
+    q, k, v = (np.ascontiguousarray(x[:, :w]) for x, w in ((q, Hq * hd), (k, Hkv * hd), (v, Hkv * hd)))
+    scale = float(np.float32(1.0 / np.sqrt(hd)))
+    ints = {"B": B, "T": T, "Hq": Hq, "Hkv": Hkv, "hd": hd, "ldq": Hq * hd, "ldk": Hkv * hd, "ldv": Hkv * hd,
+            "ldo": Hq * hd}
+    fwd = _run(backend, "attention_train", {"q": q, "k": k, "v": v, "key_mask": km,
+                                            "out": np.zeros((B * T, Hq * hd), np.float32),
+                                            "lse": np.zeros(B * Hq * T, np.float32)}, ints, {"scale": scale})
+    dout = rng.standard_normal((B * T, Hq * hd)).astype(np.float32)
+    arrays = {"q": q, "k": k, "v": v, "key_mask": km, "out": fwd["out"], "lse": fwd["lse"], "dout": dout,
+              "dq": np.zeros((B * T, Hq * hd), np.float32), "dk": np.zeros((B * T, Hkv * hd), np.float32),
+              "dv": np.zeros((B * T, Hkv * hd), np.float32)}
+    ints.update(lddo=Hq * hd, lddq=Hq * hd, lddk=Hkv * hd, lddv=Hkv * hd)
+    return arrays, ints, {"scale": scale}
+
+
+def test_op_attention_train_backward_cuda_deterministic(monkeypatch, rng):
+    """The tiled kernels (no atomics, fixed summation order) give the same bits on every run."""
+    _be("cuda")
+    monkeypatch.delenv("QLORA_CUDA_ATTN_BACKWARD", raising=False)
+    arrays, ints, floats = _bwd_inputs(rng, 2, 150, 8, 2, 128, 7, "cuda")
+    first = _run("cuda", "attention_train_backward", arrays, ints, floats)
+    for _ in range(2):
+        again = _run("cuda", "attention_train_backward", arrays, ints, floats)
+        for name in ("dq", "dk", "dv"):
+            np.testing.assert_array_equal(again[name], first[name], err_msg=name)
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_op_attention_train_backward_cuda_llama8b_shape(monkeypatch, rng, B):
+    """The Llama-3-8B bench shape (head_dim 128, 32 query / 8 KV heads, seq 2048; a compile-time
+    assertion keeps it on the tiled path): the tiled kernels against the untiled reference kernels on
+    the same inputs. Both fp32 in different summation orders over <= 2048 keys; a wrong tile or
+    mask is an O(1) difference."""
+    _be("cuda")
+    T, Hq, Hkv, hd = 2048, 32, 8, 128
+    arrays, ints, floats = _bwd_inputs(rng, B, T, Hq, Hkv, hd, 100, "cuda")
+    monkeypatch.delenv("QLORA_CUDA_ATTN_BACKWARD", raising=False)
+    tiled = _run("cuda", "attention_train_backward", arrays, ints, floats)
+    monkeypatch.setenv("QLORA_CUDA_ATTN_BACKWARD", "reference")
+    ref = _run("cuda", "attention_train_backward", arrays, ints, floats)
+    for name in ("dq", "dk", "dv"):
+        a, b = tiled[name].astype(np.float64), ref[name].astype(np.float64)
+        assert np.isfinite(a).all(), name
+        tol = 1e-4 * np.abs(b).max() + 1e-3 * np.abs(b)
+        assert (np.abs(a - b) <= tol).all(), f"{name}: worst {np.abs(a - b).max():.3g} (max |ref| {np.abs(b).max():.3g})"
+
+
+def _check_attention_backward(backend, rng, case):
     B, T, Hq, Hkv, hd, pad = case
     q, k, v, km, (ldq, ldk, ldv) = _attn_case(rng, B, T, Hq, Hkv, hd, pad)
     scale32 = np.float32(1.0 / np.sqrt(hd))
@@ -203,7 +282,7 @@ def test_op_attention_train_backward(backend, rng, case):
     out[:, :Hq * hd] = out64
     lse = lse64.astype(np.float32).reshape(-1)
     dout = rng.standard_normal((B * T, lddo)).astype(np.float32)
-    res = _run(_be(backend), "attention_train_backward",
+    res = _run(backend, "attention_train_backward",
                {"q": q, "k": k, "v": v, "key_mask": km, "out": out, "lse": lse, "dout": dout,
                 "dq": np.full((B * T, lddq), 5.0, np.float32), "dk": np.full((B * T, lddk), 5.0, np.float32),
                 "dv": np.full((B * T, lddv), 5.0, np.float32)},
