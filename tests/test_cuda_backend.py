@@ -20,7 +20,8 @@ from qlora_native import ops as ops_mod
 from qlora_native.cli import main
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers_lora import lora_case  # noqa: E402
+from helpers_ops import HARNESS_BACKENDS, lora_case  # noqa: E402
+from helpers_ops import be as _be, run as _run, within as _within  # noqa: E402,F401
 
 EPS32 = float(np.finfo(np.float32).eps)
 HAVE_GPU = _core.cuda_device_count() > 0
@@ -418,23 +419,7 @@ def test_bf16_training_pass_cuda(tmp_path, rng):
 # compared with a numpy float64 reference under a bound derived from fp32 rounding. The CPU
 # levels run everywhere (the harness itself is tested in CI); "cuda" skips without a GPU.
 
-HARNESS_BACKENDS = ["cpu:scalar", "cpu", "cpu:devsim", "cuda"]
-
-
-def _be(name):
-    if name == "cuda" and not HAVE_GPU:
-        pytest.skip(f"no CUDA GPU: {_core.cuda_device_summary()}")
-    return name
-
-
-def _run(backend, op, arrays, ints=None, floats=None):
-    return _core.backend_op(backend, op, arrays, ints or {}, floats or {})
-
-
-def _within(got, ref, tol, what):
-    err = np.abs(got.astype(np.float64) - ref)
-    bad = err > tol
-    assert not bad.any(), f"{what}: {int(bad.sum())} elements off, worst err {err.max():.3g} (tol {np.min(tol):.3g}..)"
+# HARNESS_BACKENDS, _be, _run, _within: tests/helpers_ops.py.
 
 
 def _q8_0_weight(rng, N, K):

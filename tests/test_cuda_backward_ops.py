@@ -8,34 +8,22 @@ raises). "cuda" skips without a GPU. Tolerances are fp32 bounds: eps32 times a t
 the magnitude the result is built from (sums of |terms|), so a wrong element or a missed term
 (an O(1) relative error) fails; dropout is exact (the same Philox mask, the same two roundings).
 """
+import os
+import sys
+
 import numpy as np
 import pytest
 
 import qlora_native
 from qlora_native import _core
 
-EPS32 = float(np.finfo(np.float32).eps)
-HAVE_GPU = _core.cuda_device_count() > 0
-BACKENDS = ["cpu:scalar", "cpu", "cpu:devsim", "cuda"]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from helpers_ops import EPS32  # noqa: E402
+from helpers_ops import HARNESS_BACKENDS as BACKENDS  # noqa: E402
+from helpers_ops import be as _be, run as _run, within as _within  # noqa: E402,F401
+
 TRAIN_OPS = ["rmsnorm_backward", "rope_backward", "swiglu_backward", "attention_train", "attention_train_backward",
              "cross_entropy_rows", "lora_dropout", "lora_dropout_backward"]
-
-
-def _be(name):
-    if name == "cuda" and not HAVE_GPU:
-        pytest.skip(f"no CUDA GPU: {_core.cuda_device_summary()}")
-    return name
-
-
-def _run(backend, op, arrays, ints=None, floats=None):
-    return _core.backend_op(backend, op, arrays, ints or {}, floats or {})
-
-
-def _within(got, ref, tol, what):
-    err = np.abs(got.astype(np.float64) - ref)
-    bad = ~(err <= tol)
-    assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.size} elements off, worst err {np.nanmax(err):.3g} "
-                           f"(tol there {np.ravel(tol)[np.argmax(np.ravel(err - tol))]:.3g})")
 
 
 def _strided(rng, rows, cols, ld, scale=1.0):

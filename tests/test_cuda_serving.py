@@ -16,17 +16,9 @@ import qlora_native
 from qlora_native import _core
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers_lora import lora_case  # noqa: E402
-
-EPS32 = float(np.finfo(np.float32).eps)
-HAVE_GPU = _core.cuda_device_count() > 0
-BACKENDS = ["cpu:scalar", "cpu", "cpu:devsim", "cuda"]
-
-
-def _be(name):
-    if name == "cuda" and not HAVE_GPU:
-        pytest.skip(f"no CUDA GPU: {_core.cuda_device_summary()}")
-    return name
+from helpers_ops import EPS32, HAVE_GPU, lora_case  # noqa: E402
+from helpers_ops import HARNESS_BACKENDS as BACKENDS  # noqa: E402
+from helpers_ops import be as _be  # noqa: E402
 
 
 # ------------------------------------------------------------------ sample_rows

@@ -1,9 +1,38 @@
-"""Op-harness inputs for Backend::lora_segments / lora_segments_many (_core.backend_op) with float64
-references, shared by the backend op tests (test_cuda_backend.py) and the serving SGMV tests
-(test_cuda_serving.py)."""
+"""The op harness (_core.backend_op: each op on every backend, arrays copied into sentinel-guarded
+buffers, a write outside an output raises) as the op tests use it: the backends, the GPU skip, the
+fp32-bound comparison, and the lora_segments(_many) cases with float64 references. Shared by
+test_cuda_backend.py, test_cuda_backward_ops.py and test_cuda_serving.py."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
+
+from qlora_native import _core
+
+EPS32 = float(np.finfo(np.float32).eps)
+HAVE_GPU = _core.cuda_device_count() > 0
+# the CPU levels run everywhere (cpu:devsim: the CPU kernels behind CUDA's device face and op table)
+HARNESS_BACKENDS = ["cpu:scalar", "cpu", "cpu:devsim", "cuda"]
+
+
+def be(name):
+    """The backend name; skips the test for "cuda" without a GPU."""
+    if name == "cuda" and not HAVE_GPU:
+        pytest.skip(f"no CUDA GPU: {_core.cuda_device_summary()}")
+    return name
+
+
+def run(backend, op, arrays, ints=None, floats=None):
+    return _core.backend_op(backend, op, arrays, ints or {}, floats or {})
+
+
+def within(got, ref, tol, what):
+    """|got - ref| <= tol elementwise (tol broadcast); NaN in got or ref fails."""
+    err = np.abs(np.asarray(got, np.float64) - ref)
+    tol = np.broadcast_to(np.asarray(tol, np.float64), err.shape)
+    bad = ~(err <= tol)
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.size} elements off, worst err {np.nanmax(err):.3g} "
+                           f"(tol there {tol.flat[np.argmax(np.where(bad, err - tol, -np.inf))]:.3g})")
 
 
 def lora_case(rng, problems, M, pad=(3, 1)):
