@@ -29,6 +29,17 @@ int set_error(int code, const std::string& msg) {
   return code;
 }
 
+std::string out_of_memory_message(const std::bad_alloc& e) {
+  const char* w = e.what();
+  const std::string what = w ? w : "";
+  // libstdc++ / libc++ spellings of the library's own, messageless bad_alloc family
+  if (what.empty() || what == "std::bad_alloc" || what == "bad_alloc" || what == "std::bad_array_new_length" ||
+      what == "bad_array_new_length")
+    return "out of memory";
+  if (what.find("out of") != std::string::npos || what.find("memory") != std::string::npos) return what;
+  return "out of memory: " + what;
+}
+
 int set_error_from_current_exception() {
   // Most specific first: FormatError derives from ValueError.
   try {
@@ -39,8 +50,10 @@ int set_error_from_current_exception() {
     return set_error(QLORA_ERR_INVALID_ARGUMENT, e.what());
   } catch (const io::FileError& e) {
     return set_error(QLORA_ERR_IO, e.what());
-  } catch (const std::bad_alloc&) {
-    return set_error(QLORA_ERR_OUT_OF_MEMORY, "out of memory");
+  } catch (const std::bad_alloc& e) {
+    // Keep the engine's message (a device OOM names the request, what is in use and reserved);
+    // a bare std::bad_alloc's what() ("std::bad_alloc") says nothing, so it gets the generic text.
+    return set_error(QLORA_ERR_OUT_OF_MEMORY, out_of_memory_message(e));
   } catch (const std::exception& e) {
     return set_error(QLORA_ERR_RUNTIME, e.what());
   } catch (...) {
