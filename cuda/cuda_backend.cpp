@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <initializer_list>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -102,6 +103,12 @@ class CudaBackend final : public Backend {
     // Errors ignored (by the pool and the queue): this may run at process exit, after the runtime
     // has begun to unload.
     pool_.reset();
+    host_.release_cached();
+    if (off_.copy) {
+      if (cudaStreamDestroy(off_.copy) != cudaSuccess) cudaGetLastError();
+      if (cudaEventDestroy(off_.ready) != cudaSuccess) cudaGetLastError();
+      if (cudaEventDestroy(off_.done) != cudaSuccess) cudaGetLastError();
+    }
     raw_.destroy_queue(default_q_);
   }
 
@@ -128,10 +135,14 @@ class CudaBackend final : public Backend {
   DeviceStats device_stats() const override {
     DeviceStats s = pool_->stats();
     s.set_device_calls = raw_.set_device_calls();
+    host_.add_stats(s);
     return s;
   }
   void reset_peak_memory() override { pool_->reset_peak(); }
-  void release_cached_memory() override { pool_->release_cached(); }
+  void release_cached_memory() override {
+    pool_->release_cached();
+    host_.release_cached();
+  }
   // Ordered on the stream. From pageable memory (numpy) the call returns once the source has been
   // staged, so the caller may reuse it; from pinned memory the caller must synchronize() first.
   void upload(void* dst, const void* src_host, size_t bytes) override {
@@ -145,26 +156,49 @@ class CudaBackend final : public Backend {
     QLORA_CUDA_CHECK(cudaMemcpyAsync(dst_host, src, bytes, cudaMemcpyDeviceToHost, stream_), "download");
     QLORA_CUDA_CHECK(cudaStreamSynchronize(stream_), "download");
   }
-  // Activation offload (LlamaModel::set_offload_checkpoints): pinned host memory, so the copies
-  // are real DMA queued on the stream (the host does not wait; the pass synchronizes at its end).
+  // Activation offload (LlamaModel::set_offload_checkpoints). Staging: pinned host memory from a
+  // HostStagingPool (cudaHostAlloc only on a miss: it is slow and synchronizes the device; a training
+  // step in steady state makes none). Copies: the device-to-host copies run on a copy stream of
+  // their own, so layer l's offload overlaps layer l's compute; ordered by events, the host never
+  // waits:
+  //  - offload: the compute stream first waits for the previous offload (its source may be
+  //    overwritten by work queued after this call: the Backend contract), then the copy stream
+  //    waits for the compute queued so far (the source is written) and copies; its end is recorded;
+  //  - reload: the compute stream waits for the last offload (the host data it reads, and a device
+  //    buffer an offload may still be reading), then copies on the compute stream (the next op reads
+  //    dst; with no spare device buffer to prefetch into, there is nothing to overlap);
+  //  - synchronize: the compute stream and the copy stream.
   void* host_alloc(size_t bytes) override {
     use_device("host_alloc");
-    void* p = nullptr;
-    QLORA_CUDA_CHECK(cudaHostAlloc(&p, bytes ? bytes : 1, cudaHostAllocDefault), "host_alloc");
-    return p;
+    return host_.alloc(bytes);
   }
-  void host_free(void* p) override {
-    if (p && cudaFreeHost(p) != cudaSuccess) cudaGetLastError();  // may run while unwinding: never throws
-  }
+  void host_free(void* p) override { host_.free(p); }  // back to the pool: never throws
   void offload(void* dst_host, const void* src, size_t bytes) override {
     if (!bytes) return;
     use_device("offload");
-    QLORA_CUDA_CHECK(cudaMemcpyAsync(dst_host, src, bytes, cudaMemcpyDeviceToHost, stream_), "offload");
+    std::lock_guard<std::mutex> lk(off_mu_);
+    if (!off_.copy) {  // once per backend
+      QLORA_CUDA_CHECK(cudaStreamCreateWithFlags(&off_.copy, cudaStreamNonBlocking), "offload");
+      QLORA_CUDA_CHECK(cudaEventCreateWithFlags(&off_.ready, cudaEventDisableTiming), "offload");
+      QLORA_CUDA_CHECK(cudaEventCreateWithFlags(&off_.done, cudaEventDisableTiming), "offload");
+    }
+    const cudaStream_t s = stream_;
+    if (off_.pending) QLORA_CUDA_CHECK(cudaStreamWaitEvent(s, off_.done, 0), "offload");
+    QLORA_CUDA_CHECK(cudaEventRecord(off_.ready, s), "offload");
+    QLORA_CUDA_CHECK(cudaStreamWaitEvent(off_.copy, off_.ready, 0), "offload");
+    QLORA_CUDA_CHECK(cudaMemcpyAsync(dst_host, src, bytes, cudaMemcpyDeviceToHost, off_.copy), "offload");
+    QLORA_CUDA_CHECK(cudaEventRecord(off_.done, off_.copy), "offload");
+    off_.pending = true;
   }
   void reload(void* dst, const void* src_host, size_t bytes) override {
     if (!bytes) return;
     use_device("reload");
-    QLORA_CUDA_CHECK(cudaMemcpyAsync(dst, src_host, bytes, cudaMemcpyHostToDevice, stream_), "reload");
+    const cudaStream_t s = stream_;
+    {
+      std::lock_guard<std::mutex> lk(off_mu_);
+      if (off_.pending) QLORA_CUDA_CHECK(cudaStreamWaitEvent(s, off_.done, 0), "reload");
+    }
+    QLORA_CUDA_CHECK(cudaMemcpyAsync(dst, src_host, bytes, cudaMemcpyHostToDevice, s), "reload");
   }
   void fill_zero(void* p, size_t bytes) override {
     if (!bytes) return;
@@ -179,6 +213,11 @@ class CudaBackend final : public Backend {
   void synchronize() override {
     use_device("synchronize");
     QLORA_CUDA_CHECK(cudaStreamSynchronize(stream_), "synchronize");
+    std::lock_guard<std::mutex> lk(off_mu_);
+    if (off_.pending) {  // offloads queued on the copy stream: their host data is valid after this
+      QLORA_CUDA_CHECK(cudaStreamSynchronize(off_.copy), "synchronize");
+      off_.pending = false;
+    }
   }
 
  protected:
@@ -568,6 +607,29 @@ class CudaBackend final : public Backend {
   CudaQueue* default_q_ = nullptr;        // the default stream (work outside any Exec)
   std::unique_ptr<DevicePool> pool_;      // destroyed before default_q_ (the destructor resets it first)
   const CurrentStream stream_{this};
+  // offload staging (pinned) and the copy stream of offload(); see host_alloc above
+  static void* pinned_alloc(size_t bytes, void* self) {
+    void* p = nullptr;
+    const cudaError_t e = cudaHostAlloc(&p, bytes, cudaHostAllocDefault);
+    if (e == cudaErrorMemoryAllocation) {
+      cudaGetLastError();
+      return nullptr;  // the pool releases its cache and retries, then raises MemoryError
+    }
+    QLORA_CUDA_CHECK(e, "host_alloc");
+    (void)self;
+    return p;
+  }
+  static void pinned_free(void* p, void*) {
+    if (cudaFreeHost(p) != cudaSuccess) cudaGetLastError();  // may run while unwinding: never throws
+  }
+  HostStagingPool host_{pinned_alloc, pinned_free, this, "pinned host memory"};
+  struct OffloadStreams {
+    cudaStream_t copy = nullptr;
+    cudaEvent_t ready = nullptr, done = nullptr;
+    bool pending = false;  // an offload was queued since the last synchronize
+  };
+  std::mutex off_mu_;
+  OffloadStreams off_;
 };
 
 }  // namespace

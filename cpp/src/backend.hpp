@@ -79,6 +79,11 @@ class Backend {
     int64_t execs_open = 0, execs_idle = 0;
     int64_t set_device_calls = 0;   // cudaSetDevice calls (only when a thread's current device differs)
     int64_t invalid_frees = 0;      // free() of a pointer the pool does not know (a bug; ignored)
+    // host staging of activation offload (host_alloc: CUDA pinned memory), a HostStagingPool
+    int64_t host_raw_allocs = 0;    // cudaHostAlloc calls (devsim: malloc)
+    int64_t host_raw_frees = 0;     // cudaFreeHost calls
+    int64_t host_reserved_bytes = 0;  // held: handed out + cached
+    int64_t host_cached_bytes = 0;    // freed, kept for reuse
   };
   virtual DeviceStats device_stats() const { return {}; }
   virtual void reset_peak_memory() {}          // peak_* = current
@@ -413,7 +418,8 @@ class Backend {
   virtual void* host_alloc(size_t bytes);
   virtual void host_free(void* p);
   // dst_host (from host_alloc) = src[bytes]; may return before the copy is done: the data is
-  // valid after the next synchronize(). src must stay unchanged until then.
+  // valid after the next synchronize(). The copy may run beside later ops (CUDA: a copy stream):
+  // src must not be written by ops queued before the next offload, reload or synchronize.
   virtual void offload(void* dst_host, const void* src, size_t bytes) { download(dst_host, src, bytes); }
   // dst[bytes] = src_host (from host_alloc), ordered before later ops on dst.
   virtual void reload(void* dst, const void* src_host, size_t bytes) { upload(dst, src_host, bytes); }

@@ -269,4 +269,72 @@ void DevicePool::reset_peak() {
   st_.peak_reserved_bytes = st_.reserved_bytes;
 }
 
+// ------------------------------------------------------------------ HostStagingPool
+HostStagingPool::~HostStagingPool() { release_cached(); }
+
+void* HostStagingPool::alloc(size_t bytes) {
+  if (bytes == 0) bytes = 1;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = cache_.lower_bound(bytes);
+    if (it != cache_.end() && it->first / 2 <= bytes) {  // fits, wastes at most half
+      void* p = it->second;
+      live_.emplace(p, it->first);
+      cached_ -= static_cast<int64_t>(it->first);
+      cache_.erase(it);
+      return p;
+    }
+  }
+  void* p = a_(bytes, ctx_);
+  if (!p) {  // the cache may hold what the request needs, in blocks of other sizes
+    release_cached();
+    p = a_(bytes, ctx_);
+  }
+  std::lock_guard<std::mutex> lk(mu_);
+  ++raw_allocs_;
+  if (!p) throw OutOfDeviceMemory("out of " + what_ + ": cannot allocate " + std::to_string(bytes) + " bytes (" +
+                                  std::to_string(reserved_) + " bytes held for offload staging)");
+  reserved_ += static_cast<int64_t>(bytes);
+  live_.emplace(p, bytes);
+  return p;
+}
+
+void HostStagingPool::free(void* p) noexcept {
+  if (!p) return;
+  std::lock_guard<std::mutex> lk(mu_);
+  auto it = live_.find(p);
+  if (it == live_.end()) return;  // not ours: never handed to the raw free
+  try {
+    cache_.emplace(it->second, p);
+  } catch (...) {  // no memory for the cache node: give the block back instead
+    f_(p, ctx_);
+    ++raw_frees_;
+    reserved_ -= static_cast<int64_t>(it->second);
+    live_.erase(it);
+    return;
+  }
+  cached_ += static_cast<int64_t>(it->second);
+  live_.erase(it);
+}
+
+void HostStagingPool::release_cached() noexcept {
+  std::multimap<size_t, void*> taken;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    taken.swap(cache_);
+    raw_frees_ += static_cast<int64_t>(taken.size());
+    reserved_ -= cached_;
+    cached_ = 0;
+  }
+  for (auto& [n, p] : taken) f_(p, ctx_);
+}
+
+void HostStagingPool::add_stats(Backend::DeviceStats& s) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  s.host_raw_allocs = raw_allocs_;
+  s.host_raw_frees = raw_frees_;
+  s.host_reserved_bytes = reserved_;
+  s.host_cached_bytes = cached_;
+}
+
 }  // namespace qlora

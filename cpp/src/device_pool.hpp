@@ -108,6 +108,39 @@ class DevicePool {
   Backend::DeviceStats st_;
 };
 
+// Host staging for activation offload (Backend::host_alloc / host_free; CUDA: pinned memory from
+// cudaHostAlloc, which is slow and synchronizes the device, so never once per step). Freed blocks
+// are cached and handed out again to a request they fit (the smallest cached block of at least the
+// request and at most twice it); a miss takes a new block of the exact size. On a failed raw
+// allocation the cache is released and the allocation retried once, then std::bad_alloc with a
+// message. release_cached() (release_cached_memory) gives every cached block back. Thread-safe.
+class HostStagingPool {
+ public:
+  // raw_alloc: `bytes` of host memory or null when there is none; raw_free never throws.
+  using RawAlloc = void* (*)(size_t bytes, void* ctx);
+  using RawFree = void (*)(void* p, void* ctx);
+  HostStagingPool(RawAlloc a, RawFree f, void* ctx, std::string what) : a_(a), f_(f), ctx_(ctx), what_(std::move(what)) {}
+  ~HostStagingPool();  // releases the cache; blocks still handed out are left to their owners
+  HostStagingPool(const HostStagingPool&) = delete;
+  HostStagingPool& operator=(const HostStagingPool&) = delete;
+
+  void* alloc(size_t bytes);
+  void free(void* p) noexcept;  // null: nothing; a pointer it did not hand out: counted, ignored
+  void release_cached() noexcept;
+  // host_raw_allocs, host_raw_frees, host_reserved_bytes, host_cached_bytes of DeviceStats
+  void add_stats(Backend::DeviceStats& s) const;
+
+ private:
+  RawAlloc a_;
+  RawFree f_;
+  void* ctx_;
+  std::string what_;
+  mutable std::mutex mu_;
+  std::multimap<size_t, void*> cache_;     // size -> block
+  std::unordered_map<void*, size_t> live_;  // handed out: block -> size
+  int64_t raw_allocs_ = 0, raw_frees_ = 0, reserved_ = 0, cached_ = 0;
+};
+
 // A Backend::Exec over an arena of a DevicePool (the CUDA backend, cpu:devsim).
 class PoolExec final : public Backend::Exec {
  public:

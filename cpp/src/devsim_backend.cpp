@@ -51,7 +51,8 @@ class HostRaw final : public RawDevice {
 
 class DevsimBackend final : public Backend {
  public:
-  explicit DevsimBackend(Backend& cpu) : c_(cpu), raw_(cpu), pool_(raw_, &default_queue_) {}
+  explicit DevsimBackend(Backend& cpu)
+      : c_(cpu), raw_(cpu), pool_(raw_, &default_queue_), host_(host_raw_alloc, host_raw_free, nullptr, "host memory") {}
   std::string name() const override { return "cpu:devsim"; }
   bool host_memory() const override { return false; }
   bool supports_op(const std::string& op) const override {
@@ -62,9 +63,19 @@ class DevsimBackend final : public Backend {
   void* alloc(size_t bytes) override { return pool_.alloc(current_arena(*this, pool_), bytes); }
   void free(void* p) override { pool_.free(p); }
   std::unique_ptr<Exec> new_exec() override { return std::make_unique<PoolExec>(*this, pool_); }
-  DeviceStats device_stats() const override { return pool_.stats(); }
+  DeviceStats device_stats() const override {
+    DeviceStats s = pool_.stats();
+    host_.add_stats(s);
+    return s;
+  }
   void reset_peak_memory() override { pool_.reset_peak(); }
-  void release_cached_memory() override { pool_.release_cached(); }
+  void release_cached_memory() override {
+    pool_.release_cached();
+    host_.release_cached();
+  }
+  // Offload staging through the CUDA backend's HostStagingPool (over malloc here, cudaHostAlloc there).
+  void* host_alloc(size_t bytes) override { return host_.alloc(bytes); }
+  void host_free(void* p) override { host_.free(p); }
   void upload(void* dst, const void* src, size_t bytes) override { c_.upload(dst, src, bytes); }
   void download(void* dst, const void* src, size_t bytes) override { c_.download(dst, src, bytes); }
   void fill_zero(void* p, size_t bytes) override { c_.fill_zero(p, bytes); }
@@ -208,8 +219,11 @@ class DevsimBackend final : public Backend {
  private:
   Backend& c_;
   HostRaw raw_;
+  static void* host_raw_alloc(size_t bytes, void*) { return std::malloc(bytes); }
+  static void host_raw_free(void* p, void*) { std::free(p); }
   char default_queue_ = 0;  // the default arena's queue token
   DevicePool pool_;         // after raw_ (destroyed before it)
+  HostStagingPool host_;
 };
 
 }  // namespace
