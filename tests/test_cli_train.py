@@ -215,3 +215,31 @@ def test_train_cli_on_tiny_random_model(tmp_path, rng, capsys):
     ck = adapter_io.load_adapter(out / "checkpoint-4")[1]
     for k, v in sd.items():
         np.testing.assert_array_equal(ck[k], v)  # the last checkpoint holds the final adapter
+
+
+def test_head_format_option(tmp_path, rng, monkeypatch):
+    """--head-format (train and demo): the engine's formats (memory_model.HEAD_FORMATS, read at parser
+    build time), fp32 as an alias of float32, and _load converts the loaded model's embedding / lm_head."""
+    from helpers_model import make_checkpoint
+    from qlora_native import Tokenizer, memory_model
+    from qlora_native.cli import build_parser
+
+    formats = cli_train.head_formats()
+    assert {"float32", "q8_0"} <= set(formats)
+    assert formats == tuple(getattr(memory_model, "HEAD_FORMATS", ("float32", "q8_0")))
+    parser = build_parser()
+    for command, extra in (("train", ["--model", "M", "--data", "D", "--output", "O"]), ("demo", [])):
+        assert parser.parse_args([command] + extra).head_format == "float32"
+        for f in formats + ("fp32",):
+            assert parser.parse_args([command] + extra + ["--head-format", f]).head_format == f
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args([command] + extra + ["--head-format", "int4"])
+        assert e.value.code == 2
+
+    path, _, _ = make_checkpoint(tmp_path, rng, vocab=96, hidden=64, inter=64, layers=1, heads=4, kv_heads=2)
+    monkeypatch.setattr(Tokenizer, "from_pretrained", staticmethod(lambda p: None))
+    for given, want in (("q8_0", "q8_0"), ("fp32", "float32"), ("float32", "float32")):
+        args = parser.parse_args(["train", "--model", path, "--data", "D", "--output", "O", "--head-format", given,
+                                  "--backend", "cpu"])
+        model, _ = cli_train._load(path, args)
+        assert model.head_format == want

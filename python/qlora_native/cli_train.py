@@ -84,6 +84,18 @@ def _common_args(p):
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: all cores; under mpiexec: cores / ranks on the node)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    formats = head_formats()
+    p.add_argument("--head-format", default="float32", choices=formats + ("fp32",), metavar="{" + ",".join(formats) + "}",
+                   help="how the embedding and lm_head are kept on the device (Model.head_format): float32 (fp32), "
+                        "the smaller 16-bit or Q8_0 rows (Llama-3-8B: 3.9 GiB fp32, 1.0 GiB q8_0)")
+
+
+def head_formats() -> tuple:
+    """The head formats the engine accepts (Model.head_format), read from the package so a new one
+    appears here without a CLI change."""
+    from . import memory_model
+
+    return tuple(getattr(memory_model, "HEAD_FORMATS", ("float32", "q8_0")))
 
 
 def _lora_config(args):
@@ -111,6 +123,8 @@ def _load(path, args):
                                   backend=backend)
     if getattr(args, "offload_checkpoints", False):
         model.offload_checkpoints = True
+    head = getattr(args, "head_format", "float32")
+    model.head_format = "float32" if head == "fp32" else head  # converted once, before any training
     print(f"[loaded {path} in {time.perf_counter() - t0:.1f}s, backend {model.backend}]", file=sys.stderr)
     return model, tok
 
