@@ -34,3 +34,17 @@ def test_bench_cuda_dry_run(tmp_path):
         pytest.skip("torch/transformers not importable: the baseline paths were skipped")
     assert res["hf_bf16"]["decode_tok_s"] > 0 and all("ratio" in g for g in res["gemm"])
     assert res["targets"][0]["value"] is not None
+
+
+def test_bench_cuda_ms_option(tmp_path):
+    """--ms picks the GEMM rows' token counts (the device check can size the run); bad values refused."""
+    script = os.path.join(ROOT, "bench", "bench_cuda.py")
+    r = subprocess.run([sys.executable, script, "--dry-run", "--no-hf", "--ms", "8", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.load(open(tmp_path / "bench_cuda.json"))
+    assert [g["M"] for g in res["gemm"]] == [8, 8, 8] and not res["errors"]
+    for bad in ("0", "a,b", ","):
+        r = subprocess.run([sys.executable, script, "--dry-run", "--ms", bad], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 2 and "--ms must be" in r.stderr, (bad, r.stderr)
