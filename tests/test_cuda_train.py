@@ -91,6 +91,16 @@ def _train(m, steps, seed0=0, max_grad_norm=0.05, lr=5e-2):
     return out
 
 
+def _arena_order(names):
+    """Indices into PEFT-ordered tensor names in the LoRA arena's order (model/lora.hpp arena_tensors)."""
+    groups = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
+    layer = lambda k: int(k.split(".layers.")[1].split(".")[0])
+    proj = lambda k: k.split(".")[-3]
+    key = lambda i: (layer(names[i]), next(j for j, g in enumerate(groups) if proj(names[i]) in g),
+                     "lora_B" in names[i], [p for g in groups for p in g].index(proj(names[i])))
+    return sorted(range(len(names)), key=key)
+
+
 def test_step_bit_identical_to_host_optimizer(tiny):
     """On the CPU backend the optimizer step through the backend ops (one contiguous buffer) equals the
     host code it replaced: clip_grad_norm over the gradient tensors, then torch-style AdamW, bit for bit."""
@@ -103,9 +113,11 @@ def test_step_bit_identical_to_host_optimizer(tiny):
         m.zero_grad()
         m.forward_backward(ids, labels, mask)
         g = _grads(m)
-        assert list(g) == names  # one layout: (layer, projection, A then B)
+        assert list(g) == names  # PEFT order: (layer, projection, A then B)
         gl = [g[k].copy() for k in names]
-        want_norm = _core.train.clip_grad_norm(gl, 0.05)
+        # The norm sums the tensors in the gradient arena's order (per layer and input-sharing group
+        # {q, k, v}, {o}, {gate, up}, {down}: the A factors, then the B factors); clipped in place.
+        want_norm = _core.train.clip_grad_norm([gl[i] for i in _arena_order(names)], 0.05)
         assert m.clip_grad_norm(0.05) == want_norm
         host.step(gl, 1e-2)
         m.optimizer_step(1e-2)

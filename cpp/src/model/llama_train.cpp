@@ -6,6 +6,7 @@
 // attention (no KV cache; logsumexp kept for the backward).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -227,6 +228,14 @@ struct LayerActs {
         a(be, mc, d.M * d.I) {}           // [M, I] silu(g) * u
 };
 
+constexpr int kQkv[3] = {0, 1, 2}, kGateUp[2] = {4, 5};  // the projections sharing an input
+
+// QLORA_LORA_GROUP=0 turns the grouped LoRA calls off (A/B runs); on otherwise.
+bool lora_grouping_enabled() {
+  const char* e = std::getenv("QLORA_LORA_GROUP");
+  return !(e && std::string(e) == "0");
+}
+
 struct Pass {
   Backend& be;
   LlamaWeights& w;
@@ -238,6 +247,7 @@ struct Pass {
   float ad_scale;           // the adapter's runtime scale (set_adapter_scale)
   bool dropout;
   bool bf16;                // compute_dtype="bfloat16": base GEMMs, lm_head and attention in bf16 compute
+  bool group;               // the LoRA of q/k/v and of gate/up through the grouped calls (lora_group)
   float* t = nullptr;       // [M, r_max] LoRA scratch
   float* dt = nullptr;      // [M, r_max]
   float* xdrop = nullptr;   // [M, max(D, I, QD)] dropped-out LoRA input (dropout only)
@@ -274,6 +284,61 @@ struct Pass {
     }
   }
 
+  // The adapted modules g[0..n) of projections ps[0..np) of layer l (gi: their index in ps) when
+  // their LoRA runs grouped (lora_forward_group / lora_backward_group): at least two, A factors (and
+  // with grads their dA) adjacent in the arena, and the [M, R] scratch within cap floats; else 0.
+  // Grouping needs no dropout (each module would see its own dropped-out input).
+  int lora_group(int64_t l, const int* ps, int np, bool grads, int64_t cap, LoraModule** g, int* gi) const {
+    if (!group) return 0;
+    int n = 0;
+    for (int i = 0; i < np; ++i)
+      if (LoraModule* m = lora(l, ps[i])) g[n] = m, gi[n++] = i;
+    if (n < 2 || d.M * lora_rank_sum(g, n) > cap || !lora_group_adjacent(g, n, grads)) return 0;
+    return n;
+  }
+
+  // lin_fwd of projections ps[0..n) sharing the input x, their LoRA grouped when lora_group allows:
+  // the bases, then one shrink for all. scratch: cap floats free until the call returns.
+  void lins_fwd(int64_t l, int n, const int* ps, const float* x, int64_t ldx, float* const* y, const int64_t* ldy,
+                float* scratch, int64_t cap) {
+    LoraModule* g[kMaxLoraGroup];
+    int gi[kMaxLoraGroup];
+    const int ng = lora_group(l, ps, n, false, cap, g, gi);
+    for (int i = 0; i < n; ++i) {
+      if (ng == 0) {
+        lin_fwd(l, ps[i], x, ldx, y[i], ldy[i]);
+        continue;
+      }
+      proj(w.layers[l], ps[i]).forward(be, d.M, x, ldx, y[i], ldy[i], nullptr, nullptr, 0, nullptr, 1.0f, bf16);
+    }
+    if (ng == 0) return;
+    float* gy[kMaxLoraGroup];
+    int64_t gld[kMaxLoraGroup];
+    for (int k = 0; k < ng; ++k) gy[k] = y[gi[k]], gld[k] = ldy[gi[k]];
+    lora_forward_group(be, ng, g, d.M, x, ldx, gy, gld, scratch, ad_scale);
+  }
+
+  // dx = beta * dx + the input gradients of projections ps[0..n) sharing the input x for dy[i],
+  // accumulating their LoRA gradients; grouped as in lins_fwd. t, dt: cap floats each, free.
+  void lins_bwd(int64_t l, int n, const int* ps, const float* x, int64_t ldx, float* const* dy, const int64_t* lddy,
+                float* dx, int64_t lddx, float beta, float* t, float* dt, int64_t cap) {
+    LoraModule* g[kMaxLoraGroup];
+    int gi[kMaxLoraGroup];
+    const int ng = lora_group(l, ps, n, true, cap, g, gi);
+    for (int i = 0; i < n; ++i) {
+      if (ng == 0) {
+        lin_bwd(l, ps[i], x, ldx, dy[i], lddy[i], dx, lddx, i == 0 ? beta : 1.0f);
+        continue;
+      }
+      proj(w.layers[l], ps[i]).backward_input(be, d.M, dy[i], lddy[i], dx, lddx, i == 0 ? beta : 1.0f, bf16);
+    }
+    if (ng == 0) return;
+    const float* gdy[kMaxLoraGroup];
+    int64_t gld[kMaxLoraGroup];
+    for (int k = 0; k < ng; ++k) gdy[k] = dy[gi[k]], gld[k] = lddy[gi[k]];
+    lora_backward_group(be, ng, g, d.M, x, ldx, gdy, gld, dx, lddx, 1.0f, t, dt, ad_scale);
+  }
+
   float scale() const { return 1.0f / std::sqrt(static_cast<float>(d.hd)); }
 
   // x_out[M, D] = layer l applied to x_in[M, D]; intermediates into A.
@@ -282,9 +347,11 @@ struct Pass {
     const float eps = w.cfg.rms_norm_eps;
     const int64_t M = d.M, D = d.D, I = d.I, QD = d.QD, KD = d.KD;
     be.rmsnorm(M, D, x_in, L.input_norm.f32(), eps, A.h1.f());
-    lin_fwd(l, 0, A.h1.f(), D, A.q.f(), QD);
-    lin_fwd(l, 1, A.h1.f(), D, A.k.f(), KD);
-    lin_fwd(l, 2, A.h1.f(), D, A.v.f(), KD);
+    {  // q, k, v; LoRA scratch: A.att, written only by the attention below
+      float* y[3] = {A.q.f(), A.k.f(), A.v.f()};
+      const int64_t ldy[3] = {QD, KD, KD};
+      lins_fwd(l, 3, kQkv, A.h1.f(), D, y, ldy, A.att.f(), M * QD);
+    }
     be.rope(M, d.Hq, d.hd, A.q.f(), QD, pos, inv_freq);
     be.rope(M, d.Hkv, d.hd, A.k.f(), KD, pos, inv_freq);
     if (bf16)
@@ -296,8 +363,11 @@ struct Pass {
     lin_fwd(l, 3, A.att.f(), QD, A.x_mid.f(), D);
     be.add_inplace(M * D, x_in, A.x_mid.f());
     be.rmsnorm(M, D, A.x_mid.f(), L.post_norm.f32(), eps, A.h2.f());
-    lin_fwd(l, 4, A.h2.f(), D, A.g.f(), I);
-    lin_fwd(l, 5, A.h2.f(), D, A.u.f(), I);
+    {  // gate, up; LoRA scratch: A.a, written only by the SwiGLU below
+      float* y[2] = {A.g.f(), A.u.f()};
+      const int64_t ldy[2] = {I, I};
+      lins_fwd(l, 2, kGateUp, A.h2.f(), D, y, ldy, A.a.f(), M * I);
+    }
     be.swiglu(M, I, A.g.f(), I, A.u.f(), I, A.a.f(), I);
     lin_fwd(l, 6, A.a.f(), I, x_out, D);
     be.add_inplace(M * D, A.x_mid.f(), x_out);
@@ -313,8 +383,11 @@ struct Pass {
     // MLP block: x_out = x_mid + down(silu(gate(h2)) * up(h2)), h2 = post_norm(x_mid).
     lin_bwd(l, 6, A.a.f(), I, dres, D, da, I, 0.0f);
     be.swiglu_backward(M, I, A.g.f(), I, A.u.f(), I, da, I, A.g.f(), I, A.u.f(), I);  // dg -> g, du -> u
-    lin_bwd(l, 4, A.h2.f(), D, A.g.f(), I, dh, D, 0.0f);
-    lin_bwd(l, 5, A.h2.f(), D, A.u.f(), I, dh, D, 1.0f);
+    {  // gate, up; LoRA scratch: da (read by the SwiGLU backward above) and datt (written below)
+      float* dy[2] = {A.g.f(), A.u.f()};
+      const int64_t lddy[2] = {I, I};
+      lins_bwd(l, 2, kGateUp, A.h2.f(), D, dy, lddy, dh, D, 0.0f, da, datt, M * std::min(I, QD));
+    }
     be.rmsnorm_backward(M, D, A.x_mid.f(), L.post_norm.f32(), eps, dh, dh);
     be.add_inplace(M * D, dh, dres);
     // Attention block: x_mid = x_in + o(attn(rope(q(h1)), rope(k(h1)), v(h1))), h1 = input_norm(x_in).
@@ -327,9 +400,11 @@ struct Pass {
                                   scale(), A.att.f(), QD, A.lse.f(), datt, QD, dq, QD, dk, KD, dv, KD);
     be.rope_backward(M, d.Hq, d.hd, dq, QD, pos, inv_freq);
     be.rope_backward(M, d.Hkv, d.hd, dk, KD, pos, inv_freq);
-    lin_bwd(l, 0, A.h1.f(), D, dq, QD, dh, D, 0.0f);
-    lin_bwd(l, 1, A.h1.f(), D, dk, KD, dh, D, 1.0f);
-    lin_bwd(l, 2, A.h1.f(), D, dv, KD, dh, D, 1.0f);
+    {  // q, k, v; LoRA scratch: da and datt (read by the attention backward above)
+      float* dy[3] = {dq, dk, dv};
+      const int64_t lddy[3] = {QD, KD, KD};
+      lins_bwd(l, 3, kQkv, A.h1.f(), D, dy, lddy, dh, D, 0.0f, da, datt, M * std::min(I, QD));
+    }
     be.rmsnorm_backward(M, D, x_in, L.input_norm.f32(), eps, dh, dh);
     be.add_inplace(M * D, dh, dres);
   }
@@ -393,7 +468,8 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
   be_.upload(km_d.data(), km.data(), sizeof(int32_t) * M);
 
   const bool bf16 = compute_bf16();
-  Pass P{be_, *w_, inv_freq_.f32(), d, pos_d.data<int32_t>(), km_d.data<int32_t>(), ad, ad_scale, dropout, bf16};
+  Pass P{be_, *w_, inv_freq_.f32(), d, pos_d.data<int32_t>(), km_d.data<int32_t>(), ad, ad_scale, dropout, bf16,
+         !dropout && lora_grouping_enabled()};
   const int64_t wide = std::max({D, d.I, d.QD});
   const int64_t rmax = ad ? std::max<int64_t>(ad->max_rank(), 1) : 1;
   ActBuf t_buf(be_, mc, M * rmax), dt_buf(be_, mc, M * rmax);  // [M, r_max]

@@ -50,18 +50,42 @@ int64_t LoraAdapter::max_rank() const {
   return r;
 }
 
+std::vector<ArenaTensor> arena_tensors(const LoraAdapter& a) {
+  // Projections grouped by their shared input: q/k/v read input_norm(x), gate/up post_norm(x).
+  static const int kGroups[][3] = {{0, 1, 2}, {3, -1, -1}, {4, 5, -1}, {6, -1, -1}};
+  std::vector<ArenaTensor> out;
+  const size_t L = a.modules.size() / kNumProj;
+  check_arg(L * kNumProj == a.modules.size(), "adapter: module table size is not a multiple of 7");
+  for (size_t l = 0; l < L; ++l)
+    for (const auto& g : kGroups)
+      for (bool b : {false, true})
+        for (int p : g)
+          if (p >= 0)
+            if (LoraModule* m = a.modules[l * kNumProj + p].get()) out.push_back({m, b});
+  return out;
+}
+
 std::vector<train::ParamRef> LoraAdapter::params() const {
   std::vector<train::ParamRef> out;
-  for (const auto& m : modules)
-    if (m) out.push_back({m->A.f32(), m->r * m->in}), out.push_back({m->B.f32(), m->out * m->r});
+  for (const ArenaTensor& t : arena_tensors(*this)) out.push_back({(t.is_b ? t.m->B : t.m->A).f32(), t.numel()});
   return out;
 }
 
 std::vector<train::ParamRef> LoraAdapter::grads(Backend& be) {
   ensure_lora_grads(be, *this);
   std::vector<train::ParamRef> out;
+  for (const ArenaTensor& t : arena_tensors(*this)) out.push_back({t.is_b ? t.m->dB : t.m->dA, t.numel()});
+  return out;
+}
+
+std::vector<size_t> LoraAdapter::peft_order() const {
+  const std::vector<ArenaTensor> at = arena_tensors(*this);
+  std::vector<size_t> out;
   for (const auto& m : modules)
-    if (m) out.push_back({m->dA, m->r * m->in}), out.push_back({m->dB, m->out * m->r});
+    if (m)
+      for (bool b : {false, true})
+        for (size_t i = 0; i < at.size(); ++i)
+          if (at[i].m == m.get() && at[i].is_b == b) out.push_back(i);
   return out;
 }
 
@@ -97,15 +121,13 @@ void pack_lora_params(Backend& be, LoraAdapter& a) {
   if (n == 0) return;
   DeviceBuffer arena(be, sizeof(float) * n);
   float* p = arena.f32();
-  for (const auto& m : a.modules) {
-    if (!m) continue;
-    for (DeviceBuffer* f : {&m->A, &m->B}) {
-      be.copy(p, f->data(), f->bytes());  // device to device
-      be.synchronize();  // before the old buffer is freed
-      const size_t bytes = f->bytes();
-      *f = DeviceBuffer::view(p, bytes);
-      p += bytes / sizeof(float);
-    }
+  for (const ArenaTensor& t : arena_tensors(a)) {
+    DeviceBuffer* f = t.is_b ? &t.m->B : &t.m->A;
+    be.copy(p, f->data(), f->bytes());  // device to device
+    be.synchronize();  // before the old buffer is freed
+    const size_t bytes = f->bytes();
+    *f = DeviceBuffer::view(p, bytes);
+    p += bytes / sizeof(float);
   }
   a.param_arena = std::move(arena);
 }
@@ -118,10 +140,9 @@ void ensure_lora_grads(Backend& be, LoraAdapter& a) {
   DeviceBuffer arena(be, sizeof(float) * n);
   be.fill_zero(arena.data(), arena.bytes());
   float* p = arena.f32();
-  for (const auto& m : a.modules) {
-    if (!m) continue;
-    m->dA = p, p += m->r * m->in;
-    m->dB = p, p += m->out * m->r;
+  for (const ArenaTensor& t : arena_tensors(a)) {
+    (t.is_b ? t.m->dB : t.m->dA) = p;
+    p += t.numel();
   }
   a.grad_arena = std::move(arena);
   a.grads_ready.store(true, std::memory_order_release);
@@ -154,6 +175,51 @@ void lora_backward(Backend& be, LoraModule& m, int64_t M, const float* x, int64_
   be.gemm_tn(m.out, m.r, M, s, dy, lddy, t, m.r, 1.0f, m.dB, m.r);                  // dB += s * dyᵀ·t
   be.gemm_tn(m.r, m.in, M, 1.0f, dt, m.r, x, ldx, 1.0f, m.dA, m.in);                // dA += dtᵀ·x
   if (dx) be.gemm_nn(M, m.in, m.r, 1.0f, dt, m.r, m.A.f32(), m.in, beta, dx, lddx);  // dx = beta*dx + dt·A
+}
+
+bool lora_group_adjacent(const LoraModule* const* m, int n, bool grads) {
+  if (n < 1 || n > kMaxLoraGroup) return false;
+  for (int i = 1; i < n; ++i) {
+    const LoraModule& a = *m[i - 1];
+    const LoraModule& b = *m[i];
+    if (b.in != a.in || b.A.f32() != a.A.f32() + a.r * a.in) return false;
+    if (grads && (!a.dA || b.dA != a.dA + a.r * a.in)) return false;
+  }
+  return true;
+}
+
+int64_t lora_rank_sum(const LoraModule* const* m, int n) {
+  int64_t R = 0;
+  for (int i = 0; i < n; ++i) R += m[i]->r;
+  return R;
+}
+
+void lora_forward_group(Backend& be, int n, const LoraModule* const* m, int64_t M, const float* x, int64_t ldx,
+                        float* const* y, const int64_t* ldy, float* t, float scale) {
+  if (scale == 0.0f) return;  // as lora_forward: the base output left bit-identical
+  check_arg(lora_group_adjacent(m, n, false), "lora_forward_group: the A factors are not adjacent");
+  const prof::PartContext pc(prof::Part::LoraFwd);
+  const int64_t R = lora_rank_sum(m, n), in = m[0]->in;
+  be.gemm_nt(M, R, in, 1.0f, x, ldx, m[0]->A.f32(), in, 0.0f, t, R);  // t[M, R] = x·[A_0; ...]ᵀ: x read once
+  for (int64_t i = 0, off = 0; i < n; off += m[i]->r, ++i)  // y_i += s_i * t_i·B_iᵀ
+    be.gemm_nt(M, m[i]->out, m[i]->r, scale * m[i]->scaling, t + off, R, m[i]->B.f32(), m[i]->r, 1.0f, y[i], ldy[i]);
+}
+
+void lora_backward_group(Backend& be, int n, LoraModule* const* m, int64_t M, const float* x, int64_t ldx,
+                         const float* const* dy, const int64_t* lddy, float* dx, int64_t lddx, float beta, float* t,
+                         float* dt, float scale) {
+  check_arg(lora_group_adjacent(m, n, true), "lora_backward_group: the A factors or their gradients are not adjacent");
+  const prof::PartContext pc(prof::Part::LoraBwd);
+  const int64_t R = lora_rank_sum(m, n), in = m[0]->in;
+  be.gemm_nt(M, R, in, 1.0f, x, ldx, m[0]->A.f32(), in, 0.0f, t, R);  // t[M, R] = x·[A_0; ...]ᵀ
+  for (int64_t i = 0, off = 0; i < n; off += m[i]->r, ++i) {
+    const LoraModule& mi = *m[i];
+    const float s = scale * mi.scaling;
+    be.gemm_nn(M, mi.r, mi.out, s, dy[i], lddy[i], mi.B.f32(), mi.r, 0.0f, dt + off, R);  // dt_i = s_i * dy_i·B_i
+    be.gemm_tn(mi.out, mi.r, M, s, dy[i], lddy[i], t + off, R, 1.0f, mi.dB, mi.r);        // dB_i += s_i * dy_iᵀ·t_i
+  }
+  be.gemm_tn(R, in, M, 1.0f, dt, R, x, ldx, 1.0f, m[0]->dA, in);  // [dA_0; ...] += dtᵀ·x: x read once
+  if (dx) be.gemm_nn(M, in, R, 1.0f, dt, R, m[0]->A.f32(), in, beta, dx, lddx);  // dx = beta*dx + sum_i dt_i·A_i
 }
 
 void dropout_forward(Backend& be, const DropoutKey& k, float p, int64_t M, int64_t in, const float* x, int64_t ldx,

@@ -43,32 +43,48 @@ struct LoraAdapter {
   // around each micro-batch; 0 otherwise.
   int64_t dropout_row0 = 0;
   std::vector<std::unique_ptr<LoraModule>> modules;  // [num_layers * kNumProj], null = not adapted
-  // configure_lora_optimizer: AdamW over param_arena (every A then B) through the backend's
-  // optimizer ops, moments in backend memory (lora_optimizer.hpp)
+  // configure_lora_optimizer: AdamW over param_arena (every tensor, arena order) through the
+  // backend's optimizer ops, moments in backend memory (lora_optimizer.hpp); its state() lists the
+  // tensors in PEFT order (peft_order()).
   std::unique_ptr<train::FlatAdamW> opt;
-  // Every module's A then B in params() order as ONE contiguous fp32 buffer (the layout of
+  // Every module's A and B in arena order (params()) as ONE contiguous fp32 buffer (the layout of
   // grad_arena), filled by pack_lora_params when the adapter is added to a model; the modules' A/B
   // are views into it. The optimizer step runs over it as a whole.
   DeviceBuffer param_arena;
-  // Every module's dA then dB in params() order (layer, projection, A then B) as ONE contiguous
-  // fp32 buffer, so a data-parallel step all-reduces one buffer and an optimizer can run over it
-  // as a whole. Allocated (zeroed) on the first training use only, so a served adapter costs just
-  // A + B. grads_mu serializes that allocation; grads_ready (release/acquire) lets readers such as
-  // memory_footprint see whether it happened without touching the buffers.
+  // Every module's dA and dB in arena order as ONE contiguous fp32 buffer, so a data-parallel step
+  // all-reduces one buffer and an optimizer can run over it as a whole. Allocated (zeroed) on the
+  // first training use only, so a served adapter costs just A + B. grads_mu serializes that
+  // allocation; grads_ready (release/acquire) lets readers such as memory_footprint see whether it
+  // happened without touching the buffers.
   DeviceBuffer grad_arena;
   std::mutex grads_mu;
   std::atomic<bool> grads_ready{false};
 
   LoraModule* at(int64_t layer, int p) const { return modules[layer * kNumProj + p].get(); }
   int64_t max_rank() const;
-  // Gradient tensors / parameters in a fixed order (layer, projection, A then B); grads()
-  // allocates the (zero) gradients first if the adapter has not trained yet.
+  // Gradient tensors / parameters in arena order (arena_tensors()); grads() allocates the (zero)
+  // gradients first if the adapter has not trained yet.
   std::vector<train::ParamRef> params() const;
   std::vector<train::ParamRef> grads(Backend& be);
   int64_t num_params() const;  // elements of every A and B (= of grad_arena)
+  // For the k-th tensor in PEFT order (layer, projection, A then B: the saved adapter's and the
+  // optimizer state's order), its index in params() order.
+  std::vector<size_t> peft_order() const;
 };
 
-// Moves every module's A and B into one new param_arena (params() order) and makes them views into
+// The arena order of an adapter's tensors. Per layer, per group of projections sharing one input
+// ({q, k, v}, {o}, {gate, up}, {down}): the A factors of the group's adapted modules back to back,
+// then their B factors. So [A_q; A_k; A_v] (and [dA_q; dA_k; dA_v]) is one [r_q + r_k + r_v, in]
+// matrix that the grouped LoRA calls (lora_forward_group / lora_backward_group) read in one GEMM.
+// A lone module is A then B, as in PEFT order.
+struct ArenaTensor {
+  LoraModule* m;
+  bool is_b;  // false: A [r, in], true: B [out, r]
+  int64_t numel() const { return is_b ? m->out * m->r : m->r * m->in; }
+};
+std::vector<ArenaTensor> arena_tensors(const LoraAdapter& a);
+
+// Moves every module's A and B into one new param_arena (arena order) and makes them views into
 // it; idempotent. LlamaModel::add_adapter calls it before the adapter is visible to any request.
 void pack_lora_params(Backend& be, LoraAdapter& a);
 
@@ -93,6 +109,25 @@ void lora_forward(Backend& be, const LoraModule& m, int64_t M, const float* x, i
 // dx[M, in] = beta * dx + dt·A (dx may be null: no input gradient). t, dt: [M, r] scratch.
 void lora_backward(Backend& be, LoraModule& m, int64_t M, const float* x, int64_t ldx, const float* dy, int64_t lddy,
                    float* dx, int64_t lddx, float beta, float* t, float* dt, float scale = 1.0f);
+
+// Grouped LoRA of n modules m[0..n) (n <= kMaxLoraGroup) that share one input x[M, in]
+// (q/k/v, gate/up; dropout 0), the training pass's form of Unsloth's fused LoRA: the shrinks are
+// one GEMM x·[A_0; ...; A_n-1]ᵀ, the input gradient one GEMM with K = R = sum of ranks, dA one
+// GEMM dtᵀ·x, so x and dx are read once instead of n times. Each module keeps its own rank,
+// scaling and output. Results equal n lora_forward / lora_backward calls up to the summation order.
+constexpr int kMaxLoraGroup = 3;
+// True when m[0..n)'s A factors lie back to back (the arena order) with the same `in`, and with
+// grads their dA too, so the grouped calls apply.
+bool lora_group_adjacent(const LoraModule* const* m, int n, bool grads);
+int64_t lora_rank_sum(const LoraModule* const* m, int n);
+// y_i[M, out_i] (row stride ldy[i]) += scale * scaling_i * (x·A_iᵀ)·B_iᵀ; t[M, R] scratch.
+void lora_forward_group(Backend& be, int n, const LoraModule* const* m, int64_t M, const float* x, int64_t ldx,
+                        float* const* y, const int64_t* ldy, float* t, float scale = 1.0f);
+// lora_backward of each module for dy_i (row stride lddy[i]), the input-gradient terms summed:
+// dx[M, in] = beta * dx + sum_i dt_i·A_i (one GEMM). t, dt: [M, R] scratch.
+void lora_backward_group(Backend& be, int n, LoraModule* const* m, int64_t M, const float* x, int64_t ldx,
+                         const float* const* dy, const int64_t* lddy, float* dx, int64_t lddx, float beta, float* t,
+                         float* dt, float scale = 1.0f);
 
 // LoRA dropout (inverted, as torch.nn.Dropout): the keep mask of one (micro step, layer,
 // projection) is regenerated from a Philox stream keyed by them, so it is never stored. Element

@@ -39,7 +39,7 @@ void configure_lora_optimizer(Backend& be, LoraAdapter& a, const train::AdamWCon
   pack_lora_params(be, a);  // no-op for an adapter added to a model (add_adapter packs it)
   std::vector<int64_t> numels;
   for (const train::ParamRef& p : a.params()) numels.push_back(p.numel);
-  a.opt = std::make_unique<train::FlatAdamW>(be, a.param_arena.f32(), std::move(numels), c);
+  a.opt = std::make_unique<train::FlatAdamW>(be, a.param_arena.f32(), std::move(numels), c, a.peft_order());
 }
 
 std::unique_ptr<LoraAdapter> new_lora_adapter(LlamaModel& m, const LoraInitSpec& s) {

@@ -72,10 +72,22 @@ NonFinite FlatGradOps::find_nonfinite(const float* grads) {
   return r;
 }
 
-FlatAdamW::FlatAdamW(Backend& be, float* params, std::vector<int64_t> numels, AdamWConfig config)
-    : be_(be), params_(params), checks_(be, std::move(numels)), config_(config) {
+FlatAdamW::FlatAdamW(Backend& be, float* params, std::vector<int64_t> numels, AdamWConfig config,
+                     std::vector<size_t> state_order)
+    : be_(be), params_(params), checks_(be, std::move(numels)), config_(config), order_(std::move(state_order)) {
   config_.validate();
   check_arg(checks_.num_params() > 0, "AdamW: no parameters given");
+  const size_t n = checks_.num_params();
+  if (order_.empty())
+    for (size_t i = 0; i < n; ++i) order_.push_back(i);
+  std::vector<bool> seen(n, false);
+  check_arg(order_.size() == n, "AdamW: state order has the wrong length");
+  for (size_t j : order_) {
+    check_arg(j < n && !seen[j], "AdamW: state order is not a permutation");
+    seen[j] = true;
+  }
+  int64_t off = 0;
+  for (int64_t x : checks_.numels()) offset_.push_back(off), off += x;
   be.require_ops({"adamw_update"}, "the optimizer");
   const int64_t total = checks_.numel_total();
   check_arg(total == 0 || params_ != nullptr, "AdamW: no parameter buffer");
@@ -99,26 +111,24 @@ AdamWState FlatAdamW::state() const {
   AdamWState s;
   s.step = step_;
   s.config = config_;
-  int64_t off = 0;
-  for (int64_t n : checks_.numels()) {
+  for (size_t j : order_) {
+    const int64_t n = checks_.numel(j), off = offset_[j];
     s.exp_avg.emplace_back(static_cast<size_t>(n));
     s.exp_avg_sq.emplace_back(static_cast<size_t>(n));
     be_.download(s.exp_avg.back().data(), m_.f32() + off, sizeof(float) * n);
     be_.download(s.exp_avg_sq.back().data(), v_.f32() + off, sizeof(float) * n);
-    off += n;
   }
   be_.synchronize();
   return s;
 }
 
 void FlatAdamW::load_state(AdamWState s) {
-  const std::vector<int64_t>& numels = checks_.numels();
+  std::vector<int64_t> numels;  // in state order
+  for (size_t j : order_) numels.push_back(checks_.numel(j));
   validate_adamw_state(s, numels);
-  int64_t off = 0;
   for (size_t i = 0; i < numels.size(); ++i) {
-    be_.upload(m_.f32() + off, s.exp_avg[i].data(), sizeof(float) * numels[i]);
-    be_.upload(v_.f32() + off, s.exp_avg_sq[i].data(), sizeof(float) * numels[i]);
-    off += numels[i];
+    be_.upload(m_.f32() + offset_[order_[i]], s.exp_avg[i].data(), sizeof(float) * numels[i]);
+    be_.upload(v_.f32() + offset_[order_[i]], s.exp_avg_sq[i].data(), sizeof(float) * numels[i]);
   }
   be_.synchronize();  // s (the upload sources) is destroyed on return
   step_ = s.step;

@@ -54,7 +54,10 @@ class FlatAdamW {
  public:
   // params: backend memory holding the tensors of `numels` back to back (sum(numels) floats);
   // m and v start at zero. The backend must implement the optimizer ops (ValueError otherwise).
-  FlatAdamW(Backend& be, float* params, std::vector<int64_t> numels, AdamWConfig config = {});
+  // state_order (empty: 0, 1, ...): the buffer's tensor index of state()'s / load_state()'s i-th
+  // tensor, for a buffer laid out in another order than the state lists (LoraAdapter::peft_order).
+  FlatAdamW(Backend& be, float* params, std::vector<int64_t> numels, AdamWConfig config = {},
+            std::vector<size_t> state_order = {});
 
   // The gradient checks over the same layout (grads [numel_total], backend memory).
   double grad_norm(const float* grads) { return checks_.grad_norm(grads); }
@@ -81,6 +84,8 @@ class FlatAdamW {
   AdamWConfig config_;
   int64_t step_ = 0;
   model::DeviceBuffer m_, v_;  // [total] fp32 moments
+  std::vector<size_t> order_;    // state tensor i = buffer tensor order_[i]
+  std::vector<int64_t> offset_;  // buffer tensor j starts at offset_[j]
 };
 
 }  // namespace qlora::train
