@@ -383,6 +383,8 @@ def table(res) -> str:
     for k in ("hf_skipped", "bnb_skipped"):
         if k in res:
             lines.append(f"{k.replace('_', ' ')}: {res[k]}")
+    if res.get("not_finished"):
+        lines.append("not finished (the run was stopped before): " + ", ".join(res["not_finished"]))
     if res.get("skipped_for_budget"):
         lines.append("skipped (budget): " + ", ".join(res["skipped_for_budget"]))
     if res.get("errors"):
@@ -428,7 +430,24 @@ def main(argv=None) -> int:
         parts.append(("hf", lambda: bench_hf(cfg, device, torch, rng, clock, res, args.dry_run)))
     elif torch is None:
         res["hf_skipped"] = "torch not importable (or no CUDA in torch)"
-    for name, fn in parts:
+    os.makedirs(args.out, exist_ok=True)
+
+    def write(pending):
+        """JSON + table of what has run so far: written after every part, so a run killed at the
+        device check's limit still leaves the numbers of the parts that finished."""
+        res["skipped_for_budget"] = clock.skipped
+        res["not_finished"] = pending
+        res["targets"] = ratios(res)
+        res["seconds"] = clock.elapsed()
+        write_json(os.path.join(args.out, "bench_cuda.json"), res)
+        txt = table(res)
+        tmp = os.path.join(args.out, "bench_cuda.txt.tmp")
+        with open(tmp, "w") as fh:
+            fh.write(txt)
+        os.replace(tmp, os.path.join(args.out, "bench_cuda.txt"))
+        return txt
+
+    for i, (name, fn) in enumerate(parts):
         if not clock.ok(name):
             continue
         try:
@@ -436,17 +455,8 @@ def main(argv=None) -> int:
         except Exception as e:  # one failing part must not lose the others' numbers
             res["errors"][name] = f"{type(e).__name__}: {e}"
         gc.collect()
-    res["skipped_for_budget"] = clock.skipped
-    res["targets"] = ratios(res)
-    res["seconds"] = clock.elapsed()
-    os.makedirs(args.out, exist_ok=True)
-    write_json(os.path.join(args.out, "bench_cuda.json"), res)
-    txt = table(res)
-    tmp = os.path.join(args.out, "bench_cuda.txt.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(txt)
-    os.replace(tmp, os.path.join(args.out, "bench_cuda.txt"))
-    print(txt)
+        write([n for n, _ in parts[i + 1:]])
+    print(write([]))
     return 1 if res["errors"] else 0
 
 

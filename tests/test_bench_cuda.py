@@ -48,3 +48,25 @@ def test_bench_cuda_ms_option(tmp_path):
         r = subprocess.run([sys.executable, script, "--dry-run", "--ms", bad], capture_output=True, text=True,
                            timeout=60)
         assert r.returncode == 2 and "--ms must be" in r.stderr, (bad, r.stderr)
+
+
+def test_bench_cuda_writes_after_each_part(tmp_path):
+    """A run stopped mid-way (the device check's step limit) leaves the parts that finished: the JSON
+    is written after every part, naming the parts not finished yet."""
+    import time
+
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "bench_cuda.py"), "--dry-run", "--no-hf",
+                          "--out", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env=dict(os.environ))
+    txt = tmp_path / "bench_cuda.txt"  # written after the JSON
+    try:
+        t = time.monotonic()
+        while not txt.exists() and time.monotonic() - t < 120:
+            time.sleep(0.02)
+        first = json.loads((tmp_path / "bench_cuda.json").read_text())  # the write after the kernels part
+        table = txt.read_text()
+    finally:
+        p.kill()
+        p.wait()
+    assert len(first["gemm"]) == 6 and first["not_finished"] == ["ours_model"]
+    assert "not finished (the run was stopped before): ours_model" in table
