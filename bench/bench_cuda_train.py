@@ -368,7 +368,7 @@ def child_torch(spec, engine):
     return res
 
 
-def bnb_usable(device):
+def bnb_usable(device, timeout=120.0):
     """(True, '') when peft and bitsandbytes import and bitsandbytes can run on `device`, else (False, why)."""
     code = ("import peft, bitsandbytes as bnb, torch\n"
             f"d = torch.device({device!r})\n"
@@ -376,7 +376,7 @@ def bnb_usable(device):
             " quant_type='nf4').to(d)\n"
             "print('ok', bnb.__version__)\n")
     try:
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return False, "bitsandbytes probe timed out"
     if r.returncode == 0 and "ok" in r.stdout:
@@ -445,6 +445,7 @@ def main():
         print("RESULT " + json.dumps(res))
         return 0
 
+    t_start = time.perf_counter()  # --budget-s counts from here (the bitsandbytes probe included)
     backend = "cuda" if a.device == "cuda" else "cpu"
     if a.compute_dtype is None:
         a.compute_dtype = "bfloat16" if a.device == "cuda" else "float32"
@@ -455,7 +456,7 @@ def main():
     ref = a.reference
     why_not_bnb = ""
     if ref == "auto":
-        ok, why_not_bnb = bnb_usable(a.device)
+        ok, why_not_bnb = bnb_usable(a.device, 60 if a.budget_s is None else max(5.0, min(60.0, a.budget_s / 4)))
         ref = "peft_bnb" if ok else "torch_bf16"
     if ref == "peft_bnb":
         note = "PEFT + bitsandbytes NF4 (double quant), bf16 autocast"
@@ -493,7 +494,6 @@ def main():
         plan += [(ref, dict(base, batch=B), "runs") for B in batches[1:]]
     if a.offload == "both":
         plan += [("qlora_cuda", dict(base, batch=B, offload=False), "runs") for B in batches]
-    t_start = time.perf_counter()
     for eng, spec, where in plan:
         timeout = a.timeout
         if a.budget_s is not None:
@@ -510,17 +510,22 @@ def main():
         else:
             out["runs"].append(r)
         print(json.dumps({k: v for k, v in r.items() if k not in ("footprint", "losses")}), flush=True)
-    report(out, a)
+        write(out, a, quiet=True)  # after every run: a run stopped later keeps these numbers
+    write(out, a)
+    return 0
+
+
+def write(out, a, quiet=False):
+    report(out, a, quiet)
     name = "bench_cuda_train" + ("-quick" if a.quick else "") + ("-cpu" if a.device == "cpu" else "")
     _common.write_json(os.path.join(a.out, name + ".json"), out)
     tmp = os.path.join(a.out, name + ".txt.tmp")
     with open(tmp, "w") as f:
         f.write("\n".join(out["table"]) + "\n")
     os.replace(tmp, os.path.join(a.out, name + ".txt"))
-    return 0
 
 
-def report(out, a):
+def report(out, a, quiet=False):
     lines = [f"QLoRA training step, {'tiny' if a.quick else 'Llama-3-8B'} shape, random NF4 (dq), seq {out['seq']}, "
              f"r={out['r']} all 7 projections, gradient checkpointing, qlora_native compute {out['compute_dtype']}, "
              f"head {out.get('head_format', 'float32')}; "
@@ -574,7 +579,8 @@ def report(out, a):
                  "pass's peak; the CUDA context and allocator rounding are not in it)")
     lines += [f"skipped: {x}" for x in out.get("skipped", [])]
     out["table"] = lines
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

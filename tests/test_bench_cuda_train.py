@@ -61,3 +61,24 @@ def test_head_format_choices_come_from_the_engine(tmp_path):
         assert f in r.stdout
     r = subprocess.run([sys.executable, SCRIPT, "--head-format", "int4"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "int4" in r.stderr
+
+
+def test_json_written_after_every_run(tmp_path):
+    """The JSON and table are rewritten after each engine run, so a run stopped at the device check's
+    limit keeps the runs that finished."""
+    import time
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "python")] + sys.path))
+    p = subprocess.Popen([sys.executable, SCRIPT, "--quick", "--device", "cpu", "--steps", "1", "--reference", "none",
+                          "--offload", "both", "--out", str(tmp_path)], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    txt = tmp_path / "bench_cuda_train-quick-cpu.txt"  # written after the JSON
+    try:
+        t = time.monotonic()
+        while not txt.exists() and time.monotonic() - t < 120:
+            time.sleep(0.02)
+        first = json.loads((tmp_path / "bench_cuda_train-quick-cpu.json").read_text())
+    finally:
+        p.kill()
+        p.wait()
+    assert len(first["runs"]) == 1 and first["runs"][0]["batch"] == 1 and "table" in first
