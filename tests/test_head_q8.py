@@ -116,7 +116,7 @@ def test_tables_are_gguf_q8_0(tiny, before_load):
 def test_head_format_errors(tmp_path, tiny):
     m = qlora_native.Model.from_pretrained(tiny, backend="cpu", tokenizer=None)
     assert m.head_format == "float32"
-    for bad in ("bf16", "Q8_0", 8, None):
+    for bad in ("fp16", "Q8_0", 8, None):
         with pytest.raises(ValueError, match="head_format"):
             m.head_format = bad
     m.head_format = "q8_0"

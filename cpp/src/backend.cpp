@@ -31,7 +31,8 @@ const char* const kCoreOps[] = {"gemm_nt", "gemm_nn", "gemm_tn", "nf4_gemm_nt", 
                                 "gemm_nn_bf16", "gemm_tn_bf16", "nf4_gemm_nt_bf16", "nf4_gemm_nn_bf16",
                                 "host_output", "sample_rows", "offload"};
 // Ops whose Backend default throws not_implemented.
-const char* const kOptionalOps[] = {"q8_0_gemm_nt", "q8_0_rows", "embedding", "rmsnorm", "add_inplace", "add_bias",
+const char* const kOptionalOps[] = {"q8_0_gemm_nt", "q8_0_rows", "half_gemm_nt", "half_rows", "embedding", "rmsnorm",
+                                    "add_inplace", "add_bias",
                                     "rope", "swiglu", "kv_write", "attention", "kv_write_bf16",
                                     "attention_kv_bf16", "rmsnorm_backward", "rope_backward",
                                     "swiglu_backward", "attention_train", "attention_train_backward",

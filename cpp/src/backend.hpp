@@ -226,6 +226,29 @@ class Backend {
   // model then warns once and computes in fp32).
   virtual bool has_bf16_compute() const { return false; }
   // The compute dtype a new model on this backend starts with: bf16 where bf16 is the fast path
+  // ---- 16-bit float rows (head_format "f16" / "bf16": the embedding and lm_head kept as IEEE fp16
+  // or bf16, 2 bytes per weight, little-endian; any K). Every weight widens exactly to fp32; products
+  // accumulate in fp32. W holds N rows of K values back to back.
+  enum class HalfType : int { F16 = 0, BF16 = 1 };
+  // Y[M, N] = X[M, K] · wide(W)ᵀ.
+  virtual void half_gemm_nt(HalfType t, int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const void* W,
+                            float* Y, int64_t ldy) {
+    not_implemented("half_gemm_nt");
+  }
+  // out[M, K] = wide(W)[ids[m], :] (embedding lookup; ids already checked to lie in [0, N)).
+  virtual void half_rows(HalfType t, int64_t M, int64_t K, const void* W, const int32_t* ids, float* out) {
+    not_implemented("half_rows");
+  }
+  // dX[M, K] = alpha * dY[M, N] · wide(W) + beta * dX, and half_gemm_nt in bf16 compute: defaults
+  // (backend_half.cpp, every backend with half_rows) as q8_0_gemm_nn / q8_0_gemm_nt_bf16: W widened
+  // kHalfChunk rows at a time by half_rows into scratch (half_chunk_scratch_bytes), each chunk one
+  // gemm_nn / gemm_nn_bf16 / gemm_nt_bf16 (CUDA: the tensor-core GEMM in bf16 compute).
+  virtual void half_gemm_nn(HalfType t, int64_t M, int64_t N, int64_t K, float alpha, const float* dY, int64_t lddy,
+                            const void* W, float beta, float* dX, int64_t lddx, bool bf16 = false);
+  virtual void half_gemm_nt_bf16(HalfType t, int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx,
+                                 const void* W, float* Y, int64_t ldy);
+  static constexpr int64_t kHalfChunk = 2048;
+  static size_t half_chunk_scratch_bytes(int64_t N, int64_t K);
   // and the usual QLoRA choice (CUDA sm_80+), fp32 elsewhere (CPU: the parity mode stays default).
   virtual bool default_compute_bf16() const { return false; }
   virtual void gemm_nt_bf16(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,

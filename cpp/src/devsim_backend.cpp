@@ -10,7 +10,8 @@
 namespace qlora {
 
 const std::vector<std::string>& cuda_kernel_ops() {
-  static const std::vector<std::string> ops = {"q8_0_gemm_nt", "q8_0_rows", "embedding", "rmsnorm",
+  static const std::vector<std::string> ops = {"q8_0_gemm_nt", "q8_0_rows", "half_gemm_nt", "half_rows",
+                                               "embedding", "rmsnorm",
                                                "add_inplace", "add_bias", "rope", "swiglu",
                                                "kv_write", "attention", "kv_write_bf16", "attention_kv_bf16",
                                                "rope_backward", "cross_entropy_rows",
@@ -143,6 +144,13 @@ class DevsimBackend final : public Backend {
   }
   void q8_0_rows(int64_t M, int64_t K, const void* W, const int32_t* ids, float* out) override {
     c_.q8_0_rows(M, K, W, ids, out);
+  }
+  void half_gemm_nt(HalfType t, int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const void* W, float* Y,
+                    int64_t ldy) override {
+    c_.half_gemm_nt(t, M, N, K, X, ldx, W, Y, ldy);
+  }
+  void half_rows(HalfType t, int64_t M, int64_t K, const void* W, const int32_t* ids, float* out) override {
+    c_.half_rows(t, M, K, W, ids, out);
   }
   void embedding(int64_t M, int64_t D, const float* table, const int32_t* ids, float* out) override {
     c_.embedding(M, D, table, ids, out);

@@ -65,7 +65,9 @@ void bind_backend_op(py::module_& m) {
       [](const std::string& backend, const std::string& op, const py::dict& arrays, const std::map<std::string, int64_t>& ints,
          const std::map<std::string, double>& floats) {
         Backend& be = get_backend(backend);
-        check_arg(be.supports_op(op), "backend_op: backend '" + be.name() + "' does not implement op " + op);
+        // The chunked 16-bit-row defaults (backend_half.cpp) exist wherever half_rows does.
+        const std::string base = op == "half_gemm_nn" || op == "half_gemm_nt_bf16" ? "half_rows" : op;
+        check_arg(be.supports_op(base), "backend_op: backend '" + be.name() + "' does not implement op " + base);
         std::map<std::string, std::unique_ptr<Buf>> bufs;
         for (auto kv : arrays) {
           const std::string name = py::str(kv.first);
@@ -115,6 +117,26 @@ void bind_backend_op(py::module_& m) {
             be.q8_0_gemm_nt(M, N, K, f("X", span(M, K, ldx)), ldx, A("W", N * (K / 32) * 34, 1), f("Y", span(M, N, ldy)),
                             ldy);
             outs = {"Y"};
+          } else if (op == "half_rows") {  // ints bf16 = 0 (fp16 rows) / 1 (bf16 rows); W any 2-byte array
+            const int64_t M = I("M"), K = I("K"), N = I("N");
+            be.half_rows(I("bf16") ? Backend::HalfType::BF16 : Backend::HalfType::F16, M, K, A("W", N * K, 2),
+                         i32("ids", M), f("out", M * K));
+            outs = {"out"};
+          } else if (op == "half_gemm_nt" || op == "half_gemm_nt_bf16") {
+            const int64_t M = I("M"), N = I("N"), K = I("K"), ldx = I("ldx"), ldy = I("ldy");
+            const Backend::HalfType t = I("bf16") ? Backend::HalfType::BF16 : Backend::HalfType::F16;
+            float* X = f("X", span(M, K, ldx));
+            const void* W = A("W", N * K, 2);
+            float* Y = f("Y", span(M, N, ldy));
+            if (op == "half_gemm_nt") be.half_gemm_nt(t, M, N, K, X, ldx, W, Y, ldy);
+            else be.half_gemm_nt_bf16(t, M, N, K, X, ldx, W, Y, ldy);
+            outs = {"Y"};
+          } else if (op == "half_gemm_nn") {  // dX = alpha dY · wide(W) + beta dX (bf16: ints compute_bf16)
+            const int64_t M = I("M"), N = I("N"), K = I("K"), lddy = I("lddy"), lddx = I("lddx");
+            be.half_gemm_nn(I("bf16") ? Backend::HalfType::BF16 : Backend::HalfType::F16, M, N, K, F("alpha"),
+                            f("dY", span(M, N, lddy)), lddy, A("W", N * K, 2), F("beta"), f("dX", span(M, K, lddx)),
+                            lddx, I("compute_bf16") != 0);
+            outs = {"dX"};
           } else if (op == "rmsnorm") {
             const int64_t M = I("M"), D = I("D");
             be.rmsnorm(M, D, f("x", M * D), f("w", D), F("eps"), f("out", M * D));

@@ -246,6 +246,21 @@ void bind_model(py::module_& m) {
           "quantize on arrival.")
       .def_property_readonly("head_q8_0", [](LlamaModel& self) { return self.weights().head_q8_0(); })
       .def(
+          "set_head_half",
+          [](LlamaModel& self, bool bf16) {
+            py::gil_scoped_release nogil;
+            self.set_head_half(bf16 ? Backend::HalfType::BF16 : Backend::HalfType::F16);
+          },
+          py::arg("bf16"),
+          "Keep the embedding and lm_head as 16-bit rows on the device (head_format 'bf16' when bf16, else "
+          "'f16'); loads after it are rounded on arrival.")
+      .def_property_readonly("head_half",
+                             [](LlamaModel& self) -> py::object {
+                               const model::LlamaWeights& w = self.weights();
+                               if (!w.head_half()) return py::none();
+                               return py::str(w.half_type() == Backend::HalfType::BF16 ? "bf16" : "f16");
+                             })
+      .def(
           "load_nf4",
           [](LlamaModel& self, const std::string& name, py::handle obj) {
             PyNf4 w = nf4_from_py(obj);
@@ -349,7 +364,7 @@ void bind_model(py::module_& m) {
             }
             else if (name == "model.norm.weight") buf = &w.norm;
             else if (name == "lm_head.weight" && !w.cfg.tie_word_embeddings) {
-              w.lm_head_f32();  // a Q8_0 lm_head (head_format q8_0) is dequantized (and kept) for export
+              w.lm_head_f32();  // a Q8_0 / 16-bit lm_head (head_format) is widened (and kept) for export
               buf = &w.lm_head;
             }
             else if (name.rfind("model.layers.", 0) == 0) {

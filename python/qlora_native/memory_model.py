@@ -6,13 +6,14 @@ model/lora.cpp and train/lora_optimizer.cpp allocate them:
 
 - weights: NF4 projections (packed nibbles + absmax codes + nested absmax + 256-entry map per
   projection, bitsandbytes' double quant) or fp32, norms, the RoPE table, the embedding and the
-  lm_head (fp32 or Q8_0 rows: head_format "q8_0"; tied: one table);
+  lm_head (fp32, 16-bit rows: head_format "bf16" / "f16", or Q8_0 rows: head_format "q8_0"; tied:
+  one table);
 - the adapter: A/B (one fp32 arena), their gradients (one arena), AdamW's m and v;
 - the pass's activations (what peak_train_bytes reports): the checkpointed layer inputs (all
   num_layers + 1 without offload, two with offload_checkpoints, all per-layer intermediates
   without checkpointing), one layer's intermediates for the recompute, the LoRA scratch, dropout
   buffers, the final-norm output and the backward scratch, with the chunked cross-entropy's
-  [chunk, vocab] logits (+ the Q8_0 lm_head backward's dequantization chunk) at its own moment.
+  [chunk, vocab] logits (+ the Q8_0 / 16-bit lm_head backward's widening chunk) at its own moment.
 
 Not counted: the CUDA context and kernel images (a few hundred MiB outside the allocator),
 the caching allocator's size-class rounding and fragmentation, small per-op scratch (attention
@@ -24,6 +25,13 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 _F = 4  # fp32 bytes
 CE_CHUNK_ROWS = 256  # kCrossEntropyChunkRows (cpu/ops_backward.hpp)
 Q8_0_GEMM_NN_CHUNK = 2048  # Backend::kQ8_0GemmNnChunk
+HALF_CHUNK = 2048  # Backend::kHalfChunk
+HEAD_FORMATS = ("float32", "bf16", "f16", "q8_0")
+
+
+def _check_head_format(head_format) -> None:
+    if not isinstance(head_format, str) or head_format not in HEAD_FORMATS:
+        raise ValueError(f"head_format must be one of {', '.join(map(repr, HEAD_FORMATS))}, got {head_format!r}")
 
 
 def _get(cfg, key, default=None):
@@ -82,12 +90,13 @@ def weight_bytes(cfg, *, nf4: bool = True, blocksize: int = 64, double_quant: bo
     q *= d["L"]
     other *= d["L"]
     other += _F * (2 * d["L"] * d["D"] + d["D"]) + _F * (d["hd"] // 2)  # norms + RoPE inv_freq
+    _check_head_format(head_format)
     if head_format == "q8_0":
         table = q8_0_bytes(d["V"], d["D"])
-    elif head_format == "float32":
-        table = _F * d["V"] * d["D"]
+    elif head_format in ("bf16", "f16"):
+        table = 2 * d["V"] * d["D"]
     else:
-        raise ValueError(f"head_format must be 'float32' or 'q8_0', got {head_format!r}")
+        table = _F * d["V"] * d["D"]
     return {"nf4_weights": w, "quant_constants": q, "other_weights": other, "embedding": table,
             "lm_head": 0 if d["tied"] else table}
 
@@ -123,8 +132,9 @@ def activation_bytes(cfg, batch: int, seq: int, r: int, *, checkpointing: bool =
     bwd = _F * M * (I + D + 2 * QD + 2 * KD)  # da, dh, datt, dq, dk, dv
     rows = min(M, CE_CHUNK_ROWS)
     ce = _F * rows * V + _F * rows + (_F * rows if device else 0)
-    if head_format == "q8_0":
-        nc = min(V, Q8_0_GEMM_NN_CHUNK)
+    _check_head_format(head_format)
+    if head_format != "float32":  # the lm_head backward's widened chunk (q8_0_gemm_nn / half_gemm_nn)
+        nc = min(V, Q8_0_GEMM_NN_CHUNK if head_format == "q8_0" else HALF_CHUNK)
         ce += _F * nc * D + _F * nc
     base = lora_scratch + drop + ckpt + acts + final
     return {"checkpoints": ckpt, "layer_activations": acts, "lora_scratch": lora_scratch, "dropout": drop,
@@ -159,7 +169,7 @@ def _main(argv=None) -> int:
     a = p.parse_args(argv)
     G = 2 ** 30
     print("config                          batch  weights  adapter  activations  total (GiB, estimated)")
-    for head in ("float32", "q8_0"):
+    for head in ("float32", "bf16", "q8_0"):
         for offload in (False, True):
             for batch in (1, 2):
                 t = train_step_bytes(LLAMA3_8B, batch, a.seq, a.r, head_format=head, offload=offload)

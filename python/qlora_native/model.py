@@ -21,6 +21,7 @@ from . import _core
 from .config import ModelConfig
 from .gguf_check import check_gguf, name_memory_errors
 from .lora_model import LoraModelMixin
+from .memory_model import HEAD_FORMATS
 
 # ---------------------------------------------------------------- tensor sources
 class SafetensorsSource:
@@ -484,25 +485,38 @@ class Model(LoraModelMixin):
 
     @property
     def head_format(self) -> str:
-        """How the embedding and the lm_head are kept on the device: "float32" (the default) or
-        "q8_0" (GGUF's 8-bit Q8_0 rows, 34 bytes per 32 weights, 3.8x smaller: Llama-3-8B's two
-        [128256, 4096] tables take 1.0 GiB instead of 3.9 GiB). Setting "q8_0" quantizes them once
-        (irreversible; the values change by at most half a quantization step per weight) and every pass
-        then reads Q8_0: the embedding gather, the lm_head logits and, in training, the loss gradient
-        through the lm_head. Tied embeddings share one table. Setting "float32" on a Q8_0 model is an
-        error; a GGUF's Q8_0 token embedding reads "float32" until "q8_0" is set (training then uses it as
-        stored instead of an fp32 copy)."""
+        """How the embedding and the lm_head are kept on the device: "float32" (the default), "bf16" /
+        "f16" (16-bit rows, half the bytes: Llama-3-8B's two [128256, 4096] tables take 2.0 GiB instead
+        of 3.9 GiB; each weight rounded once to nearest even, relative error at most 2^-9 for bf16 and
+        2^-11 for f16; products still accumulate in fp32) or "q8_0" (GGUF's 8-bit Q8_0 rows, 34 bytes per
+        32 weights, 3.8x smaller: 1.0 GiB; the values change by at most half a quantization step per
+        weight). Setting a format other than "float32" converts the tables once (irreversible; a
+        checkpoint tensor already in that 16-bit dtype is kept bit for bit) and every pass then reads
+        them so: the embedding gather, the lm_head logits and, in training, the loss gradient through
+        the lm_head. Tied embeddings share one table. Changing it again is an error (reload the model);
+        "f16" refuses a weight beyond fp16's range (65504). A GGUF's Q8_0 token embedding reads
+        "float32" until "q8_0" is set (training then uses it as stored instead of an fp32 copy)."""
+        half = self._core.head_half
+        if half is not None:
+            return half
         return "q8_0" if self._core.head_q8_0 else "float32"
 
     @head_format.setter
     def head_format(self, value: str) -> None:
-        if not isinstance(value, str) or value not in ("float32", "q8_0"):
-            raise ValueError(f"head_format must be 'float32' or 'q8_0', got {value!r}")
+        if not isinstance(value, str) or value not in HEAD_FORMATS:
+            raise ValueError(f"head_format must be one of {', '.join(map(repr, HEAD_FORMATS))}, got {value!r}")
+        current = self.head_format
+        if value == current:
+            return
+        if current != "float32":
+            how = "be turned back into" if value == "float32" else "change to"
+            raise ValueError(f"head_format: the embedding / lm_head are {current!r} already and cannot {how} "
+                             f"{value!r} (reload the model)")
         if value == "q8_0":
             self._core.set_head_q8_0()
-        elif self._core.head_q8_0:
-            raise ValueError("head_format: a Q8_0 embedding / lm_head cannot be turned back into float32 "
-                             "(reload the model)")
+        elif value in ("f16", "bf16"):
+            self._core.set_head_half(value == "bf16")
+
 
 
 def _check_compute_dtype(value) -> None:

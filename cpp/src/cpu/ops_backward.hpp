@@ -73,5 +73,12 @@ CrossEntropyResult lm_cross_entropy(Backend& be, int64_t N, int64_t D, int64_t V
 CrossEntropyResult lm_cross_entropy_q8_0(Backend& be, int64_t N, int64_t D, int64_t V, const float* h, int64_t ldh,
                                          const void* E_q8, const int32_t* labels, float grad_scale, float* dh,
                                          int64_t lddh, int64_t chunk_rows = kCrossEntropyChunkRows, bool bf16 = false);
+// The lm_head as 16-bit rows (head_format "f16" / "bf16": V rows of D fp16 values, or bf16 when
+// rows_bf16, backend memory): logits by Backend::half_gemm_nt (fp32 compute on the exact widened values; bf16:
+// half_gemm_nt_bf16), dh by Backend::half_gemm_nn; workspace_bytes includes the widened chunk.
+CrossEntropyResult lm_cross_entropy_half(Backend& be, int64_t N, int64_t D, int64_t V, const float* h, int64_t ldh,
+                                         bool rows_bf16, const void* E16, const int32_t* labels, float grad_scale,
+                                         float* dh, int64_t lddh, int64_t chunk_rows = kCrossEntropyChunkRows,
+                                         bool bf16 = false);
 
 }  // namespace qlora

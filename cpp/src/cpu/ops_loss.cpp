@@ -87,7 +87,8 @@ struct Scratch {
 namespace {
 CrossEntropyResult lm_cross_entropy_any(Backend& be, int64_t N, int64_t D, int64_t V, const float* h, int64_t ldh,
                                         const float* E, const void* E_q8, const int32_t* labels, float grad_scale,
-                                        float* dh, int64_t lddh, int64_t chunk_rows, bool bf16);
+                                        float* dh, int64_t lddh, int64_t chunk_rows, bool bf16,
+                                        const void* E16 = nullptr, Backend::HalfType ht = Backend::HalfType::F16);
 }  // namespace
 
 CrossEntropyResult lm_cross_entropy(Backend& be, int64_t N, int64_t D, int64_t V, const float* h, int64_t ldh,
@@ -103,10 +104,19 @@ CrossEntropyResult lm_cross_entropy_q8_0(Backend& be, int64_t N, int64_t D, int6
   return lm_cross_entropy_any(be, N, D, V, h, ldh, nullptr, E_q8, labels, grad_scale, dh, lddh, chunk_rows, bf16);
 }
 
+CrossEntropyResult lm_cross_entropy_half(Backend& be, int64_t N, int64_t D, int64_t V, const float* h, int64_t ldh,
+                                         bool rows_bf16, const void* E16, const int32_t* labels, float grad_scale,
+                                         float* dh, int64_t lddh, int64_t chunk_rows, bool bf16) {
+  check_arg(E16 != nullptr, "lm_cross_entropy_half: need the 16-bit rows");
+  return lm_cross_entropy_any(be, N, D, V, h, ldh, nullptr, nullptr, labels, grad_scale, dh, lddh, chunk_rows, bf16,
+                              E16, rows_bf16 ? Backend::HalfType::BF16 : Backend::HalfType::F16);
+}
+
 namespace {
 CrossEntropyResult lm_cross_entropy_any(Backend& be, int64_t N, int64_t D, int64_t V, const float* h, int64_t ldh,
                                         const float* E, const void* E_q8, const int32_t* labels, float grad_scale,
-                                        float* dh, int64_t lddh, int64_t chunk_rows, bool bf16) {
+                                        float* dh, int64_t lddh, int64_t chunk_rows, bool bf16, const void* E16,
+                                        Backend::HalfType ht) {
   check_arg(N >= 0 && D > 0 && V > 0, "lm_cross_entropy: need N >= 0, D > 0, V > 0");
   check_arg(chunk_rows >= 1, "lm_cross_entropy: chunk_rows must be >= 1, got " + std::to_string(chunk_rows));
   check_arg(V <= std::numeric_limits<int32_t>::max(), "lm_cross_entropy: V does not fit int32 labels");
@@ -132,7 +142,9 @@ CrossEntropyResult lm_cross_entropy_any(Backend& be, int64_t N, int64_t D, int64
 
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t m = std::min(rows, N - n0);
-    if (E_q8 && bf16) be.q8_0_gemm_nt_bf16(m, V, D, h + n0 * ldh, ldh, E_q8, logits, V);
+    if (E16 && bf16) be.half_gemm_nt_bf16(ht, m, V, D, h + n0 * ldh, ldh, E16, logits, V);
+    else if (E16) be.half_gemm_nt(ht, m, V, D, h + n0 * ldh, ldh, E16, logits, V);
+    else if (E_q8 && bf16) be.q8_0_gemm_nt_bf16(m, V, D, h + n0 * ldh, ldh, E_q8, logits, V);
     else if (E_q8) be.q8_0_gemm_nt(m, V, D, h + n0 * ldh, ldh, E_q8, logits, V);
     else if (bf16) be.gemm_nt_bf16(m, V, D, 1.0f, h + n0 * ldh, ldh, E, D, 0.0f, logits, V);
     else be.gemm_nt(m, V, D, 1.0f, h + n0 * ldh, ldh, E, D, 0.0f, logits, V);
@@ -148,13 +160,15 @@ CrossEntropyResult lm_cross_entropy_any(Backend& be, int64_t N, int64_t D, int64
       lh = loss_host.data();
     }
     for (int64_t i = 0; i < m; ++i) res.loss_sum += lh[i];
-    if (dh && E_q8) be.q8_0_gemm_nn(m, V, D, 1.0f, logits, V, E_q8, 0.0f, dh + n0 * lddh, lddh, bf16);
+    if (dh && E16) be.half_gemm_nn(ht, m, V, D, 1.0f, logits, V, E16, 0.0f, dh + n0 * lddh, lddh, bf16);
+    else if (dh && E_q8) be.q8_0_gemm_nn(m, V, D, 1.0f, logits, V, E_q8, 0.0f, dh + n0 * lddh, lddh, bf16);
     else if (dh && bf16) be.gemm_nn_bf16(m, D, V, 1.0f, logits, V, E, D, 0.0f, dh + n0 * lddh, lddh);
     else if (dh) be.gemm_nn(m, D, V, 1.0f, logits, V, E, D, 0.0f, dh + n0 * lddh, lddh);
   }
   be.synchronize();
   // + the Q8_0 defaults' dequantized chunk (one at a time: the forward's in bf16, the backward's)
-  res.workspace_bytes = scratch.bytes + (E_q8 && (dh || bf16) ? Backend::q8_0_gemm_nn_scratch_bytes(V, D) : 0);
+  res.workspace_bytes = scratch.bytes + (E_q8 && (dh || bf16) ? Backend::q8_0_gemm_nn_scratch_bytes(V, D) : 0) +
+                        (E16 && (dh || bf16) ? Backend::half_chunk_scratch_bytes(V, D) : 0);
   return res;
 }
 }  // namespace

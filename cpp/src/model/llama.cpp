@@ -214,7 +214,9 @@ void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids,
       Linear::forward_many(be_, M, xin, ldx, n, lin, out, ld, nullptr, 1.0f, bf16);
   };
 
-  if (w_->embed_is_q8_0())
+  if (w_->head_half())  // head_format f16 / bf16
+    be_.half_rows(w_->half_type(), M, D, w_->embed_h.data(), ids_d.data<int32_t>(), x.f32());
+  else if (w_->embed_is_q8_0())
     be_.q8_0_rows(M, D, w_->embed_q8.data(), ids_d.data<int32_t>(), x.f32());
   else
     be_.embedding(M, D, w_->embed.f32(), ids_d.data<int32_t>(), x.f32());
@@ -274,6 +276,8 @@ void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids,
   auto lm_head = [&](float* out) {
     if (const void* q8 = w_->lm_head_q8_0())  // a GGUF's tied Q8_0 embedding, or head_format q8_0
       be_.q8_0_gemm_nt(rows, V, D, hin, ldh, q8, out, V);
+    else if (const void* h16 = w_->lm_head_half())  // head_format f16 / bf16: fp32 compute, as Q8_0
+      be_.half_gemm_nt(w_->half_type(), rows, V, D, hin, ldh, h16, out, V);
     else if (bf16)
       be_.gemm_nt_bf16(rows, V, D, 1.0f, hin, ldh, w_->lm_head_weight(), D, 0.0f, out, V);
     else
@@ -295,6 +299,7 @@ void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids,
 std::map<std::string, size_t> LlamaModel::memory_footprint() const {
   size_t nf4 = 0, quant = 0, other = 0;
   other += w_->embed.bytes() + w_->embed_q8.bytes() + w_->norm.bytes() + w_->lm_head.bytes() + w_->lm_head_q8.bytes() +
+           w_->embed_h.bytes() + w_->lm_head_h.bytes() +
            inv_freq_.bytes();
   for (const LayerWeights& L : w_->layers) {
     other += L.input_norm.bytes() + L.post_norm.bytes();

@@ -180,6 +180,8 @@ class LlamaModel {
   // head_format "q8_0" (LlamaWeights::set_head_q8_0): embedding and lm_head kept and read as Q8_0.
   // Refused (ValueError) while a generation context is open; waits for running passes.
   void set_head_q8_0();
+  // head_format "f16" / "bf16" (LlamaWeights::set_head_half): embedding and lm_head kept as 16-bit rows.
+  void set_head_half(Backend::HalfType t);
 
   // Bytes by category: "nf4_weights", "quant_constants", "other_weights", "kv_cache".
   std::map<std::string, size_t> memory_footprint() const;

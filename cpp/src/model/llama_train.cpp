@@ -138,6 +138,12 @@ void LlamaModel::set_head_q8_0() {
   w_->set_head_q8_0();
 }
 
+void LlamaModel::set_head_half(Backend::HalfType t) {
+  std::unique_lock<std::shared_mutex> wl(weights_mu_);  // no pass reads the head while it changes
+  check_arg(open_contexts_.load() == 0, "head_format: close the open generation contexts first");
+  w_->set_head_half(t);
+}
+
 // ------------------------------------------------------------------ training pass
 // The offload staging of one pass: the model's cached host buffer when it is free and large
 // enough, else a new one; given back (kept for the next pass) at the end. The destructor waits
@@ -493,8 +499,11 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
   std::vector<std::unique_ptr<LayerActs>> acts(keep_all ? nL : 1);
   if (!keep_all) acts[0] = std::make_unique<LayerActs>(be_, mc, d);
   // head_format q8_0: the embedding and lm_head are read as Q8_0 (never an fp32 copy on the device).
-  const bool head_q8 = w_->head_q8_0();
-  if (head_q8)
+  // head_format f16 / bf16 likewise as 16-bit rows.
+  const bool head_q8 = w_->head_q8_0(), head_h = w_->head_half();
+  if (head_h)
+    be_.half_rows(w_->half_type(), M, D, w_->embed_h.data(), ids_d.data<int32_t>(), X(0));
+  else if (head_q8)
     be_.q8_0_rows(M, D, w_->embed_q8.data(), ids_d.data<int32_t>(), X(0));
   else
     be_.embedding(M, D, w_->embed_f32(), ids_d.data<int32_t>(), X(0));
@@ -507,7 +516,10 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
   ActBuf hF(be_, mc, M * D);  // [M, D] final-norm output, then its gradient
   be_.rmsnorm(M, D, X(nL), w_->norm.f32(), c.rms_norm_eps, hF.f());
   const CrossEntropyResult ce =
-      head_q8 ? lm_cross_entropy_q8_0(be_, M, D, V, hF.f(), D, w_->lm_head_q8_0(), labels, grad_scale,
+      head_h    ? lm_cross_entropy_half(be_, M, D, V, hF.f(), D, w_->half_type() == Backend::HalfType::BF16,
+                                      w_->lm_head_half(), labels, grad_scale, backward ? hF.f() : nullptr, D,
+                                      kCrossEntropyChunkRows, bf16)
+      : head_q8 ? lm_cross_entropy_q8_0(be_, M, D, V, hF.f(), D, w_->lm_head_q8_0(), labels, grad_scale,
                                       backward ? hF.f() : nullptr, D, kCrossEntropyChunkRows, bf16)
               : lm_cross_entropy(be_, M, D, V, hF.f(), D, w_->lm_head_f32(), labels, grad_scale,
                                  backward ? hF.f() : nullptr, D, kCrossEntropyChunkRows, bf16);

@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "common/error.hpp"
+#include "cpu/half_rows.hpp"
 #include "cpu/q8_0.hpp"
 
 namespace qlora::model {
@@ -68,11 +70,25 @@ void LlamaWeights::load(const std::string& name, const void* data, DType dtype, 
   try {
     switch (s.kind) {
       case Kind::Embed:
+        if (head_half_) {  // rounded on the host: no fp32 table on the device
+          const std::vector<uint16_t> h = host_half(data, dtype, n, 0, s.shape[1], name);
+          embed_h = DeviceBuffer(be, h.size() * 2);
+          be.upload(embed_h.data(), h.data(), h.size() * 2);
+          be.synchronize();  // before `h` goes
+          break;
+        }
         embed = to_device_f32(be, data, dtype, n);
         if (head_q8_) embed_q8 = quantize_q8_0(embed, s.shape[0]), embed = DeviceBuffer();
         break;
       case Kind::Norm: norm = to_device_f32(be, data, dtype, n); break;
       case Kind::LmHead:
+        if (head_half_) {
+          const std::vector<uint16_t> h = host_half(data, dtype, n, 0, s.shape[1], name);
+          lm_head_h = DeviceBuffer(be, h.size() * 2);
+          be.upload(lm_head_h.data(), h.data(), h.size() * 2);
+          be.synchronize();  // before `h` goes
+          break;
+        }
         lm_head = to_device_f32(be, data, dtype, n);
         if (head_q8_) lm_head_q8 = quantize_q8_0(lm_head, s.shape[0]), lm_head = DeviceBuffer();
         break;
@@ -110,13 +126,16 @@ void LlamaWeights::load_rows(const std::string& name, int64_t row0, int64_t nrow
   check_arg(nrows >= 1 && row0 >= 0 && row0 + nrows <= rows,
             "load_rows: rows [" + std::to_string(row0) + ", " + std::to_string(row0 + nrows) + ") outside '" + name +
                 "' with " + std::to_string(rows) + " rows");
-  // head_format q8_0: each slab is quantized on the host and only its Q8_0 rows are uploaded.
-  DeviceBuffer& buf = head_q8_ ? (s.kind == Kind::Embed ? embed_q8 : lm_head_q8) : (s.kind == Kind::Embed ? embed : lm_head);
-  const size_t row_bytes = head_q8_ ? static_cast<size_t>(cols / cpu::kQ8_0Block * cpu::kQ8_0BlockBytes)
-                                    : sizeof(float) * static_cast<size_t>(cols);
+  // head_format q8_0: each slab is quantized on the host and only its Q8_0 rows are uploaded
+  // (f16 / bf16: rounded on the host likewise).
+  const bool emb = s.kind == Kind::Embed;
+  DeviceBuffer& buf = head_q8_ ? (emb ? embed_q8 : lm_head_q8) : head_half_ ? (emb ? embed_h : lm_head_h) : (emb ? embed : lm_head);
+  const size_t row_bytes = head_q8_     ? static_cast<size_t>(cols / cpu::kQ8_0Block * cpu::kQ8_0BlockBytes)
+                           : head_half_ ? sizeof(uint16_t) * static_cast<size_t>(cols)
+                                        : sizeof(float) * static_cast<size_t>(cols);
   if (row0 == 0) {
     buf = DeviceBuffer(be, row_bytes * rows);
-    if (head_q8_) (s.kind == Kind::Embed ? embed : lm_head) = DeviceBuffer();
+    if (head_q8_ || head_half_) (emb ? embed : lm_head) = DeviceBuffer();
     rows_loaded_[name] = 0;
     loaded_.erase(name);
   }
@@ -126,7 +145,11 @@ void LlamaWeights::load_rows(const std::string& name, int64_t row0, int64_t nrow
     if (!std::isfinite(data[i]))  // the message is built only on failure
       throw ValueError("tensor '" + name + "': weights contain NaN or inf (row " + std::to_string(row0 + i / cols) +
                        ")");
-  if (head_q8_) {
+  if (head_half_) {
+    const std::vector<uint16_t> h = host_half(data, DType::F32, nrows * cols, row0, cols, name);
+    be.upload(buf.data<uint8_t>() + row_bytes * row0, h.data(), h.size() * 2);
+    be.synchronize();  // before `h` goes
+  } else if (head_q8_) {
     std::vector<uint8_t> q(row_bytes * static_cast<size_t>(nrows));
     cpu::q8_0_quantize_rows(data, nrows, cols, q.data());
     be.upload(buf.data<uint8_t>() + row_bytes * row0, q.data(), q.size());
@@ -140,6 +163,7 @@ void LlamaWeights::load_rows(const std::string& name, int64_t row0, int64_t nrow
 
 void LlamaWeights::load_embed_q8_0(const uint8_t* data, size_t bytes) {
   const int64_t V = cfg.vocab_size, D = cfg.hidden_size;
+  check_arg(!head_half_, "Q8_0 embedding: the model's head_format is 16-bit; load it before setting head_format");
   be.require_ops(cfg.tie_word_embeddings ? std::vector<std::string>{"q8_0_rows", "q8_0_gemm_nt"}
                                          : std::vector<std::string>{"q8_0_rows"},
                  "Q8_0 embedding");
@@ -160,6 +184,7 @@ void LlamaWeights::load_embed_q8_0(const uint8_t* data, size_t bytes) {
 }
 
 const float* LlamaWeights::embed_f32() {
+  if (embed.empty() && !embed_h.empty()) embed = widen_half(embed_h, cfg.vocab_size);
   if (embed.empty() && embed_is_q8_0()) {
     const int64_t V = cfg.vocab_size, D = cfg.hidden_size;
     std::vector<int32_t> ids(static_cast<size_t>(V));  // [V]: every row, in order
@@ -175,6 +200,7 @@ const float* LlamaWeights::embed_f32() {
 
 const float* LlamaWeights::lm_head_f32() {
   if (cfg.tie_word_embeddings) return embed_f32();
+  if (lm_head.empty() && !lm_head_h.empty()) lm_head = widen_half(lm_head_h, cfg.vocab_size);
   if (lm_head.empty() && !lm_head_q8.empty()) {
     const int64_t V = cfg.vocab_size, D = cfg.hidden_size;
     std::vector<int32_t> ids(static_cast<size_t>(V));  // [V]: every row, in order
@@ -209,6 +235,8 @@ DeviceBuffer LlamaWeights::quantize_q8_0(const DeviceBuffer& f32, int64_t rows) 
 
 void LlamaWeights::set_head_q8_0() {
   if (head_q8_) return;
+  check_arg(!head_half_, std::string("head_format is '") + (half_t_ == Backend::HalfType::BF16 ? "bf16" : "f16") +
+                             "' already and cannot change (reload the model)");
   const int64_t V = cfg.vocab_size, D = cfg.hidden_size;
   check_arg(D % 32 == 0, "head_format 'q8_0' needs hidden_size to be a multiple of 32, got " + std::to_string(D));
   be.require_ops({"q8_0_rows", "q8_0_gemm_nt"}, "head_format 'q8_0'");
@@ -223,6 +251,92 @@ void LlamaWeights::set_head_q8_0() {
   for (const char* n : {"model.embed_tokens.weight", "lm_head.weight"})
     if (loaded_.count(n) == 0) (std::string(n) == "lm_head.weight" ? lm_head : embed) = DeviceBuffer();
   head_q8_ = true;
+}
+
+std::vector<uint16_t> LlamaWeights::host_half(const void* data, DType dtype, int64_t n, int64_t row0, int64_t cols,
+                                              const std::string& name) const {
+  const bool bf = half_t_ == Backend::HalfType::BF16;
+  const char* fmt = bf ? "bf16" : "f16";
+  std::vector<uint16_t> out(static_cast<size_t>(n));
+  // A checkpoint tensor already in the head's format is kept bit for bit (no widening and rounding).
+  const bool same = dtype == (bf ? DType::BF16 : DType::F16);
+  check_arg(same || dtype == DType::F32 || dtype == DType::F16 || dtype == DType::BF16,
+            "tensor '" + name + "' has dtype " + dtype_name(dtype) + ", expected F32, F16 or BF16");
+  for (int64_t i = 0; i < n; ++i) {
+    float f;
+    if (dtype == DType::F32) std::memcpy(&f, static_cast<const float*>(data) + i, 4);
+    else f = cpu::half_to_f32(dtype == DType::BF16, static_cast<const uint16_t*>(data)[i]);
+    if (!std::isfinite(f))  // the message is built only on failure
+      throw ValueError("tensor '" + name + "': weights contain NaN or inf (row " + std::to_string(row0 + i / cols) + ")");
+    out[i] = same ? static_cast<const uint16_t*>(data)[i] : cpu::f32_to_half(bf, f);
+    if (!std::isfinite(cpu::half_to_f32(bf, out[i])))
+      throw ValueError("tensor '" + name + "': weight " + std::to_string(f) + " (row " + std::to_string(row0 + i / cols) +
+                       ") is beyond the range of head_format '" + fmt + "'");
+  }
+  return out;
+}
+
+DeviceBuffer LlamaWeights::to_half(const DeviceBuffer& f32, int64_t rows, const std::string& name) {
+  const int64_t D = cfg.hidden_size;
+  DeviceBuffer out(be, sizeof(uint16_t) * static_cast<size_t>(rows * D));
+  const int64_t slab = std::max<int64_t>(1, (int64_t{1} << 22) / D);  // 16 MiB of fp32 rows at a time
+  std::vector<float> x;
+  for (int64_t r0 = 0; r0 < rows; r0 += slab) {
+    const int64_t n = std::min(slab, rows - r0);
+    x.resize(static_cast<size_t>(n * D));
+    be.download(x.data(), f32.f32() + r0 * D, sizeof(float) * x.size());
+    const std::vector<uint16_t> h = host_half(x.data(), DType::F32, n * D, r0, D, name);
+    be.upload(out.data<uint16_t>() + r0 * D, h.data(), h.size() * 2);
+    be.synchronize();  // before `h` goes
+  }
+  return out;
+}
+
+DeviceBuffer LlamaWeights::widen_half(const DeviceBuffer& h, int64_t rows) {
+  const int64_t D = cfg.hidden_size;
+  std::vector<int32_t> ids(static_cast<size_t>(rows));  // every row, in order
+  for (int64_t i = 0; i < rows; ++i) ids[i] = static_cast<int32_t>(i);
+  DeviceBuffer ids_d(be, sizeof(int32_t) * rows);
+  be.upload(ids_d.data(), ids.data(), sizeof(int32_t) * rows);
+  DeviceBuffer out(be, sizeof(float) * rows * D);  // [rows, D]
+  be.half_rows(half_t_, rows, D, h.data(), ids_d.data<int32_t>(), out.f32());
+  be.synchronize();  // before `ids` goes
+  return out;
+}
+
+void LlamaWeights::set_head_half(Backend::HalfType t) {
+  const char* fmt = t == Backend::HalfType::BF16 ? "bf16" : "f16";
+  if (head_half_ && half_t_ == t) return;
+  check_arg(!head_half_, std::string("head_format is '") + (half_t_ == Backend::HalfType::BF16 ? "bf16" : "f16") +
+                             "' already and cannot change (reload the model)");
+  check_arg(!head_q8_, "head_format is 'q8_0' already and cannot change (reload the model)");
+  be.require_ops({"half_rows", "half_gemm_nt"}, std::string("head_format '") + fmt + "'");
+  const int64_t V = cfg.vocab_size;
+  const Backend::HalfType prev = half_t_;
+  half_t_ = t;
+  // The fp32 tables are freed only once both converted, so a failure (a weight beyond fp16's
+  // range, out of memory) leaves the model as it was. A GGUF's Q8_0 embedding is widened first (its
+  // values are exact in fp32), then rounded.
+  DeviceBuffer eh, lh;
+  try {
+    if (loaded_.count("model.embed_tokens.weight")) {
+      embed_f32();
+      eh = to_half(embed, V, "model.embed_tokens.weight");
+    }
+    if (!cfg.tie_word_embeddings && loaded_.count("lm_head.weight")) {
+      lm_head_f32();
+      lh = to_half(lm_head, V, "lm_head.weight");
+    }
+  } catch (...) {
+    half_t_ = prev;
+    throw;
+  }
+  if (!eh.empty()) embed_h = std::move(eh), embed = DeviceBuffer(), embed_q8 = DeviceBuffer();
+  if (!lh.empty()) lm_head_h = std::move(lh), lm_head = DeviceBuffer(), lm_head_q8 = DeviceBuffer();
+  rows_loaded_.clear();  // a row-wise load in progress restarts (its rows were fp32)
+  for (const char* n : {"model.embed_tokens.weight", "lm_head.weight"})
+    if (loaded_.count(n) == 0) (std::string(n) == "lm_head.weight" ? lm_head : embed) = DeviceBuffer();
+  head_half_ = true;
 }
 
 std::vector<std::string> LlamaWeights::missing() const {

@@ -67,6 +67,21 @@ class LlamaWeights {
     if (cfg.tie_word_embeddings) return embed_q8.empty() ? nullptr : embed_q8.data();
     return lm_head_q8.empty() ? nullptr : lm_head_q8.data();
   }
+  // head_format "f16" / "bf16": the embedding and the lm_head kept on the device as 16-bit rows
+  // (IEEE fp16 or bf16, half the bytes of fp32) and read so by every pass (gather half_rows, lm_head
+  // half_gemm_nt, its backward half_gemm_nn; fp32 accumulation); the fp32 copies are freed. As
+  // set_head_q8_0: tensors loaded already are converted now (through host memory, slab by slab),
+  // later loads are rounded on the host on arrival (a matching F16 / BF16 checkpoint tensor is kept
+  // as stored). Rounding is to nearest even; a weight beyond fp16's range is a ValueError.
+  // Irreversible; ValueError when another head format is set or the backend lacks the ops.
+  void set_head_half(Backend::HalfType t);
+  bool head_half() const { return head_half_; }
+  Backend::HalfType half_type() const { return half_t_; }
+  // The 16-bit lm_head rows (tied: the embedding's) or null when the head is not 16-bit.
+  const void* lm_head_half() const {
+    if (!head_half_) return nullptr;
+    return cfg.tie_word_embeddings ? embed_h.data() : lm_head_h.data();
+  }
   // Names of expected tensors not loaded yet.
   std::vector<std::string> missing() const;
 
@@ -81,6 +96,8 @@ class LlamaWeights {
   DeviceBuffer norm;     // [D]
   DeviceBuffer lm_head;  // [V, D] (empty when tied: embed is used, or while a Q8_0 lm_head is not dequantized)
   DeviceBuffer lm_head_q8;  // Q8_0 [V, D/32 blocks of 34 bytes] (head_format q8_0, untied), or empty
+  DeviceBuffer embed_h;    // [V, D] fp16 / bf16 (head_format f16 / bf16), or empty
+  DeviceBuffer lm_head_h;  // [V, D] fp16 / bf16 (head_format f16 / bf16, untied), or empty
   std::vector<LayerWeights> layers;
 
   // fp32 lm_head; null when tied to a Q8_0 embedding not dequantized (use lm_head_f32()).
@@ -99,6 +116,15 @@ class LlamaWeights {
   std::map<std::string, bool> loaded_;
   std::map<std::string, int64_t> rows_loaded_;  // load_rows progress
   bool head_q8_ = false;                          // set_head_q8_0
+  bool head_half_ = false;                        // set_head_half
+  Backend::HalfType half_t_ = Backend::HalfType::F16;
+  // 16-bit rows of an fp32 [rows, D] buffer (slabs through host memory); fp32 rows of 16-bit ones.
+  DeviceBuffer to_half(const DeviceBuffer& f32, int64_t rows, const std::string& name);
+  DeviceBuffer widen_half(const DeviceBuffer& h, int64_t rows);
+  // A host tensor [n] of any loadable dtype as this head format's 16-bit values (ValueError naming
+  // `name` when a value is not finite or not representable).
+  std::vector<uint16_t> host_half(const void* data, DType dtype, int64_t n, int64_t row0, int64_t cols,
+                                  const std::string& name) const;
   // Q8_0 rows of an fp32 [rows, D] buffer (slabs through host memory).
   DeviceBuffer quantize_q8_0(const DeviceBuffer& f32, int64_t rows);
   void add(const std::string& name, Kind k, int64_t layer, Linear* lin, std::vector<int64_t> shape);

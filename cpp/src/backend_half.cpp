@@ -1,0 +1,88 @@
+// Backend defaults for 16-bit float rows (head_format "f16" / "bf16", backend.hpp): the lm_head
+// backward half_gemm_nn and the bf16-compute logits half_gemm_nt_bf16, both over chunks of W
+// widened to fp32 by half_rows (the pattern of the Q8_0 defaults in backend_q8.cpp).
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "backend.hpp"
+#include "common/error.hpp"
+
+namespace qlora {
+
+size_t Backend::half_chunk_scratch_bytes(int64_t N, int64_t K) {
+  const size_t rows = static_cast<size_t>(std::min<int64_t>(std::max<int64_t>(N, 1), kHalfChunk));
+  return rows * static_cast<size_t>(K) * sizeof(float) + rows * sizeof(int32_t);
+}
+
+namespace {
+// ids 0..nc-1 and nc fp32 rows in the backend's memory, freed after the backend finished with them.
+struct HalfChunks {
+  Backend& be;
+  Backend::HalfType t;
+  int64_t nc;
+  void* ids = nullptr;
+  void* rows = nullptr;
+  HalfChunks(Backend& b, Backend::HalfType type, int64_t N, int64_t K)
+      : be(b), t(type), nc(std::min(N, Backend::kHalfChunk)) {
+    ids = be.alloc(static_cast<size_t>(nc) * sizeof(int32_t));  // [nc]
+    try {
+      rows = be.alloc(static_cast<size_t>(nc) * static_cast<size_t>(K) * sizeof(float));  // [nc, K]
+      std::vector<int32_t> iota(static_cast<size_t>(nc));
+      for (int64_t i = 0; i < nc; ++i) iota[i] = static_cast<int32_t>(i);
+      be.upload(ids, iota.data(), iota.size() * sizeof(int32_t));
+      be.synchronize();  // before `iota` goes
+    } catch (...) {
+      release();
+      throw;
+    }
+  }
+  ~HalfChunks() {
+    try {
+      be.synchronize();
+    } catch (...) {  // already failing: the memory is still given back
+    }
+    release();
+  }
+  void release() {
+    if (rows) be.free(rows);
+    if (ids) be.free(ids);
+    rows = ids = nullptr;
+  }
+  // Rows [n0, n0 + n) of W widened into rows (fp32 [n, K]).
+  float* load(const void* W, int64_t n0, int64_t n, int64_t K) {
+    be.half_rows(t, n, K, static_cast<const uint16_t*>(W) + static_cast<size_t>(n0) * static_cast<size_t>(K),
+                 static_cast<const int32_t*>(ids), static_cast<float*>(rows));
+    return static_cast<float*>(rows);
+  }
+};
+}  // namespace
+
+void Backend::half_gemm_nt_bf16(HalfType t, int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx,
+                                const void* W, float* Y, int64_t ldy) {
+  check_arg(K >= 1 && N >= 1 && M >= 0 && ldx >= K && ldy >= N,
+            "half_gemm_nt_bf16: need K >= 1, N >= 1, M >= 0, ldx >= K, ldy >= N");
+  if (M == 0) return;
+  HalfChunks c(*this, t, N, K);
+  for (int64_t n0 = 0; n0 < N; n0 += c.nc) {
+    const int64_t n = std::min(c.nc, N - n0);
+    gemm_nt_bf16(M, n, K, 1.0f, X, ldx, c.load(W, n0, n, K), K, 0.0f, Y + n0, ldy);
+  }
+}
+
+void Backend::half_gemm_nn(HalfType t, int64_t M, int64_t N, int64_t K, float alpha, const float* dY, int64_t lddy,
+                           const void* W, float beta, float* dX, int64_t lddx, bool bf16) {
+  check_arg(K >= 1 && N >= 1 && M >= 0 && lddy >= N && lddx >= K,
+            "half_gemm_nn: need K >= 1, N >= 1, M >= 0, lddy >= N, lddx >= K");
+  if (M == 0) return;
+  HalfChunks c(*this, t, N, K);
+  for (int64_t n0 = 0; n0 < N; n0 += c.nc) {
+    const int64_t n = std::min(c.nc, N - n0);
+    const float* S = c.load(W, n0, n, K);
+    const float b = n0 == 0 ? beta : 1.0f;  // chunks after the first accumulate
+    if (bf16) gemm_nn_bf16(M, K, n, alpha, dY + n0, lddy, S, K, b, dX, lddx);
+    else gemm_nn(M, K, n, alpha, dY + n0, lddy, S, K, b, dX, lddx);
+  }
+}
+
+}  // namespace qlora
