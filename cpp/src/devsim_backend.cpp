@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <new>
 
 #include "device_pool.hpp"
@@ -77,11 +78,29 @@ class DevsimBackend final : public Backend {
   // Offload staging through the CUDA backend's HostStagingPool (over malloc here, cudaHostAlloc there).
   void* host_alloc(size_t bytes) override { return host_.alloc(bytes); }
   void host_free(void* p) override { host_.free(p); }
+  // offload as late as CUDA's copy stream may run it: the copy is made at the next offload, reload
+  // or synchronize (Backend::offload's contract), so model code that writes an offloaded buffer
+  // too early reads back the wrong data here (the offload tests compare bit for bit), not only on a GPU.
+  void offload(void* dst_host, const void* src, size_t bytes) override {
+    std::lock_guard<std::mutex> lk(off_mu_);
+    flush_offload_locked();
+    off_ = {dst_host, src, bytes};
+  }
+  void reload(void* dst, const void* src_host, size_t bytes) override {
+    {
+      std::lock_guard<std::mutex> lk(off_mu_);
+      flush_offload_locked();
+    }
+    c_.upload(dst, src_host, bytes);
+  }
   void upload(void* dst, const void* src, size_t bytes) override { c_.upload(dst, src, bytes); }
   void download(void* dst, const void* src, size_t bytes) override { c_.download(dst, src, bytes); }
   void fill_zero(void* p, size_t bytes) override { c_.fill_zero(p, bytes); }
   void copy(void* dst, const void* src, size_t bytes) override { c_.copy(dst, src, bytes); }
-  void synchronize() override {}
+  void synchronize() override {
+    std::lock_guard<std::mutex> lk(off_mu_);
+    flush_offload_locked();
+  }
 
   void gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
                float beta, float* C, int64_t ldc) override {
@@ -232,6 +251,17 @@ class DevsimBackend final : public Backend {
   char default_queue_ = 0;  // the default arena's queue token
   DevicePool pool_;         // after raw_ (destroyed before it)
   HostStagingPool host_;
+  struct PendingOffload {
+    void* dst = nullptr;
+    const void* src = nullptr;
+    size_t bytes = 0;
+  };
+  void flush_offload_locked() {
+    if (off_.bytes) c_.download(off_.dst, off_.src, off_.bytes);
+    off_ = {};
+  }
+  std::mutex off_mu_;
+  PendingOffload off_;
 };
 
 }  // namespace
