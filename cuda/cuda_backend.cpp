@@ -32,6 +32,8 @@
 #include "ops_cross_entropy.cuh"
 #include "ops_embedding.cuh"
 #include "ops_grad_norm.cuh"
+#include "ops_half_gemm.cuh"
+#include "ops_half_rows.cuh"
 #include "ops_kv_write.cuh"
 #include "ops_lora_sgmv.cuh"
 #include "ops_lora_dropout.cuh"
@@ -354,6 +356,22 @@ class CudaBackend final : public Backend {
     check_arg(gemm_f32_fits(M, N), "cuda backend: q8_0_gemm_nt: matrix too large for one launch");
     use_device("q8_0_gemm_nt");
     cuda::q8_0_gemm_nt(stream_, M, N, K, X, ldx, W, Y, ldy);
+  }
+  // 16-bit rows (head_format f16 / bf16); half_gemm_nn / half_gemm_nt_bf16 are the chunked
+  // defaults (backend_half.cpp: half_rows, then the GEMMs; bf16 compute on the tensor cores).
+  void half_rows(HalfType t, int64_t M, int64_t K, const void* W, const int32_t* ids, float* out) override {
+    check_dims("half_rows", {M, K});
+    use_device("half_rows");
+    cuda::half_rows(stream_, t == HalfType::BF16, M, K, W, ids, out);
+  }
+  void half_gemm_nt(HalfType t, int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const void* W, float* Y,
+                    int64_t ldy) override {
+    check_dims("half_gemm_nt", {M, N, K});
+    check_ld("half_gemm_nt", ldx, K);
+    check_ld("half_gemm_nt", ldy, N);
+    check_arg(gemm_f32_fits(M, N), "cuda backend: half_gemm_nt: matrix too large for one launch");
+    use_device("half_gemm_nt");
+    cuda::half_gemm_nt(stream_, t == HalfType::BF16, M, N, K, X, ldx, W, Y, ldy);
   }
   void rmsnorm(int64_t M, int64_t D, const float* x, const float* w, float eps, float* out) override {
     check_dims("rmsnorm", {M, D});
