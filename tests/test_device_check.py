@@ -102,6 +102,31 @@ def test_all_steps_pass_in_a_dry_run(tmp_path):
     assert r.returncode == 2  # nothing failed, but the build was skipped (QLORA_CHECK_SKIP_BUILD)
 
 
+def test_report_merges_both_test_runs(tmp_path):
+    # the tests step writes two junit files (the CUDA files, then the CUDA cases of the mixed files):
+    # the report adds their counts and lists the failures of both
+    stub = tmp_path / "stub.sh"
+    case = '<testcase classname="{c}" name="{n}"{body}'
+    stub.write_text('#!/bin/sh\n[ "$1" = tests ] || exit 0\n'
+                    "cat > \"$work/tests.xml\" <<'EOF'\n"
+                    '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+                    + case.format(c="test_cuda_backend", n="test_a", body="/>")
+                    + case.format(c="test_cuda_backend", n="test_b", body="><failure/></testcase>")
+                    + '</testsuite></testsuites>\nEOF\n'
+                    "cat > \"$work/tests_cuda_cases.xml\" <<'EOF'\n"
+                    '<testsuites><testsuite tests="2" failures="0" errors="1" skipped="0">'
+                    + case.format(c="test_head_q8", n="test_c[cuda]", body="><error/></testcase>")
+                    + '</testsuite></testsuites>\nEOF\nexit 1\n')
+    stub.chmod(0o755)
+    r, rep, wall, out = run_check(tmp_path, gpu=True, QLORA_CHECK_TEST_DRY=1, QLORA_CHECK_TEST_STUB=stub)
+    assert by_step(rep)["tests"]["status"] == "failed"
+    assert rep["tests"] == {"tests": 5, "failures": 1, "errors": 1, "skipped": 1}
+    assert rep["failed_tests"] == ["test_cuda_backend::test_b", "test_head_q8::test_c[cuda]"]
+    txt = (out / "device-check.txt").read_text()
+    assert "tests: 5 run, 1 failed, 1 errors, 1 skipped" in txt and "FAILED test_head_q8::test_c[cuda]" in txt
+    assert r.returncode == 1
+
+
 def test_bad_budget_is_refused(tmp_path):
     r, rep, _, _ = run_check(tmp_path, QLORA_CHECK_BUDGET_S="7m")
     assert r.returncode == 1 and rep is None
