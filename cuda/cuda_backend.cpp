@@ -506,7 +506,23 @@ class CudaBackend final : public Backend {
                                 const int32_t* key_mask, float scale, const float* out, int64_t ldo, const float* lse,
                                 const float* dout, int64_t lddo, float* dq, int64_t lddq, float* dk, int64_t lddk,
                                 float* dv, int64_t lddv) override {
-    const char* op = "attention_train_backward";
+    attention_backward_any("attention_train_backward", false, B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, key_mask,
+                           scale, out, ldo, lse, dout, lddo, dq, lddq, dk, lddk, dv, lddv);
+  }
+  // bf16 compute: the tiled kernels' products on bf16 tensor cores (sm_80+; fp32 below, the contract).
+  void attention_train_backward_bf16(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
+                                     int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
+                                     const int32_t* key_mask, float scale, const float* out, int64_t ldo,
+                                     const float* lse, const float* dout, int64_t lddo, float* dq, int64_t lddq,
+                                     float* dk, int64_t lddk, float* dv, int64_t lddv) override {
+    attention_backward_any("attention_train_backward_bf16", has_bf16_compute(), B, T, Hq, Hkv, hd, q, ldq, k, ldk, v,
+                           ldv, key_mask, scale, out, ldo, lse, dout, lddo, dq, lddq, dk, lddk, dv, lddv);
+  }
+  void attention_backward_any(const char* op, bool bf16, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd,
+                              const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
+                              const int32_t* key_mask, float scale, const float* out, int64_t ldo, const float* lse,
+                              const float* dout, int64_t lddo, float* dq, int64_t lddq, float* dk, int64_t lddk,
+                              float* dv, int64_t lddv) {
     check_train_attention(op, B, T, Hq, Hkv, hd);
     check_ld(op, ldq, Hq * hd), check_ld(op, ldk, Hkv * hd), check_ld(op, ldv, Hkv * hd), check_ld(op, ldo, Hq * hd);
     check_ld(op, lddo, Hq * hd), check_ld(op, lddq, Hq * hd), check_ld(op, lddk, Hkv * hd), check_ld(op, lddv, Hkv * hd);
@@ -521,7 +537,7 @@ class CudaBackend final : public Backend {
       ~Scratch() { be->free(p); }
     } delta{this, alloc(sizeof(float) * static_cast<size_t>(B * Hq * T))};
     cuda::attention_train_backward(stream_, B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, key_mask, scale, out, ldo, lse,
-                                   dout, lddo, dq, lddq, dk, lddk, dv, lddv, static_cast<float*>(delta.p));
+                                   dout, lddo, dq, lddq, dk, lddk, dv, lddv, static_cast<float*>(delta.p), bf16);
   }
   void lora_dropout(uint64_t seed, uint64_t offset, float p, int64_t M, int64_t in, const float* x, int64_t ldx,
                     float* out) override {

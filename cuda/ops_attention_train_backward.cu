@@ -1,7 +1,9 @@
 // Training attention backward: a delta kernel, then either the tiled kernels
 // (ops_attention_train_backward_tiled.cu: FlashAttention-2 structure, the default for head_dim
-// <= 128) or the untiled reference kernels below (head_dim up to 256, and any shape with
-// QLORA_CUDA_ATTN_BACKWARD=reference, which the tests use to check one against the other).
+// <= 128; bf16 tensor cores in bf16 compute) or the untiled fp32 reference kernels below (head_dim
+// up to 256, and any shape with QLORA_CUDA_ATTN_BACKWARD=reference). QLORA_CUDA_ATTN_BACKWARD=simt
+// keeps the tiled kernels on fp32 SIMT in bf16 compute too. The tests use both to check the paths
+// against one another.
 // All: no atomics, every output element written by exactly one thread.
 //  1. delta_kernel: delta[b, h, t] = dO·O of one (query row, head), one warp each.
 //  2. dq_kernel: one block per (query row b*T+t, head h); kWarps warps split the visible keys s <= t
@@ -162,7 +164,7 @@ void attention_train_backward(cudaStream_t stream, int64_t B, int64_t T, int64_t
                               const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
                               const int32_t* key_mask, float scale, const float* out, int64_t ldo, const float* lse,
                               const float* dout, int64_t lddo, float* dq, int64_t lddq, float* dk, int64_t lddk,
-                              float* dv, int64_t lddv, float* delta) {
+                              float* dv, int64_t lddv, float* delta, bool bf16) {
   if (B <= 0 || T <= 0 || Hq <= 0 || hd <= 0) return;
   const int h = static_cast<int>(hd);
   const int64_t rows = B * Hq * T;
@@ -171,9 +173,10 @@ void attention_train_backward(cudaStream_t stream, int64_t B, int64_t T, int64_t
   QLORA_CUDA_CHECK_LAUNCH("attention_train_backward (delta)");
   const char* force = std::getenv("QLORA_CUDA_ATTN_BACKWARD");
   const bool reference = force != nullptr && std::strcmp(force, "reference") == 0;
+  const bool simt = force != nullptr && std::strcmp(force, "simt") == 0;
   if (!reference && attention_train_backward_tiled_fits(B, T, Hq, Hkv, hd)) {
     attention_train_backward_tiled(stream, B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, key_mask, scale, lse, dout, lddo,
-                                   delta, dq, lddq, dk, lddk, dv, lddv);
+                                   delta, dq, lddq, dk, lddk, dv, lddv, bf16 && !simt);
     return;
   }
   dq_kernel<<<dim3(static_cast<unsigned>(B * T), static_cast<unsigned>(Hq)), kWarps * 32, 0, stream>>>(

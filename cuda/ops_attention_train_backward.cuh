@@ -7,7 +7,9 @@
 // (ops_attention_train.cuh), hd <= kAttentionTrainMaxHeadDim.
 // `delta` is caller-provided device scratch of B*Hq*T floats. head_dim <= 128 runs the tiled kernels
 // (ops_attention_train_backward_tiled.cuh), else, or with QLORA_CUDA_ATTN_BACKWARD=reference, the
-// untiled reference kernels; both deterministic (no atomics).
+// untiled fp32 reference kernels; all deterministic (no atomics). bf16 (sm_80+ only, the caller
+// checks): Backend::attention_train_backward_bf16, the tiled kernels' products on bf16 tensor
+// cores (fp32 where the tiled kernels do not apply, as the Backend contract allows).
 // Launcher (host declaration; kernels in ops_attention_train_backward.cu): device pointers,
 // arguments validated by the caller (cuda_backend.cpp), asynchronous on `stream`, launches checked.
 #pragma once
@@ -21,6 +23,6 @@ void attention_train_backward(cudaStream_t stream, int64_t B, int64_t T, int64_t
                               const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
                               const int32_t* key_mask, float scale, const float* out, int64_t ldo, const float* lse,
                               const float* dout, int64_t lddo, float* dq, int64_t lddq, float* dk, int64_t lddk,
-                              float* dv, int64_t lddv, float* delta);
+                              float* dv, int64_t lddv, float* delta, bool bf16 = false);
 
 }  // namespace qlora::cuda
