@@ -260,6 +260,82 @@ def test_op_attention_train_backward_cuda_llama8b_shape(monkeypatch, rng, B):
         assert (np.abs(a - b) <= tol).all(), f"{name}: worst {np.abs(a - b).max():.3g} (max |ref| {np.abs(b).max():.3g})"
 
 
+# bf16 compute (Backend::attention_train_backward_bf16; the harness's int bf16=1): the CUDA tiled
+# kernels run dO·Vᵀ, Pᵀ·dO, dSᵀ·Q and dS·K on bf16 tensor cores (sm_80+), fp32 elsewhere. Checked
+# against float64 with test_attention_bf16's elementwise bf16 bounds (an fp32 result meets them too).
+BF16_BWD_CASES = [  # B, T, Hq, Hkv, hd, mask kind (test_grad_ops.make_mask)
+    (2, 83, 8, 2, 64, "left"),
+    (1, 97, 8, 2, 128, "none"),
+    (2, 45, 3, 1, 80, "right"),
+    (1, 19, 2, 1, 160, "none"),  # hd > 128: the untiled fp32 kernels (the contract's fallback)
+]
+
+
+def _bf16_bwd_case(rng, case):
+    from test_attention_bf16 import bounds
+    from test_grad_ops import attn_bwd_ref, attn_ref, make_mask, randn
+
+    B, T, Hq, Hkv, hd, kind = case
+    q, k, v = randn(rng, B * T, Hq * hd), randn(rng, B * T, Hkv * hd), randn(rng, B * T, Hkv * hd)
+    mask = make_mask(kind, B, T, rng)
+    scale = float(np.float32(1.0 / np.sqrt(hd)))
+    dout = randn(rng, B * T, Hq * hd)
+    r_out, r_lse, _ = attn_ref(q, k, v, mask, Hq, Hkv, scale)
+    arrays = {"q": q, "k": k, "v": v, "key_mask": mask, "out": r_out.astype(np.float32),
+              "lse": r_lse.astype(np.float32).reshape(-1), "dout": dout,
+              "dq": np.zeros((B * T, Hq * hd), np.float32), "dk": np.zeros((B * T, Hkv * hd), np.float32),
+              "dv": np.zeros((B * T, Hkv * hd), np.float32)}
+    ints = {"B": B, "T": T, "Hq": Hq, "Hkv": Hkv, "hd": hd, "ldq": Hq * hd, "ldk": Hkv * hd, "ldv": Hkv * hd,
+            "ldo": Hq * hd, "lddo": Hq * hd, "lddq": Hq * hd, "lddk": Hkv * hd, "lddv": Hkv * hd, "bf16": 1}
+    refs = attn_bwd_ref(q, k, v, mask, Hq, Hkv, scale, dout)
+    return arrays, ints, {"scale": scale}, refs, bounds(q, k, v, mask, Hq, Hkv, scale, dout)[2:]
+
+
+def test_op_attention_train_backward_bf16_flag(rng):
+    """The harness's bf16=1 runs attention_train_backward_bf16: on cpu:scalar (the bf16 oracle) the
+    grad_ops bf16 result bit for bit, within the bf16 bounds, and not the fp32 result."""
+    arrays, ints, floats, refs, bnds = _bf16_bwd_case(rng, (2, 30, 4, 2, 32, "left"))
+    got = _run("cpu:scalar", "attention_train_backward", arrays, ints, floats)
+    fp32 = _run("cpu:scalar", "attention_train_backward", arrays, {**ints, "bf16": 0}, floats)
+    B, T, Hq, Hkv, hd = (ints[n] for n in ("B", "T", "Hq", "Hkv", "hd"))
+    want = _core.grad_ops.attention_train_backward(
+        arrays["q"], arrays["k"], arrays["v"], arrays["key_mask"], arrays["out"], arrays["lse"].reshape(B, Hq, T),
+        arrays["dout"], n_heads=Hq, n_kv_heads=Hkv, scale=floats["scale"], backend="cpu:scalar",
+        compute_dtype="bfloat16")
+    for name, w, ref, bound in zip(("dq", "dk", "dv"), want, refs, bnds):
+        np.testing.assert_array_equal(got[name], w, err_msg=name)
+        assert not np.array_equal(got[name], fp32[name]), name
+        assert (np.abs(got[name] - ref) <= bound).all(), name
+
+
+@pytest.mark.parametrize("path", ["tc", "simt"])
+@pytest.mark.parametrize("case", BF16_BWD_CASES, ids=lambda c: "B{}T{}Hq{}Hkv{}hd{}{}".format(*c))
+def test_op_attention_train_backward_bf16_cuda(monkeypatch, rng, case, path):
+    """CUDA bf16 compute within the bf16 bounds of float64: the tensor-core tiled kernels (default on
+    sm_80+; fp32 below) and QLORA_CUDA_ATTN_BACKWARD=simt (the fp32 tiled kernels)."""
+    _be("cuda")
+    if path == "simt":
+        monkeypatch.setenv("QLORA_CUDA_ATTN_BACKWARD", "simt")
+    else:
+        monkeypatch.delenv("QLORA_CUDA_ATTN_BACKWARD", raising=False)
+    arrays, ints, floats, refs, bnds = _bf16_bwd_case(rng, case)
+    res = _run("cuda", "attention_train_backward", arrays, ints, floats)
+    for name, ref, bound in zip(("dq", "dk", "dv"), refs, bnds):
+        err = np.abs(res[name].astype(np.float64) - ref)
+        assert (err <= bound).all(), f"{name}: worst error / bound {float((err / (bound + 1e-300)).max()):.3g}"
+
+
+def test_op_attention_train_backward_bf16_cuda_deterministic(monkeypatch, rng):
+    """The tensor-core kernels, too, give the same bits on every run."""
+    _be("cuda")
+    monkeypatch.delenv("QLORA_CUDA_ATTN_BACKWARD", raising=False)
+    arrays, ints, floats, _, _ = _bf16_bwd_case(rng, (2, 150, 8, 2, 128, "left"))
+    first = _run("cuda", "attention_train_backward", arrays, ints, floats)
+    again = _run("cuda", "attention_train_backward", arrays, ints, floats)
+    for name in ("dq", "dk", "dv"):
+        np.testing.assert_array_equal(again[name], first[name], err_msg=name)
+
+
 def _check_attention_backward(backend, rng, case):
     B, T, Hq, Hkv, hd, pad = case
     q, k, v, km, (ldq, ldk, ldv) = _attn_case(rng, B, T, Hq, Hkv, hd, pad)

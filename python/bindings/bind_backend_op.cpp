@@ -211,13 +211,19 @@ void bind_backend_op(py::module_& m) {
             if (op == "attention_train") {
               be.attention_train(B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, km, F("scale"), o, ldo, lse);
               outs = {"out", "lse"};
-            } else {
+            } else {  // optional int bf16 = 1: attention_train_backward_bf16 (bf16 compute)
               const int64_t lddo = I("lddo"), lddq = I("lddq"), lddk = I("lddk"), lddv = I("lddv");
-              be.attention_train_backward(B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, km, F("scale"), o, ldo, lse,
-                                          f("dout", span(B * T, Hq * hd, lddo)), lddo,
-                                          f("dq", span(B * T, Hq * hd, lddq)), lddq,
-                                          f("dk", span(B * T, Hkv * hd, lddk)), lddk,
-                                          f("dv", span(B * T, Hkv * hd, lddv)), lddv);
+              const bool bf16 = ints.count("bf16") != 0 && ints.at("bf16") != 0;
+              const float* g = f("dout", span(B * T, Hq * hd, lddo));
+              float* dq = f("dq", span(B * T, Hq * hd, lddq));
+              float* dk = f("dk", span(B * T, Hkv * hd, lddk));
+              float* dv = f("dv", span(B * T, Hkv * hd, lddv));
+              if (bf16)
+                be.attention_train_backward_bf16(B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, km, F("scale"), o, ldo, lse,
+                                                 g, lddo, dq, lddq, dk, lddk, dv, lddv);
+              else
+                be.attention_train_backward(B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, km, F("scale"), o, ldo, lse, g,
+                                            lddo, dq, lddq, dk, lddk, dv, lddv);
               outs = {"dq", "dk", "dv"};
             }
           } else if (op == "lora_dropout" || op == "lora_dropout_backward") {
