@@ -141,7 +141,19 @@ class Backend {
     const float* A;  // [r, in]
     const float* B;  // [out, r]
     float alpha;     // scale * scaling
+    // The module's bf16 inference copy (lora_pack_bf16; null: none). A backend computes the
+    // segment from it where it has bf16 LoRA kernels at its current level (operands rounded to
+    // bf16, fp32 accumulation), else from A/B, which stay valid.
+    const void* AB16 = nullptr;
   };
+  // bf16 inference copies of LoRA factors (the serving path's adapter_dtype): bytes of one module's
+  // copy (A [r, in], B [out, r]) in this backend's layout, 0 where it has no bf16 LoRA kernels at
+  // its current level (then no copy is made). lora_pack_bf16 fills dst (that many bytes, backend
+  // memory) from fp32 A and B (backend memory); only called where lora_bf16_bytes is not 0.
+  virtual size_t lora_bf16_bytes(int64_t r, int64_t in, int64_t out) const { return 0; }
+  virtual void lora_pack_bf16(int64_t r, int64_t in, int64_t out, const float* A, const float* B, void* dst) {
+    not_implemented("lora_pack_bf16");
+  }
   // Default: the reference, two gemm_nt per segment (valid on every backend). The CPU backend runs
   // segments of few rows as one thread-pool job (cpu/lora_sgmv.hpp).
   virtual void lora_segments(int64_t in, int64_t out, const float* x, int64_t ldx, int64_t n, const LoraSegment* seg,

@@ -353,8 +353,10 @@ void bind_ops(py::module_& m) {
       "y[row0:row0+rows] += alpha * x[row0:row0+rows] @ A.T @ B.T for each (row0, rows, A, B, alpha), in place");
   ops.def(
       "lora_segments_many",
-      [](const py::list& problems, const std::string& backend) {
+      [](const py::list& problems, const std::string& backend, const std::string& adapter_dtype) {
         // Backend::lora_segments_many (the LoRA terms of projections sharing a job) for tests.
+        check_arg(adapter_dtype == "float32" || adapter_dtype == "bfloat16",
+                  "lora_segments_many: adapter_dtype must be 'float32' or 'bfloat16', got '" + adapter_dtype + "'");
         Backend& be = get_backend(backend);
         check_arg(be.host_memory(), "lora_segments_many: host backends only");
         std::vector<LoraArgs> args(problems.size());  // sized first: problems point into it
@@ -371,6 +373,18 @@ void bind_ops(py::module_& m) {
           for (size_t j = 0; j < args.size(); ++j)
             check_arg(i == j || (!overlaps(args[i].y, args[j].y) && !overlaps(args[i].y, args[j].x)),
                       "lora_segments_many: a problem's y must not overlap another problem's x or y");
+        // adapter_dtype "bfloat16": each segment gets the backend's bf16 copy of its A/B (none where
+        // lora_bf16_bytes is 0: that backend then computes in fp32, as the model does).
+        std::vector<std::vector<uint32_t>> copies;
+        if (adapter_dtype == "bfloat16")
+          for (LoraArgs& a : args)
+            for (Backend::LoraSegment& g : a.segs) {
+              const size_t bytes = be.lora_bf16_bytes(g.r, a.p.in, a.p.out);
+              if (!bytes) continue;
+              copies.emplace_back((bytes + 3) / 4);
+              be.lora_pack_bf16(g.r, a.p.in, a.p.out, g.A, g.B, copies.back().data());
+              g.AB16 = copies.back().data();
+            }
         std::vector<Backend::LoraProblem> ps;
         for (const LoraArgs& a : args) ps.push_back(a.p);
         std::vector<float> tmp(static_cast<size_t>(scratch));
@@ -379,8 +393,17 @@ void bind_ops(py::module_& m) {
           be.lora_segments_many(static_cast<int64_t>(ps.size()), ps.data(), tmp.data());
         }
       },
-      py::arg("problems"), py::kw_only(), py::arg("backend") = "cpu",
-      "lora_segments for each (x, y, segments) of problems as one call (projections sharing a job), in place");
+      py::arg("problems"), py::kw_only(), py::arg("backend") = "cpu", py::arg("adapter_dtype") = "float32",
+      "lora_segments for each (x, y, segments) of problems as one call (projections sharing a job), in place; "
+      "adapter_dtype='bfloat16': from bf16 copies of A/B where the backend has them (lora_bf16_bytes)");
+  ops.def(
+      "lora_bf16_bytes",
+      [](int64_t r, int64_t in, int64_t out, const std::string& backend) {
+        check_arg(r >= 1 && in >= 1 && out >= 1, "lora_bf16_bytes: r, in and out must be >= 1");
+        return get_backend(backend).lora_bf16_bytes(r, in, out);
+      },
+      py::arg("r"), py::arg("in_features"), py::arg("out_features"), py::kw_only(), py::arg("backend") = "cpu",
+      "bytes of one module's bf16 inference copy on `backend` (0: it has no bf16 LoRA kernels at its level)");
   ops.def(
       "nf4_gemm_nn",
       [](py::object dy, py::object w, py::object out, float alpha, float beta, const std::string& backend,

@@ -78,17 +78,12 @@ void CpuBackend::gemm_tn(int64_t M, int64_t N, int64_t K, float alpha, const flo
 }
 void CpuBackend::lora_segments(int64_t in, int64_t out, const float* x, int64_t ldx, int64_t n,
                                const LoraSegment* seg, float* y, int64_t ldy, float* t) {
-  if (level() == SimdLevel::Scalar) return Backend::lora_segments(in, out, x, ldx, n, seg, y, ldy, t);
-  const LoraProblem p{in, out, x, ldx, n, seg, y, ldy};
+  const LoraProblem p{in, out, x, ldx, n, seg, y, ldy};  // the scalar level too (bf16 copies' oracle)
   lora_segments_many(1, &p, t);
 }
 void CpuBackend::lora_segments_many(int64_t np, const LoraProblem* p, float* t) {
   const SimdLevel lv = level();
-  if (lv == SimdLevel::Scalar) {  // the reference (qualified: not back into this override)
-    for (int64_t i = 0; i < np; ++i)
-      Backend::lora_segments(p[i].in, p[i].out, p[i].x, p[i].ldx, p[i].n, p[i].seg, p[i].y, p[i].ldy, t);
-    return;
-  }
+  if (lv == SimdLevel::Scalar) return cpu::lora_segments_scalar(np, p, t);  // the reference / bf16 oracle
   double flops = 0, bytes = 0;
   if (prof::enabled())
     for (int64_t i = 0; i < np; ++i)

@@ -51,6 +51,10 @@ class CpuBackend final : public Backend {
   void nf4_gemm_nt_many_lora(int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
                              float* const* Y, const int64_t* ldy, const LoraProblem* lora, float* t) override;
   void lora_segments_many(int64_t np, const LoraProblem* p, float* t) override;
+  // bf16 inference copies of LoRA factors (cpu_backend_lora_bf16.cpp): made where
+  // cpu::lora_bf16_available(level()) (AVX512-BF16 units, or the scalar oracle).
+  size_t lora_bf16_bytes(int64_t r, int64_t in, int64_t out) const override;
+  void lora_pack_bf16(int64_t r, int64_t in, int64_t out, const float* A, const float* B, void* dst) override;
   void nf4_gemm_nn(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W, float beta, float* dX,
                    int64_t lddx) override;
   void nf4_dequantize(const Nf4Ref& W, float* out) override;

@@ -3,13 +3,16 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <thread>
 #include <vector>
 
 #include "common/error.hpp"
 #include "cpu/gemm.hpp"
+#include "cpu/gemm_bf16.hpp"
 #include "cpu/gemv_f32.hpp"
+#include "cpu/lora_sgmv_bf16_kernels.hpp"
 #include "cpu/lora_sgmv_kernels.hpp"
 #include "cpu/threads.hpp"
 
@@ -48,10 +51,18 @@ struct Seg {  // a segment of the fused job, with its slice of the job's t scrat
   const Backend::LoraProblem* p;
   const Backend::LoraSegment* s;
   float* t;  // [rows, r]
+  // bf16 copy in use (AB16): x rounded to pairs (the job's xp scratch, row stride ldxp, from the
+  // segment's first row) and the rounded t (tp, [rows, t_stride(r)] words)
+  bool b16 = false;
+  const uint32_t* xp = nullptr;
+  int64_t ldxp = 0;
+  uint32_t* tp = nullptr;
 };
 struct Task {
-  int kind;        // 0: shrink rank rows [a, b) of segment seg; 1: expand columns [a, b) of problem prob
-  int64_t seg, prob, a, b;
+  // 0: shrink rank rows [a, b) (bf16: rank blocks) of rows [m0, m1) of segment seg;
+  // 1: expand columns [a, b) of problem prob
+  int kind;
+  int64_t seg, prob, a, b, m0 = 0, m1 = 0;
 };
 
 }  // namespace
@@ -59,6 +70,7 @@ struct Task {
 // The calling thread's buffers of a job (grow-only: no allocation per decode-step call).
 struct SgmvBuffers {
   std::vector<float> t;  // every fused segment's t
+  std::vector<uint32_t> xp, tp;  // bf16 segments: the rounded inputs and t's
   std::vector<Seg> segs;
   std::vector<int64_t> prob_of_seg, pending;
   std::vector<Task> tasks;
@@ -97,33 +109,98 @@ void check_problem(const Backend::LoraProblem& p) {
 // about as long as streaming the factors; below 4 rows the stream dominates).
 double weight(int64_t rows) { return std::max(1.0, static_cast<double>(rows) / 4.0); }
 
+#if defined(QLORA_X86)
+// Rounds the inputs of the bf16 segments to bf16 pairs once per distinct input (q/k/v and gate/up
+// share theirs): rows [0, end) of each, end the last row a bf16 segment of it reads.
+void round_inputs(SgmvBuffers& jb) {
+  struct In {
+    const float* x;
+    int64_t ldx, in, end;
+    size_t off;
+  };
+  In ins[16];
+  std::vector<In> more;  // more than 16 distinct inputs: rare (direct op calls)
+  int n_in = 0;
+  auto find = [&](const Backend::LoraProblem& p) -> In* {
+    for (int k = 0; k < n_in; ++k)
+      if (ins[k].x == p.x && ins[k].ldx == p.ldx && ins[k].in == p.in) return &ins[k];
+    for (In& v : more)
+      if (v.x == p.x && v.ldx == p.ldx && v.in == p.in) return &v;
+    return nullptr;
+  };
+  for (const Seg& s : jb.segs) {
+    if (!s.b16) continue;
+    In* v = find(*s.p);
+    if (!v) {
+      const In nv{s.p->x, s.p->ldx, s.p->in, 0, 0};
+      if (n_in < 16) ins[n_in++] = nv, v = &ins[n_in - 1];
+      else more.push_back(nv), v = &more.back();
+    }
+    v->end = std::max(v->end, s.s->row0 + s.s->rows);
+  }
+  size_t words = 0;
+  auto place = [&](In& v) { v.off = words, words += static_cast<size_t>(v.end * sgmv_bf16::pairs(v.in)); };
+  for (int k = 0; k < n_in; ++k) place(ins[k]);
+  for (In& v : more) place(v);
+  if (jb.xp.size() < words) jb.xp.resize(words);
+  auto round = [&](const In& v) {
+    sgmv_bf16::round_pairs_avx512bf16(v.end, v.in, v.x, v.ldx, jb.xp.data() + v.off, sgmv_bf16::pairs(v.in));
+  };
+  for (int k = 0; k < n_in; ++k) round(ins[k]);
+  for (const In& v : more) round(v);
+  for (Seg& s : jb.segs) {
+    if (!s.b16) continue;
+    const In* v = find(*s.p);
+    s.ldxp = sgmv_bf16::pairs(v->in);
+    s.xp = jb.xp.data() + v->off + s.s->row0 * s.ldxp;
+  }
+}
+#endif
+
 // Collects the segments of few rows into jb.segs with their t slices; segments of many rows (or
 // every segment when !fused) run at once through the gemm_nt path when t_ref is given, else
 // make the plan fail (returns false).
 bool collect(SimdLevel level, SgmvBuffers& jb, int64_t np, const Backend::LoraProblem* P, bool fused, float* t_ref) {
   jb.kn = kernels_for(level);
   jb.segs.clear(), jb.prob_of_seg.clear();
-  int64_t t_need = 0;
+#if defined(QLORA_X86)
+  const bool b16ok = level == SimdLevel::AVX512 && lora_bf16_available(level);
+#else
+  const bool b16ok = false;  // no AVX512-BF16 kernels in this build
+#endif
+  int64_t t_need = 0, tp_need = 0;
   for (int64_t i = 0; i < np; ++i) {
     const Backend::LoraProblem& p = P[i];
     check_problem(p);
     for (int64_t s = 0; s < p.n; ++s) {
       const Backend::LoraSegment& g = p.seg[s];
       if (g.rows <= 0 || g.alpha == 0.0f) continue;
-      if (g.rows > kSgmvMaxRows || !fused) {  // many rows: the blocked GEMMs (their own parallel jobs)
+      const bool b16 = b16ok && g.AB16;  // no other bf16 path: never the gemm_nt one
+      if (!b16 && (g.rows > kSgmvMaxRows || !fused)) {  // many rows: the blocked GEMMs (their own parallel jobs)
         if (!t_ref) return false;
         gemm_nt(level, g.rows, g.r, p.in, 1.0f, p.x + g.row0 * p.ldx, p.ldx, g.A, p.in, 0.0f, t_ref, g.r);
         gemm_nt(level, g.rows, p.out, g.r, g.alpha, t_ref, g.r, g.B, g.r, 1.0f, p.y + g.row0 * p.ldy, p.ldy);
         continue;
       }
-      jb.segs.push_back({&p, &g, nullptr});
+      Seg sg{&p, &g, nullptr};
+      sg.b16 = b16;
+      jb.segs.push_back(sg);
       jb.prob_of_seg.push_back(i);
-      t_need += g.rows * g.r;
+      if (b16) tp_need += g.rows * sgmv_bf16::t_stride(g.r);
+      else t_need += g.rows * g.r;
     }
   }
   if (jb.t.size() < static_cast<size_t>(t_need)) jb.t.resize(static_cast<size_t>(t_need));
+  if (jb.tp.size() < static_cast<size_t>(tp_need)) jb.tp.resize(static_cast<size_t>(tp_need));
   float* t = jb.t.data();
-  for (Seg& s : jb.segs) s.t = t, t += s.s->rows * s.s->r;
+  uint32_t* tp = jb.tp.data();
+  for (Seg& s : jb.segs) {
+    if (s.b16) s.tp = tp, tp += s.s->rows * sgmv_bf16::t_stride(s.s->r);
+    else s.t = t, t += s.s->rows * s.s->r;
+  }
+#if defined(QLORA_X86)
+  if (tp_need) round_inputs(jb);
+#endif
   return true;
 }
 
@@ -133,14 +210,23 @@ void plan_shrinks(SgmvBuffers& jb, int64_t np, double target) {
   jb.tasks.clear();
   jb.pending.assign(static_cast<size_t>(np), 0);
   for (size_t k = 0; k < jb.segs.size(); ++k) {
-    const Backend::LoraSegment& g = *jb.segs[k].s;
-    const double a_work = 4.0 * static_cast<double>(g.r * jb.segs[k].p->in) * weight(g.rows);
-    const int64_t pieces = std::min<int64_t>(g.r, std::max<int64_t>(1, static_cast<int64_t>(a_work / target + 0.5)));
-    const int64_t per = (g.r + pieces - 1) / pieces;
-    for (int64_t j = 0; j < g.r; j += per) {
-      jb.tasks.push_back({0, static_cast<int64_t>(k), jb.prob_of_seg[k], j, std::min(g.r, j + per)});
-      ++jb.pending[static_cast<size_t>(jb.prob_of_seg[k])];
-    }
+    const Seg& sg = jb.segs[k];
+    const Backend::LoraSegment& g = *sg.s;
+    // bf16: half the bytes; split over rank blocks of 16, then over rows (4-row tiles): a bf16
+    // segment may be a long prefill one.
+    const double a_work = (sg.b16 ? 2.0 : 4.0) * static_cast<double>(g.r * sg.p->in) * weight(g.rows);
+    const int64_t units = sg.b16 ? sgmv_bf16::blocks(g.r) : g.r;
+    const int64_t want = std::max<int64_t>(1, static_cast<int64_t>(a_work / target + 0.5));
+    const int64_t pieces = std::min<int64_t>(units, want);
+    const int64_t per = (units + pieces - 1) / pieces;
+    const int64_t row_pieces = sg.b16 ? std::min<int64_t>((g.rows + 3) / 4, (want + pieces - 1) / pieces) : 1;
+    const int64_t rows_per = ((g.rows + row_pieces - 1) / row_pieces + 3) / 4 * 4;
+    for (int64_t j = 0; j < units; j += per)
+      for (int64_t m = 0; m < g.rows; m += rows_per) {
+        jb.tasks.push_back({0, static_cast<int64_t>(k), jb.prob_of_seg[k], j, std::min(units, j + per), m,
+                            std::min(g.rows, m + rows_per)});
+        ++jb.pending[static_cast<size_t>(jb.prob_of_seg[k])];
+      }
   }
   if (jb.n_left < static_cast<size_t>(np)) {
     jb.left.reset(new std::atomic<int64_t>[static_cast<size_t>(np)]);
@@ -152,10 +238,18 @@ void plan_shrinks(SgmvBuffers& jb, int64_t np, double target) {
 void run_shrink(const SgmvBuffers& jb, const Task& tk) {
   const Seg& s = jb.segs[static_cast<size_t>(tk.seg)];
   const Backend::LoraSegment& g = *s.s;
-  const float* x = s.p->x + g.row0 * s.p->ldx;
-  for (int64_t m0 = 0; m0 < g.rows; m0 += jb.kn.group)
-    jb.kn.shrink(std::min(jb.kn.group, g.rows - m0), tk.a, tk.b, s.p->in, 1.0f, x + m0 * s.p->ldx, s.p->ldx, g.A,
-                 s.p->in, 0.0f, s.t + m0 * g.r, g.r);
+  if (s.b16) {
+#if defined(QLORA_X86)
+    const int64_t ldtp = sgmv_bf16::t_stride(g.r);
+    sgmv_bf16::shrink_avx512bf16(tk.m1 - tk.m0, tk.a, tk.b, sgmv_bf16::pairs(s.p->in), s.xp + tk.m0 * s.ldxp, s.ldxp,
+                                 static_cast<const uint32_t*>(g.AB16), s.tp + tk.m0 * ldtp, ldtp);
+#endif
+  } else {
+    const float* x = s.p->x + g.row0 * s.p->ldx;
+    for (int64_t m0 = tk.m0; m0 < tk.m1; m0 += jb.kn.group)
+      jb.kn.shrink(std::min(jb.kn.group, tk.m1 - m0), tk.a, tk.b, s.p->in, 1.0f, x + m0 * s.p->ldx, s.p->ldx, g.A,
+                   s.p->in, 0.0f, s.t + m0 * g.r, g.r);
+  }
   jb.left[tk.prob].fetch_sub(1, std::memory_order_release);
 }
 
@@ -170,7 +264,15 @@ void run_expand(const SgmvBuffers& jb, const Backend::LoraProblem* p, int64_t pr
   for (const Seg& s : jb.segs) {
     if (s.p != p) continue;
     const Backend::LoraSegment& g = *s.s;
-    jb.kn.expand(g.rows, n0, n1, g.r, g.alpha, s.t, g.r, g.B, g.r, p->y + g.row0 * p->ldy, p->ldy);
+    if (s.b16) {
+#if defined(QLORA_X86)
+      const uint32_t* Bp = static_cast<const uint32_t*>(g.AB16) + sgmv_bf16::a_words(g.r, p->in);
+      sgmv_bf16::expand_avx512bf16(g.rows, n0, n1, sgmv_bf16::pairs(g.r), s.tp, sgmv_bf16::t_stride(g.r), Bp, g.alpha,
+                                   p->y + g.row0 * p->ldy, p->ldy);
+#endif
+    } else {
+      jb.kn.expand(g.rows, n0, n1, g.r, g.alpha, s.t, g.r, g.B, g.r, p->y + g.row0 * p->ldy, p->ldy);
+    }
   }
 }
 
@@ -234,6 +336,88 @@ void lora_segments_many(SimdLevel level, int64_t np, const Backend::LoraProblem*
     for (int64_t ti = 0; ti < static_cast<int64_t>(tasks.size()); ++ti) task(ti);
   } else {
     parallel_for(static_cast<int64_t>(tasks.size()), task);
+  }
+}
+
+// ------------------------------------------------------------------ bf16 inference copies
+bool lora_bf16_available(SimdLevel level) { return bf16_compute_available(level); }
+
+size_t lora_bf16_bytes(int64_t r, int64_t in, int64_t out) {
+  return sizeof(uint32_t) * static_cast<size_t>(sgmv_bf16::module_words(r, in, out));
+}
+
+namespace {
+uint32_t bf16_bits(float x) {  // RNE, denormals flushed, as vcvtne2ps2bf16 (cpu/gemm_bf16.hpp)
+  const float r = bf16_round(x);
+  uint32_t b;
+  std::memcpy(&b, &r, 4);
+  return b >> 16;
+}
+float bf16_value(uint32_t word, int half) {  // the bf16 in half 0 (low) or 1 (high) of a pair, as fp32
+  const uint32_t b = half ? (word & 0xFFFF0000u) : (word << 16);
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+// Packs src[n, k] (row stride k) as 16-lane blocks of k pairs: word (nb * pairs(k) + p) * 16 + i.
+void pack_lanes(int64_t n, int64_t k, const float* src, uint32_t* dst) {
+  const int64_t kp = sgmv_bf16::pairs(k);
+  for (int64_t nb = 0; nb < sgmv_bf16::blocks(n); ++nb)
+    for (int64_t p = 0; p < kp; ++p)
+      for (int64_t i = 0; i < 16; ++i) {
+        const int64_t row = nb * 16 + i;
+        uint32_t w = 0;
+        if (row < n) {
+          w = bf16_bits(src[row * k + 2 * p]);
+          if (2 * p + 1 < k) w |= bf16_bits(src[row * k + 2 * p + 1]) << 16;
+        }
+        dst[(nb * kp + p) * 16 + i] = w;
+      }
+}
+// Element (row, c) of a packed [n, k] operand, as fp32.
+double packed_at(const uint32_t* P, int64_t k, int64_t row, int64_t c) {
+  const int64_t kp = sgmv_bf16::pairs(k);
+  return bf16_value(P[((row / 16) * kp + c / 2) * 16 + row % 16], static_cast<int>(c & 1));
+}
+}  // namespace
+
+void lora_pack_bf16(int64_t r, int64_t in, int64_t out, const float* A, const float* B, void* dst) {
+  uint32_t* d = static_cast<uint32_t*>(dst);
+  pack_lanes(r, in, A, d);
+  pack_lanes(out, r, B, d + sgmv_bf16::a_words(r, in));
+}
+
+void lora_segments_scalar(int64_t np, const Backend::LoraProblem* P, float* t) {
+  for (int64_t i = 0; i < np; ++i) {
+    const Backend::LoraProblem& p = P[i];
+    check_problem(p);
+    for (int64_t s = 0; s < p.n; ++s) {
+      const Backend::LoraSegment& g = p.seg[s];
+      if (g.rows <= 0 || g.alpha == 0.0f) continue;
+      const float* x = p.x + g.row0 * p.ldx;
+      float* y = p.y + g.row0 * p.ldy;
+      if (!g.AB16) {  // Backend::lora_segments' reference
+        gemm_nt(SimdLevel::Scalar, g.rows, g.r, p.in, 1.0f, x, p.ldx, g.A, p.in, 0.0f, t, g.r);
+        gemm_nt(SimdLevel::Scalar, g.rows, p.out, g.r, g.alpha, t, g.r, g.B, g.r, 1.0f, y, p.ldy);
+        continue;
+      }
+      const uint32_t* Ap = static_cast<const uint32_t*>(g.AB16);
+      const uint32_t* Bp = Ap + sgmv_bf16::a_words(g.r, p.in);
+      std::vector<double> tr(static_cast<size_t>(g.r));
+      for (int64_t m = 0; m < g.rows; ++m) {
+        for (int64_t j = 0; j < g.r; ++j) {
+          double acc = 0;
+          for (int64_t k = 0; k < p.in; ++k)
+            acc += static_cast<double>(bf16_round(x[m * p.ldx + k])) * packed_at(Ap, p.in, j, k);
+          tr[static_cast<size_t>(j)] = bf16_round(static_cast<float>(acc));  // t stored fp32, then rounded
+        }
+        for (int64_t n = 0; n < p.out; ++n) {
+          double acc = 0;
+          for (int64_t j = 0; j < g.r; ++j) acc += tr[static_cast<size_t>(j)] * packed_at(Bp, g.r, n, j);
+          y[m * p.ldy + n] = static_cast<float>(static_cast<double>(y[m * p.ldy + n]) + g.alpha * acc);
+        }
+      }
+    }
   }
 }
 

@@ -7,6 +7,7 @@
 // running on another thread (or done): no barrier, no deadlock. Segments of many rows (prefill)
 // take the blocked GEMM path (two gemm_nt, as the reference).
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 #include "backend.hpp"
@@ -14,8 +15,30 @@
 
 namespace qlora::cpu {
 
-// Segments with more rows than this take the gemm_nt path.
+// Segments with more rows than this take the gemm_nt path (fp32 segments; bf16 ones never do).
 constexpr int64_t kSgmvMaxRows = 64;
+
+// bf16 inference copies (Backend::LoraSegment::AB16, layout in lora_sgmv_bf16_kernels.hpp): a
+// segment with one runs the vdpbf16ps kernels at the AVX512 level on a CPU with AVX512-BF16 (x
+// and t rounded to bf16 once, fp32 accumulation), the emulating oracle at the Scalar level, and its
+// fp32 A/B at any other level.
+namespace sgmv_bf16 {
+constexpr int64_t pairs(int64_t k) { return (k + 1) / 2; }
+constexpr int64_t blocks(int64_t n) { return (n + 15) / 16; }
+constexpr int64_t a_words(int64_t r, int64_t in) { return blocks(r) * pairs(in) * 16; }
+constexpr int64_t module_words(int64_t r, int64_t in, int64_t out) { return a_words(r, in) + blocks(out) * pairs(r) * 16; }
+constexpr int64_t t_stride(int64_t r) { return blocks(r) * 8; }  // words of a rounded t row
+}  // namespace sgmv_bf16
+// Whether bf16 copies are used (not just stored) at `level`: Scalar (the oracle) or AVX512 with
+// AVX512-BF16 units (cpu/gemm_bf16.hpp's bf16_compute_available).
+bool lora_bf16_available(SimdLevel level);
+// Bytes of one module's copy, and the copy made from fp32 A[r, in], B[out, r] (host memory).
+size_t lora_bf16_bytes(int64_t r, int64_t in, int64_t out);
+void lora_pack_bf16(int64_t r, int64_t in, int64_t out, const float* A, const float* B, void* dst);
+// The Scalar level: the reference of Backend::lora_segments for fp32 segments; segments with a
+// bf16 copy take the oracle (x, A, t, B rounded as the kernels round them, products summed in
+// double, t stored as fp32 before its rounding). t: the reference's scratch.
+void lora_segments_scalar(int64_t np, const Backend::LoraProblem* p, float* t);
 
 // level != Scalar (the scalar level is Backend's reference). t: the caller's scratch (max over
 // segments of rows * r floats), used by the gemm_nt path only; the fused job has its own.

@@ -1,0 +1,160 @@
+// AVX512-BF16 kernels of the multi-adapter LoRA op on bf16 inference copies (vdpbf16ps: two k per
+// instruction, fp32 accumulation). Compiled with -mavx512bf16 (CMake: *_avx512bf16.cpp); called only
+// after cpu_has_avx512_bf16(). Layout and chain order: lora_sgmv_bf16_kernels.hpp. Rules:
+// cpu/README.md (plain functions on raw pointers only).
+#include <immintrin.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cpu/lora_sgmv_bf16_kernels.hpp"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+
+namespace qlora::cpu::sgmv_bf16 {
+
+namespace {
+
+constexpr int kRows = 4;  // rows per register tile (both kernels)
+
+__mmask16 lanes(int64_t lo, int64_t hi) {  // lanes [lo, hi) of 16, clamped
+  if (lo < 0) lo = 0;
+  if (hi > 16) hi = 16;
+  if (hi <= lo) return 0;
+  return static_cast<__mmask16>(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+}
+
+__m512bh as_bh(__m512i v) { return (__m512bh)v; }
+__m512bh bcast(const uint32_t* p) { return as_bh(_mm512_set1_epi32(static_cast<int>(*p))); }
+
+// Rows [0, R) of the shrink for rank block nb: four chains per lane over p mod 4.
+template <int R>
+void shrink_tile(int64_t kp, const uint32_t* xp, int64_t ldxp, const uint32_t* W, uint32_t* tp, int64_t ldtp) {
+  __m512 c[R][4];
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) c[i][q] = _mm512_setzero_ps();
+  int64_t p = 0;
+  for (; p + 4 <= kp; p += 4) {
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      const __m512bh w = as_bh(_mm512_loadu_si512(W + (p + q) * 16));
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) c[i][q] = _mm512_dpbf16_ps(c[i][q], bcast(xp + i * ldxp + p + q), w);
+    }
+  }
+  for (int q = 0; p < kp; ++p, ++q) {  // tail: pair p continues chain p mod 4 (= q, p being 4k + q)
+    const __m512bh w = as_bh(_mm512_loadu_si512(W + p * 16));
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      if (q == 0) c[i][0] = _mm512_dpbf16_ps(c[i][0], bcast(xp + i * ldxp + p), w);
+      else if (q == 1) c[i][1] = _mm512_dpbf16_ps(c[i][1], bcast(xp + i * ldxp + p), w);
+      else c[i][2] = _mm512_dpbf16_ps(c[i][2], bcast(xp + i * ldxp + p), w);
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i) {
+    const __m512 s = _mm512_add_ps(_mm512_add_ps(c[i][0], c[i][1]), _mm512_add_ps(c[i][2], c[i][3]));
+    // 16 fp32 -> 16 bf16 (RNE) = 8 pairs of consecutive ranks, stored in order.
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(tp + i * ldtp), (__m256i)_mm512_cvtneps_pbh(s));
+  }
+}
+
+// Rows [0, R) x column blocks [b, b + NB) of the expand: one chain per lane over p.
+template <int R, int NB>
+void expand_tile(int64_t b, int64_t n0, int64_t n1, int64_t kp, const uint32_t* tp, int64_t ldtp, const uint32_t* Bp,
+                 float alpha, float* y, int64_t ldy) {
+  __m512 c[R][NB];
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) c[i][j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < kp; ++p) {
+    __m512bh w[NB];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) w[j] = as_bh(_mm512_loadu_si512(Bp + ((b + j) * kp + p) * 16));
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      const __m512bh a = bcast(tp + i * ldtp + p);
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) c[i][j] = _mm512_dpbf16_ps(c[i][j], a, w[j]);
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha);
+#pragma GCC unroll 4
+  for (int j = 0; j < NB; ++j) {
+    const int64_t col = (b + j) * 16;
+    const __mmask16 m = lanes(n0 - col, n1 - col);
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      float* yp = y + i * ldy + col;
+      _mm512_mask_storeu_ps(yp, m, _mm512_fmadd_ps(va, c[i][j], _mm512_maskz_loadu_ps(m, yp)));
+    }
+  }
+}
+
+template <int R>
+void expand_rows(int64_t n0, int64_t n1, int64_t kp, const uint32_t* tp, int64_t ldtp, const uint32_t* Bp, float alpha,
+                 float* y, int64_t ldy) {
+  const int64_t b1 = (n1 + 15) / 16;
+  for (int64_t b = n0 / 16; b < b1; b += 4) {
+    switch (b1 - b) {
+      case 1: expand_tile<R, 1>(b, n0, n1, kp, tp, ldtp, Bp, alpha, y, ldy); break;
+      case 2: expand_tile<R, 2>(b, n0, n1, kp, tp, ldtp, Bp, alpha, y, ldy); break;
+      case 3: expand_tile<R, 3>(b, n0, n1, kp, tp, ldtp, Bp, alpha, y, ldy); break;
+      default: expand_tile<R, 4>(b, n0, n1, kp, tp, ldtp, Bp, alpha, y, ldy); break;
+    }
+  }
+}
+
+}  // namespace
+
+void round_pairs_avx512bf16(int64_t M, int64_t K, const float* x, int64_t ldx, uint32_t* xp, int64_t ldxp) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* s = x + m * ldx;
+    uint32_t* d = xp + m * ldxp;
+    for (int64_t k = 0; k < K; k += 32) {
+      const __m512 lo = _mm512_maskz_loadu_ps(lanes(0, K - k), s + k);
+      const __m512 hi = _mm512_maskz_loadu_ps(lanes(0, K - k - 16), s + k + 16);
+      // 32 bf16 in k order = 16 pairs {k even (low half), k odd (high half)}
+      _mm512_mask_storeu_epi32(d + k / 2, lanes(0, (K - k + 1) / 2), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+  }
+}
+
+void shrink_avx512bf16(int64_t M, int64_t nb0, int64_t nb1, int64_t kp, const uint32_t* xp, int64_t ldxp,
+                       const uint32_t* Ap, uint32_t* tp, int64_t ldtp) {
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const uint32_t* W = Ap + nb * kp * 16;
+    for (int64_t m = 0; m < M; m += kRows) {
+      const uint32_t* x = xp + m * ldxp;
+      switch (M - m) {
+        case 1: shrink_tile<1>(kp, x, ldxp, W, tp + m * ldtp + nb * 8, ldtp); break;
+        case 2: shrink_tile<2>(kp, x, ldxp, W, tp + m * ldtp + nb * 8, ldtp); break;
+        case 3: shrink_tile<3>(kp, x, ldxp, W, tp + m * ldtp + nb * 8, ldtp); break;
+        default: shrink_tile<4>(kp, x, ldxp, W, tp + m * ldtp + nb * 8, ldtp); break;
+      }
+    }
+  }
+}
+
+void expand_avx512bf16(int64_t M, int64_t n0, int64_t n1, int64_t kp, const uint32_t* tp, int64_t ldtp,
+                       const uint32_t* Bp, float alpha, float* y, int64_t ldy) {
+  if (n1 <= n0) return;
+  for (int64_t m = 0; m < M; m += kRows) {
+    const uint32_t* t = tp + m * ldtp;
+    float* yr = y + m * ldy;
+    switch (M - m) {
+      case 1: expand_rows<1>(n0, n1, kp, t, ldtp, Bp, alpha, yr, ldy); break;
+      case 2: expand_rows<2>(n0, n1, kp, t, ldtp, Bp, alpha, yr, ldy); break;
+      case 3: expand_rows<3>(n0, n1, kp, t, ldtp, Bp, alpha, yr, ldy); break;
+      default: expand_rows<4>(n0, n1, kp, t, ldtp, Bp, alpha, yr, ldy); break;
+    }
+  }
+}
+
+}  // namespace qlora::cpu::sgmv_bf16
