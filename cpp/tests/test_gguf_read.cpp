@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "check.hpp"
@@ -143,6 +144,17 @@ int main() {
     threw = true;
   }
   CHECK(threw, "unsupported type throws ValueError");
+
+  // py_float_repr (float metadata shown as Python's repr): both notations, exponent widths 2 and 3.
+  const std::pair<double, const char*> reprs[] = {
+      {1e-05, "1e-05"}, {1e16, "1e+16"}, {1.5e-300, "1.5e-300"}, {1e300, "1e+300"}, {5e-324, "5e-324"},
+      {1.7976931348623157e308, "1.7976931348623157e+308"}, {0.1, "0.1"}, {123.0, "123.0"}, {-2.5e-07, "-2.5e-07"},
+      {1234567890123456.0, "1234567890123456.0"}, {-0.0, "-0.0"}, {0.0001, "0.0001"}, {1e100, "1e+100"},
+      {NAN, "nan"}, {-INFINITY, "-inf"}};
+  for (const auto& [v, want] : reprs) {
+    const std::string got = qlora::gguf::py_float_repr(v);
+    CHECK(got == want, "py_float_repr(%.17g) = %s, want %s", v, got.c_str(), want);
+  }
 
   if (g_failures) std::fprintf(stderr, "%d failure(s)\n", g_failures);
   return g_failures ? 1 : 0;

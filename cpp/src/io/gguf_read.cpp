@@ -267,9 +267,10 @@ std::string py_float_repr(double v) {
   if (exp < -4 || exp >= 16) {  // Python's repr switches to exponent notation here
     out = digits.substr(0, 1);
     if (digits.size() > 1) out += "." + digits.substr(1);
-    char eb[8];
-    std::snprintf(eb, sizeof eb, "e%c%02d", exp < 0 ? '-' : '+', std::abs(exp));
-    out += eb;
+    const std::string e_digits = std::to_string(std::abs(exp));  // |exp| <= 324 for a double
+    out += exp < 0 ? "e-" : "e+";
+    if (e_digits.size() < 2) out += '0';  // at least two exponent digits, as Python
+    out += e_digits;
   } else if (exp < 0) {
     out = "0." + std::string(static_cast<size_t>(-exp - 1), '0') + digits;
   } else {
