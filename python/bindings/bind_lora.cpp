@@ -129,7 +129,11 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
              check_arg(std::isfinite(scaling), "scaling must be finite");
              auto& slot = a->modules[layer * model::kNumProj + p];
              check_arg(!slot, "duplicate module layer " + std::to_string(layer) + " " + proj);
-             slot = model::make_lora_module(self.backend(), r, lin.in, lin.out, scaling, A.data(), B.data());
+             try {
+               slot = model::make_lora_module(self.backend(), r, lin.in, lin.out, scaling, A.data(), B.data());
+             } catch (const ValueError& e) {  // name the module (lora_check.hpp's refusals)
+               throw ValueError("layer " + std::to_string(layer) + " " + proj + ": " + e.what());
+             }
            }
            self.add_adapter(name, std::move(a));
          },
@@ -174,7 +178,11 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
              auto [ref, m] = module_at(self, name, layer, proj);
              check_2d(A, m->r, m->in, "A");
              check_2d(B, m->out, m->r, "B");
-             model::set_lora_factors(self.backend(), *m, A.data(), B.data());
+             try {
+               model::set_lora_factors(self.backend(), *m, A.data(), B.data());
+             } catch (const ValueError& e) {  // name the module (lora_check.hpp's refusals)
+               throw ValueError("layer " + std::to_string(layer) + " " + proj + ": " + e.what());
+             }
            })
       .def("lora_scaling",
            [](LlamaModel& self, const std::string& name, int64_t layer, const std::string& proj) {

@@ -218,8 +218,10 @@ QLORA_API qlora_context_params qlora_context_default_params(void);
  * F32/F16/BF16) for `model`, with the rules of qlora_native.Model.load_adapter: only the seven
  * projections, PEFT's scaling (lora_alpha / r, rsLoRA alpha / sqrt(r), rank_pattern /
  * alpha_pattern). Refused, naming the file and tensor: an adapter made for another base (the
- * module and both shapes are named), NaN or Inf in a tensor, DoRA and other unsupported features,
- * tensors missing for targeted modules or present for others. target_modules / exclude_modules /
+ * module and both shapes are named), NaN or Inf in a tensor, factors too large for float32 (for an
+ * input bounded by 1, ||A||, scaling*||B|| or their product above 2^32, || || the largest absolute
+ * row sum), DoRA and other unsupported features, tensors missing for targeted modules or present
+ * for others. target_modules / exclude_modules /
  * layers_pattern / rank_pattern / alpha_pattern given as regular expressions are read when they
  * are plain names (letters, digits, '_', '-', '.' and '\.'); any other regex is refused with
  * QLORA_ERR_INVALID_ARGUMENT (Python's loader reads them). A killed save of `dir` is finished or

@@ -21,6 +21,7 @@
 #include "io/safetensors.hpp"
 #include "json/json.hpp"
 #include "model/linear.hpp"
+#include "model/lora_check.hpp"
 #include "model/lora_setup.hpp"
 #include "model/weights.hpp"
 
@@ -654,11 +655,10 @@ PeftRead read_peft_adapter(const std::string& dir, const PeftReadOptions& opt) {
         out.owned.push_back(to_f32(ti, where));
         data[w] = out.owned.back().data();
       }
-      const int64_t n = ti.numel();
-      bool finite = true;
-      for (int64_t i = 0; i < n; ++i) finite &= std::isfinite(data[w][i]);  // branch-free: vectorizes
-      if (!finite) throw ValueError(where + ": tensor '" + ti.name + "' contains NaN or Inf");
     }
+    // Finite, and an update float32 can carry (the engine's one rule for incoming LoRA factors).
+    model::check_lora_factors(res.r, s_in(t[0]), s_out(t[1]), res.scaling, data[0], data[1], where,
+                              "tensor '" + t[0]->name + "'", "tensor '" + t[1]->name + "'");
     out.modules.push_back({layer, p, res.r, s_in(t[0]), s_out(t[1]), res.scaling, data[0], data[1]});
   }
   return out;

@@ -5,6 +5,7 @@
 
 #include "common/error.hpp"
 #include "cpu/profile.hpp"
+#include "model/lora_check.hpp"
 #include "model/weights.hpp"
 
 namespace qlora::model {
@@ -109,8 +110,7 @@ std::unique_ptr<LoraModule> make_lora_module(Backend& be, int64_t r, int64_t in,
 
 void set_lora_factors(Backend& be, LoraModule& m, const float* A_host, const float* B_host) {
   const int64_t na = m.r * m.in, nb = m.out * m.r;
-  for (int64_t i = 0; i < na; ++i) check_arg(std::isfinite(A_host[i]), "LoRA A contains NaN or inf");
-  for (int64_t i = 0; i < nb; ++i) check_arg(std::isfinite(B_host[i]), "LoRA B contains NaN or inf");
+  check_lora_factors(m.r, m.in, m.out, m.scaling, A_host, B_host, "LoRA");  // finite, not too large
   be.upload(m.A.data(), A_host, sizeof(float) * na);
   be.upload(m.B.data(), B_host, sizeof(float) * nb);
 }
