@@ -42,6 +42,20 @@ void outputs(uint64_t seed, uint64_t first, int64_t count, uint32_t* dst) {
   }
 }
 
+// out[i] = f(output first + i) for i in [0, n), 256 outputs at a time; threaded, the values never
+// depend on the split.
+template <class T, class F>
+void fill_each(uint64_t seed, uint64_t first, T* out, int64_t n, const F& f) {
+  for_range(n, [&](int64_t b, int64_t e) {
+    uint32_t buf[256];
+    for (int64_t i = b; i < e; i += 256) {
+      const int64_t c = std::min<int64_t>(256, e - i);
+      outputs(seed, first + static_cast<uint64_t>(i), c, buf);
+      for (int64_t j = 0; j < c; ++j) out[i + j] = f(buf[j]);
+    }
+  });
+}
+
 }  // namespace
 
 std::array<uint32_t, 4> philox4x32_10(std::array<uint32_t, 4> c, std::array<uint32_t, 2> key) {
@@ -73,15 +87,8 @@ double Philox::uniform_double() { return static_cast<double>(next_u64() >> 11) *
 void Philox::fill_uniform(float* out, int64_t n, float lo, float hi) {
   check_arg(n >= 0 && (n == 0 || out), "Philox.fill_uniform: bad output buffer");
   check_arg(std::isfinite(lo) && std::isfinite(hi) && lo <= hi, "Philox.fill_uniform: need finite lo <= hi");
-  const uint64_t seed = s_.seed, first = s_.position;
-  for_range(n, [&](int64_t b, int64_t e) {
-    uint32_t buf[256];
-    for (int64_t i = b; i < e; i += 256) {
-      const int64_t c = std::min<int64_t>(256, e - i);
-      outputs(seed, first + static_cast<uint64_t>(i), c, buf);
-      for (int64_t j = 0; j < c; ++j) out[i + j] = lo + (hi - lo) * (static_cast<float>(buf[j] >> 8) * 0x1p-24f);
-    }
-  });
+  fill_each(s_.seed, s_.position, out, n,
+            [=](uint32_t u) { return lo + (hi - lo) * (static_cast<float>(u >> 8) * 0x1p-24f); });
   s_.position += static_cast<uint64_t>(n);
 }
 
@@ -108,15 +115,8 @@ void Philox::fill_normal(float* out, int64_t n, float mean, float std) {
 void Philox::fill_bernoulli(uint8_t* out, int64_t n, double p) {
   check_arg(n >= 0 && (n == 0 || out), "Philox.fill_bernoulli: bad output buffer");
   check_arg(p >= 0.0 && p <= 1.0, "Philox.fill_bernoulli: p must be in [0, 1], got " + std::to_string(p));
-  const uint64_t seed = s_.seed, first = s_.position;
-  for_range(n, [&](int64_t b, int64_t e) {
-    uint32_t buf[256];
-    for (int64_t i = b; i < e; i += 256) {
-      const int64_t c = std::min<int64_t>(256, e - i);
-      outputs(seed, first + static_cast<uint64_t>(i), c, buf);
-      for (int64_t j = 0; j < c; ++j) out[i + j] = bernoulli_keep(buf[j], p) ? 1 : 0;
-    }
-  });
+  fill_each(s_.seed, s_.position, out, n,
+            [=](uint32_t u) { return static_cast<uint8_t>(bernoulli_keep(u, p) ? 1 : 0); });
   s_.position += static_cast<uint64_t>(n);
 }
 
