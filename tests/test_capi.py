@@ -13,39 +13,17 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import qlora_native  # noqa: E402
-from qlora_native import _core  # noqa: E402
 from qlora_native.config import ModelConfig  # noqa: E402
 
 from helpers_model import make_checkpoint, reference_logits, reference_model, save_bnb_checkpoint  # noqa: E402
 from test_model import CONFIGS, EPS32, fp32_tol, rel_err  # noqa: E402
 
-QUANT_NONE, QUANT_NF4 = 0, 1
-OK, ERR_INVALID_ARGUMENT, ERR_FORMAT, ERR_IO = 0, -1, -2, -3
-
-
-class ModelParams(ctypes.Structure):
-    _fields_ = [("quantize", ctypes.c_int32), ("blocksize", ctypes.c_int32), ("double_quant", ctypes.c_int32),
-                ("backend", ctypes.c_char_p), ("n_threads", ctypes.c_int32)]
-
-
-class SamplingParams(ctypes.Structure):
-    _fields_ = [("temperature", ctypes.c_float), ("top_k", ctypes.c_int32), ("top_p", ctypes.c_float),
-                ("repetition_penalty", ctypes.c_float), ("seed", ctypes.c_uint64),
-                ("stop_ids", ctypes.POINTER(ctypes.c_int32)), ("n_stop_ids", ctypes.c_int64)]
-
-
-CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int32, ctypes.c_void_p)
+from helpers_capi import CALLBACK, ERR_INVALID_ARGUMENT, OK, QUANT_NF4, QUANT_NONE, SamplingParams, load_lib  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def lib():
-    lib = ctypes.CDLL(_core.__file__)
-    lib.qlora_last_error.restype = ctypes.c_char_p
-    lib.qlora_model_default_params.restype = ModelParams
-    lib.qlora_sampling_default_params.restype = SamplingParams
-    lib.qlora_model_load.restype = ctypes.c_void_p
-    lib.qlora_model_load.argtypes = [ctypes.c_char_p, ctypes.POINTER(ModelParams)]
-    lib.qlora_model_free.argtypes = [ctypes.c_void_p]
+    lib = load_lib()
     lib.qlora_model_n_vocab.argtypes = [ctypes.c_void_p]
     lib.qlora_model_forward.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int64,
                                         ctypes.POINTER(ctypes.c_float)]

@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 
 import qlora_native
-from qlora_native import LoraConfig, _core, adapter_io
+from qlora_native import LoraConfig, adapter_io
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from helpers_tiny import build_tiny  # noqa: E402
+from helpers_capi import (CALLBACK, ERR_INVALID_ARGUMENT, ERR_IO, OK, ContextParams, SamplingParams,  # noqa: E402
+                          load_lib)
 
-OK, ERR_INVALID_ARGUMENT, ERR_IO = 0, -1, -3
 QUANT = {None: 0, "nf4": 1}
 PROMPT = [3, 17, 42, 5, 23, 9]
 ADAPTERS = {  # name -> config (random non-zero factors are set below)
@@ -36,35 +37,12 @@ ADAPTERS = {  # name -> config (random non-zero factors are set below)
 }
 
 
-class ModelParams(ctypes.Structure):
-    _fields_ = [("quantize", ctypes.c_int32), ("blocksize", ctypes.c_int32), ("double_quant", ctypes.c_int32),
-                ("backend", ctypes.c_char_p), ("n_threads", ctypes.c_int32)]
-
-
-class SamplingParams(ctypes.Structure):
-    _fields_ = [("temperature", ctypes.c_float), ("top_k", ctypes.c_int32), ("top_p", ctypes.c_float),
-                ("repetition_penalty", ctypes.c_float), ("seed", ctypes.c_uint64),
-                ("stop_ids", ctypes.POINTER(ctypes.c_int32)), ("n_stop_ids", ctypes.c_int64)]
-
-
-class ContextParams(ctypes.Structure):
-    _fields_ = [("n_ctx", ctypes.c_int64)]
-
-
-CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int32, ctypes.c_void_p)
 P, I32P, F32P = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_float)
 
 
 @pytest.fixture(scope="module")
 def lib():
-    lib = ctypes.CDLL(_core.__file__)
-    lib.qlora_last_error.restype = ctypes.c_char_p
-    lib.qlora_model_default_params.restype = ModelParams
-    lib.qlora_sampling_default_params.restype = SamplingParams
-    lib.qlora_context_default_params.restype = ContextParams
-    lib.qlora_model_load.restype = P
-    lib.qlora_model_load.argtypes = [ctypes.c_char_p, ctypes.POINTER(ModelParams)]
-    lib.qlora_model_free.argtypes = [P]
+    lib = load_lib()
     lib.qlora_model_n_vocab.argtypes = [P]
     lib.qlora_adapter_load.restype = P
     lib.qlora_adapter_load.argtypes = [P, ctypes.c_char_p]

@@ -21,28 +21,19 @@ from qlora_native.adapter_io import load_adapter  # noqa: E402
 
 from helpers_model import make_checkpoint  # noqa: E402
 
-OK, ERR_IO = 0, -3
+from helpers_capi import ERR_IO, LORA_DOWN, LORA_Q, LORA_V, OK, LoraParams, load_lib  # noqa: E402
 CFG, W = "adapter_config.json", "adapter_model.safetensors"
 OLD_R, NEW_R, OLD_SEED, NEW_SEED = 4, 8, 11, 22
-Q, V_, DOWN = 1 << 0, 1 << 2, 1 << 6
+Q, V_, DOWN = LORA_Q, LORA_V, LORA_DOWN
 
 # The child process: loads the model through the C API, adds the "new" adapter and saves it into
-# argv[3] with QLORA_TEST_FAULT set by the parent (the process kills itself at that step).
+# `out` (argv[4]) with QLORA_TEST_FAULT set by the parent (the process kills itself at that step).
 CHILD = r"""
 import ctypes, sys
-so, ckpt, out, r, seed, mask = sys.argv[1:]
-class ModelParams(ctypes.Structure):
-    _fields_ = [("quantize", ctypes.c_int32), ("blocksize", ctypes.c_int32), ("double_quant", ctypes.c_int32),
-                ("backend", ctypes.c_char_p), ("n_threads", ctypes.c_int32)]
-class LoraParams(ctypes.Structure):
-    _fields_ = [("r", ctypes.c_int32), ("alpha", ctypes.c_float), ("dropout", ctypes.c_float),
-                ("use_rslora", ctypes.c_int32), ("target_mask", ctypes.c_uint32), ("seed", ctypes.c_uint64)]
-lib = ctypes.CDLL(so)
-lib.qlora_last_error.restype = ctypes.c_char_p
-lib.qlora_model_default_params.restype = ModelParams
-lib.qlora_model_load.restype = ctypes.c_void_p
-lib.qlora_model_load.argtypes = [ctypes.c_char_p, ctypes.POINTER(ModelParams)]
-lib.qlora_lora_default_params.restype = LoraParams
+tests, so, ckpt, out, r, seed, mask = sys.argv[1:]
+sys.path.insert(0, tests)
+from helpers_capi import LoraParams, load_lib
+lib = load_lib(so)
 lib.qlora_adapter_add.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(LoraParams)]
 lib.qlora_adapter_save.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 p = lib.qlora_model_default_params()
@@ -57,25 +48,9 @@ assert rc == 0, (rc, lib.qlora_last_error())
 """
 
 
-class LoraParams(ctypes.Structure):
-    _fields_ = [("r", ctypes.c_int32), ("alpha", ctypes.c_float), ("dropout", ctypes.c_float),
-                ("use_rslora", ctypes.c_int32), ("target_mask", ctypes.c_uint32), ("seed", ctypes.c_uint64)]
-
-
-class ModelParams(ctypes.Structure):
-    _fields_ = [("quantize", ctypes.c_int32), ("blocksize", ctypes.c_int32), ("double_quant", ctypes.c_int32),
-                ("backend", ctypes.c_char_p), ("n_threads", ctypes.c_int32)]
-
-
 @pytest.fixture(scope="module")
 def lib():
-    lib = ctypes.CDLL(_core.__file__)
-    lib.qlora_last_error.restype = ctypes.c_char_p
-    lib.qlora_model_default_params.restype = ModelParams
-    lib.qlora_model_load.restype = ctypes.c_void_p
-    lib.qlora_model_load.argtypes = [ctypes.c_char_p, ctypes.POINTER(ModelParams)]
-    lib.qlora_model_free.argtypes = [ctypes.c_void_p]
-    lib.qlora_lora_default_params.restype = LoraParams
+    lib = load_lib()
     lib.qlora_adapter_add.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(LoraParams)]
     lib.qlora_adapter_save.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     return lib
@@ -239,8 +214,9 @@ def _killed_save(ckpt, d, fault, no_exchange=False):
     env = dict(os.environ, QLORA_TEST_FAULT=fault)
     if no_exchange:
         env["QLORA_TEST_NO_EXCHANGE"] = "1"
-    p = subprocess.run([sys.executable, "-c", CHILD, _core.__file__, os.fspath(ckpt), os.fspath(d), str(NEW_R),
-                        str(NEW_SEED), str(Q | DOWN)], env=env, capture_output=True, timeout=120)
+    p = subprocess.run([sys.executable, "-c", CHILD, os.path.dirname(os.path.abspath(__file__)), _core.__file__,
+                        os.fspath(ckpt), os.fspath(d), str(NEW_R), str(NEW_SEED), str(Q | DOWN)],
+                       env=env, capture_output=True, timeout=120)
     assert p.returncode == -9, (fault, p.returncode, p.stderr.decode()[-2000:])
 
 

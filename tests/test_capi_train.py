@@ -14,14 +14,10 @@ import qlora_native  # noqa: E402
 from helpers_model import make_checkpoint  # noqa: E402
 from test_capi import ERR_INVALID_ARGUMENT, OK, QUANT_NF4, CModel, lib  # noqa: E402,F401
 from test_model import EPS32, rel_err  # noqa: E402
+from helpers_capi import LORA_DOWN, LORA_Q, LORA_V, LoraParams  # noqa: E402
 
 I32P, F32P = ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_float)
-Q, V_, DOWN = 1 << 0, 1 << 2, 1 << 6
-
-
-class LoraParams(ctypes.Structure):
-    _fields_ = [("r", ctypes.c_int32), ("alpha", ctypes.c_float), ("dropout", ctypes.c_float),
-                ("use_rslora", ctypes.c_int32), ("target_mask", ctypes.c_uint32), ("seed", ctypes.c_uint64)]
+Q, V_, DOWN = LORA_Q, LORA_V, LORA_DOWN
 
 
 def _setup(lib):

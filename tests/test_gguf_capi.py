@@ -11,24 +11,13 @@ import pytest
 from helpers_gguf import VOCAB, write_tiny_gguf
 
 import qlora_native
-from qlora_native import _core
 
-OK, ERR_INVALID_ARGUMENT, ERR_FORMAT, ERR_IO = 0, -1, -2, -3
-
-
-class ModelParams(ctypes.Structure):
-    _fields_ = [("quantize", ctypes.c_int32), ("blocksize", ctypes.c_int32), ("double_quant", ctypes.c_int32),
-                ("backend", ctypes.c_char_p), ("n_threads", ctypes.c_int32)]
+from helpers_capi import ERR_FORMAT, ERR_IO, OK, load_lib  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def lib():
-    lib = ctypes.CDLL(_core.__file__)
-    lib.qlora_last_error.restype = ctypes.c_char_p
-    lib.qlora_model_default_params.restype = ModelParams
-    lib.qlora_model_load.restype = ctypes.c_void_p
-    lib.qlora_model_load.argtypes = [ctypes.c_char_p, ctypes.POINTER(ModelParams)]
-    lib.qlora_model_free.argtypes = [ctypes.c_void_p]
+    lib = load_lib()
     for fn in ("qlora_model_n_vocab", "qlora_model_n_layer", "qlora_model_bos_token"):
         getattr(lib, fn).argtypes = [ctypes.c_void_p]
     lib.qlora_model_eos_tokens.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32]
