@@ -24,6 +24,7 @@ import qlora_native
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from helpers_tiny import add_random_adapter, build_tiny  # noqa: E402
+from helpers_capi import CALLBACK, SamplingParams, load_lib  # noqa: E402
 
 PROMPTS = [[3, 4, 5], [6, 7, 8, 9]]
 
@@ -214,28 +215,14 @@ def test_threads_generate_with_different_adapters(tiny_dir, quantize):
     assert r.returncode == 0 and "OK" in r.stdout, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
 
 
-class _Sampling(ctypes.Structure):  # qlora_sampling_params (cpp/include/qlora/qlora.h)
-    _fields_ = [("temperature", ctypes.c_float), ("top_k", ctypes.c_int32), ("top_p", ctypes.c_float),
-                ("repetition_penalty", ctypes.c_float), ("seed", ctypes.c_uint64),
-                ("stop_ids", ctypes.POINTER(ctypes.c_int32)), ("n_stop_ids", ctypes.c_int64)]
-
-
-_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int32, ctypes.c_void_p)
-
-
 class CModel:
     """The few C API calls this test needs, through ctypes (which releases the GIL around each call)."""
 
     def __init__(self, path):
-        self.lib = lib = ctypes.CDLL(qlora_native._core.__file__)
-        lib.qlora_last_error.restype = ctypes.c_char_p
-        lib.qlora_sampling_default_params.restype = _Sampling
-        lib.qlora_model_load.restype = ctypes.c_void_p
-        lib.qlora_model_load.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
-        lib.qlora_model_free.argtypes = [ctypes.c_void_p]
+        self.lib = lib = load_lib()
         lib.qlora_generate.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int64,
-                                       ctypes.POINTER(_Sampling), ctypes.POINTER(ctypes.c_int32), ctypes.c_int64,
-                                       ctypes.POINTER(ctypes.c_int64), _CALLBACK, ctypes.c_void_p]
+                                       ctypes.POINTER(SamplingParams), ctypes.POINTER(ctypes.c_int32), ctypes.c_int64,
+                                       ctypes.POINTER(ctypes.c_int64), CALLBACK, ctypes.c_void_p]
         self.h = lib.qlora_model_load(os.fspath(path).encode(), None)
         assert self.h, lib.qlora_last_error().decode()
 
@@ -247,7 +234,7 @@ class CModel:
         sp = self.lib.qlora_sampling_default_params()
         out = np.full(max_new, -1, np.int32)
         n = ctypes.c_int64(-1)
-        cb = _CALLBACK((lambda t, u: stream(t) or 0) if stream else (lambda t, u: 0))
+        cb = CALLBACK((lambda t, u: stream(t) or 0) if stream else (lambda t, u: 0))
         rc = self.lib.qlora_generate(self.h, prompt.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), len(prompt),
                                      ctypes.byref(sp), out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), max_new,
                                      ctypes.byref(n), cb, None)
