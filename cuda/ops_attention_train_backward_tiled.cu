@@ -147,10 +147,6 @@ __device__ __forceinline__ void load_keys(const Tiles<C>& s, const BwdArgs& a, i
   for (int j = tid; j < C::KT; j += C::kThreads) s.mask[j] = j < n ? __ldg(a.key_mask + b * a.T + s0 + j) : 0;
 }
 
-// [p] thread = (key j, row group rg), rows rg, rg + kRowGroups, ...: S = q·k and dP = dO·v over the
-// head dims, then P = exp(scale S - lse) where the key is visible to the row (s <= t, key mask set,
-// the row sees a key at all), else 0; dS = scale P (dP - delta). Reads Q, dO, K, V, lse, delta,
-// mask; writes P, dS.
 // ---- bf16 mma.sync m16n8k16 fragments (layout: mma_tile.cuh) built from fp32 shared tiles, each
 // element rounded to bf16 as it is packed. A(m, k) = a[m * am + k * ak], B(k, n) = b[k * bk + n * bn]
 // (strides in floats), so a transposed operand is just other strides.
@@ -192,6 +188,10 @@ __device__ __forceinline__ void tc_dp(const Tiles<C>& s, int hd) {
   }
 }
 
+// [p] thread = (key j, row group rg), rows rg, rg + kRowGroups, ...: S = q·k and dP = dO·v over the
+// head dims, then P = exp(scale S - lse) where the key is visible to the row (s <= t, key mask set,
+// the row sees a key at all), else 0; dS = scale P (dP - delta). Reads Q, dO, K, V, lse, delta,
+// mask; writes P, dS.
 // kTc: dP from the tensor cores (tc_dp, bf16 operands) instead of the SIMT dot (fp32).
 template <class C, bool kTc>
 __device__ __forceinline__ void tile_p_ds(const Tiles<C>& s, const BwdArgs& a, int64_t s0) {
