@@ -13,6 +13,8 @@
 //    shared memory; [acc] dV += Pᵀ·dO, dK += dSᵀ·Q. A tile whose keys are all masked skips the loop.
 //  - dq: one block per (R-row tile, KV head, batch row), the same with roles swapped: loop over the
 //    KT-key tiles up to the last row's query (causal), [acc] dQ += dS·K (warp = rows, lane = dims).
+// Causal work is triangular: blocks are numbered so the longest run first (dkdv: the first keys;
+// dq: the last rows), which shortens the tail of a launch.
 // P is recomputed in both (a separate dQ pass instead of fp32 atomics: deterministic, at the cost
 // of recomputing S and dP once more). No [T, T] matrix anywhere: only R x KT tiles on chip.
 // Shared tiles use an odd row stride (HDM + 1) so the [p] stage's lanes, on consecutive keys, read
@@ -290,7 +292,7 @@ __global__ void __launch_bounds__(C::kThreads) dq_tiled_kernel(BwdArgs a) {
   const Tiles<C> s(smem);
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
   const int64_t kvh = blockIdx.y, b = blockIdx.z;
-  const int fr0 = static_cast<int>(blockIdx.x) * C::R;
+  const int fr0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * C::R;  // the longest (last) rows first
   load_rows<C>(s, a, b, kvh, fr0);
   float aq[RPW][DPL];
 #pragma unroll
@@ -404,7 +406,7 @@ __global__ void __launch_bounds__(C::kThreads) dq_tc_kernel(BwdArgs a) {
   const Tiles<C> s(smem);
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
   const int64_t kvh = blockIdx.y, b = blockIdx.z;
-  const int fr0 = static_cast<int>(blockIdx.x) * C::R;
+  const int fr0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * C::R;  // the longest (last) rows first
   load_rows<C>(s, a, b, kvh, fr0);
   float cq[TPW][4];
 #pragma unroll
