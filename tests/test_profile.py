@@ -69,19 +69,51 @@ def test_training_step_parts(model, profiling):
         assert parts[p]["seconds"] >= 0
     # The LoRA and lm_head GEMMs are booked to their context, not to "other fp32 GEMMs".
     assert "gemm_other" not in parts
-    # FLOPs of the NF4 GEMMs: 7 projections per layer, forward + checkpoint recompute; input gradients once.
+    # FLOPs of the NF4 GEMMs: 7 projections per layer forward; the checkpoint recompute skips the down
+    # projection (its output is the next layer's input, already held); input gradients once.
     L, D, I = CFG["num_hidden_layers"], CFG["hidden_size"], CFG["intermediate_size"]
     hd = D // CFG["num_attention_heads"]
     q, kv = D, CFG["num_key_value_heads"] * hd
     n_mm = L * (D * q + 2 * D * kv + q * D + 3 * D * I)
     M = IDS.size
-    assert parts["nf4_gemm_fwd"]["flops"] == pytest.approx(2 * 2 * M * n_mm)
+    assert parts["nf4_gemm_fwd"]["flops"] == pytest.approx(2 * M * n_mm + 2 * M * (n_mm - L * I * D))
     assert parts["nf4_gemm_bwd"]["flops"] == pytest.approx(2 * M * n_mm)
     assert parts["lm_head_gemm"]["flops"] == pytest.approx(2 * 2 * M * D * CFG["vocab_size"])
     # Profiling changes no result.
     loss_off = float(model.forward_backward(IDS, IDS, np.ones_like(IDS)))
     assert loss_on == loss_off
     model.zero_grad()
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_recompute_skips_down_projection_bit_identical(tmp_path, profiling, offload):
+    """The checkpointed backward recomputes each layer up to the SwiGLU only (the down projection
+    and its LoRA would rewrite the next layer's input): loss and gradients equal those of the pass
+    that keeps every activation, bit for bit, with and without offloaded checkpoints. With LoRA
+    dropout (a fresh model each, so both passes draw the same masks)."""
+    d = build_tiny(str(tmp_path))
+    ids = np.array([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]] * 2, dtype=np.int32)
+    out = {}
+    for ckpt in (False, True):
+        m = qlora_native.Model.from_pretrained(d, quantize="nf4", tokenizer=None)
+        m.add_adapter("a", qlora_native.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"),
+                      seed=0)
+        m.set_active_adapter("a")
+        m.train()
+        m.gradient_checkpointing = ckpt
+        m.offload_checkpoints = offload and ckpt
+        m.zero_grad()
+        _core.profile_reset()
+        _core.profile_enable(True)
+        loss = float(m.forward_backward(ids, ids, np.ones_like(ids)))
+        _core.profile_enable(False)
+        calls = sum(r["calls"] for r in _core.profile_report() if r["part"] == "nf4_gemm_fwd")
+        out[ckpt] = (loss, {k: np.array(v) for k, v in m.get_adapter_gradients("a").items()}, calls)
+    L = CFG["num_hidden_layers"]
+    assert out[False][2] == 7 * L and out[True][2] == 7 * L + 6 * L
+    assert out[True][0] == out[False][0]
+    for k, g in out[False][1].items():
+        np.testing.assert_array_equal(out[True][1][k], g, err_msg=k)
 
 
 def test_reset_clears(model, profiling):

@@ -347,8 +347,10 @@ struct Pass {
 
   float scale() const { return 1.0f / std::sqrt(static_cast<float>(d.hd)); }
 
-  // x_out[M, D] = layer l applied to x_in[M, D]; intermediates into A.
-  void layer_forward(int64_t l, const float* x_in, LayerActs& A, float* x_out) {
+  // x_out[M, D] = layer l applied to x_in[M, D]; intermediates into A. recompute (the checkpointed
+  // backward): the backward reads only A, so stop after the SwiGLU; the down projection (a quarter
+  // of the base FLOPs) would only rewrite x_out, the next layer's input, which is already held.
+  void layer_forward(int64_t l, const float* x_in, LayerActs& A, float* x_out, bool recompute = false) {
     const LayerWeights& L = w.layers[l];
     const float eps = w.cfg.rms_norm_eps;
     const int64_t M = d.M, D = d.D, I = d.I, QD = d.QD, KD = d.KD;
@@ -375,6 +377,7 @@ struct Pass {
       lins_fwd(l, 2, kGateUp, A.h2.f(), D, y, ldy, A.a.f(), M * I);
     }
     be.swiglu(M, I, A.g.f(), I, A.u.f(), I, A.a.f(), I);
+    if (recompute) return;
     lin_fwd(l, 6, A.a.f(), I, x_out, D);
     be.add_inplace(M * D, A.x_mid.f(), x_out);
   }
@@ -535,7 +538,7 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
       float* x_in = X(l);
       float* x_out = offload ? xs[1].f() : X(l + 1);  // offload: X(nL) is no longer needed
       if (offload) be_.reload(x_in = xs[0].f(), host.at(l, xbytes), xbytes);
-      if (!keep_all) P.layer_forward(l, x_in, A, x_out);  // recompute (bit-identical: same inputs, same ops)
+      if (!keep_all) P.layer_forward(l, x_in, A, x_out, true);  // recompute (bit-identical: same inputs, same ops)
       P.layer_backward(l, x_in, A, dres, da.f(), dh.f(), datt.f(), dq.f(), dk.f(), dv.f());
       if (keep_all) acts[l].reset();
     }
