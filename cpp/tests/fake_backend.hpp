@@ -1,5 +1,6 @@
 // A test backend with the core ops and a chosen list of optional ones; it runs nothing: alloc
-// throws, so a test can check that a refusal comes before any allocation (allocs counts tries).
+// throws, so a test can check that a refusal comes before any allocation (allocs counts tries);
+// refusal_of(fn): the ValueError message fn throws.
 // Not a ctest program itself: CMake makes programs of cpp/tests/*.cpp only.
 #pragma once
 #include <algorithm>
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include "backend.hpp"
+#include "common/error.hpp"
 
 namespace qlora::test {
 
@@ -42,5 +44,18 @@ class FakeBackend final : public Backend {
  private:
   std::vector<std::string> extra_;
 };
+
+// The message of the ValueError fn() throws: "" when it returns, "wrong exception: ..." for another.
+template <class Fn>
+std::string refusal_of(const Fn& fn) {
+  try {
+    fn();
+  } catch (const ValueError& e) {
+    return e.what();
+  } catch (const std::exception& e) {
+    return std::string("wrong exception: ") + e.what();
+  }
+  return "";
+}
 
 }  // namespace qlora::test

@@ -18,14 +18,7 @@ using qlora::test::FakeBackend;
 namespace {
 
 std::string refusal(const Backend& be, const model::LlamaConfig& c, bool backward, bool dropout) {
-  try {
-    model::require_training_ops(be, c, backward, dropout);
-  } catch (const ValueError& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("wrong exception: ") + e.what();
-  }
-  return "";
+  return test::refusal_of([&] { model::require_training_ops(be, c, backward, dropout); });
 }
 
 }  // namespace
