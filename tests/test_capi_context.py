@@ -260,21 +260,22 @@ def test_bad_adapters_refused_by_both_loaders(lib, files, tmp_path):
         assert "layer 0 q_proj" in e.value.msg and "[4, 48]" in e.value.msg and "[out 32, in 32]" in e.value.msg
         with pytest.raises(ValueError):
             py.load_adapter(tmp_path / "other_adapter", "x")
-        # NaN in a tensor
-        cfg, ts = adapter_io.load_adapter(dirs["r2"])
-        k = sorted(ts)[1]
-        ts[k] = ts[k].copy()
-        ts[k][0, 0] = np.nan
-        nan_dir = tmp_path / "nan"
-        nan_dir.mkdir()
-        qlora_native.io.save_safetensors(str(nan_dir / adapter_io.WEIGHTS_NAME), ts)
-        with open(os.path.join(dirs["r2"], adapter_io.CONFIG_NAME)) as f:
-            (nan_dir / adapter_io.CONFIG_NAME).write_text(f.read())
-        with pytest.raises(CError) as e:
-            cm.adapter(nan_dir)
-        assert e.value.code == ERR_INVALID_ARGUMENT and k in e.value.msg and "NaN or Inf" in e.value.msg
-        with pytest.raises(ValueError, match="NaN or Inf"):
-            py.load_adapter(nan_dir, "nan")
+        # NaN in a tensor; a finite value too large for float32 (lora_check.hpp: NaN logits before)
+        for bad, match in ((np.nan, "NaN or Inf"), (1e30, "too large for float32")):
+            cfg, ts = adapter_io.load_adapter(dirs["r2"])
+            k = sorted(ts)[1]
+            ts[k] = ts[k].copy()
+            ts[k][0, 0] = bad
+            nan_dir = tmp_path / f"bad_{match[:3]}"
+            nan_dir.mkdir()
+            qlora_native.io.save_safetensors(str(nan_dir / adapter_io.WEIGHTS_NAME), ts)
+            with open(os.path.join(dirs["r2"], adapter_io.CONFIG_NAME)) as f:
+                (nan_dir / adapter_io.CONFIG_NAME).write_text(f.read())
+            with pytest.raises(CError) as e:
+                cm.adapter(nan_dir)
+            assert e.value.code == ERR_INVALID_ARGUMENT and k in e.value.msg and match in e.value.msg
+            with pytest.raises(ValueError, match=match):
+                py.load_adapter(nan_dir, "nan")
         with pytest.raises(CError) as e:
             cm.adapter(tmp_path / "missing")
         assert e.value.code == ERR_IO
