@@ -334,3 +334,70 @@ def test_bytes_match_footprint_and_peak(tiny, tiny_tied, fmt, tied):
     full = mm.train_step_bytes(mm.LLAMA3_8B, 1, 2048, head_format=fmt)
     f32 = mm.train_step_bytes(mm.LLAMA3_8B, 1, 2048)
     assert f32["embedding"] + f32["lm_head"] - full["embedding"] - full["lm_head"] == 2 * (2 * 128256 * 4096)  # 2 tables
+
+
+# ------------------------------------------------------------------ head_format at load
+@pytest.mark.parametrize("fmt", ["f16", "bf16", "q8_0"])
+def test_head_format_at_load_never_holds_fp32_tables(tmp_path, fmt):
+    """from_pretrained(head_format=...) applies it before the tables load: the same tables as setting it
+    afterwards, and a lower device peak while loading (cpu:devsim's pool): f16 / bf16 by at least the two
+    fp32 tables, which never reach the device."""
+    V, D = 2000, 64
+    path = build_tiny(str(tmp_path / "m"), **(SHAPE | {"vocab_size": V, "hidden_size": D}))
+    peaks = {}
+    for when in ("after", "at_load"):
+        _core.release_cached_memory("cpu:devsim")
+        _core.reset_peak_memory("cpu:devsim")
+        base = _core.device_stats("cpu:devsim")["live_bytes"]
+        if when == "at_load":
+            m = qlora_native.Model.from_pretrained(path, backend="cpu:devsim", tokenizer=None, head_format=fmt)
+        else:
+            m = qlora_native.Model.from_pretrained(path, backend="cpu:devsim", tokenizer=None)
+            m.head_format = fmt
+        peaks[when] = _core.device_stats("cpu:devsim")["peak_live_bytes"] - base
+        assert m.head_format == fmt
+        fp = m.memory_footprint()["other_weights"]
+        tables = [np.asarray(m._core.get_tensor(n)).copy() for n in TABLES]
+        if when == "after":
+            want_fp, want_tables = fp, tables
+        del m
+    assert fp == want_fp
+    for a, b in zip(tables, want_tables):
+        np.testing.assert_array_equal(a, b)
+    if fmt == "q8_0":  # LlamaWeights::load quantizes a whole fp32 tensor on the device, one at a time
+        assert peaks["at_load"] < peaks["after"], peaks
+    else:  # rounded on the host: the two fp32 tables never reach the device
+        assert peaks["at_load"] + 2 * 4 * V * D <= peaks["after"], peaks
+    with pytest.raises(ValueError, match="head_format must be one of"):
+        qlora_native.Model.from_pretrained(path, backend="cpu", tokenizer=None, head_format="fp16")
+
+
+@pytest.mark.parametrize("stored", ["f16", "bf16"])
+@pytest.mark.parametrize("fmt", ["f16", "bf16"])
+def test_gguf_16bit_tables(tmp_path, tiny, stored, fmt):
+    """A GGUF whose token_embd / output are F16 or BF16: with head_format of the same dtype the rows are
+    loaded as stored (bit for bit the file's), otherwise rounded from their exact fp32 values; logits
+    equal the fp32 head's on the same values within fp32 accumulation."""
+    gguf = pytest.importorskip("gguf")
+    import warnings
+
+    src = qlora_native.Model.from_pretrained(tiny, backend="cpu", tokenizer=None, quantize=None)
+    out = str(tmp_path / f"m-{stored}.gguf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no tokenizer in the GGUF
+        src.export_gguf(out, stored)
+    raw = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    m = qlora_native.Model.from_pretrained(out, backend="cpu", tokenizer=None, quantize=None, head_format=fmt)
+    ref = qlora_native.Model.from_pretrained(out, backend="cpu", tokenizer=None, quantize=None)
+    assert m.head_format == fmt
+    for gname, name in (("token_embd.weight", TABLES[0]), ("output.weight", TABLES[1])):
+        t = raw[gname]
+        assert t.tensor_type.name == stored.upper()
+        bits = np.asarray(t.data).view(np.uint16).reshape(-1)
+        got = np.asarray(m._core.get_tensor(name)).reshape(-1)
+        want = widen(bits, stored) if fmt == stored else rounded(widen(bits, stored), fmt)
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=name)
+    ids = np.array([[3, 9, 27, 5]], np.int32)
+    if fmt == stored:  # the same values as the fp32 model's: only the accumulation order differs
+        lr = ref(ids)
+        np.testing.assert_allclose(m(ids), lr, rtol=0, atol=64 * EPS32 * float(np.abs(lr).max()))

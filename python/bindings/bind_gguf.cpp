@@ -68,6 +68,15 @@ const gguf::Value& key_at(const File& f, const std::string& key) {
   if (!v) throw py::key_error(key);
   return *v;
 }
+
+// head_format of a loader call (Model.from_pretrained(head_format=...)): applied before any tensor loads.
+model::HeadFormat head_format_arg(const std::string& s) {
+  if (s == "float32") return model::HeadFormat::F32;
+  if (s == "bf16") return model::HeadFormat::BF16;
+  if (s == "f16") return model::HeadFormat::F16;
+  if (s == "q8_0") return model::HeadFormat::Q8_0;
+  throw ValueError("head_format must be one of 'float32', 'bf16', 'f16', 'q8_0', got '" + s + "'");
+}
 }  // namespace
 
 void bind_gguf(py::module_& m) {
@@ -104,9 +113,10 @@ void bind_gguf(py::module_& m) {
       "field, as the C API loader); returns the normalized fields and the core LlamaConfig.");
   cm.def(
       "load_hf_model",
-      [](const std::string& dir, const std::string& backend, bool nf4, int blocksize, bool double_quant) {
+      [](const std::string& dir, const std::string& backend, bool nf4, int blocksize, bool double_quant,
+         const std::string& head_format) {
         Backend& be = get_backend(backend);
-        model::QuantSpec q{nf4, blocksize, double_quant};
+        model::QuantSpec q{nf4, blocksize, double_quant, head_format_arg(head_format)};
         std::unique_ptr<model::LlamaModel> core;
         {
           py::gil_scoped_release nogil;
@@ -115,7 +125,7 @@ void bind_gguf(py::module_& m) {
         return core;
       },
       py::arg("dir"), py::arg("backend") = "cpu", py::arg("nf4") = true, py::arg("blocksize") = 64,
-      py::arg("double_quant") = true,
+      py::arg("double_quant") = true, py::arg("head_format") = "float32",
       "LlamaModel loaded from an HF checkpoint directory (config.json + safetensors, single or sharded, "
       "full precision or pre-quantized bitsandbytes NF4) tensor by tensor, as the C API loads it.");
 
@@ -243,9 +253,10 @@ void bind_gguf(py::module_& m) {
   g.def("global_names", &gguf::global_names);
   g.def(
       "load_model",
-      [](std::shared_ptr<File> f, const std::string& backend, bool nf4, int blocksize, bool double_quant) {
+      [](std::shared_ptr<File> f, const std::string& backend, bool nf4, int blocksize, bool double_quant,
+         const std::string& head_format) {
         Backend& be = get_backend(backend);
-        model::QuantSpec q{nf4, blocksize, double_quant};
+        model::QuantSpec q{nf4, blocksize, double_quant, head_format_arg(head_format)};
         json::Value hf;
         std::unique_ptr<model::LlamaModel> core;
         {
@@ -255,7 +266,7 @@ void bind_gguf(py::module_& m) {
         return py::make_tuple(py::cast(std::move(core)), json_to_python(hf));
       },
       py::arg("file"), py::arg("backend") = "cpu", py::arg("nf4") = true, py::arg("blocksize") = 64,
-      py::arg("double_quant") = true,
+      py::arg("double_quant") = true, py::arg("head_format") = "float32",
       "(LlamaModel, HF-style config dict) loaded tensor by tensor from an open GGUFFile.");
 }
 

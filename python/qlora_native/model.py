@@ -114,6 +114,7 @@ class Model(LoraModelMixin):
         backend: str = "cpu",
         tokenizer="auto",
         compute_dtype: str | None = None,
+        head_format: str = "float32",
     ) -> "Model":
         """Loads an HF checkpoint directory (config.json + safetensors) or a .gguf file.
 
@@ -121,7 +122,10 @@ class Model(LoraModelMixin):
         tokenizer: "auto" attaches qlora_native.Tokenizer when the checkpoint has one
         (tokenizer.json / tokenizer.model / GGUF vocabulary), else None; or pass one (or None).
         compute_dtype: "float32" or "bfloat16" for every pass (see Model.compute_dtype); None (default): the
-        backend's default, "bfloat16" on a CUDA GPU with bf16 tensor cores (sm_80+), else "float32"."""
+        backend's default, "bfloat16" on a CUDA GPU with bf16 tensor cores (sm_80+), else "float32".
+        head_format: how the embedding / lm_head are kept (see Model.head_format), applied before they
+        load: they never exist in fp32 on the device, and a GGUF's or checkpoint's tables already in that
+        16-bit dtype are kept as stored (no widening)."""
         if compute_dtype is not None:
             _check_compute_dtype(compute_dtype)
         path = os.fspath(path)
@@ -131,6 +135,7 @@ class Model(LoraModelMixin):
             atomic_io.recover(path)  # a save_pretrained that was killed: finish or roll it back
         if quantize not in ("nf4", None):
             raise ValueError(f"quantize must be 'nf4' or None, got {quantize!r}")
+        _check_head_format(head_format)
         gguf_file = None
         if path.endswith(".gguf") and not os.path.isdir(path):
             # The C++ reader: every count and offset bounded before the tokenizer or `gguf` reads it.
@@ -144,7 +149,7 @@ class Model(LoraModelMixin):
             # Config, weights and every check in C++ (cpp/src/gguf/gguf_model.cpp), as the C API loads it.
             try:
                 core, hf_config = _core.gguf.load_model(gguf_file, backend, quantize == "nf4", blocksize,
-                                                        double_quant)
+                                                        double_quant, head_format)
                 config = ModelConfig.from_dict(hf_config)
             except ValueError as e:  # FormatError included; the C++ loader names the file
                 if path in str(e):
@@ -164,7 +169,8 @@ class Model(LoraModelMixin):
             try:
                 # Shards, quant states and weights tensor by tensor in C++ (cpp/src/model/hf_loader.cpp),
                 # as the C API loads them.
-                core = _core.config.load_hf_model(path, backend, quantize == "nf4", blocksize, double_quant)
+                core = _core.config.load_hf_model(path, backend, quantize == "nf4", blocksize, double_quant,
+                                                  head_format)
             except ValueError as e:  # name the checkpoint in every loading error (FormatError included)
                 if path in str(e):
                     raise
@@ -503,8 +509,7 @@ class Model(LoraModelMixin):
 
     @head_format.setter
     def head_format(self, value: str) -> None:
-        if not isinstance(value, str) or value not in HEAD_FORMATS:
-            raise ValueError(f"head_format must be one of {', '.join(map(repr, HEAD_FORMATS))}, got {value!r}")
+        _check_head_format(value)
         current = self.head_format
         if value == current:
             return
@@ -541,6 +546,11 @@ def _int_arg(name: str, v, lo: int | None = None, hi: int | None = None) -> int:
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {_short(v)}")
     v = int(v)
+def _check_head_format(value) -> None:
+    if not isinstance(value, str) or value not in HEAD_FORMATS:
+        raise ValueError(f"head_format must be one of {', '.join(map(repr, HEAD_FORMATS))}, got {value!r}")
+
+
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise ValueError(f"{name} must be {'in ' if hi is not None else ''}{rng}, got {_short(v)}")

@@ -302,7 +302,14 @@ void load_weights(const File& f, model::LlamaModel& m) {
     const TensorInfo& t = *tp;
     const std::vector<int64_t> shape = t.shape();
     const bool slab = (n == "model.embed_tokens.weight" || n == "lm_head.weight") && shape.size() == 2;
-    if (slab && n == "model.embed_tokens.weight" && t.type == uint32_t(GType::Q8_0) && shape[1] % 32 == 0) {
+    if (slab && w.head_half() &&
+        t.type == uint32_t(w.half_type() == Backend::HalfType::BF16 ? GType::BF16 : GType::F16)) {
+      // head_format f16 / bf16 chosen at load: the 16-bit rows as stored, never widened.
+      w.load(n, t.data, w.half_type() == Backend::HalfType::BF16 ? DType::BF16 : DType::F16, shape);
+      continue;
+    }
+    if (slab && n == "model.embed_tokens.weight" && t.type == uint32_t(GType::Q8_0) && shape[1] % 32 == 0 &&
+        !w.head_half()) {
       // Kept as stored: 8-bit rows whose values equal their fp32 dequantization.
       w.load_embed_q8_0(t.data, static_cast<size_t>(t.nbytes));
       continue;

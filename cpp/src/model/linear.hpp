@@ -11,10 +11,15 @@
 
 namespace qlora::model {
 
+// head_format at construction (LlamaWeights applies it before any tensor loads, so the embedding /
+// lm_head never exist in fp32 on the device; a loader may hand over matching 16-bit bytes as stored).
+enum class HeadFormat { F32, Q8_0, F16, BF16 };
+
 struct QuantSpec {
   bool nf4 = false;  // false: keep fp32
   int blocksize = 64;
   bool double_quant = true;
+  HeadFormat head = HeadFormat::F32;
 };
 
 struct LoraModule;

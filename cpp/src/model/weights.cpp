@@ -48,6 +48,10 @@ LlamaWeights::LlamaWeights(Backend& backend, const LlamaConfig& c, const QuantSp
   }
   add("model.norm.weight", Kind::Norm, -1, nullptr, {D});
   if (!c.tie_word_embeddings) add("lm_head.weight", Kind::LmHead, -1, nullptr, {V, D});
+  // Nothing is loaded yet: these only check (the ops, Q8_0's D % 32) and set how tables load.
+  if (q.head == HeadFormat::Q8_0) set_head_q8_0();
+  if (q.head == HeadFormat::F16 || q.head == HeadFormat::BF16)
+    set_head_half(q.head == HeadFormat::BF16 ? Backend::HalfType::BF16 : Backend::HalfType::F16);
 }
 
 bool LlamaWeights::ignorable(const std::string& name) const {
