@@ -17,6 +17,7 @@
 
 #include "common/error.hpp"
 #include "parallel/nccl.hpp"
+#include "model/lora_infer.hpp"
 #include "model/lora_setup.hpp"
 #include "train/grad_utils.hpp"
 
@@ -181,8 +182,10 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
              try {
                model::set_lora_factors(self.backend(), *m, A.data(), B.data());
              } catch (const ValueError& e) {  // name the module (lora_check.hpp's refusals)
+               model::lora_factors_changed(*ref);
                throw ValueError("layer " + std::to_string(layer) + " " + proj + ": " + e.what());
              }
+             model::lora_factors_changed(*ref);  // later passes rebuild the bf16 inference copy
            })
       .def("lora_scaling",
            [](LlamaModel& self, const std::string& name, int64_t layer, const std::string& proj) {
@@ -322,6 +325,7 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
              model::ensure_lora_grads(self.backend(), *a);
              py::gil_scoped_release nogil;
              a->opt->step(a->grad_arena.f32(), lr);
+             model::lora_factors_changed(*a);  // later passes rebuild the bf16 inference copy
            })
       .def("lora_grad_norm",
            [](LlamaModel& self, const std::string& name) {

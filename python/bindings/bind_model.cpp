@@ -325,6 +325,23 @@ void bind_model(py::module_& m) {
       // false when the backend has no bf16 units and fp32 runs instead).
       .def_property("compute_bf16", &LlamaModel::compute_bf16_requested, &LlamaModel::set_compute_bf16)
       .def_property_readonly("bf16_compute_active", &LlamaModel::compute_bf16)
+      // adapter_dtype of inference passes: "auto", "float32", "bfloat16" (LlamaModel::AdapterDtype);
+      // adapter_bf16_active: whether a pass starting now would use the bf16 copies.
+      .def_property(
+          "adapter_dtype",
+          [](const LlamaModel& self) {
+            const LlamaModel::AdapterDtype d = self.adapter_dtype();
+            return std::string(d == LlamaModel::AdapterDtype::F32 ? "float32"
+                               : d == LlamaModel::AdapterDtype::BF16 ? "bfloat16" : "auto");
+          },
+          [](LlamaModel& self, const std::string& v) {
+            if (v == "auto") self.set_adapter_dtype(LlamaModel::AdapterDtype::Auto);
+            else if (v == "float32") self.set_adapter_dtype(LlamaModel::AdapterDtype::F32);
+            else if (v == "bfloat16") self.set_adapter_dtype(LlamaModel::AdapterDtype::BF16);
+            else throw ValueError("adapter_dtype must be 'auto', 'float32' or 'bfloat16', got '" + v + "'");
+          })
+      .def_property_readonly("adapter_bf16_active",
+                             [](const LlamaModel& self) { return self.adapter_bf16(self.compute_bf16()); })
       .def(
           "linear_nf4",
           [](LlamaModel& self, const std::string& prefix) -> py::object {

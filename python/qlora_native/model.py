@@ -431,7 +431,8 @@ class Model(LoraModelMixin):
 
     def memory_footprint(self) -> dict[str, int]:
         """Bytes held by category: nf4_weights, quant_constants, other_weights, kv_cache, lora_adapters
-        (A, B; their gradients once the adapter has trained; AdamW moments), total."""
+        (A, B; their gradients once the adapter has trained; AdamW moments), lora_adapters_bf16 (the
+        bf16 inference copies held, see adapter_dtype), total."""
         d = {k: int(v) for k, v in self._core.memory_footprint().items()}
         d["total"] = sum(d.values())
         return d
@@ -488,6 +489,28 @@ class Model(LoraModelMixin):
             warnings.warn(f"compute_dtype='bfloat16': backend {self.backend!r} has no bf16 compute here (on CPUs it "
                           "needs AVX512-BF16); computing in float32", RuntimeWarning, stacklevel=stacklevel)
 
+
+    @property
+    def adapter_dtype(self) -> str:
+        """dtype the LoRA factors are read in by inference passes (model(...), generate; never training):
+        "auto" (the default): bfloat16 when the pass computes in bfloat16 (compute_dtype), else float32,
+        so the float32 parity mode is unchanged; "float32": always the fp32 factors; "bfloat16": always
+        bf16 (also under compute_dtype="float32": fp32 base, bf16 adapters).
+        bf16 = a bf16 copy of every A and B made when the adapter is added (or at its first bf16 pass)
+        and rebuilt after it is trained or set (the fp32 factors stay the masters: training, merging,
+        saving). The LoRA terms then round x and A, then x·Aᵀ and B, to bf16 and accumulate in fp32
+        (vdpbf16ps, twice the products per instruction of fp32 FMAs) from copies of half the fp32 bytes
+        (ranks padded to multiples of 16), held beside the fp32 factors
+        (memory_footprint()["lora_adapters_bf16"]). Needs AVX512-BF16 (Zen 4+, Intel Cooper Lake /
+        Sapphire Rapids+); elsewhere, and on CUDA for now, the fp32 factors are used. A generation
+        already started keeps the dtype it started with."""
+        return self._core.adapter_dtype
+
+    @adapter_dtype.setter
+    def adapter_dtype(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise ValueError(f"adapter_dtype must be 'auto', 'float32' or 'bfloat16', got {value!r}")
+        self._core.adapter_dtype = value
 
     @property
     def head_format(self) -> str:

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "common/error.hpp"
+#include "model/lora_infer.hpp"
 
 namespace qlora::model {
 
@@ -64,11 +65,15 @@ void LlamaModel::forward(const AdapterSet& uses, const int32_t* ids, const int32
   check_set(uses, B);
   std::shared_lock<std::shared_mutex> wl(weights_mu_);  // no merge while the pass reads the weights
   KvCache tmp(be_, w_->cfg, B, T, compute_bf16());  // the pass computes in its cache's dtype
-  run(tmp, uses, ids, mask, T, /*all_rows=*/true, logits);  // `uses` are held by the caller to the end
+  run(tmp, uses, ids, mask, T, /*all_rows=*/true, logits, nullptr, adapter_bf16(tmp.bf16()));  // `uses` held by the caller
 }
 
 GenerationContext::GenerationContext(LlamaModel& m, int64_t B, int64_t capacity, AdapterSet uses)
-    : m_(m), cache_(m.be_, m.w_->cfg, B, capacity, m.compute_bf16()), uses_(std::move(uses)), bytes_(cache_.bytes()) {
+    : m_(m),
+      cache_(m.be_, m.w_->cfg, B, capacity, m.compute_bf16()),
+      uses_(std::move(uses)),
+      bytes_(cache_.bytes()),
+      lora_bf16_(m.adapter_bf16(cache_.bf16())) {
   // Counted under weights_mu_ shared: merge_adapter (exclusive) sees this context or it does not
   // exist yet, and a context created while a merge runs waits for the merge to finish.
   std::shared_lock<std::shared_mutex> wl(m.weights_mu_);
@@ -83,7 +88,7 @@ GenerationContext::~GenerationContext() {
 
 void GenerationContext::feed(const int32_t* ids, const int32_t* mask, int64_t T, float* logits) {
   std::shared_lock<std::shared_mutex> wl(m_.weights_mu_);
-  m_.run(cache_, uses_, ids, mask, T, /*all_rows=*/false, logits);
+  m_.run(cache_, uses_, ids, mask, T, /*all_rows=*/false, logits, nullptr, lora_bf16_);
 }
 
 void GenerationContext::feed_sample(const int32_t* ids, const int32_t* mask, int64_t T, Sampler& s,
@@ -98,7 +103,7 @@ void GenerationContext::feed_sample(const int32_t* ids, const int32_t* mask, int
   s.draw(n, p, u.data());
   const LlamaModel::SampleRequest req{&p, rows, n, hist, n_hist, u.data(), out};
   std::shared_lock<std::shared_mutex> wl(m_.weights_mu_);
-  m_.run(cache_, uses_, ids, mask, T, /*all_rows=*/false, nullptr, &req);
+  m_.run(cache_, uses_, ids, mask, T, /*all_rows=*/false, nullptr, &req, lora_bf16_);
 }
 
 std::unique_ptr<GenerationContext> LlamaModel::new_context(int64_t B, int64_t capacity, AdapterSet uses) {
@@ -116,8 +121,13 @@ void LlamaModel::feed(const int32_t* ids, const int32_t* mask, int64_t T, float*
   gen_->feed(ids, mask, T, logits);
 }
 
+bool LlamaModel::adapter_bf16(bool compute_bf16) const {
+  const AdapterDtype d = adapter_dtype();
+  return (d == AdapterDtype::BF16 || (d == AdapterDtype::Auto && compute_bf16)) && be_.lora_bf16_bytes(1, 1, 1) > 0;
+}
+
 void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids, const int32_t* mask, int64_t T,
-                     bool all_rows, float* logits_host, const SampleRequest* sample) {
+                     bool all_rows, float* logits_host, const SampleRequest* sample, bool lora_bf16) {
   // The cache's stream and arena (CUDA) for the whole pass: its scratch below is freed there too.
   Backend::ExecScope scope(be_, cache.exec());
   check_complete();
@@ -173,6 +183,21 @@ void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids,
     mixed = mixed || !same;
     if (u.ad) rmax = std::max(rmax, u.ad->max_rank());
   }
+  // bf16 inference copies of the pass's adapters, taken now and held to the end of the pass (a
+  // training step or lora_set meanwhile makes later passes build fresh ones).
+  std::vector<std::pair<const LoraAdapter*, std::shared_ptr<const LoraBf16Copy>>> copies;
+  if (lora_bf16)
+    for (const AdapterUse& u : uses) {
+      if (!u.ad || u.scale == 0.0f) continue;
+      bool have = false;
+      for (const auto& c : copies) have = have || c.first == u.ad.get();
+      if (!have) copies.emplace_back(u.ad.get(), lora_bf16_copy(be_, *u.ad));
+    }
+  auto copy_of = [&](const AdapterUse& u, int64_t l, int p) -> const void* {
+    for (const auto& c : copies)
+      if (c.first == u.ad.get()) return c.second ? c.second->mod[static_cast<size_t>(l * kNumProj + p)] : nullptr;
+    return nullptr;
+  };
   DeviceBuffer lora_t;  // [M, rmax] scratch of lora_segments_many
   if (rmax > 0) lora_t = DeviceBuffer(be_, sizeof(float) * M * rmax);
   std::vector<Backend::LoraSegment> segs[3];  // per projection of a group
@@ -194,6 +219,7 @@ void LlamaModel::run(KvCache& cache, const AdapterSet& uses, const int32_t* ids,
         }
       }
       sg.push_back({row0, rows, m->r, m->A.f32(), m->B.f32(), alpha});
+      if (lora_bf16) sg.back().AB16 = copy_of(uses[b], l, p);
     }
     probs.push_back({lin.in, lin.out, xin, ldx, static_cast<int64_t>(sg.size()), sg.data(), y, ldy});
   };
@@ -309,11 +335,12 @@ std::map<std::string, size_t> LlamaModel::memory_footprint() const {
       other += lin->bias_bytes();
     }
   }
-  size_t lora = 0;  // A, B, their gradients once allocated (first training use) and AdamW moments
+  size_t lora = 0, lora16 = 0;  // A, B, their gradients once allocated (first training use) and AdamW moments
   std::lock_guard<std::mutex> lk(adapters_mu_);
   for (const auto& kv : adapters_) {
     // dA/dB have A/B's sizes; read the flag, not the buffers, which a training call may be creating.
     const size_t k = kv.second->grads_ready.load(std::memory_order_acquire) ? 2 : 1;
+    lora16 += lora_bf16_copy_bytes(*kv.second);  // bf16 inference copy, where one is held
     for (const auto& m : kv.second->modules)
       if (m) lora += k * (m->A.bytes() + m->B.bytes());
     if (kv.second->opt)
@@ -323,7 +350,8 @@ std::map<std::string, size_t> LlamaModel::memory_footprint() const {
           {"quant_constants", quant},
           {"other_weights", other},
           {"kv_cache", ctx_bytes_.load()},
-          {"lora_adapters", lora}};
+          {"lora_adapters", lora},
+          {"lora_adapters_bf16", lora16}};
 }
 
 }  // namespace qlora::model

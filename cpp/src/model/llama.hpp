@@ -56,6 +56,9 @@ class GenerationContext {
   const KvCache& cache() const { return cache_; }
   int64_t batch() const { return cache_.batch(); }
   const AdapterSet& adapters() const { return uses_; }
+  // Whether its passes use the adapters' bf16 inference copies (LlamaModel::adapter_dtype, fixed
+  // when the context was created, like its cache dtype).
+  bool adapter_bf16() const { return lora_bf16_; }
 
  private:
   friend class LlamaModel;
@@ -64,6 +67,7 @@ class GenerationContext {
   KvCache cache_;
   AdapterSet uses_;  // taken at creation, kept to the end
   size_t bytes_ = 0;
+  bool lora_bf16_ = false;
 };
 
 class LlamaModel {
@@ -169,6 +173,17 @@ class LlamaModel {
   bool compute_bf16_requested() const { return want_bf16_.load(); }
   bool compute_bf16() const { return want_bf16_.load() && be_.has_bf16_compute(); }
 
+  // adapter_dtype of the inference passes (forward, generation; training never): Auto (default)
+  // holds LoRA factors for them in bf16 when the pass computes in bf16 (compute_bf16), F32 never,
+  // BF16 always. bf16 = the adapters' bf16 inference copies (lora_infer.hpp; the fp32 factors stay
+  // the masters), used only where the backend has bf16 LoRA kernels (CPU: AVX512-BF16), else fp32.
+  // Contexts already open keep what they started with.
+  enum class AdapterDtype : int { Auto = 0, F32 = 1, BF16 = 2 };
+  void set_adapter_dtype(AdapterDtype d) { adapter_dtype_.store(static_cast<int>(d)); }
+  AdapterDtype adapter_dtype() const { return static_cast<AdapterDtype>(adapter_dtype_.load()); }
+  // Whether a pass computing in bf16 (or not) that starts now uses the bf16 copies.
+  bool adapter_bf16(bool compute_bf16) const;
+
   // Gradient checkpointing with the checkpointed layer inputs offloaded to host memory (Unsloth's
   // long-context trick): the forward copies each layer's input out (CUDA: to pinned memory,
   // queued on the stream) and the backward copies it back before recomputing the layer, so the
@@ -199,8 +214,9 @@ class LlamaModel {
     const double* u;
     int32_t* out;
   };
+  // lora_bf16: the LoRA terms from the adapters' bf16 inference copies (adapter_bf16).
   void run(KvCache& cache, const AdapterSet& uses, const int32_t* ids, const int32_t* mask, int64_t T, bool all_rows,
-           float* logits, const SampleRequest* sample = nullptr);
+           float* logits, const SampleRequest* sample = nullptr, bool lora_bf16 = false);
 
   LossResult train_pass(LoraAdapter* ad, float scale, const int32_t* ids, const int32_t* mask, const int32_t* labels, int64_t B,
                         int64_t T, float grad_scale, bool training, bool checkpointing, bool backward);
@@ -212,6 +228,7 @@ class LlamaModel {
   std::unique_ptr<GenerationContext> gen_;  // the default context of start/feed/stop
   std::atomic<int64_t> open_contexts_{0};  // contexts alive (merge is refused while > 0)
   std::atomic<bool> want_bf16_{false};  // set_compute_bf16
+  std::atomic<int> adapter_dtype_{0};   // set_adapter_dtype (AdapterDtype)
   std::atomic<bool> offload_ckpt_{false};  // set_offload_checkpoints
   // The offload staging (Backend::host_alloc: pinned on CUDA, slow to allocate) kept between
   // passes; a pass takes it under offload_mu_ and puts it back (concurrent passes get their own).

@@ -13,6 +13,7 @@
 #include "common/error.hpp"
 #include "cpu/ops_backward.hpp"
 #include "model/llama.hpp"
+#include "model/lora_infer.hpp"
 #include "model/train_ops.hpp"
 
 namespace qlora::model {
@@ -34,6 +35,8 @@ void LlamaModel::add_adapter(const std::string& name, std::unique_ptr<LoraAdapte
                       std::to_string(lin.out) + ", " + std::to_string(lin.in) + "]");
     }
   pack_lora_params(be_, *a);  // A/B contiguous (the optimizer's buffer), before any request can see them
+  // The bf16 inference copy now, when a pass starting now would use it (else at first use).
+  if (adapter_bf16(compute_bf16())) lora_bf16_copy(be_, *a);
   std::lock_guard<std::mutex> lk(adapters_mu_);
   check_arg(!adapters_.count(name), "an adapter named '" + name + "' already exists");
   adapters_[name] = AdapterRef(std::move(a));

@@ -17,6 +17,7 @@ namespace qlora::model {
 
 struct Linear;
 struct LayerWeights;
+struct LoraBf16Copy;  // model/lora_infer.hpp
 
 // The seven projections of a layer in application order (q, k, v, o, gate, up, down).
 constexpr int kNumProj = 7;
@@ -59,6 +60,11 @@ struct LoraAdapter {
   DeviceBuffer grad_arena;
   std::mutex grads_mu;
   std::atomic<bool> grads_ready{false};
+  // bf16 inference copy (model/lora_infer.hpp): writes to A/B bump factors_version
+  // (lora_factors_changed), so a copy made from older factors is rebuilt before any pass uses it.
+  std::atomic<uint64_t> factors_version{0};
+  mutable std::mutex bf16_mu;  // guards bf16
+  std::shared_ptr<const LoraBf16Copy> bf16;
 
   LoraModule* at(int64_t layer, int p) const { return modules[layer * kNumProj + p].get(); }
   int64_t max_rank() const;

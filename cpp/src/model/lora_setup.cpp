@@ -11,6 +11,7 @@
 #include "io/safetensors.hpp"
 #include "json/json.hpp"
 #include "model/linear.hpp"
+#include "model/lora_infer.hpp"
 #include "model/peft_config.hpp"
 #include "model/weights.hpp"
 #include "train/grad_utils.hpp"
@@ -169,6 +170,7 @@ TrainStepResult lora_train_step(LlamaModel& m, const std::vector<MicroBatch>& mi
   out.norm = a.opt->clip_grad_norm(g, max_grad_norm > 0.0 ? max_grad_norm : INFINITY);
   if (!std::isfinite(out.norm)) return out;
   a.opt->step(g, lr);
+  lora_factors_changed(a);  // later passes rebuild the bf16 inference copy
   out.stepped = true;
   return out;
 }
