@@ -3,6 +3,8 @@
 // and 4 values of X (16 bytes) per step, so a warp streams 256 bytes of W at a time; otherwise one
 // weight per lane per step. Weights widen exactly to fp32 (fp16: converted at load; bf16: a shift),
 // fp32 accumulation, warp-shuffle reduction at the end.
+#include <cstdint>
+
 #include "cuda_check.hpp"
 #include "ops_common.cuh"
 #include "ops_half_gemm.cuh"
@@ -61,11 +63,19 @@ __global__ void __launch_bounds__(kOpThreads)
 template <bool BF>
 void launch(cudaStream_t stream, int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const uint16_t* W,
             float* Y, int64_t ldy) {
-  const dim3 grid(static_cast<unsigned>((N + kWarps - 1) / kWarps), static_cast<unsigned>((M + kRows - 1) / kRows));
   const bool vec = K % 4 == 0 && ldx % 4 == 0 && reinterpret_cast<uintptr_t>(X) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(W) % 8 == 0;
-  if (vec) half_gemm_kernel<BF, true><<<grid, kOpThreads, 0, stream>>>(M, N, K, X, ldx, W, Y, ldy);
-  else half_gemm_kernel<BF, false><<<grid, kOpThreads, 0, stream>>>(M, N, K, X, ldx, W, Y, ldy);
+  // grid.y is at most 65535: rows of X beyond 65535 * kRows go in further launches.
+  constexpr int64_t kMaxM = int64_t{65535} * kRows;
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
+    const int64_t m = M - m0 < kMaxM ? M - m0 : kMaxM;
+    const dim3 grid(static_cast<unsigned>((N + kWarps - 1) / kWarps), static_cast<unsigned>((m + kRows - 1) / kRows));
+    const float* x = X + m0 * ldx;
+    float* y = Y + m0 * ldy;
+    if (vec) half_gemm_kernel<BF, true><<<grid, kOpThreads, 0, stream>>>(m, N, K, x, ldx, W, y, ldy);
+    else half_gemm_kernel<BF, false><<<grid, kOpThreads, 0, stream>>>(m, N, K, x, ldx, W, y, ldy);
+    QLORA_CUDA_CHECK_LAUNCH("half_gemm_nt");
+  }
 }
 }  // namespace
 
@@ -75,6 +85,5 @@ void half_gemm_nt(cudaStream_t stream, bool bf16, int64_t M, int64_t N, int64_t 
   const uint16_t* w = static_cast<const uint16_t*>(W);
   if (bf16) launch<true>(stream, M, N, K, X, ldx, w, Y, ldy);
   else launch<false>(stream, M, N, K, X, ldx, w, Y, ldy);
-  QLORA_CUDA_CHECK_LAUNCH("half_gemm_nt");
 }
 }  // namespace qlora::cuda
