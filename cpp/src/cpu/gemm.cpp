@@ -233,6 +233,37 @@ void blocked(const Kern& kn, int64_t M, int64_t N, int64_t K, float alpha, float
 
 }  // namespace
 
+const GemmPanels& gemm_panels(SimdLevel level) {
+  static const auto make = [](SimdLevel lv) {
+    const Kern& kn = kern_for(lv);
+    GemmPanels g;
+    g.mr = kn.mr, g.nr = kn.nr;
+    g.ukernel = kn.ukernel, g.pack_b_t = kn.pack_b_t, g.pack_b_n = kn.pack_b_n;
+    g.kern = &kn;
+    return g;
+  };
+  static const GemmPanels generic = make(SimdLevel::Generic);
+#ifdef QLORA_X86
+  static const GemmPanels avx2 = make(SimdLevel::AVX2), avx512 = make(SimdLevel::AVX512);
+  if (level == SimdLevel::AVX512) return avx512;
+  if (level == SimdLevel::AVX2) return avx2;
+#endif
+  return generic;
+}
+
+void GemmPanels::pack_a_rows(const float* A, int64_t lda, int mr_, int64_t kc, float* Ap) const {
+  cpu::pack_a_rows(*static_cast<const Kern*>(kern), A, lda, mr_, kc, Ap);
+}
+
+void GemmPanels::pack_a_cols(const float* A, int64_t lda, int mr_, int64_t kc, float* Ap) const {
+  pack::a_cols(mr, A, lda, mr_, kc, Ap);
+}
+
+int64_t gemm_depth_block(SimdLevel level, int64_t K) {
+  const Kern& kn = kern_for(level);
+  return K <= 0 ? 0 : std::min(K, round_up(ceil_div(K, ceil_div(K, kn.kc)), 16));  // as blocked()
+}
+
 GemmBlocking gemm_blocking_in_use(SimdLevel level) {
   const Kern& kn = kern_for(level);
   GemmBlocking b;

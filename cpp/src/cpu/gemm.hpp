@@ -19,6 +19,27 @@ struct GemmBlocking {
 GemmBlocking gemm_blocking(int mr, int nr, bool l2_panel, const CacheSizes& caches);
 GemmBlocking gemm_blocking_in_use(SimdLevel level);  // what the kernels of `level` run with here
 
+// The fp32 micro-kernel and packers of the blocked driver at `level` (not Scalar), for callers that
+// pack an operand once and reuse it over many small products (the training attention). Per output
+// element the micro-kernel runs the same FMA chain over a depth block as gemm_nt / gemm_nn / gemm_tn
+// of that level, so a caller that splits the depth at gemm_depth_block(level, K) gets their results
+// bit for bit. Layouts: cpu/gemm_kernels.hpp (A panel [kc][MR], B panel [kc][NR], zero-padded).
+struct GemmPanels {
+  int mr = 0, nr = 0;
+  // C[mr, nr] (ld ldc) = alpha * Ap·Bp + beta * C over kc; beta == 0 never reads C.
+  void (*ukernel)(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta, int mr,
+                  int nr) = nullptr;
+  void (*pack_b_t)(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp) = nullptr;  // Bp[k][j] = B[j * ldb + k]
+  void (*pack_b_n)(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp) = nullptr;  // Bp[k][j] = B[k * ldb + j]
+  const void* kern = nullptr;  // the level's kernel table (pack_a_rows / pack_a_cols)
+  // Ap[k][i] = A[i * lda + k] (rows of a row-major A), and Ap[k][i] = A[k * lda + i] (its columns).
+  void pack_a_rows(const float* A, int64_t lda, int mr, int64_t kc, float* Ap) const;
+  void pack_a_cols(const float* A, int64_t lda, int mr, int64_t kc, float* Ap) const;
+};
+const GemmPanels& gemm_panels(SimdLevel level);
+// The depth block the blocked driver of `level` uses for a depth of K (balanced blocks).
+int64_t gemm_depth_block(SimdLevel level, int64_t K);
+
 void gemm_nt(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
              const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 void gemm_nn(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,

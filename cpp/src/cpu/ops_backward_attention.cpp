@@ -18,11 +18,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <vector>
 
 #include "cpu/gemm.hpp"
 #include "cpu/gemm_bf16.hpp"
 #include "cpu/gemm_bf16_kernels.hpp"
+#include "cpu/gemv_f32.hpp"
 #include "cpu/ops_backward.hpp"
 #include "cpu/rowops_kernels.hpp"
 #include "cpu/threads.hpp"
@@ -75,8 +77,6 @@ bool all_nonzero(const int32_t* km, int64_t n) { return std::find(km, km + n, 0)
 struct Gemms {
   SimdLevel level;
   bool bf16;
-  mutable int idx = 0;  // H15DIAG
-  bool use(const char* which) const { const char* e = std::getenv("H15DIAG"); if (!e) return bf16; return bf16 && std::strchr(e, which[0]) != nullptr; }
   void nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
           float beta, float* C, int64_t ldc) const {
     if (bf16) return gemm_nt_bf16(level, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
@@ -138,6 +138,98 @@ void softmax_rows(const rowk::Kernels* kr, float* S, int64_t nk, int64_t mq, int
 }
 
 #ifdef QLORA_X86
+// ------------------------------------------------------------------ fp32 panels (scores, P·v)
+// K (and V) of every (b, KV head) packed once into the level's GEMM panels (cpu/gemm.hpp
+// gemm_panels) and reused by every query head of the group and every query block; each MR-row tile
+// of a query block runs the micro-kernel over the keys some row of it sees (causal) only, instead
+// of a full [64, nk] GEMM that packs K again per block and head and computes the masked triangle.
+// Per element the FMA chains and depth blocks are those of gemm_nt / gemm_nn over the whole block
+// (the skipped products are zeros), so the results are bit for bit those of the unpacked way.
+namespace fp {
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Buf {  // 64-byte aligned floats (the micro-kernels load panels with aligned loads)
+  float* p = nullptr;
+  size_t n = 0;
+  Buf() = default;
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  ~Buf() { std::free(p); }
+  float* get(size_t count) {
+    if (count > n) {
+      std::free(p);
+      p = static_cast<float*>(std::aligned_alloc(64, (count * 4 + 63) / 64 * 64));
+      if (!p) {
+        n = 0;
+        throw std::bad_alloc();
+      }
+      n = count;
+    }
+    return p;
+  }
+};
+
+// The panels serve when the level has blocked kernels, head_dim is one depth block of the scores
+// GEMM, and the query block is past gemm_nt's GEMV route (M <= kGemvF32MaxM: another FMA order).
+// QLORA_ATTN_PANELS=0 turns them off (A/B runs; tests compare both ways bit for bit).
+bool usable(SimdLevel level, int64_t hd) {
+  static const bool off = [] {
+    const char* e = std::getenv("QLORA_ATTN_PANELS");
+    return e && std::strcmp(e, "0") == 0;
+  }();
+  return !off && level != SimdLevel::Scalar && gemm_depth_block(level, hd) == hd;
+}
+bool block_usable(int64_t mq) { return mq > kGemvF32MaxM; }
+
+// Scores panels of the n rows of X[n, hd] (keys as columns): [ceil(n/NR)][hd][NR].
+int64_t rows_size(const GemmPanels& gp, int64_t n, int64_t hd) { return cdiv(n, gp.nr) * gp.nr * hd; }
+void pack_rows(const GemmPanels& gp, const float* X, int64_t ld, int64_t n, int64_t hd, float* P) {
+  for (int64_t j = 0; j < n; j += gp.nr)
+    gp.pack_b_t(X + j * ld, ld, static_cast<int>(std::min<int64_t>(gp.nr, n - j)), hd, P + (j / gp.nr) * gp.nr * hd);
+}
+// Panels of the head-dim columns of X[n, hd] (depth = its n rows): [ceil(hd/NR)][n][NR].
+int64_t cols_size(const GemmPanels& gp, int64_t n, int64_t hd) { return cdiv(hd, gp.nr) * gp.nr * n; }
+void pack_cols(const GemmPanels& gp, const float* X, int64_t ld, int64_t n, int64_t hd, float* P) {
+  for (int64_t c = 0; c < hd; c += gp.nr)
+    gp.pack_b_n(X + c, ld, static_cast<int>(std::min<int64_t>(gp.nr, hd - c)), n, P + (c / gp.nr) * gp.nr * n);
+}
+
+// Keys some row of the tile of queries t0 + ir .. t0 + ir + mr - 1 sees (causal), within nk.
+int64_t keys_seen(int64_t t0, int64_t ir, int mr, int64_t nk) { return std::min(nk, t0 + ir + mr); }
+
+// S[mq, ld] = alpha * Q[mq, hd]·Kᵀ for the keys each MR-row tile sees (Kp: pack_rows of K; the
+// rest of S is left unwritten). Ap: MR * hd floats of scratch.
+void scores(const GemmPanels& gp, int64_t mq, int64_t nk, int64_t t0, int64_t hd, const float* Q, int64_t ldq,
+            const float* Kp, float alpha, float* S, int64_t ld, float* Ap) {
+  for (int64_t ir = 0; ir < mq; ir += gp.mr) {
+    const int mr = static_cast<int>(std::min<int64_t>(gp.mr, mq - ir));
+    const int64_t n = keys_seen(t0, ir, mr, nk);
+    gp.pack_a_rows(Q + ir * ldq, ldq, mr, hd, Ap);
+    for (int64_t j = 0; j < n; j += gp.nr)
+      gp.ukernel(hd, Ap, Kp + (j / gp.nr) * gp.nr * hd, S + ir * ld + j, ld, alpha, 0.0f, mr,
+                 static_cast<int>(std::min<int64_t>(gp.nr, n - j)));
+  }
+}
+
+// O[mq, hd] = P[mq, nk]·V over the keys each tile sees, depth blocked as gemm_nn(mq, hd, nk)
+// (Vp: pack_cols of V for T keys). Ap: MR * gemm_depth_block(nk) floats of scratch.
+void p_times_v(SimdLevel level, const GemmPanels& gp, int64_t mq, int64_t nk, int64_t t0, int64_t hd, int64_t T,
+               const float* P, int64_t ld, const float* Vp, float* O, int64_t ldo, float* Ap) {
+  const int64_t kc = gemm_depth_block(level, nk);
+  for (int64_t ir = 0; ir < mq; ir += gp.mr) {
+    const int mr = static_cast<int>(std::min<int64_t>(gp.mr, mq - ir));
+    const int64_t n = keys_seen(t0, ir, mr, nk);
+    for (int64_t pc = 0; pc < n; pc += kc) {
+      const int64_t kcur = std::min(kc, n - pc);
+      gp.pack_a_rows(P + ir * ld + pc, ld, mr, kcur, Ap);
+      for (int64_t c = 0; c < hd; c += gp.nr)
+        gp.ukernel(kcur, Ap, Vp + (c / gp.nr) * gp.nr * T + pc * gp.nr, O + ir * ldo + c, ldo, 1.0f,
+                   pc == 0 ? 0.0f : 1.0f, mr, static_cast<int>(std::min<int64_t>(gp.nr, hd - c)));
+    }
+  }
+}
+}  // namespace fp
+
 // ------------------------------------------------------------------ bf16 packed path (AVX512-BF16)
 // Operand panels in the bf16 GEMM's pair layout (cpu/gemm_bf16_kernels.hpp): a B panel holds NR
 // columns, uint32 [pairs of k][NR]; an A panel MR rows, uint32 [pairs of k][MR].
@@ -208,22 +300,34 @@ void attention_train_packed(SimdLevel level, const rowk::Kernels* kr, int64_t B,
   const int64_t vc_sz = cdiv(hd, NR) * tp * NR;  // uint32 per (b, kv head)
   Buf Vp;
   uint32_t* vp_all = Vp.get(static_cast<size_t>(B * Hkv * vc_sz));
+  // The fp32 scores from K panels packed once (fp:: above), as the fp32 forward.
+  const bool kpan = fp::usable(level, hd);
+  const GemmPanels& gp = gemm_panels(level);
+  const int64_t k_sz = kpan ? fp::rows_size(gp, T, hd) : 0;
+  fp::Buf Kp;
+  float* kp_all = kpan ? Kp.get(static_cast<size_t>(B * Hkv * k_sz)) : nullptr;
   parallel_range(B * Hkv, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / Hkv, kh = p % Hkv;
       pack_dim_cols(v + b * T * ldv + kh * hd, ldv, T, hd, vp_all + p * vc_sz);
+      if (kpan) fp::pack_rows(gp, k + b * T * ldk + kh * hd, ldk, T, hd, kp_all + p * k_sz);
     }
   });
   parallel_range(B * Hq * nblk, 1, [&](int64_t p0, int64_t p1) {
     std::vector<float> S(static_cast<size_t>(kBlock * T));  // [mq, nk] scores, then probabilities
     std::vector<uint32_t> Ap(static_cast<size_t>(MR * tp));
+    fp::Buf Af;
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / (Hq * nblk), h = (p / nblk) % Hq, blk = p % nblk, kh = h / group;
       const int64_t t0 = blk * kBlock, mq = std::min(kBlock, T - t0), nk = t0 + mq;
       const int32_t* km = key_mask + b * T;
       const uint32_t* Vc = vp_all + (b * Hkv + kh) * vc_sz;
-      gemm_nt(level, mq, nk, hd, scale, q + (b * T + t0) * ldq + h * hd, ldq, k + b * T * ldk + kh * hd, ldk, 0.0f,
-              S.data(), nk);  // scores in fp32
+      if (kpan && fp::block_usable(mq))
+        fp::scores(gp, mq, nk, t0, hd, q + (b * T + t0) * ldq + h * hd, ldq, kp_all + (b * Hkv + kh) * k_sz, scale,
+                   S.data(), nk, Af.get(static_cast<size_t>(gp.mr * hd)));
+      else
+        gemm_nt(level, mq, nk, hd, scale, q + (b * T + t0) * ldq + h * hd, ldq, k + b * T * ldk + kh * hd, ldk, 0.0f,
+                S.data(), nk);  // scores in fp32
       softmax_rows(kr, S.data(), nk, mq, t0, km, all_nonzero(km, nk), lse + (b * Hq + h) * T);
       for (int64_t ir = 0; ir < mq; ir += MR) {  // out rows = P·v
         const int mr = static_cast<int>(std::min<int64_t>(MR, mq - ir));
@@ -260,19 +364,42 @@ void attention_train(SimdLevel level, int64_t B, int64_t T, int64_t Hq, int64_t 
                                   lse);
 #endif
   const Gemms g{level, bf16 && bf16_compute_available(level)};
+  // fp32 products: K and V of every (b, KV head) in the level's GEMM panels, packed once.
+  const bool panels = !g.bf16 && fp::usable(level, hd);
+  const GemmPanels* gp = panels ? &gemm_panels(level) : nullptr;
+  fp::Buf KVp;
+  const int64_t k_sz = panels ? fp::rows_size(*gp, T, hd) : 0, v_sz = panels ? fp::cols_size(*gp, T, hd) : 0;
+  float* kv_all = panels ? KVp.get(static_cast<size_t>(B * Hkv * (k_sz + v_sz))) : nullptr;
+  if (panels)
+    parallel_range(B * Hkv, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t b = p / Hkv, kh = p % Hkv;
+        fp::pack_rows(*gp, k + b * T * ldk + kh * hd, ldk, T, hd, kv_all + p * (k_sz + v_sz));
+        fp::pack_cols(*gp, v + b * T * ldv + kh * hd, ldv, T, hd, kv_all + p * (k_sz + v_sz) + k_sz);
+      }
+    });
   // Task = (b, query head, block of queries t0..t0+mq), seeing keys 0..t0+mq-1.
   parallel_range(B * Hq * nblk, 1, [&](int64_t p0, int64_t p1) {
     std::vector<float> S(static_cast<size_t>(kBlock * T));  // [mq, nk] scores, then probabilities
+    fp::Buf Ap;
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / (Hq * nblk), h = (p / nblk) % Hq, blk = p % nblk, kh = h / group;
       const int64_t t0 = blk * kBlock, mq = std::min(kBlock, T - t0), nk = t0 + mq;
       const int32_t* km = key_mask + b * T;
-      gemm_nt(level, mq, nk, hd, scale, q + (b * T + t0) * ldq + h * hd, ldq, k + b * T * ldk + kh * hd, ldk, 0.0f,
-              S.data(), nk);  // scores in fp32 (also in bf16 mode)
+      const float* Q = q + (b * T + t0) * ldq + h * hd;
+      float* O = out + (b * T + t0) * ldo + h * hd;
+      if (panels && fp::block_usable(mq)) {
+        const float* Kp = kv_all + (b * Hkv + kh) * (k_sz + v_sz);
+        float* ap = Ap.get(static_cast<size_t>(gp->mr * std::max(hd, gemm_depth_block(level, nk))));
+        fp::scores(*gp, mq, nk, t0, hd, Q, ldq, Kp, scale, S.data(), nk, ap);
+        softmax_rows(kr, S.data(), nk, mq, t0, km, all_nonzero(km, nk), lse + (b * Hq + h) * T);
+        fp::p_times_v(level, *gp, mq, nk, t0, hd, T, S.data(), nk, Kp + k_sz, O, ldo, ap);
+        continue;
+      }
+      gemm_nt(level, mq, nk, hd, scale, Q, ldq, k + b * T * ldk + kh * hd, ldk, 0.0f, S.data(),
+              nk);  // scores in fp32 (also in bf16 mode)
       softmax_rows(kr, S.data(), nk, mq, t0, km, all_nonzero(km, nk), lse + (b * Hq + h) * T);
-      // out rows = P · V
-      g.nn(mq, hd, nk, 1.0f, S.data(), nk, v + b * T * ldv + kh * hd, ldv, 0.0f, out + (b * T + t0) * ldo + h * hd,
-           ldo);
+      g.nn(mq, hd, nk, 1.0f, S.data(), nk, v + b * T * ldv + kh * hd, ldv, 0.0f, O, ldo);  // out rows = P · V
     }
   });
 }
