@@ -280,6 +280,11 @@ def test_16bit_head_equals_fp32_on_rounded_tables(tmp_path, tiny, tiny_tied, bac
         np.testing.assert_allclose(g1[k], g0[k], rtol=1e-4, atol=1e-5 * float(np.abs(g0[k]).max()), err_msg=k)
     e0, e1 = ref.eval_loss(ids, labels, mask), h.eval_loss(ids, labels, mask)
     assert e1[1] == e0[1] and abs(e1[0] - e0[0]) <= 1e-5 * abs(e0[0])
+    # Generation (the logits stay in backend memory, sampled there): greedy tokens as the reference's.
+    prompt = ids[:1, :6]
+    g0 = ref.generate(prompt, 8, eos_token_id=None)
+    g1 = h.generate(prompt, 8, eos_token_id=None)
+    np.testing.assert_array_equal(np.asarray(g1), np.asarray(g0))
     h.configure_optimizer(lr=1e-3)
     r = h.train_step([_batch(1)], lr=1e-3, max_grad_norm=1.0)
     assert np.isfinite(r["loss"])
