@@ -547,6 +547,11 @@ class Model(LoraModelMixin):
 
 
 
+def _check_head_format(value) -> None:
+    if not isinstance(value, str) or value not in HEAD_FORMATS:
+        raise ValueError(f"head_format must be one of {', '.join(map(repr, HEAD_FORMATS))}, got {value!r}")
+
+
 def _check_compute_dtype(value) -> None:
     if not isinstance(value, str) or value not in ("float32", "bfloat16"):
         raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {value!r}")
@@ -569,11 +574,6 @@ def _int_arg(name: str, v, lo: int | None = None, hi: int | None = None) -> int:
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {_short(v)}")
     v = int(v)
-def _check_head_format(value) -> None:
-    if not isinstance(value, str) or value not in HEAD_FORMATS:
-        raise ValueError(f"head_format must be one of {', '.join(map(repr, HEAD_FORMATS))}, got {value!r}")
-
-
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise ValueError(f"{name} must be {'in ' if hi is not None else ''}{rng}, got {_short(v)}")

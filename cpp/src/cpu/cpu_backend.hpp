@@ -82,13 +82,13 @@ class CpuBackend final : public Backend {
   void q8_0_gemm_nt(int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const void* W, float* Y,
                     int64_t ldy) override;
   void q8_0_rows(int64_t M, int64_t K, const void* W, const int32_t* ids, float* out) override;
+  void half_gemm_nt(HalfType t, int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const void* W, float* Y,
+                    int64_t ldy) override;  // cpu_backend_half.cpp
+  void half_rows(HalfType t, int64_t M, int64_t K, const void* W, const int32_t* ids, float* out) override;
 
   // Transformer ops (cpu/ops_model.hpp).
   void embedding(int64_t M, int64_t D, const float* table, const int32_t* ids, float* out) override;
   void rmsnorm(int64_t M, int64_t D, const float* x, const float* w, float eps, float* out) override;
-  void half_gemm_nt(HalfType t, int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const void* W, float* Y,
-                    int64_t ldy) override;  // cpu_backend_half.cpp
-  void half_rows(HalfType t, int64_t M, int64_t K, const void* W, const int32_t* ids, float* out) override;
   void add_inplace(int64_t n, const float* x, float* y) override;
   void add_bias(int64_t M, int64_t N, const float* bias, float* y, int64_t ldy) override;
   void rope(int64_t M, int64_t n_heads, int64_t head_dim, float* x, int64_t ldx, const int32_t* pos,
