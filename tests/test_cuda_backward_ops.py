@@ -257,7 +257,8 @@ def test_op_attention_train_backward_cuda_llama8b_shape(monkeypatch, rng, B):
         a, b = tiled[name].astype(np.float64), ref[name].astype(np.float64)
         assert np.isfinite(a).all(), name
         tol = 1e-4 * np.abs(b).max() + 1e-3 * np.abs(b)
-        assert (np.abs(a - b) <= tol).all(), f"{name}: worst {np.abs(a - b).max():.3g} (max |ref| {np.abs(b).max():.3g})"
+        worst = np.abs(a - b).max()
+        assert (np.abs(a - b) <= tol).all(), f"{name}: worst {worst:.3g} (max |ref| {np.abs(b).max():.3g})"
 
 
 # bf16 compute (Backend::attention_train_backward_bf16; the harness's int bf16=1): the CUDA tiled
