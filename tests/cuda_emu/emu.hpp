@@ -4,9 +4,10 @@
 // A thread runs until __syncthreads / __syncthreads_or (all threads of the block must arrive:
 // anything else is reported as a deadlock) or a bf16 mma.sync (the warp's 32 lanes must arrive;
 // the product follows the PTX ISA fragment layout of m16n8k16, operands exact bf16, fp32 sums).
+// Warp shuffles (__shfl_xor_sync, full mask) likewise wait for the warp's 32 lanes.
 // Shared memory starts as NaN, so a read before any write, or a missing barrier that lets a thread
-// read a tile another thread has not written yet, usually shows as NaN. Not emulated: warp
-// shuffles, atomics, memory ordering beyond the barriers, timing. Test-only code.
+// read a tile another thread has not written yet, usually shows as NaN. Not emulated: atomics,
+// partial-warp shuffles, memory ordering beyond the barriers, timing. Test-only code.
 #pragma once
 #include <math.h>
 #include <ucontext.h>
@@ -23,7 +24,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
-#define __shared__
+#define __shared__ static  // one copy for all fibers of the (sequentially run) blocks
 #define __CUDA_ARCH__ 800
 using std::min;
 struct dim3 {
@@ -34,7 +35,7 @@ namespace emu {
 struct Fiber {
   ucontext_t ctx;
   unsigned tid;
-  int state = 0;  // 0 runnable, 1 block barrier, 2 warp barrier, 3 done
+  int state = 0;  // 0 runnable, 1 block barrier, 2 warp mma, 3 done, 4 warp shuffle
   int pred = 0;
   std::vector<char> stack;
 };
@@ -48,6 +49,9 @@ inline std::function<void()> body;
 // mma operands of each thread (its fragments) and its share of the warp's product
 struct Dep { uint32_t a[4], b[2]; float out[4]; };
 inline std::vector<Dep> deps;
+// __shfl_xor_sync: each lane's value and lane offset, and what it receives.
+struct Shfl { double v; int off; double out; };
+inline std::vector<Shfl> shfl;
 struct Tid { unsigned x, y, z; };
 inline Tid tid_of() { return Tid{cur->tid, 0, 0}; }
 inline void yield() { swapcontext(&cur->ctx, &sched); }
@@ -92,12 +96,21 @@ inline void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   yield();
   for (int r = 0; r < 4; ++r) c[r] += deps[cur->tid].out[r];
 }
+template <class T>
+inline T shfl_xor(T v, int off) {
+  Shfl& s = shfl[cur->tid];
+  s.v = static_cast<double>(v), s.off = off;
+  cur->state = 4;
+  yield();
+  return static_cast<T>(shfl[cur->tid].out);
+}
 inline void run_block(unsigned nthreads) {
   static std::vector<std::vector<char>> stacks;  // kept across blocks: allocating them dominated the run time
   if (stacks.size() < nthreads) stacks.resize(nthreads, std::vector<char>(128 * 1024));
   std::vector<Fiber> fs(nthreads);
   fibers = &fs;
   deps.assign(nthreads, Dep{});
+  shfl.assign(nthreads, Shfl{});
   for (unsigned i = 0; i < nthreads; ++i) {
     fs[i].tid = i;
     fs[i].stack.swap(stacks[i]);
@@ -117,11 +130,13 @@ inline void run_block(unsigned nthreads) {
       break;
     }
     bool released = false;
-    for (unsigned w = 0; w < nthreads / 32; ++w) {  // a warp whose 32 lanes all wait at an mma
-      int nw = 0;
-      for (int l = 0; l < 32; ++l) nw += fs[w * 32 + l].state == 2;
-      if (nw == 32) {
-        warp_mma_compute(w);
+    for (unsigned w = 0; w < nthreads / 32; ++w) {  // a warp whose 32 lanes all wait at an mma / a shuffle
+      int nw = 0, ns = 0;
+      for (int l = 0; l < 32; ++l) nw += fs[w * 32 + l].state == 2, ns += fs[w * 32 + l].state == 4;
+      if (nw == 32) warp_mma_compute(w);
+      if (ns == 32)
+        for (int l = 0; l < 32; ++l) shfl[w * 32 + l].out = shfl[w * 32 + (l ^ shfl[w * 32 + l].off)].v;
+      if (nw == 32 || ns == 32) {
         for (int l = 0; l < 32; ++l) fs[w * 32 + l].state = 0;
         released = true;
       }
@@ -156,4 +171,6 @@ inline void launch(dim3 g, unsigned threads, size_t smem_bytes, std::function<vo
 #define __syncthreads() emu::syncthreads()
 #define __syncthreads_or(p) emu::syncthreads_or(p)
 #define __ldg(p) (*(p))
+#define __shfl_xor_sync(mask, v, off) emu::shfl_xor((v), (off))
+inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 #define __trap() std::abort()
