@@ -153,3 +153,42 @@ def test_bad_adapter_dtype():
     x = np.zeros((1, 4), np.float32)
     with pytest.raises(ValueError, match="adapter_dtype"):
         ops.lora_segments_many([(x, np.zeros((1, 4), np.float32), [])], adapter_dtype="float16")
+
+
+@pytest.mark.parametrize("r,n_in,n_out", [(16, 576, 1536), (5, 37, 53), (33, 64, 17), (1, 1, 1)])
+def test_packed_copy_layout_and_bits(r, n_in, n_out):
+    """Every level with copies packs the same words: pairs of RNE-rounded bf16 (ties, denormals,
+    inf) in 16-lane blocks (lora_sgmv_bf16_kernels.hpp)."""
+    rng = np.random.default_rng(r * 100 + n_in)
+    A = rng.standard_normal((r, n_in)).astype(np.float32)
+    B = rng.standard_normal((n_out, r)).astype(np.float32)
+    A.flat[::7] = np.float32(1 + 2.0 ** -8)  # a tie: rounds to even (1.0)
+    A.flat[1::11] = np.float32(1e-40)  # denormal: flushed to zero
+    B.flat[::5] = np.float32(3 * 2.0 ** -9 + 1)  # another tie, rounds up to even
+    B.flat[2::13] = np.inf
+    packs = {b: ops.lora_pack_bf16(A, B, backend=b) for b in CPU}
+    packs = {b: p for b, p in packs.items() if p is not None}
+    assert "cpu:scalar" in packs
+    ref = packs["cpu:scalar"]
+    for b, p in packs.items():
+        np.testing.assert_array_equal(p, ref, err_msg=b)
+
+    def bf16_bits(x):
+        u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+        u = np.where((u & 0x7F800000) == 0, u & 0x80000000, u)  # denormals -> signed zero
+        return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF).astype(np.uint32)
+
+    def unpack(words, n, k):
+        kp = (k + 1) // 2
+        w = words[: ((n + 15) // 16) * kp * 16].reshape((n + 15) // 16, kp, 16)
+        lo, hi = w & 0xFFFF, w >> 16
+        out = np.zeros(((n + 15) // 16 * 16, 2 * kp), np.uint32)
+        for nb in range(w.shape[0]):
+            out[nb * 16:(nb + 1) * 16, 0::2] = lo[nb].T
+            out[nb * 16:(nb + 1) * 16, 1::2] = hi[nb].T
+        assert not out[n:].any() and not out[:, k:].any()  # padding is zero
+        return out[:n, :k]
+
+    a_words = ((r + 15) // 16) * ((n_in + 1) // 2) * 16
+    np.testing.assert_array_equal(unpack(ref[:a_words], r, n_in), bf16_bits(A))
+    np.testing.assert_array_equal(unpack(ref[a_words:], n_out, r), bf16_bits(B))

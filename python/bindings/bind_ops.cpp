@@ -405,6 +405,23 @@ void bind_ops(py::module_& m) {
       py::arg("r"), py::arg("in_features"), py::arg("out_features"), py::kw_only(), py::arg("backend") = "cpu",
       "bytes of one module's bf16 inference copy on `backend` (0: it has no bf16 LoRA kernels at its level)");
   ops.def(
+      "lora_pack_bf16",
+      [](py::object A_obj, py::object B_obj, const std::string& backend) -> py::object {
+        // Host backends only: the packed bf16 copy of (A [r, in], B [out, r]) as uint32 words (tests).
+        Backend& be = get_backend(backend);
+        check_arg(be.host_memory(), "lora_pack_bf16: host backends only");
+        Mat A = as_mat(A_obj, "A", false), B = as_mat(B_obj, "B", false);
+        check_arg(A.rows >= 1 && A.cols >= 1 && A.ld == A.cols, "lora_pack_bf16: A must be a contiguous [r, in]");
+        check_arg(B.rows >= 1 && B.cols == A.rows && B.ld == B.cols, "lora_pack_bf16: B must be a contiguous [out, r]");
+        const size_t bytes = be.lora_bf16_bytes(A.rows, A.cols, B.rows);
+        if (!bytes) return py::none();
+        py::array_t<uint32_t> out(static_cast<py::ssize_t>(bytes / 4));
+        be.lora_pack_bf16(A.rows, A.cols, B.rows, A.data, B.data, out.mutable_data());
+        return std::move(out);
+      },
+      py::arg("A"), py::arg("B"), py::kw_only(), py::arg("backend") = "cpu",
+      "the backend's packed bf16 copy of A [r, in], B [out, r] as uint32 words (None: no bf16 LoRA kernels)");
+  ops.def(
       "nf4_gemm_nn",
       [](py::object dy, py::object w, py::object out, float alpha, float beta, const std::string& backend,
          const std::string& compute_dtype) { return nf4_gemm(false, dy, w, out, alpha, beta, backend, compute_dtype); },

@@ -10,7 +10,7 @@ size_t CpuBackend::lora_bf16_bytes(int64_t r, int64_t in, int64_t out) const {
 }
 
 void CpuBackend::lora_pack_bf16(int64_t r, int64_t in, int64_t out, const float* A, const float* B, void* dst) {
-  cpu::lora_pack_bf16(r, in, out, A, B, dst);  // host memory: packed in place
+  cpu::lora_pack_bf16(level(), r, in, out, A, B, dst);  // host memory: packed in place
 }
 
 }  // namespace qlora::cpu

@@ -240,6 +240,11 @@ void run_shrink(const SgmvBuffers& jb, const Task& tk) {
   const Backend::LoraSegment& g = *s.s;
   if (s.b16) {
 #if defined(QLORA_X86)
+    if (tk.a == 0 && tk.m0 == 0) {  // once per segment: B into L2 while the shrink runs (the expand reads it next)
+      const char* b = static_cast<const char*>(g.AB16) + 4 * sgmv_bf16::a_words(g.r, s.p->in);
+      const int64_t bytes = 4 * sgmv_bf16::blocks(s.p->out) * sgmv_bf16::pairs(g.r) * 16;
+      for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(b + o, _MM_HINT_T1);
+    }
     const int64_t ldtp = sgmv_bf16::t_stride(g.r);
     sgmv_bf16::shrink_avx512bf16(tk.m1 - tk.m0, tk.a, tk.b, sgmv_bf16::pairs(s.p->in), s.xp + tk.m0 * s.ldxp, s.ldxp,
                                  static_cast<const uint32_t*>(g.AB16), s.tp + tk.m0 * ldtp, ldtp);
@@ -381,8 +386,16 @@ double packed_at(const uint32_t* P, int64_t k, int64_t row, int64_t c) {
 }
 }  // namespace
 
-void lora_pack_bf16(int64_t r, int64_t in, int64_t out, const float* A, const float* B, void* dst) {
+void lora_pack_bf16(SimdLevel level, int64_t r, int64_t in, int64_t out, const float* A, const float* B, void* dst) {
   uint32_t* d = static_cast<uint32_t*>(dst);
+#if defined(QLORA_X86)
+  if (level == SimdLevel::AVX512 && lora_bf16_available(level)) {  // vcvtne2ps2bf16 + transposes: same bits
+    sgmv_bf16::pack_lanes_avx512bf16(r, in, A, d);
+    sgmv_bf16::pack_lanes_avx512bf16(out, r, B, d + sgmv_bf16::a_words(r, in));
+    return;
+  }
+#endif
+  (void)level;
   pack_lanes(r, in, A, d);
   pack_lanes(out, r, B, d + sgmv_bf16::a_words(r, in));
 }

@@ -34,7 +34,8 @@ constexpr int64_t t_stride(int64_t r) { return blocks(r) * 8; }  // words of a r
 bool lora_bf16_available(SimdLevel level);
 // Bytes of one module's copy, and the copy made from fp32 A[r, in], B[out, r] (host memory).
 size_t lora_bf16_bytes(int64_t r, int64_t in, int64_t out);
-void lora_pack_bf16(int64_t r, int64_t in, int64_t out, const float* A, const float* B, void* dst);
+// level: AVX512 packs with the AVX512-BF16 converter, others in scalar code (the same bits).
+void lora_pack_bf16(SimdLevel level, int64_t r, int64_t in, int64_t out, const float* A, const float* B, void* dst);
 // The Scalar level: the reference of Backend::lora_segments for fp32 segments; segments with a
 // bf16 copy take the oracle (x, A, t, B rounded as the kernels round them, products summed in
 // double, t stored as fp32 before its rounding). t: the reference's scratch.

@@ -21,6 +21,9 @@ namespace qlora::cpu::sgmv_bf16 {
 // Layout helpers (sgmv_bf16::pairs, blocks, a_words, ...): cpu/lora_sgmv.hpp (inline functions stay
 // out of the per-level files).
 
+// The packed layout above of src[n, k] (row stride k; n rows become lanes): the copy's A part
+// (n = r, k = in) or B part (n = out, k = r). Same bits as the scalar packer (RNE, denormals flushed).
+void pack_lanes_avx512bf16(int64_t n, int64_t k, const float* src, uint32_t* dst);
 // xp[m * ldxp + p] = pair(x[m, 2p], x[m, 2p + 1]) for p < ceil(K / 2) (RNE, as vcvtne2ps2bf16).
 void round_pairs_avx512bf16(int64_t M, int64_t K, const float* x, int64_t ldx, uint32_t* xp, int64_t ldxp);
 // Shrink of rank blocks [nb0, nb1): tp[m * ldtp + 8 nb + q] = pair of bf16(t[m, 16 nb + 2q]),

@@ -40,6 +40,11 @@ void shrink_tile(int64_t kp, const uint32_t* xp, int64_t ldxp, const uint32_t* W
     for (int q = 0; q < 4; ++q) c[i][q] = _mm512_setzero_ps();
   int64_t p = 0;
   for (; p + 4 <= kp; p += 4) {
+    // A streams from memory once per decode step: keep ~2 KiB of it in flight
+    _mm_prefetch(reinterpret_cast<const char*>(W + (p + 32) * 16), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(W + (p + 33) * 16), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(W + (p + 34) * 16), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(W + (p + 35) * 16), _MM_HINT_T0);
 #pragma GCC unroll 4
     for (int q = 0; q < 4; ++q) {
       const __m512bh w = as_bh(_mm512_loadu_si512(W + (p + q) * 16));
@@ -111,7 +116,54 @@ void expand_rows(int64_t n0, int64_t n1, int64_t kp, const uint32_t* tp, int64_t
   }
 }
 
+// In-register 16 x 16 transpose of 32-bit words: on return v[j] lane i holds what v[i] lane j held.
+void transpose16(__m512 (&v)[16]) {
+  __m512 a[16], b[16];
+  for (int i = 0; i < 16; i += 2) {
+    a[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
+    a[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    b[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a[i]), _mm512_castps_pd(a[i + 2])));
+    b[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a[i]), _mm512_castps_pd(a[i + 2])));
+    b[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a[i + 1]), _mm512_castps_pd(a[i + 3])));
+    b[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a[i + 1]), _mm512_castps_pd(a[i + 3])));
+  }
+  for (int h = 0; h < 2; ++h)
+    for (int c = 0; c < 4; ++c) {
+      a[8 * h + c] = _mm512_shuffle_f32x4(b[8 * h + c], b[8 * h + 4 + c], 0x88);
+      a[8 * h + 4 + c] = _mm512_shuffle_f32x4(b[8 * h + c], b[8 * h + 4 + c], 0xdd);
+    }
+  for (int c = 0; c < 8; ++c) {
+    v[c] = _mm512_shuffle_f32x4(a[c], a[8 + c], 0x88);
+    v[8 + c] = _mm512_shuffle_f32x4(a[c], a[8 + c], 0xdd);
+  }
+}
+
 }  // namespace
+
+void pack_lanes_avx512bf16(int64_t n, int64_t k, const float* src, uint32_t* dst) {
+  const int64_t kp = (k + 1) / 2;
+  for (int64_t nb = 0; nb * 16 < n; ++nb)
+    for (int64_t c = 0; c * 16 < kp; ++c) {
+      __m512 v[16];
+      const int64_t k0 = 32 * c;
+      for (int i = 0; i < 16; ++i) {
+        const int64_t row = nb * 16 + i;
+        if (row >= n) {
+          v[i] = _mm512_setzero_ps();
+          continue;
+        }
+        const float* s = src + row * k + k0;
+        const __m512 lo = _mm512_maskz_loadu_ps(lanes(0, k - k0), s);
+        const __m512 hi = _mm512_maskz_loadu_ps(lanes(0, k - k0 - 16), s + 16);
+        v[i] = _mm512_castsi512_ps((__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      }
+      transpose16(v);  // v[j] = pair 16c + j of the 16 rows
+      for (int64_t j = 0; j < 16 && 16 * c + j < kp; ++j)
+        _mm512_storeu_ps(reinterpret_cast<float*>(dst + (nb * kp + 16 * c + j) * 16), v[j]);
+    }
+}
 
 void round_pairs_avx512bf16(int64_t M, int64_t K, const float* x, int64_t ldx, uint32_t* xp, int64_t ldxp) {
   for (int64_t m = 0; m < M; ++m) {
