@@ -1,8 +1,9 @@
-"""The CUDA training attention kernels run on the CPU under a fiber emulator
-(tests/cuda_emu/emu.hpp), because CI has no GPU. Covered: the tiled backward
-(cuda/ops_attention_train_backward_tiled.cu), and the whole op pair: attention_train with its warp
-merge, plus the attention_train_backward launcher with its delta kernel and its tiled, tensor-core
-and untiled reference paths.
+"""The CUDA attention kernels run on the CPU under a fiber emulator (tests/cuda_emu/emu.hpp),
+because CI has no GPU. Covered:
+- the tiled backward (cuda/ops_attention_train_backward_tiled.cu);
+- the training op pair: attention_train with its warp merge, plus the attention_train_backward
+  launcher with its delta kernel and its tiled, tensor-core and untiled reference paths;
+- the KV-cache attention of inference (decode and flash kernels).
 
 The kernel sources are compiled as host C++ after two rewrites the emulator needs: the dynamic
 shared-memory declaration and the <<<>>> launches. Each gradient element is checked against
@@ -24,13 +25,15 @@ EMU = ROOT / "tests" / "cuda_emu"
 # 1-4 (3: SmolLM2, 4: Llama-3), hd below / at the 64- and 128-dim tiles, a fully padded row, T = 1,
 # and sequences spanning many tiles of both kernels.
 CASES = [(2, 37, 4, 2, 16, 3), (1, 1, 2, 1, 8, 0), (2, 20, 6, 2, 40, 20), (2, 83, 8, 2, 64, 5),
-         (1, 50, 8, 2, 128, 0), (2, 33, 3, 1, 96, 33), (2, 130, 9, 3, 64, 40), (1, 160, 8, 2, 128, 0)]
+         (1, 50, 8, 2, 128, 0), (2, 33, 3, 1, 96, 33), (2, 70, 9, 3, 64, 40), (1, 100, 8, 2, 128, 0)]
 SMEM_DECL = "extern __shared__ __align__(16) float smem[];"
-LAUNCH = re.compile(r"(\w+(?:<\w+>)?)<<<(.*?), stream>>>\((.*?)\);", re.S)
+LAUNCH = re.compile(r"(\w+(?:<[\w, ]+>)?)<<<(.*?), stream>>>\((.*?)\);", re.S)
 # source -> (emulator file name, dynamic shared-memory declarations, launches)
 SOURCES = {"ops_attention_train_backward_tiled.cu": ("tiled_emu.cpp", 4, 4),
            "ops_attention_train.cu": ("train_emu.cpp", 0, 1),
-           "ops_attention_train_backward.cu": ("train_bwd_emu.cpp", 0, 3)}
+           "ops_attention_train_backward.cu": ("train_bwd_emu.cpp", 0, 3),
+           "ops_attention.cu": ("attn_emu.cpp", 1, 2)}
+TRAIN_SOURCES = ("ops_attention_train_backward_tiled.cu", "ops_attention_train.cu", "ops_attention_train_backward.cu")
 
 
 def emu_source(name, text=None):
@@ -44,7 +47,7 @@ def emu_source(name, text=None):
     return text
 
 
-def build(d, main, sources):
+def build(d, main, sources, flags=()):
     """Compiles the driver `main` (in tests/cuda_emu) with the rewritten `sources` (dict name -> text) in d."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
@@ -57,7 +60,7 @@ def build(d, main, sources):
     exe = d / Path(main).stem
     # the tiled driver #includes its kernel source; the op-pair driver links the three units
     units = [] if main == "attention_bwd_driver.cpp" else units
-    r = subprocess.run([cxx, "-std=c++17", "-O1", f"-I{d}", f"-I{EMU}", f"-I{ROOT / 'cuda'}", "-o", str(exe),
+    r = subprocess.run([cxx, "-std=c++17", "-O1", *flags, f"-I{d}", f"-I{EMU}", f"-I{ROOT / 'cuda'}", "-o", str(exe),
                         *units, str(EMU / main)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     return exe
@@ -72,7 +75,7 @@ def driver(tmp_path_factory):
 @pytest.fixture(scope="module")
 def op_driver(tmp_path_factory):
     return build(tmp_path_factory.mktemp("cuda_emu_ops"), "attention_train_driver.cpp",
-                 {name: emu_source(name) for name in SOURCES})
+                 {name: emu_source(name) for name in TRAIN_SOURCES})
 
 
 @pytest.mark.parametrize("mode", ["fp32", "bf16"])
@@ -93,6 +96,23 @@ def test_attention_train_op_pair_under_emulator(op_driver):
     the tiled / tensor-core / reference kernels by mode and environment; hd 160: the reference) against
     float64."""
     r = subprocess.run([str(op_driver)] + [",".join(map(str, c)) for c in OP_CASES], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and "ALL OK" in r.stdout, r.stdout[-6000:] + r.stderr[-2000:]
+
+
+# B, T, Hq, Hkv, hd, S_cap, start, bf16 cache: decode (T < 16) and flash (T >= 16) kernels, hd 40 (no
+# vector loads), 64, 128, 200 (the 256-dim tiles), GQA, masked slots.
+KV_CASES = [(2, 3, 4, 2, 64, 40, 20, 0), (2, 3, 4, 2, 64, 40, 20, 1), (1, 1, 2, 2, 8, 4, 3, 0),
+            (2, 37, 4, 2, 64, 60, 10, 0), (2, 37, 4, 2, 64, 60, 10, 1), (1, 20, 2, 1, 128, 30, 3, 0),
+            (1, 17, 3, 1, 40, 20, 0, 1), (1, 16, 2, 1, 200, 20, 2, 0)]
+
+
+def test_kv_cache_attention_under_emulator(tmp_path):
+    """The inference attention kernels (decode, with the warp merge shared with attention_train, and
+    flash prefill) over fp32 and bf16 caches, emulated as an sm_75 build (no cp.async)."""
+    name = "ops_attention.cu"
+    exe = build(tmp_path, "attention_driver.cpp", {name: emu_source(name)}, flags=("-D__CUDA_ARCH__=750",))
+    r = subprocess.run([str(exe)] + [",".join(map(str, c)) for c in KV_CASES], capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0 and "ALL OK" in r.stdout, r.stdout[-6000:] + r.stderr[-2000:]
 

@@ -4,7 +4,7 @@
 // A thread runs until __syncthreads / __syncthreads_or (all threads of the block must arrive:
 // anything else is reported as a deadlock) or a bf16 mma.sync (the warp's 32 lanes must arrive;
 // the product follows the PTX ISA fragment layout of m16n8k16, operands exact bf16, fp32 sums).
-// Warp shuffles (__shfl_xor_sync, full mask) likewise wait for the warp's 32 lanes.
+// Warp shuffles (__shfl_xor_sync, full mask) and __syncwarp likewise wait for the warp's 32 lanes.
 // Shared memory starts as NaN, so a read before any write, or a missing barrier that lets a thread
 // read a tile another thread has not written yet, usually shows as NaN. Not emulated: atomics,
 // partial-warp shuffles, memory ordering beyond the barriers, timing. Test-only code.
@@ -25,8 +25,13 @@
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 #define __shared__ static  // one copy for all fibers of the (sequentially run) blocks
+#ifndef __CUDA_ARCH__  // -D__CUDA_ARCH__=750 emulates a pre-sm_80 build (no cp.async, no mma)
 #define __CUDA_ARCH__ 800
+#endif
 using std::min;
+struct float4 { float x, y, z, w; };
+struct uint4 { uint32_t x, y, z, w; };
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 struct dim3 {
   unsigned x, y, z;
   dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
@@ -35,7 +40,7 @@ namespace emu {
 struct Fiber {
   ucontext_t ctx;
   unsigned tid;
-  int state = 0;  // 0 runnable, 1 block barrier, 2 warp mma, 3 done, 4 warp shuffle
+  int state = 0;  // 0 runnable, 1 block barrier, 2 warp mma, 3 done, 4 warp shuffle, 5 __syncwarp
   int pred = 0;
   std::vector<char> stack;
 };
@@ -104,6 +109,10 @@ inline T shfl_xor(T v, int off) {
   yield();
   return static_cast<T>(shfl[cur->tid].out);
 }
+inline void syncwarp() {
+  cur->state = 5;
+  yield();
+}
 inline void run_block(unsigned nthreads) {
   static std::vector<std::vector<char>> stacks;  // kept across blocks: allocating them dominated the run time
   if (stacks.size() < nthreads) stacks.resize(nthreads, std::vector<char>(128 * 1024));
@@ -131,12 +140,15 @@ inline void run_block(unsigned nthreads) {
     }
     bool released = false;
     for (unsigned w = 0; w < nthreads / 32; ++w) {  // a warp whose 32 lanes all wait at an mma / a shuffle
-      int nw = 0, ns = 0;
-      for (int l = 0; l < 32; ++l) nw += fs[w * 32 + l].state == 2, ns += fs[w * 32 + l].state == 4;
+      int nw = 0, ns = 0, ny = 0;
+      for (int l = 0; l < 32; ++l) {
+        const int st = fs[w * 32 + l].state;
+        nw += st == 2, ns += st == 4, ny += st == 5;
+      }
       if (nw == 32) warp_mma_compute(w);
       if (ns == 32)
         for (int l = 0; l < 32; ++l) shfl[w * 32 + l].out = shfl[w * 32 + (l ^ shfl[w * 32 + l].off)].v;
-      if (nw == 32 || ns == 32) {
+      if (nw == 32 || ns == 32 || ny == 32) {
         for (int l = 0; l < 32; ++l) fs[w * 32 + l].state = 0;
         released = true;
       }
@@ -172,5 +184,7 @@ inline void launch(dim3 g, unsigned threads, size_t smem_bytes, std::function<vo
 #define __syncthreads_or(p) emu::syncthreads_or(p)
 #define __ldg(p) (*(p))
 #define __shfl_xor_sync(mask, v, off) emu::shfl_xor((v), (off))
+#define __syncwarp() emu::syncwarp()
+#define __expf(x) expf(x)
 inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 #define __trap() std::abort()
