@@ -10,6 +10,9 @@ adapter load time (load_adapter of a saved PEFT directory, median), memory per l
 and the read bandwidth of this machine measured in the same run. Targets, per decode step:
 (b) - (a) <= 1.3x the time to read one adapter's fp32 bytes at that bandwidth, and
 (c) - (b) <= 1.3x the time to read the 7 extra adapters' bytes. Random non-zero A and B.
+Cases (b)-(d) run once per adapter dtype (Model.adapter_dtype: float32, and bfloat16 where the CPU
+has AVX512-BF16: the bf16 inference copies); each row says which it used. The base computes in
+float32 throughout.
 Prints a markdown table and writes bench/results/bench_adapters.json.
 
     PYTHONPATH=python:build/dev python bench/bench_adapters.py            # default (~2 min)
@@ -98,6 +101,9 @@ def parse_args():
     p.add_argument("--load-repeats", type=int, default=7, help="load_adapter timings (median)")
     p.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the array read for the bandwidth")
     p.add_argument("--quick", action="store_true", help="smoke run: 16 new tokens, 3 loads, 0.25 GiB read")
+    p.add_argument("--adapter-dtypes", default=None,
+                   help="comma-separated adapter dtypes for cases b-d (default: float32,bfloat16 where the CPU "
+                        "has bf16 LoRA kernels, else float32)")
     p.add_argument("--out", default=os.path.join(_common.RESULTS, "bench_adapters.json"))
     return p.parse_args()
 
@@ -159,14 +165,39 @@ def main():
     print(f"load_adapter: median {load_ms:.1f} ms of {len(load_s)}", flush=True)
 
     n = args.decode_tokens
+    has_bf16 = qlora_native._core.ops.lora_bf16_bytes(RANK, 64, 64, backend="cpu") > 0
+    dtypes = (args.adapter_dtypes.split(",") if args.adapter_dtypes
+              else ["float32", "bfloat16"] if has_bf16 else ["float32"])
+    for dt in dtypes:
+        if dt not in ("float32", "bfloat16"):
+            raise SystemExit(f"--adapter-dtypes: unknown dtype {dt!r}")
+    if "bfloat16" in dtypes and not has_bf16:
+        raise SystemExit("--adapter-dtypes bfloat16: this CPU has no AVX512-BF16 (the fp32 factors would run)")
+    info["adapter_dtypes"] = dtypes
+
+    def with_dtype(dt, fn):
+        def run(k):
+            model.adapter_dtype = dt
+            if model._core.adapter_bf16_active != (dt == "bfloat16"):
+                raise RuntimeError(f"adapter_dtype {dt} not in effect")
+            return fn(k)
+        return run
+
     cases = [  # key, label, function of the token count
-        ("a", "(a) no adapter", lambda k: decode(model, prompts, k, adapter_name="__base__")),
-        ("b", "(b) one shared r=16 adapter (`adapter_name`)", lambda k: decode(model, prompts, k, adapter_name=names[0])),
-        ("b_names", "(b') the same, as `adapter_names=[one] * 8` (context)",
-         lambda k: decode(model, prompts, k, adapter_names=[names[0]] * BATCH)),
-        ("c", "(c) 8 different r=16 adapters (`adapter_names`)", lambda k: decode(model, prompts, k, adapter_names=names)),
-        ("d", "(d) the 8 adapters one after another, batch 1 (context)", lambda k: sequential(model, prompts, names, k)),
-    ]
+        ("a", "(a) no adapter", with_dtype("float32", lambda k: decode(model, prompts, k, adapter_name="__base__")))]
+    for dt in dtypes:
+        sfx = "" if dt == "float32" else "_bf16"
+        tag = f" [{dt} adapters]"
+        cases += [
+            ("b" + sfx, "(b) one shared r=16 adapter (`adapter_name`)" + tag,
+             with_dtype(dt, lambda k: decode(model, prompts, k, adapter_name=names[0]))),
+            ("b_names" + sfx, "(b') the same, as `adapter_names=[one] * 8` (context)" + tag,
+             with_dtype(dt, lambda k: decode(model, prompts, k, adapter_names=[names[0]] * BATCH))),
+            ("c" + sfx, "(c) 8 different r=16 adapters (`adapter_names`)" + tag,
+             with_dtype(dt, lambda k: decode(model, prompts, k, adapter_names=names))),
+            ("d" + sfx, "(d) the 8 adapters one after another, batch 1 (context)" + tag,
+             with_dtype(dt, lambda k: sequential(model, prompts, names, k))),
+        ]
     rates, all_rates = {}, {key: [] for key, _, _ in cases}
     for key, _, fn in cases:
         fn(min(n, 8))  # warm-up
@@ -183,12 +214,24 @@ def main():
 
     # Per decode step of the batch of 8 (for (d): 8 batch-1 steps, one token for each row).
     step_ms = {k: 1000 * BATCH / r for k, r in rates.items()}
+    # bf16 copies of all 8 adapters (made when the bf16 cases ran; 0 if none ran)
+    bf16_all = model.memory_footprint()["lora_adapters_bf16"]
+    bf16_one = bf16_all / BATCH
     read1_ms = 1000 * adapter_bytes / (bw * 1e9)
     read7_ms = 7 * read1_ms
-    extra_b = step_ms["b"] - step_ms["a"]
-    extra_c = step_ms["c"] - step_ms["b"]
-    ratio_b, ratio_c = extra_b / read1_ms, extra_c / read7_ms
     met = lambda r: "MET" if r <= TARGET_RATIO else "NOT MET"  # noqa: E731
+    # LoRA FLOP per decode step of case (b): 8 rows x 2 (shrink + expand) x r x (in + out) x 2 per
+    # multiply-add, over every adapted projection of every layer.
+    lora_flop = 2 * BATCH * adapter_bytes / 4  # adapter_bytes / 4 = sum of r (in + out) = MACs per row
+    per_step = {}
+    for dt in dtypes:
+        sfx = "" if dt == "float32" else "_bf16"
+        extra_b = step_ms["b" + sfx] - step_ms["a"]
+        extra_c = step_ms["c" + sfx] - step_ms["b" + sfx]
+        per_step[dt] = {"b_minus_a_ms": extra_b, "read_one_adapter_ms": read1_ms, "ratio_b": extra_b / read1_ms,
+                        "c_minus_b_ms": extra_c, "read_seven_adapters_ms": read7_ms, "ratio_c": extra_c / read7_ms,
+                        "b_lora_gflops": lora_flop / (extra_b * 1e6) if extra_b > 0 else None,
+                        "met_b": extra_b / read1_ms <= TARGET_RATIO, "met_c": extra_c / read7_ms <= TARGET_RATIO}
 
     lines = [
         f"SmolLM2-135M ({os.path.basename(gguf)}) NF4, batch {BATCH}, {P}-token prompts, {n} new tokens greedy, "
@@ -201,19 +244,32 @@ def main():
         lines.append(f"| {label} | {rates[key]:.1f} | {step_ms[key]:.2f} |")
     lines += [
         "",
-        "| per decode step | measured ms | read time at bandwidth, ms | ratio | target |",
-        "|---|---|---|---|---|",
-        f"| (b) - (a) vs 1 adapter's bytes | {extra_b:.2f} | {read1_ms:.2f} | {ratio_b:.2f} | "
-        f"<= {TARGET_RATIO} {met(ratio_b)} |",
-        f"| (c) - (b) vs 7 extra adapters' bytes | {extra_c:.2f} | {read7_ms:.2f} | {ratio_c:.2f} | "
-        f"<= {TARGET_RATIO} {met(ratio_c)} |",
-        f"| (d) / (c) step time (what mixed batching saves) | {step_ms['d']:.2f} / {step_ms['c']:.2f} | | "
-        f"{step_ms['d'] / step_ms['c']:.2f} | context |",
+        "| per decode step | adapters | measured ms | read time at bandwidth, ms | ratio | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for dt in dtypes:
+        q = per_step[dt]
+        lines += [
+            f"| (b) - (a) vs 1 adapter's fp32 bytes | {dt} | {q['b_minus_a_ms']:.2f} | {read1_ms:.2f} | "
+            f"{q['ratio_b']:.2f} | <= {TARGET_RATIO} {met(q['ratio_b'])} |",
+            f"| (c) - (b) vs 7 extra adapters' fp32 bytes | {dt} | {q['c_minus_b_ms']:.2f} | {read7_ms:.2f} | "
+            f"{q['ratio_c']:.2f} | <= {TARGET_RATIO} {met(q['ratio_c'])} |",
+        ]
+    for dt in dtypes:
+        sfx = "" if dt == "float32" else "_bf16"
+        lines.append(f"| (d) / (c) step time (what mixed batching saves) | {dt} | {step_ms['d' + sfx]:.2f} / "
+                     f"{step_ms['c' + sfx]:.2f} | | {step_ms['d' + sfx] / step_ms['c' + sfx]:.2f} | context |")
+    lines += ["", f"(b) - (a) in FLOP: the shared adapter adds {lora_flop / 1e6:.1f} MFLOP per step (8 rows); "
+              + "; ".join(f"{dt}: {per_step[dt]['b_lora_gflops']:.1f} GFLOP/s over the extra time"
+                          if per_step[dt]["b_lora_gflops"] else f"{dt}: no extra time measured" for dt in dtypes)]
+    lines += [
         "",
         "| adapter | value |",
         "|---|---|",
         f"| fp32 bytes of one r={RANK} all-linear adapter (A + B) | {adapter_bytes / 1e6:.2f} MB |",
-        f"| `memory_footprint()[\"lora_adapters\"]` per loaded adapter | {footprint_one / 1e6:.2f} MB "
+        f"| bf16 inference copy of one adapter (`memory_footprint()[\"lora_adapters_bf16\"]` / 8) | "
+        + (f"{bf16_one / 1e6:.2f} MB (held beside the fp32 factors) |" if bf16_all else "none made |"),
+        f"| `memory_footprint()[\"lora_adapters\"]` per loaded adapter (fp32) | {footprint_one / 1e6:.2f} MB "
         f"(8 adapters: {footprint_all / 1e6:.2f} MB) |",
         f"| base weights (NF4 + constants + other) | {weights_bytes / 1e6:.2f} MB |",
         f"| `load_adapter` (PEFT dir, median of {len(load_s)}) | {load_ms:.1f} ms "
@@ -223,15 +279,18 @@ def main():
     print()
     print("\n".join(lines))
 
+    f32 = per_step["float32"] if "float32" in per_step else next(iter(per_step.values()))
     out = {"benchmark": "bench_adapters", "info": info, "read_bandwidth_gb_s": bw,
            "decode_tok_s": rates, "decode_tok_s_all": all_rates, "step_ms": step_ms,
-           "adapter_fp32_bytes": adapter_bytes, "lora_footprint_one_bytes": footprint_one,
-           "lora_footprint_eight_bytes": footprint_all, "base_weight_bytes": weights_bytes,
+           "adapter_fp32_bytes": adapter_bytes, "adapter_bf16_copy_bytes": bf16_one,
+           "lora_footprint_one_bytes": footprint_one, "lora_footprint_eight_bytes": footprint_all,
+           "lora_bf16_footprint_eight_bytes": bf16_all, "base_weight_bytes": weights_bytes,
            "load_adapter_ms": [1000 * s for s in load_s], "load_adapter_median_ms": load_ms,
-           "per_step": {"b_minus_a_ms": extra_b, "read_one_adapter_ms": read1_ms, "ratio_b": ratio_b,
-                        "c_minus_b_ms": extra_c, "read_seven_adapters_ms": read7_ms, "ratio_c": ratio_c},
+           "lora_mflop_per_step_b": lora_flop / 1e6,
+           "per_step": f32, "per_step_by_dtype": per_step,
            "targets": {"ratio_b_max": TARGET_RATIO, "ratio_c_max": TARGET_RATIO, "load_adapter_ms_under": 50,
-                       "met_b": ratio_b <= TARGET_RATIO, "met_c": ratio_c <= TARGET_RATIO},
+                       "met_b": f32["met_b"], "met_c": f32["met_c"],
+                       "by_dtype": {dt: {"met_b": q["met_b"], "met_c": q["met_c"]} for dt, q in per_step.items()}},
            "table_markdown": "\n".join(lines)}
     _common.write_json(args.out, out)
     print(f"wrote {args.out}")
