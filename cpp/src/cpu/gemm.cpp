@@ -127,6 +127,15 @@ struct Scratch {
 };
 thread_local Scratch t_a, t_b, t_tmp;
 
+// QLORA_GEMM_TN_SMALL=0: gemm_tn's few-row kernel off (A/B runs; tests compare both ways bit for bit).
+bool tn_small_off() {
+  static const bool off = [] {
+    const char* e = std::getenv("QLORA_GEMM_TN_SMALL");
+    return e && std::string(e) == "0";
+  }();
+  return off;
+}
+
 // A panel from row-major A [M, K] (gemm_nt, gemm_nn and the NF4 GEMMs).
 void pack_a_rows(const Kern& kn, const float* A, int64_t lda, int mr, int64_t kc, float* Ap) {
   if (kn.pack_a_t) kn.pack_a_t(A, lda, mr, kc, Ap);
@@ -302,10 +311,47 @@ void gemm_nn(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, cons
       DirectA{A, lda, 1});
 }
 
+namespace {
+#ifdef QLORA_X86
+// gemm_tn with at most 48 rows of output (or, transposed, columns) against at least 128 of the other:
+// the rank-r LoRA factor gradients. The blocked way packed the big operand (a copy of x or dy per
+// call) and ran a 2-row remainder tile; tn_small_avx512 reads both in place instead.
+bool tn_small_fits(int64_t rows, int64_t cols) { return rows <= 48 && cols >= 128; }
+
+// Out element (i < rows, j < cols) = sum_k A[k, i] B[k, j], at C[i * ldc + j] (trans: C[j * ldc + i]).
+void tn_small(int64_t rows, int64_t cols, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
+              int64_t ldb, float beta, float* C, int64_t ldc, bool trans) {
+  const int64_t kc = gemm_depth_block(SimdLevel::AVX512, K);  // the blocked way's depth blocks
+  const int64_t R = kTnSmallRows, W = kTnSmallCols, tiles = ceil_div(cols, W);
+  const double tile_flops = 2.0 * static_cast<double>(rows) * W * K;
+  const int64_t per = std::max<int64_t>(1, static_cast<int64_t>(4e6 / std::max(tile_flops, 1.0)));  // ~4 MFLOP a task
+  parallel_for(ceil_div(tiles, per), [&](int64_t t) {
+    for (int64_t jt = t * per; jt < std::min(tiles, (t + 1) * per); ++jt) {
+      const int64_t j0 = jt * W;
+      const int nr = static_cast<int>(std::min(W, cols - j0));
+      for (int64_t i0 = 0; i0 < rows; i0 += R) {
+        const int mr = static_cast<int>(std::min(R, rows - i0));
+        float* c = trans ? C + j0 * ldc + i0 : C + i0 * ldc + j0;
+        for (int64_t pc = 0; pc < K; pc += kc)
+          tn_small_avx512(std::min(kc, K - pc), A + pc * lda + i0, lda, B + pc * ldb + j0, ldb, c, ldc, alpha,
+                          pc == 0 ? beta : 1.0f, mr, nr, trans);
+      }
+    }
+  });
+}
+#endif
+}  // namespace
+
 void gemm_tn(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
              const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   check_dims(M, N, K, lda, M, ldb, N, ldc);
   if (level == SimdLevel::Scalar) return scalar::gemm_tn(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+#ifdef QLORA_X86
+  if (level == SimdLevel::AVX512 && K > 0 && !tn_small_off()) {
+    if (tn_small_fits(M, N)) return tn_small(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, false);
+    if (tn_small_fits(N, M)) return tn_small(N, M, K, alpha, B, ldb, A, lda, beta, C, ldc, true);  // Cᵀ = Bᵀ·A
+  }
+#endif
   const Kern& kn = kern_for(level);
   blocked(
       kn, M, N, K, alpha, beta, C, ldc,

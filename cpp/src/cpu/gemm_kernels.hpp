@@ -56,6 +56,15 @@ void nf4_decode_avx2(const uint8_t* packed, int64_t j0, int64_t len, const float
 
 void ukernel_avx512(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta,
                     int mr, int nr);
+// gemm_tn with few rows (the rank-r LoRA gradients dA = dtᵀ·x, dBᵀ = tᵀ·dy): a tile of mr <= 8
+// rows x nr <= 32 columns of Aᵀ·B over kc, both operands read in place (A [kc, *]: row i of the tile
+// is column i of A; B [kc, *]), so the big operand streams once and nothing is packed. C[i, j] =
+// alpha * acc + beta * C, or with trans C[j * ldc + i]. Per element the FMA chain of the packed
+// micro-kernel (acc = fma(a_k, b_k, acc) from 0, then beta == 0 ? alpha * acc :
+// fma(beta, C, alpha * acc)), so results equal gemm_tn's blocked way bit for bit.
+constexpr int kTnSmallRows = 8, kTnSmallCols = 32;
+void tn_small_avx512(int64_t kc, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                     float alpha, float beta, int mr, int nr, bool trans);
 void ukernel_direct_avx512(int64_t kc, const float* A, int64_t rs, int64_t cs, const float* Bp, float* C, int64_t ldc,
                            float alpha, float beta, int mr, int nr);
 void pack_b_t_avx512(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);

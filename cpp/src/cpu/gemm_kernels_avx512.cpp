@@ -166,6 +166,68 @@ void ukernel_direct_avx512(int64_t kc, const float* A, int64_t rs, int64_t cs, c
   }
 }
 
+namespace {
+// 8 rows x 32 columns: each broadcast of A feeds two FMAs (one per 16-column half), as in ukr.
+template <int R>
+void tn_small(int64_t kc, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, float alpha,
+              float beta, int nr, bool trans) {
+  __m512 c0[8], c1[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
+  const __mmask16 m0 = lane_mask(nr), m1 = lane_mask(nr - 16);
+  for (int64_t k = 0; k < kc; ++k) {
+    // B's rows are far apart (a wide matrix read 128 bytes per row): fetch them a few rows ahead.
+    _mm_prefetch(reinterpret_cast<const char*>(B + (k + 16) * ldb), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(B + (k + 16) * ldb + 16), _MM_HINT_T0);
+    const __m512 b0 = _mm512_maskz_loadu_ps(m0, B + k * ldb), b1 = _mm512_maskz_loadu_ps(m1, B + k * ldb + 16);
+    const float* a = A + k * lda;
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const __m512 ai = _mm512_set1_ps(a[i]);
+      c0[i] = _mm512_fmadd_ps(ai, b0, c0[i]);
+      c1[i] = _mm512_fmadd_ps(ai, b1, c1[i]);
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+  if (!trans) {
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      float* c = C + i * ldc;
+      const __m512 x0 = _mm512_mul_ps(va, c0[i]), x1 = _mm512_mul_ps(va, c1[i]);
+      _mm512_mask_storeu_ps(c, m0, beta == 0.0f ? x0 : _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, c), x0));
+      _mm512_mask_storeu_ps(c + 16, m1, beta == 0.0f ? x1 : _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m1, c + 16), x1));
+    }
+    return;
+  }
+  // C[j * ldc + i]: transpose each 16-column half (rows i >= R zero); row j then holds column j.
+  const __mmask16 mi = lane_mask(R);
+  for (int h = 0; h < 2; ++h) {
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) r[i] = i < R ? _mm512_mul_ps(va, h == 0 ? c0[i] : c1[i]) : _mm512_setzero_ps();
+    transpose16(r);
+    for (int j = 0; j < 16 && h * 16 + j < nr; ++j) {
+      float* c = C + (h * 16 + j) * ldc;
+      _mm512_mask_storeu_ps(c, mi, beta == 0.0f ? r[j] : _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(mi, c), r[j]));
+    }
+  }
+}
+}  // namespace
+
+void tn_small_avx512(int64_t kc, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                     float alpha, float beta, int mr, int nr, bool trans) {
+  switch (mr) {
+    case 8: return tn_small<8>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans);
+    case 7: return tn_small<7>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans);
+    case 6: return tn_small<6>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans);
+    case 5: return tn_small<5>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans);
+    case 4: return tn_small<4>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans);
+    case 3: return tn_small<3>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans);
+    case 2: return tn_small<2>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans);
+    case 1: return tn_small<1>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans);
+    default: return;
+  }
+}
+
 void pack_b_t_avx512(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp) {
   int64_t k0 = 0;
   for (; k0 + 16 <= kc; k0 += 16) {
