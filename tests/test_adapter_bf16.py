@@ -182,3 +182,25 @@ def test_logits_match_a_bf16_emulating_float64_reference(tmp_path, rng, nf4):
     # mode stays within the fp32 tolerance of it
     assert np.abs(ours16 - ref32).max() > 4 * bound
     assert np.abs(ours32 - ref32).max() <= fp32_tol(cfg) * np.abs(ref32).max()
+
+
+def test_levels_without_bf16_units_serve_the_fp32_factors(tiny_dir):
+    """QLORA_SIMD / set_simd_level below avx512 (or a CPU without AVX512-BF16): adapter_dtype
+    "bfloat16" falls back to the fp32 factors, bit for bit, also for copies made at avx512."""
+    m = tmb._model(tiny_dir)
+    ids, mask = tmb._padded(tmb.PROMPTS)
+    best = qlora_native._core.best_simd_level()
+    m.adapter_dtype = "bfloat16"
+    m(ids, mask, adapter_names=tmb.NAMES)  # copies made where the best level has bf16 units
+    try:
+        for level in qlora_native.supported_simd_levels():
+            if level in ("scalar", "avx512"):
+                continue
+            qlora_native.set_simd_level(level)
+            assert not m._core.adapter_bf16_active
+            m.adapter_dtype = "bfloat16"
+            b16 = m(ids, mask, adapter_names=tmb.NAMES)
+            m.adapter_dtype = "float32"
+            np.testing.assert_array_equal(b16, m(ids, mask, adapter_names=tmb.NAMES), err_msg=level)
+    finally:
+        qlora_native.set_simd_level(best)
