@@ -2,7 +2,7 @@
 into the GEMM panels, each query tile running only over the keys it sees (causal). They must give
 the results of the per-block GEMMs (QLORA_ATTN_PANELS=0) bit for bit, at every SIMD level, on
 shapes with partial tiles, padding, GQA and a last query block short enough for the GEMV route;
-fp32 and bf16 compute (whose scores are fp32 products too)."""
+fp32 and bf16 compute (whose scores are fp32 products too); forward and the fused backward."""
 import os
 import subprocess
 import sys
@@ -46,7 +46,7 @@ np.savez(sys.argv[1], **out)
 
 
 def _run(path, levels, dtypes, panels):
-    env = dict(os.environ)
+    env = dict(os.environ, QLORA_ATTN_BACKWARD="fused")  # the backward way the panels serve, on any machine
     env.pop("QLORA_ATTN_PANELS", None)
     if not panels:
         env["QLORA_ATTN_PANELS"] = "0"

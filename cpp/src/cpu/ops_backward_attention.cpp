@@ -404,10 +404,9 @@ void attention_train(SimdLevel level, int64_t B, int64_t T, int64_t Hq, int64_t 
   });
 }
 
-#ifdef QLORA_X86
 namespace {
 // dS = P (dP - delta_t) scale for the keys each query sees (s < n_vis), 0 beyond (dP is not
-// computed there on the packed path).
+// computed there on the packed paths).
 void dscores_causal(const float* P, float* dP, int64_t ld, int64_t rows, int64_t cols, int64_t t0,
                     const float* delta, float scale) {
   for (int64_t i = 0; i < rows; ++i) {
@@ -419,6 +418,10 @@ void dscores_causal(const float* P, float* dP, int64_t ld, int64_t rows, int64_t
     std::fill(d + n_vis, d + cols, 0.0f);
   }
 }
+}  // namespace
+
+#ifdef QLORA_X86
+namespace {
 
 // The fused backward in bf16 on AVX512-BF16: one task per (b, KV head) packs its K and V once,
 // then per (query block, query head) the scores in fp32 and four bf16 products on 14-row tiles; dK and
@@ -437,6 +440,12 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
     std::vector<uint32_t> Ap(static_cast<size_t>(MR * std::max({hp, tp, bp})));
     Buf bKc, bVr, bQc, bOc;
     uint32_t *Kc = bKc.get(kc_sz), *Vr = bVr.get(vr_sz), *Qc = bQc.get(qc_sz), *Oc = bOc.get(qc_sz);
+    // fp32 scores from K panels packed once per task (fp:: above), as the fp32 backward.
+    const bool kpan = fp::usable(level, hd);
+    const GemmPanels& gp = gemm_panels(level);
+    fp::Buf bKr, bAf;
+    float* Kr = kpan ? bKr.get(static_cast<size_t>(fp::rows_size(gp, T, hd))) : nullptr;
+    float* Af = kpan ? bAf.get(static_cast<size_t>(gp.mr * hd)) : nullptr;
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / Hkv, kh = p % Hkv;
       const float* Kb = k + b * T * ldk + kh * hd;  // [T, hd] rows of KV head kh
@@ -446,6 +455,7 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
       const int32_t* km = key_mask + b * T;
       pack_dim_cols(Kb, ldk, T, hd, Kc);
       pack_rows_as_cols(Vb, ldv, T, hd, Vr);
+      if (kpan) fp::pack_rows(gp, Kb, ldk, T, hd, Kr);
       for (int64_t t = 0; t < T; ++t) {
         std::fill(dKb + t * lddk, dKb + t * lddk + hd, 0.0f);
         std::fill(dVb + t * lddv, dVb + t * lddv + hd, 0.0f);
@@ -458,7 +468,10 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
           const float* dOr = dout + (b * T + t0) * lddo + h * hd;  // [mq, hd]
           pack_dim_cols(Qr, ldq, mq, hd, Qc);
           pack_dim_cols(dOr, lddo, mq, hd, Oc);
-          gemm_nt(level, mq, nk, hd, scale, Qr, ldq, Kb, ldk, 0.0f, P.data(), nk);  // scores in fp32
+          if (kpan && fp::block_usable(mq))
+            fp::scores(gp, mq, nk, t0, hd, Qr, ldq, Kr, scale, P.data(), nk, Af);  // scores in fp32
+          else
+            gemm_nt(level, mq, nk, hd, scale, Qr, ldq, Kb, ldk, 0.0f, P.data(), nk);
           for (int64_t ir = 0; ir < mq; ir += MR) {  // dP = dout·vᵀ
             const int mr = static_cast<int>(std::min<int64_t>(MR, mq - ir));
             const int64_t n = keys_seen(t0, ir, mr, nk);
@@ -537,8 +550,20 @@ void attention_train_backward(SimdLevel level, int64_t B, int64_t T, int64_t Hq,
                                      dout, lddo, dq, lddq, dk, lddk, dv, lddv);
 #endif
   if (fused) {
+    // fp32 products: scores, dP and dq from K and V panels packed once per task (fp:: above);
+    // dK and dV through gemm_tn as before.
+    const bool panels = !g.bf16 && fp::usable(level, hd);
+    const GemmPanels* gp = panels ? &gemm_panels(level) : nullptr;
     parallel_range(tasks, 1, [&](int64_t p0, int64_t p1) {
       std::vector<float> P(static_cast<size_t>(kBlock * T)), dP(P.size());  // [mq, nk] each
+      fp::Buf bKr, bVr, bKc, bAp;
+      float *Kr = nullptr, *Vr = nullptr, *Kc = nullptr, *Ap = nullptr;
+      if (panels) {
+        Kr = bKr.get(static_cast<size_t>(fp::rows_size(*gp, T, hd)));
+        Vr = bVr.get(static_cast<size_t>(fp::rows_size(*gp, T, hd)));
+        Kc = bKc.get(static_cast<size_t>(fp::cols_size(*gp, T, hd)));
+        Ap = bAp.get(static_cast<size_t>(gp->mr * std::max(hd, std::min(T, gemm_blocking_in_use(level).kc))));
+      }
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t b = p / Hkv, kh = p % Hkv;
         const float* Kb = k + b * T * ldk + kh * hd;  // [T, hd] rows of KV head kh
@@ -546,6 +571,11 @@ void attention_train_backward(SimdLevel level, int64_t B, int64_t T, int64_t Hq,
         float* dKb = dk + b * T * lddk + kh * hd;
         float* dVb = dv + b * T * lddv + kh * hd;
         const int32_t* km = key_mask + b * T;
+        if (panels) {
+          fp::pack_rows(*gp, Kb, ldk, T, hd, Kr);
+          fp::pack_rows(*gp, Vb, ldv, T, hd, Vr);
+          fp::pack_cols(*gp, Kb, ldk, T, hd, Kc);
+        }
         for (int64_t t = 0; t < T; ++t) {
           std::fill(dKb + t * lddk, dKb + t * lddk + hd, 0.0f);
           std::fill(dVb + t * lddv, dVb + t * lddv + hd, 0.0f);
@@ -556,11 +586,22 @@ void attention_train_backward(SimdLevel level, int64_t B, int64_t T, int64_t Hq,
           for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
             const float* Qr = q + (b * T + t0) * ldq + h * hd;        // [mq, hd]
             const float* dOr = dout + (b * T + t0) * lddo + h * hd;  // [mq, hd]
-            gemm_nt(level, mq, nk, hd, scale, Qr, ldq, Kb, ldk, 0.0f, P.data(), nk);  // scores in fp32
-            probs_from_lse(kr, P.data(), nk, mq, nk, t0, 0, km, km_all, lse + (b * Hq + h) * T);
-            g.nt(mq, nk, hd, 1.0f, dOr, lddo, Vb, ldv, 0.0f, dP.data(), nk);
-            dscores(P.data(), dP.data(), nk, mq, nk, delta.data() + (b * Hq + h) * T + t0, scale);
-            g.nn(mq, hd, nk, 1.0f, dP.data(), nk, Kb, ldk, 0.0f, dq + (b * T + t0) * lddq + h * hd, lddq);
+            if (panels && fp::block_usable(mq)) {
+              // dS beyond each row's keys is +0 where the full products gave ±0 (P = 0 there): the
+              // sums below never differ (an fp32 sum from +0 is never -0).
+              fp::scores(*gp, mq, nk, t0, hd, Qr, ldq, Kr, scale, P.data(), nk, Ap);
+              probs_from_lse(kr, P.data(), nk, mq, nk, t0, 0, km, km_all, lse + (b * Hq + h) * T);
+              fp::scores(*gp, mq, nk, t0, hd, dOr, lddo, Vr, 1.0f, dP.data(), nk, Ap);
+              dscores_causal(P.data(), dP.data(), nk, mq, nk, t0, delta.data() + (b * Hq + h) * T + t0, scale);
+              fp::p_times_v(level, *gp, mq, nk, t0, hd, T, dP.data(), nk, Kc, dq + (b * T + t0) * lddq + h * hd,
+                            lddq, Ap);
+            } else {
+              gemm_nt(level, mq, nk, hd, scale, Qr, ldq, Kb, ldk, 0.0f, P.data(), nk);  // scores in fp32
+              probs_from_lse(kr, P.data(), nk, mq, nk, t0, 0, km, km_all, lse + (b * Hq + h) * T);
+              g.nt(mq, nk, hd, 1.0f, dOr, lddo, Vb, ldv, 0.0f, dP.data(), nk);
+              dscores(P.data(), dP.data(), nk, mq, nk, delta.data() + (b * Hq + h) * T + t0, scale);
+              g.nn(mq, hd, nk, 1.0f, dP.data(), nk, Kb, ldk, 0.0f, dq + (b * T + t0) * lddq + h * hd, lddq);
+            }
             g.tn(nk, hd, mq, 1.0f, dP.data(), nk, Qr, ldq, 1.0f, dKb, lddk);
             g.tn(nk, hd, mq, 1.0f, P.data(), nk, dOr, lddo, 1.0f, dVb, lddv);
           }
