@@ -2,8 +2,8 @@
 adapter's A/B from a bf16 copy (made at add_adapter, rebuilt after training or lora_set), rounding x
 and x·Aᵀ to bf16 as well, with fp32 accumulation. Checks: "auto" keeps the fp32 parity mode bit
 for bit; logits equal a float64 PEFT reference that rounds the same four operands to bf16, within
-the fp32 tolerance of the fp32 path (plus one bf16 ulp of a rounded x·Aᵀ element: the reference
-rounds the exact value, the kernel its fp32 sum); the mixed-batch tests pass in bf16; a trained or
+the fp32 tolerance of the fp32 path plus the effect of rounding flips (the reference rounds exact
+values, the kernels fp32 ones, so an element near a boundary can round the other way); the mixed-batch tests pass in bf16; a trained or
 replaced adapter never serves stale copies; an open context keeps the dtype it started with."""
 import os
 import sys
@@ -175,12 +175,18 @@ def test_logits_match_a_bf16_emulating_float64_reference(tmp_path, rng, nf4):
     ours32 = model(ids)
     scale = np.abs(ref16).max()
     effect = np.abs(ref32 - base).max()  # what the adapter does to the logits
-    # the fp32 path's tolerance, plus a bf16 ulp of the few t elements the two round differently
-    bound = fp32_tol(cfg) * scale + U * effect
-    assert np.abs(ours16 - ref16).max() <= bound, (np.abs(ours16 - ref16).max(), bound)
-    # the emulation is what changed: our bf16 logits are far from the fp32 reference, and the fp32
-    # mode stays within the fp32 tolerance of it
-    assert np.abs(ours16 - ref32).max() > 4 * bound
+    # The fp32 path's tolerance, plus the bf16 rounding flips: the reference rounds exact values, we
+    # round fp32 ones, so an x or a t element near a rounding boundary can round the other way (one
+    # bf16 ulp, at most 2u of it); an x flip and the t flips it causes move the logits, to first
+    # order, by at most 2u + 2u of the adapter's effect. Flips are rare: the means are far smaller.
+    bound = fp32_tol(cfg) * scale + 4 * U * effect
+    d16, d32 = np.abs(ours16 - ref16), np.abs(ours16 - ref32)
+    print(f"bf16 logits: max {d16.max():.3g} mean {d16.mean():.3g} from the bf16-emulating reference "
+          f"(bound {bound:.3g}), max {d32.max():.3g} mean {d32.mean():.3g} from fp32's")
+    assert d16.max() <= bound, (d16.max(), bound)
+    # the emulation is what changed: our bf16 logits are much nearer the bf16 reference than the fp32
+    # one (flips are rare: compare means), and the fp32 mode stays within fp32 tolerance of fp32's
+    assert d16.mean() < 0.25 * d32.mean() and d32.max() > fp32_tol(cfg) * scale
     assert np.abs(ours32 - ref32).max() <= fp32_tol(cfg) * np.abs(ref32).max()
 
 

@@ -10,8 +10,7 @@
 //           word (nb * ceil(r / 2) + p) * 16 + i = pair(B[16 nb + i, 2p], B[16 nb + i, 2p + 1])
 // Both kernels broadcast one pair of a row (x or t) against 16 lanes of packed words, so no
 // transpose or horizontal sum is needed. Every output lane is ONE fixed chain of fp32 accumulations
-// (the shrink: four chains over p mod 4, summed (c0 + c1) + (c2 + c3); the expand: one chain over
-// p), whatever M or the column range: a row's result does not depend on the rows sharing its call.
+// (the shrink: two chains over p mod 2, summed c0 + c1; the expand: one chain over p), whatever M or the column range: a row's result does not depend on the rows sharing its call.
 #pragma once
 #include <cstddef>
 #include <cstdint>

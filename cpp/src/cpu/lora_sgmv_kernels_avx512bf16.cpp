@@ -30,40 +30,34 @@ __mmask16 lanes(int64_t lo, int64_t hi) {  // lanes [lo, hi) of 16, clamped
 __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 __m512bh bcast(const uint32_t* p) { return as_bh(_mm512_set1_epi32(static_cast<int>(*p))); }
 
-// Rows [0, R) of the shrink for rank block nb: four chains per lane over p mod 4.
+// Rows [0, R) of the shrink for rank block nb: two chains per lane, over even and odd p, summed
+// at the end. R <= 8 rows share each load of A (16 accumulators).
 template <int R>
 void shrink_tile(int64_t kp, const uint32_t* xp, int64_t ldxp, const uint32_t* W, uint32_t* tp, int64_t ldtp) {
-  __m512 c[R][4];
-#pragma GCC unroll 4
-  for (int i = 0; i < R; ++i)
-#pragma GCC unroll 4
-    for (int q = 0; q < 4; ++q) c[i][q] = _mm512_setzero_ps();
+  __m512 c[R][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) c[i][0] = c[i][1] = _mm512_setzero_ps();
   int64_t p = 0;
-  for (; p + 4 <= kp; p += 4) {
-    // A streams from memory once per decode step: keep ~2 KiB of it in flight
-    _mm_prefetch(reinterpret_cast<const char*>(W + (p + 32) * 16), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(W + (p + 33) * 16), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(W + (p + 34) * 16), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(W + (p + 35) * 16), _MM_HINT_T0);
-#pragma GCC unroll 4
-    for (int q = 0; q < 4; ++q) {
-      const __m512bh w = as_bh(_mm512_loadu_si512(W + (p + q) * 16));
-#pragma GCC unroll 4
-      for (int i = 0; i < R; ++i) c[i][q] = _mm512_dpbf16_ps(c[i][q], bcast(xp + i * ldxp + p + q), w);
-    }
-  }
-  for (int q = 0; p < kp; ++p, ++q) {  // tail: pair p continues chain p mod 4 (= q, p being 4k + q)
-    const __m512bh w = as_bh(_mm512_loadu_si512(W + p * 16));
-#pragma GCC unroll 4
+  for (; p + 2 <= kp; p += 2) {
+    // A streams from memory once per decode step: keep ~4 KiB of it in flight
+    _mm_prefetch(reinterpret_cast<const char*>(W + (p + 64) * 16), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(W + (p + 65) * 16), _MM_HINT_T0);
+    const __m512bh w0 = as_bh(_mm512_loadu_si512(W + p * 16));
+    const __m512bh w1 = as_bh(_mm512_loadu_si512(W + (p + 1) * 16));
+#pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
-      if (q == 0) c[i][0] = _mm512_dpbf16_ps(c[i][0], bcast(xp + i * ldxp + p), w);
-      else if (q == 1) c[i][1] = _mm512_dpbf16_ps(c[i][1], bcast(xp + i * ldxp + p), w);
-      else c[i][2] = _mm512_dpbf16_ps(c[i][2], bcast(xp + i * ldxp + p), w);
+      c[i][0] = _mm512_dpbf16_ps(c[i][0], bcast(xp + i * ldxp + p), w0);
+      c[i][1] = _mm512_dpbf16_ps(c[i][1], bcast(xp + i * ldxp + p + 1), w1);
     }
   }
-#pragma GCC unroll 4
+  if (p < kp) {  // odd kp: the last pair continues chain 0
+    const __m512bh w = as_bh(_mm512_loadu_si512(W + p * 16));
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) c[i][0] = _mm512_dpbf16_ps(c[i][0], bcast(xp + i * ldxp + p), w);
+  }
+#pragma GCC unroll 8
   for (int i = 0; i < R; ++i) {
-    const __m512 s = _mm512_add_ps(_mm512_add_ps(c[i][0], c[i][1]), _mm512_add_ps(c[i][2], c[i][3]));
+    const __m512 s = _mm512_add_ps(c[i][0], c[i][1]);
     // 16 fp32 -> 16 bf16 (RNE) = 8 pairs of consecutive ranks, stored in order.
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(tp + i * ldtp), (__m256i)_mm512_cvtneps_pbh(s));
   }
@@ -182,13 +176,18 @@ void shrink_avx512bf16(int64_t M, int64_t nb0, int64_t nb1, int64_t kp, const ui
                        const uint32_t* Ap, uint32_t* tp, int64_t ldtp) {
   for (int64_t nb = nb0; nb < nb1; ++nb) {
     const uint32_t* W = Ap + nb * kp * 16;
-    for (int64_t m = 0; m < M; m += kRows) {
+    for (int64_t m = 0; m < M; m += 8) {
       const uint32_t* x = xp + m * ldxp;
+      uint32_t* t = tp + m * ldtp + nb * 8;
       switch (M - m) {
-        case 1: shrink_tile<1>(kp, x, ldxp, W, tp + m * ldtp + nb * 8, ldtp); break;
-        case 2: shrink_tile<2>(kp, x, ldxp, W, tp + m * ldtp + nb * 8, ldtp); break;
-        case 3: shrink_tile<3>(kp, x, ldxp, W, tp + m * ldtp + nb * 8, ldtp); break;
-        default: shrink_tile<4>(kp, x, ldxp, W, tp + m * ldtp + nb * 8, ldtp); break;
+        case 1: shrink_tile<1>(kp, x, ldxp, W, t, ldtp); break;
+        case 2: shrink_tile<2>(kp, x, ldxp, W, t, ldtp); break;
+        case 3: shrink_tile<3>(kp, x, ldxp, W, t, ldtp); break;
+        case 4: shrink_tile<4>(kp, x, ldxp, W, t, ldtp); break;
+        case 5: shrink_tile<5>(kp, x, ldxp, W, t, ldtp); break;
+        case 6: shrink_tile<6>(kp, x, ldxp, W, t, ldtp); break;
+        case 7: shrink_tile<7>(kp, x, ldxp, W, t, ldtp); break;
+        default: shrink_tile<8>(kp, x, ldxp, W, t, ldtp); break;
       }
     }
   }
