@@ -481,7 +481,7 @@ def test_combined_adapter_forward_save_load_train(env, model, rng, tmp_path):
     model.optimizer_step()
     after = model.get_adapter_state_dict("mix")
     assert any(not np.array_equal(before[k], after[k]) for k in before)
-    assert len(model.generate(ids[:1], max_new_tokens=3)[0]) >= 3
+    assert len(model.generate(ids[:1], max_new_tokens=3, eos_token_id=None)[0]) >= 3  # no EOS stop: any seed
 
 
 def test_peft_combined_adapter_loads_into_ours(env, model, rng, tmp_path):

@@ -97,7 +97,7 @@ def test_hf_directory_loads_through_the_engine_loader(tmp_path, rng, monkeypatch
     for nf4 in (False, True):
         ours = qlora_native.Model.from_pretrained(path, quantize="nf4" if nf4 else None, tokenizer=None)(ids)[0]
         lib = ctypes.CDLL(_core.__file__)
-        from test_gguf_capi import ModelParams
+        from helpers_capi import ModelParams
 
         lib.qlora_model_default_params.restype = ModelParams
         lib.qlora_model_load.restype = ctypes.c_void_p

@@ -120,6 +120,9 @@ class MPIComm:
         return cache[backend]
 
     def abort(self, code: int = 1) -> None:
+        # A moment for the launcher to forward this rank's last stderr lines: MPICH's hydra can kill every
+        # rank and exit before it relays them (seen once under load in CI: an abort with empty stderr).
+        time.sleep(0.5)
         self.comm.Abort(code)
 
 
