@@ -226,18 +226,6 @@ class Backend {
   // (CUDA: the tensor-core GEMM instead of the warp-per-column Q8_0 kernel).
   virtual void q8_0_gemm_nt_bf16(int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const void* W, float* Y,
                                  int64_t ldy);
-  // dX[M, W.cols] = alpha * dY[M, W.rows] · deq(W) + beta * dX
-  virtual void nf4_gemm_nn(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W,
-                           float beta, float* dX, int64_t lddx) = 0;
-  // out[W.rows * W.cols] = deq(W) (tests, merging, export)
-  virtual void nf4_dequantize(const Nf4Ref& W, float* out) = 0;
-
-  // ---- bf16 compute (compute_dtype="bfloat16"): the five GEMMs above with both operands rounded
-  // to bf16 (round-to-nearest-even; NF4 decoded, then rounded) and fp32 accumulation. Backends
-  // without bf16 units keep has_bf16_compute() false and these defaults run the fp32 ops (the
-  // model then warns once and computes in fp32).
-  virtual bool has_bf16_compute() const { return false; }
-  // The compute dtype a new model on this backend starts with: bf16 where bf16 is the fast path
   // ---- 16-bit float rows (head_format "f16" / "bf16": the embedding and lm_head kept as IEEE fp16
   // or bf16, 2 bytes per weight, little-endian; any K). Every weight widens exactly to fp32; products
   // accumulate in fp32. W holds N rows of K values back to back.
@@ -261,6 +249,18 @@ class Backend {
                                  const void* W, float* Y, int64_t ldy);
   static constexpr int64_t kHalfChunk = 2048;
   static size_t half_chunk_scratch_bytes(int64_t N, int64_t K);
+  // dX[M, W.cols] = alpha * dY[M, W.rows] · deq(W) + beta * dX
+  virtual void nf4_gemm_nn(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W,
+                           float beta, float* dX, int64_t lddx) = 0;
+  // out[W.rows * W.cols] = deq(W) (tests, merging, export)
+  virtual void nf4_dequantize(const Nf4Ref& W, float* out) = 0;
+
+  // ---- bf16 compute (compute_dtype="bfloat16"): the five GEMMs above with both operands rounded
+  // to bf16 (round-to-nearest-even; NF4 decoded, then rounded) and fp32 accumulation. Backends
+  // without bf16 units keep has_bf16_compute() false and these defaults run the fp32 ops (the
+  // model then warns once and computes in fp32).
+  virtual bool has_bf16_compute() const { return false; }
+  // The compute dtype a new model on this backend starts with: bf16 where bf16 is the fast path
   // and the usual QLoRA choice (CUDA sm_80+), fp32 elsewhere (CPU: the parity mode stays default).
   virtual bool default_compute_bf16() const { return false; }
   virtual void gemm_nt_bf16(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
