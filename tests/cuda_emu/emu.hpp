@@ -25,12 +25,15 @@
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 #define __shared__ static  // one copy for all fibers of the (sequentially run) blocks
+#define __constant__
 #ifndef __CUDA_ARCH__  // -D__CUDA_ARCH__=750 emulates a pre-sm_80 build (no cp.async, no mma)
 #define __CUDA_ARCH__ 800
 #endif
 using std::min;
 struct float4 { float x, y, z, w; };
 struct uint4 { uint32_t x, y, z, w; };
+struct float2 { float x, y; };
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 struct dim3 {
   unsigned x, y, z;
@@ -51,6 +54,23 @@ inline dim3 bidx, bdim, gdim;
 inline std::vector<float> smem_buf;
 inline int or_result = 0;
 inline std::function<void()> body;
+// Fresh per-block storage for a static __shared__ array that a test rewrote to
+// emu::shared_static<T, Id>() (tests/test_cuda_emu_gemm.py): all bytes 0xFF (NaN as fp32 and
+// bf16), so a read before the block wrote it shows, where a plain static keeps the last block's data.
+inline unsigned long block_gen = 0;
+inline std::vector<std::vector<unsigned char>> shared_arena;
+template <class T, int Id>
+T& shared_static() {
+  static T* p = nullptr;
+  static unsigned long gen = 0;
+  if (gen != block_gen) {
+    shared_arena.emplace_back(sizeof(T) + 16, 0xFF);
+    auto a = reinterpret_cast<uintptr_t>(shared_arena.back().data());
+    p = reinterpret_cast<T*>((a + 15) & ~uintptr_t{15});
+    gen = block_gen;
+  }
+  return *p;
+}
 // mma operands of each thread (its fragments) and its share of the warp's product
 struct Dep { uint32_t a[4], b[2]; float out[4]; };
 inline std::vector<Dep> deps;
@@ -172,6 +192,7 @@ inline void launch(dim3 g, unsigned threads, size_t smem_bytes, std::function<vo
       for (unsigned x = 0; x < g.x; ++x) {
         bidx = dim3(x, y, z);
         smem_buf.assign(smem_bytes / 4 + 1, NAN);  // uninitialised shared reads show as NaN
+        ++block_gen, shared_arena.clear();
         run_block(threads);
       }
 }

@@ -1,0 +1,213 @@
+"""The tensor-core GEMM kernels run on the CPU under the fiber emulator (tests/cuda_emu/emu.hpp),
+because CI has no GPU:
+- cuda/gemm_tc.cu (Backend::gemm_*_bf16: fp32 weights, LoRA factors) in its three layouts, through
+  the float4 and the element loaders, both tile configurations, ragged M, N, K, strides, alpha / beta;
+- cuda/nf4_gemm_tc.cu (Backend::nf4_gemm_*_bf16) on weights from the project's own NF4 quantizer:
+  the packed-word loader and the element decoder, with and without double quantization.
+
+The real cuda/mma_tile.cuh is compiled as host C++ with its mma.sync asm block replaced by the
+emulator's warp-collective m16n8k16 (PTX ISA fragment layout), its static __shared__ arrays
+replaced by per-block storage filled with NaN, and its <<<>>> launches rewritten. Each element is
+checked against float64 of the bf16-rounded operands (fp32 accumulation: (K + 4) * 2^-24 of the
+sum of |products|), and, looser, against float64 of the unrounded operands (2 * 2^-8 more). Not
+checked: GPU timing, the memory model, nvcc's code. Skipped when no C++17 compiler is present.
+"""
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EMU = ROOT / "tests" / "cuda_emu"
+LAUNCH = re.compile(r"(\w+(?:<[\w, ]+>)?)<<<(.*?), stream>>>\((.*?)\);", re.S)
+SHARED = re.compile(r"__shared__ (?:__align__\(\d+\) )?(\w+) (\w+)((?:\[[\w +]+\])+);")
+MMA_ASM = re.compile(r"asm volatile\(\s*\"mma\.sync.*?\);", re.S)
+
+
+def rewrite_launches(text, n, name):
+    text, k = LAUNCH.subn(r"emu::launch(\2, [&]() { \1(\3); });", text)
+    assert k == n, f"{name}: expected {n} kernel launches, rewrote {k}"
+    return text
+
+
+def mma_tile_source(text=None):
+    """cuda/mma_tile.cuh for the emulator: mma asm -> emu::mma, __shared__ arrays -> per-block NaN storage."""
+    text = (ROOT / "cuda" / "mma_tile.cuh").read_text() if text is None else text
+    text, n = MMA_ASM.subn("emu::mma(c, a, b);", text)
+    assert n == 1, "mma_tile.cuh: the mma.sync asm block changed"
+    text, n = SHARED.subn(r"auto& \2 = emu::shared_static<\1\3, __LINE__>();", text)
+    assert n == 3, f"mma_tile.cuh: expected 3 __shared__ arrays, rewrote {n}"
+    return rewrite_launches(text, 2, "mma_tile.cuh")
+
+
+def build(d, mma_tile=None):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    (d / "mma_tile.cuh").write_text(mma_tile_source(mma_tile))
+    tile = SHARED.sub(r"auto& \2 = emu::shared_static<\1\3, __LINE__>();", (ROOT / "cuda" / "tile_gemm.cuh").read_text())
+    (d / "tile_gemm.cuh").write_text(rewrite_launches(tile, 2, "tile_gemm.cuh"))  # included, its kernel unused
+    for name in ("gemm_tc.cu", "nf4_gemm_tc.cu"):  # copied so their "mma_tile.cuh" is the rewritten one
+        text = (ROOT / "cuda" / name).read_text()
+        assert "<<<" not in text, f"{name}: launches now need rewriting"
+        (d / name).write_text(text)
+    exe = d / "gemm_driver"
+    r = subprocess.run([cxx, "-std=c++17", "-O1", f"-I{d}", f"-I{EMU}", f"-I{ROOT / 'cuda'}", f"-I{ROOT / 'cpp' / 'src'}",
+                        "-o", str(exe), str(EMU / "gemm_driver.cpp")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return exe
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("cuda_emu_gemm"))
+
+
+def bf16(x):
+    """x (float32) rounded to bf16, round to nearest even, as float64."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+    return u.view(np.float32).astype(np.float64)
+
+
+def check(out, a, b, alpha, beta, c0, rows, cols, ldc, what):
+    """out (flat C after the call) against alpha * a @ b.T + beta * C over [rows, cols]; the rest of C untouched."""
+    K = a.shape[1]
+    c0m = c0.reshape(-1, ldc)[:rows, :cols].astype(np.float64)
+    got = out.reshape(-1, ldc)[:rows, :cols].astype(np.float64)
+    keep = np.ones(out.size, bool).reshape(-1, ldc)
+    keep[:rows, :cols] = False
+    assert np.array_equal(out.reshape(-1, ldc)[keep], c0.reshape(-1, ldc)[keep], equal_nan=True), \
+        f"{what}: wrote outside C"
+    bc = 0.0 if beta == 0 else beta * c0m  # beta == 0: C is not read (it holds NaN here)
+    ra, rb = bf16(a), bf16(b)
+    ref = alpha * (ra @ rb.T) + bc
+    mag = abs(alpha) * (np.abs(ra) @ np.abs(rb).T) + np.abs(bc)
+    err = np.abs(got - ref)
+    tol = (K + 4) * 2.0 ** -24 * mag + 1e-30
+    bad = ~(err <= tol)
+    assert not bad.any(), (f"{what}: {bad.sum()} of {bad.size} wrong, first at {np.argwhere(bad)[0]}: "
+                           f"got {got[bad][0]} want {ref[bad][0]} (max err/tol {np.max(err / tol):.3g})")
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    ref = alpha * (a64 @ b64.T) + bc
+    mag = abs(alpha) * (np.abs(a64) @ np.abs(b64).T) + np.abs(bc)
+    assert np.all(np.abs(got - ref) <= (2 * 2.0 ** -8 + (K + 4) * 2.0 ** -24) * mag + 1e-30), what
+
+
+def run(exe, args):
+    r = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "DONE" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+# layout, M, N, K, alpha, beta, lda pad, ldb pad, ldc pad, sm_count (1: the 128 x 128 tiles; 1000:
+# 64 x 64), offsets of A, B, C in elements (nonzero: misaligned, the element loaders)
+GEMM_CASES = [
+    ("nt", 37, 70, 48, 1.0, 0.0, 0, 4, 0, 1000, 0, 0, 0),     # float4 loaders both, ragged M, N
+    ("nt", 37, 70, 45, 0.5, 0.75, 3, 1, 1, 1000, 0, 0, 1),    # K % 4 != 0: element loaders; odd ldc
+    ("nt", 130, 20, 36, -1.5, 1.0, 0, 0, 2, 1, 1, 0, 0),      # big tiles, misaligned A, float4 B
+    ("nn", 29, 75, 72, 1.0, 0.0, 4, 2, 0, 1000, 0, 0, 0),     # float4 A
+    ("nn", 140, 9, 17, 2.0, -0.5, 0, 3, 1, 1, 0, 1, 0),
+    ("tn", 21, 66, 40, 1.0, 0.25, 1, 0, 0, 1000, 0, 0, 0),
+    ("tn", 9, 130, 3, 1.0, 0.0, 2, 5, 3, 1, 0, 0, 0),
+    ("nt", 5, 6, 1, 1.0, 0.0, 0, 0, 0, 1000, 0, 0, 0),        # K = 1
+    ("nn", 7, 5, 0, 1.0, 0.5, 0, 0, 0, 1000, 0, 0, 0),        # K = 0: C = beta * C
+]
+
+
+@pytest.mark.parametrize("case", GEMM_CASES, ids=lambda c: "-".join(map(str, c[:4])))
+def test_gemm_bf16_tc_under_emulator(driver, tmp_path, case):
+    layout, M, N, K, alpha, beta, pa, pb, pc, sms, oa, ob, oc = case
+    rng = np.random.default_rng(M * 7 + N * 3 + K)
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    b = rng.standard_normal((N, K)).astype(np.float32)
+    if layout in ("nt", "nn"):
+        lda = K + pa
+        A = np.full((M, lda), np.nan, np.float32); A[:, :K] = a
+    else:
+        lda = M + pa
+        A = np.full((K, lda), np.nan, np.float32); A[:, :M] = a.T
+    if layout == "nt":
+        ldb = K + pb
+        B = np.full((N, ldb), np.nan, np.float32); B[:, :K] = b
+    else:
+        ldb = N + pb
+        B = np.full((K, ldb), np.nan, np.float32); B[:, :N] = b.T
+    ldc = N + pc
+    C = rng.standard_normal(M * ldc).astype(np.float32)
+    if beta == 0:
+        C.reshape(M, ldc)[:, :N] = np.nan  # must not be read
+    A.tofile(tmp_path / "A.f32"), B.tofile(tmp_path / "B.f32"), C.tofile(tmp_path / "C.f32")
+    run(driver, ["gemm", tmp_path, layout, M, N, K, alpha, beta, max(lda, 1), max(ldb, 1), ldc, sms, oa, ob, oc])
+    out = np.fromfile(tmp_path / "out.f32", np.float32)
+    check(out, a, b, alpha, beta, C, M, N, ldc, f"gemm {case}")
+
+
+def quantize(rows, cols, blocksize, dq, seed):
+    from qlora_native import nf4
+    w = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32) * 0.05
+    return nf4.quantize(w, blocksize=blocksize, double_quant=dq)
+
+
+# op, M, rows, cols, blocksize, double quant, alpha, beta, ldx pad, ldc pad, sm_count, X offset,
+# packed offset (bytes; 1: misaligned, the element decoder)
+NF4_CASES = [
+    ("nt", 5, 96, 200, 64, True, 1.0, 0.0, 0, 0, 1000, 0, 0),     # packed-word loader, 300 blocks: 2 nested
+    ("nt", 19, 40, 72, 128, False, 0.5, 1.0, 3, 1, 1000, 1, 0),   # fp32 absmax, blocks straddle rows
+    ("nt", 7, 33, 50, 64, True, 1.0, 0.0, 0, 2, 1, 0, 0),         # cols % 8 != 0: element decoder, big tiles
+    ("nt", 6, 24, 64, 64, True, 1.0, 0.5, 0, 0, 1000, 0, 1),      # misaligned packed: element decoder
+    ("nn", 9, 70, 36, 64, True, -1.0, 0.25, 2, 0, 1000, 0, 0),
+    ("nn", 4, 45, 130, 32, False, 1.0, 0.0, 0, 3, 1, 0, 0),
+]
+
+
+@pytest.mark.parametrize("case", NF4_CASES, ids=lambda c: "-".join(map(str, c[:5])))
+def test_nf4_gemm_bf16_tc_under_emulator(driver, tmp_path, case):
+    op, M, rows, cols, bs, dq, alpha, beta, px, pc, sms, ox, op_ = case
+    t = quantize(rows, cols, bs, dq, M * 11 + rows)
+    w = t.dequantize().astype(np.float32)  # the engine's own decode: the kernel must match it
+    K, N = (cols, rows) if op == "nt" else (rows, cols)
+    rng = np.random.default_rng(rows + cols)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    ldx = K + px
+    X = np.full((M, ldx), np.nan, np.float32); X[:, :K] = x
+    ldc = N + pc
+    C = rng.standard_normal(M * ldc).astype(np.float32)
+    if beta == 0:
+        C.reshape(M, ldc)[:, :N] = np.nan
+    X.tofile(tmp_path / "X.f32"), C.tofile(tmp_path / "C.f32")
+    t.packed.tofile(tmp_path / "packed.u8")
+    np.asarray(t.absmax).tofile(tmp_path / "absmax.bin")
+    np.asarray(t.nested_absmax if dq else np.zeros(1), np.float32).tofile(tmp_path / "nested.f32")
+    np.asarray(t.nested_map if dq else np.zeros(1), np.float32).tofile(tmp_path / "map.f32")
+    run(driver, ["nf4", tmp_path, op, M, alpha, beta, ldx, ldc, sms, ox, op_, rows, cols, bs, int(dq),
+                 repr(float(np.float32(t.offset)))])
+    out = np.fromfile(tmp_path / "out.f32", np.float32)
+    check(out, x, w if op == "nt" else w.T, alpha, beta, C, M, N, ldc, f"nf4 {case}")
+
+
+# (what, original, planted bug, a case it must fail)
+PLANTED = [
+    ("A fragments a1 / a2 swapped", "fa[i][1] = lds32(r8);\n        fa[i][2] = lds32(r0 + 8);",
+     "fa[i][1] = lds32(r0 + 8);\n        fa[i][2] = lds32(r8);", ("gemm", GEMM_CASES[0])),
+    ("packed-word NF4 decode with the nibbles of a byte swapped", "v[2 * b] = lut[byte >> 4] * scale;\n"
+     "        v[2 * b + 1] = lut[byte & 15u] * scale;", "v[2 * b] = lut[byte & 15u] * scale;\n"
+     "        v[2 * b + 1] = lut[byte >> 4] * scale;", ("nf4", NF4_CASES[0])),
+    ("the epilogue's second column written past N", "if (col + 1 < N) c[1] =", "if (col < N) c[1] =",
+     ("gemm", GEMM_CASES[4])),
+]
+
+
+@pytest.mark.parametrize("planted", PLANTED, ids=lambda p: p[0])
+def test_emulator_catches_a_broken_tile(tmp_path, planted):
+    """The checks can fail: mma_tile.cuh with one planted bug gives wrong results."""
+    what, old, new, case = planted
+    text = (ROOT / "cuda" / "mma_tile.cuh").read_text()
+    assert text.count(old) == 1, what
+    exe = build(tmp_path, text.replace(old, new))
+    kind, args = case
+    test = test_gemm_bf16_tc_under_emulator if kind == "gemm" else test_nf4_gemm_bf16_tc_under_emulator
+    with pytest.raises(AssertionError, match="wrong|outside C"):
+        test(exe, tmp_path, args)
