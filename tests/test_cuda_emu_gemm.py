@@ -43,7 +43,7 @@ def mma_tile_source(text=None):
     return rewrite_launches(text, 2, "mma_tile.cuh")
 
 
-def build(d, mma_tile=None):
+def build(d, mma_tile=None, gemv=None):
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler")
@@ -54,6 +54,8 @@ def build(d, mma_tile=None):
         text = (ROOT / "cuda" / name).read_text()
         assert "<<<" not in text, f"{name}: launches now need rewriting"
         (d / name).write_text(text)
+    gemv = SHARED.sub(r"auto& \2 = emu::shared_static<\1\3, __LINE__>();", (ROOT / "cuda" / "nf4_gemv.cu").read_text() if gemv is None else gemv)
+    (d / "nf4_gemv.cu").write_text(rewrite_launches(gemv, 2, "nf4_gemv.cu"))
     exe = d / "gemm_driver"
     r = subprocess.run([cxx, "-std=c++17", "-O1", f"-I{d}", f"-I{EMU}", f"-I{ROOT / 'cuda'}", f"-I{ROOT / 'cpp' / 'src'}",
                         "-o", str(exe), str(EMU / "gemm_driver.cpp")], capture_output=True, text=True, timeout=600)
@@ -73,8 +75,9 @@ def bf16(x):
     return u.view(np.float32).astype(np.float64)
 
 
-def check(out, a, b, alpha, beta, c0, rows, cols, ldc, what):
-    """out (flat C after the call) against alpha * a @ b.T + beta * C over [rows, cols]; the rest of C untouched."""
+def check(out, a, b, alpha, beta, c0, rows, cols, ldc, what, fp32=False):
+    """out (flat C after the call) against alpha * a @ b.T + beta * C over [rows, cols]; the rest of C untouched.
+    fp32: operands used unrounded (the fp32 GEMV)."""
     K = a.shape[1]
     c0m = c0.reshape(-1, ldc)[:rows, :cols].astype(np.float64)
     got = out.reshape(-1, ldc)[:rows, :cols].astype(np.float64)
@@ -83,11 +86,12 @@ def check(out, a, b, alpha, beta, c0, rows, cols, ldc, what):
     assert np.array_equal(out.reshape(-1, ldc)[keep], c0.reshape(-1, ldc)[keep], equal_nan=True), \
         f"{what}: wrote outside C"
     bc = 0.0 if beta == 0 else beta * c0m  # beta == 0: C is not read (it holds NaN here)
-    ra, rb = bf16(a), bf16(b)
+    ra, rb = (a.astype(np.float64), b.astype(np.float64)) if fp32 else (bf16(a), bf16(b))
     ref = alpha * (ra @ rb.T) + bc
     mag = abs(alpha) * (np.abs(ra) @ np.abs(rb).T) + np.abs(bc)
     err = np.abs(got - ref)
-    tol = (K + 4) * 2.0 ** -24 * mag + 1e-30
+    # fp32: the GEMV decodes code * scale in its own order (x * code summed over 8, then * scale)
+    tol = (K + (16 if fp32 else 4)) * 2.0 ** -24 * mag + 1e-30
     bad = ~(err <= tol)
     assert not bad.any(), (f"{what}: {bad.sum()} of {bad.size} wrong, first at {np.argwhere(bad)[0]}: "
                            f"got {got[bad][0]} want {ref[bad][0]} (max err/tol {np.max(err / tol):.3g})")
@@ -164,7 +168,7 @@ NF4_CASES = [
 
 
 @pytest.mark.parametrize("case", NF4_CASES, ids=lambda c: "-".join(map(str, c[:5])))
-def test_nf4_gemm_bf16_tc_under_emulator(driver, tmp_path, case):
+def test_nf4_gemm_bf16_tc_under_emulator(driver, tmp_path, case, mode="nf4"):
     op, M, rows, cols, bs, dq, alpha, beta, px, pc, sms, ox, op_ = case
     t = quantize(rows, cols, bs, dq, M * 11 + rows)
     w = t.dequantize().astype(np.float32)  # the engine's own decode: the kernel must match it
@@ -182,10 +186,26 @@ def test_nf4_gemm_bf16_tc_under_emulator(driver, tmp_path, case):
     np.asarray(t.absmax).tofile(tmp_path / "absmax.bin")
     np.asarray(t.nested_absmax if dq else np.zeros(1), np.float32).tofile(tmp_path / "nested.f32")
     np.asarray(t.nested_map if dq else np.zeros(1), np.float32).tofile(tmp_path / "map.f32")
-    run(driver, ["nf4", tmp_path, op, M, alpha, beta, ldx, ldc, sms, ox, op_, rows, cols, bs, int(dq),
+    run(driver, [mode, tmp_path, op, M, alpha, beta, ldx, ldc, sms, ox, op_, rows, cols, bs, int(dq),
                  repr(float(np.float32(t.offset)))])
     out = np.fromfile(tmp_path / "out.f32", np.float32)
-    check(out, x, w if op == "nt" else w.T, alpha, beta, C, M, N, ldc, f"nf4 {case}")
+    check(out, x, w if op == "nt" else w.T, alpha, beta, C, M, N, ldc, f"{mode} {case}", fp32=mode == "gemv")
+
+
+# the decode GEMVs (M <= kNf4GemvMaxM = 4, fp32): the same case layout (sm_count unused); nt rows
+# not multiples of the 8 warps of a block, 8-element groups straddling rows (cols % 8 != 0)
+GEMV_CASES = [
+    ("nt", 1, 13, 200, 64, True, 1.0, 0.0, 0, 0, 0, 0, 0),
+    ("nt", 4, 20, 37, 32, False, 0.5, 1.0, 3, 1, 0, 1, 0),
+    ("nt", 3, 96, 200, 64, True, -1.0, 0.5, 1, 2, 0, 0, 0),      # 300 blocks: two nested scales
+    ("nn", 1, 40, 70, 64, True, 1.0, 0.0, 0, 0, 0, 0, 0),
+    ("nn", 4, 23, 33, 128, False, 2.0, -0.25, 2, 1, 0, 0, 0),
+]
+
+
+@pytest.mark.parametrize("case", GEMV_CASES, ids=lambda c: "-".join(map(str, c[:5])))
+def test_nf4_gemv_under_emulator(driver, tmp_path, case):
+    test_nf4_gemm_bf16_tc_under_emulator(driver, tmp_path, case, mode="gemv")
 
 
 # (what, original, planted bug, a case it must fail)
@@ -200,14 +220,20 @@ PLANTED = [
 ]
 
 
-@pytest.mark.parametrize("planted", PLANTED, ids=lambda p: p[0])
-def test_emulator_catches_a_broken_tile(tmp_path, planted):
-    """The checks can fail: mma_tile.cuh with one planted bug gives wrong results."""
+PLANTED_GEMV = ("the nt GEMV dropping a row's first element when the row starts mid-byte",
+                "if (j + 1 < j0 || j >= j1) continue;", "if (j < j0 || j >= j1) continue;", ("gemv", GEMV_CASES[1]))
+
+
+@pytest.mark.parametrize("planted", PLANTED + [PLANTED_GEMV], ids=lambda p: p[0])
+def test_emulator_catches_a_broken_kernel(tmp_path, planted):
+    """The checks can fail: mma_tile.cuh (or nf4_gemv.cu) with one planted bug gives wrong results."""
     what, old, new, case = planted
-    text = (ROOT / "cuda" / "mma_tile.cuh").read_text()
+    name = "nf4_gemv.cu" if planted is PLANTED_GEMV else "mma_tile.cuh"
+    text = (ROOT / "cuda" / name).read_text()
     assert text.count(old) == 1, what
-    exe = build(tmp_path, text.replace(old, new))
+    exe = build(tmp_path, **{"gemv" if name == "nf4_gemv.cu" else "mma_tile": text.replace(old, new)})
     kind, args = case
-    test = test_gemm_bf16_tc_under_emulator if kind == "gemm" else test_nf4_gemm_bf16_tc_under_emulator
+    test = {"gemm": test_gemm_bf16_tc_under_emulator, "nf4": test_nf4_gemm_bf16_tc_under_emulator,
+            "gemv": test_nf4_gemv_under_emulator}[kind]
     with pytest.raises(AssertionError, match="wrong|outside C"):
         test(exe, tmp_path, args)

@@ -1,9 +1,11 @@
 // Runs the tensor-core GEMM launchers (cuda/gemm_tc.cu: gemm_bf16_tc, every layout;
-// cuda/nf4_gemm_tc.cu: nf4_gemm_nt_bf16_tc / nf4_gemm_nn_bf16_tc) under the CPU emulator (emu.hpp)
+// cuda/nf4_gemm_tc.cu: nf4_gemm_nt_bf16_tc / nf4_gemm_nn_bf16_tc; the fp32 decode GEMVs of
+// cuda/nf4_gemv.cu) under the CPU emulator (emu.hpp)
 // on operands from raw files; tests/test_cuda_emu_gemm.py builds it (with the sources and
 // mma_tile.cuh rewritten for the emulator) and checks the result against float64. Arguments:
 //   gemm DIR LAYOUT(nt|nn|tn) M N K alpha beta lda ldb ldc sm_count offA offB offC
 //   nf4 DIR OP(nt|nn) M alpha beta ldx ldc sm_count offX offPacked rows cols blocksize dq offset
+// (mode gemv: the same arguments, run by cuda/nf4_gemv.cu's nf4_gemv_nt / nf4_gemv_nn; sm_count unused)
 // DIR holds A.f32 / B.f32 (nf4: X.f32, packed.u8, absmax.bin, nested.f32, map.f32) and C.f32 (C on
 // entry); the result is written to DIR/out.f32. off*: the operand starts that many elements past a
 // 64-byte boundary (misaligned starts take the element loaders).
@@ -14,6 +16,7 @@
 
 #include "gemm_tc.cu"
 #include "nf4_gemm_tc.cu"
+#include "nf4_gemv.cu"
 
 namespace {
 std::vector<unsigned char> slurp(const std::string& path) {
@@ -57,7 +60,7 @@ int main(int argc, char** argv) {
     if (!gemm_bf16_tc_fits(i64(4), i64(5))) return 3;
     gemm_bf16_tc(nullptr, static_cast<int>(i64(12)), layout, i64(4), i64(5), i64(6), f32(7), A, i64(9), B, i64(10),
                  f32(8), C, i64(11));
-  } else if (mode == "nf4" && argc == 17) {
+  } else if ((mode == "nf4" || mode == "gemv") && argc == 17) {
     qlora::Nf4Ref w;
     w.rows = i64(12), w.cols = i64(13), w.blocksize = static_cast<int>(i64(14)), w.double_quant = i64(15) != 0;
     w.offset = f32(16);
@@ -69,7 +72,11 @@ int main(int argc, char** argv) {
     C = place<float>(dir + "C.f32", 0, keep);
     c_bytes = slurp(dir + "C.f32").size();
     const std::string op = argv[3];
-    if (op == "nt")
+    if (mode == "gemv" && op == "nt")
+      nf4_gemv_nt(nullptr, i64(4), f32(5), X, i64(7), w, f32(6), C, i64(8));
+    else if (mode == "gemv")
+      nf4_gemv_nn(nullptr, i64(4), f32(5), X, i64(7), w, f32(6), C, i64(8));
+    else if (op == "nt")
       nf4_gemm_nt_bf16_tc(nullptr, static_cast<int>(i64(9)), i64(4), f32(5), X, i64(7), w, f32(6), C, i64(8));
     else
       nf4_gemm_nn_bf16_tc(nullptr, static_cast<int>(i64(9)), i64(4), f32(5), X, i64(7), w, f32(6), C, i64(8));
