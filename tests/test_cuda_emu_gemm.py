@@ -56,9 +56,12 @@ def build(d, mma_tile=None, gemv=None):
         (d / name).write_text(text)
     gemv = SHARED.sub(r"auto& \2 = emu::shared_static<\1\3, __LINE__>();", (ROOT / "cuda" / "nf4_gemv.cu").read_text() if gemv is None else gemv)
     (d / "nf4_gemv.cu").write_text(rewrite_launches(gemv, 2, "nf4_gemv.cu"))
+    half = rewrite_launches((ROOT / "cuda" / "ops_half_gemm.cu").read_text(), 2, "ops_half_gemm.cu")
+    (d / "ops_half_gemm.cpp").write_text(half)  # its own unit: its anonymous-namespace names clash with nf4_gemv.cu's
     exe = d / "gemm_driver"
     r = subprocess.run([cxx, "-std=c++17", "-O1", f"-I{d}", f"-I{EMU}", f"-I{ROOT / 'cuda'}", f"-I{ROOT / 'cpp' / 'src'}",
-                        "-o", str(exe), str(EMU / "gemm_driver.cpp")], capture_output=True, text=True, timeout=600)
+                        "-o", str(exe), str(EMU / "gemm_driver.cpp"), str(d / "ops_half_gemm.cpp")],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     return exe
 
@@ -206,6 +209,35 @@ GEMV_CASES = [
 @pytest.mark.parametrize("case", GEMV_CASES, ids=lambda c: "-".join(map(str, c[:5])))
 def test_nf4_gemv_under_emulator(driver, tmp_path, case):
     test_nf4_gemm_bf16_tc_under_emulator(driver, tmp_path, case, mode="gemv")
+
+
+# fp16 / bf16 rows (the 16-bit lm_head): bf16, M, N, K, ldx pad, ldy pad, X offset, W offset (elements;
+# nonzero, or K % 4 != 0: the one-weight-a-lane loop); M > 8: several row groups
+HALF_CASES = [(0, 3, 13, 200, 0, 1, 0, 0), (1, 3, 13, 200, 4, 0, 0, 0), (0, 9, 10, 37, 1, 0, 0, 0),
+              (1, 17, 9, 64, 0, 2, 1, 0), (0, 2, 11, 48, 0, 0, 0, 1)]
+
+
+@pytest.mark.parametrize("case", HALF_CASES, ids=lambda c: "-".join(map(str, c[:4])))
+def test_half_gemm_nt_under_emulator(driver, tmp_path, case):
+    bf, M, N, K, px, py, ox, ow = case
+    rng = np.random.default_rng(M * 5 + N + K)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    w32 = rng.standard_normal((N, K)).astype(np.float32)
+    if bf:
+        wb = (bf16(w32).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        w = (wb.astype(np.uint32) << 16).view(np.float32)
+    else:
+        w16 = w32.astype(np.float16)
+        w16[0] = (w32[0] * 3e-6).astype(np.float16)  # a row of fp16 subnormals (and zeros) of both signs
+        wb, w = w16.view(np.uint16), w16.astype(np.float32)
+    ldx, ldy = K + px, N + py
+    X = np.full((M, ldx), np.nan, np.float32); X[:, :K] = x
+    C = np.full(M * ldy, 7.0, np.float32)
+    C.reshape(M, ldy)[:, :N] = np.nan  # Y is write-only
+    X.tofile(tmp_path / "X.f32"), wb.tofile(tmp_path / "W.u16"), C.tofile(tmp_path / "C.f32")
+    run(driver, ["half", tmp_path, bf, M, N, K, ldx, ldy, ox, ow])
+    out = np.fromfile(tmp_path / "out.f32", np.float32)
+    check(out, x, w, 1.0, 0.0, C, M, N, ldy, f"half {case}", fp32=True)
 
 
 # (what, original, planted bug, a case it must fail)
