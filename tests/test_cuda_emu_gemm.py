@@ -3,7 +3,9 @@ because CI has no GPU:
 - cuda/gemm_tc.cu (Backend::gemm_*_bf16: fp32 weights, LoRA factors) in its three layouts, through
   the float4 and the element loaders, both tile configurations, ragged M, N, K, strides, alpha / beta;
 - cuda/nf4_gemm_tc.cu (Backend::nf4_gemm_*_bf16) on weights from the project's own NF4 quantizer:
-  the packed-word loader and the element decoder, with and without double quantization.
+  the packed-word loader and the element decoder, with and without double quantization;
+- the fp32 decode GEMVs of cuda/nf4_gemv.cu (M <= 4) and the 16-bit-row lm_head GEMM of
+  cuda/ops_half_gemm.cu (fp16 / bf16 weights), checked against float64 with fp32 bounds.
 
 The real cuda/mma_tile.cuh is compiled as host C++ with its mma.sync asm block replaced by the
 emulator's warp-collective m16n8k16 (PTX ISA fragment layout), its static __shared__ arrays
@@ -119,6 +121,7 @@ GEMM_CASES = [
     ("nn", 140, 9, 17, 2.0, -0.5, 0, 3, 1, 1, 0, 1, 0),
     ("tn", 21, 66, 40, 1.0, 0.25, 1, 0, 0, 1000, 0, 0, 0),
     ("tn", 9, 130, 3, 1.0, 0.0, 2, 5, 3, 1, 0, 0, 0),
+    ("nt", 70, 135, 40, 1.0, 0.0, 0, 0, 0, 1000, 0, 0, 0),    # 2 x 3 blocks of 64 x 64
     ("nt", 5, 6, 1, 1.0, 0.0, 0, 0, 0, 1000, 0, 0, 0),        # K = 1
     ("nn", 7, 5, 0, 1.0, 0.5, 0, 0, 0, 1000, 0, 0, 0),        # K = 0: C = beta * C
 ]
@@ -247,8 +250,8 @@ PLANTED = [
     ("packed-word NF4 decode with the nibbles of a byte swapped", "v[2 * b] = lut[byte >> 4] * scale;\n"
      "        v[2 * b + 1] = lut[byte & 15u] * scale;", "v[2 * b] = lut[byte & 15u] * scale;\n"
      "        v[2 * b + 1] = lut[byte >> 4] * scale;", ("nf4", NF4_CASES[0])),
-    ("the epilogue's second column written past N", "if (col + 1 < N) c[1] =", "if (col < N) c[1] =",
-     ("gemm", GEMM_CASES[4])),
+    ("the epilogue's second column written past N", "if (col + 1 < N) c[1] = beta == 0.0f ? v1 : fmaf(beta, c[1], v1);",
+     "if (col < N) c[1] = beta == 0.0f ? v1 : fmaf(beta, c[1], v1);", ("gemm", GEMM_CASES[4])),
 ]
 
 
@@ -256,16 +259,24 @@ PLANTED_GEMV = ("the nt GEMV dropping a row's first element when the row starts 
                 "if (j + 1 < j0 || j >= j1) continue;", "if (j < j0 || j >= j1) continue;", ("gemv", GEMV_CASES[1]))
 
 
-@pytest.mark.parametrize("planted", PLANTED + [PLANTED_GEMV], ids=lambda p: p[0])
-def test_emulator_catches_a_broken_kernel(tmp_path, planted):
+@pytest.fixture(scope="module")
+def planted_driver(tmp_path_factory):
+    """One build with every planted bug behind `if (emu::plant == i)` (EMU_PLANT=i at run time)."""
+    texts = {name: (ROOT / "cuda" / name).read_text() for name in ("mma_tile.cuh", "nf4_gemv.cu")}
+    for i, (what, old, new, _) in enumerate(PLANTED + [PLANTED_GEMV], 1):
+        name = "nf4_gemv.cu" if what == PLANTED_GEMV[0] else "mma_tile.cuh"
+        assert texts[name].count(old) == 1, what
+        texts[name] = texts[name].replace(old, f"if (emu::plant == {i}) {{ {new} }} else {{ {old} }}")
+    return build(tmp_path_factory.mktemp("cuda_emu_gemm_planted"), texts["mma_tile.cuh"], texts["nf4_gemv.cu"])
+
+
+@pytest.mark.parametrize("i", range(1, len(PLANTED) + 2), ids=lambda i: (PLANTED + [PLANTED_GEMV])[i - 1][0])
+def test_emulator_catches_a_broken_kernel(planted_driver, tmp_path, monkeypatch, i):
     """The checks can fail: mma_tile.cuh (or nf4_gemv.cu) with one planted bug gives wrong results."""
-    what, old, new, case = planted
-    name = "nf4_gemv.cu" if planted is PLANTED_GEMV else "mma_tile.cuh"
-    text = (ROOT / "cuda" / name).read_text()
-    assert text.count(old) == 1, what
-    exe = build(tmp_path, **{"gemv" if name == "nf4_gemv.cu" else "mma_tile": text.replace(old, new)})
-    kind, args = case
+    kind, args = (PLANTED + [PLANTED_GEMV])[i - 1][3]
     test = {"gemm": test_gemm_bf16_tc_under_emulator, "nf4": test_nf4_gemm_bf16_tc_under_emulator,
             "gemv": test_nf4_gemv_under_emulator}[kind]
+    test(planted_driver, tmp_path, args)  # the same build passes with no bug planted
+    monkeypatch.setenv("EMU_PLANT", str(i))
     with pytest.raises(AssertionError, match="wrong|outside C"):
-        test(exe, tmp_path, args)
+        test(planted_driver, tmp_path, args)

@@ -55,6 +55,8 @@ inline dim3 bidx, bdim, gdim;
 inline std::vector<float> smem_buf;
 inline int or_result = 0;
 inline std::function<void()> body;
+// A test's planted bug number (tests rewrite kernel code to `if (emu::plant == i) bug else original`).
+inline const int plant = std::getenv("EMU_PLANT") ? std::atoi(std::getenv("EMU_PLANT")) : 0;
 // Fresh per-block storage for a static __shared__ array that a test rewrote to
 // emu::shared_static<T, Id>() (tests/test_cuda_emu_gemm.py): all bytes 0xFF (NaN as fp32 and
 // bf16), so a read before the block wrote it shows, where a plain static keeps the last block's data.
