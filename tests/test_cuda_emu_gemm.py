@@ -4,6 +4,7 @@ because CI has no GPU:
   the float4 and the element loaders, both tile configurations, ragged M, N, K, strides, alpha / beta;
 - cuda/nf4_gemm_tc.cu (Backend::nf4_gemm_*_bf16) on weights from the project's own NF4 quantizer:
   the packed-word loader and the element decoder, with and without double quantization;
+- the fp32 SIMT GEMMs of cuda/gemm.cu and cuda/nf4_gemm.cu (tile_gemm.cuh) on the same cases;
 - the fp32 decode GEMVs of cuda/nf4_gemv.cu (M <= 4) and the 16-bit-row lm_head GEMM of
   cuda/ops_half_gemm.cu (fp16 / bf16 weights), checked against float64 with fp32 bounds.
 
@@ -45,14 +46,14 @@ def mma_tile_source(text=None):
     return rewrite_launches(text, 2, "mma_tile.cuh")
 
 
-def build(d, mma_tile=None, gemv=None):
+def build(d, mma_tile=None, gemv=None, tile_gemm=None):
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler")
     (d / "mma_tile.cuh").write_text(mma_tile_source(mma_tile))
-    tile = SHARED.sub(r"auto& \2 = emu::shared_static<\1\3, __LINE__>();", (ROOT / "cuda" / "tile_gemm.cuh").read_text())
+    tile = SHARED.sub(r"auto& \2 = emu::shared_static<\1\3, __LINE__>();", (ROOT / "cuda" / "tile_gemm.cuh").read_text() if tile_gemm is None else tile_gemm)
     (d / "tile_gemm.cuh").write_text(rewrite_launches(tile, 2, "tile_gemm.cuh"))  # included, its kernel unused
-    for name in ("gemm_tc.cu", "nf4_gemm_tc.cu"):  # copied so their "mma_tile.cuh" is the rewritten one
+    for name in ("gemm_tc.cu", "nf4_gemm_tc.cu", "gemm.cu", "nf4_gemm.cu"):  # copied: they include the rewritten headers
         text = (ROOT / "cuda" / name).read_text()
         assert "<<<" not in text, f"{name}: launches now need rewriting"
         (d / name).write_text(text)
@@ -128,7 +129,7 @@ GEMM_CASES = [
 
 
 @pytest.mark.parametrize("case", GEMM_CASES, ids=lambda c: "-".join(map(str, c[:4])))
-def test_gemm_bf16_tc_under_emulator(driver, tmp_path, case):
+def test_gemm_bf16_tc_under_emulator(driver, tmp_path, case, mode="gemm"):
     layout, M, N, K, alpha, beta, pa, pb, pc, sms, oa, ob, oc = case
     rng = np.random.default_rng(M * 7 + N * 3 + K)
     a = rng.standard_normal((M, K)).astype(np.float32)
@@ -150,9 +151,15 @@ def test_gemm_bf16_tc_under_emulator(driver, tmp_path, case):
     if beta == 0:
         C.reshape(M, ldc)[:, :N] = np.nan  # must not be read
     A.tofile(tmp_path / "A.f32"), B.tofile(tmp_path / "B.f32"), C.tofile(tmp_path / "C.f32")
-    run(driver, ["gemm", tmp_path, layout, M, N, K, alpha, beta, max(lda, 1), max(ldb, 1), ldc, sms, oa, ob, oc])
+    run(driver, [mode, tmp_path, layout, M, N, K, alpha, beta, max(lda, 1), max(ldb, 1), ldc, sms, oa, ob, oc])
     out = np.fromfile(tmp_path / "out.f32", np.float32)
-    check(out, a, b, alpha, beta, C, M, N, ldc, f"gemm {case}")
+    check(out, a, b, alpha, beta, C, M, N, ldc, f"{mode} {case}", fp32=mode == "gemm32")
+
+
+@pytest.mark.parametrize("case", GEMM_CASES, ids=lambda c: "-".join(map(str, c[:4])))
+def test_gemm_f32_under_emulator(driver, tmp_path, case):
+    """The fp32 SIMT GEMM (cuda/gemm.cu over tile_gemm.cuh: sm_75 and the fp32 path) on the same cases."""
+    test_gemm_bf16_tc_under_emulator(driver, tmp_path, case, mode="gemm32")
 
 
 def quantize(rows, cols, blocksize, dq, seed):
@@ -195,7 +202,13 @@ def test_nf4_gemm_bf16_tc_under_emulator(driver, tmp_path, case, mode="nf4"):
     run(driver, [mode, tmp_path, op, M, alpha, beta, ldx, ldc, sms, ox, op_, rows, cols, bs, int(dq),
                  repr(float(np.float32(t.offset)))])
     out = np.fromfile(tmp_path / "out.f32", np.float32)
-    check(out, x, w if op == "nt" else w.T, alpha, beta, C, M, N, ldc, f"{mode} {case}", fp32=mode == "gemv")
+    check(out, x, w if op == "nt" else w.T, alpha, beta, C, M, N, ldc, f"{mode} {case}", fp32=mode != "nf4")
+
+
+@pytest.mark.parametrize("case", NF4_CASES, ids=lambda c: "-".join(map(str, c[:5])))
+def test_nf4_gemm_f32_under_emulator(driver, tmp_path, case):
+    """The fp32 SIMT NF4 GEMM (cuda/nf4_gemm.cu: tile_gemm.cuh with tile::Nf4Src) on the same cases."""
+    test_nf4_gemm_bf16_tc_under_emulator(driver, tmp_path, case, mode="nf4f32")
 
 
 # the decode GEMVs (M <= kNf4GemvMaxM = 4, fp32): the same case layout (sm_count unused); nt rows
@@ -257,25 +270,30 @@ PLANTED = [
 
 PLANTED_GEMV = ("the nt GEMV dropping a row's first element when the row starts mid-byte",
                 "if (j + 1 < j0 || j >= j1) continue;", "if (j < j0 || j >= j1) continue;", ("gemv", GEMV_CASES[1]))
+PLANTED_TILE = ("the SIMT tile's columns of a thread mirrored", "acc[i][j] = fmaf(fa[i], fb[j], acc[i][j]);",
+                "acc[i][j] = fmaf(fa[i], fb[TN - 1 - j], acc[i][j]);", ("gemm32", GEMM_CASES[2]))
+ALL_PLANTED = PLANTED + [PLANTED_GEMV, PLANTED_TILE]
+FILE_OF = {PLANTED_GEMV[0]: "nf4_gemv.cu", PLANTED_TILE[0]: "tile_gemm.cuh"}
 
 
 @pytest.fixture(scope="module")
 def planted_driver(tmp_path_factory):
     """One build with every planted bug behind `if (emu::plant == i)` (EMU_PLANT=i at run time)."""
-    texts = {name: (ROOT / "cuda" / name).read_text() for name in ("mma_tile.cuh", "nf4_gemv.cu")}
-    for i, (what, old, new, _) in enumerate(PLANTED + [PLANTED_GEMV], 1):
-        name = "nf4_gemv.cu" if what == PLANTED_GEMV[0] else "mma_tile.cuh"
+    texts = {name: (ROOT / "cuda" / name).read_text() for name in ("mma_tile.cuh", "nf4_gemv.cu", "tile_gemm.cuh")}
+    for i, (what, old, new, _) in enumerate(ALL_PLANTED, 1):
+        name = FILE_OF.get(what, "mma_tile.cuh")
         assert texts[name].count(old) == 1, what
         texts[name] = texts[name].replace(old, f"if (emu::plant == {i}) {{ {new} }} else {{ {old} }}")
-    return build(tmp_path_factory.mktemp("cuda_emu_gemm_planted"), texts["mma_tile.cuh"], texts["nf4_gemv.cu"])
+    return build(tmp_path_factory.mktemp("cuda_emu_gemm_planted"), texts["mma_tile.cuh"], texts["nf4_gemv.cu"],
+                 texts["tile_gemm.cuh"])
 
 
-@pytest.mark.parametrize("i", range(1, len(PLANTED) + 2), ids=lambda i: (PLANTED + [PLANTED_GEMV])[i - 1][0])
+@pytest.mark.parametrize("i", range(1, len(ALL_PLANTED) + 1), ids=lambda i: ALL_PLANTED[i - 1][0])
 def test_emulator_catches_a_broken_kernel(planted_driver, tmp_path, monkeypatch, i):
-    """The checks can fail: mma_tile.cuh (or nf4_gemv.cu) with one planted bug gives wrong results."""
-    kind, args = (PLANTED + [PLANTED_GEMV])[i - 1][3]
+    """The checks can fail: mma_tile.cuh, nf4_gemv.cu or tile_gemm.cuh with one planted bug gives wrong results."""
+    kind, args = ALL_PLANTED[i - 1][3]
     test = {"gemm": test_gemm_bf16_tc_under_emulator, "nf4": test_nf4_gemm_bf16_tc_under_emulator,
-            "gemv": test_nf4_gemv_under_emulator}[kind]
+            "gemv": test_nf4_gemv_under_emulator, "gemm32": test_gemm_f32_under_emulator}[kind]
     test(planted_driver, tmp_path, args)  # the same build passes with no bug planted
     monkeypatch.setenv("EMU_PLANT", str(i))
     with pytest.raises(AssertionError, match="wrong|outside C"):

@@ -5,7 +5,9 @@
 // mma_tile.cuh rewritten for the emulator) and checks the result against float64. Arguments:
 //   gemm DIR LAYOUT(nt|nn|tn) M N K alpha beta lda ldb ldc sm_count offA offB offC
 //   nf4 DIR OP(nt|nn) M alpha beta ldx ldc sm_count offX offPacked rows cols blocksize dq offset
-// (mode gemv: the same arguments, run by cuda/nf4_gemv.cu's nf4_gemv_nt / nf4_gemv_nn; sm_count unused)
+// (mode gemm32: the same arguments, run by cuda/gemm.cu's fp32 gemm_f32 (tile_gemm.cuh's SIMT
+// kernel); nf4f32: by cuda/nf4_gemm.cu's nf4_gemm_nt_tiled / nf4_gemm_nn_tiled;
+// mode gemv: the same arguments, run by cuda/nf4_gemv.cu's nf4_gemv_nt / nf4_gemv_nn; sm_count unused)
 //   half DIR BF16(0|1) M N K ldx ldy offX offW  (cuda/ops_half_gemm.cu, linked as its own unit:
 //   X.f32, W.u16 [N, K] fp16 or bf16 bits; Y = C.f32 on entry)
 // DIR holds A.f32 / B.f32 (nf4: X.f32, packed.u8, absmax.bin, nested.f32, map.f32) and C.f32 (C on
@@ -16,7 +18,9 @@
 #include <string>
 #include <vector>
 
+#include "gemm.cu"
 #include "gemm_tc.cu"
+#include "nf4_gemm.cu"
 #include "nf4_gemm_tc.cu"
 #include "nf4_gemv.cu"
 #include "ops_half_gemm.cuh"
@@ -53,7 +57,7 @@ int main(int argc, char** argv) {
   auto f32 = [&](int i) { return static_cast<float>(std::atof(argv[i])); };
   float* C = nullptr;
   size_t c_bytes = 0;
-  if (mode == "gemm" && argc == 16) {
+  if ((mode == "gemm" || mode == "gemm32") && argc == 16) {
     const std::string lay = argv[3];
     const GemmLayout layout = lay == "nt" ? GemmLayout::NT : lay == "nn" ? GemmLayout::NN : GemmLayout::TN;
     const float* A = place<float>(dir + "A.f32", i64(13), keep);
@@ -61,9 +65,9 @@ int main(int argc, char** argv) {
     C = place<float>(dir + "C.f32", i64(15), keep);
     c_bytes = slurp(dir + "C.f32").size();
     if (!gemm_bf16_tc_fits(i64(4), i64(5))) return 3;
-    gemm_bf16_tc(nullptr, static_cast<int>(i64(12)), layout, i64(4), i64(5), i64(6), f32(7), A, i64(9), B, i64(10),
+    (mode == "gemm" ? gemm_bf16_tc : gemm_f32)(nullptr, static_cast<int>(i64(12)), layout, i64(4), i64(5), i64(6), f32(7), A, i64(9), B, i64(10),
                  f32(8), C, i64(11));
-  } else if ((mode == "nf4" || mode == "gemv") && argc == 17) {
+  } else if ((mode == "nf4" || mode == "nf4f32" || mode == "gemv") && argc == 17) {
     qlora::Nf4Ref w;
     w.rows = i64(12), w.cols = i64(13), w.blocksize = static_cast<int>(i64(14)), w.double_quant = i64(15) != 0;
     w.offset = f32(16);
@@ -79,6 +83,10 @@ int main(int argc, char** argv) {
       nf4_gemv_nt(nullptr, i64(4), f32(5), X, i64(7), w, f32(6), C, i64(8));
     else if (mode == "gemv")
       nf4_gemv_nn(nullptr, i64(4), f32(5), X, i64(7), w, f32(6), C, i64(8));
+    else if (mode == "nf4f32" && op == "nt")
+      nf4_gemm_nt_tiled(nullptr, static_cast<int>(i64(9)), i64(4), f32(5), X, i64(7), w, f32(6), C, i64(8));
+    else if (mode == "nf4f32")
+      nf4_gemm_nn_tiled(nullptr, static_cast<int>(i64(9)), i64(4), f32(5), X, i64(7), w, f32(6), C, i64(8));
     else if (op == "nt")
       nf4_gemm_nt_bf16_tc(nullptr, static_cast<int>(i64(9)), i64(4), f32(5), X, i64(7), w, f32(6), C, i64(8));
     else
