@@ -6,7 +6,8 @@ because CI has no GPU:
   the packed-word loader and the element decoder, with and without double quantization;
 - the fp32 SIMT GEMMs of cuda/gemm.cu and cuda/nf4_gemm.cu (tile_gemm.cuh) on the same cases;
 - the fp32 decode GEMVs of cuda/nf4_gemv.cu (M <= 4) and the 16-bit-row lm_head GEMM of
-  cuda/ops_half_gemm.cu (fp16 / bf16 weights), checked against float64 with fp32 bounds.
+  cuda/ops_half_gemm.cu (fp16 / bf16 weights) and of cuda/ops_q8_0_gemm.cu (Q8_0 rows), checked
+  against float64 with fp32 bounds.
 
 The real cuda/mma_tile.cuh is compiled as host C++ with its mma.sync asm block replaced by the
 emulator's warp-collective m16n8k16 (PTX ISA fragment layout), its static __shared__ arrays
@@ -61,9 +62,11 @@ def build(d, mma_tile=None, gemv=None, tile_gemm=None):
     (d / "nf4_gemv.cu").write_text(rewrite_launches(gemv, 2, "nf4_gemv.cu"))
     half = rewrite_launches((ROOT / "cuda" / "ops_half_gemm.cu").read_text(), 2, "ops_half_gemm.cu")
     (d / "ops_half_gemm.cpp").write_text(half)  # its own unit: its anonymous-namespace names clash with nf4_gemv.cu's
+    q8 = rewrite_launches((ROOT / "cuda" / "ops_q8_0_gemm.cu").read_text(), 1, "ops_q8_0_gemm.cu")
+    (d / "ops_q8_0_gemm.cpp").write_text(q8)
     exe = d / "gemm_driver"
     r = subprocess.run([cxx, "-std=c++17", "-O1", f"-I{d}", f"-I{EMU}", f"-I{ROOT / 'cuda'}", f"-I{ROOT / 'cpp' / 'src'}",
-                        "-o", str(exe), str(EMU / "gemm_driver.cpp"), str(d / "ops_half_gemm.cpp")],
+                        "-o", str(exe), str(EMU / "gemm_driver.cpp"), str(d / "ops_half_gemm.cpp"), str(d / "ops_q8_0_gemm.cpp")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     return exe
@@ -254,6 +257,31 @@ def test_half_gemm_nt_under_emulator(driver, tmp_path, case):
     run(driver, ["half", tmp_path, bf, M, N, K, ldx, ldy, ox, ow])
     out = np.fromfile(tmp_path / "out.f32", np.float32)
     check(out, x, w, 1.0, 0.0, C, M, N, ldy, f"half {case}", fp32=True)
+
+
+# Q8_0 rows (the lm_head of a GGUF with a Q8_0 tied embedding): M, N, K, ldx pad, ldy pad, X offset
+Q8_CASES = [(1, 13, 64, 0, 0, 0), (9, 10, 96, 3, 1, 1), (17, 20, 32, 0, 2, 0)]
+
+
+@pytest.mark.parametrize("case", Q8_CASES, ids=lambda c: "-".join(map(str, c[:3])))
+def test_q8_0_gemm_nt_under_emulator(driver, tmp_path, case):
+    M, N, K, px, py, ox = case
+    rng = np.random.default_rng(M + N * 3 + K)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    q = rng.integers(-127, 128, (N, K // 32, 32), dtype=np.int8)
+    d = (rng.uniform(0.5, 2.0, (N, K // 32)) * 1e-2).astype(np.float16)
+    d[0] = np.float16(3e-6)  # fp16 subnormal scales: row 0 of Y depends on them alone
+    blocks = np.concatenate([d[..., None].view(np.uint8), q.view(np.uint8)], axis=-1)  # [d fp16 LE][32 x int8]
+    raw = blocks.reshape(-1)
+    w = d.astype(np.float32)[..., None] * q.astype(np.float32)  # exact in fp32
+    ldx, ldy = K + px, N + py
+    X = np.full((M, ldx), np.nan, np.float32); X[:, :K] = x
+    C = np.full(M * ldy, 7.0, np.float32)
+    C.reshape(M, ldy)[:, :N] = np.nan  # Y is write-only
+    X.tofile(tmp_path / "X.f32"), raw.tofile(tmp_path / "W.u16"), C.tofile(tmp_path / "C.f32")
+    run(driver, ["q8", tmp_path, 0, M, N, K, ldx, ldy, ox, 0])
+    out = np.fromfile(tmp_path / "out.f32", np.float32)
+    check(out, x, w.reshape(N, K), 1.0, 0.0, C, M, N, ldy, f"q8_0 {case}", fp32=True)
 
 
 # (what, original, planted bug, a case it must fail)

@@ -10,6 +10,7 @@
 // mode gemv: the same arguments, run by cuda/nf4_gemv.cu's nf4_gemv_nt / nf4_gemv_nn; sm_count unused)
 //   half DIR BF16(0|1) M N K ldx ldy offX offW  (cuda/ops_half_gemm.cu, linked as its own unit:
 //   X.f32, W.u16 [N, K] fp16 or bf16 bits; Y = C.f32 on entry)
+//   q8 DIR 0 M N K ldx ldy offX offW  (cuda/ops_q8_0_gemm.cu, its own unit: W.u16 holds the Q8_0 bytes)
 // DIR holds A.f32 / B.f32 (nf4: X.f32, packed.u8, absmax.bin, nested.f32, map.f32) and C.f32 (C on
 // entry); the result is written to DIR/out.f32. off*: the operand starts that many elements past a
 // 64-byte boundary (misaligned starts take the element loaders).
@@ -24,6 +25,7 @@
 #include "nf4_gemm_tc.cu"
 #include "nf4_gemv.cu"
 #include "ops_half_gemm.cuh"
+#include "ops_q8_0_gemm.cuh"
 
 namespace {
 std::vector<unsigned char> slurp(const std::string& path) {
@@ -91,12 +93,15 @@ int main(int argc, char** argv) {
       nf4_gemm_nt_bf16_tc(nullptr, static_cast<int>(i64(9)), i64(4), f32(5), X, i64(7), w, f32(6), C, i64(8));
     else
       nf4_gemm_nn_bf16_tc(nullptr, static_cast<int>(i64(9)), i64(4), f32(5), X, i64(7), w, f32(6), C, i64(8));
-  } else if (mode == "half" && argc == 11) {
+  } else if ((mode == "half" || mode == "q8") && argc == 11) {
     const float* X = place<float>(dir + "X.f32", i64(9), keep);
     const uint16_t* W = place<uint16_t>(dir + "W.u16", i64(10), keep);
     C = place<float>(dir + "C.f32", 0, keep);
     c_bytes = slurp(dir + "C.f32").size();
-    half_gemm_nt(nullptr, i64(3) != 0, i64(4), i64(5), i64(6), X, i64(7), W, C, i64(8));
+    if (mode == "half")
+      half_gemm_nt(nullptr, i64(3) != 0, i64(4), i64(5), i64(6), X, i64(7), W, C, i64(8));
+    else
+      q8_0_gemm_nt(nullptr, i64(4), i64(5), i64(6), X, i64(7), W, C, i64(8));
   } else {
     std::fprintf(stderr, "bad arguments\n");
     return 2;
