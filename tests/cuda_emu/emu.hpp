@@ -6,7 +6,9 @@
 // the product follows the PTX ISA fragment layout of m16n8k16, operands exact bf16, fp32 sums).
 // Warp shuffles (__shfl_xor_sync, full mask) and __syncwarp likewise wait for the warp's 32 lanes.
 // Shared memory starts as NaN, so a read before any write, or a missing barrier that lets a thread
-// read a tile another thread has not written yet, usually shows as NaN. Not emulated: atomics,
+// read a tile another thread has not written yet, usually shows as NaN (static __shared__ arrays
+// too, where a test rewrites them to emu::shared_static; tests/test_cuda_emu_gemm.py runs the
+// real mma_tile.cuh that way, its mma asm replaced by emu::mma). Not emulated: atomics,
 // partial-warp shuffles, memory ordering beyond the barriers, timing. Test-only code.
 #pragma once
 #include <math.h>
