@@ -5,6 +5,7 @@ because CI has no GPU:
 - cuda/nf4_gemm_tc.cu (Backend::nf4_gemm_*_bf16) on weights from the project's own NF4 quantizer:
   the packed-word loader and the element decoder, with and without double quantization;
 - the fp32 SIMT GEMMs of cuda/gemm.cu and cuda/nf4_gemm.cu (tile_gemm.cuh) on the same cases;
+- cuda/nf4_dequant.cu, bit for bit against the engine's own NF4 dequantize;
 - the fp32 decode GEMVs of cuda/nf4_gemv.cu (M <= 4) and the 16-bit-row lm_head GEMM of
   cuda/ops_half_gemm.cu (fp16 / bf16 weights) and of cuda/ops_q8_0_gemm.cu (Q8_0 rows), checked
   against float64 with fp32 bounds.
@@ -64,9 +65,12 @@ def build(d, mma_tile=None, gemv=None, tile_gemm=None):
     (d / "ops_half_gemm.cpp").write_text(half)  # its own unit: its anonymous-namespace names clash with nf4_gemv.cu's
     q8 = rewrite_launches((ROOT / "cuda" / "ops_q8_0_gemm.cu").read_text(), 1, "ops_q8_0_gemm.cu")
     (d / "ops_q8_0_gemm.cpp").write_text(q8)
+    deq = SHARED.sub(r"auto& \2 = emu::shared_static<\1\3, __LINE__>();", (ROOT / "cuda" / "nf4_dequant.cu").read_text())
+    (d / "nf4_dequant.cpp").write_text(rewrite_launches(deq, 1, "nf4_dequant.cu"))
     exe = d / "gemm_driver"
     r = subprocess.run([cxx, "-std=c++17", "-O1", f"-I{d}", f"-I{EMU}", f"-I{ROOT / 'cuda'}", f"-I{ROOT / 'cpp' / 'src'}",
-                        "-o", str(exe), str(EMU / "gemm_driver.cpp"), str(d / "ops_half_gemm.cpp"), str(d / "ops_q8_0_gemm.cpp")],
+                        "-o", str(exe), str(EMU / "gemm_driver.cpp"), str(d / "ops_half_gemm.cpp"), str(d / "ops_q8_0_gemm.cpp"),
+                        str(d / "nf4_dequant.cpp")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     return exe
@@ -228,6 +232,29 @@ GEMV_CASES = [
 @pytest.mark.parametrize("case", GEMV_CASES, ids=lambda c: "-".join(map(str, c[:5])))
 def test_nf4_gemv_under_emulator(driver, tmp_path, case):
     test_nf4_gemm_bf16_tc_under_emulator(driver, tmp_path, case, mode="gemv")
+
+
+# rows, cols, blocksize, double quant, sm_count (1: 16 blocks at most, a grid-stride loop)
+DEQ_CASES = [(96, 200, 64, True, 1), (7, 33, 32, False, 1000), (45, 13, 128, True, 2)]
+
+
+@pytest.mark.parametrize("case", DEQ_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_nf4_dequantize_under_emulator(driver, tmp_path, case):
+    """cuda/nf4_dequant.cu decodes bit for bit as the engine's own dequantize (odd element counts too)."""
+    rows, cols, bs, dq, sms = case
+    t = quantize(rows, cols, bs, dq, rows + cols)
+    np.zeros(1, np.float32).tofile(tmp_path / "X.f32")
+    np.full(rows * cols, np.nan, np.float32).tofile(tmp_path / "C.f32")
+    t.packed.tofile(tmp_path / "packed.u8")
+    np.asarray(t.absmax).tofile(tmp_path / "absmax.bin")
+    np.asarray(t.nested_absmax if dq else np.zeros(1), np.float32).tofile(tmp_path / "nested.f32")
+    np.asarray(t.nested_map if dq else np.zeros(1), np.float32).tofile(tmp_path / "map.f32")
+    run(driver, ["deq", tmp_path, "nt", 1, 1.0, 0.0, 1, 1, sms, 0, 0, rows, cols, bs, int(dq),
+                 repr(float(np.float32(t.offset)))])
+    out = np.fromfile(tmp_path / "out.f32", np.float32)
+    want = t.dequantize().reshape(-1)
+    assert np.array_equal(out.view(np.uint32), want.view(np.uint32)), \
+        f"{np.sum(out != want)} of {out.size} differ, first at {np.argmax(out != want)}"
 
 
 # fp16 / bf16 rows (the 16-bit lm_head): bf16, M, N, K, ldx pad, ldy pad, X offset, W offset (elements;

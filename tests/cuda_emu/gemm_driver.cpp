@@ -24,6 +24,7 @@
 #include "nf4_gemm.cu"
 #include "nf4_gemm_tc.cu"
 #include "nf4_gemv.cu"
+#include "nf4_dequant.cuh"
 #include "ops_half_gemm.cuh"
 #include "ops_q8_0_gemm.cuh"
 
@@ -69,7 +70,7 @@ int main(int argc, char** argv) {
     if (!gemm_bf16_tc_fits(i64(4), i64(5))) return 3;
     (mode == "gemm" ? gemm_bf16_tc : gemm_f32)(nullptr, static_cast<int>(i64(12)), layout, i64(4), i64(5), i64(6), f32(7), A, i64(9), B, i64(10),
                  f32(8), C, i64(11));
-  } else if ((mode == "nf4" || mode == "nf4f32" || mode == "gemv") && argc == 17) {
+  } else if ((mode == "nf4" || mode == "nf4f32" || mode == "gemv" || mode == "deq") && argc == 17) {
     qlora::Nf4Ref w;
     w.rows = i64(12), w.cols = i64(13), w.blocksize = static_cast<int>(i64(14)), w.double_quant = i64(15) != 0;
     w.offset = f32(16);
@@ -81,7 +82,9 @@ int main(int argc, char** argv) {
     C = place<float>(dir + "C.f32", 0, keep);
     c_bytes = slurp(dir + "C.f32").size();
     const std::string op = argv[3];
-    if (mode == "gemv" && op == "nt")
+    if (mode == "deq")
+      nf4_dequantize(nullptr, static_cast<int>(i64(9)), w, C);
+    else if (mode == "gemv" && op == "nt")
       nf4_gemv_nt(nullptr, i64(4), f32(5), X, i64(7), w, f32(6), C, i64(8));
     else if (mode == "gemv")
       nf4_gemv_nn(nullptr, i64(4), f32(5), X, i64(7), w, f32(6), C, i64(8));
