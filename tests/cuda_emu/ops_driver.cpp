@@ -1,0 +1,142 @@
+// Runs small op kernels under the CPU emulator (emu.hpp) for tests/test_cuda_emu_ops.py, which
+// rewrites their sources (static __shared__ -> per-block NaN storage, <<<>>> -> emu::launch) into
+// the build folder: cuda/ops_lora_sgmv.cu (shrink + expand launches), ops_rmsnorm.cu,
+// ops_rmsnorm_backward.cu, ops_swiglu_backward.cu, ops_cross_entropy.cu.
+// Usage: ops_driver MODE IN OUT ARGS...: IN holds the op's input arrays (4-byte elements,
+// concatenated in the order each mode reads them), OUT receives its outputs likewise.
+#define __grid_constant__
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "ops_lora_sgmv.cpp"
+#include "ops_rmsnorm.cpp"
+#include "ops_rmsnorm_backward.cpp"
+#include "ops_swiglu_backward.cpp"
+#include "ops_cross_entropy.cpp"
+
+namespace {
+std::vector<float> in;
+size_t pos = 0;
+std::vector<float> out;
+float* take(size_t n) {
+  if (pos + n > in.size()) {
+    std::fprintf(stderr, "input too short\n");
+    std::exit(2);
+  }
+  float* p = in.data() + pos;
+  pos += n;
+  return p;
+}
+void put(const float* p, size_t n) { out.insert(out.end(), p, p + n); }
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 4) return 2;
+  const std::string mode = argv[1];
+  {
+    FILE* f = std::fopen(argv[2], "rb");
+    if (!f) return 2;
+    std::fseek(f, 0, SEEK_END);
+    in.resize(static_cast<size_t>(std::ftell(f)) / 4);
+    std::fseek(f, 0, SEEK_SET);
+    if (std::fread(in.data(), 4, in.size(), f) != in.size()) return 2;
+    std::fclose(f);
+  }
+  int ai = 4;
+  auto I = [&]() { return std::atoll(argv[ai++]); };
+  auto F = [&]() { return static_cast<float>(std::atof(argv[ai++])); };
+  using namespace qlora::cuda;
+  if (mode == "sgmv") {
+    // nprob, then per problem: in out ldx ldy M nseg, per segment: row0 rows r alpha. IN: per problem
+    // x [M, ldx], y [M, ldy], then per segment A [r, in], B [out, r]. The host's packing
+    // (ops_lora_sgmv_host.cpp) for segments of <= kSgmvMaxRows rows: batches of kSgmvMaxEntries.
+    const int np = static_cast<int>(I());
+    std::vector<float*> ys;
+    std::vector<size_t> yn;
+    std::vector<SgmvEntry> shorts;
+    std::vector<std::vector<float>> ts;
+    for (int q = 0; q < np; ++q) {
+      const int64_t nin = I(), nout = I(), ldx = I(), ldy = I(), M = I(), ns = I();
+      float* x = take(M * ldx);
+      float* y = take(M * ldy);
+      ys.push_back(y), yn.push_back(M * ldy);
+      for (int64_t s = 0; s < ns; ++s) {
+        const int64_t row0 = I(), rows = I(), r = I();
+        const float alpha = F();
+        float* A = take(r * nin);
+        float* B = take(nout * r);
+        if (rows == 0 || r == 0 || alpha == 0.0f || nout == 0 || nin == 0) continue;  // as the host skips them
+        if (rows > kSgmvMaxRows || rows * r > kSgmvMaxTile) return 3;                 // the GEMM path: not here
+        SgmvEntry e{};
+        e.x = x + row0 * ldx, e.y = y + row0 * ldy, e.A = A, e.B = B;
+        ts.emplace_back(rows * r, 12345.0f);
+        e.t = ts.back().data();
+        e.ldx = ldx, e.ldy = ldy, e.in = nin, e.out = nout, e.rows = rows, e.r = r, e.alpha = alpha;
+        shorts.push_back(e);
+      }
+    }
+    for (size_t b0 = 0; b0 < shorts.size(); b0 += kSgmvMaxEntries) {
+      SgmvBatch batch{};
+      int32_t shrink = 0, expand = 0;
+      for (size_t k = b0; k < shorts.size() && k < b0 + kSgmvMaxEntries; ++k) {
+        SgmvEntry e = shorts[k];
+        e.shrink0 = shrink, e.expand0 = expand;
+        shrink += e.r;
+        expand += (e.out + 255) / 256;
+        batch.e[batch.n++] = e;
+      }
+      batch.shrink_items = shrink, batch.expand_items = expand;
+      lora_sgmv(nullptr, batch);
+    }
+    for (int q = 0; q < np; ++q) put(ys[q], yn[q]);
+  } else if (mode == "rmsnorm" || mode == "rmsnorm_backward") {
+    // M D eps alias; IN: x [M, D], w [D], (backward: dy [M, D]); OUT: out / dx (aliasing x / dy when alias)
+    const int64_t M = I(), D = I();
+    const float eps = F();
+    const bool alias = I() != 0;
+    float* x = take(M * D);
+    float* w = take(D);
+    if (mode == "rmsnorm") {
+      std::vector<float> o(M * D, 7.0f);
+      float* dst = alias ? x : o.data();
+      rmsnorm(nullptr, M, D, x, w, eps, dst);
+      put(dst, M * D);
+    } else {
+      float* dy = take(M * D);
+      std::vector<float> o(M * D, 7.0f);
+      float* dst = alias ? dy : o.data();
+      rmsnorm_backward(nullptr, M, D, x, w, eps, dy, dst);
+      put(dst, M * D);
+    }
+  } else if (mode == "swiglu_backward") {
+    // M N ldg ldu ldd lddg lddu; IN: gate, up, dout, dgate, dup (each [M, ld]); OUT: dgate, dup
+    const int64_t M = I(), N = I(), ldg = I(), ldu = I(), ldd = I(), lddg = I(), lddu = I();
+    float* g = take(M * ldg);
+    float* u = take(M * ldu);
+    float* d = take(M * ldd);
+    float* dg = take(M * lddg);
+    float* du = take(M * lddu);
+    swiglu_backward(nullptr, M, N, g, ldg, u, ldu, d, ldd, dg, lddg, du, lddu);
+    put(dg, M * lddg), put(du, M * lddu);
+  } else if (mode == "cross_entropy") {
+    // M V ldl want_grad grad_scale; IN: logits [M, ldl], labels [M] (int32); OUT: logits, loss [M]
+    const int64_t M = I(), V = I(), ldl = I();
+    const bool want = I() != 0;
+    const float gs = F();
+    float* l = take(M * ldl);
+    int32_t* lab = reinterpret_cast<int32_t*>(take(M));
+    std::vector<float> loss(M, 7.0f);
+    cross_entropy_rows(nullptr, M, V, l, ldl, lab, gs, want, loss.data());
+    put(l, M * ldl), put(loss.data(), M);
+  } else {
+    return 2;
+  }
+  FILE* f = std::fopen(argv[3], "wb");
+  if (!f || std::fwrite(out.data(), 4, out.size(), f) != out.size()) return 2;
+  std::fclose(f);
+  std::puts("DONE");
+  return 0;
+}
