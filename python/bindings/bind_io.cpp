@@ -12,6 +12,7 @@
 #include "io/mapped_file.hpp"
 #include "io/safetensors.hpp"
 #include "json/json.hpp"
+#include "model/lora_check.hpp"
 #include "model/peft_config.hpp"
 
 namespace qlora::py_bind {
@@ -206,6 +207,20 @@ void bind_io(py::module_& m) {
       },
       py::arg("path"), py::arg("tensors"), py::arg("metadata"),
       "Atomic write of [(name, dtype name, shape, uint8 C-contiguous bytes)].");
+  io.def(
+      "check_lora_factors",
+      [](py::array_t<float, py::array::c_style | py::array::forcecast> A,
+         py::array_t<float, py::array::c_style | py::array::forcecast> B, float scaling, const std::string& where,
+         const std::string& a_name, const std::string& b_name) {
+        check_arg(A.ndim() == 2 && B.ndim() == 2 && B.shape(1) == A.shape(0),
+                  where + ": " + a_name + " / " + b_name + " must be [r, in] and [out, r]");
+        py::gil_scoped_release nogil;
+        model::check_lora_factors(A.shape(0), A.shape(1), B.shape(0), scaling, A.data(), B.data(), where, a_name,
+                                  b_name);
+      },
+      py::arg("A"), py::arg("B"), py::arg("scaling"), py::arg("where"), py::arg("a_name"), py::arg("b_name"),
+      "The engine's one rule for LoRA factors (model/lora_check.hpp, what loading applies): raises "
+      "ValueError when A [r, in] / B [out, r] hold NaN / Inf or the update exceeds 2^32 for scaling.");
   io.def(
       "write_peft_adapter",
       [](const std::string& dir, py::list tensors, const std::string& config_json) {

@@ -68,9 +68,11 @@ def _check_tensors(config: LoraConfig, tensors, num_layers, module_shapes, where
     elif max_layer >= num_layers:
         raise ValueError(f"{where}: tensor for layer {max_layer} but the model has {num_layers} layers")
     expected = {}
-    for layer, proj, r, _, _ in config.resolve(num_layers):
+    scalings = {}
+    for layer, proj, r, _, scaling in config.resolve(num_layers):
         for which in "AB":
             expected[peft_tensor_name(layer, proj, which)] = r
+        scalings[(peft_tensor_name(layer, proj, "A"), peft_tensor_name(layer, proj, "B"))] = scaling
     missing = sorted(set(expected) - set(parsed))
     extra = sorted(set(parsed) - set(expected))
     if extra:
@@ -105,9 +107,12 @@ def _check_tensors(config: LoraConfig, tensors, num_layers, module_shapes, where
             if seen[0] != v:
                 raise ValueError(f"{where}: tensor {name!r} has shape {list(arr.shape)}, inconsistent with "
                                  f"{seen[1]!r} ({sym} size {seen[0]})")
-        if not np.isfinite(arr.astype(np.float32)).all():
-            raise ValueError(f"{where}: tensor {name!r} contains NaN or Inf")
         out[name] = arr
+    # The rule loading applies (cpp/src/model/lora_check.hpp, called, not copied: NaN / Inf and the
+    # 2^32 magnitude bound): a file loading would refuse is never written.
+    for (a, b), scaling in scalings.items():
+        _core.io.check_lora_factors(out[a].astype(np.float32), out[b].astype(np.float32), scaling, where,
+                                    f"tensor {a!r}", f"tensor {b!r}")
     return out
 
 
@@ -118,8 +123,9 @@ def save_adapter(directory, config: LoraConfig, tensors: dict, base_model_name_o
     tensors: PEFT name -> array (float32/float16/bfloat16 kept, float64 stored as float32). Every
     projection config.resolve(num_layers) lists must have its A [r, in] and B [out, r]; num_layers
     defaults to the highest layer index in the names + 1. module_shapes {proj: (out, in)} is checked
-    when given. The engine's writer (cpp/src/io/adapter_write.cpp, the C API's qlora_adapter_save)
-    saves the directory as a unit: a kill at any point leaves the complete old or the complete new
+    when given. Factors loading would refuse (NaN / Inf, or beyond the magnitude bound of
+    cpp/src/model/lora_check.hpp) raise ValueError before anything is written. The engine's writer
+    (cpp/src/io/adapter_write.cpp, the C API's qlora_adapter_save) saves the directory as a unit: a kill at any point leaves the complete old or the complete new
     adapter; files of other tools in `directory` are kept.
     base_model_name_or_path is recorded in adapter_config.json (PEFT's field) when given.
     """

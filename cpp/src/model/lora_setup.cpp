@@ -11,6 +11,7 @@
 #include "io/safetensors.hpp"
 #include "json/json.hpp"
 #include "model/linear.hpp"
+#include "model/lora_check.hpp"
 #include "model/lora_infer.hpp"
 #include "model/peft_config.hpp"
 #include "model/weights.hpp"
@@ -193,6 +194,11 @@ void save_lora_adapter(LlamaModel& m, const LoraAdapter& a, const LoraInitSpec& 
           ts.push_back({base + (w == 0 ? ".lora_A.weight" : ".lora_B.weight"), DType::F32, shape, host.back().data(),
                         sizeof(float) * host.back().size()});
         }
+        // Loading refuses factors beyond the engine's one bound (training with a huge lr can get
+        // there): refuse them here, before anything is written, rather than save an unloadable file.
+        const size_t n = ts.size();
+        check_lora_factors(mod->r, mod->in, mod->out, mod->scaling, host[n - 2].data(), host[n - 1].data(),
+                           "qlora_adapter_save", "tensor '" + ts[n - 2].name + "'", "tensor '" + ts[n - 1].name + "'");
       }
   PeftConfigFields cfg;  // the C API's settings; the rest of PEFT's fields keep their defaults
   cfg.r = s.r;
