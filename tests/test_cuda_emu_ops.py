@@ -8,8 +8,10 @@ driver tests/cuda_emu/ops_driver.cpp), because CI has no GPU:
   ops_swiglu_backward.cu (strided, outputs over inputs), ops_cross_entropy.cu (ignored rows,
   the loss and the gradient written over the logits), against float64 with fp32 bounds.
 Each source is compiled as host C++ with its static __shared__ arrays as per-block NaN storage and
-its <<<>>> launches rewritten. Skipped when no C++17 compiler is present.
+its <<<>>> launches rewritten; each op runs twice, the threads of a block scheduled in opposite orders, and
+must give the same bytes (a missing barrier shows). Skipped when no C++17 compiler is present.
 """
+import os
 import re
 import shutil
 import subprocess
@@ -56,13 +58,20 @@ def driver(tmp_path_factory):
 
 
 def call(exe, tmp_path, mode, arrays, args):
-    """Runs one op: arrays (float32 / int32) concatenated into the input file; the flat float32 output."""
-    src, dst = tmp_path / f"{mode}.in", tmp_path / f"{mode}.out"
+    """Runs one op: arrays (float32 / int32) concatenated into the input file; the flat float32 output.
+    Runs it twice, the block's threads scheduled first to last and last to first (EMU_REVERSE): a race
+    that a missing barrier leaves open shows as a difference (the kernels here are deterministic)."""
+    src = tmp_path / f"{mode}.in"
     src.write_bytes(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays))
-    r = subprocess.run([str(exe), mode, str(src), str(dst), *map(str, args)], capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0 and "DONE" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
-    return np.fromfile(dst, np.float32)
+    outs = []
+    for rev in ("0", "1"):
+        dst = tmp_path / f"{mode}.{rev}.out"
+        r = subprocess.run([str(exe), mode, str(src), str(dst), *map(str, args)], capture_output=True, text=True,
+                           timeout=300, env={**os.environ, "EMU_REVERSE": rev})
+        assert r.returncode == 0 and "DONE" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+        outs.append(np.fromfile(dst, np.float32))
+    assert outs[0].tobytes() == outs[1].tobytes(), f"{mode}: the result depends on the threads' order (a race)"
+    return outs[0]
 
 
 def within(got, ref, tol, what):
@@ -121,3 +130,87 @@ def test_lora_sgmv_under_emulator(driver, tmp_path, name):
         assert np.array_equal(got[:, :nout][~touched], y0[:, :nout][~touched]), f"problem {q}: a base row changed"
         within(got[:, :nout], ref[:, :nout], tol[:, :nout], f"sgmv problem {q}")
     assert off == out.size
+
+
+# ---- RMSNorm forward / backward: one block per row (D < 256: idle threads; D > 256: the stride loop)
+@pytest.mark.parametrize("M,D,alias", [(3, 7, False), (5, 300, True), (2, 1000, False)])
+def test_rmsnorm_under_emulator(driver, tmp_path, M, D, alias):
+    rng = np.random.default_rng(M * 31 + D)
+    x = rng.standard_normal((M, D)).astype(np.float32)
+    x[0] *= 1e-3  # a small row: eps matters
+    w = rng.uniform(0.5, 1.5, D).astype(np.float32)
+    eps = 1e-5
+    got = call(driver, tmp_path, "rmsnorm", [x, w], [M, D, eps, int(alias)]).reshape(M, D)
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    r = 1.0 / np.sqrt((x64 * x64).mean(axis=1, keepdims=True) + np.float64(np.float32(eps)))
+    ref = w64 * x64 * r
+    within(got, ref, (D + 8) * EPS * np.abs(ref) + 1e-30, "rmsnorm")
+
+
+@pytest.mark.parametrize("M,D,alias", [(1, 7, False), (13, 64, True), (5, 1000, True), (2, 257, False)])
+def test_rmsnorm_backward_under_emulator(driver, tmp_path, M, D, alias):
+    rng = np.random.default_rng(M * 17 + D)
+    x = rng.standard_normal((M, D)).astype(np.float32)
+    x[0] *= 1e-3
+    w = rng.uniform(0.5, 1.5, D).astype(np.float32)
+    dy = rng.standard_normal((M, D)).astype(np.float32)
+    eps = 1e-5
+    got = call(driver, tmp_path, "rmsnorm_backward", [x, w, dy], [M, D, eps, int(alias)]).reshape(M, D)
+    x64, w64, g64 = x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64)
+    r = 1.0 / np.sqrt((x64 * x64).mean(axis=1, keepdims=True) + np.float64(np.float32(eps)))
+    c = (w64 * g64 * x64).mean(axis=1, keepdims=True) * r ** 3
+    ref = r * w64 * g64 - c * x64
+    # sums in double; r, c and the result in fp32: a few roundings of each term
+    mag = r * np.abs(w64 * g64) + (np.abs(w64 * g64 * x64).mean(axis=1, keepdims=True) * r ** 3) * np.abs(x64)
+    within(got, ref, 16 * EPS * mag + 1e-30, "rmsnorm_backward")
+
+
+# ---- SwiGLU backward: grid-stride, strided operands, outputs in padded buffers (padding kept)
+@pytest.mark.parametrize("M,N", [(9, 131), (3, 700)])
+def test_swiglu_backward_under_emulator(driver, tmp_path, M, N):
+    rng = np.random.default_rng(M + N)
+    lds = (N + 3, N + 1, N + 5, N + 2, N + 4)
+    gate, up, dout = (np.full((M, ld), np.nan, np.float32) for ld in lds[:3])
+    gate[:, :N] = rng.standard_normal((M, N)) * 2.0
+    gate[0, :4] = [0.0, -30.0, 30.0, 88.0]  # sigmoid's flat ends
+    up[:, :N] = rng.standard_normal((M, N))
+    dout[:, :N] = rng.standard_normal((M, N))
+    dg0, du0 = np.full((M, lds[3]), 7.0, np.float32), np.full((M, lds[4]), 7.0, np.float32)
+    out = call(driver, tmp_path, "swiglu_backward", [gate, up, dout, dg0, du0], [M, N, *lds])
+    dg, du = out[:dg0.size].reshape(dg0.shape), out[dg0.size:].reshape(du0.shape)
+    g, u, d = (a[:, :N].astype(np.float64) for a in (gate, up, dout))
+    s = 1.0 / (1.0 + np.exp(-g))
+    # expf within a few ulp; every term bounded by (1 + |g|)
+    within(du[:, :N], d * g * s, 16 * EPS * np.abs(d) * (1.0 + np.abs(g)) + 1e-30, "swiglu_backward dup")
+    within(dg[:, :N], d * u * s * (1.0 + g * (1.0 - s)), 16 * EPS * np.abs(d * u) * (1.0 + np.abs(g)) + 1e-30,
+           "swiglu_backward dgate")
+    assert (du[:, N:] == 7.0).all() and (dg[:, N:] == 7.0).all(), "padding columns written"
+
+
+# ---- cross-entropy rows: loss and the gradient over the logits, ignored (-100) rows
+@pytest.mark.parametrize("want_grad", [False, True])
+@pytest.mark.parametrize("M,V,ldl", [(5, 1003, 1010), (3, 40, 40)])
+def test_cross_entropy_under_emulator(driver, tmp_path, want_grad, M, V, ldl):
+    rng = np.random.default_rng(V + want_grad)
+    logits = (rng.standard_normal((M, ldl)) * 4).astype(np.float32)
+    labels = rng.integers(0, V, size=M).astype(np.int32)
+    labels[1] = -100
+    labels[-1] = V - 1  # the last column
+    gs = 0.25
+    out = call(driver, tmp_path, "cross_entropy", [logits, labels], [M, V, ldl, int(want_grad), gs])
+    g, loss = out[:logits.size].reshape(M, ldl), out[logits.size:]
+    l64 = logits[:, :V].astype(np.float64)
+    mx = l64.max(axis=1, keepdims=True)
+    lse = mx[:, 0] + np.log(np.exp(l64 - mx).sum(axis=1))
+    ref = np.where(labels == -100, 0.0, lse - l64[np.arange(M), np.maximum(labels, 0)])
+    within(loss, ref, 16 * EPS * (np.abs(lse) + np.abs(l64).max(axis=1)), "cross_entropy loss")
+    if want_grad:
+        p = np.exp(l64 - lse[:, None])
+        gref = gs * p
+        gref[np.arange(M), np.maximum(labels, 0)] -= gs
+        gref[labels == -100] = 0.0
+        tol = gs * (4 + 2 * (np.abs(lse)[:, None] + np.abs(l64))) * EPS * p + EPS * np.abs(gref) + 1e-30
+        within(g[:, :V], gref, tol, "cross_entropy grad")
+    else:
+        assert np.array_equal(g, logits), "logits changed without want_grad"
+    assert np.array_equal(g[:, V:], logits[:, V:]), "wrote past V"

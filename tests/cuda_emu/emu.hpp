@@ -59,6 +59,10 @@ inline int or_result = 0;
 inline std::function<void()> body;
 // A test's planted bug number (tests rewrite kernel code to `if (emu::plant == i) bug else original`).
 inline const int plant = std::getenv("EMU_PLANT") ? std::atoi(std::getenv("EMU_PLANT")) : 0;
+// EMU_REVERSE=1: run a block's runnable fibers from the last thread to the first (default: first to
+// last), so a read that only a missing barrier orders after (or before) another thread's write
+// changes the result in one of the two orders (tests/test_cuda_emu_ops.py runs both).
+inline const bool reverse = std::getenv("EMU_REVERSE") && std::atoi(std::getenv("EMU_REVERSE")) != 0;
 // Fresh per-block storage for a static __shared__ array that a test rewrote to
 // emu::shared_static<T, Id>() (tests/test_cuda_emu_gemm.py): all bytes 0xFF (NaN as fp32 and
 // bf16), so a read before the block wrote it shows, where a plain static keeps the last block's data.
@@ -155,8 +159,10 @@ inline void run_block(unsigned nthreads) {
     makecontext(&fs[i].ctx, trampoline, 0);
   }
   for (;;) {
-    for (auto& f : fs)
+    for (unsigned i = 0; i < nthreads; ++i) {
+      Fiber& f = fs[reverse ? nthreads - 1 - i : i];
       if (f.state == 0) { cur = &f; swapcontext(&sched, &f.ctx); }
+    }
     int nb = 0, nd = 0;
     for (auto& f : fs) nb += f.state == 1, nd += f.state == 3;
     if (nd == (int)nthreads) {
