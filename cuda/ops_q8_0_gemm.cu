@@ -42,8 +42,17 @@ __global__ void __launch_bounds__(kOpThreads)
 void q8_0_gemm_nt(cudaStream_t stream, int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const void* W,
                   float* Y, int64_t ldy) {
   if (M <= 0 || N <= 0) return;
-  const dim3 grid(static_cast<unsigned>((N + kWarps - 1) / kWarps), static_cast<unsigned>((M + kRows - 1) / kRows));
-  q8_0_gemm_kernel<<<grid, kOpThreads, 0, stream>>>(M, N, K, X, ldx, static_cast<const uint8_t*>(W), Y, ldy);
-  QLORA_CUDA_CHECK_LAUNCH("q8_0_gemm_nt");
+  // grid.y is at most 65535: rows of X beyond 65535 * kRows go in further launches on the same
+  // stream (as half_gemm_nt). Each launch sees its chunk as rows 0.. of X / Y offset by m0 rows:
+  // test_cuda_emu_gemm.py runs the kernel on one-chunk cases (524k rows are too slow for the
+  // emulator); test_q8_0_gemm_launch_split.py checks the chunks' grids and offsets without running it.
+  constexpr int64_t kMaxM = int64_t{65535} * kRows;
+  const uint8_t* w = static_cast<const uint8_t*>(W);
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
+    const int64_t m = M - m0 < kMaxM ? M - m0 : kMaxM;
+    const dim3 grid(static_cast<unsigned>((N + kWarps - 1) / kWarps), static_cast<unsigned>((m + kRows - 1) / kRows));
+    q8_0_gemm_kernel<<<grid, kOpThreads, 0, stream>>>(m, N, K, X + m0 * ldx, ldx, w, Y + m0 * ldy, ldy);
+    QLORA_CUDA_CHECK_LAUNCH("q8_0_gemm_nt");
+  }
 }
 }  // namespace qlora::cuda
