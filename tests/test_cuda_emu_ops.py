@@ -6,11 +6,16 @@ driver tests/cuda_emu/ops_driver.cpp), because CI has no GPU:
   than 40 entries: two batches), against float64;
 - cuda/ops_rmsnorm.cu and ops_rmsnorm_backward.cu (with dx aliasing dy / out aliasing x),
   ops_swiglu_backward.cu (strided, outputs over inputs), ops_cross_entropy.cu (ignored rows,
-  the loss and the gradient written over the logits), against float64 with fp32 bounds.
+  the loss and the gradient written over the logits), against float64 with fp32 bounds;
+- cuda/ops_adamw.cu bit for bit against the CPU optimizer's loop (numpy float32, and the engine's
+  cpu:scalar adamw_update op where qlora_native._core imports), its ieee_ops.cuh PTX instructions as
+  the plain C++ operations; cuda/ops_grad_norm.cu: the double chunk sums (within double rounding of
+  the exact sums and of the CPU op), their in-order total, scale_inplace bit for bit, find_nonfinite.
 Each source is compiled as host C++ with its static __shared__ arrays as per-block NaN storage and
 its <<<>>> launches rewritten; each op runs twice, the threads of a block scheduled in opposite orders, and
 must give the same bytes (a missing barrier shows). Skipped when no C++17 compiler is present.
 """
+import math
 import os
 import re
 import shutil
@@ -26,7 +31,9 @@ EPS = 2.0 ** -24  # fp32 unit roundoff
 LAUNCH = re.compile(r"(\w+(?:<[\w, ]+>)?)<<<(.*?), stream>>>\((.*?)\);", re.S)
 SHARED = re.compile(r"__shared__ (\w+) (\w+)((?:\[[^\]]+\])+);")
 SOURCES = {"ops_lora_sgmv.cu": 2, "ops_rmsnorm.cu": 1, "ops_rmsnorm_backward.cu": 1, "ops_swiglu_backward.cu": 1,
-           "ops_cross_entropy.cu": 1}  # name -> kernel launches
+           "ops_cross_entropy.cu": 1, "ops_adamw.cu": 1, "ops_grad_norm.cu": 4}  # name -> kernel launches
+IEEE_ASM = re.compile(r'asm\("(add|sub|mul|div|sqrt)\.rn\.f32 [^;]*;"[^;]*\);')
+IEEE_OP = {"add": "r = a + b;", "sub": "r = a - b;", "mul": "r = a * b;", "div": "r = a / b;", "sqrt": "r = std::sqrt(a);"}
 
 
 def emu_source(name, text=None):
@@ -45,8 +52,11 @@ def build(d, texts=None):
         pytest.skip("no C++ compiler")
     for name in SOURCES:
         (d / name.replace(".cu", ".cpp")).write_text(emu_source(name, (texts or {}).get(name)))
+    ieee, k = IEEE_ASM.subn(lambda m: IEEE_OP[m.group(1)], (ROOT / "cuda" / "ieee_ops.cuh").read_text())
+    assert k == 5 and "asm" not in ieee, f"ieee_ops.cuh: rewrote {k} of its 5 PTX instructions"
+    (d / "ieee_ops.cuh").write_text("#include <cmath>\n" + ieee)
     exe = d / "ops_driver"
-    r = subprocess.run([cxx, "-std=c++17", "-O1", f"-I{d}", f"-I{EMU}", f"-I{ROOT / 'cuda'}", f"-I{ROOT / 'cpp' / 'src'}",
+    r = subprocess.run([cxx, "-std=c++17", "-O1", "-ffp-contract=off", f"-I{d}", f"-I{EMU}", f"-I{ROOT / 'cuda'}", f"-I{ROOT / 'cpp' / 'src'}",
                         "-o", str(exe), str(EMU / "ops_driver.cpp")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     return exe
@@ -214,3 +224,79 @@ def test_cross_entropy_under_emulator(driver, tmp_path, want_grad, M, V, ldl):
     else:
         assert np.array_equal(g, logits), "logits changed without want_grad"
     assert np.array_equal(g[:, V:], logits[:, V:]), "wrote past V"
+
+
+def cpu_op(op, arrays, ints, floats):
+    """The engine's CPU op (qlora_native._core.backend_op on cpu:scalar), or None without the module."""
+    try:
+        from qlora_native import _core
+    except ImportError:
+        return None
+    return _core.backend_op("cpu:scalar", op, arrays, ints, floats)
+
+
+# ---- AdamW: bit for bit as the CPU optimizer (ieee_ops.cuh keeps every op IEEE-rounded, unfused)
+@pytest.mark.parametrize("n,t,wd", [(1000, 1, 0.0), (70001, 7, 0.01)])
+def test_adamw_bit_identical_under_emulator(driver, tmp_path, n, t, wd):
+    rng = np.random.default_rng(n + t)
+    p = rng.standard_normal(n).astype(np.float32)
+    g = (rng.standard_normal(n) * 1e-3).astype(np.float32)
+    g[:3] = [0.0, 1e-30, -3e-39]  # zero, tiny, subnormal gradients: no flush
+    m = (rng.standard_normal(n) * 1e-3).astype(np.float32)
+    v = (rng.random(n) * 1e-6).astype(np.float32)
+    v[3] = 0.0
+    lr, b1, b2, eps = 2e-4, 0.9, 0.999, 1e-8
+    out = call(driver, tmp_path, "adamw", [p, g, m, v], [n, t, repr(lr), repr(b1), repr(b2), repr(eps), repr(wd)])
+    gp, gm, gv = out[:n], out[n:2 * n], out[2 * n:]
+    # the CPU loop (train::adamw_update) in numpy float32: each operation rounded once, as in C++
+    f = np.float32
+    bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+    decay = f(1.0 - lr * wd) if wd != 0 else f(1.0)
+    mi = m + f(1.0 - b1) * (g - m)
+    vi = v * f(b2) + f(1.0 - b2) * g * g
+    denom = np.sqrt(vi) / f(bc2 ** 0.5) + f(eps)
+    pi = p * decay + f(-(lr / bc1)) * mi / denom
+    for what, got, ref in (("p", gp, pi), ("m", gm, mi), ("v", gv, vi)):
+        assert got.tobytes() == ref.astype(np.float32).tobytes(), f"adamw {what}: not bit for bit the CPU loop"
+    cpu = cpu_op("adamw_update", {"p": p, "g": g, "m": m, "v": v}, {"n": n, "t": t},
+                 {"lr": lr, "beta1": b1, "beta2": b2, "eps": eps, "weight_decay": wd})
+    if cpu is not None:
+        for what, got in (("p", gp), ("m", gm), ("v", gv)):
+            assert got.tobytes() == cpu[what].tobytes(), f"adamw {what}: not bit for bit the CPU op"
+
+
+# ---- gradient norm: chunk sums of squares (double), their in-order total, x * s, first non-finite
+@pytest.mark.parametrize("sizes,bad", [([1000, 3, 70000], 69999), ([5], -1), ([], -1), ([300, 0, 513], 2)])
+def test_grad_norm_under_emulator(driver, tmp_path, sizes, bad):
+    K = 1 << 15  # train::kNormChunk: each tensor split from its start
+    bounds = [0]
+    for sz in sizes:
+        for c0 in range(0, sz, K):
+            bounds.append(bounds[-1] + min(K, sz - c0))
+    n, nc = bounds[-1], len(bounds) - 1
+    rng = np.random.default_rng(n + nc)
+    x = rng.standard_normal(n).astype(np.float32)
+    if bad >= 0:
+        x[bad] = np.inf
+        x[-1] = np.nan  # a later hit: the first one wins
+    s = np.float32(0.3)
+    out = call(driver, tmp_path, "grad_norm", [np.array(bounds, np.int64), x], [nc, n, repr(float(s))])
+    part = out[:2 * nc].view(np.float64)
+    total = out[2 * nc:2 * nc + 2].view(np.float64)[0]
+    first = out[2 * nc + 2:2 * nc + 4].view(np.int64)[0]
+    assert first == bad, f"find_nonfinite: {first}, want {bad}"
+    assert out[2 * nc + 4:].tobytes() == (x * s).tobytes(), "scale_inplace: not bit for bit x * s"
+    acc = 0.0
+    for c in range(nc):  # the partials summed in chunk order, exactly
+        acc += float(part[c])
+    assert total.tobytes() == np.float64(acc).tobytes(), "sum_squares: the total is not the in-order sum"
+    x64 = x.astype(np.float64) ** 2  # exact squares
+    ref = np.array([math.fsum(x64[bounds[c]:bounds[c + 1]]) for c in range(nc)])
+    fin = np.isfinite(ref)  # chunks holding the inf / nan: not compared
+    err = np.abs(part[fin] - ref[fin])
+    assert np.all(err <= (np.diff(bounds)[fin] + 8) * 2.0 ** -53 * ref[fin]), "sum_squares: a chunk's sum"
+    if bad < 0:
+        cpu = cpu_op("sum_squares", {"bounds": np.array(bounds, np.int64), "x": x, "partial": np.zeros(nc),
+                                     "out": np.zeros(1)}, {"n_chunks": nc}, {})
+        if cpu is not None:  # the CPU sums in another order: equal within double rounding
+            assert abs(cpu["out"][0] - total) <= (n + 8) * 2.0 ** -53 * abs(total), "sum_squares vs the CPU op"

@@ -1,10 +1,13 @@
 // Runs small op kernels under the CPU emulator (emu.hpp) for tests/test_cuda_emu_ops.py, which
 // rewrites their sources (static __shared__ -> per-block NaN storage, <<<>>> -> emu::launch) into
 // the build folder: cuda/ops_lora_sgmv.cu (shrink + expand launches), ops_rmsnorm.cu,
-// ops_rmsnorm_backward.cu, ops_swiglu_backward.cu, ops_cross_entropy.cu.
+// ops_rmsnorm_backward.cu, ops_swiglu_backward.cu, ops_cross_entropy.cu, ops_adamw.cu and
+// ops_grad_norm.cu (their ieee_ops.cuh with each PTX .rn instruction as the plain C++ operation, built
+// with -ffp-contract=off: IEEE binary32 on x86-64, as the CPU optimizer computes).
 // Usage: ops_driver MODE IN OUT ARGS...: IN holds the op's input arrays (4-byte elements,
 // concatenated in the order each mode reads them), OUT receives its outputs likewise.
 #define __grid_constant__
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -16,6 +19,24 @@
 #include "ops_rmsnorm_backward.cpp"
 #include "ops_swiglu_backward.cpp"
 #include "ops_cross_entropy.cpp"
+
+// For ops_grad_norm.cu: the one OS thread runs the fibers one at a time, so plain code is atomic.
+inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
+  const unsigned long long o = *p;
+  if (v < o) *p = v;
+  return o;
+}
+inline uint32_t __float_as_uint(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
+  std::memset(p, v, n);
+  return cudaSuccess;
+}
+#include "ops_adamw.cpp"
+#include "ops_grad_norm.cpp"
 
 namespace {
 std::vector<float> in;
@@ -131,6 +152,42 @@ int main(int argc, char** argv) {
     std::vector<float> loss(M, 7.0f);
     cross_entropy_rows(nullptr, M, V, l, ldl, lab, gs, want, loss.data());
     put(l, M * ldl), put(loss.data(), M);
+  } else if (mode == "adamw") {
+    // n t lr beta1 beta2 eps weight_decay; IN: p, g, m, v [n]; OUT: p, m, v. The scalars as
+    // train::adamw_scalars forms them (double, rounded once).
+    const int64_t n = I(), t = I();
+    const double lr = std::atof(argv[ai++]), b1 = std::atof(argv[ai++]), b2 = std::atof(argv[ai++]);
+    const double eps = std::atof(argv[ai++]), wd = std::atof(argv[ai++]);
+    float* p = take(n);
+    float* g = take(n);
+    float* m = take(n);
+    float* v = take(n);
+    qlora::train::AdamWScalars sc;
+    const double bc1 = 1.0 - std::pow(b1, static_cast<double>(t)), bc2 = 1.0 - std::pow(b2, static_cast<double>(t));
+    sc.apply_decay = wd != 0.0;
+    sc.decay = static_cast<float>(1.0 - lr * wd);
+    sc.one_minus_b1 = static_cast<float>(1.0 - b1);
+    sc.beta2 = static_cast<float>(b2);
+    sc.one_minus_b2 = static_cast<float>(1.0 - b2);
+    sc.bc2_sqrt = static_cast<float>(std::pow(bc2, 0.5));
+    sc.eps = static_cast<float>(eps);
+    sc.neg_step = static_cast<float>(-(lr / bc1));
+    adamw_update(nullptr, n, p, g, m, v, sc);
+    put(p, n), put(m, n), put(v, n);
+  } else if (mode == "grad_norm") {
+    // n_chunks n s; IN: bounds [n_chunks + 1] (int64 as 2 words each), x [n]; OUT: partial [n_chunks]
+    // and out (doubles, 2 words each), the first non-finite index (int64), then x * s
+    const int64_t nc = I(), n = I();
+    const float sc = F();
+    const int64_t* bounds = reinterpret_cast<const int64_t*>(take(2 * (nc + 1)));
+    float* x = take(n);
+    std::vector<double> part(nc + 1, 12345.0), sum(1, 12345.0);
+    sum_squares(nullptr, nc, bounds, x, part.data(), sum.data());
+    std::vector<int64_t> first(1, 77);
+    find_nonfinite(nullptr, n, x, first.data());
+    scale_inplace(nullptr, n, x, sc);
+    put(reinterpret_cast<float*>(part.data()), 2 * nc), put(reinterpret_cast<float*>(sum.data()), 2);
+    put(reinterpret_cast<float*>(first.data()), 2), put(x, n);
   } else {
     return 2;
   }
