@@ -232,7 +232,8 @@ def cpu_op(op, arrays, ints, floats):
         from qlora_native import _core
     except ImportError:
         return None
-    return _core.backend_op("cpu:scalar", op, arrays, ints, floats)
+    run = getattr(_core, "backend_op", None)  # an installed older build may lack the op harness
+    return None if run is None else run("cpu:scalar", op, arrays, ints, floats)
 
 
 # ---- AdamW: bit for bit as the CPU optimizer (ieee_ops.cuh keeps every op IEEE-rounded, unfused)
