@@ -49,11 +49,12 @@ CONFIGS = [
 
 def _tensors(cfg, rng, num_layers=2, width=8):
     out = {}
-    for layer, proj, r, _, _ in cfg.resolve(num_layers):
+    for layer, proj, r, _, scaling in cfg.resolve(num_layers):
         parent = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
         base = f"base_model.model.model.layers.{layer}.{parent}.{proj}"
         out[base + ".lora_A.weight"] = rng.standard_normal((r, width)).astype(np.float32)
-        out[base + ".lora_B.weight"] = rng.standard_normal((width, r)).astype(np.float32)
+        # B / scaling: save_adapter refuses factors load would (lora_alpha=1e17 gives scaling 2e16)
+        out[base + ".lora_B.weight"] = (rng.standard_normal((width, r)) / max(1.0, abs(scaling))).astype(np.float32)
     return out
 
 
