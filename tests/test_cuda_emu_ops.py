@@ -11,6 +11,9 @@ driver tests/cuda_emu/ops_driver.cpp), because CI has no GPU:
   cpu:scalar adamw_update op where qlora_native._core imports), its ieee_ops.cuh PTX instructions as
   the plain C++ operations; cuda/ops_grad_norm.cu: the double chunk sums (within double rounding of
   the exact sums and of the CPU op), their in-order total, scale_inplace bit for bit, find_nonfinite.
+- cuda/ops_sample.cu (greedy and sampling kernels, the repetition penalty): the tokens of the
+  engine's host rule (cpu:scalar sample_rows) over temperature, top-k (one chunk and above), top-p,
+  ties, -inf and NaN rows, V = 3000 (radix select over several 1024-token chunks, bitonic sort).
 Each source is compiled as host C++ with its static __shared__ arrays as per-block NaN storage and
 its <<<>>> launches rewritten; each op runs twice, the threads of a block scheduled in opposite orders, and
 must give the same bytes (a missing barrier shows). Skipped when no C++17 compiler is present.
@@ -31,7 +34,8 @@ EPS = 2.0 ** -24  # fp32 unit roundoff
 LAUNCH = re.compile(r"(\w+(?:<[\w, ]+>)?)<<<(.*?), stream>>>\((.*?)\);", re.S)
 SHARED = re.compile(r"__shared__ (\w+) (\w+)((?:\[[^\]]+\])+);")
 SOURCES = {"ops_lora_sgmv.cu": 2, "ops_rmsnorm.cu": 1, "ops_rmsnorm_backward.cu": 1, "ops_swiglu_backward.cu": 1,
-           "ops_cross_entropy.cu": 1, "ops_adamw.cu": 1, "ops_grad_norm.cu": 4}  # name -> kernel launches
+           "ops_cross_entropy.cu": 1, "ops_adamw.cu": 1, "ops_grad_norm.cu": 4,
+           "ops_sample.cu": 3}  # name -> kernel launches
 IEEE_ASM = re.compile(r'asm\("(add|sub|mul|div|sqrt)\.rn\.f32 [^;]*;"[^;]*\);')
 IEEE_OP = {"add": "r = a + b;", "sub": "r = a - b;", "mul": "r = a * b;", "div": "r = a / b;", "sqrt": "r = std::sqrt(a);"}
 
@@ -39,6 +43,7 @@ IEEE_OP = {"add": "r = a + b;", "sub": "r = a - b;", "mul": "r = a * b;", "div":
 def emu_source(name, text=None):
     text = (ROOT / "cuda" / name).read_text() if text is None else text
     text = SHARED.sub(r"auto& \2 = emu::shared_static<\1\3, __COUNTER__>();", text)
+    text = text.replace("__shared__ Shared S;", "auto& S = emu::shared_static<Shared, __COUNTER__>();")  # ops_sample.cu
     text, k = LAUNCH.subn(r"emu::launch(\2, [&]() { \1(\3); });", text)
     assert k == SOURCES[name], f"{name}: expected {SOURCES[name]} kernel launches, rewrote {k}"
     assert "<<<" not in text and "__shared__" not in text, f"{name}: left unrewritten"
@@ -301,3 +306,44 @@ def test_grad_norm_under_emulator(driver, tmp_path, sizes, bad):
                                      "out": np.zeros(1)}, {"n_chunks": nc}, {})
         if cpu is not None:  # the CPU sums in another order: equal within double rounding
             assert abs(cpu["out"][0] - total) <= (n + 8) * 2.0 ** -53 * abs(total), "sum_squares vs the CPU op"
+
+
+# ---- sampling (cuda/ops_sample.cu): the tokens of the engine's host rule (cpu:scalar sample_rows)
+# temperature, top_k, top_p, repetition penalty; V 3000: three 1024-token chunks of the radix select
+SAMPLE_CASES = [(0.0, 0, 1.0, 1.0), (0.8, 0, 1.0, 1.0), (1.0, 50, 0.9, 1.3), (0.7, 2000, 0.95, 1.0),
+                (1.2, 0, 0.5, 1.1)]
+
+
+@pytest.mark.parametrize("case", SAMPLE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_sample_rows_under_emulator(driver, tmp_path, case):
+    T, top_k, top_p, pen = case
+    n, V, ldl = 5, 3000, 3003
+    rng = np.random.default_rng(int(T * 10) + top_k)
+    logits = (rng.standard_normal((n, ldl)) * 2).astype(np.float32)
+    logits[0, 7] = logits[0, 1900] = logits[0].max() + 1  # a tie at the top: the lower id first
+    logits[1, :V] = np.round(logits[1, :V] * 2) / 2  # many ties
+    logits[2, 13] = np.nan  # -1 for this row
+    logits[3, :2000] = -np.inf
+    u = rng.random(n)
+    hists = [rng.choice(V, size=k, replace=False).astype(np.int32) for k in (0, 5, 3, 40, 1)]
+    pen_off = np.cumsum([0] + [len(h) for h in hists]).astype(np.int32)
+    out = call(driver, tmp_path, "sample", [logits, u, pen_off, np.concatenate(hists)],
+               [n, V, ldl, repr(T), top_k, repr(top_p), repr(pen)])
+    got = out.view(np.int32)
+    assert got[2] == -1, "a NaN row gives -1"
+    assert np.all((got == -1) == np.isnan(logits[:, :V]).any(axis=1))
+    try:
+        from qlora_native import _core
+    except ImportError:
+        pytest.skip("no qlora_native._core")
+    if not hasattr(_core, "backend_op"):
+        pytest.skip("qlora_native._core without the op harness")
+    ok = np.isnan(logits[:, :V]).any(axis=1) == False  # noqa: E712 (the CPU op raises on NaN rows)
+    rows = np.flatnonzero(ok).astype(np.int32)
+    ho = np.cumsum([0] + [len(hists[r]) for r in rows]).astype(np.int64)
+    ref = _core.backend_op("cpu:scalar", "sample_rows",
+                           {"logits": logits, "rows": rows, "hist": np.concatenate([hists[r] for r in rows]),
+                            "hist_off": ho, "u": u[rows]},
+                           {"n": len(rows), "V": V, "ldl": ldl, "R": n, "top_k": top_k},
+                           {"temperature": T, "top_p": top_p, "repetition_penalty": pen})["tokens"]
+    assert np.array_equal(got[rows], ref), f"tokens {got[rows]} want {ref} (the host rule)"

@@ -4,7 +4,7 @@
 // A thread runs until __syncthreads / __syncthreads_or (all threads of the block must arrive:
 // anything else is reported as a deadlock) or a bf16 mma.sync (the warp's 32 lanes must arrive;
 // the product follows the PTX ISA fragment layout of m16n8k16, operands exact bf16, fp32 sums).
-// Warp shuffles (__shfl_xor_sync, full mask) and __syncwarp likewise wait for the warp's 32 lanes.
+// Warp shuffles (__shfl_xor_sync, full mask), __match_any_sync and __syncwarp likewise wait for the warp's 32 lanes.
 // Shared memory starts as NaN, so a read before any write, or a missing barrier that lets a thread
 // read a tile another thread has not written yet, usually shows as NaN (static __shared__ arrays
 // too, where a test rewrites them to emu::shared_static; tests/test_cuda_emu_gemm.py runs the
@@ -46,7 +46,7 @@ namespace emu {
 struct Fiber {
   ucontext_t ctx;
   unsigned tid;
-  int state = 0;  // 0 runnable, 1 block barrier, 2 warp mma, 3 done, 4 warp shuffle, 5 __syncwarp
+  int state = 0;  // 0 runnable, 1 block barrier, 2 warp mma, 3 done, 4 warp shuffle, 5 __syncwarp, 6 match
   int pred = 0;
   std::vector<char> stack;
 };
@@ -138,6 +138,14 @@ inline T shfl_xor(T v, int off) {
   yield();
   return static_cast<T>(shfl[cur->tid].out);
 }
+// __match_any_sync (full mask): the lanes of the warp holding the same value, as a bit mask.
+inline unsigned match_any(double v) {
+  Shfl& s = shfl[cur->tid];
+  s.v = v;
+  cur->state = 6;
+  yield();
+  return static_cast<unsigned>(shfl[cur->tid].out);
+}
 inline void syncwarp() {
   cur->state = 5;
   yield();
@@ -171,15 +179,21 @@ inline void run_block(unsigned nthreads) {
     }
     bool released = false;
     for (unsigned w = 0; w < nthreads / 32; ++w) {  // a warp whose 32 lanes all wait at an mma / a shuffle
-      int nw = 0, ns = 0, ny = 0;
+      int nw = 0, ns = 0, ny = 0, nm = 0;
       for (int l = 0; l < 32; ++l) {
         const int st = fs[w * 32 + l].state;
-        nw += st == 2, ns += st == 4, ny += st == 5;
+        nw += st == 2, ns += st == 4, ny += st == 5, nm += st == 6;
       }
+      if (nm == 32)
+        for (int l = 0; l < 32; ++l) {
+          unsigned m = 0;
+          for (int o = 0; o < 32; ++o) m |= (shfl[w * 32 + o].v == shfl[w * 32 + l].v ? 1u : 0u) << o;
+          shfl[w * 32 + l].out = m;
+        }
       if (nw == 32) warp_mma_compute(w);
       if (ns == 32)
         for (int l = 0; l < 32; ++l) shfl[w * 32 + l].out = shfl[w * 32 + (l ^ shfl[w * 32 + l].off)].v;
-      if (nw == 32 || ns == 32 || ny == 32) {
+      if (nw == 32 || ns == 32 || ny == 32 || nm == 32) {
         for (int l = 0; l < 32; ++l) fs[w * 32 + l].state = 0;
         released = true;
       }
@@ -217,6 +231,7 @@ inline void launch(dim3 g, unsigned threads, size_t smem_bytes, std::function<vo
 #define __ldg(p) (*(p))
 #define __shfl_xor_sync(mask, v, off) emu::shfl_xor((v), (off))
 #define __syncwarp() emu::syncwarp()
+#define __match_any_sync(mask, v) emu::match_any(static_cast<double>(v))
 #define __expf(x) expf(x)
 inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 #define __trap() std::abort()

@@ -2,7 +2,7 @@
 // rewrites their sources (static __shared__ -> per-block NaN storage, <<<>>> -> emu::launch) into
 // the build folder: cuda/ops_lora_sgmv.cu (shrink + expand launches), ops_rmsnorm.cu,
 // ops_rmsnorm_backward.cu, ops_swiglu_backward.cu, ops_cross_entropy.cu, ops_adamw.cu and
-// ops_grad_norm.cu (their ieee_ops.cuh with each PTX .rn instruction as the plain C++ operation, built
+// ops_grad_norm.cu, ops_sample.cu (ieee_ops.cuh with each PTX .rn instruction as the plain C++ operation, built
 // with -ffp-contract=off: IEEE binary32 on x86-64, as the CPU optimizer computes).
 // Usage: ops_driver MODE IN OUT ARGS...: IN holds the op's input arrays (4-byte elements,
 // concatenated in the order each mode reads them), OUT receives its outputs likewise.
@@ -37,6 +37,22 @@ inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
 }
 #include "ops_adamw.cpp"
 #include "ops_grad_norm.cpp"
+// For ops_sample.cu (shared-memory atomics, integer intrinsics, IEEE float ops)
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+  const unsigned o = *p;
+  *p = o + v;
+  return o;
+}
+inline int atomicAdd(int* p, int v) {
+  const int o = *p;
+  *p = o + v;
+  return o;
+}
+inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+#include "ops_sample.cpp"
 
 namespace {
 std::vector<float> in;
@@ -188,6 +204,30 @@ int main(int argc, char** argv) {
     scale_inplace(nullptr, n, x, sc);
     put(reinterpret_cast<float*>(part.data()), 2 * nc), put(reinterpret_cast<float*>(sum.data()), 2);
     put(reinterpret_cast<float*>(first.data()), 2), put(x, n);
+  } else if (mode == "sample") {
+    // n V ldl temperature top_k top_p penalty; IN: logits [n, ldl], u [n] (doubles, 2 words each),
+    // pen_off [n + 1], pen_tok (int32, distinct per row); OUT: the n tokens (int32). With
+    // penalty != 1 the rows go through sample_penalize into a [n, V] work buffer first.
+    const int64_t n = I(), V = I(), ldl = I();
+    const float T = F();
+    const int64_t top_k = I();
+    const float top_p = F(), pen = F();
+    float* l = take(n * ldl);
+    const double* u = reinterpret_cast<const double*>(take(2 * n));
+    const int32_t* pen_off = reinterpret_cast<const int32_t*>(take(n + 1));
+    const int32_t* pen_tok = reinterpret_cast<const int32_t*>(take(pen_off[n]));
+    std::vector<int64_t> off(n);
+    for (int64_t r = 0; r < n; ++r) off[r] = r * ldl;
+    std::vector<float> work(n * V, 12345.0f);
+    const float* base = l;
+    if (pen != 1.0f) {
+      sample_penalize(nullptr, n, V, l, off.data(), pen_off, pen_tok, pen, work.data());
+      for (int64_t r = 0; r < n; ++r) off[r] = r * V;
+      base = work.data();
+    }
+    std::vector<int32_t> tok(n, -7);
+    sample_rows(nullptr, n, V, base, off.data(), u, T, top_k, top_p, tok.data());
+    put(reinterpret_cast<float*>(tok.data()), n);
   } else {
     return 2;
   }
