@@ -13,7 +13,9 @@ driver tests/cuda_emu/ops_driver.cpp), because CI has no GPU:
   the exact sums and of the CPU op), their in-order total, scale_inplace bit for bit, find_nonfinite.
 - cuda/ops_sample.cu (greedy and sampling kernels, the repetition penalty): the tokens of the
   engine's host rule (cpu:scalar sample_rows) over temperature, top-k (one chunk and above), top-p,
-  ties, -inf and NaN rows, V = 3000 (radix select over several 1024-token chunks, bitonic sort).
+  ties, -inf and NaN rows, V = 3000 (radix select over several 1024-token chunks, bitonic sort);
+- cuda/ops_lora_dropout.cu forward and backward: bit for bit the engine's CPU op (Philox stream
+  offsets not a multiple of 4, strides, subnormal inputs).
 Each source is compiled as host C++ with its static __shared__ arrays as per-block NaN storage and
 its <<<>>> launches rewritten; each op runs twice, the threads of a block scheduled in opposite orders, and
 must give the same bytes (a missing barrier shows). Skipped when no C++17 compiler is present.
@@ -35,7 +37,7 @@ LAUNCH = re.compile(r"(\w+(?:<[\w, ]+>)?)<<<(.*?), stream>>>\((.*?)\);", re.S)
 SHARED = re.compile(r"__shared__ (\w+) (\w+)((?:\[[^\]]+\])+);")
 SOURCES = {"ops_lora_sgmv.cu": 2, "ops_rmsnorm.cu": 1, "ops_rmsnorm_backward.cu": 1, "ops_swiglu_backward.cu": 1,
            "ops_cross_entropy.cu": 1, "ops_adamw.cu": 1, "ops_grad_norm.cu": 4,
-           "ops_sample.cu": 3}  # name -> kernel launches
+           "ops_sample.cu": 3, "ops_lora_dropout.cu": 2}  # name -> kernel launches
 IEEE_ASM = re.compile(r'asm\("(add|sub|mul|div|sqrt)\.rn\.f32 [^;]*;"[^;]*\);')
 IEEE_OP = {"add": "r = a + b;", "sub": "r = a - b;", "mul": "r = a * b;", "div": "r = a / b;", "sqrt": "r = std::sqrt(a);"}
 
@@ -347,3 +349,31 @@ def test_sample_rows_under_emulator(driver, tmp_path, case):
                            {"n": len(rows), "V": V, "ldl": ldl, "R": n, "top_k": top_k},
                            {"temperature": T, "top_p": top_p, "repetition_penalty": pen})["tokens"]
     assert np.array_equal(got[rows], ref), f"tokens {got[rows]} want {ref} (the host rule)"
+
+
+# ---- LoRA dropout (Philox mask): bit for bit the CPU op, forward and backward
+@pytest.mark.parametrize("M,nin,pad,offset,p", [(3, 37, 2, 5, 0.1), (8, 300, 0, 1 << 33 | 3, 0.5), (1, 1, 1, 0, 0.0)])
+def test_lora_dropout_under_emulator(driver, tmp_path, M, nin, pad, offset, p):
+    try:
+        from qlora_native import _core
+    except ImportError:
+        pytest.skip("no qlora_native._core")
+    if not hasattr(_core, "backend_op"):
+        pytest.skip("qlora_native._core without the op harness")
+    rng = np.random.default_rng(M * nin)
+    ld, seed = nin + pad, 0x9E3779B97F4A7C15
+    x = rng.standard_normal((M, ld)).astype(np.float32)
+    x[0, 0] = 3e-39  # subnormal: kept
+    g = rng.standard_normal((M, nin)).astype(np.float32)
+    dx = rng.standard_normal((M, ld)).astype(np.float32)
+    ints = {"M": M, "in": nin, "ld": ld, "seed_lo": seed & 0xFFFFFFFF, "seed_hi": seed >> 32, "offset": offset}
+    args = [M, nin, ld, seed, offset, repr(p)]
+    got = call(driver, tmp_path, "dropout", [x], args)
+    ref = _core.backend_op("cpu:scalar", "lora_dropout", {"x": x, "out": np.zeros((M, nin), np.float32)}, ints,
+                           {"p": p})["out"]
+    assert got.tobytes() == ref.tobytes(), "lora_dropout: not bit for bit the CPU op"
+    if p > 0:
+        assert 0 < np.count_nonzero(got == 0) < got.size, "the mask drops some, keeps some"
+    got = call(driver, tmp_path, "dropout_backward", [g, dx], args)
+    ref = _core.backend_op("cpu:scalar", "lora_dropout_backward", {"g": g, "dx": dx}, ints, {"p": p})["dx"]
+    assert got.tobytes() == ref.tobytes(), "lora_dropout_backward: not bit for bit the CPU op"

@@ -2,7 +2,7 @@
 // rewrites their sources (static __shared__ -> per-block NaN storage, <<<>>> -> emu::launch) into
 // the build folder: cuda/ops_lora_sgmv.cu (shrink + expand launches), ops_rmsnorm.cu,
 // ops_rmsnorm_backward.cu, ops_swiglu_backward.cu, ops_cross_entropy.cu, ops_adamw.cu and
-// ops_grad_norm.cu, ops_sample.cu (ieee_ops.cuh with each PTX .rn instruction as the plain C++ operation, built
+// ops_grad_norm.cu, ops_sample.cu, ops_lora_dropout.cu (ieee_ops.cuh with each PTX .rn instruction as the plain C++ operation, built
 // with -ffp-contract=off: IEEE binary32 on x86-64, as the CPU optimizer computes).
 // Usage: ops_driver MODE IN OUT ARGS...: IN holds the op's input arrays (4-byte elements,
 // concatenated in the order each mode reads them), OUT receives its outputs likewise.
@@ -53,6 +53,7 @@ inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 #include "ops_sample.cpp"
+#include "ops_lora_dropout.cpp"
 
 namespace {
 std::vector<float> in;
@@ -228,6 +229,23 @@ int main(int argc, char** argv) {
     std::vector<int32_t> tok(n, -7);
     sample_rows(nullptr, n, V, base, off.data(), u, T, top_k, top_p, tok.data());
     put(reinterpret_cast<float*>(tok.data()), n);
+  } else if (mode == "dropout" || mode == "dropout_backward") {
+    // M in ld seed offset p; IN: forward x [M, ld]; backward g [M, in], dx [M, ld]. OUT: out [M, in] / dx.
+    // p_keep and the scale as CudaBackend::lora_dropout forms them.
+    const int64_t M = I(), nin = I(), ld = I();
+    const uint64_t seed = std::strtoull(argv[ai++], nullptr, 10), offset = std::strtoull(argv[ai++], nullptr, 10);
+    const float p = F();
+    if (mode == "dropout") {
+      float* x = take(M * ld);
+      std::vector<float> o(M * nin, 12345.0f);
+      lora_dropout(nullptr, seed, offset, 1.0 - static_cast<double>(p), 1.0f / (1.0f - p), M, nin, x, ld, o.data());
+      put(o.data(), o.size());
+    } else {
+      float* g = take(M * nin);
+      float* dx = take(M * ld);
+      lora_dropout_backward(nullptr, seed, offset, 1.0 - static_cast<double>(p), 1.0f / (1.0f - p), M, nin, g, dx, ld);
+      put(dx, M * ld);
+    }
   } else {
     return 2;
   }
