@@ -15,7 +15,9 @@ driver tests/cuda_emu/ops_driver.cpp), because CI has no GPU:
   engine's host rule (cpu:scalar sample_rows) over temperature, top-k (one chunk and above), top-p,
   ties, -inf and NaN rows, V = 3000 (radix select over several 1024-token chunks, bitonic sort);
 - cuda/ops_lora_dropout.cu forward and backward: bit for bit the engine's CPU op (Philox stream
-  offsets not a multiple of 4, strides, subnormal inputs).
+  offsets not a multiple of 4, strides, subnormal inputs);
+- cuda/ops_rope.cu (forward and inverse) against the CPU op within fp32 rounding, cuda/ops_kv_write.cu
+  (fp32 and bf16 caches) bit for bit as the CPU op.
 Each source is compiled as host C++ with its static __shared__ arrays as per-block NaN storage and
 its <<<>>> launches rewritten; each op runs twice, the threads of a block scheduled in opposite orders, and
 must give the same bytes (a missing barrier shows). Skipped when no C++17 compiler is present.
@@ -37,7 +39,8 @@ LAUNCH = re.compile(r"(\w+(?:<[\w, ]+>)?)<<<(.*?), stream>>>\((.*?)\);", re.S)
 SHARED = re.compile(r"__shared__ (\w+) (\w+)((?:\[[^\]]+\])+);")
 SOURCES = {"ops_lora_sgmv.cu": 2, "ops_rmsnorm.cu": 1, "ops_rmsnorm_backward.cu": 1, "ops_swiglu_backward.cu": 1,
            "ops_cross_entropy.cu": 1, "ops_adamw.cu": 1, "ops_grad_norm.cu": 4,
-           "ops_sample.cu": 3, "ops_lora_dropout.cu": 2}  # name -> kernel launches
+           "ops_sample.cu": 3, "ops_lora_dropout.cu": 2,
+           "ops_rope.cu": 1, "ops_kv_write.cu": 2}  # name -> kernel launches
 IEEE_ASM = re.compile(r'asm\("(add|sub|mul|div|sqrt)\.rn\.f32 [^;]*;"[^;]*\);')
 IEEE_OP = {"add": "r = a + b;", "sub": "r = a - b;", "mul": "r = a * b;", "div": "r = a / b;", "sqrt": "r = std::sqrt(a);"}
 
@@ -377,3 +380,49 @@ def test_lora_dropout_under_emulator(driver, tmp_path, M, nin, pad, offset, p):
     got = call(driver, tmp_path, "dropout_backward", [g, dx], args)
     ref = _core.backend_op("cpu:scalar", "lora_dropout_backward", {"g": g, "dx": dx}, ints, {"p": p})["dx"]
     assert got.tobytes() == ref.tobytes(), "lora_dropout_backward: not bit for bit the CPU op"
+
+
+def core_or_skip():
+    try:
+        from qlora_native import _core
+    except ImportError:
+        pytest.skip("no qlora_native._core")
+    if not hasattr(_core, "backend_op"):
+        pytest.skip("qlora_native._core without the op harness")
+    return _core
+
+
+# ---- RoPE forward / inverse (rope_backward) and the KV-cache write, against the CPU ops
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rope_under_emulator(driver, tmp_path, inverse):
+    core = core_or_skip()
+    M, H, hd, ldx = 7, 3, 64, 3 * 64 + 5
+    rng = np.random.default_rng(5 + inverse)
+    x = rng.standard_normal((M, ldx)).astype(np.float32)
+    pos = np.array([0, 1, 2, 100, 4095, 70000, 3], np.int32)
+    inv = (10000.0 ** (-np.arange(0, hd, 2) / hd)).astype(np.float32)
+    got = call(driver, tmp_path, "rope", [x, pos, inv], [M, H, hd, ldx, int(inverse)]).reshape(M, ldx)
+    ref = core.backend_op("cpu:scalar", "rope_backward" if inverse else "rope", {"x": x, "pos": pos, "inv_freq": inv},
+                          {"M": M, "n_heads": H, "head_dim": hd, "ldx": ldx}, {})["x"]
+    assert np.array_equal(got[:, H * hd:], x[:, H * hd:]), "rope wrote the padding"
+    v = x[:, :H * hd].reshape(M, H, 2, hd // 2)
+    mag = np.repeat((np.abs(v[:, :, 0]) + np.abs(v[:, :, 1]))[:, :, None], 2, axis=2).reshape(M, H * hd)
+    within(got[:, :H * hd], ref[:, :H * hd].astype(np.float64), 4 * EPS * mag + 1e-30, "rope vs the CPU op")
+
+
+@pytest.mark.parametrize("b16", [False, True])
+def test_kv_write_under_emulator(driver, tmp_path, b16):
+    core = core_or_skip()
+    B, T, H, hd, S, start = 2, 3, 2, 8, 9, 4
+    ldx = H * hd + 3
+    rng = np.random.default_rng(9 + b16)
+    x = rng.standard_normal((B * T, ldx)).astype(np.float32)
+    x[0, 0], x[0, 1] = 1.00390625, 3e-39  # a bf16 tie (round to even), a subnormal
+    cache = (rng.integers(0, 1 << 16, B * H * S * hd).astype(np.uint16) if b16
+             else rng.standard_normal(B * H * S * hd).astype(np.float32))
+    ints = {"B": B, "T": T, "H": H, "hd": hd, "ldx": ldx, "S_cap": S, "start": start}
+    got = call(driver, tmp_path, "kv_write", [x, cache], [B, T, H, hd, ldx, S, start, int(b16)])
+    ref = core.backend_op("cpu:scalar", "kv_write_bf16" if b16 else "kv_write", {"x": x, "cache": cache}, ints,
+                          {})["cache"]
+    assert got.tobytes() == ref.tobytes(), "kv_write: not bit for bit the CPU op"
+    assert got.tobytes() != cache.tobytes()

@@ -2,7 +2,8 @@
 // rewrites their sources (static __shared__ -> per-block NaN storage, <<<>>> -> emu::launch) into
 // the build folder: cuda/ops_lora_sgmv.cu (shrink + expand launches), ops_rmsnorm.cu,
 // ops_rmsnorm_backward.cu, ops_swiglu_backward.cu, ops_cross_entropy.cu, ops_adamw.cu and
-// ops_grad_norm.cu, ops_sample.cu, ops_lora_dropout.cu (ieee_ops.cuh with each PTX .rn instruction as the plain C++ operation, built
+// ops_grad_norm.cu, ops_sample.cu, ops_lora_dropout.cu, ops_rope.cu,
+// ops_kv_write.cu (ieee_ops.cuh with each PTX .rn instruction as the plain C++ operation, built
 // with -ffp-contract=off: IEEE binary32 on x86-64, as the CPU optimizer computes).
 // Usage: ops_driver MODE IN OUT ARGS...: IN holds the op's input arrays (4-byte elements,
 // concatenated in the order each mode reads them), OUT receives its outputs likewise.
@@ -54,6 +55,8 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 #include "ops_sample.cpp"
 #include "ops_lora_dropout.cpp"
+#include "ops_rope.cpp"
+#include "ops_kv_write.cpp"
 
 namespace {
 std::vector<float> in;
@@ -246,6 +249,26 @@ int main(int argc, char** argv) {
       lora_dropout_backward(nullptr, seed, offset, 1.0 - static_cast<double>(p), 1.0f / (1.0f - p), M, nin, g, dx, ld);
       put(dx, M * ld);
     }
+  } else if (mode == "rope") {
+    // M H hd ldx inverse; IN: x [M, ldx], pos [M] (int32), inv_freq [hd / 2]; OUT: x
+    const int64_t M = I(), H = I(), hd = I(), ldx = I();
+    const bool inverse = I() != 0;
+    float* x = take(M * ldx);
+    const int32_t* pos = reinterpret_cast<const int32_t*>(take(M));
+    const float* inv = take(hd / 2);
+    rope(nullptr, M, H, hd, x, ldx, pos, inv, inverse);
+    put(x, M * ldx);
+  } else if (mode == "kv_write") {
+    // B T H hd ldx S start bf16; IN: x [B * T, ldx], cache [B, H, S, hd] (fp32, or bf16 bits packed
+    // two a word); OUT: the cache
+    const int64_t B = I(), T = I(), H = I(), hd = I(), ldx = I(), S = I(), start = I();
+    const bool b16 = I() != 0;
+    const float* x = take(B * T * ldx);
+    const int64_t nc = B * H * S * hd;
+    float* cache = take(b16 ? (nc + 1) / 2 : nc);
+    if (b16) kv_write_bf16(nullptr, B, T, H, hd, x, ldx, reinterpret_cast<uint16_t*>(cache), S, start);
+    else kv_write(nullptr, B, T, H, hd, x, ldx, cache, S, start);
+    put(cache, b16 ? (nc + 1) / 2 : nc);
   } else {
     return 2;
   }
