@@ -17,7 +17,9 @@ driver tests/cuda_emu/ops_driver.cpp), because CI has no GPU:
 - cuda/ops_lora_dropout.cu forward and backward: bit for bit the engine's CPU op (Philox stream
   offsets not a multiple of 4, strides, subnormal inputs);
 - cuda/ops_rope.cu (forward and inverse) against the CPU op within fp32 rounding, cuda/ops_kv_write.cu
-  (fp32 and bf16 caches) bit for bit as the CPU op.
+  (fp32 and bf16 caches) bit for bit as the CPU op; the row gathers of ops_half_rows.cu (fp16 / bf16),
+  ops_q8_0_rows.cu and ops_embedding.cu, ops_add_bias.cu and ops_add_inplace.cu bit for bit, and
+  ops_swiglu.cu within fp32 rounding of the CPU ops.
 Each source is compiled as host C++ with its static __shared__ arrays as per-block NaN storage and
 its <<<>>> launches rewritten; each op runs twice, the threads of a block scheduled in opposite orders, and
 must give the same bytes (a missing barrier shows). Skipped when no C++17 compiler is present.
@@ -40,7 +42,9 @@ SHARED = re.compile(r"__shared__ (\w+) (\w+)((?:\[[^\]]+\])+);")
 SOURCES = {"ops_lora_sgmv.cu": 2, "ops_rmsnorm.cu": 1, "ops_rmsnorm_backward.cu": 1, "ops_swiglu_backward.cu": 1,
            "ops_cross_entropy.cu": 1, "ops_adamw.cu": 1, "ops_grad_norm.cu": 4,
            "ops_sample.cu": 3, "ops_lora_dropout.cu": 2,
-           "ops_rope.cu": 1, "ops_kv_write.cu": 2}  # name -> kernel launches
+           "ops_rope.cu": 1, "ops_kv_write.cu": 2,
+           "ops_half_rows.cu": 2, "ops_q8_0_rows.cu": 1, "ops_embedding.cu": 1, "ops_swiglu.cu": 1, "ops_add_bias.cu": 1,
+           "ops_add_inplace.cu": 1}  # name -> kernel launches
 IEEE_ASM = re.compile(r'asm\("(add|sub|mul|div|sqrt)\.rn\.f32 [^;]*;"[^;]*\);')
 IEEE_OP = {"add": "r = a + b;", "sub": "r = a - b;", "mul": "r = a * b;", "div": "r = a / b;", "sqrt": "r = std::sqrt(a);"}
 
@@ -426,3 +430,62 @@ def test_kv_write_under_emulator(driver, tmp_path, b16):
                           {})["cache"]
     assert got.tobytes() == ref.tobytes(), "kv_write: not bit for bit the CPU op"
     assert got.tobytes() != cache.tobytes()
+
+
+# ---- row gathers (lm_head / embedding tables), SwiGLU forward, the bias and residual adds
+@pytest.mark.parametrize("kind", ["f16", "bf16", "q8_0", "f32"])
+def test_row_gathers_under_emulator(driver, tmp_path, kind):
+    core = core_or_skip()
+    M, K, N = 5, 96, 11
+    rng = np.random.default_rng(len(kind))
+    ids = np.array([0, 10, 3, 3, 7], np.int32)
+    if kind == "f16":
+        W = rng.standard_normal((N, K)).astype(np.float16).view(np.uint16)
+        W[1, :3] = [0x0001, 0x83FF, 0x7C00]  # subnormals, +inf
+    elif kind == "bf16":
+        W = (rng.standard_normal((N, K)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    elif kind == "q8_0":
+        W = rng.integers(0, 256, (N, K // 32 * 34)).astype(np.uint8)
+        W.reshape(N, K // 32, 34)[:, :, 1] &= 0x3B  # finite fp16 scales
+    else:
+        W = rng.standard_normal((N, K)).astype(np.float32)
+    raw = W.tobytes()
+    raw += b"\0" * (-len(raw) % 4)
+    got = call(driver, tmp_path, "rows", [np.frombuffer(raw, np.uint8), ids],
+               [("f16", "bf16", "q8_0", "f32").index(kind), M, K, N])
+    if kind == "f32":
+        ref = core.backend_op("cpu:scalar", "embedding", {"table": W, "ids": ids, "out": np.zeros((M, K), np.float32)},
+                              {"M": M, "D": K, "V": N}, {})["out"]
+    elif kind == "q8_0":
+        ref = core.backend_op("cpu:scalar", "q8_0_rows", {"W": W, "ids": ids, "out": np.zeros((M, K), np.float32)},
+                              {"M": M, "K": K, "N": N}, {})["out"]
+    else:
+        ref = core.backend_op("cpu:scalar", "half_rows", {"W": W, "ids": ids, "out": np.zeros((M, K), np.float32)},
+                              {"M": M, "K": K, "N": N, "bf16": int(kind == "bf16")}, {})["out"]
+    assert got.tobytes() == ref.tobytes(), f"{kind} rows: not bit for bit the CPU op"
+
+
+def test_swiglu_and_adds_under_emulator(driver, tmp_path):
+    core = core_or_skip()
+    M, N = 6, 301
+    ldg, ldu, ldo = N + 1, N + 4, N + 2
+    rng = np.random.default_rng(77)
+    gate = (rng.standard_normal((M, ldg)) * 3).astype(np.float32)
+    gate[0, :3] = [-100.0, 100.0, 0.0]
+    up = rng.standard_normal((M, ldu)).astype(np.float32)
+    out0 = np.full((M, ldo), 7.0, np.float32)
+    got = call(driver, tmp_path, "swiglu", [gate, up, out0], [M, N, ldg, ldu, ldo]).reshape(M, ldo)
+    ref = core.backend_op("cpu:scalar", "swiglu", {"gate": gate, "up": up, "out": out0},
+                          {"M": M, "N": N, "ldg": ldg, "ldu": ldu, "ldo": ldo}, {})["out"]
+    assert (got[:, N:] == 7.0).all(), "swiglu wrote the padding"
+    g = gate[:, :N].astype(np.float64)
+    within(got[:, :N], ref[:, :N].astype(np.float64),
+           8 * EPS * np.abs(g * up[:, :N]) + 1e-37, "swiglu vs the CPU op")  # expf: a few ulp
+    bias = rng.standard_normal(N).astype(np.float32)
+    y = rng.standard_normal((M, ldo)).astype(np.float32)
+    x = rng.standard_normal(M * ldo).astype(np.float32)
+    out = call(driver, tmp_path, "add", [bias, y, x], [M, N, ldo])
+    yb = core.backend_op("cpu:scalar", "add_bias", {"bias": bias, "y": y}, {"M": M, "N": N, "ldy": ldo}, {})["y"]
+    assert out[:y.size].tobytes() == yb.tobytes(), "add_bias: not bit for bit the CPU op"
+    ya = core.backend_op("cpu:scalar", "add_inplace", {"x": x, "y": yb.reshape(-1)}, {"n": M * ldo}, {})["y"]
+    assert out[y.size:].tobytes() == ya.tobytes(), "add_inplace: not bit for bit the CPU op"

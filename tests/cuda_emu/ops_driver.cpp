@@ -3,7 +3,8 @@
 // the build folder: cuda/ops_lora_sgmv.cu (shrink + expand launches), ops_rmsnorm.cu,
 // ops_rmsnorm_backward.cu, ops_swiglu_backward.cu, ops_cross_entropy.cu, ops_adamw.cu and
 // ops_grad_norm.cu, ops_sample.cu, ops_lora_dropout.cu, ops_rope.cu,
-// ops_kv_write.cu (ieee_ops.cuh with each PTX .rn instruction as the plain C++ operation, built
+// ops_kv_write.cu, ops_half_rows.cu, ops_q8_0_rows.cu, ops_embedding.cu, ops_swiglu.cu, ops_add_bias.cu,
+// ops_add_inplace.cu (ieee_ops.cuh with each PTX .rn instruction as the plain C++ operation, built
 // with -ffp-contract=off: IEEE binary32 on x86-64, as the CPU optimizer computes).
 // Usage: ops_driver MODE IN OUT ARGS...: IN holds the op's input arrays (4-byte elements,
 // concatenated in the order each mode reads them), OUT receives its outputs likewise.
@@ -57,6 +58,12 @@ inline float __fdiv_rn(float a, float b) { return a / b; }
 #include "ops_lora_dropout.cpp"
 #include "ops_rope.cpp"
 #include "ops_kv_write.cpp"
+#include "ops_half_rows.cpp"
+#include "ops_q8_0_rows.cpp"
+#include "ops_embedding.cpp"
+#include "ops_swiglu.cpp"
+#include "ops_add_bias.cpp"
+#include "ops_add_inplace.cpp"
 
 namespace {
 std::vector<float> in;
@@ -269,6 +276,36 @@ int main(int argc, char** argv) {
     if (b16) kv_write_bf16(nullptr, B, T, H, hd, x, ldx, reinterpret_cast<uint16_t*>(cache), S, start);
     else kv_write(nullptr, B, T, H, hd, x, ldx, cache, S, start);
     put(cache, b16 ? (nc + 1) / 2 : nc);
+  } else if (mode == "rows") {
+    // kind (0 fp16, 1 bf16, 2 Q8_0, 3 fp32 embedding) M K N; IN: W (its bytes, padded to words), ids [M]; OUT: [M, K]
+    const int kind = static_cast<int>(I());
+    const int64_t M = I(), K = I(), N = I();
+    const int64_t bytes = kind == 3 ? N * K * 4 : kind == 2 ? N * (K / 32) * 34 : N * K * 2;
+    const void* W = take((bytes + 3) / 4);
+    const int32_t* ids = reinterpret_cast<const int32_t*>(take(M));
+    std::vector<float> o(M * K, 12345.0f);
+    if (kind == 3) embedding(nullptr, M, K, static_cast<const float*>(W), ids, o.data());
+    else if (kind == 2) q8_0_rows(nullptr, M, K, W, ids, o.data());
+    else half_rows(nullptr, kind == 1, M, K, W, ids, o.data());
+    put(o.data(), o.size());
+  } else if (mode == "swiglu") {
+    // M N ldg ldu ldo; IN: gate, up, out (each [M, ld]); OUT: out
+    const int64_t M = I(), N = I(), ldg = I(), ldu = I(), ldo = I();
+    const float* g = take(M * ldg);
+    const float* u = take(M * ldu);
+    float* o = take(M * ldo);
+    swiglu(nullptr, M, N, g, ldg, u, ldu, o, ldo);
+    put(o, M * ldo);
+  } else if (mode == "add") {
+    // M N ldy; IN: bias [N], y [M, ldy], x [M * ldy]; OUT: y + bias (add_bias), then that + x (add_inplace)
+    const int64_t M = I(), N = I(), ldy = I();
+    const float* bias = take(N);
+    float* y = take(M * ldy);
+    const float* x = take(M * ldy);
+    add_bias(nullptr, M, N, bias, y, ldy);
+    put(y, M * ldy);
+    add_inplace(nullptr, M * ldy, x, y);
+    put(y, M * ldy);
   } else {
     return 2;
   }
