@@ -347,7 +347,7 @@ def test_sample_rows_under_emulator(driver, tmp_path, case):
         pytest.skip("no qlora_native._core")
     if not hasattr(_core, "backend_op"):
         pytest.skip("qlora_native._core without the op harness")
-    ok = np.isnan(logits[:, :V]).any(axis=1) == False  # noqa: E712 (the CPU op raises on NaN rows)
+    ok = ~np.isnan(logits[:, :V]).any(axis=1)  # the CPU op raises on NaN rows
     rows = np.flatnonzero(ok).astype(np.int32)
     ho = np.cumsum([0] + [len(hists[r]) for r in rows]).astype(np.int64)
     ref = _core.backend_op("cpu:scalar", "sample_rows",
