@@ -60,8 +60,9 @@ inline std::function<void()> body;
 // A test's planted bug number (tests rewrite kernel code to `if (emu::plant == i) bug else original`).
 inline const int plant = std::getenv("EMU_PLANT") ? std::atoi(std::getenv("EMU_PLANT")) : 0;
 // EMU_REVERSE=1: run a block's runnable fibers from the last thread to the first (default: first to
-// last), so a read that only a missing barrier orders after (or before) another thread's write
-// changes the result in one of the two orders (tests/test_cuda_emu_ops.py runs both).
+// last), each warp running on through its warp collectives before the lower warps start, so a read
+// that only a missing barrier orders after (or before) another thread's write changes the result in
+// one of the two orders (tests/test_cuda_emu_ops.py runs both).
 inline const bool reverse = std::getenv("EMU_REVERSE") && std::atoi(std::getenv("EMU_REVERSE")) != 0;
 // Fresh per-block storage for a static __shared__ array that a test rewrote to
 // emu::shared_static<T, Id>() (tests/test_cuda_emu_gemm.py): all bytes 0xFF (NaN as fp32 and
@@ -166,10 +167,40 @@ inline void run_block(unsigned nthreads) {
     fs[i].ctx.uc_link = nullptr;
     makecontext(&fs[i].ctx, trampoline, 0);
   }
+  // A warp whose 32 lanes all wait at the same collective (mma, shuffle, __syncwarp, match): computed and
+  // made runnable again.
+  auto release_warp = [&](unsigned w) {
+    int nw = 0, ns = 0, ny = 0, nm = 0;
+    for (int l = 0; l < 32; ++l) {
+      const int st = fs[w * 32 + l].state;
+      nw += st == 2, ns += st == 4, ny += st == 5, nm += st == 6;
+    }
+    if (nm == 32)
+      for (int l = 0; l < 32; ++l) {
+        unsigned m = 0;
+        for (int o = 0; o < 32; ++o) m |= (shfl[w * 32 + o].v == shfl[w * 32 + l].v ? 1u : 0u) << o;
+        shfl[w * 32 + l].out = m;
+      }
+    if (nw == 32) warp_mma_compute(w);
+    if (ns == 32)
+      for (int l = 0; l < 32; ++l) shfl[w * 32 + l].out = shfl[w * 32 + (l ^ shfl[w * 32 + l].off)].v;
+    if (nw == 32 || ns == 32 || ny == 32 || nm == 32) {
+      for (int l = 0; l < 32; ++l) fs[w * 32 + l].state = 0;
+      return true;
+    }
+    return false;
+  };
   for (;;) {
     for (unsigned i = 0; i < nthreads; ++i) {
-      Fiber& f = fs[reverse ? nthreads - 1 - i : i];
+      const unsigned t = reverse ? nthreads - 1 - i : i;
+      Fiber& f = fs[t];
       if (f.state == 0) { cur = &f; swapcontext(&sched, &f.ctx); }
+      // EMU_REVERSE: a warp runs on through its collectives before the lower warps run at all, so it
+      // reaches the next write to shared memory first (a missing barrier before it then shows).
+      if (reverse && t % 32 == 0 && t + 32 <= nthreads)
+        while (release_warp(t / 32))
+          for (unsigned l = 32; l-- > 0;)
+            if (fs[t + l].state == 0) { cur = &fs[t + l]; swapcontext(&sched, &fs[t + l].ctx); }
     }
     int nb = 0, nd = 0;
     for (auto& f : fs) nb += f.state == 1, nd += f.state == 3;
@@ -178,26 +209,7 @@ inline void run_block(unsigned nthreads) {
       break;
     }
     bool released = false;
-    for (unsigned w = 0; w < nthreads / 32; ++w) {  // a warp whose 32 lanes all wait at an mma / a shuffle
-      int nw = 0, ns = 0, ny = 0, nm = 0;
-      for (int l = 0; l < 32; ++l) {
-        const int st = fs[w * 32 + l].state;
-        nw += st == 2, ns += st == 4, ny += st == 5, nm += st == 6;
-      }
-      if (nm == 32)
-        for (int l = 0; l < 32; ++l) {
-          unsigned m = 0;
-          for (int o = 0; o < 32; ++o) m |= (shfl[w * 32 + o].v == shfl[w * 32 + l].v ? 1u : 0u) << o;
-          shfl[w * 32 + l].out = m;
-        }
-      if (nw == 32) warp_mma_compute(w);
-      if (ns == 32)
-        for (int l = 0; l < 32; ++l) shfl[w * 32 + l].out = shfl[w * 32 + (l ^ shfl[w * 32 + l].off)].v;
-      if (nw == 32 || ns == 32 || ny == 32 || nm == 32) {
-        for (int l = 0; l < 32; ++l) fs[w * 32 + l].state = 0;
-        released = true;
-      }
-    }
+    for (unsigned w = 0; w < nthreads / 32; ++w) released |= release_warp(w);
     if (released) continue;
     if (nb == (int)nthreads) {
       or_result = 0;
