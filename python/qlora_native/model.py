@@ -516,7 +516,7 @@ class Model(LoraModelMixin):
     def head_format(self) -> str:
         """How the embedding and the lm_head are kept on the device: "float32" (the default), "bf16" /
         "f16" (16-bit rows, half the bytes: Llama-3-8B's two [128256, 4096] tables take 2.0 GiB instead
-        of 3.9 GiB; each weight rounded once to nearest even, relative error at most 2^-9 for bf16 and
+        of 3.9 GiB; each weight rounded once to nearest even, relative error at most 2^-8 for bf16 and
         2^-11 for f16; products still accumulate in fp32) or "q8_0" (GGUF's 8-bit Q8_0 rows, 34 bytes per
         32 weights, 3.8x smaller: 1.0 GiB; the values change by at most half a quantization step per
         weight). Setting a format other than "float32" converts the tables once (irreversible; a
