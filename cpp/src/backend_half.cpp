@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "backend.hpp"
+#include "backend_chunks.hpp"
 #include "common/error.hpp"
 
 namespace qlora {
@@ -16,39 +17,10 @@ size_t Backend::half_chunk_scratch_bytes(int64_t N, int64_t K) {
 }
 
 namespace {
-// ids 0..nc-1 and nc fp32 rows in the backend's memory, freed after the backend finished with them.
-struct HalfChunks {
-  Backend& be;
+struct HalfChunks : RowChunks {
   Backend::HalfType t;
-  int64_t nc;
-  void* ids = nullptr;
-  void* rows = nullptr;
   HalfChunks(Backend& b, Backend::HalfType type, int64_t N, int64_t K)
-      : be(b), t(type), nc(std::min(N, Backend::kHalfChunk)) {
-    ids = be.alloc(static_cast<size_t>(nc) * sizeof(int32_t));  // [nc]
-    try {
-      rows = be.alloc(static_cast<size_t>(nc) * static_cast<size_t>(K) * sizeof(float));  // [nc, K]
-      std::vector<int32_t> iota(static_cast<size_t>(nc));
-      for (int64_t i = 0; i < nc; ++i) iota[i] = static_cast<int32_t>(i);
-      be.upload(ids, iota.data(), iota.size() * sizeof(int32_t));
-      be.synchronize();  // before `iota` goes
-    } catch (...) {
-      release();
-      throw;
-    }
-  }
-  ~HalfChunks() {
-    try {
-      be.synchronize();
-    } catch (...) {  // already failing: the memory is still given back
-    }
-    release();
-  }
-  void release() {
-    if (rows) be.free(rows);
-    if (ids) be.free(ids);
-    rows = ids = nullptr;
-  }
+      : RowChunks(b, N, Backend::kHalfChunk, K), t(type) {}
   // Rows [n0, n0 + n) of W widened into rows (fp32 [n, K]).
   float* load(const void* W, int64_t n0, int64_t n, int64_t K) {
     be.half_rows(t, n, K, static_cast<const uint16_t*>(W) + static_cast<size_t>(n0) * static_cast<size_t>(K),

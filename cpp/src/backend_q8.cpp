@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "backend.hpp"
+#include "backend_chunks.hpp"
 #include "common/error.hpp"
 
 namespace qlora {
@@ -29,38 +30,8 @@ size_t Backend::q8_0_gemm_nn_scratch_bytes(int64_t N, int64_t K) {
 }
 
 namespace {
-// The dequantization scratch of the chunked Q8_0 defaults: ids 0..nc-1 and nc fp32 rows, freed after
-// the backend finished with them.
-struct Q8Chunks {
-  Backend& be;
-  int64_t nc;
-  void* ids;
-  void* rows;
-  Q8Chunks(Backend& b, int64_t N, int64_t K) : be(b), nc(std::min(N, Backend::kQ8_0GemmNnChunk)), ids(nullptr), rows(nullptr) {
-    ids = be.alloc(static_cast<size_t>(nc) * sizeof(int32_t));  // [nc]
-    try {
-      rows = be.alloc(static_cast<size_t>(nc) * static_cast<size_t>(K) * sizeof(float));  // [nc, K]
-      std::vector<int32_t> iota(static_cast<size_t>(nc));
-      for (int64_t i = 0; i < nc; ++i) iota[i] = static_cast<int32_t>(i);
-      be.upload(ids, iota.data(), iota.size() * sizeof(int32_t));
-      be.synchronize();  // before `iota` goes
-    } catch (...) {
-      release();
-      throw;
-    }
-  }
-  ~Q8Chunks() {
-    try {
-      be.synchronize();
-    } catch (...) {  // already failing: the memory is still given back
-    }
-    release();
-  }
-  void release() {
-    if (rows) be.free(rows);
-    if (ids) be.free(ids);
-    rows = ids = nullptr;
-  }
+struct Q8Chunks : RowChunks {
+  Q8Chunks(Backend& b, int64_t N, int64_t K) : RowChunks(b, N, Backend::kQ8_0GemmNnChunk, K) {}
   // Rows [n0, n0 + n) of W dequantized into rows (fp32 [n, K]).
   float* load(const void* W, int64_t n0, int64_t n, int64_t K) {
     be.q8_0_rows(n, K, static_cast<const uint8_t*>(W) + static_cast<size_t>(n0) * static_cast<size_t>(K / 32) * 34,

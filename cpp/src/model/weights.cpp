@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 
 #include "common/error.hpp"
 #include "cpu/half_rows.hpp"
@@ -189,32 +190,14 @@ void LlamaWeights::load_embed_q8_0(const uint8_t* data, size_t bytes) {
 
 const float* LlamaWeights::embed_f32() {
   if (embed.empty() && !embed_h.empty()) embed = widen_half(embed_h, cfg.vocab_size);
-  if (embed.empty() && embed_is_q8_0()) {
-    const int64_t V = cfg.vocab_size, D = cfg.hidden_size;
-    std::vector<int32_t> ids(static_cast<size_t>(V));  // [V]: every row, in order
-    for (int64_t i = 0; i < V; ++i) ids[i] = static_cast<int32_t>(i);
-    DeviceBuffer ids_d(be, sizeof(int32_t) * V);
-    be.upload(ids_d.data(), ids.data(), sizeof(int32_t) * V);
-    DeviceBuffer out(be, sizeof(float) * V * D);  // [V, D]
-    be.q8_0_rows(V, D, embed_q8.data(), ids_d.data<int32_t>(), out.f32());
-    embed = std::move(out);
-  }
+  if (embed.empty() && embed_is_q8_0()) embed = widen_q8_0(embed_q8, cfg.vocab_size);
   return embed.f32();
 }
 
 const float* LlamaWeights::lm_head_f32() {
   if (cfg.tie_word_embeddings) return embed_f32();
   if (lm_head.empty() && !lm_head_h.empty()) lm_head = widen_half(lm_head_h, cfg.vocab_size);
-  if (lm_head.empty() && !lm_head_q8.empty()) {
-    const int64_t V = cfg.vocab_size, D = cfg.hidden_size;
-    std::vector<int32_t> ids(static_cast<size_t>(V));  // [V]: every row, in order
-    for (int64_t i = 0; i < V; ++i) ids[i] = static_cast<int32_t>(i);
-    DeviceBuffer ids_d(be, sizeof(int32_t) * V);
-    be.upload(ids_d.data(), ids.data(), sizeof(int32_t) * V);
-    DeviceBuffer out(be, sizeof(float) * V * D);  // [V, D]
-    be.q8_0_rows(V, D, lm_head_q8.data(), ids_d.data<int32_t>(), out.f32());
-    lm_head = std::move(out);
-  }
+  if (lm_head.empty() && !lm_head_q8.empty()) lm_head = widen_q8_0(lm_head_q8, cfg.vocab_size);
   return lm_head.f32();
 }
 
@@ -296,16 +279,29 @@ DeviceBuffer LlamaWeights::to_half(const DeviceBuffer& f32, int64_t rows, const 
   return out;
 }
 
-DeviceBuffer LlamaWeights::widen_half(const DeviceBuffer& h, int64_t rows) {
+DeviceBuffer LlamaWeights::widen_rows(int64_t rows,
+                                      const std::function<void(const int32_t* ids, float* out)>& gather) {
   const int64_t D = cfg.hidden_size;
   std::vector<int32_t> ids(static_cast<size_t>(rows));  // every row, in order
   for (int64_t i = 0; i < rows; ++i) ids[i] = static_cast<int32_t>(i);
   DeviceBuffer ids_d(be, sizeof(int32_t) * rows);
   be.upload(ids_d.data(), ids.data(), sizeof(int32_t) * rows);
   DeviceBuffer out(be, sizeof(float) * rows * D);  // [rows, D]
-  be.half_rows(half_t_, rows, D, h.data(), ids_d.data<int32_t>(), out.f32());
+  gather(ids_d.data<int32_t>(), out.f32());
   be.synchronize();  // before `ids` goes
   return out;
+}
+
+DeviceBuffer LlamaWeights::widen_half(const DeviceBuffer& h, int64_t rows) {
+  return widen_rows(rows, [&](const int32_t* ids, float* out) {
+    be.half_rows(half_t_, rows, cfg.hidden_size, h.data(), ids, out);
+  });
+}
+
+DeviceBuffer LlamaWeights::widen_q8_0(const DeviceBuffer& q8, int64_t rows) {
+  return widen_rows(rows, [&](const int32_t* ids, float* out) {
+    be.q8_0_rows(rows, cfg.hidden_size, q8.data(), ids, out);
+  });
 }
 
 void LlamaWeights::set_head_half(Backend::HalfType t) {

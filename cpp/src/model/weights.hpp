@@ -3,6 +3,7 @@
 // a time by name through load(); the model never sees files.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -121,6 +122,9 @@ class LlamaWeights {
   // 16-bit rows of an fp32 [rows, D] buffer (slabs through host memory); fp32 rows of 16-bit ones.
   DeviceBuffer to_half(const DeviceBuffer& f32, int64_t rows, const std::string& name);
   DeviceBuffer widen_half(const DeviceBuffer& h, int64_t rows);
+  DeviceBuffer widen_q8_0(const DeviceBuffer& q8, int64_t rows);  // fp32 rows of Q8_0 ones
+  // fp32 [rows, D] from `gather` (a row op given ids 0..rows-1), the ids freed after the backend is done.
+  DeviceBuffer widen_rows(int64_t rows, const std::function<void(const int32_t* ids, float* out)>& gather);
   // A host tensor [n] of any loadable dtype as this head format's 16-bit values (ValueError naming
   // `name` when a value is not finite or not representable).
   std::vector<uint16_t> host_half(const void* data, DType dtype, int64_t n, int64_t row0, int64_t cols,
