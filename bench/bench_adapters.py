@@ -12,10 +12,12 @@ and the read bandwidth of this machine measured in the same run. Targets, per de
 (c) - (b) <= 1.3x the time to read the 7 extra adapters' bytes. Random non-zero A and B.
 The differences are paired in time: each repeat times every case back to back (the order rotated
 each repeat, so drift hits every case alike), takes the per-repeat differences, and reports their
-median and interquartile range over many short repeats; tok/s per case is the median too (the context
-cases (b') and (d) run every third repeat only). The read
-bandwidth is sampled between repeats (median). A target is "met" when the whole interquartile range of
-the ratio is under it, "not met" when the whole range is over, else "inconclusive".
+median over many short repeats with its 95% confidence interval (sign-test order statistics) and the
+interquartile range; tok/s per case is the median too (the context cases (b') and (d) run every third
+repeat only). The read bandwidth is sampled between repeats (median). A target is "met" when the whole
+confidence interval of the median ratio is under it, "not met" when all of it is over, else
+"inconclusive". The bytes are the adapter's fp32 bytes (the issue's 19.5 MB); with bf16 copies the
+ratio against the copy's own bytes is printed too.
 Cases (b)-(d) run once per adapter dtype (Model.adapter_dtype: float32, and bfloat16 where the CPU
 has AVX512-BF16: the bf16 inference copies); each row says which it used. The base computes in
 float32 throughout.
@@ -25,6 +27,7 @@ Prints a markdown table and writes bench/results/bench_adapters.json.
     PYTHONPATH=python:build/dev python bench/bench_adapters.py --quick    # smoke run
 """
 import argparse
+import math
 import os
 import statistics
 import subprocess
@@ -55,25 +58,52 @@ def quartiles(xs):
     return q1, q2, q3
 
 
+def median_ci(xs, conf=0.95):
+    """Distribution-free confidence interval of the median of xs: (low, high, coverage).
+
+    Order statistics x_(j) and x_(n+1-j) with the largest j whose binomial(n, 1/2) tail stays within
+    (1 - conf) / 2 on each side (the sign-test interval); coverage is the interval's exact level, which
+    falls short of conf only for n < 6 (then (min, max))."""
+    xs = sorted(float(x) for x in xs)
+    n = len(xs)
+    if not n:
+        raise ValueError("median_ci: no values")
+    a = (1 - conf) / 2
+    j, cdf = 0, 0.0  # j valid steps so far; cdf = P(Binom(n, 1/2) <= j - 1), the miss on each side
+    while j < (n + 1) // 2:
+        nxt = cdf + math.comb(n, j) / 2 ** n  # P(Binom <= j): the miss of [x_(j+1), x_(n-j)]
+        if nxt > a:
+            break
+        cdf, j = nxt, j + 1
+    if j == 0:  # too few values for conf: (min, max), at its own level
+        j, cdf = 1, 1 / 2 ** n
+    return xs[j - 1], xs[n - j], 1 - 2 * cdf
+
+
 def paired_summary(diffs_ms, read_ms, target=TARGET_RATIO):
     """Summary of per-repeat paired differences (ms per step) against a read time (ms) and a ratio target.
 
-    The ratio is difference / read time; the verdict is "met" when the whole interquartile range of the
-    ratio is <= target, "not met" when all of it is above, else "inconclusive: the spread straddles the
-    target" (the median alone flips between runs on a noisy machine)."""
+    The ratio is difference / read time. The verdict is about the typical extra cost per step (the
+    median): "met" when the whole 95% confidence interval of the median ratio is <= target, "not met"
+    when all of it is above, else "inconclusive". The interquartile range is reported beside it: it is
+    the spread of single short repeats on a noisy machine, not the uncertainty of the median, and it
+    does not shrink with more repeats (the confidence interval does)."""
     if not read_ms > 0:
         raise ValueError(f"read time must be > 0 ms, got {read_ms!r}")
     q1, med, q3 = quartiles(diffs_ms)
+    lo, hi, cover = median_ci(diffs_ms)
     r1, rm, r3 = q1 / read_ms, med / read_ms, q3 / read_ms
-    if r3 <= target:
+    if hi / read_ms <= target:
         verdict = "met"
-    elif r1 > target:
+    elif lo / read_ms > target:
         verdict = "not met"
     else:
-        verdict = "inconclusive: the spread straddles the target"
+        verdict = "inconclusive: the median's confidence interval straddles the target"
     return {"median_ms": med, "q1_ms": q1, "q3_ms": q3, "min_ms": min(diffs_ms), "max_ms": max(diffs_ms),
+            "ci_low_ms": lo, "ci_high_ms": hi, "ci_coverage": cover,
             "n": len(diffs_ms), "all_ms": [float(d) for d in diffs_ms],
-            "ratio": rm, "ratio_q1": r1, "ratio_q3": r3, "verdict": verdict}
+            "ratio": rm, "ratio_q1": r1, "ratio_q3": r3, "ratio_ci_low": lo / read_ms, "ratio_ci_high": hi / read_ms,
+            "verdict": verdict}
 
 
 def cpu_line() -> dict:
@@ -134,9 +164,9 @@ def parse_args():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--decode-tokens", type=int, default=16, help="new tokens per row (greedy, EOS ignored)")
     p.add_argument("--prompt-tokens", type=int, default=8, help="prompt length of each row")
-    p.add_argument("--repeats", type=int, default=15,
-                   help="repeats; each times every case back to back in a rotated order (medians and "
-                        "interquartile ranges of the per-repeat differences)")
+    p.add_argument("--repeats", type=int, default=40,
+                   help="repeats; each times every case back to back in a rotated order (medians of the "
+                        "per-repeat differences, their 95%% confidence intervals and interquartile ranges)")
     p.add_argument("--bandwidth-samples", type=int, default=5,
                    help="read bandwidth samples spread through the repeats (median)")
     p.add_argument("--load-repeats", type=int, default=7, help="load_adapter timings (median)")
@@ -280,6 +310,7 @@ def main():
     bf16_one = bf16_all / BATCH
     read1_ms = 1000 * adapter_bytes / (bw * 1e9)
     read7_ms = 7 * read1_ms
+    read1_copy_ms = 1000 * bf16_one / (bw * 1e9)
     # LoRA FLOP per decode step of case (b): 8 rows x 2 (shrink + expand) x r x (in + out) x 2 per
     # multiply-add, over every adapted projection of every layer.
     lora_flop = 2 * BATCH * adapter_bytes / 4  # adapter_bytes / 4 = sum of r (in + out) = MACs per row
@@ -296,6 +327,10 @@ def main():
                         "met_b": sb["verdict"] == "met", "met_c": sc["verdict"] == "met",
                         "verdict_b": sb["verdict"], "verdict_c": sc["verdict"],
                         "b_minus_a": sb, "c_minus_b": sc}
+        if dt == "bfloat16" and bf16_one:
+            # The stricter reading of "one adapter's bytes": the bf16 copy the pass actually reads.
+            per_step[dt]["b_minus_a_vs_copy"] = paired_summary(
+                [b - a for a, b in zip(step_ms_all["a"], step_ms_all["b" + sfx])], read1_copy_ms)
 
     lines = [
         f"SmolLM2-135M ({os.path.basename(gguf)}) NF4, batch {BATCH}, {P}-token prompts, {n} new tokens greedy, "
@@ -309,17 +344,23 @@ def main():
         lines.append(f"| {label} | {rates[key]:.1f} | {step_ms[key]:.2f} |")
     lines += [
         "",
-        "| per decode step | adapters | measured ms, median [IQR] | read time at bandwidth, ms | "
-        "ratio, median [IQR] | target |",
+        "| per decode step | adapters | measured ms: median [95% CI of the median] (IQR) | read time at bandwidth, "
+        "ms | ratio: median [95% CI] (IQR) | target |",
         "|---|---|---|---|---|---|",
     ]
+    rows = []
     for dt in dtypes:
         q = per_step[dt]
-        for what, s, rd in (("(b) - (a) vs 1 adapter's fp32 bytes", q["b_minus_a"], read1_ms),
-                            ("(c) - (b) vs 7 extra adapters' fp32 bytes", q["c_minus_b"], read7_ms)):
-            lines.append(f"| {what} | {dt} | {s['median_ms']:.2f} [{s['q1_ms']:.2f}, {s['q3_ms']:.2f}] | "
-                         f"{rd:.2f} | {s['ratio']:.2f} [{s['ratio_q1']:.2f}, {s['ratio_q3']:.2f}] | "
-                         f"<= {TARGET_RATIO}: {s['verdict']} |")
+        rows += [("(b) - (a) vs 1 adapter's fp32 bytes", dt, q["b_minus_a"], read1_ms),
+                 ("(c) - (b) vs 7 extra adapters' fp32 bytes", dt, q["c_minus_b"], read7_ms)]
+        if dt == "bfloat16" and q.get("b_minus_a_vs_copy"):
+            rows.append(("(b) - (a) vs 1 adapter's bf16 copy bytes (stricter reading)", dt, q["b_minus_a_vs_copy"],
+                         read1_copy_ms))
+    for what, dt, s, rd in rows:
+        lines.append(f"| {what} | {dt} | {s['median_ms']:.2f} [{s['ci_low_ms']:.2f}, {s['ci_high_ms']:.2f}] "
+                     f"({s['q1_ms']:.2f}, {s['q3_ms']:.2f}) | {rd:.2f} | {s['ratio']:.2f} [{s['ratio_ci_low']:.2f}, "
+                     f"{s['ratio_ci_high']:.2f}] ({s['ratio_q1']:.2f}, {s['ratio_q3']:.2f}) | "
+                     f"<= {TARGET_RATIO}: {s['verdict']} |")
     for dt in dtypes:
         sfx = "" if dt == "float32" else "_bf16"
         lines.append(f"| (d) / (c) step time (what mixed batching saves) | {dt} | {step_ms['d' + sfx]:.2f} / "
@@ -349,7 +390,8 @@ def main():
     f32 = per_step["float32"] if "float32" in per_step else next(iter(per_step.values()))
     out = {"benchmark": "bench_adapters", "info": info, "read_bandwidth_gb_s": bw,
            "read_bandwidth_gb_s_all": bw_all, "method": "paired: each repeat times every case back to back in a "
-           "rotated order; medians and interquartile ranges of per-repeat differences",
+           "rotated order; medians of per-repeat differences with 95% sign-test confidence intervals (the "
+           "verdict) and interquartile ranges",
            "decode_tok_s": rates, "decode_tok_s_all": all_rates, "step_ms": step_ms, "step_ms_all": step_ms_all,
            "adapter_fp32_bytes": adapter_bytes, "adapter_bf16_copy_bytes": bf16_one,
            "lora_footprint_one_bytes": footprint_one, "lora_footprint_eight_bytes": footprint_all,
