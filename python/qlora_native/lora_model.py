@@ -126,15 +126,15 @@ class LoraModelMixin:
         multiplied by `scale` (default 1; 0: the adapter contributes nothing, the base output exactly;
         negative subtracts it). Requests started afterwards use it, training passes included (as in PEFT);
         a request already running keeps the scale it started with. Not saved by save_adapter and not
-        applied by merge_adapter / merge_and_unload (a runtime setting, like llama.cpp's)."""
+        applied by merge_adapter / merge_and_unload (a runtime setting, like llama.cpp's).
+        ValueError for a scale that is not a finite float32 number, or one that takes the adapter's
+        update past the bound that loading applies to its factors (2^32, see load_adapter)."""
         self._check_adapter(name)
         try:
             s = float(scale)
-        except (TypeError, ValueError):
-            raise ValueError(f"adapter scale must be a finite number, got {scale!r}") from None
-        if not np.isfinite(s):
-            raise ValueError(f"adapter scale must be a finite number, got {scale!r}")
-        self._core.lora_set_scale(name, s)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"adapter {name!r}: scale must be a finite number, got {scale!r}") from None
+        self._core.lora_set_scale(name, s)  # the engine checks it (finite, the factor bound: lora_check.hpp)
 
     def get_adapter_scale(self, name: str) -> float:
         """The runtime scale of adapter `name` (1.0 unless set_adapter_scale changed it)."""

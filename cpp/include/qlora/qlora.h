@@ -246,7 +246,9 @@ QLORA_API void qlora_context_free(qlora_context* ctx);
  * context's model. One adapter runs exactly as Python's Model.generate(adapter_name=...) with
  * that scale (set_adapter_scale); several are combined once here into one adapter of rank
  * sum r_i (their concatenation, memory held by the context). All or nothing: on an error
- * (n < 0, a NULL or freed adapter, one from another model, a NaN / Inf scale) the set is kept. */
+ * (n < 0, a NULL or freed adapter, one from another model, a NaN / Inf scale, or a scale that takes
+ * the adapter's update past the factor bound qlora_adapter_load applies: |scale| * scaling * ||B||
+ * or that times ||A|| above 2^32) the set is kept. */
 QLORA_API int qlora_context_set_adapters(qlora_context* ctx, qlora_adapter* const* adapters, const float* scales,
                                          int32_t n);
 

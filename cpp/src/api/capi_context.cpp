@@ -4,7 +4,6 @@
 // GenerationContext when the call starts, so a later set_adapters or adapter_free never reaches a
 // running call. A registry of live handles turns a freed or foreign pointer into an error.
 #include <atomic>
-#include <cmath>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -16,6 +15,7 @@
 #include "api/capi_internal.hpp"
 #include "api/peft_adapter.hpp"
 #include "common/error.hpp"
+#include "model/lora_check.hpp"
 
 struct qlora_adapter {
   qlora_model* model = nullptr;
@@ -228,7 +228,7 @@ QLORA_API int qlora_context_set_adapters(qlora_context* ctx, qlora_adapter* cons
         check_arg(g_adapters.count(a) != 0, at + " is not a live qlora_adapter (freed, or freed with its model)");
         check_arg(a->model == model, at + " was loaded for another model than the context's");
         const float s = scales ? scales[i] : 1.0f;
-        check_arg(std::isfinite(s), at + ": scale " + std::to_string(i) + " is not finite (" + std::to_string(s) + ")");
+        qlora::model::check_lora_scale(model->m->backend(), *a->ad, s, at);  // finite, the load bound
         if (s != 0.0f) parts.push_back({a->ad, s});
       }
     }

@@ -132,8 +132,9 @@ class LlamaModel {
   AdapterSet uses(const std::vector<std::string>& names) const;
   // Runtime scale of adapter `name` (default 1; 0: contributes nothing): multiplies its LoRA term
   // in every later request, training passes included (PEFT's set_scale). Not saved with the
-  // adapter; merge_adapter merges the scaled term (PEFT). ValueError for an unknown name or a non-finite scale.
-  void set_adapter_scale(const std::string& name, float scale);
+  // adapter; merge_adapter merges the scaled term (PEFT). ValueError for an unknown name, a scale
+  // that is not a finite float, or one that takes the update past the factor bound (lora_check.hpp).
+  void set_adapter_scale(const std::string& name, double scale);
   float adapter_scale(const std::string& name) const;
   void delete_adapter(const std::string& name);
   std::vector<std::string> adapter_names() const;

@@ -13,6 +13,7 @@
 #include "common/error.hpp"
 #include "cpu/ops_backward.hpp"
 #include "model/llama.hpp"
+#include "model/lora_check.hpp"
 #include "model/lora_infer.hpp"
 #include "model/train_ops.hpp"
 
@@ -72,11 +73,12 @@ AdapterSet LlamaModel::uses(const std::vector<std::string>& names) const {
   return out;
 }
 
-void LlamaModel::set_adapter_scale(const std::string& name, float scale) {
-  check_arg(std::isfinite(scale), "adapter scale must be a finite number");
-  std::lock_guard<std::mutex> lk(adapters_mu_);
-  check_arg(adapters_.count(name), "no adapter named '" + name + "'");
-  scales_[name] = scale;  // requests already running keep the scale they took at their start
+void LlamaModel::set_adapter_scale(const std::string& name, double scale) {
+  std::lock_guard<std::mutex> lk(adapters_mu_);  // held: the adapter checked is the one scaled
+  auto it = adapters_.find(name);
+  check_arg(it != adapters_.end(), "no adapter named '" + name + "'");
+  check_lora_scale(be_, *it->second, scale, "adapter '" + name + "'");  // the load bound, as every factor path
+  scales_[name] = static_cast<float>(scale);  // requests already running keep the scale they took at their start
 }
 
 float LlamaModel::adapter_scale(const std::string& name) const {
@@ -257,6 +259,7 @@ struct Pass {
   bool dropout;
   bool bf16;                // compute_dtype="bfloat16": base GEMMs, lm_head and attention in bf16 compute
   bool group;               // the LoRA of q/k/v and of gate/up through the grouped calls (lora_group)
+  bool lora_bf16 = bf16 && lora_bf16_enabled();  // the LoRA GEMMs in bf16 too (model/lora.hpp)
   float* t = nullptr;       // [M, r_max] LoRA scratch
   float* dt = nullptr;      // [M, r_max]
   float* xdrop = nullptr;   // [M, max(D, I, QD)] dropped-out LoRA input (dropout only)
@@ -269,12 +272,10 @@ struct Pass {
   void lin_fwd(int64_t l, int p, const float* x, int64_t ldx, float* y, int64_t ldy) {
     const Linear& lin = proj(w.layers[l], p);
     LoraModule* lo = lora(l, p);
-    if (lo && dropout) {
-      dropout_forward(be, key(l, p), ad->dropout, d.M, lin.in, x, ldx, xdrop);
-      lin.forward(be, d.M, x, ldx, y, ldy, lo, xdrop, lin.in, t, ad_scale, bf16);
-    } else {
-      lin.forward(be, d.M, x, ldx, y, ldy, lo, nullptr, 0, t, ad_scale, bf16);
-    }
+    if (lo && dropout) dropout_forward(be, key(l, p), ad->dropout, d.M, lin.in, x, ldx, xdrop);
+    lin.forward(be, d.M, x, ldx, y, ldy, nullptr, nullptr, 0, nullptr, 1.0f, bf16);  // base (+ bias)
+    if (lo && dropout) lora_forward(be, *lo, d.M, xdrop, lin.in, y, ldy, t, ad_scale, lora_bf16);
+    else if (lo) lora_forward(be, *lo, d.M, x, ldx, y, ldy, t, ad_scale, lora_bf16);
   }
 
   // dx[M, in] = beta * dx + d(lin(x))/dx applied to dy; accumulates the LoRA factor gradients.
@@ -286,10 +287,10 @@ struct Pass {
     if (!lo) return;
     if (dropout) {
       dropout_forward(be, key(l, p), ad->dropout, d.M, lin.in, x, ldx, xdrop);
-      lora_backward(be, *lo, d.M, xdrop, lin.in, dy, lddy, dtmp, lin.in, 0.0f, t, dt, ad_scale);
+      lora_backward(be, *lo, d.M, xdrop, lin.in, dy, lddy, dtmp, lin.in, 0.0f, t, dt, ad_scale, lora_bf16);
       dropout_backward_add(be, key(l, p), ad->dropout, d.M, lin.in, dtmp, dx, lddx);
     } else {
-      lora_backward(be, *lo, d.M, x, ldx, dy, lddy, dx, lddx, 1.0f, t, dt, ad_scale);
+      lora_backward(be, *lo, d.M, x, ldx, dy, lddy, dx, lddx, 1.0f, t, dt, ad_scale, lora_bf16);
     }
   }
 
@@ -324,7 +325,7 @@ struct Pass {
     float* gy[kMaxLoraGroup];
     int64_t gld[kMaxLoraGroup];
     for (int k = 0; k < ng; ++k) gy[k] = y[gi[k]], gld[k] = ldy[gi[k]];
-    lora_forward_group(be, ng, g, d.M, x, ldx, gy, gld, scratch, ad_scale);
+    lora_forward_group(be, ng, g, d.M, x, ldx, gy, gld, scratch, ad_scale, lora_bf16);
   }
 
   // dx = beta * dx + the input gradients of projections ps[0..n) sharing the input x for dy[i],
@@ -345,7 +346,7 @@ struct Pass {
     const float* gdy[kMaxLoraGroup];
     int64_t gld[kMaxLoraGroup];
     for (int k = 0; k < ng; ++k) gdy[k] = dy[gi[k]], gld[k] = lddy[gi[k]];
-    lora_backward_group(be, ng, g, d.M, x, ldx, gdy, gld, dx, lddx, 1.0f, t, dt, ad_scale);
+    lora_backward_group(be, ng, g, d.M, x, ldx, gdy, gld, dx, lddx, 1.0f, t, dt, ad_scale, lora_bf16);
   }
 
   float scale() const { return 1.0f / std::sqrt(static_cast<float>(d.hd)); }

@@ -1,9 +1,13 @@
 #include "model/lora_check.hpp"
 
+#include <cfloat>
 #include <cmath>
 #include <cstdio>
+#include <vector>
 
+#include "backend.hpp"
 #include "common/error.hpp"
+#include "model/lora.hpp"
 
 namespace qlora::model {
 
@@ -46,14 +50,15 @@ std::string g(double v) {
   return buf;
 }
 
-}  // namespace
-
-void check_lora_factors(int64_t r, int64_t in, int64_t out, float scaling, const float* A, const float* B,
-                        const std::string& what, const std::string& a_name, const std::string& b_name) {
+// check_lora_factors with the scaling in double (a scaling times a runtime scale may exceed float)
+// and named in the message as `s_name`.
+void check_factors(int64_t r, int64_t in, int64_t out, double scaling, const float* A, const float* B,
+                   const std::string& what, const std::string& a_name, const std::string& b_name,
+                   const char* s_name) {
   const double na = max_abs_row_sum(A, r, in), nb = max_abs_row_sum(B, out, r);
   if (!std::isfinite(na) && !all_finite(A, r * in)) throw ValueError(what + ": " + a_name + " contains NaN or Inf");
   if (!std::isfinite(nb) && !all_finite(B, out * r)) throw ValueError(what + ": " + b_name + " contains NaN or Inf");
-  const double s = std::fabs(static_cast<double>(scaling));
+  const double s = std::fabs(scaling);
   const char* stage = nullptr;
   double gain = 0.0;
   if (!(na <= kLoraMaxGain)) stage = "A alone", gain = na;
@@ -63,9 +68,36 @@ void check_lora_factors(int64_t r, int64_t in, int64_t out, float scaling, const
     throw ValueError(what + ": " + a_name + " / " + b_name + " are too large for float32: " + stage +
                      " can turn an input bounded by 1 into an output of " + g(gain) +
                      " (largest |element| of " + a_name + " " + g(max_abs(A, r * in)) + ", of " + b_name + " " +
-                     g(max_abs(B, out * r)) + ", scaling " + g(scaling) +
+                     g(max_abs(B, out * r)) + ", " + s_name + " " + g(scaling) +
                      "); the limit is 2^32 = 4.29e+09, beyond which the model's float32 activations overflow to "
                      "Inf / NaN");
+}
+
+}  // namespace
+
+void check_lora_factors(int64_t r, int64_t in, int64_t out, float scaling, const float* A, const float* B,
+                        const std::string& what, const std::string& a_name, const std::string& b_name) {
+  check_factors(r, in, out, scaling, A, B, what, a_name, b_name, "scaling");
+}
+
+void check_lora_scale(Backend& be, const LoraAdapter& a, double scale, const std::string& what) {
+  // FLT_MAX: the scale is kept as a float; a larger one would become Inf (and Inf * a zero B, NaN).
+  const std::string at = what + ": scale " + g(scale);
+  if (!(std::fabs(scale) <= FLT_MAX)) throw ValueError(at + " is not finite as a float32 number");
+  if (std::fabs(scale) <= 1.0) return;
+  std::vector<float> A, B;
+  for (size_t k = 0; k < a.modules.size(); ++k) {
+    const LoraModule* m = a.modules[k].get();
+    if (!m) continue;
+    const std::string mod = at + ": layer " + std::to_string(k / kNumProj) + " " + proj_name(static_cast<int>(k % kNumProj));
+    const double s = static_cast<double>(m->scaling) * scale;
+    if (!(std::fabs(s) <= FLT_MAX))  // the passes form scaling * scale in float: Inf, and Inf * a zero B is NaN
+      throw ValueError(mod + ": scaling " + g(m->scaling) + " * scale overflows float32");
+    A.resize(static_cast<size_t>(m->r * m->in)), B.resize(static_cast<size_t>(m->out * m->r));
+    be.download(A.data(), m->A.data(), sizeof(float) * A.size());
+    be.download(B.data(), m->B.data(), sizeof(float) * B.size());
+    check_factors(m->r, m->in, m->out, s, A.data(), B.data(), mod, "A", "B", "scaling * scale");
+  }
 }
 
 }  // namespace qlora::model
