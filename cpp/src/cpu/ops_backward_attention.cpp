@@ -21,9 +21,12 @@
 #include <new>
 #include <vector>
 
+#include "cpu/attention_train_kernels.hpp"
+#include "cpu/features.hpp"
 #include "cpu/gemm.hpp"
 #include "cpu/gemm_bf16.hpp"
 #include "cpu/gemm_bf16_kernels.hpp"
+#include "cpu/gemm_kernels.hpp"
 #include "cpu/gemv_f32.hpp"
 #include "cpu/ops_backward.hpp"
 #include "cpu/rowops_kernels.hpp"
@@ -95,9 +98,11 @@ struct Gemms {
 };
 
 // Row softmax of the forward on S[mq, nk] (scores of queries t0 + i, keys 0..nk-1; only keys
-// s <= t are read): probabilities in place (0 for s > t and masked keys), lse[t] kept.
+// s <= t are read): probabilities in place (0 for s > t and masked keys), lse[t] kept. With inv_out,
+// the rows are left unnormalized (the weights exp(S - max)) and inv_out[i] = 1 / denominator (0 for a
+// row that sees no key): the caller multiplies as it converts (the same fp32 product).
 void softmax_rows(const rowk::Kernels* kr, float* S, int64_t nk, int64_t mq, int64_t t0, const int32_t* km,
-                  bool km_all, float* l) {
+                  bool km_all, float* l, float* inv_out = nullptr) {
   for (int64_t i = 0; i < mq; ++i) {
     float* r = S + i * nk;
     const int64_t t = t0 + i;
@@ -108,11 +113,15 @@ void softmax_rows(const rowk::Kernels* kr, float* S, int64_t nk, int64_t mq, int
       if (mx == kNegInf) {
         std::fill(r, r + nk, 0.0f);
         l[t] = kNegInf;
+        if (inv_out) inv_out[i] = 0.0f;
         continue;
       }
       const double denom = kr->exp_sum(r, t + 1, mx);
       const float inv = static_cast<float>(1.0 / denom);
-      for (int64_t s = 0; s <= t; ++s) r[s] *= inv;
+      if (inv_out)
+        inv_out[i] = inv;
+      else
+        for (int64_t s = 0; s <= t; ++s) r[s] *= inv;
       std::fill(r + t + 1, r + nk, 0.0f);
       l[t] = mx + static_cast<float>(std::log(denom));
       continue;
@@ -123,6 +132,7 @@ void softmax_rows(const rowk::Kernels* kr, float* S, int64_t nk, int64_t mq, int
     if (mx == kNegInf) {  // no visible key: probabilities 0 (so output 0), lse -inf
       std::fill(r, r + nk, 0.0f);
       l[t] = kNegInf;
+      if (inv_out) inv_out[i] = 0.0f;
       continue;
     }
     double denom = 0.0;
@@ -131,7 +141,10 @@ void softmax_rows(const rowk::Kernels* kr, float* S, int64_t nk, int64_t mq, int
       denom += r[s];
     }
     const float inv = static_cast<float>(1.0 / denom);
-    for (int64_t s = 0; s <= t; ++s) r[s] *= inv;
+    if (inv_out)
+      inv_out[i] = inv;
+    else
+      for (int64_t s = 0; s <= t; ++s) r[s] *= inv;
     std::fill(r + t + 1, r + nk, 0.0f);
     l[t] = mx + static_cast<float>(std::log(denom));
   }
@@ -181,6 +194,26 @@ bool usable(SimdLevel level, int64_t hd) {
 }
 bool block_usable(int64_t mq) { return mq > kGemvF32MaxM; }
 
+// The in-place operand kernels (cpu/attention_train_kernels.hpp, gemm_k::ukernel_direct_*): the
+// queries of the scores, the bf16 weights / score gradients of the products read where they lie
+// instead of being packed per tile. Same chains, so the same bits as the packing way.
+// QLORA_ATTN_DIRECT=0 turns them off (A/B runs; tests compare both ways bit for bit).
+bool direct_on() {
+  static const bool off = [] {
+    const char* e = std::getenv("QLORA_ATTN_DIRECT");
+    return e && std::strcmp(e, "0") == 0;
+  }();
+  return !off;
+}
+// The level's fp32 micro-kernel with A read in place (its MR x NR tile is gemm_panels(level)'s), or
+// nullptr: pack A.
+gemm_k::UkernelDirectFn direct_fn(SimdLevel level) {
+  if (!direct_on()) return nullptr;
+  if (level == SimdLevel::AVX512) return gemm_k::ukernel_direct_avx512;
+  if (level == SimdLevel::AVX2) return gemm_k::ukernel_direct_avx2;
+  return nullptr;
+}
+
 // Scores panels of the n rows of X[n, hd] (keys as columns): [ceil(n/NR)][hd][NR].
 int64_t rows_size(const GemmPanels& gp, int64_t n, int64_t hd) { return cdiv(n, gp.nr) * gp.nr * hd; }
 void pack_rows(const GemmPanels& gp, const float* X, int64_t ld, int64_t n, int64_t hd, float* P) {
@@ -198,12 +231,18 @@ void pack_cols(const GemmPanels& gp, const float* X, int64_t ld, int64_t n, int6
 int64_t keys_seen(int64_t t0, int64_t ir, int mr, int64_t nk) { return std::min(nk, t0 + ir + mr); }
 
 // S[mq, ld] = alpha * Q[mq, hd]·Kᵀ for the keys each MR-row tile sees (Kp: pack_rows of K; the
-// rest of S is left unwritten). Ap: MR * hd floats of scratch.
+// rest of S is left unwritten). Ap: MR * hd floats of scratch; dfn: direct_fn (Q read in place) or null.
 void scores(const GemmPanels& gp, int64_t mq, int64_t nk, int64_t t0, int64_t hd, const float* Q, int64_t ldq,
-            const float* Kp, float alpha, float* S, int64_t ld, float* Ap) {
+            const float* Kp, float alpha, float* S, int64_t ld, float* Ap, gemm_k::UkernelDirectFn dfn = nullptr) {
   for (int64_t ir = 0; ir < mq; ir += gp.mr) {
     const int mr = static_cast<int>(std::min<int64_t>(gp.mr, mq - ir));
     const int64_t n = keys_seen(t0, ir, mr, nk);
+    if (dfn) {
+      for (int64_t j = 0; j < n; j += gp.nr)
+        dfn(hd, Q + ir * ldq, ldq, 1, Kp + (j / gp.nr) * gp.nr * hd, S + ir * ld + j, ld, alpha, 0.0f, mr,
+            static_cast<int>(std::min<int64_t>(gp.nr, n - j)));
+      continue;
+    }
     gp.pack_a_rows(Q + ir * ldq, ldq, mr, hd, Ap);
     for (int64_t j = 0; j < n; j += gp.nr)
       gp.ukernel(hd, Ap, Kp + (j / gp.nr) * gp.nr * hd, S + ir * ld + j, ld, alpha, 0.0f, mr,
@@ -281,6 +320,13 @@ void row_tile(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, int64_t stride
     bf16_k::ukernel_avx512bf16(kp, Ap, Bp + (j / NR) * stride, C + j, ldc, alpha, beta, mr,
                                static_cast<int>(std::min<int64_t>(NR, ncols - j)));
 }
+// row_tile with A read in place: pair (i, p) at A[i * rs + p * cs] (attn_train_k).
+void row_tile_direct(int64_t kp, const uint32_t* A, int64_t rs, int64_t cs, const uint32_t* Bp, int64_t stride,
+                     int64_t ncols, float* C, int64_t ldc, float alpha, float beta, int mr) {
+  for (int64_t j = 0; j < ncols; j += NR)
+    attn_train_k::ukernel_direct_avx512bf16(kp, A, rs, cs, Bp + (j / NR) * stride, C + j, ldc, alpha, beta, mr,
+                                            static_cast<int>(std::min<int64_t>(NR, ncols - j)));
+}
 // Keys some row of the tile of queries t0 + ir .. t0 + ir + mr - 1 sees (causal), within nk.
 int64_t keys_seen(int64_t t0, int64_t ir, int mr, int64_t nk) { return std::min(nk, t0 + ir + mr); }
 }  // namespace pk
@@ -313,9 +359,13 @@ void attention_train_packed(SimdLevel level, const rowk::Kernels* kr, int64_t B,
       if (kpan) fp::pack_rows(gp, k + b * T * ldk + kh * hd, ldk, T, hd, kp_all + p * k_sz);
     }
   });
+  const gemm_k::UkernelDirectFn dfn = fp::direct_fn(level);
+  const bool direct = fp::direct_on();
   parallel_range(B * Hq * nblk, 1, [&](int64_t p0, int64_t p1) {
     std::vector<float> S(static_cast<size_t>(kBlock * T));  // [mq, nk] scores, then probabilities
     std::vector<uint32_t> Ap(static_cast<size_t>(MR * tp));
+    std::vector<uint32_t> Pb(static_cast<size_t>(direct ? kBlock * tp : 0));  // [mq, ceil(nk/2)] bf16 pairs of P
+    float inv[kBlock];
     fp::Buf Af;
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / (Hq * nblk), h = (p / nblk) % Hq, blk = p % nblk, kh = h / group;
@@ -324,10 +374,25 @@ void attention_train_packed(SimdLevel level, const rowk::Kernels* kr, int64_t B,
       const uint32_t* Vc = vp_all + (b * Hkv + kh) * vc_sz;
       if (kpan && fp::block_usable(mq))
         fp::scores(gp, mq, nk, t0, hd, q + (b * T + t0) * ldq + h * hd, ldq, kp_all + (b * Hkv + kh) * k_sz, scale,
-                   S.data(), nk, Af.get(static_cast<size_t>(gp.mr * hd)));
+                   S.data(), nk, Af.get(static_cast<size_t>(gp.mr * hd)), dfn);
       else
         gemm_nt(level, mq, nk, hd, scale, q + (b * T + t0) * ldq + h * hd, ldq, k + b * T * ldk + kh * hd, ldk, 0.0f,
                 S.data(), nk);  // scores in fp32
+      if (direct) {
+        // P = weights * (1 / denominator) rounded to bf16 once, read in place by the tiles: the
+        // fp32 products and roundings of normalize-then-pack, without the pack per tile.
+        softmax_rows(kr, S.data(), nk, mq, t0, km, all_nonzero(km, nk), lse + (b * Hq + h) * T, inv);
+        const int64_t np = cdiv(nk, 2);
+        attn_train_k::rows_to_bf16_avx512bf16(S.data(), nk, mq, nk, inv, reinterpret_cast<uint16_t*>(Pb.data()),
+                                              2 * np);
+        for (int64_t ir = 0; ir < mq; ir += MR) {  // out rows = P·v
+          const int mr = static_cast<int>(std::min<int64_t>(MR, mq - ir));
+          const int64_t n = keys_seen(t0, ir, mr, nk);
+          row_tile_direct(cdiv(n, 2), Pb.data() + ir * np, np, 1, Vc, tp * NR, hd, out + (b * T + t0 + ir) * ldo + h * hd,
+                          ldo, 1.0f, 0.0f, mr);
+        }
+        continue;
+      }
       softmax_rows(kr, S.data(), nk, mq, t0, km, all_nonzero(km, nk), lse + (b * Hq + h) * T);
       for (int64_t ir = 0; ir < mq; ir += MR) {  // out rows = P·v
         const int mr = static_cast<int>(std::min<int64_t>(MR, mq - ir));
@@ -391,7 +456,7 @@ void attention_train(SimdLevel level, int64_t B, int64_t T, int64_t Hq, int64_t 
       if (panels && fp::block_usable(mq)) {
         const float* Kp = kv_all + (b * Hkv + kh) * (k_sz + v_sz);
         float* ap = Ap.get(static_cast<size_t>(gp->mr * std::max(hd, gemm_depth_block(level, nk))));
-        fp::scores(*gp, mq, nk, t0, hd, Q, ldq, Kp, scale, S.data(), nk, ap);
+        fp::scores(*gp, mq, nk, t0, hd, Q, ldq, Kp, scale, S.data(), nk, ap, fp::direct_fn(level));
         softmax_rows(kr, S.data(), nk, mq, t0, km, all_nonzero(km, nk), lse + (b * Hq + h) * T);
         fp::p_times_v(level, *gp, mq, nk, t0, hd, T, S.data(), nk, Kp + k_sz, O, ldo, ap);
         continue;
@@ -446,6 +511,12 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
     fp::Buf bKr, bAf;
     float* Kr = kpan ? bKr.get(static_cast<size_t>(fp::rows_size(gp, T, hd))) : nullptr;
     float* Af = kpan ? bAf.get(static_cast<size_t>(gp.mr * hd)) : nullptr;
+    // Direct way: dS as bf16 rows (dq), dS and P as bf16 row pairs (dk, dv), each written once per
+    // block and head and read in place by the tiles (no pack per tile).
+    const gemm_k::UkernelDirectFn dfn = fp::direct_fn(level);
+    const bool direct = fp::direct_on();
+    std::vector<uint32_t> Db(static_cast<size_t>(direct ? kBlock * tp : 0));  // [mq, ceil(nk/2)] pairs of keys
+    std::vector<uint32_t> D2(static_cast<size_t>(direct ? bp * T : 0)), P2(D2.size());  // [ceil(mq/2), nk] pairs of queries
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / Hkv, kh = p % Hkv;
       const float* Kb = k + b * T * ldk + kh * hd;  // [T, hd] rows of KV head kh
@@ -469,7 +540,7 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
           pack_dim_cols(Qr, ldq, mq, hd, Qc);
           pack_dim_cols(dOr, lddo, mq, hd, Oc);
           if (kpan && fp::block_usable(mq))
-            fp::scores(gp, mq, nk, t0, hd, Qr, ldq, Kr, scale, P.data(), nk, Af);  // scores in fp32
+            fp::scores(gp, mq, nk, t0, hd, Qr, ldq, Kr, scale, P.data(), nk, Af, dfn);  // scores in fp32
           else
             gemm_nt(level, mq, nk, hd, scale, Qr, ldq, Kb, ldk, 0.0f, P.data(), nk);
           for (int64_t ir = 0; ir < mq; ir += MR) {  // dP = dout·vᵀ
@@ -480,6 +551,30 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
           }
           probs_from_lse(kr, P.data(), nk, mq, nk, t0, 0, km, km_all, lse + (b * Hq + h) * T);
           dscores_causal(P.data(), dP.data(), nk, mq, nk, t0, delta + (b * Hq + h) * T + t0, scale);
+          if (direct) {
+            const int64_t np = cdiv(nk, 2);
+            attn_train_k::rows_to_bf16_avx512bf16(dP.data(), nk, mq, nk, nullptr,
+                                                  reinterpret_cast<uint16_t*>(Db.data()), 2 * np);
+            attn_train_k::row_pairs_bf16_avx512bf16(dP.data(), nk, mq, nk, D2.data(), nk);
+            attn_train_k::row_pairs_bf16_avx512bf16(P.data(), nk, mq, nk, P2.data(), nk);
+            for (int64_t ir = 0; ir < mq; ir += MR) {  // dq rows = dS·k
+              const int mr = static_cast<int>(std::min<int64_t>(MR, mq - ir));
+              const int64_t n = keys_seen(t0, ir, mr, nk);
+              row_tile_direct(cdiv(n, 2), Db.data() + ir * np, np, 1, Kc, tp * NR, hd,
+                              dq + (b * T + t0 + ir) * lddq + h * hd, lddq, 1.0f, 0.0f, mr);
+            }
+            for (int64_t s = 0; s < nk; s += MR) {  // dk += dSᵀ·q, dv += Pᵀ·dout over the queries seeing keys s..
+              const int mr = static_cast<int>(std::min<int64_t>(MR, nk - s));
+              const int64_t q0 = std::max<int64_t>(0, s - t0) & ~int64_t{1};  // even: pairs stay aligned
+              if (q0 >= mq) break;
+              const int64_t kp = cdiv(mq - q0, 2);
+              row_tile_direct(kp, D2.data() + (q0 / 2) * nk + s, 1, nk, Qc + (q0 / 2) * NR, qp * NR, hd, dKb + s * lddk,
+                              lddk, 1.0f, 1.0f, mr);
+              row_tile_direct(kp, P2.data() + (q0 / 2) * nk + s, 1, nk, Oc + (q0 / 2) * NR, qp * NR, hd, dVb + s * lddv,
+                              lddv, 1.0f, 1.0f, mr);
+            }
+            continue;
+          }
           for (int64_t ir = 0; ir < mq; ir += MR) {  // dq rows = dS·k
             const int mr = static_cast<int>(std::min<int64_t>(MR, mq - ir));
             const int64_t n = keys_seen(t0, ir, mr, nk);
@@ -527,6 +622,18 @@ void attention_train_backward(SimdLevel level, int64_t B, int64_t T, int64_t Hq,
   const rowk::Kernels* kr = rowk::for_level(level);
   const Gemms g{level, bf16 && bf16_compute_available(level)};
   std::vector<float> delta(static_cast<size_t>(B * Hq * T));  // [B, Hq, T]
+#ifdef QLORA_X86
+  if (level == SimdLevel::AVX512 && fp::direct_on()) {
+    // The same sums, 16 queries of one (b, head) per vector (attn_train_k::delta_rows_avx512).
+    parallel_range(B * Hq, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t b = p / Hq, h = p % Hq;
+        attn_train_k::delta_rows_avx512(T, hd, dout + b * T * lddo + h * hd, lddo, out + b * T * ldo + h * hd, ldo,
+                                        delta.data() + p * T);
+      }
+    });
+  } else
+#endif
   parallel_range(B * Hq * T, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {  // r = (b * Hq + h) * T + t
       const int64_t t = r % T, h = (r / T) % Hq, b = r / (T * Hq);
@@ -554,6 +661,7 @@ void attention_train_backward(SimdLevel level, int64_t B, int64_t T, int64_t Hq,
     // dK and dV through gemm_tn as before.
     const bool panels = !g.bf16 && fp::usable(level, hd);
     const GemmPanels* gp = panels ? &gemm_panels(level) : nullptr;
+    const gemm_k::UkernelDirectFn dfn = fp::direct_fn(level);
     parallel_range(tasks, 1, [&](int64_t p0, int64_t p1) {
       std::vector<float> P(static_cast<size_t>(kBlock * T)), dP(P.size());  // [mq, nk] each
       fp::Buf bKr, bVr, bKc, bAp;
@@ -589,9 +697,9 @@ void attention_train_backward(SimdLevel level, int64_t B, int64_t T, int64_t Hq,
             if (panels && fp::block_usable(mq)) {
               // dS beyond each row's keys is +0 where the full products gave ±0 (P = 0 there): the
               // sums below never differ (an fp32 sum from +0 is never -0).
-              fp::scores(*gp, mq, nk, t0, hd, Qr, ldq, Kr, scale, P.data(), nk, Ap);
+              fp::scores(*gp, mq, nk, t0, hd, Qr, ldq, Kr, scale, P.data(), nk, Ap, dfn);
               probs_from_lse(kr, P.data(), nk, mq, nk, t0, 0, km, km_all, lse + (b * Hq + h) * T);
-              fp::scores(*gp, mq, nk, t0, hd, dOr, lddo, Vr, 1.0f, dP.data(), nk, Ap);
+              fp::scores(*gp, mq, nk, t0, hd, dOr, lddo, Vr, 1.0f, dP.data(), nk, Ap, dfn);
               dscores_causal(P.data(), dP.data(), nk, mq, nk, t0, delta.data() + (b * Hq + h) * T + t0, scale);
               fp::p_times_v(level, *gp, mq, nk, t0, hd, T, dP.data(), nk, Kc, dq + (b * T + t0) * lddq + h * hd,
                             lddq, Ap);

@@ -1,0 +1,32 @@
+// Kernels of the training attention (cpu/ops_backward_attention.cpp drives them). Declarations only
+// (cpu/README.md), so the *_avx512.cpp / *_avx512bf16.cpp files may include it.
+#pragma once
+#include <cstdint>
+
+namespace qlora::cpu::attn_train_k {
+
+// delta[r] = Σ_i go_r[i] * o_r[i] over i = 0..hd-1 in order, each product rounded to fp32 and added
+// to the fp32 running sum (no FMA), for the rows go_r = go + r * ldg, o_r = o + r * ldo, r < n:
+// bit for bit the plain loop `d += go[i] * o[i]` compiled without FMA contraction (one row per lane).
+void delta_rows_avx512(int64_t n, int64_t hd, const float* go, int64_t ldg, const float* o, int64_t ldo,
+                       float* delta);
+
+// ---- AVX512-BF16 (call only after cpu_has_avx512_bf16()). Pair words as cpu/gemm_bf16_kernels.hpp:
+// one uint32 = {bf16 of the even k (low half), bf16 of the odd k (high half)}, RNE as vcvtne2ps2bf16.
+
+// C[mr, nr] (ld ldc) = alpha * A·Bp + beta * C over kp pairs, A read in place: pair (i, p) at
+// A[i * rs + p * cs]; Bp a packed B panel (bf16_k::kNR columns, 64-byte aligned). Per element the
+// vdpbf16ps chain of bf16_k::ukernel_avx512bf16 (from 0, p in order; beta == 0 ? alpha * acc :
+// fma(beta, C, alpha * acc)): identical results to packing A first. mr <= bf16_k::kMR, nr <= kNR.
+void ukernel_direct_avx512bf16(int64_t kp, const uint32_t* A, int64_t rs, int64_t cs, const uint32_t* Bp, float* C,
+                               int64_t ldc, float alpha, float beta, int mr, int nr);
+// dst[r * ldd + j] = bf16(src[r * lds + j] * (scale ? scale[r] : 1)) for r < rows, j < n, and
+// dst[r * ldd + n] = 0 when n is odd (so the row reads as ceil(n / 2) whole pairs). ldd even.
+void rows_to_bf16_avx512bf16(const float* src, int64_t lds, int64_t rows, int64_t n, const float* scale,
+                             uint16_t* dst, int64_t ldd);
+// dst[p * ldd + j] = pair(src[2p * lds + j], src[(2p + 1) * lds + j]) for p < ceil(rows / 2), j < n;
+// an odd last row pairs with 0. (Row pairs of a [rows, n] matrix: k = its rows, read in place as the
+// A of a product over rows, e.g. dSᵀ·q.)
+void row_pairs_bf16_avx512bf16(const float* src, int64_t lds, int64_t rows, int64_t n, uint32_t* dst, int64_t ldd);
+
+}  // namespace qlora::cpu::attn_train_k

@@ -1,0 +1,128 @@
+// AVX512-BF16 kernels of the training attention (contract in cpu/attention_train_kernels.hpp):
+// the bf16 micro-kernel with A read in place, and the converters that write the softmax weights /
+// score gradients once as bf16 rows or row pairs, which that kernel then reads without packing.
+// Compiled with -mavx512bf16 (CMake: *_avx512bf16.cpp); called only after cpu_has_avx512_bf16().
+// Rules: cpu/README.md (plain functions on raw pointers only).
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "cpu/attention_train_kernels.hpp"
+#include "cpu/gemm_bf16_kernels.hpp"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+
+namespace qlora::cpu::attn_train_k {
+
+namespace {
+constexpr int NR = bf16_k::kNR;
+static_assert(NR == 32, "two zmm of 16 fp32 columns per row");
+
+__mmask16 lane_mask(int64_t n) {  // first n of 16 lanes (n clamped to [0, 16])
+  if (n >= 16) return 0xFFFF;
+  if (n <= 0) return 0;
+  return static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// The chain and the stores of bf16_k's ukr<R> (gemm_bf16_avx512bf16.cpp), A(i, p) at A[i * rs + p * cs].
+template <int R>
+void ukr(int64_t kp, const uint32_t* A, int64_t rs, int64_t cs, const uint32_t* Bp, float* C, int64_t ldc,
+         float alpha, float beta, int nr) {
+  __m512 c0[R], c1[R];
+#pragma GCC unroll 14
+  for (int i = 0; i < R; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < kp; ++p) {
+    const __m512bh b0 = (__m512bh)_mm512_load_si512(Bp), b1 = (__m512bh)_mm512_load_si512(Bp + 16);
+#pragma GCC unroll 14
+    for (int i = 0; i < R; ++i) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(A[i * rs]));
+      c0[i] = _mm512_dpbf16_ps(c0[i], a, b0);
+      c1[i] = _mm512_dpbf16_ps(c1[i], a, b1);
+    }
+    A += cs;
+    Bp += NR;
+  }
+  const __mmask16 m0 = lane_mask(nr), m1 = lane_mask(nr - 16);
+  const __m512 va = _mm512_set1_ps(alpha);
+  if (beta == 0.0f) {
+#pragma GCC unroll 14
+    for (int i = 0; i < R; ++i) {
+      _mm512_mask_storeu_ps(C + i * ldc, m0, _mm512_mul_ps(va, c0[i]));
+      _mm512_mask_storeu_ps(C + i * ldc + 16, m1, _mm512_mul_ps(va, c1[i]));
+    }
+  } else {
+    const __m512 vb = _mm512_set1_ps(beta);
+#pragma GCC unroll 14
+    for (int i = 0; i < R; ++i) {
+      float* c = C + i * ldc;
+      _mm512_mask_storeu_ps(c, m0, _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, c), _mm512_mul_ps(va, c0[i])));
+      _mm512_mask_storeu_ps(c + 16, m1,
+                            _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m1, c + 16), _mm512_mul_ps(va, c1[i])));
+    }
+  }
+}
+}  // namespace
+
+void ukernel_direct_avx512bf16(int64_t kp, const uint32_t* A, int64_t rs, int64_t cs, const uint32_t* Bp, float* C,
+                               int64_t ldc, float alpha, float beta, int mr, int nr) {
+  switch (mr) {
+    case 14: return ukr<14>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+    case 13: return ukr<13>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+    case 12: return ukr<12>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+    case 11: return ukr<11>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+    case 10: return ukr<10>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+    case 9: return ukr<9>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+    case 8: return ukr<8>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+    case 7: return ukr<7>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+    case 6: return ukr<6>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+    case 5: return ukr<5>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+    case 4: return ukr<4>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+    case 3: return ukr<3>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+    case 2: return ukr<2>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+    case 1: return ukr<1>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+    default: return;
+  }
+}
+
+void rows_to_bf16_avx512bf16(const float* src, int64_t lds, int64_t rows, int64_t n, const float* scale,
+                             uint16_t* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = src + r * lds;
+    uint16_t* d = dst + r * ldd;
+    const __m512 sc = _mm512_set1_ps(scale ? scale[r] : 1.0f);
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32) {
+      const __m512 lo = _mm512_mul_ps(_mm512_loadu_ps(s + j), sc), hi = _mm512_mul_ps(_mm512_loadu_ps(s + j + 16), sc);
+      _mm512_storeu_si512(d + j, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    for (; j < n; j += 16) {  // tail, zero past n (one more bf16 written when n is odd)
+      const __mmask16 m = lane_mask(n - j);
+      const __m512 x = _mm512_maskz_mul_ps(m, _mm512_maskz_loadu_ps(m, s + j), sc);
+      const int64_t w = (n - j + 1) / 2 * 2;  // whole pairs
+      _mm256_mask_storeu_epi16(d + j, static_cast<__mmask16>(lane_mask(w)), (__m256i)_mm512_cvtneps_pbh(x));
+    }
+  }
+}
+
+void row_pairs_bf16_avx512bf16(const float* src, int64_t lds, int64_t rows, int64_t n, uint32_t* dst, int64_t ldd) {
+  // [lo0..lo15, hi0..hi15] (cvtne2ps: lo = row 2p, hi = row 2p + 1) -> [lo0, hi0, lo1, hi1, ...].
+  alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(kIdx);
+  for (int64_t p = 0; 2 * p < rows; ++p) {
+    const float* s0 = src + 2 * p * lds;
+    const bool has1 = 2 * p + 1 < rows;
+    uint32_t* d = dst + p * ldd;
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 m = lane_mask(n - j);
+      const __m512 lo = _mm512_maskz_loadu_ps(m, s0 + j);
+      const __m512 hi = has1 ? _mm512_maskz_loadu_ps(m, s0 + lds + j) : _mm512_setzero_ps();
+      _mm512_mask_storeu_epi32(d + j, m, _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(hi, lo)));
+    }
+  }
+}
+
+}  // namespace qlora::cpu::attn_train_k

@@ -1,0 +1,109 @@
+"""Issue 15: the training attention's in-place operand kernels (cpu/attention_train_kernels*.cpp,
+QLORA_ATTN_DIRECT): queries read in place by the fp32 scores micro-kernel, the softmax weights and
+score gradients converted once per block to bf16 rows / row pairs that the vdpbf16ps kernel reads
+in place (no A panel packed per tile), and delta = rowsum(dout * out) 16 rows per vector.
+
+- They keep every rounding and every fp32 chain of the packing way, so QLORA_ATTN_DIRECT=0 must give
+  the same bits at every SIMD level, fp32 and bf16 compute, forward and both backward ways, on shapes
+  with partial tiles (odd T, hd not a multiple of 16 or 32), padding and GQA.
+- Against float64: the bf16 bounds of test_attention_bf16 (derived there from bf16 rounding) at
+  ragged T, GQA and several head dims, on the default (direct) path.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from qlora_native import _core, ops
+
+from test_attention_bf16 import bounds, within
+from test_grad_ops import attn_bwd_ref, attn_ref, make_mask, randn
+
+g = _core.grad_ops
+HAVE_BF16 = ops.bf16_compute_available("cpu")
+
+SHAPES = [  # B, T, Hq, Hkv, hd, mask kind
+    (2, 150, 6, 2, 20, "left"),
+    (1, 71, 3, 1, 64, "right"),
+    (2, 45, 4, 4, 48, "none"),
+    (1, 130, 2, 1, 80, "left"),
+    (1, 17, 2, 2, 16, "none"),
+]
+
+SCRIPT = r"""
+import sys
+import numpy as np
+from qlora_native import _core
+g = _core.grad_ops
+out = {}
+levels, dtypes = sys.argv[2].split(","), sys.argv[3].split(",")
+for case, (B, T, Hq, Hkv, hd, kind) in enumerate(%r):
+    rng = np.random.default_rng(100 + case)
+    q = rng.standard_normal((B * T, Hq * hd)).astype(np.float32)
+    k = rng.standard_normal((B * T, Hkv * hd)).astype(np.float32)
+    v = rng.standard_normal((B * T, Hkv * hd)).astype(np.float32)
+    dout = rng.standard_normal((B * T, Hq * hd)).astype(np.float32)
+    mask = np.ones((B, T), np.int32)
+    if kind == "left":
+        mask[-1, :T // 3] = 0
+    elif kind == "right":
+        mask[-1, T - T // 4:] = 0
+    for lv in levels:
+        for dt in dtypes:
+            kw = dict(n_heads=Hq, n_kv_heads=Hkv, scale=float(hd) ** -0.5, backend="cpu:" + lv, compute_dtype=dt)
+            o, lse = g.attention_train(q, k, v, mask, **kw)
+            dq, dk, dv = g.attention_train_backward(q, k, v, mask, o, lse, dout, **kw)
+            for name, a in (("out", o), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv)):
+                out[f"{case}_{lv}_{dt}_{name}"] = np.asarray(a)
+np.savez(sys.argv[1], **out)
+""" % (SHAPES,)
+
+
+def _run(path, levels, dtypes, backward, direct):
+    env = dict(os.environ, QLORA_ATTN_BACKWARD=backward)
+    env.pop("QLORA_ATTN_DIRECT", None)
+    env.pop("QLORA_ATTN_PANELS", None)
+    if not direct:
+        env["QLORA_ATTN_DIRECT"] = "0"
+    r = subprocess.run([sys.executable, "-c", SCRIPT, path, ",".join(levels), ",".join(dtypes)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return np.load(path)
+
+
+@pytest.mark.parametrize("backward", ["fused", "split"])
+def test_direct_bit_identical_to_packing(tmp_path, backward):
+    levels = [lv for lv in ("generic", "avx2", "avx512") if lv in _core.supported_simd_levels()]
+    dtypes = ["float32"] + (["bfloat16"] if HAVE_BF16 else [])
+    a = _run(str(tmp_path / "on.npz"), levels, dtypes, backward, True)
+    b = _run(str(tmp_path / "off.npz"), levels, dtypes, backward, False)
+    assert sorted(a.files) == sorted(b.files) and a.files
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.skipif(not HAVE_BF16, reason="no AVX512-BF16 on this CPU")
+@pytest.mark.parametrize("case", SHAPES, ids=[f"T{c[1]}-hd{c[4]}-{c[2]}x{c[3]}-{c[5]}" for c in SHAPES])
+def test_direct_bf16_vs_float64(rng, monkeypatch, case):
+    monkeypatch.setenv("QLORA_ATTN_BACKWARD", "fused")  # the packed bf16 backward
+    B, T, Hq, Hkv, hd, kind = case
+    q, k, v = randn(rng, B * T, Hq * hd), randn(rng, B * T, Hkv * hd), randn(rng, B * T, Hkv * hd)
+    mask = make_mask(kind, B, T, rng)
+    scale = float(1.0 / np.sqrt(hd))
+    dout = randn(rng, B * T, Hq * hd)
+    r_out, r_lse, _ = attn_ref(q, k, v, mask, Hq, Hkv, scale)
+    r_dq, r_dk, r_dv = attn_bwd_ref(q, k, v, mask, Hq, Hkv, scale, dout)
+    b_out, b_lse, b_dq, b_dk, b_dv = bounds(q, k, v, mask, Hq, Hkv, scale, dout)
+    kw = dict(n_heads=Hq, n_kv_heads=Hkv, scale=scale, backend="cpu:avx512", compute_dtype="bfloat16")
+    out, lse = g.attention_train(q, k, v, mask, **kw)
+    dq, dk, dv = g.attention_train_backward(q, k, v, mask, r_out.astype(np.float32), r_lse.astype(np.float32), dout,
+                                            **kw)
+    fin = np.isfinite(r_lse)
+    within("out", out, r_out, b_out)
+    np.testing.assert_array_equal(np.isneginf(lse), ~fin)
+    within("lse", lse[fin], r_lse[fin], b_lse[fin])
+    within("dq", dq, r_dq, b_dq)
+    within("dk", dk, r_dk, b_dk)
+    within("dv", dv, r_dv, b_dv)
