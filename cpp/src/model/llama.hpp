@@ -233,6 +233,8 @@ class LlamaModel {
   std::atomic<bool> offload_ckpt_{false};  // set_offload_checkpoints
   // The offload staging (Backend::host_alloc: pinned on CUDA, slow to allocate) kept between
   // passes; a pass takes it under offload_mu_ and puts it back (concurrent passes get their own).
+  // Not redundant with HostStagingPool: the plain CPU backend's host_alloc is malloc with no pool,
+  // so without this each pass would allocate (and page-fault in) the whole staging again.
   class OffloadStage;  // llama_train.cpp
   std::mutex offload_mu_;
   std::shared_ptr<void> offload_host_;
