@@ -93,7 +93,7 @@ class Backend {
   // and finish with host_output_end. A host-memory backend returns dst itself (no buffer, no
   // copy); the default stages in a device buffer that end downloads and frees. HostOutput below
   // wraps the pair (frees the staging buffer when an op throws).
-  virtual void* host_output_begin(void* dst_host, size_t bytes) { return alloc(bytes ? bytes : 4); }
+  virtual void* host_output_begin(void* /*dst_host*/, size_t bytes) { return alloc(bytes ? bytes : 4); }
   virtual void host_output_end(void* dst_host, void* staged, size_t bytes, bool copy) {
     struct Free {
       Backend* be;
@@ -150,8 +150,9 @@ class Backend {
   // copy (A [r, in], B [out, r]) in this backend's layout, 0 where it has no bf16 LoRA kernels at
   // its current level (then no copy is made). lora_pack_bf16 fills dst (that many bytes, backend
   // memory) from fp32 A and B (backend memory); only called where lora_bf16_bytes is not 0.
-  virtual size_t lora_bf16_bytes(int64_t r, int64_t in, int64_t out) const { return 0; }
-  virtual void lora_pack_bf16(int64_t r, int64_t in, int64_t out, const float* A, const float* B, void* dst) {
+  virtual size_t lora_bf16_bytes(int64_t /*r*/, int64_t /*in*/, int64_t /*out*/) const { return 0; }
+  virtual void lora_pack_bf16(int64_t /*r*/, int64_t /*in*/, int64_t /*out*/, const float* /*A*/, const float* /*B*/,
+                              void* /*dst*/) {
     not_implemented("lora_pack_bf16");
   }
   // Default: the reference, two gemm_nt per segment (valid on every backend). The CPU backend runs
@@ -204,12 +205,12 @@ class Backend {
   // a row of K weights (K % 32 == 0) is K/32 blocks of 34 bytes {fp16 d (little-endian), int8 q[32]};
   // weight j of a block = float(d) * float(q[j]) (exact in fp32, as gguf's dequantize computes it).
   // W holds N such rows back to back. Y[M, N] = X[M, K] · deq(W)ᵀ.
-  virtual void q8_0_gemm_nt(int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const void* W, float* Y,
-                            int64_t ldy) {
+  virtual void q8_0_gemm_nt(int64_t /*M*/, int64_t /*N*/, int64_t /*K*/, const float* /*X*/, int64_t /*ldx*/,
+                            const void* /*W*/, float* /*Y*/, int64_t /*ldy*/) {
     not_implemented("q8_0_gemm_nt");
   }
   // out[M, K] = deq(W)[ids[m], :] (embedding lookup; ids already checked to lie in [0, N)).
-  virtual void q8_0_rows(int64_t M, int64_t K, const void* W, const int32_t* ids, float* out) {
+  virtual void q8_0_rows(int64_t /*M*/, int64_t /*K*/, const void* /*W*/, const int32_t* /*ids*/, float* /*out*/) {
     not_implemented("q8_0_rows");
   }
   // dX[M, K] = alpha * dY[M, N] (row stride lddy) · deq(W) + beta * dX (row stride lddx): the
@@ -231,12 +232,13 @@ class Backend {
   // accumulate in fp32. W holds N rows of K values back to back.
   enum class HalfType : int { F16 = 0, BF16 = 1 };
   // Y[M, N] = X[M, K] · wide(W)ᵀ.
-  virtual void half_gemm_nt(HalfType t, int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const void* W,
-                            float* Y, int64_t ldy) {
+  virtual void half_gemm_nt(HalfType /*t*/, int64_t /*M*/, int64_t /*N*/, int64_t /*K*/, const float* /*X*/,
+                            int64_t /*ldx*/, const void* /*W*/, float* /*Y*/, int64_t /*ldy*/) {
     not_implemented("half_gemm_nt");
   }
   // out[M, K] = wide(W)[ids[m], :] (embedding lookup; ids already checked to lie in [0, N)).
-  virtual void half_rows(HalfType t, int64_t M, int64_t K, const void* W, const int32_t* ids, float* out) {
+  virtual void half_rows(HalfType /*t*/, int64_t /*M*/, int64_t /*K*/, const void* /*W*/, const int32_t* /*ids*/,
+                         float* /*out*/) {
     not_implemented("half_rows");
   }
   // dX[M, K] = alpha * dY[M, N] · wide(W) + beta * dX, and half_gemm_nt in bf16 compute: defaults
@@ -302,55 +304,58 @@ class Backend {
 
   // ---- transformer ops (cpp/src/model). Defaults throw so a backend can add them one by one.
   // out[M, D] = table[ids[m], :]; ids int32 [M], already checked to lie in [0, V).
-  virtual void embedding(int64_t M, int64_t D, const float* table, const int32_t* ids, float* out) {
+  virtual void embedding(int64_t /*M*/, int64_t /*D*/, const float* /*table*/, const int32_t* /*ids*/, float* /*out*/) {
     not_implemented("embedding");
   }
   // out[M, D] = x / sqrt(mean_row(x²) + eps) * w[D]   (out may alias x)
-  virtual void rmsnorm(int64_t M, int64_t D, const float* x, const float* w, float eps, float* out) {
+  virtual void rmsnorm(int64_t /*M*/, int64_t /*D*/, const float* /*x*/, const float* /*w*/, float /*eps*/,
+                       float* /*out*/) {
     not_implemented("rmsnorm");
   }
   // y[n] += x[n]   (residual connections)
-  virtual void add_inplace(int64_t n, const float* x, float* y) { not_implemented("add_inplace"); }
+  virtual void add_inplace(int64_t /*n*/, const float* /*x*/, float* /*y*/) { not_implemented("add_inplace"); }
   // y[M, N] (row stride ldy) += bias[N]
-  virtual void add_bias(int64_t M, int64_t N, const float* bias, float* y, int64_t ldy) {
+  virtual void add_bias(int64_t /*M*/, int64_t /*N*/, const float* /*bias*/, float* /*y*/, int64_t /*ldy*/) {
     not_implemented("add_bias");
   }
   // Rotate-half RoPE in place on x[M, n_heads * head_dim] (row stride ldx): for each head and
   // i < head_dim/2, angle = float(pos[m]) * inv_freq[i] (fp32), (x_i, x_{i+h/2}) rotated by it.
-  virtual void rope(int64_t M, int64_t n_heads, int64_t head_dim, float* x, int64_t ldx, const int32_t* pos,
-                    const float* inv_freq) {
+  virtual void rope(int64_t /*M*/, int64_t /*n_heads*/, int64_t /*head_dim*/, float* /*x*/, int64_t /*ldx*/,
+                    const int32_t* /*pos*/, const float* /*inv_freq*/) {
     not_implemented("rope");
   }
   // out[M, N] = silu(gate) * up   (SwiGLU)
-  virtual void swiglu(int64_t M, int64_t N, const float* gate, int64_t ldg, const float* up, int64_t ldu, float* out,
-                      int64_t ldo) {
+  virtual void swiglu(int64_t /*M*/, int64_t /*N*/, const float* /*gate*/, int64_t /*ldg*/, const float* /*up*/,
+                      int64_t /*ldu*/, float* /*out*/, int64_t /*ldo*/) {
     not_implemented("swiglu");
   }
   // cache[b, h, start + t, :] = x[b*T + t, h*hd : (h+1)*hd]; cache is [B, H, S_cap, hd].
-  virtual void kv_write(int64_t B, int64_t T, int64_t H, int64_t hd, const float* x, int64_t ldx, float* cache,
-                        int64_t S_cap, int64_t start) {
+  virtual void kv_write(int64_t /*B*/, int64_t /*T*/, int64_t /*H*/, int64_t /*hd*/, const float* /*x*/,
+                        int64_t /*ldx*/, float* /*cache*/, int64_t /*S_cap*/, int64_t /*start*/) {
     not_implemented("kv_write");
   }
   // kv_write into a bf16 cache (uint16 bit patterns, [B, H, S_cap, hd]): each element rounded to
   // bf16 (round-to-nearest-even, as the bf16 GEMMs round). The KV cache of compute_dtype="bfloat16".
-  virtual void kv_write_bf16(int64_t B, int64_t T, int64_t H, int64_t hd, const float* x, int64_t ldx,
-                             uint16_t* cache, int64_t S_cap, int64_t start) {
+  virtual void kv_write_bf16(int64_t /*B*/, int64_t /*T*/, int64_t /*H*/, int64_t /*hd*/, const float* /*x*/,
+                             int64_t /*ldx*/, uint16_t* /*cache*/, int64_t /*S_cap*/, int64_t /*start*/) {
     not_implemented("kv_write_bf16");
   }
   // attention (below) over bf16 k/v caches: each cached element widened exactly to fp32 as it is
   // read, everything else (scores, softmax, P·V, output) fp32 as in attention.
-  virtual void attention_kv_bf16(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
-                                 int64_t ldq, const uint16_t* k_cache, const uint16_t* v_cache, int64_t S_cap,
-                                 int64_t start, const int32_t* key_mask, float scale, float* out, int64_t ldo) {
+  virtual void attention_kv_bf16(int64_t /*B*/, int64_t /*T*/, int64_t /*Hq*/, int64_t /*Hkv*/, int64_t /*hd*/,
+                                 const float* /*q*/, int64_t /*ldq*/, const uint16_t* /*k_cache*/,
+                                 const uint16_t* /*v_cache*/, int64_t /*S_cap*/, int64_t /*start*/,
+                                 const int32_t* /*key_mask*/, float /*scale*/, float* /*out*/, int64_t /*ldo*/) {
     not_implemented("attention_kv_bf16");
   }
   // Causal grouped-query attention over a KV cache. q[B*T, Hq*hd] (row stride ldq); query t of
   // row b sits in slot start+t and attends to slots s <= start+t with key_mask[b*S_cap + s] != 0
   // (int32 [B, S_cap]); query head h reads KV head h / (Hq/Hkv). k/v caches [B, Hkv, S_cap, hd].
   // out[B*T, Hq*hd] = softmax(scale * q·kᵀ) · v; a query with no visible key gets zeros.
-  virtual void attention(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q, int64_t ldq,
-                         const float* k_cache, const float* v_cache, int64_t S_cap, int64_t start,
-                         const int32_t* key_mask, float scale, float* out, int64_t ldo) {
+  virtual void attention(int64_t /*B*/, int64_t /*T*/, int64_t /*Hq*/, int64_t /*Hkv*/, int64_t /*hd*/,
+                         const float* /*q*/, int64_t /*ldq*/, const float* /*k_cache*/, const float* /*v_cache*/,
+                         int64_t /*S_cap*/, int64_t /*start*/, const int32_t* /*key_mask*/, float /*scale*/,
+                         float* /*out*/, int64_t /*ldo*/) {
     not_implemented("attention");
   }
   // Next-token choice where the logits are, so only token ids come back (generation): row i of
@@ -366,20 +371,21 @@ class Backend {
 
   // ---- training ops (cpu/ops_backward.hpp): gradients of the ops above, for LoRA training.
   // dx[M, D] = d(rmsnorm(x, w, eps))/dx applied to dy[M, D] (no dw: norms are frozen); dx may alias dy.
-  virtual void rmsnorm_backward(int64_t M, int64_t D, const float* x, const float* w, float eps, const float* dy,
-                                float* dx) {
+  virtual void rmsnorm_backward(int64_t /*M*/, int64_t /*D*/, const float* /*x*/, const float* /*w*/, float /*eps*/,
+                                const float* /*dy*/, float* /*dx*/) {
     not_implemented("rmsnorm_backward");
   }
   // In place on dx[M, n_heads * head_dim] (row stride ldx): the inverse (transposed) rotation of
   // rope() for the same pos / inv_freq, turning dL/d(rope(x)) into dL/dx.
-  virtual void rope_backward(int64_t M, int64_t n_heads, int64_t head_dim, float* dx, int64_t ldx,
-                             const int32_t* pos, const float* inv_freq) {
+  virtual void rope_backward(int64_t /*M*/, int64_t /*n_heads*/, int64_t /*head_dim*/, float* /*dx*/, int64_t /*ldx*/,
+                             const int32_t* /*pos*/, const float* /*inv_freq*/) {
     not_implemented("rope_backward");
   }
   // For out = silu(gate) * up [M, N]: dgate = dout * up * silu'(gate), dup = dout * silu(gate).
   // An output may alias an input (same element), not the other output.
-  virtual void swiglu_backward(int64_t M, int64_t N, const float* gate, int64_t ldg, const float* up, int64_t ldu,
-                               const float* dout, int64_t ldd, float* dgate, int64_t lddg, float* dup, int64_t lddu) {
+  virtual void swiglu_backward(int64_t /*M*/, int64_t /*N*/, const float* /*gate*/, int64_t /*ldg*/,
+                               const float* /*up*/, int64_t /*ldu*/, const float* /*dout*/, int64_t /*ldd*/,
+                               float* /*dgate*/, int64_t /*lddg*/, float* /*dup*/, int64_t /*lddu*/) {
     not_implemented("swiglu_backward");
   }
   // Training attention: causal GQA self-attention over the sequence itself (no KV cache).
@@ -387,27 +393,30 @@ class Backend {
   // s <= t with key_mask[b*T + s] != 0 (int32 [B, T]); query head h reads KV head h / (Hq/Hkv).
   // out[B*T, Hq*hd] = softmax(scale * q·kᵀ) · v and lse[B, Hq, T] = log Σ exp(scale * q·k) over
   // the visible keys; a query with no visible key gets out = 0 and lse = -inf.
-  virtual void attention_train(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
-                               int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
-                               const int32_t* key_mask, float scale, float* out, int64_t ldo, float* lse) {
+  virtual void attention_train(int64_t /*B*/, int64_t /*T*/, int64_t /*Hq*/, int64_t /*Hkv*/, int64_t /*hd*/,
+                               const float* /*q*/, int64_t /*ldq*/, const float* /*k*/, int64_t /*ldk*/,
+                               const float* /*v*/, int64_t /*ldv*/, const int32_t* /*key_mask*/, float /*scale*/,
+                               float* /*out*/, int64_t /*ldo*/, float* /*lse*/) {
     not_implemented("attention_train");
   }
   // Its backward from the forward's inputs, out and lse, and dout[B*T, Hq*hd]: overwrites
   // dq[B*T, Hq*hd] and dk/dv[B*T, Hkv*hd] (summed over the query heads sharing a KV head).
   // Probabilities are recomputed from q, k and lse; rows with lse = -inf get gradient 0.
-  virtual void attention_train_backward(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
-                                        int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
-                                        const int32_t* key_mask, float scale, const float* out, int64_t ldo,
-                                        const float* lse, const float* dout, int64_t lddo, float* dq, int64_t lddq,
-                                        float* dk, int64_t lddk, float* dv, int64_t lddv) {
+  virtual void attention_train_backward(int64_t /*B*/, int64_t /*T*/, int64_t /*Hq*/, int64_t /*Hkv*/, int64_t /*hd*/,
+                                        const float* /*q*/, int64_t /*ldq*/, const float* /*k*/, int64_t /*ldk*/,
+                                        const float* /*v*/, int64_t /*ldv*/, const int32_t* /*key_mask*/,
+                                        float /*scale*/, const float* /*out*/, int64_t /*ldo*/, const float* /*lse*/,
+                                        const float* /*dout*/, int64_t /*lddo*/, float* /*dq*/, int64_t /*lddq*/,
+                                        float* /*dk*/, int64_t /*lddk*/, float* /*dv*/, int64_t /*lddv*/) {
     not_implemented("attention_train_backward");
   }
   // Softmax cross-entropy per row of logits[M, V] (row stride ldl); labels int32 [M] lie in
   // [0, V) or are -100 (ignored; checked by the caller). loss[M] = logsumexp(row) - row[label]
   // (0 when ignored). With want_grad the row is overwritten by grad_scale * (softmax(row) -
   // onehot(label)), zeros on ignored rows. Driven chunk by chunk by lm_cross_entropy (ops_backward.hpp).
-  virtual void cross_entropy_rows(int64_t M, int64_t V, float* logits, int64_t ldl, const int32_t* labels,
-                                  float grad_scale, bool want_grad, float* loss) {
+  virtual void cross_entropy_rows(int64_t /*M*/, int64_t /*V*/, float* /*logits*/, int64_t /*ldl*/,
+                                  const int32_t* /*labels*/, float /*grad_scale*/, bool /*want_grad*/,
+                                  float* /*loss*/) {
     not_implemented("cross_entropy_rows");
   }
   // LoRA dropout (inverted, as torch.nn.Dropout), its mask regenerated from a Philox4x32-10
@@ -416,13 +425,13 @@ class Backend {
   // (train/philox_block.hpp), the same rule on every backend, so a seed gives the same masks on CPU
   // and GPU (model/lora.cpp derives seed and offset from adapter seed, step, layer, projection and
   // the pass's first token). 0 <= p < 1. out[M, in] (contiguous) = x * keep / (1 - p), x row stride ldx.
-  virtual void lora_dropout(uint64_t seed, uint64_t offset, float p, int64_t M, int64_t in, const float* x,
-                            int64_t ldx, float* out) {
+  virtual void lora_dropout(uint64_t /*seed*/, uint64_t /*offset*/, float /*p*/, int64_t /*M*/, int64_t /*in*/,
+                            const float* /*x*/, int64_t /*ldx*/, float* /*out*/) {
     not_implemented("lora_dropout");
   }
   // dx[M, in] (row stride lddx) += g[M, in] (contiguous) * keep / (1 - p); dropped elements untouched.
-  virtual void lora_dropout_backward(uint64_t seed, uint64_t offset, float p, int64_t M, int64_t in, const float* g,
-                                     float* dx, int64_t lddx) {
+  virtual void lora_dropout_backward(uint64_t /*seed*/, uint64_t /*offset*/, float /*p*/, int64_t /*M*/, int64_t /*in*/,
+                                     const float* /*g*/, float* /*dx*/, int64_t /*lddx*/) {
     not_implemented("lora_dropout_backward");
   }
 
@@ -431,7 +440,8 @@ class Backend {
   // AdamW on n elements, in place on p, m, v from g: per element exactly train::adamw_update (the
   // same float operations in the same order, each rounded, no fused multiply-add), so backends
   // agree bit for bit on the same inputs.
-  virtual void adamw_update(int64_t n, float* p, const float* g, float* m, float* v, const train::AdamWScalars& s) {
+  virtual void adamw_update(int64_t /*n*/, float* /*p*/, const float* /*g*/, float* /*m*/, float* /*v*/,
+                            const train::AdamWScalars& /*s*/) {
     not_implemented("adamw_update");
   }
   // Sum of squares of x in double over chunks: chunk c = x[bounds[c], bounds[c+1]) (bounds int64
@@ -439,13 +449,16 @@ class Backend {
   // [n_chunks]); out[0] = the partials added one by one in chunk order (double). Squares of floats
   // are exact in double; inside a chunk each backend sums in a fixed order (CPU: four interleaved
   // running sums, train/grad_utils; CUDA: a fixed tree), never with atomics: deterministic.
-  virtual void sum_squares(int64_t n_chunks, const int64_t* bounds, const float* x, double* partial, double* out) {
+  virtual void sum_squares(int64_t /*n_chunks*/, const int64_t* /*bounds*/, const float* /*x*/, double* /*partial*/,
+                           double* /*out*/) {
     not_implemented("sum_squares");
   }
   // x[n] *= s (gradient clipping)
-  virtual void scale_inplace(int64_t n, float* x, float s) { not_implemented("scale_inplace"); }
+  virtual void scale_inplace(int64_t /*n*/, float* /*x*/, float /*s*/) { not_implemented("scale_inplace"); }
   // out[0] = index of the first NaN or +-inf in x[n], -1 when every element is finite (int64).
-  virtual void find_nonfinite(int64_t n, const float* x, int64_t* out) { not_implemented("find_nonfinite"); }
+  virtual void find_nonfinite(int64_t /*n*/, const float* /*x*/, int64_t* /*out*/) {
+    not_implemented("find_nonfinite");
+  }
 
   // ---- host staging for activation offload (gradient checkpointing, offload_checkpoints): host
   // memory the backend copies to and from fastest (CUDA: pinned), and copies ordered with the
@@ -462,8 +475,8 @@ class Backend {
  protected:
   // ExecScope's hooks: enter may throw (nothing is bound then); leave runs when the scope ends,
   // failed when it ends by an exception (CUDA waits for the Exec's queue so no work is left pending).
-  virtual void exec_enter(Exec* e) {}
-  virtual void exec_leave(Exec* e, bool failed) noexcept {}
+  virtual void exec_enter(Exec* /*e*/) {}
+  virtual void exec_leave(Exec* /*e*/, bool /*failed*/) noexcept {}
   friend class ExecScope;
 
   [[noreturn]] void not_implemented(const char* op) const {
