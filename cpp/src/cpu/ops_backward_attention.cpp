@@ -517,6 +517,7 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
     const bool direct = fp::direct_on();
     std::vector<uint32_t> Db(static_cast<size_t>(direct ? kBlock * tp : 0));  // [mq, ceil(nk/2)] pairs of keys
     std::vector<uint32_t> D2(static_cast<size_t>(direct ? bp * T : 0)), P2(D2.size());  // [ceil(mq/2), nk] pairs of queries
+    std::vector<uint32_t> Ob(static_cast<size_t>(direct ? kBlock * hp : 0));  // [mq, ceil(hd/2)] pairs of dout
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / Hkv, kh = p % Hkv;
       const float* Kb = k + b * T * ldk + kh * hd;  // [T, hd] rows of KV head kh
@@ -543,9 +544,16 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
             fp::scores(gp, mq, nk, t0, hd, Qr, ldq, Kr, scale, P.data(), nk, Af, dfn);  // scores in fp32
           else
             gemm_nt(level, mq, nk, hd, scale, Qr, ldq, Kb, ldk, 0.0f, P.data(), nk);
+          if (direct)  // dout rows in bf16 once, read in place by the dP tiles
+            attn_train_k::rows_to_bf16_avx512bf16(dOr, lddo, mq, hd, nullptr, reinterpret_cast<uint16_t*>(Ob.data()),
+                                                  2 * hp);
           for (int64_t ir = 0; ir < mq; ir += MR) {  // dP = dout·vᵀ
             const int mr = static_cast<int>(std::min<int64_t>(MR, mq - ir));
             const int64_t n = keys_seen(t0, ir, mr, nk);
+            if (direct) {
+              row_tile_direct(hp, Ob.data() + ir * hp, hp, 1, Vr, hp * NR, n, dP.data() + ir * nk, nk, 1.0f, 0.0f, mr);
+              continue;
+            }
             bf16_k::pack_rows_avx512bf16(dOr + ir * lddo, lddo, mr, hd, MR, Ap.data());
             row_tile(hp, Ap.data(), Vr, hp * NR, n, dP.data() + ir * nk, nk, 1.0f, 0.0f, mr);
           }
