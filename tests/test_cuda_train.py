@@ -12,6 +12,7 @@ import qlora_native
 from qlora_native import LoraConfig, _core
 
 from helpers_tiny import build_tiny
+from helpers_train import adapter_model, train_batch
 from test_capi import lib  # noqa: F401 (fixture: the C API of _core through ctypes)
 
 HAVE_GPU = _core.cuda_device_count() > 0
@@ -24,25 +25,6 @@ def tiny(tmp_path_factory):
     return build_tiny(str(tmp_path_factory.mktemp("tiny")), num_hidden_layers=3)
 
 
-def _model(path, backend, quantize="nf4", dropout=0.0, seed=3):
-    # fp32 parity with the CPU (CUDA's default compute dtype is bf16 on sm_80+)
-    m = qlora_native.Model.from_pretrained(path, quantize=quantize, backend=backend, tokenizer=None,
-                                           compute_dtype="float32")
-    m.add_adapter("a", LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"), seed=seed)
-    m.set_adapter("a")
-    return m
-
-
-def _batch(seed=0, B=2, T=12, V=64):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, V, size=(B, T)).astype(np.int32)
-    labels = ids.copy()
-    labels[:, :3] = -100
-    mask = np.ones_like(ids)
-    mask[1, :2] = 0
-    return ids, labels, mask
-
-
 def _grads(m):
     return {k: np.array(v) for k, v in m.get_adapter_gradients("a").items()}
 
@@ -51,8 +33,8 @@ def _grads(m):
 def test_offload_checkpoints_bit_identical(tiny, backend):
     """Offloading the checkpointed layer inputs gives the same loss and gradients bit for bit, and
     the pass keeps (layers - 1) fewer [tokens, hidden] buffers in backend memory."""
-    m = _model(tiny, backend)
-    ids, labels, mask = _batch()
+    m = adapter_model(tiny, backend)
+    ids, labels, mask = train_batch(V=64)
     assert m.offload_checkpoints is False
     m.gradient_checkpointing = True
     m.zero_grad()
@@ -84,7 +66,7 @@ def _train(m, steps, seed0=0, max_grad_norm=0.05, lr=5e-2):
     """Steps with a clip that bites (small max norm) and weight decay; returns (losses, norms)."""
     out = []
     for s in range(steps):
-        ids, labels, mask = _batch(seed0 + s)
+        ids, labels, mask = train_batch(seed0 + s, V=64)
         r = m.train_step([(ids, labels, mask), (ids[:1], labels[:1], None)], lr=lr, max_grad_norm=max_grad_norm)
         assert r["stepped"]
         out.append((r["loss"], r["grad_norm"]))
@@ -104,12 +86,12 @@ def _arena_order(names):
 def test_step_bit_identical_to_host_optimizer(tiny):
     """On the CPU backend the optimizer step through the backend ops (one contiguous buffer) equals the
     host code it replaced: clip_grad_norm over the gradient tensors, then torch-style AdamW, bit for bit."""
-    m = _model(tiny, "cpu")
+    m = adapter_model(tiny, "cpu")
     m.configure_optimizer(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-6)
     names = list(_state(m))
     host = _core.train.AdamW([_state(m)[k].copy() for k in names], (0.9, 0.95), 1e-6, 0.1)
     for s in range(3):
-        ids, labels, mask = _batch(s)
+        ids, labels, mask = train_batch(s, V=64)
         m.zero_grad()
         m.forward_backward(ids, labels, mask)
         g = _grads(m)
@@ -137,7 +119,7 @@ def test_step_bit_identical_to_host_optimizer(tiny):
 def test_devsim_training_equals_cpu(tiny, quantize):
     """Training on "cpu:devsim" (a device backend: the optimizer state and both arenas in backend
     memory, every step through the backend ops) gives the CPU backend's losses, norms and factors."""
-    cpu, dev = _model(tiny, "cpu", quantize), _model(tiny, "cpu:devsim", quantize)
+    cpu, dev = adapter_model(tiny, "cpu", quantize=quantize), adapter_model(tiny, "cpu:devsim", quantize=quantize)
     for m in (cpu, dev):
         m.configure_optimizer(lr=5e-2, weight_decay=0.01)
     assert _train(dev, 3) == _train(cpu, 3)
@@ -151,12 +133,12 @@ def test_devsim_training_equals_cpu(tiny, quantize):
 def test_resume_across_backends_exact(tiny, src, dst):
     """2 steps on src, state saved (adapter + optimizer, the host format), restored on a fresh dst model:
     2 more steps there equal 4 uninterrupted steps on src, bit for bit."""
-    ref = _model(tiny, src)
+    ref = adapter_model(tiny, src)
     ref.configure_optimizer(lr=5e-2, weight_decay=0.01)
     _train(ref, 2)
     saved_w, saved_opt = _state(ref), ref.get_optimizer_state()
     want = _train(ref, 2, seed0=2)
-    other = _model(tiny, dst, seed=99)  # different init: everything must come from the state
+    other = adapter_model(tiny, dst, seed=99)  # different init: everything must come from the state
     other.set_adapter_state_dict("a", saved_w)
     other.set_optimizer_state(saved_opt)
     assert other.get_optimizer_state()["step"] == 2
@@ -168,9 +150,9 @@ def test_resume_across_backends_exact(tiny, src, dst):
 @pytest.mark.parametrize("backend", ["cpu:devsim", CUDA])
 def test_device_grad_checks(tiny, backend):
     """grad_norm / clip_grad_norm before configure_optimizer, and a non-finite loss stopping the step."""
-    m = _model(tiny, backend)
-    ref = _model(tiny, "cpu")
-    ids, labels, mask = _batch(5)
+    m = adapter_model(tiny, backend)
+    ref = adapter_model(tiny, "cpu")
+    ids, labels, mask = train_batch(5, V=64)
     for x in (m, ref):
         x.zero_grad()
         x.forward_backward(ids, labels, mask)
@@ -187,7 +169,7 @@ def test_cuda_training_tracks_cpu(tiny, quantize):
     """fp32 mode on a GPU: 5 AdamW steps follow the CPU loss curve within fp32 rounding growth."""
     if not HAVE_GPU:
         pytest.skip(f"no CUDA GPU: {_core.cuda_device_summary()}")
-    cpu, gpu = _model(tiny, "cpu", quantize), _model(tiny, "cuda", quantize)
+    cpu, gpu = adapter_model(tiny, "cpu", quantize=quantize), adapter_model(tiny, "cuda", quantize=quantize)
     for m in (cpu, gpu):
         m.configure_optimizer(lr=1e-2)
     lc = _train(cpu, 5, max_grad_norm=1.0, lr=1e-2)
@@ -219,7 +201,7 @@ def test_capi_trains_on_device_backend(tiny, lib):
         try:
             check(lib.qlora_adapter_add(h, b"ft", None))
             check(lib.qlora_train_configure(h, 1e-2, 0.0))
-            ids, labels, _ = _batch(1)
+            ids, labels, _ = train_batch(1, V=64)
             out = []
             for _ in range(3):
                 loss = ctypes.c_float(np.nan)

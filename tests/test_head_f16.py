@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 import qlora_native
-from qlora_native import LoraConfig, _core
+from qlora_native import _core
 from qlora_native import memory_model as mm
 
 from conftest import all_backends
 from helpers_tiny import build_tiny
+from helpers_train import adapter_model, loss_and_grads, train_batch
 
 HAVE_GPU = _core.cuda_device_count() > 0
 NO_GPU = f"no CUDA GPU: {_core.cuda_device_summary()}"
@@ -152,32 +153,6 @@ def _with_rounded_tables(src, dst, fmt):
     return dst
 
 
-def _model(path, backend="cpu", head="float32", dropout=0.0, compute="float32"):
-    m = qlora_native.Model.from_pretrained(path, quantize="nf4", backend=backend, tokenizer=None,
-                                           compute_dtype=compute)
-    m.head_format = head
-    m.add_adapter("a", LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"), seed=3)
-    m.set_adapter("a")
-    return m
-
-
-def _batch(seed=0, B=2, T=12, V=80):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, V, size=(B, T)).astype(np.int32)
-    labels = ids.copy()
-    labels[:, :3] = -100
-    mask = np.ones_like(ids)
-    mask[1, :2] = 0
-    return ids, labels, mask
-
-
-def _step(m):
-    ids, labels, mask = _batch()
-    m.zero_grad()
-    loss = m.forward_backward(ids, labels, mask)
-    return loss, {k: np.array(v) for k, v in m.get_adapter_gradients("a").items()}
-
-
 @pytest.mark.parametrize("fmt", ["f16", "bf16"])
 @pytest.mark.parametrize("before_load", [False, True])
 def test_tables_are_rounded_to_nearest_even(tiny, fmt, before_load):
@@ -262,18 +237,18 @@ def test_16bit_head_equals_fp32_on_rounded_tables(tmp_path, tiny, tiny_tied, bac
     rounded once, the products accumulate in fp32), and differ from the unrounded fp32 model by no
     more than the rounding allows."""
     src = tiny_tied if tied else tiny
-    ref = _model(_with_rounded_tables(src, str(tmp_path / "r"), fmt), backend)
-    h = _model(src, backend, head=fmt)
-    orig = _model(src, backend)
+    ref = adapter_model(_with_rounded_tables(src, str(tmp_path / "r"), fmt), backend)
+    h = adapter_model(src, backend, head_format=fmt)
+    orig = adapter_model(src, backend)
     assert h.head_format == fmt and ref.head_format == "float32"
-    ids, labels, mask = _batch()
+    ids, labels, mask = train_batch()
     lr, lh, lo = ref(ids, mask), h(ids, mask), orig(ids, mask)
     scale = float(np.abs(lr).max())
     np.testing.assert_allclose(lh, lr, rtol=0, atol=64 * EPS32 * scale)
     # Each weight of the tables moves by at most U relative: the logits by a few U of their scale.
     assert float(np.abs(lh - lo).max()) <= 8 * U[fmt] * scale
-    l0, g0 = _step(ref)
-    l1, g1 = _step(h)
+    l0, g0 = loss_and_grads(ref)
+    l1, g1 = loss_and_grads(h)
     assert abs(l1 - l0) <= 1e-5 * abs(l0)
     assert g0.keys() == g1.keys()
     for k in g0:
@@ -286,29 +261,29 @@ def test_16bit_head_equals_fp32_on_rounded_tables(tmp_path, tiny, tiny_tied, bac
     g1 = h.generate(prompt, 8, eos_token_id=None)
     np.testing.assert_array_equal(np.asarray(g1), np.asarray(g0))
     h.configure_optimizer(lr=1e-3)
-    r = h.train_step([_batch(1)], lr=1e-3, max_grad_norm=1.0)
+    r = h.train_step([train_batch(1)], lr=1e-3, max_grad_norm=1.0)
     assert np.isfinite(r["loss"])
 
 
 def test_bf16_compute_with_16bit_head(tiny):
     """compute_dtype bfloat16: the loss's lm_head GEMMs through half_gemm_nt_bf16 / half_gemm_nn (bf16)."""
-    m = _model(tiny, "cpu", head="bf16", compute="bfloat16")
-    ref = _model(_with_rounded_tables(tiny, os.path.join(os.path.dirname(tiny), "rb"), "bf16"), "cpu",
-                 compute="bfloat16")
-    l0, g0 = _step(ref)
-    l1, g1 = _step(m)
+    m = adapter_model(tiny, "cpu", head_format="bf16", compute_dtype="bfloat16")
+    ref = adapter_model(_with_rounded_tables(tiny, os.path.join(os.path.dirname(tiny), "rb"), "bf16"), "cpu",
+                        compute_dtype="bfloat16")
+    l0, g0 = loss_and_grads(ref)
+    l1, g1 = loss_and_grads(m)
     assert abs(l1 - l0) <= 1e-5 * abs(l0)
     for k in g0:
         np.testing.assert_allclose(g1[k], g0[k], rtol=1e-3, atol=1e-4 * float(np.abs(g0[k]).max()), err_msg=k)
 
 
 def test_devsim_equals_cpu_with_16bit_head(tiny):
-    a = _model(tiny, "cpu", head="f16", dropout=0.1)
-    b = _model(tiny, "cpu:devsim", head="f16", dropout=0.1)
+    a = adapter_model(tiny, "cpu", head_format="f16", dropout=0.1)
+    b = adapter_model(tiny, "cpu:devsim", head_format="f16", dropout=0.1)
     for m in (a, b):
         m.configure_optimizer(lr=1e-3)
     for step in range(2):
-        batch = _batch(step)
+        batch = train_batch(step)
         assert a.train_step([batch], lr=1e-3, max_grad_norm=1.0)["loss"] == \
             b.train_step([batch], lr=1e-3, max_grad_norm=1.0)["loss"]
     sa, sb = a.get_adapter_state_dict("a"), b.get_adapter_state_dict("a")
@@ -325,13 +300,13 @@ def test_bytes_match_footprint_and_peak(tiny, tiny_tied, fmt, tied):
     path = tiny_tied if tied else tiny
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
-    m = _model(path, "cpu:devsim", head=fmt)
+    m = adapter_model(path, "cpu:devsim", head_format=fmt)
     fp = m.memory_footprint()
     wb = mm.weight_bytes(cfg, head_format=fmt)
     V, D = cfg["vocab_size"], cfg["hidden_size"]
     assert wb["embedding"] == 2 * V * D and wb["lm_head"] == (0 if tied else 2 * V * D)
     assert fp["other_weights"] == wb["other_weights"] + wb["embedding"] + wb["lm_head"]
-    ids, labels, mask = _batch(B=3, T=100)  # 300 rows: the loss runs two chunks
+    ids, labels, mask = train_batch(B=3, T=100)  # 300 rows: the loss runs two chunks
     m.zero_grad()
     m.forward_backward(ids, labels, mask)
     est = mm.activation_bytes(cfg, 3, 100, 4, head_format=fmt, device=True)

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 import qlora_native
-from qlora_native import LoraConfig, _core
+from qlora_native import _core
 from qlora_native import memory_model as mm
 
 from helpers_tiny import build_tiny
+from helpers_train import adapter_model, loss_and_grads, train_batch
 from test_loss_ops import ce_ref, tolerances
 
 gguf_quants = pytest.importorskip("gguf.quants")
@@ -52,32 +53,6 @@ def _with_dequantized_tables(src, dst):
     with open(os.path.join(src, "config.json")) as f, open(os.path.join(dst, "config.json"), "w") as g:
         g.write(f.read())
     return dst
-
-
-def _model(path, backend="cpu", head="float32", quantize="nf4", dropout=0.0):
-    m = qlora_native.Model.from_pretrained(path, quantize=quantize, backend=backend, tokenizer=None,
-                                           compute_dtype="float32")
-    m.head_format = head
-    m.add_adapter("a", LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"), seed=3)
-    m.set_adapter("a")
-    return m
-
-
-def _batch(seed=0, B=2, T=12, V=80):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, V, size=(B, T)).astype(np.int32)
-    labels = ids.copy()
-    labels[:, :3] = -100
-    mask = np.ones_like(ids)
-    mask[1, :2] = 0
-    return ids, labels, mask
-
-
-def _step(m):
-    ids, labels, mask = _batch()
-    m.zero_grad()
-    loss = m.forward_backward(ids, labels, mask)
-    return loss, {k: np.array(v) for k, v in m.get_adapter_gradients("a").items()}
 
 
 # ------------------------------------------------------------------ the tables
@@ -165,11 +140,11 @@ def test_train_step_q8_head_equals_dequantized_fp32(tmp_path, tiny, tiny_tied, b
     """A training step reading the Q8_0 tables equals, bit for bit on the CPU kernels, the step of the
     fp32 model whose tables hold the same (exact) dequantized values; CUDA within fp32 rounding."""
     src = tiny_tied if tied else tiny
-    ref = _model(_with_dequantized_tables(src, str(tmp_path / "deq")), backend)
-    q8 = _model(src, backend, head="q8_0")
+    ref = adapter_model(_with_dequantized_tables(src, str(tmp_path / "deq")), backend)
+    q8 = adapter_model(src, backend, head_format="q8_0")
     assert q8.head_format == "q8_0" and ref.head_format == "float32"
-    l0, g0 = _step(ref)
-    l1, g1 = _step(q8)
+    l0, g0 = loss_and_grads(ref)
+    l1, g1 = loss_and_grads(q8)
     assert g0.keys() == g1.keys()
     if backend == "cuda":
         assert abs(l1 - l0) <= 1e-5 * abs(l0)
@@ -179,7 +154,7 @@ def test_train_step_q8_head_equals_dequantized_fp32(tmp_path, tiny, tiny_tied, b
         assert l1 == l0
         for k in g0:
             np.testing.assert_array_equal(g1[k], g0[k], err_msg=k)
-    ids, labels, mask = _batch()
+    ids, labels, mask = train_batch()
     e0, e1 = ref.eval_loss(ids, labels, mask), q8.eval_loss(ids, labels, mask)  # the loss without a backward
     assert e1[1] == e0[1]
     if backend == "cuda":
@@ -190,18 +165,18 @@ def test_train_step_q8_head_equals_dequantized_fp32(tmp_path, tiny, tiny_tied, b
         assert e1[0] == e0[0]
     # A step with the optimizer runs end to end on the Q8_0 head.
     q8.configure_optimizer(lr=1e-3)
-    ids, labels, mask = _batch(1)
+    ids, labels, mask = train_batch(1)
     r = q8.train_step([(ids, labels, mask)], lr=1e-3, max_grad_norm=1.0)
     assert np.isfinite(r["loss"])
 
 
 def test_devsim_equals_cpu_with_q8_head(tiny):
-    a = _model(tiny, "cpu", head="q8_0", dropout=0.1)
-    b = _model(tiny, "cpu:devsim", head="q8_0", dropout=0.1)
+    a = adapter_model(tiny, "cpu", head_format="q8_0", dropout=0.1)
+    b = adapter_model(tiny, "cpu:devsim", head_format="q8_0", dropout=0.1)
     for m in (a, b):
         m.configure_optimizer(lr=1e-3)
     for step in range(3):
-        ids, labels, mask = _batch(step)
+        ids, labels, mask = train_batch(step)
         ra = a.train_step([(ids, labels, mask)], lr=1e-3, max_grad_norm=1.0)
         rb = b.train_step([(ids, labels, mask)], lr=1e-3, max_grad_norm=1.0)
         assert ra["loss"] == rb["loss"]
@@ -221,9 +196,9 @@ def test_weight_and_adapter_bytes_match_footprint(tiny, tiny_tied, head, tied):
     path = tiny_tied if tied else tiny
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
-    m = _model(path, "cpu", head=head)
+    m = adapter_model(path, "cpu", head_format=head)
     m.configure_optimizer(lr=1e-3)
-    ids, labels, mask = _batch()
+    ids, labels, mask = train_batch()
     m.train_step([(ids, labels, mask)], lr=1e-3)
     fp = m.memory_footprint()
     wb = mm.weight_bytes(cfg, head_format=head)
@@ -246,10 +221,10 @@ def test_activation_peak_matches_engine(tiny, backend, head, ckpt, offload, drop
 
     with open(os.path.join(tiny, "config.json")) as f:
         cfg = json.load(f)
-    m = _model(tiny, backend, head=head, dropout=0.1 if dropout else 0.0)
+    m = adapter_model(tiny, backend, head_format=head, dropout=0.1 if dropout else 0.0)
     m.gradient_checkpointing = ckpt
     m.offload_checkpoints = offload
-    ids, labels, mask = _batch(B=3, T=100)  # 300 rows: the loss runs two chunks
+    ids, labels, mask = train_batch(B=3, T=100)  # 300 rows: the loss runs two chunks
     m.zero_grad()
     m.forward_backward(ids, labels, mask)
     est = mm.activation_bytes(cfg, 3, 100, 4, checkpointing=ckpt, offload=offload, dropout=dropout, head_format=head,
@@ -303,15 +278,15 @@ def test_bf16_training_step_with_q8_head(tiny, backend):
         pytest.skip("no AVX512-BF16 on this CPU")
     with open(os.path.join(tiny, "config.json")) as f:
         cfg = json.load(f)
-    ref = _model(tiny, backend, head="q8_0")
-    m = _model(tiny, backend, head="q8_0")
+    ref = adapter_model(tiny, backend, head_format="q8_0")
+    m = adapter_model(tiny, backend, head_format="q8_0")
     m.compute_dtype = "bfloat16"
-    l0, g0 = _step(ref)
-    l1, g1 = _step(m)
+    l0, g0 = loss_and_grads(ref)
+    l1, g1 = loss_and_grads(m)
     assert abs(l1 - l0) <= 0.02 * abs(l0)
     for k in g0:
         err = float(np.abs(g1[k] - g0[k]).max())
         assert err <= 0.1 * float(np.abs(g0[k]).max()) + 1e-7, k
-    ids, _, _ = _batch()
+    ids, _, _ = train_batch()
     est = mm.activation_bytes(cfg, ids.shape[0], ids.shape[1], 4, head_format="q8_0", device=backend != "cpu")
     assert m.last_train_peak_bytes == est["peak"]

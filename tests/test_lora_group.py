@@ -9,10 +9,10 @@ import os
 import numpy as np
 import pytest
 
-import qlora_native
-from qlora_native import LoraConfig, _core
+from qlora_native import _core
 
 from helpers_tiny import build_tiny
+from helpers_train import adapter_model, train_batch
 
 HAVE_GPU = _core.cuda_device_count() > 0
 BACKENDS = ["cpu", "cpu:devsim",
@@ -44,10 +44,7 @@ def group_env(monkeypatch):
 
 
 def _model(path, backend, cfg, dropout=0.0, compute_dtype="float32"):
-    m = qlora_native.Model.from_pretrained(path, quantize="nf4", backend=backend, tokenizer=None,
-                                           compute_dtype=compute_dtype)
-    m.add_adapter("a", LoraConfig(lora_dropout=dropout, **cfg), seed=3)
-    m.set_adapter("a")
+    m = adapter_model(path, backend, lora=cfg, dropout=dropout, compute_dtype=compute_dtype)
     rng = np.random.default_rng(7)  # nonzero B: every LoRA gradient term is live
     sd = {k: (rng.standard_normal(v.shape) * 0.2).astype(np.float32) if "lora_B" in k else v
           for k, v in m.get_adapter_state_dict("a").items()}
@@ -55,20 +52,10 @@ def _model(path, backend, cfg, dropout=0.0, compute_dtype="float32"):
     return m
 
 
-def _batch(seed=0, B=2, T=12, V=80):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, V, size=(B, T)).astype(np.int32)
-    labels = ids.copy()
-    labels[:, :3] = -100
-    mask = np.ones_like(ids)
-    mask[1, :2] = 0
-    return ids, labels, mask
-
-
 def _pass(m, group_env, on, ckpt=True):
     group_env(on)
     m.gradient_checkpointing = ckpt
-    ids, labels, mask = _batch()
+    ids, labels, mask = train_batch()
     m.zero_grad()
     loss = m.forward_backward(ids, labels, mask)
     ev = m.eval_loss(ids, labels, mask)[0]
@@ -126,7 +113,7 @@ def test_dropout_is_never_grouped(tiny, group_env, backend):
 
 def _lora_gemms(m, on, group_env):
     group_env(on)
-    ids, labels, mask = _batch()
+    ids, labels, mask = train_batch()
     _core.profile_reset()
     _core.profile_enable(True)
     try:
@@ -161,7 +148,7 @@ def test_optimizer_state_in_peft_order(tiny, group_env):
     PEFT order (its names), each moment belonging to its tensor; a restored state resumes exactly."""
     m = _model(tiny, "cpu", CONFIGS["mixed-ranks"])
     m.configure_optimizer(lr=1e-3)
-    ids, labels, mask = _batch()
+    ids, labels, mask = train_batch()
     m.zero_grad()
     m.forward_backward(ids, labels, mask)
     g = {k: np.array(v) for k, v in m.get_adapter_gradients("a").items()}

@@ -9,10 +9,10 @@ import gc
 import numpy as np
 import pytest
 
-import qlora_native
-from qlora_native import LoraConfig, _core
+from qlora_native import _core
 
 from helpers_tiny import build_tiny
+from helpers_train import adapter_model
 
 HAVE_GPU = _core.cuda_device_count() > 0
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not HAVE_GPU, reason=f"no CUDA GPU: {_core.cuda_device_summary()}"))
@@ -25,10 +25,7 @@ def tiny(tmp_path_factory):
 
 
 def _model(path, backend):
-    m = qlora_native.Model.from_pretrained(path, quantize="nf4", backend=backend, tokenizer=None,
-                                           compute_dtype="float32")
-    m.add_adapter("a", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"), seed=3)
-    m.set_adapter("a")
+    m = adapter_model(path, backend)
     m.gradient_checkpointing = True
     m.offload_checkpoints = True
     return m

@@ -1,0 +1,44 @@
+"""The training-test setup several test files share (one copy): a model with one active adapter "a"
+and a small labelled batch with a -100 prompt prefix and one left-padded row."""
+from __future__ import annotations
+
+import numpy as np
+
+import qlora_native
+from qlora_native import LoraConfig
+
+
+def adapter_model(path, backend="cpu", *, quantize="nf4", compute_dtype="float32", head_format=None, dropout=0.0,
+                  seed=3, lora=None):
+    """Model at `path` on `backend` (fp32 compute by default: parity with the CPU; CUDA's own default
+    is bf16 on sm_80+) with adapter "a" active: LoraConfig(**lora) (default r=4, alpha=8, all-linear),
+    PEFT's init from `seed` (B zero). head_format, when given, is set before the adapter is added."""
+    m = qlora_native.Model.from_pretrained(path, quantize=quantize, backend=backend, tokenizer=None,
+                                           compute_dtype=compute_dtype)
+    if head_format is not None:
+        m.head_format = head_format
+    cfg = dict(r=4, lora_alpha=8, target_modules="all-linear") if lora is None else lora
+    m.add_adapter("a", LoraConfig(lora_dropout=dropout, **cfg), seed=seed)
+    m.set_adapter("a")
+    return m
+
+
+def train_batch(seed=0, B=2, T=12, V=80):
+    """(ids, labels, mask) int32 [B, T]: random ids in [3, V), the first 3 labels -100, row 1 padded
+    on the left by 2."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, V, size=(B, T)).astype(np.int32)
+    labels = ids.copy()
+    labels[:, :3] = -100
+    mask = np.ones_like(ids)
+    mask[1, :2] = 0
+    return ids, labels, mask
+
+
+def loss_and_grads(m, batch=None):
+    """One forward_backward of adapter "a" over `batch` (default train_batch()) from zero gradients:
+    (loss, {name: gradient copy})."""
+    ids, labels, mask = train_batch() if batch is None else batch
+    m.zero_grad()
+    loss = m.forward_backward(ids, labels, mask)
+    return loss, {k: np.array(v) for k, v in m.get_adapter_gradients("a").items()}
