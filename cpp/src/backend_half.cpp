@@ -12,8 +12,7 @@
 namespace qlora {
 
 size_t Backend::half_chunk_scratch_bytes(int64_t N, int64_t K) {
-  const size_t rows = static_cast<size_t>(std::min<int64_t>(std::max<int64_t>(N, 1), kHalfChunk));
-  return rows * static_cast<size_t>(K) * sizeof(float) + rows * sizeof(int32_t);
+  return RowChunks::scratch_bytes(N, K, kHalfChunk);
 }
 
 namespace {
@@ -36,10 +35,7 @@ void Backend::half_gemm_nt_bf16(HalfType t, int64_t M, int64_t N, int64_t K, con
             "half_gemm_nt_bf16: need K >= 1, N >= 1, M >= 0, ldx >= K, ldy >= N");
   if (M == 0) return;
   HalfChunks c(*this, t, N, K);
-  for (int64_t n0 = 0; n0 < N; n0 += c.nc) {
-    const int64_t n = std::min(c.nc, N - n0);
-    gemm_nt_bf16(M, n, K, 1.0f, X, ldx, c.load(W, n0, n, K), K, 0.0f, Y + n0, ldy);
-  }
+  chunked_gemm_nt_bf16(c, M, N, K, X, ldx, W, Y, ldy);
 }
 
 void Backend::half_gemm_nn(HalfType t, int64_t M, int64_t N, int64_t K, float alpha, const float* dY, int64_t lddy,
@@ -48,13 +44,7 @@ void Backend::half_gemm_nn(HalfType t, int64_t M, int64_t N, int64_t K, float al
             "half_gemm_nn: need K >= 1, N >= 1, M >= 0, lddy >= N, lddx >= K");
   if (M == 0) return;
   HalfChunks c(*this, t, N, K);
-  for (int64_t n0 = 0; n0 < N; n0 += c.nc) {
-    const int64_t n = std::min(c.nc, N - n0);
-    const float* S = c.load(W, n0, n, K);
-    const float b = n0 == 0 ? beta : 1.0f;  // chunks after the first accumulate
-    if (bf16) gemm_nn_bf16(M, K, n, alpha, dY + n0, lddy, S, K, b, dX, lddx);
-    else gemm_nn(M, K, n, alpha, dY + n0, lddy, S, K, b, dX, lddx);
-  }
+  chunked_gemm_nn(c, M, N, K, alpha, dY, lddy, W, beta, dX, lddx, bf16);
 }
 
 }  // namespace qlora

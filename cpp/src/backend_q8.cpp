@@ -25,8 +25,7 @@ void Backend::copy(void* dst, const void* src, size_t bytes) {
 }
 
 size_t Backend::q8_0_gemm_nn_scratch_bytes(int64_t N, int64_t K) {
-  const size_t rows = static_cast<size_t>(std::min<int64_t>(std::max<int64_t>(N, 1), kQ8_0GemmNnChunk));
-  return rows * static_cast<size_t>(K) * sizeof(float) + rows * sizeof(int32_t);
+  return RowChunks::scratch_bytes(N, K, kQ8_0GemmNnChunk);
 }
 
 namespace {
@@ -47,10 +46,7 @@ void Backend::q8_0_gemm_nt_bf16(int64_t M, int64_t N, int64_t K, const float* X,
             "q8_0_gemm_nt_bf16: need K a multiple of 32, N >= 1, M >= 0, ldx >= K, ldy >= N");
   if (M == 0) return;
   Q8Chunks c(*this, N, K);
-  for (int64_t n0 = 0; n0 < N; n0 += c.nc) {
-    const int64_t n = std::min(c.nc, N - n0);
-    gemm_nt_bf16(M, n, K, 1.0f, X, ldx, c.load(W, n0, n, K), K, 0.0f, Y + n0, ldy);
-  }
+  chunked_gemm_nt_bf16(c, M, N, K, X, ldx, W, Y, ldy);
 }
 
 void Backend::q8_0_gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* dY, int64_t lddy, const void* W,
@@ -59,13 +55,7 @@ void Backend::q8_0_gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const f
             "q8_0_gemm_nn: need K a multiple of 32, N >= 1, M >= 0, lddy >= N, lddx >= K");
   if (M == 0) return;
   Q8Chunks c(*this, N, K);
-  for (int64_t n0 = 0; n0 < N; n0 += c.nc) {
-    const int64_t n = std::min(c.nc, N - n0);
-    const float* S = c.load(W, n0, n, K);
-    const float b = n0 == 0 ? beta : 1.0f;  // chunks after the first accumulate
-    if (bf16) gemm_nn_bf16(M, K, n, alpha, dY + n0, lddy, S, K, b, dX, lddx);
-    else gemm_nn(M, K, n, alpha, dY + n0, lddy, S, K, b, dX, lddx);
-  }
+  chunked_gemm_nn(c, M, N, K, alpha, dY, lddy, W, beta, dX, lddx, bf16);
 }
 
 }  // namespace qlora
