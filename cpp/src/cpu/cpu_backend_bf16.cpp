@@ -4,6 +4,7 @@
 
 #include "cpu/cpu_backend.hpp"
 #include "cpu/gemm_bf16.hpp"
+#include "cpu/gemm_bf16_skinny.hpp"
 #include "cpu/ops_backward.hpp"
 #include "cpu/ops_model.hpp"
 
@@ -21,6 +22,14 @@ namespace {
 double d(int64_t v) { return static_cast<double>(v); }
 double gemm_bytes(int64_t M, int64_t N, int64_t K) { return 2.0 * (d(M) * d(K) + d(N) * d(K)) + 4.0 * d(M) * d(N); }
 double nf4_bytes(int64_t M, const Nf4Ref& W) { return d(W.rows) * d(W.cols) / 2 + 4.0 * d(M) * (d(W.rows) + d(W.cols)); }
+// N <= 16 (LoRA's rank in training) on the AVX512-BF16 path: the 28x16 kernel
+// (cpu/gemm_bf16_skinny.hpp), same rounding; the scalar oracle, fp32 fallbacks and bad arguments
+// (the check in cpu::gemm_*_bf16 raises) as before.
+bool skinny(SimdLevel lv, SkinnyLayout l, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+            const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (N > kSkinnyMaxN || lv == SimdLevel::Scalar || !bf16_compute_available(lv)) return false;
+  return gemm_bf16_skinny(l, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
 }  // namespace
 
 bool CpuBackend::has_bf16_compute() const { return bf16_compute_available(level()); }
@@ -28,16 +37,19 @@ bool CpuBackend::has_bf16_compute() const { return bf16_compute_available(level(
 void CpuBackend::gemm_nt_bf16(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                               const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   QLORA_BF16_SCOPE(GemmOther, "gemm_nt_bf16", 2 * d(M) * d(N) * d(K), gemm_bytes(M, N, K), M, N, K);
+  if (skinny(level(), SkinnyLayout::NT, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)) return;
   cpu::gemm_nt_bf16(level(), M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 void CpuBackend::gemm_nn_bf16(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                               const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   QLORA_BF16_SCOPE(GemmOther, "gemm_nn_bf16", 2 * d(M) * d(N) * d(K), gemm_bytes(M, N, K), M, N, K);
+  if (skinny(level(), SkinnyLayout::NN, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)) return;
   cpu::gemm_nn_bf16(level(), M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 void CpuBackend::gemm_tn_bf16(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                               const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   QLORA_BF16_SCOPE(GemmOther, "gemm_tn_bf16", 2 * d(M) * d(N) * d(K), gemm_bytes(M, N, K), M, N, K);
+  if (skinny(level(), SkinnyLayout::TN, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)) return;
   cpu::gemm_tn_bf16(level(), M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 void CpuBackend::nf4_gemm_nt_bf16(int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W, float beta,

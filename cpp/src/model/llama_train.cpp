@@ -259,6 +259,7 @@ struct Pass {
   bool dropout;
   bool bf16;                // compute_dtype="bfloat16": base GEMMs, lm_head and attention in bf16 compute
   bool group;               // the LoRA of q/k/v and of gate/up through the grouped calls (lora_group)
+  bool lora_bf16 = bf16 && lora_bf16_enabled();  // the LoRA GEMMs in bf16 too (model/lora.hpp)
   float* t = nullptr;       // [M, r_max] LoRA scratch
   float* dt = nullptr;      // [M, r_max]
   float* xdrop = nullptr;   // [M, max(D, I, QD)] dropped-out LoRA input (dropout only)
@@ -271,12 +272,10 @@ struct Pass {
   void lin_fwd(int64_t l, int p, const float* x, int64_t ldx, float* y, int64_t ldy) {
     const Linear& lin = proj(w.layers[l], p);
     LoraModule* lo = lora(l, p);
-    if (lo && dropout) {
-      dropout_forward(be, key(l, p), ad->dropout, d.M, lin.in, x, ldx, xdrop);
-      lin.forward(be, d.M, x, ldx, y, ldy, lo, xdrop, lin.in, t, ad_scale, bf16);
-    } else {
-      lin.forward(be, d.M, x, ldx, y, ldy, lo, nullptr, 0, t, ad_scale, bf16);
-    }
+    if (lo && dropout) dropout_forward(be, key(l, p), ad->dropout, d.M, lin.in, x, ldx, xdrop);
+    lin.forward(be, d.M, x, ldx, y, ldy, nullptr, nullptr, 0, nullptr, 1.0f, bf16);  // base (+ bias)
+    if (lo && dropout) lora_forward(be, *lo, d.M, xdrop, lin.in, y, ldy, t, ad_scale, lora_bf16);
+    else if (lo) lora_forward(be, *lo, d.M, x, ldx, y, ldy, t, ad_scale, lora_bf16);
   }
 
   // dx[M, in] = beta * dx + d(lin(x))/dx applied to dy; accumulates the LoRA factor gradients.
@@ -288,10 +287,10 @@ struct Pass {
     if (!lo) return;
     if (dropout) {
       dropout_forward(be, key(l, p), ad->dropout, d.M, lin.in, x, ldx, xdrop);
-      lora_backward(be, *lo, d.M, xdrop, lin.in, dy, lddy, dtmp, lin.in, 0.0f, t, dt, ad_scale);
+      lora_backward(be, *lo, d.M, xdrop, lin.in, dy, lddy, dtmp, lin.in, 0.0f, t, dt, ad_scale, lora_bf16);
       dropout_backward_add(be, key(l, p), ad->dropout, d.M, lin.in, dtmp, dx, lddx);
     } else {
-      lora_backward(be, *lo, d.M, x, ldx, dy, lddy, dx, lddx, 1.0f, t, dt, ad_scale);
+      lora_backward(be, *lo, d.M, x, ldx, dy, lddy, dx, lddx, 1.0f, t, dt, ad_scale, lora_bf16);
     }
   }
 
@@ -326,7 +325,7 @@ struct Pass {
     float* gy[kMaxLoraGroup];
     int64_t gld[kMaxLoraGroup];
     for (int k = 0; k < ng; ++k) gy[k] = y[gi[k]], gld[k] = ldy[gi[k]];
-    lora_forward_group(be, ng, g, d.M, x, ldx, gy, gld, scratch, ad_scale);
+    lora_forward_group(be, ng, g, d.M, x, ldx, gy, gld, scratch, ad_scale, lora_bf16);
   }
 
   // dx = beta * dx + the input gradients of projections ps[0..n) sharing the input x for dy[i],
@@ -347,7 +346,7 @@ struct Pass {
     const float* gdy[kMaxLoraGroup];
     int64_t gld[kMaxLoraGroup];
     for (int k = 0; k < ng; ++k) gdy[k] = dy[gi[k]], gld[k] = lddy[gi[k]];
-    lora_backward_group(be, ng, g, d.M, x, ldx, gdy, gld, dx, lddx, 1.0f, t, dt, ad_scale);
+    lora_backward_group(be, ng, g, d.M, x, ldx, gdy, gld, dx, lddx, 1.0f, t, dt, ad_scale, lora_bf16);
   }
 
   float scale() const { return 1.0f / std::sqrt(static_cast<float>(d.hd)); }

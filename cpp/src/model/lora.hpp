@@ -103,18 +103,26 @@ void set_lora_factors(Backend& be, LoraModule& m, const float* A_host, const flo
 void ensure_lora_grads(Backend& be, LoraAdapter& a);
 void zero_lora_grads(Backend& be, LoraAdapter& a);
 
+// bf16 (the training pass under compute_dtype="bfloat16", when lora_bf16_enabled()): every LoRA GEMM
+// below (shrink, expand, dt, dA, dB, dx) is the backend's bf16-compute GEMM: both operands rounded
+// to bf16 (RNE), fp32 accumulation, as PEFT's LoRA matmuls under torch.autocast(bfloat16). A, B,
+// their gradients and outputs stay fp32. bf16 false: the fp32 GEMMs, bit-identical to before.
+// QLORA_LORA_BF16=0 turns it off (A/B runs; read per call).
+bool lora_bf16_enabled();
+
 // Forward of the LoRA branch: y[M, out] (row stride ldy) += scale * scaling * (x·Aᵀ)·Bᵀ, x[M, in]
 // (row stride ldx) being the (dropped-out) input; `scale` is the request's runtime adapter scale
 // (set_adapter_scale; 0: nothing is added, y is left bit-identical). t[M, r] is scratch (null:
 // allocated here).
 void lora_forward(Backend& be, const LoraModule& m, int64_t M, const float* x, int64_t ldx, float* y, int64_t ldy,
-                  float* t = nullptr, float scale = 1.0f);
+                  float* t = nullptr, float scale = 1.0f, bool bf16 = false);
 
 // Backward of the LoRA branch for dy[M, out] with s = scale * scaling: recomputes t = x·Aᵀ,
 // accumulates dB += s * dyᵀ·t and dA += dtᵀ·x with dt = s * dy·B, and writes
 // dx[M, in] = beta * dx + dt·A (dx may be null: no input gradient). t, dt: [M, r] scratch.
 void lora_backward(Backend& be, LoraModule& m, int64_t M, const float* x, int64_t ldx, const float* dy, int64_t lddy,
-                   float* dx, int64_t lddx, float beta, float* t, float* dt, float scale = 1.0f);
+                   float* dx, int64_t lddx, float beta, float* t, float* dt, float scale = 1.0f,
+                   bool bf16 = false);
 
 // Grouped LoRA of n modules m[0..n) (n <= kMaxLoraGroup) that share one input x[M, in]
 // (q/k/v, gate/up; dropout 0), the training pass's form of Unsloth's fused LoRA: the shrinks are
@@ -128,12 +136,12 @@ bool lora_group_adjacent(const LoraModule* const* m, int n, bool grads);
 int64_t lora_rank_sum(const LoraModule* const* m, int n);
 // y_i[M, out_i] (row stride ldy[i]) += scale * scaling_i * (x·A_iᵀ)·B_iᵀ; t[M, R] scratch.
 void lora_forward_group(Backend& be, int n, const LoraModule* const* m, int64_t M, const float* x, int64_t ldx,
-                        float* const* y, const int64_t* ldy, float* t, float scale = 1.0f);
+                        float* const* y, const int64_t* ldy, float* t, float scale = 1.0f, bool bf16 = false);
 // lora_backward of each module for dy_i (row stride lddy[i]), the input-gradient terms summed:
 // dx[M, in] = beta * dx + sum_i dt_i·A_i (one GEMM). t, dt: [M, R] scratch.
 void lora_backward_group(Backend& be, int n, LoraModule* const* m, int64_t M, const float* x, int64_t ldx,
                          const float* const* dy, const int64_t* lddy, float* dx, int64_t lddx, float beta, float* t,
-                         float* dt, float scale = 1.0f);
+                         float* dt, float scale = 1.0f, bool bf16 = false);
 
 // LoRA dropout (inverted, as torch.nn.Dropout): the keep mask of one (micro step, layer,
 // projection) is regenerated from a Philox stream keyed by them, so it is never stored. Element

@@ -1,0 +1,152 @@
+"""compute_dtype="bfloat16" in training: the LoRA matmuls (shrink x·Aᵀ, expand t·Bᵀ, dt = s dy·B,
+dB, dA, dx) take bf16-rounded operands (RNE) with fp32 accumulation, as PEFT's LoRA matmuls under
+torch.autocast(bfloat16); A, B, their gradients and the AdamW state stay float32. QLORA_LORA_BF16=0
+keeps those matmuls in fp32 (A/B runs). fp32 mode is untouched.
+
+The unit check of lora_forward / lora_backward (and the grouped calls) against a float64 reference
+that rounds the same operands to bf16 is cpp/tests/test_lora_bf16.cpp (ctest). Here: the
+few-column bf16 GEMM kernel (N <= 16: LoRA's rank) under the bf16 GEMM bound of test_bf16.py, and
+the training pass. u = 2^-8 per rounded operand."""
+import numpy as np
+import pytest
+
+import qlora_native
+from qlora_native import LoraConfig, ops
+
+from helpers_tiny import build_tiny
+from test_bf16 import check, strided
+
+U = 2.0 ** -8
+EPS32 = float(np.finfo(np.float32).eps)
+HAVE_BF16 = ops.bf16_compute_available("cpu")
+needs_bf16 = pytest.mark.skipif(not HAVE_BF16, reason="no AVX512-BF16 on this CPU (bf16 mode runs fp32)")
+SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, vocab_size=80)
+LAYERS = 2  # build_tiny's num_hidden_layers
+CFG = dict(r=4, lora_alpha=8, target_modules="all-linear", rank_pattern={"k_proj": 6, "gate_proj": 3})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny(str(tmp_path_factory.mktemp("tiny")), **SHAPE)
+
+
+# (M, N, K): N <= 16 takes the 28x16 kernel; one and several 28-row tiles with tails, odd K, K over
+# one 2048 block, and one N = 17 (the blocked kernel) beside it.
+SKINNY = [(1, 1, 1), (3, 7, 2), (28, 16, 64), (29, 16, 33), (57, 12, 301), (200, 16, 4100), (61, 17, 40)]
+
+
+@needs_bf16
+@pytest.mark.parametrize("layout", ["nt", "nn", "tn"])
+def test_skinny_gemm_bf16(rng, layout):
+    """The few-column kernel keeps the bf16 GEMM bound: vs float64 on the rounded operands only fp32
+    accumulation differs ((K + 4) eps32 |A|·|B|), vs the exact product plus 2u + u^2."""
+    fn = {"nt": ops.gemm_nt, "nn": ops.gemm_nn, "tn": ops.gemm_tn}[layout]
+    for M, N, K in SKINNY:
+        a = strided(rng, M, K) if layout != "tn" else strided(rng, K, M)
+        b = strided(rng, N, K) if layout == "nt" else strided(rng, K, N)
+        A = a if layout != "tn" else a.T
+        B = b.T if layout == "nt" else b
+        check(fn(a, b, backend="cpu:avx512", compute_dtype="bfloat16"), A, B, K)
+        c0 = strided(rng, M, N)
+        out = c0.copy()
+        fn(a, b, out, alpha=-0.75, beta=0.5, backend="cpu:avx512", compute_dtype="bfloat16")
+        check(out, A, B, K, -0.75, 0.5, c0)
+
+
+def _model(path, compute_dtype, dropout=0.0):
+    m = qlora_native.Model.from_pretrained(path, quantize="nf4", backend="cpu", tokenizer=None,
+                                           compute_dtype=compute_dtype)
+    m.add_adapter("a", LoraConfig(lora_dropout=dropout, **CFG), seed=3)
+    m.set_adapter("a")
+    rng = np.random.default_rng(7)  # nonzero B: every LoRA gradient term is live
+    sd = {k: (rng.standard_normal(v.shape) * 0.2).astype(np.float32) if "lora_B" in k else v
+          for k, v in m.get_adapter_state_dict("a").items()}
+    m.set_adapter_state_dict("a", sd)
+    return m
+
+
+def _pass(m, monkeypatch, lora_bf16, group=True, ckpt=True):
+    monkeypatch.setenv("QLORA_LORA_BF16", "1" if lora_bf16 else "0")
+    monkeypatch.setenv("QLORA_LORA_GROUP", "1" if group else "0")
+    m.gradient_checkpointing = ckpt
+    ids, labels, mask = _batch()
+    m.zero_grad()
+    loss = m.forward_backward(ids, labels, mask)
+    return loss, {k: np.array(v) for k, v in m.get_adapter_gradients("a").items()}
+
+
+def _batch(seed=0, B=2, T=12, V=80):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, V, size=(B, T)).astype(np.int32)
+    labels = ids.copy()
+    labels[:, :3] = -100
+    mask = np.ones_like(ids)
+    mask[1, :2] = 0  # row 1 padded on the left
+    return ids, labels, mask
+
+
+def global_rel(got, want):
+    num = sum(float(np.sum((got[k].astype(np.float64) - want[k]) ** 2)) for k in want)
+    return np.sqrt(num / sum(float(np.sum(want[k].astype(np.float64) ** 2)) for k in want))
+
+
+@needs_bf16
+def test_lora_matmuls_bf16_in_bf16_mode(tiny, monkeypatch):
+    """bf16 mode with the LoRA matmuls in bf16 (default) vs in fp32 (QLORA_LORA_BF16=0): they differ
+    (the switch and the bf16 path are live; on the old code both were fp32 and equal) by at most
+    the LoRA roundings: each LoRA GEMM chain rounds 4 operands (4u relative to its magnitudes); an
+    early layer's gradient passes through about 2 (L + 1) such chains forward and back, factor 2
+    for cancellation: 4u * 2 (L + 1) * 2 (measured 0.009; tol 0.19). The same bound holds vs fp32
+    mode on top of test_bf16.py's base-GEMM bound 2u * 2 (L + 1) * 2. Gradients stay float32,
+    checkpointing (the recompute) stays bit-identical, and the pass is deterministic."""
+    m = _model(tiny, "bfloat16")
+    l_on, g_on = _pass(m, monkeypatch, True)
+    l_off, g_off = _pass(m, monkeypatch, False)
+    tol = 4 * U * 2 * (LAYERS + 1) * 2
+    d = global_rel(g_on, g_off)
+    assert 100 * EPS32 < d < tol, d
+    assert abs(l_on - l_off) < 4 * U * abs(l_off)
+    assert all(v.dtype == np.float32 for v in g_on.values())
+    m32 = _model(tiny, "float32")
+    _, g32 = _pass(m32, monkeypatch, True)
+    assert global_rel(g_on, g32) < tol + 2 * U * 2 * (LAYERS + 1) * 2
+    _, g_nock = _pass(m, monkeypatch, True, ckpt=False)
+    assert all(np.array_equal(g_nock[k], g_on[k]) for k in g_on)
+    _, g_again = _pass(m, monkeypatch, True)
+    assert all(np.array_equal(g_again[k], g_on[k]) for k in g_on)
+
+
+@needs_bf16
+def test_grouped_equals_ungrouped_bf16(tiny, monkeypatch):
+    """The grouped LoRA calls (q/k/v, gate/up) in bf16 round the same operands as the per-module
+    calls; only fp32 sums are reordered: within test_lora_group.py's fp32 bound (64 eps32)."""
+    m = _model(tiny, "bfloat16")
+    l0, g0 = _pass(m, monkeypatch, True, group=False)
+    l1, g1 = _pass(m, monkeypatch, True, group=True)
+    assert abs(l1 - l0) <= 16 * EPS32 * abs(l0)
+    for k in g0:
+        assert float(np.abs(g1[k] - g0[k]).max()) <= 64 * EPS32 * float(np.abs(g0[k]).max()), k
+
+
+def test_fp32_mode_ignores_the_switch(tiny, monkeypatch):
+    """fp32 mode (the parity mode) runs the fp32 LoRA GEMMs whatever QLORA_LORA_BF16 says: bit for bit."""
+    m = _model(tiny, "float32")
+    l1, g1 = _pass(m, monkeypatch, True)
+    l0, g0 = _pass(m, monkeypatch, False)
+    assert l1 == l0 and all(np.array_equal(g0[k], g1[k]) for k in g0)
+
+
+@needs_bf16
+def test_dropout_masks_unchanged_lora_bf16(tiny, monkeypatch):
+    """With lora_dropout the LoRA branch reads the dropped-out input: the masks are the same
+    Philox streams whatever the LoRA GEMM dtype (same loss to the LoRA-rounding bound, gradients
+    within the bound above), and the LoRA GEMMs are bf16 there too."""
+    m = _model(tiny, "bfloat16", dropout=0.1)
+    m.train()
+    state = m._core.lora_dropout_state("a")
+    l_on, g_on = _pass(m, monkeypatch, True)
+    m._core.lora_set_dropout_state("a", *state)  # the same masks again
+    l_off, g_off = _pass(m, monkeypatch, False)
+    d = global_rel(g_on, g_off)
+    assert 100 * EPS32 < d < 4 * U * 2 * (LAYERS + 1) * 2, d
+    assert abs(l_on - l_off) < 4 * U * abs(l_off)
