@@ -11,6 +11,7 @@
 #include <new>
 
 #include "common/error.hpp"
+#include "cpu/cache_info.hpp"
 #include "cpu/gemm.hpp"
 #include "cpu/gemm_checks.hpp"
 #include "cpu/gemm_bf16_kernels.hpp"
@@ -148,6 +149,135 @@ void blocked(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C,
   });
 }
 
+// ------------------------------------------------------------------ shared-panel driver
+// blocked() above gives each task its own panels: with T tasks in a row of the grid every A panel
+// is packed T times, and every NF4 weight panel is decoded once per row split (2 threads on a
+// 1024 x 1536 x 576 NF4 GEMM: A packed 8 times). Here every operand element is rounded (NF4:
+// decoded) and packed once per call into panels all threads share, the threads packing together,
+// then the threads run only micro-kernels over the shared panels. Super-blocks bound the panel
+// memory (rows of A and columns of B per pass, from the L3 size); the rounding points and the
+// k-order of the sums are those of blocked() (same KC split), so results are bit-identical.
+// Bytes of A panels, and of B panels, per pass: a quarter of this core's L3 share within
+// [1, 8] MiB (8 MiB on Zen 4: one pass for every SmolLM2 training GEMM but the lm_head's, whose
+// 49152-row table goes in 14 column super-blocks). QLORA_BF16_SHARED_BYTES overrides it (tests
+// reach the super-block loops with small shapes).
+int64_t shared_budget_bytes() {
+  static const int64_t b = [] {
+    const CacheSizes& c = cache_sizes();
+    const int64_t l3 = c.l3 / (c.l3_sharing > 0 ? c.l3_sharing : 1);
+    return std::min<int64_t>(8 << 20, std::max<int64_t>(1 << 20, l3 / 4));
+  }();
+  if (const char* e = std::getenv("QLORA_BF16_SHARED_BYTES")) {
+    char* end = nullptr;
+    const long long v = std::strtoll(e, &end, 10);
+    if (end != e && *end == '\0' && v > 0) return v;
+  }
+  return b;
+}
+
+// QLORA_BF16_GEMM (read per call, cheap next to a GEMM): "tasks" = always blocked(), "shared" =
+// always shared(); unset = shared() from 4 MFLOP up (below that blocked() runs one task, and
+// shared() would wake the pool for each of its two phases). Both give the same bits.
+enum class Driver { Auto, Tasks, Shared };
+Driver driver_choice() {
+  const char* e = std::getenv("QLORA_BF16_GEMM");
+  if (!e || !*e) return Driver::Auto;
+  if (std::strcmp(e, "tasks") == 0) return Driver::Tasks;
+  if (std::strcmp(e, "shared") == 0) return Driver::Shared;
+  return Driver::Auto;
+}
+
+// The caller's (one pair for every instantiation; a pool thread calling from an outer
+// parallel_for runs the nested parallel_fors below serially, on its own buffers).
+thread_local Scratch t_sa, t_sb;
+
+template <class PackA, class PackB>
+void shared(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, int64_t ldc, const PackA& pack_a,
+            const PackB& pack_b) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) return scale_c(M, N, beta, C, ldc);
+  const int64_t kcb = blocking().kc;
+  const int64_t kc = std::min(round_up(K, 32), round_up(ceil_div(K, ceil_div(K, kcb)), 32));  // as blocked()
+  const int64_t kpmax = kc / 2;
+  const int64_t budget = shared_budget_bytes();
+  const int64_t mb_max = std::max<int64_t>(MR, budget / (4 * kpmax) / MR * MR);
+  const int64_t nb_max = std::max<int64_t>(NR, budget / (4 * kpmax) / NR * NR);
+  const int64_t mb = round_up(ceil_div(M, ceil_div(M, mb_max)), MR);  // balanced super-blocks
+  const int64_t nb = round_up(ceil_div(N, ceil_div(N, nb_max)), NR);
+  uint32_t* Ap = t_sa.get<uint32_t>(static_cast<size_t>(kpmax * mb));  // [mb / MR][kp][MR]
+  uint32_t* Bp = t_sb.get<uint32_t>(static_cast<size_t>(kpmax * nb));  // [nb / NR][kp][NR]
+  const int nth = num_threads();
+  const int64_t mc_target = blocking().mc;
+  constexpr int64_t kGroup = 4;  // tiles / panels per packing task
+  for (int64_t ms = 0; ms < M; ms += mb) {
+    const int64_t mcur = std::min(mb, M - ms), m_tiles = ceil_div(mcur, MR);
+    for (int64_t pc = 0; pc < K; pc += kc) {
+      const int64_t kcur = std::min(kc, K - pc), kp = ceil_div(kcur, 2);
+      const float beta_k = pc == 0 ? beta : 1.0f;
+      for (int64_t js = 0; js < N; js += nb) {
+        const int64_t ncur = std::min(nb, N - js), n_pan = ceil_div(ncur, NR);
+        const bool pack_a_now = js == 0;  // A [ms, pc] is packed once and serves every column super-block
+        const int64_t a_tasks = pack_a_now ? ceil_div(m_tiles, kGroup) : 0, b_tasks = ceil_div(n_pan, kGroup);
+        parallel_for(a_tasks + b_tasks, [&](int64_t t) {
+          if (t < a_tasks) {
+            for (int64_t i = t * kGroup; i < std::min(m_tiles, (t + 1) * kGroup); ++i)
+              pack_a(ms + i * MR, static_cast<int>(std::min<int64_t>(MR, mcur - i * MR)), pc, kcur, Ap + i * MR * kp);
+          } else {
+            t -= a_tasks;  // panels [p0, p1) in one call (pack_b may sweep their rows together)
+            const int64_t p0 = t * kGroup, p1 = std::min(n_pan, p0 + kGroup);
+            pack_b(js + p0 * NR, std::min(p1 * NR, ncur) - p0 * NR, pc, kcur, Bp + p0 * NR * kp);
+          }
+        });
+        // Tasks: row blocks of about MC rows (the A block stays in L2) x panel groups.
+        const int64_t n_rb = ceil_div(mcur, mc_target);
+        const int64_t rb = round_up(ceil_div(mcur, n_rb), MR);
+        const int64_t n_rb2 = ceil_div(mcur, rb);
+        const int64_t n_pg = nth <= 1 ? 1 : std::min(n_pan, std::max<int64_t>(1, ceil_div(4 * nth, n_rb2)));
+        const int64_t pg = ceil_div(n_pan, n_pg);
+        const int64_t n_pg2 = ceil_div(n_pan, pg);
+        parallel_for(n_rb2 * n_pg2, [&](int64_t t) {
+          const int64_t r0 = (t / n_pg2) * rb, r1 = std::min(mcur, r0 + rb);
+          const int64_t p0 = (t % n_pg2) * pg, p1 = std::min(n_pan, p0 + pg);
+          for (int64_t p = p0; p < p1; ++p) {
+            const uint32_t* bp = Bp + p * NR * kp;
+            const int nr = static_cast<int>(std::min<int64_t>(NR, ncur - p * NR));
+            float* c = C + (ms + r0) * ldc + js + p * NR;
+            for (int64_t ir = r0; ir < r1; ir += MR)
+              bf16_k::ukernel_avx512bf16(kp, Ap + ir * kp, bp, c + (ir - r0) * ldc, ldc, alpha, beta_k,
+                                         static_cast<int>(std::min<int64_t>(MR, r1 - ir)), nr);
+          }
+        });
+      }
+    }
+  }
+}
+
+template <class PackA, class PackB>
+void drive(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, int64_t ldc, const PackA& pack_a,
+           const PackB& pack_b, double b_cost = 1.0) {
+  const Driver d = driver_choice();
+  if (d == Driver::Shared || (d == Driver::Auto && 2.0 * M * N * K >= 4e6))
+    return shared(M, N, K, alpha, beta, C, ldc, pack_a, pack_b);
+  blocked(M, N, K, alpha, beta, C, ldc, pack_a, pack_b, b_cost);
+}
+
+// pack_b of the drivers: (j0, n, p0, kc, Bp) packs ceil(n / NR) panels, panel q at Bp + q * NR * kp.
+// per_panel adapts a one-panel packer (n <= NR).
+template <class F>
+auto per_panel(F f) {
+  return [f](int64_t j0, int64_t n, int64_t p0, int64_t kc, uint32_t* Bp) {
+    const int64_t kp = ceil_div(kc, 2);
+    for (int64_t q = 0; q * NR < n; ++q)
+      f(j0 + q * NR, static_cast<int>(std::min<int64_t>(NR, n - q * NR)), p0, kc, Bp + q * NR * kp);
+  };
+}
+
+// QLORA_BF16_PACK=direct: the B packers read their source as before (A/B measurements; same bits).
+bool stream_b() {
+  const char* e = std::getenv("QLORA_BF16_PACK");
+  return !(e && std::strcmp(e, "direct") == 0);
+}
+
 enum class Mode { Oracle, Bf16, F32 };
 Mode mode(SimdLevel level) {
   if (level == SimdLevel::Scalar) return Mode::Oracle;
@@ -163,6 +293,16 @@ constexpr double kNf4BCost = 3.0;
 auto pack_a_rows(const float* A, int64_t lda) {
   return [=](int64_t i0, int mr, int64_t p0, int64_t kc, uint32_t* Ap) {
     bf16_k::pack_rows_avx512bf16(A + i0 * lda + p0, lda, mr, kc, MR, Ap);
+  };
+}
+// B [K, N] row-major (nn / tn): all panels of a call in one sweep over each row pair.
+auto pack_b_cols(const float* B, int64_t ldb) {
+  return [=](int64_t j0, int64_t n, int64_t p0, int64_t kc, uint32_t* Bp) {
+    if (stream_b()) return bf16_k::pack_cols_panels_avx512bf16(B + p0 * ldb + j0, ldb, n, kc, Bp);
+    const int64_t kp = ceil_div(kc, 2);
+    for (int64_t q = 0; q * NR < n; ++q)
+      bf16_k::pack_cols_avx512bf16(B + p0 * ldb + j0 + q * NR, ldb, static_cast<int>(std::min<int64_t>(NR, n - q * NR)),
+                                   kc, NR, Bp + q * NR * kp);
   };
 }
 #endif
@@ -207,10 +347,15 @@ void gemm_nt_bf16(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha,
       return;
     case Mode::Bf16:
 #ifdef QLORA_X86
-      blocked(M, N, K, alpha, beta, C, ldc, pack_a_rows(A, lda),
-              [&](int64_t j0, int nr, int64_t p0, int64_t kc, uint32_t* Bp) {
-                bf16_k::pack_rows_avx512bf16(B + j0 * ldb + p0, ldb, nr, kc, NR, Bp);
-              });
+      drive(M, N, K, alpha, beta, C, ldc, pack_a_rows(A, lda),
+              per_panel([&](int64_t j0, int nr, int64_t p0, int64_t kc, uint32_t* Bp) {
+                if (!stream_b()) return bf16_k::pack_rows_avx512bf16(B + j0 * ldb + p0, ldb, nr, kc, NR, Bp);
+                // Stream the nr row runs one at a time (a transposing read of 32 rows at once defeats
+                // the hardware prefetcher when B comes from DRAM, as the lm_head table does), then pack.
+                float* tmp = t_tmp.get<float>(static_cast<size_t>(NR * kc));
+                for (int r = 0; r < nr; ++r) std::memcpy(tmp + r * kc, B + (j0 + r) * ldb + p0, sizeof(float) * kc);
+                bf16_k::pack_rows_avx512bf16(tmp, kc, nr, kc, NR, Bp);
+              }));
 #endif
       return;
   }
@@ -231,10 +376,7 @@ void gemm_nn_bf16(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha,
       return;
     case Mode::Bf16:
 #ifdef QLORA_X86
-      blocked(M, N, K, alpha, beta, C, ldc, pack_a_rows(A, lda),
-              [&](int64_t j0, int nr, int64_t p0, int64_t kc, uint32_t* Bp) {
-                bf16_k::pack_cols_avx512bf16(B + p0 * ldb + j0, ldb, nr, kc, NR, Bp);
-              });
+      drive(M, N, K, alpha, beta, C, ldc, pack_a_rows(A, lda), pack_b_cols(B, ldb));
 #endif
       return;
   }
@@ -255,14 +397,12 @@ void gemm_tn_bf16(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha,
       return;
     case Mode::Bf16:
 #ifdef QLORA_X86
-      blocked(
+      drive(
           M, N, K, alpha, beta, C, ldc,
           [&](int64_t i0, int mr, int64_t p0, int64_t kc, uint32_t* Ap) {
             bf16_k::pack_cols_avx512bf16(A + p0 * lda + i0, lda, mr, kc, MR, Ap);
           },
-          [&](int64_t j0, int nr, int64_t p0, int64_t kc, uint32_t* Bp) {
-            bf16_k::pack_cols_avx512bf16(B + p0 * ldb + j0, ldb, nr, kc, NR, Bp);
-          });
+          pack_b_cols(B, ldb));
 #endif
       return;
   }
@@ -285,8 +425,8 @@ void nf4_gemm_nt_bf16(SimdLevel level, int64_t M, float alpha, const float* X, i
       return;
     case Mode::Bf16:
 #ifdef QLORA_X86
-      blocked(M, N, K, alpha, beta, Y, ldy, pack_a_rows(X, ldx),
-              [&](int64_t j0, int nr, int64_t p0, int64_t kc, uint32_t* Bp) {
+      drive(M, N, K, alpha, beta, Y, ldy, pack_a_rows(X, ldx),
+              per_panel([&](int64_t j0, int nr, int64_t p0, int64_t kc, uint32_t* Bp) {
                 // Decode nr weight rows [j0, j0+nr) x columns [p0, p0+kc) to fp32 tmp [nr, kc], then round + pack.
                 float* tmp = t_tmp.get<float>(static_cast<size_t>(NR * kc));
                 RunScales sc;
@@ -295,7 +435,7 @@ void nf4_gemm_nt_bf16(SimdLevel level, int64_t M, float alpha, const float* X, i
                   gemm_k::nf4_decode_avx512(W.packed, f0, kc, sc.fill(W, f0, kc, s), s, kNf4Codes, tmp + rr * kc);
                 }
                 bf16_k::pack_rows_avx512bf16(tmp, kc, nr, kc, NR, Bp);
-              },
+              }),
               kNf4BCost);
 #endif
       return;
@@ -319,8 +459,8 @@ void nf4_gemm_nn_bf16(SimdLevel level, int64_t M, float alpha, const float* dY, 
       return;
     case Mode::Bf16:
 #ifdef QLORA_X86
-      blocked(M, N, K, alpha, beta, dX, lddx, pack_a_rows(dY, lddy),
-              [&](int64_t j0, int nr, int64_t p0, int64_t kc, uint32_t* Bp) {
+      drive(M, N, K, alpha, beta, dX, lddx, pack_a_rows(dY, lddy),
+              per_panel([&](int64_t j0, int nr, int64_t p0, int64_t kc, uint32_t* Bp) {
                 // Rows p0..p0+kc of W, columns [j0, j0+nr): fp32 tmp [kc, NR], then round + interleave pairs.
                 float* tmp = t_tmp.get<float>(static_cast<size_t>(NR * kc));
                 RunScales sc;
@@ -329,7 +469,7 @@ void nf4_gemm_nn_bf16(SimdLevel level, int64_t M, float alpha, const float* dY, 
                   gemm_k::nf4_decode_avx512(W.packed, f0, nr, sc.fill(W, f0, nr, s), s, kNf4Codes, tmp + k * NR);
                 }
                 bf16_k::pack_cols_avx512bf16(tmp, NR, nr, kc, NR, Bp);
-              },
+              }),
               kNf4BCost);
 #endif
       return;
