@@ -251,15 +251,23 @@ void scores(const GemmPanels& gp, int64_t mq, int64_t nk, int64_t t0, int64_t hd
 }
 
 // O[mq, hd] = P[mq, nk]·V over the keys each tile sees, depth blocked as gemm_nn(mq, hd, nk)
-// (Vp: pack_cols of V for T keys). Ap: MR * gemm_depth_block(nk) floats of scratch.
+// (Vp: pack_cols of V for T keys). Ap: MR * gemm_depth_block(nk) floats of scratch; dfn: direct_fn
+// (P read in place) or null.
 void p_times_v(SimdLevel level, const GemmPanels& gp, int64_t mq, int64_t nk, int64_t t0, int64_t hd, int64_t T,
-               const float* P, int64_t ld, const float* Vp, float* O, int64_t ldo, float* Ap) {
+               const float* P, int64_t ld, const float* Vp, float* O, int64_t ldo, float* Ap,
+               gemm_k::UkernelDirectFn dfn = nullptr) {
   const int64_t kc = gemm_depth_block(level, nk);
   for (int64_t ir = 0; ir < mq; ir += gp.mr) {
     const int mr = static_cast<int>(std::min<int64_t>(gp.mr, mq - ir));
     const int64_t n = keys_seen(t0, ir, mr, nk);
     for (int64_t pc = 0; pc < n; pc += kc) {
       const int64_t kcur = std::min(kc, n - pc);
+      if (dfn) {
+        for (int64_t c = 0; c < hd; c += gp.nr)
+          dfn(kcur, P + ir * ld + pc, ld, 1, Vp + (c / gp.nr) * gp.nr * T + pc * gp.nr, O + ir * ldo + c, ldo, 1.0f,
+              pc == 0 ? 0.0f : 1.0f, mr, static_cast<int>(std::min<int64_t>(gp.nr, hd - c)));
+        continue;
+      }
       gp.pack_a_rows(P + ir * ld + pc, ld, mr, kcur, Ap);
       for (int64_t c = 0; c < hd; c += gp.nr)
         gp.ukernel(kcur, Ap, Vp + (c / gp.nr) * gp.nr * T + pc * gp.nr, O + ir * ldo + c, ldo, 1.0f,
@@ -458,7 +466,7 @@ void attention_train(SimdLevel level, int64_t B, int64_t T, int64_t Hq, int64_t 
         float* ap = Ap.get(static_cast<size_t>(gp->mr * std::max(hd, gemm_depth_block(level, nk))));
         fp::scores(*gp, mq, nk, t0, hd, Q, ldq, Kp, scale, S.data(), nk, ap, fp::direct_fn(level));
         softmax_rows(kr, S.data(), nk, mq, t0, km, all_nonzero(km, nk), lse + (b * Hq + h) * T);
-        fp::p_times_v(level, *gp, mq, nk, t0, hd, T, S.data(), nk, Kp + k_sz, O, ldo, ap);
+        fp::p_times_v(level, *gp, mq, nk, t0, hd, T, S.data(), nk, Kp + k_sz, O, ldo, ap, fp::direct_fn(level));
         continue;
       }
       gemm_nt(level, mq, nk, hd, scale, Q, ldq, k + b * T * ldk + kh * hd, ldk, 0.0f, S.data(),
@@ -710,7 +718,7 @@ void attention_train_backward(SimdLevel level, int64_t B, int64_t T, int64_t Hq,
               fp::scores(*gp, mq, nk, t0, hd, dOr, lddo, Vr, 1.0f, dP.data(), nk, Ap, dfn);
               dscores_causal(P.data(), dP.data(), nk, mq, nk, t0, delta.data() + (b * Hq + h) * T + t0, scale);
               fp::p_times_v(level, *gp, mq, nk, t0, hd, T, dP.data(), nk, Kc, dq + (b * T + t0) * lddq + h * hd,
-                            lddq, Ap);
+                            lddq, Ap, dfn);
             } else {
               gemm_nt(level, mq, nk, hd, scale, Qr, ldq, Kb, ldk, 0.0f, P.data(), nk);  // scores in fp32
               probs_from_lse(kr, P.data(), nk, mq, nk, t0, 0, km, km_all, lse + (b * Hq + h) * T);
