@@ -49,4 +49,7 @@ def load_lib(path=None):
     lib.qlora_model_load.restype = ctypes.c_void_p
     lib.qlora_model_load.argtypes = [ctypes.c_char_p, ctypes.POINTER(ModelParams)]
     lib.qlora_model_free.argtypes = [ctypes.c_void_p]
+    lib.qlora_model_set_adapter_dtype.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.qlora_model_adapter_dtype.restype = ctypes.c_char_p
+    lib.qlora_model_adapter_dtype.argtypes = [ctypes.c_void_p]
     return lib

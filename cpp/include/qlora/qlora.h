@@ -104,6 +104,23 @@ QLORA_API int32_t qlora_model_bos_token(const qlora_model* model);    /* -1: non
  * cap is 0) and returns how many there are. */
 QLORA_API int32_t qlora_model_eos_tokens(const qlora_model* model, int32_t* ids, int32_t cap);
 
+/* The dtype LoRA factors are read in by inference calls (qlora_generate, qlora_model_forward and
+ * every context's calls; training never), as Python's Model.adapter_dtype:
+ *   "auto" (default): bf16 copies when the call computes in bf16, else the fp32 factors (the fp32
+ *                     parity mode, unchanged bit for bit);
+ *   "float32":        always the fp32 factors;
+ *   "bfloat16":       bf16 inference copies (x, A, t and B rounded to bf16, fp32 accumulation) under
+ *                     either compute dtype: about half the adapter bytes per decode step.
+ * The fp32 factors stay the masters (training, saving and merging use them); a copy is made per
+ * adapter when first needed and held beside them (half the fp32 bytes). bf16 copies are used only
+ * where the backend has bf16 LoRA kernels (CPU: AVX-512 with AVX512-BF16); elsewhere "bfloat16"
+ * runs the fp32 factors. A call already running keeps the dtype it started with. Returns QLORA_OK,
+ * or QLORA_ERR_INVALID_ARGUMENT (NULL model, or a dtype other than the three names, which are
+ * case-sensitive; the setting is then unchanged). */
+QLORA_API int qlora_model_set_adapter_dtype(qlora_model* model, const char* dtype);
+/* The current setting ("auto", "float32" or "bfloat16"; static strings), NULL when model is NULL. */
+QLORA_API const char* qlora_model_adapter_dtype(const qlora_model* model);
+
 /* Logits of every position of one sequence: ids[n_tokens] -> logits_out[n_tokens * n_vocab]
  * (caller-allocated, row t = logits after ids[0..t]). Independent of any generation. */
 QLORA_API int qlora_model_forward(qlora_model* model, const int32_t* ids, int64_t n_tokens, float* logits_out);

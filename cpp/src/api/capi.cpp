@@ -173,6 +173,33 @@ QLORA_API int32_t qlora_model_eos_tokens(const qlora_model* m, int32_t* ids, int
   return static_cast<int32_t>(e.size());
 }
 
+QLORA_API int qlora_model_set_adapter_dtype(qlora_model* model, const char* dtype) {
+  return guard([&] {
+    using D = qlora::model::LlamaModel::AdapterDtype;
+    check_arg(model != nullptr, "qlora_model_set_adapter_dtype: model is NULL");
+    check_arg(dtype != nullptr, "qlora_model_set_adapter_dtype: dtype is NULL (use \"auto\", \"float32\" or \"bfloat16\")");
+    const std::string v(dtype);
+    D d;
+    if (v == "auto") d = D::Auto;
+    else if (v == "float32") d = D::F32;
+    else if (v == "bfloat16") d = D::BF16;
+    else
+      throw qlora::ValueError("qlora_model_set_adapter_dtype: dtype must be \"auto\", \"float32\" or \"bfloat16\", got \"" +
+                              v.substr(0, 64) + "\"");
+    model->m->set_adapter_dtype(d);  // atomic; a running call keeps the dtype it started with
+    return QLORA_OK;
+  });
+}
+
+QLORA_API const char* qlora_model_adapter_dtype(const qlora_model* model) {
+  if (!model) return nullptr;
+  switch (model->m->adapter_dtype()) {
+    case qlora::model::LlamaModel::AdapterDtype::F32: return "float32";
+    case qlora::model::LlamaModel::AdapterDtype::BF16: return "bfloat16";
+    default: return "auto";
+  }
+}
+
 QLORA_API int qlora_model_forward(qlora_model* model, const int32_t* ids, int64_t n_tokens, float* logits_out) {
   return guard([&] {
     check_arg(model != nullptr, "qlora_model_forward: model is NULL");

@@ -111,7 +111,8 @@ void CpuBackend::nf4_gemm_nt_many_lora(int64_t M, const float* X, int64_t ldx, i
                                        float* const* Y, const int64_t* ldy, const LoraProblem* lora, float* t) {
   // Decode shapes: the LoRA terms as tasks of the NF4 GEMV's job (one wake-up and join for both).
   bool fits = n >= 1 && M >= 1 && M <= cpu::kNf4GemvMaxM;
-  for (int64_t i = 0; fits && i < n; ++i) fits = W[i]->cols == W[0]->cols && lora[i].x == X && lora[i].y == Y[i];
+  for (int64_t i = 0; fits && i < n; ++i)
+    fits = W[i]->cols == W[0]->cols && lora[i].x == X && lora[i].y == Y[i] && lora[i].out == W[i]->rows;
   cpu::SgmvFused plan;
   if (!fits || !plan.prepare(level(), n, lora)) return Backend::nf4_gemm_nt_many_lora(M, X, ldx, n, W, Y, ldy, lora, t);
   double fl = 0, by = 0;
@@ -130,6 +131,16 @@ void CpuBackend::nf4_gemm_nt_many_lora(int64_t M, const float* X, int64_t ldx, i
   tail.post = [](const void* c, int64_t w, int64_t r0, int64_t r1) {
     static_cast<const cpu::SgmvFused*>(c)->expand(w, r0, r1);
   };
+  if (plan.after_form()) {  // cpu/lora_sgmv.hpp: factors prefetched during the GEMV, LoRA tasks after it
+    tail.post = [](const void* c, int64_t w, int64_t r0, int64_t r1) {
+      static_cast<const cpu::SgmvFused*>(c)->gemv_done(w, r1 - r0);
+    };
+    tail.n_after = plan.after_tasks();
+    tail.after = [](const void* c, int64_t i) { static_cast<const cpu::SgmvFused*>(c)->after(i); };
+    tail.prefetch = [](const void* c, double f0, double f1, const char** lo, const char** hi, int max) {
+      return static_cast<const cpu::SgmvFused*>(c)->prefetch(f0, f1, lo, hi, max);
+    };
+  }
   tail.ctx = &plan;
   cpu::nf4_gemv_nt_many_tail(level(), M, X, ldx, n, W, Y, ldy, tail);
 }

@@ -64,6 +64,10 @@ struct Task {
   int kind;
   int64_t seg, prob, a, b, m0 = 0, m1 = 0;
 };
+struct PfRange {  // factor bytes [off, off + bytes) of the job's prefetch stream at p
+  const char* p;
+  int64_t off, bytes;
+};
 
 }  // namespace
 
@@ -75,7 +79,11 @@ struct SgmvBuffers {
   std::vector<int64_t> prob_of_seg, pending;
   std::vector<Task> tasks;
   std::unique_ptr<std::atomic<int64_t>[]> left;  // shrink tasks not finished, per problem
+  std::unique_ptr<std::atomic<int64_t>[]> gemv_left;  // after form: base rows not computed, per problem
   size_t n_left = 0;
+  std::vector<PfRange> pf;  // after form: the factors, in the order the shrinks and expands read them
+  int64_t pf_bytes = 0;
+  bool after = false;
   Kernels kn{};
 };
 
@@ -95,6 +103,11 @@ bool fused_enabled() {
 // QLORA_SGMV_FUSE=0 keeps the LoRA terms out of the base projections' jobs (A/B benchmarks).
 bool host_fused_enabled() {
   static const bool on = fused_enabled() && !env_off("QLORA_SGMV_FUSE");
+  return on;
+}
+// QLORA_SGMV_AFTER=0: the fused job's earlier form (shrinks first, no prefetch; A/B benchmarks).
+bool after_enabled() {
+  static const bool on = !env_off("QLORA_SGMV_AFTER");
   return on;
 }
 
@@ -230,6 +243,7 @@ void plan_shrinks(SgmvBuffers& jb, int64_t np, double target) {
   }
   if (jb.n_left < static_cast<size_t>(np)) {
     jb.left.reset(new std::atomic<int64_t>[static_cast<size_t>(np)]);
+    jb.gemv_left.reset(new std::atomic<int64_t>[static_cast<size_t>(np)]);
     jb.n_left = static_cast<size_t>(np);
   }
   for (int64_t i = 0; i < np; ++i) jb.left[i].store(jb.pending[static_cast<size_t>(i)], std::memory_order_relaxed);
@@ -240,7 +254,7 @@ void run_shrink(const SgmvBuffers& jb, const Task& tk) {
   const Backend::LoraSegment& g = *s.s;
   if (s.b16) {
 #if defined(QLORA_X86)
-    if (tk.a == 0 && tk.m0 == 0) {  // once per segment: B into L2 while the shrink runs (the expand reads it next)
+    if (!jb.after && tk.a == 0 && tk.m0 == 0) {  // once per segment: B into L2 while the shrink runs (the expand reads it next)
       const char* b = static_cast<const char*>(g.AB16) + 4 * sgmv_bf16::a_words(g.r, s.p->in);
       const int64_t bytes = 4 * sgmv_bf16::blocks(s.p->out) * sgmv_bf16::pairs(g.r) * 16;
       for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(b + o, _MM_HINT_T1);
@@ -262,7 +276,9 @@ void run_shrink(const SgmvBuffers& jb, const Task& tk) {
 // the ones still running on other threads (spin briefly, then yield the core), then adds the
 // expand of columns [n0, n1) of every segment of the problem.
 void run_expand(const SgmvBuffers& jb, const Backend::LoraProblem* p, int64_t prob, int64_t n0, int64_t n1) {
-  for (int spins = 0; jb.left[prob].load(std::memory_order_acquire) != 0; ++spins) {
+  for (int spins = 0; jb.left[prob].load(std::memory_order_acquire) != 0 ||
+                      (jb.after && jb.gemv_left[prob].load(std::memory_order_acquire) != 0);
+       ++spins) {
     if (spins < 4000) QLORA_SGMV_PAUSE();
     else std::this_thread::yield();
   }
@@ -293,7 +309,70 @@ bool SgmvFused::prepare(SimdLevel level, int64_t np, const Backend::LoraProblem*
   plan_shrinks(jb, np, 512 << 10);
   jb_ = &jb, p_ = P, np_ = np;
   n_shrink_ = static_cast<int64_t>(jb.tasks.size());
+  after_ = jb.after = level == SimdLevel::AVX512 && after_enabled();  // the AVX-512 GEMV prefetches
+  if (!after_) return true;
+  // After form: expand tasks (whole problems on one thread; else about two column ranges per
+  // thread, whole 16-column blocks), and the prefetch stream: each segment's factors in the order
+  // the tasks read them (bf16 copy: A then B, contiguous).
+  const int nth = num_threads();
+  for (int64_t i = 0; i < np; ++i) {
+    jb.gemv_left[i].store(P[i].out, std::memory_order_relaxed);
+    if (!jb.pending[static_cast<size_t>(i)]) continue;
+    const int64_t out = P[i].out;
+    const int64_t pieces = nth <= 1 ? 1 : std::max<int64_t>(1, std::min<int64_t>(2 * nth, out / 64));
+    const int64_t cols = ((out + pieces - 1) / pieces + 15) / 16 * 16;
+    for (int64_t n = 0; n < out; n += cols) jb.tasks.push_back({1, -1, i, n, std::min(out, n + cols)});
+  }
+  jb.pf.clear();
+  jb.pf_bytes = 0;
+  auto add = [&](const void* p, int64_t bytes) {
+    jb.pf.push_back({static_cast<const char*>(p), jb.pf_bytes, bytes});
+    jb.pf_bytes += bytes;
+  };
+  for (const Seg& sg : jb.segs) {
+    const Backend::LoraSegment& g = *sg.s;
+    if (sg.b16) {
+      add(g.AB16, static_cast<int64_t>(lora_bf16_bytes(g.r, sg.p->in, sg.p->out)));
+    } else {
+      add(g.A, 4 * g.r * sg.p->in);
+      add(g.B, 4 * g.r * sg.p->out);
+    }
+  }
   return true;
+}
+
+int64_t SgmvFused::after_tasks() const { return after_ ? static_cast<int64_t>(jb_->tasks.size()) : 0; }
+
+void SgmvFused::after(int64_t i) const {
+  const Task& tk = jb_->tasks[static_cast<size_t>(i)];
+  if (tk.kind == 0) run_shrink(*jb_, tk);
+  else run_expand(*jb_, &p_[tk.prob], tk.prob, tk.a, tk.b);
+}
+
+void SgmvFused::gemv_done(int64_t prob, int64_t rows) const {
+  if (after_) jb_->gemv_left[prob].fetch_sub(rows, std::memory_order_release);
+}
+
+// Bytes [S f0', S f1') of the factor stream (S its size), f' = (f - kStart) / (1 - kStart) clamped
+// to [0, 1]: the last 3/4 of the GEMV's rows carry the stream, so that what comes in early is not
+// pushed out of L2 by the weights streamed after it (1 MiB L2; a gate/up GEMV streams ~0.9 MB).
+int SgmvFused::prefetch(double f0, double f1, const char** lo, const char** hi, int max) const {
+  constexpr double kStart = 0.25;
+  const SgmvBuffers& jb = *jb_;
+  auto map = [&](double f) {
+    const double g = (f - kStart) / (1.0 - kStart);
+    return static_cast<int64_t>((g < 0 ? 0 : g > 1 ? 1 : g) * static_cast<double>(jb.pf_bytes));
+  };
+  const int64_t b0 = map(f0), b1 = f1 >= 1.0 ? jb.pf_bytes : map(f1);
+  int n = 0;
+  for (const PfRange& r : jb.pf) {
+    const int64_t a = std::max(b0, r.off), b = std::min(b1, r.off + r.bytes);
+    if (a >= b) continue;
+    if (n == max) break;  // more pieces than room (many segments): the rest is not prefetched
+    lo[n] = r.p + (a - r.off), hi[n] = r.p + (b - r.off);
+    ++n;
+  }
+  return n;
 }
 
 void SgmvFused::shrink(int64_t i) const { run_shrink(*jb_, jb_->tasks[static_cast<size_t>(i)]); }

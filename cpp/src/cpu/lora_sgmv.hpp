@@ -46,27 +46,44 @@ void lora_segments_scalar(int64_t np, const Backend::LoraProblem* p, float* t);
 void lora_segments_many(SimdLevel level, int64_t np, const Backend::LoraProblem* p, float* t);
 
 // The LoRA terms of a call as tasks of ANOTHER thread-pool job (the NF4 GEMV's of the same
-// projections: one wake-up and join per projection group instead of two). prepare() plans the
-// shrinks; the host job runs shrink(i) for i < shrink_tasks() as its first tasks (claimed before
-// any other), and expand(prob, n0, n1) once output columns [n0, n1) of problem prob hold their
-// base result: it waits for the problem's shrinks, then adds every segment's term to those
-// columns. Each output is computed exactly as lora_segments_many computes it (same kernels, same
-// order), so fused and unfused results are bit-identical. One plan per thread at a time (it uses
-// the calling thread's buffers); the plan must outlive the host job.
+// projections: one wake-up and join per projection group instead of two). Each output is computed
+// exactly as lora_segments_many computes it (same kernels, same order), so fused and unfused
+// results are bit-identical. One plan per thread at a time (it uses the calling thread's buffers);
+// the plan must outlive the host job. Two forms:
+// - after (the default at the AVX512 level): the host job's GEMV tasks prefetch the factors (A and
+//   B, bf16 copies or fp32) into the running core's L2 as they go (prefetch(): their share of the
+//   bytes), while the GEMV, bound by decoding, leaves memory idle; each GEMV task ends with gemv_done(prob, rows); then the job
+//   runs after(i) for i < after_tasks() as its last tasks: the shrinks, then the expands (each a
+//   range of output columns of a problem: it waits until the problem's GEMV rows and shrinks are
+//   done, then adds every segment's term). From memory the factors had streamed at latency-bound
+//   rates (5-6 GB/s on one Zen 4 core), which cost more than the FMAs.
+// - first (other levels, or QLORA_SGMV_AFTER=0 for A/B runs): shrink(i) for i < shrink_tasks()
+//   as the host job's first tasks, and expand(prob, n0, n1) after the GEMV task that computed
+//   columns [n0, n1) of problem prob (waits for the problem's shrinks).
 struct SgmvBuffers;
 class SgmvFused {
  public:
   // False (nothing planned) when the fused form does not apply: level Scalar, QLORA_SGMV=0 or
   // QLORA_SGMV_FUSE=0, or a segment of more than kSgmvMaxRows rows.
   bool prepare(SimdLevel level, int64_t np, const Backend::LoraProblem* p);
-  int64_t shrink_tasks() const { return n_shrink_; }
+  bool after_form() const { return after_; }
+  // first form
+  int64_t shrink_tasks() const { return after_ ? 0 : n_shrink_; }
   void shrink(int64_t i) const;
   void expand(int64_t prob, int64_t n0, int64_t n1) const;
+  // after form
+  int64_t after_tasks() const;
+  void after(int64_t i) const;
+  void gemv_done(int64_t prob, int64_t rows) const;
+  // The factor bytes (at most max ranges; returns how many) that go with the fraction [f0, f1) of
+  // the host GEMV's rows (GemvTail::prefetch).
+  int prefetch(double f0, double f1, const char** lo, const char** hi, int max) const;
 
  private:
   const Backend::LoraProblem* p_ = nullptr;
   SgmvBuffers* jb_ = nullptr;
   int64_t np_ = 0, n_shrink_ = 0;
+  bool after_ = false;
 };
 
 }  // namespace qlora::cpu

@@ -96,17 +96,15 @@ void expand_tile(int64_t b, int64_t n0, int64_t n1, int64_t kp, const uint32_t* 
   }
 }
 
+// Rows [0, R) x column blocks [b, b + nb) (nb <= 4) of the expand.
 template <int R>
-void expand_rows(int64_t n0, int64_t n1, int64_t kp, const uint32_t* tp, int64_t ldtp, const uint32_t* Bp, float alpha,
-                 float* y, int64_t ldy) {
-  const int64_t b1 = (n1 + 15) / 16;
-  for (int64_t b = n0 / 16; b < b1; b += 4) {
-    switch (b1 - b) {
-      case 1: expand_tile<R, 1>(b, n0, n1, kp, tp, ldtp, Bp, alpha, y, ldy); break;
-      case 2: expand_tile<R, 2>(b, n0, n1, kp, tp, ldtp, Bp, alpha, y, ldy); break;
-      case 3: expand_tile<R, 3>(b, n0, n1, kp, tp, ldtp, Bp, alpha, y, ldy); break;
-      default: expand_tile<R, 4>(b, n0, n1, kp, tp, ldtp, Bp, alpha, y, ldy); break;
-    }
+void expand_group(int64_t b, int64_t nb, int64_t n0, int64_t n1, int64_t kp, const uint32_t* tp, int64_t ldtp,
+                  const uint32_t* Bp, float alpha, float* y, int64_t ldy) {
+  switch (nb) {
+    case 1: expand_tile<R, 1>(b, n0, n1, kp, tp, ldtp, Bp, alpha, y, ldy); break;
+    case 2: expand_tile<R, 2>(b, n0, n1, kp, tp, ldtp, Bp, alpha, y, ldy); break;
+    case 3: expand_tile<R, 3>(b, n0, n1, kp, tp, ldtp, Bp, alpha, y, ldy); break;
+    default: expand_tile<R, 4>(b, n0, n1, kp, tp, ldtp, Bp, alpha, y, ldy); break;
   }
 }
 
@@ -196,14 +194,21 @@ void shrink_avx512bf16(int64_t M, int64_t nb0, int64_t nb1, int64_t kp, const ui
 void expand_avx512bf16(int64_t M, int64_t n0, int64_t n1, int64_t kp, const uint32_t* tp, int64_t ldtp,
                        const uint32_t* Bp, float alpha, float* y, int64_t ldy) {
   if (n1 <= n0) return;
-  for (int64_t m = 0; m < M; m += kRows) {
-    const uint32_t* t = tp + m * ldtp;
-    float* yr = y + m * ldy;
-    switch (M - m) {
-      case 1: expand_rows<1>(n0, n1, kp, t, ldtp, Bp, alpha, yr, ldy); break;
-      case 2: expand_rows<2>(n0, n1, kp, t, ldtp, Bp, alpha, yr, ldy); break;
-      case 3: expand_rows<3>(n0, n1, kp, t, ldtp, Bp, alpha, yr, ldy); break;
-      default: expand_rows<4>(n0, n1, kp, t, ldtp, Bp, alpha, yr, ldy); break;
+  // Column groups outside, row tiles inside: a group's B (4 blocks x kp pairs, 2 KiB at r = 16)
+  // is read from memory or L2 once and from L1 for the other row tiles. Each output is the same
+  // chain whatever the loop order.
+  const int64_t b1 = (n1 + 15) / 16;
+  for (int64_t b = n0 / 16; b < b1; b += 4) {
+    const int64_t nb = b1 - b < 4 ? b1 - b : 4;
+    for (int64_t m = 0; m < M; m += kRows) {
+      const uint32_t* t = tp + m * ldtp;
+      float* yr = y + m * ldy;
+      switch (M - m) {
+        case 1: expand_group<1>(b, nb, n0, n1, kp, t, ldtp, Bp, alpha, yr, ldy); break;
+        case 2: expand_group<2>(b, nb, n0, n1, kp, t, ldtp, Bp, alpha, yr, ldy); break;
+        case 3: expand_group<3>(b, nb, n0, n1, kp, t, ldtp, Bp, alpha, yr, ldy); break;
+        default: expand_group<4>(b, nb, n0, n1, kp, t, ldtp, Bp, alpha, yr, ldy); break;
+      }
     }
   }
 }

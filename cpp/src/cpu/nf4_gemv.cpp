@@ -70,12 +70,23 @@ void check_weight(const char* fn, const Nf4Ref& W) {
                      std::to_string(W.blocksize));
 }
 
+// The part of a's prefetch range (Args::pf_lo/pf_hi, spread over rows [r0, r1)) that goes with rows [q0, q1).
+Args pf_part(Args a, int64_t r0, int64_t r1, int64_t q0, int64_t q1) {
+  if (!a.pf_lo) return a;
+  const int64_t bytes = a.pf_hi - a.pf_lo, rows = r1 - r0;
+  const char* lo = a.pf_lo;
+  a.pf_lo = lo + bytes * (q0 - r0) / rows;
+  a.pf_hi = lo + bytes * (q1 - r0) / rows;
+  return a;
+}
+
 // Rows [r0, r1) of one weight: decodes the double-quant scales of a few rows at a time into a
 // per-task buffer (stays in L1/L2), then runs the kernel on them.
 void run_rows(RowsFn rows, bool avx512, bool avx2, Args a, const Nf4Ref& W, int64_t r0, int64_t r1,
               std::vector<float>& scales) {
   const int64_t K = W.cols;
   const int s = a.bs_shift;
+  const Args whole = a;
   if (!W.double_quant) {
     a.absmax = static_cast<const float*>(W.absmax);
     a.block0 = 0;
@@ -97,6 +108,7 @@ void run_rows(RowsFn rows, bool avx512, bool avx2, Args a, const Nf4Ref& W, int6
     else
 #endif
       for (int64_t b = b0; b < b1; ++b) scales[b - b0] = W.nested_map[code[b]] * W.nested_absmax[b >> 8] + W.offset;
+    a = pf_part(whole, r0, r1, q0, q1);
     a.absmax = scales.data();
     a.block0 = b0;
     rows(a, q0, q1);
@@ -174,11 +186,17 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
   int64_t per = std::max<int64_t>(1, (total + n_tasks - 1) / std::max<int64_t>(1, n_tasks));
   per += per & 1;
   struct Task {
-    int64_t w, r0, r1;
+    int64_t w, r0, r1, g0;  // g0: rows of the job before this task's (the tail's prefetch fractions)
   };
   std::vector<Task> tasks;  // [weight, rows [r0, r1)]
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t r = 0; r < W[i]->rows; r += per) tasks.push_back({i, r, std::min(W[i]->rows, r + per)});
+  for (int64_t i = 0, g = 0; i < n; ++i)
+    for (int64_t r = 0; r < W[i]->rows; r += per) {
+      const int64_t r1 = std::min(W[i]->rows, r + per);
+      tasks.push_back({i, r, r1, g});
+      g += r1 - r;
+    }
+  const bool pf = tail && tail->prefetch && avx512;
+  const double inv_total = 1.0 / static_cast<double>(total);
   auto run = [&](const Task& t, std::vector<float>& scales) {
     const Nf4Ref& w = *W[t.w];
     Args a = base;
@@ -186,18 +204,43 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
     a.bs_shift = log2_exact(w.blocksize);
     a.y = Y[t.w];
     a.ldy = ldy[t.w];
-    run_rows(rows, avx512, avx2, a, w, t.r0, t.r1, scales);
+    // The tail's bytes for this task's share of the rows, in pieces: each piece's rows get an even
+    // share (even boundaries keep the row pairs (2j, 2j + 1) of each weight: results unchanged).
+    const char* lo[4];
+    const char* hi[4];
+    const int np = pf ? tail->prefetch(tail->ctx, static_cast<double>(t.g0) * inv_total,
+                                       static_cast<double>(t.g0 + t.r1 - t.r0) * inv_total, lo, hi, 4)
+                      : 0;
+    if (np <= 1) {
+      if (np == 1) a.pf_lo = lo[0], a.pf_hi = hi[0];
+      run_rows(rows, avx512, avx2, a, w, t.r0, t.r1, scales);
+    } else {
+      int64_t bytes = 0, done = 0;
+      for (int i = 0; i < np; ++i) bytes += hi[i] - lo[i];
+      int64_t r = t.r0;
+      for (int i = 0; i < np && r < t.r1; ++i) {
+        done += hi[i] - lo[i];
+        int64_t r1 = i + 1 == np ? t.r1 : t.r0 + (t.r1 - t.r0) * done / std::max<int64_t>(1, bytes);
+        r1 = std::min(t.r1, r1 + ((r1 - t.r0) & 1));
+        if (r1 <= r) continue;
+        a.pf_lo = lo[i], a.pf_hi = hi[i];
+        run_rows(rows, avx512, avx2, a, w, r, r1, scales);
+        r = r1;
+      }
+    }
     if (tail && tail->post) tail->post(tail->ctx, t.w, t.r0, t.r1);
   };
-  const int64_t n_pre = tail ? tail->n_pre : 0;
-  if (tasks.size() + n_pre == 1) {
+  const int64_t n_pre = tail ? tail->n_pre : 0, n_gemv = static_cast<int64_t>(tasks.size());
+  const int64_t n_after = tail ? tail->n_after : 0;
+  if (n_gemv + n_pre + n_after == 1) {
     run(tasks[0], thread_scales());
     return;
   }
-  // The tail's pre tasks first: tasks are claimed in index order, so a post that waits on them
-  // only waits for work already running.
-  parallel_for(static_cast<int64_t>(tasks.size()) + n_pre, [&](int64_t t) {
+  // The tail's pre tasks first, its after tasks last: tasks are claimed in index order, so a task
+  // that waits on earlier ones only waits for work already running.
+  parallel_for(n_gemv + n_pre + n_after, [&](int64_t t) {
     if (t < n_pre) return tail->pre(tail->ctx, t);
+    if (t >= n_pre + n_gemv) return tail->after(tail->ctx, t - n_pre - n_gemv);
     run(tasks[t - n_pre], thread_scales());
   });
 }

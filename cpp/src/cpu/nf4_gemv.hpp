@@ -23,11 +23,19 @@ void nf4_gemv_nt_many(SimdLevel level, int64_t M, const float* X, int64_t ldx, i
 
 // Work riding nf4_gemv_nt_many's thread-pool job (the fused LoRA terms, cpu/lora_sgmv.hpp):
 // pre(i) for i < n_pre run as the job's first tasks; after the GEMV task that computed rows
-// [r0, r1) of weight w (columns [r0, r1) of Y_w), post(w, r0, r1) runs in the same task.
+// [r0, r1) of weight w (columns [r0, r1) of Y_w), post(w, r0, r1) runs in the same task; after(i)
+// for i < n_after run as the job's last tasks (claimed after every GEMV task). prefetch, if set
+// (AVX-512 level only), gives the byte ranges (at most max; returns how many) of the tail's data
+// that go with the fraction [f0, f1) of all the job's weight rows (in task order): the AVX-512
+// kernels prefetch them to L2 spread over those rows, while the GEMV, bound by decoding, leaves
+// memory idle. Neither changes a result.
 struct GemvTail {
   int64_t n_pre = 0;
   void (*pre)(const void* ctx, int64_t i) = nullptr;
   void (*post)(const void* ctx, int64_t w, int64_t r0, int64_t r1) = nullptr;
+  int64_t n_after = 0;
+  void (*after)(const void* ctx, int64_t i) = nullptr;
+  int (*prefetch)(const void* ctx, double f0, double f1, const char** lo, const char** hi, int max) = nullptr;
   const void* ctx = nullptr;
 };
 // nf4_gemv_nt_many with a tail (level != Scalar).

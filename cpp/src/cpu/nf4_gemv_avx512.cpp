@@ -38,6 +38,25 @@ QLORA_AI void prefetch_ahead(const uint8_t* p0, int64_t K, int64_t pf_l1, int64_
   _mm_prefetch(reinterpret_cast<const char*>(p0 + pf_l2 + K / 2), _MM_HINT_T1);
 }
 
+// Args::pf_lo/pf_hi spread over the rows [r0, r1) of a call: after row r0 + done, the first
+// (pf_hi - pf_lo) * done / (r1 - r0) bytes are prefetched to L2, a few lines per row pair.
+struct SidePf {
+  const char* p;
+  const char* lo;
+  int64_t bytes, r0, rows;
+  SidePf(const Args& a, int64_t r0_, int64_t r1) : p(a.pf_lo), lo(a.pf_lo), bytes(a.pf_hi - a.pf_lo), r0(r0_), rows(r1 - r0_) {}
+  QLORA_AI void upto(int64_t n_end) {  // rows [r0, n_end) done
+    if (!p || p >= lo + bytes) return;
+    const char* t = lo + bytes * (n_end - r0) / rows;
+    for (; p < t; p += 64) _mm_prefetch(p, _MM_HINT_T1);
+  }
+};
+inline Args no_pf(const Args& a) {
+  Args b = a;
+  b.pf_lo = b.pf_hi = nullptr;
+  return b;
+}
+
 // Dword q = 4*lane + t of a 16-byte broadcast, shifted by 8*lane (+4 for the high nibble).
 struct Shifts {
   __m512i lo, hi;
@@ -94,7 +113,9 @@ void rows_m(const Args& a, int64_t r0, int64_t r1) {
   const float* x = a.x;  // [M, ldx] regrouped
   const __m512 codes = _mm512_loadu_ps(a.codes);
   const Shifts sh = make_shifts();
+  SidePf side(a, r0, r1);
   for (int64_t n = r0; n < r1; ++n) {
+    side.upto(n + 1);
     const int64_t j0 = n * K;              // flat index of W[n, 0] (even: K % 32 == 0)
     const uint8_t* p = a.packed + j0 / 2;  // [K/2] bytes of row n
     const float* am = a.absmax + ((j0 >> s) - a.block0);  // scale of the block holding W[n, 0]
@@ -146,7 +167,9 @@ void row_pairs_m(const Args& a, int64_t r0, int64_t r1) {
   const float* x = a.x;                             // [M, ldx] regrouped
   const __m512 codes = _mm512_loadu_ps(a.codes);
   const Shifts sh = make_shifts();
+  SidePf side(a, r0, r1);
   for (int64_t n = r0; n < r1; n += 2) {
+    side.upto(n + 2);
     const uint8_t* p0 = a.packed + n * K / 2;  // [K/2] bytes of rows n, n+1
     const uint8_t* p1 = p0 + K / 2;
     const float* am0 = a.absmax + ((n * K) >> s) - a.block0;
@@ -208,9 +231,11 @@ void row_pairs_wide(const Args& a, int64_t r0, int64_t r1) {
   const int64_t max_cb = fit > 1 ? fit : 1;
   const int64_t n_chunks = (nb + max_cb - 1) / max_cb, cb = (nb + n_chunks - 1) / n_chunks;
   alignas(64) float dots[16];  // [W row n + (i >= 8)][X row i % 8]
+  SidePf side(a, r0, r1);       // over the first column chunk's pass
   for (int64_t c0 = 0; c0 < nb; c0 += cb) {
     const int64_t c1 = c0 + cb < nb ? c0 + cb : nb;  // blocks [c0, c1) of every row
     for (int64_t n = r0; n < r1; n += 2) {
+      side.upto(n + 2);
       const uint8_t* p0 = a.packed + n * K / 2;  // [K/2] bytes of rows n, n+1
       const uint8_t* p1 = p0 + K / 2;
       const float* am0 = a.absmax + ((n * K) >> s) - a.block0;
@@ -253,7 +278,7 @@ void rows_dispatch(const Args& a, int64_t r0, int64_t r1) {
   if (M >= 2 && (a.K & ((int64_t{1} << a.bs_shift) - 1)) == 0) {
     const int64_t pairs_end = r0 + ((r1 - r0) & ~int64_t{1});
     row_pairs_m<M>(a, r0, pairs_end);
-    if (pairs_end < r1) rows_m<M>(a, pairs_end, r1);
+    if (pairs_end < r1) rows_m<M>(pairs_end > r0 ? no_pf(a) : a, pairs_end, r1);
   } else {
     rows_m<M>(a, r0, r1);
   }
@@ -268,9 +293,9 @@ void rows_dispatch_wide(const Args& a, int64_t r0, int64_t r1) {
     pairs_end = r0 + ((r1 - r0) & ~int64_t{1});
     row_pairs_wide<M>(a, r0, pairs_end);
   }
-  if (pairs_end < r1) {
-    rows_dispatch<4>(rows_of(a, 0, 4), pairs_end, r1);
-    rows_dispatch<M - 4>(rows_of(a, 4, M - 4), pairs_end, r1);
+  if (pairs_end < r1) {  // the prefetch goes with the first of the calls that cover these rows
+    rows_dispatch<4>(rows_of(pairs_end > r0 ? no_pf(a) : a, 0, 4), pairs_end, r1);
+    rows_dispatch<M - 4>(rows_of(no_pf(a), 4, M - 4), pairs_end, r1);
   }
 }
 

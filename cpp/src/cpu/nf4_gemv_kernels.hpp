@@ -23,6 +23,11 @@ struct Args {
   // From the cache sizes (nf4_gemv.cpp, cpu/cache_info.hpp): software prefetch distances in bytes
   // of packed W (to L1 and to L2) and the bytes of X a column chunk of the wide kernels may use.
   int64_t pf_l1, pf_l2, x_chunk;
+  // Other bytes to bring into L2 while the rows [r0, r1) of this call are computed (the fused LoRA
+  // factors, GemvTail::prefetch_ranges), spread evenly over the rows; null: none. The AVX-512
+  // kernels only (the others ignore them).
+  const char* pf_lo;
+  const char* pf_hi;
 };
 
 // Columns per group of the SIMD kernels (G/2 bytes of W decoded together); they take X
