@@ -546,8 +546,10 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
         for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
           const float* Qr = q + (b * T + t0) * ldq + h * hd;        // [mq, hd]
           const float* dOr = dout + (b * T + t0) * lddo + h * hd;  // [mq, hd]
-          pack_dim_cols(Qr, ldq, mq, hd, Qc);
-          pack_dim_cols(dOr, lddo, mq, hd, Oc);
+          if (!direct) {
+            pack_dim_cols(Qr, ldq, mq, hd, Qc);
+            pack_dim_cols(dOr, lddo, mq, hd, Oc);
+          }
           if (kpan && fp::block_usable(mq))
             fp::scores(gp, mq, nk, t0, hd, Qr, ldq, Kr, scale, P.data(), nk, Af, dfn);  // scores in fp32
           else
@@ -564,6 +566,10 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
             }
             bf16_k::pack_rows_avx512bf16(dOr + ir * lddo, lddo, mr, hd, MR, Ap.data());
             row_tile(hp, Ap.data(), Vr, hp * NR, n, dP.data() + ir * nk, nk, 1.0f, 0.0f, mr);
+          }
+          if (direct) {  // the pair panels of q and dout for dk, dv: their rows are in cache now
+            pack_dim_cols(Qr, ldq, mq, hd, Qc);
+            pack_dim_cols(dOr, lddo, mq, hd, Oc);
           }
           probs_from_lse(kr, P.data(), nk, mq, nk, t0, 0, km, km_all, lse + (b * Hq + h) * T);
           dscores_causal(P.data(), dP.data(), nk, mq, nk, t0, delta + (b * Hq + h) * T + t0, scale);
