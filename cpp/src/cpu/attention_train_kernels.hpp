@@ -29,4 +29,18 @@ void rows_to_bf16_avx512bf16(const float* src, int64_t lds, int64_t rows, int64_
 // A of a product over rows, e.g. dSᵀ·q.)
 void row_pairs_bf16_avx512bf16(const float* src, int64_t lds, int64_t rows, int64_t n, uint32_t* dst, int64_t ldd);
 
+// The backward's probabilities and score gradients of one (query block, head), written only as the
+// bf16 operands of the three products that read them. Row i (query t0 + i) of S / dP (row stride
+// ld, read at the columns j < n_vis = clamp(t0 + i + 1, 0, nk) only): the scores scale q·kᵀ and
+// dout·vᵀ; lse[i], delta[i] of that query; km: key mask over the nk keys, or nullptr (all visible).
+//   P  = exp(S - lse) (the SIMD exp of cpu/simd_exp_avx512.hpp, as rowk exp_scale), 0 for a masked key,
+//        past n_vis, or on a row with lse = -inf;
+//   dS = P * (dP - delta) * scale (two fp32 products, in that order) for j < n_vis, +0 past it;
+//   Db[i * ldb + j] = bf16(dS) (+ a 0 at j = nk for odd nk), D2[p * ldp + j] = pair(dS[2p][j],
+//   dS[2p+1][j]), P2 likewise of P (an odd last row pairs with 0).
+// Bit for bit probs_from_lse + dscores_causal + rows_to_bf16 / row_pairs_bf16 in one pass.
+void probs_dscores_bf16_avx512bf16(int64_t rows, int64_t nk, int64_t t0, const float* S, const float* dP, int64_t ld,
+                                   const float* lse, const float* delta, float scale, const int32_t* km,
+                                   uint16_t* Db, int64_t ldb, uint32_t* D2, uint32_t* P2, int64_t ldp);
+
 }  // namespace qlora::cpu::attn_train_k

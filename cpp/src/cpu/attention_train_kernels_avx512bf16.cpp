@@ -9,6 +9,7 @@
 
 #include "cpu/attention_train_kernels.hpp"
 #include "cpu/gemm_bf16_kernels.hpp"
+#include "cpu/simd_exp_avx512.hpp"
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -122,6 +123,53 @@ void row_pairs_bf16_avx512bf16(const float* src, int64_t lds, int64_t rows, int6
       const __m512 hi = has1 ? _mm512_maskz_loadu_ps(m, s0 + lds + j) : _mm512_setzero_ps();
       _mm512_mask_storeu_epi32(d + j, m, _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(hi, lo)));
     }
+  }
+}
+
+void probs_dscores_bf16_avx512bf16(int64_t rows, int64_t nk, int64_t t0, const float* S, const float* dP, int64_t ld,
+                                   const float* lse, const float* delta, float scale, const int32_t* km,
+                                   uint16_t* Db, int64_t ldb, uint32_t* D2, uint32_t* P2, int64_t ldp) {
+  alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(kIdx);
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t i0 = 0; i0 < rows; i0 += 2) {
+    const int nr = rows - i0 >= 2 ? 2 : 1;
+    int64_t nv[2] = {0, 0};
+    bool dead[2] = {true, true};
+    __m512 l[2], dl[2];
+    for (int r = 0; r < 2; ++r) {
+      if (r >= nr) continue;
+      const int64_t t = t0 + i0 + r;
+      nv[r] = t + 1 < 0 ? 0 : (t + 1 > nk ? nk : t + 1);
+      dead[r] = !(lse[i0 + r] >= -__FLT_MAX__);  // lse = -inf: no visible key
+      l[r] = _mm512_set1_ps(lse[i0 + r]);
+      dl[r] = _mm512_set1_ps(delta[i0 + r]);
+    }
+    for (int64_t j = 0; j < nk; j += 16) {
+      const __mmask16 in = lane_mask(nk - j);
+      const __mmask16 kon =
+          km ? _mm512_mask_cmpneq_epi32_mask(in, _mm512_maskz_loadu_epi32(in, km + j), _mm512_setzero_si512()) : in;
+      __m512 P[2], dS[2];
+      for (int r = 0; r < 2; ++r) {
+        P[r] = dS[r] = _mm512_setzero_ps();
+        if (r >= nr) continue;
+        const __mmask16 vis = lane_mask(nv[r] - j);
+        if (!vis) continue;
+        const float* s = S + (i0 + r) * ld + j;
+        if (!dead[r]) P[r] = _mm512_maskz_mov_ps(vis & kon, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(vis, s), l[r])));
+        const __m512 d = _mm512_maskz_loadu_ps(vis, dP + (i0 + r) * ld + j);
+        dS[r] = _mm512_maskz_mov_ps(vis, _mm512_mul_ps(_mm512_mul_ps(P[r], _mm512_sub_ps(d, dl[r])), sc));
+      }
+      for (int r = 0; r < nr; ++r)
+        _mm256_mask_storeu_epi16(Db + (i0 + r) * ldb + j, in, (__m256i)_mm512_cvtneps_pbh(dS[r]));
+      _mm512_mask_storeu_epi32(D2 + (i0 / 2) * ldp + j, in,
+                               _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(dS[1], dS[0])));
+      _mm512_mask_storeu_epi32(P2 + (i0 / 2) * ldp + j, in,
+                               _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(P[1], P[0])));
+    }
+    if (nk % 2)
+      for (int r = 0; r < nr; ++r) Db[(i0 + r) * ldb + nk] = 0;
   }
 }
 

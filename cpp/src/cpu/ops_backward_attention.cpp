@@ -571,14 +571,13 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
             pack_dim_cols(Qr, ldq, mq, hd, Qc);
             pack_dim_cols(dOr, lddo, mq, hd, Oc);
           }
-          probs_from_lse(kr, P.data(), nk, mq, nk, t0, 0, km, km_all, lse + (b * Hq + h) * T);
-          dscores_causal(P.data(), dP.data(), nk, mq, nk, t0, delta + (b * Hq + h) * T + t0, scale);
           if (direct) {
+            // P, dS and their three bf16 forms in one pass (the rounding of the separate passes)
             const int64_t np = cdiv(nk, 2);
-            attn_train_k::rows_to_bf16_avx512bf16(dP.data(), nk, mq, nk, nullptr,
-                                                  reinterpret_cast<uint16_t*>(Db.data()), 2 * np);
-            attn_train_k::row_pairs_bf16_avx512bf16(dP.data(), nk, mq, nk, D2.data(), nk);
-            attn_train_k::row_pairs_bf16_avx512bf16(P.data(), nk, mq, nk, P2.data(), nk);
+            attn_train_k::probs_dscores_bf16_avx512bf16(mq, nk, t0, P.data(), dP.data(), nk, lse + (b * Hq + h) * T + t0,
+                                                        delta + (b * Hq + h) * T + t0, scale, km_all ? nullptr : km,
+                                                        reinterpret_cast<uint16_t*>(Db.data()), 2 * np, D2.data(),
+                                                        P2.data(), nk);
             for (int64_t ir = 0; ir < mq; ir += MR) {  // dq rows = dS·k
               const int mr = static_cast<int>(std::min<int64_t>(MR, mq - ir));
               const int64_t n = keys_seen(t0, ir, mr, nk);
@@ -597,6 +596,8 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
             }
             continue;
           }
+          probs_from_lse(kr, P.data(), nk, mq, nk, t0, 0, km, km_all, lse + (b * Hq + h) * T);
+          dscores_causal(P.data(), dP.data(), nk, mq, nk, t0, delta + (b * Hq + h) * T + t0, scale);
           for (int64_t ir = 0; ir < mq; ir += MR) {  // dq rows = dS·k
             const int mr = static_cast<int>(std::min<int64_t>(MR, mq - ir));
             const int64_t n = keys_seen(t0, ir, mr, nk);
