@@ -1,10 +1,11 @@
-"""The bf16 GEMM drivers (cpu/gemm_bf16.cpp): the shared-panel driver (every operand element packed
-once per call, QLORA_BF16_GEMM=shared, the default from 4 MFLOP) and the per-task driver
-(QLORA_BF16_GEMM=tasks), with the streaming B packers (default) and the direct ones
-(QLORA_BF16_PACK=direct). All round the operands to bf16 (RNE) at the same points and sum the
-same k-blocks in the same order, so they must agree bit for bit; each is also checked against
-float64 under test_bf16's bound. QLORA_BF16_SHARED_BYTES shrinks the panel budget so small shapes
-go through several row / column super-blocks. Both variables are read per call."""
+"""The bf16 GEMM drivers (cpu/gemm_bf16.cpp): the shared-A driver (the A panels packed once per
+call by all threads together, each task packing its own B panels; QLORA_BF16_GEMM=shared, the
+default from 4 MFLOP) and the per-task driver (QLORA_BF16_GEMM=tasks), with the streaming B
+packers (default) and the direct ones (QLORA_BF16_PACK=direct). All round the operands to bf16
+(RNE) at the same points and sum the same k-blocks in the same order, so they must agree bit for
+bit; each is also checked against float64 under test_bf16's bound. QLORA_BF16_SHARED_BYTES shrinks
+the A-panel budget so small shapes go through several row super-blocks (1 byte: one 14-row tile
+per pass). The variables are read per call. Shapes with fewer B panels than tasks split rows."""
 import os
 
 import numpy as np
@@ -18,7 +19,7 @@ from test_ops_nf4_gemm import decode, random_nf4
 pytestmark = pytest.mark.skipif(not HAVE_BF16, reason="no AVX512-BF16 on this CPU")
 
 VARIANTS = [("tasks", "direct", None), ("shared", "direct", None), ("shared", "stream", None),
-            ("tasks", "stream", None), ("shared", "stream", "20000"), ("shared", "stream", "1")]
+            ("tasks", "stream", None), ("shared", "stream", "20000"), ("shared", "direct", "1")]
 # ragged M / N / K around MR = 14, NR = 32, the packers' 16 / 32 k steps and KC = 2048
 SHAPES = [(1, 1, 1), (13, 31, 33), (15, 33, 7), (29, 65, 301), (57, 97, 130), (200, 70, 2100), (171, 96, 4111)]
 

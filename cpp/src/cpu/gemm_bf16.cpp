@@ -149,18 +149,19 @@ void blocked(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C,
   });
 }
 
-// ------------------------------------------------------------------ shared-panel driver
+// ------------------------------------------------------------------ shared-A driver
 // blocked() above gives each task its own panels: with T tasks in a row of the grid every A panel
-// is packed T times, and every NF4 weight panel is decoded once per row split (2 threads on a
-// 1024 x 1536 x 576 NF4 GEMM: A packed 8 times). Here every operand element is rounded (NF4:
-// decoded) and packed once per call into panels all threads share, the threads packing together,
-// then the threads run only micro-kernels over the shared panels. Super-blocks bound the panel
-// memory (rows of A and columns of B per pass, from the L3 size); the rounding points and the
-// k-order of the sums are those of blocked() (same KC split), so results are bit-identical.
-// Bytes of A panels, and of B panels, per pass: a quarter of this core's L3 share within
-// [1, 8] MiB (8 MiB on Zen 4: one pass for every SmolLM2 training GEMM but the lm_head's, whose
-// 49152-row table goes in 14 column super-blocks). QLORA_BF16_SHARED_BYTES overrides it (tests
-// reach the super-block loops with small shapes).
+// is packed T times (2 threads on a 1024 x 1536 x 576 NF4 GEMM: A packed 8 times; on the lm_head's
+// 256 x 576 x 49152 dh GEMM the 256 x 49152 logit gradient 4 times). shared() packs the A panels
+// of a (row super-block, depth block) once, all threads together, into one buffer; then each task
+// packs the B panels it alone uses (NC at a time, into its own L2, as blocked() does) and runs
+// them against all its rows. B is packed once too unless there are fewer B panels than tasks
+// (then rows split). A task never reads B panels another core packed: a first version that also
+// shared the B panels did 6-9% more micro-kernel cycles on 2 threads (panels from the other
+// core's L2). Same KC split, same k order, same rounding points: bit-identical to blocked().
+// Bytes of the A panels per pass: a quarter of this core's L3 share within [1, 8] MiB (8 MiB on
+// Zen 4: one pass for every SmolLM2 training GEMM). QLORA_BF16_SHARED_BYTES overrides it (tests
+// reach the row super-block loop with small shapes).
 int64_t shared_budget_bytes() {
   static const int64_t b = [] {
     const CacheSizes& c = cache_sizes();
@@ -187,9 +188,9 @@ Driver driver_choice() {
   return Driver::Auto;
 }
 
-// The caller's (one pair for every instantiation; a pool thread calling from an outer
-// parallel_for runs the nested parallel_fors below serially, on its own buffers).
-thread_local Scratch t_sa, t_sb;
+// The caller's A panels (one buffer for every instantiation; a pool thread calling from an
+// outer parallel_for runs the nested parallel_fors below serially, on its own buffer).
+thread_local Scratch t_sa;
 
 template <class PackA, class PackB>
 void shared(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, int64_t ldc, const PackA& pack_a,
@@ -199,55 +200,51 @@ void shared(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, 
   const int64_t kcb = blocking().kc;
   const int64_t kc = std::min(round_up(K, 32), round_up(ceil_div(K, ceil_div(K, kcb)), 32));  // as blocked()
   const int64_t kpmax = kc / 2;
-  const int64_t budget = shared_budget_bytes();
-  const int64_t mb_max = std::max<int64_t>(MR, budget / (4 * kpmax) / MR * MR);
-  const int64_t nb_max = std::max<int64_t>(NR, budget / (4 * kpmax) / NR * NR);
-  const int64_t mb = round_up(ceil_div(M, ceil_div(M, mb_max)), MR);  // balanced super-blocks
-  const int64_t nb = round_up(ceil_div(N, ceil_div(N, nb_max)), NR);
+  const int64_t mb_max = std::max<int64_t>(MR, shared_budget_bytes() / (4 * kpmax) / MR * MR);
+  const int64_t mb = round_up(ceil_div(M, ceil_div(M, mb_max)), MR);  // balanced row super-blocks
   uint32_t* Ap = t_sa.get<uint32_t>(static_cast<size_t>(kpmax * mb));  // [mb / MR][kp][MR]
-  uint32_t* Bp = t_sb.get<uint32_t>(static_cast<size_t>(kpmax * nb));  // [nb / NR][kp][NR]
   const int nth = num_threads();
-  const int64_t mc_target = blocking().mc;
-  constexpr int64_t kGroup = 4;  // tiles / panels per packing task
+  const int64_t n_pan = ceil_div(N, NR);
+  constexpr int64_t kGroup = 4;  // A tiles per packing task
   for (int64_t ms = 0; ms < M; ms += mb) {
     const int64_t mcur = std::min(mb, M - ms), m_tiles = ceil_div(mcur, MR);
+    // task grid: panel groups first; rows split only where panels are fewer than the target
+    const double flops = 2.0 * mcur * N * K;
+    const int64_t target = nth <= 1 ? 1 : (flops > 5e8 ? 4 : 2) * nth;
+    const int64_t n_nt0 = std::min(n_pan, target);
+    const int64_t n_mt0 = std::min(m_tiles, ceil_div(target, n_nt0));
+    const int64_t m_step = ceil_div(m_tiles, n_mt0) * MR, n_step = ceil_div(n_pan, n_nt0) * NR;
+    const int64_t n_mt = ceil_div(mcur, m_step), n_nt = ceil_div(N, n_step);
     for (int64_t pc = 0; pc < K; pc += kc) {
       const int64_t kcur = std::min(kc, K - pc), kp = ceil_div(kcur, 2);
       const float beta_k = pc == 0 ? beta : 1.0f;
-      for (int64_t js = 0; js < N; js += nb) {
-        const int64_t ncur = std::min(nb, N - js), n_pan = ceil_div(ncur, NR);
-        const bool pack_a_now = js == 0;  // A [ms, pc] is packed once and serves every column super-block
-        const int64_t a_tasks = pack_a_now ? ceil_div(m_tiles, kGroup) : 0, b_tasks = ceil_div(n_pan, kGroup);
-        parallel_for(a_tasks + b_tasks, [&](int64_t t) {
-          if (t < a_tasks) {
-            for (int64_t i = t * kGroup; i < std::min(m_tiles, (t + 1) * kGroup); ++i)
-              pack_a(ms + i * MR, static_cast<int>(std::min<int64_t>(MR, mcur - i * MR)), pc, kcur, Ap + i * MR * kp);
-          } else {
-            t -= a_tasks;  // panels [p0, p1) in one call (pack_b may sweep their rows together)
-            const int64_t p0 = t * kGroup, p1 = std::min(n_pan, p0 + kGroup);
-            pack_b(js + p0 * NR, std::min(p1 * NR, ncur) - p0 * NR, pc, kcur, Bp + p0 * NR * kp);
+      parallel_for(ceil_div(m_tiles, kGroup), [&](int64_t t) {
+        for (int64_t i = t * kGroup; i < std::min(m_tiles, (t + 1) * kGroup); ++i)
+          pack_a(ms + i * MR, static_cast<int>(std::min<int64_t>(MR, mcur - i * MR)), pc, kcur, Ap + i * MR * kp);
+      });
+      parallel_for(n_mt * n_nt, [&](int64_t t) {
+        const int64_t r0 = (t / n_nt) * m_step, r1 = std::min(mcur, r0 + m_step);
+        const int64_t n0 = (t % n_nt) * n_step, n1 = std::min(N, n0 + n_step);
+        const int64_t rows = r1 - r0;
+        const int64_t mc = round_up(ceil_div(rows, ceil_div(rows, blocking().mc)), MR);
+        const int64_t nc = std::min(round_up(n1 - n0, NR), blocking().nc);
+        uint32_t* Bp = t_b.get<uint32_t>(static_cast<size_t>(kp * nc));  // [nc / NR][kp][NR]
+        for (int64_t jc = n0; jc < n1; jc += nc) {
+          const int64_t ncur = std::min(nc, n1 - jc), np = ceil_div(ncur, NR);
+          pack_b(jc, ncur, pc, kcur, Bp);
+          for (int64_t ic = r0; ic < r1; ic += mc) {
+            const int64_t icur = std::min(mc, r1 - ic);
+            for (int64_t p = 0; p < np; ++p) {
+              const uint32_t* bp = Bp + p * NR * kp;
+              const int nr = static_cast<int>(std::min<int64_t>(NR, ncur - p * NR));
+              float* c = C + (ms + ic) * ldc + jc + p * NR;
+              for (int64_t ir = 0; ir < icur; ir += MR)
+                bf16_k::ukernel_avx512bf16(kp, Ap + (ic + ir) * kp, bp, c + ir * ldc, ldc, alpha, beta_k,
+                                           static_cast<int>(std::min<int64_t>(MR, icur - ir)), nr);
+            }
           }
-        });
-        // Tasks: row blocks of about MC rows (the A block stays in L2) x panel groups.
-        const int64_t n_rb = ceil_div(mcur, mc_target);
-        const int64_t rb = round_up(ceil_div(mcur, n_rb), MR);
-        const int64_t n_rb2 = ceil_div(mcur, rb);
-        const int64_t n_pg = nth <= 1 ? 1 : std::min(n_pan, std::max<int64_t>(1, ceil_div(4 * nth, n_rb2)));
-        const int64_t pg = ceil_div(n_pan, n_pg);
-        const int64_t n_pg2 = ceil_div(n_pan, pg);
-        parallel_for(n_rb2 * n_pg2, [&](int64_t t) {
-          const int64_t r0 = (t / n_pg2) * rb, r1 = std::min(mcur, r0 + rb);
-          const int64_t p0 = (t % n_pg2) * pg, p1 = std::min(n_pan, p0 + pg);
-          for (int64_t p = p0; p < p1; ++p) {
-            const uint32_t* bp = Bp + p * NR * kp;
-            const int nr = static_cast<int>(std::min<int64_t>(NR, ncur - p * NR));
-            float* c = C + (ms + r0) * ldc + js + p * NR;
-            for (int64_t ir = r0; ir < r1; ir += MR)
-              bf16_k::ukernel_avx512bf16(kp, Ap + ir * kp, bp, c + (ir - r0) * ldc, ldc, alpha, beta_k,
-                                         static_cast<int>(std::min<int64_t>(MR, r1 - ir)), nr);
-          }
-        });
-      }
+        }
+      });
     }
   }
 }
