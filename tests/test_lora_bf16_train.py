@@ -30,9 +30,11 @@ def tiny(tmp_path_factory):
     return build_tiny(str(tmp_path_factory.mktemp("tiny")), **SHAPE)
 
 
-# (M, N, K): N <= 16 takes the 28x16 kernel; one and several 28-row tiles with tails, odd K, K over
-# one 2048 block, and one N = 17 (the blocked kernel) beside it.
-SKINNY = [(1, 1, 1), (3, 7, 2), (28, 16, 64), (29, 16, 33), (57, 12, 301), (200, 16, 4100), (61, 17, 40)]
+# (M, N, K): the few-column path (gemm_nt / gemm_nn: row-dot for N <= 64, 1x16 for K <= 1024 and
+# 2x8 above, odd row counts, partial 16- and 8-column passes; gemm_tn: 28x16 tiles for N <= 16,
+# tails, several K blocks) and N = 17 / 65 beside it (the blocked kernel for tn / nt, nn).
+SKINNY = [(1, 1, 1), (3, 7, 2), (28, 16, 64), (29, 16, 33), (57, 12, 301), (33, 48, 576), (57, 16, 1100),
+          (61, 40, 1500), (200, 16, 4100), (61, 17, 40), (9, 65, 70)]
 
 
 @needs_bf16
@@ -51,6 +53,29 @@ def test_skinny_gemm_bf16(rng, layout):
         out = c0.copy()
         fn(a, b, out, alpha=-0.75, beta=0.5, backend="cpu:avx512", compute_dtype="bfloat16")
         check(out, A, B, K, -0.75, 0.5, c0)
+
+
+SUB = r"""
+import sys, numpy as np
+sys.path.insert(0, "tests")
+from test_lora_bf16_train import test_skinny_gemm_bf16
+for layout in ("nt", "nn", "tn"):
+    test_skinny_gemm_bf16(np.random.default_rng(5), layout)
+print("ok")
+"""
+
+
+@needs_bf16
+@pytest.mark.parametrize("env", [{"QLORA_ROWDOT": "1x16"}, {"QLORA_ROWDOT": "2x8"}, {"QLORA_GEMM_BF16_SKINNY": "0"}])
+def test_skinny_variants_bound(env):
+    """The forced row-dot variants (1x16 with its K blocks past 1024, 2x8 at small K) and the
+    path switched off keep the same bound (the switches are read once per process)."""
+    import os
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", SUB], env=dict(os.environ, **env), capture_output=True, text=True,
+                       timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
 
 
 def _model(path, compute_dtype, dropout=0.0):

@@ -1,8 +1,10 @@
-// Few-column bf16-compute GEMM driver (cpu/gemm_bf16_skinny.hpp). Per K block: the whole B
-// (N <= 16 columns) is packed once into one [kp][16] bf16-pair panel shared by all threads; tasks
-// take runs of 28-row tiles of op(A), pack each tile (the packers of gemm_bf16_avx512bf16.cpp)
-// and run the 28x16 micro-kernel. Rounding is the blocked kernel's (RNE when packed), so results
-// differ from it only in the fp32 summation order.
+// Few-column bf16-compute GEMM driver (cpu/gemm_bf16_skinny.hpp). gemm_nt / gemm_nn: op(B) is
+// packed once into 16-row pair panels shared by all threads, tasks take runs of rows of A and run
+// the row-dot kernel (A read in order, never packed: in training it is cold in cache, and a
+// transposing pack of 28 rows at once streamed at half the fp32 kernel's rate). gemm_tn: per K
+// block the whole B (N <= 16) is one [kp][16] panel, tasks take runs of 28-row tiles of op(A),
+// pack each tile (gemm_bf16_avx512bf16.cpp's packer) and run the 28x16 micro-kernel. Rounding is
+// the blocked kernel's (RNE), so results differ from it only in the fp32 summation order.
 #include "cpu/gemm_bf16_skinny.hpp"
 
 #include <algorithm>
@@ -18,8 +20,10 @@
 namespace qlora::cpu {
 
 namespace {
-constexpr int64_t MR = bf16_k::kSkinnyMR, NR = kSkinnyMaxN;
-constexpr int64_t kKCMax = 2048;  // k per block: a 28-row A tile (112 KiB) and B (64 KiB) stay in L2
+constexpr int64_t MR = bf16_k::kSkinnyMR, NR = 16;
+constexpr int64_t kKCMax = 2048;
+constexpr int64_t kRowdotL1K = 1024;
+constexpr int64_t kTnBlockBytes = 256 << 10;  // W panel 16 x 1024 bf16 = 32 KiB  // k per block: a 28-row A tile (112 KiB) and B (64 KiB) stay in L2
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
@@ -41,8 +45,9 @@ struct Scratch {  // 64-byte aligned, grown on demand, one per thread
     }
     return static_cast<uint32_t*>(p);
   }
+  float* get_f(size_t count) { return reinterpret_cast<float*>(get(count)); }
 };
-thread_local Scratch t_ap, t_bp;
+thread_local Scratch t_ap, t_bp, t_tmp;
 
 // QLORA_GEMM_BF16_SKINNY=0: off (the blocked 14x32 kernel runs these shapes; A/B runs).
 bool skinny_on() {
@@ -52,6 +57,16 @@ bool skinny_on() {
   }();
   return on;
 }
+// Row-dot variant: 1 row x 16 columns while the 16-row W panel (64 bytes per 32 k) fits in L1
+// with room to spare, else 2 rows x 8 columns (half the W traffic). QLORA_ROWDOT=1x16 / 2x8: forced.
+bool rowdot_1x16(int64_t K) {
+  static const int forced = [] {
+    const char* e = std::getenv("QLORA_ROWDOT");
+    return e ? (std::string(e) == "1x16" ? 1 : std::string(e) == "2x8" ? 2 : 0) : 0;
+  }();
+  if (forced) return forced == 1;
+  return K <= kRowdotL1K;
+}
 }  // namespace
 
 bool gemm_bf16_skinny(SkinnyLayout layout, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
@@ -59,33 +74,58 @@ bool gemm_bf16_skinny(SkinnyLayout layout, int64_t M, int64_t N, int64_t K, floa
 #ifndef QLORA_X86
   return false;
 #else
-  if (N > NR || N <= 0 || M <= 0 || K <= 0 || !skinny_on()) return false;
+  if (N > (layout == SkinnyLayout::TN ? kSkinnyMaxNTile : kSkinnyMaxN) || N <= 0 || M <= 0 || K <= 0 || !skinny_on())
+    return false;
   const int64_t a_cols = layout == SkinnyLayout::TN ? M : K, b_cols = layout == SkinnyLayout::NT ? K : N;
   if (lda < a_cols || ldb < b_cols || ldc < N) return false;  // the caller's check raises
-  const int64_t kc = std::min(round_up(K, 32), round_up(ceil_div(K, ceil_div(K, kKCMax)), 32));
-  const int64_t m_tiles = ceil_div(M, MR);
   const int nth = num_threads();
+  const bool par = nth > 1 && 2.0 * M * N * K > 2e6;
+  if (layout != SkinnyLayout::TN) {
+    // Row-dot: W = op(B)ᵀ as 16-row pair panels (shared), rows of A streamed once per 16 columns.
+    const int64_t kq = round_up(K, 32) / 2, nblk = ceil_div(N, NR);
+    uint32_t* W = t_bp.get(static_cast<size_t>(nblk * NR * kq));  // the caller's: read by every task
+    for (int64_t jb = 0; jb < nblk; ++jb) {
+      const int nj = static_cast<int>(std::min(NR, N - jb * NR));
+      if (layout == SkinnyLayout::NT) {
+        bf16_k::pack_w16_avx512bf16(B + jb * NR * ldb, ldb, nj, K, kq, W + jb * NR * kq);
+      } else {  // B [K, N]: its columns jb*16.. as fp32 rows first
+        float* tmp = t_tmp.get_f(static_cast<size_t>(NR * K));
+        for (int64_t k = 0; k < K; ++k)
+          for (int j = 0; j < nj; ++j) tmp[j * K + k] = B[k * ldb + jb * NR + j];
+        bf16_k::pack_w16_avx512bf16(tmp, K, nj, K, kq, W + jb * NR * kq);
+      }
+    }
+    const int64_t n_tasks = par ? std::min<int64_t>(ceil_div(M, 8), 4 * nth) : 1, rows = ceil_div(M, n_tasks);
+    parallel_for(ceil_div(M, rows), [&](int64_t task) {
+      const int64_t i0 = task * rows, m = std::min(M, i0 + rows) - i0;
+      for (int64_t jb = 0; jb < nblk; ++jb)
+        (rowdot_1x16(K) ? bf16_k::rowdot16x1_avx512bf16 : bf16_k::rowdot16_avx512bf16)(m, K, A + i0 * lda, lda, W + jb * NR * kq, kq, C + i0 * ldc + jb * NR, ldc, alpha,
+                                    beta, static_cast<int>(std::min(NR, N - jb * NR)));
+    });
+    return true;
+  }
+  // gemm_tn (dB = dyᵀ·t): op(A) is a column walk; 28x16 tiles over packed panels.
+  // K blocks of kc rows of A (all M columns: kTnBlockBytes) stay in L2 while every tile packs its
+  // columns from them: A streams from memory once, where whole-K tiles fetched each row's lines
+  // once per tile (one 6 KiB row of dy per k at M = 1536: 0.8x the fp32 kernel's rate).
+  const int64_t kc_l2 = std::max<int64_t>(32, kTnBlockBytes / (4 * M) / 32 * 32);
+  const int64_t kc = std::min({round_up(K, 32), kKCMax, kc_l2});
+  const int64_t m_tiles = ceil_div(M, MR);
   // Tasks: runs of tiles, a few per thread (dynamic claiming evens them out); one for small work.
-  const int64_t n_tasks = nth > 1 && 2.0 * M * N * K > 2e6 ? std::min<int64_t>(m_tiles, 4 * nth) : 1;
+  const int64_t n_tasks = par ? std::min<int64_t>(m_tiles, 4 * nth) : 1;
   const int64_t tiles_per = ceil_div(m_tiles, n_tasks);
   uint32_t* Bp = t_bp.get(static_cast<size_t>(kc / 2 * NR));  // the caller's: read by every task
   for (int64_t pc = 0; pc < K; pc += kc) {
     const int64_t kcur = std::min(kc, K - pc), kp = ceil_div(kcur, 2);
     const float beta_k = pc == 0 ? beta : 1.0f;
-    if (layout == SkinnyLayout::NT)
-      bf16_k::pack_rows_avx512bf16(B + pc, ldb, static_cast<int>(N), kcur, NR, Bp);
-    else
-      bf16_k::pack_cols_avx512bf16(B + pc * ldb, ldb, static_cast<int>(N), kcur, NR, Bp);
+    bf16_k::pack_cols_avx512bf16(B + pc * ldb, ldb, static_cast<int>(N), kcur, NR, Bp);
     parallel_for(ceil_div(m_tiles, tiles_per), [&](int64_t task) {
       uint32_t* Ap = t_ap.get(static_cast<size_t>(kp * MR));
       const int64_t t1 = std::min(m_tiles, (task + 1) * tiles_per);
       for (int64_t t = task * tiles_per; t < t1; ++t) {
         const int64_t i0 = t * MR;
         const int mr = static_cast<int>(std::min(MR, M - i0));
-        if (layout == SkinnyLayout::TN)
-          bf16_k::pack_cols_avx512bf16(A + pc * lda + i0, lda, mr, kcur, MR, Ap);
-        else
-          bf16_k::pack_rows_avx512bf16(A + i0 * lda + pc, lda, mr, kcur, MR, Ap);
+        bf16_k::pack_cols_avx512bf16(A + pc * lda + i0, lda, mr, kcur, MR, Ap);
         bf16_k::ukernel16_avx512bf16(kp, Ap, Bp, C + i0 * ldc, ldc, alpha, beta_k, mr, static_cast<int>(N));
       }
     });
