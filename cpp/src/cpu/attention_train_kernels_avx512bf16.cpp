@@ -21,6 +21,7 @@ namespace qlora::cpu::attn_train_k {
 namespace {
 constexpr int NR = bf16_k::kNR;
 static_assert(NR == 32, "two zmm of 16 fp32 columns per row");
+static_assert(bf16_k::kMR <= 14, "ukernel_direct_avx512bf16 dispatches mr = 1..14");
 
 __mmask16 lane_mask(int64_t n) {  // first n of 16 lanes (n clamped to [0, 16])
   if (n >= 16) return 0xFFFF;

@@ -12,7 +12,9 @@
 // error and made it exceed PEFT's bf16 autocast; the other four products added < 10%.) On
 // AVX512-BF16 a dedicated path packs K and V of a (batch, KV head) once into bf16 pair panels and
 // runs the vdpbf16ps micro-kernel on 14-row tiles, skipping the keys no row of a tile sees
-// (causal); at the scalar level the tiles go through the bf16 GEMM oracle.
+// (causal); at the scalar level the tiles go through the bf16 GEMM oracle. The A operands of the
+// tiles (queries, P, dS, dout) are read in place rather than packed per tile where the level has
+// such a kernel (QLORA_ATTN_DIRECT, cpu/attention_train_kernels.hpp; same bits either way).
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
