@@ -14,7 +14,6 @@ import qlora_native
 from qlora_native import LoraConfig, ops
 
 from helpers_tiny import build_tiny
-from test_bf16 import check, strided
 
 U = 2.0 ** -8
 EPS32 = float(np.finfo(np.float32).eps)
@@ -23,6 +22,33 @@ needs_bf16 = pytest.mark.skipif(not HAVE_BF16, reason="no AVX512-BF16 on this CP
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, vocab_size=80)
 LAYERS = 2  # build_tiny's num_hidden_layers
 CFG = dict(r=4, lora_alpha=8, target_modules="all-linear", rank_pattern={"k_proj": 6, "gate_proj": 3})
+
+
+def bf16(x):
+    """numpy RNE rounding to bf16 (denormals flushed, as the hardware), returned as float64."""
+    b = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    r = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+    r = np.where((b & 0x7F800000) == 0, b & 0x80000000, r).astype(np.uint32)
+    return r.view(np.float32).astype(np.float64)
+
+
+def check(c, a, b, K, alpha=1.0, beta=0.0, c0=None):
+    """test_bf16.check (not imported: that module loads torch): c vs alpha * a @ b + beta * c0
+    within (K + 4) eps32 |a|·|b| of the rounded-operand product and 2u + u^2 more of the exact one."""
+    exact = alpha * (a.astype(np.float64) @ b.astype(np.float64))
+    rounded = alpha * (bf16(a) @ bf16(b))
+    scale = abs(alpha) * (np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64))
+    if c0 is not None and beta != 0.0:
+        exact = exact + beta * c0.astype(np.float64)
+        rounded = rounded + beta * c0.astype(np.float64)
+        scale = scale + abs(beta) * np.abs(c0.astype(np.float64))
+    acc = (K + 4) * EPS32 * scale + 1e-30
+    assert np.all(np.abs(c - rounded) <= acc), float(np.max(np.abs(c - rounded) / acc))
+    assert np.all(np.abs(c - exact) <= (2 * U + U * U) * scale + acc)
+
+
+def strided(rng, rows, cols, pad=3):
+    return rng.standard_normal((rows, cols + pad)).astype(np.float32)[:, :cols]
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +82,26 @@ def test_skinny_gemm_bf16(rng, layout):
 
 
 SUB = r"""
-import sys, numpy as np
-sys.path.insert(0, "tests")
-from test_lora_bf16_train import test_skinny_gemm_bf16
+import numpy as np
+from qlora_native import ops
+def bf16(x):  # RNE to bf16 as float64 (as test_bf16.bf16)
+    b = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    r = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+    return np.where((b & 0x7F800000) == 0, b & 0x80000000, r).astype(np.uint32).view(np.float32).astype(np.float64)
+rng = np.random.default_rng(5)
+eps = float(np.finfo(np.float32).eps)
 for layout in ("nt", "nn", "tn"):
-    test_skinny_gemm_bf16(np.random.default_rng(5), layout)
+    fn = {"nt": ops.gemm_nt, "nn": ops.gemm_nn, "tn": ops.gemm_tn}[layout]
+    for M, N, K in [(57, 16, 1100), (61, 40, 1500), (33, 48, 576), (29, 16, 33)]:
+        a = rng.standard_normal((M, K) if layout != "tn" else (K, M)).astype(np.float32)
+        b = rng.standard_normal((N, K) if layout == "nt" else (K, N)).astype(np.float32)
+        A = a if layout != "tn" else a.T
+        B = b.T if layout == "nt" else b
+        c0 = rng.standard_normal((M, N)).astype(np.float32)
+        got = fn(a, b, c0.copy(), alpha=-0.75, beta=0.5, backend="cpu:avx512", compute_dtype="bfloat16")
+        ref = -0.75 * (bf16(A) @ bf16(B)) + 0.5 * c0
+        acc = (K + 4) * eps * (0.75 * (np.abs(A).astype(np.float64) @ np.abs(B)) + 0.5 * np.abs(c0)) + 1e-30
+        assert np.all(np.abs(got - ref) <= acc), (layout, M, N, K)
 print("ok")
 """
 
@@ -74,7 +115,7 @@ def test_skinny_variants_bound(env):
     import subprocess
     import sys
     r = subprocess.run([sys.executable, "-c", SUB], env=dict(os.environ, **env), capture_output=True, text=True,
-                       timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                       timeout=120)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
 
 
