@@ -304,17 +304,19 @@ bool SgmvFused::prepare(SimdLevel level, int64_t np, const Backend::LoraProblem*
   if (level == SimdLevel::Scalar || !host_fused_enabled()) return false;
   SgmvBuffers& jb = t_job;
   if (!collect(level, jb, np, P, true, nullptr)) return false;
+  after_ = jb.after = level == SimdLevel::AVX512 && after_enabled();  // the AVX-512 GEMV prefetches
+  const int nth = num_threads();
   // The host job gives the parallelism: one shrink task per segment up to 512 KiB of weighted
-  // work (a few microseconds), so an expand rarely waits.
-  plan_shrinks(jb, np, 512 << 10);
+  // work (a few microseconds), so an expand rarely waits. After form on several threads: pieces
+  // of ~16 KiB (a segment of 8 rows in halves of 4 rows, fp32 ones in rank-row ranges), so that
+  // o / down (one segment) do not leave the other threads waiting; A comes from L2 by then.
+  plan_shrinks(jb, np, after_ && nth > 1 ? 16 << 10 : 512 << 10);
   jb_ = &jb, p_ = P, np_ = np;
   n_shrink_ = static_cast<int64_t>(jb.tasks.size());
-  after_ = jb.after = level == SimdLevel::AVX512 && after_enabled();  // the AVX-512 GEMV prefetches
   if (!after_) return true;
   // After form: expand tasks (whole problems on one thread; else about two column ranges per
   // thread, whole 16-column blocks), and the prefetch stream: each segment's factors in the order
   // the tasks read them (bf16 copy: A then B, contiguous).
-  const int nth = num_threads();
   for (int64_t i = 0; i < np; ++i) {
     jb.gemv_left[i].store(P[i].out, std::memory_order_relaxed);
     if (!jb.pending[static_cast<size_t>(i)]) continue;
