@@ -24,10 +24,6 @@ void ukernel_direct_avx512bf16(int64_t kp, const uint32_t* A, int64_t rs, int64_
 // dst[r * ldd + n] = 0 when n is odd (so the row reads as ceil(n / 2) whole pairs). ldd even.
 void rows_to_bf16_avx512bf16(const float* src, int64_t lds, int64_t rows, int64_t n, const float* scale,
                              uint16_t* dst, int64_t ldd);
-// dst[p * ldd + j] = pair(src[2p * lds + j], src[(2p + 1) * lds + j]) for p < ceil(rows / 2), j < n;
-// an odd last row pairs with 0. (Row pairs of a [rows, n] matrix: k = its rows, read in place as the
-// A of a product over rows, e.g. dSᵀ·q.)
-void row_pairs_bf16_avx512bf16(const float* src, int64_t lds, int64_t rows, int64_t n, uint32_t* dst, int64_t ldd);
 
 // The backward's probabilities and score gradients of one (query block, head), written only as the
 // bf16 operands of the three products that read them. Row i (query t0 + i) of S / dP (row stride
@@ -38,7 +34,9 @@ void row_pairs_bf16_avx512bf16(const float* src, int64_t lds, int64_t rows, int6
 //   dS = P * (dP - delta) * scale (two fp32 products, in that order) for j < n_vis, +0 past it;
 //   Db[i * ldb + j] = bf16(dS) (+ a 0 at j = nk for odd nk), D2[p * ldp + j] = pair(dS[2p][j],
 //   dS[2p+1][j]), P2 likewise of P (an odd last row pairs with 0).
-// Bit for bit probs_from_lse + dscores_causal + rows_to_bf16 / row_pairs_bf16 in one pass.
+// Bit for bit probs_from_lse + dscores_causal, then the bf16 conversion (vcvtne2ps2bf16 rounding) as
+// the packing way does it, in one pass. D2 / P2 (rows = pairs of queries) are read in place as the A
+// of dSᵀ·q and Pᵀ·dout (A(i, p) at D2[p * ldp + i]).
 void probs_dscores_bf16_avx512bf16(int64_t rows, int64_t nk, int64_t t0, const float* S, const float* dP, int64_t ld,
                                    const float* lse, const float* delta, float scale, const int32_t* km,
                                    uint16_t* Db, int64_t ldb, uint32_t* D2, uint32_t* P2, int64_t ldp);

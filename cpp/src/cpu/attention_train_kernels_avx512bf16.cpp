@@ -109,24 +109,6 @@ void rows_to_bf16_avx512bf16(const float* src, int64_t lds, int64_t rows, int64_
   }
 }
 
-void row_pairs_bf16_avx512bf16(const float* src, int64_t lds, int64_t rows, int64_t n, uint32_t* dst, int64_t ldd) {
-  // [lo0..lo15, hi0..hi15] (cvtne2ps: lo = row 2p, hi = row 2p + 1) -> [lo0, hi0, lo1, hi1, ...].
-  alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
-                                                8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i idx = _mm512_load_si512(kIdx);
-  for (int64_t p = 0; 2 * p < rows; ++p) {
-    const float* s0 = src + 2 * p * lds;
-    const bool has1 = 2 * p + 1 < rows;
-    uint32_t* d = dst + p * ldd;
-    for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 m = lane_mask(n - j);
-      const __m512 lo = _mm512_maskz_loadu_ps(m, s0 + j);
-      const __m512 hi = has1 ? _mm512_maskz_loadu_ps(m, s0 + lds + j) : _mm512_setzero_ps();
-      _mm512_mask_storeu_epi32(d + j, m, _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(hi, lo)));
-    }
-  }
-}
-
 void probs_dscores_bf16_avx512bf16(int64_t rows, int64_t nk, int64_t t0, const float* S, const float* dP, int64_t ld,
                                    const float* lse, const float* delta, float scale, const int32_t* km,
                                    uint16_t* Db, int64_t ldb, uint32_t* D2, uint32_t* P2, int64_t ldp) {
