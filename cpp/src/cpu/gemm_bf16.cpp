@@ -296,8 +296,8 @@ auto pack_a_rows(const float* A, int64_t lda) {
 // B [K, N] row-major (nn / tn): all panels of a call in one sweep over each row pair.
 auto pack_b_cols(const float* B, int64_t ldb) {
   return [=](int64_t j0, int64_t n, int64_t p0, int64_t kc, uint32_t* Bp) {
-    if (stream_b()) return bf16_k::pack_cols_panels_avx512bf16(B + p0 * ldb + j0, ldb, n, kc, Bp);
     const int64_t kp = ceil_div(kc, 2);
+    if (stream_b()) return bf16_k::pack_cols_panels_avx512bf16(B + p0 * ldb + j0, ldb, n, kc, Bp, NR * kp);
     for (int64_t q = 0; q * NR < n; ++q)
       bf16_k::pack_cols_avx512bf16(B + p0 * ldb + j0 + q * NR, ldb, static_cast<int>(std::min<int64_t>(NR, n - q * NR)),
                                    kc, NR, Bp + q * NR * kp);
@@ -458,7 +458,24 @@ void nf4_gemm_nn_bf16(SimdLevel level, int64_t M, float alpha, const float* dY, 
     case Mode::Bf16:
 #ifdef QLORA_X86
       drive(M, N, K, alpha, beta, dX, lddx, pack_a_rows(dY, lddy),
-              per_panel([&](int64_t j0, int nr, int64_t p0, int64_t kc, uint32_t* Bp) {
+              [&](int64_t j0, int64_t n, int64_t p0, int64_t kc, uint32_t* Bp) {
+                if (stream_b() && n <= RunScales::kMaxLen) {
+                  // All n columns of a row pair at once: one decode call per row of the task's
+                  // columns (not per 32), then round + interleave into the panels.
+                  const int64_t kp = ceil_div(kc, 2);
+                  float* tmp = t_tmp.get<float>(static_cast<size_t>(2 * n));  // rows 2p, 2p + 1
+                  RunScales sc;
+                  for (int64_t p = 0; p < kp; ++p) {
+                    const int64_t rows = std::min<int64_t>(2, kc - 2 * p);
+                    for (int64_t h = 0; h < rows; ++h) {
+                      const int64_t f0 = (p0 + 2 * p + h) * N + j0;
+                      gemm_k::nf4_decode_avx512(W.packed, f0, n, sc.fill(W, f0, n, s), s, kNf4Codes, tmp + h * n);
+                    }
+                    bf16_k::pack_cols_panels_avx512bf16(tmp, n, n, rows, Bp + p * NR, NR * kp);
+                  }
+                  return;
+                }
+                per_panel([&](int64_t j0, int nr, int64_t p0, int64_t kc, uint32_t* Bp) {
                 // Rows p0..p0+kc of W, columns [j0, j0+nr): fp32 tmp [kc, NR], then round + interleave pairs.
                 float* tmp = t_tmp.get<float>(static_cast<size_t>(NR * kc));
                 RunScales sc;
@@ -467,7 +484,8 @@ void nf4_gemm_nn_bf16(SimdLevel level, int64_t M, float alpha, const float* dY, 
                   gemm_k::nf4_decode_avx512(W.packed, f0, nr, sc.fill(W, f0, nr, s), s, kNf4Codes, tmp + k * NR);
                 }
                 bf16_k::pack_cols_avx512bf16(tmp, NR, nr, kc, NR, Bp);
-              }),
+                })(j0, n, p0, kc, Bp);
+              },
               kNf4BCost);
 #endif
       return;

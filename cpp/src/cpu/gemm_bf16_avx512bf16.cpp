@@ -159,7 +159,8 @@ void pack_cols_avx512bf16(const float* src, int64_t ld, int n, int64_t kc, int W
   }
 }
 
-void pack_cols_panels_avx512bf16(const float* src, int64_t ld, int64_t n, int64_t kc, uint32_t* P) {
+void pack_cols_panels_avx512bf16(const float* src, int64_t ld, int64_t n, int64_t kc, uint32_t* P,
+                                 int64_t panel_stride) {
   alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
                                                 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512i idx = _mm512_load_si512(kIdx);
@@ -169,7 +170,7 @@ void pack_cols_panels_avx512bf16(const float* src, int64_t ld, int64_t n, int64_
     const float* s0 = src + 2 * p * ld;
     const bool has1 = 2 * p + 1 < kc;
     for (int64_t j = 0; j < wpad; j += 16) {
-      uint32_t* d = P + (j / NR) * NR * kp + p * NR + (j % NR);
+      uint32_t* d = P + (j / NR) * panel_stride + p * NR + (j % NR);
       if (j >= n16) {  // a whole zero half-panel
         _mm512_storeu_si512(d, _mm512_setzero_si512());
         continue;

@@ -24,8 +24,10 @@ void pack_rows_avx512bf16(const float* src, int64_t ld, int n, int64_t kc, int W
 //   P[p * W + i] = pair(src[2p * ld + i], src[(2p + 1) * ld + i])
 void pack_cols_avx512bf16(const float* src, int64_t ld, int n, int64_t kc, int W, uint32_t* P);
 // ceil(n / kNR) panels of width kNR (the last zero-padded) from n columns of a row-major [kc, *]
-// fp32 source, panel q at P + q * kNR * ceil(kc / 2); sweeps each row pair across all n columns
-// (sequential reads, where one panel at a time reads 128 bytes of every row).
-void pack_cols_panels_avx512bf16(const float* src, int64_t ld, int64_t n, int64_t kc, uint32_t* P);
+// fp32 source, panel q at P + q * panel_stride (kNR * ceil(kc / 2) for whole panels; larger when
+// filling a few pairs of taller panels); sweeps each row pair across all n columns (sequential
+// reads, where one panel at a time reads 128 bytes of every row).
+void pack_cols_panels_avx512bf16(const float* src, int64_t ld, int64_t n, int64_t kc, uint32_t* P,
+                                 int64_t panel_stride);
 
 }  // namespace qlora::cpu::bf16_k
