@@ -133,7 +133,7 @@ void CpuBackend::nf4_gemm_nt_many_lora(int64_t M, const float* X, int64_t ldx, i
   };
   if (plan.after_form()) {  // cpu/lora_sgmv.hpp: factors prefetched during the GEMV, LoRA tasks after it
     tail.post = [](const void* c, int64_t w, int64_t r0, int64_t r1) {
-      static_cast<const cpu::SgmvFused*>(c)->gemv_done(w, r1 - r0);
+      static_cast<const cpu::SgmvFused*>(c)->gemv_done(w, r0, r1);
     };
     tail.n_after = plan.after_tasks();
     tail.after = [](const void* c, int64_t i) { static_cast<const cpu::SgmvFused*>(c)->after(i); };

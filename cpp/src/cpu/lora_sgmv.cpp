@@ -68,6 +68,9 @@ struct PfRange {  // factor bytes [off, off + bytes) of the job's prefetch strea
   const char* p;
   int64_t off, bytes;
 };
+struct Piece {  // after form: output columns [n0, n1) of problem prob, expanded once their deps are met
+  int64_t prob, n0, n1;
+};
 
 }  // namespace
 
@@ -79,8 +82,11 @@ struct SgmvBuffers {
   std::vector<int64_t> prob_of_seg, pending;
   std::vector<Task> tasks;
   std::unique_ptr<std::atomic<int64_t>[]> left;  // shrink tasks not finished, per problem
-  std::unique_ptr<std::atomic<int64_t>[]> gemv_left;  // after form: base rows not computed, per problem
   size_t n_left = 0;
+  std::vector<Piece> pieces;  // after form: the expand pieces, by problem
+  std::vector<int64_t> piece0;  // [np + 1]: problem i's pieces are [piece0[i], piece0[i + 1])
+  std::unique_ptr<std::atomic<int64_t>[]> dep;  // per piece: base rows + shrinks still to come
+  size_t n_dep = 0;
   std::vector<PfRange> pf;  // after form: the factors, in the order the shrinks and expands read them
   int64_t pf_bytes = 0;
   bool after = false;
@@ -243,7 +249,6 @@ void plan_shrinks(SgmvBuffers& jb, int64_t np, double target) {
   }
   if (jb.n_left < static_cast<size_t>(np)) {
     jb.left.reset(new std::atomic<int64_t>[static_cast<size_t>(np)]);
-    jb.gemv_left.reset(new std::atomic<int64_t>[static_cast<size_t>(np)]);
     jb.n_left = static_cast<size_t>(np);
   }
   for (int64_t i = 0; i < np; ++i) jb.left[i].store(jb.pending[static_cast<size_t>(i)], std::memory_order_relaxed);
@@ -275,13 +280,7 @@ void run_shrink(const SgmvBuffers& jb, const Task& tk) {
 // Every shrink task of problem prob was claimed before the calling task (lower index): waits for
 // the ones still running on other threads (spin briefly, then yield the core), then adds the
 // expand of columns [n0, n1) of every segment of the problem.
-void run_expand(const SgmvBuffers& jb, const Backend::LoraProblem* p, int64_t prob, int64_t n0, int64_t n1) {
-  for (int spins = 0; jb.left[prob].load(std::memory_order_acquire) != 0 ||
-                      (jb.after && jb.gemv_left[prob].load(std::memory_order_acquire) != 0);
-       ++spins) {
-    if (spins < 4000) QLORA_SGMV_PAUSE();
-    else std::this_thread::yield();
-  }
+void expand_cols(const SgmvBuffers& jb, const Backend::LoraProblem* p, int64_t n0, int64_t n1) {
   for (const Seg& s : jb.segs) {
     if (s.p != p) continue;
     const Backend::LoraSegment& g = *s.s;
@@ -295,6 +294,22 @@ void run_expand(const SgmvBuffers& jb, const Backend::LoraProblem* p, int64_t pr
       jb.kn.expand(g.rows, n0, n1, g.r, g.alpha, s.t, g.r, g.B, g.r, p->y + g.row0 * p->ldy, p->ldy);
     }
   }
+}
+
+void run_expand(const SgmvBuffers& jb, const Backend::LoraProblem* p, int64_t prob, int64_t n0, int64_t n1) {
+  for (int spins = 0; jb.left[prob].load(std::memory_order_acquire) != 0; ++spins) {
+    if (spins < 4000) QLORA_SGMV_PAUSE();
+    else std::this_thread::yield();
+  }
+  expand_cols(jb, p, n0, n1);
+}
+
+// After form: `done` more of expand piece k's dependencies are met (base rows of its columns, or
+// one shrink of its problem); the call that meets the last one adds the piece's terms, so no task
+// ever waits for another.
+void piece_progress(const SgmvBuffers& jb, const Backend::LoraProblem* P, size_t k, int64_t done) {
+  const Piece& pc = jb.pieces[k];
+  if (jb.dep[k].fetch_sub(done, std::memory_order_acq_rel) == done) expand_cols(jb, &P[pc.prob], pc.n0, pc.n1);
 }
 
 }  // namespace
@@ -314,16 +329,28 @@ bool SgmvFused::prepare(SimdLevel level, int64_t np, const Backend::LoraProblem*
   jb_ = &jb, p_ = P, np_ = np;
   n_shrink_ = static_cast<int64_t>(jb.tasks.size());
   if (!after_) return true;
-  // After form: expand tasks (whole problems on one thread; else about two column ranges per
-  // thread, whole 16-column blocks), and the prefetch stream: each segment's factors in the order
-  // the tasks read them (bf16 copy: A then B, contiguous).
+  // After form: expand pieces (whole problems on one thread; else about two column ranges per
+  // thread, whole 16-column blocks), each waiting for its base rows and its problem's shrinks, and
+  // the prefetch stream: each segment's factors in the order the tasks read them (bf16 copy: A
+  // then B, contiguous).
+  jb.pieces.clear();
+  jb.piece0.assign(static_cast<size_t>(np) + 1, 0);
   for (int64_t i = 0; i < np; ++i) {
-    jb.gemv_left[i].store(P[i].out, std::memory_order_relaxed);
+    jb.piece0[static_cast<size_t>(i)] = static_cast<int64_t>(jb.pieces.size());
     if (!jb.pending[static_cast<size_t>(i)]) continue;
     const int64_t out = P[i].out;
     const int64_t pieces = nth <= 1 ? 1 : std::max<int64_t>(1, std::min<int64_t>(2 * nth, out / 64));
     const int64_t cols = ((out + pieces - 1) / pieces + 15) / 16 * 16;
-    for (int64_t n = 0; n < out; n += cols) jb.tasks.push_back({1, -1, i, n, std::min(out, n + cols)});
+    for (int64_t n = 0; n < out; n += cols) jb.pieces.push_back({i, n, std::min(out, n + cols)});
+  }
+  jb.piece0[static_cast<size_t>(np)] = static_cast<int64_t>(jb.pieces.size());
+  if (jb.n_dep < jb.pieces.size()) {
+    jb.dep.reset(new std::atomic<int64_t>[jb.pieces.size()]);
+    jb.n_dep = jb.pieces.size();
+  }
+  for (size_t k = 0; k < jb.pieces.size(); ++k) {
+    const Piece& pc = jb.pieces[k];
+    jb.dep[k].store(pc.n1 - pc.n0 + jb.pending[static_cast<size_t>(pc.prob)], std::memory_order_relaxed);
   }
   jb.pf.clear();
   jb.pf_bytes = 0;
@@ -345,14 +372,22 @@ bool SgmvFused::prepare(SimdLevel level, int64_t np, const Backend::LoraProblem*
 
 int64_t SgmvFused::after_tasks() const { return after_ ? static_cast<int64_t>(jb_->tasks.size()) : 0; }
 
-void SgmvFused::after(int64_t i) const {
-  const Task& tk = jb_->tasks[static_cast<size_t>(i)];
-  if (tk.kind == 0) run_shrink(*jb_, tk);
-  else run_expand(*jb_, &p_[tk.prob], tk.prob, tk.a, tk.b);
+void SgmvFused::after(int64_t i) const {  // shrink task i; its problem's pieces have one dependency less
+  const SgmvBuffers& jb = *jb_;
+  const Task& tk = jb.tasks[static_cast<size_t>(i)];
+  run_shrink(jb, tk);
+  for (int64_t k = jb.piece0[static_cast<size_t>(tk.prob)]; k < jb.piece0[static_cast<size_t>(tk.prob) + 1]; ++k)
+    piece_progress(jb, p_, static_cast<size_t>(k), 1);
 }
 
-void SgmvFused::gemv_done(int64_t prob, int64_t rows) const {
-  if (after_) jb_->gemv_left[prob].fetch_sub(rows, std::memory_order_release);
+void SgmvFused::gemv_done(int64_t prob, int64_t r0, int64_t r1) const {  // base rows [r0, r1) of problem prob
+  if (!after_) return;
+  const SgmvBuffers& jb = *jb_;
+  for (int64_t k = jb.piece0[static_cast<size_t>(prob)]; k < jb.piece0[static_cast<size_t>(prob) + 1]; ++k) {
+    const Piece& pc = jb.pieces[static_cast<size_t>(k)];
+    const int64_t ov = std::min(r1, pc.n1) - std::max(r0, pc.n0);
+    if (ov > 0) piece_progress(jb, p_, static_cast<size_t>(k), ov);
+  }
 }
 
 // Bytes [S f0', S f1') of the factor stream (S its size), f' = (f - kStart) / (1 - kStart) clamped

@@ -52,11 +52,13 @@ void lora_segments_many(SimdLevel level, int64_t np, const Backend::LoraProblem*
 // the plan must outlive the host job. Two forms:
 // - after (the default at the AVX512 level): the host job's GEMV tasks prefetch the factors (A and
 //   B, bf16 copies or fp32) into the running core's L2 as they go (prefetch(): their share of the
-//   bytes), while the GEMV, bound by decoding, leaves memory idle; each GEMV task ends with gemv_done(prob, rows); then the job
-//   runs after(i) for i < after_tasks() as its last tasks: the shrinks, then the expands (each a
-//   range of output columns of a problem: it waits until the problem's GEMV rows and shrinks are
-//   done, then adds every segment's term). From memory the factors had streamed at latency-bound
-//   rates (5-6 GB/s on one Zen 4 core), which cost more than the FMAs.
+//   bytes), while the GEMV, bound by decoding, leaves memory idle; each GEMV task ends with
+//   gemv_done(prob, r0, r1); the job's last tasks are the shrinks (after(i), i < after_tasks()).
+//   The expands go in pieces (output columns of a problem), each run by whichever call meets its
+//   last dependency (its columns' base rows, its problem's shrinks): no task waits for another,
+//   so a thread the OS has descheduled mid-GEMV never holds the others up. (Read by the shrinks
+//   from memory, the factors had streamed at latency-bound rates, 5-6 GB/s on one Zen 4 core,
+//   which cost more than the FMAs.)
 // - first (other levels, or QLORA_SGMV_AFTER=0 for A/B runs): shrink(i) for i < shrink_tasks()
 //   as the host job's first tasks, and expand(prob, n0, n1) after the GEMV task that computed
 //   columns [n0, n1) of problem prob (waits for the problem's shrinks).
@@ -74,7 +76,7 @@ class SgmvFused {
   // after form
   int64_t after_tasks() const;
   void after(int64_t i) const;
-  void gemv_done(int64_t prob, int64_t rows) const;
+  void gemv_done(int64_t prob, int64_t r0, int64_t r1) const;
   // The factor bytes (at most max ranges; returns how many) that go with the fraction [f0, f1) of
   // the host GEMV's rows (GemvTail::prefetch).
   int prefetch(double f0, double f1, const char** lo, const char** hi, int max) const;
