@@ -21,9 +21,8 @@ namespace qlora::cpu {
 
 namespace {
 constexpr int64_t MR = bf16_k::kSkinnyMR, NR = 16;
-constexpr int64_t kKCMax = 2048;
-constexpr int64_t kRowdotL1K = 1024;
-constexpr int64_t kTnBlockBytes = 256 << 10;  // W panel 16 x 1024 bf16 = 32 KiB  // k per block: a 28-row A tile (112 KiB) and B (64 KiB) stay in L2
+constexpr int64_t kKCMax = 2048;      // gemm_tn k per block: a 28-row A tile (112 KiB) and B (64 KiB) in L2
+constexpr int64_t kRowdotL1K = 1024;  // row-dot 1x16 up to here: W panel 16 x 1024 bf16 = 32 KiB
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
@@ -105,11 +104,9 @@ bool gemm_bf16_skinny(SkinnyLayout layout, int64_t M, int64_t N, int64_t K, floa
     return true;
   }
   // gemm_tn (dB = dyᵀ·t): op(A) is a column walk; 28x16 tiles over packed panels.
-  // K blocks of kc rows of A (all M columns: kTnBlockBytes) stay in L2 while every tile packs its
-  // columns from them: A streams from memory once, where whole-K tiles fetched each row's lines
-  // once per tile (one 6 KiB row of dy per k at M = 1536: 0.8x the fp32 kernel's rate).
-  const int64_t kc_l2 = std::max<int64_t>(32, kTnBlockBytes / (4 * M) / 32 * 32);
-  const int64_t kc = std::min({round_up(K, 32), kKCMax, kc_l2});
+  // Whole-K tiles (up to kKCMax): blocking K to keep a block of A in L2 (32 k at M = 1536) cost
+  // more in C reloads and per-block packing than it saved (measured 0.5x the fp32 kernel there).
+  const int64_t kc = std::min(round_up(K, 32), round_up(ceil_div(K, ceil_div(K, kKCMax)), 32));
   const int64_t m_tiles = ceil_div(M, MR);
   // Tasks: runs of tiles, a few per thread (dynamic claiming evens them out); one for small work.
   const int64_t n_tasks = par ? std::min<int64_t>(m_tiles, 4 * nth) : 1;
