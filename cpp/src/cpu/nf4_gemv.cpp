@@ -93,7 +93,10 @@ void run_rows(RowsFn rows, bool avx512, bool avx2, Args a, const Nf4Ref& W, int6
     rows(a, r0, r1);
     return;
   }
-  const int64_t rows_per_sub = std::max<int64_t>(1, (int64_t{4096} << s) / K);
+  // Even (r0 is even: the task splits are), so the kernels' row pairs stay (2j, 2j + 1) of the
+  // weight whatever the task split: an odd sub-range had sent one row through the single-row
+  // kernel, whose sums run in another order, at positions that moved with the thread count.
+  const int64_t rows_per_sub = std::max<int64_t>(2, ((int64_t{4096} << s) / K) & ~int64_t{1});
   const uint8_t* code = static_cast<const uint8_t*>(W.absmax);
   for (int64_t q0 = r0; q0 < r1; q0 += rows_per_sub) {
     const int64_t q1 = std::min(r1, q0 + rows_per_sub);
