@@ -213,8 +213,23 @@ void shared(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, 
     const int64_t target = nth <= 1 ? 1 : (flops > 5e8 ? 4 : 2) * nth;
     const int64_t n_nt0 = std::min(n_pan, target);
     const int64_t n_mt0 = std::min(m_tiles, ceil_div(target, n_nt0));
-    const int64_t m_step = ceil_div(m_tiles, n_mt0) * MR, n_step = ceil_div(n_pan, n_nt0) * NR;
-    const int64_t n_mt = ceil_div(mcur, m_step), n_nt = ceil_div(N, n_step);
+    const int64_t m_step = ceil_div(m_tiles, n_mt0) * MR;
+    const int64_t n_mt = ceil_div(mcur, m_step);
+    // Panels per task: ceil(n_pan / n_nt0), unless rounding leaves a task count that the threads
+    // cannot share evenly (6 panels / 4 tasks -> 3 tasks of 2 on 2 threads: a third idle in the
+    // end); then the step whose task count is a multiple of the threads, nearest the target.
+    int64_t pan_step = ceil_div(n_pan, n_nt0);
+    if (nth > 1 && (n_mt * ceil_div(n_pan, pan_step)) % nth != 0) {
+      int64_t best = -1;
+      for (int64_t st = 1; st <= n_pan; ++st) {
+        const int64_t tasks = n_mt * ceil_div(n_pan, st);
+        if (tasks % nth != 0 || tasks > 2 * target) continue;
+        const int64_t d = std::abs(tasks - target);
+        if (best < 0 || d <= std::abs(n_mt * ceil_div(n_pan, best) - target)) best = st;  // ties: wider
+      }
+      if (best > 0) pan_step = best;
+    }
+    const int64_t n_step = pan_step * NR, n_nt = ceil_div(N, n_step);
     for (int64_t pc = 0; pc < K; pc += kc) {
       const int64_t kcur = std::min(kc, K - pc), kp = ceil_div(kcur, 2);
       const float beta_k = pc == 0 ? beta : 1.0f;
