@@ -156,12 +156,12 @@ void blocked(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C,
 // of a (row super-block, depth block) once, all threads together, into one buffer; then each task
 // packs the B panels it alone uses (NC at a time, into its own L2, as blocked() does) and runs
 // them against all its rows. B is packed once too unless there are fewer B panels than tasks
-// (then rows split). A task never reads B panels another core packed: a first version that also
-// shared the B panels did 6-9% more micro-kernel cycles on 2 threads (panels from the other
-// core's L2). Same KC split, same k order, same rounding points: bit-identical to blocked().
-// Bytes of the A panels per pass: a quarter of this core's L3 share within [1, 8] MiB (8 MiB on
-// Zen 4: one pass for every SmolLM2 training GEMM). QLORA_BF16_SHARED_BYTES overrides it (tests
-// reach the row super-block loop with small shapes).
+// (then rows split). A task never reads B panels another core packed (a first version that also
+// shared the B panels measured no better on 2 threads). Same KC split, same k order, same
+// rounding points: bit-identical to blocked().
+// Bytes of the A panels per pass: a quarter of this core's L3 share within [1, 8] MiB (4 MiB on a
+// 2-core Zen 4 with 32 MiB L3: one pass for every SmolLM2 training GEMM, at most 3 MiB).
+// QLORA_BF16_SHARED_BYTES overrides it (tests reach the row super-block loop with small shapes).
 int64_t shared_budget_bytes() {
   static const int64_t b = [] {
     const CacheSizes& c = cache_sizes();
