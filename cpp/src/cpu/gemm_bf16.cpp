@@ -286,7 +286,7 @@ auto per_panel(F f) {
 }
 
 // QLORA_BF16_PACK=direct: the B packers read their source as before (A/B measurements; same bits).
-bool stream_b() {
+[[maybe_unused]] bool stream_b() {  // (unused where the AVX512-BF16 kernels are not built)
   const char* e = std::getenv("QLORA_BF16_PACK");
   return !(e && std::strcmp(e, "direct") == 0);
 }
