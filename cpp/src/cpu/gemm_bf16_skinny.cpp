@@ -95,11 +95,12 @@ bool gemm_bf16_skinny(SkinnyLayout layout, int64_t M, int64_t N, int64_t K, floa
       }
     }
     const int64_t n_tasks = par ? std::min<int64_t>(ceil_div(M, 8), 4 * nth) : 1, rows = ceil_div(M, n_tasks);
+    const auto kernel = rowdot_1x16(K) ? bf16_k::rowdot16x1_avx512bf16 : bf16_k::rowdot16_avx512bf16;
     parallel_for(ceil_div(M, rows), [&](int64_t task) {
       const int64_t i0 = task * rows, m = std::min(M, i0 + rows) - i0;
       for (int64_t jb = 0; jb < nblk; ++jb)
-        (rowdot_1x16(K) ? bf16_k::rowdot16x1_avx512bf16 : bf16_k::rowdot16_avx512bf16)(m, K, A + i0 * lda, lda, W + jb * NR * kq, kq, C + i0 * ldc + jb * NR, ldc, alpha,
-                                    beta, static_cast<int>(std::min(NR, N - jb * NR)));
+        kernel(m, K, A + i0 * lda, lda, W + jb * NR * kq, kq, C + i0 * ldc + jb * NR, ldc, alpha, beta,
+               static_cast<int>(std::min(NR, N - jb * NR)));
     });
     return true;
   }
