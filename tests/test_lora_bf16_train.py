@@ -1,7 +1,8 @@
-"""compute_dtype="bfloat16" in training: the LoRA matmuls (shrink x·Aᵀ, expand t·Bᵀ, dt = s dy·B,
-dB, dA, dx) take bf16-rounded operands (RNE) with fp32 accumulation, as PEFT's LoRA matmuls under
-torch.autocast(bfloat16); A, B, their gradients and the AdamW state stay float32. QLORA_LORA_BF16=0
-keeps those matmuls in fp32 (A/B runs). fp32 mode is untouched.
+"""compute_dtype="bfloat16" in training with QLORA_LORA_BF16=1 (opt-in): the LoRA matmuls (shrink
+x·Aᵀ, expand t·Bᵀ, dt = s dy·B, dB, dA, dx) take bf16-rounded operands (RNE) with fp32 accumulation,
+as PEFT's LoRA matmuls under torch.autocast(bfloat16); A, B, their gradients and the AdamW state stay
+float32. Unset or 0 keeps those matmuls in fp32 (the default: about twice more accurate LoRA
+gradients, see test_bf16.py). fp32 mode is untouched.
 
 The unit check of lora_forward / lora_backward (and the grouped calls) against a float64 reference
 that rounds the same operands to bf16 is cpp/tests/test_lora_bf16.cpp (ctest). Here: the
@@ -132,7 +133,10 @@ def _model(path, compute_dtype, dropout=0.0):
 
 
 def _pass(m, monkeypatch, lora_bf16, group=True, ckpt=True):
-    monkeypatch.setenv("QLORA_LORA_BF16", "1" if lora_bf16 else "0")
+    if lora_bf16 is None:
+        monkeypatch.delenv("QLORA_LORA_BF16", raising=False)
+    else:
+        monkeypatch.setenv("QLORA_LORA_BF16", "1" if lora_bf16 else "0")
     monkeypatch.setenv("QLORA_LORA_GROUP", "1" if group else "0")
     m.gradient_checkpointing = ckpt
     ids, labels, mask = _batch()
@@ -158,7 +162,7 @@ def global_rel(got, want):
 
 @needs_bf16
 def test_lora_matmuls_bf16_in_bf16_mode(tiny, monkeypatch):
-    """bf16 mode with the LoRA matmuls in bf16 (default) vs in fp32 (QLORA_LORA_BF16=0): they differ
+    """bf16 mode with the LoRA matmuls in bf16 (QLORA_LORA_BF16=1) vs in fp32 (=0): they differ
     (the switch and the bf16 path are live; on the old code both were fp32 and equal) by at most
     the LoRA roundings: each LoRA GEMM chain rounds 4 operands (4u relative to its magnitudes); an
     early layer's gradient passes through about 2 (L + 1) such chains forward and back, factor 2
@@ -168,6 +172,9 @@ def test_lora_matmuls_bf16_in_bf16_mode(tiny, monkeypatch):
     m = _model(tiny, "bfloat16")
     l_on, g_on = _pass(m, monkeypatch, True)
     l_off, g_off = _pass(m, monkeypatch, False)
+    # the default (unset) is the fp32 LoRA matmuls, bit for bit
+    l_def, g_def = _pass(m, monkeypatch, None)
+    assert l_def == l_off and all(np.array_equal(g_def[k], g_off[k]) for k in g_off)
     tol = 4 * U * 2 * (LAYERS + 1) * 2
     d = global_rel(g_on, g_off)
     assert 100 * EPS32 < d < tol, d
