@@ -18,7 +18,7 @@ namespace qlora::cpu::sgmv_bf16 {
 
 namespace {
 
-constexpr int kRows = 4;  // rows per register tile (both kernels)
+constexpr int kRows = 8;  // rows per expand register tile (8 x 3 blocks: 24 accumulators)
 
 __mmask16 lanes(int64_t lo, int64_t hi) {  // lanes [lo, hi) of 16, clamped
   if (lo < 0) lo = 0;
@@ -63,20 +63,23 @@ void shrink_tile(int64_t kp, const uint32_t* xp, int64_t ldxp, const uint32_t* W
   }
 }
 
-// Rows [0, R) x column blocks [b, b + NB) of the expand: one chain per lane over p.
-template <int R, int NB>
+// Rows [0, R) x column blocks [b, b + NB) of the expand: one chain per lane over p. FULL: every
+// lane of the NB blocks is inside [n0, n1), so the epilogue uses plain loads and stores (the
+// masked forms cost more on Zen 4 and most blocks are full).
+template <int R, int NB, bool FULL>
 void expand_tile(int64_t b, int64_t n0, int64_t n1, int64_t kp, const uint32_t* tp, int64_t ldtp, const uint32_t* Bp,
                  float alpha, float* y, int64_t ldy) {
   __m512 c[R][NB];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int i = 0; i < R; ++i)
 #pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) c[i][j] = _mm512_setzero_ps();
+  const uint32_t* W = Bp + b * kp * 16;
   for (int64_t p = 0; p < kp; ++p) {
     __m512bh w[NB];
 #pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) w[j] = as_bh(_mm512_loadu_si512(Bp + ((b + j) * kp + p) * 16));
-#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) w[j] = as_bh(_mm512_loadu_si512(W + (j * kp + p) * 16));
+#pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
       const __m512bh a = bcast(tp + i * ldtp + p);
 #pragma GCC unroll 4
@@ -87,24 +90,97 @@ void expand_tile(int64_t b, int64_t n0, int64_t n1, int64_t kp, const uint32_t* 
 #pragma GCC unroll 4
   for (int j = 0; j < NB; ++j) {
     const int64_t col = (b + j) * 16;
-    const __mmask16 m = lanes(n0 - col, n1 - col);
-#pragma GCC unroll 4
-    for (int i = 0; i < R; ++i) {
-      float* yp = y + i * ldy + col;
-      _mm512_mask_storeu_ps(yp, m, _mm512_fmadd_ps(va, c[i][j], _mm512_maskz_loadu_ps(m, yp)));
+    if (FULL) {
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) {
+        float* yp = y + i * ldy + col;
+        _mm512_storeu_ps(yp, _mm512_fmadd_ps(va, c[i][j], _mm512_loadu_ps(yp)));
+      }
+    } else {
+      const __mmask16 m = lanes(n0 - col, n1 - col);
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) {
+        float* yp = y + i * ldy + col;
+        _mm512_mask_storeu_ps(yp, m, _mm512_fmadd_ps(va, c[i][j], _mm512_maskz_loadu_ps(m, yp)));
+      }
     }
   }
 }
 
-// Rows [0, R) x column blocks [b, b + nb) (nb <= 4) of the expand.
+// Rows [0, M) x column blocks [b, b + NB) of the expand with KP (compile-time) pairs: the group's
+// B (NB x KP registers) stays in registers and the rows go one after another, NB chains each.
+// The out-of-order core overlaps the rows' chains, and each row's stores come right after its own
+// FMAs: with all rows in one register tile, the tile's 24 stores came in a burst at its end and
+// cost ~25% of the expand on Zen 4 (a 512-bit store every 2 cycles). Same chain per output as
+// expand_tile.
+template <int KP, int NB, bool FULL>
+void expand_rows(int64_t b, int64_t n0, int64_t n1, int64_t M, const uint32_t* tp, int64_t ldtp, const uint32_t* Bp,
+                 float alpha, float* y, int64_t ldy) {
+  const uint32_t* W = Bp + b * KP * 16;
+  __m512bh w[NB][KP];
+#pragma GCC unroll 4
+  for (int j = 0; j < NB; ++j)
+#pragma GCC unroll 16
+    for (int p = 0; p < KP; ++p) w[j][p] = as_bh(_mm512_loadu_si512(W + (j * KP + p) * 16));
+  const __m512 va = _mm512_set1_ps(alpha);
+  __mmask16 m[NB];
+#pragma GCC unroll 4
+  for (int j = 0; j < NB; ++j) m[j] = FULL ? static_cast<__mmask16>(0xFFFF) : lanes(n0 - (b + j) * 16, n1 - (b + j) * 16);
+  for (int64_t i = 0; i < M; ++i) {
+    const uint32_t* t = tp + i * ldtp;
+    __m512 c[NB];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) c[j] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int p = 0; p < KP; ++p) {
+      const __m512bh a = bcast(t + p);
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) c[j] = _mm512_dpbf16_ps(c[j], a, w[j][p]);
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) {
+      float* yp = y + i * ldy + (b + j) * 16;
+      if (FULL) _mm512_storeu_ps(yp, _mm512_fmadd_ps(va, c[j], _mm512_loadu_ps(yp)));
+      else _mm512_mask_storeu_ps(yp, m[j], _mm512_fmadd_ps(va, c[j], _mm512_maskz_loadu_ps(m[j], yp)));
+    }
+  }
+}
+
+// Column blocks [b, b + nb) (nb <= 3) of the expand at KP = 8 (r = 15 or 16), every row.
+void expand_rows8(int64_t b, int64_t nb, int64_t n0, int64_t n1, int64_t M, const uint32_t* tp, int64_t ldtp,
+                  const uint32_t* Bp, float alpha, float* y, int64_t ldy) {
+  if (b * 16 >= n0 && (b + nb) * 16 <= n1) {
+    switch (nb) {
+      case 1: expand_rows<8, 1, true>(b, n0, n1, M, tp, ldtp, Bp, alpha, y, ldy); break;
+      case 2: expand_rows<8, 2, true>(b, n0, n1, M, tp, ldtp, Bp, alpha, y, ldy); break;
+      default: expand_rows<8, 3, true>(b, n0, n1, M, tp, ldtp, Bp, alpha, y, ldy); break;
+    }
+  } else {
+    switch (nb) {
+      case 1: expand_rows<8, 1, false>(b, n0, n1, M, tp, ldtp, Bp, alpha, y, ldy); break;
+      case 2: expand_rows<8, 2, false>(b, n0, n1, M, tp, ldtp, Bp, alpha, y, ldy); break;
+      default: expand_rows<8, 3, false>(b, n0, n1, M, tp, ldtp, Bp, alpha, y, ldy); break;
+    }
+  }
+}
+
+// Rows [0, R) x column blocks [b, b + nb) (nb <= kNb) of the expand.
 template <int R>
 void expand_group(int64_t b, int64_t nb, int64_t n0, int64_t n1, int64_t kp, const uint32_t* tp, int64_t ldtp,
                   const uint32_t* Bp, float alpha, float* y, int64_t ldy) {
-  switch (nb) {
-    case 1: expand_tile<R, 1>(b, n0, n1, kp, tp, ldtp, Bp, alpha, y, ldy); break;
-    case 2: expand_tile<R, 2>(b, n0, n1, kp, tp, ldtp, Bp, alpha, y, ldy); break;
-    case 3: expand_tile<R, 3>(b, n0, n1, kp, tp, ldtp, Bp, alpha, y, ldy); break;
-    default: expand_tile<R, 4>(b, n0, n1, kp, tp, ldtp, Bp, alpha, y, ldy); break;
+  const bool full = b * 16 >= n0 && (b + nb) * 16 <= n1;
+  if (full) {
+    switch (nb) {
+      case 1: expand_tile<R, 1, true>(b, n0, n1, kp, tp, ldtp, Bp, alpha, y, ldy); break;
+      case 2: expand_tile<R, 2, true>(b, n0, n1, kp, tp, ldtp, Bp, alpha, y, ldy); break;
+      default: expand_tile<R, 3, true>(b, n0, n1, kp, tp, ldtp, Bp, alpha, y, ldy); break;
+    }
+  } else {
+    switch (nb) {
+      case 1: expand_tile<R, 1, false>(b, n0, n1, kp, tp, ldtp, Bp, alpha, y, ldy); break;
+      case 2: expand_tile<R, 2, false>(b, n0, n1, kp, tp, ldtp, Bp, alpha, y, ldy); break;
+      default: expand_tile<R, 3, false>(b, n0, n1, kp, tp, ldtp, Bp, alpha, y, ldy); break;
+    }
   }
 }
 
@@ -194,12 +270,17 @@ void shrink_avx512bf16(int64_t M, int64_t nb0, int64_t nb1, int64_t kp, const ui
 void expand_avx512bf16(int64_t M, int64_t n0, int64_t n1, int64_t kp, const uint32_t* tp, int64_t ldtp,
                        const uint32_t* Bp, float alpha, float* y, int64_t ldy) {
   if (n1 <= n0) return;
-  // Column groups outside, row tiles inside: a group's B (4 blocks x kp pairs, 2 KiB at r = 16)
-  // is read from memory or L2 once and from L1 for the other row tiles. Each output is the same
-  // chain whatever the loop order.
+  // Column groups of kNb blocks outside, tiles of up to 8 rows inside: 8 rows x 3 blocks is 24
+  // accumulators, so at decode (M <= 8) each block of B is read once. Each output is the same
+  // chain whatever the loop order or tile.
+  constexpr int64_t kNb = 3;
   const int64_t b1 = (n1 + 15) / 16;
-  for (int64_t b = n0 / 16; b < b1; b += 4) {
-    const int64_t nb = b1 - b < 4 ? b1 - b : 4;
+  for (int64_t b = n0 / 16; b < b1; b += kNb) {
+    const int64_t nb = b1 - b < kNb ? b1 - b : kNb;
+    if (kp == 8) {
+      expand_rows8(b, nb, n0, n1, M, tp, ldtp, Bp, alpha, y, ldy);
+      continue;
+    }
     for (int64_t m = 0; m < M; m += kRows) {
       const uint32_t* t = tp + m * ldtp;
       float* yr = y + m * ldy;
@@ -207,7 +288,11 @@ void expand_avx512bf16(int64_t M, int64_t n0, int64_t n1, int64_t kp, const uint
         case 1: expand_group<1>(b, nb, n0, n1, kp, t, ldtp, Bp, alpha, yr, ldy); break;
         case 2: expand_group<2>(b, nb, n0, n1, kp, t, ldtp, Bp, alpha, yr, ldy); break;
         case 3: expand_group<3>(b, nb, n0, n1, kp, t, ldtp, Bp, alpha, yr, ldy); break;
-        default: expand_group<4>(b, nb, n0, n1, kp, t, ldtp, Bp, alpha, yr, ldy); break;
+        case 4: expand_group<4>(b, nb, n0, n1, kp, t, ldtp, Bp, alpha, yr, ldy); break;
+        case 5: expand_group<5>(b, nb, n0, n1, kp, t, ldtp, Bp, alpha, yr, ldy); break;
+        case 6: expand_group<6>(b, nb, n0, n1, kp, t, ldtp, Bp, alpha, yr, ldy); break;
+        case 7: expand_group<7>(b, nb, n0, n1, kp, t, ldtp, Bp, alpha, yr, ldy); break;
+        default: expand_group<8>(b, nb, n0, n1, kp, t, ldtp, Bp, alpha, yr, ldy); break;
       }
     }
   }
