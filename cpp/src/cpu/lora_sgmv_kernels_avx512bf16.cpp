@@ -64,8 +64,8 @@ void shrink_tile(int64_t kp, const uint32_t* xp, int64_t ldxp, const uint32_t* W
 }
 
 // Rows [0, R) x column blocks [b, b + NB) of the expand: one chain per lane over p. FULL: every
-// lane of the NB blocks is inside [n0, n1), so the epilogue uses plain loads and stores (the
-// masked forms cost more on Zen 4 and most blocks are full).
+// lane of the NB blocks is inside [n0, n1), so the epilogue uses plain loads and stores (masks
+// only at a range's edges).
 template <int R, int NB, bool FULL>
 void expand_tile(int64_t b, int64_t n0, int64_t n1, int64_t kp, const uint32_t* tp, int64_t ldtp, const uint32_t* Bp,
                  float alpha, float* y, int64_t ldy) {
