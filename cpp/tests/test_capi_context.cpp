@@ -379,6 +379,16 @@ void test_contexts(const fs::path& root) {
       threw = e.code == QLORA_ERR_IO;
     }
     CHECK(threw, "wrapper load_adapter must throw Error(IO)");
+    CHECK(wm.adapter_dtype() == "auto", "wrapper adapter_dtype default: %s", wm.adapter_dtype().c_str());
+    wm.set_adapter_dtype("float32");
+    CHECK(wm.adapter_dtype() == "float32", "wrapper set_adapter_dtype: %s", wm.adapter_dtype().c_str());
+    threw = false;
+    try {
+      wm.set_adapter_dtype("fp8");
+    } catch (const qlora::api::Error& e) {
+      threw = e.code == QLORA_ERR_INVALID_ARGUMENT;
+    }
+    CHECK(threw && wm.adapter_dtype() == "float32", "wrapper set_adapter_dtype(\"fp8\") must throw, setting kept");
   }
 
   // A context outliving its model: calls fail, the last context_free releases the model.

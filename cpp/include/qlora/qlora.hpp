@@ -83,6 +83,11 @@ class Model {
     return ids;
   }
 
+  // How adapters are held for inference: "auto", "float32" or "bfloat16" (qlora.h). Throws Error
+  // naming the three values on anything else.
+  void set_adapter_dtype(const std::string& dtype) { check(qlora_model_set_adapter_dtype(m_.get(), dtype.c_str())); }
+  std::string adapter_dtype() const { return qlora_model_adapter_dtype(m_.get()); }
+
   // Logits [ids.size(), n_vocab] row-major.
   std::vector<float> forward(const std::vector<int32_t>& ids) {
     std::vector<float> out(ids.size() * static_cast<size_t>(n_vocab()));
