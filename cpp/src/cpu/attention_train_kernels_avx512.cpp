@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "cpu/attention_train_kernels.hpp"
+#include "cpu/transpose16_avx512.hpp"
 
 // GCC 12 reports the intrinsics' internal _mm512_undefined_ps() operands as uninitialized.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -13,32 +14,6 @@
 #endif
 
 namespace qlora::cpu::attn_train_k {
-
-namespace {
-// In-register transpose of a 16x16 tile of 32-bit lanes: r[i][j] -> r[j][i].
-void transpose16(__m512 r[16]) {
-  __m512 t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int g = 0; g < 4; ++g) {
-    u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
-    u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
-    u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
-    u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
-  }
-  for (int c = 0; c < 4; ++c) {
-    const __m512 x0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), x1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
-    const __m512 y0 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88),
-                 y1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
-    r[c] = _mm512_shuffle_f32x4(x0, y0, 0x88);
-    r[8 + c] = _mm512_shuffle_f32x4(x0, y0, 0xDD);
-    r[4 + c] = _mm512_shuffle_f32x4(x1, y1, 0x88);
-    r[12 + c] = _mm512_shuffle_f32x4(x1, y1, 0xDD);
-  }
-}
-}  // namespace
 
 void delta_rows_avx512(int64_t n, int64_t hd, const float* go, int64_t ldg, const float* o, int64_t ldo,
                        float* delta) {

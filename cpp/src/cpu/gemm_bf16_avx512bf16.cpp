@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "cpu/gemm_bf16_kernels.hpp"
+#include "cpu/transpose16_avx512.hpp"
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -69,29 +70,6 @@ void ukr(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t l
   }
 }
 
-// In-register transpose of a 16x16 tile of 32-bit lanes: r[i][j] -> r[j][i].
-void transpose16(__m512 r[16]) {
-  __m512 t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int g = 0; g < 4; ++g) {
-    u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
-    u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
-    u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
-    u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
-  }
-  for (int c = 0; c < 4; ++c) {
-    const __m512 x0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), x1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
-    const __m512 y0 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88),
-                 y1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
-    r[c] = _mm512_shuffle_f32x4(x0, y0, 0x88);
-    r[8 + c] = _mm512_shuffle_f32x4(x0, y0, 0xDD);
-    r[4 + c] = _mm512_shuffle_f32x4(x1, y1, 0x88);
-    r[12 + c] = _mm512_shuffle_f32x4(x1, y1, 0xDD);
-  }
-}
 
 // 32 k of one row (rem <= 32 valid floats, the rest zero) -> 16 bf16 pairs as 32-bit lanes.
 __m512 row_pairs(const float* s, int64_t rem) {
