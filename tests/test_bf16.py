@@ -20,41 +20,13 @@ import pytest
 import qlora_native
 from qlora_native import ops
 
+from helpers_bf16 import U, bf16, check, strided
 from test_ops_nf4_gemm import decode, random_nf4
 
-EPS32 = float(np.finfo(np.float32).eps)
-U = 2.0 ** -8
 HAVE_BF16 = ops.bf16_compute_available("cpu")
 needs_bf16 = pytest.mark.skipif(not HAVE_BF16, reason="no AVX512-BF16 on this CPU (fp32 fallback tested instead)")
 # The kernels checked: the oracle always, the AVX512-BF16 kernels where the CPU has them.
 BF16_BACKENDS = ["cpu:scalar"] + (["cpu:avx512"] if HAVE_BF16 else [])
-
-
-def bf16(x):
-    """numpy RNE rounding to bf16 (denormals flushed, as the hardware), returned as float64."""
-    b = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    r = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
-    r = np.where((b & 0x7F800000) == 0, b & 0x80000000, r).astype(np.uint32)
-    return r.view(np.float32).astype(np.float64)
-
-
-def check(c, a, b, K, alpha=1.0, beta=0.0, c0=None):
-    """c vs alpha * a @ b + beta * c0 (a [M, K], b [K, N], fp32) under both bounds above."""
-    exact = alpha * (a.astype(np.float64) @ b.astype(np.float64))
-    rounded = alpha * (bf16(a) @ bf16(b))
-    scale = abs(alpha) * (np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64))
-    if c0 is not None and beta != 0.0:
-        exact = exact + beta * c0.astype(np.float64)
-        rounded = rounded + beta * c0.astype(np.float64)
-        scale = scale + abs(beta) * np.abs(c0.astype(np.float64))
-    acc = (K + 4) * EPS32 * scale + 1e-30
-    assert np.all(np.abs(c - rounded) <= acc), float(np.max(np.abs(c - rounded) / acc))
-    assert np.all(np.abs(c - exact) <= (2 * U + U * U) * scale + acc)
-
-
-def strided(rng, rows, cols, pad=3):
-    """A float32 [rows, cols] view with row stride cols + pad (not contiguous)."""
-    return rng.standard_normal((rows, cols + pad)).astype(np.float32)[:, :cols]
 
 
 SHAPES = [(1, 1, 1), (3, 5, 2), (13, 31, 33), (15, 33, 7), (37, 45, 67), (29, 65, 301)]

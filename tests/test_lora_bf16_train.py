@@ -14,42 +14,14 @@ import pytest
 import qlora_native
 from qlora_native import LoraConfig, ops
 
+from helpers_bf16 import EPS32, U, check, strided
 from helpers_tiny import build_tiny
 
-U = 2.0 ** -8
-EPS32 = float(np.finfo(np.float32).eps)
 HAVE_BF16 = ops.bf16_compute_available("cpu")
 needs_bf16 = pytest.mark.skipif(not HAVE_BF16, reason="no AVX512-BF16 on this CPU (bf16 mode runs fp32)")
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, vocab_size=80)
 LAYERS = 2  # build_tiny's num_hidden_layers
 CFG = dict(r=4, lora_alpha=8, target_modules="all-linear", rank_pattern={"k_proj": 6, "gate_proj": 3})
-
-
-def bf16(x):
-    """numpy RNE rounding to bf16 (denormals flushed, as the hardware), returned as float64."""
-    b = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    r = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
-    r = np.where((b & 0x7F800000) == 0, b & 0x80000000, r).astype(np.uint32)
-    return r.view(np.float32).astype(np.float64)
-
-
-def check(c, a, b, K, alpha=1.0, beta=0.0, c0=None):
-    """test_bf16.check (not imported: that module loads torch): c vs alpha * a @ b + beta * c0
-    within (K + 4) eps32 |a|·|b| of the rounded-operand product and 2u + u^2 more of the exact one."""
-    exact = alpha * (a.astype(np.float64) @ b.astype(np.float64))
-    rounded = alpha * (bf16(a) @ bf16(b))
-    scale = abs(alpha) * (np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64))
-    if c0 is not None and beta != 0.0:
-        exact = exact + beta * c0.astype(np.float64)
-        rounded = rounded + beta * c0.astype(np.float64)
-        scale = scale + abs(beta) * np.abs(c0.astype(np.float64))
-    acc = (K + 4) * EPS32 * scale + 1e-30
-    assert np.all(np.abs(c - rounded) <= acc), float(np.max(np.abs(c - rounded) / acc))
-    assert np.all(np.abs(c - exact) <= (2 * U + U * U) * scale + acc)
-
-
-def strided(rng, rows, cols, pad=3):
-    return rng.standard_normal((rows, cols + pad)).astype(np.float32)[:, :cols]
 
 
 @pytest.fixture(scope="module")
