@@ -1,5 +1,5 @@
-// Kernels of the training attention (cpu/ops_backward_attention.cpp drives them). Declarations only
-// (cpu/README.md), so the *_avx512.cpp / *_avx512bf16.cpp files may include it.
+// Kernels of the training attention (cpu/ops_attention_train.cpp, ops_attention_train_bf16.cpp drive
+// them). Declarations only (cpu/README.md), so the *_avx512.cpp / *_avx512bf16.cpp files may include it.
 #pragma once
 #include <cstdint>
 

@@ -21,8 +21,9 @@ void rope_backward(int64_t M, int64_t n_heads, int64_t head_dim, float* dx, int6
 void swiglu_backward(SimdLevel level, int64_t M, int64_t N, const float* gate, int64_t ldg, const float* up,
                      int64_t ldu, const float* dout, int64_t ldd, float* dgate, int64_t lddg, float* dup, int64_t lddu);
 
-// ops_backward_attention.cpp (tile products through the GEMM kernels of `level`; bf16: all but the
-// scores q·kᵀ on bf16-rounded operands, fp32 accumulation, where bf16_compute_available(level), else fp32)
+// ops_attention_train.cpp, ops_attention_train_bf16.cpp (tile products through the GEMM kernels of
+// `level`; bf16: all but the scores q·kᵀ on bf16-rounded operands, fp32 accumulation, where
+// bf16_compute_available(level), else fp32)
 void attention_train(SimdLevel level, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
                      int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv, const int32_t* key_mask,
                      float scale, float* out, int64_t ldo, float* lse, bool bf16 = false);
