@@ -37,6 +37,9 @@ def parse_args():
     p.add_argument("--bw-gib", type=float, default=1.0, help="array size for the read-bandwidth probe (GiB)")
     p.add_argument("--gemv", action="store_true",
                    help="decode GEMV only: M = 1 on the 4096-class shapes, NF4 GB/s vs the read bandwidth of this run")
+    p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="--gemv: compute dtype of the NF4 GEMV (bfloat16: the AVX512-BF16 decode GEMV; "
+                        "QLORA_BF16_GEMV=0 in the environment runs the bf16 GEMM driver instead)")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/gemm-<time>.json)")
     return p.parse_args()
 
@@ -253,13 +256,15 @@ def main():
 
 
 GEMV_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # [out, in]: 8-22 MiB of NF4, far beyond L2
+# SmolLM2-135M's projections (q/o, k/v, gate/up, down): read from DRAM too (copies > 2x L3).
+GEMV_SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 TARGET_GEMV_VS_BW = 0.8  # NF4 GEMV at M = 1 streams its packed weight at >= 0.8x the read bandwidth
 
 
 def main_gemv(threads, budget):
     """M = 1 NF4 GEMV on memory-bound shapes: GB/s of packed weight (+ scales) vs the read bandwidth
     measured in the same run, interleaved (bandwidth, GEMVs, bandwidth) so machine load hits both."""
-    shapes = GEMV_SHAPES
+    shapes = GEMV_SHAPES + (GEMV_SMOLLM2_SHAPES if ARGS.compute_dtype == "bfloat16" else [])
     if ARGS.shapes:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in ARGS.shapes.split(",")]
     minfo = _common.machine_info()
@@ -273,7 +278,13 @@ def main_gemv(threads, budget):
     bws, rows = [], []
     bws.append(read_bandwidth(ARGS.bw_gib, threads))
     print(_common.machine_line(minfo, {"read_bandwidth_gbps": bws[0], "threads": threads}))
-    print(f"NF4 GEMV M=1, SIMD {qlora_native.simd_level()}, threads {threads}, blocksize {ARGS.blocksize}, "
+    cd = ARGS.compute_dtype
+    if cd == "bfloat16" and not ops.bf16_compute_available(ARGS.backend):
+        print(f"note: no bf16 compute on {ARGS.backend}: compute_dtype=bfloat16 runs the fp32 kernels")
+    print(f"NF4 GEMV M=1, compute {cd}"
+          + (" (QLORA_BF16_GEMV=0: bf16 GEMM driver)" if cd == "bfloat16" and os.environ.get("QLORA_BF16_GEMV") == "0"
+             else "")
+          + f", SIMD {qlora_native.simd_level()}, threads {threads}, blocksize {ARGS.blocksize}, "
           f"best of ~{budget:g} s per shape; load average {os.getloadavg()[0]:.2f}")
     l3 = ((minfo.get("caches") or {}).get("L3") or {}).get("bytes") or (32 << 20)
     for (shape, q, qb) in ws:
@@ -286,7 +297,7 @@ def main_gemv(threads, budget):
 
         def sweep():
             for c in copies:
-                ops.nf4_gemm_nt(x, c, out, backend=ARGS.backend)
+                ops.nf4_gemm_nt(x, c, out, backend=ARGS.backend, compute_dtype=cd)
 
         t = best_time(sweep, budget, min_runs=3, max_runs=20) / n_copy
         rows.append({"shape": list(shape), "nf4_bytes": qb, "seconds": t, "gbps": qb / t / 1e9, "copies": n_copy})
@@ -303,7 +314,7 @@ def main_gemv(threads, budget):
           f"{'MET' if worst >= TARGET_GEMV_VS_BW else 'NOT MET'}")
     result = {"benchmark": "gemv", "time": minfo["time"], "qlora_native": qlora_native.__version__,
               "simd": qlora_native.simd_level(), "threads": threads, "blocksize": ARGS.blocksize,
-              "machine_info": minfo, "read_bandwidth_gbps": bws, "machine_line": _common.machine_line(
+              "compute_dtype": cd, "bf16_gemv_env": os.environ.get("QLORA_BF16_GEMV"), "machine_info": minfo, "read_bandwidth_gbps": bws, "machine_line": _common.machine_line(
                   minfo, {"read_bandwidth_gbps": bw, "threads": threads}),
               "target_vs_bandwidth": TARGET_GEMV_VS_BW, "rows": rows}
     path = ARGS.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",

@@ -17,6 +17,7 @@
 #include "cpu/gemm_bf16_kernels.hpp"
 #include "cpu/gemm_kernels.hpp"
 #include "cpu/gemm_scalar.hpp"
+#include "cpu/nf4_gemv_bf16.hpp"
 #include "cpu/pack.hpp"
 #include "cpu/threads.hpp"
 
@@ -438,6 +439,7 @@ void nf4_gemm_nt_bf16(SimdLevel level, int64_t M, float alpha, const float* X, i
       return;
     case Mode::Bf16:
 #ifdef QLORA_X86
+      if (nf4_gemv_bf16_applies(level, M, W)) return nf4_gemv_bf16(M, alpha, X, ldx, W, beta, Y, ldy);  // decode
       drive(M, N, K, alpha, beta, Y, ldy, pack_a_rows(X, ldx),
               per_panel([&](int64_t j0, int nr, int64_t p0, int64_t kc, uint32_t* Bp) {
                 // Decode nr weight rows [j0, j0+nr) x columns [p0, p0+kc) to fp32 tmp [nr, kc], then round + pack.

@@ -1,0 +1,29 @@
+// Entry points of the AVX512-BF16 NF4 GEMV kernel (nf4_gemv_bf16_avx512bf16.cpp), called by
+// nf4_gemv_bf16.cpp. Plain declarations only (the kernel file is built with -mavx512bf16).
+#pragma once
+#include <cstdint>
+
+namespace qlora::cpu::nf4_gemv_bf16_detail {
+
+// Rows [r0, r1) of Y[M, N] = alpha * Xb · Wᵀ + beta * Y (a plain aggregate: no inline constructor).
+struct Args {
+  int64_t M;               // 1..8
+  int64_t K;               // W.cols, K % 64 == 0
+  const uint8_t* packed;   // [(N*K)/2], element 2i in the high nibble of byte i
+  const float* absmax;     // absmax[b - block0]: decoded scale of block b
+  int64_t block0;
+  int bs_shift;            // blocksize = 1 << bs_shift >= 64
+  const float* codes;      // [16] NF4 code values
+  const uint16_t* xb;      // [M, K] X rounded to bf16 and regrouped (regroup_x_bf16)
+  float alpha, beta;
+  float* y;
+  int64_t ldy;
+  int64_t pf_l1, pf_l2;    // software prefetch distances (bytes of packed W)
+};
+
+// X[M, K] -> xb[M, K]: bf16 (RNE) in the order the kernel looks weights up: per 64 columns,
+// slot s < 32 holds column 2s + 1 (low nibbles), slot 32 + s column 2s (high nibbles).
+void regroup_x_bf16(int64_t M, int64_t K, const float* X, int64_t ldx, uint16_t* xb);
+void rows_bf16(const Args& a, int64_t r0, int64_t r1);
+
+}  // namespace qlora::cpu::nf4_gemv_bf16_detail
