@@ -8,7 +8,7 @@
 #include <cstdint>
 
 #include "cpu/attention_train_kernels.hpp"
-#include "cpu/gemm_bf16_kernels.hpp"
+#include "cpu/bf16_tile_avx512bf16.hpp"
 #include "cpu/simd_exp_avx512.hpp"
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -19,74 +19,17 @@
 namespace qlora::cpu::attn_train_k {
 
 namespace {
-constexpr int NR = bf16_k::kNR;
-static_assert(NR == 32, "two zmm of 16 fp32 columns per row");
-static_assert(bf16_k::kMR <= 14, "ukernel_direct_avx512bf16 dispatches mr = 1..14");
-
 __mmask16 lane_mask(int64_t n) {  // first n of 16 lanes (n clamped to [0, 16])
   if (n >= 16) return 0xFFFF;
   if (n <= 0) return 0;
   return static_cast<__mmask16>((1u << n) - 1u);
 }
-
-// The chain and the stores of bf16_k's ukr<R> (gemm_bf16_avx512bf16.cpp), A(i, p) at A[i * rs + p * cs].
-template <int R>
-void ukr(int64_t kp, const uint32_t* A, int64_t rs, int64_t cs, const uint32_t* Bp, float* C, int64_t ldc,
-         float alpha, float beta, int nr) {
-  __m512 c0[R], c1[R];
-#pragma GCC unroll 14
-  for (int i = 0; i < R; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < kp; ++p) {
-    const __m512bh b0 = (__m512bh)_mm512_load_si512(Bp), b1 = (__m512bh)_mm512_load_si512(Bp + 16);
-#pragma GCC unroll 14
-    for (int i = 0; i < R; ++i) {
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(A[i * rs]));
-      c0[i] = _mm512_dpbf16_ps(c0[i], a, b0);
-      c1[i] = _mm512_dpbf16_ps(c1[i], a, b1);
-    }
-    A += cs;
-    Bp += NR;
-  }
-  const __mmask16 m0 = lane_mask(nr), m1 = lane_mask(nr - 16);
-  const __m512 va = _mm512_set1_ps(alpha);
-  if (beta == 0.0f) {
-#pragma GCC unroll 14
-    for (int i = 0; i < R; ++i) {
-      _mm512_mask_storeu_ps(C + i * ldc, m0, _mm512_mul_ps(va, c0[i]));
-      _mm512_mask_storeu_ps(C + i * ldc + 16, m1, _mm512_mul_ps(va, c1[i]));
-    }
-  } else {
-    const __m512 vb = _mm512_set1_ps(beta);
-#pragma GCC unroll 14
-    for (int i = 0; i < R; ++i) {
-      float* c = C + i * ldc;
-      _mm512_mask_storeu_ps(c, m0, _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, c), _mm512_mul_ps(va, c0[i])));
-      _mm512_mask_storeu_ps(c + 16, m1,
-                            _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m1, c + 16), _mm512_mul_ps(va, c1[i])));
-    }
-  }
-}
 }  // namespace
 
+// The tile of bf16_k::ukernel_avx512bf16 (cpu/bf16_tile_avx512bf16.hpp) with A read in place.
 void ukernel_direct_avx512bf16(int64_t kp, const uint32_t* A, int64_t rs, int64_t cs, const uint32_t* Bp, float* C,
                                int64_t ldc, float alpha, float beta, int mr, int nr) {
-  switch (mr) {
-    case 14: return ukr<14>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
-    case 13: return ukr<13>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
-    case 12: return ukr<12>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
-    case 11: return ukr<11>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
-    case 10: return ukr<10>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
-    case 9: return ukr<9>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
-    case 8: return ukr<8>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
-    case 7: return ukr<7>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
-    case 6: return ukr<6>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
-    case 5: return ukr<5>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
-    case 4: return ukr<4>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
-    case 3: return ukr<3>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
-    case 2: return ukr<2>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
-    case 1: return ukr<1>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
-    default: return;
-  }
+  bf16_tile::tile_rows<false, false>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, mr, nr);
 }
 
 void rows_to_bf16_avx512bf16(const float* src, int64_t lds, int64_t rows, int64_t n, const float* scale,
