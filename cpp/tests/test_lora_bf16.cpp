@@ -18,10 +18,15 @@
 
 #include "backend.hpp"
 #include "check.hpp"
+#include "lora_fixture.hpp"
 #include "model/lora.hpp"
 
 using namespace qlora;
 using namespace qlora::model;
+using lora_fixture::close;
+using lora_fixture::Dev;
+using lora_fixture::down;
+using lora_fixture::make_qkv_adapter;
 
 namespace {
 
@@ -40,35 +45,7 @@ double r16(double v) {  // RNE to bf16 (normal range; denormals flushed as the k
   return f;
 }
 
-std::vector<float> wave(size_t n, float f, float s) {
-  std::vector<float> v(n);
-  for (size_t i = 0; i < n; ++i) v[i] = s * std::sin(f * static_cast<float>(i) + 0.3f) * (1.0f + 0.01f * (i % 7));
-  return v;
-}
-
-struct Dev {
-  Backend& be;
-  void* p;
-  size_t n;
-  Dev(Backend& b, const std::vector<float>& h) : be(b), p(b.alloc(sizeof(float) * h.size())), n(h.size()) {
-    be.upload(p, h.data(), sizeof(float) * n);
-  }
-  ~Dev() { be.free(p); }
-  float* f() const { return static_cast<float*>(p); }
-  std::vector<float> get() const {
-    std::vector<float> h(n);
-    be.download(h.data(), p, sizeof(float) * n);
-    be.synchronize();
-    return h;
-  }
-};
-
-std::vector<float> down(Backend& be, const float* p, size_t n) {
-  std::vector<float> h(n);
-  be.download(h.data(), p, sizeof(float) * n);
-  be.synchronize();
-  return h;
-}
+std::vector<float> wave(size_t n, float f, float s) { return lora_fixture::wave(n, f, s, 0.01f); }
 
 // Row-major double matrices; C[i][j] = sum_k a(i, k) b(k, j) with optional rounding of each operand.
 struct Mat {
@@ -129,22 +106,10 @@ double check_out(const char* name, const char* what, const std::vector<float>& g
 }
 
 std::unique_ptr<LoraAdapter> make_adapter(Backend& be) {
-  auto a = std::make_unique<LoraAdapter>();
-  a->modules.resize(kNumProj);  // one layer: q, k, v adapted
-  for (int i = 0; i < 3; ++i) {
-    const auto A = wave(static_cast<size_t>(kRank[i] * D), 0.7f + 0.1f * i, 0.3f);
-    const auto B = wave(static_cast<size_t>(kOut[i] * kRank[i]), 0.4f + 0.2f * i, 0.5f);
-    a->modules[i] = make_lora_module(be, kRank[i], D, kOut[i], 1.5f + 0.25f * i, A.data(), B.data());
-  }
+  auto a = make_qkv_adapter(be, D, kOut, kRank, 0.01f);
   pack_lora_params(be, *a);
   ensure_lora_grads(be, *a);
   return a;
-}
-
-bool close(const std::vector<float>& a, const std::vector<float>& b, double tol) {
-  double err = 0.0, mag = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) err = std::fmax(err, std::fabs(a[i] - b[i])), mag = std::fmax(mag, std::fabs(b[i]));
-  return mag > 0.0 && err <= tol * mag;
 }
 
 void check_backend(Backend& be, const char* name) {

@@ -8,63 +8,19 @@
 
 #include "backend.hpp"
 #include "check.hpp"
+#include "lora_fixture.hpp"
 #include "model/lora.hpp"
 
 using namespace qlora;
 using namespace qlora::model;
+using namespace lora_fixture;
 
 namespace {
 
 constexpr int64_t M = 7, D = 24;
 const int64_t kOut[3] = {24, 8, 8}, kRank[3] = {2, 3, 1};
 
-std::vector<float> wave(size_t n, float f, float s) {
-  std::vector<float> v(n);
-  for (size_t i = 0; i < n; ++i) v[i] = s * std::sin(f * static_cast<float>(i) + 0.3f);
-  return v;
-}
-
-std::unique_ptr<LoraAdapter> make_adapter(Backend& be) {
-  auto a = std::make_unique<LoraAdapter>();
-  a->modules.resize(kNumProj);  // one layer: q, k, v adapted, o..down not
-  for (int i = 0; i < 3; ++i) {
-    const auto A = wave(static_cast<size_t>(kRank[i] * D), 0.7f + 0.1f * i, 0.3f);
-    const auto B = wave(static_cast<size_t>(kOut[i] * kRank[i]), 0.4f + 0.2f * i, 0.5f);
-    a->modules[i] = make_lora_module(be, kRank[i], D, kOut[i], 1.5f + 0.25f * i, A.data(), B.data());
-  }
-  return a;
-}
-
-struct Dev {
-  Backend& be;
-  void* p;
-  size_t n;
-  Dev(Backend& b, const std::vector<float>& h) : be(b), p(b.alloc(sizeof(float) * h.size())), n(h.size()) {
-    be.upload(p, h.data(), sizeof(float) * n);
-  }
-  ~Dev() { be.free(p); }
-  float* f() const { return static_cast<float*>(p); }
-  std::vector<float> get() const {
-    std::vector<float> h(n);
-    be.download(h.data(), p, sizeof(float) * n);
-    be.synchronize();
-    return h;
-  }
-};
-
-std::vector<float> down(Backend& be, const float* p, size_t n) {
-  std::vector<float> h(n);
-  be.download(h.data(), p, sizeof(float) * n);
-  be.synchronize();
-  return h;
-}
-
-// max |a - b| <= tol * max |b|
-bool close(const std::vector<float>& a, const std::vector<float>& b, double tol) {
-  double err = 0.0, mag = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) err = std::fmax(err, std::fabs(a[i] - b[i])), mag = std::fmax(mag, std::fabs(b[i]));
-  return mag > 0.0 && err <= tol * mag;
-}
+std::unique_ptr<LoraAdapter> make_adapter(Backend& be) { return make_qkv_adapter(be, D, kOut, kRank); }
 
 void check_backend(Backend& be, const char* name) {
   const double tol = 64.0 * std::ldexp(1.0, -23);
