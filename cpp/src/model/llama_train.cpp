@@ -259,7 +259,7 @@ struct Pass {
   bool dropout;
   bool bf16;                // compute_dtype="bfloat16": base GEMMs, lm_head and attention in bf16 compute
   bool group;               // the LoRA of q/k/v and of gate/up through the grouped calls (lora_group)
-  bool lora_bf16 = bf16 && lora_bf16_enabled();  // the LoRA GEMMs in bf16 too (model/lora.hpp)
+  LoraBf16 lora_bf16 = bf16 ? lora_bf16_ops() : LoraBf16{};  // which LoRA GEMMs run bf16 (model/lora.hpp)
   float* t = nullptr;       // [M, r_max] LoRA scratch
   float* dt = nullptr;      // [M, r_max]
   float* xdrop = nullptr;   // [M, max(D, I, QD)] dropped-out LoRA input (dropout only)

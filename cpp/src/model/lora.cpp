@@ -1,5 +1,6 @@
 #include "model/lora.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -155,39 +156,62 @@ void zero_lora_grads(Backend& be, LoraAdapter& a) {
   be.fill_zero(a.grad_arena.data(), a.grad_arena.bytes());  // on the device: no host zeros uploaded
 }
 
-bool lora_bf16_enabled() {
-  // Opt-in: measured over 24 seeds of test_bf16's 2-layer model, bf16 LoRA GEMMs double the LoRA
-  // gradients' error vs float64 and exceed PEFT autocast's on 6 of them, for ~5% of a 2-thread step.
-  const char* e = std::getenv("QLORA_LORA_BF16");  // read per pass (cheap), so tests can flip it
-  return e && std::string(e) == "1";
+LoraBf16 lora_bf16_ops() {
+  // Read per pass (cheap), so tests and A/B benches can flip it.
+  const char* e = std::getenv("QLORA_LORA_BF16");
+  const std::string v = e ? e : "";
+  if (v.empty() || v == "0") return LoraBf16::mask(0);
+  if (v == "1" || v == "all") return LoraBf16::mask(kLoraBf16All);
+  if (v == "forward") return LoraBf16::mask(kLoraBf16Forward);
+  if (v == "backward") return LoraBf16::mask(kLoraBf16Backward);
+  static const struct {
+    const char* name;
+    unsigned op;
+  } kOps[] = {{"shrink", kLoraShrink}, {"expand", kLoraExpand}, {"bwd_shrink", kLoraBwdShrink}, {"dt", kLoraDt},
+              {"db", kLoraDB},         {"da", kLoraDA},         {"dx", kLoraDx}};
+  unsigned ops = 0;
+  size_t i = 0;
+  while (i <= v.size()) {
+    const size_t j = std::min(v.find(',', i), v.size());
+    const std::string w = v.substr(i, j - i);
+    bool found = false;
+    for (const auto& o : kOps)
+      if (w == o.name) ops |= o.op, found = true;
+    check_arg(found, "QLORA_LORA_BF16='" + v +
+                         "': expected 0, 1, all, forward, backward, or a comma list of shrink, expand, "
+                         "bwd_shrink, dt, db, da, dx");
+    i = j + 1;
+  }
+  return LoraBf16::mask(ops);
 }
 
 namespace {
-// The LoRA GEMMs of one call: fp32, or (bf16) the backend's bf16-compute GEMMs, which round both
-// operands to bf16 (RNE) and accumulate in fp32. Factors, gradients and outputs stay fp32.
+// The LoRA GEMMs of one call: each the fp32 GEMM, or (its bit set) the backend's bf16-compute GEMM,
+// which rounds both operands to bf16 (RNE) and accumulates in fp32. Factors, gradients and outputs
+// stay fp32.
 struct LoraGemm {
   Backend& be;
-  bool bf16;
-  void nt(int64_t M, int64_t N, int64_t K, float al, const float* A, int64_t lda, const float* B, int64_t ldb,
-          float beta, float* C, int64_t ldc) const {
-    if (bf16) be.gemm_nt_bf16(M, N, K, al, A, lda, B, ldb, beta, C, ldc);
+  LoraBf16 bf16;
+  void nt(unsigned op, int64_t M, int64_t N, int64_t K, float al, const float* A, int64_t lda, const float* B,
+          int64_t ldb, float beta, float* C, int64_t ldc) const {
+    if (bf16[op]) be.gemm_nt_bf16(M, N, K, al, A, lda, B, ldb, beta, C, ldc);
     else be.gemm_nt(M, N, K, al, A, lda, B, ldb, beta, C, ldc);
   }
-  void nn(int64_t M, int64_t N, int64_t K, float al, const float* A, int64_t lda, const float* B, int64_t ldb,
-          float beta, float* C, int64_t ldc) const {
-    if (bf16) be.gemm_nn_bf16(M, N, K, al, A, lda, B, ldb, beta, C, ldc);
+  void nn(unsigned op, int64_t M, int64_t N, int64_t K, float al, const float* A, int64_t lda, const float* B,
+          int64_t ldb, float beta, float* C, int64_t ldc) const {
+    if (bf16[op]) be.gemm_nn_bf16(M, N, K, al, A, lda, B, ldb, beta, C, ldc);
     else be.gemm_nn(M, N, K, al, A, lda, B, ldb, beta, C, ldc);
   }
-  void tn(int64_t M, int64_t N, int64_t K, float al, const float* A, int64_t lda, const float* B, int64_t ldb,
-          float beta, float* C, int64_t ldc) const {
-    if (bf16) be.gemm_tn_bf16(M, N, K, al, A, lda, B, ldb, beta, C, ldc);
+  void tn(unsigned op, int64_t M, int64_t N, int64_t K, float al, const float* A, int64_t lda, const float* B,
+          int64_t ldb, float beta, float* C, int64_t ldc) const {
+    if (bf16[op]) be.gemm_tn_bf16(M, N, K, al, A, lda, B, ldb, beta, C, ldc);
     else be.gemm_tn(M, N, K, al, A, lda, B, ldb, beta, C, ldc);
   }
 };
 }  // namespace
 
 void lora_forward(Backend& be, const LoraModule& m, int64_t M, const float* x, int64_t ldx, float* y, int64_t ldy,
-                  float* t, float scale, bool bf16) {
+                  float* t, float scale, LoraBf16 bf16) {
   if (scale == 0.0f) return;  // scale 0: the adapter contributes nothing (exactly the base output)
   const prof::PartContext pc(prof::Part::LoraFwd);
   const LoraGemm g{be, bf16};  // its GEMMs are booked to LoRA (bench_train --breakdown)
@@ -196,20 +220,20 @@ void lora_forward(Backend& be, const LoraModule& m, int64_t M, const float* x, i
     own = DeviceBuffer(be, sizeof(float) * M * m.r);  // [M, r]
     t = own.f32();
   }
-  g.nt(M, m.r, m.in, 1.0f, x, ldx, m.A.f32(), m.in, 0.0f, t, m.r);           // t = x·Aᵀ
-  g.nt(M, m.out, m.r, scale * m.scaling, t, m.r, m.B.f32(), m.r, 1.0f, y, ldy);  // y += s * t·Bᵀ
+  g.nt(kLoraShrink, M, m.r, m.in, 1.0f, x, ldx, m.A.f32(), m.in, 0.0f, t, m.r);  // t = x·Aᵀ
+  g.nt(kLoraExpand, M, m.out, m.r, scale * m.scaling, t, m.r, m.B.f32(), m.r, 1.0f, y, ldy);  // y += s * t·Bᵀ
 }
 
 void lora_backward(Backend& be, LoraModule& m, int64_t M, const float* x, int64_t ldx, const float* dy, int64_t lddy,
-                   float* dx, int64_t lddx, float beta, float* t, float* dt, float scale, bool bf16) {
+                   float* dx, int64_t lddx, float beta, float* t, float* dt, float scale, LoraBf16 bf16) {
   const float s = scale * m.scaling;
   const prof::PartContext pc(prof::Part::LoraBwd);
   const LoraGemm g{be, bf16};
-  g.nt(M, m.r, m.in, 1.0f, x, ldx, m.A.f32(), m.in, 0.0f, t, m.r);            // t[M, r] = x·Aᵀ
-  g.nn(M, m.r, m.out, s, dy, lddy, m.B.f32(), m.r, 0.0f, dt, m.r);            // dt[M, r] = s * dy·B
-  g.tn(m.out, m.r, M, s, dy, lddy, t, m.r, 1.0f, m.dB, m.r);                  // dB += s * dyᵀ·t
-  g.tn(m.r, m.in, M, 1.0f, dt, m.r, x, ldx, 1.0f, m.dA, m.in);                // dA += dtᵀ·x
-  if (dx) g.nn(M, m.in, m.r, 1.0f, dt, m.r, m.A.f32(), m.in, beta, dx, lddx);  // dx = beta*dx + dt·A
+  g.nt(kLoraBwdShrink, M, m.r, m.in, 1.0f, x, ldx, m.A.f32(), m.in, 0.0f, t, m.r);  // t[M, r] = x·Aᵀ
+  g.nn(kLoraDt, M, m.r, m.out, s, dy, lddy, m.B.f32(), m.r, 0.0f, dt, m.r);  // dt[M, r] = s * dy·B
+  g.tn(kLoraDB, m.out, m.r, M, s, dy, lddy, t, m.r, 1.0f, m.dB, m.r);  // dB += s * dyᵀ·t
+  g.tn(kLoraDA, m.r, m.in, M, 1.0f, dt, m.r, x, ldx, 1.0f, m.dA, m.in);  // dA += dtᵀ·x
+  if (dx) g.nn(kLoraDx, M, m.in, m.r, 1.0f, dt, m.r, m.A.f32(), m.in, beta, dx, lddx);  // dx = beta*dx + dt·A
 }
 
 bool lora_group_adjacent(const LoraModule* const* m, int n, bool grads) {
@@ -230,33 +254,34 @@ int64_t lora_rank_sum(const LoraModule* const* m, int n) {
 }
 
 void lora_forward_group(Backend& be, int n, const LoraModule* const* m, int64_t M, const float* x, int64_t ldx,
-                        float* const* y, const int64_t* ldy, float* t, float scale, bool bf16) {
+                        float* const* y, const int64_t* ldy, float* t, float scale, LoraBf16 bf16) {
   if (scale == 0.0f) return;  // as lora_forward: the base output left bit-identical
   check_arg(lora_group_adjacent(m, n, false), "lora_forward_group: the A factors are not adjacent");
   const prof::PartContext pc(prof::Part::LoraFwd);
   const LoraGemm g{be, bf16};
   const int64_t R = lora_rank_sum(m, n), in = m[0]->in;
-  g.nt(M, R, in, 1.0f, x, ldx, m[0]->A.f32(), in, 0.0f, t, R);  // t[M, R] = x·[A_0; ...]ᵀ: x read once
+  g.nt(kLoraShrink, M, R, in, 1.0f, x, ldx, m[0]->A.f32(), in, 0.0f, t, R);  // t[M, R] = x·[A_0; ...]ᵀ: x read once
   for (int64_t i = 0, off = 0; i < n; off += m[i]->r, ++i)  // y_i += s_i * t_i·B_iᵀ
-    g.nt(M, m[i]->out, m[i]->r, scale * m[i]->scaling, t + off, R, m[i]->B.f32(), m[i]->r, 1.0f, y[i], ldy[i]);
+    g.nt(kLoraExpand, M, m[i]->out, m[i]->r, scale * m[i]->scaling, t + off, R, m[i]->B.f32(), m[i]->r, 1.0f, y[i],
+         ldy[i]);
 }
 
 void lora_backward_group(Backend& be, int n, LoraModule* const* m, int64_t M, const float* x, int64_t ldx,
                          const float* const* dy, const int64_t* lddy, float* dx, int64_t lddx, float beta, float* t,
-                         float* dt, float scale, bool bf16) {
+                         float* dt, float scale, LoraBf16 bf16) {
   check_arg(lora_group_adjacent(m, n, true), "lora_backward_group: the A factors or their gradients are not adjacent");
   const prof::PartContext pc(prof::Part::LoraBwd);
   const LoraGemm g{be, bf16};
   const int64_t R = lora_rank_sum(m, n), in = m[0]->in;
-  g.nt(M, R, in, 1.0f, x, ldx, m[0]->A.f32(), in, 0.0f, t, R);  // t[M, R] = x·[A_0; ...]ᵀ
+  g.nt(kLoraBwdShrink, M, R, in, 1.0f, x, ldx, m[0]->A.f32(), in, 0.0f, t, R);  // t[M, R] = x·[A_0; ...]ᵀ
   for (int64_t i = 0, off = 0; i < n; off += m[i]->r, ++i) {
     const LoraModule& mi = *m[i];
     const float s = scale * mi.scaling;
-    g.nn(M, mi.r, mi.out, s, dy[i], lddy[i], mi.B.f32(), mi.r, 0.0f, dt + off, R);  // dt_i = s_i * dy_i·B_i
-    g.tn(mi.out, mi.r, M, s, dy[i], lddy[i], t + off, R, 1.0f, mi.dB, mi.r);        // dB_i += s_i * dy_iᵀ·t_i
+    g.nn(kLoraDt, M, mi.r, mi.out, s, dy[i], lddy[i], mi.B.f32(), mi.r, 0.0f, dt + off, R);  // dt_i = s_i * dy_i·B_i
+    g.tn(kLoraDB, mi.out, mi.r, M, s, dy[i], lddy[i], t + off, R, 1.0f, mi.dB, mi.r);  // dB_i += s_i * dy_iᵀ·t_i
   }
-  g.tn(R, in, M, 1.0f, dt, R, x, ldx, 1.0f, m[0]->dA, in);  // [dA_0; ...] += dtᵀ·x: x read once
-  if (dx) g.nn(M, in, R, 1.0f, dt, R, m[0]->A.f32(), in, beta, dx, lddx);  // dx = beta*dx + sum_i dt_i·A_i
+  g.tn(kLoraDA, R, in, M, 1.0f, dt, R, x, ldx, 1.0f, m[0]->dA, in);  // [dA_0; ...] += dtᵀ·x: x read once
+  if (dx) g.nn(kLoraDx, M, in, R, 1.0f, dt, R, m[0]->A.f32(), in, beta, dx, lddx);  // dx = beta*dx + sum_i dt_i·A_i
 }
 
 void dropout_forward(Backend& be, const DropoutKey& k, float p, int64_t M, int64_t in, const float* x, int64_t ldx,

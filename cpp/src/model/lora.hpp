@@ -103,27 +103,59 @@ void set_lora_factors(Backend& be, LoraModule& m, const float* A_host, const flo
 void ensure_lora_grads(Backend& be, LoraAdapter& a);
 void zero_lora_grads(Backend& be, LoraAdapter& a);
 
-// bf16 (the training pass under compute_dtype="bfloat16", when lora_bf16_enabled()): every LoRA GEMM
-// below (shrink, expand, dt, dA, dB, dx) is the backend's bf16-compute GEMM: both operands rounded
-// to bf16 (RNE), fp32 accumulation, as PEFT's LoRA matmuls under torch.autocast(bfloat16). A, B,
-// their gradients and outputs stay fp32. bf16 false: the fp32 GEMMs, bit-identical to before.
-// Opt-in with QLORA_LORA_BF16=1 (read per call): off by default, since it doubles the LoRA gradients'
-// error vs float64 (worse than PEFT autocast's on a quarter of seeds) for ~5% of a bf16 step.
-bool lora_bf16_enabled();
+// Which LoRA GEMMs of the training pass (compute_dtype="bfloat16") run as the backend's bf16-compute
+// GEMM: both operands rounded to bf16 (RNE), fp32 accumulation, as PEFT's LoRA matmuls under
+// torch.autocast(bfloat16). The others are the fp32 GEMMs. A, B, their gradients and every output
+// stay fp32. One bit per GEMM:
+enum LoraBf16Op : unsigned {
+  kLoraShrink = 1u << 0,     // forward (and checkpoint recompute) t = x·Aᵀ
+  kLoraExpand = 1u << 1,     // forward (and recompute) y += s t·Bᵀ
+  kLoraBwdShrink = 1u << 2,  // backward's recomputed t = x·Aᵀ (feeds dB)
+  kLoraDt = 1u << 3,         // dt = s dy·B (feeds dA and dx)
+  kLoraDB = 1u << 4,         // dB += s dyᵀ·t
+  kLoraDA = 1u << 5,         // dA += dtᵀ·x
+  kLoraDx = 1u << 6,         // dx += dt·A
+};
+constexpr unsigned kLoraBf16All = 0x7Fu;
+// Named splits (QLORA_LORA_BF16=forward / backward). Measured per GEMM over 24-96 seeds of
+// test_bf16's 2-layer model vs float64 (README, bf16 compute: LoRA-gradient error / fp32-LoRA's):
+// the forward GEMMs' roundings scale with the LoRA output against the base output (x2.2 where the
+// adapter's output is twice the base's, x1.14 at half, x1.007 at a tenth: harmless while an adapter
+// is young), the gradient GEMMs' roundings are 2u-level errors in dA / dB themselves (x1.02-1.09,
+// visible wherever the LoRA term is small). No split with a speed gain matches fp32 in every regime,
+// so the default stays fp32 and these are opt-in.
+constexpr unsigned kLoraBf16Forward = kLoraShrink | kLoraExpand;
+constexpr unsigned kLoraBf16Backward = kLoraBwdShrink | kLoraDt | kLoraDB | kLoraDA | kLoraDx;
+struct LoraBf16 {
+  unsigned ops = 0;
+  constexpr LoraBf16() = default;
+  constexpr LoraBf16(bool all) : ops(all ? kLoraBf16All : 0u) {}  // NOLINT: true = every LoRA GEMM
+  static constexpr LoraBf16 mask(unsigned o) {
+    LoraBf16 b;
+    b.ops = o & kLoraBf16All;
+    return b;
+  }
+  constexpr bool operator[](unsigned op) const { return (ops & op) != 0; }
+};
+// The mode from QLORA_LORA_BF16 (read per call, so tests and A/B benches can flip it): unset or "0":
+// every LoRA GEMM fp32 (the default); "1" or "all": every one bf16; "forward", "backward": the
+// splits above; or a comma list of shrink, expand, bwd_shrink, dt, db, da, dx (per-GEMM
+// measurement). Anything else throws ValueError naming the variable.
+LoraBf16 lora_bf16_ops();
 
 // Forward of the LoRA branch: y[M, out] (row stride ldy) += scale * scaling * (x·Aᵀ)·Bᵀ, x[M, in]
 // (row stride ldx) being the (dropped-out) input; `scale` is the request's runtime adapter scale
 // (set_adapter_scale; 0: nothing is added, y is left bit-identical). t[M, r] is scratch (null:
 // allocated here).
 void lora_forward(Backend& be, const LoraModule& m, int64_t M, const float* x, int64_t ldx, float* y, int64_t ldy,
-                  float* t = nullptr, float scale = 1.0f, bool bf16 = false);
+                  float* t = nullptr, float scale = 1.0f, LoraBf16 bf16 = {});
 
 // Backward of the LoRA branch for dy[M, out] with s = scale * scaling: recomputes t = x·Aᵀ,
 // accumulates dB += s * dyᵀ·t and dA += dtᵀ·x with dt = s * dy·B, and writes
 // dx[M, in] = beta * dx + dt·A (dx may be null: no input gradient). t, dt: [M, r] scratch.
 void lora_backward(Backend& be, LoraModule& m, int64_t M, const float* x, int64_t ldx, const float* dy, int64_t lddy,
                    float* dx, int64_t lddx, float beta, float* t, float* dt, float scale = 1.0f,
-                   bool bf16 = false);
+                   LoraBf16 bf16 = {});
 
 // Grouped LoRA of n modules m[0..n) (n <= kMaxLoraGroup) that share one input x[M, in]
 // (q/k/v, gate/up; dropout 0), the training pass's form of Unsloth's fused LoRA: the shrinks are
@@ -137,12 +169,12 @@ bool lora_group_adjacent(const LoraModule* const* m, int n, bool grads);
 int64_t lora_rank_sum(const LoraModule* const* m, int n);
 // y_i[M, out_i] (row stride ldy[i]) += scale * scaling_i * (x·A_iᵀ)·B_iᵀ; t[M, R] scratch.
 void lora_forward_group(Backend& be, int n, const LoraModule* const* m, int64_t M, const float* x, int64_t ldx,
-                        float* const* y, const int64_t* ldy, float* t, float scale = 1.0f, bool bf16 = false);
+                        float* const* y, const int64_t* ldy, float* t, float scale = 1.0f, LoraBf16 bf16 = {});
 // lora_backward of each module for dy_i (row stride lddy[i]), the input-gradient terms summed:
 // dx[M, in] = beta * dx + sum_i dt_i·A_i (one GEMM). t, dt: [M, R] scratch.
 void lora_backward_group(Backend& be, int n, LoraModule* const* m, int64_t M, const float* x, int64_t ldx,
                          const float* const* dy, const int64_t* lddy, float* dx, int64_t lddx, float beta, float* t,
-                         float* dt, float scale = 1.0f, bool bf16 = false);
+                         float* dt, float scale = 1.0f, LoraBf16 bf16 = {});
 
 // LoRA dropout (inverted, as torch.nn.Dropout): the keep mask of one (micro step, layer,
 // projection) is regenerated from a Philox stream keyed by them, so it is never stored. Element
