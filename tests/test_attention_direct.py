@@ -10,14 +10,13 @@ in place (no A panel packed per tile), and delta = rowsum(dout * out) 16 rows pe
   ragged T, GQA and several head dims, on the default (direct) path.
 """
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from qlora_native import _core, ops
 
+from helpers_attention import assert_same_bits, compute_dtypes, run_attention, simd_levels
 from test_attention_bf16 import bounds, within
 from test_grad_ops import attn_bwd_ref, attn_ref, make_mask, randn
 
@@ -32,34 +31,6 @@ SHAPES = [  # B, T, Hq, Hkv, hd, mask kind
     (1, 17, 2, 2, 16, "none"),
 ]
 
-SCRIPT = r"""
-import sys
-import numpy as np
-from qlora_native import _core
-g = _core.grad_ops
-out = {}
-levels, dtypes = sys.argv[2].split(","), sys.argv[3].split(",")
-for case, (B, T, Hq, Hkv, hd, kind) in enumerate(%r):
-    rng = np.random.default_rng(100 + case)
-    q = rng.standard_normal((B * T, Hq * hd)).astype(np.float32)
-    k = rng.standard_normal((B * T, Hkv * hd)).astype(np.float32)
-    v = rng.standard_normal((B * T, Hkv * hd)).astype(np.float32)
-    dout = rng.standard_normal((B * T, Hq * hd)).astype(np.float32)
-    mask = np.ones((B, T), np.int32)
-    if kind == "left":
-        mask[-1, :T // 3] = 0
-    elif kind == "right":
-        mask[-1, T - T // 4:] = 0
-    for lv in levels:
-        for dt in dtypes:
-            kw = dict(n_heads=Hq, n_kv_heads=Hkv, scale=float(hd) ** -0.5, backend="cpu:" + lv, compute_dtype=dt)
-            o, lse = g.attention_train(q, k, v, mask, **kw)
-            dq, dk, dv = g.attention_train_backward(q, k, v, mask, o, lse, dout, **kw)
-            for name, a in (("out", o), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv)):
-                out[f"{case}_{lv}_{dt}_{name}"] = np.asarray(a)
-np.savez(sys.argv[1], **out)
-""" % (SHAPES,)
-
 
 def _run(path, levels, dtypes, backward, direct):
     env = dict(os.environ, QLORA_ATTN_BACKWARD=backward)
@@ -67,21 +38,15 @@ def _run(path, levels, dtypes, backward, direct):
     env.pop("QLORA_ATTN_PANELS", None)
     if not direct:
         env["QLORA_ATTN_DIRECT"] = "0"
-    r = subprocess.run([sys.executable, "-c", SCRIPT, path, ",".join(levels), ",".join(dtypes)], env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    return np.load(path)
+    return run_attention(path, SHAPES, 100, levels, dtypes, env)
 
 
 @pytest.mark.parametrize("backward", ["fused", "split"])
 def test_direct_bit_identical_to_packing(tmp_path, backward):
-    levels = [lv for lv in ("generic", "avx2", "avx512") if lv in _core.supported_simd_levels()]
-    dtypes = ["float32"] + (["bfloat16"] if HAVE_BF16 else [])
+    levels, dtypes = simd_levels(), compute_dtypes()
     a = _run(str(tmp_path / "on.npz"), levels, dtypes, backward, True)
     b = _run(str(tmp_path / "off.npz"), levels, dtypes, backward, False)
-    assert sorted(a.files) == sorted(b.files) and a.files
-    for key in a.files:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert_same_bits(a, b)
 
 
 @pytest.mark.skipif(not HAVE_BF16, reason="no AVX512-BF16 on this CPU")
