@@ -3,7 +3,6 @@ import os
 import numpy as np
 import pytest
 
-import qlora_native
 from qlora_native import _core
 
 

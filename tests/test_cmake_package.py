@@ -10,7 +10,6 @@ build/{wheel_tag}: its objects are reused, nothing is compiled twice."""
 from __future__ import annotations
 
 import fcntl
-import os
 import re
 import shutil
 import subprocess

@@ -1,8 +1,6 @@
 """Bad text, ids and vocabularies give clear errors naming what is wrong (issue 14): lone surrogates
 in JSONL rows (file:line and field) or passed to encode, non-integer ids to decode, GGUF merges
 outside the vocabulary (FormatError naming the file and the merge)."""
-import json
-
 import numpy as np
 import pytest
 

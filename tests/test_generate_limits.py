@@ -4,7 +4,6 @@ generate, set_num_threads limits."""
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import sys
 import textwrap

@@ -4,7 +4,6 @@ are one GEMM x·[A_q; A_k; A_v]ᵀ, the input-gradient terms one GEMM with K = r
 one GEMM dtᵀ·x. QLORA_LORA_GROUP=0 runs the ungrouped calls: losses and gradients must agree to
 fp32 rounding (only the summation order differs), with dropout (never grouped) exactly; the
 optimizer state keeps the PEFT tensor order though the arena holds another."""
-import os
 
 import numpy as np
 import pytest

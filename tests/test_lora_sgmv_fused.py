@@ -5,7 +5,6 @@ the bits of the unfused one (base GEMV job, then the SGMV job; QLORA_SGMV_FUSE=0
 test_lora_sgmv.py / test_mixed_batch.py check against float64 and against each row run alone:
 on every CPU SIMD level, mixed batches, a shared adapter, "__base__" rows, a zero scale, decode
 steps through a context, two thread counts; and it must actually run (profiled op counts)."""
-import json
 import os
 import subprocess
 import sys

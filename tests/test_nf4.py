@@ -1,7 +1,6 @@
 """NF4 + double-quant codec against a numpy reference of the rules (shared/reference/nf4-format.md)
 and the NF4Tensor Python API. bitsandbytes parity lives in test_nf4_bnb.py."""
 import math
-import time
 
 import ml_dtypes
 import numpy as np
