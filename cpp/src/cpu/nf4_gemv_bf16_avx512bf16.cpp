@@ -59,14 +59,33 @@ QLORA_AI void prefetch_ahead(const uint8_t* p0, int64_t K, int64_t pf_l1, int64_
   _mm_prefetch(reinterpret_cast<const char*>(p0 + pf_l2 + K / 2), _MM_HINT_T1);
 }
 
+// y = alpha * dot (+ beta * y): products rounded apart (never an FMA), the same in the scalar and
+// the vector store, so a row's bits do not depend on which one its group took.
 QLORA_AI void store(const Args& a, int64_t m, int64_t n, float dot) {
   float* y = a.y + m * a.ldy + n;
-  *y = a.beta == 0.0f ? a.alpha * dot : a.alpha * dot + a.beta * *y;  // beta == 0: Y not read
+  float v = a.alpha * dot;
+  if (a.beta != 0.0f) {  // beta == 0: Y not read
+    float b = a.beta * *y;
+    asm("" : "+v"(v), "+v"(b));
+    v += b;
+  }
+  *y = v;
 }
 
-// One row n (the odd last row of a range): two accumulators per row of X (low / high nibbles).
-template <int M>
-void row_one(const Args& a, int64_t n, __m512 codes, const Shifts& sh) {
+// The block tables of row n at step k (columns [k, k + 64)): rebuilt when the step starts a block.
+// Blocksize 64 (the QLoRA default): every step, no branch (kEvery).
+template <bool kEvery>
+QLORA_AI void next_table(__m512i& t, const float*& am, int64_t j, int64_t k, int64_t bs_mask, __m512 codes) {
+  if (kEvery) {
+    if (k) t = table(codes, *++am);
+  } else if (k && (j & bs_mask) == 0) {
+    t = table(codes, *++am);
+  }
+}
+
+// One row n (the odd last row of a range): out[m] = the 16 lane sums of row m of X.
+template <int M, bool kEvery>
+QLORA_AI void row_one(const Args& a, int64_t n, __m512 codes, const Shifts& sh, __m512* out) {
   const int64_t K = a.K, bs_mask = (int64_t{1} << a.bs_shift) - 1, j0 = n * K;
   const uint8_t* p = a.packed + j0 / 2;
   const float* am = a.absmax + ((j0 >> a.bs_shift) - a.block0);
@@ -74,7 +93,7 @@ void row_one(const Args& a, int64_t n, __m512 codes, const Shifts& sh) {
   __m512 acc[M][2];
   for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 64) {
-    if (k && ((j0 + k) & bs_mask) == 0) t = table(codes, *++am);
+    next_table<kEvery>(t, am, j0 + k, k, bs_mask, codes);
     if ((k & 127) == 0) {
       _mm_prefetch(reinterpret_cast<const char*>(p + k / 2 + a.pf_l1), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(p + k / 2 + a.pf_l2), _MM_HINT_T1);
@@ -86,92 +105,92 @@ void row_one(const Args& a, int64_t n, __m512 codes, const Shifts& sh) {
       acc[m][1] = dp(acc[m][1], w.hi, _mm512_loadu_si512(x + 32));
     }
   }
-  for (int m = 0; m < M; ++m) store(a, m, n, _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])));
+  for (int m = 0; m < M; ++m) out[m] = _mm512_add_ps(acc[m][0], acc[m][1]);
 }
 
-// Rows n, n + 1 sharing every X load; M <= 4: separate low / high accumulators (more independent
-// chains for vdpbf16ps's latency at small M), reduced with _mm512_reduce_add_ps.
-template <int M>
-void pair_narrow(const Args& a, int64_t n, __m512 codes, const Shifts& sh) {
+// Rows n, n + 1 sharing every X load. M <= 4: separate low / high accumulators (more independent
+// chains for vdpbf16ps's latency at small M); M > 4: one per (row of W, row of X), 16 registers.
+// out0[m], out1[m]: the 16 lane sums of rows n and n + 1.
+template <int M, bool kEvery>
+QLORA_AI void row_pair(const Args& a, int64_t n, __m512 codes, const Shifts& sh, __m512* out0, __m512* out1) {
+  constexpr int U = M <= 4 ? 2 : 1;
   const int64_t K = a.K, s = a.bs_shift, bs_mask = (int64_t{1} << s) - 1, j0 = n * K, j1 = j0 + K;
   const uint8_t* p0 = a.packed + j0 / 2;
   const uint8_t* p1 = p0 + K / 2;
   const float* am0 = a.absmax + ((j0 >> s) - a.block0);
   const float* am1 = a.absmax + ((j1 >> s) - a.block0);
   __m512i t0 = table(codes, *am0), t1 = table(codes, *am1);
-  __m512 acc0[M][2], acc1[M][2];
-  for (int m = 0; m < M; ++m) acc0[m][0] = acc0[m][1] = acc1[m][0] = acc1[m][1] = _mm512_setzero_ps();
+  __m512 acc0[M][U], acc1[M][U];
+  for (int m = 0; m < M; ++m)
+    for (int u = 0; u < U; ++u) acc0[m][u] = acc1[m][u] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 64) {
-    if (k) {
-      if (((j0 + k) & bs_mask) == 0) t0 = table(codes, *++am0);
-      if (((j1 + k) & bs_mask) == 0) t1 = table(codes, *++am1);
-    }
-    if ((k & 127) == 0) prefetch_ahead(p0 + k / 2, K, a.pf_l1, a.pf_l2);
-    const W64 w0 = lookup(p0 + k / 2, t0, sh), w1 = lookup(p1 + k / 2, t1, sh);
-    for (int m = 0; m < M; ++m) {
-      __m512i xl = _mm512_loadu_si512(a.xb + m * K + k), xh = _mm512_loadu_si512(a.xb + m * K + k + 32);
-      keep_in_register(xl, xh);
-      acc0[m][0] = dp(acc0[m][0], w0.lo, xl);
-      acc0[m][1] = dp(acc0[m][1], w0.hi, xh);
-      acc1[m][0] = dp(acc1[m][0], w1.lo, xl);
-      acc1[m][1] = dp(acc1[m][1], w1.hi, xh);
-    }
-  }
-  for (int m = 0; m < M; ++m) {
-    store(a, m, n, _mm512_reduce_add_ps(_mm512_add_ps(acc0[m][0], acc0[m][1])));
-    store(a, m, n + 1, _mm512_reduce_add_ps(_mm512_add_ps(acc1[m][0], acc1[m][1])));
-  }
-}
-
-// Rows n, n + 1 for 5 <= M <= 8: one accumulator per (row of W, row of X) (16 registers), the
-// low then the high vector into it, and one tree reduction of all 16 (hsum16).
-template <int M>
-void pair_wide(const Args& a, int64_t n, __m512 codes, const Shifts& sh) {
-  const int64_t K = a.K, s = a.bs_shift, bs_mask = (int64_t{1} << s) - 1, j0 = n * K, j1 = j0 + K;
-  const uint8_t* p0 = a.packed + j0 / 2;
-  const uint8_t* p1 = p0 + K / 2;
-  const float* am0 = a.absmax + ((j0 >> s) - a.block0);
-  const float* am1 = a.absmax + ((j1 >> s) - a.block0);
-  __m512i t0 = table(codes, *am0), t1 = table(codes, *am1);
-  __m512 acc[16];  // [8 * (row n + 1) + m]; m >= M stay zero
-  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 64) {
-    if (k) {
-      if (((j0 + k) & bs_mask) == 0) t0 = table(codes, *++am0);
-      if (((j1 + k) & bs_mask) == 0) t1 = table(codes, *++am1);
-    }
+    next_table<kEvery>(t0, am0, j0 + k, k, bs_mask, codes);
+    next_table<kEvery>(t1, am1, j1 + k, k, bs_mask, codes);
     if ((k & 127) == 0) prefetch_ahead(p0 + k / 2, K, a.pf_l1, a.pf_l2);
     const W64 w0 = lookup(p0 + k / 2, t0, sh), w1 = lookup(p1 + k / 2, t1, sh);
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
       __m512i xl = _mm512_loadu_si512(a.xb + m * K + k), xh = _mm512_loadu_si512(a.xb + m * K + k + 32);
       keep_in_register(xl, xh);
-      acc[m] = dp(dp(acc[m], w0.lo, xl), w0.hi, xh);
-      acc[8 + m] = dp(dp(acc[8 + m], w1.lo, xl), w1.hi, xh);
+      acc0[m][0] = dp(acc0[m][0], w0.lo, xl);
+      acc0[m][U - 1] = dp(acc0[m][U - 1], w0.hi, xh);
+      acc1[m][0] = dp(acc1[m][0], w1.lo, xl);
+      acc1[m][U - 1] = dp(acc1[m][U - 1], w1.hi, xh);
     }
   }
-  alignas(64) float dots[16];
-  _mm512_store_ps(dots, hsum16(acc));
   for (int m = 0; m < M; ++m) {
-    store(a, m, n, dots[m]);
-    store(a, m, n + 1, dots[8 + m]);
+    out0[m] = U == 2 ? _mm512_add_ps(acc0[m][0], acc0[m][U - 1]) : acc0[m][0];
+    out1[m] = U == 2 ? _mm512_add_ps(acc1[m][0], acc1[m][U - 1]) : acc1[m][0];
   }
 }
 
 // Rows [r0, r1): pairs (r0 even: the driver's splits are, so pairs are (2j, 2j + 1) of W whatever
-// the thread count), then the single-row kernel for an odd last row.
-template <int M>
-void rows_m(const Args& a, int64_t r0, int64_t r1) {
+// the thread count), then the single-row kernel for an odd last row. The lane sums of R = 16 / MP
+// rows (MP: M rounded up to a power of two) go to slot MP * (n % R) + m of 16 and are reduced
+// together by one hsum16 (a per-row _mm512_reduce_add_ps cost as much as the dot products at
+// K = 576). The slot is fixed by n, so is the reduction: the result never depends on the split.
+template <int M, bool kEvery>
+void rows_mk(const Args& a, int64_t r0, int64_t r1) {
+  constexpr int MP = M == 1 ? 1 : M == 2 ? 2 : M <= 4 ? 4 : 8, R = 16 / MP;
   const __m512 codes = _mm512_loadu_ps(a.codes);
   const Shifts sh = make_shifts();
+  __m512 buf[16];
+  for (int i = 0; i < 16; ++i) buf[i] = _mm512_setzero_ps();
+  alignas(64) float dots[16];
+  int64_t pending = r0;  // first row not stored yet
+  auto flush = [&](int64_t end) {  // rows [pending, end) are in buf
+    const __m512 d = hsum16(buf);
+    if (M == 1 && end - pending == 16) {  // a whole aligned group: one vector store
+      float* y = a.y + pending;
+      __m512 v = _mm512_mul_ps(_mm512_set1_ps(a.alpha), d);
+      if (a.beta != 0.0f) {
+        __m512 b = _mm512_mul_ps(_mm512_set1_ps(a.beta), _mm512_loadu_ps(y));
+        asm("" : "+v"(v), "+v"(b));
+        v = _mm512_add_ps(v, b);
+      }
+      _mm512_storeu_ps(y, v);
+    } else {
+      _mm512_store_ps(dots, d);
+      for (int64_t r = pending; r < end; ++r)
+        for (int m = 0; m < M; ++m) store(a, m, r, dots[MP * (r % R) + m]);
+    }
+    pending = end;
+  };
   int64_t n = r0;
   for (; n + 2 <= r1; n += 2) {
-    if (M <= 4)
-      pair_narrow<M>(a, n, codes, sh);
-    else
-      pair_wide<M>(a, n, codes, sh);
+    row_pair<M, kEvery>(a, n, codes, sh, buf + MP * (n % R), buf + MP * ((n + 1) % R));
+    if ((n + 2) % R == 0) flush(n + 2);
   }
-  if (n < r1) row_one<M>(a, n, codes, sh);
+  if (n < r1) row_one<M, kEvery>(a, n, codes, sh, buf + MP * (n % R));
+  if (pending < r1) flush(r1);
+}
+
+template <int M>
+void rows_m(const Args& a, int64_t r0, int64_t r1) {
+  if (a.bs_shift == 6)
+    rows_mk<M, true>(a, r0, r1);
+  else
+    rows_mk<M, false>(a, r0, r1);
 }
 
 }  // namespace
