@@ -18,13 +18,7 @@
 
 namespace qlora::cpu::attn_train_k {
 
-namespace {
-__mmask16 lane_mask(int64_t n) {  // first n of 16 lanes (n clamped to [0, 16])
-  if (n >= 16) return 0xFFFF;
-  if (n <= 0) return 0;
-  return static_cast<__mmask16>((1u << n) - 1u);
-}
-}  // namespace
+using bf16_tile::tile_lane_mask;  // first n of 16 lanes
 
 // The tile of bf16_k::ukernel_avx512bf16 (cpu/bf16_tile_avx512bf16.hpp) with A read in place.
 void ukernel_direct_avx512bf16(int64_t kp, const uint32_t* A, int64_t rs, int64_t cs, const uint32_t* Bp, float* C,
@@ -44,10 +38,10 @@ void rows_to_bf16_avx512bf16(const float* src, int64_t lds, int64_t rows, int64_
       _mm512_storeu_si512(d + j, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
     }
     for (; j < n; j += 16) {  // tail, zero past n (one more bf16 written when n is odd)
-      const __mmask16 m = lane_mask(n - j);
+      const __mmask16 m = tile_lane_mask(n - j);
       const __m512 x = _mm512_maskz_mul_ps(m, _mm512_maskz_loadu_ps(m, s + j), sc);
       const int64_t w = (n - j + 1) / 2 * 2;  // whole pairs
-      _mm256_mask_storeu_epi16(d + j, static_cast<__mmask16>(lane_mask(w)), (__m256i)_mm512_cvtneps_pbh(x));
+      _mm256_mask_storeu_epi16(d + j, static_cast<__mmask16>(tile_lane_mask(w)), (__m256i)_mm512_cvtneps_pbh(x));
     }
   }
 }
@@ -73,14 +67,14 @@ void probs_dscores_bf16_avx512bf16(int64_t rows, int64_t nk, int64_t t0, const f
       dl[r] = _mm512_set1_ps(delta[i0 + r]);
     }
     for (int64_t j = 0; j < nk; j += 16) {
-      const __mmask16 in = lane_mask(nk - j);
+      const __mmask16 in = tile_lane_mask(nk - j);
       const __mmask16 kon =
           km ? _mm512_mask_cmpneq_epi32_mask(in, _mm512_maskz_loadu_epi32(in, km + j), _mm512_setzero_si512()) : in;
       __m512 P[2], dS[2];
       for (int r = 0; r < 2; ++r) {
         P[r] = dS[r] = _mm512_setzero_ps();
         if (r >= nr) continue;
-        const __mmask16 vis = lane_mask(nv[r] - j);
+        const __mmask16 vis = tile_lane_mask(nv[r] - j);
         if (!vis) continue;
         const float* s = S + (i0 + r) * ld + j;
         if (!dead[r]) P[r] = _mm512_maskz_mov_ps(vis & kon, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(vis, s), l[r])));

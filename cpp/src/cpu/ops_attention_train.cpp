@@ -65,29 +65,15 @@ void softmax_rows(const rowk::Kernels* kr, float* S, int64_t nk, int64_t mq, int
   for (int64_t i = 0; i < mq; ++i) {
     float* r = S + i * nk;
     const int64_t t = t0 + i;
+    float mx = kNegInf;
     if (kr) {  // masked keys -> -inf, whose SIMD exp is exactly 0
       if (!km_all)
         for (int64_t s = 0; s <= t; ++s) r[s] = km[s] ? r[s] : kNegInf;
-      const float mx = kr->max(r, t + 1);
-      if (mx == kNegInf) {
-        std::fill(r, r + nk, 0.0f);
-        l[t] = kNegInf;
-        if (inv_out) inv_out[i] = 0.0f;
-        continue;
-      }
-      const double denom = kr->exp_sum(r, t + 1, mx);
-      const float inv = static_cast<float>(1.0 / denom);
-      if (inv_out)
-        inv_out[i] = inv;
-      else
-        for (int64_t s = 0; s <= t; ++s) r[s] *= inv;
-      std::fill(r + t + 1, r + nk, 0.0f);
-      l[t] = mx + static_cast<float>(std::log(denom));
-      continue;
+      mx = kr->max(r, t + 1);
+    } else {
+      for (int64_t s = 0; s <= t; ++s)
+        if (km[s]) mx = std::max(mx, r[s]);
     }
-    float mx = kNegInf;
-    for (int64_t s = 0; s <= t; ++s)
-      if (km[s]) mx = std::max(mx, r[s]);
     if (mx == kNegInf) {  // no visible key: probabilities 0 (so output 0), lse -inf
       std::fill(r, r + nk, 0.0f);
       l[t] = kNegInf;
@@ -95,9 +81,13 @@ void softmax_rows(const rowk::Kernels* kr, float* S, int64_t nk, int64_t mq, int
       continue;
     }
     double denom = 0.0;
-    for (int64_t s = 0; s <= t; ++s) {
-      r[s] = km[s] ? std::exp(r[s] - mx) : 0.0f;
-      denom += r[s];
+    if (kr) {
+      denom = kr->exp_sum(r, t + 1, mx);
+    } else {
+      for (int64_t s = 0; s <= t; ++s) {
+        r[s] = km[s] ? std::exp(r[s] - mx) : 0.0f;
+        denom += r[s];
+      }
     }
     const float inv = static_cast<float>(1.0 / denom);
     if (inv_out)
