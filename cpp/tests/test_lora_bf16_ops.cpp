@@ -18,39 +18,20 @@
 #include "backend.hpp"
 #include "check.hpp"
 #include "common/error.hpp"
+#include "lora_fixture.hpp"
 #include "model/lora.hpp"
 
 using namespace qlora;
 using namespace qlora::model;
+using lora_fixture::Dev;
+using lora_fixture::down;
+using lora_fixture::wave;
 
 namespace {
 
 constexpr int64_t M = 37, D = 40;
 const int64_t kOut[3] = {40, 24, 24}, kRank[3] = {16, 8, 5};
 constexpr float kScale = 0.75f;
-
-std::vector<float> wave(size_t n, float f, float s) {
-  std::vector<float> v(n);
-  for (size_t i = 0; i < n; ++i) v[i] = s * std::sin(f * static_cast<float>(i) + 0.3f) * (1.0f + 0.01f * (i % 7));
-  return v;
-}
-
-std::vector<float> down(Backend& be, const float* p, size_t n) {
-  std::vector<float> h(n);
-  be.download(h.data(), p, sizeof(float) * n);
-  be.synchronize();
-  return h;
-}
-
-struct Buf {
-  Backend& be;
-  size_t n;
-  float* p;
-  Buf(Backend& b, size_t count) : be(b), n(count), p(static_cast<float*>(b.alloc(sizeof(float) * count))) {}
-  ~Buf() { be.free(p); }
-  void set(const std::vector<float>& h) { be.upload(p, h.data(), sizeof(float) * n); }
-  std::vector<float> get() const { return down(be, p, n); }
-};
 
 // The four outputs of one pass (forward + backward of three modules, per module or grouped).
 struct Outs {
@@ -60,7 +41,9 @@ enum Out { kY, kDB, kDA, kDX };
 const unsigned kDeps[4] = {kLoraShrink | kLoraExpand, kLoraBwdShrink | kLoraDB, kLoraDt | kLoraDA,
                            kLoraDt | kLoraDx};
 const char* const kOutName[4] = {"y", "dB", "dA", "dx"};
-const std::vector<float>& pick(const Outs& o, int k) { return k == kY ? o.y : k == kDB ? o.dB : k == kDA ? o.dA : o.dx; }
+const std::vector<float>& pick(const Outs& o, int k) {
+  return k == kY ? o.y : k == kDB ? o.dB : k == kDA ? o.dA : o.dx;
+}
 
 struct Setup {
   Backend& be;
@@ -68,40 +51,35 @@ struct Setup {
   LoraModule* m[3];
   int64_t total_out = 0;
   std::vector<float> xh, dyh, y0h, dx0h;
-  explicit Setup(Backend& b) : be(b), ad(std::make_unique<LoraAdapter>()) {
-    ad->modules.resize(kNumProj);  // one layer: q, k, v adapted, back to back (groupable)
-    for (int i = 0; i < 3; ++i) {
-      const auto A = wave(static_cast<size_t>(kRank[i] * D), 0.7f + 0.1f * i, 0.3f);
-      const auto B = wave(static_cast<size_t>(kOut[i] * kRank[i]), 0.4f + 0.2f * i, 0.5f);
-      ad->modules[i] = make_lora_module(be, kRank[i], D, kOut[i], 1.5f + 0.25f * i, A.data(), B.data());
-      total_out += kOut[i];
-    }
-    pack_lora_params(be, *ad);
+  explicit Setup(Backend& b) : be(b), ad(lora_fixture::make_qkv_adapter(b, D, kOut, kRank, 0.01f)) {
+    for (int i = 0; i < 3; ++i) total_out += kOut[i];
+    pack_lora_params(be, *ad);  // q, k, v back to back: groupable
     ensure_lora_grads(be, *ad);
     for (int i = 0; i < 3; ++i) m[i] = ad->at(0, i);
-    xh = wave(static_cast<size_t>(M * D), 0.9f, 1.0f);
-    dx0h = wave(static_cast<size_t>(M * D), 0.33f, 1.0f);
-    dyh = wave(static_cast<size_t>(M * total_out), 0.55f, 1.0f);
-    y0h = wave(static_cast<size_t>(M * total_out), 0.21f, 0.1f);
+    xh = wave(static_cast<size_t>(M * D), 0.9f, 1.0f, 0.01f);
+    dx0h = wave(static_cast<size_t>(M * D), 0.33f, 1.0f, 0.01f);
+    dyh = wave(static_cast<size_t>(M * total_out), 0.55f, 1.0f, 0.01f);
+    y0h = wave(static_cast<size_t>(M * total_out), 0.21f, 0.1f, 0.01f);
   }
 
   Outs run(LoraBf16 b, bool grouped) {
     zero_lora_grads(be, *ad);
-    Buf x(be, xh.size()), y(be, y0h.size()), dy(be, dyh.size()), dx(be, dx0h.size());
-    Buf t(be, static_cast<size_t>(M * 29)), dt(be, static_cast<size_t>(M * 29));
-    x.set(xh), y.set(y0h), dy.set(dyh), dx.set(dx0h);
+    const Dev x(be, xh), y(be, y0h), dy(be, dyh), dx(be, dx0h);
+    const Dev t(be, std::vector<float>(M * 29)), dt(be, std::vector<float>(M * 29));
     float* ys[3];
     const float* dys[3];
     int64_t ld[3];
-    for (int64_t i = 0, off = 0; i < 3; off += M * kOut[i], ++i) ys[i] = y.p + off, dys[i] = dy.p + off, ld[i] = kOut[i];
+    for (int64_t i = 0, off = 0; i < 3; off += M * kOut[i], ++i)
+      ys[i] = y.f() + off, dys[i] = dy.f() + off, ld[i] = kOut[i];
     if (grouped) {
       const LoraModule* cm[3] = {m[0], m[1], m[2]};
-      lora_forward_group(be, 3, cm, M, x.p, D, ys, ld, t.p, kScale, b);
-      lora_backward_group(be, 3, m, M, x.p, D, dys, ld, dx.p, D, 0.5f, t.p, dt.p, kScale, b);
+      lora_forward_group(be, 3, cm, M, x.f(), D, ys, ld, t.f(), kScale, b);
+      lora_backward_group(be, 3, m, M, x.f(), D, dys, ld, dx.f(), D, 0.5f, t.f(), dt.f(), kScale, b);
     } else {
       for (int i = 0; i < 3; ++i) {
-        lora_forward(be, *m[i], M, x.p, D, ys[i], ld[i], t.p, kScale, b);
-        lora_backward(be, *m[i], M, x.p, D, dys[i], ld[i], dx.p, D, i == 0 ? 0.5f : 1.0f, t.p, dt.p, kScale, b);
+        lora_forward(be, *m[i], M, x.f(), D, ys[i], ld[i], t.f(), kScale, b);
+        lora_backward(be, *m[i], M, x.f(), D, dys[i], ld[i], dx.f(), D, i == 0 ? 0.5f : 1.0f, t.f(), dt.f(), kScale,
+                      b);
       }
     }
     Outs o{y.get(), {}, {}, dx.get()};
