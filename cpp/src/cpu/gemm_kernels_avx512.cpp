@@ -102,46 +102,39 @@ void ukr(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, fl
 
 }  // namespace
 
-void ukernel_avx512(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta,
-                    int mr, int nr) {
+namespace {
+// ukr<mr, Direct> for a run-time mr = 1..14 (others: nothing).
+template <bool Direct>
+void ukr_rows(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta, int mr,
+              int nr, int64_t rs, int64_t cs) {
   switch (mr) {
-    case 14: return ukr<14>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
-    case 13: return ukr<13>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
-    case 12: return ukr<12>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
-    case 11: return ukr<11>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
-    case 10: return ukr<10>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
-    case 9: return ukr<9>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
-    case 8: return ukr<8>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
-    case 7: return ukr<7>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
-    case 6: return ukr<6>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
-    case 5: return ukr<5>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
-    case 4: return ukr<4>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
-    case 3: return ukr<3>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
-    case 2: return ukr<2>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
-    case 1: return ukr<1>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
+    case 14: return ukr<14, Direct>(kc, Ap, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 13: return ukr<13, Direct>(kc, Ap, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 12: return ukr<12, Direct>(kc, Ap, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 11: return ukr<11, Direct>(kc, Ap, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 10: return ukr<10, Direct>(kc, Ap, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 9: return ukr<9, Direct>(kc, Ap, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 8: return ukr<8, Direct>(kc, Ap, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 7: return ukr<7, Direct>(kc, Ap, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 6: return ukr<6, Direct>(kc, Ap, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 5: return ukr<5, Direct>(kc, Ap, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 4: return ukr<4, Direct>(kc, Ap, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 3: return ukr<3, Direct>(kc, Ap, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 2: return ukr<2, Direct>(kc, Ap, Bp, C, ldc, alpha, beta, nr, rs, cs);
+    case 1: return ukr<1, Direct>(kc, Ap, Bp, C, ldc, alpha, beta, nr, rs, cs);
     default: return;
   }
+}
+}  // namespace
+
+void ukernel_avx512(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta,
+                    int mr, int nr) {
+  ukr_rows<false>(kc, Ap, Bp, C, ldc, alpha, beta, mr, nr, 1, MR);
 }
 
 void ukernel_direct_avx512(int64_t kc, const float* A, int64_t rs, int64_t cs, const float* Bp, float* C, int64_t ldc,
                            float alpha, float beta, int mr, int nr) {
-  switch (mr) {
-    case 14: return ukr<14, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
-    case 13: return ukr<13, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
-    case 12: return ukr<12, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
-    case 11: return ukr<11, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
-    case 10: return ukr<10, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
-    case 9: return ukr<9, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
-    case 8: return ukr<8, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
-    case 7: return ukr<7, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
-    case 6: return ukr<6, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
-    case 5: return ukr<5, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
-    case 4: return ukr<4, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
-    case 3: return ukr<3, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
-    case 2: return ukr<2, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
-    case 1: return ukr<1, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
-    default: return;
-  }
+  ukr_rows<true>(kc, A, Bp, C, ldc, alpha, beta, mr, nr, rs, cs);
 }
 
 namespace {
