@@ -76,8 +76,11 @@ void test_blocking() {
   GemmBlocking b = gemm_blocking(kAvx512MR, kAvx512NR, true, zen);
   CHECK(b.kc == 1024 && b.mc == 168 && b.nc == 1024, "avx512 on 1 MiB L2: %lld %lld %lld",
         static_cast<long long>(b.kc), static_cast<long long>(b.mc), static_cast<long long>(b.nc));
-  b = gemm_blocking(kAvx2MR, kAvx2NR, false, zen);
-  CHECK(b.kc == 256 && b.mc == 144 && b.nc == 1024, "avx2 on 32 KiB L1d, 1 MiB L2: kc %lld mc %lld",
+  b = gemm_blocking(kAvx2MR, kAvx2NR, true, zen);  // AVX2 serves its B micro-panel from L2 too
+  CHECK(b.kc == 1024 && b.mc == 168 && b.nc == 1024, "avx2 on 1 MiB L2: kc %lld mc %lld",
+        static_cast<long long>(b.kc), static_cast<long long>(b.mc));
+  b = gemm_blocking(kGenericMR, kGenericNR, false, zen);
+  CHECK(b.kc == 256 && b.mc == 144 && b.nc == 1024, "generic on 32 KiB L1d, 1 MiB L2: kc %lld mc %lld",
         static_cast<long long>(b.kc), static_cast<long long>(b.mc));
   CacheSizes small = zen;  // Zen 2/3 or Skylake-client class: 512 KiB / 256 KiB L2
   small.l2 = 512 << 10;
@@ -93,12 +96,17 @@ void test_blocking() {
   b = gemm_blocking(kAvx512MR, kAvx512NR, true, big);
   CHECK(b.kc == 1024 && b.mc > 168 && b.nc >= 256 && b.nc <= 1024, "2 MiB L2: %lld %lld %lld",
         static_cast<long long>(b.kc), static_cast<long long>(b.mc), static_cast<long long>(b.nc));
-  b = gemm_blocking(kAvx2MR, kAvx2NR, false, big);
-  CHECK(b.kc == 384, "avx2 on 48 KiB L1d: kc %lld", static_cast<long long>(b.kc));
+  b = gemm_blocking(kGenericMR, kGenericNR, false, big);
+  CHECK(b.kc == 384, "generic on 48 KiB L1d: kc %lld", static_cast<long long>(b.kc));
   // The blocking in use comes from the detected caches.
   const GemmBlocking used = gemm_blocking_in_use(SimdLevel::Generic);
   const GemmBlocking want = gemm_blocking(kGenericMR, kGenericNR, false, cache_sizes());
   CHECK(used.kc == want.kc && used.mc == want.mc && used.nc == want.nc, "in use");
+#ifdef QLORA_X86
+  const GemmBlocking used2 = gemm_blocking_in_use(SimdLevel::AVX2);
+  const GemmBlocking want2 = gemm_blocking(kAvx2MR, kAvx2NR, true, cache_sizes());
+  CHECK(used2.kc == want2.kc && used2.mc == want2.mc && used2.nc == want2.nc, "avx2 in use: the L2-panel blocking");
+#endif
   CHECK(cache_sizes().l1d > 0 && cache_sizes().l2 > 0 && cache_sizes().l3 > 0, "detected");
 }
 
