@@ -141,6 +141,14 @@ void CpuBackend::nf4_gemm_nt_many_lora(int64_t M, const float* X, int64_t ldx, i
       return static_cast<const cpu::SgmvFused*>(c)->prefetch(f0, f1, lo, hi, max);
     };
   }
+  if (plan.local_form()) {  // cpu/lora_sgmv.hpp: each GEMV task adds the LoRA terms of its own columns
+    tail.post = [](const void* c, int64_t w, int64_t r0, int64_t r1) {
+      static_cast<const cpu::SgmvFused*>(c)->local_done(w, r0, r1);
+    };
+    tail.prefetch = [](const void* c, double f0, double f1, const char** lo, const char** hi, int max) {
+      return static_cast<const cpu::SgmvFused*>(c)->local_prefetch(f0, f1, lo, hi, max);
+    };
+  }
   tail.ctx = &plan;
   cpu::nf4_gemv_nt_many_tail(level(), M, X, ldx, n, W, Y, ldy, tail);
 }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -57,6 +58,7 @@ struct Seg {  // a segment of the fused job, with its slice of the job's t scrat
   const uint32_t* xp = nullptr;
   int64_t ldxp = 0;
   uint32_t* tp = nullptr;
+  int64_t in_idx = -1;  // its input in SgmvBuffers::ins (bf16 segments)
 };
 struct Task {
   // 0: shrink rank rows [a, b) (bf16: rank blocks) of rows [m0, m1) of segment seg;
@@ -71,6 +73,11 @@ struct PfRange {  // factor bytes [off, off + bytes) of the job's prefetch strea
 struct Piece {  // after form: output columns [n0, n1) of problem prob, expanded once their deps are met
   int64_t prob, n0, n1;
 };
+struct In {  // a distinct input of the bf16 segments: rows [0, end) rounded to jb.xp + off
+  const float* x;
+  int64_t ldx, in, end;
+  size_t off;
+};
 
 }  // namespace
 
@@ -78,6 +85,7 @@ struct Piece {  // after form: output columns [n0, n1) of problem prob, expanded
 struct SgmvBuffers {
   std::vector<float> t;  // every fused segment's t
   std::vector<uint32_t> xp, tp;  // bf16 segments: the rounded inputs and t's
+  std::vector<In> ins;            // the distinct inputs of the bf16 segments (xp's layout)
   std::vector<Seg> segs;
   std::vector<int64_t> prob_of_seg, pending;
   std::vector<Task> tasks;
@@ -90,6 +98,18 @@ struct SgmvBuffers {
   std::vector<PfRange> pf;  // after form: the factors, in the order the shrinks and expands read them
   int64_t pf_bytes = 0;
   bool after = false;
+  // local form: problem i's segments are segs[seg0[i], seg0[i + 1]), its base rows (the GEMV's)
+  // rows [row0[i], row0[i + 1]) of the job; tstate[i]: 0 no t yet, 1 a thread computes the
+  // shared t, 2 the shared t is ready. call: this plan's number (the threads' own t copies).
+  std::vector<int64_t> seg0, row0;
+  // xstate[j]: the same for the rounding of input ins[j] (the local form rounds lazily, in the
+  // tasks, not on the calling thread while the others wait). share: false only for the test mode
+  // QLORA_SGMV_LOCAL=own (every task computes its own t and rounded x: that path's bits).
+  std::unique_ptr<std::atomic<int>[]> tstate, xstate;
+  size_t n_tstate = 0, n_xstate = 0;
+  uint64_t call = 0;
+  bool local = false, share = true;
+  uint32_t* xbase = nullptr;  // xp.data(), writable from the tasks (local form)
   Kernels kn{};
 };
 
@@ -116,6 +136,19 @@ bool after_enabled() {
   static const bool on = !env_off("QLORA_SGMV_AFTER");
   return on;
 }
+// QLORA_SGMV_LOCAL=0: the after form where the local one applies (A/B benchmarks).
+bool local_enabled() {
+  static const bool on = !env_off("QLORA_SGMV_LOCAL");
+  return on;
+}
+// QLORA_SGMV_LOCAL=own (tests): no task shares its t or rounded x, each computes its own.
+bool share_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("QLORA_SGMV_LOCAL");
+    return !(e && std::strcmp(e, "own") == 0);
+  }();
+  return on;
+}
 
 void check_problem(const Backend::LoraProblem& p) {
   check_arg(p.in >= 1 && p.out >= 1 && p.n >= 0 && p.ldx >= p.in && p.ldy >= p.out,
@@ -128,53 +161,41 @@ void check_problem(const Backend::LoraProblem& p) {
 // about as long as streaming the factors; below 4 rows the stream dominates).
 double weight(int64_t rows) { return std::max(1.0, static_cast<double>(rows) / 4.0); }
 
-#if defined(QLORA_X86)
-// Rounds the inputs of the bf16 segments to bf16 pairs once per distinct input (q/k/v and gate/up
-// share theirs): rows [0, end) of each, end the last row a bf16 segment of it reads.
-void round_inputs(SgmvBuffers& jb) {
-  struct In {
-    const float* x;
-    int64_t ldx, in, end;
-    size_t off;
-  };
-  In ins[16];
-  std::vector<In> more;  // more than 16 distinct inputs: rare (direct op calls)
-  int n_in = 0;
-  auto find = [&](const Backend::LoraProblem& p) -> In* {
-    for (int k = 0; k < n_in; ++k)
-      if (ins[k].x == p.x && ins[k].ldx == p.ldx && ins[k].in == p.in) return &ins[k];
-    for (In& v : more)
-      if (v.x == p.x && v.ldx == p.ldx && v.in == p.in) return &v;
-    return nullptr;
-  };
-  for (const Seg& s : jb.segs) {
-    if (!s.b16) continue;
-    In* v = find(*s.p);
-    if (!v) {
-      const In nv{s.p->x, s.p->ldx, s.p->in, 0, 0};
-      if (n_in < 16) ins[n_in++] = nv, v = &ins[n_in - 1];
-      else more.push_back(nv), v = &more.back();
-    }
-    v->end = std::max(v->end, s.s->row0 + s.s->rows);
-  }
-  size_t words = 0;
-  auto place = [&](In& v) { v.off = words, words += static_cast<size_t>(v.end * sgmv_bf16::pairs(v.in)); };
-  for (int k = 0; k < n_in; ++k) place(ins[k]);
-  for (In& v : more) place(v);
-  if (jb.xp.size() < words) jb.xp.resize(words);
-  auto round = [&](const In& v) {
-    sgmv_bf16::round_pairs_avx512bf16(v.end, v.in, v.x, v.ldx, jb.xp.data() + v.off, sgmv_bf16::pairs(v.in));
-  };
-  for (int k = 0; k < n_in; ++k) round(ins[k]);
-  for (const In& v : more) round(v);
+// The distinct inputs of the bf16 segments (q/k/v and gate/up share theirs) into jb.ins, each
+// rows [0, end) (end: the last row a bf16 segment reads) at its place in jb.xp; each bf16
+// segment's xp points at its first row there. round_input fills one.
+void plan_inputs(SgmvBuffers& jb) {
+  jb.ins.clear();
   for (Seg& s : jb.segs) {
     if (!s.b16) continue;
-    const In* v = find(*s.p);
-    s.ldxp = sgmv_bf16::pairs(v->in);
-    s.xp = jb.xp.data() + v->off + s.s->row0 * s.ldxp;
+    int64_t j = 0;
+    while (j < static_cast<int64_t>(jb.ins.size()) &&
+           !(jb.ins[j].x == s.p->x && jb.ins[j].ldx == s.p->ldx && jb.ins[j].in == s.p->in))
+      ++j;
+    if (j == static_cast<int64_t>(jb.ins.size())) jb.ins.push_back({s.p->x, s.p->ldx, s.p->in, 0, 0});
+    jb.ins[j].end = std::max(jb.ins[j].end, s.s->row0 + s.s->rows);
+    s.in_idx = j;
+  }
+  size_t words = 0;
+  for (In& v : jb.ins) v.off = words, words += static_cast<size_t>(v.end * sgmv_bf16::pairs(v.in));
+  if (jb.xp.size() < words) jb.xp.resize(words);
+  for (Seg& s : jb.segs) {
+    if (!s.b16) continue;
+    const In& v = jb.ins[static_cast<size_t>(s.in_idx)];
+    s.ldxp = sgmv_bf16::pairs(v.in);
+    s.xp = jb.xp.data() + v.off + s.s->row0 * s.ldxp;
   }
 }
+void round_input(const In& v, uint32_t* dst) {  // rows [0, v.end) of input v to bf16 pairs
+#if defined(QLORA_X86)
+  sgmv_bf16::round_pairs_avx512bf16(v.end, v.in, v.x, v.ldx, dst, sgmv_bf16::pairs(v.in));
+#else
+  (void)v, (void)dst;  // no bf16 segments without the AVX512-BF16 kernels
 #endif
+}
+void round_all(SgmvBuffers& jb) {
+  for (const In& v : jb.ins) round_input(v, jb.xp.data() + v.off);
+}
 
 // Collects the segments of few rows into jb.segs with their t slices; segments of many rows (or
 // every segment when !fused) run at once through the gemm_nt path when t_ref is given, else
@@ -217,9 +238,7 @@ bool collect(SimdLevel level, SgmvBuffers& jb, int64_t np, const Backend::LoraPr
     if (s.b16) s.tp = tp, tp += s.s->rows * sgmv_bf16::t_stride(s.s->r);
     else s.t = t, t += s.s->rows * s.s->r;
   }
-#if defined(QLORA_X86)
-  if (tp_need) round_inputs(jb);
-#endif
+  if (tp_need) plan_inputs(jb);
   return true;
 }
 
@@ -312,6 +331,92 @@ void piece_progress(const SgmvBuffers& jb, const Backend::LoraProblem* P, size_t
   if (jb.dep[k].fetch_sub(done, std::memory_order_acq_rel) == done) expand_cols(jb, &P[pc.prob], pc.n0, pc.n1);
 }
 
+// Local form: the segments by problem and the GEMV's rows by problem; false (not local) when a
+// problem has more than 2 segments: the factor ranges of one GEMV task's prefetch (A and its B
+// columns per segment) are at most 4 (the after form prefetches any number).
+bool plan_local(SgmvBuffers& jb, int64_t np, const Backend::LoraProblem* P) {
+  jb.seg0.assign(static_cast<size_t>(np) + 1, 0);
+  jb.row0.assign(static_cast<size_t>(np) + 1, 0);
+  size_t k = 0;
+  for (int64_t i = 0; i < np; ++i) {
+    jb.seg0[static_cast<size_t>(i)] = static_cast<int64_t>(k);
+    jb.row0[static_cast<size_t>(i) + 1] = jb.row0[static_cast<size_t>(i)] + P[i].out;
+    const size_t k0 = k;
+    while (k < jb.segs.size() && jb.segs[k].p == &P[i]) ++k;
+    if (k - k0 > 2) return false;
+  }
+  jb.seg0[static_cast<size_t>(np)] = static_cast<int64_t>(k);
+  if (jb.n_tstate < static_cast<size_t>(np)) {
+    jb.tstate.reset(new std::atomic<int>[static_cast<size_t>(np)]);
+    jb.n_tstate = static_cast<size_t>(np);
+  }
+  for (int64_t i = 0; i < np; ++i) jb.tstate[i].store(0, std::memory_order_relaxed);
+  if (jb.n_xstate < jb.ins.size()) {
+    jb.xstate.reset(new std::atomic<int>[jb.ins.size()]);
+    jb.n_xstate = jb.ins.size();
+  }
+  for (size_t j = 0; j < jb.ins.size(); ++j) jb.xstate[j].store(0, std::memory_order_relaxed);
+  jb.share = share_enabled();
+  jb.xbase = jb.xp.data();
+  static std::atomic<uint64_t> calls{0};
+  jb.call = calls.fetch_add(1, std::memory_order_relaxed) + 1;
+  return true;
+}
+
+// Words (bf16: uint32 pairs; fp32: floats) of segment s's t.
+int64_t t_words(const Seg& s) { return s.s->rows * (s.b16 ? sgmv_bf16::t_stride(s.s->r) : s.s->r); }
+
+// The whole shrink of segment s (every rank row, every row) into t (bf16: the rounded tp), with
+// the kernels and tiles of run_shrink: each output is one fixed chain (same bits).
+void shrink_whole(const SgmvBuffers& jb, const Seg& s, const uint32_t* xp, void* t) {
+  const Backend::LoraSegment& g = *s.s;
+  if (s.b16) {
+#if defined(QLORA_X86)
+    sgmv_bf16::shrink_avx512bf16(g.rows, 0, sgmv_bf16::blocks(g.r), sgmv_bf16::pairs(s.p->in), xp, s.ldxp,
+                                 static_cast<const uint32_t*>(g.AB16), static_cast<uint32_t*>(t),
+                                 sgmv_bf16::t_stride(g.r));
+#endif
+  } else {
+    const float* x = s.p->x + g.row0 * s.p->ldx;
+    float* tf = static_cast<float*>(t);
+    for (int64_t m0 = 0; m0 < g.rows; m0 += jb.kn.group)
+      jb.kn.shrink(std::min(jb.kn.group, g.rows - m0), 0, g.r, s.p->in, 1.0f, x + m0 * s.p->ldx, s.p->ldx, g.A,
+                   s.p->in, 0.0f, tf + m0 * g.r, g.r);
+  }
+}
+
+// Expand of columns [n0, n1) of segment s from t (as expand_cols).
+void expand_whole(const SgmvBuffers& jb, const Seg& s, const void* t, int64_t n0, int64_t n1) {
+  const Backend::LoraSegment& g = *s.s;
+  const Backend::LoraProblem* p = s.p;
+  if (s.b16) {
+#if defined(QLORA_X86)
+    const uint32_t* Bp = static_cast<const uint32_t*>(g.AB16) + sgmv_bf16::a_words(g.r, p->in);
+    sgmv_bf16::expand_avx512bf16(g.rows, n0, n1, sgmv_bf16::pairs(g.r), static_cast<const uint32_t*>(t),
+                                 sgmv_bf16::t_stride(g.r), Bp, g.alpha, p->y + g.row0 * p->ldy, p->ldy);
+#endif
+  } else {
+    jb.kn.expand(g.rows, n0, n1, g.r, g.alpha, static_cast<const float*>(t), g.r, g.B, g.r, p->y + g.row0 * p->ldy,
+                 p->ldy);
+  }
+}
+
+// A thread's own copy of one problem's t (local form, when another thread is still computing the
+// shared one): the plan and problem it holds, grow-only storage.
+struct OwnT {
+  uint64_t call = 0;
+  int64_t prob = -1;
+  std::vector<uint32_t> tp;  // bf16 segments' rounded t's
+  std::vector<float> t;      // fp32 segments' t's
+  uint64_t xcall = 0;        // and one rounded input (ins[xin] of plan xcall)
+  int64_t xin = -1;
+  std::vector<uint32_t> xp;
+};
+OwnT& own_t() {
+  thread_local OwnT o;
+  return o;
+}
+
 }  // namespace
 
 bool SgmvFused::prepare(SimdLevel level, int64_t np, const Backend::LoraProblem* P) {
@@ -320,6 +425,13 @@ bool SgmvFused::prepare(SimdLevel level, int64_t np, const Backend::LoraProblem*
   SgmvBuffers& jb = t_job;
   if (!collect(level, jb, np, P, true, nullptr)) return false;
   after_ = jb.after = level == SimdLevel::AVX512 && after_enabled();  // the AVX-512 GEMV prefetches
+  local_ = jb.local = level == SimdLevel::AVX512 && local_enabled() && plan_local(jb, np, P);
+  if (local_) {
+    after_ = jb.after = false;
+    jb_ = &jb, p_ = P, np_ = np;
+    return true;
+  }
+  round_all(jb);
   const int nth = num_threads();
   // The host job gives the parallelism: one shrink task per segment up to 512 KiB of weighted
   // work (a few microseconds), so an expand rarely waits. After form on several threads: pieces
@@ -390,6 +502,111 @@ void SgmvFused::gemv_done(int64_t prob, int64_t r0, int64_t r1) const {  // base
   }
 }
 
+// Local form: the GEMV task that computed base rows [r0, r1) of problem prob (columns of y, hot in
+// this core's L1) adds their LoRA terms now. t: the shared one (computed by the first task to get
+// here, others use it once it is ready), or, while another thread is still computing it, this
+// thread's own copy (the same kernels: the same bits), so no task ever waits for another.
+void SgmvFused::local_done(int64_t prob, int64_t r0, int64_t r1) const {
+  const SgmvBuffers& jb = *jb_;
+  const int64_t k0 = jb.seg0[static_cast<size_t>(prob)], k1 = jb.seg0[static_cast<size_t>(prob) + 1];
+  if (k0 == k1) return;
+  std::atomic<int>& st = jb.tstate[prob];
+  int s = st.load(std::memory_order_acquire);
+  const void* t[2];
+  // Segment sg's rounded rows: shared (rounded by the first task to need them) or this thread's own.
+  auto xp_of = [&](const Seg& sg) -> const uint32_t* {
+    if (!sg.b16) return nullptr;
+    const In& v = jb.ins[static_cast<size_t>(sg.in_idx)];
+    std::atomic<int>& xs = jb.xstate[sg.in_idx];
+    int x = xs.load(std::memory_order_acquire);
+    if (x == 0 && jb.share && xs.compare_exchange_strong(x, 1, std::memory_order_acq_rel)) {
+      round_input(v, jb.xbase + v.off);
+      xs.store(2, std::memory_order_release);
+      x = 2;
+    }
+    if (x == 2) return jb.xbase + v.off + sg.s->row0 * sg.ldxp;
+    OwnT& o = own_t();
+    if (o.xcall != jb.call || o.xin != sg.in_idx) {
+      const size_t words = static_cast<size_t>(v.end * sg.ldxp);
+      if (o.xp.size() < words) o.xp.resize(words);
+      round_input(v, o.xp.data());
+      o.xcall = jb.call, o.xin = sg.in_idx;
+    }
+    return o.xp.data() + sg.s->row0 * sg.ldxp;
+  };
+  if (s == 0 && jb.share && st.compare_exchange_strong(s, 1, std::memory_order_acq_rel)) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const Seg& sg = jb.segs[static_cast<size_t>(k)];
+      void* dst = sg.b16 ? static_cast<void*>(sg.tp) : static_cast<void*>(sg.t);
+      shrink_whole(jb, sg, xp_of(sg), dst);
+    }
+    st.store(2, std::memory_order_release);
+    s = 2;
+  }
+  if (s == 2) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const Seg& sg = jb.segs[static_cast<size_t>(k)];
+      t[k - k0] = sg.b16 ? static_cast<const void*>(sg.tp) : static_cast<const void*>(sg.t);
+    }
+  } else {
+    OwnT& o = own_t();
+    size_t words16 = 0, words32 = 0;
+    for (int64_t k = k0; k < k1; ++k) {
+      const Seg& sg = jb.segs[static_cast<size_t>(k)];
+      (sg.b16 ? words16 : words32) += static_cast<size_t>(t_words(sg));
+    }
+    const bool have = o.call == jb.call && o.prob == prob;
+    if (!have && o.tp.size() < words16) o.tp.resize(words16);
+    if (!have && o.t.size() < words32) o.t.resize(words32);
+    size_t off16 = 0, off32 = 0;
+    for (int64_t k = k0; k < k1; ++k) {
+      const Seg& sg = jb.segs[static_cast<size_t>(k)];
+      void* dst = sg.b16 ? static_cast<void*>(o.tp.data() + off16) : static_cast<void*>(o.t.data() + off32);
+      if (!have) shrink_whole(jb, sg, xp_of(sg), dst);
+      t[k - k0] = dst;
+      (sg.b16 ? off16 : off32) += static_cast<size_t>(t_words(sg));
+    }
+    o.call = jb.call, o.prob = prob;
+  }
+  for (int64_t k = k0; k < k1; ++k) expand_whole(jb, jb.segs[static_cast<size_t>(k)], t[k - k0], r0, r1);
+}
+
+// Local form: the task with job rows [g0, g1) (one problem's rows [r0, r1)) prefetches its
+// problem's A (unless the shared t is ready) and the B columns its expand reads.
+int SgmvFused::local_prefetch(double f0, double f1, const char** lo, const char** hi, int max) const {
+  const SgmvBuffers& jb = *jb_;
+  const double total = static_cast<double>(jb.row0[static_cast<size_t>(np_)]);
+  const int64_t g0 = std::llround(f0 * total), g1 = f1 >= 1.0 ? static_cast<int64_t>(total) : std::llround(f1 * total);
+  const int64_t prob = std::upper_bound(jb.row0.begin(), jb.row0.end(), g0) - jb.row0.begin() - 1;
+  if (prob < 0 || prob >= np_) return 0;
+  const int64_t k0 = jb.seg0[static_cast<size_t>(prob)], k1 = jb.seg0[static_cast<size_t>(prob) + 1];
+  const int64_t r0 = g0 - jb.row0[static_cast<size_t>(prob)];
+  const int64_t r1 = std::min(g1, jb.row0[static_cast<size_t>(prob) + 1]) - jb.row0[static_cast<size_t>(prob)];
+  int n = 0;
+  auto add = [&](const void* p, int64_t off, int64_t bytes) {
+    if (n == max || bytes <= 0) return;
+    lo[n] = static_cast<const char*>(p) + off, hi[n] = lo[n] + bytes;
+    ++n;
+  };
+  if (jb.tstate[prob].load(std::memory_order_relaxed) != 2)
+    for (int64_t k = k0; k < k1; ++k) {
+      const Seg& sg = jb.segs[static_cast<size_t>(k)];
+      if (sg.b16) add(sg.s->AB16, 0, 4 * sgmv_bf16::a_words(sg.s->r, sg.p->in));
+      else add(sg.s->A, 0, 4 * sg.s->r * sg.p->in);
+    }
+  for (int64_t k = k0; k < k1 && r1 > r0; ++k) {
+    const Seg& sg = jb.segs[static_cast<size_t>(k)];
+    const int64_t r = sg.s->r;
+    if (sg.b16) {
+      const int64_t blk = sgmv_bf16::pairs(r) * 16 * 4;  // bytes of one 16-column block of B
+      add(sg.s->AB16, 4 * sgmv_bf16::a_words(r, sg.p->in) + r0 / 16 * blk, ((r1 + 15) / 16 - r0 / 16) * blk);
+    } else {
+      add(sg.s->B, 4 * r0 * r, 4 * (r1 - r0) * r);
+    }
+  }
+  return n;
+}
+
 // Bytes [S f0', S f1') of the factor stream (S its size), f' = (f - kStart) / (1 - kStart) clamped
 // to [0, 1]: the last 3/4 of the GEMV's rows carry the stream, so that what comes in early is not
 // pushed out of L2 by the weights streamed after it (1 MiB L2; a gate/up GEMV streams ~0.9 MB).
@@ -422,6 +639,7 @@ void SgmvFused::expand(int64_t prob, int64_t n0, int64_t n1) const {
 void lora_segments_many(SimdLevel level, int64_t np, const Backend::LoraProblem* P, float* t_ref) {
   SgmvBuffers& jb = t_job;
   collect(level, jb, np, P, fused_enabled(), t_ref);
+  round_all(jb);
   std::vector<Seg>& segs = jb.segs;
   if (segs.empty()) return;
 

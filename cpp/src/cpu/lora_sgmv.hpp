@@ -59,6 +59,17 @@ void lora_segments_many(SimdLevel level, int64_t np, const Backend::LoraProblem*
 //   so a thread the OS has descheduled mid-GEMV never holds the others up. (Read by the shrinks
 //   from memory, the factors had streamed at latency-bound rates, 5-6 GB/s on one Zen 4 core,
 //   which cost more than the FMAs.)
+// - local (the default at the AVX512 level where every problem has at most 2 segments, e.g. one
+//   shared adapter; QLORA_SGMV_LOCAL=0 gives the after form for A/B runs): no LoRA tasks and no
+//   dependency between tasks. Each GEMV task prefetches its problem's A and the B columns of its
+//   rows while it streams the base weight, then (local_done(prob, r0, r1)) adds the LoRA terms of
+//   its own columns [r0, r1) while they are hot in its core's L1. t (a few hundred bytes) and the
+//   bf16-rounded x (bf16 copies) are computed once, in the tasks, by the first task to need them
+//   and shared; a task that finds one still being computed by another thread computes its own
+//   copy (same kernels, same bits) instead of waiting (QLORA_SGMV_LOCAL=own: always, for tests).
+//   The rounding of x no longer runs on the calling thread while the others wait. Per decode step this
+//   drops the after form's cross-core traffic (y written on one core, expanded on the other), its
+//   per-piece atomics and its plan (shrink pieces, expand pieces, prefetch stream) at ~120 calls.
 // - first (other levels, or QLORA_SGMV_AFTER=0 for A/B runs): shrink(i) for i < shrink_tasks()
 //   as the host job's first tasks, and expand(prob, n0, n1) after the GEMV task that computed
 //   columns [n0, n1) of problem prob (waits for the problem's shrinks).
@@ -69,6 +80,7 @@ class SgmvFused {
   // QLORA_SGMV_FUSE=0, or a segment of more than kSgmvMaxRows rows.
   bool prepare(SimdLevel level, int64_t np, const Backend::LoraProblem* p);
   bool after_form() const { return after_; }
+  bool local_form() const { return local_; }
   // first form
   int64_t shrink_tasks() const { return after_ ? 0 : n_shrink_; }
   void shrink(int64_t i) const;
@@ -80,12 +92,15 @@ class SgmvFused {
   // The factor bytes (at most max ranges; returns how many) that go with the fraction [f0, f1) of
   // the host GEMV's rows (GemvTail::prefetch).
   int prefetch(double f0, double f1, const char** lo, const char** hi, int max) const;
+  // local form
+  void local_done(int64_t prob, int64_t r0, int64_t r1) const;
+  int local_prefetch(double f0, double f1, const char** lo, const char** hi, int max) const;
 
  private:
   const Backend::LoraProblem* p_ = nullptr;
   SgmvBuffers* jb_ = nullptr;
   int64_t np_ = 0, n_shrink_ = 0;
-  bool after_ = false;
+  bool after_ = false, local_ = false;
 };
 
 }  // namespace qlora::cpu

@@ -1,0 +1,78 @@
+"""The fused NF4+LoRA decode op's "local" form (cpu/lora_sgmv.hpp, the default at the AVX512 level when
+every projection has at most 2 adapter segments): each GEMV task adds the LoRA terms of its own output
+columns right after computing them, with a t (x·Aᵀ) and a bf16-rounded x shared between the threads, or
+computed by a task itself while another thread is still computing the shared one. It must give exactly
+the bits of the after form (QLORA_SGMV_LOCAL=0), of the unfused path (QLORA_SGMV_FUSE=0), and of its own
+never-shared path (QLORA_SGMV_LOCAL=own, every task its own t and x), at SmolLM2's widths (K = 576, gate/up
+1536 rows: 2 threads split q's columns in the middle of a 16-column block), fp32 factors and bf16 copies,
+one shared adapter (1 segment), two adapters (2 segments), a "__base__" half, and 1, 2 and 3 threads."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import qlora_native
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from helpers_tiny import build_tiny  # noqa: E402
+
+AVX512 = "cpu:avx512" in qlora_native._core.available_backends()
+WIDE = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3)
+
+CHILD = r"""
+import sys
+import numpy as np
+import qlora_native
+from qlora_native import LoraConfig
+tiny, out = sys.argv[1], sys.argv[2]
+m = qlora_native.Model.from_pretrained(tiny, quantize="nf4", tokenizer=None, backend="cpu:avx512")
+for i in range(2):
+    m.add_adapter(f"a{i}", LoraConfig(r=16 if i == 0 else 8, lora_alpha=32, target_modules="all-linear"),
+                  seed=i + 1)
+    rng = np.random.default_rng(i)
+    m.set_adapter_state_dict(f"a{i}", {k: (0.1 * rng.standard_normal(v.shape)).astype(np.float32)
+                                       for k, v in m.get_adapter_state_dict(f"a{i}").items()})
+ids = np.arange(3, 11, dtype=np.int32)[:, None]
+prompts = [[5 + i, 6, 7 + i] for i in range(8)]
+res = {}
+for threads in (1, 2, 3):
+    qlora_native.set_num_threads(threads)
+    for dt in ("float32", "bfloat16"):
+        m.adapter_dtype = dt
+        k = f"{dt}_{threads}"
+        res["shared_" + k] = m(ids, adapter_names=["a0"] * 8)
+        res["two_" + k] = m(ids, adapter_names=["a0"] * 4 + ["a1"] * 4)
+        res["half_" + k] = m(ids, adapter_names=["a1"] * 3 + ["__base__"] * 5)
+        res["gen_" + k] = np.array(m.generate(prompts, max_new_tokens=4, temperature=0.0, eos_token_id=None,
+                                              adapter_name="a0"), np.int64)
+np.savez(out, **res)
+"""
+
+
+def _run(tiny, out, **env_over):
+    env = dict(os.environ, **env_over)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p) + os.pathsep + env.get("PYTHONPATH", "")
+    subprocess.run([sys.executable, "-c", CHILD, tiny, out], check=True, env=env, timeout=300)
+    return dict(np.load(out))
+
+
+@pytest.mark.skipif(not AVX512, reason="the local form runs at the AVX512 level")
+def test_local_form_equals_after_unfused_and_its_own_copies(tmp_path):
+    tiny = build_tiny(str(tmp_path / "wide"), **WIDE)
+    local = _run(tiny, str(tmp_path / "l.npz"), QLORA_SGMV_LOCAL="1")
+    own = _run(tiny, str(tmp_path / "o.npz"), QLORA_SGMV_LOCAL="own")
+    after = _run(tiny, str(tmp_path / "a.npz"), QLORA_SGMV_LOCAL="0")
+    plain = _run(tiny, str(tmp_path / "p.npz"), QLORA_SGMV_FUSE="0")
+    for key in local:
+        np.testing.assert_array_equal(local[key], own[key], err_msg=key)
+        np.testing.assert_array_equal(local[key], after[key], err_msg=key)
+        np.testing.assert_array_equal(local[key], plain[key], err_msg=key)
+        if key.endswith("_1"):  # the thread count changes nothing
+            for t in ("2", "3"):
+                np.testing.assert_array_equal(local[key], local[key[:-1] + t], err_msg=key)
+    # the adapters do contribute (a fused path that dropped the LoRA terms would still agree with
+    # itself): the shared adapter moves the logits away from the base rows of "half"
+    assert not np.array_equal(local["shared_float32_1"][3:], local["half_float32_1"][3:])
