@@ -121,8 +121,11 @@ QLORA_AI void row_pair(const Args& a, int64_t n, __m512 codes, const Shifts& sh,
   const float* am1 = a.absmax + ((j1 >> s) - a.block0);
   __m512i t0 = table(codes, *am0), t1 = table(codes, *am1);
   __m512 acc0[M][U], acc1[M][U];
+  const __m512 zero = _mm512_setzero_ps();
+#pragma GCC unroll 16
   for (int m = 0; m < M; ++m)
-    for (int u = 0; u < U; ++u) acc0[m][u] = acc1[m][u] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+    for (int u = 0; u < U; ++u) acc0[m][u] = acc1[m][u] = zero;
   for (int64_t k = 0; k < K; k += 64) {
     next_table<kEvery>(t0, am0, j0 + k, k, bs_mask, codes);
     next_table<kEvery>(t1, am1, j1 + k, k, bs_mask, codes);
@@ -158,7 +161,7 @@ void rows_mk(const Args& a, int64_t r0, int64_t r1) {
   for (int i = 0; i < 16; ++i) buf[i] = _mm512_setzero_ps();
   alignas(64) float dots[16];
   int64_t pending = r0;  // first row not stored yet
-  auto flush = [&](int64_t end) {  // rows [pending, end) are in buf
+  auto flush = [&](int64_t end) __attribute__((always_inline)) {  // rows [pending, end) are in buf
     const __m512 d = hsum16(buf);
     if (M == 1 && end - pending == 16) {  // a whole aligned group: one vector store
       float* y = a.y + pending;
@@ -169,6 +172,13 @@ void rows_mk(const Args& a, int64_t r0, int64_t r1) {
         v = _mm512_add_ps(v, b);
       }
       _mm512_storeu_ps(y, v);
+    } else if (a.beta == 0.0f) {  // the common case, without store()'s branch per element
+      _mm512_store_ps(dots, _mm512_mul_ps(_mm512_set1_ps(a.alpha), d));
+      for (int64_t r = pending; r < end; ++r) {
+        const float* dr = dots + MP * (r & (R - 1));
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) a.y[m * a.ldy + r] = dr[m];
+      }
     } else {
       _mm512_store_ps(dots, d);
       for (int64_t r = pending; r < end; ++r)
