@@ -1,7 +1,7 @@
 """Issue 15: the training attention's in-place operand kernels (cpu/attention_train_kernels*.cpp,
 QLORA_ATTN_DIRECT): queries read in place by the fp32 scores micro-kernel, the softmax weights and
 score gradients converted once per block to bf16 rows / row pairs that the vdpbf16ps kernel reads
-in place (no A panel packed per tile), and delta = rowsum(dout * out) 16 rows per vector.
+in place (no A panel packed per tile), and delta = rowsum(dout * out) 16 rows per vector (AVX2: 8).
 
 - They keep every rounding and every fp32 chain of the packing way, so QLORA_ATTN_DIRECT=0 must give
   the same bits at every SIMD level, fp32 and bf16 compute, forward and both backward ways, on shapes

@@ -10,6 +10,8 @@ namespace qlora::cpu::attn_train_k {
 // bit for bit the plain loop `d += go[i] * o[i]` compiled without FMA contraction (one row per lane).
 void delta_rows_avx512(int64_t n, int64_t hd, const float* go, int64_t ldg, const float* o, int64_t ldo,
                        float* delta);
+// The same at AVX2 (8 rows per vector).
+void delta_rows_avx2(int64_t n, int64_t hd, const float* go, int64_t ldg, const float* o, int64_t ldo, float* delta);
 
 // ---- AVX512-BF16 (call only after cpu_has_avx512_bf16()). Pair words as cpu/gemm_bf16_kernels.hpp:
 // one uint32 = {bf16 of the even k (low half), bf16 of the odd k (high half)}, RNE as vcvtne2ps2bf16.

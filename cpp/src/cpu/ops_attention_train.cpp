@@ -334,13 +334,13 @@ void attention_train_backward(SimdLevel level, int64_t B, int64_t T, int64_t Hq,
   const Gemms g{level, bf16 && bf16_compute_available(level)};
   std::vector<float> delta(static_cast<size_t>(B * Hq * T));  // [B, Hq, T]
 #ifdef QLORA_X86
-  if (level == SimdLevel::AVX512 && fp::direct_on()) {
-    // The same sums, 16 queries of one (b, head) per vector (attn_train_k::delta_rows_avx512).
+  if ((level == SimdLevel::AVX512 || level == SimdLevel::AVX2) && fp::direct_on()) {
+    // The same sums, 16 (AVX2: 8) queries of one (b, head) per vector (attn_train_k::delta_rows_*).
+    const auto rows = level == SimdLevel::AVX512 ? attn_train_k::delta_rows_avx512 : attn_train_k::delta_rows_avx2;
     parallel_range(B * Hq, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t b = p / Hq, h = p % Hq;
-        attn_train_k::delta_rows_avx512(T, hd, dout + b * T * lddo + h * hd, lddo, out + b * T * ldo + h * hd, ldo,
-                                        delta.data() + p * T);
+        rows(T, hd, dout + b * T * lddo + h * hd, lddo, out + b * T * ldo + h * hd, ldo, delta.data() + p * T);
       }
     });
   } else
