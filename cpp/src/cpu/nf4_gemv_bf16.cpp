@@ -18,6 +18,7 @@
 
 namespace qlora::cpu {
 
+#if defined(QLORA_X86)  // (the kernels are x86-only: elsewhere nf4_gemv_bf16_applies is false)
 namespace {
 
 int log2_exact(int bs) {
@@ -39,6 +40,7 @@ std::vector<float>& thread_scales() {  // grow-only per thread (no allocation pe
 }
 
 }  // namespace
+#endif
 
 bool nf4_gemv_bf16_applies(SimdLevel level, int64_t M, const Nf4Ref& W) {
 #if defined(QLORA_X86)
