@@ -2,8 +2,10 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
 
 namespace qlora::prof {
@@ -66,6 +68,25 @@ PartContext::PartContext(Part p) : prev_(t_context) { t_context = p; }
 PartContext::~PartContext() { t_context = prev_; }
 Part context_part() { return t_context; }
 
+namespace {
+// QLORA_PROFILE_CLOCK=thread: each outer scope books the calling thread's CPU time instead of wall
+// time, so 1-thread part timings hold on a busy machine (a preempted op is not charged for the wait).
+// Only meaningful at 1 thread (QLORA_THREADS=1: the pool runs every job on the calling thread).
+bool thread_clock() {
+  static const bool on = [] {
+    const char* e = std::getenv("QLORA_PROFILE_CLOCK");
+    return e && std::string(e) == "thread";
+  }();
+  return on;
+}
+double thread_cpu_s() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+thread_local double t_cpu0 = 0.0;  // the outer scope's start (only one outer scope per thread at a time)
+}  // namespace
+
 void Scope::start(Part p, const char* op, double flops, double bytes, int64_t a, int64_t b, int64_t c) {
   on_ = true;
   outer_ = t_depth++ == 0;
@@ -75,12 +96,14 @@ void Scope::start(Part p, const char* op, double flops, double bytes, int64_t a,
   flops_ = flops, bytes_ = bytes;
   dims_[0] = a, dims_[1] = b, dims_[2] = c;
   t0_ = std::chrono::steady_clock::now();
+  if (thread_clock()) t_cpu0 = thread_cpu_s();
 }
 
 void Scope::stop() {
   --t_depth;
   if (!outer_) return;
-  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+  const double s = thread_clock() ? thread_cpu_s() - t_cpu0
+                                  : std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
   Table& t = table();
   std::lock_guard<std::mutex> lk(t.mu);
   const Key key{static_cast<int>(part_), op_, dims_[0], dims_[1], dims_[2]};
