@@ -49,10 +49,6 @@ void ukernel_avx2(int64_t kc, const float* Ap, const float* Bp, float* C, int64_
                   int mr, int nr);
 void ukernel_direct_avx2(int64_t kc, const float* A, int64_t rs, int64_t cs, const float* Bp, float* C, int64_t ldc,
                          float alpha, float beta, int mr, int nr);
-// tn_small_avx512's contract (below) on 6 x 16 tiles: mr <= kTnSmallRowsAvx2, nr <= kTnSmallColsAvx2.
-constexpr int kTnSmallRowsAvx2 = 6, kTnSmallColsAvx2 = 16;
-void tn_small_avx2(int64_t kc, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                   float alpha, float beta, int mr, int nr, bool trans);
 void pack_b_t_avx2(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
 void pack_b_n_avx2(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
 void nf4_decode_avx2(const uint8_t* packed, int64_t j0, int64_t len, const float* scale, int bs_log2,

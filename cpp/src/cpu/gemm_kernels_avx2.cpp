@@ -2,7 +2,6 @@
 // NF4 nibble decoder (two 8-entry vpermps tables blended on bit 3). Rules: cpu/README.md.
 #include <immintrin.h>
 
-#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -91,82 +90,6 @@ void ukernel_direct_avx2(int64_t kc, const float* A, int64_t rs, int64_t cs, con
     case 3: return ukr<3, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
     case 2: return ukr<2, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
     case 1: return ukr<1, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
-    default: return;
-  }
-}
-
-namespace {
-// tn_small_avx2: 6 rows x 16 columns; each broadcast of A feeds two FMAs, as in ukr.
-template <int R>
-void tn_small(int64_t kc, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, float alpha,
-              float beta, int nr, bool trans) {
-  static_assert(R <= kTnSmallRowsAvx2 && kTnSmallColsAvx2 == 16, "two ymm columns per row");
-  __m256 c0[R], c1[R];
-#pragma GCC unroll 6
-  for (int i = 0; i < R; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
-  // Lanes j < nr of the two halves (maskload reads nothing past the valid columns).
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(nr), lane),
-                m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(nr - 8), lane);
-  const bool full = nr == 16;
-  for (int64_t k = 0; k < kc; ++k) {
-    // B's rows are far apart (a wide matrix read 64 bytes per row): fetch them a few rows ahead.
-    _mm_prefetch(reinterpret_cast<const char*>(B + (k + 16) * ldb), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(B + (k + 16) * ldb + 15), _MM_HINT_T0);
-    const float* b = B + k * ldb;
-    const __m256 b0 = full ? _mm256_loadu_ps(b) : _mm256_maskload_ps(b, m0);
-    const __m256 b1 = full ? _mm256_loadu_ps(b + 8) : _mm256_maskload_ps(b + 8, m1);
-    const float* a = A + k * lda;
-#pragma GCC unroll 6
-    for (int i = 0; i < R; ++i) {
-      const __m256 ai = _mm256_broadcast_ss(a + i);
-      c0[i] = _mm256_fmadd_ps(ai, b0, c0[i]);
-      c1[i] = _mm256_fmadd_ps(ai, b1, c1[i]);
-    }
-  }
-  // Epilogue of ukr: alpha * acc, or fma(beta, C, alpha * acc) (ukr's ragged edge compiles to the
-  // same single-rounded fma), element by element.
-  alignas(32) float tile[R][16];
-  const __m256 va = _mm256_set1_ps(alpha);
-#pragma GCC unroll 6
-  for (int i = 0; i < R; ++i) {
-    _mm256_store_ps(tile[i], _mm256_mul_ps(va, c0[i]));
-    _mm256_store_ps(tile[i] + 8, _mm256_mul_ps(va, c1[i]));
-  }
-  if (!trans) {
-    const __m256 vb = _mm256_set1_ps(beta);
-    for (int i = 0; i < R; ++i) {
-      float* c = C + i * ldc;
-      if (full) {
-        __m256 x0 = _mm256_load_ps(tile[i]), x1 = _mm256_load_ps(tile[i] + 8);
-        if (beta != 0.0f) {
-          x0 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(c), x0);
-          x1 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(c + 8), x1);
-        }
-        _mm256_storeu_ps(c, x0);
-        _mm256_storeu_ps(c + 8, x1);
-      } else {
-        for (int j = 0; j < nr; ++j) c[j] = beta == 0.0f ? tile[i][j] : std::fma(beta, c[j], tile[i][j]);
-      }
-    }
-    return;
-  }
-  for (int j = 0; j < nr; ++j) {  // C[j * ldc + i]
-    float* c = C + j * ldc;
-    for (int i = 0; i < R; ++i) c[i] = beta == 0.0f ? tile[i][j] : std::fma(beta, c[i], tile[i][j]);
-  }
-}
-}  // namespace
-
-void tn_small_avx2(int64_t kc, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                   float alpha, float beta, int mr, int nr, bool trans) {
-  switch (mr) {
-    case 6: return tn_small<6>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans);
-    case 5: return tn_small<5>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans);
-    case 4: return tn_small<4>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans);
-    case 3: return tn_small<3>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans);
-    case 2: return tn_small<2>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans);
-    case 1: return tn_small<1>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans);
     default: return;
   }
 }
