@@ -1,5 +1,6 @@
 """The fused NF4+LoRA decode op's "local" form (cpu/lora_sgmv.hpp, the default at the AVX512 level when
-every projection has at most 2 adapter segments): each GEMV task adds the LoRA terms of its own output
+every projection has at most 2 adapter segments, all with bf16 copies; fp32 factors take the after form,
+checked here too): each GEMV task adds the LoRA terms of its own output
 columns right after computing them, with a t (x·Aᵀ) and a bf16-rounded x shared between the threads, or
 computed by a task itself while another thread is still computing the shared one. It must give exactly
 the bits of the after form (QLORA_SGMV_LOCAL=0), of the unfused path (QLORA_SGMV_FUSE=0), and of its own
