@@ -96,7 +96,7 @@ const Kern& kern_for(SimdLevel level) {
   static const Kern avx2 = [] {
     const GemmBlocking b = gemm_blocking(kAvx2MR, kAvx2NR, true, cache_sizes());
     return Kern{kAvx2MR, kAvx2NR, b.kc, b.mc, b.nc, ukernel_avx2, pack_b_t_avx2, pack_b_n_avx2, nf4_decode_avx2,
-                nullptr, ukernel_direct_avx2};
+                pack_a_t_avx2, ukernel_direct_avx2};
   }();
   static const Kern avx512 = [] {
     const GemmBlocking b = gemm_blocking(kAvx512MR, kAvx512NR, true, cache_sizes());

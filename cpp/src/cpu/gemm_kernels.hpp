@@ -51,6 +51,7 @@ void ukernel_direct_avx2(int64_t kc, const float* A, int64_t rs, int64_t cs, con
                          float alpha, float beta, int mr, int nr);
 void pack_b_t_avx2(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
 void pack_b_n_avx2(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
+void pack_a_t_avx2(const float* A, int64_t lda, int mr, int64_t kc, float* Ap);
 void nf4_decode_avx2(const uint8_t* packed, int64_t j0, int64_t len, const float* scale, int bs_log2,
                      const float* codes, float* out);
 
