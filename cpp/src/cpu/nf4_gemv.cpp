@@ -248,12 +248,18 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
   });
 }
 
+// The message is built only on failure: these checks run ~120 times per decode step.
+void check_rows(const char* fn, int64_t M) {
+  if (M < 1 || M > kNf4GemvMaxM)
+    throw ValueError(std::string(fn) + ": M must be in [1, " + std::to_string(kNf4GemvMaxM) + "], got " +
+                     std::to_string(M));
+}
+
 }  // namespace
 
 void nf4_gemv_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W, float beta,
                  float* Y, int64_t ldy) {
-  check_arg(M >= 1 && M <= kNf4GemvMaxM,
-            "nf4_gemv_nt: M must be in [1, " + std::to_string(kNf4GemvMaxM) + "], got " + std::to_string(M));
+  check_rows("nf4_gemv_nt", M);
   check_weight("nf4_gemv_nt", W);
   check_arg(M == 1 || (ldx >= W.cols && ldy >= W.rows), "nf4_gemv_nt: leading dimensions too small");  // unused at M = 1
   if (level == SimdLevel::Scalar) {  // the oracle stays the plain reference loop
@@ -266,8 +272,7 @@ void nf4_gemv_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_
 
 void nf4_gemv_nt_many(SimdLevel level, int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
                       float* const* Y, const int64_t* ldy) {
-  check_arg(M >= 1 && M <= kNf4GemvMaxM,
-            "nf4_gemv_nt_many: M must be in [1, " + std::to_string(kNf4GemvMaxM) + "], got " + std::to_string(M));
+  check_rows("nf4_gemv_nt_many", M);
   check_arg(n >= 1, "nf4_gemv_nt_many: no weights");
   for (int64_t i = 0; i < n; ++i) {
     check_weight("nf4_gemv_nt_many", *W[i]);
@@ -284,8 +289,7 @@ void nf4_gemv_nt_many(SimdLevel level, int64_t M, const float* X, int64_t ldx, i
 void nf4_gemv_nt_many_tail(SimdLevel level, int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
                            float* const* Y, const int64_t* ldy, const GemvTail& tail) {
   check_arg(level != SimdLevel::Scalar, "nf4_gemv_nt_many_tail: not at the scalar level");
-  check_arg(M >= 1 && M <= kNf4GemvMaxM,
-            "nf4_gemv_nt_many_tail: M must be in [1, " + std::to_string(kNf4GemvMaxM) + "], got " + std::to_string(M));
+  check_rows("nf4_gemv_nt_many_tail", M);
   check_arg(n >= 1, "nf4_gemv_nt_many_tail: no weights");
   for (int64_t i = 0; i < n; ++i) {
     check_weight("nf4_gemv_nt_many_tail", *W[i]);
