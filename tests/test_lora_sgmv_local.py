@@ -1,5 +1,5 @@
-"""The fused NF4+LoRA decode op's "local" form (cpu/lora_sgmv.hpp, the default at the AVX512 level when
-every projection has at most 2 adapter segments, all with bf16 copies; fp32 factors take the after form,
+"""The fused NF4+LoRA decode op's "local" form (cpu/lora_sgmv.hpp, opt-in with QLORA_SGMV_LOCAL=1 at the
+AVX512 level when every projection has at most 2 adapter segments, all with bf16 copies; fp32 factors take the after form,
 checked here too): each GEMV task adds the LoRA terms of its own output
 columns right after computing them, with a t (x·Aᵀ) and a bf16-rounded x shared between the threads, or
 computed by a task itself while another thread is still computing the shared one. It must give exactly
@@ -67,7 +67,9 @@ def test_local_form_equals_after_unfused_and_its_own_copies(tmp_path):
     own = _run(tiny, str(tmp_path / "o.npz"), QLORA_SGMV_LOCAL="own")
     after = _run(tiny, str(tmp_path / "a.npz"), QLORA_SGMV_LOCAL="0")
     plain = _run(tiny, str(tmp_path / "p.npz"), QLORA_SGMV_FUSE="0")
+    nowait = _run(tiny, str(tmp_path / "n.npz"), QLORA_SGMV_LOCAL="1", QLORA_SGMV_LOCAL_SPIN="0")  # no bounded wait for a shared t
     for key in local:
+        np.testing.assert_array_equal(local[key], nowait[key], err_msg=key)
         np.testing.assert_array_equal(local[key], own[key], err_msg=key)
         np.testing.assert_array_equal(local[key], after[key], err_msg=key)
         np.testing.assert_array_equal(local[key], plain[key], err_msg=key)
@@ -77,3 +79,14 @@ def test_local_form_equals_after_unfused_and_its_own_copies(tmp_path):
     # the adapters do contribute (a fused path that dropped the LoRA terms would still agree with
     # itself): the shared adapter moves the logits away from the base rows of "half"
     assert not np.array_equal(local["shared_float32_1"][3:], local["half_float32_1"][3:])
+
+
+@pytest.mark.skipif(not AVX512, reason="the local form runs at the AVX512 level")
+def test_bad_spin_value_is_a_clear_error(tmp_path):
+    tiny = build_tiny(str(tmp_path / "wide"), **WIDE)
+    env = dict(os.environ, QLORA_SGMV_LOCAL="1", QLORA_SGMV_LOCAL_SPIN="lots")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p) + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", CHILD, tiny, str(tmp_path / "x.npz")], env=env, timeout=300,
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "ValueError" in r.stderr and "QLORA_SGMV_LOCAL_SPIN must be an integer" in r.stderr, r.stderr[-2000:]

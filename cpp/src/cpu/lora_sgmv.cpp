@@ -136,9 +136,14 @@ bool after_enabled() {
   static const bool on = !env_off("QLORA_SGMV_AFTER");
   return on;
 }
-// QLORA_SGMV_LOCAL=0: the after form where the local one applies (A/B benchmarks).
+// QLORA_SGMV_LOCAL=1 (or own): the local form where it applies. Opt-in: on the quiet 2-core Zen 4
+// (bench_adapters, 2 threads, bf16 copies) (b) - (a) was 0.86-1.17 ms per step with it against
+// 0.42-0.77 ms in the after form, although it was ahead at 1 thread (CPU time) on the loaded machine.
 bool local_enabled() {
-  static const bool on = !env_off("QLORA_SGMV_LOCAL");
+  static const bool on = [] {
+    const char* e = std::getenv("QLORA_SGMV_LOCAL");
+    return e && *e && !env_off("QLORA_SGMV_LOCAL");
+  }();
   return on;
 }
 // QLORA_SGMV_LOCAL=own (tests): no task shares its t or rounded x, each computes its own.
@@ -148,6 +153,30 @@ bool share_enabled() {
     return !(e && std::strcmp(e, "own") == 0);
   }();
   return on;
+}
+
+// Local form: another thread is computing a shared t or rounded x (state 1). A decode call's
+// shrink takes ~1-3 µs, so wait up to this many pauses (a few µs to ~15 µs, by the CPU) before computing
+// an own copy: two threads that start a call together would otherwise both shrink every problem.
+// Bounded, so a descheduled owner costs at most the bound; same kernels either way, same bits.
+// QLORA_SGMV_LOCAL_SPIN=0: no wait (each such task computes its own copy at once; A/B runs).
+int local_spins() {
+  static const int n = [] {
+    const char* e = std::getenv("QLORA_SGMV_LOCAL_SPIN");
+    if (!e || !*e) return 800;
+    char* end = nullptr;
+    const long v = std::strtol(e, &end, 10);
+    check_arg(*end == '\0' && v >= 0 && v <= 1000000, "QLORA_SGMV_LOCAL_SPIN must be an integer in [0, 1000000]");
+    return static_cast<int>(v);
+  }();
+  return n;
+}
+int wait_shared(const std::atomic<int>& st, int s) {
+  for (int i = 0, n = local_spins(); s == 1 && i < n; ++i) {
+    QLORA_SGMV_PAUSE();
+    s = st.load(std::memory_order_acquire);
+  }
+  return s;
 }
 
 void check_problem(const Backend::LoraProblem& p) {
@@ -432,6 +461,7 @@ bool SgmvFused::prepare(SimdLevel level, int64_t np, const Backend::LoraProblem*
   if (!collect(level, jb, np, P, true, nullptr)) return false;
   after_ = jb.after = level == SimdLevel::AVX512 && after_enabled();  // the AVX-512 GEMV prefetches
   local_ = jb.local = level == SimdLevel::AVX512 && local_enabled() && plan_local(jb, np, P);
+  if (local_) (void)local_spins();  // a bad QLORA_SGMV_LOCAL_SPIN raises here, on the calling thread
   if (local_) {
     after_ = jb.after = false;
     jb_ = &jb, p_ = P, np_ = np;
@@ -511,7 +541,8 @@ void SgmvFused::gemv_done(int64_t prob, int64_t r0, int64_t r1) const {  // base
 // Local form: the GEMV task that computed base rows [r0, r1) of problem prob (columns of y, hot in
 // this core's L1) adds their LoRA terms now. t: the shared one (computed by the first task to get
 // here, others use it once it is ready), or, while another thread is still computing it, this
-// thread's own copy (the same kernels: the same bits), so no task ever waits for another.
+// thread's own copy (the same kernels: the same bits), after a bounded wait (wait_shared), so no
+// task waits for another longer than that.
 void SgmvFused::local_done(int64_t prob, int64_t r0, int64_t r1) const {
   const SgmvBuffers& jb = *jb_;
   const int64_t k0 = jb.seg0[static_cast<size_t>(prob)], k1 = jb.seg0[static_cast<size_t>(prob) + 1];
@@ -530,6 +561,7 @@ void SgmvFused::local_done(int64_t prob, int64_t r0, int64_t r1) const {
       xs.store(2, std::memory_order_release);
       x = 2;
     }
+    if (x == 1 && jb.share) x = wait_shared(xs, x);
     if (x == 2) return jb.xbase + v.off + sg.s->row0 * sg.ldxp;
     OwnT& o = own_t();
     if (o.xcall != jb.call || o.xin != sg.in_idx) {
@@ -549,6 +581,7 @@ void SgmvFused::local_done(int64_t prob, int64_t r0, int64_t r1) const {
     st.store(2, std::memory_order_release);
     s = 2;
   }
+  if (s == 1 && jb.share) s = wait_shared(st, s);
   if (s == 2) {
     for (int64_t k = k0; k < k1; ++k) {
       const Seg& sg = jb.segs[static_cast<size_t>(k)];

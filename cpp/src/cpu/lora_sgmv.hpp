@@ -59,15 +59,16 @@ void lora_segments_many(SimdLevel level, int64_t np, const Backend::LoraProblem*
 //   so a thread the OS has descheduled mid-GEMV never holds the others up. (Read by the shrinks
 //   from memory, the factors had streamed at latency-bound rates, 5-6 GB/s on one Zen 4 core,
 //   which cost more than the FMAs.)
-// - local (the default at the AVX512 level where every problem has at most 2 segments, all with
-//   bf16 copies, e.g. one shared adapter; QLORA_SGMV_LOCAL=0 gives the after form for A/B runs):
+// - local (opt-in, QLORA_SGMV_LOCAL=1, at the AVX512 level where every problem has at most 2
+//   segments, all with bf16 copies, e.g. one shared adapter; slower than the after form at 2 threads
+//   on the quiet Zen 4, see local_enabled()):
 //   no LoRA tasks and no dependency between tasks. Each GEMV task prefetches its problem's A and
 //   the B columns of its rows while it streams the base weight, then (local_done(prob, r0, r1))
 //   adds the LoRA terms of its own columns [r0, r1) while they are hot in its core's L1. t (a few
 //   hundred bytes) and the bf16-rounded x are computed once, in the tasks, by the first task to
 //   need them and shared; a task that finds one still being computed by another thread computes
-//   its own copy (same kernels, same bits) instead of waiting (QLORA_SGMV_LOCAL=own: always, for
-//   tests). So x is no longer rounded on the calling thread while the others wait, and a decode
+//   its own copy (same kernels, same bits) after a bounded wait (QLORA_SGMV_LOCAL_SPIN pauses;
+//   QLORA_SGMV_LOCAL=own: always its own, for tests). So x is no longer rounded on the calling thread while the others wait, and a decode
 //   step drops the after form's cross-core traffic (y written on one core, expanded on the
 //   other), its per-piece atomics and its plan (shrink and expand pieces, prefetch stream).
 // - first (other levels, or QLORA_SGMV_AFTER=0 for A/B runs): shrink(i) for i < shrink_tasks()
