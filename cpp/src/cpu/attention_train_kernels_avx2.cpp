@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "cpu/attention_train_kernels.hpp"
+#include "cpu/transpose8_avx2.hpp"
 
 namespace qlora::cpu::attn_train_k {
 
@@ -20,23 +21,8 @@ void delta_rows_avx2(int64_t n, int64_t hd, const float* go, int64_t ldg, const 
 #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j)
         p[j] = _mm256_mul_ps(_mm256_loadu_ps(go + (r0 + j) * ldg + c), _mm256_loadu_ps(o + (r0 + j) * ldo + c));
-      // 8x8 transpose: t[i] lane j = p[j] lane i.
-      const __m256 t0 = _mm256_unpacklo_ps(p[0], p[1]), t1 = _mm256_unpackhi_ps(p[0], p[1]);
-      const __m256 t2 = _mm256_unpacklo_ps(p[2], p[3]), t3 = _mm256_unpackhi_ps(p[2], p[3]);
-      const __m256 t4 = _mm256_unpacklo_ps(p[4], p[5]), t5 = _mm256_unpackhi_ps(p[4], p[5]);
-      const __m256 t6 = _mm256_unpacklo_ps(p[6], p[7]), t7 = _mm256_unpackhi_ps(p[6], p[7]);
-      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-      d = _mm256_add_ps(d, _mm256_permute2f128_ps(u0, u4, 0x20));  // column c
-      d = _mm256_add_ps(d, _mm256_permute2f128_ps(u1, u5, 0x20));
-      d = _mm256_add_ps(d, _mm256_permute2f128_ps(u2, u6, 0x20));
-      d = _mm256_add_ps(d, _mm256_permute2f128_ps(u3, u7, 0x20));
-      d = _mm256_add_ps(d, _mm256_permute2f128_ps(u0, u4, 0x31));
-      d = _mm256_add_ps(d, _mm256_permute2f128_ps(u1, u5, 0x31));
-      d = _mm256_add_ps(d, _mm256_permute2f128_ps(u2, u6, 0x31));
-      d = _mm256_add_ps(d, _mm256_permute2f128_ps(u3, u7, 0x31));  // column c + 7
+      transpose8(p);  // p[i] lane j = product of row j, column c + i
+      for (int i = 0; i < 8; ++i) d = _mm256_add_ps(d, p[i]);  // columns c .. c + 7 in order
     }
     for (; c < hd; ++c) {  // a ragged last column block: one column of the 8 rows at a time
       // Products by mulss (a builtin GCC never contracts): a vector mul feeding the add would be

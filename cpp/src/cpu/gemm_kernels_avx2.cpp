@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "cpu/gemm_kernels.hpp"
+#include "cpu/transpose8_avx2.hpp"
 
 namespace qlora::cpu::gemm_k {
 
@@ -104,23 +105,16 @@ void pack_b_t_avx2(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp) {
         const int row = g * 8 + i;
         r[i] = row < nr ? _mm256_loadu_ps(B + row * ldb + k0) : _mm256_setzero_ps();
       }
-      const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-      const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-      const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-      const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      transpose8(r);
       float* d = Bp + k0 * NR + g * 8;
-      _mm256_store_ps(d + 0 * NR, _mm256_permute2f128_ps(u0, u4, 0x20));
-      _mm256_store_ps(d + 1 * NR, _mm256_permute2f128_ps(u1, u5, 0x20));
-      _mm256_store_ps(d + 2 * NR, _mm256_permute2f128_ps(u2, u6, 0x20));
-      _mm256_store_ps(d + 3 * NR, _mm256_permute2f128_ps(u3, u7, 0x20));
-      _mm256_store_ps(d + 4 * NR, _mm256_permute2f128_ps(u0, u4, 0x31));
-      _mm256_store_ps(d + 5 * NR, _mm256_permute2f128_ps(u1, u5, 0x31));
-      _mm256_store_ps(d + 6 * NR, _mm256_permute2f128_ps(u2, u6, 0x31));
-      _mm256_store_ps(d + 7 * NR, _mm256_permute2f128_ps(u3, u7, 0x31));
+      _mm256_store_ps(d + 0 * NR, r[0]);
+      _mm256_store_ps(d + 1 * NR, r[1]);
+      _mm256_store_ps(d + 2 * NR, r[2]);
+      _mm256_store_ps(d + 3 * NR, r[3]);
+      _mm256_store_ps(d + 4 * NR, r[4]);
+      _mm256_store_ps(d + 5 * NR, r[5]);
+      _mm256_store_ps(d + 6 * NR, r[6]);
+      _mm256_store_ps(d + 7 * NR, r[7]);
     }
   }
   for (; k0 < kc; ++k0) {
@@ -138,23 +132,16 @@ void pack_a_t_avx2(const float* A, int64_t lda, int mr, int64_t kc, float* Ap) {
   for (; k0 + 8 <= kc; k0 += 8) {
     __m256 r[8];
     for (int i = 0; i < 8; ++i) r[i] = i < mr ? _mm256_loadu_ps(A + i * lda + k0) : _mm256_setzero_ps();
-    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    transpose8(r);
     float* d = Ap + k0 * MR;
-    _mm256_storeu_ps(d + 0 * MR, _mm256_permute2f128_ps(u0, u4, 0x20));
-    _mm256_storeu_ps(d + 1 * MR, _mm256_permute2f128_ps(u1, u5, 0x20));
-    _mm256_storeu_ps(d + 2 * MR, _mm256_permute2f128_ps(u2, u6, 0x20));
-    _mm256_storeu_ps(d + 3 * MR, _mm256_permute2f128_ps(u3, u7, 0x20));
-    _mm256_storeu_ps(d + 4 * MR, _mm256_permute2f128_ps(u0, u4, 0x31));
-    _mm256_storeu_ps(d + 5 * MR, _mm256_permute2f128_ps(u1, u5, 0x31));
-    _mm256_storeu_ps(d + 6 * MR, _mm256_permute2f128_ps(u2, u6, 0x31));
-    _mm256_maskstore_ps(d + 7 * MR, keep, _mm256_permute2f128_ps(u3, u7, 0x31));
+    _mm256_storeu_ps(d + 0 * MR, r[0]);
+    _mm256_storeu_ps(d + 1 * MR, r[1]);
+    _mm256_storeu_ps(d + 2 * MR, r[2]);
+    _mm256_storeu_ps(d + 3 * MR, r[3]);
+    _mm256_storeu_ps(d + 4 * MR, r[4]);
+    _mm256_storeu_ps(d + 5 * MR, r[5]);
+    _mm256_storeu_ps(d + 6 * MR, r[6]);
+    _mm256_maskstore_ps(d + 7 * MR, keep, r[7]);
   }
   for (; k0 < kc; ++k0)
     for (int i = 0; i < MR; ++i) Ap[k0 * MR + i] = i < mr ? A[i * lda + k0] : 0.0f;

@@ -5,29 +5,11 @@
 #include <cstdint>
 
 #include "cpu/lora_sgmv_kernels.hpp"
+#include "cpu/transpose8_avx2.hpp"
 
 namespace qlora::cpu::sgmv_detail {
 
 namespace {
-
-// In-register 8 x 8 transpose: on return v[j] lane i holds what v[i] lane j held.
-inline __attribute__((always_inline)) void transpose8(__m256 (&v)[8]) {
-  __m256 a[8], b[8];
-  for (int i = 0; i < 8; i += 2) {
-    a[i] = _mm256_unpacklo_ps(v[i], v[i + 1]);
-    a[i + 1] = _mm256_unpackhi_ps(v[i], v[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {  // b[4q + c] lane L element e = row 4q + e, column 4L + c
-    b[i] = _mm256_shuffle_ps(a[i], a[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    b[i + 1] = _mm256_shuffle_ps(a[i], a[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    b[i + 2] = _mm256_shuffle_ps(a[i + 1], a[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    b[i + 3] = _mm256_shuffle_ps(a[i + 1], a[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  for (int c = 0; c < 4; ++c) {
-    v[c] = _mm256_permute2f128_ps(b[c], b[4 + c], 0x20);
-    v[4 + c] = _mm256_permute2f128_ps(b[c], b[4 + c], 0x31);
-  }
-}
 
 inline __attribute__((always_inline)) __m256i lanes_below(int k) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
