@@ -1,5 +1,6 @@
-"""The training-test setup several test files share (one copy): a model with one active adapter "a"
-and a small labelled batch with a -100 prompt prefix and one left-padded row."""
+"""The training-test setup several test files share (one copy): a model with one active adapter "a",
+a small labelled batch with a -100 prompt prefix and one left-padded row, and the right-padded batch
+of the PEFT parity tests."""
 from __future__ import annotations
 
 import numpy as np
@@ -33,6 +34,19 @@ def train_batch(seed=0, B=2, T=12, V=80):
     mask = np.ones_like(ids)
     mask[1, :2] = 0
     return ids, labels, mask
+
+
+def padded_batch(rng, V, B=3, T=12):
+    """(ids, mask, labels) int64 [B, T], right-padded: row lengths T, T-3, T-5; labels = ids with -100
+    on padding and a few random positions (transformers' convention: shifted inside the model)."""
+    ids = rng.integers(3, V, (B, T))
+    mask = np.ones((B, T), np.int64)
+    for b, n in enumerate([T, T - 3, T - 5][:B]):
+        mask[b, n:] = 0
+        ids[b, n:] = 0
+    labels = np.where(mask == 1, ids, -100)
+    labels[rng.random((B, T)) < 0.15] = -100
+    return ids, mask, labels
 
 
 def loss_and_grads(m, batch=None):

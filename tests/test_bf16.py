@@ -20,11 +20,12 @@ import pytest
 import qlora_native
 from qlora_native import ops
 
-from helpers_bf16 import U, bf16, check, strided
+from helpers_bf16 import (HAVE_BF16, LORA, TINY, U, bf16, check, engine_pass, global_rel, max_rel, needs_bf16,
+                          peft_references, strided)
+from helpers_train import padded_batch
+from test_lora_model import build, needs_peft, random_adapter
 from test_ops_nf4_gemm import decode, random_nf4
 
-HAVE_BF16 = ops.bf16_compute_available("cpu")
-needs_bf16 = pytest.mark.skipif(not HAVE_BF16, reason="no AVX512-BF16 on this CPU (fp32 fallback tested instead)")
 # The kernels checked: the oracle always, the AVX512-BF16 kernels where the CPU has them.
 BF16_BACKENDS = ["cpu:scalar"] + (["cpu:avx512"] if HAVE_BF16 else [])
 
@@ -114,38 +115,6 @@ def test_bad_compute_dtype():
 
 
 # ---------------------------------------------------------------- the model's bf16 training passes
-from test_lora_model import build, needs_peft, peft_reference, random_adapter  # noqa: E402
-
-
-def batch(rng, V, B=3, T=12):
-    """Right-padded batch with some ignored labels (as tests/test_train_parity.py)."""
-    ids = rng.integers(3, V, (B, T))
-    mask = np.ones((B, T), np.int64)
-    for b, n in enumerate([T, T - 3, T - 5][:B]):
-        mask[b, n:] = 0
-        ids[b, n:] = 0
-    labels = np.where(mask == 1, ids, -100)
-    labels[rng.random((B, T)) < 0.15] = -100
-    return ids, mask, labels
-
-TINY = dict(nf4=True, hidden=64, inter=128, heads=4, kv_heads=2, vocab=100, layers=2)
-LORA = dict(r=4, lora_alpha=8, target_modules="all-linear")
-
-
-def global_rel(got, want):
-    """Relative Frobenius error over all LoRA gradients together."""
-    num = sum(float(np.sum((got[k] - want[k]) ** 2)) for k in want)
-    return np.sqrt(num / sum(float(np.sum(want[k] ** 2)) for k in want))
-
-
-def max_rel(got, want):
-    return max(float(np.linalg.norm(got[k] - want[k]) / np.linalg.norm(want[k])) for k in want)
-
-
-def engine_pass(model, ids, mask, labels):
-    model.zero_grad()
-    loss = model.forward_backward(ids, labels, mask)
-    return loss, model.get_adapter_gradients()
 
 
 @needs_peft
@@ -163,20 +132,10 @@ def test_bf16_training_pass_vs_float64_autocast_and_oracle(tmp_path, rng):
       2u global / 4u per tensor on well-conditioned seeds, else the triangle inequality through the
       float64 reference (measured up to 3.4u / 6.6u on ill-conditioned seeds), loss u / 8 (measured
       <= 4e-5)."""
-    import torch
-    from test_train_parity import peft_grads, torch_loss
     model, cfg, ref = build(tmp_path, rng, **TINY)
     random_adapter(model, "a", rng, **LORA)
-    ids, mask, labels = batch(rng, cfg["vocab_size"], B=3, T=16)
-    pm = peft_reference(model, cfg, ref, "a", tmp_path)
-    loss64 = torch_loss(pm, ids, mask, labels)
-    loss64.backward()
-    g64, loss64 = peft_grads(pm), loss64.item()
-    pm32 = peft_reference(model, cfg, ref, "a", tmp_path / "ac", "float32")
-    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        loss_ac = torch_loss(pm32, ids, mask, labels)
-    loss_ac.backward()
-    g_ac = peft_grads(pm32)
+    ids, mask, labels = padded_batch(rng, cfg["vocab_size"], B=3, T=16)
+    loss64, g64, g_ac = peft_references(model, cfg, ref, tmp_path, ids, mask, labels)
 
     loss32, g32 = engine_pass(model, ids, mask, labels)
     assert model.compute_dtype == "float32"
@@ -232,7 +191,7 @@ def test_bf16_loss_curve_tracks_fp32(tmp_path, rng):
     model, cfg, ref = build(tmp_path, rng, **TINY)
     random_adapter(model, "a", rng, **LORA)
     start = model.get_adapter_state_dict("a")
-    batches = [batch(rng, cfg["vocab_size"]) for _ in range(4)]
+    batches = [padded_batch(rng, cfg["vocab_size"]) for _ in range(4)]
     curves = {}
     for cd in ("float32", "bfloat16"):
         model.compute_dtype = cd

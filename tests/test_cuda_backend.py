@@ -385,7 +385,8 @@ def test_bf16_training_pass_cuda(tmp_path, rng):
     """End to end: loss and LoRA gradients of the tiny NF4 model in bf16 mode on CUDA (tensor-core base
     GEMMs forward and back) vs the CPU in fp32, under test_bf16's bf16-derived bound (2u * 2 (L + 1) * 2,
     global relative); the CUDA fp32 pass stays fp32-close, and bf16 mode really differs from it."""
-    from test_bf16 import LORA, TINY, U, batch, engine_pass, global_rel, max_rel
+    from helpers_bf16 import LORA, TINY, U, engine_pass, global_rel, max_rel
+    from helpers_train import padded_batch
     from test_lora_model import build, random_adapter
 
     need = ("attention_train", "attention_train_backward", "rmsnorm_backward", "swiglu_backward")
@@ -394,7 +395,7 @@ def test_bf16_training_pass_cuda(tmp_path, rng):
         pytest.skip(f"CUDA training ops missing: {missing}")
     cpu, cfg, _ = build(tmp_path, rng, **TINY)
     _, state = random_adapter(cpu, "a", rng, **LORA)
-    ids, mask, labels = batch(rng, cfg["vocab_size"], B=3, T=16)
+    ids, mask, labels = padded_batch(rng, cfg["vocab_size"], B=3, T=16)
     loss32, g32 = engine_pass(cpu, ids, mask, labels)
 
     gpu = qlora_native.Model.from_pretrained(cpu.name_or_path, quantize="nf4", backend="cuda", tokenizer=None,

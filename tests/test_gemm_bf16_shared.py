@@ -13,8 +13,7 @@ import pytest
 
 from qlora_native import ops
 
-from helpers_bf16 import check, strided
-from test_bf16 import HAVE_BF16
+from helpers_bf16 import HAVE_BF16, check, strided
 from test_ops_nf4_gemm import decode, random_nf4
 
 pytestmark = pytest.mark.skipif(not HAVE_BF16, reason="no AVX512-BF16 on this CPU")

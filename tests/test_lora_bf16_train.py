@@ -21,11 +21,9 @@ import pytest
 import qlora_native
 from qlora_native import LoraConfig, ops
 
-from helpers_bf16 import EPS32, U, check, strided
+from helpers_bf16 import EPS32, LORA, TINY, U, check, engine_pass, global_rel, needs_bf16, peft_references, strided
 from helpers_tiny import build_tiny
-
-HAVE_BF16 = ops.bf16_compute_available("cpu")
-needs_bf16 = pytest.mark.skipif(not HAVE_BF16, reason="no AVX512-BF16 on this CPU (bf16 mode runs fp32)")
+from helpers_train import padded_batch
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, vocab_size=80)
 LAYERS = 2  # build_tiny's num_hidden_layers
 CFG = dict(r=4, lora_alpha=8, target_modules="all-linear", rank_pattern={"k_proj": 6, "gate_proj": 3})
@@ -64,10 +62,7 @@ def test_skinny_gemm_bf16(rng, layout):
 SUB = r"""
 import numpy as np
 from qlora_native import ops
-def bf16(x):  # RNE to bf16 as float64 (as test_bf16.bf16)
-    b = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    r = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
-    return np.where((b & 0x7F800000) == 0, b & 0x80000000, r).astype(np.uint32).view(np.float32).astype(np.float64)
+from helpers_bf16 import bf16
 rng = np.random.default_rng(5)
 eps = float(np.finfo(np.float32).eps)
 for layout in ("nt", "nn", "tn"):
@@ -94,8 +89,9 @@ def test_skinny_variants_bound(env):
     import os
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, "-c", SUB], env=dict(os.environ, **env), capture_output=True, text=True,
-                       timeout=120)
+    path = os.pathsep.join(p for p in sys.path if p)  # this build, and tests/ for helpers_bf16
+    r = subprocess.run([sys.executable, "-c", SUB], env=dict(os.environ, PYTHONPATH=path, **env), capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
 
 
@@ -132,11 +128,6 @@ def _batch(seed=0, B=2, T=12, V=80):
     mask = np.ones_like(ids)
     mask[1, :2] = 0  # row 1 padded on the left
     return ids, labels, mask
-
-
-def global_rel(got, want):
-    num = sum(float(np.sum((got[k].astype(np.float64) - want[k]) ** 2)) for k in want)
-    return np.sqrt(num / sum(float(np.sum(want[k].astype(np.float64) ** 2)) for k in want))
 
 
 @needs_bf16
@@ -244,30 +235,20 @@ def test_split_vs_float64(tmp_path, monkeypatch, seed, bscale, mode, ratio):
     scaled by bscale (the LoRA output ~2x the base output at 1, ~0.1x at 0.05): within `ratio` of the
     fp32-LoRA default's error on the same seed, below PEFT autocast's, and the loss within u."""
     pytest.importorskip("peft")
-    import torch
-    from test_bf16 import LORA, TINY, batch, engine_pass
-    from test_bf16 import global_rel as grel
-    from test_lora_model import build, peft_reference, random_adapter
-    from test_train_parity import peft_grads, torch_loss
+    from test_lora_model import build, random_adapter
     rng = np.random.default_rng(seed)
     model, cfg, ref = build(tmp_path, rng, **TINY)
     _, sd = random_adapter(model, "a", rng, **LORA)
     model.set_adapter_state_dict("a", {k: v * np.float32(bscale) if "lora_B" in k else v for k, v in sd.items()})
-    ids, mask, labels = batch(rng, cfg["vocab_size"], B=3, T=16)
-    pm = peft_reference(model, cfg, ref, "a", tmp_path)
-    loss64 = torch_loss(pm, ids, mask, labels)
-    loss64.backward()
-    g64, loss64 = peft_grads(pm), loss64.item()
-    pm32 = peft_reference(model, cfg, ref, "a", tmp_path / "ac", "float32")
-    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        torch_loss(pm32, ids, mask, labels).backward()
-    err_ac = grel(peft_grads(pm32), g64)
+    ids, mask, labels = padded_batch(rng, cfg["vocab_size"], B=3, T=16)
+    loss64, g64, g_ac = peft_references(model, cfg, ref, tmp_path, ids, mask, labels)
+    err_ac = global_rel(g_ac, g64)
     model.compute_dtype = "bfloat16"
     monkeypatch.setenv("QLORA_LORA_BF16", "0")
     _, g0 = engine_pass(model, ids, mask, labels)
     monkeypatch.setenv("QLORA_LORA_BF16", mode)
     loss, g = engine_pass(model, ids, mask, labels)
-    err0, err = grel(g0, g64), grel(g, g64)
+    err0, err = global_rel(g0, g64), global_rel(g, g64)
     assert err0 < err_ac and err < err_ac, (err, err0, err_ac)
     assert err < ratio * err0, (err / err0, ratio)
     assert abs(loss - loss64) < U * abs(loss64)

@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from helpers_train import padded_batch  # noqa: E402
 from test_lora_model import EPS32, build, peft_reference, random_adapter  # noqa: E402
 
 MODEL_CASES = {
@@ -23,19 +24,6 @@ LORA_CASES = {
     "subset-patterns": dict(r=4, lora_alpha=4, target_modules=["k_proj", "o_proj", "down_proj"],
                             rank_pattern={"down_proj": 2}, alpha_pattern={"o_proj": 32}),
 }
-
-
-def batch(rng, V, B=3, T=12):
-    """Right-padded batch: row lengths T, T-3, T-5; labels = ids with -100 on padding and a few
-    random positions (transformers' convention: shifted inside the model)."""
-    ids = rng.integers(3, V, (B, T))
-    mask = np.ones((B, T), np.int64)
-    for b, n in enumerate([T, T - 3, T - 5][:B]):
-        mask[b, n:] = 0
-        ids[b, n:] = 0
-    labels = np.where(mask == 1, ids, -100)
-    labels[rng.random((B, T)) < 0.15] = -100
-    return ids, mask, labels
 
 
 def torch_loss(pm, ids, mask, labels):
@@ -64,7 +52,7 @@ def test_gradients_match_peft(tmp_path, rng, mcase, lcase):
     model, cfg, ref = build(tmp_path, rng, **MODEL_CASES[mcase])
     random_adapter(model, "a", rng, **LORA_CASES[lcase])
     pm = peft_reference(model, cfg, ref, "a", tmp_path)
-    ids, mask, labels = batch(rng, cfg["vocab_size"])
+    ids, mask, labels = padded_batch(rng, cfg["vocab_size"])
     loss_ref = torch_loss(pm, ids, mask, labels)
     loss_ref.backward()
     want = peft_grads(pm)
@@ -99,7 +87,7 @@ def test_gradient_accumulation_and_loss_scale(tmp_path, rng):
     """Grads accumulate across calls; loss_scale weights a micro-batch; zero_grad clears."""
     model, cfg, _ = build(tmp_path, rng)
     random_adapter(model, "a", rng, r=4, lora_alpha=8, target_modules="all-linear")
-    ids, mask, labels = batch(rng, cfg["vocab_size"])
+    ids, mask, labels = padded_batch(rng, cfg["vocab_size"])
     model.forward_backward(ids, labels, mask)
     g1 = model.get_adapter_gradients()
     model.forward_backward(ids, labels, mask, loss_scale=0.5)
@@ -134,7 +122,7 @@ def test_finite_differences(tmp_path, rng):
     """A few A/B entries: central differences of the engine's own loss (fp32 model, float64 steps)."""
     model, cfg, _ = build(tmp_path, rng, nf4=False, hidden=32, inter=48, heads=2, kv_heads=1, vocab=40, layers=2)
     random_adapter(model, "a", rng, r=2, lora_alpha=4, target_modules="all-linear")
-    ids, mask, labels = batch(rng, cfg["vocab_size"], B=2, T=8)
+    ids, mask, labels = padded_batch(rng, cfg["vocab_size"], B=2, T=8)
     model.forward_backward(ids, labels, mask)
     grads = model.get_adapter_gradients()
     sd = model.get_adapter_state_dict()
@@ -196,7 +184,7 @@ def test_adamw_loss_curve_matches_peft(tmp_path, rng, nf4):
     model, cfg, ref = build(tmp_path, rng, nf4=nf4, layers=2)
     random_adapter(model, "a", rng, r=4, lora_alpha=8, target_modules="all-linear")
     hp = dict(lr=2e-3, weight_decay=0.01, betas=(0.9, 0.99), eps=1e-8)
-    batches = [batch(rng, cfg["vocab_size"]) for _ in range(4)]
+    batches = [padded_batch(rng, cfg["vocab_size"]) for _ in range(4)]
     ref64, final64 = torch_training(model, cfg, ref, tmp_path, batches, hp, "float64")
     ref32, final32 = torch_training(model, cfg, ref, tmp_path, batches, hp, "float32")
     model.configure_optimizer(**hp)
@@ -234,7 +222,7 @@ def test_optimizer_state_resume_is_exact(tmp_path, rng):
     model, cfg, _ = build(tmp_path, rng)
     random_adapter(model, "a", rng, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
     model.configure_optimizer(lr=1e-3, weight_decay=0.1)
-    data = [batch(rng, cfg["vocab_size"]) for _ in range(6)]
+    data = [padded_batch(rng, cfg["vocab_size"]) for _ in range(6)]
 
     def run(m, items):
         for ids, mask, labels in items:
@@ -263,7 +251,7 @@ def test_optimizer_state_resume_is_exact(tmp_path, rng):
 def test_clip_grad_norm_matches_torch(tmp_path, rng):
     model, cfg, _ = build(tmp_path, rng)
     random_adapter(model, "a", rng, r=4, lora_alpha=8, target_modules="all-linear")
-    ids, mask, labels = batch(rng, cfg["vocab_size"])
+    ids, mask, labels = padded_batch(rng, cfg["vocab_size"])
     model.forward_backward(ids, labels, mask)
     g = model.get_adapter_gradients()
     tg = [torch.from_numpy(v.copy()) for v in g.values()]
@@ -287,7 +275,7 @@ def test_dropout_masks_deterministic_and_active(tmp_path, rng):
     model.add_adapter("a", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.3), seed=7)
     sd = model.get_adapter_state_dict()
     model.set_adapter_state_dict("a", {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in sd.items()})
-    ids, mask, labels = batch(rng, cfg["vocab_size"])
+    ids, mask, labels = padded_batch(rng, cfg["vocab_size"])
     s, n = model.eval_loss(ids, labels, mask)
     results = {}
     for ckpt in (True, False):
@@ -314,7 +302,7 @@ def test_dropout_gradient_finite_differences(tmp_path, rng):
     model.add_adapter("a", LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", lora_dropout=0.4), seed=5)
     sd = {k: rng.standard_normal(v.shape).astype(np.float32) / 4 for k, v in model.get_adapter_state_dict().items()}
     model.set_adapter_state_dict("a", sd)
-    ids, mask, labels = batch(rng, cfg["vocab_size"], B=2, T=8)
+    ids, mask, labels = padded_batch(rng, cfg["vocab_size"], B=2, T=8)
     seed, _ = model._core.lora_dropout_state("a")
 
     def loss_at(d):
