@@ -374,7 +374,7 @@ def main():
         "| adapter | value |",
         "|---|---|",
         f"| fp32 bytes of one r={RANK} all-linear adapter (A + B) | {adapter_bytes / 1e6:.2f} MB |",
-        f"| bf16 inference copy of one adapter (`memory_footprint()[\"lora_adapters_bf16\"]` / 8) | "
+        "| bf16 inference copy of one adapter (`memory_footprint()[\"lora_adapters_bf16\"]` / 8) | "
         + (f"{bf16_one / 1e6:.2f} MB (held beside the fp32 factors) |" if bf16_all else "none made |"),
         f"| `memory_footprint()[\"lora_adapters\"]` per loaded adapter (fp32) | {footprint_one / 1e6:.2f} MB "
         f"(8 adapters: {footprint_all / 1e6:.2f} MB) |",

@@ -1,9 +1,12 @@
+import ctypes
 import os
 
 import numpy as np
 import pytest
 
 from qlora_native import _core
+
+from helpers_capi import CALLBACK, SamplingParams, load_lib
 
 
 @pytest.fixture
@@ -28,3 +31,17 @@ def all_backends():
     else:
         params.append(pytest.param("cuda", id="cuda", marks=pytest.mark.skip(reason=f"no CUDA backend: {_core.cuda_device_summary()}")))
     return params
+
+
+@pytest.fixture(scope="module")
+def lib():
+    """The C API of _core through ctypes (helpers_capi.load_lib) with the forward / generate signatures;
+    a test module's own `lib` fixture replaces it there."""
+    lib = load_lib()
+    lib.qlora_model_n_vocab.argtypes = [ctypes.c_void_p]
+    lib.qlora_model_forward.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int64,
+                                        ctypes.POINTER(ctypes.c_float)]
+    lib.qlora_generate.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int64,
+                                   ctypes.POINTER(SamplingParams), ctypes.POINTER(ctypes.c_int32), ctypes.c_int64,
+                                   ctypes.POINTER(ctypes.c_int64), CALLBACK, ctypes.c_void_p]
+    return lib

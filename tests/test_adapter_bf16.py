@@ -17,6 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import test_mixed_batch as tmb  # noqa: E402
 from helpers_tiny import build_tiny  # noqa: E402
+from test_lora_model import needs_peft  # noqa: E402
 
 HAS_BF16 = qlora_native._core.ops.lora_bf16_bytes(16, 64, 64, backend="cpu") > 0
 needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="no AVX512-BF16 units (the fp32 factors are used)")
@@ -135,17 +136,11 @@ def test_open_context_keeps_its_adapter_dtype(tiny_dir):
     c.close()
 
 
-try:
-    import peft  # noqa: F401
-    import torch
-except ImportError:
-    torch = None
-
-
 @needs_bf16
-@pytest.mark.skipif(torch is None, reason="torch/peft not installed")
+@needs_peft
 @pytest.mark.parametrize("nf4", [True, False])
 def test_logits_match_a_bf16_emulating_float64_reference(tmp_path, rng, nf4):
+    import torch
     from test_lora_model import build, fp32_tol, peft_reference, random_adapter, torch_logits
 
     model, cfg, ref = build(tmp_path, rng, nf4=nf4, hidden=64, inter=128, heads=4, kv_heads=2, vocab=100)

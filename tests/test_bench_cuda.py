@@ -27,11 +27,8 @@ def test_bench_cuda_dry_run(tmp_path):
     txt = (tmp_path / "bench_cuda.txt").read_text()
     assert "| target | value | goal | met |" in txt and "NF4 GEMM" in txt
     assert sorted(os.listdir(tmp_path)) == ["bench_cuda.json", "bench_cuda.txt"]  # no temporary left
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        pytest.skip("torch/transformers not importable: the baseline paths were skipped")
+    for mod in ("torch", "transformers"):
+        pytest.importorskip(mod, reason="torch/transformers not importable: the baseline paths were skipped")
     assert res["hf_bf16"]["decode_tok_s"] > 0 and all("ratio" in g for g in res["gemm"])
     assert res["targets"][0]["value"] is not None
 

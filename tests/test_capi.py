@@ -18,19 +18,10 @@ from qlora_native.config import ModelConfig  # noqa: E402
 from helpers_model import make_checkpoint, reference_logits, reference_model, save_bnb_checkpoint  # noqa: E402
 from test_model import CONFIGS, EPS32, fp32_tol, rel_err  # noqa: E402
 
-from helpers_capi import CALLBACK, ERR_INVALID_ARGUMENT, OK, QUANT_NF4, QUANT_NONE, SamplingParams, load_lib  # noqa: E402
+from helpers_capi import CALLBACK, ERR_INVALID_ARGUMENT, OK, QUANT_NF4, QUANT_NONE  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def lib():
-    lib = load_lib()
-    lib.qlora_model_n_vocab.argtypes = [ctypes.c_void_p]
-    lib.qlora_model_forward.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int64,
-                                        ctypes.POINTER(ctypes.c_float)]
-    lib.qlora_generate.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int64,
-                                   ctypes.POINTER(SamplingParams), ctypes.POINTER(ctypes.c_int32), ctypes.c_int64,
-                                   ctypes.POINTER(ctypes.c_int64), CALLBACK, ctypes.c_void_p]
-    return lib
+# The `lib` fixture (the C API through ctypes): tests/conftest.py.
 
 
 class CModel:

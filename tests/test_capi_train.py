@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 import qlora_native  # noqa: E402
 
 from helpers_model import make_checkpoint  # noqa: E402
-from test_capi import ERR_INVALID_ARGUMENT, OK, QUANT_NF4, CModel, lib  # noqa: E402,F401
+from test_capi import ERR_INVALID_ARGUMENT, OK, QUANT_NF4, CModel  # noqa: E402
 from test_model import EPS32, rel_err  # noqa: E402
 from helpers_capi import LORA_DOWN, LORA_Q, LORA_V, LoraParams  # noqa: E402
 

@@ -13,7 +13,6 @@ from qlora_native import LoraConfig, _core
 
 from helpers_tiny import build_tiny
 from helpers_train import adapter_model, train_batch
-from test_capi import lib  # noqa: F401 (fixture: the C API of _core through ctypes)
 
 HAVE_GPU = _core.cuda_device_count() > 0
 NO_GPU = f"no CUDA GPU: {_core.cuda_device_summary()}"

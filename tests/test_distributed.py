@@ -41,10 +41,7 @@ def _mpiexec():
 
 
 def _need_mpi():
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        pytest.skip("mpi4py is not installed (pip install qlora-native[mpi]; CI installs it)")
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install qlora-native[mpi]; CI installs it)")
     if _mpiexec() is None:
         pytest.skip("no mpiexec on PATH (pip install mpich)")
 

@@ -56,7 +56,7 @@ def test_module_imports_without_loading_nccl():
 
 def test_missing_library_is_a_clear_import_error():
     missing = "/nonexistent/dir/libnccl.so.2"
-    out = _py(f"""
+    out = _py("""
         from qlora_native import _core, distributed
         try:
             distributed.load_nccl()
@@ -95,10 +95,7 @@ def test_wheel_library_loads_without_a_gpu():
     """With the nvidia-nccl-cu13 wheel (CI installs it for the CUDA build) the search finds its library:
     dlopen and ncclGetVersion need no GPU."""
     _need_compiled()
-    try:
-        import nvidia.nccl  # noqa: F401
-    except ImportError:
-        pytest.skip("the nvidia-nccl-cu13 wheel is not installed")
+    pytest.importorskip("nvidia.nccl", reason="the nvidia-nccl-cu13 wheel is not installed")
     out = _py("""
         from qlora_native import distributed
         cands = distributed.nccl_library_candidates()

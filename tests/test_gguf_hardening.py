@@ -144,9 +144,11 @@ def test_tensors_sharing_an_offset_are_refused(tiny, tmp_path):
 def test_partially_overlapping_tensors_are_refused(tiny, tmp_path):
     _, data, m = tiny
     (a, _, rel_a, n_a), (b, pos_b, _, _) = m.tensor_offsets[0], m.tensor_offsets[1]  # token_embd: 20400 bytes
+    assert 32 * 10 < n_a  # b now starts inside a
     p = _write(tmp_path, put(data, Field(pos_b, "Q", "offset", ""), rel_a + 32 * 10))
-    with pytest.raises(FormatError, match="overlap"):
+    with pytest.raises(FormatError, match="overlap") as ei:
         Model.from_pretrained(p)
+    assert str(p) in str(ei.value) and a in str(ei.value) and b in str(ei.value)
 
 
 def test_tensor_data_past_the_end_of_the_file_is_refused(tiny, tmp_path):

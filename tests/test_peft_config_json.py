@@ -13,7 +13,7 @@ from qlora_native.adapter_io import load_adapter, save_adapter
 from qlora_native.lora_config import LoraConfig
 
 from helpers_model import make_checkpoint
-from test_capi import CModel, lib  # noqa: F401
+from test_capi import CModel
 from test_capi_train import DOWN, Q, V_, _check, _setup
 
 
@@ -80,7 +80,7 @@ def test_builder_rejects_bad_fields(fields, word):
         qlora_native._core.io.peft_config_json(fields)
 
 
-def test_c_api_and_python_write_one_config(lib, tmp_path, rng):  # noqa: F811
+def test_c_api_and_python_write_one_config(lib, tmp_path, rng):
     pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")

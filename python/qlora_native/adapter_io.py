@@ -38,7 +38,7 @@ def _parse_name(name: str):
     """(layer, projection, "A"|"B") of a canonical PEFT LoRA tensor name, or raise ValueError."""
     m = _NAME_RE.fullmatch(name)
     if m is not None:
-        layer, parent, proj, which = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+        layer, proj, which = int(m.group(1)), m.group(3), m.group(4)
         if proj in PROJECTIONS and peft_tensor_name(layer, proj, which) == name:
             return layer, proj, which
     if name.endswith("lora_magnitude_vector") or ".lora_magnitude_vector." in name:

@@ -8,7 +8,6 @@ import sys
 import time
 
 from .cli_common import MODEL_HELP, SMOLLM2_INSTALL, HelpFormatter, smollm2_path
-from .cli_common import SMOLLM2_FILE  # noqa: F401 (kept importable from here)
 
 
 def add_parser(sub) -> None:
