@@ -11,8 +11,7 @@ import pytest
 
 from qlora_native import _core, ops
 from conftest import all_backends
-
-EPS32 = float(np.finfo(np.float32).eps)
+from helpers_gemm import bound, check
 
 SHAPES_SMALL = [(1, 1, 1), (1, 7, 63), (7, 63, 65), (63, 65, 7), (17, 33, 129), (65, 577, 63), (577, 63, 65)]
 # (40, 70, 2500): K above the AVX-512 depth block (KC = 1024), so C accumulates over 3 depth blocks.
@@ -32,20 +31,6 @@ def operands(rng, layout, M, N, K):
 
 def run(layout, *args, **kw):
     return {"nt": ops.gemm_nt, "nn": ops.gemm_nn, "tn": ops.gemm_tn}[layout](*args, **kw)
-
-
-def bound(a_mk, b_kn, alpha=1.0, beta=0.0, c0=None):
-    K = a_mk.shape[1]
-    mag = abs(alpha) * (np.abs(a_mk.astype(np.float64)) @ np.abs(b_kn.astype(np.float64)))
-    if beta != 0.0:
-        mag = mag + abs(beta) * np.abs(c0.astype(np.float64))
-    return (K + 4) * EPS32 * mag + np.finfo(np.float32).tiny
-
-
-def check(got, ref, tol):
-    err = np.abs(got.astype(np.float64) - ref)
-    worst = np.unravel_index(np.argmax(err - tol), err.shape)
-    assert np.all(err <= tol), f"max excess at {worst}: err {err[worst]:.3g} > bound {tol[worst]:.3g}"
 
 
 @pytest.mark.parametrize("backend", all_backends())

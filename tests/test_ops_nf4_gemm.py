@@ -14,6 +14,7 @@ import pytest
 
 from qlora_native import ops
 from conftest import all_backends
+from helpers_gemm import bound, check
 
 EPS32 = float(np.finfo(np.float32).eps)
 NF4_CODES = np.array([
@@ -57,20 +58,6 @@ def decode(w):
         absmax = w.absmax
     scale = np.repeat(absmax.astype(np.float32), w.blocksize)[:n]
     return (NF4_CODES[q[:n]] * scale).reshape(rows, cols)
-
-
-def bound(x, wmat, alpha=1.0, beta=0.0, y0=None):
-    K = x.shape[1]
-    mag = abs(alpha) * (np.abs(x.astype(np.float64)) @ np.abs(wmat.astype(np.float64)))
-    if beta != 0.0:
-        mag = mag + abs(beta) * np.abs(y0.astype(np.float64))
-    return (K + 4) * EPS32 * mag + np.finfo(np.float32).tiny
-
-
-def check(got, ref, tol):
-    err = np.abs(got.astype(np.float64) - ref)
-    worst = np.unravel_index(np.argmax(err - tol), err.shape)
-    assert np.all(err <= tol), f"max excess at {worst}: err {err[worst]:.3g} > bound {tol[worst]:.3g}"
 
 
 # (rows, cols, blocksize): aligned rows, rows straddling blocks (cols % blocksize != 0), odd numel.
