@@ -36,6 +36,20 @@ def train_batch(seed=0, B=2, T=12, V=80):
     return ids, labels, mask
 
 
+def assert_same_training(a, b, steps):
+    """AdamW steps (lr 1e-3, clip 1.0) on train_batch(0..steps-1) give models a and b the same losses
+    and the same adapter "a", bit for bit."""
+    for m in (a, b):
+        m.configure_optimizer(lr=1e-3)
+    for step in range(steps):
+        batch = train_batch(step)
+        assert a.train_step([batch], lr=1e-3, max_grad_norm=1.0)["loss"] == \
+            b.train_step([batch], lr=1e-3, max_grad_norm=1.0)["loss"], step
+    sa, sb = a.get_adapter_state_dict("a"), b.get_adapter_state_dict("a")
+    for k in sa:
+        np.testing.assert_array_equal(np.asarray(sa[k]), np.asarray(sb[k]), err_msg=k)
+
+
 def padded_batch(rng, V, B=3, T=12):
     """(ids, mask, labels) int64 [B, T], right-padded: row lengths T, T-3, T-5; labels = ids with -100
     on padding and a few random positions (transformers' convention: shifted inside the model)."""
@@ -47,6 +61,19 @@ def padded_batch(rng, V, B=3, T=12):
     labels = np.where(mask == 1, ids, -100)
     labels[rng.random((B, T)) < 0.15] = -100
     return ids, mask, labels
+
+
+def engine_curve(m, batches, steps=20):
+    """Losses of `steps` AdamW steps (zero_grad, forward_backward, clip 1.0, optimizer_step) cycling over
+    `batches` of (ids, mask, labels), as test_train_parity.torch_training runs PEFT."""
+    losses = []
+    for step in range(steps):
+        ids, mask, labels = batches[step % len(batches)]
+        m.zero_grad()
+        losses.append(m.forward_backward(ids, labels, mask))
+        m.clip_grad_norm(1.0)
+        m.optimizer_step()
+    return np.array(losses)
 
 
 def loss_and_grads(m, batch=None):

@@ -22,7 +22,7 @@ from qlora_native import ops
 
 from helpers_bf16 import (HAVE_BF16, LORA, TINY, U, bf16, check, engine_pass, global_rel, max_rel, needs_bf16,
                           peft_references, strided)
-from helpers_train import padded_batch
+from helpers_train import engine_curve, padded_batch
 from test_lora_model import build, needs_peft, random_adapter
 from test_ops_nf4_gemm import decode, random_nf4
 
@@ -197,14 +197,7 @@ def test_bf16_loss_curve_tracks_fp32(tmp_path, rng):
         model.compute_dtype = cd
         model.set_adapter_state_dict("a", start)
         model.configure_optimizer(lr=2e-3, weight_decay=0.01)
-        losses = []
-        for step in range(20):
-            ids, mask, labels = batches[step % 4]
-            model.zero_grad()
-            losses.append(model.forward_backward(ids, labels, mask))
-            model.clip_grad_norm(1.0)
-            model.optimizer_step()
-        curves[cd] = np.array(losses)
+        curves[cd] = engine_curve(model, batches)
         assert all(v.dtype == np.float32 for v in model.get_adapter_state_dict("a").values())
     f32, b16 = curves["float32"], curves["bfloat16"]
     assert f32[-4:].mean() < f32[:4].mean() - 0.05 and b16[-4:].mean() < b16[:4].mean() - 0.05

@@ -15,7 +15,7 @@ from qlora_native import memory_model as mm
 
 from conftest import all_backends
 from helpers_tiny import build_tiny
-from helpers_train import adapter_model, loss_and_grads, train_batch
+from helpers_train import adapter_model, assert_same_training, loss_and_grads, train_batch
 
 HAVE_GPU = _core.cuda_device_count() > 0
 NO_GPU = f"no CUDA GPU: {_core.cuda_device_summary()}"
@@ -280,15 +280,7 @@ def test_bf16_compute_with_16bit_head(tiny):
 def test_devsim_equals_cpu_with_16bit_head(tiny):
     a = adapter_model(tiny, "cpu", head_format="f16", dropout=0.1)
     b = adapter_model(tiny, "cpu:devsim", head_format="f16", dropout=0.1)
-    for m in (a, b):
-        m.configure_optimizer(lr=1e-3)
-    for step in range(2):
-        batch = train_batch(step)
-        assert a.train_step([batch], lr=1e-3, max_grad_norm=1.0)["loss"] == \
-            b.train_step([batch], lr=1e-3, max_grad_norm=1.0)["loss"]
-    sa, sb = a.get_adapter_state_dict("a"), b.get_adapter_state_dict("a")
-    for k in sa:
-        np.testing.assert_array_equal(np.asarray(sa[k]), np.asarray(sb[k]), err_msg=k)
+    assert_same_training(a, b, 2)
 
 
 # ------------------------------------------------------------------ memory

@@ -12,7 +12,7 @@ from qlora_native import _core
 from qlora_native import memory_model as mm
 
 from helpers_tiny import build_tiny
-from helpers_train import adapter_model, loss_and_grads, train_batch
+from helpers_train import adapter_model, assert_same_training, loss_and_grads, train_batch
 from test_loss_ops import ce_ref, tolerances
 
 gguf_quants = pytest.importorskip("gguf.quants")
@@ -173,16 +173,7 @@ def test_train_step_q8_head_equals_dequantized_fp32(tmp_path, tiny, tiny_tied, b
 def test_devsim_equals_cpu_with_q8_head(tiny):
     a = adapter_model(tiny, "cpu", head_format="q8_0", dropout=0.1)
     b = adapter_model(tiny, "cpu:devsim", head_format="q8_0", dropout=0.1)
-    for m in (a, b):
-        m.configure_optimizer(lr=1e-3)
-    for step in range(3):
-        ids, labels, mask = train_batch(step)
-        ra = a.train_step([(ids, labels, mask)], lr=1e-3, max_grad_norm=1.0)
-        rb = b.train_step([(ids, labels, mask)], lr=1e-3, max_grad_norm=1.0)
-        assert ra["loss"] == rb["loss"]
-    sa, sb = a.get_adapter_state_dict("a"), b.get_adapter_state_dict("a")
-    for k in sa:
-        np.testing.assert_array_equal(np.asarray(sa[k]), np.asarray(sb[k]), err_msg=k)
+    assert_same_training(a, b, 3)
 
 
 # ------------------------------------------------------------------ the memory model

@@ -18,12 +18,11 @@ u = 2^-8 per rounded operand."""
 import numpy as np
 import pytest
 
-import qlora_native
-from qlora_native import LoraConfig, ops
+from qlora_native import ops
 
 from helpers_bf16 import EPS32, LORA, TINY, U, check, engine_pass, global_rel, needs_bf16, peft_references, strided
 from helpers_tiny import build_tiny
-from helpers_train import padded_batch
+from helpers_train import adapter_model, loss_and_grads, padded_batch
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, vocab_size=80)
 LAYERS = 2  # build_tiny's num_hidden_layers
 CFG = dict(r=4, lora_alpha=8, target_modules="all-linear", rank_pattern={"k_proj": 6, "gate_proj": 3})
@@ -96,10 +95,7 @@ def test_skinny_variants_bound(env):
 
 
 def _model(path, compute_dtype, dropout=0.0):
-    m = qlora_native.Model.from_pretrained(path, quantize="nf4", backend="cpu", tokenizer=None,
-                                           compute_dtype=compute_dtype)
-    m.add_adapter("a", LoraConfig(lora_dropout=dropout, **CFG), seed=3)
-    m.set_adapter("a")
+    m = adapter_model(path, compute_dtype=compute_dtype, dropout=dropout, lora=CFG)
     rng = np.random.default_rng(7)  # nonzero B: every LoRA gradient term is live
     sd = {k: (rng.standard_normal(v.shape) * 0.2).astype(np.float32) if "lora_B" in k else v
           for k, v in m.get_adapter_state_dict("a").items()}
@@ -114,20 +110,7 @@ def _pass(m, monkeypatch, lora_bf16, group=True, ckpt=True):
         monkeypatch.setenv("QLORA_LORA_BF16", lora_bf16 if isinstance(lora_bf16, str) else "1" if lora_bf16 else "0")
     monkeypatch.setenv("QLORA_LORA_GROUP", "1" if group else "0")
     m.gradient_checkpointing = ckpt
-    ids, labels, mask = _batch()
-    m.zero_grad()
-    loss = m.forward_backward(ids, labels, mask)
-    return loss, {k: np.array(v) for k, v in m.get_adapter_gradients("a").items()}
-
-
-def _batch(seed=0, B=2, T=12, V=80):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, V, size=(B, T)).astype(np.int32)
-    labels = ids.copy()
-    labels[:, :3] = -100
-    mask = np.ones_like(ids)
-    mask[1, :2] = 0  # row 1 padded on the left
-    return ids, labels, mask
+    return loss_and_grads(m)
 
 
 @needs_bf16

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from helpers_train import padded_batch  # noqa: E402
+from helpers_train import engine_curve, padded_batch  # noqa: E402
 from test_lora_model import EPS32, build, peft_reference, random_adapter  # noqa: E402
 
 MODEL_CASES = {
@@ -189,14 +189,7 @@ def test_adamw_loss_curve_matches_peft(tmp_path, rng, nf4):
     ref32, final32 = torch_training(model, cfg, ref, tmp_path, batches, hp, "float32")
     model.configure_optimizer(**hp)
     before = nf4_bytes(model, cfg) if nf4 else model._core.get_tensor("model.layers.0.mlp.up_proj.weight").copy()
-    ours = []
-    for step in range(20):
-        ids, mask, labels = batches[step % 4]
-        model.zero_grad()
-        ours.append(model.forward_backward(ids, labels, mask))
-        model.clip_grad_norm(1.0)
-        model.optimizer_step()
-    ours = np.array(ours)
+    ours = engine_curve(model, batches)
     assert ref64[-4:].mean() < ref64[:4].mean() - 0.05  # it learns
     drift = np.maximum.accumulate(np.abs(ref32 - ref64) / ref64)
     tol = 10 * np.maximum(drift, grad_tol(cfg, 12))
