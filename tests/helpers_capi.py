@@ -31,6 +31,7 @@ class ContextParams(ctypes.Structure):  # qlora_context_params
 
 
 CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int32, ctypes.c_void_p)  # qlora_token_callback
+P, I32P, F32P = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_float)
 
 
 def load_lib(path=None):
@@ -52,4 +53,22 @@ def load_lib(path=None):
     lib.qlora_model_set_adapter_dtype.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     lib.qlora_model_adapter_dtype.restype = ctypes.c_char_p
     lib.qlora_model_adapter_dtype.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+def load_context_lib(path=None):
+    """load_lib plus the serving contexts' signatures: qlora_model_n_vocab, qlora_adapter_load / _free,
+    qlora_context_new / _free / _set_adapters / _forward / _generate."""
+    lib = load_lib(path)
+    lib.qlora_model_n_vocab.argtypes = [P]
+    lib.qlora_adapter_load.restype = P
+    lib.qlora_adapter_load.argtypes = [P, ctypes.c_char_p]
+    lib.qlora_adapter_free.argtypes = [P]
+    lib.qlora_context_new.restype = P
+    lib.qlora_context_new.argtypes = [P, ContextParams]
+    lib.qlora_context_free.argtypes = [P]
+    lib.qlora_context_set_adapters.argtypes = [P, ctypes.POINTER(P), F32P, ctypes.c_int32]
+    lib.qlora_context_forward.argtypes = [P, I32P, ctypes.c_int64, F32P]
+    lib.qlora_context_generate.argtypes = [P, I32P, ctypes.c_int64, ctypes.POINTER(SamplingParams), I32P,
+                                           ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), CALLBACK, P]
     return lib

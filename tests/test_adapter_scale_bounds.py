@@ -18,7 +18,7 @@ import qlora_native
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from helpers_capi import ERR_INVALID_ARGUMENT, OK, ContextParams, load_lib  # noqa: E402
+from helpers_capi import ERR_INVALID_ARGUMENT, F32P, I32P, OK, P, load_context_lib  # noqa: E402
 from helpers_tiny import add_random_adapter, build_tiny  # noqa: E402
 
 IDS = np.array([[5, 6, 7, 8, 9], [3, 4, 5, 6, 7]])
@@ -105,23 +105,11 @@ def test_zero_B_adapter(model):
 
 
 # ---------------------------------------------------------------- C API: qlora_context_set_adapters
-
-P, F32P, I32P = ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int32)
-
-
 @pytest.fixture(scope="module")
 def capi(model, tiny_dir, tmp_path_factory):
     d = str(tmp_path_factory.mktemp("ad") / "a")
     model.save_adapter(d, "a")
-    lib = load_lib()
-    lib.qlora_model_n_vocab.argtypes = [P]
-    lib.qlora_adapter_load.restype = P
-    lib.qlora_adapter_load.argtypes = [P, ctypes.c_char_p]
-    lib.qlora_context_new.restype = P
-    lib.qlora_context_new.argtypes = [P, ContextParams]
-    lib.qlora_context_free.argtypes = [P]
-    lib.qlora_context_set_adapters.argtypes = [P, ctypes.POINTER(P), F32P, ctypes.c_int32]
-    lib.qlora_context_forward.argtypes = [P, I32P, ctypes.c_int64, F32P]
+    lib = load_context_lib()
     p = lib.qlora_model_default_params()
     p.quantize = 0
     h = lib.qlora_model_load(tiny_dir.encode(), ctypes.byref(p))

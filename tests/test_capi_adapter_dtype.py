@@ -13,10 +13,9 @@ from qlora_native import LoraConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from helpers_capi import ERR_INVALID_ARGUMENT, OK, ContextParams, load_lib  # noqa: E402
+from helpers_capi import ERR_INVALID_ARGUMENT, F32P, I32P, OK, P, load_context_lib  # noqa: E402
 from helpers_tiny import build_tiny  # noqa: E402
 
-P, I32P, F32P = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_float)
 IDS = np.array([3, 17, 42, 5, 23, 9], np.int32)
 HAS_BF16 = qlora_native._core.ops.lora_bf16_bytes(16, 64, 64, backend="cpu") > 0
 
@@ -31,15 +30,7 @@ def setup(tmp_path_factory):
     m.set_adapter_state_dict("a", {k: (0.5 * rng.standard_normal(v.shape)).astype(np.float32)
                                    for k, v in m.get_adapter_state_dict("a").items()})
     m.save_adapter(str(root / "a"), "a")
-    lib = load_lib()
-    lib.qlora_model_n_vocab.argtypes = [P]
-    lib.qlora_adapter_load.restype = P
-    lib.qlora_adapter_load.argtypes = [P, ctypes.c_char_p]
-    lib.qlora_context_new.restype = P
-    lib.qlora_context_new.argtypes = [P, ContextParams]
-    lib.qlora_context_free.argtypes = [P]
-    lib.qlora_context_set_adapters.argtypes = [P, ctypes.POINTER(P), F32P, ctypes.c_int32]
-    lib.qlora_context_forward.argtypes = [P, I32P, ctypes.c_int64, F32P]
+    lib = load_context_lib()
     return lib, tiny, str(root / "a")
 
 

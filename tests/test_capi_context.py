@@ -23,8 +23,7 @@ from qlora_native import LoraConfig, adapter_io
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from helpers_tiny import build_tiny  # noqa: E402
-from helpers_capi import (CALLBACK, ERR_INVALID_ARGUMENT, ERR_IO, OK, ContextParams, SamplingParams,  # noqa: E402
-                          load_lib)
+from helpers_capi import CALLBACK, ERR_INVALID_ARGUMENT, ERR_IO, F32P, I32P, OK, P, load_context_lib  # noqa: E402
 
 QUANT = {None: 0, "nf4": 1}
 PROMPT = [3, 17, 42, 5, 23, 9]
@@ -37,24 +36,9 @@ ADAPTERS = {  # name -> config (random non-zero factors are set below)
 }
 
 
-P, I32P, F32P = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_float)
-
-
 @pytest.fixture(scope="module")
 def lib():
-    lib = load_lib()
-    lib.qlora_model_n_vocab.argtypes = [P]
-    lib.qlora_adapter_load.restype = P
-    lib.qlora_adapter_load.argtypes = [P, ctypes.c_char_p]
-    lib.qlora_adapter_free.argtypes = [P]
-    lib.qlora_context_new.restype = P
-    lib.qlora_context_new.argtypes = [P, ContextParams]
-    lib.qlora_context_free.argtypes = [P]
-    lib.qlora_context_set_adapters.argtypes = [P, ctypes.POINTER(P), F32P, ctypes.c_int32]
-    lib.qlora_context_forward.argtypes = [P, I32P, ctypes.c_int64, F32P]
-    lib.qlora_context_generate.argtypes = [P, I32P, ctypes.c_int64, ctypes.POINTER(SamplingParams), I32P,
-                                           ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), CALLBACK, P]
-    return lib
+    return load_context_lib()
 
 
 class CError(RuntimeError):
