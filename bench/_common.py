@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import sys
+import time
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -384,9 +385,19 @@ def write_json(path: str, obj) -> None:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
 
-def run_child(script: str, engine: str, spec_path: str, threads: int, timeout: float) -> dict:
+def run_child(script: str, engine: str, spec_path: str, threads: int, timeout: float, label: str | None = None) -> dict:
     """Runs `script --child ENGINE --spec SPEC` in a fresh process (its own peak RSS) with every
-    library's thread count set to `threads`; returns the JSON of its `RESULT ` line or an error."""
+    library's thread count set to `threads`; returns the JSON of its `RESULT ` line or an error.
+    With a label, prints a progress line: the label, done or the error, and the seconds taken."""
+    t0 = time.perf_counter()
+    res = _child_result(script, engine, spec_path, threads, timeout)
+    if label is not None:
+        print(f"  {label}: {'error: ' + res['error'] if 'error' in res else 'done'} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    return res
+
+
+def _child_result(script, engine, spec_path, threads, timeout):
     import subprocess
 
     env = dict(os.environ)

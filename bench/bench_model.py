@@ -208,8 +208,8 @@ def parse_args():
     return p.parse_args()
 
 
-def run_child(engine, spec_path, threads, timeout):
-    return _common.run_child(__file__, engine, spec_path, threads, timeout)
+def run_child(engine, spec_path, threads, timeout, label=None):
+    return _common.run_child(__file__, engine, spec_path, threads, timeout, label)
 
 
 def ratio(a, b):
@@ -332,10 +332,7 @@ def main():
                 if importlib.util.find_spec("llama_cpp") is None:
                     res[e] = {"engine": e, "error": "not installed (pip install llama-cpp-python)"}
                     continue
-            t0 = time.perf_counter()
-            res[e] = run_child(e, spec_path, threads, args.timeout)
-            print(f"  {LABEL[e]}: {'error: ' + res[e]['error'] if 'error' in res[e] else 'done'} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            res[e] = run_child(e, spec_path, threads, args.timeout, LABEL[e])
     info["loadavg_after"] = _common.machine_info()["loadavg"]
 
     # Greedy outputs agree for a while across engines (a sanity check that the work is equal).

@@ -85,6 +85,24 @@ def time_steps(step, spec, res):
                peak_rss_mib=max(now_peak, res["peak_rss_before_timed_mib"]))
 
 
+def qlora_model(spec, res, compute_dtype):
+    """The benched model: spec's GGUF in NF4 in `compute_dtype` (the one it runs: res["compute_dtype"]),
+    LoRA adapter "bench" on all linear layers (spec's r and alpha, no dropout, seed 0) active, AdamW at
+    spec's lr, gradient checkpointing, train mode."""
+    import qlora_native
+
+    m = qlora_native.Model.from_pretrained(spec["gguf"], quantize="nf4", tokenizer=None)
+    m.compute_dtype = compute_dtype
+    res["compute_dtype"] = m.compute_dtype
+    m.add_adapter("bench", qlora_native.LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.0,
+                                                   target_modules="all-linear"), seed=0)
+    m.set_active_adapter("bench")
+    m.configure_optimizer(lr=spec["lr"])
+    m.gradient_checkpointing = True
+    m.train()
+    return m
+
+
 def run_qlora(spec, res):
     import numpy as np
 
@@ -97,15 +115,8 @@ def run_qlora(spec, res):
     if missing or not hasattr(qlora_native, "LoraConfig"):
         raise NotImplementedError(f"qlora_native.Model lacks {', '.join(missing) or 'LoraConfig'}")
     t0 = time.perf_counter()
-    m = qlora_native.Model.from_pretrained(spec["gguf"], quantize="nf4", tokenizer=None)
-    m.compute_dtype = "bfloat16" if res["engine"] == "qlora_nf4_bf16" else spec.get("compute_dtype", "float32")
-    res["compute_dtype"] = m.compute_dtype
-    m.add_adapter("bench", qlora_native.LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.0,
-                                                   target_modules="all-linear"), seed=0)
-    m.set_active_adapter("bench")
-    m.configure_optimizer(lr=spec["lr"])
-    m.gradient_checkpointing = True
-    m.train()
+    cd = "bfloat16" if res["engine"] == "qlora_nf4_bf16" else spec.get("compute_dtype", "float32")
+    m = qlora_model(spec, res, cd)
     res["load_s"] = time.perf_counter() - t0
     res["trainable_params"] = int(sum(v.size for v in m.get_adapter_state_dict("bench").values()))
     ids = np.asarray(spec["input_ids"], dtype=np.int32)
@@ -202,15 +213,7 @@ def run_breakdown(spec, res):
     if not hasattr(_core, "profile_enable"):
         raise NotImplementedError("this build has no profiling hooks (_core.profile_enable)")
     qlora_native.set_num_threads(spec["threads"])
-    m = qlora_native.Model.from_pretrained(spec["gguf"], quantize="nf4", tokenizer=None)
-    m.compute_dtype = spec.get("compute_dtype", "float32")
-    res["compute_dtype"] = m.compute_dtype
-    m.add_adapter("bench", qlora_native.LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.0,
-                                                   target_modules="all-linear"), seed=0)
-    m.set_active_adapter("bench")
-    m.configure_optimizer(lr=spec["lr"])
-    m.gradient_checkpointing = True
-    m.train()
+    m = qlora_model(spec, res, spec.get("compute_dtype", "float32"))
     n_params = int(sum(v.size for v in m.get_adapter_state_dict("bench").values()))
     ids = np.asarray(spec["input_ids"], dtype=np.int32)
     mask = np.ones_like(ids)
@@ -396,8 +399,8 @@ def parse_args():
     return p.parse_args()
 
 
-def run_child(engine, spec_path, threads, timeout):
-    return _common.run_child(__file__, engine, spec_path, threads, timeout)
+def run_child(engine, spec_path, threads, timeout, label=None):
+    return _common.run_child(__file__, engine, spec_path, threads, timeout, label)
 
 
 def step_flops(cfg, B, T, r):
@@ -484,22 +487,15 @@ def main():
             json.dump(spec, f)
         sg = None
         if not args.no_sgemm:
-            sg = run_child("sgemm", spec_path, threads, args.timeout)
-            print(f"  sgemm: {'error: ' + sg['error'] if 'error' in sg else 'done'}", flush=True)
+            sg = run_child("sgemm", spec_path, threads, args.timeout, "sgemm")
         conv = None
         if any(e.startswith("peft") for e in engines):
-            t0 = time.perf_counter()
-            conv = run_child("convert", spec_path, threads, args.timeout)
-            print(f"  GGUF -> HF fp32 checkpoint: {'error: ' + conv['error'] if 'error' in conv else 'done'} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            conv = run_child("convert", spec_path, threads, args.timeout, "GGUF -> HF fp32 checkpoint")
         for e in engines:
             if e.startswith("peft") and conv and "error" in conv:
                 res[e] = {"engine": e, "error": "GGUF conversion failed: " + conv["error"]}
                 continue
-            t0 = time.perf_counter()
-            res[e] = run_child(e, spec_path, threads, args.timeout)
-            print(f"  {LABEL[e]}: {'error: ' + res[e]['error'] if 'error' in res[e] else 'done'} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            res[e] = run_child(e, spec_path, threads, args.timeout, LABEL[e])
     info["loadavg_after"] = _common.machine_info()["loadavg"]
 
     for r in res.values():
