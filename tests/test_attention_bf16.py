@@ -87,6 +87,29 @@ def within(name, got, want, bound):
     return float(ratio.max())
 
 
+def float64_case(rng, case):
+    """Random inputs of case (B, T, Hq, Hkv, hd, mask kind): ((q, k, v, mask, scale, dout), the float64
+    references (out, lse, dq, dk, dv) on them, the bounds above for each)."""
+    B, T, Hq, Hkv, hd, kind = case
+    q, k, v = randn(rng, B * T, Hq * hd), randn(rng, B * T, Hkv * hd), randn(rng, B * T, Hkv * hd)
+    mask = make_mask(kind, B, T, rng)
+    scale = float(1.0 / np.sqrt(hd))
+    dout = randn(rng, B * T, Hq * hd)
+    r_out, r_lse, _ = attn_ref(q, k, v, mask, Hq, Hkv, scale)
+    refs = (r_out, r_lse) + tuple(attn_bwd_ref(q, k, v, mask, Hq, Hkv, scale, dout))
+    return (q, k, v, mask, scale, dout), refs, bounds(q, k, v, mask, Hq, Hkv, scale, dout)
+
+
+def check_vs_float64(tag, got, refs, bnds):
+    """out, lse, dq, dk, dv within their bounds; lse is -inf exactly where the reference's is."""
+    fin = np.isfinite(refs[1])
+    np.testing.assert_array_equal(np.isneginf(got[1]), ~fin)
+    for name, x, want, b in zip(("out", "lse", "dq", "dk", "dv"), got, refs, bnds):
+        if name == "lse":
+            x, want, b = x[fin], want[fin], b[fin]
+        within(f"{tag}{name}", x, want, b)
+
+
 def rel(a, b):
     return float(np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(b), 1e-300))
 
@@ -111,25 +134,15 @@ def run(backend, q, k, v, mask, Hq, Hkv, scale, dout, out_ref, lse_ref, cd="bflo
 @pytest.mark.parametrize("case", CASES, ids=[f"T{c[1]}-hd{c[4]}-{c[2]}x{c[3]}-{c[5]}" for c in CASES])
 def test_attention_bf16_vs_float64_and_oracle(rng, monkeypatch, case, backward):
     monkeypatch.setenv("QLORA_ATTN_BACKWARD", backward)
-    B, T, Hq, Hkv, hd, kind = case
-    q, k, v = randn(rng, B * T, Hq * hd), randn(rng, B * T, Hkv * hd), randn(rng, B * T, Hkv * hd)
-    mask = make_mask(kind, B, T, rng)
-    scale = float(1.0 / np.sqrt(hd))
-    dout = randn(rng, B * T, Hq * hd)
-    r_out, r_lse, _ = attn_ref(q, k, v, mask, Hq, Hkv, scale)
-    r_dq, r_dk, r_dv = attn_bwd_ref(q, k, v, mask, Hq, Hkv, scale, dout)
-    b_out, b_lse, b_dq, b_dk, b_dv = bounds(q, k, v, mask, Hq, Hkv, scale, dout)
+    B, T, Hq, Hkv = case[:4]
+    (q, k, v, mask, scale, dout), refs, bnds = float64_case(rng, case)
+    r_out, r_lse, r_dq, r_dk, r_dv = refs
     out_in, lse_in = r_out.astype(np.float32), r_lse.astype(np.float32)  # the backward alone
     fin = np.isfinite(r_lse)
     res = {}
     for be in BF16_BACKENDS:
         out, lse, dq, dk, dv = res[be] = run(be, q, k, v, mask, Hq, Hkv, scale, dout, out_in, lse_in)
-        within(f"{be} out", out, r_out, b_out)
-        np.testing.assert_array_equal(np.isneginf(lse), ~fin)
-        within(f"{be} lse", lse[fin], r_lse[fin], b_lse[fin])
-        within(f"{be} dq", dq, r_dq, b_dq)
-        within(f"{be} dk", dk, r_dk, b_dk)
-        within(f"{be} dv", dv, r_dv, b_dv)
+        check_vs_float64(f"{be} ", res[be], refs, bnds)
         # padding semantics as in fp32: no visible key -> out 0, dq 0; masked keys get no gradient
         none = np.isneginf(lse).transpose(0, 2, 1).reshape(B * T, Hq).any(1)
         assert np.all(out[none] == 0) and np.all(dq[none] == 0)

@@ -17,8 +17,7 @@ import pytest
 from qlora_native import _core, ops
 
 from helpers_attention import assert_same_bits, compute_dtypes, run_attention, simd_levels
-from test_attention_bf16 import bounds, within
-from test_grad_ops import attn_bwd_ref, attn_ref, make_mask, randn
+from test_attention_bf16 import check_vs_float64, float64_case
 
 g = _core.grad_ops
 HAVE_BF16 = ops.bf16_compute_available("cpu")
@@ -53,22 +52,10 @@ def test_direct_bit_identical_to_packing(tmp_path, backward):
 @pytest.mark.parametrize("case", SHAPES, ids=[f"T{c[1]}-hd{c[4]}-{c[2]}x{c[3]}-{c[5]}" for c in SHAPES])
 def test_direct_bf16_vs_float64(rng, monkeypatch, case):
     monkeypatch.setenv("QLORA_ATTN_BACKWARD", "fused")  # the packed bf16 backward
-    B, T, Hq, Hkv, hd, kind = case
-    q, k, v = randn(rng, B * T, Hq * hd), randn(rng, B * T, Hkv * hd), randn(rng, B * T, Hkv * hd)
-    mask = make_mask(kind, B, T, rng)
-    scale = float(1.0 / np.sqrt(hd))
-    dout = randn(rng, B * T, Hq * hd)
-    r_out, r_lse, _ = attn_ref(q, k, v, mask, Hq, Hkv, scale)
-    r_dq, r_dk, r_dv = attn_bwd_ref(q, k, v, mask, Hq, Hkv, scale, dout)
-    b_out, b_lse, b_dq, b_dk, b_dv = bounds(q, k, v, mask, Hq, Hkv, scale, dout)
+    (q, k, v, mask, scale, dout), refs, bnds = float64_case(rng, case)
+    Hq, Hkv = case[2], case[3]
     kw = dict(n_heads=Hq, n_kv_heads=Hkv, scale=scale, backend="cpu:avx512", compute_dtype="bfloat16")
     out, lse = g.attention_train(q, k, v, mask, **kw)
-    dq, dk, dv = g.attention_train_backward(q, k, v, mask, r_out.astype(np.float32), r_lse.astype(np.float32), dout,
-                                            **kw)
-    fin = np.isfinite(r_lse)
-    within("out", out, r_out, b_out)
-    np.testing.assert_array_equal(np.isneginf(lse), ~fin)
-    within("lse", lse[fin], r_lse[fin], b_lse[fin])
-    within("dq", dq, r_dq, b_dq)
-    within("dk", dk, r_dk, b_dk)
-    within("dv", dv, r_dv, b_dv)
+    dq, dk, dv = g.attention_train_backward(q, k, v, mask, refs[0].astype(np.float32), refs[1].astype(np.float32),
+                                            dout, **kw)
+    check_vs_float64("", (out, lse, dq, dk, dv), refs, bnds)
