@@ -8,8 +8,7 @@ import pytest
 import qlora_native
 from conftest import cpu_backends
 from qlora_native import _core
-from test_grad_ops import (assert_grad_close, attn_bwd_ref, attn_inputs, attn_ref, randn, rmsnorm_bwd_ref,
-                           swiglu_bwd_ref)
+from test_grad_ops import assert_grad_close, check_attention_train, randn, rmsnorm_bwd_ref, swiglu_bwd_ref
 
 g = _core.grad_ops
 SIMD = [b for b in cpu_backends() if b in ("cpu:avx2", "cpu:avx512")]
@@ -20,23 +19,7 @@ SIMD = [b for b in cpu_backends() if b in ("cpu:avx2", "cpu:avx512")]
 @pytest.mark.parametrize("Hq,Hkv,kind", [(4, 2, "left"), (3, 1, "right"), (2, 2, "none")])
 def test_attention_backward_both_ways(rng, monkeypatch, backend, way, Hq, Hkv, kind):
     monkeypatch.setenv("QLORA_ATTN_BACKWARD", way)
-    B, T, hd = 2, 140, 24  # three query / key blocks, the last partial
-    q, k, v, mask, scale = attn_inputs(rng, B, T, Hq, Hkv, hd, kind)
-    out, lse = g.attention_train(q, k, v, mask, n_heads=Hq, n_kv_heads=Hkv, scale=scale, backend=backend)
-    r_out, _, _ = attn_ref(q, k, v, mask, Hq, Hkv, scale)
-    assert_grad_close(out, r_out, T * hd, "out")
-    dout = randn(rng, B * T, Hq * hd)
-    dq, dk, dv = g.attention_train_backward(q, k, v, mask, out, lse, dout, n_heads=Hq, n_kv_heads=Hkv, scale=scale,
-                                            backend=backend)
-    r_dq, r_dk, r_dv = attn_bwd_ref(q, k, v, mask, Hq, Hkv, scale, dout)
-    K = T * hd * (Hq // Hkv)
-    assert_grad_close(dq, r_dq, K, "dq")
-    assert_grad_close(dk, r_dk, K, "dk")
-    assert_grad_close(dv, r_dv, K, "dv")
-    masked_keys = mask.reshape(-1) == 0
-    assert np.all(dk[masked_keys] == 0) and np.all(dv[masked_keys] == 0)
-    dead = np.isneginf(lse).transpose(0, 2, 1).reshape(B * T, Hq).any(1)
-    assert np.all(dq[dead] == 0)
+    check_attention_train(rng, backend, 2, 140, Hq, Hkv, 24, kind)  # three query / key blocks, the last partial
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

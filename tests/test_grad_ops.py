@@ -245,7 +245,13 @@ def attn_inputs(rng, B, T, Hq, Hkv, hd, kind):
 @pytest.mark.parametrize("Hq,Hkv", [(2, 2), (4, 2), (6, 2), (3, 1)], ids=["gqa1", "gqa2", "gqa3", "mqa3"])
 @pytest.mark.parametrize("kind", ["none", "left", "right"])
 def test_attention_train_forward_and_backward(rng, backend, Hq, Hkv, kind):
-    B, T, hd = 3, 70, 20  # T spans two 64-row tiles and a partial one; hd not a multiple of 8
+    # T = 70: two 64-row tiles and a partial one; hd = 20: not a multiple of 8
+    check_attention_train(rng, backend, 3, 70, Hq, Hkv, 20, kind)
+
+
+def check_attention_train(rng, backend, B, T, Hq, Hkv, hd, kind):
+    """attention_train / attention_train_backward on `backend` vs the float64 references (fp32 bounds),
+    and the padding rules: a query with no visible key outputs 0 and gets gradient 0; masked keys get none."""
     q, k, v, mask, scale = attn_inputs(rng, B, T, Hq, Hkv, hd, kind)
     out, lse = g.attention_train(q, k, v, mask, n_heads=Hq, n_kv_heads=Hkv, scale=scale, backend=backend)
     r_out, r_lse, _ = attn_ref(q, k, v, mask, Hq, Hkv, scale)
@@ -262,8 +268,6 @@ def test_attention_train_forward_and_backward(rng, backend, Hq, Hkv, kind):
     assert_grad_close(dq, r_dq, K, "dq")
     assert_grad_close(dk, r_dk, K, "dk")
     assert_grad_close(dv, r_dv, K, "dv")
-
-    # Padding: a query with no visible key outputs 0 and gets gradient 0; masked keys get none.
     none_visible = np.isneginf(lse).transpose(0, 2, 1).reshape(B * T, Hq)  # [B*T, Hq]
     if kind == "left":
         assert none_visible.any()
