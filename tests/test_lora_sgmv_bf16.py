@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import qlora_native
+from test_lora_sgmv import _problem
 
 ops = qlora_native._core.ops
 CPU = [b for b in qlora_native._core.available_backends() if b.startswith("cpu:")]
@@ -37,22 +38,9 @@ def _bound(x, A, B, alpha, y0):
     return exact, abs(alpha) * c * (T @ np.abs(B.astype(np.float64)).T) + E * np.abs(exact) + 1e-30
 
 
-def _strided(rng, rows, cols, pad):
-    big = rng.standard_normal((rows, cols + pad)).astype(np.float32)
-    return big[:, :cols] if pad else big
-
-
 def _case(rng, M, n_in, n_out, specs, pad):
-    x = _strided(rng, M, n_in, pad)
-    y0 = _strided(rng, M, n_out, pad + 3 if pad else 0)
-    factors, segs = {}, []
-    for row0, rows, r, alpha, key in specs:
-        if key not in factors:
-            factors[key] = (rng.standard_normal((r, n_in)).astype(np.float32),
-                            rng.standard_normal((n_out, r)).astype(np.float32))
-        A, B = factors[key]
-        segs.append((row0, rows, A, B, alpha))
-    return x, y0, segs
+    """test_lora_sgmv's problem (x, y0, segments) without its float64 result (this file's bound has its own)."""
+    return _problem(rng, M, n_in, n_out, specs, pad)[:3]
 
 
 def _run(x, y0, segs, backend, dtype):
