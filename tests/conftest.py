@@ -1,4 +1,3 @@
-import ctypes
 import os
 
 import numpy as np
@@ -6,7 +5,7 @@ import pytest
 
 from qlora_native import _core
 
-from helpers_capi import CALLBACK, SamplingParams, load_lib
+from helpers_capi import load_model_lib
 
 
 @pytest.fixture
@@ -35,13 +34,6 @@ def all_backends():
 
 @pytest.fixture(scope="module")
 def lib():
-    """The C API of _core through ctypes (helpers_capi.load_lib) with the forward / generate signatures;
-    a test module's own `lib` fixture replaces it there."""
-    lib = load_lib()
-    lib.qlora_model_n_vocab.argtypes = [ctypes.c_void_p]
-    lib.qlora_model_forward.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int64,
-                                        ctypes.POINTER(ctypes.c_float)]
-    lib.qlora_generate.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int64,
-                                   ctypes.POINTER(SamplingParams), ctypes.POINTER(ctypes.c_int32), ctypes.c_int64,
-                                   ctypes.POINTER(ctypes.c_int64), CALLBACK, ctypes.c_void_p]
-    return lib
+    """The C API of _core through ctypes with CModel's signatures (helpers_capi.load_model_lib); a test
+    module's own `lib` fixture replaces it there."""
+    return load_model_lib()

@@ -1,6 +1,10 @@
 """ctypes mirror of the C API's structs and constants (cpp/include/qlora/qlora.h) for the tests that
-call the C API on _core through ctypes: one copy, so a field added to the header is added here once."""
+call the C API on _core through ctypes: one copy, so a field added to the header is added here once;
+and CModel, a loaded model through them."""
 import ctypes
+import os
+
+import numpy as np
 
 # qlora_status
 OK, ERR_INVALID_ARGUMENT, ERR_FORMAT, ERR_IO, ERR_OUT_OF_MEMORY, ERR_RUNTIME = 0, -1, -2, -3, -4, -5
@@ -72,3 +76,53 @@ def load_context_lib(path=None):
     lib.qlora_context_generate.argtypes = [P, I32P, ctypes.c_int64, ctypes.POINTER(SamplingParams), I32P,
                                            ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), CALLBACK, P]
     return lib
+
+
+def load_model_lib(path=None):
+    """load_lib plus the signatures of CModel's calls: qlora_model_n_vocab, qlora_model_forward, qlora_generate."""
+    lib = load_lib(path)
+    lib.qlora_model_n_vocab.argtypes = [ctypes.c_void_p]
+    lib.qlora_model_forward.argtypes = [ctypes.c_void_p, I32P, ctypes.c_int64, F32P]
+    lib.qlora_generate.argtypes = [ctypes.c_void_p, I32P, ctypes.c_int64, ctypes.POINTER(SamplingParams), I32P,
+                                   ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), CALLBACK, ctypes.c_void_p]
+    return lib
+
+
+class CModel:
+    """A loaded qlora_model*; raises RuntimeError(code, message) on C API errors."""
+
+    def __init__(self, lib, path, quantize=QUANT_NONE, blocksize=64, double_quant=True):
+        self.lib = lib
+        p = lib.qlora_model_default_params()
+        p.quantize, p.blocksize, p.double_quant = quantize, blocksize, int(double_quant)
+        self.h = lib.qlora_model_load(os.fspath(path).encode(), ctypes.byref(p))
+        if not self.h:
+            raise RuntimeError(lib.qlora_last_error().decode())
+        self.V = lib.qlora_model_n_vocab(self.h)
+
+    def close(self):
+        self.lib.qlora_model_free(self.h)
+        self.h = None
+
+    def forward(self, ids):
+        ids = np.ascontiguousarray(ids, np.int32)
+        out = np.full((len(ids), self.V), np.nan, np.float32)
+        rc = self.lib.qlora_model_forward(self.h, ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), len(ids),
+                                          out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+        if rc != OK:
+            raise RuntimeError(rc, self.lib.qlora_last_error().decode())
+        return out
+
+    def generate(self, prompt, max_new, temperature=0.0, top_k=0, top_p=1.0, seed=0, stream=None):
+        prompt = np.ascontiguousarray(prompt, np.int32)
+        sp = self.lib.qlora_sampling_default_params()
+        sp.temperature, sp.top_k, sp.top_p, sp.seed = temperature, top_k, top_p, seed
+        out = np.full(max_new, -1, np.int32)
+        n = ctypes.c_int64(-1)
+        cb = CALLBACK((lambda t, u: stream(t) or 0) if stream else (lambda t, u: 0))
+        rc = self.lib.qlora_generate(self.h, prompt.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), len(prompt),
+                                     ctypes.byref(sp), out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), max_new,
+                                     ctypes.byref(n), cb, None)
+        if rc != OK:
+            raise RuntimeError(rc, self.lib.qlora_last_error().decode())
+        return out[: n.value].tolist()

@@ -2,11 +2,9 @@
 linked with default visibility: HF checkpoints loaded by the C++ loader (cpp/src/model/hf_loader)
 give the logits of transformers (float64 reference) and of qlora_native.Model, generation
 matches Model.generate token for token, and config.json errors read exactly as config.py's."""
-import ctypes
 import json
 import os
 
-import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -18,50 +16,10 @@ from qlora_native.config import ModelConfig  # noqa: E402
 from helpers_model import make_checkpoint, reference_logits, reference_model, save_bnb_checkpoint  # noqa: E402
 from test_model import CONFIGS, EPS32, fp32_tol, rel_err  # noqa: E402
 
-from helpers_capi import CALLBACK, ERR_INVALID_ARGUMENT, OK, QUANT_NF4, QUANT_NONE  # noqa: E402
+from helpers_capi import ERR_INVALID_ARGUMENT, QUANT_NF4, QUANT_NONE, CModel  # noqa: E402
 
 
-# The `lib` fixture (the C API through ctypes): tests/conftest.py.
-
-
-class CModel:
-    """A loaded qlora_model*; raises RuntimeError(code, message) on C API errors."""
-
-    def __init__(self, lib, path, quantize=QUANT_NONE, blocksize=64, double_quant=True):
-        self.lib = lib
-        p = lib.qlora_model_default_params()
-        p.quantize, p.blocksize, p.double_quant = quantize, blocksize, int(double_quant)
-        self.h = lib.qlora_model_load(os.fspath(path).encode(), ctypes.byref(p))
-        if not self.h:
-            raise RuntimeError(lib.qlora_last_error().decode())
-        self.V = lib.qlora_model_n_vocab(self.h)
-
-    def close(self):
-        self.lib.qlora_model_free(self.h)
-        self.h = None
-
-    def forward(self, ids):
-        ids = np.ascontiguousarray(ids, np.int32)
-        out = np.full((len(ids), self.V), np.nan, np.float32)
-        rc = self.lib.qlora_model_forward(self.h, ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), len(ids),
-                                          out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
-        if rc != OK:
-            raise RuntimeError(rc, self.lib.qlora_last_error().decode())
-        return out
-
-    def generate(self, prompt, max_new, temperature=0.0, top_k=0, top_p=1.0, seed=0, stream=None):
-        prompt = np.ascontiguousarray(prompt, np.int32)
-        sp = self.lib.qlora_sampling_default_params()
-        sp.temperature, sp.top_k, sp.top_p, sp.seed = temperature, top_k, top_p, seed
-        out = np.full(max_new, -1, np.int32)
-        n = ctypes.c_int64(-1)
-        cb = CALLBACK((lambda t, u: stream(t) or 0) if stream else (lambda t, u: 0))
-        rc = self.lib.qlora_generate(self.h, prompt.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), len(prompt),
-                                     ctypes.byref(sp), out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), max_new,
-                                     ctypes.byref(n), cb, None)
-        if rc != OK:
-            raise RuntimeError(rc, self.lib.qlora_last_error().decode())
-        return out[: n.value].tolist()
+# The `lib` fixture (the C API through ctypes): tests/conftest.py; CModel: tests/helpers_capi.py.
 
 
 @pytest.mark.parametrize("name", ["gqa1-tied", "gqa2-h72-v130", "llama3-rope", "qwen2-bias", "mistral",

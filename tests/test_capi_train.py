@@ -12,9 +12,8 @@ pytest.importorskip("transformers")
 import qlora_native  # noqa: E402
 
 from helpers_model import make_checkpoint  # noqa: E402
-from test_capi import ERR_INVALID_ARGUMENT, OK, QUANT_NF4, CModel  # noqa: E402
 from test_model import EPS32, rel_err  # noqa: E402
-from helpers_capi import LORA_DOWN, LORA_Q, LORA_V, LoraParams  # noqa: E402
+from helpers_capi import ERR_INVALID_ARGUMENT, LORA_DOWN, LORA_Q, LORA_V, OK, QUANT_NF4, CModel, LoraParams  # noqa: E402
 
 I32P, F32P = ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_float)
 Q, V_, DOWN = LORA_Q, LORA_V, LORA_DOWN

@@ -17,7 +17,8 @@ from qlora_native import _core  # noqa: E402
 from qlora_native.config import ModelConfig  # noqa: E402
 
 from helpers_model import make_checkpoint  # noqa: E402
-from test_capi import QUANT_NONE, CModel, _base_config  # noqa: E402
+from helpers_capi import QUANT_NONE, CModel  # noqa: E402
+from test_capi import _base_config  # noqa: E402
 
 BIG = 2**31 - 1
 BAD_FIELDS = {

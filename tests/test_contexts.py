@@ -9,7 +9,6 @@ for each other (they timed out while the model held one KV cache and serialized 
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import qlora_native
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from helpers_tiny import add_random_adapter, build_tiny  # noqa: E402
-from helpers_capi import CALLBACK, SamplingParams, load_lib  # noqa: E402
+from helpers_capi import CModel, load_model_lib  # noqa: E402
 
 PROMPTS = [[3, 4, 5], [6, 7, 8, 9]]
 
@@ -215,38 +214,11 @@ def test_threads_generate_with_different_adapters(tiny_dir, quantize):
     assert r.returncode == 0 and "OK" in r.stdout, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
 
 
-class CModel:
-    """The few C API calls this test needs, through ctypes (which releases the GIL around each call)."""
-
-    def __init__(self, path):
-        self.lib = lib = load_lib()
-        lib.qlora_generate.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int64,
-                                       ctypes.POINTER(SamplingParams), ctypes.POINTER(ctypes.c_int32), ctypes.c_int64,
-                                       ctypes.POINTER(ctypes.c_int64), CALLBACK, ctypes.c_void_p]
-        self.h = lib.qlora_model_load(os.fspath(path).encode(), None)
-        assert self.h, lib.qlora_last_error().decode()
-
-    def close(self):
-        self.lib.qlora_model_free(self.h)
-
-    def generate(self, prompt, max_new, stream=None):
-        prompt = np.ascontiguousarray(prompt, np.int32)
-        sp = self.lib.qlora_sampling_default_params()
-        out = np.full(max_new, -1, np.int32)
-        n = ctypes.c_int64(-1)
-        cb = CALLBACK((lambda t, u: stream(t) or 0) if stream else (lambda t, u: 0))
-        rc = self.lib.qlora_generate(self.h, prompt.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), len(prompt),
-                                     ctypes.byref(sp), out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), max_new,
-                                     ctypes.byref(n), cb, None)
-        assert rc == 0, self.lib.qlora_last_error().decode()
-        return out[: n.value].tolist()
-
-
 def test_capi_generate_from_two_threads_at_once(tiny_dir):
     """qlora_generate runs each call in its own context: two threads overlap (each waits inside its token
     callback for the other; this timed out while the C API serialized calls on a model) and each gets
     its single-threaded tokens."""
-    cm = CModel(tiny_dir)
+    cm = CModel(load_model_lib(), tiny_dir)
     try:
         prompts = [[3, 4, 5], [7, 1, 9, 2]]
         ref = [cm.generate(p, 12) for p in prompts]

@@ -13,7 +13,7 @@ from qlora_native.adapter_io import load_adapter, save_adapter
 from qlora_native.lora_config import LoraConfig
 
 from helpers_model import make_checkpoint
-from test_capi import CModel
+from helpers_capi import CModel
 from test_capi_train import DOWN, Q, V_, _check, _setup
 
 
