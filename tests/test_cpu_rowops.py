@@ -75,3 +75,44 @@ def test_simd_row_kernels_beat_the_reference_loops(rng):
         _core.profile_reset()
     assert ce["cpu:generic"] >= 2 * ce[best], ce
     assert sw["cpu:generic"] >= 2 * sw[best], sw
+
+
+def _same_bits_inputs(rng, n):
+    """Rows of n values with the exp's edge cases spread through them: both sides of the short
+    form's |x| <= 87 range, the overflow / underflow clamps (88.72, -104), denormal results."""
+    x = randn(rng, 4, n, std=3.0)
+    edge = np.array([87.0, -87.0, 87.01, -87.01, 88.7, 88.73, -100.0, -103.9, -104.0, -120.0, 95.0,
+                     0.0, -0.0], np.float32)
+    x[1, : min(n, edge.size)] = edge[: min(n, edge.size)]
+    x[2] *= 40.0  # most vectors of this row take the wide form
+    return x
+
+
+@pytest.mark.skipif(not {"cpu:avx2", "cpu:avx512"} <= set(cpu_backends()), reason="needs cpu:avx2 and cpu:avx512")
+@pytest.mark.parametrize("n", [1, 7, 9, 16, 17, 31, 33, 576, 577, 1003])
+def test_avx2_row_kernels_give_the_avx512_bits(rng, n):
+    """The AVX2 row kernels compute what the AVX-512 ones do, in the same order: the same exp (one
+    normal 2^n for |x| <= 87, two halves beyond), double sums in 4 x 4 lanes folded as the AVX-512
+    kernels' 2 x 8 lanes and their horizontal add. So RMSNorm (forward, backward), SwiGLU (forward,
+    backward) and the cross-entropy loss / gradient agree bit for bit, tails and edge inputs
+    included (before, the AVX2 sums ran in 2 x 4 lanes: RMSNorm and the loss differed in the last bits)."""
+    from helpers_ops import run
+    x, w, dy = _same_bits_inputs(rng, n), randn(rng, n), randn(rng, 4, n)
+    fin = x
+    up, dout = randn(rng, 4, n), randn(rng, 4, n)
+    labels = rng.integers(0, n, 4).astype(np.int32)
+    out = {}
+    for b in ("cpu:avx2", "cpu:avx512"):
+        r = {}
+        r["rmsnorm"] = run(b, "rmsnorm", {"x": fin, "w": w, "out": np.zeros_like(fin)}, {"M": 4, "D": n},
+                           {"eps": 1e-5})["out"]
+        r["rmsnorm_backward"] = g.rmsnorm_backward(fin, w, dy, eps=1e-5, backend=b)
+        r["swiglu"] = run(b, "swiglu", {"gate": x, "up": up, "out": np.zeros_like(x)},
+                          {"M": 4, "N": n, "ldg": n, "ldu": n, "ldo": n})["out"]
+        r["dgate"], r["dup"] = g.swiglu_backward(x, up, dout, backend=b)
+        ce = run(b, "cross_entropy_rows", {"logits": fin.copy(), "labels": labels, "loss": np.zeros(4, np.float32)},
+                 {"M": 4, "V": n, "ldl": n, "want_grad": 1}, {"grad_scale": 0.25})
+        r["ce_loss"], r["ce_grad"] = ce["loss"], ce["logits"]
+        out[b] = r
+    for k, v in out["cpu:avx2"].items():
+        np.testing.assert_array_equal(v, out["cpu:avx512"][k], err_msg=k)
