@@ -378,7 +378,8 @@ def test_lora_gguf_bad_input(tmp_path):
     assert m2.adapters == [] and m3.adapters == []
 
 
-def _write_adapter(path, tensors: dict, alpha=8.0, arch="llama", gtype="adapter"):
+def _write_adapter(path, tensors: dict, alpha=8.0, arch="llama", gtype="adapter", qtypes=None):
+    """A GGUF LoRA file; qtypes: {tensor name: GGMLQuantizationType} for those not stored as F32."""
     w = gguf.GGUFWriter(str(path), arch=arch)
     if gtype is not None:
         w.add_type(gtype)
@@ -386,7 +387,11 @@ def _write_adapter(path, tensors: dict, alpha=8.0, arch="llama", gtype="adapter"
     if alpha is not None:
         w.add_float32("adapter.lora.alpha", alpha)
     for n, a in tensors.items():
-        w.add_tensor(n, np.asarray(a, np.float32))
+        qt = (qtypes or {}).get(n)
+        if qt is None:
+            w.add_tensor(n, np.asarray(a, np.float32))
+        else:
+            w.add_tensor(n, gguf.quants.quantize(np.asarray(a, np.float32), qt), raw_dtype=qt)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -431,6 +436,52 @@ def test_lora_gguf_written_elsewhere_and_corrupt(tmp_path):
     assert m.adapters == ["noalpha"]
     with pytest.raises(FileNotFoundError):
         m.load_adapter(tmp_path / "missing.gguf", "x")
+
+
+LOAD_WITHOUT_GGUF = r"""
+import sys
+sys.modules["gguf"] = None  # importing the gguf package now fails
+import numpy as np
+import qlora_native
+m = qlora_native.Model.from_pretrained(sys.argv[1], quantize=None, tokenizer=None)
+m.load_adapter(sys.argv[2], "x")
+np.savez(sys.argv[3], **m.get_adapter_state_dict("x"))
+"""
+
+
+def test_lora_gguf_factors_decoded_by_the_engine(tmp_path):
+    """load_gguf_lora decodes F16 / BF16 / Q8_0 factors with the engine's GGUF decoder, as the base
+    weights: the gguf package is not needed (it loads with the package blocked), and the factors are
+    the package's own dequantization bit for bit (B of a llama q_proj: un-permuted to HF's rows)."""
+    import subprocess
+    import sys
+
+    from qlora_native.gguf_source import _unpermute_rows
+
+    rng = np.random.default_rng(12)
+    cfg = _config(num_hidden_layers=2)
+    path = _model_dir(tmp_path / "src", cfg, _weights(cfg, rng))
+    Q = gguf.GGMLQuantizationType
+    f = {"blk.0.attn_v.weight.lora_a": (rng.standard_normal((4, 64)), Q.Q8_0),
+         "blk.0.attn_v.weight.lora_b": (rng.standard_normal((32, 4)), Q.F16),
+         "blk.1.attn_q.weight.lora_a": (rng.standard_normal((4, 64)), Q.BF16),
+         "blk.1.attn_q.weight.lora_b": (rng.standard_normal((64, 4)), Q.BF16)}
+    lora = _write_adapter(tmp_path / "q.gguf", {n: a for n, (a, _) in f.items()},
+                          qtypes={n: qt for n, (_, qt) in f.items()})
+    r = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_GGUF, str(path), str(lora), str(tmp_path / "sd.npz")],
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p)),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = np.load(tmp_path / "sd.npz")
+
+    def ref(n):
+        a, qt = f[n]
+        return np.asarray(gguf.quants.dequantize(gguf.quants.quantize(a.astype(np.float32), qt), qt), np.float32)
+    for (layer, proj, hf, gg) in ((0, "v_proj", "attn_v", None), (1, "q_proj", "attn_q", 4)):
+        want_b = ref(f"blk.{layer}.{hf}.weight.lora_b")
+        want_b = want_b if gg is None else _unpermute_rows(want_b, gg)
+        np.testing.assert_array_equal(got[peft_tensor_name(layer, proj, "A")], ref(f"blk.{layer}.{hf}.weight.lora_a"))
+        np.testing.assert_array_equal(got[peft_tensor_name(layer, proj, "B")], want_b)
 
 
 @pytest.mark.slow

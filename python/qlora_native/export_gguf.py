@@ -474,8 +474,7 @@ def load_gguf_lora(model, path) -> tuple[LoraConfig, dict]:
     """Reads a llama.cpp GGUF LoRA adapter for `model`: (LoraConfig, {PEFT tensor name: float32}).
     llama.cpp's semantics: every module is scaled by adapter.lora.alpha / r, r from its tensors;
     the q/k B rows are permuted back to HF's layout (llama architecture)."""
-    import gguf
-
+    from ._core import gguf as _gguf
     from .gguf_check import FLOAT_TYPES, INT_TYPES, STRING, check_gguf
     from .gguf_source import SUPPORTED_TYPES
 
@@ -518,20 +517,14 @@ def load_gguf_lora(model, path) -> tuple[LoraConfig, dict]:
         layer, proj, which = int(m.group(1)), _GGUF_PROJ[m.group(2)], m.group(3)
         if layer >= c.num_hidden_layers:
             raise ValueError(f"{p}: tensor {t.name} is for layer {layer}, the model has {c.num_hidden_layers}")
-        qt = gguf.GGMLQuantizationType(t.ggml_type)
-        if qt.name not in SUPPORTED_TYPES:
-            raise ValueError(f"{p}: tensor {t.name} has unsupported GGUF type {qt.name}")
+        qt = _gguf.type_name(t.ggml_type)
+        if qt not in SUPPORTED_TYPES:
+            raise ValueError(f"{p}: tensor {t.name} has unsupported GGUF type {qt}")
         shape = tuple(reversed(t.dims))
         if len(shape) != 2:
             raise FormatError(f"{p}: tensor {t.name} has {len(shape)} dimensions, expected 2")
-        raw = mm[t.offset: t.offset + t.n_bytes]
-        if qt.name == "F32":
-            arr = np.array(raw.view(np.float32).reshape(shape))
-        elif qt.name == "F16":
-            arr = raw.view(np.float16).reshape(shape).astype(np.float32)
-        else:
-            arr = np.asarray(gguf.quants.dequantize(raw.reshape(gguf.quants.quant_shape_to_byte_shape(shape, qt)), qt),
-                             np.float32).reshape(shape)
+        # the engine's own decoder (as for the base weights)
+        arr = _gguf.dequantize(t.ggml_type, mm[t.offset: t.offset + t.n_bytes], shape[0] * shape[1]).reshape(shape)
         if not np.isfinite(arr).all():
             raise FormatError(f"{p}: tensor {t.name} holds NaN or infinite values")
         found.setdefault((layer, proj), {})[which] = arr
