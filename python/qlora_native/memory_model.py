@@ -21,9 +21,11 @@ backward's [B, Hq, T] delta, grad-norm partials), host memory (offloaded checkpo
 """
 from __future__ import annotations
 
+from ._core import grad_ops as _grad_ops
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _F = 4  # fp32 bytes
-CE_CHUNK_ROWS = 256  # kCrossEntropyChunkRows (cpu/ops_backward.hpp)
+CE_CHUNK_ROWS = _grad_ops.default_chunk_rows  # the engine's kCrossEntropyChunkRows
 Q8_0_GEMM_NN_CHUNK = 2048  # Backend::kQ8_0GemmNnChunk
 HALF_CHUNK = 2048  # Backend::kHalfChunk
 HEAD_FORMATS = ("float32", "bf16", "f16", "q8_0")
