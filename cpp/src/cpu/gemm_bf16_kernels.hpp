@@ -20,6 +20,9 @@ void ukernel_avx512bf16(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, floa
 // Panel of width W (kMR or kNR) from n <= W rows of a row-major [*, kc] fp32 source (k along a row):
 //   P[p * W + i] = pair(src[i * ld + 2p], src[i * ld + 2p + 1])
 void pack_rows_avx512bf16(const float* src, int64_t ld, int n, int64_t kc, int W, uint32_t* P);
+// pack_rows_avx512bf16 with W = kMR (an A panel), the same values; whole 32-k steps stored as 14
+// whole vectors.
+void pack_a_panel_avx512bf16(const float* src, int64_t ld, int n, int64_t kc, uint32_t* P);
 // Panel of width W from n <= W columns of a row-major [kc, *] fp32 source (k down a column):
 //   P[p * W + i] = pair(src[2p * ld + i], src[(2p + 1) * ld + i])
 void pack_cols_avx512bf16(const float* src, int64_t ld, int n, int64_t kc, int W, uint32_t* P);
