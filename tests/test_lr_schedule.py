@@ -6,9 +6,10 @@ from types import SimpleNamespace
 import pytest
 
 from qlora_native import _core
+from qlora_native.trainer import LR_SCHEDULES
 
 train = _core.train
-NAMES = ["constant", "constant_with_warmup", "linear", "cosine"]
+NAMES = list(LR_SCHEDULES)
 
 
 def _transformers_warmup(warmup, total):
@@ -75,3 +76,21 @@ def test_schedule_bad_inputs():
         train.lr_at("cosine", 0, 1e-3, float("nan"), 10)
     with pytest.raises(ValueError, match="total_steps"):
         train.lr_at("cosine", 0, 1e-3, 0, -1)
+
+
+def test_python_names_are_the_engines():
+    """TrainingArguments and `qlora-native train --scheduler` offer exactly the schedules the engine
+    knows (one Python list, trainer.LR_SCHEDULES, checked against the engine's own refusal)."""
+    import argparse
+    import re
+
+    from qlora_native import cli_train
+
+    with pytest.raises(ValueError) as e:
+        train.lr_at("nope", 0, 1e-3, 0, 10)
+    engine = re.search(r"supported: ([\w, ]+)\)", str(e.value)).group(1).split(", ")
+    assert sorted(engine) == sorted(LR_SCHEDULES)
+    p = argparse.ArgumentParser()
+    cli_train.add_parser(p.add_subparsers())
+    sub = p._subparsers._group_actions[0].choices["train"]
+    assert tuple(next(a for a in sub._actions if a.dest == "scheduler").choices) == LR_SCHEDULES

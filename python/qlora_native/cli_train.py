@@ -8,6 +8,7 @@ import sys
 import time
 
 from .cli_common import MODEL_HELP, SMOLLM2_INSTALL, HelpFormatter, smollm2_path
+from .trainer import LR_SCHEDULES
 
 
 def add_parser(sub) -> None:
@@ -30,7 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--max-seq-len", type=int, default=512, help="examples are cut to this many tokens")
     p.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warm-up")
-    p.add_argument("--scheduler", default="linear", choices=["constant", "linear", "cosine", "constant_with_warmup"],
+    p.add_argument("--scheduler", default="linear", choices=LR_SCHEDULES,
                    help="learning-rate schedule")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0: no clipping)")

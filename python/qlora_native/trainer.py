@@ -54,7 +54,7 @@ __all__ = ["TrainingArguments", "Trainer", "TrainingError", "LOG_NAME", "STATE_N
 LOG_NAME = "trainer_log.jsonl"
 STATE_NAME = "trainer_state.json"
 _OPT_TENSORS, _OPT_JSON = "optimizer.safetensors", "optimizer.json"
-_SCHEDULES = ("constant", "linear", "cosine", "constant_with_warmup")
+LR_SCHEDULES = ("constant", "linear", "cosine", "constant_with_warmup")  # the engine's (train/lr_schedule.cpp)
 _CKPT_RE = re.compile(r"checkpoint-(\d+)")
 
 
@@ -127,8 +127,8 @@ class TrainingArguments:
         if self.max_steps <= 0 and not (isinstance(self.num_train_epochs, (int, float)) and self.num_train_epochs > 0):
             raise ValueError(f"TrainingArguments: num_train_epochs must be > 0 when max_steps <= 0, "
                              f"got {self.num_train_epochs!r}")
-        if self.lr_scheduler_type not in _SCHEDULES:
-            raise ValueError(f"TrainingArguments.lr_scheduler_type must be one of {_SCHEDULES}, "
+        if self.lr_scheduler_type not in LR_SCHEDULES:
+            raise ValueError(f"TrainingArguments.lr_scheduler_type must be one of {LR_SCHEDULES}, "
                              f"got {self.lr_scheduler_type!r}")
         for n in ("learning_rate", "weight_decay", "adam_epsilon"):
             v = getattr(self, n)
