@@ -5,6 +5,9 @@
 #include "cpu/nf4_gemv.hpp"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -33,6 +36,21 @@ void rows_narrow(const Args& a, int64_t r0, int64_t r1) {
     b.y = a.y + m0 * a.ldy;
     F(b, r0, r1);
   }
+}
+
+// QLORA_NF4_GEMV_M1=0 sends M = 1 at AVX-512 back to the general kernel (rows_avx512 with M = 1;
+// A/B measurements); QLORA_NF4_GEMV_PF="l1,l2" sets the M = 1 kernel's prefetch distances in bytes
+// ("0,0": none). Read per call: a few hundred calls per decode step, negligible.
+bool m1_kernel_enabled() {
+  const char* e = std::getenv("QLORA_NF4_GEMV_M1");
+  return !(e && std::strcmp(e, "0") == 0);
+}
+bool m1_prefetch_override(int64_t& l1, int64_t& l2) {
+  const char* e = std::getenv("QLORA_NF4_GEMV_PF");
+  long long a = 0, b = 0;
+  if (!e || std::sscanf(e, "%lld,%lld", &a, &b) != 2 || a < 0 || b < 0) return false;
+  l1 = a, l2 = b;
+  return true;
 }
 
 int log2_exact(int bs) {
@@ -143,6 +161,12 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
     G = nf4_gemv_detail::kGroupAvx2;
   }
 #endif
+#if defined(QLORA_X86)
+  const bool m1 = G == nf4_gemv_detail::kGroupAvx512 && M == 1 && m1_kernel_enabled();
+  if (m1) rows = nf4_gemv_detail::rows_avx512_m1;
+#else
+  const bool m1 = false;
+#endif
   Args base{};
   base.M = M;
   base.K = K;
@@ -153,6 +177,12 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
   base.pf_l1 = std::max<int64_t>(64, std::min<int64_t>(4 * K, cs.l1d / 2));
   base.pf_l2 = std::max<int64_t>(base.pf_l1, std::min<int64_t>(16 * K, cs.l2 / 16));
   base.x_chunk = std::max<int64_t>(4 << 10, cs.l1d * 3 / 4);
+  if (m1) {
+    // One row streams at a time: a short L1 distance (X[K] shares the L1: 16 KiB at K = 4096) and
+    // the L2 distance of the row-pair kernels.
+    base.pf_l1 = std::min<int64_t>(1024, cs.l1d / 16);
+    m1_prefetch_override(base.pf_l1, base.pf_l2);
+  }
   base.codes = kNf4Codes;
   base.alpha = alpha;
   base.beta = beta;
@@ -164,7 +194,9 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
     base.x = xg.data();
     base.ldx = K;
 #if defined(QLORA_X86)
-    if (avx512)
+    if (m1)
+      nf4_gemv_detail::regroup_x_avx512_m1(K, X, xg.data());
+    else if (avx512)
       nf4_gemv_detail::regroup_x_avx512(M, K, X, ldx, xg.data());
     else
       base.ldx = nf4_gemv_detail::regroup_x_avx2(M, K, X, ldx, xg.data());

@@ -49,6 +49,10 @@ void regroup_x_avx512(int64_t M, int64_t K, const float* X, int64_t ldx, float* 
 // pass it with: [M, K] (ldx K) for M <= 4; [K/16][M][16] (ldx 16) for M > 4, where the kernel
 // reads row m of the group at column k at Xg + M * k + 16 * m.
 int64_t regroup_x_avx2(int64_t M, int64_t K, const float* X, int64_t ldx, float* Xg);
+// M = 1 at AVX-512 (the decode step): X[K] regrouped in its own order (per 32 columns the 16 even
+// columns, then the 16 odd ones) for rows_avx512_m1 (K % kGroupAvx512 == 0).
+void regroup_x_avx512_m1(int64_t K, const float* X, float* Xg);
+void rows_avx512_m1(const Args& a, int64_t r0, int64_t r1);
 void decode_scales_avx512(const uint8_t* code, const float* map, const float* nested, float offset, int64_t b0,
                           int64_t b1, float* out);
 void decode_scales_avx2(const uint8_t* code, const float* map, const float* nested, float offset, int64_t b0,
