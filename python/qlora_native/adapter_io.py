@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from . import _core
-from .lora_config import PROJECTIONS, LoraConfig, matcher, peft_tensor_name
+from .lora_config import PROJECTIONS, LoraConfig, matcher, peft_tensor_name, peft_tensors
 
 __all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -157,11 +157,7 @@ def load_adapter(directory, *, num_layers=None, module_shapes=None):
     finished or rolled back.
     """
     config, mods = _read(directory, num_layers, module_shapes, "load_adapter")
-    tensors = {}
-    for layer, proj, _r, _scaling, a, b in mods:
-        tensors[peft_tensor_name(layer, proj, "A")] = a
-        tensors[peft_tensor_name(layer, proj, "B")] = b
-    return config, tensors
+    return config, peft_tensors((layer, proj, a, b) for layer, proj, _r, _scaling, a, b in mods)
 
 
 def _read(directory, num_layers, module_shapes, api):

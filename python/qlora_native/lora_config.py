@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-__all__ = ["LoraConfig", "PROJECTIONS", "module_path", "peft_tensor_name"]
+__all__ = ["LoraConfig", "PROJECTIONS", "module_path", "peft_tensor_name", "peft_tensors"]
 
 # The seven Llama projections, in the order a decoder layer applies them.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -68,6 +68,15 @@ def peft_tensor_name(layer: int, name: str, which: str) -> str:
     if which not in ("A", "B"):
         raise ValueError(f"which must be 'A' or 'B', got {which!r}")
     return f"base_model.model.{module_path(layer, name)}.lora_{which}.weight"
+
+
+def peft_tensors(rows) -> dict:
+    """{PEFT tensor name: value} from rows (layer, projection, A's value, B's value)."""
+    out = {}
+    for layer, proj, a, b in rows:
+        out[peft_tensor_name(layer, proj, "A")] = a
+        out[peft_tensor_name(layer, proj, "B")] = b
+    return out
 
 
 def _is_off(value, off) -> bool:

@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from . import adapter_io
-from .lora_config import LoraConfig, peft_tensor_name
+from .lora_config import LoraConfig, peft_tensor_name, peft_tensors
 
 __all__ = ["LoraModelMixin"]
 
@@ -176,19 +176,11 @@ class LoraModelMixin:
 
     def get_adapter_state_dict(self, name: str | None = None) -> dict[str, np.ndarray]:
         """{PEFT tensor name: float32 copy} of the adapter's A [r, in] and B [out, r]."""
-        out = {}
-        for layer, proj, a, b in self._core.lora_get(self._check_adapter(name)):
-            out[peft_tensor_name(layer, proj, "A")] = a
-            out[peft_tensor_name(layer, proj, "B")] = b
-        return out
+        return peft_tensors(self._core.lora_get(self._check_adapter(name)))
 
     def get_adapter_gradients(self, name: str | None = None) -> dict[str, np.ndarray]:
         """{PEFT tensor name: float32 copy} of the accumulated gradients dA, dB."""
-        out = {}
-        for layer, proj, da, db in self._core.lora_grads(self._check_adapter(name)):
-            out[peft_tensor_name(layer, proj, "A")] = da
-            out[peft_tensor_name(layer, proj, "B")] = db
-        return out
+        return peft_tensors(self._core.lora_grads(self._check_adapter(name)))
 
     def set_adapter_state_dict(self, name: str | None, tensors: dict) -> None:
         """Overwrite A/B from {PEFT tensor name: array}; exactly the adapter's tensors are required."""
