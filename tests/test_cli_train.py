@@ -219,14 +219,20 @@ def test_train_cli_on_tiny_random_model(tmp_path, rng, capsys):
 
 def test_head_format_option(tmp_path, rng, monkeypatch):
     """--head-format (train and demo): the engine's formats (memory_model.HEAD_FORMATS, read at parser
-    build time), fp32 as an alias of float32, and _load converts the loaded model's embedding / lm_head."""
+    build time; the loader's own list, as its refusal names it), fp32 as an alias of float32, and _load
+    converts the loaded model's embedding / lm_head."""
+    import re
+
     from helpers_model import make_checkpoint
-    from qlora_native import Tokenizer, memory_model
+    from qlora_native import Tokenizer, _core, memory_model
     from qlora_native.cli import build_parser
 
     formats = cli_train.head_formats()
     assert {"float32", "q8_0"} <= set(formats)
-    assert formats == tuple(getattr(memory_model, "HEAD_FORMATS", ("float32", "q8_0")))
+    assert formats == memory_model.HEAD_FORMATS
+    with pytest.raises(ValueError, match="head_format must be one of") as e:
+        _core.config.load_hf_model(str(tmp_path / "none"), "cpu", False, 64, True, "int4")
+    assert sorted(re.findall(r"'(\w+)'", str(e.value).split(", got")[0])) == sorted(formats)
     parser = build_parser()
     for command, extra in (("train", ["--model", "M", "--data", "D", "--output", "O"]), ("demo", [])):
         assert parser.parse_args([command] + extra).head_format == "float32"

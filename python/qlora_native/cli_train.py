@@ -8,6 +8,7 @@ import sys
 import time
 
 from .cli_common import MODEL_HELP, SMOLLM2_INSTALL, HelpFormatter, smollm2_path
+from .memory_model import HEAD_FORMATS
 from .trainer import LR_SCHEDULES
 
 
@@ -91,11 +92,9 @@ def _common_args(p):
 
 
 def head_formats() -> tuple:
-    """The head formats the engine accepts (Model.head_format), read from the package so a new one
-    appears here without a CLI change."""
-    from . import memory_model
-
-    return tuple(getattr(memory_model, "HEAD_FORMATS", ("float32", "q8_0")))
+    """The head formats the engine accepts (Model.head_format), from the package: a new one appears
+    here without a CLI change."""
+    return HEAD_FORMATS
 
 
 def _lora_config(args):
