@@ -6,7 +6,10 @@ computed by a task itself while another thread is still computing the shared one
 the bits of the after form (QLORA_SGMV_LOCAL=0), of the unfused path (QLORA_SGMV_FUSE=0), and of its own
 never-shared path (QLORA_SGMV_LOCAL=own, every task its own t and x), at SmolLM2's widths (K = 576, gate/up
 1536 rows: 2 threads split q's columns in the middle of a 16-column block), fp32 factors and bf16 copies,
-one shared adapter (1 segment), two adapters (2 segments), a "__base__" half, and 1, 2 and 3 threads."""
+one shared adapter (1 segment), two adapters (2 segments), a "__base__" half, and 1, 2 and 3 threads; and
+the shared t and rounded x in one part (QLORA_SGMV_LOCAL_SPLIT=0) instead of two halves of the rows (the
+default: two threads that need one t at once compute half of it each; the halves split 8 rows 4 + 4, the
+two adapters' rows one segment each, 3 rows 2 + 1)."""
 import os
 import subprocess
 import sys
@@ -68,7 +71,9 @@ def test_local_form_equals_after_unfused_and_its_own_copies(tmp_path):
     after = _run(tiny, str(tmp_path / "a.npz"), QLORA_SGMV_LOCAL="0")
     plain = _run(tiny, str(tmp_path / "p.npz"), QLORA_SGMV_FUSE="0")
     nowait = _run(tiny, str(tmp_path / "n.npz"), QLORA_SGMV_LOCAL="1", QLORA_SGMV_LOCAL_SPIN="0")  # no bounded wait for a shared t
+    whole = _run(tiny, str(tmp_path / "w.npz"), QLORA_SGMV_LOCAL="1", QLORA_SGMV_LOCAL_SPLIT="0")  # t in one part
     for key in local:
+        np.testing.assert_array_equal(local[key], whole[key], err_msg=key)
         np.testing.assert_array_equal(local[key], nowait[key], err_msg=key)
         np.testing.assert_array_equal(local[key], own[key], err_msg=key)
         np.testing.assert_array_equal(local[key], after[key], err_msg=key)

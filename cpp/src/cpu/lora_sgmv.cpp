@@ -77,6 +77,7 @@ struct In {  // a distinct input of the bf16 segments: rows [0, end) rounded to 
   const float* x;
   int64_t ldx, in, end;
   size_t off;
+  int64_t half = 0;  // local form: rows [0, half) and [half, end) are its two parts (shared_part)
 };
 
 }  // namespace
@@ -105,6 +106,9 @@ struct SgmvBuffers {
   // xstate[j]: the same for the rounding of input ins[j] (the local form rounds lazily, in the
   // tasks, not on the calling thread while the others wait). share: false only for the test mode
   // QLORA_SGMV_LOCAL=own (every task computes its own t and rounded x: that path's bits).
+  // Both come in 2 parts (index 2 i + h): part h holds the rows of the input's part h (In::half),
+  // so two threads that need one t at once each compute half of it (local_done); a part with no
+  // rows (or part 1 with QLORA_SGMV_LOCAL_SPLIT=0) starts in state 2.
   std::unique_ptr<std::atomic<int>[]> tstate, xstate;
   size_t n_tstate = 0, n_xstate = 0;
   uint64_t call = 0;
@@ -170,6 +174,14 @@ int local_spins() {
     return static_cast<int>(v);
   }();
   return n;
+}
+// QLORA_SGMV_LOCAL_SPLIT=0: the local form's shared t and rounded x in one part each (A/B runs of
+// the split, which lets two threads that need one t at once compute half of its rows each: as one
+// part, the shrink of a projection ran on one thread while the other waited for it or computed the
+// same t again, so at 2 threads the shrinks, half the LoRA work, did not run in parallel at all).
+bool split_enabled() {
+  static const bool on = !env_off("QLORA_SGMV_LOCAL_SPLIT");
+  return on;
 }
 int wait_shared(const std::atomic<int>& st, int s) {
   for (int i = 0, n = local_spins(); s == 1 && i < n; ++i) {
@@ -381,16 +393,27 @@ bool plan_local(SgmvBuffers& jb, int64_t np, const Backend::LoraProblem* P) {
     if (k - k0 > 2) return false;
   }
   jb.seg0[static_cast<size_t>(np)] = static_cast<int64_t>(k);
-  if (jb.n_tstate < static_cast<size_t>(np)) {
-    jb.tstate.reset(new std::atomic<int>[static_cast<size_t>(np)]);
-    jb.n_tstate = static_cast<size_t>(np);
+  const bool split = split_enabled() && num_threads() > 1;  // one thread: one part (8-row tiles)
+  for (In& v : jb.ins) v.half = split ? (v.end + 1) / 2 : v.end;
+  if (jb.n_tstate < 2 * static_cast<size_t>(np)) {
+    jb.tstate.reset(new std::atomic<int>[2 * static_cast<size_t>(np)]);
+    jb.n_tstate = 2 * static_cast<size_t>(np);
   }
-  for (int64_t i = 0; i < np; ++i) jb.tstate[i].store(0, std::memory_order_relaxed);
-  if (jb.n_xstate < jb.ins.size()) {
-    jb.xstate.reset(new std::atomic<int>[jb.ins.size()]);
-    jb.n_xstate = jb.ins.size();
+  for (int64_t i = 0; i < np; ++i) {
+    const int64_t k0 = jb.seg0[static_cast<size_t>(i)], k1 = jb.seg0[static_cast<size_t>(i) + 1];
+    const bool one = k0 == k1 || jb.ins[static_cast<size_t>(jb.segs[static_cast<size_t>(k0)].in_idx)].half ==
+                                     jb.ins[static_cast<size_t>(jb.segs[static_cast<size_t>(k0)].in_idx)].end;
+    jb.tstate[2 * i].store(0, std::memory_order_relaxed);
+    jb.tstate[2 * i + 1].store(one ? 2 : 0, std::memory_order_relaxed);
   }
-  for (size_t j = 0; j < jb.ins.size(); ++j) jb.xstate[j].store(0, std::memory_order_relaxed);
+  if (jb.n_xstate < 2 * jb.ins.size()) {
+    jb.xstate.reset(new std::atomic<int>[2 * jb.ins.size()]);
+    jb.n_xstate = 2 * jb.ins.size();
+  }
+  for (size_t j = 0; j < jb.ins.size(); ++j) {
+    jb.xstate[2 * j].store(0, std::memory_order_relaxed);
+    jb.xstate[2 * j + 1].store(jb.ins[j].half == jb.ins[j].end ? 2 : 0, std::memory_order_relaxed);
+  }
   jb.share = share_enabled();
   jb.xbase = jb.xp.data();
   static std::atomic<uint64_t> calls{0};
@@ -401,23 +424,29 @@ bool plan_local(SgmvBuffers& jb, int64_t np, const Backend::LoraProblem* P) {
 // Words (bf16: uint32 pairs; fp32: floats) of segment s's t.
 int64_t t_words(const Seg& s) { return s.s->rows * (s.b16 ? sgmv_bf16::t_stride(s.s->r) : s.s->r); }
 
-// The whole shrink of segment s (every rank row, every row) into t (bf16: the rounded tp), with
-// the kernels and tiles of run_shrink: each output is one fixed chain (same bits).
-void shrink_whole(const SgmvBuffers& jb, const Seg& s, const uint32_t* xp, void* t) {
-  const Backend::LoraSegment& g = *s.s;
-  if (s.b16) {
+// Local form (bf16 copies only): rows [m0, m1) of input v rounded into the buffer at base (its row 0).
+void round_rows(const In& v, int64_t m0, int64_t m1, uint32_t* base) {
 #if defined(QLORA_X86)
-    sgmv_bf16::shrink_avx512bf16(g.rows, 0, sgmv_bf16::blocks(g.r), sgmv_bf16::pairs(s.p->in), xp, s.ldxp,
-                                 static_cast<const uint32_t*>(g.AB16), static_cast<uint32_t*>(t),
-                                 sgmv_bf16::t_stride(g.r));
+  const int64_t ldxp = sgmv_bf16::pairs(v.in);
+  if (m1 > m0) sgmv_bf16::round_pairs_avx512bf16(m1 - m0, v.in, v.x + m0 * v.ldx, v.ldx, base + m0 * ldxp, ldxp);
+#else
+  (void)v, (void)m0, (void)m1, (void)base;
 #endif
-  } else {
-    const float* x = s.p->x + g.row0 * s.p->ldx;
-    float* tf = static_cast<float*>(t);
-    for (int64_t m0 = 0; m0 < g.rows; m0 += jb.kn.group)
-      jb.kn.shrink(std::min(jb.kn.group, g.rows - m0), 0, g.r, s.p->in, 1.0f, x + m0 * s.p->ldx, s.p->ldx, g.A,
-                   s.p->in, 0.0f, tf + m0 * g.r, g.r);
-  }
+}
+// Local form: the shrink of bf16 segment s's rows that lie in input rows [m0, m1), from the rounded
+// input at xb (its row 0) into tp (the segment's rounded t, [rows, t_stride(r)] words). A row's chain
+// is the same in any tile: the same bits as shrink_whole.
+void shrink_rows(const Seg& s, const uint32_t* xb, uint32_t* tp, int64_t m0, int64_t m1) {
+  const Backend::LoraSegment& g = *s.s;
+  const int64_t a = std::max<int64_t>(0, m0 - g.row0), b = std::min<int64_t>(g.rows, m1 - g.row0);
+  if (a >= b) return;
+#if defined(QLORA_X86)
+  const int64_t ldtp = sgmv_bf16::t_stride(g.r);
+  sgmv_bf16::shrink_avx512bf16(b - a, 0, sgmv_bf16::blocks(g.r), sgmv_bf16::pairs(s.p->in), xb + (g.row0 + a) * s.ldxp,
+                               s.ldxp, static_cast<const uint32_t*>(g.AB16), tp + a * ldtp, ldtp);
+#else
+  (void)xb, (void)tp;
+#endif
 }
 
 // Expand of columns [n0, n1) of segment s from t (as expand_cols).
@@ -441,8 +470,7 @@ void expand_whole(const SgmvBuffers& jb, const Seg& s, const void* t, int64_t n0
 struct OwnT {
   uint64_t call = 0;
   int64_t prob = -1;
-  std::vector<uint32_t> tp;  // bf16 segments' rounded t's
-  std::vector<float> t;      // fp32 segments' t's
+  std::vector<uint32_t> tp;  // its segments' rounded t's (bf16 copies: the local form has no others)
   uint64_t xcall = 0;        // and one rounded input (ins[xin] of plan xcall)
   int64_t xin = -1;
   std::vector<uint32_t> xp;
@@ -539,71 +567,87 @@ void SgmvFused::gemv_done(int64_t prob, int64_t r0, int64_t r1) const {  // base
 }
 
 // Local form: the GEMV task that computed base rows [r0, r1) of problem prob (columns of y, hot in
-// this core's L1) adds their LoRA terms now. t: the shared one (computed by the first task to get
-// here, others use it once it is ready), or, while another thread is still computing it, this
-// thread's own copy (the same kernels: the same bits), after a bounded wait (wait_shared), so no
-// task waits for another longer than that.
+// this core's L1) adds their LoRA terms now. t: the shared one, in two parts (the rows of the
+// input's two parts, In::half): the task claims each part no thread has started and computes it,
+// so two threads that get here together compute half the rows each, then waits for the parts other
+// threads compute (bounded, wait_shared). If one is still not ready, the task computes its own copy
+// of the whole t (the same kernels, and each row's chain does not depend on the rows sharing its
+// tile: the same bits), so no task waits for another longer than the bound.
 void SgmvFused::local_done(int64_t prob, int64_t r0, int64_t r1) const {
   const SgmvBuffers& jb = *jb_;
   const int64_t k0 = jb.seg0[static_cast<size_t>(prob)], k1 = jb.seg0[static_cast<size_t>(prob) + 1];
   if (k0 == k1) return;
-  std::atomic<int>& st = jb.tstate[prob];
-  int s = st.load(std::memory_order_acquire);
-  const void* t[2];
-  // Segment sg's rounded rows: shared (rounded by the first task to need them) or this thread's own.
-  auto xp_of = [&](const Seg& sg) -> const uint32_t* {
-    if (!sg.b16) return nullptr;
-    const In& v = jb.ins[static_cast<size_t>(sg.in_idx)];
-    std::atomic<int>& xs = jb.xstate[sg.in_idx];
-    int x = xs.load(std::memory_order_acquire);
-    if (x == 0 && jb.share && xs.compare_exchange_strong(x, 1, std::memory_order_acq_rel)) {
-      round_input(v, jb.xbase + v.off);
-      xs.store(2, std::memory_order_release);
-      x = 2;
-    }
-    if (x == 1 && jb.share) x = wait_shared(xs, x);
-    if (x == 2) return jb.xbase + v.off + sg.s->row0 * sg.ldxp;
+  const int64_t xi = jb.segs[static_cast<size_t>(k0)].in_idx;  // the problem's input (its segments share it)
+  const In& v = jb.ins[static_cast<size_t>(xi)];
+  std::atomic<int>* st = &jb.tstate[2 * prob];
+  std::atomic<int>* xs = &jb.xstate[2 * xi];
+  auto part_rows = [&](int h, int64_t& m0, int64_t& m1) { m0 = h ? v.half : 0, m1 = h ? v.end : v.half; };
+  // This thread's own copy of the whole rounded input (row 0 of it).
+  auto own_x = [&]() -> const uint32_t* {
     OwnT& o = own_t();
-    if (o.xcall != jb.call || o.xin != sg.in_idx) {
-      const size_t words = static_cast<size_t>(v.end * sg.ldxp);
+    if (o.xcall != jb.call || o.xin != xi) {
+      const size_t words = static_cast<size_t>(v.end * sgmv_bf16::pairs(v.in));
       if (o.xp.size() < words) o.xp.resize(words);
-      round_input(v, o.xp.data());
-      o.xcall = jb.call, o.xin = sg.in_idx;
+      round_rows(v, 0, v.end, o.xp.data());
+      o.xcall = jb.call, o.xin = xi;
     }
-    return o.xp.data() + sg.s->row0 * sg.ldxp;
+    return o.xp.data();
   };
-  if (s == 0 && jb.share && st.compare_exchange_strong(s, 1, std::memory_order_acq_rel)) {
-    for (int64_t k = k0; k < k1; ++k) {
-      const Seg& sg = jb.segs[static_cast<size_t>(k)];
-      void* dst = sg.b16 ? static_cast<void*>(sg.tp) : static_cast<void*>(sg.t);
-      shrink_whole(jb, sg, xp_of(sg), dst);
+  // A buffer (its row 0) that holds input part h rounded: the shared one (rounded here if no thread
+  // has started it, else after a bounded wait for the thread rounding it) or this thread's own.
+  auto x_part = [&](int h) -> const uint32_t* {
+    int x = xs[h].load(std::memory_order_acquire);
+    if (x == 0 && jb.share && xs[h].compare_exchange_strong(x, 1, std::memory_order_acq_rel)) {
+      int64_t m0, m1;
+      part_rows(h, m0, m1);
+      round_rows(v, m0, m1, jb.xbase + v.off);
+      xs[h].store(2, std::memory_order_release);
+      return jb.xbase + v.off;
     }
-    st.store(2, std::memory_order_release);
-    s = 2;
+    if (x == 1 && jb.share) x = wait_shared(xs[h], x);
+    return x == 2 ? jb.xbase + v.off : own_x();
+  };
+  if (jb.share)
+    for (int h = 0; h < 2; ++h) {
+      int s = st[h].load(std::memory_order_acquire);
+      if (s != 0 || !st[h].compare_exchange_strong(s, 1, std::memory_order_acq_rel)) continue;
+      int64_t m0, m1;
+      part_rows(h, m0, m1);
+      const uint32_t* xb = x_part(h);
+      for (int64_t k = k0; k < k1; ++k) {
+        const Seg& sg = jb.segs[static_cast<size_t>(k)];
+        shrink_rows(sg, xb, sg.tp, m0, m1);
+      }
+      st[h].store(2, std::memory_order_release);
+    }
+  bool ready = jb.share;
+  for (int h = 0; h < 2 && ready; ++h) {
+    int s = st[h].load(std::memory_order_acquire);
+    if (s == 1) s = wait_shared(st[h], s);
+    ready = s == 2;
   }
-  if (s == 1 && jb.share) s = wait_shared(st, s);
-  if (s == 2) {
-    for (int64_t k = k0; k < k1; ++k) {
-      const Seg& sg = jb.segs[static_cast<size_t>(k)];
-      t[k - k0] = sg.b16 ? static_cast<const void*>(sg.tp) : static_cast<const void*>(sg.t);
-    }
+  const void* t[2];
+  if (ready) {
+    for (int64_t k = k0; k < k1; ++k) t[k - k0] = jb.segs[static_cast<size_t>(k)].tp;
   } else {
     OwnT& o = own_t();
-    size_t words16 = 0, words32 = 0;
-    for (int64_t k = k0; k < k1; ++k) {
-      const Seg& sg = jb.segs[static_cast<size_t>(k)];
-      (sg.b16 ? words16 : words32) += static_cast<size_t>(t_words(sg));
-    }
+    size_t words16 = 0;
+    for (int64_t k = k0; k < k1; ++k) words16 += static_cast<size_t>(t_words(jb.segs[static_cast<size_t>(k)]));
     const bool have = o.call == jb.call && o.prob == prob;
     if (!have && o.tp.size() < words16) o.tp.resize(words16);
-    if (!have && o.t.size() < words32) o.t.resize(words32);
-    size_t off16 = 0, off32 = 0;
+    const uint32_t* xb = nullptr;
+    if (!have) {  // both parts shared and ready, else this thread's own rounded input
+      const uint32_t* a = x_part(0);
+      const uint32_t* b = x_part(1);
+      xb = a == b ? a : own_x();
+    }
+    size_t off16 = 0;
     for (int64_t k = k0; k < k1; ++k) {
       const Seg& sg = jb.segs[static_cast<size_t>(k)];
-      void* dst = sg.b16 ? static_cast<void*>(o.tp.data() + off16) : static_cast<void*>(o.t.data() + off32);
-      if (!have) shrink_whole(jb, sg, xp_of(sg), dst);
+      uint32_t* dst = o.tp.data() + off16;
+      if (!have) shrink_rows(sg, xb, dst, 0, v.end);
       t[k - k0] = dst;
-      (sg.b16 ? off16 : off32) += static_cast<size_t>(t_words(sg));
+      off16 += static_cast<size_t>(t_words(sg));
     }
     o.call = jb.call, o.prob = prob;
   }
@@ -627,7 +671,8 @@ int SgmvFused::local_prefetch(double f0, double f1, const char** lo, const char*
     lo[n] = static_cast<const char*>(p) + off, hi[n] = lo[n] + bytes;
     ++n;
   };
-  if (jb.tstate[prob].load(std::memory_order_relaxed) != 2)
+  if (jb.tstate[2 * prob].load(std::memory_order_relaxed) != 2 ||
+      jb.tstate[2 * prob + 1].load(std::memory_order_relaxed) != 2)
     for (int64_t k = k0; k < k1; ++k) {
       const Seg& sg = jb.segs[static_cast<size_t>(k)];
       if (sg.b16) add(sg.s->AB16, 0, 4 * sgmv_bf16::a_words(sg.s->r, sg.p->in));

@@ -65,7 +65,9 @@ void lora_segments_many(SimdLevel level, int64_t np, const Backend::LoraProblem*
 //   no LoRA tasks and no dependency between tasks. Each GEMV task prefetches its problem's A and
 //   the B columns of its rows while it streams the base weight, then (local_done(prob, r0, r1))
 //   adds the LoRA terms of its own columns [r0, r1) while they are hot in its core's L1. t (a few
-//   hundred bytes) and the bf16-rounded x are computed once, in the tasks, by the first task to
+//   hundred bytes) and the bf16-rounded x are computed once, in the tasks, in two parts (the rows
+//   of the input's two halves: two threads that need one t together each compute half of it, else
+//   the shrinks, half the LoRA work, ran on one thread at a time) by the first task to
 //   need them and shared; a task that finds one still being computed by another thread computes
 //   its own copy (same kernels, same bits) after a bounded wait (QLORA_SGMV_LOCAL_SPIN pauses;
 //   QLORA_SGMV_LOCAL=own: always its own, for tests). So x is no longer rounded on the calling thread while the others wait, and a decode
