@@ -153,10 +153,18 @@ void scale_c(int64_t M, int64_t N, float beta, float* C, int64_t ldc) {  // C = 
 // blocks into thread-local buffers, so tasks never wait for each other.
 //   for jc (NC columns): for pc (KC depth): pack B [kc, nc]; for ic (MC rows): pack A [mc, kc];
 //     for each B micro-panel (stays in L1): run the micro-kernel down the A block (in L2).
+// run_task's row walk for depth blocks up to this (QLORA_GEMM_ROW_WALK=0 turns it off, A/B runs).
+constexpr int64_t kRowWalkMaxK = 64;
+bool row_walk_on() {
+  const char* e = std::getenv("QLORA_GEMM_ROW_WALK");
+  return !(e && std::strcmp(e, "0") == 0);
+}
+
 template <class PackA, class PackB>
 void run_task(const Kern& kn, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t K, int64_t kc, float alpha,
               float beta, float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b, const DirectA& da) {
   const int MR = kn.mr, NR = kn.nr;
+  const bool row_walk = K <= kRowWalkMaxK && row_walk_on();
   const int64_t rows = m1 - m0, cols = n1 - n0;
   if (da.a && kn.ukernel_direct && cols <= NR) {
     // One B micro-panel: each A element is used once, so the kernel reads A in place.
@@ -187,6 +195,18 @@ void run_task(const Kern& kn, int64_t m0, int64_t m1, int64_t n0, int64_t n1, in
         const int64_t mcur = std::min(mc, m1 - ic);
         for (int64_t ir = 0; ir < mcur; ir += MR)
           pack_a(ic + ir, static_cast<int>(std::min<int64_t>(MR, mcur - ir)), pc, kcur, Ap + ir * kcur);
+        if (kcur <= kRowWalkMaxK && row_walk) {
+          // Shallow depth (LoRA's rank-r expand, C += s·t·Bᵀ over a 1536-wide C): each tile is a
+          // few FMAs per C element, so the C traffic bounds it; walking a tile row across all
+          // panels reads C row runs in order (the prefetchers follow), where going down a panel
+          // jumped 14 rows per call. Same tiles, same calls: same bits.
+          for (int64_t ir = 0; ir < mcur; ir += MR)
+            for (int64_t p = 0; p < n_pan; ++p)
+              kn.ukernel(kcur, Ap + ir * kcur, Bp + p * NR * kcur, C + (ic + ir) * ldc + jc + p * NR, ldc, alpha,
+                         beta_k, static_cast<int>(std::min<int64_t>(MR, mcur - ir)),
+                         static_cast<int>(std::min<int64_t>(NR, ncur - p * NR)));
+          continue;
+        }
         for (int64_t p = 0; p < n_pan; ++p) {
           const float* bp = Bp + p * NR * kcur;
           const int nr = static_cast<int>(std::min<int64_t>(NR, ncur - p * NR));
