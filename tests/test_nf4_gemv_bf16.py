@@ -127,3 +127,23 @@ def test_special_values(rng):
     assert np.allclose(got, want, rtol=2 ** -20, atol=0)
     x[0, 9] = np.nan
     assert np.isnan(run(x, w)).all()
+
+
+@pytest.mark.parametrize("pf", ["0,0", "64,128", "1048576,4194304", "junk", "-1,5"])
+def test_prefetch_override_keeps_the_bits(rng, pf):
+    """QLORA_NF4_GEMV_PF (prefetch distances for A/B runs, read per call) moves only prefetches:
+    same bits for any distance, bad values ignored (the defaults), far distances past the weight's
+    end harmless (prefetches do not fault)."""
+    w = random_nf4(rng, 33, 576, 64, True)
+    x = rng.standard_normal((1, 576)).astype(np.float32)
+    ref = run(x, w)
+    old = os.environ.get("QLORA_NF4_GEMV_PF")
+    os.environ["QLORA_NF4_GEMV_PF"] = pf
+    try:
+        got = run(x, w)
+    finally:
+        if old is None:
+            del os.environ["QLORA_NF4_GEMV_PF"]
+        else:
+            os.environ["QLORA_NF4_GEMV_PF"] = old
+    np.testing.assert_array_equal(got, ref)

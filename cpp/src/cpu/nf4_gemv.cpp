@@ -40,7 +40,7 @@ void rows_narrow(const Args& a, int64_t r0, int64_t r1) {
 
 // QLORA_NF4_GEMV_M1=0 sends M = 1 at AVX-512 back to the general kernel (rows_avx512 with M = 1;
 // A/B measurements); QLORA_NF4_GEMV_PF="l1,l2" sets the M = 1 kernel's prefetch distances in bytes
-// ("0,0": none). Read per call: a few hundred calls per decode step, negligible.
+// ("0,0": none), also for AVX2's M = 1. Read per call: a few hundred calls per decode step, negligible.
 bool m1_kernel_enabled() {
   const char* e = std::getenv("QLORA_NF4_GEMV_M1");
   return !(e && std::strcmp(e, "0") == 0);
@@ -177,9 +177,9 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
   base.pf_l1 = std::max<int64_t>(64, std::min<int64_t>(4 * K, cs.l1d / 2));
   base.pf_l2 = std::max<int64_t>(base.pf_l1, std::min<int64_t>(16 * K, cs.l2 / 16));
   base.x_chunk = std::max<int64_t>(4 << 10, cs.l1d * 3 / 4);
-  if (m1) {
-    // One row streams at a time: a short L1 distance (X[K] shares the L1: 16 KiB at K = 4096) and
-    // the L2 distance of the row-pair kernels.
+  if (M == 1) {
+    // One row streams at a time (the M = 1 kernels at AVX-512 and AVX2): a short L1 distance (X[K]
+    // shares the L1: 16 KiB at K = 4096) and the L2 distance of the row-pair kernels.
     base.pf_l1 = std::min<int64_t>(1024, cs.l1d / 16);
     m1_prefetch_override(base.pf_l1, base.pf_l2);
   }

@@ -6,6 +6,7 @@
 #include "cpu/nf4_gemv_bf16.hpp"
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -32,6 +33,14 @@ int log2_exact(int bs) {
 bool enabled() {
   const char* e = std::getenv("QLORA_BF16_GEMV");
   return !(e && std::strcmp(e, "0") == 0);
+}
+
+// QLORA_NF4_GEMV_PF="l1,l2" overrides the prefetch distances in bytes (A/B measurements, as for
+// the fp32 M = 1 kernel; "0,0" is the shortest: the kernel always issues them).
+void prefetch_override(int64_t& l1, int64_t& l2) {
+  const char* e = std::getenv("QLORA_NF4_GEMV_PF");
+  long long a = 0, b = 0;
+  if (e && std::sscanf(e, "%lld,%lld", &a, &b) == 2 && a >= 0 && b >= 0) l1 = a, l2 = b;
 }
 
 std::vector<float>& thread_scales() {  // grow-only per thread (no allocation per task)
@@ -75,6 +84,7 @@ void nf4_gemv_bf16(int64_t M, float alpha, const float* X, int64_t ldx, const Nf
   const CacheSizes& cs = cache_sizes();
   base.pf_l1 = std::max<int64_t>(64, std::min<int64_t>(4 * K, cs.l1d / 2));
   base.pf_l2 = std::max<int64_t>(base.pf_l1, std::min<int64_t>(16 * K, cs.l2 / 16));
+  prefetch_override(base.pf_l1, base.pf_l2);
 
   // Rows [r0, r1) with the block scales of a few rows at a time decoded into `scales`.
   auto run = [&](int64_t r0, int64_t r1) {
