@@ -141,7 +141,10 @@ void pack_a_t_avx2(const float* A, int64_t lda, int mr, int64_t kc, float* Ap) {
     _mm256_storeu_ps(d + 4 * MR, r[4]);
     _mm256_storeu_ps(d + 5 * MR, r[5]);
     _mm256_storeu_ps(d + 6 * MR, r[6]);
-    _mm256_maskstore_ps(d + 7 * MR, keep, r[7]);
+    // The last k's 2 spare lanes land on the first 2 slots of k0 + 8, which the next step or the
+    // tail writes afterwards; only a last step stores masked (vmaskmovps to memory is slow on AMD).
+    if (k0 + 8 < kc) _mm256_storeu_ps(d + 7 * MR, r[7]);
+    else _mm256_maskstore_ps(d + 7 * MR, keep, r[7]);
   }
   for (; k0 < kc; ++k0)
     for (int i = 0; i < MR; ++i) Ap[k0 * MR + i] = i < mr ? A[i * lda + k0] : 0.0f;
