@@ -1,10 +1,9 @@
 """The bf16 GEMM drivers (cpu/gemm_bf16.cpp): the shared-A driver (the A panels packed once per
 call by all threads together, each task packing its own B panels; QLORA_BF16_GEMM=shared, the
 default from 4 MFLOP) and the per-task driver (QLORA_BF16_GEMM=tasks), with the streaming B
-packers (default) and the direct ones (QLORA_BF16_PACK=direct), the plain GEMMs with and without
-the next-block prefetch of their fp32 sources (QLORA_BF16_PREFETCH=0 turns it off), the A panels
-packed by pack_a_panel (whole-vector stores, default) or by the general pack_rows
-(QLORA_BF16_PACK_A=rows). All round the operands to bf16
+packers (default) and the direct ones (QLORA_BF16_PACK=direct), the A panels packed by
+pack_a_panel (whole-vector stores, default) or by the general pack_rows (QLORA_BF16_PACK_A=rows).
+All round the operands to bf16
 (RNE) at the same points and sum the same k-blocks in the same order, so they must agree bit for
 bit; each is also checked against float64 under test_bf16's bound. QLORA_BF16_SHARED_BYTES shrinks
 the A-panel budget so small shapes go through several row super-blocks (1 byte: one 14-row tile
@@ -21,26 +20,23 @@ from test_ops_nf4_gemm import decode, random_nf4
 
 pytestmark = pytest.mark.skipif(not HAVE_BF16, reason="no AVX512-BF16 on this CPU")
 
-VARIANTS = [("tasks", "direct", None, "1"), ("shared", "direct", None, "1"), ("shared", "stream", None, "1"),
-            ("tasks", "stream", None, "1"), ("shared", "stream", "20000", "1"), ("shared", "direct", "1", "1"),
-            ("shared", "stream", None, "0"), ("shared", "stream", "20000", "0"), ("shared", "stream", None, "1", "rows"),
-            ("tasks", "direct", None, "0", "rows")]
+VARIANTS = [("tasks", "direct", None), ("shared", "direct", None), ("shared", "stream", None),
+            ("tasks", "stream", None), ("shared", "stream", "20000"), ("shared", "direct", "1"),
+            ("shared", "stream", None, "rows"), ("tasks", "direct", "20000", "rows")]
 # ragged M / N / K around MR = 14, NR = 32, the packers' 16 / 32 k steps and KC = 2048
 SHAPES = [(1, 1, 1), (13, 31, 33), (15, 33, 7), (29, 65, 301), (57, 97, 130), (200, 70, 2100), (171, 96, 4111)]
-# N over NC = 1024 and K over KC = 2048: the prefetch of the next column block and of the next
-# depth block's A rows and B (test_prefetch_blocks)
+# N over NC = 1024 and K over KC = 2048: several column and depth blocks (test_big_blocks)
 BIG = [(33, 2100, 70), (29, 1090, 4111)]
 
 
 @pytest.fixture
 def env():
-    keys = ("QLORA_BF16_GEMM", "QLORA_BF16_PACK", "QLORA_BF16_SHARED_BYTES", "QLORA_BF16_PREFETCH", "QLORA_BF16_PACK_A")
+    keys = ("QLORA_BF16_GEMM", "QLORA_BF16_PACK", "QLORA_BF16_SHARED_BYTES", "QLORA_BF16_PACK_A")
     saved = {k: os.environ.get(k) for k in keys}
 
-    def set_variant(drv, pack, budget, prefetch="1", pack_a="panel"):
+    def set_variant(drv, pack, budget, pack_a="panel"):
         os.environ["QLORA_BF16_GEMM"] = drv
         os.environ["QLORA_BF16_PACK"] = pack
-        os.environ["QLORA_BF16_PREFETCH"] = prefetch
         os.environ["QLORA_BF16_PACK_A"] = pack_a
         if budget is None:
             os.environ.pop("QLORA_BF16_SHARED_BYTES", None)
@@ -72,9 +68,9 @@ def test_gemm_bf16_drivers_agree(rng, env, layout):
 
 
 @pytest.mark.parametrize("layout", ["nt", "nn"])
-def test_prefetch_blocks(rng, env, layout):
-    """Shapes with several column blocks and depth blocks: the prefetch walks the next block's
-    A rows and B (lines of strided sources included) and changes no bit."""
+def test_big_blocks(rng, env, layout):
+    """Shapes with several column blocks and depth blocks (the A panels of each depth block packed
+    by both packers, whole 32-k steps and the ragged tail)."""
     check_shapes(rng, env, layout, BIG)
 
 

@@ -9,7 +9,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
-#include <type_traits>
 
 #include "common/error.hpp"
 #include "cpu/cache_info.hpp"
@@ -194,57 +193,9 @@ Driver driver_choice() {
 // outer parallel_for runs the nested parallel_fors below serially, on its own buffer).
 thread_local Scratch t_sa;
 
-// Prefetch of the next block's fp32 sources while the current one computes (plain bf16 GEMMs:
-// the lm_head reads its 49152 x 576 fp32 table, and in dh its 256 x 49152 logit gradient, from
-// DRAM once per call; the packers then stalled on every line). A Region is `rows` runs of
-// `bytes` bytes, `ld` bytes apart; the driver spreads its lines over the current block's
-// micro-kernel calls (prefetch into L2: Zen's L3 keeps what L2 evicts). NF4 sources are small
-// (a quarter of a byte per weight after decode) and get none.
-struct Region {
-  const char* base = nullptr;
-  int64_t rows = 0, bytes = 0, ld = 0;
-  int64_t lines() const { return rows * ceil_div(bytes, 64); }
-};
-// Lines [l0, l1) of r, row by row.
-void prefetch_lines(const Region& r, int64_t l0, int64_t l1) {
-  const int64_t lpr = ceil_div(r.bytes, 64);
-  if (lpr <= 0 || l0 >= l1) return;
-  int64_t row = l0 / lpr, col = l0 % lpr;
-  for (int64_t l = l0; l < l1; ++l) {
-    __builtin_prefetch(r.base + row * r.ld + col * 64, 0, 2);
-    if (++col == lpr) col = 0, ++row;
-  }
-}
-// QLORA_BF16_PREFETCH=0 turns it off (A/B runs; same bits either way: prefetches move no data).
-bool prefetch_on() {
-  const char* e = std::getenv("QLORA_BF16_PREFETCH");
-  return !(e && std::strcmp(e, "0") == 0);
-}
-// The default: no prefetch (NF4 GEMMs, the scalar-free paths that pass none).
-struct NoPrefetch {
-  // Regions of A rows [i0, i1) and B columns [j0, j1) over k [p0, p0 + kc); with_a false: B only.
-  int operator()(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, Region*) const { return 0; }
-};
-
-// Spreads the lines of the n regions over `calls` micro-kernel calls: call c prefetches its share.
-struct Spread {
-  Region reg[2];
-  int n = 0;
-  int64_t total = 0, calls = 1;
-  void prefetch(int64_t c) const {
-    if (n == 0) return;
-    int64_t l0 = c * total / calls, l1 = (c + 1) * total / calls;
-    for (int i = 0; i < n && l0 < l1; ++i) {
-      const int64_t L = reg[i].lines();
-      if (l0 < L) prefetch_lines(reg[i], l0, std::min(l1, L));
-      l0 = std::max<int64_t>(0, l0 - L), l1 -= L;
-    }
-  }
-};
-
-template <class PackA, class PackB, class Prefetch = NoPrefetch>
+template <class PackA, class PackB>
 void shared(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, int64_t ldc, const PackA& pack_a,
-            const PackB& pack_b, const Prefetch& next = Prefetch{}) {
+            const PackB& pack_b) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) return scale_c(M, N, beta, C, ldc);
   const int64_t kcb = blocking().kc;
@@ -280,7 +231,6 @@ void shared(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, 
       if (best > 0) pan_step = best;
     }
     const int64_t n_step = pan_step * NR, n_nt = ceil_div(N, n_step);
-    const bool pf = !std::is_same<Prefetch, NoPrefetch>::value && prefetch_on();
     for (int64_t pc = 0; pc < K; pc += kc) {
       const int64_t kcur = std::min(kc, K - pc), kp = ceil_div(kcur, 2);
       const float beta_k = pc == 0 ? beta : 1.0f;
@@ -298,19 +248,6 @@ void shared(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, 
         for (int64_t jc = n0; jc < n1; jc += nc) {
           const int64_t ncur = std::min(nc, n1 - jc), np = ceil_div(ncur, NR);
           pack_b(jc, ncur, pc, kcur, Bp);
-          // What this task packs next: B of its next column block, else (last one) its rows of A
-          // and its first column block in the next depth block.
-          Spread sp;
-          if (pf) {
-            if (jc + nc < n1)
-              sp.n = next(0, 0, jc + nc, std::min(n1, jc + 2 * nc), pc, kcur, false, sp.reg);
-            else if (pc + kc < K)
-              sp.n = next(ms + r0, ms + r1, n0, std::min(n1, n0 + nc), pc + kc, std::min(kc, K - pc - kc), true,
-                          sp.reg);
-            for (int i = 0; i < sp.n; ++i) sp.total += sp.reg[i].lines();
-            sp.calls = std::max<int64_t>(1, np * ceil_div(r1 - r0, MR));
-          }
-          int64_t call = 0;
           for (int64_t ic = r0; ic < r1; ic += mc) {
             const int64_t icur = std::min(mc, r1 - ic);
             const uint32_t* ap = Ap + ic * kp;  // (a copy into this core's L2 first measured no faster)
@@ -318,11 +255,9 @@ void shared(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, 
               const uint32_t* bp = Bp + p * NR * kp;
               const int nr = static_cast<int>(std::min<int64_t>(NR, ncur - p * NR));
               float* c = C + (ms + ic) * ldc + jc + p * NR;
-              for (int64_t ir = 0; ir < icur; ir += MR) {
-                sp.prefetch(call++);
+              for (int64_t ir = 0; ir < icur; ir += MR)
                 bf16_k::ukernel_avx512bf16(kp, ap + ir * kp, bp, c + ir * ldc, ldc, alpha, beta_k,
                                            static_cast<int>(std::min<int64_t>(MR, icur - ir)), nr);
-              }
             }
           }
         }
@@ -331,35 +266,14 @@ void shared(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, 
   }
 }
 
-template <class PackA, class PackB, class Prefetch = NoPrefetch>
+template <class PackA, class PackB>
 void drive(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, int64_t ldc, const PackA& pack_a,
-           const PackB& pack_b, double b_cost = 1.0, const Prefetch& next = Prefetch{}) {
+           const PackB& pack_b, double b_cost = 1.0) {
   const Driver d = driver_choice();
   if (d == Driver::Shared || (d == Driver::Auto && 2.0 * M * N * K >= 4e6))
-    return shared(M, N, K, alpha, beta, C, ldc, pack_a, pack_b, next);
+    return shared(M, N, K, alpha, beta, C, ldc, pack_a, pack_b);
   blocked(M, N, K, alpha, beta, C, ldc, pack_a, pack_b, b_cost);
 }
-
-// The next-block regions of fp32 operands: A row-major [M, K] (k along a row), B either [N, K]
-// (nt: k along a row) or [K, N] (nn: k down a column).
-struct PrefetchRows {
-  const float* A;
-  int64_t lda;
-  const float* B;
-  int64_t ldb;
-  bool b_k_rows;  // true: B is [N, K]
-  int operator()(int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t p0, int64_t kc, bool with_a,
-                 Region* out) const {
-    int n = 0;
-    const int64_t f = sizeof(float);
-    if (b_k_rows)
-      out[n++] = Region{reinterpret_cast<const char*>(B + j0 * ldb + p0), j1 - j0, kc * f, ldb * f};
-    else
-      out[n++] = Region{reinterpret_cast<const char*>(B + p0 * ldb + j0), kc, (j1 - j0) * f, ldb * f};
-    if (with_a && i1 > i0) out[n++] = Region{reinterpret_cast<const char*>(A + i0 * lda + p0), i1 - i0, kc * f, lda * f};
-    return n;
-  }
-};
 
 // pack_b of the drivers: (j0, n, p0, kc, Bp) packs ceil(n / NR) panels, panel q at Bp + q * NR * kp.
 // per_panel adapts a one-panel packer (n <= NR).
@@ -461,8 +375,7 @@ void gemm_nt_bf16(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha,
                 float* tmp = t_tmp.get<float>(static_cast<size_t>(NR * kc));
                 for (int r = 0; r < nr; ++r) std::memcpy(tmp + r * kc, B + (j0 + r) * ldb + p0, sizeof(float) * kc);
                 bf16_k::pack_rows_avx512bf16(tmp, kc, nr, kc, NR, Bp);
-              }),
-            1.0, PrefetchRows{A, lda, B, ldb, true});
+              }));
 #endif
       return;
   }
@@ -483,8 +396,7 @@ void gemm_nn_bf16(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha,
       return;
     case Mode::Bf16:
 #ifdef QLORA_X86
-      drive(M, N, K, alpha, beta, C, ldc, pack_a_rows(A, lda), pack_b_cols(B, ldb), 1.0,
-            PrefetchRows{A, lda, B, ldb, false});
+      drive(M, N, K, alpha, beta, C, ldc, pack_a_rows(A, lda), pack_b_cols(B, ldb));
 #endif
       return;
   }
