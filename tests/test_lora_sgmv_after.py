@@ -3,8 +3,10 @@ the AVX-512 NF4 GEMV prefetches the LoRA factors while it streams the base weigh
 expands run as the job's last tasks. It must give exactly the bits of the earlier form
 (QLORA_SGMV_AFTER=0: shrinks first, expands after each GEMV task) and of the unfused path
 (QLORA_SGMV_FUSE=0), with fp32 factors and bf16 inference copies, 8 different adapters in one batch
-(more factor ranges than one GEMV task's prefetch takes), a shared adapter, "__base__" rows, 1 and 2
-threads, decode steps of 8 and 3 rows."""
+(more factor ranges than one GEMV task's prefetch takes), a shared adapter, "__base__" rows, 1, 2 and 3
+threads, decode steps of 8 and 3 rows; and with and without the piece tasks that let several threads
+share a problem's expand pieces (QLORA_SGMV_PIECE_TASKS=0: none; QLORA_SGMV_LOCAL_SPIN=0: a piece task
+whose piece is not ready at once leaves it to the call that meets its last dependency)."""
 import os
 import subprocess
 import sys
@@ -35,7 +37,7 @@ for i, name in enumerate(names):
     m.set_adapter_state_dict(name, {k: (0.3 * rng.standard_normal(v.shape)).astype(np.float32)
                                     for k, v in m.get_adapter_state_dict(name).items()})
 prompts = [[5 + i, 6, 7 + i] for i in range(8)]
-for threads in (1, 2):
+for threads in (1, 2, 3):
     qlora_native.set_num_threads(threads)
     for dt in ("float32", "bfloat16"):
         m.adapter_dtype = dt
@@ -65,9 +67,14 @@ def test_after_form_equals_the_earlier_form_and_unfused(tmp_path):
     after = _run(tiny, str(tmp_path / "a.npz"), QLORA_SGMV_AFTER="1")
     first = _run(tiny, str(tmp_path / "f.npz"), QLORA_SGMV_AFTER="0")
     plain = _run(tiny, str(tmp_path / "p.npz"), QLORA_SGMV_FUSE="0")
+    nopiece = _run(tiny, str(tmp_path / "n.npz"), QLORA_SGMV_PIECE_TASKS="0")
+    nospin = _run(tiny, str(tmp_path / "s.npz"), QLORA_SGMV_LOCAL_SPIN="0")
     for key in after:
         np.testing.assert_array_equal(after[key], first[key], err_msg=key)
         np.testing.assert_array_equal(after[key], plain[key], err_msg=key)
+        np.testing.assert_array_equal(after[key], nopiece[key], err_msg=key)
+        np.testing.assert_array_equal(after[key], nospin[key], err_msg=key)
     for key in after:  # the thread count changes nothing
         if key.endswith("_1"):
-            np.testing.assert_array_equal(after[key], after[key[:-1] + "2"], err_msg=key)
+            for t in ("2", "3"):
+                np.testing.assert_array_equal(after[key], after[key[:-1] + t], err_msg=key)

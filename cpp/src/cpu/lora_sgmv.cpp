@@ -95,7 +95,12 @@ struct SgmvBuffers {
   std::vector<Piece> pieces;  // after form: the expand pieces, by problem
   std::vector<int64_t> piece0;  // [np + 1]: problem i's pieces are [piece0[i], piece0[i + 1])
   std::unique_ptr<std::atomic<int64_t>[]> dep;  // per piece: base rows + shrinks still to come
+  // per piece: 1 once a thread has taken it (the call that meets its last dependency, or its piece
+  // task); piece_tasks: how many piece tasks follow the shrinks (0 on one thread)
+  std::unique_ptr<std::atomic<int>[]> taken;
   size_t n_dep = 0;
+  int64_t piece_tasks = 0;
+  mutable std::atomic<bool> no_wait{false};  // a piece task of this job timed out (SgmvFused::after)
   std::vector<PfRange> pf;  // after form: the factors, in the order the shrinks and expands read them
   int64_t pf_bytes = 0;
   bool after = false;
@@ -179,6 +184,11 @@ int local_spins() {
 // the split, which lets two threads that need one t at once compute half of its rows each: as one
 // part, the shrink of a projection ran on one thread while the other waited for it or computed the
 // same t again, so at 2 threads the shrinks, half the LoRA work, did not run in parallel at all).
+// QLORA_SGMV_PIECE_TASKS=0: the after form without its piece tasks (A/B runs; see SgmvFused::after).
+bool piece_tasks_enabled() {
+  static const bool on = !env_off("QLORA_SGMV_PIECE_TASKS");
+  return on;
+}
 bool split_enabled() {
   static const bool on = !env_off("QLORA_SGMV_LOCAL_SPLIT");
   return on;
@@ -369,7 +379,8 @@ void run_expand(const SgmvBuffers& jb, const Backend::LoraProblem* p, int64_t pr
 // ever waits for another.
 void piece_progress(const SgmvBuffers& jb, const Backend::LoraProblem* P, size_t k, int64_t done) {
   const Piece& pc = jb.pieces[k];
-  if (jb.dep[k].fetch_sub(done, std::memory_order_acq_rel) == done) expand_cols(jb, &P[pc.prob], pc.n0, pc.n1);
+  if (jb.dep[k].fetch_sub(done, std::memory_order_acq_rel) == done && !jb.taken[k].exchange(1, std::memory_order_acq_rel))
+    expand_cols(jb, &P[pc.prob], pc.n0, pc.n1);
 }
 
 // Local form: the segments by problem and the GEMV's rows by problem; false (not local) when a
@@ -522,12 +533,17 @@ bool SgmvFused::prepare(SimdLevel level, int64_t np, const Backend::LoraProblem*
   jb.piece0[static_cast<size_t>(np)] = static_cast<int64_t>(jb.pieces.size());
   if (jb.n_dep < jb.pieces.size()) {
     jb.dep.reset(new std::atomic<int64_t>[jb.pieces.size()]);
+    jb.taken.reset(new std::atomic<int>[jb.pieces.size()]);
     jb.n_dep = jb.pieces.size();
   }
   for (size_t k = 0; k < jb.pieces.size(); ++k) {
     const Piece& pc = jb.pieces[k];
     jb.dep[k].store(pc.n1 - pc.n0 + jb.pending[static_cast<size_t>(pc.prob)], std::memory_order_relaxed);
+    jb.taken[k].store(0, std::memory_order_relaxed);
   }
+  jb.piece_tasks = nth > 1 && piece_tasks_enabled() ? static_cast<int64_t>(jb.pieces.size()) : 0;
+  jb.no_wait.store(false, std::memory_order_relaxed);
+  if (jb.piece_tasks) (void)local_spins();  // a bad QLORA_SGMV_LOCAL_SPIN raises here, on the calling thread
   jb.pf.clear();
   jb.pf_bytes = 0;
   auto add = [&](const void* p, int64_t bytes) {
@@ -546,14 +562,53 @@ bool SgmvFused::prepare(SimdLevel level, int64_t np, const Backend::LoraProblem*
   return true;
 }
 
-int64_t SgmvFused::after_tasks() const { return after_ ? static_cast<int64_t>(jb_->tasks.size()) : 0; }
+int64_t SgmvFused::after_tasks() const {
+  return after_ ? static_cast<int64_t>(jb_->tasks.size()) + jb_->piece_tasks : 0;
+}
 
-void SgmvFused::after(int64_t i) const {  // shrink task i; its problem's pieces have one dependency less
+// After tasks: the shrinks, then (on several threads) one task per expand piece. A shrink that meets
+// its problem's last dependency would otherwise run every piece of the problem itself (they all
+// become ready then) while the other threads, out of tasks, leave: o / down's whole expand, about
+// half their LoRA work, ran on one thread. A piece task waits for its piece's dependencies (bounded,
+// wait_shared's bound) and takes the piece; the shrink side takes pieces from the last one down, the
+// piece tasks from the first one up, so two threads meet in the middle. A piece task that times out
+// leaves its piece to the call that meets the last dependency: no task waits longer than the bound.
+void SgmvFused::after(int64_t i) const {
   const SgmvBuffers& jb = *jb_;
-  const Task& tk = jb.tasks[static_cast<size_t>(i)];
+  const int64_t n_shrink = static_cast<int64_t>(jb.tasks.size());
+  if (i >= n_shrink) {
+    const size_t k = static_cast<size_t>(i - n_shrink);
+    int64_t d = jb.dep[k].load(std::memory_order_acquire);
+    // After one piece task of the job has timed out (a thread descheduled mid-task, e.g. on a loaded
+    // machine), the others do not wait at all: at most one bound per job and thread is spent here.
+    if (d != 0 && !jb.no_wait.load(std::memory_order_relaxed)) {
+      for (int n = 0, lim = local_spins(); d != 0 && n < lim; ++n) {
+        QLORA_SGMV_PAUSE();
+        d = jb.dep[k].load(std::memory_order_acquire);
+      }
+      if (d != 0) jb.no_wait.store(true, std::memory_order_relaxed);
+    }
+    if (d == 0 && !jb.taken[k].exchange(1, std::memory_order_acq_rel)) {
+      const Piece& pc = jb.pieces[k];
+      expand_cols(jb, &p_[pc.prob], pc.n0, pc.n1);
+    }
+    return;
+  }
+  const Task& tk = jb.tasks[static_cast<size_t>(i)];  // shrink task i: its problem's pieces have one dependency less
   run_shrink(jb, tk);
-  for (int64_t k = jb.piece0[static_cast<size_t>(tk.prob)]; k < jb.piece0[static_cast<size_t>(tk.prob) + 1]; ++k)
-    piece_progress(jb, p_, static_cast<size_t>(k), 1);
+  // Every piece's count first, so that the piece tasks see their pieces ready while this call runs
+  // the last ones; then this call takes the ready pieces from the last one down.
+  const int64_t k0 = jb.piece0[static_cast<size_t>(tk.prob)], k1 = jb.piece0[static_cast<size_t>(tk.prob) + 1];
+  if (!jb.piece_tasks) {
+    for (int64_t k = k0; k < k1; ++k) piece_progress(jb, p_, static_cast<size_t>(k), 1);
+    return;
+  }
+  for (int64_t k = k0; k < k1; ++k) jb.dep[k].fetch_sub(1, std::memory_order_acq_rel);
+  for (int64_t k = k1 - 1; k >= k0; --k) {
+    if (jb.dep[k].load(std::memory_order_acquire) != 0 || jb.taken[k].exchange(1, std::memory_order_acq_rel)) continue;
+    const Piece& pc = jb.pieces[static_cast<size_t>(k)];
+    expand_cols(jb, &p_[pc.prob], pc.n0, pc.n1);
+  }
 }
 
 void SgmvFused::gemv_done(int64_t prob, int64_t r0, int64_t r1) const {  // base rows [r0, r1) of problem prob

@@ -56,7 +56,10 @@ void lora_segments_many(SimdLevel level, int64_t np, const Backend::LoraProblem*
 //   gemv_done(prob, r0, r1); the job's last tasks are the shrinks (after(i), i < after_tasks()).
 //   The expands go in pieces (output columns of a problem), each run by whichever call meets its
 //   last dependency (its columns' base rows, its problem's shrinks): no task waits for another,
-//   so a thread the OS has descheduled mid-GEMV never holds the others up. (Read by the shrinks
+//   so a thread the OS has descheduled mid-GEMV never holds the others up. On several threads a piece
+//   task per piece follows the shrinks (bounded wait for the piece's dependencies, then takes it if
+//   no call has), so a problem's pieces, which all become ready at its last shrink, do not all run
+//   on the thread that finished that shrink (QLORA_SGMV_PIECE_TASKS=0: none, for A/B runs). (Read by the shrinks
 //   from memory, the factors had streamed at latency-bound rates, 5-6 GB/s on one Zen 4 core,
 //   which cost more than the FMAs.)
 // - local (opt-in, QLORA_SGMV_LOCAL=1, at the AVX512 level where every problem has at most 2
