@@ -77,7 +77,7 @@ struct In {  // a distinct input of the bf16 segments: rows [0, end) rounded to 
   const float* x;
   int64_t ldx, in, end;
   size_t off;
-  int64_t half = 0;  // local form: rows [0, half) and [half, end) are its two parts (shared_part)
+  int64_t half = 0;  // local form: rows [0, half) and [half, end) are its two parts (local_done)
 };
 
 }  // namespace
@@ -180,15 +180,15 @@ int local_spins() {
   }();
   return n;
 }
-// QLORA_SGMV_LOCAL_SPLIT=0: the local form's shared t and rounded x in one part each (A/B runs of
-// the split, which lets two threads that need one t at once compute half of its rows each: as one
-// part, the shrink of a projection ran on one thread while the other waited for it or computed the
-// same t again, so at 2 threads the shrinks, half the LoRA work, did not run in parallel at all).
 // QLORA_SGMV_PIECE_TASKS=0: the after form without its piece tasks (A/B runs; see SgmvFused::after).
 bool piece_tasks_enabled() {
   static const bool on = !env_off("QLORA_SGMV_PIECE_TASKS");
   return on;
 }
+// QLORA_SGMV_LOCAL_SPLIT=0: the local form's shared t and rounded x in one part each (A/B runs of
+// the split, which lets two threads that need one t at once compute half of its rows each: as one
+// part, the shrink of a projection ran on one thread while the other waited for it or computed the
+// same t again, so at 2 threads the shrinks, half the LoRA work, did not run in parallel at all).
 bool split_enabled() {
   static const bool on = !env_off("QLORA_SGMV_LOCAL_SPLIT");
   return on;
@@ -446,7 +446,7 @@ void round_rows(const In& v, int64_t m0, int64_t m1, uint32_t* base) {
 }
 // Local form: the shrink of bf16 segment s's rows that lie in input rows [m0, m1), from the rounded
 // input at xb (its row 0) into tp (the segment's rounded t, [rows, t_stride(r)] words). A row's chain
-// is the same in any tile: the same bits as shrink_whole.
+// is the same in any tile: the same bits as one call over all of the segment's rows.
 void shrink_rows(const Seg& s, const uint32_t* xb, uint32_t* tp, int64_t m0, int64_t m1) {
   const Backend::LoraSegment& g = *s.s;
   const int64_t a = std::max<int64_t>(0, m0 - g.row0), b = std::min<int64_t>(g.rows, m1 - g.row0);
