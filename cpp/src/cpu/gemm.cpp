@@ -36,6 +36,8 @@ struct Kern {
   Nf4DecodeFn nf4_decode;
   PackATFn pack_a_t;  // null: the portable pack::a_rows
   UkernelDirectFn ukernel_direct = nullptr;  // null: A is always packed
+  // nf4_gemm_nn's full B panel in one call (rows 16-aligned); null: nf4_decode row by row.
+  void (*nf4_panel_n)(const uint8_t*, int64_t, int64_t, int64_t, const float*, const float*, float*) = nullptr;
 };
 
 // A read in place by ukernel_direct when N <= NR: element (i, k) of op(A) at a[i * rs + k * cs].
@@ -96,7 +98,7 @@ const Kern& kern_for(SimdLevel level) {
   static const Kern avx2 = [] {
     const GemmBlocking b = gemm_blocking(kAvx2MR, kAvx2NR, true, cache_sizes());
     return Kern{kAvx2MR, kAvx2NR, b.kc, b.mc, b.nc, ukernel_avx2, pack_b_t_avx2, pack_b_n_avx2, nf4_decode_avx2,
-                pack_a_t_avx2, ukernel_direct_avx2};
+                pack_a_t_avx2, ukernel_direct_avx2, nf4_panel_n_avx2};
   }();
   static const Kern avx512 = [] {
     const GemmBlocking b = gemm_blocking(kAvx512MR, kAvx512NR, true, cache_sizes());
@@ -128,6 +130,16 @@ struct Scratch {
   }
 };
 thread_local Scratch t_a, t_b, t_tmp;
+
+// QLORA_NF4_PANEL_N=0: nf4_gemm_nn decodes row by row even where a panel kernel exists (A/B runs;
+// tests compare both ways bit for bit).
+bool nf4_panel_n_off() {
+  static const bool off = [] {
+    const char* e = std::getenv("QLORA_NF4_PANEL_N");
+    return e && std::string(e) == "0";
+  }();
+  return off;
+}
 
 // QLORA_GEMM_TN_SMALL=0: gemm_tn's few-row kernel off (A/B runs; tests compare both ways bit for bit).
 bool tn_small_off() {
@@ -437,11 +449,22 @@ void nf4_gemm_nn(SimdLevel level, int64_t M, float alpha, const float* dY, int64
   check_dims(M, N, K, lddy, K, N, N, lddx);
   if (level == SimdLevel::Scalar) return scalar::nf4_gemm_nn(M, alpha, dY, lddy, W, beta, dX, lddx);
   const Kern& kn = kern_for(level);
+  // Every panel row run starts on a 16-element boundary (j0 is a multiple of NR = 16).
+  const bool panel_n = kn.nf4_panel_n && kn.nr == 16 && N % 16 == 0 && !nf4_panel_n_off();
   blocked(
       kn, M, N, K, alpha, beta, dX, lddx,
       [&](int64_t i0, int mr, int64_t p0, int64_t kc, float* Ap) { pack_a_rows(kn, dY + i0 * lddy + p0, lddy, mr, kc, Ap); },
       [&](int64_t j0, int nr, int64_t p0, int64_t kc, float* Bp) {
         // Row k of the panel is W[p0 + k, j0 : j0 + nr), decoded straight into place.
+        if (panel_n && nr == kn.nr) {
+          // One call per panel (AVX2's 16-wide rows cost a call and a scale fill each, twice
+          // AVX-512's count per weight): the rows' scales first, then every row, two a step.
+          float scl[RunScales::kMaxLen];
+          const int64_t f0 = p0 * N + j0;
+          pack::nf4_scales_strided(W, f0, N, kc, s, scl);
+          kn.nf4_panel_n(W.packed, f0, N, kc, scl, kNf4Codes, Bp);
+          return;
+        }
         RunScales sc;
         for (int64_t k = 0; k < kc; ++k) {
           const int64_t f0 = (p0 + k) * N + j0;

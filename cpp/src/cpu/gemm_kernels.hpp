@@ -54,6 +54,11 @@ void pack_b_n_avx2(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
 void pack_a_t_avx2(const float* A, int64_t lda, int mr, int64_t kc, float* Ap);
 void nf4_decode_avx2(const uint8_t* packed, int64_t j0, int64_t len, const float* scale, int bs_log2,
                      const float* codes, float* out);
+// NF4 gemm_nn B panel in one call: Bp[k * 16 + t] = codes[nibble(f0 + k * ld + t)] * scale[k] for
+// t < 16, k < kc. f0 and ld are multiples of 16, so each row run is 8 whole bytes inside one block
+// (blocksize >= 16). Same products as nf4_decode_avx2 row by row; two rows per step.
+void nf4_panel_n_avx2(const uint8_t* packed, int64_t f0, int64_t ld, int64_t kc, const float* scale,
+                      const float* codes, float* Bp);
 
 void ukernel_avx512(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta,
                     int mr, int nr);

@@ -192,4 +192,41 @@ void nf4_decode_avx2(const uint8_t* packed, int64_t j0, int64_t len, const float
   }
 }
 
+void nf4_panel_n_avx2(const uint8_t* packed, int64_t f0, int64_t ld, int64_t kc, const float* scale,
+                      const float* codes, float* Bp) {
+  const __m256 lut_lo = _mm256_loadu_ps(codes), lut_hi = _mm256_loadu_ps(codes + 8);
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  // 8 codes (one byte lane group) -> 8 products, stored at dst.
+  const auto put8 = [&](__m128i q8, __m256 s, float* dst) {
+    const __m256i idx = _mm256_cvtepu8_epi32(q8);
+    const __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, idx), _mm256_permutevar8x32_ps(lut_hi, idx),
+                                      _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+    _mm256_store_ps(dst, _mm256_mul_ps(v, s));
+  };
+  const uint8_t* src = packed + (f0 >> 1);
+  const int64_t step = ld >> 1;  // bytes between rows
+  int64_t k = 0;
+  for (; k + 2 <= kc; k += 2, src += 2 * step) {
+    // Rows k and k + 1: 8 bytes each in one xmm, nibbles split once for 32 codes.
+    const __m128i x = _mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)),
+                                         _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + step)));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(x, 4), low4), lo = _mm_and_si128(x, low4);
+    const __m128i q0 = _mm_unpacklo_epi8(hi, lo), q1 = _mm_unpackhi_epi8(hi, lo);  // high nibble first
+    const __m256 s0 = _mm256_set1_ps(scale[k]), s1 = _mm256_set1_ps(scale[k + 1]);
+    float* d = Bp + k * NR;
+    put8(q0, s0, d);
+    put8(_mm_srli_si128(q0, 8), s0, d + 8);
+    put8(q1, s1, d + 16);
+    put8(_mm_srli_si128(q1, 8), s1, d + 24);
+  }
+  if (k < kc) {
+    const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(x, 4), low4), lo = _mm_and_si128(x, low4);
+    const __m128i q0 = _mm_unpacklo_epi8(hi, lo);
+    const __m256 s0 = _mm256_set1_ps(scale[k]);
+    put8(q0, s0, Bp + k * NR);
+    put8(_mm_srli_si128(q0, 8), s0, Bp + k * NR + 8);
+  }
+}
+
 }  // namespace qlora::cpu::gemm_k

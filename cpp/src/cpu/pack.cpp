@@ -68,4 +68,17 @@ void nf4_scales(const Nf4Ref& W, int64_t b0, int64_t b1, float* out) {
   for (int64_t b = b0; b < b1; ++b) out[b - b0] = W.nested_map[codes[b]] * W.nested_absmax[b >> 8] + W.offset;
 }
 
+void nf4_scales_strided(const Nf4Ref& W, int64_t f0, int64_t stride, int64_t n, int bs_log2, float* out) {
+  if (!W.double_quant) {
+    const float* a = static_cast<const float*>(W.absmax);
+    for (int64_t k = 0; k < n; ++k) out[k] = a[(f0 + k * stride) >> bs_log2];
+    return;
+  }
+  const uint8_t* codes = static_cast<const uint8_t*>(W.absmax);
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t b = (f0 + k * stride) >> bs_log2;
+    out[k] = W.nested_map[codes[b]] * W.nested_absmax[b >> 8] + W.offset;  // as nf4_scales
+  }
+}
+
 }  // namespace qlora::cpu::pack
