@@ -292,6 +292,14 @@ auto per_panel(F f) {
   return !(e && std::strcmp(e, "direct") == 0);
 }
 
+// QLORA_BF16_NF4_PACK=tmp: the NT NF4 B panels decoded to fp32 tmp, then rounded + transposed by
+// pack_rows (A/B runs); default: pack_nf4_nt straight from the codes where K % blocksize == 0. Same
+// fp32 products, same rounding: same panels.
+[[maybe_unused]] bool nf4_direct() {
+  const char* e = std::getenv("QLORA_BF16_NF4_PACK");
+  return !(e && std::strcmp(e, "tmp") == 0);
+}
+
 enum class Mode { Oracle, Bf16, F32 };
 Mode mode(SimdLevel level) {
   if (level == SimdLevel::Scalar) return Mode::Oracle;
@@ -447,15 +455,31 @@ void nf4_gemm_nt_bf16(SimdLevel level, int64_t M, float alpha, const float* X, i
 #ifdef QLORA_X86
       if (nf4_gemv_bf16_applies(level, M, W)) return nf4_gemv_bf16(M, alpha, X, ldx, W, beta, Y, ldy);  // decode
       drive(M, N, K, alpha, beta, Y, ldy, pack_a_rows(X, ldx),
-              per_panel([&](int64_t j0, int nr, int64_t p0, int64_t kc, uint32_t* Bp) {
-                // Decode nr weight rows [j0, j0+nr) x columns [p0, p0+kc) to fp32 tmp [nr, kc], then round + pack.
-                float* tmp = t_tmp.get<float>(static_cast<size_t>(NR * kc));
+              per_panel([&, direct = nf4_direct() && K % W.blocksize == 0](int64_t j0, int nr, int64_t p0, int64_t kc,
+                                                                            uint32_t* Bp) {
                 RunScales sc;
-                for (int rr = 0; rr < nr; ++rr) {
-                  const int64_t f0 = (j0 + rr) * K + p0;
-                  gemm_k::nf4_decode_avx512(W.packed, f0, kc, sc.fill(W, f0, kc, s), s, kNf4Codes, tmp + rr * kc);
+                int64_t k32 = 0;
+                if (direct) {
+                  // Whole 32-k steps straight from the codes (every row meets its block boundaries
+                  // at the same k since K % blocksize == 0): the rows' absmax as scl[block][NR].
+                  k32 = kc / 32 * 32;
+                  const int64_t f0 = j0 * K + p0, nb = ((f0 + kc - 1) >> s) - (f0 >> s) + 1;
+                  float* scl = t_tmp.get<float>(static_cast<size_t>(nb * NR));
+                  for (int rr = 0; rr < NR; ++rr) {
+                    const float* v = rr < nr ? sc.fill(W, f0 + rr * K, kc, s) : nullptr;
+                    for (int64_t b = 0; b < nb; ++b) scl[b * NR + rr] = v ? v[b] : 0.0f;
+                  }
+                  if (k32 > 0) bf16_k::pack_nf4_nt_avx512bf16(W.packed, f0, K, nr, k32, scl, s, kNf4Codes, Bp);
+                  if (k32 == kc) return;
                 }
-                bf16_k::pack_rows_avx512bf16(tmp, kc, nr, kc, NR, Bp);
+                // Decode nr weight rows [j0, j0+nr) x columns [p0 + k32, p0+kc) to fp32 tmp, then round + pack.
+                const int64_t kt = kc - k32;
+                float* tmp = t_tmp.get<float>(static_cast<size_t>(NR * kt));
+                for (int rr = 0; rr < nr; ++rr) {
+                  const int64_t f0 = (j0 + rr) * K + p0 + k32;
+                  gemm_k::nf4_decode_avx512(W.packed, f0, kt, sc.fill(W, f0, kt, s), s, kNf4Codes, tmp + rr * kt);
+                }
+                bf16_k::pack_rows_avx512bf16(tmp, kt, nr, kt, NR, Bp + (k32 / 2) * NR);
               }),
               kNf4BCost);
 #endif

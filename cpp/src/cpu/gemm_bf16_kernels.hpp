@@ -32,5 +32,13 @@ void pack_cols_avx512bf16(const float* src, int64_t ld, int n, int64_t kc, int W
 // reads, where one panel at a time reads 128 bytes of every row).
 void pack_cols_panels_avx512bf16(const float* src, int64_t ld, int64_t n, int64_t kc, uint32_t* P,
                                  int64_t panel_stride);
+// One NT B panel (the same values as pack_rows_avx512bf16 with W = kNR on the fp32 decode) straight
+// from NF4: nr <= kNR weight rows, row r's run = flat elements [f0 + r * K, + kc), kc a multiple of
+// 32 (the caller packs a ragged tail the old way). Needs f0 and K multiples of the blocksize's
+// alignment so every row meets its block boundaries at the same k (K % blocksize == 0, f0 even):
+// scl[b * kNR + r] = absmax of row r's b-th block from its first (b = ((f0 + k) >> bs_log2) -
+// (f0 >> bs_log2)). Element = codes[nibble] * absmax in fp32, then RNE to bf16 (vcvtne2ps2bf16).
+void pack_nf4_nt_avx512bf16(const uint8_t* packed, int64_t f0, int64_t K, int nr, int64_t kc, const float* scl,
+                            int bs_log2, const float* codes, uint32_t* P);
 
 }  // namespace qlora::cpu::bf16_k
