@@ -1,6 +1,6 @@
 """Issue 15: gemm_tn with at most 48 output rows (or columns) against at least 128 of the other, the
 rank-r LoRA gradients dA = dtᵀ·x and dB = dyᵀ·t, runs a kernel that reads both operands in place
-(AVX-512). Its FMA chains are those of the blocked way, so results must equal QLORA_GEMM_TN_SMALL=0
+(AVX-512: 8 x 32 tiles; AVX2: 6 x 16 tiles over 64-column chunks of B copied 64 rows at a time). Its FMA chains are those of the blocked way, so results must equal QLORA_GEMM_TN_SMALL=0
 bit for bit: ops.gemm_tn on partial tiles, several depth blocks, alpha/beta, and a whole training
 step (grouped and ungrouped LoRA, whose strided factor slices take the kernel); and within an fp32
 bound of float64."""
@@ -14,10 +14,11 @@ import pytest
 from qlora_native import _core
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-pytestmark = pytest.mark.skipif("avx512" not in _core.supported_simd_levels(), reason="no AVX-512 on this CPU")
+LEVELS = [pytest.param(lv, marks=pytest.mark.skipif(lv not in _core.supported_simd_levels(), reason=f"no {lv} on this CPU"))
+          for lv in ("avx512", "avx2")]
 
 SHAPES = [(16, 576, 1024), (5, 200, 37), (48, 130, 300), (576, 16, 1024), (200, 3, 2500), (130, 48, 64),
-          (17, 129, 1)]  # (M, N, K): out[M, N] = alpha * a[K, M]ᵀ b[K, N] + beta * out
+          (17, 129, 1), (16, 1536, 1100), (7, 100, 200)]  # (M, N, K): out[M, N] = alpha * a[K, M]ᵀ b[K, N] + beta * out
 
 SCRIPT = r"""
 import sys
@@ -33,7 +34,7 @@ for n, (M, N, K) in enumerate(shapes):
     c0 = rng.standard_normal((M, N)).astype(np.float32)
     for beta in (0.0, 1.3):
         c = c0.copy()
-        ops.gemm_tn(a, b, c, alpha=0.7, beta=beta, backend="cpu:avx512")
+        ops.gemm_tn(a, b, c, alpha=0.7, beta=beta, backend="cpu:" + sys.argv[5])
         out[f"ops_{n}_{beta}"] = c
 # a training step of a model whose projections are wide enough (>= 128) for the kernel
 import qlora_native
@@ -42,7 +43,7 @@ d = build_tiny(sys.argv[4], hidden_size=160, intermediate_size=320, num_attentio
 for group in ("1", "0"):
     import os
     os.environ["QLORA_LORA_GROUP"] = group
-    m = qlora_native.Model.from_pretrained(d, quantize="nf4", tokenizer=None, backend="cpu:avx512")
+    m = qlora_native.Model.from_pretrained(d, quantize="nf4", tokenizer=None, backend="cpu:" + sys.argv[5])
     m.add_adapter("a", qlora_native.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"),
                   seed=0)
     m.set_active_adapter("a")
@@ -59,20 +60,21 @@ np.savez(sys.argv[1], **out)
 """
 
 
-def _run(path, tmp, on):
+def _run(path, tmp, on, level):
     env = dict(os.environ)
     env.pop("QLORA_GEMM_TN_SMALL", None)
     if not on:
         env["QLORA_GEMM_TN_SMALL"] = "0"
-    r = subprocess.run([sys.executable, "-c", SCRIPT, path, HERE, repr(SHAPES), tmp], env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "-c", SCRIPT, path, HERE, repr(SHAPES), tmp, level], env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     return np.load(path)
 
 
-def test_tn_small_bit_identical_and_accurate(tmp_path):
-    a = _run(str(tmp_path / "on.npz"), str(tmp_path / "m1"), True)
-    b = _run(str(tmp_path / "off.npz"), str(tmp_path / "m2"), False)
+@pytest.mark.parametrize("level", LEVELS)
+def test_tn_small_bit_identical_and_accurate(tmp_path, level):
+    a = _run(str(tmp_path / "on.npz"), str(tmp_path / "m1"), True, level)
+    b = _run(str(tmp_path / "off.npz"), str(tmp_path / "m2"), False, level)
     assert sorted(a.files) == sorted(b.files)
     assert any(k.startswith("train1_") for k in a.files) and any(k.startswith("train0_") for k in a.files)
     for key in a.files:

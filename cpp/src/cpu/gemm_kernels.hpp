@@ -49,6 +49,11 @@ void ukernel_avx2(int64_t kc, const float* Ap, const float* Bp, float* C, int64_
                   int mr, int nr);
 void ukernel_direct_avx2(int64_t kc, const float* A, int64_t rs, int64_t cs, const float* Bp, float* C, int64_t ldc,
                          float alpha, float beta, int mr, int nr);
+// tn_small_avx512's contract (below) for all mr <= kTnSmallRowsAvx2 rows of a strip of nr <=
+// kTnSmallColsAvx2 columns (6 x 16 register tiles; B copied in k chunks that stay in L1).
+constexpr int kTnSmallRowsAvx2 = 48, kTnSmallColsAvx2 = 64;
+void tn_small_avx2(int64_t kc, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                   float alpha, float beta, int mr, int nr, bool trans);
 void pack_b_t_avx2(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
 void pack_b_n_avx2(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
 void pack_a_t_avx2(const float* A, int64_t lda, int mr, int64_t kc, float* Ap);

@@ -2,6 +2,7 @@
 // NF4 nibble decoder (two 8-entry vpermps tables blended on bit 3). Rules: cpu/README.md.
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -92,6 +93,134 @@ void ukernel_direct_avx2(int64_t kc, const float* A, int64_t rs, int64_t cs, con
     case 2: return ukr<2, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
     case 1: return ukr<1, true>(kc, A, Bp, C, ldc, alpha, beta, nr, rs, cs);
     default: return;
+  }
+}
+
+namespace {
+// tn_small_avx2: 6 rows x 16 columns; each broadcast of A feeds two FMAs, as in ukr.
+// acc [R][16]: the running sums between k chunks (first: start from 0; not last: store them and
+// return). Storing and reloading a float sum is exact, so the FMA chain is that of one pass.
+template <int R>
+void tn_small(int64_t kc, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, float alpha,
+              float beta, int nr, bool trans, float* acc, bool first, bool last) {
+  static_assert(R <= 6 && kTnSmallColsAvx2 % 16 == 0, "two ymm columns per row of a half");
+  __m256 c0[R], c1[R];
+#pragma GCC unroll 6
+  for (int i = 0; i < R; ++i) {
+    c0[i] = first ? _mm256_setzero_ps() : _mm256_load_ps(acc + i * 16);
+    c1[i] = first ? _mm256_setzero_ps() : _mm256_load_ps(acc + i * 16 + 8);
+  }
+  // Lanes j < nr of the two halves (maskload reads nothing past the valid columns).
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(nr), lane),
+                m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(nr - 8), lane);
+  const bool full = nr == 16;
+  for (int64_t k = 0; k < kc; ++k) {
+    // B's rows are far apart (a wide matrix read 64 bytes per row): fetch them a few rows ahead.
+    _mm_prefetch(reinterpret_cast<const char*>(B + (k + 16) * ldb), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(B + (k + 16) * ldb + 15), _MM_HINT_T0);
+    const float* b = B + k * ldb;
+    const __m256 b0 = full ? _mm256_loadu_ps(b) : _mm256_maskload_ps(b, m0);
+    const __m256 b1 = full ? _mm256_loadu_ps(b + 8) : _mm256_maskload_ps(b + 8, m1);
+    const float* a = A + k * lda;
+#pragma GCC unroll 6
+    for (int i = 0; i < R; ++i) {
+      const __m256 ai = _mm256_broadcast_ss(a + i);
+      c0[i] = _mm256_fmadd_ps(ai, b0, c0[i]);
+      c1[i] = _mm256_fmadd_ps(ai, b1, c1[i]);
+    }
+  }
+  if (!last) {
+#pragma GCC unroll 6
+    for (int i = 0; i < R; ++i) {
+      _mm256_store_ps(acc + i * 16, c0[i]);
+      _mm256_store_ps(acc + i * 16 + 8, c1[i]);
+    }
+    return;
+  }
+  // Epilogue of ukr: alpha * acc, or fma(beta, C, alpha * acc) (ukr's ragged edge compiles to the
+  // same single-rounded fma), element by element.
+  alignas(32) float tile[R][16];
+  const __m256 va = _mm256_set1_ps(alpha);
+#pragma GCC unroll 6
+  for (int i = 0; i < R; ++i) {
+    _mm256_store_ps(tile[i], _mm256_mul_ps(va, c0[i]));
+    _mm256_store_ps(tile[i] + 8, _mm256_mul_ps(va, c1[i]));
+  }
+  if (!trans) {
+    const __m256 vb = _mm256_set1_ps(beta);
+    for (int i = 0; i < R; ++i) {
+      float* c = C + i * ldc;
+      if (full) {
+        __m256 x0 = _mm256_load_ps(tile[i]), x1 = _mm256_load_ps(tile[i] + 8);
+        if (beta != 0.0f) {
+          x0 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(c), x0);
+          x1 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(c + 8), x1);
+        }
+        _mm256_storeu_ps(c, x0);
+        _mm256_storeu_ps(c + 8, x1);
+      } else {
+        for (int j = 0; j < nr; ++j) c[j] = beta == 0.0f ? tile[i][j] : std::fma(beta, c[j], tile[i][j]);
+      }
+    }
+    return;
+  }
+  for (int j = 0; j < nr; ++j) {  // C[j * ldc + i]
+    float* c = C + j * ldc;
+    for (int i = 0; i < R; ++i) c[i] = beta == 0.0f ? tile[i][j] : std::fma(beta, c[i], tile[i][j]);
+  }
+}
+}  // namespace
+
+void tn_small_avx2(int64_t kc, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                   float alpha, float beta, int mr, int nr, bool trans) {
+  // All mr <= 48 rows of a strip of nr <= kTnSmallColsAvx2 columns (16-column halves, 6-row tiles),
+  // k in chunks of kChunk rows. Each chunk of B's strip is first copied contiguous (it then stays
+  // in L1 for every tile). A wide B's rows are KiBs apart (6 KiB at 1536 columns: a new 4 KiB page
+  // and TLB entry every row, the 64-byte runs in 2 L1 sets), so reading it in place cost a row
+  // visit per tile and 16 columns; the copy visits each row once per kTnSmallColsAvx2 columns.
+  constexpr int kHalves = kTnSmallColsAvx2 / 16;
+  constexpr int64_t kChunk = 64;  // 64 rows x 64 columns: 16 KiB of B
+  alignas(32) float acc[kHalves][8][6 * 16];
+  alignas(64) float bbuf[kHalves][kChunk * 16];
+  const int tiles = (mr + 5) / 6;
+  for (int64_t k0 = 0; k0 < kc; k0 += kChunk) {
+    const int64_t kn = kc - k0 < kChunk ? kc - k0 : kChunk;
+    const bool first = k0 == 0, last = k0 + kn == kc;
+    const float* bsrc = B + k0 * ldb;
+    if (nr == kTnSmallColsAvx2) {
+      for (int64_t k = 0; k < kn; ++k) {
+        const float* row = bsrc + k * ldb;
+        _mm_prefetch(reinterpret_cast<const char*>(row + 8 * ldb), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(row + 8 * ldb + kTnSmallColsAvx2 - 1), _MM_HINT_T0);
+#pragma GCC unroll 4
+        for (int h = 0; h < kHalves; ++h) {
+          _mm256_store_ps(bbuf[h] + k * 16, _mm256_loadu_ps(row + 16 * h));
+          _mm256_store_ps(bbuf[h] + k * 16 + 8, _mm256_loadu_ps(row + 16 * h + 8));
+        }
+      }
+    }
+    for (int h = 0; h < kHalves && 16 * h < nr; ++h) {
+      const int nh = nr - 16 * h < 16 ? nr - 16 * h : 16;
+      const bool copied = nr == kTnSmallColsAvx2;
+      const float* b = copied ? bbuf[h] : bsrc + 16 * h;
+      const int64_t ldbb = copied ? 16 : ldb;
+      for (int t = 0; t < tiles; ++t) {
+        const int i0 = 6 * t, r = mr - i0 < 6 ? mr - i0 : 6;
+        const float* a = A + k0 * lda + i0;
+        float* c = trans ? C + 16 * h * ldc + i0 : C + i0 * ldc + 16 * h;
+        float* ac = acc[h][t];
+        switch (r) {
+          case 6: tn_small<6>(kn, a, lda, b, ldbb, c, ldc, alpha, beta, nh, trans, ac, first, last); break;
+          case 5: tn_small<5>(kn, a, lda, b, ldbb, c, ldc, alpha, beta, nh, trans, ac, first, last); break;
+          case 4: tn_small<4>(kn, a, lda, b, ldbb, c, ldc, alpha, beta, nh, trans, ac, first, last); break;
+          case 3: tn_small<3>(kn, a, lda, b, ldbb, c, ldc, alpha, beta, nh, trans, ac, first, last); break;
+          case 2: tn_small<2>(kn, a, lda, b, ldbb, c, ldc, alpha, beta, nh, trans, ac, first, last); break;
+          case 1: tn_small<1>(kn, a, lda, b, ldbb, c, ldc, alpha, beta, nh, trans, ac, first, last); break;
+          default: break;
+        }
+      }
+    }
   }
 }
 
