@@ -303,13 +303,13 @@ def test_resume_finds_checkpoint_left_displaced(tmp_path, base):
 def test_capi_adapter_save_modes(tmp_path, base, umask):
     import ctypes
 
-    pytest.importorskip("torch")  # test_capi's helpers need it
-    import test_capi
+    pytest.importorskip("torch")  # test_capi_train's helpers need it
+    from helpers_capi import QUANT_NF4, CModel, load_model_lib
     from test_capi_train import Q, V_, _check, _setup
 
-    lib = test_capi.lib.__wrapped__()
+    lib = load_model_lib()
     _setup(lib)
-    m = test_capi.CModel(lib, base, test_capi.QUANT_NF4)
+    m = CModel(lib, base, QUANT_NF4)
     try:
         p = lib.qlora_lora_default_params()
         p.r, p.alpha, p.target_mask = 2, 4.0, Q | V_
