@@ -26,7 +26,7 @@ CASES = [(9, 7, 64, 64, True), (37, 45, 64, 32, False), (30, 70, 256, 64, False)
 
 @pytest.fixture
 def env():
-    keys = ("QLORA_BF16_NF4_PACK", "QLORA_BF16_GEMM")
+    keys = ("QLORA_BF16_NF4_PACK", "QLORA_BF16_GEMM", "QLORA_BF16_NF4_MANY")
     saved = {k: os.environ.get(k) for k in keys}
     yield os.environ
     for k, v in saved.items():
@@ -51,3 +51,45 @@ def test_direct_nf4_panels_equal_tmp(rng, env, driver):
             outs.append(y)
         assert np.array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32)), (M, N, K, bs, dq)
         check(outs[1], x, decode(w).T, K, -1.5, 0.5, c0)
+
+
+# (M, [(out_features, blocksize, double_quant), ...], in_features): q/k/v- and gate/up-like groups,
+# ragged panels, K over KC, mixed blocksizes; the first under 4 MFLOP per weight (one call each).
+MANY = [(20, [(7, 64, True), (45, 32, False)], 64),
+        (100, [(96, 64, True), (32, 64, True), (32, 64, True)], 576),
+        (57, [(130, 64, False), (70, 128, True)], 2112),
+        (31, [(1100, 64, True), (33, 32, False), (64, 256, True)], 192),
+        (29, [(40, 32, False), (41, 32, True)], 100)]
+
+
+@pytest.mark.parametrize("driver", ["", "shared", "tasks"])
+def test_many_equals_single_calls(rng, env, driver):
+    """ops.nf4_gemm_nt_many(compute_dtype="bfloat16") (Backend::nf4_gemm_nt_many_bf16: X's bf16 panels
+    packed once for all weights) == one nf4_gemm_nt call per weight, bit for bit, and == itself with
+    QLORA_BF16_NF4_MANY=0 (one call each inside the op)."""
+    env["QLORA_BF16_GEMM"] = driver
+    saved = os.environ.get("QLORA_BF16_NF4_MANY")
+    try:
+        for M, specs, K in MANY:
+            ws = [random_nf4(rng, n, K, bs, dq) for n, bs, dq in specs]
+            x = strided(rng, M, K)
+            env.pop("QLORA_BF16_NF4_MANY", None)
+            many = ops.nf4_gemm_nt_many(x, ws, backend="cpu:avx512", compute_dtype="bfloat16")
+            env["QLORA_BF16_NF4_MANY"] = "0"
+            each = ops.nf4_gemm_nt_many(x, ws, backend="cpu:avx512", compute_dtype="bfloat16")
+            for w, y, y1 in zip(ws, many, each):
+                y0 = ops.nf4_gemm_nt(x, w, backend="cpu:avx512", compute_dtype="bfloat16")
+                assert np.array_equal(y.view(np.uint32), y0.view(np.uint32)), (M, w.shape, K)
+                assert np.array_equal(y1.view(np.uint32), y0.view(np.uint32)), (M, w.shape, K)
+                check(y, x, decode(w).T, K)
+    finally:
+        if saved is None:
+            os.environ.pop("QLORA_BF16_NF4_MANY", None)
+        else:
+            os.environ["QLORA_BF16_NF4_MANY"] = saved
+
+
+def test_many_bad_dtype():
+    w = random_nf4(np.random.default_rng(0), 4, 64, 64, False)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        ops.nf4_gemm_nt_many(np.zeros((2, 64), np.float32), [w], compute_dtype="float16")

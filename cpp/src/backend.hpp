@@ -281,6 +281,12 @@ class Backend {
                                 float* Y, int64_t ldy) {
     nf4_gemm_nt(M, alpha, X, ldx, W, beta, Y, ldy);
   }
+  // nf4_gemm_nt_many in bf16 compute: each output as nf4_gemm_nt_bf16's (alpha 1, beta 0); backends
+  // may round X once for all. Default: one call each.
+  virtual void nf4_gemm_nt_many_bf16(int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
+                                     float* const* Y, const int64_t* ldy) {
+    for (int64_t i = 0; i < n; ++i) nf4_gemm_nt_bf16(M, 1.0f, X, ldx, *W[i], 0.0f, Y[i], ldy[i]);
+  }
   virtual void nf4_gemm_nn_bf16(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W, float beta,
                                 float* dX, int64_t lddx) {
     nf4_gemm_nn(M, alpha, dY, lddy, W, beta, dX, lddx);

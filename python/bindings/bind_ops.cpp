@@ -287,8 +287,9 @@ void bind_ops(py::module_& m) {
       "out[M, out_f] = alpha * x[M, in_f] @ dequant(w).T + beta * out (w: NF4 weight [out_f, in_f])");
   ops.def(
       "nf4_gemm_nt_many",
-      [](py::object x_obj, const py::list& ws, const std::string& backend) {
+      [](py::object x_obj, const py::list& ws, const std::string& backend, const std::string& compute_dtype) {
         // Host backends only: exposes Backend::nf4_gemm_nt_many (shared-input projections) for tests.
+        const bool bf16 = bf16_arg(compute_dtype);
         Backend& be = get_backend(backend);
         check_arg(be.host_memory(), "nf4_gemm_nt_many: host backends only");
         Mat x = as_mat(x_obj, "x", false);
@@ -309,12 +310,16 @@ void bind_ops(py::module_& m) {
         }
         {
           py::gil_scoped_release nogil;
-          be.nf4_gemm_nt_many(x.rows, x.data, x.ld, static_cast<int64_t>(refs.size()), refs.data(), ys.data(),
-                              lds.data());
+          if (bf16)
+            be.nf4_gemm_nt_many_bf16(x.rows, x.data, x.ld, static_cast<int64_t>(refs.size()), refs.data(), ys.data(),
+                                     lds.data());
+          else
+            be.nf4_gemm_nt_many(x.rows, x.data, x.ld, static_cast<int64_t>(refs.size()), refs.data(), ys.data(),
+                                lds.data());
         }
         return outs;
       },
-      py::arg("x"), py::arg("ws"), py::kw_only(), py::arg("backend") = "cpu",
+      py::arg("x"), py::arg("ws"), py::kw_only(), py::arg("backend") = "cpu", py::arg("compute_dtype") = "float32",
       "[x @ dequant(w).T for w in ws] as one call (weights sharing the input, e.g. q/k/v)");
   ops.def(
       "lora_segments",

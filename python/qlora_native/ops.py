@@ -45,10 +45,10 @@ def nf4_gemm_nt(x, w, out=None, *, alpha=1.0, beta=0.0, backend="cpu", compute_d
     return _ops.nf4_gemm_nt(x, w, out, alpha=alpha, beta=beta, backend=backend, compute_dtype=compute_dtype)
 
 
-def nf4_gemm_nt_many(x, ws, *, backend="cpu"):
+def nf4_gemm_nt_many(x, ws, *, backend="cpu", compute_dtype="float32"):
     """[x @ dequant(w).T for w in ws] in one call (weights sharing the input, as q/k/v or gate/up
-    of a layer: one job on the thread pool at decode); host backends."""
-    return _ops.nf4_gemm_nt_many(x, list(ws), backend=backend)
+    of a layer: one job on the thread pool at decode; bfloat16: x rounded once for all); host backends."""
+    return _ops.nf4_gemm_nt_many(x, list(ws), backend=backend, compute_dtype=compute_dtype)
 
 
 def nf4_gemm_nn(dy, w, out=None, *, alpha=1.0, beta=0.0, backend="cpu", compute_dtype="float32"):

@@ -57,6 +57,14 @@ void CpuBackend::nf4_gemm_nt_bf16(int64_t M, float alpha, const float* X, int64_
   QLORA_BF16_SCOPE(Nf4Fwd, "nf4_gemm_nt_bf16", 2 * d(M) * d(W.rows) * d(W.cols), nf4_bytes(M, W), M, W.rows, W.cols);
   cpu::nf4_gemm_nt_bf16(level(), M, alpha, X, ldx, W, beta, Y, ldy);
 }
+void CpuBackend::nf4_gemm_nt_many_bf16(int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
+                                       float* const* Y, const int64_t* ldy) {
+  double fl = 0.0, by = 0.0;
+  for (int64_t i = 0; i < n; ++i) fl += 2 * d(M) * d(W[i]->rows) * d(W[i]->cols), by += nf4_bytes(M, *W[i]);
+  QLORA_BF16_SCOPE(Nf4Fwd, "nf4_gemm_nt_many_bf16", fl, by, M, n, n ? W[0]->cols : 0);
+  (void)fl, (void)by;
+  cpu::nf4_gemm_nt_many_bf16(level(), M, X, ldx, n, W, Y, ldy);
+}
 void CpuBackend::nf4_gemm_nn_bf16(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W, float beta,
                                   float* dX, int64_t lddx) {
   QLORA_BF16_SCOPE(Nf4Bwd, "nf4_gemm_nn_bf16", 2 * d(M) * d(W.rows) * d(W.cols), nf4_bytes(M, W), M, W.cols, W.rows);

@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <vector>
 
 #include "common/error.hpp"
 #include "cpu/cache_info.hpp"
@@ -193,11 +194,18 @@ Driver driver_choice() {
 // outer parallel_for runs the nested parallel_fors below serially, on its own buffer).
 thread_local Scratch t_sa;
 
+// shared() over nb problems sharing A and K (problem b: N[b] columns, C[b], pack_b[b]): each
+// (row super-block, depth block) of A packed once, then every problem's tasks run against it,
+// problem by problem (the q/k/v or gate/up projections of one input). Per problem the same task
+// grid, KC split and k order as a call of its own: the same bits.
 template <class PackA, class PackB>
-void shared(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, int64_t ldc, const PackA& pack_a,
-            const PackB& pack_b) {
-  if (M <= 0 || N <= 0) return;
-  if (K <= 0) return scale_c(M, N, beta, C, ldc);
+void shared_many(int64_t M, int64_t K, float alpha, float beta, int nb, const int64_t* Ns, float* const* Cs,
+                 const int64_t* ldcs, const PackA& pack_a, const PackB* pack_bs) {
+  if (M <= 0) return;
+  if (K <= 0) {
+    for (int b = 0; b < nb; ++b) scale_c(M, Ns[b], beta, Cs[b], ldcs[b]);
+    return;
+  }
   const int64_t kcb = blocking().kc;
   const int64_t kc = std::min(round_up(K, 32), round_up(ceil_div(K, ceil_div(K, kcb)), 32));  // as blocked()
   const int64_t kpmax = kc / 2;
@@ -205,32 +213,9 @@ void shared(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, 
   const int64_t mb = round_up(ceil_div(M, ceil_div(M, mb_max)), MR);  // balanced row super-blocks
   uint32_t* Ap = t_sa.get<uint32_t>(static_cast<size_t>(kpmax * mb));  // [mb / MR][kp][MR]
   const int nth = num_threads();
-  const int64_t n_pan = ceil_div(N, NR);
   constexpr int64_t kGroup = 4;  // A tiles per packing task
   for (int64_t ms = 0; ms < M; ms += mb) {
     const int64_t mcur = std::min(mb, M - ms), m_tiles = ceil_div(mcur, MR);
-    // task grid: panel groups first; rows split only where panels are fewer than the target
-    const double flops = 2.0 * mcur * N * K;
-    const int64_t target = nth <= 1 ? 1 : (flops > 5e8 ? 4 : 2) * nth;
-    const int64_t n_nt0 = std::min(n_pan, target);
-    const int64_t n_mt0 = std::min(m_tiles, ceil_div(target, n_nt0));
-    const int64_t m_step = ceil_div(m_tiles, n_mt0) * MR;
-    const int64_t n_mt = ceil_div(mcur, m_step);
-    // Panels per task: ceil(n_pan / n_nt0), unless rounding leaves a task count that the threads
-    // cannot share evenly (6 panels / 4 tasks -> 3 tasks of 2 on 2 threads: a third idle in the
-    // end); then the step whose task count is a multiple of the threads, nearest the target.
-    int64_t pan_step = ceil_div(n_pan, n_nt0);
-    if (nth > 1 && (n_mt * ceil_div(n_pan, pan_step)) % nth != 0) {
-      int64_t best = -1;
-      for (int64_t st = 1; st <= n_pan; ++st) {
-        const int64_t tasks = n_mt * ceil_div(n_pan, st);
-        if (tasks % nth != 0 || tasks > 2 * target) continue;
-        const int64_t d = std::abs(tasks - target);
-        if (best < 0 || d <= std::abs(n_mt * ceil_div(n_pan, best) - target)) best = st;  // ties: wider
-      }
-      if (best > 0) pan_step = best;
-    }
-    const int64_t n_step = pan_step * NR, n_nt = ceil_div(N, n_step);
     for (int64_t pc = 0; pc < K; pc += kc) {
       const int64_t kcur = std::min(kc, K - pc), kp = ceil_div(kcur, 2);
       const float beta_k = pc == 0 ? beta : 1.0f;
@@ -238,32 +223,68 @@ void shared(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, 
         for (int64_t i = t * kGroup; i < std::min(m_tiles, (t + 1) * kGroup); ++i)
           pack_a(ms + i * MR, static_cast<int>(std::min<int64_t>(MR, mcur - i * MR)), pc, kcur, Ap + i * MR * kp);
       });
-      parallel_for(n_mt * n_nt, [&](int64_t t) {
-        const int64_t r0 = (t / n_nt) * m_step, r1 = std::min(mcur, r0 + m_step);
-        const int64_t n0 = (t % n_nt) * n_step, n1 = std::min(N, n0 + n_step);
-        const int64_t rows = r1 - r0;
-        const int64_t mc = round_up(ceil_div(rows, ceil_div(rows, blocking().mc)), MR);
-        const int64_t nc = std::min(round_up(n1 - n0, NR), blocking().nc);
-        uint32_t* Bp = t_b.get<uint32_t>(static_cast<size_t>(kp * nc));  // [nc / NR][kp][NR]
-        for (int64_t jc = n0; jc < n1; jc += nc) {
-          const int64_t ncur = std::min(nc, n1 - jc), np = ceil_div(ncur, NR);
-          pack_b(jc, ncur, pc, kcur, Bp);
-          for (int64_t ic = r0; ic < r1; ic += mc) {
-            const int64_t icur = std::min(mc, r1 - ic);
-            const uint32_t* ap = Ap + ic * kp;  // (a copy into this core's L2 first measured no faster)
-            for (int64_t p = 0; p < np; ++p) {
-              const uint32_t* bp = Bp + p * NR * kp;
-              const int nr = static_cast<int>(std::min<int64_t>(NR, ncur - p * NR));
-              float* c = C + (ms + ic) * ldc + jc + p * NR;
-              for (int64_t ir = 0; ir < icur; ir += MR)
-                bf16_k::ukernel_avx512bf16(kp, ap + ir * kp, bp, c + ir * ldc, ldc, alpha, beta_k,
-                                           static_cast<int>(std::min<int64_t>(MR, icur - ir)), nr);
+      for (int b = 0; b < nb; ++b) {
+        const int64_t N = Ns[b], ldc = ldcs[b];
+        if (N <= 0) continue;
+        float* const C = Cs[b];
+        const PackB& pack_b = pack_bs[b];
+        const int64_t n_pan = ceil_div(N, NR);
+        // task grid: panel groups first; rows split only where panels are fewer than the target
+        const double flops = 2.0 * mcur * N * K;
+        const int64_t target = nth <= 1 ? 1 : (flops > 5e8 ? 4 : 2) * nth;
+        const int64_t n_nt0 = std::min(n_pan, target);
+        const int64_t n_mt0 = std::min(m_tiles, ceil_div(target, n_nt0));
+        const int64_t m_step = ceil_div(m_tiles, n_mt0) * MR;
+        const int64_t n_mt = ceil_div(mcur, m_step);
+        // Panels per task: ceil(n_pan / n_nt0), unless rounding leaves a task count that the threads
+        // cannot share evenly (6 panels / 4 tasks -> 3 tasks of 2 on 2 threads: a third idle in the
+        // end); then the step whose task count is a multiple of the threads, nearest the target.
+        int64_t pan_step = ceil_div(n_pan, n_nt0);
+        if (nth > 1 && (n_mt * ceil_div(n_pan, pan_step)) % nth != 0) {
+          int64_t best = -1;
+          for (int64_t st = 1; st <= n_pan; ++st) {
+            const int64_t tasks = n_mt * ceil_div(n_pan, st);
+            if (tasks % nth != 0 || tasks > 2 * target) continue;
+            const int64_t d = std::abs(tasks - target);
+            if (best < 0 || d <= std::abs(n_mt * ceil_div(n_pan, best) - target)) best = st;  // ties: wider
+          }
+          if (best > 0) pan_step = best;
+        }
+        const int64_t n_step = pan_step * NR, n_nt = ceil_div(N, n_step);
+        parallel_for(n_mt * n_nt, [&](int64_t t) {
+          const int64_t r0 = (t / n_nt) * m_step, r1 = std::min(mcur, r0 + m_step);
+          const int64_t n0 = (t % n_nt) * n_step, n1 = std::min(N, n0 + n_step);
+          const int64_t rows = r1 - r0;
+          const int64_t mc = round_up(ceil_div(rows, ceil_div(rows, blocking().mc)), MR);
+          const int64_t nc = std::min(round_up(n1 - n0, NR), blocking().nc);
+          uint32_t* Bp = t_b.get<uint32_t>(static_cast<size_t>(kp * nc));  // [nc / NR][kp][NR]
+          for (int64_t jc = n0; jc < n1; jc += nc) {
+            const int64_t ncur = std::min(nc, n1 - jc), np = ceil_div(ncur, NR);
+            pack_b(jc, ncur, pc, kcur, Bp);
+            for (int64_t ic = r0; ic < r1; ic += mc) {
+              const int64_t icur = std::min(mc, r1 - ic);
+              const uint32_t* ap = Ap + ic * kp;  // (a copy into this core's L2 first measured no faster)
+              for (int64_t p = 0; p < np; ++p) {
+                const uint32_t* bp = Bp + p * NR * kp;
+                const int nr = static_cast<int>(std::min<int64_t>(NR, ncur - p * NR));
+                float* c = C + (ms + ic) * ldc + jc + p * NR;
+                for (int64_t ir = 0; ir < icur; ir += MR)
+                  bf16_k::ukernel_avx512bf16(kp, ap + ir * kp, bp, c + ir * ldc, ldc, alpha, beta_k,
+                                             static_cast<int>(std::min<int64_t>(MR, icur - ir)), nr);
+              }
             }
           }
-        }
-      });
+        });
+      }
     }
   }
+}
+
+template <class PackA, class PackB>
+void shared(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, int64_t ldc, const PackA& pack_a,
+            const PackB& pack_b) {
+  if (N <= 0) return;
+  shared_many(M, K, alpha, beta, 1, &N, &C, &ldc, pack_a, &pack_b);
 }
 
 template <class PackA, class PackB>
@@ -332,6 +353,38 @@ auto pack_b_cols(const float* B, int64_t ldb) {
       bf16_k::pack_cols_avx512bf16(B + p0 * ldb + j0 + q * NR, ldb, static_cast<int>(std::min<int64_t>(NR, n - q * NR)),
                                    kc, NR, Bp + q * NR * kp);
   };
+}
+#endif
+#ifdef QLORA_X86
+// pack_b of nf4_gemm_nt_bf16 for W (s = log2 blocksize).
+auto nf4_nt_pack_b(const Nf4Ref& W, int s) {
+  const int64_t K = W.cols;
+  const bool direct = nf4_direct() && K % W.blocksize == 0;
+  return per_panel([W, s, K, direct](int64_t j0, int nr, int64_t p0, int64_t kc, uint32_t* Bp) {
+    RunScales sc;
+    int64_t k32 = 0;
+    if (direct) {
+      // Whole 32-k steps straight from the codes (every row meets its block boundaries
+      // at the same k since K % blocksize == 0): the rows' absmax as scl[block][NR].
+      k32 = kc / 32 * 32;
+      const int64_t f0 = j0 * K + p0, nb = ((f0 + kc - 1) >> s) - (f0 >> s) + 1;
+      float* scl = t_tmp.get<float>(static_cast<size_t>(nb * NR));
+      for (int rr = 0; rr < NR; ++rr) {
+        const float* v = rr < nr ? sc.fill(W, f0 + rr * K, kc, s) : nullptr;
+        for (int64_t b = 0; b < nb; ++b) scl[b * NR + rr] = v ? v[b] : 0.0f;
+      }
+      if (k32 > 0) bf16_k::pack_nf4_nt_avx512bf16(W.packed, f0, K, nr, k32, scl, s, kNf4Codes, Bp);
+      if (k32 == kc) return;
+    }
+    // Decode nr weight rows [j0, j0+nr) x columns [p0 + k32, p0+kc) to fp32 tmp, then round + pack.
+    const int64_t kt = kc - k32;
+    float* tmp = t_tmp.get<float>(static_cast<size_t>(NR * kt));
+    for (int rr = 0; rr < nr; ++rr) {
+      const int64_t f0 = (j0 + rr) * K + p0 + k32;
+      gemm_k::nf4_decode_avx512(W.packed, f0, kt, sc.fill(W, f0, kt, s), s, kNf4Codes, tmp + rr * kt);
+    }
+    bf16_k::pack_rows_avx512bf16(tmp, kt, nr, kt, NR, Bp + (k32 / 2) * NR);
+  });
 }
 #endif
 
@@ -454,37 +507,39 @@ void nf4_gemm_nt_bf16(SimdLevel level, int64_t M, float alpha, const float* X, i
     case Mode::Bf16:
 #ifdef QLORA_X86
       if (nf4_gemv_bf16_applies(level, M, W)) return nf4_gemv_bf16(M, alpha, X, ldx, W, beta, Y, ldy);  // decode
-      drive(M, N, K, alpha, beta, Y, ldy, pack_a_rows(X, ldx),
-              per_panel([&, direct = nf4_direct() && K % W.blocksize == 0](int64_t j0, int nr, int64_t p0, int64_t kc,
-                                                                            uint32_t* Bp) {
-                RunScales sc;
-                int64_t k32 = 0;
-                if (direct) {
-                  // Whole 32-k steps straight from the codes (every row meets its block boundaries
-                  // at the same k since K % blocksize == 0): the rows' absmax as scl[block][NR].
-                  k32 = kc / 32 * 32;
-                  const int64_t f0 = j0 * K + p0, nb = ((f0 + kc - 1) >> s) - (f0 >> s) + 1;
-                  float* scl = t_tmp.get<float>(static_cast<size_t>(nb * NR));
-                  for (int rr = 0; rr < NR; ++rr) {
-                    const float* v = rr < nr ? sc.fill(W, f0 + rr * K, kc, s) : nullptr;
-                    for (int64_t b = 0; b < nb; ++b) scl[b * NR + rr] = v ? v[b] : 0.0f;
-                  }
-                  if (k32 > 0) bf16_k::pack_nf4_nt_avx512bf16(W.packed, f0, K, nr, k32, scl, s, kNf4Codes, Bp);
-                  if (k32 == kc) return;
-                }
-                // Decode nr weight rows [j0, j0+nr) x columns [p0 + k32, p0+kc) to fp32 tmp, then round + pack.
-                const int64_t kt = kc - k32;
-                float* tmp = t_tmp.get<float>(static_cast<size_t>(NR * kt));
-                for (int rr = 0; rr < nr; ++rr) {
-                  const int64_t f0 = (j0 + rr) * K + p0 + k32;
-                  gemm_k::nf4_decode_avx512(W.packed, f0, kt, sc.fill(W, f0, kt, s), s, kNf4Codes, tmp + rr * kt);
-                }
-                bf16_k::pack_rows_avx512bf16(tmp, kt, nr, kt, NR, Bp + (k32 / 2) * NR);
-              }),
-              kNf4BCost);
+      drive(M, N, K, alpha, beta, Y, ldy, pack_a_rows(X, ldx), nf4_nt_pack_b(W, s), kNf4BCost);
 #endif
       return;
   }
+}
+
+void nf4_gemm_nt_many_bf16(SimdLevel level, int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
+                           float* const* Y, const int64_t* ldy) {
+  check_arg(n >= 0, "nf4 gemm many: negative weight count");
+  for (int64_t i = 0; i < n; ++i) {
+    check_nf4(*W[i]);
+    check_dims(M, W[i]->rows, W[i]->cols, ldx, W[i]->cols, W[i]->cols, W[i]->cols, ldy[i]);
+  }
+#ifdef QLORA_X86
+  // One shared_many() call: X's bf16 panels packed once for all n (q/k/v: once, not 3 times).
+  // Only where each call alone would take shared() (same bits); else (and with
+  // QLORA_BF16_NF4_MANY=0, A/B runs) one call each.
+  const char* e = std::getenv("QLORA_BF16_NF4_MANY");
+  bool one = n > 1 && n <= kNf4ManyMax && mode(level) == Mode::Bf16 && !(e && std::strcmp(e, "0") == 0);
+  const Driver d = driver_choice();
+  for (int64_t i = 0; one && i < n; ++i)
+    one = W[i]->cols == W[0]->cols && !nf4_gemv_bf16_applies(level, M, *W[i]) &&
+          (d == Driver::Shared || (d == Driver::Auto && 2.0 * M * W[i]->rows * W[i]->cols >= 4e6));
+  if (one) {
+    std::vector<decltype(nf4_nt_pack_b(*W[0], 0))> pb;
+    pb.reserve(static_cast<size_t>(n));
+    int64_t N[kNf4ManyMax];
+    for (int64_t i = 0; i < n; ++i) pb.push_back(nf4_nt_pack_b(*W[i], check_nf4(*W[i]))), N[i] = W[i]->rows;
+    shared_many(M, W[0]->cols, 1.0f, 0.0f, static_cast<int>(n), N, Y, ldy, pack_a_rows(X, ldx), pb.data());
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) nf4_gemm_nt_bf16(level, M, 1.0f, X, ldx, *W[i], 0.0f, Y[i], ldy[i]);
 }
 
 void nf4_gemm_nn_bf16(SimdLevel level, int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W,

@@ -314,7 +314,16 @@ struct Pass {
     LoraModule* g[kMaxLoraGroup];
     int gi[kMaxLoraGroup];
     const int ng = lora_group(l, ps, n, false, cap, g, gi);
-    for (int i = 0; i < n; ++i) {
+    // Grouped bf16 NF4 bases without bias: one call (the backend may round x once for all).
+    bool many = ng != 0 && bf16 && n <= kMaxLoraGroup;
+    const Nf4Ref* nw[kMaxLoraGroup];
+    for (int i = 0; many && i < n; ++i) {
+      const Linear& p = proj(w.layers[l], ps[i]);
+      many = p.is_nf4 && p.bias.empty();
+      nw[i] = &p.nf4;
+    }
+    if (many) be.nf4_gemm_nt_many_bf16(d.M, x, ldx, n, nw, y, ldy);
+    for (int i = 0; i < n && !many; ++i) {
       if (ng == 0) {
         lin_fwd(l, ps[i], x, ldx, y[i], ldy[i]);
         continue;
