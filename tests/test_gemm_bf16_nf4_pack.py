@@ -4,7 +4,8 @@ tmp and then rounded + transposed (QLORA_BF16_NF4_PACK=tmp, the earlier way; als
 with K % blocksize != 0). Both form the same fp32 product code * absmax and round it RNE, so the
 results must agree bit for bit: ragged panels (nr < 16, 16 < nr < 32), N over NC = 1024, K over
 KC = 2048 (depth blocks starting inside a quantization block), blocksizes 32..4096, double quant,
-both drivers; and each stays within test_bf16's float64 bound."""
+both drivers; and each stays within test_bf16's float64 bound. nf4_gemm_nt_many in bf16 (X's panels
+packed once for q/k/v-like groups, QLORA_BF16_NF4_MANY=0: one call each) == single calls, bit for bit."""
 import os
 
 import numpy as np
@@ -68,25 +69,18 @@ def test_many_equals_single_calls(rng, env, driver):
     packed once for all weights) == one nf4_gemm_nt call per weight, bit for bit, and == itself with
     QLORA_BF16_NF4_MANY=0 (one call each inside the op)."""
     env["QLORA_BF16_GEMM"] = driver
-    saved = os.environ.get("QLORA_BF16_NF4_MANY")
-    try:
-        for M, specs, K in MANY:
-            ws = [random_nf4(rng, n, K, bs, dq) for n, bs, dq in specs]
-            x = strided(rng, M, K)
-            env.pop("QLORA_BF16_NF4_MANY", None)
-            many = ops.nf4_gemm_nt_many(x, ws, backend="cpu:avx512", compute_dtype="bfloat16")
-            env["QLORA_BF16_NF4_MANY"] = "0"
-            each = ops.nf4_gemm_nt_many(x, ws, backend="cpu:avx512", compute_dtype="bfloat16")
-            for w, y, y1 in zip(ws, many, each):
-                y0 = ops.nf4_gemm_nt(x, w, backend="cpu:avx512", compute_dtype="bfloat16")
-                assert np.array_equal(y.view(np.uint32), y0.view(np.uint32)), (M, w.shape, K)
-                assert np.array_equal(y1.view(np.uint32), y0.view(np.uint32)), (M, w.shape, K)
-                check(y, x, decode(w).T, K)
-    finally:
-        if saved is None:
-            os.environ.pop("QLORA_BF16_NF4_MANY", None)
-        else:
-            os.environ["QLORA_BF16_NF4_MANY"] = saved
+    for M, specs, K in MANY:
+        ws = [random_nf4(rng, n, K, bs, dq) for n, bs, dq in specs]
+        x = strided(rng, M, K)
+        env.pop("QLORA_BF16_NF4_MANY", None)
+        many = ops.nf4_gemm_nt_many(x, ws, backend="cpu:avx512", compute_dtype="bfloat16")
+        env["QLORA_BF16_NF4_MANY"] = "0"
+        each = ops.nf4_gemm_nt_many(x, ws, backend="cpu:avx512", compute_dtype="bfloat16")
+        for w, y, y1 in zip(ws, many, each):
+            y0 = ops.nf4_gemm_nt(x, w, backend="cpu:avx512", compute_dtype="bfloat16")
+            assert np.array_equal(y.view(np.uint32), y0.view(np.uint32)), (M, w.shape, K)
+            assert np.array_equal(y1.view(np.uint32), y0.view(np.uint32)), (M, w.shape, K)
+            check(y, x, decode(w).T, K)
 
 
 def test_many_bad_dtype():
