@@ -1,6 +1,7 @@
 """Issue 15: gemm_tn with at most 48 output rows (or columns) against at least 128 of the other, the
-rank-r LoRA gradients dA = dtᵀ·x and dB = dyᵀ·t, runs a kernel that reads both operands in place
-(AVX-512: 8 x 32 tiles; AVX2: 6 x 16 tiles over 64-column chunks of B copied 64 rows at a time). Its FMA chains are those of the blocked way, so results must equal QLORA_GEMM_TN_SMALL=0
+rank-r LoRA gradients dA = dtᵀ·x and dB = dyᵀ·t, runs a few-row kernel (AVX-512: 8 x 32 tiles, both
+operands in place; AVX2: 6 x 16 tiles over 64 x 64 chunks of B copied contiguous, dA only). Its FMA
+chains are those of the blocked way, so results must equal QLORA_GEMM_TN_SMALL=0
 bit for bit: ops.gemm_tn on partial tiles, several depth blocks, alpha/beta, and a whole training
 step (grouped and ungrouped LoRA, whose strided factor slices take the kernel); and within an fp32
 bound of float64."""
