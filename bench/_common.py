@@ -413,3 +413,25 @@ def _child_result(script, engine, spec_path, threads, timeout):
             return json.loads(line[len("RESULT "):])
     tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
     return {"engine": engine, "error": f"exit {r.returncode}: " + " | ".join(tail)}
+
+
+def copy_nf4(q):
+    """A separate copy of an NF4 weight (its arrays duplicated), to defeat the caches."""
+    import copy
+
+    import numpy as np
+
+    c = copy.copy(q)
+    for k in ("packed", "absmax", "nested_absmax"):
+        v = getattr(q, k, None)
+        if isinstance(v, np.ndarray):
+            setattr(c, k, v.copy())
+    return c
+
+
+def nf4_bytes(q):
+    """Bytes of an NF4 weight as streamed: packed codes and (nested) scales."""
+    import numpy as np
+
+    return sum(int(np.asarray(getattr(q, k)).nbytes) for k in ("packed", "absmax", "nested_absmax")
+               if getattr(q, k, None) is not None)

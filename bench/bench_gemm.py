@@ -110,23 +110,6 @@ def nf4_weight(w, blocksize, rng):
                                nested_map=None, offset=0.05), "random"
 
 
-def copy_nf4(q):
-    """A separate copy of an NF4 weight (its arrays duplicated), to defeat the caches."""
-    import copy
-
-    c = copy.copy(q)
-    for k in ("packed", "absmax", "nested_absmax"):
-        v = getattr(q, k, None)
-        if isinstance(v, np.ndarray):
-            setattr(c, k, v.copy())
-    return c
-
-
-def nf4_bytes(q):
-    return sum(int(np.asarray(getattr(q, k)).nbytes) for k in ("packed", "absmax", "nested_absmax")
-               if getattr(q, k, None) is not None)
-
-
 def fmt(v, spec=".1f"):
     return "-" if v is None else format(v, spec)
 
@@ -178,7 +161,7 @@ def main():
     for (n_out, n_in) in shapes:
         w = (rng.standard_normal((n_out, n_in)) * 0.02).astype(np.float32)
         q, q_kind = nf4_weight(w, ARGS.blocksize, rng)
-        qb = nf4_bytes(q)
+        qb = _common.nf4_bytes(q)
         wt = torch.from_numpy(w) if torch is not None else None
         for M in ms:
             x = rng.standard_normal((M, n_in)).astype(np.float32)
@@ -273,7 +256,7 @@ def main_gemv(threads, budget):
     for (n_out, n_in) in shapes:
         w = (rng.standard_normal((n_out, n_in)) * 0.02).astype(np.float32)
         q, _ = nf4_weight(w, ARGS.blocksize, rng)
-        ws.append(((n_out, n_in), q, nf4_bytes(q)))
+        ws.append(((n_out, n_in), q, _common.nf4_bytes(q)))
         del w
     bws, rows = [], []
     bws.append(read_bandwidth(ARGS.bw_gib, threads))
@@ -293,7 +276,7 @@ def main_gemv(threads, budget):
         # Decode reads each weight once per token, from DRAM: copies of the weight totalling
         # > 2x the L3 are read round-robin, so no call finds its weight in a cache.
         n_copy = max(1, -(-2 * l3 // qb))
-        copies = [q] + [copy_nf4(q) for _ in range(n_copy - 1)]
+        copies = [q] + [_common.copy_nf4(q) for _ in range(n_copy - 1)]
 
         def sweep():
             for c in copies:

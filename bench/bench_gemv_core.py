@@ -29,20 +29,7 @@ ARGS = p.parse_args()
 import qlora_native  # noqa: E402
 from qlora_native import nf4, ops  # noqa: E402
 
-
-def copy_nf4(q):  # (as bench_gemm.copy_nf4: that module parses its own arguments at import)
-    import copy
-    c = copy.copy(q)
-    for k in ("packed", "absmax", "nested_absmax"):
-        v = getattr(q, k, None)
-        if isinstance(v, np.ndarray):
-            setattr(c, k, v.copy())
-    return c
-
-
-def nf4_bytes(q):
-    return sum(int(np.asarray(getattr(q, k)).nbytes) for k in ("packed", "absmax", "nested_absmax")
-               if getattr(q, k, None) is not None)
+import _common  # noqa: E402
 
 
 def main():
@@ -59,8 +46,8 @@ def main():
         n_out, n_in = shapes[where]
         w = (rng.standard_normal((n_out, n_in)) * 0.02).astype(np.float32)
         q = nf4.quantize(w, blocksize=ARGS.blocksize, double_quant=True)
-        qb = nf4_bytes(q)
-        copies = [q] + ([copy_nf4(q) for _ in range(-(-(64 << 20) // qb) - 1)] if where == "dram" else [])
+        qb = _common.nf4_bytes(q)
+        copies = [q] + ([_common.copy_nf4(q) for _ in range(-(-(64 << 20) // qb) - 1)] if where == "dram" else [])
         x = rng.standard_normal((ARGS.M, n_in)).astype(np.float32)
         out = np.empty((ARGS.M, n_out), dtype=np.float32)
 
