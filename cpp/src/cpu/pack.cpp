@@ -59,26 +59,26 @@ void a_cols(int MR, const float* A, int64_t lda, int mr, int64_t kc, float* Ap) 
   }
 }
 
+namespace {
+// Decoded absmax of NF4 block b (double quant: 8-bit code through the nested map, 256 blocks per
+// nested scale); the one expression both scale fills below use.
+inline float block_scale(const Nf4Ref& W, int64_t b) {
+  if (!W.double_quant) return static_cast<const float*>(W.absmax)[b];
+  const uint8_t* codes = static_cast<const uint8_t*>(W.absmax);  // [n_blocks]
+  return W.nested_map[codes[b]] * W.nested_absmax[b >> 8] + W.offset;
+}
+}  // namespace
+
 void nf4_scales(const Nf4Ref& W, int64_t b0, int64_t b1, float* out) {
   if (!W.double_quant) {
     std::memcpy(out, static_cast<const float*>(W.absmax) + b0, sizeof(float) * (b1 - b0));
     return;
   }
-  const uint8_t* codes = static_cast<const uint8_t*>(W.absmax);  // [n_blocks], nested blocks of 256
-  for (int64_t b = b0; b < b1; ++b) out[b - b0] = W.nested_map[codes[b]] * W.nested_absmax[b >> 8] + W.offset;
+  for (int64_t b = b0; b < b1; ++b) out[b - b0] = block_scale(W, b);
 }
 
 void nf4_scales_strided(const Nf4Ref& W, int64_t f0, int64_t stride, int64_t n, int bs_log2, float* out) {
-  if (!W.double_quant) {
-    const float* a = static_cast<const float*>(W.absmax);
-    for (int64_t k = 0; k < n; ++k) out[k] = a[(f0 + k * stride) >> bs_log2];
-    return;
-  }
-  const uint8_t* codes = static_cast<const uint8_t*>(W.absmax);
-  for (int64_t k = 0; k < n; ++k) {
-    const int64_t b = (f0 + k * stride) >> bs_log2;
-    out[k] = W.nested_map[codes[b]] * W.nested_absmax[b >> 8] + W.offset;  // as nf4_scales
-  }
+  for (int64_t k = 0; k < n; ++k) out[k] = block_scale(W, (f0 + k * stride) >> bs_log2);
 }
 
 }  // namespace qlora::cpu::pack
