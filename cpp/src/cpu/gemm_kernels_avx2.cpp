@@ -236,14 +236,7 @@ void pack_b_t_avx2(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp) {
       }
       transpose8(r);
       float* d = Bp + k0 * NR + g * 8;
-      _mm256_store_ps(d + 0 * NR, r[0]);
-      _mm256_store_ps(d + 1 * NR, r[1]);
-      _mm256_store_ps(d + 2 * NR, r[2]);
-      _mm256_store_ps(d + 3 * NR, r[3]);
-      _mm256_store_ps(d + 4 * NR, r[4]);
-      _mm256_store_ps(d + 5 * NR, r[5]);
-      _mm256_store_ps(d + 6 * NR, r[6]);
-      _mm256_store_ps(d + 7 * NR, r[7]);
+      for (int i = 0; i < 8; ++i) _mm256_store_ps(d + i * NR, r[i]);
     }
   }
   for (; k0 < kc; ++k0) {
@@ -263,13 +256,7 @@ void pack_a_t_avx2(const float* A, int64_t lda, int mr, int64_t kc, float* Ap) {
     for (int i = 0; i < 8; ++i) r[i] = i < mr ? _mm256_loadu_ps(A + i * lda + k0) : _mm256_setzero_ps();
     transpose8(r);
     float* d = Ap + k0 * MR;
-    _mm256_storeu_ps(d + 0 * MR, r[0]);
-    _mm256_storeu_ps(d + 1 * MR, r[1]);
-    _mm256_storeu_ps(d + 2 * MR, r[2]);
-    _mm256_storeu_ps(d + 3 * MR, r[3]);
-    _mm256_storeu_ps(d + 4 * MR, r[4]);
-    _mm256_storeu_ps(d + 5 * MR, r[5]);
-    _mm256_storeu_ps(d + 6 * MR, r[6]);
+    for (int i = 0; i < 7; ++i) _mm256_storeu_ps(d + i * MR, r[i]);
     // The last k's 2 spare lanes land on the first 2 slots of k0 + 8, which the next step or the
     // tail writes afterwards; only a last step stores masked (vmaskmovps to memory is slow on AMD).
     if (k0 + 8 < kc) _mm256_storeu_ps(d + 7 * MR, r[7]);
