@@ -28,7 +28,7 @@ namespace {
 const char* const kCoreOps[] = {"gemm_nt", "gemm_nn", "gemm_tn", "nf4_gemm_nt", "nf4_gemm_nt_many",
                                 "nf4_gemm_nt_many_lora", "nf4_gemm_nn", "nf4_dequantize", "lora_segments",
                                 "lora_segments_many", "gemm_nt_bf16",
-                                "gemm_nn_bf16", "gemm_tn_bf16", "nf4_gemm_nt_bf16", "nf4_gemm_nt_many_bf16", "nf4_gemm_nn_bf16",
+                                "gemm_nn_bf16", "gemm_tn_bf16", "nf4_gemm_nt_bf16", "nf4_gemm_nt_many_bf16", "nf4_gemm_nt_many_lora_bf16", "nf4_gemm_nn_bf16",
                                 "host_output", "sample_rows", "offload"};
 // Ops whose Backend default throws not_implemented.
 const char* const kOptionalOps[] = {"q8_0_gemm_nt", "q8_0_rows", "half_gemm_nt", "half_rows", "embedding", "rmsnorm",

@@ -287,6 +287,14 @@ class Backend {
                                      float* const* Y, const int64_t* ldy) {
     for (int64_t i = 0; i < n; ++i) nf4_gemm_nt_bf16(M, 1.0f, X, ldx, *W[i], 0.0f, Y[i], ldy[i]);
   }
+  // nf4_gemm_nt_many_lora in bf16 compute (inference): each output as nf4_gemm_nt_bf16's (alpha 1,
+  // beta 0), then lora_segments_many(n, lora, t). Default: those calls; backends may run both as one
+  // job (CPU decode: the LoRA terms ride the bf16 NF4 GEMV's thread-pool job, same results).
+  virtual void nf4_gemm_nt_many_lora_bf16(int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
+                                          float* const* Y, const int64_t* ldy, const LoraProblem* lora, float* t) {
+    for (int64_t i = 0; i < n; ++i) nf4_gemm_nt_bf16(M, 1.0f, X, ldx, *W[i], 0.0f, Y[i], ldy[i]);
+    lora_segments_many(n, lora, t);
+  }
   virtual void nf4_gemm_nn_bf16(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W, float beta,
                                 float* dX, int64_t lddx) {
     nf4_gemm_nn(M, alpha, dY, lddy, W, beta, dX, lddx);

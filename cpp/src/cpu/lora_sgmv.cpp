@@ -362,6 +362,35 @@ bool SgmvFused::prepare(SimdLevel level, int64_t np, const Backend::LoraProblem*
   return true;
 }
 
+GemvTail SgmvFused::tail() const {
+  GemvTail tl;
+  tl.ctx = this;
+  if (local_) {  // each GEMV task adds the LoRA terms of its own columns
+    tl.post = [](const void* c, int64_t w, int64_t r0, int64_t r1) {
+      static_cast<const SgmvFused*>(c)->local_done(w, r0, r1);
+    };
+    tl.prefetch = [](const void* c, double f0, double f1, const char** lo, const char** hi, int max) {
+      return static_cast<const SgmvFused*>(c)->local_prefetch(f0, f1, lo, hi, max);
+    };
+  } else if (after_) {  // factors prefetched during the GEMV, LoRA tasks after it
+    tl.post = [](const void* c, int64_t w, int64_t r0, int64_t r1) {
+      static_cast<const SgmvFused*>(c)->gemv_done(w, r0, r1);
+    };
+    tl.n_after = after_tasks();
+    tl.after = [](const void* c, int64_t i) { static_cast<const SgmvFused*>(c)->after(i); };
+    tl.prefetch = [](const void* c, double f0, double f1, const char** lo, const char** hi, int max) {
+      return static_cast<const SgmvFused*>(c)->prefetch(f0, f1, lo, hi, max);
+    };
+  } else {  // first form: shrinks first, each GEMV task adds the expand of its columns
+    tl.n_pre = shrink_tasks();
+    tl.pre = [](const void* c, int64_t i) { static_cast<const SgmvFused*>(c)->shrink(i); };
+    tl.post = [](const void* c, int64_t w, int64_t r0, int64_t r1) {
+      static_cast<const SgmvFused*>(c)->expand(w, r0, r1);
+    };
+  }
+  return tl;
+}
+
 void SgmvFused::shrink(int64_t i) const { run_shrink(*jb_, jb_->tasks[static_cast<size_t>(i)]); }
 
 void SgmvFused::expand(int64_t prob, int64_t n0, int64_t n1) const {

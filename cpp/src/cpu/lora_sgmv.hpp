@@ -12,6 +12,7 @@
 
 #include "backend.hpp"
 #include "cpu/features.hpp"
+#include "cpu/nf4_gemv.hpp"
 
 namespace qlora::cpu {
 
@@ -86,6 +87,9 @@ class SgmvFused {
   // QLORA_SGMV_FUSE=0, or a segment of more than kSgmvMaxRows rows.
   bool prepare(SimdLevel level, int64_t np, const Backend::LoraProblem* p);
   bool after_form() const { return after_; }
+  // The hooks that run this plan inside a host GEMV job (GemvTail, cpu/nf4_gemv.hpp; ctx = this):
+  // the fp32 NF4 GEMV (nf4_gemv_nt_many_tail) and the bf16 one (nf4_gemv_bf16_many) take the same.
+  GemvTail tail() const;
   bool local_form() const { return local_; }
   // first form
   int64_t shrink_tasks() const { return after_ ? 0 : n_shrink_; }

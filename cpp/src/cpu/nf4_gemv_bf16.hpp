@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "cpu/features.hpp"
+#include "cpu/nf4_gemv.hpp"
 #include "tensor_types.hpp"
 
 namespace qlora::cpu {
@@ -24,5 +25,15 @@ bool nf4_gemv_bf16_applies(SimdLevel level, int64_t M, const Nf4Ref& W);
 // nf4_gemv_bf16_applies (the caller checked shapes and leading dimensions).
 void nf4_gemv_bf16(int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W, float beta, float* Y,
                    int64_t ldy);
+
+// Y_i[M, W_i->rows] = r(X) · r(deq(W_i))ᵀ (alpha 1, beta 0) for n weights with the same K (q/k/v,
+// gate/up), X rounded and regrouped once, all rows in ONE thread-pool job that also runs `tail`'s
+// work (cpu/nf4_gemv.hpp's GemvTail: pre tasks first, post(w, r0, r1) after each GEMV task,
+// after tasks last, prefetch of the tail's bytes spread over the GEMV rows). Each output row is
+// exactly nf4_gemv_bf16's (same pair, same summation order; a row's result depends on K and M
+// only). Requires nf4_gemv_bf16_applies for every W_i (the caller checked shapes and leading
+// dimensions); tail may be null.
+void nf4_gemv_bf16_many(int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W, float* const* Y,
+                        const int64_t* ldy, const GemvTail* tail);
 
 }  // namespace qlora::cpu

@@ -83,6 +83,21 @@ QLORA_AI void next_table(__m512i& t, const float*& am, int64_t j, int64_t k, int
   }
 }
 
+// Args::pf_lo/pf_hi spread over the rows [r0, r1) of a call: once rows [r0, n_end) are done, the
+// first (pf_hi - pf_lo) * (n_end - r0) / (r1 - r0) bytes have been prefetched to L2 (a few lines
+// per row pair, while the decode-bound loop leaves memory idle). Changes no result.
+struct SidePf {
+  const char* p;
+  const char* lo;
+  int64_t bytes, r0, rows;
+  SidePf(const Args& a, int64_t r0_, int64_t r1) : p(a.pf_lo), lo(a.pf_lo), bytes(a.pf_hi - a.pf_lo), r0(r0_), rows(r1 - r0_) {}
+  QLORA_AI void upto(int64_t n_end) {
+    if (!p || p >= lo + bytes) return;
+    const char* t = lo + bytes * (n_end - r0) / rows;
+    for (; p < t; p += 64) _mm_prefetch(p, _MM_HINT_T1);
+  }
+};
+
 // One row n (the odd last row of a range): out[m] = the 16 lane sums of row m of X.
 template <int M, bool kEvery>
 QLORA_AI void row_one(const Args& a, int64_t n, __m512 codes, const Shifts& sh, __m512* out) {
@@ -186,12 +201,17 @@ void rows_mk(const Args& a, int64_t r0, int64_t r1) {
     }
     pending = end;
   };
+  SidePf side(a, r0, r1);
   int64_t n = r0;
   for (; n + 2 <= r1; n += 2) {
+    side.upto(n + 2);
     row_pair<M, kEvery>(a, n, codes, sh, buf + MP * (n % R), buf + MP * ((n + 1) % R));
     if ((n + 2) % R == 0) flush(n + 2);
   }
-  if (n < r1) row_one<M, kEvery>(a, n, codes, sh, buf + MP * (n % R));
+  if (n < r1) {
+    side.upto(r1);
+    row_one<M, kEvery>(a, n, codes, sh, buf + MP * (n % R));
+  }
   if (pending < r1) flush(r1);
 }
 

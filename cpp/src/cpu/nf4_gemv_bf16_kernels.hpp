@@ -19,6 +19,10 @@ struct Args {
   float* y;
   int64_t ldy;
   int64_t pf_l1, pf_l2;    // software prefetch distances (bytes of packed W)
+  // Other bytes to bring into L2 while rows [r0, r1) of this call are computed (the fused LoRA
+  // factors, cpu::GemvTail::prefetch), spread evenly over the row pairs; null: none.
+  const char* pf_lo;
+  const char* pf_hi;
 };
 
 // X[M, K] -> xb[M, K]: bf16 (RNE) in the order the kernel looks weights up: per 64 columns,

@@ -162,12 +162,15 @@ void Linear::forward_many(Backend& be, int64_t M, const float* x, int64_t ldx, i
 void Linear::forward_many_lora(Backend& be, int64_t M, const float* x, int64_t ldx, int n, const Linear* const* lin,
                                float* const* y, const int64_t* ldy, const Backend::LoraProblem* lora, float* t,
                                bool bf16) {
-  bool fused = !bf16;  // a bias goes between the base and the LoRA terms: not fused
+  bool fused = true;  // a bias goes between the base and the LoRA terms: not fused
   for (int i = 0; i < n; ++i) fused = fused && lin[i]->is_nf4 && lin[i]->in == lin[0]->in && lin[i]->bias.empty();
   if (fused && n <= 8) {
     const Nf4Ref* w[8];  // no allocation per decode-step call
     for (int i = 0; i < n; ++i) w[i] = &lin[i]->nf4;
-    be.nf4_gemm_nt_many_lora(M, x, ldx, n, w, y, ldy, lora, t);
+    if (bf16)
+      be.nf4_gemm_nt_many_lora_bf16(M, x, ldx, n, w, y, ldy, lora, t);
+    else
+      be.nf4_gemm_nt_many_lora(M, x, ldx, n, w, y, ldy, lora, t);
     return;
   }
   forward_many(be, M, x, ldx, n, lin, y, ldy, nullptr, 1.0f, bf16);

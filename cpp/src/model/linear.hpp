@@ -60,9 +60,10 @@ struct Linear {
                            float lora_scale = 1.0f, bool bf16 = false);
   // The inference form of forward_many: base outputs, then the LoRA terms lora[i] of output i
   // (Backend::LoraProblem over x and y[i]; lora[i].n == 0: none), as one
-  // Backend::nf4_gemm_nt_many_lora call when the bases are NF4 without bias (the CPU runs a decode
-  // step's as one thread-pool job), else forward_many + lora_segments_many. t: their scratch.
-  // bf16: the bases in bf16 compute (forward_many(bf16)), the LoRA terms fp32 as always.
+  // Backend::nf4_gemm_nt_many_lora call (bf16: nf4_gemm_nt_many_lora_bf16) when the bases are NF4
+  // without bias (the CPU runs a decode step's as one thread-pool job), else forward_many +
+  // lora_segments_many. t: their scratch. bf16: the bases in bf16 compute, the LoRA terms as
+  // lora_segments_many computes them (fp32 factors or the segments' bf16 copies).
   static void forward_many_lora(Backend& be, int64_t M, const float* x, int64_t ldx, int n, const Linear* const* lin,
                                 float* const* y, const int64_t* ldy, const Backend::LoraProblem* lora, float* t,
                                 bool bf16 = false);
