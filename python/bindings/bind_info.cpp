@@ -4,6 +4,8 @@
 #include "bindings.hpp"
 #include "cpu/cache_info.hpp"
 #include "cpu/features.hpp"
+#include "cpu/gemm_bf16.hpp"
+#include "cpu/gemm_bf16_amx.hpp"
 #include "cpu/gemm.hpp"
 #include "cpu/profile.hpp"
 #include "cpu/threads.hpp"
@@ -40,6 +42,16 @@ void bind_info(py::module_& m) {
         "SIMD level the CPU kernels use now.");
   m.def("set_simd_level", [](const std::string& name) { cpu::set_active_simd_level(cpu::simd_level_from_name(name)); },
         py::arg("level"), "Force a SIMD level (scalar, generic, avx2, avx512) for the 'cpu' backend.");
+  m.def(
+      "bf16_gemm_kernel",
+      []() -> py::object {
+        const cpu::SimdLevel l = cpu::active_simd_level();
+        if (l == cpu::SimdLevel::Scalar) return py::str("scalar");
+        if (!cpu::bf16_compute_available(l)) return py::none();
+        return py::str(cpu::bf16_amx::kernel_name(cpu::bf16_amx::kernel_choice()));
+      },
+      "Micro-kernel of the CPU's bf16-compute GEMMs now: 'amx-bf16', 'amx-bf16-emulated' (QLORA_AMX=emulate), "
+      "'avx512-bf16', 'scalar' (the reference level), or None (no bf16 units: fp32 kernels run).");
   m.def("best_simd_level", [] { return std::string(cpu::simd_level_name(cpu::best_simd_level())); });
   m.def("supported_simd_levels", [] {
     std::vector<std::string> out;

@@ -14,15 +14,23 @@ An NF4 weight ``w`` is any object with the NF4 attribute protocol (``packed``, `
 NF4 decoded then rounded), fp32 accumulation; on AVX512-BF16 CPUs at the avx512 level (and as an
 emulating reference on "cpu:scalar"). Elsewhere the fp32 kernels run (``bf16_compute_available``).
 """
+from ._core import bf16_gemm_kernel as _bf16_gemm_kernel
 from ._core import ops as _ops
 
-__all__ = ["bf16_compute_available", "gemm_nt", "gemm_nn", "gemm_tn", "nf4_gemm_nt", "nf4_gemm_nt_many", "nf4_gemm_nn", "nf4_dequantize", "q8_0_gemm_nt",
+__all__ = ["bf16_compute_available", "bf16_gemm_kernel", "gemm_nt", "gemm_nn", "gemm_tn", "nf4_gemm_nt", "nf4_gemm_nt_many", "nf4_gemm_nn", "nf4_dequantize", "q8_0_gemm_nt",
            "q8_0_rows"]
 
 
 def bf16_compute_available(backend="cpu"):
     """True when compute_dtype="bfloat16" runs on bf16 units on `backend` (else fp32 runs)."""
     return _ops.bf16_compute_available(backend)
+
+
+def bf16_gemm_kernel():
+    """The micro-kernel the "cpu" backend's bf16 GEMMs run now (QLORA_AMX is read per call): "amx-bf16"
+    (AMX tiles: CPU and OS allow them), "avx512-bf16", "amx-bf16-emulated" (QLORA_AMX=emulate: the AMX
+    kernel on emulated tiles, slow, for tests), "scalar" (the reference level), or None (fp32 runs)."""
+    return _bf16_gemm_kernel()
 
 
 def gemm_nt(a, b, out=None, *, alpha=1.0, beta=0.0, backend="cpu", compute_dtype="float32"):

@@ -5,6 +5,11 @@
 
 #include "common/error.hpp"
 
+#if defined(QLORA_X86) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace qlora::cpu {
 
 namespace {
@@ -98,8 +103,25 @@ bool cpu_has_avx512_bf16() {
 
 bool cpu_has_amx_bf16() {
 #if defined(QLORA_X86) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-  static const bool has = simd_level_supported(SimdLevel::AVX512) && __builtin_cpu_supports("amx-bf16");
+  static const bool has = simd_level_supported(SimdLevel::AVX512) && __builtin_cpu_supports("amx-tile") &&
+                          __builtin_cpu_supports("amx-bf16");
   return has;
+#else
+  return false;
+#endif
+}
+
+bool amx_tile_data_permitted() {
+#if defined(QLORA_X86) && defined(__linux__)
+  // Linux keeps the 8 KiB tile state off until a process asks (a tile instruction before that
+  // faults: SIGILL). ARCH_REQ_XCOMP_PERM = 0x1023, ARCH_GET_XCOMP_PERM = 0x1022, XFEATURE_XTILEDATA = 18.
+  static const bool ok = [] {
+    constexpr long kReq = 0x1023, kGet = 0x1022, kXtiledata = 18;
+    if (syscall(SYS_arch_prctl, kReq, kXtiledata) != 0) return false;
+    unsigned long mask = 0;
+    return syscall(SYS_arch_prctl, kGet, &mask) == 0 && (mask & (1ul << kXtiledata)) != 0;
+  }();
+  return ok;
 #else
   return false;
 #endif

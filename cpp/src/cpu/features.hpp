@@ -27,6 +27,9 @@ void set_active_simd_level(SimdLevel level);  // throws ValueError if unsupporte
 // bf16 compute units (compute_dtype="bfloat16"), by the running CPU and this build, and only while
 // the AVX-512 level is allowed (QLORA_SIMD below avx512 turns them off too).
 bool cpu_has_avx512_bf16();  // AVX512-BF16: vcvtne2ps2bf16 / vdpbf16ps (Zen 4+, Cooper Lake, Sapphire Rapids+)
-bool cpu_has_amx_bf16();     // AMX-BF16 tiles (Sapphire Rapids+); detected only, no kernels yet
+bool cpu_has_amx_bf16();     // AMX-TILE + AMX-BF16 (Sapphire Rapids+): the bf16 GEMM's AMX kernel (gemm_bf16_amx.hpp)
+// The OS lets this process use the AMX tile data (Linux >= 5.16: arch_prctl(ARCH_REQ_XCOMP_PERM,
+// XFEATURE_XTILEDATA), requested once, process-wide; false elsewhere or when refused).
+bool amx_tile_data_permitted();
 
 }  // namespace qlora::cpu

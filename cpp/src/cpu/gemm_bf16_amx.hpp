@@ -1,0 +1,39 @@
+// AMX-BF16 micro-kernel of the bf16-compute GEMM (cpu/gemm_bf16.cpp's driver): declarations only.
+// The kernel (gemm_bf16_amx_body.hpp) is one source compiled twice: with the AMX intrinsics
+// (gemm_bf16_amx.cpp, -mamx-tile -mamx-bf16, only where the compiler has them: QLORA_AMX_KERNEL) and
+// on emulated tiles (gemm_bf16_amx_emu.cpp, plain C++ following the Intel SDM), so the driver's AMX path
+// (A re-layout, 2 x 2 tiles, ragged edges) runs and is tested on CPUs without AMX (QLORA_AMX=emulate).
+// The B panels are the AVX512-BF16 kernel's; the A panels are packed as usual, then re-laid (relayout_a).
+#pragma once
+#include <cstdint>
+
+namespace qlora::cpu::bf16_amx {
+
+enum class Kernel : int { Avx512Bf16 = 0, Amx = 1, AmxEmulated = 2 };
+
+// AMX kernel compiled in, CPU has AMX-BF16 (+ AMX-TILE) at the avx512 level, and the OS granted the
+// tile state (Linux: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)). Detected once.
+bool amx_usable();
+// The micro-kernel the bf16 GEMMs run (QLORA_AMX, read per call: "0" = AVX512-BF16, "emulate" = the AMX
+// kernel on emulated tiles (slow; tests), anything else / unset = AMX where amx_usable()).
+Kernel kernel_choice();
+const char* kernel_name(Kernel k);  // "avx512-bf16", "amx-bf16", "amx-bf16-emulated"
+
+// In place: one A panel [kp][kMR] (pairs of k outer, as the bf16_k packers write it) to the AMX layout:
+// per chunk c of 16 pairs, w = min(16, kp - 16c) pairs: dst[16c * kMR + i * w + q] = src[(16c + q) * kMR + i].
+// Same size (kp * kMR words).
+void relayout_a(uint32_t* panel, int64_t kp);
+
+// C[mr, nr] = alpha * A·B + beta * C (gemm_bf16_amx_body.hpp): mr <= 2 * kMR rows from one or two
+// consecutive re-laid A panels (panel 1 at Ap + kp * kMR), one B panel; k == Kernel::Amx only if
+// amx_usable(), k == Kernel::AmxEmulated anywhere.
+void ukernel(Kernel k, int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha,
+             float beta, int mr, int nr);
+
+// The two compilations (called through ukernel()).
+void ukernel_amx(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha, float beta,
+                 int mr, int nr);
+void ukernel_amx_emulated(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha,
+                          float beta, int mr, int nr);
+
+}  // namespace qlora::cpu::bf16_amx
