@@ -39,7 +39,7 @@ def run_check(tmp_path, gpu=False, timeout=60, **env):
     _fake_nvidia_smi(str(fake), gpu)
     e = dict(os.environ, PATH=f"{fake}{os.pathsep}{os.environ.get('PATH', '')}", PYTHON=sys.executable,
              QLORA_BENCH_OUT=str(out), QLORA_CHECK_SKIP_BUILD="1", QLORA_WHEELS=str(tmp_path / "no-wheels"),
-             QLORA_DEVICE_BUILD=str(tmp_path / "no-build"))
+             QLORA_DEVICE_BUILD=str(tmp_path / "no-build"), QLORA_CHECK_AMX="0")  # step amx: its own test
     e.update({k: str(v) for k, v in env.items()})
     t = time.monotonic()
     r = subprocess.run(["bash", SCRIPT], env=e, capture_output=True, text=True, timeout=timeout)
@@ -131,3 +131,11 @@ def test_bad_budget_is_refused(tmp_path):
     r, rep, _, _ = run_check(tmp_path, QLORA_CHECK_BUDGET_S="7m")
     assert r.returncode == 1 and rep is None
     assert "QLORA_CHECK_BUDGET_S must be a whole number" in r.stderr
+
+
+def test_amx_step_follows_the_tests_where_listed(tmp_path):
+    # hosts with amx_bf16 (QLORA_CHECK_AMX=1 stands in for one) run the bf16 GEMMs on real AMX tiles after the tests
+    r, rep, wall, out = run_check(tmp_path, gpu=True, QLORA_CHECK_TEST_DRY=1, QLORA_CHECK_AMX=1)
+    steps = [x["step"] for x in rep["steps"]]
+    assert steps == STEPS[:STEPS.index("tests") + 1] + ["amx"] + STEPS[STEPS.index("tests") + 1:]
+    assert by_step(rep)["amx"]["status"] == "ok"

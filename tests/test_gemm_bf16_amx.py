@@ -57,7 +57,10 @@ SHAPES = [(1, 1, 1), (13, 17, 33), (29, 40, 95), (44, 65, 31), (15, 33, 2500)]
 
 
 def run3(rng, env, amx, driver="shared"):
-    env["QLORA_AMX"] = amx
+    if amx is None:
+        env.pop("QLORA_AMX", None)
+    else:
+        env["QLORA_AMX"] = amx
     env["QLORA_BF16_GEMM"] = driver
     outs = []
     r = np.random.default_rng(5)
@@ -104,3 +107,21 @@ def test_emulated_amx_nf4(rng, env, driver):
         check(y, x, decode(w).T, K, -1.5, 0.5, c0)
         dy = strided(rng, M, N)
         check(ops.nf4_gemm_nn(dy, w, **BF), dy, decode(w), N)
+
+
+def test_real_amx_gemms(rng, env):
+    """Only where the CPU has AMX-BF16 and the OS grants the tiles (tools/device-check runs this file when the
+    host has amx_bf16): the real tiles within the bound, both drivers the same bits; how many elements differ
+    in bits from the emulated tiles is printed (the emulation follows the SDM pseudo-code; real silicon may
+    order the pair sums differently, which the bound allows)."""
+    env.pop("QLORA_AMX", None)
+    if ops.bf16_gemm_kernel() != "amx-bf16":
+        pytest.skip("the AMX-BF16 kernel is not in use here (no AMX-BF16, or the OS refused the tile state)")
+    real = run3(rng, env, None, "shared")
+    for op, y, a, b, K, alpha, beta, c0 in real:
+        check(y, a, b, K, alpha, beta, c0)
+    for s, t in zip(real, run3(rng, env, None, "tasks")):
+        assert np.array_equal(s[1].view(np.uint32), t[1].view(np.uint32)), s[0]
+    emu = run3(rng, env, "emulate", "shared")
+    n = sum(int(np.sum(r[1].view(np.uint32) != e[1].view(np.uint32))) for r, e in zip(real, emu))
+    print(f"real vs emulated AMX tiles: {n} of {sum(r[1].size for r in real)} elements differ in bits")

@@ -52,13 +52,13 @@ float f32(uint32_t w) {
 }
 
 // One tdpbf16ps of C[1 x 1] += A[1 x kp pairs] · B[kp pairs x 1] on emulated tiles.
-float dp1(const uint32_t* a, const uint32_t* b, int kp) {
+float dp1(const uint32_t* a, const uint32_t* b, int kp, float c_in = 0.0f) {
   cpu::amx::TileConfig cfg;
   cfg.rows[0] = 1, cfg.colsb[0] = 4;                // C: 1 x 1 fp32
   cfg.rows[1] = 1, cfg.colsb[1] = 4 * kp;           // A: 1 x kp pairs
   cfg.rows[2] = kp, cfg.colsb[2] = 4;               // B: kp pairs x 1
   Tiles::config(&cfg);
-  Tiles::zero<0>();
+  Tiles::load<0>(&c_in, 4);
   Tiles::load<1>(a, 64);
   Tiles::load<2>(b, 4);
   Tiles::dp<0, 1, 2>();
@@ -86,6 +86,10 @@ void test_emulated_tiles() {
   // DAZ: bf16 denormal 0x0001 (2^-133) * 2^100 -> 0 (not 2^-33).
   const uint32_t a3[1] = {pair_bits(0x0001, 0)}, b3[1] = {pair(std::ldexp(1.0f, 100), 0.0f)};
   CHECK(dp1(a3, b3, 1) == 0.0f, "DAZ");
+  // FTZ on the add into C: 1.25 * 2^-126 + (-2^-126) = 2^-128 (denormal) -> +0.
+  const uint32_t a4[1] = {pair(-std::ldexp(1.0f, -63), 0.0f)}, b4[1] = {pair(std::ldexp(1.0f, -63), 0.0f)};
+  const float c4 = dp1(a4, b4, 1, std::ldexp(1.25f, -126));
+  CHECK(c4 == 0.0f && !std::signbit(c4), "FTZ on C: got %a", c4);
   // tileloadd zero-fills past colsb; tilestored writes colsb bytes of each configured row only.
   cpu::amx::TileConfig cfg;
   cfg.rows[0] = 2, cfg.colsb[0] = 8;
