@@ -20,12 +20,17 @@ void delta_rows_avx2(int64_t n, int64_t hd, const float* go, int64_t ldg, const 
 // A[i * rs + p * cs]; Bp a packed B panel (bf16_k::kNR columns, 64-byte aligned). Per element the
 // vdpbf16ps chain of bf16_k::ukernel_avx512bf16 (from 0, p in order; beta == 0 ? alpha * acc :
 // fma(beta, C, alpha * acc)): identical results to packing A first. mr <= bf16_k::kMR, nr <= kNR.
+// half: where nr <= 16, only the panel's first 16 columns are computed (same bits, half the work).
 void ukernel_direct_avx512bf16(int64_t kp, const uint32_t* A, int64_t rs, int64_t cs, const uint32_t* Bp, float* C,
-                               int64_t ldc, float alpha, float beta, int mr, int nr);
+                               int64_t ldc, float alpha, float beta, int mr, int nr, bool half = false);
 // dst[r * ldd + j] = bf16(src[r * lds + j] * (scale ? scale[r] : 1)) for r < rows, j < n, and
 // dst[r * ldd + n] = 0 when n is odd (so the row reads as ceil(n / 2) whole pairs). ldd even.
 void rows_to_bf16_avx512bf16(const float* src, int64_t lds, int64_t rows, int64_t n, const float* scale,
                              uint16_t* dst, int64_t ldd);
+
+// dst[r * ldd + j] = src[r * lds + j] for r < rows, j < n0 + r (the causal rows of a score block),
+// with streaming stores where a row starts 64-byte aligned (the copy is read much later, by the backward).
+void rows_stream_avx512bf16(const float* src, int64_t lds, int64_t rows, int64_t n0, float* dst, int64_t ldd);
 
 // The backward's probabilities and score gradients of one (query block, head), written only as the
 // bf16 operands of the three products that read them. Row i (query t0 + i) of S / dP (row stride

@@ -22,8 +22,8 @@ using bf16_tile::tile_lane_mask;  // first n of 16 lanes
 
 // The tile of bf16_k::ukernel_avx512bf16 (cpu/bf16_tile_avx512bf16.hpp) with A read in place.
 void ukernel_direct_avx512bf16(int64_t kp, const uint32_t* A, int64_t rs, int64_t cs, const uint32_t* Bp, float* C,
-                               int64_t ldc, float alpha, float beta, int mr, int nr) {
-  bf16_tile::tile_rows<false, false>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, mr, nr);
+                               int64_t ldc, float alpha, float beta, int mr, int nr, bool half) {
+  bf16_tile::tile_rows<false, false>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, mr, nr, half);
 }
 
 void rows_to_bf16_avx512bf16(const float* src, int64_t lds, int64_t rows, int64_t n, const float* scale,
@@ -44,6 +44,21 @@ void rows_to_bf16_avx512bf16(const float* src, int64_t lds, int64_t rows, int64_
       _mm256_mask_storeu_epi16(d + j, static_cast<__mmask16>(tile_lane_mask(w)), (__m256i)_mm512_cvtneps_pbh(x));
     }
   }
+}
+
+void rows_stream_avx512bf16(const float* src, int64_t lds, int64_t rows, int64_t n0, float* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = src + r * lds;
+    float* d = dst + r * ldd;
+    const int64_t n = n0 + r;
+    int64_t j = 0;
+    if ((reinterpret_cast<uintptr_t>(d) & 63) == 0)
+      for (; j + 16 <= n; j += 16) _mm512_stream_ps(d + j, _mm512_loadu_ps(s + j));
+    else
+      for (; j + 16 <= n; j += 16) _mm512_storeu_ps(d + j, _mm512_loadu_ps(s + j));
+    if (j < n) _mm512_mask_storeu_ps(d + j, tile_lane_mask(n - j), _mm512_maskz_loadu_ps(tile_lane_mask(n - j), s + j));
+  }
+  _mm_sfence();
 }
 
 void probs_dscores_bf16_avx512bf16(int64_t rows, int64_t nk, int64_t t0, const float* S, const float* dP, int64_t ld,

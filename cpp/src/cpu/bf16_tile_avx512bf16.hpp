@@ -27,6 +27,37 @@ inline __mmask16 tile_lane_mask(int64_t n) {  // first n of 16 lanes (n clamped 
   return static_cast<__mmask16>((1u << n) - 1u);
 }
 
+// tile (below) for nr <= 16: only the first 16 columns of the panel, one vdpbf16ps per row and pair
+// (the chain of those columns unchanged, so the same bits; half the work on a panel's last columns).
+template <int R, bool PackedA>
+void tile_half(int64_t kp, const uint32_t* A, int64_t rs, int64_t cs, const uint32_t* Bp, float* C, int64_t ldc,
+               float alpha, float beta, int nr) {
+  __m512 c0[R];
+#pragma GCC unroll 14
+  for (int i = 0; i < R; ++i) c0[i] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < kp; ++p) {
+    const __m512bh b0 = (__m512bh)_mm512_load_si512(Bp);
+#pragma GCC unroll 14
+    for (int i = 0; i < R; ++i)
+      c0[i] = _mm512_dpbf16_ps(c0[i], (__m512bh)_mm512_set1_epi32(static_cast<int>(PackedA ? A[i] : A[i * rs])), b0);
+    A += PackedA ? bf16_k::kMR : cs;
+    Bp += bf16_k::kNR;
+  }
+  const __mmask16 m0 = tile_lane_mask(nr);
+  const __m512 va = _mm512_set1_ps(alpha);
+  if (beta == 0.0f) {
+#pragma GCC unroll 14
+    for (int i = 0; i < R; ++i) _mm512_mask_storeu_ps(C + i * ldc, m0, _mm512_mul_ps(va, c0[i]));
+  } else {
+    const __m512 vb = _mm512_set1_ps(beta);
+#pragma GCC unroll 14
+    for (int i = 0; i < R; ++i) {
+      float* c = C + i * ldc;
+      _mm512_mask_storeu_ps(c, m0, _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, c), _mm512_mul_ps(va, c0[i])));
+    }
+  }
+}
+
 // C[R, nr] (ld ldc) = alpha * A·Bp + beta * C over kp pairs; Bp: kp rows of kNR pair words, 64-byte
 // aligned. Per element: vdpbf16ps from 0, p in order; then beta == 0 ? alpha * acc :
 // fma(beta, C, alpha * acc). A: pair (i, p) at A[i * rs + p * cs], or with PackedA a packed panel
@@ -74,10 +105,27 @@ void tile(int64_t kp, const uint32_t* A, int64_t rs, int64_t cs, const uint32_t*
   }
 }
 
-// tile<mr> for a run-time mr = 1..14 (others: nothing).
+// tile<mr> for a run-time mr = 1..14 (others: nothing); half: tile_half<mr> where nr <= 16 (same bits).
 template <bool PackedA, bool PrefetchC>
 inline void tile_rows(int64_t kp, const uint32_t* A, int64_t rs, int64_t cs, const uint32_t* Bp, float* C, int64_t ldc,
-                      float alpha, float beta, int mr, int nr) {
+                      float alpha, float beta, int mr, int nr, bool half = false) {
+  if (half && nr <= 16) switch (mr) {
+      case 14: return tile_half<14, PackedA>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+      case 13: return tile_half<13, PackedA>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+      case 12: return tile_half<12, PackedA>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+      case 11: return tile_half<11, PackedA>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+      case 10: return tile_half<10, PackedA>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+      case 9: return tile_half<9, PackedA>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+      case 8: return tile_half<8, PackedA>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+      case 7: return tile_half<7, PackedA>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+      case 6: return tile_half<6, PackedA>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+      case 5: return tile_half<5, PackedA>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+      case 4: return tile_half<4, PackedA>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+      case 3: return tile_half<3, PackedA>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+      case 2: return tile_half<2, PackedA>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+      case 1: return tile_half<1, PackedA>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
+      default: return;
+    }
   switch (mr) {
     case 14: return tile<14, PackedA, PrefetchC>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);
     case 13: return tile<13, PackedA, PrefetchC>(kp, A, rs, cs, Bp, C, ldc, alpha, beta, nr);

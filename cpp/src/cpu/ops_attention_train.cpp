@@ -332,6 +332,17 @@ void attention_train_backward(SimdLevel level, int64_t B, int64_t T, int64_t Hq,
   const int64_t group = Hq / Hkv, nblk = (T + kBlock - 1) / kBlock;
   const rowk::Kernels* kr = rowk::for_level(level);
   const Gemms g{level, bf16 && bf16_compute_available(level)};
+  const int64_t tasks = B * Hkv, nt = std::max(1, physical_cores());
+  const int64_t rounds = (tasks + nt - 1) / nt;
+  const char* force = std::getenv("QLORA_ATTN_BACKWARD");
+  const bool fused = force && std::strcmp(force, "fused") == 0   ? true
+                     : force && std::strcmp(force, "split") == 0 ? false
+                                                                 : 4 * tasks >= 3 * rounds * nt;
+#ifdef QLORA_X86
+  if (fused && attention_bf16_packed(level, bf16) && bf16_delta_in_task())  // delta computed in its tasks
+    return attention_backward_packed(level, kr, B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, key_mask, scale, lse, nullptr,
+                                     out, ldo, dout, lddo, dq, lddq, dk, lddk, dv, lddv);
+#endif
   std::vector<float> delta(static_cast<size_t>(B * Hq * T));  // [B, Hq, T]
 #ifdef QLORA_X86
   if ((level == SimdLevel::AVX512 || level == SimdLevel::AVX2) && fp::direct_on()) {
@@ -356,16 +367,10 @@ void attention_train_backward(SimdLevel level, int64_t B, int64_t T, int64_t Hq,
     }
   });
 
-  const int64_t tasks = B * Hkv, nt = std::max(1, physical_cores());
-  const int64_t rounds = (tasks + nt - 1) / nt;
-  const char* force = std::getenv("QLORA_ATTN_BACKWARD");
-  const bool fused = force && std::strcmp(force, "fused") == 0   ? true
-                     : force && std::strcmp(force, "split") == 0 ? false
-                                                                 : 4 * tasks >= 3 * rounds * nt;
 #ifdef QLORA_X86
   if (fused && attention_bf16_packed(level, bf16))
     return attention_backward_packed(level, kr, B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, key_mask, scale, lse, delta.data(),
-                                     dout, lddo, dq, lddq, dk, lddk, dv, lddv);
+                                     out, ldo, dout, lddo, dq, lddq, dk, lddk, dv, lddv);
 #endif
   if (fused) {
     // fp32 products: scores, dP and dq from K and V panels packed once per task (fp:: above);

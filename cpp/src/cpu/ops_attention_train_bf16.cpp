@@ -5,7 +5,12 @@
 // as do softmax, lse, delta and the outputs; P·v, dout·vᵀ, dS·k, dSᵀ·q and Pᵀ·dout round their
 // operands to bf16 and accumulate in fp32. With QLORA_ATTN_DIRECT (default) the A operands of the
 // tiles are read in place (cpu/attention_train_kernels.hpp; same bits as packing them per tile).
+#include <xmmintrin.h>
+
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "cpu/attention_train_kernels.hpp"
@@ -20,6 +25,28 @@
 #ifdef QLORA_X86
 namespace qlora::cpu::ops::attn {
 namespace {
+// Speed switches, read per call (interleaved A/B runs in one process; tests compare both ways bit
+// for bit): =0 turns one off.
+bool env_on(const char* name) {
+  const char* e = std::getenv(name);
+  return !(e && std::strcmp(e, "0") == 0);
+}
+// QLORA_ATTN_BF16_HALF: a tile whose last panel has <= 16 columns computes only those (the dP tiles
+// at the causal edge; bf16_tile::tile_half).
+bool half_on() { return env_on("QLORA_ATTN_BF16_HALF"); }
+// QLORA_ATTN_BF16_DELTA: the backward's delta rows computed in its tasks, per (query block, head),
+// while dout's rows are in cache (the same kernel, so the same bits), instead of a pass over all of
+// dout and out before it.
+// QLORA_ATTN_BF16_SCRATCH: the tasks' scratch left uninitialized (every element read is written
+// first); =0 zero-fills it as the std::vector scratch did.
+bool scratch_uninit_on() { return env_on("QLORA_ATTN_BF16_SCRATCH"); }
+template <class T>
+T* scratch(AlignedBuf<T>& b, size_t n, bool uninit) {
+  T* p = b.get(n);
+  if (!uninit) std::fill(p, p + n, T{});
+  return p;
+}
+
 // Operand panels in the bf16 GEMM's pair layout (cpu/gemm_bf16_kernels.hpp): a B panel holds NR
 // columns, uint32 [pairs of k][NR]; an A panel MR rows, uint32 [pairs of k][MR].
 namespace pk {
@@ -51,13 +78,62 @@ void row_tile(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, int64_t stride
 }
 // row_tile with A read in place: pair (i, p) at A[i * rs + p * cs] (attn_train_k).
 void row_tile_direct(int64_t kp, const uint32_t* A, int64_t rs, int64_t cs, const uint32_t* Bp, int64_t stride,
-                     int64_t ncols, float* C, int64_t ldc, float alpha, float beta, int mr) {
+                     int64_t ncols, float* C, int64_t ldc, float alpha, float beta, int mr, bool half) {
   for (int64_t j = 0; j < ncols; j += NR)
     attn_train_k::ukernel_direct_avx512bf16(kp, A, rs, cs, Bp + (j / NR) * stride, C + j, ldc, alpha, beta, mr,
-                                            static_cast<int>(std::min<int64_t>(NR, ncols - j)));
+                                            static_cast<int>(std::min<int64_t>(NR, ncols - j)), half);
 }
 }  // namespace pk
+
+// Kept scores (attention_train_keep_scores, ops_backward.hpp): one process-wide slot with the fp32
+// scores scale q·kᵀ of one bf16 forward, [B * Hq][query blocks][mq, nk] (only the columns each query
+// sees are written), which the next backward on the same q, k, key mask and lse reads instead of
+// computing them again (the same kernels on the same inputs: the same bits).
+// States: Idle -> (armed forward) Filling -> Full -> (matching backward) Reading -> Idle.
+struct KeptScores {
+  enum State { Idle, Filling, Full, Reading };
+  std::mutex mu;
+  bool armed = false;
+  State state = Idle;
+  const float *q = nullptr, *k = nullptr, *lse = nullptr;
+  const int32_t* km = nullptr;
+  int64_t B = 0, T = 0, Hq = 0, Hkv = 0, hd = 0, ldq = 0, ldk = 0;
+  float scale = 0.0f;
+  AlignedBuf<float> buf;
+  void release() {  // Idle, memory returned
+    state = Idle;
+    std::free(buf.p);
+    buf.p = nullptr;
+    buf.n = 0;
+  }
+};
+KeptScores& kept() {
+  static KeptScores s;
+  return s;
+}
+// Offset of query block blk within one head's scores (every block before it is full: nk = 64 (j + 1)).
+int64_t kept_block_off(int64_t blk) { return kBlock * kBlock * blk * (blk + 1) / 2; }
+int64_t kept_head_size(int64_t T) {
+  const int64_t nblk = cdiv(T, kBlock);
+  return kept_block_off(nblk - 1) + (T - (nblk - 1) * kBlock) * T;
+}
+// QLORA_ATTN_BF16_KEEP_MB (default 8): the largest slot kept, in MiB (the scores grow as T²; beyond
+// it the backward recomputes them). 0 turns keeping off.
+int64_t kept_cap_bytes() {
+  const char* e = std::getenv("QLORA_ATTN_BF16_KEEP_MB");
+  if (!e || !*e) return int64_t{8} << 20;
+  char* end = nullptr;
+  const long v = std::strtol(e, &end, 10);
+  return (end && *end == 0 && v > 0) ? static_cast<int64_t>(v) << 20 : 0;
+}
 }  // namespace
+
+bool bf16_delta_in_task() { return env_on("QLORA_ATTN_BF16_DELTA"); }
+
+int64_t keep_scores_bytes(int64_t B, int64_t T, int64_t Hq) {
+  const int64_t n = B * Hq * kept_head_size(T) * static_cast<int64_t>(sizeof(float));
+  return n <= kept_cap_bytes() ? n : 0;
+}
 
 // The bf16 forward on AVX512-BF16: V of every (b, KV head) packed once, then one task per
 // (b, query head, block of 64 queries) as the fp32 way: fp32 scores, softmax, bf16 P·v.
@@ -84,11 +160,33 @@ void attention_train_packed(SimdLevel level, const rowk::Kernels* kr, int64_t B,
     }
   });
   const gemm_k::UkernelDirectFn dfn = fp::direct_fn(level);
-  const bool direct = fp::direct_on();
+  const bool direct = fp::direct_on(), half = half_on(), uninit = scratch_uninit_on();
+  // Kept scores: armed -> this forward fills the slot; not armed -> an idle slot's memory is returned.
+  float* keep = nullptr;
+  const int64_t head_sz = kept_head_size(T);
+  {
+    KeptScores& ks = kept();
+    std::lock_guard<std::mutex> lk(ks.mu);
+    const bool armed = ks.armed;
+    ks.armed = false;
+    if (ks.state == KeptScores::Idle || ks.state == KeptScores::Full) {
+      const int64_t bytes = keep_scores_bytes(B, T, Hq);
+      if (armed && direct && bytes > 0 && env_on("QLORA_ATTN_BF16_KEEP")) {
+        keep = ks.buf.get(static_cast<size_t>(B * Hq * head_sz));
+        ks.state = KeptScores::Filling;
+        ks.q = q, ks.k = k, ks.lse = lse, ks.km = key_mask;
+        ks.B = B, ks.T = T, ks.Hq = Hq, ks.Hkv = Hkv, ks.hd = hd, ks.ldq = ldq, ks.ldk = ldk, ks.scale = scale;
+      } else {
+        ks.release();
+      }
+    }
+  }
   parallel_range(B * Hq * nblk, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> S(static_cast<size_t>(kBlock * T));  // [mq, nk] scores, then probabilities
-    std::vector<uint32_t> Ap(static_cast<size_t>(MR * tp));
-    std::vector<uint32_t> Pb(static_cast<size_t>(direct ? kBlock * tp : 0));  // [mq, ceil(nk/2)] bf16 pairs of P
+    AlignedBuf<float> bS;
+    AlignedBuf<uint32_t> bAp, bPb;
+    float* S = scratch(bS, static_cast<size_t>(kBlock * T), uninit);  // [mq, nk] scores, then probabilities
+    uint32_t* Ap = scratch(bAp, static_cast<size_t>(MR * tp), uninit);
+    uint32_t* Pb = scratch(bPb, static_cast<size_t>(direct ? kBlock * tp : 1), uninit);  // [mq, ceil(nk/2)] bf16 pairs of P
     float inv[kBlock];
     fp::Buf Af;
     for (int64_t p = p0; p < p1; ++p) {
@@ -98,34 +196,42 @@ void attention_train_packed(SimdLevel level, const rowk::Kernels* kr, int64_t B,
       const uint32_t* Vc = vp_all + (b * Hkv + kh) * vc_sz;
       if (kpan && fp::block_usable(mq))
         fp::scores(gp, mq, nk, t0, hd, q + (b * T + t0) * ldq + h * hd, ldq, kp_all + (b * Hkv + kh) * k_sz, scale,
-                   S.data(), nk, Af.get(static_cast<size_t>(gp.mr * hd)), dfn);
+                   S, nk, Af.get(static_cast<size_t>(gp.mr * hd)), dfn);
       else
         gemm_nt(level, mq, nk, hd, scale, q + (b * T + t0) * ldq + h * hd, ldq, k + b * T * ldk + kh * hd, ldk, 0.0f,
-                S.data(), nk);  // scores in fp32
+                S, nk);  // scores in fp32
+      if (keep) {  // the columns each query sees, for the backward
+        attn_train_k::rows_stream_avx512bf16(S, nk, mq, t0 + 1, keep + (b * Hq + h) * head_sz + kept_block_off(blk), nk);
+      }
       if (direct) {
         // P = weights * (1 / denominator) rounded to bf16 once, read in place by the tiles: the
         // fp32 products and roundings of normalize-then-pack, without the pack per tile.
-        softmax_rows(kr, S.data(), nk, mq, t0, km, all_nonzero(km, nk), lse + (b * Hq + h) * T, inv);
+        softmax_rows(kr, S, nk, mq, t0, km, all_nonzero(km, nk), lse + (b * Hq + h) * T, inv);
         const int64_t np = cdiv(nk, 2);
-        attn_train_k::rows_to_bf16_avx512bf16(S.data(), nk, mq, nk, inv, reinterpret_cast<uint16_t*>(Pb.data()),
+        attn_train_k::rows_to_bf16_avx512bf16(S, nk, mq, nk, inv, reinterpret_cast<uint16_t*>(Pb),
                                               2 * np);
         for (int64_t ir = 0; ir < mq; ir += MR) {  // out rows = P·v
           const int mr = static_cast<int>(std::min<int64_t>(MR, mq - ir));
           const int64_t n = keys_seen(t0, ir, mr, nk);
-          row_tile_direct(cdiv(n, 2), Pb.data() + ir * np, np, 1, Vc, tp * NR, hd, out + (b * T + t0 + ir) * ldo + h * hd,
-                          ldo, 1.0f, 0.0f, mr);
+          row_tile_direct(cdiv(n, 2), Pb + ir * np, np, 1, Vc, tp * NR, hd, out + (b * T + t0 + ir) * ldo + h * hd,
+                          ldo, 1.0f, 0.0f, mr, half);
         }
         continue;
       }
-      softmax_rows(kr, S.data(), nk, mq, t0, km, all_nonzero(km, nk), lse + (b * Hq + h) * T);
+      softmax_rows(kr, S, nk, mq, t0, km, all_nonzero(km, nk), lse + (b * Hq + h) * T);
       for (int64_t ir = 0; ir < mq; ir += MR) {  // out rows = P·v
         const int mr = static_cast<int>(std::min<int64_t>(MR, mq - ir));
         const int64_t n = keys_seen(t0, ir, mr, nk);
-        bf16_k::pack_rows_avx512bf16(S.data() + ir * nk, nk, mr, n, MR, Ap.data());
-        row_tile(cdiv(n, 2), Ap.data(), Vc, tp * NR, hd, out + (b * T + t0 + ir) * ldo + h * hd, ldo, 1.0f, 0.0f, mr);
+        bf16_k::pack_rows_avx512bf16(S + ir * nk, nk, mr, n, MR, Ap);
+        row_tile(cdiv(n, 2), Ap, Vc, tp * NR, hd, out + (b * T + t0 + ir) * ldo + h * hd, ldo, 1.0f, 0.0f, mr);
       }
     }
   });
+  if (keep) {
+    KeptScores& ks = kept();
+    std::lock_guard<std::mutex> lk(ks.mu);
+    ks.state = KeptScores::Full;
+  }
 }
 
 
@@ -135,15 +241,33 @@ void attention_train_packed(SimdLevel level, const rowk::Kernels* kr, int64_t B,
 void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd,
                                const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
                                const int32_t* key_mask, float scale, const float* lse, const float* delta,
-                               const float* dout, int64_t lddo, float* dq, int64_t lddq, float* dk, int64_t lddk,
-                               float* dv, int64_t lddv) {
+                               const float* out, int64_t ldo, const float* dout, int64_t lddo, float* dq, int64_t lddq,
+                               float* dk, int64_t lddk, float* dv, int64_t lddv) {
   using namespace pk;
+  const bool half = half_on(), uninit = scratch_uninit_on();
   const int64_t group = Hq / Hkv, nblk = cdiv(T, kBlock);
+  // The scores kept by the forward on these very inputs (same pointers, shapes, scale), if any.
+  const bool direct = fp::direct_on();
+  const float* kept_S = nullptr;
+  const int64_t head_sz = kept_head_size(T);
+  {
+    KeptScores& ks = kept();
+    std::lock_guard<std::mutex> lk(ks.mu);
+    if (ks.state == KeptScores::Full && direct && env_on("QLORA_ATTN_BF16_KEEP") && ks.q == q && ks.k == k &&
+        ks.lse == lse && ks.km == key_mask && ks.B == B && ks.T == T && ks.Hq == Hq && ks.Hkv == Hkv && ks.hd == hd &&
+        ks.ldq == ldq && ks.ldk == ldk && ks.scale == scale) {
+      kept_S = ks.buf.p;
+      ks.state = KeptScores::Reading;
+    }
+  }
   const int64_t hp = cdiv(hd, 2), tp = cdiv(T, 2), bp = cdiv(kBlock, 2);
   const int64_t vr_sz = cdiv(T, NR) * hp * NR, kc_sz = cdiv(hd, NR) * tp * NR, qc_sz = cdiv(hd, NR) * bp * NR;
   parallel_range(B * Hkv, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> P(static_cast<size_t>(kBlock * T)), dP(P.size());  // [mq, nk] each
-    std::vector<uint32_t> Ap(static_cast<size_t>(MR * std::max({hp, tp, bp})));
+    AlignedBuf<float> bP, bdP;
+    AlignedBuf<uint32_t> bAp;
+    float* P = scratch(bP, static_cast<size_t>(kBlock * T), uninit);  // [mq, nk] each
+    float* dP = scratch(bdP, static_cast<size_t>(kBlock * T), uninit);
+    uint32_t* Ap = scratch(bAp, static_cast<size_t>(MR * std::max({hp, tp, bp})), uninit);
     Buf bKc, bVr, bQc, bOc;
     uint32_t *Kc = bKc.get(kc_sz), *Vr = bVr.get(vr_sz), *Qc = bQc.get(qc_sz), *Oc = bOc.get(qc_sz);
     // fp32 scores from K panels packed once per task (fp::, ops_attention_train.cpp), as the fp32 backward.
@@ -155,10 +279,12 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
     // Direct way: dS as bf16 rows (dq), dS and P as bf16 row pairs (dk, dv), each written once per
     // block and head and read in place by the tiles (no pack per tile).
     const gemm_k::UkernelDirectFn dfn = fp::direct_fn(level);
-    const bool direct = fp::direct_on();
-    std::vector<uint32_t> Db(static_cast<size_t>(direct ? kBlock * tp : 0));  // [mq, ceil(nk/2)] pairs of keys
-    std::vector<uint32_t> D2(static_cast<size_t>(direct ? bp * T : 0)), P2(D2.size());  // [ceil(mq/2), nk] pairs of queries
-    std::vector<uint32_t> Ob(static_cast<size_t>(direct ? kBlock * hp : 0));  // [mq, ceil(hd/2)] pairs of dout
+    AlignedBuf<uint32_t> bDb, bD2, bP2, bOb;
+    uint32_t* Db = scratch(bDb, static_cast<size_t>(direct ? kBlock * tp : 1), uninit);  // [mq, ceil(nk/2)] pairs of keys
+    uint32_t* D2 = scratch(bD2, static_cast<size_t>(direct ? bp * T : 1), uninit);  // [ceil(mq/2), nk] pairs of queries
+    uint32_t* P2 = scratch(bP2, static_cast<size_t>(direct ? bp * T : 1), uninit);
+    uint32_t* Ob = scratch(bOb, static_cast<size_t>(direct ? kBlock * hp : 1), uninit);  // [mq, ceil(hd/2)] pairs of dout
+    float dl[kBlock];  // delta of one (query block, head) when delta == nullptr
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / Hkv, kh = p % Hkv;
       const float* Kb = k + b * T * ldk + kh * hd;  // [T, hd] rows of KV head kh
@@ -168,7 +294,7 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
       const int32_t* km = key_mask + b * T;
       pack_dim_cols(Kb, ldk, T, hd, Kc);
       pack_rows_as_cols(Vb, ldv, T, hd, Vr);
-      if (kpan) fp::pack_rows(gp, Kb, ldk, T, hd, Kr);
+      if (kpan && !kept_S) fp::pack_rows(gp, Kb, ldk, T, hd, Kr);
       for (int64_t t = 0; t < T; ++t) {
         std::fill(dKb + t * lddk, dKb + t * lddk + hd, 0.0f);
         std::fill(dVb + t * lddv, dVb + t * lddv + hd, 0.0f);
@@ -179,26 +305,35 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
         for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
           const float* Qr = q + (b * T + t0) * ldq + h * hd;        // [mq, hd]
           const float* dOr = dout + (b * T + t0) * lddo + h * hd;  // [mq, hd]
+          // delta of these queries: given, or computed here (dout's rows are about to be read anyway)
+          const float* dlt = delta ? delta + (b * Hq + h) * T + t0 : dl;
+          if (!delta) attn_train_k::delta_rows_avx512(mq, hd, dOr, lddo, out + (b * T + t0) * ldo + h * hd, ldo, dl);
           if (!direct) {
             pack_dim_cols(Qr, ldq, mq, hd, Qc);
             pack_dim_cols(dOr, lddo, mq, hd, Oc);
           }
-          if (kpan && fp::block_usable(mq))
-            fp::scores(gp, mq, nk, t0, hd, Qr, ldq, Kr, scale, P.data(), nk, Af, dfn);  // scores in fp32
+          // S: kept by the forward, else computed into P (scores in fp32)
+          const float* S = kept_S ? kept_S + (b * Hq + h) * head_sz + kept_block_off(blk) : P;
+          if (kept_S) {  // fetch the block's kept scores into L2 while the dP tiles run
+            for (int64_t i = 0; i < mq; ++i)
+              for (int64_t j = 0; j < t0 + i + 1; j += 16)
+                _mm_prefetch(reinterpret_cast<const char*>(S + i * nk + j), _MM_HINT_T1);
+          } else if (kpan && fp::block_usable(mq))
+            fp::scores(gp, mq, nk, t0, hd, Qr, ldq, Kr, scale, P, nk, Af, dfn);
           else
-            gemm_nt(level, mq, nk, hd, scale, Qr, ldq, Kb, ldk, 0.0f, P.data(), nk);
+            gemm_nt(level, mq, nk, hd, scale, Qr, ldq, Kb, ldk, 0.0f, P, nk);
           if (direct)  // dout rows in bf16 once, read in place by the dP tiles
-            attn_train_k::rows_to_bf16_avx512bf16(dOr, lddo, mq, hd, nullptr, reinterpret_cast<uint16_t*>(Ob.data()),
+            attn_train_k::rows_to_bf16_avx512bf16(dOr, lddo, mq, hd, nullptr, reinterpret_cast<uint16_t*>(Ob),
                                                   2 * hp);
           for (int64_t ir = 0; ir < mq; ir += MR) {  // dP = dout·vᵀ
             const int mr = static_cast<int>(std::min<int64_t>(MR, mq - ir));
             const int64_t n = keys_seen(t0, ir, mr, nk);
             if (direct) {
-              row_tile_direct(hp, Ob.data() + ir * hp, hp, 1, Vr, hp * NR, n, dP.data() + ir * nk, nk, 1.0f, 0.0f, mr);
+              row_tile_direct(hp, Ob + ir * hp, hp, 1, Vr, hp * NR, n, dP + ir * nk, nk, 1.0f, 0.0f, mr, half);
               continue;
             }
-            bf16_k::pack_rows_avx512bf16(dOr + ir * lddo, lddo, mr, hd, MR, Ap.data());
-            row_tile(hp, Ap.data(), Vr, hp * NR, n, dP.data() + ir * nk, nk, 1.0f, 0.0f, mr);
+            bf16_k::pack_rows_avx512bf16(dOr + ir * lddo, lddo, mr, hd, MR, Ap);
+            row_tile(hp, Ap, Vr, hp * NR, n, dP + ir * nk, nk, 1.0f, 0.0f, mr);
           }
           if (direct) {  // the pair panels of q and dout for dk, dv: their rows are in cache now
             pack_dim_cols(Qr, ldq, mq, hd, Qc);
@@ -207,35 +342,35 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
           if (direct) {
             // P, dS and their three bf16 forms in one pass (the rounding of the separate passes)
             const int64_t np = cdiv(nk, 2);
-            attn_train_k::probs_dscores_bf16_avx512bf16(mq, nk, t0, P.data(), dP.data(), nk, lse + (b * Hq + h) * T + t0,
-                                                        delta + (b * Hq + h) * T + t0, scale, km_all ? nullptr : km,
-                                                        reinterpret_cast<uint16_t*>(Db.data()), 2 * np, D2.data(),
-                                                        P2.data(), nk);
+            attn_train_k::probs_dscores_bf16_avx512bf16(mq, nk, t0, S, dP, nk, lse + (b * Hq + h) * T + t0,
+                                                        dlt, scale, km_all ? nullptr : km,
+                                                        reinterpret_cast<uint16_t*>(Db), 2 * np, D2,
+                                                        P2, nk);
             for (int64_t ir = 0; ir < mq; ir += MR) {  // dq rows = dS·k
               const int mr = static_cast<int>(std::min<int64_t>(MR, mq - ir));
               const int64_t n = keys_seen(t0, ir, mr, nk);
-              row_tile_direct(cdiv(n, 2), Db.data() + ir * np, np, 1, Kc, tp * NR, hd,
-                              dq + (b * T + t0 + ir) * lddq + h * hd, lddq, 1.0f, 0.0f, mr);
+              row_tile_direct(cdiv(n, 2), Db + ir * np, np, 1, Kc, tp * NR, hd,
+                              dq + (b * T + t0 + ir) * lddq + h * hd, lddq, 1.0f, 0.0f, mr, half);
             }
             for (int64_t s = 0; s < nk; s += MR) {  // dk += dSᵀ·q, dv += Pᵀ·dout over the queries seeing keys s..
               const int mr = static_cast<int>(std::min<int64_t>(MR, nk - s));
               const int64_t q0 = std::max<int64_t>(0, s - t0) & ~int64_t{1};  // even: pairs stay aligned
               if (q0 >= mq) break;
               const int64_t kp = cdiv(mq - q0, 2);
-              row_tile_direct(kp, D2.data() + (q0 / 2) * nk + s, 1, nk, Qc + (q0 / 2) * NR, qp * NR, hd, dKb + s * lddk,
-                              lddk, 1.0f, 1.0f, mr);
-              row_tile_direct(kp, P2.data() + (q0 / 2) * nk + s, 1, nk, Oc + (q0 / 2) * NR, qp * NR, hd, dVb + s * lddv,
-                              lddv, 1.0f, 1.0f, mr);
+              row_tile_direct(kp, D2 + (q0 / 2) * nk + s, 1, nk, Qc + (q0 / 2) * NR, qp * NR, hd, dKb + s * lddk,
+                              lddk, 1.0f, 1.0f, mr, half);
+              row_tile_direct(kp, P2 + (q0 / 2) * nk + s, 1, nk, Oc + (q0 / 2) * NR, qp * NR, hd, dVb + s * lddv,
+                              lddv, 1.0f, 1.0f, mr, half);
             }
             continue;
           }
-          probs_from_lse(kr, P.data(), nk, mq, nk, t0, 0, km, km_all, lse + (b * Hq + h) * T);
-          dscores_causal(P.data(), dP.data(), nk, mq, nk, t0, delta + (b * Hq + h) * T + t0, scale);
+          probs_from_lse(kr, P, nk, mq, nk, t0, 0, km, km_all, lse + (b * Hq + h) * T);
+          dscores_causal(P, dP, nk, mq, nk, t0, dlt, scale);
           for (int64_t ir = 0; ir < mq; ir += MR) {  // dq rows = dS·k
             const int mr = static_cast<int>(std::min<int64_t>(MR, mq - ir));
             const int64_t n = keys_seen(t0, ir, mr, nk);
-            bf16_k::pack_rows_avx512bf16(dP.data() + ir * nk, nk, mr, n, MR, Ap.data());
-            row_tile(cdiv(n, 2), Ap.data(), Kc, tp * NR, hd, dq + (b * T + t0 + ir) * lddq + h * hd, lddq, 1.0f, 0.0f,
+            bf16_k::pack_rows_avx512bf16(dP + ir * nk, nk, mr, n, MR, Ap);
+            row_tile(cdiv(n, 2), Ap, Kc, tp * NR, hd, dq + (b * T + t0 + ir) * lddq + h * hd, lddq, 1.0f, 0.0f,
                      mr);
           }
           for (int64_t s = 0; s < nk; s += MR) {  // dk += dSᵀ·q, dv += Pᵀ·dout over the queries seeing keys s..
@@ -243,15 +378,45 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
             const int64_t q0 = std::max<int64_t>(0, s - t0) & ~int64_t{1};  // even: pairs stay aligned
             if (q0 >= mq) break;
             const int64_t kc = mq - q0;
-            bf16_k::pack_cols_avx512bf16(dP.data() + q0 * nk + s, nk, mr, kc, MR, Ap.data());
-            row_tile(cdiv(kc, 2), Ap.data(), Qc + (q0 / 2) * NR, qp * NR, hd, dKb + s * lddk, lddk, 1.0f, 1.0f, mr);
-            bf16_k::pack_cols_avx512bf16(P.data() + q0 * nk + s, nk, mr, kc, MR, Ap.data());
-            row_tile(cdiv(kc, 2), Ap.data(), Oc + (q0 / 2) * NR, qp * NR, hd, dVb + s * lddv, lddv, 1.0f, 1.0f, mr);
+            bf16_k::pack_cols_avx512bf16(dP + q0 * nk + s, nk, mr, kc, MR, Ap);
+            row_tile(cdiv(kc, 2), Ap, Qc + (q0 / 2) * NR, qp * NR, hd, dKb + s * lddk, lddk, 1.0f, 1.0f, mr);
+            bf16_k::pack_cols_avx512bf16(P + q0 * nk + s, nk, mr, kc, MR, Ap);
+            row_tile(cdiv(kc, 2), Ap, Oc + (q0 / 2) * NR, qp * NR, hd, dVb + s * lddv, lddv, 1.0f, 1.0f, mr);
           }
         }
       }
     }
   });
+  if (kept_S) {  // used once: the slot is idle again (its memory stays for the next layer's forward)
+    KeptScores& ks = kept();
+    std::lock_guard<std::mutex> lk(ks.mu);
+    ks.state = KeptScores::Idle;
+  }
+}
+
+void keep_scores_arm(bool on) {
+  KeptScores& ks = kept();
+  std::lock_guard<std::mutex> lk(ks.mu);
+  ks.armed = on;
+  if (!on && (ks.state == KeptScores::Idle || ks.state == KeptScores::Full)) ks.release();
 }
 }  // namespace qlora::cpu::ops::attn
 #endif
+
+namespace qlora::cpu::ops {
+void attention_train_keep_scores(bool on) {
+#ifdef QLORA_X86
+  attn::keep_scores_arm(on);
+#else
+  (void)on;
+#endif
+}
+int64_t attention_train_kept_scores_bytes(int64_t B, int64_t T, int64_t Hq) {
+#ifdef QLORA_X86
+  return attn::keep_scores_bytes(B, T, Hq);
+#else
+  (void)B, (void)T, (void)Hq;
+  return 0;
+#endif
+}
+}  // namespace qlora::cpu::ops

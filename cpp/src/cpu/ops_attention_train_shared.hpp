@@ -87,14 +87,22 @@ void scores(const GemmPanels& gp, int64_t mq, int64_t nk, int64_t t0, int64_t hd
 }  // namespace fp
 
 // The AVX512-BF16 packed path (ops_attention_train_bf16.cpp), for bf16 compute at the AVX512 level
-// where bf16_compute_available(level): the forward, and the fused backward (delta given).
+// where bf16_compute_available(level): the forward, and the fused backward (delta given, or nullptr:
+// computed from dout and out in its tasks).
 void attention_train_packed(SimdLevel level, const rowk::Kernels* kr, int64_t B, int64_t T, int64_t Hq, int64_t Hkv,
                             int64_t hd, const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v,
                             int64_t ldv, const int32_t* key_mask, float scale, float* out, int64_t ldo, float* lse);
 void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t B, int64_t T, int64_t Hq, int64_t Hkv,
                                int64_t hd, const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v,
                                int64_t ldv, const int32_t* key_mask, float scale, const float* lse, const float* delta,
-                               const float* dout, int64_t lddo, float* dq, int64_t lddq, float* dk, int64_t lddk,
-                               float* dv, int64_t lddv);
+                               const float* out, int64_t ldo, const float* dout, int64_t lddo, float* dq, int64_t lddq,
+                               float* dk, int64_t lddk, float* dv, int64_t lddv);
+// QLORA_ATTN_BF16_DELTA (default on, read per call): attention_backward_packed computes delta itself
+// (delta == nullptr; delta_rows_avx512 per query block and head, the same bits), so the caller skips
+// its pass over dout and out.
+bool bf16_delta_in_task();
+// ops::attention_train_keep_scores / attention_train_kept_scores_bytes (ops_backward.hpp).
+void keep_scores_arm(bool on);
+int64_t keep_scores_bytes(int64_t B, int64_t T, int64_t Hq);
 #endif
 }  // namespace qlora::cpu::ops::attn

@@ -375,12 +375,16 @@ struct Pass {
     }
     be.rope(M, d.Hq, d.hd, A.q.f(), QD, pos, inv_freq);
     be.rope(M, d.Hkv, d.hd, A.k.f(), KD, pos, inv_freq);
-    if (bf16)
+    if (bf16) {
+      // the checkpointed backward runs this layer's attention backward next, on these q, k, lse:
+      // its scores are kept for it (backend hint; CPU: ops_attention_train_bf16.cpp)
+      if (recompute) be.attention_train_keep_scores_bf16(true);
       be.attention_train_bf16(d.B, d.T, d.Hq, d.Hkv, d.hd, A.q.f(), QD, A.k.f(), KD, A.v.f(), KD, key_mask, scale(),
                               A.att.f(), QD, A.lse.f());
-    else
+    } else {
       be.attention_train(d.B, d.T, d.Hq, d.Hkv, d.hd, A.q.f(), QD, A.k.f(), KD, A.v.f(), KD, key_mask, scale(),
                          A.att.f(), QD, A.lse.f());
+    }
     lin_fwd(l, 3, A.att.f(), QD, A.x_mid.f(), D);
     be.add_inplace(M * D, x_in, A.x_mid.f());
     be.rmsnorm(M, D, A.x_mid.f(), L.post_norm.f32(), eps, A.h2.f());
