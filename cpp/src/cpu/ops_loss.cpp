@@ -10,6 +10,8 @@
 
 #include "backend.hpp"
 #include "common/error.hpp"
+#include "cpu/cpu_backend.hpp"
+#include "cpu/lm_head_bf16.hpp"
 #include "cpu/ops_backward.hpp"
 #include "cpu/profile.hpp"
 #include "cpu/rowops_kernels.hpp"
@@ -139,10 +141,30 @@ CrossEntropyResult lm_cross_entropy_any(Backend& be, int64_t N, int64_t D, int64
   int32_t* dlab = device ? static_cast<int32_t*>(scratch.get(static_cast<size_t>(rows) * sizeof(int32_t)))
                          : nullptr;                                                                 // [rows]
   std::vector<float> loss_host(device ? rows : 0);                                                  // [rows]
+  // bf16 compute over an fp32 table on the CPU: E's bf16 B panels packed once for all chunks
+  // (cpu/lm_head_bf16.hpp; the same logits bits as gemm_nt_bf16, which packs them per chunk).
+  const uint32_t* panels = nullptr;
+  const auto* cpu_be = E ? dynamic_cast<const cpu::CpuBackend*>(&be) : nullptr;
+  if (cpu_be) {
+    const size_t pb = cpu::lm_head_panels_workspace_bytes(cpu_be->level(), N, D, V, rows, bf16, device);
+    if (pb > 0) {
+      auto* P = static_cast<uint32_t*>(scratch.get(pb));
+      const prof::Scope sc(prof::Part::GemmOther, "lm_head_pack_bf16", 0.0,
+                           static_cast<double>(V) * static_cast<double>(D) * 6.0, V, D, 0);
+      cpu::lm_head_pack_panels(V, D, E, D, P);
+      panels = P;
+    }
+  }
 
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t m = std::min(rows, N - n0);
-    if (E16 && bf16) be.half_gemm_nt_bf16(ht, m, V, D, h + n0 * ldh, ldh, E16, logits, V);
+    if (panels) {
+      const prof::Scope sc(prof::Part::GemmOther, "lm_head_nt_bf16",
+                           2.0 * static_cast<double>(m) * static_cast<double>(V) * static_cast<double>(D),
+                           2.0 * static_cast<double>(V) * static_cast<double>(D) + 4.0 * static_cast<double>(m) * V,
+                           m, V, D);
+      cpu::lm_head_logits_bf16(m, V, D, h + n0 * ldh, ldh, panels, logits, V);
+    } else if (E16 && bf16) be.half_gemm_nt_bf16(ht, m, V, D, h + n0 * ldh, ldh, E16, logits, V);
     else if (E16) be.half_gemm_nt(ht, m, V, D, h + n0 * ldh, ldh, E16, logits, V);
     else if (E_q8 && bf16) be.q8_0_gemm_nt_bf16(m, V, D, h + n0 * ldh, ldh, E_q8, logits, V);
     else if (E_q8) be.q8_0_gemm_nt(m, V, D, h + n0 * ldh, ldh, E_q8, logits, V);

@@ -1,0 +1,128 @@
+// cpu/lm_head_bf16.hpp: the lm_head logits from bf16 panels packed once per call.
+#include "cpu/lm_head_bf16.hpp"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+
+#include "common/error.hpp"
+#include "cpu/gemm.hpp"
+#include "cpu/gemm_bf16.hpp"
+#include "cpu/gemm_bf16_kernels.hpp"
+#include "cpu/threads.hpp"
+
+namespace qlora::cpu {
+
+namespace {
+constexpr int MR = bf16_k::kMR, NR = bf16_k::kNR;
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// The bf16 GEMM driver's depth block (cpu/gemm_bf16.cpp blocking(): twice the fp32 AVX-512 KC,
+// a multiple of 32, at most RunScales::kMaxLen = 4096, cpu/gemm_checks.hpp, whose unused
+// anonymous-namespace checks would warn here). D within one block: gemm_nt_bf16 runs the whole
+// dot product of every logit as one micro-kernel call over ceil(D / 2) pairs, as here.
+int64_t depth_block() {
+  static const int64_t kc = [] {
+    const GemmBlocking f = gemm_blocking_in_use(SimdLevel::AVX512);
+    return std::min<int64_t>(4096, std::max<int64_t>(64, (2 * f.kc) / 32 * 32));
+  }();
+  return kc;
+}
+
+struct AlignedBuf {  // per-thread A panels (one chunk's rows: 256 x 576 -> 295 KB)
+  void* p = nullptr;
+  size_t n = 0;
+  ~AlignedBuf() { std::free(p); }
+  uint32_t* get(size_t count) {
+    const size_t bytes = static_cast<size_t>(round_up(static_cast<int64_t>(count * 4), 64));
+    if (bytes > n) {
+      std::free(p);
+      p = std::aligned_alloc(64, bytes);
+      if (!p) {
+        n = 0;
+        throw std::bad_alloc();
+      }
+      n = bytes;
+    }
+    return static_cast<uint32_t*>(p);
+  }
+};
+thread_local AlignedBuf t_ap, t_tmp;
+}  // namespace
+
+bool lm_head_panels_apply(SimdLevel level, int64_t V, int64_t D) {
+#ifdef QLORA_X86
+  if (level != SimdLevel::AVX512 || !bf16_compute_available(level)) return false;
+  if (V < 1 || D < 1 || round_up(D, 32) > depth_block()) return false;
+  const char* e = std::getenv("QLORA_BF16_HEAD_PANELS");
+  return !(e && std::strcmp(e, "0") == 0);
+#else
+  (void)level, (void)V, (void)D;
+  return false;
+#endif
+}
+
+size_t lm_head_panels_bytes(int64_t V, int64_t D) {
+  return static_cast<size_t>(ceil_div(V, NR)) * NR * static_cast<size_t>(ceil_div(D, 2)) * sizeof(uint32_t);
+}
+
+size_t lm_head_panels_workspace_bytes(SimdLevel level, int64_t N, int64_t D, int64_t V, int64_t chunk_rows,
+                                      bool bf16, bool device) {
+  if (!bf16 || device || N <= chunk_rows || !lm_head_panels_apply(level, V, D)) return 0;
+  return lm_head_panels_bytes(V, D);
+}
+
+void lm_head_pack_panels(int64_t V, int64_t D, const float* E, int64_t lde, uint32_t* P) {
+#ifdef QLORA_X86
+  const int64_t kp = ceil_div(D, 2), n_pan = ceil_div(V, NR);
+  constexpr int64_t kGroup = 16;  // panels per task
+  parallel_for(ceil_div(n_pan, kGroup), [&](int64_t t) {
+    float* tmp = reinterpret_cast<float*>(t_tmp.get(static_cast<size_t>(NR * D)));
+    for (int64_t q = t * kGroup; q < std::min(n_pan, (t + 1) * kGroup); ++q) {
+      const int nr = static_cast<int>(std::min<int64_t>(NR, V - q * NR));
+      // the rows copied one run at a time first (gemm_nt_bf16's streaming B packer: a transposing
+      // read of 32 rows at once defeats the hardware prefetcher), then rounded + transposed
+      for (int r = 0; r < nr; ++r) std::memcpy(tmp + r * D, E + (q * NR + r) * lde, sizeof(float) * D);
+      bf16_k::pack_rows_avx512bf16(tmp, D, nr, D, NR, P + q * NR * kp);
+    }
+  });
+#else
+  (void)V, (void)D, (void)E, (void)lde, (void)P;
+  throw std::runtime_error("lm_head_pack_panels: no AVX512-BF16 kernels in this build");
+#endif
+}
+
+void lm_head_logits_bf16(int64_t M, int64_t V, int64_t D, const float* h, int64_t ldh, const uint32_t* P, float* C,
+                         int64_t ldc) {
+#ifdef QLORA_X86
+  if (M <= 0) return;
+  const int64_t kp = ceil_div(D, 2), n_pan = ceil_div(V, NR), m_tiles = ceil_div(M, MR);
+  // A panels (h rounded to bf16 pairs) once, shared by all tasks: the same values as the bf16
+  // driver's pack_a_rows.
+  uint32_t* Ap = t_ap.get(static_cast<size_t>(m_tiles * MR * kp));
+  parallel_for(ceil_div(m_tiles, 4), [&](int64_t t) {
+    for (int64_t i = t * 4; i < std::min(m_tiles, (t + 1) * 4); ++i)
+      bf16_k::pack_a_panel_avx512bf16(h + i * MR * ldh, ldh, static_cast<int>(std::min<int64_t>(MR, M - i * MR)), D,
+                                      Ap + i * MR * kp);
+  });
+  // Each task: a run of B panels, every row tile against each panel while the panel is in L1/L2.
+  constexpr int64_t kGroup = 8;
+  parallel_for(ceil_div(n_pan, kGroup), [&](int64_t t) {
+    for (int64_t q = t * kGroup; q < std::min(n_pan, (t + 1) * kGroup); ++q) {
+      const uint32_t* bp = P + q * NR * kp;
+      const int nr = static_cast<int>(std::min<int64_t>(NR, V - q * NR));
+      for (int64_t i = 0; i < m_tiles; ++i)
+        bf16_k::ukernel_avx512bf16(kp, Ap + i * MR * kp, bp, C + i * MR * ldc + q * NR, ldc, 1.0f, 0.0f,
+                                   static_cast<int>(std::min<int64_t>(MR, M - i * MR)), nr);
+    }
+  });
+#else
+  (void)M, (void)V, (void)D, (void)h, (void)ldh, (void)P, (void)C, (void)ldc;
+  throw std::runtime_error("lm_head_logits_bf16: no AVX512-BF16 kernels in this build");
+#endif
+}
+
+}  // namespace qlora::cpu

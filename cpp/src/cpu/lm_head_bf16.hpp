@@ -1,0 +1,33 @@
+// The lm_head's logits GEMM in bf16 compute (compute_dtype="bfloat16") over an fp32 table E [V, D]
+// whose bf16 B panels are packed once per lm_cross_entropy call and reused by every row chunk.
+// gemm_nt_bf16 packs the same panels again for each 256-row chunk (the 49152 x 576 SmolLM2 table:
+// 113 MB of fp32 read and rounded 4 times per step); here once, into 57 MB that the chunks read.
+// Same rounding (RNE), same micro-kernel, same single depth block: the logits are bit-identical
+// to gemm_nt_bf16's (tests/test_lm_head_bf16.py). AVX512-BF16 only; callers fall back otherwise.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "cpu/features.hpp"
+
+namespace qlora::cpu {
+
+// True where the packed-once path runs: `level` has the AVX512-BF16 kernels, D fits one depth
+// block of the bf16 GEMM (so the k order equals gemm_nt_bf16's), and QLORA_BF16_HEAD_PANELS is not
+// "0" (read per call: A/B runs and the bit-equality test switch it off).
+bool lm_head_panels_apply(SimdLevel level, int64_t V, int64_t D);
+// Bytes of the packed table: ceil(V / 32) panels of 32 rows x ceil(D / 2) bf16 pairs (uint32).
+size_t lm_head_panels_bytes(int64_t V, int64_t D);
+// The bytes lm_cross_entropy adds to its workspace for these panels (0 where it does not pack
+// them): bf16 compute over an fp32 table on the host (not a device backend), more rows than one
+// chunk (N > chunk_rows: with one chunk there is nothing to reuse) and lm_head_panels_apply.
+// The one rule for both ops_loss.cpp and the training memory plan (model/train_memory.cpp).
+size_t lm_head_panels_workspace_bytes(SimdLevel level, int64_t N, int64_t D, int64_t V, int64_t chunk_rows,
+                                      bool bf16, bool device);
+// P (64-byte aligned, lm_head_panels_bytes) = E's B panels (rows of E = columns of the logits).
+void lm_head_pack_panels(int64_t V, int64_t D, const float* E, int64_t lde, uint32_t* P);
+// C[M, V] (ld ldc) = h[M, D] (ld ldh) · Eᵀ from the packed panels (alpha 1, beta 0).
+void lm_head_logits_bf16(int64_t M, int64_t V, int64_t D, const float* h, int64_t ldh, const uint32_t* P, float* C,
+                         int64_t ldc);
+
+}  // namespace qlora::cpu
