@@ -277,7 +277,7 @@ py::dict ce_result(const CrossEntropyResult& r, const py::object& dh) {
 }
 
 py::dict lm_cross_entropy(py::handle h_o, py::handle e_o, py::handle lab_o, float grad_scale, int64_t chunk_rows,
-                          bool want_grad, const std::string& backend) {
+                          bool want_grad, bool bf16, const std::string& backend) {
   Backend& be = host_backend(backend);
   F32 h = f32(h_o, "h", 2), E = f32(e_o, "E", 2);
   I32 labels = i32(lab_o, "labels", 1);
@@ -290,7 +290,7 @@ py::dict lm_cross_entropy(py::handle h_o, py::handle e_o, py::handle lab_o, floa
   CrossEntropyResult r;
   {
     py::gil_scoped_release nogil;
-    r = lm_cross_entropy(be, N, D, V, h.data(), D, E.data(), labels.data(), grad_scale, pdh, D, chunk_rows);
+    r = lm_cross_entropy(be, N, D, V, h.data(), D, E.data(), labels.data(), grad_scale, pdh, D, chunk_rows, bf16);
   }
   return ce_result(r, dh_obj);
 }
@@ -354,7 +354,7 @@ void bind_grad_ops(py::module_& m) {
         "caches [B, Hkv, S_cap, hd] with int32 key_mask [B, S_cap]");
   g.def("lm_cross_entropy", &lm_cross_entropy, py::arg("h"), py::arg("E"), py::arg("labels"), py::kw_only(),
         py::arg("grad_scale") = 1.0f, py::arg("chunk_rows") = kCrossEntropyChunkRows, py::arg("want_grad") = true,
-        py::arg("backend") = "cpu",
+        py::arg("bf16") = false, py::arg("backend") = "cpu",
         "chunked cross-entropy of logits = h[N, D] @ E[V, D].T against int32 labels[N] (-100 ignored): dict with "
         "loss_sum, count, dh (d(loss_sum * grad_scale)/dh, or None) and workspace_bytes (scratch allocated)");
   g.def("lm_cross_entropy_q8_0", &lm_cross_entropy_q8_0, py::arg("h"), py::arg("E_q8"), py::arg("labels"),
