@@ -144,6 +144,26 @@ std::vector<float>& thread_scales() {
   return s;
 }
 
+// The calling thread's regrouped X and task list, grow-only: no allocation and no zero-fill of
+// M x K floats per call (~120 calls per decode step). QLORA_GEMV_SCRATCH=0 (read per call, A/B
+// runs): a fresh zero-filled vector per call as before. The pool's threads only read them while
+// the caller waits in parallel_for.
+struct GemvTask {
+  int64_t w, r0, r1, g0;  // weight, rows [r0, r1); g0: rows of the job before this task's (the tail's prefetch fractions)
+};
+struct GemvScratch {
+  std::vector<float> xg;
+  std::vector<GemvTask> tasks;
+};
+GemvScratch& gemv_scratch() {
+  thread_local GemvScratch s;
+  return s;
+}
+bool scratch_enabled() {
+  const char* e = std::getenv("QLORA_GEMV_SCRATCH");
+  return !(e && e[0] == '0' && e[1] == '\0');
+}
+
 // Y_i[M, W_i.rows] = alpha * X[M, K] · deq(W_i)ᵀ + beta * Y_i for n weights sharing X (K = W_i.cols):
 // X is regrouped once and all weights' rows go to the thread pool as one job.
 void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
@@ -186,11 +206,13 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
   base.codes = kNf4Codes;
   base.alpha = alpha;
   base.beta = beta;
-  std::vector<float> xg;  // [M, K] regrouped X (SIMD kernels)
+  GemvScratch fresh;  // QLORA_GEMV_SCRATCH=0
+  GemvScratch& sc = scratch_enabled() ? gemv_scratch() : fresh;
+  std::vector<float>& xg = sc.xg;  // [M, K] regrouped X (SIMD kernels)
   const bool avx512 = G == nf4_gemv_detail::kGroupAvx512;
   const bool avx2 = G == nf4_gemv_detail::kGroupAvx2;
   if (G) {
-    xg.resize(static_cast<size_t>(M * K));
+    if (xg.size() < static_cast<size_t>(M * K)) xg.resize(static_cast<size_t>(M * K));
     base.x = xg.data();
     base.ldx = K;
 #if defined(QLORA_X86)
@@ -220,10 +242,9 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
   // split, so a row's result depends neither on the thread count nor on the other weights.
   int64_t per = std::max<int64_t>(1, (total + n_tasks - 1) / std::max<int64_t>(1, n_tasks));
   per += per & 1;
-  struct Task {
-    int64_t w, r0, r1, g0;  // g0: rows of the job before this task's (the tail's prefetch fractions)
-  };
-  std::vector<Task> tasks;  // [weight, rows [r0, r1)]
+  using Task = GemvTask;
+  std::vector<Task>& tasks = sc.tasks;  // [weight, rows [r0, r1)]
+  tasks.clear();
   for (int64_t i = 0, g = 0; i < n; ++i)
     for (int64_t r = 0; r < W[i]->rows; r += per) {
       const int64_t r1 = std::min(W[i]->rows, r + per);

@@ -117,6 +117,11 @@ CallScratch& call_scratch() {
   thread_local CallScratch s;
   return s;
 }
+// QLORA_GEMV_SCRATCH=0 (read per call, A/B runs; as nf4_gemv.cpp): a fresh buffer per call.
+bool scratch_enabled() {
+  const char* e = std::getenv("QLORA_GEMV_SCRATCH");
+  return !(e && e[0] == '0' && e[1] == '\0');
+}
 
 // Y_i = alpha * r(X) · r(deq(W_i))ᵀ + beta * Y_i for n weights sharing K: one regroup of X, one
 // job (with the tail's tasks). Task rows are even chunks of each weight (pairs (2j, 2j + 1)
@@ -125,7 +130,8 @@ void run_job(int64_t M, float alpha, const float* X, int64_t ldx, int64_t n, con
              float* const* Y, const int64_t* ldy, const GemvTail* tail) {
   namespace d = nf4_gemv_bf16_detail;
   const int64_t K = W[0]->cols;
-  CallScratch& cs_ = call_scratch();
+  CallScratch fresh;
+  CallScratch& cs_ = scratch_enabled() ? call_scratch() : fresh;
   if (cs_.xb.size() < static_cast<size_t>(M * K)) cs_.xb.resize(static_cast<size_t>(M * K));
   d::regroup_x_bf16(M, K, X, ldx, cs_.xb.data());
   d::Args base{};
