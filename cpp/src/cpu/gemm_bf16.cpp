@@ -15,9 +15,11 @@
 #include "cpu/cache_info.hpp"
 #include "cpu/gemm.hpp"
 #include "cpu/gemm_checks.hpp"
+#include "cpu/gemm_bf16_amx.hpp"
 #include "cpu/gemm_bf16_kernels.hpp"
 #include "cpu/gemm_kernels.hpp"
 #include "cpu/gemm_scalar.hpp"
+#include "cpu/gemv_f32.hpp"
 #include "cpu/nf4_gemv_bf16.hpp"
 #include "cpu/pack.hpp"
 #include "cpu/threads.hpp"
@@ -80,6 +82,30 @@ struct Scratch {
 };
 thread_local Scratch t_a, t_b, t_tmp;
 
+// The micro-kernel (cpu/gemm_bf16_amx.hpp: AVX512-BF16, or AMX-BF16 where usable / QLORA_AMX=emulate)
+// is chosen once per task or shared() call, so its A panels and its calls agree. AMX reads each A
+// panel re-laid after packing (once per panel, not per B panel), and takes two panels (28 rows) a call.
+using bf16_amx::Kernel;
+template <class PackA>
+void pack_a_for(Kernel uk, const PackA& pack_a, int64_t i0, int mr, int64_t p0, int64_t kc, uint32_t* Ap) {
+  pack_a(i0, mr, p0, kc, Ap);
+  if (uk != Kernel::Avx512Bf16) bf16_amx::relayout_a(Ap, ceil_div(kc, 2));
+}
+// Rows [0, rows) of a packed A block against one B panel; after(ir, mr) follows each call (rows ir..).
+template <class After>
+void micro_rows(Kernel uk, int64_t kp, const uint32_t* Ap, int64_t rows, const uint32_t* bp, float* c, int64_t ldc,
+                float alpha, float beta, int nr, const After& after) {
+  const int64_t step = uk == Kernel::Avx512Bf16 ? MR : 2 * MR;
+  for (int64_t ir = 0; ir < rows; ir += step) {
+    const int mr = static_cast<int>(std::min<int64_t>(step, rows - ir));
+    if (uk == Kernel::Avx512Bf16)
+      bf16_k::ukernel_avx512bf16(kp, Ap + ir * kp, bp, c + ir * ldc, ldc, alpha, beta, mr, nr);
+    else
+      bf16_amx::ukernel(uk, kp, Ap + ir * kp, bp, c + ir * ldc, ldc, alpha, beta, mr, nr);
+    after(ir, mr);
+  }
+}
+
 void scale_c(int64_t M, int64_t N, float beta, float* C, int64_t ldc) {
   for (int64_t i = 0; i < M; ++i)
     for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[i * ldc + j];
@@ -95,6 +121,7 @@ void run_task(int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t K, int64_t
   const int64_t kpmax = kc / 2;
   uint32_t* Bp = t_b.get<uint32_t>(static_cast<size_t>(kpmax * nc));  // [nc / NR][kp][NR]
   uint32_t* Ap = t_a.get<uint32_t>(static_cast<size_t>(kpmax * mc));  // [mc / MR][kp][MR]
+  const Kernel uk = bf16_amx::kernel_choice();
   for (int64_t jc = n0; jc < n1; jc += nc) {
     const int64_t ncur = std::min(nc, n1 - jc), n_pan = ceil_div(ncur, NR);
     for (int64_t pc = 0; pc < K; pc += kc) {
@@ -105,14 +132,12 @@ void run_task(int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t K, int64_t
       for (int64_t ic = m0; ic < m1; ic += mc) {
         const int64_t mcur = std::min(mc, m1 - ic);
         for (int64_t ir = 0; ir < mcur; ir += MR)
-          pack_a(ic + ir, static_cast<int>(std::min<int64_t>(MR, mcur - ir)), pc, kcur, Ap + ir * kp);
+          pack_a_for(uk, pack_a, ic + ir, static_cast<int>(std::min<int64_t>(MR, mcur - ir)), pc, kcur, Ap + ir * kp);
         for (int64_t p = 0; p < n_pan; ++p) {
           const uint32_t* bp = Bp + p * NR * kp;
           const int nr = static_cast<int>(std::min<int64_t>(NR, ncur - p * NR));
           float* c = C + ic * ldc + jc + p * NR;
-          for (int64_t ir = 0; ir < mcur; ir += MR)
-            bf16_k::ukernel_avx512bf16(kp, Ap + ir * kp, bp, c + ir * ldc, ldc, alpha, beta_k,
-                                       static_cast<int>(std::min<int64_t>(MR, mcur - ir)), nr);
+          micro_rows(uk, kp, Ap, mcur, bp, c, ldc, alpha, beta_k, nr, [](int64_t, int) {});
         }
       }
     }
@@ -190,6 +215,26 @@ Driver driver_choice() {
   return Driver::Auto;
 }
 
+// The fp32 LoRA expand of one output (nf4_gemm_nt_many_expand_bf16): C[i, j] += s * sum_k t[i, k] *
+// B[j, k], k < r, by the fp32 AVX-512 micro-kernel that gemm_nt (the separate expand) runs, reading
+// t in place and B from fp32 panels Bp [ceil(N / NR)][r][NR] packed once per call: on a tile the
+// same per-element operations (the fma chain over k from zero, then C + s * acc, one rounding
+// each) as the separate gemm_nt(M, N, r, s, t, ldt, B, r, 1, C, ldc) with r in one depth block.
+struct TileExpand {
+  const float* t = nullptr;  // [M, r] ld ldt; null: no expand
+  int64_t ldt = 0;
+  const float* Bp = nullptr;
+  int64_t r = 0;
+  float s = 0.0f;
+  void run(int64_t row, int64_t col, float* c, int64_t ldc, int mr, int nr) const {
+#ifdef QLORA_X86
+    gemm_k::ukernel_direct_avx512(r, t + row * ldt, ldt, 1, Bp + (col / NR) * r * NR, c, ldc, s, 1.0f, mr, nr);
+#else
+    (void)row, (void)col, (void)c, (void)ldc, (void)mr, (void)nr;
+#endif
+  }
+};
+
 // The caller's A panels (one buffer for every instantiation; a pool thread calling from an
 // outer parallel_for runs the nested parallel_fors below serially, on its own buffer).
 thread_local Scratch t_sa;
@@ -198,9 +243,11 @@ thread_local Scratch t_sa;
 // (row super-block, depth block) of A packed once, then every problem's tasks run against it,
 // problem by problem (the q/k/v or gate/up projections of one input). Per problem the same task
 // grid, KC split and k order as a call of its own: the same bits.
+// ex (null: none): per problem, an fp32 LoRA expand C += s * t·Bᵀ run on each output tile right
+// after its last depth block, while the tile is in L1 (TileExpand, nf4_gemm_nt_many_expand_bf16).
 template <class PackA, class PackB>
 void shared_many(int64_t M, int64_t K, float alpha, float beta, int nb, const int64_t* Ns, float* const* Cs,
-                 const int64_t* ldcs, const PackA& pack_a, const PackB* pack_bs) {
+                 const int64_t* ldcs, const PackA& pack_a, const PackB* pack_bs, const TileExpand* ex = nullptr) {
   if (M <= 0) return;
   if (K <= 0) {
     for (int b = 0; b < nb; ++b) scale_c(M, Ns[b], beta, Cs[b], ldcs[b]);
@@ -212,6 +259,7 @@ void shared_many(int64_t M, int64_t K, float alpha, float beta, int nb, const in
   const int64_t mb_max = std::max<int64_t>(MR, shared_budget_bytes() / (4 * kpmax) / MR * MR);
   const int64_t mb = round_up(ceil_div(M, ceil_div(M, mb_max)), MR);  // balanced row super-blocks
   uint32_t* Ap = t_sa.get<uint32_t>(static_cast<size_t>(kpmax * mb));  // [mb / MR][kp][MR]
+  const Kernel uk = bf16_amx::kernel_choice();
   const int nth = num_threads();
   constexpr int64_t kGroup = 4;  // A tiles per packing task
   for (int64_t ms = 0; ms < M; ms += mb) {
@@ -221,7 +269,8 @@ void shared_many(int64_t M, int64_t K, float alpha, float beta, int nb, const in
       const float beta_k = pc == 0 ? beta : 1.0f;
       parallel_for(ceil_div(m_tiles, kGroup), [&](int64_t t) {
         for (int64_t i = t * kGroup; i < std::min(m_tiles, (t + 1) * kGroup); ++i)
-          pack_a(ms + i * MR, static_cast<int>(std::min<int64_t>(MR, mcur - i * MR)), pc, kcur, Ap + i * MR * kp);
+          pack_a_for(uk, pack_a, ms + i * MR, static_cast<int>(std::min<int64_t>(MR, mcur - i * MR)), pc, kcur,
+                     Ap + i * MR * kp);
       });
       for (int b = 0; b < nb; ++b) {
         const int64_t N = Ns[b], ldc = ldcs[b];
@@ -268,9 +317,11 @@ void shared_many(int64_t M, int64_t K, float alpha, float beta, int nb, const in
                 const uint32_t* bp = Bp + p * NR * kp;
                 const int nr = static_cast<int>(std::min<int64_t>(NR, ncur - p * NR));
                 float* c = C + (ms + ic) * ldc + jc + p * NR;
-                for (int64_t ir = 0; ir < icur; ir += MR)
-                  bf16_k::ukernel_avx512bf16(kp, ap + ir * kp, bp, c + ir * ldc, ldc, alpha, beta_k,
-                                             static_cast<int>(std::min<int64_t>(MR, icur - ir)), nr);
+                const TileExpand* e = ex && ex[b].t && pc + kcur >= K ? &ex[b] : nullptr;  // last depth block
+                micro_rows(uk, kp, ap, icur, bp, c, ldc, alpha, beta_k, nr, [&](int64_t ir, int mr) {
+                  for (int64_t i = ir; e && i < ir + mr; i += MR)  // the expand's tiles: kMR rows
+                    e->run(ms + ic + i, jc + p * NR, c + i * ldc, ldc, static_cast<int>(std::min<int64_t>(MR, ir + mr - i)), nr);
+                });
               }
             }
           }
@@ -540,6 +591,65 @@ void nf4_gemm_nt_many_bf16(SimdLevel level, int64_t M, const float* X, int64_t l
   }
 #endif
   for (int64_t i = 0; i < n; ++i) nf4_gemm_nt_bf16(level, M, 1.0f, X, ldx, *W[i], 0.0f, Y[i], ldy[i]);
+}
+
+// QLORA_BF16_LORA_EPILOGUE=0 (read per call): never fused; the caller runs the two calls (A/B
+// runs; same bits either way).
+bool nf4_expand_fusable(SimdLevel level, int64_t M, int64_t n, const Nf4Ref* const* W, const Nf4Expand* ex) {
+#ifdef QLORA_X86
+  const char* e = std::getenv("QLORA_BF16_LORA_EPILOGUE");
+  if (e && std::strcmp(e, "0") == 0) return false;
+  if (n < 1 || n > kNf4ManyMax || mode(level) != Mode::Bf16 || M <= kGemvF32MaxM) return false;  // gemm_nt: GEMV
+  const Driver d = driver_choice();
+  bool any = false;
+  for (int64_t i = 0; i < n; ++i) {
+    if (W[i]->cols != W[0]->cols || nf4_gemv_bf16_applies(level, M, *W[i])) return false;
+    if (!(d == Driver::Shared || (d == Driver::Auto && 2.0 * M * W[i]->rows * W[i]->cols >= 4e6))) return false;
+    if (!ex[i].t) continue;
+    // the separate expand's k order: one fp32 depth block of r (ragged r as well: no KC split)
+    if (ex[i].r < 1 || gemm_depth_block(level, ex[i].r) != ex[i].r || ex[i].ldt < ex[i].r) return false;
+    any = true;
+  }
+  return any;
+#else
+  (void)level, (void)M, (void)n, (void)W, (void)ex;
+  return false;
+#endif
+}
+
+void nf4_gemm_nt_many_expand_bf16(SimdLevel level, int64_t M, const float* X, int64_t ldx, int64_t n,
+                                  const Nf4Ref* const* W, float* const* Y, const int64_t* ldy, const Nf4Expand* ex) {
+  check_arg(n >= 1 && n <= kNf4ManyMax, "nf4 gemm expand: weight count out of range");
+  for (int64_t i = 0; i < n; ++i) {
+    check_nf4(*W[i]);
+    check_dims(M, W[i]->rows, W[i]->cols, ldx, W[i]->cols, W[i]->cols, W[i]->cols, ldy[i]);
+  }
+  check_arg(nf4_expand_fusable(level, M, n, W, ex), "nf4 gemm expand: not fusable here (nf4_expand_fusable)");
+#ifdef QLORA_X86
+  // B_i's fp32 panels, as gemm_nt packs them ([r][NR] per NR columns, zero-padded): one buffer.
+  static_assert(gemm_k::kAvx512NR == NR && gemm_k::kAvx512MR == MR, "the fp32 expand tile is the bf16 tile");
+  thread_local Scratch t_lora;
+  int64_t off[kNf4ManyMax], total = 0;
+  for (int64_t i = 0; i < n; ++i) off[i] = total, total += ex[i].t ? ceil_div(W[i]->rows, NR) * NR * ex[i].r : 0;
+  float* lb = t_lora.get<float>(static_cast<size_t>(total));
+  TileExpand te[kNf4ManyMax];
+  std::vector<decltype(nf4_nt_pack_b(*W[0], 0))> pb;
+  pb.reserve(static_cast<size_t>(n));
+  int64_t N[kNf4ManyMax];
+  for (int64_t i = 0; i < n; ++i) {
+    pb.push_back(nf4_nt_pack_b(*W[i], check_nf4(*W[i])));
+    N[i] = W[i]->rows;
+    if (!ex[i].t) continue;
+    const int64_t r = ex[i].r;
+    for (int64_t j0 = 0; j0 < N[i]; j0 += NR)
+      gemm_k::pack_b_t_avx512(ex[i].B + j0 * r, r, static_cast<int>(std::min<int64_t>(NR, N[i] - j0)), r,
+                              lb + off[i] + j0 * r);
+    te[i] = TileExpand{ex[i].t, ex[i].ldt, lb + off[i], r, ex[i].s};
+  }
+  shared_many(M, W[0]->cols, 1.0f, 0.0f, static_cast<int>(n), N, Y, ldy, pack_a_rows(X, ldx), pb.data(), te);
+#else
+  (void)X, (void)ldx, (void)Y;
+#endif
 }
 
 void nf4_gemm_nn_bf16(SimdLevel level, int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W,
