@@ -116,7 +116,10 @@ def test_real_amx_gemms(rng, env):
     order the pair sums differently, which the bound allows)."""
     env.pop("QLORA_AMX", None)
     if ops.bf16_gemm_kernel() != "amx-bf16":
-        pytest.skip("the AMX-BF16 kernel is not in use here (no AMX-BF16, or the OS refused the tile state)")
+        why = "the AMX-BF16 kernel is not in use here (no AMX-BF16, or the OS refused the tile state)"
+        if os.environ.get("QLORA_REQUIRE_AMX") == "1":  # tools/device-check on an amx_bf16 host
+            pytest.fail(why + f": kernel {ops.bf16_gemm_kernel()!r}")
+        pytest.skip(why)
     real = run3(rng, env, None, "shared")
     for op, y, a, b, K, alpha, beta, c0 in real:
         check(y, a, b, K, alpha, beta, c0)
