@@ -212,7 +212,7 @@ def main():
     info["lora_env"] = {k: os.environ.get(k) for k in ("QLORA_SGMV", "QLORA_SGMV_FUSE", "QLORA_SGMV_AFTER",
                                                        "QLORA_SGMV_LOCAL", "QLORA_SGMV_LOCAL_SPLIT",
                                                        "QLORA_SGMV_LOCAL_SPIN", "QLORA_SGMV_PIECE_TASKS",
-                                                       "QLORA_SGMV_FUSE_BF16", "QLORA_SGMV_PLAN_CACHE")}
+                                                       "QLORA_SGMV_FUSE_BF16", "QLORA_GEMV_SCRATCH")}
     paths = ", ".join(f"{k}={v}" for k, v in info["lora_env"].items() if v is not None)
     machine = (f"{_common.machine_line(info, info['measured'])}; SIMD {info['simd']}, "
                f"load average {info['loadavg_before']}" + (f"; {paths}" if paths else "")
