@@ -13,6 +13,7 @@
 #include "bindings.hpp"
 #include "common/error.hpp"
 #include "model/lora_setup.hpp"
+#include "model/train_memory.hpp"
 #include "train/grad_utils.hpp"
 #include "train/lr_schedule.hpp"
 #include "train/optimizer.hpp"
@@ -182,6 +183,41 @@ void bind_train(py::module_& m) {
       .def_property_readonly("betas", [](const PyAdamW& s) { return py::make_tuple(s.opt->config().beta1, s.opt->config().beta2); })
       .def_property_readonly("eps", [](const PyAdamW& s) { return s.opt->config().eps; })
       .def_property_readonly("weight_decay", [](const PyAdamW& s) { return s.opt->config().weight_decay; });
+
+  // The training pass's allocation plan (model/train_memory.hpp): what memory_model.py reports.
+  t.attr("HEAD_FORMATS") = py::tuple(py::cast(model::head_format_names()));
+  t.def(
+      "memory_plan",
+      [](int64_t hidden_size, int64_t intermediate_size, int64_t vocab_size, int64_t num_hidden_layers,
+         int64_t num_attention_heads, int64_t num_key_value_heads, int64_t head_dim, int64_t batch, int64_t seq,
+         int64_t r, bool backward, bool checkpointing, bool offload, bool dropout, const std::string& compute_dtype,
+         const std::string& head_format, bool device) {
+        check_arg(compute_dtype == "float32" || compute_dtype == "bfloat16",
+                  "compute_dtype must be 'float32' or 'bfloat16', got '" + compute_dtype + "'");
+        model::TrainShape s{batch, seq, hidden_size, intermediate_size, vocab_size, num_attention_heads,
+                            num_key_value_heads, head_dim, num_hidden_layers, r, backward, checkpointing, offload,
+                            dropout, compute_dtype == "bfloat16", device, model::head_rows_from_name(head_format)};
+        const model::TrainMemoryPlan p = model::train_memory_plan(s);
+        py::dict out;
+        out["checkpoints"] = p.checkpoints;
+        out["layer_activations"] = p.layer_activations;
+        out["lora_scratch"] = p.lora_scratch;
+        out["dropout"] = p.dropout;
+        out["final_norm"] = p.final_norm_bytes;
+        out["backward_scratch"] = p.backward_scratch;
+        out["cross_entropy"] = p.cross_entropy;
+        out["peak"] = p.peak;
+        out["offload_host"] = p.offload_host;
+        return out;
+      },
+      py::kw_only(), py::arg("hidden_size"), py::arg("intermediate_size"), py::arg("vocab_size"),
+      py::arg("num_hidden_layers"), py::arg("num_attention_heads"), py::arg("num_key_value_heads"),
+      py::arg("head_dim"), py::arg("batch"), py::arg("seq"), py::arg("r"), py::arg("backward") = true,
+      py::arg("checkpointing") = true, py::arg("offload") = false, py::arg("dropout") = false,
+      py::arg("compute_dtype") = "float32", py::arg("head_format") = "float32", py::arg("device") = false,
+      "Device bytes of one training pass by part and its peak (LossResult::peak_train_bytes), as "
+      "LlamaModel::train_pass allocates them; offload_host: the host staging of offloaded checkpoints. "
+      "device: the backend's memory is not host memory (cuda, cpu:devsim).");
 
   t.def("lr_at",
         [](const std::string& schedule, int64_t step, double base_lr, double warmup_steps, int64_t total_steps) {

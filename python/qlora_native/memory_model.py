@@ -9,7 +9,9 @@ model/lora.cpp and train/lora_optimizer.cpp allocate them:
   lm_head (fp32, 16-bit rows: head_format "bf16" / "f16", or Q8_0 rows: head_format "q8_0"; tied:
   one table);
 - the adapter: A/B (one fp32 arena), their gradients (one arena), AdamW's m and v;
-- the pass's activations (what peak_train_bytes reports): the checkpointed layer inputs (all
+- the pass's activations (what peak_train_bytes reports): the engine's own allocation plan
+  (cpp/src/model/train_memory.cpp through _core.train.memory_plan; train_pass allocates its
+  buffers from the same plan, so this part is not a copy): the checkpointed layer inputs (all
   num_layers + 1 without offload, two with offload_checkpoints, all per-layer intermediates
   without checkpointing), one layer's intermediates for the recompute, the LoRA scratch, dropout
   buffers, the final-norm output and the backward scratch, with the chunked cross-entropy's
@@ -21,14 +23,15 @@ backward's [B, Hq, T] delta, grad-norm partials), host memory (offloaded checkpo
 """
 from __future__ import annotations
 
+import numbers
+
+from . import _core
 from ._core import grad_ops as _grad_ops
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _F = 4  # fp32 bytes
 CE_CHUNK_ROWS = _grad_ops.default_chunk_rows  # the engine's kCrossEntropyChunkRows
-Q8_0_GEMM_NN_CHUNK = 2048  # Backend::kQ8_0GemmNnChunk
-HALF_CHUNK = 2048  # Backend::kHalfChunk
-HEAD_FORMATS = ("float32", "bf16", "f16", "q8_0")
+HEAD_FORMATS = ("float32", "bf16", "f16", "q8_0")  # TEMP
 
 
 def _check_head_format(head_format) -> None:
@@ -43,12 +46,20 @@ def _get(cfg, key, default=None):
 
 
 def _dims(cfg) -> dict:
-    D = int(_get(cfg, "hidden_size"))
-    Hq = int(_get(cfg, "num_attention_heads"))
-    Hkv = int(_get(cfg, "num_key_value_heads", None) or Hq)
-    hd = int(_get(cfg, "head_dim", None) or D // Hq)
-    return dict(D=D, I=int(_get(cfg, "intermediate_size")), V=int(_get(cfg, "vocab_size")),
-                L=int(_get(cfg, "num_hidden_layers")), Hq=Hq, Hkv=Hkv, hd=hd, QD=Hq * hd, KD=Hkv * hd,
+    def field(key, default=None):
+        v = _get(cfg, key, None)
+        v = default if v is None else v
+        if v is None:
+            raise ValueError(f"config: missing field {key!r}")
+        return _count(f"config field {key!r}", v)
+
+    D = field("hidden_size")
+    Hq = field("num_attention_heads")
+    Hkv = field("num_key_value_heads", Hq)
+    hd = _get(cfg, "head_dim", None)
+    hd = _count("config field 'head_dim'", hd) if hd else D // Hq
+    return dict(D=D, I=field("intermediate_size"), V=field("vocab_size"),
+                L=field("num_hidden_layers"), Hq=Hq, Hkv=Hkv, hd=hd, QD=Hq * hd, KD=Hkv * hd,
                 tied=bool(_get(cfg, "tie_word_embeddings", False)))
 
 
@@ -115,43 +126,41 @@ def adapter_bytes(cfg, r: int, targets=PROJECTIONS, *, optimizer: bool = True) -
     return {"lora_params": n, "lora_grads": n, "adamw_state": 2 * n if optimizer else 0}
 
 
+def _count(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def activation_bytes(cfg, batch: int, seq: int, r: int, *, checkpointing: bool = True, offload: bool = False,
-                     dropout: bool = False, head_format: str = "float32", device: bool = True) -> dict[str, int]:
+                     dropout: bool = False, head_format: str = "float32", device: bool = True,
+                     compute_dtype: str = "float32") -> dict[str, int]:
     """The training pass's buffers (forward_backward): each category and "peak", the bytes
-    LlamaModel::LossResult::peak_train_bytes reports (its MemCounter's high-water mark)."""
+    LlamaModel::LossResult::peak_train_bytes reports (its MemCounter's high-water mark).
+
+    The engine's own allocation plan (cpp/src/model/train_memory.cpp, the sizes train_pass allocates),
+    not a copy of it: _core.train.memory_plan."""
     d = _dims(cfg)
-    M, D, I, V, L = batch * seq, d["D"], d["I"], d["V"], d["L"]
-    QD, KD = d["QD"], d["KD"]
-    lora_scratch = 2 * _F * M * max(r, 1)  # t, dt [M, r_max]
-    drop = 2 * _F * M * max(D, I, QD) if dropout else 0  # xdrop, dtmp
-    layer = _F * (3 * M * D + 2 * M * QD + 2 * M * KD + 3 * M * I + batch * d["Hq"] * seq)  # LayerActs
-    x = _F * M * D
-    if not checkpointing:
-        ckpt, acts = (L + 1) * x, L * layer
-    else:
-        ckpt, acts = (2 if offload else L + 1) * x, layer
-    final = x  # hF: the final norm's output, then dL/d(residual)
-    bwd = _F * M * (I + D + 2 * QD + 2 * KD)  # da, dh, datt, dq, dk, dv
-    rows = min(M, CE_CHUNK_ROWS)
-    ce = _F * rows * V + _F * rows + (_F * rows if device else 0)
     _check_head_format(head_format)
-    if head_format != "float32":  # the lm_head backward's widened chunk (q8_0_gemm_nn / half_gemm_nn)
-        nc = min(V, Q8_0_GEMM_NN_CHUNK if head_format == "q8_0" else HALF_CHUNK)
-        ce += _F * nc * D + _F * nc
-    base = lora_scratch + drop + ckpt + acts + final
-    return {"checkpoints": ckpt, "layer_activations": acts, "lora_scratch": lora_scratch, "dropout": drop,
-            "final_norm": final, "backward_scratch": bwd, "cross_entropy": ce,
-            "peak": base + max(ce, bwd)}
+    p = _core.train.memory_plan(hidden_size=d["D"], intermediate_size=d["I"], vocab_size=d["V"],
+                                num_hidden_layers=d["L"], num_attention_heads=d["Hq"], num_key_value_heads=d["Hkv"],
+                                head_dim=d["hd"], batch=_count("batch", batch), seq=_count("seq", seq),
+                                r=max(_count("r", r, 0), 1), backward=True,
+                                checkpointing=bool(checkpointing), offload=bool(offload), dropout=bool(dropout),
+                                compute_dtype=compute_dtype, head_format=head_format, device=bool(device))
+    return {k: int(p[k]) for k in ("checkpoints", "layer_activations", "lora_scratch", "dropout", "final_norm",
+                                   "backward_scratch", "cross_entropy", "peak")}
 
 
 def train_step_bytes(cfg, batch: int, seq: int, r: int = 16, targets=PROJECTIONS, *, nf4: bool = True,
                      blocksize: int = 64, double_quant: bool = True, head_format: str = "float32",
-                     checkpointing: bool = True, offload: bool = False, dropout: bool = False) -> dict[str, int]:
+                     checkpointing: bool = True, offload: bool = False, dropout: bool = False,
+                     compute_dtype: str = "float32") -> dict[str, int]:
     """Everything above for one training step: weights + adapter + the pass's peak, and "total"."""
     out = weight_bytes(cfg, nf4=nf4, blocksize=blocksize, double_quant=double_quant, head_format=head_format)
     out.update(adapter_bytes(cfg, r, targets))
     act = activation_bytes(cfg, batch, seq, r, checkpointing=checkpointing, offload=offload, dropout=dropout,
-                           head_format=head_format)
+                           head_format=head_format, compute_dtype=compute_dtype)
     out["activations_peak"] = act["peak"]
     out["total"] = sum(out.values())
     return out

@@ -16,6 +16,7 @@
 #include "model/lora_check.hpp"
 #include "model/lora_infer.hpp"
 #include "model/lora_nf4_bf16.hpp"
+#include "model/train_memory.hpp"
 #include "model/train_ops.hpp"
 
 namespace qlora::model {
@@ -223,21 +224,12 @@ struct Dims {
   int64_t B, T, M, D, I, V, Hq, Hkv, hd, QD, KD;
 };
 
-// One layer's intermediates, kept for its backward.
+// One layer's intermediates, kept for its backward (sizes and shapes: train_memory.hpp's plan).
 struct LayerActs {
   ActBuf h1, q, k, v, att, lse, x_mid, h2, g, u, a;
-  LayerActs(Backend& be, MemCounter& mc, const Dims& d)
-      : h1(be, mc, d.M * d.D),            // [M, D] input_norm(x_in)
-        q(be, mc, d.M * d.QD),            // [M, Hq*hd] after RoPE
-        k(be, mc, d.M * d.KD),            // [M, Hkv*hd] after RoPE
-        v(be, mc, d.M * d.KD),            // [M, Hkv*hd]
-        att(be, mc, d.M * d.QD),          // [M, Hq*hd] attention output
-        lse(be, mc, d.B * d.Hq * d.T),    // [B, Hq, T] attention logsumexp
-        x_mid(be, mc, d.M * d.D),         // [M, D] residual after attention
-        h2(be, mc, d.M * d.D),            // [M, D] post_norm(x_mid)
-        g(be, mc, d.M * d.I),             // [M, I] gate (its gradient in the backward)
-        u(be, mc, d.M * d.I),             // [M, I] up (its gradient in the backward)
-        a(be, mc, d.M * d.I) {}           // [M, I] silu(g) * u
+  LayerActs(Backend& be, MemCounter& mc, const LayerActsFloats& n)
+      : h1(be, mc, n.h1), q(be, mc, n.q), k(be, mc, n.k), v(be, mc, n.v), att(be, mc, n.att), lse(be, mc, n.lse),
+        x_mid(be, mc, n.x_mid), h2(be, mc, n.h2), g(be, mc, n.g), u(be, mc, n.u), a(be, mc, n.a) {}
 };
 
 constexpr int kQkv[3] = {0, 1, 2}, kGateUp[2] = {4, 5};  // the projections sharing an input
@@ -245,6 +237,13 @@ constexpr int kQkv[3] = {0, 1, 2}, kGateUp[2] = {4, 5};  // the projections shar
 // QLORA_LORA_GROUP=0 turns the grouped LoRA calls off (A/B runs); on otherwise.
 bool lora_grouping_enabled() {
   const char* e = std::getenv("QLORA_LORA_GROUP");
+  return !(e && std::string(e) == "0");
+}
+
+// QLORA_SKIP_LAST_RECOMPUTE=0 recomputes the last layer in the checkpointed backward too (A/B
+// runs); skipped otherwise.
+bool skip_last_recompute_enabled() {
+  const char* e = std::getenv("QLORA_SKIP_LAST_RECOMPUTE");
   return !(e && std::string(e) == "0");
 }
 
@@ -375,7 +374,9 @@ struct Pass {
   // x_out[M, D] = layer l applied to x_in[M, D]; intermediates into A. recompute (the checkpointed
   // backward): the backward reads only A, so stop after the SwiGLU; the down projection (a quarter
   // of the base FLOPs) would only rewrite x_out, the next layer's input, which is already held.
-  void layer_forward(int64_t l, const float* x_in, LayerActs& A, float* x_out, bool recompute = false) {
+  // keep_scores: the backward comes next without a recompute (the last layer's skipped one).
+  void layer_forward(int64_t l, const float* x_in, LayerActs& A, float* x_out, bool recompute = false,
+                     bool keep_scores = false) {
     const LayerWeights& L = w.layers[l];
     const float eps = w.cfg.rms_norm_eps;
     const int64_t M = d.M, D = d.D, I = d.I, QD = d.QD, KD = d.KD;
@@ -390,7 +391,7 @@ struct Pass {
     if (bf16) {
       // the checkpointed backward runs this layer's attention backward next, on these q, k, lse:
       // its scores are kept for it (backend hint; CPU: ops_attention_train_bf16.cpp)
-      if (recompute) be.attention_train_keep_scores_bf16(true);
+      if (recompute || keep_scores) be.attention_train_keep_scores_bf16(true);
       be.attention_train_bf16(d.B, d.T, d.Hq, d.Hkv, d.hd, A.q.f(), QD, A.k.f(), KD, A.v.f(), KD, key_mask, scale(),
                               A.att.f(), QD, A.lse.f());
     } else {
@@ -508,44 +509,49 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
   const bool bf16 = compute_bf16();
   Pass P{be_, *w_, inv_freq_.f32(), d, pos_d.data<int32_t>(), km_d.data<int32_t>(), ad, ad_scale, dropout, bf16,
          !dropout && lora_grouping_enabled()};
-  const int64_t wide = std::max({D, d.I, d.QD});
-  const int64_t rmax = ad ? std::max<int64_t>(ad->max_rank(), 1) : 1;
-  ActBuf t_buf(be_, mc, M * rmax), dt_buf(be_, mc, M * rmax);  // [M, r_max]
-  ActBuf xdrop, dtmp;                                           // [M, wide] (dropout only)
+  // head_format q8_0: the embedding and lm_head are read as Q8_0 (never an fp32 copy on the device).
+  // head_format f16 / bf16 likewise as 16-bit rows.
+  const bool head_q8 = w_->head_q8_0(), head_h = w_->head_half();
+  const bool keep_all = backward && !checkpointing;
+  const bool offload = backward && checkpointing && offload_checkpoints();
+  // Every buffer below is sized by the plan memory_model.py reports (one rule: train_memory.cpp).
+  TrainShape shape{B, T, D, d.I, V, d.Hq, d.Hkv, d.hd, nL, ad ? std::max<int64_t>(ad->max_rank(), 1) : 1,
+                   backward, checkpointing, offload, dropout, bf16, !be_.host_memory(),
+                   head_h ? HeadRows::Half : head_q8 ? HeadRows::Q8_0 : HeadRows::F32};
+  const TrainMemoryPlan plan = train_memory_plan(shape);
+  ActBuf t_buf(be_, mc, plan.lora_t), dt_buf(be_, mc, plan.lora_t);  // [M, r_max]
+  ActBuf xdrop, dtmp;                                                 // [M, wide] (dropout only)
   P.t = t_buf.f(), P.dt = dt_buf.f();
   if (dropout) {
-    xdrop = ActBuf(be_, mc, M * wide), dtmp = ActBuf(be_, mc, M * wide);
+    xdrop = ActBuf(be_, mc, plan.dropout_buf), dtmp = ActBuf(be_, mc, plan.dropout_buf);
     P.xdrop = xdrop.f(), P.dtmp = dtmp.f();
   }
 
   // Forward. xs[l]: input of layer l [M, D] (xs[nL]: the last layer's output); without a
   // backward, or with the checkpoints offloaded (host[l] = input of layer l), only two alternate.
-  const bool keep_all = backward && !checkpointing;
-  const bool offload = backward && checkpointing && offload_checkpoints();
-  const bool all_x = backward && !offload;
-  const size_t xbytes = sizeof(float) * static_cast<size_t>(M * D);
-  OffloadStage host(*this, offload ? static_cast<size_t>(nL) * xbytes : 0);
-  std::vector<ActBuf> xs(all_x ? nL + 1 : 2);
-  for (auto& x : xs) x = ActBuf(be_, mc, M * D);
+  const bool all_x = plan.num_x == nL + 1;
+  const size_t xbytes = sizeof(float) * static_cast<size_t>(plan.x);
+  OffloadStage host(*this, plan.offload_host);
+  std::vector<ActBuf> xs(plan.num_x);
+  for (auto& x : xs) x = ActBuf(be_, mc, plan.x);
   auto X = [&](int64_t l) { return xs[all_x ? l : l % 2].f(); };
-  std::vector<std::unique_ptr<LayerActs>> acts(keep_all ? nL : 1);
-  if (!keep_all) acts[0] = std::make_unique<LayerActs>(be_, mc, d);
-  // head_format q8_0: the embedding and lm_head are read as Q8_0 (never an fp32 copy on the device).
-  // head_format f16 / bf16 likewise as 16-bit rows.
-  const bool head_q8 = w_->head_q8_0(), head_h = w_->head_half();
+  std::vector<std::unique_ptr<LayerActs>> acts(plan.num_layer_acts);
+  if (!keep_all) acts[0] = std::make_unique<LayerActs>(be_, mc, plan.layer);
   if (head_h)
     be_.half_rows(w_->half_type(), M, D, w_->embed_h.data(), ids_d.data<int32_t>(), X(0));
   else if (head_q8)
     be_.q8_0_rows(M, D, w_->embed_q8.data(), ids_d.data<int32_t>(), X(0));
   else
     be_.embedding(M, D, w_->embed_f32(), ids_d.data<int32_t>(), X(0));
+  // The checkpointed backward's last layer runs on the forward's intermediates (no recompute).
+  const bool skip_last = backward && !keep_all && skip_last_recompute_enabled();
   for (int64_t l = 0; l < nL; ++l) {
-    if (keep_all) acts[l] = std::make_unique<LayerActs>(be_, mc, d);
+    if (keep_all) acts[l] = std::make_unique<LayerActs>(be_, mc, plan.layer);
     if (offload) be_.offload(host.at(l, xbytes), X(l), xbytes);  // queued before X(l) is overwritten
-    P.layer_forward(l, X(l), *acts[keep_all ? l : 0], X(l + 1));
+    P.layer_forward(l, X(l), *acts[keep_all ? l : 0], X(l + 1), false, skip_last && l == nL - 1);
   }
   if (!backward) acts[0].reset();
-  ActBuf hF(be_, mc, M * D);  // [M, D] final-norm output, then its gradient
+  ActBuf hF(be_, mc, plan.final_norm);  // [M, D] final-norm output, then its gradient
   be_.rmsnorm(M, D, X(nL), w_->norm.f32(), c.rms_norm_eps, hF.f());
   const CrossEntropyResult ce =
       head_h    ? lm_cross_entropy_half(be_, M, D, V, hF.f(), D, w_->half_type() == Backend::HalfType::BF16,
@@ -560,14 +566,17 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
   if (backward) {
     float* dres = hF.f();  // [M, D] dL/d(residual stream)
     be_.rmsnorm_backward(M, D, X(nL), w_->norm.f32(), c.rms_norm_eps, dres, dres);
-    ActBuf da(be_, mc, M * d.I), dh(be_, mc, M * D), datt(be_, mc, M * d.QD), dq(be_, mc, M * d.QD),
-        dk(be_, mc, M * d.KD), dv(be_, mc, M * d.KD);
+    ActBuf da(be_, mc, plan.bwd.da), dh(be_, mc, plan.bwd.dh), datt(be_, mc, plan.bwd.datt), dq(be_, mc, plan.bwd.dq),
+        dk(be_, mc, plan.bwd.dk), dv(be_, mc, plan.bwd.dv);
     for (int64_t l = nL - 1; l >= 0; --l) {
       LayerActs& A = *acts[keep_all ? l : 0];
       float* x_in = X(l);
       float* x_out = offload ? xs[1].f() : X(l + 1);  // offload: X(nL) is no longer needed
       if (offload) be_.reload(x_in = xs[0].f(), host.at(l, xbytes), xbytes);
-      if (!keep_all) P.layer_forward(l, x_in, A, x_out, true);  // recompute (bit-identical: same inputs, same ops)
+      // Recompute (bit-identical: same inputs, same ops), except the last layer: its forward was the
+      // last writer of A (the down projection's LoRA and dropout scratch, the final norm and the loss
+      // use their own buffers), so A still holds exactly what the recompute would write.
+      if (!keep_all && !(l == nL - 1 && skip_last)) P.layer_forward(l, x_in, A, x_out, true);
       P.layer_backward(l, x_in, A, dres, da.f(), dh.f(), datt.f(), dq.f(), dk.f(), dv.f());
       if (keep_all) acts[l].reset();
     }

@@ -1,0 +1,98 @@
+// The training pass's allocation plan (see train_memory.hpp).
+#include "model/train_memory.hpp"
+
+#include <algorithm>
+
+#include "backend.hpp"
+#include "common/error.hpp"
+#include "cpu/lm_head_bf16.hpp"
+#include "cpu/ops_backward.hpp"
+
+namespace qlora::model {
+
+const std::vector<std::string>& head_format_names() {
+  static const std::vector<std::string> names{"float32", "bf16", "f16", "q8_0"};
+  return names;
+}
+
+HeadRows head_rows_from_name(const std::string& name) {
+  if (name == "float32") return HeadRows::F32;
+  if (name == "bf16" || name == "f16") return HeadRows::Half;
+  if (name == "q8_0") return HeadRows::Q8_0;
+  std::string all;
+  for (const std::string& n : head_format_names()) all += (all.empty() ? "'" : ", '") + n + "'";
+  throw ValueError("head_format must be one of " + all + ", got '" + name + "'");
+}
+
+void TrainShape::validate() const {
+  const std::pair<const char*, int64_t> dims[] = {
+      {"batch", batch},         {"seq", seq},         {"hidden_size", hidden},         {"intermediate_size", intermediate},
+      {"vocab_size", vocab},    {"num_attention_heads", num_heads}, {"num_key_value_heads", num_kv_heads},
+      {"head_dim", head_dim},   {"num_hidden_layers", num_layers},  {"r", max_rank}};
+  double biggest = 1.0;
+  for (const auto& [name, v] : dims) {
+    check_arg(v >= 1, std::string(name) + " must be >= 1, got " + std::to_string(v));
+    biggest = std::max(biggest, static_cast<double>(v));
+  }
+  // Every count below is at most M x (the largest other dimension) x (L + 1) floats.
+  const double m = static_cast<double>(batch) * static_cast<double>(seq);
+  check_arg(m * biggest * static_cast<double>(num_layers + 1) * 16.0 < 9.0e18,
+            "memory plan: batch x seq x the model's dimensions overflow 64-bit byte counts");
+}
+
+size_t lm_loss_workspace_bytes(int64_t N, int64_t D, int64_t V, int64_t chunk_rows, HeadRows head, bool want_grad,
+                               bool bf16, bool device) {
+  if (N <= 0) return 0;
+  size_t b = cross_entropy_workspace_bytes(std::min(N, chunk_rows), V, device);
+  // The widened chunk: the lm_head backward's, and the bf16 forward's (one at a time).
+  if (head == HeadRows::Q8_0 && (want_grad || bf16)) b += Backend::q8_0_gemm_nn_scratch_bytes(V, D);
+  if (head == HeadRows::Half && (want_grad || bf16)) b += Backend::half_chunk_scratch_bytes(V, D);
+  // bf16 over an fp32 table: its bf16 panels, packed once per call (cpu/lm_head_bf16.hpp)
+  if (head == HeadRows::F32)
+    b += cpu::lm_head_panels_workspace_bytes(cpu::active_simd_level(), N, D, V, chunk_rows, bf16, device);
+  return b;
+}
+
+TrainMemoryPlan train_memory_plan(const TrainShape& s) {
+  s.validate();
+  const int64_t B = s.batch, T = s.seq, M = B * T, D = s.hidden, I = s.intermediate, L = s.num_layers;
+  const int64_t QD = s.num_heads * s.head_dim, KD = s.num_kv_heads * s.head_dim;
+  const bool keep_all = s.backward && !s.checkpointing;          // every layer's intermediates kept
+  const bool offload = s.backward && s.checkpointing && s.offload;  // two device slots, the rest on the host
+  TrainMemoryPlan p;
+  p.lora_t = M * std::max<int64_t>(s.max_rank, 1);
+  p.dropout_buf = s.dropout ? M * std::max({D, I, QD}) : 0;
+  p.x = M * D;
+  p.num_x = s.backward && !offload ? L + 1 : 2;
+  p.layer = {M * D, M * QD, M * KD, M * KD, M * QD, B * s.num_heads * T, M * D, M * D, M * I, M * I, M * I};
+  p.num_layer_acts = keep_all ? L : 1;
+  p.final_norm = M * D;
+  if (s.backward) p.bwd = {M * I, M * D, M * QD, M * QD, M * KD, M * KD};
+
+  constexpr size_t F = sizeof(float);
+  auto bytes = [&](int64_t n) { return F * static_cast<size_t>(n); };
+  p.lora_scratch = 2 * bytes(p.lora_t);
+  p.dropout = 2 * bytes(p.dropout_buf);
+  p.checkpoints = static_cast<size_t>(p.num_x) * bytes(p.x);
+  p.layer_activations = static_cast<size_t>(p.num_layer_acts) * bytes(p.layer.total());
+  p.final_norm_bytes = bytes(p.final_norm);
+  p.backward_scratch = bytes(p.bwd.total());
+  p.cross_entropy = lm_loss_workspace_bytes(M, D, s.vocab, kCrossEntropyChunkRows, s.head, s.backward, s.bf16, s.device);
+  p.offload_host = offload ? static_cast<size_t>(L) * bytes(p.x) : 0;
+
+  // The pass's timeline (train_pass's order of allocation), as its MemCounter sees it.
+  size_t cur = 0, peak = 0;
+  auto add = [&](size_t b) { peak = std::max(peak, cur += b); };
+  add(p.lora_scratch);
+  add(p.dropout);
+  add(p.checkpoints);
+  add(p.layer_activations);                   // without checkpointing: one set per layer, all live at the end
+  if (!s.backward) cur -= p.layer_activations;  // eval: freed before the loss
+  add(p.final_norm_bytes);
+  peak = std::max(peak, cur + p.cross_entropy);  // the loss's scratch, freed when it returns
+  add(p.backward_scratch);                       // the layer intermediates are released only after this
+  p.peak = peak;
+  return p;
+}
+
+}  // namespace qlora::model

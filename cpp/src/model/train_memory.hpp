@@ -1,0 +1,87 @@
+// The training pass's allocation plan (LlamaModel::train_pass, llama_train.cpp): the size of every
+// buffer a forward_backward / eval_loss pass allocates, by part, and the peak its MemCounter reports
+// (LossResult::peak_train_bytes). One rule for both: train_pass allocates its buffers from this plan's
+// float counts, and memory_model.py (through _core.train.memory_plan) reports the same plan, so the
+// estimate and the allocations cannot drift apart.
+//
+// Adding a buffer to the pass: give it a float count here (a field of TrainMemoryPlan or of
+// LayerActsFloats / BackwardFloats, set in train_memory_plan from the shape), book its bytes to a part
+// and to the peak timeline in train_memory_plan, and allocate it in train_pass from that field.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace qlora::model {
+
+// How the loss reads the lm_head (LlamaWeights' head format).
+enum class HeadRows { F32, Half, Q8_0 };
+
+// "float32", "bf16", "f16", "q8_0" (head_format's names; bf16 and f16 are both HeadRows::Half).
+const std::vector<std::string>& head_format_names();
+HeadRows head_rows_from_name(const std::string& name);  // ValueError naming the choices
+
+// Everything a pass's buffer sizes depend on.
+struct TrainShape {
+  int64_t batch = 0, seq = 0;
+  int64_t hidden = 0, intermediate = 0, vocab = 0, num_heads = 0, num_kv_heads = 0, head_dim = 0, num_layers = 0;
+  int64_t max_rank = 1;     // the adapter's largest LoRA rank (1 without an adapter)
+  bool backward = true;     // forward_backward; false: eval_loss
+  bool checkpointing = true;
+  bool offload = false;     // offload_checkpoints (counts only with checkpointing and a backward)
+  bool dropout = false;     // LoRA dropout runs (training and dropout > 0)
+  bool bf16 = false;        // compute_dtype bfloat16 in use
+  bool device = false;      // !Backend::host_memory() (the loss uploads its labels)
+  HeadRows head = HeadRows::F32;
+  void validate() const;    // ValueError naming the first bad field
+};
+
+// One layer's intermediates kept for its backward (LayerActs), floats each.
+struct LayerActsFloats {
+  int64_t h1 = 0;     // [M, D] input_norm(x_in)
+  int64_t q = 0;      // [M, Hq*hd] after RoPE
+  int64_t k = 0;      // [M, Hkv*hd] after RoPE
+  int64_t v = 0;      // [M, Hkv*hd]
+  int64_t att = 0;    // [M, Hq*hd] attention output
+  int64_t lse = 0;    // [B, Hq, T] attention logsumexp
+  int64_t x_mid = 0;  // [M, D] residual after attention
+  int64_t h2 = 0;     // [M, D] post_norm(x_mid)
+  int64_t g = 0;      // [M, I] gate (its gradient in the backward)
+  int64_t u = 0;      // [M, I] up (its gradient in the backward)
+  int64_t a = 0;      // [M, I] silu(g) * u
+  int64_t total() const { return h1 + q + k + v + att + lse + x_mid + h2 + g + u + a; }
+};
+
+// The backward's scratch (layer_backward), floats each; all zero without a backward.
+struct BackwardFloats {
+  int64_t da = 0, dh = 0, datt = 0, dq = 0, dk = 0, dv = 0;  // [M, I], [M, D], [M, QD] x2, [M, KD] x2
+  int64_t total() const { return da + dh + datt + dq + dk + dv; }
+};
+
+struct TrainMemoryPlan {
+  // Float counts of the buffers, as train_pass allocates them.
+  int64_t lora_t = 0;        // t and dt, each [M, r_max]
+  int64_t dropout_buf = 0;   // xdrop and dtmp, each [M, max(D, I, QD)]; 0 without dropout
+  int64_t x = 0;             // one residual-stream buffer / checkpoint [M, D]
+  int64_t num_x = 0;         // how many: L + 1 with a backward (unless offloaded), else 2
+  LayerActsFloats layer;     // one set of layer intermediates
+  int64_t num_layer_acts = 0;  // L without checkpointing (with a backward), else 1
+  int64_t final_norm = 0;    // hF [M, D]: the final norm's output, then dL/d(residual)
+  BackwardFloats bwd;
+  // Bytes by part (device memory) and the pass's peak (MemCounter's high-water mark).
+  size_t checkpoints = 0, layer_activations = 0, lora_scratch = 0, dropout = 0, final_norm_bytes = 0,
+         backward_scratch = 0, cross_entropy = 0, peak = 0;
+  size_t offload_host = 0;   // host staging of offloaded checkpoints (not device memory, not in peak)
+};
+
+TrainMemoryPlan train_memory_plan(const TrainShape& s);
+
+// The scratch the chunked LM loss (lm_cross_entropy*, ops_loss.cpp) allocates for N rows: the
+// [chunk, V] logits, per-row loss (+ labels on a device), and with 16-bit / Q8_0 rows the widened
+// chunk of the lm_head backward (or of the bf16 forward).
+size_t lm_loss_workspace_bytes(int64_t N, int64_t D, int64_t V, int64_t chunk_rows, HeadRows head, bool want_grad,
+                               bool bf16, bool device);
+
+}  // namespace qlora::model
