@@ -4,9 +4,9 @@ test_attention_bf16.py carry over unchanged):
   QLORA_ATTN_BF16_HALF=0     tiles whose last panel has <= 16 columns compute all 32
   QLORA_ATTN_BF16_DELTA=0    the backward's delta in a pass of its own instead of in its tasks
   QLORA_ATTN_BF16_SCRATCH=0  zero-filled task scratch
-  QLORA_ATTN_BF16_KEEP=0     the checkpointed backward computes the scores again instead of reading
-                             those its recompute forward kept (the ops-level contract and the
-                             checks that the slot is used: cpp/tests/test_attention_keep_scores.cpp)."""
+  QLORA_ATTN_BF16_KEEP=1     (opt-in) the checkpointed backward reads the scores its recompute
+                             forward kept instead of computing them again (the ops-level contract
+                             and the checks that the slot is used: cpp/tests/test_attention_keep_scores.cpp)."""
 import numpy as np
 import pytest
 

@@ -2,7 +2,8 @@
 // cpu/ops_attention_train_bf16.cpp): an armed forward keeps its fp32 scores, the next backward on the
 // same q, k, key mask and lse reads them: the same bits as computing them again; a backward on other
 // inputs computes its own; the slot is used (a backward after an in-place change of q, which the
-// contract forbids, shows the forward's scores); QLORA_ATTN_BF16_KEEP=0 / _KEEP_MB=0 turn it off.
+// contract forbids, shows the forward's scores); QLORA_ATTN_BF16_KEEP=1 turns it on (opt-in),
+// =0 or QLORA_ATTN_BF16_KEEP_MB=0 off.
 #include <cstdio>
 #include <cmath>
 #include <cstdlib>
@@ -96,7 +97,8 @@ void run_case(const Case& c) {
     fwd(qa);
     qa = q2;
     CHECK(bwd(qa) == ref2, "%s: kept scores used", sw);
-    unsetenv(s.substr(0, e).c_str());
+    setenv("QLORA_ATTN_BF16_KEEP", "1", 1);
+    unsetenv("QLORA_ATTN_BF16_KEEP_MB");
   }
   ops::attention_train_keep_scores(false);
 }
@@ -108,6 +110,7 @@ int main() {
     return 0;
   }
   setenv("QLORA_ATTN_BACKWARD", "fused", 1);
+  setenv("QLORA_ATTN_BF16_KEEP", "1", 1);  // opt-in
   for (const Case& c : {Case{2, 131, 6, 2, 64}, Case{1, 70, 4, 2, 20}, Case{2, 64, 3, 3, 80}}) run_case(c);
   CHECK(ops::attention_train_kept_scores_bytes(4, 256, 9) == 4 * 9 * 40960 * 4, "slot size");
   CHECK(ops::attention_train_kept_scores_bytes(4, 2048, 9) == 0, "over the cap");
