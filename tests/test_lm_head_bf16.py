@@ -37,9 +37,11 @@ def problem(rng, N, D, V):
     return h, E, lab
 
 
-# ragged panels (V % 32 != 0), odd D (a zero-paired tail), a ragged last chunk and row tile; V > 64
-# (gemm_nt_bf16 runs N <= kSkinnyMaxN = 64 through its skinny kernel, another summation order)
-@pytest.mark.parametrize("N,D,V,chunk", [(40, 64, 200, 16), (45, 33, 97, 14), (30, 96, 130, 29), (20, 7, 70, 8)])
+# ragged panels (V % 32 != 0), odd D (a zero-paired tail), a ragged last chunk and row tile, V over
+# several depth blocks of the backward (2048 on Zen 4: 4500 -> 1504, 1504, 1492); V, D > 64
+# (gemm_nt_bf16 / gemm_nn_bf16 run N <= kSkinnyMaxN = 64 through their skinny kernels, another order)
+@pytest.mark.parametrize("N,D,V,chunk", [(40, 96, 200, 16), (45, 97, 97, 14), (30, 130, 130, 29), (20, 71, 70, 8),
+                                         (30, 100, 4500, 16)])
 def test_packed_once_bit_identical_to_per_chunk(rng, N, D, V, chunk):
     h, E, lab = problem(rng, N, D, V)
     on, off = run("1", h, E, lab, chunk_rows=chunk), run("0", h, E, lab, chunk_rows=chunk)
@@ -55,7 +57,7 @@ def test_packed_once_bit_identical_to_per_chunk(rng, N, D, V, chunk):
 
 
 def test_one_chunk_packs_nothing(rng):
-    h, E, lab = problem(rng, 16, 64, 100)
+    h, E, lab = problem(rng, 16, 96, 100)
     on, off = run("1", h, E, lab, chunk_rows=16), run("0", h, E, lab, chunk_rows=16)
     assert on["workspace_bytes"] == off["workspace_bytes"]
     np.testing.assert_array_equal(on["dh"], off["dh"])
@@ -100,7 +102,7 @@ def test_training_pass_bit_identical_and_planned(tmp_path, monkeypatch):
     from helpers_train import adapter_model, train_batch
     from qlora_native import memory_model as mm
 
-    shape = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+    shape = dict(hidden_size=96, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
                  vocab_size=1000, num_hidden_layers=2)  # the logits chunk makes the loss moment the peak
     path = build_tiny(str(tmp_path), **shape)
     with open(f"{path}/config.json") as f:
@@ -115,9 +117,26 @@ def test_training_pass_bit_identical_and_planned(tmp_path, monkeypatch):
         models[sw], peaks[sw] = (m, losses), m.last_train_peak_bytes
         plans[sw] = mm.activation_bytes(cfg, 3, 100, 4, device=False, compute_dtype="bfloat16")
         assert peaks[sw] == plans[sw]["peak"], (sw, peaks[sw], plans[sw])
-    assert peaks["1"] == peaks["0"] + panel_bytes(1000, 64)  # the loss moment is the peak here
+    assert peaks["1"] == peaks["0"] + panel_bytes(1000, 96)  # the loss moment is the peak here
     assert models["1"][1] == models["0"][1]
     sa, sb = models["1"][0].get_adapter_state_dict("a"), models["0"][0].get_adapter_state_dict("a")
     for k in sa:
         np.testing.assert_array_equal(np.asarray(sa[k]), np.asarray(sb[k]), err_msg=k)
-    assert plans["1"]["cross_entropy"] == plans["0"]["cross_entropy"] + panel_bytes(1000, 64)
+    assert plans["1"]["cross_entropy"] == plans["0"]["cross_entropy"] + panel_bytes(1000, 96)
+
+
+def test_backward_switch_and_narrow_shapes(rng, monkeypatch):
+    """QLORA_BF16_HEAD_NN=0: the logits from the panels, dh through gemm_nn_bf16 again (same bits);
+    V or D <= 64 keep the skinny kernels' path (no panels for V, gemm_nn_bf16 for D)."""
+    h, E, lab = problem(rng, 40, 96, 300)
+    on = run("1", h, E, lab, chunk_rows=16)
+    monkeypatch.setenv("QLORA_BF16_HEAD_NN", "0")
+    nn_off = run("1", h, E, lab, chunk_rows=16)
+    assert nn_off["workspace_bytes"] == on["workspace_bytes"]
+    np.testing.assert_array_equal(on["dh"].view(np.uint32), nn_off["dh"].view(np.uint32))
+    monkeypatch.delenv("QLORA_BF16_HEAD_NN")
+    for D, V in ((96, 64), (64, 300)):
+        h, E, lab = problem(rng, 40, D, V)
+        a, b = run("1", h, E, lab, chunk_rows=16), run("0", h, E, lab, chunk_rows=16)
+        assert a["workspace_bytes"] == b["workspace_bytes"] + (panel_bytes(V, D) if V > 64 else 0)
+        np.testing.assert_array_equal(a["dh"].view(np.uint32), b["dh"].view(np.uint32))

@@ -10,7 +10,10 @@
 #include "common/error.hpp"
 #include "cpu/gemm.hpp"
 #include "cpu/gemm_bf16.hpp"
+#include "cpu/gemm_bf16_amx.hpp"
 #include "cpu/gemm_bf16_kernels.hpp"
+#include "cpu/gemm_bf16_skinny.hpp"
+#include "cpu/lm_head_bf16_kernels.hpp"
 #include "cpu/threads.hpp"
 
 namespace qlora::cpu {
@@ -24,6 +27,11 @@ constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // a multiple of 32, at most RunScales::kMaxLen = 4096, cpu/gemm_checks.hpp, whose unused
 // anonymous-namespace checks would warn here). D within one block: gemm_nt_bf16 runs the whole
 // dot product of every logit as one micro-kernel call over ceil(D / 2) pairs, as here.
+int64_t gemm_bf16_mc() {  // blocking().mc of the bf16 driver
+  static const int64_t mc = std::max<int64_t>(MR, gemm_blocking_in_use(SimdLevel::AVX512).mc / MR * MR);
+  return mc;
+}
+
 int64_t depth_block() {
   static const int64_t kc = [] {
     const GemmBlocking f = gemm_blocking_in_use(SimdLevel::AVX512);
@@ -50,13 +58,17 @@ struct AlignedBuf {  // per-thread A panels (one chunk's rows: 256 x 576 -> 295 
     return static_cast<uint32_t*>(p);
   }
 };
-thread_local AlignedBuf t_ap, t_tmp;
+thread_local AlignedBuf t_ap, t_tmp, t_bp;
 }  // namespace
 
 bool lm_head_panels_apply(SimdLevel level, int64_t V, int64_t D) {
 #ifdef QLORA_X86
   if (level != SimdLevel::AVX512 || !bf16_compute_available(level)) return false;
-  if (V < 1 || D < 1 || round_up(D, 32) > depth_block()) return false;
+  // its panels feed the AVX512-BF16 micro-kernel; where gemm_nt_bf16 runs AMX tiles (another k order) the
+  // per-chunk calls keep the same bits as gemm_nt_bf16
+  if (bf16_amx::kernel_choice() != bf16_amx::Kernel::Avx512Bf16) return false;
+  // V <= kSkinnyMaxN: gemm_nt_bf16 takes its skinny kernel (another summation order), so does this
+  if (V <= kSkinnyMaxN || D < 1 || round_up(D, 32) > depth_block()) return false;
   const char* e = std::getenv("QLORA_BF16_HEAD_PANELS");
   return !(e && std::strcmp(e, "0") == 0);
 #else
@@ -122,6 +134,54 @@ void lm_head_logits_bf16(int64_t M, int64_t V, int64_t D, const float* h, int64_
 #else
   (void)M, (void)V, (void)D, (void)h, (void)ldh, (void)P, (void)C, (void)ldc;
   throw std::runtime_error("lm_head_logits_bf16: no AVX512-BF16 kernels in this build");
+#endif
+}
+
+bool lm_head_dh_from_panels(int64_t D) {
+  if (D <= kSkinnyMaxN) return false;  // gemm_nn_bf16's skinny kernel: keep its bits
+  const char* e = std::getenv("QLORA_BF16_HEAD_NN");
+  return !(e && std::strcmp(e, "0") == 0);
+}
+
+void lm_head_dh_bf16(int64_t M, int64_t V, int64_t D, const float* G, int64_t ldg, const uint32_t* P, float* dh,
+                     int64_t lddh) {
+#ifdef QLORA_X86
+  if (M <= 0) return;
+  // The bf16 driver's depth split over K = V (cpu/gemm_bf16.cpp blocked() / shared()): balanced
+  // blocks of at most depth_block(), multiples of 32, so each block starts on an NT panel.
+  const int64_t kcb = depth_block();
+  const int64_t kc = std::min(round_up(V, 32), round_up(ceil_div(V, ceil_div(V, kcb)), 32));
+  const int64_t kpd = ceil_div(D, 2), n_pan = ceil_div(D, NR), m_tiles = ceil_div(M, MR);
+  uint32_t* Ap = t_ap.get(static_cast<size_t>(m_tiles * MR * (kc / 2)));
+  uint32_t* Bp = t_bp.get(static_cast<size_t>(n_pan * NR * (kc / 2)));  // every column panel of a block
+  for (int64_t pc = 0; pc < V; pc += kc) {
+    const int64_t kcur = std::min(kc, V - pc), kp = ceil_div(kcur, 2);
+    const float beta = pc == 0 ? 0.0f : 1.0f;
+    parallel_for(ceil_div(m_tiles, 4), [&](int64_t t) {  // G's rows rounded to pairs (pack_a_rows' values)
+      for (int64_t i = t * 4; i < std::min(m_tiles, (t + 1) * 4); ++i)
+        bf16_k::pack_a_panel_avx512bf16(G + i * MR * ldg + pc, ldg, static_cast<int>(std::min<int64_t>(MR, M - i * MR)),
+                                        kcur, Ap + i * MR * kp);
+    });
+    // Column panel j = columns 32j.. (pairs 16j..) of rows pc.., from the NT panels of those rows.
+    parallel_for(n_pan, [&](int64_t j) {
+      uint32_t* bj = Bp + j * NR * kp;
+      for (int64_t q0 = 0; 16 * q0 < kp; ++q0)
+        lm_head_k::nt_to_nn_panel_avx512(P + (pc / NR + q0) * NR * kpd, kpd, 16 * j,
+                                         static_cast<int>(std::min<int64_t>(16, kp - 16 * q0)), bj + 16 * q0 * NR);
+    });
+    // Row blocks of the driver's MC (the A block and one B panel in L2), every panel, every tile.
+    const int64_t mc = round_up(ceil_div(M, ceil_div(M, gemm_bf16_mc())), MR);
+    parallel_for(n_pan, [&](int64_t j) {
+      const int nr = static_cast<int>(std::min<int64_t>(NR, D - j * NR));
+      for (int64_t ic = 0; ic < M; ic += mc)
+        for (int64_t i = ic / MR; i < std::min(m_tiles, (ic + mc) / MR); ++i)
+          bf16_k::ukernel_avx512bf16(kp, Ap + i * MR * kp, Bp + j * NR * kp, dh + i * MR * lddh + j * NR, lddh, 1.0f,
+                                     beta, static_cast<int>(std::min<int64_t>(MR, M - i * MR)), nr);
+    });
+  }
+#else
+  (void)M, (void)V, (void)D, (void)G, (void)ldg, (void)P, (void)dh, (void)lddh;
+  throw std::runtime_error("lm_head_dh_bf16: no AVX512-BF16 kernels in this build");
 #endif
 }
 

@@ -13,7 +13,8 @@
 namespace qlora::cpu {
 
 // True where the packed-once path runs: `level` has the AVX512-BF16 kernels, D fits one depth
-// block of the bf16 GEMM (so the k order equals gemm_nt_bf16's), and QLORA_BF16_HEAD_PANELS is not
+// block of the bf16 GEMM (so the k order equals gemm_nt_bf16's), V > kSkinnyMaxN (64: narrower
+// outputs take gemm_nt_bf16's skinny kernel, kept for its bits), and QLORA_BF16_HEAD_PANELS is not
 // "0" (read per call: A/B runs and the bit-equality test switch it off).
 bool lm_head_panels_apply(SimdLevel level, int64_t V, int64_t D);
 // Bytes of the packed table: ceil(V / 32) panels of 32 rows x ceil(D / 2) bf16 pairs (uint32).
@@ -29,5 +30,15 @@ void lm_head_pack_panels(int64_t V, int64_t D, const float* E, int64_t lde, uint
 // C[M, V] (ld ldc) = h[M, D] (ld ldh) · Eᵀ from the packed panels (alpha 1, beta 0).
 void lm_head_logits_bf16(int64_t M, int64_t V, int64_t D, const float* h, int64_t ldh, const uint32_t* P, float* C,
                          int64_t ldc);
+
+// dh[M, D] (ld lddh) = G[M, V] (ld ldg) · E (alpha 1, beta 0), bf16 compute, E's values read from the
+// packed NT panels (transposed into the backward's B panels per depth block) instead of rounding
+// the fp32 table again: bit-identical to gemm_nn_bf16(M, D, V, G, E) (same values, depth split,
+// micro-kernel). Under the same conditions as lm_head_logits_bf16 and lm_head_dh_from_panels().
+void lm_head_dh_bf16(int64_t M, int64_t V, int64_t D, const float* G, int64_t ldg, const uint32_t* P, float* dh,
+                     int64_t lddh);
+// D > kSkinnyMaxN (gemm_nn_bf16 runs narrower dh through its skinny kernel: kept, for its bits) and
+// QLORA_BF16_HEAD_NN is not "0" (read per call; A/B runs of the backward alone).
+bool lm_head_dh_from_panels(int64_t D);
 
 }  // namespace qlora::cpu

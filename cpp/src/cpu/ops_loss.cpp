@@ -156,6 +156,7 @@ CrossEntropyResult lm_cross_entropy_any(Backend& be, int64_t N, int64_t D, int64
     }
   }
 
+  const bool dh_panels = panels && cpu::lm_head_dh_from_panels(D);  // the backward from them too
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t m = std::min(rows, N - n0);
     if (panels) {
@@ -182,7 +183,13 @@ CrossEntropyResult lm_cross_entropy_any(Backend& be, int64_t N, int64_t D, int64
       lh = loss_host.data();
     }
     for (int64_t i = 0; i < m; ++i) res.loss_sum += lh[i];
-    if (dh && E16) be.half_gemm_nn(ht, m, V, D, 1.0f, logits, V, E16, 0.0f, dh + n0 * lddh, lddh, bf16);
+    if (dh && panels && dh_panels) {
+      const prof::Scope sc(prof::Part::GemmOther, "lm_head_nn_bf16",
+                           2.0 * static_cast<double>(m) * static_cast<double>(V) * static_cast<double>(D),
+                           2.0 * static_cast<double>(V) * static_cast<double>(D) + 4.0 * static_cast<double>(m) * V,
+                           m, D, V);
+      cpu::lm_head_dh_bf16(m, V, D, logits, V, panels, dh + n0 * lddh, lddh);
+    } else if (dh && E16) be.half_gemm_nn(ht, m, V, D, 1.0f, logits, V, E16, 0.0f, dh + n0 * lddh, lddh, bf16);
     else if (dh && E_q8) be.q8_0_gemm_nn(m, V, D, 1.0f, logits, V, E_q8, 0.0f, dh + n0 * lddh, lddh, bf16);
     else if (dh && bf16) be.gemm_nn_bf16(m, D, V, 1.0f, logits, V, E, D, 0.0f, dh + n0 * lddh, lddh);
     else if (dh) be.gemm_nn(m, D, V, 1.0f, logits, V, E, D, 0.0f, dh + n0 * lddh, lddh);
