@@ -264,14 +264,37 @@ struct Pass {
   float* dt = nullptr;      // [M, r_max]
   float* xdrop = nullptr;   // [M, max(D, I, QD)] dropped-out LoRA input (dropout only)
   float* dtmp = nullptr;    // [M, max(D, I, QD)] LoRA input gradient before the mask (dropout only)
+  // The checkpointed recompute's LoRA t, kept for the backward (lora_keep_t_enabled): keep is keep_cap
+  // floats free while layer l recomputes and runs backward; kept[site] (0 q/k/v grouped, 1 o,
+  // 2 gate/up grouped): the t written there and its [M, kept_r] width, null: the backward recomputes it.
+  float* keep = nullptr;
+  int64_t keep_cap = 0, keep_used = 0;
+  float* kept[3] = {};
+  int64_t kept_r[3] = {};
+  // Where site's forward shrink writes t: a slot of keep when it may be kept, else dflt.
+  float* keep_slot(int site, int64_t r, float* dflt) {
+    // same bits only when the forward and backward shrinks are the same GEMM (QLORA_LORA_BF16)
+    if (site < 0 || !keep || dropout || ad_scale == 0.0f || lora_bf16[kLoraShrink] != lora_bf16[kLoraBwdShrink] ||
+        keep_used + d.M * r > keep_cap)
+      return dflt;
+    kept[site] = keep + keep_used, kept_r[site] = r, keep_used += d.M * r;
+    return kept[site];
+  }
+  float* take_kept(int site, int64_t r) {  // the kept t of site when it has width r (used once)
+    if (site < 0 || !kept[site] || kept_r[site] != r) return nullptr;
+    float* k = kept[site];
+    kept[site] = nullptr;
+    return k;
+  }
 
   DropoutKey key(int64_t l, int p) const { return {ad->seed, ad->micro_step, l, p, ad->dropout_row0 * d.T}; }
 
   LoraModule* lora(int64_t l, int p) const { return ad ? ad->at(l, p) : nullptr; }
 
-  void lin_fwd(int64_t l, int p, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  void lin_fwd(int64_t l, int p, const float* x, int64_t ldx, float* y, int64_t ldy, int site = -1) {
     const Linear& lin = proj(w.layers[l], p);
     LoraModule* lo = lora(l, p);
+    float* t = lo ? keep_slot(site, lo->r, this->t) : this->t;
     if (lo && dropout) dropout_forward(be, key(l, p), ad->dropout, d.M, lin.in, x, ldx, xdrop);
     // bf16 NF4 base: the fp32 LoRA expand in the base GEMM's epilogue (same bits; model/lora_nf4_bf16.hpp)
     const Nf4Ref* w1 = &lin.nf4;
@@ -286,11 +309,15 @@ struct Pass {
 
   // dx[M, in] = beta * dx + d(lin(x))/dx applied to dy; accumulates the LoRA factor gradients.
   void lin_bwd(int64_t l, int p, const float* x, int64_t ldx, const float* dy, int64_t lddy, float* dx,
-               int64_t lddx, float beta) {
+               int64_t lddx, float beta, int site = -1) {
     const Linear& lin = proj(w.layers[l], p);
     lin.backward_input(be, d.M, dy, lddy, dx, lddx, beta, bf16);
     LoraModule* lo = lora(l, p);
     if (!lo) return;
+    if (float* tk = dropout ? nullptr : take_kept(site, lo->r)) {
+      lora_backward(be, *lo, d.M, x, ldx, dy, lddy, dx, lddx, 1.0f, tk, dt, ad_scale, lora_bf16, true);
+      return;
+    }
     if (dropout) {
       dropout_forward(be, key(l, p), ad->dropout, d.M, lin.in, x, ldx, xdrop);
       lora_backward(be, *lo, d.M, xdrop, lin.in, dy, lddy, dtmp, lin.in, 0.0f, t, dt, ad_scale, lora_bf16);
@@ -316,10 +343,11 @@ struct Pass {
   // lin_fwd of projections ps[0..n) sharing the input x, their LoRA grouped when lora_group allows:
   // the bases, then one shrink for all. scratch: cap floats free until the call returns.
   void lins_fwd(int64_t l, int n, const int* ps, const float* x, int64_t ldx, float* const* y, const int64_t* ldy,
-                float* scratch, int64_t cap) {
+                float* scratch, int64_t cap, int site = -1) {
     LoraModule* g[kMaxLoraGroup];
     int gi[kMaxLoraGroup];
     const int ng = lora_group(l, ps, n, false, cap, g, gi);
+    if (ng != 0) scratch = keep_slot(site, lora_rank_sum(g, ng), scratch);
     // Grouped bf16 NF4 bases without bias: one call (the backend may round x once for all).
     bool many = ng != 0 && bf16 && n <= kMaxLoraGroup;
     const Nf4Ref* nw[kMaxLoraGroup];
@@ -351,10 +379,11 @@ struct Pass {
   // dx = beta * dx + the input gradients of projections ps[0..n) sharing the input x for dy[i],
   // accumulating their LoRA gradients; grouped as in lins_fwd. t, dt: cap floats each, free.
   void lins_bwd(int64_t l, int n, const int* ps, const float* x, int64_t ldx, float* const* dy, const int64_t* lddy,
-                float* dx, int64_t lddx, float beta, float* t, float* dt, int64_t cap) {
+                float* dx, int64_t lddx, float beta, float* t, float* dt, int64_t cap, int site = -1) {
     LoraModule* g[kMaxLoraGroup];
     int gi[kMaxLoraGroup];
     const int ng = lora_group(l, ps, n, true, cap, g, gi);
+    float* tk = ng != 0 ? take_kept(site, lora_rank_sum(g, ng)) : nullptr;
     for (int i = 0; i < n; ++i) {
       if (ng == 0) {
         lin_bwd(l, ps[i], x, ldx, dy[i], lddy[i], dx, lddx, i == 0 ? beta : 1.0f);
@@ -366,7 +395,8 @@ struct Pass {
     const float* gdy[kMaxLoraGroup];
     int64_t gld[kMaxLoraGroup];
     for (int k = 0; k < ng; ++k) gdy[k] = dy[gi[k]], gld[k] = lddy[gi[k]];
-    lora_backward_group(be, ng, g, d.M, x, ldx, gdy, gld, dx, lddx, 1.0f, t, dt, ad_scale, lora_bf16);
+    lora_backward_group(be, ng, g, d.M, x, ldx, gdy, gld, dx, lddx, 1.0f, tk ? tk : t, dt, ad_scale, lora_bf16,
+                        tk != nullptr);
   }
 
   float scale() const { return 1.0f / std::sqrt(static_cast<float>(d.hd)); }
@@ -380,11 +410,13 @@ struct Pass {
     const LayerWeights& L = w.layers[l];
     const float eps = w.cfg.rms_norm_eps;
     const int64_t M = d.M, D = d.D, I = d.I, QD = d.QD, KD = d.KD;
+    kept[0] = kept[1] = kept[2] = nullptr, keep_used = 0;  // nothing stale reaches a backward
+    if (!recompute) keep = nullptr;                         // only the recompute's t is kept
     be.rmsnorm(M, D, x_in, L.input_norm.f32(), eps, A.h1.f());
     {  // q, k, v; LoRA scratch: A.att, written only by the attention below
       float* y[3] = {A.q.f(), A.k.f(), A.v.f()};
       const int64_t ldy[3] = {QD, KD, KD};
-      lins_fwd(l, 3, kQkv, A.h1.f(), D, y, ldy, A.att.f(), M * QD);
+      lins_fwd(l, 3, kQkv, A.h1.f(), D, y, ldy, A.att.f(), M * QD, 0);
     }
     be.rope(M, d.Hq, d.hd, A.q.f(), QD, pos, inv_freq);
     be.rope(M, d.Hkv, d.hd, A.k.f(), KD, pos, inv_freq);
@@ -398,13 +430,13 @@ struct Pass {
       be.attention_train(d.B, d.T, d.Hq, d.Hkv, d.hd, A.q.f(), QD, A.k.f(), KD, A.v.f(), KD, key_mask, scale(),
                          A.att.f(), QD, A.lse.f());
     }
-    lin_fwd(l, 3, A.att.f(), QD, A.x_mid.f(), D);
+    lin_fwd(l, 3, A.att.f(), QD, A.x_mid.f(), D, 1);
     be.add_inplace(M * D, x_in, A.x_mid.f());
     be.rmsnorm(M, D, A.x_mid.f(), L.post_norm.f32(), eps, A.h2.f());
     {  // gate, up; LoRA scratch: A.a, written only by the SwiGLU below
       float* y[2] = {A.g.f(), A.u.f()};
       const int64_t ldy[2] = {I, I};
-      lins_fwd(l, 2, kGateUp, A.h2.f(), D, y, ldy, A.a.f(), M * I);
+      lins_fwd(l, 2, kGateUp, A.h2.f(), D, y, ldy, A.a.f(), M * I, 2);
     }
     be.swiglu(M, I, A.g.f(), I, A.u.f(), I, A.a.f(), I);
     if (recompute) return;
@@ -425,12 +457,12 @@ struct Pass {
     {  // gate, up; LoRA scratch: da (read by the SwiGLU backward above) and datt (written below)
       float* dy[2] = {A.g.f(), A.u.f()};
       const int64_t lddy[2] = {I, I};
-      lins_bwd(l, 2, kGateUp, A.h2.f(), D, dy, lddy, dh, D, 0.0f, da, datt, M * std::min(I, QD));
+      lins_bwd(l, 2, kGateUp, A.h2.f(), D, dy, lddy, dh, D, 0.0f, da, datt, M * std::min(I, QD), 2);
     }
     be.rmsnorm_backward(M, D, A.x_mid.f(), L.post_norm.f32(), eps, dh, dh);
     be.add_inplace(M * D, dh, dres);
     // Attention block: x_mid = x_in + o(attn(rope(q(h1)), rope(k(h1)), v(h1))), h1 = input_norm(x_in).
-    lin_bwd(l, 3, A.att.f(), QD, dres, D, datt, QD, 0.0f);
+    lin_bwd(l, 3, A.att.f(), QD, dres, D, datt, QD, 0.0f, 1);
     if (bf16)
       be.attention_train_backward_bf16(d.B, d.T, d.Hq, d.Hkv, d.hd, A.q.f(), QD, A.k.f(), KD, A.v.f(), KD, key_mask,
                                        scale(), A.att.f(), QD, A.lse.f(), datt, QD, dq, QD, dk, KD, dv, KD);
@@ -442,7 +474,7 @@ struct Pass {
     {  // q, k, v; LoRA scratch: da and datt (read by the attention backward above)
       float* dy[3] = {dq, dk, dv};
       const int64_t lddy[3] = {QD, KD, KD};
-      lins_bwd(l, 3, kQkv, A.h1.f(), D, dy, lddy, dh, D, 0.0f, da, datt, M * std::min(I, QD));
+      lins_bwd(l, 3, kQkv, A.h1.f(), D, dy, lddy, dh, D, 0.0f, da, datt, M * std::min(I, QD), 0);
     }
     be.rmsnorm_backward(M, D, x_in, L.input_norm.f32(), eps, dh, dh);
     be.add_inplace(M * D, dh, dres);
@@ -576,7 +608,12 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
       // Recompute (bit-identical: same inputs, same ops), except the last layer: its forward was the
       // last writer of A (the down projection's LoRA and dropout scratch, the final norm and the loss
       // use their own buffers), so A still holds exactly what the recompute would write.
-      if (!keep_all && !(l == nL - 1 && skip_last)) P.layer_forward(l, x_in, A, x_out, true);
+      if (!keep_all && !(l == nL - 1 && skip_last)) {
+        // x_out is dead here (layer l+1's backward is done; the recompute stops before the down
+        // projection): it holds the recompute's LoRA t for this layer's backward.
+        P.keep = ad && lora_keep_t_enabled() ? x_out : nullptr, P.keep_cap = plan.x;
+        P.layer_forward(l, x_in, A, x_out, true);
+      }
       P.layer_backward(l, x_in, A, dres, da.f(), dh.f(), datt.f(), dq.f(), dk.f(), dv.f());
       if (keep_all) acts[l].reset();
     }

@@ -210,6 +210,11 @@ struct LoraGemm {
 };
 }  // namespace
 
+bool lora_keep_t_enabled() {
+  const char* e = std::getenv("QLORA_LORA_KEEP_T");  // read per pass: A/B runs and tests flip it
+  return !(e && std::string(e) == "0");
+}
+
 void lora_forward(Backend& be, const LoraModule& m, int64_t M, const float* x, int64_t ldx, float* y, int64_t ldy,
                   float* t, float scale, LoraBf16 bf16) {
   if (scale == 0.0f) return;  // scale 0: the adapter contributes nothing (exactly the base output)
@@ -225,11 +230,12 @@ void lora_forward(Backend& be, const LoraModule& m, int64_t M, const float* x, i
 }
 
 void lora_backward(Backend& be, LoraModule& m, int64_t M, const float* x, int64_t ldx, const float* dy, int64_t lddy,
-                   float* dx, int64_t lddx, float beta, float* t, float* dt, float scale, LoraBf16 bf16) {
+                   float* dx, int64_t lddx, float beta, float* t, float* dt, float scale, LoraBf16 bf16,
+                   bool t_ready) {
   const float s = scale * m.scaling;
   const prof::PartContext pc(prof::Part::LoraBwd);
   const LoraGemm g{be, bf16};
-  g.nt(kLoraBwdShrink, M, m.r, m.in, 1.0f, x, ldx, m.A.f32(), m.in, 0.0f, t, m.r);  // t[M, r] = x·Aᵀ
+  if (!t_ready) g.nt(kLoraBwdShrink, M, m.r, m.in, 1.0f, x, ldx, m.A.f32(), m.in, 0.0f, t, m.r);  // t[M, r] = x·Aᵀ
   g.nn(kLoraDt, M, m.r, m.out, s, dy, lddy, m.B.f32(), m.r, 0.0f, dt, m.r);  // dt[M, r] = s * dy·B
   g.tn(kLoraDB, m.out, m.r, M, s, dy, lddy, t, m.r, 1.0f, m.dB, m.r);  // dB += s * dyᵀ·t
   g.tn(kLoraDA, m.r, m.in, M, 1.0f, dt, m.r, x, ldx, 1.0f, m.dA, m.in);  // dA += dtᵀ·x
@@ -268,12 +274,12 @@ void lora_forward_group(Backend& be, int n, const LoraModule* const* m, int64_t 
 
 void lora_backward_group(Backend& be, int n, LoraModule* const* m, int64_t M, const float* x, int64_t ldx,
                          const float* const* dy, const int64_t* lddy, float* dx, int64_t lddx, float beta, float* t,
-                         float* dt, float scale, LoraBf16 bf16) {
+                         float* dt, float scale, LoraBf16 bf16, bool t_ready) {
   check_arg(lora_group_adjacent(m, n, true), "lora_backward_group: the A factors or their gradients are not adjacent");
   const prof::PartContext pc(prof::Part::LoraBwd);
   const LoraGemm g{be, bf16};
   const int64_t R = lora_rank_sum(m, n), in = m[0]->in;
-  g.nt(kLoraBwdShrink, M, R, in, 1.0f, x, ldx, m[0]->A.f32(), in, 0.0f, t, R);  // t[M, R] = x·[A_0; ...]ᵀ
+  if (!t_ready) g.nt(kLoraBwdShrink, M, R, in, 1.0f, x, ldx, m[0]->A.f32(), in, 0.0f, t, R);  // t[M, R] = x·[A_0; ...]ᵀ
   for (int64_t i = 0, off = 0; i < n; off += m[i]->r, ++i) {
     const LoraModule& mi = *m[i];
     const float s = scale * mi.scaling;

@@ -153,9 +153,14 @@ void lora_forward(Backend& be, const LoraModule& m, int64_t M, const float* x, i
 // Backward of the LoRA branch for dy[M, out] with s = scale * scaling: recomputes t = x·Aᵀ,
 // accumulates dB += s * dyᵀ·t and dA += dtᵀ·x with dt = s * dy·B, and writes
 // dx[M, in] = beta * dx + dt·A (dx may be null: no input gradient). t, dt: [M, r] scratch.
+// t_ready: t already holds x·Aᵀ as this call's shrink would write it (the checkpointed recompute's
+// forward shrink, same GEMM on the same x: same bits), so the shrink is skipped.
 void lora_backward(Backend& be, LoraModule& m, int64_t M, const float* x, int64_t ldx, const float* dy, int64_t lddy,
                    float* dx, int64_t lddx, float beta, float* t, float* dt, float scale = 1.0f,
-                   LoraBf16 bf16 = {});
+                   LoraBf16 bf16 = {}, bool t_ready = false);
+// QLORA_LORA_KEEP_T (default on; "0" off, read per call): the training pass keeps the checkpointed
+// recompute's LoRA t for the backward instead of recomputing it (model/llama_train.cpp).
+bool lora_keep_t_enabled();
 
 // Grouped LoRA of n modules m[0..n) (n <= kMaxLoraGroup) that share one input x[M, in]
 // (q/k/v, gate/up; dropout 0), the training pass's form of Unsloth's fused LoRA: the shrinks are
@@ -174,7 +179,7 @@ void lora_forward_group(Backend& be, int n, const LoraModule* const* m, int64_t 
 // dx[M, in] = beta * dx + sum_i dt_i·A_i (one GEMM). t, dt: [M, R] scratch.
 void lora_backward_group(Backend& be, int n, LoraModule* const* m, int64_t M, const float* x, int64_t ldx,
                          const float* const* dy, const int64_t* lddy, float* dx, int64_t lddx, float beta, float* t,
-                         float* dt, float scale = 1.0f, LoraBf16 bf16 = {});
+                         float* dt, float scale = 1.0f, LoraBf16 bf16 = {}, bool t_ready = false);
 
 // LoRA dropout (inverted, as torch.nn.Dropout): the keep mask of one (micro step, layer,
 // projection) is regenerated from a Philox stream keyed by them, so it is never stored. Element
