@@ -2,7 +2,7 @@
 y += s·t·Bᵀ runs inside the NF4 base GEMM, on each output tile while it is in L1
 (Backend::nf4_gemm_nt_many_expand_bf16), instead of a second pass over y. Same per-element fp32
 operations in the same order as the separate expand, so the same bits: loss and every gradient equal
-QLORA_BF16_LORA_EPILOGUE=0 (the two calls) exactly, grouped (q/k/v, gate/up) and per module, with
+QLORA_BF16_LORA_EPILOGUE=0 or unset (the two calls; the fused path is opt-in, =1) exactly, grouped (q/k/v, gate/up) and per module, with
 dropout, with checkpointing on and off, and with a bf16 shrink. The kernel-level check (ragged
 shapes, ranks, K past a depth block, row super-blocks, threads) is cpp/tests/test_gemm_bf16_expand.cpp.
 The tiny model's GEMMs are below the shared driver's 4 MFLOP floor, so QLORA_BF16_GEMM=shared
@@ -40,7 +40,10 @@ BATCH = padded_batch(np.random.default_rng(1), 80, B=3, T=12)  # M = 36: past th
 
 def _pass(m, monkeypatch, epilogue, group=True, ckpt=True, lora_bf16="0"):
     monkeypatch.setenv("QLORA_BF16_GEMM", "shared")
-    monkeypatch.setenv("QLORA_BF16_LORA_EPILOGUE", "1" if epilogue else "0")
+    if epilogue is None:
+        monkeypatch.delenv("QLORA_BF16_LORA_EPILOGUE", raising=False)
+    else:
+        monkeypatch.setenv("QLORA_BF16_LORA_EPILOGUE", "1" if epilogue else "0")
     monkeypatch.setenv("QLORA_LORA_GROUP", "1" if group else "0")
     monkeypatch.setenv("QLORA_LORA_BF16", lora_bf16)
     m.gradient_checkpointing = ckpt
@@ -77,6 +80,9 @@ def test_epilogue_same_bits(tiny, monkeypatch, group, ckpt):
     per_layer = (2 if group else 5) + 2
     assert on[2] >= 2 * per_layer and off[2] == 0, (on[2], off[2])
     _same(on, off)
+    unset = _pass(m, monkeypatch, None, group, ckpt)  # the default: off
+    assert unset[2] == 0
+    _same(on, unset)
     assert np.isfinite(on[0]) and any(np.abs(g).max() > 0 for g in on[1].values())
 
 

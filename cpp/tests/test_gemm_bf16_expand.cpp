@@ -6,8 +6,10 @@
 // padded leading dimensions (the padding must stay untouched). Plus: the expand changed the output
 // (so equality is not base == base), and nf4_expand_fusable's refusals (small M, r over a depth
 // block, QLORA_BF16_LORA_EPILOGUE=0).
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <ctime>
 #include <cstdlib>
 #include <cstring>
 #include <random>
@@ -106,13 +108,63 @@ void check_case(std::mt19937& g, int64_t M, int64_t K, int bs, std::vector<int64
   }
 }
 
+double thread_ms() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+}
+
+// `test_gemm_bf16_expand bench [M N K r reps]`: 1 thread, thread CPU time, fused vs the two calls
+// interleaved (default: the gate projection of the SmolLM2 bench, 1024 x 1536 x 576, r 16).
+int bench(int argc, char** argv) {
+  const int64_t M = argc > 2 ? std::atoll(argv[2]) : 1024, N = argc > 3 ? std::atoll(argv[3]) : 1536;
+  const int64_t K = argc > 4 ? std::atoll(argv[4]) : 576, r = argc > 5 ? std::atoll(argv[5]) : 16;
+  const int reps = argc > 6 ? std::atoi(argv[6]) : 15;
+  cpu::set_num_threads(1);
+  std::mt19937 g(1);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  Weight w = random_weight(g, N, K, 64);
+  const Nf4Ref* wp = &w.ref;
+  std::vector<float> X(M * K), T(M * r), B(N * r), Y(M * N);
+  for (auto* v : {&X, &T, &B})
+    for (auto& e : *v) e = nd(g);
+  const cpu::SimdLevel lv = cpu::SimdLevel::AVX512;
+  cpu::Nf4Expand ex{T.data(), r, B.data(), r, 0.5f};
+  float* yp = Y.data();
+  const int64_t ldy = N;
+  std::vector<double> fused, base, expand;
+  for (int i = 0; i < reps; ++i) {
+    double t0 = thread_ms();
+    cpu::nf4_gemm_nt_many_expand_bf16(lv, M, X.data(), K, 1, &wp, &yp, &ldy, &ex);
+    double t1 = thread_ms();
+    cpu::nf4_gemm_nt_bf16(lv, M, 1.0f, X.data(), K, w.ref, 0.0f, yp, ldy);
+    double t2 = thread_ms();
+    cpu::gemm_nt(lv, M, N, r, 0.5f, T.data(), r, B.data(), r, 1.0f, yp, ldy);
+    double t3 = thread_ms();
+    fused.push_back(t1 - t0), base.push_back(t2 - t1), expand.push_back(t3 - t2);
+  }
+  auto mm = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return std::make_pair(v.front(), v[v.size() / 2]);
+  };
+  std::vector<double> two(reps);
+  for (int i = 0; i < reps; ++i) two[i] = base[i] + expand[i];
+  std::printf("M %lld N %lld K %lld r %lld, 1 thread, thread CPU ms (min / median of %d)\n", (long long)M,
+              (long long)N, (long long)K, (long long)r, reps);
+  std::printf("fused %.3f / %.3f\nbase %.3f / %.3f, expand %.3f / %.3f, sum %.3f / %.3f\n", mm(fused).first,
+              mm(fused).second, mm(base).first, mm(base).second, mm(expand).first, mm(expand).second, mm(two).first,
+              mm(two).second);
+  return 0;
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   if (!cpu::simd_level_supported(cpu::SimdLevel::AVX512) || !cpu::bf16_compute_available(cpu::SimdLevel::AVX512)) {
     std::printf("skipped: no AVX512-BF16\n");
     return 0;
   }
+  if (argc > 1 && std::strcmp(argv[1], "bench") == 0) return bench(argc, argv);
   std::mt19937 g(7);
   for (int th : {1, 2}) {
     cpu::set_num_threads(th);

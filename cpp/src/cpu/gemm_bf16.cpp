@@ -594,7 +594,7 @@ void nf4_gemm_nt_many_bf16(SimdLevel level, int64_t M, const float* X, int64_t l
 }
 
 // QLORA_BF16_LORA_EPILOGUE=0 (read per call): never fused; the caller runs the two calls (A/B
-// runs; same bits either way).
+// runs; same bits either way). The training caller opts in with =1 (model/lora_nf4_bf16.cpp).
 bool nf4_expand_fusable(SimdLevel level, int64_t M, int64_t n, const Nf4Ref* const* W, const Nf4Expand* ex) {
 #ifdef QLORA_X86
   const char* e = std::getenv("QLORA_BF16_LORA_EPILOGUE");
