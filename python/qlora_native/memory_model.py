@@ -31,7 +31,7 @@ from ._core import grad_ops as _grad_ops
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _F = 4  # fp32 bytes
 CE_CHUNK_ROWS = _grad_ops.default_chunk_rows  # the engine's kCrossEntropyChunkRows
-HEAD_FORMATS = ("float32", "bf16", "f16", "q8_0")  # TEMP
+HEAD_FORMATS = tuple(_core.train.HEAD_FORMATS)  # the engine's names (model/train_memory.cpp head_format_names)
 
 
 def _check_head_format(head_format) -> None:
