@@ -121,15 +121,21 @@ void lm_head_logits_bf16(int64_t M, int64_t V, int64_t D, const float* h, int64_
                                       Ap + i * MR * kp);
   });
   // Each task: a run of B panels, every row tile against each panel while the panel is in L1/L2.
+  // Logits tiles by streaming stores (QLORA_BF16_HEAD_STREAM=0: the ordinary kernel, A/B; same bits).
+  const char* se = std::getenv("QLORA_BF16_HEAD_STREAM");
+  const bool stream = !(se && std::strcmp(se, "0") == 0);
   constexpr int64_t kGroup = 8;
   parallel_for(ceil_div(n_pan, kGroup), [&](int64_t t) {
     for (int64_t q = t * kGroup; q < std::min(n_pan, (t + 1) * kGroup); ++q) {
       const uint32_t* bp = P + q * NR * kp;
       const int nr = static_cast<int>(std::min<int64_t>(NR, V - q * NR));
-      for (int64_t i = 0; i < m_tiles; ++i)
-        bf16_k::ukernel_avx512bf16(kp, Ap + i * MR * kp, bp, C + i * MR * ldc + q * NR, ldc, 1.0f, 0.0f,
-                                   static_cast<int>(std::min<int64_t>(MR, M - i * MR)), nr);
+      for (int64_t i = 0; i < m_tiles; ++i) {
+        const int mr = static_cast<int>(std::min<int64_t>(MR, M - i * MR));
+        if (stream) lm_head_k::ukernel_stream_avx512bf16(kp, Ap + i * MR * kp, bp, C + i * MR * ldc + q * NR, ldc, mr, nr);
+        else bf16_k::ukernel_avx512bf16(kp, Ap + i * MR * kp, bp, C + i * MR * ldc + q * NR, ldc, 1.0f, 0.0f, mr, nr);
+      }
     }
+    if (stream) lm_head_k::store_fence();  // the streamed lines visible before the task counts as done
   });
 #else
   (void)M, (void)V, (void)D, (void)h, (void)ldh, (void)P, (void)C, (void)ldc;

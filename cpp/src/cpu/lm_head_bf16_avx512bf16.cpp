@@ -47,4 +47,66 @@ void nt_to_nn_panel_avx512(const uint32_t* Q, int64_t kpd, int64_t pd0, int np, 
   }
 }
 
+namespace {
+__mmask16 lane_mask(int n) { return n >= 16 ? 0xFFFF : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1u); }
+
+// bf16_k::ukernel_avx512bf16's loop (the same vdpbf16ps chain per element, so the same bits) with
+// alpha 1, beta 0 and the tile stored by streaming stores where whole.
+template <int R>
+void ukr_stream(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, int nr) {
+  __m512 c0[R], c1[R];
+#pragma GCC unroll 14
+  for (int i = 0; i < R; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < kp; ++p) {
+    const __m512bh b0 = (__m512bh)_mm512_load_si512(Bp), b1 = (__m512bh)_mm512_load_si512(Bp + 16);
+#pragma GCC unroll 14
+    for (int i = 0; i < R; ++i) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(Ap[i]));
+      c0[i] = _mm512_dpbf16_ps(c0[i], a, b0);
+      c1[i] = _mm512_dpbf16_ps(c1[i], a, b1);
+    }
+    Ap += 14;
+    Bp += 32;
+  }
+  const bool whole = nr == 32 && (reinterpret_cast<uintptr_t>(C) & 63) == 0 && ((ldc * 4) & 63) == 0;
+  if (whole) {
+#pragma GCC unroll 14
+    for (int i = 0; i < R; ++i) {
+      _mm512_stream_ps(C + i * ldc, c0[i]);
+      _mm512_stream_ps(C + i * ldc + 16, c1[i]);
+    }
+  } else {
+    const __mmask16 m0 = lane_mask(nr), m1 = lane_mask(nr - 16);
+#pragma GCC unroll 14
+    for (int i = 0; i < R; ++i) {
+      _mm512_mask_storeu_ps(C + i * ldc, m0, c0[i]);
+      _mm512_mask_storeu_ps(C + i * ldc + 16, m1, c1[i]);
+    }
+  }
+}
+}  // namespace
+
+void ukernel_stream_avx512bf16(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, int mr,
+                               int nr) {
+  switch (mr) {
+    case 14: return ukr_stream<14>(kp, Ap, Bp, C, ldc, nr);
+    case 13: return ukr_stream<13>(kp, Ap, Bp, C, ldc, nr);
+    case 12: return ukr_stream<12>(kp, Ap, Bp, C, ldc, nr);
+    case 11: return ukr_stream<11>(kp, Ap, Bp, C, ldc, nr);
+    case 10: return ukr_stream<10>(kp, Ap, Bp, C, ldc, nr);
+    case 9: return ukr_stream<9>(kp, Ap, Bp, C, ldc, nr);
+    case 8: return ukr_stream<8>(kp, Ap, Bp, C, ldc, nr);
+    case 7: return ukr_stream<7>(kp, Ap, Bp, C, ldc, nr);
+    case 6: return ukr_stream<6>(kp, Ap, Bp, C, ldc, nr);
+    case 5: return ukr_stream<5>(kp, Ap, Bp, C, ldc, nr);
+    case 4: return ukr_stream<4>(kp, Ap, Bp, C, ldc, nr);
+    case 3: return ukr_stream<3>(kp, Ap, Bp, C, ldc, nr);
+    case 2: return ukr_stream<2>(kp, Ap, Bp, C, ldc, nr);
+    case 1: return ukr_stream<1>(kp, Ap, Bp, C, ldc, nr);
+    default: return;
+  }
+}
+
+void store_fence() { _mm_sfence(); }
+
 }  // namespace qlora::cpu::lm_head_k

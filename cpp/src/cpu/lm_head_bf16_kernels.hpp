@@ -10,4 +10,11 @@ namespace qlora::cpu::lm_head_k {
 // Q and out 64-byte aligned.
 void nt_to_nn_panel_avx512(const uint32_t* Q, int64_t kpd, int64_t pd0, int np, uint32_t* out);
 
+// C[mr, nr] = Ap·Bp over kp pairs (bf16_k::ukernel_avx512bf16 with alpha 1, beta 0: the same
+// bits), whole 14x32 tiles on 64-byte aligned rows written with streaming stores (the logits chunk
+// is larger than the caches: no read for ownership). store_fence() before others read C.
+void ukernel_stream_avx512bf16(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, int mr,
+                               int nr);
+void store_fence();
+
 }  // namespace qlora::cpu::lm_head_k
