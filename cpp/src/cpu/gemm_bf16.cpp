@@ -372,6 +372,14 @@ auto per_panel(F f) {
   return !(e && std::strcmp(e, "tmp") == 0);
 }
 
+// QLORA_BF16_NF4_NN_PACK=tmp (read per call): the NN NF4 B panels through fp32 tmp rows as before
+// (A/B runs); default: pack_nf4_nn_pair straight from the codes where n, j0, N are multiples of 16.
+// Same fp32 products, same rounding: same panels.
+[[maybe_unused]] bool nn_direct() {
+  const char* e = std::getenv("QLORA_BF16_NF4_NN_PACK");
+  return !(e && std::strcmp(e, "tmp") == 0) && stream_b();
+}
+
 enum class Mode { Oracle, Bf16, F32 };
 Mode mode(SimdLevel level) {
   if (level == SimdLevel::Scalar) return Mode::Oracle;
@@ -671,6 +679,20 @@ void nf4_gemm_nn_bf16(SimdLevel level, int64_t M, float alpha, const float* dY, 
 #ifdef QLORA_X86
       drive(M, N, K, alpha, beta, dX, lddx, pack_a_rows(dY, lddy),
               [&](int64_t j0, int64_t n, int64_t p0, int64_t kc, uint32_t* Bp) {
+                if (nn_direct() && n <= RunScales::kMaxLen && n % 16 == 0 && j0 % 16 == 0 && N % 16 == 0 &&
+                    W.blocksize >= 32) {
+                  // Row pairs straight from the codes (no fp32 tmp rows): the same values.
+                  const int64_t kp = ceil_div(kc, 2);
+                  RunScales sc0, sc1;
+                  for (int64_t p = 0; p < kp; ++p) {
+                    const int64_t fa = (p0 + 2 * p) * N + j0, fb = fa + N;
+                    const bool two = 2 * p + 1 < kc;
+                    bf16_k::pack_nf4_nn_pair_avx512bf16(W.packed, fa, fb, n, sc0.fill(W, fa, n, s),
+                                                        two ? sc1.fill(W, fb, n, s) : nullptr, s, kNf4Codes,
+                                                        Bp + p * NR, NR * kp);
+                  }
+                  return;
+                }
                 if (stream_b() && n <= RunScales::kMaxLen) {
                   // All n columns of a row pair at once: one decode call per row of the task's
                   // columns (not per 32), then round + interleave into the panels.

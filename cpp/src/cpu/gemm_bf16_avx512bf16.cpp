@@ -199,6 +199,36 @@ void pack_cols_panels_avx512bf16(const float* src, int64_t ld, int64_t n, int64_
   }
 }
 
+void pack_nf4_nn_pair_avx512bf16(const uint8_t* packed, int64_t f0, int64_t f1, int64_t n, const float* s0,
+                                 const float* s1, int bs_log2, const float* codes, uint32_t* P, int64_t panel_stride) {
+  // Per 16 columns: each row's 8 bytes decoded as nf4_decode_avx512 does (high nibble first, one
+  // vmulps by the block's absmax), the two rows rounded by one vcvtne2ps2bf16 and interleaved into
+  // pairs as pack_cols_panels does: the same values without the fp32 tmp rows.
+  alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(kIdx);
+  const __m512 lut = _mm512_loadu_ps(codes);
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const int64_t b0 = f0 >> bs_log2, b1 = f1 >> bs_log2;
+  const int64_t wpad = (n + NR - 1) / NR * NR;
+  auto row16 = [&](int64_t f, int64_t bb, const float* sc) {
+    const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + (f >> 1)));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(x, 4), low4), lo = _mm_and_si128(x, low4);
+    const __m512 v = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), lut);
+    return _mm512_mul_ps(v, _mm512_set1_ps(sc[(f >> bs_log2) - bb]));
+  };
+  for (int64_t j = 0; j < wpad; j += 16) {
+    uint32_t* d = P + (j / NR) * panel_stride + (j % NR);
+    if (j >= n) {
+      _mm512_storeu_si512(d, _mm512_setzero_si512());
+      continue;
+    }
+    const __m512 lo = row16(f0 + j, b0, s0);
+    const __m512 hi = s1 ? row16(f1 + j, b1, s1) : _mm512_setzero_ps();
+    _mm512_storeu_si512(d, _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(hi, lo)));
+  }
+}
+
 void pack_nf4_nt_avx512bf16(const uint8_t* packed, int64_t f0, int64_t K, int nr, int64_t kc, const float* scl,
                             int bs_log2, const float* codes, uint32_t* P) {
   // Per 32-k step and 16 rows: the 16 bytes of each row (16 pairs: element 2p in the high nibble of

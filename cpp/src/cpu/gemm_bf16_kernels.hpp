@@ -38,6 +38,13 @@ void pack_cols_panels_avx512bf16(const float* src, int64_t ld, int64_t n, int64_
 // alignment so every row meets its block boundaries at the same k (K % blocksize == 0, f0 even):
 // scl[b * kNR + r] = absmax of row r's b-th block from its first (b = ((f0 + k) >> bs_log2) -
 // (f0 >> bs_log2)). Element = codes[nibble] * absmax in fp32, then RNE to bf16 (vcvtne2ps2bf16).
+// One row pair of NN B panels (pack_cols_panels_avx512bf16's values on the fp32 decode) straight
+// from NF4: row 2p's n columns = flat elements [f0, f0 + n), row 2p + 1's = [f1, + n) (s1 null: no
+// second row, zeros), n, f0 and f1 multiples of 16 (16-element chunks never straddle a block,
+// blocksize >= 32); s0 / s1 the rows' block absmax from their first (RunScales::fill). Pairs go to
+// P + q * panel_stride + j for column q * kNR + j, the last panel zero-padded.
+void pack_nf4_nn_pair_avx512bf16(const uint8_t* packed, int64_t f0, int64_t f1, int64_t n, const float* s0,
+                                 const float* s1, int bs_log2, const float* codes, uint32_t* P, int64_t panel_stride);
 void pack_nf4_nt_avx512bf16(const uint8_t* packed, int64_t f0, int64_t K, int nr, int64_t kc, const float* scl,
                             int bs_log2, const float* codes, uint32_t* P);
 
