@@ -14,6 +14,7 @@
 #include "common/error.hpp"
 #include "cpu/cache_info.hpp"
 #include "cpu/gemm_scalar.hpp"
+#include "cpu/gemv_tasks.hpp"
 #include "cpu/nf4_gemv_kernels.hpp"
 #include "cpu/threads.hpp"
 
@@ -88,16 +89,6 @@ void check_weight(const char* fn, const Nf4Ref& W) {
                      std::to_string(W.blocksize));
 }
 
-// The part of a's prefetch range (Args::pf_lo/pf_hi, spread over rows [r0, r1)) that goes with rows [q0, q1).
-Args pf_part(Args a, int64_t r0, int64_t r1, int64_t q0, int64_t q1) {
-  if (!a.pf_lo) return a;
-  const int64_t bytes = a.pf_hi - a.pf_lo, rows = r1 - r0;
-  const char* lo = a.pf_lo;
-  a.pf_lo = lo + bytes * (q0 - r0) / rows;
-  a.pf_hi = lo + bytes * (q1 - r0) / rows;
-  return a;
-}
-
 // Rows [r0, r1) of one weight: decodes the double-quant scales of a few rows at a time into a
 // per-task buffer (stays in L1/L2), then runs the kernel on them.
 void run_rows(RowsFn rows, bool avx512, bool avx2, Args a, const Nf4Ref& W, int64_t r0, int64_t r1,
@@ -129,7 +120,7 @@ void run_rows(RowsFn rows, bool avx512, bool avx2, Args a, const Nf4Ref& W, int6
     else
 #endif
       for (int64_t b = b0; b < b1; ++b) scales[b - b0] = W.nested_map[code[b]] * W.nested_absmax[b >> 8] + W.offset;
-    a = pf_part(whole, r0, r1, q0, q1);
+    a = gemv_tasks::pf_part(whole, r0, r1, q0, q1);
     a.absmax = scales.data();
     a.block0 = b0;
     rows(a, q0, q1);
@@ -148,12 +139,9 @@ std::vector<float>& thread_scales() {
 // M x K floats per call (~120 calls per decode step). QLORA_GEMV_SCRATCH=0 (read per call, A/B
 // runs): a fresh zero-filled vector per call as before. The pool's threads only read them while
 // the caller waits in parallel_for.
-struct GemvTask {
-  int64_t w, r0, r1, g0;  // weight, rows [r0, r1); g0: rows of the job before this task's (the tail's prefetch fractions)
-};
 struct GemvScratch {
   std::vector<float> xg;
-  std::vector<GemvTask> tasks;
+  std::vector<gemv_tasks::Task> tasks;
 };
 GemvScratch& gemv_scratch() {
   thread_local GemvScratch s;
@@ -230,75 +218,20 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
     base.ldx = ldx;
   }
 
-  // Tasks: each weight's rows in chunks of `per`. At least 128 KiB of packed weight per task at
-  // M <= 2 (about 8 us of streaming), so that small layers do not pay the thread pool's wake-up
-  // and join; less at larger M, where each weight costs M FMAs (at M = 8 a [192, 576] k/v
-  // projection is then split over two threads).
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / (K * std::max<int64_t>(1, M / 2)));
-  int64_t total = 0;
-  for (int64_t i = 0; i < n; ++i) total += W[i]->rows;
-  const int64_t n_tasks = std::min<int64_t>((total + grain - 1) / grain, 4 * static_cast<int64_t>(num_threads()));
-  // Even chunk sizes keep the row pairs of the kernels at (2j, 2j + 1) of each weight whatever the
-  // split, so a row's result depends neither on the thread count nor on the other weights.
-  int64_t per = std::max<int64_t>(1, (total + n_tasks - 1) / std::max<int64_t>(1, n_tasks));
-  per += per & 1;
-  using Task = GemvTask;
-  std::vector<Task>& tasks = sc.tasks;  // [weight, rows [r0, r1)]
-  tasks.clear();
-  for (int64_t i = 0, g = 0; i < n; ++i)
-    for (int64_t r = 0; r < W[i]->rows; r += per) {
-      const int64_t r1 = std::min(W[i]->rows, r + per);
-      tasks.push_back({i, r, r1, g});
-      g += r1 - r;
-    }
+  // Tasks: even row chunks of each weight (gemv_tasks::split), one job with the tail's tasks.
+  const int64_t total = gemv_tasks::split(M, K, n, W, sc.tasks);
   const bool pf = tail && tail->prefetch && avx512;
-  const double inv_total = 1.0 / static_cast<double>(total);
-  auto run = [&](const Task& t, std::vector<float>& scales) {
-    const Nf4Ref& w = *W[t.w];
-    Args a = base;
-    a.packed = w.packed;
-    a.bs_shift = log2_exact(w.blocksize);
-    a.y = Y[t.w];
-    a.ldy = ldy[t.w];
-    // The tail's bytes for this task's share of the rows, in pieces: each piece's rows get an even
-    // share (even boundaries keep the row pairs (2j, 2j + 1) of each weight: results unchanged).
-    const char* lo[4];
-    const char* hi[4];
-    const int np = pf ? tail->prefetch(tail->ctx, static_cast<double>(t.g0) * inv_total,
-                                       static_cast<double>(t.g0 + t.r1 - t.r0) * inv_total, lo, hi, 4)
-                      : 0;
-    if (np <= 1) {
-      if (np == 1) a.pf_lo = lo[0], a.pf_hi = hi[0];
-      run_rows(rows, avx512, avx2, a, w, t.r0, t.r1, scales);
-    } else {
-      int64_t bytes = 0, done = 0;
-      for (int i = 0; i < np; ++i) bytes += hi[i] - lo[i];
-      int64_t r = t.r0;
-      for (int i = 0; i < np && r < t.r1; ++i) {
-        done += hi[i] - lo[i];
-        int64_t r1 = i + 1 == np ? t.r1 : t.r0 + (t.r1 - t.r0) * done / std::max<int64_t>(1, bytes);
-        r1 = std::min(t.r1, r1 + ((r1 - t.r0) & 1));
-        if (r1 <= r) continue;
-        a.pf_lo = lo[i], a.pf_hi = hi[i];
-        run_rows(rows, avx512, avx2, a, w, r, r1, scales);
-        r = r1;
-      }
-    }
-    if (tail && tail->post) tail->post(tail->ctx, t.w, t.r0, t.r1);
-  };
-  const int64_t n_pre = tail ? tail->n_pre : 0, n_gemv = static_cast<int64_t>(tasks.size());
-  const int64_t n_after = tail ? tail->n_after : 0;
-  if (n_gemv + n_pre + n_after == 1) {
-    run(tasks[0], thread_scales());
-    return;
-  }
-  // The tail's pre tasks first, its after tasks last: tasks are claimed in index order, so a task
-  // that waits on earlier ones only waits for work already running.
-  parallel_for(n_gemv + n_pre + n_after, [&](int64_t t) {
-    if (t < n_pre) return tail->pre(tail->ctx, t);
-    if (t >= n_pre + n_gemv) return tail->after(tail->ctx, t - n_pre - n_gemv);
-    run(tasks[t - n_pre], thread_scales());
-  });
+  gemv_tasks::run(sc.tasks, total, tail, pf,
+                  [&](const gemv_tasks::Task& t, int64_t r0, int64_t r1, const char* pf_lo, const char* pf_hi) {
+                    const Nf4Ref& w = *W[t.w];
+                    Args a = base;
+                    a.packed = w.packed;
+                    a.bs_shift = log2_exact(w.blocksize);
+                    a.y = Y[t.w];
+                    a.ldy = ldy[t.w];
+                    a.pf_lo = pf_lo, a.pf_hi = pf_hi;
+                    run_rows(rows, avx512, avx2, a, w, r0, r1, thread_scales());
+                  });
 }
 
 // The message is built only on failure: these checks run ~120 times per decode step.

@@ -13,6 +13,7 @@
 
 #include "cpu/cache_info.hpp"
 #include "cpu/gemm_bf16.hpp"
+#include "cpu/gemv_tasks.hpp"
 #include "cpu/nf4_gemv_bf16_kernels.hpp"
 #include "cpu/nf4_gemv_kernels.hpp"
 #include "cpu/threads.hpp"
@@ -64,16 +65,6 @@ bool nf4_gemv_bf16_applies(SimdLevel level, int64_t M, const Nf4Ref& W) {
 #if defined(QLORA_X86)
 namespace {
 
-// The part of a's prefetch range (spread over rows [r0, r1)) that goes with rows [q0, q1).
-nf4_gemv_bf16_detail::Args pf_part(nf4_gemv_bf16_detail::Args a, int64_t r0, int64_t r1, int64_t q0, int64_t q1) {
-  if (!a.pf_lo) return a;
-  const int64_t bytes = a.pf_hi - a.pf_lo, rows = r1 - r0;
-  const char* lo = a.pf_lo;
-  a.pf_lo = lo + bytes * (q0 - r0) / rows;
-  a.pf_hi = lo + bytes * (q1 - r0) / rows;
-  return a;
-}
-
 // Rows [r0, r1) of W with the block scales of a few rows at a time decoded into the running
 // thread's buffer.
 void run_rows(nf4_gemv_bf16_detail::Args a, const Nf4Ref& W, int64_t r0, int64_t r1) {
@@ -95,23 +86,19 @@ void run_rows(nf4_gemv_bf16_detail::Args a, const Nf4Ref& W, int64_t r0, int64_t
     const int64_t b0 = (q0 * K) >> s, b1 = ((q1 * K - 1) >> s) + 1;  // blocks [b0, b1)
     scales.resize(static_cast<size_t>(b1 - b0));
     nf4_gemv_detail::decode_scales_avx512(code, W.nested_map, W.nested_absmax, W.offset, b0, b1, scales.data());
-    a = pf_part(whole, r0, r1, q0, q1);
+    a = gemv_tasks::pf_part(whole, r0, r1, q0, q1);
     a.absmax = scales.data();
     a.block0 = b0;
     d::rows_bf16(a, q0, q1);
   }
 }
 
-struct Task {
-  int64_t w, r0, r1, g0;  // weight, rows [r0, r1); g0: rows of the job before this task's (prefetch fractions)
-};
-
 // The calling thread's grow-only scratch (no allocation per decode-step call): the rounded,
 // regrouped X and the task list. Only the calling thread writes them; the pool's threads read
 // them while the caller waits in parallel_for.
 struct CallScratch {
   std::vector<uint16_t> xb;
-  std::vector<Task> tasks;
+  std::vector<gemv_tasks::Task> tasks;
 };
 CallScratch& call_scratch() {
   thread_local CallScratch s;
@@ -147,66 +134,18 @@ void run_job(int64_t M, float alpha, const float* X, int64_t ldx, int64_t n, con
   base.pf_l2 = std::max<int64_t>(base.pf_l1, std::min<int64_t>(16 * K, cs.l2 / 16));
   prefetch_override(base.pf_l1, base.pf_l2);
 
-  // Tasks of at least 128 KiB of packed weight at M <= 2 (less at larger M), even row counts.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / (K * std::max<int64_t>(1, M / 2)));
-  int64_t total = 0;
-  for (int64_t i = 0; i < n; ++i) total += W[i]->rows;
-  const int64_t n_tasks = std::max<int64_t>(1, std::min<int64_t>((total + grain - 1) / grain, 4 * int64_t{num_threads()}));
-  int64_t per = (total + n_tasks - 1) / n_tasks;
-  per += per & 1;
-  std::vector<Task>& tasks = cs_.tasks;
-  tasks.clear();
-  for (int64_t i = 0, g = 0; i < n; ++i)
-    for (int64_t r = 0; r < W[i]->rows; r += per) {
-      const int64_t r1 = std::min(W[i]->rows, r + per);
-      tasks.push_back({i, r, r1, g});
-      g += r1 - r;
-    }
-  const bool pf = tail && tail->prefetch;
-  const double inv_total = 1.0 / static_cast<double>(total);
-  auto run = [&](const Task& t) {
-    const Nf4Ref& w = *W[t.w];
-    d::Args a = base;
-    a.packed = w.packed;
-    a.bs_shift = log2_exact(w.blocksize);
-    a.y = Y[t.w];
-    a.ldy = ldy[t.w];
-    // The tail's bytes for this task's share of the rows, in pieces: each piece's rows get an even
-    // share (even boundaries keep the row pairs (2j, 2j + 1): results unchanged).
-    const char* lo[4];
-    const char* hi[4];
-    const int np = pf ? tail->prefetch(tail->ctx, static_cast<double>(t.g0) * inv_total,
-                                       static_cast<double>(t.g0 + t.r1 - t.r0) * inv_total, lo, hi, 4)
-                      : 0;
-    if (np <= 1) {
-      if (np == 1) a.pf_lo = lo[0], a.pf_hi = hi[0];
-      run_rows(a, w, t.r0, t.r1);
-    } else {
-      int64_t bytes = 0, done = 0;
-      for (int i = 0; i < np; ++i) bytes += hi[i] - lo[i];
-      int64_t r = t.r0;
-      for (int i = 0; i < np && r < t.r1; ++i) {
-        done += hi[i] - lo[i];
-        int64_t r1 = i + 1 == np ? t.r1 : t.r0 + (t.r1 - t.r0) * done / std::max<int64_t>(1, bytes);
-        r1 = std::min(t.r1, r1 + ((r1 - t.r0) & 1));
-        if (r1 <= r) continue;
-        a.pf_lo = lo[i], a.pf_hi = hi[i];
-        run_rows(a, w, r, r1);
-        r = r1;
-      }
-    }
-    if (tail && tail->post) tail->post(tail->ctx, t.w, t.r0, t.r1);
-  };
-  const int64_t n_pre = tail ? tail->n_pre : 0, n_gemv = static_cast<int64_t>(tasks.size());
-  const int64_t n_after = tail ? tail->n_after : 0;
-  if (n_gemv + n_pre + n_after == 1) return run(tasks[0]);
-  // The tail's pre tasks first, its after tasks last: tasks are claimed in index order, so a task
-  // that waits on earlier ones only waits for work already running.
-  parallel_for(n_gemv + n_pre + n_after, [&](int64_t t) {
-    if (t < n_pre) return tail->pre(tail->ctx, t);
-    if (t >= n_pre + n_gemv) return tail->after(tail->ctx, t - n_pre - n_gemv);
-    run(tasks[static_cast<size_t>(t - n_pre)]);
-  });
+  const int64_t total = gemv_tasks::split(M, K, n, W, cs_.tasks);
+  gemv_tasks::run(cs_.tasks, total, tail, tail && tail->prefetch,
+                  [&](const gemv_tasks::Task& t, int64_t r0, int64_t r1, const char* pf_lo, const char* pf_hi) {
+                    const Nf4Ref& w = *W[t.w];
+                    d::Args a = base;
+                    a.packed = w.packed;
+                    a.bs_shift = log2_exact(w.blocksize);
+                    a.y = Y[t.w];
+                    a.ldy = ldy[t.w];
+                    a.pf_lo = pf_lo, a.pf_hi = pf_hi;
+                    run_rows(a, w, r0, r1);
+                  });
 }
 
 }  // namespace
