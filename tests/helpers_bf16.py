@@ -2,6 +2,8 @@
 tests' model, error measures and PEFT references (torch imported only inside peft_references).
 
 U = 2^-8 is bf16's unit roundoff bound per rounded operand; EPS32 float32's machine epsilon."""
+import os
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,21 @@ needs_bf16 = pytest.mark.skipif(not HAVE_BF16, reason="no AVX512-BF16 on this CP
 # The bf16 training tests' model (test_lora_model.build) and adapter.
 TINY = dict(nf4=True, hidden=64, inter=128, heads=4, kv_heads=2, vocab=100, layers=2)
 LORA = dict(r=4, lora_alpha=8, target_modules="all-linear")
+
+
+def env_fixture(*keys):
+    """A test fixture `env` (assign it to a module-level name `env`): yields os.environ and afterwards
+    restores each of `keys` (the QLORA_* switches a test sets) to its value before the test, or unset."""
+    @pytest.fixture
+    def env():
+        saved = {k: os.environ.get(k) for k in keys}
+        yield os.environ
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return env
 
 
 def bf16(x):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 import qlora_native
-from qlora_native import LoraConfig
+from qlora_native import LoraConfig, _core
 
 
 def adapter_model(path, backend="cpu", *, quantize="nf4", compute_dtype="float32", head_format=None, dropout=0.0,
@@ -83,3 +83,28 @@ def loss_and_grads(m, batch=None):
     m.zero_grad()
     loss = m.forward_backward(ids, labels, mask)
     return loss, {k: np.array(v) for k, v in m.get_adapter_gradients("a").items()}
+
+
+def random_lora_b(m, seed=7, scale=0.2):
+    """Adapter "a"'s lora_B tensors set to scale * N(0, 1) from `seed` (nonzero B: the expand and dA
+    contribute); the other tensors unchanged. Returns m."""
+    rng = np.random.default_rng(seed)
+    sd = {k: (rng.standard_normal(v.shape) * scale).astype(np.float32) if "lora_B" in k else v
+          for k, v in m.get_adapter_state_dict("a").items()}
+    m.set_adapter_state_dict("a", sd)
+    return m
+
+
+def profiled_loss_and_grads(m, batch):
+    """loss_and_grads(m, batch) with the profiler reset and on for that pass only:
+    (loss, {name: gradient copy}, _core.profile_report())."""
+    _core.profile_reset()
+    _core.profile_enable(True)
+    try:
+        m.zero_grad()
+        ids, labels, mask = batch
+        loss = m.forward_backward(ids, labels, mask)
+    finally:
+        _core.profile_enable(False)
+    report = _core.profile_report()
+    return loss, {k: np.array(v) for k, v in m.get_adapter_gradients("a").items()}, report

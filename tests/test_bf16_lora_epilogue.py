@@ -10,10 +10,8 @@ The tiny model's GEMMs are below the shared driver's 4 MFLOP floor, so QLORA_BF1
 import numpy as np
 import pytest
 
-from qlora_native import _core
-
 from helpers_bf16 import needs_bf16
-from helpers_train import adapter_model, padded_batch
+from helpers_train import adapter_model, padded_batch, profiled_loss_and_grads, random_lora_b
 from helpers_tiny import build_tiny
 
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, vocab_size=80)
@@ -27,12 +25,7 @@ def tiny(tmp_path_factory):
 
 
 def _model(path, dropout=0.0):
-    m = adapter_model(path, compute_dtype="bfloat16", dropout=dropout, lora=CFG)
-    rng = np.random.default_rng(7)  # nonzero B: the expand adds something
-    sd = {k: (rng.standard_normal(v.shape) * 0.2).astype(np.float32) if "lora_B" in k else v
-          for k, v in m.get_adapter_state_dict("a").items()}
-    m.set_adapter_state_dict("a", sd)
-    return m
+    return random_lora_b(adapter_model(path, compute_dtype="bfloat16", dropout=dropout, lora=CFG))  # nonzero B
 
 
 BATCH = padded_batch(np.random.default_rng(1), 80, B=3, T=12)  # M = 36: past the GEMV paths (M <= 16)
@@ -48,15 +41,8 @@ def _pass(m, monkeypatch, epilogue, group=True, ckpt=True, lora_bf16="0"):
     monkeypatch.setenv("QLORA_LORA_BF16", lora_bf16)
     m.gradient_checkpointing = ckpt
     ids, mask, labels = BATCH
-    _core.profile_reset()
-    _core.profile_enable(True)
-    try:
-        m.zero_grad()
-        loss = m.forward_backward(ids, labels, mask)
-    finally:
-        _core.profile_enable(False)
-    calls = sum(r["calls"] for r in _core.profile_report() if r["op"] == OP)
-    return loss, {k: np.array(v) for k, v in m.get_adapter_gradients("a").items()}, calls
+    loss, grads, report = profiled_loss_and_grads(m, (ids, labels, mask))
+    return loss, grads, sum(r["calls"] for r in report if r["op"] == OP)
 
 
 def _same(a, b):

@@ -12,7 +12,7 @@ import pytest
 
 from qlora_native import ops
 
-from helpers_bf16 import HAVE_BF16, check, strided
+from helpers_bf16 import HAVE_BF16, check, env_fixture, strided
 from test_ops_nf4_gemm import decode, random_nf4
 
 pytestmark = pytest.mark.skipif(not HAVE_BF16, reason="no AVX512-BF16 on this CPU (the bf16 packers need it)")
@@ -29,16 +29,7 @@ def cpu_has_amx():
         return False
 
 
-@pytest.fixture
-def env():
-    keys = ("QLORA_AMX", "QLORA_BF16_GEMM")
-    saved = {k: os.environ.get(k) for k in keys}
-    yield os.environ
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+env = env_fixture("QLORA_AMX", "QLORA_BF16_GEMM")
 
 
 def test_kernel_query_follows_switch(env):

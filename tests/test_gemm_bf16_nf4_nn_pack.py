@@ -6,14 +6,12 @@ every other shape). Both form the same fp32 product code * absmax and round it R
 agree bit for bit on ragged panels, odd out_features (a last row pair of one row), depth blocks
 over KC, blocksizes 32..4096, double quant, both drivers; and each stays within test_bf16's float64
 bound."""
-import os
-
 import numpy as np
 import pytest
 
 from qlora_native import ops
 
-from helpers_bf16 import HAVE_BF16, check, strided
+from helpers_bf16 import HAVE_BF16, check, env_fixture, strided
 from test_ops_nf4_gemm import decode, random_nf4
 
 pytestmark = pytest.mark.skipif(not HAVE_BF16, reason="no AVX512-BF16 on this CPU")
@@ -25,16 +23,7 @@ CASES = [(9, 7, 64, 64, True), (37, 45, 64, 32, False), (30, 70, 256, 64, False)
          (29, 65, 100, 32, False), (13, 31, 40, 64, True)]  # last two: in_features % 16 != 0 (tmp path)
 
 
-@pytest.fixture
-def env():
-    keys = ("QLORA_BF16_NF4_NN_PACK", "QLORA_BF16_GEMM")
-    saved = {k: os.environ.get(k) for k in keys}
-    yield os.environ
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+env = env_fixture("QLORA_BF16_NF4_NN_PACK", "QLORA_BF16_GEMM")
 
 
 @pytest.mark.parametrize("driver", ["shared", "tasks"])

@@ -6,14 +6,12 @@ results must agree bit for bit: ragged panels (nr < 16, 16 < nr < 32), N over NC
 KC = 2048 (depth blocks starting inside a quantization block), blocksizes 32..4096, double quant,
 both drivers; and each stays within test_bf16's float64 bound. nf4_gemm_nt_many in bf16 (X's panels
 packed once for q/k/v-like groups, QLORA_BF16_NF4_MANY=0: one call each) == single calls, bit for bit."""
-import os
-
 import numpy as np
 import pytest
 
 from qlora_native import ops
 
-from helpers_bf16 import HAVE_BF16, check, strided
+from helpers_bf16 import HAVE_BF16, check, env_fixture, strided
 from test_ops_nf4_gemm import decode, random_nf4
 
 pytestmark = pytest.mark.skipif(not HAVE_BF16, reason="no AVX512-BF16 on this CPU")
@@ -25,16 +23,7 @@ CASES = [(9, 7, 64, 64, True), (37, 45, 64, 32, False), (30, 70, 256, 64, False)
          (29, 65, 100, 32, False), (13, 31, 4100, 64, True)]  # last two: K % blocksize != 0 (tmp path)
 
 
-@pytest.fixture
-def env():
-    keys = ("QLORA_BF16_NF4_PACK", "QLORA_BF16_GEMM", "QLORA_BF16_NF4_MANY")
-    saved = {k: os.environ.get(k) for k in keys}
-    yield os.environ
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+env = env_fixture("QLORA_BF16_NF4_PACK", "QLORA_BF16_GEMM", "QLORA_BF16_NF4_MANY")
 
 
 @pytest.mark.parametrize("driver", ["shared", "tasks"])

@@ -7,10 +7,8 @@ when QLORA_LORA_BF16 rounds one shrink and not the other, the last layer (no rec
 import numpy as np
 import pytest
 
-from qlora_native import _core
-
 from helpers_bf16 import needs_bf16
-from helpers_train import adapter_model, padded_batch
+from helpers_train import adapter_model, padded_batch, profiled_loss_and_grads, random_lora_b
 from helpers_tiny import build_tiny
 
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, vocab_size=80)
@@ -24,12 +22,7 @@ def tiny(tmp_path_factory):
 
 
 def _model(path, dtype, dropout=0.0):
-    m = adapter_model(path, compute_dtype=dtype, dropout=dropout, lora=CFG)
-    rng = np.random.default_rng(7)  # nonzero B: dt and dA are nonzero
-    sd = {k: (rng.standard_normal(v.shape) * 0.2).astype(np.float32) if "lora_B" in k else v
-          for k, v in m.get_adapter_state_dict("a").items()}
-    m.set_adapter_state_dict("a", sd)
-    return m
+    return random_lora_b(adapter_model(path, compute_dtype=dtype, dropout=dropout, lora=CFG))  # nonzero B
 
 
 def _pass(m, monkeypatch, keep, group=True, ckpt=True, lora_bf16="0", epilogue="0"):
@@ -39,16 +32,8 @@ def _pass(m, monkeypatch, keep, group=True, ckpt=True, lora_bf16="0", epilogue="
     monkeypatch.setenv("QLORA_BF16_LORA_EPILOGUE", epilogue)
     m.gradient_checkpointing = ckpt
     ids, mask, labels = BATCH
-    _core.profile_reset()
-    _core.profile_enable(True)
-    try:
-        m.zero_grad()
-        loss = m.forward_backward(ids, labels, mask)
-    finally:
-        _core.profile_enable(False)
-    shrinks = sum(r["calls"] for r in _core.profile_report()
-                  if r["part"] == "lora_bwd" and r["op"].startswith("gemm_nt"))
-    return loss, {k: np.array(v) for k, v in m.get_adapter_gradients("a").items()}, shrinks
+    loss, grads, report = profiled_loss_and_grads(m, (ids, labels, mask))
+    return loss, grads, sum(r["calls"] for r in report if r["part"] == "lora_bwd" and r["op"].startswith("gemm_nt"))
 
 
 def _check(m, monkeypatch, saved, fresh=None, **kw):

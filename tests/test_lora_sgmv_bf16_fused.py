@@ -8,38 +8,17 @@ every form of the fused job (after: the default; first: QLORA_SGMV_AFTER=0; loca
 "__base__" rows, generate; at SmolLM2's widths (K = 576, gate/up 1536 rows, down K = 1536). And the fused op
 must actually run (profiled op count), and the adapters must contribute."""
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-import qlora_native
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from helpers_sgmv import AVX512, WIDE, run_child, two_adapter_child  # noqa: E402
 from helpers_tiny import build_tiny  # noqa: E402
 
-AVX512 = "cpu:avx512" in qlora_native._core.available_backends()
-WIDE = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3)
-
-CHILD = r"""
-import os, sys
-import numpy as np
-import qlora_native
-from qlora_native import LoraConfig, _core
-tiny, out = sys.argv[1], sys.argv[2]
-m = qlora_native.Model.from_pretrained(tiny, quantize="nf4", tokenizer=None, backend="cpu:avx512",
-                                       compute_dtype="bfloat16")
-for i in range(2):
-    m.add_adapter(f"a{i}", LoraConfig(r=16 if i == 0 else 8, lora_alpha=32, target_modules="all-linear"),
-                  seed=i + 1)
-    rng = np.random.default_rng(i)
-    m.set_adapter_state_dict(f"a{i}", {k: (0.1 * rng.standard_normal(v.shape)).astype(np.float32)
-                                       for k, v in m.get_adapter_state_dict(f"a{i}").items()})
-ids = np.arange(3, 11, dtype=np.int32)[:, None]
-prompts = [[5 + i, 6, 7 + i] for i in range(8)]
-
+CHILD = two_adapter_child(r"""
 
 def calls():
     rep = _core.profile_report()
@@ -69,15 +48,11 @@ os.environ["QLORA_SGMV_FUSE_BF16"] = "1"
 m.compute_dtype = "float32"  # the adapters contribute, and this really was a bf16-compute pass
 res["f32"] = m(ids, adapter_names=["a0"] * 8)
 np.savez(out, **res)
-"""
+""", compute_dtype="bfloat16")
 
 
 def _run(tiny, out, **env_over):
-    env = dict(os.environ, **env_over)
-    env.pop("QLORA_SGMV_FUSE_BF16", None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p) + os.pathsep + env.get("PYTHONPATH", "")
-    subprocess.run([sys.executable, "-c", CHILD, tiny, out], check=True, env=env, timeout=300)
-    return dict(np.load(out))
+    return run_child(CHILD, tiny, out, drop=("QLORA_SGMV_FUSE_BF16",), **env_over)
 
 
 @pytest.mark.skipif(not AVX512, reason="the bf16 NF4 GEMV runs at the AVX512 level (with AVX512-BF16)")

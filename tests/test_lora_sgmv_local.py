@@ -17,31 +17,12 @@ import sys
 import numpy as np
 import pytest
 
-import qlora_native
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from helpers_sgmv import AVX512, WIDE, child_env, run_child, two_adapter_child  # noqa: E402
 from helpers_tiny import build_tiny  # noqa: E402
 
-AVX512 = "cpu:avx512" in qlora_native._core.available_backends()
-WIDE = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3)
-
-CHILD = r"""
-import sys
-import numpy as np
-import qlora_native
-from qlora_native import LoraConfig
-tiny, out = sys.argv[1], sys.argv[2]
-m = qlora_native.Model.from_pretrained(tiny, quantize="nf4", tokenizer=None, backend="cpu:avx512")
-for i in range(2):
-    m.add_adapter(f"a{i}", LoraConfig(r=16 if i == 0 else 8, lora_alpha=32, target_modules="all-linear"),
-                  seed=i + 1)
-    rng = np.random.default_rng(i)
-    m.set_adapter_state_dict(f"a{i}", {k: (0.1 * rng.standard_normal(v.shape)).astype(np.float32)
-                                       for k, v in m.get_adapter_state_dict(f"a{i}").items()})
-ids = np.arange(3, 11, dtype=np.int32)[:, None]
-prompts = [[5 + i, 6, 7 + i] for i in range(8)]
-res = {}
+CHILD = two_adapter_child(r"""res = {}
 for threads in (1, 2, 3):
     qlora_native.set_num_threads(threads)
     for dt in ("float32", "bfloat16"):
@@ -53,14 +34,11 @@ for threads in (1, 2, 3):
         res["gen_" + k] = np.array(m.generate(prompts, max_new_tokens=4, temperature=0.0, eos_token_id=None,
                                               adapter_name="a0"), np.int64)
 np.savez(out, **res)
-"""
+""")
 
 
 def _run(tiny, out, **env_over):
-    env = dict(os.environ, **env_over)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p) + os.pathsep + env.get("PYTHONPATH", "")
-    subprocess.run([sys.executable, "-c", CHILD, tiny, out], check=True, env=env, timeout=300)
-    return dict(np.load(out))
+    return run_child(CHILD, tiny, out, **env_over)
 
 
 @pytest.mark.skipif(not AVX512, reason="the local form runs at the AVX512 level")
@@ -89,8 +67,7 @@ def test_local_form_equals_after_unfused_and_its_own_copies(tmp_path):
 @pytest.mark.skipif(not AVX512, reason="the local form runs at the AVX512 level")
 def test_bad_spin_value_is_a_clear_error(tmp_path):
     tiny = build_tiny(str(tmp_path / "wide"), **WIDE)
-    env = dict(os.environ, QLORA_SGMV_LOCAL="1", QLORA_SGMV_LOCAL_SPIN="lots")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p) + os.pathsep + env.get("PYTHONPATH", "")
+    env = child_env(QLORA_SGMV_LOCAL="1", QLORA_SGMV_LOCAL_SPIN="lots")
     r = subprocess.run([sys.executable, "-c", CHILD, tiny, str(tmp_path / "x.npz")], env=env, timeout=300,
                        capture_output=True, text=True)
     assert r.returncode != 0
