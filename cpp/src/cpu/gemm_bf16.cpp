@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/error.hpp"
+#include "cpu/aligned_scratch.hpp"
 #include "cpu/cache_info.hpp"
 #include "cpu/gemm.hpp"
 #include "cpu/gemm_checks.hpp"
@@ -61,26 +62,7 @@ const Blocking& blocking() {
   return b;
 }
 
-struct Scratch {
-  void* p = nullptr;
-  size_t n = 0;
-  ~Scratch() { std::free(p); }
-  template <class T>
-  T* get(size_t count) {
-    const size_t bytes = count * sizeof(T);
-    if (bytes > n) {
-      std::free(p);
-      p = std::aligned_alloc(64, static_cast<size_t>(round_up(static_cast<int64_t>(bytes), 64)));
-      if (!p) {
-        n = 0;
-        throw std::bad_alloc();
-      }
-      n = bytes;
-    }
-    return static_cast<T*>(p);
-  }
-};
-thread_local Scratch t_a, t_b, t_tmp;
+thread_local AlignedScratch t_a, t_b, t_tmp;
 
 // The micro-kernel (cpu/gemm_bf16_amx.hpp: AVX512-BF16, or AMX-BF16 where usable / QLORA_AMX=emulate)
 // is chosen once per task or shared() call, so its A panels and its calls agree. AMX reads each A
@@ -237,7 +219,7 @@ struct TileExpand {
 
 // The caller's A panels (one buffer for every instantiation; a pool thread calling from an
 // outer parallel_for runs the nested parallel_fors below serially, on its own buffer).
-thread_local Scratch t_sa;
+thread_local AlignedScratch t_sa;
 
 // shared() over nb problems sharing A and K (problem b: N[b] columns, C[b], pack_b[b]): each
 // (row super-block, depth block) of A packed once, then every problem's tasks run against it,
@@ -636,7 +618,7 @@ void nf4_gemm_nt_many_expand_bf16(SimdLevel level, int64_t M, const float* X, in
 #ifdef QLORA_X86
   // B_i's fp32 panels, as gemm_nt packs them ([r][NR] per NR columns, zero-padded): one buffer.
   static_assert(gemm_k::kAvx512NR == NR && gemm_k::kAvx512MR == MR, "the fp32 expand tile is the bf16 tile");
-  thread_local Scratch t_lora;
+  thread_local AlignedScratch t_lora;
   int64_t off[kNf4ManyMax], total = 0;
   for (int64_t i = 0; i < n; ++i) off[i] = total, total += ex[i].t ? ceil_div(W[i]->rows, NR) * NR * ex[i].r : 0;
   float* lb = t_lora.get<float>(static_cast<size_t>(total));

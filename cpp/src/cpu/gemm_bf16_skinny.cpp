@@ -13,6 +13,7 @@
 #include <new>
 #include <string>
 
+#include "cpu/aligned_scratch.hpp"
 #include "cpu/gemm_bf16_kernels.hpp"
 #include "cpu/gemm_bf16_skinny_kernels.hpp"
 #include "cpu/threads.hpp"
@@ -27,26 +28,7 @@ constexpr int64_t kRowdotL1K = 1024;  // row-dot 1x16 up to here: W panel 16 x 1
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-struct Scratch {  // 64-byte aligned, grown on demand, one per thread
-  void* p = nullptr;
-  size_t n = 0;
-  ~Scratch() { std::free(p); }
-  uint32_t* get(size_t count) {
-    const size_t bytes = static_cast<size_t>(round_up(static_cast<int64_t>(count * sizeof(uint32_t)), 64));
-    if (bytes > n) {
-      std::free(p);
-      p = std::aligned_alloc(64, bytes);
-      if (!p) {
-        n = 0;
-        throw std::bad_alloc();
-      }
-      n = bytes;
-    }
-    return static_cast<uint32_t*>(p);
-  }
-  float* get_f(size_t count) { return reinterpret_cast<float*>(get(count)); }
-};
-thread_local Scratch t_ap, t_bp, t_tmp;
+thread_local AlignedScratch t_ap, t_bp, t_tmp;
 
 // QLORA_GEMM_BF16_SKINNY=0: off (the blocked 14x32 kernel runs these shapes; A/B runs).
 bool skinny_on() {
@@ -82,13 +64,13 @@ bool gemm_bf16_skinny(SkinnyLayout layout, int64_t M, int64_t N, int64_t K, floa
   if (layout != SkinnyLayout::TN) {
     // Row-dot: W = op(B)ᵀ as 16-row pair panels (shared), rows of A streamed once per 16 columns.
     const int64_t kq = round_up(K, 32) / 2, nblk = ceil_div(N, NR);
-    uint32_t* W = t_bp.get(static_cast<size_t>(nblk * NR * kq));  // the caller's: read by every task
+    uint32_t* W = t_bp.get<uint32_t>(static_cast<size_t>(nblk * NR * kq));  // the caller's: read by every task
     for (int64_t jb = 0; jb < nblk; ++jb) {
       const int nj = static_cast<int>(std::min(NR, N - jb * NR));
       if (layout == SkinnyLayout::NT) {
         bf16_k::pack_w16_avx512bf16(B + jb * NR * ldb, ldb, nj, K, kq, W + jb * NR * kq);
       } else {  // B [K, N]: its columns jb*16.. as fp32 rows first
-        float* tmp = t_tmp.get_f(static_cast<size_t>(NR * K));
+        float* tmp = t_tmp.get<float>(static_cast<size_t>(NR * K));
         for (int64_t k = 0; k < K; ++k)
           for (int j = 0; j < nj; ++j) tmp[j * K + k] = B[k * ldb + jb * NR + j];
         bf16_k::pack_w16_avx512bf16(tmp, K, nj, K, kq, W + jb * NR * kq);
@@ -112,13 +94,13 @@ bool gemm_bf16_skinny(SkinnyLayout layout, int64_t M, int64_t N, int64_t K, floa
   // Tasks: runs of tiles, a few per thread (dynamic claiming evens them out); one for small work.
   const int64_t n_tasks = par ? std::min<int64_t>(m_tiles, 4 * nth) : 1;
   const int64_t tiles_per = ceil_div(m_tiles, n_tasks);
-  uint32_t* Bp = t_bp.get(static_cast<size_t>(kc / 2 * NR));  // the caller's: read by every task
+  uint32_t* Bp = t_bp.get<uint32_t>(static_cast<size_t>(kc / 2 * NR));  // the caller's: read by every task
   for (int64_t pc = 0; pc < K; pc += kc) {
     const int64_t kcur = std::min(kc, K - pc), kp = ceil_div(kcur, 2);
     const float beta_k = pc == 0 ? beta : 1.0f;
     bf16_k::pack_cols_avx512bf16(B + pc * ldb, ldb, static_cast<int>(N), kcur, NR, Bp);
     parallel_for(ceil_div(m_tiles, tiles_per), [&](int64_t task) {
-      uint32_t* Ap = t_ap.get(static_cast<size_t>(kp * MR));
+      uint32_t* Ap = t_ap.get<uint32_t>(static_cast<size_t>(kp * MR));
       const int64_t t1 = std::min(m_tiles, (task + 1) * tiles_per);
       for (int64_t t = task * tiles_per; t < t1; ++t) {
         const int64_t i0 = t * MR;

@@ -11,6 +11,7 @@
 #include "cpu/gemm.hpp"
 #include "cpu/gemm_bf16.hpp"
 #include "cpu/gemm_bf16_amx.hpp"
+#include "cpu/aligned_scratch.hpp"
 #include "cpu/gemm_bf16_kernels.hpp"
 #include "cpu/gemm_bf16_skinny.hpp"
 #include "cpu/lm_head_bf16_kernels.hpp"
@@ -40,25 +41,8 @@ int64_t depth_block() {
   return kc;
 }
 
-struct AlignedBuf {  // per-thread A panels (one chunk's rows: 256 x 576 -> 295 KB)
-  void* p = nullptr;
-  size_t n = 0;
-  ~AlignedBuf() { std::free(p); }
-  uint32_t* get(size_t count) {
-    const size_t bytes = static_cast<size_t>(round_up(static_cast<int64_t>(count * 4), 64));
-    if (bytes > n) {
-      std::free(p);
-      p = std::aligned_alloc(64, bytes);
-      if (!p) {
-        n = 0;
-        throw std::bad_alloc();
-      }
-      n = bytes;
-    }
-    return static_cast<uint32_t*>(p);
-  }
-};
-thread_local AlignedBuf t_ap, t_tmp, t_bp;
+// per-thread A panels (one chunk's rows: 256 x 576 -> 295 KB), B panels, fp32 rows
+thread_local AlignedScratch t_ap, t_tmp, t_bp;
 }  // namespace
 
 bool lm_head_panels_apply(SimdLevel level, int64_t V, int64_t D) {
@@ -92,7 +76,7 @@ void lm_head_pack_panels(int64_t V, int64_t D, const float* E, int64_t lde, uint
   const int64_t kp = ceil_div(D, 2), n_pan = ceil_div(V, NR);
   constexpr int64_t kGroup = 16;  // panels per task
   parallel_for(ceil_div(n_pan, kGroup), [&](int64_t t) {
-    float* tmp = reinterpret_cast<float*>(t_tmp.get(static_cast<size_t>(NR * D)));
+    float* tmp = t_tmp.get<float>(static_cast<size_t>(NR * D));
     for (int64_t q = t * kGroup; q < std::min(n_pan, (t + 1) * kGroup); ++q) {
       const int nr = static_cast<int>(std::min<int64_t>(NR, V - q * NR));
       // the rows copied one run at a time first (gemm_nt_bf16's streaming B packer: a transposing
@@ -114,7 +98,7 @@ void lm_head_logits_bf16(int64_t M, int64_t V, int64_t D, const float* h, int64_
   const int64_t kp = ceil_div(D, 2), n_pan = ceil_div(V, NR), m_tiles = ceil_div(M, MR);
   // A panels (h rounded to bf16 pairs) once, shared by all tasks: the same values as the bf16
   // driver's pack_a_rows.
-  uint32_t* Ap = t_ap.get(static_cast<size_t>(m_tiles * MR * kp));
+  uint32_t* Ap = t_ap.get<uint32_t>(static_cast<size_t>(m_tiles * MR * kp));
   parallel_for(ceil_div(m_tiles, 4), [&](int64_t t) {
     for (int64_t i = t * 4; i < std::min(m_tiles, (t + 1) * 4); ++i)
       bf16_k::pack_a_panel_avx512bf16(h + i * MR * ldh, ldh, static_cast<int>(std::min<int64_t>(MR, M - i * MR)), D,
@@ -158,8 +142,8 @@ void lm_head_dh_bf16(int64_t M, int64_t V, int64_t D, const float* G, int64_t ld
   const int64_t kcb = depth_block();
   const int64_t kc = std::min(round_up(V, 32), round_up(ceil_div(V, ceil_div(V, kcb)), 32));
   const int64_t kpd = ceil_div(D, 2), n_pan = ceil_div(D, NR), m_tiles = ceil_div(M, MR);
-  uint32_t* Ap = t_ap.get(static_cast<size_t>(m_tiles * MR * (kc / 2)));
-  uint32_t* Bp = t_bp.get(static_cast<size_t>(n_pan * NR * (kc / 2)));  // every column panel of a block
+  uint32_t* Ap = t_ap.get<uint32_t>(static_cast<size_t>(m_tiles * MR * (kc / 2)));
+  uint32_t* Bp = t_bp.get<uint32_t>(static_cast<size_t>(n_pan * NR * (kc / 2)));  // every column panel of a block
   for (int64_t pc = 0; pc < V; pc += kc) {
     const int64_t kcur = std::min(kc, V - pc), kp = ceil_div(kcur, 2);
     const float beta = pc == 0 ? 0.0f : 1.0f;
