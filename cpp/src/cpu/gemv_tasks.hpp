@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 #include "cpu/nf4_gemv.hpp"
@@ -26,6 +27,51 @@ Args pf_part(Args a, int64_t r0, int64_t r1, int64_t q0, int64_t q1) {
   a.pf_lo = lo + bytes * (q0 - r0) / rows;
   a.pf_hi = lo + bytes * (q1 - r0) / rows;
   return a;
+}
+
+// The running thread's decoded block scales (grow-only: no allocation per task of a decode step).
+// A function, not a thread_local named inside a lambda (GCC has bound such names to the thread
+// that created the lambda).
+inline std::vector<float>& thread_scales() {
+  thread_local std::vector<float> s;
+  return s;
+}
+
+// QLORA_GEMV_SCRATCH=0 (read per call, A/B runs): each driver takes a fresh buffer per call instead
+// of its calling thread's grow-only scratch (regrouped X and task list).
+inline bool scratch_enabled() {
+  const char* e = std::getenv("QLORA_GEMV_SCRATCH");
+  return !(e && e[0] == '0' && e[1] == '\0');
+}
+
+// Rows [r0, r1) of W through rows(a, q0, q1): with double quant, the block scales of a few rows at a
+// time are decoded (decode(b0, b1, out): blocks [b0, b1)) into the running thread's buffer, which
+// stays in L1/L2. Sub-ranges are even (r0 is: the task splits are), so the kernels' row pairs stay
+// (2j, 2j + 1) of the weight whatever the split: an odd sub-range had sent one row through the
+// single-row kernel, whose sums run in another order, at positions that moved with the thread count.
+template <class Args, class Decode, class Rows>
+void scaled_rows(Args a, const Nf4Ref& W, int64_t r0, int64_t r1, const Decode& decode, const Rows& rows) {
+  if (!W.double_quant) {
+    a.absmax = static_cast<const float*>(W.absmax);
+    a.block0 = 0;
+    rows(a, r0, r1);
+    return;
+  }
+  const Args whole = a;
+  const int64_t K = W.cols;
+  const int s = a.bs_shift;
+  std::vector<float>& scales = thread_scales();
+  const int64_t rows_per_sub = std::max<int64_t>(2, ((int64_t{4096} << s) / K) & ~int64_t{1});
+  for (int64_t q0 = r0; q0 < r1; q0 += rows_per_sub) {
+    const int64_t q1 = std::min(r1, q0 + rows_per_sub);
+    const int64_t b0 = (q0 * K) >> s, b1 = ((q1 * K - 1) >> s) + 1;  // blocks [b0, b1)
+    scales.resize(static_cast<size_t>(b1 - b0));
+    decode(b0, b1, scales.data());
+    a = pf_part(whole, r0, r1, q0, q1);
+    a.absmax = scales.data();
+    a.block0 = b0;
+    rows(a, q0, q1);
+  }
 }
 
 // Tasks: each weight's rows in chunks of `per` (into `tasks`, cleared first); returns the rows of

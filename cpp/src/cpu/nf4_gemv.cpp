@@ -89,50 +89,23 @@ void check_weight(const char* fn, const Nf4Ref& W) {
                      std::to_string(W.blocksize));
 }
 
-// Rows [r0, r1) of one weight: decodes the double-quant scales of a few rows at a time into a
-// per-task buffer (stays in L1/L2), then runs the kernel on them.
-void run_rows(RowsFn rows, bool avx512, bool avx2, Args a, const Nf4Ref& W, int64_t r0, int64_t r1,
-              std::vector<float>& scales) {
-  const int64_t K = W.cols;
-  const int s = a.bs_shift;
-  const Args whole = a;
-  if (!W.double_quant) {
-    a.absmax = static_cast<const float*>(W.absmax);
-    a.block0 = 0;
-    rows(a, r0, r1);
-    return;
-  }
-  // Even (r0 is even: the task splits are), so the kernels' row pairs stay (2j, 2j + 1) of the
-  // weight whatever the task split: an odd sub-range had sent one row through the single-row
-  // kernel, whose sums run in another order, at positions that moved with the thread count.
-  const int64_t rows_per_sub = std::max<int64_t>(2, ((int64_t{4096} << s) / K) & ~int64_t{1});
+// Rows [r0, r1) of one weight (gemv_tasks::scaled_rows: double-quant scales decoded a few rows at a time).
+void run_rows(RowsFn rows, bool avx512, bool avx2, const Args& a, const Nf4Ref& W, int64_t r0, int64_t r1) {
   const uint8_t* code = static_cast<const uint8_t*>(W.absmax);
-  for (int64_t q0 = r0; q0 < r1; q0 += rows_per_sub) {
-    const int64_t q1 = std::min(r1, q0 + rows_per_sub);
-    const int64_t b0 = (q0 * K) >> s, b1 = ((q1 * K - 1) >> s) + 1;  // blocks [b0, b1)
-    scales.resize(static_cast<size_t>(b1 - b0));
-    // Same float ops as scalar::nf4_block_absmax (this file is built without FMA contraction on x86).
+  gemv_tasks::scaled_rows(
+      a, W, r0, r1,
+      [&](int64_t b0, int64_t b1, float* out) {
+        // Same float ops as scalar::nf4_block_absmax (this file is built without FMA contraction on x86).
 #if defined(QLORA_X86)
-    if (avx512)
-      nf4_gemv_detail::decode_scales_avx512(code, W.nested_map, W.nested_absmax, W.offset, b0, b1, scales.data());
-    else if (avx2)
-      nf4_gemv_detail::decode_scales_avx2(code, W.nested_map, W.nested_absmax, W.offset, b0, b1, scales.data());
-    else
+        if (avx512)
+          nf4_gemv_detail::decode_scales_avx512(code, W.nested_map, W.nested_absmax, W.offset, b0, b1, out);
+        else if (avx2)
+          nf4_gemv_detail::decode_scales_avx2(code, W.nested_map, W.nested_absmax, W.offset, b0, b1, out);
+        else
 #endif
-      for (int64_t b = b0; b < b1; ++b) scales[b - b0] = W.nested_map[code[b]] * W.nested_absmax[b >> 8] + W.offset;
-    a = gemv_tasks::pf_part(whole, r0, r1, q0, q1);
-    a.absmax = scales.data();
-    a.block0 = b0;
-    rows(a, q0, q1);
-  }
-}
-
-// The running thread's decoded block scales (grow-only: no allocation per task of a decode step).
-// A function, not a thread_local named inside a lambda (GCC has bound such names to the thread
-// that created the lambda).
-std::vector<float>& thread_scales() {
-  thread_local std::vector<float> s;
-  return s;
+          for (int64_t b = b0; b < b1; ++b) out[b - b0] = W.nested_map[code[b]] * W.nested_absmax[b >> 8] + W.offset;
+      },
+      [&](const Args& x, int64_t q0, int64_t q1) { rows(x, q0, q1); });
 }
 
 // The calling thread's regrouped X and task list, grow-only: no allocation and no zero-fill of
@@ -146,10 +119,6 @@ struct GemvScratch {
 GemvScratch& gemv_scratch() {
   thread_local GemvScratch s;
   return s;
-}
-bool scratch_enabled() {
-  const char* e = std::getenv("QLORA_GEMV_SCRATCH");
-  return !(e && e[0] == '0' && e[1] == '\0');
 }
 
 // Y_i[M, W_i.rows] = alpha * X[M, K] · deq(W_i)ᵀ + beta * Y_i for n weights sharing X (K = W_i.cols):
@@ -195,7 +164,7 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
   base.alpha = alpha;
   base.beta = beta;
   GemvScratch fresh;  // QLORA_GEMV_SCRATCH=0
-  GemvScratch& sc = scratch_enabled() ? gemv_scratch() : fresh;
+  GemvScratch& sc = gemv_tasks::scratch_enabled() ? gemv_scratch() : fresh;
   std::vector<float>& xg = sc.xg;  // [M, K] regrouped X (SIMD kernels)
   const bool avx512 = G == nf4_gemv_detail::kGroupAvx512;
   const bool avx2 = G == nf4_gemv_detail::kGroupAvx2;
@@ -230,7 +199,7 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
                     a.y = Y[t.w];
                     a.ldy = ldy[t.w];
                     a.pf_lo = pf_lo, a.pf_hi = pf_hi;
-                    run_rows(rows, avx512, avx2, a, w, r0, r1, thread_scales());
+                    run_rows(rows, avx512, avx2, a, w, r0, r1);
                   });
 }
 

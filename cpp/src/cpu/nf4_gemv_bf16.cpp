@@ -44,10 +44,6 @@ void prefetch_override(int64_t& l1, int64_t& l2) {
   if (e && std::sscanf(e, "%lld,%lld", &a, &b) == 2 && a >= 0 && b >= 0) l1 = a, l2 = b;
 }
 
-std::vector<float>& thread_scales() {  // grow-only per thread (no allocation per task)
-  thread_local std::vector<float> s;
-  return s;
-}
 
 }  // namespace
 #endif
@@ -67,30 +63,14 @@ namespace {
 
 // Rows [r0, r1) of W with the block scales of a few rows at a time decoded into the running
 // thread's buffer.
-void run_rows(nf4_gemv_bf16_detail::Args a, const Nf4Ref& W, int64_t r0, int64_t r1) {
-  namespace d = nf4_gemv_bf16_detail;
-  if (!W.double_quant) {
-    a.absmax = static_cast<const float*>(W.absmax);
-    a.block0 = 0;
-    d::rows_bf16(a, r0, r1);
-    return;
-  }
-  const d::Args whole = a;
-  const int64_t K = W.cols;
-  const int s = a.bs_shift;
-  std::vector<float>& scales = thread_scales();
-  const int64_t rows_per_sub = std::max<int64_t>(2, ((int64_t{4096} << s) / K) & ~int64_t{1});
+void run_rows(const nf4_gemv_bf16_detail::Args& a, const Nf4Ref& W, int64_t r0, int64_t r1) {
   const uint8_t* code = static_cast<const uint8_t*>(W.absmax);
-  for (int64_t q0 = r0; q0 < r1; q0 += rows_per_sub) {
-    const int64_t q1 = std::min(r1, q0 + rows_per_sub);
-    const int64_t b0 = (q0 * K) >> s, b1 = ((q1 * K - 1) >> s) + 1;  // blocks [b0, b1)
-    scales.resize(static_cast<size_t>(b1 - b0));
-    nf4_gemv_detail::decode_scales_avx512(code, W.nested_map, W.nested_absmax, W.offset, b0, b1, scales.data());
-    a = gemv_tasks::pf_part(whole, r0, r1, q0, q1);
-    a.absmax = scales.data();
-    a.block0 = b0;
-    d::rows_bf16(a, q0, q1);
-  }
+  gemv_tasks::scaled_rows(
+      a, W, r0, r1,
+      [&](int64_t b0, int64_t b1, float* out) {
+        nf4_gemv_detail::decode_scales_avx512(code, W.nested_map, W.nested_absmax, W.offset, b0, b1, out);
+      },
+      [](const nf4_gemv_bf16_detail::Args& x, int64_t q0, int64_t q1) { nf4_gemv_bf16_detail::rows_bf16(x, q0, q1); });
 }
 
 // The calling thread's grow-only scratch (no allocation per decode-step call): the rounded,
@@ -104,11 +84,6 @@ CallScratch& call_scratch() {
   thread_local CallScratch s;
   return s;
 }
-// QLORA_GEMV_SCRATCH=0 (read per call, A/B runs; as nf4_gemv.cpp): a fresh buffer per call.
-bool scratch_enabled() {
-  const char* e = std::getenv("QLORA_GEMV_SCRATCH");
-  return !(e && e[0] == '0' && e[1] == '\0');
-}
 
 // Y_i = alpha * r(X) · r(deq(W_i))ᵀ + beta * Y_i for n weights sharing K: one regroup of X, one
 // job (with the tail's tasks). Task rows are even chunks of each weight (pairs (2j, 2j + 1)
@@ -118,7 +93,7 @@ void run_job(int64_t M, float alpha, const float* X, int64_t ldx, int64_t n, con
   namespace d = nf4_gemv_bf16_detail;
   const int64_t K = W[0]->cols;
   CallScratch fresh;
-  CallScratch& cs_ = scratch_enabled() ? call_scratch() : fresh;
+  CallScratch& cs_ = gemv_tasks::scratch_enabled() ? call_scratch() : fresh;
   if (cs_.xb.size() < static_cast<size_t>(M * K)) cs_.xb.resize(static_cast<size_t>(M * K));
   d::regroup_x_bf16(M, K, X, ldx, cs_.xb.data());
   d::Args base{};
