@@ -27,6 +27,15 @@ inline __mmask16 tile_lane_mask(int64_t n) {  // first n of 16 lanes (n clamped 
   return static_cast<__mmask16>((1u << n) - 1u);
 }
 
+// One row of a tile's output: c[lanes m] = alpha * acc (beta == 0: C not read) or
+// fma(beta, c, alpha * acc). tile and tile_half store every row through it (same ops, same bits).
+inline __attribute__((always_inline)) void store_tile_row(float* c, __mmask16 m, __m512 acc, __m512 va, float beta, __m512 vb) {
+  if (beta == 0.0f)
+    _mm512_mask_storeu_ps(c, m, _mm512_mul_ps(va, acc));
+  else
+    _mm512_mask_storeu_ps(c, m, _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m, c), _mm512_mul_ps(va, acc)));
+}
+
 // tile (below) for nr <= 16: only the first 16 columns of the panel, one vdpbf16ps per row and pair
 // (the chain of those columns unchanged, so the same bits; half the work on a panel's last columns).
 template <int R, bool PackedA>
@@ -44,18 +53,9 @@ void tile_half(int64_t kp, const uint32_t* A, int64_t rs, int64_t cs, const uint
     Bp += bf16_k::kNR;
   }
   const __mmask16 m0 = tile_lane_mask(nr);
-  const __m512 va = _mm512_set1_ps(alpha);
-  if (beta == 0.0f) {
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
 #pragma GCC unroll 14
-    for (int i = 0; i < R; ++i) _mm512_mask_storeu_ps(C + i * ldc, m0, _mm512_mul_ps(va, c0[i]));
-  } else {
-    const __m512 vb = _mm512_set1_ps(beta);
-#pragma GCC unroll 14
-    for (int i = 0; i < R; ++i) {
-      float* c = C + i * ldc;
-      _mm512_mask_storeu_ps(c, m0, _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, c), _mm512_mul_ps(va, c0[i])));
-    }
-  }
+  for (int i = 0; i < R; ++i) store_tile_row(C + i * ldc, m0, c0[i], va, beta, vb);
 }
 
 // C[R, nr] (ld ldc) = alpha * A·Bp + beta * C over kp pairs; Bp: kp rows of kNR pair words, 64-byte
@@ -86,22 +86,11 @@ void tile(int64_t kp, const uint32_t* A, int64_t rs, int64_t cs, const uint32_t*
     Bp += bf16_k::kNR;
   }
   const __mmask16 m0 = tile_lane_mask(nr), m1 = tile_lane_mask(nr - 16);
-  const __m512 va = _mm512_set1_ps(alpha);
-  if (beta == 0.0f) {
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
 #pragma GCC unroll 14
-    for (int i = 0; i < R; ++i) {
-      _mm512_mask_storeu_ps(C + i * ldc, m0, _mm512_mul_ps(va, c0[i]));
-      _mm512_mask_storeu_ps(C + i * ldc + 16, m1, _mm512_mul_ps(va, c1[i]));
-    }
-  } else {
-    const __m512 vb = _mm512_set1_ps(beta);
-#pragma GCC unroll 14
-    for (int i = 0; i < R; ++i) {
-      float* c = C + i * ldc;
-      _mm512_mask_storeu_ps(c, m0, _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, c), _mm512_mul_ps(va, c0[i])));
-      _mm512_mask_storeu_ps(c + 16, m1,
-                            _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m1, c + 16), _mm512_mul_ps(va, c1[i])));
-    }
+  for (int i = 0; i < R; ++i) {
+    store_tile_row(C + i * ldc, m0, c0[i], va, beta, vb);
+    store_tile_row(C + i * ldc + 16, m1, c1[i], va, beta, vb);
   }
 }
 
