@@ -86,14 +86,19 @@ def test_grouped_equals_ungrouped(tiny, group_env, backend, name, ckpt):
 
 @pytest.mark.parametrize("backend", ["cpu", "cpu:devsim"])
 def test_grouped_bf16_compute(tiny, group_env, backend):
-    """compute_dtype bfloat16 (the bases in bf16, the LoRA branch fp32): grouped == ungrouped within
-    the same fp32 bound (the bf16 products are the same; only fp32 sums are reordered)."""
+    """compute_dtype bfloat16 (the bases in bf16, the LoRA branch fp32): grouping reorders fp32 sums
+    only, but downstream every GEMM rounds its operands to bf16, and a value whose fp32 sum moved by an
+    ulp can round to the neighbouring bf16 value (one bf16 ulp, 2^-8 relative). Such a flip is rare
+    (the seed below hits one under the AMX kernel's k order: ~1.7e-3 of the largest gradient; other
+    seeds and the AVX512-BF16 kernel stay at a few fp32 u), so the bound is one bf16 unit roundoff
+    of the largest gradient, not the fp32 one; the loss (before any backward rounding) keeps 16 u32."""
     m = _model(tiny, backend, CONFIGS["all-linear"], compute_dtype="bfloat16")
     l0, _, g0 = _pass(m, group_env, False)
     l1, _, g1 = _pass(m, group_env, True)
     assert abs(l1 - l0) <= 16 * EPS32 * abs(l0)
+    u_bf16 = 2.0 ** -8
     for k in g0:
-        assert float(np.abs(g1[k] - g0[k]).max()) <= 64 * EPS32 * float(np.abs(g0[k]).max()), k
+        assert float(np.abs(g1[k] - g0[k]).max()) <= u_bf16 * float(np.abs(g0[k]).max()), k
 
 
 @pytest.mark.parametrize("backend", ["cpu", "cpu:devsim"])
