@@ -307,14 +307,23 @@ def main_gemv(threads, budget):
         print(f"  {r['shape'][0]:>6}x{r['shape'][1]:<6} NF4 {r['nf4_bytes'] / 2**20:6.1f} MiB  {r['seconds'] * 1e3:7.2f} ms  "
               f"{r['gbps']:6.1f} GB/s  = {r['vs_bandwidth']:.2f}x read bandwidth"
               f"  (call overhead {100 * r['call_overhead_share']:.0f}% of the time)")
-    worst = min(r["vs_bandwidth"] for r in rows)
-    print(f"target: NF4 GEMV M=1 >= {TARGET_GEMV_VS_BW}x read bandwidth: min {worst:.2f}x "
+    # Issue 15's target is the 4096-class decode GEMV (8-22 MiB weights); the SmolLM2 rows (0.1-0.4
+    # MiB, 20-40% Python call overhead) are reported beside it, judged separately, never mixed in.
+    big = [r for r in rows if tuple(r["shape"]) in GEMV_SHAPES] or rows
+    small = [r for r in rows if r not in big]
+    worst = min(r["vs_bandwidth"] for r in big)
+    print(f"target: NF4 GEMV M=1 (4096-class) >= {TARGET_GEMV_VS_BW}x read bandwidth: min {worst:.2f}x "
           f"{'MET' if worst >= TARGET_GEMV_VS_BW else 'NOT MET'}")
+    if small:
+        ws = min(r["vs_bandwidth"] for r in small)
+        wn = min(r["vs_bandwidth"] / max(1e-9, 1 - r["call_overhead_share"]) for r in small)
+        print(f"SmolLM2-sized rows (not the target): min {ws:.2f}x as measured, {wn:.2f}x without the "
+              f"Python call overhead")
     result = {"benchmark": "gemv", "time": minfo["time"], "qlora_native": qlora_native.__version__,
               "simd": qlora_native.simd_level(), "threads": threads, "blocksize": ARGS.blocksize,
               "compute_dtype": cd, "bf16_gemv_env": os.environ.get("QLORA_BF16_GEMV"), "machine_info": minfo, "read_bandwidth_gbps": bws, "machine_line": _common.machine_line(
                   minfo, {"read_bandwidth_gbps": bw, "threads": threads}),
-              "target_vs_bandwidth": TARGET_GEMV_VS_BW, "call_overhead_s": call_s, "rows": rows}
+              "target_vs_bandwidth": TARGET_GEMV_VS_BW, "call_overhead_s": call_s, "rows": rows, "target_min_vs_bandwidth": worst, "target_met": worst >= TARGET_GEMV_VS_BW}
     path = ARGS.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                     f"gemv-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
     _common.write_json(path, result)
