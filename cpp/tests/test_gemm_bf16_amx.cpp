@@ -2,7 +2,8 @@
 //  1. the emulated tiles (cpu/amx_tiles.hpp) against hand-worked SDM cases: tdpbf16ps keeps the even
 //     and odd products of the pairs in two fp32 sums (bits differ from one vdpbf16ps-style chain), DAZ,
 //     FTZ, tileloadd zero-fill, tilestored writing colsb bytes per row only;
-//  2. the kernel on emulated tiles, called directly on panels built here (no AVX-512 needed), against
+//  2. the kernel on emulated tiles, called directly on panels built here (no AVX-512 needed; once per call
+//     and inside one bf16_amx::TileScope), against
 //     float64 sums of the same bf16 values: every ragged mr (1..28, one or two A panels), nr, kp
 //     (ragged last chunk), alpha/beta, with C outside [mr, nr] untouched;
 //  3. the driver with QLORA_AMX=emulate (A packed, re-laid, 2 x 2 tiles) on odd M, N, K (several depth
@@ -173,6 +174,20 @@ void test_kernel(Ukernel uk, const char* name) {
   std::printf("%s kernel: %d cases, %d failed\n", name, cases, failed);
 }
 
+// The same cases with the tiles configured once by a TileScope around all calls (the drivers' way: the
+// kernel then neither configures nor releases); a nested scope must leave the outer one's tiles alone.
+bf16_amx::Kernel g_scoped_kernel;
+void test_kernel_scoped(bf16_amx::Kernel k, const char* name) {
+  const bf16_amx::TileScope scope(k);
+  { const bf16_amx::TileScope nested(k); }
+  g_scoped_kernel = k;
+  test_kernel(
+      [](int64_t kp, const uint32_t* A, const uint32_t* B, float* C, int64_t ldc, float al, float be, int mr, int nr) {
+        bf16_amx::ukernel(g_scoped_kernel, kp, A, B, C, ldc, al, be, mr, nr);
+      },
+      name);
+}
+
 // Driver: op(A) [M, K] · op(B) [K, N] through gemm_*_bf16 at the avx512 level vs the scalar oracle.
 struct Shape {
   int64_t M, N, K;
@@ -290,6 +305,7 @@ void compare_real_emulated() {
 int main() {
   test_emulated_tiles();
   test_kernel(&bf16_amx::ukernel_amx_emulated, "emulated AMX");
+  test_kernel_scoped(bf16_amx::Kernel::AmxEmulated, "emulated AMX, one tile scope");
 
   // kernel_choice: the switch.
   set_env("QLORA_AMX", "0");
@@ -314,6 +330,7 @@ int main() {
           bf16_amx::ukernel(bf16_amx::Kernel::Amx, kp, A, B, C, ldc, al, be, mr, nr);
         },
         "real AMX");
+    test_kernel_scoped(bf16_amx::Kernel::Amx, "real AMX, one tile scope");
     test_driver(nullptr, "real AMX");
     compare_real_emulated();
   } else {

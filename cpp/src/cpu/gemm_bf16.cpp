@@ -104,6 +104,7 @@ void run_task(int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t K, int64_t
   uint32_t* Bp = t_b.get<uint32_t>(static_cast<size_t>(kpmax * nc));  // [nc / NR][kp][NR]
   uint32_t* Ap = t_a.get<uint32_t>(static_cast<size_t>(kpmax * mc));  // [mc / MR][kp][MR]
   const Kernel uk = bf16_amx::kernel_choice();
+  const bf16_amx::TileScope tiles(uk);  // AMX: tiles configured once for the task
   for (int64_t jc = n0; jc < n1; jc += nc) {
     const int64_t ncur = std::min(nc, n1 - jc), n_pan = ceil_div(ncur, NR);
     for (int64_t pc = 0; pc < K; pc += kc) {
@@ -286,6 +287,7 @@ void shared_many(int64_t M, int64_t K, float alpha, float beta, int nb, const in
           const int64_t r0 = (t / n_nt) * m_step, r1 = std::min(mcur, r0 + m_step);
           const int64_t n0 = (t % n_nt) * n_step, n1 = std::min(N, n0 + n_step);
           const int64_t rows = r1 - r0;
+          const bf16_amx::TileScope tiles(uk);  // AMX: tiles configured once for the task
           const int64_t mc = round_up(ceil_div(rows, ceil_div(rows, blocking().mc)), MR);
           const int64_t nc = std::min(round_up(n1 - n0, NR), blocking().nc);
           uint32_t* Bp = t_b.get<uint32_t>(static_cast<size_t>(kp * nc));  // [nc / NR][kp][NR]

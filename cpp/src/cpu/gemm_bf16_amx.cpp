@@ -17,7 +17,12 @@ namespace qlora::cpu::amx {
 namespace {
 
 struct AmxTiles {
-  static void config(const TileConfig* c) { _tile_loadconfig(c); }
+  static void config(const TileConfig* c) {
+    // GCC does not model ldtilecfg's 64-byte read: without the barrier it dropped the rows / colsb
+    // stores of a config built just before (only palette_id was written; tile ops then #UD).
+    __asm__ __volatile__("" : : "r"(c) : "memory");
+    _tile_loadconfig(c);
+  }
   static void release() { _tile_release(); }
   template <int T>
   static void zero() {
@@ -63,5 +68,7 @@ void ukernel_amx(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, i
                  int mr, int nr) {
   amx::ukernel<amx::AmxTiles>(kp, Ap, Bp, C, ldc, alpha, beta, mr, nr);
 }
+bool scope_begin_amx() { return amx::scope_begin<amx::AmxTiles>(); }
+void scope_end_amx() { amx::scope_end<amx::AmxTiles>(); }
 
 }  // namespace qlora::cpu::bf16_amx

@@ -30,10 +30,30 @@ void relayout_a(uint32_t* panel, int64_t kp);
 void ukernel(Kernel k, int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha,
              float beta, int mr, int nr);
 
+// Holds this thread's tiles configured for ukernel() from construction to destruction (one ldtilecfg /
+// tilerelease per driver task, not per call); ukernel() called outside one configures and releases
+// the tiles itself. No-op for Kernel::Avx512Bf16 or inside an open scope. Nothing else may use the
+// tiles on this thread while it is open.
+class TileScope {
+ public:
+  explicit TileScope(Kernel k);
+  ~TileScope();
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+
+ private:
+  Kernel k_;
+  bool open_ = false;
+};
+
 // The two compilations (called through ukernel()).
 void ukernel_amx(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha, float beta,
                  int mr, int nr);
 void ukernel_amx_emulated(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha,
                           float beta, int mr, int nr);
+bool scope_begin_amx();  // true: opened (close with scope_end_amx)
+void scope_end_amx();
+bool scope_begin_amx_emulated();
+void scope_end_amx_emulated();
 
 }  // namespace qlora::cpu::bf16_amx

@@ -11,5 +11,7 @@ void ukernel_amx_emulated(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, fl
                           float beta, int mr, int nr) {
   amx::ukernel<amx::EmulatedTiles>(kp, Ap, Bp, C, ldc, alpha, beta, mr, nr);
 }
+bool scope_begin_amx_emulated() { return amx::scope_begin<amx::EmulatedTiles>(); }
+void scope_end_amx_emulated() { amx::scope_end<amx::EmulatedTiles>(); }
 
 }  // namespace qlora::cpu::bf16_amx

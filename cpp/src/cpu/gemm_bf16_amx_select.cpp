@@ -61,4 +61,21 @@ void ukernel(Kernel k, int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float
   std::abort();  // Kernel::Amx without the kernel compiled in: kernel_choice() never returns it
 }
 
+TileScope::TileScope(Kernel k) : k_(k) {
+#ifdef QLORA_AMX_KERNEL
+  if (k == Kernel::Amx) open_ = scope_begin_amx();
+#endif
+  if (k == Kernel::AmxEmulated) open_ = scope_begin_amx_emulated();
+}
+TileScope::~TileScope() {
+  if (!open_) return;
+#ifdef QLORA_AMX_KERNEL
+  if (k_ == Kernel::Amx) {
+    scope_end_amx();
+    return;
+  }
+#endif
+  scope_end_amx_emulated();
+}
+
 }  // namespace qlora::cpu::bf16_amx
