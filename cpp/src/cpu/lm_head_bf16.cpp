@@ -43,14 +43,36 @@ int64_t depth_block() {
 
 // per-thread A panels (one chunk's rows: 256 x 576 -> 295 KB), B panels, fp32 rows
 thread_local AlignedScratch t_ap, t_tmp, t_bp;
+
+// The micro-kernel gemm_nt_bf16 / gemm_nn_bf16 run (cpu/gemm_bf16_amx.hpp), chosen once per call as
+// the driver does per task. Its A panels: the bf16_k packers' values, re-laid for AMX (relayout_a).
+// The B panels are the same for both kernels. Per element the AMX kernel's sum depends only on the
+// depth block (16-pair chunks from 0, then the epilogue), not on how rows are grouped into calls, so
+// 2 x kMR rows a call here give the driver's bits.
+using bf16_amx::Kernel;
+void pack_a_tiles(Kernel uk, int64_t m_tiles, int64_t M, const float* A, int64_t lda, int64_t k, uint32_t* Ap) {
+  const int64_t kp = ceil_div(k, 2);
+  parallel_for(ceil_div(m_tiles, 4), [&](int64_t t) {
+    for (int64_t i = t * 4; i < std::min(m_tiles, (t + 1) * 4); ++i) {
+      bf16_k::pack_a_panel_avx512bf16(A + i * MR * lda, lda, static_cast<int>(std::min<int64_t>(MR, M - i * MR)), k,
+                                      Ap + i * MR * kp);
+      if (uk != Kernel::Avx512Bf16) bf16_amx::relayout_a(Ap + i * MR * kp, kp);
+    }
+  });
+}
+// Row tiles [i0, i1) of the packed A against one B panel: C rows from tile i0 (alpha 1).
+void amx_rows(Kernel uk, int64_t kp, const uint32_t* Ap, int64_t i0, int64_t i1, int64_t M, const uint32_t* bp,
+              float* C, int64_t ldc, float beta, int nr) {
+  for (int64_t i = i0; i < i1; i += 2)
+    bf16_amx::ukernel(uk, kp, Ap + i * MR * kp, bp, C + (i - i0) * MR * ldc, ldc, 1.0f, beta,
+                      static_cast<int>(std::min<int64_t>(std::min<int64_t>(2, i1 - i) * MR, M - i * MR)), nr);
+}
 }  // namespace
 
 bool lm_head_panels_apply(SimdLevel level, int64_t V, int64_t D) {
 #ifdef QLORA_X86
+  // (any bf16 micro-kernel: the B panels are the ones both the AVX512-BF16 and the AMX kernel read)
   if (level != SimdLevel::AVX512 || !bf16_compute_available(level)) return false;
-  // its panels feed the AVX512-BF16 micro-kernel; where gemm_nt_bf16 runs AMX tiles (another k order) the
-  // per-chunk calls keep the same bits as gemm_nt_bf16
-  if (bf16_amx::kernel_choice() != bf16_amx::Kernel::Avx512Bf16) return false;
   // V <= kSkinnyMaxN: gemm_nt_bf16 takes its skinny kernel (another summation order), so does this
   if (V <= kSkinnyMaxN || D < 1 || round_up(D, 32) > depth_block()) return false;
   const char* e = std::getenv("QLORA_BF16_HEAD_PANELS");
@@ -98,12 +120,17 @@ void lm_head_logits_bf16(int64_t M, int64_t V, int64_t D, const float* h, int64_
   const int64_t kp = ceil_div(D, 2), n_pan = ceil_div(V, NR), m_tiles = ceil_div(M, MR);
   // A panels (h rounded to bf16 pairs) once, shared by all tasks: the same values as the bf16
   // driver's pack_a_rows.
+  const Kernel uk = bf16_amx::kernel_choice();
   uint32_t* Ap = t_ap.get<uint32_t>(static_cast<size_t>(m_tiles * MR * kp));
-  parallel_for(ceil_div(m_tiles, 4), [&](int64_t t) {
-    for (int64_t i = t * 4; i < std::min(m_tiles, (t + 1) * 4); ++i)
-      bf16_k::pack_a_panel_avx512bf16(h + i * MR * ldh, ldh, static_cast<int>(std::min<int64_t>(MR, M - i * MR)), D,
-                                      Ap + i * MR * kp);
-  });
+  pack_a_tiles(uk, m_tiles, M, h, ldh, D, Ap);
+  if (uk != Kernel::Avx512Bf16) {  // AMX: every panel against two row tiles a call
+    parallel_for(ceil_div(n_pan, 8), [&](int64_t t) {
+      for (int64_t q = t * 8; q < std::min(n_pan, (t + 1) * 8); ++q)
+        amx_rows(uk, kp, Ap, 0, m_tiles, M, P + q * NR * kp, C + q * NR, ldc, 0.0f,
+                 static_cast<int>(std::min<int64_t>(NR, V - q * NR)));
+    });
+    return;
+  }
   // Each task: a run of B panels, every row tile against each panel while the panel is in L1/L2.
   // Logits tiles by streaming stores (QLORA_BF16_HEAD_STREAM=0: the ordinary kernel, A/B; same bits).
   const char* se = std::getenv("QLORA_BF16_HEAD_STREAM");
@@ -144,14 +171,11 @@ void lm_head_dh_bf16(int64_t M, int64_t V, int64_t D, const float* G, int64_t ld
   const int64_t kpd = ceil_div(D, 2), n_pan = ceil_div(D, NR), m_tiles = ceil_div(M, MR);
   uint32_t* Ap = t_ap.get<uint32_t>(static_cast<size_t>(m_tiles * MR * (kc / 2)));
   uint32_t* Bp = t_bp.get<uint32_t>(static_cast<size_t>(n_pan * NR * (kc / 2)));  // every column panel of a block
+  const Kernel uk = bf16_amx::kernel_choice();
   for (int64_t pc = 0; pc < V; pc += kc) {
     const int64_t kcur = std::min(kc, V - pc), kp = ceil_div(kcur, 2);
     const float beta = pc == 0 ? 0.0f : 1.0f;
-    parallel_for(ceil_div(m_tiles, 4), [&](int64_t t) {  // G's rows rounded to pairs (pack_a_rows' values)
-      for (int64_t i = t * 4; i < std::min(m_tiles, (t + 1) * 4); ++i)
-        bf16_k::pack_a_panel_avx512bf16(G + i * MR * ldg + pc, ldg, static_cast<int>(std::min<int64_t>(MR, M - i * MR)),
-                                        kcur, Ap + i * MR * kp);
-    });
+    pack_a_tiles(uk, m_tiles, M, G + pc, ldg, kcur, Ap);  // G's rows rounded to pairs (pack_a_rows' values)
     // Column panel j = columns 32j.. (pairs 16j..) of rows pc.., from the NT panels of those rows.
     parallel_for(n_pan, [&](int64_t j) {
       uint32_t* bj = Bp + j * NR * kp;
@@ -163,10 +187,16 @@ void lm_head_dh_bf16(int64_t M, int64_t V, int64_t D, const float* G, int64_t ld
     const int64_t mc = round_up(ceil_div(M, ceil_div(M, gemm_bf16_mc())), MR);
     parallel_for(n_pan, [&](int64_t j) {
       const int nr = static_cast<int>(std::min<int64_t>(NR, D - j * NR));
-      for (int64_t ic = 0; ic < M; ic += mc)
+      for (int64_t ic = 0; ic < M; ic += mc) {
+        if (uk != Kernel::Avx512Bf16) {
+          amx_rows(uk, kp, Ap, ic / MR, std::min(m_tiles, (ic + mc) / MR), M, Bp + j * NR * kp, dh + ic * lddh + j * NR,
+                   lddh, beta, nr);
+          continue;
+        }
         for (int64_t i = ic / MR; i < std::min(m_tiles, (ic + mc) / MR); ++i)
           bf16_k::ukernel_avx512bf16(kp, Ap + i * MR * kp, Bp + j * NR * kp, dh + i * MR * lddh + j * NR, lddh, 1.0f,
                                      beta, static_cast<int>(std::min<int64_t>(MR, M - i * MR)), nr);
+      }
     });
   }
 #else

@@ -2,8 +2,10 @@
 // whose bf16 B panels are packed once per lm_cross_entropy call and reused by every row chunk.
 // gemm_nt_bf16 packs the same panels again for each 256-row chunk (the 49152 x 576 SmolLM2 table:
 // 113 MB of fp32 read and rounded 4 times per step); here once, into 57 MB that the chunks read.
-// Same rounding (RNE), same micro-kernel, same single depth block: the logits are bit-identical
-// to gemm_nt_bf16's (tests/test_lm_head_bf16.py). AVX512-BF16 only; callers fall back otherwise.
+// Same rounding (RNE), same micro-kernel (AVX512-BF16, or AMX-BF16 tiles where gemm_nt_bf16 runs
+// them: bf16_amx::kernel_choice(), read per call), same single depth block: the logits are
+// bit-identical to gemm_nt_bf16's (tests/test_lm_head_bf16.py). AVX512-BF16 CPUs only; callers fall
+// back otherwise.
 #pragma once
 #include <cstddef>
 #include <cstdint>
