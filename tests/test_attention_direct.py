@@ -35,6 +35,7 @@ def _run(path, levels, dtypes, backward, direct):
     env = dict(os.environ, QLORA_ATTN_BACKWARD=backward)
     env.pop("QLORA_ATTN_DIRECT", None)
     env.pop("QLORA_ATTN_PANELS", None)
+    env["QLORA_ATTN_AMX"] = "0"  # the AMX tiles run only on the direct way (test_attention_bf16_amx.py)
     if not direct:
         env["QLORA_ATTN_DIRECT"] = "0"
     return run_attention(path, SHAPES, 100, levels, dtypes, env)

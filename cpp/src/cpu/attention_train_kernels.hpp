@@ -48,4 +48,14 @@ void probs_dscores_bf16_avx512bf16(int64_t rows, int64_t nk, int64_t t0, const f
                                    const float* lse, const float* delta, float scale, const int32_t* km,
                                    uint16_t* Db, int64_t ldb, uint32_t* D2, uint32_t* P2, int64_t ldp);
 
+// The transposed pair layout of rows of X (the A of dk / dv on AMX tiles, cpu/attention_amx.hpp):
+// dst[c * ldd + p] = pair(bf16(X[2p][c]), bf16(X[2p + 1][c])) for c < cols_pad, p < pairs_pad, with
+// X[r][c] = 0 for r >= rows or c >= cols (the same pair words as bf16_k::pack_cols_avx512bf16's panels,
+// transposed). cols_pad a multiple of 16.
+void pairs_t_avx512bf16(const float* X, int64_t ldx, int64_t rows, int64_t cols, uint32_t* dst, int64_t ldd,
+                        int64_t cols_pad, int64_t pairs_pad);
+
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols (fp32 words moved, no arithmetic).
+void transpose_f32_avx512bf16(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd);
+
 }  // namespace qlora::cpu::attn_train_k

@@ -108,4 +108,67 @@ void probs_dscores_bf16_avx512bf16(int64_t rows, int64_t nk, int64_t t0, const f
   }
 }
 
+namespace {
+// r[16] as a 16 x 16 matrix of 32-bit words (row i = r[i]) -> its transpose: unpack 32 / 64 within
+// 128-bit lanes (4 x 4 blocks), then the 4 x 4 transpose of the lanes.
+inline void transpose16_epi32(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + c], lane L: rows 4i..4i+3 of column 4L + c
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i a = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), b = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xEE);
+    const __m512i d = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44), e = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xEE);
+    t[c] = _mm512_shuffle_i32x4(a, d, 0x88);
+    t[4 + c] = _mm512_shuffle_i32x4(a, d, 0xDD);
+    t[8 + c] = _mm512_shuffle_i32x4(b, e, 0x88);
+    t[12 + c] = _mm512_shuffle_i32x4(b, e, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+}  // namespace
+
+void pairs_t_avx512bf16(const float* X, int64_t ldx, int64_t rows, int64_t cols, uint32_t* dst, int64_t ldd,
+                        int64_t cols_pad, int64_t pairs_pad) {
+  alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(kIdx);
+  for (int64_t p0 = 0; p0 < pairs_pad; p0 += 16) {  // 16 pairs x 16 columns: pair words, transposed
+    const __mmask16 sm = tile_lane_mask(pairs_pad - p0);
+    for (int64_t c = 0; c < cols_pad; c += 16) {
+      const __mmask16 m = tile_lane_mask(cols - c);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t row = 2 * (p0 + i);
+        const __m512 lo = row < rows ? _mm512_maskz_loadu_ps(m, X + row * ldx + c) : _mm512_setzero_ps();
+        const __m512 hi = row + 1 < rows ? _mm512_maskz_loadu_ps(m, X + (row + 1) * ldx + c) : _mm512_setzero_ps();
+        r[i] = _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      }
+      transpose16_epi32(r);
+      for (int j = 0; j < 16; ++j) _mm512_mask_storeu_epi32(dst + (c + j) * ldd + p0, sm, r[j]);
+    }
+  }
+}
+
+void transpose_f32_avx512bf16(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const __mmask16 rm = tile_lane_mask(rows - r0);
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      const __mmask16 cm = tile_lane_mask(cols - c0);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = r0 + i < rows ? _mm512_maskz_loadu_epi32(cm, src + (r0 + i) * lds + c0) : _mm512_setzero_si512();
+      transpose16_epi32(r);
+      for (int j = 0; j < 16 && c0 + j < cols; ++j) _mm512_mask_storeu_epi32(dst + (c0 + j) * ldd + r0, rm, r[j]);
+    }
+  }
+}
+
 }  // namespace qlora::cpu::attn_train_k

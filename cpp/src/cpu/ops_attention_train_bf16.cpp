@@ -13,6 +13,7 @@
 #include <mutex>
 #include <vector>
 
+#include "cpu/attention_amx.hpp"
 #include "cpu/attention_train_kernels.hpp"
 #include "cpu/features.hpp"
 #include "cpu/gemm.hpp"
@@ -167,6 +168,8 @@ void attention_train_packed(SimdLevel level, const rowk::Kernels* kr, int64_t B,
   });
   const gemm_k::UkernelDirectFn dfn = fp::direct_fn(level);
   const bool direct = fp::direct_on(), half = half_on(), uninit = scratch_uninit_on();
+  const attn_amx::Kernel ak = direct ? attn_amx::choice() : attn_amx::Kernel::Avx512Bf16;  // P·v on AMX tiles?
+  const bool amx = ak != attn_amx::Kernel::Avx512Bf16;
   // Kept scores: armed -> this forward fills the slot; not armed -> an idle slot's memory is returned.
   float* keep = nullptr;
   const int64_t head_sz = kept_head_size(T);
@@ -216,6 +219,14 @@ void attention_train_packed(SimdLevel level, const rowk::Kernels* kr, int64_t B,
         const int64_t np = cdiv(nk, 2);
         attn_train_k::rows_to_bf16_avx512bf16(S, nk, mq, nk, inv, reinterpret_cast<uint16_t*>(Pb),
                                               2 * np);
+        if (amx) {  // out rows = P·v, 32 rows (2 x 2 tiles) at a time
+          for (int64_t ir = 0; ir < mq; ir += 32) {
+            const int mr = static_cast<int>(std::min<int64_t>(32, mq - ir));
+            attn_amx::rows(ak, cdiv(keys_seen(t0, ir, mr, nk), 2), Pb + ir * np, np, mr, Vc, tp * NR, hd,
+                           out + (b * T + t0 + ir) * ldo + h * hd, ldo);
+          }
+          continue;
+        }
         for (int64_t ir = 0; ir < mq; ir += MR) {  // out rows = P·v
           const int mr = static_cast<int>(std::min<int64_t>(MR, mq - ir));
           const int64_t n = keys_seen(t0, ir, mr, nk);
@@ -267,6 +278,12 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
     }
   }
   const int64_t hp = cdiv(hd, 2), tp = cdiv(T, 2), bp = cdiv(kBlock, 2);
+  // AMX tiles (cpu/attention_amx.hpp) for all four products: dP, dq from the same in-place rows; dk,
+  // dv transposed (dkᵀ += qᵀ·dS, dvᵀ += doutᵀ·P: the pair rows D2 / P2 are B tiles as they are) into
+  // fp32 [hdp][Tp] sums per task, zero-padded to whole tiles, written out transposed at its end.
+  const attn_amx::Kernel ak = direct ? attn_amx::choice() : attn_amx::Kernel::Avx512Bf16;
+  const bool amx = ak != attn_amx::Kernel::Avx512Bf16;
+  const int64_t hdp = cdiv(hd, 32) * 32, Tp = cdiv(T, 32) * 32;
   const int64_t vr_sz = cdiv(T, NR) * hp * NR, kc_sz = cdiv(hd, NR) * tp * NR, qc_sz = cdiv(hd, NR) * bp * NR;
   parallel_range(B * Hkv, 1, [&](int64_t p0, int64_t p1) {
     AlignedBuf<float> bP, bdP;
@@ -287,8 +304,14 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
     const gemm_k::UkernelDirectFn dfn = fp::direct_fn(level);
     AlignedBuf<uint32_t> bDb, bD2, bP2, bOb;
     uint32_t* Db = scratch(bDb, static_cast<size_t>(direct ? kBlock * tp : 1), uninit);  // [mq, ceil(nk/2)] pairs of keys
-    uint32_t* D2 = scratch(bD2, static_cast<size_t>(direct ? bp * T : 1), uninit);  // [ceil(mq/2), nk] pairs of queries
-    uint32_t* P2 = scratch(bP2, static_cast<size_t>(direct ? bp * T : 1), uninit);
+    uint32_t* D2 = scratch(bD2, static_cast<size_t>(direct ? bp * Tp : 1), uninit);  // [ceil(mq/2), nk] pairs of queries
+    uint32_t* P2 = scratch(bP2, static_cast<size_t>(direct ? bp * Tp : 1), uninit);
+    AlignedBuf<uint32_t> bQt, bOt;
+    AlignedBuf<float> bdKt, bdVt;
+    uint32_t* Qt = amx ? bQt.get(static_cast<size_t>(hdp * bp)) : nullptr;  // [hdp][bp] pairs of queries
+    uint32_t* Ot = amx ? bOt.get(static_cast<size_t>(hdp * bp)) : nullptr;
+    float* dKt = amx ? bdKt.get(static_cast<size_t>(hdp * Tp)) : nullptr;  // [hdp][Tp] dkᵀ, dvᵀ sums
+    float* dVt = amx ? bdVt.get(static_cast<size_t>(hdp * Tp)) : nullptr;
     uint32_t* Ob = scratch(bOb, static_cast<size_t>(direct ? kBlock * hp : 1), uninit);  // [mq, ceil(hd/2)] pairs of dout
     float dl[kBlock];  // delta of one (query block, head) when delta == nullptr
     for (int64_t p = p0; p < p1; ++p) {
@@ -301,9 +324,14 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
       pack_dim_cols(Kb, ldk, T, hd, Kc);
       pack_rows_as_cols(Vb, ldv, T, hd, Vr);
       if (kpan && !kept_S) fp::pack_rows(gp, Kb, ldk, T, hd, Kr);
-      for (int64_t t = 0; t < T; ++t) {
-        std::fill(dKb + t * lddk, dKb + t * lddk + hd, 0.0f);
-        std::fill(dVb + t * lddv, dVb + t * lddv + hd, 0.0f);
+      if (amx) {
+        std::fill(dKt, dKt + hdp * Tp, 0.0f);
+        std::fill(dVt, dVt + hdp * Tp, 0.0f);
+      } else {
+        for (int64_t t = 0; t < T; ++t) {
+          std::fill(dKb + t * lddk, dKb + t * lddk + hd, 0.0f);
+          std::fill(dVb + t * lddv, dVb + t * lddv + hd, 0.0f);
+        }
       }
       for (int64_t blk = 0; blk < nblk; ++blk) {
         const int64_t t0 = blk * kBlock, mq = std::min(kBlock, T - t0), nk = t0 + mq, qp = cdiv(mq, 2);
@@ -331,7 +359,11 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
           if (direct)  // dout rows in bf16 once, read in place by the dP tiles
             attn_train_k::rows_to_bf16_avx512bf16(dOr, lddo, mq, hd, nullptr, reinterpret_cast<uint16_t*>(Ob),
                                                   2 * hp);
-          for (int64_t ir = 0; ir < mq; ir += MR) {  // dP = dout·vᵀ
+          for (int64_t ir = 0; amx && ir < mq; ir += 32) {  // dP = dout·vᵀ on AMX tiles
+            const int mr = static_cast<int>(std::min<int64_t>(32, mq - ir));
+            attn_amx::rows(ak, hp, Ob + ir * hp, hp, mr, Vr, hp * NR, keys_seen(t0, ir, mr, nk), dP + ir * nk, nk);
+          }
+          for (int64_t ir = 0; !amx && ir < mq; ir += MR) {  // dP = dout·vᵀ
             const int mr = static_cast<int>(std::min<int64_t>(MR, mq - ir));
             const int64_t n = keys_seen(t0, ir, mr, nk);
             if (direct) {
@@ -341,7 +373,11 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
             bf16_k::pack_rows_avx512bf16(dOr + ir * lddo, lddo, mr, hd, MR, Ap);
             row_tile(hp, Ap, Vr, hp * NR, n, dP + ir * nk, nk, 1.0f, 0.0f, mr);
           }
-          if (direct) {  // the pair panels of q and dout for dk, dv: their rows are in cache now
+          const int64_t qpp = cdiv(qp, 16) * 16, nk32 = cdiv(nk, 32) * 32;
+          if (amx) {  // q and dout as transposed pairs (the A of dkᵀ, dvᵀ), zero-padded to whole tiles
+            attn_train_k::pairs_t_avx512bf16(Qr, ldq, mq, hd, Qt, bp, hdp, qpp);
+            attn_train_k::pairs_t_avx512bf16(dOr, lddo, mq, hd, Ot, bp, hdp, qpp);
+          } else if (direct) {  // the pair panels of q and dout for dk, dv: their rows are in cache now
             pack_dim_cols(Qr, ldq, mq, hd, Qc);
             pack_dim_cols(dOr, lddo, mq, hd, Oc);
           }
@@ -351,7 +387,22 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
             attn_train_k::probs_dscores_bf16_avx512bf16(mq, nk, t0, S, dP, nk, lse + (b * Hq + h) * T + t0,
                                                         dlt, scale, km_all ? nullptr : km,
                                                         reinterpret_cast<uint16_t*>(Db), 2 * np, D2,
-                                                        P2, nk);
+                                                        P2, amx ? nk32 : nk);
+            if (amx) {
+              for (int64_t p2 = 0; p2 < qpp; ++p2) {  // D2, P2 zero past nk and past the last query pair
+                const int64_t c0 = p2 < qp ? nk : 0;
+                std::fill(D2 + p2 * nk32 + c0, D2 + (p2 + 1) * nk32, 0u);
+                std::fill(P2 + p2 * nk32 + c0, P2 + (p2 + 1) * nk32, 0u);
+              }
+              for (int64_t ir = 0; ir < mq; ir += 32) {  // dq rows = dS·k
+                const int mr = static_cast<int>(std::min<int64_t>(32, mq - ir));
+                attn_amx::rows(ak, cdiv(keys_seen(t0, ir, mr, nk), 2), Db + ir * np, np, mr, Kc, tp * NR, hd,
+                               dq + (b * T + t0 + ir) * lddq + h * hd, lddq);
+              }
+              attn_amx::acc_t(ak, qpp, Qt, bp, hdp, D2, nk32, nk32, dKt, Tp, t0);  // dkᵀ += qᵀ·dS
+              attn_amx::acc_t(ak, qpp, Ot, bp, hdp, P2, nk32, nk32, dVt, Tp, t0);  // dvᵀ += doutᵀ·P
+              continue;
+            }
             for (int64_t ir = 0; ir < mq; ir += MR) {  // dq rows = dS·k
               const int mr = static_cast<int>(std::min<int64_t>(MR, mq - ir));
               const int64_t n = keys_seen(t0, ir, mr, nk);
@@ -390,6 +441,10 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
             row_tile(cdiv(kc, 2), Ap, Oc + (q0 / 2) * NR, qp * NR, hd, dVb + s * lddv, lddv, 1.0f, 1.0f, mr);
           }
         }
+      }
+      if (amx) {  // dk, dv rows from the transposed sums
+        attn_train_k::transpose_f32_avx512bf16(dKt, Tp, hd, T, dKb, lddk);
+        attn_train_k::transpose_f32_avx512bf16(dVt, Tp, hd, T, dVb, lddv);
       }
     }
   });
