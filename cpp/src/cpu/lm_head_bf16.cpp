@@ -123,19 +123,33 @@ void lm_head_logits_bf16(int64_t M, int64_t V, int64_t D, const float* h, int64_
   const Kernel uk = bf16_amx::kernel_choice();
   uint32_t* Ap = t_ap.get<uint32_t>(static_cast<size_t>(m_tiles * MR * kp));
   pack_a_tiles(uk, m_tiles, M, h, ldh, D, Ap);
+  const char* se = std::getenv("QLORA_BF16_HEAD_STREAM");
+  const bool stream = !(se && std::strcmp(se, "0") == 0);
+  constexpr int64_t kGroup = 8;
   if (uk != Kernel::Avx512Bf16) {  // AMX: every panel against two row tiles a call
-    parallel_for(ceil_div(n_pan, 8), [&](int64_t t) {
-      for (int64_t q = t * 8; q < std::min(n_pan, (t + 1) * 8); ++q)
-        amx_rows(uk, kp, Ap, 0, m_tiles, M, P + q * NR * kp, C + q * NR, ldc, 0.0f,
-                 static_cast<int>(std::min<int64_t>(NR, V - q * NR)));
+    parallel_for(ceil_div(n_pan, kGroup), [&](int64_t t) {
+      const bf16_amx::TileScope tiles(uk);  // configured once per task
+      // streamed: each 28 x 32 tile into L1 first (the kernel's tile stores), then out by streaming stores
+      alignas(64) float tile[2 * MR * NR];
+      for (int64_t q = t * kGroup; q < std::min(n_pan, (t + 1) * kGroup); ++q) {
+        const uint32_t* bp = P + q * NR * kp;
+        const int nr = static_cast<int>(std::min<int64_t>(NR, V - q * NR));
+        if (!stream) {
+          amx_rows(uk, kp, Ap, 0, m_tiles, M, bp, C + q * NR, ldc, 0.0f, nr);
+          continue;
+        }
+        for (int64_t i = 0; i < m_tiles; i += 2) {
+          const int mr = static_cast<int>(std::min<int64_t>(2 * MR, M - i * MR));
+          bf16_amx::ukernel(uk, kp, Ap + i * MR * kp, bp, tile, NR, 1.0f, 0.0f, mr, NR);
+          lm_head_k::stream_tile_avx512(tile, NR, C + i * MR * ldc + q * NR, ldc, mr, nr);
+        }
+      }
+      if (stream) lm_head_k::store_fence();
     });
     return;
   }
   // Each task: a run of B panels, every row tile against each panel while the panel is in L1/L2.
   // Logits tiles by streaming stores (QLORA_BF16_HEAD_STREAM=0: the ordinary kernel, A/B; same bits).
-  const char* se = std::getenv("QLORA_BF16_HEAD_STREAM");
-  const bool stream = !(se && std::strcmp(se, "0") == 0);
-  constexpr int64_t kGroup = 8;
   parallel_for(ceil_div(n_pan, kGroup), [&](int64_t t) {
     for (int64_t q = t * kGroup; q < std::min(n_pan, (t + 1) * kGroup); ++q) {
       const uint32_t* bp = P + q * NR * kp;
@@ -186,6 +200,7 @@ void lm_head_dh_bf16(int64_t M, int64_t V, int64_t D, const float* G, int64_t ld
     // Row blocks of the driver's MC (the A block and one B panel in L2), every panel, every tile.
     const int64_t mc = round_up(ceil_div(M, ceil_div(M, gemm_bf16_mc())), MR);
     parallel_for(n_pan, [&](int64_t j) {
+      const bf16_amx::TileScope tiles(uk);  // AMX: tiles configured once per task
       const int nr = static_cast<int>(std::min<int64_t>(NR, D - j * NR));
       for (int64_t ic = 0; ic < M; ic += mc) {
         if (uk != Kernel::Avx512Bf16) {

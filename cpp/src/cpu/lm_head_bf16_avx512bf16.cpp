@@ -107,6 +107,21 @@ void ukernel_stream_avx512bf16(int64_t kp, const uint32_t* Ap, const uint32_t* B
   }
 }
 
+void stream_tile_avx512(const float* T, int64_t ldt, float* C, int64_t ldc, int mr, int nr) {
+  const bool whole = nr == 32 && (reinterpret_cast<uintptr_t>(C) & 63) == 0 && ((ldc * 4) & 63) == 0;
+  const __mmask16 m0 = lane_mask(nr), m1 = lane_mask(nr - 16);
+  for (int i = 0; i < mr; ++i) {
+    const __m512 a = _mm512_maskz_loadu_ps(m0, T + i * ldt), b = _mm512_maskz_loadu_ps(m1, T + i * ldt + 16);
+    if (whole) {
+      _mm512_stream_ps(C + i * ldc, a);
+      _mm512_stream_ps(C + i * ldc + 16, b);
+    } else {
+      _mm512_mask_storeu_ps(C + i * ldc, m0, a);
+      _mm512_mask_storeu_ps(C + i * ldc + 16, m1, b);
+    }
+  }
+}
+
 void store_fence() { _mm_sfence(); }
 
 }  // namespace qlora::cpu::lm_head_k

@@ -15,6 +15,9 @@ void nt_to_nn_panel_avx512(const uint32_t* Q, int64_t kpd, int64_t pd0, int np, 
 // is larger than the caches: no read for ownership). store_fence() before others read C.
 void ukernel_stream_avx512bf16(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, int mr,
                                int nr);
+// C[mr, nr] = T[mr, nr] (ld ldt, mr any, nr <= 32): streaming stores where ukernel_stream's would be
+// (nr == 32, C's rows 64-byte aligned), else masked stores (the AMX logits tile staged in L1, then out).
+void stream_tile_avx512(const float* T, int64_t ldt, float* C, int64_t ldc, int mr, int nr);
 void store_fence();
 
 }  // namespace qlora::cpu::lm_head_k
