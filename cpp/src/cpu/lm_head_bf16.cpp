@@ -45,18 +45,28 @@ int64_t depth_block() {
 thread_local AlignedScratch t_ap, t_tmp, t_bp;
 
 // The micro-kernel gemm_nt_bf16 / gemm_nn_bf16 run (cpu/gemm_bf16_amx.hpp), chosen once per call as
-// the driver does per task. Its A panels: the bf16_k packers' values, re-laid for AMX (relayout_a).
+// the driver does per task. Its A panels: the bf16_k packers' values, for AMX in the re-laid order
+// (relayout_a) the AMX kernel reads.
 // The B panels are the same for both kernels. Per element the AMX kernel's sum depends only on the
 // depth block (16-pair chunks from 0, then the epilogue), not on how rows are grouped into calls, so
 // 2 x kMR rows a call here give the driver's bits.
 using bf16_amx::Kernel;
+// QLORA_BF16_HEAD_AMX_PACK=relayout (read per call): AMX A panels packed as for AVX512-BF16, then
+// re-laid (A/B runs, the bit test); default: straight into the AMX layout (the same words).
+bool amx_pack_direct() {
+  const char* e = std::getenv("QLORA_BF16_HEAD_AMX_PACK");
+  return !(e && std::strcmp(e, "relayout") == 0);
+}
 void pack_a_tiles(Kernel uk, int64_t m_tiles, int64_t M, const float* A, int64_t lda, int64_t k, uint32_t* Ap) {
   const int64_t kp = ceil_div(k, 2);
+  const bool direct = amx_pack_direct();
   parallel_for(ceil_div(m_tiles, 4), [&](int64_t t) {
     for (int64_t i = t * 4; i < std::min(m_tiles, (t + 1) * 4); ++i) {
-      bf16_k::pack_a_panel_avx512bf16(A + i * MR * lda, lda, static_cast<int>(std::min<int64_t>(MR, M - i * MR)), k,
-                                      Ap + i * MR * kp);
-      if (uk != Kernel::Avx512Bf16) bf16_amx::relayout_a(Ap + i * MR * kp, kp);
+      const int mr = static_cast<int>(std::min<int64_t>(MR, M - i * MR));
+      if (uk == Kernel::Avx512Bf16) bf16_k::pack_a_panel_avx512bf16(A + i * MR * lda, lda, mr, k, Ap + i * MR * kp);
+      else if (direct) lm_head_k::pack_a_amx_avx512bf16(A + i * MR * lda, lda, mr, k, Ap + i * MR * kp);
+      else bf16_k::pack_a_panel_avx512bf16(A + i * MR * lda, lda, mr, k, Ap + i * MR * kp),
+           bf16_amx::relayout_a(Ap + i * MR * kp, kp);
     }
   });
 }
