@@ -29,7 +29,7 @@ def cpu_has_amx():
         return False
 
 
-env = env_fixture("QLORA_AMX", "QLORA_BF16_GEMM")
+env = env_fixture("QLORA_AMX", "QLORA_BF16_GEMM", "QLORA_BF16_PACK_A")
 
 
 def test_kernel_query_follows_switch(env):
@@ -98,6 +98,21 @@ def test_emulated_amx_nf4(rng, env, driver):
         check(y, x, decode(w).T, K, -1.5, 0.5, c0)
         dy = strided(rng, M, N)
         check(ops.nf4_gemm_nn(dy, w, **BF), dy, decode(w), N)
+
+
+@pytest.mark.parametrize("amx", ["emulate", None])
+def test_amx_a_packers_same_bits(rng, env, amx):
+    """The AMX path's 16-row A panels of row-major A (nt, nn, NF4) packed straight in the tile layout
+    (default) and through pack_rows + re-layout (QLORA_BF16_PACK_A=rows): the same values, the same bits."""
+    if amx is None:
+        env.pop("QLORA_AMX", None)
+        if ops.bf16_gemm_kernel() != "amx-bf16":
+            pytest.skip("the AMX-BF16 kernel is not in use here")
+    direct = run3(rng, env, amx, "shared")
+    env["QLORA_BF16_PACK_A"] = "rows"
+    rows = run3(rng, env, amx, "shared")
+    for d, r in zip(direct, rows):
+        assert np.array_equal(d[1].view(np.uint32), r[1].view(np.uint32)), d[0]
 
 
 def test_real_amx_gemms(rng, env):

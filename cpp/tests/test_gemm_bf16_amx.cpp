@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "check.hpp"
@@ -113,7 +114,7 @@ using Ukernel = void (*)(int64_t, const uint32_t*, const uint32_t*, float*, int6
 
 // The kernel alone: A [mr, K], B [K, nr] random bf16 values, panels built here as the packers lay them
 // ([kp][kMR] per 14 rows, then relayout_a; B [kp][kNR]), C with ldc > nr and sentinels around.
-int kernel_case(Ukernel uk, std::mt19937& g, int mr, int nr, int64_t K, float alpha, float beta) {
+int kernel_case(Ukernel uk, std::mt19937& g, int mr, int nr, int64_t K, float alpha, float beta, int R) {
   std::normal_distribution<float> nd(0.0f, 1.0f);
   const int64_t kp = (K + 1) / 2;
   std::vector<float> A(mr * K), B(K * nr);
@@ -121,12 +122,13 @@ int kernel_case(Ukernel uk, std::mt19937& g, int mr, int nr, int64_t K, float al
   for (auto& v : B) v = bf16_round(nd(g));
   auto a_at = [&](int i, int64_t k) { return i < mr && k < K ? A[i * K + k] : 0.0f; };
   auto b_at = [&](int64_t k, int j) { return j < nr && k < K ? B[k * nr + j] : 0.0f; };
-  std::vector<uint32_t> Ap(2 * MR * kp), Bp(NR * kp);
+  std::vector<uint32_t> Ap(2 * R * kp), Bp(NR * kp);
   for (int pnl = 0; pnl < 2; ++pnl) {
-    uint32_t* P = Ap.data() + pnl * MR * kp;
+    uint32_t* P = Ap.data() + pnl * R * kp;
     for (int64_t p = 0; p < kp; ++p)
-      for (int i = 0; i < MR; ++i) P[p * MR + i] = pair(a_at(pnl * MR + i, 2 * p), a_at(pnl * MR + i, 2 * p + 1));
-    bf16_amx::relayout_a(P, kp);
+      for (int i = 0; i < R; ++i) P[p * R + i] = pair(a_at(pnl * R + i, 2 * p), a_at(pnl * R + i, 2 * p + 1));
+    if (R == MR) bf16_amx::relayout_a(P, kp);
+    else bf16_amx::relayout_a(P, kp, R);
   }
   for (int64_t p = 0; p < kp; ++p)
     for (int j = 0; j < NR; ++j) Bp[p * NR + j] = pair(b_at(2 * p, j), b_at(2 * p + 1, j));
@@ -158,14 +160,16 @@ int kernel_case(Ukernel uk, std::mt19937& g, int mr, int nr, int64_t K, float al
   return bad;
 }
 
-void test_kernel(Ukernel uk, const char* name) {
+// R: rows of an A panel (MR: ukernel, 16: ukernel16).
+void test_kernel(Ukernel uk, const char* name, int R = MR) {
   std::mt19937 g(7);
   int cases = 0, failed = 0;
   for (int64_t K : {1, 2, 13, 31, 32, 33, 64, 95, 200})
-    for (int mr : {1, 5, 13, 14, 15, 22, 27, 28})
+    for (int mr : {1, 5, 13, 14, 15, 16, 17, 22, 27, 28, 31, 32})
       for (int nr : {1, 15, 16, 17, 32}) {
+        if (mr > 2 * R) continue;
         const float alpha = (cases % 3 == 0) ? -0.5f : 1.0f, beta = (cases % 2 == 0) ? 0.0f : 0.75f;
-        const int bad = kernel_case(uk, g, mr, nr, K, alpha, beta);
+        const int bad = kernel_case(uk, g, mr, nr, K, alpha, beta, R);
         ++cases;
         failed += bad != 0;
         CHECK(bad == 0, "%s kernel: mr %d nr %d K %lld alpha %g beta %g: %d bad elements", name, mr, nr,
@@ -174,18 +178,24 @@ void test_kernel(Ukernel uk, const char* name) {
   std::printf("%s kernel: %d cases, %d failed\n", name, cases, failed);
 }
 
-// The same cases with the tiles configured once by a TileScope around all calls (the drivers' way: the
-// kernel then neither configures nor releases); a nested scope must leave the outer one's tiles alone.
-bf16_amx::Kernel g_scoped_kernel;
-void test_kernel_scoped(bf16_amx::Kernel k, const char* name) {
+// ukernel16 (16-row panels) on its own, and both kernels with the tiles configured once by a TileScope
+// around all calls (the drivers' way: ukernel16 then neither configures nor releases; ukernel, 14
+// rows, reconfigures and must restore the scope's configuration); a nested scope must leave the outer
+// one's tiles alone.
+bf16_amx::Kernel g_kernel;
+void test_kernel16_and_scoped(bf16_amx::Kernel k, const char* name) {
+  g_kernel = k;
+  const auto k16 = [](int64_t kp, const uint32_t* A, const uint32_t* B, float* C, int64_t ldc, float al, float be,
+                      int mr, int nr) { bf16_amx::ukernel16(g_kernel, kp, A, B, C, ldc, al, be, mr, nr); };
+  const auto k14 = [](int64_t kp, const uint32_t* A, const uint32_t* B, float* C, int64_t ldc, float al, float be,
+                      int mr, int nr) { bf16_amx::ukernel(g_kernel, kp, A, B, C, ldc, al, be, mr, nr); };
+  const std::string n(name);
+  test_kernel(k16, (n + ", 16-row panels").c_str(), 16);
   const bf16_amx::TileScope scope(k);
   { const bf16_amx::TileScope nested(k); }
-  g_scoped_kernel = k;
-  test_kernel(
-      [](int64_t kp, const uint32_t* A, const uint32_t* B, float* C, int64_t ldc, float al, float be, int mr, int nr) {
-        bf16_amx::ukernel(g_scoped_kernel, kp, A, B, C, ldc, al, be, mr, nr);
-      },
-      name);
+  test_kernel(k16, (n + ", 16-row panels, one tile scope").c_str(), 16);
+  test_kernel(k14, (n + ", 14-row panels inside a 16-row tile scope").c_str());
+  test_kernel(k16, (n + ", 16-row panels, the same scope after").c_str(), 16);
 }
 
 // Driver: op(A) [M, K] · op(B) [K, N] through gemm_*_bf16 at the avx512 level vs the scalar oracle.
@@ -305,7 +315,7 @@ void compare_real_emulated() {
 int main() {
   test_emulated_tiles();
   test_kernel(&bf16_amx::ukernel_amx_emulated, "emulated AMX");
-  test_kernel_scoped(bf16_amx::Kernel::AmxEmulated, "emulated AMX, one tile scope");
+  test_kernel16_and_scoped(bf16_amx::Kernel::AmxEmulated, "emulated AMX");
 
   // kernel_choice: the switch.
   set_env("QLORA_AMX", "0");
@@ -330,7 +340,7 @@ int main() {
           bf16_amx::ukernel(bf16_amx::Kernel::Amx, kp, A, B, C, ldc, al, be, mr, nr);
         },
         "real AMX");
-    test_kernel_scoped(bf16_amx::Kernel::Amx, "real AMX, one tile scope");
+    test_kernel16_and_scoped(bf16_amx::Kernel::Amx, "real AMX");
     test_driver(nullptr, "real AMX");
     compare_real_emulated();
   } else {

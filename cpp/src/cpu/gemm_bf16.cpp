@@ -66,24 +66,29 @@ thread_local AlignedScratch t_a, t_b, t_tmp;
 
 // The micro-kernel (cpu/gemm_bf16_amx.hpp: AVX512-BF16, or AMX-BF16 where usable / QLORA_AMX=emulate)
 // is chosen once per task or shared() call, so its A panels and its calls agree. AMX reads each A
-// panel re-laid after packing (once per panel, not per B panel), and takes two panels (28 rows) a call.
+// panel re-laid after packing (once per panel, not per B panel), and takes two panels a call. AMX A
+// panels have 16 rows (whole tiles), the AVX512-BF16 kernel's 14: A blocks are in panels of
+// panel_rows(uk) (the row grouping changes no element's bits).
 using bf16_amx::Kernel;
+int panel_rows(Kernel uk) { return uk == Kernel::Avx512Bf16 ? MR : bf16_amx::kMR16; }
+// pack_a(i0, mr, p0, kc, Ap, W, amx): one A panel of W >= mr rows, [kp][W] pairs; or, where amx and
+// the packer can (true returned), straight in the AMX layout (bf16_amx::pack_a_rows_amx).
 template <class PackA>
-void pack_a_for(Kernel uk, const PackA& pack_a, int64_t i0, int mr, int64_t p0, int64_t kc, uint32_t* Ap) {
-  pack_a(i0, mr, p0, kc, Ap);
-  if (uk != Kernel::Avx512Bf16) bf16_amx::relayout_a(Ap, ceil_div(kc, 2));
+void pack_a_for(Kernel uk, int w, const PackA& pack_a, int64_t i0, int mr, int64_t p0, int64_t kc, uint32_t* Ap) {
+  const bool amx = uk != Kernel::Avx512Bf16;
+  if (!pack_a(i0, mr, p0, kc, Ap, w, amx) && amx) bf16_amx::relayout_a(Ap, ceil_div(kc, 2), w);
 }
 // Rows [0, rows) of a packed A block against one B panel; after(ir, mr) follows each call (rows ir..).
 template <class After>
-void micro_rows(Kernel uk, int64_t kp, const uint32_t* Ap, int64_t rows, const uint32_t* bp, float* c, int64_t ldc,
-                float alpha, float beta, int nr, const After& after) {
-  const int64_t step = uk == Kernel::Avx512Bf16 ? MR : 2 * MR;
+void micro_rows(Kernel uk, int pr, int64_t kp, const uint32_t* Ap, int64_t rows, const uint32_t* bp, float* c,
+                int64_t ldc, float alpha, float beta, int nr, const After& after) {
+  const int64_t step = uk == Kernel::Avx512Bf16 ? MR : 2 * pr;
   for (int64_t ir = 0; ir < rows; ir += step) {
     const int mr = static_cast<int>(std::min<int64_t>(step, rows - ir));
     if (uk == Kernel::Avx512Bf16)
       bf16_k::ukernel_avx512bf16(kp, Ap + ir * kp, bp, c + ir * ldc, ldc, alpha, beta, mr, nr);
     else
-      bf16_amx::ukernel(uk, kp, Ap + ir * kp, bp, c + ir * ldc, ldc, alpha, beta, mr, nr);
+      bf16_amx::ukernel16(uk, kp, Ap + ir * kp, bp, c + ir * ldc, ldc, alpha, beta, mr, nr);
     after(ir, mr);
   }
 }
@@ -98,12 +103,13 @@ template <class PackA, class PackB>
 void run_task(int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t K, int64_t kc, float alpha, float beta,
               float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b) {
   const int64_t rows = m1 - m0, cols = n1 - n0;
-  const int64_t mc = round_up(ceil_div(rows, ceil_div(rows, blocking().mc)), MR);
+  const Kernel uk = bf16_amx::kernel_choice();
+  const int64_t pr = panel_rows(uk);
+  const int64_t mc = round_up(ceil_div(rows, ceil_div(rows, blocking().mc)), pr);
   const int64_t nc = std::min(round_up(cols, NR), blocking().nc);
   const int64_t kpmax = kc / 2;
   uint32_t* Bp = t_b.get<uint32_t>(static_cast<size_t>(kpmax * nc));  // [nc / NR][kp][NR]
-  uint32_t* Ap = t_a.get<uint32_t>(static_cast<size_t>(kpmax * mc));  // [mc / MR][kp][MR]
-  const Kernel uk = bf16_amx::kernel_choice();
+  uint32_t* Ap = t_a.get<uint32_t>(static_cast<size_t>(kpmax * mc));  // [mc / pr][kp][pr]
   const bf16_amx::TileScope tiles(uk);  // AMX: tiles configured once for the task
   for (int64_t jc = n0; jc < n1; jc += nc) {
     const int64_t ncur = std::min(nc, n1 - jc), n_pan = ceil_div(ncur, NR);
@@ -114,13 +120,14 @@ void run_task(int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t K, int64_t
         pack_b(jc + p * NR, static_cast<int>(std::min<int64_t>(NR, ncur - p * NR)), pc, kcur, Bp + p * NR * kp);
       for (int64_t ic = m0; ic < m1; ic += mc) {
         const int64_t mcur = std::min(mc, m1 - ic);
-        for (int64_t ir = 0; ir < mcur; ir += MR)
-          pack_a_for(uk, pack_a, ic + ir, static_cast<int>(std::min<int64_t>(MR, mcur - ir)), pc, kcur, Ap + ir * kp);
+        for (int64_t ir = 0; ir < mcur; ir += pr)
+          pack_a_for(uk, static_cast<int>(pr), pack_a, ic + ir, static_cast<int>(std::min<int64_t>(pr, mcur - ir)), pc,
+                     kcur, Ap + ir * kp);
         for (int64_t p = 0; p < n_pan; ++p) {
           const uint32_t* bp = Bp + p * NR * kp;
           const int nr = static_cast<int>(std::min<int64_t>(NR, ncur - p * NR));
           float* c = C + ic * ldc + jc + p * NR;
-          micro_rows(uk, kp, Ap, mcur, bp, c, ldc, alpha, beta_k, nr, [](int64_t, int) {});
+          micro_rows(uk, static_cast<int>(pr), kp, Ap, mcur, bp, c, ldc, alpha, beta_k, nr, [](int64_t, int) {});
         }
       }
     }
@@ -239,21 +246,22 @@ void shared_many(int64_t M, int64_t K, float alpha, float beta, int nb, const in
   const int64_t kcb = blocking().kc;
   const int64_t kc = std::min(round_up(K, 32), round_up(ceil_div(K, ceil_div(K, kcb)), 32));  // as blocked()
   const int64_t kpmax = kc / 2;
-  const int64_t mb_max = std::max<int64_t>(MR, shared_budget_bytes() / (4 * kpmax) / MR * MR);
-  const int64_t mb = round_up(ceil_div(M, ceil_div(M, mb_max)), MR);  // balanced row super-blocks
-  uint32_t* Ap = t_sa.get<uint32_t>(static_cast<size_t>(kpmax * mb));  // [mb / MR][kp][MR]
   const Kernel uk = bf16_amx::kernel_choice();
+  const int64_t pr = panel_rows(uk);
+  const int64_t mb_max = std::max<int64_t>(pr, shared_budget_bytes() / (4 * kpmax) / pr * pr);
+  const int64_t mb = round_up(ceil_div(M, ceil_div(M, mb_max)), pr);  // balanced row super-blocks
+  uint32_t* Ap = t_sa.get<uint32_t>(static_cast<size_t>(kpmax * mb));  // [mb / pr][kp][pr]
   const int nth = num_threads();
   constexpr int64_t kGroup = 4;  // A tiles per packing task
   for (int64_t ms = 0; ms < M; ms += mb) {
-    const int64_t mcur = std::min(mb, M - ms), m_tiles = ceil_div(mcur, MR);
+    const int64_t mcur = std::min(mb, M - ms), m_tiles = ceil_div(mcur, pr);
     for (int64_t pc = 0; pc < K; pc += kc) {
       const int64_t kcur = std::min(kc, K - pc), kp = ceil_div(kcur, 2);
       const float beta_k = pc == 0 ? beta : 1.0f;
       parallel_for(ceil_div(m_tiles, kGroup), [&](int64_t t) {
         for (int64_t i = t * kGroup; i < std::min(m_tiles, (t + 1) * kGroup); ++i)
-          pack_a_for(uk, pack_a, ms + i * MR, static_cast<int>(std::min<int64_t>(MR, mcur - i * MR)), pc, kcur,
-                     Ap + i * MR * kp);
+          pack_a_for(uk, static_cast<int>(pr), pack_a, ms + i * pr,
+                     static_cast<int>(std::min<int64_t>(pr, mcur - i * pr)), pc, kcur, Ap + i * pr * kp);
       });
       for (int b = 0; b < nb; ++b) {
         const int64_t N = Ns[b], ldc = ldcs[b];
@@ -266,7 +274,7 @@ void shared_many(int64_t M, int64_t K, float alpha, float beta, int nb, const in
         const int64_t target = nth <= 1 ? 1 : (flops > 5e8 ? 4 : 2) * nth;
         const int64_t n_nt0 = std::min(n_pan, target);
         const int64_t n_mt0 = std::min(m_tiles, ceil_div(target, n_nt0));
-        const int64_t m_step = ceil_div(m_tiles, n_mt0) * MR;
+        const int64_t m_step = ceil_div(m_tiles, n_mt0) * pr;
         const int64_t n_mt = ceil_div(mcur, m_step);
         // Panels per task: ceil(n_pan / n_nt0), unless rounding leaves a task count that the threads
         // cannot share evenly (6 panels / 4 tasks -> 3 tasks of 2 on 2 threads: a third idle in the
@@ -288,7 +296,7 @@ void shared_many(int64_t M, int64_t K, float alpha, float beta, int nb, const in
           const int64_t n0 = (t % n_nt) * n_step, n1 = std::min(N, n0 + n_step);
           const int64_t rows = r1 - r0;
           const bf16_amx::TileScope tiles(uk);  // AMX: tiles configured once for the task
-          const int64_t mc = round_up(ceil_div(rows, ceil_div(rows, blocking().mc)), MR);
+          const int64_t mc = round_up(ceil_div(rows, ceil_div(rows, blocking().mc)), pr);
           const int64_t nc = std::min(round_up(n1 - n0, NR), blocking().nc);
           uint32_t* Bp = t_b.get<uint32_t>(static_cast<size_t>(kp * nc));  // [nc / NR][kp][NR]
           for (int64_t jc = n0; jc < n1; jc += nc) {
@@ -302,7 +310,8 @@ void shared_many(int64_t M, int64_t K, float alpha, float beta, int nb, const in
                 const int nr = static_cast<int>(std::min<int64_t>(NR, ncur - p * NR));
                 float* c = C + (ms + ic) * ldc + jc + p * NR;
                 const TileExpand* e = ex && ex[b].t && pc + kcur >= K ? &ex[b] : nullptr;  // last depth block
-                micro_rows(uk, kp, ap, icur, bp, c, ldc, alpha, beta_k, nr, [&](int64_t ir, int mr) {
+                micro_rows(uk, static_cast<int>(pr), kp, ap, icur, bp, c, ldc, alpha, beta_k, nr,
+                           [&](int64_t ir, int mr) {
                   for (int64_t i = ir; e && i < ir + mr; i += MR)  // the expand's tiles: kMR rows
                     e->run(ms + ic + i, jc + p * NR, c + i * ldc, ldc, static_cast<int>(std::min<int64_t>(MR, ir + mr - i)), nr);
                 });
@@ -382,9 +391,11 @@ bool join_a() {
   return !(e && std::strcmp(e, "rows") == 0);
 }
 auto pack_a_rows(const float* A, int64_t lda) {
-  return [=, join = join_a()](int64_t i0, int mr, int64_t p0, int64_t kc, uint32_t* Ap) {
-    if (join) return bf16_k::pack_a_panel_avx512bf16(A + i0 * lda + p0, lda, mr, kc, Ap);
-    bf16_k::pack_rows_avx512bf16(A + i0 * lda + p0, lda, mr, kc, MR, Ap);
+  return [=, join = join_a()](int64_t i0, int mr, int64_t p0, int64_t kc, uint32_t* Ap, int W, bool amx) {
+    if (join && amx) return bf16_amx::pack_a_rows_amx(A + i0 * lda + p0, lda, mr, kc, W, Ap), true;
+    if (join && W == MR) return bf16_k::pack_a_panel_avx512bf16(A + i0 * lda + p0, lda, mr, kc, Ap), false;
+    bf16_k::pack_rows_avx512bf16(A + i0 * lda + p0, lda, mr, kc, W, Ap);
+    return false;
   };
 }
 // B [K, N] row-major (nn / tn): all panels of a call in one sweep over each row pair.
@@ -523,8 +534,9 @@ void gemm_tn_bf16(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha,
 #ifdef QLORA_X86
       drive(
           M, N, K, alpha, beta, C, ldc,
-          [&](int64_t i0, int mr, int64_t p0, int64_t kc, uint32_t* Ap) {
-            bf16_k::pack_cols_avx512bf16(A + p0 * lda + i0, lda, mr, kc, MR, Ap);
+          [&](int64_t i0, int mr, int64_t p0, int64_t kc, uint32_t* Ap, int W, bool) {
+            bf16_k::pack_cols_avx512bf16(A + p0 * lda + i0, lda, mr, kc, W, Ap);
+            return false;
           },
           pack_b_cols(B, ldb));
 #endif

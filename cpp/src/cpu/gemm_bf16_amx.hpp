@@ -3,7 +3,8 @@
 // (gemm_bf16_amx.cpp, -mamx-tile -mamx-bf16, only where the compiler has them: QLORA_AMX_KERNEL) and
 // on emulated tiles (gemm_bf16_amx_emu.cpp, plain C++ following the Intel SDM), so the driver's AMX path
 // (A re-layout, 2 x 2 tiles, ragged edges) runs and is tested on CPUs without AMX (QLORA_AMX=emulate).
-// The B panels are the AVX512-BF16 kernel's; the A panels are packed as usual, then re-laid (relayout_a).
+// The B panels are the AVX512-BF16 kernel's; the driver's A panels have 16 rows, packed straight in the
+// AMX layout from row-major A (pack_a_rows_amx), else packed as usual, then re-laid (relayout_a).
 #pragma once
 #include <cstdint>
 
@@ -19,10 +20,20 @@ bool amx_usable();
 Kernel kernel_choice();
 const char* kernel_name(Kernel k);  // "avx512-bf16", "amx-bf16", "amx-bf16-emulated"
 
+// Rows of the driver's own AMX A panels (ukernel16): whole 16-row tiles (the 14-row panels of the
+// AVX512-BF16 kernel use 14 / 16 of each tdpbf16ps).
+constexpr int kMR16 = 16;
+
 // In place: one A panel [kp][kMR] (pairs of k outer, as the bf16_k packers write it) to the AMX layout:
 // per chunk c of 16 pairs, w = min(16, kp - 16c) pairs: dst[16c * kMR + i * w + q] = src[(16c + q) * kMR + i].
 // Same size (kp * kMR words).
 void relayout_a(uint32_t* panel, int64_t kp);
+// The same for a panel of `rows` rows ([kp][rows] -> per chunk [rows][w]); rows <= 16.
+void relayout_a(uint32_t* panel, int64_t kp, int rows);
+// One AMX A panel of `rows` (<= 16) rows straight from n <= rows rows of a row-major fp32 [*, kc]
+// source (k along a row): the values of pack_rows_avx512bf16(W = rows) + relayout_a, without either
+// (gemm_bf16_amx_pack_avx512bf16.cpp; needs AVX512-BF16).
+void pack_a_rows_amx(const float* src, int64_t ld, int n, int64_t kc, int rows, uint32_t* P);
 
 // C[mr, nr] = alpha * A·B + beta * C (gemm_bf16_amx_body.hpp): mr <= 2 * kMR rows from one or two
 // consecutive re-laid A panels (panel 1 at Ap + kp * kMR), one B panel; k == Kernel::Amx only if
@@ -30,10 +41,16 @@ void relayout_a(uint32_t* panel, int64_t kp);
 void ukernel(Kernel k, int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha,
              float beta, int mr, int nr);
 
-// Holds this thread's tiles configured for ukernel() from construction to destruction (one ldtilecfg /
-// tilerelease per driver task, not per call); ukernel() called outside one configures and releases
-// the tiles itself. No-op for Kernel::Avx512Bf16 or inside an open scope. Nothing else may use the
-// tiles on this thread while it is open.
+// ukernel() on 16-row panels (kMR16): mr <= 32 rows from one or two consecutive re-laid 16-row A panels
+// (panel 1 at Ap + kp * 16).
+void ukernel16(Kernel k, int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha,
+               float beta, int mr, int nr);
+
+// Holds this thread's tiles configured for ukernel16() from construction to destruction (one ldtilecfg /
+// tilerelease per driver task, not per call). ukernel16() outside one, and ukernel() anywhere (other
+// rows), configure the tiles themselves, then release them (or restore the open scope's configuration).
+// No-op for Kernel::Avx512Bf16 or inside an open scope. Nothing else may use the tiles on this thread
+// while it is open.
 class TileScope {
  public:
   explicit TileScope(Kernel k);
@@ -51,6 +68,10 @@ void ukernel_amx(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, i
                  int mr, int nr);
 void ukernel_amx_emulated(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha,
                           float beta, int mr, int nr);
+void ukernel16_amx(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha,
+                   float beta, int mr, int nr);
+void ukernel16_amx_emulated(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha,
+                            float beta, int mr, int nr);
 bool scope_begin_amx();  // true: opened (close with scope_end_amx)
 void scope_end_amx();
 bool scope_begin_amx_emulated();

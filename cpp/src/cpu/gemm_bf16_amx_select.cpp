@@ -37,20 +37,20 @@ const char* kernel_name(Kernel k) {
   return "?";
 }
 
-void relayout_a(uint32_t* panel, int64_t kp) {
-  constexpr int MR = bf16_k::kMR;
-  static thread_local std::vector<uint32_t> tmp;  // a panel is at most KC / 2 * kMR words (~57 KB)
-  const size_t n = static_cast<size_t>(kp) * MR;
+void relayout_a(uint32_t* panel, int64_t kp, int rows) {
+  static thread_local std::vector<uint32_t> tmp;  // a panel is at most KC / 2 * 16 words (~64 KB)
+  const size_t n = static_cast<size_t>(kp) * rows;
   if (tmp.size() < n) tmp.resize(n);
   std::memcpy(tmp.data(), panel, n * sizeof(uint32_t));
   for (int64_t c0 = 0; c0 < kp; c0 += 16) {
     const int64_t w = kp - c0 < 16 ? kp - c0 : 16;
-    uint32_t* d = panel + c0 * MR;
-    const uint32_t* s = tmp.data() + c0 * MR;
-    for (int i = 0; i < MR; ++i)
-      for (int64_t q = 0; q < w; ++q) d[i * w + q] = s[q * MR + i];
+    uint32_t* d = panel + c0 * rows;
+    const uint32_t* s = tmp.data() + c0 * rows;
+    for (int i = 0; i < rows; ++i)
+      for (int64_t q = 0; q < w; ++q) d[i * w + q] = s[q * rows + i];
   }
 }
+void relayout_a(uint32_t* panel, int64_t kp) { relayout_a(panel, kp, bf16_k::kMR); }
 
 void ukernel(Kernel k, int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha,
              float beta, int mr, int nr) {
@@ -59,6 +59,14 @@ void ukernel(Kernel k, int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float
 #endif
   if (k == Kernel::AmxEmulated) return ukernel_amx_emulated(kp, Ap, Bp, C, ldc, alpha, beta, mr, nr);
   std::abort();  // Kernel::Amx without the kernel compiled in: kernel_choice() never returns it
+}
+void ukernel16(Kernel k, int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha,
+               float beta, int mr, int nr) {
+#ifdef QLORA_AMX_KERNEL
+  if (k == Kernel::Amx) return ukernel16_amx(kp, Ap, Bp, C, ldc, alpha, beta, mr, nr);
+#endif
+  if (k == Kernel::AmxEmulated) return ukernel16_amx_emulated(kp, Ap, Bp, C, ldc, alpha, beta, mr, nr);
+  std::abort();
 }
 
 TileScope::TileScope(Kernel k) : k_(k) {
