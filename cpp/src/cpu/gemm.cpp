@@ -172,6 +172,19 @@ bool row_walk_on() {
   return !(e && std::strcmp(e, "0") == 0);
 }
 
+// A/B switches of the task grid, read per call (the default is unchanged: 4 tasks per thread on
+// big problems, 2 below 5e8 FLOP). Each task packs its own A rows and B columns, so more tasks mean more
+// duplicated packing: QLORA_GEMM_GRID_THREADS=2 with QLORA_NUM_THREADS=1 runs the 2-thread grid's
+// tasks on one thread, so its CPU time against the 1-task run is that duplication, measurable on a
+// loaded machine. QLORA_GEMM_TASKS_PER_THREAD=N (1..8) sets the task count per thread.
+int env_int(const char* name, int lo, int hi, int dflt) {
+  const char* e = std::getenv(name);
+  const int v = e ? std::atoi(e) : dflt;
+  return v < lo || v > hi ? dflt : v;
+}
+int grid_threads() { return env_int("QLORA_GEMM_GRID_THREADS", 1, 1024, 0); }
+int tasks_per_thread() { return env_int("QLORA_GEMM_TASKS_PER_THREAD", 1, 8, 4); }
+
 template <class PackA, class PackB>
 void run_task(const Kern& kn, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t K, int64_t kc, float alpha,
               float beta, float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b, const DirectA& da) {
@@ -244,14 +257,16 @@ void blocked(const Kern& kn, int64_t M, int64_t N, int64_t K, float alpha, float
   if (K <= 0) return scale_c(M, N, beta, C, ldc);
   const int MR = kn.mr, NR = kn.nr;
   const int64_t kc = std::min(K, round_up(ceil_div(K, ceil_div(K, kn.kc)), 16));  // balanced depth blocks
-  const int nth = num_threads();
+  const int grid = grid_threads();
+  const int nth = grid > 0 ? grid : num_threads();
   const int64_t m_tiles = ceil_div(M, MR), n_pan = ceil_div(N, NR);
   int64_t n_mt = 1, n_nt = 1;
   const double flops = 2.0 * M * N * K;
   if (nth > 1 && flops > 4e6) {
     // Enough tasks for dynamic claiming to absorb a preempted thread; more on big problems,
     // where the duplicated packing is cheap relative to the work.
-    const int64_t target = flops > 5e8 ? 4 * nth : 2 * nth;
+    const int64_t per = tasks_per_thread();
+    const int64_t target = flops > 5e8 ? per * nth : std::min<int64_t>(per, 2) * nth;
     double best = 1e300;
     for (int64_t mt = 1; mt <= std::min(target, m_tiles); ++mt) {
       const int64_t nt = std::min(n_pan, ceil_div(target, mt));
