@@ -40,6 +40,10 @@ def parse_args():
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="--gemv: compute dtype of the NF4 GEMV (bfloat16: the AVX512-BF16 decode GEMV; "
                         "QLORA_BF16_GEMV=0 in the environment runs the bf16 GEMM driver instead)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16-compute GEMMs only: ours (default kernel: AMX-BF16 where usable), ours with "
+                        "QLORA_AMX=0 (AVX512-BF16), ours NF4 nt, and torch.matmul on bf16 tensors, GFLOP/s, "
+                        "same shapes and threads (--shapes takes MxNxK here)")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/gemm-<time>.json)")
     return p.parse_args()
 
@@ -146,6 +150,8 @@ def main():
               "`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/bench_gemm.py`.")
     if ARGS.gemv:
         return main_gemv(threads, budget)
+    if ARGS.bf16:
+        return main_bf16(threads, budget)
     meas = _common.measure_machine(threads, bw_gib=ARGS.bw_gib, runs=3)
     minfo = _common.machine_info()
     print(_common.machine_line(minfo, meas))
@@ -236,6 +242,84 @@ def main():
         json.dump(result, f, indent=1)
     os.replace(tmp, path)  # atomic
     print(f"wrote {path}")
+
+
+# [M, N, K] of Y = X[M, K] · W[N, K]ᵀ: SmolLM2-135M training projections at 1024 tokens, the lm_head
+# (49152 vocabulary), and a 4096-class layer at 256 tokens.
+BF16_SHAPES = [(1024, 576, 576), (1024, 1536, 576), (1024, 576, 1536), (1024, 49152, 576), (256, 4096, 4096)]
+
+
+def main_bf16(threads, budget):
+    """bf16-compute GEMM (compute_dtype="bfloat16", fp32 in / out, operands rounded to bf16 when packed):
+    our default kernel (kernel name printed) and QLORA_AMX=0 (AVX512-BF16) on the same fp32 operands, our
+    NF4 GEMM, torch.matmul on bf16 tensors (oneDNN; its operands are bf16 already, no rounding pass). Each
+    shape's columns run in rounds (ours, ours AVX512-BF16, NF4, torch), best time per column."""
+    shapes = BF16_SHAPES
+    if ARGS.shapes:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in ARGS.shapes.split(",")]
+    if not ops.bf16_compute_available(ARGS.backend):
+        print(f"no bf16 compute on {ARGS.backend}: nothing to measure")
+        return
+    minfo = _common.machine_info()
+    meas = _common.measure_machine(threads, bw_gib=ARGS.bw_gib, runs=3)
+    print(_common.machine_line(minfo, meas))
+    kern = ops.bf16_gemm_kernel()
+    print(f"bf16 GEMM kernel: {kern}; threads {threads}; best of ~{budget:g} s per column; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    hdr = (f"{'M x N x K':>18} | GFLOP/s: {'ours':>7} {'avx512bf16':>10} {'nf4':>7} {'torch bf16':>10} | "
+           f"{'ours/torch':>10} {'nf4/torch':>9}")
+    print(hdr)
+    print("-" * len(hdr))
+    rng = np.random.default_rng(0)
+    rows = []
+    saved = os.environ.get("QLORA_AMX")
+    for (M, N, K) in shapes:
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        w = (rng.standard_normal((N, K)) * 0.02).astype(np.float32)
+        q, _ = nf4_weight(w, ARGS.blocksize, rng)
+        out = np.empty((M, N), dtype=np.float32)
+        flop = 2.0 * M * N * K
+        cols = {"ours": lambda: ops.gemm_nt(x, w, out, backend=ARGS.backend, compute_dtype="bfloat16"),
+                "avx512bf16": lambda: ops.gemm_nt(x, w, out, backend=ARGS.backend, compute_dtype="bfloat16"),
+                "nf4": lambda: ops.nf4_gemm_nt(x, q, out, backend=ARGS.backend, compute_dtype="bfloat16")}
+        if torch is not None:
+            xt, wt = torch.from_numpy(x).bfloat16(), torch.from_numpy(w).bfloat16()
+            cols["torch"] = lambda: torch.matmul(xt, wt.T)
+        best = {k: float("inf") for k in cols}
+        for _ in range(3):  # rounds: machine load hits every column
+            for k, fn in cols.items():
+                if k == "avx512bf16":
+                    os.environ["QLORA_AMX"] = "0"
+                with torch.inference_mode() if (torch is not None and k == "torch") else _nullctx():
+                    best[k] = min(best[k], best_time(fn, budget / 3, min_runs=2))
+                if saved is None:
+                    os.environ.pop("QLORA_AMX", None)
+                else:
+                    os.environ["QLORA_AMX"] = saved
+        g = {k: flop / v / 1e9 for k, v in best.items()}
+        r = {"M": M, "N": N, "K": K, "seconds": best, "gflops": g,
+             "ours_vs_torch": best["torch"] / best["ours"] if "torch" in best else None,
+             "nf4_vs_torch": best["torch"] / best["nf4"] if "torch" in best else None}
+        rows.append(r)
+        print(f"{M:>6}x{N:>5}x{K:>5} |          {g['ours']:>7.0f} {g['avx512bf16']:>10.0f} {g['nf4']:>7.0f} "
+              f"{fmt(g.get('torch'), '.0f'):>10} | {fmt(r['ours_vs_torch'], '.2f'):>10} {fmt(r['nf4_vs_torch'], '.2f'):>9}",
+              flush=True)
+    result = {"benchmark": "gemm_bf16", "time": minfo["time"], "qlora_native": qlora_native.__version__,
+              "kernel": kern, "threads": threads, "torch": torch.__version__ if torch else None,
+              "machine_info": minfo, "measured": meas, "machine_line": _common.machine_line(minfo, meas),
+              "rows": rows}
+    path = ARGS.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    f"gemm-bf16-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+    _common.write_json(path, result)
+    print(f"wrote {path}")
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
 
 
 GEMV_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # [out, in]: 8-22 MiB of NF4, far beyond L2
