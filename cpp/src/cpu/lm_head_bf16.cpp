@@ -194,32 +194,39 @@ void lm_head_dh_bf16(int64_t M, int64_t V, int64_t D, const float* G, int64_t ld
   const int64_t kc = std::min(round_up(V, 32), round_up(ceil_div(V, ceil_div(V, kcb)), 32));
   const int64_t kpd = ceil_div(D, 2), n_pan = ceil_div(D, NR), m_tiles = ceil_div(M, MR);
   uint32_t* Ap = t_ap.get<uint32_t>(static_cast<size_t>(m_tiles * MR * (kc / 2)));
-  uint32_t* Bp = t_bp.get<uint32_t>(static_cast<size_t>(n_pan * NR * (kc / 2)));  // every column panel of a block
+  // Each task builds its column panel right before using it (into its own L2-sized buffer: the
+  // block's A panels stay in L2); QLORA_BF16_HEAD_NN_BUILD=all (read per call): every panel of the
+  // block first, into one buffer (A/B runs; same panels, same calls).
+  const char* be = std::getenv("QLORA_BF16_HEAD_NN_BUILD");
+  const bool all = be && std::strcmp(be, "all") == 0;
+  uint32_t* Bp = all ? t_bp.get<uint32_t>(static_cast<size_t>(n_pan * NR * (kc / 2))) : nullptr;
   const Kernel uk = bf16_amx::kernel_choice();
   for (int64_t pc = 0; pc < V; pc += kc) {
     const int64_t kcur = std::min(kc, V - pc), kp = ceil_div(kcur, 2);
     const float beta = pc == 0 ? 0.0f : 1.0f;
     pack_a_tiles(uk, m_tiles, M, G + pc, ldg, kcur, Ap);  // G's rows rounded to pairs (pack_a_rows' values)
     // Column panel j = columns 32j.. (pairs 16j..) of rows pc.., from the NT panels of those rows.
-    parallel_for(n_pan, [&](int64_t j) {
-      uint32_t* bj = Bp + j * NR * kp;
+    const auto build = [&](int64_t j, uint32_t* bj) {
       for (int64_t q0 = 0; 16 * q0 < kp; ++q0)
         lm_head_k::nt_to_nn_panel_avx512(P + (pc / NR + q0) * NR * kpd, kpd, 16 * j,
                                          static_cast<int>(std::min<int64_t>(16, kp - 16 * q0)), bj + 16 * q0 * NR);
-    });
+    };
+    if (all) parallel_for(n_pan, [&](int64_t j) { build(j, Bp + j * NR * kp); });
     // Row blocks of the driver's MC (the A block and one B panel in L2), every panel, every tile.
     const int64_t mc = round_up(ceil_div(M, ceil_div(M, gemm_bf16_mc())), MR);
     parallel_for(n_pan, [&](int64_t j) {
+      uint32_t* bj = all ? Bp + j * NR * kp : t_bp.get<uint32_t>(static_cast<size_t>(NR * (kc / 2)));
+      if (!all) build(j, bj);
       const bf16_amx::TileScope tiles(uk);  // AMX: tiles configured once per task
       const int nr = static_cast<int>(std::min<int64_t>(NR, D - j * NR));
       for (int64_t ic = 0; ic < M; ic += mc) {
         if (uk != Kernel::Avx512Bf16) {
-          amx_rows(uk, kp, Ap, ic / MR, std::min(m_tiles, (ic + mc) / MR), M, Bp + j * NR * kp, dh + ic * lddh + j * NR,
-                   lddh, beta, nr);
+          amx_rows(uk, kp, Ap, ic / MR, std::min(m_tiles, (ic + mc) / MR), M, bj, dh + ic * lddh + j * NR, lddh, beta,
+                   nr);
           continue;
         }
         for (int64_t i = ic / MR; i < std::min(m_tiles, (ic + mc) / MR); ++i)
-          bf16_k::ukernel_avx512bf16(kp, Ap + i * MR * kp, Bp + j * NR * kp, dh + i * MR * lddh + j * NR, lddh, 1.0f,
+          bf16_k::ukernel_avx512bf16(kp, Ap + i * MR * kp, bj, dh + i * MR * lddh + j * NR, lddh, 1.0f,
                                      beta, static_cast<int>(std::min<int64_t>(MR, M - i * MR)), nr);
       }
     });
