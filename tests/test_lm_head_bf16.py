@@ -60,11 +60,12 @@ def test_packed_once_bit_identical_to_per_chunk(rng, N, D, V, chunk):
 @pytest.mark.parametrize("kernel", ["0", "emulate"])
 def test_each_micro_kernel(rng, monkeypatch, kernel):
     """The packed-once path under each bf16 micro-kernel (QLORA_AMX: 0 = AVX512-BF16, emulate = the AMX
-    kernel on emulated tiles, so CPUs without AMX run its A re-layout and 2 x 14-row calls): the same
-    bits as gemm_nt_bf16 / gemm_nn_bf16 under that kernel, the panels counted; 3 row tiles per chunk
-    (a pair and a single), a ragged last 16-pair chunk (D 97, 130: 49, 65 pairs), dh over depth blocks."""
+    kernel on emulated tiles, so CPUs without AMX run its 16-row A panels and 32-row calls): the same
+    bits as gemm_nt_bf16 / gemm_nn_bf16 under that kernel, the panels counted; chunks of 29 / 40 / 20
+    rows (a whole call + a one-panel call, ragged calls), a ragged last 16-pair chunk (D 97, 130: 49,
+    65 pairs), dh over depth blocks."""
     monkeypatch.setenv("QLORA_AMX", kernel)
-    for N, D, V, chunk in ((45, 97, 97, 29), (60, 130, 300, 30), (40, 100, 4500, 20)):
+    for N, D, V, chunk in ((45, 97, 97, 29), (90, 130, 300, 40), (40, 100, 4500, 20)):
         h, E, lab = problem(rng, N, D, V)
         on, off = run("1", h, E, lab, chunk_rows=chunk), run("0", h, E, lab, chunk_rows=chunk)
         assert np.float32(on["loss_sum"]).tobytes() == np.float32(off["loss_sum"]).tobytes()

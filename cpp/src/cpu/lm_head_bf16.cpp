@@ -45,37 +45,30 @@ int64_t depth_block() {
 thread_local AlignedScratch t_ap, t_tmp, t_bp;
 
 // The micro-kernel gemm_nt_bf16 / gemm_nn_bf16 run (cpu/gemm_bf16_amx.hpp), chosen once per call as
-// the driver does per task. Its A panels: the bf16_k packers' values, for AMX in the re-laid order
-// (relayout_a) the AMX kernel reads.
-// The B panels are the same for both kernels. Per element the AMX kernel's sum depends only on the
-// depth block (16-pair chunks from 0, then the epilogue), not on how rows are grouped into calls, so
-// 2 x kMR rows a call here give the driver's bits.
+// the driver does per task. Its A panels: the bf16_k packers' values; for AMX 16-row panels straight
+// in the tile layout (bf16_amx::pack_a_rows_amx), as the driver's. The B panels are the same for
+// both kernels. Per element the AMX kernel's sum depends only on the depth block (16-pair chunks from
+// 0, then the epilogue), not on how rows are grouped into calls: the driver's bits.
 using bf16_amx::Kernel;
-// QLORA_BF16_HEAD_AMX_PACK=relayout (read per call): AMX A panels packed as for AVX512-BF16, then
-// re-laid (A/B runs, the bit test); default: straight into the AMX layout (the same words).
-bool amx_pack_direct() {
-  const char* e = std::getenv("QLORA_BF16_HEAD_AMX_PACK");
-  return !(e && std::strcmp(e, "relayout") == 0);
-}
-void pack_a_tiles(Kernel uk, int64_t m_tiles, int64_t M, const float* A, int64_t lda, int64_t k, uint32_t* Ap) {
-  const int64_t kp = ceil_div(k, 2);
-  const bool direct = amx_pack_direct();
+constexpr int R16 = bf16_amx::kMR16;
+int rows_of(Kernel uk) { return uk == Kernel::Avx512Bf16 ? MR : R16; }  // rows of an A panel
+void pack_a_tiles(Kernel uk, int64_t M, const float* A, int64_t lda, int64_t k, uint32_t* Ap) {
+  const int64_t kp = ceil_div(k, 2), R = rows_of(uk), m_tiles = ceil_div(M, R);
   parallel_for(ceil_div(m_tiles, 4), [&](int64_t t) {
     for (int64_t i = t * 4; i < std::min(m_tiles, (t + 1) * 4); ++i) {
-      const int mr = static_cast<int>(std::min<int64_t>(MR, M - i * MR));
-      if (uk == Kernel::Avx512Bf16) bf16_k::pack_a_panel_avx512bf16(A + i * MR * lda, lda, mr, k, Ap + i * MR * kp);
-      else if (direct) lm_head_k::pack_a_amx_avx512bf16(A + i * MR * lda, lda, mr, k, Ap + i * MR * kp);
-      else bf16_k::pack_a_panel_avx512bf16(A + i * MR * lda, lda, mr, k, Ap + i * MR * kp),
-           bf16_amx::relayout_a(Ap + i * MR * kp, kp);
+      const int mr = static_cast<int>(std::min<int64_t>(R, M - i * R));
+      if (uk == Kernel::Avx512Bf16) bf16_k::pack_a_panel_avx512bf16(A + i * R * lda, lda, mr, k, Ap + i * R * kp);
+      else bf16_amx::pack_a_rows_amx(A + i * R * lda, lda, mr, k, R16, Ap + i * R * kp);
     }
   });
 }
-// Row tiles [i0, i1) of the packed A against one B panel: C rows from tile i0 (alpha 1).
-void amx_rows(Kernel uk, int64_t kp, const uint32_t* Ap, int64_t i0, int64_t i1, int64_t M, const uint32_t* bp,
-              float* C, int64_t ldc, float beta, int nr) {
-  for (int64_t i = i0; i < i1; i += 2)
-    bf16_amx::ukernel(uk, kp, Ap + i * MR * kp, bp, C + (i - i0) * MR * ldc, ldc, 1.0f, beta,
-                      static_cast<int>(std::min<int64_t>(std::min<int64_t>(2, i1 - i) * MR, M - i * MR)), nr);
+// AMX: rows [r0, r1) of the packed A (r0 a multiple of 16) against one B panel, 32 rows a call:
+// C rows from row r0 (alpha 1).
+void amx_rows(Kernel uk, int64_t kp, const uint32_t* Ap, int64_t r0, int64_t r1, const uint32_t* bp, float* C,
+              int64_t ldc, float beta, int nr) {
+  for (int64_t r = r0; r < r1; r += 2 * R16)
+    bf16_amx::ukernel16(uk, kp, Ap + r * kp, bp, C + (r - r0) * ldc, ldc, 1.0f, beta,
+                        static_cast<int>(std::min<int64_t>(2 * R16, r1 - r)), nr);
 }
 }  // namespace
 
@@ -127,31 +120,32 @@ void lm_head_logits_bf16(int64_t M, int64_t V, int64_t D, const float* h, int64_
                          int64_t ldc) {
 #ifdef QLORA_X86
   if (M <= 0) return;
-  const int64_t kp = ceil_div(D, 2), n_pan = ceil_div(V, NR), m_tiles = ceil_div(M, MR);
+  const int64_t kp = ceil_div(D, 2), n_pan = ceil_div(V, NR);
   // A panels (h rounded to bf16 pairs) once, shared by all tasks: the same values as the bf16
   // driver's pack_a_rows.
   const Kernel uk = bf16_amx::kernel_choice();
-  uint32_t* Ap = t_ap.get<uint32_t>(static_cast<size_t>(m_tiles * MR * kp));
-  pack_a_tiles(uk, m_tiles, M, h, ldh, D, Ap);
+  const int64_t m_tiles = ceil_div(M, rows_of(uk));
+  uint32_t* Ap = t_ap.get<uint32_t>(static_cast<size_t>(m_tiles * rows_of(uk) * kp));
+  pack_a_tiles(uk, M, h, ldh, D, Ap);
   const char* se = std::getenv("QLORA_BF16_HEAD_STREAM");
   const bool stream = !(se && std::strcmp(se, "0") == 0);
   constexpr int64_t kGroup = 8;
-  if (uk != Kernel::Avx512Bf16) {  // AMX: every panel against two row tiles a call
+  if (uk != Kernel::Avx512Bf16) {  // AMX: every panel against 32 rows a call
     parallel_for(ceil_div(n_pan, kGroup), [&](int64_t t) {
       const bf16_amx::TileScope tiles(uk);  // configured once per task
-      // streamed: each 28 x 32 tile into L1 first (the kernel's tile stores), then out by streaming stores
-      alignas(64) float tile[2 * MR * NR];
+      // streamed: each 32 x 32 tile into L1 first (the kernel's tile stores), then out by streaming stores
+      alignas(64) float tile[2 * R16 * NR];
       for (int64_t q = t * kGroup; q < std::min(n_pan, (t + 1) * kGroup); ++q) {
         const uint32_t* bp = P + q * NR * kp;
         const int nr = static_cast<int>(std::min<int64_t>(NR, V - q * NR));
         if (!stream) {
-          amx_rows(uk, kp, Ap, 0, m_tiles, M, bp, C + q * NR, ldc, 0.0f, nr);
+          amx_rows(uk, kp, Ap, 0, M, bp, C + q * NR, ldc, 0.0f, nr);
           continue;
         }
-        for (int64_t i = 0; i < m_tiles; i += 2) {
-          const int mr = static_cast<int>(std::min<int64_t>(2 * MR, M - i * MR));
-          bf16_amx::ukernel(uk, kp, Ap + i * MR * kp, bp, tile, NR, 1.0f, 0.0f, mr, NR);
-          lm_head_k::stream_tile_avx512(tile, NR, C + i * MR * ldc + q * NR, ldc, mr, nr);
+        for (int64_t r = 0; r < M; r += 2 * R16) {
+          const int mr = static_cast<int>(std::min<int64_t>(2 * R16, M - r));
+          bf16_amx::ukernel16(uk, kp, Ap + r * kp, bp, tile, NR, 1.0f, 0.0f, mr, NR);
+          lm_head_k::stream_tile_avx512(tile, NR, C + r * ldc + q * NR, ldc, mr, nr);
         }
       }
       if (stream) lm_head_k::store_fence();
@@ -192,19 +186,19 @@ void lm_head_dh_bf16(int64_t M, int64_t V, int64_t D, const float* G, int64_t ld
   // blocks of at most depth_block(), multiples of 32, so each block starts on an NT panel.
   const int64_t kcb = depth_block();
   const int64_t kc = std::min(round_up(V, 32), round_up(ceil_div(V, ceil_div(V, kcb)), 32));
-  const int64_t kpd = ceil_div(D, 2), n_pan = ceil_div(D, NR), m_tiles = ceil_div(M, MR);
-  uint32_t* Ap = t_ap.get<uint32_t>(static_cast<size_t>(m_tiles * MR * (kc / 2)));
+  const Kernel uk = bf16_amx::kernel_choice();
+  const int64_t kpd = ceil_div(D, 2), n_pan = ceil_div(D, NR), R = rows_of(uk), m_tiles = ceil_div(M, R);
+  uint32_t* Ap = t_ap.get<uint32_t>(static_cast<size_t>(m_tiles * R * (kc / 2)));
   // Each task builds its column panel right before using it (into its own L2-sized buffer: the
   // block's A panels stay in L2); QLORA_BF16_HEAD_NN_BUILD=all (read per call): every panel of the
   // block first, into one buffer (A/B runs; same panels, same calls).
   const char* be = std::getenv("QLORA_BF16_HEAD_NN_BUILD");
   const bool all = be && std::strcmp(be, "all") == 0;
   uint32_t* Bp = all ? t_bp.get<uint32_t>(static_cast<size_t>(n_pan * NR * (kc / 2))) : nullptr;
-  const Kernel uk = bf16_amx::kernel_choice();
   for (int64_t pc = 0; pc < V; pc += kc) {
     const int64_t kcur = std::min(kc, V - pc), kp = ceil_div(kcur, 2);
     const float beta = pc == 0 ? 0.0f : 1.0f;
-    pack_a_tiles(uk, m_tiles, M, G + pc, ldg, kcur, Ap);  // G's rows rounded to pairs (pack_a_rows' values)
+    pack_a_tiles(uk, M, G + pc, ldg, kcur, Ap);  // G's rows rounded to pairs (pack_a_rows' values)
     // Column panel j = columns 32j.. (pairs 16j..) of rows pc.., from the NT panels of those rows.
     const auto build = [&](int64_t j, uint32_t* bj) {
       for (int64_t q0 = 0; 16 * q0 < kp; ++q0)
@@ -213,7 +207,7 @@ void lm_head_dh_bf16(int64_t M, int64_t V, int64_t D, const float* G, int64_t ld
     };
     if (all) parallel_for(n_pan, [&](int64_t j) { build(j, Bp + j * NR * kp); });
     // Row blocks of the driver's MC (the A block and one B panel in L2), every panel, every tile.
-    const int64_t mc = round_up(ceil_div(M, ceil_div(M, gemm_bf16_mc())), MR);
+    const int64_t mc = round_up(ceil_div(M, ceil_div(M, gemm_bf16_mc())), uk == Kernel::Avx512Bf16 ? MR : 2 * R16);
     parallel_for(n_pan, [&](int64_t j) {
       uint32_t* bj = all ? Bp + j * NR * kp : t_bp.get<uint32_t>(static_cast<size_t>(NR * (kc / 2)));
       if (!all) build(j, bj);
@@ -221,8 +215,7 @@ void lm_head_dh_bf16(int64_t M, int64_t V, int64_t D, const float* G, int64_t ld
       const int nr = static_cast<int>(std::min<int64_t>(NR, D - j * NR));
       for (int64_t ic = 0; ic < M; ic += mc) {
         if (uk != Kernel::Avx512Bf16) {
-          amx_rows(uk, kp, Ap, ic / MR, std::min(m_tiles, (ic + mc) / MR), M, bj, dh + ic * lddh + j * NR, lddh, beta,
-                   nr);
+          amx_rows(uk, kp, Ap, ic, std::min(M, ic + mc), bj, dh + ic * lddh + j * NR, lddh, beta, nr);
           continue;
         }
         for (int64_t i = ic / MR; i < std::min(m_tiles, (ic + mc) / MR); ++i)

@@ -107,27 +107,6 @@ void ukernel_stream_avx512bf16(int64_t kp, const uint32_t* Ap, const uint32_t* B
   }
 }
 
-void pack_a_amx_avx512bf16(const float* src, int64_t ld, int n, int64_t kc, uint32_t* P) {
-  // Per 16-pair chunk each row's 32 k converted in place of its stored run (the pairs pack_rows
-  // transposes, written where relayout_a would move them): row i's w pairs at P[16c * 14 + i * w].
-  const int64_t kp = (kc + 1) / 2;
-  for (int64_t c0 = 0; c0 < kp; c0 += 16) {
-    const int w = kp - c0 < 16 ? static_cast<int>(kp - c0) : 16;
-    const int64_t rem = kc - 2 * c0;
-    const __mmask16 keep = lane_mask(w);
-    uint32_t* d = P + c0 * 14;
-    for (int i = 0; i < 14; ++i) {
-      __m512i v = _mm512_setzero_si512();
-      if (i < n) {
-        const float* s = src + i * ld + 2 * c0;
-        const __m512 lo = _mm512_maskz_loadu_ps(lane_mask(rem), s), hi = _mm512_maskz_loadu_ps(lane_mask(rem - 16), s + 16);
-        v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-      }
-      _mm512_mask_storeu_epi32(d + i * w, keep, v);
-    }
-  }
-}
-
 void stream_tile_avx512(const float* T, int64_t ldt, float* C, int64_t ldc, int mr, int nr) {
   const bool whole = nr == 32 && (reinterpret_cast<uintptr_t>(C) & 63) == 0 && ((ldc * 4) & 63) == 0;
   const __mmask16 m0 = lane_mask(nr), m1 = lane_mask(nr - 16);

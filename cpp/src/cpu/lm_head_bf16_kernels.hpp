@@ -15,9 +15,6 @@ void nt_to_nn_panel_avx512(const uint32_t* Q, int64_t kpd, int64_t pd0, int np, 
 // is larger than the caches: no read for ownership). store_fence() before others read C.
 void ukernel_stream_avx512bf16(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, int mr,
                                int nr);
-// One A panel of n <= 14 rows x kc k (ld ld) straight in the AMX kernel's layout: the values of
-// bf16_k::pack_a_panel_avx512bf16 then bf16_amx::relayout_a (kp = ceil(kc / 2) pairs, 14 * kp words).
-void pack_a_amx_avx512bf16(const float* src, int64_t ld, int n, int64_t kc, uint32_t* P);
 // C[mr, nr] = T[mr, nr] (ld ldt, mr any, nr <= 32): streaming stores where ukernel_stream's would be
 // (nr == 32, C's rows 64-byte aligned), else masked stores (the AMX logits tile staged in L1, then out).
 void stream_tile_avx512(const float* T, int64_t ldt, float* C, int64_t ldc, int mr, int nr);
