@@ -7,7 +7,7 @@
 //   T::dp<c, a, b>()                   tdpbf16ps tmm<c> += tmm<a> · tmm<b>
 //   T::release()                       tilerelease
 //   T::fma(a, b, c)                    fp32 a * b + c, one rounding (the epilogue's, as the AVX512-BF16 kernel)
-// and compiled twice: with the AMX intrinsics (gemm_bf16_amx.cpp, AmxTiles there) and with EmulatedTiles
+// and compiled twice: with the AMX intrinsics (AmxTiles, cpu/amx_tiles_real.hpp) and with EmulatedTiles
 // below (plain C++, gemm_bf16_amx_emu.cpp), so the packing, tile order and edge handling of the one
 // kernel source are tested on CPUs without AMX. Internal linkage (anonymous namespace): each TU keeps
 // its own copy, compiled with its own flags (cpu/README.md). EmulatedTiles includes <cmath> / <cstring>,
