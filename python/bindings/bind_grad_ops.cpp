@@ -41,7 +41,8 @@ py::array checked(py::handle obj, const std::string& name, int ndim, const py::d
 F32 f32(py::handle obj, const std::string& name, int ndim, bool allow_neg_inf = false) {
   F32 a = F32::ensure(checked(obj, name, ndim, py::dtype::of<float>(), "float32"));
   const float* p = a.data();
-  for (py::ssize_t i = 0; i < a.size(); ++i) {
+  const py::ssize_t n = a.size();  // once: size() multiplies the shape out per call
+  for (py::ssize_t i = 0; i < n; ++i) {
     const float x = p[i];
     if (!std::isfinite(x) && !(allow_neg_inf && x == -INFINITY))
       throw ValueError(name + " holds a non-finite value (" + std::to_string(x) + ") at flat index " + std::to_string(i));
