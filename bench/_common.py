@@ -385,22 +385,29 @@ def write_json(path: str, obj) -> None:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
 
-def run_child(script: str, engine: str, spec_path: str, threads: int, timeout: float, label: str | None = None) -> dict:
+# The environment that caps torch (ATen), oneDNN, MKL and OpenBLAS at AVX2: a peer run as it would on an
+# AVX2-only CPU, beside our QLORA_SIMD=avx2 (bench_train.py --peer-isa avx2).
+PEER_AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                 "OPENBLAS_CORETYPE": "Haswell"}
+
+
+def run_child(script: str, engine: str, spec_path: str, threads: int, timeout: float, label: str | None = None,
+              extra_env: dict | None = None) -> dict:
     """Runs `script --child ENGINE --spec SPEC` in a fresh process (its own peak RSS) with every
-    library's thread count set to `threads`; returns the JSON of its `RESULT ` line or an error.
-    With a label, prints a progress line: the label, done or the error, and the seconds taken."""
+    library's thread count set to `threads` (and `extra_env`); returns the JSON of its `RESULT ` line or
+    an error. With a label, prints a progress line: the label, done or the error, and the seconds taken."""
     t0 = time.perf_counter()
-    res = _child_result(script, engine, spec_path, threads, timeout)
+    res = _child_result(script, engine, spec_path, threads, timeout, extra_env)
     if label is not None:
         print(f"  {label}: {'error: ' + res['error'] if 'error' in res else 'done'} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     return res
 
 
-def _child_result(script, engine, spec_path, threads, timeout):
+def _child_result(script, engine, spec_path, threads, timeout, extra_env=None):
     import subprocess
 
-    env = dict(os.environ)
+    env = dict(os.environ, **(extra_env or {}))
     for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "QLORA_NUM_THREADS"):
         env[k] = str(threads)
     try:

@@ -394,13 +394,19 @@ def parse_args():
     p.add_argument("--out", default=None,
                    help="JSON path (default: bench/results/bench_train.json, --quick: bench_train-quick.json)")
     p.add_argument("--report", default=None, metavar="JSON", help="print the table of a saved result and exit")
+    p.add_argument("--peer-isa", choices=["native", "avx2"], default="native",
+                   help="avx2: run the peers and numpy's sgemm with torch / oneDNN / MKL / OpenBLAS capped at AVX2 "
+                        "(ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, OPENBLAS_CORETYPE): "
+                        "the AVX2-only machine that QLORA_SIMD=avx2 stands for, on a full-width AVX-512 host")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     return p.parse_args()
 
 
 def run_child(engine, spec_path, threads, timeout, label=None):
-    return _common.run_child(__file__, engine, spec_path, threads, timeout, label)
+    # --peer-isa avx2: the peers (and numpy's sgemm) capped at AVX2, as on an AVX2-only CPU.
+    extra = _common.PEER_AVX2_ENV if PEER_ISA == "avx2" and not engine.startswith("qlora") else None
+    return _common.run_child(__file__, engine, spec_path, threads, timeout, label, extra)
 
 
 def step_flops(cfg, B, T, r):
@@ -431,8 +437,13 @@ def fmt(v, spec=".1f"):
     return "n/a" if v is None else format(v, spec)
 
 
+PEER_ISA = "native"
+
+
 def main():
+    global PEER_ISA
     args = parse_args()
+    PEER_ISA = args.peer_isa
     if args.child:
         return child(args.child, args.spec)
     if args.report:
@@ -473,6 +484,9 @@ def main():
     meas = _common.measure_machine(threads, args.bw_gib, runs=args.gemm_runs)
     info["measured"] = meas
     print(_common.machine_line(info, meas), flush=True)
+    info["peer_isa"] = args.peer_isa
+    if args.peer_isa == "avx2":
+        print("peers and numpy sgemm capped at AVX2: " + ", ".join(f"{k}={v}" for k, v in _common.PEER_AVX2_ENV.items()), flush=True)
     if args.breakdown:
         return main_breakdown(args, gguf, ids, threads, info, flops)
 
