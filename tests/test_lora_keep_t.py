@@ -25,11 +25,10 @@ def _model(path, dtype, dropout=0.0):
     return random_lora_b(adapter_model(path, compute_dtype=dtype, dropout=dropout, lora=CFG))  # nonzero B
 
 
-def _pass(m, monkeypatch, keep, group=True, ckpt=True, lora_bf16="0", epilogue="0"):
+def _pass(m, monkeypatch, keep, group=True, ckpt=True, lora_bf16="0"):
     monkeypatch.setenv("QLORA_LORA_KEEP_T", "1" if keep else "0")
     monkeypatch.setenv("QLORA_LORA_GROUP", "1" if group else "0")
     monkeypatch.setenv("QLORA_LORA_BF16", lora_bf16)
-    monkeypatch.setenv("QLORA_BF16_LORA_EPILOGUE", epilogue)
     m.gradient_checkpointing = ckpt
     ids, mask, labels = BATCH
     loss, grads, report = profiled_loss_and_grads(m, (ids, labels, mask))
@@ -74,12 +73,6 @@ def test_keep_t_off_with_dropout(tiny, monkeypatch):
 def test_keep_t_bf16_shrinks(tiny, monkeypatch, lora_bf16, saved):
     # kept only where the forward and the backward shrink are the same GEMM
     _check(_model(tiny, "bfloat16"), monkeypatch, saved, lora_bf16=lora_bf16)
-
-
-@needs_bf16
-def test_keep_t_with_expand_epilogue(tiny, monkeypatch):
-    monkeypatch.setenv("QLORA_BF16_GEMM", "shared")  # the tiny GEMMs take the fused path (as test_bf16_lora_epilogue)
-    _check(_model(tiny, "bfloat16"), monkeypatch, 3, epilogue="1")
 
 
 @pytest.mark.parametrize("dtype", _dtype_params())

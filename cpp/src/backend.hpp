@@ -295,23 +295,6 @@ class Backend {
     for (int64_t i = 0; i < n; ++i) nf4_gemm_nt_bf16(M, 1.0f, X, ldx, *W[i], 0.0f, Y[i], ldy[i]);
     lora_segments_many(n, lora, t);
   }
-  // nf4_gemm_nt_many_bf16, then each output's fp32 LoRA expand (the training forward, LoRA in fp32):
-  // where ex[i].t is set, Y_i += s * t·Bᵀ as gemm_nt(M, W_i.rows, r, s, t, ldt, B, r, 1, Y_i, ldy_i).
-  // Default: those calls; backends may add the expand to each output tile while it is in cache
-  // (CPU: same per-element operations, same bits).
-  struct Nf4Expand {
-    const float* t = nullptr;  // [M, r] ld ldt; null: no expand for this output
-    int64_t ldt = 0;
-    const float* B = nullptr;  // [W_i.rows, r]
-    int64_t r = 0;
-    float s = 0.0f;
-  };
-  virtual void nf4_gemm_nt_many_expand_bf16(int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
-                                            float* const* Y, const int64_t* ldy, const Nf4Expand* ex) {
-    nf4_gemm_nt_many_bf16(M, X, ldx, n, W, Y, ldy);
-    for (int64_t i = 0; i < n; ++i)
-      if (ex[i].t) gemm_nt(M, W[i]->rows, ex[i].r, ex[i].s, ex[i].t, ex[i].ldt, ex[i].B, ex[i].r, 1.0f, Y[i], ldy[i]);
-  }
   virtual void nf4_gemm_nn_bf16(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W, float beta,
                                 float* dX, int64_t lddx) {
     nf4_gemm_nn(M, alpha, dY, lddy, W, beta, dX, lddx);

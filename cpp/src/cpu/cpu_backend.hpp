@@ -75,8 +75,6 @@ class CpuBackend final : public Backend {
   // (cpu_backend_lora_fused.cpp).
   void nf4_gemm_nt_many_lora_bf16(int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
                                   float* const* Y, const int64_t* ldy, const LoraProblem* lora, float* t) override;
-  void nf4_gemm_nt_many_expand_bf16(int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
-                                    float* const* Y, const int64_t* ldy, const Nf4Expand* ex) override;
   void nf4_gemm_nn_bf16(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W, float beta, float* dX,
                         int64_t lddx) override;
   void attention_train_bf16(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q, int64_t ldq,

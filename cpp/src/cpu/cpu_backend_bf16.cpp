@@ -65,30 +65,6 @@ void CpuBackend::nf4_gemm_nt_many_bf16(int64_t M, const float* X, int64_t ldx, i
   (void)fl, (void)by;
   cpu::nf4_gemm_nt_many_bf16(level(), M, X, ldx, n, W, Y, ldy);
 }
-void CpuBackend::nf4_gemm_nt_many_expand_bf16(int64_t M, const float* X, int64_t ldx, int64_t n,
-                                              const Nf4Ref* const* W, float* const* Y, const int64_t* ldy,
-                                              const Nf4Expand* ex) {
-  cpu::Nf4Expand e[kNf4ManyMax];
-  const bool fits = n >= 1 && n <= kNf4ManyMax;
-  for (int64_t i = 0; fits && i < n; ++i) e[i] = cpu::Nf4Expand{ex[i].t, ex[i].ldt, ex[i].B, ex[i].r, ex[i].s};
-  if (!fits || !nf4_expand_fusable(level(), M, n, W, e)) {  // the two calls, each booked to its part
-    nf4_gemm_nt_many_bf16(M, X, ldx, n, W, Y, ldy);
-#if __has_include("cpu/profile.hpp")
-    const prof::PartContext pc(prof::Part::LoraFwd);
-#endif
-    for (int64_t i = 0; i < n; ++i)
-      if (ex[i].t) gemm_nt(M, W[i]->rows, ex[i].r, ex[i].s, ex[i].t, ex[i].ldt, ex[i].B, ex[i].r, 1.0f, Y[i], ldy[i]);
-    return;
-  }
-  double fl = 0.0, by = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    fl += 2 * d(M) * d(W[i]->rows) * d(W[i]->cols), by += nf4_bytes(M, *W[i]);
-    if (ex[i].t) fl += 2 * d(M) * d(W[i]->rows) * d(ex[i].r);
-  }
-  QLORA_BF16_SCOPE(Nf4Fwd, "nf4_gemm_nt_many_expand_bf16", fl, by, M, n, W[0]->cols);
-  (void)fl, (void)by;
-  cpu::nf4_gemm_nt_many_expand_bf16(level(), M, X, ldx, n, W, Y, ldy, e);
-}
 void CpuBackend::nf4_gemm_nn_bf16(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W, float beta,
                                   float* dX, int64_t lddx) {
   QLORA_BF16_SCOPE(Nf4Bwd, "nf4_gemm_nn_bf16", 2 * d(M) * d(W.rows) * d(W.cols), nf4_bytes(M, W), M, W.cols, W.rows);

@@ -296,65 +296,6 @@ void nf4_gemm_nt_many_bf16(SimdLevel level, int64_t M, const float* X, int64_t l
   for (int64_t i = 0; i < n; ++i) nf4_gemm_nt_bf16(level, M, 1.0f, X, ldx, *W[i], 0.0f, Y[i], ldy[i]);
 }
 
-// QLORA_BF16_LORA_EPILOGUE=0 (read per call): never fused; the caller runs the two calls (A/B
-// runs; same bits either way). The training caller opts in with =1 (model/lora_nf4_bf16.cpp).
-bool nf4_expand_fusable(SimdLevel level, int64_t M, int64_t n, const Nf4Ref* const* W, const Nf4Expand* ex) {
-#ifdef QLORA_X86
-  const char* e = std::getenv("QLORA_BF16_LORA_EPILOGUE");
-  if (e && std::strcmp(e, "0") == 0) return false;
-  if (n < 1 || n > kNf4ManyMax || mode(level) != Mode::Bf16 || M <= kGemvF32MaxM) return false;  // gemm_nt: GEMV
-  const Driver d = driver_choice();
-  bool any = false;
-  for (int64_t i = 0; i < n; ++i) {
-    if (W[i]->cols != W[0]->cols || nf4_gemv_bf16_applies(level, M, *W[i])) return false;
-    if (!(d == Driver::Shared || (d == Driver::Auto && 2.0 * M * W[i]->rows * W[i]->cols >= 4e6))) return false;
-    if (!ex[i].t) continue;
-    // the separate expand's k order: one fp32 depth block of r (ragged r as well: no KC split)
-    if (ex[i].r < 1 || gemm_depth_block(level, ex[i].r) != ex[i].r || ex[i].ldt < ex[i].r) return false;
-    any = true;
-  }
-  return any;
-#else
-  (void)level, (void)M, (void)n, (void)W, (void)ex;
-  return false;
-#endif
-}
-
-void nf4_gemm_nt_many_expand_bf16(SimdLevel level, int64_t M, const float* X, int64_t ldx, int64_t n,
-                                  const Nf4Ref* const* W, float* const* Y, const int64_t* ldy, const Nf4Expand* ex) {
-  check_arg(n >= 1 && n <= kNf4ManyMax, "nf4 gemm expand: weight count out of range");
-  for (int64_t i = 0; i < n; ++i) {
-    check_nf4(*W[i]);
-    check_dims(M, W[i]->rows, W[i]->cols, ldx, W[i]->cols, W[i]->cols, W[i]->cols, ldy[i]);
-  }
-  check_arg(nf4_expand_fusable(level, M, n, W, ex), "nf4 gemm expand: not fusable here (nf4_expand_fusable)");
-#ifdef QLORA_X86
-  // B_i's fp32 panels, as gemm_nt packs them ([r][NR] per NR columns, zero-padded): one buffer.
-  static_assert(gemm_k::kAvx512NR == NR && gemm_k::kAvx512MR == MR, "the fp32 expand tile is the bf16 tile");
-  thread_local AlignedScratch t_lora;
-  int64_t off[kNf4ManyMax], total = 0;
-  for (int64_t i = 0; i < n; ++i) off[i] = total, total += ex[i].t ? ceil_div(W[i]->rows, NR) * NR * ex[i].r : 0;
-  float* lb = t_lora.get<float>(static_cast<size_t>(total));
-  TileExpand te[kNf4ManyMax];
-  std::vector<decltype(nf4_nt_pack_b(*W[0], 0))> pb;
-  pb.reserve(static_cast<size_t>(n));
-  int64_t N[kNf4ManyMax];
-  for (int64_t i = 0; i < n; ++i) {
-    pb.push_back(nf4_nt_pack_b(*W[i], check_nf4(*W[i])));
-    N[i] = W[i]->rows;
-    if (!ex[i].t) continue;
-    const int64_t r = ex[i].r;
-    for (int64_t j0 = 0; j0 < N[i]; j0 += NR)
-      gemm_k::pack_b_t_avx512(ex[i].B + j0 * r, r, static_cast<int>(std::min<int64_t>(NR, N[i] - j0)), r,
-                              lb + off[i] + j0 * r);
-    te[i] = TileExpand{ex[i].t, ex[i].ldt, lb + off[i], r, ex[i].s};
-  }
-  shared_many(M, W[0]->cols, 1.0f, 0.0f, static_cast<int>(n), N, Y, ldy, pack_a_rows(X, ldx), pb.data(), te);
-#else
-  (void)X, (void)ldx, (void)Y;
-#endif
-}
-
 void nf4_gemm_nn_bf16(SimdLevel level, int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W,
                       float beta, float* dX, int64_t lddx) {
   [[maybe_unused]] const int s = check_nf4(W);  // blocksize log2 (x86 kernels)

@@ -31,21 +31,6 @@ void nf4_gemm_nt_bf16(SimdLevel level, int64_t M, float alpha, const float* X, i
 constexpr int64_t kNf4ManyMax = 8;
 void nf4_gemm_nt_many_bf16(SimdLevel level, int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
                            float* const* Y, const int64_t* ldy);
-// nf4_gemm_nt_many_bf16 with an fp32 LoRA expand per output added in the GEMM's epilogue:
-// Y_i = X · deq(W_i)ᵀ (bf16 compute), then where ex[i].t is set Y_i += s · t·Bᵀ (t [M, r] ld ldt,
-// B [W_i.rows, r] row-major, fp32) exactly as gemm_nt(level, M, rows, r, s, t, ldt, B, r, 1, Y_i)
-// after it would (same per-element operations: the same bits), but on each output tile while it
-// is in L1 instead of a second pass over Y_i. Only where nf4_expand_fusable() (else it raises).
-struct Nf4Expand {
-  const float* t = nullptr;  // null: no expand for this output
-  int64_t ldt = 0;
-  const float* B = nullptr;
-  int64_t r = 0;
-  float s = 0.0f;
-};
-bool nf4_expand_fusable(SimdLevel level, int64_t M, int64_t n, const Nf4Ref* const* W, const Nf4Expand* ex);
-void nf4_gemm_nt_many_expand_bf16(SimdLevel level, int64_t M, const float* X, int64_t ldx, int64_t n,
-                                  const Nf4Ref* const* W, float* const* Y, const int64_t* ldy, const Nf4Expand* ex);
 void nf4_gemm_nn_bf16(SimdLevel level, int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W,
                       float beta, float* dX, int64_t lddx);
 

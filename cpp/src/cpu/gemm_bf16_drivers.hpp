@@ -69,10 +69,9 @@ void pack_a_for(Kernel uk, int w, const PackA& pack_a, int64_t i0, int mr, int64
   const bool amx = uk != Kernel::Avx512Bf16;
   if (!pack_a(i0, mr, p0, kc, Ap, w, amx) && amx) bf16_amx::relayout_a(Ap, ceil_div(kc, 2), w);
 }
-// Rows [0, rows) of a packed A block against one B panel; after(ir, mr) follows each call (rows ir..).
-template <class After>
+// Rows [0, rows) of a packed A block against one B panel.
 void micro_rows(Kernel uk, int pr, int64_t kp, const uint32_t* Ap, int64_t rows, const uint32_t* bp, float* c,
-                int64_t ldc, float alpha, float beta, int nr, const After& after) {
+                int64_t ldc, float alpha, float beta, int nr) {
   const int64_t step = uk == Kernel::Avx512Bf16 ? MR : 2 * pr;
   for (int64_t ir = 0; ir < rows; ir += step) {
     const int mr = static_cast<int>(std::min<int64_t>(step, rows - ir));
@@ -80,7 +79,6 @@ void micro_rows(Kernel uk, int pr, int64_t kp, const uint32_t* Ap, int64_t rows,
       bf16_k::ukernel_avx512bf16(kp, Ap + ir * kp, bp, c + ir * ldc, ldc, alpha, beta, mr, nr);
     else
       bf16_amx::ukernel16(uk, kp, Ap + ir * kp, bp, c + ir * ldc, ldc, alpha, beta, mr, nr);
-    after(ir, mr);
   }
 }
 
@@ -118,7 +116,7 @@ void run_task(int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t K, int64_t
           const uint32_t* bp = Bp + p * NR * kp;
           const int nr = static_cast<int>(std::min<int64_t>(NR, ncur - p * NR));
           float* c = C + ic * ldc + jc + p * NR;
-          micro_rows(uk, static_cast<int>(pr), kp, Ap, mcur, bp, c, ldc, alpha, beta_k, nr, [](int64_t, int) {});
+          micro_rows(uk, static_cast<int>(pr), kp, Ap, mcur, bp, c, ldc, alpha, beta_k, nr);
         }
       }
     }
@@ -196,26 +194,6 @@ Driver driver_choice() {
   return Driver::Auto;
 }
 
-// The fp32 LoRA expand of one output (nf4_gemm_nt_many_expand_bf16): C[i, j] += s * sum_k t[i, k] *
-// B[j, k], k < r, by the fp32 AVX-512 micro-kernel that gemm_nt (the separate expand) runs, reading
-// t in place and B from fp32 panels Bp [ceil(N / NR)][r][NR] packed once per call: on a tile the
-// same per-element operations (the fma chain over k from zero, then C + s * acc, one rounding
-// each) as the separate gemm_nt(M, N, r, s, t, ldt, B, r, 1, C, ldc) with r in one depth block.
-struct TileExpand {
-  const float* t = nullptr;  // [M, r] ld ldt; null: no expand
-  int64_t ldt = 0;
-  const float* Bp = nullptr;
-  int64_t r = 0;
-  float s = 0.0f;
-  void run(int64_t row, int64_t col, float* c, int64_t ldc, int mr, int nr) const {
-#ifdef QLORA_X86
-    gemm_k::ukernel_direct_avx512(r, t + row * ldt, ldt, 1, Bp + (col / NR) * r * NR, c, ldc, s, 1.0f, mr, nr);
-#else
-    (void)row, (void)col, (void)c, (void)ldc, (void)mr, (void)nr;
-#endif
-  }
-};
-
 // The caller's A panels (one buffer for every instantiation; a pool thread calling from an
 // outer parallel_for runs the nested parallel_fors below serially, on its own buffer).
 thread_local AlignedScratch t_sa;
@@ -224,11 +202,9 @@ thread_local AlignedScratch t_sa;
 // (row super-block, depth block) of A packed once, then every problem's tasks run against it,
 // problem by problem (the q/k/v or gate/up projections of one input). Per problem the same task
 // grid, KC split and k order as a call of its own: the same bits.
-// ex (null: none): per problem, an fp32 LoRA expand C += s * t·Bᵀ run on each output tile right
-// after its last depth block, while the tile is in L1 (TileExpand, nf4_gemm_nt_many_expand_bf16).
 template <class PackA, class PackB>
 void shared_many(int64_t M, int64_t K, float alpha, float beta, int nb, const int64_t* Ns, float* const* Cs,
-                 const int64_t* ldcs, const PackA& pack_a, const PackB* pack_bs, const TileExpand* ex = nullptr) {
+                 const int64_t* ldcs, const PackA& pack_a, const PackB* pack_bs) {
   if (M <= 0) return;
   if (K <= 0) {
     for (int b = 0; b < nb; ++b) scale_c(M, Ns[b], beta, Cs[b], ldcs[b]);
@@ -300,12 +276,7 @@ void shared_many(int64_t M, int64_t K, float alpha, float beta, int nb, const in
                 const uint32_t* bp = Bp + p * NR * kp;
                 const int nr = static_cast<int>(std::min<int64_t>(NR, ncur - p * NR));
                 float* c = C + (ms + ic) * ldc + jc + p * NR;
-                const TileExpand* e = ex && ex[b].t && pc + kcur >= K ? &ex[b] : nullptr;  // last depth block
-                micro_rows(uk, static_cast<int>(pr), kp, ap, icur, bp, c, ldc, alpha, beta_k, nr,
-                           [&](int64_t ir, int mr) {
-                  for (int64_t i = ir; e && i < ir + mr; i += MR)  // the expand's tiles: kMR rows
-                    e->run(ms + ic + i, jc + p * NR, c + i * ldc, ldc, static_cast<int>(std::min<int64_t>(MR, ir + mr - i)), nr);
-                });
+                micro_rows(uk, static_cast<int>(pr), kp, ap, icur, bp, c, ldc, alpha, beta_k, nr);
               }
             }
           }

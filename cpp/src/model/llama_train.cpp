@@ -15,7 +15,6 @@
 #include "model/llama.hpp"
 #include "model/lora_check.hpp"
 #include "model/lora_infer.hpp"
-#include "model/lora_nf4_bf16.hpp"
 #include "model/train_memory.hpp"
 #include "model/train_ops.hpp"
 
@@ -296,12 +295,6 @@ struct Pass {
     LoraModule* lo = lora(l, p);
     float* t = lo ? keep_slot(site, lo->r, this->t) : this->t;
     if (lo && dropout) dropout_forward(be, key(l, p), ad->dropout, d.M, lin.in, x, ldx, xdrop);
-    // bf16 NF4 base: the fp32 LoRA expand in the base GEMM's epilogue (same bits; model/lora_nf4_bf16.hpp)
-    const Nf4Ref* w1 = &lin.nf4;
-    if (lo && bf16 && lin.is_nf4 && lin.bias.empty() &&
-        lora_nf4_forward_bf16(be, 1, &w1, &lo, d.M, x, ldx, dropout ? xdrop : x, dropout ? lin.in : ldx,
-                              &y, &ldy, t, ad_scale, lora_bf16))
-      return;
     lin.forward(be, d.M, x, ldx, y, ldy, nullptr, nullptr, 0, nullptr, 1.0f, bf16);  // base (+ bias)
     if (lo && dropout) lora_forward(be, *lo, d.M, xdrop, lin.in, y, ldy, t, ad_scale, lora_bf16);
     else if (lo) lora_forward(be, *lo, d.M, x, ldx, y, ldy, t, ad_scale, lora_bf16);
@@ -356,12 +349,7 @@ struct Pass {
       many = p.is_nf4 && p.bias.empty();
       nw[i] = &p.nf4;
     }
-    if (many) {
-      const LoraModule* gm[kMaxLoraGroup] = {};  // the modules by output (null: no LoRA)
-      for (int k = 0; k < ng; ++k) gm[gi[k]] = g[k];
-      if (lora_nf4_forward_bf16(be, n, nw, gm, d.M, x, ldx, x, ldx, y, ldy, scratch, ad_scale, lora_bf16)) return;
-      be.nf4_gemm_nt_many_bf16(d.M, x, ldx, n, nw, y, ldy);
-    }
+    if (many) be.nf4_gemm_nt_many_bf16(d.M, x, ldx, n, nw, y, ldy);
     for (int i = 0; i < n && !many; ++i) {
       if (ng == 0) {
         lin_fwd(l, ps[i], x, ldx, y[i], ldy[i]);
