@@ -3,17 +3,11 @@ each read per call and each bit-identical to its off path (so the float64 bounds
 test_attention_bf16.py carry over unchanged):
   QLORA_ATTN_BF16_HALF=0     tiles whose last panel has <= 16 columns compute all 32
   QLORA_ATTN_BF16_DELTA=0    the backward's delta in a pass of its own instead of in its tasks
-  QLORA_ATTN_BF16_SCRATCH=0  zero-filled task scratch
-  QLORA_ATTN_BF16_KEEP=1     (opt-in) the checkpointed backward reads the scores its recompute
-                             forward kept instead of computing them again (the ops-level contract
-                             and the checks that the slot is used: cpp/tests/test_attention_keep_scores.cpp)."""
+  QLORA_ATTN_BF16_SCRATCH=0  zero-filled task scratch"""
 import numpy as np
 import pytest
 
 from qlora_native import _core, ops
-
-from helpers_tiny import build_tiny
-from helpers_train import adapter_model, loss_and_grads, train_batch
 from test_grad_ops import make_mask, randn
 
 g = _core.grad_ops
@@ -50,28 +44,3 @@ def test_attention_bf16_switches_bit_identical(rng, monkeypatch, case):
         for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, base):
             assert np.array_equal(a, b), (off, name)
 
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny(str(tmp_path_factory.mktemp("tiny")), hidden_size=64, intermediate_size=96,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=80)
-
-
-@needs_bf16
-def test_training_kept_scores_bit_identical(tiny, monkeypatch):
-    """A checkpointed bf16 training pass: the recompute forwards keep their scores for the attention
-    backwards; loss and every LoRA gradient are those of computing them again, bit for bit."""
-    m = adapter_model(tiny, compute_dtype="bfloat16")
-    m.gradient_checkpointing = True
-    batch = train_batch(B=2, T=70)  # 70: a full 64-query block on the fp32 panels and a partial one
-    res = {}
-    for keep in ("1", "0", "1"):
-        monkeypatch.setenv("QLORA_ATTN_BF16_KEEP", keep)
-        loss, grads = loss_and_grads(m, batch)
-        if keep in res:
-            assert loss == res[keep][0]
-        res[keep] = (loss, grads)
-    assert res["1"][0] == res["0"][0]
-    assert res["1"][1].keys() == res["0"][1].keys()
-    for name in res["1"][1]:
-        assert np.array_equal(res["1"][1][name], res["0"][1][name]), name

@@ -315,11 +315,6 @@ class Backend {
     attention_train_backward(B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, key_mask, scale, out, ldo, lse, dout, lddo, dq,
                              lddq, dk, lddk, dv, lddv);
   }
-  // Hint: the next attention_train_bf16 may keep its fp32 scores for the next
-  // attention_train_backward_bf16 on the same q, k, key_mask and lse, which the caller leaves
-  // unmodified in between; that backward then reads them instead of computing them again (same
-  // results). Default: nothing kept.
-  virtual void attention_train_keep_scores_bf16(bool /*on*/) {}
 
   // ---- transformer ops (cpp/src/model). Defaults throw so a backend can add them one by one.
   // out[M, D] = table[ids[m], :]; ids int32 [M], already checked to lie in [0, V).

@@ -28,10 +28,6 @@ void ukernel_direct_avx512bf16(int64_t kp, const uint32_t* A, int64_t rs, int64_
 void rows_to_bf16_avx512bf16(const float* src, int64_t lds, int64_t rows, int64_t n, const float* scale,
                              uint16_t* dst, int64_t ldd);
 
-// dst[r * ldd + j] = src[r * lds + j] for r < rows, j < n0 + r (the causal rows of a score block),
-// with streaming stores where a row starts 64-byte aligned (the copy is read much later, by the backward).
-void rows_stream_avx512bf16(const float* src, int64_t lds, int64_t rows, int64_t n0, float* dst, int64_t ldd);
-
 // The backward's probabilities and score gradients of one (query block, head), written only as the
 // bf16 operands of the three products that read them. Row i (query t0 + i) of S / dP (row stride
 // ld, read at the columns j < n_vis = clamp(t0 + i + 1, 0, nk) only): the scores scale q·kᵀ and

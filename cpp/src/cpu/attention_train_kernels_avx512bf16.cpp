@@ -46,21 +46,6 @@ void rows_to_bf16_avx512bf16(const float* src, int64_t lds, int64_t rows, int64_
   }
 }
 
-void rows_stream_avx512bf16(const float* src, int64_t lds, int64_t rows, int64_t n0, float* dst, int64_t ldd) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* s = src + r * lds;
-    float* d = dst + r * ldd;
-    const int64_t n = n0 + r;
-    int64_t j = 0;
-    if ((reinterpret_cast<uintptr_t>(d) & 63) == 0)
-      for (; j + 16 <= n; j += 16) _mm512_stream_ps(d + j, _mm512_loadu_ps(s + j));
-    else
-      for (; j + 16 <= n; j += 16) _mm512_storeu_ps(d + j, _mm512_loadu_ps(s + j));
-    if (j < n) _mm512_mask_storeu_ps(d + j, tile_lane_mask(n - j), _mm512_maskz_loadu_ps(tile_lane_mask(n - j), s + j));
-  }
-  _mm_sfence();
-}
-
 void probs_dscores_bf16_avx512bf16(int64_t rows, int64_t nk, int64_t t0, const float* S, const float* dP, int64_t ld,
                                    const float* lse, const float* delta, float scale, const int32_t* km,
                                    uint16_t* Db, int64_t ldb, uint32_t* D2, uint32_t* P2, int64_t ldp) {

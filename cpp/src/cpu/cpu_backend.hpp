@@ -80,7 +80,6 @@ class CpuBackend final : public Backend {
   void attention_train_bf16(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q, int64_t ldq,
                             const float* k, int64_t ldk, const float* v, int64_t ldv, const int32_t* key_mask,
                             float scale, float* out, int64_t ldo, float* lse) override;
-  void attention_train_keep_scores_bf16(bool on) override;  // ops::attention_train_keep_scores
   void attention_train_backward_bf16(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* q,
                                      int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
                                      const int32_t* key_mask, float scale, const float* out, int64_t ldo,

@@ -91,7 +91,6 @@ void CpuBackend::attention_train_bf16(int64_t B, int64_t T, int64_t Hq, int64_t 
                    4 * d(B) * d(T) * d(hd) * (2 * d(Hq) + 2 * d(Hkv)), B, T, Hq);
   ops::attention_train(level(), B, T, Hq, Hkv, hd, q, ldq, k, ldk, v, ldv, key_mask, scale, out, ldo, lse, true);
 }
-void CpuBackend::attention_train_keep_scores_bf16(bool on) { ops::attention_train_keep_scores(on); }
 void CpuBackend::attention_train_backward_bf16(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd,
                                                const float* q, int64_t ldq, const float* k, int64_t ldk,
                                                const float* v, int64_t ldv, const int32_t* key_mask, float scale,

@@ -5,12 +5,9 @@
 // as do softmax, lse, delta and the outputs; P·v, dout·vᵀ, dS·k, dSᵀ·q and Pᵀ·dout round their
 // operands to bf16 and accumulate in fp32. With QLORA_ATTN_DIRECT (default) the A operands of the
 // tiles are read in place (cpu/attention_train_kernels.hpp; same bits as packing them per tile).
-#include <xmmintrin.h>
-
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
 #include <vector>
 
 #include "cpu/attention_amx.hpp"
@@ -35,12 +32,6 @@ bool env_on(const char* name) {
 // QLORA_ATTN_BF16_HALF: a tile whose last panel has <= 16 columns computes only those (the dP tiles
 // at the causal edge; bf16_tile::tile_half).
 bool half_on() { return env_on("QLORA_ATTN_BF16_HALF"); }
-// QLORA_ATTN_BF16_KEEP=1 (opt-in): the kept scores below. Off by default: on the loaded 1-thread Zen 4
-// A/B the forward's extra 4.7 MB of streamed stores cost about what the backward saves (-4 ms/step).
-bool keep_on() {
-  const char* e = std::getenv("QLORA_ATTN_BF16_KEEP");
-  return e && std::strcmp(e, "1") == 0;
-}
 // QLORA_ATTN_BF16_DELTA: the backward's delta rows computed in its tasks, per (query block, head),
 // while dout's rows are in cache (the same kernel, so the same bits), instead of a pass over all of
 // dout and out before it.
@@ -92,55 +83,9 @@ void row_tile_direct(int64_t kp, const uint32_t* A, int64_t rs, int64_t cs, cons
 }
 }  // namespace pk
 
-// Kept scores (attention_train_keep_scores, ops_backward.hpp): one process-wide slot with the fp32
-// scores scale q·kᵀ of one bf16 forward, [B * Hq][query blocks][mq, nk] (only the columns each query
-// sees are written), which the next backward on the same q, k, key mask and lse reads instead of
-// computing them again (the same kernels on the same inputs: the same bits).
-// States: Idle -> (armed forward) Filling -> Full -> (matching backward) Reading -> Idle.
-struct KeptScores {
-  enum State { Idle, Filling, Full, Reading };
-  std::mutex mu;
-  bool armed = false;
-  State state = Idle;
-  const float *q = nullptr, *k = nullptr, *lse = nullptr;
-  const int32_t* km = nullptr;
-  int64_t B = 0, T = 0, Hq = 0, Hkv = 0, hd = 0, ldq = 0, ldk = 0;
-  float scale = 0.0f;
-  AlignedBuf<float> buf;
-  void release() {  // Idle, memory returned
-    state = Idle;
-    std::free(buf.p);
-    buf.p = nullptr;
-    buf.n = 0;
-  }
-};
-KeptScores& kept() {
-  static KeptScores s;
-  return s;
-}
-// Offset of query block blk within one head's scores (every block before it is full: nk = 64 (j + 1)).
-int64_t kept_block_off(int64_t blk) { return kBlock * kBlock * blk * (blk + 1) / 2; }
-int64_t kept_head_size(int64_t T) {
-  const int64_t nblk = cdiv(T, kBlock);
-  return kept_block_off(nblk - 1) + (T - (nblk - 1) * kBlock) * T;
-}
-// QLORA_ATTN_BF16_KEEP_MB (default 8): the largest slot kept, in MiB (the scores grow as T²; beyond
-// it the backward recomputes them). 0 turns keeping off.
-int64_t kept_cap_bytes() {
-  const char* e = std::getenv("QLORA_ATTN_BF16_KEEP_MB");
-  if (!e || !*e) return int64_t{8} << 20;
-  char* end = nullptr;
-  const long v = std::strtol(e, &end, 10);
-  return (end && *end == 0 && v > 0) ? static_cast<int64_t>(v) << 20 : 0;
-}
 }  // namespace
 
 bool bf16_delta_in_task() { return env_on("QLORA_ATTN_BF16_DELTA"); }
-
-int64_t keep_scores_bytes(int64_t B, int64_t T, int64_t Hq) {
-  const int64_t n = B * Hq * kept_head_size(T) * static_cast<int64_t>(sizeof(float));
-  return n <= kept_cap_bytes() ? n : 0;
-}
 
 // The bf16 forward on AVX512-BF16: V of every (b, KV head) packed once, then one task per
 // (b, query head, block of 64 queries) as the fp32 way: fp32 scores, softmax, bf16 P·v.
@@ -170,26 +115,6 @@ void attention_train_packed(SimdLevel level, const rowk::Kernels* kr, int64_t B,
   const bool direct = fp::direct_on(), half = half_on(), uninit = scratch_uninit_on();
   const attn_amx::Kernel ak = direct ? attn_amx::choice() : attn_amx::Kernel::Avx512Bf16;  // P·v on AMX tiles?
   const bool amx = ak != attn_amx::Kernel::Avx512Bf16;
-  // Kept scores: armed -> this forward fills the slot; not armed -> an idle slot's memory is returned.
-  float* keep = nullptr;
-  const int64_t head_sz = kept_head_size(T);
-  {
-    KeptScores& ks = kept();
-    std::lock_guard<std::mutex> lk(ks.mu);
-    const bool armed = ks.armed;
-    ks.armed = false;
-    if (ks.state == KeptScores::Idle || ks.state == KeptScores::Full) {
-      const int64_t bytes = keep_scores_bytes(B, T, Hq);
-      if (armed && direct && bytes > 0 && keep_on()) {
-        keep = ks.buf.get(static_cast<size_t>(B * Hq * head_sz));
-        ks.state = KeptScores::Filling;
-        ks.q = q, ks.k = k, ks.lse = lse, ks.km = key_mask;
-        ks.B = B, ks.T = T, ks.Hq = Hq, ks.Hkv = Hkv, ks.hd = hd, ks.ldq = ldq, ks.ldk = ldk, ks.scale = scale;
-      } else {
-        ks.release();
-      }
-    }
-  }
   parallel_range(B * Hq * nblk, 1, [&](int64_t p0, int64_t p1) {
     AlignedBuf<float> bS;
     AlignedBuf<uint32_t> bAp, bPb;
@@ -209,9 +134,6 @@ void attention_train_packed(SimdLevel level, const rowk::Kernels* kr, int64_t B,
       else
         gemm_nt(level, mq, nk, hd, scale, q + (b * T + t0) * ldq + h * hd, ldq, k + b * T * ldk + kh * hd, ldk, 0.0f,
                 S, nk);  // scores in fp32
-      if (keep) {  // the columns each query sees, for the backward
-        attn_train_k::rows_stream_avx512bf16(S, nk, mq, t0 + 1, keep + (b * Hq + h) * head_sz + kept_block_off(blk), nk);
-      }
       if (direct) {
         // P = weights * (1 / denominator) rounded to bf16 once, read in place by the tiles: the
         // fp32 products and roundings of normalize-then-pack, without the pack per tile.
@@ -244,11 +166,6 @@ void attention_train_packed(SimdLevel level, const rowk::Kernels* kr, int64_t B,
       }
     }
   });
-  if (keep) {
-    KeptScores& ks = kept();
-    std::lock_guard<std::mutex> lk(ks.mu);
-    ks.state = KeptScores::Full;
-  }
 }
 
 
@@ -263,20 +180,7 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
   using namespace pk;
   const bool half = half_on(), uninit = scratch_uninit_on();
   const int64_t group = Hq / Hkv, nblk = cdiv(T, kBlock);
-  // The scores kept by the forward on these very inputs (same pointers, shapes, scale), if any.
   const bool direct = fp::direct_on();
-  const float* kept_S = nullptr;
-  const int64_t head_sz = kept_head_size(T);
-  {
-    KeptScores& ks = kept();
-    std::lock_guard<std::mutex> lk(ks.mu);
-    if (ks.state == KeptScores::Full && direct && keep_on() && ks.q == q && ks.k == k &&
-        ks.lse == lse && ks.km == key_mask && ks.B == B && ks.T == T && ks.Hq == Hq && ks.Hkv == Hkv && ks.hd == hd &&
-        ks.ldq == ldq && ks.ldk == ldk && ks.scale == scale) {
-      kept_S = ks.buf.p;
-      ks.state = KeptScores::Reading;
-    }
-  }
   const int64_t hp = cdiv(hd, 2), tp = cdiv(T, 2), bp = cdiv(kBlock, 2);
   // AMX tiles (cpu/attention_amx.hpp) for all four products: dP, dq from the same in-place rows; dk,
   // dv transposed (dkᵀ += qᵀ·dS, dvᵀ += doutᵀ·P: the pair rows D2 / P2 are B tiles as they are) into
@@ -323,7 +227,7 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
       const int32_t* km = key_mask + b * T;
       pack_dim_cols(Kb, ldk, T, hd, Kc);
       pack_rows_as_cols(Vb, ldv, T, hd, Vr);
-      if (kpan && !kept_S) fp::pack_rows(gp, Kb, ldk, T, hd, Kr);
+      if (kpan) fp::pack_rows(gp, Kb, ldk, T, hd, Kr);
       if (amx) {
         std::fill(dKt, dKt + hdp * Tp, 0.0f);
         std::fill(dVt, dVt + hdp * Tp, 0.0f);
@@ -346,13 +250,7 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
             pack_dim_cols(Qr, ldq, mq, hd, Qc);
             pack_dim_cols(dOr, lddo, mq, hd, Oc);
           }
-          // S: kept by the forward, else computed into P (scores in fp32)
-          const float* S = kept_S ? kept_S + (b * Hq + h) * head_sz + kept_block_off(blk) : P;
-          if (kept_S) {  // fetch the block's kept scores into L2 while the dP tiles run
-            for (int64_t i = 0; i < mq; ++i)
-              for (int64_t j = 0; j < t0 + i + 1; j += 16)
-                _mm_prefetch(reinterpret_cast<const char*>(S + i * nk + j), _MM_HINT_T1);
-          } else if (kpan && fp::block_usable(mq))
+          if (kpan && fp::block_usable(mq))  // S = P: the scores in fp32
             fp::scores(gp, mq, nk, t0, hd, Qr, ldq, Kr, scale, P, nk, Af, dfn);
           else
             gemm_nt(level, mq, nk, hd, scale, Qr, ldq, Kb, ldk, 0.0f, P, nk);
@@ -384,7 +282,7 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
           if (direct) {
             // P, dS and their three bf16 forms in one pass (the rounding of the separate passes)
             const int64_t np = cdiv(nk, 2);
-            attn_train_k::probs_dscores_bf16_avx512bf16(mq, nk, t0, S, dP, nk, lse + (b * Hq + h) * T + t0,
+            attn_train_k::probs_dscores_bf16_avx512bf16(mq, nk, t0, P, dP, nk, lse + (b * Hq + h) * T + t0,
                                                         dlt, scale, km_all ? nullptr : km,
                                                         reinterpret_cast<uint16_t*>(Db), 2 * np, D2,
                                                         P2, amx ? nk32 : nk);
@@ -448,36 +346,6 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
       }
     }
   });
-  if (kept_S) {  // used once: the slot is idle again (its memory stays for the next layer's forward)
-    KeptScores& ks = kept();
-    std::lock_guard<std::mutex> lk(ks.mu);
-    ks.state = KeptScores::Idle;
-  }
-}
-
-void keep_scores_arm(bool on) {
-  KeptScores& ks = kept();
-  std::lock_guard<std::mutex> lk(ks.mu);
-  ks.armed = on;
-  if (!on && (ks.state == KeptScores::Idle || ks.state == KeptScores::Full)) ks.release();
 }
 }  // namespace qlora::cpu::ops::attn
 #endif
-
-namespace qlora::cpu::ops {
-void attention_train_keep_scores(bool on) {
-#ifdef QLORA_X86
-  attn::keep_scores_arm(on);
-#else
-  (void)on;
-#endif
-}
-int64_t attention_train_kept_scores_bytes(int64_t B, int64_t T, int64_t Hq) {
-#ifdef QLORA_X86
-  return attn::keep_scores_bytes(B, T, Hq);
-#else
-  (void)B, (void)T, (void)Hq;
-  return 0;
-#endif
-}
-}  // namespace qlora::cpu::ops

@@ -101,8 +101,5 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
 // (delta == nullptr; delta_rows_avx512 per query block and head, the same bits), so the caller skips
 // its pass over dout and out.
 bool bf16_delta_in_task();
-// ops::attention_train_keep_scores / attention_train_kept_scores_bytes (ops_backward.hpp).
-void keep_scores_arm(bool on);
-int64_t keep_scores_bytes(int64_t B, int64_t T, int64_t Hq);
 #endif
 }  // namespace qlora::cpu::ops::attn

@@ -32,15 +32,6 @@ void attention_train_backward(SimdLevel level, int64_t B, int64_t T, int64_t Hq,
                               const int32_t* key_mask, float scale, const float* out, int64_t ldo,
                               const float* lse, const float* dout, int64_t lddo, float* dq, int64_t lddq,
                               float* dk, int64_t lddk, float* dv, int64_t lddv, bool bf16 = false);
-// bf16 packed path only (ops_attention_train_bf16.cpp), with QLORA_ATTN_BF16_KEEP=1 (opt-in): on arms
-// keeping the fp32 scores of the next
-// attention_train (bf16) for the next attention_train_backward (bf16) on the same q, k, key_mask, lse
-// pointers, shapes and scale, which then skips computing them again (same bits). The caller promises
-// that q, k and key_mask are not modified in between. off drops them and returns the memory
-// (attention_train_kept_scores_bytes: how much the slot holds for these shapes; 0 = not kept, over
-// the QLORA_ATTN_BF16_KEEP_MB cap).
-void attention_train_keep_scores(bool on);
-int64_t attention_train_kept_scores_bytes(int64_t B, int64_t T, int64_t Hq);
 
 // ops_loss.cpp
 // SIMD exp at AVX2 / AVX-512 (cpu/rowops_kernels.hpp), std::exp below.

@@ -392,9 +392,7 @@ struct Pass {
   // x_out[M, D] = layer l applied to x_in[M, D]; intermediates into A. recompute (the checkpointed
   // backward): the backward reads only A, so stop after the SwiGLU; the down projection (a quarter
   // of the base FLOPs) would only rewrite x_out, the next layer's input, which is already held.
-  // keep_scores: the backward comes next without a recompute (the last layer's skipped one).
-  void layer_forward(int64_t l, const float* x_in, LayerActs& A, float* x_out, bool recompute = false,
-                     bool keep_scores = false) {
+  void layer_forward(int64_t l, const float* x_in, LayerActs& A, float* x_out, bool recompute = false) {
     const LayerWeights& L = w.layers[l];
     const float eps = w.cfg.rms_norm_eps;
     const int64_t M = d.M, D = d.D, I = d.I, QD = d.QD, KD = d.KD;
@@ -409,9 +407,6 @@ struct Pass {
     be.rope(M, d.Hq, d.hd, A.q.f(), QD, pos, inv_freq);
     be.rope(M, d.Hkv, d.hd, A.k.f(), KD, pos, inv_freq);
     if (bf16) {
-      // the checkpointed backward runs this layer's attention backward next, on these q, k, lse:
-      // its scores are kept for it (backend hint; CPU: ops_attention_train_bf16.cpp)
-      if (recompute || keep_scores) be.attention_train_keep_scores_bf16(true);
       be.attention_train_bf16(d.B, d.T, d.Hq, d.Hkv, d.hd, A.q.f(), QD, A.k.f(), KD, A.v.f(), KD, key_mask, scale(),
                               A.att.f(), QD, A.lse.f());
     } else {
@@ -568,7 +563,7 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
   for (int64_t l = 0; l < nL; ++l) {
     if (keep_all) acts[l] = std::make_unique<LayerActs>(be_, mc, plan.layer);
     if (offload) be_.offload(host.at(l, xbytes), X(l), xbytes);  // queued before X(l) is overwritten
-    P.layer_forward(l, X(l), *acts[keep_all ? l : 0], X(l + 1), false, skip_last && l == nL - 1);
+    P.layer_forward(l, X(l), *acts[keep_all ? l : 0], X(l + 1));
   }
   if (!backward) acts[0].reset();
   ActBuf hF(be_, mc, plan.final_norm);  // [M, D] final-norm output, then its gradient
