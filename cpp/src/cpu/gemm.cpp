@@ -172,11 +172,12 @@ bool row_walk_on() {
   return !(e && std::strcmp(e, "0") == 0);
 }
 
-// A/B switches of the task grid, read per call (the default is unchanged: 4 tasks per thread on
-// big problems, 2 below 5e8 FLOP). Each task packs its own A rows and B columns, so more tasks mean more
-// duplicated packing: QLORA_GEMM_GRID_THREADS=2 with QLORA_NUM_THREADS=1 runs the 2-thread grid's
-// tasks on one thread, so its CPU time against the 1-task run is that duplication, measurable on a
-// loaded machine. QLORA_GEMM_TASKS_PER_THREAD=N (1..8) sets the task count per thread.
+// A/B switches of the task grids, read per call (default: 4 tasks per thread on big problems, 2
+// below 5e8 FLOP). In blocked_tasks() each task packs its own A rows and B columns, so more tasks
+// mean more duplicated packing (shared_a() packs A once): QLORA_GEMM_GRID_THREADS=2 with
+// QLORA_NUM_THREADS=1 runs the 2-thread grid's tasks on one thread, so its CPU time against the
+// 1-task run is that duplication, measurable on a loaded machine. QLORA_GEMM_TASKS_PER_THREAD=N
+// (1..8) sets the task count per thread.
 int env_int(const char* name, int lo, int hi, int dflt) {
   const char* e = std::getenv(name);
   const int v = e ? std::atoi(e) : dflt;
@@ -245,20 +246,26 @@ void run_task(const Kern& kn, int64_t m0, int64_t m1, int64_t n0, int64_t n1, in
   }
 }
 
+// A/B switch of the driver (read per call): QLORA_GEMM_DRIVER=tasks runs the task grid of
+// blocked_tasks() only (the driver before shared_a()), =shared forces shared_a() wherever it applies
+// (also at 1 thread); unset: shared_a() where the grid would split (more than one thread, > 4 MFLOP).
+enum class Driver { Auto, Tasks, Shared };
+Driver driver_choice() {
+  const char* e = std::getenv("QLORA_GEMM_DRIVER");
+  if (e && std::strcmp(e, "tasks") == 0) return Driver::Tasks;
+  if (e && std::strcmp(e, "shared") == 0) return Driver::Shared;
+  return Driver::Auto;
+}
+
 // pack_a(i0, mr, p0, kc, Ap): A panel of rows [i0, i0+mr), depth [p0, p0+kc) -> Ap [kc, MR]
 // pack_b(j0, nr, p0, kc, Bp): B panel of columns [j0, j0+nr), depth [p0, p0+kc) -> Bp [kc, NR]
 // Threads: ONE parallel_for over a grid of n_mt x n_nt independent tasks (the pool wakes its
 // workers once per GEMM, no barrier per depth block). Splitting N repacks A once per column
 // task, splitting M re-decodes B once per row task; the grid minimizes that duplicated work.
 template <class PackA, class PackB>
-void blocked(const Kern& kn, int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, int64_t ldc,
-             const PackA& pack_a, const PackB& pack_b, const DirectA& da = DirectA{}) {
-  if (M <= 0 || N <= 0) return;
-  if (K <= 0) return scale_c(M, N, beta, C, ldc);
+void blocked_tasks(const Kern& kn, int64_t M, int64_t N, int64_t K, int64_t kc, int nth, float alpha, float beta,
+                   float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b, const DirectA& da) {
   const int MR = kn.mr, NR = kn.nr;
-  const int64_t kc = std::min(K, round_up(ceil_div(K, ceil_div(K, kn.kc)), 16));  // balanced depth blocks
-  const int grid = grid_threads();
-  const int nth = grid > 0 ? grid : num_threads();
   const int64_t m_tiles = ceil_div(M, MR), n_pan = ceil_div(N, NR);
   int64_t n_mt = 1, n_nt = 1;
   const double flops = 2.0 * M * N * K;
@@ -287,6 +294,139 @@ void blocked(const Kern& kn, int64_t M, int64_t N, int64_t K, float alpha, float
     run_task(kn, m0, std::min(M, m0 + m_step), n0, std::min(N, n0 + n_step), K, kc, alpha, beta, C, ldc, pack_a,
              pack_b, da);
   });
+}
+
+// ------------------------------------------------------------------ shared-A driver
+// blocked_tasks() packs every A panel once per column task and every B panel once per row task: at
+// 2 threads (8 tasks) a 1024 x 1536 x 576 NF4 GEMM packs A 4 times and decodes W twice, the lm_head
+// dh GEMM (256 x 576 x 49152) packs the 50 MB logit gradient 4 times. shared_a() (the bf16 driver's
+// shared(), cpu/gemm_bf16_drivers.hpp) packs the A panels of a (row super-block, depth block) once,
+// all threads together, into one buffer; then each task packs (decodes) the B panels of its columns
+// into its own buffer, NC at a time as run_task does, and runs them against its rows of that
+// buffer. B is packed once too unless the panels are fewer than the tasks (then rows split as
+// well). Each C element sees the same depth blocks in the same order through the same
+// micro-kernel calls (tiles start at multiples of MR / NR either way): bit-identical to
+// blocked_tasks(). The price: two pool jobs (a barrier each) per depth block instead of one per GEMM.
+// Bytes of A panels per super-block: a quarter of this core's L3 share within [1, 8] MiB (every
+// SmolLM2 training GEMM in one super-block; at most 3 MiB). QLORA_GEMM_SHARED_BYTES overrides it
+// (tests reach the super-block loop with small shapes).
+int64_t shared_budget_bytes() {
+  static const int64_t b = [] {
+    const CacheSizes& c = cache_sizes();
+    const int64_t l3 = c.l3 / (c.l3_sharing > 0 ? c.l3_sharing : 1);
+    return std::min<int64_t>(8 << 20, std::max<int64_t>(1 << 20, l3 / 4));
+  }();
+  if (const char* e = std::getenv("QLORA_GEMM_SHARED_BYTES")) {
+    char* end = nullptr;
+    const long long v = std::strtoll(e, &end, 10);
+    if (end != e && *end == '\0' && v > 0) return v;
+  }
+  return b;
+}
+thread_local Scratch t_sa;  // the calling thread's shared A panels [mb / MR][kc][MR]
+
+// Task grid of one super-block of mcur rows: panel groups, rows split only where the panels are
+// fewer than the target; a panel step whose task count the threads share evenly (6 panels in 4
+// tasks -> 3 of 2 on 2 threads leaves a thread idle at the end), nearest the target.
+struct SharedGrid {
+  int64_t m_step, n_step, n_mt, n_nt;
+};
+SharedGrid shared_grid(int64_t mcur, int64_t N, int64_t K, int MR, int NR, int nth) {
+  const int64_t m_tiles = ceil_div(mcur, MR), n_pan = ceil_div(N, NR);
+  const double flops = 2.0 * mcur * N * K;
+  const int64_t per = tasks_per_thread();
+  const int64_t target = nth <= 1 ? 1 : (flops > 5e8 ? per : std::min<int64_t>(per, 2)) * nth;
+  const int64_t n_nt0 = std::min(n_pan, target);
+  const int64_t n_mt0 = std::min(m_tiles, ceil_div(target, n_nt0));
+  SharedGrid g;
+  g.m_step = ceil_div(m_tiles, n_mt0) * MR;
+  g.n_mt = ceil_div(mcur, g.m_step);
+  int64_t pan_step = ceil_div(n_pan, n_nt0);
+  if (nth > 1 && (g.n_mt * ceil_div(n_pan, pan_step)) % nth != 0) {
+    int64_t best = -1;
+    for (int64_t st = 1; st <= n_pan; ++st) {
+      const int64_t tasks = g.n_mt * ceil_div(n_pan, st);
+      if (tasks % nth != 0 || tasks > 2 * target) continue;
+      if (best < 0 || std::abs(tasks - target) <= std::abs(g.n_mt * ceil_div(n_pan, best) - target))
+        best = st;  // ties: wider
+    }
+    if (best > 0) pan_step = best;
+  }
+  g.n_step = pan_step * NR;
+  g.n_nt = ceil_div(N, g.n_step);
+  return g;
+}
+
+template <class PackA, class PackB>
+void shared_a(const Kern& kn, int64_t M, int64_t N, int64_t K, int64_t kc, int nth, float alpha, float beta,
+              float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b) {
+  const int MR = kn.mr, NR = kn.nr;
+  const int64_t mb_max = std::max<int64_t>(MR, shared_budget_bytes() / (4 * kc) / MR * MR);
+  const int64_t mb = round_up(ceil_div(M, ceil_div(M, mb_max)), MR);  // balanced row super-blocks
+  float* Ap = t_sa.get(static_cast<size_t>(kc * mb));
+  const bool row_walk = K <= kRowWalkMaxK && row_walk_on();
+  constexpr int64_t kGroup = 4;  // A panels per packing task
+  for (int64_t ms = 0; ms < M; ms += mb) {
+    const int64_t mcur = std::min(mb, M - ms), m_tiles = ceil_div(mcur, MR);
+    const SharedGrid g = shared_grid(mcur, N, K, MR, NR, nth);
+    for (int64_t pc = 0; pc < K; pc += kc) {
+      const int64_t kcur = std::min(kc, K - pc);
+      const float beta_k = pc == 0 ? beta : 1.0f;  // later depth blocks accumulate into C
+      parallel_for(ceil_div(m_tiles, kGroup), [&](int64_t t) {
+        for (int64_t i = t * kGroup; i < std::min(m_tiles, (t + 1) * kGroup); ++i)
+          pack_a(ms + i * MR, static_cast<int>(std::min<int64_t>(MR, mcur - i * MR)), pc, kcur, Ap + i * MR * kcur);
+      });
+      parallel_for(g.n_mt * g.n_nt, [&](int64_t t) {
+        const int64_t r0 = (t / g.n_nt) * g.m_step, r1 = std::min(mcur, r0 + g.m_step);
+        const int64_t n0 = (t % g.n_nt) * g.n_step, n1 = std::min(N, n0 + g.n_step);
+        const int64_t rows = r1 - r0;
+        const int64_t mc = round_up(ceil_div(rows, ceil_div(rows, kn.mc)), MR);  // as run_task
+        const int64_t nc = std::min(round_up(n1 - n0, NR), kn.nc);
+        float* Bp = t_b.get(static_cast<size_t>(kcur * nc));  // [nc / NR][kcur][NR]
+        for (int64_t jc = n0; jc < n1; jc += nc) {
+          const int64_t ncur = std::min(nc, n1 - jc), n_pan = ceil_div(ncur, NR);
+          for (int64_t p = 0; p < n_pan; ++p)
+            pack_b(jc + p * NR, static_cast<int>(std::min<int64_t>(NR, ncur - p * NR)), pc, kcur, Bp + p * NR * kcur);
+          for (int64_t ic = r0; ic < r1; ic += mc) {
+            const int64_t icur = std::min(mc, r1 - ic);
+            const float* ap = Ap + ic * kcur;  // panel ic / MR of the super-block
+            float* c = C + (ms + ic) * ldc + jc;
+            if (kcur <= kRowWalkMaxK && row_walk) {  // run_task's row walk (shallow depth)
+              for (int64_t ir = 0; ir < icur; ir += MR)
+                for (int64_t p = 0; p < n_pan; ++p)
+                  kn.ukernel(kcur, ap + ir * kcur, Bp + p * NR * kcur, c + ir * ldc + p * NR, ldc, alpha, beta_k,
+                             static_cast<int>(std::min<int64_t>(MR, icur - ir)),
+                             static_cast<int>(std::min<int64_t>(NR, ncur - p * NR)));
+              continue;
+            }
+            for (int64_t p = 0; p < n_pan; ++p) {
+              const int nr = static_cast<int>(std::min<int64_t>(NR, ncur - p * NR));
+              for (int64_t ir = 0; ir < icur; ir += MR)
+                kn.ukernel(kcur, ap + ir * kcur, Bp + p * NR * kcur, c + ir * ldc + p * NR, ldc, alpha, beta_k,
+                           static_cast<int>(std::min<int64_t>(MR, icur - ir)), nr);
+            }
+          }
+        }
+      });
+    }
+  }
+}
+
+// The driver: shared_a() where the grid would split (see driver_choice), else blocked_tasks().
+// Skinny N <= NR with a direct kernel (A read in place, nothing of A packed) stays on the grid.
+template <class PackA, class PackB>
+void blocked(const Kern& kn, int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, int64_t ldc,
+             const PackA& pack_a, const PackB& pack_b, const DirectA& da = DirectA{}) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) return scale_c(M, N, beta, C, ldc);
+  const int64_t kc = std::min(K, round_up(ceil_div(K, ceil_div(K, kn.kc)), 16));  // balanced depth blocks
+  const int grid = grid_threads();
+  const int nth = grid > 0 ? grid : num_threads();
+  const Driver d = driver_choice();
+  const bool direct = da.a && kn.ukernel_direct && N <= kn.nr;
+  if (!direct && (d == Driver::Shared || (d == Driver::Auto && nth > 1 && 2.0 * M * N * K > 4e6)))
+    return shared_a(kn, M, N, K, kc, nth, alpha, beta, C, ldc, pack_a, pack_b);
+  blocked_tasks(kn, M, N, K, kc, nth, alpha, beta, C, ldc, pack_a, pack_b, da);
 }
 
 }  // namespace
