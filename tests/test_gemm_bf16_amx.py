@@ -42,7 +42,7 @@ def test_kernel_query_follows_switch(env):
     assert ops.bf16_gemm_kernel() in (("amx-bf16", "avx512-bf16") if cpu_has_amx() else ("avx512-bf16",))
 
 
-# (M, N, K): ragged rows (one or two 14-row panels per call), ragged columns, K odd, K % 32 != 0, and
+# (M, N, K): ragged rows (one or two 16-row AMX panels per call), ragged columns, K odd, K % 32 != 0, and
 # K over KC (several depth blocks, the last with a ragged 16-pair chunk).
 SHAPES = [(1, 1, 1), (13, 17, 33), (29, 40, 95), (44, 65, 31), (15, 33, 2500)]
 

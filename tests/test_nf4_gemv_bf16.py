@@ -30,6 +30,35 @@ def rng():
     return np.random.default_rng(1515)
 
 
+# Every test runs both kernels of the contract: the vdpbf16ps one (default) and the fp32-FMA variant
+# (QLORA_BF16_GEMV_FP32=1: X and each block's scaled table rounded to bf16, exact products summed by
+# the fp32 kernels; nf4_gemv.hpp nf4_gemv_nt_many_bf16_fp32).
+@pytest.fixture(autouse=True, params=["dpbf16", "fp32fma"])
+def variant(request):
+    old = os.environ.get("QLORA_BF16_GEMV_FP32")
+    os.environ["QLORA_BF16_GEMV_FP32"] = "1" if request.param == "fp32fma" else "0"
+    yield request.param
+    if old is None:
+        os.environ.pop("QLORA_BF16_GEMV_FP32", None)
+    else:
+        os.environ["QLORA_BF16_GEMV_FP32"] = old
+
+
+def test_the_variants_differ_and_unset_is_dpbf16(rng):
+    """The switch selects another kernel (another summation order: some of 64 rows at K = 4096 differ
+    in the last bits); unset runs the vdpbf16ps kernel (the default on every CPU)."""
+    w = random_nf4(rng, 64, 4096, 64, True)
+    x = rng.standard_normal((1, 4096)).astype(np.float32)
+    os.environ["QLORA_BF16_GEMV_FP32"] = "0"
+    a = run(x, w)
+    os.environ["QLORA_BF16_GEMV_FP32"] = "1"
+    b = run(x, w)
+    del os.environ["QLORA_BF16_GEMV_FP32"]
+    assert not np.array_equal(a, b)
+    np.testing.assert_array_equal(run(x, w), a)
+    check(b, x, decode(w).T, 4096)
+
+
 def run(x, w, **kw):
     return ops.nf4_gemm_nt(x, w, backend="cpu", compute_dtype="bfloat16", **kw)
 

@@ -33,6 +33,9 @@ struct AmxTiles {
   template <int T>
   static void load(const void* p, int64_t stride) {
     static_assert(T >= 0 && T < 8, "tiles 0..7");
+    // GCC's tileloadd asm declares no memory read either: without the barrier it may sink the stores
+    // of tiles staged just before (the kernel's zero-padded ragged chunk on the stack) past the load.
+    __asm__ __volatile__("" : : "r"(p) : "memory");
     if constexpr (T == 0) _tile_loadd(0, p, stride);
     else if constexpr (T == 1) _tile_loadd(1, p, stride);
     else if constexpr (T == 2) _tile_loadd(2, p, stride);

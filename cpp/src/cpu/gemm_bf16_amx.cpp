@@ -15,15 +15,11 @@
 
 namespace qlora::cpu::bf16_amx {
 
-void ukernel_amx(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha, float beta,
-                 int mr, int nr) {
-  amx::ukernel<amx::AmxTiles>(kp, Ap, Bp, C, ldc, alpha, beta, mr, nr);
-}
 void ukernel16_amx(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha,
                     float beta, int mr, int nr) {
-  amx::ukernel<amx::AmxTiles, 16>(kp, Ap, Bp, C, ldc, alpha, beta, mr, nr);
+  amx::ukernel<amx::AmxTiles>(kp, Ap, Bp, C, ldc, alpha, beta, mr, nr);
 }
-bool scope_begin_amx() { return amx::scope_begin<amx::AmxTiles, 16>(); }
+bool scope_begin_amx() { return amx::scope_begin<amx::AmxTiles>(); }
 void scope_end_amx() { amx::scope_end<amx::AmxTiles>(); }
 
 }  // namespace qlora::cpu::bf16_amx

@@ -20,37 +20,28 @@ bool amx_usable();
 Kernel kernel_choice();
 const char* kernel_name(Kernel k);  // "avx512-bf16", "amx-bf16", "amx-bf16-emulated"
 
-// Rows of the driver's own AMX A panels (ukernel16): whole 16-row tiles (the 14-row panels of the
-// AVX512-BF16 kernel use 14 / 16 of each tdpbf16ps).
+// Rows of the driver's AMX A panels (ukernel16): whole 16-row tiles.
 constexpr int kMR16 = 16;
 
-// In place: one A panel [kp][kMR] (pairs of k outer, as the bf16_k packers write it) to the AMX layout:
-// per chunk c of 16 pairs, w = min(16, kp - 16c) pairs: dst[16c * kMR + i * w + q] = src[(16c + q) * kMR + i].
-// Same size (kp * kMR words).
-void relayout_a(uint32_t* panel, int64_t kp);
-// The same for a panel of `rows` rows ([kp][rows] -> per chunk [rows][w]); rows <= 16.
+// In place: one A panel [kp][rows] (pairs of k outer, as the bf16_k packers write it; rows <= 16) to
+// the AMX layout: per chunk c of 16 pairs, w = min(16, kp - 16c) pairs:
+// dst[16c * rows + i * w + q] = src[(16c + q) * rows + i]. Same size (kp * rows words).
 void relayout_a(uint32_t* panel, int64_t kp, int rows);
 // One AMX A panel of `rows` (<= 16) rows straight from n <= rows rows of a row-major fp32 [*, kc]
 // source (k along a row): the values of pack_rows_avx512bf16(W = rows) + relayout_a, without either
 // (gemm_bf16_amx_pack_avx512bf16.cpp; needs AVX512-BF16).
 void pack_a_rows_amx(const float* src, int64_t ld, int n, int64_t kc, int rows, uint32_t* P);
 
-// C[mr, nr] = alpha * A·B + beta * C (gemm_bf16_amx_body.hpp): mr <= 2 * kMR rows from one or two
-// consecutive re-laid A panels (panel 1 at Ap + kp * kMR), one B panel; k == Kernel::Amx only if
+// C[mr, nr] = alpha * A·B + beta * C (gemm_bf16_amx_body.hpp): mr <= 32 rows from one or two
+// consecutive re-laid 16-row A panels (panel 1 at Ap + kp * 16), one B panel; k == Kernel::Amx only if
 // amx_usable(), k == Kernel::AmxEmulated anywhere.
-void ukernel(Kernel k, int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha,
-             float beta, int mr, int nr);
-
-// ukernel() on 16-row panels (kMR16): mr <= 32 rows from one or two consecutive re-laid 16-row A panels
-// (panel 1 at Ap + kp * 16).
 void ukernel16(Kernel k, int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha,
                float beta, int mr, int nr);
 
 // Holds this thread's tiles configured for ukernel16() from construction to destruction (one ldtilecfg /
-// tilerelease per driver task, not per call). ukernel16() outside one, and ukernel() anywhere (other
-// rows), configure the tiles themselves, then release them (or restore the open scope's configuration).
-// No-op for Kernel::Avx512Bf16 or inside an open scope. Nothing else may use the tiles on this thread
-// while it is open.
+// tilerelease per driver task, not per call). ukernel16() outside one configures the tiles itself,
+// then releases them. No-op for Kernel::Avx512Bf16 or inside an open scope. Nothing else may use the
+// tiles on this thread while it is open.
 class TileScope {
  public:
   explicit TileScope(Kernel k);
@@ -63,11 +54,7 @@ class TileScope {
   bool open_ = false;
 };
 
-// The two compilations (called through ukernel()).
-void ukernel_amx(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha, float beta,
-                 int mr, int nr);
-void ukernel_amx_emulated(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha,
-                          float beta, int mr, int nr);
+// The two compilations (called through ukernel16()).
 void ukernel16_amx(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha,
                    float beta, int mr, int nr);
 void ukernel16_amx_emulated(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha,

@@ -7,15 +7,11 @@
 
 namespace qlora::cpu::bf16_amx {
 
-void ukernel_amx_emulated(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha,
-                          float beta, int mr, int nr) {
-  amx::ukernel<amx::EmulatedTiles>(kp, Ap, Bp, C, ldc, alpha, beta, mr, nr);
-}
 void ukernel16_amx_emulated(int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha,
                     float beta, int mr, int nr) {
-  amx::ukernel<amx::EmulatedTiles, 16>(kp, Ap, Bp, C, ldc, alpha, beta, mr, nr);
+  amx::ukernel<amx::EmulatedTiles>(kp, Ap, Bp, C, ldc, alpha, beta, mr, nr);
 }
-bool scope_begin_amx_emulated() { return amx::scope_begin<amx::EmulatedTiles, 16>(); }
+bool scope_begin_amx_emulated() { return amx::scope_begin<amx::EmulatedTiles>(); }
 void scope_end_amx_emulated() { amx::scope_end<amx::EmulatedTiles>(); }
 
 }  // namespace qlora::cpu::bf16_amx

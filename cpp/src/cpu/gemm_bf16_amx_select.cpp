@@ -6,7 +6,6 @@
 
 #include "cpu/features.hpp"
 #include "cpu/gemm_bf16_amx.hpp"
-#include "cpu/gemm_bf16_kernels.hpp"
 
 namespace qlora::cpu::bf16_amx {
 
@@ -50,23 +49,14 @@ void relayout_a(uint32_t* panel, int64_t kp, int rows) {
       for (int64_t q = 0; q < w; ++q) d[i * w + q] = s[q * rows + i];
   }
 }
-void relayout_a(uint32_t* panel, int64_t kp) { relayout_a(panel, kp, bf16_k::kMR); }
 
-void ukernel(Kernel k, int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha,
-             float beta, int mr, int nr) {
-#ifdef QLORA_AMX_KERNEL
-  if (k == Kernel::Amx) return ukernel_amx(kp, Ap, Bp, C, ldc, alpha, beta, mr, nr);
-#endif
-  if (k == Kernel::AmxEmulated) return ukernel_amx_emulated(kp, Ap, Bp, C, ldc, alpha, beta, mr, nr);
-  std::abort();  // Kernel::Amx without the kernel compiled in: kernel_choice() never returns it
-}
 void ukernel16(Kernel k, int64_t kp, const uint32_t* Ap, const uint32_t* Bp, float* C, int64_t ldc, float alpha,
                float beta, int mr, int nr) {
 #ifdef QLORA_AMX_KERNEL
   if (k == Kernel::Amx) return ukernel16_amx(kp, Ap, Bp, C, ldc, alpha, beta, mr, nr);
 #endif
   if (k == Kernel::AmxEmulated) return ukernel16_amx_emulated(kp, Ap, Bp, C, ldc, alpha, beta, mr, nr);
-  std::abort();
+  std::abort();  // Kernel::Amx without the kernel compiled in: kernel_choice() never returns it
 }
 
 TileScope::TileScope(Kernel k) : k_(k) {

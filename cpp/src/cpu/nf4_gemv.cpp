@@ -13,6 +13,7 @@
 
 #include "common/error.hpp"
 #include "cpu/cache_info.hpp"
+#include "cpu/gemm_bf16.hpp"
 #include "cpu/gemm_scalar.hpp"
 #include "cpu/gemv_tasks.hpp"
 #include "cpu/nf4_gemv_kernels.hpp"
@@ -44,6 +45,11 @@ void rows_narrow(const Args& a, int64_t r0, int64_t r1) {
 // ("0,0": none), also for AVX2's M = 1. Read per call: a few hundred calls per decode step, negligible.
 bool m1_kernel_enabled() {
   const char* e = std::getenv("QLORA_NF4_GEMV_M1");
+  return !(e && std::strcmp(e, "0") == 0);
+}
+// QLORA_NF4_GEMV_M1_PAIRS=0: the M = 1 kernel one weight row at a time (A/B runs; same bits).
+bool m1_pairs_enabled() {
+  const char* e = std::getenv("QLORA_NF4_GEMV_M1_PAIRS");
   return !(e && std::strcmp(e, "0") == 0);
 }
 bool m1_prefetch_override(int64_t& l1, int64_t& l2) {
@@ -124,7 +130,8 @@ GemvScratch& gemv_scratch() {
 // Y_i[M, W_i.rows] = alpha * X[M, K] · deq(W_i)ᵀ + beta * Y_i for n weights sharing X (K = W_i.cols):
 // X is regrouped once and all weights' rows go to the thread pool as one job.
 void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
-               float beta, float* const* Y, const int64_t* ldy, const GemvTail* tail = nullptr) {
+               float beta, float* const* Y, const int64_t* ldy, const GemvTail* tail = nullptr,
+               bool bf16_ops = false) {
   const int64_t K = W[0]->cols;
   // Pick the kernel; SIMD kernels need K to be a whole number of groups (else the generic path).
   RowsFn rows = rows_narrow<nf4_gemv_detail::rows_generic>;
@@ -140,7 +147,7 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
 #endif
 #if defined(QLORA_X86)
   const bool m1 = G == nf4_gemv_detail::kGroupAvx512 && M == 1 && m1_kernel_enabled();
-  if (m1) rows = nf4_gemv_detail::rows_avx512_m1;
+  if (m1) rows = m1_pairs_enabled() ? nf4_gemv_detail::rows_avx512_m1_pairs : nf4_gemv_detail::rows_avx512_m1;
 #else
   const bool m1 = false;
 #endif
@@ -161,6 +168,7 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
     m1_prefetch_override(base.pf_l1, base.pf_l2);
   }
   base.codes = kNf4Codes;
+  base.round_bf16 = bf16_ops ? 1 : 0;
   base.alpha = alpha;
   base.beta = beta;
   GemvScratch fresh;  // QLORA_GEMV_SCRATCH=0
@@ -182,6 +190,8 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
 #else
     regroup_x(M, K, X, ldx, G, xg.data());
 #endif
+    if (bf16_ops)  // the regroup only permutes: rounding after it is rounding X
+      for (int64_t i = 0; i < M * K; ++i) xg[static_cast<size_t>(i)] = bf16_round(xg[static_cast<size_t>(i)]);
   } else {
     base.x = X;
     base.ldx = ldx;
@@ -253,6 +263,13 @@ void nf4_gemv_nt_many_tail(SimdLevel level, int64_t M, const float* X, int64_t l
               "nf4_gemv_nt_many_tail: leading dimensions too small");
   }
   gemv_many(level, M, 1.0f, X, ldx, n, W, 0.0f, Y, ldy, &tail);
+}
+
+void nf4_gemv_nt_many_bf16_fp32(int64_t M, float alpha, const float* X, int64_t ldx, int64_t n,
+                                 const Nf4Ref* const* W, float beta, float* const* Y, const int64_t* ldy,
+                                 const GemvTail* tail) {
+  check_arg(M >= 1 && M <= kNf4GemvMaxM && W[0]->cols % 32 == 0, "nf4_gemv_nt_many_bf16_fp32: M or K out of range");
+  gemv_many(SimdLevel::AVX512, M, alpha, X, ldx, n, W, beta, Y, ldy, tail, true);
 }
 
 }  // namespace qlora::cpu

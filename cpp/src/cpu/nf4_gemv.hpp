@@ -42,4 +42,13 @@ struct GemvTail {
 void nf4_gemv_nt_many_tail(SimdLevel level, int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
                            float* const* Y, const int64_t* ldy, const GemvTail& tail);
 
+// The bf16-compute GEMV contract (cpu/nf4_gemv_bf16.hpp: Y = alpha * r(X) · r(deq(W))ᵀ + beta * Y,
+// r = bf16 RNE, fp32 sums) on the AVX-512 fp32 kernels: X rounded once per call, each block's
+// scaled code table rounded to bf16, so every product is exact in fp32 and fp32 FMAs sum them.
+// nf4_gemv_bf16 runs it under QLORA_BF16_GEMV_FP32=1 (off by default, see there). Requires the
+// AVX-512 level, 1 <= M <= kNf4GemvMaxM, K % 32 == 0 (the caller checked the rest); tail may be null.
+void nf4_gemv_nt_many_bf16_fp32(int64_t M, float alpha, const float* X, int64_t ldx, int64_t n,
+                                 const Nf4Ref* const* W, float beta, float* const* Y, const int64_t* ldy,
+                                 const GemvTail* tail);
+
 }  // namespace qlora::cpu

@@ -57,6 +57,22 @@ inline Args no_pf(const Args& a) {
   return b;
 }
 
+// The 16 codes scaled by a block's absmax; with R (the bf16-compute contract on these kernels,
+// Args::round_bf16) each rounded to bf16 as vcvtne2ps2bf16 does for finite values (RNE, zero or
+// denormal to signed zero), kept as fp32: a product with a bf16-rounded X is then exact in fp32.
+template <bool R>
+QLORA_AI __m512 scaled(__m512 codes, float absmax) {
+  const __m512 t = _mm512_mul_ps(codes, _mm512_set1_ps(absmax));
+  if (!R) return t;
+  const __m512i u = _mm512_castps_si512(t);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))),
+                               _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  const __mmask16 tiny = _mm512_testn_epi32_mask(u, _mm512_set1_epi32(0x7F800000));
+  r = _mm512_mask_and_epi32(r, tiny, u, _mm512_set1_epi32(static_cast<int>(0x80000000u)));
+  return _mm512_castsi512_ps(r);
+}
+
 // Dword q = 4*lane + t of a 16-byte broadcast, shifted by 8*lane (+4 for the high nibble).
 struct Shifts {
   __m512i lo, hi;
@@ -105,7 +121,7 @@ QLORA_AI void segment(__m512 (&acc)[4][M], const uint8_t* p, const float* x, int
   if (k < end) group32<M>(acc, 0, p + k / 2, x + k, ldx, t, sh);
 }
 
-template <int M>
+template <int M, bool R>
 void rows_m(const Args& a, int64_t r0, int64_t r1) {
   const int64_t K = a.K, ldx = a.ldx;
   const int s = a.bs_shift;
@@ -127,11 +143,11 @@ void rows_m(const Args& a, int64_t r0, int64_t r1) {
     const int64_t head = (j0 & (bs - 1)) ? bs - (j0 & (bs - 1)) : 0;
     if (head) {
       k = head < K ? head : K;
-      segment<M>(acc, p, x, ldx, 0, k, _mm512_mul_ps(codes, _mm512_set1_ps(*am++)), sh);
+      segment<M>(acc, p, x, ldx, 0, k, scaled<R>(codes, *am++), sh);
     }
     if (bs >= 64) {
       for (; k + bs <= K; k += bs) {
-        const __m512 t = _mm512_mul_ps(codes, _mm512_set1_ps(*am++));  // [16] codes * absmax
+        const __m512 t = scaled<R>(codes, *am++);  // [16] codes * absmax
         for (int64_t i = 0; i < bs; i += 64) {
           group32<M>(acc, 0, p + (k + i) / 2, x + k + i, ldx, t, sh);
           group32<M>(acc, 2, p + (k + i) / 2 + 16, x + k + i + 32, ldx, t, sh);
@@ -139,15 +155,15 @@ void rows_m(const Args& a, int64_t r0, int64_t r1) {
       }
     } else {
       for (; k + 64 <= K; k += 64, am += 2) {  // blocksize 32: two blocks a step
-        group32<M>(acc, 0, p + k / 2, x + k, ldx, _mm512_mul_ps(codes, _mm512_set1_ps(am[0])), sh);
-        group32<M>(acc, 2, p + k / 2 + 16, x + k + 32, ldx, _mm512_mul_ps(codes, _mm512_set1_ps(am[1])), sh);
+        group32<M>(acc, 0, p + k / 2, x + k, ldx, scaled<R>(codes, am[0]), sh);
+        group32<M>(acc, 2, p + k / 2 + 16, x + k + 32, ldx, scaled<R>(codes, am[1]), sh);
       }
       if (k + 32 <= K) {
-        group32<M>(acc, 0, p + k / 2, x + k, ldx, _mm512_mul_ps(codes, _mm512_set1_ps(*am++)), sh);
+        group32<M>(acc, 0, p + k / 2, x + k, ldx, scaled<R>(codes, *am++), sh);
         k += 32;
       }
     }
-    if (k < K) segment<M>(acc, p, x, ldx, k, K, _mm512_mul_ps(codes, _mm512_set1_ps(*am)), sh);
+    if (k < K) segment<M>(acc, p, x, ldx, k, K, scaled<R>(codes, *am), sh);
     for (int m = 0; m < M; ++m) {
       const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]), _mm512_add_ps(acc[2][m], acc[3][m]));
       const float dot = _mm512_reduce_add_ps(sum);
@@ -159,7 +175,7 @@ void rows_m(const Args& a, int64_t r0, int64_t r1) {
 
 // Two rows of W at a time, sharing every X load (M >= 2 is bound by X loads, not by W):
 // requires K % blocksize == 0, so both rows start on a block edge and have K / blocksize blocks.
-template <int M>
+template <int M, bool R>
 void row_pairs_m(const Args& a, int64_t r0, int64_t r1) {
   const int64_t K = a.K, ldx = a.ldx;
   const int s = a.bs_shift;
@@ -178,8 +194,8 @@ void row_pairs_m(const Args& a, int64_t r0, int64_t r1) {
     for (int u = 0; u < 2; ++u)
       for (int m = 0; m < M; ++m) acc0[u][m] = acc1[u][m] = _mm512_setzero_ps();
     for (int64_t blk = 0; blk < nb; ++blk) {
-      const __m512 t0 = _mm512_mul_ps(codes, _mm512_set1_ps(am0[blk]));
-      const __m512 t1 = _mm512_mul_ps(codes, _mm512_set1_ps(am1[blk]));
+      const __m512 t0 = scaled<R>(codes, am0[blk]);
+      const __m512 t1 = scaled<R>(codes, am1[blk]);
       prefetch_ahead(p0 + blk * bs / 2, K, a.pf_l1, a.pf_l2);
       for (int64_t k = blk * bs, end = k + bs; k < end; k += 32) {
         const PairW w = decode_pair(p0, p1, k, t0, t1, sh);
@@ -218,7 +234,7 @@ inline Args rows_of(const Args& a, int64_t m0, int64_t M) {
 // When M rows of X exceed 3/4 of L1d (K = 1536 at M = 8: 48 KiB > 24 KiB), the columns go in
 // chunks that stay in L1, each chunk over all the row pairs, summed into Y: X loads from L2
 // (one per FMA pair) had saturated L2 bandwidth. The chunking depends on K and M only.
-template <int M>
+template <int M, bool R>
 void row_pairs_wide(const Args& a, int64_t r0, int64_t r1) {
   static_assert(M > 4 && M <= 8, "row_pairs_wide is for 5..8 rows of X");
   const int64_t K = a.K, ldx = a.ldx;
@@ -243,8 +259,8 @@ void row_pairs_wide(const Args& a, int64_t r0, int64_t r1) {
       __m512 acc[16];  // [8 * (row n+1) + m]; lanes m >= M stay zero
       for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
       for (int64_t blk = c0; blk < c1; ++blk) {
-        const __m512 t0 = _mm512_mul_ps(codes, _mm512_set1_ps(am0[blk]));
-        const __m512 t1 = _mm512_mul_ps(codes, _mm512_set1_ps(am1[blk]));
+        const __m512 t0 = scaled<R>(codes, am0[blk]);
+        const __m512 t1 = scaled<R>(codes, am1[blk]);
         prefetch_ahead(p0 + blk * bs / 2, K, a.pf_l1, a.pf_l2);
         for (int64_t k = blk * bs, end = k + bs; k < end; k += 32) {
           const PairW w = decode_pair(p0, p1, k, t0, t1, sh);
@@ -273,29 +289,29 @@ void row_pairs_wide(const Args& a, int64_t r0, int64_t r1) {
 }
 
 // M >= 2 with whole blocks per row: row pairs, and the single-row kernel for an odd last row.
-template <int M>
+template <int M, bool R>
 void rows_dispatch(const Args& a, int64_t r0, int64_t r1) {
   if (M >= 2 && (a.K & ((int64_t{1} << a.bs_shift) - 1)) == 0) {
     const int64_t pairs_end = r0 + ((r1 - r0) & ~int64_t{1});
-    row_pairs_m<M>(a, r0, pairs_end);
-    if (pairs_end < r1) rows_m<M>(pairs_end > r0 ? no_pf(a) : a, pairs_end, r1);
+    row_pairs_m<M, R>(a, r0, pairs_end);
+    if (pairs_end < r1) rows_m<M, R>(pairs_end > r0 ? no_pf(a) : a, pairs_end, r1);
   } else {
-    rows_m<M>(a, r0, r1);
+    rows_m<M, R>(a, r0, r1);
   }
 }
 
 // 5 <= M <= 8: the wide row-pair kernel; an odd last row (or blocks straddling rows) runs the
 // 4-row kernels on rows [0, 4) and [4, M) of X.
-template <int M>
+template <int M, bool R>
 void rows_dispatch_wide(const Args& a, int64_t r0, int64_t r1) {
   int64_t pairs_end = r0;
   if ((a.K & ((int64_t{1} << a.bs_shift) - 1)) == 0) {
     pairs_end = r0 + ((r1 - r0) & ~int64_t{1});
-    row_pairs_wide<M>(a, r0, pairs_end);
+    row_pairs_wide<M, R>(a, r0, pairs_end);
   }
   if (pairs_end < r1) {  // the prefetch goes with the first of the calls that cover these rows
-    rows_dispatch<4>(rows_of(pairs_end > r0 ? no_pf(a) : a, 0, 4), pairs_end, r1);
-    rows_dispatch<M - 4>(rows_of(no_pf(a), 4, M - 4), pairs_end, r1);
+    rows_dispatch<4, R>(rows_of(pairs_end > r0 ? no_pf(a) : a, 0, 4), pairs_end, r1);
+    rows_dispatch<M - 4, R>(rows_of(no_pf(a), 4, M - 4), pairs_end, r1);
   }
 }
 
@@ -327,6 +343,7 @@ QLORA_AI void segment_m1(__m512 (&acc)[4], const uint8_t* p, const float* x, int
   if (k < end) group32_m1(acc, 0, p + k / 2, x + k, t);
 }
 
+template <bool R>
 void rows_1(const Args& a, int64_t r0, int64_t r1) {
   const int64_t K = a.K;
   const int s = a.bs_shift;
@@ -346,11 +363,11 @@ void rows_1(const Args& a, int64_t r0, int64_t r1) {
     const int64_t head = (j0 & (bs - 1)) ? bs - (j0 & (bs - 1)) : 0;
     if (head) {
       k = head < K ? head : K;
-      segment_m1(acc, p, x, 0, k, _mm512_mul_ps(codes, _mm512_set1_ps(*am++)));
+      segment_m1(acc, p, x, 0, k, scaled<R>(codes, *am++));
     }
     if (bs >= 64) {
       for (; k + bs <= K; k += bs) {
-        const __m512 t = _mm512_mul_ps(codes, _mm512_set1_ps(*am++));  // [16] codes * absmax
+        const __m512 t = scaled<R>(codes, *am++);  // [16] codes * absmax
         for (int64_t i = 0; i < bs; i += 64) {
           if (((k + i) & 127) == 0) pf_line(p + (k + i) / 2, pf1, pf2);
           group32_m1(acc, 0, p + (k + i) / 2, x + k + i, t);
@@ -360,20 +377,83 @@ void rows_1(const Args& a, int64_t r0, int64_t r1) {
     } else {
       for (; k + 64 <= K; k += 64, am += 2) {  // blocksize 32: two blocks a step
         if ((k & 127) == 0) pf_line(p + k / 2, pf1, pf2);
-        group32_m1(acc, 0, p + k / 2, x + k, _mm512_mul_ps(codes, _mm512_set1_ps(am[0])));
-        group32_m1(acc, 2, p + k / 2 + 16, x + k + 32, _mm512_mul_ps(codes, _mm512_set1_ps(am[1])));
+        group32_m1(acc, 0, p + k / 2, x + k, scaled<R>(codes, am[0]));
+        group32_m1(acc, 2, p + k / 2 + 16, x + k + 32, scaled<R>(codes, am[1]));
       }
       if (k + 32 <= K) {
-        group32_m1(acc, 0, p + k / 2, x + k, _mm512_mul_ps(codes, _mm512_set1_ps(*am++)));
+        group32_m1(acc, 0, p + k / 2, x + k, scaled<R>(codes, *am++));
         k += 32;
       }
     }
-    if (k < K) segment_m1(acc, p, x, k, K, _mm512_mul_ps(codes, _mm512_set1_ps(*am)));
+    if (k < K) segment_m1(acc, p, x, k, K, scaled<R>(codes, *am));
     const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
     const float dot = _mm512_reduce_add_ps(sum);
     float* y = a.y + n;
     *y = a.beta == 0.0f ? a.alpha * dot : a.alpha * dot + a.beta * *y;  // beta == 0: Y not read
   }
+}
+
+// M = 1, two rows of W at a time: each X vector is loaded once for both rows (rows_1 reads all of
+// X once per row; at K = 11008 the regrouped X, 43 KiB, does not stay in a 48 KiB L1d beside the
+// weight stream, so rows_1 re-reads it from L2 for every row). Each row keeps rows_1's four
+// accumulators, FMA sequence and reduction, so its bits are rows_1's. Requires blocksize >= 64
+// and K % blocksize == 0 (both rows start on a block edge).
+QLORA_AI void pair32_m1(__m512 (&acc0)[4], __m512 (&acc1)[4], int u, const uint8_t* p0, const uint8_t* p1,
+                        const float* x, __m512 t0, __m512 t1) {
+  __m512 xe = _mm512_loadu_ps(x), xo = _mm512_loadu_ps(x + 16);
+  keep_in_register(xe, xo);
+  const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0)));
+  const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p1)));
+  acc0[u] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b0, 4), t0), xe, acc0[u]);
+  acc0[u + 1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(b0, t0), xo, acc0[u + 1]);
+  acc1[u] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b1, 4), t1), xe, acc1[u]);
+  acc1[u + 1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(b1, t1), xo, acc1[u + 1]);
+}
+
+template <bool R>
+void row_pairs_1(const Args& a, int64_t r0, int64_t r1) {
+  const int64_t K = a.K;
+  const int s = a.bs_shift;
+  const int64_t bs = int64_t{1} << s, nb = K >> s;
+  const float* x = a.x;  // [K] regrouped (regroup_x_avx512_m1)
+  const __m512 codes = _mm512_loadu_ps(a.codes);
+  const int64_t pf1 = a.pf_l1, pf2 = a.pf_l2;
+  SidePf side(a, r0, r1);
+  for (int64_t n = r0; n < r1; n += 2) {
+    side.upto(n + 2);
+    const uint8_t* p0 = a.packed + n * K / 2;  // [K/2] bytes of rows n, n + 1
+    const uint8_t* p1 = p0 + K / 2;
+    const float* am0 = a.absmax + ((n * K) >> s) - a.block0;
+    const float* am1 = am0 + nb;
+    __m512 acc0[4], acc1[4];
+    for (int u = 0; u < 4; ++u) acc0[u] = acc1[u] = _mm512_setzero_ps();
+    for (int64_t blk = 0, k = 0; blk < nb; ++blk, k += bs) {
+      const __m512 t0 = scaled<R>(codes, am0[blk]), t1 = scaled<R>(codes, am1[blk]);
+      for (int64_t i = 0; i < bs; i += 64) {
+        if (((k + i) & 127) == 0) {
+          pf_line(p0 + (k + i) / 2, pf1, pf2);
+          pf_line(p1 + (k + i) / 2, pf1, pf2);
+        }
+        pair32_m1(acc0, acc1, 0, p0 + (k + i) / 2, p1 + (k + i) / 2, x + k + i, t0, t1);
+        pair32_m1(acc0, acc1, 2, p0 + (k + i) / 2 + 16, p1 + (k + i) / 2 + 16, x + k + i + 32, t0, t1);
+      }
+    }
+    const float dot0 =
+        _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0[0], acc0[1]), _mm512_add_ps(acc0[2], acc0[3])));
+    const float dot1 =
+        _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc1[0], acc1[1]), _mm512_add_ps(acc1[2], acc1[3])));
+    float* y = a.y + n;
+    y[0] = a.beta == 0.0f ? a.alpha * dot0 : a.alpha * dot0 + a.beta * y[0];  // beta == 0: Y not read
+    y[1] = a.beta == 0.0f ? a.alpha * dot1 : a.alpha * dot1 + a.beta * y[1];
+  }
+}
+
+template <bool R>
+void rows_1_paired(const Args& a, int64_t r0, int64_t r1) {
+  if (a.bs_shift < 6 || (a.K & ((int64_t{1} << a.bs_shift) - 1)) != 0) return rows_1<R>(a, r0, r1);
+  const int64_t pairs_end = r0 + ((r1 - r0) & ~int64_t{1});
+  row_pairs_1<R>(a, r0, pairs_end);
+  if (pairs_end < r1) rows_1<R>(pairs_end > r0 ? no_pf(a) : a, pairs_end, r1);
 }
 
 }  // namespace
@@ -405,7 +485,19 @@ void regroup_x_avx512_m1(int64_t K, const float* X, float* Xg) {
   }
 }
 
-void rows_avx512_m1(const Args& a, int64_t r0, int64_t r1) { rows_1(a, r0, r1); }
+void rows_avx512_m1(const Args& a, int64_t r0, int64_t r1) {
+  if (a.round_bf16)
+    rows_1<true>(a, r0, r1);
+  else
+    rows_1<false>(a, r0, r1);
+}
+
+void rows_avx512_m1_pairs(const Args& a, int64_t r0, int64_t r1) {
+  if (a.round_bf16)
+    rows_1_paired<true>(a, r0, r1);
+  else
+    rows_1_paired<false>(a, r0, r1);
+}
 
 void decode_scales_avx512(const uint8_t* code, const float* map, const float* nested, float offset, int64_t b0,
                           int64_t b1, float* out) {
@@ -424,17 +516,29 @@ void decode_scales_avx512(const uint8_t* code, const float* map, const float* ne
   }
 }
 
-void rows_avx512(const Args& a, int64_t r0, int64_t r1) {
+namespace {
+
+template <bool R>
+void rows_avx512_r(const Args& a, int64_t r0, int64_t r1) {
   switch (a.M) {
-    case 1: rows_m<1>(a, r0, r1); break;
-    case 2: rows_dispatch<2>(a, r0, r1); break;
-    case 3: rows_dispatch<3>(a, r0, r1); break;
-    case 4: rows_dispatch<4>(a, r0, r1); break;
-    case 5: rows_dispatch_wide<5>(a, r0, r1); break;
-    case 6: rows_dispatch_wide<6>(a, r0, r1); break;
-    case 7: rows_dispatch_wide<7>(a, r0, r1); break;
-    default: rows_dispatch_wide<8>(a, r0, r1); break;
+    case 1: rows_m<1, R>(a, r0, r1); break;
+    case 2: rows_dispatch<2, R>(a, r0, r1); break;
+    case 3: rows_dispatch<3, R>(a, r0, r1); break;
+    case 4: rows_dispatch<4, R>(a, r0, r1); break;
+    case 5: rows_dispatch_wide<5, R>(a, r0, r1); break;
+    case 6: rows_dispatch_wide<6, R>(a, r0, r1); break;
+    case 7: rows_dispatch_wide<7, R>(a, r0, r1); break;
+    default: rows_dispatch_wide<8, R>(a, r0, r1); break;
   }
+}
+
+}  // namespace
+
+void rows_avx512(const Args& a, int64_t r0, int64_t r1) {
+  if (a.round_bf16)
+    rows_avx512_r<true>(a, r0, r1);
+  else
+    rows_avx512_r<false>(a, r0, r1);
 }
 
 }  // namespace qlora::cpu::nf4_gemv_detail

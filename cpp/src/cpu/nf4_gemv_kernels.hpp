@@ -28,6 +28,10 @@ struct Args {
   // kernels only (the others ignore them).
   const char* pf_lo;
   const char* pf_hi;
+  // Nonzero: the bf16-compute contract on the fp32 kernels (nf4_gemv_bf16.hpp's fp32-FMA variant):
+  // each block's scaled code table is rounded to bf16 (x comes rounded), so every product is exact
+  // in fp32. rows_avx512 / rows_avx512_m1 only; the other levels' kernels are never given it.
+  int round_bf16;
 };
 
 // Columns per group of the SIMD kernels (G/2 bytes of W decoded together); they take X
@@ -53,6 +57,9 @@ int64_t regroup_x_avx2(int64_t M, int64_t K, const float* X, int64_t ldx, float*
 // columns, then the 16 odd ones) for rows_avx512_m1 (K % kGroupAvx512 == 0).
 void regroup_x_avx512_m1(int64_t K, const float* X, float* Xg);
 void rows_avx512_m1(const Args& a, int64_t r0, int64_t r1);
+// The same rows two at a time (each X vector loaded once for both; bits of rows_avx512_m1), for
+// blocksize >= 64 and K % blocksize == 0 (else it runs rows_avx512_m1).
+void rows_avx512_m1_pairs(const Args& a, int64_t r0, int64_t r1);
 void decode_scales_avx512(const uint8_t* code, const float* map, const float* nested, float offset, int64_t b0,
                           int64_t b1, float* out);
 void decode_scales_avx2(const uint8_t* code, const float* map, const float* nested, float offset, int64_t b0,
