@@ -3,11 +3,12 @@ same depth blocks in the same order through the same micro-kernel tiles, so neit
 nor the driver changes a bit. The old task grid (QLORA_GEMM_DRIVER=tasks, each task packs its own
 panels) under QLORA_GEMM_GRID_THREADS (the grid of that many threads, tasks run on whatever threads
 exist) and QLORA_GEMM_TASKS_PER_THREAD (1..8), and the shared-A driver (default from 2 threads, or
-QLORA_GEMM_DRIVER=shared; A panels packed once per row super-block and depth block, whose size
-QLORA_GEMM_SHARED_BYTES shrinks here to reach the super-block loop) must give results bit-identical
-to the default, and stay within the fp32 bound of float64: gemm_nt / gemm_nn / gemm_tn / fused NF4
-GEMMs, with beta, on shapes with several row and column blocks and K over one depth block, few B
-panels (rows split too), shallow depth (the row walk), N <= NR (the direct kernel), ragged edges."""
+QLORA_GEMM_DRIVER=shared; A panels packed once per row super-block and pass of depth blocks, whose
+bytes QLORA_GEMM_SHARED_BYTES shrinks here to reach those loops) must give results bit-identical to
+the default, and stay within the fp32 bound of float64: gemm_nt / gemm_nn / gemm_tn / fused NF4
+GEMMs, with beta, on shapes with several row and column blocks, K over 2-3 depth blocks (one pass,
+or passes of 2 + 1), few B panels (rows split too), shallow depth (the row walk), N <= NR (the
+direct kernel), ragged edges."""
 import os
 
 import numpy as np
@@ -33,9 +34,10 @@ SETTINGS = [
     ("2", "1", "shared", "300000"),
     ("3", "8", "shared", "100000"),  # super-blocks of 42 rows (AVX-512) at kc 560
     ("7", "3", "shared", "1"),  # one A panel per super-block
+    ("2", None, "shared", "3000000"),  # K = 2300: passes of 2 + 1 depth blocks of 768
 ]
 # (M, N, K) of out[M, N] for nt (W [N, K]); nn and nf4_nn use W [N, K] as B [K=N, N=K]
-SHAPES = [(437, 1100, 1100), (437, 96, 1100), (437, 1100, 48), (437, 16, 1100)]
+SHAPES = [(437, 1100, 1100), (437, 96, 1100), (437, 1100, 48), (437, 16, 1100), (437, 320, 2300)]
 
 
 @pytest.fixture

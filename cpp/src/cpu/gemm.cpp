@@ -306,10 +306,11 @@ void blocked_tasks(const Kern& kn, int64_t M, int64_t N, int64_t K, int64_t kc, 
 // buffer. B is packed once too unless the panels are fewer than the tasks (then rows split as
 // well). Each C element sees the same depth blocks in the same order through the same
 // micro-kernel calls (tiles start at multiples of MR / NR either way): bit-identical to
-// blocked_tasks(). The price: two pool jobs (a barrier each) per depth block instead of one per GEMM.
-// Bytes of A panels per super-block: a quarter of this core's L3 share within [1, 8] MiB (every
-// SmolLM2 training GEMM in one super-block; at most 3 MiB). QLORA_GEMM_SHARED_BYTES overrides it
-// (tests reach the super-block loop with small shapes).
+// blocked_tasks(). The price: two pool jobs (a barrier each) per pass instead of one per GEMM.
+// A pass packs as many depth blocks of a super-block as the budget holds. Bytes of A panels per
+// pass: a quarter of this core's L3 share within [1, 8] MiB (every SmolLM2 training GEMM in one
+// super-block and pass, at most 6 MiB; the lm_head dh GEMM in passes of 8 depth blocks of 1 MiB).
+// QLORA_GEMM_SHARED_BYTES overrides it (tests reach the super-block and pass loops).
 int64_t shared_budget_bytes() {
   static const int64_t b = [] {
     const CacheSizes& c = cache_sizes();
@@ -361,20 +362,25 @@ template <class PackA, class PackB>
 void shared_a(const Kern& kn, int64_t M, int64_t N, int64_t K, int64_t kc, int nth, float alpha, float beta,
               float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b) {
   const int MR = kn.mr, NR = kn.nr;
-  const int64_t mb_max = std::max<int64_t>(MR, shared_budget_bytes() / (4 * kc) / MR * MR);
+  const int64_t budget = shared_budget_bytes();
+  const int64_t mb_max = std::max<int64_t>(MR, budget / (4 * kc) / MR * MR);
   const int64_t mb = round_up(ceil_div(M, ceil_div(M, mb_max)), MR);  // balanced row super-blocks
-  float* Ap = t_sa.get(static_cast<size_t>(kc * mb));
+  // Depth blocks per pass (each pass: two pool jobs): as many as the budget holds, so a deep GEMM
+  // (lm_head dh, K = 49152: 48 blocks) does not pay a barrier pair per block.
+  const int64_t nd = std::min(ceil_div(K, kc), std::max<int64_t>(1, budget / (4 * kc * mb)));
+  float* Ap = t_sa.get(static_cast<size_t>(nd * kc * mb));  // nd x [mb / MR][kc][MR]
   const bool row_walk = K <= kRowWalkMaxK && row_walk_on();
   constexpr int64_t kGroup = 4;  // A panels per packing task
   for (int64_t ms = 0; ms < M; ms += mb) {
-    const int64_t mcur = std::min(mb, M - ms), m_tiles = ceil_div(mcur, MR);
+    const int64_t mcur = std::min(mb, M - ms), m_tiles = ceil_div(mcur, MR), groups = ceil_div(m_tiles, kGroup);
     const SharedGrid g = shared_grid(mcur, N, K, MR, NR, nth);
-    for (int64_t pc = 0; pc < K; pc += kc) {
-      const int64_t kcur = std::min(kc, K - pc);
-      const float beta_k = pc == 0 ? beta : 1.0f;  // later depth blocks accumulate into C
-      parallel_for(ceil_div(m_tiles, kGroup), [&](int64_t t) {
-        for (int64_t i = t * kGroup; i < std::min(m_tiles, (t + 1) * kGroup); ++i)
-          pack_a(ms + i * MR, static_cast<int>(std::min<int64_t>(MR, mcur - i * MR)), pc, kcur, Ap + i * MR * kcur);
+    for (int64_t pd = 0; pd < K; pd += nd * kc) {
+      const int64_t pe = std::min(K, pd + nd * kc);
+      parallel_for(ceil_div(pe - pd, kc) * groups, [&](int64_t t) {
+        const int64_t d = t / groups, pc = pd + d * kc, kcur = std::min(kc, K - pc);
+        float* ad = Ap + d * kc * mb;
+        for (int64_t i = (t % groups) * kGroup; i < std::min(m_tiles, (t % groups + 1) * kGroup); ++i)
+          pack_a(ms + i * MR, static_cast<int>(std::min<int64_t>(MR, mcur - i * MR)), pc, kcur, ad + i * MR * kcur);
       });
       parallel_for(g.n_mt * g.n_nt, [&](int64_t t) {
         const int64_t r0 = (t / g.n_nt) * g.m_step, r1 = std::min(mcur, r0 + g.m_step);
@@ -382,28 +388,34 @@ void shared_a(const Kern& kn, int64_t M, int64_t N, int64_t K, int64_t kc, int n
         const int64_t rows = r1 - r0;
         const int64_t mc = round_up(ceil_div(rows, ceil_div(rows, kn.mc)), MR);  // as run_task
         const int64_t nc = std::min(round_up(n1 - n0, NR), kn.nc);
-        float* Bp = t_b.get(static_cast<size_t>(kcur * nc));  // [nc / NR][kcur][NR]
-        for (int64_t jc = n0; jc < n1; jc += nc) {
+        float* Bp = t_b.get(static_cast<size_t>(kc * nc));  // [nc / NR][kcur][NR]
+        for (int64_t jc = n0; jc < n1; jc += nc) {  // run_task's loops, A from the shared panels
           const int64_t ncur = std::min(nc, n1 - jc), n_pan = ceil_div(ncur, NR);
-          for (int64_t p = 0; p < n_pan; ++p)
-            pack_b(jc + p * NR, static_cast<int>(std::min<int64_t>(NR, ncur - p * NR)), pc, kcur, Bp + p * NR * kcur);
-          for (int64_t ic = r0; ic < r1; ic += mc) {
-            const int64_t icur = std::min(mc, r1 - ic);
-            const float* ap = Ap + ic * kcur;  // panel ic / MR of the super-block
-            float* c = C + (ms + ic) * ldc + jc;
-            if (kcur <= kRowWalkMaxK && row_walk) {  // run_task's row walk (shallow depth)
-              for (int64_t ir = 0; ir < icur; ir += MR)
-                for (int64_t p = 0; p < n_pan; ++p)
+          for (int64_t pc = pd; pc < pe; pc += kc) {
+            const int64_t kcur = std::min(kc, K - pc);
+            const float beta_k = pc == 0 ? beta : 1.0f;  // later depth blocks accumulate into C
+            for (int64_t p = 0; p < n_pan; ++p)
+              pack_b(jc + p * NR, static_cast<int>(std::min<int64_t>(NR, ncur - p * NR)), pc, kcur,
+                     Bp + p * NR * kcur);
+            const float* ad = Ap + ((pc - pd) / kc) * kc * mb;
+            for (int64_t ic = r0; ic < r1; ic += mc) {
+              const int64_t icur = std::min(mc, r1 - ic);
+              const float* ap = ad + ic * kcur;  // panel ic / MR of the super-block
+              float* c = C + (ms + ic) * ldc + jc;
+              if (kcur <= kRowWalkMaxK && row_walk) {  // run_task's row walk (shallow depth)
+                for (int64_t ir = 0; ir < icur; ir += MR)
+                  for (int64_t p = 0; p < n_pan; ++p)
+                    kn.ukernel(kcur, ap + ir * kcur, Bp + p * NR * kcur, c + ir * ldc + p * NR, ldc, alpha, beta_k,
+                               static_cast<int>(std::min<int64_t>(MR, icur - ir)),
+                               static_cast<int>(std::min<int64_t>(NR, ncur - p * NR)));
+                continue;
+              }
+              for (int64_t p = 0; p < n_pan; ++p) {
+                const int nr = static_cast<int>(std::min<int64_t>(NR, ncur - p * NR));
+                for (int64_t ir = 0; ir < icur; ir += MR)
                   kn.ukernel(kcur, ap + ir * kcur, Bp + p * NR * kcur, c + ir * ldc + p * NR, ldc, alpha, beta_k,
-                             static_cast<int>(std::min<int64_t>(MR, icur - ir)),
-                             static_cast<int>(std::min<int64_t>(NR, ncur - p * NR)));
-              continue;
-            }
-            for (int64_t p = 0; p < n_pan; ++p) {
-              const int nr = static_cast<int>(std::min<int64_t>(NR, ncur - p * NR));
-              for (int64_t ir = 0; ir < icur; ir += MR)
-                kn.ukernel(kcur, ap + ir * kcur, Bp + p * NR * kcur, c + ir * ldc + p * NR, ldc, alpha, beta_k,
-                           static_cast<int>(std::min<int64_t>(MR, icur - ir)), nr);
+                             static_cast<int>(std::min<int64_t>(MR, icur - ir)), nr);
+              }
             }
           }
         }
