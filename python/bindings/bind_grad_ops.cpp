@@ -299,7 +299,7 @@ py::dict lm_cross_entropy(py::handle h_o, py::handle e_o, py::handle lab_o, floa
 // The same through a Q8_0 lm_head: E_q8 uint8 [V, D/32*34] (GGUF Q8_0 rows).
 py::dict lm_cross_entropy_q8_0(py::handle h_o, const py::array_t<uint8_t, py::array::c_style>& eq,
                                py::handle lab_o, float grad_scale, int64_t chunk_rows, bool want_grad, bool bf16,
-                               const std::string& backend) {
+                               const std::string& backend, bool as_f32) {
   Backend& be = host_backend(backend);
   F32 h = f32(h_o, "h", 2);
   I32 labels = i32(lab_o, "labels", 1);
@@ -314,8 +314,14 @@ py::dict lm_cross_entropy_q8_0(py::handle h_o, const py::array_t<uint8_t, py::ar
   CrossEntropyResult r;
   {
     py::gil_scoped_release nogil;
-    r = lm_cross_entropy_q8_0(be, N, D, V, h.data(), D, eq.data(), labels.data(), grad_scale, pdh, D, chunk_rows,
-                              bf16);
+    if (as_f32) {
+      check_arg(bf16, "as_f32 needs bf16=True");
+      r = lm_cross_entropy_q8_0_as_f32(be, N, D, V, h.data(), D, eq.data(), labels.data(), grad_scale, pdh, D,
+                                       chunk_rows);
+    } else {
+      r = lm_cross_entropy_q8_0(be, N, D, V, h.data(), D, eq.data(), labels.data(), grad_scale, pdh, D, chunk_rows,
+                                bf16);
+    }
   }
   return ce_result(r, dh_obj);
 }
@@ -360,8 +366,10 @@ void bind_grad_ops(py::module_& m) {
         "loss_sum, count, dh (d(loss_sum * grad_scale)/dh, or None) and workspace_bytes (scratch allocated)");
   g.def("lm_cross_entropy_q8_0", &lm_cross_entropy_q8_0, py::arg("h"), py::arg("E_q8"), py::arg("labels"),
         py::kw_only(), py::arg("grad_scale") = 1.0f, py::arg("chunk_rows") = kCrossEntropyChunkRows,
-        py::arg("want_grad") = true, py::arg("bf16") = false, py::arg("backend") = "cpu",
-        "lm_cross_entropy through a Q8_0 lm_head (head_format 'q8_0'): logits by q8_0_gemm_nt, dh by q8_0_gemm_nn");
+        py::arg("want_grad") = true, py::arg("bf16") = false, py::arg("backend") = "cpu", py::arg("as_f32") = false,
+        "lm_cross_entropy through a Q8_0 lm_head (head_format 'q8_0'): logits by q8_0_gemm_nt, dh by q8_0_gemm_nn; "
+        "as_f32 (bf16 only): exactly lm_cross_entropy over the rows' fp32 dequantization (bf16 panels packed from "
+        "the Q8_0 rows; ValueError where that path does not apply)");
   g.attr("default_chunk_rows") = kCrossEntropyChunkRows;
   g.def(
       "cross_entropy_workspace_bytes",

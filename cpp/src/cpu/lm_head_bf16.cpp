@@ -15,6 +15,7 @@
 #include "cpu/gemm_bf16_kernels.hpp"
 #include "cpu/gemm_bf16_skinny.hpp"
 #include "cpu/lm_head_bf16_kernels.hpp"
+#include "cpu/q8_0.hpp"
 #include "cpu/threads.hpp"
 
 namespace qlora::cpu {
@@ -96,7 +97,10 @@ size_t lm_head_panels_workspace_bytes(SimdLevel level, int64_t N, int64_t D, int
   return lm_head_panels_bytes(V, D);
 }
 
-void lm_head_pack_panels(int64_t V, int64_t D, const float* E, int64_t lde, uint32_t* P) {
+namespace {
+// Panels of E's rows, 32-row group q's fp32 rows written into tmp[nr, D] by rows(q, nr, tmp) first.
+template <class Rows>
+void pack_panels(int64_t V, int64_t D, uint32_t* P, const Rows& rows) {
 #ifdef QLORA_X86
   const int64_t kp = ceil_div(D, 2), n_pan = ceil_div(V, NR);
   constexpr int64_t kGroup = 16;  // panels per task
@@ -104,16 +108,32 @@ void lm_head_pack_panels(int64_t V, int64_t D, const float* E, int64_t lde, uint
     float* tmp = t_tmp.get<float>(static_cast<size_t>(NR * D));
     for (int64_t q = t * kGroup; q < std::min(n_pan, (t + 1) * kGroup); ++q) {
       const int nr = static_cast<int>(std::min<int64_t>(NR, V - q * NR));
-      // the rows copied one run at a time first (gemm_nt_bf16's streaming B packer: a transposing
-      // read of 32 rows at once defeats the hardware prefetcher), then rounded + transposed
-      for (int r = 0; r < nr; ++r) std::memcpy(tmp + r * D, E + (q * NR + r) * lde, sizeof(float) * D);
-      bf16_k::pack_rows_avx512bf16(tmp, D, nr, D, NR, P + q * NR * kp);
+      rows(q, nr, tmp);
+      bf16_k::pack_rows_avx512bf16(tmp, D, nr, D, NR, P + q * NR * kp);  // rounded + transposed
     }
   });
 #else
-  (void)V, (void)D, (void)E, (void)lde, (void)P;
+  (void)V, (void)D, (void)P, (void)rows;
   throw std::runtime_error("lm_head_pack_panels: no AVX512-BF16 kernels in this build");
 #endif
+}
+}  // namespace
+
+void lm_head_pack_panels(int64_t V, int64_t D, const float* E, int64_t lde, uint32_t* P) {
+  // the rows copied one run at a time first (gemm_nt_bf16's streaming B packer: a transposing read
+  // of 32 rows at once defeats the hardware prefetcher)
+  pack_panels(V, D, P, [&](int64_t q, int nr, float* tmp) {
+    for (int r = 0; r < nr; ++r) std::memcpy(tmp + r * D, E + (q * NR + r) * lde, sizeof(float) * D);
+  });
+}
+
+void lm_head_pack_panels_q8_0(int64_t V, int64_t D, const void* E_q8, uint32_t* P) {
+  check_arg(D >= kQ8_0Block && D % kQ8_0Block == 0, "lm_head_pack_panels_q8_0: D must be a positive multiple of 32");
+  pack_panels(V, D, P, [&](int64_t q, int nr, float* tmp) {
+    int32_t ids[NR];  // [nr] the group's rows
+    for (int r = 0; r < nr; ++r) ids[r] = static_cast<int32_t>(q * NR + r);
+    q8_0_rows(SimdLevel::AVX512, nr, D, E_q8, ids, tmp);
+  });
 }
 
 void lm_head_logits_bf16(int64_t M, int64_t V, int64_t D, const float* h, int64_t ldh, const uint32_t* P, float* C,

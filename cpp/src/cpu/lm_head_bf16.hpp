@@ -29,6 +29,11 @@ size_t lm_head_panels_workspace_bytes(SimdLevel level, int64_t N, int64_t D, int
                                       bool bf16, bool device);
 // P (64-byte aligned, lm_head_panels_bytes) = E's B panels (rows of E = columns of the logits).
 void lm_head_pack_panels(int64_t V, int64_t D, const float* E, int64_t lde, uint32_t* P);
+// The same panels from E as Q8_0 rows (cpu/q8_0.hpp: V rows of D/32 blocks, D % 32 == 0), each
+// 32-row group dequantized (exact: fp16 d x int8 q) into a per-thread fp32 tile, then rounded and
+// packed as above: bit-identical to lm_head_pack_panels over the fp32 dequantization of the rows
+// (a GGUF's token_embd trained in bf16 compute needs no 4-byte copy of the table, ops_backward.hpp).
+void lm_head_pack_panels_q8_0(int64_t V, int64_t D, const void* E_q8, uint32_t* P);
 // C[M, V] (ld ldc) = h[M, D] (ld ldh) · Eᵀ from the packed panels (alpha 1, beta 0).
 void lm_head_logits_bf16(int64_t M, int64_t V, int64_t D, const float* h, int64_t ldh, const uint32_t* P, float* C,
                          int64_t ldc);

@@ -3,6 +3,7 @@
 // never materialized.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -90,7 +91,8 @@ namespace {
 CrossEntropyResult lm_cross_entropy_any(Backend& be, int64_t N, int64_t D, int64_t V, const float* h, int64_t ldh,
                                         const float* E, const void* E_q8, const int32_t* labels, float grad_scale,
                                         float* dh, int64_t lddh, int64_t chunk_rows, bool bf16,
-                                        const void* E16 = nullptr, Backend::HalfType ht = Backend::HalfType::F16);
+                                        const void* E16 = nullptr, Backend::HalfType ht = Backend::HalfType::F16,
+                                        bool q8_as_f32 = false);
 }  // namespace
 
 CrossEntropyResult lm_cross_entropy(Backend& be, int64_t N, int64_t D, int64_t V, const float* h, int64_t ldh,
@@ -114,11 +116,32 @@ CrossEntropyResult lm_cross_entropy_half(Backend& be, int64_t N, int64_t D, int6
                               E16, rows_bf16 ? Backend::HalfType::BF16 : Backend::HalfType::F16);
 }
 
+bool lm_cross_entropy_q8_0_as_f32_applies(const Backend& be, int64_t N, int64_t D, int64_t V, int64_t chunk_rows,
+                                          bool bf16, bool want_grad) {
+  const char* e = std::getenv("QLORA_BF16_HEAD_Q8");  // "0": the caller widens the table (A/B, tests)
+  const auto* cpu_be = dynamic_cast<const cpu::CpuBackend*>(&be);
+  if ((e && std::strcmp(e, "0") == 0) || !cpu_be || D % 32 != 0 || N <= 0 || chunk_rows < 1) return false;
+  const bool device = !be.host_memory();
+  return cpu::lm_head_panels_workspace_bytes(cpu_be->level(), N, D, V, std::min(N, chunk_rows), bf16, device) > 0 &&
+         (!want_grad || cpu::lm_head_dh_from_panels(D));
+}
+
+CrossEntropyResult lm_cross_entropy_q8_0_as_f32(Backend& be, int64_t N, int64_t D, int64_t V, const float* h,
+                                                int64_t ldh, const void* E_q8, const int32_t* labels, float grad_scale,
+                                                float* dh, int64_t lddh, int64_t chunk_rows) {
+  check_arg(E_q8 != nullptr, "lm_cross_entropy_q8_0_as_f32: need the Q8_0 rows");
+  check_arg(lm_cross_entropy_q8_0_as_f32_applies(be, N, D, V, chunk_rows, true, dh != nullptr),
+            "lm_cross_entropy_q8_0_as_f32: needs bf16 panels for both lm_head GEMMs (AVX512-BF16 CPU backend, "
+            "more rows than one chunk, D a multiple of 32 and > 64, QLORA_BF16_HEAD_PANELS / _NN not 0)");
+  return lm_cross_entropy_any(be, N, D, V, h, ldh, nullptr, E_q8, labels, grad_scale, dh, lddh, chunk_rows, true,
+                              nullptr, Backend::HalfType::F16, true);
+}
+
 namespace {
 CrossEntropyResult lm_cross_entropy_any(Backend& be, int64_t N, int64_t D, int64_t V, const float* h, int64_t ldh,
                                         const float* E, const void* E_q8, const int32_t* labels, float grad_scale,
                                         float* dh, int64_t lddh, int64_t chunk_rows, bool bf16, const void* E16,
-                                        Backend::HalfType ht) {
+                                        Backend::HalfType ht, bool q8_as_f32) {
   check_arg(N >= 0 && D > 0 && V > 0, "lm_cross_entropy: need N >= 0, D > 0, V > 0");
   check_arg(chunk_rows >= 1, "lm_cross_entropy: chunk_rows must be >= 1, got " + std::to_string(chunk_rows));
   check_arg(V <= std::numeric_limits<int32_t>::max(), "lm_cross_entropy: V does not fit int32 labels");
@@ -142,19 +165,23 @@ CrossEntropyResult lm_cross_entropy_any(Backend& be, int64_t N, int64_t D, int64
                          : nullptr;                                                                 // [rows]
   std::vector<float> loss_host(device ? rows : 0);                                                  // [rows]
   // bf16 compute over an fp32 table on the CPU: E's bf16 B panels packed once for all chunks
-  // (cpu/lm_head_bf16.hpp; the same logits bits as gemm_nt_bf16, which packs them per chunk).
+  // (cpu/lm_head_bf16.hpp; the same logits bits as gemm_nt_bf16, which packs them per chunk);
+  // q8_as_f32: from the Q8_0 rows that stand for the table (the same panels).
   const uint32_t* panels = nullptr;
-  const auto* cpu_be = E ? dynamic_cast<const cpu::CpuBackend*>(&be) : nullptr;
+  const auto* cpu_be = E || q8_as_f32 ? dynamic_cast<const cpu::CpuBackend*>(&be) : nullptr;
   if (cpu_be) {
     const size_t pb = cpu::lm_head_panels_workspace_bytes(cpu_be->level(), N, D, V, rows, bf16, device);
     if (pb > 0) {
       auto* P = static_cast<uint32_t*>(scratch.get(pb));
       const prof::Scope sc(prof::Part::GemmOther, "lm_head_pack_bf16", 0.0,
-                           static_cast<double>(V) * static_cast<double>(D) * 6.0, V, D, 0);
-      cpu::lm_head_pack_panels(V, D, E, D, P);
+                           static_cast<double>(V) * static_cast<double>(D) * (q8_as_f32 ? 3.0625 : 6.0), V, D, 0);
+      if (q8_as_f32) cpu::lm_head_pack_panels_q8_0(V, D, E_q8, P);
+      else cpu::lm_head_pack_panels(V, D, E, D, P);
       panels = P;
     }
   }
+  check_arg(!q8_as_f32 || (panels && (!dh || cpu::lm_head_dh_from_panels(D))),
+            "lm_cross_entropy_q8_0_as_f32: the panels path does not apply");  // (checked by the caller)
 
   const bool dh_panels = panels && cpu::lm_head_dh_from_panels(D);  // the backward from them too
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
@@ -196,7 +223,8 @@ CrossEntropyResult lm_cross_entropy_any(Backend& be, int64_t N, int64_t D, int64
   }
   be.synchronize();
   // + the Q8_0 defaults' dequantized chunk (one at a time: the forward's in bf16, the backward's)
-  res.workspace_bytes = scratch.bytes + (E_q8 && (dh || bf16) ? Backend::q8_0_gemm_nn_scratch_bytes(V, D) : 0) +
+  const bool q8_chunk = E_q8 && !q8_as_f32 && (dh || bf16);
+  res.workspace_bytes = scratch.bytes + (q8_chunk ? Backend::q8_0_gemm_nn_scratch_bytes(V, D) : 0) +
                         (E16 && (dh || bf16) ? Backend::half_chunk_scratch_bytes(V, D) : 0);
   return res;
 }

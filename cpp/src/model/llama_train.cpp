@@ -552,9 +552,13 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
   auto X = [&](int64_t l) { return xs[all_x ? l : l % 2].f(); };
   std::vector<std::unique_ptr<LayerActs>> acts(plan.num_layer_acts);
   if (!keep_all) acts[0] = std::make_unique<LayerActs>(be_, mc, plan.layer);
+  // bf16 compute over a GGUF's tied Q8_0 token_embd whose fp32 table was never made: the gather and
+  // the loss read the Q8_0 rows, the same values (ops_backward.hpp), no 4-byte table (V x D x 4).
+  const bool q8_as_f32 = !head_q8 && !head_h && c.tie_word_embeddings && w_->embed_is_q8_0() && w_->embed.empty() &&
+                         lm_cross_entropy_q8_0_as_f32_applies(be_, M, D, V, kCrossEntropyChunkRows, bf16, backward);
   if (head_h)
     be_.half_rows(w_->half_type(), M, D, w_->embed_h.data(), ids_d.data<int32_t>(), X(0));
-  else if (head_q8)
+  else if (head_q8 || q8_as_f32)
     be_.q8_0_rows(M, D, w_->embed_q8.data(), ids_d.data<int32_t>(), X(0));
   else
     be_.embedding(M, D, w_->embed_f32(), ids_d.data<int32_t>(), X(0));
@@ -574,6 +578,8 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
                                       kCrossEntropyChunkRows, bf16)
       : head_q8 ? lm_cross_entropy_q8_0(be_, M, D, V, hF.f(), D, w_->lm_head_q8_0(), labels, grad_scale,
                                       backward ? hF.f() : nullptr, D, kCrossEntropyChunkRows, bf16)
+      : q8_as_f32 ? lm_cross_entropy_q8_0_as_f32(be_, M, D, V, hF.f(), D, w_->embed_q8.data(), labels, grad_scale,
+                                                 backward ? hF.f() : nullptr, D, kCrossEntropyChunkRows)
               : lm_cross_entropy(be_, M, D, V, hF.f(), D, w_->lm_head_f32(), labels, grad_scale,
                                  backward ? hF.f() : nullptr, D, kCrossEntropyChunkRows, bf16);
   mc.peak = std::max(mc.peak, mc.cur + ce.workspace_bytes);
