@@ -89,7 +89,10 @@ def q8_0_bytes(rows: int, cols: int) -> int:
 def weight_bytes(cfg, *, nf4: bool = True, blocksize: int = 64, double_quant: bool = True,
                  head_format: str = "float32") -> dict[str, int]:
     """Device bytes of the frozen weights by category (LlamaModel::memory_footprint's names, with
-    the embedding / lm_head split out of other_weights)."""
+    the embedding / lm_head split out of other_weights). head_format "float32" counts the fp32 table;
+    a GGUF's Q8_0 token_embd is held as its Q8_0 rows, widened to that table by the first pass that
+    needs it (fp32 compute; under bf16 compute on an AVX512-BF16 CPU a tied one never is, README
+    "bf16 compute")."""
     d = _dims(cfg)
     w = q = other = 0
     for rows, cols in projection_shapes(cfg).values():
