@@ -269,6 +269,9 @@ void nf4_gemv_nt_many_bf16_fp32(int64_t M, float alpha, const float* X, int64_t 
                                  const Nf4Ref* const* W, float beta, float* const* Y, const int64_t* ldy,
                                  const GemvTail* tail) {
   check_arg(M >= 1 && M <= kNf4GemvMaxM && W[0]->cols % 32 == 0, "nf4_gemv_nt_many_bf16_fp32: M or K out of range");
+#if !defined(QLORA_X86)
+  check_arg(false, "nf4_gemv_nt_many_bf16_fp32: x86 AVX-512 only");  // the generic kernel ignores round_bf16
+#endif
   gemv_many(SimdLevel::AVX512, M, alpha, X, ldx, n, W, beta, Y, ldy, tail, true);
 }
 
