@@ -248,7 +248,7 @@ void run_task(const Kern& kn, int64_t m0, int64_t m1, int64_t n0, int64_t n1, in
 
 // A/B switch of the driver (read per call): QLORA_GEMM_DRIVER=tasks runs the task grid of
 // blocked_tasks() only (the driver before shared_a()), =shared forces shared_a() wherever it applies
-// (also at 1 thread); unset: shared_a() where the grid would split (more than one thread, > 4 MFLOP).
+// (also at 1 thread); unset: shared_a() from 2 threads and kSharedMinFlops up (blocked()).
 enum class Driver { Auto, Tasks, Shared };
 Driver driver_choice() {
   const char* e = std::getenv("QLORA_GEMM_DRIVER");
@@ -424,8 +424,13 @@ void shared_a(const Kern& kn, int64_t M, int64_t N, int64_t K, int64_t kc, int n
   }
 }
 
-// The driver: shared_a() where the grid would split (see driver_choice), else blocked_tasks().
-// Skinny N <= NR with a direct kernel (A read in place, nothing of A packed) stays on the grid.
+// The driver: shared_a() from 2 threads on GEMMs of kSharedMinFlops and up (or as QLORA_GEMM_DRIVER
+// says), else blocked_tasks(). Below that shared_a()'s fixed costs (a second pool job, every task
+// reading A panels packed on the other core) ate the saved packing: Emerald Rapids 2-core VM,
+// 2 threads, loaded, wall min of 150 interleaved calls, shared vs tasks: NF4 1024x576x576 2.79 vs
+// 2.55 ms, 1024x192x576 1.38 vs 0.94; at 1.8 GFLOP 1024x1536x576 9.46 vs 10.70. Skinny N <= NR with
+// a direct kernel (A read in place, nothing of A packed) stays on the grid.
+constexpr double kSharedMinFlops = 1e9;
 template <class PackA, class PackB>
 void blocked(const Kern& kn, int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, int64_t ldc,
              const PackA& pack_a, const PackB& pack_b, const DirectA& da = DirectA{}) {
@@ -436,7 +441,7 @@ void blocked(const Kern& kn, int64_t M, int64_t N, int64_t K, float alpha, float
   const int nth = grid > 0 ? grid : num_threads();
   const Driver d = driver_choice();
   const bool direct = da.a && kn.ukernel_direct && N <= kn.nr;
-  if (!direct && (d == Driver::Shared || (d == Driver::Auto && nth > 1 && 2.0 * M * N * K > 4e6)))
+  if (!direct && (d == Driver::Shared || (d == Driver::Auto && nth > 1 && 2.0 * M * N * K >= kSharedMinFlops)))
     return shared_a(kn, M, N, K, kc, nth, alpha, beta, C, ldc, pack_a, pack_b);
   blocked_tasks(kn, M, N, K, kc, nth, alpha, beta, C, ldc, pack_a, pack_b, da);
 }
