@@ -307,10 +307,15 @@ void blocked_tasks(const Kern& kn, int64_t M, int64_t N, int64_t K, int64_t kc, 
 // well). Each C element sees the same depth blocks in the same order through the same
 // micro-kernel calls (tiles start at multiples of MR / NR either way): bit-identical to
 // blocked_tasks(). The price: two pool jobs (a barrier each) per pass instead of one per GEMM.
-// A pass packs as many depth blocks of a super-block as the budget holds. Bytes of A panels per
-// pass: a quarter of this core's L3 share within [1, 8] MiB (every SmolLM2 training GEMM in one
-// super-block and pass, at most 6 MiB; the lm_head dh GEMM in passes of 8 depth blocks of 1 MiB).
-// QLORA_GEMM_SHARED_BYTES overrides it (tests reach the super-block and pass loops).
+// Bytes of A panels of a super-block: a quarter of this core's L3 share within [1, 8] MiB (every
+// SmolLM2 training GEMM in one super-block, at most 3 MiB a depth block). A pass packs as many of
+// its depth blocks as the L2 holds (at least one; the lm_head dh GEMM's 1.1 MB blocks one a pass).
+// QLORA_GEMM_SHARED_BYTES=N sets both bounds to N bytes (tests reach the super-block and pass
+// loops; N = 8388608 gives lm_head dh 7 blocks a pass, the K = 1536 NF4 GEMMs 2). Emerald Rapids
+// 2-core VM, loaded: several blocks a pass cost 1 thread 3-6% more CPU (the tasks re-read a slab
+// beyond L2: NF4 1024x576x1536 13.4 vs 12.7 ms, dh 107 vs 104), and saved dh 2-thread wall
+// under preemption (fewer barriers: 111 vs 121 ms min of 12), too noisy to make it the default.
+bool shared_bytes_set() { return std::getenv("QLORA_GEMM_SHARED_BYTES") != nullptr; }
 int64_t shared_budget_bytes() {
   static const int64_t b = [] {
     const CacheSizes& c = cache_sizes();
@@ -365,9 +370,9 @@ void shared_a(const Kern& kn, int64_t M, int64_t N, int64_t K, int64_t kc, int n
   const int64_t budget = shared_budget_bytes();
   const int64_t mb_max = std::max<int64_t>(MR, budget / (4 * kc) / MR * MR);
   const int64_t mb = round_up(ceil_div(M, ceil_div(M, mb_max)), MR);  // balanced row super-blocks
-  // Depth blocks per pass (each pass: two pool jobs): as many as the budget holds, so a deep GEMM
-  // (lm_head dh, K = 49152: 48 blocks) does not pay a barrier pair per block.
-  const int64_t nd = std::min(ceil_div(K, kc), std::max<int64_t>(1, budget / (4 * kc * mb)));
+  // Depth blocks per pass (each pass: two pool jobs): as many as the pass bytes hold.
+  const int64_t pass_bytes = shared_bytes_set() ? budget : std::min(budget, cache_sizes().l2);
+  const int64_t nd = std::min(ceil_div(K, kc), std::max<int64_t>(1, pass_bytes / (4 * kc * mb)));
   float* Ap = t_sa.get(static_cast<size_t>(nd * kc * mb));  // nd x [mb / MR][kc][MR]
   const bool row_walk = K <= kRowWalkMaxK && row_walk_on();
   constexpr int64_t kGroup = 4;  // A panels per packing task
