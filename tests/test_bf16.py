@@ -20,7 +20,7 @@ import pytest
 import qlora_native
 from qlora_native import ops
 
-from helpers_bf16 import (HAVE_BF16, LORA, TINY, U, bf16, check, engine_pass, global_rel, max_rel, needs_bf16,
+from helpers_bf16 import (EPS32, HAVE_BF16, LORA, TINY, U, bf16, check, engine_pass, global_rel, max_rel, needs_bf16,
                           peft_references, strided)
 from helpers_train import engine_curve, padded_batch
 from test_lora_model import build, needs_peft, random_adapter
@@ -124,9 +124,21 @@ def test_bf16_training_pass_vs_float64_autocast_and_oracle(tmp_path, rng):
     - transformers + PEFT in float64 (the exact reference): within a bf16-derived bound; each base
       GEMM rounds its operands (<= 2u relative per product); an early layer's gradient passes
       through about 2 (L + 1) such GEMMs forward and back, with a factor 2 for cancellation in the
-      sums: tol = 2u * 2 (L + 1) * 2 (measured worst 0.036 over 6 seeds; tol 0.094);
-    - PEFT under torch.autocast("cpu", bfloat16) (the usual bf16 QLoRA recipe, which also rounds
-      every GEMM output and the LoRA branch to bf16): our error must not be larger (measured 0.1x-0.4x);
+      sums: tol = 2u * 2 (L + 1) * 2 (0.094);
+    - PEFT under torch.autocast("cpu", bfloat16) (the usual bf16 QLoRA recipe), for the record: it
+      rounds every operand we round (GEMM inputs and weights; the attention's P, v, dout, dS, q, k) and
+      more (every GEMM output, RoPE, the scores, the LoRA branch), so in mean square it errs more; per
+      seed no ordering follows: over 91 seeds (Emerald Rapids) ours / autocast was 0.08-1.85, median
+      0.36, above 1 on 4 seeds. On seed 142617787 (ours 0.33, autocast 0.18) a float64 replay of our
+      contract (tools/bf16_contract_replay.py) puts 0.32 on the bf16 operands of layer 0's q/k
+      projections, which autocast rounds to the same values; its extra roundings (0.23 away) point
+      against that error (cosine -0.83) and cancel part of it;
+    - so where a seed's gradient is ill-conditioned (ours beyond tol on 6 of the 91: 0.10-0.49, with
+      autocast 0.08-0.95) the bound is the seed's conditioning measured by our fp32 mode: its
+      error err32 comes from roundings at eps32 / 2 = 2^-24 at every op's output (which includes every
+      GEMM input), bf16 mode's from roundings at u = 2^-8 at the GEMM operands; to first order the
+      error is linear in the unit roundoff over the same sensitive directions: err16 < 2^16 err32
+      (measured err16 / (2^16 err32) 0.015-0.54 over 91 seeds), per tensor twice that;
     - the same model on "cpu:scalar" in bf16 (the emulating oracle): only the fp32 vs double
       accumulation differs, which moves a downstream bf16 rounding by one step now and then; bound
       2u global / 4u per tensor on well-conditioned seeds, else the triangle inequality through the
@@ -146,12 +158,11 @@ def test_bf16_training_pass_vs_float64_autocast_and_oracle(tmp_path, rng):
     L = cfg["num_hidden_layers"]
     tol = 2 * U * 2 * (L + 1) * 2
     assert abs(loss16 - loss64) < U * abs(loss64)
-    err16, err_ac = global_rel(g16, g64), global_rel(g_ac, g64)
-    # Some seeds are ill-conditioned (a gradient that is a cancelling sum): there every bf16
-    # evaluation errs beyond the a-priori bound, PEFT autocast's too, which measures it per seed.
-    assert err16 < max(tol, err_ac), (err16, tol, err_ac)
-    assert max_rel(g16, g64) < 2 * max(tol, err_ac)
-    assert err16 <= err_ac, (err16, err_ac)
+    err16, err_ac, err32 = global_rel(g16, g64), global_rel(g_ac, g64), global_rel(g32, g64)
+    # the a-priori bound, or the seed's conditioning: the fp32 mode's error scaled to bf16's unit roundoff
+    bound = max(tol, U / (EPS32 / 2) * err32)
+    assert err16 < bound, (err16, tol, err32, err_ac)
+    assert max_rel(g16, g64) < 2 * bound
     # bf16 really is used: it differs from the fp32 mode by far more than fp32 noise
     assert global_rel(g16, g32) > 100 * global_rel(g32, g64)
 
