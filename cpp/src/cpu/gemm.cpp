@@ -315,19 +315,21 @@ void blocked_tasks(const Kern& kn, int64_t M, int64_t N, int64_t K, int64_t kc, 
 // 2-core VM, loaded: several blocks a pass cost 1 thread 3-6% more CPU (the tasks re-read a slab
 // beyond L2: NF4 1024x576x1536 13.4 vs 12.7 ms, dh 107 vs 104), and saved dh 2-thread wall
 // under preemption (fewer barriers: 111 vs 121 ms min of 12), too noisy to make it the default.
-bool shared_bytes_set() { return std::getenv("QLORA_GEMM_SHARED_BYTES") != nullptr; }
+int64_t shared_bytes_env() {  // QLORA_GEMM_SHARED_BYTES, 0 when unset or not a positive integer
+  const char* e = std::getenv("QLORA_GEMM_SHARED_BYTES");
+  if (!e) return 0;
+  char* end = nullptr;
+  const long long v = std::strtoll(e, &end, 10);
+  return end != e && *end == '\0' && v > 0 ? v : 0;
+}
 int64_t shared_budget_bytes() {
   static const int64_t b = [] {
     const CacheSizes& c = cache_sizes();
     const int64_t l3 = c.l3 / (c.l3_sharing > 0 ? c.l3_sharing : 1);
     return std::min<int64_t>(8 << 20, std::max<int64_t>(1 << 20, l3 / 4));
   }();
-  if (const char* e = std::getenv("QLORA_GEMM_SHARED_BYTES")) {
-    char* end = nullptr;
-    const long long v = std::strtoll(e, &end, 10);
-    if (end != e && *end == '\0' && v > 0) return v;
-  }
-  return b;
+  const int64_t e = shared_bytes_env();
+  return e > 0 ? e : b;
 }
 thread_local Scratch t_sa;  // the calling thread's shared A panels [mb / MR][kc][MR]
 
@@ -371,7 +373,7 @@ void shared_a(const Kern& kn, int64_t M, int64_t N, int64_t K, int64_t kc, int n
   const int64_t mb_max = std::max<int64_t>(MR, budget / (4 * kc) / MR * MR);
   const int64_t mb = round_up(ceil_div(M, ceil_div(M, mb_max)), MR);  // balanced row super-blocks
   // Depth blocks per pass (each pass: two pool jobs): as many as the pass bytes hold.
-  const int64_t pass_bytes = shared_bytes_set() ? budget : std::min(budget, cache_sizes().l2);
+  const int64_t pass_bytes = shared_bytes_env() > 0 ? budget : std::min(budget, cache_sizes().l2);
   const int64_t nd = std::min(ceil_div(K, kc), std::max<int64_t>(1, pass_bytes / (4 * kc * mb)));
   float* Ap = t_sa.get(static_cast<size_t>(nd * kc * mb));  // nd x [mb / MR][kc][MR]
   const bool row_walk = K <= kRowWalkMaxK && row_walk_on();
