@@ -191,12 +191,13 @@ void bind_train(py::module_& m) {
       [](int64_t hidden_size, int64_t intermediate_size, int64_t vocab_size, int64_t num_hidden_layers,
          int64_t num_attention_heads, int64_t num_key_value_heads, int64_t head_dim, int64_t batch, int64_t seq,
          int64_t r, bool backward, bool checkpointing, bool offload, bool dropout, const std::string& compute_dtype,
-         const std::string& head_format, bool device) {
+         const std::string& head_format, bool device, bool f32_from_q8_0) {
         check_arg(compute_dtype == "float32" || compute_dtype == "bfloat16",
                   "compute_dtype must be 'float32' or 'bfloat16', got '" + compute_dtype + "'");
         model::TrainShape s{batch, seq, hidden_size, intermediate_size, vocab_size, num_attention_heads,
                             num_key_value_heads, head_dim, num_hidden_layers, r, backward, checkpointing, offload,
-                            dropout, compute_dtype == "bfloat16", device, model::head_rows_from_name(head_format)};
+                            dropout, compute_dtype == "bfloat16", device, model::head_rows_from_name(head_format),
+                            f32_from_q8_0};
         const model::TrainMemoryPlan p = model::train_memory_plan(s);
         py::dict out;
         out["checkpoints"] = p.checkpoints;
@@ -215,9 +216,11 @@ void bind_train(py::module_& m) {
       py::arg("head_dim"), py::arg("batch"), py::arg("seq"), py::arg("r"), py::arg("backward") = true,
       py::arg("checkpointing") = true, py::arg("offload") = false, py::arg("dropout") = false,
       py::arg("compute_dtype") = "float32", py::arg("head_format") = "float32", py::arg("device") = false,
+      py::arg("f32_from_q8_0") = false,
       "Device bytes of one training pass by part and its peak (LossResult::peak_train_bytes), as "
       "LlamaModel::train_pass allocates them; offload_host: the host staging of offloaded checkpoints. "
-      "device: the backend's memory is not host memory (cuda, cpu:devsim).");
+      "device: the backend's memory is not host memory (cuda, cpu:devsim). f32_from_q8_0: head_format "
+      "float32 over a GGUF's tied Q8_0 token_embd not yet widened (bf16: the loss packs its panels).");
 
   t.def("lr_at",
         [](const std::string& schedule, int64_t step, double base_lr, double warmup_steps, int64_t total_steps) {

@@ -137,9 +137,11 @@ def _count(name: str, value, minimum: int = 1) -> int:
 
 def activation_bytes(cfg, batch: int, seq: int, r: int, *, checkpointing: bool = True, offload: bool = False,
                      dropout: bool = False, head_format: str = "float32", device: bool = True,
-                     compute_dtype: str = "float32") -> dict[str, int]:
+                     compute_dtype: str = "float32", f32_from_q8_0: bool = False) -> dict[str, int]:
     """The training pass's buffers (forward_backward): each category and "peak", the bytes
     LlamaModel::LossResult::peak_train_bytes reports (its MemCounter's high-water mark).
+    f32_from_q8_0: head_format "float32" over a GGUF's tied Q8_0 token_embd (bf16 compute reads its
+    rows, packing the lm_head's panels even for one loss chunk).
 
     The engine's own allocation plan (cpp/src/model/train_memory.cpp, the sizes train_pass allocates),
     not a copy of it: _core.train.memory_plan."""
@@ -150,7 +152,8 @@ def activation_bytes(cfg, batch: int, seq: int, r: int, *, checkpointing: bool =
                                 head_dim=d["hd"], batch=_count("batch", batch), seq=_count("seq", seq),
                                 r=max(_count("r", r, 0), 1), backward=True,
                                 checkpointing=bool(checkpointing), offload=bool(offload), dropout=bool(dropout),
-                                compute_dtype=compute_dtype, head_format=head_format, device=bool(device))
+                                compute_dtype=compute_dtype, head_format=head_format, device=bool(device),
+                                f32_from_q8_0=bool(f32_from_q8_0))
     return {k: int(p[k]) for k in ("checkpoints", "layer_activations", "lora_scratch", "dropout", "final_norm",
                                    "backward_scratch", "cross_entropy", "peak")}
 

@@ -97,6 +97,12 @@ size_t lm_head_panels_workspace_bytes(SimdLevel level, int64_t N, int64_t D, int
   return lm_head_panels_bytes(V, D);
 }
 
+bool lm_head_q8_0_panels_apply(SimdLevel level, int64_t D, int64_t V, bool bf16, bool device, bool want_grad) {
+  const char* e = std::getenv("QLORA_BF16_HEAD_Q8");  // "0": the caller widens the table (A/B, tests)
+  if ((e && std::strcmp(e, "0") == 0) || !bf16 || device || D < 32 || D % 32 != 0) return false;
+  return lm_head_panels_apply(level, V, D) && (!want_grad || lm_head_dh_from_panels(D));
+}
+
 namespace {
 // Panels of E's rows, 32-row group q's fp32 rows written into tmp[nr, D] by rows(q, nr, tmp) first.
 template <class Rows>

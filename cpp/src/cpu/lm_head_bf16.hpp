@@ -27,6 +27,12 @@ size_t lm_head_panels_bytes(int64_t V, int64_t D);
 // The one rule for both ops_loss.cpp and the training memory plan (model/train_memory.cpp).
 size_t lm_head_panels_workspace_bytes(SimdLevel level, int64_t N, int64_t D, int64_t V, int64_t chunk_rows,
                                       bool bf16, bool device);
+// Where lm_cross_entropy_q8_0_as_f32 (ops_backward.hpp) runs: bf16 on the host, D % 32 == 0,
+// lm_head_panels_apply, the dh from the panels too when want_grad, and QLORA_BF16_HEAD_Q8 not "0"
+// (read per call). Any number of chunks: the panels stand in for the never-made fp32 table, so a
+// single chunk packs them too (lm_head_panels_bytes of workspace). One rule for ops_loss.cpp and
+// the training memory plan (model/train_memory.cpp).
+bool lm_head_q8_0_panels_apply(SimdLevel level, int64_t D, int64_t V, bool bf16, bool device, bool want_grad);
 // P (64-byte aligned, lm_head_panels_bytes) = E's B panels (rows of E = columns of the logits).
 void lm_head_pack_panels(int64_t V, int64_t D, const float* E, int64_t lde, uint32_t* P);
 // The same panels from E as Q8_0 rows (cpu/q8_0.hpp: V rows of D/32 blocks, D % 32 == 0), each

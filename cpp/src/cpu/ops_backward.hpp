@@ -77,10 +77,12 @@ CrossEntropyResult lm_cross_entropy_q8_0(Backend& be, int64_t N, int64_t D, int6
 // Q8_0 rows standing in for their fp32 dequantization (a GGUF's tied token_embd under head_format
 // "float32", its fp32 table never made): lm_cross_entropy(bf16 = true) over that table, the same
 // bits, with the bf16 panels (cpu/lm_head_bf16.hpp) packed from the Q8_0 rows; no widened chunk.
-// Only where ..._applies: the CPU backend would run both lm_head GEMMs of that call from the panels
-// (bf16, host memory, more than one chunk, lm_head_panels_apply, the dh from the panels when
-// want_grad, D % 32 == 0) and QLORA_BF16_HEAD_Q8 is not "0" (read per call: A/B runs and tests make
-// the caller widen the table); ValueError otherwise (the caller widens the table instead).
+// Only where ..._applies (cpu::lm_head_q8_0_panels_apply): the CPU backend can run both lm_head
+// GEMMs of that call from the panels (bf16, host memory, lm_head_panels_apply, the dh from the
+// panels when want_grad, D % 32 == 0) and QLORA_BF16_HEAD_Q8 is not "0" (read per call: A/B runs
+// and tests make the caller widen the table); ValueError otherwise (the caller widens the table
+// instead). One chunk (N <= chunk_rows) packs the panels too: gemm_nt_bf16 / gemm_nn_bf16 over the
+// table give the same bits (cpu/lm_head_bf16.hpp), so a short pass needs no table either.
 bool lm_cross_entropy_q8_0_as_f32_applies(const Backend& be, int64_t N, int64_t D, int64_t V, int64_t chunk_rows,
                                           bool bf16, bool want_grad);
 CrossEntropyResult lm_cross_entropy_q8_0_as_f32(Backend& be, int64_t N, int64_t D, int64_t V, const float* h,

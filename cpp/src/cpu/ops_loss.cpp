@@ -3,7 +3,6 @@
 // never materialized.
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -118,12 +117,9 @@ CrossEntropyResult lm_cross_entropy_half(Backend& be, int64_t N, int64_t D, int6
 
 bool lm_cross_entropy_q8_0_as_f32_applies(const Backend& be, int64_t N, int64_t D, int64_t V, int64_t chunk_rows,
                                           bool bf16, bool want_grad) {
-  const char* e = std::getenv("QLORA_BF16_HEAD_Q8");  // "0": the caller widens the table (A/B, tests)
   const auto* cpu_be = dynamic_cast<const cpu::CpuBackend*>(&be);
-  if ((e && std::strcmp(e, "0") == 0) || !cpu_be || D % 32 != 0 || N <= 0 || chunk_rows < 1) return false;
-  const bool device = !be.host_memory();
-  return cpu::lm_head_panels_workspace_bytes(cpu_be->level(), N, D, V, std::min(N, chunk_rows), bf16, device) > 0 &&
-         (!want_grad || cpu::lm_head_dh_from_panels(D));
+  return cpu_be && N > 0 && chunk_rows >= 1 &&
+         cpu::lm_head_q8_0_panels_apply(cpu_be->level(), D, V, bf16, !be.host_memory(), want_grad);
 }
 
 CrossEntropyResult lm_cross_entropy_q8_0_as_f32(Backend& be, int64_t N, int64_t D, int64_t V, const float* h,
@@ -132,7 +128,7 @@ CrossEntropyResult lm_cross_entropy_q8_0_as_f32(Backend& be, int64_t N, int64_t 
   check_arg(E_q8 != nullptr, "lm_cross_entropy_q8_0_as_f32: need the Q8_0 rows");
   check_arg(lm_cross_entropy_q8_0_as_f32_applies(be, N, D, V, chunk_rows, true, dh != nullptr),
             "lm_cross_entropy_q8_0_as_f32: needs bf16 panels for both lm_head GEMMs (AVX512-BF16 CPU backend, "
-            "more rows than one chunk, D a multiple of 32 and > 64, QLORA_BF16_HEAD_PANELS / _NN not 0)");
+            "D a multiple of 32 and > 64, QLORA_BF16_HEAD_PANELS / _NN not 0)");
   return lm_cross_entropy_any(be, N, D, V, h, ldh, nullptr, E_q8, labels, grad_scale, dh, lddh, chunk_rows, true,
                               nullptr, Backend::HalfType::F16, true);
 }
@@ -170,7 +166,9 @@ CrossEntropyResult lm_cross_entropy_any(Backend& be, int64_t N, int64_t D, int64
   const uint32_t* panels = nullptr;
   const auto* cpu_be = E || q8_as_f32 ? dynamic_cast<const cpu::CpuBackend*>(&be) : nullptr;
   if (cpu_be) {
-    const size_t pb = cpu::lm_head_panels_workspace_bytes(cpu_be->level(), N, D, V, rows, bf16, device);
+    // (q8_as_f32: one chunk packs them too, as there is no fp32 table for gemm_nt_bf16 to read)
+    const size_t pb = q8_as_f32 ? cpu::lm_head_panels_bytes(V, D)
+                                : cpu::lm_head_panels_workspace_bytes(cpu_be->level(), N, D, V, rows, bf16, device);
     if (pb > 0) {
       auto* P = static_cast<uint32_t*>(scratch.get(pb));
       const prof::Scope sc(prof::Part::GemmOther, "lm_head_pack_bf16", 0.0,

@@ -527,12 +527,18 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
   // head_format q8_0: the embedding and lm_head are read as Q8_0 (never an fp32 copy on the device).
   // head_format f16 / bf16 likewise as 16-bit rows.
   const bool head_q8 = w_->head_q8_0(), head_h = w_->head_half();
+  // bf16 compute over a GGUF's tied Q8_0 token_embd whose fp32 table was never made: the gather and
+  // the loss read the Q8_0 rows, the same values (ops_backward.hpp), no 4-byte table (V x D x 4),
+  // whatever the number of loss chunks (the plan counts the panels: TrainShape::f32_from_q8_0).
+  const bool f32_from_q8_0 = !head_q8 && !head_h && c.tie_word_embeddings && w_->embed_is_q8_0() && w_->embed.empty();
+  const bool q8_as_f32 =
+      f32_from_q8_0 && lm_cross_entropy_q8_0_as_f32_applies(be_, M, D, V, kCrossEntropyChunkRows, bf16, backward);
   const bool keep_all = backward && !checkpointing;
   const bool offload = backward && checkpointing && offload_checkpoints();
   // Every buffer below is sized by the plan memory_model.py reports (one rule: train_memory.cpp).
   TrainShape shape{B, T, D, d.I, V, d.Hq, d.Hkv, d.hd, nL, ad ? std::max<int64_t>(ad->max_rank(), 1) : 1,
                    backward, checkpointing, offload, dropout, bf16, !be_.host_memory(),
-                   head_h ? HeadRows::Half : head_q8 ? HeadRows::Q8_0 : HeadRows::F32};
+                   head_h ? HeadRows::Half : head_q8 ? HeadRows::Q8_0 : HeadRows::F32, f32_from_q8_0};
   const TrainMemoryPlan plan = train_memory_plan(shape);
   ActBuf t_buf(be_, mc, plan.lora_t), dt_buf(be_, mc, plan.lora_t);  // [M, r_max]
   ActBuf xdrop, dtmp;                                                 // [M, wide] (dropout only)
@@ -552,10 +558,6 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
   auto X = [&](int64_t l) { return xs[all_x ? l : l % 2].f(); };
   std::vector<std::unique_ptr<LayerActs>> acts(plan.num_layer_acts);
   if (!keep_all) acts[0] = std::make_unique<LayerActs>(be_, mc, plan.layer);
-  // bf16 compute over a GGUF's tied Q8_0 token_embd whose fp32 table was never made: the gather and
-  // the loss read the Q8_0 rows, the same values (ops_backward.hpp), no 4-byte table (V x D x 4).
-  const bool q8_as_f32 = !head_q8 && !head_h && c.tie_word_embeddings && w_->embed_is_q8_0() && w_->embed.empty() &&
-                         lm_cross_entropy_q8_0_as_f32_applies(be_, M, D, V, kCrossEntropyChunkRows, bf16, backward);
   if (head_h)
     be_.half_rows(w_->half_type(), M, D, w_->embed_h.data(), ids_d.data<int32_t>(), X(0));
   else if (head_q8 || q8_as_f32)

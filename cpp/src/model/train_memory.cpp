@@ -41,15 +41,19 @@ void TrainShape::validate() const {
 }
 
 size_t lm_loss_workspace_bytes(int64_t N, int64_t D, int64_t V, int64_t chunk_rows, HeadRows head, bool want_grad,
-                               bool bf16, bool device) {
+                               bool bf16, bool device, bool f32_from_q8_0) {
   if (N <= 0) return 0;
   size_t b = cross_entropy_workspace_bytes(std::min(N, chunk_rows), V, device);
   // The widened chunk: the lm_head backward's, and the bf16 forward's (one at a time).
   if (head == HeadRows::Q8_0 && (want_grad || bf16)) b += Backend::q8_0_gemm_nn_scratch_bytes(V, D);
   if (head == HeadRows::Half && (want_grad || bf16)) b += Backend::half_chunk_scratch_bytes(V, D);
   // bf16 over an fp32 table: its bf16 panels, packed once per call (cpu/lm_head_bf16.hpp)
-  if (head == HeadRows::F32)
-    b += cpu::lm_head_panels_workspace_bytes(cpu::active_simd_level(), N, D, V, chunk_rows, bf16, device);
+  // (from a tied Q8_0 token_embd's rows: packed for one chunk too, ops_backward.hpp)
+  const cpu::SimdLevel lv = cpu::active_simd_level();
+  if (head == HeadRows::F32 && f32_from_q8_0 && cpu::lm_head_q8_0_panels_apply(lv, D, V, bf16, device, want_grad))
+    b += cpu::lm_head_panels_bytes(V, D);
+  else if (head == HeadRows::F32)
+    b += cpu::lm_head_panels_workspace_bytes(lv, N, D, V, chunk_rows, bf16, device);
   return b;
 }
 
@@ -77,7 +81,8 @@ TrainMemoryPlan train_memory_plan(const TrainShape& s) {
   p.layer_activations = static_cast<size_t>(p.num_layer_acts) * bytes(p.layer.total());
   p.final_norm_bytes = bytes(p.final_norm);
   p.backward_scratch = bytes(p.bwd.total());
-  p.cross_entropy = lm_loss_workspace_bytes(M, D, s.vocab, kCrossEntropyChunkRows, s.head, s.backward, s.bf16, s.device);
+  p.cross_entropy = lm_loss_workspace_bytes(M, D, s.vocab, kCrossEntropyChunkRows, s.head, s.backward, s.bf16, s.device,
+                                            s.f32_from_q8_0);
   p.offload_host = offload ? static_cast<size_t>(L) * bytes(p.x) : 0;
 
   // The pass's timeline (train_pass's order of allocation), as its MemCounter sees it.

@@ -35,6 +35,9 @@ struct TrainShape {
   bool bf16 = false;        // compute_dtype bfloat16 in use
   bool device = false;      // !Backend::host_memory() (the loss uploads its labels)
   HeadRows head = HeadRows::F32;
+  // head F32 that is a GGUF's tied Q8_0 token_embd, its fp32 table not made: the loss may pack its
+  // bf16 panels from the Q8_0 rows even for one chunk (cpu::lm_head_q8_0_panels_apply)
+  bool f32_from_q8_0 = false;
   void validate() const;    // ValueError naming the first bad field
 };
 
@@ -80,8 +83,9 @@ TrainMemoryPlan train_memory_plan(const TrainShape& s);
 
 // The scratch the chunked LM loss (lm_cross_entropy*, ops_loss.cpp) allocates for N rows: the
 // [chunk, V] logits, per-row loss (+ labels on a device), and with 16-bit / Q8_0 rows the widened
-// chunk of the lm_head backward (or of the bf16 forward).
+// chunk of the lm_head backward (or of the bf16 forward); bf16 over an fp32 table, its panels
+// (f32_from_q8_0: TrainShape's).
 size_t lm_loss_workspace_bytes(int64_t N, int64_t D, int64_t V, int64_t chunk_rows, HeadRows head, bool want_grad,
-                               bool bf16, bool device);
+                               bool bf16, bool device, bool f32_from_q8_0 = false);
 
 }  // namespace qlora::model
