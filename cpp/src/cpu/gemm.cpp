@@ -186,6 +186,34 @@ int env_int(const char* name, int lo, int hi, int dflt) {
 int grid_threads() { return env_int("QLORA_GEMM_GRID_THREADS", 1, 1024, 0); }
 int tasks_per_thread() { return env_int("QLORA_GEMM_TASKS_PER_THREAD", 1, 8, 4); }
 
+// One (row block, column block, depth block) of C: c[mcur, ncur] (ld ldc) = alpha * A·B + beta_k * c
+// from packed A panels Ap [mcur / MR][kcur][MR] and B panels Bp [ceil(ncur / NR)][kcur][NR]; the
+// same micro-kernel calls for both drivers (run_task and shared_a), so the same bits.
+void run_block(const Kern& kn, int64_t kcur, const float* Ap, const float* Bp, float* c, int64_t ldc, int64_t mcur,
+               int64_t ncur, float alpha, float beta_k, bool row_walk) {
+  const int MR = kn.mr, NR = kn.nr;
+  const int64_t n_pan = ceil_div(ncur, NR);
+  if (kcur <= kRowWalkMaxK && row_walk) {
+    // Shallow depth (LoRA's rank-r expand, C += s·t·Bᵀ over a 1536-wide C): each tile is a few FMAs
+    // per C element, so the C traffic bounds it; walking a tile row across all panels reads C row
+    // runs in order (the prefetchers follow), where going down a panel jumped 14 rows per call.
+    // Same tiles, same calls: same bits.
+    for (int64_t ir = 0; ir < mcur; ir += MR)
+      for (int64_t p = 0; p < n_pan; ++p)
+        kn.ukernel(kcur, Ap + ir * kcur, Bp + p * NR * kcur, c + ir * ldc + p * NR, ldc, alpha, beta_k,
+                   static_cast<int>(std::min<int64_t>(MR, mcur - ir)),
+                   static_cast<int>(std::min<int64_t>(NR, ncur - p * NR)));
+    return;
+  }
+  for (int64_t p = 0; p < n_pan; ++p) {
+    const float* bp = Bp + p * NR * kcur;
+    const int nr = static_cast<int>(std::min<int64_t>(NR, ncur - p * NR));
+    for (int64_t ir = 0; ir < mcur; ir += MR)
+      kn.ukernel(kcur, Ap + ir * kcur, bp, c + p * NR + ir * ldc, ldc, alpha, beta_k,
+                 static_cast<int>(std::min<int64_t>(MR, mcur - ir)), nr);
+  }
+}
+
 template <class PackA, class PackB>
 void run_task(const Kern& kn, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t K, int64_t kc, float alpha,
               float beta, float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b, const DirectA& da) {
@@ -221,26 +249,7 @@ void run_task(const Kern& kn, int64_t m0, int64_t m1, int64_t n0, int64_t n1, in
         const int64_t mcur = std::min(mc, m1 - ic);
         for (int64_t ir = 0; ir < mcur; ir += MR)
           pack_a(ic + ir, static_cast<int>(std::min<int64_t>(MR, mcur - ir)), pc, kcur, Ap + ir * kcur);
-        if (kcur <= kRowWalkMaxK && row_walk) {
-          // Shallow depth (LoRA's rank-r expand, C += s·t·Bᵀ over a 1536-wide C): each tile is a
-          // few FMAs per C element, so the C traffic bounds it; walking a tile row across all
-          // panels reads C row runs in order (the prefetchers follow), where going down a panel
-          // jumped 14 rows per call. Same tiles, same calls: same bits.
-          for (int64_t ir = 0; ir < mcur; ir += MR)
-            for (int64_t p = 0; p < n_pan; ++p)
-              kn.ukernel(kcur, Ap + ir * kcur, Bp + p * NR * kcur, C + (ic + ir) * ldc + jc + p * NR, ldc, alpha,
-                         beta_k, static_cast<int>(std::min<int64_t>(MR, mcur - ir)),
-                         static_cast<int>(std::min<int64_t>(NR, ncur - p * NR)));
-          continue;
-        }
-        for (int64_t p = 0; p < n_pan; ++p) {
-          const float* bp = Bp + p * NR * kcur;
-          const int nr = static_cast<int>(std::min<int64_t>(NR, ncur - p * NR));
-          float* c = C + ic * ldc + jc + p * NR;
-          for (int64_t ir = 0; ir < mcur; ir += MR)
-            kn.ukernel(kcur, Ap + ir * kcur, bp, c + ir * ldc, ldc, alpha, beta_k,
-                       static_cast<int>(std::min<int64_t>(MR, mcur - ir)), nr);
-        }
+        run_block(kn, kcur, Ap, Bp, C + ic * ldc + jc, ldc, mcur, ncur, alpha, beta_k, row_walk);
       }
     }
   }
@@ -406,23 +415,9 @@ void shared_a(const Kern& kn, int64_t M, int64_t N, int64_t K, int64_t kc, int n
                      Bp + p * NR * kcur);
             const float* ad = Ap + ((pc - pd) / kc) * kc * mb;
             for (int64_t ic = r0; ic < r1; ic += mc) {
-              const int64_t icur = std::min(mc, r1 - ic);
-              const float* ap = ad + ic * kcur;  // panel ic / MR of the super-block
-              float* c = C + (ms + ic) * ldc + jc;
-              if (kcur <= kRowWalkMaxK && row_walk) {  // run_task's row walk (shallow depth)
-                for (int64_t ir = 0; ir < icur; ir += MR)
-                  for (int64_t p = 0; p < n_pan; ++p)
-                    kn.ukernel(kcur, ap + ir * kcur, Bp + p * NR * kcur, c + ir * ldc + p * NR, ldc, alpha, beta_k,
-                               static_cast<int>(std::min<int64_t>(MR, icur - ir)),
-                               static_cast<int>(std::min<int64_t>(NR, ncur - p * NR)));
-                continue;
-              }
-              for (int64_t p = 0; p < n_pan; ++p) {
-                const int nr = static_cast<int>(std::min<int64_t>(NR, ncur - p * NR));
-                for (int64_t ir = 0; ir < icur; ir += MR)
-                  kn.ukernel(kcur, ap + ir * kcur, Bp + p * NR * kcur, c + ir * ldc + p * NR, ldc, alpha, beta_k,
-                             static_cast<int>(std::min<int64_t>(MR, icur - ir)), nr);
-              }
+              const int64_t icur = std::min(mc, r1 - ic);  // A: panel ic / MR of the super-block
+              run_block(kn, kcur, ad + ic * kcur, Bp, C + (ms + ic) * ldc + jc, ldc, icur, ncur, alpha, beta_k,
+                        row_walk);
             }
           }
         }
