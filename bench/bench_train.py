@@ -6,7 +6,9 @@ subprocess so its peak RSS (VmHWM) is its own. Same data for all: random token i
 (fixed seed), batch 4 x 256, labels = input_ids (every token counted), full attention mask;
 LoRA r=16, alpha 32, dropout 0, all seven projections; gradient checkpointing on; AdamW lr 1e-4.
 One warm-up step, then --steps timed steps. Also measures the machine's sgemm rate (numpy /
-OpenBLAS and qlora_native.ops.gemm_nt) to put the step's effective GFLOP/s in context.
+OpenBLAS and qlora_native.ops.gemm_nt) at each ISA an engine runs at (avx2: OpenBLAS capped like the
+peers) to put each step's effective GFLOP/s in context, and prints the ceiling: at the step's nominal
+FLOPs, an engine at 100% of that sgemm would be X times PEFT+bnb (no engine beats X at equal FLOPs).
 Prints one table and writes bench/results/bench_train.json.
 
     PYTHONPATH=python:build/dev python bench/bench_train.py           # full run (minutes)
@@ -303,6 +305,26 @@ def convert_gguf(spec):
     return {"engine": "convert", "hf_dir": spec["hf_dir"]}
 
 
+def openblas_core():
+    """The kernel set numpy's OpenBLAS picked (e.g. 'SkylakeX', or 'Haswell' under the AVX2 cap), or None:
+    says in the result that a cap took effect."""
+    import ctypes
+    import glob
+
+    import numpy as np
+
+    libs = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
+    for path in glob.glob(os.path.join(libs, "*openblas*")):
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename64_",
+                     "openblas_get_corename"):
+            f = getattr(lib, name, None)
+            if f is not None:
+                f.restype = ctypes.c_char_p
+                return f().decode()
+    return None
+
+
 def sgemm(spec):
     """GFLOP/s of fp32 GEMM Y = X · Wᵀ: numpy (OpenBLAS) and qlora_native.ops.gemm_nt, best of a few runs."""
     import numpy as np
@@ -337,6 +359,7 @@ def sgemm(spec):
             row["ours_gflops"] = flop / best(lambda: ops.gemm_nt(x, w, y), spec["gemm_runs"]) / 1e9
         out["shapes"].append(row)
     out["numpy_gflops"] = max(r["numpy_gflops"] for r in out["shapes"])
+    out["openblas_core"] = openblas_core()
     if ops is not None:
         out["ours_gflops"] = max(r["ours_gflops"] for r in out["shapes"])
     return out
@@ -403,9 +426,18 @@ def parse_args():
     return p.parse_args()
 
 
-def run_child(engine, spec_path, threads, timeout, label=None):
-    # --peer-isa avx2: the peers (and numpy's sgemm) capped at AVX2, as on an AVX2-only CPU.
-    extra = _common.PEER_AVX2_ENV if PEER_ISA == "avx2" and not engine.startswith("qlora") else None
+def engine_isa(engine, simd):
+    """'avx2' where the engine runs AVX2 code on this host (ours at QLORA_SIMD=avx2, the peers under
+    --peer-isa avx2), else 'native': the numpy sgemm an engine's rate is judged against."""
+    if engine.startswith("qlora"):
+        return "avx2" if simd == "avx2" else "native"
+    return PEER_ISA
+
+
+def run_child(engine, spec_path, threads, timeout, label=None, isa=None):
+    # --peer-isa avx2: the peers capped at AVX2, as on an AVX2-only CPU; isa="avx2" caps a probe the same way.
+    capped = (isa or ("native" if engine.startswith("qlora") else PEER_ISA)) == "avx2"
+    extra = _common.PEER_AVX2_ENV if capped else None
     return _common.run_child(__file__, engine, spec_path, threads, timeout, label, extra)
 
 
@@ -427,6 +459,20 @@ def step_flops(cfg, B, T, r):
     bwd = 2.0 * (n_layer + n_head) * tok + 2.0 * lora + 2.0 * attn
     return {"total": fwd + bwd + fwd_layers, "forward": fwd, "backward": bwd, "recompute": fwd_layers,
             "params_in_matmuls": n_layer + n_head, "lora_params": r * s_lora, "tokens": tok}
+
+
+def isa_gflops(sg_by, isa):
+    p = (sg_by or {}).get(isa) or {}
+    return p.get("numpy_gflops") if "error" not in p else None
+
+
+def ceiling(me, peer, sg_by, isa):
+    """Issue 15's ceiling: at the step's nominal FLOPs, an engine running at 100% of numpy's sgemm at our ISA
+    would be x_peer times the peer (mean step; best_x_peer: fastest steps). No ratio beats this at equal FLOPs."""
+    sg = isa_gflops(sg_by, isa)
+    return {"isa": isa, "sgemm_gflops": sg, "peer_gflops": peer.get("step_gflops"),
+            "x_peer": ratio(sg, peer.get("step_gflops")), "best_x_peer": ratio(sg, peer.get("best_step_gflops")),
+            "ours_x_peer": ratio(me.get("tok_s"), peer.get("tok_s"))}
 
 
 def ratio(a, b):
@@ -486,7 +532,7 @@ def main():
     print(_common.machine_line(info, meas), flush=True)
     info["peer_isa"] = args.peer_isa
     if args.peer_isa == "avx2":
-        print("peers and numpy sgemm capped at AVX2: " + ", ".join(f"{k}={v}" for k, v in _common.PEER_AVX2_ENV.items()), flush=True)
+        print("peers and the avx2 sgemm probe capped at AVX2: " + ", ".join(f"{k}={v}" for k, v in _common.PEER_AVX2_ENV.items()), flush=True)
     if args.breakdown:
         return main_breakdown(args, gguf, ids, threads, info, flops)
 
@@ -499,9 +545,11 @@ def main():
         spec_path = os.path.join(tmp, "spec.json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)
-        sg = None
-        if not args.no_sgemm:
-            sg = run_child("sgemm", spec_path, threads, args.timeout, "sgemm")
+        simd = qlora_native.simd_level()
+        sg_by = {}
+        if not args.no_sgemm:  # numpy sgemm at each ISA an engine runs at (capped like the peers for avx2)
+            for isa in sorted({engine_isa(e, simd) for e in engines}):
+                sg_by[isa] = run_child("sgemm", spec_path, threads, args.timeout, f"sgemm ({isa})", isa=isa)
         conv = None
         if any(e.startswith("peft") for e in engines):
             conv = run_child("convert", spec_path, threads, args.timeout, "GGUF -> HF fp32 checkpoint")
@@ -512,13 +560,17 @@ def main():
             res[e] = run_child(e, spec_path, threads, args.timeout, LABEL[e])
     info["loadavg_after"] = _common.machine_info()["loadavg"]
 
-    for r in res.values():
+    for e, r in res.items():
         if "tok_s" in r:
             r["step_gflops"] = flops["total"] * args.steps / r["total_s"] / 1e9
             r["best_step_gflops"] = flops["total"] * r["best_step_tok_s"] / flops["tokens"] / 1e9
+            r["sgemm_isa"] = engine_isa(e, simd)
+            r["share_of_isa_sgemm"] = ratio(r["step_gflops"], isa_gflops(sg_by, r["sgemm_isa"]))
     me, bnb, fp = (res.get(k, {}) for k in ENGINES)
+    sg = sg_by.get(PEER_ISA) or next(iter(sg_by.values()), None)  # pre-ceiling field: the peers' probe
     out = {"benchmark": "bench_train", "info": info, "engines": engines, "flops": flops,
-           "flop_formula": FLOP_FORMULA, "sgemm": sg, "results": res,
+           "flop_formula": FLOP_FORMULA, "sgemm": sg, "sgemm_by_isa": sg_by,
+           "ceiling": ceiling(me, bnb, sg_by, engine_isa("qlora_nf4", simd)), "results": res,
            "qlora_nf4_ratios": {"tok_s_vs_peft_bnb": ratio(me.get("tok_s"), bnb.get("tok_s")),
                                 "peak_rss_vs_peft_bnb": ratio(me.get("peak_rss_mib"), bnb.get("peak_rss_mib")),
                                 "best_step_tok_s_vs_peft_bnb": ratio(me.get("best_step_tok_s"), bnb.get("best_step_tok_s")),
@@ -541,18 +593,22 @@ def main_breakdown(args, gguf, ids, threads, info, flops):
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         spec = {"gguf": gguf, "threads": threads, "batch": args.batch, "seq": args.seq, "steps": args.steps,
                 "r": args.r, "alpha": args.alpha, "lr": args.lr, "input_ids": ids.tolist(),
-                "compute_dtype": args.compute_dtype}
+                "compute_dtype": args.compute_dtype, "gemm_runs": args.gemm_runs}
         spec_path = os.path.join(tmp, "spec.json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)
         res = run_child("breakdown", spec_path, threads, args.timeout)
+        # Compute parts are judged against numpy's sgemm at our ISA: at QLORA_SIMD=avx2, the capped probe.
+        isa = engine_isa("qlora_nf4", info["simd"])
+        probe = None if isa == "native" else run_child("sgemm", spec_path, threads, args.timeout, "sgemm (avx2)", isa=isa)
     info["loadavg_after"] = _common.machine_info()["loadavg"]
     if "error" in res:
         raise SystemExit(f"breakdown: {res['error']}")
     meas = info["measured"]
-    rows, step_s = breakdown_table(res["steps"], res["trainable_params"], meas.get("numpy_sgemm_gflops"),
-                                   meas.get("read_bandwidth_gbps"))
+    sg = isa_gflops({isa: probe}, isa) if probe else meas.get("numpy_sgemm_gflops")
+    rows, step_s = breakdown_table(res["steps"], res["trainable_params"], sg, meas.get("read_bandwidth_gbps"))
     out = {"benchmark": "bench_train_breakdown", "info": info, "flops": flops, "flop_formula": FLOP_FORMULA,
+           "sgemm_isa": isa, "sgemm_isa_probe": probe, "parts_sgemm_gflops": sg,
            "step_s_median": step_s, "parts": rows, "top_ops": top_ops(res["steps"]), "raw": res}
     report_breakdown(out)
     _common.write_json(args.out, out)
@@ -561,7 +617,7 @@ def main_breakdown(args, gguf, ids, threads, info, flops):
 
 def report_breakdown(out):
     info, rows, meas = out["info"], out["parts"], out["info"].get("measured") or {}
-    sg, bw = meas.get("numpy_sgemm_gflops"), meas.get("read_bandwidth_gbps")
+    sg, bw = out.get("parts_sgemm_gflops") or meas.get("numpy_sgemm_gflops"), meas.get("read_bandwidth_gbps")
     step = out["step_s_median"]
     print()
     print(f"qlora_native training step by part: SmolLM2-135M batch {info['batch']} x {info['seq']}, r={info['r']}, "
@@ -570,6 +626,9 @@ def report_breakdown(out):
           f"({info['batch'] * info['seq'] / step:.0f} tok/s, {out['flops']['total'] / step / 1e9:.0f} GFLOP/s effective)")
     print(f"machine: {_common.machine_line(info, meas)}")
     print(f"load average before/after: {info.get('loadavg_before')} / {info.get('loadavg_after')}")
+    if out.get("sgemm_isa", "native") != "native":
+        print(f"compute parts vs numpy sgemm at {out['sgemm_isa']} (capped like the peers): {fmt(sg, '.0f')} GFLOP/s, "
+              f"OpenBLAS {(out.get('sgemm_isa_probe') or {}).get('openblas_core')}")
     print("| part | ms/step (range) | share | GFLOP | MB | rate | ideal ms | x ideal | excess ms |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -613,7 +672,7 @@ def report(out):
         if "error" in r:
             print(f"{LABEL[e]:<18} {r['error']}")
             continue
-        pct = ratio(r["step_gflops"], sg_np)
+        pct = r["share_of_isa_sgemm"] if "sgemm_isa" in r else ratio(r["step_gflops"], sg_np)
         print(f"{LABEL[e]:<18} {r['tok_s']:>7.1f} {fmt(ratio(r['tok_s'], bnb.get('tok_s')), '.2f'):>7} "
               f"{fmt(ratio(r['tok_s'], fp.get('tok_s')), '.2f'):>7} {r['best_step_tok_s']:>6.1f} "
               f"{r['peak_rss_mib']:>8.0f}M {fmt(ratio(r['peak_rss_mib'], bnb.get('peak_rss_mib')), '.2f'):>7} "
@@ -623,14 +682,13 @@ def report(out):
           "child's VmHWM over load + steps; train pk = VmHWM over the timed steps alone; vs = ratio to that "
           "engine (RSS: lower is better).")
     print(f"GFLOP/s = step FLOPs ({flops['total'] / 1e9:.1f} GFLOP) / mean step time; %sgemm = vs the numpy sgemm "
-          f"rate below. {out['flop_formula']}.")
-    if sg and "error" not in sg:
-        print("machine sgemm (fp32, best of runs): " + "; ".join(
+          f"rate below at the ISA the engine ran at (avx2: capped like the peers). {out['flop_formula']}.")
+    for isa, p in (out.get("sgemm_by_isa") or ({None: sg} if sg else {})).items():  # old JSON: one probe
+        head = "machine sgemm (fp32, best of runs" + (f", {isa}, OpenBLAS {p.get('openblas_core')}" if isa else "") + "): "
+        print(head + (p["error"] if "error" in p else "; ".join(
             f"{s['M']}x{s['K']}x{s['N']} numpy {s['numpy_gflops']:.1f}"
             + (f", qlora_native.ops.gemm_nt {s['ours_gflops']:.1f}" if "ours_gflops" in s else "") + " GFLOP/s"
-            for s in sg["shapes"]))
-    elif sg:
-        print(f"machine sgemm: {sg['error']}")
+            for s in p["shapes"])))
     me = res.get("qlora_nf4", {})
     tr = ratio(me.get("tok_s"), bnb.get("tok_s"))
     tb = ratio(me.get("best_step_tok_s"), bnb.get("best_step_tok_s"))  # less sensitive to a shared machine
@@ -639,6 +697,11 @@ def report(out):
     print(f"target: qlora_native tokens/s >= {want:g}x PEFT+bnb: "
           + ("n/a" if tr is None else f"{tr:.2f}x {'MET' if tr >= want else 'NOT MET'} (all timed steps); "
              f"fastest step vs fastest step {tb:.2f}x {'MET' if tb >= want else 'NOT MET'}"))
+    c = out.get("ceiling") or {}
+    if c.get("x_peer") is not None:
+        print(f"ceiling: at equal FLOPs an engine at 100% of this ISA's sgemm ({c['isa']}, {c['sgemm_gflops']:.0f} "
+              f"GFLOP/s) would be {c['x_peer']:.2f}x the peer (fastest steps {fmt(c['best_x_peer'], '.2f')}x; "
+              f"peer {c['peer_gflops']:.0f} GFLOP/s effective)")
     print(f"target: qlora_native peak RSS <= {out['targets']['peak_rss_vs_peft_bnb']:g}x PEFT+bnb: "
           + ("n/a" if rr is None else f"{rr:.2f}x {'MET' if rr <= out['targets']['peak_rss_vs_peft_bnb'] else 'NOT MET'}"))
     b16 = res.get("qlora_nf4_bf16", {})
