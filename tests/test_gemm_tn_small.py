@@ -1,6 +1,7 @@
 """Issue 15: gemm_tn with at most 48 output rows (or columns) against at least 128 of the other, the
 rank-r LoRA gradients dA = dtᵀ·x and dB = dyᵀ·t, runs a few-row kernel (AVX-512: 8 x 32 tiles, both
-operands in place; AVX2: 6 x 16 tiles over 64 x 64 chunks of B copied contiguous, dA only). Its FMA
+operands in place, or over 64 x 64 chunks of the wide one copied contiguous where its rows are >= 4 KiB
+apart; AVX2: 6 x 16 tiles over such chunks, dB only at >= 4 KiB). Its FMA
 chains are those of the blocked way, so results must equal QLORA_GEMM_TN_SMALL=0
 bit for bit: ops.gemm_tn on partial tiles, several depth blocks, alpha/beta, and a whole training
 step (grouped and ungrouped LoRA, whose strided factor slices take the kernel); and within an fp32
@@ -19,7 +20,9 @@ LEVELS = [pytest.param(lv, marks=pytest.mark.skipif(lv not in _core.supported_si
           for lv in ("avx512", "avx2")]
 
 SHAPES = [(16, 576, 1024), (5, 200, 37), (48, 130, 300), (576, 16, 1024), (200, 3, 2500), (130, 48, 64),
-          (17, 129, 1), (16, 1536, 1100), (7, 100, 200)]  # (M, N, K): out[M, N] = alpha * a[K, M]ᵀ b[K, N] + beta * out
+          (17, 129, 1), (16, 1536, 1100), (7, 100, 200),
+          # wide operand rows >= 4 KiB apart: the chunk-copying kernels (AVX-512 both ways, AVX2 transposed too)
+          (1536, 16, 1024), (37, 1030, 130), (1030, 37, 70), (48, 1100, 64), (3, 1024, 65)]  # (M, N, K): out[M, N] = alpha * a[K, M]ᵀ b[K, N] + beta * out
 
 SCRIPT = r"""
 import sys

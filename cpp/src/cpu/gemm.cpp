@@ -527,13 +527,21 @@ namespace {
 // copies 64-column chunks of the wide one (cpu/gemm_kernels_avx2.cpp says why).
 bool tn_small_fits(int64_t rows, int64_t cols) { return rows <= 48 && cols >= 128; }
 
+// Wide operand rows at least 4 KiB apart (1536 columns: a page per row): the chunk-copying kernels
+// pay there. 1 thread CPU time, Emerald Rapids (family 6 model 207), loaded: AVX-512 16x1536x1024
+// in place 0.86-0.92 ms -> copied 0.67-0.68 (both orientations), 576 columns 0.18-0.26 either way
+// (kept in place); AVX2 transposed (dB) 1536x16x1024 blocked 1.29-1.32 -> 0.88-0.96, 576x16 0.32
+// -> 0.33-0.35 and 192x16 0.09 -> 0.10 (kept blocked).
+constexpr int64_t kTnCopyMinLd = 1024;
+
 // Out element (i < rows, j < cols) = sum_k A[k, i] B[k, j], at C[i * ldc + j] (trans: C[j * ldc + i]).
 void tn_small(SimdLevel level, int64_t rows, int64_t cols, int64_t K, float alpha, const float* A, int64_t lda,
               const float* B, int64_t ldb, float beta, float* C, int64_t ldc, bool trans) {
-  const bool v512 = level == SimdLevel::AVX512;
-  const auto kern = v512 ? tn_small_avx512 : tn_small_avx2;
+  const bool v512 = level == SimdLevel::AVX512, copy = v512 && ldb >= kTnCopyMinLd;
+  const auto kern = copy ? tn_small_copy_avx512 : v512 ? tn_small_avx512 : tn_small_avx2;
   const int64_t kc = gemm_depth_block(level, K);  // the blocked way's depth blocks
-  const int64_t R = v512 ? kTnSmallRows : kTnSmallRowsAvx2, W = v512 ? kTnSmallCols : kTnSmallColsAvx2;
+  const int64_t R = copy ? kTnSmallRowsCopy : v512 ? kTnSmallRows : kTnSmallRowsAvx2;
+  const int64_t W = copy ? kTnSmallColsCopy : v512 ? kTnSmallCols : kTnSmallColsAvx2;
   const int64_t tiles = ceil_div(cols, W);
   const double tile_flops = 2.0 * static_cast<double>(rows) * W * K;
   const int64_t per = std::max<int64_t>(1, static_cast<int64_t>(4e6 / std::max(tile_flops, 1.0)));  // ~4 MFLOP a task
@@ -561,10 +569,9 @@ void gemm_tn(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, cons
 #ifdef QLORA_X86
   if ((level == SimdLevel::AVX512 || level == SimdLevel::AVX2) && K > 0 && !tn_small_off()) {
     if (tn_small_fits(M, N)) return tn_small(level, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, false);
-    // Transposed (dB of r = 16) at AVX2 the blocked way's direct micro-kernel stays: 0.63 ms for
-    // 1536 x 16 x 1024 at 1 thread on Zen 4, where the kernel takes 0.68 on 16 x 1536 x 1024 (the
-    // transposed form with B copied in chunks was not measured).
-    if (level == SimdLevel::AVX512 && tn_small_fits(N, M))
+    // Transposed (dB of r = 16): at AVX2 only where A's rows are far apart (kTnCopyMinLd); below that
+    // the blocked way's direct micro-kernel is as fast (576 columns) or faster (192).
+    if ((level == SimdLevel::AVX512 || lda >= kTnCopyMinLd) && tn_small_fits(N, M))
       return tn_small(level, N, M, K, alpha, B, ldb, A, lda, beta, C, ldc, true);  // Cᵀ = Bᵀ·A
   }
 #endif

@@ -76,6 +76,11 @@ void ukernel_avx512(int64_t kc, const float* Ap, const float* Bp, float* C, int6
 constexpr int kTnSmallRows = 8, kTnSmallCols = 32;
 void tn_small_avx512(int64_t kc, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                      float alpha, float beta, int mr, int nr, bool trans);
+// The same contract for all mr <= kTnSmallRowsCopy rows of a strip of nr <= kTnSmallColsCopy
+// columns: 8 x 32 tiles over 64-row chunks of B's strip copied contiguous (as tn_small_avx2).
+constexpr int kTnSmallRowsCopy = 48, kTnSmallColsCopy = 64;
+void tn_small_copy_avx512(int64_t kc, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                          float alpha, float beta, int mr, int nr, bool trans);
 void ukernel_direct_avx512(int64_t kc, const float* A, int64_t rs, int64_t cs, const float* Bp, float* C, int64_t ldc,
                            float alpha, float beta, int mr, int nr);
 void pack_b_t_avx512(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);

@@ -139,17 +139,25 @@ void ukernel_direct_avx512(int64_t kc, const float* A, int64_t rs, int64_t cs, c
 
 namespace {
 // 8 rows x 32 columns: each broadcast of A feeds two FMAs (one per 16-column half), as in ukr.
-template <int R>
+// acc [R][32]: the running sums between k chunks (first: start from 0; not last: store them and
+// return); storing and reloading a float sum is exact, so the FMA chain is that of one pass.
+// InPlace: B is the wide operand itself (prefetched a few rows ahead), else a contiguous copy.
+template <int R, bool InPlace>
 void tn_small(int64_t kc, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, float alpha,
-              float beta, int nr, bool trans) {
+              float beta, int nr, bool trans, float* acc, bool first, bool last) {
   __m512 c0[8], c1[8];
 #pragma GCC unroll 8
-  for (int i = 0; i < R; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
+  for (int i = 0; i < R; ++i) {
+    c0[i] = first ? _mm512_setzero_ps() : _mm512_load_ps(acc + i * 32);
+    c1[i] = first ? _mm512_setzero_ps() : _mm512_load_ps(acc + i * 32 + 16);
+  }
   const __mmask16 m0 = lane_mask(nr), m1 = lane_mask(nr - 16);
   for (int64_t k = 0; k < kc; ++k) {
-    // B's rows are far apart (a wide matrix read 128 bytes per row): fetch them a few rows ahead.
-    _mm_prefetch(reinterpret_cast<const char*>(B + (k + 16) * ldb), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(B + (k + 16) * ldb + 16), _MM_HINT_T0);
+    if constexpr (InPlace) {
+      // B's rows are far apart (a wide matrix read 128 bytes per row): fetch them a few rows ahead.
+      _mm_prefetch(reinterpret_cast<const char*>(B + (k + 16) * ldb), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(B + (k + 16) * ldb + 16), _MM_HINT_T0);
+    }
     const __m512 b0 = _mm512_maskz_loadu_ps(m0, B + k * ldb), b1 = _mm512_maskz_loadu_ps(m1, B + k * ldb + 16);
     const float* a = A + k * lda;
 #pragma GCC unroll 8
@@ -158,6 +166,14 @@ void tn_small(int64_t kc, const float* A, int64_t lda, const float* B, int64_t l
       c0[i] = _mm512_fmadd_ps(ai, b0, c0[i]);
       c1[i] = _mm512_fmadd_ps(ai, b1, c1[i]);
     }
+  }
+  if (!last) {
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      _mm512_store_ps(acc + i * 32, c0[i]);
+      _mm512_store_ps(acc + i * 32 + 16, c1[i]);
+    }
+    return;
   }
   const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
   if (!trans) {
@@ -182,20 +198,64 @@ void tn_small(int64_t kc, const float* A, int64_t lda, const float* B, int64_t l
     }
   }
 }
+
+template <bool InPlace>
+void tn_small_rows(int64_t kc, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                   float alpha, float beta, int mr, int nr, bool trans, float* acc, bool first, bool last) {
+  switch (mr) {
+    case 8: return tn_small<8, InPlace>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans, acc, first, last);
+    case 7: return tn_small<7, InPlace>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans, acc, first, last);
+    case 6: return tn_small<6, InPlace>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans, acc, first, last);
+    case 5: return tn_small<5, InPlace>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans, acc, first, last);
+    case 4: return tn_small<4, InPlace>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans, acc, first, last);
+    case 3: return tn_small<3, InPlace>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans, acc, first, last);
+    case 2: return tn_small<2, InPlace>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans, acc, first, last);
+    case 1: return tn_small<1, InPlace>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans, acc, first, last);
+    default: return;
+  }
+}
 }  // namespace
 
 void tn_small_avx512(int64_t kc, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                      float alpha, float beta, int mr, int nr, bool trans) {
-  switch (mr) {
-    case 8: return tn_small<8>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans);
-    case 7: return tn_small<7>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans);
-    case 6: return tn_small<6>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans);
-    case 5: return tn_small<5>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans);
-    case 4: return tn_small<4>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans);
-    case 3: return tn_small<3>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans);
-    case 2: return tn_small<2>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans);
-    case 1: return tn_small<1>(kc, A, lda, B, ldb, C, ldc, alpha, beta, nr, trans);
-    default: return;
+  tn_small_rows<true>(kc, A, lda, B, ldb, C, ldc, alpha, beta, mr, nr, trans, nullptr, true, true);
+}
+
+void tn_small_copy_avx512(int64_t kc, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                          float alpha, float beta, int mr, int nr, bool trans) {
+  // All mr <= kTnSmallRowsCopy rows of a strip of nr <= kTnSmallColsCopy columns, k in chunks of
+  // kChunk rows of B's strip copied contiguous first (tn_small_avx2's scheme): the in-place kernel
+  // visits each wide B row once per 8-row tile and 32 columns, a page and TLB entry per row at
+  // 6 KiB rows (1536 columns); the copy visits it once per strip, then every tile reads L1.
+  constexpr int kHalves = kTnSmallColsCopy / 32;
+  constexpr int64_t kChunk = 64;  // 64 rows x 64 columns: 16 KiB of B
+  alignas(64) float acc[kHalves][kTnSmallRowsCopy / 8][8 * 32];
+  alignas(64) float bbuf[kHalves][kChunk * 32];
+  const int tiles = (mr + 7) / 8;
+  for (int64_t k0 = 0; k0 < kc; k0 += kChunk) {
+    const int64_t kn = kc - k0 < kChunk ? kc - k0 : kChunk;
+    const bool first = k0 == 0, last = k0 + kn == kc;
+    const float* bsrc = B + k0 * ldb;
+    for (int64_t k = 0; k < kn; ++k) {
+      const float* row = bsrc + k * ldb;
+      _mm_prefetch(reinterpret_cast<const char*>(row + 8 * ldb), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + 8 * ldb + kTnSmallColsCopy - 1), _MM_HINT_T0);
+#pragma GCC unroll 2
+      for (int h = 0; h < kHalves; ++h) {
+        const __mmask16 m0 = lane_mask(nr - 32 * h), m1 = lane_mask(nr - 32 * h - 16);
+        _mm512_store_ps(bbuf[h] + k * 32, _mm512_maskz_loadu_ps(m0, row + 32 * h));
+        _mm512_store_ps(bbuf[h] + k * 32 + 16, _mm512_maskz_loadu_ps(m1, row + 32 * h + 16));
+      }
+    }
+    for (int h = 0; h < kHalves && 32 * h < nr; ++h) {
+      const int nh = nr - 32 * h < 32 ? nr - 32 * h : 32;
+      for (int t = 0; t < tiles; ++t) {
+        const int i0 = 8 * t, r = mr - i0 < 8 ? mr - i0 : 8;
+        float* c = trans ? C + 32 * h * ldc + i0 : C + i0 * ldc + 32 * h;
+        tn_small_rows<false>(kn, A + k0 * lda + i0, lda, bbuf[h], 32, c, ldc, alpha, beta, r, nh, trans, acc[h][t],
+                             first, last);
+      }
+    }
   }
 }
 
