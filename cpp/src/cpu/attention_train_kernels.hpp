@@ -13,6 +13,22 @@ void delta_rows_avx512(int64_t n, int64_t hd, const float* go, int64_t ldg, cons
 // The same at AVX2 (8 rows per vector).
 void delta_rows_avx2(int64_t n, int64_t hd, const float* go, int64_t ldg, const float* o, int64_t ldo, float* delta);
 
+// ---- fp32 (the scalar ops of ops_attention_train.cpp in one SIMD pass each; same bits).
+
+// The backward's probabilities and score gradients of one (query block, head) in fp32, in place:
+// row i (query t0 + i) of S / dP (row stride ld, columns j < nk; n_vis = clamp(t0 + i + 1, 0, nk)):
+//   S  <- P  = exp(S - lse[i]) (the level's SIMD exp, as rowk exp_scale with scale 1) for j < n_vis,
+//         0 for a masked key (km[j] == 0; km nullptr: all visible), on a row with lse = -inf, and past n_vis;
+//   dP <- dS = P * (dP - delta[i]) * scale (two fp32 products, in that order) for j < n_vis, +0 past it.
+// Bit for bit probs_from_lse + dscores_causal.
+void probs_dscores_avx512(int64_t rows, int64_t nk, int64_t t0, float* S, float* dP, int64_t ld, const float* lse,
+                          const float* delta, float scale, const int32_t* km);
+void probs_dscores_avx2(int64_t rows, int64_t nk, int64_t t0, float* S, float* dP, int64_t ld, const float* lse,
+                        const float* delta, float scale, const int32_t* km);
+// r[j] *= inv for j < n, r[j] = 0 for n <= j < nk (the forward softmax's normalization, one fp32 product).
+void scale_fill_avx512(float* r, int64_t n, int64_t nk, float inv);
+void scale_fill_avx2(float* r, int64_t n, int64_t nk, float inv);
+
 // ---- AVX512-BF16 (call only after cpu_has_avx512_bf16()). Pair words as cpu/gemm_bf16_kernels.hpp:
 // one uint32 = {bf16 of the even k (low half), bf16 of the odd k (high half)}, RNE as vcvtne2ps2bf16.
 

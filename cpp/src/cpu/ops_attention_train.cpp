@@ -243,6 +243,51 @@ void p_times_v(SimdLevel level, const GemmPanels& gp, int64_t mq, int64_t nk, in
     }
   }
 }
+// C[nk, hd] += Aᵀ·X for A[mq, nk] (ld; the backward's dS or P of queries t0.., zero past each
+// query's keys) and X[mq, hd] (ldx; its q or dout rows): gemm_tn(nk, hd, mq, 1, A, ld, X, ldx, 1, C)
+// with A read in place (dfn, rs = 1, cs = ld) against one panel set of X (Xp: cols_size(mq, hd)), packed
+// here once for all nk / MR row tiles instead of packing Aᵀ per tile. A tile of keys i0.. starts at
+// query i0 - t0 (the rows before it are all +0 there, whose products leave the +0 chain as is): the
+// same chain per element as gemm_tn's single depth block (t_times_usable), so the same bits.
+void t_times(const GemmPanels& gp, gemm_k::UkernelDirectFn dfn, int64_t mq, int64_t nk, int64_t t0, int64_t hd,
+             const float* A, int64_t ld, const float* X, int64_t ldx, float* Xp, float* C, int64_t ldc) {
+  pack_cols(gp, X, ldx, mq, hd, Xp);
+  for (int64_t i0 = 0; i0 < nk; i0 += gp.mr) {
+    const int mr = static_cast<int>(std::min<int64_t>(gp.mr, nk - i0));
+    const int64_t k0 = std::clamp<int64_t>(i0 - t0, 0, mq);
+    if (k0 == mq) continue;
+    for (int64_t c = 0; c < hd; c += gp.nr)
+      dfn(mq - k0, A + k0 * ld + i0, 1, ld, Xp + (c / gp.nr) * gp.nr * mq + k0 * gp.nr, C + i0 * ldc + c, ldc, 1.0f,
+          1.0f, mr, static_cast<int>(std::min<int64_t>(gp.nr, hd - c)));
+  }
+}
+bool t_times_usable(SimdLevel level, int64_t mq) { return gemm_depth_block(level, mq) == mq; }
+
+using ProbsDscoresFn = void (*)(int64_t, int64_t, int64_t, float*, float*, int64_t, const float*, const float*, float,
+                                const int32_t*);
+using ScaleFillFn = void (*)(float*, int64_t, int64_t, float);
+// The level's one-pass SIMD row ops (cpu/attention_train_kernels.hpp; same bits as the scalar ones),
+// t_times and the forward's tile-at-a-time loop: off with QLORA_ATTN_FUSE=0 (A/B runs) or
+// QLORA_ATTN_DIRECT=0 (the bit-for-bit tests' other way).
+bool fuse_on() {
+  static const bool off = [] {
+    const char* e = std::getenv("QLORA_ATTN_FUSE");
+    return e && std::strcmp(e, "0") == 0;
+  }();
+  return !off && direct_on();
+}
+ProbsDscoresFn probs_dscores_fn(SimdLevel level) {
+  if (!fuse_on()) return nullptr;
+  if (level == SimdLevel::AVX512) return attn_train_k::probs_dscores_avx512;
+  if (level == SimdLevel::AVX2) return attn_train_k::probs_dscores_avx2;
+  return nullptr;
+}
+ScaleFillFn scale_fill_fn(SimdLevel level) {
+  if (!fuse_on()) return nullptr;
+  if (level == SimdLevel::AVX512) return attn_train_k::scale_fill_avx512;
+  if (level == SimdLevel::AVX2) return attn_train_k::scale_fill_avx2;
+  return nullptr;
+}
 }  // namespace
 }  // namespace attn::fp
 #endif
@@ -297,9 +342,26 @@ void attention_train(SimdLevel level, int64_t B, int64_t T, int64_t Hq, int64_t 
       if (panels && fp::block_usable(mq)) {
         const float* Kp = kv_all + (b * Hkv + kh) * (k_sz + v_sz);
         float* ap = Ap.get(static_cast<size_t>(gp->mr * std::max(hd, gemm_depth_block(level, nk))));
-        fp::scores(*gp, mq, nk, t0, hd, Q, ldq, Kp, scale, S.data(), nk, ap, fp::direct_fn(level));
-        softmax_rows(kr, S.data(), nk, mq, t0, km, all_nonzero(km, nk), lse + (b * Hq + h) * T);
-        fp::p_times_v(level, *gp, mq, nk, t0, hd, T, S.data(), nk, Kp + k_sz, O, ldo, ap, fp::direct_fn(level));
+        const fp::ScaleFillFn sf = fp::scale_fill_fn(level);
+        const bool km_all = all_nonzero(km, nk);
+        if (!sf) {
+          fp::scores(*gp, mq, nk, t0, hd, Q, ldq, Kp, scale, S.data(), nk, ap, fp::direct_fn(level));
+          softmax_rows(kr, S.data(), nk, mq, t0, km, km_all, lse + (b * Hq + h) * T);
+          fp::p_times_v(level, *gp, mq, nk, t0, hd, T, S.data(), nk, Kp + k_sz, O, ldo, ap, fp::direct_fn(level));
+          continue;
+        }
+        // One MR-row tile at a time (scores, softmax, P·v), so its rows of S stay in L1 between the
+        // three passes (a whole [64, T] block does not at T = 256); the same per-row operations.
+        const gemm_k::UkernelDirectFn dfn = fp::direct_fn(level);
+        float inv[gemm_k::kAvx512MR > gemm_k::kAvx2MR ? gemm_k::kAvx512MR : gemm_k::kAvx2MR];
+        for (int64_t ir = 0; ir < mq; ir += gp->mr) {
+          const int64_t mr = std::min<int64_t>(gp->mr, mq - ir);
+          float* Sr = S.data() + ir * nk;
+          fp::scores(*gp, mr, nk, t0 + ir, hd, Q + ir * ldq, ldq, Kp, scale, Sr, nk, ap, dfn);
+          softmax_rows(kr, Sr, nk, mr, t0 + ir, km, km_all, lse + (b * Hq + h) * T, inv);
+          for (int64_t i = 0; i < mr; ++i) sf(Sr + i * nk, t0 + ir + i + 1, 0, inv[i]);  // r[s] *= inv, s <= t
+          fp::p_times_v(level, *gp, mr, nk, t0 + ir, hd, T, Sr, nk, Kp + k_sz, O + ir * ldo, ldo, ap, dfn);
+        }
         continue;
       }
       gemm_nt(level, mq, nk, hd, scale, Q, ldq, k + b * T * ldk + kh * hd, ldk, 0.0f, S.data(),
@@ -378,15 +440,18 @@ void attention_train_backward(SimdLevel level, int64_t B, int64_t T, int64_t Hq,
     const bool panels = !g.bf16 && fp::usable(level, hd);
     const GemmPanels* gp = panels ? &gemm_panels(level) : nullptr;
     const gemm_k::UkernelDirectFn dfn = fp::direct_fn(level);
+    const fp::ProbsDscoresFn pds = panels ? fp::probs_dscores_fn(level) : nullptr;
+    const bool tt = panels && dfn && fp::fuse_on() && fp::t_times_usable(level, std::min(kBlock, T));
     parallel_range(tasks, 1, [&](int64_t p0, int64_t p1) {
       std::vector<float> P(static_cast<size_t>(kBlock * T)), dP(P.size());  // [mq, nk] each
-      fp::Buf bKr, bVr, bKc, bAp;
-      float *Kr = nullptr, *Vr = nullptr, *Kc = nullptr, *Ap = nullptr;
+      fp::Buf bKr, bVr, bKc, bAp, bXp;
+      float *Kr = nullptr, *Vr = nullptr, *Kc = nullptr, *Ap = nullptr, *Xp = nullptr;
       if (panels) {
         Kr = bKr.get(static_cast<size_t>(fp::rows_size(*gp, T, hd)));
         Vr = bVr.get(static_cast<size_t>(fp::rows_size(*gp, T, hd)));
         Kc = bKc.get(static_cast<size_t>(fp::cols_size(*gp, T, hd)));
         Ap = bAp.get(static_cast<size_t>(gp->mr * std::max(hd, std::min(T, gemm_blocking_in_use(level).kc))));
+        if (tt) Xp = bXp.get(static_cast<size_t>(fp::cols_size(*gp, std::min(kBlock, T), hd)));
       }
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t b = p / Hkv, kh = p % Hkv;
@@ -414,11 +479,21 @@ void attention_train_backward(SimdLevel level, int64_t B, int64_t T, int64_t Hq,
               // dS beyond each row's keys is +0 where the full products gave ±0 (P = 0 there): the
               // sums below never differ (an fp32 sum from +0 is never -0).
               fp::scores(*gp, mq, nk, t0, hd, Qr, ldq, Kr, scale, P.data(), nk, Ap, dfn);
-              probs_from_lse(kr, P.data(), nk, mq, nk, t0, 0, km, km_all, lse + (b * Hq + h) * T);
               fp::scores(*gp, mq, nk, t0, hd, dOr, lddo, Vr, 1.0f, dP.data(), nk, Ap, dfn);
-              dscores_causal(P.data(), dP.data(), nk, mq, nk, t0, delta.data() + (b * Hq + h) * T + t0, scale);
+              const float* dl = delta.data() + (b * Hq + h) * T + t0;
+              if (pds) {  // P and dS in one SIMD pass
+                pds(mq, nk, t0, P.data(), dP.data(), nk, lse + (b * Hq + h) * T + t0, dl, scale, km_all ? nullptr : km);
+              } else {
+                probs_from_lse(kr, P.data(), nk, mq, nk, t0, 0, km, km_all, lse + (b * Hq + h) * T);
+                dscores_causal(P.data(), dP.data(), nk, mq, nk, t0, dl, scale);
+              }
               fp::p_times_v(level, *gp, mq, nk, t0, hd, T, dP.data(), nk, Kc, dq + (b * T + t0) * lddq + h * hd,
                             lddq, Ap, dfn);
+              if (tt) {  // dK, dV: the A operands read in place against a panel of this block's q / dout
+                fp::t_times(*gp, dfn, mq, nk, t0, hd, dP.data(), nk, Qr, ldq, Xp, dKb, lddk);
+                fp::t_times(*gp, dfn, mq, nk, t0, hd, P.data(), nk, dOr, lddo, Xp, dVb, lddv);
+                continue;
+              }
             } else {
               gemm_nt(level, mq, nk, hd, scale, Qr, ldq, Kb, ldk, 0.0f, P.data(), nk);  // scores in fp32
               probs_from_lse(kr, P.data(), nk, mq, nk, t0, 0, km, km_all, lse + (b * Hq + h) * T);
