@@ -4,9 +4,9 @@
 // width (10 independent chains), sampled before and after every timing; its best sample is the peak
 // (on a shared VM the clock moves: compare the cases' best rates with it, and medians with medians).
 //
-// Build against a dev build (tools/dev-build build/dev), then run on one thread:
-//   g++ -O2 -std=c++17 -Icpp/src bench/gemm_peak.cpp build/dev/libqlora.a -lpthread -o /tmp/gemm_peak
-//   QLORA_NUM_THREADS=1 /tmp/gemm_peak avx2 [rounds=7]      (or avx512)
+// Built by every x86 build as target gemm_peak (tools/dev-build build/dev makes build/dev/gemm_peak);
+// run it on one thread:
+//   QLORA_NUM_THREADS=1 build/dev/gemm_peak avx2 [rounds=7]      (or avx512)
 #include <immintrin.h>
 
 #include <algorithm>
