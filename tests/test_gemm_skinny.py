@@ -42,3 +42,27 @@ def test_skinny_equals_wide_column_block(backend, M, K, n):
     got = np.asarray(ops.gemm_nt(a, bt[:n].copy(), backend=backend))
     bound = 2 * (K + 2) * np.finfo(np.float32).eps * (np.abs(a) @ np.abs(bt[:n]).T) + 1e-30
     assert np.all(np.abs(got - ref) <= bound)
+
+
+@pytest.mark.skipif("cpu:avx512" not in LEVELS, reason="no AVX-512 on this CPU")
+@pytest.mark.parametrize("M,N,K", [(1024, 48, 576), (37, 33, 1100), (17, 40, 5), (100, 47, 33), (23, 48, 16)])
+def test_skinny48_equals_blocked(monkeypatch, M, N, K):
+    """32 < N <= 48 at AVX-512 (the grouped q/k/v LoRA shrink) runs 8 x 48 tiles reading A in place:
+    the blocked way's FMA chains and depth blocks, so QLORA_GEMM_SKINNY48=0 gives the same bits."""
+    rng = np.random.default_rng(M + N * 3 + K)
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    b = rng.standard_normal((N, K)).astype(np.float32)
+    c0 = rng.standard_normal((M, N)).astype(np.float32)
+    got = {}
+    for on in ("1", "0"):
+        monkeypatch.setenv("QLORA_GEMM_SKINNY48", on)
+        for beta in (0.0, 0.75):
+            c = c0.copy()
+            ops.gemm_nt(a, b, out=c, alpha=0.5, beta=beta, backend="cpu:avx512")
+            got[on, beta] = c
+    eps = float(np.finfo(np.float32).eps)
+    for beta in (0.0, 0.75):
+        np.testing.assert_array_equal(got["1", beta], got["0", beta])
+        ref = 0.5 * (a.astype(np.float64) @ b.astype(np.float64).T) + beta * c0
+        bound = (K + 4) * eps * (0.5 * np.abs(a) @ np.abs(b).T + beta * np.abs(c0)) + 1e-30
+        assert np.all(np.abs(got["1", beta] - ref) <= bound)

@@ -488,11 +488,54 @@ GemmBlocking gemm_blocking_in_use(SimdLevel level) {
   return b;
 }
 
+namespace {
+#ifdef QLORA_X86
+thread_local Scratch t_s48;
+bool skinny48_on() {  // QLORA_GEMM_SKINNY48=0: the blocked way instead (A/B runs; tests compare bit for bit)
+  const char* e = std::getenv("QLORA_GEMM_SKINNY48");
+  return !(e && std::string(e) == "0");
+}
+
+// C[M, N] = alpha * A·op(B) + beta * C for 32 < N <= 48 at AVX-512 (the grouped q/k/v LoRA shrink
+// x·[A_q; A_k; A_v]ᵀ, R = 48): B packed once [K][48], A read in place by 8 x 48 tiles (a broadcast
+// per 3 FMAs; the blocked way packed A and ran a 32-column panel plus a half-width 16-column one at a
+// broadcast per FMA). Same depth blocks and FMA chains as the blocked way: same bits.
+// pack(Bp): Bp[k][j] = op(B)[k][j] for j < N, 0 for N <= j < 48.
+template <class PackB>
+void skinny48(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, float beta, float* C,
+              int64_t ldc, const PackB& pack) {
+  float* Bp = t_s48.get(static_cast<size_t>(K * 48));
+  pack(Bp);
+  const int64_t kc = gemm_depth_block(SimdLevel::AVX512, K), R = kSkinny48Rows;
+  const int64_t tiles = ceil_div(M, R);
+  const int64_t per = std::max<int64_t>(1, static_cast<int64_t>(4e6 / (2.0 * R * 48 * K)));  // ~4 MFLOP a task
+  const int nr = static_cast<int>(N);
+  parallel_for(ceil_div(tiles, per), [&](int64_t t) {
+    for (int64_t it = t * per; it < std::min(tiles, (t + 1) * per); ++it) {
+      const int64_t i0 = it * R;
+      const int mr = static_cast<int>(std::min(R, M - i0));
+      for (int64_t pc = 0; pc < K; pc += kc)
+        skinny48_avx512(std::min(kc, K - pc), A + i0 * lda + pc, lda, Bp + pc * 48, C + i0 * ldc, ldc, alpha,
+                        pc == 0 ? beta : 1.0f, mr, nr);
+    }
+  });
+}
+bool skinny48_fits(SimdLevel level, int64_t M, int64_t N, int64_t K) {
+  return level == SimdLevel::AVX512 && N > 32 && N <= 48 && M > kGemvF32MaxM && K >= 1 && skinny48_on();
+}
+#endif
+}  // namespace
+
 void gemm_nt(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
              const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   check_dims(M, N, K, lda, K, ldb, K, ldc);
   if (level == SimdLevel::Scalar) return scalar::gemm_nt(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   if (M >= 1 && M <= kGemvF32MaxM && K >= 1) return gemv_nt_f32(level, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+#ifdef QLORA_X86
+  if (skinny48_fits(level, M, N, K))
+    return skinny48(M, N, K, alpha, A, lda, beta, C, ldc,
+                    [&](float* Bp) { pack_b_t48_avx512(B, ldb, static_cast<int>(N), K, Bp); });
+#endif
   const Kern& kn = kern_for(level);
   blocked(
       kn, M, N, K, alpha, beta, C, ldc,

@@ -81,6 +81,14 @@ void tn_small_avx512(int64_t kc, const float* A, int64_t lda, const float* B, in
 constexpr int kTnSmallRowsCopy = 48, kTnSmallColsCopy = 64;
 void tn_small_copy_avx512(int64_t kc, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                           float alpha, float beta, int mr, int nr, bool trans);
+// gemm_nt with 32 < N <= 48 (LoRA's grouped q/k/v shrink, R = 48): C[i, j < nr] of mr <= 8
+// rows from A read in place (row i at A + i * lda) and Bp [kc][48] (zero past nr); per element the
+// packed micro-kernel's FMA chain and epilogue, so the bits of the blocked way (32 + 16 panels).
+constexpr int kSkinny48Rows = 8;
+// Bp[k][j] = B[j * ldb + k] for k < kc, j < nr <= 48 (0 for j >= nr); Bp 64-byte aligned.
+void pack_b_t48_avx512(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
+void skinny48_avx512(int64_t kc, const float* A, int64_t lda, const float* Bp, float* C, int64_t ldc, float alpha,
+                     float beta, int mr, int nr);
 void ukernel_direct_avx512(int64_t kc, const float* A, int64_t rs, int64_t cs, const float* Bp, float* C, int64_t ldc,
                            float alpha, float beta, int mr, int nr);
 void pack_b_t_avx512(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);

@@ -259,6 +259,77 @@ void tn_small_copy_avx512(int64_t kc, const float* A, int64_t lda, const float* 
   }
 }
 
+namespace {
+// R rows x 48 columns: each broadcast of A (read in place) feeds three FMAs; 3R + 3 + 1 zmm live.
+template <int R>
+void ukr48(int64_t kc, const float* A, int64_t lda, const float* Bp, float* C, int64_t ldc, float alpha, float beta,
+           int nr) {
+  __m512 c0[R], c1[R], c2[R];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) c0[i] = c1[i] = c2[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 b0 = _mm512_load_ps(Bp), b1 = _mm512_load_ps(Bp + 16), b2 = _mm512_load_ps(Bp + 32);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const __m512 a = _mm512_set1_ps(A[i * lda + k]);
+      c0[i] = _mm512_fmadd_ps(a, b0, c0[i]);
+      c1[i] = _mm512_fmadd_ps(a, b1, c1[i]);
+      c2[i] = _mm512_fmadd_ps(a, b2, c2[i]);
+    }
+    Bp += 48;
+  }
+  const __mmask16 m0 = lane_mask(nr), m1 = lane_mask(nr - 16), m2 = lane_mask(nr - 32);
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {  // ukr's epilogue per 16-lane group
+    float* c = C + i * ldc;
+    const __m512 x0 = _mm512_mul_ps(va, c0[i]), x1 = _mm512_mul_ps(va, c1[i]), x2 = _mm512_mul_ps(va, c2[i]);
+    if (beta == 0.0f) {
+      _mm512_mask_storeu_ps(c, m0, x0);
+      _mm512_mask_storeu_ps(c + 16, m1, x1);
+      _mm512_mask_storeu_ps(c + 32, m2, x2);
+    } else {
+      _mm512_mask_storeu_ps(c, m0, _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, c), x0));
+      _mm512_mask_storeu_ps(c + 16, m1, _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m1, c + 16), x1));
+      _mm512_mask_storeu_ps(c + 32, m2, _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m2, c + 32), x2));
+    }
+  }
+}
+}  // namespace
+
+void pack_b_t48_avx512(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp) {
+  // pack_b_t_avx512 with 48-float rows: 16 x 16 transposes of B's [nr, kc] row runs.
+  int64_t k0 = 0;
+  for (; k0 + 16 <= kc; k0 += 16) {
+    for (int g = 0; g < 3; ++g) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int row = g * 16 + i;
+        r[i] = row < nr ? _mm512_loadu_ps(B + row * ldb + k0) : _mm512_setzero_ps();
+      }
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_store_ps(Bp + (k0 + i) * 48 + g * 16, r[i]);
+    }
+  }
+  for (; k0 < kc; ++k0)
+    for (int j = 0; j < 48; ++j) Bp[k0 * 48 + j] = j < nr ? B[j * ldb + k0] : 0.0f;
+}
+
+void skinny48_avx512(int64_t kc, const float* A, int64_t lda, const float* Bp, float* C, int64_t ldc, float alpha,
+                     float beta, int mr, int nr) {
+  switch (mr) {
+    case 8: return ukr48<8>(kc, A, lda, Bp, C, ldc, alpha, beta, nr);
+    case 7: return ukr48<7>(kc, A, lda, Bp, C, ldc, alpha, beta, nr);
+    case 6: return ukr48<6>(kc, A, lda, Bp, C, ldc, alpha, beta, nr);
+    case 5: return ukr48<5>(kc, A, lda, Bp, C, ldc, alpha, beta, nr);
+    case 4: return ukr48<4>(kc, A, lda, Bp, C, ldc, alpha, beta, nr);
+    case 3: return ukr48<3>(kc, A, lda, Bp, C, ldc, alpha, beta, nr);
+    case 2: return ukr48<2>(kc, A, lda, Bp, C, ldc, alpha, beta, nr);
+    case 1: return ukr48<1>(kc, A, lda, Bp, C, ldc, alpha, beta, nr);
+    default: return;
+  }
+}
+
 void pack_b_t_avx512(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp) {
   int64_t k0 = 0;
   for (; k0 + 16 <= kc; k0 += 16) {
