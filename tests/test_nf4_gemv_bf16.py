@@ -44,20 +44,23 @@ def variant(request):
         os.environ["QLORA_BF16_GEMV_FP32"] = old
 
 
-def test_the_variants_differ_and_unset_is_dpbf16(rng):
+def test_the_variants_differ_and_unset_picks_by_m(rng):
     """The switch selects another kernel (another summation order: some of 64 rows at K = 4096 differ
-    in the last bits); unset runs the vdpbf16ps kernel (the default on every CPU)."""
+    in the last bits); unset runs the fp32-FMA variant at M = 1 on AMX-BF16 CPUs and the vdpbf16ps
+    kernel otherwise (M >= 2, or no AMX)."""
     w = random_nf4(rng, 64, 4096, 64, True)
-    x = rng.standard_normal((1, 4096)).astype(np.float32)
-    os.environ["QLORA_BF16_GEMV_FP32"] = "0"
-    a = run(x, w)
-    os.environ["QLORA_BF16_GEMV_FP32"] = "1"
-    b = run(x, w)
-    del os.environ["QLORA_BF16_GEMV_FP32"]
-    assert not np.array_equal(a, b)
-    np.testing.assert_array_equal(run(x, w), a)
-    check(b, x, decode(w).T, 4096)
-
+    with open("/proc/cpuinfo") as f:  # cpu::cpu_has_amx_bf16 (CPUID): the kernel choice does not need the OS's leave
+        amx = "amx_bf16" in f.read().split()
+    for M in (1, 2):
+        x = rng.standard_normal((M, 4096)).astype(np.float32)
+        os.environ["QLORA_BF16_GEMV_FP32"] = "0"
+        a = run(x, w)
+        os.environ["QLORA_BF16_GEMV_FP32"] = "1"
+        b = run(x, w)
+        del os.environ["QLORA_BF16_GEMV_FP32"]
+        assert not np.array_equal(a, b), M
+        np.testing.assert_array_equal(run(x, w), b if (M == 1 and amx) else a)
+        check(b, x, decode(w).T, 4096)
 
 def run(x, w, **kw):
     return ops.nf4_gemm_nt(x, w, backend="cpu", compute_dtype="bfloat16", **kw)

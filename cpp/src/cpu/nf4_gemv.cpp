@@ -16,6 +16,7 @@
 #include "cpu/gemm_bf16.hpp"
 #include "cpu/gemm_scalar.hpp"
 #include "cpu/gemv_tasks.hpp"
+#include "cpu/nf4_gemv_bf16_kernels.hpp"
 #include "cpu/nf4_gemv_kernels.hpp"
 #include "cpu/threads.hpp"
 
@@ -148,6 +149,9 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
 #if defined(QLORA_X86)
   const bool m1 = G == nf4_gemv_detail::kGroupAvx512 && M == 1 && m1_kernel_enabled();
   if (m1) rows = m1_pairs_enabled() ? nf4_gemv_detail::rows_avx512_m1_pairs : nf4_gemv_detail::rows_avx512_m1;
+  // The bf16 contract at M = 1: the same row pairs with hardware-rounded tables (AVX512-BF16: checked
+  // by nf4_gemv_nt_many_bf16_fp32).
+  if (m1 && bf16_ops && m1_pairs_enabled()) rows = nf4_gemv_bf16_detail::rows_m1_fp32;
 #else
   const bool m1 = false;
 #endif
@@ -269,6 +273,7 @@ void nf4_gemv_nt_many_bf16_fp32(int64_t M, float alpha, const float* X, int64_t 
                                  const Nf4Ref* const* W, float beta, float* const* Y, const int64_t* ldy,
                                  const GemvTail* tail) {
   check_arg(M >= 1 && M <= kNf4GemvMaxM && W[0]->cols % 32 == 0, "nf4_gemv_nt_many_bf16_fp32: M or K out of range");
+  check_arg(cpu_has_avx512_bf16(), "nf4_gemv_nt_many_bf16_fp32: needs AVX512-BF16");
 #if !defined(QLORA_X86)
   check_arg(false, "nf4_gemv_nt_many_bf16_fp32: x86 AVX-512 only");  // the generic kernel ignores round_bf16
 #endif

@@ -44,9 +44,10 @@ void nf4_gemv_nt_many_tail(SimdLevel level, int64_t M, const float* X, int64_t l
 
 // The bf16-compute GEMV contract (cpu/nf4_gemv_bf16.hpp: Y = alpha * r(X) · r(deq(W))ᵀ + beta * Y,
 // r = bf16 RNE, fp32 sums) on the AVX-512 fp32 kernels: X rounded once per call, each block's
-// scaled code table rounded to bf16, so every product is exact in fp32 and fp32 FMAs sum them.
-// nf4_gemv_bf16 runs it under QLORA_BF16_GEMV_FP32=1 (off by default, see there). Requires the
-// AVX-512 level, 1 <= M <= kNf4GemvMaxM, K % 32 == 0 (the caller checked the rest); tail may be null.
+// scaled code table rounded to bf16, so every product is exact in fp32 and fp32 FMAs sum them (at
+// M = 1 the row pairs round the tables with vcvtne2ps2bf16: nf4_gemv_bf16_m1_avx512bf16.cpp).
+// nf4_gemv_bf16 runs it at M = 1 on AMX-BF16 CPUs and under QLORA_BF16_GEMV_FP32=1 (see there).
+// Requires AVX512-BF16, 1 <= M <= kNf4GemvMaxM, K % 32 == 0 (the caller checked the rest); tail may be null.
 void nf4_gemv_nt_many_bf16_fp32(int64_t M, float alpha, const float* X, int64_t ldx, int64_t n,
                                  const Nf4Ref* const* W, float beta, float* const* Y, const int64_t* ldy,
                                  const GemvTail* tail);

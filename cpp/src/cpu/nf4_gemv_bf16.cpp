@@ -45,14 +45,19 @@ void prefetch_override(int64_t& l1, int64_t& l2) {
 }
 
 
-// QLORA_BF16_GEMV_FP32=1: the fp32-FMA variant (nf4_gemv.hpp's nf4_gemv_nt_many_bf16_fp32: the same
-// contract through the fp32 kernels, another summation order) instead of the vdpbf16ps kernel; read
-// per call (A/B runs). Off by default everywhere: on the Emerald Rapids VM, where vdpbf16ps is slow,
-// it still decoded 7-15% fewer bytes per CPU second at M = 1 (rounding each block's table to bf16
-// costs more than vdpbf16ps saves) and was within noise at M = 2..8.
-bool fp32_variant() {
+// The fp32-FMA variant (nf4_gemv.hpp's nf4_gemv_nt_many_bf16_fp32: the same contract through the
+// fp32 kernels, another summation order) or the vdpbf16ps kernel. Default: the variant at M = 1 on
+// AMX-BF16 CPUs (Sapphire Rapids+), whose vdpbf16ps is slow: there its M = 1 row pairs with
+// hardware-rounded tables decoded 1-7% more bytes per CPU second than the vdpbf16ps kernel
+// (Emerald Rapids VM, 1 thread, 4096x4096 / 4096x11008 from DRAM); vdpbf16ps elsewhere (on the
+// Zen 4 the vdpbf16ps GEMV was ~1.5x the fp32 one) and at M >= 2 (within noise there).
+// QLORA_BF16_GEMV_FP32=1 / 0 forces one at every M (read per call: A/B runs).
+bool fp32_variant(int64_t M) {
   const char* e = std::getenv("QLORA_BF16_GEMV_FP32");
-  return e && std::strcmp(e, "1") == 0;
+  if (e && std::strcmp(e, "1") == 0) return true;
+  if (e && std::strcmp(e, "0") == 0) return false;
+  static const bool amx = cpu_has_amx_bf16();
+  return M == 1 && amx;
 }
 
 }  // namespace
@@ -101,7 +106,7 @@ CallScratch& call_scratch() {
 void run_job(int64_t M, float alpha, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W, float beta,
              float* const* Y, const int64_t* ldy, const GemvTail* tail) {
   namespace d = nf4_gemv_bf16_detail;
-  if (fp32_variant()) return nf4_gemv_nt_many_bf16_fp32(M, alpha, X, ldx, n, W, beta, Y, ldy, tail);
+  if (fp32_variant(M)) return nf4_gemv_nt_many_bf16_fp32(M, alpha, X, ldx, n, W, beta, Y, ldy, tail);
   const int64_t K = W[0]->cols;
   CallScratch fresh;
   CallScratch& cs_ = gemv_tasks::scratch_enabled() ? call_scratch() : fresh;

@@ -5,6 +5,8 @@
 // 32-entry bf16 table of r(code * absmax), vpermw looks 32 nibbles up straight into vdpbf16ps
 // pair order. Products of bf16 values are exact in fp32; only the summation order differs from
 // the GEMM path. The summation order of a row depends on K and M only (never on the thread count).
+// At M = 1 on AMX-BF16 CPUs the same contract runs on fp32 FMAs instead (nf4_gemv_nt_many_bf16_fp32;
+// QLORA_BF16_GEMV_FP32=0 / 1 picks one kernel at every M: nf4_gemv_bf16.cpp).
 #pragma once
 #include <cstdint>
 

@@ -3,6 +3,10 @@
 #pragma once
 #include <cstdint>
 
+namespace qlora::cpu::nf4_gemv_detail {
+struct Args;
+}
+
 namespace qlora::cpu::nf4_gemv_bf16_detail {
 
 // Rows [r0, r1) of Y[M, N] = alpha * Xb · Wᵀ + beta * Y (a plain aggregate: no inline constructor).
@@ -29,5 +33,9 @@ struct Args {
 // slot s < 32 holds column 2s + 1 (low nibbles), slot 32 + s column 2s (high nibbles).
 void regroup_x_bf16(int64_t M, int64_t K, const float* X, int64_t ldx, uint16_t* xb);
 void rows_bf16(const Args& a, int64_t r0, int64_t r1);
+
+// M = 1, the bf16 contract on fp32 FMAs (nf4_gemv_bf16_m1_avx512bf16.cpp): bits of
+// nf4_gemv_detail::rows_avx512_m1_pairs with round_bf16 set, a.x regrouped (m1 order) and rounded.
+void rows_m1_fp32(const nf4_gemv_detail::Args& a, int64_t r0, int64_t r1);
 
 }  // namespace qlora::cpu::nf4_gemv_bf16_detail
