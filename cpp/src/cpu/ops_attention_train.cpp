@@ -342,7 +342,8 @@ void attention_train(SimdLevel level, int64_t B, int64_t T, int64_t Hq, int64_t 
       if (panels && fp::block_usable(mq)) {
         const float* Kp = kv_all + (b * Hkv + kh) * (k_sz + v_sz);
         float* ap = Ap.get(static_cast<size_t>(gp->mr * std::max(hd, gemm_depth_block(level, nk))));
-        const fp::ScaleFillFn sf = fp::scale_fill_fn(level);
+        constexpr int kMaxMr = 16;  // inv[] below; the AVX2 / AVX-512 tiles have 6 / 14 rows
+        const fp::ScaleFillFn sf = gp->mr <= kMaxMr ? fp::scale_fill_fn(level) : nullptr;
         const bool km_all = all_nonzero(km, nk);
         if (!sf) {
           fp::scores(*gp, mq, nk, t0, hd, Q, ldq, Kp, scale, S.data(), nk, ap, fp::direct_fn(level));
@@ -353,7 +354,7 @@ void attention_train(SimdLevel level, int64_t B, int64_t T, int64_t Hq, int64_t 
         // One MR-row tile at a time (scores, softmax, P·v), so its rows of S stay in L1 between the
         // three passes (a whole [64, T] block does not at T = 256); the same per-row operations.
         const gemm_k::UkernelDirectFn dfn = fp::direct_fn(level);
-        float inv[gemm_k::kAvx512MR > gemm_k::kAvx2MR ? gemm_k::kAvx512MR : gemm_k::kAvx2MR];
+        float inv[kMaxMr];
         for (int64_t ir = 0; ir < mq; ir += gp->mr) {
           const int64_t mr = std::min<int64_t>(gp->mr, mq - ir);
           float* Sr = S.data() + ir * nk;
