@@ -31,7 +31,8 @@ def test_engine_isa(peer_isa):
 
 def fake_out():
     rng = random.Random()
-    sg_by = {"avx2": {"numpy_gflops": rng.uniform(50, 100), "openblas_core": "Haswell",
+    g = rng.uniform(50, 100)
+    sg_by = {"avx2": {"numpy_gflops": g, "openblas_core": "Haswell", "numpy_gflops_runs": [g, g * 0.9],
                       "shapes": [{"M": 2048, "K": 576, "N": 1536, "numpy_gflops": 60.0}]}}
     flops = {"total": rng.uniform(1e11, 1e12), "tokens": 1024}
     res = {}
@@ -62,7 +63,8 @@ def test_ceiling_is_isa_sgemm_over_peer_rate_and_printed(capsys):
     i = next(k for k, s in enumerate(lines) if s.startswith("target: qlora_native tokens/s"))
     assert lines[i + 1].startswith("ceiling: at equal FLOPs an engine at 100% of this ISA's sgemm (avx2, ")
     assert f"would be {c['x_peer']:.2f}x the peer" in lines[i + 1]
-    assert "avx2, OpenBLAS Haswell" in text
+    runs = out["sgemm_by_isa"]["avx2"]["numpy_gflops_runs"]
+    assert f"avx2, OpenBLAS Haswell (before / after the engines: {runs[0]:.1f} / {runs[1]:.1f})" in text
     me = next(s for s in lines if s.startswith("qlora_native NF4"))
     assert f"{100 * out['results']['qlora_nf4']['share_of_isa_sgemm']:.0f}%" in me.split()
 
