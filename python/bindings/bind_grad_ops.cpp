@@ -315,9 +315,8 @@ py::dict lm_cross_entropy_q8_0(py::handle h_o, const py::array_t<uint8_t, py::ar
   {
     py::gil_scoped_release nogil;
     if (as_f32) {
-      check_arg(bf16, "as_f32 needs bf16=True");
       r = lm_cross_entropy_q8_0_as_f32(be, N, D, V, h.data(), D, eq.data(), labels.data(), grad_scale, pdh, D,
-                                       chunk_rows);
+                                       chunk_rows, bf16);
     } else {
       r = lm_cross_entropy_q8_0(be, N, D, V, h.data(), D, eq.data(), labels.data(), grad_scale, pdh, D, chunk_rows,
                                 bf16);
@@ -368,8 +367,8 @@ void bind_grad_ops(py::module_& m) {
         py::kw_only(), py::arg("grad_scale") = 1.0f, py::arg("chunk_rows") = kCrossEntropyChunkRows,
         py::arg("want_grad") = true, py::arg("bf16") = false, py::arg("backend") = "cpu", py::arg("as_f32") = false,
         "lm_cross_entropy through a Q8_0 lm_head (head_format 'q8_0'): logits by q8_0_gemm_nt, dh by q8_0_gemm_nn; "
-        "as_f32 (bf16 only): exactly lm_cross_entropy over the rows' fp32 dequantization (bf16 panels packed from "
-        "the Q8_0 rows; ValueError where that path does not apply)");
+        "as_f32: exactly lm_cross_entropy over the rows' fp32 dequantization (bf16: panels packed from the Q8_0 "
+        "rows; fp32: blocks of rows decoded for each GEMM; ValueError where that path does not apply)");
   g.attr("default_chunk_rows") = kCrossEntropyChunkRows;
   g.def(
       "cross_entropy_workspace_bytes",

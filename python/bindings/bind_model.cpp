@@ -236,6 +236,7 @@ void bind_model(py::module_& m) {
           },
           py::arg("raw"))
       .def("embed_is_q8_0", [](LlamaModel& self) { return self.weights().embed_is_q8_0(); })
+      .def("tied_q8_0_unwidened", [](LlamaModel& self) { return self.weights().tied_q8_0_unwidened(); })
       .def(
           "set_head_q8_0",
           [](LlamaModel& self) {

@@ -220,7 +220,8 @@ void bind_train(py::module_& m) {
       "Device bytes of one training pass by part and its peak (LossResult::peak_train_bytes), as "
       "LlamaModel::train_pass allocates them; offload_host: the host staging of offloaded checkpoints. "
       "device: the backend's memory is not host memory (cuda, cpu:devsim). f32_from_q8_0: head_format "
-      "float32 over a GGUF's tied Q8_0 token_embd not yet widened (bf16: the loss packs its panels).");
+      "float32 over a GGUF's tied Q8_0 token_embd not yet widened (the loss reads its rows: bf16 packs its "
+      "panels, fp32 decodes blocks of them into a scratch).");
 
   t.def("lr_at",
         [](const std::string& schedule, int64_t step, double base_lr, double warmup_steps, int64_t total_steps) {

@@ -26,6 +26,7 @@ from __future__ import annotations
 import numbers
 
 from . import _core
+from ._core import gguf as _gguf
 from ._core import grad_ops as _grad_ops
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -45,7 +46,29 @@ def _get(cfg, key, default=None):
     return getattr(cfg, key, default)
 
 
+def _config(cfg):
+    """The config of a Model or a GGUFSource (their .config), else cfg itself."""
+    return cfg.config if hasattr(cfg, "_core") or isinstance(getattr(cfg, "file", None), _gguf.GGUFFile) else cfg
+
+
+def _reads_q8_0_rows(cfg, head_format: str) -> bool:
+    """TrainShape::f32_from_q8_0 from what cfg knows: a Model whose tied Q8_0 token_embd has no fp32
+    table (LlamaWeights::tied_q8_0_unwidened), a GGUFSource whose tied token_embd is Q8_0; a config
+    alone describes an HF checkpoint (an fp32 table: False)."""
+    if head_format != "float32":
+        return False
+    if hasattr(cfg, "_core"):
+        return bool(cfg._core.tied_q8_0_unwidened())
+    if isinstance(getattr(cfg, "file", None), _gguf.GGUFFile):
+        types = {t[0]: t[2] for t in cfg.file.tensors()}
+        return (bool(cfg.config.get("tie_word_embeddings")) and "token_embd.weight" in types
+                and _gguf.type_name(types["token_embd.weight"]) == "Q8_0" and cfg.config["hidden_size"] % 32 == 0)
+    return False
+
+
 def _dims(cfg) -> dict:
+    cfg = _config(cfg)
+
     def field(key, default=None):
         v = _get(cfg, key, None)
         v = default if v is None else v
@@ -90,9 +113,9 @@ def weight_bytes(cfg, *, nf4: bool = True, blocksize: int = 64, double_quant: bo
                  head_format: str = "float32") -> dict[str, int]:
     """Device bytes of the frozen weights by category (LlamaModel::memory_footprint's names, with
     the embedding / lm_head split out of other_weights). head_format "float32" counts the fp32 table;
-    a GGUF's Q8_0 token_embd is held as its Q8_0 rows, widened to that table by the first pass that
-    needs it (fp32 compute; under bf16 compute on an AVX512-BF16 CPU a tied one never is, README
-    "bf16 compute")."""
+    a GGUF's Q8_0 token_embd is held as its Q8_0 rows, widened to that table only by a pass that cannot
+    read them (an untied one, a device backend, the scalar level, QLORA_F32_HEAD_Q8=0 /
+    QLORA_BF16_HEAD_Q8=0; README "bf16 compute")."""
     d = _dims(cfg)
     w = q = other = 0
     for rows, cols in projection_shapes(cfg).values():
@@ -137,16 +160,21 @@ def _count(name: str, value, minimum: int = 1) -> int:
 
 def activation_bytes(cfg, batch: int, seq: int, r: int, *, checkpointing: bool = True, offload: bool = False,
                      dropout: bool = False, head_format: str = "float32", device: bool = True,
-                     compute_dtype: str = "float32", f32_from_q8_0: bool = False) -> dict[str, int]:
+                     compute_dtype: str = "float32", f32_from_q8_0: bool | None = None) -> dict[str, int]:
     """The training pass's buffers (forward_backward): each category and "peak", the bytes
     LlamaModel::LossResult::peak_train_bytes reports (its MemCounter's high-water mark).
-    f32_from_q8_0: head_format "float32" over a GGUF's tied Q8_0 token_embd (bf16 compute reads its
-    rows, packing the lm_head's panels even for one loss chunk).
+    cfg: a config (dict or object), a Model, or a GGUFSource.
+    f32_from_q8_0: head_format "float32" over a GGUF's tied Q8_0 token_embd without its fp32 table
+    (the loss reads the rows: bf16 packs the lm_head's panels even for one loss chunk, fp32 decodes
+    blocks of them into a scratch); None derives it from cfg (a Model or a GGUFSource knows; a config
+    alone is an HF checkpoint's fp32 table).
 
     The engine's own allocation plan (cpp/src/model/train_memory.cpp, the sizes train_pass allocates),
     not a copy of it: _core.train.memory_plan."""
     d = _dims(cfg)
     _check_head_format(head_format)
+    if f32_from_q8_0 is None:
+        f32_from_q8_0 = _reads_q8_0_rows(cfg, head_format)
     p = _core.train.memory_plan(hidden_size=d["D"], intermediate_size=d["I"], vocab_size=d["V"],
                                 num_hidden_layers=d["L"], num_attention_heads=d["Hq"], num_key_value_heads=d["Hkv"],
                                 head_dim=d["hd"], batch=_count("batch", batch), seq=_count("seq", seq),

@@ -85,9 +85,13 @@ CrossEntropyResult lm_cross_entropy_q8_0(Backend& be, int64_t N, int64_t D, int6
 // table give the same bits (cpu/lm_head_bf16.hpp), so a short pass needs no table either.
 bool lm_cross_entropy_q8_0_as_f32_applies(const Backend& be, int64_t N, int64_t D, int64_t V, int64_t chunk_rows,
                                           bool bf16, bool want_grad);
+// fp32 (bf16 = false): lm_cross_entropy(bf16 = false) over that table, the same bits, each GEMM
+// over blocks of rows decoded into an fp32 scratch (cpu/q8_0_head.hpp; workspace: + that scratch);
+// applies on the CPU backend at any level but scalar with D % 32 == 0 and QLORA_F32_HEAD_Q8 not "0".
 CrossEntropyResult lm_cross_entropy_q8_0_as_f32(Backend& be, int64_t N, int64_t D, int64_t V, const float* h,
                                                 int64_t ldh, const void* E_q8, const int32_t* labels, float grad_scale,
-                                                float* dh, int64_t lddh, int64_t chunk_rows = kCrossEntropyChunkRows);
+                                                float* dh, int64_t lddh, int64_t chunk_rows = kCrossEntropyChunkRows,
+                                                bool bf16 = true);
 // The lm_head as 16-bit rows (head_format "f16" / "bf16": V rows of D fp16 values, or bf16 when
 // rows_bf16, backend memory): logits by Backend::half_gemm_nt (fp32 compute on the exact widened values; bf16:
 // half_gemm_nt_bf16), dh by Backend::half_gemm_nn; workspace_bytes includes the widened chunk.

@@ -14,6 +14,7 @@
 #include "cpu/lm_head_bf16.hpp"
 #include "cpu/ops_backward.hpp"
 #include "cpu/profile.hpp"
+#include "cpu/q8_0_head.hpp"
 #include "cpu/rowops_kernels.hpp"
 #include "cpu/threads.hpp"
 
@@ -118,18 +119,22 @@ CrossEntropyResult lm_cross_entropy_half(Backend& be, int64_t N, int64_t D, int6
 bool lm_cross_entropy_q8_0_as_f32_applies(const Backend& be, int64_t N, int64_t D, int64_t V, int64_t chunk_rows,
                                           bool bf16, bool want_grad) {
   const auto* cpu_be = dynamic_cast<const cpu::CpuBackend*>(&be);
-  return cpu_be && N > 0 && chunk_rows >= 1 &&
-         cpu::lm_head_q8_0_panels_apply(cpu_be->level(), D, V, bf16, !be.host_memory(), want_grad);
+  if (!cpu_be || N <= 0 || chunk_rows < 1) return false;
+  if (!bf16) return be.host_memory() && cpu::q8_0_head_f32_applies(cpu_be->level(), D);
+  return cpu::lm_head_q8_0_panels_apply(cpu_be->level(), D, V, bf16, !be.host_memory(), want_grad);
 }
 
 CrossEntropyResult lm_cross_entropy_q8_0_as_f32(Backend& be, int64_t N, int64_t D, int64_t V, const float* h,
                                                 int64_t ldh, const void* E_q8, const int32_t* labels, float grad_scale,
-                                                float* dh, int64_t lddh, int64_t chunk_rows) {
+                                                float* dh, int64_t lddh, int64_t chunk_rows, bool bf16) {
   check_arg(E_q8 != nullptr, "lm_cross_entropy_q8_0_as_f32: need the Q8_0 rows");
-  check_arg(lm_cross_entropy_q8_0_as_f32_applies(be, N, D, V, chunk_rows, true, dh != nullptr),
+  check_arg(!bf16 || lm_cross_entropy_q8_0_as_f32_applies(be, N, D, V, chunk_rows, true, dh != nullptr),
             "lm_cross_entropy_q8_0_as_f32: needs bf16 panels for both lm_head GEMMs (AVX512-BF16 CPU backend, "
             "D a multiple of 32 and > 64, QLORA_BF16_HEAD_PANELS / _NN not 0)");
-  return lm_cross_entropy_any(be, N, D, V, h, ldh, nullptr, E_q8, labels, grad_scale, dh, lddh, chunk_rows, true,
+  check_arg(bf16 || lm_cross_entropy_q8_0_as_f32_applies(be, N, D, V, chunk_rows, false, dh != nullptr),
+            "lm_cross_entropy_q8_0_as_f32: fp32 needs the CPU backend at a SIMD level (not scalar), D a multiple "
+            "of 32, QLORA_F32_HEAD_Q8 not 0");
+  return lm_cross_entropy_any(be, N, D, V, h, ldh, nullptr, E_q8, labels, grad_scale, dh, lddh, chunk_rows, bf16,
                               nullptr, Backend::HalfType::F16, true);
 }
 
@@ -165,7 +170,12 @@ CrossEntropyResult lm_cross_entropy_any(Backend& be, int64_t N, int64_t D, int64
   // q8_as_f32: from the Q8_0 rows that stand for the table (the same panels).
   const uint32_t* panels = nullptr;
   const auto* cpu_be = E || q8_as_f32 ? dynamic_cast<const cpu::CpuBackend*>(&be) : nullptr;
-  if (cpu_be) {
+  // fp32 over the Q8_0 rows: blocks of them decoded into one fp32 scratch [block, D] for both GEMMs
+  // (cpu/q8_0_head.hpp: the bits of gemm_nt / gemm_nn over the table).
+  float* q8_scratch = nullptr;
+  if (q8_as_f32 && !bf16) {
+    q8_scratch = static_cast<float*>(scratch.get(cpu::q8_0_head_f32_scratch_bytes(cpu_be->level(), V, D)));
+  } else if (cpu_be) {
     // (q8_as_f32: one chunk packs them too, as there is no fp32 table for gemm_nt_bf16 to read)
     const size_t pb = q8_as_f32 ? cpu::lm_head_panels_bytes(V, D)
                                 : cpu::lm_head_panels_workspace_bytes(cpu_be->level(), N, D, V, rows, bf16, device);
@@ -178,13 +188,19 @@ CrossEntropyResult lm_cross_entropy_any(Backend& be, int64_t N, int64_t D, int64
       panels = P;
     }
   }
-  check_arg(!q8_as_f32 || (panels && (!dh || cpu::lm_head_dh_from_panels(D))),
+  check_arg(!q8_as_f32 || q8_scratch || (panels && (!dh || cpu::lm_head_dh_from_panels(D))),
             "lm_cross_entropy_q8_0_as_f32: the panels path does not apply");  // (checked by the caller)
 
   const bool dh_panels = panels && cpu::lm_head_dh_from_panels(D);  // the backward from them too
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t m = std::min(rows, N - n0);
-    if (panels) {
+    if (q8_scratch) {
+      const prof::Scope sc(prof::Part::GemmOther, "q8_head_gemm_nt",
+                           2.0 * static_cast<double>(m) * static_cast<double>(V) * static_cast<double>(D),
+                           1.0625 * static_cast<double>(V) * static_cast<double>(D) + 4.0 * static_cast<double>(m) * V,
+                           m, V, D);
+      cpu::q8_0_head_logits_f32(cpu_be->level(), m, V, D, h + n0 * ldh, ldh, E_q8, logits, V, q8_scratch);
+    } else if (panels) {
       const prof::Scope sc(prof::Part::GemmOther, "lm_head_nt_bf16",
                            2.0 * static_cast<double>(m) * static_cast<double>(V) * static_cast<double>(D),
                            2.0 * static_cast<double>(V) * static_cast<double>(D) + 4.0 * static_cast<double>(m) * V,
@@ -208,7 +224,13 @@ CrossEntropyResult lm_cross_entropy_any(Backend& be, int64_t N, int64_t D, int64
       lh = loss_host.data();
     }
     for (int64_t i = 0; i < m; ++i) res.loss_sum += lh[i];
-    if (dh && panels && dh_panels) {
+    if (dh && q8_scratch) {
+      const prof::Scope sc(prof::Part::GemmOther, "q8_head_gemm_nn",
+                           2.0 * static_cast<double>(m) * static_cast<double>(V) * static_cast<double>(D),
+                           1.0625 * static_cast<double>(V) * static_cast<double>(D) + 4.0 * static_cast<double>(m) * V,
+                           m, D, V);
+      cpu::q8_0_head_dh_f32(cpu_be->level(), m, V, D, logits, V, E_q8, dh + n0 * lddh, lddh, q8_scratch);
+    } else if (dh && panels && dh_panels) {
       const prof::Scope sc(prof::Part::GemmOther, "lm_head_nn_bf16",
                            2.0 * static_cast<double>(m) * static_cast<double>(V) * static_cast<double>(D),
                            2.0 * static_cast<double>(V) * static_cast<double>(D) + 4.0 * static_cast<double>(m) * V,

@@ -527,10 +527,11 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
   // head_format q8_0: the embedding and lm_head are read as Q8_0 (never an fp32 copy on the device).
   // head_format f16 / bf16 likewise as 16-bit rows.
   const bool head_q8 = w_->head_q8_0(), head_h = w_->head_half();
-  // bf16 compute over a GGUF's tied Q8_0 token_embd whose fp32 table was never made: the gather and
-  // the loss read the Q8_0 rows, the same values (ops_backward.hpp), no 4-byte table (V x D x 4),
-  // whatever the number of loss chunks (the plan counts the panels: TrainShape::f32_from_q8_0).
-  const bool f32_from_q8_0 = !head_q8 && !head_h && c.tie_word_embeddings && w_->embed_is_q8_0() && w_->embed.empty();
+  // A GGUF's tied Q8_0 token_embd whose fp32 table was never made: the gather and the loss read the
+  // Q8_0 rows, the same values and bits (ops_backward.hpp), no 4-byte table (V x D x 4), whatever
+  // the number of loss chunks; bf16 packs the lm_head panels from them, fp32 decodes blocks of them
+  // per GEMM (QLORA_F32_HEAD_Q8=0 widens; the plan counts either: TrainShape::f32_from_q8_0).
+  const bool f32_from_q8_0 = w_->tied_q8_0_unwidened();
   const bool q8_as_f32 =
       f32_from_q8_0 && lm_cross_entropy_q8_0_as_f32_applies(be_, M, D, V, kCrossEntropyChunkRows, bf16, backward);
   const bool keep_all = backward && !checkpointing;
@@ -581,7 +582,7 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
       : head_q8 ? lm_cross_entropy_q8_0(be_, M, D, V, hF.f(), D, w_->lm_head_q8_0(), labels, grad_scale,
                                       backward ? hF.f() : nullptr, D, kCrossEntropyChunkRows, bf16)
       : q8_as_f32 ? lm_cross_entropy_q8_0_as_f32(be_, M, D, V, hF.f(), D, w_->embed_q8.data(), labels, grad_scale,
-                                                 backward ? hF.f() : nullptr, D, kCrossEntropyChunkRows)
+                                                 backward ? hF.f() : nullptr, D, kCrossEntropyChunkRows, bf16)
               : lm_cross_entropy(be_, M, D, V, hF.f(), D, w_->lm_head_f32(), labels, grad_scale,
                                  backward ? hF.f() : nullptr, D, kCrossEntropyChunkRows, bf16);
   mc.peak = std::max(mc.peak, mc.cur + ce.workspace_bytes);

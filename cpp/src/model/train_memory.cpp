@@ -7,6 +7,7 @@
 #include "common/error.hpp"
 #include "cpu/lm_head_bf16.hpp"
 #include "cpu/ops_backward.hpp"
+#include "cpu/q8_0_head.hpp"
 
 namespace qlora::model {
 
@@ -49,8 +50,11 @@ size_t lm_loss_workspace_bytes(int64_t N, int64_t D, int64_t V, int64_t chunk_ro
   if (head == HeadRows::Half && (want_grad || bf16)) b += Backend::half_chunk_scratch_bytes(V, D);
   // bf16 over an fp32 table: its bf16 panels, packed once per call (cpu/lm_head_bf16.hpp)
   // (from a tied Q8_0 token_embd's rows: packed for one chunk too, ops_backward.hpp)
+  // (fp32 over a tied Q8_0 token_embd's rows: the scratch its blocks are decoded into, cpu/q8_0_head.hpp)
   const cpu::SimdLevel lv = cpu::active_simd_level();
-  if (head == HeadRows::F32 && f32_from_q8_0 && cpu::lm_head_q8_0_panels_apply(lv, D, V, bf16, device, want_grad))
+  if (head == HeadRows::F32 && f32_from_q8_0 && !bf16 && !device && cpu::q8_0_head_f32_applies(lv, D))
+    b += cpu::q8_0_head_f32_scratch_bytes(lv, V, D);
+  else if (head == HeadRows::F32 && f32_from_q8_0 && cpu::lm_head_q8_0_panels_apply(lv, D, V, bf16, device, want_grad))
     b += cpu::lm_head_panels_bytes(V, D);
   else if (head == HeadRows::F32)
     b += cpu::lm_head_panels_workspace_bytes(lv, N, D, V, chunk_rows, bf16, device);

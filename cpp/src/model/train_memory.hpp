@@ -36,7 +36,8 @@ struct TrainShape {
   bool device = false;      // !Backend::host_memory() (the loss uploads its labels)
   HeadRows head = HeadRows::F32;
   // head F32 that is a GGUF's tied Q8_0 token_embd, its fp32 table not made: the loss may pack its
-  // bf16 panels from the Q8_0 rows even for one chunk (cpu::lm_head_q8_0_panels_apply)
+  // bf16 panels from the Q8_0 rows even for one chunk (cpu::lm_head_q8_0_panels_apply), or in fp32
+  // decode blocks of them into a scratch (cpu::q8_0_head_f32_applies)
   bool f32_from_q8_0 = false;
   void validate() const;    // ValueError naming the first bad field
 };

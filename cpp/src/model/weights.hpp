@@ -49,8 +49,14 @@ class LlamaWeights {
   // the tied lm_head; the values are the same as their fp32 dequantization).
   void load_embed_q8_0(const uint8_t* data, size_t bytes);
   bool embed_is_q8_0() const { return !embed_q8.empty(); }
-  // fp32 embedding / lm_head for the paths that need it whole (training loss, export): a Q8_0
-  // embedding is dequantized into `embed` on first use and kept (likewise a Q8_0 lm_head).
+  // head_format float32 over a GGUF's tied Q8_0 token_embd whose fp32 table is not made: a training
+  // pass reads the Q8_0 rows where it can (LlamaModel::train_pass, TrainShape::f32_from_q8_0).
+  bool tied_q8_0_unwidened() const {
+    return !head_q8_ && !head_half_ && cfg.tie_word_embeddings && !embed_q8.empty() && embed.empty();
+  }
+  // fp32 embedding / lm_head for the paths that need it whole (export; a training pass that cannot
+  // read the Q8_0 rows: ops_backward.hpp lm_cross_entropy_q8_0_as_f32): a Q8_0 embedding is
+  // dequantized into `embed` on first use and kept (likewise a Q8_0 lm_head).
   const float* embed_f32();
   const float* lm_head_f32();
 
