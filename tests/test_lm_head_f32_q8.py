@@ -38,9 +38,10 @@ def level(request):
 
 # several loss chunks and one; V over several of the backward's depth blocks (KC <= 1024: 3000, 4500,
 # the last block shorter); M = 1 (the GEMV route of gemm_nt) and M > 16; D = 32 (dh's N <= NR: the
-# direct micro-kernel); V % 16 != 0 (ragged micro-panels)
+# direct micro-kernel); V % 16 != 0 (ragged micro-panels); 256 x 96 x 24000: the one-call GEMMs
+# over 1e9 FLOP (at 2 threads gemm.cpp's shared-A driver), the per-block ones under it (the task grid)
 SHAPES = [(40, 96, 200, 16), (45, 160, 97, 14), (30, 128, 4500, 16), (1, 128, 4500, 16), (20, 32, 3000, 256),
-          (17, 64, 1100, 8)]
+          (17, 64, 1100, 8), (256, 96, 24000, 256)]
 
 
 @pytest.mark.parametrize("N,D,V,chunk", SHAPES)
