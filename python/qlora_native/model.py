@@ -524,7 +524,8 @@ class Model(LoraModelMixin):
         them so: the embedding gather, the lm_head logits and, in training, the loss gradient through
         the lm_head. Tied embeddings share one table. Changing it again is an error (reload the model);
         "f16" refuses a weight beyond fp16's range (65504). A GGUF's Q8_0 token embedding reads
-        "float32" until "q8_0" is set (training then uses it as stored instead of an fp32 copy)."""
+        "float32" until "q8_0" is set; a tied one is read as stored anyway by CPU training and eval_loss
+        (no fp32 copy, same values: fp16 scale x int8 is exact in fp32)."""
         half = self._core.head_half
         if half is not None:
             return half
