@@ -218,8 +218,8 @@ void run_block(const Kern& kn, int64_t kcur, const float* Ap, const float* Bp, f
 
 // B source prefetch: pf_b(j0, nr, p0, kc, t, tiles) -> PfSlice, the lines of B panel [j0, j0 + nr) x
 // [p0, p0 + kc)'s source that tile t of `tiles` fetches (n = 0: none). gemm_nt only; NoPf: nothing (NF4
-// nibbles are small and hot; gemm_nn's lm_head dh packing (11% of its 1-thread time) did not shrink
-// with its panel rows prefetched, 128 bytes of each 2304-byte W row).
+// nibbles are small and hot; gemm_nn's lm_head dh packing, 10-11% of its 1-thread time, grew with its
+// panel rows prefetched, 128 bytes of each 2304-byte W row).
 struct PfSlice {
   const char* p = nullptr;
   int64_t stride = 0, next = 0, n = 0;
@@ -232,8 +232,8 @@ bool b_pf_on() { return env_int("QLORA_GEMM_B_PF", 0, 1, 1) == 1; }
 
 // run_block() for the first row block of a (column block, depth block) where the level has ukernel_pf:
 // each B panel is packed right before its first tile (not the whole block up front) while the tiles
-// prefetch the next panel's source, so the B stream (lm_head's 113 MB W from DRAM, 8-11% of its 1-thread
-// time packing at ~10 GB/s) overlaps the FMAs. Same calls: same bits. Bp keeps the panels for later row blocks.
+// prefetch the next panel's source, so the B stream (lm_head's 113 MB W from DRAM, copied at ~10 GB/s:
+// 7-8% of its 1-thread time) overlaps the FMAs. Same calls: same bits. Bp keeps the panels for later row blocks.
 template <class PackB, class PfB>
 void run_block_first(const Kern& kn, int64_t kcur, const float* Ap, float* Bp, float* c, int64_t ldc, int64_t mcur,
                      int64_t jc, int64_t pc, int64_t ncur, float alpha, float beta_k, const PackB& pack_b,
