@@ -8,8 +8,8 @@ bytes QLORA_GEMM_SHARED_BYTES shrinks here to reach those loops) must give resul
 the default, and stay within the fp32 bound of float64: gemm_nt / gemm_nn / gemm_tn / fused NF4
 GEMMs, with beta, on shapes with several row and column blocks, K over 2-3 depth blocks (one pass,
 or passes of 2 + 1), few B panels (rows split too), shallow depth (the row walk), N <= NR (the
-direct kernel), ragged edges. QLORA_GEMM_B_PF=0 (B blocks packed up front, no prefetch of the next
-B panel's source during the tiles) must not change a bit either."""
+direct kernel), ragged edges. QLORA_GEMM_B_PF=1 (B panels packed on first use, the next panel's
+source prefetched during the tiles) must not change a bit either."""
 import os
 
 import numpy as np
@@ -37,9 +37,9 @@ SETTINGS = [
     ("3", "8", "shared", "100000", None),  # super-blocks of 42 rows (AVX-512) at kc 560
     ("7", "3", "shared", "1", None),  # one A panel per super-block
     ("2", None, "shared", "3000000", None),  # K = 2300: passes of 2 + 1 depth blocks of 768
-    (None, None, None, None, "0"),  # B blocks packed up front, no B source prefetch (gemm_nt)
-    ("2", "2", "tasks", None, "0"),
-    ("3", "8", "shared", "100000", "0"),
+    (None, None, None, None, "1"),  # B panels packed on first use, next one's source prefetched (gemm_nt)
+    ("2", "2", "tasks", None, "1"),
+    ("3", "8", "shared", "100000", "1"),
 ]
 # (M, N, K) of out[M, N] for nt (W [N, K]); nn and nf4_nn use W [N, K] as B [K=N, N=K]
 # (301, 1100, 576): one depth block, so gemm_nt's B rows are contiguous and the tiles prefetch them.
