@@ -8,8 +8,7 @@ bytes QLORA_GEMM_SHARED_BYTES shrinks here to reach those loops) must give resul
 the default, and stay within the fp32 bound of float64: gemm_nt / gemm_nn / gemm_tn / fused NF4
 GEMMs, with beta, on shapes with several row and column blocks, K over 2-3 depth blocks (one pass,
 or passes of 2 + 1), few B panels (rows split too), shallow depth (the row walk), N <= NR (the
-direct kernel), ragged edges. QLORA_GEMM_B_PF=1 (B panels packed on first use, the next panel's
-source prefetched during the tiles) must not change a bit either."""
+direct kernel), ragged edges."""
 import os
 
 import numpy as np
@@ -20,30 +19,25 @@ from qlora_native import nf4, ops
 
 from helpers_gemm import bound, check
 
-KEYS = ("QLORA_GEMM_GRID_THREADS", "QLORA_GEMM_TASKS_PER_THREAD", "QLORA_GEMM_DRIVER", "QLORA_GEMM_SHARED_BYTES",
-        "QLORA_GEMM_B_PF")
+KEYS = ("QLORA_GEMM_GRID_THREADS", "QLORA_GEMM_TASKS_PER_THREAD", "QLORA_GEMM_DRIVER", "QLORA_GEMM_SHARED_BYTES")
 SETTINGS = [
-    (None, None, None, None, None),  # the reference: the default at this thread count
-    (None, None, "tasks", None, None),
-    ("2", "1", "tasks", None, None),
-    ("2", "2", "tasks", None, None),
-    ("2", None, "tasks", None, None),
-    ("3", "8", "tasks", None, None),
-    ("7", "3", "tasks", None, None),
-    (None, None, "shared", None, None),
-    ("2", None, None, None, None),
-    ("1", None, "shared", None, None),
-    ("2", "1", "shared", "300000", None),
-    ("3", "8", "shared", "100000", None),  # super-blocks of 42 rows (AVX-512) at kc 560
-    ("7", "3", "shared", "1", None),  # one A panel per super-block
-    ("2", None, "shared", "3000000", None),  # K = 2300: passes of 2 + 1 depth blocks of 768
-    (None, None, None, None, "1"),  # B panels packed on first use, next one's source prefetched (gemm_nt)
-    ("2", "2", "tasks", None, "1"),
-    ("3", "8", "shared", "100000", "1"),
+    (None, None, None, None),  # the reference: the default at this thread count
+    (None, None, "tasks", None),
+    ("2", "1", "tasks", None),
+    ("2", "2", "tasks", None),
+    ("2", None, "tasks", None),
+    ("3", "8", "tasks", None),
+    ("7", "3", "tasks", None),
+    (None, None, "shared", None),
+    ("2", None, None, None),
+    ("1", None, "shared", None),
+    ("2", "1", "shared", "300000"),
+    ("3", "8", "shared", "100000"),  # super-blocks of 42 rows (AVX-512) at kc 560
+    ("7", "3", "shared", "1"),  # one A panel per super-block
+    ("2", None, "shared", "3000000"),  # K = 2300: passes of 2 + 1 depth blocks of 768
 ]
 # (M, N, K) of out[M, N] for nt (W [N, K]); nn and nf4_nn use W [N, K] as B [K=N, N=K]
-# (301, 1100, 576): one depth block, so gemm_nt's B rows are contiguous and the tiles prefetch them.
-SHAPES = [(437, 1100, 1100), (437, 96, 1100), (437, 1100, 48), (437, 16, 1100), (437, 320, 2300), (301, 1100, 576)]
+SHAPES = [(437, 1100, 1100), (437, 96, 1100), (437, 1100, 48), (437, 16, 1100), (437, 320, 2300)]
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@
 #include <cstring>
 #include <new>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "common/error.hpp"
@@ -39,7 +38,6 @@ struct Kern {
   UkernelDirectFn ukernel_direct = nullptr;  // null: A is always packed
   // nf4_gemm_nn's full B panel in one call (rows 16-aligned); null: nf4_decode row by row.
   void (*nf4_panel_n)(const uint8_t*, int64_t, int64_t, int64_t, const float*, const float*, float*) = nullptr;
-  UkernelPfFn ukernel_pf = nullptr;  // null: no B source prefetch
 };
 
 // A read in place by ukernel_direct when N <= NR: element (i, k) of op(A) at a[i * rs + k * cs].
@@ -100,12 +98,12 @@ const Kern& kern_for(SimdLevel level) {
   static const Kern avx2 = [] {
     const GemmBlocking b = gemm_blocking(kAvx2MR, kAvx2NR, true, cache_sizes());
     return Kern{kAvx2MR, kAvx2NR, b.kc, b.mc, b.nc, ukernel_avx2, pack_b_t_avx2, pack_b_n_avx2, nf4_decode_avx2,
-                pack_a_t_avx2, ukernel_direct_avx2, nf4_panel_n_avx2, ukernel_pf_avx2};
+                pack_a_t_avx2, ukernel_direct_avx2, nf4_panel_n_avx2};
   }();
   static const Kern avx512 = [] {
     const GemmBlocking b = gemm_blocking(kAvx512MR, kAvx512NR, true, cache_sizes());
     return Kern{kAvx512MR, kAvx512NR, b.kc, b.mc, b.nc, ukernel_avx512, pack_b_t_avx512, pack_b_n_avx512,
-                nf4_decode_avx512, pack_a_t_avx512, ukernel_direct_avx512, nullptr, ukernel_pf_avx512};
+                nf4_decode_avx512, pack_a_t_avx512, ukernel_direct_avx512};
   }();
   if (level == SimdLevel::AVX512) return avx512;
   if (level == SimdLevel::AVX2) return avx2;
@@ -216,50 +214,11 @@ void run_block(const Kern& kn, int64_t kcur, const float* Ap, const float* Bp, f
   }
 }
 
-// B source prefetch: pf_b(j0, nr, p0, kc, t, tiles) -> PfSlice, the lines of B panel [j0, j0 + nr) x
-// [p0, p0 + kc)'s source that tile t of `tiles` fetches (n = 0: none). gemm_nt only; NoPf: nothing (NF4
-// nibbles are small and hot; gemm_nn's lm_head dh packing, 10-11% of its 1-thread time, grew with its
-// panel rows prefetched, 128 bytes of each 2304-byte W row).
-struct PfSlice {
-  const char* p = nullptr;
-  int64_t stride = 0, next = 0, n = 0;
-};
-struct NoPf {
-  PfSlice operator()(int64_t, int, int64_t, int64_t, int64_t, int64_t) const { return {}; }
-};
-// QLORA_GEMM_B_PF=1 (read per task) turns it on; off by default: on the loaded Emerald Rapids guest it
-// cut the copy (memmove 7-8% -> 3% of lm_head gemm_nt) but not the time at 2 threads or AVX2 (README).
-bool b_pf_on() { return env_int("QLORA_GEMM_B_PF", 0, 1, 0) == 1; }
-
-// run_block() for the first row block of a (column block, depth block) where the level has ukernel_pf:
-// each B panel is packed right before its first tile (not the whole block up front) while the tiles
-// prefetch the next panel's source, so the B stream (lm_head's 113 MB W from DRAM, copied at ~10 GB/s:
-// 7-8% of its 1-thread time) overlaps the FMAs. Same calls: same bits. Bp keeps the panels for later row blocks.
-template <class PackB, class PfB>
-void run_block_first(const Kern& kn, int64_t kcur, const float* Ap, float* Bp, float* c, int64_t ldc, int64_t mcur,
-                     int64_t jc, int64_t pc, int64_t ncur, float alpha, float beta_k, const PackB& pack_b,
-                     const PfB& pf_b) {
-  const int MR = kn.mr, NR = kn.nr;
-  const int64_t n_pan = ceil_div(ncur, NR), tiles = ceil_div(mcur, MR);
-  const auto nr_of = [&](int64_t p) { return static_cast<int>(std::min<int64_t>(NR, ncur - p * NR)); };
-  for (int64_t p = 0; p < n_pan; ++p) {
-    float* bp = Bp + p * NR * kcur;
-    pack_b(jc + p * NR, nr_of(p), pc, kcur, bp);
-    for (int64_t t = 0; t < tiles; ++t) {
-      const PfSlice f = p + 1 < n_pan ? pf_b(jc + (p + 1) * NR, nr_of(p + 1), pc, kcur, t, tiles) : PfSlice{};
-      kn.ukernel_pf(kcur, Ap + t * MR * kcur, bp, c + p * NR + t * MR * ldc, ldc, alpha, beta_k,
-                    static_cast<int>(std::min<int64_t>(MR, mcur - t * MR)), nr_of(p), f.p, f.stride, f.next, f.n);
-    }
-  }
-}
-
-template <class PackA, class PackB, class PfB>
+template <class PackA, class PackB>
 void run_task(const Kern& kn, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t K, int64_t kc, float alpha,
-              float beta, float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b, const PfB& pf_b,
-              const DirectA& da) {
+              float beta, float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b, const DirectA& da) {
   const int MR = kn.mr, NR = kn.nr;
   const bool row_walk = K <= kRowWalkMaxK && row_walk_on();
-  const bool lazy = !std::is_same_v<PfB, NoPf> && kn.ukernel_pf && !row_walk && b_pf_on();
   const int64_t rows = m1 - m0, cols = n1 - n0;
   if (da.a && kn.ukernel_direct && cols <= NR) {
     // One B micro-panel: each A element is used once, so the kernel reads A in place.
@@ -284,16 +243,13 @@ void run_task(const Kern& kn, int64_t m0, int64_t m1, int64_t n0, int64_t n1, in
     for (int64_t pc = 0; pc < K; pc += kc) {
       const int64_t kcur = std::min(kc, K - pc);
       const float beta_k = pc == 0 ? beta : 1.0f;  // later depth blocks accumulate into C
-      for (int64_t p = 0; !lazy && p < n_pan; ++p)
+      for (int64_t p = 0; p < n_pan; ++p)
         pack_b(jc + p * NR, static_cast<int>(std::min<int64_t>(NR, ncur - p * NR)), pc, kcur, Bp + p * NR * kcur);
       for (int64_t ic = m0; ic < m1; ic += mc) {
         const int64_t mcur = std::min(mc, m1 - ic);
         for (int64_t ir = 0; ir < mcur; ir += MR)
           pack_a(ic + ir, static_cast<int>(std::min<int64_t>(MR, mcur - ir)), pc, kcur, Ap + ir * kcur);
-        if (lazy && ic == m0)
-          run_block_first(kn, kcur, Ap, Bp, C + ic * ldc + jc, ldc, mcur, jc, pc, ncur, alpha, beta_k, pack_b, pf_b);
-        else
-          run_block(kn, kcur, Ap, Bp, C + ic * ldc + jc, ldc, mcur, ncur, alpha, beta_k, row_walk);
+        run_block(kn, kcur, Ap, Bp, C + ic * ldc + jc, ldc, mcur, ncur, alpha, beta_k, row_walk);
       }
     }
   }
@@ -315,10 +271,9 @@ Driver driver_choice() {
 // Threads: ONE parallel_for over a grid of n_mt x n_nt independent tasks (the pool wakes its
 // workers once per GEMM, no barrier per depth block). Splitting N repacks A once per column
 // task, splitting M re-decodes B once per row task; the grid minimizes that duplicated work.
-template <class PackA, class PackB, class PfB>
+template <class PackA, class PackB>
 void blocked_tasks(const Kern& kn, int64_t M, int64_t N, int64_t K, int64_t kc, int nth, float alpha, float beta,
-                   float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b, const PfB& pf_b,
-                   const DirectA& da) {
+                   float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b, const DirectA& da) {
   const int MR = kn.mr, NR = kn.nr;
   const int64_t m_tiles = ceil_div(M, MR), n_pan = ceil_div(N, NR);
   int64_t n_mt = 1, n_nt = 1;
@@ -346,7 +301,7 @@ void blocked_tasks(const Kern& kn, int64_t M, int64_t N, int64_t K, int64_t kc, 
   parallel_for(n_mt * n_nt, [&](int64_t t) {
     const int64_t m0 = (t / n_nt) * m_step, n0 = (t % n_nt) * n_step;
     run_task(kn, m0, std::min(M, m0 + m_step), n0, std::min(N, n0 + n_step), K, kc, alpha, beta, C, ldc, pack_a,
-             pack_b, pf_b, da);
+             pack_b, da);
   });
 }
 
@@ -419,9 +374,9 @@ SharedGrid shared_grid(int64_t mcur, int64_t N, int64_t K, int MR, int NR, int n
   return g;
 }
 
-template <class PackA, class PackB, class PfB>
+template <class PackA, class PackB>
 void shared_a(const Kern& kn, int64_t M, int64_t N, int64_t K, int64_t kc, int nth, float alpha, float beta,
-              float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b, const PfB& pf_b) {
+              float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b) {
   const int MR = kn.mr, NR = kn.nr;
   const int64_t budget = shared_budget_bytes();
   const int64_t mb_max = std::max<int64_t>(MR, budget / (4 * kc) / MR * MR);
@@ -431,7 +386,6 @@ void shared_a(const Kern& kn, int64_t M, int64_t N, int64_t K, int64_t kc, int n
   const int64_t nd = std::min(ceil_div(K, kc), std::max<int64_t>(1, pass_bytes / (4 * kc * mb)));
   float* Ap = t_sa.get(static_cast<size_t>(nd * kc * mb));  // nd x [mb / MR][kc][MR]
   const bool row_walk = K <= kRowWalkMaxK && row_walk_on();
-  const bool lazy = !std::is_same_v<PfB, NoPf> && kn.ukernel_pf && !row_walk && b_pf_on();
   constexpr int64_t kGroup = 4;  // A panels per packing task
   for (int64_t ms = 0; ms < M; ms += mb) {
     const int64_t mcur = std::min(mb, M - ms), m_tiles = ceil_div(mcur, MR), groups = ceil_div(m_tiles, kGroup);
@@ -456,18 +410,14 @@ void shared_a(const Kern& kn, int64_t M, int64_t N, int64_t K, int64_t kc, int n
           for (int64_t pc = pd; pc < pe; pc += kc) {
             const int64_t kcur = std::min(kc, K - pc);
             const float beta_k = pc == 0 ? beta : 1.0f;  // later depth blocks accumulate into C
-            for (int64_t p = 0; !lazy && p < n_pan; ++p)
+            for (int64_t p = 0; p < n_pan; ++p)
               pack_b(jc + p * NR, static_cast<int>(std::min<int64_t>(NR, ncur - p * NR)), pc, kcur,
                      Bp + p * NR * kcur);
             const float* ad = Ap + ((pc - pd) / kc) * kc * mb;
             for (int64_t ic = r0; ic < r1; ic += mc) {
               const int64_t icur = std::min(mc, r1 - ic);  // A: panel ic / MR of the super-block
-              if (lazy && ic == r0)
-                run_block_first(kn, kcur, ad + ic * kcur, Bp, C + (ms + ic) * ldc + jc, ldc, icur, jc, pc, ncur,
-                                alpha, beta_k, pack_b, pf_b);
-              else
-                run_block(kn, kcur, ad + ic * kcur, Bp, C + (ms + ic) * ldc + jc, ldc, icur, ncur, alpha, beta_k,
-                          row_walk);
+              run_block(kn, kcur, ad + ic * kcur, Bp, C + (ms + ic) * ldc + jc, ldc, icur, ncur, alpha, beta_k,
+                        row_walk);
             }
           }
         }
@@ -483,9 +433,9 @@ void shared_a(const Kern& kn, int64_t M, int64_t N, int64_t K, int64_t kc, int n
 // 2.55 ms, 1024x192x576 1.38 vs 0.94; at 1.8 GFLOP 1024x1536x576 9.46 vs 10.70. Skinny N <= NR with
 // a direct kernel (A read in place, nothing of A packed) stays on the grid.
 constexpr double kSharedMinFlops = 1e9;
-template <class PackA, class PackB, class PfB = NoPf>
+template <class PackA, class PackB>
 void blocked(const Kern& kn, int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, int64_t ldc,
-             const PackA& pack_a, const PackB& pack_b, const DirectA& da = DirectA{}, const PfB& pf_b = NoPf{}) {
+             const PackA& pack_a, const PackB& pack_b, const DirectA& da = DirectA{}) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) return scale_c(M, N, beta, C, ldc);
   const int64_t kc = std::min(K, round_up(ceil_div(K, ceil_div(K, kn.kc)), 16));  // balanced depth blocks
@@ -494,8 +444,8 @@ void blocked(const Kern& kn, int64_t M, int64_t N, int64_t K, float alpha, float
   const Driver d = driver_choice();
   const bool direct = da.a && kn.ukernel_direct && N <= kn.nr;
   if (!direct && (d == Driver::Shared || (d == Driver::Auto && nth > 1 && 2.0 * M * N * K >= kSharedMinFlops)))
-    return shared_a(kn, M, N, K, kc, nth, alpha, beta, C, ldc, pack_a, pack_b, pf_b);
-  blocked_tasks(kn, M, N, K, kc, nth, alpha, beta, C, ldc, pack_a, pack_b, pf_b, da);
+    return shared_a(kn, M, N, K, kc, nth, alpha, beta, C, ldc, pack_a, pack_b);
+  blocked_tasks(kn, M, N, K, kc, nth, alpha, beta, C, ldc, pack_a, pack_b, da);
 }
 
 }  // namespace
@@ -597,12 +547,7 @@ void gemm_nt(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, cons
         for (int r = 0; r < nr; ++r) std::memcpy(tmp + r * kc, B + (j0 + r) * ldb + p0, sizeof(float) * kc);
         kn.pack_b_t(tmp, kc, nr, kc, Bp);
       },
-      DirectA{A, lda, 1},
-      [&](int64_t j0, int nr, int64_t p0, int64_t kc, int64_t t, int64_t tiles) {
-        if (kc != ldb) return PfSlice{};  // rows not contiguous: the kernel's one stride cannot walk them
-        const int64_t pairs = (nr * kc * 4 + 127) / 128, q0 = t * pairs / tiles, q1 = (t + 1) * pairs / tiles;
-        return PfSlice{reinterpret_cast<const char*>(B + j0 * ldb + p0) + q0 * 128, 128, 64, q1 - q0};
-      });
+      DirectA{A, lda, 1});
 }
 
 void gemm_nn(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,

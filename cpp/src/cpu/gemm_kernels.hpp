@@ -24,12 +24,6 @@ using UkernelFn = void (*)(int64_t kc, const float* Ap, const float* Bp, float* 
 // packing A cost about as much as the FMAs. Same FMA chain per element: identical results.
 using UkernelDirectFn = void (*)(int64_t kc, const float* A, int64_t rs, int64_t cs, const float* Bp, float* C,
                                  int64_t ldc, float alpha, float beta, int mr, int nr);
-// UkernelFn that also prefetches into L2 the lines pf + i * pf_stride (bytes) and, with pf_next != 0,
-// pf + i * pf_stride + pf_next, for i < min(pf_n, kc), one i every kc / pf_n k steps: the driver streams the next B panel's source (lm_head's W from DRAM)
-// during the FMAs instead of stalling on it when it packs that panel. Same FMAs: same bits.
-using UkernelPfFn = void (*)(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha,
-                             float beta, int mr, int nr, const char* pf, int64_t pf_stride, int64_t pf_next,
-                             int64_t pf_n);
 // B panel from nr rows of a row-major [*, kc] source (gemm_nt: rows of W are columns of op(B)):
 //   Bp[k * NR + j] = B[j * ldb + k]
 using PackBTFn = void (*)(const float* B, int64_t ldb, int nr, int64_t kc, float* Bp);
@@ -53,8 +47,6 @@ void nf4_decode_generic(const uint8_t* packed, int64_t j0, int64_t len, const fl
 
 void ukernel_avx2(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta,
                   int mr, int nr);
-void ukernel_pf_avx2(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta,
-                     int mr, int nr, const char* pf, int64_t pf_stride, int64_t pf_next, int64_t pf_n);
 void ukernel_direct_avx2(int64_t kc, const float* A, int64_t rs, int64_t cs, const float* Bp, float* C, int64_t ldc,
                          float alpha, float beta, int mr, int nr);
 // tn_small_avx512's contract (below) for all mr <= kTnSmallRowsAvx2 rows of a strip of nr <=
@@ -89,8 +81,6 @@ void tn_small_avx512(int64_t kc, const float* A, int64_t lda, const float* B, in
 constexpr int kTnSmallRowsCopy = 48, kTnSmallColsCopy = 64;
 void tn_small_copy_avx512(int64_t kc, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                           float alpha, float beta, int mr, int nr, bool trans);
-void ukernel_pf_avx512(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta,
-                       int mr, int nr, const char* pf, int64_t pf_stride, int64_t pf_next, int64_t pf_n);
 // gemm_nt with 32 < N <= 48 (LoRA's grouped q/k/v shrink, R = 48): C[i, j < nr] of mr <= 8
 // rows from A read in place (row i at A + i * lda) and Bp [kc][48] (zero past nr); per element the
 // packed micro-kernel's FMA chain and epilogue, so the bits of the blocked way (32 + 16 panels).

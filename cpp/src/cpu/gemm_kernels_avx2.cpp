@@ -3,7 +3,6 @@
 #include <immintrin.h>
 
 #include <cmath>
-#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -19,15 +18,9 @@ static_assert(NR == 16, "the AVX2 kernel holds two ymm columns per row");
 
 // Direct: A read in place, element (i, k) at Ap[i * rs + k * cs] (ukernel_direct); else the
 // packed panel Ap[k * MR + i].
-// Pf: prefetch pf + i * pf_stride (and + pf_next) into L2 for i < pf_n, spread evenly over the k steps
-// (UkernelPfFn): in a burst they filled the line fill buffers and stalled the FMAs for the DRAM latency.
-template <int R, bool Direct = false, bool Pf = false>
+template <int R, bool Direct = false>
 void ukr(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta, int nr,
-         int64_t rs = 1, int64_t cs = MR, const char* pf = nullptr, int64_t pf_stride = 0, int64_t pf_next = 0,
-         int64_t pf_n = 0) {
-  pf_n = std::min(pf_n, kc);
-  [[maybe_unused]] const int64_t pf_every = pf_n > 0 ? kc / pf_n : 0;
-  [[maybe_unused]] int64_t pf_k = pf_n > 0 ? 0 : kc;  // the next k step that prefetches
+         int64_t rs = 1, int64_t cs = MR) {
   __m256 c0[R], c1[R];
 #pragma GCC unroll 6
   for (int i = 0; i < R; ++i) {
@@ -37,14 +30,6 @@ void ukr(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, fl
     c0[i] = c1[i] = _mm256_setzero_ps();
   }
   for (int64_t k = 0; k < kc; ++k) {
-    if constexpr (Pf) {
-      if (k == pf_k) {
-        _mm_prefetch(pf, _MM_HINT_T1);
-        if (pf_next) _mm_prefetch(pf + pf_next, _MM_HINT_T1);
-        pf += pf_stride;
-        pf_k = --pf_n > 0 ? pf_k + pf_every : kc;
-      }
-    }
     const __m256 b0 = _mm256_load_ps(Bp), b1 = _mm256_load_ps(Bp + 8);
 #pragma GCC unroll 6
     for (int i = 0; i < R; ++i) {
@@ -96,13 +81,6 @@ void ukernel_avx2(int64_t kc, const float* Ap, const float* Bp, float* C, int64_
     case 1: return ukr<1>(kc, Ap, Bp, C, ldc, alpha, beta, nr);
     default: return;
   }
-}
-
-void ukernel_pf_avx2(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta,
-                     int mr, int nr, const char* pf, int64_t pf_stride, int64_t pf_next, int64_t pf_n) {
-  // Full-height tiles only (the driver's every tile but a row block's last); others skip the prefetch.
-  if (mr == MR) return ukr<MR, false, true>(kc, Ap, Bp, C, ldc, alpha, beta, nr, 1, MR, pf, pf_stride, pf_next, pf_n);
-  ukernel_avx2(kc, Ap, Bp, C, ldc, alpha, beta, mr, nr);
 }
 
 void ukernel_direct_avx2(int64_t kc, const float* A, int64_t rs, int64_t cs, const float* Bp, float* C, int64_t ldc,

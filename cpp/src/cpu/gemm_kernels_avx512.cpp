@@ -3,7 +3,6 @@
 // the 16-entry code table). Rules: cpu/README.md (plain functions on raw pointers only).
 #include <immintrin.h>
 
-#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
@@ -58,16 +57,10 @@ void ukr_half(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ld
   }
 }
 
-// Pf: prefetch pf + i * pf_stride (and + pf_next) into L2 for i < pf_n, spread evenly over the k steps
-// (UkernelPfFn): in a burst they filled the line fill buffers and stalled the FMAs for the DRAM latency.
-template <int R, bool Direct = false, bool Pf = false>
+template <int R, bool Direct = false>
 void ukr(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta, int nr,
-         int64_t rs = 1, int64_t cs = MR, const char* pf = nullptr, int64_t pf_stride = 0, int64_t pf_next = 0,
-         int64_t pf_n = 0) {
+         int64_t rs = 1, int64_t cs = MR) {
   if (nr <= 16) return ukr_half<R, Direct>(kc, Ap, Bp, C, ldc, alpha, beta, nr, rs, cs);
-  pf_n = std::min(pf_n, kc);
-  [[maybe_unused]] const int64_t pf_every = pf_n > 0 ? kc / pf_n : 0;
-  [[maybe_unused]] int64_t pf_k = pf_n > 0 ? 0 : kc;  // the next k step that prefetches
   __m512 c0[R], c1[R];
 #pragma GCC unroll 14
   for (int i = 0; i < R; ++i) {
@@ -77,14 +70,6 @@ void ukr(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, fl
     _mm_prefetch(reinterpret_cast<const char*>(C + i * ldc + 31), _MM_HINT_T0);
   }
   for (int64_t k = 0; k < kc; ++k) {
-    if constexpr (Pf) {
-      if (k == pf_k) {
-        _mm_prefetch(pf, _MM_HINT_T1);
-        if (pf_next) _mm_prefetch(pf + pf_next, _MM_HINT_T1);
-        pf += pf_stride;
-        pf_k = --pf_n > 0 ? pf_k + pf_every : kc;
-      }
-    }
     const __m512 b0 = _mm512_load_ps(Bp), b1 = _mm512_load_ps(Bp + 16);
 #pragma GCC unroll 14
     for (int i = 0; i < R; ++i) {
@@ -144,13 +129,6 @@ void ukr_rows(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ld
 
 void ukernel_avx512(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta,
                     int mr, int nr) {
-  ukr_rows<false>(kc, Ap, Bp, C, ldc, alpha, beta, mr, nr, 1, MR);
-}
-
-void ukernel_pf_avx512(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha, float beta,
-                       int mr, int nr, const char* pf, int64_t pf_stride, int64_t pf_next, int64_t pf_n) {
-  // Full-height tiles only (the driver's every tile but a row block's last); others skip the prefetch.
-  if (mr == MR) return ukr<MR, false, true>(kc, Ap, Bp, C, ldc, alpha, beta, nr, 1, MR, pf, pf_stride, pf_next, pf_n);
   ukr_rows<false>(kc, Ap, Bp, C, ldc, alpha, beta, mr, nr, 1, MR);
 }
 
