@@ -14,9 +14,11 @@
 #include <vector>
 
 #include "common/error.hpp"
+#include "cpu/aligned_scratch.hpp"
 #include "cpu/gemm_checks.hpp"
 #include "cpu/gemm_kernels.hpp"
 #include "cpu/gemm_scalar.hpp"
+#include "cpu/gemm_small.hpp"
 #include "cpu/nf4_gemv.hpp"
 #include "cpu/pack.hpp"
 #include "cpu/threads.hpp"
@@ -111,23 +113,9 @@ const Kern& kern_for(SimdLevel level) {
   return generic;
 }
 
-// A grow-only 64-byte aligned scratch buffer, one per thread and purpose.
-struct Scratch {
-  float* p = nullptr;
-  size_t n = 0;
-  ~Scratch() { std::free(p); }
-  float* get(size_t floats) {
-    if (floats > n) {
-      std::free(p);
-      p = static_cast<float*>(std::aligned_alloc(64, round_up(static_cast<int64_t>(floats * sizeof(float)), 64)));
-      if (!p) {
-        n = 0;
-        throw std::bad_alloc();
-      }
-      n = floats;
-    }
-    return p;
-  }
+// One per thread and purpose (cpu/aligned_scratch.hpp), handing out floats.
+struct Scratch : AlignedScratch {
+  float* get(size_t floats) { return AlignedScratch::get<float>(floats); }
 };
 thread_local Scratch t_a, t_b, t_tmp;
 
@@ -136,15 +124,6 @@ thread_local Scratch t_a, t_b, t_tmp;
 bool nf4_panel_n_off() {
   static const bool off = [] {
     const char* e = std::getenv("QLORA_NF4_PANEL_N");
-    return e && std::string(e) == "0";
-  }();
-  return off;
-}
-
-// QLORA_GEMM_TN_SMALL=0: gemm_tn's few-row kernel off (A/B runs; tests compare both ways bit for bit).
-bool tn_small_off() {
-  static const bool off = [] {
-    const char* e = std::getenv("QLORA_GEMM_TN_SMALL");
     return e && std::string(e) == "0";
   }();
   return off;
@@ -488,54 +467,13 @@ GemmBlocking gemm_blocking_in_use(SimdLevel level) {
   return b;
 }
 
-namespace {
-#ifdef QLORA_X86
-thread_local Scratch t_s48;
-bool skinny48_on() {  // QLORA_GEMM_SKINNY48=0: the blocked way instead (A/B runs; tests compare bit for bit)
-  const char* e = std::getenv("QLORA_GEMM_SKINNY48");
-  return !(e && std::string(e) == "0");
-}
-
-// C[M, N] = alpha * A·op(B) + beta * C for 32 < N <= 48 at AVX-512 (the grouped q/k/v LoRA shrink
-// x·[A_q; A_k; A_v]ᵀ, R = 48): B packed once [K][48], A read in place by 8 x 48 tiles (a broadcast
-// per 3 FMAs; the blocked way packed A and ran a 32-column panel plus a half-width 16-column one at a
-// broadcast per FMA). Same depth blocks and FMA chains as the blocked way: same bits.
-// pack(Bp): Bp[k][j] = op(B)[k][j] for j < N, 0 for N <= j < 48.
-template <class PackB>
-void skinny48(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, float beta, float* C,
-              int64_t ldc, const PackB& pack) {
-  float* Bp = t_s48.get(static_cast<size_t>(K * 48));
-  pack(Bp);
-  const int64_t kc = gemm_depth_block(SimdLevel::AVX512, K), R = kSkinny48Rows;
-  const int64_t tiles = ceil_div(M, R);
-  const int64_t per = std::max<int64_t>(1, static_cast<int64_t>(4e6 / (2.0 * R * 48 * K)));  // ~4 MFLOP a task
-  const int nr = static_cast<int>(N);
-  parallel_for(ceil_div(tiles, per), [&](int64_t t) {
-    for (int64_t it = t * per; it < std::min(tiles, (t + 1) * per); ++it) {
-      const int64_t i0 = it * R;
-      const int mr = static_cast<int>(std::min(R, M - i0));
-      for (int64_t pc = 0; pc < K; pc += kc)
-        skinny48_avx512(std::min(kc, K - pc), A + i0 * lda + pc, lda, Bp + pc * 48, C + i0 * ldc, ldc, alpha,
-                        pc == 0 ? beta : 1.0f, mr, nr);
-    }
-  });
-}
-bool skinny48_fits(SimdLevel level, int64_t M, int64_t N, int64_t K) {
-  return level == SimdLevel::AVX512 && N > 32 && N <= 48 && M > kGemvF32MaxM && K >= 1 && skinny48_on();
-}
-#endif
-}  // namespace
 
 void gemm_nt(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
              const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   check_dims(M, N, K, lda, K, ldb, K, ldc);
   if (level == SimdLevel::Scalar) return scalar::gemm_nt(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   if (M >= 1 && M <= kGemvF32MaxM && K >= 1) return gemv_nt_f32(level, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-#ifdef QLORA_X86
-  if (skinny48_fits(level, M, N, K))
-    return skinny48(M, N, K, alpha, A, lda, beta, C, ldc,
-                    [&](float* Bp) { pack_b_t48_avx512(B, ldb, static_cast<int>(N), K, Bp); });
-#endif
+  if (gemm_nt_skinny48(level, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)) return;
   const Kern& kn = kern_for(level);
   blocked(
       kn, M, N, K, alpha, beta, C, ldc,
@@ -562,62 +500,12 @@ void gemm_nn(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, cons
       DirectA{A, lda, 1});
 }
 
-namespace {
-#ifdef QLORA_X86
-// gemm_tn with at most 48 rows of output (or, transposed, columns) against at least 128 of the other:
-// the rank-r LoRA factor gradients. The blocked way packed the big operand (a copy of x or dy per
-// call) and ran a 2-row remainder tile; tn_small_avx512 reads both in place instead, tn_small_avx2
-// copies 64-column chunks of the wide one (cpu/gemm_kernels_avx2.cpp says why).
-bool tn_small_fits(int64_t rows, int64_t cols) { return rows <= 48 && cols >= 128; }
-
-// Wide operand rows at least 4 KiB apart (1536 columns: a page per row): the chunk-copying kernels
-// pay there. 1 thread CPU time, Emerald Rapids (family 6 model 207), loaded: AVX-512 16x1536x1024
-// in place 0.86-0.92 ms -> copied 0.67-0.68 (both orientations), 576 columns 0.18-0.26 either way
-// (kept in place); AVX2 transposed (dB) 1536x16x1024 blocked 1.29-1.32 -> 0.88-0.96, 576x16 0.32
-// -> 0.33-0.35 and 192x16 0.09 -> 0.10 (kept blocked).
-constexpr int64_t kTnCopyMinLd = 1024;
-
-// Out element (i < rows, j < cols) = sum_k A[k, i] B[k, j], at C[i * ldc + j] (trans: C[j * ldc + i]).
-void tn_small(SimdLevel level, int64_t rows, int64_t cols, int64_t K, float alpha, const float* A, int64_t lda,
-              const float* B, int64_t ldb, float beta, float* C, int64_t ldc, bool trans) {
-  const bool v512 = level == SimdLevel::AVX512, copy = v512 && ldb >= kTnCopyMinLd;
-  const auto kern = copy ? tn_small_copy_avx512 : v512 ? tn_small_avx512 : tn_small_avx2;
-  const int64_t kc = gemm_depth_block(level, K);  // the blocked way's depth blocks
-  const int64_t R = copy ? kTnSmallRowsCopy : v512 ? kTnSmallRows : kTnSmallRowsAvx2;
-  const int64_t W = copy ? kTnSmallColsCopy : v512 ? kTnSmallCols : kTnSmallColsAvx2;
-  const int64_t tiles = ceil_div(cols, W);
-  const double tile_flops = 2.0 * static_cast<double>(rows) * W * K;
-  const int64_t per = std::max<int64_t>(1, static_cast<int64_t>(4e6 / std::max(tile_flops, 1.0)));  // ~4 MFLOP a task
-  parallel_for(ceil_div(tiles, per), [&](int64_t t) {
-    for (int64_t jt = t * per; jt < std::min(tiles, (t + 1) * per); ++jt) {
-      const int64_t j0 = jt * W;
-      const int nr = static_cast<int>(std::min(W, cols - j0));
-      for (int64_t i0 = 0; i0 < rows; i0 += R) {
-        const int mr = static_cast<int>(std::min(R, rows - i0));
-        float* c = trans ? C + j0 * ldc + i0 : C + i0 * ldc + j0;
-        for (int64_t pc = 0; pc < K; pc += kc)
-          kern(std::min(kc, K - pc), A + pc * lda + i0, lda, B + pc * ldb + j0, ldb, c, ldc, alpha,
-               pc == 0 ? beta : 1.0f, mr, nr, trans);
-      }
-    }
-  });
-}
-#endif
-}  // namespace
 
 void gemm_tn(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
              const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   check_dims(M, N, K, lda, M, ldb, N, ldc);
   if (level == SimdLevel::Scalar) return scalar::gemm_tn(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-#ifdef QLORA_X86
-  if ((level == SimdLevel::AVX512 || level == SimdLevel::AVX2) && K > 0 && !tn_small_off()) {
-    if (tn_small_fits(M, N)) return tn_small(level, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, false);
-    // Transposed (dB of r = 16): at AVX2 only where A's rows are far apart (kTnCopyMinLd); below that
-    // the blocked way's direct micro-kernel is as fast (576 columns) or faster (192).
-    if ((level == SimdLevel::AVX512 || lda >= kTnCopyMinLd) && tn_small_fits(N, M))
-      return tn_small(level, N, M, K, alpha, B, ldb, A, lda, beta, C, ldc, true);  // Cᵀ = Bᵀ·A
-  }
-#endif
+  if (gemm_tn_small(level, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)) return;
   const Kern& kn = kern_for(level);
   blocked(
       kn, M, N, K, alpha, beta, C, ldc,
