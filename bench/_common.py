@@ -404,12 +404,18 @@ def run_child(script: str, engine: str, spec_path: str, threads: int, timeout: f
     return res
 
 
-def _child_result(script, engine, spec_path, threads, timeout, extra_env=None):
-    import subprocess
-
+def child_env(threads: int, extra_env: dict | None = None) -> dict:
+    """This process's environment plus extra_env, with every library's thread count set to `threads`."""
     env = dict(os.environ, **(extra_env or {}))
     for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "QLORA_NUM_THREADS"):
         env[k] = str(threads)
+    return env
+
+
+def _child_result(script, engine, spec_path, threads, timeout, extra_env=None):
+    import subprocess
+
+    env = child_env(threads, extra_env)
     try:
         r = subprocess.run([sys.executable, os.path.abspath(script), "--child", engine, "--spec", spec_path],
                            env=env, capture_output=True, text=True, timeout=timeout)

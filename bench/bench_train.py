@@ -30,6 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+import _rounds  # noqa: E402
 
 ENGINES = ("qlora_nf4", "peft_bnb", "peft_fp32")
 LABEL = {"qlora_nf4": "qlora_native NF4", "peft_bnb": "PEFT+bnb NF4 (dq)", "peft_fp32": "PEFT fp32",
@@ -61,8 +62,9 @@ def reset_peak_rss():
         return False
 
 
-def time_steps(step, spec, res):
-    """Warm-up step, then spec['steps'] timed steps; fills res with times, losses and peak RSS."""
+def warm_up(step, res):
+    """Load-time RSS, the warm-up step, then VmHWM reset: the part of a run both timing modes share.
+    Returns [warm-up loss]."""
     res["rss_after_load_mib"] = (_common.proc_status_kib("VmRSS") or 0) / 1024
     res["peak_rss_after_load_mib"] = _common.peak_rss_mib()
     t0 = time.perf_counter()
@@ -72,19 +74,40 @@ def time_steps(step, spec, res):
     # ru_maxrss, so the whole-run peak is the max of the peaks before and after the reset).
     res["peak_rss_before_timed_mib"] = _common.peak_rss_mib()
     res["train_peak_rss_reset"] = reset_peak_rss()
+    return losses
+
+
+def finish_steps(spec, res, times, losses, total):
+    """Fills res from the timed steps' wall seconds (total: the time they took together)."""
+    tokens = spec["batch"] * spec["seq"]
+    now_peak = _common.peak_rss_mib()
+    res.update(step_s=times, total_s=total, tok_s=tokens * len(times) / total,
+               best_step_tok_s=tokens / min(times), losses=losses,
+               train_peak_rss_mib=now_peak if res["train_peak_rss_reset"] else None,
+               peak_rss_mib=max(now_peak, res["peak_rss_before_timed_mib"]))
+
+
+CHANNEL = None  # interleaved mode (bench/_rounds.py): the child's pipes to the parent, else None
+
+
+def time_steps(step, spec, res):
+    """Warm-up step, then spec['steps'] timed steps (interleaved: one per STEP from the parent, total =
+    their sum); fills res with times, losses and peak RSS."""
+    losses = warm_up(step, res)
+    if CHANNEL is not None:
+        CHANNEL.send("READY", {"warmup_s": res["warmup_s"]})
+        times, more, idle_cpu = _rounds.serve_steps(CHANNEL, step)
+        res["idle_cpu_s"] = idle_cpu  # CPU this child used while the others stepped (should be ~0)
+        if not times:
+            raise RuntimeError("the parent sent no STEP")
+        return finish_steps(spec, res, times, losses + more, sum(times))
     times = []
     t_all = time.perf_counter()
     for _ in range(spec["steps"]):
         t0 = time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - t0)
-    total = time.perf_counter() - t_all
-    tokens = spec["batch"] * spec["seq"]
-    now_peak = _common.peak_rss_mib()
-    res.update(step_s=times, total_s=total, tok_s=tokens * spec["steps"] / total,
-               best_step_tok_s=tokens / min(times), losses=losses,
-               train_peak_rss_mib=now_peak if res["train_peak_rss_reset"] else None,
-               peak_rss_mib=max(now_peak, res["peak_rss_before_timed_mib"]))
+    finish_steps(spec, res, times, losses, time.perf_counter() - t_all)
 
 
 def qlora_model(spec, res, compute_dtype):
@@ -365,7 +388,9 @@ def sgemm(spec):
     return out
 
 
-def child(engine, spec_path):
+def child(engine, spec_path, rounds_fds=None):
+    global CHANNEL
+    CHANNEL = _rounds.child_channel_from_arg(rounds_fds)
     with open(spec_path) as f:
         spec = json.load(f)
     if engine == "convert":
@@ -389,7 +414,10 @@ def child(engine, spec_path):
                 raise SystemExit(f"unknown engine {engine}")
         except (ImportError, AttributeError, NotImplementedError) as e:
             res = {"engine": engine, "error": f"unavailable: {type(e).__name__}: {e}"}
-    print("RESULT " + json.dumps(res), flush=True)
+    if CHANNEL is not None:
+        CHANNEL.send("RESULT", res)
+    else:
+        print("RESULT " + json.dumps(res), flush=True)
 
 
 # ---------------------------------------------------------------- parent side
@@ -421,7 +449,11 @@ def parse_args():
                    help="avx2: run the peers and numpy's sgemm with torch / oneDNN / MKL / OpenBLAS capped at AVX2 "
                         "(ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, OPENBLAS_CORETYPE): "
                         "the AVX2-only machine that QLORA_SIMD=avx2 stands for, on a full-width AVX-512 host")
+    p.add_argument("--sequential", action="store_true",
+                   help="time each engine's steps in one block, one engine after the other (the old way; default "
+                        "with >= 2 engines: interleaved rounds, see bench/_rounds.py)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--rounds-fds", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -434,11 +466,41 @@ def engine_isa(engine, simd):
     return PEER_ISA
 
 
-def run_child(engine, spec_path, threads, timeout, label=None, isa=None):
+def child_extra_env(engine, isa=None):
     # --peer-isa avx2: the peers capped at AVX2, as on an AVX2-only CPU; isa="avx2" caps a probe the same way.
     capped = (isa or ("native" if engine.startswith("qlora") else PEER_ISA)) == "avx2"
-    extra = _common.PEER_AVX2_ENV if capped else None
-    return _common.run_child(__file__, engine, spec_path, threads, timeout, label, extra)
+    return _common.PEER_AVX2_ENV if capped else None
+
+
+def run_child(engine, spec_path, threads, timeout, label=None, isa=None):
+    return _common.run_child(__file__, engine, spec_path, threads, timeout, label, child_extra_env(engine, isa))
+
+
+def child_argv(engine, spec_path):
+    return [sys.executable, os.path.abspath(__file__), "--child", engine, "--spec", spec_path]
+
+
+def run_interleaved(engines, spec_path, threads, timeout, steps, tmp):
+    """Every engine's child loads and warms up (one after the other), then the parent drives `steps`
+    rounds of one timed step per engine (bench/_rounds.py). Returns (engine -> result, rounds record)."""
+    starts = {e: (child_argv(e, spec_path), _common.child_env(threads, child_extra_env(e)),
+                  os.path.join(tmp, f"{e}.log"), timeout) for e in engines}
+    got = _rounds.run_rounds(starts, steps)
+    return got["results"], {k: got[k] for k in ("orders", "step_s", "step_cpu_s", "ready_s")}
+
+
+def add_paired(out):
+    """Interleaved runs: per-round ratios (median, min, max, n) beside each tokens/s ratio."""
+    res = out["results"]
+    st = {e: r.get("step_s") for e, r in res.items() if "error" not in r}
+    pr = _rounds.paired
+    out["qlora_nf4_ratios"].update(paired_tok_s_vs_peft_bnb=pr(st.get("qlora_nf4"), st.get("peft_bnb")),
+                                   paired_tok_s_vs_peft_fp32=pr(st.get("qlora_nf4"), st.get("peft_fp32")))
+    out["qlora_nf4_bf16_ratios"].update(
+        paired_tok_s_vs_peft_bnb=pr(st.get("qlora_nf4_bf16"), st.get("peft_bnb")),
+        paired_tok_s_vs_peft_bnb_bf16=pr(st.get("qlora_nf4_bf16"), st.get("peft_bnb_bf16")),
+        paired_tok_s_vs_qlora_nf4=pr(st.get("qlora_nf4_bf16"), st.get("qlora_nf4")))
+    out["ceiling"]["paired_ours_x_peer"] = pr(st.get("qlora_nf4"), st.get("peft_bnb"))
 
 
 def step_flops(cfg, B, T, r):
@@ -491,7 +553,7 @@ def main():
     args = parse_args()
     PEER_ISA = args.peer_isa
     if args.child:
-        return child(args.child, args.spec)
+        return child(args.child, args.spec, args.rounds_fds)
     if args.report:
         with open(args.report) as f:
             out = json.load(f)
@@ -535,6 +597,10 @@ def main():
         print("peers and the avx2 sgemm probe capped at AVX2: " + ", ".join(f"{k}={v}" for k, v in _common.PEER_AVX2_ENV.items()), flush=True)
     if args.breakdown:
         return main_breakdown(args, gguf, ids, threads, info, flops)
+    info["interleaved"] = len(engines) >= 2 and not args.sequential
+    if info["interleaved"]:
+        print(f"interleaved: every engine loads and warms up, then {args.steps} rounds of one timed step each "
+              "(order rotated per round); all engines' processes stay alive together", flush=True)
 
     res = {}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
@@ -553,11 +619,19 @@ def main():
         conv = None
         if any(e.startswith("peft") for e in engines):
             conv = run_child("convert", spec_path, threads, args.timeout, "GGUF -> HF fp32 checkpoint")
+        runnable = []
         for e in engines:
             if e.startswith("peft") and conv and "error" in conv:
                 res[e] = {"engine": e, "error": "GGUF conversion failed: " + conv["error"]}
-                continue
-            res[e] = run_child(e, spec_path, threads, args.timeout, LABEL[e])
+            else:
+                runnable.append(e)
+        if info["interleaved"]:
+            got, info["rounds"] = run_interleaved(runnable, spec_path, threads, args.timeout, args.steps, tmp)
+            res.update(got)
+        else:
+            for e in runnable:
+                res[e] = run_child(e, spec_path, threads, args.timeout, LABEL[e])
+        res = {e: res[e] for e in engines}  # the engines' order
         for isa, p in sg_by.items():  # again after the engines: the faster run is the rate (a shared machine)
             q = run_child("sgemm", spec_path, threads, args.timeout, f"sgemm ({isa}, after)", isa=isa)
             runs = [r.get("numpy_gflops") for r in (p, q) if "error" not in r]
@@ -589,6 +663,8 @@ def main():
                                     "tok_s_vs_peft_bnb_bf16": ratio(b16.get("tok_s"), bb16.get("tok_s")),
                                     "tok_s_vs_qlora_nf4": ratio(b16.get("tok_s"), me.get("tok_s")),
                                     "peak_rss_vs_peft_bnb": ratio(b16.get("peak_rss_mib"), bnb.get("peak_rss_mib"))}
+    if info["interleaved"]:
+        add_paired(out)
     report(out)
     _common.write_json(args.out, out)
     print(f"wrote {args.out}")
@@ -667,6 +743,12 @@ def report(out):
     print(f"load average before/after: {info['loadavg_before']} / {info['loadavg_after']} ({info['cpus']} CPUs)")
     if info.get("cpu"):  # results saved before the machine line existed have no CPU fields
         print(f"machine: {_common.machine_line(info, info.get('measured'))}")
+    if info.get("interleaved"):
+        print(f"steps interleaved: {info['steps']} rounds, each engine one timed step per round in a rotated order, "
+              "the others waiting (each engine its own process, all alive together); paired = the per-round "
+              "ratios of two engines' steps")
+    elif "interleaved" in info:
+        print("steps timed per engine, one engine after the other (--sequential)")
     hdr = (f"{'engine':<18} {'tok/s':>7} {'vs bnb':>7} {'vs fp32':>7} {'best':>6} {'peak RSS':>9} {'vs bnb':>7} "
            f"{'train pk':>8} {'load s':>7} {'GFLOP/s':>8} {'%sgemm':>7} {'loss0':>7} {'lossN':>7}")
     print(hdr)
@@ -696,6 +778,15 @@ def report(out):
             f"{s['M']}x{s['K']}x{s['N']} numpy {s['numpy_gflops']:.1f}"
             + (f", qlora_native.ops.gemm_nt {s['ours_gflops']:.1f}" if "ours_gflops" in s else "") + " GFLOP/s"
             for s in p["shapes"])))
+    q, qb = out.get("qlora_nf4_ratios") or {}, out.get("qlora_nf4_bf16_ratios") or {}
+    pairs = [(a, b, d.get(k)) for a, b, d, k in (
+        ("qlora_nf4", "peft_bnb", q, "paired_tok_s_vs_peft_bnb"), ("qlora_nf4", "peft_fp32", q, "paired_tok_s_vs_peft_fp32"),
+        ("qlora_nf4_bf16", "peft_bnb", qb, "paired_tok_s_vs_peft_bnb"),
+        ("qlora_nf4_bf16", "peft_bnb_bf16", qb, "paired_tok_s_vs_peft_bnb_bf16"),
+        ("qlora_nf4_bf16", "qlora_nf4", qb, "paired_tok_s_vs_qlora_nf4")) if d.get(k)]
+    if pairs:
+        print("paired tok/s ratios, per round (median (min-max, n rounds)): "
+              + "; ".join(f"{a} / {b} {_rounds.fmt_paired(p)}" for a, b, p in pairs))
     me = res.get("qlora_nf4", {})
     tr = ratio(me.get("tok_s"), bnb.get("tok_s"))
     tb = ratio(me.get("best_step_tok_s"), bnb.get("best_step_tok_s"))  # less sensitive to a shared machine
@@ -703,12 +794,15 @@ def report(out):
     want = out["targets"]["tok_s_vs_peft_bnb"]
     print(f"target: qlora_native tokens/s >= {want:g}x PEFT+bnb: "
           + ("n/a" if tr is None else f"{tr:.2f}x {'MET' if tr >= want else 'NOT MET'} (all timed steps); "
-             f"fastest step vs fastest step {tb:.2f}x {'MET' if tb >= want else 'NOT MET'}"))
+             f"fastest step vs fastest step {tb:.2f}x {'MET' if tb >= want else 'NOT MET'}"
+             + paired_verdict(q.get("paired_tok_s_vs_peft_bnb"), want)))
     c = out.get("ceiling") or {}
     if c.get("x_peer") is not None:
         print(f"ceiling: at equal FLOPs an engine at 100% of this ISA's sgemm ({c['isa']}, {c['sgemm_gflops']:.0f} "
               f"GFLOP/s) would be {c['x_peer']:.2f}x the peer (fastest steps {fmt(c['best_x_peer'], '.2f')}x; "
-              f"peer {c['peer_gflops']:.0f} GFLOP/s effective)")
+              f"peer {c['peer_gflops']:.0f} GFLOP/s effective)"
+              + (f"; measured ours / peer paired per round {_rounds.fmt_paired(c['paired_ours_x_peer'])}"
+                 if c.get("paired_ours_x_peer") else ""))
     print(f"target: qlora_native peak RSS <= {out['targets']['peak_rss_vs_peft_bnb']:g}x PEFT+bnb: "
           + ("n/a" if rr is None else f"{rr:.2f}x {'MET' if rr <= out['targets']['peak_rss_vs_peft_bnb'] else 'NOT MET'}"))
     b16 = res.get("qlora_nf4_bf16", {})
@@ -719,7 +813,15 @@ def report(out):
             rb = ratio(b16.get("best_step_tok_s"), res[peer].get("best_step_tok_s"))
             print(f"target: qlora_native bf16 tokens/s >= {want:g}x {LABEL[peer]}: {r:.2f}x "
                   f"{'MET' if r >= want else 'NOT MET'} (all timed steps); fastest step vs fastest step "
-                  f"{fmt(rb, '.2f')}x")
+                  f"{fmt(rb, '.2f')}x" + paired_verdict(qb.get("paired_tok_s_vs_" + peer), want))
+
+
+def paired_verdict(p, want):
+    """'; paired per round median X.XXx MET (min-max, n)' for a target line, '' without paired ratios."""
+    if not p:
+        return ""
+    return (f"; paired per round median {p['median']:.2f}x {'MET' if p['median'] >= want else 'NOT MET'} "
+            f"({p['min']:.2f}-{p['max']:.2f}, n={p['n']})")
 
 
 if __name__ == "__main__":
