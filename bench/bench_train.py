@@ -5,7 +5,11 @@ One run, one machine, the same thread count for every engine; each engine runs i
 subprocess so its peak RSS (VmHWM) is its own. Same data for all: random token ids
 (fixed seed), batch 4 x 256, labels = input_ids (every token counted), full attention mask;
 LoRA r=16, alpha 32, dropout 0, all seven projections; gradient checkpointing on; AdamW lr 1e-4.
-One warm-up step, then --steps timed steps. Also measures the machine's sgemm rate (numpy /
+One warm-up step, then --steps timed steps. With >= 2 engines the timed steps are interleaved
+(bench/_rounds.py): every child loads and warms up, then the parent runs --steps rounds of one step per
+engine in a varied order, and prints per-round paired ratios beside the others (--sequential: each
+engine's steps in one block, one engine after the other). All engines' processes are then alive at
+once: PEFT+bnb peaks ~2.8 GB, qlora_native ~0.4 GB, PEFT fp32 and the bf16 engines similar to theirs. Also measures the machine's sgemm rate (numpy /
 OpenBLAS and qlora_native.ops.gemm_nt) at each ISA an engine runs at (avx2: OpenBLAS capped like the
 peers) to put each step's effective GFLOP/s in context, and prints the ceiling: at the step's nominal
 FLOPs, an engine at 100% of that sgemm would be X times PEFT+bnb (no engine beats X at equal FLOPs).
@@ -586,8 +590,8 @@ def main():
         return main_breakdown(args, gguf, ids, threads, info, flops)
     info["interleaved"] = len(engines) >= 2 and not args.sequential
     if info["interleaved"]:
-        print(f"interleaved: every engine loads and warms up, then {args.steps} rounds of one timed step each "
-              "(order rotated per round); all engines' processes stay alive together", flush=True)
+        print(f"interleaved: every engine loads and warms up, then {args.steps} round(s) of one timed step each "
+              "(order varied per round); all engines' processes stay alive together", flush=True)
 
     res = {}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:

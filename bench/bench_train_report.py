@@ -69,7 +69,7 @@ def report(out):
     if info.get("cpu"):  # results saved before the machine line existed have no CPU fields
         print(f"machine: {_common.machine_line(info, info.get('measured'))}")
     if info.get("interleaved"):
-        print(f"steps interleaved: {info['steps']} rounds, each engine one timed step per round in a rotated order, "
+        print(f"steps interleaved: {info['steps']} round(s), each engine one timed step per round in a varied order, "
               "the others waiting (each engine its own process, all alive together); paired = the per-round "
               "ratios of two engines' steps")
     elif "interleaved" in info:

@@ -194,7 +194,7 @@ def test_paired_ratios_in_json_and_table(capsys):
     assert out["qlora_nf4_bf16_ratios"]["paired_tok_s_vs_peft_bnb"] is None
     bt.report(json.loads(json.dumps(out)))
     text = capsys.readouterr().out
-    assert "steps interleaved: 5 rounds" in text
+    assert "steps interleaved: 5 round(s)" in text
     assert f"qlora_nf4 / peft_bnb {p['median']:.2f}x ({p['min']:.2f}-{p['max']:.2f}, n=5)" in text
     target = next(s for s in text.splitlines() if s.startswith("target: qlora_native tokens/s"))
     assert f"paired per round median {p['median']:.2f}x {'MET' if p['median'] >= 1.5 else 'NOT MET'}" in target
@@ -225,4 +225,4 @@ def test_quick_interleaved_end_to_end(tmp_path):
     if "peft_bnb" in engines:
         assert got["qlora_nf4_ratios"]["paired_tok_s_vs_peft_bnb"]["n"] == 1
         assert got["results"]["peft_bnb"]["losses"][0] == pytest.approx(got["results"]["qlora_nf4"]["losses"][0], abs=0.05)
-    assert "steps interleaved: 1 rounds" in r.stdout and "paired tok/s ratios" in r.stdout
+    assert "steps interleaved: 1 round(s)" in r.stdout and "paired tok/s ratios" in r.stdout
