@@ -166,13 +166,14 @@ def round_order(engines: list, i: int) -> list:
     return [engines[k] for k in rows[i % len(rows)]]
 
 
-def run_rounds(starts: dict, steps: int, log=print) -> dict:
+def run_rounds(starts: dict, steps: int, log=print, probes=()) -> dict:
     """Drives the protocol. starts: engine -> (argv, env, log_path, budget_s), started in this order, each
-    after the previous is READY. Returns {"results": engine -> result dict (the child's RESULT, or
+    after the previous is READY; the names in `probes` (e.g. an sgemm probe) are not engines: they step
+    once at the end of every round, after the engines. Returns {"results": engine -> result dict (the child's RESULT, or
     {"engine", "error"} with any steps it did as "partial_step_s"), "orders": each round's order,
-    "step_s" / "step_cpu_s": engine -> its steps' wall / process CPU seconds in round order, "ready_s":
-    engine -> seconds from its start to READY}."""
-    results, alive, step_s, step_cpu_s, ready_s, orders = {}, {}, {}, {}, {}, []
+    "step_s" / "step_cpu_s" / "values": engine -> its steps' wall / process CPU seconds / returned values
+    (an engine's losses, a probe's rates) in round order, "ready_s": engine -> seconds from start to READY}."""
+    results, alive, step_s, step_cpu_s, values, ready_s, orders = {}, {}, {}, {}, {}, {}, []
 
     def fail(e, why):
         results[e] = {"engine": e, "error": why}
@@ -206,10 +207,11 @@ def run_rounds(starts: dict, steps: int, log=print) -> dict:
                 fail(e, f"unexpected {kind!r} before READY")
                 continue
             ready_s[e] = time.perf_counter() - t0
-            step_s[e], step_cpu_s[e] = [], []
+            step_s[e], step_cpu_s[e], values[e] = [], [], []
             log(f"  {e}: loaded, warm-up done, waiting ({ready_s[e]:.0f} s)")
         for i in range(steps):
-            order = round_order(list(alive), i)  # alive keeps the start order
+            order = round_order([e for e in alive if e not in probes], i)  # alive keeps the start order
+            order += [e for e in alive if e in probes]
             orders.append(order)
             for e in order:
                 try:
@@ -221,6 +223,7 @@ def run_rounds(starts: dict, steps: int, log=print) -> dict:
                     continue
                 step_s[e].append(payload["s"])
                 step_cpu_s[e].append(payload.get("cpu_s"))
+                values[e].append(payload.get("loss"))
             log(f"  round {i + 1}/{steps}: " + ", ".join(f"{e} {step_s[e][-1]:.2f} s" for e in order if e in alive))
         for e in list(alive):
             try:
@@ -235,16 +238,22 @@ def run_rounds(starts: dict, steps: int, log=print) -> dict:
     finally:
         for c in alive.values():  # an exception (or ^C) above: no child outlives the parent
             c.close(kill=True)
-    return {"results": results, "orders": orders, "step_s": step_s, "step_cpu_s": step_cpu_s, "ready_s": ready_s}
+    return {"results": results, "orders": orders, "step_s": step_s, "step_cpu_s": step_cpu_s, "values": values,
+            "ready_s": ready_s}
+
+
+def stats(vs):
+    """{median, min, max, n} of a list, None when empty."""
+    vs = [v for v in vs if v is not None]
+    if not vs:
+        return None
+    return {"median": statistics.median(vs), "min": min(vs), "max": max(vs), "n": len(vs)}
 
 
 def paired(ours_s, peer_s):
     """Per-round ratios ours / peer in tokens/s (= peer's step seconds / ours, same tokens per step) over
     the rounds both ran: {median, min, max, n}, or None without a common round."""
-    rs = [p / o for o, p in zip(ours_s or [], peer_s or []) if o and p]
-    if not rs:
-        return None
-    return {"median": statistics.median(rs), "min": min(rs), "max": max(rs), "n": len(rs)}
+    return stats([p / o for o, p in zip(ours_s or [], peer_s or []) if o and p])
 
 
 def fmt_paired(p) -> str:

@@ -36,13 +36,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 import _rounds  # noqa: E402
 from bench_train_report import LABEL, fmt, ratio, report, report_breakdown  # noqa: E402,F401
+from bench_train_sgemm import SGEMM_SHAPES, openblas_core, sgemm, sgemm_rounds  # noqa: E402,F401
 
 ENGINES = ("qlora_nf4", "peft_bnb", "peft_fp32")
 TARGET_BF16_VS_BNB = 3.0       # bf16 mode tokens/s >= 3x PEFT+bnb (fp32 compute), AVX512-BF16 machines
 TARGET_BF16_VS_BNB_BF16 = 2.0  # and >= 2x PEFT+bnb under bf16 autocast
 TARGET_TOKS_VS_BNB = 1.5   # qlora_native tokens/s >= 1.5x PEFT + bitsandbytes
 TARGET_RSS_VS_BNB = 0.5    # qlora_native peak RSS <= 0.5x PEFT + bitsandbytes
-SGEMM_SHAPES = [(2048, 576, 1536), (2048, 1536, 576)]  # (M, K, N): Y[M, N] = X[M, K] · W[N, K]ᵀ
 FLOP_FORMULA = (
     "step FLOPs = fwd + bwd + recompute; fwd = 2*N_mm*tok + 2*tok*r*S_lora + 4*B*T^2*H*dh*L (QK^T and PV, "
     "full T x T); bwd = 2*N_mm*tok (activation grads only: base frozen) + 4*tok*r*S_lora (LoRA dX + dW) "
@@ -327,66 +327,6 @@ def convert_gguf(spec):
     return {"engine": "convert", "hf_dir": spec["hf_dir"]}
 
 
-def openblas_core():
-    """The kernel set numpy's OpenBLAS picked (e.g. 'SkylakeX', or 'Haswell' under the AVX2 cap), or None:
-    says in the result that a cap took effect."""
-    import ctypes
-    import glob
-
-    import numpy as np
-
-    libs = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
-    for path in glob.glob(os.path.join(libs, "*openblas*")):
-        lib = ctypes.CDLL(path)
-        for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename64_",
-                     "openblas_get_corename"):
-            f = getattr(lib, name, None)
-            if f is not None:
-                f.restype = ctypes.c_char_p
-                return f().decode()
-    return None
-
-
-def sgemm(spec):
-    """GFLOP/s of fp32 GEMM Y = X · Wᵀ: numpy (OpenBLAS) and qlora_native.ops.gemm_nt, best of a few runs."""
-    import numpy as np
-
-    out = {"engine": "sgemm", "shapes": [], "numpy_gflops": None, "ours_gflops": None}
-    rng = np.random.default_rng(1)
-    ops = None
-    try:
-        import qlora_native
-        from qlora_native import ops
-
-        qlora_native.set_num_threads(spec["threads"])
-    except Exception as e:  # the numpy rate alone still says what the machine does
-        out["ours_error"] = f"{type(e).__name__}: {e}"
-
-    def best(fn, n):
-        fn()
-        b = float("inf")
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            b = min(b, time.perf_counter() - t0)
-        return b
-
-    for (M, K, N) in SGEMM_SHAPES:
-        x = rng.standard_normal((M, K)).astype(np.float32)
-        w = rng.standard_normal((N, K)).astype(np.float32)
-        y = np.empty((M, N), np.float32)
-        flop = 2.0 * M * N * K
-        row = {"M": M, "K": K, "N": N, "numpy_gflops": flop / best(lambda: np.matmul(x, w.T, out=y), spec["gemm_runs"]) / 1e9}
-        if ops is not None:
-            row["ours_gflops"] = flop / best(lambda: ops.gemm_nt(x, w, y), spec["gemm_runs"]) / 1e9
-        out["shapes"].append(row)
-    out["numpy_gflops"] = max(r["numpy_gflops"] for r in out["shapes"])
-    out["openblas_core"] = openblas_core()
-    if ops is not None:
-        out["ours_gflops"] = max(r["ours_gflops"] for r in out["shapes"])
-    return out
-
-
 def child(engine, spec_path, rounds_fds=None):
     global CHANNEL
     CHANNEL = _rounds.child_channel_from_arg(rounds_fds)
@@ -402,6 +342,8 @@ def child(engine, spec_path, rounds_fds=None):
             res = {"engine": engine, "error": f"unavailable: {type(e).__name__}: {e}"}
     elif engine == "sgemm":
         res = sgemm(spec)
+    elif engine == "sgemm_round":
+        res = sgemm_rounds(spec, CHANNEL)
     else:
         res = {"engine": engine}
         try:
@@ -479,27 +421,52 @@ def child_argv(engine, spec_path):
     return [sys.executable, os.path.abspath(__file__), "--child", engine, "--spec", spec_path]
 
 
-def run_interleaved(engines, spec_path, threads, timeout, steps, tmp):
+def run_interleaved(engines, spec_path, threads, timeout, steps, tmp, probe_isas=()):
     """Every engine's child loads and warms up (one after the other), then the parent drives `steps`
-    rounds of one timed step per engine (bench/_rounds.py). Returns (engine -> result, rounds record)."""
+    rounds of one timed step per engine (bench/_rounds.py), and an sgemm probe per ISA in probe_isas after
+    each round. Returns (engine -> result, rounds record; its "sgemm_gflops": isa -> rate per round)."""
     starts = {e: (child_argv(e, spec_path), _common.child_env(threads, child_extra_env(e)),
                   os.path.join(tmp, f"{e}.log"), timeout) for e in engines}
-    got = _rounds.run_rounds(starts, steps)
-    return got["results"], {k: got[k] for k in ("orders", "step_s", "step_cpu_s", "ready_s")}
+    probes = {f"sgemm@{isa}": isa for isa in probe_isas}
+    for name, isa in probes.items():
+        starts[name] = (child_argv("sgemm_round", spec_path), _common.child_env(threads, child_extra_env("sgemm", isa)),
+                        os.path.join(tmp, f"{name}.log"), timeout)
+    got = _rounds.run_rounds(starts, steps, probes=set(probes))
+    rounds = {k: got[k] for k in ("orders", "step_s", "step_cpu_s", "ready_s")}
+    res = {e: got["results"][e] for e in engines}
+    for name, isa in probes.items():
+        r = got["results"][name]
+        if "error" in r:
+            rounds.setdefault("sgemm_errors", {})[isa] = r["error"]
+        else:
+            rounds.setdefault("sgemm_gflops", {})[isa] = r["numpy_gflops"]
+            rounds.setdefault("sgemm_openblas_core", {})[isa] = r.get("openblas_core")
+    return res, rounds
 
 
-def add_paired(out):
-    """Interleaved runs: per-round ratios (median, min, max, n) beside each tokens/s ratio."""
-    res = out["results"]
+def add_paired(out, isa_of=lambda e: "native"):
+    """Interleaved runs: per-round ratios (median, min, max, n) beside each tokens/s ratio; with the sgemm
+    probed between rounds, the ceiling and each engine's share of its ISA's sgemm per round too."""
+    res, rounds = out["results"], out["info"].get("rounds") or {}
     st = {e: r.get("step_s") for e, r in res.items() if "error" not in r}
+    cpu = {e: (rounds.get("step_cpu_s") or {}).get(e) for e in st}
     pr = _rounds.paired
     out["qlora_nf4_ratios"].update(paired_tok_s_vs_peft_bnb=pr(st.get("qlora_nf4"), st.get("peft_bnb")),
-                                   paired_tok_s_vs_peft_fp32=pr(st.get("qlora_nf4"), st.get("peft_fp32")))
+                                   paired_tok_s_vs_peft_fp32=pr(st.get("qlora_nf4"), st.get("peft_fp32")),
+                                   paired_cpu_tok_s_vs_peft_bnb=pr(cpu.get("qlora_nf4"), cpu.get("peft_bnb")))
     out["qlora_nf4_bf16_ratios"].update(
         paired_tok_s_vs_peft_bnb=pr(st.get("qlora_nf4_bf16"), st.get("peft_bnb")),
         paired_tok_s_vs_peft_bnb_bf16=pr(st.get("qlora_nf4_bf16"), st.get("peft_bnb_bf16")),
         paired_tok_s_vs_qlora_nf4=pr(st.get("qlora_nf4_bf16"), st.get("qlora_nf4")))
-    out["ceiling"]["paired_ours_x_peer"] = pr(st.get("qlora_nf4"), st.get("peft_bnb"))
+    c = out["ceiling"]
+    c["paired_ours_x_peer"] = pr(st.get("qlora_nf4"), st.get("peft_bnb"))
+    sg, total = rounds.get("sgemm_gflops") or {}, out["flops"]["total"]
+    gf = {e: [total / s / 1e9 for s in v] for e, v in st.items()}
+    if sg.get(c.get("isa")) and gf.get("peft_bnb"):  # per round: that round's sgemm / the peer's rate
+        c["rounds_x_peer"] = _rounds.stats([a / b for a, b in zip(sg[c["isa"]], gf["peft_bnb"])])
+    for e, v in gf.items():
+        if sg.get(isa_of(e)):
+            res[e]["rounds_share_of_isa_sgemm"] = _rounds.stats([a / b for a, b in zip(v, sg[isa_of(e)])])
 
 
 def step_flops(cfg, B, T, r):
@@ -617,7 +584,8 @@ def main():
             else:
                 runnable.append(e)
         if info["interleaved"]:
-            got, info["rounds"] = run_interleaved(runnable, spec_path, threads, args.timeout, args.steps, tmp)
+            got, info["rounds"] = run_interleaved(runnable, spec_path, threads, args.timeout, args.steps, tmp,
+                                                  probe_isas=sorted(sg_by))
             res.update(got)
         else:
             for e in runnable:
@@ -655,7 +623,7 @@ def main():
                                     "tok_s_vs_qlora_nf4": ratio(b16.get("tok_s"), me.get("tok_s")),
                                     "peak_rss_vs_peft_bnb": ratio(b16.get("peak_rss_mib"), bnb.get("peak_rss_mib"))}
     if info["interleaved"]:
-        add_paired(out)
+        add_paired(out, lambda e: engine_isa(e, simd))
     report(out)
     _common.write_json(args.out, out)
     print(f"wrote {args.out}")

@@ -103,6 +103,11 @@ def report(out):
             f"{s['M']}x{s['K']}x{s['N']} numpy {s['numpy_gflops']:.1f}"
             + (f", qlora_native.ops.gemm_nt {s['ours_gflops']:.1f}" if "ours_gflops" in s else "") + " GFLOP/s"
             for s in p["shapes"])))
+    rounds = info.get("rounds") or {}
+    for isa, v in (rounds.get("sgemm_gflops") or {}).items():
+        print(f"numpy sgemm ({isa}) after each round: " + " / ".join(f"{g:.1f}" for g in v) + " GFLOP/s")
+    for isa, err in (rounds.get("sgemm_errors") or {}).items():
+        print(f"numpy sgemm ({isa}) between rounds: {err}")
     q, qb = out.get("qlora_nf4_ratios") or {}, out.get("qlora_nf4_bf16_ratios") or {}
     pairs = [(a, b, d.get(k)) for a, b, d, k in (
         ("qlora_nf4", "peft_bnb", q, "paired_tok_s_vs_peft_bnb"), ("qlora_nf4", "peft_fp32", q, "paired_tok_s_vs_peft_fp32"),
@@ -111,7 +116,9 @@ def report(out):
         ("qlora_nf4_bf16", "qlora_nf4", qb, "paired_tok_s_vs_qlora_nf4")) if d.get(k)]
     if pairs:
         print("paired tok/s ratios, per round (median (min-max, n rounds)): "
-              + "; ".join(f"{a} / {b} {_rounds.fmt_paired(p)}" for a, b, p in pairs))
+              + "; ".join(f"{a} / {b} {_rounds.fmt_paired(p)}" for a, b, p in pairs)
+              + (f"; by the steps' CPU seconds (at 1 thread, the least moved by other load): qlora_nf4 / peft_bnb "
+                 f"{_rounds.fmt_paired(q['paired_cpu_tok_s_vs_peft_bnb'])}" if q.get("paired_cpu_tok_s_vs_peft_bnb") else ""))
     me = res.get("qlora_nf4", {})
     tr = ratio(me.get("tok_s"), bnb.get("tok_s"))
     tb = ratio(me.get("best_step_tok_s"), bnb.get("best_step_tok_s"))  # less sensitive to a shared machine
@@ -127,7 +134,9 @@ def report(out):
               f"GFLOP/s) would be {c['x_peer']:.2f}x the peer (fastest steps {fmt(c['best_x_peer'], '.2f')}x; "
               f"peer {c['peer_gflops']:.0f} GFLOP/s effective)"
               + (f"; measured ours / peer paired per round {_rounds.fmt_paired(c['paired_ours_x_peer'])}"
-                 if c.get("paired_ours_x_peer") else ""))
+                 if c.get("paired_ours_x_peer") else "")
+              + (f"; ceiling per round (that round's sgemm / the peer's step) {_rounds.fmt_paired(c['rounds_x_peer'])}"
+                 if c.get("rounds_x_peer") else ""))
     print(f"target: qlora_native peak RSS <= {out['targets']['peak_rss_vs_peft_bnb']:g}x PEFT+bnb: "
           + ("n/a" if rr is None else f"{rr:.2f}x {'MET' if rr <= out['targets']['peak_rss_vs_peft_bnb'] else 'NOT MET'}"))
     b16 = res.get("qlora_nf4_bf16", {})

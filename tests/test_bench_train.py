@@ -96,7 +96,8 @@ CHILD = os.path.join(HERE, "helpers_rounds_child.py")
 
 def fake_argv(modes):
     """bt.child_argv for fake engines: each engine name runs helpers_rounds_child.py in its mode."""
-    return lambda e, spec_path: [sys.executable, CHILD, modes[e], spec_path]
+    real = bt.child_argv  # names not in modes (the sgemm probe) run bench_train's own child
+    return lambda e, spec_path: [sys.executable, CHILD, modes[e], spec_path] if e in modes else real(e, spec_path)
 
 
 @pytest.fixture
@@ -143,8 +144,14 @@ def test_interleaved_rounds_with_failing_children(spec, tmp_path, monkeypatch, p
     bt.PEER_ISA = "avx2"
     lines = []
     monkeypatch.setattr(_rounds, "print", lambda *a, **k: lines.append(" ".join(map(str, a))), raising=False)
-    res, rounds = bt.run_interleaved(list(modes), spec, 1, 120, 3, str(tmp_path))
+    res, rounds = bt.run_interleaved(list(modes), spec, 1, 120, 3, str(tmp_path), probe_isas=("avx2",))
     assert set(res) == set(modes)
+    # the sgemm probe (capped like the peers) runs once after each round's engines
+    assert len(rounds["sgemm_gflops"]["avx2"]) == 3 and min(rounds["sgemm_gflops"]["avx2"]) > 0
+    assert all(o[-1] == "sgemm@avx2" for o in rounds["orders"])
+    rounds["orders"] = [o[:-1] for o in rounds["orders"]]
+    if bt.openblas_core() is not None:
+        assert rounds["sgemm_openblas_core"]["avx2"] == "Haswell"
     assert res["peft_bnb_bf16"]["error"].startswith("unavailable: ImportError")
     assert res["qlora_nf4_bf16"]["error"].startswith("exit 1") and "load failed" in res["qlora_nf4_bf16"]["error"]
     assert res["peft_fp32"]["error"].startswith("in round 2: exit 3") and len(res["peft_fp32"]["partial_step_s"]) == 1
@@ -183,9 +190,20 @@ def test_paired_ratios_in_json_and_table(capsys):
     out["results"]["qlora_nf4"]["step_s"], out["results"]["peft_bnb"]["step_s"] = me_s, bnb_s
     out["results"]["peft_fp32"] = {"engine": "peft_fp32", "error": "in round 2: exit 3: "}
     out["engines"].append("peft_fp32")
-    out["info"].update(interleaved=True, steps=5)
+    cpu_me, cpu_bnb = [v * 0.9 for v in me_s], [v * 0.8 for v in bnb_s]
+    sg = [rng.uniform(50, 100) for _ in range(5)]
+    out["info"].update(interleaved=True, steps=5, rounds={"step_cpu_s": {"qlora_nf4": cpu_me, "peft_bnb": cpu_bnb},
+                                                          "sgemm_gflops": {"avx2": sg}})
     out["qlora_nf4_ratios"], out["qlora_nf4_bf16_ratios"] = {}, {}
-    bt.add_paired(out)
+    bt.add_paired(out, lambda e: "avx2")
+    # per round: that round's sgemm over the peer's effective rate in that round (FLOPs / its step time)
+    x = sorted(g / (out["flops"]["total"] / b / 1e9) for g, b in zip(sg, bnb_s))
+    assert out["ceiling"]["rounds_x_peer"] == {"median": pytest.approx(x[2]), "min": pytest.approx(x[0]),
+                                               "max": pytest.approx(x[-1]), "n": 5}
+    share = sorted(out["flops"]["total"] / m / 1e9 / g for m, g in zip(me_s, sg))
+    assert out["results"]["qlora_nf4"]["rounds_share_of_isa_sgemm"]["median"] == pytest.approx(share[2])
+    cpu = sorted(b / m for m, b in zip(cpu_me, cpu_bnb))
+    assert out["qlora_nf4_ratios"]["paired_cpu_tok_s_vs_peft_bnb"]["median"] == pytest.approx(cpu[2])
     p = out["qlora_nf4_ratios"]["paired_tok_s_vs_peft_bnb"]
     want = sorted(b / m for m, b in zip(me_s, bnb_s))
     assert p == {"median": pytest.approx(want[2]), "min": pytest.approx(want[0]), "max": pytest.approx(want[-1]), "n": 5}
@@ -198,7 +216,10 @@ def test_paired_ratios_in_json_and_table(capsys):
     assert f"qlora_nf4 / peft_bnb {p['median']:.2f}x ({p['min']:.2f}-{p['max']:.2f}, n=5)" in text
     target = next(s for s in text.splitlines() if s.startswith("target: qlora_native tokens/s"))
     assert f"paired per round median {p['median']:.2f}x {'MET' if p['median'] >= 1.5 else 'NOT MET'}" in target
-    assert "measured ours / peer paired per round" in next(s for s in text.splitlines() if s.startswith("ceiling:"))
+    ceil = next(s for s in text.splitlines() if s.startswith("ceiling:"))
+    assert "measured ours / peer paired per round" in ceil and f"ceiling per round (that round's sgemm / the peer's step) {x[2]:.2f}x" in ceil
+    assert "numpy sgemm (avx2) after each round: " + " / ".join(f"{g:.1f}" for g in sg) + " GFLOP/s" in text
+    assert f"by the steps' CPU seconds (at 1 thread, the least moved by other load): qlora_nf4 / peft_bnb {cpu[2]:.2f}x" in text
 
 
 def _have(*mods):
