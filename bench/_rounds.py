@@ -78,10 +78,16 @@ class Child:
         self.name, self.log_path, self.budget = name, log_path, budget_s
         c_r, p_w = os.pipe()  # parent -> child commands
         p_r, c_w = os.pipe()  # child -> parent replies
-        self.log = open(log_path, "w")
         try:
+            self.log = open(log_path, "w")
             self.proc = subprocess.Popen(argv + ["--rounds-fds", f"{c_r},{c_w}"], env=env, pass_fds=(c_r, c_w),
                                          stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
+        except OSError:
+            for fd in (p_w, p_r):
+                os.close(fd)
+            if getattr(self, "log", None) is not None:
+                self.log.close()
+            raise
         finally:
             os.close(c_r)
             os.close(c_w)
@@ -191,6 +197,7 @@ def run_rounds(starts: dict, steps: int, log=print, probes=()) -> dict:
                 c = Child(e, argv, env, log_path, budget)
             except OSError as ex:
                 results[e] = {"engine": e, "error": f"cannot start: {ex}"}
+                log(f"  {e}: error: {results[e]['error']}")
                 continue
             alive[e] = c
             try:
@@ -209,7 +216,7 @@ def run_rounds(starts: dict, steps: int, log=print, probes=()) -> dict:
             ready_s[e] = time.perf_counter() - t0
             step_s[e], step_cpu_s[e], values[e] = [], [], []
             log(f"  {e}: loaded, warm-up done, waiting ({ready_s[e]:.0f} s)")
-        for i in range(steps):
+        for i in range(steps if alive else 0):
             order = round_order([e for e in alive if e not in probes], i)  # alive keeps the start order
             order += [e for e in alive if e in probes]
             orders.append(order)

@@ -117,7 +117,7 @@ def report(out):
     if pairs:
         print("paired tok/s ratios, per round (median (min-max, n rounds)): "
               + "; ".join(f"{a} / {b} {_rounds.fmt_paired(p)}" for a, b, p in pairs)
-              + (f"; by the steps' CPU seconds (at 1 thread, the least moved by other load): qlora_nf4 / peft_bnb "
+              + (f"; by the steps' CPU seconds (at 1 thread: without the time a step was not scheduled): qlora_nf4 / peft_bnb "
                  f"{_rounds.fmt_paired(q['paired_cpu_tok_s_vs_peft_bnb'])}" if q.get("paired_cpu_tok_s_vs_peft_bnb") else ""))
     me = res.get("qlora_nf4", {})
     tr = ratio(me.get("tok_s"), bnb.get("tok_s"))
