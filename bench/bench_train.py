@@ -12,7 +12,8 @@ engine's steps in one block, one engine after the other). All engines' processes
 once: at 4 x 256 PEFT+bnb peaks ~2.8-3.0 GB, qlora_native ~0.4 GB; mind the sum on a small machine.
 Also measures the machine's sgemm rate (numpy / OpenBLAS and qlora_native.ops.gemm_nt) at each ISA an
 engine runs at (avx2: OpenBLAS capped like the peers) to put each step's effective GFLOP/s in context,
-and prints the ceiling: at the step's nominal FLOPs, an engine at 100% of that sgemm would be X times PEFT+bnb (no engine beats X at equal FLOPs).
+and prints the ceiling: at the step's nominal FLOPs, an engine at 100% of that sgemm would be X times
+PEFT+bnb (no engine beats X at equal FLOPs).
 Prints one table and writes bench/results/bench_train.json.
 
     PYTHONPATH=python:build/dev python bench/bench_train.py           # full run (minutes)
