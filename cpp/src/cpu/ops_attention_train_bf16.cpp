@@ -38,6 +38,7 @@ bool half_on() { return env_on("QLORA_ATTN_BF16_HALF"); }
 // QLORA_ATTN_BF16_SCRATCH: the tasks' scratch left uninitialized (every element read is written
 // first); =0 zero-fills it as the std::vector scratch did.
 bool scratch_uninit_on() { return env_on("QLORA_ATTN_BF16_SCRATCH"); }
+
 template <class T>
 T* scratch(AlignedBuf<T>& b, size_t n, bool uninit) {
   T* p = b.get(n);
@@ -115,6 +116,7 @@ void attention_train_packed(SimdLevel level, const rowk::Kernels* kr, int64_t B,
   const bool direct = fp::direct_on(), half = half_on(), uninit = scratch_uninit_on();
   const attn_amx::Kernel ak = direct ? attn_amx::choice() : attn_amx::Kernel::Avx512Bf16;  // P·v on AMX tiles?
   const bool amx = ak != attn_amx::Kernel::Avx512Bf16;
+  const bool opf = fwd_out_prefetch_on();
   parallel_range(B * Hq * nblk, 1, [&](int64_t p0, int64_t p1) {
     AlignedBuf<float> bS;
     AlignedBuf<uint32_t> bAp, bPb;
@@ -128,6 +130,7 @@ void attention_train_packed(SimdLevel level, const rowk::Kernels* kr, int64_t B,
       const int64_t t0 = blk * kBlock, mq = std::min(kBlock, T - t0), nk = t0 + mq;
       const int32_t* km = key_mask + b * T;
       const uint32_t* Vc = vp_all + (b * Hkv + kh) * vc_sz;
+      if (opf) prefetch_rows(out + (b * T + t0) * ldo + h * hd, ldo, mq, hd);
       if (kpan && fp::block_usable(mq))
         fp::scores(gp, mq, nk, t0, hd, q + (b * T + t0) * ldq + h * hd, ldq, kp_all + (b * Hkv + kh) * k_sz, scale,
                    S, nk, Af.get(static_cast<size_t>(gp.mr * hd)), dfn);
