@@ -330,7 +330,6 @@ void attention_train(SimdLevel level, int64_t B, int64_t T, int64_t Hq, int64_t 
       }
     });
   // Task = (b, query head, block of queries t0..t0+mq), seeing keys 0..t0+mq-1.
-  const bool opf = panels && fwd_out_prefetch_on();
   parallel_range(B * Hq * nblk, 1, [&](int64_t p0, int64_t p1) {
     std::vector<float> S(static_cast<size_t>(kBlock * T));  // [mq, nk] scores, then probabilities
     fp::Buf Ap;
@@ -341,7 +340,6 @@ void attention_train(SimdLevel level, int64_t B, int64_t T, int64_t Hq, int64_t 
       const float* Q = q + (b * T + t0) * ldq + h * hd;
       float* O = out + (b * T + t0) * ldo + h * hd;
       if (panels && fp::block_usable(mq)) {
-        if (opf) prefetch_rows(O, ldo, mq, hd);
         const float* Kp = kv_all + (b * Hkv + kh) * (k_sz + v_sz);
         float* ap = Ap.get(static_cast<size_t>(gp->mr * std::max(hd, gemm_depth_block(level, nk))));
         constexpr int kMaxMr = 16;  // inv[] below; the AVX2 / AVX-512 tiles have 6 / 14 rows

@@ -190,6 +190,7 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
   // fp32 [hdp][Tp] sums per task, zero-padded to whole tiles, written out transposed at its end.
   const attn_amx::Kernel ak = direct ? attn_amx::choice() : attn_amx::Kernel::Avx512Bf16;
   const bool amx = ak != attn_amx::Kernel::Avx512Bf16;
+  const bool dpf = bwd_dq_prefetch_on();
   const int64_t hdp = cdiv(hd, 32) * 32, Tp = cdiv(T, 32) * 32;
   const int64_t vr_sz = cdiv(T, NR) * hp * NR, kc_sz = cdiv(hd, NR) * tp * NR, qc_sz = cdiv(hd, NR) * bp * NR;
   parallel_range(B * Hkv, 1, [&](int64_t p0, int64_t p1) {
@@ -248,6 +249,7 @@ void attention_backward_packed(SimdLevel level, const rowk::Kernels* kr, int64_t
           const float* dOr = dout + (b * T + t0) * lddo + h * hd;  // [mq, hd]
           // delta of these queries: given, or computed here (dout's rows are about to be read anyway)
           const float* dlt = delta ? delta + (b * Hq + h) * T + t0 : dl;
+          if (dpf) prefetch_rows(dq + (b * T + t0) * lddq + h * hd, lddq, mq, hd);
           if (!delta) attn_train_k::delta_rows_avx512(mq, hd, dOr, lddo, out + (b * T + t0) * ldo + h * hd, ldo, dl);
           if (!direct) {
             pack_dim_cols(Qr, ldq, mq, hd, Qc);

@@ -24,13 +24,16 @@ inline bool all_nonzero(const int32_t* km, int64_t n) { return std::find(km, km 
 // Keys some row of the tile of queries t0 + ir .. t0 + ir + mr - 1 sees (causal), within nk.
 inline int64_t keys_seen(int64_t t0, int64_t ir, int mr, int64_t nk) { return std::min(nk, t0 + ir + mr); }
 
-// The forwards prefetch a task's output rows (its rows x n floats, row stride ld) when the task starts:
-// the P·v tiles then store into cached lines (measured: AMX tile stores into uncached rows stalled the
-// next call's ldtilecfg). QLORA_ATTN_FWD_PF=0 (read per call) turns it off; no arithmetic changes.
-inline bool fwd_out_prefetch_on() {
-  const char* e = std::getenv("QLORA_ATTN_FWD_PF");
+// The bf16 forward prefetches a task's output rows (rows x n floats, row stride ld) when the task
+// starts, the backward a block's dq rows: the tiles then store into cached lines (measured: AMX tile
+// stores into uncached rows stalled the next call's ldtilecfg). QLORA_ATTN_FWD_PF=0 / QLORA_ATTN_BWD_PF=0
+// (read per call) turn them off; no arithmetic changes.
+inline bool env_not_zero(const char* name) {
+  const char* e = std::getenv(name);
   return !(e && e[0] == '0' && e[1] == 0);
 }
+inline bool fwd_out_prefetch_on() { return env_not_zero("QLORA_ATTN_FWD_PF"); }
+inline bool bwd_dq_prefetch_on() { return env_not_zero("QLORA_ATTN_BWD_PF"); }
 inline void prefetch_rows(const float* p, int64_t ld, int64_t rows, int64_t n) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < n; c += 16) __builtin_prefetch(p + r * ld + c, 1, 3);
