@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "cpu/nf4_gemv_kernels.hpp"
+#include "cpu/nf4_gemv_m1_pairs_body.hpp"
 #include "cpu/simd_reduce_avx512.hpp"
 
 namespace qlora::cpu::nf4_gemv_detail {
@@ -20,10 +21,6 @@ namespace qlora::cpu::nf4_gemv_detail {
 namespace {
 
 #define QLORA_AI inline __attribute__((always_inline))
-
-// An X vector used by both rows of a pair is loaded once: without this GCC folds the load into
-// each FMA, doubling the loads of the row-pair kernels (the bound at M >= 4).
-QLORA_AI void keep_in_register(__m512& a, __m512& b) { asm("" : "+v"(a), "+v"(b)); }
 
 // W ahead of the row pair being decoded (rows are contiguous: a pair is K bytes), called once per
 // block of both rows of a pair: pf_l1 bytes ahead into L1, pf_l2 into L2 (Args: 4 and 16 pairs,
@@ -38,24 +35,7 @@ QLORA_AI void prefetch_ahead(const uint8_t* p0, int64_t K, int64_t pf_l1, int64_
   _mm_prefetch(reinterpret_cast<const char*>(p0 + pf_l2 + K / 2), _MM_HINT_T1);
 }
 
-// Args::pf_lo/pf_hi spread over the rows [r0, r1) of a call: after row r0 + done, the first
-// (pf_hi - pf_lo) * done / (r1 - r0) bytes are prefetched to L2, a few lines per row pair.
-struct SidePf {
-  const char* p;
-  const char* lo;
-  int64_t bytes, r0, rows;
-  SidePf(const Args& a, int64_t r0_, int64_t r1) : p(a.pf_lo), lo(a.pf_lo), bytes(a.pf_hi - a.pf_lo), r0(r0_), rows(r1 - r0_) {}
-  QLORA_AI void upto(int64_t n_end) {  // rows [r0, n_end) done
-    if (!p || p >= lo + bytes) return;
-    const char* t = lo + bytes * (n_end - r0) / rows;
-    for (; p < t; p += 64) _mm_prefetch(p, _MM_HINT_T1);
-  }
-};
-inline Args no_pf(const Args& a) {
-  Args b = a;
-  b.pf_lo = b.pf_hi = nullptr;
-  return b;
-}
+// keep_in_register, SidePf, no_pf, pf_line: cpu/nf4_gemv_m1_pairs_body.hpp.
 
 // The 16 codes scaled by a block's absmax; with R (the bf16-compute contract on these kernels,
 // Args::round_bf16) each rounded to bf16 as vcvtne2ps2bf16 does for finite values (RNE, zero or
@@ -327,14 +307,6 @@ QLORA_AI void group32_m1(__m512 (&acc)[4], int u, const uint8_t* p, const float*
   acc[u + 1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(b, t), _mm512_loadu_ps(x + 16), acc[u + 1]);
 }
 
-// The line pf1 bytes ahead into L1, pf2 ahead into L2 (pf2 == 0: none; W rows are contiguous, so
-// this runs ahead through the task's whole row range).
-QLORA_AI void pf_line(const uint8_t* p, int64_t pf1, int64_t pf2) {
-  if (pf2 <= 0) return;
-  _mm_prefetch(reinterpret_cast<const char*>(p + pf1), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(p + pf2), _MM_HINT_T1);
-}
-
 QLORA_AI void segment_m1(__m512 (&acc)[4], const uint8_t* p, const float* x, int64_t k, int64_t end, __m512 t) {
   for (; k + 64 <= end; k += 64) {
     group32_m1(acc, 0, p + k / 2, x + k, t);
@@ -393,68 +365,17 @@ void rows_1(const Args& a, int64_t r0, int64_t r1) {
   }
 }
 
-// M = 1, two rows of W at a time: each X vector is loaded once for both rows (rows_1 reads all of
-// X once per row; at K = 11008 the regrouped X, 43 KiB, does not stay in a 48 KiB L1d beside the
-// weight stream, so rows_1 re-reads it from L2 for every row). Each row keeps rows_1's four
-// accumulators, FMA sequence and reduction, so its bits are rows_1's. Requires blocksize >= 64
-// and K % blocksize == 0 (both rows start on a block edge).
-QLORA_AI void pair32_m1(__m512 (&acc0)[4], __m512 (&acc1)[4], int u, const uint8_t* p0, const uint8_t* p1,
-                        const float* x, __m512 t0, __m512 t1) {
-  __m512 xe = _mm512_loadu_ps(x), xo = _mm512_loadu_ps(x + 16);
-  keep_in_register(xe, xo);
-  const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0)));
-  const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p1)));
-  acc0[u] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b0, 4), t0), xe, acc0[u]);
-  acc0[u + 1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(b0, t0), xo, acc0[u + 1]);
-  acc1[u] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b1, 4), t1), xe, acc1[u]);
-  acc1[u + 1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(b1, t1), xo, acc1[u + 1]);
-}
-
+// M = 1, two rows of W at a time (row_pairs_m1, cpu/nf4_gemv_m1_pairs_body.hpp): each X vector is
+// loaded once for both rows (rows_1 reads all of X once per row; at K = 11008 the regrouped X, 43
+// KiB, does not stay in a 48 KiB L1d beside the weight stream, so rows_1 re-reads it from L2 for
+// every row). Each row keeps rows_1's accumulators, FMA sequence and reduction, so its bits are
+// rows_1's. Its tables: scaled<R> per row, as rows_1's.
 template <bool R>
-void row_pairs_1(const Args& a, int64_t r0, int64_t r1) {
-  const int64_t K = a.K;
-  const int s = a.bs_shift;
-  const int64_t bs = int64_t{1} << s, nb = K >> s;
-  const float* x = a.x;  // [K] regrouped (regroup_x_avx512_m1)
-  const __m512 codes = _mm512_loadu_ps(a.codes);
-  const int64_t pf1 = a.pf_l1, pf2 = a.pf_l2;
-  SidePf side(a, r0, r1);
-  for (int64_t n = r0; n < r1; n += 2) {
-    side.upto(n + 2);
-    const uint8_t* p0 = a.packed + n * K / 2;  // [K/2] bytes of rows n, n + 1
-    const uint8_t* p1 = p0 + K / 2;
-    const float* am0 = a.absmax + ((n * K) >> s) - a.block0;
-    const float* am1 = am0 + nb;
-    __m512 acc0[4], acc1[4];
-    for (int u = 0; u < 4; ++u) acc0[u] = acc1[u] = _mm512_setzero_ps();
-    for (int64_t blk = 0, k = 0; blk < nb; ++blk, k += bs) {
-      const __m512 t0 = scaled<R>(codes, am0[blk]), t1 = scaled<R>(codes, am1[blk]);
-      for (int64_t i = 0; i < bs; i += 64) {
-        if (((k + i) & 127) == 0) {
-          pf_line(p0 + (k + i) / 2, pf1, pf2);
-          pf_line(p1 + (k + i) / 2, pf1, pf2);
-        }
-        pair32_m1(acc0, acc1, 0, p0 + (k + i) / 2, p1 + (k + i) / 2, x + k + i, t0, t1);
-        pair32_m1(acc0, acc1, 2, p0 + (k + i) / 2 + 16, p1 + (k + i) / 2 + 16, x + k + i + 32, t0, t1);
-      }
-    }
-    const float dot0 =
-        _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0[0], acc0[1]), _mm512_add_ps(acc0[2], acc0[3])));
-    const float dot1 =
-        _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc1[0], acc1[1]), _mm512_add_ps(acc1[2], acc1[3])));
-    float* y = a.y + n;
-    y[0] = a.beta == 0.0f ? a.alpha * dot0 : a.alpha * dot0 + a.beta * y[0];  // beta == 0: Y not read
-    y[1] = a.beta == 0.0f ? a.alpha * dot1 : a.alpha * dot1 + a.beta * y[1];
-  }
-}
-
-template <bool R>
-void rows_1_paired(const Args& a, int64_t r0, int64_t r1) {
-  if (a.bs_shift < 6 || (a.K & ((int64_t{1} << a.bs_shift) - 1)) != 0) return rows_1<R>(a, r0, r1);
-  const int64_t pairs_end = r0 + ((r1 - r0) & ~int64_t{1});
-  row_pairs_1<R>(a, r0, pairs_end);
-  if (pairs_end < r1) rows_1<R>(pairs_end > r0 ? no_pf(a) : a, pairs_end, r1);
-}
+struct ScaledTables {
+  __m512 codes;
+  explicit ScaledTables(const float* c) : codes(_mm512_loadu_ps(c)) {}
+  QLORA_AI PairTables operator()(float am0, float am1) const { return {scaled<R>(codes, am0), scaled<R>(codes, am1)}; }
+};
 
 }  // namespace
 
@@ -494,9 +415,9 @@ void rows_avx512_m1(const Args& a, int64_t r0, int64_t r1) {
 
 void rows_avx512_m1_pairs(const Args& a, int64_t r0, int64_t r1) {
   if (a.round_bf16)
-    rows_1_paired<true>(a, r0, r1);
+    rows_m1_paired<ScaledTables<true>, rows_1<true>>(a, r0, r1);
   else
-    rows_1_paired<false>(a, r0, r1);
+    rows_m1_paired<ScaledTables<false>, rows_1<false>>(a, r0, r1);
 }
 
 void decode_scales_avx512(const uint8_t* code, const float* map, const float* nested, float offset, int64_t b0,
