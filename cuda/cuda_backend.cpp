@@ -289,6 +289,8 @@ class CudaBackend final : public Backend {
   bool has_bf16_compute() const override { return cc_major_ >= kTcMinMajor; }
   // bf16 is the default compute dtype where the tensor cores have it (bnb_4bit_compute_dtype=bf16).
   bool default_compute_bf16() const override { return has_bf16_compute(); }
+  // The training loss's lm_head runs the ops alone (no panels; a Q8_0 table is widened by the model).
+  LmHeadExtras lm_head_extras(const LmHeadCall&) const override { return {}; }
   void gemm_nt_bf16(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
                     int64_t ldb, float beta, float* C, int64_t ldc) override {
     check_gemm_args("gemm_nt_bf16", M, N, K, K, lda, K, ldb, ldc);

@@ -433,6 +433,22 @@ class Backend {
                                   float* /*loss*/) {
     not_implemented("cross_entropy_rows");
   }
+  // The lm_head of the training loss (lm_cross_entropy*, cpu/ops_backward.hpp) beyond the ops above:
+  // a backend may read an fp32 lm_head [V, D] through a layout of its own made per loss call (CPU: bf16
+  // panels packed once for all chunks), and may read a GGUF's tied Q8_0 token_embd in place of its
+  // fp32 table (lm_cross_entropy_q8_0_as_f32: the same bits, no V x D fp32 table). The model and its
+  // memory plan (model/train_memory.cpp) ask here instead of branching on the backend.
+  struct LmHeadCall {
+    int64_t N = 0, D = 0, V = 0, chunk_rows = 0;  // rows of h [N, D], vocabulary, rows per loss chunk
+    bool bf16 = false, want_grad = false;          // compute_dtype bfloat16; dh too (a backward)
+  };
+  struct LmHeadExtras {
+    size_t f32_table_bytes = 0;  // what the call allocates over an fp32 table beyond cross_entropy_workspace_bytes
+    bool q8_0_rows = false;      // Q8_0 rows can stand in for the fp32 table (lm_cross_entropy_q8_0_as_f32)
+    size_t q8_0_rows_bytes = 0;  // what that call allocates beyond cross_entropy_workspace_bytes
+  };
+  // Default: nothing beyond the ops above (CUDA, cpu:devsim); the CPU backend answers from its level.
+  virtual LmHeadExtras lm_head_extras(const LmHeadCall& /*c*/) const { return {}; }
   // LoRA dropout (inverted, as torch.nn.Dropout), its mask regenerated from a Philox4x32-10
   // stream instead of stored: element i = m*in + j of the [M, in] keep mask is 1 when output
   // offset + i of the stream of `seed` passes train::bernoulli_keep(x, 1 - p)

@@ -198,6 +198,8 @@ void bind_train(py::module_& m) {
                             num_key_value_heads, head_dim, num_hidden_layers, r, backward, checkpointing, offload,
                             dropout, compute_dtype == "bfloat16", device, model::head_rows_from_name(head_format),
                             f32_from_q8_0};
+        // host memory: the "cpu" backend's answer at the active SIMD level; a device: none (CUDA's)
+        if (!device) s.lm_head = get_backend("cpu").lm_head_extras(model::lm_head_call(s));
         const model::TrainMemoryPlan p = model::train_memory_plan(s);
         py::dict out;
         out["checkpoints"] = p.checkpoints;

@@ -118,10 +118,7 @@ CrossEntropyResult lm_cross_entropy_half(Backend& be, int64_t N, int64_t D, int6
 
 bool lm_cross_entropy_q8_0_as_f32_applies(const Backend& be, int64_t N, int64_t D, int64_t V, int64_t chunk_rows,
                                           bool bf16, bool want_grad) {
-  const auto* cpu_be = dynamic_cast<const cpu::CpuBackend*>(&be);
-  if (!cpu_be || N <= 0 || chunk_rows < 1) return false;
-  if (!bf16) return be.host_memory() && cpu::q8_0_head_f32_applies(cpu_be->level(), D);
-  return cpu::lm_head_q8_0_panels_apply(cpu_be->level(), D, V, bf16, !be.host_memory(), want_grad);
+  return be.lm_head_extras({N, D, V, chunk_rows, bf16, want_grad}).q8_0_rows;  // (CpuBackend's: cpu_backend_lm_head.cpp)
 }
 
 CrossEntropyResult lm_cross_entropy_q8_0_as_f32(Backend& be, int64_t N, int64_t D, int64_t V, const float* h,

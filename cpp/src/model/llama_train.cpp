@@ -527,19 +527,19 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
   // head_format q8_0: the embedding and lm_head are read as Q8_0 (never an fp32 copy on the device).
   // head_format f16 / bf16 likewise as 16-bit rows.
   const bool head_q8 = w_->head_q8_0(), head_h = w_->head_half();
-  // A GGUF's tied Q8_0 token_embd whose fp32 table was never made: the gather and the loss read the
-  // Q8_0 rows, the same values and bits (ops_backward.hpp), no 4-byte table (V x D x 4), whatever
-  // the number of loss chunks; bf16 packs the lm_head panels from them, fp32 decodes blocks of them
-  // per GEMM (QLORA_F32_HEAD_Q8=0 widens; the plan counts either: TrainShape::f32_from_q8_0).
-  const bool f32_from_q8_0 = w_->tied_q8_0_unwidened();
-  const bool q8_as_f32 =
-      f32_from_q8_0 && lm_cross_entropy_q8_0_as_f32_applies(be_, M, D, V, kCrossEntropyChunkRows, bf16, backward);
   const bool keep_all = backward && !checkpointing;
   const bool offload = backward && checkpointing && offload_checkpoints();
   // Every buffer below is sized by the plan memory_model.py reports (one rule: train_memory.cpp).
   TrainShape shape{B, T, D, d.I, V, d.Hq, d.Hkv, d.hd, nL, ad ? std::max<int64_t>(ad->max_rank(), 1) : 1,
                    backward, checkpointing, offload, dropout, bf16, !be_.host_memory(),
-                   head_h ? HeadRows::Half : head_q8 ? HeadRows::Q8_0 : HeadRows::F32, f32_from_q8_0};
+                   head_h ? HeadRows::Half : head_q8 ? HeadRows::Q8_0 : HeadRows::F32, w_->tied_q8_0_unwidened(), {}};
+  shape.lm_head = be_.lm_head_extras(lm_head_call(shape));
+  // A GGUF's tied Q8_0 token_embd whose fp32 table was never made: where the backend can
+  // (Backend::lm_head_extras), the loss reads the Q8_0 rows, the same values and bits
+  // (ops_backward.hpp), no 4-byte table (V x D x 4), whatever the number of loss chunks (CPU: bf16
+  // packs the lm_head panels from them, fp32 decodes blocks of them per GEMM; QLORA_F32_HEAD_Q8=0
+  // widens); else lm_head_f32() makes the table.
+  const bool q8_as_f32 = shape.loss_reads_q8_0_rows();
   const TrainMemoryPlan plan = train_memory_plan(shape);
   ActBuf t_buf(be_, mc, plan.lora_t), dt_buf(be_, mc, plan.lora_t);  // [M, r_max]
   ActBuf xdrop, dtmp;                                                 // [M, wide] (dropout only)

@@ -5,9 +5,7 @@
 
 #include "backend.hpp"
 #include "common/error.hpp"
-#include "cpu/lm_head_bf16.hpp"
-#include "cpu/ops_backward.hpp"
-#include "cpu/q8_0_head.hpp"
+#include "cpu/ops_backward.hpp"  // cross_entropy_workspace_bytes, kCrossEntropyChunkRows (the loss driver's)
 
 namespace qlora::model {
 
@@ -41,23 +39,20 @@ void TrainShape::validate() const {
             "memory plan: batch x seq x the model's dimensions overflow 64-bit byte counts");
 }
 
+Backend::LmHeadCall lm_head_call(const TrainShape& s) {
+  return {s.batch * s.seq, s.hidden, s.vocab, kCrossEntropyChunkRows, s.bf16, s.backward};
+}
+
 size_t lm_loss_workspace_bytes(int64_t N, int64_t D, int64_t V, int64_t chunk_rows, HeadRows head, bool want_grad,
-                               bool bf16, bool device, bool f32_from_q8_0) {
+                               bool bf16, bool device, const Backend::LmHeadExtras& extras, bool q8_0_rows) {
   if (N <= 0) return 0;
   size_t b = cross_entropy_workspace_bytes(std::min(N, chunk_rows), V, device);
   // The widened chunk: the lm_head backward's, and the bf16 forward's (one at a time).
   if (head == HeadRows::Q8_0 && (want_grad || bf16)) b += Backend::q8_0_gemm_nn_scratch_bytes(V, D);
   if (head == HeadRows::Half && (want_grad || bf16)) b += Backend::half_chunk_scratch_bytes(V, D);
-  // bf16 over an fp32 table: its bf16 panels, packed once per call (cpu/lm_head_bf16.hpp)
-  // (from a tied Q8_0 token_embd's rows: packed for one chunk too, ops_backward.hpp)
-  // (fp32 over a tied Q8_0 token_embd's rows: the scratch its blocks are decoded into, cpu/q8_0_head.hpp)
-  const cpu::SimdLevel lv = cpu::active_simd_level();
-  if (head == HeadRows::F32 && f32_from_q8_0 && !bf16 && !device && cpu::q8_0_head_f32_applies(lv, D))
-    b += cpu::q8_0_head_f32_scratch_bytes(lv, V, D);
-  else if (head == HeadRows::F32 && f32_from_q8_0 && cpu::lm_head_q8_0_panels_apply(lv, D, V, bf16, device, want_grad))
-    b += cpu::lm_head_panels_bytes(V, D);
-  else if (head == HeadRows::F32)
-    b += cpu::lm_head_panels_workspace_bytes(lv, N, D, V, chunk_rows, bf16, device);
+  // An fp32 table, or the Q8_0 rows standing in for it: the backend's own scratch (CPU: bf16 panels,
+  // or blocks of rows decoded to fp32).
+  if (head == HeadRows::F32) b += q8_0_rows ? extras.q8_0_rows_bytes : extras.f32_table_bytes;
   return b;
 }
 
@@ -86,7 +81,7 @@ TrainMemoryPlan train_memory_plan(const TrainShape& s) {
   p.final_norm_bytes = bytes(p.final_norm);
   p.backward_scratch = bytes(p.bwd.total());
   p.cross_entropy = lm_loss_workspace_bytes(M, D, s.vocab, kCrossEntropyChunkRows, s.head, s.backward, s.bf16, s.device,
-                                            s.f32_from_q8_0);
+                                            s.lm_head, s.loss_reads_q8_0_rows());
   p.offload_host = offload ? static_cast<size_t>(L) * bytes(p.x) : 0;
 
   // The pass's timeline (train_pass's order of allocation), as its MemCounter sees it.

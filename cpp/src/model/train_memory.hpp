@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include "backend.hpp"
+
 namespace qlora::model {
 
 // How the loss reads the lm_head (LlamaWeights' head format).
@@ -35,12 +37,19 @@ struct TrainShape {
   bool bf16 = false;        // compute_dtype bfloat16 in use
   bool device = false;      // !Backend::host_memory() (the loss uploads its labels)
   HeadRows head = HeadRows::F32;
-  // head F32 that is a GGUF's tied Q8_0 token_embd, its fp32 table not made: the loss may pack its
-  // bf16 panels from the Q8_0 rows even for one chunk (cpu::lm_head_q8_0_panels_apply), or in fp32
-  // decode blocks of them into a scratch (cpu::q8_0_head_f32_applies)
+  // head F32 that is a GGUF's tied Q8_0 token_embd, its fp32 table not made: the loss reads the Q8_0
+  // rows where the backend can (lm_head.q8_0_rows), else the table is made
   bool f32_from_q8_0 = false;
+  // The backend's answer for this pass's loss call (be.lm_head_extras(lm_head_call(shape))); the
+  // default: nothing beyond the ops (a device backend's answer).
+  Backend::LmHeadExtras lm_head;
   void validate() const;    // ValueError naming the first bad field
+  // The loss reads a tied Q8_0 token_embd's rows in place of the fp32 table (and so does the gather).
+  bool loss_reads_q8_0_rows() const { return head == HeadRows::F32 && f32_from_q8_0 && lm_head.q8_0_rows; }
 };
+
+// The loss call of a pass of this shape (what TrainShape::lm_head answers).
+Backend::LmHeadCall lm_head_call(const TrainShape& s);
 
 // One layer's intermediates kept for its backward (LayerActs), floats each.
 struct LayerActsFloats {
@@ -84,9 +93,9 @@ TrainMemoryPlan train_memory_plan(const TrainShape& s);
 
 // The scratch the chunked LM loss (lm_cross_entropy*, ops_loss.cpp) allocates for N rows: the
 // [chunk, V] logits, per-row loss (+ labels on a device), and with 16-bit / Q8_0 rows the widened
-// chunk of the lm_head backward (or of the bf16 forward); bf16 over an fp32 table, its panels
-// (f32_from_q8_0: TrainShape's).
+// chunk of the lm_head backward (or of the bf16 forward); with head F32, what the backend adds
+// (extras: Backend::lm_head_extras of this call; q8_0_rows: it reads Q8_0 rows for the table).
 size_t lm_loss_workspace_bytes(int64_t N, int64_t D, int64_t V, int64_t chunk_rows, HeadRows head, bool want_grad,
-                               bool bf16, bool device, bool f32_from_q8_0 = false);
+                               bool bf16, bool device, const Backend::LmHeadExtras& extras, bool q8_0_rows);
 
 }  // namespace qlora::model
