@@ -113,9 +113,9 @@ def weight_bytes(cfg, *, nf4: bool = True, blocksize: int = 64, double_quant: bo
                  head_format: str = "float32") -> dict[str, int]:
     """Device bytes of the frozen weights by category (LlamaModel::memory_footprint's names, with
     the embedding / lm_head split out of other_weights). head_format "float32" counts the fp32 table;
-    a GGUF's Q8_0 token_embd is held as its Q8_0 rows, widened to that table only by a pass that cannot
-    read them (an untied one, a device backend, the scalar level, QLORA_F32_HEAD_Q8=0 /
-    QLORA_BF16_HEAD_Q8=0; README "bf16 compute")."""
+    a GGUF's Q8_0 token_embd is held as its Q8_0 rows, widened to that table only by a pass whose loss
+    cannot read them as a tied lm_head (a device backend, the scalar level, QLORA_F32_HEAD_Q8=0 /
+    QLORA_BF16_HEAD_Q8=0; README "bf16 compute"; the gather always reads the rows)."""
     d = _dims(cfg)
     w = q = other = 0
     for rows, cols in projection_shapes(cfg).values():

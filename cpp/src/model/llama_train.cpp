@@ -559,9 +559,11 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
   auto X = [&](int64_t l) { return xs[all_x ? l : l % 2].f(); };
   std::vector<std::unique_ptr<LayerActs>> acts(plan.num_layer_acts);
   if (!keep_all) acts[0] = std::make_unique<LayerActs>(be_, mc, plan.layer);
+  // The gather reads a Q8_0 embedding's rows wherever the weights keep them (as forward() does: the
+  // values of the fp32 table, which is never made for it, tied or not).
   if (head_h)
     be_.half_rows(w_->half_type(), M, D, w_->embed_h.data(), ids_d.data<int32_t>(), X(0));
-  else if (head_q8 || q8_as_f32)
+  else if (w_->embed_is_q8_0())
     be_.q8_0_rows(M, D, w_->embed_q8.data(), ids_d.data<int32_t>(), X(0));
   else
     be_.embedding(M, D, w_->embed_f32(), ids_d.data<int32_t>(), X(0));
