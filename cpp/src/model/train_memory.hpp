@@ -44,7 +44,7 @@ struct TrainShape {
   // default: nothing beyond the ops (a device backend's answer).
   Backend::LmHeadExtras lm_head;
   void validate() const;    // ValueError naming the first bad field
-  // The loss reads a tied Q8_0 token_embd's rows in place of the fp32 table (and so does the gather).
+  // The loss reads a tied Q8_0 token_embd's rows in place of the fp32 table.
   bool loss_reads_q8_0_rows() const { return head == HeadRows::F32 && f32_from_q8_0 && lm_head.q8_0_rows; }
 };
 
