@@ -49,7 +49,7 @@ def test_activation_bytes_are_the_engine_plan(monkeypatch):
     assert seen == dict(hidden_size=4096, intermediate_size=14336, vocab_size=128256, num_hidden_layers=32,
                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, batch=2, seq=512, r=8,
                         backward=True, checkpointing=True, offload=True, dropout=True, compute_dtype="bfloat16",
-                        head_format="q8_0", device=False, f32_from_q8_0=False)
+                        head_format="q8_0", device=False, f32_from_q8_0=False, activation_memory_budget=0.0)
     t = mm.train_step_bytes(mm.LLAMA3_8B, 1, 2048)
     assert t["activations_peak"] == 1000 + PARTS.index("peak")
 

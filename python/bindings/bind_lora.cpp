@@ -208,22 +208,24 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
       .def(
           "forward_backward",
           [](LlamaModel& self, const I32Array& ids, const std::optional<I32Array>& mask, const I32Array& labels,
-             float grad_scale, bool training, bool checkpointing) {
+             float grad_scale, bool training, bool checkpointing, double activation_memory_budget) {
             auto [B, T] = shape2(ids, "input_ids");
             check_arg(labels.ndim() == 2 && labels.shape(0) == B && labels.shape(1) == T, "labels shape must equal input_ids shape");
             if (mask) check_arg(mask->ndim() == 2 && mask->shape(0) == B && mask->shape(1) == T, "attention_mask shape must equal input_ids shape");
             const int32_t* mp = mask ? mask->data() : nullptr;
             py::gil_scoped_release nogil;
-            auto r = self.forward_backward(ids.data(), mp, labels.data(), B, T, grad_scale, training, checkpointing);
+            auto r = self.forward_backward(ids.data(), mp, labels.data(), B, T, grad_scale, training, checkpointing,
+                                           activation_memory_budget);
             return std::make_tuple(r.loss_sum, r.count, r.peak_train_bytes);
           },
           py::arg("input_ids"), py::arg("attention_mask"), py::arg("labels"), py::arg("grad_scale"),
-          py::arg("training") = true, py::arg("checkpointing") = true,
-          "labels already shifted; returns (loss_sum, count, peak_train_bytes)")
+          py::arg("training") = true, py::arg("checkpointing") = true, py::arg("activation_memory_budget") = 0.0,
+          "labels already shifted; returns (loss_sum, count, peak_train_bytes). activation_memory_budget (0..1, "
+          "with checkpointing): the share of the last layers that keep their intermediates instead of recomputing")
       .def(
           "lora_train_step",
           [](LlamaModel& self, const py::list& micro, double lr, double max_grad_norm, bool training,
-             bool checkpointing, const py::object& comm) {
+             bool checkpointing, const py::object& comm, double activation_memory_budget) {
             std::vector<I32Array> keep;  // the arrays stay alive while the GIL is released
             std::vector<model::MicroBatch> mbs;
             for (py::handle h : micro) {
@@ -286,7 +288,7 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
             {
               py::gil_scoped_release nogil;
               r = model::lora_train_step(self, mbs, lr, max_grad_norm, training, checkpointing,
-                                         comm.is_none() ? nullptr : &red);
+                                         comm.is_none() ? nullptr : &red, activation_memory_budget);
             }
             py::dict d;
             d["loss"] = r.loss, d["grad_norm"] = r.norm, d["count"] = r.count, d["stepped"] = r.stepped;
@@ -294,7 +296,7 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
             return d;
           },
           py::arg("micro"), py::arg("lr"), py::arg("max_grad_norm"), py::arg("training") = true,
-          py::arg("checkpointing") = true, py::arg("comm") = py::none(),
+          py::arg("checkpointing") = true, py::arg("comm") = py::none(), py::arg("activation_memory_budget") = 0.0,
           "One optimizer step over micro-batches [(ids, mask|None, shifted labels, count[, row0])] (lora_setup.cpp "
           "lora_train_step, the C API's step rule); comm: data-parallel reducer with sum_scalars / sum_grads "
           "(None entries: this rank holds no row of that micro-batch).")

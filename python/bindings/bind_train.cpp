@@ -191,13 +191,14 @@ void bind_train(py::module_& m) {
       [](int64_t hidden_size, int64_t intermediate_size, int64_t vocab_size, int64_t num_hidden_layers,
          int64_t num_attention_heads, int64_t num_key_value_heads, int64_t head_dim, int64_t batch, int64_t seq,
          int64_t r, bool backward, bool checkpointing, bool offload, bool dropout, const std::string& compute_dtype,
-         const std::string& head_format, bool device, bool f32_from_q8_0) {
+         const std::string& head_format, bool device, bool f32_from_q8_0, double activation_memory_budget) {
         check_arg(compute_dtype == "float32" || compute_dtype == "bfloat16",
                   "compute_dtype must be 'float32' or 'bfloat16', got '" + compute_dtype + "'");
         model::TrainShape s{batch, seq, hidden_size, intermediate_size, vocab_size, num_attention_heads,
                             num_key_value_heads, head_dim, num_hidden_layers, r, backward, checkpointing, offload,
                             dropout, compute_dtype == "bfloat16", device, model::head_rows_from_name(head_format),
                             f32_from_q8_0};
+        s.activation_budget = activation_memory_budget;
         // host memory: the "cpu" backend's answer at the active SIMD level; a device: none (CUDA's)
         if (!device) s.lm_head = get_backend("cpu").lm_head_extras(model::lm_head_call(s));
         const model::TrainMemoryPlan p = model::train_memory_plan(s);
@@ -211,6 +212,7 @@ void bind_train(py::module_& m) {
         out["cross_entropy"] = p.cross_entropy;
         out["peak"] = p.peak;
         out["offload_host"] = p.offload_host;
+        out["layers_kept"] = p.num_layer_acts;
         return out;
       },
       py::kw_only(), py::arg("hidden_size"), py::arg("intermediate_size"), py::arg("vocab_size"),
@@ -218,9 +220,10 @@ void bind_train(py::module_& m) {
       py::arg("head_dim"), py::arg("batch"), py::arg("seq"), py::arg("r"), py::arg("backward") = true,
       py::arg("checkpointing") = true, py::arg("offload") = false, py::arg("dropout") = false,
       py::arg("compute_dtype") = "float32", py::arg("head_format") = "float32", py::arg("device") = false,
-      py::arg("f32_from_q8_0") = false,
+      py::arg("f32_from_q8_0") = false, py::arg("activation_memory_budget") = 0.0,
       "Device bytes of one training pass by part and its peak (LossResult::peak_train_bytes), as "
-      "LlamaModel::train_pass allocates them; offload_host: the host staging of offloaded checkpoints. "
+      "LlamaModel::train_pass allocates them; offload_host: the host staging of offloaded checkpoints; "
+      "layers_kept: the LayerActs sets (the last layers that skip the recompute; activation_memory_budget). "
       "device: the backend's memory is not host memory (cuda, cpu:devsim). f32_from_q8_0: head_format "
       "float32 over a GGUF's tied Q8_0 token_embd not yet widened (the loss reads its rows: bf16 packs its "
       "panels, fp32 decodes blocks of them into a scratch).");

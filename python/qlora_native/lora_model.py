@@ -21,7 +21,16 @@ import numpy as np
 from . import adapter_io
 from .lora_config import LoraConfig, peft_tensor_name, peft_tensors
 
-__all__ = ["LoraModelMixin"]
+__all__ = ["LoraModelMixin", "check_activation_memory_budget"]
+
+
+def check_activation_memory_budget(budget) -> float:
+    """budget as a float in [0, 1] (activation_memory_budget), else ValueError."""
+    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, (int, float, np.integer, np.floating)) \
+            or not 0.0 <= float(budget) <= 1.0:  # NaN fails the range
+        raise ValueError(f"activation_memory_budget must be a number in [0, 1] (0: recompute every checkpointed "
+                         f"layer, 1: keep every layer's intermediates), got {budget!r}")
+    return float(budget)
 
 
 class LoraModelMixin:
@@ -44,6 +53,21 @@ class LoraModelMixin:
         if not isinstance(on, (bool, np.bool_)):
             raise ValueError(f"offload_checkpoints must be a bool, got {on!r}")
         self._core.offload_checkpoints = bool(on)
+
+    @property
+    def activation_memory_budget(self) -> float:
+        """With gradient_checkpointing: how much of the memory between recomputing every layer (0, the
+        default) and keeping every layer's intermediates (1, the memory and speed of
+        gradient_checkpointing=False) the training passes may spend, on PyTorch's scale
+        (torch._functorch.config.activation_memory_budget). The engine keeps the intermediates of the
+        last floor(budget x (num_layers - 1)) + 1 layers and recomputes the others; results are the
+        same bits at every budget. memory_model.activation_bytes(..., activation_memory_budget=) gives
+        the bytes."""
+        return float(self.__dict__.get("_activation_memory_budget", 0.0))
+
+    @activation_memory_budget.setter
+    def activation_memory_budget(self, budget) -> None:
+        self.__dict__["_activation_memory_budget"] = check_activation_memory_budget(budget)
 
     # ------------------------------------------------------------ adapters
     def _lora_state(self) -> dict:
@@ -328,7 +352,8 @@ class LoraModelMixin:
             return float("nan")
         train = self.training if training is None else bool(training)
         loss_sum, n, peak = self._core.forward_backward(ids, mask, shifted, scale / count, train,
-                                                        bool(self.gradient_checkpointing))
+                                                        bool(self.gradient_checkpointing),
+                                                        self.activation_memory_budget)
         assert n == count, (n, count)
         self.last_train_peak_bytes = int(peak)
         return loss_sum / count
@@ -381,7 +406,7 @@ class LoraModelMixin:
         train = self.training if training is None else bool(training)
         clip = float(max_grad_norm) if max_grad_norm else math.inf
         r = dict(self._core.lora_train_step(micro, float(lr), clip, train, bool(self.gradient_checkpointing),
-                                            comm))
+                                            comm, self.activation_memory_budget))
         self.last_train_peak_bytes = int(r["peak_train_bytes"])
         return r
 

@@ -13,7 +13,8 @@ model/lora.cpp and train/lora_optimizer.cpp allocate them:
   (cpp/src/model/train_memory.cpp through _core.train.memory_plan; train_pass allocates its
   buffers from the same plan, so this part is not a copy): the checkpointed layer inputs (all
   num_layers + 1 without offload, two with offload_checkpoints, all per-layer intermediates
-  without checkpointing), one layer's intermediates for the recompute, the LoRA scratch, dropout
+  without checkpointing), one layer's intermediates for the recompute (and those of the last
+  layers activation_memory_budget keeps), the LoRA scratch, dropout
   buffers, the final-norm output and the backward scratch, with the chunked cross-entropy's
   [chunk, vocab] logits (+ the Q8_0 / 16-bit lm_head backward's widening chunk) at its own moment.
 
@@ -28,6 +29,7 @@ import numbers
 from . import _core
 from ._core import gguf as _gguf
 from ._core import grad_ops as _grad_ops
+from .lora_model import check_activation_memory_budget
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _F = 4  # fp32 bytes
@@ -160,7 +162,8 @@ def _count(name: str, value, minimum: int = 1) -> int:
 
 def activation_bytes(cfg, batch: int, seq: int, r: int, *, checkpointing: bool = True, offload: bool = False,
                      dropout: bool = False, head_format: str = "float32", device: bool = True,
-                     compute_dtype: str = "float32", f32_from_q8_0: bool | None = None) -> dict[str, int]:
+                     compute_dtype: str = "float32", f32_from_q8_0: bool | None = None,
+                     activation_memory_budget: float = 0.0) -> dict[str, int]:
     """The training pass's buffers (forward_backward): each category and "peak", the bytes
     LlamaModel::LossResult::peak_train_bytes reports (its MemCounter's high-water mark).
     cfg: a config (dict or object), a Model, or a GGUFSource.
@@ -168,6 +171,8 @@ def activation_bytes(cfg, batch: int, seq: int, r: int, *, checkpointing: bool =
     (the loss reads the rows: bf16 packs the lm_head's panels even for one loss chunk, fp32 decodes
     blocks of them into a scratch); None derives it from cfg (a Model or a GGUFSource knows; a config
     alone is an HF checkpoint's fp32 table).
+    activation_memory_budget: Model.activation_memory_budget (with checkpointing: the last
+    floor(budget x (num_layers - 1)) + 1 layers keep their intermediates, counted in layer_activations).
 
     The engine's own allocation plan (cpp/src/model/train_memory.cpp, the sizes train_pass allocates),
     not a copy of it: _core.train.memory_plan."""
@@ -181,7 +186,8 @@ def activation_bytes(cfg, batch: int, seq: int, r: int, *, checkpointing: bool =
                                 r=max(_count("r", r, 0), 1), backward=True,
                                 checkpointing=bool(checkpointing), offload=bool(offload), dropout=bool(dropout),
                                 compute_dtype=compute_dtype, head_format=head_format, device=bool(device),
-                                f32_from_q8_0=bool(f32_from_q8_0))
+                                f32_from_q8_0=bool(f32_from_q8_0),
+                                activation_memory_budget=check_activation_memory_budget(activation_memory_budget))
     return {k: int(p[k]) for k in ("checkpoints", "layer_activations", "lora_scratch", "dropout", "final_norm",
                                    "backward_scratch", "cross_entropy", "peak")}
 
@@ -189,12 +195,13 @@ def activation_bytes(cfg, batch: int, seq: int, r: int, *, checkpointing: bool =
 def train_step_bytes(cfg, batch: int, seq: int, r: int = 16, targets=PROJECTIONS, *, nf4: bool = True,
                      blocksize: int = 64, double_quant: bool = True, head_format: str = "float32",
                      checkpointing: bool = True, offload: bool = False, dropout: bool = False,
-                     compute_dtype: str = "float32") -> dict[str, int]:
+                     compute_dtype: str = "float32", activation_memory_budget: float = 0.0) -> dict[str, int]:
     """Everything above for one training step: weights + adapter + the pass's peak, and "total"."""
     out = weight_bytes(cfg, nf4=nf4, blocksize=blocksize, double_quant=double_quant, head_format=head_format)
     out.update(adapter_bytes(cfg, r, targets))
     act = activation_bytes(cfg, batch, seq, r, checkpointing=checkpointing, offload=offload, dropout=dropout,
-                           head_format=head_format, compute_dtype=compute_dtype)
+                           head_format=head_format, compute_dtype=compute_dtype,
+                           activation_memory_budget=activation_memory_budget)
     out["activations_peak"] = act["peak"]
     out["total"] = sum(out.values())
     return out

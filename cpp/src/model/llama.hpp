@@ -147,9 +147,11 @@ class LlamaModel {
   // ids/mask/labels [B, T] host int32; labels already shifted (labels[b, t] is the target of
   // position t; -100 = ignored). Accumulates into the active adapter's dA/dB the gradient of
   // grad_scale * loss_sum. training: LoRA dropout on. checkpointing: keep only each layer's
-  // input and recompute the layer in the backward.
+  // input and recompute the layer in the backward. activation_budget (activation_memory_budget,
+  // 0..1, with checkpointing): the last layers that keep their intermediates instead
+  // (train_memory.hpp TrainShape); same bits at every budget.
   LossResult forward_backward(const int32_t* ids, const int32_t* mask, const int32_t* labels, int64_t B, int64_t T,
-                              float grad_scale, bool training, bool checkpointing);
+                              float grad_scale, bool training, bool checkpointing, double activation_budget = 0.0);
   // Loss without gradients or dropout.
   LossResult eval_loss(const int32_t* ids, const int32_t* mask, const int32_t* labels, int64_t B, int64_t T);
 
@@ -220,7 +222,8 @@ class LlamaModel {
            float* logits, const SampleRequest* sample = nullptr, bool lora_bf16 = false);
 
   LossResult train_pass(LoraAdapter* ad, float scale, const int32_t* ids, const int32_t* mask, const int32_t* labels, int64_t B,
-                        int64_t T, float grad_scale, bool training, bool checkpointing, bool backward);
+                        int64_t T, float grad_scale, bool training, bool checkpointing, bool backward,
+                        double activation_budget = 0.0);
 
   friend class GenerationContext;
   Backend& be_;

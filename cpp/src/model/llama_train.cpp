@@ -468,12 +468,14 @@ struct Pass {
 
 LlamaModel::LossResult LlamaModel::forward_backward(const int32_t* ids, const int32_t* mask, const int32_t* labels,
                                                     int64_t B, int64_t T, float grad_scale, bool training,
-                                                    bool checkpointing) {
+                                                    bool checkpointing, double activation_budget) {
   const AdapterUse use = active_use();  // adapter and scale held to the end of the pass
   check_arg(use.ad != nullptr, "forward_backward: no active adapter (add_adapter / set_active_adapter first)");
   check_arg(std::isfinite(grad_scale), "forward_backward: grad_scale must be finite");
+  check_activation_budget(activation_budget);
   ensure_lora_grads(be_, *use.ad);  // first training use of the adapter: its gradients appear (zero) now
-  return train_pass(use.ad.get(), use.scale, ids, mask, labels, B, T, grad_scale, training, checkpointing, /*backward=*/true);
+  return train_pass(use.ad.get(), use.scale, ids, mask, labels, B, T, grad_scale, training, checkpointing,
+                    /*backward=*/true, activation_budget);
 }
 
 LlamaModel::LossResult LlamaModel::eval_loss(const int32_t* ids, const int32_t* mask, const int32_t* labels,
@@ -484,7 +486,8 @@ LlamaModel::LossResult LlamaModel::eval_loss(const int32_t* ids, const int32_t* 
 
 LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, const int32_t* ids, const int32_t* mask,
                                               const int32_t* labels, int64_t B, int64_t T, float grad_scale,
-                                              bool training, bool checkpointing, bool backward) {
+                                              bool training, bool checkpointing, bool backward,
+                                              double activation_budget) {
   std::shared_lock<std::shared_mutex> wl(weights_mu_);  // no merge while the pass reads the weights
   check_complete();
   const LlamaConfig& c = w_->cfg;
@@ -533,6 +536,7 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
   TrainShape shape{B, T, D, d.I, V, d.Hq, d.Hkv, d.hd, nL, ad ? std::max<int64_t>(ad->max_rank(), 1) : 1,
                    backward, checkpointing, offload, dropout, bf16, !be_.host_memory(),
                    head_h ? HeadRows::Half : head_q8 ? HeadRows::Q8_0 : HeadRows::F32, w_->tied_q8_0_unwidened(), {}};
+  shape.activation_budget = activation_budget;
   shape.lm_head = be_.lm_head_extras(lm_head_call(shape));
   // A GGUF's tied Q8_0 token_embd whose fp32 table was never made: where the backend can
   // (Backend::lm_head_extras), the loss reads the Q8_0 rows, the same values and bits
@@ -557,8 +561,17 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
   std::vector<ActBuf> xs(plan.num_x);
   for (auto& x : xs) x = ActBuf(be_, mc, plan.x);
   auto X = [&](int64_t l) { return xs[all_x ? l : l % 2].f(); };
-  std::vector<std::unique_ptr<LayerActs>> acts(plan.num_layer_acts);
-  if (!keep_all) acts[0] = std::make_unique<LayerActs>(be_, mc, plan.layer);
+  // Layers [first_kept, nL) keep their forward's intermediates in acts[l - first_kept] (all of them
+  // without checkpointing; activation_memory_budget extends the checkpointed backward's kept last
+  // layer downwards). The layers below share acts[0], the lowest kept layer's set: that layer's
+  // forward writes it last, and after its backward it holds their recomputes, so k kept layers cost
+  // k sets, not k + 1. Which layers are kept does not change the peak (every kept set is live when
+  // the backward starts); the last ones make the shared set free, are freed first in the backward and
+  // were written last (still in cache when the backward starts).
+  const int64_t n_acts = plan.num_layer_acts, first_kept = backward ? nL - n_acts : nL;
+  auto slot = [&](int64_t l) { return l > first_kept ? l - first_kept : 0; };
+  std::vector<std::unique_ptr<LayerActs>> acts(n_acts);
+  acts[0] = std::make_unique<LayerActs>(be_, mc, plan.layer);
   // The gather reads a Q8_0 embedding's rows wherever the weights keep them (as forward() does: the
   // values of the fp32 table, which is never made for it, tied or not).
   if (head_h)
@@ -567,12 +580,13 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
     be_.q8_0_rows(M, D, w_->embed_q8.data(), ids_d.data<int32_t>(), X(0));
   else
     be_.embedding(M, D, w_->embed_f32(), ids_d.data<int32_t>(), X(0));
-  // The checkpointed backward's last layer runs on the forward's intermediates (no recompute).
-  const bool skip_last = backward && !keep_all && skip_last_recompute_enabled();
+  // The checkpointed backward's kept layers run on the forward's intermediates (no recompute);
+  // QLORA_SKIP_LAST_RECOMPUTE=0 recomputes the lowest of them too (acts[0]: at budget 0 the last layer).
+  const bool recompute_first_kept = !keep_all && !skip_last_recompute_enabled();
   for (int64_t l = 0; l < nL; ++l) {
-    if (keep_all) acts[l] = std::make_unique<LayerActs>(be_, mc, plan.layer);
+    if (slot(l) != 0) acts[slot(l)] = std::make_unique<LayerActs>(be_, mc, plan.layer);
     if (offload) be_.offload(host.at(l, xbytes), X(l), xbytes);  // queued before X(l) is overwritten
-    P.layer_forward(l, X(l), *acts[keep_all ? l : 0], X(l + 1));
+    P.layer_forward(l, X(l), *acts[slot(l)], X(l + 1));
   }
   if (!backward) acts[0].reset();
   ActBuf hF(be_, mc, plan.final_norm);  // [M, D] final-norm output, then its gradient
@@ -595,21 +609,22 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
     ActBuf da(be_, mc, plan.bwd.da), dh(be_, mc, plan.bwd.dh), datt(be_, mc, plan.bwd.datt), dq(be_, mc, plan.bwd.dq),
         dk(be_, mc, plan.bwd.dk), dv(be_, mc, plan.bwd.dv);
     for (int64_t l = nL - 1; l >= 0; --l) {
-      LayerActs& A = *acts[keep_all ? l : 0];
+      LayerActs& A = *acts[slot(l)];
       float* x_in = X(l);
       float* x_out = offload ? xs[1].f() : X(l + 1);  // offload: X(nL) is no longer needed
       if (offload) be_.reload(x_in = xs[0].f(), host.at(l, xbytes), xbytes);
-      // Recompute (bit-identical: same inputs, same ops), except the last layer: its forward was the
-      // last writer of A (the down projection's LoRA and dropout scratch, the final norm and the loss
-      // use their own buffers), so A still holds exactly what the recompute would write.
-      if (!keep_all && !(l == nL - 1 && skip_last)) {
+      // Recompute (bit-identical: same inputs, same ops) the layers below the kept ones: a kept
+      // layer's forward was the last writer of its set (the down projection's LoRA and dropout
+      // scratch, the final norm and the loss use their own buffers), so it still holds exactly what
+      // the recompute would write.
+      if (l < first_kept || (l == first_kept && recompute_first_kept)) {
         // x_out is dead here (layer l+1's backward is done; the recompute stops before the down
         // projection): it holds the recompute's LoRA t for this layer's backward.
         P.keep = ad && lora_keep_t_enabled() ? x_out : nullptr, P.keep_cap = plan.x;
         P.layer_forward(l, x_in, A, x_out, true);
       }
       P.layer_backward(l, x_in, A, dres, da.f(), dh.f(), datt.f(), dq.f(), dk.f(), dv.f());
-      if (keep_all) acts[l].reset();
+      if (slot(l) != 0) acts[slot(l)].reset();  // acts[0] stays: the recompute's set below
     }
     ++ad->micro_step;
   }

@@ -14,6 +14,7 @@
 #include "model/lora_check.hpp"
 #include "model/lora_infer.hpp"
 #include "model/peft_config.hpp"
+#include "model/train_memory.hpp"
 #include "model/weights.hpp"
 #include "train/grad_utils.hpp"
 #include "train/rng.hpp"
@@ -95,13 +96,14 @@ double lora_train_step(LlamaModel& m, const int32_t* ids, const int32_t* labels,
 }
 
 TrainStepResult lora_train_step(LlamaModel& m, const std::vector<MicroBatch>& micro, double lr, double max_grad_norm,
-                                bool training, bool checkpointing, const StepReducer* dp) {
+                                bool training, bool checkpointing, const StepReducer* dp, double activation_budget) {
   const LlamaModel::AdapterRef ap = m.active_adapter();  // held for the whole step
   check_arg(ap != nullptr, "no active LoRA adapter: add one first");
   LoraAdapter& a = *ap;
   check_arg(a.opt != nullptr, "the optimizer is not configured: call configure_optimizer first");
   check_arg(std::isfinite(lr) && lr >= 0.0, "lr must be finite and >= 0");
   check_arg(!std::isnan(max_grad_norm), "max_grad_norm is NaN");
+  check_activation_budget(activation_budget);  // before the gradients are zeroed
   check_arg(dp == nullptr || (dp->sum_scalars && dp->sum_grads), "data-parallel reducer without its sum functions");
   check_arg(!micro.empty(), "no counted tokens in the step's micro-batches");
   check_arg(micro.size() <= static_cast<size_t>(INT32_MAX), "too many micro-batches");
@@ -135,7 +137,7 @@ TrainStepResult lora_train_step(LlamaModel& m, const std::vector<MicroBatch>& mi
     LlamaModel::LossResult r;
     try {
       r = m.forward_backward(mb.ids, mb.mask, mb.labels, mb.B, mb.T, static_cast<float>(n[i] / N / n[i]), training,
-                             checkpointing);
+                             checkpointing, activation_budget);
     } catch (...) {
       a.dropout_row0 = 0;
       throw;

@@ -86,8 +86,10 @@ struct TrainStepResult {
   double bad_loss = 0.0;
 };
 // dp: null for one process (then the result is bit-identical to the same step without the hook).
+// activation_budget: activation_memory_budget of every pass (LlamaModel::forward_backward).
 TrainStepResult lora_train_step(LlamaModel& m, const std::vector<MicroBatch>& micro, double lr, double max_grad_norm,
-                                bool training, bool checkpointing, const StepReducer* dp = nullptr);
+                                bool training, bool checkpointing, const StepReducer* dp = nullptr,
+                                double activation_budget = 0.0);
 
 // One optimizer step on the active adapter (its AdamW must be configured): zero grads,
 // forward_backward of the mean causal-LM loss (labels [B, T] unshifted, transformers

@@ -2,6 +2,7 @@
 #include "model/train_memory.hpp"
 
 #include <algorithm>
+#include <cmath>
 
 #include "backend.hpp"
 #include "common/error.hpp"
@@ -33,6 +34,7 @@ void TrainShape::validate() const {
     check_arg(v >= 1, std::string(name) + " must be >= 1, got " + std::to_string(v));
     biggest = std::max(biggest, static_cast<double>(v));
   }
+  check_activation_budget(activation_budget);
   // Every count below is at most M x (the largest other dimension) x (L + 1) floats.
   const double m = static_cast<double>(batch) * static_cast<double>(seq);
   check_arg(m * biggest * static_cast<double>(num_layers + 1) * 16.0 < 9.0e18,
@@ -56,11 +58,27 @@ size_t lm_loss_workspace_bytes(int64_t N, int64_t D, int64_t V, int64_t chunk_ro
   return b;
 }
 
+void check_activation_budget(double budget) {
+  check_arg(budget >= 0.0 && budget <= 1.0,  // NaN fails both
+            "activation_memory_budget must be a number in [0, 1] (0: recompute every checkpointed layer, 1: keep "
+            "every layer's intermediates), got " + std::to_string(budget));
+}
+
+int64_t kept_layer_acts(const TrainShape& s) {
+  const int64_t L = s.num_layers;
+  if (!s.backward) return 1;             // eval: one set, reused layer by layer
+  if (!s.checkpointing) return L;        // every layer's intermediates
+  // PyTorch's normalisation: budget b allows b x (max - min) bytes above the recompute-all minimum;
+  // max - min is L - 1 LayerActs here. Whole layers only, rounded down (a budget is a cap); the
+  // 1e-9 keeps b = k / (L - 1) from rounding to k - 1.
+  const double extra = std::floor(s.activation_budget * static_cast<double>(L - 1) + 1e-9);
+  return 1 + std::min<int64_t>(L - 1, static_cast<int64_t>(extra));
+}
+
 TrainMemoryPlan train_memory_plan(const TrainShape& s) {
   s.validate();
   const int64_t B = s.batch, T = s.seq, M = B * T, D = s.hidden, I = s.intermediate, L = s.num_layers;
   const int64_t QD = s.num_heads * s.head_dim, KD = s.num_kv_heads * s.head_dim;
-  const bool keep_all = s.backward && !s.checkpointing;          // every layer's intermediates kept
   const bool offload = s.backward && s.checkpointing && s.offload;  // two device slots, the rest on the host
   TrainMemoryPlan p;
   p.lora_t = M * std::max<int64_t>(s.max_rank, 1);
@@ -68,7 +86,7 @@ TrainMemoryPlan train_memory_plan(const TrainShape& s) {
   p.x = M * D;
   p.num_x = s.backward && !offload ? L + 1 : 2;
   p.layer = {M * D, M * QD, M * KD, M * KD, M * QD, B * s.num_heads * T, M * D, M * D, M * I, M * I, M * I};
-  p.num_layer_acts = keep_all ? L : 1;
+  p.num_layer_acts = kept_layer_acts(s);
   p.final_norm = M * D;
   if (s.backward) p.bwd = {M * I, M * D, M * QD, M * QD, M * KD, M * KD};
 
@@ -90,7 +108,7 @@ TrainMemoryPlan train_memory_plan(const TrainShape& s) {
   add(p.lora_scratch);
   add(p.dropout);
   add(p.checkpoints);
-  add(p.layer_activations);                   // without checkpointing: one set per layer, all live at the end
+  add(p.layer_activations);                   // every kept layer's set, all live at the end of the forward
   if (!s.backward) cur -= p.layer_activations;  // eval: freed before the loss
   add(p.final_norm_bytes);
   peak = std::max(peak, cur + p.cross_entropy);  // the loss's scratch, freed when it returns

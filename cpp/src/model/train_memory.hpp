@@ -43,6 +43,12 @@ struct TrainShape {
   // The backend's answer for this pass's loss call (be.lm_head_extras(lm_head_call(shape))); the
   // default: nothing beyond the ops (a device backend's answer).
   Backend::LmHeadExtras lm_head;
+  // activation_memory_budget (PyTorch's torch._functorch.config name and scale, 0..1): with
+  // checkpointing and a backward, the share of the memory between recomputing every layer (one
+  // LayerActs, today's checkpointing) and recomputing none (L of them, checkpointing off) that keeps
+  // whole layers' intermediates: floor(budget x (L - 1)) more layers, the last ones, skip their
+  // recompute (kept_layer_acts). 0: plain checkpointing; 1: the memory and work of checkpointing off.
+  double activation_budget = 0.0;
   void validate() const;    // ValueError naming the first bad field
   // The loss reads a tied Q8_0 token_embd's rows in place of the fp32 table.
   bool loss_reads_q8_0_rows() const { return head == HeadRows::F32 && f32_from_q8_0 && lm_head.q8_0_rows; }
@@ -80,7 +86,10 @@ struct TrainMemoryPlan {
   int64_t x = 0;             // one residual-stream buffer / checkpoint [M, D]
   int64_t num_x = 0;         // how many: L + 1 with a backward (unless offloaded), else 2
   LayerActsFloats layer;     // one set of layer intermediates
-  int64_t num_layer_acts = 0;  // L without checkpointing (with a backward), else 1
+  // LayerActs sets: the last num_layer_acts layers keep their forward's intermediates (no recompute),
+  // layers below share the lowest kept set for their forward and recompute. L without checkpointing
+  // (with a backward), 1 + floor(activation_budget x (L - 1)) with it, 1 without a backward.
+  int64_t num_layer_acts = 0;
   int64_t final_norm = 0;    // hF [M, D]: the final norm's output, then dL/d(residual)
   BackwardFloats bwd;
   // Bytes by part (device memory) and the pass's peak (MemCounter's high-water mark).
@@ -90,6 +99,12 @@ struct TrainMemoryPlan {
 };
 
 TrainMemoryPlan train_memory_plan(const TrainShape& s);
+
+// The plan's num_layer_acts: how many of the last layers keep their intermediates (see TrainShape).
+int64_t kept_layer_acts(const TrainShape& s);
+
+// ValueError unless budget is a number in [0, 1] (activation_memory_budget).
+void check_activation_budget(double budget);
 
 // The scratch the chunked LM loss (lm_cross_entropy*, ops_loss.cpp) allocates for N rows: the
 // [chunk, V] logits, per-row loss (+ labels on a device), and with 16-bit / Q8_0 rows the widened
