@@ -49,10 +49,7 @@ void CpuBackend::nf4_gemm_nt_expand(int64_t M, const float* X, int64_t ldx, int6
   const SimdLevel lv = level();
   bool fits = expand_fuse_enabled() && n >= 1 && n <= kNf4ManyMax && lv != SimdLevel::Scalar;
   for (int64_t i = 0; fits && i < n; ++i) fits = !e[i].B || lora_tail_fits(lv, M, W[i]->rows, e[i].r);
-  if (!fits) {
-    const prof::PartContext pc(prof::Part::LoraFwd);  // the expands booked as lora_forward's (base: Nf4Fwd)
-    return Backend::nf4_gemm_nt_expand(M, X, ldx, n, W, Y, ldy, e, bf16);
-  }
+  if (!fits) return Backend::nf4_gemm_nt_expand(M, X, ldx, n, W, Y, ldy, e, bf16);
   LoraTail tl[kNf4ManyMax];
   const LoraTail* tp[kNf4ManyMax];
   double fl = 0, by = 0;
