@@ -295,27 +295,6 @@ class Backend {
     for (int64_t i = 0; i < n; ++i) nf4_gemm_nt_bf16(M, 1.0f, X, ldx, *W[i], 0.0f, Y[i], ldy[i]);
     lora_segments_many(n, lora, t);
   }
-  // The training forward's base GEMMs with their LoRA expands: Y_i[M, W_i.rows] = X·deq(W_i)ᵀ (bf16:
-  // nf4_gemm_nt_bf16's compute, n > 1 as nf4_gemm_nt_many_bf16), then, where e[i].B is set,
-  // Y_i += e[i].s * e[i].t·e[i].Bᵀ as gemm_nt(M, W_i.rows, r, s, t, ldt, B, r, 1, Y_i, ldy_i) does.
-  // Default: those calls; backends may add the expand onto C while the base GEMM holds it in cache.
-  struct LoraExpand {
-    const float* t = nullptr;  // [M, r] row stride ldt (the shrink's x·Aᵀ)
-    int64_t ldt = 0;
-    const float* B = nullptr;  // [W.rows, r]; null: no LoRA on this output
-    int64_t r = 0;
-    float s = 1.0f;
-  };
-  virtual void nf4_gemm_nt_expand(int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
-                                  float* const* Y, const int64_t* ldy, const LoraExpand* e, bool bf16) {
-    if (bf16 && n > 1) nf4_gemm_nt_many_bf16(M, X, ldx, n, W, Y, ldy);
-    for (int64_t i = 0; i < n && !(bf16 && n > 1); ++i) {
-      if (bf16) nf4_gemm_nt_bf16(M, 1.0f, X, ldx, *W[i], 0.0f, Y[i], ldy[i]);
-      else nf4_gemm_nt(M, 1.0f, X, ldx, *W[i], 0.0f, Y[i], ldy[i]);
-    }
-    for (int64_t i = 0; i < n; ++i)
-      if (e[i].B) gemm_nt(M, W[i]->rows, e[i].r, e[i].s, e[i].t, e[i].ldt, e[i].B, e[i].r, 1.0f, Y[i], ldy[i]);
-  }
   virtual void nf4_gemm_nn_bf16(int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W, float beta,
                                 float* dX, int64_t lddx) {
     nf4_gemm_nn(M, alpha, dY, lddy, W, beta, dX, lddx);

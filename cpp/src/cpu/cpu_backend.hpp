@@ -69,8 +69,6 @@ class CpuBackend final : public Backend {
                     int64_t ldb, float beta, float* C, int64_t ldc) override;
   void nf4_gemm_nt_bf16(int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W, float beta, float* Y,
                         int64_t ldy) override;
-  void nf4_gemm_nt_expand(int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W, float* const* Y,
-                          const int64_t* ldy, const LoraExpand* e, bool bf16) override;
   void nf4_gemm_nt_many_bf16(int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
                              float* const* Y, const int64_t* ldy) override;
   // Decode with LoRA in bf16 compute: one job for the bf16 GEMV and the LoRA terms

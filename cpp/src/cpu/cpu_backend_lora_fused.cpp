@@ -10,9 +10,6 @@
 #include <cstdlib>
 
 #include "cpu/cpu_backend.hpp"
-#include "cpu/gemm.hpp"
-#include "cpu/gemm_bf16.hpp"
-#include "cpu/gemm_small.hpp"
 #include "cpu/lora_sgmv.hpp"
 #include "cpu/nf4_gemv_bf16.hpp"
 #include "cpu/profile.hpp"
@@ -30,46 +27,7 @@ bool bf16_fuse_enabled() {
   return !(e && e[0] == '0' && e[1] == '\0');
 }
 
-// QLORA_LORA_FUSE=0: nf4_gemm_nt_expand as the base GEMM then a gemm_nt per expand (Backend's
-// default; A/B runs, tests compare bit for bit). Read per call.
-bool expand_fuse_enabled() {
-  const char* e = std::getenv("QLORA_LORA_FUSE");
-  return !(e && e[0] == '0' && e[1] == '\0');
-}
-
 }  // namespace
-
-// The training forward's LoRA expands as tails of the base NF4 GEMM (cpu/gemm_small.hpp LoraTail): each
-// C panel gets y += s t·Bᵀ right after the base kernel wrote it, instead of gemm_nt re-reading the
-// [M, N] output from L3 / DRAM (1024 x 1536 fp32 = 6 MB) once the GEMM is done. Same kernel, same
-// operands, one depth block of r as gemm_nt runs it: the bits of the unfused calls (where
-// lora_tail_fits; elsewhere the default runs).
-void CpuBackend::nf4_gemm_nt_expand(int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
-                                    float* const* Y, const int64_t* ldy, const LoraExpand* e, bool bf16) {
-  const SimdLevel lv = level();
-  bool fits = expand_fuse_enabled() && n >= 1 && n <= kNf4ManyMax && lv != SimdLevel::Scalar;
-  for (int64_t i = 0; fits && i < n; ++i) fits = !e[i].B || lora_tail_fits(lv, M, W[i]->rows, e[i].r);
-  if (!fits) return Backend::nf4_gemm_nt_expand(M, X, ldx, n, W, Y, ldy, e, bf16);
-  LoraTail tl[kNf4ManyMax];
-  const LoraTail* tp[kNf4ManyMax];
-  double fl = 0, by = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    tp[i] = nullptr;
-    fl += 2 * d(M) * d(W[i]->rows) * d(W[i]->cols);
-    by += d(W[i]->rows) * d(W[i]->cols) / 2 + 4.0 * d(M) * (d(W[i]->rows) + d(W[i]->cols));
-    if (!e[i].B) continue;
-    tl[i].level = lv, tl[i].t = e[i].t, tl[i].ldt = e[i].ldt, tl[i].B = e[i].B, tl[i].ldb = e[i].r;
-    tl[i].r = e[i].r, tl[i].s = e[i].s, tp[i] = &tl[i];
-    fl += 2 * d(M) * d(W[i]->rows) * d(e[i].r);
-  }
-  prof::Scope sc(prof::Part::Nf4Fwd, bf16 ? "nf4_gemm_nt_expand_bf16" : "nf4_gemm_nt_expand", fl, by, M, n,
-                 W[0]->cols);
-  if (bf16 && n > 1) return cpu::nf4_gemm_nt_many_bf16(lv, M, X, ldx, n, W, Y, ldy, tp);
-  for (int64_t i = 0; i < n; ++i) {
-    if (bf16) cpu::nf4_gemm_nt_bf16(lv, M, 1.0f, X, ldx, *W[i], 0.0f, Y[i], ldy[i], tp[i]);
-    else cpu::nf4_gemm_nt(lv, M, 1.0f, X, ldx, *W[i], 0.0f, Y[i], ldy[i], tp[i]);
-  }
-}
 
 void CpuBackend::nf4_gemm_nt_many_lora_bf16(int64_t M, const float* X, int64_t ldx, int64_t n,
                                             const Nf4Ref* const* W, float* const* Y, const int64_t* ldy,

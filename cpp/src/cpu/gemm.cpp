@@ -168,17 +168,10 @@ int tasks_per_thread() { return env_int("QLORA_GEMM_TASKS_PER_THREAD", 1, 8, 4);
 // One (row block, column block, depth block) of C: c[mcur, ncur] (ld ldc) = alpha * A·B + beta_k * c
 // from packed A panels Ap [mcur / MR][kcur][MR] and B panels Bp [ceil(ncur / NR)][kcur][NR]; the
 // same micro-kernel calls for both drivers (run_task and shared_a), so the same bits.
-// tail (the last depth block of a GEMM with a LoRA expand, cpu/gemm_small.hpp): after each panel,
-// its LoRA term on the panel's C columns (still in L1 / L2), t's rows [i0, i0 + mcur), columns from j0.
-struct BlockTail {
-  const LoraTail* tail = nullptr;
-  int64_t i0 = 0, j0 = 0;
-};
 void run_block(const Kern& kn, int64_t kcur, const float* Ap, const float* Bp, float* c, int64_t ldc, int64_t mcur,
-               int64_t ncur, float alpha, float beta_k, bool row_walk, BlockTail bt = {}) {
+               int64_t ncur, float alpha, float beta_k, bool row_walk) {
   const int MR = kn.mr, NR = kn.nr;
   const int64_t n_pan = ceil_div(ncur, NR);
-  const float* At = bt.tail ? bt.tail->pack_rows(bt.i0, mcur) : nullptr;
   if (kcur <= kRowWalkMaxK && row_walk) {
     // Shallow depth (LoRA's rank-r expand, C += s·t·Bᵀ over a 1536-wide C): each tile is a few FMAs
     // per C element, so the C traffic bounds it; walking a tile row across all panels reads C row
@@ -189,7 +182,6 @@ void run_block(const Kern& kn, int64_t kcur, const float* Ap, const float* Bp, f
         kn.ukernel(kcur, Ap + ir * kcur, Bp + p * NR * kcur, c + ir * ldc + p * NR, ldc, alpha, beta_k,
                    static_cast<int>(std::min<int64_t>(MR, mcur - ir)),
                    static_cast<int>(std::min<int64_t>(NR, ncur - p * NR)));
-    if (bt.tail) bt.tail->apply(At, mcur, bt.j0, ncur, c, ldc);
     return;
   }
   for (int64_t p = 0; p < n_pan; ++p) {
@@ -198,14 +190,12 @@ void run_block(const Kern& kn, int64_t kcur, const float* Ap, const float* Bp, f
     for (int64_t ir = 0; ir < mcur; ir += MR)
       kn.ukernel(kcur, Ap + ir * kcur, bp, c + p * NR + ir * ldc, ldc, alpha, beta_k,
                  static_cast<int>(std::min<int64_t>(MR, mcur - ir)), nr);
-    if (bt.tail) bt.tail->apply(At, mcur, bt.j0 + p * NR, nr, c + p * NR, ldc);
   }
 }
 
 template <class PackA, class PackB>
 void run_task(const Kern& kn, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t K, int64_t kc, float alpha,
-              float beta, float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b, const DirectA& da,
-              const LoraTail* tail) {
+              float beta, float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b, const DirectA& da) {
   const int MR = kn.mr, NR = kn.nr;
   const bool row_walk = K <= kRowWalkMaxK && row_walk_on();
   const int64_t rows = m1 - m0, cols = n1 - n0;
@@ -221,7 +211,6 @@ void run_task(const Kern& kn, int64_t m0, int64_t m1, int64_t n0, int64_t n1, in
         kn.ukernel_direct(kcur, da.a + ir * da.rs + pc * da.cs, da.rs, da.cs, Bp, C + ir * ldc + n0, ldc, alpha,
                           beta_k, static_cast<int>(std::min<int64_t>(MR, m1 - ir)), nr);
     }
-    if (tail) tail->apply(tail->pack_rows(m0, rows), rows, n0, cols, C + m0 * ldc + n0, ldc);
     return;
   }
   const int64_t mc = round_up(ceil_div(rows, ceil_div(rows, kn.mc)), MR);  // balanced row blocks
@@ -239,8 +228,7 @@ void run_task(const Kern& kn, int64_t m0, int64_t m1, int64_t n0, int64_t n1, in
         const int64_t mcur = std::min(mc, m1 - ic);
         for (int64_t ir = 0; ir < mcur; ir += MR)
           pack_a(ic + ir, static_cast<int>(std::min<int64_t>(MR, mcur - ir)), pc, kcur, Ap + ir * kcur);
-        const BlockTail bt{pc + kcur == K ? tail : nullptr, ic, jc};
-        run_block(kn, kcur, Ap, Bp, C + ic * ldc + jc, ldc, mcur, ncur, alpha, beta_k, row_walk, bt);
+        run_block(kn, kcur, Ap, Bp, C + ic * ldc + jc, ldc, mcur, ncur, alpha, beta_k, row_walk);
       }
     }
   }
@@ -264,8 +252,7 @@ Driver driver_choice() {
 // task, splitting M re-decodes B once per row task; the grid minimizes that duplicated work.
 template <class PackA, class PackB>
 void blocked_tasks(const Kern& kn, int64_t M, int64_t N, int64_t K, int64_t kc, int nth, float alpha, float beta,
-                   float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b, const DirectA& da,
-                   const LoraTail* tail) {
+                   float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b, const DirectA& da) {
   const int MR = kn.mr, NR = kn.nr;
   const int64_t m_tiles = ceil_div(M, MR), n_pan = ceil_div(N, NR);
   int64_t n_mt = 1, n_nt = 1;
@@ -293,7 +280,7 @@ void blocked_tasks(const Kern& kn, int64_t M, int64_t N, int64_t K, int64_t kc, 
   parallel_for(n_mt * n_nt, [&](int64_t t) {
     const int64_t m0 = (t / n_nt) * m_step, n0 = (t % n_nt) * n_step;
     run_task(kn, m0, std::min(M, m0 + m_step), n0, std::min(N, n0 + n_step), K, kc, alpha, beta, C, ldc, pack_a,
-             pack_b, da, tail);
+             pack_b, da);
   });
 }
 
@@ -368,7 +355,7 @@ SharedGrid shared_grid(int64_t mcur, int64_t N, int64_t K, int MR, int NR, int n
 
 template <class PackA, class PackB>
 void shared_a(const Kern& kn, int64_t M, int64_t N, int64_t K, int64_t kc, int nth, float alpha, float beta,
-              float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b, const LoraTail* tail) {
+              float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b) {
   const int MR = kn.mr, NR = kn.nr;
   const int64_t budget = shared_budget_bytes();
   const int64_t mb_max = std::max<int64_t>(MR, budget / (4 * kc) / MR * MR);
@@ -408,9 +395,8 @@ void shared_a(const Kern& kn, int64_t M, int64_t N, int64_t K, int64_t kc, int n
             const float* ad = Ap + ((pc - pd) / kc) * kc * mb;
             for (int64_t ic = r0; ic < r1; ic += mc) {
               const int64_t icur = std::min(mc, r1 - ic);  // A: panel ic / MR of the super-block
-              const BlockTail bt{pc + kcur == K ? tail : nullptr, ms + ic, jc};
               run_block(kn, kcur, ad + ic * kcur, Bp, C + (ms + ic) * ldc + jc, ldc, icur, ncur, alpha, beta_k,
-                        row_walk, bt);
+                        row_walk);
             }
           }
         }
@@ -428,22 +414,17 @@ void shared_a(const Kern& kn, int64_t M, int64_t N, int64_t K, int64_t kc, int n
 constexpr double kSharedMinFlops = 1e9;
 template <class PackA, class PackB>
 void blocked(const Kern& kn, int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, int64_t ldc,
-             const PackA& pack_a, const PackB& pack_b, const DirectA& da = DirectA{},
-             const LoraTail* tail = nullptr) {
+             const PackA& pack_a, const PackB& pack_b, const DirectA& da = DirectA{}) {
   if (M <= 0 || N <= 0) return;
-  if (K <= 0) {
-    scale_c(M, N, beta, C, ldc);
-    if (tail) tail->apply_all(M, N, C, ldc);
-    return;
-  }
+  if (K <= 0) return scale_c(M, N, beta, C, ldc);
   const int64_t kc = std::min(K, round_up(ceil_div(K, ceil_div(K, kn.kc)), 16));  // balanced depth blocks
   const int grid = grid_threads();
   const int nth = grid > 0 ? grid : num_threads();
   const Driver d = driver_choice();
   const bool direct = da.a && kn.ukernel_direct && N <= kn.nr;
   if (!direct && (d == Driver::Shared || (d == Driver::Auto && nth > 1 && 2.0 * M * N * K >= kSharedMinFlops)))
-    return shared_a(kn, M, N, K, kc, nth, alpha, beta, C, ldc, pack_a, pack_b, tail);
-  blocked_tasks(kn, M, N, K, kc, nth, alpha, beta, C, ldc, pack_a, pack_b, da, tail);
+    return shared_a(kn, M, N, K, kc, nth, alpha, beta, C, ldc, pack_a, pack_b);
+  blocked_tasks(kn, M, N, K, kc, nth, alpha, beta, C, ldc, pack_a, pack_b, da);
 }
 
 }  // namespace
@@ -553,20 +534,16 @@ void nf4_gemm_nt_many(SimdLevel level, int64_t M, const float* X, int64_t ldx, i
 }
 
 void nf4_gemm_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W, float beta,
-                 float* Y, int64_t ldy, const LoraTail* tail) {
+                 float* Y, int64_t ldy) {
   const int s = check_nf4(W);
   const int64_t N = W.rows, K = W.cols;  // Y[M, N] = X[M, K] · W[N, K]ᵀ
   check_dims(M, N, K, ldx, K, K, K, ldy);
-  if (level == SimdLevel::Scalar || (M >= 1 && M <= 2 * kNf4GemvMaxM)) {
-    if (level == SimdLevel::Scalar) {
-      scalar::nf4_gemm_nt(M, alpha, X, ldx, W, beta, Y, ldy);
-    } else {
-      // Small batches (batched decode): GEMV over row groups streams the packed weight once per
-      // group, far cheaper than decoding and packing the whole weight for a few rows.
-      for (int64_t m0 = 0; m0 < M; m0 += kNf4GemvMaxM)
-        nf4_gemv_nt(level, std::min(kNf4GemvMaxM, M - m0), alpha, X + m0 * ldx, ldx, W, beta, Y + m0 * ldy, ldy);
-    }
-    if (tail) tail->apply_all(M, N, Y, ldy);
+  if (level == SimdLevel::Scalar) return scalar::nf4_gemm_nt(M, alpha, X, ldx, W, beta, Y, ldy);
+  if (M >= 1 && M <= 2 * kNf4GemvMaxM) {
+    // Small batches (batched decode): GEMV over row groups streams the packed weight once per
+    // group, far cheaper than decoding and packing the whole weight for a few rows.
+    for (int64_t m0 = 0; m0 < M; m0 += kNf4GemvMaxM)
+      nf4_gemv_nt(level, std::min(kNf4GemvMaxM, M - m0), alpha, X + m0 * ldx, ldx, W, beta, Y + m0 * ldy, ldy);
     return;
   }
   const Kern& kn = kern_for(level);
@@ -582,8 +559,7 @@ void nf4_gemm_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_
           kn.nf4_decode(W.packed, f0, kc, sc.fill(W, f0, kc, s), s, kNf4Codes, tmp + r * kc);
         }
         kn.pack_b_t(tmp, kc, nr, kc, Bp);
-      },
-      DirectA{}, tail);
+      });
 }
 
 void nf4_gemm_nn(SimdLevel level, int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W, float beta,

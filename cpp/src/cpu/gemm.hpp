@@ -47,10 +47,8 @@ void gemm_nn(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, cons
 void gemm_tn(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
              const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
-struct LoraTail;  // cpu/gemm_small.hpp
-// tail: a LoRA expand added onto each C block after its last depth block (null: none).
 void nf4_gemm_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W,
-                 float beta, float* Y, int64_t ldy, const LoraTail* tail = nullptr);
+                 float beta, float* Y, int64_t ldy);
 // Y_i = X · deq(W_i)ᵀ for n weights sharing X (same cols): one GEMV job for small M, else one
 // nf4_gemm_nt per weight.
 void nf4_gemm_nt_many(SimdLevel level, int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,

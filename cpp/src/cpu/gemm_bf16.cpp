@@ -244,12 +244,12 @@ void gemm_tn_bf16(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha,
 }
 
 void nf4_gemm_nt_bf16(SimdLevel level, int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W,
-                      float beta, float* Y, int64_t ldy, const LoraTail* tail) {
+                      float beta, float* Y, int64_t ldy) {
   [[maybe_unused]] const int s = check_nf4(W);  // blocksize log2 (x86 kernels)
   const int64_t N = W.rows, K = W.cols;  // Y[M, N] = X[M, K] · W[N, K]ᵀ
   check_dims(M, N, K, ldx, K, K, K, ldy);
   switch (mode(level)) {
-    case Mode::F32: return nf4_gemm_nt(level, M, alpha, X, ldx, W, beta, Y, ldy, tail);
+    case Mode::F32: return nf4_gemm_nt(level, M, alpha, X, ldx, W, beta, Y, ldy);
     case Mode::Oracle:
       for (int64_t i = 0; i < M; ++i)
         for (int64_t n = 0; n < N; ++n) {
@@ -257,23 +257,18 @@ void nf4_gemm_nt_bf16(SimdLevel level, int64_t M, float alpha, const float* X, i
           for (int64_t k = 0; k < K; ++k) acc += r(X[i * ldx + k]) * r(scalar::nf4_element(W, n * K + k));
           store(&Y[i * ldy + n], acc, alpha, beta);
         }
-      if (tail) tail->apply_all(M, N, Y, ldy);
       return;
     case Mode::Bf16:
 #ifdef QLORA_X86
-      if (nf4_gemv_bf16_applies(level, M, W)) {  // decode
-        nf4_gemv_bf16(M, alpha, X, ldx, W, beta, Y, ldy);
-        if (tail) tail->apply_all(M, N, Y, ldy);
-        return;
-      }
-      drive(M, N, K, alpha, beta, Y, ldy, pack_a_rows(X, ldx), nf4_nt_pack_b(W, s), kNf4BCost, tail);
+      if (nf4_gemv_bf16_applies(level, M, W)) return nf4_gemv_bf16(M, alpha, X, ldx, W, beta, Y, ldy);  // decode
+      drive(M, N, K, alpha, beta, Y, ldy, pack_a_rows(X, ldx), nf4_nt_pack_b(W, s), kNf4BCost);
 #endif
       return;
   }
 }
 
 void nf4_gemm_nt_many_bf16(SimdLevel level, int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
-                           float* const* Y, const int64_t* ldy, const LoraTail* const* tails) {
+                           float* const* Y, const int64_t* ldy) {
   check_arg(n >= 0, "nf4 gemm many: negative weight count");
   for (int64_t i = 0; i < n; ++i) {
     check_nf4(*W[i]);
@@ -294,12 +289,11 @@ void nf4_gemm_nt_many_bf16(SimdLevel level, int64_t M, const float* X, int64_t l
     pb.reserve(static_cast<size_t>(n));
     int64_t N[kNf4ManyMax];
     for (int64_t i = 0; i < n; ++i) pb.push_back(nf4_nt_pack_b(*W[i], check_nf4(*W[i]))), N[i] = W[i]->rows;
-    shared_many(M, W[0]->cols, 1.0f, 0.0f, static_cast<int>(n), N, Y, ldy, pack_a_rows(X, ldx), pb.data(), tails);
+    shared_many(M, W[0]->cols, 1.0f, 0.0f, static_cast<int>(n), N, Y, ldy, pack_a_rows(X, ldx), pb.data());
     return;
   }
 #endif
-  for (int64_t i = 0; i < n; ++i)
-    nf4_gemm_nt_bf16(level, M, 1.0f, X, ldx, *W[i], 0.0f, Y[i], ldy[i], tails ? tails[i] : nullptr);
+  for (int64_t i = 0; i < n; ++i) nf4_gemm_nt_bf16(level, M, 1.0f, X, ldx, *W[i], 0.0f, Y[i], ldy[i]);
 }
 
 void nf4_gemm_nn_bf16(SimdLevel level, int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W,

@@ -24,15 +24,13 @@ void gemm_nn_bf16(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha,
                   const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 void gemm_tn_bf16(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                   const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
-struct LoraTail;  // cpu/gemm_small.hpp
-// tail / tails[i] (null: none): a LoRA expand added onto each C block after its last depth block.
 void nf4_gemm_nt_bf16(SimdLevel level, int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W,
-                      float beta, float* Y, int64_t ldy, const LoraTail* tail = nullptr);
+                      float beta, float* Y, int64_t ldy);
 // Y_i = X · deq(W_i)ᵀ (alpha 1, beta 0) for n weights sharing X: each output bit-identical to
 // nf4_gemm_nt_bf16's; for 2..kNf4ManyMax weights of the same in_features X's bf16 panels packed once.
 constexpr int64_t kNf4ManyMax = 8;
 void nf4_gemm_nt_many_bf16(SimdLevel level, int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
-                           float* const* Y, const int64_t* ldy, const LoraTail* const* tails = nullptr);
+                           float* const* Y, const int64_t* ldy);
 void nf4_gemm_nn_bf16(SimdLevel level, int64_t M, float alpha, const float* dY, int64_t lddy, const Nf4Ref& W,
                       float beta, float* dX, int64_t lddx);
 

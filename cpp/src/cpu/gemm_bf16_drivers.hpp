@@ -20,7 +20,6 @@
 #include "cpu/gemm_bf16_kernels.hpp"
 #include "cpu/gemm_kernels.hpp"
 #include "cpu/gemm_scalar.hpp"
-#include "cpu/gemm_small.hpp"
 #include "cpu/gemv_f32.hpp"
 #include "cpu/nf4_gemv_bf16.hpp"
 #include "cpu/pack.hpp"
@@ -90,10 +89,8 @@ void scale_c(int64_t M, int64_t N, float beta, float* C, int64_t ldc) {
 
 // One task: rows [m0, m1) x columns [n0, n1) of C over all of K (see cpu/gemm.cpp run_task).
 template <class PackA, class PackB>
-// tail (a LoRA expand, cpu/gemm_small.hpp): after the last depth block, on each panel's C columns
-// right after the micro-kernel wrote them.
 void run_task(int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t K, int64_t kc, float alpha, float beta,
-              float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b, const LoraTail* tail) {
+              float* C, int64_t ldc, const PackA& pack_a, const PackB& pack_b) {
   const int64_t rows = m1 - m0, cols = n1 - n0;
   const Kernel uk = bf16_amx::kernel_choice();
   const int64_t pr = panel_rows(uk);
@@ -115,14 +112,11 @@ void run_task(int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t K, int64_t
         for (int64_t ir = 0; ir < mcur; ir += pr)
           pack_a_for(uk, static_cast<int>(pr), pack_a, ic + ir, static_cast<int>(std::min<int64_t>(pr, mcur - ir)), pc,
                      kcur, Ap + ir * kp);
-        const LoraTail* tl = pc + kcur == K ? tail : nullptr;
-        const float* At = tl ? tl->pack_rows(ic, mcur) : nullptr;
         for (int64_t p = 0; p < n_pan; ++p) {
           const uint32_t* bp = Bp + p * NR * kp;
           const int nr = static_cast<int>(std::min<int64_t>(NR, ncur - p * NR));
           float* c = C + ic * ldc + jc + p * NR;
           micro_rows(uk, static_cast<int>(pr), kp, Ap, mcur, bp, c, ldc, alpha, beta_k, nr);
-          if (tl) tl->apply(At, mcur, jc + p * NR, nr, c, ldc);
         }
       }
     }
@@ -132,13 +126,9 @@ void run_task(int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t K, int64_t
 // The task grid of cpu/gemm.cpp blocked(): n_mt x n_nt independent tasks, one parallel_for.
 template <class PackA, class PackB>
 void blocked(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, int64_t ldc, const PackA& pack_a,
-             const PackB& pack_b, double b_cost = 1.0, const LoraTail* tail = nullptr) {
+             const PackB& pack_b, double b_cost = 1.0) {
   if (M <= 0 || N <= 0) return;
-  if (K <= 0) {
-    scale_c(M, N, beta, C, ldc);
-    if (tail) tail->apply_all(M, N, C, ldc);
-    return;
-  }
+  if (K <= 0) return scale_c(M, N, beta, C, ldc);
   const int64_t kcb = blocking().kc;
   const int64_t kc = std::min(round_up(K, 32), round_up(ceil_div(K, ceil_div(K, kcb)), 32));  // balanced, even
   const int nth = num_threads();
@@ -161,8 +151,7 @@ void blocked(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C,
   n_nt = ceil_div(N, n_step);
   parallel_for(n_mt * n_nt, [&](int64_t t) {
     const int64_t m0 = (t / n_nt) * m_step, n0 = (t % n_nt) * n_step;
-    run_task(m0, std::min(M, m0 + m_step), n0, std::min(N, n0 + n_step), K, kc, alpha, beta, C, ldc, pack_a, pack_b,
-             tail);
+    run_task(m0, std::min(M, m0 + m_step), n0, std::min(N, n0 + n_step), K, kc, alpha, beta, C, ldc, pack_a, pack_b);
   });
 }
 
@@ -212,18 +201,13 @@ thread_local AlignedScratch t_sa;
 // shared() over nb problems sharing A and K (problem b: N[b] columns, C[b], pack_b[b]): each
 // (row super-block, depth block) of A packed once, then every problem's tasks run against it,
 // problem by problem (the q/k/v or gate/up projections of one input). Per problem the same task
-// grid, KC split and k order as a call of its own: the same bits. tails[b] (tails or it null: none):
-// problem b's LoRA expand, as run_task's tail.
+// grid, KC split and k order as a call of its own: the same bits.
 template <class PackA, class PackB>
 void shared_many(int64_t M, int64_t K, float alpha, float beta, int nb, const int64_t* Ns, float* const* Cs,
-                 const int64_t* ldcs, const PackA& pack_a, const PackB* pack_bs,
-                 const LoraTail* const* tails = nullptr) {
+                 const int64_t* ldcs, const PackA& pack_a, const PackB* pack_bs) {
   if (M <= 0) return;
   if (K <= 0) {
-    for (int b = 0; b < nb; ++b) {
-      scale_c(M, Ns[b], beta, Cs[b], ldcs[b]);
-      if (tails && tails[b]) tails[b]->apply_all(M, Ns[b], Cs[b], ldcs[b]);
-    }
+    for (int b = 0; b < nb; ++b) scale_c(M, Ns[b], beta, Cs[b], ldcs[b]);
     return;
   }
   const int64_t kcb = blocking().kc;
@@ -251,7 +235,6 @@ void shared_many(int64_t M, int64_t K, float alpha, float beta, int nb, const in
         if (N <= 0) continue;
         float* const C = Cs[b];
         const PackB& pack_b = pack_bs[b];
-        const LoraTail* const tl = tails && pc + kcur == K ? tails[b] : nullptr;
         const int64_t n_pan = ceil_div(N, NR);
         // task grid: panel groups first; rows split only where panels are fewer than the target
         const double flops = 2.0 * mcur * N * K;
@@ -289,13 +272,11 @@ void shared_many(int64_t M, int64_t K, float alpha, float beta, int nb, const in
             for (int64_t ic = r0; ic < r1; ic += mc) {
               const int64_t icur = std::min(mc, r1 - ic);
               const uint32_t* ap = Ap + ic * kp;  // (a copy into this core's L2 first measured no faster)
-              const float* At = tl ? tl->pack_rows(ms + ic, icur) : nullptr;
               for (int64_t p = 0; p < np; ++p) {
                 const uint32_t* bp = Bp + p * NR * kp;
                 const int nr = static_cast<int>(std::min<int64_t>(NR, ncur - p * NR));
                 float* c = C + (ms + ic) * ldc + jc + p * NR;
                 micro_rows(uk, static_cast<int>(pr), kp, ap, icur, bp, c, ldc, alpha, beta_k, nr);
-                if (tl) tl->apply(At, icur, jc + p * NR, nr, c, ldc);
               }
             }
           }
@@ -307,18 +288,18 @@ void shared_many(int64_t M, int64_t K, float alpha, float beta, int nb, const in
 
 template <class PackA, class PackB>
 void shared(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, int64_t ldc, const PackA& pack_a,
-            const PackB& pack_b, const LoraTail* tail = nullptr) {
+            const PackB& pack_b) {
   if (N <= 0) return;
-  shared_many(M, K, alpha, beta, 1, &N, &C, &ldc, pack_a, &pack_b, tail ? &tail : nullptr);
+  shared_many(M, K, alpha, beta, 1, &N, &C, &ldc, pack_a, &pack_b);
 }
 
 template <class PackA, class PackB>
 void drive(int64_t M, int64_t N, int64_t K, float alpha, float beta, float* C, int64_t ldc, const PackA& pack_a,
-           const PackB& pack_b, double b_cost = 1.0, const LoraTail* tail = nullptr) {
+           const PackB& pack_b, double b_cost = 1.0) {
   const Driver d = driver_choice();
   if (d == Driver::Shared || (d == Driver::Auto && 2.0 * M * N * K >= 4e6))
-    return shared(M, N, K, alpha, beta, C, ldc, pack_a, pack_b, tail);
-  blocked(M, N, K, alpha, beta, C, ldc, pack_a, pack_b, b_cost, tail);
+    return shared(M, N, K, alpha, beta, C, ldc, pack_a, pack_b);
+  blocked(M, N, K, alpha, beta, C, ldc, pack_a, pack_b, b_cost);
 }
 
 }  // namespace

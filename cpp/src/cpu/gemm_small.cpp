@@ -135,45 +135,4 @@ bool gemm_tn_small(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha
   return false;
 }
 
-// ------------------------------------------------------------------ LoRA expand tail
-namespace {
-thread_local AlignedScratch t_tail_a, t_tail_b;
-}  // namespace
-
-bool lora_tail_fits(SimdLevel level, int64_t M, int64_t N, int64_t r) {
-  if (level == SimdLevel::Scalar || M <= kGemvF32MaxM || r < 1 || r > 64) return false;
-#ifdef QLORA_X86
-  if (level == SimdLevel::AVX512 && N > 32 && N <= 48) return false;  // gemm_nt_skinny48's shapes
-#endif
-  return N >= 1 && gemm_depth_block(level, r) == r;  // one depth block of r (any tile layout: same bits)
-}
-
-const float* LoraTail::pack_rows(int64_t i0, int64_t rows) const {
-  const GemmPanels& g = gemm_panels(level);
-  float* At = t_tail_a.get<float>(static_cast<size_t>((rows + g.mr) * r));  // [ceil(rows / MR)][r][MR]
-  for (int64_t ir = 0; ir < rows; ir += g.mr)
-    g.pack_a_rows(t + (i0 + ir) * ldt, ldt, static_cast<int>(std::min<int64_t>(g.mr, rows - ir)), r, At + ir * r);
-  return At;
-}
-
-void LoraTail::apply(const float* At, int64_t rows, int64_t j0, int64_t cols, float* c, int64_t ldc) const {
-  const GemmPanels& g = gemm_panels(level);
-  float* Bp = t_tail_b.get<float>(static_cast<size_t>(g.nr * r));  // [r][NR]
-  for (int64_t jp = 0; jp < cols; jp += g.nr) {
-    const int nr = static_cast<int>(std::min<int64_t>(g.nr, cols - jp));
-    g.pack_b_t(B + (j0 + jp) * ldb, ldb, nr, r, Bp);
-    for (int64_t ir = 0; ir < rows; ir += g.mr)
-      g.ukernel(r, At + ir * r, Bp, c + ir * ldc + jp, ldc, s, 1.0f,
-                static_cast<int>(std::min<int64_t>(g.mr, rows - ir)), nr);
-  }
-}
-
-void LoraTail::apply_all(int64_t M, int64_t N, float* C, int64_t ldc) const {
-  constexpr int64_t kRows = 256;  // rows per packed t block
-  parallel_for((M + kRows - 1) / kRows, [&](int64_t b) {
-    const int64_t i0 = b * kRows, rows = std::min(kRows, M - i0);
-    apply(pack_rows(i0, rows), rows, 0, N, C + i0 * ldc, ldc);
-  });
-}
-
 }  // namespace qlora::cpu

@@ -290,24 +290,11 @@ struct Pass {
 
   LoraModule* lora(int64_t l, int p) const { return ad ? ad->at(l, p) : nullptr; }
 
-  // The LoRA expand of an NF4 projection without bias goes to the base GEMM (Backend::nf4_gemm_nt_expand,
-  // shrink first) unless it runs bf16 (QLORA_LORA_BF16: a GEMM of its own) or adds nothing (scale 0).
-  bool expand_in_base(const Linear& lin) const {
-    return lin.is_nf4 && lin.bias.empty() && ad_scale != 0.0f && !lora_bf16[kLoraExpand];
-  }
-
   void lin_fwd(int64_t l, int p, const float* x, int64_t ldx, float* y, int64_t ldy, int site = -1) {
     const Linear& lin = proj(w.layers[l], p);
     LoraModule* lo = lora(l, p);
     float* t = lo ? keep_slot(site, lo->r, this->t) : this->t;
     if (lo && dropout) dropout_forward(be, key(l, p), ad->dropout, d.M, lin.in, x, ldx, xdrop);
-    if (lo && expand_in_base(lin)) {
-      lora_shrink(be, *lo, d.M, dropout ? xdrop : x, dropout ? lin.in : ldx, t, lora_bf16);
-      const Backend::LoraExpand e = lora_expand_arg(*lo, t, lo->r, ad_scale);
-      const Nf4Ref* nw = &lin.nf4;
-      be.nf4_gemm_nt_expand(d.M, x, ldx, 1, &nw, &y, &ldy, &e, bf16);
-      return;
-    }
     lin.forward(be, d.M, x, ldx, y, ldy, nullptr, nullptr, 0, nullptr, 1.0f, bf16);  // base (+ bias)
     if (lo && dropout) lora_forward(be, *lo, d.M, xdrop, lin.in, y, ldy, t, ad_scale, lora_bf16);
     else if (lo) lora_forward(be, *lo, d.M, x, ldx, y, ldy, t, ad_scale, lora_bf16);
@@ -356,22 +343,11 @@ struct Pass {
     if (ng != 0) scratch = keep_slot(site, lora_rank_sum(g, ng), scratch);
     // Grouped bf16 NF4 bases without bias: one call (the backend may round x once for all).
     bool many = ng != 0 && bf16 && n <= kMaxLoraGroup;
-    bool fuse = ng != 0 && n <= kMaxLoraGroup;  // the expands in the bases (expand_in_base)
     const Nf4Ref* nw[kMaxLoraGroup];
-    for (int i = 0; (many || fuse) && i < n; ++i) {
+    for (int i = 0; many && i < n; ++i) {
       const Linear& p = proj(w.layers[l], ps[i]);
-      many = many && p.is_nf4 && p.bias.empty();
-      fuse = fuse && expand_in_base(p);
+      many = p.is_nf4 && p.bias.empty();
       nw[i] = &p.nf4;
-    }
-    if (fuse) {
-      lora_shrink_group(be, ng, g, d.M, x, ldx, scratch, lora_bf16);
-      Backend::LoraExpand e[kMaxLoraGroup];
-      const int64_t R = lora_rank_sum(g, ng);
-      for (int64_t k = 0, off = 0; k < ng; off += g[k]->r, ++k)
-        e[gi[k]] = lora_expand_arg(*g[k], scratch + off, R, ad_scale);
-      be.nf4_gemm_nt_expand(d.M, x, ldx, n, nw, y, ldy, e, bf16);
-      return;
     }
     if (many) be.nf4_gemm_nt_many_bf16(d.M, x, ldx, n, nw, y, ldy);
     for (int i = 0; i < n && !many; ++i) {

@@ -229,17 +229,6 @@ void lora_forward(Backend& be, const LoraModule& m, int64_t M, const float* x, i
   g.nt(kLoraExpand, M, m.out, m.r, scale * m.scaling, t, m.r, m.B.f32(), m.r, 1.0f, y, ldy);  // y += s * t·Bᵀ
 }
 
-void lora_shrink(Backend& be, const LoraModule& m, int64_t M, const float* x, int64_t ldx, float* t, LoraBf16 bf16) {
-  const prof::PartContext pc(prof::Part::LoraFwd);
-  LoraGemm{be, bf16}.nt(kLoraShrink, M, m.r, m.in, 1.0f, x, ldx, m.A.f32(), m.in, 0.0f, t, m.r);  // as lora_forward
-}
-
-Backend::LoraExpand lora_expand_arg(const LoraModule& m, const float* t, int64_t ldt, float scale) {
-  Backend::LoraExpand e;
-  e.t = t, e.ldt = ldt, e.B = m.B.f32(), e.r = m.r, e.s = scale * m.scaling;  // lora_forward's expand
-  return e;
-}
-
 void lora_backward(Backend& be, LoraModule& m, int64_t M, const float* x, int64_t ldx, const float* dy, int64_t lddy,
                    float* dx, int64_t lddx, float beta, float* t, float* dt, float scale, LoraBf16 bf16,
                    bool t_ready) {
@@ -281,14 +270,6 @@ void lora_forward_group(Backend& be, int n, const LoraModule* const* m, int64_t 
   for (int64_t i = 0, off = 0; i < n; off += m[i]->r, ++i)  // y_i += s_i * t_i·B_iᵀ
     g.nt(kLoraExpand, M, m[i]->out, m[i]->r, scale * m[i]->scaling, t + off, R, m[i]->B.f32(), m[i]->r, 1.0f, y[i],
          ldy[i]);
-}
-
-void lora_shrink_group(Backend& be, int n, const LoraModule* const* m, int64_t M, const float* x, int64_t ldx, float* t,
-                       LoraBf16 bf16) {
-  check_arg(lora_group_adjacent(m, n, false), "lora_shrink_group: the A factors are not adjacent");
-  const prof::PartContext pc(prof::Part::LoraFwd);
-  const int64_t R = lora_rank_sum(m, n), in = m[0]->in;
-  LoraGemm{be, bf16}.nt(kLoraShrink, M, R, in, 1.0f, x, ldx, m[0]->A.f32(), in, 0.0f, t, R);  // as lora_forward_group
 }
 
 void lora_backward_group(Backend& be, int n, LoraModule* const* m, int64_t M, const float* x, int64_t ldx,

@@ -150,12 +150,6 @@ LoraBf16 lora_bf16_ops();
 void lora_forward(Backend& be, const LoraModule& m, int64_t M, const float* x, int64_t ldx, float* y, int64_t ldy,
                   float* t = nullptr, float scale = 1.0f, LoraBf16 bf16 = {});
 
-// lora_forward split for Backend::nf4_gemm_nt_expand (the expand added by the base GEMM): the
-// shrink t[M, r] = x·Aᵀ alone (booked to the LoRA forward), and the expand's arguments.
-void lora_shrink(Backend& be, const LoraModule& m, int64_t M, const float* x, int64_t ldx, float* t,
-                 LoraBf16 bf16 = {});
-Backend::LoraExpand lora_expand_arg(const LoraModule& m, const float* t, int64_t ldt, float scale);
-
 // Backward of the LoRA branch for dy[M, out] with s = scale * scaling: recomputes t = x·Aᵀ,
 // accumulates dB += s * dyᵀ·t and dA += dtᵀ·x with dt = s * dy·B, and writes
 // dx[M, in] = beta * dx + dt·A (dx may be null: no input gradient). t, dt: [M, r] scratch.
@@ -181,9 +175,6 @@ int64_t lora_rank_sum(const LoraModule* const* m, int n);
 // y_i[M, out_i] (row stride ldy[i]) += scale * scaling_i * (x·A_iᵀ)·B_iᵀ; t[M, R] scratch.
 void lora_forward_group(Backend& be, int n, const LoraModule* const* m, int64_t M, const float* x, int64_t ldx,
                         float* const* y, const int64_t* ldy, float* t, float scale = 1.0f, LoraBf16 bf16 = {});
-// lora_forward_group's shrink alone: t[M, R] = x·[A_0; ...]ᵀ.
-void lora_shrink_group(Backend& be, int n, const LoraModule* const* m, int64_t M, const float* x, int64_t ldx, float* t,
-                       LoraBf16 bf16 = {});
 // lora_backward of each module for dy_i (row stride lddy[i]), the input-gradient terms summed:
 // dx[M, in] = beta * dx + sum_i dt_i·A_i (one GEMM). t, dt: [M, R] scratch.
 void lora_backward_group(Backend& be, int n, LoraModule* const* m, int64_t M, const float* x, int64_t ldx,
