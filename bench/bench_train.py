@@ -124,6 +124,9 @@ def qlora_model(spec, res, compute_dtype):
     m.set_active_adapter("bench")
     m.configure_optimizer(lr=spec["lr"])
     m.gradient_checkpointing = True
+    # --activation-memory-budget: layers kept instead of recomputed (0: every layer checkpointed, as the peers)
+    m.activation_memory_budget = spec.get("activation_memory_budget", 0.0)
+    res["activation_memory_budget"] = m.activation_memory_budget
     m.train()
     return m
 
@@ -377,6 +380,9 @@ def parse_args():
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     p.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="qlora_native compute_dtype (compare with --engines ...,peft_bnb_bf16)")
+    p.add_argument("--activation-memory-budget", type=float, default=0.0,
+                   help="qlora_native activation_memory_budget (0..1; default 0: every layer checkpointed like "
+                        "the peers; > 0 keeps the last layers' intermediates: fewer FLOPs, more memory)")
     p.add_argument("--gemm-runs", type=int, default=5, help="sgemm timings per shape (best of)")
     p.add_argument("--no-sgemm", action="store_true", help="skip the sgemm measurement")
     p.add_argument("--quick", action="store_true", help="smoke run: batch 1 x 64, 1 step")
@@ -544,6 +550,7 @@ def main():
     info = _common.machine_info()
     info.update(gguf=gguf, threads=threads, batch=args.batch, seq=args.seq, steps=args.steps, r=args.r,
                 alpha=args.alpha, lr=args.lr, seed=args.seed, compute_dtype=args.compute_dtype, qlora_native=qlora_native.__version__,
+                activation_memory_budget=args.activation_memory_budget,
                 simd=qlora_native.simd_level(), loadavg_before=info.pop("loadavg"))
     print(f"qlora_native {qlora_native.__version__} SIMD {qlora_native.simd_level()}, threads {threads}, "
           f"batch {args.batch} x {args.seq}, {args.steps} timed steps, load average {info['loadavg_before']}",
@@ -565,7 +572,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         spec = {"gguf": gguf, "threads": threads, "batch": args.batch, "seq": args.seq, "steps": args.steps,
                 "r": args.r, "alpha": args.alpha, "lr": args.lr, "input_ids": ids.tolist(),
-                "compute_dtype": args.compute_dtype,
+                "compute_dtype": args.compute_dtype, "activation_memory_budget": args.activation_memory_budget,
                 "hf_dir": os.path.join(tmp, "hf"), "gemm_runs": args.gemm_runs}
         spec_path = os.path.join(tmp, "spec.json")
         with open(spec_path, "w") as f:
@@ -634,7 +641,8 @@ def main_breakdown(args, gguf, ids, threads, info, flops):
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         spec = {"gguf": gguf, "threads": threads, "batch": args.batch, "seq": args.seq, "steps": args.steps,
                 "r": args.r, "alpha": args.alpha, "lr": args.lr, "input_ids": ids.tolist(),
-                "compute_dtype": args.compute_dtype, "gemm_runs": args.gemm_runs}
+                "compute_dtype": args.compute_dtype, "gemm_runs": args.gemm_runs,
+                "activation_memory_budget": args.activation_memory_budget}
         spec_path = os.path.join(tmp, "spec.json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)

@@ -65,6 +65,9 @@ def report(out):
     print(f"SmolLM2-135M LoRA training ({os.path.basename(info['gguf'])}): batch {info['batch']} x {info['seq']} "
           f"tokens, r={info['r']}, alpha {info['alpha']:g}, 7 targets, gradient checkpointing, AdamW, "
           f"threads {info['threads']}; warm-up 1 step + {info['steps']} timed")
+    if info.get("activation_memory_budget"):
+        print(f"qlora_native activation_memory_budget {info['activation_memory_budget']:g}: its last layers keep their "
+              "intermediates (less recompute than the peers: the ceiling's 'equal FLOPs' does not hold for it)")
     print(f"load average before/after: {info['loadavg_before']} / {info['loadavg_after']} ({info['cpus']} CPUs)")
     if info.get("cpu"):  # results saved before the machine line existed have no CPU fields
         print(f"machine: {_common.machine_line(info, info.get('measured'))}")

