@@ -43,7 +43,7 @@ ENGINES = ("qlora_nf4", "peft_bnb", "peft_fp32")
 TARGET_BF16_VS_BNB = 3.0       # bf16 mode tokens/s >= 3x PEFT+bnb (fp32 compute), AVX512-BF16 machines
 TARGET_BF16_VS_BNB_BF16 = 2.0  # and >= 2x PEFT+bnb under bf16 autocast
 TARGET_TOKS_VS_BNB = 1.5   # qlora_native tokens/s >= 1.5x PEFT + bitsandbytes
-TARGET_RSS_VS_BNB = 0.5    # qlora_native peak RSS <= 0.5x PEFT + bitsandbytes
+TARGET_RSS_VS_BNB = 0.2    # qlora_native peak RSS <= 0.2x PEFT + bitsandbytes (issue 15; was 0.5)
 FLOP_FORMULA = (
     "step FLOPs = fwd + bwd + recompute; fwd = 2*N_mm*tok + 2*tok*r*S_lora + 4*B*T^2*H*dh*L (QK^T and PV, "
     "full T x T); bwd = 2*N_mm*tok (activation grads only: base frozen) + 4*tok*r*S_lora (LoRA dX + dW) "
