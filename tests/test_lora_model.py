@@ -31,6 +31,12 @@ def fp32_tol(cfg):
     # fp32 accumulation over dot products of length K, a handful of them chained per layer.
     return 16 * np.sqrt(max(cfg["hidden_size"], cfg["intermediate_size"])) * EPS32
 
+
+def fp32_pair_tol(cfg):
+    # ours against PEFT / torch in fp32: both sides carry fp32_tol's error, so their difference is bounded
+    # by the sum (a CI seed found 2.9e-5 against one side's 2.2e-5 at gqa2-untied-nf4, on the session-start code too)
+    return 2 * fp32_tol(cfg)
+
 PEFT_KEYS = ("r", "lora_alpha", "target_modules", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform")
 
 
@@ -102,7 +108,7 @@ def test_forward_with_adapter_matches_peft(tmp_path, rng, mcase, lcase):
     pm = peft_reference(model, cfg, ref, "a", tmp_path)
     ids = rng.integers(0, cfg["vocab_size"], (2, 11))
     ours, theirs = model(ids), torch_logits(pm, ids)
-    assert rel_err(ours, theirs) < fp32_tol(cfg)
+    assert rel_err(ours, theirs) < fp32_pair_tol(cfg)
     # The adapter matters: without it the logits differ by far more than the tolerance.
     with pm.disable_adapter():
         base = torch_logits(pm, ids)
@@ -153,7 +159,7 @@ def test_load_peft_trained_adapter(tmp_path, rng):
     assert model.active_adapter == "p"
     assert any(np.abs(v).max() > 0 for k, v in model.get_adapter_state_dict("p").items() if "lora_B" in k)
     test_ids = rng.integers(0, cfg["vocab_size"], (2, 9))
-    assert rel_err(model(test_ids), torch_logits(pm, test_ids)) < fp32_tol(cfg)
+    assert rel_err(model(test_ids), torch_logits(pm, test_ids)) < fp32_pair_tol(cfg)
 
 
 @needs_peft
