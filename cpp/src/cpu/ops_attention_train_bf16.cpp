@@ -24,20 +24,16 @@
 namespace qlora::cpu::ops::attn {
 namespace {
 // Speed switches, read per call (interleaved A/B runs in one process; tests compare both ways bit
-// for bit): =0 turns one off.
-bool env_on(const char* name) {
-  const char* e = std::getenv(name);
-  return !(e && std::strcmp(e, "0") == 0);
-}
+// for bit): =0 turns one off (env_not_zero, ops_attention_train_shared.hpp).
 // QLORA_ATTN_BF16_HALF: a tile whose last panel has <= 16 columns computes only those (the dP tiles
 // at the causal edge; bf16_tile::tile_half).
-bool half_on() { return env_on("QLORA_ATTN_BF16_HALF"); }
+bool half_on() { return env_not_zero("QLORA_ATTN_BF16_HALF"); }
 // QLORA_ATTN_BF16_DELTA: the backward's delta rows computed in its tasks, per (query block, head),
 // while dout's rows are in cache (the same kernel, so the same bits), instead of a pass over all of
 // dout and out before it.
 // QLORA_ATTN_BF16_SCRATCH: the tasks' scratch left uninitialized (every element read is written
 // first); =0 zero-fills it as the std::vector scratch did.
-bool scratch_uninit_on() { return env_on("QLORA_ATTN_BF16_SCRATCH"); }
+bool scratch_uninit_on() { return env_not_zero("QLORA_ATTN_BF16_SCRATCH"); }
 
 template <class T>
 T* scratch(AlignedBuf<T>& b, size_t n, bool uninit) {
@@ -86,7 +82,7 @@ void row_tile_direct(int64_t kp, const uint32_t* A, int64_t rs, int64_t cs, cons
 
 }  // namespace
 
-bool bf16_delta_in_task() { return env_on("QLORA_ATTN_BF16_DELTA"); }
+bool bf16_delta_in_task() { return env_not_zero("QLORA_ATTN_BF16_DELTA"); }
 
 // The bf16 forward on AVX512-BF16: V of every (b, KV head) packed once, then one task per
 // (b, query head, block of 64 queries) as the fp32 way: fp32 scores, softmax, bf16 P·v.
