@@ -184,6 +184,8 @@ void bind_train(py::module_& m) {
       .def_property_readonly("eps", [](const PyAdamW& s) { return s.opt->config().eps; })
       .def_property_readonly("weight_decay", [](const PyAdamW& s) { return s.opt->config().weight_decay; });
 
+  t.def("check_activation_memory_budget", &model::check_activation_budget, py::arg("budget"),
+        "ValueError unless 0 <= budget <= 1 (the engine's rule for activation_memory_budget)");
   // The training pass's allocation plan (model/train_memory.hpp): what memory_model.py reports.
   t.attr("HEAD_FORMATS") = py::tuple(py::cast(model::head_format_names()));
   t.def(

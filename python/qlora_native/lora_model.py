@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from . import adapter_io
+from . import _core, adapter_io
 from .lora_config import LoraConfig, peft_tensor_name, peft_tensors
 
 __all__ = ["LoraModelMixin", "check_activation_memory_budget"]
@@ -26,10 +26,11 @@ __all__ = ["LoraModelMixin", "check_activation_memory_budget"]
 
 def check_activation_memory_budget(budget) -> float:
     """budget as a float in [0, 1] (activation_memory_budget), else ValueError."""
-    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, (int, float, np.integer, np.floating)) \
-            or not 0.0 <= float(budget) <= 1.0:  # NaN fails the range
+    # The type here (pybind would take a bool or numpy scalar as a float); the range is the engine's rule.
+    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, (int, float, np.integer, np.floating)):
         raise ValueError(f"activation_memory_budget must be a number in [0, 1] (0: recompute every checkpointed "
                          f"layer, 1: keep every layer's intermediates), got {budget!r}")
+    _core.train.check_activation_memory_budget(float(budget))
     return float(budget)
 
 
