@@ -368,7 +368,7 @@ void bind_grad_ops(py::module_& m) {
         py::arg("want_grad") = true, py::arg("bf16") = false, py::arg("backend") = "cpu", py::arg("as_f32") = false,
         "lm_cross_entropy through a Q8_0 lm_head (head_format 'q8_0'): logits by q8_0_gemm_nt, dh by q8_0_gemm_nn; "
         "as_f32: exactly lm_cross_entropy over the rows' fp32 dequantization (bf16: panels packed from the Q8_0 "
-        "rows; fp32: blocks of rows decoded for each GEMM; ValueError where that path does not apply)");
+        "rows; fp32: rows decoded into each GEMM's B panels; ValueError where that path does not apply)");
   g.attr("default_chunk_rows") = kCrossEntropyChunkRows;
   g.def(
       "cross_entropy_workspace_bytes",

@@ -228,7 +228,7 @@ void bind_train(py::module_& m) {
       "layers_kept: the LayerActs sets (the last layers that skip the recompute; activation_memory_budget). "
       "device: the backend's memory is not host memory (cuda, cpu:devsim). f32_from_q8_0: head_format "
       "float32 over a GGUF's tied Q8_0 token_embd not yet widened (the loss reads its rows: bf16 packs its "
-      "panels, fp32 decodes blocks of them into a scratch).");
+      "panels, fp32 decodes them into its GEMMs' B panels).");
 
   t.def("lr_at",
         [](const std::string& schedule, int64_t step, double base_lr, double warmup_steps, int64_t total_steps) {

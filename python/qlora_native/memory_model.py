@@ -169,7 +169,7 @@ def activation_bytes(cfg, batch: int, seq: int, r: int, *, checkpointing: bool =
     cfg: a config (dict or object), a Model, or a GGUFSource.
     f32_from_q8_0: head_format "float32" over a GGUF's tied Q8_0 token_embd without its fp32 table
     (the loss reads the rows: bf16 packs the lm_head's panels even for one loss chunk, fp32 decodes
-    blocks of them into a scratch); None derives it from cfg (a Model or a GGUFSource knows; a config
+    them into its GEMMs' B panels, no scratch); None derives it from cfg (a Model or a GGUFSource knows; a config
     alone is an HF checkpoint's fp32 table).
     activation_memory_budget: Model.activation_memory_budget (with checkpointing: the last
     floor(budget x (num_layers - 1)) + 1 layers keep their intermediates, counted in layer_activations).

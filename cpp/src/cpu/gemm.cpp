@@ -514,6 +514,18 @@ void gemm_tn(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, cons
       DirectA{A, 1, lda});
 }
 
+void gemm_packed_b(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                   const GemmPackB& pack, float beta, float* C, int64_t ldc) {
+  check_dims(M, N, K, lda, K, N, N, ldc);
+  check_arg(level != SimdLevel::Scalar && pack.fn, "gemm_packed_b: needs a SIMD level and a packer");
+  const Kern& kn = kern_for(level);
+  blocked(
+      kn, M, N, K, alpha, beta, C, ldc,
+      [&](int64_t i0, int mr, int64_t p0, int64_t kc, float* Ap) { pack_a_rows(kn, A + i0 * lda + p0, lda, mr, kc, Ap); },
+      [&](int64_t j0, int nr, int64_t p0, int64_t kc, float* Bp) { pack.fn(pack.ctx, j0, nr, p0, kc, Bp); },
+      DirectA{A, lda, 1});
+}
+
 void nf4_gemm_nt_many(SimdLevel level, int64_t M, const float* X, int64_t ldx, int64_t n, const Nf4Ref* const* W,
                       float* const* Y, const int64_t* ldy) {
   bool same_k = n >= 1;

@@ -47,6 +47,18 @@ void gemm_nn(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, cons
 void gemm_tn(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
              const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
+// C[M, N] = alpha * A[M, K] · B[K, N] + beta * C with B's [kc, NR] panels made by the caller (fused
+// decoders of other formats: cpu/q8_0_head.cpp): pack(ctx, j0, nr, p0, kc, Bp) writes
+// Bp[k * NR + j] = B[p0 + k, j0 + j] for k < kc, j < nr and 0 for nr <= j < NR (NR: gemm_panels(level).nr).
+// The blocked driver with A read as gemm_nt / gemm_nn read it: the bits of gemm_nn over that B, and
+// of gemm_nt over Bᵀ where it takes the blocked route (M > kGemvF32MaxM). level != Scalar.
+struct GemmPackB {
+  void (*fn)(const void* ctx, int64_t j0, int nr, int64_t p0, int64_t kc, float* Bp) = nullptr;
+  const void* ctx = nullptr;
+};
+void gemm_packed_b(SimdLevel level, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                   const GemmPackB& pack, float beta, float* C, int64_t ldc);
+
 void nf4_gemm_nt(SimdLevel level, int64_t M, float alpha, const float* X, int64_t ldx, const Nf4Ref& W,
                  float beta, float* Y, int64_t ldy);
 // Y_i = X · deq(W_i)ᵀ for n weights sharing X (same cols): one GEMV job for small M, else one

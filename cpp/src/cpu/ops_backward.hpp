@@ -86,7 +86,7 @@ CrossEntropyResult lm_cross_entropy_q8_0(Backend& be, int64_t N, int64_t D, int6
 bool lm_cross_entropy_q8_0_as_f32_applies(const Backend& be, int64_t N, int64_t D, int64_t V, int64_t chunk_rows,
                                           bool bf16, bool want_grad);
 // fp32 (bf16 = false): lm_cross_entropy(bf16 = false) over that table, the same bits, each GEMM
-// over blocks of rows decoded into an fp32 scratch (cpu/q8_0_head.hpp; workspace: + that scratch);
+// decoding the rows into its B panels (cpu/q8_0_head.hpp; workspace: that of lm_cross_entropy);
 // applies on the CPU backend at any level but scalar with D % 32 == 0 and QLORA_F32_HEAD_Q8 not "0".
 CrossEntropyResult lm_cross_entropy_q8_0_as_f32(Backend& be, int64_t N, int64_t D, int64_t V, const float* h,
                                                 int64_t ldh, const void* E_q8, const int32_t* labels, float grad_scale,

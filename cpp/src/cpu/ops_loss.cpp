@@ -167,12 +167,10 @@ CrossEntropyResult lm_cross_entropy_any(Backend& be, int64_t N, int64_t D, int64
   // q8_as_f32: from the Q8_0 rows that stand for the table (the same panels).
   const uint32_t* panels = nullptr;
   const auto* cpu_be = E || q8_as_f32 ? dynamic_cast<const cpu::CpuBackend*>(&be) : nullptr;
-  // fp32 over the Q8_0 rows: blocks of them decoded into one fp32 scratch [block, D] for both GEMMs
+  // fp32 over the Q8_0 rows: both GEMMs decode them into their B panels, no scratch here
   // (cpu/q8_0_head.hpp: the bits of gemm_nt / gemm_nn over the table).
-  float* q8_scratch = nullptr;
-  if (q8_as_f32 && !bf16) {
-    q8_scratch = static_cast<float*>(scratch.get(cpu::q8_0_head_f32_scratch_bytes(cpu_be->level(), V, D)));
-  } else if (cpu_be) {
+  const bool q8_f32 = q8_as_f32 && !bf16;
+  if (cpu_be && !q8_f32) {
     // (q8_as_f32: one chunk packs them too, as there is no fp32 table for gemm_nt_bf16 to read)
     const size_t pb = q8_as_f32 ? cpu::lm_head_panels_bytes(V, D)
                                 : cpu::lm_head_panels_workspace_bytes(cpu_be->level(), N, D, V, rows, bf16, device);
@@ -185,18 +183,18 @@ CrossEntropyResult lm_cross_entropy_any(Backend& be, int64_t N, int64_t D, int64
       panels = P;
     }
   }
-  check_arg(!q8_as_f32 || q8_scratch || (panels && (!dh || cpu::lm_head_dh_from_panels(D))),
+  check_arg(!q8_as_f32 || q8_f32 || (panels && (!dh || cpu::lm_head_dh_from_panels(D))),
             "lm_cross_entropy_q8_0_as_f32: the panels path does not apply");  // (checked by the caller)
 
   const bool dh_panels = panels && cpu::lm_head_dh_from_panels(D);  // the backward from them too
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t m = std::min(rows, N - n0);
-    if (q8_scratch) {
+    if (q8_f32) {
       const prof::Scope sc(prof::Part::GemmOther, "q8_head_gemm_nt",
                            2.0 * static_cast<double>(m) * static_cast<double>(V) * static_cast<double>(D),
                            1.0625 * static_cast<double>(V) * static_cast<double>(D) + 4.0 * static_cast<double>(m) * V,
                            m, V, D);
-      cpu::q8_0_head_logits_f32(cpu_be->level(), m, V, D, h + n0 * ldh, ldh, E_q8, logits, V, q8_scratch);
+      cpu::q8_0_head_logits_f32(cpu_be->level(), m, V, D, h + n0 * ldh, ldh, E_q8, logits, V);
     } else if (panels) {
       const prof::Scope sc(prof::Part::GemmOther, "lm_head_nt_bf16",
                            2.0 * static_cast<double>(m) * static_cast<double>(V) * static_cast<double>(D),
@@ -221,12 +219,12 @@ CrossEntropyResult lm_cross_entropy_any(Backend& be, int64_t N, int64_t D, int64
       lh = loss_host.data();
     }
     for (int64_t i = 0; i < m; ++i) res.loss_sum += lh[i];
-    if (dh && q8_scratch) {
+    if (dh && q8_f32) {
       const prof::Scope sc(prof::Part::GemmOther, "q8_head_gemm_nn",
                            2.0 * static_cast<double>(m) * static_cast<double>(V) * static_cast<double>(D),
                            1.0625 * static_cast<double>(V) * static_cast<double>(D) + 4.0 * static_cast<double>(m) * V,
                            m, D, V);
-      cpu::q8_0_head_dh_f32(cpu_be->level(), m, V, D, logits, V, E_q8, dh + n0 * lddh, lddh, q8_scratch);
+      cpu::q8_0_head_dh_f32(cpu_be->level(), m, V, D, logits, V, E_q8, dh + n0 * lddh, lddh);
     } else if (dh && panels && dh_panels) {
       const prof::Scope sc(prof::Part::GemmOther, "lm_head_nn_bf16",
                            2.0 * static_cast<double>(m) * static_cast<double>(V) * static_cast<double>(D),

@@ -7,7 +7,6 @@
 
 #include "common/error.hpp"
 #include "cpu/gemm.hpp"
-#include "cpu/q8_0_head.hpp"
 #include "cpu/q8_0_kernels.hpp"
 #include "cpu/threads.hpp"
 
@@ -119,12 +118,6 @@ void q8_0_gemm_nt(SimdLevel level, int64_t M, int64_t N, int64_t K, const float*
   if (level == SimdLevel::Scalar) return gemm_scalar(M, N, K, X, ldx, W, Y, ldy);
   if (M <= kGemvMaxM) return gemv(level, M, N, K, X, ldx, static_cast<const uint8_t*>(W), Y, ldy);
   gemm_chunked(level, M, N, K, X, ldx, W, Y, ldy);
-}
-
-void q8_0_decode_rows(int64_t r0, int64_t n, int64_t D, const void* E, float* out) {
-  parallel_range(n, 16, [&](int64_t a, int64_t b) {
-    for (int64_t r = a; r < b; ++r) dequant_row(row_ptr(E, r0 + r, D), D, out + r * D);
-  });
 }
 
 void q8_0_rows(SimdLevel /*level: one simple loop serves every level (M rows only)*/, int64_t M, int64_t K,

@@ -1,8 +1,9 @@
-// AVX2 Q8_0 GEMV kernel (compiled with AVX2/FMA/F16C flags only; plain function, see cpu/README.md).
+// AVX2 Q8_0 GEMV and decode kernels (compiled with AVX2/FMA/F16C flags only; plain function, see cpu/README.md).
 // Structure of gemv_f32_avx2.cpp, with each 8 weights decoded in registers: int8 -> int32 -> fp32,
 // times the block's fp16 scale (exact in fp32), then FMA with X.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -76,6 +77,45 @@ void gemv_rows(int64_t n0, int64_t n1, int64_t K, const float* X, int64_t ldx, c
 }
 
 }  // namespace
+
+void q8_0_decode_tile_avx2(const uint8_t* E, int64_t D, int64_t r0, int64_t rows, int64_t c0, int64_t n,
+                           int64_t width, float* out, int64_t ldo) {
+  const int64_t row_bytes = D / kBlock * kBlockBytes;
+  if (c0 % 16 == 0 && n == 16 && width == 16) {  // half a block per row (dh's 16-wide panels)
+    const uint8_t* blk = E + r0 * row_bytes + c0 / kBlock * kBlockBytes;
+    const int64_t off = c0 % kBlock;
+    for (int64_t r = 0; r < rows; ++r, blk += row_bytes) {
+      uint16_t dh;
+      std::memcpy(&dh, blk, 2);
+      const __m256 d = _mm256_set1_ps(_cvtsh_ss(dh));
+      for (int t = 0; t < 2; ++t) {
+        const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2 + off + 8 * t));
+        _mm256_storeu_ps(out + r * ldo + 8 * t, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d));
+      }
+    }
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = E + (r0 + r) * row_bytes;
+    float* o = out + r * ldo;
+    for (int64_t j = 0; j < n;) {  // one block's run of columns, 8 at a time (the rest one by one)
+      const int64_t c = c0 + j, off = c % kBlock, len = std::min(kBlock - off, n - j);
+      const uint8_t* blk = row + c / kBlock * kBlockBytes;
+      uint16_t dh;
+      std::memcpy(&dh, blk, 2);
+      const float ds = _cvtsh_ss(dh);
+      const __m256 d = _mm256_set1_ps(ds);
+      int64_t t = 0;
+      for (; t + 8 <= len; t += 8) {
+        const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2 + off + t));
+        _mm256_storeu_ps(o + j + t, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d));
+      }
+      for (; t < len; ++t) o[j + t] = ds * static_cast<float>(static_cast<int8_t>(blk[2 + off + t]));
+      j += len;
+    }
+    for (int64_t j = n; j < width; ++j) o[j] = 0.0f;
+  }
+}
 
 void q8_0_gemv_avx2(int64_t M, int64_t n0, int64_t n1, int64_t K, const float* X, int64_t ldx, const uint8_t* W,
                     float* Y, int64_t ldy) {

@@ -1,10 +1,11 @@
-// AVX-512 Q8_0 GEMV kernel (compiled with AVX-512 flags only; plain function, see cpu/README.md).
+// AVX-512 Q8_0 GEMV and decode kernels (compiled with AVX-512 flags only; plain function, see cpu/README.md).
 // Structure of gemv_f32_avx512.cpp, with each 16 weights decoded in registers: int8 -> int32 ->
 // fp32, times the block's fp16 scale (exact in fp32), then FMA with X.
 // GCC 12's AVX-512 intrinsics seed results with _mm512_undefined_*: a known false positive.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -81,6 +82,45 @@ void gemv_rows(int64_t n0, int64_t n1, int64_t K, const float* X, int64_t ldx, c
 }
 
 }  // namespace
+
+void q8_0_decode_tile_avx512(const uint8_t* E, int64_t D, int64_t r0, int64_t rows, int64_t c0, int64_t n,
+                             int64_t width, float* out, int64_t ldo) {
+  const int64_t row_bytes = D / kBlock * kBlockBytes;
+  if (c0 % kBlock == 0 && n == kBlock && width == kBlock) {  // a whole block per row (dh's 32-wide panels)
+    const uint8_t* blk = E + r0 * row_bytes + c0 / kBlock * kBlockBytes;
+    for (int64_t r = 0; r < rows; ++r, blk += row_bytes) {
+      uint16_t dh;
+      std::memcpy(&dh, blk, 2);
+      const __m512 d = _mm512_set1_ps(_cvtsh_ss(dh));
+      for (int t = 0; t < 2; ++t) {
+        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2 + 16 * t));
+        _mm512_storeu_ps(out + r * ldo + 16 * t, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d));
+      }
+    }
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = E + (r0 + r) * row_bytes;
+    float* o = out + r * ldo;
+    for (int64_t j = 0; j < n;) {  // one block's run of columns, 16 at a time (masked at the ends)
+      const int64_t c = c0 + j, off = c % kBlock, len = std::min(kBlock - off, n - j);
+      const uint8_t* blk = row + c / kBlock * kBlockBytes;
+      uint16_t dh;
+      std::memcpy(&dh, blk, 2);
+      const __m512 d = _mm512_set1_ps(_cvtsh_ss(dh));
+      for (int64_t t = 0; t < len; t += 16) {
+        const __mmask16 m = static_cast<__mmask16>(len - t >= 16 ? 0xffff : (1u << (len - t)) - 1);
+        const __m128i q = _mm_maskz_loadu_epi8(m, blk + 2 + off + t);
+        _mm512_mask_storeu_ps(o + j + t, m, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d));
+      }
+      j += len;
+    }
+    for (int64_t j = n; j < width; j += 16) {
+      const __mmask16 m = static_cast<__mmask16>(width - j >= 16 ? 0xffff : (1u << (width - j)) - 1);
+      _mm512_mask_storeu_ps(o + j, m, _mm512_setzero_ps());
+    }
+  }
+}
 
 void q8_0_gemv_avx512(int64_t M, int64_t n0, int64_t n1, int64_t K, const float* X, int64_t ldx,
                       const uint8_t* W, float* Y, int64_t ldy) {

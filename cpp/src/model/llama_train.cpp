@@ -541,7 +541,7 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
   // A GGUF's tied Q8_0 token_embd whose fp32 table was never made: where the backend can
   // (Backend::lm_head_extras), the loss reads the Q8_0 rows, the same values and bits
   // (ops_backward.hpp), no 4-byte table (V x D x 4), whatever the number of loss chunks (CPU: bf16
-  // packs the lm_head panels from them, fp32 decodes blocks of them per GEMM; QLORA_F32_HEAD_Q8=0
+  // packs the lm_head panels from them, fp32 decodes them into each GEMM's B panels; QLORA_F32_HEAD_Q8=0
   // widens); else lm_head_f32() makes the table.
   const bool q8_as_f32 = shape.loss_reads_q8_0_rows();
   const TrainMemoryPlan plan = train_memory_plan(shape);

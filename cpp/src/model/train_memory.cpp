@@ -53,7 +53,7 @@ size_t lm_loss_workspace_bytes(int64_t N, int64_t D, int64_t V, int64_t chunk_ro
   if (head == HeadRows::Q8_0 && (want_grad || bf16)) b += Backend::q8_0_gemm_nn_scratch_bytes(V, D);
   if (head == HeadRows::Half && (want_grad || bf16)) b += Backend::half_chunk_scratch_bytes(V, D);
   // An fp32 table, or the Q8_0 rows standing in for it: the backend's own scratch (CPU: bf16 panels,
-  // or blocks of rows decoded to fp32).
+  // none for fp32 over Q8_0 rows: its GEMMs decode them into their B panels).
   if (head == HeadRows::F32) b += q8_0_rows ? extras.q8_0_rows_bytes : extras.f32_table_bytes;
   return b;
 }
