@@ -111,11 +111,20 @@ def peft_deltas(pm, name):
                 if isinstance(m, LoraLayer) and name in m.lora_A}
 
 
+PRUNED_SVD_TYPES = ("ties_svd", "magnitude_prune_svd")
+
+
 def both(env, model, rng, pair, ctype, weights=(0.7, -0.4), **kw):
     """Adds pair's adapters a, b to our model and to PEFT, combines them into c on both sides."""
     add_random(model, "x", rng, **PAIRS[pair][0])
     add_random(model, "y", rng, **PAIRS[pair][1])
     pm = peft_model(env, model, ["x", "y"])
+    if ctype in PRUNED_SVD_TYPES:
+        # These prune entries of each delta B @ A by magnitude (we form it in float64): in float32 an
+        # entry within rounding of the density threshold can land on the other side of it (a seed
+        # did: 0.08 apart at one entry), a discontinuity no tolerance covers. PEFT in float64 forms
+        # the same deltas to ~1e-16, so both sides prune the same entries.
+        pm = pm.to(torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT warns that density 1 prunes nothing
         pm.add_weighted_adapter(["x", "y"], list(weights), "c", combination_type=ctype, **kw)
@@ -209,12 +218,25 @@ def check_eckart_young(got: np.ndarray, exact: np.ndarray, k: int):
                          [("all_linear", "svd"), ("regex", "svd")])
 def test_svd_types_match_peft(env, model, rng, pair, ctype):
     kw = {} if ctype == "svd" else dict(density=0.5)
-    full = 32  # = min(out, in) of k/v_proj (PEFT fails above): nothing is truncated
+    full = 32  # = min(out, in) of k/v_proj (PEFT fails above)
     pm = both(env, model, rng, pair, ctype, svd_rank=full, **kw)
     check_config(model, pm)
     assert model.adapter_config("c").r == full
     ours, ref = our_deltas(model, "c"), peft_deltas(pm, "c")
-    assert_deltas_close(ours, ref, ctype, rel=64 * EPS32)
+    if ctype == "svd":  # rank <= r_x + r_y <= 32: nothing is truncated
+        assert_deltas_close(ours, ref, ctype, rel=64 * EPS32)
+    else:
+        # Pruning the deltas entrywise leaves a full-rank matrix, so rank 32 truncates the 64-wide
+        # modules: PEFT's float32 SVD and ours agree only as far as the singular value gap at 32
+        # allows (as in test_truncated_svd_matches_peft; a seed gave sigma_32 ~ sigma_33).
+        model.add_weighted_adapter(["x", "y"], [0.7, -0.4], "full", combination_type=ctype, svd_rank=64, **kw)
+        exact = our_deltas(model, "full")
+        assert set(ours) == set(ref)
+        for p in ref:
+            diff = float(np.abs(ours[p] - ref[p]).max())
+            record(ctype, diff)
+            assert diff <= svd_tolerance(exact[p], full), (p, diff)
+            check_eckart_young(ours[p], exact[p], full)
     if ctype == "svd":  # untruncated svd is exact
         da, db = our_deltas(model, "x"), our_deltas(model, "y")
         for p in ours:
