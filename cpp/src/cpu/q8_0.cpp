@@ -7,6 +7,7 @@
 
 #include "common/error.hpp"
 #include "cpu/gemm.hpp"
+#include "cpu/q8_0_head.hpp"
 #include "cpu/q8_0_kernels.hpp"
 #include "cpu/threads.hpp"
 
@@ -94,21 +95,6 @@ void gemv(SimdLevel level, int64_t M, int64_t N, int64_t K, const float* X, int6
   });
 }
 
-// M > 16: W a chunk of rows at a time into fp32 scratch [chunk, K], then the fp32 GEMM into the
-// matching columns of Y. 256 rows of K = 576 are 576 KiB of scratch: it stays in L2 for the GEMM.
-void gemm_chunked(SimdLevel level, int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const void* W,
-                  float* Y, int64_t ldy) {
-  const int64_t chunk = std::max<int64_t>(16, std::min<int64_t>(512, (1 << 20) / (K * 4)));
-  std::vector<float> scratch(static_cast<size_t>(std::min(chunk, N) * K));  // [chunk, K]
-  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
-    const int64_t nc = std::min(chunk, N - n0);
-    parallel_range(nc, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) dequant_row(row_ptr(W, n0 + r, K), K, scratch.data() + r * K);
-    });
-    gemm_nt(level, M, nc, K, 1.0f, X, ldx, scratch.data(), K, 0.0f, Y + n0, ldy);
-  }
-}
-
 }  // namespace
 
 void q8_0_gemm_nt(SimdLevel level, int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const void* W,
@@ -117,7 +103,10 @@ void q8_0_gemm_nt(SimdLevel level, int64_t M, int64_t N, int64_t K, const float*
   if (M == 0) return;
   if (level == SimdLevel::Scalar) return gemm_scalar(M, N, K, X, ldx, W, Y, ldy);
   if (M <= kGemvMaxM) return gemv(level, M, N, K, X, ldx, static_cast<const uint8_t*>(W), Y, ldy);
-  gemm_chunked(level, M, N, K, X, ldx, W, Y, ldy);
+  // M > 16: the rows decoded straight into the fp32 GEMM's B panels (cpu/q8_0_head.hpp), the bits of
+  // gemm_nt over the dequantized table, with no [chunk, K] scratch (session 15; before: 512-row chunks
+  // decoded into a scratch, one gemm_nt each, the same bits).
+  q8_0_head_logits_f32(level, M, N, K, X, ldx, W, Y, ldy);
 }
 
 void q8_0_rows(SimdLevel /*level: one simple loop serves every level (M rows only)*/, int64_t M, int64_t K,
