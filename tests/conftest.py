@@ -3,6 +3,7 @@ import os
 import numpy as np
 import pytest
 
+import qlora_native
 from qlora_native import _core
 
 from helpers_capi import load_model_lib
@@ -16,6 +17,15 @@ def rng(request):
     request.node.user_properties.append(("seed", seed))
     print(f"rng seed: {seed}")
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"t{n}")
+def threads(request):
+    """The engine at 1 and at 2 threads (restored after the test)."""
+    old = qlora_native.num_threads()
+    qlora_native.set_num_threads(request.param)
+    yield request.param
+    qlora_native.set_num_threads(old)
 
 
 def cpu_backends():

@@ -7,19 +7,9 @@ blocks, a ragged last tile and panel, nn and nt (the NF4 and Q8_0 GEMMs pass the
 same driver: tests/test_lm_head_f32_q8.py)."""
 import pytest
 
-import qlora_native
-
 from helpers_gemm import switch_keeps_bits
 
 SHAPES = [(17, 100, 70), (40, 33, 1500), (256, 1100, 576), (300, 2050, 2100), (100, 45, 80), (1031, 70, 96)]
-
-
-@pytest.fixture(params=[1, 2], ids=lambda n: f"t{n}")
-def threads(request):
-    old = qlora_native.num_threads()
-    qlora_native.set_num_threads(request.param)
-    yield request.param
-    qlora_native.set_num_threads(old)
 
 
 @pytest.mark.parametrize("backend", ["cpu:avx512", "cpu:avx2"])

@@ -20,14 +20,6 @@ g = _core.grad_ops
 LEVELS = [lv for lv in ("avx512", "avx2") if f"cpu:{lv}" in _core.available_backends()]
 
 
-@pytest.fixture(params=[1, 2], ids=lambda n: f"t{n}")
-def threads(request):
-    old = qlora_native.num_threads()
-    qlora_native.set_num_threads(request.param)
-    yield request.param
-    qlora_native.set_num_threads(old)
-
-
 @pytest.fixture(params=LEVELS)
 def level(request):
     old = qlora_native.simd_level()

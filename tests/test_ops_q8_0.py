@@ -67,22 +67,16 @@ def test_q8_0_gemm_nt_vs_float64(backend, N, K, rng):
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU if b.values[0] != "cpu:scalar"])
-@pytest.mark.parametrize("threads", [1, 2])
 def test_q8_0_gemm_nt_is_gemm_nt_over_the_table(backend, threads, rng):
     """M > 16 decodes the rows into the fp32 GEMM's panels: the bits of gemm_nt over the dequantized
     table (fp32-exact), for N spanning several column blocks with a ragged end and K over one depth block."""
-    old = qlora_native.num_threads()
-    qlora_native.set_num_threads(threads)
-    try:
-        for N, K in [(2500, 576), (1031, 1056)]:
-            raw, w = make_q8_0(rng, N, K)
-            x = rng.standard_normal((40, K)).astype(np.float32)
-            table = w.astype(np.float32)
-            assert np.array_equal(table.astype(np.float64), w)
-            want = ops.gemm_nt(x, table, backend=backend)
-            assert np.array_equal(ops.q8_0_gemm_nt(x, raw, N, K, backend=backend), want), (N, K, backend)
-    finally:
-        qlora_native.set_num_threads(old)
+    for N, K in [(2500, 576), (1031, 1056)]:
+        raw, w = make_q8_0(rng, N, K)
+        x = rng.standard_normal((40, K)).astype(np.float32)
+        table = w.astype(np.float32)
+        assert np.array_equal(table.astype(np.float64), w)
+        want = ops.gemm_nt(x, table, backend=backend)
+        assert np.array_equal(ops.q8_0_gemm_nt(x, raw, N, K, backend=backend), want), (N, K, backend)
 
 
 @pytest.mark.parametrize("backend", CPU)
