@@ -214,6 +214,17 @@ def check_eckart_young(got: np.ndarray, exact: np.ndarray, k: int):
     assert abs(resid - math.sqrt(float(np.sum(s[kk:] ** 2)))) <= tol * math.sqrt(s.size)
 
 
+def assert_truncation_close(ours, ref, exact, k, what):
+    """Rank-k truncations of `exact` (ours vs PEFT's) within the singular-gap tolerance, and ours a
+    correct rank-k truncation (Eckart-Young)."""
+    assert set(ours) == set(ref)
+    for p in ref:
+        diff = float(np.abs(ours[p] - ref[p]).max())
+        record(what, diff)
+        assert diff <= svd_tolerance(exact[p], k), (p, diff)
+        check_eckart_young(ours[p], exact[p], k)
+
+
 @pytest.mark.parametrize("pair,ctype", [(p, t) for p in ("lists", "ranks") for t in SVD_TYPES] +
                          [("all_linear", "svd"), ("regex", "svd")])
 def test_svd_types_match_peft(env, model, rng, pair, ctype):
@@ -231,12 +242,7 @@ def test_svd_types_match_peft(env, model, rng, pair, ctype):
         # allows (as in test_truncated_svd_matches_peft; a seed gave sigma_32 ~ sigma_33).
         model.add_weighted_adapter(["x", "y"], [0.7, -0.4], "full", combination_type=ctype, svd_rank=64, **kw)
         exact = our_deltas(model, "full")
-        assert set(ours) == set(ref)
-        for p in ref:
-            diff = float(np.abs(ours[p] - ref[p]).max())
-            record(ctype, diff)
-            assert diff <= svd_tolerance(exact[p], full), (p, diff)
-            check_eckart_young(ours[p], exact[p], full)
+        assert_truncation_close(ours, ref, exact, full, ctype)
     if ctype == "svd":  # untruncated svd is exact
         da, db = our_deltas(model, "x"), our_deltas(model, "y")
         for p in ours:
@@ -262,12 +268,7 @@ def test_truncated_svd_matches_peft(env, model, rng, ctype):
         for p in exact:
             want = 0.7 * da.get(p, 0.0) - 0.4 * db.get(p, 0.0)
             np.testing.assert_allclose(exact[p], want, rtol=0, atol=64 * EPS32 * np.abs(want).max(), err_msg=p)
-    assert set(ours) == set(ref)
-    for p in ref:
-        diff = float(np.abs(ours[p] - ref[p]).max())
-        record(ctype + " (rank 4)", diff)
-        assert diff <= svd_tolerance(exact[p], 4), p
-        check_eckart_young(ours[p], exact[p], 4)
+    assert_truncation_close(ours, ref, exact, 4, ctype + " (rank 4)")
 
 
 def test_truncated_svd_with_tied_singular_values(env, model, rng):
