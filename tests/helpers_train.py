@@ -63,17 +63,25 @@ def padded_batch(rng, V, B=3, T=12):
     return ids, mask, labels
 
 
-def engine_curve(m, batches, steps=20):
+def engine_curve(m, batches, steps=20, record=False):
     """Losses of `steps` AdamW steps (zero_grad, forward_backward, clip 1.0, optimizer_step) cycling over
-    `batches` of (ids, mask, labels), as test_train_parity.torch_training runs PEFT."""
-    losses = []
+    `batches` of (ids, mask, labels), as test_train_parity.torch_training runs PEFT. record: also the
+    adapter before each step and after the last (steps + 1 dicts) and the clipped gradients each step used."""
+    losses, weights, grads = [], [], []
     for step in range(steps):
         ids, mask, labels = batches[step % len(batches)]
+        if record:
+            weights.append(m.get_adapter_state_dict())
         m.zero_grad()
         losses.append(m.forward_backward(ids, labels, mask))
         m.clip_grad_norm(1.0)
+        if record:
+            grads.append(m.get_adapter_gradients())
         m.optimizer_step()
-    return np.array(losses)
+    if not record:
+        return np.array(losses)
+    weights.append(m.get_adapter_state_dict())
+    return np.array(losses), weights, grads
 
 
 def loss_and_grads(m, batch=None):

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from helpers_train import padded_batch  # noqa: E402
+from helpers_train import engine_curve, padded_batch  # noqa: E402
 from test_lora_model import EPS32, build, peft_reference, random_adapter  # noqa: E402
 
 MODEL_CASES = {
@@ -175,22 +175,6 @@ def torch_training(model, cfg, ref, tmp_path, batches, hp, dtype, autocast_bf16=
     return np.array(losses), final
 
 
-def engine_training(model, batches, steps=20):
-    """engine_curve's steps, also returning the adapter before each step and after the last
-    (steps + 1 dicts) and the clipped gradients each step used."""
-    losses, weights, grads = [], [], []
-    for step in range(steps):
-        ids, mask, labels = batches[step % len(batches)]
-        weights.append(model.get_adapter_state_dict())
-        model.zero_grad()
-        losses.append(model.forward_backward(ids, labels, mask))
-        model.clip_grad_norm(1.0)
-        grads.append(model.get_adapter_gradients())
-        model.optimizer_step()
-    weights.append(model.get_adapter_state_dict())
-    return np.array(losses), weights, grads
-
-
 def peft_along(model, cfg, ref, tmp_path, batches, weights, dtype):
     """PEFT's losses and A/B gradients (float64 copies) in `dtype` with its adapter set to weights[t]
     at step t: the reference evaluated on the engine's own trajectory (teacher forcing)."""
@@ -265,7 +249,7 @@ def test_adamw_loss_curve_matches_peft(tmp_path, rng, nf4):
     batches = [padded_batch(rng, cfg["vocab_size"]) for _ in range(4)]
     model.configure_optimizer(**hp)
     before = nf4_bytes(model, cfg) if nf4 else model._core.get_tensor("model.layers.0.mlp.up_proj.weight").copy()
-    ours, weights, our_grads = engine_training(model, batches)
+    ours, weights, our_grads = engine_curve(model, batches, record=True)
     ref64, raw64 = peft_along(model, cfg, ref, tmp_path, batches, weights[:-1], "float64")
     _, raw32 = peft_along(model, cfg, ref, tmp_path, batches, weights[:-1], "float32")
     final64, grads, params = torch_adamw(weights[0], raw64, hp)
