@@ -36,16 +36,9 @@ inline const uint8_t* row_ptr(const void* W, int64_t n, int64_t K) {
   return static_cast<const uint8_t*>(W) + n * (K / kQ8_0Block) * kQ8_0BlockBytes;
 }
 
-// out[K] = deq(row), K % 32 == 0.
+// out[K] = deq(row), K % 32 == 0: the portable decode kernel over one whole row.
 void dequant_row(const uint8_t* row, int64_t K, float* out) {
-  for (int64_t b = 0; b < K / kQ8_0Block; ++b) {
-    const uint8_t* blk = row + b * kQ8_0BlockBytes;
-    uint16_t dh;
-    std::memcpy(&dh, blk, 2);  // little-endian host (x86, arm64)
-    const float d = q8_0_half_to_float(dh);
-    for (int j = 0; j < kQ8_0Block; ++j)
-      out[b * kQ8_0Block + j] = d * static_cast<float>(static_cast<int8_t>(blk[2 + j]));
-  }
+  q8_0_decode_tile_generic(row, K, 0, 1, 0, K, K, out, K);
 }
 
 void validate(int64_t M, int64_t N, int64_t K, int64_t ldx, int64_t ldy) {
