@@ -322,8 +322,9 @@ def test_errors(tmp_path, hf_dirs):
 
 
 def test_unicode_tables_current():
-    """cpp/src/tokenizer/unicode_tables.cpp is what tools/gen_unicode_tables.py generates (skipped
-    where this Python has no Unicode data of the table's version: pip install unicodedata2==16.0.0)."""
+    """cpp/src/tokenizer/unicode_tables.cpp, unicode_nfc_decomp.cpp and unicode_nfc_compose.cpp are what
+    tools/gen_unicode_tables.py generates (skipped where this Python has no Unicode data of the
+    table's version: pip install unicodedata2==16.0.0)."""
     import subprocess
     import sys
     from pathlib import Path
