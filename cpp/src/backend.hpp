@@ -427,17 +427,17 @@ class Backend {
   // Softmax cross-entropy per row of logits[M, V] (row stride ldl); labels int32 [M] lie in
   // [0, V) or are -100 (ignored; checked by the caller). loss[M] = logsumexp(row) - row[label]
   // (0 when ignored). With want_grad the row is overwritten by grad_scale * (softmax(row) -
-  // onehot(label)), zeros on ignored rows. Driven chunk by chunk by lm_cross_entropy (ops_backward.hpp).
+  // onehot(label)), zeros on ignored rows. Driven chunk by chunk by lm_cross_entropy (model/lm_loss.hpp).
   virtual void cross_entropy_rows(int64_t /*M*/, int64_t /*V*/, float* /*logits*/, int64_t /*ldl*/,
                                   const int32_t* /*labels*/, float /*grad_scale*/, bool /*want_grad*/,
                                   float* /*loss*/) {
     not_implemented("cross_entropy_rows");
   }
-  // The lm_head of the training loss (lm_cross_entropy*, cpu/ops_backward.hpp) beyond the ops above:
+  // The lm_head of the training loss (model/lm_loss.hpp's lm_cross_entropy*) beyond the ops above:
   // a backend may read an fp32 lm_head [V, D] through a layout of its own made per loss call (CPU: bf16
   // panels packed once for all chunks), and may read a GGUF's tied Q8_0 token_embd in place of its
-  // fp32 table (lm_cross_entropy_q8_0_as_f32: the same bits, no V x D fp32 table). The model and its
-  // memory plan (model/train_memory.cpp) ask here instead of branching on the backend.
+  // fp32 table (lm_cross_entropy_q8_0_as_f32: the same bits, no V x D fp32 table). The loss, the model
+  // and its memory plan (model/train_memory.cpp) ask here instead of branching on the backend.
   struct LmHeadCall {
     int64_t N = 0, D = 0, V = 0, chunk_rows = 0;  // rows of h [N, D], vocabulary, rows per loss chunk
     bool bf16 = false, want_grad = false;          // compute_dtype bfloat16; dh too (a backward)
@@ -449,6 +449,23 @@ class Backend {
   };
   // Default: nothing beyond the ops above (CUDA, cpu:devsim); the CPU backend answers from its level.
   virtual LmHeadExtras lm_head_extras(const LmHeadCall& /*c*/) const { return {}; }
+  // The two lm_head GEMMs of one loss call through the backend's own layout; its scratch (exactly
+  // what lm_head_extras(c) promised) is freed with it.
+  class LmHead {
+   public:
+    virtual ~LmHead() = default;
+    // logits[m, V] (row stride ldl) = h[m, D] (ldh) · Eᵀ, as gemm_nt (bf16: gemm_nt_bf16) over the table.
+    virtual void logits(int64_t m, const float* h, int64_t ldh, float* logits, int64_t ldl) = 0;
+    // dh[m, D] (lddh) = G[m, V] (ldg) · E, as gemm_nn (bf16: gemm_nn_bf16) over the table.
+    virtual void dh(int64_t m, const float* G, int64_t ldg, float* dh, int64_t lddh) = 0;
+    size_t bytes = 0;  // the scratch it holds
+  };
+  // E: the fp32 table [V, D] (q8_0_rows false) or V Q8_0 rows of D standing for it (q8_0_rows true:
+  // only where lm_head_extras(c).q8_0_rows). Null: no layout of its own for this call (the default;
+  // the loss runs the GEMM ops above; never for q8_0_rows).
+  virtual std::unique_ptr<LmHead> lm_head_begin(const LmHeadCall& /*c*/, const void* /*E*/, bool /*q8_0_rows*/) {
+    return nullptr;
+  }
   // LoRA dropout (inverted, as torch.nn.Dropout), its mask regenerated from a Philox4x32-10
   // stream instead of stored: element i = m*in + j of the [M, in] keep mask is 1 when output
   // offset + i of the stream of `seed` passes train::bernoulli_keep(x, 1 - p)

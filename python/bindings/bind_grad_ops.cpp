@@ -13,7 +13,7 @@
 #include "backend.hpp"
 #include "bindings.hpp"
 #include "common/error.hpp"
-#include "cpu/ops_backward.hpp"
+#include "model/lm_loss.hpp"
 
 namespace qlora::py_bind {
 

@@ -1,7 +1,7 @@
 """Device-memory model of a LoRA training step (an estimate from the shapes, not a measurement).
 
 Counts every buffer the engine allocates for a Llama-family training step the way
-cpp/src/model/llama_train.cpp (LlamaModel::train_pass), ops_loss.cpp (lm_cross_entropy),
+cpp/src/model/llama_train.cpp (LlamaModel::train_pass), model/lm_loss.cpp (lm_cross_entropy),
 model/lora.cpp and train/lora_optimizer.cpp allocate them:
 
 - weights: NF4 projections (packed nibbles + absmax codes + nested absmax + 256-entry map per

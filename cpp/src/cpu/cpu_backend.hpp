@@ -133,6 +133,7 @@ class CpuBackend final : public Backend {
   // The loss's lm_head at level() (cpu_backend_lm_head.cpp: cpu/lm_head_bf16.hpp's panels,
   // cpu/q8_0_head.hpp's fp32 GEMMs).
   LmHeadExtras lm_head_extras(const LmHeadCall& c) const override;
+  std::unique_ptr<LmHead> lm_head_begin(const LmHeadCall& c, const void* E, bool q8_0_rows) override;
   // LoRA dropout (cpu_backend_dropout.cpp: the Philox mask code model/lora.cpp ran before)
   void lora_dropout(uint64_t seed, uint64_t offset, float p, int64_t M, int64_t in, const float* x, int64_t ldx,
                     float* out) override;

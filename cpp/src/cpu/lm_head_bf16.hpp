@@ -24,13 +24,13 @@ size_t lm_head_panels_bytes(int64_t V, int64_t D);
 // The bytes lm_cross_entropy adds to its workspace for these panels (0 where it does not pack
 // them): bf16 compute over an fp32 table on the host (not a device backend), more rows than one
 // chunk (N > chunk_rows: with one chunk there is nothing to reuse) and lm_head_panels_apply.
-// The one rule for both ops_loss.cpp and the training memory plan (model/train_memory.cpp).
+// The one rule for the loss and the training memory plan (cpu_backend_lm_head.cpp route()).
 size_t lm_head_panels_workspace_bytes(SimdLevel level, int64_t N, int64_t D, int64_t V, int64_t chunk_rows,
                                       bool bf16, bool device);
-// Where lm_cross_entropy_q8_0_as_f32 (ops_backward.hpp) runs: bf16 on the host, D % 32 == 0,
+// Where lm_cross_entropy_q8_0_as_f32 (model/lm_loss.hpp) runs: bf16 on the host, D % 32 == 0,
 // lm_head_panels_apply, the dh from the panels too when want_grad, and QLORA_BF16_HEAD_Q8 not "0"
 // (read per call). Any number of chunks: the panels stand in for the never-made fp32 table, so a
-// single chunk packs them too (lm_head_panels_bytes of workspace). One rule for ops_loss.cpp and
+// single chunk packs them too (lm_head_panels_bytes of workspace). One rule for the loss and
 // the training memory plan (model/train_memory.cpp).
 bool lm_head_q8_0_panels_apply(SimdLevel level, int64_t D, int64_t V, bool bf16, bool device, bool want_grad);
 // P (64-byte aligned, lm_head_panels_bytes) = E's B panels (rows of E = columns of the logits).

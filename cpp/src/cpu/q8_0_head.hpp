@@ -1,7 +1,7 @@
 // fp32 lm_head GEMMs over Q8_0 rows standing in for their fp32 dequantization (a GGUF's tied
 // token_embd under head_format "float32" and compute_dtype float32): no V x D fp32 table and no
-// decoded copy of it, the SAME bits as gemm_nt / gemm_nn over that table (ops_loss.cpp,
-// lm_cross_entropy_q8_0_as_f32).
+// decoded copy of it, the SAME bits as gemm_nt / gemm_nn over that table (CpuBackend::lm_head_begin
+// for model/lm_loss.hpp's lm_cross_entropy_q8_0_as_f32).
 // How: the rows are decoded (exactly: fp16 scale x int8) straight into the B panels of one call of
 // the blocked GEMM driver (gemm_packed_b, as nf4_gemm_nt / nf4_gemm_nn decode NF4): the same depth
 // blocks, panels and micro-kernel calls as gemm_nt / gemm_nn over the table, so the same bits.

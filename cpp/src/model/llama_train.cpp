@@ -11,8 +11,8 @@
 #include <vector>
 
 #include "common/error.hpp"
-#include "cpu/ops_backward.hpp"
 #include "model/llama.hpp"
+#include "model/lm_loss.hpp"
 #include "model/lora_check.hpp"
 #include "model/lora_infer.hpp"
 #include "model/train_memory.hpp"
@@ -540,7 +540,7 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
   shape.lm_head = be_.lm_head_extras(lm_head_call(shape));
   // A GGUF's tied Q8_0 token_embd whose fp32 table was never made: where the backend can
   // (Backend::lm_head_extras), the loss reads the Q8_0 rows, the same values and bits
-  // (ops_backward.hpp), no 4-byte table (V x D x 4), whatever the number of loss chunks (CPU: bf16
+  // (model/lm_loss.hpp), no 4-byte table (V x D x 4), whatever the number of loss chunks (CPU: bf16
   // packs the lm_head panels from them, fp32 decodes them into each GEMM's B panels; QLORA_F32_HEAD_Q8=0
   // widens); else lm_head_f32() makes the table.
   const bool q8_as_f32 = shape.loss_reads_q8_0_rows();

@@ -6,7 +6,7 @@
 
 #include "backend.hpp"
 #include "common/error.hpp"
-#include "cpu/ops_backward.hpp"  // cross_entropy_workspace_bytes, kCrossEntropyChunkRows (the loss driver's)
+#include "model/lm_loss.hpp"  // cross_entropy_workspace_bytes, kCrossEntropyChunkRows (the loss driver's)
 
 namespace qlora::model {
 

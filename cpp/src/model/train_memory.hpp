@@ -106,7 +106,7 @@ int64_t kept_layer_acts(const TrainShape& s);
 // ValueError unless budget is a number in [0, 1] (activation_memory_budget).
 void check_activation_budget(double budget);
 
-// The scratch the chunked LM loss (lm_cross_entropy*, ops_loss.cpp) allocates for N rows: the
+// The scratch the chunked LM loss (lm_cross_entropy*, model/lm_loss.cpp) allocates for N rows: the
 // [chunk, V] logits, per-row loss (+ labels on a device), and with 16-bit / Q8_0 rows the widened
 // chunk of the lm_head backward (or of the bf16 forward); with head F32, what the backend adds
 // (extras: Backend::lm_head_extras of this call; q8_0_rows: it reads Q8_0 rows for the table).

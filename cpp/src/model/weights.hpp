@@ -55,7 +55,7 @@ class LlamaWeights {
     return !head_q8_ && !head_half_ && cfg.tie_word_embeddings && !embed_q8.empty() && embed.empty();
   }
   // fp32 embedding / lm_head for the paths that need it whole (export; a training pass that cannot
-  // read the Q8_0 rows: ops_backward.hpp lm_cross_entropy_q8_0_as_f32): a Q8_0 embedding is
+  // read the Q8_0 rows: model/lm_loss.hpp lm_cross_entropy_q8_0_as_f32): a Q8_0 embedding is
   // dequantized into `embed` on first use and kept (likewise a Q8_0 lm_head).
   const float* embed_f32();
   const float* lm_head_f32();
