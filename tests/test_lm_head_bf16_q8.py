@@ -55,7 +55,7 @@ def test_as_f32_is_the_fp32_table(rng, monkeypatch, kernel, N, D, V, chunk):
         b = g.lm_cross_entropy(h, E, lab, bf16=True, chunk_rows=chunk, want_grad=want_grad)
         same(a, b)
     panels = -(-V // 32) * 32 * (D // 2) * 4
-    assert a["workspace_bytes"] == g.cross_entropy_workspace_bytes(chunk, V) + panels
+    assert a["workspace_bytes"] == g.cross_entropy_workspace_bytes(chunk, V, D) + panels
 
 
 @pytest.mark.parametrize("kernel", ["default", "0", "emulate"])
@@ -72,7 +72,7 @@ def test_as_f32_one_chunk_is_the_fp32_table(rng, monkeypatch, kernel, N, D, V, c
     for want_grad in (True, False):
         a = g.lm_cross_entropy_q8_0(h, raw, lab, bf16=True, as_f32=True, chunk_rows=chunk, want_grad=want_grad)
         b = g.lm_cross_entropy(h, E, lab, bf16=True, chunk_rows=chunk, want_grad=want_grad)
-        assert b["workspace_bytes"] == g.cross_entropy_workspace_bytes(N, V)  # no panels over the table
+        assert b["workspace_bytes"] == g.cross_entropy_workspace_bytes(N, V, D)  # no panels over the table
         assert a["workspace_bytes"] == b["workspace_bytes"] + panels
         a["workspace_bytes"] = b["workspace_bytes"]
         same(a, b)

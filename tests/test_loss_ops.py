@@ -145,8 +145,9 @@ def test_cross_entropy_rejects_bad_input(rng):
 
 
 def test_cross_entropy_scratch_does_not_grow_with_rows(rng):
-    # The only scratch is one [chunk, V] logits block plus [chunk] losses (workspace_bytes counts
-    # what the call actually allocated), so memory is O(chunk * V) whatever N is, never O(N * V).
+    # The only scratch is one [chunk, V] logits block plus [chunk] losses and the [chunk + 1, D]
+    # gathered labelled rows with their [chunk] indices (workspace_bytes counts what the call
+    # actually allocated), so memory is O(chunk * V) whatever N is, never O(N * V).
     D, V, chunk = 8, 1000, 64
     E = (rng.standard_normal((V, D)) / np.sqrt(D)).astype(np.float32)
     sizes = {}
@@ -154,8 +155,8 @@ def test_cross_entropy_scratch_does_not_grow_with_rows(rng):
         h = rng.standard_normal((N, D)).astype(np.float32)
         labels = rng.integers(0, V, N).astype(np.int32)
         sizes[N] = g.lm_cross_entropy(h, E, labels, chunk_rows=chunk)["workspace_bytes"]
-        assert sizes[N] == g.cross_entropy_workspace_bytes(min(N, chunk), V)
-    assert sizes[10] == 10 * V * 4 + 10 * 4
-    assert sizes[64] == sizes[65] == sizes[2000] == chunk * V * 4 + chunk * 4
+        assert sizes[N] == g.cross_entropy_workspace_bytes(min(N, chunk), V, D)
+    assert sizes[10] == 10 * V * 4 + 10 * 4 + 11 * D * 4 + 10 * 4
+    assert sizes[64] == sizes[65] == sizes[2000] == chunk * V * 4 + chunk * 4 + (chunk + 1) * D * 4 + chunk * 4
     assert sizes[2000] < 2000 * V * 4 / 30
     assert g.default_chunk_rows == 256

@@ -98,7 +98,8 @@ def test_plan_parts():
     assert p["layer_activations"] == 4 * (M * (3 * D + 2 * QD + 2 * KD + 3 * I) + 32 * M)
     assert p["lora_scratch"] == 2 * 4 * M * r and p["dropout"] == 2 * 4 * M * I
     assert p["backward_scratch"] == 4 * M * (I + D + 2 * QD + 2 * KD)
-    assert p["cross_entropy"] == 4 * 256 * V + 4 * 256 + 4 * 256 + 4 * 2048 * D + 4 * 2048
+    # logits, losses, labels on the device, gathered labelled rows + a zero row, their indices, the Q8_0 chunk
+    assert p["cross_entropy"] == 4 * 256 * V + 4 * 256 + 4 * 256 + 4 * 257 * D + 4 * 256 + 4 * 2048 * D + 4 * 2048
     base = sum(p[k] for k in ("checkpoints", "layer_activations", "lora_scratch", "dropout", "final_norm"))
     assert p["peak"] == base + max(p["cross_entropy"], p["backward_scratch"])
     assert mm.activation_bytes(mm.LLAMA3_8B, 1, M, r, offload=True)["checkpoints"] == 2 * 4 * M * D

@@ -80,7 +80,9 @@ def test_training_step_parts(model, profiling):
     n_re = (L - 1) * (n_mm // L - I * D)  # the recompute: layers L-2 .. 0 without the down projection
     assert parts["nf4_gemm_fwd"]["flops"] == pytest.approx(2 * M * n_mm + 2 * M * n_re)
     assert parts["nf4_gemm_bwd"]["flops"] == pytest.approx(2 * M * n_mm)
-    assert parts["lm_head_gemm"]["flops"] == pytest.approx(2 * 2 * M * D * CFG["vocab_size"])
+    # the lm_head runs on the labelled rows only: each row's last position has no next token
+    labelled = M - IDS.shape[0]
+    assert parts["lm_head_gemm"]["flops"] == pytest.approx(2 * 2 * labelled * D * CFG["vocab_size"])
     # Profiling changes no result.
     loss_off = float(model.forward_backward(IDS, IDS, np.ones_like(IDS)))
     assert loss_on == loss_off

@@ -372,8 +372,8 @@ void bind_grad_ops(py::module_& m) {
   g.attr("default_chunk_rows") = kCrossEntropyChunkRows;
   g.def(
       "cross_entropy_workspace_bytes",
-      [](int64_t rows, int64_t V, bool device) { return cross_entropy_workspace_bytes(rows, V, device); },
-      py::arg("rows_in_chunk"), py::arg("V"), py::arg("device") = false,
+      [](int64_t rows, int64_t V, int64_t D, bool device) { return cross_entropy_workspace_bytes(rows, V, D, device); },
+      py::arg("rows_in_chunk"), py::arg("V"), py::arg("D"), py::arg("device") = false,
       "scratch bytes one lm_cross_entropy call allocates for min(N, chunk_rows) rows");
 }
 

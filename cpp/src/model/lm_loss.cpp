@@ -14,9 +14,10 @@
 
 namespace qlora {
 
-size_t cross_entropy_workspace_bytes(int64_t rows_in_chunk, int64_t V, bool device) {
+size_t cross_entropy_workspace_bytes(int64_t rows_in_chunk, int64_t V, int64_t D, bool device) {
   const size_t r = static_cast<size_t>(rows_in_chunk);
-  return r * static_cast<size_t>(V) * sizeof(float) + r * sizeof(float) + (device ? r * sizeof(int32_t) : 0);
+  return r * static_cast<size_t>(V) * sizeof(float) + r * sizeof(float) + (r + 1) * static_cast<size_t>(D) * sizeof(float) +
+         r * sizeof(int32_t) + (device ? r * sizeof(int32_t) : 0);
 }
 
 namespace {
@@ -75,33 +76,78 @@ CrossEntropyResult lm_cross_entropy_any(Backend& be, int64_t N, int64_t D, int64
                             q8_as_f32);
   check_arg(!q8_as_f32 || head, "lm_cross_entropy_q8_0_as_f32: the backend cannot read the Q8_0 rows as the table");
 
-  for (int64_t n0 = 0; n0 < N; n0 += rows) {
-    const int64_t m = std::min(rows, N - n0);
-    if (head) head->logits(m, h + n0 * ldh, ldh, logits, V);
-    else if (E16 && bf16) be.half_gemm_nt_bf16(ht, m, V, D, h + n0 * ldh, ldh, E16, logits, V);
-    else if (E16) be.half_gemm_nt(ht, m, V, D, h + n0 * ldh, ldh, E16, logits, V);
-    else if (E_q8 && bf16) be.q8_0_gemm_nt_bf16(m, V, D, h + n0 * ldh, ldh, E_q8, logits, V);
-    else if (E_q8) be.q8_0_gemm_nt(m, V, D, h + n0 * ldh, ldh, E_q8, logits, V);
-    else if (bf16) be.gemm_nt_bf16(m, V, D, 1.0f, h + n0 * ldh, ldh, E, D, 0.0f, logits, V);
-    else be.gemm_nt(m, V, D, 1.0f, h + n0 * ldh, ldh, E, D, 0.0f, logits, V);
-    const int32_t* lab = labels + n0;
+  // One chunk: logits of m rows of h (row stride ld), their losses, and (dh_out) their dh (stride ld_out).
+  auto chunk = [&](int64_t m, const float* hm, int64_t ld, const int32_t* lab_host, float* dh_out, int64_t ld_out) {
+    if (head) head->logits(m, hm, ld, logits, V);
+    else if (E16 && bf16) be.half_gemm_nt_bf16(ht, m, V, D, hm, ld, E16, logits, V);
+    else if (E16) be.half_gemm_nt(ht, m, V, D, hm, ld, E16, logits, V);
+    else if (E_q8 && bf16) be.q8_0_gemm_nt_bf16(m, V, D, hm, ld, E_q8, logits, V);
+    else if (E_q8) be.q8_0_gemm_nt(m, V, D, hm, ld, E_q8, logits, V);
+    else if (bf16) be.gemm_nt_bf16(m, V, D, 1.0f, hm, ld, E, D, 0.0f, logits, V);
+    else be.gemm_nt(m, V, D, 1.0f, hm, ld, E, D, 0.0f, logits, V);
+    const int32_t* lab = lab_host;
     if (device) {
-      be.upload(dlab, lab, static_cast<size_t>(m) * sizeof(int32_t));
+      be.upload(dlab, lab_host, static_cast<size_t>(m) * sizeof(int32_t));
       lab = dlab;
     }
-    be.cross_entropy_rows(m, V, logits, V, lab, grad_scale, dh != nullptr, loss);
+    be.cross_entropy_rows(m, V, logits, V, lab, grad_scale, dh_out != nullptr, loss);
     const float* lh = loss;
     if (device) {
       be.download(loss_host.data(), loss, static_cast<size_t>(m) * sizeof(float));
       lh = loss_host.data();
     }
     for (int64_t i = 0; i < m; ++i) res.loss_sum += lh[i];
-    if (!dh) continue;
-    if (head) head->dh(m, logits, V, dh + n0 * lddh, lddh);
-    else if (E16) be.half_gemm_nn(ht, m, V, D, 1.0f, logits, V, E16, 0.0f, dh + n0 * lddh, lddh, bf16);
-    else if (E_q8) be.q8_0_gemm_nn(m, V, D, 1.0f, logits, V, E_q8, 0.0f, dh + n0 * lddh, lddh, bf16);
-    else if (bf16) be.gemm_nn_bf16(m, D, V, 1.0f, logits, V, E, D, 0.0f, dh + n0 * lddh, lddh);
-    else be.gemm_nn(m, D, V, 1.0f, logits, V, E, D, 0.0f, dh + n0 * lddh, lddh);
+    if (!dh_out) return;
+    if (head) head->dh(m, logits, V, dh_out, ld_out);
+    else if (E16) be.half_gemm_nn(ht, m, V, D, 1.0f, logits, V, E16, 0.0f, dh_out, ld_out, bf16);
+    else if (E_q8) be.q8_0_gemm_nn(m, V, D, 1.0f, logits, V, E_q8, 0.0f, dh_out, ld_out, bf16);
+    else if (bf16) be.gemm_nn_bf16(m, D, V, 1.0f, logits, V, E, D, 0.0f, dh_out, ld_out);
+    else be.gemm_nn(m, D, V, 1.0f, logits, V, E, D, 0.0f, dh_out, ld_out);
+  };
+
+  // Rows with a label, gathered: where some rows are ignored (-100: an SFT prompt, padding) the
+  // lm_head GEMMs run on the labelled rows only, chunk_rows of them at a time (Backend::embedding
+  // gathers them into hc), and dh comes back through a gather from hc's rows plus a zero row (each
+  // ignored row's dh is 0, as before). hc [rows + 1, D]: the gathered h, then their dh; row `rows`
+  // stays zero. ids [rows]: the gather's row indices. Every row still gets the loss and dh it had;
+  // a labelled row's values do not depend on which rows share its GEMM (same route: M > 16 rows, the
+  // blocked GEMM; 16 or fewer take the GEMV route, whose per-row sums may round differently).
+  float* hc = static_cast<float*>(scratch.get(static_cast<size_t>(rows + 1) * D * sizeof(float)));  // [rows + 1, D]
+  int32_t* ids = static_cast<int32_t*>(scratch.get(static_cast<size_t>(rows) * sizeof(int32_t)));  // [rows]
+  const bool gather = res.count < N && ldh == D && (!dh || lddh == D);
+  if (!gather) {
+    for (int64_t n0 = 0; n0 < N; n0 += rows)
+      chunk(std::min(rows, N - n0), h + n0 * ldh, ldh, labels + n0, dh ? dh + n0 * lddh : nullptr, lddh);
+  } else {
+    std::vector<int32_t> rows_c(static_cast<size_t>(res.count)), lab_c(static_cast<size_t>(rows)),
+        inv(static_cast<size_t>(rows));
+    for (int64_t n = 0, i = 0; n < N; ++n)
+      if (labels[n] != -100) rows_c[static_cast<size_t>(i++)] = static_cast<int32_t>(n);
+    if (dh) be.fill_zero(hc + rows * D, static_cast<size_t>(D) * sizeof(float));
+    int64_t done = 0;  // dh rows [0, done) written
+    for (int64_t c0 = 0; c0 < res.count; c0 += rows) {
+      const int64_t m = std::min(rows, res.count - c0);
+      const int32_t* rc = rows_c.data() + c0;  // [m] rows of h in this chunk
+      be.upload(ids, rc, static_cast<size_t>(m) * sizeof(int32_t));
+      be.embedding(m, D, h, ids, hc);
+      for (int64_t i = 0; i < m; ++i) lab_c[static_cast<size_t>(i)] = labels[rc[i]];
+      chunk(m, hc, D, lab_c.data(), dh ? hc : nullptr, D);
+      if (!dh) continue;
+      // dh rows [done, end): this chunk's rows from hc, the ignored ones among them from the zero row
+      // (h's rows of this chunk were gathered above, so dh may alias h)
+      const int64_t end = c0 + m == res.count ? N : rc[m - 1] + 1;
+      for (int64_t s0 = done, j = 0; s0 < end; s0 += rows) {
+        const int64_t k = std::min(rows, end - s0);
+        for (int64_t r = 0; r < k; ++r) {
+          const bool hit = j < m && rc[j] == s0 + r;
+          inv[static_cast<size_t>(r)] = static_cast<int32_t>(hit ? j++ : rows);
+        }
+        be.upload(ids, inv.data(), static_cast<size_t>(k) * sizeof(int32_t));
+        be.embedding(k, D, hc, ids, dh + s0 * D);
+      }
+      done = end;
+    }
+    if (dh && res.count == 0) be.fill_zero(dh, static_cast<size_t>(N) * D * sizeof(float));
   }
   be.synchronize();
   // + the head's layout, or the Q8_0 / 16-bit defaults' dequantized chunk (one at a time: the

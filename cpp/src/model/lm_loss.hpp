@@ -26,8 +26,9 @@ struct CrossEntropyResult {
 };
 constexpr int64_t kCrossEntropyChunkRows = 256;
 // The scratch one call allocates for `rows_in_chunk` = min(N, chunk_rows): logits [rows, V]
-// fp32 + per-row loss [rows] fp32 + labels [rows] int32 on device backends.
-size_t cross_entropy_workspace_bytes(int64_t rows_in_chunk, int64_t V, bool device);
+// fp32 + per-row loss [rows] fp32 + the gathered labelled rows [rows + 1, D] fp32 and their indices
+// [rows] int32 (lm_loss.cpp: the GEMMs skip rows labelled -100) + labels [rows] int32 on device backends.
+size_t cross_entropy_workspace_bytes(int64_t rows_in_chunk, int64_t V, int64_t D, bool device);
 CrossEntropyResult lm_cross_entropy(Backend& be, int64_t N, int64_t D, int64_t V, const float* h, int64_t ldh,
                                     const float* E, const int32_t* labels, float grad_scale, float* dh,
                                     int64_t lddh, int64_t chunk_rows = kCrossEntropyChunkRows, bool bf16 = false);

@@ -48,7 +48,7 @@ Backend::LmHeadCall lm_head_call(const TrainShape& s) {
 size_t lm_loss_workspace_bytes(int64_t N, int64_t D, int64_t V, int64_t chunk_rows, HeadRows head, bool want_grad,
                                bool bf16, bool device, const Backend::LmHeadExtras& extras, bool q8_0_rows) {
   if (N <= 0) return 0;
-  size_t b = cross_entropy_workspace_bytes(std::min(N, chunk_rows), V, device);
+  size_t b = cross_entropy_workspace_bytes(std::min(N, chunk_rows), V, D, device);
   // The widened chunk: the lm_head backward's, and the bf16 forward's (one at a time).
   if (head == HeadRows::Q8_0 && (want_grad || bf16)) b += Backend::q8_0_gemm_nn_scratch_bytes(V, D);
   if (head == HeadRows::Half && (want_grad || bf16)) b += Backend::half_chunk_scratch_bytes(V, D);
