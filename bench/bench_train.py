@@ -3,7 +3,8 @@
 
 One run, one machine, the same thread count for every engine; each engine runs in its own
 subprocess so its peak RSS (VmHWM) is its own. Same data for all: random token ids
-(fixed seed), batch 4 x 256, labels = input_ids (every token counted), full attention mask;
+(fixed seed), batch 4 x 256, labels = input_ids (every token counted; --prompt-frac: a prompt prefix
+labelled -100), full attention mask;
 LoRA r=16, alpha 32, dropout 0, all seven projections; gradient checkpointing on; AdamW lr 1e-4.
 One warm-up step, then --steps timed steps. With >= 2 engines the timed steps are interleaved
 (bench/_rounds.py): every child loads and warms up, then the parent runs --steps rounds of one step per
@@ -110,6 +111,13 @@ def time_steps(step, spec, res):
     finish_steps(spec, res, times, losses, time.perf_counter() - t_all)
 
 
+def sft_labels(ids, frac):
+    """labels = ids with -100 on the first round(frac x T) positions of each row (0: ids itself)."""
+    labels = ids.copy()
+    labels[:, : int(round(frac * ids.shape[1]))] = -100
+    return labels
+
+
 def qlora_model(spec, res, compute_dtype):
     """The benched model: spec's GGUF in NF4 in `compute_dtype` (the one it runs: res["compute_dtype"]),
     LoRA adapter "bench" on all linear layers (spec's r and alpha, no dropout, seed 0) active, AdamW at
@@ -148,11 +156,12 @@ def run_qlora(spec, res):
     res["load_s"] = time.perf_counter() - t0
     res["trainable_params"] = int(sum(v.size for v in m.get_adapter_state_dict("bench").values()))
     ids = np.asarray(spec["input_ids"], dtype=np.int32)
+    labels = np.asarray(spec.get("labels", spec["input_ids"]), dtype=np.int32)
     mask = np.ones_like(ids)
 
     def step():
         m.zero_grad()
-        loss = m.forward_backward(ids, ids, mask)
+        loss = m.forward_backward(ids, labels, mask)
         m.optimizer_step()
         return float(loss)
 
@@ -205,12 +214,13 @@ def run_peft(spec, res, quantized, bf16=False):
     res["attn_implementation"] = getattr(model.base_model.model.config, "_attn_implementation", None)
     res["torch"] = torch.__version__
     ids = torch.tensor(spec["input_ids"], dtype=torch.long)
+    labels = torch.tensor(spec.get("labels", spec["input_ids"]), dtype=torch.long)
     mask = torch.ones_like(ids)
 
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         opt.step()
         return float(loss.detach())
@@ -244,6 +254,7 @@ def run_breakdown(spec, res):
     m = qlora_model(spec, res, spec.get("compute_dtype", "float32"))
     n_params = int(sum(v.size for v in m.get_adapter_state_dict("bench").values()))
     ids = np.asarray(spec["input_ids"], dtype=np.int32)
+    labels = np.asarray(spec.get("labels", spec["input_ids"]), dtype=np.int32)
     mask = np.ones_like(ids)
     steps = []
     for i in range(spec["steps"] + 1):  # the first is a warm-up
@@ -252,7 +263,7 @@ def run_breakdown(spec, res):
         t0 = time.perf_counter()
         m.zero_grad()
         t1 = time.perf_counter()
-        loss = m.forward_backward(ids, ids, mask)
+        loss = m.forward_backward(ids, labels, mask)
         t2 = time.perf_counter()
         _core.profile_enable(False)
         m.optimizer_step()
@@ -378,6 +389,9 @@ def parse_args():
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
+    p.add_argument("--prompt-frac", type=float, default=0.0,
+                   help="label -100 on the first round(F x seq) tokens of every row (an SFT batch's prompt, "
+                        "completion-only loss) for every engine (default 0: every token counted)")
     p.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="qlora_native compute_dtype (compare with --engines ...,peft_bnb_bf16)")
     p.add_argument("--activation-memory-budget", type=float, default=0.0,
@@ -559,6 +573,7 @@ def main():
     info["measured"] = meas
     print(_common.machine_line(info, meas), flush=True)
     info["peer_isa"] = args.peer_isa
+    info["prompt_frac"] = args.prompt_frac  # labels -100 on that share of each row (0: every token)
     if args.peer_isa == "avx2":
         print("peers and the avx2 sgemm probe capped at AVX2: " + ", ".join(f"{k}={v}" for k, v in _common.PEER_AVX2_ENV.items()), flush=True)
     if args.breakdown:
@@ -571,7 +586,7 @@ def main():
     res = {}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         spec = {"gguf": gguf, "threads": threads, "batch": args.batch, "seq": args.seq, "steps": args.steps,
-                "r": args.r, "alpha": args.alpha, "lr": args.lr, "input_ids": ids.tolist(),
+                "r": args.r, "alpha": args.alpha, "lr": args.lr, "input_ids": ids.tolist(), "labels": sft_labels(ids, args.prompt_frac).tolist(),
                 "compute_dtype": args.compute_dtype, "activation_memory_budget": args.activation_memory_budget,
                 "hf_dir": os.path.join(tmp, "hf"), "gemm_runs": args.gemm_runs}
         spec_path = os.path.join(tmp, "spec.json")
@@ -640,7 +655,7 @@ def main():
 def main_breakdown(args, gguf, ids, threads, info, flops):
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         spec = {"gguf": gguf, "threads": threads, "batch": args.batch, "seq": args.seq, "steps": args.steps,
-                "r": args.r, "alpha": args.alpha, "lr": args.lr, "input_ids": ids.tolist(),
+                "r": args.r, "alpha": args.alpha, "lr": args.lr, "input_ids": ids.tolist(), "labels": sft_labels(ids, args.prompt_frac).tolist(),
                 "compute_dtype": args.compute_dtype, "gemm_runs": args.gemm_runs,
                 "activation_memory_budget": args.activation_memory_budget}
         spec_path = os.path.join(tmp, "spec.json")

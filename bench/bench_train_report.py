@@ -65,6 +65,9 @@ def report(out):
     print(f"SmolLM2-135M LoRA training ({os.path.basename(info['gguf'])}): batch {info['batch']} x {info['seq']} "
           f"tokens, r={info['r']}, alpha {info['alpha']:g}, 7 targets, gradient checkpointing, AdamW, "
           f"threads {info['threads']}; warm-up 1 step + {info['steps']} timed")
+    if info.get("prompt_frac"):
+        print(f"labels -100 on the first {info['prompt_frac']:.0%} of every row (an SFT prompt) for every engine; "
+              "qlora_native's lm_head runs on the labelled rows only (fewer FLOPs than the peers there)")
     if info.get("activation_memory_budget"):
         print(f"qlora_native activation_memory_budget {info['activation_memory_budget']:g}: its last layers keep their "
               "intermediates (less recompute than the peers: the ceiling's 'equal FLOPs' does not hold for it)")
