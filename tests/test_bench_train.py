@@ -252,3 +252,14 @@ def test_quick_interleaved_end_to_end(tmp_path):
     # --activation-memory-budget reaches our engines (same bits at any budget: the losses above) and the header
     assert all(got["results"][e]["activation_memory_budget"] == 0.5 for e in ("qlora_nf4", "qlora_nf4_bf16"))
     assert "activation_memory_budget 0.5" in r.stdout
+
+
+def test_prompt_frac_labels():
+    """--prompt-frac F: -100 on the first round(F x T) labels of every row, the rest the ids; 0: the ids."""
+    import numpy as np
+
+    ids = np.arange(2 * 10).reshape(2, 10)
+    assert np.array_equal(bt.sft_labels(ids, 0.0), ids)
+    lab = bt.sft_labels(ids, 0.34)
+    assert np.all(lab[:, :3] == -100) and np.array_equal(lab[:, 3:], ids[:, 3:])
+    assert np.all(ids >= 0)  # the ids themselves are not touched
