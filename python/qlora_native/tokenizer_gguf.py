@@ -111,6 +111,10 @@ def read_gguf_vocab(path: str | os.PathLike) -> GGUFVocab:
     model = get("tokenizer.ggml.model")
     if model is None:
         raise FormatError(f"{path}: GGUF file has no embedded tokenizer (no tokenizer.ggml.model key)")
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+        v = get(key)
+        if v is not None and not isinstance(v, list):  # a string would read as a list of characters
+            raise FormatError(f"{path}: {key} is {type(v).__name__}, not an array")
     tokens = get("tokenizer.ggml.tokens")
     if not tokens:
         raise FormatError(f"{path}: GGUF tokenizer has no tokenizer.ggml.tokens")
@@ -125,6 +129,20 @@ def read_gguf_vocab(path: str | os.PathLike) -> GGUFVocab:
     merges = get("tokenizer.ggml.merges")
     if len(types) != n or (scores is not None and len(scores) != n):
         raise FormatError(f"{path}: token_type/scores length differs from the {n} tokens")
+    # the C++ reader's rules (tokenizer_gguf.cpp / Tokenizer): both faces load the same files alike
+    bad = next((k for k, t in enumerate(types) if not isinstance(t, int) or isinstance(t, bool)), None)
+    if bad is not None:
+        raise FormatError(f"{path}: tokenizer.ggml.token_type[{bad}] = {types[bad]!r} is not an integer")
+    if scores is not None:
+        bad = next((k for k, x in enumerate(scores) if not isinstance(x, (int, float)) or x != x), None)
+        if bad is not None:
+            raise FormatError(f"{path}: tokenizer.ggml.scores[{bad}] = {scores[bad]!r} is not a number")
+
+    def flag(key):
+        v = get(key)
+        if v is not None and not isinstance(v, (bool, int, float)):
+            raise FormatError(f"{path}: {key} = {v!r} is not a bool")
+        return v
 
     def token_id(key):
         v = get(key)
@@ -140,6 +158,8 @@ def read_gguf_vocab(path: str | os.PathLike) -> GGUFVocab:
         return v
 
     templates = get("tokenizer.chat_template")
+    if templates is not None and not isinstance(templates, str):
+        raise FormatError(f"{path}: tokenizer.chat_template is {type(templates).__name__}, not a string")
     names = get("tokenizer.chat_templates")
     if names:  # named templates: tokenizer.chat_template.<name>
         named = {name: get(f"tokenizer.chat_template.{name}") for name in names}
@@ -161,9 +181,9 @@ def read_gguf_vocab(path: str | os.PathLike) -> GGUFVocab:
         pad_token_id=token_id("tokenizer.ggml.padding_token_id"),
         unk_token_id=token_id("tokenizer.ggml.unknown_token_id"),
         extra_eos_ids={i for i in extra if i is not None},
-        add_bos=get("tokenizer.ggml.add_bos_token"),
-        add_eos=get("tokenizer.ggml.add_eos_token"),
-        add_space_prefix=get("tokenizer.ggml.add_space_prefix"),
+        add_bos=flag("tokenizer.ggml.add_bos_token"),
+        add_eos=flag("tokenizer.ggml.add_eos_token"),
+        add_space_prefix=flag("tokenizer.ggml.add_space_prefix"),
         chat_template=templates,
         source=os.fspath(path),
     )
@@ -173,11 +193,21 @@ def _spm_merges(tokens, scores, types):
     """Merges implied by a scored vocabulary: every split of a token into two tokens, ranked by
     the merged token's score (best first). Ties keep vocabulary order, then split position."""
     vocab = {t: i for i, t in enumerate(tokens)}
+    # only split lengths some token has: slicing and hashing every split is len^2 per token (one
+    # long token in a GGUF would run for hours)
+    vocab_lens = {len(t) for t in tokens}
+    lens = sorted(vocab_lens)
     ranked = []
     for i, tok in enumerate(tokens):
         if types[i] not in (NORMAL, USER_DEFINED, UNUSED) or len(tok) < 2:
             continue
-        for k in range(1, len(tok)):
+        for k in lens:
+            if k < 1:
+                continue
+            if k >= len(tok):
+                break
+            if len(tok) - k not in vocab_lens:
+                continue
             a, b = tok[:k], tok[k:]
             if a in vocab and b in vocab:
                 ranked.append((-scores[i], i, k, a, b))

@@ -28,10 +28,16 @@ const ByteMap& byte_map() {
   return m;
 }
 
+// FNV-1a, finished by a shift-xor; split in steps so that the hashes of all prefixes of a string
+// cost one step each (the scored-vocabulary merge search below)
+constexpr uint64_t kFnvBasis = 1469598103934665603ull;
+uint64_t fnv_step(uint64_t h, unsigned char c) { return (h ^ c) * 1099511628211ull; }
+uint64_t fnv_finish(uint64_t h) { return h ^ (h >> 29); }
+
 uint64_t hash_bytes(std::string_view s) {
-  uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
-  return h ^ (h >> 29);
+  uint64_t h = kFnvBasis;
+  for (unsigned char c : s) h = fnv_step(h, c);
+  return fnv_finish(h);
 }
 
 uint64_t hash_pair(uint64_t k) {
@@ -102,9 +108,11 @@ void Tokenizer::StrIndex::build(const std::vector<std::string>& keys) {
   }
 }
 
-int32_t Tokenizer::StrIndex::find(std::string_view s) const {
+int32_t Tokenizer::StrIndex::find(std::string_view s) const { return find_hashed(s, hash_bytes(s)); }
+
+int32_t Tokenizer::StrIndex::find_hashed(std::string_view s, uint64_t hash) const {
   if (slots_.empty()) return -1;
-  size_t h = hash_bytes(s) & mask_;
+  size_t h = hash & mask_;
   while (slots_[h] >= 0) {
     if ((*keys_)[static_cast<size_t>(slots_[h])] == s) return slots_[h];
     h = (h + 1) & mask_;
@@ -156,15 +164,28 @@ Tokenizer::Tokenizer(TokenizerDesc d) : d_(std::move(d)) {
       throw FormatError(src + ": scores has " + std::to_string(d_.scores.size()) + " entries for " + std::to_string(n) + " tokens");
     struct Cand { float neg; int32_t i; uint32_t k; int32_t a, b; };
     std::vector<Cand> c;
+    // Every split of every token is tried. Hashing each prefix and suffix afresh costs len^2 per
+    // token (a 1 MB token in a GGUF took hours); instead the prefix hash is extended one byte per
+    // step and a half is looked up only if some token has its length.
+    std::vector<uint8_t> has_len;
+    for (const std::string& s : d_.tokens) {
+      if (s.size() >= has_len.size()) has_len.resize(s.size() + 1, 0);
+      has_len[s.size()] = 1;
+    }
     for (size_t i = 0; i < n; ++i) {
       int32_t t = d_.types.empty() ? kNormal : d_.types[i];
       if (t != kNormal && t != kUserDefined && t != kUnused) continue;
       const std::string& s = d_.tokens[i];
       if (d_.scores[i] != d_.scores[i]) throw FormatError(src + ": scores[" + std::to_string(i) + "] is NaN");
+      uint64_t h = kFnvBasis;
       for (size_t k = 1; k < s.size(); ++k) {
+        h = fnv_step(h, static_cast<unsigned char>(s[k - 1]));
         if ((static_cast<unsigned char>(s[k]) & 0xC0) == 0x80) continue;  // split at code points only
-        int32_t a = vocab_.find(std::string_view(s).substr(0, k)), b = vocab_.find(std::string_view(s).substr(k));
-        if (a >= 0 && b >= 0) c.push_back({-d_.scores[i], static_cast<int32_t>(i), static_cast<uint32_t>(k), a, b});
+        if (!has_len[k] || !has_len[s.size() - k]) continue;
+        int32_t a = vocab_.find_hashed(std::string_view(s).substr(0, k), fnv_finish(h));
+        if (a < 0) continue;
+        int32_t b = vocab_.find(std::string_view(s).substr(k));
+        if (b >= 0) c.push_back({-d_.scores[i], static_cast<int32_t>(i), static_cast<uint32_t>(k), a, b});
       }
     }
     std::sort(c.begin(), c.end(), [](const Cand& x, const Cand& y) {

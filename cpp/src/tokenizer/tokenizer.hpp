@@ -124,6 +124,7 @@ class Tokenizer {
    public:
     void build(const std::vector<std::string>& keys);
     int32_t find(std::string_view s) const;
+    int32_t find_hashed(std::string_view s, uint64_t hash) const;  // hash: hash_bytes(s)
    private:
     const std::vector<std::string>* keys_ = nullptr;
     std::vector<int32_t> slots_;

@@ -62,6 +62,21 @@ std::string string_pattern(const Value& v, const Ctx& c, const char* where, bool
   c.bad(std::string(where) + ": pattern is neither String nor Regex");
 }
 
+// tokenizers stores these as a Rust `char`: exactly one code point (anything else fails to load there)
+std::string one_char(const std::string& s, const Ctx& c, const std::string& what) {
+  size_t cps = 0;
+  for (unsigned char ch : s) cps += (ch & 0xC0) != 0x80;
+  if (cps != 1) c.bad(what + " " + json::dump(Value(s)) + " is not one character");
+  return s;
+}
+
+// an id from a JSON file, range-checked before it is narrowed (2^32 + 1 must not become 1);
+// whether it lies in the vocabulary is checked by the Tokenizer
+int32_t id32(int64_t x, const Ctx& c, const std::string& what) {
+  if (x < INT32_MIN || x > INT32_MAX) c.bad(what + " = " + std::to_string(x) + " is out of range");
+  return static_cast<int32_t>(x);
+}
+
 void add_normalizer(const Value& n, TokenizerDesc& d, const Ctx& c) {
   if (n.is_null()) return;
   std::string t = type_of(n, c, "normalizer");
@@ -70,7 +85,9 @@ void add_normalizer(const Value& n, TokenizerDesc& d, const Ctx& c) {
   } else if (t == "Prepend") {
     d.normalizer.push_back({NormStep::Prepend, n.at("prepend").as_string(), ""});
   } else if (t == "Replace") {
-    d.normalizer.push_back({NormStep::Replace, string_pattern(n, c, "Replace normalizer"), n.at("content").as_string()});
+    std::string pat = string_pattern(n, c, "Replace normalizer");
+    if (pat.empty()) c.bad("Replace normalizer with an empty pattern");  // tokenizers panics on it
+    d.normalizer.push_back({NormStep::Replace, pat, n.at("content").as_string()});
   } else if (t == "NFC") {  // Qwen2's tokenizer.json
     d.normalizer.push_back({NormStep::Nfc, "", ""});
   } else {
@@ -124,7 +141,7 @@ void add_pre(const Value& p, TokenizerDesc& d, const Ctx& c, bool first, bool la
   } else if (t == "Metaspace") {
     if (!last) c.unsupported("Metaspace before another pre-tokenizer");
     d.metaspace = true;
-    d.meta_replacement = p.get_or("replacement", std::string("\xE2\x96\x81"));
+    d.meta_replacement = one_char(p.get_or("replacement", std::string("\xE2\x96\x81")), c, "Metaspace replacement");
     std::string scheme = p.get_or("prepend_scheme", std::string(p.get_or("add_prefix_space", true) ? "always" : "never"));
     if (scheme == "always") d.meta_prepend = MetaPrepend::Always;
     else if (scheme == "first") d.meta_prepend = MetaPrepend::First;
@@ -144,18 +161,23 @@ void add_decoder(const Value& v, TokenizerDesc& d, const Ctx& c) {
   } else if (t == "ByteLevel") {
     d.decoder.push_back({DecodeStep::ByteLevel, "", ""});
   } else if (t == "Replace") {
-    d.decoder.push_back({DecodeStep::Replace, string_pattern(v, c, "Replace decoder"), v.at("content").as_string()});
+    std::string pat = string_pattern(v, c, "Replace decoder");
+    if (pat.empty()) c.bad("Replace decoder with an empty pattern");
+    d.decoder.push_back({DecodeStep::Replace, pat, v.at("content").as_string()});
   } else if (t == "ByteFallback") {
     d.decoder.push_back({DecodeStep::ByteFallback, "", ""});
   } else if (t == "Fuse") {
     d.decoder.push_back({DecodeStep::Fuse, "", ""});
   } else if (t == "Strip") {
-    DecodeStep s{DecodeStep::Strip, v.at("content").as_string(), ""};
-    s.start = static_cast<int32_t>(v.get_or("start", int64_t(0)));
-    s.stop = static_cast<int32_t>(v.get_or("stop", int64_t(0)));
+    DecodeStep s{DecodeStep::Strip, one_char(v.at("content").as_string(), c, "Strip decoder content"), ""};
+    for (auto [key, dst] : {std::pair<const char*, int32_t*>{"start", &s.start}, {"stop", &s.stop}}) {
+      int64_t x = v.get_or(key, int64_t(0));
+      if (x < 0 || x > INT32_MAX) c.bad("Strip decoder " + std::string(key) + " = " + std::to_string(x) + " is out of range");
+      *dst = static_cast<int32_t>(x);
+    }
     d.decoder.push_back(s);
   } else if (t == "Metaspace") {
-    DecodeStep s{DecodeStep::Metaspace, v.get_or("replacement", std::string("\xE2\x96\x81")), ""};
+    DecodeStep s{DecodeStep::Metaspace, one_char(v.get_or("replacement", std::string("\xE2\x96\x81")), c, "Metaspace decoder replacement"), ""};
     std::string scheme = v.get_or("prepend_scheme", std::string(v.get_or("add_prefix_space", true) ? "always" : "never"));
     s.prepend = scheme != "never";
     d.decoder.push_back(s);
@@ -180,7 +202,7 @@ void add_post(const Value& v, TokenizerDesc& d, const Ctx& c) {
         const Value* e = specials.find(s->at("id").as_string());
         if (!e) c.bad("post_processor: special token " + json::dump(s->at("id")) + " is not in special_tokens");
         for (const Value& id : e->at("ids").as_array())
-          (seen_a ? d.suffix : d.prefix).push_back(static_cast<int32_t>(id.as_int()));
+          (seen_a ? d.suffix : d.prefix).push_back(id32(id.as_int(), c, "post_processor special token id"));
       } else if (const Value* q = item.find("Sequence")) {
         if (q->at("id").as_string() != "A") c.unsupported("a single-sequence template using sequence B");
         seen_a = true;
@@ -198,13 +220,24 @@ std::string token_str(const Value* v) {  // a special token as tokenizer_config.
   return v && v->is_string() ? v->as_string() : std::string();
 }
 
-std::vector<int64_t> int_ids(const Value* v) {  // config.json ids: an int, a list of ints, or null
-  std::vector<int64_t> out;
+// config.json / generation_config.json ids: an int, a list of ints, or null; named with their file
+std::vector<int32_t> int_ids(const Value* v, const Ctx& c, const std::string& key) {
+  std::vector<int32_t> out;
   if (!v || v->is_null()) return out;
+  auto one = [&](const Value& x) {
+    if (x.is_bool()) return static_cast<int32_t>(x.as_bool());
+    int64_t i = 0;
+    try {
+      i = x.as_int();  // an int, or a double holding one exactly (as Python's int(2.0))
+    } catch (const FormatError&) {
+      c.bad(key + " = " + json::dump(x) + " is not an integer");
+    }
+    return id32(i, c, key);
+  };
   if (v->is_array()) {
-    for (const Value& x : v->as_array()) out.push_back(x.is_bool() ? x.as_bool() : x.as_int());
+    for (const Value& x : v->as_array()) out.push_back(one(x));
   } else {
-    out.push_back(v->is_bool() ? v->as_bool() : v->as_int());
+    out.push_back(one(*v));
   }
   return out;
 }
@@ -249,6 +282,12 @@ TokenizerDesc desc_from_hf_dir(const std::string& dir) {
       }
     }
     if (by_id.empty()) c.bad("empty vocabulary");
+    // ids index a table: one far past the others would allocate a vector of that many strings
+    constexpr int64_t kMaxHoles = int64_t(1) << 20;
+    if (by_id.rbegin()->first >= static_cast<int64_t>(by_id.size()) + kMaxHoles)
+      c.bad("token id " + std::to_string(by_id.rbegin()->first) + " (" + json::dump(Value(by_id.rbegin()->second)) +
+            ") is far past the " + std::to_string(by_id.size()) + " tokens: ids must be dense (at most " +
+            std::to_string(kMaxHoles) + " unused ids)");
     d.tokens.resize(static_cast<size_t>(by_id.rbegin()->first) + 1);
     for (auto& [i, s] : by_id) d.tokens[static_cast<size_t>(i)] = s;
     const Value& merges = model.at("merges");
@@ -306,8 +345,9 @@ TokenizerDesc desc_from_hf_dir(const std::string& dir) {
         if (it != lookup.end()) ids[k] = it->second;
       }
       if (ids[k] < 0) {
-        auto from_cfg = int_ids(mcfg.find(std::string(names[k]) + "_token_id"));
-        if (!from_cfg.empty()) ids[k] = static_cast<int32_t>(from_cfg[0]);
+        std::string key_id = std::string(names[k]) + "_token_id";
+        auto from_cfg = int_ids(mcfg.find(key_id), Ctx{dir + "/config.json"}, key_id);
+        if (!from_cfg.empty()) ids[k] = from_cfg[0];
       }
     }
     d.bos_id = ids[0];
@@ -315,8 +355,9 @@ TokenizerDesc desc_from_hf_dir(const std::string& dir) {
     d.pad_id = ids[2];
     d.unk_id = ids[3];
     std::set<int64_t> eos_all;
-    for (int64_t x : int_ids(mcfg.find("eos_token_id"))) eos_all.insert(x);
-    for (int64_t x : int_ids(gcfg.find("eos_token_id"))) eos_all.insert(x);
+    for (int32_t x : int_ids(mcfg.find("eos_token_id"), Ctx{dir + "/config.json"}, "eos_token_id")) eos_all.insert(x);
+    for (int32_t x : int_ids(gcfg.find("eos_token_id"), Ctx{dir + "/generation_config.json"}, "eos_token_id"))
+      eos_all.insert(x);
     if (d.eos_id >= 0) eos_all.insert(d.eos_id);
     for (int64_t x : eos_all) d.eos_ids.push_back(static_cast<int32_t>(x));
     // transformers replaces the post-processor when tokenizer_config sets add_bos/add_eos
