@@ -361,17 +361,32 @@ void bind_lora_methods(py::class_<LlamaModel>& cls) {
         train::FlatAdamW& opt = *ap->opt;
         for (const char* k : {"step", "exp_avg", "exp_avg_sq", "betas", "eps", "weight_decay"})
           check_arg(d.contains(k), std::string("optimizer state: missing key '") + k + "'");
+        // a checkpoint's values: a wrong type is a ValueError naming the key (pybind11's cast_error
+        // is a RuntimeError that names neither); bools are not numbers here
+        auto field = [&](auto tag, const char* k, const char* want) {
+          using T = decltype(tag);
+          const py::handle h = d[k];
+          if (!py::isinstance<py::bool_>(h)) {
+            try {
+              return h.cast<T>();
+            } catch (const py::cast_error&) {
+            }
+          }
+          throw ValueError(std::string("optimizer state: '") + k + "' must be " + want + ", got " +
+                           std::string(py::repr(h)).substr(0, 200));
+        };
         train::AdamWState s;
-        const int64_t step = d["step"].cast<int64_t>();
+        check_arg(py::isinstance<py::int_>(d["step"]), "optimizer state: 'step' must be an int");
+        const int64_t step = field(int64_t(), "step", "an int below 2^63");
         check_arg(step >= 0, "optimizer state: 'step' must be >= 0");
         s.step = step;
-        auto b = d["betas"].cast<std::pair<double, double>>();
+        auto b = field(std::pair<double, double>(), "betas", "a pair of numbers");
         s.config.beta1 = b.first, s.config.beta2 = b.second;
-        s.config.eps = d["eps"].cast<double>();
-        s.config.weight_decay = d["weight_decay"].cast<double>();
+        s.config.eps = field(double(), "eps", "a number");
+        s.config.weight_decay = field(double(), "weight_decay", "a number");
         for (const char* k : {"exp_avg", "exp_avg_sq"}) {
           auto& dst = std::string(k) == "exp_avg" ? s.exp_avg : s.exp_avg_sq;
-          for (py::handle h : d[k].cast<py::list>()) {
+          for (py::handle h : field(py::list(), k, "a list of float32 arrays")) {
             F32Array a = h.cast<F32Array>();
             dst.emplace_back(a.data(), a.data() + a.size());
           }

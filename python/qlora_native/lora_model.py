@@ -480,16 +480,36 @@ class LoraModelMixin:
         name = self._check_adapter(None)
         want = [peft_tensor_name(l, p, w) for l, p, _, _, _ in
                 self._lora_state()[name].resolve(self.config.num_hidden_layers) for w in "AB"]
+        _check_scalars(state)  # before anything changes
         if "names" in state and list(state["names"]) != want:
             raise ValueError("set_optimizer_state: the state's tensor names differ from the active adapter's")
         if name not in self._lora_lr:
             self.configure_optimizer(lr=state.get("lr", 1e-4), weight_decay=state.get("weight_decay", 0.0),
                                      betas=tuple(state.get("betas", (0.9, 0.999))), eps=state.get("eps", 1e-8))
-        core_state = {k: state[k] for k in ("step", "exp_avg", "exp_avg_sq", "betas", "eps", "weight_decay")}
-        core_state["exp_avg"] = [np.ascontiguousarray(a, np.float32).ravel() for a in state["exp_avg"]]
-        core_state["exp_avg_sq"] = [np.ascontiguousarray(a, np.float32).ravel() for a in state["exp_avg_sq"]]
+        # a missing key or a wrong type: the engine's ValueError names it
+        core_state = {k: state[k] for k in ("step", "exp_avg", "exp_avg_sq", "betas", "eps", "weight_decay")
+                      if k in state}
+        for k in ("exp_avg", "exp_avg_sq"):
+            if isinstance(core_state.get(k), (list, tuple)):
+                core_state[k] = [np.ascontiguousarray(a, np.float32).ravel() for a in core_state[k]]
         self._core.lora_load_optimizer_state(name, core_state)
         if "lr" in state:
             self._lora_lr[name] = float(state["lr"])
         if "dropout_seed" in state:  # the dropout mask stream continues where it was
             self._core.lora_set_dropout_state(name, int(state["dropout_seed"]), int(state["dropout_step"]))
+
+
+def _check_scalars(state) -> None:
+    """set_optimizer_state's Python-side values (a checkpoint's optimizer.json): int() / float()
+    would take 2.5, True, NaN or a string silently."""
+    if not isinstance(state, dict):
+        raise ValueError(f"set_optimizer_state: expected a dict, got {type(state).__name__}")
+    if "lr" in state:
+        lr = state["lr"]
+        if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating)) or not (0 <= lr < math.inf):
+            raise ValueError(f"set_optimizer_state: 'lr' must be a finite number >= 0, got {lr!r}")
+    if "dropout_seed" in state:
+        for k, hi in (("dropout_seed", 1 << 64), ("dropout_step", 1 << 63)):
+            v = state.get(k)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < hi:
+                raise ValueError(f"set_optimizer_state: {k!r} must be an int in [0, 2^{hi.bit_length() - 1}), got {v!r}")

@@ -42,7 +42,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import atomic_io
+from . import atomic_io, checkpoint_state
 from . import io as _io
 from ._core import FormatError
 from ._core import train as _train
@@ -565,6 +565,8 @@ class Trainer:
             skeleton = json.loads((path / _OPT_JSON).read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError) as exc:
             raise FormatError(f"{path}: unreadable checkpoint ({exc})") from exc
+        if not isinstance(state, dict):
+            raise FormatError(f"{path / STATE_NAME}: expected a JSON object, got {type(state).__name__}")
         saved = state.get("global_batch_size")
         if saved is None:  # written before data parallelism: one process
             saved = (state.get("args") or {}).get("per_device_train_batch_size")
@@ -584,9 +586,12 @@ class Trainer:
         if state.get("total_steps") != self.total_steps:
             raise ValueError(f"{path}: checkpoint plans {state.get('total_steps')} steps, these args plan "
                              f"{self.total_steps}: the learning-rate schedule would differ")
+        checkpoint_state.check_state(path / STATE_NAME, state, self.total_steps, self.batcher.num_batches)
         _, tensors = load_adapter(path)
         f = _io.safe_open(path / _OPT_TENSORS)
-        opt = _unflatten(skeleton, {k: np.array(f[k]) for k in f.keys()})
+        opt = checkpoint_state.unflatten(path / _OPT_JSON, skeleton, {k: np.array(f[k]) for k in f.keys()})
+        if not isinstance(opt, dict):
+            raise FormatError(f"{path / _OPT_JSON}: the optimizer state must be an object")
         return state, tensors, opt
 
     def _apply_checkpoint(self, state, tensors, opt) -> None:
@@ -628,22 +633,6 @@ def _flatten(obj, prefix="s"):
         raise ValueError(f"optimizer state: cannot serialize {type(o).__name__} at {p}")
 
     return tensors, walk(obj, prefix)
-
-
-def _unflatten(skel, tensors: dict):
-    if isinstance(skel, dict):
-        if "__tensor__" in skel:
-            name = skel["__tensor__"]
-            if name not in tensors:
-                raise FormatError(f"checkpoint optimizer state: tensor {name!r} missing")
-            return tensors[name]
-        if "__tuple__" in skel:
-            return tuple(_unflatten(v, tensors) for v in skel["__tuple__"])
-        return {k: _unflatten(v, tensors) for k, v in skel["__dict__"].items()}
-    if isinstance(skel, list):
-        return [_unflatten(v, tensors) for v in skel]
-    return skel
-
 
 
 def _write_lines_atomic(path: Path, lines: list) -> None:
