@@ -91,7 +91,8 @@ QLORA_API qlora_sampling_params qlora_sampling_default_params(void);
  * qlora_last_error; a corrupt file is QLORA_ERR_FORMAT naming the file and field). */
 QLORA_API qlora_model* qlora_model_load(const char* path, const qlora_model_params* params);
 
-/* Releases a model and everything it holds. NULL is ignored. */
+/* Releases a model and everything it holds. NULL is ignored; a handle already freed is refused
+ * (qlora_last_error), and later calls on it fail with QLORA_ERR_INVALID_ARGUMENT. */
 QLORA_API void qlora_model_free(qlora_model* model);
 
 /* Model facts; -1 when model is NULL. */
@@ -307,7 +308,8 @@ typedef struct qlora_tokenizer qlora_tokenizer; /* opaque */
  * Returns NULL on failure (IO: missing file / no tokenizer.json; FORMAT: corrupt file or field;
  * INVALID_ARGUMENT: an unsupported vocabulary or component, named in qlora_last_error()). */
 QLORA_API qlora_tokenizer* qlora_tokenizer_load(const char* path);
-/* Releases a tokenizer. NULL is ignored. */
+/* Releases a tokenizer. NULL is ignored; a handle already freed, or a model's own tokenizer, is
+ * refused (qlora_last_error), and calls on a freed one fail (INT32_MIN / -1). */
 QLORA_API void qlora_tokenizer_free(qlora_tokenizer* tok);
 /* The tokenizer of a loaded model (as llama_model_get_vocab): loaded from the model's source
  * (the path given to qlora_model_load) on the first call, owned by the model and freed with it

@@ -8,6 +8,7 @@
 #include <mutex>
 #include <shared_mutex>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "api/capi_error.hpp"
@@ -24,6 +25,10 @@ using qlora::capi::set_error;
 
 int32_t to_i32(int64_t v) { return v > INT32_MAX ? INT32_MAX : static_cast<int32_t>(v); }
 
+// Live model handles: a call on a freed model (or a double free) is an error, not a crash
+std::shared_mutex g_models_mu;
+std::unordered_set<const qlora_model*> g_models;
+
 void check_ids(const int32_t* ids, int64_t n, int64_t V, const char* what) {
   for (int64_t i = 0; i < n; ++i)
     check_arg(ids[i] >= 0 && ids[i] < V, std::string(what) + ": token id " + std::to_string(ids[i]) + " at index " +
@@ -32,6 +37,16 @@ void check_ids(const int32_t* ids, int64_t n, int64_t V, const char* what) {
 }  // namespace
 
 namespace qlora::capi {
+
+bool is_live_model(const qlora_model* model) {
+  std::shared_lock<std::shared_mutex> lk(g_models_mu);
+  return model && g_models.count(model) != 0;
+}
+
+void check_model(const qlora_model* model, const char* fn) {
+  check_arg(model != nullptr, std::string(fn) + ": model is NULL");
+  check_arg(is_live_model(model), std::string(fn) + ": model is not a live qlora_model (freed, or not made by qlora_model_load)");
+}
 
 void forward(qlora_model* model, const qlora::model::AdapterSet* uses, int64_t n_ctx, const char* fn,
              const int32_t* ids, int64_t n_tokens, float* logits_out) {
@@ -145,6 +160,8 @@ QLORA_API qlora_model* qlora_model_load(const char* path, const qlora_model_para
     auto h = std::make_unique<qlora_model>();
     h->source = path;  // for qlora_model_get_tokenizer
     h->m = qlora::model::load_model_from_path(path, be, q, &h->info);  // HF directory or GGUF file
+    std::unique_lock<std::shared_mutex> lk(g_models_mu);
+    g_models.insert(h.get());
     out = h.release();
     return QLORA_OK;
   });
@@ -154,20 +171,29 @@ QLORA_API qlora_model* qlora_model_load(const char* path, const qlora_model_para
 QLORA_API void qlora_model_free(qlora_model* model) {
   // Frees the adapters not freed yet; with contexts still open the model itself is deleted by
   // the last qlora_context_free (they fail every call meanwhile).
-  if (model && qlora::capi::release_model_handles(model)) delete model;
+  if (!model) return;
+  {
+    std::unique_lock<std::shared_mutex> lk(g_models_mu);
+    if (!g_models.erase(model)) {
+      set_error(QLORA_ERR_INVALID_ARGUMENT, "qlora_model_free: not a live qlora_model (already freed)");
+      return;
+    }
+  }
+  if (qlora::capi::release_model_handles(model)) delete model;
 }
 
-QLORA_API int32_t qlora_model_n_vocab(const qlora_model* m) { return m ? to_i32(m->info.cfg.vocab_size) : -1; }
-QLORA_API int32_t qlora_model_n_embd(const qlora_model* m) { return m ? to_i32(m->info.cfg.hidden_size) : -1; }
-QLORA_API int32_t qlora_model_n_layer(const qlora_model* m) { return m ? to_i32(m->info.cfg.num_layers) : -1; }
+using qlora::capi::is_live_model;
+QLORA_API int32_t qlora_model_n_vocab(const qlora_model* m) { return is_live_model(m) ? to_i32(m->info.cfg.vocab_size) : -1; }
+QLORA_API int32_t qlora_model_n_embd(const qlora_model* m) { return is_live_model(m) ? to_i32(m->info.cfg.hidden_size) : -1; }
+QLORA_API int32_t qlora_model_n_layer(const qlora_model* m) { return is_live_model(m) ? to_i32(m->info.cfg.num_layers) : -1; }
 QLORA_API int32_t qlora_model_n_ctx_train(const qlora_model* m) {
-  return m ? to_i32(m->info.cfg.max_position_embeddings) : -1;
+  return is_live_model(m) ? to_i32(m->info.cfg.max_position_embeddings) : -1;
 }
 QLORA_API int32_t qlora_model_bos_token(const qlora_model* m) {
-  return m && m->info.bos_token_id >= 0 ? to_i32(m->info.bos_token_id) : -1;
+  return is_live_model(m) && m->info.bos_token_id >= 0 ? to_i32(m->info.bos_token_id) : -1;
 }
 QLORA_API int32_t qlora_model_eos_tokens(const qlora_model* m, int32_t* ids, int32_t cap) {
-  if (!m) return -1;
+  if (!is_live_model(m)) return -1;
   const auto& e = m->info.eos_token_ids;
   for (int32_t i = 0; i < cap && ids && i < static_cast<int32_t>(e.size()); ++i) ids[i] = to_i32(e[i]);
   return static_cast<int32_t>(e.size());
@@ -176,7 +202,7 @@ QLORA_API int32_t qlora_model_eos_tokens(const qlora_model* m, int32_t* ids, int
 QLORA_API int qlora_model_set_adapter_dtype(qlora_model* model, const char* dtype) {
   return guard([&] {
     using D = qlora::model::LlamaModel::AdapterDtype;
-    check_arg(model != nullptr, "qlora_model_set_adapter_dtype: model is NULL");
+    qlora::capi::check_model(model, "qlora_model_set_adapter_dtype");
     check_arg(dtype != nullptr, "qlora_model_set_adapter_dtype: dtype is NULL (use \"auto\", \"float32\" or \"bfloat16\")");
     const std::string v(dtype);
     D d;
@@ -192,7 +218,7 @@ QLORA_API int qlora_model_set_adapter_dtype(qlora_model* model, const char* dtyp
 }
 
 QLORA_API const char* qlora_model_adapter_dtype(const qlora_model* model) {
-  if (!model) return nullptr;
+  if (!is_live_model(model)) return nullptr;
   switch (model->m->adapter_dtype()) {
     case qlora::model::LlamaModel::AdapterDtype::F32: return "float32";
     case qlora::model::LlamaModel::AdapterDtype::BF16: return "bfloat16";
@@ -202,7 +228,7 @@ QLORA_API const char* qlora_model_adapter_dtype(const qlora_model* model) {
 
 QLORA_API int qlora_model_forward(qlora_model* model, const int32_t* ids, int64_t n_tokens, float* logits_out) {
   return guard([&] {
-    check_arg(model != nullptr, "qlora_model_forward: model is NULL");
+    qlora::capi::check_model(model, "qlora_model_forward");
     qlora::capi::forward(model, nullptr, 0, "qlora_model_forward", ids, n_tokens, logits_out);
     return QLORA_OK;
   });
@@ -213,7 +239,7 @@ QLORA_API int qlora_generate(qlora_model* model, const int32_t* prompt, int64_t 
                              int64_t* n_out, qlora_token_callback cb, void* user) {
   if (n_out) *n_out = 0;
   return guard([&] {
-    check_arg(model != nullptr, "qlora_generate: model is NULL");
+    qlora::capi::check_model(model, "qlora_generate");
     qlora::capi::generate(model, nullptr, 0, "qlora_generate", prompt, n_prompt, params, out_tokens, max_new_tokens,
                           n_out, cb, user);
     return QLORA_OK;
@@ -233,7 +259,7 @@ QLORA_API qlora_lora_params qlora_lora_default_params(void) {
 
 QLORA_API int qlora_adapter_add(qlora_model* model, const char* name, const qlora_lora_params* params) {
   return guard([&] {
-    check_arg(model != nullptr, "qlora_adapter_add: model is NULL");
+    qlora::capi::check_model(model, "qlora_adapter_add");
     check_arg(name != nullptr && *name, "qlora_adapter_add: name is NULL or empty");
     const qlora_lora_params p = params ? *params : qlora_lora_default_params();
     qlora::model::LoraInitSpec s;
@@ -249,7 +275,7 @@ QLORA_API int qlora_adapter_add(qlora_model* model, const char* name, const qlor
 
 QLORA_API int qlora_train_configure(qlora_model* model, float lr, float weight_decay) {
   return guard([&] {
-    check_arg(model != nullptr, "qlora_train_configure: model is NULL");
+    qlora::capi::check_model(model, "qlora_train_configure");
     check_arg(std::isfinite(lr) && lr >= 0.0f, "qlora_train_configure: lr must be finite and >= 0");
     check_arg(std::isfinite(weight_decay) && weight_decay >= 0.0f,
               "qlora_train_configure: weight_decay must be finite and >= 0");
@@ -268,7 +294,7 @@ QLORA_API int qlora_train_configure(qlora_model* model, float lr, float weight_d
 QLORA_API int qlora_train_step(qlora_model* model, const int32_t* ids, const int32_t* labels, int64_t batch,
                                int64_t seq, float lr, float max_grad_norm, float* loss_out) {
   return guard([&] {
-    check_arg(model != nullptr, "qlora_train_step: model is NULL");
+    qlora::capi::check_model(model, "qlora_train_step");
     check_arg(ids != nullptr && labels != nullptr, "qlora_train_step: ids and labels must not be NULL");
     check_arg(batch >= 1 && seq >= 2 && batch <= INT32_MAX / seq,
               "qlora_train_step: need batch >= 1, seq >= 2 and batch * seq < 2^31");
@@ -284,7 +310,7 @@ QLORA_API int qlora_train_step(qlora_model* model, const int32_t* ids, const int
 
 QLORA_API int qlora_adapter_save(qlora_model* model, const char* dir) {
   return guard([&] {
-    check_arg(model != nullptr, "qlora_adapter_save: model is NULL");
+    qlora::capi::check_model(model, "qlora_adapter_save");
     check_arg(dir != nullptr && *dir, "qlora_adapter_save: dir is NULL or empty");
     std::unique_lock<std::shared_mutex> lock(model->mu);
     const std::string name = model->m->active_adapter_name();

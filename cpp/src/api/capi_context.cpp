@@ -131,7 +131,7 @@ QLORA_API qlora_context_params qlora_context_default_params(void) {
 QLORA_API qlora_adapter* qlora_adapter_load(qlora_model* model, const char* dir) {
   qlora_adapter* out = nullptr;
   guard([&] {
-    check_arg(model != nullptr, "qlora_adapter_load: model is NULL");
+    qlora::capi::check_model(model, "qlora_adapter_load");
     check_arg(dir != nullptr && *dir, "qlora_adapter_load: dir is NULL or empty");
     auto h = std::make_unique<qlora_adapter>();
     h->model = model;
@@ -165,7 +165,7 @@ QLORA_API void qlora_adapter_free(qlora_adapter* adapter) {
 QLORA_API qlora_context* qlora_context_new(qlora_model* model, qlora_context_params params) {
   qlora_context* out = nullptr;
   guard([&] {
-    check_arg(model != nullptr, "qlora_context_new: model is NULL");
+    qlora::capi::check_model(model, "qlora_context_new");
     check_arg(params.n_ctx >= 0, "qlora_context_new: n_ctx must be >= 0 (0: max_position_embeddings), got " +
                                      std::to_string(params.n_ctx));
     auto c = std::make_unique<qlora_context>();

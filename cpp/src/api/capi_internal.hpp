@@ -14,6 +14,11 @@
 #include "model/lora_setup.hpp"
 #include "qlora/qlora.h"
 
+namespace qlora::capi {
+// The deleter of a model's own tokenizer (capi_tokenizer.cpp): drops it from the live set first.
+void free_model_tokenizer(qlora_tokenizer* tok);
+}  // namespace qlora::capi
+
 struct qlora_model {
   std::unique_ptr<qlora::model::LlamaModel> m;
   qlora::model::HfConfig info;
@@ -35,10 +40,16 @@ struct qlora_model {
   // qlora_model_load, on the first qlora_model_get_tokenizer; freed with the model.
   std::string source;
   std::mutex tokenizer_mu;
-  std::unique_ptr<qlora_tokenizer, void (*)(qlora_tokenizer*)> tokenizer{nullptr, qlora_tokenizer_free};
+  std::unique_ptr<qlora_tokenizer, void (*)(qlora_tokenizer*)> tokenizer{nullptr, qlora::capi::free_model_tokenizer};
 };
 
 namespace qlora::capi {
+
+// Live model handles (capi.cpp): made by qlora_model_load and not yet passed to qlora_model_free.
+// check_model throws ValueError naming `fn` for NULL or a handle not in the set (a freed or
+// foreign pointer would otherwise be dereferenced); is_live_model is the getters' quiet form.
+void check_model(const qlora_model* model, const char* fn);
+bool is_live_model(const qlora_model* model);
 
 // qlora_model_free's part for the handles: frees the model's adapters, marks it freed and returns
 // whether it can be deleted now (no context open; else the last qlora_context_free deletes it).

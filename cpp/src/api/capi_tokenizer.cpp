@@ -3,7 +3,9 @@
 #include <climits>
 #include <cstring>
 #include <memory>
+#include <shared_mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "api/capi_error.hpp"
@@ -17,6 +19,21 @@ struct qlora_tokenizer {
 namespace {
 using qlora::check_arg;
 using qlora::capi::guard;
+
+// Live tokenizer handles -> whether a model owns it (freed with the model, never by the caller):
+// a call on a freed tokenizer, a double free or freeing a model's tokenizer is an error, not a crash
+std::shared_mutex g_tok_mu;
+std::unordered_map<const qlora_tokenizer*, bool> g_toks;
+
+bool live(const qlora_tokenizer* tok) {
+  std::shared_lock<std::shared_mutex> lk(g_tok_mu);
+  return tok && g_toks.count(tok) != 0;
+}
+
+void check_tok(const qlora_tokenizer* tok, const char* fn) {
+  check_arg(tok != nullptr, std::string(fn) + ": tokenizer is NULL");
+  check_arg(live(tok), std::string(fn) + ": tokenizer is not a live qlora_tokenizer (freed, or freed with its model)");
+}
 
 // Runs fn (setting `out`) under guard(); INT32_MIN when it failed.
 template <class F>
@@ -41,7 +58,7 @@ int32_t copy_out(const std::string& s, char* buf, int32_t cap, const char* fn) {
 }
 
 int32_t fact(const qlora_tokenizer* tok, int32_t qlora::tok::TokenizerDesc::*field) {
-  return tok && tok->t ? tok->t->desc().*field : -1;
+  return live(tok) ? tok->t->desc().*field : -1;
 }
 }  // namespace
 
@@ -53,18 +70,38 @@ QLORA_API qlora_tokenizer* qlora_tokenizer_load(const char* path) {
     check_arg(path != nullptr && *path, "qlora_tokenizer_load: path is NULL or empty");
     auto h = std::make_unique<qlora_tokenizer>();
     h->t = qlora::tok::Tokenizer::load(path);
+    std::unique_lock<std::shared_mutex> lk(g_tok_mu);
+    g_toks.emplace(h.get(), false);
     out = h.release();
     return 0;
   });
   return out;
 }
 
-QLORA_API void qlora_tokenizer_free(qlora_tokenizer* tok) { delete tok; }
+QLORA_API void qlora_tokenizer_free(qlora_tokenizer* tok) {
+  if (!tok) return;
+  {
+    std::unique_lock<std::shared_mutex> lk(g_tok_mu);
+    auto it = g_toks.find(tok);
+    if (it == g_toks.end()) {
+      qlora::capi::set_error(QLORA_ERR_INVALID_ARGUMENT, "qlora_tokenizer_free: not a live qlora_tokenizer (already freed)");
+      return;
+    }
+    if (it->second) {
+      qlora::capi::set_error(QLORA_ERR_INVALID_ARGUMENT,
+                             "qlora_tokenizer_free: this tokenizer belongs to its model (qlora_model_get_tokenizer) "
+                             "and is freed with it");
+      return;
+    }
+    g_toks.erase(it);
+  }
+  delete tok;
+}
 
 QLORA_API int32_t qlora_tokenize(const qlora_tokenizer* tok, const char* text, int32_t text_len, int32_t* tokens,
                                  int32_t n_tokens_max, int32_t add_special, int32_t parse_special) {
   return run([&]() -> int32_t {
-    check_arg(tok != nullptr && tok->t != nullptr, "qlora_tokenize: tokenizer is NULL");
+    check_tok(tok, "qlora_tokenize");
     check_arg(text != nullptr, "qlora_tokenize: text is NULL");
     check_arg(n_tokens_max >= 0, "qlora_tokenize: n_tokens_max is negative");
     size_t len = text_len < 0 ? std::strlen(text) : static_cast<size_t>(text_len);
@@ -82,7 +119,7 @@ QLORA_API int32_t qlora_tokenize(const qlora_tokenizer* tok, const char* text, i
 QLORA_API int32_t qlora_detokenize(const qlora_tokenizer* tok, const int32_t* tokens, int32_t n_tokens, char* text,
                                    int32_t text_len_max, int32_t skip_special) {
   return run([&]() -> int32_t {
-    check_arg(tok != nullptr && tok->t != nullptr, "qlora_detokenize: tokenizer is NULL");
+    check_tok(tok, "qlora_detokenize");
     check_arg(n_tokens >= 0, "qlora_detokenize: n_tokens is negative");
     check_arg(tokens != nullptr || n_tokens == 0, "qlora_detokenize: tokens is NULL");
     std::string s = tok->t->decode(tokens, static_cast<size_t>(n_tokens), skip_special != 0);
@@ -92,28 +129,28 @@ QLORA_API int32_t qlora_detokenize(const qlora_tokenizer* tok, const int32_t* to
 
 QLORA_API int32_t qlora_token_to_piece(const qlora_tokenizer* tok, int32_t token, char* buf, int32_t length) {
   return run([&]() -> int32_t {
-    check_arg(tok != nullptr && tok->t != nullptr, "qlora_token_to_piece: tokenizer is NULL");
+    check_tok(tok, "qlora_token_to_piece");
     check_arg(token >= 0 && token < tok->t->n_vocab(), "qlora_token_to_piece: token id " + std::to_string(token) +
                                                            " is out of range [0, " + std::to_string(tok->t->n_vocab()) + ")");
     return copy_out(tok->t->piece(token), buf, length, "qlora_token_to_piece");
   });
 }
 
-QLORA_API int32_t qlora_tokenizer_n_vocab(const qlora_tokenizer* tok) { return tok && tok->t ? tok->t->n_vocab() : -1; }
+QLORA_API int32_t qlora_tokenizer_n_vocab(const qlora_tokenizer* tok) { return live(tok) ? tok->t->n_vocab() : -1; }
 QLORA_API int32_t qlora_token_bos(const qlora_tokenizer* tok) { return fact(tok, &qlora::tok::TokenizerDesc::bos_id); }
 QLORA_API int32_t qlora_token_eos(const qlora_tokenizer* tok) { return fact(tok, &qlora::tok::TokenizerDesc::eos_id); }
 QLORA_API int32_t qlora_token_pad(const qlora_tokenizer* tok) { return fact(tok, &qlora::tok::TokenizerDesc::pad_id); }
 QLORA_API int32_t qlora_token_unk(const qlora_tokenizer* tok) { return fact(tok, &qlora::tok::TokenizerDesc::unk_id); }
 
 QLORA_API int32_t qlora_tokenizer_eos_tokens(const qlora_tokenizer* tok, int32_t* ids, int32_t cap) {
-  if (!tok || !tok->t) return -1;
+  if (!live(tok)) return -1;
   const auto& v = tok->t->desc().eos_ids;
   for (size_t i = 0; i < v.size() && static_cast<int64_t>(i) < cap && ids; ++i) ids[i] = v[i];
   return static_cast<int32_t>(v.size());
 }
 
 QLORA_API int32_t qlora_token_is_special(const qlora_tokenizer* tok, int32_t token) {
-  if (!tok || !tok->t || token < 0 || token >= tok->t->n_vocab()) return 0;
+  if (!live(tok) || token < 0 || token >= tok->t->n_vocab()) return 0;
   return tok->t->is_special(token) ? 1 : 0;
 }
 
@@ -124,11 +161,13 @@ QLORA_API int32_t qlora_token_is_special(const qlora_tokenizer* tok, int32_t tok
 extern "C" QLORA_API const qlora_tokenizer* qlora_model_get_tokenizer(qlora_model* model) {
   const qlora_tokenizer* out = nullptr;
   guard([&] {
-    check_arg(model != nullptr, "qlora_model_get_tokenizer: model is NULL");
+    qlora::capi::check_model(model, "qlora_model_get_tokenizer");
     std::lock_guard<std::mutex> lk(model->tokenizer_mu);
     if (!model->tokenizer) {
       auto h = std::make_unique<qlora_tokenizer>();
       h->t = qlora::tok::Tokenizer::load(model->source);
+      std::unique_lock<std::shared_mutex> reg(g_tok_mu);
+      g_toks.emplace(h.get(), true);
       model->tokenizer.reset(h.release());
     }
     out = model->tokenizer.get();
@@ -136,3 +175,14 @@ extern "C" QLORA_API const qlora_tokenizer* qlora_model_get_tokenizer(qlora_mode
   });
   return out;
 }
+
+namespace qlora::capi {
+void free_model_tokenizer(qlora_tokenizer* tok) {
+  if (!tok) return;
+  {
+    std::unique_lock<std::shared_mutex> lk(g_tok_mu);
+    g_toks.erase(tok);
+  }
+  delete tok;
+}
+}  // namespace qlora::capi
