@@ -130,6 +130,15 @@ def load_safetensors(path):
     return SafetensorsFile(path)
 
 
+def _check_utf8(s: str, what: str) -> None:
+    """The header is JSON text: a lone surrogate (e.g. a name read from a non-UTF-8 file name)
+    has no UTF-8 form (the binding's bare 'Unable to cast' RuntimeError before)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"save_safetensors: {what} {s!r} is not valid UTF-8 ({exc.reason})") from None
+
+
 def save_safetensors(path, tensors, metadata=None):
     """Atomically write ``{name: array}`` (any of the dtypes in _NP_DTYPES) to ``path``.
 
@@ -145,10 +154,13 @@ def save_safetensors(path, tensors, metadata=None):
     for k, v in metadata.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise ValueError(f"save_safetensors: metadata must map str to str, got {k!r}: {type(v).__name__}")
+        _check_utf8(k, "metadata key")
+        _check_utf8(v, f"metadata value of {k!r}")
     items = []
     for name, arr in tensors.items():
         if not isinstance(name, str):
             raise ValueError(f"save_safetensors: tensor names must be str, got {name!r}")
+        _check_utf8(name, "tensor name")
         arr = np.asarray(arr)
         dt = arr.dtype
         if dt.byteorder == ">":
