@@ -44,6 +44,9 @@ BAD_TOKENIZER_JSON = [
     ("added id 2^30", lambda t: t["added_tokens"].append({"id": 2**30, "content": "<big>", "special": True,
                                                          "single_word": False, "lstrip": False, "rstrip": False,
                                                          "normalized": False}), r"token id 1073741824"),
+    # reported as "merges[68] = 'Ġ !': token '!' is not in the vocabulary" (its id went to "zzz")
+    ("two tokens one id", lambda t: t["model"]["vocab"].update({"zzz": t["model"]["vocab"]["!"]}),
+     r'vocab tokens "!" and "zzz" share id'),
     # narrowed to int32 without a check: 2^32 + 1 became token 1, prepended to every encoding
     ("post-processor id 2^32+1", lambda t: t.update(post_processor=dict(
         _TEMPLATE, special_tokens={"X": {"id": "X", "ids": [2**32 + 1], "tokens": ["X"]}})),

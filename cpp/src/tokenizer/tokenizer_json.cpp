@@ -263,7 +263,10 @@ TokenizerDesc desc_from_hf_dir(const std::string& dir) {
     for (const auto& [s, id] : model.at("vocab").as_object()) {
       int64_t i = id.as_int();
       if (i < 0 || i >= INT32_MAX) c.bad("vocab id " + std::to_string(i) + " of " + json::dump(Value(s)) + " out of range");
-      by_id[i] = s;
+      // one id, two strings: the first would vanish from the id table and be reported missing later
+      if (auto [it, fresh] = by_id.emplace(i, s); !fresh)
+        c.bad("vocab tokens " + json::dump(Value(it->second)) + " and " + json::dump(Value(s)) + " share id " +
+              std::to_string(i));
     }
     const Value* added = tj.find("added_tokens");
     if (added && !added->is_null()) {
