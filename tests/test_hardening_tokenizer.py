@@ -215,3 +215,17 @@ def test_python_face_refuses_what_the_cpp_face_refuses(tmp_path, name, match):
         with pytest.raises(ValueError):
             _core.Tokenizer(str(p))
 
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda t: t.update(normalizer={"type": "Prepend", "prepend": ""}), "PanicException"),
+    (lambda t: t.update(normalizer={"type": "Replace", "pattern": {"String": ""}, "content": "x"}), "PanicException"),
+], ids=["Prepend ''", "Replace ''"])
+def test_python_face_turns_tokenizers_panics_into_value_errors(hf_dir, tmp_path, edit, match):
+    """tokenizers loads these and panics on the first encode: a pyo3 PanicException, a
+    BaseException that `except Exception` does not catch (it escaped Tokenizer.encode)."""
+    tok = Tokenizer.from_pretrained(_edited(hf_dir, tmp_path, edit))
+    with pytest.raises(ValueError, match=match):
+        tok.encode("hello world")
+    with pytest.raises(ValueError, match=match):
+        tok.encode_batch(["hello", "world"])

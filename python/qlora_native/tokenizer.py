@@ -67,6 +67,20 @@ def _clean_up_tokenization(s: str) -> str:
     return s
 
 
+def _rust_call(fn):
+    """A `tokenizers` call. A component that loads but cannot run (an empty Prepend or Replace
+    pattern, an unk_token missing from the vocabulary) fails inside Rust: a bare Exception, or a
+    pyo3 PanicException, which derives from BaseException and passes `except Exception` handlers.
+    Both become a ValueError naming the problem."""
+    try:
+        return fn()
+    except BaseException as exc:
+        if type(exc) is Exception or type(exc).__name__ == "PanicException":
+            raise ValueError(f"the tokenizer failed ({type(exc).__name__}: {exc}); its tokenizer.json "
+                             "holds a component tokenizers cannot run") from exc
+        raise
+
+
 class _HFBackend:
     """A `tokenizers.Tokenizer` (from tokenizer.json or rebuilt from a GGUF vocabulary)."""
 
@@ -77,13 +91,13 @@ class _HFBackend:
         self.special_ids = {i for i, a in tk.get_added_tokens_decoder().items() if a.special}
 
     def encode(self, text, add_special):
-        return self.tk.encode(text, add_special_tokens=add_special).ids
+        return _rust_call(lambda: self.tk.encode(text, add_special_tokens=add_special).ids)
 
     def encode_batch(self, texts, add_special):
-        return [e.ids for e in self.tk.encode_batch(list(texts), add_special_tokens=add_special)]
+        return _rust_call(lambda: [e.ids for e in self.tk.encode_batch(list(texts), add_special_tokens=add_special)])
 
     def decode(self, ids, skip_special):
-        return self.tk.decode(ids, skip_special_tokens=skip_special)
+        return _rust_call(lambda: self.tk.decode(ids, skip_special_tokens=skip_special))
 
     def id_to_token(self, i):
         return self.tk.id_to_token(i)
