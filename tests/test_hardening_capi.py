@@ -6,14 +6,18 @@ their 'none' value, double frees and freeing a model's own tokenizer are refused
 The calls run in a child process, so a regression fails the test instead of killing the run."""
 from __future__ import annotations
 
+import ctypes
 import json
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import helpers_capi as H
 from helpers_gguf import write_tiny_gguf
 from helpers_tiny import build_tiny
 
@@ -105,3 +109,26 @@ def test_freed_models_and_tokenizers_are_errors_not_crashes(sources):
     assert "belongs to its model" in out["free_model_tokenizer"]
     assert out["model_tokenizer_still_works"] is True
     assert out["model_tokenizer_after_model_free"] == [-2**31, f"qlora_tokenize: {dead_tok}"]
+
+
+@pytest.mark.parametrize("stops,n,match", [
+    ([64], 1, r"stop_ids: token id 64 at index 0 is out of range \[0, 64\)"),  # never produced: never stopped
+    ([5, -1], 2, r"stop_ids: token id -1 at index 1 is out of range"),
+    (None, -1, r"n_stop_ids must be >= 0, got -1"),  # was "stop_ids is NULL but n_stop_ids > 0"
+])
+def test_stop_ids_outside_the_vocabulary_are_refused(sources, stops, n, match):
+    lib = H.load_model_lib()
+    m = H.CModel(lib, sources[0])
+    try:
+        sp = lib.qlora_sampling_default_params()
+        arr = (ctypes.c_int32 * len(stops))(*stops) if stops else None
+        sp.stop_ids, sp.n_stop_ids = arr, n
+        prompt = np.array([1, 2, 3], np.int32)
+        out = np.zeros(4, np.int32)
+        n_out = ctypes.c_int64(-1)
+        rc = lib.qlora_generate(m.h, prompt.ctypes.data_as(H.I32P), 3, ctypes.byref(sp), out.ctypes.data_as(H.I32P), 4,
+                                ctypes.byref(n_out), H.CALLBACK(lambda t, u: 0), None)
+        assert rc == H.ERR_INVALID_ARGUMENT and n_out.value == 0
+        assert re.search(match, lib.qlora_last_error().decode())
+    finally:
+        m.close()

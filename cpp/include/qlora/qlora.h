@@ -65,7 +65,7 @@ typedef struct {
   float top_p;                /* 1: off (default) */
   float repetition_penalty;   /* 1: off (default); transformers' rule */
   uint64_t seed;              /* sampler seed (default 0); same seed -> same tokens */
-  const int32_t* stop_ids;    /* [n_stop_ids] ids that end generation (kept in the output); may be NULL */
+  const int32_t* stop_ids;    /* [n_stop_ids] ids in [0, n_vocab) that end generation (kept in the output); may be NULL */
   int64_t n_stop_ids;
 } qlora_sampling_params;
 

@@ -76,10 +76,13 @@ void generate(qlora_model* model, const qlora::model::AdapterSet* uses, int64_t 
             f + ": prompt (" + std::to_string(n_prompt) + ") + max_new_tokens (" + std::to_string(max_new_tokens) +
                 ") exceeds the context's n_ctx " + std::to_string(n_ctx));
   const qlora_sampling_params p = params ? *params : qlora_sampling_default_params();
-  check_arg(p.n_stop_ids >= 0 && (p.n_stop_ids == 0 || p.stop_ids != nullptr),
-            f + ": stop_ids is NULL but n_stop_ids > 0");
+  check_arg(p.n_stop_ids >= 0, f + ": n_stop_ids must be >= 0, got " + std::to_string(p.n_stop_ids));
+  check_arg(p.n_stop_ids == 0 || p.stop_ids != nullptr, f + ": stop_ids is NULL but n_stop_ids > 0");
   const int64_t V = model->info.cfg.vocab_size;
   check_ids(prompt, n_prompt, V, (f + ": prompt").c_str());
+  // a stop id outside the vocabulary can never be produced: a typo would silently never stop
+  // (Python's generate refuses such an eos_token_id alike)
+  check_ids(p.stop_ids, p.n_stop_ids, V, (f + ": stop_ids").c_str());
   qlora::model::SamplingParams sp;
   sp.temperature = p.temperature;
   sp.top_k = p.top_k;
