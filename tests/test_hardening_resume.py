@@ -132,3 +132,25 @@ def test_integer_optimizer_moments_are_refused(base, tmp_path):
     qio.save_safetensors(d / "optimizer.safetensors", t)
     with pytest.raises(FormatError, match=f"tensor '{first}' is int32, not a float type"):
         _resume(base[0], d, tmp_path / "o")
+
+
+def test_refused_optimizer_state_leaves_the_model_as_it_was(base, tmp_path):
+    """The engine refuses the checkpoint's optimizer state (beta1 1.5) after its adapter weights were
+    read: the resume fails naming it and puts back the weights (and optimizer) the model had, instead
+    of leaving the checkpoint's weights under this run's optimizer."""
+    d = _copy(base, tmp_path)
+    _edit_json(d / "optimizer.json", lambda k: k["__dict__"].__setitem__("betas", {"__tuple__": [1.5, 0.999]}))
+    m = Model.from_pretrained(base[0], tokenizer=None)
+    t = Trainer(m, CFG, _examples(), None, _args(tmp_path / "o"))
+    name = t.adapter
+    before = {k: v.copy() for k, v in m.get_adapter_state_dict(name).items()}
+    with pytest.raises(ValueError, match="beta"):
+        t.train(resume_from_checkpoint=str(d))
+    after = m.get_adapter_state_dict(name)
+    ckpt = qio.safe_open(d / "adapter_model.safetensors")
+    assert any(not np.array_equal(np.asarray(ckpt[k]), before[k]) for k in ckpt.keys() if k in before)
+    for k, v in before.items():
+        np.testing.assert_array_equal(after[k], v, err_msg=k)
+    opt = m.get_optimizer_state()  # the run's own, as train() configured it before the resume
+    assert opt["step"] == 0 and tuple(opt["betas"]) == (0.9, 0.999)
+    assert all(not np.any(a) for a in opt["exp_avg"])

@@ -595,8 +595,21 @@ class Trainer:
         return state, tensors, opt
 
     def _apply_checkpoint(self, state, tensors, opt) -> None:
-        self.model.set_adapter_state_dict(self.adapter, tensors)
-        self.model.set_optimizer_state(opt)
+        # All or nothing: an optimizer state the engine refuses (betas out of range, moments of the
+        # wrong size, ...) must not leave the checkpoint's adapter weights under this run's optimizer.
+        before = self.model.get_adapter_state_dict(self.adapter)
+        try:
+            opt_before = self.model.get_optimizer_state()
+        except ValueError:  # no optimizer configured yet: nothing to put back
+            opt_before = None
+        try:
+            self.model.set_adapter_state_dict(self.adapter, tensors)
+            self.model.set_optimizer_state(opt)
+        except BaseException:
+            self.model.set_adapter_state_dict(self.adapter, before)
+            if opt_before is not None:
+                self.model.set_optimizer_state(opt_before)
+            raise
         if "model" in state.get("rng", {}) and hasattr(self.model, "set_rng_state"):
             self.model.set_rng_state(state["rng"]["model"])
         self.global_step = int(state["global_step"])
