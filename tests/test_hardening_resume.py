@@ -154,3 +154,28 @@ def test_refused_optimizer_state_leaves_the_model_as_it_was(base, tmp_path):
     opt = m.get_optimizer_state()  # the run's own, as train() configured it before the resume
     assert opt["step"] == 0 and tuple(opt["betas"]) == (0.9, 0.999)
     assert all(not np.any(a) for a in opt["exp_avg"])
+
+
+@pytest.mark.parametrize("bad", ["int32", "bool", "shape", "nan"])
+def test_set_adapter_state_dict_is_all_or_nothing(tmp_path, bad):
+    """A bad tensor in the last layer (an integer / bool array, a wrong shape, NaN) is refused and the
+    adapter is as it was: the earlier layers used to stay overwritten, and integer arrays were cast to
+    float32 silently."""
+    m = Model.from_pretrained(build_tiny(str(tmp_path / "m")), tokenizer=None)
+    m.add_adapter("a", LoraConfig(r=4, target_modules=["q_proj"]))
+    m.set_active_adapter("a")
+    before = m.get_adapter_state_dict("a")
+    t = {k: v + 1.0 for k, v in before.items()}
+    last = sorted(t)[-1]
+    t[last] = {"int32": lambda v: (v * 100).astype(np.int32), "bool": lambda v: v > 0,
+               "shape": lambda v: v[:, :-1], "nan": lambda v: np.where(v > 0, np.nan, v)}[bad](t[last])
+    match = {"int32": last.replace(".", r"\.") + "' is int32", "bool": last.replace(".", r"\.") + "' is bool",
+             "shape": "B must have shape", "nan": "layer 1 q_proj: LoRA: B contains NaN or Inf"}[bad]
+    with pytest.raises(ValueError, match=match):
+        m.set_adapter_state_dict("a", t)
+    for k, v in m.get_adapter_state_dict("a").items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    good = {k: v + 1.0 for k, v in before.items()}
+    m.set_adapter_state_dict("a", good)  # a float64 dict is still taken (as PEFT's state dicts are)
+    for k, v in m.get_adapter_state_dict("a").items():
+        np.testing.assert_array_equal(v, good[k].astype(np.float32), err_msg=k)

@@ -216,10 +216,26 @@ class LoraModelMixin:
         if have != want:
             extra, missing = sorted(have - want), sorted(want - have)
             raise ValueError(f"set_adapter_state_dict: unexpected {extra[:3]} / missing {missing[:3]} tensor names")
-        for layer, proj, _, _, _ in self._lora_state()[name].resolve(self.config.num_hidden_layers):
-            a = np.asarray(tensors[peft_tensor_name(layer, proj, "A")], dtype=np.float32)
-            b = np.asarray(tensors[peft_tensor_name(layer, proj, "B")], dtype=np.float32)
-            self._core.lora_set(name, layer, proj, a, b)
+        for k in sorted(want):  # numpy would cast integer / bool arrays to float32 silently
+            dt = np.asarray(tensors[k]).dtype
+            if dt.kind in "biuOSUcmM":
+                raise ValueError(f"set_adapter_state_dict: tensor {k!r} is {dt}, not a float type")
+        # All or nothing: the engine checks each module as it is set (shape, NaN / Inf, the float32
+        # bound), so a refused tensor in a later layer puts back the modules already set.
+        modules = self._lora_state()[name].resolve(self.config.num_hidden_layers)
+        before = self.get_adapter_state_dict(name)
+
+        def put(src):
+            for layer, proj, _, _, _ in modules:
+                self._core.lora_set(name, layer, proj,
+                                    np.asarray(src[peft_tensor_name(layer, proj, "A")], dtype=np.float32),
+                                    np.asarray(src[peft_tensor_name(layer, proj, "B")], dtype=np.float32))
+
+        try:
+            put(tensors)
+        except BaseException:
+            put(before)
+            raise
 
     def save_adapter(self, directory, name: str | None = None, base_model_name_or_path=None) -> None:
         """Write the adapter in PEFT's format (adapter_config.json + adapter_model.safetensors), saved
