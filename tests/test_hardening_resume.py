@@ -179,3 +179,16 @@ def test_set_adapter_state_dict_is_all_or_nothing(tmp_path, bad):
     m.set_adapter_state_dict("a", good)  # a float64 dict is still taken (as PEFT's state dicts are)
     for k, v in m.get_adapter_state_dict("a").items():
         np.testing.assert_array_equal(v, good[k].astype(np.float32), err_msg=k)
+
+
+def test_set_optimizer_state_refuses_integer_moments(tmp_path):
+    """Adam moments given as integers (a hand-made or mis-saved state) were cast to float32 silently."""
+    m = Model.from_pretrained(build_tiny(str(tmp_path / "m")), tokenizer=None)
+    m.add_adapter("a", LoraConfig(r=4, target_modules=["q_proj"]))
+    m.set_active_adapter("a")
+    m.configure_optimizer(lr=1e-3)
+    st = m.get_optimizer_state()
+    bad = dict(st, exp_avg_sq=[np.asarray(a).astype(np.int64) for a in st["exp_avg_sq"]])
+    with pytest.raises(ValueError, match=r"exp_avg_sq\[0\] is int64, not a float type"):
+        m.set_optimizer_state(bad)
+    m.set_optimizer_state(st)  # the float32 state is still taken

@@ -507,6 +507,10 @@ class LoraModelMixin:
                       if k in state}
         for k in ("exp_avg", "exp_avg_sq"):
             if isinstance(core_state.get(k), (list, tuple)):
+                for i, a in enumerate(core_state[k]):  # numpy would cast integer / bool moments silently
+                    dt = np.asarray(a).dtype
+                    if dt.kind in "biuOSUcmM":
+                        raise ValueError(f"set_optimizer_state: {k}[{i}] is {dt}, not a float type")
                 core_state[k] = [np.ascontiguousarray(a, np.float32).ravel() for a in core_state[k]]
         self._core.lora_load_optimizer_state(name, core_state)
         if "lr" in state:
