@@ -61,11 +61,16 @@ def child(a):
         before = _hwm_mib()
         _, _, loss = _step(m, ids, mask, budgets[0])
         plan = mm.activation_bytes(m, a.batch, a.seq, 16, device=False, activation_memory_budget=budgets[0])
-        one = mm.activation_bytes(m, a.batch, a.seq, 16, device=False)["layer_activations"]  # budget 0: one layer set
-        kept = plan["layer_activations"] // one
+        from qlora_native import _core
+
+        d = mm._dims(m)  # what the plan keeps: whole layer sets and attention halves
+        parts = _core.train.memory_plan(hidden_size=d["D"], intermediate_size=d["I"], vocab_size=d["V"],
+                                        num_hidden_layers=d["L"], num_attention_heads=d["Hq"],
+                                        num_key_value_heads=d["Hkv"], head_dim=d["hd"], batch=a.batch, seq=a.seq,
+                                        r=16, activation_memory_budget=budgets[0])
         print(json.dumps(dict(budget=budgets[0], hwm_mib=_hwm_mib(), hwm_before_mib=before, loss=loss,
                               counter_mib=m.last_train_peak_bytes / 2 ** 20, plan_mib=plan["peak"] / 2 ** 20,
-                              layers_kept=kept)))
+                              layers_kept=parts["layers_kept"], attention_kept=parts["attention_kept"])))
         return
     _step(m, ids, mask, 0.0)  # warm-up (packing, first-touch of the weights)
     out = {b: {"cpu": [], "wall": [], "loss": []} for b in budgets}
@@ -112,7 +117,7 @@ def main():
         t = json.loads(r.stdout.strip().splitlines()[-1])
         ref = t[str(float(budgets[0]))]["cpu"]
         print(f"\nSIMD {simd}, {a.threads} thread(s), batch {a.batch} x {a.seq}, {a.rounds} interleaved rounds")
-        print("| budget | layers kept | plan MiB | VmHWM MiB | CPU s/step min / median | saved ms/step (median of rounds) "
+        print("| budget | layers / attention halves kept | plan MiB | VmHWM MiB | CPU s/step min / median | saved ms/step (median of rounds) "
               "| ms saved per MiB of VmHWM |")
         print("|---|---|---|---|---|---|---|")
         for b in budgets:
@@ -120,7 +125,7 @@ def main():
             extra = (mem[b]["hwm_mib"] - mem[budgets[0]]["hwm_mib"])
             saved = statistics.median(r0 - c for r0, c in zip(ref, cpu)) * 1000  # per interleaved round
             per = f"{saved / extra:.2f}" if extra > 1 else "-"
-            print(f"| {b} | {mem[b]['layers_kept']} | {mem[b]['plan_mib']:.0f} | {mem[b]['hwm_mib']:.0f} | "
+            print(f"| {b} | {mem[b]['layers_kept']} / {mem[b]['attention_kept']} | {mem[b]['plan_mib']:.0f} | {mem[b]['hwm_mib']:.0f} | "
                   f"{min(cpu):.2f} / {statistics.median(cpu):.2f} | {saved:.0f} | {per} |")
         print("raw:", json.dumps(t))
     print("memory raw:", json.dumps(mem))

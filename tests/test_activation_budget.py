@@ -1,6 +1,8 @@
-"""activation_memory_budget (PyTorch's name and 0..1 scale): with gradient checkpointing, the last
-1 + floor(budget x (L - 1)) layers keep their forward's intermediates and skip the backward's recompute
-(cpp/src/model/train_memory.cpp kept_layer_acts decides, llama_train.cpp train_pass follows the plan).
+"""activation_memory_budget (PyTorch's name and 0..1 scale): with gradient checkpointing, the budget's
+share of the memory between recomputing every layer and recomputing none keeps intermediates where they
+save the most recompute per byte: first the attention halves of the checkpointed layers (their recompute
+then runs only the norms and the MLP half), then whole layers, the last ones, that skip the recompute
+(cpp/src/model/train_memory.cpp kept_parts decides, llama_train.cpp train_pass follows the plan).
 Same kernels on the same inputs either way, so every budget gives the bits of gradient_checkpointing
 True and False; the plan's peak is the pass's measured peak; bad budgets are a ValueError."""
 import math
@@ -23,8 +25,23 @@ SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_ke
              vocab_size=80, num_hidden_layers=L)
 BF16 = qlora_native.ops.bf16_compute_available("cpu")
 SIMD = [lv for lv in ("avx2", "avx512") if lv in _core.supported_simd_levels()]
-# (gradient_checkpointing, budget) -> layers kept (L = 5: floor(b x 4) more than the last one)
-MODES = [(True, 0.0, 1), (True, 0.3, 2), (True, 0.5, 3), (True, 1.0, L), (False, 0.0, L), (False, 0.5, L)]
+
+
+def _floats(B=2, T=20, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=24, **_):
+    """(whole layer set, attention half) in floats, from the shapes: h1, q, k, v, att, lse, x_mid, h2, g, u, a."""
+    M, D, I = B * T, hidden_size, intermediate_size
+    QD, KD = num_attention_heads * head_dim, num_key_value_heads * head_dim
+    lse = B * num_attention_heads * T
+    return M * (3 * D + 2 * QD + 2 * KD + 3 * I) + lse, M * (D + 2 * QD + 2 * KD) + lse
+
+
+SET, ATT = _floats()
+# (gradient_checkpointing, budget) -> (whole layers kept, attention halves kept) at B x T = 2 x 20, L = 5:
+# the budget allows b x 4 x SET floats; the 4 checkpointed layers' halves cost 4 x ATT (b ~ 0.46), each
+# whole layer beyond the last one SET - ATT more.
+MODES = [(True, 0.0, (1, 0)), (True, 0.15, (1, 1)), (True, 0.3, (1, 2)), (True, 0.5, (1, 4)), (True, 0.75, (3, 2)),
+         (True, 1.0, (L, 0)), (False, 0.0, (L, 0)), (False, 0.5, (L, 0))]
 
 
 @pytest.fixture(scope="module")
@@ -48,36 +65,60 @@ def _plan(**kw):
 
 
 # ------------------------------------------------------------------ the plan
+def _kept(p):
+    return p["layers_kept"], p["attention_kept"]
+
+
 @pytest.mark.parametrize("layers", [2, 5, 30])
-def test_layers_kept_follow_pytorch_normalisation(layers):
-    """budget b may spend b x (max - min) bytes above full recompute, max - min = L - 1 layer sets:
-    whole sets, rounded down; b = k / (L - 1) keeps exactly k more."""
+@pytest.mark.parametrize("dims", [{}, dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                                          num_key_value_heads=3, head_dim=64, B=4, T=256)], ids=["tiny", "smollm2"])
+def test_budget_spends_attention_halves_first(layers, dims):
+    """budget b may spend b x (max - min) floats above full recompute, max - min = L - 1 layer sets:
+    whole parts, never over the allowance; attention halves (the highest checkpointed layers) first,
+    then whole layers; nothing more fits; budget 0 keeps nothing, 1 everything, and more budget never
+    keeps less."""
+    set_f, att_f = _floats(**dims)
+    plan_dims = {k: v for k, v in dims.items() if k not in ("B", "T")}
+    B, T = dims.get("B", 2), dims.get("T", 20)
+
     def kept(b, **kw):
-        return _plan(num_hidden_layers=layers, activation_memory_budget=b, **kw)["layers_kept"]
+        return _kept(_plan(num_hidden_layers=layers, activation_memory_budget=b, batch=B, seq=T, **plan_dims, **kw))
 
-    for b in (0.0, 0.1, 0.25, 0.5, 0.74, 1.0):
-        assert kept(b) == 1 + math.floor(b * (layers - 1) + 1e-9)
-    for k in range(layers):
-        assert kept(k / (layers - 1)) == 1 + k
-    assert kept(0.5, checkpointing=False) == layers  # checkpointing off keeps everything anyway
-    assert kept(0.5, backward=False) == 1             # eval reuses one set
+    used_before = -1
+    for b in sorted({i / 40 for i in range(41)} | {k / (layers - 1) for k in range(layers)}):
+        full, att = kept(b)
+        allow = b * (layers - 1) * set_f
+        used = (full - 1) * set_f + att * att_f
+        assert 1 <= full <= layers and 0 <= att and full - 1 + att <= layers - 1, (b, full, att)
+        assert used <= allow * (1 + 1e-12), (b, full, att)
+        if full - 1 + att < layers - 1:   # not every checkpointed layer keeps its half: no whole layer yet,
+            assert full == 1 and used + att_f > allow, (b, full, att)  # and one more half would not fit
+        elif full < layers:                # every half kept: one more whole layer would not fit
+            assert used + (set_f - att_f) > allow, (b, full, att)
+        assert used >= used_before, b
+        used_before = used
+    assert kept(0.0) == (1, 0) and kept(1.0) == (layers, 0)
+    assert kept(0.5, checkpointing=False) == (layers, 0)  # checkpointing off keeps everything anyway
+    assert kept(0.5, backward=False) == (1, 0)             # eval reuses one set
 
 
-def test_plan_parts_scale_with_kept_layers():
-    """Only layer_activations (and so the peak) grows, by one layer set per kept layer; budget 1 is
-    the plan of checkpointing off, part by part."""
+def test_plan_parts_scale_with_kept_parts():
+    """Only layer_activations (and so the peak) grows, by one layer set per kept layer and one half per
+    kept attention half; budget 1 is the plan of checkpointing off, part by part."""
     base = _plan()
     per_set = base["layer_activations"]
-    for b in (0.3, 0.5, 1.0):
+    assert per_set == 4 * SET
+    for _, b, (full, att) in MODES[1:6]:
         p = _plan(activation_memory_budget=b)
-        extra = (p["layers_kept"] - 1) * per_set
+        assert _kept(p) == (full, att), b
+        extra = 4 * ((full - 1) * SET + att * ATT)
         assert p["layer_activations"] == base["layer_activations"] + extra
         assert p["peak"] == base["peak"] + extra
-        assert {k: v for k, v in p.items() if k not in ("layer_activations", "peak", "layers_kept")} == \
-            {k: v for k, v in base.items() if k not in ("layer_activations", "peak", "layers_kept")}
+        skip = ("layer_activations", "peak", "layers_kept", "attention_kept")
+        assert {k: v for k, v in p.items() if k not in skip} == {k: v for k, v in base.items() if k not in skip}
     assert _plan(activation_memory_budget=1.0) == _plan(checkpointing=False)
-    got = mm.activation_bytes(SHAPE, 2, 20, 4, activation_memory_budget=0.5)
-    assert got["layer_activations"] == 3 * per_set
+    got = mm.activation_bytes(SHAPE, 2, 20, 4, activation_memory_budget=0.75)
+    assert got["layer_activations"] == 4 * (3 * SET + 2 * ATT)
 
 
 # ------------------------------------------------------------------ bits and peak
@@ -114,7 +155,7 @@ def _check_modes(tiny, **kw):
                                   device=kw.get("backend", "cpu") != "cpu",
                                   compute_dtype=kw.get("compute", "float32"))
         assert all(p == est["peak"] for _, _, p in got), (ckpt, budget, [p for _, _, p in got], est)
-        assert _plan(checkpointing=ckpt, activation_memory_budget=budget)["layers_kept"] == kept
+        assert _kept(_plan(checkpointing=ckpt, activation_memory_budget=budget)) == kept
 
 
 @pytest.mark.parametrize("simd", SIMD, indirect=True)
@@ -138,8 +179,10 @@ def test_offload_and_device_bits_and_peak(tiny, backend, offload):
 
 
 def test_recompute_skipped_for_kept_layers(tiny, monkeypatch):
-    """The backward recomputes exactly the layers below the kept ones (attention calls: L forward +
-    L - kept recomputes); QLORA_SKIP_LAST_RECOMPUTE=0 recomputes the lowest kept layer too."""
+    """The backward recomputes the attention of exactly the layers below the kept ones that keep no
+    attention half (attention calls: L forward + L - kept - halves recomputes), and the MLP half of every
+    layer below the kept ones (gate/up: 2 GEMMs per layer forward + 2 per recompute);
+    QLORA_SKIP_LAST_RECOMPUTE=0 recomputes the lowest kept layer too."""
     def calls(budget):
         m = adapter_model(tiny, "cpu")
         m.activation_memory_budget = budget
@@ -149,22 +192,26 @@ def test_recompute_skipped_for_kept_layers(tiny, monkeypatch):
         try:
             _core.profile_reset()
             m.forward_backward(ids, labels, mask)
-            return sum(r["calls"] for r in _core.profile_report() if r["op"] == "attention_train")
+            rep = _core.profile_report()
+            att = sum(r["calls"] for r in rep if r["op"] == "attention_train")
+            swiglu = sum(r["calls"] for r in rep if r["op"] == "swiglu")
+            return att, swiglu
         finally:
             _core.profile_enable(was)
             _core.profile_reset()
 
-    for _, budget, kept in MODES[:4]:
-        assert calls(budget) == 2 * L - kept, budget
+    for _, budget, (full, att) in MODES[:6]:
+        assert calls(budget) == (2 * L - full - att, 2 * L - full), budget
     monkeypatch.setenv("QLORA_SKIP_LAST_RECOMPUTE", "0")
-    for _, budget, kept in MODES[:4]:
-        assert calls(budget) == 2 * L - kept + 1, budget
+    for _, budget, (full, att) in MODES[:6]:
+        assert calls(budget) == (2 * L - full - att + 1, 2 * L - full + 1), budget
 
 
 def test_train_step_same_bits(tiny):
-    """Through the step rule (lora_train_step: AdamW steps), budget 0.5 trains as budget 0."""
+    """Through the step rule (lora_train_step: AdamW steps), budget 0.75 (whole layers and attention
+    halves) trains as budget 0."""
     a, b = adapter_model(tiny), adapter_model(tiny)
-    b.activation_memory_budget = 0.5
+    b.activation_memory_budget = 0.75
     assert_same_training(a, b, steps=3)
 
 

@@ -215,6 +215,7 @@ void bind_train(py::module_& m) {
         out["peak"] = p.peak;
         out["offload_host"] = p.offload_host;
         out["layers_kept"] = p.num_layer_acts;
+        out["attention_kept"] = p.num_attention_kept;
         return out;
       },
       py::kw_only(), py::arg("hidden_size"), py::arg("intermediate_size"), py::arg("vocab_size"),
@@ -225,7 +226,8 @@ void bind_train(py::module_& m) {
       py::arg("f32_from_q8_0") = false, py::arg("activation_memory_budget") = 0.0,
       "Device bytes of one training pass by part and its peak (LossResult::peak_train_bytes), as "
       "LlamaModel::train_pass allocates them; offload_host: the host staging of offloaded checkpoints; "
-      "layers_kept: the LayerActs sets (the last layers that skip the recompute; activation_memory_budget). "
+      "layers_kept: the LayerActs sets (the last layers that skip the recompute; activation_memory_budget); "
+      "attention_kept: the layers below them that keep their attention half (their recompute runs the MLP half). "
       "device: the backend's memory is not host memory (cuda, cpu:devsim). f32_from_q8_0: head_format "
       "float32 over a GGUF's tied Q8_0 token_embd not yet widened (the loss reads its rows: bf16 packs its "
       "panels, fp32 decodes them into its GEMMs' B panels).");

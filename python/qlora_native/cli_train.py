@@ -51,7 +51,8 @@ def add_parser(sub) -> None:
     p.add_argument("--activation-memory-budget", type=float, default=0.0,
                    help="0..1 (PyTorch's activation_memory_budget): the share of the memory between recomputing "
                         "every layer in the backward (0) and keeping every layer's intermediates (1) spent on "
-                        "keeping the last layers' intermediates: faster steps, more memory, same results")
+                        "keeping intermediates (attention halves first, then whole layers): faster steps, "
+                        "more memory, same results")
     _common_args(p)
     p.set_defaults(func=run_train)
 

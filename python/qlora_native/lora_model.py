@@ -60,8 +60,9 @@ class LoraModelMixin:
         """With gradient_checkpointing: how much of the memory between recomputing every layer (0, the
         default) and keeping every layer's intermediates (1, the memory and speed of
         gradient_checkpointing=False) the training passes may spend, on PyTorch's scale
-        (torch._functorch.config.activation_memory_budget). The engine keeps the intermediates of the
-        last floor(budget x (num_layers - 1)) + 1 layers and recomputes the others; results are the
+        (torch._functorch.config.activation_memory_budget). The engine spends it where it skips the
+        most recompute per byte: first the attention halves of the checkpointed layers (their recompute
+        runs only the MLP half), then the whole intermediates of the last layers; results are the
         same bits at every budget. memory_model.activation_bytes(..., activation_memory_budget=) gives
         the bytes."""
         return float(self.__dict__.get("_activation_memory_budget", 0.0))

@@ -13,8 +13,8 @@ model/lora.cpp and train/lora_optimizer.cpp allocate them:
   (cpp/src/model/train_memory.cpp through _core.train.memory_plan; train_pass allocates its
   buffers from the same plan, so this part is not a copy): the checkpointed layer inputs (all
   num_layers + 1 without offload, two with offload_checkpoints, all per-layer intermediates
-  without checkpointing), one layer's intermediates for the recompute (and those of the last
-  layers activation_memory_budget keeps), the LoRA scratch, dropout
+  without checkpointing), one layer's intermediates for the recompute (and the attention halves
+  and last layers activation_memory_budget keeps), the LoRA scratch, dropout
   buffers, the final-norm output and the backward scratch, with the chunked cross-entropy's
   [chunk, vocab] logits (+ the Q8_0 / 16-bit lm_head backward's widening chunk) at its own moment.
 
@@ -171,8 +171,9 @@ def activation_bytes(cfg, batch: int, seq: int, r: int, *, checkpointing: bool =
     (the loss reads the rows: bf16 packs the lm_head's panels even for one loss chunk, fp32 decodes
     them into its GEMMs' B panels, no scratch); None derives it from cfg (a Model or a GGUFSource knows; a config
     alone is an HF checkpoint's fp32 table).
-    activation_memory_budget: Model.activation_memory_budget (with checkpointing: the last
-    floor(budget x (num_layers - 1)) + 1 layers keep their intermediates, counted in layer_activations).
+    activation_memory_budget: Model.activation_memory_budget (with checkpointing: the attention halves
+    and whole layer sets it keeps, counted in layer_activations; _core.train.memory_plan's layers_kept and
+    attention_kept say which).
 
     The engine's own allocation plan (cpp/src/model/train_memory.cpp, the sizes train_pass allocates),
     not a copy of it: _core.train.memory_plan."""

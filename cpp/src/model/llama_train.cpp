@@ -223,12 +223,31 @@ struct Dims {
   int64_t B, T, M, D, I, V, Hq, Hkv, hd, QD, KD;
 };
 
+// Where one layer's forward writes its intermediates and its backward reads them (shapes:
+// train_memory.hpp's LayerActsFloats).
+struct LayerView {
+  float *h1, *q, *k, *v, *att, *lse, *x_mid, *h2, *g, *u, *a;
+};
+
+// The attention half of a layer's intermediates, kept for its backward (activation_memory_budget):
+// the recompute then skips the q/k/v/o projections and the attention.
+struct AttentionActs {
+  ActBuf q, k, v, att, lse, x_mid;
+  AttentionActs(Backend& be, MemCounter& mc, const LayerActsFloats& n)
+      : q(be, mc, n.q), k(be, mc, n.k), v(be, mc, n.v), att(be, mc, n.att), lse(be, mc, n.lse), x_mid(be, mc, n.x_mid) {}
+};
+
 // One layer's intermediates, kept for its backward (sizes and shapes: train_memory.hpp's plan).
 struct LayerActs {
   ActBuf h1, q, k, v, att, lse, x_mid, h2, g, u, a;
   LayerActs(Backend& be, MemCounter& mc, const LayerActsFloats& n)
       : h1(be, mc, n.h1), q(be, mc, n.q), k(be, mc, n.k), v(be, mc, n.v), att(be, mc, n.att), lse(be, mc, n.lse),
         x_mid(be, mc, n.x_mid), h2(be, mc, n.h2), g(be, mc, n.g), u(be, mc, n.u), a(be, mc, n.a) {}
+  // This set, its attention half replaced by H's when given.
+  LayerView view(const AttentionActs* H = nullptr) const {
+    if (H) return {h1.f(), H->q.f(), H->k.f(), H->v.f(), H->att.f(), H->lse.f(), H->x_mid.f(), h2.f(), g.f(), u.f(), a.f()};
+    return {h1.f(), q.f(), k.f(), v.f(), att.f(), lse.f(), x_mid.f(), h2.f(), g.f(), u.f(), a.f()};
+  }
 };
 
 constexpr int kQkv[3] = {0, 1, 2}, kGateUp[2] = {4, 5};  // the projections sharing an input
@@ -389,75 +408,86 @@ struct Pass {
 
   float scale() const { return 1.0f / std::sqrt(static_cast<float>(d.hd)); }
 
+  // The attention half of layer l's forward: q, k, v (RoPE'd), att, lse and x_mid = x_in + o(att)
+  // into A, from A.h1 = input_norm(x_in).
+  void attention_half(int64_t l, const float* x_in, const LayerView& A) {
+    const int64_t M = d.M, D = d.D, QD = d.QD, KD = d.KD;
+    {  // q, k, v; LoRA scratch: A.att, written only by the attention below
+      float* y[3] = {A.q, A.k, A.v};
+      const int64_t ldy[3] = {QD, KD, KD};
+      lins_fwd(l, 3, kQkv, A.h1, D, y, ldy, A.att, M * QD, 0);
+    }
+    be.rope(M, d.Hq, d.hd, A.q, QD, pos, inv_freq);
+    be.rope(M, d.Hkv, d.hd, A.k, KD, pos, inv_freq);
+    if (bf16) {
+      be.attention_train_bf16(d.B, d.T, d.Hq, d.Hkv, d.hd, A.q, QD, A.k, KD, A.v, KD, key_mask, scale(),
+                              A.att, QD, A.lse);
+    } else {
+      be.attention_train(d.B, d.T, d.Hq, d.Hkv, d.hd, A.q, QD, A.k, KD, A.v, KD, key_mask, scale(),
+                         A.att, QD, A.lse);
+    }
+    lin_fwd(l, 3, A.att, QD, A.x_mid, D, 1);
+    be.add_inplace(M * D, x_in, A.x_mid);
+  }
+
   // x_out[M, D] = layer l applied to x_in[M, D]; intermediates into A. recompute (the checkpointed
   // backward): the backward reads only A, so stop after the SwiGLU; the down projection (a quarter
   // of the base FLOPs) would only rewrite x_out, the next layer's input, which is already held.
-  void layer_forward(int64_t l, const float* x_in, LayerActs& A, float* x_out, bool recompute = false) {
+  // attention_kept (with recompute): A's attention half (q, k, v, att, lse, x_mid) still holds this
+  // layer's forward, so only input_norm (h1, for the q/k/v LoRA gradients) and the MLP half run; the
+  // backward recomputes the q/k/v and o LoRA t that the skipped part would have kept.
+  void layer_forward(int64_t l, const float* x_in, const LayerView& A, float* x_out, bool recompute = false,
+                     bool attention_kept = false) {
     const LayerWeights& L = w.layers[l];
     const float eps = w.cfg.rms_norm_eps;
-    const int64_t M = d.M, D = d.D, I = d.I, QD = d.QD, KD = d.KD;
+    const int64_t M = d.M, D = d.D, I = d.I;
     kept[0] = kept[1] = kept[2] = nullptr, keep_used = 0;  // nothing stale reaches a backward
     if (!recompute) keep = nullptr;                         // only the recompute's t is kept
-    be.rmsnorm(M, D, x_in, L.input_norm.f32(), eps, A.h1.f());
-    {  // q, k, v; LoRA scratch: A.att, written only by the attention below
-      float* y[3] = {A.q.f(), A.k.f(), A.v.f()};
-      const int64_t ldy[3] = {QD, KD, KD};
-      lins_fwd(l, 3, kQkv, A.h1.f(), D, y, ldy, A.att.f(), M * QD, 0);
-    }
-    be.rope(M, d.Hq, d.hd, A.q.f(), QD, pos, inv_freq);
-    be.rope(M, d.Hkv, d.hd, A.k.f(), KD, pos, inv_freq);
-    if (bf16) {
-      be.attention_train_bf16(d.B, d.T, d.Hq, d.Hkv, d.hd, A.q.f(), QD, A.k.f(), KD, A.v.f(), KD, key_mask, scale(),
-                              A.att.f(), QD, A.lse.f());
-    } else {
-      be.attention_train(d.B, d.T, d.Hq, d.Hkv, d.hd, A.q.f(), QD, A.k.f(), KD, A.v.f(), KD, key_mask, scale(),
-                         A.att.f(), QD, A.lse.f());
-    }
-    lin_fwd(l, 3, A.att.f(), QD, A.x_mid.f(), D, 1);
-    be.add_inplace(M * D, x_in, A.x_mid.f());
-    be.rmsnorm(M, D, A.x_mid.f(), L.post_norm.f32(), eps, A.h2.f());
+    be.rmsnorm(M, D, x_in, L.input_norm.f32(), eps, A.h1);
+    if (!(recompute && attention_kept)) attention_half(l, x_in, A);
+    be.rmsnorm(M, D, A.x_mid, L.post_norm.f32(), eps, A.h2);
     {  // gate, up; LoRA scratch: A.a, written only by the SwiGLU below
-      float* y[2] = {A.g.f(), A.u.f()};
+      float* y[2] = {A.g, A.u};
       const int64_t ldy[2] = {I, I};
-      lins_fwd(l, 2, kGateUp, A.h2.f(), D, y, ldy, A.a.f(), M * I, 2);
+      lins_fwd(l, 2, kGateUp, A.h2, D, y, ldy, A.a, M * I, 2);
     }
-    be.swiglu(M, I, A.g.f(), I, A.u.f(), I, A.a.f(), I);
+    be.swiglu(M, I, A.g, I, A.u, I, A.a, I);
     if (recompute) return;
-    lin_fwd(l, 6, A.a.f(), I, x_out, D);
-    be.add_inplace(M * D, A.x_mid.f(), x_out);
+    lin_fwd(l, 6, A.a, I, x_out, D);
+    be.add_inplace(M * D, A.x_mid, x_out);
   }
 
   // dres[M, D]: dL/d(layer output) in, dL/d(x_in) out. A is consumed (g, u overwritten).
   // Scratch: da[M, I], dh[M, D], datt/dq[M, QD], dk/dv[M, KD].
-  void layer_backward(int64_t l, const float* x_in, LayerActs& A, float* dres, float* da, float* dh, float* datt,
+  void layer_backward(int64_t l, const float* x_in, const LayerView& A, float* dres, float* da, float* dh, float* datt,
                       float* dq, float* dk, float* dv) {
     const LayerWeights& L = w.layers[l];
     const float eps = w.cfg.rms_norm_eps;
     const int64_t M = d.M, D = d.D, I = d.I, QD = d.QD, KD = d.KD;
     // MLP block: x_out = x_mid + down(silu(gate(h2)) * up(h2)), h2 = post_norm(x_mid).
-    lin_bwd(l, 6, A.a.f(), I, dres, D, da, I, 0.0f);
-    be.swiglu_backward(M, I, A.g.f(), I, A.u.f(), I, da, I, A.g.f(), I, A.u.f(), I);  // dg -> g, du -> u
+    lin_bwd(l, 6, A.a, I, dres, D, da, I, 0.0f);
+    be.swiglu_backward(M, I, A.g, I, A.u, I, da, I, A.g, I, A.u, I);  // dg -> g, du -> u
     {  // gate, up; LoRA scratch: da (read by the SwiGLU backward above) and datt (written below)
-      float* dy[2] = {A.g.f(), A.u.f()};
+      float* dy[2] = {A.g, A.u};
       const int64_t lddy[2] = {I, I};
-      lins_bwd(l, 2, kGateUp, A.h2.f(), D, dy, lddy, dh, D, 0.0f, da, datt, M * std::min(I, QD), 2);
+      lins_bwd(l, 2, kGateUp, A.h2, D, dy, lddy, dh, D, 0.0f, da, datt, M * std::min(I, QD), 2);
     }
-    be.rmsnorm_backward(M, D, A.x_mid.f(), L.post_norm.f32(), eps, dh, dh);
+    be.rmsnorm_backward(M, D, A.x_mid, L.post_norm.f32(), eps, dh, dh);
     be.add_inplace(M * D, dh, dres);
     // Attention block: x_mid = x_in + o(attn(rope(q(h1)), rope(k(h1)), v(h1))), h1 = input_norm(x_in).
-    lin_bwd(l, 3, A.att.f(), QD, dres, D, datt, QD, 0.0f, 1);
+    lin_bwd(l, 3, A.att, QD, dres, D, datt, QD, 0.0f, 1);
     if (bf16)
-      be.attention_train_backward_bf16(d.B, d.T, d.Hq, d.Hkv, d.hd, A.q.f(), QD, A.k.f(), KD, A.v.f(), KD, key_mask,
-                                       scale(), A.att.f(), QD, A.lse.f(), datt, QD, dq, QD, dk, KD, dv, KD);
+      be.attention_train_backward_bf16(d.B, d.T, d.Hq, d.Hkv, d.hd, A.q, QD, A.k, KD, A.v, KD, key_mask,
+                                       scale(), A.att, QD, A.lse, datt, QD, dq, QD, dk, KD, dv, KD);
     else
-      be.attention_train_backward(d.B, d.T, d.Hq, d.Hkv, d.hd, A.q.f(), QD, A.k.f(), KD, A.v.f(), KD, key_mask,
-                                  scale(), A.att.f(), QD, A.lse.f(), datt, QD, dq, QD, dk, KD, dv, KD);
+      be.attention_train_backward(d.B, d.T, d.Hq, d.Hkv, d.hd, A.q, QD, A.k, KD, A.v, KD, key_mask,
+                                  scale(), A.att, QD, A.lse, datt, QD, dq, QD, dk, KD, dv, KD);
     be.rope_backward(M, d.Hq, d.hd, dq, QD, pos, inv_freq);
     be.rope_backward(M, d.Hkv, d.hd, dk, KD, pos, inv_freq);
     {  // q, k, v; LoRA scratch: da and datt (read by the attention backward above)
       float* dy[3] = {dq, dk, dv};
       const int64_t lddy[3] = {QD, KD, KD};
-      lins_bwd(l, 3, kQkv, A.h1.f(), D, dy, lddy, dh, D, 0.0f, da, datt, M * std::min(I, QD), 0);
+      lins_bwd(l, 3, kQkv, A.h1, D, dy, lddy, dh, D, 0.0f, da, datt, M * std::min(I, QD), 0);
     }
     be.rmsnorm_backward(M, D, x_in, L.input_norm.f32(), eps, dh, dh);
     be.add_inplace(M * D, dh, dres);
@@ -572,6 +602,12 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
   auto slot = [&](int64_t l) { return l > first_kept ? l - first_kept : 0; };
   std::vector<std::unique_ptr<LayerActs>> acts(n_acts);
   acts[0] = std::make_unique<LayerActs>(be_, mc, plan.layer);
+  // Layers [first_att, first_kept) keep their attention half in atts[l - first_att] (allocated by
+  // their forward, freed after their backward); the rest of their intermediates use acts[0], as the
+  // recomputed layers do.
+  const int64_t first_att = backward ? first_kept - plan.num_attention_kept : first_kept;
+  std::vector<std::unique_ptr<AttentionActs>> atts(static_cast<size_t>(first_kept - first_att));
+  auto att_of = [&](int64_t l) { return l >= first_att && l < first_kept ? atts[l - first_att].get() : nullptr; };
   // The gather reads a Q8_0 embedding's rows wherever the weights keep them (as forward() does: the
   // values of the fp32 table, which is never made for it, tied or not).
   if (head_h)
@@ -585,8 +621,9 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
   const bool recompute_first_kept = !keep_all && !skip_last_recompute_enabled();
   for (int64_t l = 0; l < nL; ++l) {
     if (slot(l) != 0) acts[slot(l)] = std::make_unique<LayerActs>(be_, mc, plan.layer);
+    if (l >= first_att && l < first_kept) atts[l - first_att] = std::make_unique<AttentionActs>(be_, mc, plan.layer);
     if (offload) be_.offload(host.at(l, xbytes), X(l), xbytes);  // queued before X(l) is overwritten
-    P.layer_forward(l, X(l), *acts[slot(l)], X(l + 1));
+    P.layer_forward(l, X(l), acts[slot(l)]->view(att_of(l)), X(l + 1));
   }
   if (!backward) acts[0].reset();
   ActBuf hF(be_, mc, plan.final_norm);  // [M, D] final-norm output, then its gradient
@@ -609,7 +646,8 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
     ActBuf da(be_, mc, plan.bwd.da), dh(be_, mc, plan.bwd.dh), datt(be_, mc, plan.bwd.datt), dq(be_, mc, plan.bwd.dq),
         dk(be_, mc, plan.bwd.dk), dv(be_, mc, plan.bwd.dv);
     for (int64_t l = nL - 1; l >= 0; --l) {
-      LayerActs& A = *acts[slot(l)];
+      const AttentionActs* H = att_of(l);
+      const LayerView A = acts[slot(l)]->view(H);
       float* x_in = X(l);
       float* x_out = offload ? xs[1].f() : X(l + 1);  // offload: X(nL) is no longer needed
       if (offload) be_.reload(x_in = xs[0].f(), host.at(l, xbytes), xbytes);
@@ -621,10 +659,11 @@ LlamaModel::LossResult LlamaModel::train_pass(LoraAdapter* ad, float ad_scale, c
         // x_out is dead here (layer l+1's backward is done; the recompute stops before the down
         // projection): it holds the recompute's LoRA t for this layer's backward.
         P.keep = ad && lora_keep_t_enabled() ? x_out : nullptr, P.keep_cap = plan.x;
-        P.layer_forward(l, x_in, A, x_out, true);
+        P.layer_forward(l, x_in, A, x_out, true, H != nullptr);
       }
       P.layer_backward(l, x_in, A, dres, da.f(), dh.f(), datt.f(), dq.f(), dk.f(), dv.f());
       if (slot(l) != 0) acts[slot(l)].reset();  // acts[0] stays: the recompute's set below
+      if (H) atts[l - first_att].reset();
     }
     ++ad->micro_step;
   }

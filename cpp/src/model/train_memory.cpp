@@ -64,15 +64,34 @@ void check_activation_budget(double budget) {
             "every layer's intermediates), got " + std::to_string(budget));
 }
 
-int64_t kept_layer_acts(const TrainShape& s) {
+namespace {
+
+LayerActsFloats layer_acts_floats(const TrainShape& s) {
+  const int64_t B = s.batch, T = s.seq, M = B * T, D = s.hidden, I = s.intermediate;
+  const int64_t QD = s.num_heads * s.head_dim, KD = s.num_kv_heads * s.head_dim;
+  return {M * D, M * QD, M * KD, M * KD, M * QD, B * s.num_heads * T, M * D, M * D, M * I, M * I, M * I};
+}
+
+}  // namespace
+
+KeptParts kept_parts(const TrainShape& s) {
   const int64_t L = s.num_layers;
-  if (!s.backward) return 1;             // eval: one set, reused layer by layer
-  if (!s.checkpointing) return L;        // every layer's intermediates
-  // PyTorch's normalisation: budget b allows b x (max - min) bytes above the recompute-all minimum;
-  // max - min is L - 1 LayerActs here. Whole layers only, rounded down (a budget is a cap); the
-  // 1e-9 keeps b = k / (L - 1) from rounding to k - 1.
-  const double extra = std::floor(s.activation_budget * static_cast<double>(L - 1) + 1e-9);
-  return 1 + std::min<int64_t>(L - 1, static_cast<int64_t>(extra));
+  if (!s.backward) return {1, 0};             // eval: one set, reused layer by layer
+  if (!s.checkpointing) return {L, 0};        // every layer's intermediates
+  // PyTorch's normalisation: budget b allows b x (max - min) floats above the recompute-all minimum;
+  // max - min is L - 1 LayerActs sets here. Whole parts only, rounded down (a budget is a cap); the
+  // 1e-9 keeps b = k / (L - 1) from rounding a whole-layer count down to k - 1.
+  const LayerActsFloats f = layer_acts_floats(s);
+  const double set = static_cast<double>(f.total()), att = static_cast<double>(f.attention());
+  const double allow = s.activation_budget * static_cast<double>(L - 1) * set;
+  const double all_att = static_cast<double>(L - 1) * att;
+  // The attention halves first (more recompute skipped per byte), the highest checkpointed layers first.
+  if (allow < all_att) return {1, std::min<int64_t>(L - 1, static_cast<int64_t>(std::floor(allow / att + 1e-9)))};
+  // Every checkpointed layer keeps its attention half; the rest turns the highest of them into whole
+  // sets, each costing the set minus the half it already keeps.
+  const double more = std::floor((allow - all_att) / (set - att) + 1e-9);
+  const int64_t full = std::min<int64_t>(L - 1, static_cast<int64_t>(more));
+  return {1 + full, L - 1 - full};
 }
 
 TrainMemoryPlan train_memory_plan(const TrainShape& s) {
@@ -85,8 +104,10 @@ TrainMemoryPlan train_memory_plan(const TrainShape& s) {
   p.dropout_buf = s.dropout ? M * std::max({D, I, QD}) : 0;
   p.x = M * D;
   p.num_x = s.backward && !offload ? L + 1 : 2;
-  p.layer = {M * D, M * QD, M * KD, M * KD, M * QD, B * s.num_heads * T, M * D, M * D, M * I, M * I, M * I};
-  p.num_layer_acts = kept_layer_acts(s);
+  p.layer = layer_acts_floats(s);
+  const KeptParts kept = kept_parts(s);
+  p.num_layer_acts = kept.layers;
+  p.num_attention_kept = kept.attention;
   p.final_norm = M * D;
   if (s.backward) p.bwd = {M * I, M * D, M * QD, M * QD, M * KD, M * KD};
 
@@ -95,7 +116,8 @@ TrainMemoryPlan train_memory_plan(const TrainShape& s) {
   p.lora_scratch = 2 * bytes(p.lora_t);
   p.dropout = 2 * bytes(p.dropout_buf);
   p.checkpoints = static_cast<size_t>(p.num_x) * bytes(p.x);
-  p.layer_activations = static_cast<size_t>(p.num_layer_acts) * bytes(p.layer.total());
+  p.layer_activations = static_cast<size_t>(p.num_layer_acts) * bytes(p.layer.total()) +
+                        static_cast<size_t>(p.num_attention_kept) * bytes(p.layer.attention());
   p.final_norm_bytes = bytes(p.final_norm);
   p.backward_scratch = bytes(p.bwd.total());
   p.cross_entropy = lm_loss_workspace_bytes(M, D, s.vocab, kCrossEntropyChunkRows, s.head, s.backward, s.bf16, s.device,
@@ -108,7 +130,7 @@ TrainMemoryPlan train_memory_plan(const TrainShape& s) {
   add(p.lora_scratch);
   add(p.dropout);
   add(p.checkpoints);
-  add(p.layer_activations);                   // every kept layer's set, all live at the end of the forward
+  add(p.layer_activations);                   // every kept set and half, all live at the end of the forward
   if (!s.backward) cur -= p.layer_activations;  // eval: freed before the loss
   add(p.final_norm_bytes);
   peak = std::max(peak, cur + p.cross_entropy);  // the loss's scratch, freed when it returns

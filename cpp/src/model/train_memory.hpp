@@ -45,9 +45,12 @@ struct TrainShape {
   Backend::LmHeadExtras lm_head;
   // activation_memory_budget (PyTorch's torch._functorch.config name and scale, 0..1): with
   // checkpointing and a backward, the share of the memory between recomputing every layer (one
-  // LayerActs, today's checkpointing) and recomputing none (L of them, checkpointing off) that keeps
-  // whole layers' intermediates: floor(budget x (L - 1)) more layers, the last ones, skip their
-  // recompute (kept_layer_acts). 0: plain checkpointing; 1: the memory and work of checkpointing off.
+  // LayerActs, plain checkpointing) and recomputing none (L of them, checkpointing off) spent on
+  // keeping intermediates, spent where it saves the most recompute per byte (kept_parts): first the
+  // attention halves of the checkpointed layers (q, k, v, attention output, logsumexp, mid residual:
+  // their recompute skips the q/k/v/o GEMMs and the attention, ~0.28 GFLOP/MiB at SmolLM2's shapes),
+  // the highest layers first; then whole layers, the last ones (their MLP half adds the gate/up
+  // GEMMs, ~0.16 GFLOP/MiB). 0: plain checkpointing; 1: the memory and work of checkpointing off.
   double activation_budget = 0.0;
   void validate() const;    // ValueError naming the first bad field
   // The loss reads a tied Q8_0 token_embd's rows in place of the fp32 table.
@@ -71,6 +74,9 @@ struct LayerActsFloats {
   int64_t u = 0;      // [M, I] up (its gradient in the backward)
   int64_t a = 0;      // [M, I] silu(g) * u
   int64_t total() const { return h1 + q + k + v + att + lse + x_mid + h2 + g + u + a; }
+  // The attention half (AttentionActs): what a checkpointed layer's recompute skips the q/k/v/o
+  // projections and the attention with.
+  int64_t attention() const { return q + k + v + att + lse + x_mid; }
 };
 
 // The backward's scratch (layer_backward), floats each; all zero without a backward.
@@ -88,11 +94,15 @@ struct TrainMemoryPlan {
   LayerActsFloats layer;     // one set of layer intermediates
   // LayerActs sets: the last num_layer_acts layers keep their forward's intermediates (no recompute),
   // layers below share the lowest kept set for their forward and recompute. L without checkpointing
-  // (with a backward), 1 + floor(activation_budget x (L - 1)) with it, 1 without a backward.
+  // (with a backward), 1 + the budget's whole layers with it (kept_parts), 1 without a backward.
   int64_t num_layer_acts = 0;
+  // Attention halves (layer.attention() floats each): the num_attention_kept layers right below the
+  // whole kept ones keep theirs; their recompute runs only the norms and the MLP half.
+  int64_t num_attention_kept = 0;
   int64_t final_norm = 0;    // hF [M, D]: the final norm's output, then dL/d(residual)
   BackwardFloats bwd;
   // Bytes by part (device memory) and the pass's peak (MemCounter's high-water mark).
+  // layer_activations: the kept LayerActs sets and attention halves.
   size_t checkpoints = 0, layer_activations = 0, lora_scratch = 0, dropout = 0, final_norm_bytes = 0,
          backward_scratch = 0, cross_entropy = 0, peak = 0;
   size_t offload_host = 0;   // host staging of offloaded checkpoints (not device memory, not in peak)
@@ -100,8 +110,12 @@ struct TrainMemoryPlan {
 
 TrainMemoryPlan train_memory_plan(const TrainShape& s);
 
-// The plan's num_layer_acts: how many of the last layers keep their intermediates (see TrainShape).
-int64_t kept_layer_acts(const TrainShape& s);
+// What the budget keeps (see TrainShape): whole LayerActs sets (the plan's num_layer_acts, the last
+// layers) and attention halves (num_attention_kept, the layers right below them).
+struct KeptParts {
+  int64_t layers = 1, attention = 0;
+};
+KeptParts kept_parts(const TrainShape& s);
 
 // ValueError unless budget is a number in [0, 1] (activation_memory_budget).
 void check_activation_budget(double budget);
