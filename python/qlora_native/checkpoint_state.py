@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
+
 from ._core import FormatError
 
 
@@ -37,8 +39,34 @@ def check_state(where: Path, state, total_steps: int, num_batches) -> None:
         raise FormatError(f"{where}: 'log_history' must be a list of objects")
 
 
+def flatten(obj, prefix="s"):
+    """Nested dict/list/tuple of arrays and JSON scalars -> ({name: array}, JSON skeleton): what the
+    Trainer writes as optimizer.safetensors / optimizer.json; unflatten is its inverse."""
+    tensors: dict = {}
+
+    def walk(o, p):
+        if isinstance(o, np.ndarray):
+            tensors[p] = np.ascontiguousarray(o)
+            return {"__tensor__": p}
+        if isinstance(o, dict):
+            for k in o:
+                if not isinstance(k, str):
+                    raise ValueError(f"optimizer state: key {k!r} at {p} is not a str")
+            return {"__dict__": {k: walk(v, f"{p}.{k}") for k, v in o.items()}}
+        if isinstance(o, (list, tuple)):
+            items = [walk(v, f"{p}.{i}") for i, v in enumerate(o)]
+            return {"__tuple__": items} if isinstance(o, tuple) else items
+        if isinstance(o, (np.integer, np.floating, np.bool_)):
+            return o.item()
+        if o is None or isinstance(o, (bool, int, float, str)):
+            return o
+        raise ValueError(f"optimizer state: cannot serialize {type(o).__name__} at {p}")
+
+    return tensors, walk(obj, prefix)
+
+
 def unflatten(where: Path, skel, tensors: dict):
-    """optimizer.json's skeleton with its tensors put back (trainer._flatten's inverse); every
+    """optimizer.json's skeleton with its tensors put back (flatten's inverse); every
     tensor a float array (an int one would be cast, truncating the moments)."""
     if isinstance(skel, dict):
         if "__tensor__" in skel:

@@ -514,7 +514,7 @@ class Trainer:
         atomic_io.cleanup(out)
         with atomic_io.save_dir(final) as tmp:
             self.model.save_adapter(str(tmp), self.adapter)  # straight into the staging directory
-            tensors, skeleton = _flatten(self.model.get_optimizer_state())
+            tensors, skeleton = checkpoint_state.flatten(self.model.get_optimizer_state())
             _io.save_safetensors(tmp / _OPT_TENSORS, tensors)
             atomic_io.write_text(tmp / _OPT_JSON, json.dumps(skeleton))
             state = {"global_step": self.global_step, "total_steps": self.total_steps, "epoch": self.epoch,
@@ -620,32 +620,6 @@ class Trainer:
         if self.rank == 0:
             _write_lines_atomic(Path(self.args.output_dir) / LOG_NAME,
                                 [json.dumps(r, sort_keys=True) for r in self.log_history])
-
-
-# ---------------------------------------------------------------- state (de)serialization
-def _flatten(obj, prefix="s"):
-    """Nested dict/list/tuple of arrays and JSON scalars -> ({name: array}, JSON skeleton)."""
-    tensors: dict = {}
-
-    def walk(o, p):
-        if isinstance(o, np.ndarray):
-            tensors[p] = np.ascontiguousarray(o)
-            return {"__tensor__": p}
-        if isinstance(o, dict):
-            for k in o:
-                if not isinstance(k, str):
-                    raise ValueError(f"optimizer state: key {k!r} at {p} is not a str")
-            return {"__dict__": {k: walk(v, f"{p}.{k}") for k, v in o.items()}}
-        if isinstance(o, (list, tuple)):
-            items = [walk(v, f"{p}.{i}") for i, v in enumerate(o)]
-            return {"__tuple__": items} if isinstance(o, tuple) else items
-        if isinstance(o, (np.integer, np.floating, np.bool_)):
-            return o.item()
-        if o is None or isinstance(o, (bool, int, float, str)):
-            return o
-        raise ValueError(f"optimizer state: cannot serialize {type(o).__name__} at {p}")
-
-    return tensors, walk(obj, prefix)
 
 
 def _write_lines_atomic(path: Path, lines: list) -> None:
