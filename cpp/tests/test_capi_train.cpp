@@ -1,7 +1,8 @@
 // ctest for LoRA training through the C API (qlora_adapter_add / qlora_train_configure /
 // qlora_train_step) on the tiny random checkpoint: the first loss equals the cross-entropy
 // recomputed from qlora_model_forward logits, ~30 steps on one batch drive the loss below half,
-// generation changes, and bad calls fail with INVALID_ARGUMENT and a message.
+// generation changes, and bad calls fail with INVALID_ARGUMENT and a message; forward, generate and
+// train_step refuse more positions than max_position_embeddings.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -156,6 +157,61 @@ void test_train(const std::string& dir, const std::string& save_dir) {
   qlora_model_free(m);
 }
 
+// The model-level calls refuse more positions than max_position_embeddings (Python's default, the
+// contexts' default n_ctx) with INVALID_ARGUMENT naming the call and both numbers; exactly the limit
+// runs; a context with a larger n_ctx still runs past it.
+void test_positions(const std::string& dir) {
+  qlora_model_params p = qlora_model_default_params();
+  p.quantize = QLORA_QUANT_NONE;
+  qlora_model* m = qlora_model_load(dir.c_str(), &p);
+  CHECK(m != nullptr, "load: %s", qlora_last_error());
+  if (!m) return;
+  const int64_t n = qlora_model_n_ctx_train(m);
+  CHECK(n == 256, "max_position_embeddings %lld", static_cast<long long>(n));
+  std::mt19937 g(11);
+  std::vector<int32_t> ids(static_cast<size_t>(n + 1));  // [n + 1]
+  for (auto& v : ids) v = static_cast<int32_t>(3 + g() % (V - 3));
+  std::vector<float> lg(static_cast<size_t>((n + 1) * V));
+  auto refused = [](int rc, const char* call, const std::string& what) {
+    const std::string want = std::string(call) + ": " + what + " exceeds the model's max_position_embeddings 256";
+    return rc == QLORA_ERR_INVALID_ARGUMENT && contains(qlora_last_error(), want.c_str());
+  };
+  CHECK(refused(qlora_model_forward(m, ids.data(), n + 1, lg.data()), "qlora_model_forward", "n_tokens 257"),
+        "forward n + 1: %s", qlora_last_error());
+  CHECK(qlora_model_forward(m, ids.data(), n, lg.data()) == QLORA_OK, "forward n: %s", qlora_last_error());
+
+  std::vector<int32_t> out(8, -1);
+  int64_t got = -1;
+  CHECK(refused(qlora_generate(m, ids.data(), n - 4, nullptr, out.data(), 5, &got, nullptr, nullptr), "qlora_generate",
+                "prompt (252) + max_new_tokens (5)") &&
+            got == 0,
+        "generate n + 1: %s", qlora_last_error());
+  CHECK(refused(qlora_generate(m, ids.data(), n + 1, nullptr, out.data(), 0, &got, nullptr, nullptr), "qlora_generate",
+                "prompt (257) + max_new_tokens (0)"),
+        "generate prompt n + 1: %s", qlora_last_error());
+  CHECK(qlora_generate(m, ids.data(), n - 4, nullptr, out.data(), 4, &got, nullptr, nullptr) == QLORA_OK && got == 4,
+        "generate n: %s", qlora_last_error());
+
+  CHECK(qlora_adapter_add(m, "a", nullptr) == QLORA_OK && qlora_train_configure(m, 1e-3f, 0.0f) == QLORA_OK,
+        "adapter: %s", qlora_last_error());
+  std::vector<int32_t> labels = ids;
+  float loss = NAN;
+  CHECK(refused(qlora_train_step(m, ids.data(), labels.data(), 1, n + 1, -1.0f, 1.0f, &loss), "qlora_train_step",
+                "seq 257") &&
+            std::isnan(loss),
+        "train n + 1: %s", qlora_last_error());
+  CHECK(qlora_train_step(m, ids.data(), labels.data(), 1, n, -1.0f, 1.0f, &loss) == QLORA_OK && std::isfinite(loss),
+        "train n: %s", qlora_last_error());
+
+  qlora_context_params cp = qlora_context_default_params();
+  cp.n_ctx = n + 1;  // a context past max_position_embeddings: the way to run longer sequences
+  qlora_context* c = qlora_context_new(m, cp);
+  CHECK(c != nullptr && qlora_context_forward(c, ids.data(), n + 1, lg.data()) == QLORA_OK, "context n + 1: %s",
+        qlora_last_error());
+  qlora_context_free(c);
+  qlora_model_free(m);
+}
+
 }  // namespace
 
 int main() {
@@ -163,6 +219,7 @@ int main() {
   try {
     tiny::write_checkpoint((root / "tiny").string());
     test_train((root / "tiny").string(), (root / "adapter").string());
+    test_positions((root / "tiny").string());
   } catch (const std::exception& e) {
     std::fprintf(stderr, "FAIL: exception %s\n", e.what());
     ++g_failures;

@@ -123,14 +123,18 @@ QLORA_API int qlora_model_set_adapter_dtype(qlora_model* model, const char* dtyp
 QLORA_API const char* qlora_model_adapter_dtype(const qlora_model* model);
 
 /* Logits of every position of one sequence: ids[n_tokens] -> logits_out[n_tokens * n_vocab]
- * (caller-allocated, row t = logits after ids[0..t]). Independent of any generation. */
+ * (caller-allocated, row t = logits after ids[0..t]). Independent of any generation.
+ * n_tokens above the model's max_position_embeddings (qlora_model_n_ctx_train) is refused with
+ * QLORA_ERR_INVALID_ARGUMENT, as Python refuses it by default (RoPE past the trained range degrades
+ * the output); a context with a larger n_ctx (qlora_context_params) runs past it. */
 QLORA_API int qlora_model_forward(qlora_model* model, const int32_t* ids, int64_t n_tokens, float* logits_out);
 
 /* Generates up to max_new_tokens after prompt[n_prompt] (n_prompt >= 1) with a KV cache.
  * params may be NULL (greedy). out_tokens[max_new_tokens] (caller-allocated; may be NULL when
  * max_new_tokens is 0) receives the new tokens and *n_out their count (n_out may be NULL).
  * Stops early at a stop id (kept) or when cb (may be NULL) returns nonzero. On failure *n_out
- * holds the tokens produced before the error. */
+ * holds the tokens produced before the error. n_prompt + max_new_tokens above max_position_embeddings
+ * is refused before any compute (QLORA_ERR_INVALID_ARGUMENT, as qlora_model_forward). */
 QLORA_API int qlora_generate(qlora_model* model, const int32_t* prompt, int64_t n_prompt,
                              const qlora_sampling_params* params, int32_t* out_tokens, int64_t max_new_tokens,
                              int64_t* n_out, qlora_token_callback cb, void* user);
@@ -173,7 +177,8 @@ QLORA_API int qlora_train_configure(qlora_model* model, float lr, float weight_d
  * labels[batch * seq] (transformers convention: unshifted, -100 = ignored), backward, clip the
  * global grad norm to max_grad_norm (<= 0: no clipping), AdamW step with lr (< 0: the lr of
  * qlora_train_configure). *loss_out (may be NULL) receives the loss before the step. Errors:
- * INVALID_ARGUMENT when no adapter / not configured / an id or label is out of range. */
+ * INVALID_ARGUMENT when no adapter / not configured / an id or label is out of range / seq is above
+ * max_position_embeddings (as qlora_model_forward). */
 QLORA_API int qlora_train_step(qlora_model* model, const int32_t* ids, const int32_t* labels, int64_t batch,
                                int64_t seq, float lr, float max_grad_norm, float* loss_out);
 

@@ -48,13 +48,22 @@ void check_model(const qlora_model* model, const char* fn) {
   check_arg(is_live_model(model), std::string(fn) + ": model is not a live qlora_model (freed, or not made by qlora_model_load)");
 }
 
+int64_t model_n_ctx(const qlora_model* model) { return model->info.cfg.max_position_embeddings; }
+
+void check_positions(const std::string& f, const std::string& what, int64_t n, int64_t n_ctx, bool context) {
+  if (n_ctx <= 0 || n <= n_ctx) return;
+  throw ValueError(f + ": " + what + " exceeds " +
+                   (context ? "the context's n_ctx " + std::to_string(n_ctx)
+                            : "the model's max_position_embeddings " + std::to_string(n_ctx) +
+                                  " (a qlora_context with a larger n_ctx runs past it; quality degrades)"));
+}
+
 void forward(qlora_model* model, const qlora::model::AdapterSet* uses, int64_t n_ctx, const char* fn,
              const int32_t* ids, int64_t n_tokens, float* logits_out) {
   const std::string f(fn);
   check_arg(n_tokens >= 1 && n_tokens <= INT32_MAX, f + ": n_tokens must be in [1, 2^31), got " + std::to_string(n_tokens));
   check_arg(ids != nullptr && logits_out != nullptr, f + ": ids and logits_out must not be NULL");
-  check_arg(n_ctx <= 0 || n_tokens <= n_ctx, f + ": n_tokens " + std::to_string(n_tokens) +
-                                                 " exceeds the context's n_ctx " + std::to_string(n_ctx));
+  check_positions(f, "n_tokens " + std::to_string(n_tokens), n_tokens, n_ctx, uses != nullptr);
   check_ids(ids, n_tokens, model->info.cfg.vocab_size, fn);
   std::shared_lock<std::shared_mutex> lock(model->mu);
   if (uses)
@@ -72,9 +81,8 @@ void generate(qlora_model* model, const qlora::model::AdapterSet* uses, int64_t 
   check_arg(max_new_tokens == 0 || out_tokens != nullptr, f + ": out_tokens is NULL");
   check_arg(n_prompt <= INT32_MAX && max_new_tokens <= INT32_MAX - n_prompt,
             f + ": prompt + max_new_tokens must stay below 2^31 tokens");
-  check_arg(n_ctx <= 0 || n_prompt + max_new_tokens <= n_ctx,
-            f + ": prompt (" + std::to_string(n_prompt) + ") + max_new_tokens (" + std::to_string(max_new_tokens) +
-                ") exceeds the context's n_ctx " + std::to_string(n_ctx));
+  check_positions(f, "prompt (" + std::to_string(n_prompt) + ") + max_new_tokens (" + std::to_string(max_new_tokens) + ")",
+                  n_prompt + max_new_tokens, n_ctx, uses != nullptr);
   const qlora_sampling_params p = params ? *params : qlora_sampling_default_params();
   check_arg(p.n_stop_ids >= 0, f + ": n_stop_ids must be >= 0, got " + std::to_string(p.n_stop_ids));
   check_arg(p.n_stop_ids == 0 || p.stop_ids != nullptr, f + ": stop_ids is NULL but n_stop_ids > 0");
@@ -232,7 +240,8 @@ QLORA_API const char* qlora_model_adapter_dtype(const qlora_model* model) {
 QLORA_API int qlora_model_forward(qlora_model* model, const int32_t* ids, int64_t n_tokens, float* logits_out) {
   return guard([&] {
     qlora::capi::check_model(model, "qlora_model_forward");
-    qlora::capi::forward(model, nullptr, 0, "qlora_model_forward", ids, n_tokens, logits_out);
+    qlora::capi::forward(model, nullptr, qlora::capi::model_n_ctx(model), "qlora_model_forward", ids, n_tokens,
+                         logits_out);
     return QLORA_OK;
   });
 }
@@ -243,8 +252,8 @@ QLORA_API int qlora_generate(qlora_model* model, const int32_t* prompt, int64_t 
   if (n_out) *n_out = 0;
   return guard([&] {
     qlora::capi::check_model(model, "qlora_generate");
-    qlora::capi::generate(model, nullptr, 0, "qlora_generate", prompt, n_prompt, params, out_tokens, max_new_tokens,
-                          n_out, cb, user);
+    qlora::capi::generate(model, nullptr, qlora::capi::model_n_ctx(model), "qlora_generate", prompt, n_prompt, params,
+                          out_tokens, max_new_tokens, n_out, cb, user);
     return QLORA_OK;
   });
 }
@@ -301,6 +310,8 @@ QLORA_API int qlora_train_step(qlora_model* model, const int32_t* ids, const int
     check_arg(ids != nullptr && labels != nullptr, "qlora_train_step: ids and labels must not be NULL");
     check_arg(batch >= 1 && seq >= 2 && batch <= INT32_MAX / seq,
               "qlora_train_step: need batch >= 1, seq >= 2 and batch * seq < 2^31");
+    qlora::capi::check_positions("qlora_train_step", "seq " + std::to_string(seq), seq, qlora::capi::model_n_ctx(model),
+                                 false);
     check_arg(!std::isnan(lr) && !std::isnan(max_grad_norm), "qlora_train_step: lr / max_grad_norm is NaN");
     check_ids(ids, batch * seq, model->info.cfg.vocab_size, "qlora_train_step");
     std::unique_lock<std::shared_mutex> lock(model->mu);

@@ -55,12 +55,20 @@ bool is_live_model(const qlora_model* model);
 // whether it can be deleted now (no context open; else the last qlora_context_free deletes it).
 bool release_model_handles(qlora_model* model);
 
+// The one length rule of the calls that run the model on token positions: `n` positions (`what`,
+// e.g. "n_tokens 9") must not exceed n_ctx (<= 0: no bound), else ValueError naming the call and both
+// numbers. context: a qlora_context's n_ctx; else the model-level calls' bound model_n_ctx(model),
+// max_position_embeddings (Python's default, allow_long_context False; a context runs past it).
+void check_positions(const std::string& f, const std::string& what, int64_t n, int64_t n_ctx, bool context);
+int64_t model_n_ctx(const qlora_model* model);
+
 // The body of qlora_generate (`uses` null: the model's active adapter) after the caller's checks
-// of its handle; `n_ctx` > 0 bounds prompt + max_new_tokens. *n_out counts the tokens produced.
+// of its handle; `n_ctx` > 0 bounds prompt + max_new_tokens (check_positions; `uses` null: the
+// model-level call, n_ctx = model_n_ctx). *n_out counts the tokens produced.
 void generate(qlora_model* model, const qlora::model::AdapterSet* uses, int64_t n_ctx, const char* fn,
               const int32_t* prompt, int64_t n_prompt, const qlora_sampling_params* params, int32_t* out_tokens,
               int64_t max_new_tokens, int64_t* n_out, qlora_token_callback cb, void* user);
-// The body of qlora_model_forward (`uses` null: the active adapter); n_ctx > 0 bounds n_tokens.
+// The body of qlora_model_forward (`uses` null: the active adapter); n_ctx > 0 bounds n_tokens as above.
 void forward(qlora_model* model, const qlora::model::AdapterSet* uses, int64_t n_ctx, const char* fn,
              const int32_t* ids, int64_t n_tokens, float* logits_out);
 
