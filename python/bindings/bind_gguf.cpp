@@ -142,7 +142,7 @@ void bind_gguf(py::module_& m) {
              return File::open(path);
            }),
            py::arg("path"))
-      .def_property_readonly("path", &File::path)
+      .def_property_readonly("path", [](const File& f) { return fs_text(f.path()); })
       .def_property_readonly("size", &File::size)
       .def_property_readonly("version", &File::version)
       .def_property_readonly("byte_order", [](const File& f) { return f.big_endian() ? ">" : "<"; })

@@ -157,7 +157,7 @@ void bind_io(py::module_& m) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const io::FileError& e) {
-      py::object exc = py::reinterpret_borrow<py::object>(PyExc_OSError)(e.err, e.reason, e.path);
+      py::object exc = py::reinterpret_borrow<py::object>(PyExc_OSError)(e.err, e.reason, fs_text(e.path));
       PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
     }
   });
@@ -189,7 +189,7 @@ void bind_io(py::module_& m) {
       .def("get", [](py::object self, const std::string& n) { return tensor_view(self.cast<const SafetensorsFile&>().at(n), self); },
            py::arg("name"), "Read-only array viewing the mapping (BF16 as raw uint16 bits).")
       .def_property_readonly("header_size", &SafetensorsFile::header_size)
-      .def_property_readonly("path", &SafetensorsFile::path);
+      .def_property_readonly("path", [](const SafetensorsFile& f) { return fs_text(f.path()); });
 
   io.def(
       "save_safetensors",
@@ -321,8 +321,8 @@ void bind_io(py::module_& m) {
           if (msg.size() > tail.size() && msg.compare(msg.size() - tail.size(), tail.size(), tail) == 0)
             msg.resize(msg.size() - tail.size());
           const bool named = msg.find("'" + e.path + "'") != std::string::npos;  // else OSError appends it
-          py::object exc = named ? py::reinterpret_borrow<py::object>(PyExc_OSError)(e.err, msg)
-                                 : py::reinterpret_borrow<py::object>(PyExc_OSError)(e.err, msg, e.path);
+          py::object exc = named ? py::reinterpret_borrow<py::object>(PyExc_OSError)(e.err, fs_text(msg))
+                                 : py::reinterpret_borrow<py::object>(PyExc_OSError)(e.err, fs_text(msg), fs_text(e.path));
           PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
           throw py::error_already_set();
         }

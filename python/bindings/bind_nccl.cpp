@@ -21,7 +21,7 @@ void bind_nccl(py::module_& m) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const dist::NcclUnavailable& e) {
-      py::set_error(PyExc_ImportError, e.what());
+      set_error_fs(PyExc_ImportError, e.what());  // may name a library path
     }
   });
   n.attr("INSTALL") = dist::kNcclInstall;
@@ -30,9 +30,12 @@ void bind_nccl(py::module_& m) {
   n.def(
       "load",
       [](const std::vector<std::string>& candidates) {
-        py::gil_scoped_release nogil;
-        const dist::NcclLibrary lib = dist::nccl_load(candidates);
-        return std::make_pair(lib.path, lib.version);
+        dist::NcclLibrary lib;
+        {
+          py::gil_scoped_release nogil;
+          lib = dist::nccl_load(candidates);
+        }
+        return py::make_tuple(fs_text(lib.path), lib.version);  // the path as os.fsdecode gives it
       },
       py::arg("candidates") = std::vector<std::string>{},
       "Load libnccl (first call): the first of `candidates` (paths or a soname) that loads; empty: "

@@ -172,7 +172,7 @@ void bind_tokenizer(py::module_& m) {
         for (int32_t x : t.desc().eos_ids) s.add(py::int_(x));
         return py::frozenset(s);
       })
-      .def_property_readonly("source", [](const tk::Tokenizer& t) { return t.desc().source; });
+      .def_property_readonly("source", [](const tk::Tokenizer& t) { return fs_text(t.desc().source); });
   m.attr("tokenizer_unicode_version") = tk::kUnicodeVersion;
   m.def(
       "tokenizer_nfc",

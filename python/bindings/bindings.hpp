@@ -10,6 +10,13 @@ namespace qlora::py_bind {
 namespace py = pybind11;
 // A parsed JSON value as Python objects (bind_io.cpp); shared by the binders that return JSON.
 py::object json_to_python(const json::Value& v);
+// Text the engine built that may hold a path's bytes (a Linux file name need not be UTF-8) as a str,
+// decoded with errors="surrogateescape" as os.fsdecode does: the path in it reads as the str the caller
+// passed, and a message is never lost to a UnicodeDecodeError (module.cpp).
+py::str fs_text(const std::string& s);
+// Raise `type`(fs_text(msg)): PyErr_SetString would decode msg as strict UTF-8 and raise
+// UnicodeDecodeError instead of the intended exception when it names such a path.
+void set_error_fs(PyObject* type, const char* msg);
 // compute_dtype "float32" -> false, "bfloat16" -> true, anything else ValueError (bind_ops.cpp).
 bool bf16_arg(const std::string& compute_dtype);
 void bind_info(py::module_& m);   // version, SIMD levels, threads, backends, CUDA status

@@ -1,22 +1,72 @@
 // The pybind11 module qlora_native._core: the thin bridge to the C++ engine.
 #include <pybind11/pybind11.h>
 
+#include <cstring>
+#include <new>
+#include <stdexcept>
+
 #include "bindings.hpp"
 #include "common/error.hpp"
 
 namespace py = pybind11;
 
+namespace qlora::py_bind {
+
+py::str fs_text(const std::string& s) {
+  PyObject* o = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "surrogateescape");
+  if (!o) throw py::error_already_set();
+  return py::reinterpret_steal<py::str>(o);
+}
+
+void set_error_fs(PyObject* type, const char* msg) {
+  PyObject* o = PyUnicode_DecodeUTF8(msg, static_cast<Py_ssize_t>(std::strlen(msg)), "surrogateescape");
+  if (!o) return;  // MemoryError is set
+  PyErr_SetObject(type, o);
+  Py_DECREF(o);
+}
+
+namespace {
+bool valid_utf8(const char* s) {
+  PyObject* o = PyUnicode_DecodeUTF8(s, static_cast<Py_ssize_t>(std::strlen(s)), "strict");
+  if (!o) {
+    PyErr_Clear();
+    return false;
+  }
+  Py_DECREF(o);
+  return true;
+}
+}  // namespace
+
+}  // namespace qlora::py_bind
+
 PYBIND11_MODULE(_core, m) {
+  using qlora::py_bind::set_error_fs;
   m.doc() = "qlora_native C++ engine";
-  // Python exception classes for the engine's exception types (see common/error.hpp).
+  // Python exception classes for the engine's exception types (see common/error.hpp). Messages are
+  // decoded with surrogateescape (set_error_fs): one naming a non-UTF-8 path keeps its class.
   static py::exception<qlora::FormatError> format_error(m, "FormatError", PyExc_ValueError);
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const qlora::FormatError& e) {
-      py::set_error(format_error, e.what());
+      set_error_fs(format_error.ptr(), e.what());
     } catch (const qlora::ValueError& e) {
-      py::set_error(PyExc_ValueError, e.what());
+      set_error_fs(PyExc_ValueError, e.what());
+    } catch (const py::builtin_exception&) {
+      throw;  // pybind11's own (their messages hold no paths)
+    } catch (const py::error_already_set&) {
+      throw;
+    } catch (const std::exception& e) {
+      // The standard exceptions pybind11 maps, when the message is not UTF-8 (else its own mapping).
+      if (qlora::py_bind::valid_utf8(e.what())) throw;
+      PyObject* type = PyExc_RuntimeError;
+      if (dynamic_cast<const std::bad_alloc*>(&e)) type = PyExc_MemoryError;
+      else if (dynamic_cast<const std::out_of_range*>(&e)) type = PyExc_IndexError;
+      else if (dynamic_cast<const std::overflow_error*>(&e)) type = PyExc_OverflowError;
+      else if (dynamic_cast<const std::domain_error*>(&e) || dynamic_cast<const std::invalid_argument*>(&e) ||
+               dynamic_cast<const std::length_error*>(&e) || dynamic_cast<const std::range_error*>(&e))
+        type = PyExc_ValueError;
+      set_error_fs(type, e.what());
     }
   });
   qlora::py_bind::bind_info(m);

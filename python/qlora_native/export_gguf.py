@@ -25,6 +25,7 @@ import numpy as np
 
 from . import atomic_io
 from ._core import FormatError
+from .fspath import text_of_path
 from .gguf_source import _GLOBAL_NAMES, _LAYER_NAMES, _unpermute_rows
 from .lora_config import PROJECTIONS, LoraConfig, module_path, peft_tensor_name
 
@@ -169,7 +170,8 @@ def export_gguf(model, path, dtype: str = "f16") -> None:
     sw = _StreamWriter(arch)
     w = sw.w
     # ---- metadata: the keys llama.cpp's loader reads for llama / qwen2
-    name = os.path.basename(os.fspath(getattr(model, "name_or_path", None) or "")) or "model"
+    # general.name is a GGUF string (UTF-8): a loaded path's bytes that are not UTF-8 written \xNN
+    name = text_of_path(os.path.basename(os.fspath(getattr(model, "name_or_path", None) or ""))) or "model"
     w.add_type("model")
     w.add_name(re.sub(r"\.gguf$", "", name))
     w.add_vocab_size(c.vocab_size)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 import warnings
@@ -268,10 +269,14 @@ class LoraConfig:
         is written as PEFT's resolved Llama default ["q_proj", "v_proj"]; base_model_name_or_path
         overrides the config's own when given."""
         from . import _core
+        from .fspath import text_of_path
 
         t = self.target_modules
         ex = self.exclude_modules
-        base = self.base_model_name_or_path if base_model_name_or_path is None else str(base_model_name_or_path)
+        base = self.base_model_name_or_path
+        if base_model_name_or_path is not None:  # a path as loaded: its non-UTF-8 bytes written \xNN
+            b = base_model_name_or_path
+            base = text_of_path(b) if isinstance(b, (str, bytes, os.PathLike)) else str(b)
         return _core.io.peft_config_json({
             "base_model_name_or_path": base,
             "r": int(self.r),

@@ -116,7 +116,8 @@ class _SentencePieceBackend:
 
         self.sp = spm.SentencePieceProcessor()
         try:
-            self.sp.load(str(path))
+            # the bytes, not the name: sentencepiece takes only UTF-8 names (qlora_native.fspath)
+            self.sp.LoadFromSerializedProto(Path(path).read_bytes())
         except (OSError, RuntimeError) as exc:
             from ._core import FormatError
 
@@ -255,7 +256,8 @@ class Tokenizer:
         from .tokenizer_gguf import template_processing
 
         try:
-            tk = HFTokenizer.from_file(str(p / "tokenizer.json"))
+            # the bytes, not the name: tokenizers takes only UTF-8 names (qlora_native.fspath)
+            tk = HFTokenizer.from_buffer((p / "tokenizer.json").read_bytes())
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             from ._core import FormatError
 
