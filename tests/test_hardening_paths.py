@@ -140,6 +140,25 @@ def test_gguf_export_and_load(mdir):
     ids = np.array([[1, 5, 9, 11]])
     np.testing.assert_allclose(g(ids), m(ids), rtol=0, atol=1e-4)
     assert g.tokenizer is not None and g.tokenizer.encode("hello") == m.tokenizer.encode("hello")
+    m.add_adapter("a", CFG, seed=3)  # a llama.cpp LoRA file there too
+    lp = os.path.join(mdir, "lora.gguf")
+    m.export_gguf_lora(lp)
+    m.load_adapter(lp, "b")
+    a, b = m.get_adapter_state_dict("a"), m.get_adapter_state_dict("b")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_save_pretrained_and_reload(mdir):
+    m = Model.from_pretrained(mdir, quantize=None)
+    out = os.path.join(mdir, "saved-model")  # atomic_io.save_dir's staging and swap under such a name
+    m.save_pretrained(out)
+    m.save_pretrained(out)  # again: the old save is replaced as a unit
+    r = Model.from_pretrained(out, quantize=None)
+    ids = np.array([[1, 5, 9, 11]])
+    np.testing.assert_array_equal(r(ids), m(ids))
+    assert r.tokenizer.encode("hello world") == m.tokenizer.encode("hello world")
+    assert sorted(os.listdir(mdir)) == sorted(set(os.listdir(mdir)))  # nothing left beside it
+    assert not [f for f in os.listdir(mdir) if "qlora-tmp" in f or "qlora-old" in f]
 
 
 def test_trainer_checkpoint_save_and_resume(mdir):

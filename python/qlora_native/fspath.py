@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["core_path", "text_of_path"]
+__all__ = ["core_path", "core_text", "text_of_path"]
 
 
 def core_path(path: str | bytes | os.PathLike) -> bytes:
@@ -25,13 +25,18 @@ def core_path(path: str | bytes | os.PathLike) -> bytes:
     return b
 
 
+def core_text(s: str) -> bytes:
+    """A str the engine only puts in its messages (a tensor's place naming the file it is in) as the
+    bytes the std::string caster takes: UTF-8, with a path's non-UTF-8 bytes put back
+    (surrogateescape), which the message then decodes to the same str."""
+    try:
+        return s.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # other lone surrogates: not a path's bytes
+        return s.encode("utf-8", "backslashreplace")
+
+
 def text_of_path(path: str | bytes | os.PathLike) -> str:
     """`path` as text that encodes to UTF-8, for files that must hold valid UTF-8 (JSON metadata such
-    as adapter_config.json's base_model_name_or_path): the bytes of a name that are not UTF-8 (lone
-    surrogates U+DC80..U+DCFF from os.fsdecode) are written \\xNN, other lone surrogates \\udNNN."""
-    p = os.fsdecode(os.fspath(path))
-    try:
-        b = p.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        b = p.encode("utf-8", "backslashreplace")
-    return b.decode("utf-8", "backslashreplace")
+    as adapter_config.json's base_model_name_or_path, GGUF strings): the bytes of a name that are not
+    UTF-8 are written \\xNN."""
+    return core_text(os.fsdecode(os.fspath(path))).decode("utf-8", "backslashreplace")

@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from ._core import gguf as _gguf
+from .fspath import core_text
 
 # GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N."), and the global tensors:
 # the C++ loader's tables.
@@ -60,4 +61,4 @@ class GGUFSource:
 def _unpermute_rows(w: np.ndarray, n_head: int, name: str = "") -> np.ndarray:
     """Undo llama.cpp's convert_hf_to_gguf permutation of Q/K rows (interleaved -> rotate-half);
     the C++ loader's routine."""
-    return _gguf.unpermute_rows(np.ascontiguousarray(w, dtype=np.float32), n_head, name)
+    return _gguf.unpermute_rows(np.ascontiguousarray(w, dtype=np.float32), n_head, core_text(name))  # may name a path
