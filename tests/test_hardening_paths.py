@@ -53,6 +53,8 @@ def test_model_and_tokenizer_load(mdir):
     assert m(np.array([ids])).shape == (1, len(ids), 320)
     t = _core.Tokenizer(core_path(mdir))  # the C++ tokenizer: same ids, its source is the str given
     assert t.source == mdir and list(t.encode("hello world", True, False)) == list(ids)
+    b = Model.from_pretrained(os.fsencode(mdir), quantize=None)  # the bytes of the name work too
+    assert b.name_or_path == mdir and b.tokenizer.encode("hello world") == ids
 
 
 def test_adapter_save_and_load(mdir):

@@ -129,7 +129,7 @@ class Model(LoraModelMixin):
         16-bit dtype are kept as stored (no widening)."""
         if compute_dtype is not None:
             _check_compute_dtype(compute_dtype)
-        path = os.fspath(path)
+        path = os.fsdecode(os.fspath(path))  # a bytes path too: name_or_path and messages are str
         if not os.path.isfile(path):  # a directory, or one whose killed save left it renamed away
             from . import atomic_io
 

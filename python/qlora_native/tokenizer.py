@@ -210,7 +210,7 @@ class Tokenizer:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "Tokenizer":
-        p = Path(path)
+        p = Path(os.fsdecode(os.fspath(path)))  # a bytes path too
         if p.suffix == ".gguf" and p.exists() and not p.is_dir():  # gguf_check names a device/empty file
             return cls._from_gguf(p)
         if p.is_dir():
