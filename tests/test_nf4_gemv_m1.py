@@ -5,7 +5,9 @@ against the general kernel it replaced for M = 1 (QLORA_NF4_GEMV_M1=0): rows sta
 row's bits independent of the thread count. The env switch and the prefetch override
 (QLORA_NF4_GEMV_PF) are read per call. Rows go in pairs (rows_avx512_m1_pairs: each X vector loaded
 once for two rows, each row's FMA order unchanged) where the blocksize is >= 64 and divides K:
-QLORA_NF4_GEMV_M1_PAIRS=0 runs them one at a time, with the same bits."""
+QLORA_NF4_GEMV_M1_PAIRS=0 runs them one at a time, with the same bits. By default the groups are
+four rows (rows_avx512_m1_quads: then a pair, then an odd row); QLORA_NF4_GEMV_M1_QUADS=0 keeps
+pairs, with the same bits."""
 import os
 
 import numpy as np
@@ -46,8 +48,8 @@ def _run(x, w, env, alpha=1.0, beta=0.0, y0=None):
 @pytest.mark.parametrize("rows,cols,blocksize", SHAPES, ids=[f"{r}x{c}-bs{b}" for r, c, b in SHAPES])
 @pytest.mark.parametrize("env", [{}, {"QLORA_NF4_GEMV_M1": "0"}, {"QLORA_NF4_GEMV_PF": "0,0"},
                                  {"QLORA_NF4_GEMV_PF": "64,128"}, {"QLORA_NF4_GEMV_PF": "junk"},
-                                 {"QLORA_NF4_GEMV_M1_PAIRS": "0"}],
-                         ids=["m1", "general", "nopf", "shortpf", "badpf", "singlerows"])
+                                 {"QLORA_NF4_GEMV_M1_PAIRS": "0"}, {"QLORA_NF4_GEMV_M1_QUADS": "0"}],
+                         ids=["m1", "general", "nopf", "shortpf", "badpf", "singlerows", "pairs"])
 def test_m1_vs_float64(rng, double_quant, rows, cols, blocksize, env):
     w = random_nf4(rng, rows, cols, blocksize, double_quant)
     x = rng.standard_normal((1, cols)).astype(np.float32)
@@ -92,9 +94,11 @@ def test_m1_rows_do_not_depend_on_the_thread_count(rng):
 
 
 @pytest.mark.parametrize("rows,cols,blocksize", [(1, 64, 64), (2, 128, 64), (7, 576, 64), (33, 1536, 128),
-                                                 (9, 96, 32), (5, 192, 4096), (6, 11008, 64), (1024, 512, 64)])
+                                                 (9, 96, 32), (5, 192, 4096), (6, 11008, 64), (1024, 512, 64),
+                                                 (3, 256, 64), (4, 64, 64), (47, 11008, 64), (70, 4096, 128)])
 def test_row_pairs_keep_the_single_row_bits(rng, rows, cols, blocksize):
-    """Pairs (odd last row alone; bs 32 and K % bs != 0 fall back to single rows) give the bits of
+    """Groups of four and pairs (then a pair and an odd last row; the double-quant sub-ranges, 22 rows
+    at K = 11008, end groups early; bs 32 and K % bs != 0 fall back to single rows) give the bits of
     the single-row kernel, at 1 and 2 threads, with beta, and in the bf16 contract's fp32-FMA form."""
     w = random_nf4(rng, rows, cols, blocksize, True)
     x = rng.standard_normal((1, cols)).astype(np.float32)
@@ -105,8 +109,8 @@ def test_row_pairs_keep_the_single_row_bits(rng, rows, cols, blocksize):
             qlora_native.set_num_threads(t)
             for env in ({}, {"QLORA_BF16_GEMV_FP32": "1"}):
                 cd = "bfloat16" if env else "float32"
-                def run(pairs):
-                    e = dict(env, QLORA_NF4_GEMV_M1_PAIRS=pairs)
+                def run(pairs, quads="1"):
+                    e = dict(env, QLORA_NF4_GEMV_M1_PAIRS=pairs, QLORA_NF4_GEMV_M1_QUADS=quads)
                     old = {k: os.environ.get(k) for k in e}
                     os.environ.update(e)
                     try:
@@ -118,8 +122,9 @@ def test_row_pairs_keep_the_single_row_bits(rng, rows, cols, blocksize):
                                 os.environ.pop(k, None)
                             else:
                                 os.environ[k] = v
-                a, b = run("1"), run("0")
-                np.testing.assert_array_equal(a[0], b[0])
-                np.testing.assert_array_equal(a[1], b[1])
+                a, b, c = run("1"), run("0"), run("1", quads="0")
+                for other in (b, c):
+                    np.testing.assert_array_equal(a[0], other[0])
+                    np.testing.assert_array_equal(a[1], other[1])
     finally:
         qlora_native.set_num_threads(before)

@@ -53,6 +53,11 @@ bool m1_pairs_enabled() {
   const char* e = std::getenv("QLORA_NF4_GEMV_M1_PAIRS");
   return !(e && std::strcmp(e, "0") == 0);
 }
+// QLORA_NF4_GEMV_M1_QUADS=0: the M = 1 kernel in row pairs instead of fours (A/B runs; same bits).
+bool m1_quads_enabled() {
+  const char* e = std::getenv("QLORA_NF4_GEMV_M1_QUADS");
+  return !(e && std::strcmp(e, "0") == 0);
+}
 bool m1_prefetch_override(int64_t& l1, int64_t& l2) {
   const char* e = std::getenv("QLORA_NF4_GEMV_PF");
   long long a = 0, b = 0;
@@ -148,10 +153,13 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
 #endif
 #if defined(QLORA_X86)
   const bool m1 = G == nf4_gemv_detail::kGroupAvx512 && M == 1 && m1_kernel_enabled();
-  if (m1) rows = m1_pairs_enabled() ? nf4_gemv_detail::rows_avx512_m1_pairs : nf4_gemv_detail::rows_avx512_m1;
-  // The bf16 contract at M = 1: the same row pairs with hardware-rounded tables (AVX512-BF16: checked
-  // by nf4_gemv_nt_many_bf16_fp32).
-  if (m1 && bf16_ops && m1_pairs_enabled()) rows = nf4_gemv_bf16_detail::rows_m1_fp32;
+  const bool m1_groups = m1 && m1_pairs_enabled(), quads = m1_groups && m1_quads_enabled();
+  if (m1) rows = !m1_groups ? nf4_gemv_detail::rows_avx512_m1
+                 : quads    ? nf4_gemv_detail::rows_avx512_m1_quads
+                            : nf4_gemv_detail::rows_avx512_m1_pairs;
+  // The bf16 contract at M = 1: the same row groups with hardware-rounded tables (AVX512-BF16:
+  // checked by nf4_gemv_nt_many_bf16_fp32).
+  if (m1_groups && bf16_ops) rows = quads ? nf4_gemv_bf16_detail::rows_m1_fp32_quads : nf4_gemv_bf16_detail::rows_m1_fp32;
 #else
   const bool m1 = false;
 #endif

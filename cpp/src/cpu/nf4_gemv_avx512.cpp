@@ -420,6 +420,13 @@ void rows_avx512_m1_pairs(const Args& a, int64_t r0, int64_t r1) {
     rows_m1_paired<ScaledTables<false>, rows_1<false>>(a, r0, r1);
 }
 
+void rows_avx512_m1_quads(const Args& a, int64_t r0, int64_t r1) {
+  if (a.round_bf16)
+    rows_m1_paired<ScaledTables<true>, rows_1<true>, true>(a, r0, r1);
+  else
+    rows_m1_paired<ScaledTables<false>, rows_1<false>, true>(a, r0, r1);
+}
+
 void decode_scales_avx512(const uint8_t* code, const float* map, const float* nested, float offset, int64_t b0,
                           int64_t b1, float* out) {
   const __m512 off = _mm512_set1_ps(offset);

@@ -37,5 +37,6 @@ void rows_bf16(const Args& a, int64_t r0, int64_t r1);
 // M = 1, the bf16 contract on fp32 FMAs (nf4_gemv_bf16_m1_avx512bf16.cpp): bits of
 // nf4_gemv_detail::rows_avx512_m1_pairs with round_bf16 set, a.x regrouped (m1 order) and rounded.
 void rows_m1_fp32(const nf4_gemv_detail::Args& a, int64_t r0, int64_t r1);
+void rows_m1_fp32_quads(const nf4_gemv_detail::Args& a, int64_t r0, int64_t r1);  // four rows a group, same bits
 
 }  // namespace qlora::cpu::nf4_gemv_bf16_detail

@@ -52,4 +52,9 @@ void rows_m1_fp32(const nf4_gemv_detail::Args& a, int64_t r0, int64_t r1) {
   nf4_gemv_detail::rows_m1_paired<ConvertedTables, nf4_gemv_detail::rows_avx512_m1>(a, r0, r1);
 }
 
+// Four rows at a time (row_quads_m1), then a pair, then an odd row: the same bits.
+void rows_m1_fp32_quads(const nf4_gemv_detail::Args& a, int64_t r0, int64_t r1) {
+  nf4_gemv_detail::rows_m1_paired<ConvertedTables, nf4_gemv_detail::rows_avx512_m1, true>(a, r0, r1);
+}
+
 }  // namespace qlora::cpu::nf4_gemv_bf16_detail

@@ -60,6 +60,9 @@ void rows_avx512_m1(const Args& a, int64_t r0, int64_t r1);
 // The same rows two at a time (each X vector loaded once for both; bits of rows_avx512_m1), for
 // blocksize >= 64 and K % blocksize == 0 (else it runs rows_avx512_m1).
 void rows_avx512_m1_pairs(const Args& a, int64_t r0, int64_t r1);
+// Four rows at a time (then a pair, then the odd row: each X vector loaded once per group; bits of
+// rows_avx512_m1), under the conditions of rows_avx512_m1_pairs.
+void rows_avx512_m1_quads(const Args& a, int64_t r0, int64_t r1);
 void decode_scales_avx512(const uint8_t* code, const float* map, const float* nested, float offset, int64_t b0,
                           int64_t b1, float* out);
 void decode_scales_avx2(const uint8_t* code, const float* map, const float* nested, float offset, int64_t b0,
