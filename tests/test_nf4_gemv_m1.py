@@ -5,9 +5,9 @@ against the general kernel it replaced for M = 1 (QLORA_NF4_GEMV_M1=0): rows sta
 row's bits independent of the thread count. The env switch and the prefetch override
 (QLORA_NF4_GEMV_PF) are read per call. Rows go in pairs (rows_avx512_m1_pairs: each X vector loaded
 once for two rows, each row's FMA order unchanged) where the blocksize is >= 64 and divides K:
-QLORA_NF4_GEMV_M1_PAIRS=0 runs them one at a time, with the same bits. By default the groups are
-four rows (rows_avx512_m1_quads: then a pair, then an odd row); QLORA_NF4_GEMV_M1_QUADS=0 keeps
-pairs, with the same bits."""
+QLORA_NF4_GEMV_M1_PAIRS=0 runs them one at a time, with the same bits. Where X[K] exceeds half the
+L1d the groups are four rows (rows_avx512_m1_quads: then a pair, then an odd row);
+QLORA_NF4_GEMV_M1_QUADS=1 / 0 forces fours / pairs at every K, with the same bits."""
 import os
 
 import numpy as np
@@ -48,8 +48,9 @@ def _run(x, w, env, alpha=1.0, beta=0.0, y0=None):
 @pytest.mark.parametrize("rows,cols,blocksize", SHAPES, ids=[f"{r}x{c}-bs{b}" for r, c, b in SHAPES])
 @pytest.mark.parametrize("env", [{}, {"QLORA_NF4_GEMV_M1": "0"}, {"QLORA_NF4_GEMV_PF": "0,0"},
                                  {"QLORA_NF4_GEMV_PF": "64,128"}, {"QLORA_NF4_GEMV_PF": "junk"},
-                                 {"QLORA_NF4_GEMV_M1_PAIRS": "0"}, {"QLORA_NF4_GEMV_M1_QUADS": "0"}],
-                         ids=["m1", "general", "nopf", "shortpf", "badpf", "singlerows", "pairs"])
+                                 {"QLORA_NF4_GEMV_M1_PAIRS": "0"}, {"QLORA_NF4_GEMV_M1_QUADS": "0"},
+                                 {"QLORA_NF4_GEMV_M1_QUADS": "1"}],
+                         ids=["m1", "general", "nopf", "shortpf", "badpf", "singlerows", "pairs", "quads"])
 def test_m1_vs_float64(rng, double_quant, rows, cols, blocksize, env):
     w = random_nf4(rng, rows, cols, blocksize, double_quant)
     x = rng.standard_normal((1, cols)).astype(np.float32)
@@ -122,8 +123,8 @@ def test_row_pairs_keep_the_single_row_bits(rng, rows, cols, blocksize):
                                 os.environ.pop(k, None)
                             else:
                                 os.environ[k] = v
-                a, b, c = run("1"), run("0"), run("1", quads="0")
-                for other in (b, c):
+                a, b, c, d = run("1"), run("0"), run("1", quads="0"), run("1", quads="")
+                for other in (b, c, d):
                     np.testing.assert_array_equal(a[0], other[0])
                     np.testing.assert_array_equal(a[1], other[1])
     finally:
