@@ -161,6 +161,25 @@ def test_special_values(rng):
     assert np.isnan(run(x, w)).all()
 
 
+@pytest.mark.parametrize("M,K", [(1, 576), (1, 11008), (3, 4096)])
+def test_x_is_rounded_bitwise_as_bf16(rng, M, K):
+    """X is rounded to bf16 (RNE, denormals to signed zero) before the products, in every column
+    (the fp32-FMA variant rounds it by vcvtneps2bf16 since 2026-12-07, the scalar loop before): X given
+    already rounded (numpy, helpers_bf16.bf16) gives the same bits, with a quarter of the columns exact
+    ties and random low halves elsewhere (truncation or ties away from zero change the sums); X of
+    denormals only gives zeros (unflushed, denormal x tiny weights stay nonzero in fp32)."""
+    from helpers_bf16 import bf16
+    w = random_nf4(rng, 37, K, 64, True)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    b = x.view(np.uint32)
+    ties = rng.random((M, K)) < 0.25
+    b[ties] = (b[ties] & np.uint32(0xFFFF0000)) | np.uint32(0x8000)
+    np.testing.assert_array_equal(run(x, w), run(bf16(x).astype(np.float32), w))
+    d = (rng.integers(1, 1 << 23, (M, K), dtype=np.uint32) | (rng.integers(0, 2, (M, K), dtype=np.uint32) << 31))
+    got = np.asarray(run(d.view(np.float32), w))
+    np.testing.assert_array_equal(got, np.zeros_like(got))
+
+
 @pytest.mark.parametrize("pf", ["0,0", "64,128", "1048576,4194304", "junk", "-1,5"])
 def test_prefetch_override_keeps_the_bits(rng, pf):
     """QLORA_NF4_GEMV_PF (prefetch distances for A/B runs, read per call) moves only prefetches:

@@ -208,8 +208,13 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
 #else
     regroup_x(M, K, X, ldx, G, xg.data());
 #endif
-    if (bf16_ops)  // the regroup only permutes: rounding after it is rounding X
+    if (bf16_ops) {  // the regroup only permutes: rounding after it is rounding X
+#if defined(QLORA_X86)
+      nf4_gemv_bf16_detail::round_x_bf16(xg.data(), M * K);  // AVX512-BF16: nf4_gemv_nt_many_bf16_fp32 checked
+#else
       for (int64_t i = 0; i < M * K; ++i) xg[static_cast<size_t>(i)] = bf16_round(xg[static_cast<size_t>(i)]);
+#endif
+    }
   } else {
     base.x = X;
     base.ldx = ldx;

@@ -38,5 +38,8 @@ void rows_bf16(const Args& a, int64_t r0, int64_t r1);
 // nf4_gemv_detail::rows_avx512_m1_pairs with round_bf16 set, a.x regrouped (m1 order) and rounded.
 void rows_m1_fp32(const nf4_gemv_detail::Args& a, int64_t r0, int64_t r1);
 void rows_m1_fp32_quads(const nf4_gemv_detail::Args& a, int64_t r0, int64_t r1);  // four rows a group, same bits
+// x[0, n) <- bf16_round(x) in place (RNE, denormals to signed zero, NaN quieted), by vcvtneps2bf16:
+// the fp32-FMA variant's X (the scalar loop cost ~3 ns a column per call, serial before the job).
+void round_x_bf16(float* x, int64_t n);
 
 }  // namespace qlora::cpu::nf4_gemv_bf16_detail

@@ -52,6 +52,16 @@ void rows_m1_fp32(const nf4_gemv_detail::Args& a, int64_t r0, int64_t r1) {
   nf4_gemv_detail::rows_m1_paired<ConvertedTables, nf4_gemv_detail::rows_avx512_m1>(a, r0, r1);
 }
 
+void round_x_bf16(float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x + i));
+    const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(h)), 16);
+    _mm512_mask_storeu_ps(x + i, m, _mm512_castsi512_ps(w));
+  }
+}
+
 // Four rows at a time (row_quads_m1), then a pair, then an odd row: the same bits.
 void rows_m1_fp32_quads(const nf4_gemv_detail::Args& a, int64_t r0, int64_t r1) {
   nf4_gemv_detail::rows_m1_paired<ConvertedTables, nf4_gemv_detail::rows_avx512_m1, true>(a, r0, r1);
