@@ -8,6 +8,7 @@
 // rows_avx512_m1 with round_bf16.
 // Rules for this file: cpp/src/cpu/README.md (intrinsics + raw pointers only).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12: _mm512_undefined_ps in _mm512_permutexvar_ps
 #include <immintrin.h>
 
 #include <cstdint>
