@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -203,3 +205,22 @@ def test_sentencepiece_tokenizer_and_save_pretrained(mdir, tmp_path):
     with pytest.raises(FormatError) as e:
         Tokenizer.from_pretrained(d)
     assert os.path.join(d, "tokenizer.model") in str(e.value)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8:strict", "ascii:strict"])
+def test_cli_prints_such_a_path_under_a_strict_stdout(mdir, encoding):
+    """Under a locale whose stdout is strict (en_US.UTF-8, not C / POSIX) printing such a path raised
+    UnicodeEncodeError after the command's work (exit 1). Now its bytes go out as the OS has them (what
+    a script's $(qlora-native model-path DIR) needs); other characters the encoding lacks as escapes."""
+    env = dict(os.environ, PYTHONIOENCODING=encoding, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-m", "qlora_native", "model-path", mdir], capture_output=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == os.fsencode(os.path.abspath(mdir)) + b"\n"
+    other = os.path.join(os.path.dirname(mdir), "caf\u00e9")  # encodable in UTF-8, not in ASCII
+    os.makedirs(other, exist_ok=True)
+    out = subprocess.run([sys.executable, "-m", "qlora_native", "model-path", other], capture_output=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    want = os.path.abspath(other).encode("utf-8" if encoding.startswith("utf-8") else "ascii", "backslashreplace")
+    assert out.stdout == want + b"\n"

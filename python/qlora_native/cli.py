@@ -7,10 +7,35 @@ exception's traceback through instead.
 from __future__ import annotations
 
 import argparse
+import codecs
 import os
 import sys
 
 DEBUG_ENV = "QLORA_DEBUG"
+STDOUT_ERRORS = "qlora_native.stdout"
+
+
+def _stdout_errors(exc: UnicodeError):
+    """stdout's error handler where the locale's is strict: a file name's bytes that are not text (lone
+    surrogates U+DC80..U+DCFF, as os.fsdecode gives them) go out as those bytes, the name the OS has
+    (what `qlora-native model-path` must print for a script); any other character the encoding lacks as
+    a backslash escape. Without it, printing such a path raised UnicodeEncodeError after the work was
+    done (a saved adapter reported as a failed command)."""
+    if isinstance(exc, UnicodeEncodeError) and all("\udc80" <= c <= "\udcff" for c in exc.object[exc.start:exc.end]):
+        return codecs.lookup_error("surrogateescape")(exc)
+    return codecs.backslashreplace_errors(exc)
+
+
+codecs.register_error(STDOUT_ERRORS, _stdout_errors)
+
+
+def _tolerant_stdout() -> None:
+    """Under a strict stdout (a UTF-8 locale other than C / POSIX) print paths and text as _stdout_errors says."""
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        try:
+            sys.stdout.reconfigure(errors=STDOUT_ERRORS)
+        except (ValueError, OSError):  # a closed or replaced stream: leave it
+            pass
 
 
 def _nvidia_driver() -> tuple[bool, str | None]:
@@ -151,6 +176,7 @@ def error_line(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     from .cli_common import UsageError
 
+    _tolerant_stdout()
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
