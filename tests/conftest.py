@@ -8,6 +8,10 @@ from qlora_native import _core
 
 from helpers_capi import load_model_lib
 
+# Kernel choices measured at run time (cpu/tuning.hpp) stay in the test process: no file under the
+# user's cache directory (tests/test_nf4_gemv_avx2_lookup.py sets its own paths).
+os.environ.setdefault("QLORA_TUNE_CACHE", "off")
+
 
 @pytest.fixture
 def rng(request):

@@ -9,6 +9,7 @@
 #include "cpu/gemm.hpp"
 #include "cpu/profile.hpp"
 #include "cpu/threads.hpp"
+#include "cpu/tuning.hpp"
 #include "common/error.hpp"
 
 #ifndef QLORA_VERSION
@@ -87,6 +88,20 @@ void bind_info(py::module_& m) {
     d["kc"] = b.kc, d["mc"] = b.mc, d["nc"] = b.nc;
     return d;
   }, py::arg("level"), "GEMM cache blocking (kc, mc, nc) the kernels of a SIMD level use, derived from cache_sizes().");
+  m.def("tuning_report", [] {
+    py::list out;
+    for (const cpu::tuning::Entry& e : cpu::tuning::report()) {
+      py::dict d;
+      d["key"] = e.key, d["choice"] = e.choice, d["source"] = e.source, d["variants"] = e.names;
+      d["best_seconds"] = e.best_seconds;
+      out.append(d);
+    }
+    return out;
+  }, "Kernel variants chosen by measurement (cpu/tuning.hpp): one dict per key with the choice, its source "
+     "('measured', 'file', 'env', 'default'), the variants and, where measured in this process, each one's best seconds.");
+  m.def("tuning_reset", &cpu::tuning::reset, "Forget this process's measured choices (the next use reads the file or measures).");
+  m.def("tuning_cache_path", &cpu::tuning::cache_path, "The per-machine choices file now ('' when QLORA_TUNE_CACHE=off).");
+  m.def("cpu_signature", &cpu::tuning::cpu_signature, "The CPU's vendor, family, model, stepping and brand string.");
   // Opt-in per-op timers (cpu/profile.hpp; bench/bench_train.py --breakdown).
   m.def("profile_enable", [](bool on) { prof::set_enabled(on); }, py::arg("on") = true,
         "Time every CPU backend op by part (also env QLORA_PROFILE=1); off costs one flag test per op.");

@@ -5,6 +5,7 @@
 #include "cpu/nf4_gemv.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -19,6 +20,7 @@
 #include "cpu/nf4_gemv_bf16_kernels.hpp"
 #include "cpu/nf4_gemv_kernels.hpp"
 #include "cpu/threads.hpp"
+#include "cpu/tuning.hpp"
 
 namespace qlora::cpu {
 
@@ -64,6 +66,35 @@ bool m1_quads(int64_t K, int64_t l1d) {
   if (e && std::strcmp(e, "1") == 0) return true;
   return 4 * K > l1d / 2;
 }
+#if defined(QLORA_X86)
+// The AVX2 kernel's decode of whole blocks at M <= 4 (nf4_gemv_avx2.cpp): 0 = two vpermps tables
+// and a blend, 1 = byte-table lookups (vpshufb), the same bits. Which is faster depends on the
+// core's shuffle ports (Emerald Rapids, 1 thread: lookups ~1.25x), so it is measured once per
+// machine (cpu/tuning.hpp) on a 64 x 2048 weight in L2; QLORA_NF4_GEMV_AVX2_LOOKUP=0 / 1 forces
+// one (read per call).
+int avx2_lookup_choice() {
+  const char* e = std::getenv("QLORA_NF4_GEMV_AVX2_LOOKUP");
+  const int forced = !e ? -1 : std::strcmp(e, "0") == 0 ? 0 : std::strcmp(e, "1") == 0 ? 1 : -1;
+  return tuning::choose("nf4_gemv_avx2_decode.v1", {"vpermps", "lookup"}, 1, forced, [](int v) {
+    constexpr int64_t N = 64, K = 2048;
+    static const std::vector<uint8_t> packed = [] {  // [N * K / 2] arbitrary codes
+      std::vector<uint8_t> p(static_cast<size_t>(N * K / 2));
+      uint32_t r = 12345;
+      for (uint8_t& b : p) b = static_cast<uint8_t>((r = r * 1664525u + 1013904223u) >> 24);
+      return p;
+    }();
+    static const std::vector<float> absmax(static_cast<size_t>(N * K / 64), 0.75f), x(static_cast<size_t>(K), 0.5f);
+    std::vector<float> y(static_cast<size_t>(N));
+    Args a{};
+    a.M = 1, a.K = K, a.packed = packed.data(), a.absmax = absmax.data(), a.bs_shift = 6, a.codes = kNf4Codes;
+    a.x = x.data(), a.ldx = K, a.alpha = 1.0f, a.y = y.data(), a.ldy = N, a.avx2_lookup = v;
+    a.pf_l1 = 1024, a.pf_l2 = 16 * K;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int rep = 0; rep < 3; ++rep) nf4_gemv_detail::rows_avx2(a, 0, N);
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  });
+}
+#endif
 bool m1_prefetch_override(int64_t& l1, int64_t& l2) {
   const char* e = std::getenv("QLORA_NF4_GEMV_PF");
   long long a = 0, b = 0;
@@ -187,6 +218,9 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
   }
   base.codes = kNf4Codes;
   base.round_bf16 = bf16_ops ? 1 : 0;
+#if defined(QLORA_X86)
+  if (G == nf4_gemv_detail::kGroupAvx2 && M <= 4) base.avx2_lookup = avx2_lookup_choice();
+#endif
   base.alpha = alpha;
   base.beta = beta;
   GemvScratch fresh;  // QLORA_GEMV_SCRATCH=0
