@@ -1,8 +1,8 @@
-"""The AVX2 NF4 GEMV's two decodes of whole blocks at M <= 4 (cpu/nf4_gemv_avx2.cpp): two vpermps
+"""The AVX2 NF4 GEMV's two decodes of whole blocks (cpu/nf4_gemv_avx2.cpp, M = 1..8): two vpermps
 tables and a blend, or byte-table lookups (vpshufb, then unpacks and a multiply by the block's
 scale). They must give the same bits (same products, same FMA order), so the engine may pick either
-by a measurement (cpu/tuning.hpp, key nf4_gemv_avx2_decode.v1) and remember it per machine in a
-file; QLORA_NF4_GEMV_AVX2_LOOKUP=0 / 1 forces one. Also: the lookup path against float64, and the
+by a measurement (cpu/tuning.hpp, keys nf4_gemv_avx2_decode.v1 for M <= 4 and
+nf4_gemv_avx2_decode_m8.v1 for the wide kernel, M = 5..8) and remember it per machine in a file; QLORA_NF4_GEMV_AVX2_LOOKUP=0 / 1 forces one. Also: the lookup path against float64, and the
 tuning file's rules (measured once, then read; lines of other machines kept; garbage ignored; an
 unwritable path or QLORA_TUNE=0 never fails a call)."""
 import os
@@ -25,6 +25,7 @@ pytestmark = [
     pytest.mark.skipif("avx2" not in _core.supported_simd_levels(), reason="no AVX2 on this CPU / build"),
 ]
 KEY = "nf4_gemv_avx2_decode.v1"
+KEY_WIDE = "nf4_gemv_avx2_decode_m8.v1"
 
 # (rows, cols, blocksize), K % 16 == 0: heads where a row starts mid-block (96 cols at bs 64, 160 at
 # bs 128, 48 at bs 32), bs 32 (one 32-column step per block), a block longer than a row (4096),
@@ -50,7 +51,7 @@ def _gemv(x, w, lookup, alpha=1.0, beta=0.0, y0=None):
 @pytest.mark.parametrize("rows,cols,blocksize", SHAPES, ids=[f"{r}x{c}-bs{b}" for r, c, b in SHAPES])
 def test_lookup_gives_the_vpermps_bits(rng, threads, double_quant, rows, cols, blocksize):
     w = random_nf4(rng, rows, cols, blocksize, double_quant)
-    for M in (1, 2, 3, 4, 5):  # 5: the wide kernel (one decode), unaffected by the switch
+    for M in (1, 2, 3, 4, 5, 8):  # 5, 8: the wide kernel (one decode for all rows of X)
         x = rng.standard_normal((M, cols)).astype(np.float32)
         a, b = _gemv(x, w, "1"), _gemv(x, w, "0")
         np.testing.assert_array_equal(a, b, err_msg=f"M={M} lookup vs vpermps")
@@ -65,7 +66,7 @@ def test_lookup_vs_float64(rng, rows, cols, blocksize):
     dequantized weight (bound: the fp32 worst case of a K-term sum, as test_ops_nf4_gemv)."""
     w = random_nf4(rng, rows, cols, blocksize, True)
     wd = dequant_ref(w).astype(np.float64)
-    for M in (1, 2, 4):
+    for M in (1, 2, 4, 7):
         x = rng.standard_normal((M, cols)).astype(np.float32)
         x64 = x.astype(np.float64)
         check_close(_gemv(x, w, "1"), x64 @ wd.T, 2.0 * (cols + 4) * EPS32 * (np.abs(x64) @ np.abs(wd).T) + 1e-30,
@@ -76,12 +77,13 @@ def test_the_switch_selects_another_decode(rng):
     """A test that cannot tell the decodes apart would pass with either switch ignored: the
     forced choice shows in the tuning report, and the measured one is a known variant."""
     w = random_nf4(rng, 8, 256, 64, True)
-    x = rng.standard_normal((1, 256)).astype(np.float32)
-    for v, name in (("0", "vpermps"), ("1", "lookup")):
-        _gemv(x, w, v)
-        e = {r["key"]: r for r in _core.tuning_report()}[KEY]
-        assert (e["choice"], e["source"]) == (name, "env")
-        assert e["variants"] == ["vpermps", "lookup"]
+    for M, key in ((1, KEY), (8, KEY_WIDE)):
+        x = rng.standard_normal((M, 256)).astype(np.float32)
+        for v, name in (("0", "vpermps"), ("1", "lookup")):
+            _gemv(x, w, v)
+            e = {r["key"]: r for r in _core.tuning_report()}[key]
+            assert (e["choice"], e["source"]) == (name, "env")
+            assert e["variants"] == ["vpermps", "lookup"]
 
 
 # The tuning file, each case in a fresh process (the choices are per process).

@@ -67,15 +67,17 @@ bool m1_quads(int64_t K, int64_t l1d) {
   return 4 * K > l1d / 2;
 }
 #if defined(QLORA_X86)
-// The AVX2 kernel's decode of whole blocks at M <= 4 (nf4_gemv_avx2.cpp): 0 = two vpermps tables
-// and a blend, 1 = byte-table lookups (vpshufb), the same bits. Which is faster depends on the
-// core's shuffle ports (Emerald Rapids, 1 thread: lookups ~1.25x), so it is measured once per
-// machine (cpu/tuning.hpp) on a 64 x 2048 weight in L2; QLORA_NF4_GEMV_AVX2_LOOKUP=0 / 1 forces
-// one (read per call).
-int avx2_lookup_choice() {
+// The AVX2 kernels' decode of whole blocks (nf4_gemv_avx2.cpp): 0 = two vpermps tables and a
+// blend, 1 = byte-table lookups (vpshufb), the same bits. Which is faster depends on the core's
+// shuffle ports and, for the wide kernel (M = 5..8, eight accumulators), on register pressure, so
+// each is measured once per machine (cpu/tuning.hpp) on a 64 x 2048 weight in L2 at M = 1 / 8
+// (Emerald Rapids, 1 thread: lookups ~1.25x at M = 1); QLORA_NF4_GEMV_AVX2_LOOKUP=0 / 1 forces
+// both (read per call).
+int avx2_lookup_choice(bool wide) {
   const char* e = std::getenv("QLORA_NF4_GEMV_AVX2_LOOKUP");
   const int forced = !e ? -1 : std::strcmp(e, "0") == 0 ? 0 : std::strcmp(e, "1") == 0 ? 1 : -1;
-  return tuning::choose("nf4_gemv_avx2_decode.v1", {"vpermps", "lookup"}, 1, forced, [](int v) {
+  return tuning::choose(wide ? "nf4_gemv_avx2_decode_m8.v1" : "nf4_gemv_avx2_decode.v1", {"vpermps", "lookup"}, 1,
+                        forced, [wide](int v) {
     constexpr int64_t N = 64, K = 2048;
     static const std::vector<uint8_t> packed = [] {  // [N * K / 2] arbitrary codes
       std::vector<uint8_t> p(static_cast<size_t>(N * K / 2));
@@ -83,11 +85,12 @@ int avx2_lookup_choice() {
       for (uint8_t& b : p) b = static_cast<uint8_t>((r = r * 1664525u + 1013904223u) >> 24);
       return p;
     }();
-    static const std::vector<float> absmax(static_cast<size_t>(N * K / 64), 0.75f), x(static_cast<size_t>(K), 0.5f);
-    std::vector<float> y(static_cast<size_t>(N));
+    const int64_t M = wide ? 8 : 1;
+    static const std::vector<float> absmax(static_cast<size_t>(N * K / 64), 0.75f), x(static_cast<size_t>(8 * K), 0.5f);
+    std::vector<float> y(static_cast<size_t>(M * N));
     Args a{};
-    a.M = 1, a.K = K, a.packed = packed.data(), a.absmax = absmax.data(), a.bs_shift = 6, a.codes = kNf4Codes;
-    a.x = x.data(), a.ldx = K, a.alpha = 1.0f, a.y = y.data(), a.ldy = N, a.avx2_lookup = v;
+    a.M = M, a.K = K, a.packed = packed.data(), a.absmax = absmax.data(), a.bs_shift = 6, a.codes = kNf4Codes;
+    a.x = x.data(), a.ldx = wide ? 16 : K, a.alpha = 1.0f, a.y = y.data(), a.ldy = N, a.avx2_lookup = v;
     a.pf_l1 = 1024, a.pf_l2 = 16 * K;
     const auto t0 = std::chrono::steady_clock::now();
     for (int rep = 0; rep < 3; ++rep) nf4_gemv_detail::rows_avx2(a, 0, N);
@@ -219,7 +222,7 @@ void gemv_many(SimdLevel level, int64_t M, float alpha, const float* X, int64_t 
   base.codes = kNf4Codes;
   base.round_bf16 = bf16_ops ? 1 : 0;
 #if defined(QLORA_X86)
-  if (G == nf4_gemv_detail::kGroupAvx2 && M <= 4) base.avx2_lookup = avx2_lookup_choice();
+  if (G == nf4_gemv_detail::kGroupAvx2) base.avx2_lookup = avx2_lookup_choice(M > 4);
 #endif
   base.alpha = alpha;
   base.beta = beta;

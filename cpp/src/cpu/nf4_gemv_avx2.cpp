@@ -192,16 +192,17 @@ QLORA_AI void group16_wide(__m256 (&acc)[8], const uint8_t* p, const float* xk, 
 // in two passes decoded and streamed W twice). Any row start (head, whole blocks, tail as rows_m).
 // X comes as [K/16][M][16] (regroup_x_avx2): one base pointer and constant offsets per group
 // (M row pointers or strides took most general registers, and GCC spilled them in the loop).
-template <int M>
+// L: whole blocks through decode32 (the same weight registers, so the same bits).
+template <int M, bool L>
 void rows_wide(const Args& a, int64_t r0, int64_t r1) {
   static_assert(M > 4 && M <= 8, "rows_wide is for 5..8 rows of X");
   const int64_t K = a.K;
   const int s = a.bs_shift;
   const int64_t bs = int64_t{1} << s;
   const float* x = a.x;  // [K/16][M][16] regrouped
-  const __m256 c_lo = _mm256_loadu_ps(a.codes), c_hi = _mm256_loadu_ps(a.codes + 8);
   const __m256i sh_lo = _mm256_set_epi32(24, 24, 16, 16, 8, 8, 0, 0);  // dword q: 8*(q/2)
   const __m256i sh_hi = _mm256_add_epi32(sh_lo, _mm256_set1_epi32(4));
+  const ByteTables bt = byte_tables(a.codes);
   alignas(32) float dots[8];  // [m]
   for (int64_t n = r0; n < r1; ++n) {
     const int64_t j0 = n * K;              // flat index of W[n, 0] (even: K % 16 == 0)
@@ -215,19 +216,37 @@ void rows_wide(const Args& a, int64_t r0, int64_t r1) {
       if (part == 1) {
         for (; k + bs <= K; k += bs) {  // whole blocks
           const __m256 scale = _mm256_set1_ps(*am++);
-          const __m256 t_lo = _mm256_mul_ps(c_lo, scale), t_hi = _mm256_mul_ps(c_hi, scale);
           // W ahead into L1 and L2 (Args::pf_l1 / pf_l2, as nf4_gemv_avx512.cpp): from DRAM, the
           // slow decode loop otherwise waits on every row.
           _mm_prefetch(reinterpret_cast<const char*>(p + k / 2 + a.pf_l1), _MM_HINT_T0);
           _mm_prefetch(reinterpret_cast<const char*>(p + k / 2 + a.pf_l2), _MM_HINT_T1);
-          for (int64_t i = 0; i < bs; i += 16)
-            group16_wide<M>(acc, p + (k + i) / 2, x + (k + i) * M, t_lo, t_hi, sh_lo, sh_hi);
+          if constexpr (L) {
+            for (int64_t i = 0; i < bs; i += 32) {
+              __m256 w[4];
+              decode32(p + (k + i) / 2, bt, scale, w);
+              const float* xk = x + (k + i) * M;  // group g at xk + 16 * M * g
+#pragma GCC unroll 8
+              for (int m = 0; m < M; ++m)
+                acc[m] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xk + 16 * m + 8),
+                                         _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xk + 16 * m), acc[m]));
+#pragma GCC unroll 8
+              for (int m = 0; m < M; ++m)
+                acc[m] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xk + 16 * M + 16 * m + 8),
+                                         _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xk + 16 * M + 16 * m), acc[m]));
+            }
+          } else {
+            const __m256 t_lo = _mm256_mul_ps(_mm256_loadu_ps(a.codes), scale);
+            const __m256 t_hi = _mm256_mul_ps(_mm256_loadu_ps(a.codes + 8), scale);
+            for (int64_t i = 0; i < bs; i += 16)
+              group16_wide<M>(acc, p + (k + i) / 2, x + (k + i) * M, t_lo, t_hi, sh_lo, sh_hi);
+          }
         }
       }
       const int64_t end = part == 0 ? (head < K ? head : K) : K;
       if (k < end) {
         const __m256 scale = _mm256_set1_ps(part == 0 ? *am++ : *am);
-        const __m256 t_lo = _mm256_mul_ps(c_lo, scale), t_hi = _mm256_mul_ps(c_hi, scale);
+        const __m256 t_lo = _mm256_mul_ps(_mm256_loadu_ps(a.codes), scale);
+        const __m256 t_hi = _mm256_mul_ps(_mm256_loadu_ps(a.codes + 8), scale);
         for (; k < end; k += 16) group16_wide<M>(acc, p + k / 2, x + k * M, t_lo, t_hi, sh_lo, sh_hi);
       }
     }
@@ -282,10 +301,10 @@ void rows_avx2(const Args& a, int64_t r0, int64_t r1) {
     case 2: a.avx2_lookup ? rows_m<2, 2, true>(a, r0, r1) : rows_m<2, 2, false>(a, r0, r1); break;
     case 3: a.avx2_lookup ? rows_m<3, 1, true>(a, r0, r1) : rows_m<3, 1, false>(a, r0, r1); break;
     case 4: a.avx2_lookup ? rows_m<4, 1, true>(a, r0, r1) : rows_m<4, 1, false>(a, r0, r1); break;
-    case 5: rows_wide<5>(a, r0, r1); break;
-    case 6: rows_wide<6>(a, r0, r1); break;
-    case 7: rows_wide<7>(a, r0, r1); break;
-    default: rows_wide<8>(a, r0, r1); break;
+    case 5: a.avx2_lookup ? rows_wide<5, true>(a, r0, r1) : rows_wide<5, false>(a, r0, r1); break;
+    case 6: a.avx2_lookup ? rows_wide<6, true>(a, r0, r1) : rows_wide<6, false>(a, r0, r1); break;
+    case 7: a.avx2_lookup ? rows_wide<7, true>(a, r0, r1) : rows_wide<7, false>(a, r0, r1); break;
+    default: a.avx2_lookup ? rows_wide<8, true>(a, r0, r1) : rows_wide<8, false>(a, r0, r1); break;
   }
 }
 
