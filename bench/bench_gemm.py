@@ -410,7 +410,13 @@ def main_gemv(threads, budget):
         wn = min(r["vs_bandwidth"] / max(1e-9, 1 - r["call_overhead_share"]) for r in small)
         print(f"SmolLM2-sized rows (not the target): min {ws:.2f}x as measured, {wn:.2f}x without the "
               f"Python call overhead")
+    # Kernel variants the engine chose by measurement on this machine (cpu/tuning.hpp), if any ran.
+    tuning = qlora_native._core.tuning_report() if hasattr(qlora_native._core, "tuning_report") else []
+    for t in tuning:
+        times = " / ".join(f"{n} {s * 1e6:.1f} us" for n, s in zip(t["variants"], t["best_seconds"]))
+        print(f"kernel choice {t['key']}: {t['choice']} ({t['source']}{': ' + times if times else ''})")
     result = {"benchmark": "gemv", "time": minfo["time"], "qlora_native": qlora_native.__version__,
+              "kernel_choices": tuning,
               "simd": qlora_native.simd_level(), "threads": threads, "blocksize": ARGS.blocksize,
               "compute_dtype": cd, "bf16_gemv_env": os.environ.get("QLORA_BF16_GEMV"), "machine_info": minfo, "read_bandwidth_gbps": bws, "machine_line": _common.machine_line(
                   minfo, {"read_bandwidth_gbps": bw, "threads": threads}),
