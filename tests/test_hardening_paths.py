@@ -2,7 +2,8 @@
 os.fsdecode). Before: every binding taking a path refused them with pybind11's TypeError
 "incompatible function arguments" (the C API took them), an engine message naming one became a
 UnicodeDecodeError, and a str path with an embedded NUL opened the file named by its first part.
-Now the package hands the engine the bytes (qlora_native.fspath.core_path) and the engine's
+Now every _core parameter naming a file takes str (os.fsencode's rule), bytes and os.PathLike
+(python/bindings/fs_path.hpp; qlora_native.fspath.core_path is the same rule) and the engine's
 messages come back decoded with surrogateescape: the path in them is the str the caller passed."""
 from __future__ import annotations
 
@@ -224,3 +225,56 @@ def test_cli_prints_such_a_path_under_a_strict_stdout(mdir, encoding):
     assert out.returncode == 0, out.stderr
     want = os.path.abspath(other).encode("utf-8" if encoding.startswith("utf-8") else "ascii", "backslashreplace")
     assert out.stdout == want + b"\n"
+
+
+# ---------------------------------------------------------------- the engine's own path parameters
+# Before: only the package's calls worked (fspath.core_path hands _core bytes); _core called directly
+# with the str os.listdir / os.fsdecode give for such a name raised pybind11's TypeError, and a
+# PathLike was refused. Now every _core parameter that names a file takes str (os.fsencode's rule:
+# surrogateescape), bytes and os.PathLike through one converter (python/bindings/fs_path.hpp).
+def _core_calls(mdir):
+    """(name, fn(path form of `where`), where): each _core binding that takes a path, on a file of mdir."""
+    import pathlib
+
+    def adapter_items():  # layer 0's q_proj / v_proj factors (CFG: r = 4)
+        z = {"A": np.zeros((4, 64), np.float32), "B": np.zeros((64, 4), np.float32)}
+        return [(f"base_model.model.model.layers.0.self_attn.{m}.lora_{k}.weight", "F32", z[k].shape,
+                 z[k].reshape(-1).view(np.uint8)) for m in ("q_proj", "v_proj") for k in "AB"]
+
+    cfg = CFG.peft_config_json(None)
+    return [
+        ("SafetensorsFile", lambda p: _core.io.SafetensorsFile(p).path, "model.safetensors"),
+        ("save_safetensors", lambda p: _core.io.save_safetensors(p, [], {}), "written.safetensors"),
+        ("json_load_file", lambda p: _core.io.json_load_file(p)["vocab_size"], "config.json"),
+        ("write_peft_adapter", lambda p: _core.io.write_peft_adapter(p, adapter_items(), cfg), "core-adapter"),
+        ("read_peft_adapter", lambda p: len(_core.io.read_peft_adapter(p)[1]), "core-adapter"),
+        ("load_hf_model", lambda p: _core.config.load_hf_model(p, "cpu", False) is not None, "."),
+        ("Tokenizer", lambda p: _core.Tokenizer(p).source, "."),
+    ], pathlib.Path
+
+
+@pytest.mark.parametrize("form", ["str", "bytes", "PathLike"])
+def test_core_path_parameters_take_str_bytes_and_pathlike(mdir, form):
+    calls, Path = _core_calls(mdir)
+    conv = {"str": lambda s: s, "bytes": os.fsencode, "PathLike": Path}[form]
+    for name, fn, where in calls:
+        p = os.path.normpath(os.path.join(mdir, where))
+        assert os.fsencode(p).count(b"\xff") == 1 and isinstance(p, str)  # the non-UTF-8 name, as a str
+        got = fn(conv(p))  # was TypeError "incompatible function arguments" for the str and the Path
+        if name in ("SafetensorsFile", "Tokenizer"):
+            assert got == p, name  # the engine's path comes back as the str os.fsdecode gives
+    with pytest.raises(ImportError):  # the NCCL loader's candidates (no NCCL here: ImportError, not TypeError)
+        _core.nccl.load([conv(os.path.join(mdir, "libnccl.so.2"))])
+
+
+def test_core_path_parameters_refuse_nul_and_other_types(mdir):
+    calls, _ = _core_calls(mdir)
+    for name, fn, where in calls:
+        p = os.path.join(mdir, where)
+        for bad in (p + "\0x", os.fsencode(p) + b"\0x"):
+            with pytest.raises(ValueError, match="null byte"):  # not the file named up to the NUL
+                fn(bad)
+        with pytest.raises(TypeError, match="str, bytes or os.PathLike"):
+            fn(3)
+    with pytest.raises(ValueError, match="null byte"):
+        _core.nccl.load([os.path.join(mdir, "lib\0nccl")])

@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include "bindings.hpp"
+#include "fs_path.hpp"
 #include "backend.hpp"
 #include "common/error.hpp"
 #include "gguf/dequant.hpp"
@@ -113,7 +114,7 @@ void bind_gguf(py::module_& m) {
       "field, as the C API loader); returns the normalized fields and the core LlamaConfig.");
   cm.def(
       "load_hf_model",
-      [](const std::string& dir, const std::string& backend, bool nf4, int blocksize, bool double_quant,
+      [](const FsPath& dir, const std::string& backend, bool nf4, int blocksize, bool double_quant,
          const std::string& head_format) {
         Backend& be = get_backend(backend);
         model::QuantSpec q{nf4, blocksize, double_quant, head_format_arg(head_format)};
@@ -137,7 +138,7 @@ void bind_gguf(py::module_& m) {
   g.attr("MAX_ALIGNMENT") = gguf::kMaxAlignment;
 
   py::class_<File, std::shared_ptr<File>>(g, "GGUFFile", "A memory-mapped, validated GGUF file.")
-      .def(py::init([](const std::string& path) {
+      .def(py::init([](const FsPath& path) {
              py::gil_scoped_release nogil;
              return File::open(path);
            }),

@@ -7,6 +7,7 @@
 
 #include "api/peft_adapter.hpp"
 #include "bindings.hpp"
+#include "fs_path.hpp"
 #include "common/error.hpp"
 #include "io/adapter_write.hpp"
 #include "io/mapped_file.hpp"
@@ -164,7 +165,7 @@ void bind_io(py::module_& m) {
 
   py::class_<SafetensorsFile, std::shared_ptr<SafetensorsFile>>(io, "SafetensorsFile",
                                                                 "A memory-mapped, validated safetensors file.")
-      .def(py::init([](const std::string& path) {
+      .def(py::init([](const FsPath& path) {
              py::gil_scoped_release nogil;
              return SafetensorsFile::open(path);
            }),
@@ -193,7 +194,7 @@ void bind_io(py::module_& m) {
 
   io.def(
       "save_safetensors",
-      [](const std::string& path, py::list tensors, py::dict metadata) {
+      [](const FsPath& path, py::list tensors, py::dict metadata) {
         std::vector<py::array> keep;  // holds the buffers while the GIL is released
         const std::vector<io::TensorToWrite> ts = tensors_from_py(tensors, "save_safetensors", keep);
         io::Metadata meta;
@@ -223,7 +224,7 @@ void bind_io(py::module_& m) {
       "ValueError when A [r, in] / B [out, r] hold NaN / Inf or the update exceeds 2^32 for scaling.");
   io.def(
       "write_peft_adapter",
-      [](const std::string& dir, py::list tensors, const std::string& config_json) {
+      [](const FsPath& dir, py::list tensors, const std::string& config_json) {
         std::vector<py::array> keep;  // holds the buffers while the GIL is released
         const std::vector<io::TensorToWrite> ts = tensors_from_py(tensors, "save_adapter", keep);
         py::gil_scoped_release nogil;
@@ -251,7 +252,7 @@ void bind_io(py::module_& m) {
       "Parse JSON (str or UTF-8 bytes) with the engine's strict parser; raises FormatError.");
   io.def(
       "json_load_file",
-      [](const std::string& path) {
+      [](const FsPath& path) {
         json::Value v;
         {
           py::gil_scoped_release nogil;
@@ -294,7 +295,7 @@ void bind_io(py::module_& m) {
       "[(layer, proj, r, alpha, scaling)] for a PEFT config dict.");
   io.def(
       "read_peft_adapter",
-      [](const std::string& dir, int64_t num_layers, py::dict module_shapes, py::object matcher,
+      [](const FsPath& dir, int64_t num_layers, py::dict module_shapes, py::object matcher,
          const std::string& api) {
         capi::PeftReadOptions opt;
         opt.api = api;

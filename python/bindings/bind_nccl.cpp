@@ -10,6 +10,7 @@
 
 #include "backend.hpp"
 #include "bindings.hpp"
+#include "fs_path.hpp"
 #include "common/error.hpp"
 #include "parallel/nccl.hpp"
 
@@ -29,7 +30,8 @@ void bind_nccl(py::module_& m) {
   n.def("loaded", &dist::nccl_loaded, "True once libnccl is loaded in this process");
   n.def(
       "load",
-      [](const std::vector<std::string>& candidates) {
+      [](const std::vector<FsPath>& paths) {
+        const std::vector<std::string> candidates(paths.begin(), paths.end());
         dist::NcclLibrary lib;
         {
           py::gil_scoped_release nogil;
@@ -37,7 +39,7 @@ void bind_nccl(py::module_& m) {
         }
         return py::make_tuple(fs_text(lib.path), lib.version);  // the path as os.fsdecode gives it
       },
-      py::arg("candidates") = std::vector<std::string>{},
+      py::arg("candidates") = std::vector<FsPath>{},
       "Load libnccl (first call): the first of `candidates` (paths or a soname) that loads; empty: "
       "$QLORA_NCCL_LIBRARY, else libnccl.so.2. Returns (path, version); ImportError naming every try.");
   n.def("unique_id", [] { return py::bytes(dist::nccl_unique_id()); }, "ncclGetUniqueId's bytes (rank 0)");

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "bindings.hpp"
+#include "fs_path.hpp"
 #include "common/error.hpp"
 #include "qlora/qlora.h"
 #include "tokenizer/tokenizer.hpp"
@@ -73,7 +74,7 @@ void bind_tokenizer(py::module_& m) {
   py::class_<tk::Tokenizer>(m, "Tokenizer",
                             "The C++ tokenizer of a model source (a .gguf file or an HF directory with tokenizer.json); "
                             "same ids as qlora_native.Tokenizer.")
-      .def(py::init([](const std::string& path) {
+      .def(py::init([](const FsPath& path) {
              py::gil_scoped_release nogil;
              return tk::Tokenizer::load(path);
            }),

@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "bindings.hpp"
+#include "fs_path.hpp"
 #include "common/error.hpp"
 
 namespace py = pybind11;
@@ -16,6 +17,24 @@ py::str fs_text(const std::string& s) {
   PyObject* o = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "surrogateescape");
   if (!o) throw py::error_already_set();
   return py::reinterpret_steal<py::str>(o);
+}
+
+std::string fs_path_bytes(py::handle obj) {
+  // os.fspath: str or bytes, else TypeError "expected str, bytes or os.PathLike object, not ..."
+  py::object path = py::reinterpret_steal<py::object>(PyOS_FSPath(obj.ptr()));
+  if (!path) throw py::error_already_set();
+  py::object b = path;
+  if (PyUnicode_Check(path.ptr())) {  // os.fsencode: the file system encoding and error handler
+    b = py::reinterpret_steal<py::object>(PyUnicode_EncodeFSDefault(path.ptr()));
+    if (!b) throw py::error_already_set();
+  }
+  char* data = nullptr;
+  Py_ssize_t n = 0;
+  if (PyBytes_AsStringAndSize(b.ptr(), &data, &n) != 0) throw py::error_already_set();
+  std::string s(data, static_cast<size_t>(n));
+  if (s.find('\0') != std::string::npos)  // repr() escapes surrogates and bytes: the message is ASCII
+    throw py::value_error(py::repr(path).cast<std::string>() + ": embedded null byte in a path");
+  return s;
 }
 
 void set_error_fs(PyObject* type, const char* msg) {
@@ -69,6 +88,10 @@ PYBIND11_MODULE(_core, m) {
       set_error_fs(type, e.what());
     }
   });
+  m.def(
+      "fs_path", [](qlora::py_bind::FsPath p) { return py::bytes(p.bytes); }, py::arg("path"),
+      "The bytes the engine opens for `path` (str, bytes or os.PathLike; os.fsencode's rule; TypeError / "
+      "ValueError for an embedded NUL): what every _core parameter naming a file does with its argument.");
   qlora::py_bind::bind_info(m);
   qlora::py_bind::bind_ops(m);
   qlora::py_bind::bind_nf4(m);

@@ -17,7 +17,6 @@ import ml_dtypes
 import numpy as np
 
 from . import _core
-from .fspath import core_path
 from .lora_config import PROJECTIONS, LoraConfig, matcher, peft_tensor_name, peft_tensors
 
 __all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -142,7 +141,7 @@ def save_adapter(directory, config: LoraConfig, tensors: dict, base_model_name_o
         arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))  # 2-D: no 0-d pitfall
         items.append((name, _ST_DTYPE[arr.dtype.name], tuple(int(d) for d in arr.shape), arr.reshape(-1).view(np.uint8)))
     # The engine's writer (the C API's qlora_adapter_save): staging, fsync and commit live there.
-    _core.io.write_peft_adapter(core_path(directory), items, cfg)
+    _core.io.write_peft_adapter(directory, items, cfg)
 
 
 def load_adapter(directory, *, num_layers=None, module_shapes=None):
@@ -174,7 +173,7 @@ def _read(directory, num_layers, module_shapes, api):
             raise ValueError(f"{api}: module_shapes[{proj!r}] must be (out_features, in_features), "
                              f"got {shape!r}") from None
         shapes[str(proj)] = (out_f, in_f)
-    raw, mods = _core.io.read_peft_adapter(core_path(directory), num_layers or 0, shapes, matcher(), api)
+    raw, mods = _core.io.read_peft_adapter(directory, num_layers or 0, shapes, matcher(), api)
     try:  # the Python object of the config the engine accepted (warns about unknown keys)
         config = LoraConfig.from_peft_dict(raw)
     except ValueError as exc:

@@ -267,9 +267,7 @@ def load_nccl() -> tuple[str, int]:
         raise ImportError("GPU data-parallel training needs NCCL support, which this build of qlora_native lacks: "
                           f"build it with the CUDA backend and nccl.h present ({NCCL_INSTALL}, then reinstall; "
                           "CMake option QLORA_NCCL=ON makes a missing header an error)")
-    from .fspath import core_path
-
-    path, version = _core.nccl.load([core_path(c) for c in nccl_library_candidates()])
+    path, version = _core.nccl.load(nccl_library_candidates())
     return str(path), int(version)
 
 

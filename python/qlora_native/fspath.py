@@ -1,28 +1,28 @@
 """Paths handed to the C++ engine.
 
 A Linux file name is bytes and need not be UTF-8; Python gives such a name as a str with lone
-surrogates (os.fsdecode), which pybind11's std::string caster refuses (a TypeError "incompatible
-function arguments"). Every call into _core that takes a path passes core_path(path): the file
-system's own bytes, which the caster takes as they are. The engine's messages that name such a
-path come back decoded the same way (errors="surrogateescape", python/bindings/module.cpp), so the
-path in a message is the str the caller passed.
+surrogates (os.fsdecode). Every _core parameter that names a file takes str (os.fsencode's rule:
+the file system encoding with surrogateescape, so such a str becomes the name's bytes again), bytes
+and os.PathLike, by one rule in the bindings (python/bindings/fs_path.hpp; TypeError for anything
+else, ValueError for an embedded NUL); core_path() is that rule, for Python code that needs the
+bytes. The engine's messages that name such a path come back decoded the same way
+(errors="surrogateescape", python/bindings/module.cpp), so the path in a message is the str the
+caller passed.
 """
 from __future__ import annotations
 
 import os
 
+from . import _core
+
 __all__ = ["core_path", "core_text", "text_of_path"]
 
 
 def core_path(path: str | bytes | os.PathLike) -> bytes:
-    """The bytes of `path` (str, bytes or os.PathLike) as the OS takes them (os.fsencode).
-    TypeError for anything else; ValueError for an embedded NUL (C would cut the name there and
-    open another file), as Python's own open() does."""
-    p = os.fspath(path)
-    b = os.fsencode(p)
-    if b"\0" in b:
-        raise ValueError(f"{p!r}: embedded null byte in a path")
-    return b
+    """The bytes of `path` (str, bytes or os.PathLike) as the OS takes them (os.fsencode), the engine's
+    rule (_core.fs_path). TypeError for anything else; ValueError for an embedded NUL (C would cut the
+    name there and open another file), as Python's own open() does."""
+    return _core.fs_path(path)
 
 
 def core_text(s: str) -> bytes:

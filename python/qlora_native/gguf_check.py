@@ -18,7 +18,6 @@ import traceback
 from dataclasses import dataclass, field
 
 from . import _core
-from .fspath import core_path
 from ._core import FormatError
 
 # GGUF value types (gguf.GGUFValueType)
@@ -78,7 +77,7 @@ class GGUFLayout:
 def open_gguf(path: str | os.PathLike) -> "_core.gguf.GGUFFile":
     """The validated, memory-mapped C++ GGUFFile of `path`. FileNotFoundError / IsADirectoryError
     (an OSError naming the path), FormatError naming the file and the field, or MemoryError."""
-    return _core.gguf.GGUFFile(core_path(path))
+    return _core.gguf.GGUFFile(path)
 
 
 def check_gguf(path: str | os.PathLike) -> GGUFLayout:

@@ -17,7 +17,6 @@ import ml_dtypes
 import numpy as np
 
 from . import _core
-from .fspath import core_path
 
 _io = _core.io
 
@@ -54,7 +53,7 @@ class SafetensorsFile(Mapping):
 
     def __init__(self, path):
         self._path = os.fspath(path)
-        self._f = _io.SafetensorsFile(core_path(self._path))
+        self._f = _io.SafetensorsFile(self._path)
 
     # -- Mapping protocol (keys sorted by name, like safetensors.safe_open)
     def __getitem__(self, name):
@@ -174,7 +173,7 @@ def save_safetensors(path, tensors, metadata=None):
             arr = arr.copy(order="C")  # not ascontiguousarray: it turns 0-d into 1-d
         raw = arr.reshape(-1).view(np.uint8)  # bytes, C order
         items.append((name, st, tuple(int(d) for d in arr.shape), raw))
-    _io.save_safetensors(core_path(path), items, dict(metadata))
+    _io.save_safetensors(path, items, dict(metadata))
 
 
 def json_loads(text, *, allow_duplicate_keys=False, max_depth=512):
@@ -188,7 +187,7 @@ def json_loads(text, *, allow_duplicate_keys=False, max_depth=512):
 
 def json_load(path):
     """Read and parse a JSON file (config.json, adapter_config.json) with json_loads' rules."""
-    return _io.json_load_file(core_path(path))
+    return _io.json_load_file(path)
 
 
 def json_dumps(obj, indent=None):

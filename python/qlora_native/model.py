@@ -18,7 +18,6 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from . import _core
-from .fspath import core_path
 from .config import ModelConfig
 from .gguf_check import check_gguf, name_memory_errors
 from .lora_model import LoraModelMixin
@@ -48,7 +47,7 @@ class SafetensorsSource:
             weight_map, shards = None, ["model.safetensors"]
         else:
             raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-        self.files = {s: _core.io.SafetensorsFile(core_path(os.path.join(path, s))) for s in shards}
+        self.files = {s: _core.io.SafetensorsFile(os.path.join(path, s)) for s in shards}
         self._where: dict[str, str] = {}
         for s, f in self.files.items():
             for n in f.names():
@@ -140,7 +139,7 @@ class Model(LoraModelMixin):
         gguf_file = None
         if path.endswith(".gguf") and not os.path.isdir(path):
             # The C++ reader: every count and offset bounded before the tokenizer or `gguf` reads it.
-            gguf_file = _core.gguf.GGUFFile(core_path(path))
+            gguf_file = _core.gguf.GGUFFile(path)
         if isinstance(tokenizer, str):
             if tokenizer != "auto":
                 raise ValueError(f"tokenizer must be 'auto', None or a tokenizer object, got {tokenizer!r}")
@@ -170,7 +169,7 @@ class Model(LoraModelMixin):
             try:
                 # Shards, quant states and weights tensor by tensor in C++ (cpp/src/model/hf_loader.cpp),
                 # as the C API loads them.
-                core = _core.config.load_hf_model(core_path(path), backend, quantize == "nf4", blocksize, double_quant,
+                core = _core.config.load_hf_model(path, backend, quantize == "nf4", blocksize, double_quant,
                                                   head_format)
             except ValueError as e:  # name the checkpoint in every loading error (FormatError included)
                 if path in str(e):
