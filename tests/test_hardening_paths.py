@@ -278,3 +278,23 @@ def test_core_path_parameters_refuse_nul_and_other_types(mdir):
             fn(3)
     with pytest.raises(ValueError, match="null byte"):
         _core.nccl.load([os.path.join(mdir, "lib\0nccl")])
+
+
+def test_safetensors_source_takes_what_the_package_takes(mdir):
+    """SafetensorsSource(path) took only str / PathLike: a bytes path raised os.path.join's "Can't mix
+    strings and bytes" TypeError. Now it goes through the engine's path rule (fspath.core_path)."""
+    import pathlib
+
+    from qlora_native.model import SafetensorsSource
+
+    want = SafetensorsSource(mdir)
+    for p in (os.fsencode(mdir), pathlib.Path(mdir)):
+        src = SafetensorsSource(p)
+        assert src.names() == want.names() and src.files["model.safetensors"].path == os.path.join(mdir, "model.safetensors")
+    with pytest.raises(ValueError, match="null byte"):
+        SafetensorsSource(os.fsencode(mdir) + b"\0x")
+    with pytest.raises(TypeError, match="str, bytes or os.PathLike"):
+        SafetensorsSource(3)
+    with pytest.raises(FileNotFoundError) as e:  # names the directory as the str os.fsdecode gives
+        SafetensorsSource(os.fsencode(os.path.join(mdir, "missing")))
+    assert os.path.join(mdir, "missing") in str(e.value)

@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from . import _core
+from .fspath import core_path
 from .config import ModelConfig
 from .gguf_check import check_gguf, name_memory_errors
 from .lora_model import LoraModelMixin
@@ -28,8 +29,8 @@ class SafetensorsSource:
     """An HF checkpoint directory: model.safetensors, or shards listed in model.safetensors.index.json.
     A reader for tools and tests; Model.from_pretrained loads through the C++ loader."""
 
-    def __init__(self, path: str | os.PathLike):
-        path = os.fspath(path)
+    def __init__(self, path: str | bytes | os.PathLike):
+        path = os.fsdecode(core_path(path))  # the engine's path rule; a str for joins and messages
         index = os.path.join(path, "model.safetensors.index.json")
         single = os.path.join(path, "model.safetensors")
         if os.path.isfile(index):
