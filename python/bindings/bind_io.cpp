@@ -10,6 +10,7 @@
 #include "fs_path.hpp"
 #include "common/error.hpp"
 #include "io/adapter_write.hpp"
+#include "io/atomic_dir.hpp"
 #include "io/mapped_file.hpp"
 #include "io/safetensors.hpp"
 #include "json/json.hpp"
@@ -233,6 +234,14 @@ void bind_io(py::module_& m) {
       py::arg("dir"), py::arg("tensors"), py::arg("config_json"),
       "The one PEFT adapter writer (qlora_adapter_save's): dir/adapter_model.safetensors from "
       "[(name, dtype name, shape, uint8 bytes)] and dir/adapter_config.json = config_json, saved as a unit.");
+
+  // The process's one registry of saves in progress (io/atomic_dir.hpp): atomic_io.py's saves register
+  // their temporaries here, so the engine's cleanups keep them, and atomic_io's cleanups read it.
+  io.def("register_inflight", [](const FsPath& p) { io::register_inflight(p); }, py::arg("abs_path"),
+         "Mark a temporary (absolute path) as a save in progress in this process.");
+  io.def("unregister_inflight", [](const FsPath& p) { io::unregister_inflight(p); }, py::arg("abs_path"));
+  io.def("is_inflight", [](const FsPath& p) { return io::is_inflight(p); }, py::arg("abs_path"),
+         "True while a save of this process (Python's or the engine's) holds this temporary.");
 
   io.def(
       "json_loads",

@@ -50,10 +50,11 @@ import shutil
 import socket
 import stat
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from . import _core
 
 __all__ = ["write_file", "write_bytes", "write_text", "save_dir", "recover", "cleanup"]
 
@@ -80,8 +81,9 @@ OWNED_AGE = 24 * 3600.0    # a temporary whose owner looks alive is still stale 
 UNOWNED_AGE = 600.0        # a temporary without an owner we can check (a checkpoint takes seconds)
 _WAIT_SWAP = 2.0           # a loader waits this long for a live saver to finish its two-rename swap
 
-_inflight: set[str] = set()  # temporaries (files, staging dirs) of saves in progress in this process
-_inflight_lock = threading.Lock()
+# Temporaries (files, staging dirs) of saves in progress in this process are registered in the engine's
+# registry (cpp/src/io/atomic_dir.hpp, _core.io.*_inflight), which its writers (the adapter writer,
+# save_safetensors) use too: either side's cleanup keeps the other's live temporaries.
 
 
 # ---------------------------------------------------------------- small helpers
@@ -155,21 +157,18 @@ def _stale(p: Path, host: str | None, pid: int | None) -> bool:
     if host is not None and host != _HOST:
         return False  # another host's: its pids mean nothing here
     if pid == os.getpid():  # ours (or an earlier process's with the same pid, e.g. in a container)
-        with _inflight_lock:
-            return host is not None and os.path.abspath(p) not in _inflight
+        return host is not None and not _core.io.is_inflight(os.path.abspath(p))
     return not _alive(pid)
 
 
 @contextmanager
 def _registered(p):
     key = os.path.abspath(p)
-    with _inflight_lock:
-        _inflight.add(key)
+    _core.io.register_inflight(key)
     try:
         yield
     finally:
-        with _inflight_lock:
-            _inflight.discard(key)
+        _core.io.unregister_inflight(key)
 
 
 # renameat2(RENAME_EXCHANGE): swaps two paths atomically (Linux >= 3.15, glibc >= 2.28).
@@ -245,8 +244,7 @@ def write_text(path, text: str) -> None:
 
 # ---------------------------------------------------------------- directories
 def _is_staging(p: Path) -> bool:
-    with _inflight_lock:
-        return os.path.abspath(p) in _inflight
+    return _core.io.is_inflight(os.path.abspath(p))
 
 
 def _matches(name: str, patterns) -> bool:

@@ -80,11 +80,6 @@ const std::string& host_hash() {
 std::mutex g_inflight_mu;
 std::set<std::string> g_inflight;
 
-bool is_inflight(const std::string& p) {
-  std::lock_guard<std::mutex> lock(g_inflight_mu);
-  return g_inflight.count(p) != 0;
-}
-
 struct Inflight {  // registered for its lifetime
   std::string p;
   explicit Inflight(std::string path) : p(std::move(path)) { register_inflight(p); }
@@ -277,6 +272,11 @@ void register_inflight(const std::string& p) {
 void unregister_inflight(const std::string& p) {
   std::lock_guard<std::mutex> lock(g_inflight_mu);
   g_inflight.erase(p);
+}
+
+bool is_inflight(const std::string& p) {
+  std::lock_guard<std::mutex> lock(g_inflight_mu);
+  return g_inflight.count(p) != 0;
 }
 
 void test_fault(const char* step) {

@@ -26,9 +26,12 @@ namespace qlora::io {
 std::string unique_tag();
 
 // Temporaries of saves in progress in this process (absolute paths): a cleanup in another thread
-// must not take them for a killed process's leftovers (they carry our own pid).
+// must not take them for a killed process's leftovers (they carry our own pid). The process's one
+// registry: python/qlora_native/atomic_io.py registers its own saves here too (_core.io), so either
+// side's cleanup keeps the other's live temporaries.
 void register_inflight(const std::string& abs_path);
 void unregister_inflight(const std::string& abs_path);
+bool is_inflight(const std::string& abs_path);
 
 // Test-only fault point: when the environment variable QLORA_TEST_FAULT (a comma-separated list)
 // names `step`, the process kills itself with SIGKILL there (the kill -9 tests). "#N" kills at the
