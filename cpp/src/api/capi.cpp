@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "api/capi_error.hpp"
+#include "api/capi_handles.hpp"
 #include "api/capi_internal.hpp"
 #include "backend.hpp"
 #include "common/error.hpp"
@@ -26,8 +27,7 @@ using qlora::capi::set_error;
 int32_t to_i32(int64_t v) { return v > INT32_MAX ? INT32_MAX : static_cast<int32_t>(v); }
 
 // Live model handles: a call on a freed model (or a double free) is an error, not a crash
-std::shared_mutex g_models_mu;
-std::unordered_set<const qlora_model*> g_models;
+qlora::capi::LiveHandles<qlora_model> g_models;
 
 void check_ids(const int32_t* ids, int64_t n, int64_t V, const char* what) {
   for (int64_t i = 0; i < n; ++i)
@@ -39,8 +39,7 @@ void check_ids(const int32_t* ids, int64_t n, int64_t V, const char* what) {
 namespace qlora::capi {
 
 bool is_live_model(const qlora_model* model) {
-  std::shared_lock<std::shared_mutex> lk(g_models_mu);
-  return model && g_models.count(model) != 0;
+  return g_models.live(model);
 }
 
 void check_model(const qlora_model* model, const char* fn) {
@@ -171,8 +170,7 @@ QLORA_API qlora_model* qlora_model_load(const char* path, const qlora_model_para
     auto h = std::make_unique<qlora_model>();
     h->source = path;  // for qlora_model_get_tokenizer
     h->m = qlora::model::load_model_from_path(path, be, q, &h->info);  // HF directory or GGUF file
-    std::unique_lock<std::shared_mutex> lk(g_models_mu);
-    g_models.insert(h.get());
+    g_models.add(h.get());
     out = h.release();
     return QLORA_OK;
   });
@@ -183,12 +181,9 @@ QLORA_API void qlora_model_free(qlora_model* model) {
   // Frees the adapters not freed yet; with contexts still open the model itself is deleted by
   // the last qlora_context_free (they fail every call meanwhile).
   if (!model) return;
-  {
-    std::unique_lock<std::shared_mutex> lk(g_models_mu);
-    if (!g_models.erase(model)) {
-      set_error(QLORA_ERR_INVALID_ARGUMENT, "qlora_model_free: not a live qlora_model (already freed)");
-      return;
-    }
+  if (!g_models.remove(model)) {
+    set_error(QLORA_ERR_INVALID_ARGUMENT, "qlora_model_free: not a live qlora_model (already freed)");
+    return;
   }
   if (qlora::capi::release_model_handles(model)) delete model;
 }

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "api/capi_error.hpp"
+#include "api/capi_handles.hpp"
 #include "api/capi_internal.hpp"
 #include "api/peft_adapter.hpp"
 #include "common/error.hpp"
@@ -38,10 +39,11 @@ using qlora::model::AdapterUse;
 using qlora::model::LoraAdapter;
 using qlora::model::LoraModule;
 
-// Live handles. Lock order: g_mu, then a model's handles_mu, then a context's mu.
+// Live handles. g_mu makes a check of a handle and of the state tied to it (its model's handles, a
+// context's busy flag) one step. Lock order: g_mu, then a model's handles_mu, then a context's mu.
 std::mutex g_mu;
-std::unordered_set<const qlora_adapter*> g_adapters;
-std::unordered_set<const qlora_context*> g_contexts;
+qlora::capi::LiveHandles<qlora_adapter> g_adapters;
+qlora::capi::LiveHandles<qlora_context> g_contexts;
 
 // Marks ctx busy for one call (checks that it is live and that its model was not freed).
 class Call {
@@ -50,7 +52,7 @@ class Call {
     const std::string f(fn);
     check_arg(ctx != nullptr, f + ": ctx is NULL");
     std::lock_guard<std::mutex> g(g_mu);
-    check_arg(g_contexts.count(ctx) != 0, f + ": ctx is not a live qlora_context (freed, or not made by qlora_context_new)");
+    check_arg(g_contexts.live(ctx), f + ": ctx is not a live qlora_context (freed, or not made by qlora_context_new)");
     {
       std::lock_guard<std::mutex> h(ctx->model->handles_mu);
       check_arg(!ctx->model->freed, f + ": the context's model was freed (free contexts before their model)");
@@ -109,7 +111,7 @@ bool release_model_handles(qlora_model* model) {
   {
     std::lock_guard<std::mutex> g(g_mu);
     std::lock_guard<std::mutex> h(model->handles_mu);
-    for (qlora_adapter* a : model->adapters) g_adapters.erase(a), dead.push_back(a);
+    for (qlora_adapter* a : model->adapters) g_adapters.remove(a), dead.push_back(a);
     model->adapters.clear();
     model->freed = true;
     now = model->n_contexts == 0;
@@ -140,7 +142,7 @@ QLORA_API qlora_adapter* qlora_adapter_load(qlora_model* model, const char* dir)
     std::lock_guard<std::mutex> hm(model->handles_mu);
     check_arg(!model->freed, "qlora_adapter_load: the model was freed");
     model->adapters.insert(h.get());
-    g_adapters.insert(h.get());
+    g_adapters.add(h.get());
     out = h.release();
     return QLORA_OK;
   });
@@ -151,7 +153,7 @@ QLORA_API void qlora_adapter_free(qlora_adapter* adapter) {
   if (!adapter) return;
   {
     std::lock_guard<std::mutex> g(g_mu);
-    if (!g_adapters.erase(adapter)) {
+    if (!g_adapters.remove(adapter)) {
       qlora::capi::set_error(QLORA_ERR_INVALID_ARGUMENT,
                              "qlora_adapter_free: not a live qlora_adapter (already freed, or freed with its model)");
       return;
@@ -175,7 +177,7 @@ QLORA_API qlora_context* qlora_context_new(qlora_model* model, qlora_context_par
     std::lock_guard<std::mutex> h(model->handles_mu);
     check_arg(!model->freed, "qlora_context_new: the model was freed");
     ++model->n_contexts;
-    g_contexts.insert(c.get());
+    g_contexts.add(c.get());
     out = c.release();
     return QLORA_OK;
   });
@@ -187,7 +189,7 @@ QLORA_API void qlora_context_free(qlora_context* ctx) {
   bool delete_model = false;
   {
     std::lock_guard<std::mutex> g(g_mu);
-    if (!g_contexts.count(ctx)) {
+    if (!g_contexts.live(ctx)) {
       qlora::capi::set_error(QLORA_ERR_INVALID_ARGUMENT, "qlora_context_free: not a live qlora_context (already freed)");
       return;
     }
@@ -196,7 +198,7 @@ QLORA_API void qlora_context_free(qlora_context* ctx) {
                              "qlora_context_free: a call on this context is still running; the context was not freed");
       return;
     }
-    g_contexts.erase(ctx);
+    g_contexts.remove(ctx);
     std::lock_guard<std::mutex> h(ctx->model->handles_mu);
     delete_model = --ctx->model->n_contexts == 0 && ctx->model->freed;
   }
@@ -215,7 +217,7 @@ QLORA_API int qlora_context_set_adapters(qlora_context* ctx, qlora_adapter* cons
     qlora_model* model;
     {
       std::lock_guard<std::mutex> g(g_mu);  // the adapters cannot be freed while they are read
-      check_arg(g_contexts.count(ctx) != 0, "qlora_context_set_adapters: ctx is not a live qlora_context");
+      check_arg(g_contexts.live(ctx), "qlora_context_set_adapters: ctx is not a live qlora_context");
       model = ctx->model;
       {
         std::lock_guard<std::mutex> h(model->handles_mu);
@@ -225,7 +227,7 @@ QLORA_API int qlora_context_set_adapters(qlora_context* ctx, qlora_adapter* cons
         const std::string at = "qlora_context_set_adapters: adapters[" + std::to_string(i) + "]";
         const qlora_adapter* a = adapters[i];
         check_arg(a != nullptr, at + " is NULL");
-        check_arg(g_adapters.count(a) != 0, at + " is not a live qlora_adapter (freed, or freed with its model)");
+        check_arg(g_adapters.live(a), at + " is not a live qlora_adapter (freed, or freed with its model)");
         check_arg(a->model == model, at + " was loaded for another model than the context's");
         const float s = scales ? scales[i] : 1.0f;
         qlora::model::check_lora_scale(model->m->backend(), *a->ad, s, at);  // finite, the load bound

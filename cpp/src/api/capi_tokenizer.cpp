@@ -5,10 +5,11 @@
 #include <memory>
 #include <shared_mutex>
 #include <string>
-#include <unordered_map>
+#include <optional>
 #include <vector>
 
 #include "api/capi_error.hpp"
+#include "api/capi_handles.hpp"
 #include "common/error.hpp"
 #include "tokenizer/tokenizer.hpp"
 
@@ -22,13 +23,9 @@ using qlora::capi::guard;
 
 // Live tokenizer handles -> whether a model owns it (freed with the model, never by the caller):
 // a call on a freed tokenizer, a double free or freeing a model's tokenizer is an error, not a crash
-std::shared_mutex g_tok_mu;
-std::unordered_map<const qlora_tokenizer*, bool> g_toks;
+qlora::capi::LiveHandles<qlora_tokenizer, bool> g_toks;
 
-bool live(const qlora_tokenizer* tok) {
-  std::shared_lock<std::shared_mutex> lk(g_tok_mu);
-  return tok && g_toks.count(tok) != 0;
-}
+bool live(const qlora_tokenizer* tok) { return g_toks.live(tok); }
 
 void check_tok(const qlora_tokenizer* tok, const char* fn) {
   check_arg(tok != nullptr, std::string(fn) + ": tokenizer is NULL");
@@ -70,8 +67,7 @@ QLORA_API qlora_tokenizer* qlora_tokenizer_load(const char* path) {
     check_arg(path != nullptr && *path, "qlora_tokenizer_load: path is NULL or empty");
     auto h = std::make_unique<qlora_tokenizer>();
     h->t = qlora::tok::Tokenizer::load(path);
-    std::unique_lock<std::shared_mutex> lk(g_tok_mu);
-    g_toks.emplace(h.get(), false);
+    g_toks.add(h.get(), false);
     out = h.release();
     return 0;
   });
@@ -80,20 +76,16 @@ QLORA_API qlora_tokenizer* qlora_tokenizer_load(const char* path) {
 
 QLORA_API void qlora_tokenizer_free(qlora_tokenizer* tok) {
   if (!tok) return;
-  {
-    std::unique_lock<std::shared_mutex> lk(g_tok_mu);
-    auto it = g_toks.find(tok);
-    if (it == g_toks.end()) {
-      qlora::capi::set_error(QLORA_ERR_INVALID_ARGUMENT, "qlora_tokenizer_free: not a live qlora_tokenizer (already freed)");
-      return;
-    }
-    if (it->second) {
-      qlora::capi::set_error(QLORA_ERR_INVALID_ARGUMENT,
-                             "qlora_tokenizer_free: this tokenizer belongs to its model (qlora_model_get_tokenizer) "
-                             "and is freed with it");
-      return;
-    }
-    g_toks.erase(it);
+  const std::optional<bool> owned = g_toks.remove_unless(tok, [](bool model_owns) { return model_owns; });
+  if (!owned) {
+    qlora::capi::set_error(QLORA_ERR_INVALID_ARGUMENT, "qlora_tokenizer_free: not a live qlora_tokenizer (already freed)");
+    return;
+  }
+  if (*owned) {
+    qlora::capi::set_error(QLORA_ERR_INVALID_ARGUMENT,
+                           "qlora_tokenizer_free: this tokenizer belongs to its model (qlora_model_get_tokenizer) "
+                           "and is freed with it");
+    return;
   }
   delete tok;
 }
@@ -166,8 +158,7 @@ extern "C" QLORA_API const qlora_tokenizer* qlora_model_get_tokenizer(qlora_mode
     if (!model->tokenizer) {
       auto h = std::make_unique<qlora_tokenizer>();
       h->t = qlora::tok::Tokenizer::load(model->source);
-      std::unique_lock<std::shared_mutex> reg(g_tok_mu);
-      g_toks.emplace(h.get(), true);
+      g_toks.add(h.get(), true);
       model->tokenizer.reset(h.release());
     }
     out = model->tokenizer.get();
@@ -179,10 +170,7 @@ extern "C" QLORA_API const qlora_tokenizer* qlora_model_get_tokenizer(qlora_mode
 namespace qlora::capi {
 void free_model_tokenizer(qlora_tokenizer* tok) {
   if (!tok) return;
-  {
-    std::unique_lock<std::shared_mutex> lk(g_tok_mu);
-    g_toks.erase(tok);
-  }
+  g_toks.remove(tok);
   delete tok;
 }
 }  // namespace qlora::capi
