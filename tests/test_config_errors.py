@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 import qlora_native  # noqa: E402
 from qlora_native import _core  # noqa: E402
 from qlora_native.config import ModelConfig  # noqa: E402
+from qlora_native.model import SafetensorsSource  # noqa: E402
 
 from helpers_model import make_checkpoint  # noqa: E402
 from helpers_capi import QUANT_NONE, CModel  # noqa: E402
@@ -170,6 +171,8 @@ def test_shard_names_stay_inside_the_checkpoint(lib, sharded, tmp_path, kind):
     dst = _with_index(sharded, tmp_path, edit)
     with pytest.raises(_core.FormatError, match=r"model\.safetensors\.index\.json: weight_map names an invalid shard"):
         qlora_native.Model.from_pretrained(dst, quantize=None, tokenizer=None)
+    with pytest.raises(_core.FormatError, match=r"model\.safetensors\.index\.json: weight_map names an invalid shard"):
+        SafetensorsSource(dst)  # the same rule (model/checkpoint_source.cpp), not a copy of it
     with pytest.raises(RuntimeError, match=r"model\.safetensors\.index\.json: weight_map names an invalid shard"):
         CModel(lib, dst, QUANT_NONE)
 
@@ -210,6 +213,8 @@ def test_bad_index_is_a_format_error(lib, sharded, tmp_path, kind, match):
     dst = _with_index(sharded, tmp_path, edit)
     with pytest.raises(_core.FormatError, match=r"model\.safetensors\.index\.json: " + match):
         qlora_native.Model.from_pretrained(dst, quantize=None, tokenizer=None)
+    with pytest.raises(_core.FormatError, match=r"model\.safetensors\.index\.json: " + match):
+        SafetensorsSource(dst)
     with pytest.raises(RuntimeError, match=r"model\.safetensors\.index\.json"):
         CModel(lib, dst, QUANT_NONE)
 

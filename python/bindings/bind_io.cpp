@@ -3,6 +3,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <cerrno>
 #include <cstring>
 
 #include "api/peft_adapter.hpp"
@@ -14,6 +15,7 @@
 #include "io/mapped_file.hpp"
 #include "io/safetensors.hpp"
 #include "json/json.hpp"
+#include "model/checkpoint_source.hpp"
 #include "model/lora_check.hpp"
 #include "model/peft_config.hpp"
 
@@ -192,6 +194,33 @@ void bind_io(py::module_& m) {
            py::arg("name"), "Read-only array viewing the mapping (BF16 as raw uint16 bits).")
       .def_property_readonly("header_size", &SafetensorsFile::header_size)
       .def_property_readonly("path", [](const SafetensorsFile& f) { return fs_text(f.path()); });
+
+  io.def(
+      "open_checkpoint",
+      [](const FsPath& dir) {
+        model::CheckpointSource src;
+        try {
+          py::gil_scoped_release nogil;
+          src = model::open_checkpoint(dir);
+        } catch (const io::FileError& e) {
+          if (e.err != ENOENT || e.path != dir.bytes) throw;
+          // OSError's (errno, strerror, filename), saying what is missing in the directory.
+          py::object exc = py::reinterpret_borrow<py::object>(PyExc_FileNotFoundError)(
+              e.err, "no model.safetensors or model.safetensors.index.json in", fs_text(e.path));
+          PyErr_SetObject(PyExc_FileNotFoundError, exc.ptr());
+          throw py::error_already_set();
+        }
+        py::list files;  // [(shard name, SafetensorsFile)]
+        py::dict where;  // tensor name -> shard name, shard by shard in file order
+        for (size_t i = 0; i < src.files.size(); ++i) {
+          files.append(py::make_tuple(fs_text(src.shard_names[i]), src.files[i]));
+          for (const io::TensorInfo& t : src.files[i]->tensors()) where[py::str(t.name)] = fs_text(src.shard_names[i]);
+        }
+        return py::make_tuple(files, where);
+      },
+      py::arg("dir"),
+      "An HF checkpoint directory by the C++ loader's rule (model/checkpoint_source.hpp): (files, where), files a "
+      "list of (shard name, SafetensorsFile), where a dict tensor name -> shard name in file order.");
 
   io.def(
       "save_safetensors",

@@ -18,7 +18,6 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from . import _core
-from .fspath import core_path
 from .config import ModelConfig
 from .gguf_check import check_gguf, name_memory_errors
 from .lora_model import LoraModelMixin
@@ -30,35 +29,9 @@ class SafetensorsSource:
     A reader for tools and tests; Model.from_pretrained loads through the C++ loader."""
 
     def __init__(self, path: str | bytes | os.PathLike):
-        path = os.fsdecode(core_path(path))  # the engine's path rule; a str for joins and messages
-        index = os.path.join(path, "model.safetensors.index.json")
-        single = os.path.join(path, "model.safetensors")
-        if os.path.isfile(index):
-            from .config import read_json
-
-            doc = read_json(index)  # the engine's parser, as the C API loader (hf_loader.cpp)
-            weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
-            if not isinstance(weight_map, dict):
-                raise _core.FormatError(f"{index}: no valid weight_map (expected an object of tensor name -> "
-                                        f"shard file, got {type(weight_map).__name__})")
-            for n, s in weight_map.items():
-                _check_shard_name(index, n, s)
-            shards = sorted(set(weight_map.values()))
-        elif os.path.isfile(single):
-            weight_map, shards = None, ["model.safetensors"]
-        else:
-            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-        self.files = {s: _core.io.SafetensorsFile(os.path.join(path, s)) for s in shards}
-        self._where: dict[str, str] = {}
-        for s, f in self.files.items():
-            for n in f.names():
-                if n in self._where:
-                    raise _core.FormatError(f"{path}: tensor {n!r} appears in both {self._where[n]} and {s}")
-                self._where[n] = s
-        if weight_map is not None:
-            for n, s in weight_map.items():
-                if self._where.get(n) != s:
-                    raise _core.FormatError(f"{index}: tensor {n!r} is listed in {s} but not stored there")
+        # The C++ loader's rule (model/checkpoint_source.hpp: shard names, index vs shards), one copy.
+        files, self._where = _core.io.open_checkpoint(path)
+        self.files: dict[str, object] = dict(files)
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -72,19 +45,6 @@ class SafetensorsSource:
         for n in names:
             f = self.files[self._where[n]]
             yield n, f.get(n), f.dtype_name(n), tuple(f.shape(n))
-
-
-def _check_shard_name(index: str, tensor: str, shard) -> None:
-    """A shard must be a plain file name inside the checkpoint directory: the index comes with
-    the checkpoint, and "../../x.safetensors" or "/abs/x" would open files elsewhere. (Symlinked
-    shards stay allowed: the Hugging Face cache links snapshot files to its blobs/ folder.)
-    The C API loader applies the same rule (hf_loader.cpp)."""
-    if not isinstance(shard, str):
-        raise _core.FormatError(f"{index}: weight_map entry {tensor!r} is not a file name: {shard!r}")
-    if (shard in ("", ".", "..") or "/" in shard or "\\" in shard or "\0" in shard
-            or os.path.isabs(shard) or os.path.splitdrive(shard)[0]):
-        raise _core.FormatError(f"{index}: weight_map names an invalid shard {shard!r} for tensor {tensor!r} "
-                                "(shards must be plain file names inside the checkpoint directory)")
 
 
 # ---------------------------------------------------------------- the model

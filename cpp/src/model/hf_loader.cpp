@@ -11,6 +11,7 @@
 #include "gguf/gguf_model.hpp"
 #include "io/mapped_file.hpp"
 #include "io/safetensors.hpp"
+#include "model/checkpoint_source.hpp"
 #include "nf4/nf4_codec.hpp"
 
 namespace qlora::model {
@@ -334,73 +335,9 @@ std::string shape_str(const std::vector<int64_t>& s) {
   return o + "]";
 }
 
-// The checkpoint's files and which file holds each tensor (SafetensorsSource in model.py).
-struct Source {
-  std::vector<std::shared_ptr<io::SafetensorsFile>> files;
-  std::map<std::string, const io::TensorInfo*> where;  // tensor name -> its entry
-  std::map<std::string, std::string> file_of;          // tensor name -> shard name
-
-  const io::TensorInfo& get(const std::string& n) const { return *where.at(n); }
-  const io::TensorInfo* find(const std::string& n) const {
-    auto it = where.find(n);
-    return it == where.end() ? nullptr : it->second;
-  }
-};
-
-Source open_source(const std::string& dir) {
-  const std::string index = (fs::path(dir) / "model.safetensors.index.json").string();
-  const std::string single = (fs::path(dir) / "model.safetensors").string();
-  std::vector<std::pair<std::string, std::string>> weight_map;
-  std::vector<std::string> shards;
-  const bool sharded = fs::is_regular_file(index);
-  if (sharded) {
-    Value v;
-    try {
-      v = json::parse_file(index);
-    } catch (const FormatError& e) {  // as io.read_json says it: "<index>: not valid JSON (<why>)"
-      std::string why = e.what();
-      if (why.rfind(index + ": ", 0) == 0) why.erase(0, index.size() + 2);
-      throw FormatError(index + ": not valid JSON (" + why + ")");
-    }
-    const Value* wm = v.is_object() ? v.find("weight_map") : nullptr;
-    if (!wm || !wm->is_object()) throw FormatError(index + ": no valid weight_map");
-    std::set<std::string> uniq;
-    for (const auto& [n, s] : wm->as_object()) {
-      if (!s.is_string()) throw FormatError(index + ": weight_map entry '" + n + "' is not a file name");
-      const std::string& f = s.as_string();
-      // Shards must be plain file names inside the directory.
-      // Shards must be plain file names inside the directory (model.py's _check_shard_name): a
-      // NUL would also cut the path the OS sees.
-      if (f.empty() || f.find('/') != std::string::npos || f.find('\\') != std::string::npos || f == "." ||
-          f == ".." || f.find('\0') != std::string::npos)
-        throw FormatError(index + ": weight_map names an invalid shard '" + f + "' for tensor '" + n +
-                          "' (shards must be plain file names inside the checkpoint directory)");
-      weight_map.emplace_back(n, f);
-      uniq.insert(f);
-    }
-    shards.assign(uniq.begin(), uniq.end());
-  } else if (fs::is_regular_file(single)) {
-    shards = {"model.safetensors"};
-  } else {
-    throw io::FileError(ENOENT, dir, "no model.safetensors or model.safetensors.index.json in");
-  }
-  Source src;
-  for (const auto& s : shards) {
-    src.files.push_back(io::SafetensorsFile::open((fs::path(dir) / s).string()));
-    for (const auto& t : src.files.back()->tensors()) {
-      if (src.where.count(t.name))
-        throw FormatError(dir + ": tensor '" + t.name + "' appears in both " + src.file_of[t.name] + " and " + s);
-      src.where[t.name] = &t;
-      src.file_of[t.name] = s;
-    }
-  }
-  for (const auto& [n, s] : weight_map) {
-    auto it = src.file_of.find(n);
-    if (it == src.file_of.end() || it->second != s)
-      throw FormatError(index + ": tensor '" + n + "' is listed in " + s + " but not stored there");
-  }
-  return src;
-}
+// The checkpoint's files and which file holds each tensor (model/checkpoint_source.hpp).
+using Source = CheckpointSource;
+Source open_source(const std::string& dir) { return open_checkpoint(dir); }
 
 template <class T>
 std::vector<T> copy_array(const io::TensorInfo& t, DType want, int64_t count, const std::string& what) {
