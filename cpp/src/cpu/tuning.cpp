@@ -1,6 +1,11 @@
 #include "cpu/tuning.hpp"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -9,7 +14,6 @@
 #include <sstream>
 
 #include "io/atomic_dir.hpp"
-#include "io/mapped_file.hpp"
 
 #if defined(QLORA_X86) && (defined(__GNUC__) || defined(__clang__))
 #include <cpuid.h>
@@ -45,17 +49,53 @@ struct Line {
   std::string machine, key, choice;
 };
 
+// A tuning file is a few lines; a larger one is not ours (a path given by mistake): it is neither
+// read (seconds and gigabytes on the first GEMV) nor replaced.
+constexpr off_t kMaxFile = 1 << 20;
+
+// The file to read and rewrite for QLORA_TUNE_CACHE = `path`: itself when nothing is there, the file
+// a symlink leads to (the link stays a link), else "" (leave it alone): a directory or a link to
+// one, a dangling or looping link, a device (QLORA_TUNE_CACHE=/dev/null would become a regular file
+// by the rename, as root), a fifo, a file larger than kMaxFile.
+std::string file_to_use(const std::string& path) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) return errno == ENOENT ? path : "";
+  std::string target = path;
+  if (S_ISLNK(st.st_mode)) {
+    char* r = ::realpath(path.c_str(), nullptr);
+    if (!r) return "";
+    target = r;
+    std::free(r);
+    if (::stat(target.c_str(), &st) != 0) return "";
+  }
+  return S_ISREG(st.st_mode) && st.st_size <= kMaxFile ? target : "";
+}
+
+// The bytes of a regular file of at most kMaxFile bytes, else "" (O_NONBLOCK: a fifo put there since
+// file_to_use looked does not block the open).
+std::string read_small(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) return "";
+  std::string out;
+  struct stat st {};
+  if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size <= kMaxFile) {
+    char buf[1 << 14];
+    for (;;) {
+      const ssize_t n = ::read(fd, buf, sizeof buf);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0 || out.size() + static_cast<size_t>(n) > static_cast<size_t>(kMaxFile)) break;
+      out.append(buf, static_cast<size_t>(n));
+    }
+  }
+  ::close(fd);
+  return out;
+}
+
 // Every well-formed line of the file (three non-empty tab-separated fields); nothing if it is
 // missing or unreadable.
 std::vector<Line> read_lines(const std::string& path) {
   std::vector<Line> out;
-  std::string data;
-  try {
-    data = io::read_file(path);
-  } catch (...) {
-    return out;
-  }
-  std::istringstream in(data);
+  std::istringstream in(read_small(path));
   std::string s;
   while (std::getline(in, s)) {
     const size_t a = s.find('\t'), b = a == std::string::npos ? a : s.find('\t', a + 1);
@@ -143,7 +183,8 @@ int choose(const std::string& key, const std::vector<std::string>& names, int fa
     if (i >= 0) return i;
   }
   if (!tune_enabled()) return record(fallback, "default");
-  const std::string path = cache_path(), machine = cpu_signature();
+  const std::string wanted = cache_path(), machine = cpu_signature();
+  const std::string path = wanted.empty() ? wanted : file_to_use(wanted);
   if (!path.empty())
     for (const Line& l : read_lines(path))
       if (l.machine == machine && l.key == key && index_of(l.choice) >= 0) return record(index_of(l.choice), "file");

@@ -7,7 +7,9 @@
 // or ~/.cache/qlora_native/tuning.txt. One line per (machine, key): "machine<TAB>key<TAB>choice",
 // machine = cpu_signature(); lines of other machines are kept (a home shared by several hosts),
 // unreadable lines are ignored, the file is rewritten atomically (temporary + rename) and a
-// failure to write it is ignored (the choice stays for the process). QLORA_TUNE=0: no measurement
+// failure to write it is ignored (the choice stays for the process). Only a regular file of at most
+// 1 MiB (through a symlink: its target) or nothing is read / written: a device, fifo, directory or
+// larger file at the path is left alone. QLORA_TUNE=0: no measurement
 // and no file, every key takes its default.
 #pragma once
 #include <functional>

@@ -1,0 +1,99 @@
+"""What QLORA_TUNE_CACHE may name (cpu/tuning.cpp): the file is read and rewritten only when it is a
+regular file of at most 1 MiB (through a symlink: the file it leads to, the link stays) or absent.
+Anything else is left as it is and the choice stays in the process: a fifo (an open would block the
+first GEMV forever), a device (QLORA_TUNE_CACHE=/dev/null, the usual "discard", became a regular
+file by the atomic rename when run as root), a symlink to a directory (replaced by a file), a huge
+file (read whole on the first GEMV: seconds, gigabytes, then MemoryError; and replaced). Each case
+in a child process (the choice is per process) with a timeout."""
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from qlora_native import _core
+
+try:
+    from qlora_native import ops
+except ImportError:
+    ops = None
+pytestmark = [
+    pytest.mark.skipif(ops is None or not hasattr(ops, "nf4_gemm_nt"), reason="ops.nf4_gemm_nt not built"),
+    pytest.mark.skipif("avx2" not in _core.supported_simd_levels(), reason="no AVX2 on this CPU / build"),
+]
+KEY = "nf4_gemv_avx2_decode.v1"
+_CHILD = """
+import json, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+from qlora_native import _core, ops
+from test_ops_nf4_gemv import random_nf4
+w = random_nf4(np.random.default_rng(1), 8, 256, 64, True)
+ops.nf4_gemm_nt(np.ones((1, 256), np.float32), w, backend="cpu:avx2")
+print(json.dumps({{r["key"]: r for r in _core.tuning_report()}}.get({key!r})))
+"""
+
+
+def _child(path):
+    e = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_NF4_GEMV") and k != "QLORA_TUNE"}
+    e["QLORA_TUNE_CACHE"] = str(path)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", _CHILD.format(tests=tests, key=KEY)], env=e, capture_output=True,
+                       text=True, timeout=60)  # the fifo blocked here before
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_fifo_is_neither_opened_for_reading_nor_replaced(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = _child(fifo)
+    assert got["source"] == "measured"
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mknod of a device needs root")
+def test_device_is_not_replaced(tmp_path):
+    null = tmp_path / "null"  # a /dev/null of our own: the real one must not be risked
+    os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    got = _child(null)
+    assert got["source"] == "measured"
+    assert stat.S_ISCHR(os.lstat(null).st_mode)
+
+
+def test_symlinks(tmp_path):
+    d = tmp_path / "dir"
+    d.mkdir()
+    (tmp_path / "to_dir").symlink_to(d)
+    got = _child(tmp_path / "to_dir")
+    assert got["source"] == "measured"
+    assert (tmp_path / "to_dir").is_symlink() and (tmp_path / "to_dir").is_dir()
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    assert _child(tmp_path / "loop_a")["source"] == "measured"
+    assert (tmp_path / "loop_a").is_symlink()
+    # A link to a tuning file: written through, the link stays.
+    real = tmp_path / "real.txt"
+    real.write_text("")
+    (tmp_path / "link.txt").symlink_to(real)
+    first = _child(tmp_path / "link.txt")
+    assert first["source"] == "measured" and (tmp_path / "link.txt").is_symlink()
+    assert real.read_text() == f"{_core.cpu_signature()}\t{KEY}\t{first['choice']}\n"
+    second = _child(tmp_path / "link.txt")
+    assert (second["source"], second["choice"]) == ("file", first["choice"])
+
+
+def test_large_file_is_not_read_nor_replaced(tmp_path):
+    big = tmp_path / "big"
+    with open(big, "wb") as f:
+        f.truncate(64 << 20)  # sparse: costs no disk
+    got = _child(big)
+    assert got["source"] == "measured"
+    assert big.stat().st_size == 64 << 20
+    # Up to 1 MiB it is a tuning file (with a junk line): read.
+    ok = tmp_path / "ok"
+    ok.write_bytes(b"x" * (1 << 19) + b"\n" + f"{_core.cpu_signature()}\t{KEY}\tvpermps\n".encode())
+    got = _child(ok)
+    assert (got["source"], got["choice"]) == ("file", "vpermps")
