@@ -17,7 +17,8 @@ CheckpointSource open_checkpoint(const std::string& dir) {
   const std::string single = (fs::path(dir) / "model.safetensors").string();
   std::vector<std::pair<std::string, std::string>> weight_map;
   std::vector<std::string> shards;
-  const bool sharded = fs::is_regular_file(index);
+  std::error_code ec;  // an error (a name too long) is "not there": the FileError below names the directory
+  const bool sharded = fs::is_regular_file(index, ec);
   if (sharded) {
     json::Value v;
     try {
@@ -43,7 +44,7 @@ CheckpointSource open_checkpoint(const std::string& dir) {
       uniq.insert(f);
     }
     shards.assign(uniq.begin(), uniq.end());
-  } else if (fs::is_regular_file(single)) {
+  } else if (fs::is_regular_file(single, ec)) {
     shards = {"model.safetensors"};
   } else {
     throw io::FileError(ENOENT, dir, "no model.safetensors or model.safetensors.index.json in");

@@ -290,9 +290,12 @@ HfConfig parse_hf_config(const Value& d) {
 }
 
 HfConfig read_hf_config(const std::string& dir) {
-  if (!fs::is_directory(dir)) throw io::FileError(ENOENT, dir, "model directory: cannot open");
+  // The error_code forms: the throwing ones raise filesystem_error (a bare RuntimeError in Python)
+  // for a name too long, a symlink loop or a denied search; these say which, as OSError.
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) throw io::FileError(ec ? ec.value() : ENOENT, dir, "model directory: cannot open");
   const std::string path = (fs::path(dir) / "config.json").string();
-  if (!fs::is_regular_file(path)) throw io::FileError(ENOENT, path, "no config.json: cannot open");
+  if (!fs::is_regular_file(path, ec)) throw io::FileError(ec ? ec.value() : ENOENT, path, "no config.json: cannot open");
   json::ParseOptions opt;
   opt.allow_duplicate_keys = true;  // as Python's json (the last one wins)
   Value d;
