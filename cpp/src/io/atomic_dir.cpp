@@ -242,7 +242,13 @@ void restore(const std::string& old, const std::string& target, const std::strin
 }
 
 std::string absolute_normal(const std::string& p) {
-  fs::path a = fs::absolute(fs::path(p)).lexically_normal();
+  // FileError (OSError in Python), not fs::absolute's filesystem_error (a bare RuntimeError): ""
+  // names nothing (as open("")), and a relative path fails when the working directory was removed.
+  if (p.empty()) throw FileError(ENOENT, p, "cannot save to");
+  std::error_code ec;
+  fs::path a = fs::absolute(fs::path(p), ec);
+  if (ec) throw FileError(ec.value(), p, "cannot make an absolute path of");
+  a = a.lexically_normal();
   std::string s = a.string();
   while (s.size() > 1 && s.back() == '/') s.pop_back();
   return s;
