@@ -1,5 +1,6 @@
 #include "io/mapped_file.hpp"
 
+#include "common/error.hpp"
 #include "io/atomic_dir.hpp"
 
 #include <fcntl.h>
@@ -29,7 +30,8 @@ struct Fd {
 };
 
 int open_regular_readonly(const std::string& path, struct stat& st) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: a fifo would block the open until a writer came (forever); it is refused below.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) throw FileError(errno, path, "cannot open");
   if (::fstat(fd, &st) != 0) {
     const int e = errno;
@@ -39,6 +41,10 @@ int open_regular_readonly(const std::string& path, struct stat& st) {
   if (S_ISDIR(st.st_mode)) {
     ::close(fd);
     throw FileError(EISDIR, path, "cannot open");
+  }
+  if (!S_ISREG(st.st_mode)) {  // a device (/dev/zero reads until memory runs out), fifo or socket: as the GGUF reader
+    ::close(fd);
+    throw FormatError(path + ": not a regular file (a device, pipe or socket)");
   }
   return fd;
 }
