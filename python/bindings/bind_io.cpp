@@ -271,6 +271,9 @@ void bind_io(py::module_& m) {
   io.def("unregister_inflight", [](const FsPath& p) { io::unregister_inflight(p); }, py::arg("abs_path"));
   io.def("is_inflight", [](const FsPath& p) { return io::is_inflight(p); }, py::arg("abs_path"),
          "True while a save of this process (Python's or the engine's) holds this temporary.");
+  io.def("check_replaceable", [](const FsPath& p, const std::string& what) { io::check_replaceable(p, what.c_str()); },
+         py::arg("path"), py::arg("what") = "cannot save",
+         "ValueError when path is a device, fifo or socket (an atomic save would replace it with a file).");
 
   io.def(
       "json_loads",

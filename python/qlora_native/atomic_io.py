@@ -208,6 +208,8 @@ def write_file(path, writer) -> None:
     (`.NAME.qlora-tmp.TAG`: a later save removes it if this process dies), which is then fsync'ed
     and renamed over `path`; nothing is left behind on an error."""
     path = Path(path)
+    # A device, fifo or socket there would be replaced by the rename (the engine's rule).
+    _core.io.check_replaceable(path)
     tmp = path.parent / f".{path.name}.qlora-tmp.{_tag()}"
     with _registered(tmp):
         try:
@@ -217,6 +219,7 @@ def write_file(path, writer) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            _core.io.check_replaceable(path)  # one put there while writing
             os.replace(tmp, path)
         except BaseException:
             try:

@@ -96,7 +96,18 @@ std::string read_file(const std::string& path) {
 
 // ---------------------------------------------------------------- AtomicFileWriter
 
+void check_replaceable(const std::string& path, const char* what) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) return;  // nothing there (or unreachable: the open says why)
+  const char* kind = S_ISCHR(st.st_mode) ? "a character device" : S_ISBLK(st.st_mode) ? "a block device"
+                     : S_ISFIFO(st.st_mode) ? "a fifo" : S_ISSOCK(st.st_mode) ? "a socket" : nullptr;
+  if (kind)
+    throw ValueError(std::string(what) + ": '" + path + "' is " + kind +
+                     ", not a regular file: an atomic save would replace it with a file");
+}
+
 AtomicFileWriter::AtomicFileWriter(std::string path) : path_(std::move(path)) {
+  check_replaceable(path_, "cannot save");  // before any work (checked again just before the rename)
   // `.NAME.qlora-tmp.HOST-PID-RANDOM` beside the target: atomic_io.py's name for a temporary, so
   // the next save (C++ or Python) removes it once its owner is gone, and a host sharing the
   // directory (NFS) does not take our live temporary for its own dead process's.
@@ -162,6 +173,7 @@ void AtomicFileWriter::commit() {
   fd_ = -1;
   if (::close(fd) != 0) throw FileError(errno, tmp_, "cannot close");
   test_fault("file-rename");  // the temporary is complete, the name not yet taken (kill sweeps)
+  check_replaceable(path_, "cannot save");  // a node put there while writing (the destructor removes the temporary)
   if (::rename(tmp_.c_str(), path_.c_str()) != 0) throw FileError(errno, path_, "cannot rename temporary file to");
   committed_ = true;
   // Persist the rename itself (best effort: some filesystems refuse fsync on directories).

@@ -40,6 +40,13 @@ class MappedFile {
 
 std::string read_file(const std::string& path);
 
+// Throws ValueError naming `path` when it is a device, fifo or socket: an atomic write renames a
+// regular file over its target, which would replace the node itself (save_safetensors("/dev/null")
+// run as root would destroy /dev/null). Nothing there, a regular file, a symlink (the rename replaces
+// the link, not what it leads to) and a directory (the rename fails) pass. The one rule for
+// AtomicFileWriter and Python's atomic_io.write_file (_core.io.check_replaceable). `what`: the call.
+void check_replaceable(const std::string& path, const char* what);
+
 // Writes `path` atomically: data goes to a unique temporary `.NAME.qlora-tmp.HOST-PID-RANDOM`
 // in the same directory (created 0666 & ~umask; python/qlora_native/atomic_io.py's name, so either
 // side's next save removes it once its owner is gone), which is fsync'ed and renamed over `path`
