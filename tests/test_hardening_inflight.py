@@ -104,3 +104,22 @@ def test_python_save_registers_its_staging_in_the_engine(tmp_path):
         with atomic_io.save_dir(staging / "inner") as inner:  # nested: written straight into the staging
             assert inner == staging / "inner"
     assert not _core.io.is_inflight(os.path.abspath(staging)) and (tmp_path / "d" / "inner").is_dir()
+
+
+@pytest.mark.parametrize("spelling", ["symlink", "dotdot", "double-slash"])
+def test_another_spelling_of_the_directory_keeps_a_save_in_progress(tmp_path, spelling):
+    """The registry matched paths as written, so a save naming the directory another way (through a
+    symlink, with "..", with a leading "//") took a live own-pid temporary there for a leftover and
+    deleted it (helper Y's repro, session 18). Keys are now the directory's (device, inode) and the name."""
+    real = tmp_path / "real"
+    real.mkdir()
+    os.symlink(real, tmp_path / "link")
+    (real / "sub").mkdir()
+    other = {"symlink": str(tmp_path / "link"), "dotdot": str(real / "sub" / ".."),
+             "double-slash": "/" + str(real)}[spelling]
+    with atomic_io.save_dir(real / "x") as staging:  # registered under real/...
+        (staging / "f.txt").write_text("new")
+        _core.io.write_peft_adapter(other + "/y", _adapter_items(), CFG_JSON)  # cleans other's leftovers
+        atomic_io.cleanup(other)
+        assert staging.is_dir()
+    assert (real / "x" / "f.txt").read_text() == "new" and (real / "y" / "adapter_config.json").is_file()

@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <ctime>
 #include <filesystem>
+#include <map>
 #include <mutex>
 #include <random>
 #include <regex>
@@ -78,7 +79,7 @@ const std::string& host_hash() {
 
 // ---------------------------------------------------------------- small helpers
 std::mutex g_inflight_mu;
-std::set<std::string> g_inflight;
+std::multiset<std::string> g_inflight;  // keys (inflight_key), one per registration
 
 struct Inflight {  // registered for its lifetime
   std::string p;
@@ -270,19 +271,40 @@ std::string unique_tag() {
   return host_hash() + "-" + std::to_string(::getpid()) + "-" + rnd;
 }
 
+namespace {
+// The registry's key for a path: its directory's identity (device, inode) and its name, so every
+// spelling of one temporary (a symlinked directory, "..", "//": Python's os.path.abspath and the
+// engine's normalization differ there) is one key. The text itself where the directory cannot be
+// stat'ed.
+std::string inflight_key(const std::string& p) {
+  const size_t slash = p.find_last_of('/');
+  const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : p.substr(0, slash);
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0) return p;
+  return std::to_string(st.st_dev) + ":" + std::to_string(st.st_ino) + "/" + p.substr(slash + 1);
+}
+std::map<std::string, std::string> g_key_of;  // registered text -> its key (its directory may go first)
+}  // namespace
+
 void register_inflight(const std::string& p) {
+  const std::string k = inflight_key(p);
   std::lock_guard<std::mutex> lock(g_inflight_mu);
-  g_inflight.insert(p);
+  g_key_of[p] = k;
+  g_inflight.insert(k);
 }
 
 void unregister_inflight(const std::string& p) {
   std::lock_guard<std::mutex> lock(g_inflight_mu);
-  g_inflight.erase(p);
+  const auto it = g_key_of.find(p);
+  if (it == g_key_of.end()) return;
+  if (const auto k = g_inflight.find(it->second); k != g_inflight.end()) g_inflight.erase(k);
+  g_key_of.erase(it);
 }
 
 bool is_inflight(const std::string& p) {
+  const std::string k = inflight_key(p);
   std::lock_guard<std::mutex> lock(g_inflight_mu);
-  return g_inflight.count(p) != 0;
+  return g_inflight.count(k) != 0;
 }
 
 void test_fault(const char* step) {
