@@ -5,45 +5,20 @@ first GEMV forever), a device (QLORA_TUNE_CACHE=/dev/null, the usual "discard", 
 file by the atomic rename when run as root), a symlink to a directory (replaced by a file), a huge
 file (read whole on the first GEMV: seconds, gigabytes, then MemoryError; and replaced). Each case
 in a child process (the choice is per process) with a timeout."""
-import json
 import os
 import stat
-import subprocess
-import sys
 
 import pytest
 
 from qlora_native import _core
 
-try:
-    from qlora_native import ops
-except ImportError:
-    ops = None
-pytestmark = [
-    pytest.mark.skipif(ops is None or not hasattr(ops, "nf4_gemm_nt"), reason="ops.nf4_gemm_nt not built"),
-    pytest.mark.skipif("avx2" not in _core.supported_simd_levels(), reason="no AVX2 on this CPU / build"),
-]
-KEY = "nf4_gemv_avx2_decode.v1"
-_CHILD = """
-import json, sys
-import numpy as np
-sys.path.insert(0, {tests!r})
-from qlora_native import _core, ops
-from test_ops_nf4_gemv import random_nf4
-w = random_nf4(np.random.default_rng(1), 8, 256, 64, True)
-ops.nf4_gemm_nt(np.ones((1, 256), np.float32), w, backend="cpu:avx2")
-print(json.dumps({{r["key"]: r for r in _core.tuning_report()}}.get({key!r})))
-"""
+# The same skips and child-process runner as the tuning tests there (a fresh process per case: the
+# choice is per process).
+from test_nf4_gemv_avx2_lookup import KEY, _child as _child_env, pytestmark  # noqa: F401
 
 
 def _child(path):
-    e = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_NF4_GEMV") and k != "QLORA_TUNE"}
-    e["QLORA_TUNE_CACHE"] = str(path)
-    tests = os.path.dirname(os.path.abspath(__file__))
-    r = subprocess.run([sys.executable, "-c", _CHILD.format(tests=tests, key=KEY)], env=e, capture_output=True,
-                       text=True, timeout=60)  # the fifo blocked here before
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return _child_env({"QLORA_TUNE_CACHE": str(path)})
 
 
 def test_fifo_is_neither_opened_for_reading_nor_replaced(tmp_path):
