@@ -338,10 +338,6 @@ std::string shape_str(const std::vector<int64_t>& s) {
   return o + "]";
 }
 
-// The checkpoint's files and which file holds each tensor (model/checkpoint_source.hpp).
-using Source = CheckpointSource;
-Source open_source(const std::string& dir) { return open_checkpoint(dir); }
-
 template <class T>
 std::vector<T> copy_array(const io::TensorInfo& t, DType want, int64_t count, const std::string& what) {
   check_arg(t.dtype == want, what + " must have dtype " + dtype_name(want) + ", got " + dtype_name(t.dtype));
@@ -360,7 +356,7 @@ struct StoredNf4 {
   Nf4Ref ref;
 };
 
-StoredNf4 read_nf4(const Source& src, const std::string& w) {
+StoredNf4 read_nf4(const CheckpointSource& src, const std::string& w) {
   StoredNf4 s;
   auto need = [&](const std::string& key) -> const io::TensorInfo& {
     const io::TensorInfo* t = src.find(key);
@@ -446,7 +442,7 @@ std::unique_ptr<LlamaModel> load_hf_model(const std::string& dir, Backend& be, c
     throw ValueError(dir + " is a pre-quantized bitsandbytes NF4 checkpoint: load it with NF4 quantization (Python: "
                      "quantize='nf4'; C: QLORA_QUANT_NF4)");
   if (quant.nf4) nf4::sizes(1, quant.blocksize, quant.double_quant);  // validates the blocksize early
-  Source src = open_source(dir);
+  const CheckpointSource src = open_checkpoint(dir);  // model/checkpoint_source.hpp
 
   std::set<std::string> prequantized;  // "P.weight" names stored as bitsandbytes NF4
   if (hc.prequantized) {
