@@ -76,8 +76,10 @@ bool m1_quads(int64_t K, int64_t l1d) {
 int avx2_lookup_choice(bool wide) {
   const char* e = std::getenv("QLORA_NF4_GEMV_AVX2_LOOKUP");
   const int forced = !e ? -1 : std::strcmp(e, "0") == 0 ? 0 : std::strcmp(e, "1") == 0 ? 1 : -1;
-  return tuning::choose(wide ? "nf4_gemv_avx2_decode_m8.v1" : "nf4_gemv_avx2_decode.v1", {"vpermps", "lookup"}, 1,
-                        forced, [wide](int v) {
+  // Built once: this runs on every AVX2 GEMV call (a few hundred per decode step).
+  static const std::string key_m4 = "nf4_gemv_avx2_decode.v1", key_m8 = "nf4_gemv_avx2_decode_m8.v1";
+  static const std::vector<std::string> names = {"vpermps", "lookup"};
+  return tuning::choose(wide ? key_m8 : key_m4, names, 1, forced, [wide](int v) {
     constexpr int64_t N = 64, K = 2048;
     static const std::vector<uint8_t> packed = [] {  // [N * K / 2] arbitrary codes
       std::vector<uint8_t> p(static_cast<size_t>(N * K / 2));

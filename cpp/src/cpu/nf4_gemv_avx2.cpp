@@ -3,8 +3,8 @@
 // low nibble (odd column) is then index bits 0..3, the high one (even column) after 4 more bits
 // of shift (higher bits are ignored by the lookup). The 16 codes pre-scaled by the block's absmax live in two 8-entry register tables
 // (vpermps reads index bits 0..2), and index bit 3, shifted into the sign bit, blends the two.
-// X comes regrouped in that order (nf4_gemv.cpp): per group, 8 even then 8 odd columns. At M <= 4
-// whole blocks may instead go through byte-table lookups (decode32, Args::avx2_lookup: the same
+// X comes regrouped in that order (nf4_gemv.cpp): per group, 8 even then 8 odd columns. Whole
+// blocks may instead go through byte-table lookups (decode32, Args::avx2_lookup: the same
 // weights in the same registers, so the same bits; which is faster is measured per machine, see
 // cpu/tuning.hpp). Rules: cpp/src/cpu/README.md.
 #include <immintrin.h>

@@ -32,7 +32,7 @@ struct Args {
   // each block's scaled code table is rounded to bf16 (x comes rounded), so every product is exact
   // in fp32. rows_avx512 / rows_avx512_m1 only; the other levels' kernels are never given it.
   int round_bf16;
-  // Nonzero: rows_avx2 (M <= 4) decodes whole blocks with byte-table lookups (vpshufb), same bits
+  // Nonzero: rows_avx2 (every M) decodes whole blocks with byte-table lookups (vpshufb), same bits
   // as its vpermps decode; nf4_gemv.cpp picks by a measurement per machine (cpu/tuning.hpp) or
   // QLORA_NF4_GEMV_AVX2_LOOKUP=0 / 1.
   int avx2_lookup;
